@@ -1,11 +1,1274 @@
-"""patchwire: skeleton (being written)."""
+"""patchwire: run Claude Code on a bigger machine, review and apply its diff here.
+
+The laptop is the source of truth. `patchwire ask "PROMPT"` does the whole job:
+
+    1. list the project's files with git's own ignore rules, minus a deny-list of secrets
+    2. record exactly what is sent as a git tree in a private index (blobs land in the
+       project's own object store, so every preimage of the returned diff exists here)
+    3. rsync those files, and only those, to the agent box (over SSH, or locally)
+    4. POST /v1/ask {project, tree, files, prompt} to patchwire-agent with a bearer token
+    5. stream the AI's progress (NDJSON events) to stderr as it happens
+    6. fetch the diff, preview it (per-file summary, coloured diff, intra-line highlights)
+    7. on Enter, `git apply --check`, then `git apply`: all or nothing
+
+Commands (`patchwire COMMAND --help` for each):
+    init     write .patchwire.toml for this project (never the token itself)
+    sync     send the project to the agent box (--dry-run lists what would go, and why not)
+    ask      sync, ask the AI, stream progress, preview, apply on Enter
+    diff     print a job's patch
+    apply    apply a job's patch (the last job by default)
+    jobs     list your jobs on the agent box
+    show     show one job with its events
+    cancel   cancel a queued or running job
+
+Exit codes:
+    0 ok, 1 error, 2 usage, 3 agent unreachable or refused the request,
+    4 the AI run failed, 5 the patch does not apply, 130 interrupted.
+
+Environment:
+    PATCHWIRE_TOKEN   the bearer token (overrides token_file in .patchwire.toml)
+    NO_COLOR          no colour in the preview
+    PAGER             pager for long previews (default: less -R)
+
+Threat model: the token is read from a file or the environment and sent only in the
+Authorization header; it is never written to .patchwire.toml, printed or logged. Files
+matching the secret deny-list never leave this machine, whatever git says about them.
+
+This module is also the shared base of patchwire_agent.py: its error base, subprocess
+wrapper and neutral git settings are imported there, not copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import enum
+import fnmatch
+import hashlib
+import http.client
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
 __version__ = "0.3.0"
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--version"]:
-        print("patchwire " + __version__)
-        return 0
+
+# ================================================================== constants
+
+CONFIG_NAME = ".patchwire.toml"
+DEFAULT_AGENT_URL = "http://127.0.0.1:7433"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+# Secrets never leave the laptop, whatever git says. Matched against the file name and
+# against the whole path (fnmatch, case-sensitive). `[sync] deny` adds, `[sync] allow`
+# lets a matching path through (for example ".env.example").
+DEFAULT_DENY = (
+    ".env", ".env.*", "*.env", ".envrc",
+    "*.pem", "*.key", "*.p12", "*.pfx", "*.keystore", "*.jks", "*.der", "*.crt",
+    "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*",
+    ".netrc", ".pgpass", ".npmrc", ".pypirc", "*.kdbx",
+    "credentials", "credentials.json", "*credentials*.json", "client_secret*.json",
+    "service-account*.json", ".aws/*", ".ssh/*", ".gnupg/*",
+    "secrets.*", "*.secret", "*.secrets",
+    "google-services.json", "GoogleService-Info.plist", "key.properties",
+)
+
+# Settings that make git's bytes the same on every machine, whatever the user's config.
+GIT_NEUTRAL = (
+    "-c", "core.autocrlf=false", "-c", "core.safecrlf=false", "-c", "core.fileMode=true",
+    "-c", "core.symlinks=true", "-c", "core.quotePath=false", "-c", "core.precomposeUnicode=true",
+    "-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "color.ui=false",
+    "-c", "diff.noprefix=false", "-c", "diff.mnemonicPrefix=false", "-c", "diff.external=",
+    "-c", "diff.relative=false", "-c", "commit.gpgSign=false", "-c", "gc.auto=0",
+    "-c", "advice.detachedHead=false", "-c", "init.defaultBranch=main",
+)
+# Overrides any in-tree .gitattributes (it has higher precedence): content is stored and
+# checked out byte for byte, no EOL conversion, no filters (DESIGN.md: byte-exact git).
+NEUTRAL_ATTRIBUTES = b"* -text -eol -filter -ident -working-tree-encoding\n"
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "patchwire", "GIT_AUTHOR_EMAIL": "patchwire@localhost",
+    "GIT_COMMITTER_NAME": "patchwire", "GIT_COMMITTER_EMAIL": "patchwire@localhost",
+    "GIT_AUTHOR_DATE": "1700000000 +0000", "GIT_COMMITTER_DATE": "1700000000 +0000",
+}
+
+HELP_EPILOG = """\
+exit codes: 0 ok, 1 error, 2 usage, 3 agent unreachable or refused,
+            4 AI run failed, 5 patch does not apply, 130 interrupted
+environment: PATCHWIRE_TOKEN (bearer token), NO_COLOR, PAGER
+"""
+
+
+class ExitStatus(enum.IntEnum):
+    OK = 0
+    ERROR = 1
+    USAGE = 2
+    AGENT = 3
+    AI_FAILED = 4
+    PATCH = 5
+    INTERRUPTED = 130
+
+
+# ================================================================== errors
+
+
+class PatchwireError(Exception):
+    """An expected failure: reported as one plain message, never a traceback.
+
+    `hint` says what to do next; `exit_status` is the laptop's exit code and
+    `http_status` the agent's HTTP answer for the same failure.
+    """
+
+    exit_status = ExitStatus.ERROR
+    http_status = 400
+    code = "error"
+
+    def __init__(self, message: str, hint: str = "", *, exit_status: Optional[int] = None,
+                 http_status: Optional[int] = None, code: Optional[str] = None,
+                 details: Optional[dict] = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        if exit_status is not None:
+            self.exit_status = exit_status
+        if http_status is not None:
+            self.http_status = http_status
+        if code is not None:
+            self.code = code
+        self.details = details or {}
+
+    def __str__(self) -> str:
+        return self.message + (f"\n  {self.hint}" if self.hint else "")
+
+
+class UsageError(PatchwireError):
+    exit_status = ExitStatus.USAGE
+
+
+class AgentError(PatchwireError):
+    """The agent could not be reached, or refused the request."""
+    exit_status = ExitStatus.AGENT
+
+
+class AIFailed(PatchwireError):
+    exit_status = ExitStatus.AI_FAILED
+
+
+class PatchError(PatchwireError):
+    exit_status = ExitStatus.PATCH
+
+
+class ProcessError(PatchwireError):
+    """A subprocess failed: argv[0], the exit code and the tail of its stderr."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, stderr: bytes, hint: str = ""):
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr
+        tail = stderr.decode("utf-8", "replace").strip()[-800:]
+        name = " ".join(_short_argv(argv))
+        super().__init__(f"{name} failed (exit {returncode})" + (f": {tail}" if tail else ""), hint)
+
+
+def _short_argv(argv: Sequence[str]) -> List[str]:
+    """argv[0] and its subcommand, without -c settings: enough to say what failed."""
+    words = [os.path.basename(str(argv[0]))]
+    rest = [str(a) for a in argv[1:]]
+    i = 0
+    while i < len(rest) and rest[i].startswith("-"):
+        i += 2 if rest[i] in ("-c", "-C", "--git-dir", "--work-tree") else 1
+    return words + rest[i:i + 1]
+
+
+# ================================================================== processes
+
+
+def run(argv: Sequence[str], *, cwd: Optional[os.PathLike] = None, env: Optional[dict] = None,
+        input: Optional[bytes] = None, timeout: float = 600, check: bool = True,
+        hint: str = "") -> subprocess.CompletedProcess:
+    """Run a command to completion: the one place that calls subprocess.run.
+
+    Output is captured as bytes. A missing program, a timeout or (with check) a non-zero
+    exit raises PatchwireError naming the command, with the tail of its stderr.
+    """
+    try:
+        proc = subprocess.run(list(argv), cwd=cwd, env=env, input=input, timeout=timeout,
+                              stdin=None if input is not None else subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except FileNotFoundError:
+        raise PatchwireError(f"{argv[0]} is not installed or not on PATH",
+                             hint or f"install {os.path.basename(str(argv[0]))} and try again")
+    except subprocess.TimeoutExpired:
+        raise PatchwireError(f"{' '.join(_short_argv(argv))} took longer than {timeout:g} s", hint)
+    if check and proc.returncode != 0:
+        raise ProcessError(argv, proc.returncode, proc.stderr, hint)
+    return proc
+
+
+def spawn(argv: Sequence[str], *, cwd: os.PathLike, env: dict) -> subprocess.Popen:
+    """Start a long-running child in its own process group (so the whole group can be
+    ended), with pipes for stdin, stdout and stderr. The agent's AI runs this way."""
+    return subprocess.Popen(list(argv), cwd=cwd, env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def clean_env(extra: Optional[dict] = None) -> dict:
+    """This process's environment without git's and Patchwire's own variables."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("GIT_", "PATCHWIRE_"))}
+    env.update(extra or {})
+    return env
+
+
+# ================================================================== git
+
+
+class Git:
+    """Every git call goes through here. `git_dir`/`work_tree` are explicit, so a
+    repository's own `.git` file (which an AI could rewrite) is never trusted; `neutral`
+    adds the byte-exact settings, `env` extra variables (GIT_INDEX_FILE and the like)."""
+
+    def __init__(self, *, cwd: Optional[os.PathLike] = None, git_dir: Optional[os.PathLike] = None,
+                 work_tree: Optional[os.PathLike] = None, env: Optional[dict] = None,
+                 neutral: bool = True):
+        self.cwd = Path(cwd or work_tree or git_dir or ".")
+        self.git_dir = git_dir
+        self.work_tree = work_tree
+        self.neutral = neutral
+        self.env = clean_env({"GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C",
+                              "GIT_LITERAL_PATHSPECS": "1", **GIT_IDENTITY, **(env or {})})
+
+    def with_env(self, **env: str) -> "Git":
+        return Git(cwd=self.cwd, git_dir=self.git_dir, work_tree=self.work_tree,
+                   env={**self._own_env(), **env}, neutral=self.neutral)
+
+    def _own_env(self) -> dict:
+        return {k: v for k, v in self.env.items() if k.startswith("GIT_")}
+
+    def argv(self, args: Sequence[str]) -> List[str]:
+        argv = ["git"]
+        if self.neutral:
+            argv += GIT_NEUTRAL
+        if self.git_dir is not None:
+            argv += ["--git-dir", str(self.git_dir)]
+        if self.work_tree is not None:
+            argv += ["--work-tree", str(self.work_tree)]
+        return argv + list(args)
+
+    def run(self, *args: str, input: Optional[bytes] = None, check: bool = True,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+        return run(self.argv(args), cwd=self.cwd, env=self.env, input=input, check=check,
+                   timeout=timeout, hint="")
+
+    def __call__(self, *args: str, input: Optional[bytes] = None, timeout: float = 600) -> bytes:
+        return self.run(*args, input=input, timeout=timeout).stdout
+
+    def text(self, *args: str, input: Optional[bytes] = None) -> str:
+        return self(*args, input=input).decode("utf-8", "surrogateescape").strip()
+
+    def ls_files_stage(self) -> Dict[str, Tuple[str, str]]:
+        """{path: (mode, blob)} of the index."""
+        entries = {}
+        for rec in self("ls-files", "-s", "-z").split(b"\0"):
+            if rec:
+                meta, path = rec.split(b"\t", 1)
+                mode, sha, _stage = meta.decode().split()
+                entries[path.decode("utf-8", "surrogateescape")] = (mode, sha)
+        return entries
+
+
+def prepare_private_git_dir(path: Path, bare: bool = True) -> None:
+    """A git dir of Patchwire's own with neutral attributes (idempotent)."""
+    if not (path / "HEAD").exists():
+        path.mkdir(parents=True, exist_ok=True)
+        run(["git", "init", "-q", "--bare" if bare else "-q", str(path)], env=clean_env())
+    info = path / "info"
+    info.mkdir(exist_ok=True)
+    attributes = info / "attributes"
+    if not attributes.exists() or attributes.read_bytes() != NEUTRAL_ATTRIBUTES:
+        attributes.write_bytes(NEUTRAL_ATTRIBUTES)
+    exclude = info / "exclude"
+    if exclude.exists() and exclude.stat().st_size:
+        exclude.write_bytes(b"")
+
+
+def check_relative_path(path: str) -> str:
+    """A safe repository-relative path, or UsageError."""
+    parts = path.split("/")
+    if (not path or path.startswith("/") or "\0" in path
+            or any(p in ("", ".", "..") for p in parts) or ".git" in parts):
+        raise UsageError(f"unsafe path in file list: {path!r}")
+    return path
+
+
+# ================================================================== config
+
+
+def parse_toml(text: str, path: Path) -> dict:
+    try:
+        import tomllib  # type: ignore[import-not-found]
+    except ImportError:  # Python < 3.11
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise PatchwireError(f"{path}: not valid TOML: {e}", "fix the file and try again")
+
+
+def load_toml(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PatchwireError(f"{path}: no such file")
+    except (OSError, UnicodeDecodeError) as e:
+        raise PatchwireError(f"{path}: cannot read it: {e}")
+    return parse_toml(text, path)
+
+
+def dump_toml(data: dict) -> str:
+    import tomli_w
+    return tomli_w.dumps(data)
+
+
+class Schema:
+    """Validates a TOML table against {key: (type, default)}; errors name file and key."""
+
+    def __init__(self, path: Path, table: str, spec: Dict[str, Tuple[Any, Any]]):
+        self.path, self.table, self.spec = path, table, spec
+
+    def read(self, data: Any) -> dict:
+        where = f"[{self.table}]" if self.table else "top level"
+        if not isinstance(data, dict):
+            raise PatchwireError(f"{self.path}: {where} must be a table")
+        unknown = sorted(set(data) - set(self.spec))
+        if unknown:
+            raise PatchwireError(f"{self.path}: unknown key {unknown[0]!r} in {where}",
+                                 f"known keys: {', '.join(sorted(self.spec))}")
+        out = {}
+        for key, (kind, default) in self.spec.items():
+            value = data.get(key, default)
+            if value is not None and not _is_kind(value, kind):
+                raise PatchwireError(
+                    f"{self.path}: {self.table + '.' if self.table else ''}{key} must be "
+                    f"{_kind_name(kind)}, not {value!r}")
+            out[key] = value
+        return out
+
+
+def _is_kind(value: Any, kind: Any) -> bool:
+    if kind == "str_list":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if kind == "str_table":
+        return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    return isinstance(value, kind)
+
+
+def _kind_name(kind: Any) -> str:
+    return {"str_list": "a list of strings", "str_table": "a table of strings",
+            int: "a positive integer", float: "a positive number", str: "a string",
+            bool: "true or false"}.get(kind, str(kind))
+
+
+LAPTOP_SCHEMA = {
+    "agent": (str, DEFAULT_AGENT_URL), "token_file": (str, None), "ssh": (str, None),
+    "project": (str, None), "sync": (dict, {}),
+}
+SYNC_SCHEMA = {"deny": ("str_list", []), "allow": ("str_list", []),
+               "ssh_options": ("str_list", []), "rsync": (str, "rsync")}
+
+
+class LaptopConfig:
+    """The project's .patchwire.toml."""
+
+    def __init__(self, root: Path, data: dict, path: Path):
+        top = Schema(path, "", LAPTOP_SCHEMA).read(data)
+        sync = Schema(path, "sync", SYNC_SCHEMA).read(top["sync"])
+        self.root, self.path = root, path
+        self.agent = top["agent"].rstrip("/")
+        self.token_file = top["token_file"]
+        self.ssh = top["ssh"]
+        self.project = top["project"] or default_project_name(root)
+        if not NAME_RE.match(self.project):
+            raise PatchwireError(f"{path}: project {self.project!r} is not a valid name",
+                                 "use letters, digits, '.', '_' and '-' (at most 64)")
+        if not urllib.parse.urlsplit(self.agent).scheme in ("http", "https"):
+            raise PatchwireError(f"{path}: agent must be an http:// or https:// URL, "
+                                 f"not {self.agent!r}")
+        self.deny = list(DEFAULT_DENY) + sync["deny"]
+        self.allow = sync["allow"]
+        self.ssh_options = sync["ssh_options"]
+        self.rsync = sync["rsync"]
+
+    @classmethod
+    def find(cls, start: Optional[Path] = None) -> "LaptopConfig":
+        here = (start or Path.cwd()).resolve()
+        for folder in (here, *here.parents):
+            path = folder / CONFIG_NAME
+            if path.is_file():
+                return cls(folder, load_toml(path), path)
+        raise UsageError(f"no {CONFIG_NAME} here or in any parent folder",
+                         "run `patchwire init --agent URL --token-file PATH` in the project root")
+
+    def token(self) -> str:
+        token = os.environ.get("PATCHWIRE_TOKEN", "").strip()
+        if token:
+            return token
+        if not self.token_file:
+            raise UsageError("no token: set PATCHWIRE_TOKEN or token_file in " + str(self.path))
+        path = Path(os.path.expanduser(self.token_file))
+        if not path.is_absolute():
+            path = self.root / path
+        try:
+            token = path.read_text().strip()
+        except OSError as e:
+            raise UsageError(f"cannot read the token file {path}: {e.strerror}",
+                             "point token_file in .patchwire.toml at the file "
+                             "`patchwire-agent init` wrote")
+        if not token:
+            raise UsageError(f"the token file {path} is empty")
+        return token
+
+
+def default_project_name(root: Path) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", root.name).strip(".-_") or "project"
+    return name[:64]
+
+
+# ================================================================== files: what leaves the laptop
+
+
+class Project:
+    """The user's project folder: which files go, and a private git dir that records what
+    was sent (its objects are the user's own, so diffs' preimages exist locally)."""
+
+    def __init__(self, root: Path, project: str):
+        self.root = root
+        self.name = project
+        self.user_git: Optional[Git] = None
+        top = run(["git", "rev-parse", "--show-toplevel", "--git-dir", "--git-common-dir"],
+                  cwd=root, env=clean_env(), check=False)
+        lines = top.stdout.decode("utf-8", "surrogateescape").splitlines()
+        if top.returncode == 0 and len(lines) == 3 and Path(lines[0]).resolve() == root.resolve():
+            git_dir = (root / lines[1]).resolve()
+            common = (root / lines[2]).resolve()
+            self.user_git = Git(cwd=root, neutral=False)
+            self.private_dir = git_dir / "patchwire"
+            objects = common / "objects"
+        else:
+            key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+            self.private_dir = cache_dir() / "trees" / key
+            objects = self.private_dir / "objects"
+        prepare_private_git_dir(self.private_dir)
+        self.git = Git(cwd=root, git_dir=self.private_dir, work_tree=root,
+                       env={"GIT_OBJECT_DIRECTORY": str(objects),
+                            "GIT_INDEX_FILE": str(self.private_dir / "index")})
+
+    @property
+    def is_git_repo(self) -> bool:
+        return self.user_git is not None
+
+    def candidate_files(self) -> List[str]:
+        """Tracked files plus untracked ones git does not ignore, by git's own rules
+        (nested .gitignore, negations, .git/info/exclude, core.excludesFile)."""
+        if self.user_git:
+            out = self.user_git("ls-files", "-z", "--cached", "--others", "--exclude-standard")
+        else:
+            out = Git(cwd=self.root, git_dir=self.private_dir, work_tree=self.root)(
+                "ls-files", "-z", "--others", "--exclude-standard")
+        paths = {p.decode("utf-8", "surrogateescape") for p in out.split(b"\0") if p}
+        return sorted(paths)
+
+    def file_list(self, deny: Sequence[str], allow: Sequence[str]) -> Tuple[List[str], Dict[str, str]]:
+        """(paths to send, {path: why it is held back})."""
+        send, held = [], {}
+        for path in self.candidate_files():
+            try:
+                st = os.lstat(self.root / path)
+            except OSError:
+                continue  # deleted from the worktree: it goes from the snapshot too
+            if not (os.path.stat.S_ISREG(st.st_mode) or os.path.stat.S_ISLNK(st.st_mode)):
+                held[path] = "not a regular file (submodule or special file)"
+                continue
+            pattern = denied_by(path, deny, allow)
+            if pattern:
+                held[path] = f"secret deny-list: {pattern}"
+                continue
+            send.append(path)
+        return send, held
+
+    def record(self, paths: Sequence[str]) -> Tuple[str, List[List[str]]]:
+        """Put exactly `paths` into the private index; return (tree id, manifest)."""
+        indexed = set(self.git.ls_files_stage())
+        stale = indexed - set(paths)
+        if stale:
+            self.git("update-index", "--force-remove", "-z", "--stdin",
+                     input=b"".join(_enc(p) + b"\0" for p in sorted(stale)))
+        if paths:
+            self.git("add", "-f", "--pathspec-from-file=-", "--pathspec-file-nul",
+                     input=b"".join(_enc(p) + b"\0" for p in paths))
+        tree = self.git.text("write-tree")
+        manifest = [[mode, sha, path] for path, (mode, sha) in sorted(self.git.ls_files_stage().items())]
+        self._keep(tree)
+        return tree, manifest
+
+    def _keep(self, tree: str) -> None:
+        """A ref in the user's repo keeps the synced blobs from `git gc`."""
+        if not self.user_git:
+            return
+        commit = self.git.text("commit-tree", tree, "-m", f"patchwire sync of {self.name}")
+        self.user_git.with_env(**GIT_IDENTITY)("update-ref", f"refs/patchwire/{self.name}/synced", commit)
+
+    def state_file(self, name: str) -> Path:
+        return self.private_dir / name
+
+
+def _enc(path: str) -> bytes:
+    return path.encode("utf-8", "surrogateescape")
+
+
+def denied_by(path: str, deny: Sequence[str], allow: Sequence[str]) -> Optional[str]:
+    name = path.rsplit("/", 1)[-1]
+    for pattern in allow:
+        if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(path, pattern):
+            return None
+    for pattern in deny:
+        if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(path, pattern) \
+                or ("/" in pattern and fnmatch.fnmatchcase(path, "*/" + pattern)):
+            return pattern
+    return None
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "patchwire"
+
+
+# ================================================================== sync (rsync)
+
+
+def rsync_argv(cfg: LaptopConfig, dest: str, checksum: bool = False) -> List[str]:
+    """Options that macOS's rsync 2.6.9, openrsync and rsync 3 all accept."""
+    argv = [cfg.rsync, "-a", "--files-from=-", "--from0", "--stats"]
+    if checksum:
+        argv.append("--checksum")
+    if cfg.ssh:
+        ssh = ["ssh", *cfg.ssh_options, "-o", "BatchMode=yes",
+               "-o", "ControlMaster=auto", "-o", f"ControlPath={control_dir()}/%C",
+               "-o", "ControlPersist=60"]
+        argv += ["-e", " ".join(shlex.quote(a) for a in ssh)]
+        return argv + ["./", f"{cfg.ssh}:{dest}/"]
+    return argv + ["./", dest + "/"]
+
+
+def control_dir() -> str:
+    """A short private folder for SSH control sockets (their paths are length-limited)."""
+    path = Path("/tmp") / f"patchwire-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    if path.stat().st_uid != os.getuid() or path.stat().st_mode & 0o077:
+        raise PatchwireError(f"{path} is not a private folder of yours",
+                             f"remove it and try again: rm -rf {path}")
+    return str(path)
+
+
+RSYNC_COUNTS = (
+    ("files", re.compile(rb"Number of (?:regular )?files transferred: ([\d,.]+)")),
+    ("bytes", re.compile(rb"Total transferred file size: ([\d,.]+)")),
+)
+
+
+def rsync_counts(stdout: bytes) -> Dict[str, int]:
+    counts = {}
+    for key, pattern in RSYNC_COUNTS:
+        m = pattern.search(stdout)
+        if m:
+            counts[key] = int(re.sub(rb"[,.]", b"", m.group(1)) or 0)
+    return counts
+
+
+def send_files(cfg: LaptopConfig, paths: Sequence[str], dest: str, checksum: bool = False) -> Dict[str, int]:
+    if not shutil.which(cfg.rsync):
+        raise PatchwireError(f"{cfg.rsync} is not installed on this machine",
+                             "install rsync (macOS ships it; Debian/Ubuntu: apt install rsync)")
+    proc = run(rsync_argv(cfg, dest, checksum), cwd=cfg.root,
+               input=b"".join(_enc(p) + b"\0" for p in paths), timeout=3600, check=False)
+    if proc.returncode != 0:
+        tail = proc.stderr.decode("utf-8", "replace").strip()[-600:]
+        hint = ("check that `ssh " + cfg.ssh + "` works without a password and that rsync is "
+                "installed on the box") if cfg.ssh else "check that the mirror folder is writable"
+        raise AgentError(f"rsync failed (exit {proc.returncode}): {tail}", hint)
+    return rsync_counts(proc.stdout)
+
+
+# ================================================================== HTTP client
+
+
+class Client:
+    """Talks to patchwire-agent: JSON requests, NDJSON streams, bearer token."""
+
+    def __init__(self, base_url: str, token: str, timeout: float = 30):
+        self.base = base_url.rstrip("/")
+        self._token = token
+        self.timeout = timeout
+
+    def _request(self, method: str, path: str, body: Optional[dict] = None,
+                 accept: str = "application/json", timeout: Optional[float] = None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        req.add_header("Authorization", "Bearer " + self._token)
+        req.add_header("Accept", accept)
+        req.add_header("User-Agent", f"patchwire/{__version__}")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            return urllib.request.urlopen(req, timeout=timeout or self.timeout)
+        except urllib.error.HTTPError as e:
+            raise self._refused(e) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            reason = getattr(e, "reason", e)
+            raise AgentError(f"cannot reach the agent at {self.base}: {reason}",
+                             "is `patchwire-agent serve` running there, and is the URL in "
+                             ".patchwire.toml right? (`patchwire-agent` prints it at start)") from None
+
+    def _refused(self, e: urllib.error.HTTPError) -> PatchwireError:
+        try:
+            body = json.loads(e.read() or b"{}")
+        except ValueError:
+            body = {}
+        message = body.get("error") or f"HTTP {e.code} {e.reason}"
+        hint = body.get("hint", "")
+        if e.code == 401:
+            hint = hint or "check the token file named in .patchwire.toml"
+        return AgentError(f"the agent refused: {message}", hint, details=body,
+                          code=body.get("code", str(e.code)), http_status=e.code)
+
+    def json(self, method: str, path: str, body: Optional[dict] = None) -> dict:
+        with self._request(method, path, body) as resp:
+            return json.loads(resp.read())
+
+    def bytes(self, path: str) -> bytes:
+        with self._request("GET", path, accept="*/*") as resp:
+            return resp.read()
+
+    def stream(self, method: str, path: str, body: Optional[dict] = None) -> Iterator[dict]:
+        """NDJSON events as they arrive. The read timeout is generous: the AI may think."""
+        with self._request(method, path, body, accept="application/x-ndjson", timeout=600) as resp:
+            if "ndjson" not in resp.headers.get("Content-Type", ""):
+                yield json.loads(resp.read())
+                return
+            for line in resp:
+                line = line.strip()
+                if line:
+                    yield json.loads(line)
+
+
+# ================================================================== presentation
+
+
+class Style:
+    """ANSI colour, or none (NO_COLOR, --no-color, not a terminal)."""
+
+    CODES = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "cyan": "36",
+             "red_bg": "41;97", "green_bg": "42;30", "magenta": "35"}
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    @classmethod
+    def for_stream(cls, stream, no_color: bool = False) -> "Style":
+        return cls(not no_color and "NO_COLOR" not in os.environ and stream.isatty())
+
+    def __call__(self, name: str, text: str) -> str:
+        return f"\x1b[{self.CODES[name]}m{text}\x1b[0m" if self.enabled and text else text
+
+
+def say(*parts: str) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+class ProgressPrinter:
+    """Renders the agent's NDJSON events as human progress on stderr."""
+
+    def __init__(self, style: Style):
+        self.style = style
+        self.start = time.monotonic()
+
+    def stamp(self) -> str:
+        return self.style("dim", f"{time.monotonic() - self.start:6.1f}s")
+
+    def __call__(self, event: dict) -> None:
+        kind = event.get("type")
+        handler = getattr(self, "on_" + str(kind), None)
+        if handler:
+            handler(event)
+
+    def on_queued(self, e: dict) -> None:
+        ahead = e.get("position", 0)
+        say(self.stamp(), f"queued as job {e.get('job')}" + (f", {ahead} ahead" if ahead else ""))
+
+    def on_position(self, e: dict) -> None:
+        say(self.stamp(), f"waiting: {e.get('position')} ahead in the queue")
+
+    def on_started(self, e: dict) -> None:
+        say(self.stamp(), "AI started")
+
+    def on_text(self, e: dict) -> None:
+        text = str(e.get("text", "")).strip()
+        if text:
+            lines = text.splitlines()
+            say(self.stamp(), lines[0], *(["\n        " + "\n        ".join(lines[1:])] if lines[1:] else []))
+
+    on_output = on_text
+
+    def on_tool(self, e: dict) -> None:
+        say(self.stamp(), self.style("cyan", f"> {e.get('name')}"), e.get("detail", ""))
+
+    def on_tool_error(self, e: dict) -> None:
+        say(self.stamp(), self.style("yellow", f"  tool error: {str(e.get('text', ''))[:200]}"))
+
+    def on_finished(self, e: dict) -> None:
+        stats = e.get("stats") or {}
+        if not stats.get("files"):
+            say(self.stamp(), self.style("bold", "AI finished: no changes"))
+            return
+        say(self.stamp(), self.style("bold", f"AI finished: {stats['files']} file(s), "
+                                     f"+{stats.get('added', 0)} -{stats.get('removed', 0)}"))
+
+    def on_failed(self, e: dict) -> None:
+        say(self.stamp(), self.style("red", f"AI run failed: {e.get('reason')}"))
+
+    def on_cancelled(self, e: dict) -> None:
+        say(self.stamp(), self.style("yellow", f"job cancelled: {e.get('reason', '')}"))
+
+
+# --- the diff preview
+
+
+class FilePatch:
+    """One file's part of a git patch, as bytes, with what the preview needs."""
+
+    def __init__(self, header: List[bytes]):
+        self.lines = header
+        first = header[0].decode("utf-8", "surrogateescape")
+        self.path = _path_from_diff_header(first)
+        self.added = self.removed = 0
+        self.binary = False
+        self.kind = "modified"
+
+    def feed(self, line: bytes) -> None:
+        self.lines.append(line)
+        if line.startswith(b"+") and not line.startswith(b"+++ "):
+            self.added += 1
+        elif line.startswith(b"-") and not line.startswith(b"--- "):
+            self.removed += 1
+        elif line.startswith(b"GIT binary patch") or line.startswith(b"Binary files"):
+            self.binary = True
+        elif line.startswith(b"new file mode"):
+            self.kind = "new"
+        elif line.startswith(b"deleted file mode"):
+            self.kind = "deleted"
+        elif line.startswith(b"rename to "):
+            self.kind = "renamed"
+            self.path = _unquote(line[len(b"rename to "):].decode("utf-8", "surrogateescape"))
+        elif line.startswith(b"new mode") and self.kind == "modified":
+            self.kind = "mode changed"
+
+    @property
+    def bytes(self) -> bytes:
+        return b"".join(self.lines)
+
+
+def _unquote(path: str) -> str:
+    """git's C-style quoting of unusual paths ("a\\tb", "\\303\\251")."""
+    if not (path.startswith('"') and path.endswith('"')):
+        return path
+    raw = path[1:-1].encode("latin-1", "backslashreplace").decode("unicode_escape")
+    return raw.encode("latin-1").decode("utf-8", "surrogateescape")
+
+
+def _path_from_diff_header(line: str) -> str:
+    rest = line.rstrip("\n")[len("diff --git "):]
+    if rest.startswith('"'):
+        end = rest.index('" ', 1) + 1
+        return _unquote(rest[:end])[2:]
+    half = len(rest) // 2  # "a/X b/X": both halves are the same path when not renamed
+    return rest[2:half] if rest[half] == " " else rest.split(" b/", 1)[0][2:]
+
+
+def split_patch(patch: bytes) -> List[FilePatch]:
+    files: List[FilePatch] = []
+    for line in patch.splitlines(keepends=True):
+        if line.startswith(b"diff --git "):
+            files.append(FilePatch([line]))
+        elif files:
+            files[-1].feed(line)
+    return files
+
+
+def render_summary(files: Sequence[FilePatch], style: Style) -> List[str]:
+    width = max((len(f.path) for f in files), default=0)
+    out = []
+    for f in files:
+        change = "binary" if f.binary else (style("green", f"+{f.added}") + " " + style("red", f"-{f.removed}"))
+        out.append(f"  {f.path.ljust(width)}  {f.kind:<12} {change}")
+    added = sum(f.added for f in files)
+    removed = sum(f.removed for f in files)
+    out.append(style("bold", f"  {len(files)} file(s) changed, +{added} -{removed}"))
+    return out
+
+
+def render_diff(files: Sequence[FilePatch], style: Style) -> List[str]:
+    out: List[str] = []
+    for f in files:
+        lines = [l.decode("utf-8", "replace").rstrip("\n") for l in f.lines]
+        i = 0
+        while i < len(lines):
+            line = lines[i]
+            if line.startswith(("diff --git", "index ", "new file", "deleted file", "rename ",
+                                "similarity", "old mode", "new mode", "--- ", "+++ ")):
+                out.append(style("bold", line))
+            elif line.startswith("@@"):
+                out.append(style("cyan", line))
+            elif line.startswith("-"):
+                minus = _run_of(lines, i, "-")
+                plus = _run_of(lines, i + len(minus), "+")
+                out += _highlight_pair(minus, plus, style)
+                i += len(minus) + len(plus)
+                continue
+            elif line.startswith("+"):
+                out.append(style("green", line))
+            else:
+                out.append(line)
+            i += 1
+    return out
+
+
+def _run_of(lines: List[str], start: int, sign: str) -> List[str]:
+    run_ = []
+    while start < len(lines) and lines[start].startswith(sign) and not lines[start].startswith(sign * 3 + " "):
+        run_.append(lines[start])
+        start += 1
+    return run_
+
+
+def _highlight_pair(minus: List[str], plus: List[str], style: Style) -> List[str]:
+    """Removed and added lines, with the changed characters highlighted when the two runs
+    pair up line by line (difflib decides what changed within each pair)."""
+    if not style.enabled or len(minus) != len(plus):
+        return [style("red", l) for l in minus] + [style("green", l) for l in plus]
+    old_out, new_out = [], []
+    for old, new in zip(minus, plus):
+        a, b = old[1:], new[1:]
+        matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
+        if matcher.ratio() < 0.4:
+            old_out.append(style("red", old))
+            new_out.append(style("green", new))
+            continue
+        o, n = [style("red", "-")], [style("green", "+")]
+        for op, a1, a2, b1, b2 in matcher.get_opcodes():
+            if op == "equal":
+                o.append(style("red", a[a1:a2]))
+                n.append(style("green", b[b1:b2]))
+            else:
+                o.append(style("red_bg", a[a1:a2]))
+                n.append(style("green_bg", b[b1:b2]))
+        old_out.append("".join(o))
+        new_out.append("".join(n))
+    return old_out + new_out
+
+
+def page(lines: List[str], style: Style) -> None:
+    """Print, through a pager when stdout is a terminal and the text is taller than it."""
+    text = "\n".join(lines) + "\n"
+    height = shutil.get_terminal_size((80, 24)).lines
+    pager = os.environ.get("PAGER") or "less -R"
+    if sys.stdout.isatty() and len(lines) > height - 2 and pager and shutil.which(shlex.split(pager)[0]):
+        try:
+            proc = subprocess.Popen(shlex.split(pager), stdin=subprocess.PIPE,
+                                    env={**os.environ, "LESS": os.environ.get("LESS", "FRX")})
+            proc.communicate(text.encode("utf-8", "replace"))
+            return
+        except OSError:
+            pass
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+# ================================================================== apply
+
+
+def apply_patch(project: Project, patch: bytes) -> List[str]:
+    """Check, then apply: all or nothing. Returns the files touched."""
+    files = split_patch(patch)
+    if not files:
+        return []
+    check = project.git.run("apply", "--check", "--binary", "-", input=patch, check=False)
+    if check.returncode != 0:
+        raise PatchError("the patch does not apply; nothing was changed:\n" +
+                         describe_apply_failure(check.stderr),
+                         "the files changed here since the sync; ask again, or apply by hand "
+                         "with `patchwire diff JOB | git apply --3way`")
+    project.git("apply", "--binary", "-", input=patch)
+    return [f.path for f in files]
+
+
+def describe_apply_failure(stderr: bytes) -> str:
+    lines = []
+    for line in stderr.decode("utf-8", "replace").splitlines():
+        line = line.strip()
+        if line.startswith("error: "):
+            lines.append("  " + line[len("error: "):])
+    return "\n".join(dict.fromkeys(lines)) or "  " + stderr.decode("utf-8", "replace").strip()
+
+
+# ================================================================== the job, laptop side
+
+
+class Session:
+    """One command's view of the project, its config and the agent."""
+
+    def __init__(self, cfg: LaptopConfig):
+        self.cfg = cfg
+        self.project = Project(cfg.root, cfg.project)
+        self._client: Optional[Client] = None
+
+    @classmethod
+    def here(cls) -> "Session":
+        return cls(LaptopConfig.find())
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = Client(self.cfg.agent, self.cfg.token())
+        return self._client
+
+    def sync(self, force: bool = False, checksum: bool = False) -> Tuple[str, List[List[str]]]:
+        paths, held = self.project.file_list(self.cfg.deny, self.cfg.allow)
+        if held:
+            say(f"held back {len(held)} file(s) (see `patchwire sync --dry-run`)")
+        me = self.client.json("GET", "/v1/me?project=" + urllib.parse.quote(self.cfg.project))
+        tree, manifest = self.project.record(paths)
+        last = self._last_sync()
+        if not force and last.get("tree") == tree and last.get("mirror") == me["mirror"]:
+            say(f"synced: nothing changed since the last sync ({len(paths)} files)")
+            return tree, manifest
+        t0 = time.monotonic()
+        counts = send_files(self.cfg, paths, me["mirror"], checksum=checksum)
+        say(f"synced {counts.get('files', '?')} of {len(paths)} file(s), "
+            f"{human_bytes(counts.get('bytes', 0))} in {time.monotonic() - t0:.1f}s")
+        self.project.state_file("last_sync.json").write_text(
+            json.dumps({"tree": tree, "mirror": me["mirror"], "time": time.time()}))
+        return tree, manifest
+
+    def _last_sync(self) -> dict:
+        try:
+            return json.loads(self.project.state_file("last_sync.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def remember_job(self, job: str) -> None:
+        self.project.state_file("last_job").write_text(job)
+
+    def job_id(self, given: Optional[str]) -> str:
+        if given:
+            return given
+        try:
+            return self.project.state_file("last_job").read_text().strip()
+        except OSError:
+            raise UsageError("no job given and no earlier ask in this project",
+                             "name a job (see `patchwire jobs`)")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def stream_job(session: Session, first: Iterator[dict], on_event) -> dict:
+    """Follow a job's events to the end, reconnecting with ?after=N when the connection
+    drops. The first Ctrl-C warns, a second one cancels the job on the box."""
+    events, job, seq, interrupted = first, None, 0, False
+    for attempt in range(8):
+        try:
+            for event in events:
+                job = event.get("job") or job
+                seq = max(seq, int(event.get("seq", 0)))
+                on_event(event)
+                if event.get("type") in ("finished", "failed", "cancelled"):
+                    return event
+        except KeyboardInterrupt:
+            if job is None or interrupted:
+                if job:
+                    session.client.json("DELETE", f"/v1/jobs/{job}")
+                    say(f"cancelled job {job}")
+                raise
+            interrupted = True
+            say(f"\njob {job} keeps running on the box. Press Ctrl-C again to cancel it, or "
+                f"leave and come back with `patchwire show {job}`.")
+        except (AgentError, OSError, http.client.HTTPException, ValueError) as e:
+            if job is None:
+                raise
+            say(f"lost the event stream ({e}); reconnecting")
+            time.sleep(min(0.2 * 2 ** attempt, 5))
+        if job is None:
+            break
+        events = session.client.stream("GET", f"/v1/jobs/{job}/events?after={seq}")
+    raise AgentError("the agent's event stream ended before the job did",
+                     f"check the job with `patchwire show {job}`")
+
+
+def confirm(prompt: str) -> bool:
+    """Enter means yes; anything else, or no input at all, means no."""
+    say(prompt)
+    try:
+        line = sys.stdin.readline()
+    except (OSError, ValueError):
+        return False
+    return line in ("\n", "\r\n")
+
+
+def preview(patch: bytes, no_color: bool) -> None:
+    files = split_patch(patch)
+    style = Style.for_stream(sys.stdout, no_color)
+    page(render_summary(files, style) + [""] + render_diff(files, style), style)
+
+
+def apply_and_report(session: Session, job: str, patch: bytes) -> None:
+    touched = apply_patch(session.project, patch)
+    say(f"applied job {job}: {len(touched)} file(s) changed")
+    for path in touched:
+        print(path)
+
+
+# ================================================================== commands
+
+
+def cmd_init(args) -> int:
+    root = Path.cwd()
+    top = run(["git", "rev-parse", "--show-toplevel"], cwd=root, env=clean_env(), check=False)
+    if top.returncode == 0:
+        root = Path(top.stdout.decode().strip())
+    path = root / CONFIG_NAME
+    if path.exists() and not args.force:
+        raise UsageError(f"{path} exists already", "use --force to replace it")
+    token_file = Path(os.path.expanduser(args.token_file)).resolve()
+    if not token_file.is_file():
+        raise UsageError(f"the token file {token_file} does not exist",
+                         "put the token `patchwire-agent init` printed into it (chmod 600)")
+    data: Dict[str, Any] = {"agent": args.agent, "token_file": str(token_file)}
+    if args.ssh:
+        data["ssh"] = args.ssh
+    data["project"] = args.project or default_project_name(root)
+    cfg = LaptopConfig(root, data, path)  # validates before anything is written
+    path.write_text("# Patchwire: where this project's AI runs. No secrets here: the token\n"
+                    "# stays in token_file (or PATCHWIRE_TOKEN).\n" + dump_toml(data))
+    say(f"wrote {path} (project {cfg.project}, agent {cfg.agent}, "
+        f"{'mirror over ssh ' + cfg.ssh if cfg.ssh else 'local mirror'})")
+    say('next: patchwire sync --dry-run, then patchwire ask "..."')
     return 0
+
+
+def cmd_sync(args) -> int:
+    session = Session.here()
+    if args.dry_run:
+        paths, held = session.project.file_list(session.cfg.deny, session.cfg.allow)
+        for path in paths:
+            print(path)
+        for path, why in held.items():
+            say(f"held back: {path} ({why})")
+        say(f"{len(paths)} file(s) would be sent, {len(held)} held back")
+        return 0
+    session.sync(force=args.force)
+    return 0
+
+
+def cmd_ask(args) -> int:
+    session = Session.here()
+    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+    if not prompt.strip():
+        raise UsageError("the prompt is empty")
+    tree, manifest = session.sync()
+    body = {"project": session.cfg.project, "tree": tree, "files": manifest, "prompt": prompt}
+    if args.timeout:
+        body["timeout_s"] = args.timeout
+    try:
+        events = session.client.stream("POST", "/v1/ask", body)
+        first = next(events)
+    except AgentError as e:
+        if e.code != "tree_mismatch":
+            raise
+        say("the box's copy differs from what was sent " +
+            f"({', '.join(e.details.get('paths', [])[:5])}); syncing again with checksums")
+        tree, manifest = session.sync(force=True, checksum=True)
+        body.update(tree=tree, files=manifest)
+        events = session.client.stream("POST", "/v1/ask", body)
+        first = next(events)
+    session.remember_job(first["job"])
+    printer = ProgressPrinter(Style.for_stream(sys.stderr, args.no_color))
+
+    def chain():
+        yield first
+        yield from events
+    end = stream_job(session, chain(), printer)
+    job = first["job"]
+    if end["type"] != "finished":
+        raise AIFailed(f"job {job} {end['type']}: {end.get('reason', '')}",
+                       f"see `patchwire show {job}`; nothing was changed here")
+    patch = session.client.bytes(f"/v1/jobs/{job}/diff")
+    if not patch:
+        say(f"the AI made no changes (job {job}); nothing to apply")
+        return 0
+    preview(patch, args.no_color)
+    if args.no_apply:
+        say(f"not applied; apply later with `patchwire apply {job}`")
+        return 0
+    if args.yes or confirm("Press Enter to apply this change here; anything else keeps it "
+                           f"for later (`patchwire apply {job}`)."):
+        apply_and_report(session, job, patch)
+    else:
+        say(f"kept job {job}; apply it with `patchwire apply {job}`")
+    return 0
+
+
+def cmd_diff(args) -> int:
+    session = Session.here()
+    job = session.job_id(args.job)
+    patch = session.client.bytes(f"/v1/jobs/{job}/diff")
+    sys.stdout.buffer.write(patch)
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_apply(args) -> int:
+    session = Session.here()
+    job = session.client.json("GET", f"/v1/jobs/{session.job_id(args.job)}")
+    if job["status"] != "done":
+        raise AIFailed(f"job {job['id']} is {job['status']}: nothing to apply",
+                       job.get("reason") or "")
+    patch = session.client.bytes(f"/v1/jobs/{job['id']}/diff")
+    if not patch:
+        say(f"job {job['id']} made no changes; nothing to apply")
+        return 0
+    apply_and_report(session, job["id"], patch)
+    return 0
+
+
+def cmd_jobs(args) -> int:
+    session = Session.here()
+    jobs = session.client.json("GET", "/v1/jobs")["jobs"]
+    for job in jobs:
+        stats = job.get("stats") or {}
+        age = human_age(time.time() - job["created"])
+        size = f"+{stats.get('added', 0)} -{stats.get('removed', 0)}" if stats else ""
+        prompt = " ".join(job["prompt"].split())[:50]
+        print(f"{job['id']}  {job['status']:<9} {age:>5}  {job['project']:<16} {size:<10} {prompt}")
+    if not jobs:
+        say("no jobs yet")
+    return 0
+
+
+def human_age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def cmd_show(args) -> int:
+    session = Session.here()
+    job = session.client.json("GET", f"/v1/jobs/{session.job_id(args.job)}")
+    for key in ("id", "status", "project", "reason", "prompt"):
+        if job.get(key):
+            print(f"{key + ':':<9} {job[key]}")
+    for key, value in (job.get("result") or {}).items():
+        print(f"{key + ':':<9} {value}")
+    printer = ProgressPrinter(Style(False))
+    for event in session.client.stream("GET", f"/v1/jobs/{job['id']}/events?after=0&follow=0"):
+        printer(event)
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    session = Session.here()
+    job = session.client.json("DELETE", f"/v1/jobs/{session.job_id(args.job)}")
+    say(f"job {job['id']} is {job['status']}")
+    return 0
+
+
+COMMANDS = {
+    "init": (cmd_init, "write .patchwire.toml for this project"),
+    "sync": (cmd_sync, "send the project's files to the agent box"),
+    "ask": (cmd_ask, "sync, ask the AI, stream its progress, preview and apply the diff"),
+    "diff": (cmd_diff, "print a job's patch (the last job by default)"),
+    "apply": (cmd_apply, "apply a job's patch here (the last job by default)"),
+    "jobs": (cmd_jobs, "list your jobs on the agent box"),
+    "show": (cmd_show, "show a job and its events"),
+    "cancel": (cmd_cancel, "cancel a queued or running job"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="patchwire", description=__doc__.split("\n")[0].split(": ", 1)[1],
+        epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"patchwire {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    p = {name: sub.add_parser(name, help=help_, description=help_, epilog=HELP_EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+         for name, (_, help_) in COMMANDS.items()}
+    p["init"].add_argument("--agent", default=DEFAULT_AGENT_URL, help="agent URL (default %(default)s)")
+    p["init"].add_argument("--token-file", required=True, help="file holding your token")
+    p["init"].add_argument("--ssh", help="USER@HOST of the box (default: a mirror on this machine)")
+    p["init"].add_argument("--project", help="project name on the box (default: folder name)")
+    p["init"].add_argument("--force", action="store_true", help="replace an existing .patchwire.toml")
+    p["sync"].add_argument("--dry-run", action="store_true", help="list what would be sent, and why files are held back")
+    p["sync"].add_argument("--force", action="store_true", help="send even when nothing changed")
+    p["ask"].add_argument("prompt", help="what to ask the AI ('-' reads it from stdin)")
+    group = p["ask"].add_mutually_exclusive_group()
+    group.add_argument("--yes", "-y", action="store_true", help="apply without asking")
+    group.add_argument("--no-apply", action="store_true", help="only show the diff")
+    p["ask"].add_argument("--timeout", type=int, help="seconds the AI may take (up to the box's maximum)")
+    for name in ("ask", "diff"):
+        p[name].add_argument("--no-color", action="store_true", help="no colour")
+    for name in ("diff", "apply", "show", "cancel"):
+        p[name].add_argument("job", nargs="?" if name != "cancel" else None, help="job id (a unique prefix is enough)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    try:
+        return COMMANDS[args.command][0](args)
+    except PatchwireError as e:
+        say(f"patchwire: {e}")
+        return int(e.exit_status)
+    except KeyboardInterrupt:
+        say("patchwire: interrupted")
+        return int(ExitStatus.INTERRUPTED)
+    except BrokenPipeError:
+        return 0
+
+
 if __name__ == "__main__":
     sys.exit(main())

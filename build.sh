@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Build dist/patchwire and dist/patchwire-agent: shiv zipapps that each carry both
+# modules plus pure-Python tomli and tomli-w, byte-identical from one build to the next.
+#
+# Wheels are cached in wheels/: only the first build needs the network.
+# Environment: PYTHON (default python3; needs shiv), SOURCE_DATE_EPOCH (default: last commit).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+export PIP_ROOT_USER_ACTION=ignore
+STAGE=build/zipapp-site
+# Pure wheels only: tomli's CPython wheels are mypyc-compiled and would tie the pyz to one Python.
+PURE=(--only-binary=:all: --platform any --implementation py --abi none --python-version 3.9)
+
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 315532800)}
+
+if ! "$PYTHON" -m pip download -q --no-index --find-links wheels "${PURE[@]}" \
+        -r requirements-zipapp.txt -d wheels 2>/dev/null; then
+    echo "build.sh: downloading wheels into wheels/"
+    "$PYTHON" -m pip download -q "${PURE[@]}" -r requirements-zipapp.txt -d wheels
+fi
+
+rm -rf "$STAGE"
+# From find-links rather than wheel paths, so pip records no absolute direct_url.json.
+"$PYTHON" -m pip install -q --no-index --find-links wheels --no-deps --no-compile \
+    "${PURE[@]}" --target "$STAGE" -r requirements-zipapp.txt
+cp patchwire.py patchwire_agent.py "$STAGE"/
+# shiv stores file modes: make them independent of the umask.
+chmod -R u=rwX,go=rX "$STAGE"
+
+mkdir -p dist
+for app in patchwire:patchwire patchwire-agent:patchwire_agent; do
+    "$PYTHON" -m shiv --reproducible --python '/usr/bin/env python3' \
+        --site-packages "$STAGE" -e "${app#*:}:main" -o "dist/${app%%:*}"
+done
+
+for f in dist/patchwire dist/patchwire-agent; do
+    echo "built $f: $(wc -c <"$f" | tr -d ' ') bytes"
+done

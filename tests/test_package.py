@@ -1,0 +1,90 @@
+"""The built zipapps: they run under the oldest and newest supported Python, carry their
+pure-Python TOML libraries, and build byte for byte the same twice.
+
+These run the real build.sh and the real .pyz files, each with SHIV_ROOT in a temporary folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import patchwire
+from pythons import find_python
+
+ROOT = Path(__file__).resolve().parent.parent
+APPS = {"patchwire": "patchwire", "patchwire-agent": "patchwire_agent"}  # zipapp -> module
+PYTHONS = ["3.9", "3.13"]  # oldest and newest supported
+
+
+@pytest.fixture(scope="session")
+def built_zipapps() -> dict[str, Path]:
+    """Run build.sh once per session; return {"patchwire": dist/patchwire, ...}."""
+    build = subprocess.run(["bash", str(ROOT / "build.sh")], cwd=ROOT, stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=600)
+    if build.returncode != 0:
+        pytest.fail("build.sh failed (exit %d):\n%s%s"
+                    % (build.returncode, build.stdout, build.stderr[-4000:]))
+    return {name: ROOT / "dist" / name for name in APPS}
+
+
+def python_for(version: str) -> str:
+    exe = find_python(version)
+    if exe is None:
+        message = "no working python%s (PATH or $PYENV_ROOT/versions)" % version
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + ": CI must test every supported Python")
+        pytest.skip(message)
+    return exe
+
+
+def run_zipapp(python: str, pyz: Path, args: list[str], shiv_root: Path, **env: str):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SHIV_")}
+    return subprocess.run([python, str(pyz), *args], env={**clean, "SHIV_ROOT": str(shiv_root), **env},
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("name", list(APPS))
+@pytest.mark.parametrize("version", PYTHONS)
+def test_zipapp_prints_its_version(built_zipapps, version, name, tmp_path):
+    result = run_zipapp(python_for(version), built_zipapps[name], ["--version"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "%s %s\n" % (name, patchwire.__version__)
+
+
+@pytest.mark.parametrize("name", list(APPS))
+@pytest.mark.parametrize("version", PYTHONS)
+def test_zipapp_imports_its_bundled_toml_libraries(built_zipapps, version, name, tmp_path):
+    # SHIV_INTERPRETER runs the code through shiv's own bootstrap, as the entry point would be.
+    code = ("import tomli, tomli_w; assert tomli.loads(tomli_w.dumps({'a': [1]})) == {'a': [1]}; "
+            "print(tomli.__file__); print(tomli_w.__file__)")
+    result = run_zipapp(python_for(version), built_zipapps[name], ["-c", code], tmp_path,
+                        SHIV_INTERPRETER="1")
+    assert result.returncode == 0, result.stderr
+    for module_file in result.stdout.splitlines():
+        assert Path(module_file).resolve().is_relative_to(tmp_path.resolve()), "imported from outside the zipapp"
+
+
+@pytest.mark.parametrize("name", list(APPS))
+def test_zipapp_carries_both_modules_and_no_compiled_code(built_zipapps, name):
+    pyz = built_zipapps[name]
+    assert pyz.read_bytes().startswith(b"#!/usr/bin/env python3\n")
+    names = zipfile.ZipFile(pyz).namelist()
+    for module in APPS.values():
+        assert "site-packages/%s.py" % module in names
+    assert [n for n in names if n.endswith((".so", ".pyd"))] == []
+
+
+def test_second_build_is_byte_identical(built_zipapps):
+    first = {name: sha256(path) for name, path in built_zipapps.items()}
+    subprocess.run(["bash", str(ROOT / "build.sh")], cwd=ROOT, stdin=subprocess.DEVNULL,
+                   capture_output=True, check=True, timeout=600)
+    assert {name: sha256(path) for name, path in built_zipapps.items()} == first
