@@ -638,11 +638,11 @@ class AIRun:
             return status, self.stop_reason, result
         said = str(result.get("result") or "").strip()[:500]
         stderr = self.stderr_tail.decode("utf-8", "replace").strip()[-500:]
+        if result.get("is_error") or result.get("subtype", "success") != "success":
+            return "failed", f"the AI reported an error: {said or result.get('subtype')}", result
         if code != 0:
             why = said or stderr or "no output"
             return "failed", f"the AI command exited with status {code}: {why}", result
-        if result.get("is_error"):
-            return "failed", f"the AI reported an error: {said or result.get('subtype')}", result
         denials = result.get("permission_denials") or []
         if denials:
             tools = sorted({str(d.get("tool_name", "?")) for d in denials if isinstance(d, dict)})
