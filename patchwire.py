@@ -1107,6 +1107,8 @@ def cmd_ask(args) -> int:
     body = {"project": session.cfg.project, "tree": tree, "files": manifest, "prompt": prompt}
     if args.timeout:
         body["timeout_s"] = args.timeout
+    if args.on or args.continue_:
+        body["continue"] = args.on or session.job_id(None)
     try:
         events = session.client.stream("POST", "/v1/ask", body)
         first = next(events)
@@ -1245,6 +1247,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--yes", "-y", action="store_true", help="apply without asking")
     group.add_argument("--no-apply", action="store_true", help="only show the diff")
     p["ask"].add_argument("--timeout", type=int, help="seconds the AI may take (up to the box's maximum)")
+    follow = p["ask"].add_mutually_exclusive_group()
+    follow.add_argument("--continue", dest="continue_", action="store_true",
+                        help="continue the last job: start from its result, resume its AI session")
+    follow.add_argument("--on", metavar="JOB", help="continue the given job")
     for name in ("ask", "diff"):
         p[name].add_argument("--no-color", action="store_true", help="no colour")
     for name in ("diff", "apply", "show", "cancel"):

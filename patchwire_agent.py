@@ -119,7 +119,8 @@ class HTTPFailure(PatchwireError):
 
 SERVER_SCHEMA = {"listen": (str, DEFAULT_LISTEN), "state_dir": (str, None)}
 AI_SCHEMA = {"command": ("str_list", CLAUDE_COMMAND), "timeout_s": (int, 1800),
-             "max_timeout_s": (int, 7200), "env": ("str_table", {})}
+             "max_timeout_s": (int, 7200), "env": ("str_table", {}),
+             "resume_args": ("str_list", ["--resume", "{session_id}"])}
 JOBS_SCHEMA = {"workers": (int, 2), "slots": (int, 2)}
 USER_SCHEMA = {"token_sha256": (str, None)}
 TOP_SCHEMA = {"server": (dict, {}), "ai": (dict, {}), "jobs": (dict, {}), "users": (dict, {})}
@@ -146,6 +147,7 @@ class AgentConfig:
         self.timeout_s: int = ai["timeout_s"]
         self.max_timeout_s: int = max(ai["max_timeout_s"], ai["timeout_s"])
         self.ai_env: Dict[str, str] = ai["env"]
+        self.resume_args: List[str] = ai["resume_args"]
         self.workers: int = jobs["workers"]
         self.slots: int = jobs["slots"]
         self.users: Dict[str, bytes] = {}
@@ -182,14 +184,15 @@ SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, user TEXT NOT NULL, project TEXT NOT NULL, prompt TEXT NOT NULL,
     status TEXT NOT NULL, reason TEXT, created REAL NOT NULL, started REAL, finished REAL,
-    snapshot TEXT, tree TEXT, timeout_s INTEGER, result TEXT, stats TEXT, last_seq INTEGER
-        NOT NULL DEFAULT 0);
+    snapshot TEXT, tree TEXT, timeout_s INTEGER, result TEXT, stats TEXT, parent TEXT,
+    slot INTEGER, last_seq INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS jobs_user ON jobs (user, created);
 CREATE TABLE IF NOT EXISTS events (
     job TEXT NOT NULL, seq INTEGER NOT NULL, data TEXT NOT NULL, PRIMARY KEY (job, seq));
 """
 JOB_FIELDS = ("id", "user", "project", "prompt", "status", "reason", "created", "started",
-              "finished", "snapshot", "tree", "timeout_s", "result", "stats", "last_seq")
+              "finished", "snapshot", "tree", "timeout_s", "result", "stats", "parent", "slot",
+              "last_seq")
 
 
 class Store:
@@ -327,13 +330,17 @@ class ProjectRepo:
         return self.home / "slots" / f"slot{slot}"
 
     def slot_git(self, slot: int) -> Git:
-        return self.git(self.slot_path(slot)).with_env(
-            GIT_DIR=str(self.git_dir / "worktrees" / f"slot{slot}"))
+        """Git for a job folder, through its own worktree git dir (never the folder's .git
+        file, which the AI could rewrite)."""
+        path = self.slot_path(slot)  # also the cwd: `git apply` reads paths relative to it
+        return Git(git_dir=self.git_dir / "worktrees" / f"slot{slot}", work_tree=path,
+                   cwd=path if path.is_dir() else self.home, env=AGENT_GIT_ENV)
 
-    def prepare_slot(self, slot: int, commit: str) -> Path:
+    def prepare_slot(self, slot: int, commit: str, carry: Optional[Tuple[str, str]] = None) -> Path:
         """Move the slot's warm worktree to `commit` (O(changed)); ignored files such as build
         caches survive, everything else is exactly the snapshot. A folder that cannot be made
-        clean is thrown away and rebuilt."""
+        clean is thrown away and rebuilt. `carry` (base, result) brings an earlier job's
+        change along, for a follow-up ask."""
         with self.lock:
             for attempt in (1, 2):
                 try:
@@ -341,13 +348,29 @@ class ProjectRepo:
                         self._create_slot(slot, commit)
                     self._reset_slot(slot, commit)
                     self._check_slot_clean(slot, commit)
-                    return self.slot_path(slot)
+                    break
                 except PatchwireError as e:
                     if attempt == 2:
                         raise
                     log.warning("job folder %s is not clean (%s); rebuilding it", self.slot_path(slot), e)
                     self._remove_slot(slot)
-        raise AssertionError("unreachable")
+            if carry:
+                self._carry(slot, *carry)
+            return self.slot_path(slot)
+
+    def _carry(self, slot: int, base: str, result: str) -> None:
+        """Apply an earlier job's change (base..result) on top of the fresh snapshot, unless the
+        snapshot already has it (the user applied it and synced)."""
+        git = self.slot_git(slot)
+        patch = git("diff", "--binary", "--full-index", "-M", "--no-ext-diff", "--no-textconv", base, result)
+        if not patch or git.run("apply", "--check", "-R", "--index", "-", input=patch, check=False).returncode == 0:
+            return
+        applied = git.run("apply", "--index", "--3way", "-", input=patch, check=False)
+        if applied.returncode != 0:
+            self._reset_slot(slot, "HEAD")
+            raise PatchwireError("the earlier job's change does not apply to the project as synced "
+                                 "now: " + pw.describe_apply_failure(applied.stderr).strip(),
+                                 "apply or drop that change on the laptop, then ask again")
 
     def _slot_is_registered(self, slot: int) -> bool:
         gitdir = self.git_dir / "worktrees" / f"slot{slot}"
@@ -559,6 +582,7 @@ class AIRun:
         self.stop_reason: Optional[str] = None
         self.proc = None
         self.stderr_tail = b""
+        self.exit_code: Optional[int] = None
         self._lock = threading.Lock()
 
     def run(self) -> Tuple[str, str, dict]:
@@ -581,7 +605,7 @@ class AIRun:
         watchdog.daemon = True
         watchdog.start()
         try:
-            code = self.proc.wait()
+            code = self.exit_code = self.proc.wait()
         finally:
             watchdog.cancel()
         for t in threads:
@@ -663,10 +687,11 @@ def ai_environment(cfg: AgentConfig) -> dict:
 
 
 class QueueItem:
-    __slots__ = ("job_id", "user", "project", "slot")
+    __slots__ = ("job_id", "user", "project", "slot", "pin")
 
-    def __init__(self, job_id: str, user: str, project: str):
+    def __init__(self, job_id: str, user: str, project: str, pin: Optional[int] = None):
         self.job_id, self.user, self.project = job_id, user, project
+        self.pin = pin  # a follow-up runs in its parent's folder (Claude's session lives there)
         self.slot = -1  # the job folder claimed when the item leaves the queue
 
 
@@ -786,14 +811,15 @@ class Agent:
             reason = "agent restarted while the job ran"
             self.store.add_event(job["id"], {"type": "failed", "reason": reason})
             self.store.update_job(job["id"], status="failed", reason=reason, finished=time.time())
-            slot = (job.get("stats") or {}).get("slot")
+            slot = job.get("slot")
             if slot is not None:
                 try:
                     self.repo(job["user"], job["project"]).clean_slot(slot)
                 except PatchwireError as e:
                     log.warning("could not clean the job folder of %s: %s", job["id"], e)
         for job in self.store.jobs_with_status("queued"):
-            self.queue.put(QueueItem(job["id"], job["user"], job["project"]))
+            pin = self.store.job(job["parent"])["slot"] if job["parent"] else None
+            self.queue.put(QueueItem(job["id"], job["user"], job["project"], pin))
 
     # --- users
 
@@ -852,16 +878,30 @@ class Agent:
         if not isinstance(timeout_s, int) or isinstance(timeout_s, bool) or not 0 < timeout_s <= self.cfg.max_timeout_s:
             raise HTTPFailure(400, f"timeout_s must be 1..{self.cfg.max_timeout_s} seconds",
                               code="bad_request")
+        parent = self.parent_job(user, project, body.get("continue"))
         snapshot = self.repo(user, project).snapshot(tree, manifest)
         job = {"id": secrets.token_hex(6), "user": user, "project": project, "prompt": prompt,
                "status": "queued", "created": time.time(), "snapshot": snapshot, "tree": tree,
-               "timeout_s": timeout_s}
+               "timeout_s": timeout_s, "parent": parent["id"] if parent else None}
         self.store.create_job(job)
-        self.queue.put(QueueItem(job["id"], user, project))
+        self.queue.put(QueueItem(job["id"], user, project, parent["slot"] if parent else None))
         order = self.queue.order()
         self.store.add_event(job["id"], {"type": "queued", "project": project,
                                          "position": order.index(job["id"]) if job["id"] in order else 0})
         return self.store.job(job["id"])
+
+    def parent_job(self, user: str, project: str, prefix: Any) -> Optional[dict]:
+        """The finished job a follow-up ask continues, if any."""
+        if prefix is None:
+            return None
+        parent = self.find_job(user, str(prefix))
+        if parent["project"] != project:
+            raise HTTPFailure(400, f"job {parent['id']} belongs to project {parent['project']}, "
+                              f"not {project}", code="bad_request")
+        if parent["status"] != "done":
+            raise HTTPFailure(409, f"job {parent['id']} is {parent['status']}: only a finished "
+                              "job can be continued", code="not_done")
+        return parent
 
     def find_job(self, user: str, prefix: str) -> dict:
         if not re.fullmatch(r"[0-9a-f]{1,32}", prefix or ""):
@@ -917,9 +957,12 @@ class Agent:
         """Called under the queue's lock: claims a slot for the item when one is free."""
         with self.lock:
             busy = self.busy.setdefault((item.user, item.project), set())
-            if len(busy) >= self.cfg.slots:
+            free = set(range(self.cfg.slots)) - busy
+            if item.pin is not None and item.pin < self.cfg.slots:
+                free &= {item.pin}
+            if not free:
                 return False
-            slot = min(set(range(self.cfg.slots)) - busy)
+            slot = min(free)
             busy.add(slot)
             item.slot = slot
             return True
@@ -939,33 +982,42 @@ class Agent:
         job = self.store.job(item.job_id)
         slot = item.slot
         repo = self.repo(job["user"], job["project"])
-        self.store.update_job(job["id"], status="running", started=time.time(), stats={"slot": slot})
+        self.store.update_job(job["id"], status="running", started=time.time(), slot=slot)
         self._announce_positions()
+        parent = self.store.job(job["parent"]) if job["parent"] else None
+        carry = (parent["snapshot"], parent["result"]["result_commit"]) if parent else None
         try:
-            cwd = repo.prepare_slot(slot, job["snapshot"])
+            cwd = repo.prepare_slot(slot, job["snapshot"], carry)
         except PatchwireError as e:
-            self.finish(job["id"], "failed", f"could not prepare the job folder: {e}")
+            self.finish(job["id"], "failed", f"could not prepare the job folder: {e.message}")
             return
-        self.store.add_event(job["id"], {"type": "started", "slot": slot})
-        run = AIRun(self.cfg.ai_command, cwd, ai_environment(self.cfg), job["prompt"],
+        self.store.add_event(job["id"], {"type": "started", "slot": slot,
+                                         **({"continues": parent["id"]} if parent else {})})
+        run = AIRun(self.ai_argv(parent), cwd, ai_environment(self.cfg), job["prompt"],
                     job["timeout_s"], lambda e: self.store.add_event(job["id"], e))
         with self.lock:
             self.runs[job["id"]] = run
         started = time.monotonic()
         status, reason, result = run.run()
-        summary = summarize_result(result, time.monotonic() - started)
+        summary = summarize_result(result, time.monotonic() - started, run.exit_code)
         if status != "done":
             self.finish(job["id"], status, reason, result=summary)
             return
         patch, stats, commit = repo.collect(slot, job["snapshot"], job["id"])
         self.store.patch_path(job["id"]).write_bytes(patch)
-        self.finish(job["id"], "done", result={**summary, "result_commit": commit},
-                    stats={**stats, "slot": slot})
+        self.finish(job["id"], "done", result={**summary, "result_commit": commit}, stats=stats)
+
+    def ai_argv(self, parent: Optional[dict]) -> List[str]:
+        """The AI command; a follow-up adds `[ai] resume_args` with the parent's session."""
+        session = ((parent or {}).get("result") or {}).get("session_id")
+        if not session:
+            return list(self.cfg.ai_command)
+        return self.cfg.ai_command + [a.replace("{session_id}", session) for a in self.cfg.resume_args]
 
 
-def summarize_result(result: dict, elapsed: float) -> dict:
+def summarize_result(result: dict, elapsed: float, exit_code: Optional[int]) -> dict:
     usage = result.get("usage") or {}
-    return {"exit_ok": not result.get("is_error", False), "is_error": bool(result.get("is_error")),
+    return {"exit_code": exit_code, "is_error": bool(result.get("is_error")),
             "subtype": result.get("subtype"), "duration_s": round(elapsed, 3),
             "num_turns": result.get("num_turns"), "session_id": result.get("session_id"),
             "tokens_in": usage.get("input_tokens"), "tokens_out": usage.get("output_tokens"),

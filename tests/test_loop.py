@@ -59,7 +59,7 @@ def test_round_trip_is_byte_exact(rich_laptop, agent):
     job = rich_laptop.last_job()
     # the laptop's tree now equals the AI's result in the job folder, byte for byte
     info = agent.wait_job(job)
-    slot = agent.state_dir / "projects" / "alice" / "laptop" / "slots" / f"slot{info['stats']['slot']}"
+    slot = agent.state_dir / "projects" / "alice" / "laptop" / "slots" / f"slot{info['slot']}"
     laptop_files = snapshot_tree(rich_laptop.root, skip=(".git",))
     box_files = snapshot_tree(slot, skip=(".git",))
     assert laptop_files == box_files
@@ -234,3 +234,35 @@ def test_non_git_folder_works(tmp_path, agent):
     lap.ask(script({"write": "notes.txt", "text": "hello\nworld\n"}), "--yes", check=0)
     assert (root / "notes.txt").read_bytes() == b"hello\nworld\n"
     assert not (agent.state_dir / "mirror/alice/plain/tmp").exists()
+
+
+def test_follow_up_continues_the_previous_job(laptop, agent, tmp_path):
+    log = tmp_path / "stand_in.log"
+    first = laptop.ask(script({"write": "README.md", "text": "# first\n"}), "--no-apply", check=0)
+    parent = laptop.last_job()
+    second = laptop.ask(script({"append": "README.md", "text": "second\n"}), "--continue", "--yes", check=0)
+    child = laptop.last_job()
+    assert child != parent
+    # the whole change against the synced snapshot, in one go
+    assert (laptop.root / "README.md").read_bytes() == b"# first\nsecond\n"
+    parent_info, child_info = agent.json("GET", f"/v1/jobs/{parent}")[1], agent.json("GET", f"/v1/jobs/{child}")[1]
+    assert child_info["parent"] == parent and child_info["slot"] == parent_info["slot"]
+    started = [e for e in agent.events(child) if e["type"] == "started"][0]
+    assert started["continues"] == parent
+    # the AI was resumed with the parent's session
+    session = [e for e in agent.events(child) if e["type"] == "session"][0]["session_id"]
+    assert session == parent_info["result"]["session_id"]
+
+
+def test_follow_up_after_applying_the_parent_does_not_apply_twice(laptop, agent):
+    laptop.ask(script({"write": "README.md", "text": "# first\n"}), "--yes", check=0)
+    laptop.ask(script({"write": "src/app.py", "text": "print('two')\n"}), "--continue", "--yes", check=0)
+    assert (laptop.root / "README.md").read_bytes() == b"# first\n"
+    assert (laptop.root / "src/app.py").read_bytes() == b"print('two')\n"
+
+
+def test_follow_up_of_a_failed_job_is_refused(laptop):
+    laptop.ask(script({"exit": 2}), "--yes")
+    result = laptop.ask("again", "--continue", "--yes")
+    assert result.returncode == 3
+    assert "only a finished job can be continued" in result.err
