@@ -14,32 +14,9 @@ from pathlib import Path
 import pytest
 
 import patchwire
-from pythons import find_python
+from zipapps import APPS, ROOT, built_zipapps, python_for  # noqa: F401 (built_zipapps: fixture)
 
-ROOT = Path(__file__).resolve().parent.parent
-APPS = {"patchwire": "patchwire", "patchwire-agent": "patchwire_agent"}  # zipapp -> module
 PYTHONS = ["3.9", "3.13"]  # oldest and newest supported
-
-
-@pytest.fixture(scope="session")
-def built_zipapps() -> dict[str, Path]:
-    """Run build.sh once per session; return {"patchwire": dist/patchwire, ...}."""
-    build = subprocess.run(["bash", str(ROOT / "build.sh")], cwd=ROOT, stdin=subprocess.DEVNULL,
-                           capture_output=True, text=True, timeout=600)
-    if build.returncode != 0:
-        pytest.fail("build.sh failed (exit %d):\n%s%s"
-                    % (build.returncode, build.stdout, build.stderr[-4000:]))
-    return {name: ROOT / "dist" / name for name in APPS}
-
-
-def python_for(version: str) -> str:
-    exe = find_python(version)
-    if exe is None:
-        message = "no working python%s (PATH or $PYENV_ROOT/versions)" % version
-        if os.environ.get("CI") == "true":
-            pytest.fail(message + ": CI must test every supported Python")
-        pytest.skip(message)
-    return exe
 
 
 def run_zipapp(python: str, pyz: Path, args: list[str], shiv_root: Path, **env: str):
