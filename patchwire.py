@@ -20,6 +20,7 @@ Commands (`patchwire COMMAND --help` for each):
     jobs     list your jobs on the agent box
     show     show one job with its events
     cancel   cancel a queued or running job
+    log      what was applied here, when, from which job
 
 Exit codes:
     0 ok, 1 error, 2 usage, 3 agent unreachable or refused the request,
@@ -606,9 +607,10 @@ def send_files(cfg: LaptopConfig, paths: Sequence[str], dest: str, checksum: boo
     proc = run(rsync_argv(cfg, dest, checksum), cwd=cfg.root,
                input=b"".join(_enc(p) + b"\0" for p in paths), timeout=3600, check=False)
     if proc.returncode != 0:
-        tail = proc.stderr.decode("utf-8", "replace").strip()[-600:]
-        hint = ("check that `ssh " + cfg.ssh + "` works without a password and that rsync is "
-                "installed on the box") if cfg.ssh else "check that the mirror folder is writable"
+        tail = proc.stderr.decode("utf-8", "replace").strip()[-1500:]
+        ssh = " ".join(shlex.quote(a) for a in ["ssh", *cfg.ssh_options, cfg.ssh or ""])
+        hint = (f"check that `{ssh}` works without a password and that rsync is installed on "
+                "the box") if cfg.ssh else "check that the mirror folder is writable"
         raise AgentError(f"rsync failed (exit {proc.returncode}): {tail}", hint)
     return rsync_counts(proc.stdout)
 
@@ -763,7 +765,7 @@ class FilePatch:
     def __init__(self, header: List[bytes]):
         self.lines = header
         first = header[0].decode("utf-8", "surrogateescape")
-        self.path = _path_from_diff_header(first)
+        self.path = self.old_path = _path_from_diff_header(first)
         self.added = self.removed = 0
         self.binary = False
         self.kind = "modified"
@@ -907,22 +909,452 @@ def page(lines: List[str], style: Style) -> None:
     sys.stdout.flush()
 
 
+# ================================================================== choosing what to apply
+
+HUNK_RE = re.compile(rb"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@(.*)$", re.S)
+
+
+class Hunk:
+    """One @@ hunk; its changes grouped into runs separated by context, so a hunk can be
+    split ('s') and applied in part: an unchosen group turns back into context."""
+
+    def __init__(self, header: bytes, lines: List[bytes]):
+        m = HUNK_RE.match(header)
+        if not m:
+            raise PatchError(f"malformed hunk header: {header[:80]!r}")
+        self.old_start = int(m.group(1))
+        self.tail = m.group(5)
+        self.lines = lines
+        self.group_of: List[Optional[int]] = []
+        group, in_change = -1, False
+        for line in lines:
+            if line.startswith((b"-", b"+")):
+                if not in_change:
+                    group, in_change = group + 1, True
+                self.group_of.append(group)
+            elif line.startswith(b"\\"):
+                self.group_of.append(self.group_of[-1] if self.group_of else None)
+            else:
+                in_change = False
+                self.group_of.append(None)
+        self.groups = group + 1
+
+    def render(self, chosen: Iterable[int], delta: int) -> Tuple[Optional[bytes], int]:
+        """(hunk bytes, change in line count) keeping only the chosen groups."""
+        chosen = set(chosen)
+        if not chosen:
+            return None, 0
+        out, old, new, dropped = [], 0, 0, False
+        for line, group in zip(self.lines, self.group_of):
+            if line.startswith(b"\\"):
+                if not dropped:
+                    out.append(line)
+                continue
+            dropped = False
+            if group is None or group in chosen:
+                out.append(line)
+                old += not line.startswith(b"+")
+                new += not line.startswith(b"-")
+            elif line.startswith(b"-"):
+                out.append(b" " + line[1:])
+                old, new = old + 1, new + 1
+            else:
+                dropped = True
+        header = b"@@ -%d,%d +%d,%d @@%s" % (self.old_start, old, max(self.old_start + delta, 0 if new == 0 else 1),
+                                            new, self.tail)
+        return header + b"".join(out), new - old
+
+    def group_text(self, group: Optional[int] = None) -> List[bytes]:
+        """The hunk's lines, or one group with the context around it."""
+        if group is None:
+            return self.lines
+        idx = [i for i, g in enumerate(self.group_of) if g == group]
+        lo, hi = idx[0], idx[-1] + 1
+        while lo > 0 and self.group_of[lo - 1] is None:
+            lo -= 1
+        while hi < len(self.lines) and self.group_of[hi] is None:
+            hi += 1
+        return self.lines[lo:hi]
+
+
+def parse_hunks(fp: "FilePatch") -> Tuple[List[bytes], List[Hunk]]:
+    """(header lines, hunks) of a text file's patch; binary patches have no hunks."""
+    header: List[bytes] = []
+    hunks: List[Hunk] = []
+    current: Optional[Tuple[bytes, List[bytes]]] = None
+    for line in fp.lines:
+        if line.startswith(b"@@ "):
+            if current:
+                hunks.append(Hunk(*current))
+            current = (line, [])
+        elif current:
+            current[1].append(line)
+        else:
+            header.append(line)
+    if current:
+        hunks.append(Hunk(*current))
+    return header, hunks
+
+
+class Selection:
+    """What to take from a patch: whole files, or chosen groups of chosen hunks."""
+
+    def __init__(self, files: Sequence["FilePatch"]):
+        self.files = list(files)
+        self.parsed = {id(f): parse_hunks(f) for f in files}
+        self.chosen: Dict[int, Dict[int, set]] = {}  # file index -> hunk index -> groups
+
+    def take_file(self, i: int) -> None:
+        _, hunks = self.parsed[id(self.files[i])]
+        self.chosen[i] = {h: set(range(hunk.groups)) for h, hunk in enumerate(hunks)}
+
+    def take_all(self) -> "Selection":
+        for i in range(len(self.files)):
+            self.take_file(i)
+        return self
+
+    def render(self) -> bytes:
+        out = []
+        for i, fp in enumerate(self.files):
+            if i not in self.chosen:
+                continue
+            header, hunks = self.parsed[id(fp)]
+            if not hunks:  # binary, pure rename, mode change, empty new file
+                out.append(fp.bytes)
+                continue
+            body, delta = [], 0
+            for h, hunk in enumerate(hunks):
+                data, change = hunk.render(self.chosen[i].get(h, ()), delta)
+                if data:
+                    body.append(data)
+                    delta += change
+            if body:
+                out.append(b"".join(header) + b"".join(body))
+        return b"".join(out)
+
+
+def select_paths(files: Sequence["FilePatch"], only: Sequence[str], exclude: Sequence[str]) -> Selection:
+    """--only / --exclude: shell patterns or folders, matched against old and new paths."""
+    def hit(fp: FilePatch, patterns: Sequence[str]) -> bool:
+        return any(fnmatch.fnmatchcase(p, pat) or p.startswith(pat.rstrip("/") + "/") or p == pat
+                   for p in {fp.path, fp.old_path} for pat in patterns)
+    sel = Selection(files)
+    for i, fp in enumerate(files):
+        if (not only or hit(fp, only)) and not hit(fp, exclude):
+            sel.take_file(i)
+    return sel
+
+
+HUNK_HELP = """y - apply this hunk     n - skip this hunk     q - quit; apply what was chosen so far
+a - this and all later hunks of the file      d - none of the later hunks of the file
+s - split this hunk into smaller ones         ? - this help"""
+
+
+class Chooser:
+    """`git add -p`-style questions on stderr, answers as lines on stdin."""
+
+    def __init__(self, files: Sequence["FilePatch"], style: Style):
+        self.sel = Selection(files)
+        self.style = style
+
+    def ask(self, question: str, allowed: str) -> str:
+        while True:
+            sys.stderr.write(self.style("bold", f"{question} [{','.join(allowed)},?]? "))
+            sys.stderr.flush()
+            answer = sys.stdin.readline()
+            if not answer:
+                return "q"
+            answer = answer.strip().lower()[:1]
+            if answer in allowed:
+                return answer
+            say(HUNK_HELP)
+
+    def run(self) -> Selection:
+        for i, fp in enumerate(self.sel.files):
+            if self._file(i, fp) == "q":
+                break
+        return self.sel
+
+    def _file(self, i: int, fp: "FilePatch") -> str:
+        header, hunks = self.sel.parsed[id(fp)]
+        say(self.style("bold", f"--- {fp.path} ({fp.kind}{', binary' if fp.binary else ''})"))
+        if not hunks or fp.kind in ("new", "deleted"):
+            answer = self.ask(f"Apply this whole file ({fp.kind})", "ynq")
+            if answer == "y":
+                self.sel.take_file(i)
+            return answer
+        picked: Dict[int, set] = {}
+        self.sel.chosen[i] = picked
+        rest = None
+        for h, hunk in enumerate(hunks):
+            answer = rest or self._hunk(hunk, picked.setdefault(h, set()), h, len(hunks))
+            if answer in "ad":
+                rest = answer
+            if answer in ("y", "a"):
+                picked[h] = set(range(hunk.groups))
+            if answer == "q":
+                return "q"
+        return ""
+
+    def _hunk(self, hunk: Hunk, picked: set, h: int, count: int) -> str:
+        self._show(hunk.group_text())
+        answer = self.ask(f"Apply this hunk ({h + 1}/{count})", "ynadsq" if hunk.groups > 1 else "ynadq")
+        if answer != "s":
+            return answer
+        for g in range(hunk.groups):
+            self._show(hunk.group_text(g))
+            part = self.ask(f"Apply this part ({g + 1}/{hunk.groups})", "ynq")
+            if part == "y":
+                picked.add(g)
+            if part == "q":
+                return "q"
+        return "s"
+
+    def _show(self, lines: List[bytes]) -> None:
+        text = [l.decode("utf-8", "replace").rstrip("\n") for l in lines]
+        for line in text:
+            colour = {"+": "green", "-": "red"}.get(line[:1])
+            say(self.style(colour, line) if colour else line)
+
+
 # ================================================================== apply
 
 
-def apply_patch(project: Project, patch: bytes) -> List[str]:
-    """Check, then apply: all or nothing. Returns the files touched."""
-    files = split_patch(patch)
-    if not files:
-        return []
-    check = project.git.run("apply", "--check", "--binary", "-", input=patch, check=False)
-    if check.returncode != 0:
-        raise PatchError("the patch does not apply; nothing was changed:\n" +
-                         describe_apply_failure(check.stderr),
-                         "the files changed here since the sync; ask again, or apply by hand "
-                         "with `patchwire diff JOB | git apply --3way`")
-    project.git("apply", "--binary", "-", input=patch)
-    return [f.path for f in files]
+class Applier:
+    """Applies a patch to the project: plainly when the files still match what was synced
+    (`git apply --check`, then `git apply`: all or nothing); otherwise, in a git repository,
+    by 3-way merging each file against the synced version (whose blobs are in the local
+    object store since the sync). Saves what it overwrites, for `patchwire apply --undo`."""
+
+    def __init__(self, project: Project, style: Style):
+        self.project = project
+        self.git = project.git
+        self.style = style
+
+    def apply(self, patch: bytes, base_tree: Optional[str], keep_conflicts: Optional[bool]) -> dict:
+        paths = touched_paths(split_patch(patch))
+        check = self.git.run("apply", "--check", "--binary", "-", input=patch, check=False)
+        if check.returncode == 0:
+            before = self.save(paths)
+            self.git("apply", "--binary", "-", input=patch)
+            return self.done(before, "plain", paths, [])
+        failure = describe_apply_failure(check.stderr)
+        if not self.project.is_git_repo:
+            raise PatchError("the patch does not apply to the files here; nothing was changed:\n"
+                             + failure, "3-way merging is not available outside a git repository: "
+                             "ask again on the current files")
+        if not base_tree or not self._have(base_tree):
+            raise PatchError("the patch does not apply and the synced version is not here for a "
+                             "3-way merge; nothing was changed:\n" + failure, "ask again")
+        merged = self.merge(patch, base_tree)
+        conflicts = [path for path, (_, _, n) in merged.items() if n]
+        if conflicts and not self._keep_conflicts(merged, conflicts, keep_conflicts):
+            raise PatchError("the AI's change and yours overlap in " + ", ".join(conflicts) +
+                             "; nothing was changed",
+                             "resolve by hand: `patchwire diff JOB` shows the AI's change; "
+                             "or run `patchwire apply JOB --keep-conflicts` to get conflict markers")
+        before = self.save(list(merged))
+        self.write(merged)
+        return self.done(before, "3-way", list(merged), conflicts)
+
+    # --- 3-way
+
+    def _have(self, tree: str) -> bool:
+        return self.git.run("cat-file", "-e", tree + "^{tree}", check=False).returncode == 0
+
+    def merge(self, patch: bytes, base_tree: str) -> Dict[str, Tuple[Optional[bytes], str, int]]:
+        """{path: (new bytes or None for deleted, mode, conflicts)} for every touched path."""
+        tmp_index = str(self.project.private_dir / "merge.index")
+        git = self.git.with_env(GIT_INDEX_FILE=tmp_index)
+        git("read-tree", base_tree)
+        applied = git.run("apply", "--cached", "--binary", "-", input=patch, check=False)
+        if applied.returncode != 0:
+            raise PatchError("the patch does not even apply to the synced version:\n"
+                             + describe_apply_failure(applied.stderr))
+        theirs_tree = git.text("write-tree")
+        os.unlink(tmp_index)
+        out: Dict[str, Tuple[Optional[bytes], str, int]] = {}
+        for status, old, new in diff_tree(self.git, base_tree, theirs_tree):
+            if status == "R":
+                out[old] = self._merge_one(old, base_tree, None)
+                out[new] = self._merge_one(old, base_tree, (theirs_tree, new))
+            else:
+                out[new] = self._merge_one(new, base_tree, (theirs_tree, new) if status != "D" else None)
+        return out
+
+    def _merge_one(self, path: str, base_tree: str, theirs: Optional[Tuple[str, str]]):
+        base = self._blob(base_tree, path)
+        other = self._blob(*theirs) if theirs else None
+        ours = read_worktree(self.project.root / path)
+        if ours == base:
+            return (other[0], other[1], 0) if other else (None, "", 0)
+        if other and ours and ours[0] == other[0]:
+            return other[0], other[1], 0
+        if ours is None or other is None:  # deleted on one side, changed on the other
+            return (other or ours)[0], (other or ours)[1], 1
+        mode = other[1] if base and base[1] == ours[1] else ours[1]
+        if b"\0" in (ours[0] + other[0] + (base[0] if base else b""))[:8000]:
+            return ours[0], mode, 1
+        merged, conflicts = self._merge_file(path, ours[0], base[0] if base else b"", other[0])
+        return merged, mode, conflicts
+
+    def _merge_file(self, path: str, ours: bytes, base: bytes, theirs: bytes) -> Tuple[bytes, int]:
+        folder = self.project.private_dir / "merge"
+        folder.mkdir(exist_ok=True)
+        files = []
+        for name, data in (("ours", ours), ("base", base), ("theirs", theirs)):
+            (folder / name).write_bytes(data)
+            files.append(str(folder / name))
+        proc = run(["git", "merge-file", "-p", "-L", f"{path} (yours)", "-L", f"{path} (synced)",
+                    "-L", f"{path} (AI)", *files], env=clean_env(), check=False)
+        if proc.returncode < 0 or proc.returncode > 127:
+            raise PatchError(f"git merge-file failed on {path}: {proc.stderr.decode(errors='replace')}")
+        return proc.stdout, proc.returncode
+
+    def _blob(self, tree: str, path: str) -> Optional[Tuple[bytes, str]]:
+        out = self.git("ls-tree", "-z", tree, "--", path)
+        if not out:
+            return None
+        mode, _, sha = out.split(b"\t", 1)[0].decode().split()
+        return self.git("cat-file", "blob", sha), mode
+
+    def _keep_conflicts(self, merged, conflicts: List[str], keep: Optional[bool]) -> bool:
+        say(self.style("yellow", f"{len(conflicts)} file(s) changed both here and by the AI, in the same place:"))
+        for path in conflicts:
+            data = merged[path][0] or b""
+            say(f"  {path}")
+            for line in conflict_excerpt(data):
+                say("    " + line)
+        if keep is not None:
+            return keep
+        return confirm_word("Type k and Enter to apply with conflict markers to resolve; Enter alone "
+                            "leaves every file as it was.", "k")
+
+    # --- writing, undo, log
+
+    def write(self, merged: Dict[str, Tuple[Optional[bytes], str, int]]) -> None:
+        for path, (data, mode, _) in merged.items():
+            write_worktree(self.project.root / path, data, mode)
+
+    def save(self, paths: Sequence[str]) -> List[dict]:
+        saved = []
+        for path in paths:
+            state = read_worktree(self.project.root / path)
+            blob = self.git.text("hash-object", "-w", "--stdin", input=state[0]) if state else None
+            saved.append({"path": path, "blob": blob, "mode": state[1] if state else None})
+        return saved
+
+    def done(self, before: List[dict], how: str, paths: Sequence[str], conflicts: List[str]) -> dict:
+        for entry in before:
+            now = read_worktree(self.project.root / entry["path"])
+            entry["after"] = hashlib.sha256(now[0]).hexdigest() if now else None
+            entry["after_mode"] = now[1] if now else None
+        (self.project.state_file("undo.json")).write_text(json.dumps(before))
+        return {"how": how, "files": list(paths), "conflicts": conflicts}
+
+    def undo(self) -> List[str]:
+        try:
+            entries = json.loads(self.project.state_file("undo.json").read_text())
+        except (OSError, ValueError):
+            raise UsageError("nothing to undo: no apply recorded in this project")
+        changed = []
+        for e in entries:
+            now = read_worktree(self.project.root / e["path"])
+            if (hashlib.sha256(now[0]).hexdigest() if now else None) != e["after"] or \
+                    (now[1] if now else None) != e["after_mode"]:
+                changed.append(e["path"])
+        if changed:
+            raise PatchError("cannot undo: these files changed since the apply: " + ", ".join(changed),
+                             "undo those edits first, or restore the files by hand")
+        for e in entries:
+            data = self.git("cat-file", "blob", e["blob"]) if e["blob"] else None
+            write_worktree(self.project.root / e["path"], data, e["mode"] or "")
+        self.project.state_file("undo.json").unlink()
+        return [e["path"] for e in entries]
+
+
+def touched_paths(files: Sequence["FilePatch"]) -> List[str]:
+    return list(dict.fromkeys(p for f in files for p in (f.old_path, f.path)))
+
+
+def diff_tree(git: Git, a: str, b: str) -> List[Tuple[str, str, str]]:
+    """(status letter, old path, new path) of every change between two trees."""
+    fields = git("diff-tree", "-r", "-M", "-z", "--name-status", a, b).split(b"\0")
+    out, i = [], 0
+    while i < len(fields) - 1:
+        status = fields[i].decode()[:1]
+        if status in "RC":
+            out.append((status, _dec(fields[i + 1]), _dec(fields[i + 2])))
+            i += 3
+        else:
+            out.append((status, _dec(fields[i + 1]), _dec(fields[i + 1])))
+            i += 2
+    return out
+
+
+def _dec(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def read_worktree(path: Path) -> Optional[Tuple[bytes, str]]:
+    """(bytes, git mode) of a file or symlink, None when absent."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if os.path.stat.S_ISLNK(st.st_mode):
+        return os.fsencode(os.readlink(path)), "120000"
+    if not os.path.stat.S_ISREG(st.st_mode):
+        return None
+    return path.read_bytes(), "100755" if st.st_mode & 0o100 else "100644"
+
+
+def write_worktree(path: Path, data: Optional[bytes], mode: str) -> None:
+    """Write (atomically, by rename) or delete one file; empty folders left behind go too."""
+    if data is None:
+        if os.path.lexists(path):
+            path.unlink()
+        parent = path.parent
+        while parent != parent.parent and parent.is_dir() and not any(parent.iterdir()):
+            if (parent / ".git").exists():
+                break
+            parent.rmdir()
+            parent = parent.parent
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.patchwire-tmp")
+    if mode == "120000":
+        if os.path.lexists(tmp):
+            tmp.unlink()
+        os.symlink(os.fsdecode(data), tmp)
+    else:
+        tmp.write_bytes(data)
+        os.chmod(tmp, 0o755 if mode == "100755" else 0o644)
+    os.replace(tmp, path)
+
+
+def conflict_excerpt(data: bytes, limit: int = 12) -> List[str]:
+    lines = data.decode("utf-8", "replace").splitlines()
+    out, inside = [], False
+    for line in lines:
+        if line.startswith("<<<<<<< "):
+            inside = True
+        if inside:
+            out.append(line)
+        if line.startswith(">>>>>>> "):
+            inside = False
+        if len(out) >= limit:
+            out.append("...")
+            break
+    return out
+
+
+def confirm_word(prompt: str, word: str) -> bool:
+    say(prompt)
+    try:
+        return sys.stdin.readline().strip().lower() == word
+    except (OSError, ValueError):
+        return False
 
 
 def describe_apply_failure(stderr: bytes) -> str:
@@ -979,6 +1411,20 @@ class Session:
         except (OSError, ValueError):
             return {}
 
+    def log_apply(self, result: dict) -> None:
+        entry = {"time": time.time(), "job": result["job"], "how": result["how"],
+                 "files": result["files"], "conflicts": result["conflicts"],
+                 "partial": result.get("partial", False)}
+        with open(self.project.state_file("applied.log"), "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def applied(self) -> List[dict]:
+        try:
+            lines = self.project.state_file("applied.log").read_text().splitlines()
+        except OSError:
+            return []
+        return [json.loads(l) for l in lines if l.strip()]
+
     def remember_job(self, job: str) -> None:
         self.project.state_file("last_job").write_text(job)
 
@@ -1033,14 +1479,14 @@ def stream_job(session: Session, first: Iterator[dict], on_event) -> dict:
                      f"check the job with `patchwire show {job}`")
 
 
-def confirm(prompt: str) -> bool:
-    """Enter means yes; anything else, or no input at all, means no."""
+def read_answer(prompt: str) -> Optional[str]:
+    """One line from stdin, stripped; None when there is no input at all."""
     say(prompt)
     try:
         line = sys.stdin.readline()
     except (OSError, ValueError):
-        return False
-    return line in ("\n", "\r\n")
+        return None
+    return line.strip() if line else None
 
 
 def preview(patch: bytes, no_color: bool) -> None:
@@ -1049,11 +1495,34 @@ def preview(patch: bytes, no_color: bool) -> None:
     page(render_summary(files, style) + [""] + render_diff(files, style), style)
 
 
-def apply_and_report(session: Session, job: str, patch: bytes) -> None:
-    touched = apply_patch(session.project, patch)
-    say(f"applied job {job}: {len(touched)} file(s) changed")
-    for path in touched:
-        print(path)
+def apply_job(session: Session, job: dict, patch: bytes, *, interactive: bool = False,
+              only: Sequence[str] = (), exclude: Sequence[str] = (),
+              keep_conflicts: Optional[bool] = None, no_color: bool = False) -> dict:
+    """Choose (all, --only/--exclude, or hunk by hunk), apply, log, report."""
+    files = split_patch(patch)
+    style = Style.for_stream(sys.stderr, no_color)
+    if interactive:
+        chosen = Chooser(files, style).run().render()
+    elif only or exclude:
+        chosen = select_paths(files, only, exclude).render()
+    else:
+        chosen = patch
+    if not chosen.strip():
+        say("nothing chosen; nothing applied")
+        return {"job": job["id"], "how": "none", "files": [], "conflicts": []}
+    result = Applier(session.project, style).apply(chosen, job.get("tree"), keep_conflicts)
+    result["job"] = job["id"]
+    result["partial"] = chosen != patch
+    session.log_apply(result)
+    how = {"plain": "", "3-way": " (3-way merged with your changes)"}[result["how"]]
+    say(f"applied job {job['id']}{how}: {len(split_patch(chosen))} file(s) changed")
+    if result["conflicts"]:
+        say(style("yellow", "conflict markers to resolve in: " + ", ".join(result["conflicts"])))
+    if result["partial"]:
+        say(f"the rest of the change stays in job {job['id']} (`patchwire apply {job['id']} -i`)")
+    if not session.project.is_git_repo:
+        say("note: not a git repository, so 3-way merging is not available here")
+    return result
 
 
 # ================================================================== commands
@@ -1140,9 +1609,12 @@ def cmd_ask(args) -> int:
     if args.no_apply:
         say(f"not applied; apply later with `patchwire apply {job}`")
         return 0
-    if args.yes or confirm("Press Enter to apply this change here; anything else keeps it "
-                           f"for later (`patchwire apply {job}`)."):
-        apply_and_report(session, job, patch)
+    answer = "" if args.yes else read_answer(
+        "Enter applies this change here; i and Enter chooses files and hunks; anything else "
+        f"keeps it for later (`patchwire apply {job}`).")
+    if answer in ("", "i"):
+        apply_job(session, {"id": job, "tree": tree}, patch, interactive=answer == "i",
+                  no_color=args.no_color)
     else:
         say(f"kept job {job}; apply it with `patchwire apply {job}`")
     return 0
@@ -1159,6 +1631,12 @@ def cmd_diff(args) -> int:
 
 def cmd_apply(args) -> int:
     session = Session.here()
+    if args.undo:
+        restored = Applier(session.project, Style(False)).undo()
+        say(f"restored {len(restored)} file(s) to what they were before the last apply")
+        for path in restored:
+            print(path)
+        return 0
     job = session.client.json("GET", f"/v1/jobs/{session.job_id(args.job)}")
     if job["status"] != "done":
         raise AIFailed(f"job {job['id']} is {job['status']}: nothing to apply",
@@ -1167,7 +1645,21 @@ def cmd_apply(args) -> int:
     if not patch:
         say(f"job {job['id']} made no changes; nothing to apply")
         return 0
-    apply_and_report(session, job["id"], patch)
+    result = apply_job(session, job, patch, interactive=args.interactive, only=args.only or (),
+                       exclude=args.exclude or (), keep_conflicts=args.keep_conflicts or None)
+    for path in result["files"]:
+        print(path)
+    return 0
+
+
+def cmd_log(args) -> int:
+    session = Session.here()
+    for entry in reversed(session.applied()):
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry["time"]))
+        extra = " partial" if entry.get("partial") else ""
+        extra += f" conflicts: {', '.join(entry['conflicts'])}" if entry["conflicts"] else ""
+        print(f"{when}  job {entry['job']}  {entry['how']}{extra}  {len(entry['files'])} file(s): "
+              + ", ".join(entry["files"][:6]) + (" ..." if len(entry["files"]) > 6 else ""))
     return 0
 
 
@@ -1222,6 +1714,7 @@ COMMANDS = {
     "jobs": (cmd_jobs, "list your jobs on the agent box"),
     "show": (cmd_show, "show a job and its events"),
     "cancel": (cmd_cancel, "cancel a queued or running job"),
+    "log": (cmd_log, "what was applied here, when, from which job"),
 }
 
 
@@ -1255,6 +1748,12 @@ def build_parser() -> argparse.ArgumentParser:
         p[name].add_argument("--no-color", action="store_true", help="no colour")
     for name in ("diff", "apply", "show", "cancel"):
         p[name].add_argument("job", nargs="?" if name != "cancel" else None, help="job id (a unique prefix is enough)")
+    p["apply"].add_argument("-i", "--interactive", action="store_true", help="choose files and hunks, like git add -p")
+    p["apply"].add_argument("--only", nargs="+", metavar="PATH", help="apply only these files or folders (shell patterns)")
+    p["apply"].add_argument("--exclude", nargs="+", metavar="PATH", help="leave these files or folders out")
+    p["apply"].add_argument("--keep-conflicts", action="store_true",
+                            help="where your edits and the AI's overlap, write conflict markers instead of asking")
+    p["apply"].add_argument("--undo", action="store_true", help="restore the files the last apply touched")
     return parser
 
 

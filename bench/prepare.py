@@ -37,7 +37,6 @@ import argparse
 import hashlib
 import os
 import random
-import shutil
 import statistics
 import sys
 import tempfile
@@ -162,21 +161,26 @@ def _cap(word: str) -> str:
     return word[:1].upper() + word[1:]
 
 
-def _text(rng: random.Random, header: str, lines: List[str], size: int) -> bytes:
-    out = [header]
-    total = len(header)
-    while total < size:
-        w, w2, w3 = rng.choice(WORDS), rng.choice(WORDS), rng.choice(WORDS)
-        line = rng.choice(lines).format(w=w, w2=w2, w3=w3, W=_cap(w), T=_cap(w2) + _cap(w3),
-                                        n=rng.randrange(1, 999))
-        out.append(line)
-        total += len(line) + 1
-    return ("\n".join(out) + "\n").encode()
+class Lines:
+    """A pool of formatted source lines; files draw from it (fast, and still every file differs)."""
+
+    def __init__(self, rng: random.Random, templates: List[str], size: int = 4000):
+        self.pool = []
+        for _ in range(size):
+            w, w2, w3 = rng.choice(WORDS), rng.choice(WORDS), rng.choice(WORDS)
+            self.pool.append(rng.choice(templates).format(w=w, w2=w2, w3=w3, W=_cap(w), T=_cap(w2) + _cap(w3),
+                                                          n=rng.randrange(1, 999)) + "\n")
+        self.mean = sum(map(len, self.pool)) / len(self.pool)
+
+    def text(self, rng: random.Random, header: str, size: int) -> bytes:
+        body = "".join(rng.choices(self.pool, k=max(1, int(size / self.mean))))
+        return (header + "\n" + body + "}\n").encode()
 
 
 def project_files(count: int, seed: int = 7) -> Dict[str, bytes]:
     """{path: content} of a Flutter-like project of exactly `count` files (a few KB each)."""
     rng = random.Random(seed)
+    dart, kotlin = Lines(rng, DART_LINES), Lines(rng, KOTLIN_LINES)
     files: Dict[str, bytes] = {
         ".gitignore": GITIGNORE.encode(),
         "pubspec.yaml": b"name: bench_app\nversion: 1.0.0+1\nenvironment:\n  sdk: '>=3.0.0 <4.0.0'\n"
@@ -208,22 +212,21 @@ def project_files(count: int, seed: int = 7) -> Dict[str, bytes]:
                                 "presentation/pages", "state"])
             folder = place(f"lib/src/{feature}/{layer}")
             path = f"{folder}/{rng.choice(WORDS)}_{i}.dart"
-            files[path] = _text(rng, f"// {path}\nimport 'package:flutter/material.dart';\n"
-                                f"class {_cap(rng.choice(WORDS))}{i} extends ChangeNotifier {{", DART_LINES, size)
+            files[path] = dart.text(rng, f"// {path}\nimport 'package:flutter/material.dart';\n"
+                                f"class {_cap(rng.choice(WORDS))}{i} extends ChangeNotifier {{", size)
         elif kind == "test":
             folder = place(f"test/{feature}")
             path = f"{folder}/{rng.choice(WORDS)}_{i}_test.dart"
-            files[path] = _text(rng, f"// {path}\nimport 'package:flutter_test/flutter_test.dart';\n"
-                                f"void main() {{ testWidgets('{i}', (tester) async {{", DART_LINES, size)
+            files[path] = dart.text(rng, f"// {path}\nimport 'package:flutter_test/flutter_test.dart';\n"
+                                f"void main() {{ testWidgets('{i}', (tester) async {{", size)
         elif kind == "android":
             folder = place(f"android/app/src/main/kotlin/com/example/bench/{feature}")
             path = f"{folder}/{_cap(rng.choice(WORDS))}{i}.kt"
-            files[path] = _text(rng, f"// {path}\npackage com.example.bench\nclass Plugin{i} {{",
-                                KOTLIN_LINES, size // 2)
+            files[path] = kotlin.text(rng, f"// {path}\npackage com.example.bench\nclass Plugin{i} {{", size // 2)
         elif kind == "ios":
             folder = place(f"ios/Runner/{feature}")
             path = f"{folder}/{_cap(rng.choice(WORDS))}{i}.swift"
-            files[path] = _text(rng, f"// {path}\nimport Flutter\nclass Plugin{i} {{", KOTLIN_LINES, size // 2)
+            files[path] = kotlin.text(rng, f"// {path}\nimport Flutter\nclass Plugin{i} {{", size // 2)
         else:
             folder = place(f"assets/{rng.choice(['images', 'icons', 'i18n'])}")
             if "i18n" in folder:
@@ -322,32 +325,65 @@ class SizeResult:
         self.cache_files = 0
 
 
-def run_size(tmp: Path, count: int, repeat: int, fresh_repeat: int, log: Callable[[str], None]) -> SizeResult:
+class Laptop:
+    """The laptop's side of an ask: the tree id and manifest of the files it sends.
+
+    The files are generated straight into the mirror (writing 20,000 files twice would double the
+    run time on this disk), so the mirror doubles as the laptop's folder. By default the tree is
+    computed the way patchwire.Project.record does it, with a private git dir of its own (own
+    objects, own persistent index) and `git add -A`; with --laptop the real Project.record runs.
+    """
+
+    def __init__(self, root: Path, name: str, tmp: Path, real: bool):
+        self.root = root
+        self.real = pw.Project(root, name) if real else None
+        self.paths: List[str] = []
+        git_dir = tmp / "laptop" / f"{name}.git"
+        pw.prepare_private_git_dir(git_dir)
+        self.git = pw.Git(git_dir=git_dir, work_tree=root, cwd=root,
+                          env={"GIT_INDEX_FILE": str(git_dir / "laptop.index")})
+
+    def record(self) -> Tuple[str, List[List[str]]]:
+        if self.real:
+            if not self.paths:
+                self.paths = self.real.candidate_files()
+            return self.real.record(self.paths)
+        self.git("add", "-A", "--", ".")
+        tree = self.git.text("write-tree")
+        return tree, [[mode, sha, path] for path, (mode, sha) in sorted(self.git.ls_files_stage().items())]
+
+
+def settle() -> None:
+    """Flush earlier writes (generation, other measurements) so each timing starts from the same
+    state instead of competing with background writeback."""
+    os.sync()
+
+
+def run_size(tmp: Path, count: int, repeat: int, fresh_repeat: int, real_laptop: bool,
+             log: Callable[[str], None]) -> SizeResult:
     res = SizeResult(count)
     name = f"bench{count}"
-    laptop_root = tmp / "laptop" / name
-    state = tmp / "state"
+    repo = pa.ProjectRepo(tmp / "state", "bench", name)
 
     start = time.perf_counter()
     files = project_files(count)
-    write_files(laptop_root, files)
-    repo = pa.ProjectRepo(state, "bench", name)
-    repo.mirror.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(laptop_root, repo.mirror, copy_function=shutil.copy2)  # like rsync -a: keeps mtimes
+    write_files(repo.mirror, files)  # as rsync would leave it
     res.generate = time.perf_counter() - start
-    size_mb = sum(len(v) for v in files.values()) / 1e6
-    log(f"[{count} files] generated {size_mb:.0f} MB in {res.generate:.1f} s")
+    log(f"[{count:,} files] generated {sum(len(v) for v in files.values()) / 1e6:.0f} MB "
+        f"in {res.generate:.1f} s")
 
-    laptop = pw.Project(laptop_root, name)
-    paths = laptop.candidate_files()
-    check(len(paths) == count, f"the laptop lists {len(paths)} files, expected {count}")
-    (tree, manifest), res.record_first, _ = timed(laptop.record, paths)
+    laptop = Laptop(repo.mirror, name, tmp, real_laptop)
+    settle()
+    (tree, manifest), res.record_first, _ = timed(laptop.record)
+    check(len(manifest) == count, f"the laptop lists {len(manifest)} files, expected {count}")
+    settle()
     commit, res.snapshot_first, _ = timed(repo.snapshot, tree, manifest)
-
+    settle()
     folder, res.cold, _ = timed(repo.prepare_slot, SLOT, commit)
     check(folder == repo.slot_path(SLOT), f"prepare_slot returned {folder}")
     check_equals_snapshot(repo, commit, f"{count} files, cold")
-    log(f"[{count} files] snapshot first {ms(res.snapshot_first).strip()}, cold prepare {ms(res.cold).strip()}")
+    log(f"[{count:,} files] laptop record {ms(res.record_first).strip()}, snapshot first "
+        f"{ms(res.snapshot_first).strip()}, cold prepare {ms(res.cold).strip()}")
 
     cache = make_build_cache(folder)
     res.cache_files = len(cache)
@@ -363,18 +399,18 @@ def run_size(tmp: Path, count: int, repeat: int, fresh_repeat: int, log: Callabl
         ai_new = folder / "lib" / "src" / f"ai_new_{k}.dart"
         ai_new.write_bytes(b"// a file the previous job created\n")
 
-        # the user's one change on the laptop, synced to the mirror
+        # the user's one change, as it arrives in the mirror
         changed = rng.choice(editable)
-        data = (laptop_root / changed).read_bytes() + f"// change {k}\n".encode()
-        (laptop_root / changed).write_bytes(data)
-        shutil.copy2(laptop_root / changed, repo.mirror / changed)
-
-        (tree, manifest), t_record, _ = timed(laptop.record, paths)
+        data = files[changed] + f"// change {k}\n".encode()
+        (repo.mirror / changed).write_bytes(data)
+        settle()
+        (tree, manifest), t_record, _ = timed(laptop.record)
         res.record_next.append(t_record)
+        settle()
         commit, t_snap, snap_steps = timed(repo.snapshot, tree, manifest)
         res.snapshot_next.append(t_snap)
         res.snapshot_steps.append(snap_steps)
-
+        settle()
         folder, t_warm, warm_steps = timed(repo.prepare_slot, SLOT, commit)
         res.warm.append(t_warm)
         res.warm_steps.append(warm_steps)
@@ -382,20 +418,22 @@ def run_size(tmp: Path, count: int, repeat: int, fresh_repeat: int, log: Callabl
         label = f"{count} files, warm round {k + 1}"
         check_equals_snapshot(repo, commit, label)
         check((folder / changed).read_bytes() == data, f"{label}: {changed} is not the laptop's version")
+        files[changed] = data
         check(not ai_new.exists(), f"{label}: the previous job's new file survived")
         check((folder / ai_delete).read_bytes() == files[ai_delete], f"{label}: deleted file not restored")
-        files[changed] = data
         check((folder / ai_edit).read_bytes() == files[ai_edit], f"{label}: the previous job's edit survived")
         now = cache_digest(folder)
         check(now == cache, f"{label}: the build cache did not survive "
                             f"({len(now)} of {len(cache)} files left, "
                             f"{sum(1 for p in cache if now.get(p) == cache[p])} unchanged)")
-        log(f"[{count} files] warm round {k + 1}: snapshot {ms(t_snap).strip()}, "
-            f"prepare {ms(t_warm).strip()}; clean, build cache intact ({len(now)} files)")
+        log(f"[{count:,} files] warm round {k + 1}: laptop record {ms(t_record).strip()}, snapshot "
+            f"{ms(t_snap).strip()}, prepare {ms(t_warm).strip()}; clean, build cache intact "
+            f"({len(now)} files)")
 
-    # baseline: what a job would cost without a warm folder
+    # the baseline: what each job would cost without a warm folder
     for k in range(fresh_repeat):
         target = repo.home / f"fresh{k}"
+        settle()
         _, t_fresh, _ = timed(repo.git(), "worktree", "add", "--detach", "-f", str(target), commit)
         res.fresh.append(t_fresh)
         fresh_git = pw.Git(git_dir=repo.git_dir / "worktrees" / target.name, work_tree=target,
@@ -404,7 +442,7 @@ def run_size(tmp: Path, count: int, repeat: int, fresh_repeat: int, log: Callabl
               f"{count} files: fresh worktree not clean")
         pa.remove_tree(target)
         repo.git()("worktree", "prune")
-        log(f"[{count} files] fresh git worktree add {ms(t_fresh).strip()}")
+        log(f"[{count:,} files] fresh git worktree add {ms(t_fresh).strip()}")
     return res
 
 
@@ -435,12 +473,12 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.1f}x" if b > 0 else "n/a"
 
 
-def report(small: SizeResult, big: SizeResult, repeat: int) -> str:
-    rows = [("files", "snapshot first", "cold prepare", f"snapshot next", f"warm prepare",
+def report(small: SizeResult, big: SizeResult, repeat: int, laptop: bool) -> str:
+    rows = [("files", "snapshot first", "snapshot next", "cold prepare", "warm prepare", "(warm max)",
              "fresh wt add")]
     for r in (small, big):
-        rows.append((f"{r.files:,}", ms(r.snapshot_first), ms(r.cold), ms(median(r.snapshot_next)),
-                     ms(median(r.warm)), ms(median(r.fresh))))
+        rows.append((f"{r.files:,}", ms(r.snapshot_first), ms(median(r.snapshot_next)), ms(r.cold),
+                     ms(median(r.warm)), ms(max(r.warm)), ms(median(r.fresh))))
     widths = [max(len(row[i].strip()) for row in rows) for i in range(len(rows[0]))]
     lines = ["", f"Job preparation, one changed file per round (warm/next: median of {repeat} rounds; "
                  f"fresh add: median of {len(big.fresh)})", ""]
@@ -459,7 +497,8 @@ def report(small: SizeResult, big: SizeResult, repeat: int) -> str:
         f"{ratio(median(big.snapshot_next), median(small.snapshot_next))};"
         f"  snapshot first / next at {big.files:,}: "
         f"{ratio(big.snapshot_first, median(big.snapshot_next))}",
-        f"(laptop record, first / next at {big.files:,} files: {ms(big.record_first).strip()} / "
+        f"(laptop's tree, {'patchwire.Project.record' if laptop else 'stand-in with git add -A'}, "
+        f"first / next at {big.files:,} files: {ms(big.record_first).strip()} / "
         f"{ms(median(big.record_next)).strip()}; not part of the box's preparation)",
         "",
         f"where warm prepare goes at {big.files:,} files: {step_breakdown(big.warm_steps, big.warm)}",
@@ -481,6 +520,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--repeat", type=int, default=None, help="warm rounds per size (default 5)")
     ap.add_argument("--fresh-repeat", type=int, default=3, help="fresh `git worktree add` runs (default 3)")
     ap.add_argument("--quick", action="store_true", help="2,000 against 200 files, 3 rounds: a CI smoke run")
+    ap.add_argument("--laptop", action="store_true",
+                    help="compute each tree with the laptop's real patchwire.Project.record (slow: "
+                         "quadratic in the file count, see bench/README.md)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder and print its path")
     ap.add_argument("-q", "--quiet", action="store_true", help="print the table only")
     args = ap.parse_args(argv)
@@ -499,9 +541,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         log(f"patchwire prepare benchmark: {big_n:,} vs {args.small:,} files, {repeat} warm rounds, "
             f"{os.cpu_count()} cpus, {pw.run(['git', '--version']).stdout.decode().strip()}, in {tmp}")
-        small = run_size(tmp, args.small, repeat, args.fresh_repeat, log)
-        big = run_size(tmp, big_n, repeat, args.fresh_repeat, log)
-        print(report(small, big, repeat))
+        small = run_size(tmp, args.small, repeat, args.fresh_repeat, args.laptop, log)
+        big = run_size(tmp, big_n, repeat, args.fresh_repeat, args.laptop, log)
+        print(report(small, big, repeat, args.laptop))
         print(f"\ntotal run time {time.perf_counter() - started:.0f} s")
         return 0
     except CheckFailed as e:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -555,10 +556,11 @@ def test_garbage_on_the_wire_does_not_hurt(agent):
     for data in (b"\x00\x01\x02\r\n\r\n", b"GET\r\n\r\n", b"GET /v1/health HTTP/9.9\r\n\r\n",
                  b"GET /v1/health HTTP/1.1\r\n" + b"X-Long: " + b"a" * 70000 + b"\r\n\r\n"):
         raw = raw_exchange(agent, data)
-        assert raw == b"" or raw.startswith(b"HTTP/1."), raw[:200]
-        if raw:
-            assert split_response(raw)[0] in (400, 431, 505), raw[:200]
+        # http.server's own error page (without a status line when it took the request
+        # for HTTP/0.9), never a hang-up without an answer
+        assert re.search(rb"Error code: (400|431|505)\b", raw), raw[:300]
     assert agent.request("GET", "/v1/health")[0] == 200
+    assert "Traceback" not in agent.read_log()
 
 
 def test_expected_failures_leave_no_traceback_and_no_dead_thread(synced, agent):

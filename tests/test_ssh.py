@@ -257,9 +257,6 @@ def test_broken_ssh_setup_is_a_clear_exit_3(tmp_path, agent, sshd, breakage):
     assert tree_digest(lap.root) == before
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "patchwire.py send_files: the hint says to check `ssh HOST` without [sync] ssh_options, "
-    "a command that does not reproduce what rsync ran (here it ignores the -F config)"))
 def test_broken_ssh_hint_names_the_ssh_options(tmp_path, agent, sshd):
     lap = ssh_laptop(tmp_path, agent, sshd, ssh="nobody@" + sshd.alias)
     result = lap.run("sync")

@@ -1,0 +1,183 @@
+"""Applying on the laptop: a tree that moved on (3-way), conflicts, undo, choosing files and
+hunks (through a real pseudo-terminal), the apply log, and folders that are not git repos."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import subprocess
+import time
+
+import pytest
+
+from conftest import Laptop, make_repo, script, tree_digest
+
+LONG = b"".join(b"line %d\n" % i for i in range(1, 41))
+
+
+@pytest.fixture
+def long_laptop(tmp_path, agent):
+    root = make_repo(tmp_path / "laptop", {"long.txt": LONG, "other.txt": b"other\n",
+                                           "docs/a.md": b"a\n", "docs/b.md": b"b\n"})
+    lap = Laptop(root)
+    lap.init(agent)
+    return lap
+
+
+def edited(replacements: dict) -> bytes:
+    lines = LONG.decode().splitlines(keepends=True)
+    for n, text in replacements.items():
+        lines[n - 1] = text
+    return "".join(lines).encode()
+
+
+def ai_job(lap: Laptop, *steps) -> str:
+    lap.ask(script(*steps), "--no-apply", check=0)
+    return lap.last_job()
+
+
+def test_far_local_edit_applies_plainly(long_laptop):
+    job = ai_job(long_laptop, {"write": "long.txt", "text": edited({5: "line 5 by the AI\n"}).decode()})
+    (long_laptop.root / "long.txt").write_bytes(edited({35: "line 35 by me\n"}))
+    result = long_laptop.run("apply", job, check=0)
+    assert "3-way" not in result.err
+    assert (long_laptop.root / "long.txt").read_bytes() == edited({5: "line 5 by the AI\n", 35: "line 35 by me\n"})
+
+
+def test_non_overlapping_local_edit_merges(long_laptop):
+    # line 7 is inside the AI hunk's context, so plain `git apply` refuses: a 3-way merge is needed
+    job = ai_job(long_laptop, {"write": "long.txt", "text": edited({5: "line 5 by the AI\n"}).decode()})
+    (long_laptop.root / "long.txt").write_bytes(edited({7: "line 7 by me\n"}))
+    result = long_laptop.run("apply", job, check=0)
+    assert "3-way merged with your changes" in result.err
+    assert (long_laptop.root / "long.txt").read_bytes() == edited({5: "line 5 by the AI\n", 7: "line 7 by me\n"})
+    # the user's index and HEAD were not touched
+    assert subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=long_laptop.root).returncode == 0
+
+
+def test_overlapping_edit_declined_leaves_everything_byte_identical(long_laptop):
+    job = ai_job(long_laptop, {"write": "long.txt", "text": edited({5: "AI five\n"}).decode()},
+                 {"write": "other.txt", "text": "other, by the AI\n"})
+    (long_laptop.root / "long.txt").write_bytes(edited({5: "my five\n"}))
+    before = tree_digest(long_laptop.root)
+    result = long_laptop.run("apply", job, input=b"\n")
+    assert result.returncode == 5
+    assert "long.txt" in result.err and "<<<<<<< long.txt (yours)" in result.err
+    assert "-my five" not in result.err and "my five" in result.err and "AI five" in result.err
+    assert tree_digest(long_laptop.root) == before
+
+
+def test_overlapping_edit_kept_with_markers_then_undo(long_laptop):
+    job = ai_job(long_laptop, {"write": "long.txt", "text": edited({5: "AI five\n"}).decode()},
+                 {"write": "other.txt", "text": "other, by the AI\n"})
+    mine = edited({5: "my five\n"})
+    (long_laptop.root / "long.txt").write_bytes(mine)
+    result = long_laptop.run("apply", job, input=b"k\n", check=0)
+    assert "conflict markers to resolve in: long.txt" in result.err
+    text = (long_laptop.root / "long.txt").read_bytes()
+    assert b"<<<<<<< long.txt (yours)\nmy five\n=======\nAI five\n>>>>>>> long.txt (AI)\n" in text
+    assert (long_laptop.root / "other.txt").read_bytes() == b"other, by the AI\n"
+    long_laptop.run("apply", "--undo", check=0)
+    assert (long_laptop.root / "long.txt").read_bytes() == mine
+    assert (long_laptop.root / "other.txt").read_bytes() == b"other\n"
+
+
+def test_undo_restores_exact_bytes_and_refuses_after_later_edits(long_laptop):
+    job = ai_job(long_laptop, {"write": "long.txt", "text": "short now\n"}, {"delete": "other.txt"},
+                 {"write": "new.bin", "b64": "AAECAw=="}, {"chmod": ["docs/a.md", "755"]})
+    before = tree_digest(long_laptop.root)
+    long_laptop.run("apply", job, check=0)
+    assert not (long_laptop.root / "other.txt").exists()
+    long_laptop.run("apply", "--undo", check=0)
+    assert tree_digest(long_laptop.root) == before
+    # a second undo has nothing to undo
+    assert long_laptop.run("apply", "--undo").returncode == 2
+    long_laptop.run("apply", job, check=0)
+    (long_laptop.root / "long.txt").write_bytes(b"edited after the apply\n")
+    refused = long_laptop.run("apply", "--undo")
+    assert refused.returncode == 5 and "long.txt" in refused.err
+    assert (long_laptop.root / "long.txt").read_bytes() == b"edited after the apply\n"
+
+
+def test_only_and_exclude(long_laptop):
+    job = ai_job(long_laptop, {"write": "docs/a.md", "text": "A\n"}, {"write": "docs/b.md", "text": "B\n"},
+                 {"write": "other.txt", "text": "OTHER\n"})
+    long_laptop.run("apply", job, "--only", "docs", "--exclude", "docs/b.md", check=0)
+    root = long_laptop.root
+    assert (root / "docs/a.md").read_bytes() == b"A\n"
+    assert (root / "docs/b.md").read_bytes() == b"b\n" and (root / "other.txt").read_bytes() == b"other\n"
+    # what was left out is still in the job
+    result = long_laptop.run("apply", job, "--only", "*.txt", check=0)
+    assert "stays in job" in result.err
+    assert (root / "other.txt").read_bytes() == b"OTHER\n"
+    log = long_laptop.run("log", check=0).out.splitlines()
+    assert len(log) == 2 and f"job {job}" in log[0] and "other.txt" in log[0] and "docs/a.md" in log[1]
+
+
+def test_interactive_hunks_through_a_pty(long_laptop):
+    job = ai_job(long_laptop, {"write": "long.txt", "text": edited({3: "AI three\n", 30: "AI thirty\n"}).decode()},
+                 {"write": "other.txt", "text": "OTHER\n"})
+    out = drive_pty(long_laptop, ["apply", job, "-i"], ["?", "y", "n", "n"])
+    assert "y - apply this hunk" in out  # the help line
+    assert (long_laptop.root / "long.txt").read_bytes() == edited({3: "AI three\n"})
+    assert (long_laptop.root / "other.txt").read_bytes() == b"other\n"
+
+
+def test_interactive_split_takes_one_part(long_laptop):
+    job = ai_job(long_laptop, {"write": "long.txt", "text": edited({10: "AI ten\n", 13: "AI thirteen\n"}).decode()})
+    out = drive_pty(long_laptop, ["apply", job, "-i"], ["s", "n", "y"])
+    assert "Apply this part (2/2)" in out
+    assert (long_laptop.root / "long.txt").read_bytes() == edited({13: "AI thirteen\n"})
+
+
+def test_ask_offers_hunk_choice_on_a_terminal(long_laptop):
+    out = drive_pty(long_laptop, ["ask", script({"write": "other.txt", "text": "OTHER\n"},
+                                               {"write": "docs/a.md", "text": "A\n"})], ["i", "y", "n"])
+    assert "chooses files and hunks" in out
+    assert (long_laptop.root / "docs/a.md").read_bytes() == b"A\n"
+    assert (long_laptop.root / "other.txt").read_bytes() == b"other\n"
+
+
+def drive_pty(lap: Laptop, args, answers, timeout: float = 60) -> str:
+    """Run the CLI on a real pseudo-terminal; send each answer when a new prompt appears."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the CLI, with the pty as its terminal
+        os.chdir(lap.root)
+        os.execvpe(lap.program[0], lap.program + list(args), {**lap.env, "TERM": "dumb", "PAGER": "cat"})
+    out, deadline, answered = b"", time.monotonic() + timeout, 0
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            prompts = out.count(b",?]? ") + out.count(b"for later")
+            if answered < len(answers) and prompts > answered:
+                os.write(fd, answers[answered].encode() + b"\n")
+                answered += 1
+    finally:
+        os.waitpid(pid, 0)
+    return out.decode("utf-8", "replace")
+
+
+def test_not_a_git_repo_applies_plainly_and_says_no_3way(tmp_path, agent):
+    root = tmp_path / "plain"
+    root.mkdir()
+    (root / "notes.txt").write_bytes(b"one\ntwo\n")
+    lap = Laptop(root)
+    lap.init(agent)
+    job = ai_job(lap, {"write": "notes.txt", "text": "one\nTWO\n"})
+    ok = lap.run("apply", job, check=0)
+    assert "3-way merging is not available" in ok.err
+    assert (root / "notes.txt").read_bytes() == b"one\nTWO\n"
+    job = ai_job(lap, {"write": "notes.txt", "text": "one\nTWO\nthree\n"})
+    (root / "notes.txt").write_bytes(b"ONE\nTWO\n")
+    refused = lap.run("apply", job)
+    assert refused.returncode == 5 and "3-way merging is not available outside a git repository" in refused.err
+    assert (root / "notes.txt").read_bytes() == b"ONE\nTWO\n"
