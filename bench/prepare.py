@@ -540,11 +540,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = time.perf_counter()
     try:
         log(f"patchwire prepare benchmark: {big_n:,} vs {args.small:,} files, {repeat} warm rounds, "
-            f"{os.cpu_count()} cpus, {pw.run(['git', '--version']).stdout.decode().strip()}, in {tmp}")
+            f"{os.cpu_count()} cpus (load {os.getloadavg()[0]:.1f}), "
+            f"{pw.run(['git', '--version']).stdout.decode().strip()}, in {tmp}")
         small = run_size(tmp, args.small, repeat, args.fresh_repeat, args.laptop, log)
         big = run_size(tmp, big_n, repeat, args.fresh_repeat, args.laptop, log)
         print(report(small, big, repeat, args.laptop))
-        print(f"\ntotal run time {time.perf_counter() - started:.0f} s")
+        print(f"\ntotal run time {time.perf_counter() - started:.0f} s, load average now "
+              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus")
         return 0
     except CheckFailed as e:
         print(f"\nFAILED: {e}", file=sys.stderr)

@@ -265,7 +265,7 @@ class Laptop:
         return self.run("ask", prompt, *extra, **kw)
 
     def last_job(self) -> str:
-        return (self.root / ".git" / "patchwire" / "last_job").read_text().strip()
+        return patchwire.Project(self.root, "any").state_file("last_job").read_text().strip()
 
 
 @pytest.fixture

@@ -245,7 +245,7 @@ def test_broken_ssh_setup_is_a_clear_exit_3(tmp_path, agent, sshd, breakage):
     assert result.returncode == 3, result.err
     assert "Traceback" not in result.err
     assert "rsync failed" in result.err and ssh_says in result.err, result.err
-    assert f"check that `ssh {ssh}` works without a password" in result.err
+    assert f"check that `ssh {shlex.join(options)} {ssh}` works without a password" in result.err
     assert "rsync is installed on the box" in result.err
     assert tree_digest(lap.root) == before
     assert not (state / "last_sync.json").exists()
