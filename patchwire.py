@@ -21,6 +21,7 @@ Commands (`patchwire COMMAND --help` for each):
     show     show one job with its events
     cancel   cancel a queued or running job
     log      what was applied here, when, from which job
+    doctor   check every link (git, rsync, ssh, agent, token, AI, clock) and say how to fix it
 
 Exit codes:
     0 ok, 1 error, 2 usage, 3 agent unreachable or refused the request,
@@ -42,6 +43,7 @@ wrapper and neutral git settings are imported there, not copied.
 from __future__ import annotations
 
 import argparse
+import base64
 import difflib
 import enum
 import fnmatch
@@ -68,7 +70,7 @@ __version__ = "0.3.0"
 
 CONFIG_NAME = ".patchwire.toml"
 DEFAULT_AGENT_URL = "http://127.0.0.1:7433"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # use fullmatch
 
 # Secrets never leave the laptop, whatever git says. Matched against the file name and
 # against the whole path (fnmatch, case-sensitive). `[sync] deny` adds, `[sync] allow`
@@ -381,7 +383,7 @@ def _is_kind(value: Any, kind: Any) -> bool:
 def _kind_name(kind: Any) -> str:
     return {"str_list": "a list of strings", "str_table": "a table of strings",
             int: "a positive integer", float: "a positive number", str: "a string",
-            bool: "true or false"}.get(kind, str(kind))
+            bool: "true or false", dict: "a table", list: "a list"}.get(kind, str(kind))
 
 
 LAPTOP_SCHEMA = {
@@ -403,7 +405,7 @@ class LaptopConfig:
         self.token_file = top["token_file"]
         self.ssh = top["ssh"]
         self.project = top["project"] or default_project_name(root)
-        if not NAME_RE.match(self.project):
+        if not NAME_RE.fullmatch(self.project):
             raise PatchwireError(f"{path}: project {self.project!r} is not a valid name",
                                  "use letters, digits, '.', '_' and '-' (at most 64)")
         if not urllib.parse.urlsplit(self.agent).scheme in ("http", "https"):
@@ -1387,7 +1389,7 @@ class Session:
             self._client = Client(self.cfg.agent, self.cfg.token())
         return self._client
 
-    def sync(self, force: bool = False, checksum: bool = False) -> Tuple[str, List[List[str]]]:
+    def sync(self, force: bool = False, checksum: bool = False) -> Tuple[str, List[List[str]], dict]:
         paths, held = self.project.file_list(self.cfg.deny, self.cfg.allow)
         if held:
             say(f"held back {len(held)} file(s) (see `patchwire sync --dry-run`)")
@@ -1396,14 +1398,15 @@ class Session:
         last = self._last_sync()
         if not force and last.get("tree") == tree and last.get("mirror") == me["mirror"]:
             say(f"synced: nothing changed since the last sync ({len(paths)} files)")
-            return tree, manifest
+            return tree, manifest, {"sent_files": 0, "sent_bytes": 0, "skipped": True}
         t0 = time.monotonic()
         counts = send_files(self.cfg, paths, me["mirror"], checksum=checksum)
         say(f"synced {counts.get('files', '?')} of {len(paths)} file(s), "
             f"{human_bytes(counts.get('bytes', 0))} in {time.monotonic() - t0:.1f}s")
         self.project.state_file("last_sync.json").write_text(
             json.dumps({"tree": tree, "mirror": me["mirror"], "time": time.time()}))
-        return tree, manifest
+        return tree, manifest, {"sent_files": counts.get("files"), "sent_bytes": counts.get("bytes"),
+                                "skipped": False}
 
     def _last_sync(self) -> dict:
         try:
@@ -1525,17 +1528,140 @@ def apply_job(session: Session, job: dict, patch: bytes, *, interactive: bool = 
     return result
 
 
+# ================================================================== doctor
+
+
+class Doctor:
+    """Checks each link of the chain, in order; every failure says how to fix it."""
+
+    def __init__(self, cfg: LaptopConfig):
+        self.cfg = cfg
+        self.checks: List[dict] = []
+        self.health: dict = {}
+        self.me: dict = {}
+
+    def run(self) -> List[dict]:
+        for name, check in (("git", self.git), ("rsync", self.rsync), ("token", self.token),
+                            ("agent", self.agent), ("clock", self.clock), ("auth", self.auth),
+                            ("ai", self.ai), ("ssh", self.ssh), ("mirror", self.mirror)):
+            try:
+                detail = check()
+            except PatchwireError as e:
+                self.checks.append({"name": name, "ok": False, "detail": e.message, "fix": e.hint})
+                continue
+            if detail is not None:
+                self.checks.append({"name": name, "ok": True, "detail": detail})
+        return self.checks
+
+    def git(self) -> str:
+        return run(["git", "--version"], hint="install git").stdout.decode().strip()
+
+    def rsync(self) -> str:
+        if not shutil.which(self.cfg.rsync):
+            raise PatchwireError(f"{self.cfg.rsync} is not installed",
+                                 "install rsync (macOS has it; Debian/Ubuntu: sudo apt install rsync)")
+        first = run([self.cfg.rsync, "--version"], check=False).stdout.decode(errors="replace")
+        line = first.splitlines()[0].strip() if first.strip() else "unknown version"
+        m = re.search(r"version\s+(\d+\.\d+\.\d+)", line)
+        flavour = "openrsync" if "openrsync" in line else f"rsync {m.group(1)}" if m else line
+        return f"{flavour} ({shutil.which(self.cfg.rsync)}); Patchwire uses only options it accepts"
+
+    def token(self) -> str:
+        self._token = self.cfg.token()
+        if os.environ.get("PATCHWIRE_TOKEN", "").strip():
+            return "from PATCHWIRE_TOKEN"
+        path = Path(os.path.expanduser(self.cfg.token_file or ""))
+        path = path if path.is_absolute() else self.cfg.root / path
+        if path.stat().st_mode & 0o077:
+            raise PatchwireError(f"the token file {path} is readable by other users",
+                                 f"chmod 600 {shlex.quote(str(path))}")
+        return f"from {path}"
+
+    def agent(self) -> str:
+        self.health = Client(self.cfg.agent, "").json("GET", "/v1/health")
+        version = self.health.get("version")
+        note = "" if version == __version__ else f" (this laptop has {__version__}: upgrade the older one)"
+        return f"patchwire-agent {version} at {self.cfg.agent}, {self.health.get('queue_depth', 0)} queued{note}"
+
+    def clock(self) -> Optional[str]:
+        if "time" not in self.health:
+            return None
+        skew = time.time() - float(self.health["time"])
+        if abs(skew) > 120:
+            raise PatchwireError(f"this clock and the box's differ by {abs(skew):.0f} s",
+                                 "turn on network time (NTP) on both machines")
+        return f"within {abs(skew):.1f} s of the box"
+
+    def auth(self) -> Optional[str]:
+        if not self.health or not getattr(self, "_token", None):
+            return None
+        try:
+            self.me = Client(self.cfg.agent, self._token).json(
+                "GET", "/v1/me?project=" + urllib.parse.quote(self.cfg.project))
+        except AgentError as e:
+            if e.http_status == 401:
+                raise PatchwireError("the agent does not accept this token",
+                                     "put the token `patchwire-agent init` printed for you into "
+                                     f"{self.cfg.token_file or 'PATCHWIRE_TOKEN'}")
+            raise
+        return f"accepted as user {self.me['user']}"
+
+    def ai(self) -> Optional[str]:
+        if not self.health:
+            return None
+        if not self.health.get("ai_found"):
+            raise PatchwireError(f"the AI command {self.health.get('ai_command')!r} is not found on the box",
+                                 "install Claude Code on the box (npm install -g @anthropic-ai/claude-code) "
+                                 "or set [ai] command in the agent's config")
+        return f"{self.health.get('ai_command')} found on the box"
+
+    def ssh(self) -> Optional[str]:
+        if not self.cfg.ssh:
+            return None
+        argv = ["ssh", *self.cfg.ssh_options, "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
+                self.cfg.ssh, "rsync", "--version"]
+        proc = run(argv, timeout=30, check=False, hint="install OpenSSH's client")
+        shown = " ".join(shlex.quote(a) for a in ["ssh", *self.cfg.ssh_options, self.cfg.ssh])
+        if proc.returncode == 255:
+            raise PatchwireError(f"cannot log in with `{shown}`: "
+                                 + proc.stderr.decode(errors="replace").strip()[-300:],
+                                 f"set up a key: ssh-copy-id {self.cfg.ssh} (and check ~/.ssh/config)")
+        if proc.returncode != 0:
+            raise PatchwireError(f"rsync is missing on {self.cfg.ssh}", "install rsync on the box")
+        return f"{shown} works; rsync is installed there"
+
+    def mirror(self) -> Optional[str]:
+        if self.cfg.ssh or not self.me.get("mirror"):
+            return None
+        path = Path(self.me["mirror"])
+        if not os.access(path, os.W_OK):
+            raise PatchwireError(f"the mirror folder {path} is not writable by you",
+                                 "run the agent as your user, or use --ssh")
+        return f"local mirror {path} is writable"
+
+
 # ================================================================== commands
+# Each cmd_* returns (exit status, result). The result is printed as one JSON document with
+# --json, otherwise by the command's own human output (`show_*`); progress goes to stderr.
+
+
+def output(args, result: Any, human=None) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(result, default=str), flush=True)
+    elif human:
+        human(result)
 
 
 def cmd_init(args) -> int:
-    root = Path.cwd()
-    top = run(["git", "rev-parse", "--show-toplevel"], cwd=root, env=clean_env(), check=False)
-    if top.returncode == 0:
-        root = Path(top.stdout.decode().strip())
+    root = project_root(Path.cwd())
     path = root / CONFIG_NAME
     if path.exists() and not args.force:
         raise UsageError(f"{path} exists already", "use --force to replace it")
+    if args.token_file is None:
+        if not sys.stdin.isatty() or args.json:
+            raise UsageError("--token-file is required when not asking interactively",
+                             "patchwire init --agent URL --token-file PATH [--ssh USER@HOST]")
+        ask_init_values(args, root)
     token_file = Path(os.path.expanduser(args.token_file)).resolve()
     if not token_file.is_file():
         raise UsageError(f"the token file {token_file} does not exist",
@@ -1545,25 +1671,53 @@ def cmd_init(args) -> int:
         data["ssh"] = args.ssh
     data["project"] = args.project or default_project_name(root)
     cfg = LaptopConfig(root, data, path)  # validates before anything is written
+    if args.interactive_answers:
+        checks = Doctor(cfg).run()
+        print_checks(checks)
+        if not all(c["ok"] for c in checks) and read_answer("Write the config anyway? [y/N]") != "y":
+            raise UsageError("nothing written; fix what doctor reported and run init again")
     path.write_text("# Patchwire: where this project's AI runs. No secrets here: the token\n"
                     "# stays in token_file (or PATCHWIRE_TOKEN).\n" + dump_toml(data))
     say(f"wrote {path} (project {cfg.project}, agent {cfg.agent}, "
         f"{'mirror over ssh ' + cfg.ssh if cfg.ssh else 'local mirror'})")
-    say('next: patchwire sync --dry-run, then patchwire ask "..."')
+    say('next: patchwire doctor, patchwire sync --dry-run, then patchwire ask "..."')
+    output(args, {"config": str(path), **data})
     return 0
+
+
+def project_root(here: Path) -> Path:
+    top = run(["git", "rev-parse", "--show-toplevel"], cwd=here, env=clean_env(), check=False)
+    return Path(top.stdout.decode().strip()) if top.returncode == 0 else here
+
+
+def ask_init_values(args, root: Path) -> None:
+    """Interactive init: each value with a sensible default (Enter keeps it)."""
+    def ask(question: str, default: Optional[str]) -> Optional[str]:
+        answer = read_answer(f"{question} [{default or 'none'}]:")
+        if answer is None:
+            raise UsageError("no answer; nothing written")
+        return answer or default
+    say("Setting up Patchwire for " + str(root))
+    args.agent = ask("Agent URL", args.agent)
+    args.token_file = ask("Token file", os.path.join("~", ".config", "patchwire", "token"))
+    args.ssh = ask("SSH destination of the box (USER@HOST, none for this machine)", args.ssh)
+    if args.ssh in ("none", "-"):
+        args.ssh = None
+    args.project = ask("Project name on the box", args.project or default_project_name(root))
+    args.interactive_answers = True
 
 
 def cmd_sync(args) -> int:
     session = Session.here()
+    paths, held = session.project.file_list(session.cfg.deny, session.cfg.allow)
     if args.dry_run:
-        paths, held = session.project.file_list(session.cfg.deny, session.cfg.allow)
-        for path in paths:
-            print(path)
         for path, why in held.items():
             say(f"held back: {path} ({why})")
         say(f"{len(paths)} file(s) would be sent, {len(held)} held back")
+        output(args, {"files": paths, "held_back": held}, lambda r: print("\n".join(r["files"])))
         return 0
-    session.sync(force=args.force)
+    tree, manifest, counts = session.sync(force=args.force)
+    output(args, {"tree": tree, "files": len(manifest), "held_back": held, **counts})
     return 0
 
 
@@ -1572,7 +1726,39 @@ def cmd_ask(args) -> int:
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     if not prompt.strip():
         raise UsageError("the prompt is empty")
-    tree, manifest = session.sync()
+    first, events, tree = start_ask(session, args, prompt)
+    session.remember_job(first["job"])
+    printer = ProgressPrinter(Style.for_stream(sys.stderr, args.no_color))
+
+    def on_event(event: dict) -> None:
+        printer(event)
+        output(args, event)
+
+    def chain():
+        yield first
+        yield from events
+    end = stream_job(session, chain(), on_event)
+    job = first["job"]
+    if end["type"] != "finished":
+        raise AIFailed(f"job {job} {end['type']}: {end.get('reason', '')}",
+                       f"see `patchwire show {job}`; nothing was changed here")
+    patch = session.client.bytes(f"/v1/jobs/{job}/diff")
+    outcome = {"type": "outcome", "job": job, "applied": False, "files": [f.path for f in split_patch(patch)]}
+    if not patch:
+        say(f"the AI made no changes (job {job}); nothing to apply")
+    elif args.json:
+        if args.yes:
+            outcome.update(applied=True, apply=apply_job(session, {"id": job, "tree": tree}, patch))
+    else:
+        preview(patch, args.no_color)
+        outcome["applied"] = confirm_apply(session, args, job, tree, patch)
+    output(args, outcome)
+    return 0
+
+
+def start_ask(session: Session, args, prompt: str) -> Tuple[dict, Iterator[dict], str]:
+    """Sync, POST the ask; on a tree mismatch, sync again with checksums and retry once."""
+    tree, manifest, _ = session.sync()
     body = {"project": session.cfg.project, "tree": tree, "files": manifest, "prompt": prompt}
     if args.timeout:
         body["timeout_s"] = args.timeout
@@ -1580,50 +1766,45 @@ def cmd_ask(args) -> int:
         body["continue"] = args.on or session.job_id(None)
     try:
         events = session.client.stream("POST", "/v1/ask", body)
-        first = next(events)
+        return next(events), events, tree
     except AgentError as e:
         if e.code != "tree_mismatch":
             raise
         say("the box's copy differs from what was sent " +
             f"({', '.join(e.details.get('paths', [])[:5])}); syncing again with checksums")
-        tree, manifest = session.sync(force=True, checksum=True)
-        body.update(tree=tree, files=manifest)
-        events = session.client.stream("POST", "/v1/ask", body)
-        first = next(events)
-    session.remember_job(first["job"])
-    printer = ProgressPrinter(Style.for_stream(sys.stderr, args.no_color))
+    tree, manifest, _ = session.sync(force=True, checksum=True)
+    body.update(tree=tree, files=manifest)
+    events = session.client.stream("POST", "/v1/ask", body)
+    return next(events), events, tree
 
-    def chain():
-        yield first
-        yield from events
-    end = stream_job(session, chain(), printer)
-    job = first["job"]
-    if end["type"] != "finished":
-        raise AIFailed(f"job {job} {end['type']}: {end.get('reason', '')}",
-                       f"see `patchwire show {job}`; nothing was changed here")
-    patch = session.client.bytes(f"/v1/jobs/{job}/diff")
-    if not patch:
-        say(f"the AI made no changes (job {job}); nothing to apply")
-        return 0
-    preview(patch, args.no_color)
+
+def confirm_apply(session: Session, args, job: str, tree: str, patch: bytes) -> bool:
     if args.no_apply:
         say(f"not applied; apply later with `patchwire apply {job}`")
-        return 0
+        return False
     answer = "" if args.yes else read_answer(
         "Enter applies this change here; i and Enter chooses files and hunks; anything else "
         f"keeps it for later (`patchwire apply {job}`).")
-    if answer in ("", "i"):
-        apply_job(session, {"id": job, "tree": tree}, patch, interactive=answer == "i",
-                  no_color=args.no_color)
-    else:
+    if answer not in ("", "i"):
         say(f"kept job {job}; apply it with `patchwire apply {job}`")
-    return 0
+        return False
+    apply_job(session, {"id": job, "tree": tree}, patch, interactive=answer == "i", no_color=args.no_color)
+    return True
 
 
 def cmd_diff(args) -> int:
     session = Session.here()
     job = session.job_id(args.job)
     patch = session.client.bytes(f"/v1/jobs/{job}/diff")
+    if args.json:
+        files = [{"path": f.path, "old_path": f.old_path, "kind": f.kind, "added": f.added,
+                  "removed": f.removed, "binary": f.binary} for f in split_patch(patch)]
+        try:
+            body = {"patch": patch.decode("utf-8")}
+        except UnicodeDecodeError:
+            body = {"patch_base64": base64.b64encode(patch).decode()}
+        output(args, {"job": job, "files": files, **body})
+        return 0
     sys.stdout.buffer.write(patch)
     sys.stdout.flush()
     return 0
@@ -1634,8 +1815,7 @@ def cmd_apply(args) -> int:
     if args.undo:
         restored = Applier(session.project, Style(False)).undo()
         say(f"restored {len(restored)} file(s) to what they were before the last apply")
-        for path in restored:
-            print(path)
+        output(args, {"restored": restored}, lambda r: print("\n".join(r["restored"])))
         return 0
     job = session.client.json("GET", f"/v1/jobs/{session.job_id(args.job)}")
     if job["status"] != "done":
@@ -1644,37 +1824,29 @@ def cmd_apply(args) -> int:
     patch = session.client.bytes(f"/v1/jobs/{job['id']}/diff")
     if not patch:
         say(f"job {job['id']} made no changes; nothing to apply")
+        output(args, {"job": job["id"], "how": "none", "files": [], "conflicts": []})
         return 0
     result = apply_job(session, job, patch, interactive=args.interactive, only=args.only or (),
                        exclude=args.exclude or (), keep_conflicts=args.keep_conflicts or None)
-    for path in result["files"]:
-        print(path)
-    return 0
-
-
-def cmd_log(args) -> int:
-    session = Session.here()
-    for entry in reversed(session.applied()):
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry["time"]))
-        extra = " partial" if entry.get("partial") else ""
-        extra += f" conflicts: {', '.join(entry['conflicts'])}" if entry["conflicts"] else ""
-        print(f"{when}  job {entry['job']}  {entry['how']}{extra}  {len(entry['files'])} file(s): "
-              + ", ".join(entry["files"][:6]) + (" ..." if len(entry["files"]) > 6 else ""))
+    output(args, result, lambda r: print("\n".join(r["files"])))
     return 0
 
 
 def cmd_jobs(args) -> int:
     session = Session.here()
     jobs = session.client.json("GET", "/v1/jobs")["jobs"]
-    for job in jobs:
-        stats = job.get("stats") or {}
-        age = human_age(time.time() - job["created"])
-        size = f"+{stats.get('added', 0)} -{stats.get('removed', 0)}" if stats else ""
-        prompt = " ".join(job["prompt"].split())[:50]
-        print(f"{job['id']}  {job['status']:<9} {age:>5}  {job['project']:<16} {size:<10} {prompt}")
     if not jobs:
         say("no jobs yet")
+    output(args, {"jobs": jobs}, lambda r: print("\n".join(job_line(j) for j in r["jobs"])) if jobs else None)
     return 0
+
+
+def job_line(job: dict) -> str:
+    stats = job.get("stats") or {}
+    age = human_age(time.time() - job["created"])
+    size = f"+{stats.get('added', 0)} -{stats.get('removed', 0)}" if stats else ""
+    prompt = " ".join(job["prompt"].split())[:50]
+    return f"{job['id']}  {job['status']:<9} {age:>5}  {job['project']:<16} {size:<10} {prompt}"
 
 
 def human_age(seconds: float) -> str:
@@ -1687,14 +1859,18 @@ def human_age(seconds: float) -> str:
 def cmd_show(args) -> int:
     session = Session.here()
     job = session.client.json("GET", f"/v1/jobs/{session.job_id(args.job)}")
-    for key in ("id", "status", "project", "reason", "prompt"):
-        if job.get(key):
-            print(f"{key + ':':<9} {job[key]}")
-    for key, value in (job.get("result") or {}).items():
-        print(f"{key + ':':<9} {value}")
-    printer = ProgressPrinter(Style(False))
-    for event in session.client.stream("GET", f"/v1/jobs/{job['id']}/events?after=0&follow=0"):
-        printer(event)
+    events = list(session.client.stream("GET", f"/v1/jobs/{job['id']}/events?after=0&follow=0"))
+
+    def human(r: dict) -> None:
+        for key in ("id", "status", "project", "reason", "prompt"):
+            if job.get(key):
+                print(f"{key + ':':<9} {job[key]}")
+        for key, value in (job.get("result") or {}).items():
+            print(f"{key + ':':<9} {value}")
+        printer = ProgressPrinter(Style(False))
+        for event in events:
+            printer(event)
+    output(args, {"job": job, "events": events}, human)
     return 0
 
 
@@ -1702,11 +1878,41 @@ def cmd_cancel(args) -> int:
     session = Session.here()
     job = session.client.json("DELETE", f"/v1/jobs/{session.job_id(args.job)}")
     say(f"job {job['id']} is {job['status']}")
+    output(args, {"job": job})
     return 0
 
 
+def cmd_log(args) -> int:
+    entries = list(reversed(Session.here().applied()))
+
+    def human(r: dict) -> None:
+        for entry in r["applied"]:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry["time"]))
+            extra = " partial" if entry.get("partial") else ""
+            extra += f" conflicts: {', '.join(entry['conflicts'])}" if entry["conflicts"] else ""
+            print(f"{when}  job {entry['job']}  {entry['how']}{extra}  {len(entry['files'])} file(s): "
+                  + ", ".join(entry["files"][:6]) + (" ..." if len(entry["files"]) > 6 else ""))
+    output(args, {"applied": entries}, human)
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    checks = Doctor(LaptopConfig.find()).run()
+    ok = all(c["ok"] for c in checks)
+    output(args, {"ok": ok, "checks": checks}, lambda r: print_checks(r["checks"], sys.stdout))
+    return 0 if ok else int(ExitStatus.ERROR)
+
+
+def print_checks(checks: List[dict], stream=None) -> None:
+    stream = stream or sys.stderr
+    for c in checks:
+        print(f"{'ok  ' if c['ok'] else 'FAIL'} {c['name']}: {c['detail']}", file=stream)
+        if not c["ok"] and c.get("fix"):
+            print(f"     fix: {c['fix']}", file=stream)
+
+
 COMMANDS = {
-    "init": (cmd_init, "write .patchwire.toml for this project"),
+    "init": (cmd_init, "write .patchwire.toml for this project (asks for the values without flags)"),
     "sync": (cmd_sync, "send the project's files to the agent box"),
     "ask": (cmd_ask, "sync, ask the AI, stream its progress, preview and apply the diff"),
     "diff": (cmd_diff, "print a job's patch (the last job by default)"),
@@ -1715,6 +1921,7 @@ COMMANDS = {
     "show": (cmd_show, "show a job and its events"),
     "cancel": (cmd_cancel, "cancel a queued or running job"),
     "log": (cmd_log, "what was applied here, when, from which job"),
+    "doctor": (cmd_doctor, "check git, rsync, ssh, the agent, the token and the AI; say how to fix"),
 }
 
 
@@ -1725,14 +1932,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"patchwire {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    p = {name: sub.add_parser(name, help=help_, description=help_, epilog=HELP_EPILOG,
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true",
+                        help="results as JSON on stdout (JSON lines for ask's events)")
+    p = {name: sub.add_parser(name, help=help_, description=help_, epilog=HELP_EPILOG, parents=[common],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
          for name, (_, help_) in COMMANDS.items()}
     p["init"].add_argument("--agent", default=DEFAULT_AGENT_URL, help="agent URL (default %(default)s)")
-    p["init"].add_argument("--token-file", required=True, help="file holding your token")
+    p["init"].add_argument("--token-file", help="file holding your token (asked for when missing)")
     p["init"].add_argument("--ssh", help="USER@HOST of the box (default: a mirror on this machine)")
     p["init"].add_argument("--project", help="project name on the box (default: folder name)")
     p["init"].add_argument("--force", action="store_true", help="replace an existing .patchwire.toml")
+    p["init"].set_defaults(interactive_answers=False)
     p["sync"].add_argument("--dry-run", action="store_true", help="list what would be sent, and why files are held back")
     p["sync"].add_argument("--force", action="store_true", help="send even when nothing changed")
     p["ask"].add_argument("prompt", help="what to ask the AI ('-' reads it from stdin)")
@@ -1767,6 +1978,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return COMMANDS[args.command][0](args)
     except PatchwireError as e:
         say(f"patchwire: {e}")
+        output(args, {"error": e.message, "hint": e.hint, "exit_status": int(e.exit_status),
+                      **({"details": e.details} if e.details else {})})
         return int(e.exit_status)
     except KeyboardInterrupt:
         say("patchwire: interrupted")

@@ -152,7 +152,7 @@ class AgentConfig:
         self.slots: int = jobs["slots"]
         self.users: Dict[str, bytes] = {}
         for name, table in top["users"].items():
-            if not pw.NAME_RE.match(name):
+            if not pw.NAME_RE.fullmatch(name):
                 raise PatchwireError(f"{path}: user name {name!r} is not valid",
                                      "use letters, digits, '.', '_' and '-'")
             user = pw.Schema(path, f"users.{name}", USER_SCHEMA).read(table)
@@ -500,7 +500,7 @@ class StreamParser:
         self.cwd = str(cwd)
         self.result: Optional[dict] = None
         self.session_id: Optional[str] = None
-        self.json_lines = 0
+        self.claude = False  # set by Claude Code's system/init line; other JSON passes through
 
     def feed(self, raw: bytes) -> None:
         line = raw.decode("utf-8", "replace").rstrip("\r\n")
@@ -510,10 +510,11 @@ class StreamParser:
             obj = json.loads(line)
         except ValueError:
             obj = None
-        if not isinstance(obj, dict) or "type" not in obj:
+        if isinstance(obj, dict) and obj.get("type") == "system" and obj.get("subtype") == "init":
+            self.claude = True
+        if not self.claude or not isinstance(obj, dict):
             self.emit({"type": "output", "text": clip(line)})
             return
-        self.json_lines += 1
         self.session_id = obj.get("session_id") or self.session_id
         handler = getattr(self, "on_" + str(obj["type"]), None)
         if handler:
@@ -662,20 +663,35 @@ class AIRun:
             return status, self.stop_reason, result
         said = str(result.get("result") or "").strip()[:500]
         stderr = self.stderr_tail.decode("utf-8", "replace").strip()[-500:]
+        if result.get("subtype") == "error_max_turns":
+            return "failed", ("the AI stopped at its turn limit (--max-turns in [ai] command): ask "
+                              "for a smaller step, or raise the limit"), result
         if result.get("is_error") or result.get("subtype", "success") != "success":
             return "failed", f"the AI reported an error: {said or result.get('subtype')}", result
         if code != 0:
             why = said or stderr or "no output"
             return "failed", f"the AI command exited with status {code}: {why}", result
-        denials = result.get("permission_denials") or []
+        denials = [d for d in result.get("permission_denials") or [] if isinstance(d, dict)]
         if denials:
-            tools = sorted({str(d.get("tool_name", "?")) for d in denials if isinstance(d, dict)})
-            return "failed", (f"the AI was denied permission to use {', '.join(tools)}; allow it in "
-                              "[ai] command (for example --permission-mode acceptEdits or "
-                              "--allowedTools)"), result
-        if self.parser.json_lines and not self.parser.result:
+            return "failed", describe_denials(denials), result
+        if self.parser.claude and not self.parser.result:
             return "failed", "the AI ended without a result line", result
         return "done", "", result
+
+
+def describe_denials(denials: List[dict]) -> str:
+    """Which tools (and shell commands) the AI was refused, and the --allowedTools rule."""
+    tools = sorted({str(d.get("tool_name", "?")) for d in denials})
+    commands = [str((d.get("tool_input") or {}).get("command", "")) for d in denials
+                if d.get("tool_name") == "Bash" and (d.get("tool_input") or {}).get("command")]
+    text = f"the AI was denied permission to use {', '.join(tools)}"
+    if commands:
+        first = commands[0].split()[0]
+        text += (f" (for example `{clip(commands[0], 80)}`); allow it in [ai] command, for example "
+                 f'"--allowedTools", "Bash({first}:*)"')
+    else:
+        text += '; allow it in [ai] command (for example "--allowedTools", "' + tools[0] + '")'
+    return text
 
 
 def ai_environment(cfg: AgentConfig) -> dict:
@@ -848,7 +864,7 @@ class Agent:
     def me(self, user: str, project: Optional[str]) -> dict:
         out = {"user": user, "version": __version__,
                "mirror_root": str(self.cfg.state_dir / "mirror" / user)}
-        if project:
+        if project is not None:
             repo = self.repo(user, check_name(project, "project"))
             repo.ensure()
             out["mirror"] = str(repo.mirror)
@@ -859,7 +875,7 @@ class Agent:
         found = shutil.which(argv0, path=ai_environment(self.cfg).get("PATH"))
         with self.lock:
             running = len(self.runs)
-        return {"ok": True, "version": __version__, "queue_depth": len(self.queue.order()),
+        return {"ok": True, "version": __version__, "time": time.time(), "queue_depth": len(self.queue.order()),
                 "running": running, "workers": self.cfg.workers, "ai_command": argv0,
                 "ai_found": bool(found)}
 
@@ -1025,7 +1041,7 @@ def summarize_result(result: dict, elapsed: float, exit_code: Optional[int]) -> 
 
 
 def check_name(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not pw.NAME_RE.match(value):
+    if not isinstance(value, str) or not pw.NAME_RE.fullmatch(value):
         raise HTTPFailure(400, f"{what} must be a name of letters, digits, '.', '_' and '-' "
                           f"(at most 64)", code="bad_request")
     return value
@@ -1087,7 +1103,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def dispatch(self, method: str) -> None:
         self.started_response = False
         url = urllib.parse.urlsplit(self.path)
-        self.query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
+        self.query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query, keep_blank_values=True).items()}
+        self.body_read = False
         try:
             name, params, auth = self.route(method, url.path)
             user = self.agent.authenticate(self.headers.get("Authorization", "")) if auth else ""
@@ -1124,8 +1141,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if int(length) > MAX_BODY:
             self.close_connection = True
             raise HTTPFailure(413, f"request body over {MAX_BODY // 2**20} MiB", code="too_large")
+        data = self.rfile.read(int(length))
+        self.body_read = True
         try:
-            body = json.loads(self.rfile.read(int(length)) or b"null")
+            body = json.loads(data or b"null")
         except ValueError:
             raise HTTPFailure(400, "the body is not valid JSON", code="bad_request")
         if not isinstance(body, dict):
@@ -1138,6 +1157,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 
@@ -1148,11 +1169,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.started_response:  # mid-stream: nothing better to do than hang up
             self.close_connection = True
             return
+        if self.headers.get("Content-Length", "0") not in ("", "0") and not self.body_read:
+            self.close_connection = True  # else the unread body would be read as the next request
         if status == 401:
             self.started_response = True
             data = json.dumps(obj).encode() + b"\n"
             self.send_response(status)
             self.send_header("WWW-Authenticate", 'Bearer realm="patchwire"')
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -1284,7 +1309,7 @@ def cmd_init(args) -> int:
     path = Path(args.config)
     if path.exists() and not args.force:
         raise UsageError(f"{path} exists already", "use --force to replace it")
-    if not pw.NAME_RE.match(args.user):
+    if not pw.NAME_RE.fullmatch(args.user):
         raise UsageError(f"user name {args.user!r} is not valid", "use letters, digits, '.', '_' and '-'")
     token = "pw_" + secrets.token_urlsafe(32)
     state_dir = args.state_dir or str(path.resolve().parent / "patchwire-state")

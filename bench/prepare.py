@@ -329,9 +329,11 @@ class Laptop:
     """The laptop's side of an ask: the tree id and manifest of the files it sends.
 
     The files are generated straight into the mirror (writing 20,000 files twice would double the
-    run time on this disk), so the mirror doubles as the laptop's folder. By default the tree is
-    computed the way patchwire.Project.record does it, with a private git dir of its own (own
-    objects, own persistent index) and `git add -A`; with --laptop the real Project.record runs.
+    run time on this disk), so the mirror doubles as the laptop's folder. By default a stand-in
+    computes the same tree id as patchwire.Project.record would: a private git dir with its own
+    persistent index, the files git does not ignore, `update-index --add --info-only` (hashes
+    only what changed since the last call and, like the laptop, writes nothing into the box's
+    object store) and `write-tree --missing-ok`. With --laptop the real Project.record runs.
     """
 
     def __init__(self, root: Path, name: str, tmp: Path, real: bool):
@@ -348,9 +350,18 @@ class Laptop:
             if not self.paths:
                 self.paths = self.real.candidate_files()
             return self.real.record(self.paths)
-        self.git("add", "-A", "--", ".")
-        tree = self.git.text("write-tree")
+        if not self.paths:  # the project's file set does not change in this benchmark
+            out = self.git("ls-files", "-z", "--others", "--exclude-standard")
+            self.paths = sorted(p.decode("utf-8", "surrogateescape") for p in out.split(b"\0") if p)
+        self.git("update-index", "--add", "--info-only", "-z", "--stdin",
+                 input=b"".join(p.encode("utf-8", "surrogateescape") + b"\0" for p in self.paths))
+        tree = self.git.text("write-tree", "--missing-ok")
         return tree, [[mode, sha, path] for path, (mode, sha) in sorted(self.git.ls_files_stage().items())]
+
+
+def remove_fast(path: Path) -> None:
+    """rm -rf (several times faster than shutil.rmtree on 20,000 files here)."""
+    pw.run(["rm", "-rf", "--", str(path)])
 
 
 def settle() -> None:
@@ -440,7 +451,7 @@ def run_size(tmp: Path, count: int, repeat: int, fresh_repeat: int, real_laptop:
                            cwd=repo.home, env=pa.AGENT_GIT_ENV)
         check(not fresh_git("status", "--porcelain", "-z", "--untracked-files=all"),
               f"{count} files: fresh worktree not clean")
-        pa.remove_tree(target)
+        remove_fast(target)
         repo.git()("worktree", "prune")
         log(f"[{count:,} files] fresh git worktree add {ms(t_fresh).strip()}")
     return res
@@ -497,7 +508,7 @@ def report(small: SizeResult, big: SizeResult, repeat: int, laptop: bool) -> str
         f"{ratio(median(big.snapshot_next), median(small.snapshot_next))};"
         f"  snapshot first / next at {big.files:,}: "
         f"{ratio(big.snapshot_first, median(big.snapshot_next))}",
-        f"(laptop's tree, {'patchwire.Project.record' if laptop else 'stand-in with git add -A'}, "
+        f"(laptop's tree, {'patchwire.Project.record' if laptop else 'stand-in, update-index --info-only'}, "
         f"first / next at {big.files:,} files: {ms(big.record_first).strip()} / "
         f"{ms(median(big.record_next)).strip()}; not part of the box's preparation)",
         "",
@@ -518,7 +529,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--files", type=int, default=None, help="files in the large project (default 20000)")
     ap.add_argument("--small", type=int, default=SMALL_FILES, help="files in the small project (default 200)")
     ap.add_argument("--repeat", type=int, default=None, help="warm rounds per size (default 5)")
-    ap.add_argument("--fresh-repeat", type=int, default=3, help="fresh `git worktree add` runs (default 3)")
+    ap.add_argument("--fresh-repeat", type=int, default=2,
+                    help="fresh `git worktree add` runs per size (default 2)")
     ap.add_argument("--quick", action="store_true", help="2,000 against 200 files, 3 rounds: a CI smoke run")
     ap.add_argument("--laptop", action="store_true",
                     help="compute each tree with the laptop's real patchwire.Project.record (slow: "
@@ -555,7 +567,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.keep:
             print(f"kept {tmp}")
         else:
-            pa.remove_tree(tmp)
+            remove_fast(tmp)
 
 
 if __name__ == "__main__":

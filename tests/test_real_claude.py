@@ -210,11 +210,12 @@ FAILURES = {
     "max-turns": dict(replies=[[tool("Write", file_path="{cwd}/first.txt", content="1\n")],
                                [text("Done.")]],
                       ai={"command": CLAUDE_COMMAND + ["--max-turns", "1"]},
-                      reason=["the AI reported an error", "max_turns"], requests=1),
+                      reason=["stopped at its turn limit", "--max-turns"], requests=1),
     "permission-denied": dict(
         replies=[[tool("Bash", command="python3 -c \"open('made.txt', 'w').write('x')\"",
                        description="Make a file")], [text("Done.")]],
-        reason=["denied permission to use Bash"], requests=2),
+        reason=["denied permission to use Bash", "python3 -c", '"--allowedTools", "Bash(python3:*)"'],
+        requests=2),
     # Only as root: bypass modes refuse to start without IS_SANDBOX=1 (exit 1, stderr only).
     "bypass-as-root": dict(replies=[[text("Done.")]], ai={"command": BYPASS_COMMAND},
                            reason=["exited with status 1", "cannot be used with root"],
@@ -254,7 +255,7 @@ def test_cli_failures_are_clear_job_failures(cli, start_box, laptop, case):
     assert elapsed < FAILURE_BUDGET_S
 
 
-def test_cli_not_installed(cli, start_box, laptop):
+def test_cli_not_installed(start_box, laptop):
     box = start_box(with_cli=False)
     connect(laptop, box)
     path = box.agent.env["PATH"]
@@ -332,9 +333,6 @@ OTHER_JSON_CLI = ["sh", "-c", "cat >/dev/null; echo '{\"type\": \"thread.started
                   "printf 'made\\n' > made.txt; echo '{\"type\": \"turn.completed\"}'"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "StreamParser reads every JSON line with a 'type' as Claude stream-json; AIRun.judge then "
-    "fails an exit-0 run of another CLI with 'the AI ended without a result line'"))
 def test_another_cli_printing_its_own_json_lines_succeeds(make_agent, tmp_path):
     box = make_agent(ai_command=OTHER_JSON_CLI)
     lap = Laptop(make_repo(tmp_path / PROJECT, FILES))
