@@ -1,0 +1,176 @@
+"""The laptop CLI as scripts and people see it: --json on every command, doctor against
+broken setups, interactive init, help and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import time
+
+import pytest
+
+from conftest import Laptop, make_repo, script
+
+
+def json_of(result) -> dict:
+    lines = [l for l in result.out.splitlines() if l.strip()]
+    assert len(lines) == 1, result.out
+    return json.loads(lines[0])
+
+
+def test_every_command_speaks_json(laptop, agent):
+    dry = json_of(laptop.run("sync", "--dry-run", "--json", check=0))
+    assert "README.md" in dry["files"] and dry["held_back"] == {}
+    synced = json_of(laptop.run("sync", "--json", check=0))
+    assert synced["files"] == len(dry["files"]) and synced["skipped"] is False and synced["sent_files"] >= 1
+    again = json_of(laptop.run("sync", "--json", check=0))
+    assert again["skipped"] is True and again["tree"] == synced["tree"]
+
+    asked = laptop.ask(script({"say": "working"}, {"write": "README.md", "text": "# json\n"}),
+                       "--json", "--yes", check=0)
+    lines = [json.loads(l) for l in asked.out.splitlines()]
+    assert [l["type"] for l in lines][:2] == ["queued", "started"]
+    assert lines[-2]["type"] == "finished" and lines[-1]["type"] == "outcome"
+    assert lines[-1]["applied"] is True and lines[-1]["files"] == ["README.md"]
+    assert any(l["type"] == "text" and l["text"] == "working" for l in lines)
+    job = lines[-1]["job"]
+
+    diff = json_of(laptop.run("diff", job, "--json", check=0))
+    assert diff["files"] == [{"path": "README.md", "old_path": "README.md", "kind": "modified",
+                              "added": 1, "removed": 1, "binary": False}]
+    assert "+# json" in diff["patch"]
+    jobs = json_of(laptop.run("jobs", "--json", check=0))
+    assert jobs["jobs"][0]["id"] == job and jobs["jobs"][0]["status"] == "done"
+    shown = json_of(laptop.run("show", job, "--json", check=0))
+    assert shown["job"]["id"] == job and shown["events"][-1]["type"] == "finished"
+    log = json_of(laptop.run("log", "--json", check=0))
+    assert log["applied"][0]["job"] == job and log["applied"][0]["files"] == ["README.md"]
+    undo = json_of(laptop.run("apply", "--undo", "--json", check=0))
+    assert undo == {"restored": ["README.md"]}
+    applied = json_of(laptop.run("apply", job, "--json", check=0))
+    assert applied["how"] == "plain" and applied["files"] == ["README.md"]
+    doctor = json_of(laptop.run("doctor", "--json", check=0))
+    assert doctor["ok"] is True and {c["name"] for c in doctor["checks"]} >= {"git", "rsync", "agent", "auth", "ai"}
+
+    # an error is a JSON document too, with the exit status
+    error = laptop.run("cancel", "ffffffffffff", "--json")
+    assert error.returncode == 3
+    assert json_of(error)["exit_status"] == 3 and "no job" in json_of(error)["error"]
+    assert "patchwire: the agent refused" in error.err
+
+
+def test_json_errors_keep_stdout_parseable(laptop):
+    result = laptop.ask("", "--json")
+    assert result.returncode == 2
+    assert json_of(result) == {"error": "the prompt is empty", "hint": "", "exit_status": 2}
+
+
+def checks_of(result) -> dict:
+    return {c["name"]: c for c in json_of(result)["checks"]}
+
+
+def test_doctor_all_good(laptop):
+    result = laptop.run("doctor", check=0)
+    assert "FAIL" not in result.out
+    for name in ("git", "rsync", "token", "agent", "clock", "auth", "ai", "mirror"):
+        assert f"ok   {name}:" in result.out
+
+
+def test_doctor_wrong_token(laptop, tmp_path):
+    bad = tmp_path / "bad.token"
+    bad.write_text("pw_not_the_right_token\n")
+    os.chmod(bad, 0o600)
+    result = laptop.run("doctor", env={"PATCHWIRE_TOKEN": "pw_not_the_right_token"})
+    assert result.returncode == 1
+    assert "FAIL auth: the agent does not accept this token" in result.out
+    assert "fix: put the token `patchwire-agent init` printed" in result.out
+    assert "pw_not_the_right_token" not in result.out + result.err
+
+
+def test_doctor_agent_down(laptop, agent):
+    agent.stop()
+    checks = checks_of(laptop.run("doctor", "--json"))
+    assert checks["agent"]["ok"] is False and "cannot reach the agent" in checks["agent"]["detail"]
+    assert "patchwire-agent serve" in checks["agent"]["fix"]
+    assert checks["git"]["ok"] and checks["rsync"]["ok"]
+
+
+def test_doctor_missing_rsync_and_ai(laptop, make_agent):
+    box = make_agent(ai_command=["claude-not-installed"])
+    laptop.init(box)
+    with open(laptop.root / ".patchwire.toml", "a") as f:
+        f.write('\n[sync]\nrsync = "/nonexistent/rsync"\n')
+    checks = checks_of(laptop.run("doctor", "--json"))
+    assert checks["rsync"]["ok"] is False and "apt install rsync" in checks["rsync"]["fix"]
+    assert checks["ai"]["ok"] is False and "install Claude Code on the box" in checks["ai"]["fix"]
+
+
+def test_doctor_token_file_readable_by_others(laptop, agent):
+    token = agent.token_file()
+    os.chmod(token, 0o644)
+    checks = checks_of(laptop.run("doctor", "--json"))
+    assert checks["token"]["ok"] is False and checks["token"]["fix"] == f"chmod 600 {token}"
+
+
+def test_init_asks_interactively_and_verifies(tmp_path, agent):
+    root = make_repo(tmp_path / "fresh", {"a.txt": b"a\n"})
+    lap = Laptop(root)
+    token = agent.token_file()
+    out = drive(lap, ["init"], [agent.url, str(token), "none", ""])
+    assert "Agent URL [http://127.0.0.1:7433]:" in out
+    assert "ok   auth: accepted as user alice" in out
+    config = (root / ".patchwire.toml").read_text()
+    assert f'agent = "{agent.url}"' in config and 'project = "fresh"' in config
+    assert agent.token not in config
+
+
+def test_init_interactive_refuses_a_broken_setup_unless_told(tmp_path, agent):
+    root = make_repo(tmp_path / "fresh", {"a.txt": b"a\n"})
+    lap = Laptop(root)
+    token = agent.token_file()
+    out = drive(lap, ["init"], ["http://127.0.0.1:9", str(token), "none", "", "n"])
+    assert "FAIL agent" in out and "nothing written" in out
+    assert not (root / ".patchwire.toml").exists()
+
+
+def test_init_without_a_terminal_needs_flags(tmp_path):
+    root = make_repo(tmp_path / "fresh", {"a.txt": b"a\n"})
+    result = Laptop(root).run("init")
+    assert result.returncode == 2 and "--token-file is required" in result.err
+
+
+def drive(lap: Laptop, args, answers, timeout: float = 60) -> str:
+    """Run the CLI on a real pseudo-terminal, answering each ':' or '?' prompt in turn."""
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(lap.root)
+        os.execvpe(lap.program[0], lap.program + list(args), {**lap.env, "TERM": "dumb"})
+    out, answered, deadline = b"", 0, time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            prompts = out.count(b"]:") + out.count(b"[y/N]")
+            if answered < len(answers) and prompts > answered:
+                os.write(fd, answers[answered].encode() + b"\n")
+                answered += 1
+    finally:
+        os.waitpid(pid, 0)
+    return out.decode("utf-8", "replace")
+
+
+def test_help_lists_exit_codes_and_commands(laptop):
+    result = laptop.run("--help", check=0)
+    for word in ("3 agent unreachable", "4 AI run failed", "5 patch does not apply", "130 interrupted",
+                 "doctor", "log", "cancel"):
+        assert word in result.out
+    assert laptop.run("bogus").returncode == 2
