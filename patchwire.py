@@ -515,14 +515,13 @@ class Project:
 
     def record(self, paths: Sequence[str]) -> Tuple[str, List[List[str]]]:
         """Put exactly `paths` into the private index; return (tree id, manifest)."""
-        indexed = set(self.git.ls_files_stage())
-        stale = indexed - set(paths)
+        stale = set(self.git.ls_files_stage()) - set(paths)
         if stale:
             self.git("update-index", "--force-remove", "-z", "--stdin",
-                     input=b"".join(_enc(p) + b"\0" for p in sorted(stale)))
-        if paths:
-            self.git("add", "-f", "--pathspec-from-file=-", "--pathspec-file-nul",
-                     input=b"".join(_enc(p) + b"\0" for p in paths))
+                     input=b"".join(encode_path(p) + b"\0" for p in sorted(stale)))
+        if paths:  # update-index, not `git add --pathspec-from-file`: that is quadratic
+            self.git("update-index", "--add", "--remove", "-z", "--stdin",
+                     input=b"".join(encode_path(p) + b"\0" for p in paths))
         tree = self.git.text("write-tree")
         manifest = [[mode, sha, path] for path, (mode, sha) in sorted(self.git.ls_files_stage().items())]
         self._keep(tree)
@@ -539,7 +538,7 @@ class Project:
         return self.private_dir / name
 
 
-def _enc(path: str) -> bytes:
+def encode_path(path: str) -> bytes:
     return path.encode("utf-8", "surrogateescape")
 
 
@@ -607,7 +606,7 @@ def send_files(cfg: LaptopConfig, paths: Sequence[str], dest: str, checksum: boo
         raise PatchwireError(f"{cfg.rsync} is not installed on this machine",
                              "install rsync (macOS ships it; Debian/Ubuntu: apt install rsync)")
     proc = run(rsync_argv(cfg, dest, checksum), cwd=cfg.root,
-               input=b"".join(_enc(p) + b"\0" for p in paths), timeout=3600, check=False)
+               input=b"".join(encode_path(p) + b"\0" for p in paths), timeout=3600, check=False)
     if proc.returncode != 0:
         tail = proc.stderr.decode("utf-8", "replace").strip()[-1500:]
         ssh = " ".join(shlex.quote(a) for a in ["ssh", *cfg.ssh_options, cfg.ssh or ""])

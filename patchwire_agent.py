@@ -311,9 +311,8 @@ class ProjectRepo:
         no longer lists are pruned from the mirror first (rsync --files-from never deletes)."""
         with self.lock:
             self.ensure()
-            prune_mirror(self.mirror, {path for _, _, path in manifest})
             git = self.git(self.mirror, GIT_INDEX_FILE=str(self.home / "snapshot.index"))
-            git("add", "-A", "-f", "--", ".")
+            index_paths(git, [path for _, _, path in manifest], self.mirror)
             got = git.text("write-tree")
             if got != tree:
                 theirs = {path: (mode, sha) for mode, sha, path in manifest}
@@ -349,9 +348,9 @@ class ProjectRepo:
                     self._reset_slot(slot, commit)
                     self._check_slot_clean(slot, commit)
                     break
-                except PatchwireError as e:
+                except (PatchwireError, OSError) as e:
                     if attempt == 2:
-                        raise
+                        raise PatchwireError(f"job folder {self.slot_path(slot)} cannot be made clean: {e}")
                     log.warning("job folder %s is not clean (%s); rebuilding it", self.slot_path(slot), e)
                     self._remove_slot(slot)
             if carry:
@@ -400,9 +399,11 @@ class ProjectRepo:
         git = self.slot_git(slot)
         if git.text("rev-parse", "HEAD") != commit:
             raise PatchwireError(f"job folder HEAD is not at {commit}")
-        dirty = git("status", "--porcelain", "-z", "--untracked-files=all", "--ignore-submodules=none")
-        if dirty:
-            raise PatchwireError("job folder not clean: " + dirty[:200].decode("utf-8", "replace"))
+        stray = git("ls-files", "-z", "--others", "--exclude-standard")
+        changed = git.run("diff-files", "--quiet", check=False).returncode
+        if stray or changed:
+            raise PatchwireError("job folder not clean: " + (stray[:200].decode("utf-8", "replace")
+                                                              or "tracked files differ"))
 
     def _remove_slot(self, slot: int) -> None:
         remove_tree(self.slot_path(slot))
@@ -435,20 +436,30 @@ class ProjectRepo:
 AGENT_GIT_ENV = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull}
 
 
-def prune_mirror(root: Path, wanted: set) -> int:
-    """Delete files (and then-empty folders) the laptop no longer lists."""
-    removed = 0
-    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
-        rel = os.path.relpath(dirpath, root)
-        prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
-        links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
-        for name in filenames + links:
-            if prefix + name not in wanted:
-                os.unlink(os.path.join(dirpath, name))
-                removed += 1
-        if rel != "." and not os.listdir(dirpath):
-            os.rmdir(dirpath)
-    return removed
+def index_paths(git: Git, paths: List[str], prune_root: Path) -> None:
+    """Make the index hold exactly `paths`, re-hashing only files whose stat changed (the
+    work is O(changed), plus a stat per file), then delete every other file from
+    `prune_root`: rsync --files-from never deletes on the receiving side."""
+    gone = sorted(set(git.ls_files_stage()) - set(paths))
+    if gone:
+        git("update-index", "--force-remove", "-z", "--stdin", input=b"".join(pw.encode_path(p) + b"\0" for p in gone))
+    if paths:
+        git("update-index", "--add", "--remove", "-z", "--stdin",
+            input=b"".join(pw.encode_path(p) + b"\0" for p in paths))
+    for raw in git("ls-files", "-z", "--others").split(b"\0"):  # git's own walk: fast
+        if raw:
+            remove_mirrored(prune_root, raw.decode("utf-8", "surrogateescape"))
+
+
+def remove_mirrored(root: Path, path: str) -> None:
+    """Delete one file and the folders it leaves empty, never above root."""
+    target = root / path
+    if os.path.lexists(target) and not target.is_dir():
+        target.unlink()
+    parent = target.parent
+    while parent != root and parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
 
 
 def parse_numstat(out: bytes) -> dict:
@@ -1169,7 +1180,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.started_response:  # mid-stream: nothing better to do than hang up
             self.close_connection = True
             return
-        if self.headers.get("Content-Length", "0") not in ("", "0") and not self.body_read:
+        if not self.body_read and (self.headers.get("Content-Length", "0") not in ("", "0")
+                                   or "Transfer-Encoding" in self.headers):
             self.close_connection = True  # else the unread body would be read as the next request
         if status == 401:
             self.started_response = True

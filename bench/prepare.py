@@ -5,22 +5,27 @@
     python3 bench/prepare.py --quick          # 2,000 against 200, 3 rounds (CI smoke)
     python3 bench/prepare.py --files 50000 --repeat 7
 
-For each project size it generates a synthetic Flutter-like project (the "laptop" folder), copies
-it into the agent's mirror (as rsync -a would), and then drives the agent's real code:
+For each project size it generates a synthetic Flutter-like project (nested lib/, test/, android/,
+ios/, assets/, a .gitignore that ignores build/ and .dart_tool/; 1-6 KB a file) straight into the
+agent's mirror, as rsync would leave it, and then drives the agent's real code:
 
-    laptop   patchwire.Project(root, name).record(paths)   -> tree id + manifest
+    laptop   tree id + manifest of the files it sends (a stand-in that computes what
+             patchwire.Project.record does, or with --laptop the real thing)
     agent    ProjectRepo.snapshot(tree, manifest)          -> snapshot commit   ("snapshot first")
     agent    ProjectRepo.prepare_slot(0, commit)           -> job folder        ("cold prepare",
                                                               includes `git worktree add`)
     then, --repeat times ("warm" rounds):
-             the previous job leaves one edited file, one new file and one deleted file behind,
-             and a build cache under build/ and .dart_tool/ (ignored by .gitignore);
+             the previous job leaves one edited file, one new file and one deleted file behind
+             (and, made once after the cold preparation, a build cache under build/ and
+             .dart_tool/, which .gitignore ignores);
              the laptop changes ONE file, records, the mirror gets it;
     agent    ProjectRepo.snapshot(...)                      ("snapshot next", median)
     agent    ProjectRepo.prepare_slot(0, commit)            ("warm prepare", median)
 
 and, as the baseline the warm path replaces, a fresh `git worktree add --detach` of the same
-snapshot commit into a new folder ("fresh add", median), through the same git dir and settings.
+snapshot commit into a new folder ("fresh add", median of --fresh-repeat), through the same git
+dir and settings. Before each timed step the page cache is flushed (os.sync, not timed) so no
+step pays for an earlier step's writeback. Git calls are timed per command for a breakdown.
 
 After every preparation the job folder is checked independently of ProjectRepo's own check: HEAD
 is the snapshot, `git status --porcelain --untracked-files=all` is empty, the changed file has the
@@ -59,7 +64,6 @@ SLOT = 0
 # gives a per-command breakdown of where a snapshot or a preparation spends its time.
 _calls: Optional[List[Tuple[str, float]]] = None
 _orig_git_run = pw.Git.run
-_orig_prune = pa.prune_mirror
 
 
 def _timed_git_run(self, *args, **kw):
@@ -71,17 +75,7 @@ def _timed_git_run(self, *args, **kw):
             _calls.append(("git " + (args[0] if args else "?"), time.perf_counter() - start))
 
 
-def _timed_prune(*args, **kw):
-    start = time.perf_counter()
-    try:
-        return _orig_prune(*args, **kw)
-    finally:
-        if _calls is not None:
-            _calls.append(("prune_mirror (python)", time.perf_counter() - start))
-
-
 pw.Git.run = _timed_git_run
-pa.prune_mirror = _timed_prune
 
 
 def timed(func: Callable, *args, **kw):
@@ -548,8 +542,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(msg, flush=True)
 
     tmp = Path(tempfile.mkdtemp(prefix="patchwire-bench-", dir="/tmp"))
-    os.environ["XDG_CACHE_HOME"] = str(tmp / "laptop-cache")  # the laptop side's private git dirs
+    os.environ["XDG_CACHE_HOME"] = str(tmp / "laptop-cache")  # for --laptop: Project's private dirs
     started = time.perf_counter()
+    status = 1
     try:
         log(f"patchwire prepare benchmark: {big_n:,} vs {args.small:,} files, {repeat} warm rounds, "
             f"{os.cpu_count()} cpus (load {os.getloadavg()[0]:.1f}), "
@@ -557,17 +552,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         small = run_size(tmp, args.small, repeat, args.fresh_repeat, args.laptop, log)
         big = run_size(tmp, big_n, repeat, args.fresh_repeat, args.laptop, log)
         print(report(small, big, repeat, args.laptop))
-        print(f"\ntotal run time {time.perf_counter() - started:.0f} s, load average now "
-              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus")
-        return 0
+        status = 0
     except CheckFailed as e:
         print(f"\nFAILED: {e}", file=sys.stderr)
-        return 1
+    except pw.PatchwireError as e:
+        print(f"\nFAILED: {e}", file=sys.stderr)
     finally:
         if args.keep:
             print(f"kept {tmp}")
         else:
             remove_fast(tmp)
+    print(f"\ntotal run time {time.perf_counter() - started:.0f} s (with clean-up), load average now "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus")
+    return status
 
 
 if __name__ == "__main__":

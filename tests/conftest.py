@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pty
 import select
 import signal
 import stat
@@ -283,3 +284,31 @@ def job_id_from(err: str) -> str:
         if len(word) == 12 and all(c in "0123456789abcdef" for c in word):
             return word
     raise AssertionError(f"no job id in: {err}")
+
+
+def drive_pty(lap: Laptop, args: Sequence[str], answers: Sequence[str], prompts: Sequence[bytes],
+              timeout: float = 60) -> str:
+    """Run the CLI on a real pseudo-terminal and send each answer when one more prompt (any of
+    `prompts`) has appeared; returns everything the terminal showed."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the CLI, with the pty as its terminal
+        os.chdir(lap.root)
+        os.execvpe(lap.program[0], lap.program + list(args), {**lap.env, "TERM": "dumb", "PAGER": "cat"})
+    out, answered, deadline = b"", 0, time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            if answered < len(answers) and sum(out.count(p) for p in prompts) > answered:
+                os.write(fd, answers[answered].encode() + b"\n")
+                answered += 1
+    finally:
+        os.waitpid(pid, 0)
+    return out.decode("utf-8", "replace")

@@ -3,14 +3,11 @@ hunks (through a real pseudo-terminal), the apply log, and folders that are not 
 
 from __future__ import annotations
 
-import os
-import pty
-import select
 import subprocess
-import time
 
 import pytest
 
+import conftest
 from conftest import Laptop, make_repo, script, tree_digest
 
 LONG = b"".join(b"line %d\n" % i for i in range(1, 41))
@@ -139,31 +136,8 @@ def test_ask_offers_hunk_choice_on_a_terminal(long_laptop):
     assert (long_laptop.root / "other.txt").read_bytes() == b"other\n"
 
 
-def drive_pty(lap: Laptop, args, answers, timeout: float = 60) -> str:
-    """Run the CLI on a real pseudo-terminal; send each answer when a new prompt appears."""
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: the CLI, with the pty as its terminal
-        os.chdir(lap.root)
-        os.execvpe(lap.program[0], lap.program + list(args), {**lap.env, "TERM": "dumb", "PAGER": "cat"})
-    out, deadline, answered = b"", time.monotonic() + timeout, 0
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], 0.2)
-            if ready:
-                try:
-                    chunk = os.read(fd, 4096)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                out += chunk
-            prompts = out.count(b",?]? ") + out.count(b"for later")
-            if answered < len(answers) and prompts > answered:
-                os.write(fd, answers[answered].encode() + b"\n")
-                answered += 1
-    finally:
-        os.waitpid(pid, 0)
-    return out.decode("utf-8", "replace")
+def drive_pty(lap: Laptop, args, answers) -> str:
+    return conftest.drive_pty(lap, args, answers, prompts=(b",?]? ", b"for later"))
 
 
 def test_not_a_git_repo_applies_plainly_and_says_no_3way(tmp_path, agent):

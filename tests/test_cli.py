@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import pty
-import select
-import time
 
 import pytest
 
-from conftest import Laptop, make_repo, script
+from conftest import Laptop, drive_pty, make_repo, script
 
 
 def json_of(result) -> dict:
@@ -141,31 +138,8 @@ def test_init_without_a_terminal_needs_flags(tmp_path):
     assert result.returncode == 2 and "--token-file is required" in result.err
 
 
-def drive(lap: Laptop, args, answers, timeout: float = 60) -> str:
-    """Run the CLI on a real pseudo-terminal, answering each ':' or '?' prompt in turn."""
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.chdir(lap.root)
-        os.execvpe(lap.program[0], lap.program + list(args), {**lap.env, "TERM": "dumb"})
-    out, answered, deadline = b"", 0, time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], 0.2)
-            if ready:
-                try:
-                    chunk = os.read(fd, 4096)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                out += chunk
-            prompts = out.count(b"]:") + out.count(b"[y/N]")
-            if answered < len(answers) and prompts > answered:
-                os.write(fd, answers[answered].encode() + b"\n")
-                answered += 1
-    finally:
-        os.waitpid(pid, 0)
-    return out.decode("utf-8", "replace")
+def drive(lap: Laptop, args, answers) -> str:
+    return drive_pty(lap, args, answers, prompts=(b"]:", b"[y/N]"))
 
 
 def test_help_lists_exit_codes_and_commands(laptop):
