@@ -293,7 +293,7 @@ def drive_pty(lap: Laptop, args: Sequence[str], answers: Sequence[str], prompts:
     pid, fd = pty.fork()
     if pid == 0:  # the child: the CLI, with the pty as its terminal
         os.chdir(lap.root)
-        os.execvpe(lap.program[0], lap.program + list(args), {**lap.env, "TERM": "dumb", "PAGER": "cat"})
+        os.execvpe(lap.program[0], lap.program + list(args), {"PAGER": "cat", **lap.env, "TERM": "dumb"})
     out, answered, deadline = b"", 0, time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
