@@ -527,8 +527,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="fresh `git worktree add` runs per size (default 2)")
     ap.add_argument("--quick", action="store_true", help="2,000 against 200 files, 3 rounds: a CI smoke run")
     ap.add_argument("--laptop", action="store_true",
-                    help="compute each tree with the laptop's real patchwire.Project.record (slow: "
-                         "quadratic in the file count, see bench/README.md)")
+                    help="compute each tree with the laptop's real patchwire.Project.record "
+                         "(writes the laptop's blobs into its own object store)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder and print its path")
     ap.add_argument("-q", "--quiet", action="store_true", help="print the table only")
     args = ap.parse_args(argv)

@@ -1,0 +1,15 @@
+"""The benchmark runs (quick mode) and its own checks hold: the job folder equals the snapshot
+after every preparation and the build cache survives. Figures are printed, never asserted."""
+
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_prepare_benchmark_quick_run_holds_its_checks():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/prepare.py"), "--quick", "--laptop"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, out
+    assert "build cache" in out and "intact" in out and "fresh add / warm prepare" in out
