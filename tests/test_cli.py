@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+import patchwire
 from conftest import Laptop, drive_pty, make_repo, script
 
 
@@ -148,3 +149,27 @@ def test_help_lists_exit_codes_and_commands(laptop):
                  "doctor", "log", "cancel"):
         assert word in result.out
     assert laptop.run("bogus").returncode == 2
+
+
+@pytest.mark.parametrize("banner, expected", [
+    ("rsync  version 2.6.9  protocol version 29\nCopyright (C) 1996-2006", "rsync 2.6.9"),
+    ("openrsync: protocol version 29\nrsync version 2.6.9 compatible", "openrsync"),
+    ("rsync  version 3.2.7  protocol version 31\n", "rsync 3.2.7"),
+])
+def test_doctor_names_the_rsync_flavour(laptop, tmp_path, banner, expected):
+    fake = tmp_path / "rsync"
+    fake.write_text("#!/bin/sh\ncat <<'EOF'\n" + banner + "\nEOF\n")
+    fake.chmod(0o755)
+    with open(laptop.root / ".patchwire.toml", "a") as f:
+        f.write(f'\n[sync]\nrsync = "{fake}"\n')
+    checks = checks_of(laptop.run("doctor", "--json"))
+    assert checks["rsync"]["ok"] and checks["rsync"]["detail"].startswith(expected)
+
+
+def test_rsync_counts_from_old_and_new_stats_output():
+    old = b"Number of files: 12\nNumber of files transferred: 3\nTotal file size: 9,999 bytes\n" \
+          b"Total transferred file size: 1,234 bytes\n"
+    new = b"Number of files: 12 (reg: 10, dir: 2)\nNumber of regular files transferred: 4\n" \
+          b"Total file size: 9.999 bytes\nTotal transferred file size: 56.789 bytes\n"
+    assert patchwire.rsync_counts(old) == {"files": 3, "bytes": 1234}
+    assert patchwire.rsync_counts(new) == {"files": 4, "bytes": 56789}
