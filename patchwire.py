@@ -47,6 +47,7 @@ import base64
 import difflib
 import enum
 import fnmatch
+import glob
 import hashlib
 import http.client
 import json
@@ -54,7 +55,7 @@ import os
 import re
 import shlex
 import shutil
-import signal
+import stat
 import subprocess
 import sys
 import time
@@ -90,7 +91,7 @@ DEFAULT_DENY = (
 GIT_NEUTRAL = (
     "-c", "core.autocrlf=false", "-c", "core.safecrlf=false", "-c", "core.fileMode=true",
     "-c", "core.symlinks=true", "-c", "core.quotePath=false", "-c", "core.precomposeUnicode=true",
-    "-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "color.ui=false",
+    "-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=", "-c", "color.ui=false",
     "-c", "diff.noprefix=false", "-c", "diff.mnemonicPrefix=false", "-c", "diff.external=",
     "-c", "diff.relative=false", "-c", "commit.gpgSign=false", "-c", "gc.auto=0",
     "-c", "advice.detachedHead=false", "-c", "init.defaultBranch=main",
@@ -411,10 +412,21 @@ class LaptopConfig:
         if not urllib.parse.urlsplit(self.agent).scheme in ("http", "https"):
             raise PatchwireError(f"{path}: agent must be an http:// or https:// URL, "
                                  f"not {self.agent!r}")
-        self.deny = list(DEFAULT_DENY) + sync["deny"]
+        self.deny = list(DEFAULT_DENY) + sync["deny"] + self._token_inside()
         self.allow = sync["allow"]
         self.ssh_options = sync["ssh_options"]
         self.rsync = sync["rsync"]
+
+    def _token_inside(self) -> List[str]:
+        """A token file kept inside the project never leaves with it."""
+        if not self.token_file:
+            return []
+        path = Path(os.path.expanduser(self.token_file))
+        try:
+            rel = (path if path.is_absolute() else self.root / path).resolve().relative_to(self.root.resolve())
+        except ValueError:
+            return []
+        return [glob.escape(rel.as_posix())]
 
     @classmethod
     def find(cls, start: Optional[Path] = None) -> "LaptopConfig":
@@ -503,7 +515,7 @@ class Project:
                 st = os.lstat(self.root / path)
             except OSError:
                 continue  # deleted from the worktree: it goes from the snapshot too
-            if not (os.path.stat.S_ISREG(st.st_mode) or os.path.stat.S_ISLNK(st.st_mode)):
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
                 held[path] = "not a regular file (submodule or special file)"
                 continue
             pattern = denied_by(path, deny, allow)
@@ -631,7 +643,7 @@ class Client:
                  accept: str = "application/json", timeout: Optional[float] = None):
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.base + path, data=data, method=method)
-        req.add_header("Authorization", "Bearer " + self._token)
+        req.add_unredirected_header("Authorization", "Bearer " + self._token)  # never to a redirect
         req.add_header("Accept", accept)
         req.add_header("User-Agent", f"patchwire/{__version__}")
         if data is not None:
@@ -660,11 +672,22 @@ class Client:
 
     def json(self, method: str, path: str, body: Optional[dict] = None) -> dict:
         with self._request(method, path, body) as resp:
-            return json.loads(resp.read())
+            data = self._read(resp)
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise AgentError(f"the agent at {self.base} answered with something that is not JSON",
+                             "is the URL in .patchwire.toml a patchwire-agent?") from None
 
     def bytes(self, path: str) -> bytes:
         with self._request("GET", path, accept="*/*") as resp:
+            return self._read(resp)
+
+    def _read(self, resp) -> bytes:
+        try:
             return resp.read()
+        except (OSError, http.client.HTTPException) as e:
+            raise AgentError(f"the connection to the agent broke: {e}", "try again") from None
 
     def stream(self, method: str, path: str, body: Optional[dict] = None) -> Iterator[dict]:
         """NDJSON events as they arrive. The read timeout is generous: the AI may think."""
@@ -811,9 +834,16 @@ def _path_from_diff_header(line: str) -> str:
     return rest[2:half] if rest[half] == " " else rest.split(" b/", 1)[0][2:]
 
 
+def patch_lines(data: bytes) -> List[bytes]:
+    """Lines ending in LF, and only LF: a lone CR is part of a line's content."""
+    lines = [line + b"\n" for line in data.split(b"\n")]
+    lines[-1] = lines[-1][:-1]
+    return lines if lines[-1] else lines[:-1]
+
+
 def split_patch(patch: bytes) -> List[FilePatch]:
     files: List[FilePatch] = []
-    for line in patch.splitlines(keepends=True):
+    for line in patch_lines(patch):
         if line.startswith(b"diff --git "):
             files.append(FilePatch([line]))
         elif files:
@@ -893,7 +923,7 @@ def _highlight_pair(minus: List[str], plus: List[str], style: Style) -> List[str
     return old_out + new_out
 
 
-def page(lines: List[str], style: Style) -> None:
+def page(lines: List[str]) -> None:
     """Print, through a pager when stdout is a terminal and the text is taller than it."""
     text = "\n".join(lines) + "\n"
     height = shutil.get_terminal_size((80, 24)).lines
@@ -1155,7 +1185,7 @@ class Applier:
                              "resolve by hand: `patchwire diff JOB` shows the AI's change; "
                              "or run `patchwire apply JOB --keep-conflicts` to get conflict markers")
         before = self.save(list(merged))
-        self.write(merged)
+        self.write(merged, before)
         return self.done(before, "3-way", list(merged), conflicts)
 
     # --- 3-way
@@ -1191,6 +1221,8 @@ class Applier:
             return (other[0], other[1], 0) if other else (None, "", 0)
         if other and ours and ours[0] == other[0]:
             return other[0], other[1], 0
+        if ours is None and other is None:  # deleted on both sides
+            return None, "", 0
         if ours is None or other is None:  # deleted on one side, changed on the other
             return (other or ours)[0], (other or ours)[1], 1
         mode = other[1] if base and base[1] == ours[1] else ours[1]
@@ -1233,9 +1265,21 @@ class Applier:
 
     # --- writing, undo, log
 
-    def write(self, merged: Dict[str, Tuple[Optional[bytes], str, int]]) -> None:
-        for path, (data, mode, _) in merged.items():
-            write_worktree(self.project.root / path, data, mode)
+    def write(self, merged: Dict[str, Tuple[Optional[bytes], str, int]], before: List[dict]) -> None:
+        """All files or none: on any failure (or Ctrl-C) the files written so far go back."""
+        written = []
+        try:
+            for path, (data, mode, _) in merged.items():
+                written.append(path)
+                write_worktree(self.project.root / path, data, mode)
+        except (OSError, KeyboardInterrupt) as e:
+            saved = {entry["path"]: entry for entry in before}
+            for path in written[:-1]:  # the last one failed: write_worktree replaces atomically
+                entry = saved[path]
+                data = self.git("cat-file", "blob", entry["blob"]) if entry["blob"] else None
+                write_worktree(self.project.root / path, data, entry["mode"] or "")
+            raise PatchError(f"could not write {written[-1]}: {e}; the files written so far were "
+                             "put back, nothing was changed", "fix the cause and apply again")
 
     def save(self, paths: Sequence[str]) -> List[dict]:
         saved = []
@@ -1303,9 +1347,9 @@ def read_worktree(path: Path) -> Optional[Tuple[bytes, str]]:
         st = os.lstat(path)
     except FileNotFoundError:
         return None
-    if os.path.stat.S_ISLNK(st.st_mode):
+    if stat.S_ISLNK(st.st_mode):
         return os.fsencode(os.readlink(path)), "120000"
-    if not os.path.stat.S_ISREG(st.st_mode):
+    if not stat.S_ISREG(st.st_mode):
         return None
     return path.read_bytes(), "100755" if st.st_mode & 0o100 else "100644"
 
@@ -1323,15 +1367,21 @@ def write_worktree(path: Path, data: Optional[bytes], mode: str) -> None:
             parent = parent.parent
         return
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir() and not path.is_symlink():
+        raise IsADirectoryError(f"{path} is a folder")
     tmp = path.with_name(f".{path.name}.patchwire-tmp")
-    if mode == "120000":
+    try:
+        if mode == "120000":
+            if os.path.lexists(tmp):
+                tmp.unlink()
+            os.symlink(os.fsdecode(data), tmp)
+        else:
+            tmp.write_bytes(data)
+            os.chmod(tmp, 0o755 if mode == "100755" else 0o644)
+        os.replace(tmp, path)
+    finally:
         if os.path.lexists(tmp):
             tmp.unlink()
-        os.symlink(os.fsdecode(data), tmp)
-    else:
-        tmp.write_bytes(data)
-        os.chmod(tmp, 0o755 if mode == "100755" else 0o644)
-    os.replace(tmp, path)
 
 
 def conflict_excerpt(data: bytes, limit: int = 12) -> List[str]:
@@ -1463,8 +1513,8 @@ def stream_job(session: Session, first: Iterator[dict], on_event) -> dict:
         except KeyboardInterrupt:
             if job is None or interrupted:
                 if job:
-                    session.client.json("DELETE", f"/v1/jobs/{job}")
-                    say(f"cancelled job {job}")
+                    info = session.client.json("DELETE", f"/v1/jobs/{job}")
+                    say(f"job {job} is {info['status']}")
                 raise
             interrupted = True
             say(f"\njob {job} keeps running on the box. Press Ctrl-C again to cancel it, or "
@@ -1494,7 +1544,7 @@ def read_answer(prompt: str) -> Optional[str]:
 def preview(patch: bytes, no_color: bool) -> None:
     files = split_patch(patch)
     style = Style.for_stream(sys.stdout, no_color)
-    page(render_summary(files, style) + [""] + render_diff(files, style), style)
+    page(render_summary(files, style) + [""] + render_diff(files, style))
 
 
 def apply_job(session: Session, job: dict, patch: bytes, *, interactive: bool = False,

@@ -57,7 +57,7 @@ import re
 import secrets
 import shutil
 import signal
-import socketserver
+import socket
 import sqlite3
 import sys
 import threading
@@ -81,11 +81,14 @@ CLAUDE_COMMAND = ["claude", "--print", "--output-format", "stream-json", "--verb
                   "--permission-mode", "acceptEdits"]
 MAX_BODY = 64 * 1024 * 1024
 MAX_CONNECTIONS = 64
+MAX_CONNECTIONS_PER_CLIENT = 16
+HEADER_TIMEOUT = 10  # seconds for a request line and headers, and between requests
 CONNECTION_TIMEOUT = 60
 KILL_GRACE_S = 5.0
 HEARTBEAT_S = 15
 MAX_EVENT_TEXT = 16 * 1024
 TERMINAL = ("done", "failed", "cancelled")
+LAST_EVENTS = ("finished", "failed", "cancelled")  # the event that ends a job's stream
 SAFE_PATH_RE = re.compile(r"^[A-Za-z0-9._/~+@-]+$")
 
 CONFIG_TEMPLATE = """\
@@ -185,14 +188,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, user TEXT NOT NULL, project TEXT NOT NULL, prompt TEXT NOT NULL,
     status TEXT NOT NULL, reason TEXT, created REAL NOT NULL, started REAL, finished REAL,
     snapshot TEXT, tree TEXT, timeout_s INTEGER, result TEXT, stats TEXT, parent TEXT,
-    slot INTEGER, last_seq INTEGER NOT NULL DEFAULT 0);
+    slot INTEGER, pgid INTEGER, last_seq INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS jobs_user ON jobs (user, created);
 CREATE TABLE IF NOT EXISTS events (
     job TEXT NOT NULL, seq INTEGER NOT NULL, data TEXT NOT NULL, PRIMARY KEY (job, seq));
 """
 JOB_FIELDS = ("id", "user", "project", "prompt", "status", "reason", "created", "started",
               "finished", "snapshot", "tree", "timeout_s", "result", "stats", "parent", "slot",
-              "last_seq")
+              "pgid", "last_seq")
 
 
 class Store:
@@ -242,14 +245,22 @@ class Store:
                 f"({', '.join('?' * len(statuses))}) ORDER BY created", statuses).fetchall()
         return [_job_row(r) for r in rows]
 
-    def add_event(self, job_id: str, event: dict) -> dict:
+    def add_event(self, job_id: str, event: dict, **job_fields: Any) -> dict:
+        """Append an event, and update the job's fields in the same transaction (so a client
+        that sees `finished` also sees the job done)."""
         with self.changed:
             seq = self.db.execute("SELECT last_seq FROM jobs WHERE id = ?", (job_id,)).fetchone()[0] + 1
             event = {"seq": seq, "job": job_id, "time": round(time.time(), 3), **event}
+            fields = {**job_fields, "last_seq": seq}
             self.db.execute("BEGIN")
-            self.db.execute("INSERT INTO events (job, seq, data) VALUES (?, ?, ?)",
-                            (job_id, seq, json.dumps(event)))
-            self.db.execute("UPDATE jobs SET last_seq = ? WHERE id = ?", (seq, job_id))
+            try:
+                self.db.execute("INSERT INTO events (job, seq, data) VALUES (?, ?, ?)",
+                                (job_id, seq, json.dumps(event)))
+                self.db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
+                                [_to_sql(v) for v in fields.values()] + [job_id])
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
             self.db.execute("COMMIT")
             self.changed.notify_all()
         return event
@@ -295,9 +306,14 @@ class ProjectRepo:
         self.home = state_dir / "projects" / user / project
         self.git_dir = self.home / "git"
         self.lock = threading.Lock()
+        # no system or global config, no ~/.config/git/ignore: what the AI writes must not
+        # vanish from the diff because of the box user's own excludes (any git version)
+        empty_home = str(state_dir / "git-home")
+        self.git_env = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull,
+                        "HOME": empty_home, "XDG_CONFIG_HOME": empty_home}
 
     def git(self, work_tree: Optional[Path] = None, **env: str) -> Git:
-        return Git(git_dir=self.git_dir, work_tree=work_tree, cwd=self.home, env={**AGENT_GIT_ENV, **env})
+        return Git(git_dir=self.git_dir, work_tree=work_tree, cwd=self.home, env={**self.git_env, **env})
 
     def ensure(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -333,7 +349,7 @@ class ProjectRepo:
         file, which the AI could rewrite)."""
         path = self.slot_path(slot)  # also the cwd: `git apply` reads paths relative to it
         return Git(git_dir=self.git_dir / "worktrees" / f"slot{slot}", work_tree=path,
-                   cwd=path if path.is_dir() else self.home, env=AGENT_GIT_ENV)
+                   cwd=path if path.is_dir() else self.home, env=self.git_env)
 
     def prepare_slot(self, slot: int, commit: str, carry: Optional[Tuple[str, str]] = None) -> Path:
         """Move the slot's warm worktree to `commit` (O(changed)); ignored files such as build
@@ -433,9 +449,6 @@ class ProjectRepo:
         return patch, stats, result
 
 
-AGENT_GIT_ENV = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull}
-
-
 def index_paths(git: Git, paths: List[str], prune_root: Path) -> None:
     """Make the index hold exactly `paths`, re-hashing only files whose stat changed (the
     work is O(changed), plus a stat per file), then delete every other file from
@@ -487,11 +500,12 @@ def parse_numstat(out: bytes) -> dict:
 def remove_tree(path: Path) -> None:
     """rm -rf that also copes with folders an AI made read-only."""
     def retry(func, target, _exc):
-        try:
-            os.chmod(os.path.dirname(target), 0o700)
-            os.chmod(target, 0o700)
-        except OSError:
-            pass
+        for folder in (os.path.dirname(target), target):
+            if not os.path.islink(folder):
+                try:
+                    os.chmod(folder, 0o700)
+                except OSError:
+                    pass
         func(target)
     if path.is_symlink() or path.is_file():
         path.unlink()
@@ -587,8 +601,9 @@ class AIRun:
     whole group, KILL after a grace period)."""
 
     def __init__(self, argv: List[str], cwd: Path, env: dict, prompt: str, timeout_s: float,
-                 emit: Callable[[dict], None]):
+                 emit: Callable[[dict], None], on_spawn: Callable[[int], None] = lambda pid: None):
         self.argv, self.cwd, self.env, self.prompt = argv, cwd, env, prompt
+        self.on_spawn = on_spawn
         self.timeout_s = timeout_s
         self.parser = StreamParser(emit, cwd)
         self.stop_reason: Optional[str] = None
@@ -604,6 +619,7 @@ class AIRun:
                 if self.stop_reason:
                     return "cancelled", self.stop_reason, {}
                 self.proc = pw.spawn(self.argv, cwd=self.cwd, env=self.env)
+            self.on_spawn(self.proc.pid)
         except FileNotFoundError:
             return "failed", (f"the AI command {self.argv[0]!r} is not installed on the box or not "
                               "on the agent's PATH; install it or set [ai] command"), {}
@@ -620,8 +636,13 @@ class AIRun:
             code = self.exit_code = self.proc.wait()
         finally:
             watchdog.cancel()
+        # whatever the AI left running in the background must not outlive the job (nor write
+        # into its diff); it also holds the pipes open
+        self._kill_group(self.proc)
         for t in threads:
             t.join(timeout=10)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            pipe.close()
         return self.judge(code)
 
     def stop(self, reason: str) -> None:
@@ -688,6 +709,18 @@ class AIRun:
         if self.parser.claude and not self.parser.result:
             return "failed", "the AI ended without a result line", result
         return "done", "", result
+
+
+def end_process_group(pgid: Optional[int]) -> None:
+    """After a crash: end an AI's process group that outlived the agent, if it still exists
+    as a group (its leader alive and leading it)."""
+    if not pgid:
+        return
+    try:
+        if os.getpgid(pgid) == pgid:
+            os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def describe_denials(denials: List[dict]) -> str:
@@ -836,8 +869,8 @@ class Agent:
         queued jobs go back in the queue (they never vanish)."""
         for job in self.store.jobs_with_status("running"):
             reason = "agent restarted while the job ran"
-            self.store.add_event(job["id"], {"type": "failed", "reason": reason})
-            self.store.update_job(job["id"], status="failed", reason=reason, finished=time.time())
+            end_process_group(job.get("pgid"))
+            self.finish(job["id"], "failed", reason)
             slot = job.get("slot")
             if slot is not None:
                 try:
@@ -962,8 +995,8 @@ class Agent:
     def finish(self, job_id: str, status: str, reason: str = "", **fields: Any) -> None:
         event = {"done": "finished", "failed": "failed", "cancelled": "cancelled"}[status]
         extra = {"stats": fields.get("stats")} if status == "done" else {"reason": reason}
-        self.store.add_event(job_id, {"type": event, "status": status, **extra})
-        self.store.update_job(job_id, status=status, reason=reason or None, finished=time.time(), **fields)
+        self.store.add_event(job_id, {"type": event, "status": status, **extra}, status=status,
+                             reason=reason or None, finished=time.time(), **fields)
 
     # --- workers
 
@@ -1013,24 +1046,30 @@ class Agent:
         self._announce_positions()
         parent = self.store.job(job["parent"]) if job["parent"] else None
         carry = (parent["snapshot"], parent["result"]["result_commit"]) if parent else None
+        run = AIRun(self.ai_argv(parent), repo.slot_path(slot), ai_environment(self.cfg), job["prompt"],
+                    job["timeout_s"], lambda e: self.store.add_event(job["id"], e),
+                    on_spawn=lambda pid: self.store.update_job(job["id"], pgid=pid))
+        with self.lock:
+            self.runs[job["id"]] = run  # from here on a cancel reaches the job
         try:
-            cwd = repo.prepare_slot(slot, job["snapshot"], carry)
+            repo.prepare_slot(slot, job["snapshot"], carry)
         except PatchwireError as e:
             self.finish(job["id"], "failed", f"could not prepare the job folder: {e.message}")
             return
         self.store.add_event(job["id"], {"type": "started", "slot": slot,
                                          **({"continues": parent["id"]} if parent else {})})
-        run = AIRun(self.ai_argv(parent), cwd, ai_environment(self.cfg), job["prompt"],
-                    job["timeout_s"], lambda e: self.store.add_event(job["id"], e))
-        with self.lock:
-            self.runs[job["id"]] = run
         started = time.monotonic()
         status, reason, result = run.run()
         summary = summarize_result(result, time.monotonic() - started, run.exit_code)
         if status != "done":
             self.finish(job["id"], status, reason, result=summary)
             return
-        patch, stats, commit = repo.collect(slot, job["snapshot"], job["id"])
+        try:
+            patch, stats, commit = repo.collect(slot, job["snapshot"], job["id"])
+        except PatchwireError as e:
+            self.finish(job["id"], "failed", f"could not collect the AI's changes: {e.message}",
+                        result=summary)
+            return
         self.store.patch_path(job["id"]).write_bytes(patch)
         self.finish(job["id"], "done", result={**summary, "result_commit": commit}, stats=stats)
 
@@ -1111,7 +1150,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def agent(self) -> Agent:
         return self.server.agent
 
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(HEADER_TIMEOUT)  # slow or idle clients go early
+
     def dispatch(self, method: str) -> None:
+        self.connection.settimeout(CONNECTION_TIMEOUT)
         self.started_response = False
         url = urllib.parse.urlsplit(self.path)
         self.query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query, keep_blank_values=True).items()}
@@ -1122,7 +1166,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             getattr(self, "route_" + name)(user, **params)
         except PatchwireError as e:
             self.fail(e.http_status, {"error": e.message, "hint": e.hint, "code": e.code, **e.details})
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        except (ConnectionError, socket.timeout):  # the client left, or was too slow
             self.close_connection = True
         except Exception:
             log.exception("error answering %s %s", method, url.path)
@@ -1162,9 +1206,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise HTTPFailure(400, "the body must be a JSON object", code="bad_request")
         return body
 
-    def send_bytes(self, status: int, data: bytes, content_type: str) -> None:
+    def send_bytes(self, status: int, data: bytes, content_type: str, **headers: str) -> None:
         self.started_response = True
         self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), value)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
@@ -1183,19 +1229,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not self.body_read and (self.headers.get("Content-Length", "0") not in ("", "0")
                                    or "Transfer-Encoding" in self.headers):
             self.close_connection = True  # else the unread body would be read as the next request
-        if status == 401:
-            self.started_response = True
-            data = json.dumps(obj).encode() + b"\n"
-            self.send_response(status)
-            self.send_header("WWW-Authenticate", 'Bearer realm="patchwire"')
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-            return
-        self.send_json(status, {k: v for k, v in obj.items() if v not in ("", None)})
+        data = json.dumps({k: v for k, v in obj.items() if v not in ("", None)}).encode() + b"\n"
+        extra = {"WWW_Authenticate": 'Bearer realm="patchwire"'} if status == 401 else {}
+        self.send_bytes(status, data, "application/json", **extra)
 
     def wants_stream(self) -> bool:
         return "application/x-ndjson" in self.headers.get("Accept", "")
@@ -1216,7 +1252,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             for event in events:
                 self.write_chunk(json.dumps(event).encode() + b"\n")
                 after = event["seq"]
-                if event["type"] in ("finished", "failed", "cancelled"):
+                if event["type"] in LAST_EVENTS:
                     follow = False
             if not follow or (not events and store.job(job_id)["status"] in TERMINAL):
                 break
@@ -1276,29 +1312,38 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 def public_job(job: dict) -> dict:
-    out = {k: v for k, v in job.items() if k not in ("user", "last_seq")}
+    out = {k: v for k, v in job.items() if k not in ("user", "last_seq", "pgid")}
     out["events"] = job["last_seq"]
     return out
 
 
 class AgentHTTPServer(http.server.ThreadingHTTPServer):
-    """ThreadingHTTPServer with a cap on concurrent connections (503 beyond it)."""
+    """ThreadingHTTPServer with caps on concurrent connections, in all and per client
+    address (503 beyond them)."""
 
     daemon_threads = True
     allow_reuse_address = True
 
     def __init__(self, agent: Agent, address: Tuple[str, int]):
         self.agent = agent
-        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.open: Dict[str, int] = {}
+        self.open_lock = threading.Lock()
         super().__init__(address, Handler)
 
     def process_request(self, request, client_address) -> None:
-        if not self.slots.acquire(blocking=False):
+        client = client_address[0]
+        with self.open_lock:
+            full = (sum(self.open.values()) >= MAX_CONNECTIONS
+                    or self.open.get(client, 0) >= MAX_CONNECTIONS_PER_CLIENT)
+            if not full:
+                self.open[client] = self.open.get(client, 0) + 1
+        if full:
             try:
                 request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
                                 b"Connection: close\r\n\r\n")
-            finally:
-                self.shutdown_request(request)
+            except OSError:
+                pass
+            self.shutdown_request(request)
             return
         super().process_request(request, client_address)
 
@@ -1306,7 +1351,10 @@ class AgentHTTPServer(http.server.ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.slots.release()
+            with self.open_lock:
+                self.open[client_address[0]] -= 1
+                if not self.open[client_address[0]]:
+                    del self.open[client_address[0]]
 
     @property
     def url(self) -> str:
@@ -1348,6 +1396,7 @@ def cmd_init(args) -> int:
 
 def write_private(path: Path, text: str) -> None:
     fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode otherwise
     with os.fdopen(fd, "w") as f:
         f.write(text)
 
@@ -1361,10 +1410,8 @@ def cmd_serve(args) -> int:
         raise PatchwireError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror}",
                              "pick another [server] listen address, or stop what uses that port")
     agent.start()
-    stop = threading.Event()
 
     def on_signal(signum, _frame):
-        stop.set()
         threading.Thread(target=server.shutdown, daemon=True).start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)

@@ -260,7 +260,7 @@ def check(cond: bool, what: str) -> None:
 def slot_git(repo: pa.ProjectRepo) -> pw.Git:
     """Our own git handle on the job folder (through its worktree git dir), for the checks."""
     return pw.Git(git_dir=repo.git_dir / "worktrees" / f"slot{SLOT}", work_tree=repo.slot_path(SLOT),
-                  cwd=repo.home, env=pa.AGENT_GIT_ENV)
+                  cwd=repo.home, env=repo.git_env)
 
 
 def check_equals_snapshot(repo: pa.ProjectRepo, commit: str, label: str) -> None:
@@ -442,7 +442,7 @@ def run_size(tmp: Path, count: int, repeat: int, fresh_repeat: int, real_laptop:
         _, t_fresh, _ = timed(repo.git(), "worktree", "add", "--detach", "-f", str(target), commit)
         res.fresh.append(t_fresh)
         fresh_git = pw.Git(git_dir=repo.git_dir / "worktrees" / target.name, work_tree=target,
-                           cwd=repo.home, env=pa.AGENT_GIT_ENV)
+                           cwd=repo.home, env=repo.git_env)
         check(not fresh_git("status", "--porcelain", "-z", "--untracked-files=all"),
               f"{count} files: fresh worktree not clean")
         remove_fast(target)

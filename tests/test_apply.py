@@ -155,3 +155,48 @@ def test_not_a_git_repo_applies_plainly_and_says_no_3way(tmp_path, agent):
     refused = lap.run("apply", job)
     assert refused.returncode == 5 and "3-way merging is not available outside a git repository" in refused.err
     assert (root / "notes.txt").read_bytes() == b"ONE\nTWO\n"
+
+
+def test_deleted_on_both_sides_is_no_conflict(long_laptop):
+    job = ai_job(long_laptop, {"delete": "other.txt"},
+                 {"write": "long.txt", "text": edited({5: "AI five\n"}).decode()})
+    (long_laptop.root / "other.txt").unlink()
+    result = long_laptop.run("apply", job, check=0)
+    assert "3-way" in result.err
+    assert not (long_laptop.root / "other.txt").exists()
+    assert (long_laptop.root / "long.txt").read_bytes() == edited({5: "AI five\n"})
+
+
+def test_a_write_that_fails_midway_puts_everything_back(long_laptop):
+    job = ai_job(long_laptop, {"write": "docs/a.md", "text": "A by the AI\n"},
+                 {"write": "other.txt", "text": "OTHER\n"})
+    (long_laptop.root / "other.txt").unlink()
+    (long_laptop.root / "other.txt").mkdir()  # in the way: the write of other.txt fails
+    result = long_laptop.run("apply", job, "--keep-conflicts")
+    assert result.returncode == 5 and "Traceback" not in result.err, result.err
+    assert "were put back, nothing was changed" in result.err
+    assert (long_laptop.root / "docs/a.md").read_bytes() == b"a\n"
+    assert (long_laptop.root / "other.txt").is_dir()
+    assert not list(long_laptop.root.rglob("*.patchwire-tmp"))
+
+
+def test_a_lone_carriage_return_survives_selective_apply(tmp_path, agent):
+    root = make_repo(tmp_path / "laptop", {"cr.txt": b"one\rstill one\ntwo\n", "b.txt": b"b\n"})
+    lap = Laptop(root)
+    lap.init(agent)
+    job = ai_job(lap, {"write": "cr.txt", "b64": "b25lDXN0aWxsIG9uZSwgZWRpdGVkCnR3bwo="},
+                 {"write": "b.txt", "text": "B\n"})
+    lap.run("apply", job, "--only", "cr.txt", check=0)
+    assert (root / "cr.txt").read_bytes() == b"one\rstill one, edited\ntwo\n"
+    assert (root / "b.txt").read_bytes() == b"b\n"
+
+
+def test_a_token_file_inside_the_project_never_leaves(tmp_path, agent):
+    root = make_repo(tmp_path / "laptop", {"a.txt": b"a\n"})
+    (root / ".pwtoken").write_text(agent.token + "\n")
+    lap = Laptop(root)
+    lap.run("init", "--agent", agent.url, "--token-file", ".pwtoken", check=0)
+    dry = lap.run("sync", "--dry-run", check=0)
+    assert ".pwtoken" not in dry.out.split() and "held back: .pwtoken" in dry.err
+    lap.run("sync", check=0)
+    assert not (agent.state_dir / "mirror/alice/laptop/.pwtoken").exists()

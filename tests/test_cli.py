@@ -173,3 +173,40 @@ def test_rsync_counts_from_old_and_new_stats_output():
           b"Total file size: 9.999 bytes\nTotal transferred file size: 56.789 bytes\n"
     assert patchwire.rsync_counts(old) == {"files": 3, "bytes": 1234}
     assert patchwire.rsync_counts(new) == {"files": 4, "bytes": 56789}
+
+
+def test_the_token_is_not_sent_to_a_redirect():
+    import http.server
+    import threading
+    seen = []
+
+    class Target(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *a):
+            pass
+
+    target = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Target)
+
+    class Redirect(Target):
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{target.server_address[1]}/v1/me")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    source = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    for server in (target, source):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        patchwire.Client(f"http://127.0.0.1:{source.server_address[1]}", "pw_secret").json("GET", "/v1/me")
+    finally:
+        source.shutdown()
+        target.shutdown()
+    assert seen == [None]

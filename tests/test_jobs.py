@@ -187,8 +187,9 @@ def test_sigkill_of_the_agent_mid_job(laptop, make_agent, tmp_path):
     wait_for(pidfile.exists, what="the AI to start")
     box.kill()
     leader, child = map(int, pidfile.read_text().split())
-    os.killpg(leader, signal.SIGKILL)  # the AI's group outlives a SIGKILLed agent; the OS would reap it
+    assert pid_alive(leader) and pid_alive(child)  # the AI's group outlives a SIGKILLed agent
     box.start()
+    wait_for(lambda: not pid_alive(leader) and not pid_alive(child), what="recovery to end the AI")
     info = box.wait_job(running["id"])
     assert info["status"] == "failed" and info["reason"] == "agent restarted while the job ran"
     assert box.wait_job(queued["id"])["status"] == "done"  # the queued job ran, it did not vanish
@@ -260,3 +261,24 @@ def test_stand_in_sees_only_the_agent_environment(laptop, make_agent, tmp_path):
     assert "AGENT_ONLY_VAR" in seen["env"] and "LAPTOP_ONLY_VAR" not in seen["env"]
     assert seen["cwd"] == str(slot_dir(box, 0))
     assert seen["argv"][:5] == ["--print", "--output-format", "stream-json", "--verbose", "--permission-mode"]
+
+
+def test_background_children_of_the_ai_do_not_outlive_the_job(laptop, make_agent, tmp_path):
+    pidfile = tmp_path / "bg.pid"
+    ai = ["sh", "-c", f"cat >/dev/null; sleep 300 & echo $! > {pidfile}; echo made > made.txt"]
+    box = make_agent(ai_command=ai)
+    laptop.init(box)
+    laptop.ask("go", "--yes", check=0)
+    assert (laptop.root / "made.txt").read_bytes() == b"made\n"
+    wait_for(lambda: not pid_alive(int(pidfile.read_text())), what="the background sleep to end")
+
+
+def test_the_box_users_global_git_excludes_do_not_hide_the_ais_files(laptop, make_agent, tmp_path):
+    home = tmp_path / "boxhome"
+    (home / ".config/git").mkdir(parents=True)
+    (home / ".config/git/ignore").write_text("*.log\n")
+    (home / ".gitconfig").write_text("[core]\n\texcludesFile = ~/.config/git/ignore\n\tautocrlf = true\n")
+    box = make_agent(env={"HOME": str(home)})
+    laptop.init(box)
+    laptop.ask(script({"write": "run.log", "text": "kept\r\n"}), "--yes", check=0)
+    assert (laptop.root / "run.log").read_bytes() == b"kept\r\n"
