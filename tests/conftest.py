@@ -42,6 +42,20 @@ import tomli_w  # noqa: E402
 STAND_IN_COMMAND = [sys.executable, str(STAND_IN), "--print", "--output-format", "stream-json",
                     "--verbose", "--permission-mode", "acceptEdits"]
 
+# PATCHWIRE_TEST_PYTHON=/path/to/python3.9 runs the suite against the BUILT zipapps under that
+# interpreter (.ci/run does it for 3.9 and 3.13); by default the modules run under this Python.
+TEST_PYTHON = os.environ.get("PATCHWIRE_TEST_PYTHON")
+
+
+def program_argv(name: str) -> List[str]:
+    """argv of the laptop CLI ("patchwire") or the agent ("patchwire-agent")."""
+    if not TEST_PYTHON:
+        return [sys.executable, str(ROOT / (name.replace("-", "_") + ".py"))]
+    from zipapps import _build
+    failure = _build()
+    assert not failure, failure
+    return [TEST_PYTHON, str(ROOT / "dist" / name)]
+
 
 # ------------------------------------------------------------------ environment
 
@@ -57,6 +71,7 @@ def neutral_env(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
     monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
     monkeypatch.setenv("LC_ALL", "C.UTF-8")
+    monkeypatch.setenv("SHIV_ROOT", str(tmp_path_factory.getbasetemp() / "shiv"))
     return home
 
 
@@ -120,7 +135,7 @@ class AgentProcess:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.config = workdir / "agent.toml"
-        self.program = list(program or [sys.executable, str(ROOT / "patchwire_agent.py")])
+        self.program = list(program or program_argv("patchwire-agent"))
         self.env = {**os.environ, **(env or {})}
         self.tokens: Dict[str, str] = {}
         self.proc: Optional[subprocess.Popen] = None
@@ -244,7 +259,7 @@ class Laptop:
 
     def __init__(self, root: Path, program: Optional[Sequence[str]] = None, env: Optional[dict] = None):
         self.root = root
-        self.program = list(program or [sys.executable, str(ROOT / "patchwire.py")])
+        self.program = list(program or program_argv("patchwire"))
         self.env = {**os.environ, **(env or {})}
 
     def run(self, *args: str, input: bytes = b"", timeout: float = 120, env: Optional[dict] = None,
