@@ -64,9 +64,8 @@ import threading
 import time
 import urllib.parse
 from collections import deque
-from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import patchwire as pw
 from patchwire import Git, PatchwireError, UsageError

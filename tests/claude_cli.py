@@ -89,3 +89,15 @@ def claude_env(home: Path, base_url: str, **extra: str) -> Dict[str, str]:
     }
     env.update({key: str(value) for key, value in extra.items()})
     return env
+
+
+def require_claude_cli() -> str:
+    """The installed CLI's path; skips the test when it is missing (fails it when CI=true)."""
+    import pytest
+    path = find_claude_cli()
+    if path is None:
+        message = "Claude Code CLI not installed: run tests/install_claude_cli.sh"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

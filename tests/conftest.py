@@ -118,6 +118,15 @@ def tree_digest(root: Path, skip: Sequence[str] = (".git",)) -> str:
     return hashlib.sha256(repr(sorted(snapshot_tree(root, skip).items())).encode()).hexdigest()
 
 
+def pid_alive(pid: int) -> bool:
+    """Running (not a zombie waiting to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def script(*steps: dict, text: str = "do the scripted work") -> str:
     """A prompt the stand-in claude executes step by step."""
     return f"{text}\n#pw-script {json.dumps(list(steps))}\n"

@@ -9,7 +9,6 @@ The stand-in's own tests at the bottom need no CLI.
 """
 
 import json
-import os
 import subprocess
 import time
 import urllib.error
@@ -19,7 +18,7 @@ from typing import Any, Dict, List
 
 import pytest
 
-from claude_cli import claude_env, find_claude_cli
+from claude_cli import claude_env, require_claude_cli
 from messages_api import EXHAUSTED_TEXT, FakeMessagesAPI
 
 RUN_TIMEOUT = 60       # seconds; a normal run takes about 1 s
@@ -66,13 +65,7 @@ class Run:
 
 @pytest.fixture
 def cli() -> str:
-    path = find_claude_cli()
-    if path is None:
-        message = "Claude Code CLI not installed: run tests/install_claude_cli.sh"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    return require_claude_cli()
 
 
 @pytest.fixture

@@ -12,9 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
-from conftest import Laptop, script, snapshot_tree, tree_digest
+from conftest import Laptop, pid_alive, script, tree_digest
 
 
 def slot_dir(agent, slot: int, project: str = "laptop", user: str = "alice") -> Path:
@@ -49,14 +47,6 @@ def read_until(stream, needle: str, timeout: float = 30) -> str:
             assert chunk, f"stream ended before {needle!r}: {seen.decode(errors='replace')}"
             seen += chunk
     return seen.decode(errors="replace")
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 # ------------------------------------------------------------------ warm job folders

@@ -4,13 +4,11 @@ The AI is the stand-in claude, scripted through the prompt."""
 from __future__ import annotations
 
 import base64
-import json
 import os
-import subprocess
 
 import pytest
 
-from conftest import (Laptop, git, job_id_from, make_repo, script, snapshot_tree, tree_digest)
+from conftest import Laptop, git, make_repo, pid_alive, script, snapshot_tree, tree_digest
 
 BINARY = bytes(range(256)) * 4 + b"\x00\xff\x00"
 WEIRD = "docs/notes with spaces/Résumé ünïcødé.txt"
@@ -145,15 +143,7 @@ def test_timeout_ends_the_whole_process_group(laptop, agent, tmp_path, make_agen
     assert "timed out after 1 s" in result.err
     leader, child = map(int, pidfile.read_text().split())
     for pid in (leader, child):
-        assert not _alive(pid), f"process {pid} survived the timeout"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"
-    except FileNotFoundError:
-        return False
+        assert not pid_alive(pid), f"process {pid} survived the timeout"
 
 
 def test_ai_command_missing_is_a_clear_failure(laptop, make_agent):
@@ -237,10 +227,9 @@ def test_non_git_folder_works(tmp_path, agent):
 
 
 def test_follow_up_continues_the_previous_job(laptop, agent, tmp_path):
-    log = tmp_path / "stand_in.log"
-    first = laptop.ask(script({"write": "README.md", "text": "# first\n"}), "--no-apply", check=0)
+    laptop.ask(script({"write": "README.md", "text": "# first\n"}), "--no-apply", check=0)
     parent = laptop.last_job()
-    second = laptop.ask(script({"append": "README.md", "text": "second\n"}), "--continue", "--yes", check=0)
+    laptop.ask(script({"append": "README.md", "text": "second\n"}), "--continue", "--yes", check=0)
     child = laptop.last_job()
     assert child != parent
     # the whole change against the synced snapshot, in one go

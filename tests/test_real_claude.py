@@ -23,7 +23,7 @@ from typing import Any, Dict, Optional
 
 import pytest
 
-from claude_cli import CLI_PATH, claude_env, find_claude_cli
+from claude_cli import CLI_PATH, claude_env, require_claude_cli
 from conftest import ROOT, Laptop, make_repo, snapshot_tree, tree_digest, tomllib, tomli_w
 from messages_api import FakeMessagesAPI
 from patchwire_agent import CLAUDE_COMMAND
@@ -62,13 +62,7 @@ def continue_is_implemented() -> bool:
 
 @pytest.fixture
 def cli() -> str:
-    path = find_claude_cli()
-    if path is None:
-        message = "Claude Code CLI not installed: run tests/install_claude_cli.sh"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    return require_claude_cli()
 
 
 @pytest.fixture(autouse=True)
