@@ -64,6 +64,7 @@ import threading
 import time
 import urllib.parse
 from collections import deque
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
@@ -333,7 +334,7 @@ class ProjectRepo:
                 theirs = {path: (mode, sha) for mode, sha, path in manifest}
                 mine = git.ls_files_stage()
                 differ = sorted(p for p in set(mine) | set(theirs) if mine.get(p) != theirs.get(p))
-                raise HTTPFailure(409, f"the box's copy of the project differs from what the laptop "
+                raise HTTPFailure(HTTPStatus.CONFLICT, f"the box's copy of the project differs from what the laptop "
                                   f"sent in {len(differ)} file(s)", "sync again (patchwire sync --force)",
                                   code="tree_mismatch", paths=differ[:200])
             return git.text("commit-tree", got, "-m", "patchwire snapshot")
@@ -885,7 +886,7 @@ class Agent:
     def authenticate(self, header: str) -> str:
         scheme, _, token = (header or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise HTTPFailure(401, "missing bearer token", "send Authorization: Bearer TOKEN",
+            raise HTTPFailure(HTTPStatus.UNAUTHORIZED, "missing bearer token", "send Authorization: Bearer TOKEN",
                               code="unauthorized")
         presented = token_digest(token.strip())
         user = None
@@ -893,7 +894,7 @@ class Agent:
             if hmac.compare_digest(presented, digest):
                 user = name
         if user is None:
-            raise HTTPFailure(401, "invalid token", "check the token file on the laptop",
+            raise HTTPFailure(HTTPStatus.UNAUTHORIZED, "invalid token", "check the token file on the laptop",
                               code="unauthorized")
         return user
 
@@ -928,14 +929,14 @@ class Agent:
         project = check_name(body.get("project"), "project")
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
-            raise HTTPFailure(400, "prompt must be a non-empty string", code="bad_request")
+            raise HTTPFailure(HTTPStatus.BAD_REQUEST, "prompt must be a non-empty string", code="bad_request")
         tree = body.get("tree")
         if not isinstance(tree, str) or not re.fullmatch(r"[0-9a-f]{40}([0-9a-f]{24})?", tree):
-            raise HTTPFailure(400, "tree must be a git tree id", code="bad_request")
+            raise HTTPFailure(HTTPStatus.BAD_REQUEST, "tree must be a git tree id", code="bad_request")
         manifest = check_manifest(body.get("files"))
         timeout_s = body.get("timeout_s", self.cfg.timeout_s)
         if not isinstance(timeout_s, int) or isinstance(timeout_s, bool) or not 0 < timeout_s <= self.cfg.max_timeout_s:
-            raise HTTPFailure(400, f"timeout_s must be 1..{self.cfg.max_timeout_s} seconds",
+            raise HTTPFailure(HTTPStatus.BAD_REQUEST, f"timeout_s must be 1..{self.cfg.max_timeout_s} seconds",
                               code="bad_request")
         parent = self.parent_job(user, project, body.get("continue"))
         snapshot = self.repo(user, project).snapshot(tree, manifest)
@@ -955,29 +956,29 @@ class Agent:
             return None
         parent = self.find_job(user, str(prefix))
         if parent["project"] != project:
-            raise HTTPFailure(400, f"job {parent['id']} belongs to project {parent['project']}, "
+            raise HTTPFailure(HTTPStatus.BAD_REQUEST, f"job {parent['id']} belongs to project {parent['project']}, "
                               f"not {project}", code="bad_request")
         if parent["status"] != "done":
-            raise HTTPFailure(409, f"job {parent['id']} is {parent['status']}: only a finished "
+            raise HTTPFailure(HTTPStatus.CONFLICT, f"job {parent['id']} is {parent['status']}: only a finished "
                               "job can be continued", code="not_done")
         return parent
 
     def find_job(self, user: str, prefix: str) -> dict:
         if not re.fullmatch(r"[0-9a-f]{1,32}", prefix or ""):
-            raise HTTPFailure(404, f"no job {prefix!r}", code="not_found")
+            raise HTTPFailure(HTTPStatus.NOT_FOUND, f"no job {prefix!r}", code="not_found")
         jobs = self.store.find_jobs(user, prefix, limit=2)
         if not jobs:
-            raise HTTPFailure(404, f"no job {prefix!r} of yours", "list them with `patchwire jobs`",
+            raise HTTPFailure(HTTPStatus.NOT_FOUND, f"no job {prefix!r} of yours", "list them with `patchwire jobs`",
                               code="not_found")
         if len(jobs) > 1:
-            raise HTTPFailure(409, f"job id prefix {prefix!r} is ambiguous", "give more characters",
+            raise HTTPFailure(HTTPStatus.CONFLICT, f"job id prefix {prefix!r} is ambiguous", "give more characters",
                               code="ambiguous")
         return jobs[0]
 
     def cancel(self, user: str, prefix: str) -> dict:
         job = self.find_job(user, prefix)
         if job["status"] in TERMINAL:
-            raise HTTPFailure(409, f"job {job['id']} is already {job['status']}", code="finished")
+            raise HTTPFailure(HTTPStatus.CONFLICT, f"job {job['id']} is already {job['status']}", code="finished")
         reason = "cancelled by " + user
         if self.queue.remove(job["id"]):
             self.finish(job["id"], "cancelled", reason)
@@ -1091,23 +1092,23 @@ def summarize_result(result: dict, elapsed: float, exit_code: Optional[int]) -> 
 
 def check_name(value: Any, what: str) -> str:
     if not isinstance(value, str) or not pw.NAME_RE.fullmatch(value):
-        raise HTTPFailure(400, f"{what} must be a name of letters, digits, '.', '_' and '-' "
+        raise HTTPFailure(HTTPStatus.BAD_REQUEST, f"{what} must be a name of letters, digits, '.', '_' and '-' "
                           f"(at most 64)", code="bad_request")
     return value
 
 
 def check_manifest(files: Any) -> List[Tuple[str, str, str]]:
     if not isinstance(files, list):
-        raise HTTPFailure(400, "files must be a list of [mode, blob, path]", code="bad_request")
+        raise HTTPFailure(HTTPStatus.BAD_REQUEST, "files must be a list of [mode, blob, path]", code="bad_request")
     out = []
     for entry in files:
         if (not isinstance(entry, list) or len(entry) != 3 or not all(isinstance(x, str) for x in entry)
                 or entry[0] not in ("100644", "100755", "120000")):
-            raise HTTPFailure(400, f"bad entry in files: {str(entry)[:100]}", code="bad_request")
+            raise HTTPFailure(HTTPStatus.BAD_REQUEST, f"bad entry in files: {str(entry)[:100]}", code="bad_request")
         try:
             pw.check_relative_path(entry[2])
         except UsageError as e:
-            raise HTTPFailure(400, e.message, code="bad_request")
+            raise HTTPFailure(HTTPStatus.BAD_REQUEST, e.message, code="bad_request")
         out.append((entry[0], entry[1], entry[2]))
     return out
 
@@ -1169,7 +1170,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
         except Exception:
             log.exception("error answering %s %s", method, url.path)
-            self.fail(500, {"error": "internal error in the agent; see its log", "code": "internal"})
+            self.fail(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error in the agent; see its log", "code": "internal"})
 
     def route(self, method: str, path: str) -> Tuple[str, dict, bool]:
         allowed = []
@@ -1180,29 +1181,29 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     return name, match.groupdict(), auth
                 allowed.append(m)
         if allowed:
-            raise HTTPFailure(405, f"{method} is not allowed on {path}", code="method_not_allowed")
-        raise HTTPFailure(404, f"no such endpoint: {path}", "see the API list in the README",
+            raise HTTPFailure(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} is not allowed on {path}", code="method_not_allowed")
+        raise HTTPFailure(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}", "see the API list in the README",
                           code="not_found")
 
     # --- request and response helpers
 
     def read_json(self) -> dict:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            raise HTTPFailure(411, "send the body with a Content-Length", code="length_required")
+            raise HTTPFailure(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length", code="length_required")
         length = self.headers.get("Content-Length", "")
         if not length.isdigit():
-            raise HTTPFailure(411, "Content-Length is required", code="length_required")
+            raise HTTPFailure(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required", code="length_required")
         if int(length) > MAX_BODY:
             self.close_connection = True
-            raise HTTPFailure(413, f"request body over {MAX_BODY // 2**20} MiB", code="too_large")
+            raise HTTPFailure(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over {MAX_BODY // 2**20} MiB", code="too_large")
         data = self.rfile.read(int(length))
         self.body_read = True
         try:
             body = json.loads(data or b"null")
         except ValueError:
-            raise HTTPFailure(400, "the body is not valid JSON", code="bad_request")
+            raise HTTPFailure(HTTPStatus.BAD_REQUEST, "the body is not valid JSON", code="bad_request")
         if not isinstance(body, dict):
-            raise HTTPFailure(400, "the body must be a JSON object", code="bad_request")
+            raise HTTPFailure(HTTPStatus.BAD_REQUEST, "the body must be a JSON object", code="bad_request")
         return body
 
     def send_bytes(self, status: int, data: bytes, content_type: str, **headers: str) -> None:
@@ -1229,7 +1230,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                    or "Transfer-Encoding" in self.headers):
             self.close_connection = True  # else the unread body would be read as the next request
         data = json.dumps({k: v for k, v in obj.items() if v not in ("", None)}).encode() + b"\n"
-        extra = {"WWW_Authenticate": 'Bearer realm="patchwire"'} if status == 401 else {}
+        extra = {"WWW_Authenticate": 'Bearer realm="patchwire"'} if status == HTTPStatus.UNAUTHORIZED else {}
         self.send_bytes(status, data, "application/json", **extra)
 
     def wants_stream(self) -> bool:
@@ -1239,7 +1240,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """Numbered NDJSON events, chunked, flushed one by one; ends after the job's last
         event (or at once without `follow`)."""
         self.started_response = True
-        self.send_response(200)
+        self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", "application/x-ndjson")
         self.send_header("Transfer-Encoding", "chunked")
         self.send_header("Cache-Control", "no-store")
@@ -1274,40 +1275,40 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # --- routes
 
     def route_health(self, user: str) -> None:
-        self.send_json(200, self.agent.health())
+        self.send_json(HTTPStatus.OK, self.agent.health())
 
     def route_me(self, user: str) -> None:
-        self.send_json(200, self.agent.me(user, self.query.get("project")))
+        self.send_json(HTTPStatus.OK, self.agent.me(user, self.query.get("project")))
 
     def route_ask(self, user: str) -> None:
         job = self.agent.ask(user, self.read_json())
         if self.wants_stream():
             self.stream_events(job["id"], 0)
         else:
-            self.send_json(202, public_job(job))
+            self.send_json(HTTPStatus.ACCEPTED, public_job(job))
 
     def route_jobs(self, user: str) -> None:
-        self.send_json(200, {"jobs": [public_job(j) for j in self.agent.store.find_jobs(user)]})
+        self.send_json(HTTPStatus.OK, {"jobs": [public_job(j) for j in self.agent.store.find_jobs(user)]})
 
     def route_job(self, user: str, job: str) -> None:
-        self.send_json(200, public_job(self.agent.find_job(user, job)))
+        self.send_json(HTTPStatus.OK, public_job(self.agent.find_job(user, job)))
 
     def route_cancel(self, user: str, job: str) -> None:
-        self.send_json(200, public_job(self.agent.cancel(user, job)))
+        self.send_json(HTTPStatus.OK, public_job(self.agent.cancel(user, job)))
 
     def route_events(self, user: str, job: str) -> None:
         after = self.query.get("after", "0")
         if not after.isdigit():
-            raise HTTPFailure(400, "after must be a whole number", code="bad_request")
+            raise HTTPFailure(HTTPStatus.BAD_REQUEST, "after must be a whole number", code="bad_request")
         found = self.agent.find_job(user, job)
         self.stream_events(found["id"], int(after), follow=self.query.get("follow", "1") != "0")
 
     def route_diff(self, user: str, job: str) -> None:
         found = self.agent.find_job(user, job)
         if found["status"] != "done":
-            raise HTTPFailure(409, f"job {found['id']} is {found['status']}: it has no diff",
+            raise HTTPFailure(HTTPStatus.CONFLICT, f"job {found['id']} is {found['status']}: it has no diff",
                               found.get("reason") or "", code="no_diff")
-        self.send_bytes(200, self.agent.store.patch_path(found["id"]).read_bytes(), "text/x-diff")
+        self.send_bytes(HTTPStatus.OK, self.agent.store.patch_path(found["id"]).read_bytes(), "text/x-diff")
 
 
 def public_job(job: dict) -> dict:

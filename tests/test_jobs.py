@@ -86,7 +86,7 @@ def test_parallel_jobs_get_their_own_slots(laptop, make_agent, tmp_path):
     box = make_agent(jobs={"workers": 2, "slots": 2})
     laptop.init(box)
     laptop.run("sync", check=0)
-    a = start_ask(laptop, script({"sleep": 2}, {"write": "a.txt", "text": "a\n"}), "--no-apply")
+    a = start_ask(laptop, script({"sleep": 5}, {"write": "a.txt", "text": "a\n"}), "--no-apply")
     read_until(a.stderr, "AI started")
     b = start_ask(laptop, script({"write": "b.txt", "text": "b\n"}), "--no-apply")
     assert b.wait(60) == 0 and a.wait(60) == 0
