@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import time
 
 import pytest
 
@@ -210,3 +212,27 @@ def test_the_token_is_not_sent_to_a_redirect():
         source.shutdown()
         target.shutdown()
     assert seen == [None]
+
+
+def test_init_and_cancel_speak_json(tmp_path, agent):
+    root = make_repo(tmp_path / "fresh", {"a.txt": b"a\n"})
+    lap = Laptop(root)
+    token = agent.token_file()
+    made = json_of(lap.run("init", "--json", "--agent", agent.url, "--token-file", str(token), check=0))
+    assert made == {"config": str(root / ".patchwire.toml"), "agent": agent.url, "token_file": str(token),
+                    "project": "fresh"}
+    lap.run("sync", check=0)
+    proc = subprocess.Popen(lap.program + ["ask", "--yes", script({"hang": True})], cwd=root,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=lap.env)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            jobs = agent.json("GET", "/v1/jobs")[1]["jobs"]
+            if jobs and jobs[0]["status"] == "running":
+                break
+            time.sleep(0.05)
+        cancelled = json_of(lap.run("cancel", jobs[0]["id"], "--json", check=0))
+        assert cancelled["job"]["id"] == jobs[0]["id"] and cancelled["job"]["status"] == "cancelled"
+        assert proc.wait(30) == 4
+    finally:
+        proc.kill()
