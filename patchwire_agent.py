@@ -91,6 +91,15 @@ TERMINAL = ("done", "failed", "cancelled")
 LAST_EVENTS = ("finished", "failed", "cancelled")  # the event that ends a job's stream
 SAFE_PATH_RE = re.compile(r"^[A-Za-z0-9._/~+@-]+$")
 
+AGENT_DESCRIPTION = ("the box's side of Patchwire: runs Claude Code on a clean checkout of a "
+                     "synced project and returns a git diff")
+AGENT_EPILOG = """\
+typical use:  patchwire-agent init -c agent.toml --user alice   (prints alice's token once)
+              patchwire-agent serve -c agent.toml
+API: GET /v1/health, /v1/me, /v1/jobs[/ID[/events|/diff]]; POST /v1/ask; DELETE /v1/jobs/ID
+exit codes: 0 ok, 1 error (bad config, cannot listen), 2 usage
+"""
+
 CONFIG_TEMPLATE = """\
 # patchwire-agent configuration. Reference: README.md, "Agent config".
 
@@ -1434,8 +1443,8 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="patchwire-agent", description=__doc__.split("\n")[0],
-                                     epilog="exit codes: 0 ok, 1 error, 2 usage")
+    parser = argparse.ArgumentParser(prog="patchwire-agent", description=AGENT_DESCRIPTION,
+                                     epilog=AGENT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"patchwire-agent {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
