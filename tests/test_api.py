@@ -361,6 +361,10 @@ def test_diff_is_the_patch_the_cli_prints(synced, agent):
     assert b"diff --git a/new.txt b/new.txt" in patch and b"new file mode 100644" in patch
     cli = synced.run("diff", job, check=0)
     assert cli.stdout == patch
+    # full blob ids on every index line: the laptop's 3-way merge finds the preimages by them
+    index_lines = [l for l in patch.splitlines() if l.startswith(b"index ")]
+    assert len(index_lines) == 2
+    assert all(re.fullmatch(rb"index [0-9a-f]{40}\.\.[0-9a-f]{40}( \d+)?", l) for l in index_lines)
 
 
 def test_diff_of_a_failed_job_is_refused(synced, agent):

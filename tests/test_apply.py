@@ -81,8 +81,13 @@ def test_overlapping_edit_kept_with_markers_then_undo(long_laptop):
 
 
 def test_undo_restores_exact_bytes_and_refuses_after_later_edits(long_laptop):
+    root = long_laptop.root
+    (root / "run.sh").write_bytes(b"#!/bin/sh\necho hi\n")
+    (root / "run.sh").chmod(0o755)
+    (root / "link").symlink_to("docs/a.md")
     job = ai_job(long_laptop, {"write": "long.txt", "text": "short now\n"}, {"delete": "other.txt"},
-                 {"write": "new.bin", "b64": "AAECAw=="}, {"chmod": ["docs/a.md", "755"]})
+                 {"write": "new.bin", "b64": "AAECAw=="}, {"chmod": ["docs/a.md", "755"]},
+                 {"write": "run.sh", "text": "#!/bin/sh\necho changed\n"}, {"delete": "link"})
     before = tree_digest(long_laptop.root)
     long_laptop.run("apply", job, check=0)
     assert not (long_laptop.root / "other.txt").exists()
@@ -95,6 +100,16 @@ def test_undo_restores_exact_bytes_and_refuses_after_later_edits(long_laptop):
     refused = long_laptop.run("apply", "--undo")
     assert refused.returncode == 5 and "long.txt" in refused.err
     assert (long_laptop.root / "long.txt").read_bytes() == b"edited after the apply\n"
+
+
+def test_undo_refuses_after_a_mode_only_change(long_laptop):
+    job = ai_job(long_laptop, {"write": "other.txt", "text": "OTHER\n"})
+    long_laptop.run("apply", job, check=0)
+    (long_laptop.root / "other.txt").chmod(0o755)
+    refused = long_laptop.run("apply", "--undo")
+    assert refused.returncode == 5 and "other.txt" in refused.err
+    assert (long_laptop.root / "other.txt").read_bytes() == b"OTHER\n"
+    assert (long_laptop.root / "other.txt").stat().st_mode & 0o777 == 0o755
 
 
 def test_only_and_exclude(long_laptop):

@@ -85,7 +85,9 @@ def test_secrets_and_ignored_files_never_reach_the_box(tmp_path, agent):
         "app.py": b"x = 1\n", "sub/.gitignore": b"cache/\n", "sub/code.py": b"y = 2\n"})
     secrets = {".env": b"API_KEY=supersecret\n", ".env.production": b"K=1\n",
                "certs/server.pem": b"-----BEGIN PRIVATE KEY-----\n", "id_rsa": b"ssh key\n",
-               "android/app/upload.keystore": b"\x00ks", "config/credentials.json": b"{}"}
+               "android/app/upload.keystore": b"\x00ks", "config/credentials.json": b"{}",
+               "sub/.ssh/config": b"Host *\n", "deploy/.aws/config": b"[default]\n",
+               "sub/dir/.env.local": b"X=1\n"}
     ignored = {"build/out.o": b"obj", "debug.log": b"log", "sub/cache/x": b"c",
                "sub/local.txt": b"l", "excluded.txt": b"e"}
     for rel, data in {**secrets, **ignored, "keep.log": b"kept\n", "untracked.py": b"z = 3\n"}.items():
