@@ -1039,11 +1039,6 @@ class Selection:
         _, hunks = self.parsed[id(self.files[i])]
         self.chosen[i] = {h: set(range(hunk.groups)) for h, hunk in enumerate(hunks)}
 
-    def take_all(self) -> "Selection":
-        for i in range(len(self.files)):
-            self.take_file(i)
-        return self
-
     def render(self) -> bytes:
         out = []
         for i, fp in enumerate(self.files):

@@ -303,13 +303,6 @@ def laptop(tmp_path, agent) -> Laptop:
     return lap
 
 
-def job_id_from(err: str) -> str:
-    for word in err.replace(",", " ").split():
-        if len(word) == 12 and all(c in "0123456789abcdef" for c in word):
-            return word
-    raise AssertionError(f"no job id in: {err}")
-
-
 def drive_pty(lap: Laptop, args: Sequence[str], answers: Sequence[str], prompts: Sequence[bytes],
               timeout: float = 60) -> str:
     """Run the CLI on a real pseudo-terminal and send each answer when one more prompt (any of
