@@ -527,13 +527,7 @@ class Project:
 
     def record(self, paths: Sequence[str]) -> Tuple[str, List[List[str]]]:
         """Put exactly `paths` into the private index; return (tree id, manifest)."""
-        stale = set(self.git.ls_files_stage()) - set(paths)
-        if stale:
-            self.git("update-index", "--force-remove", "-z", "--stdin",
-                     input=b"".join(encode_path(p) + b"\0" for p in sorted(stale)))
-        if paths:  # update-index, not `git add --pathspec-from-file`: that is quadratic
-            self.git("update-index", "--add", "--remove", "-z", "--stdin",
-                     input=b"".join(encode_path(p) + b"\0" for p in paths))
+        set_index_paths(self.git, paths)
         tree = self.git.text("write-tree")
         manifest = [[mode, sha, path] for path, (mode, sha) in sorted(self.git.ls_files_stage().items())]
         self._keep(tree)
@@ -548,6 +542,19 @@ class Project:
 
     def state_file(self, name: str) -> Path:
         return self.private_dir / name
+
+
+def set_index_paths(git: Git, paths: Sequence[str]) -> None:
+    """Make the index hold exactly `paths`, re-hashing only files whose stat changed: O(changed)
+    plus a stat per file. (Not `git add --pathspec-from-file`: that is quadratic.) Both ends
+    use it, the laptop to record what it sends and the box to snapshot what it received."""
+    stale = set(git.ls_files_stage()) - set(paths)
+    if stale:
+        git("update-index", "--force-remove", "-z", "--stdin",
+            input=b"".join(encode_path(p) + b"\0" for p in sorted(stale)))
+    if paths:
+        git("update-index", "--add", "--remove", "-z", "--stdin",
+            input=b"".join(encode_path(p) + b"\0" for p in paths))
 
 
 def encode_path(path: str) -> bytes:
@@ -1266,13 +1273,13 @@ class Applier:
         try:
             for path, (data, mode, _) in merged.items():
                 written.append(path)
-                write_worktree(self.project.root / path, data, mode)
+                write_worktree(self.project.root, path, data, mode)
         except (OSError, KeyboardInterrupt) as e:
             saved = {entry["path"]: entry for entry in before}
             for path in written[:-1]:  # the last one failed: write_worktree replaces atomically
                 entry = saved[path]
                 data = self.git("cat-file", "blob", entry["blob"]) if entry["blob"] else None
-                write_worktree(self.project.root / path, data, entry["mode"] or "")
+                write_worktree(self.project.root, path, data, entry["mode"] or "")
             raise PatchError(f"could not write {written[-1]}: {e}; the files written so far were "
                              "put back, nothing was changed", "fix the cause and apply again")
 
@@ -1308,7 +1315,7 @@ class Applier:
                              "undo those edits first, or restore the files by hand")
         for e in entries:
             data = self.git("cat-file", "blob", e["blob"]) if e["blob"] else None
-            write_worktree(self.project.root / e["path"], data, e["mode"] or "")
+            write_worktree(self.project.root, e["path"], data, e["mode"] or "")
         self.project.state_file("undo.json").unlink()
         return [e["path"] for e in entries]
 
@@ -1349,18 +1356,23 @@ def read_worktree(path: Path) -> Optional[Tuple[bytes, str]]:
     return path.read_bytes(), "100755" if st.st_mode & 0o100 else "100644"
 
 
-def write_worktree(path: Path, data: Optional[bytes], mode: str) -> None:
+def remove_file(root: Path, rel: str) -> None:
+    """Delete one file (or link) and the folders it leaves empty, never `root` or above."""
+    target = root / rel
+    if os.path.lexists(target) and (target.is_symlink() or not target.is_dir()):
+        target.unlink()
+    parent = target.parent
+    while parent != root and root in parent.parents and parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
+
+
+def write_worktree(root: Path, rel: str, data: Optional[bytes], mode: str) -> None:
     """Write (atomically, by rename) or delete one file; empty folders left behind go too."""
     if data is None:
-        if os.path.lexists(path):
-            path.unlink()
-        parent = path.parent
-        while parent != parent.parent and parent.is_dir() and not any(parent.iterdir()):
-            if (parent / ".git").exists():
-                break
-            parent.rmdir()
-            parent = parent.parent
+        remove_file(root, rel)
         return
+    path = root / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_dir() and not path.is_symlink():
         raise IsADirectoryError(f"{path} is a folder")
@@ -2012,24 +2024,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
+def run_command(prog: str, commands: dict, args, on_error=None) -> int:
+    """Run the chosen cmd_*: an expected failure becomes one line on stderr and its exit
+    status, never a traceback. Both programs' main() end here."""
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    try:
-        return COMMANDS[args.command][0](args)
+        return commands[args.command][0](args)
     except PatchwireError as e:
-        say(f"patchwire: {e}")
-        output(args, {"error": e.message, "hint": e.hint, "exit_status": int(e.exit_status),
-                      **({"details": e.details} if e.details else {})})
+        say(f"{prog}: {e}")
+        if on_error:
+            on_error(e)
         return int(e.exit_status)
     except KeyboardInterrupt:
-        say("patchwire: interrupted")
+        say(f"{prog}: interrupted")
         return int(ExitStatus.INTERRUPTED)
     except BrokenPipeError:
         return 0
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]):
+    """The parsed arguments, or the exit status argparse chose (help, version, usage)."""
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(build_parser(), argv)
+    if isinstance(args, int):
+        return args
+    return run_command("patchwire", COMMANDS, args, lambda e: output(args, {
+        "error": e.message, "hint": e.hint, "exit_status": int(e.exit_status),
+        **({"details": e.details} if e.details else {})}))
 
 
 if __name__ == "__main__":

@@ -459,29 +459,12 @@ class ProjectRepo:
 
 
 def index_paths(git: Git, paths: List[str], prune_root: Path) -> None:
-    """Make the index hold exactly `paths`, re-hashing only files whose stat changed (the
-    work is O(changed), plus a stat per file), then delete every other file from
-    `prune_root`: rsync --files-from never deletes on the receiving side."""
-    gone = sorted(set(git.ls_files_stage()) - set(paths))
-    if gone:
-        git("update-index", "--force-remove", "-z", "--stdin", input=b"".join(pw.encode_path(p) + b"\0" for p in gone))
-    if paths:
-        git("update-index", "--add", "--remove", "-z", "--stdin",
-            input=b"".join(pw.encode_path(p) + b"\0" for p in paths))
+    """Make the index hold exactly `paths`, then delete every other file from `prune_root`:
+    rsync --files-from never deletes on the receiving side."""
+    pw.set_index_paths(git, paths)
     for raw in git("ls-files", "-z", "--others").split(b"\0"):  # git's own walk: fast
         if raw:
-            remove_mirrored(prune_root, raw.decode("utf-8", "surrogateescape"))
-
-
-def remove_mirrored(root: Path, path: str) -> None:
-    """Delete one file and the folders it leaves empty, never above root."""
-    target = root / path
-    if os.path.lexists(target) and not target.is_dir():
-        target.unlink()
-    parent = target.parent
-    while parent != root and parent.is_dir() and not any(parent.iterdir()):
-        parent.rmdir()
-        parent = parent.parent
+            pw.remove_file(prune_root, raw.decode("utf-8", "surrogateescape"))
 
 
 def parse_numstat(out: bytes) -> dict:
@@ -1461,20 +1444,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
+    args = pw.parse_args(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        return COMMANDS[args.command][0](args)
-    except PatchwireError as e:
-        pw.say(f"patchwire-agent: {e}")
-        return int(e.exit_status)
-    except KeyboardInterrupt:
-        return 130
+    return pw.run_command("patchwire-agent", COMMANDS, args)
 
 
 if __name__ == "__main__":
