@@ -66,7 +66,7 @@ import urllib.parse
 from collections import deque
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 import patchwire as pw
 from patchwire import Git, PatchwireError, UsageError
@@ -134,7 +134,7 @@ AI_SCHEMA = {"command": ("str_list", CLAUDE_COMMAND), "timeout_s": (int, 1800),
              "max_timeout_s": (int, 7200), "env": ("str_table", {}),
              "resume_args": ("str_list", ["--resume", "{session_id}"])}
 JOBS_SCHEMA = {"workers": (int, 2), "slots": (int, 2)}
-USER_SCHEMA = {"token_sha256": (str, None)}
+USER_SCHEMA = {"token_sha256": (str, None), "admin": (bool, False)}
 TOP_SCHEMA = {"server": (dict, {}), "ai": (dict, {}), "jobs": (dict, {}), "users": (dict, {})}
 
 
@@ -163,6 +163,7 @@ class AgentConfig:
         self.workers: int = jobs["workers"]
         self.slots: int = jobs["slots"]
         self.users: Dict[str, bytes] = {}
+        self.admins: Set[str] = set()  # users whose token also reads everyone's usage and metrics
         for name, table in top["users"].items():
             if not pw.NAME_RE.fullmatch(name):
                 raise PatchwireError(f"{path}: user name {name!r} is not valid",
@@ -173,6 +174,8 @@ class AgentConfig:
                 raise PatchwireError(f"{path}: users.{name}.token_sha256 must be 64 hex digits",
                                      "create users with `patchwire-agent init`")
             self.users[name] = bytes.fromhex(digest)
+            if user["admin"]:
+                self.admins.add(name)
 
     @classmethod
     def load(cls, path: Path) -> "AgentConfig":
@@ -889,6 +892,9 @@ class Agent:
             raise HTTPFailure(HTTPStatus.UNAUTHORIZED, "invalid token", "check the token file on the laptop",
                               code="unauthorized")
         return user
+
+    def is_admin(self, user: str) -> bool:
+        return user in self.cfg.admins
 
     def repo(self, user: str, project: str) -> ProjectRepo:
         with self.lock:
