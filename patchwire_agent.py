@@ -47,6 +47,7 @@ capped. The AI never runs in the mirror, and a failed run leaves the mirror unto
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import hashlib
 import hmac
 import http.server
@@ -134,8 +135,17 @@ AI_SCHEMA = {"command": ("str_list", CLAUDE_COMMAND), "timeout_s": (int, 1800),
              "max_timeout_s": (int, 7200), "env": ("str_table", {}),
              "resume_args": ("str_list", ["--resume", "{session_id}"])}
 JOBS_SCHEMA = {"workers": (int, 2), "slots": (int, 2)}
-USER_SCHEMA = {"token_sha256": (str, None), "admin": (bool, False)}
-TOP_SCHEMA = {"server": (dict, {}), "ai": (dict, {}), "jobs": (dict, {}), "users": (dict, {})}
+# Policy keys: defaults in [policy], overrides in [users.NAME]. None means "no limit of its
+# own" (max_running: [jobs] workers; timeout_s: [ai] max_timeout_s; rate_limit: none).
+POLICY_SCHEMA = {"projects": ("str_list", ["*"]), "rate_limit": (str, None), "max_queued": (int, 100),
+                 "max_running": (int, None), "timeout_s": (int, None),
+                 "max_prompt_bytes": (int, 1024 * 1024), "max_projects": (int, 50)}
+USER_SCHEMA = {"token_sha256": (str, None), "admin": (bool, False),
+               **{key: (kind, None) for key, (kind, _) in POLICY_SCHEMA.items()}}
+TOP_SCHEMA = {"server": (dict, {}), "ai": (dict, {}), "jobs": (dict, {}), "users": (dict, {}),
+              "policy": (dict, {})}
+RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600,
+              "hour": 3600, "d": 86400, "day": 86400}
 
 
 class AgentConfig:
@@ -149,7 +159,8 @@ class AgentConfig:
         jobs = pw.Schema(path, "jobs", JOBS_SCHEMA).read(top["jobs"])
         self.host, self.port = parse_listen(path, server["listen"])
         state = Path(os.path.expanduser(server["state_dir"] or "patchwire-state"))
-        self.state_dir = state if state.is_absolute() else (path.parent / state).resolve()
+        # real path: rrsync compares the laptop's absolute mirror path with its own realpath
+        self.state_dir = Path(os.path.realpath(path.parent / state))
         if not SAFE_PATH_RE.match(str(self.state_dir)):
             raise PatchwireError(f"{path}: server.state_dir {str(self.state_dir)!r} has characters "
                                  "that remote shells would split", "use a path of letters, digits and ./_-")
@@ -164,6 +175,10 @@ class AgentConfig:
         self.slots: int = jobs["slots"]
         self.users: Dict[str, bytes] = {}
         self.admins: Set[str] = set()  # users whose token also reads everyone's usage and metrics
+        self.policy_defaults = pw.Schema(path, "policy", POLICY_SCHEMA).read(top["policy"])
+        self.policy_set = set(top["policy"])  # keys [policy] sets itself (for `policy NAME`)
+        check_policy(path, "policy", self.policy_defaults)
+        self.user_policy: Dict[str, dict] = {}  # per user: the policy keys [users.NAME] sets
         for name, table in top["users"].items():
             if not pw.NAME_RE.fullmatch(name):
                 raise PatchwireError(f"{path}: user name {name!r} is not valid",
@@ -172,14 +187,75 @@ class AgentConfig:
             digest = user["token_sha256"] or ""
             if not re.fullmatch(r"[0-9a-f]{64}", digest):
                 raise PatchwireError(f"{path}: users.{name}.token_sha256 must be 64 hex digits",
-                                     "create users with `patchwire-agent init`")
+                                     "create users with `patchwire-agent user add`")
             self.users[name] = bytes.fromhex(digest)
             if user["admin"]:
                 self.admins.add(name)
+            self.user_policy[name] = {k: user[k] for k in POLICY_SCHEMA if user[k] is not None}
+            check_policy(path, f"users.{name}", self.user_policy[name])
 
     @classmethod
     def load(cls, path: Path) -> "AgentConfig":
         return cls(path, pw.load_toml(path))
+
+    def policy(self, user: str) -> "Policy":
+        """What applies to `user`, and where each value comes from."""
+        values, sources = {}, {}
+        own = self.user_policy.get(user, {})
+        for key, (_, default) in POLICY_SCHEMA.items():
+            if key in own:
+                values[key], sources[key] = own[key], f"[users.{user}]"
+            elif key in self.policy_set:
+                values[key], sources[key] = self.policy_defaults[key], "[policy]"
+            else:
+                values[key], sources[key] = default, "built-in default"
+        if values["max_running"] is None:
+            values["max_running"], sources["max_running"] = self.workers, "[jobs] workers"
+        ceiling = self.max_timeout_s
+        if values["timeout_s"] is None or values["timeout_s"] > ceiling:
+            values["timeout_s"], sources["timeout_s"] = ceiling, "[ai] max_timeout_s"
+        return Policy(user, values, sources)
+
+
+class Policy:
+    """One user's effective policy: `values[key]` and where it comes from, `sources[key]`."""
+
+    def __init__(self, user: str, values: dict, sources: dict):
+        self.user, self.values, self.sources = user, values, sources
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self.__dict__["values"][key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def rule(self, key: str) -> str:
+        """`[users.bob] max_queued = 5`: the rule as the admin wrote it."""
+        return f"{self.sources[key]} {key} = {json.dumps(self.values[key])}"
+
+    def allows_project(self, project: str) -> bool:
+        return any(fnmatch.fnmatchcase(project, pattern) for pattern in self.projects)
+
+    def rate_window(self) -> Optional[Tuple[int, int]]:
+        """(count, seconds) of `rate_limit`, or None without one."""
+        return parse_rate(self.rate_limit) if self.rate_limit else None
+
+
+def parse_rate(text: str) -> Optional[Tuple[int, int]]:
+    """"30/hour" -> (30, 3600); None when it is not of that form."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*([a-z]+?)s?\s*", text or "")
+    if not m or int(m.group(1)) < 1 or m.group(2) not in RATE_UNITS:
+        return None
+    return int(m.group(1)), RATE_UNITS[m.group(2)]
+
+
+def check_policy(path: Path, table: str, values: dict) -> None:
+    if values.get("rate_limit") and not parse_rate(values["rate_limit"]):
+        raise PatchwireError(f"{path}: {table}.rate_limit must be COUNT/UNIT, not {values['rate_limit']!r}",
+                             'for example "30/hour" (units: second, minute, hour, day)')
+    if values.get("projects") == []:
+        raise PatchwireError(f"{path}: {table}.projects is empty, so no project is allowed",
+                             'list name patterns, for example ["web-*", "api"], or "*" for all')
 
 
 def parse_listen(path: Path, listen: str) -> Tuple[str, int]:
@@ -250,6 +326,14 @@ class Store:
                 "ORDER BY created DESC LIMIT ?", (user, prefix.replace("%", "") + "%", limit)).fetchall()
         return [_job_row(r) for r in rows]
 
+    def ask_times(self, user: str, since: float) -> List[float]:
+        """When the user's asks since `since` were accepted, oldest first (rate limits: the
+        jobs table is the count, so it survives a restart)."""
+        with self.lock:
+            rows = self.db.execute("SELECT created FROM jobs WHERE user = ? AND created > ? "
+                                   "ORDER BY created", (user, since)).fetchall()
+        return [r[0] for r in rows]
+
     def jobs_with_status(self, *statuses: str) -> List[dict]:
         with self.lock:
             rows = self.db.execute(
@@ -309,13 +393,62 @@ def _job_row(row: tuple) -> dict:
 # ================================================================== git: snapshots and job folders
 
 
+# Everything of one user lives under state/users/NAME (so a sandbox or an rrsync key can be
+# given exactly one user's folder):
+#     users/NAME/mirror/PROJECT/                        what the laptop rsyncs (rrsync's DIR)
+#     users/NAME/projects/PROJECT/git                   snapshots, job results (bare git dir)
+#     users/NAME/projects/PROJECT/slots/slotN/          warm job folders, the AI's cwd
+
+
+def user_root(state_dir: Path, user: str) -> Path:
+    return state_dir / "users" / user
+
+
+def mirror_root(state_dir: Path, user: str) -> Path:
+    return user_root(state_dir, user) / "mirror"
+
+
+def user_projects(state_dir: Path, user: str) -> Set[str]:
+    """The user's projects: those with a mirror or a repository on the box."""
+    names: Set[str] = set()
+    for folder in (mirror_root(state_dir, user), user_root(state_dir, user) / "projects"):
+        try:
+            names.update(e.name for e in os.scandir(folder) if e.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            pass
+    return names
+
+
+def migrate_layout(state_dir: Path) -> None:
+    """Move a 0.3 state folder (mirror/NAME, projects/NAME) to users/NAME. Worktrees record
+    their folder's absolute path: point them at the new place."""
+    for old, new in (("mirror", "mirror"), ("projects", "projects")):
+        top = state_dir / old
+        if not top.is_dir() or top.is_symlink():
+            continue
+        for user in os.listdir(top):
+            target = user_root(state_dir, user) / new
+            if pw.NAME_RE.fullmatch(user) and not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                os.replace(top / user, target)
+                log.warning("moved %s to %s (one folder per user)", top / user, target)
+        if not os.listdir(top):
+            top.rmdir()
+    for gitdir_file in state_dir.glob("users/*/projects/*/git/worktrees/*/gitdir"):
+        slot = gitdir_file.parent.name
+        home = gitdir_file.parents[3]
+        moved = f"{home / 'slots' / slot / '.git'}\n"
+        if gitdir_file.read_text() != moved:
+            gitdir_file.write_text(moved)
+
+
 class ProjectRepo:
     """One user's project on the box: the mirror the laptop rsyncs into, a private git dir
     holding snapshots, and warm job folders (worktrees), one per slot."""
 
     def __init__(self, state_dir: Path, user: str, project: str):
-        self.mirror = state_dir / "mirror" / user / project
-        self.home = state_dir / "projects" / user / project
+        self.mirror = mirror_root(state_dir, user) / project
+        self.home = user_root(state_dir, user) / "projects" / project
         self.git_dir = self.home / "git"
         self.lock = threading.Lock()
         # no system or global config, no ~/.config/git/ignore: what the AI writes must not
@@ -751,20 +884,26 @@ class QueueItem:
 
 
 class FairQueue:
-    """Round robin over users; within a user, first come first served. `take` skips jobs
-    whose project has no free job folder, so one busy project never blocks the others."""
+    """Fair across users, first come first served within a user. Each user carries the
+    number of the last turn they were served in; the waiting user served longest ago goes
+    next (one never served, or back after a pause, goes first), so a user with 20 queued
+    jobs delays another's single job by at most the job already running. `take` skips jobs
+    that cannot run yet (busy job folders, a user's max_running), so they block nobody."""
 
     def __init__(self):
         self.cond = threading.Condition()
         self.by_user: Dict[str, Deque[QueueItem]] = {}
-        self.turn: List[str] = []  # users in round-robin order; the next one first
+        self.served: Dict[str, int] = {}  # user -> turn number of their last job taken
+        self.arrived: Dict[str, int] = {}  # user -> when their lane opened (ties: first come)
+        self.turns = 0
         self.closed = False
 
     def put(self, item: QueueItem) -> None:
         with self.cond:
             if item.user not in self.by_user:
                 self.by_user[item.user] = deque()
-                self.turn.append(item.user)
+                self.turns += 1
+                self.arrived[item.user] = self.turns
             self.by_user[item.user].append(item)
             self.cond.notify_all()
 
@@ -778,39 +917,52 @@ class FairQueue:
                 self.cond.wait()
             return None
 
+    def _turn_order(self, served: Dict[str, int], users) -> List[str]:
+        return sorted(users, key=lambda u: (served.get(u, 0), self.arrived.get(u, 0)))
+
     def _pop_runnable(self, runnable: Callable[[QueueItem], bool]) -> Optional[QueueItem]:
-        for user in list(self.turn):
+        for user in self._turn_order(self.served, self.by_user):
             for item in self.by_user[user]:
                 if runnable(item):
-                    self.by_user[user].remove(item)
-                    self.turn.remove(user)
-                    if self.by_user[user]:
-                        self.turn.append(user)
-                    else:
-                        del self.by_user[user]
+                    self._drop(user, item)
+                    self.turns += 1
+                    self.served[user] = self.turns
                     return item
         return None
+
+    def _drop(self, user: str, item: QueueItem) -> None:
+        self.by_user[user].remove(item)
+        if not self.by_user[user]:
+            del self.by_user[user]
+            del self.arrived[user]
 
     def remove(self, job_id: str) -> bool:
         with self.cond:
             for user, items in list(self.by_user.items()):
                 for item in items:
                     if item.job_id == job_id:
-                        items.remove(item)
-                        if not items:
-                            del self.by_user[user]
-                            self.turn.remove(user)
+                        self._drop(user, item)
                         return True
         return False
 
-    def order(self) -> List[str]:
-        """Job ids in the order round robin would serve them (ignoring busy folders)."""
+    def jobs_of(self, user: str) -> List[str]:
         with self.cond:
-            lanes = [list(self.by_user[u]) for u in self.turn]
-        out: List[str] = []
-        for depth in range(max((len(l) for l in lanes), default=0)):
-            out += [lane[depth].job_id for lane in lanes if depth < len(lane)]
-        return out
+            return [item.job_id for item in self.by_user.get(user, ())]
+
+    def order(self) -> List[str]:
+        """Job ids in the order they would be served (ignoring busy folders and limits)."""
+        with self.cond:
+            lanes = {u: deque(items) for u, items in self.by_user.items()}
+            served, turns = dict(self.served), self.turns
+            out: List[str] = []
+            while lanes:
+                user = self._turn_order(served, lanes)[0]
+                out.append(lanes[user].popleft().job_id)
+                turns += 1
+                served[user] = turns
+                if not lanes[user]:
+                    del lanes[user]
+            return out
 
     def wake(self) -> None:
         with self.cond:
@@ -832,22 +984,32 @@ class Agent:
     def __init__(self, cfg: AgentConfig):
         self.cfg = cfg
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        migrate_layout(cfg.state_dir)
         self.store = Store(cfg.state_dir)
         self.queue = FairQueue()
         self.lock = threading.Lock()
         self.repos: Dict[Tuple[str, str], ProjectRepo] = {}
         self.busy: Dict[Tuple[str, str], set] = {}
         self.runs: Dict[str, AIRun] = {}
+        self.running: Dict[str, int] = {}  # user -> jobs of theirs holding a worker
+        self.recent_runs: Deque[float] = deque(maxlen=20)  # seconds, for queue estimates
+        self.announced: Dict[str, Tuple[int, Optional[int]]] = {}  # job -> last (position, estimate)
+        self.announce_lock = threading.Lock()
+        self.admission = threading.Lock()  # checks and enqueue of one ask at a time
+        self.config_stamp = config_stamp(cfg.path)
+        self.reload_lock = threading.Lock()
         self.workers: List[threading.Thread] = []
 
     # --- life cycle
 
     def start(self) -> None:
         self.recover()
+        self.apply_cancel_requests()
         for n in range(self.cfg.workers):
             t = threading.Thread(target=self.work, name=f"worker-{n}", daemon=True)
             t.start()
             self.workers.append(t)
+        threading.Thread(target=self.watch_config, name="config-watch", daemon=True).start()
 
     def stop(self) -> None:
         self.queue.close()
@@ -876,9 +1038,66 @@ class Agent:
             pin = self.store.job(job["parent"])["slot"] if job["parent"] else None
             self.queue.put(QueueItem(job["id"], job["user"], job["project"], pin))
 
+    # --- config reload (SIGHUP, or the file changed: `patchwire-agent user ...` rewrites it)
+
+    def watch_config(self) -> None:
+        """Picks up a changed config within a second even when no request comes (a removed
+        user's queued jobs end); requests also check it, so a removed token fails at once."""
+        while not self.queue.closed:
+            time.sleep(1.0)
+            self.maybe_reload()
+
+    def maybe_reload(self) -> None:
+        if config_stamp(self.cfg.path) != self.config_stamp:
+            self.reload()
+
+    def reload(self) -> None:
+        """Read the config again. Users, tokens and policy apply at once; [server] and the
+        number of workers need a restart. A config that does not load changes nothing."""
+        with self.reload_lock:
+            stamp = config_stamp(self.cfg.path)
+            try:
+                new = AgentConfig.load(self.cfg.path)
+            except PatchwireError as e:
+                if stamp != self.config_stamp:
+                    log.error("config not reloaded, the old one stays in force: %s", e)
+                self.config_stamp = stamp
+                return
+            old = self.cfg
+            if (new.host, new.port, new.state_dir, new.workers) != (old.host, old.port, old.state_dir, old.workers):
+                log.warning("[server] and [jobs] workers changes apply after a restart")
+            new.host, new.port, new.state_dir, new.workers = old.host, old.port, old.state_dir, old.workers
+            self.cfg, self.config_stamp = new, stamp
+            log.warning("config reloaded: %d user(s)", len(new.users))
+            for user in sorted(set(old.users) - set(new.users)):
+                self.cancel_user_jobs(user, f"user {user} was removed", running=False)
+            self.apply_cancel_requests()
+            self.queue.wake()  # policy limits may have changed
+
+    def apply_cancel_requests(self) -> None:
+        """`user remove|rotate --cancel-jobs` leaves a request file for the running server."""
+        folder = cancel_requests_dir(self.cfg.state_dir)
+        for request in sorted(folder.glob("*")) if folder.is_dir() else ():
+            request.unlink()
+            if pw.NAME_RE.fullmatch(request.name):
+                self.cancel_user_jobs(request.name, f"cancelled by the admin (user {request.name})",
+                                      running=True)
+
+    def cancel_user_jobs(self, user: str, reason: str, running: bool) -> None:
+        """End the user's queued jobs; with `running`, stop their running ones too."""
+        for job_id in self.queue.jobs_of(user):
+            if self.queue.remove(job_id):
+                self.finish(job_id, "cancelled", reason)
+        if running:
+            with self.lock:
+                runs = [run for job_id, run in self.runs.items() if self.store.job(job_id)["user"] == user]
+            for run in runs:
+                run.stop(reason)
+
     # --- users
 
     def authenticate(self, header: str) -> str:
+        self.maybe_reload()
         scheme, _, token = (header or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise HTTPFailure(HTTPStatus.UNAUTHORIZED, "missing bearer token", "send Authorization: Bearer TOKEN",
@@ -905,12 +1124,28 @@ class Agent:
 
     def me(self, user: str, project: Optional[str]) -> dict:
         out = {"user": user, "version": __version__,
-               "mirror_root": str(self.cfg.state_dir / "mirror" / user)}
+               "mirror_root": str(mirror_root(self.cfg.state_dir, user))}
         if project is not None:
-            repo = self.repo(user, check_name(project, "project"))
-            repo.ensure()
-            out["mirror"] = str(repo.mirror)
+            out["mirror"] = str(self.open_project(user, check_name(project, "project")).mirror)
         return out
+
+    def open_project(self, user: str, project: str) -> ProjectRepo:
+        """The user's project, its mirror folder made on first use (a sync or an ask), within
+        the user's allowlist and `max_projects`. The repository comes with the first ask."""
+        policy = self.cfg.policy(user)
+        if not policy.allows_project(project):
+            raise policy_refusal(HTTPStatus.FORBIDDEN, policy, "projects",
+                                 f"project {project!r} is not allowed for user {user}")
+        repo = self.repo(user, project)
+        with self.lock:  # one check-and-create at a time: the cap holds under concurrency
+            projects = user_projects(self.cfg.state_dir, user)
+            if project not in projects:
+                if len(projects) >= policy.max_projects:
+                    raise policy_refusal(HTTPStatus.FORBIDDEN, policy, "max_projects",
+                                         f"user {user} has {len(projects)} projects on this box already",
+                                         "remove one on the box, or ask the admin to raise the limit")
+                repo.mirror.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return repo
 
     def health(self) -> dict:
         argv0 = self.cfg.ai_command[0]
@@ -924,29 +1159,66 @@ class Agent:
     # --- jobs
 
     def ask(self, user: str, body: dict) -> dict:
+        policy = self.cfg.policy(user)
         project = check_name(body.get("project"), "project")
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise HTTPFailure(HTTPStatus.BAD_REQUEST, "prompt must be a non-empty string", code="bad_request")
+        if len(prompt.encode("utf-8", "surrogatepass")) > policy.max_prompt_bytes:
+            raise policy_refusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, policy, "max_prompt_bytes",
+                                 f"the prompt has {len(prompt.encode('utf-8', 'surrogatepass'))} bytes",
+                                 "shorten it, or put the long part in a file of the project")
         tree = body.get("tree")
         if not isinstance(tree, str) or not re.fullmatch(r"[0-9a-f]{40}([0-9a-f]{24})?", tree):
             raise HTTPFailure(HTTPStatus.BAD_REQUEST, "tree must be a git tree id", code="bad_request")
         manifest = check_manifest(body.get("files"))
-        timeout_s = body.get("timeout_s", self.cfg.timeout_s)
-        if not isinstance(timeout_s, int) or isinstance(timeout_s, bool) or not 0 < timeout_s <= self.cfg.max_timeout_s:
-            raise HTTPFailure(HTTPStatus.BAD_REQUEST, f"timeout_s must be 1..{self.cfg.max_timeout_s} seconds",
-                              code="bad_request")
+        timeout_s = self.check_timeout(policy, body.get("timeout_s", min(self.cfg.timeout_s, policy.timeout_s)))
         parent = self.parent_job(user, project, body.get("continue"))
-        snapshot = self.repo(user, project).snapshot(tree, manifest)
+        repo = self.open_project(user, project)
+        self.admit(policy)  # refuse early, before the snapshot's work
+        snapshot = repo.snapshot(tree, manifest)
         job = {"id": secrets.token_hex(6), "user": user, "project": project, "prompt": prompt,
                "status": "queued", "created": time.time(), "snapshot": snapshot, "tree": tree,
                "timeout_s": timeout_s, "parent": parent["id"] if parent else None}
-        self.store.create_job(job)
-        self.queue.put(QueueItem(job["id"], user, project, parent["slot"] if parent else None))
-        order = self.queue.order()
-        self.store.add_event(job["id"], {"type": "queued", "project": project,
-                                         "position": order.index(job["id"]) if job["id"] in order else 0})
+        with self.admission:  # again, atomically with the enqueue: concurrent asks
+            self.admit(self.cfg.policy(user))
+            self.store.create_job(job)
+            self.queue.put(QueueItem(job["id"], user, project, parent["slot"] if parent else None))
+        position, estimate = self.queue_position(job["id"])
+        self.store.add_event(job["id"], {"type": "queued", "project": project, "position": position,
+                                         "estimate_s": estimate})
         return self.store.job(job["id"])
+
+    def check_timeout(self, policy: "Policy", timeout_s: Any) -> int:
+        ceiling = policy.timeout_s
+        if not isinstance(timeout_s, int) or isinstance(timeout_s, bool) or timeout_s <= 0 or (
+                timeout_s > ceiling and policy.sources["timeout_s"] == "[ai] max_timeout_s"):
+            raise HTTPFailure(HTTPStatus.BAD_REQUEST, f"timeout_s must be 1..{ceiling} seconds",
+                              code="bad_request")
+        if timeout_s > ceiling:
+            raise policy_refusal(HTTPStatus.FORBIDDEN, policy, "timeout_s",
+                                 f"timeout_s {timeout_s} is over the ceiling", f"ask with --timeout {ceiling} or less")
+        return timeout_s
+
+    def admit(self, policy: "Policy") -> None:
+        """Refuse an ask over the user's queue or rate limit (429, with Retry-After)."""
+        user = policy.user
+        queued = len(self.queue.jobs_of(user))
+        if queued >= policy.max_queued:
+            raise policy_refusal(HTTPStatus.TOO_MANY_REQUESTS, policy, "max_queued",
+                                 f"user {user} has {queued} jobs waiting already",
+                                 "wait for one to start, or cancel one (patchwire jobs, patchwire cancel)")
+        window = policy.rate_window()
+        if not window:
+            return
+        count, seconds = window
+        now = time.time()
+        times = self.store.ask_times(user, now - seconds)
+        if len(times) >= count:
+            retry = max(1, int(times[-count] + seconds - now + 0.999))
+            raise policy_refusal(HTTPStatus.TOO_MANY_REQUESTS, policy, "rate_limit",
+                                 f"user {user} asked {len(times)} times in the last {seconds} s",
+                                 f"try again in {retry} s", retry_after_s=retry)
 
     def parent_job(self, user: str, project: str, prefix: Any) -> Optional[dict]:
         """The finished job a follow-up ask continues, if any."""
@@ -1000,7 +1272,7 @@ class Agent:
 
     def work(self) -> None:
         while True:
-            item = self.queue.take(self._has_free_slot)
+            item = self.queue.take(self._claim)
             if item is None:
                 return
             try:
@@ -1011,9 +1283,13 @@ class Agent:
             finally:
                 self._release_slot(item)
 
-    def _has_free_slot(self, item: QueueItem) -> bool:
-        """Called under the queue's lock: claims a slot for the item when one is free."""
+    def _claim(self, item: QueueItem) -> bool:
+        """Called under the queue's lock: claims a job folder for the item when one is free
+        and the user is under their max_running."""
+        limit = self.cfg.policy(item.user).max_running
         with self.lock:
+            if self.running.get(item.user, 0) >= limit:
+                return False
             busy = self.busy.setdefault((item.user, item.project), set())
             free = set(range(self.cfg.slots)) - busy
             if item.pin is not None and item.pin < self.cfg.slots:
@@ -1023,18 +1299,47 @@ class Agent:
             slot = min(free)
             busy.add(slot)
             item.slot = slot
+            self.running[item.user] = self.running.get(item.user, 0) + 1
             return True
 
     def _release_slot(self, item: QueueItem) -> None:
         with self.lock:
             self.busy[(item.user, item.project)].discard(item.slot)
             self.runs.pop(item.job_id, None)
+            self.running[item.user] -= 1
+            if not self.running[item.user]:
+                del self.running[item.user]
         self.queue.wake()
         self._announce_positions()
 
+    def queue_position(self, job_id: str) -> Tuple[int, Optional[int]]:
+        """(jobs ahead in the queue, estimated seconds until it starts, None without history)."""
+        order = self.queue.order()
+        position = order.index(job_id) if job_id in order else 0
+        return position, self._estimate(position)
+
+    def _estimate(self, position: int) -> Optional[int]:
+        with self.lock:
+            if not self.recent_runs:
+                return None
+            average = sum(self.recent_runs) / len(self.recent_runs)
+            running = sum(self.running.values())
+        # the job starts when `position` queued jobs and all but one worker's run are done
+        waits = max(0, position + running - self.cfg.workers + 1)
+        return int(round(waits * average / self.cfg.workers))
+
     def _announce_positions(self) -> None:
-        for position, job_id in enumerate(self.queue.order()):
-            self.store.add_event(job_id, {"type": "position", "position": position})
+        """A `position` event for each waiting job whose place or estimate changed."""
+        with self.announce_lock:
+            order = self.queue.order()
+            for position, job_id in enumerate(order):
+                now = (position, self._estimate(position))
+                if self.announced.get(job_id) != now:
+                    self.announced[job_id] = now
+                    self.store.add_event(job_id, {"type": "position", "position": now[0], "estimate_s": now[1]})
+            waiting = set(order)
+            for job_id in [j for j in self.announced if j not in waiting]:
+                del self.announced[job_id]
 
     def run_job(self, item: QueueItem) -> None:
         job = self.store.job(item.job_id)
@@ -1058,6 +1363,8 @@ class Agent:
                                          **({"continues": parent["id"]} if parent else {})})
         started = time.monotonic()
         status, reason, result = run.run()
+        with self.lock:
+            self.recent_runs.append(time.monotonic() - started)
         summary = summarize_result(result, time.monotonic() - started, run.exit_code)
         if status != "done":
             self.finish(job["id"], status, reason, result=summary)
@@ -1086,6 +1393,27 @@ def summarize_result(result: dict, elapsed: float, exit_code: Optional[int]) -> 
             "num_turns": result.get("num_turns"), "session_id": result.get("session_id"),
             "tokens_in": usage.get("input_tokens"), "tokens_out": usage.get("output_tokens"),
             "cost_usd": result.get("total_cost_usd")}
+
+
+def policy_refusal(status: int, policy: "Policy", key: str, message: str, hint: str = "",
+                   **details: Any) -> HTTPFailure:
+    """A refusal that names the limit, its value and the rule that set it."""
+    return HTTPFailure(status, f"{message}; the limit is {policy.rule(key)}",
+                       hint or f"ask the box's admin (`patchwire-agent policy {policy.user}` shows the rules)",
+                       code="policy", limit=key, value=policy.values[key], rule=policy.sources[key], **details)
+
+
+def config_stamp(path: Path) -> Tuple[int, int, int]:
+    """What tells a changed config file: an atomic rewrite is a new inode."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0, 0)
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def cancel_requests_dir(state_dir: Path) -> Path:
+    return state_dir / "cancel-requests"
 
 
 def check_name(value: Any, what: str) -> str:
@@ -1229,6 +1557,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True  # else the unread body would be read as the next request
         data = json.dumps({k: v for k, v in obj.items() if v not in ("", None)}).encode() + b"\n"
         extra = {"WWW_Authenticate": 'Bearer realm="patchwire"'} if status == HTTPStatus.UNAUTHORIZED else {}
+        if obj.get("retry_after_s"):
+            extra["Retry_After"] = str(int(obj["retry_after_s"]))
         self.send_bytes(status, data, "application/json", **extra)
 
     def wants_stream(self) -> bool:

@@ -214,4 +214,4 @@ def test_a_token_file_inside_the_project_never_leaves(tmp_path, agent):
     dry = lap.run("sync", "--dry-run", check=0)
     assert ".pwtoken" not in dry.out.split() and "held back: .pwtoken" in dry.err
     lap.run("sync", check=0)
-    assert not (agent.state_dir / "mirror/alice/laptop/.pwtoken").exists()
+    assert not (agent.state_dir / "users/alice/mirror/laptop/.pwtoken").exists()
