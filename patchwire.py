@@ -674,6 +674,9 @@ class Client:
         hint = body.get("hint", "")
         if e.code == 401:
             hint = hint or "check the token file named in .patchwire.toml"
+        retry = e.headers.get("Retry-After", "") if e.headers else ""
+        if e.code == 429 and retry.isdigit() and retry not in hint:
+            hint = (hint + "; " if hint else "") + f"the agent says: retry after {retry} s"
         return AgentError(f"the agent refused: {message}", hint, details=body,
                           code=body.get("code", str(e.code)), http_status=e.code)
 
@@ -750,10 +753,11 @@ class ProgressPrinter:
 
     def on_queued(self, e: dict) -> None:
         ahead = e.get("position", 0)
-        say(self.stamp(), f"queued as job {e.get('job')}" + (f", {ahead} ahead" if ahead else ""))
+        say(self.stamp(), f"queued as job {e.get('job')}" + (f", {ahead} ahead" if ahead else "")
+            + _wait_estimate(e))
 
     def on_position(self, e: dict) -> None:
-        say(self.stamp(), f"waiting: {e.get('position')} ahead in the queue")
+        say(self.stamp(), f"waiting: {e.get('position')} ahead in the queue" + _wait_estimate(e))
 
     def on_started(self, e: dict) -> None:
         say(self.stamp(), "AI started")
@@ -785,6 +789,14 @@ class ProgressPrinter:
 
     def on_cancelled(self, e: dict) -> None:
         say(self.stamp(), self.style("yellow", f"job cancelled: {e.get('reason', '')}"))
+
+
+def _wait_estimate(e: dict) -> str:
+    """", starts in about 3 min": the box's estimate from its recent run times."""
+    seconds = e.get("estimate_s")
+    if not isinstance(seconds, int) or isinstance(seconds, bool) or seconds <= 0:
+        return ""
+    return f", starts in about {seconds} s" if seconds < 120 else f", starts in about {round(seconds / 60)} min"
 
 
 # --- the diff preview

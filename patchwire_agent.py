@@ -1727,6 +1727,8 @@ def write_private(path: Path, text: str) -> None:
     os.fchmod(fd, 0o600)  # an existing file keeps its mode otherwise
     with os.fdopen(fd, "w") as f:
         f.write(text)
+        f.flush()
+        os.fsync(f.fileno())  # an atomic replace of the config must not leave it empty
 
 
 def cmd_serve(args) -> int:
@@ -1743,6 +1745,7 @@ def cmd_serve(args) -> int:
         threading.Thread(target=server.shutdown, daemon=True).start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
+    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=agent.reload, daemon=True).start())
     ai = agent.health()
     print(f"patchwire-agent {__version__} listening on {server.url}", flush=True)
     pw.say(f"state in {cfg.state_dir}; {len(cfg.users)} user(s); AI command {cfg.ai_command[0]!r}"
@@ -1755,9 +1758,212 @@ def cmd_serve(args) -> int:
     return 0
 
 
+# --- users and policy: each command rewrites the config atomically; a running server
+# picks the change up by itself (it watches the file; SIGHUP also reloads)
+
+CONFIG_HEADER = ("# patchwire-agent configuration (rewritten by `patchwire-agent user`; comments are not "
+                 "kept).\n# Reference: README.md, \"Agent config\" and \"Team setup\".\n\n")
+RRSYNC_MISSING = ("rrsync is not installed on this box, so the key line above will not work yet. "
+                  "rrsync ships with rsync 3.2.4 and later: Debian/Ubuntu `apt install rsync` "
+                  "(/usr/bin/rrsync); macOS `brew install rsync` (then use the rrsync from "
+                  "$(brew --prefix rsync)); elsewhere copy support/rrsync from rsync's source")
+
+
+def edit_config(path: Path, change: Callable[[dict], Any]) -> Any:
+    """Read, change, check and atomically replace the config, one editor at a time; the
+    other keys and users stay as they were."""
+    import fcntl
+    with open(path.parent / f".{path.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = pw.load_toml(path)
+        data.setdefault("users", {})
+        result = change(data)
+        text = CONFIG_HEADER + pw.dump_toml(data)
+        AgentConfig(path, pw.parse_toml(text, path))  # what we write must load
+        tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+        write_private(tmp, text)
+        os.replace(str(tmp), str(path))
+    return result
+
+
+def new_token() -> str:
+    return "pw_" + secrets.token_urlsafe(32)
+
+
+def hand_out_token(user: str, token: str, token_file: Optional[str], what: str) -> None:
+    if token_file:
+        write_private(Path(token_file), token + "\n")
+        pw.say(f"{what}; the token of user {user} is in {token_file}")
+    else:
+        pw.say(f"{what}. The token of user {user}, shown this once (only its sha256 is stored): "
+               "put it in a file on that user's laptop, chmod 600")
+        print(token, flush=True)
+
+
+def existing_user(data: dict, name: str, path: Path) -> dict:
+    if name not in data["users"]:
+        raise UsageError(f"{path} has no user {name!r}", "see them with `patchwire-agent user list`")
+    return data["users"][name]
+
+
+def cmd_user_add(args) -> int:
+    path, name = Path(args.config), args.name
+    if not pw.NAME_RE.fullmatch(name):
+        raise UsageError(f"user name {name!r} is not valid", "use letters, digits, '.', '_' and '-'")
+    key = read_ssh_key(args.ssh_key) if args.ssh_key else None
+    token = new_token()
+
+    def add(data: dict) -> None:
+        if name in data["users"]:
+            raise UsageError(f"user {name} exists already in {path}",
+                             f"give them a new token with `patchwire-agent user rotate {name}`")
+        data["users"][name] = {"token_sha256": token_digest(token).hex(), **({"admin": True} if args.admin else {})}
+    edit_config(path, add)
+    cfg = AgentConfig.load(path)
+    mirror_root(cfg.state_dir, name).mkdir(parents=True, exist_ok=True, mode=0o700)  # rrsync's DIR
+    hand_out_token(name, token, args.token_file, f"added user {name}" + (" (admin)" if args.admin else ""))
+    if key:
+        install_key_line(rrsync_key_line(cfg.state_dir, name, key), args.authorized_keys,
+                         mirror_root(cfg.state_dir, name))
+    return 0
+
+
+def cmd_user_list(args) -> int:
+    cfg = AgentConfig.load(Path(args.config))
+    for name in sorted(cfg.users):
+        own = cfg.user_policy.get(name, {})
+        print("  ".join(filter(None, [
+            name, "admin" if name in cfg.admins else "", f"{len(user_projects(cfg.state_dir, name))} project(s)",
+            ("own policy: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(own.items()))) if own else ""])))
+    return 0
+
+
+def cmd_user_remove(args) -> int:
+    path = Path(args.config)
+    if args.cancel_jobs:  # first: the server reads it when it sees the config change
+        request_cancel(AgentConfig.load(path).state_dir, args.name)
+
+    def remove(data: dict) -> None:
+        existing_user(data, args.name, path)
+        del data["users"][args.name]
+    edit_config(path, remove)
+    pw.say(f"removed user {args.name}: their token is refused from now on; their "
+           + ("jobs are cancelled" if args.cancel_jobs else "queued jobs end, a running one finishes")
+           + "; their files stay in the state folder")
+    if args.authorized_keys:
+        dropped = drop_key_lines(Path(args.authorized_keys), AgentConfig.load(path).state_dir, args.name)
+        pw.say(f"removed {dropped} key line(s) of {args.name} from {args.authorized_keys}")
+    return 0
+
+
+def cmd_user_rotate(args) -> int:
+    path = Path(args.config)
+    token = new_token()
+    if args.cancel_jobs:
+        request_cancel(AgentConfig.load(path).state_dir, args.name)
+
+    def rotate(data: dict) -> None:
+        existing_user(data, args.name, path)["token_sha256"] = token_digest(token).hex()
+    edit_config(path, rotate)
+    hand_out_token(args.name, token, args.token_file, f"new token for user {args.name} (the old one is refused now)")
+    return 0
+
+
+def request_cancel(state_dir: Path, user: str) -> None:
+    folder = cancel_requests_dir(state_dir)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (folder / user).write_text("cancel every job of this user\n")
+
+
+USER_COMMANDS = {"add": cmd_user_add, "list": cmd_user_list, "remove": cmd_user_remove, "rotate": cmd_user_rotate}
+
+
+def cmd_user(args) -> int:
+    return USER_COMMANDS[args.action](args)
+
+
+def cmd_policy(args) -> int:
+    cfg = AgentConfig.load(Path(args.config))
+    if args.name not in cfg.users:
+        raise UsageError(f"{cfg.path} has no user {args.name!r}", "see them with `patchwire-agent user list`")
+    policy = cfg.policy(args.name)
+    print(f"policy of user {args.name}" + (" (admin)" if args.name in cfg.admins else ""))
+    for key in POLICY_SCHEMA:
+        value = policy.values[key]
+        shown = "none" if value is None else json.dumps(value)
+        print(f"  {key:<17} {shown:<24} from {policy.sources[key]}")
+    print(f"  on the box now: {len(user_projects(cfg.state_dir, args.name))} project(s)")
+    return 0
+
+
+# --- SSH keys restricted to one user's mirror folder (rrsync)
+
+
+def read_ssh_key(name: str) -> str:
+    try:
+        line = Path(name).read_text().strip()
+    except OSError as e:
+        raise UsageError(f"cannot read the SSH key {name}: {e.strerror}")
+    fields = line.split()
+    if len(fields) < 2 or not (fields[0].startswith(("ssh-", "ecdsa-", "sk-"))) or "\n" in line:
+        raise UsageError(f"{name} is not one SSH public key line", "give the .pub file, e.g. ~/.ssh/id_ed25519.pub")
+    return " ".join(fields[:2])
+
+
+def find_rrsync() -> Optional[str]:
+    found = shutil.which("rrsync")
+    for candidate in ([found] if found else []) + ["/usr/bin/rrsync", "/usr/local/bin/rrsync",
+                                                   "/opt/homebrew/bin/rrsync"]:
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def rrsync_key_line(state_dir: Path, user: str, key: str) -> str:
+    """An authorized_keys line that lets the key only rsync INTO the user's mirror folder:
+    `restrict` (no shell, tty or forwarding) and a forced rrsync. -absolute lets the laptop
+    keep sending the absolute mirror path /v1/me gives it; -no-lock lets two projects of one
+    user sync at once."""
+    rrsync = find_rrsync()
+    options = ["-wo"]
+    if rrsync and b"-absolute" in Path(rrsync).read_bytes():
+        options += ["-absolute", "-no-lock"]
+    else:
+        pw.say(RRSYNC_MISSING if not rrsync else
+               f"{rrsync} is older and lacks -absolute: the laptop's sync needs an rrsync that has it "
+               "(rsync's current support/rrsync)")
+        options += ["-no-lock"]
+    command = f"{rrsync or 'rrsync'} {' '.join(options)} {mirror_root(state_dir, user)}"
+    return f'restrict,command="{command}" {key} patchwire:{user}'
+
+
+def install_key_line(line: str, authorized_keys: Optional[str], folder: Path) -> None:
+    if not authorized_keys:
+        pw.say("add this line to ~/.ssh/authorized_keys of the box account that runs patchwire-agent:")
+        print(line, flush=True)
+        return
+    path = Path(authorized_keys)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    old = path.read_text() if path.exists() else ""
+    write_private(path, old + ("" if not old or old.endswith("\n") else "\n") + line + "\n")
+    pw.say(f"appended the key line to {path}: that key may only rsync into {folder}")
+
+
+def drop_key_lines(path: Path, state_dir: Path, user: str) -> int:
+    if not path.exists():
+        return 0
+    marker = f" {mirror_root(state_dir, user)}\""
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [l for l in lines if marker not in l]
+    write_private(path, "".join(kept))
+    return len(lines) - len(kept)
+
+
 COMMANDS = {
     "init": (cmd_init, "write a commented starter config with one user and print its token"),
     "serve": (cmd_serve, "run the HTTP server"),
+    "user": (cmd_user, "add, list, remove users or rotate a token (a running server picks it up)"),
+    "policy": (cmd_policy, "print a user's effective policy and where each value comes from"),
 }
 
 
@@ -1769,14 +1975,51 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     p = {name: sub.add_parser(name, help=help_, description=help_) for name, (_, help_) in COMMANDS.items()}
     for name in p:
-        p[name].add_argument("-c", "--config", required=True, help="the agent's TOML config file")
+        if name != "user":
+            add_config_option(p[name])
     p["init"].add_argument("--user", default=os.environ.get("USER") or "me", help="first user's name")
     p["init"].add_argument("--token-file", help="write the token to this file (mode 600) instead of printing it")
     p["init"].add_argument("--listen", default=DEFAULT_LISTEN, help="HOST:PORT (default %(default)s)")
     p["init"].add_argument("--state-dir", help="where jobs, mirrors and job folders live")
     p["init"].add_argument("--force", action="store_true", help="replace an existing config")
     p["serve"].add_argument("-v", "--verbose", action="store_true", help="log every request")
+    add_user_parsers(p["user"])
+    p["policy"].add_argument("name", help="the user's name")
     return parser
+
+
+def default_config() -> str:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "patchwire", "agent.toml")
+
+
+def add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", default=default_config(),
+                        help="the agent's TOML config file (default: %(default)s)")
+
+
+def add_user_parsers(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION")
+    sub.required = True
+    helps = {"add": "add a user and print their token once", "list": "list the users",
+             "remove": "remove a user: their token stops working at once",
+             "rotate": "give a user a new token: the old one stops working at once"}
+    p = {name: sub.add_parser(name, help=text, description=text) for name, text in helps.items()}
+    for name, action in p.items():
+        add_config_option(action)
+        if name != "list":
+            action.add_argument("name", help="the user's name")
+    for name in ("add", "rotate"):
+        p[name].add_argument("--token-file", help="write the token to this file (mode 600) instead of printing it")
+    p["add"].add_argument("--admin", action="store_true", help="may also read everyone's usage and metrics")
+    p["add"].add_argument("--ssh-key", metavar="FILE",
+                          help="the user's SSH public key: print an authorized_keys line that may only "
+                               "rsync into the user's own mirror folder (rrsync)")
+    p["add"].add_argument("--authorized-keys", metavar="FILE", help="append that line to FILE instead of printing it")
+    p["remove"].add_argument("--authorized-keys", metavar="FILE", help="also drop the user's key lines from FILE")
+    for name in ("remove", "rotate"):
+        p[name].add_argument("--cancel-jobs", action="store_true",
+                             help="also cancel the user's running job (queued ones end on remove anyway)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

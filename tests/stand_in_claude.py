@@ -9,6 +9,7 @@ a real part: the AI. It reads the prompt on stdin.
 What it does is scripted by the prompt: a line `#pw-script <JSON list>` holds steps, e.g.
     #pw-script [{"write": "a.txt", "text": "hi\\n"}, {"say": "done"}]
 Steps: write (text or b64), delete, rename [a, b], chmod [path, "755"], say, sleep,
+wait_file (until that path exists; at most max_s, default 60),
 exit (code, no result line), error (is_error true, exit 1), deny (tool name; exit 0 with
 permission_denials), hang (sleeps forever, with a child in its process group), spawn_ignoring_term.
 Without a script it makes one small, visible edit: it adds a line to PATCHWIRE_DEMO.md.
@@ -126,6 +127,10 @@ class StandIn:
             self.tool("Bash", {"command": "chmod %s %s" % (mode, path), "description": "Mode"})
         elif "sleep" in step:
             time.sleep(step["sleep"])
+        elif "wait_file" in step:  # a gate the test opens: jobs that wait without timed sleeps
+            deadline = time.monotonic() + step.get("max_s", 60)
+            while not os.path.exists(step["wait_file"]) and time.monotonic() < deadline:
+                time.sleep(0.02)
         elif "exit" in step:
             sys.stderr.write("stand-in: exiting with %d as scripted\n" % step["exit"])
             return step["exit"]
