@@ -411,3 +411,79 @@ def test_a_broken_config_keeps_the_old_one_in_force(make_agent):
     assert agent.request("GET", "/v1/me")[0] == 200
     wait_until(lambda: "config not reloaded" in agent.read_log(), what="the log line")
     assert "rate_limit must be COUNT/UNIT" in agent.read_log()
+
+
+# ------------------------------------------------------------------ SSH keys restricted by rrsync
+
+
+@pytest.mark.slow
+def test_an_rrsync_key_syncs_its_own_mirror_and_nothing_else(make_agent, tmp_path):
+    import shutil
+    import subprocess
+    from sshd import generate_key, running_sshd
+    from test_ssh import close_master, write_sync_options
+    if not AGENT.find_rrsync():
+        pytest.skip("rrsync is not installed (Debian: apt install rsync)")
+    agent = make_agent(users=("alice", "bob"))
+    bob_mirror = agent.state_dir / "users/bob/mirror"
+    assert agent.json("GET", "/v1/me?project=web", token=agent.tokens["bob"])[0] == 200
+    (bob_mirror / "web" / "keep.txt").write_text("bob's\n")
+    with running_sshd(tmp_path / "sshd") as server:
+        try:
+            generate_key(tmp_path / "carol_key", "carol@laptop")
+            added = agent_cli(agent, "user", "add", "carol", "--token-file", str(tmp_path / "carol.token"),
+                              "--ssh-key", str(tmp_path / "carol_key.pub"),
+                              "--authorized-keys", str(server.tmpdir / "authorized_keys"))
+            assert added.returncode == 0, added.stderr
+            line = (server.tmpdir / "authorized_keys").read_text().splitlines()[-1]
+            assert line.startswith('restrict,command="') and " -wo " in line
+            assert line.endswith("patchwire:carol") and str(agent.state_dir / "users/carol/mirror") in line
+            agent.tokens["carol"] = (tmp_path / "carol.token").read_text().strip()
+            carol_ssh = server.write_client_config(tmp_path / "carol_ssh_config", tmp_path / "carol_key")
+
+            # the laptop's own sync works through the forced rrsync, unchanged
+            root = make_repo(tmp_path / "carol" / "app", {"README.md": b"# carol\n", "src/a.py": b"a = 1\n"})
+            lap = Laptop(root)
+            lap.init(agent, "--ssh", server.alias, user="carol")
+            write_sync_options(lap, ssh_options=["-F", str(carol_ssh)])
+            lap.run("sync", check=0)
+            mine = agent.state_dir / "users/carol/mirror/app"
+            assert (mine / "README.md").read_bytes() == b"# carol\n"
+            assert (mine / "src/a.py").read_bytes() == b"a = 1\n"
+
+            ssh = f"ssh -F {carol_ssh}"
+            bob_before = sorted(str(p.relative_to(bob_mirror)) for p in bob_mirror.rglob("*"))
+            evil = tmp_path / "evil.txt"
+            evil.write_text("pwned\n")
+            attempts = [  # into bob's folder by absolute path, by .., and reading carol's own files
+                ["rsync", "-a", "-e", ssh, str(evil), f"{server.alias}:{bob_mirror}/web/"],
+                ["rsync", "-a", "-e", ssh, str(evil), f"{server.alias}:../../bob/mirror/web/"],
+                ["rsync", "-a", "-e", ssh, f"{server.alias}:{mine}/README.md", str(tmp_path / "stolen")],
+            ]
+            said = []
+            for argv in attempts:
+                tried = subprocess.run(argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+                assert tried.returncode != 0, argv
+                said.append(tried.stderr)
+            assert sorted(str(p.relative_to(bob_mirror)) for p in bob_mirror.rglob("*")) == bob_before
+            assert (bob_mirror / "web" / "keep.txt").read_text() == "bob's\n"
+            assert not (tmp_path / "stolen").exists()
+            assert "do not use .." in said[1] and "write-only" in said[2]
+            # no shell: the forced command runs instead, and refuses
+            marker = tmp_path / "shell-ran"
+            shell = subprocess.run(["ssh", "-F", str(carol_ssh), server.alias, f"touch {marker}; echo shell-ok"],
+                                   capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+            assert shell.returncode != 0 and "shell-ok" not in shell.stdout
+            assert "does not run rsync" in shell.stderr
+            assert not marker.exists()
+            tty = subprocess.run(["ssh", "-F", str(carol_ssh), "-tt", server.alias],
+                                 capture_output=True, text=True, timeout=60, input="echo shell-ok\nexit\n")
+            assert "shell-ok" not in tty.stdout.replace("echo shell-ok", "")
+            # removing the user also drops the key line
+            removed = agent_cli(agent, "user", "remove", "carol", "--authorized-keys",
+                                str(server.tmpdir / "authorized_keys"))
+            assert removed.returncode == 0, removed.stderr
+            assert "patchwire:carol" not in (server.tmpdir / "authorized_keys").read_text()
+            assert (server.tmpdir / "authorized_keys").read_text().strip()  # the fixture's own key stays
+        finally:
+            close_master(server)
