@@ -3,11 +3,13 @@ synced project and returns a git diff.
 
 Data flow for one ask:
 
-    laptop rsyncs files     -> mirror/<user>/<project>/            (never the AI's cwd)
-    POST /v1/ask            -> snapshot: a commit of exactly the files listed in the ask
+    laptop rsyncs files     -> users/<user>/mirror/<project>/      (never the AI's cwd)
+    POST /v1/ask            -> the user's policy: project allowlist, limits (403/413/429)
+                            -> snapshot: a commit of exactly the files listed in the ask
                                (a private index over the mirror); 409 when its tree id
                                differs from the laptop's, naming the paths
-                            -> fair queue (round robin over users)
+                            -> fair queue (the user served longest ago first; FIFO
+                               within a user; [jobs] workers runs at once)
                             -> a warm job folder (git worktree) moved to the snapshot,
                                cleaned and checked clean before the AI starts
                             -> [ai] command, prompt on stdin, own process group, timeout
@@ -15,11 +17,24 @@ Data flow for one ask:
                             -> git add -A; git diff --cached --binary --full-index -M snap
                                -> stored patch, stats
 
-Commands:
+Commands (-c CONFIG defaults to $XDG_CONFIG_HOME/patchwire/agent.toml):
     patchwire-agent init -c CONFIG [--user NAME] [--token-file PATH]
         write a commented starter config with one user; print its token once
     patchwire-agent serve -c CONFIG
-        run the HTTP server
+        run the HTTP server; SIGHUP (or any change of the file) reloads users and policy
+    patchwire-agent user add NAME [--admin] [--ssh-key FILE [--authorized-keys FILE]]
+    patchwire-agent user list | remove NAME [--cancel-jobs] | rotate NAME [--cancel-jobs]
+        manage users and tokens (only sha256 digests are stored); with --ssh-key, an
+        authorized_keys line that may only rsync into the user's own mirror (rrsync)
+    patchwire-agent policy NAME
+        the user's effective policy, and where each value comes from
+
+Team mode: each user's mirrors, repositories and job folders live under users/<user>/;
+a user can reach only their own jobs (any other id is 404, as if it did not exist).
+`[policy]` holds defaults, `[users.NAME]` overrides: projects (name patterns), rate_limit
+("30/hour", counted from the stored jobs, so it survives a restart), max_queued,
+max_running, timeout_s (ceiling), max_prompt_bytes, max_projects. Each refusal is a JSON
+error with code "policy" naming the limit, its value and the rule that set it.
 
 HTTP API (JSON; `Authorization: Bearer TOKEN` on all but health):
     GET    /v1/health                       version, queue depth, whether the AI is found
@@ -114,7 +129,18 @@ CONFIG_TEMPLATE = """\
 [jobs]
 # workers: AI runs at once on this box; slots: warm job folders per user and project.
 {jobs}
-# One table per user. Only the sha256 of each token is stored here.
+# The policy table holds defaults for every user; users.NAME may override each key.
+# `patchwire-agent policy NAME` shows what applies. The built-in defaults:
+# [policy]  (uncomment to change)
+# projects = ["*"]            # allowed project names (patterns)
+# rate_limit = "30/hour"      # for example (default: no limit); per second, minute, hour or day
+# max_queued = 100            # jobs waiting per user
+# max_running = 2             # AI runs at once per user (default: jobs.workers)
+# timeout_s = 7200            # ceiling of an ask's timeout (default: ai.max_timeout_s)
+# max_prompt_bytes = 1048576
+# max_projects = 50           # projects (mirror + repository) per user on this box
+
+# One table per user (`patchwire-agent user add NAME`). Only the sha256 of each token is stored.
 {users}"""
 
 
@@ -1773,6 +1799,8 @@ def edit_config(path: Path, change: Callable[[dict], Any]) -> Any:
     """Read, change, check and atomically replace the config, one editor at a time; the
     other keys and users stay as they were."""
     import fcntl
+    if not path.is_file():
+        raise UsageError(f"{path}: no such config file", f"create it with `patchwire-agent init -c {path}`")
     with open(path.parent / f".{path.name}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = pw.load_toml(path)

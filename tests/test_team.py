@@ -136,6 +136,30 @@ def test_three_users_interleave_round_robin(make_agent, tmp_path):
     assert any(isinstance(e.get("estimate_s"), int) for e in positions), positions
 
 
+def test_queue_order_is_the_order_of_service_and_a_returning_user_goes_first():
+    queue = AGENT.FairQueue()
+    put = lambda job, user: queue.put(AGENT.QueueItem(job, user, "p"))
+    for n in range(3):
+        put(f"a{n}", "alice")
+    put("b0", "bob")
+    assert queue.order() == ["a0", "b0", "a1", "a2"]
+    taken = [queue.take(lambda i: True).job_id for _ in range(2)]
+    assert taken == ["a0", "b0"]
+    put("c0", "carol")  # never served: ahead of alice, who was
+    put("b1", "bob")  # back after a pause, but served after alice: behind her
+    assert queue.order() == ["c0", "a1", "b1", "a2"]
+    assert [queue.take(lambda i: True).job_id for _ in range(4)] == ["c0", "a1", "b1", "a2"]
+
+
+def test_queue_skips_a_user_at_their_limit_without_losing_their_turn():
+    queue = AGENT.FairQueue()
+    for job, user in (("a0", "alice"), ("a1", "alice"), ("b0", "bob")):
+        queue.put(AGENT.QueueItem(job, user, "p"))
+    assert queue.take(lambda i: i.user != "alice").job_id == "b0"  # alice at max_running
+    assert queue.order() == ["a0", "a1"]
+    assert queue.jobs_of("alice") == ["a0", "a1"] and queue.jobs_of("bob") == []
+
+
 # ------------------------------------------------------------------ isolation
 
 
@@ -487,3 +511,12 @@ def test_an_rrsync_key_syncs_its_own_mirror_and_nothing_else(make_agent, tmp_pat
             assert (server.tmpdir / "authorized_keys").read_text().strip()  # the fixture's own key stays
         finally:
             close_master(server)
+
+
+def test_the_config_defaults_to_the_xdg_path(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    assert patchwire_agent.main(["init", "--user", "ann", "--token-file", str(tmp_path / "t")]) == 0
+    assert (tmp_path / "xdg/patchwire/agent.toml").is_file()
+    assert patchwire_agent.main(["user", "add", "ben", "--token-file", str(tmp_path / "b")]) == 0
+    assert patchwire_agent.main(["user", "list"]) == 0
+    assert [l.split()[0] for l in capsys.readouterr().out.splitlines()] == ["ann", "ben"]
