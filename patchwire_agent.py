@@ -24,6 +24,7 @@ Commands (-c CONFIG defaults to $XDG_CONFIG_HOME/patchwire/agent.toml):
         run the HTTP server; SIGHUP (or any change of the file) reloads users and policy
     patchwire-agent user add NAME [--admin] [--ssh-key FILE [--authorized-keys FILE]]
     patchwire-agent user list | remove NAME [--cancel-jobs] | rotate NAME [--cancel-jobs]
+    patchwire-agent user key NAME --ssh-key FILE [--authorized-keys FILE]
         manage users and tokens (only sha256 digests are stored); with --ssh-key, an
         authorized_keys line that may only rsync into the user's own mirror (rrsync)
     patchwire-agent policy NAME
@@ -1897,13 +1898,26 @@ def cmd_user_rotate(args) -> int:
     return 0
 
 
+def cmd_user_key(args) -> int:
+    """The authorized_keys line for an existing user (a new laptop, a new key)."""
+    cfg = AgentConfig.load(Path(args.config))
+    if args.name not in cfg.users:
+        raise UsageError(f"{cfg.path} has no user {args.name!r}", "see them with `patchwire-agent user list`")
+    key = read_ssh_key(args.ssh_key)
+    mirror_root(cfg.state_dir, args.name).mkdir(parents=True, exist_ok=True, mode=0o700)
+    install_key_line(rrsync_key_line(cfg.state_dir, args.name, key), args.authorized_keys,
+                     mirror_root(cfg.state_dir, args.name))
+    return 0
+
+
 def request_cancel(state_dir: Path, user: str) -> None:
     folder = cancel_requests_dir(state_dir)
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     (folder / user).write_text("cancel every job of this user\n")
 
 
-USER_COMMANDS = {"add": cmd_user_add, "list": cmd_user_list, "remove": cmd_user_remove, "rotate": cmd_user_rotate}
+USER_COMMANDS = {"add": cmd_user_add, "list": cmd_user_list, "remove": cmd_user_remove, "rotate": cmd_user_rotate,
+                 "key": cmd_user_key}
 
 
 def cmd_user(args) -> int:
@@ -2031,7 +2045,8 @@ def add_user_parsers(parser: argparse.ArgumentParser) -> None:
     sub.required = True
     helps = {"add": "add a user and print their token once", "list": "list the users",
              "remove": "remove a user: their token stops working at once",
-             "rotate": "give a user a new token: the old one stops working at once"}
+             "rotate": "give a user a new token: the old one stops working at once",
+             "key": "print (or append) an authorized_keys line for a user's SSH key"}
     p = {name: sub.add_parser(name, help=text, description=text) for name, text in helps.items()}
     for name, action in p.items():
         add_config_option(action)
@@ -2040,10 +2055,13 @@ def add_user_parsers(parser: argparse.ArgumentParser) -> None:
     for name in ("add", "rotate"):
         p[name].add_argument("--token-file", help="write the token to this file (mode 600) instead of printing it")
     p["add"].add_argument("--admin", action="store_true", help="may also read everyone's usage and metrics")
-    p["add"].add_argument("--ssh-key", metavar="FILE",
-                          help="the user's SSH public key: print an authorized_keys line that may only "
-                               "rsync into the user's own mirror folder (rrsync)")
-    p["add"].add_argument("--authorized-keys", metavar="FILE", help="append that line to FILE instead of printing it")
+    p["key"].add_argument("--ssh-key", metavar="FILE", required=True, help="the user's SSH public key")
+    for name in ("add", "key"):
+        if name == "add":
+            p[name].add_argument("--ssh-key", metavar="FILE",
+                                 help="the user's SSH public key: print an authorized_keys line that may only "
+                                      "rsync into the user's own mirror folder (rrsync)")
+        p[name].add_argument("--authorized-keys", metavar="FILE", help="append that line to FILE instead of printing it")
     p["remove"].add_argument("--authorized-keys", metavar="FILE", help="also drop the user's key lines from FILE")
     for name in ("remove", "rotate"):
         p[name].add_argument("--cancel-jobs", action="store_true",
