@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -521,3 +522,30 @@ def test_the_config_defaults_to_the_xdg_path(tmp_path, monkeypatch, capsys):
     assert patchwire_agent.main(["user", "add", "ben", "--token-file", str(tmp_path / "b")]) == 0
     assert patchwire_agent.main(["user", "list"]) == 0
     assert [l.split()[0] for l in capsys.readouterr().out.splitlines()] == ["ann", "ben"]
+
+
+def test_a_state_folder_of_0_3_moves_to_one_folder_per_user(make_agent, tmp_path):
+    agent = make_agent()
+    lap = synced_laptop(tmp_path, agent, "alice")
+    first = post_ask(agent, ask_body(lap, script({"write": "one.txt", "text": "1\n"})))["id"]
+    assert agent.wait_job(first)["status"] == "done"
+    agent.stop()
+    # the 0.3 layout: mirror/alice, projects/alice; worktrees record their folders' paths
+    state = agent.state_dir
+    os.makedirs(state / "mirror")
+    os.makedirs(state / "projects")
+    os.replace(state / "users/alice/mirror", state / "mirror/alice")
+    os.replace(state / "users/alice/projects", state / "projects/alice")
+    for gitdir in (state / "projects/alice/laptop/git/worktrees").glob("*/gitdir"):
+        gitdir.write_text(f"{state}/projects/alice/laptop/slots/{gitdir.parent.name}/.git\n")
+    os.rmdir(state / "users/alice")
+    agent.start()
+    assert not (state / "mirror").exists() and not (state / "projects").exists()
+    assert (state / "users/alice/mirror/laptop/README.md").read_bytes() == b"# alice\n"
+    follow = post_ask(agent, ask_body(lap, script({"write": "two.txt", "text": "2\n"}), **{"continue": first}))
+    assert agent.wait_job(follow["id"])["status"] == "done"
+    diff = agent.request("GET", f"/v1/jobs/{follow['id']}/diff")[2]
+    assert b"+++ b/one.txt" in diff and b"+++ b/two.txt" in diff  # the earlier result carried along
+    listed = subprocess.run(["git", "--git-dir", str(state / "users/alice/projects/laptop/git"), "worktree", "list"],
+                            capture_output=True, text=True, check=True).stdout
+    assert str(state / "users/alice/projects/laptop/slots") in listed and "prunable" not in listed
