@@ -1031,6 +1031,8 @@ class Agent:
 
     def start(self) -> None:
         self.recover()
+        for user in sorted({job["user"] for job in self.store.jobs_with_status("queued")} - set(self.cfg.users)):
+            self.cancel_user_jobs(user, f"user {user} was removed", running=False)
         self.apply_cancel_requests()
         for n in range(self.cfg.workers):
             t = threading.Thread(target=self.work, name=f"worker-{n}", daemon=True)
@@ -1191,10 +1193,10 @@ class Agent:
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise HTTPFailure(HTTPStatus.BAD_REQUEST, "prompt must be a non-empty string", code="bad_request")
-        if len(prompt.encode("utf-8", "surrogatepass")) > policy.max_prompt_bytes:
+        size = len(prompt.encode("utf-8", "surrogatepass"))
+        if size > policy.max_prompt_bytes:
             raise policy_refusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, policy, "max_prompt_bytes",
-                                 f"the prompt has {len(prompt.encode('utf-8', 'surrogatepass'))} bytes",
-                                 "shorten it, or put the long part in a file of the project")
+                                 f"the prompt has {size} bytes", "shorten it, or put the long part in a file of the project")
         tree = body.get("tree")
         if not isinstance(tree, str) or not re.fullmatch(r"[0-9a-f]{40}([0-9a-f]{24})?", tree):
             raise HTTPFailure(HTTPStatus.BAD_REQUEST, "tree must be a git tree id", code="bad_request")
@@ -1790,7 +1792,7 @@ def cmd_serve(args) -> int:
 
 CONFIG_HEADER = ("# patchwire-agent configuration (rewritten by `patchwire-agent user`; comments are not "
                  "kept).\n# Reference: README.md, \"Agent config\" and \"Team setup\".\n\n")
-RRSYNC_MISSING = ("rrsync is not installed on this box, so the key line above will not work yet. "
+RRSYNC_MISSING = ("rrsync is not installed on this box, so the key line below will not work yet. "
                   "rrsync ships with rsync 3.2.4 and later: Debian/Ubuntu `apt install rsync` "
                   "(/usr/bin/rrsync); macOS `brew install rsync` (then use the rrsync from "
                   "$(brew --prefix rsync)); elsewhere copy support/rrsync from rsync's source")

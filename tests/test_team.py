@@ -549,3 +549,17 @@ def test_a_state_folder_of_0_3_moves_to_one_folder_per_user(make_agent, tmp_path
     listed = subprocess.run(["git", "--git-dir", str(state / "users/alice/projects/laptop/git"), "worktree", "list"],
                             capture_output=True, text=True, check=True).stdout
     assert str(state / "users/alice/projects/laptop/slots") in listed and "prunable" not in listed
+
+
+def test_a_user_removed_while_the_server_was_down_has_no_job_run(make_agent, tmp_path):
+    agent = make_agent(users=("alice", "bob"), jobs={"workers": 1})
+    lap = synced_laptop(tmp_path, agent, "bob")
+    running = ask_as(agent, "bob", ask_body(lap, gated(tmp_path / "never")))["id"]
+    wait_event(agent, "bob", running, "started")
+    queued = ask_as(agent, "bob", ask_body(lap, script({"write": "x.txt", "text": "x\n"})))["id"]
+    agent.stop()
+    assert agent_cli(agent, "user", "remove", "bob").returncode == 0
+    agent.start()
+    wait_until(lambda: agent_events_as_admin(agent, queued)[-1]["type"] == "cancelled", what="the queued job to end")
+    assert "started" not in [e["type"] for e in agent_events_as_admin(agent, queued)]
+    assert agent_events_as_admin(agent, queued)[-1]["reason"] == "user bob was removed"
