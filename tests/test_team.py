@@ -563,3 +563,75 @@ def test_a_user_removed_while_the_server_was_down_has_no_job_run(make_agent, tmp
     wait_until(lambda: agent_events_as_admin(agent, queued)[-1]["type"] == "cancelled", what="the queued job to end")
     assert "started" not in [e["type"] for e in agent_events_as_admin(agent, queued)]
     assert agent_events_as_admin(agent, queued)[-1]["reason"] == "user bob was removed"
+
+
+# ------------------------------------------------------------------ limits under concurrency
+
+
+def test_limits_hold_under_concurrent_requests(make_agent, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    agent = make_agent(jobs={"workers": 1}, start=False)
+    edit_config(agent, lambda d: d.update(policy={"max_projects": 4, "max_queued": 3}))
+    agent.start()
+    lap = synced_laptop(tmp_path, agent, "alice")  # project 1 of 4
+    with ThreadPoolExecutor(12) as pool:
+        statuses = list(pool.map(lambda n: agent.request("GET", f"/v1/me?project=p{n}")[0], range(12)))
+    assert sorted(statuses) == [200] * 3 + [403] * 9
+    assert len(os.listdir(agent.state_dir / "users/alice/mirror")) == 4
+
+    running = post_ask(agent, ask_body(lap, gated(tmp_path / "gate")))["id"]
+    wait_for_event(agent, running, "started")
+    body = ask_body(lap, script({"say": "queued"}))
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(lambda _: agent.request("POST", "/v1/ask", body), range(10)))
+    assert sorted(a[0] for a in answers) == [202] * 3 + [429] * 7
+    (tmp_path / "gate").write_text("go")
+    accepted = [json.loads(a[2])["id"] for a in answers if a[0] == 202]
+    assert all(i["status"] == "done" for i in finish_all(agent, {j: "alice" for j in [running] + accepted}).values())
+
+
+# ------------------------------------------------------------------ config and presentation
+
+
+@pytest.mark.parametrize("table, words", [
+    ('[policy]\nrate_limit = "30 per hour"', ["policy.rate_limit must be COUNT/UNIT", "30/hour"]),
+    ('[policy]\nmax_queued = 0', ["policy.max_queued must be a positive integer"]),
+    ('[policy]\nprojects = []', ["policy.projects is empty"]),
+    ('[policy]\nmax_projcts = 3', ["unknown key 'max_projcts' in [policy]"]),
+    ('[users.zed]\ntoken_sha256 = "' + "a" * 64 + '"\nmax_running = "two"', ["users.zed.max_running must be a positive integer"]),
+    ('[users.zed]\ntoken_sha256 = "' + "a" * 64 + '"\nrate_limit = "5/fortnight"', ["users.zed.rate_limit must be COUNT/UNIT"]),
+])
+def test_bad_policy_is_refused_naming_the_key(tmp_path, table, words):
+    path = tmp_path / "agent.toml"
+    assert patchwire_agent.main(["init", "-c", str(path), "--token-file", str(tmp_path / "t")]) == 0
+    text = path.read_text() + "\n" + table + "\n"
+    with pytest.raises(patchwire_agent.PatchwireError) as failure:
+        patchwire_agent.AgentConfig(path, patchwire_agent.pw.parse_toml(text, path))
+    for word in words:
+        assert word in str(failure.value)
+
+
+def test_policy_values_and_their_sources(tmp_path):
+    path = tmp_path / "agent.toml"
+    text = ('[ai]\ntimeout_s = 300\nmax_timeout_s = 600\n[jobs]\nworkers = 3\n[policy]\nrate_limit = "10/minute"\ntimeout_s = 9000\n'
+            '[users.ann]\ntoken_sha256 = "' + "a" * 64 + '"\nprojects = ["web-*"]\ntimeout_s = 60\n')
+    cfg = patchwire_agent.AgentConfig(path, patchwire_agent.pw.parse_toml(text, path))
+    ann = cfg.policy("ann")
+    assert (ann.projects, ann.sources["projects"]) == (["web-*"], "[users.ann]")
+    assert (ann.rate_window(), ann.sources["rate_limit"]) == ((10, 60), "[policy]")
+    assert (ann.timeout_s, ann.max_running, ann.sources["max_running"]) == (60, 3, "[jobs] workers")
+    assert ann.allows_project("web-app") and not ann.allows_project("api")
+    # a [policy] ceiling above the box's own is the box's own
+    assert (cfg.policy("ben").timeout_s, cfg.policy("ben").sources["timeout_s"]) == (600, "[ai] max_timeout_s")
+    assert ann.rule("projects") == '[users.ann] projects = ["web-*"]'
+
+
+def test_the_laptop_shows_place_and_estimate(capsys):
+    printer = patchwire_agent.pw.ProgressPrinter(patchwire_agent.pw.Style(False))
+    printer({"type": "queued", "job": "abc", "position": 3, "estimate_s": 95})
+    printer({"type": "position", "position": 1, "estimate_s": 600})
+    printer({"type": "position", "position": 0, "estimate_s": None})
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].endswith("queued as job abc, 3 ahead, starts in about 95 s")
+    assert lines[1].endswith("waiting: 1 ahead in the queue, starts in about 10 min")
+    assert lines[2].endswith("waiting: 0 ahead in the queue")
