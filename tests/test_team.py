@@ -11,15 +11,13 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import pytest
 
-import patchwire_agent
+import patchwire_agent as AGENT
 from conftest import Laptop, make_repo, script, tomli_w, tomllib
 from test_api import ask_body, assert_json_error, post_ask, wait_for_event
-
-AGENT = patchwire_agent
 
 
 # ------------------------------------------------------------------ helpers
@@ -67,11 +65,14 @@ def job_of(agent, user: str, job: str) -> dict:
     return agent.json("GET", f"/v1/jobs/{job}", token=agent.tokens[user])[1]
 
 
+def ended(agent, user: str, job: str) -> Optional[dict]:
+    info = job_of(agent, user, job)
+    return info if info["status"] in ("done", "failed", "cancelled") else None
+
+
 def finish_all(agent, jobs: Dict[str, str]) -> Dict[str, dict]:
     """{job: job info} once every job (job -> user) has ended."""
-    return {job: wait_until(lambda: (lambda info: info if info["status"] in ("done", "failed", "cancelled")
-                                     else None)(job_of(agent, user, job)), what=f"job {job}")
-            for job, user in jobs.items()}
+    return {job: wait_until(lambda: ended(agent, user, job), what=f"job {job}") for job, user in jobs.items()}
 
 
 def edit_config(agent, change) -> None:
@@ -80,8 +81,7 @@ def edit_config(agent, change) -> None:
     agent.config.write_text(tomli_w.dumps(data))
 
 
-def agent_cli(agent, *args: str) -> "subprocess.CompletedProcess":
-    import subprocess
+def agent_cli(agent, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(agent.program + list(args) + ["-c", str(agent.config)], capture_output=True,
                           text=True, timeout=60, env=agent.env)
 
@@ -420,7 +420,7 @@ def test_sighup_reloads_a_change_the_file_watch_cannot_see(make_agent):
     # same size, same inode, same mtime: only SIGHUP tells the server
     before = os.stat(agent.config)
     text = agent.config.read_text()
-    digest = patchwire_agent.token_digest(bob).hex()
+    digest = AGENT.token_digest(bob).hex()
     with open(agent.config, "r+") as f:
         f.write(text.replace(digest, "0" * 64))
     os.utime(agent.config, ns=(before.st_atime_ns, before.st_mtime_ns))
@@ -444,8 +444,6 @@ def test_a_broken_config_keeps_the_old_one_in_force(make_agent):
 
 @pytest.mark.slow
 def test_an_rrsync_key_syncs_its_own_mirror_and_nothing_else(make_agent, tmp_path):
-    import shutil
-    import subprocess
     from sshd import generate_key, running_sshd
     from test_ssh import close_master, write_sync_options
     if not AGENT.find_rrsync():
@@ -517,10 +515,10 @@ def test_an_rrsync_key_syncs_its_own_mirror_and_nothing_else(make_agent, tmp_pat
 
 def test_the_config_defaults_to_the_xdg_path(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
-    assert patchwire_agent.main(["init", "--user", "ann", "--token-file", str(tmp_path / "t")]) == 0
+    assert AGENT.main(["init", "--user", "ann", "--token-file", str(tmp_path / "t")]) == 0
     assert (tmp_path / "xdg/patchwire/agent.toml").is_file()
-    assert patchwire_agent.main(["user", "add", "ben", "--token-file", str(tmp_path / "b")]) == 0
-    assert patchwire_agent.main(["user", "list"]) == 0
+    assert AGENT.main(["user", "add", "ben", "--token-file", str(tmp_path / "b")]) == 0
+    assert AGENT.main(["user", "list"]) == 0
     assert [l.split()[0] for l in capsys.readouterr().out.splitlines()] == ["ann", "ben"]
 
 
@@ -603,10 +601,10 @@ def test_limits_hold_under_concurrent_requests(make_agent, tmp_path):
 ])
 def test_bad_policy_is_refused_naming_the_key(tmp_path, table, words):
     path = tmp_path / "agent.toml"
-    assert patchwire_agent.main(["init", "-c", str(path), "--token-file", str(tmp_path / "t")]) == 0
+    assert AGENT.main(["init", "-c", str(path), "--token-file", str(tmp_path / "t")]) == 0
     text = path.read_text() + "\n" + table + "\n"
-    with pytest.raises(patchwire_agent.PatchwireError) as failure:
-        patchwire_agent.AgentConfig(path, patchwire_agent.pw.parse_toml(text, path))
+    with pytest.raises(AGENT.PatchwireError) as failure:
+        AGENT.AgentConfig(path, AGENT.pw.parse_toml(text, path))
     for word in words:
         assert word in str(failure.value)
 
@@ -615,7 +613,7 @@ def test_policy_values_and_their_sources(tmp_path):
     path = tmp_path / "agent.toml"
     text = ('[ai]\ntimeout_s = 300\nmax_timeout_s = 600\n[jobs]\nworkers = 3\n[policy]\nrate_limit = "10/minute"\ntimeout_s = 9000\n'
             '[users.ann]\ntoken_sha256 = "' + "a" * 64 + '"\nprojects = ["web-*"]\ntimeout_s = 60\n')
-    cfg = patchwire_agent.AgentConfig(path, patchwire_agent.pw.parse_toml(text, path))
+    cfg = AGENT.AgentConfig(path, AGENT.pw.parse_toml(text, path))
     ann = cfg.policy("ann")
     assert (ann.projects, ann.sources["projects"]) == (["web-*"], "[users.ann]")
     assert (ann.rate_window(), ann.sources["rate_limit"]) == ((10, 60), "[policy]")
@@ -627,7 +625,7 @@ def test_policy_values_and_their_sources(tmp_path):
 
 
 def test_the_laptop_shows_place_and_estimate(capsys):
-    printer = patchwire_agent.pw.ProgressPrinter(patchwire_agent.pw.Style(False))
+    printer = AGENT.pw.ProgressPrinter(AGENT.pw.Style(False))
     printer({"type": "queued", "job": "abc", "position": 3, "estimate_s": 95})
     printer({"type": "position", "position": 1, "estimate_s": 600})
     printer({"type": "position", "position": 0, "estimate_s": None})
