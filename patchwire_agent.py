@@ -1158,9 +1158,11 @@ class Agent:
             out["mirror"] = str(self.open_project(user, check_name(project, "project")).mirror)
         return out
 
-    def open_project(self, user: str, project: str) -> ProjectRepo:
+    def open_project(self, user: str, project: str, for_ask: bool = False) -> ProjectRepo:
         """The user's project, its mirror folder made on first use (a sync or an ask), within
-        the user's allowlist and `max_projects`. The repository comes with the first ask."""
+        the user's allowlist and `max_projects`. The repository comes with the first ask, and
+        is counted on its own: folders rsynced straight into the mirror root (an SSH key can
+        do that) never add repositories past the cap."""
         policy = self.cfg.policy(user)
         if not policy.allows_project(project):
             raise policy_refusal(HTTPStatus.FORBIDDEN, policy, "projects",
@@ -1168,13 +1170,20 @@ class Agent:
         repo = self.repo(user, project)
         with self.lock:  # one check-and-create at a time: the cap holds under concurrency
             projects = user_projects(self.cfg.state_dir, user)
+            repos = {p.parent.name for p in (user_root(self.cfg.state_dir, user) / "projects").glob("*/git")}
             if project not in projects:
-                if len(projects) >= policy.max_projects:
-                    raise policy_refusal(HTTPStatus.FORBIDDEN, policy, "max_projects",
-                                         f"user {user} has {len(projects)} projects on this box already",
-                                         "remove one on the box, or ask the admin to raise the limit")
+                self._check_project_cap(policy, len(projects))
                 repo.mirror.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if for_ask and project not in repos:
+                self._check_project_cap(policy, len(repos))
         return repo
+
+    @staticmethod
+    def _check_project_cap(policy: "Policy", count: int) -> None:
+        if count >= policy.max_projects:
+            raise policy_refusal(HTTPStatus.FORBIDDEN, policy, "max_projects",
+                                 f"user {policy.user} has {count} projects on this box already",
+                                 "remove one on the box, or ask the admin to raise the limit")
 
     def health(self) -> dict:
         argv0 = self.cfg.ai_command[0]
@@ -1203,7 +1212,7 @@ class Agent:
         manifest = check_manifest(body.get("files"))
         timeout_s = self.check_timeout(policy, body.get("timeout_s", min(self.cfg.timeout_s, policy.timeout_s)))
         parent = self.parent_job(user, project, body.get("continue"))
-        repo = self.open_project(user, project)
+        repo = self.open_project(user, project, for_ask=True)
         self.admit(policy)  # refuse early, before the snapshot's work
         snapshot = repo.snapshot(tree, manifest)
         job = {"id": secrets.token_hex(6), "user": user, "project": project, "prompt": prompt,

@@ -329,6 +329,13 @@ def test_each_ceiling_is_a_clear_refusal(make_agent, tmp_path):
     assert (answer["limit"], answer["value"]) == ("max_projects", 2)
     assert sorted(os.listdir(agent.state_dir / "users/alice/mirror")) == ["laptop", "second"]
     assert agent.json("GET", "/v1/me?project=second")[0] == 200  # an existing one is fine
+    # folders rsynced straight into the mirror root make no repositories past the cap
+    for name in ("sneaky1", "sneaky2"):
+        (agent.state_dir / "users/alice/mirror" / name).mkdir()
+    assert agent.request("POST", "/v1/ask", ask_body(lap, "hi", project="sneaky1"))[0] == 409  # empty mirror
+    status, headers, data = agent.request("POST", "/v1/ask", ask_body(lap, "hi", project="sneaky2"))
+    assert_json_error(status, headers, data, 403, code="policy", words=("has 2 projects", "max_projects = 2"))
+    assert sorted(os.listdir(agent.state_dir / "users/alice/projects")) == ["laptop", "sneaky1"]
 
     # what applies, and where it comes from
     shown = agent_cli(agent, "policy", "bob")
