@@ -1694,6 +1694,8 @@ class Doctor:
             raise PatchwireError(f"cannot log in with `{shown}`: "
                                  + proc.stderr.decode(errors="replace").strip()[-300:],
                                  f"set up a key: ssh-copy-id {self.cfg.ssh} (and check ~/.ssh/config)")
+        if proc.returncode != 0 and b"rrsync" in proc.stderr:  # a team box's key runs rrsync only
+            return f"{shown} works; this key may only rsync into your folder there (rrsync)"
         if proc.returncode != 0:
             raise PatchwireError(f"rsync is missing on {self.cfg.ssh}", "install rsync on the box")
         return f"{shown} works; rsync is installed there"
