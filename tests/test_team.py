@@ -481,7 +481,9 @@ def test_an_rrsync_key_syncs_its_own_mirror_and_nothing_else(make_agent, tmp_pat
             mine = agent.state_dir / "users/carol/mirror/app"
             assert (mine / "README.md").read_bytes() == b"# carol\n"
             assert (mine / "src/a.py").read_bytes() == b"a = 1\n"
+            agent.token_file("carol").chmod(0o600)
             doctor = lap.run("doctor")  # knows a restricted key from a box without rsync
+            assert doctor.returncode == 0, doctor.out
             assert "ok   ssh: " in doctor.out and "may only rsync into your folder" in doctor.out, doctor.out
 
             ssh = f"ssh -F {carol_ssh}"
