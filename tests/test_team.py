@@ -198,6 +198,13 @@ def test_no_endpoint_shows_or_touches_another_users_work(make_agent, tmp_path):
                     assert secret not in text, (method, path, query, status, text)
                 if job in path:
                     assert_json_error(status, headers, data, 404, code="not_found")
+    # every other verb on her job's paths says nothing about the job either
+    for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+        for path in {p for _, p in route_paths(running) if running in p}:
+            status, _, data = agent.request(method, path, {} if method in ("POST", "PUT", "PATCH") else None, token=bob)
+            assert status in (404, 405, 501), (method, path, status)
+            said = data.decode("utf-8", "replace").replace(f"no job '{running}'", "").replace(path, "")
+            assert running not in said  # beyond echoing what bob asked for
     # continuing alice's job is as unknown to bob as a job that does not exist
     bob_body = ask_body(alice, "go on", project="laptop")
     status, headers, data = agent.request("POST", "/v1/ask", {**bob_body, "continue": done}, token=bob)
