@@ -1031,6 +1031,9 @@ class Agent:
 
     def start(self) -> None:
         self.recover()
+        for job in self.store.jobs_with_status("done", "failed")[-self.recent_runs.maxlen:]:
+            if job["started"] and job["finished"]:  # estimates right after a restart too
+                self.recent_runs.append(job["finished"] - job["started"])
         for user in sorted({job["user"] for job in self.store.jobs_with_status("queued")} - set(self.cfg.users)):
             self.cancel_user_jobs(user, f"user {user} was removed", running=False)
         self.apply_cancel_requests()
@@ -1313,12 +1316,15 @@ class Agent:
             item = self.queue.take(self._claim)
             if item is None:
                 return
+            began = time.monotonic()
             try:
                 self.run_job(item)
             except Exception as e:  # a bug: the job fails with the reason, the worker lives on
                 log.exception("job %s crashed", item.job_id)
                 self.finish(item.job_id, "failed", f"internal error in the agent: {e!r}")
             finally:
+                with self.lock:  # how long a worker is held, for the estimates of waiting jobs
+                    self.recent_runs.append(time.monotonic() - began)
                 self._release_slot(item)
 
     def _claim(self, item: QueueItem) -> bool:
@@ -1401,8 +1407,6 @@ class Agent:
                                          **({"continues": parent["id"]} if parent else {})})
         started = time.monotonic()
         status, reason, result = run.run()
-        with self.lock:
-            self.recent_runs.append(time.monotonic() - started)
         summary = summarize_result(result, time.monotonic() - started, run.exit_code)
         if status != "done":
             self.finish(job["id"], status, reason, result=summary)

@@ -560,6 +560,8 @@ def test_a_state_folder_of_0_3_moves_to_one_folder_per_user(make_agent, tmp_path
     assert (state / "users/alice/mirror/laptop/README.md").read_bytes() == b"# alice\n"
     follow = post_ask(agent, ask_body(lap, script({"write": "two.txt", "text": "2\n"}), **{"continue": first}))
     assert agent.wait_job(follow["id"])["status"] == "done"
+    queued = next(e for e in agent.events(follow["id"]) if e["type"] == "queued")
+    assert queued["estimate_s"] == 0  # run times are read back from the store after a restart
     diff = agent.request("GET", f"/v1/jobs/{follow['id']}/diff")[2]
     assert b"+++ b/one.txt" in diff and b"+++ b/two.txt" in diff  # the earlier result carried along
     listed = subprocess.run(["git", "--git-dir", str(state / "users/alice/projects/laptop/git"), "worktree", "list"],
