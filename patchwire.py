@@ -1985,11 +1985,13 @@ def usage_rows(report: dict) -> List[List[str]]:
     out = [[key] + [heading for _, heading in USAGE_HEADINGS]]
     for row in report["rows"] + [dict(report["total"], key="total")]:
         name = row["key"] + (" (removed)" if row.get("user_removed") else "")
-        out.append([name] + [_figure(row[field]) for field, _ in USAGE_HEADINGS])
+        out.append([name] + [_figure(field, row[field]) for field, _ in USAGE_HEADINGS])
     return out
 
 
-def _figure(value: Any) -> str:
+def _figure(field: str, value: Any) -> str:
+    if field == "cost_usd":
+        return f"{value:.4f}"  # a small ask costs cents
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 

@@ -59,7 +59,9 @@ capped. The AI never runs in the mirror, and a failed run leaves the mirror unto
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import hmac
 import http.server
@@ -1179,7 +1181,8 @@ class Agent:
             if item is None:
                 return
             try:
-                self.run_job(item)
+                with job_folders_lock(self.repo(item.user, item.project).home):  # gc keeps off
+                    self.run_job(item)
             except Exception as e:  # a bug: the job fails with the reason, the worker lives on
                 log.exception("job %s crashed", item.job_id)
                 self.finish(item.job_id, "failed", f"internal error in the agent: {e!r}")
@@ -1969,10 +1972,24 @@ def status_report(cfg: AgentConfig, store: Store) -> dict:
             "state_bytes": tree_size(cfg.state_dir), "users": users}
 
 
+@contextlib.contextmanager
+def job_folders_lock(home: Path, exclusive: bool = False):
+    """A worker holds this shared while a job uses the project's job folders; gc takes it
+    exclusively, without waiting (BlockingIOError), to remove them. flock works across
+    processes and is released when its holder dies."""
+    home.mkdir(parents=True, exist_ok=True)
+    fd = os.open(str(home / "folders.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
 def gc_state(cfg: AgentConfig, store: Store, before: float, dry_run: bool) -> dict:
     """Prune what jobs finished before `before` left behind: patches and events (the job
     rows stay, so usage stays exact), and job folders of projects with no job since then.
-    Never touches a queued or running job; job folders only while no server runs."""
+    Never touches a queued or running job's; safe while the server runs."""
     with store.lock:
         old = store.db.execute("SELECT id FROM jobs WHERE status IN ('done', 'failed', 'cancelled') "
                                "AND finished < ?", (before,)).fetchall()
@@ -1984,24 +2001,29 @@ def gc_state(cfg: AgentConfig, store: Store, before: float, dry_run: bool) -> di
     patches = [store.patch_path(job_id) for (job_id,) in old if store.patch_path(job_id).exists()]
     out = {"before": before, "dry_run": dry_run, "jobs": len(old), "events": events,
            "patches": len(patches), "patch_bytes": sum(p.stat().st_size for p in patches),
-           "job_folders": [], "folder_bytes": 0, "folders_skipped": None}
+           "job_folders": [], "folder_bytes": 0, "folders_busy": []}
     if not dry_run:
         for path in patches:
             path.unlink()
-    server = read_run_file(cfg.state_dir)
-    if server:
-        out["folders_skipped"] = f"the agent runs (pid {server['pid']}): stop it to prune job folders"
-        return out
     for user, project in unused_projects(cfg, store, before):
-        repo = ProjectRepo(cfg.state_dir, user, project)
-        for folder in sorted(p for p in (repo.home / "slots").iterdir() if p.is_dir()):
-            out["job_folders"].append(str(folder))
-            out["folder_bytes"] += tree_size(folder)
-            if not dry_run:
-                remove_tree(folder)
-        if not dry_run:
-            repo.git()("worktree", "prune")  # the warm folder is rebuilt when next needed
+        try:
+            with job_folders_lock(ProjectRepo(cfg.state_dir, user, project).home, exclusive=True):
+                # asked for since the first look? Its worker waits for this lock: keep the folders
+                if (user, project) in unused_projects(cfg, store, before):
+                    prune_job_folders(ProjectRepo(cfg.state_dir, user, project), out, dry_run)
+        except BlockingIOError:
+            out["folders_busy"].append(f"{user}/{project}")
     return out
+
+
+def prune_job_folders(repo: ProjectRepo, out: dict, dry_run: bool) -> None:
+    for folder in sorted(p for p in (repo.home / "slots").iterdir() if p.is_dir()):
+        out["job_folders"].append(str(folder))
+        out["folder_bytes"] += tree_size(folder)
+        if not dry_run:
+            remove_tree(folder)
+    if not dry_run:
+        repo.git()("worktree", "prune")  # the warm folder is rebuilt when next needed
 
 
 def unused_projects(cfg: AgentConfig, store: Store, before: float) -> List[Tuple[str, str]]:
@@ -2010,8 +2032,12 @@ def unused_projects(cfg: AgentConfig, store: Store, before: float) -> List[Tuple
         last = dict(((u, p), t) for u, p, t in store.db.execute(
             "SELECT user, project, MAX(CASE WHEN status IN ('queued', 'running') THEN 1e18 "
             "ELSE COALESCE(finished, created) END) FROM jobs GROUP BY user, project"))
-    found = ((s.parent.parent.name, s.parent.name) for s in sorted((cfg.state_dir / "projects").glob("*/*/slots")))
-    return [key for key in found if last.get(key, 0) < before]
+    out = []
+    for slots in sorted((cfg.state_dir / "projects").glob("*/*/slots")):
+        key = (slots.parent.parent.name, slots.parent.name)
+        if last.get(key, 0) < before and any(slots.iterdir()):
+            out.append(key)
+    return out
 
 
 def human_duration(seconds: float) -> str:
@@ -2168,11 +2194,10 @@ def print_gc(r: dict) -> None:
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(r["before"]))
     print(f"{verb}: {r['patches']} patch(es), {pw.human_bytes(r['patch_bytes'])}, and {r['events']} event(s) "
           f"of {r['jobs']} job(s) finished before {when} (the jobs and their usage stay)")
-    if r["folders_skipped"]:
-        print(f"job folders: not pruned, {r['folders_skipped']}")
-    else:
-        print(f"{verb}: {len(r['job_folders'])} job folder(s), {pw.human_bytes(r['folder_bytes'])}"
-              + "".join(f"\n  {f}" for f in r["job_folders"]))
+    print(f"{verb}: {len(r['job_folders'])} job folder(s), {pw.human_bytes(r['folder_bytes'])}"
+          + "".join(f"\n  {f}" for f in r["job_folders"]))
+    if r["folders_busy"]:
+        print("kept the job folders of " + ", ".join(r["folders_busy"]) + ": a job started in them just now")
 
 
 COMMANDS = {

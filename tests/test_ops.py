@@ -197,12 +197,20 @@ def test_gc_frees_what_it_says_and_keeps_what_it_must(make_agent):
     patch_bytes = sum(p.stat().st_size for p in patches)
     usage_before = usage(box)[1]["total"]
 
-    # while the server runs: patches and events only
+    projects = box.state_dir / "projects" / "alice"
+    folders = {p: projects / p / "slots" / "slot0" for p in ("a", "b", "c")}
+    folder_bytes = sizes([folders["a"]])
+    dry = agent_cli(box, "gc", "--older-than", "0s", "--dry-run")
+    assert dry.stdout.startswith("would free: 2 patch(es)") and all(p.exists() for p in patches)
+    assert all(f.is_dir() for f in folders.values())
+
+    # while the server runs: the running job's folder (c) and the queued one's (b) stay
     freed = json.loads(agent_cli(box, "gc", "--older-than", "0s", "--json").stdout)
     assert (freed["jobs"], freed["patches"], freed["patch_bytes"]) == (2, 2, patch_bytes)
-    assert freed["events"] > 0 and freed["job_folders"] == []
-    assert f"pid {box.proc.pid}" in freed["folders_skipped"]
-    assert not any(p.exists() for p in patches)
+    assert freed["events"] > 0 and freed["folders_busy"] == []
+    assert (freed["job_folders"], freed["folder_bytes"]) == ([str(folders["a"])], folder_bytes)
+    assert not any(p.exists() for p in patches) and not folders["a"].exists()
+    assert folders["b"].is_dir() and folders["c"].is_dir()
     status, answer = box.json("GET", f"/v1/jobs/{old[0]}/diff")
     assert (status, answer["code"]) == (410, "pruned")
     assert box.events(old[0]) == [] and box.json("GET", f"/v1/jobs/{old[0]}")[1]["status"] == "done"
@@ -210,17 +218,14 @@ def test_gc_frees_what_it_says_and_keeps_what_it_must(make_agent):
     assert [e["type"] for e in box.events(queued)] == ["queued"]
     assert usage(box)[1]["total"] == usage_before  # the jobs, and so their usage, stay
 
-    # stopped: job folders of projects with nothing queued or running go; b's stays (queued job)
+    # the hung job is cancelled at the stop: its folder goes too, unless a worker holds it
     box.stop()
-    projects = box.state_dir / "projects" / "alice"
-    gone = [projects / p / "slots" / "slot0" for p in ("a", "c")]
-    folder_bytes = sizes(gone)
-    dry = agent_cli(box, "gc", "--older-than", "0s", "--dry-run")
-    assert dry.stdout.startswith("would free: 0 patch(es)") and all(p.exists() for p in gone)
+    with patchwire_agent.job_folders_lock(folders["c"].parent.parent):  # as a worker does
+        busy = json.loads(agent_cli(box, "gc", "--older-than", "0s", "--json").stdout)
+    assert busy["folders_busy"] == ["alice/c"] and busy["job_folders"] == [] and folders["c"].is_dir()
     freed = json.loads(agent_cli(box, "gc", "--older-than", "0s", "--json").stdout)
-    assert freed["job_folders"] == [str(p) for p in gone] and freed["folder_bytes"] == folder_bytes
-    assert not any(p.exists() for p in gone) and (projects / "b" / "slots" / "slot0").is_dir()
-    assert freed["patches"] == 0 and freed["folders_skipped"] is None
+    assert freed["job_folders"] == [str(folders["c"])] and freed["patches"] == 0
+    assert not folders["c"].exists() and folders["b"].is_dir()
 
     # after the restart the queued job runs, and a pruned project's folder is rebuilt
     box.start()
@@ -228,5 +233,7 @@ def test_gc_frees_what_it_says_and_keeps_what_it_must(make_agent):
     again = post(box, "alice", script({"write": "a2.txt", "text": "again\n"}), "a")
     assert wait_job(box, "alice", again)["status"] == "done"
     assert b"+again" in box.request("GET", f"/v1/jobs/{again}/diff")[2]
-    # nothing is younger than a day: a default gc frees nothing
-    assert agent_cli(box, "gc", "--older-than", "1d").stdout.startswith("freed: 0 patch(es), 0 B, and 0 event(s)")
+    # nothing is older than a day: such a gc frees nothing
+    lines = agent_cli(box, "gc", "--older-than", "1d").stdout.splitlines()
+    assert lines[0].startswith("freed: 0 patch(es), 0 B, and 0 event(s) of 0 job(s) finished before ")
+    assert lines[1:] == ["freed: 0 job folder(s), 0 B"]
