@@ -1884,17 +1884,18 @@ def systemd_quote(arg: str) -> str:
     return json.dumps(arg) if re.search(r'[\s"\'\\;]', arg) or not arg else arg
 
 
-def systemd_unit(cfg: AgentConfig) -> str:
+def systemd_unit(cfg: AgentConfig, system: bool = False) -> str:
+    """A user unit, or with `system` one for the system manager that runs as this user."""
     argv = agent_argv(cfg.path)
     return "\n".join([
         "[Unit]",
         "Description=patchwire-agent: runs Claude Code for Patchwire laptops",
-        "Documentation=https://github.com/patchwire/patchwire#running-the-agent-as-a-service",
         "After=network-online.target",
         "Wants=network-online.target",
         "",
         "[Service]",
         "Type=simple",
+        *([f"User={systemd_quote(current_user())}"] if system else []),
         "ExecStart=" + " ".join(systemd_quote(a) for a in argv),
         "WorkingDirectory=" + systemd_quote(str(cfg.path.resolve().parent)),
         # the AI command is looked up on PATH, which a user manager's default would not have
@@ -1907,14 +1908,21 @@ def systemd_unit(cfg: AgentConfig) -> str:
         f"TimeoutStopSec={cfg.shutdown_grace_s + int(KILL_GRACE_S) + 10}",
         "",
         "[Install]",
-        "WantedBy=default.target",
+        "WantedBy=" + ("multi-user.target" if system else "default.target"),
         ""])
 
 
-def launchd_plist(cfg: AgentConfig) -> bytes:
+def current_user() -> str:
+    import getpass
+    return getpass.getuser()
+
+
+def launchd_plist(cfg: AgentConfig, system: bool = False) -> bytes:
+    """A LaunchAgent, or with `system` a LaunchDaemon that runs as this user."""
     import plistlib
     log_file = Path.home() / "Library" / "Logs" / "patchwire-agent.log"
     return plistlib.dumps({
+        **({"UserName": current_user()} if system else {}),
         "Label": LAUNCHD_LABEL,
         "ProgramArguments": agent_argv(cfg.path),
         "WorkingDirectory": str(cfg.path.resolve().parent),
@@ -1927,8 +1935,14 @@ def launchd_plist(cfg: AgentConfig) -> bytes:
     })
 
 
-def service_target(kind: str) -> Tuple[Path, str]:
-    """Where a user-level unit or plist goes, and the one command that starts it."""
+def service_target(kind: str, system: bool = False) -> Tuple[Path, str]:
+    """Where a unit or plist goes, and the one command that starts it."""
+    if system and kind == "systemd":
+        return (Path("/etc/systemd/system") / SYSTEMD_UNIT,
+                f"sudo systemctl daemon-reload && sudo systemctl enable --now {SYSTEMD_UNIT}")
+    if system:
+        path = Path("/Library/LaunchDaemons") / f"{LAUNCHD_LABEL}.plist"
+        return path, f"sudo launchctl bootstrap system {path}"
     if kind == "systemd":
         base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
         return (base / "systemd" / "user" / SYSTEMD_UNIT,
@@ -2137,11 +2151,16 @@ def cmd_usage(args) -> int:
 def cmd_service(args) -> int:
     cfg = AgentConfig.load(Path(args.config))
     kind = "systemd" if args.systemd else "launchd"
-    data = systemd_unit(cfg).encode() if kind == "systemd" else launchd_plist(cfg)
+    data = systemd_unit(cfg, args.system).encode() if kind == "systemd" else launchd_plist(cfg, args.system)
+    path, start = service_target(kind, args.system)
+    if args.system and args.install:
+        raise UsageError("--install writes user-level units only; a system one is root's to write",
+                         f"patchwire-agent service -c {args.config} --{kind} --system | sudo tee {path}")
     if not args.install:
         sys.stdout.buffer.write(data)
+        if args.system:
+            pw.say(f"as root, put it in {path}; then: {start}")
         return 0
-    path, start = service_target(kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     replaced = path.exists()
     path.write_bytes(data)
@@ -2242,6 +2261,8 @@ def add_ops_arguments(p: Dict[str, argparse.ArgumentParser]) -> None:
     kind.add_argument("--launchd", action="store_true", help="a launchd agent plist (macOS)")
     p["service"].add_argument("--install", action="store_true", help="write it to the user's unit folder "
                               "(~/.config/systemd/user or ~/Library/LaunchAgents) and print the command that starts it")
+    p["service"].add_argument("--system", action="store_true", help="for the system manager (starts at boot), "
+                              "running as you; printed, for root to install")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

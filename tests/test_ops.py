@@ -78,6 +78,25 @@ def test_systemd_unit_verifies_installs_and_its_command_serves(make_agent, tmp_p
     assert f"replaced {target}" in agent_cli(box, "service", "--systemd", "--install", env=env).stderr
 
 
+def test_a_system_unit_runs_as_this_user_and_is_roots_to_install(make_agent, tmp_path):
+    box = make_agent(start=False)
+    unit = agent_cli(box, "service", "--systemd", "--system").stdout
+    user = subprocess.run(["id", "-un"], stdout=subprocess.PIPE, text=True, check=True).stdout.strip()
+    assert f"User={user}" in unit.splitlines() and "WantedBy=multi-user.target" in unit.splitlines()
+    if shutil.which("systemd-analyze"):
+        (tmp_path / "patchwire-agent.service").write_text(unit)
+        verify = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "patchwire-agent.service")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
+        assert verify.returncode == 0 and "patchwire-agent.service" not in verify.stderr, verify.stderr
+    refused = subprocess.run(box.program + ["service", "-c", str(box.config), "--systemd", "--system", "--install"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert refused.returncode == 2 and "| sudo tee /etc/systemd/system/patchwire-agent.service" in refused.stderr
+    assert not refused.stdout
+    plist = plistlib.loads(subprocess.run(box.program + ["service", "-c", str(box.config), "--launchd", "--system"],
+                                          stdout=subprocess.PIPE, check=True, timeout=60).stdout)
+    assert plist["UserName"] == user
+
+
 def test_launchd_plist_parses_and_installs(make_agent, neutral_env):
     box = make_agent(start=False)
     plist = plistlib.loads(subprocess.run(box.program + ["service", "-c", str(box.config), "--launchd"],
