@@ -12,9 +12,6 @@ import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
-
-import pytest
 
 from conftest import AgentProcess, pid_alive, script
 import patchwire_agent
