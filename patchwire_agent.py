@@ -1318,7 +1318,7 @@ class Metrics:
 
     def request_lines(self) -> List[str]:
         with self.lock:
-            cells = sorted(self.requests.items())
+            cells = sorted((key, list(cell)) for key, cell in self.requests.items())
         count = ["# HELP patchwire_http_requests_total HTTP requests answered, by route template and status.",
                  "# TYPE patchwire_http_requests_total counter"]
         hist = ["# HELP patchwire_http_request_duration_seconds Time from request to the end of the answer.",
