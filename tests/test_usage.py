@@ -90,11 +90,12 @@ def assert_figures(got: dict, want: dict) -> None:
 
 @pytest.fixture(scope="module")
 def box(tmp_path_factory):
-    """alice (admin), bob and carol ask; one restart; carol is then removed from the config."""
+    """alice (admin), bob and carol ask; one restart; carol is then removed from the config.
+    One worker, so that a job can wait in the queue (and be cancelled there)."""
     home = tmp_path_factory.mktemp("usage-home")
     env = {"HOME": str(home), "GIT_CONFIG_NOSYSTEM": "1", "LC_ALL": "C.UTF-8"}
     agent = AgentProcess(tmp_path_factory.mktemp("usage-box"), STAND_IN_COMMAND,
-                         users=("alice", "bob", "carol"), env=env)
+                         users=("alice", "bob", "carol"), jobs={"workers": 1}, env=env)
     set_users(agent, ["alice", "bob", "carol"])
     agent.start()
     jobs: Dict[str, List[str]] = {"alice": [], "bob": [], "carol": []}
@@ -112,7 +113,10 @@ def box(tmp_path_factory):
     for user, job in (("alice", jobs["alice"][0]), ("alice", jobs["alice"][1]), ("bob", jobs["bob"][0])):
         wait_job(agent, user, job)
     wait_job(agent, "bob", hung, until=("running",))
-    assert agent.json("DELETE", f"/v1/jobs/{hung}", token=agent.tokens["bob"])[1]["status"] == "cancelled"
+    waiting = post(agent, "bob", script({"say": "never runs"}), "other")
+    jobs["bob"].append(waiting)
+    for job in (waiting, hung):  # one cancelled in the queue, one while it ran
+        assert agent.json("DELETE", f"/v1/jobs/{job}", token=agent.tokens["bob"])[1]["status"] == "cancelled"
     # a restart: totals must still add up
     agent.stop()
     agent.start()
@@ -143,7 +147,7 @@ def test_admin_sees_everyone_and_totals_are_the_sum_of_the_jobs(box):
     assert list(rows) == ["alice", "bob", "carol"]
     assert [rows[u]["user_removed"] for u in rows] == [False, False, True]
     assert report["removed_users"] == ["carol"]
-    assert (rows["alice"]["done"], rows["alice"]["failed"], rows["bob"]["cancelled"]) == (1, 1, 1)
+    assert (rows["alice"]["done"], rows["alice"]["failed"], rows["bob"]["cancelled"]) == (1, 1, 2)
     for user, infos in box.infos.items():
         assert_figures(rows[user], expected_figures(infos))
     everything = [j for infos in box.infos.values() for j in infos]
@@ -154,7 +158,9 @@ def test_admin_sees_everyone_and_totals_are_the_sum_of_the_jobs(box):
     assert report["total"]["cache_write_tokens"] == 50 + 4
     assert report["total"]["cost_usd"] == pytest.approx(0.25 + 0.01 + 0.5 + 0.0123)
     assert (report["total"]["files_changed"], report["total"]["lines_added"]) == (4, 5)
-    assert report["total"]["asks"] == 5 and report["total"]["queue_wait_minutes"] > 0
+    assert report["total"]["asks"] == 6 and report["total"]["queue_wait_minutes"] > 0
+    never_ran = box.infos["bob"][2]
+    assert never_ran["started"] is None and never_ran["result"] is None  # counted, with its wait
 
 
 def test_a_user_sees_only_their_own_usage(box):
@@ -223,7 +229,7 @@ def test_laptop_usage_is_ones_own(box, tmp_path):
     assert [r["key"] for r in report["rows"]] == ["bob/other"]
     assert_figures(report["total"], expected_figures(box.infos["bob"]))
     table = lap.run("usage", "--by", "day", check=0).out.splitlines()
-    assert table[0].startswith("usage from ") and table[-1].split()[:3] == ["total", "2", "1"]
+    assert table[0].startswith("usage from ") and table[-1].split()[:5] == ["total", "3", "1", "0", "2"]
 
 
 def test_an_old_state_db_gains_the_usage_columns(tmp_path):
@@ -310,10 +316,10 @@ def test_metrics_parse_and_count_the_jobs(box):
                      "patchwire_ai_seconds": "counter", "patchwire_asks": "counter",
                      "patchwire_http_requests": "counter", "patchwire_http_request_duration_seconds": "histogram"}
     finished = samples(families["patchwire_jobs_finished"], "patchwire_jobs_finished_total")
-    assert finished == {(("status", "done"),): 3, (("status", "failed"),): 1, (("status", "cancelled"),): 1}
+    assert finished == {(("status", "done"),): 3, (("status", "failed"),): 1, (("status", "cancelled"),): 2}
     assert sum(finished.values()) == sum(len(i) for i in box.infos.values())
     asks = samples(families["patchwire_asks"], "patchwire_asks_total")
-    assert asks == {(("user", "alice"),): 2, (("user", "bob"),): 2, (("user", "carol"),): 1}
+    assert asks == {(("user", "alice"),): 2, (("user", "bob"),): 3, (("user", "carol"),): 1}
     ai_s = sum((j.get("result") or {}).get("duration_s") or 0 for i in box.infos.values() for j in i)
     assert families["patchwire_ai_seconds"].samples[0].value == pytest.approx(ai_s, abs=0.01)
     assert families["patchwire_queue_depth"].samples[0].value == 0
@@ -458,11 +464,13 @@ def test_readme_curl_examples_run(box, tmp_path):
     (work / "ask.json").write_text(json.dumps(ask_body(script({"write": "from-readme.txt", "text": "hi\n"}),
                                                       "my-app")))
     done = box.infos["alice"][0]["id"]
-    running = post(box, "alice", script({"hang": True}))
-    wait_job(box, "alice", running, until=("running",))
     env = {**os.environ, "HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     routes = set()
+    running = ""
     for command in commands:
+        if "-X DELETE" in command:  # cancel a job that runs (the box has one worker)
+            running = post(box, "alice", script({"hang": True}))
+            wait_job(box, "alice", running, until=("running",))
         job = running if "-X DELETE" in command else done
         line = setup.replace("http://127.0.0.1:7433", box.url) + "\n" + command.replace("3fa1", job[:6])
         proc = subprocess.run(["bash", "-c", "set -eo pipefail\n" + line], cwd=work, env=env,
