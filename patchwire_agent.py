@@ -1971,6 +1971,8 @@ def status_report(cfg: AgentConfig, store: Store) -> dict:
                                   "GROUP BY user, status").fetchall()
         job_users = [r[0] for r in store.db.execute("SELECT DISTINCT user FROM jobs")]
         patches = store.db.execute("SELECT user, id FROM jobs WHERE status = 'done'").fetchall()
+        jobs = store.db.execute("SELECT id, user, project, status, COALESCE(started, created) FROM jobs "
+                                "WHERE status IN ('queued', 'running') ORDER BY created").fetchall()
     users: Dict[str, dict] = {}
     for name in sorted(set(cfg.users) | set(job_users)):
         users[name] = {"running": 0, "queued": 0, "removed": name not in cfg.users,
@@ -1984,7 +1986,8 @@ def status_report(cfg: AgentConfig, store: Store) -> dict:
     return {"running": bool(run), "pid": run and run["pid"], "url": run and run["url"],
             "uptime_s": round(time.time() - run["started"], 1) if run else None,
             "workers": cfg.workers, "slots": cfg.slots, "state_dir": str(cfg.state_dir),
-            "state_bytes": tree_size(cfg.state_dir), "users": users}
+            "state_bytes": tree_size(cfg.state_dir), "users": users,
+            "jobs": [dict(zip(("id", "user", "project", "status", "since"), row)) for row in jobs]}
 
 
 @contextlib.contextmanager
@@ -2195,6 +2198,9 @@ def print_status(r: dict) -> None:
     for name, u in r["users"].items():
         label = name + (" (removed)" if u["removed"] else "")
         print(f"{label:<{width}} {u['running']:>7} {u['queued']:>6} {pw.human_bytes(u['disk_bytes']):>9}")
+    for job in r["jobs"]:
+        print(f"  {job['id']}  {job['status']:<7}  {pw.human_age(time.time() - job['since']):>4}  "
+              f"{job['user']}/{job['project']}")
 
 
 def cmd_gc(args) -> int:

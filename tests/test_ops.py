@@ -188,6 +188,8 @@ def test_status_shows_jobs_by_user_uptime_and_disk(make_agent):
     text = agent_cli(box, "status").stdout
     assert f"agent: running, pid {box.proc.pid}, up 0h 0m, {box.url}" in text
     assert re.search(r"^alice +1 +0 +\d", text, re.M) and re.search(r"^bob +0 +1 +\d", text, re.M)
+    assert [(j["id"], j["status"]) for j in report["jobs"]] == [(hung, "running"), (queued, "queued")]
+    assert re.search(rf"^  {hung}  running +\d+s  alice/second$", text, re.M)
     box.stop()
     text = agent_cli(box, "status").stdout
     assert "agent: not running" in text
