@@ -22,6 +22,7 @@ Commands (`patchwire COMMAND --help` for each):
     cancel   cancel a queued or running job
     log      what was applied here, when, from which job
     doctor   check every link (git, rsync, ssh, agent, token, AI, clock) and say how to fix it
+    usage    your asks, AI minutes, tokens and cost on the box (--by project|day, --csv)
 
 Exit codes:
     0 ok, 1 error, 2 usage, 3 agent unreachable or refused the request,
@@ -376,6 +377,8 @@ def _is_kind(value: Any, kind: Any) -> bool:
         return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
     if kind is int:
         return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    if kind == "int>=0":
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
     if kind is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
     return isinstance(value, kind)
@@ -383,7 +386,7 @@ def _is_kind(value: Any, kind: Any) -> bool:
 
 def _kind_name(kind: Any) -> str:
     return {"str_list": "a list of strings", "str_table": "a table of strings",
-            int: "a positive integer", float: "a positive number", str: "a string",
+            int: "a positive integer", "int>=0": "a whole number, 0 or more", float: "a positive number", str: "a string",
             bool: "true or false", dict: "a table", list: "a list"}.get(kind, str(kind))
 
 
@@ -1981,6 +1984,70 @@ def print_checks(checks: List[dict], stream=None) -> None:
             print(f"     fix: {c['fix']}", file=stream)
 
 
+# Usage reports, shared with patchwire-agent's `usage`: the figures of GET /v1/usage in
+# table order, with their headings.
+USAGE_HEADINGS = (("asks", "asks"), ("done", "done"), ("failed", "failed"), ("cancelled", "cancel"),
+                  ("ai_minutes", "AI min"), ("turns", "turns"), ("tokens_in", "tok in"),
+                  ("tokens_out", "tok out"), ("cache_read_tokens", "cache rd"),
+                  ("cache_write_tokens", "cache wr"), ("cost_usd", "cost $"), ("files_changed", "files"),
+                  ("lines_added", "+lines"), ("lines_removed", "-lines"), ("queue_wait_minutes", "wait min"))
+
+
+def usage_rows(report: dict) -> List[List[str]]:
+    """Header, one row per group and the total, as strings (the CSV and the table)."""
+    key = {"user": "user", "project": "user/project", "day": "day (UTC)"}[report["group"]]
+    out = [[key] + [heading for _, heading in USAGE_HEADINGS]]
+    for row in report["rows"] + [dict(report["total"], key="total")]:
+        name = row["key"] + (" (removed)" if row.get("user_removed") else "")
+        out.append([name] + [_figure(field, row[field]) for field, _ in USAGE_HEADINGS])
+    return out
+
+
+def _figure(field: str, value: Any) -> str:
+    if field == "cost_usd":
+        return f"{value:.4f}"  # a small ask costs cents
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def usage_table(report: dict) -> List[str]:
+    rows = usage_rows(report)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    return lines[:-1] + ["-" * len(lines[0])] + lines[-1:]
+
+
+def usage_csv(report: dict) -> str:
+    import csv
+    import io
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([report["group"]] + [f for f, _ in USAGE_HEADINGS] + ["user_removed"])
+    for row in report["rows"] + [dict(report["total"], key="total")]:
+        removed = {True: "yes", False: "no"}.get(row.get("user_removed"), "")
+        writer.writerow([row["key"]] + [row[f] for f, _ in USAGE_HEADINGS] + [removed])
+    return buffer.getvalue()
+
+
+def print_usage(args, report: dict) -> None:
+    """--json, --csv or a table (with the time range above it)."""
+    if getattr(args, "csv", False):
+        sys.stdout.write(usage_csv(report))
+        return
+    def human(r: dict) -> None:
+        span = [time.strftime("%Y-%m-%d %H:%M", time.gmtime(r[k])) for k in ("since", "until")]
+        print(f"usage from {span[0]} to {span[1]} UTC" + (f", user {r['user']}" if r.get("user") else ""))
+        print("\n".join(usage_table(r)))
+    output(args, report, human)
+
+
+def cmd_usage(args) -> int:
+    session = Session.here()
+    query = {k: v for k, v in (("since", args.since), ("until", args.until), ("group", args.by)) if v}
+    print_usage(args, session.client.json("GET", "/v1/usage?" + urllib.parse.urlencode(query)))
+    return 0
+
+
 COMMANDS = {
     "init": (cmd_init, "write .patchwire.toml for this project (asks for the values without flags)"),
     "sync": (cmd_sync, "send the project's files to the agent box"),
@@ -1992,6 +2059,7 @@ COMMANDS = {
     "cancel": (cmd_cancel, "cancel a queued or running job"),
     "log": (cmd_log, "what was applied here, when, from which job"),
     "doctor": (cmd_doctor, "check git, rsync, ssh, the agent, the token and the AI; say how to fix"),
+    "usage": (cmd_usage, "your asks, AI time, tokens and cost on the agent box"),
 }
 
 
@@ -2035,7 +2103,17 @@ def build_parser() -> argparse.ArgumentParser:
     p["apply"].add_argument("--keep-conflicts", action="store_true",
                             help="where your edits and the AI's overlap, write conflict markers instead of asking")
     p["apply"].add_argument("--undo", action="store_true", help="restore the files the last apply touched")
+    add_usage_arguments(p["usage"], "project")
     return parser
+
+
+def add_usage_arguments(parser: argparse.ArgumentParser, by: str) -> None:
+    """Shared by `patchwire usage` and `patchwire-agent usage`."""
+    parser.add_argument("--since", default="30d", help="7d, 12h, 2026-11-01 or an ISO time (default %(default)s)")
+    parser.add_argument("--until", help="the end, same forms (a bare day counts whole; default now)")
+    parser.add_argument("--by", choices=("user", "project", "day"), default=by,
+                        help="one row per user, project or UTC day (default %(default)s)")
+    parser.add_argument("--csv", action="store_true", help="CSV on stdout")
 
 
 def run_command(prog: str, commands: dict, args, on_error=None) -> int:

@@ -21,7 +21,9 @@ Commands (-c CONFIG defaults to $XDG_CONFIG_HOME/patchwire/agent.toml):
     patchwire-agent init -c CONFIG [--user NAME] [--token-file PATH]
         write a commented starter config with one user; print its token once
     patchwire-agent serve -c CONFIG
-        run the HTTP server; SIGHUP (or any change of the file) reloads users and policy
+        run the HTTP server; SIGHUP (or any change of the file) reloads users and policy;
+        SIGTERM lets running jobs finish for [server] shutdown_grace_s, then cancels them;
+        queued jobs stay queued and run after the restart
     patchwire-agent user add NAME [--admin] [--ssh-key FILE [--authorized-keys FILE]]
     patchwire-agent user list | remove NAME [--cancel-jobs] | rotate NAME [--cancel-jobs]
     patchwire-agent user key NAME --ssh-key FILE [--authorized-keys FILE]
@@ -29,6 +31,13 @@ Commands (-c CONFIG defaults to $XDG_CONFIG_HOME/patchwire/agent.toml):
         authorized_keys line that may only rsync into the user's own mirror (rrsync)
     patchwire-agent policy NAME
         the user's effective policy, and where each value comes from
+    patchwire-agent usage -c CONFIG [--user NAME] [--since 7d|DATE] [--until] [--by user|project|day]
+        [--csv|--json]      usage summed from the state db (works while the server runs)
+    patchwire-agent status -c CONFIG    running and queued jobs by user, uptime, disk per user
+    patchwire-agent gc -c CONFIG [--older-than 30d] [--dry-run]
+        prune old jobs' patches and events and unused job folders; say what was freed
+    patchwire-agent service -c CONFIG --systemd|--launchd [--install]
+        a user-level systemd unit or launchd plist that runs serve and restarts it on failure
 
 Team mode: each user's mirrors, repositories and job folders live under users/<user>/;
 a user can reach only their own jobs (any other id is 404, as if it did not exist).
@@ -48,6 +57,10 @@ HTTP API (JSON; `Authorization: Bearer TOKEN` on all but health):
     GET    /v1/jobs/{id}/events?after=N     its events after N (NDJSON, follows a live job)
     GET    /v1/jobs/{id}/diff               the patch, as bytes
     DELETE /v1/jobs/{id}                    cancel a queued or running job
+    GET    /v1/usage?since=&until=&group=user|project|day[&user=NAME]
+                                            usage summed over jobs: yours, or (admin) anyone's
+    GET    /v1/openapi.json                 this API as OpenAPI 3.1 (no token needed)
+    GET    /metrics                         Prometheus text format (admin token)
 
 Exit codes: 0 ok, 1 error (bad config, cannot listen), 2 usage.
 
@@ -63,6 +76,9 @@ capped. The AI never runs in the mirror, and a failed run leaves the mirror unto
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime as dt
+import fcntl
 import fnmatch
 import hashlib
 import hmac
@@ -83,7 +99,7 @@ import urllib.parse
 from collections import deque
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 import patchwire as pw
 from patchwire import Git, PatchwireError, UsageError
@@ -113,7 +129,8 @@ AGENT_DESCRIPTION = ("the box's side of Patchwire: runs Claude Code on a clean c
 AGENT_EPILOG = """\
 typical use:  patchwire-agent init -c agent.toml --user alice   (prints alice's token once)
               patchwire-agent serve -c agent.toml
-API: GET /v1/health, /v1/me, /v1/jobs[/ID[/events|/diff]]; POST /v1/ask; DELETE /v1/jobs/ID
+API: GET /v1/health, /v1/me, /v1/jobs[/ID[/events|/diff]], /v1/usage, /v1/openapi.json, /metrics;
+     POST /v1/ask; DELETE /v1/jobs/ID
 exit codes: 0 ok, 1 error (bad config, cannot listen), 2 usage
 """
 
@@ -157,7 +174,7 @@ class HTTPFailure(PatchwireError):
 
 # ================================================================== config
 
-SERVER_SCHEMA = {"listen": (str, DEFAULT_LISTEN), "state_dir": (str, None)}
+SERVER_SCHEMA = {"listen": (str, DEFAULT_LISTEN), "state_dir": (str, None), "shutdown_grace_s": ("int>=0", 60)}
 AI_SCHEMA = {"command": ("str_list", CLAUDE_COMMAND), "timeout_s": (int, 1800),
              "max_timeout_s": (int, 7200), "env": ("str_table", {}),
              "resume_args": ("str_list", ["--resume", "{session_id}"])}
@@ -185,6 +202,7 @@ class AgentConfig:
         ai = pw.Schema(path, "ai", AI_SCHEMA).read(top["ai"])
         jobs = pw.Schema(path, "jobs", JOBS_SCHEMA).read(top["jobs"])
         self.host, self.port = parse_listen(path, server["listen"])
+        self.shutdown_grace_s: int = server["shutdown_grace_s"]  # on SIGTERM, running jobs may finish
         state = Path(os.path.expanduser(server["state_dir"] or "patchwire-state"))
         # real path: rrsync compares the laptop's absolute mirror path with its own realpath
         self.state_dir = Path(os.path.realpath(path.parent / state))
@@ -324,6 +342,7 @@ class Store:
                                   isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA_SQL)
+        migrate_usage_columns(self.db)
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
 
@@ -415,6 +434,162 @@ def _job_row(row: tuple) -> dict:
     for key in ("result", "stats"):
         job[key] = json.loads(job[key]) if job[key] else None
     return job
+
+
+# ================================================================== usage: the jobs table, summed
+# Each finished job keeps its figures in columns of its own row, so a report is one GROUP BY
+# and its totals are exactly the sum over jobs, whatever restarts or gc happened in between.
+
+USAGE_COLUMNS = {"ai_s": "REAL", "turns": "INTEGER", "tokens_in": "INTEGER", "tokens_out": "INTEGER",
+                 "cache_read": "INTEGER", "cache_write": "INTEGER", "cost_usd": "REAL",
+                 "files": "INTEGER", "added": "INTEGER", "removed": "INTEGER"}
+USAGE_GROUPS = ("user", "project", "day")
+# what a report row holds, in table order (headings: pw.USAGE_HEADINGS): (key in JSON, SQL over one group)
+USAGE_FIGURES = (
+    ("asks", "COUNT(*)"),
+    ("done", "SUM(status = 'done')"),
+    ("failed", "SUM(status = 'failed')"),
+    ("cancelled", "SUM(status = 'cancelled')"),
+    ("ai_minutes", "SUM(ai_s) / 60.0"),
+    ("turns", "SUM(turns)"),
+    ("tokens_in", "SUM(tokens_in)"),
+    ("tokens_out", "SUM(tokens_out)"),
+    ("cache_read_tokens", "SUM(cache_read)"),
+    ("cache_write_tokens", "SUM(cache_write)"),
+    ("cost_usd", "SUM(cost_usd)"),
+    ("files_changed", "SUM(files)"),
+    ("lines_added", "SUM(added)"),
+    ("lines_removed", "SUM(removed)"),
+    # a job cancelled while queued waited until it was cancelled
+    ("queue_wait_minutes", "SUM(COALESCE(started, finished) - created) / 60.0"),
+)
+GROUP_SQL = {"user": "user", "project": "user || '/' || project", "day": "date(created, 'unixepoch')"}
+
+
+def migrate_usage_columns(db: sqlite3.Connection) -> None:
+    """Add the usage columns to a state db from before 0.3 and fill them from each job's
+    stored result and stats. In one write transaction: a second process (a `usage` on the
+    box while the server starts) waits, then finds the columns there."""
+    if set(USAGE_COLUMNS) <= _job_columns(db):
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        missing = [c for c in USAGE_COLUMNS if c not in _job_columns(db)]
+        for column in missing:
+            db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {USAGE_COLUMNS[column]}")
+        rows = db.execute("SELECT id, result, stats FROM jobs WHERE result IS NOT NULL OR stats IS NOT NULL")
+        for job_id, result, stats in rows.fetchall():
+            figures = usage_columns(json.loads(result or "null"), json.loads(stats or "null"))
+            db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in figures)} WHERE id = ?",
+                       [*figures.values(), job_id])
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _job_columns(db: sqlite3.Connection) -> Set[str]:
+    return {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+
+
+def usage_columns(result: Optional[dict], stats: Optional[dict]) -> dict:
+    """A finished job's usage columns from its result summary and diff stats. The AI's
+    figures are data: anything that is not a number counts as unknown (NULL), never as 0."""
+    result, stats = result or {}, stats or {}
+    def number(value: Any) -> Optional[float]:
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return {"ai_s": number(result.get("duration_s")), "turns": number(result.get("num_turns")),
+            "tokens_in": number(result.get("tokens_in")), "tokens_out": number(result.get("tokens_out")),
+            "cache_read": number(result.get("cache_read_tokens")),
+            "cache_write": number(result.get("cache_write_tokens")),
+            "cost_usd": number(result.get("cost_usd")), "files": number(stats.get("files")),
+            "added": number(stats.get("added")), "removed": number(stats.get("removed"))}
+
+
+def usage_report(store: Store, since: float, until: float, group: str, user: Optional[str] = None,
+                 users: Sequence[str] = ()) -> dict:
+    """Asks and their figures per user, project or (UTC) day for jobs created in
+    [since, until), with totals. `users` are the configured ones: a user with history who
+    is no longer configured is reported as removed (derived, never stored)."""
+    key = GROUP_SQL[group]
+    figures = ", ".join(sql for _, sql in USAGE_FIGURES)
+    where = "created >= ? AND created < ?" + (" AND user = ?" if user is not None else "")
+    params: List[Any] = [since, until] + ([user] if user is not None else [])
+    with store.lock:
+        rows = store.db.execute(f"SELECT {key}, {figures} FROM jobs WHERE {where} GROUP BY 1 ORDER BY 1",
+                                params).fetchall()
+        total = store.db.execute(f"SELECT {figures} FROM jobs WHERE {where}", params).fetchone()
+        job_users = [r[0] for r in store.db.execute(f"SELECT DISTINCT user FROM jobs WHERE {where}", params)]
+    names = [name for name, _ in USAGE_FIGURES]
+    out = [_round_figures(dict(zip(["key"] + names, row))) for row in rows]
+    for row in out:
+        if group != "day":
+            row["user"] = row["key"].split("/")[0]
+            row["user_removed"] = row["user"] not in users
+    return {"since": since, "until": until, "group": group, "user": user, "rows": out,
+            "total": _round_figures(dict(zip(names, total))), "removed_users": sorted(set(job_users) - set(users))}
+
+
+def _round_figures(row: dict) -> dict:
+    """SUM over no known value is NULL: report 0. Floats rounded for reading, not summing."""
+    for name, _ in USAGE_FIGURES:
+        value = row[name] or 0
+        row[name] = round(value, 6) if isinstance(value, float) else value
+    return row
+
+
+def usage_answer(agent: "Agent", user: str, query: Dict[str, str]) -> dict:
+    """GET /v1/usage: a user sees their own usage; an admin everyone's, or one user's. Asking
+    for another user without being an admin is 403 whether or not that user exists."""
+    group = query.get("group", "user")
+    if group not in USAGE_GROUPS:
+        raise HTTPFailure(HTTPStatus.BAD_REQUEST, f"group must be one of {', '.join(USAGE_GROUPS)}", code="bad_request")
+    wanted = query.get("user")
+    if wanted is not None and wanted != user:
+        require_admin(agent, user, "other users' usage")
+    if not agent.is_admin(user):
+        wanted = user
+    try:
+        since = parse_time(query.get("since"), 0.0)
+        until = parse_time(query.get("until"), time.time() + 1, end_of_day=True)
+    except UsageError as e:
+        raise HTTPFailure(HTTPStatus.BAD_REQUEST, e.message, e.hint, code="bad_request")
+    return usage_report(agent.store, since, until, group, wanted, list(agent.cfg.users))
+
+
+def require_admin(agent: "Agent", user: str, what: str) -> None:
+    if not agent.is_admin(user):
+        raise HTTPFailure(HTTPStatus.FORBIDDEN, f"only an admin may read {what}",
+                          "ask the box's admin, or use an admin token ([users.NAME] admin = true)",
+                          code="forbidden")
+
+
+TIME_RE = re.compile(r"^(\d+)([smhdw])$")
+TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_time(text: Optional[str], default: float, end_of_day: bool = False, now: Optional[float] = None) -> float:
+    """A point in time from `7d` / `12h` (that long ago), `2026-11-01` (a UTC day: its start, or
+    its end for an --until), an ISO date and time (UTC unless it names an offset), or Unix
+    seconds."""
+    if text is None or text == "":
+        return default
+    now = time.time() if now is None else now
+    relative = TIME_RE.match(text.strip())
+    if relative:
+        return now - int(relative.group(1)) * TIME_UNITS[relative.group(2)]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+            day = dt.datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=dt.timezone.utc)
+            return (day + dt.timedelta(days=1 if end_of_day else 0)).timestamp()
+        moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))  # 3.9 reads no Z
+    except ValueError:
+        raise UsageError(f"{text!r} is not a time", "use 7d, 12h, 2026-11-01, 2026-11-01T09:30 or Unix seconds")
+    return (moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)).timestamp()
 
 
 # ================================================================== git: snapshots and job folders
@@ -1026,6 +1201,8 @@ class Agent:
         self.config_stamp = config_stamp(cfg.path)
         self.reload_lock = threading.Lock()
         self.workers: List[threading.Thread] = []
+        self.metrics = Metrics()  # request counts and latencies, for GET /metrics
+        self.started_at = time.time()
 
     # --- life cycle
 
@@ -1307,7 +1484,8 @@ class Agent:
         event = {"done": "finished", "failed": "failed", "cancelled": "cancelled"}[status]
         extra = {"stats": fields.get("stats")} if status == "done" else {"reason": reason}
         self.store.add_event(job_id, {"type": event, "status": status, **extra}, status=status,
-                             reason=reason or None, finished=time.time(), **fields)
+                             reason=reason or None, finished=time.time(), **fields,
+                             **usage_columns(fields.get("result"), fields.get("stats")))
 
     # --- workers
 
@@ -1318,7 +1496,8 @@ class Agent:
                 return
             began = time.monotonic()
             try:
-                self.run_job(item)
+                with job_folders_lock(self.repo(item.user, item.project).home):  # gc keeps off
+                    self.run_job(item)
             except Exception as e:  # a bug: the job fails with the reason, the worker lives on
                 log.exception("job %s crashed", item.job_id)
                 self.finish(item.job_id, "failed", f"internal error in the agent: {e!r}")
@@ -1434,6 +1613,8 @@ def summarize_result(result: dict, elapsed: float, exit_code: Optional[int]) -> 
             "subtype": result.get("subtype"), "duration_s": round(elapsed, 3),
             "num_turns": result.get("num_turns"), "session_id": result.get("session_id"),
             "tokens_in": usage.get("input_tokens"), "tokens_out": usage.get("output_tokens"),
+            "cache_read_tokens": usage.get("cache_read_input_tokens"),
+            "cache_write_tokens": usage.get("cache_creation_input_tokens"),
             "cost_usd": result.get("total_cost_usd")}
 
 
@@ -1481,6 +1662,88 @@ def check_manifest(files: Any) -> List[Tuple[str, str, str]]:
     return out
 
 
+# ================================================================== metrics (Prometheus text format)
+# Job figures are read from the store at each scrape, so they count every job ever run on
+# this state folder (counters that survive restarts); request figures live in memory.
+
+PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class Metrics:
+    """Request counts and a latency histogram per (method, route template, status)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: Dict[Tuple[str, str, str], List[float]] = {}  # [bucket counts..., count, sum]
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        key = (method, route, str(int(status)))
+        with self.lock:
+            cell = self.requests.setdefault(key, [0.0] * (len(LATENCY_BUCKETS) + 2))
+            for i, bound in enumerate(LATENCY_BUCKETS):
+                if seconds <= bound:
+                    cell[i] += 1
+            cell[-2] += 1
+            cell[-1] += seconds
+
+    def request_lines(self) -> List[str]:
+        with self.lock:
+            cells = sorted((key, list(cell)) for key, cell in self.requests.items())
+        count = ["# HELP patchwire_http_requests_total HTTP requests answered, by route template and status.",
+                 "# TYPE patchwire_http_requests_total counter"]
+        hist = ["# HELP patchwire_http_request_duration_seconds Time from request to the end of the answer.",
+                "# TYPE patchwire_http_request_duration_seconds histogram"]
+        name = "patchwire_http_request_duration_seconds"
+        for (method, route, status), cell in cells:
+            labels = {"method": method, "route": route, "status": status}
+            count.append(metric_line("patchwire_http_requests_total", labels, cell[-2]))
+            for bound, n in zip(LATENCY_BUCKETS, cell):
+                hist.append(metric_line(name + "_bucket", {**labels, "le": repr(bound)}, n))
+            hist.append(metric_line(name + "_bucket", {**labels, "le": "+Inf"}, cell[-2]))
+            hist.append(metric_line(name + "_count", labels, cell[-2]))
+            hist.append(metric_line(name + "_sum", labels, cell[-1]))
+        return count + hist
+
+
+def metric_line(name: str, labels: dict, value: float) -> str:
+    def escape(text: str) -> str:
+        return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    inside = ",".join(f'{k}="{escape(str(v))}"' for k, v in labels.items())
+    number = int(value) if float(value).is_integer() else value
+    return f"{name}{{{inside}}} {number}" if inside else f"{name} {number}"
+
+
+def metric_family(name: str, kind: str, help_: str, samples: List[Tuple[dict, float]]) -> List[str]:
+    return [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"] + [metric_line(name, l, v) for l, v in samples]
+
+
+def render_metrics(agent: "Agent") -> str:
+    with agent.store.lock:
+        db = agent.store.db
+        by_status = dict(db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall())
+        asks = db.execute("SELECT user, COUNT(*) FROM jobs GROUP BY user ORDER BY user").fetchall()
+        ai_s = db.execute("SELECT COALESCE(SUM(ai_s), 0) FROM jobs").fetchone()[0]
+    with agent.lock:
+        running = len(agent.runs)
+    lines = metric_family("patchwire_build_info", "gauge", "Version of the agent and of Python; always 1.",
+                          [({"version": __version__, "python": sys.version.split()[0]}, 1)])
+    lines += metric_family("patchwire_start_time_seconds", "gauge", "When the agent started (Unix time).",
+                           [({}, round(agent.started_at, 3))])
+    lines += metric_family("patchwire_queue_depth", "gauge", "Jobs waiting for a worker.",
+                           [({}, len(agent.queue.order()))])
+    lines += metric_family("patchwire_jobs_running", "gauge", "Jobs whose AI runs now.", [({}, running)])
+    lines += metric_family("patchwire_workers", "gauge", "AI runs allowed at once ([jobs] workers).",
+                           [({}, agent.cfg.workers)])
+    lines += metric_family("patchwire_jobs_finished_total", "counter", "Jobs that ended, by final state.",
+                           [({"status": s}, by_status.get(s, 0)) for s in TERMINAL])
+    lines += metric_family("patchwire_ai_seconds_total", "counter", "Seconds the AI ran, over all jobs.",
+                           [({}, round(ai_s, 3))])
+    lines += metric_family("patchwire_asks_total", "counter", "Asks accepted, by user.",
+                           [({"user": u}, n) for u, n in asks])
+    return "\n".join(lines + agent.metrics.request_lines()) + "\n"
+
+
 # ================================================================== HTTP server
 
 ROUTES: List[Tuple[str, "re.Pattern[str]", str, bool]] = [
@@ -1493,7 +1756,18 @@ ROUTES: List[Tuple[str, "re.Pattern[str]", str, bool]] = [
         ("DELETE", r"/v1/jobs/(?P<job>[^/]+)", "cancel", True),
         ("GET", r"/v1/jobs/(?P<job>[^/]+)/events", "events", True),
         ("GET", r"/v1/jobs/(?P<job>[^/]+)/diff", "diff", True),
+        ("GET", r"/v1/usage", "usage", True),
+        ("GET", r"/v1/openapi.json", "openapi", False),
+        ("GET", r"/metrics", "metrics", True),
     )]
+
+
+def route_template(pattern: "re.Pattern[str]") -> str:
+    """`/v1/jobs/{job}` for a route's regex: the label metrics and the OpenAPI document use."""
+    return re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern.pattern.strip("^$"))
+
+
+ROUTE_TEMPLATES = {name: route_template(pattern) for _, pattern, name, _ in ROUTES}
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -1523,6 +1797,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.connection.settimeout(HEADER_TIMEOUT)  # slow or idle clients go early
 
     def dispatch(self, method: str) -> None:
+        began = time.monotonic()  # metrics (issue 12): recorded at the end, by route template
+        self.route_label, self.sent_status = "unmatched", 0
+        try:
+            self.answer(method)
+        finally:
+            if self.sent_status:
+                self.agent.metrics.observe(method, self.route_label, self.sent_status, time.monotonic() - began)
+
+    def send_response(self, code: int, message: Optional[str] = None) -> None:
+        self.sent_status = code  # metrics (issue 12)
+        super().send_response(code, message)
+
+    def answer(self, method: str) -> None:
         self.connection.settimeout(CONNECTION_TIMEOUT)
         self.started_response = False
         url = urllib.parse.urlsplit(self.path)
@@ -1530,6 +1817,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.body_read = False
         try:
             name, params, auth = self.route(method, url.path)
+            self.route_label = ROUTE_TEMPLATES[name]
             user = self.agent.authenticate(self.headers.get("Authorization", "")) if auth else ""
             getattr(self, "route_" + name)(user, **params)
         except PatchwireError as e:
@@ -1678,7 +1966,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if found["status"] != "done":
             raise HTTPFailure(HTTPStatus.CONFLICT, f"job {found['id']} is {found['status']}: it has no diff",
                               found.get("reason") or "", code="no_diff")
-        self.send_bytes(HTTPStatus.OK, self.agent.store.patch_path(found["id"]).read_bytes(), "text/x-diff")
+        try:
+            patch = self.agent.store.patch_path(found["id"]).read_bytes()
+        except FileNotFoundError:
+            raise HTTPFailure(HTTPStatus.GONE, f"the patch of job {found['id']} was pruned by "
+                              "`patchwire-agent gc`", "ask again", code="pruned")
+        self.send_bytes(HTTPStatus.OK, patch, "text/x-diff")
+
+    def route_usage(self, user: str) -> None:
+        self.send_json(HTTPStatus.OK, usage_answer(self.agent, user, self.query))
+
+    def route_metrics(self, user: str) -> None:
+        require_admin(self.agent, user, "/metrics")
+        self.send_bytes(HTTPStatus.OK, render_metrics(self.agent).encode(), PROMETHEUS_TYPE)
+
+    def route_openapi(self, user: str) -> None:
+        self.send_json(HTTPStatus.OK, openapi_document())
 
 
 def public_job(job: dict) -> dict:
@@ -1732,6 +2035,412 @@ class AgentHTTPServer(http.server.ThreadingHTTPServer):
         return f"http://{host}:{port}"
 
 
+# ================================================================== OpenAPI document (GET /v1/openapi.json)
+# Written by hand next to the routes it describes; tests check it covers every route in
+# ROUTES and that the real server's answers match it.
+
+def _obj(required: Sequence[str], **properties: Any) -> dict:
+    return {"type": "object", "required": list(required), "properties": properties}
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+_S, _I, _N, _B = {"type": "string"}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"}
+
+
+def _nullable(schema: dict) -> dict:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _event(kind: str, required: Sequence[str] = (), **properties: Any) -> dict:
+    return _obj(["seq", "job", "time", "type", *required], seq=_I, job=_S, time=_N,
+                type={"const": kind}, **properties)
+
+
+_USAGE_NAMES = [name for name, _ in USAGE_FIGURES]
+_USAGE_TYPES = {name: _N if "minutes" in name or "cost" in name else _I for name in _USAGE_NAMES}
+OPENAPI_SCHEMAS = {
+    "Error": {**_obj(["error", "code"], error=_S, hint=_S, code=_S,
+                     paths={"type": "array", "items": _S, "description": "tree_mismatch: the paths that differ"},
+                     limit={**_S, "description": "policy: the [policy] key that refused"},
+                     value={"description": "policy: that key's value"},
+                     rule={**_S, "description": "policy: where the value is set"},
+                     retry_after_s={**_I, "description": "policy: also sent as Retry-After"}),
+              "description": "Every error; `code` is stable, `error` and `hint` are for people."},
+    "Health": _obj(["ok", "version", "time", "queue_depth", "running", "workers", "ai_command", "ai_found"],
+                   ok=_B, version=_S, time=_N, queue_depth=_I, running=_I, workers=_I, ai_command=_S, ai_found=_B),
+    "Me": _obj(["user", "version", "mirror_root"], user=_S, version=_S, mirror_root=_S,
+               mirror={**_S, "description": "with ?project=: the folder to rsync that project into"}),
+    "AskRequest": _obj(["project", "tree", "files", "prompt"], project=_S, prompt=_S,
+                       tree={**_S, "description": "git tree id of exactly the listed files"},
+                       files={"type": "array", "items": {"type": "array", "items": _S, "minItems": 3,
+                                                         "maxItems": 3}, "description": "[mode, blob, path]"},
+                       timeout_s=_I, **{"continue": {**_S, "description": "a finished job to follow up"}}),
+    "JobResult": _obj([], exit_code=_nullable(_I), is_error=_B, subtype=_nullable(_S), duration_s=_N,
+                      num_turns=_nullable(_I), session_id=_nullable(_S), tokens_in=_nullable(_I),
+                      tokens_out=_nullable(_I), cache_read_tokens=_nullable(_I), cache_write_tokens=_nullable(_I),
+                      cost_usd=_nullable(_N), result_commit=_S),
+    "Stats": _obj(["files", "added", "removed", "binary"], files=_I, added=_I, removed=_I, binary=_I),
+    "Job": _obj(["id", "project", "prompt", "status", "created", "events"], id=_S, project=_S, prompt=_S,
+                status={"enum": ["queued", "running", "done", "failed", "cancelled"]}, reason=_nullable(_S),
+                created=_N, started=_nullable(_N), finished=_nullable(_N), snapshot=_nullable(_S),
+                tree=_nullable(_S), timeout_s=_nullable(_I), result=_nullable(_ref("JobResult")),
+                stats=_nullable(_ref("Stats")), parent=_nullable(_S), slot=_nullable(_I),
+                events={**_I, "description": "number of the job's last event"}),
+    "JobList": _obj(["jobs"], jobs={"type": "array", "items": _ref("Job")}),
+    "Event": {"description": "One NDJSON line of a job's stream; `seq` numbers them from 1.", "oneOf": [
+        _event("queued", ["position"], project=_S, position=_I,
+               estimate_s={**_nullable(_I), "description": "seconds until it starts, from recent runs"}),
+        _event("position", ["position"], position=_I, estimate_s=_nullable(_I)),
+        _event("started", ["slot"], slot=_I, continues=_S),
+        _event("session", [], session_id=_nullable(_S), model=_nullable(_S)),
+        _event("text", ["text"], text=_S),
+        _event("tool", ["name"], name=_nullable(_S), detail=_S),
+        _event("tool_error", ["text"], text=_S),
+        _event("output", ["text"], text=_S),
+        _event("result", [], subtype=_S, is_error=_B, duration_ms=_N, num_turns=_I, session_id=_S,
+               total_cost_usd=_N, usage={"type": "object"}),
+        _event("finished", ["status", "stats"], status={"const": "done"}, stats=_ref("Stats")),
+        _event("failed", ["status", "reason"], status={"const": "failed"}, reason=_S),
+        _event("cancelled", ["status", "reason"], status={"const": "cancelled"}, reason=_S),
+    ]},
+    "UsageFigures": _obj(_USAGE_NAMES, **_USAGE_TYPES),
+    "UsageRow": _obj(["key", *_USAGE_NAMES], key={**_S, "description": "user, user/project or YYYY-MM-DD (UTC)"},
+                     user=_S, user_removed={**_B, "description": "no longer in the config; history kept"},
+                     **_USAGE_TYPES),
+    "Usage": _obj(["since", "until", "group", "rows", "total", "removed_users"], since=_N, until=_N,
+                  group={"enum": list(USAGE_GROUPS)}, user=_nullable(_S),
+                  rows={"type": "array", "items": _ref("UsageRow")}, total=_ref("UsageFigures"),
+                  removed_users={"type": "array", "items": _S}),
+}
+
+# route name: (summary, query parameters, request body schema, {status: (description, media type, schema)})
+OPENAPI_ROUTES = {
+    "health": ("Version, queue depth and whether the AI command is found; no token needed", {}, None,
+               {200: ("ok", "application/json", "Health")}),
+    "me": ("Your user name and the folder to rsync a project into", {"project": _S}, None,
+           {200: ("you", "application/json", "Me"), 400: "bad project name"}),
+    "ask": ("Snapshot the synced files, queue the AI run", {}, "AskRequest",
+            {200: ("with Accept: application/x-ndjson, the job's events as they happen",
+                   "application/x-ndjson", "Event"),
+             202: ("queued", "application/json", "Job"), 400: "bad request",
+             404: "no such job to continue", 409: "tree_mismatch, not_done or ambiguous",
+             411: "no Content-Length, or a chunked body", 413: "body over 64 MiB"}),
+    "jobs": ("Your jobs, newest first", {}, None, {200: ("your jobs", "application/json", "JobList")}),
+    "job": ("One of your jobs; a unique id prefix is enough", {}, None,
+            {200: ("the job", "application/json", "Job"), 404: "no such job of yours",
+             409: "ambiguous prefix"}),
+    "cancel": ("Cancel a queued or running job", {}, None,
+               {200: ("the job, cancelled", "application/json", "Job"), 404: "no such job of yours",
+                409: "already finished, or ambiguous prefix"}),
+    "events": ("The job's events after `after`, following a live job unless follow=0",
+               {"after": _I, "follow": {"enum": ["0", "1"]}}, None,
+               {200: ("NDJSON, one event per line", "application/x-ndjson", "Event"),
+                400: "after is not a whole number", 404: "no such job of yours", 409: "ambiguous prefix"}),
+    "diff": ("The patch of a done job (git diff --binary --full-index)", {}, None,
+             {200: ("the patch, as bytes", "text/x-diff", None), 404: "no such job of yours",
+              409: "the job is not done (no_diff), or ambiguous prefix", 410: "pruned by gc"}),
+    "usage": ("Asks, AI time, tokens, cost and changes over a time range; yours, or with an admin "
+              "token everyone's", {"since": _S, "until": _S, "group": {"enum": list(USAGE_GROUPS)}, "user": _S},
+              None, {200: ("the report", "application/json", "Usage"), 400: "bad group or time",
+                     403: "another user's usage without an admin token"}),
+    "openapi": ("This document", {}, None, {200: ("OpenAPI 3.1", "application/json", None)}),
+    "metrics": ("Prometheus text format; admin token", {}, None,
+                {200: ("metrics", PROMETHEUS_TYPE.split(";")[0], None), 403: "not an admin"}),
+}
+
+
+def openapi_document() -> dict:
+    paths: Dict[str, dict] = {}
+    for method, pattern, name, auth in ROUTES:
+        # a route without its entry is still listed (tests insist every route has one)
+        summary, query, body, answers = OPENAPI_ROUTES.get(name, ("(not described yet)", {}, None, {}))
+        template = ROUTE_TEMPLATES[name]
+        op: dict = {"operationId": name, "summary": summary, "responses": {}}
+        params = [{"name": p, "in": "path", "required": True, "schema": _S,
+                   "description": "a job id or a unique prefix of it"} for p in pattern.groupindex]
+        params += [{"name": k, "in": "query", "required": False, "schema": v} for k, v in query.items()]
+        if params:
+            op["parameters"] = params
+        if body:
+            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
+        if auth:
+            op["security"] = [{"bearer": []}]
+            answers = {**answers, 401: "missing or invalid token"}
+        else:
+            op["security"] = []
+        for status, answer in sorted(answers.items()):
+            op["responses"][str(status)] = _openapi_response(answer)
+        op["responses"]["default"] = _openapi_response("any other error (500: internal)")
+        paths.setdefault(template, {})[method.lower()] = op
+    return {"openapi": "3.1.0",
+            "info": {"title": "patchwire-agent", "version": __version__,
+                     "description": "Runs Claude Code on a synced project and returns a git diff. Errors are "
+                                    "JSON (Error) with a fitting status; an unknown path is 404 (not_found), "
+                                    "a method a path does not have is 405 (method_not_allowed)."},
+            "paths": paths,
+            "components": {"schemas": OPENAPI_SCHEMAS,
+                           "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+            "security": [{"bearer": []}]}
+
+
+def _openapi_response(answer: Any) -> dict:
+    if isinstance(answer, str):
+        return {"description": answer, "content": {"application/json": {"schema": _ref("Error")}}}
+    description, media, schema = answer
+    if schema:
+        body = _ref(schema)
+    else:
+        body = _S if media.startswith("text/") else {"type": "object"}
+    return {"description": description, "content": {media: {"schema": body}}}
+
+
+# ================================================================== operations: shutdown, service, status, gc
+
+RUN_FILE = "agent.json"  # in the state folder while `serve` runs: pid, start time, URL
+SYSTEMD_UNIT = "patchwire-agent.service"
+LAUNCHD_LABEL = "dev.patchwire.agent"
+
+
+def drain_jobs(agent: "Agent", grace_s: float, hurry: threading.Event) -> None:
+    """Graceful stop: no queued job starts any more (they stay queued in the store and run
+    after the restart); running jobs may finish for up to `grace_s`, then are cancelled
+    with the reason. `hurry` (a second signal) cuts the wait short."""
+    agent.queue.close()
+    with agent.lock:
+        running = len(agent.runs)
+    if running and grace_s:
+        pw.say(f"stopping: waiting up to {grace_s:g} s for {running} running job(s) to finish "
+               "(signal again to cancel them now)")
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and not hurry.is_set() and any(t.is_alive() for t in agent.workers):
+        for t in agent.workers:
+            t.join(timeout=0.1)
+    reason = (f"the agent was shut down and the job did not finish within {grace_s:g} s "
+              "([server] shutdown_grace_s); ask again")
+    with agent.lock:
+        runs = list(agent.runs.values())
+    for run in runs:
+        run.stop(reason)
+
+
+def write_run_file(cfg: AgentConfig, url: str, started: float) -> Path:
+    path = cfg.state_dir / RUN_FILE
+    write_private(path, json.dumps({"pid": os.getpid(), "started": started, "url": url,
+                                    "version": __version__}) + "\n")
+    return path
+
+
+def read_run_file(state_dir: Path) -> Optional[dict]:
+    """The running server's pid file, or None when no server runs on this state folder."""
+    try:
+        info = json.loads((state_dir / RUN_FILE).read_text())
+        os.kill(int(info["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return info
+
+
+def open_store(cfg: AgentConfig) -> Store:
+    """The state db for a command on the box, next to a running server: sqlite's busy
+    timeout makes a read wait for the server's short write transactions."""
+    if not (cfg.state_dir / "jobs.sqlite3").is_file():
+        raise PatchwireError(f"no jobs in {cfg.state_dir} yet", "has `patchwire-agent serve -c "
+                             f"{cfg.path}` run? The state folder is [server] state_dir")
+    return Store(cfg.state_dir)
+
+
+def agent_argv(config: Path) -> List[str]:
+    """This very program, the way it was started (script, zipapp or installed command)."""
+    return [sys.executable, os.path.abspath(sys.argv[0]), "serve", "-c", str(config.resolve())]
+
+
+def systemd_quote(arg: str) -> str:
+    """One ExecStart word: `%` and `$` are systemd's specifiers and variables."""
+    arg = arg.replace("%", "%%").replace("$", "$$")
+    return json.dumps(arg) if re.search(r'[\s"\'\\;]', arg) or not arg else arg
+
+
+def systemd_unit(cfg: AgentConfig, system: bool = False) -> str:
+    """A user unit, or with `system` one for the system manager that runs as this user."""
+    argv = agent_argv(cfg.path)
+    return "\n".join([
+        "[Unit]",
+        "Description=patchwire-agent: runs Claude Code for Patchwire laptops",
+        "After=network-online.target",
+        "Wants=network-online.target",
+        "",
+        "[Service]",
+        "Type=simple",
+        *([f"User={systemd_quote(current_user())}"] if system else []),
+        "ExecStart=" + " ".join(systemd_quote(a) for a in argv),
+        "WorkingDirectory=" + systemd_quote(str(cfg.path.resolve().parent)),
+        # the AI command is looked up on PATH, which a user manager's default would not have
+        "Environment=" + systemd_quote("PATH=" + os.environ.get("PATH", os.defpath)),
+        "Restart=on-failure",
+        "RestartSec=5",
+        # SIGTERM to the agent only: the AI runs in the same cgroup and must be allowed to
+        # finish its job during the grace time; KILL reaches whatever is left at the end
+        "KillMode=mixed",
+        f"TimeoutStopSec={cfg.shutdown_grace_s + int(KILL_GRACE_S) + 10}",
+        "",
+        "[Install]",
+        "WantedBy=" + ("multi-user.target" if system else "default.target"),
+        ""])
+
+
+def current_user() -> str:
+    import getpass
+    return getpass.getuser()
+
+
+def launchd_plist(cfg: AgentConfig, system: bool = False) -> bytes:
+    """A LaunchAgent, or with `system` a LaunchDaemon that runs as this user."""
+    import plistlib
+    log_file = Path.home() / "Library" / "Logs" / "patchwire-agent.log"
+    return plistlib.dumps({
+        **({"UserName": current_user()} if system else {}),
+        "Label": LAUNCHD_LABEL,
+        "ProgramArguments": agent_argv(cfg.path),
+        "WorkingDirectory": str(cfg.path.resolve().parent),
+        "EnvironmentVariables": {"PATH": os.environ.get("PATH", os.defpath)},
+        "RunAtLoad": True,
+        "KeepAlive": {"SuccessfulExit": False},  # restart after a crash, not after a clean stop
+        "ExitTimeOut": cfg.shutdown_grace_s + int(KILL_GRACE_S) + 10,
+        "StandardOutPath": str(log_file),
+        "StandardErrorPath": str(log_file),
+    })
+
+
+def service_target(kind: str, system: bool = False) -> Tuple[Path, str]:
+    """Where a unit or plist goes, and the one command that starts it."""
+    if system and kind == "systemd":
+        return (Path("/etc/systemd/system") / SYSTEMD_UNIT,
+                f"sudo systemctl daemon-reload && sudo systemctl enable --now {SYSTEMD_UNIT}")
+    if system:
+        path = Path("/Library/LaunchDaemons") / f"{LAUNCHD_LABEL}.plist"
+        return path, f"sudo launchctl bootstrap system {path}"
+    if kind == "systemd":
+        base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+        return (base / "systemd" / "user" / SYSTEMD_UNIT,
+                f"systemctl --user daemon-reload && systemctl --user enable --now {SYSTEMD_UNIT}")
+    path = Path.home() / "Library" / "LaunchAgents" / f"{LAUNCHD_LABEL}.plist"
+    return path, f"launchctl bootstrap gui/$(id -u) {path}"
+
+
+def tree_size(path: Path) -> int:
+    """Bytes in the files under `path` (links not followed)."""
+    total = 0
+    for folder, _, names in os.walk(path):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                pass  # removed while we walked
+    return total
+
+
+def status_report(cfg: AgentConfig, store: Store) -> dict:
+    run = read_run_file(cfg.state_dir)
+    with store.lock:
+        active = store.db.execute("SELECT user, status, COUNT(*) FROM jobs WHERE status IN ('queued', 'running') "
+                                  "GROUP BY user, status").fetchall()
+        job_users = [r[0] for r in store.db.execute("SELECT DISTINCT user FROM jobs")]
+        patches = store.db.execute("SELECT user, id FROM jobs WHERE status = 'done'").fetchall()
+        jobs = store.db.execute("SELECT id, user, project, status, COALESCE(started, created) FROM jobs "
+                                "WHERE status IN ('queued', 'running') ORDER BY created").fetchall()
+    users: Dict[str, dict] = {}
+    for name in sorted(set(cfg.users) | set(job_users)):
+        users[name] = {"running": 0, "queued": 0, "removed": name not in cfg.users,
+                       "disk_bytes": tree_size(user_root(cfg.state_dir, name))}
+    for user, status, n in active:
+        users[user][status] = n
+    for user, job_id in patches:
+        path = store.patch_path(job_id)
+        users[user]["disk_bytes"] += path.stat().st_size if path.exists() else 0
+    return {"running": bool(run), "pid": run and run["pid"], "url": run and run["url"],
+            "uptime_s": round(time.time() - run["started"], 1) if run else None,
+            "workers": cfg.workers, "slots": cfg.slots, "state_dir": str(cfg.state_dir),
+            "state_bytes": tree_size(cfg.state_dir), "users": users,
+            "jobs": [dict(zip(("id", "user", "project", "status", "since"), row)) for row in jobs]}
+
+
+@contextlib.contextmanager
+def job_folders_lock(home: Path, exclusive: bool = False):
+    """A worker holds this shared while a job uses the project's job folders; gc takes it
+    exclusively, without waiting (BlockingIOError), to remove them. flock works across
+    processes and is released when its holder dies."""
+    home.mkdir(parents=True, exist_ok=True)
+    fd = os.open(str(home / "folders.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+def gc_state(cfg: AgentConfig, store: Store, before: float, dry_run: bool) -> dict:
+    """Prune what jobs finished before `before` left behind: patches and events (the job
+    rows stay, so usage stays exact), and job folders of projects with no job since then.
+    Never touches a queued or running job's; safe while the server runs."""
+    with store.lock:
+        old = store.db.execute("SELECT id FROM jobs WHERE status IN ('done', 'failed', 'cancelled') "
+                               "AND finished < ?", (before,)).fetchall()
+        events = store.db.execute("SELECT COUNT(*) FROM events WHERE job IN (SELECT id FROM jobs WHERE "
+                                  "status IN ('done', 'failed', 'cancelled') AND finished < ?)", (before,)).fetchone()[0]
+        if not dry_run:
+            store.db.execute("DELETE FROM events WHERE job IN (SELECT id FROM jobs WHERE status IN "
+                             "('done', 'failed', 'cancelled') AND finished < ?)", (before,))
+    patches = [store.patch_path(job_id) for (job_id,) in old if store.patch_path(job_id).exists()]
+    out = {"before": before, "dry_run": dry_run, "jobs": len(old), "events": events,
+           "patches": len(patches), "patch_bytes": sum(p.stat().st_size for p in patches),
+           "job_folders": [], "folder_bytes": 0, "folders_busy": []}
+    if not dry_run:
+        for path in patches:
+            path.unlink()
+    for user, project in unused_projects(cfg, store, before):
+        try:
+            with job_folders_lock(ProjectRepo(cfg.state_dir, user, project).home, exclusive=True):
+                # asked for since the first look? Its worker waits for this lock: keep the folders
+                if (user, project) in unused_projects(cfg, store, before):
+                    prune_job_folders(ProjectRepo(cfg.state_dir, user, project), out, dry_run)
+        except BlockingIOError:
+            out["folders_busy"].append(f"{user}/{project}")
+    return out
+
+
+def prune_job_folders(repo: ProjectRepo, out: dict, dry_run: bool) -> None:
+    for folder in sorted(p for p in (repo.home / "slots").iterdir() if p.is_dir()):
+        out["job_folders"].append(str(folder))
+        out["folder_bytes"] += tree_size(folder)
+        if not dry_run:
+            remove_tree(folder)
+    if not dry_run:
+        repo.git()("worktree", "prune")  # the warm folder is rebuilt when next needed
+
+
+def unused_projects(cfg: AgentConfig, store: Store, before: float) -> List[Tuple[str, str]]:
+    """Projects with job folders whose jobs all ended before `before` (none queued or running)."""
+    with store.lock:
+        last = dict(((u, p), t) for u, p, t in store.db.execute(
+            "SELECT user, project, MAX(CASE WHEN status IN ('queued', 'running') THEN 1e18 "
+            "ELSE COALESCE(finished, created) END) FROM jobs GROUP BY user, project"))
+    out = []
+    for slots in sorted((cfg.state_dir / "users").glob("*/projects/*/slots")):
+        key = (slots.parent.parent.parent.name, slots.parent.name)
+        if last.get(key, 0) < before and any(slots.iterdir()):
+            out.append(key)
+    return out
+
+
+def human_duration(seconds: float) -> str:
+    days, rest = divmod(int(seconds), 86400)
+    hours, rest = divmod(rest, 3600)
+    return (f"{days}d " if days else "") + f"{hours}h {rest // 60}m"
+
+
 # ================================================================== commands
 
 
@@ -1782,21 +2491,29 @@ def cmd_serve(args) -> int:
         raise PatchwireError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror}",
                              "pick another [server] listen address, or stop what uses that port")
     agent.start()
+    hurry = threading.Event()  # set by a second SIGTERM/SIGINT: cancel running jobs now
 
     def on_signal(signum, _frame):
+        if server_stopping.is_set():
+            hurry.set()
+        server_stopping.set()
         threading.Thread(target=server.shutdown, daemon=True).start()
+    server_stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=agent.reload, daemon=True).start())
     ai = agent.health()
+    run_file = write_run_file(cfg, server.url, agent.started_at)
     print(f"patchwire-agent {__version__} listening on {server.url}", flush=True)
     pw.say(f"state in {cfg.state_dir}; {len(cfg.users)} user(s); AI command {cfg.ai_command[0]!r}"
            + ("" if ai["ai_found"] else " NOT FOUND on PATH: asks will fail until it is installed"))
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
-        server.server_close()
+        server.server_close()  # no new requests; streams already open go on while jobs finish
+        drain_jobs(agent, cfg.shutdown_grace_s, hurry)
         agent.stop()
+        run_file.unlink(missing_ok=True)
     return 0
 
 
@@ -1814,7 +2531,6 @@ RRSYNC_MISSING = ("rrsync is not installed on this box, so the key line below wi
 def edit_config(path: Path, change: Callable[[dict], Any]) -> Any:
     """Read, change, check and atomically replace the config, one editor at a time; the
     other keys and users stay as they were."""
-    import fcntl
     if not path.is_file():
         raise UsageError(f"{path}: no such config file", f"create it with `patchwire-agent init -c {path}`")
     with open(path.parent / f".{path.name}.lock", "a") as lock:
@@ -2014,6 +2730,93 @@ def drop_key_lines(path: Path, state_dir: Path, user: str) -> int:
     kept = [l for l in lines if marker not in l]
     write_private(path, "".join(kept))
     return len(lines) - len(kept)
+def cmd_usage(args) -> int:
+    cfg = AgentConfig.load(Path(args.config))
+    store = open_store(cfg)
+    try:
+        since = parse_time(args.since, 0.0)
+        until = parse_time(args.until, time.time() + 1, end_of_day=True)
+        report = usage_report(store, since, until, args.by, args.user, list(cfg.users))
+    finally:
+        store.close()
+    pw.print_usage(args, report)
+    if report["removed_users"] and not (args.json or args.csv):
+        pw.say("removed users (no longer in the config; their history stays): " + ", ".join(report["removed_users"]))
+    return 0
+
+
+def cmd_service(args) -> int:
+    cfg = AgentConfig.load(Path(args.config))
+    kind = "systemd" if args.systemd else "launchd"
+    data = systemd_unit(cfg, args.system).encode() if kind == "systemd" else launchd_plist(cfg, args.system)
+    path, start = service_target(kind, args.system)
+    if args.system and args.install:
+        raise UsageError("--install writes user-level units only; a system one is root's to write",
+                         f"patchwire-agent service -c {args.config} --{kind} --system | sudo tee {path}")
+    if not args.install:
+        sys.stdout.buffer.write(data)
+        if args.system:
+            pw.say(f"as root, put it in {path}; then: {start}")
+        return 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    replaced = path.exists()
+    path.write_bytes(data)
+    pw.say(f"{'replaced' if replaced else 'wrote'} {path}; start it (and at every login) with:")
+    print(start)
+    if kind == "systemd":
+        pw.say(f"to keep it running while you are logged out: loginctl enable-linger {os.environ.get('USER', '$USER')}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    cfg = AgentConfig.load(Path(args.config))
+    store = open_store(cfg)
+    try:
+        report = status_report(cfg, store)
+    finally:
+        store.close()
+    pw.output(args, report, print_status)
+    return 0
+
+
+def print_status(r: dict) -> None:
+    if r["running"]:
+        print(f"agent: running, pid {r['pid']}, up {human_duration(r['uptime_s'])}, {r['url']}")
+    else:
+        print("agent: not running")
+    print(f"workers: {r['workers']}; job folders per user and project: {r['slots']}")
+    print(f"state folder: {r['state_dir']}, {pw.human_bytes(r['state_bytes'])}")
+    width = max([len(u) + 10 for u in r["users"]] + [4])
+    print(f"{'user':<{width}} {'running':>7} {'queued':>6} {'disk':>9}")
+    for name, u in r["users"].items():
+        label = name + (" (removed)" if u["removed"] else "")
+        print(f"{label:<{width}} {u['running']:>7} {u['queued']:>6} {pw.human_bytes(u['disk_bytes']):>9}")
+    for job in r["jobs"]:
+        print(f"  {job['id']}  {job['status']:<7}  {pw.human_age(time.time() - job['since']):>4}  "
+              f"{job['user']}/{job['project']}")
+
+
+def cmd_gc(args) -> int:
+    cfg = AgentConfig.load(Path(args.config))
+    before = parse_time(args.older_than, 0.0)
+    store = open_store(cfg)
+    try:
+        report = gc_state(cfg, store, before, args.dry_run)
+    finally:
+        store.close()
+    pw.output(args, report, print_gc)
+    return 0
+
+
+def print_gc(r: dict) -> None:
+    verb = "would free" if r["dry_run"] else "freed"
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(r["before"]))
+    print(f"{verb}: {r['patches']} patch(es), {pw.human_bytes(r['patch_bytes'])}, and {r['events']} event(s) "
+          f"of {r['jobs']} job(s) finished before {when} (the jobs and their usage stay)")
+    print(f"{verb}: {len(r['job_folders'])} job folder(s), {pw.human_bytes(r['folder_bytes'])}"
+          + "".join(f"\n  {f}" for f in r["job_folders"]))
+    if r["folders_busy"]:
+        print("kept the job folders of " + ", ".join(r["folders_busy"]) + ": a job started in them just now")
 
 
 COMMANDS = {
@@ -2021,6 +2824,10 @@ COMMANDS = {
     "serve": (cmd_serve, "run the HTTP server"),
     "user": (cmd_user, "add, list, remove users or rotate a token (a running server picks it up)"),
     "policy": (cmd_policy, "print a user's effective policy and where each value comes from"),
+    "usage": (cmd_usage, "asks, AI minutes, tokens and cost per user, project or day (reads the state)"),
+    "status": (cmd_status, "running and queued jobs by user, workers, uptime, disk per user"),
+    "gc": (cmd_gc, "prune old jobs' patches and events, and unused job folders"),
+    "service": (cmd_service, "print or install a systemd user unit or a launchd agent that runs serve"),
 }
 
 
@@ -2042,6 +2849,7 @@ def build_parser() -> argparse.ArgumentParser:
     p["serve"].add_argument("-v", "--verbose", action="store_true", help="log every request")
     add_user_parsers(p["user"])
     p["policy"].add_argument("name", help="the user's name")
+    add_ops_arguments(p)
     return parser
 
 
@@ -2081,6 +2889,23 @@ def add_user_parsers(parser: argparse.ArgumentParser) -> None:
     for name in ("remove", "rotate"):
         p[name].add_argument("--cancel-jobs", action="store_true",
                              help="also cancel the user's running job (queued ones end on remove anyway)")
+
+
+def add_ops_arguments(p: Dict[str, argparse.ArgumentParser]) -> None:
+    pw.add_usage_arguments(p["usage"], "user")
+    p["usage"].add_argument("--user", help="only this user")
+    for name in ("usage", "status", "gc"):
+        p[name].add_argument("--json", action="store_true", help="the result as JSON on stdout")
+    p["gc"].add_argument("--older-than", default="30d", help="jobs finished longer ago than this: "
+                         "30d, 12h, or a date (default %(default)s)")
+    p["gc"].add_argument("--dry-run", action="store_true", help="say what would be freed, free nothing")
+    kind = p["service"].add_mutually_exclusive_group(required=True)
+    kind.add_argument("--systemd", action="store_true", help="a systemd user unit (Linux)")
+    kind.add_argument("--launchd", action="store_true", help="a launchd agent plist (macOS)")
+    p["service"].add_argument("--install", action="store_true", help="write it to the user's unit folder "
+                              "(~/.config/systemd/user or ~/Library/LaunchAgents) and print the command that starts it")
+    p["service"].add_argument("--system", action="store_true", help="for the system manager (starts at boot), "
+                              "running as you; printed, for root to install")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
