@@ -2066,6 +2066,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("diff", "apply", "show", "cancel"):
         p[name].add_argument("job", nargs="?" if name != "cancel" else None, help="job id (a unique prefix is enough)")
     p["apply"].add_argument("-i", "--interactive", action="store_true", help="choose files and hunks, like git add -p")
+    p["apply"].add_argument("--yes", "-y", action="store_true", help="apply without asking (for scripts and editors)")
     p["apply"].add_argument("--only", nargs="+", metavar="PATH", help="apply only these files or folders (shell patterns)")
     p["apply"].add_argument("--exclude", nargs="+", metavar="PATH", help="leave these files or folders out")
     p["apply"].add_argument("--keep-conflicts", action="store_true",
