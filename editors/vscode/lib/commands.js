@@ -23,8 +23,9 @@ class Patchwire {
 
   // --- the CLI for the current project
 
-  /** The CLI, run in the project folder; throws a CliError naming what is missing. */
-  cli() {
+  /** The CLI, run in the project folder; throws a CliError naming what is missing. Its
+   * progress lines (stderr) go to the output channel, unless `quiet`. */
+  cli({ quiet = false } = {}) {
     const folders = [];
     const active = vscode.window.activeTextEditor;
     const own = active && vscode.workspace.getWorkspaceFolder(active.document.uri);
@@ -40,7 +41,7 @@ class Patchwire {
         { hint: 'run `patchwire init` in the project folder, then reopen it' });
     }
     const setting = vscode.workspace.getConfiguration('patchwire').get('path');
-    return new Cli({ program: findProgram(setting), cwd: root, log: (line) => this.output.appendLine(line) });
+    return new Cli({ program: findProgram(setting), cwd: root, log: quiet ? () => {} : (line) => this.output.appendLine(present.clean(line)) });
   }
 
   log(line) {
@@ -97,7 +98,7 @@ class Patchwire {
     let jobs = [];
     let error = null;
     try {
-      jobs = (await this.cli().jobs()).jobs || [];
+      jobs = (await this.cli({ quiet: true }).jobs()).jobs || [];
     } catch (err) {
       error = err;
     }
@@ -381,10 +382,17 @@ async function followAsk(pw, cli, prompt, on, progress, token) {
   const proc = cli.ask(prompt, {
     on,
     onEvent: (event) => {
-      (present.outputLines(event) || []).forEach((l) => pw.log(l));
+      // The output channel gets the CLI's own progress lines (its stderr, via the Cli's log);
+      // the events drive the notification.
+      if (event.type === 'unparsed') {
+        pw.log(present.clean(event.text));
+      }
       const message = present.progressMessage(event);
       if (message) {
         progress.report({ message });
+      }
+      if (event.type === 'queued' || event.type === 'started') {
+        pw.refreshStatus(); // the status bar counts this job as waiting, then running
       }
       if (event.type === 'queued' && !state.job) {
         state.job = event.job;

@@ -128,9 +128,12 @@ test('a program that is missing or not patchwire is a clear error', async () => 
 });
 
 test('interrupting an ask before its job exists stops the CLI as Ctrl-C does', async () => {
-  const { cli } = scenario({ ask: { stdout: [], hold: true } });
+  const { cli, calls } = scenario({ ask: { stdout: [], hold: true } });
   const proc = cli.ask('x');
-  setTimeout(() => proc.interrupt(), 100);
+  for (let i = 0; i < 500 && !calls().length; i++) {
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  proc.interrupt();
   const run = await proc.done;
   assert.equal(run.code, 130);
   assert.equal(errorFrom(run).message, 'interrupted');

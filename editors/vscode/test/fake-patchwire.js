@@ -19,6 +19,12 @@ const plans = [].concat(scenario[key] || { stdout: [{ error: `no scenario for ${
 const plan = plans[Math.min(earlier, plans.length - 1)];
 const cancelled = log + '.cancelled';
 
+process.on('SIGINT', () => {
+  process.stderr.write('patchwire: interrupted\n');
+  process.stdout.write(JSON.stringify({ error: 'interrupted', hint: '', exit_status: 130 }) + '\n');
+  process.exit(130);
+});
+
 let stdin = '';
 process.stdin.on('data', (c) => { stdin += c; });
 process.stdin.on('end', () => {
@@ -38,11 +44,6 @@ process.stdin.on('end', () => {
       process.exitCode = plan.code || 0;
       return;
     }
-    process.on('SIGINT', () => {
-      process.stderr.write('patchwire: interrupted\n');
-      process.stdout.write(JSON.stringify({ error: 'interrupted', hint: '', exit_status: 130 }) + '\n');
-      process.exit(130);
-    });
     const deadline = Date.now() + 10000;
     const timer = setInterval(() => {
       if (fs.existsSync(cancelled) || Date.now() > deadline) {

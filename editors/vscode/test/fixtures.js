@@ -17,6 +17,10 @@ const ASK_EVENTS = [
 ];
 const OUTCOME = { type: 'outcome', job: JOB, applied: false, files: ['new.txt', 'src/app.py'] };
 
+// The CLI's human progress on stderr (no colour: not a terminal), control characters and all.
+const ASK_STDERR = 'synced 3 of 3 file(s), 236 B in 0.1s\n   0.0s queued as job 7aa6964d0087, 2 ahead\n   0.0s AI started\n'
+  + '   0.0s looking \u001b]0;title\u0007\n   0.0s > Write src/app.py\n   0.1s AI finished: 2 file(s), +2 -1\n';
+
 const DIFF = {
   job: JOB,
   files: [
@@ -54,4 +58,4 @@ function error(message, exitStatus, hint = '', code = '') {
   return { error: message, hint, exit_status: exitStatus, ...(code ? { details: { error: message, code } } : {}) };
 }
 
-module.exports = { APPLIED, ASK_EVENTS, DIFF, DIFF_LOOK_CLOSELY, JOB, JOBS, OUTCOME, error };
+module.exports = { APPLIED, ASK_EVENTS, ASK_STDERR, DIFF, DIFF_LOOK_CLOSELY, JOB, JOBS, OUTCOME, error };
