@@ -15,7 +15,7 @@ function scenario(plan) {
   fs.writeFileSync(file, JSON.stringify(plan));
   const log = path.join(dir, 'calls.log');
   const env = { ...process.env, FAKE_PATCHWIRE: file, FAKE_PATCHWIRE_LOG: log };
-  const calls = () => (fs.existsSync(log) ? fs.readFileSync(log, 'utf8').trim().split('\n').map((l) => JSON.parse(l)) : []);
+  const calls = () => (fs.existsSync(log) ? fs.readFileSync(log, 'utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l)) : []);
   return { dir, cli: new Cli({ program: FAKE, cwd: dir, env, log: (l) => logged.push(l) }), calls };
 }
 const logged = [];

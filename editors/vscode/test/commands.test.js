@@ -29,7 +29,7 @@ function setup(plan, { config = true } = {}) {
   const pw = extension.activate(context);
   uninstall();
   const calls = () => (fs.existsSync(process.env.FAKE_PATCHWIRE_LOG)
-    ? fs.readFileSync(process.env.FAKE_PATCHWIRE_LOG, 'utf8').trim().split('\n').map((l) => JSON.parse(l)) : []);
+    ? fs.readFileSync(process.env.FAKE_PATCHWIRE_LOG, 'utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l)) : []);
   const run = (name) => stub.commands.get(name)();
   const uiCalls = (name) => stub.calls.filter((c) => c.name === name).map((c) => c.args);
   return { dir, stub, pw, calls, run, uiCalls, context };
@@ -145,7 +145,7 @@ test('Cancelling the notification while the job runs cancels it on the box', asy
   });
   stub.answers.push('do a long thing');
   const done = run('patchwire.ask');
-  await until(() => stub.output.includes('   0.0s AI started'), 'the job to start');
+  await until(() => stub.progress && stub.progress.progress.messages.includes('running'), 'the started event');
   stub.progress.cancel();
   await done;
   assert.deepEqual(calls().filter((c) => c.argv[0] === 'cancel').map((c) => c.argv), [['cancel', fx.JOB, '--json']]);
