@@ -88,6 +88,19 @@ def test_vsce_is_pinned_with_a_lock_file():
     assert lock["packages"]["node_modules/@vscode/vsce"]["version"] == pin
 
 
+def test_code_server_install_without_network_skips_the_e2e_loudly(tmp_path, capsys):
+    """The only reason the e2e test may skip: the registry cannot be reached (here: a dead port)."""
+    from test_vscode_e2e import install_code_server
+    installer = tmp_path / "tests" / "install_code_server.sh"  # installs next to itself: in tmp_path
+    installer.parent.mkdir()
+    shutil.copy(TESTS / "install_code_server.sh", installer)
+    env = {**os.environ, "npm_config_registry": "http://127.0.0.1:9/", "npm_config_fetch_retries": "0"}
+    with pytest.warns(UserWarning, match="NO NETWORK"), pytest.raises(pytest.skip.Exception, match="NO NETWORK"):
+        install_code_server(installer, env)
+    assert "the npm registry cannot be reached" in capsys.readouterr().err
+    assert not (tmp_path / "tests" / ".code-server" / "code-server" / "bin").exists()
+
+
 # ------------------------------------------------------------------ diff JOB --file PATH --side
 
 

@@ -6,11 +6,13 @@
 # in node_modules/ once, and later builds run offline from there. The package holds exactly
 # package.json, extension.js, lib/, README.md and LICENSE: they are staged in a folder of their
 # own with fixed modes, so tests, node_modules and the lock file never go in.
+# `package.sh --install` only installs vsce (.ci/run does, before the tests).
 # Environment: SOURCE_DATE_EPOCH (default: the last commit's time; vsce then fixes mtimes and order).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
-out=$(realpath -m "${1:-$root/dist/patchwire-vscode.vsix}")
+install_only=$([ "${1:-}" = "--install" ] && echo 1 || true)
+[ -n "$install_only" ] || out=$(realpath -m "${1:-$root/dist/patchwire-vscode.vsix}")
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git -C "$root" log -1 --format=%ct 2>/dev/null || echo 315532800)}
 cd "$here"
 
@@ -20,6 +22,7 @@ if [ "$have" != "$pinned" ]; then
     echo "package.sh: installing @vscode/vsce $pinned into editors/vscode/node_modules"
     npm ci --no-audit --no-fund --loglevel=error
 fi
+[ -z "$install_only" ] || exit 0
 
 stage=$root/build/vscode-extension
 rm -rf "$stage"
