@@ -110,10 +110,10 @@ class Patchwire {
   // --- picking a job
 
   /** A quick pick of your jobs (newest first) that pass `filter`; undefined on Escape. */
-  async pickJob(placeHolder, filter = () => true) {
+  async pickJob(placeHolder, filter = () => true, none = 'no jobs yet') {
     const jobs = present.sortJobs(((await this.cli().jobs()).jobs || []).filter(filter));
     if (!jobs.length) {
-      vscode.window.showInformationMessage('Patchwire: no such jobs');
+      vscode.window.showInformationMessage(`Patchwire: ${none}`);
       return undefined;
     }
     const pick = await vscode.window.showQuickPick(jobs.map((j) => present.jobItem(j)),
@@ -127,7 +127,7 @@ class Patchwire {
   async ask(followUp = false, on = null) {
     const cli = this.cli();
     if (followUp && !on) {
-      const parent = await this.pickJob('The job to follow up on', (j) => j.status === 'done');
+      const parent = await this.pickJob('The job to follow up on', (j) => j.status === 'done', 'no finished job to follow up on');
       if (!parent) {
         return undefined;
       }
@@ -294,7 +294,7 @@ class Patchwire {
   }
 
   async applyJob() {
-    const job = await this.pickJob('The job to review and apply', (j) => j.status === 'done');
+    const job = await this.pickJob('The job to review and apply', (j) => j.status === 'done', 'no finished job to apply');
     return job ? this.review(job.id) : undefined;
   }
 
@@ -310,7 +310,7 @@ class Patchwire {
   }
 
   async cancel() {
-    const job = await this.pickJob('The job to cancel', (j) => j.status === 'queued' || j.status === 'running');
+    const job = await this.pickJob('The job to cancel', (j) => j.status === 'queued' || j.status === 'running', 'none of your jobs is queued or running');
     if (!job) {
       return undefined;
     }
@@ -458,8 +458,12 @@ class JobContents {
     const key = uri.toString();
     if (!this.cache.has(key)) {
       const query = new URLSearchParams(uri.query);
+      // A job's files never change: each side is read once. A failure is shown, not kept.
       this.cache.set(key, this.pw.cli().file(query.get('job'), uri.path.slice(1), query.get('side'))
-        .then(sideText, (err) => `(Patchwire could not read this file: ${err.message})`));
+        .then(sideText, (err) => {
+          this.cache.delete(key);
+          return `(Patchwire could not read this file: ${present.clean(err.message)})`;
+        }));
     }
     return this.cache.get(key);
   }

@@ -232,6 +232,13 @@ test('Show Jobs lists newest first; Cancel Job and Undo go through the CLI', asy
   assert.deepEqual(uiCalls('showInformationMessage').map((a) => a[0]), ['Patchwire: job bbb222 is cancelled', 'Patchwire: restored 1 file']);
 });
 
+test('Cancel Job with nothing running says so and runs nothing', async () => {
+  const { calls, run, uiCalls } = setup({ jobs: { stdout: [{ jobs: [fx.JOBS.jobs[0]] }] } });
+  await run('patchwire.cancelJob');
+  assert.deepEqual(uiCalls('showInformationMessage').map((a) => a[0]), ['Patchwire: none of your jobs is queued or running']);
+  assert.deepEqual(calls().filter((c) => c.argv[0] !== 'jobs'), []);
+});
+
 test('Doctor: failing checks and their fixes go to the output channel and an error', async () => {
   const checks = [{ name: 'git', ok: true, detail: 'git version 2.39.5' }, { name: 'agent', ok: false, detail: 'cannot reach the agent', fix: 'start patchwire-agent serve' }];
   const { stub, run, uiCalls } = setup({ doctor: { stdout: [{ ok: false, checks }], code: 1 } });
@@ -245,14 +252,20 @@ test('the diff editor\'s sides come from diff --file --side, read-only text', as
     { stdout: [{ job: fx.JOB, path: 'src/app.py', side: 'old', exists: true, mode: '100644', binary: false, text: "print('hello')\n" }] },
     { stdout: [{ job: fx.JOB, path: 'logo.png', side: 'new', exists: true, mode: '100644', binary: true, base64: 'iVBO' }] },
     { stdout: [{ job: fx.JOB, path: 'gone.txt', side: 'new', exists: false, mode: '', binary: false, text: '' }] },
+    { stdout: [fx.error('the agent refused: no job', 3)], code: 3 },
+    { stdout: [{ job: fx.JOB, path: 'later.txt', side: 'new', exists: true, mode: '100644', binary: false, text: 'ok\n' }] },
   ] });
   const uri = (p, side) => stub.vscode.Uri.from({ scheme: 'patchwire-job', path: '/' + p, query: `job=${fx.JOB}&side=${side}` });
   assert.equal(await stub.provider.provideTextDocumentContent(uri('src/app.py', 'old')), "print('hello')\n");
   assert.equal(await stub.provider.provideTextDocumentContent(uri('src/app.py', 'old')), "print('hello')\n"); // cached
   assert.equal(await stub.provider.provideTextDocumentContent(uri('logo.png', 'new')), '(binary file, not shown; mode 100644)');
   assert.equal(await stub.provider.provideTextDocumentContent(uri('gone.txt', 'new')), '');
+  assert.equal(await stub.provider.provideTextDocumentContent(uri('later.txt', 'new')), '(Patchwire could not read this file: the agent refused: no job)');
+  assert.equal(await stub.provider.provideTextDocumentContent(uri('later.txt', 'new')), 'ok\n'); // a failure is not cached
   assert.deepEqual(calls().filter((c) => c.argv[0] !== 'jobs').map((c) => c.argv), [
     ['diff', fx.JOB, '--file', 'src/app.py', '--side', 'old', '--json'],
     ['diff', fx.JOB, '--file', 'logo.png', '--side', 'new', '--json'],
-    ['diff', fx.JOB, '--file', 'gone.txt', '--side', 'new', '--json']]);
+    ['diff', fx.JOB, '--file', 'gone.txt', '--side', 'new', '--json'],
+    ['diff', fx.JOB, '--file', 'later.txt', '--side', 'new', '--json'],
+    ['diff', fx.JOB, '--file', 'later.txt', '--side', 'new', '--json']]);
 });
