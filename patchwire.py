@@ -1868,7 +1868,6 @@ def cmd_diff(args) -> int:
     return 0
 
 
-
 def show_job_file(session: Session, job_id: str, args) -> int:
     """`diff JOB --file PATH --side old|new`: one file as it was synced, or as the job leaves
     it, for an editor's side-by-side view (the VS Code extension's diff editor)."""
@@ -1912,6 +1911,7 @@ def tree_after_patch(project: Project, tree: str, patch: bytes, job: str) -> str
     finally:
         if index.exists():
             index.unlink()
+
 
 def cmd_apply(args) -> int:
     session = Session.here()
