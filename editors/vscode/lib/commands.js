@@ -41,7 +41,8 @@ class Patchwire {
         { hint: 'run `patchwire init` in the project folder, then reopen it' });
     }
     const setting = vscode.workspace.getConfiguration('patchwire').get('path');
-    return new Cli({ program: findProgram(setting), cwd: root, log: quiet ? () => {} : (line) => this.output.appendLine(present.clean(line)) });
+    const log = quiet ? () => {} : (line) => this.output.appendLine(present.clean(line));
+    return new Cli({ program: findProgram(setting), cwd: root, log });
   }
 
   log(line) {
@@ -68,7 +69,7 @@ class Patchwire {
       try {
         return await flow.apply(this, args);
       } catch (err) {
-        await this.showError(err);
+        this.showError(err); // not awaited: the message stays until the user closes it
         return undefined;
       } finally {
         this.refreshStatus();

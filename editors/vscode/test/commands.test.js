@@ -170,7 +170,8 @@ test('Ask: a refusal is shown in the CLI\'s words, with the output a click away'
   stub.answers.push('x', 'Show Output');
   await run('patchwire.ask');
   assert.deepEqual(uiCalls('showErrorMessage'), [['Patchwire: the agent refused: invalid token (check the token file named in .patchwire.toml)', 'Show Output']]);
-  assert.ok(uiCalls('output.show').length >= 2);
+  const names = () => stub.calls.map((c) => c.name);
+  await until(() => names().lastIndexOf('output.show') > names().indexOf('showErrorMessage'), 'Show Output to show the channel');
 });
 
 test('Ask adds the selection as context when chosen; Escape backs out', async () => {
@@ -201,6 +202,7 @@ test('no patchwire program: the error offers the setting', async () => {
   stub.answers.push('Open Settings');
   await run('patchwire.showJobs');
   assert.deepEqual(uiCalls('showErrorMessage'), [['Patchwire: the patchwire program was not found (set patchwire.path in the settings, or put patchwire on PATH or in ~/bin)', 'Open Settings']]);
+  await until(() => uiCalls('executeCommand').some((c) => c[0] === 'workbench.action.openSettings'), 'the settings to open');
   assert.deepEqual(uiCalls('executeCommand').pop(), ['workbench.action.openSettings', 'patchwire.path']);
   await until(() => stub.statusItem.text === '$(warning) Patchwire', 'the status bar to show the failure');
 });
