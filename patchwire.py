@@ -1868,6 +1868,8 @@ def confirm_apply(session: Session, args, job: str, tree: str, patch: bytes) -> 
 def cmd_diff(args) -> int:
     session = Session.here()
     job = session.job_id(args.job)
+    if args.file:
+        return show_job_file(session, job, args)
     patch = session.client.bytes(f"/v1/jobs/{job}/diff")
     if args.json:
         files = [{"path": f.path, "old_path": f.old_path, "kind": f.kind, "added": f.added,
@@ -1881,6 +1883,51 @@ def cmd_diff(args) -> int:
     sys.stdout.buffer.write(patch)
     sys.stdout.flush()
     return 0
+
+
+def show_job_file(session: Session, job_id: str, args) -> int:
+    """`diff JOB --file PATH --side old|new`: one file as it was synced, or as the job leaves
+    it, for an editor's side-by-side view (the VS Code extension's diff editor)."""
+    job = session.client.json("GET", f"/v1/jobs/{job_id}")
+    git, tree = session.project.git, job.get("tree") or ""
+    if not tree or git.run("cat-file", "-e", tree + "^{tree}", check=False).returncode != 0:
+        raise PatchwireError(f"the files job {job['id']} started from are not in this project",
+                             "run this in the project the job was asked from")
+    if args.side == "new":
+        patch = session.client.bytes(f"/v1/jobs/{job['id']}/diff")
+        tree = tree_after_patch(session.project, tree, patch, job["id"])
+    fields = git("ls-tree", "-z", tree, "--", args.file).split(b"\t", 1)[0].decode().split()
+    mode, blob = (fields[0], fields[2]) if len(fields) == 3 and fields[1] == "blob" else ("", "")
+    data = git("cat-file", "blob", blob) if blob else b""
+    if not args.json:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        return 0
+    body = {"exists": bool(blob), "mode": mode, "binary": b"\0" in data[:8000]}
+    try:
+        body["text"] = data.decode("utf-8")
+    except UnicodeDecodeError:
+        body["base64"] = base64.b64encode(data).decode()
+    output(args, {"job": job["id"], "path": args.file, "side": args.side, **body})
+    return 0
+
+
+def tree_after_patch(project: Project, tree: str, patch: bytes, job: str) -> str:
+    """The tree `patch` makes of `tree`: git's own apply in a throwaway index (never the
+    worktree), so there is no second patch applier. The index is per process: an editor
+    asks for several files at once."""
+    index = project.private_dir / f"show-{os.getpid()}.index"
+    git = project.git.with_env(GIT_INDEX_FILE=str(index))
+    try:
+        git("read-tree", tree)
+        applied = git.run("apply", "--cached", "--binary", "-", input=patch, check=False)
+        if applied.returncode != 0:
+            raise PatchError(f"job {job}'s patch does not apply to the files it started from:\n"
+                             + describe_apply_failure(applied.stderr))
+        return git.text("write-tree")
+    finally:
+        if index.exists():
+            index.unlink()
 
 
 def cmd_apply(args) -> int:
@@ -2095,9 +2142,13 @@ def build_parser() -> argparse.ArgumentParser:
     follow.add_argument("--on", metavar="JOB", help="continue the given job")
     for name in ("ask", "diff"):
         p[name].add_argument("--no-color", action="store_true", help="no colour")
+    p["diff"].add_argument("--file", metavar="PATH", help="print one file of the job instead of the patch")
+    p["diff"].add_argument("--side", choices=("old", "new"), default="new",
+                           help="with --file: as synced (old) or as the job leaves it (new, the default)")
     for name in ("diff", "apply", "show", "cancel"):
         p[name].add_argument("job", nargs="?" if name != "cancel" else None, help="job id (a unique prefix is enough)")
     p["apply"].add_argument("-i", "--interactive", action="store_true", help="choose files and hunks, like git add -p")
+    p["apply"].add_argument("--yes", "-y", action="store_true", help="apply without asking (for scripts and editors)")
     p["apply"].add_argument("--only", nargs="+", metavar="PATH", help="apply only these files or folders (shell patterns)")
     p["apply"].add_argument("--exclude", nargs="+", metavar="PATH", help="leave these files or folders out")
     p["apply"].add_argument("--keep-conflicts", action="store_true",
