@@ -1642,9 +1642,10 @@ class Applier:
     def apply(self, patch: bytes, base_tree: Optional[str], keep_conflicts: Optional[bool]) -> dict:
         files = vet_on_disk(self.project.root, split_patch(patch), self.protected)
         paths = touched_paths(files)
+        gone = removed_links(self.project.root, files)
         check = self.git.run("apply", "--check", "--binary", "-", input=patch, check=False)
         if check.returncode == 0:
-            before = self.save(paths)
+            before = self.save(paths, gone)
             self.git("apply", "--binary", "-", input=patch)
             return self.done(before, "plain", paths, [])
         failure = describe_apply_failure(check.stderr)
@@ -1661,7 +1662,7 @@ class Applier:
         if not self._have(base_tree):
             raise PatchError("the patch does not apply and the synced version is not here for a "
                              "3-way merge; nothing was changed:\n" + failure, "ask again")
-        merged = self.merge(patch, base_tree, removed_links(self.project.root, files))
+        merged = self.merge(patch, base_tree, gone)
         check_merged_writes(self.project.root, merged)
         conflicts = [path for path, (_, _, n) in merged.items() if n]
         if conflicts and not self._keep_conflicts(merged, conflicts, keep_conflicts):
@@ -1669,7 +1670,7 @@ class Applier:
                              "; nothing was changed",
                              "resolve by hand: `patchwire diff JOB` shows the AI's change; "
                              "or run `patchwire apply JOB --keep-conflicts` to get conflict markers")
-        before = self.save(list(merged))
+        before = self.save(list(merged), gone)
         self.write(merged, before)
         return self.done(before, "3-way", list(merged), conflicts)
 
@@ -1776,10 +1777,11 @@ class Applier:
                              "written so far were put back, nothing was changed",
                              "fix the cause and apply again")
 
-    def save(self, paths: Sequence[str]) -> List[dict]:
+    def save(self, paths: Sequence[str], gone: set) -> List[dict]:
+        """What each path holds now (nothing, beneath a link the patch removes)."""
         saved = []
         for path in paths:
-            state = read_worktree(self.project.root, path)
+            state = None if beneath(path, gone) else read_worktree(self.project.root, path)
             blob = self.git.text("hash-object", "-w", "--stdin", input=state[0]) if state else None
             saved.append({"path": path, "blob": blob, "mode": state[1] if state else None})
         return saved
