@@ -16,7 +16,7 @@ Commands (`patchwire COMMAND --help` for each):
     sync     send the project to the agent box (--dry-run lists what would go, and why not)
     ask      sync, ask the AI, stream progress, preview, apply on Enter
     diff     print a job's patch
-    apply    apply a job's patch (the last job by default)
+    apply    preview and apply a job's patch (the last job by default; --yes skips asking)
     jobs     list your jobs on the agent box
     show     show one job with its events
     cancel   cancel a queued or running job
@@ -35,6 +35,11 @@ Environment:
 Threat model: the token is read from a file or the environment and sent only in the
 Authorization header; it is never written to .patchwire.toml, printed or logged. Files
 matching the secret deny-list never leave this machine, whatever git says about them.
+Everything the box sends is hostile data (README: Threat model): a patch is read strictly
+and refused as a whole unless every byte is what `git diff` writes and every path and
+symlink stays inside the project, out of .git and off Patchwire's own settings; files are
+read and written here without following symlinks; the 3-way merge base is this laptop's
+own record; every string from the box is sanitised before it reaches a terminal.
 
 This module is also the shared base of patchwire_agent.py: its error base, subprocess
 wrapper and neutral git settings are imported there, not copied.
