@@ -1060,7 +1060,8 @@ class PatchParser:
         owner: Dict[str, int] = {}  # on a case-insensitive disk README and readme are one file
         for n, fp in enumerate(out):
             for path in {fp.old_path, fp.path}:
-                if owner.setdefault(folded_path(path), n) != n:
+                first = owner.setdefault(folded_path(path), n)
+                if first != n and not is_type_change(out[first], fp):
                     raise refuse(f"{path!r} is changed by two sections")
         return out
 
@@ -1120,7 +1121,7 @@ class PatchParser:
             if sign == b"\\":
                 if not line.startswith(b"\\ ") or not lines or lines[-1].startswith(b"\\"):
                     raise self.fail("a stray `\\` line")
-            elif sign == b" ":
+            elif sign == b" " or line == b"\n":  # an empty context line, as diff.suppressBlankEmpty writes it
                 old_left, new_left = old_left - 1, new_left - 1
             elif sign == b"-":
                 old_left -= 1
@@ -1255,6 +1256,12 @@ class PatchParser:
         problem = link_target_problem(fp.path, fp.link_target)
         if problem:
             raise refuse(f"a symlink {fp.path!r} -> {fp.link_target!r} with {problem}")
+
+
+def is_type_change(first: FilePatch, second: FilePatch) -> bool:
+    """git writes a file that became a symlink (or back) as a deletion, then a new file."""
+    return (first.kind, second.kind) == ("deleted", "new") and first.path == second.path \
+        and "120000" in (first.old_mode, second.new_mode)
 
 
 def _mode(headers: Dict[str, bytes], key: str) -> Optional[str]:
@@ -2253,8 +2260,8 @@ def stream_job(session: Session, first: Iterator[dict], on_event) -> dict:
                     say(sanitize(f"job {job} is {info.get('status')}"))
                 raise
             interrupted = True
-            say(f"\njob {job} keeps running on the box. Press Ctrl-C again to cancel it, or "
-                f"leave and come back with `patchwire show {job}`.")
+            say(sanitize(f"\njob {job} keeps running on the box. Press Ctrl-C again to cancel it, or "
+                         f"leave and come back with `patchwire show {job}`.", keep_newlines=True))
         except (AgentError, OSError, http.client.HTTPException, ValueError) as e:
             if job is None:
                 raise
@@ -2741,9 +2748,9 @@ def cmd_doctor(args) -> int:
 def print_checks(checks: List[dict], stream=None) -> None:
     stream = stream or sys.stderr
     for c in checks:
-        print(f"{'ok  ' if c['ok'] else 'FAIL'} {c['name']}: {c['detail']}", file=stream)
+        print(sanitize(f"{'ok  ' if c['ok'] else 'FAIL'} {c['name']}: {c['detail']}"), file=stream)
         if not c["ok"] and c.get("fix"):
-            print(f"     fix: {c['fix']}", file=stream)
+            print(sanitize(f"     fix: {c['fix']}"), file=stream)
 
 
 COMMANDS = {

@@ -348,7 +348,8 @@ def test_an_honest_patch_with_links_modes_and_odd_names_still_applies(world):
              % (name, name, name)
              + b"diff --git a/docs/readme-link b/docs/readme-link2\nsimilarity index 100%\n"
                b"rename from docs/readme-link\nrename to docs/readme-link2\n"
-             + b"diff --git a/src/helper.py b/src/helper.py\nold mode 100644\nnew mode 100755\n")
+             + b"diff --git a/src/helper.py b/src/helper.py\nold mode 100644\nnew mode 100755\n"
+             + delete(b"docs/e.md", b"e\n") + new_link(b"docs/e.md", b"a.md"))  # a file became a link
     box.add_job("abc555", patch)
     lap.run("apply", "abc555", "--yes", check=0)
     root = lap.root
@@ -356,3 +357,16 @@ def test_an_honest_patch_with_links_modes_and_odd_names_still_applies(world):
     assert os.access(root / "bin/tool", os.X_OK) and os.access(root / "src/helper.py", os.X_OK)
     assert (root / name.decode()).read_bytes() == "caf\u00e9\r\n".encode()
     assert os.readlink(root / "docs/readme-link2") == "../README.md"
+    assert os.readlink(root / "docs/e.md") == "a.md"
+
+
+def test_the_reader_takes_what_git_writes_and_nothing_else():
+    import patchwire
+    blank = b"diff --git a/f b/f\n--- a/f\n+++ b/f\n@@ -1,3 +1,3 @@\n a\n\n-b\n+c\n"  # diff.suppressBlankEmpty
+    assert [(f.path, f.added, f.removed) for f in patchwire.split_patch(blank)] == [("f", 1, 1)]
+    quoted = (b'diff --git "a/t\\tx" "b/t\\303\\251"\nsimilarity index 100%\n'
+              b'rename from "t\\tx"\nrename to "t\\303\\251"\n')  # core.quotePath: both spellings
+    with pytest.raises(patchwire.PatchRefused, match="control character"):
+        patchwire.split_patch(quoted)
+    accented = b'diff --git a/x "b/t\\303\\251"\nsimilarity index 100%\nrename from x\nrename to t\xc3\xa9\n'
+    assert patchwire.split_patch(accented)[0].path == "t\u00e9"
