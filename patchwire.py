@@ -64,6 +64,7 @@ import stat
 import subprocess
 import sys
 import time
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -984,7 +985,9 @@ def folded_name(component: str) -> str:
 
 
 def folded_path(path: str) -> str:
-    return "/".join(folded_name(c) for c in path.split("/"))
+    """A whole path as a case-insensitive disk that ignores Unicode normalisation (macOS's)
+    sees it: two spellings of one file fold to one string."""
+    return unicodedata.normalize("NFC", _HFS_IGNORED.sub("", path)).lower()
 
 
 def is_dot_git(component: str) -> bool:
@@ -1225,7 +1228,7 @@ class PatchParser:
     @staticmethod
     def header_name(header: bytes) -> bytes:
         if header.startswith(b'"'):
-            end = header.find(b'" ', 1)
+            end = _closing_quote(header)
             name = read_name(header[:end + 1]) if end > 0 else b""
         else:
             name = header[:(len(header) - 1) // 2] if len(header) % 2 else b""
@@ -1241,6 +1244,10 @@ class PatchParser:
             if not m or (m.group(3) and m.group(3).decode() not in GIT_MODES):
                 raise refuse(f"a malformed index line: {h['index'][:100]!r}")
             index_mode = m.group(3).decode() if m.group(3) else None
+            if index_mode and any(k in h for k in ("old_mode", "new_mode", "deleted_mode", "new_file_mode")):
+                # git writes a mode on the index line only for an unchanged one; `git apply`
+                # would let it override "new file mode 100644" and make the file executable
+                raise refuse(f"an index line whose mode contradicts the mode lines: {h['index'][:100]!r}")
         fp.old_mode = _mode(h, "deleted_mode") or _mode(h, "old_mode") or index_mode
         fp.new_mode = _mode(h, "new_file_mode") or _mode(h, "new_mode") or index_mode
         if "old_mode" in h and (fp.old_mode == fp.new_mode or "120000" in (fp.old_mode, fp.new_mode)):
@@ -1256,6 +1263,19 @@ class PatchParser:
         problem = link_target_problem(fp.path, fp.link_target)
         if problem:
             raise refuse(f"a symlink {fp.path!r} -> {fp.link_target!r} with {problem}")
+
+
+def _closing_quote(token: bytes) -> int:
+    """Index of the quote that ends the quoted name `token` starts with (-1: none)."""
+    i = 1
+    while i < len(token):
+        if token[i:i + 1] == b"\\":
+            i += 2
+        elif token[i:i + 1] == b'"':
+            return i
+        else:
+            i += 1
+    return -1
 
 
 def is_type_change(first: FilePatch, second: FilePatch) -> bool:
@@ -1285,22 +1305,22 @@ def split_patch(patch: bytes) -> List[FilePatch]:
 # Files that run code or configure tools without anyone asking: a change to them acts at the
 # next `git checkout`, `cd`, editor start, `npm install`, `make` or CI run.
 SELF_RUNNING = (
-    (re.compile(r"(^|/)\.gitattributes$"), "sets git filters and diff drivers"),
-    (re.compile(r"(^|/)\.gitmodules$"), "adds or moves git submodules"),
-    (re.compile(r"(^|/)\.envrc$"), "runs when you cd here (direnv)"),
-    (re.compile(r"^\.vscode/"), "editor tasks and settings run by themselves"),
-    (re.compile(r"^\.idea/"), "editor run configurations"),
-    (re.compile(r"^\.devcontainer/"), "dev container commands"),
-    (re.compile(r"^\.claude/"), "Claude Code settings and hooks"),
-    (re.compile(r"^\.github/workflows/"), "CI workflow (runs with the repository's secrets)"),
-    (re.compile(r"^\.husky/"), "git hooks (husky)"),
-    (re.compile(r"(^|/)\.pre-commit-config\.yaml$"), "git hooks (pre-commit)"),
-    (re.compile(r"(^|/)(GNUmakefile|[Mm]akefile)$"), "runs or configures tools by itself"),
-    (re.compile(r"(^|/)package\.json$"), "npm scripts and dependencies run on install"),
-    (re.compile(r"(^|/)build\.gradle(\.kts)?$|(^|/)settings\.gradle(\.kts)?$"), "runs or configures tools by itself"),
-    (re.compile(r"(^|/)Podfile$"), "runs or configures tools by itself"),
-    (re.compile(r"(^|/)pubspec\.yaml$"), "runs or configures tools by itself"),
-    (re.compile(r"(^|/)(setup\.py|conftest\.py|pyproject\.toml)$"), "runs or configures tools by itself"),
+    (re.compile(r"(^|/)\.gitattributes$", re.I), "sets git filters and diff drivers"),
+    (re.compile(r"(^|/)\.gitmodules$", re.I), "adds or moves git submodules"),
+    (re.compile(r"(^|/)\.envrc$", re.I), "runs when you cd here (direnv)"),
+    (re.compile(r"(^|/)\.vscode/", re.I), "editor tasks and settings run by themselves"),
+    (re.compile(r"^\.idea/", re.I), "editor run configurations"),
+    (re.compile(r"^\.devcontainer/", re.I), "dev container commands"),
+    (re.compile(r"^\.claude/", re.I), "Claude Code settings and hooks"),
+    (re.compile(r"^\.github/workflows/", re.I), "CI workflow (runs with the repository's secrets)"),
+    (re.compile(r"^\.husky/", re.I), "git hooks (husky)"),
+    (re.compile(r"(^|/)\.pre-commit-config\.yaml$", re.I), "git hooks (pre-commit)"),
+    (re.compile(r"(^|/)(GNUmakefile|[Mm]akefile)$", re.I), "runs or configures tools by itself"),
+    (re.compile(r"(^|/)package\.json$", re.I), "npm scripts and dependencies run on install"),
+    (re.compile(r"(^|/)build\.gradle(\.kts)?$|(^|/)settings\.gradle(\.kts)?$", re.I), "runs or configures tools by itself"),
+    (re.compile(r"(^|/)Podfile$", re.I), "runs or configures tools by itself"),
+    (re.compile(r"(^|/)pubspec\.yaml$", re.I), "runs or configures tools by itself"),
+    (re.compile(r"(^|/)(setup\.py|conftest\.py|pyproject\.toml)$", re.I), "runs or configures tools by itself"),
 )
 MANY_DELETIONS = 3
 

@@ -115,6 +115,8 @@ CORPUS = [
     ("two spellings of one file", edit(b"README.md", b"# demo\n", b"# one\n") + new_file(b"readme.md", b"two\n"),
      "changed by two sections"),
     ("cut short", HONEST[:-1], "does not end with a newline"),
+    ("an index line making a new file executable",
+     HONEST.replace(b"--- /dev/null", b"index 0000000..1111111 100755\n--- /dev/null"), "contradicts the mode"),
 ]
 
 
