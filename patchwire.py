@@ -739,10 +739,11 @@ class Style:
 # error messages) is data. A terminal obeys the escape sequences in it: ESC[2J clears the
 # screen so a fake preview can be drawn over the real one, OSC 0 sets the window title,
 # OSC 52 writes the clipboard. So control characters are shown the way less shows them
-# (^[ for ESC, ^M for CR), C1 controls and bidirectional overrides as <U+XXXX>; tab stays.
+# (^[ for ESC, ^M for CR), C1 controls and bidirectional overrides as <U+XXXX>, bytes that
+# are not UTF-8 as \xNN; tab stays.
 
-_UNSAFE_FOR_TERMINAL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-_UNSAFE_KEEP_NEWLINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_UNSAFE_FOR_TERMINAL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_UNSAFE_KEEP_NEWLINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 def sanitize(text: str, keep_newlines: bool = False) -> str:
@@ -755,6 +756,8 @@ def _visible(m: "re.Match") -> str:
     code = ord(m.group())
     if code < 0x20 or code == 0x7F:
         return "^" + chr(code ^ 0x40)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, carried by surrogateescape
+        return f"\\x{code - 0xDC00:02x}"
     return f"<U+{code:04X}>"
 
 

@@ -372,3 +372,10 @@ def test_the_reader_takes_what_git_writes_and_nothing_else():
         patchwire.split_patch(quoted)
     accented = b'diff --git a/x "b/t\\303\\251"\nsimilarity index 100%\nrename from x\nrename to t\xc3\xa9\n'
     assert patchwire.split_patch(accented)[0].path == "t\u00e9"
+
+
+def test_sanitize_shows_every_control_character():
+    import patchwire
+    raw = "a\x1b[2J\x07\tb\r\x7f\u009b\u202e" + b"\xe9".decode("utf-8", "surrogateescape") + "\n"
+    assert patchwire.sanitize(raw) == "a^[[2J^G\tb^M^?<U+009B><U+202E>\\xe9^J"
+    assert patchwire.sanitize(raw, keep_newlines=True).endswith("\\xe9\n")
