@@ -2596,8 +2596,8 @@ def start_ask(session: Session, args, prompt: str) -> Tuple[dict, Iterator[dict]
     except AgentError as e:
         if e.code != "tree_mismatch":
             raise
-        say("the box's copy differs from what was sent " +
-            f"({', '.join(e.details.get('paths', [])[:5])}); syncing again with checksums")
+        say(sanitize("the box's copy differs from what was sent " +
+                     f"({', '.join(map(str, e.details.get('paths', [])[:5]))}); syncing again with checksums"))
     tree, manifest, _ = session.sync(force=True, checksum=True)
     body.update(tree=tree, files=manifest)
     events = session.client.stream("POST", "/v1/ask", body)
