@@ -165,13 +165,23 @@ def test_hostile_patch_is_refused_and_nothing_changes(world, name, patch, phrase
     before = state(lap, outside)
     refused(lap.run("apply", "abc123", "--yes", "--keep-conflicts"), phrase)
     assert state(lap, outside) == before
-    error = lap.run("diff", "abc123", "--json")
-    assert error.returncode == 5 and phrase in json.loads(error.out)["error"]
+
+
+def test_diff_json_refuses_with_the_usual_error_object(world):
+    lap, box, outside = world
+    picked = ("header naming two files", "write beneath a tracked symlink out of the project",
+              "symlink into .git/hooks")  # one refusal each of the reader, the disk and a link
+    for n, (name, patch, phrase) in enumerate(c for c in CORPUS if c[0] in picked):
+        box.add_job(f"abc12{n}", patch)
+        error = lap.run("diff", f"abc12{n}", "--json")
+        assert error.returncode == 5
+        body = json.loads(error.out)
+        assert phrase in body["error"] and body["exit_status"] == 5 and "Threat model" in body["hint"]
 
 
 SELECTED = [c for c in CORPUS if c[0] in (
     "unified diff before the first section", "header naming two files", "write beneath an ignored symlink "
-    "out of the project", "symlink into .git/hooks", ".patchwire.toml", "rename into .git")]
+    "out of the project", ".patchwire.toml")]
 
 
 @pytest.mark.parametrize("name, patch, phrase", SELECTED, ids=[c[0] for c in SELECTED])
