@@ -1324,8 +1324,12 @@ SELF_RUNNING = (
     (re.compile(r"(^|/)Podfile$", re.I), "runs or configures tools by itself"),
     (re.compile(r"(^|/)pubspec\.yaml$", re.I), "runs or configures tools by itself"),
     (re.compile(r"(^|/)(setup\.py|conftest\.py|pyproject\.toml)$", re.I), "runs or configures tools by itself"),
+    (re.compile(r"(^|/)(Gemfile|Rakefile|build\.rs|CMakeLists\.txt)$", re.I), "runs or configures tools by itself"),
+    (re.compile(r"(^|/)\.(npmrc|yarnrc|yarnrc\.yml)$", re.I), "sets the package registry and install scripts"),
 )
 MANY_DELETIONS = 3
+# A name that looks like another: invisible characters and direction overrides (Trojan Source).
+DECEPTIVE_NAME = re.compile("[\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
 
 
 def look_closely(files: Sequence[FilePatch]) -> List[dict]:
@@ -1341,6 +1345,8 @@ def look_closely(files: Sequence[FilePatch]) -> List[dict]:
             reason = next((why for pattern, why in SELF_RUNNING if pattern.search(f.path)), None)
             if reason:
                 out.append({"path": f.path, "reason": reason})
+            if DECEPTIVE_NAME.search(f.path):
+                out.append({"path": f.path, "reason": "its name holds invisible or direction-changing characters"})
     deleted = [f.path for f in files if f.kind == "deleted"]
     if len(deleted) > MANY_DELETIONS:
         common = os.path.commonpath(deleted) if len({p.split("/")[0] for p in deleted}) == 1 else "."

@@ -312,6 +312,7 @@ def test_look_closely_names_what_runs_by_itself(world):
     lap, box, outside = world
     patch = (new_link(b"docs/readme", b"../README.md") + new_file(b"run.sh", b"#!/bin/sh\n", b"100755")
              + new_file(b".github/workflows/ci.yml", b"on: push\n") + new_file(b".envrc", b"export X=1\n")
+             + new_file("docs/gnp.\u202ecod".encode(), b"x\n")
              + b"".join(delete(b"docs/%s.md" % n, b"%s\n" % n) for n in (b"a", b"b", b"c", b"d", b"e")))
     box.add_job("abc999", patch, ask=True)
     lap.run("ask", "--no-apply", "go", check=0)
@@ -321,6 +322,7 @@ def test_look_closely_names_what_runs_by_itself(world):
         {"path": "run.sh", "reason": "new executable file"},
         {"path": ".github/workflows/ci.yml", "reason": "CI workflow (runs with the repository's secrets)"},
         {"path": ".envrc", "reason": "runs when you cd here (direnv)"},
+        {"path": "docs/gnp.\u202ecod", "reason": "its name holds invisible or direction-changing characters"},
         {"path": "docs", "reason": "deletes 5 files"}]
     assert [f["path"] for f in diffed["files"]][:2] == ["docs/readme", "run.sh"]
     # `apply` without a job previews and asks, the notes above the diff; `n` keeps everything
@@ -329,6 +331,7 @@ def test_look_closely_names_what_runs_by_itself(world):
     notes, diff = out.index("Look closely:"), out.index("diff --git a/docs/readme")
     assert notes < out.index("docs/readme: new symlink -> ../README.md") < diff
     assert re.search("docs/readme +new symlink", out) and "kept job abc999" in out
+    assert "docs/gnp.<U+202E>cod" in out
     assert state(lap, outside) == before
 
 
