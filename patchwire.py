@@ -101,6 +101,9 @@ GIT_NEUTRAL = (
     "-c", "diff.noprefix=false", "-c", "diff.mnemonicPrefix=false", "-c", "diff.external=",
     "-c", "diff.relative=false", "-c", "commit.gpgSign=false", "-c", "gc.auto=0",
     "-c", "advice.detachedHead=false", "-c", "init.defaultBranch=main",
+    # the laptop reads patches strictly (split_patch): git's own a/ b/ prefixes (git 2.45 made
+    # them configurable) and a space on empty context lines, whatever the box user's config says
+    "-c", "diff.srcPrefix=a/", "-c", "diff.dstPrefix=b/", "-c", "diff.suppressBlankEmpty=false",
 )
 # Overrides any in-tree .gitattributes (it has higher precedence): content is stored and
 # checked out byte for byte, no EOL conversion, no filters (DESIGN.md: byte-exact git).
