@@ -2262,6 +2262,9 @@ class Session:
 
     def job_id(self, given: Optional[str]) -> str:
         if given:
+            if not JOB_ID_RE.fullmatch(given):
+                raise UsageError(f"{sanitize(given)[:40]!r} is not a job id",
+                                 "job ids are hex digits (a unique prefix is enough); `patchwire jobs` lists yours")
             return given
         try:
             return self.project.state_file("last_job").read_text().strip()
