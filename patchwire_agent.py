@@ -1519,9 +1519,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             super().handle_one_request()
         except OSError:  # the client left or broke TLS mid-request: nothing to answer
             self.close_connection = True
-        if self.reader.expired and not self.started_response:
-            self.answer_timeout()
-        if self.reader.received > self.received_before:
+        if self.reader.received > self.received_before:  # a request began (not just an idle keep-alive)
+            if self.reader.expired and not self.started_response:
+                self.answer_timeout()
             self.finish_request_record()
         if self.conn is None:  # past the caps: one request, then the slot goes back
             self.close_connection = True
