@@ -1426,7 +1426,7 @@ class AuthFailures:
 def ascii_count(text: str) -> Optional[int]:
     """A whole number written in ASCII digits, or None. (`str.isdigit` also accepts '²' and
     other digits `int` refuses; long digit strings are refused before `int` sees them.)"""
-    if not re.fullmatch(r"[0-9]{1,15}", text):
+    if not re.fullmatch(r"[0-9]{1,18}", text):
         return None
     return int(text)
 
@@ -1642,6 +1642,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if json_too_deep(body):
             raise HTTPFailure(HTTPStatus.BAD_REQUEST, f"the body nests deeper than {MAX_JSON_DEPTH} levels",
                               code="bad_request")
+        try:  # "\ud800" is valid JSON but no text: sqlite, git and files would refuse it later
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise HTTPFailure(HTTPStatus.BAD_REQUEST, "the body has a string that is not valid Unicode "
+                              "(an unpaired surrogate escape)", code="bad_request") from None
         if not isinstance(body, dict):
             raise HTTPFailure(HTTPStatus.BAD_REQUEST, "the body must be a JSON object", code="bad_request")
         return body
