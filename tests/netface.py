@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import socket
+import statistics
+import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -96,3 +98,35 @@ def wait_until(condition, timeout: float = 20, what: str = "condition"):
             return value
         time.sleep(0.05)
     raise AssertionError(f"{what} not met within {timeout}s")
+
+
+class HealthWatch(threading.Thread):
+    """GET /v1/health every 0.1 s from its own address while the test runs."""
+
+    def __init__(self, agent):
+        super().__init__(daemon=True)
+        self.agent, self.stop = agent, threading.Event()
+        self.answers: List[Tuple[int, float]] = []
+        self.open_seen: List[int] = []  # connections open, as health reported them
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            started = time.monotonic()
+            try:
+                status, _, body = request(self.agent, "GET", "/v1/health", source="127.0.0.254")
+            except (OSError, AssertionError):  # no answer, or no HTTP answer
+                status, body = 0, b""
+            self.answers.append((status, time.monotonic() - started))
+            if status == 200:
+                self.open_seen.append(json.loads(body)["connections"]["open"])
+            self.stop.wait(0.1)
+
+    def finish(self) -> str:
+        self.stop.set()
+        self.join(timeout=30)
+        assert self.answers, "health was never asked"
+        assert all(status == 200 for status, _ in self.answers), self.answers
+        ms = sorted(seconds * 1000 for _, seconds in self.answers)
+        return (f"health: {len(ms)} answers, median {statistics.median(ms):.1f} ms, "
+                f"p95 {ms[int(len(ms) * 0.95)]:.1f} ms, max {ms[-1]:.1f} ms, "
+                f"{sum(m >= 100 for m in ms)} at or over 100 ms")

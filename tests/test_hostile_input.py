@@ -11,9 +11,6 @@ import json
 import os
 import re
 import socket
-import statistics
-import threading
-import time
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -22,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import script
-from netface import address, request, start_with
+from netface import HealthWatch, address, start_with
 from test_api import ask_body, post_ask, sync_laptop
 
 IMPLEMENTED = ("GET", "POST", "DELETE")
@@ -55,35 +52,6 @@ def files_outside_state(agent, roots: List[Path]) -> Dict[str, Tuple[int, int]]:
                     st_ = path.lstat()
                     out[str(path)] = (st_.st_size, st_.st_mtime_ns)
     return out
-
-
-class HealthWatch(threading.Thread):
-    """GET /v1/health every 0.1 s from its own address while the test runs."""
-
-    def __init__(self, agent):
-        super().__init__(daemon=True)
-        self.agent, self.stop = agent, threading.Event()
-        self.answers: List[Tuple[int, float]] = []
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            started = time.monotonic()
-            try:
-                status = request(self.agent, "GET", "/v1/health", source="127.0.0.254")[0]
-            except (OSError, AssertionError):
-                status = 0
-            self.answers.append((status, time.monotonic() - started))
-            self.stop.wait(0.1)
-
-    def finish(self) -> str:
-        self.stop.set()
-        self.join(timeout=30)
-        assert self.answers, "health was never asked"
-        assert all(status == 200 for status, _ in self.answers), self.answers
-        ms = sorted(seconds * 1000 for _, seconds in self.answers)
-        return (f"health: {len(ms)} answers, median {statistics.median(ms):.1f} ms, "
-                f"p95 {ms[int(len(ms) * 0.95)]:.1f} ms, max {ms[-1]:.1f} ms, "
-                f"{sum(m >= 100 for m in ms)} at or over 100 ms")
 
 
 def status_of(raw: bytes) -> int:
