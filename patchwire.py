@@ -34,7 +34,8 @@ Environment:
 
 Threat model: the token is read from a file or the environment and sent only in the
 Authorization header; it is never written to .patchwire.toml, printed or logged. Files
-matching the secret deny-list never leave this machine, whatever git says about them.
+matching the secret deny-list never leave this machine, whatever git says about them. An
+https agent is verified against the system's CAs, or `ca_file` in .patchwire.toml.
 
 This module is also the shared base of patchwire_agent.py: its error base, subprocess
 wrapper and neutral git settings are imported there, not copied.

@@ -38,10 +38,15 @@ Exit codes: 0 ok, 1 error (bad config, cannot listen), 2 usage.
 Environment: the AI inherits the agent's environment minus PATCHWIRE_* and GIT_*
 variables, plus `[ai] env`. Nothing from the laptop's environment reaches it.
 
-Threat model: tokens are stored only as sha256 digests and compared in constant time;
-the laptop reaches the box through SSH keys (rsync) and the bearer token (HTTP), ideally
-inside a private network. Requests are size-capped and time-limited; connections are
-capped. The AI never runs in the mirror, and a failed run leaves the mirror untouched.
+Threat model: tokens are stored only as sha256 digests and compared in constant time (as
+bytes: the digests); wrong tokens from one address are answered ever later. The laptop
+reaches the box through SSH keys (rsync) and the bearer token (HTTP or HTTPS), inside a
+private network: the agent refuses public listen addresses unless `allow_public = true`.
+Requests are size-capped and have a total time budget for their head and their body (a
+client trickling bytes gets a 408, not a held slot); connections are capped per address and
+overall, and at the cap a waiting connection gives way to a new client, while /v1/health
+still answers. Every request and job is a line in state_dir/audit.log (never a token or a
+prompt). The AI never runs in the mirror, and a failed run leaves the mirror untouched.
 """
 
 from __future__ import annotations
