@@ -124,7 +124,8 @@ CONFIG_TEMPLATE = """\
 # patchwire-agent configuration. Reference: README.md, "Agent config".
 
 [server]
-# host:port to listen on. Keep it on loopback or a private network (Tailscale).
+# host:port ([v6]:port) to listen on: loopback or a private network (Tailscale). Public
+# addresses need allow_public = true (and tls_cert, tls_key). Caps and budgets: README.md.
 {server}
 [ai]
 # The AI command (argv); the prompt arrives on stdin, the cwd is a clean job folder.
@@ -1604,6 +1605,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.user, self.job_id, self.status = "", None, None
         self.bytes_in, self.auth_delay_s = 0, 0.0
         self.request_started = time.monotonic()
+        self.reader.expired = False
         self.sent_before = self.wfile.sent
         self.received_before = self.reader.received
 
