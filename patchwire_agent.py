@@ -1357,8 +1357,9 @@ class ConnectionTable:
                 waiting.setdefault(conn.address, []).append(conn)
         if not waiting:
             return None
-        most = max(waiting.values(), key=len)
-        return min(most, key=lambda c: c.waiting_since or 0.0)
+        most = max(len(conns) for conns in waiting.values())
+        candidates = [c for conns in waiting.values() if len(conns) == most for c in conns]
+        return min(candidates, key=lambda c: c.waiting_since or 0.0)
 
     def _drop(self, conn: Connection) -> None:
         self.open.discard(conn)

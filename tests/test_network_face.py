@@ -95,7 +95,8 @@ def test_an_idle_keep_alive_connection_is_closed_after_the_head_budget(make_agen
 
 def idle_connections(agent, source: str, n: int) -> list:
     socks = [connect(agent, source) for _ in range(n)]
-    wait_until(lambda: health(agent)["connections"]["open"] >= n, what=f"{n} connections open")
+    # (the health probe is a connection too)
+    wait_until(lambda: health(agent)["connections"]["open"] >= n + 1, what=f"{n} connections open")
     return socks
 
 
