@@ -63,6 +63,16 @@ def test_a_trickled_request_head_is_cut_at_its_total_budget_not_per_byte(make_ag
     assert "Traceback" not in agent.read_log()
 
 
+def test_a_request_head_that_stops_halfway_is_answered_at_its_budget(make_agent):
+    """No byte after the first line: the read waits only for what is left of the budget (1 s),
+    not for a per-read or per-connection timeout."""
+    agent = start_with(make_agent, {"header_timeout_s": 1})
+    with connect(agent, timeout=20) as sock:
+        sock.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n")
+        status, headers, body = split_response(read_all(sock))
+    assert status == 408 and json.loads(body)["code"] == "timeout"
+
+
 def test_a_trickled_body_is_cut_at_its_total_budget(make_agent):
     agent = start_with(make_agent, {"body_timeout_s": 1.5})
     head = (b"POST /v1/ask HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + agent.token.encode()
