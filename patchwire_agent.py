@@ -172,7 +172,8 @@ class AgentConfig:
         ai = pw.Schema(path, "ai", AI_SCHEMA).read(top["ai"])
         jobs = pw.Schema(path, "jobs", JOBS_SCHEMA).read(top["jobs"])
         self.host, self.port = parse_listen(path, server["listen"])
-        if not server["allow_public"]:
+        self.allow_public: bool = server["allow_public"]
+        if not self.allow_public:
             check_private_listen(path, self.host)
         self.state_dir = config_relative(path, server["state_dir"] or "patchwire-state")
         if not SAFE_PATH_RE.match(str(self.state_dir)):
@@ -1955,6 +1956,9 @@ def cmd_serve(args) -> int:
         signal.signal(sig, on_signal)
     ai = agent.health()
     print(f"patchwire-agent {__version__} listening on {server.url}", flush=True)
+    if cfg.allow_public and cfg.tls is None:
+        pw.say("warning: allow_public without tls_cert and tls_key: tokens, prompts and diffs cross "
+               "the network unencrypted")
     pw.say(f"state in {cfg.state_dir}; {len(cfg.users)} user(s); AI command {cfg.ai_command[0]!r}"
            + ("" if ai["ai_found"] else " NOT FOUND on PATH: asks will fail until it is installed"))
     try:

@@ -227,6 +227,7 @@ def test_allow_public_listens_on_every_address(make_agent):
     assert agent.url == f"http://0.0.0.0:{port}"
     with urllib.request.urlopen(f"http://127.0.0.2:{port}/v1/health", timeout=15) as resp:
         assert json.loads(resp.read())["ok"] is True
+    assert "allow_public without tls_cert and tls_key" in agent.read_log()
 
 
 def ipv6_loopback() -> bool:
