@@ -62,8 +62,8 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import select
+import shutil
 import signal
 import socket
 import sqlite3
