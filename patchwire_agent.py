@@ -67,10 +67,15 @@ Exit codes: 0 ok, 1 error (bad config, cannot listen), 2 usage.
 Environment: the AI inherits the agent's environment minus PATCHWIRE_* and GIT_*
 variables, plus `[ai] env`. Nothing from the laptop's environment reaches it.
 
-Threat model: tokens are stored only as sha256 digests and compared in constant time;
-the laptop reaches the box through SSH keys (rsync) and the bearer token (HTTP), ideally
-inside a private network. Requests are size-capped and time-limited; connections are
-capped. The AI never runs in the mirror, and a failed run leaves the mirror untouched.
+Threat model: tokens are stored only as sha256 digests and compared in constant time (as
+bytes: the digests); wrong tokens from one address are answered ever later. The laptop
+reaches the box through SSH keys (rsync) and the bearer token (HTTP or HTTPS), inside a
+private network: the agent refuses public listen addresses unless `allow_public = true`.
+Requests are size-capped and have a total time budget for their head and their body (a
+client trickling bytes gets a 408, not a held slot); connections are capped per address and
+overall, and at the cap a waiting connection gives way to a new client, while /v1/health
+still answers. Every request and job is a line in state_dir/audit.log (never a token or a
+prompt). The AI never runs in the mirror, and a failed run leaves the mirror untouched.
 """
 
 from __future__ import annotations
@@ -83,15 +88,19 @@ import fnmatch
 import hashlib
 import hmac
 import http.server
+import io
+import ipaddress
 import json
 import logging
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import sys
 import threading
 import time
@@ -113,10 +122,21 @@ DEFAULT_LISTEN = "127.0.0.1:7433"
 CLAUDE_COMMAND = ["claude", "--print", "--output-format", "stream-json", "--verbose",
                   "--permission-mode", "acceptEdits"]
 MAX_BODY = 64 * 1024 * 1024
-MAX_CONNECTIONS = 64
-MAX_CONNECTIONS_PER_CLIENT = 16
-HEADER_TIMEOUT = 10  # seconds for a request line and headers, and between requests
-CONNECTION_TIMEOUT = 60
+MAX_JSON_DEPTH = 64  # deeper bodies are refused before anything walks them recursively
+MAX_QUERY_INT = 10 ** 15  # `after=N` and friends: sqlite integers are 64-bit
+CONNECTION_TIMEOUT = 60  # per socket operation once a request is in (a stream's writes)
+AT_CAP_SLOTS = 8  # connections past the caps that may still ask for /v1/health ...
+AT_CAP_SLOTS_PER_CLIENT = 2
+AT_CAP_BUDGET_S = 1.0  # ... within this total time for their request line and headers
+AUTH_FREE_FAILURES = 10  # wrong tokens from one address answered at once; then slower
+AUTH_PENALTY_S = 0.25  # the first delay, doubled per further failure ...
+AUTH_PENALTY_MAX_S = 4.0  # ... up to this
+AUTH_FORGET_S = 600  # an address without failures for this long starts afresh
+AUDIT_BACKUPS = 5  # audit.log.1 .. audit.log.5
+# Where [server] listen may point without `allow_public = true`: loopback, private
+# networks (RFC 1918, IPv6 unique local) and Tailscale's ranges.
+PRIVATE_NETWORKS = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+                    "fc00::/7", "100.64.0.0/10", "fd7a:115c:a1e0::/48")
 KILL_GRACE_S = 5.0
 HEARTBEAT_S = 15
 MAX_EVENT_TEXT = 16 * 1024
@@ -138,7 +158,8 @@ CONFIG_TEMPLATE = """\
 # patchwire-agent configuration. Reference: README.md, "Agent config".
 
 [server]
-# host:port to listen on. Keep it on loopback or a private network (Tailscale).
+# host:port ([v6]:port) to listen on: loopback or a private network (Tailscale). Public
+# addresses need allow_public = true (and tls_cert, tls_key). Caps and budgets: README.md.
 {server}
 [ai]
 # The AI command (argv); the prompt arrives on stdin, the cwd is a clean job folder.
@@ -174,7 +195,11 @@ class HTTPFailure(PatchwireError):
 
 # ================================================================== config
 
-SERVER_SCHEMA = {"listen": (str, DEFAULT_LISTEN), "state_dir": (str, None), "shutdown_grace_s": ("int>=0", 60)}
+SERVER_SCHEMA = {"listen": (str, DEFAULT_LISTEN), "state_dir": (str, None), "allow_public": (bool, False),
+                 "max_connections": (int, 64), "max_connections_per_client": (int, 16),
+                 "backlog": (int, 64), "header_timeout_s": (float, 10), "body_timeout_s": (float, 60),
+                 "tls_cert": (str, None), "tls_key": (str, None), "audit_max_bytes": (int, 10 * 2**20),
+                 "shutdown_grace_s": ("int>=0", 60)}
 AI_SCHEMA = {"command": ("str_list", CLAUDE_COMMAND), "timeout_s": (int, 1800),
              "max_timeout_s": (int, 7200), "env": ("str_table", {}),
              "resume_args": ("str_list", ["--resume", "{session_id}"])}
@@ -203,9 +228,11 @@ class AgentConfig:
         jobs = pw.Schema(path, "jobs", JOBS_SCHEMA).read(top["jobs"])
         self.host, self.port = parse_listen(path, server["listen"])
         self.shutdown_grace_s: int = server["shutdown_grace_s"]  # on SIGTERM, running jobs may finish
-        state = Path(os.path.expanduser(server["state_dir"] or "patchwire-state"))
+        self.allow_public: bool = server["allow_public"]
+        if not self.allow_public:
+            check_private_listen(path, self.host)
         # real path: rrsync compares the laptop's absolute mirror path with its own realpath
-        self.state_dir = Path(os.path.realpath(path.parent / state))
+        self.state_dir = Path(os.path.realpath(config_relative(path, server["state_dir"] or "patchwire-state")))
         if not SAFE_PATH_RE.match(str(self.state_dir)):
             raise PatchwireError(f"{path}: server.state_dir {str(self.state_dir)!r} has characters "
                                  "that remote shells would split", "use a path of letters, digits and ./_-")
@@ -216,6 +243,18 @@ class AgentConfig:
         self.max_timeout_s: int = max(ai["max_timeout_s"], ai["timeout_s"])
         self.ai_env: Dict[str, str] = ai["env"]
         self.resume_args: List[str] = ai["resume_args"]
+        self.max_connections: int = server["max_connections"]
+        self.max_connections_per_client: int = min(server["max_connections_per_client"], self.max_connections)
+        self.backlog: int = server["backlog"]
+        self.header_timeout_s: float = server["header_timeout_s"]
+        self.body_timeout_s: float = server["body_timeout_s"]
+        self.audit_max_bytes: int = server["audit_max_bytes"]
+        if (server["tls_cert"] is None) != (server["tls_key"] is None):
+            raise PatchwireError(f"{path}: server.tls_cert and server.tls_key go together",
+                                 "set both (PEM files) for HTTPS, or neither for plain HTTP")
+        self.tls: Optional[Tuple[Path, Path]] = None
+        if server["tls_cert"]:
+            self.tls = (config_relative(path, server["tls_cert"]), config_relative(path, server["tls_key"]))
         self.workers: int = jobs["workers"]
         self.slots: int = jobs["slots"]
         self.users: Dict[str, bytes] = {}
@@ -303,11 +342,39 @@ def check_policy(path: Path, table: str, values: dict) -> None:
                              'list name patterns, for example ["web-*", "api"], or "*" for all')
 
 
+def config_relative(path: Path, value: str) -> Path:
+    """A path from the config: `~` expanded, relative ones taken from the config's folder."""
+    target = Path(os.path.expanduser(value))
+    return target if target.is_absolute() else (path.parent / target).resolve()
+
+
 def parse_listen(path: Path, listen: str) -> Tuple[str, int]:
+    """HOST:PORT, [IPv6]:PORT or NAME:PORT; an IPv6 address needs its brackets."""
     host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise PatchwireError(f"{path}: server.listen must be HOST:PORT, not {listen!r}")
-    return host.strip("[]"), int(port)
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    if (not host or not re.fullmatch(r"[0-9]{1,5}", port) or not 0 <= int(port) < 65536
+            or (":" in host and not bracketed) or not re.fullmatch(r"[A-Za-z0-9.:_%-]+", host)):
+        raise PatchwireError(f"{path}: server.listen must be HOST:PORT or [IPv6]:PORT, not {listen!r}")
+    return host, int(port)
+
+
+def check_private_listen(path: Path, host: str) -> None:
+    """Refuse to listen where the internet may reach the agent, unless the config says so."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise PatchwireError(f"{path}: server.listen host {host!r} does not resolve: {e}") from None
+    networks = [ipaddress.ip_network(n) for n in PRIVATE_NETWORKS]
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%")[0])
+        if not any(address in n for n in networks if n.version == address.version):
+            raise PatchwireError(
+                f"{path}: server.listen {host!r} is not a loopback, private (RFC 1918, IPv6 ULA) "
+                f"or Tailscale address ({address}): anyone who reaches it could try tokens",
+                "listen on 127.0.0.1, a private or Tailscale address; or set [server] allow_public = "
+                "true, ideally with tls_cert and tls_key")
 
 
 def token_digest(token: str) -> bytes:
@@ -1176,6 +1243,59 @@ class FairQueue:
             self.cond.notify_all()
 
 
+# ================================================================== audit log
+
+
+class AuditLog:
+    """`audit.log` in the state folder, mode 600: one JSON line per request and per job start
+    and end (time, user, address, method, path, status, job, bytes, duration). Never a token,
+    never a prompt. Rotated by size: audit.log.1 is the newest old part, up to AUDIT_BACKUPS."""
+
+    def __init__(self, path: Path, max_bytes: int):
+        self.path, self.max_bytes = path, max_bytes
+        self.lock = threading.Lock()
+        self.fd: Optional[int] = None
+
+    def _open(self) -> int:
+        fd = os.open(str(self.path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.fchmod(fd, 0o600)  # whatever the umask, and for a file made by an older version
+        return fd
+
+    def write(self, record: dict) -> None:
+        now = time.time()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+        line = (json.dumps({"time": stamp, **record}, separators=(",", ":"), default=str) + "\n").encode()
+        with self.lock:
+            try:
+                if self.fd is None:
+                    self.fd = self._open()
+                if os.fstat(self.fd).st_size + len(line) > self.max_bytes:
+                    self._rotate()
+                os.write(self.fd, line)
+            except OSError as e:  # a full disk must not take requests down with it
+                log.warning("cannot write the audit log %s: %s", self.path, e)
+
+    def _rotate(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        for n in range(AUDIT_BACKUPS - 1, 0, -1):
+            older = Path(f"{self.path}.{n}")
+            if older.exists():
+                os.replace(older, f"{self.path}.{n + 1}")
+        os.replace(self.path, f"{self.path}.1")
+        self.fd = self._open()
+
+    def job(self, job_id: str, event: str, **fields: Any) -> None:
+        self.write({"event": event, "job": job_id, **fields})
+
+    def close(self) -> None:
+        with self.lock:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+
+
 # ================================================================== the agent (server object)
 
 
@@ -1188,6 +1308,7 @@ class Agent:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         migrate_layout(cfg.state_dir)
         self.store = Store(cfg.state_dir)
+        self.audit = AuditLog(cfg.state_dir / "audit.log", cfg.audit_max_bytes)
         self.queue = FairQueue()
         self.lock = threading.Lock()
         self.repos: Dict[Tuple[str, str], ProjectRepo] = {}
@@ -1229,6 +1350,7 @@ class Agent:
         for t in self.workers:
             t.join(timeout=KILL_GRACE_S + 5)
         self.store.close()
+        self.audit.close()
 
     def recover(self) -> None:
         """After a crash: running jobs fail with a reason and their folders are cleaned;
@@ -1486,6 +1608,9 @@ class Agent:
         self.store.add_event(job_id, {"type": event, "status": status, **extra}, status=status,
                              reason=reason or None, finished=time.time(), **fields,
                              **usage_columns(fields.get("result"), fields.get("stats")))
+        job = self.store.job(job_id) or {}
+        self.audit.job(job_id, "job_end", user=job.get("user"), project=job.get("project"), status=status,
+                       reason=reason or None)
 
     # --- workers
 
@@ -1584,6 +1709,7 @@ class Agent:
             return
         self.store.add_event(job["id"], {"type": "started", "slot": slot,
                                          **({"continues": parent["id"]} if parent else {})})
+        self.audit.job(job["id"], "job_start", user=job["user"], project=job["project"], slot=slot)
         started = time.monotonic()
         status, reason, result = run.run()
         summary = summarize_result(result, time.monotonic() - started, run.exit_code)
@@ -1770,14 +1896,220 @@ def route_template(pattern: "re.Pattern[str]") -> str:
 ROUTE_TEMPLATES = {name: route_template(pattern) for _, pattern, name, _ in ROUTES}
 
 
+class DeadlineSocketIO(socket.SocketIO):
+    """The raw reader under a connection's rfile. While `deadline` is set, each read may wait
+    only for the time left until it: a client trickling one byte at a time cannot stretch a
+    request line, its headers or a body past their total budget (a socket timeout alone
+    restarts with every byte)."""
+
+    def __init__(self, sock: socket.socket):
+        super().__init__(sock, "rb")
+        self.deadline: Optional[float] = None
+        self.expired = False
+        self.received = 0
+
+    def readinto(self, b) -> Optional[int]:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                self.expired = True
+                raise socket.timeout("the request took longer than its time budget")
+            self._sock.settimeout(left)
+        try:
+            n = super().readinto(b)
+        except socket.timeout:
+            self.expired = self.deadline is not None
+            raise
+        self.received += n or 0
+        return n
+
+
+class CountingWriter(io.BufferedIOBase):
+    """The response side of a connection: every write sent whole, and counted for the audit."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self.sent = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self._sock.sendall(b)
+        n = memoryview(b).nbytes
+        self.sent += n
+        return n
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+
+class Connection:
+    """One admitted connection as the caps see it: waiting (for a request line, headers or a
+    TLS handshake) or busy with a request."""
+
+    def __init__(self, address: str, sock: socket.socket):
+        self.address = address
+        self.sock = sock
+        self.waiting_since: Optional[float] = time.monotonic()
+
+    def hang_up(self) -> None:
+        # socket.socket's own shutdown, also for TLS: SSLSocket.shutdown would drop the TLS
+        # state under the thread that reads; this way that read just sees the end.
+        try:
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class ConnectionTable:
+    """Open connections under caps per client address and overall. At the overall cap a new
+    client takes the place of the oldest connection still waiting for its request, from the
+    address holding the most such connections: clients that trickle bytes (slowloris) cannot
+    crowd out everyone else. Past the caps, a few connections per address may still ask for
+    /v1/health within a small budget, so monitoring sees the truth."""
+
+    def __init__(self, total: int, per_client: int):
+        self.total, self.per_client = total, per_client
+        self.lock = threading.Lock()
+        self.open: Set[Connection] = set()
+        self.per_address: Dict[str, int] = {}
+        self.at_cap: Dict[str, int] = {}
+        self.evicted = 0
+
+    def admit(self, address: str, sock: socket.socket) -> Optional[Connection]:
+        victim = None
+        with self.lock:
+            if self.per_address.get(address, 0) >= self.per_client:
+                return None
+            if len(self.open) >= self.total:
+                victim = self._oldest_waiting()
+                if victim is None:
+                    return None
+                self._drop(victim)
+                self.evicted += 1
+            conn = Connection(address, sock)
+            self.open.add(conn)
+            self.per_address[address] = self.per_address.get(address, 0) + 1
+        if victim is not None:
+            log.info("connection cap reached: dropped a waiting connection of %s for %s", victim.address, address)
+            victim.hang_up()
+        return conn
+
+    def _oldest_waiting(self) -> Optional[Connection]:
+        waiting: Dict[str, List[Connection]] = {}
+        for conn in self.open:
+            if conn.waiting_since is not None:
+                waiting.setdefault(conn.address, []).append(conn)
+        if not waiting:
+            return None
+        most = max(len(conns) for conns in waiting.values())
+        candidates = [c for conns in waiting.values() if len(conns) == most for c in conns]
+        return min(candidates, key=lambda c: c.waiting_since or 0.0)
+
+    def _drop(self, conn: Connection) -> None:
+        self.open.discard(conn)
+        self.per_address[conn.address] -= 1
+        if not self.per_address[conn.address]:
+            del self.per_address[conn.address]
+
+    def release(self, conn: Connection) -> None:
+        with self.lock:
+            if conn in self.open:
+                self._drop(conn)
+
+    def waiting(self, conn: Optional[Connection]) -> None:
+        if conn is not None:
+            with self.lock:
+                conn.waiting_since = time.monotonic()
+
+    def busy(self, conn: Optional[Connection]) -> bool:
+        """The request is in: the connection is no longer evictable. False when it was
+        evicted while its request arrived."""
+        if conn is None:
+            return True
+        with self.lock:
+            conn.waiting_since = None
+            return conn in self.open
+
+    def admit_at_cap(self, address: str) -> bool:
+        with self.lock:
+            mine = self.at_cap.get(address, 0)
+            if sum(self.at_cap.values()) >= AT_CAP_SLOTS or mine >= AT_CAP_SLOTS_PER_CLIENT:
+                return False
+            self.at_cap[address] = mine + 1
+            return True
+
+    def release_at_cap(self, address: str) -> None:
+        with self.lock:
+            self.at_cap[address] -= 1
+            if not self.at_cap[address]:
+                del self.at_cap[address]
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {"open": len(self.open), "max": self.total, "max_per_client": self.per_client,
+                    "waiting": sum(1 for c in self.open if c.waiting_since is not None),
+                    "evicted": self.evicted}
+
+
+class AuthFailures:
+    """Wrong tokens per client address. After AUTH_FREE_FAILURES, each further one is answered
+    only after a delay that doubles up to AUTH_PENALTY_MAX_S. The delay is slept in that
+    connection's own thread (nobody else waits, no lock is held), and the per-address
+    connection cap bounds how many guesses one address has in flight."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.failures: Dict[str, Tuple[int, float]] = {}
+
+    def penalty(self, address: str) -> float:
+        """Count one failure of `address`; the seconds to wait before answering it."""
+        now = time.monotonic()
+        with self.lock:
+            count, last = self.failures.get(address, (0, now))
+            count = 1 if now - last > AUTH_FORGET_S else count + 1
+            self.failures[address] = (count, now)
+            if len(self.failures) > 10000:  # bounded memory whatever the number of addresses
+                self.failures = {a: v for a, v in self.failures.items() if now - v[1] <= AUTH_FORGET_S}
+        extra = count - AUTH_FREE_FAILURES
+        return 0.0 if extra <= 0 else min(AUTH_PENALTY_MAX_S, AUTH_PENALTY_S * 2 ** min(extra - 1, 16))
+
+
+def ascii_count(text: str) -> Optional[int]:
+    """A whole number written in ASCII digits, or None. (`str.isdigit` also accepts '²' and
+    other digits `int` refuses; long digit strings are refused before `int` sees them.)"""
+    if not re.fullmatch(r"[0-9]{1,18}", text):
+        return None
+    return int(text)
+
+
+def json_too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether a parsed JSON value nests deeper than `limit` (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
-    """Routes, auth and errors in one place; each route is a small `route_<name>`."""
+    """Routes, auth and errors in one place; each route is a small `route_<name>`. Each
+    request has a total time budget for its request line and headers (`header_timeout_s`)
+    and one for its body (`body_timeout_s`); a connection past the caps (`conn` None) gets
+    only /v1/health, within AT_CAP_BUDGET_S."""
 
     protocol_version = "HTTP/1.1"
     server_version = f"patchwire-agent/{__version__}"
     sys_version = ""
-    timeout = CONNECTION_TIMEOUT
     server: "AgentHTTPServer"
+
+    def __init__(self, request, client_address, server, conn: Optional[Connection] = None):
+        self.conn = conn
+        super().__init__(request, client_address, server)
 
     def do_GET(self) -> None:
         self.dispatch("GET")
@@ -1793,33 +2125,89 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return self.server.agent
 
     def setup(self) -> None:
-        super().setup()
-        self.connection.settimeout(HEADER_TIMEOUT)  # slow or idle clients go early
+        self.connection = self.request
+        self.connection.settimeout(CONNECTION_TIMEOUT)
+        self.reader = DeadlineSocketIO(self.connection)
+        self.rfile = io.BufferedReader(self.reader)
+        self.wfile = CountingWriter(self.connection)
+
+    def handle(self) -> None:
+        if self.server.tls is None or self.tls_handshake():
+            super().handle()
+
+    def tls_handshake(self) -> bool:
+        """The TLS handshake in this connection's own thread (in accept() one idle client
+        would stall everyone), within the budget of a request's headers."""
+        sock = self.connection
+        deadline = time.monotonic() + self.head_budget()
+        sock.setblocking(False)
+        try:
+            while True:
+                try:
+                    sock.do_handshake()
+                    return True
+                except ssl.SSLWantReadError:
+                    wait: Tuple[list, list] = ([sock], [])
+                except ssl.SSLWantWriteError:
+                    wait = ([], [sock])
+                left = deadline - time.monotonic()
+                if left <= 0 or not any(select.select(wait[0], wait[1], [], left)[:2]):
+                    log.info("TLS handshake with %s took too long", self.client_address[0])
+                    return False
+        except OSError as e:  # ssl.SSLError included: not TLS, a bad client, or it left
+            log.info("TLS handshake with %s failed: %s", self.client_address[0], e)
+            return False
+        finally:
+            sock.settimeout(CONNECTION_TIMEOUT)
+
+    def head_budget(self) -> float:
+        return AT_CAP_BUDGET_S if self.conn is None else self.server.agent.cfg.header_timeout_s
+
+    def handle_one_request(self) -> None:
+        """One request, from its first byte to its audit line."""
+        self.begin_record()
+        self.reader.deadline = time.monotonic() + self.head_budget()
+        self.server.connections.waiting(self.conn)
+        try:
+            super().handle_one_request()
+        except OSError:  # the client left or broke TLS mid-request: nothing to answer
+            self.close_connection = True
+        if self.reader.received > self.received_before:  # a request began (not just an idle keep-alive)
+            if self.reader.expired and not self.started_response:
+                self.answer_timeout()
+            self.finish_request_record()
+        if self.conn is None:  # past the caps: one request, then the slot goes back
+            self.close_connection = True
+
+    def answer_timeout(self) -> None:
+        """A clear 408 for a client too slow with its request (an honest one on a bad line)."""
+        self.close_connection = True
+        self.status = HTTPStatus.REQUEST_TIMEOUT
+        body = json.dumps({"error": "the request did not arrive in time", "code": "timeout",
+                           "hint": "send the request line, headers and body without pauses"}).encode() + b"\n"
+        try:
+            self.connection.settimeout(1.0)
+            self.wfile.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        except OSError:
+            pass
 
     def dispatch(self, method: str) -> None:
-        began = time.monotonic()  # metrics (issue 12): recorded at the end, by route template
-        self.route_label, self.sent_status = "unmatched", 0
-        try:
-            self.answer(method)
-        finally:
-            if self.sent_status:
-                self.agent.metrics.observe(method, self.route_label, self.sent_status, time.monotonic() - began)
-
-    def send_response(self, code: int, message: Optional[str] = None) -> None:
-        self.sent_status = code  # metrics (issue 12)
-        super().send_response(code, message)
-
-    def answer(self, method: str) -> None:
+        if not self.server.connections.busy(self.conn):  # evicted while its headers came in
+            self.close_connection = True
+            return
+        self.reader.deadline = None
         self.connection.settimeout(CONNECTION_TIMEOUT)
-        self.started_response = False
         url = urllib.parse.urlsplit(self.path)
         self.query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query, keep_blank_values=True).items()}
-        self.body_read = False
         try:
             name, params, auth = self.route(method, url.path)
+            if self.conn is None and name != "health":
+                raise HTTPFailure(HTTPStatus.SERVICE_UNAVAILABLE, "the agent is at its connection cap",
+                                  "try again in a moment; /v1/health still answers", code="busy")
             self.route_label = ROUTE_TEMPLATES[name]
-            user = self.agent.authenticate(self.headers.get("Authorization", "")) if auth else ""
-            getattr(self, "route_" + name)(user, **params)
+            self.user = self.authenticate() if auth else ""
+            getattr(self, "route_" + name)(self.user, **params)
         except PatchwireError as e:
             self.fail(e.http_status, {"error": e.message, "hint": e.hint, "code": e.code, **e.details})
         except (ConnectionError, socket.timeout):  # the client left, or was too slow
@@ -1841,26 +2229,117 @@ class Handler(http.server.BaseHTTPRequestHandler):
         raise HTTPFailure(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}", "see the API list in the README",
                           code="not_found")
 
+    def authenticate(self) -> str:
+        """The user of this request's bearer token. A wrong token is answered late once its
+        address has failed often (see AuthFailures)."""
+        header = self.headers.get("Authorization", "")
+        try:
+            return self.agent.authenticate(header)
+        except HTTPFailure:
+            if header[:7].lower() == "bearer ":
+                delay = self.server.auth_failures.penalty(self.client_address[0])
+                self.auth_delay_s = delay
+                if delay:
+                    time.sleep(delay)
+            raise
+
+    # --- the audit record of each request
+
+    def begin_record(self) -> None:
+        self.started_response = False
+        self.body_read = False
+        self.raw_requestline = b""
+        self.command, self.path = None, ""  # http.server keeps the last request's otherwise
+        self.user, self.job_id, self.status = "", None, None
+        self.bytes_in, self.auth_delay_s = 0, 0.0
+        self.route_label = "unmatched"  # the route template, for metrics (never the raw path)
+        self.request_started = time.monotonic()
+        self.reader.expired = False
+        self.sent_before = self.wfile.sent
+        self.received_before = self.reader.received
+
+    def send_response(self, code, message=None) -> None:
+        self.status = int(code)
+        super().send_response(code, message)
+
+    def finish_request_record(self) -> None:
+        """The one place where a finished request is known in full (route, user, status,
+        bytes, duration): it writes the request's audit line. Never the token, never a body."""
+        record = {"event": "request", "user": self.user or None, "address": self.client_address[0],
+                  "method": self.command or None, "path": clip(self.path or "", 512), "status": self.status,
+                  "job": self.job_id, "bytes": self.wfile.sent - self.sent_before, "bytes_in": self.bytes_in,
+                  "duration_ms": round((time.monotonic() - self.request_started) * 1000, 1)}
+        if self.auth_delay_s:
+            record["auth_delay_s"] = self.auth_delay_s
+        self.agent.audit.write(record)
+        if self.status:
+            method = self.command if self.command in ("GET", "POST", "DELETE") else "other"  # bounded labels
+            self.agent.metrics.observe(method, self.route_label, int(self.status),
+                                       time.monotonic() - self.request_started)
+
     # --- request and response helpers
 
     def read_json(self) -> dict:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             raise HTTPFailure(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length", code="length_required")
-        length = self.headers.get("Content-Length", "")
-        if not length.isdigit():
+        text = self.headers.get("Content-Length", "").strip()
+        if not text:
             raise HTTPFailure(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required", code="length_required")
-        if int(length) > MAX_BODY:
+        length = ascii_count(text)
+        if length is None and re.fullmatch(r"[0-9]+", text):
+            length = MAX_BODY + 1  # more digits than any body we take
+        if length is None:
+            raise HTTPFailure(HTTPStatus.BAD_REQUEST, "Content-Length must be a number of bytes in ASCII digits",
+                              code="bad_request")
+        if length > MAX_BODY:
             self.close_connection = True
             raise HTTPFailure(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over {MAX_BODY // 2**20} MiB", code="too_large")
-        data = self.rfile.read(int(length))
-        self.body_read = True
+        data = self.read_body(length)
         try:
             body = json.loads(data or b"null")
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             raise HTTPFailure(HTTPStatus.BAD_REQUEST, "the body is not valid JSON", code="bad_request")
+        if json_too_deep(body):
+            raise HTTPFailure(HTTPStatus.BAD_REQUEST, f"the body nests deeper than {MAX_JSON_DEPTH} levels",
+                              code="bad_request")
+        try:  # "\ud800" is valid JSON but no text: sqlite, git and files would refuse it later
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise HTTPFailure(HTTPStatus.BAD_REQUEST, "the body has a string that is not valid Unicode "
+                              "(an unpaired surrogate escape)", code="bad_request") from None
         if not isinstance(body, dict):
             raise HTTPFailure(HTTPStatus.BAD_REQUEST, "the body must be a JSON object", code="bad_request")
         return body
+
+    def read_body(self, length: int) -> bytes:
+        """The body, within `body_timeout_s` in all however it trickles in."""
+        budget = self.agent.cfg.body_timeout_s
+        self.reader.deadline = time.monotonic() + budget
+        try:
+            data = self.rfile.read(length)
+        except socket.timeout:
+            self.close_connection = True
+            raise HTTPFailure(HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within {budget:g} s",
+                              "send the body without pauses", code="timeout") from None
+        finally:
+            self.reader.deadline = None
+            self.connection.settimeout(CONNECTION_TIMEOUT)
+        self.body_read = True
+        self.bytes_in = len(data)
+        if len(data) < length:
+            self.close_connection = True
+            raise HTTPFailure(HTTPStatus.BAD_REQUEST, "the body ended before Content-Length bytes",
+                              code="bad_request")
+        return data
+
+    def query_count(self, name: str, default: int) -> int:
+        """A query parameter that must be a whole number (0 to MAX_QUERY_INT)."""
+        value = self.query.get(name)
+        number = default if value is None else ascii_count(value)
+        if number is None or number > MAX_QUERY_INT:
+            raise HTTPFailure(HTTPStatus.BAD_REQUEST, f"{name} must be a whole number from 0 to {MAX_QUERY_INT}",
+                              code="bad_request")
+        return number
 
     def send_bytes(self, status: int, data: bytes, content_type: str, **headers: str) -> None:
         self.started_response = True
@@ -1933,13 +2412,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # --- routes
 
     def route_health(self, user: str) -> None:
-        self.send_json(HTTPStatus.OK, self.agent.health())
+        self.send_json(HTTPStatus.OK, {**self.agent.health(), "connections": self.server.connections.stats()})
 
     def route_me(self, user: str) -> None:
         self.send_json(HTTPStatus.OK, self.agent.me(user, self.query.get("project")))
 
     def route_ask(self, user: str) -> None:
         job = self.agent.ask(user, self.read_json())
+        self.job_id = job["id"]
         if self.wants_stream():
             self.stream_events(job["id"], 0)
         else:
@@ -1949,20 +2429,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_json(HTTPStatus.OK, {"jobs": [public_job(j) for j in self.agent.store.find_jobs(user)]})
 
     def route_job(self, user: str, job: str) -> None:
-        self.send_json(HTTPStatus.OK, public_job(self.agent.find_job(user, job)))
+        found = self.agent.find_job(user, job)
+        self.job_id = found["id"]
+        self.send_json(HTTPStatus.OK, public_job(found))
 
     def route_cancel(self, user: str, job: str) -> None:
-        self.send_json(HTTPStatus.OK, public_job(self.agent.cancel(user, job)))
+        self.job_id = self.agent.find_job(user, job)["id"]
+        self.send_json(HTTPStatus.OK, public_job(self.agent.cancel(user, self.job_id)))
 
     def route_events(self, user: str, job: str) -> None:
-        after = self.query.get("after", "0")
-        if not after.isdigit():
-            raise HTTPFailure(HTTPStatus.BAD_REQUEST, "after must be a whole number", code="bad_request")
+        after = self.query_count("after", 0)
         found = self.agent.find_job(user, job)
-        self.stream_events(found["id"], int(after), follow=self.query.get("follow", "1") != "0")
+        self.job_id = found["id"]
+        self.stream_events(found["id"], after, follow=self.query.get("follow", "1") != "0")
 
     def route_diff(self, user: str, job: str) -> None:
         found = self.agent.find_job(user, job)
+        self.job_id = found["id"]
         if found["status"] != "done":
             raise HTTPFailure(HTTPStatus.CONFLICT, f"job {found['id']} is {found['status']}: it has no diff",
                               found.get("reason") or "", code="no_diff")
@@ -1991,48 +2474,98 @@ def public_job(job: dict) -> dict:
 
 
 class AgentHTTPServer(http.server.ThreadingHTTPServer):
-    """ThreadingHTTPServer with caps on concurrent connections, in all and per client
-    address (503 beyond them)."""
+    """ThreadingHTTPServer with the caps of ConnectionTable, the configured listen backlog,
+    IPv4 or IPv6 as the address asks, and optional TLS (handshake in the connection's thread)."""
 
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, agent: Agent, address: Tuple[str, int]):
+    def __init__(self, agent: Agent, address: Tuple[str, int], tls: Optional[ssl.SSLContext] = None):
+        cfg = agent.cfg
         self.agent = agent
-        self.open: Dict[str, int] = {}
-        self.open_lock = threading.Lock()
+        self.tls = tls
+        self.connections = ConnectionTable(cfg.max_connections, cfg.max_connections_per_client)
+        self.auth_failures = AuthFailures()
+        self.request_queue_size = cfg.backlog
+        self.address_family = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM)[0][0]
         super().__init__(address, Handler)
+
+    def get_request(self):
+        sock, address = super().get_request()
+        if self.tls is not None:  # no I/O here: the handshake happens in the connection's thread
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
 
     def process_request(self, request, client_address) -> None:
         client = client_address[0]
-        with self.open_lock:
-            full = (sum(self.open.values()) >= MAX_CONNECTIONS
-                    or self.open.get(client, 0) >= MAX_CONNECTIONS_PER_CLIENT)
-            if not full:
-                self.open[client] = self.open.get(client, 0) + 1
-        if full:
+        conn = self.connections.admit(client, request)
+        if conn is not None:
+            self.start_thread(self.serve, request, client_address, conn)
+        elif self.connections.admit_at_cap(client):
+            self.start_thread(self.serve_at_cap, request, client_address)
+        else:
+            self.refuse(request)
+
+    @staticmethod
+    def start_thread(target, *args) -> None:
+        threading.Thread(target=target, args=args, daemon=True).start()
+
+    def serve(self, request, client_address, conn: Optional[Connection]) -> None:
+        try:
+            Handler(request, client_address, self, conn)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            if conn is not None:
+                self.connections.release(conn)
+            self.shutdown_request(request)
+
+    def serve_at_cap(self, request, client_address) -> None:
+        try:
+            self.serve(request, client_address, None)
+        finally:
+            self.connections.release_at_cap(client_address[0])
+
+    def refuse(self, request) -> None:
+        """Past every cap: a plain 503 (over TLS nothing can be said before a handshake)."""
+        if self.tls is None:
+            body = b'{"error": "the agent is at its connection cap", "code": "busy"}\n'
             try:
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
-                                b"Connection: close\r\n\r\n")
+                request.settimeout(0.5)
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
             except OSError:
                 pass
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
+        self.shutdown_request(request)
 
-    def process_request_thread(self, request, client_address) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self.open_lock:
-                self.open[client_address[0]] -= 1
-                if not self.open[client_address[0]]:
-                    del self.open[client_address[0]]
+    def handle_error(self, request, client_address) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):  # a client that left or broke the protocol: one line
+            log.info("connection from %s ended: %s", client_address[0], error)
+        else:
+            log.exception("error serving a connection from %s", client_address[0])
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if self.tls else 'http'}://{host}:{port}"
+
+
+def tls_context(cfg: AgentConfig) -> Optional[ssl.SSLContext]:
+    """The server's TLS context from [server] tls_cert and tls_key, or None for plain HTTP."""
+    if cfg.tls is None:
+        return None
+    cert, key = cfg.tls
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as e:
+        raise PatchwireError(f"{cfg.path}: cannot load server.tls_cert {cert} with server.tls_key {key}: "
+                             f"{getattr(e, 'strerror', None) or e}",
+                             "give the PEM certificate (chain) and its private key") from None
+    return context
 
 
 # ================================================================== OpenAPI document (GET /v1/openapi.json)
@@ -2070,7 +2603,10 @@ OPENAPI_SCHEMAS = {
                      retry_after_s={**_I, "description": "policy: also sent as Retry-After"}),
               "description": "Every error; `code` is stable, `error` and `hint` are for people."},
     "Health": _obj(["ok", "version", "time", "queue_depth", "running", "workers", "ai_command", "ai_found"],
-                   ok=_B, version=_S, time=_N, queue_depth=_I, running=_I, workers=_I, ai_command=_S, ai_found=_B),
+                   ok=_B, version=_S, time=_N, queue_depth=_I, running=_I, workers=_I, ai_command=_S, ai_found=_B,
+                   connections={**_obj(["open", "max", "max_per_client", "waiting", "evicted"], open=_I, max=_I,
+                                       max_per_client=_I, waiting=_I, evicted=_I),
+                                "description": "the connection table: open, caps, waiting for a request, evicted"}),
     "Me": _obj(["user", "version", "mirror_root"], user=_S, version=_S, mirror_root=_S,
                mirror={**_S, "description": "with ?project=: the folder to rsync that project into"}),
     "AskRequest": _obj(["project", "tree", "files", "prompt"], project=_S, prompt=_S,
@@ -2484,11 +3020,12 @@ def write_private(path: Path, text: str) -> None:
 
 def cmd_serve(args) -> int:
     cfg = AgentConfig.load(Path(args.config))
+    tls = tls_context(cfg)
     agent = Agent(cfg)
     try:
-        server = AgentHTTPServer(agent, (cfg.host, cfg.port))
+        server = AgentHTTPServer(agent, (cfg.host, cfg.port), tls)
     except OSError as e:
-        raise PatchwireError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror}",
+        raise PatchwireError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}",
                              "pick another [server] listen address, or stop what uses that port")
     agent.start()
     hurry = threading.Event()  # set by a second SIGTERM/SIGINT: cancel running jobs now
@@ -2505,6 +3042,9 @@ def cmd_serve(args) -> int:
     ai = agent.health()
     run_file = write_run_file(cfg, server.url, agent.started_at)
     print(f"patchwire-agent {__version__} listening on {server.url}", flush=True)
+    if cfg.allow_public and cfg.tls is None:
+        pw.say("warning: allow_public without tls_cert and tls_key: tokens, prompts and diffs cross "
+               "the network unencrypted")
     pw.say(f"state in {cfg.state_dir}; {len(cfg.users)} user(s); AI command {cfg.ai_command[0]!r}"
            + ("" if ai["ai_found"] else " NOT FOUND on PATH: asks will fail until it is installed"))
     try:
