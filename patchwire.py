@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import copy
 import difflib
 import enum
 import fnmatch
@@ -360,7 +361,8 @@ class Schema:
                                  f"known keys: {', '.join(sorted(self.spec))}")
         out = {}
         for key, (kind, default) in self.spec.items():
-            value = data.get(key, default)
+            # a default is copied: configs that change their list or table must not share it
+            value = data[key] if key in data else copy.deepcopy(default)
             if value is not None and not _is_kind(value, kind):
                 raise PatchwireError(
                     f"{self.path}: {self.table + '.' if self.table else ''}{key} must be "

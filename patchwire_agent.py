@@ -87,6 +87,7 @@ CONNECTION_TIMEOUT = 60
 KILL_GRACE_S = 5.0
 HEARTBEAT_S = 15
 MAX_EVENT_TEXT = 16 * 1024
+MAX_AI_LINE = 4 * 1024 * 1024  # longer stdout lines are cut (and not parsed): bounded memory
 TERMINAL = ("done", "failed", "cancelled")
 LAST_EVENTS = ("finished", "failed", "cancelled")  # the event that ends a job's stream
 SAFE_PATH_RE = re.compile(r"^[A-Za-z0-9._/~+@-]+$")
@@ -132,7 +133,7 @@ class HTTPFailure(PatchwireError):
 SERVER_SCHEMA = {"listen": (str, DEFAULT_LISTEN), "state_dir": (str, None)}
 AI_SCHEMA = {"command": ("str_list", CLAUDE_COMMAND), "timeout_s": (int, 1800),
              "max_timeout_s": (int, 7200), "env": ("str_table", {}),
-             "resume_args": ("str_list", ["--resume", "{session_id}"])}
+             "resume_args": ("str_list", ["--resume", "{session_id}"]), "sandbox": (str, "auto")}
 JOBS_SCHEMA = {"workers": (int, 2), "slots": (int, 2)}
 USER_SCHEMA = {"token_sha256": (str, None), "admin": (bool, False)}
 TOP_SCHEMA = {"server": (dict, {}), "ai": (dict, {}), "jobs": (dict, {}), "users": (dict, {})}
@@ -160,6 +161,9 @@ class AgentConfig:
         self.max_timeout_s: int = max(ai["max_timeout_s"], ai["timeout_s"])
         self.ai_env: Dict[str, str] = ai["env"]
         self.resume_args: List[str] = ai["resume_args"]
+        if ai["sandbox"] not in SANDBOXES:
+            raise PatchwireError(f"{path}: ai.sandbox must be one of {', '.join(SANDBOXES)}, not {ai['sandbox']!r}")
+        self.sandbox: str = ai["sandbox"]
         self.workers: int = jobs["workers"]
         self.slots: int = jobs["slots"]
         self.users: Dict[str, bytes] = {}
@@ -212,13 +216,17 @@ JOB_FIELDS = ("id", "user", "project", "prompt", "status", "reason", "created", 
 
 class Store:
     """Jobs and their events in sqlite3, patches as files: all survive a restart.
-    One connection, one lock; a condition wakes event streams when something is added."""
+    One connection, one lock; a condition wakes event streams when something is added.
+    Prompts, diffs and events are private: folders 700, files 600, whatever the umask."""
 
     def __init__(self, state_dir: Path):
         self.patch_dir = state_dir / "patches"
-        self.patch_dir.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(state_dir / "jobs.sqlite3"), check_same_thread=False,
-                                  isolation_level=None)
+        make_private_dir(self.patch_dir)
+        db_path = state_dir / "jobs.sqlite3"
+        # sqlite gives its -wal and -shm files the mode of the database file
+        os.close(os.open(str(db_path), os.O_RDWR | os.O_CREAT, 0o600))
+        os.chmod(db_path, 0o600)
+        self.db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA_SQL)
         self.lock = threading.Lock()
@@ -278,10 +286,17 @@ class Store:
         return event
 
     def events(self, job_id: str, after: int) -> List[dict]:
+        return self.events_and_status(job_id, after)[0]
+
+    def events_and_status(self, job_id: str, after: int) -> Tuple[List[dict], Optional[str]]:
+        """A job's events after `after` and its status, read together under the lock that
+        add_event holds while it writes both: a stream that sees the job ended has also
+        seen its last event (read apart, `finished` could land in between)."""
         with self.lock:
             rows = self.db.execute("SELECT data FROM events WHERE job = ? AND seq > ? ORDER BY seq",
                                    (job_id, after)).fetchall()
-        return [json.loads(r[0]) for r in rows]
+            row = self.db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return [json.loads(r[0]) for r in rows], (row[0] if row else None)
 
     def wait(self, timeout: float) -> None:
         with self.changed:
@@ -290,9 +305,21 @@ class Store:
     def patch_path(self, job_id: str) -> Path:
         return self.patch_dir / f"{job_id}.patch"
 
+    def write_patch(self, job_id: str, patch: bytes) -> None:
+        fd = os.open(str(self.patch_path(job_id)), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(fd, 0o600)
+            f.write(patch)
+
     def close(self) -> None:
         with self.lock:
             self.db.close()
+
+
+def make_private_dir(path: Path) -> None:
+    """A folder only this user can enter (700), made or tightened whatever the umask."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
 
 
 def _to_sql(value: Any) -> Any:
@@ -444,8 +471,33 @@ class ProjectRepo:
             if self._slot_is_registered(slot):
                 try:
                     self._reset_slot(slot, "HEAD")
-                except PatchwireError:
+                except (PatchwireError, OSError):
                     self._remove_slot(slot)
+
+    # --- symlinks out of the project
+
+    def remove_escaping_links(self, slot: int) -> Dict[str, str]:
+        """Remove the tracked symlinks that resolve outside the job folder, before the AI
+        starts: through `evil -> /elsewhere` an AI writing `evil/x` would write outside, and
+        nothing of it would show in the diff. {path: target} of those removed."""
+        root = real(self.slot_path(slot))
+        removed = {}
+        for path, (mode, _) in self.slot_git(slot).ls_files_stage().items():
+            full = os.path.join(root, path)
+            if mode == "120000" and os.path.islink(full) and not is_within(os.path.realpath(full), root):
+                removed[path] = os.readlink(full)
+                os.unlink(full)
+        return removed
+
+    def restore_links(self, slot: int, links: Dict[str, str]) -> None:
+        """Put back the removed links the AI did not replace (so they are no change in the
+        diff); a path the AI wrote keeps what the AI wrote."""
+        root = self.slot_path(slot)
+        for path, target in links.items():
+            full = root / path
+            if not os.path.lexists(full) and full.parent.is_dir() and is_within(
+                    os.path.realpath(full.parent), real(root)):  # never through a link the AI made
+                os.symlink(target, full)
 
     # --- results
 
@@ -508,12 +560,181 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(path, onerror=retry)
 
 
+# ================================================================== sandbox (confining the AI)
+#
+# Claude Code refuses writes outside its cwd itself (DESIGN.md), but not what an allowed command
+# runs (a build, a test suite, `make`), and other agent CLIs have no such guard. The outer
+# sandbox is what makes the job folder a boundary:
+#   bwrap (Linux, bubblewrap): the root file system read-only; a private /tmp; the agent's state
+#     folder (every user's mirror, job folders, jobs and diffs) hidden under an empty tmpfs; then,
+#     later mounts winning, bound back: the AI program if it lives under a hidden folder
+#     (read-only), the project's own snapshot store (read-only: git in the job folder reads it,
+#     and hooks written there would run as the agent), the job folder and the AI's own state
+#     (~/.claude, ~/.claude.json) writable. Its own PID namespace, killed with the agent; the
+#     network is kept (the AI needs its API).
+#   sandbox-exec (macOS): a generated profile with the same boundary: writes only in the job
+#     folder, a private TMPDIR and the AI's own state; the state folder unreadable except the
+#     job folder and the snapshot store. Only the profile text is tested here (no macOS in CI).
+
+SANDBOXES = ("auto", "bwrap", "sandbox-exec", "none")
+SANDBOX_EXEC = "/usr/bin/sandbox-exec"
+SANDBOX_PROFILE = """\
+(version 1)
+(allow default)
+(deny file-write*)
+(allow file-write*
+    (subpath (param "JOB"))
+    (subpath (param "TMP"))
+    (subpath (param "CLAUDE_DIR"))
+    (literal (param "CLAUDE_JSON"))
+    (regex {claude_json_siblings})
+    (literal "/dev/null") (literal "/dev/zero") (literal "/dev/dtracehelper")
+    (regex #"^/dev/tty") (regex #"^/dev/fd/"))
+(deny file-read-data file-read-xattr (subpath (param "STATE")))
+(allow file-read-data file-read-xattr
+    (subpath (param "JOB"))
+    (subpath (param "TMP"))
+    (subpath (param "GIT_DIR")))
+"""
+
+
+class Sandbox:
+    """Which confinement the AI runs under, and the argv that applies it. `warning` says,
+    loudly, when "auto" found none."""
+
+    def __init__(self, kind: str, program: str = "", warning: str = ""):
+        self.kind, self.program, self.warning = kind, program, warning
+
+    @classmethod
+    def choose(cls, setting: str, platform: str = sys.platform) -> "Sandbox":
+        """The sandbox for `[ai] sandbox`: an explicit one that cannot run here is an error
+        (the agent does not start); "auto" falls back to none with a warning."""
+        if setting == "none":
+            return cls("none")
+        if setting in ("auto", "bwrap") and platform.startswith("linux"):
+            program, why = probe_bwrap()
+            if program:
+                return cls("bwrap", program)
+            if setting == "bwrap":
+                raise PatchwireError(f'[ai] sandbox = "bwrap", but bubblewrap cannot run here: {why}',
+                                     'install it (apt install bubblewrap) or set [ai] sandbox = "none"')
+            return cls("none", warning=f"the AI runs UNCONFINED: bubblewrap cannot run here ({why}); "
+                                       "install it (apt install bubblewrap), or set [ai] sandbox = \"none\" "
+                                       "to accept this")
+        if setting in ("auto", "sandbox-exec") and platform == "darwin" and os.access(SANDBOX_EXEC, os.X_OK):
+            return cls("sandbox-exec", SANDBOX_EXEC)
+        if setting == "auto":
+            return cls("none", warning=f"the AI runs UNCONFINED: no sandbox is known on {platform}; set "
+                                       "[ai] sandbox = \"none\" to accept this")
+        raise PatchwireError(f"[ai] sandbox = {setting!r} is not available on {platform}",
+                             'use "auto", or "none" to run the AI unconfined')
+
+    def wrap(self, argv: List[str], env: dict, job: Path, hide: List[Path], readonly: List[Path],
+             scratch: Path) -> Tuple[List[str], dict]:
+        """(argv, env) that run `argv` confined to `job`. `hide`: folders the AI must not
+        see; `readonly`: folders inside them it may read; `scratch`: a private temporary
+        folder (sandbox-exec; bwrap mounts a fresh /tmp)."""
+        found = shutil.which(argv[0], path=env.get("PATH"))
+        if self.kind == "none" or not found:  # not found: AIRun says so in its own words
+            return argv, env
+        home = Path(env.get("HOME") or os.path.expanduser("~"))
+        state = ai_state_paths(home, env)
+        if self.kind == "bwrap":
+            programs = [Path(p) for p in (found, os.path.realpath(found), *argv[1:]) if os.path.isabs(p)]
+            return (bwrap_argv(self.program, argv, job, hide, readonly, state, programs),
+                    {**env, "TMPDIR": "/tmp"})
+        scratch.mkdir(parents=True, exist_ok=True)
+        params = {"JOB": job, "TMP": scratch, "STATE": hide[0], "GIT_DIR": readonly[0],
+                  "CLAUDE_DIR": state[0], "CLAUDE_JSON": state[1]}
+        return (sandbox_exec_argv(self.program, argv, params), {**env, "TMPDIR": real(scratch)})
+
+
+def real(path: Path) -> str:
+    return os.path.realpath(str(path))
+
+
+def is_within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def ai_state_paths(home: Path, env: dict) -> List[Path]:
+    """Where Claude Code keeps its own state (sessions, settings): it must stay writable,
+    or --resume and its config break. The folder is made when missing."""
+    claude_dir = Path(env["CLAUDE_CONFIG_DIR"]) if env.get("CLAUDE_CONFIG_DIR") else home / ".claude"
+    try:
+        claude_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError:
+        pass  # a read-only home: the AI will say what it misses
+    return [claude_dir, home / ".claude.json"]
+
+
+def probe_bwrap() -> Tuple[str, str]:
+    """(path of bwrap, "") when it can make a sandbox here, else ("", why not)."""
+    program = shutil.which("bwrap")
+    if not program:
+        return "", "bwrap is not installed"
+    proc = pw.run([program, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-pid",
+                   "--die-with-parent", "true"], timeout=30, check=False)
+    if proc.returncode != 0:
+        return "", "bwrap fails: " + proc.stderr.decode("utf-8", "replace").strip()[-300:]
+    return program, ""
+
+
+def bwrap_argv(bwrap: str, argv: List[str], job: Path, hide: List[Path], readonly: List[Path],
+               state: List[Path], programs: List[Path]) -> List[str]:
+    """bubblewrap's argv. Mount order matters: later mounts win, so the hidden folders come
+    first and what is bound back into them after."""
+    hidden = ["/tmp"] + [real(h) for h in hide]
+    out = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    for i, folder in enumerate(hidden):
+        if not any(is_within(folder, other) for other in hidden[:i]):
+            out += ["--tmpfs", folder]
+    for program in programs:  # the AI itself (and its script) when installed under /tmp & co.
+        path = real(program)
+        if os.path.exists(path) and any(is_within(path, h) for h in hidden) and path not in hidden:
+            parent = os.path.dirname(path)
+            bound = parent if os.path.isfile(path) and parent not in hidden and not any(
+                is_within(h, parent) for h in hidden) else path
+            out += ["--ro-bind", bound, bound]
+    for folder in readonly:
+        out += ["--ro-bind", real(folder), real(folder)]
+    out += ["--bind", real(job), real(job)]
+    for path in state:
+        if os.path.exists(path):
+            out += ["--bind", real(path), real(path)]
+    return out + ["--unshare-pid", "--die-with-parent", "--chdir", real(job), "--"] + argv
+
+
+def sandbox_exec_argv(program: str, argv: List[str], params: Dict[str, Path]) -> List[str]:
+    """sandbox-exec's argv: the profile, with the paths passed as parameters (-D) so that no
+    path is ever spliced into the profile's own syntax, except one escaped regex."""
+    resolved = {name: real(path) for name, path in params.items()}
+    profile = SANDBOX_PROFILE.format(claude_json_siblings=sbpl_regex(resolved["CLAUDE_JSON"]))
+    out = [program, "-p", profile]
+    for name, path in resolved.items():
+        out += ["-D", f"{name}={path}"]
+    return out + argv
+
+
+def sbpl_regex(path: str) -> str:
+    """A profile regex matching `path` and its siblings that share its name as a prefix
+    (Claude Code writes ~/.claude.json through temporary and backup files beside it)."""
+    escaped = re.sub(r'([\\.^$|?*+()\[\]{}])', r"\\\1", path)
+    if '"' in path or "\n" in path:
+        return '#"^$"'  # matches nothing: such a home cannot be written safely into the profile
+    return f'#"^{escaped}"'
+
+
+
 # ================================================================== the AI run
 
 
 class StreamParser:
     """Turns the AI's stdout into job events. JSON lines are read as Claude Code's
-    stream-json (parsed by field, never by text); anything else is passed through."""
+    stream-json (parsed by field, never by text); anything else is passed through.
+    The AI's output is data from outside: a line of an unexpected shape (no "type", a
+    message that is not an object, ...) becomes an `output` event, never an exception.
+    Types it does not know (newer CLIs add some) are skipped."""
 
     def __init__(self, emit: Callable[[dict], None], cwd: Path):
         self.emit = emit
@@ -532,13 +753,17 @@ class StreamParser:
             obj = None
         if isinstance(obj, dict) and obj.get("type") == "system" and obj.get("subtype") == "init":
             self.claude = True
-        if not self.claude or not isinstance(obj, dict):
+        if not self.claude or not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
             self.emit({"type": "output", "text": clip(line)})
             return
-        self.session_id = obj.get("session_id") or self.session_id
-        handler = getattr(self, "on_" + str(obj["type"]), None)
+        if isinstance(obj.get("session_id"), str):
+            self.session_id = obj["session_id"]
+        handler = getattr(self, "on_" + obj["type"], None)
         if handler:
-            handler(obj)
+            try:
+                handler(obj)
+            except (AttributeError, KeyError, TypeError, ValueError):
+                self.emit({"type": "output", "text": clip(line)})
 
     def on_system(self, obj: dict) -> None:
         if obj.get("subtype") == "init":
@@ -558,6 +783,10 @@ class StreamParser:
                 self.emit({"type": "tool_error", "text": clip(_text_of(block.get("content")), 500)})
 
     def on_result(self, obj: dict) -> None:
+        usage = obj.get("usage")
+        denials = obj.get("permission_denials")
+        obj = {**obj, "usage": usage if isinstance(usage, dict) else {},
+               "permission_denials": denials if isinstance(denials, list) else []}
         self.result = obj
         self.emit({"type": "result", **{k: obj.get(k) for k in RESULT_KEYS if k in obj}})
 
@@ -576,7 +805,8 @@ RESULT_KEYS = ("subtype", "is_error", "duration_ms", "num_turns", "session_id",
 
 
 def _content(obj: dict) -> List[dict]:
-    content = (obj.get("message") or {}).get("content")
+    message = obj.get("message")
+    content = message.get("content") if isinstance(message, dict) else None
     return [b for b in content if isinstance(b, dict)] if isinstance(content, list) else []
 
 
@@ -602,6 +832,7 @@ class AIRun:
         self.timeout_s = timeout_s
         self.parser = StreamParser(emit, cwd)
         self.stop_reason: Optional[str] = None
+        self.stop_status = "cancelled"
         self.proc = None
         self.stderr_tail = b""
         self.exit_code: Optional[int] = None
@@ -624,7 +855,7 @@ class AIRun:
                    (self._feed_stdin, self._read_stderr, self._read_stdout)]
         for t in threads:
             t.start()
-        watchdog = threading.Timer(self.timeout_s, self.stop, (f"timed out after {self.timeout_s:g} s",))
+        watchdog = threading.Timer(self.timeout_s, self.stop, (f"timed out after {self.timeout_s:g} s", "failed"))
         watchdog.daemon = True
         watchdog.start()
         try:
@@ -640,12 +871,13 @@ class AIRun:
             pipe.close()
         return self.judge(code)
 
-    def stop(self, reason: str) -> None:
-        """End the run: TERM to the process group, KILL after a grace period."""
+    def stop(self, reason: str, status: str = "cancelled") -> None:
+        """End the run: TERM to the process group, KILL after a grace period. The run ends
+        as `status` (cancelled, or failed for a timeout or a broken reader)."""
         with self._lock:
             if self.stop_reason:
                 return
-            self.stop_reason = reason
+            self.stop_reason, self.stop_status = reason, status
             proc = self.proc
         if proc is None:
             return
@@ -680,14 +912,34 @@ class AIRun:
             self.stderr_tail = (self.stderr_tail + chunk)[-8192:]
 
     def _read_stdout(self) -> None:
-        for line in self.proc.stdout:
-            self.parser.feed(line)
+        """Feed stdout to the parser line by line. If this fails (the store cannot take
+        the event: disk full; or a bug), the run ends as failed with the reason: a reader
+        that died silently would leave the AI blocked on a full pipe until the timeout."""
+        try:
+            for line in self._lines():
+                self.parser.feed(line)
+        except Exception as e:
+            log.exception("reading the AI's output failed")
+            self.stop(f"the agent could not record the AI's output: {describe_exception(e)}", "failed")
+            try:
+                for _ in iter(lambda: self.proc.stdout.read(65536), b""):
+                    pass  # keep the pipe drained until the process group is gone
+            except (OSError, ValueError):
+                pass  # closed by run(): the process is gone
+
+    def _lines(self):
+        """stdout's lines, each at most MAX_AI_LINE bytes: the start of a longer line is kept
+        (it becomes an `output` event, clipped) and the rest skipped."""
+        skipping = False
+        for piece in iter(lambda: self.proc.stdout.readline(MAX_AI_LINE), b""):
+            if not skipping:
+                yield piece
+            skipping = not piece.endswith(b"\n")
 
     def judge(self, code: int) -> Tuple[str, str, dict]:
         result = self.parser.result or {}
         if self.stop_reason:
-            status = "failed" if self.stop_reason.startswith("timed out") else "cancelled"
-            return status, self.stop_reason, result
+            return self.stop_status, self.stop_reason, result
         said = str(result.get("result") or "").strip()[:500]
         stderr = self.stderr_tail.decode("utf-8", "replace").strip()[-500:]
         if result.get("subtype") == "error_max_turns":
@@ -704,6 +956,13 @@ class AIRun:
         if self.parser.claude and not self.parser.result:
             return "failed", "the AI ended without a result line", result
         return "done", "", result
+
+
+def describe_exception(e: BaseException) -> str:
+    """A short reason for a job's failure: the OS's own words for OS and sqlite errors."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e) or type(e).__name__
 
 
 def end_process_group(pgid: Optional[int]) -> None:
@@ -831,8 +1090,11 @@ class Agent:
 
     def __init__(self, cfg: AgentConfig):
         self.cfg = cfg
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(cfg.state_dir)  # mirrors, job folders, prompts and diffs: all below it
         self.store = Store(cfg.state_dir)
+        self.sandbox = Sandbox.choose(cfg.sandbox)
+        if self.sandbox.warning:
+            log.warning("%s", self.sandbox.warning)
         self.queue = FairQueue()
         self.lock = threading.Lock()
         self.repos: Dict[Tuple[str, str], ProjectRepo] = {}
@@ -919,7 +1181,8 @@ class Agent:
             running = len(self.runs)
         return {"ok": True, "version": __version__, "time": time.time(), "queue_depth": len(self.queue.order()),
                 "running": running, "workers": self.cfg.workers, "ai_command": argv0,
-                "ai_found": bool(found)}
+                "ai_found": bool(found), "sandbox": self.sandbox.kind,
+                **({"sandbox_warning": self.sandbox.warning} if self.sandbox.warning else {})}
 
     # --- jobs
 
@@ -1005,11 +1268,18 @@ class Agent:
                 return
             try:
                 self.run_job(item)
-            except Exception as e:  # a bug: the job fails with the reason, the worker lives on
+            except Exception as e:  # a bug, or a full disk: the job fails, the worker lives on
                 log.exception("job %s crashed", item.job_id)
-                self.finish(item.job_id, "failed", f"internal error in the agent: {e!r}")
+                self._finish_after_crash(item.job_id, e)
             finally:
                 self._release_slot(item)
+
+    def _finish_after_crash(self, job_id: str, error: Exception) -> None:
+        try:
+            self.finish(job_id, "failed", f"internal error in the agent: {describe_exception(error)}")
+        except Exception:  # the store itself fails (disk full): the job stays running, and
+            # is failed with a reason by `recover` at the next start
+            log.exception("could not record the failure of job %s", job_id)
 
     def _has_free_slot(self, item: QueueItem) -> bool:
         """Called under the queue's lock: claims a slot for the item when one is free."""
@@ -1033,8 +1303,11 @@ class Agent:
         self._announce_positions()
 
     def _announce_positions(self) -> None:
-        for position, job_id in enumerate(self.queue.order()):
-            self.store.add_event(job_id, {"type": "position", "position": position})
+        try:
+            for position, job_id in enumerate(self.queue.order()):
+                self.store.add_event(job_id, {"type": "position", "position": position})
+        except sqlite3.Error as e:  # progress only (the disk is full): the worker goes on
+            log.warning("could not announce queue positions: %s", e)
 
     def run_job(self, item: QueueItem) -> None:
         job = self.store.job(item.job_id)
@@ -1044,32 +1317,48 @@ class Agent:
         self._announce_positions()
         parent = self.store.job(job["parent"]) if job["parent"] else None
         carry = (parent["snapshot"], parent["result"]["result_commit"]) if parent else None
-        run = AIRun(self.ai_argv(parent), repo.slot_path(slot), ai_environment(self.cfg), job["prompt"],
+        argv, env = self.sandbox.wrap(self.ai_argv(parent), ai_environment(self.cfg), repo.slot_path(slot),
+                                      hide=[self.cfg.state_dir], readonly=[repo.git_dir],
+                                      scratch=repo.home / "tmp" / f"slot{slot}")
+        run = AIRun(argv, repo.slot_path(slot), env, job["prompt"],
                     job["timeout_s"], lambda e: self.store.add_event(job["id"], e),
                     on_spawn=lambda pid: self.store.update_job(job["id"], pgid=pid))
         with self.lock:
             self.runs[job["id"]] = run  # from here on a cancel reaches the job
         try:
             repo.prepare_slot(slot, job["snapshot"], carry)
+            links = repo.remove_escaping_links(slot)
         except PatchwireError as e:
             self.finish(job["id"], "failed", f"could not prepare the job folder: {e.message}")
             return
-        self.store.add_event(job["id"], {"type": "started", "slot": slot,
+        if links:
+            self.store.add_event(job["id"], {"type": "links_removed", "paths": sorted(links)[:100],
+                                             "count": len(links)})
+        self.store.add_event(job["id"], {"type": "started", "slot": slot, "sandbox": self.sandbox.kind,
                                          **({"continues": parent["id"]} if parent else {})})
         started = time.monotonic()
         status, reason, result = run.run()
         summary = summarize_result(result, time.monotonic() - started, run.exit_code)
         if status != "done":
-            self.finish(job["id"], status, reason, result=summary)
+            self._fail_run(job["id"], repo, slot, status, reason, result=summary)
             return
         try:
+            repo.restore_links(slot, links)
             patch, stats, commit = repo.collect(slot, job["snapshot"], job["id"])
-        except PatchwireError as e:
-            self.finish(job["id"], "failed", f"could not collect the AI's changes: {e.message}",
-                        result=summary)
+        except (PatchwireError, OSError) as e:
+            self._fail_run(job["id"], repo, slot, "failed", "could not collect the AI's changes: "
+                           + (e.message if isinstance(e, PatchwireError) else describe_exception(e)),
+                           result=summary)
             return
-        self.store.patch_path(job["id"]).write_bytes(patch)
+        self.store.write_patch(job["id"], patch)
         self.finish(job["id"], "done", result={**summary, "result_commit": commit}, stats=stats)
+
+    def _fail_run(self, job_id: str, repo: ProjectRepo, slot: int, status: str, reason: str,
+                  **fields: Any) -> None:
+        """End a run that produced no diff. Its job folder is reset first: what the AI left
+        there may be what filled the disk the job's end must be recorded on."""
+        repo.clean_slot(slot)
+        self.finish(job_id, status, reason, **fields)
 
     def ai_argv(self, parent: Optional[dict]) -> List[str]:
         """The AI command; a follow-up adds `[ai] resume_args` with the parent's session."""
@@ -1080,7 +1369,7 @@ class Agent:
 
 
 def summarize_result(result: dict, elapsed: float, exit_code: Optional[int]) -> dict:
-    usage = result.get("usage") or {}
+    usage = result.get("usage") if isinstance(result.get("usage"), dict) else {}
     return {"exit_code": exit_code, "is_error": bool(result.get("is_error")),
             "subtype": result.get("subtype"), "duration_s": round(elapsed, 3),
             "num_turns": result.get("num_turns"), "session_id": result.get("session_id"),
@@ -1246,13 +1535,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         store = self.agent.store
         quiet_since = time.monotonic()
         while True:
-            events = store.events(job_id, after)
+            events, status = store.events_and_status(job_id, after)
             for event in events:
                 self.write_chunk(json.dumps(event).encode() + b"\n")
                 after = event["seq"]
                 if event["type"] in LAST_EVENTS:
                     follow = False
-            if not follow or (not events and store.job(job_id)["status"] in TERMINAL):
+            if not follow or (not events and status in TERMINAL):
                 break
             if events:
                 quiet_since = time.monotonic()
