@@ -1601,7 +1601,8 @@ class Doctor:
     def run(self) -> List[dict]:
         for name, check in (("git", self.git), ("rsync", self.rsync), ("token", self.token),
                             ("agent", self.agent), ("clock", self.clock), ("auth", self.auth),
-                            ("ai", self.ai), ("ssh", self.ssh), ("mirror", self.mirror)):
+                            ("ai", self.ai), ("sandbox", self.sandbox), ("ssh", self.ssh),
+                            ("mirror", self.mirror)):
             try:
                 detail = check()
             except PatchwireError as e:
@@ -1672,6 +1673,18 @@ class Doctor:
                                  "install Claude Code on the box (npm install -g @anthropic-ai/claude-code) "
                                  "or set [ai] command in the agent's config")
         return f"{self.health.get('ai_command')} found on the box"
+
+    def sandbox(self) -> Optional[str]:
+        if "sandbox" not in self.health:
+            return None
+        if self.health.get("sandbox_warning"):
+            raise PatchwireError(str(self.health["sandbox_warning"]),
+                                 "install bubblewrap on the box (apt install bubblewrap), or set "
+                                 '[ai] sandbox = "none" in the agent\'s config to accept it')
+        kind = self.health["sandbox"]
+        if kind == "none":
+            return 'the AI runs unconfined on the box ([ai] sandbox = "none")'
+        return f"the AI runs confined to its job folder by {kind}"
 
     def ssh(self) -> Optional[str]:
         if not self.cfg.ssh:

@@ -85,6 +85,7 @@ MAX_CONNECTIONS_PER_CLIENT = 16
 HEADER_TIMEOUT = 10  # seconds for a request line and headers, and between requests
 CONNECTION_TIMEOUT = 60
 KILL_GRACE_S = 5.0
+MIN_FREE_BYTES = 4 * 1024 * 1024  # asks are refused below this much free space for state
 HEARTBEAT_S = 15
 MAX_EVENT_TEXT = 16 * 1024
 MAX_AI_LINE = 4 * 1024 * 1024  # longer stdout lines are cut (and not parsed): bounded memory
@@ -684,11 +685,10 @@ def bwrap_argv(bwrap: str, argv: List[str], job: Path, hide: List[Path], readonl
                state: List[Path], programs: List[Path]) -> List[str]:
     """bubblewrap's argv. Mount order matters: later mounts win, so the hidden folders come
     first and what is bound back into them after."""
-    hidden = ["/tmp"] + [real(h) for h in hide]
+    hidden = ["/tmp"] + [h for h in map(real, hide) if h != "/tmp"]
     out = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
-    for i, folder in enumerate(hidden):
-        if not any(is_within(folder, other) for other in hidden[:i]):
-            out += ["--tmpfs", folder]
+    for folder in hidden:
+        out += ["--tmpfs", folder]
     for program in programs:  # the AI itself (and its script) when installed under /tmp & co.
         path = real(program)
         if os.path.exists(path) and any(is_within(path, h) for h in hidden) and path not in hidden:
@@ -702,6 +702,8 @@ def bwrap_argv(bwrap: str, argv: List[str], job: Path, hide: List[Path], readonl
     for path in state:
         if os.path.exists(path):
             out += ["--bind", real(path), real(path)]
+    for folder in hidden[1:]:  # empty and read-only: writes there fail loudly, not into a void
+        out += ["--remount-ro", folder]
     return out + ["--unshare-pid", "--die-with-parent", "--chdir", real(job), "--"] + argv
 
 
@@ -892,7 +894,8 @@ class AIRun:
                 os.killpg(proc.pid, sig)
                 while sig == signal.SIGTERM and time.monotonic() < deadline:
                     time.sleep(0.05)
-                    os.killpg(proc.pid, 0)
+                    if not group_has_live_members(proc.pid):
+                        return
             except ProcessLookupError:
                 return
 
@@ -947,6 +950,9 @@ class AIRun:
                               "for a smaller step, or raise the limit"), result
         if result.get("is_error") or result.get("subtype", "success") != "success":
             return "failed", f"the AI reported an error: {said or result.get('subtype')}", result
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+            return "failed", f"the AI command was killed by signal {name}", result
         if code != 0:
             why = said or stderr or "no output"
             return "failed", f"the AI command exited with status {code}: {why}", result
@@ -956,6 +962,25 @@ class AIRun:
         if self.parser.claude and not self.parser.result:
             return "failed", "the AI ended without a result line", result
         return "done", "", result
+
+
+def group_has_live_members(pgid: int) -> bool:
+    """Whether a process group still has a member that is not a zombie. bwrap leaves its
+    PID-namespace init as a zombie for whoever adopts it to reap, which may take a while
+    (1-2 s seen under a slow init); a zombie runs nothing. Without /proc: any member."""
+    os.killpg(pgid, 0)  # ProcessLookupError when the group is empty
+    if not os.path.isdir("/proc/self"):
+        return True
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue  # gone meanwhile
+            if int(fields[2]) == pgid and fields[0] != b"Z":
+                return True
+    return False
 
 
 def describe_exception(e: BaseException) -> str:
@@ -1195,6 +1220,7 @@ class Agent:
         if not isinstance(tree, str) or not re.fullmatch(r"[0-9a-f]{40}([0-9a-f]{24})?", tree):
             raise HTTPFailure(HTTPStatus.BAD_REQUEST, "tree must be a git tree id", code="bad_request")
         manifest = check_manifest(body.get("files"))
+        self.check_room()
         timeout_s = body.get("timeout_s", self.cfg.timeout_s)
         if not isinstance(timeout_s, int) or isinstance(timeout_s, bool) or not 0 < timeout_s <= self.cfg.max_timeout_s:
             raise HTTPFailure(HTTPStatus.BAD_REQUEST, f"timeout_s must be 1..{self.cfg.max_timeout_s} seconds",
@@ -1210,6 +1236,16 @@ class Agent:
         self.store.add_event(job["id"], {"type": "queued", "project": project,
                                          "position": order.index(job["id"]) if job["id"] in order else 0})
         return self.store.job(job["id"])
+
+    def check_room(self) -> None:
+        """Refuse an ask while the state folder's file system is (nearly) full: the job's
+        snapshot, events and diff could not be recorded, and it would end in a muddle."""
+        st = os.statvfs(self.cfg.state_dir)
+        free = st.f_bavail * st.f_frsize
+        if free < MIN_FREE_BYTES:
+            raise HTTPFailure(HTTPStatus.INSUFFICIENT_STORAGE, f"the box's disk is full: {free // 1024} KiB free "
+                              f"for {self.cfg.state_dir}", "free space on the box, then ask again",
+                              code="disk_full")
 
     def parent_job(self, user: str, project: str, prefix: Any) -> Optional[dict]:
         """The finished job a follow-up ask continues, if any."""
