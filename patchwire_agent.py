@@ -808,7 +808,9 @@ RESULT_KEYS = ("subtype", "is_error", "duration_ms", "num_turns", "session_id",
 
 def _content(obj: dict) -> List[dict]:
     message = obj.get("message")
-    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(message, dict):
+        raise ValueError("a message that is not an object")  # the line becomes an `output` event
+    content = message.get("content")  # a plain string is valid (the API allows it): no blocks
     return [b for b in content if isinstance(b, dict)] if isinstance(content, list) else []
 
 
@@ -901,7 +903,8 @@ class AIRun:
 
     def _feed_stdin(self) -> None:
         try:
-            self.proc.stdin.write(self.prompt.encode("utf-8"))
+            # a prompt is JSON from the network: a lone surrogate must not kill this thread
+            self.proc.stdin.write(self.prompt.encode("utf-8", "replace"))
         except OSError:
             pass  # the AI exited without reading its prompt; its exit status says why
         finally:
@@ -1216,6 +1219,9 @@ class Agent:
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise HTTPFailure(HTTPStatus.BAD_REQUEST, "prompt must be a non-empty string", code="bad_request")
+        if not is_unicode(prompt):
+            raise HTTPFailure(HTTPStatus.BAD_REQUEST, "prompt must be valid Unicode text (it has a lone "
+                              "surrogate)", code="bad_request")
         tree = body.get("tree")
         if not isinstance(tree, str) or not re.fullmatch(r"[0-9a-f]{40}([0-9a-f]{24})?", tree):
             raise HTTPFailure(HTTPStatus.BAD_REQUEST, "tree must be a git tree id", code="bad_request")
@@ -1411,6 +1417,16 @@ def summarize_result(result: dict, elapsed: float, exit_code: Optional[int]) -> 
             "num_turns": result.get("num_turns"), "session_id": result.get("session_id"),
             "tokens_in": usage.get("input_tokens"), "tokens_out": usage.get("output_tokens"),
             "cost_usd": result.get("total_cost_usd")}
+
+
+def is_unicode(text: str) -> bool:
+    """False for a str holding lone surrogates (JSON's \\ud800 escapes make them), which
+    sqlite and the AI's stdin cannot take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_name(value: Any, what: str) -> str:
