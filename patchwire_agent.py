@@ -22,7 +22,8 @@ Commands:
         run the HTTP server
 
 HTTP API (JSON; `Authorization: Bearer TOKEN` on all but health):
-    GET    /v1/health                       version, queue depth, whether the AI is found
+    GET    /v1/health                       version, queue depth, whether the AI is found,
+                                            which sandbox confines it
     GET    /v1/me?project=P                 your user name and the folder to rsync P into
     POST   /v1/ask {project,tree,files,prompt[,timeout_s]}
                                             202 {job} or, with Accept: application/x-ndjson,
@@ -42,6 +43,11 @@ Threat model: tokens are stored only as sha256 digests and compared in constant 
 the laptop reaches the box through SSH keys (rsync) and the bearer token (HTTP), ideally
 inside a private network. Requests are size-capped and time-limited; connections are
 capped. The AI never runs in the mirror, and a failed run leaves the mirror untouched.
+The AI runs confined (section "sandbox"): by default bubblewrap on Linux, sandbox-exec on
+macOS; it writes only in its job folder and its own state, and sees neither the other
+users' mirrors nor the agent's state. Tracked symlinks out of the project are removed
+from the job folder while it runs. Its output is parsed as untrusted data. The state
+folder is 700 and its files private, whatever the umask.
 """
 
 from __future__ import annotations
@@ -111,6 +117,7 @@ CONFIG_TEMPLATE = """\
 [ai]
 # The AI command (argv); the prompt arrives on stdin, the cwd is a clean job folder.
 # Claude Code headless by default; any CLI that edits files in its cwd works.
+# sandbox: "auto" confines the AI to its job folder (bubblewrap on Linux, sandbox-exec on macOS).
 {ai}
 [jobs]
 # workers: AI runs at once on this box; slots: warm job folders per user and project.
@@ -1714,7 +1721,8 @@ def cmd_init(args) -> int:
     state_dir = args.state_dir or str(path.resolve().parent / "patchwire-state")
     sections = {
         "server": pw.dump_toml({"listen": args.listen, "state_dir": state_dir}),
-        "ai": pw.dump_toml({"command": CLAUDE_COMMAND, "timeout_s": 1800, "max_timeout_s": 7200}),
+        "ai": pw.dump_toml({"command": CLAUDE_COMMAND, "timeout_s": 1800, "max_timeout_s": 7200,
+                            "sandbox": "auto"}),
         "jobs": pw.dump_toml({"workers": 2, "slots": 2}),
         "users": pw.dump_toml({"users": {args.user: {"token_sha256": token_digest(token).hex()}}}),
     }
