@@ -690,28 +690,35 @@ def probe_bwrap() -> Tuple[str, str]:
 
 def bwrap_argv(bwrap: str, argv: List[str], job: Path, hide: List[Path], readonly: List[Path],
                state: List[Path], programs: List[Path]) -> List[str]:
-    """bubblewrap's argv. Mount order matters: later mounts win, so the hidden folders come
-    first and what is bound back into them after."""
-    hidden = ["/tmp"] + [h for h in map(real, hide) if h != "/tmp"]
-    out = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    """bubblewrap's argv. Mount order matters, later mounts win: a private /tmp; the AI's
+    program bound back into it; the hidden folders (even inside what was bound back); then
+    what the AI may use inside those."""
+    hidden = [h for h in map(real, hide) if h != "/tmp"]
+    out = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    for folder in sorted({install_folder(real(p), ["/tmp"] + hidden) for p in programs} - {""}):
+        out += ["--ro-bind", folder, folder]
     for folder in hidden:
         out += ["--tmpfs", folder]
-    for program in programs:  # the AI itself (and its script) when installed under /tmp & co.
-        path = real(program)
-        if os.path.exists(path) and any(is_within(path, h) for h in hidden) and path not in hidden:
-            parent = os.path.dirname(path)
-            bound = parent if os.path.isfile(path) and parent not in hidden and not any(
-                is_within(h, parent) for h in hidden) else path
-            out += ["--ro-bind", bound, bound]
     for folder in readonly:
         out += ["--ro-bind", real(folder), real(folder)]
     out += ["--bind", real(job), real(job)]
     for path in state:
         if os.path.exists(path):
             out += ["--bind", real(path), real(path)]
-    for folder in hidden[1:]:  # empty and read-only: writes there fail loudly, not into a void
+    for folder in hidden:  # empty and read-only: writes there fail loudly, not into a void
         out += ["--remount-ro", folder]
     return out + ["--unshare-pid", "--die-with-parent", "--chdir", real(job), "--"] + argv
+
+
+def install_folder(path: str, hidden: List[str]) -> str:
+    """What to bind back (read-only) for a program at `path` under a hidden folder: the
+    folder it was installed in, one level below the hidden one (`/tmp/tools` for
+    `/tmp/tools/node_modules/.bin/claude`: the package's own files come along); "" when
+    `path` is not hidden or does not exist."""
+    root = next((h for h in hidden if is_within(path, h) and path != h), "")
+    if not root or not os.path.exists(path):
+        return ""
+    return os.path.join(root, os.path.relpath(path, root).split("/")[0])
 
 
 def sandbox_exec_argv(program: str, argv: List[str], params: Dict[str, Path]) -> List[str]:
@@ -732,7 +739,6 @@ def sbpl_regex(path: str) -> str:
     if '"' in path or "\n" in path:
         return '#"^$"'  # matches nothing: such a home cannot be written safely into the profile
     return f'#"^{escaped}"'
-
 
 
 # ================================================================== the AI run

@@ -57,14 +57,19 @@ def test_bwrap_argv_hides_then_binds_back_in_order(tmp_path):
 
 
 def test_bwrap_argv_binds_back_a_program_installed_under_a_hidden_folder(tmp_path):
-    tool_dir = tmp_path / "tools"
-    tool_dir.mkdir()
-    tool = tool_dir / "claude"
+    tool = tmp_path / "tools/node_modules/.bin/claude"
+    tool.parent.mkdir(parents=True)
     tool.write_text("#!/bin/sh\n")
-    argv = pa.bwrap_argv("bwrap", [str(tool)], tmp_path / "job", [], [], [], [tool])
-    bound = os.path.realpath(tool_dir)
+    state = tmp_path / "state"  # hidden even though it is inside the folder bound back
+    state.mkdir()
+    argv = pa.bwrap_argv("bwrap", [str(tool)], state / "job", [state], [], [], [tool, Path("/usr/bin/env")])
+    top = os.path.realpath("/tmp") + "/" + os.path.relpath(os.path.realpath(tool), "/tmp").split("/")[0]
     i = argv.index("--ro-bind", 2)
-    assert argv[i:i + 3] == ["--ro-bind", bound, bound] and argv.index("--tmpfs") < i
+    assert argv[i:i + 3] == ["--ro-bind", top, top]  # the install folder, once
+    assert argv.count("--ro-bind") == 2  # /usr/bin/env is not hidden: nothing to bind back
+    s = os.path.realpath(state)
+    assert argv.index("--tmpfs", argv.index("--tmpfs") + 1) > i and argv[argv.index(s) - 1] == "--tmpfs"
+    assert pa.install_folder("/usr/bin/env", ["/tmp", s]) == ""
 
 
 def test_sandbox_exec_profile_passes_paths_as_parameters(tmp_path):
