@@ -734,7 +734,7 @@ def sandbox_exec_argv(program: str, argv: List[str], params: Dict[str, Path]) ->
 
 def sbpl_regex(path: str) -> str:
     """A profile regex matching `path` and its siblings that share its name as a prefix
-    (Claude Code writes ~/.claude.json through temporary and backup files beside it)."""
+    (for a CLI that writes ~/.claude.json through temporary or backup files beside it)."""
     escaped = re.sub(r'([\\.^$|?*+()\[\]{}])', r"\\\1", path)
     if '"' in path or "\n" in path:
         return '#"^$"'  # matches nothing: such a home cannot be written safely into the profile
