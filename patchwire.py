@@ -760,6 +760,11 @@ class ProgressPrinter:
     def on_started(self, e: dict) -> None:
         say(self.stamp(), "AI started")
 
+    def on_links_removed(self, e: dict) -> None:
+        paths = ["".join(c if c.isprintable() else "?" for c in str(p)) for p in e.get("paths") or []]
+        say(self.stamp(), self.style("yellow", f"{e.get('count', len(paths))} symlink(s) pointing outside "
+                                     f"the project kept from the AI: {', '.join(paths[:5])}"))
+
     def on_text(self, e: dict) -> None:
         text = str(e.get("text", "")).strip()
         if text:

@@ -194,8 +194,10 @@ def test_hostile_asks(make_agent, tmp_path, elsewhere, sandbox):
     assert b"+++ b/evil/x" in diff and b"deleted file mode 120000" in diff
     assert not (out_dir / "x").exists()
 
-    # 2. a link the AI did not touch is put back: no change in the diff
-    job = run_ask(box, lap, {"write": "note.txt", "text": "note\n"})
+    # 2. a link the AI did not touch is put back: no change in the diff; the laptop is told
+    asked = lap.ask(script({"write": "note.txt", "text": "note\n"}), "--no-apply", check=0)
+    assert "1 symlink(s) pointing outside the project kept from the AI: evil" in asked.err
+    job = box.json("GET", f"/v1/jobs/{lap.last_job()}")[1]
     assert job["status"] == "done" and b"evil" not in diff_of(box, job) and b"note.txt" in diff_of(box, job)
 
     # 3. a link the AI makes itself, then writes through
