@@ -231,9 +231,11 @@ class Store:
         self.patch_dir = state_dir / "patches"
         make_private_dir(self.patch_dir)
         db_path = state_dir / "jobs.sqlite3"
-        # sqlite gives its -wal and -shm files the mode of the database file
+        # sqlite gives its -wal and -shm files the mode of the database file (when it makes them)
         os.close(os.open(str(db_path), os.O_RDWR | os.O_CREAT, 0o600))
-        os.chmod(db_path, 0o600)
+        for path in (db_path, state_dir / "jobs.sqlite3-wal", state_dir / "jobs.sqlite3-shm"):
+            if path.exists():
+                os.chmod(path, 0o600)
         self.db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA_SQL)
