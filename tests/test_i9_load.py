@@ -46,44 +46,40 @@ def project_for(box, root: Path, user: str, project: str) -> dict:
     return {"project": project, "tree": tree, "files": manifest}
 
 
-def stream(url, source: str, token: str, method: str, path: str, body=None) -> list:
-    """A whole NDJSON stream over a fresh connection from `source`; asserts it was ended
-    cleanly (the terminating chunk arrived: http.client raises IncompleteRead otherwise)."""
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60, source_address=(source, 0))
-    try:
-        conn.request(method, path, json.dumps(body) if body is not None else None,
-                     {"Authorization": "Bearer " + token, "Accept": "application/x-ndjson"})
-        resp = conn.getresponse()
-        assert resp.status == 200, resp.read()
-        return [json.loads(line) for line in resp.read().splitlines() if line.strip()]
-    finally:
-        conn.close()
+def stream(conn: http.client.HTTPConnection, token: str, path: str, body: dict) -> list:
+    """A whole NDJSON stream; it must end cleanly (the terminating chunk: http.client raises
+    IncompleteRead otherwise), and the connection stays open for the next request."""
+    conn.request("POST", path, json.dumps(body), {"Authorization": "Bearer " + token,
+                                                  "Accept": "application/x-ndjson"})
+    resp = conn.getresponse()
+    data = resp.read()
+    assert resp.status == 200, data
+    return [json.loads(line) for line in data.splitlines() if line.strip()]
 
 
-def get(url, source: str, token: str, path: str):
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60, source_address=(source, 0))
-    try:
-        conn.request("GET", path, headers={"Authorization": "Bearer " + token})
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
+def get(conn: http.client.HTTPConnection, token: str, path: str):
+    conn.request("GET", path, headers={"Authorization": "Bearer " + token})
+    resp = conn.getresponse()
+    return resp.status, resp.read()
 
 
 def client(box, url, user: str, base: dict, n: int) -> list:
+    """One laptop: ten asks, one after the other, over one kept-alive connection from its
+    user's own address (20 clients on one address would pass the per-address cap)."""
     problems = []
-    for i in range(ASKS):
-        prompt = f"client {n} ask {i}\n"
-        # each user from an address of its own: 20 clients on one address would pass the
-        # agent's per-address connection cap
-        source = f"127.0.0.{2 + int(user[4:])}"
-        events = stream(url, source, box.tokens[user], "POST", "/v1/ask", {**base, "prompt": prompt})
-        job = events[0]["job"]
-        if events[-1]["type"] != "finished" or [e["seq"] for e in events] != list(range(1, len(events) + 1)):
-            problems.append(f"{job}: stream ended with {events[-1]['type']}, seqs {[e['seq'] for e in events]}")
-        status, diff = get(url, source, box.tokens[user], f"/v1/jobs/{job}/diff")
-        if status != 200 or f"+client {n} ask {i}".encode() not in diff:
-            problems.append(f"{job}: diff {status} {diff[:200]!r}")
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60,
+                                      source_address=(f"127.0.0.{2 + int(user[4:])}", 0))
+    try:
+        for i in range(ASKS):
+            events = stream(conn, box.tokens[user], "/v1/ask", {**base, "prompt": f"client {n} ask {i}\n"})
+            job = events[0]["job"]
+            if events[-1]["type"] != "finished" or [e["seq"] for e in events] != list(range(1, len(events) + 1)):
+                problems.append(f"{job}: stream ended with {events[-1]['type']}, seqs {[e['seq'] for e in events]}")
+            status, diff = get(conn, box.tokens[user], f"/v1/jobs/{job}/diff")
+            if status != 200 or f"+client {n} ask {i}".encode() not in diff:
+                problems.append(f"{job}: diff {status} {diff[:200]!r}")
+    finally:
+        conn.close()
     return problems
 
 
