@@ -1414,7 +1414,10 @@ class Agent:
                   **fields: Any) -> None:
         """End a run that produced no diff. Its job folder is reset first: what the AI left
         there may be what filled the disk the job's end must be recorded on."""
-        repo.clean_slot(slot)
+        try:
+            repo.clean_slot(slot)
+        except (PatchwireError, OSError) as e:  # the next job's prepare_slot tries again
+            log.warning("could not reset the job folder of %s: %s", job_id, e)
         self.finish(job_id, status, reason, **fields)
 
     def ai_argv(self, parent: Optional[dict]) -> List[str]:
