@@ -177,6 +177,25 @@ def test_agent_killed_mid_stream_and_restarted(make_agent, tmp_path):
     assert events[-1]["type"] == "failed" and events[-1]["reason"] == "agent restarted while the job ran"
 
 
+def test_a_confined_ai_dies_with_a_killed_agent(make_agent, tmp_path):
+    """Unconfined, the AI's group outlives a SIGKILLed agent until the restart ends it;
+    under bubblewrap (--die-with-parent) it ends with the agent."""
+    if not pa.probe_bwrap()[0]:
+        pytest.skip("bubblewrap cannot run here: " + pa.probe_bwrap()[1])
+    box = make_agent(ai={"sandbox": "bwrap"})
+    lap = synced(box, tmp_path)
+    before = Before(box, lap)
+    status, job = box.json("POST", "/v1/ask", ask_body(lap, script({"say": "starting"}, {"hang": True})))
+    slots = box.state_dir / "projects/alice/laptop/slots"
+    wait_for(lambda: processes_in(slots), what="the AI to start")
+    box.kill()
+    wait_for(lambda: not processes_in(slots), what="the AI to end with the agent")
+    box.start()
+    info = box.wait_job(job["id"])
+    assert info["status"] == "failed" and info["reason"] == "agent restarted while the job ran"
+    assert before.unchanged()
+
+
 def test_client_drops_mid_stream_and_resumes_with_after(make_agent, tmp_path):
     box = make_agent()
     lap = synced(box, tmp_path)
