@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import copy
 import difflib
 import enum
 import fnmatch
@@ -373,7 +374,8 @@ class Schema:
                                  f"known keys: {', '.join(sorted(self.spec))}")
         out = {}
         for key, (kind, default) in self.spec.items():
-            value = data.get(key, default)
+            # a default is copied: configs that change their list or table must not share it
+            value = data[key] if key in data else copy.deepcopy(default)
             if value is not None and not _is_kind(value, kind):
                 raise PatchwireError(
                     f"{self.path}: {self.table + '.' if self.table else ''}{key} must be "
@@ -836,6 +838,11 @@ class ProgressPrinter:
 
     def on_started(self, e: dict) -> None:
         say(self.stamp(), "AI started")
+
+    def on_links_removed(self, e: dict) -> None:
+        paths = ["".join(c if c.isprintable() else "?" for c in str(p)) for p in e.get("paths") or []]
+        say(self.stamp(), self.style("yellow", f"{e.get('count', len(paths))} symlink(s) pointing outside "
+                                     f"the project kept from the AI: {', '.join(paths[:5])}"))
 
     def on_text(self, e: dict) -> None:
         text = str(e.get("text", "")).strip()
@@ -2412,7 +2419,8 @@ class Doctor:
     def run(self) -> List[dict]:
         for name, check in (("git", self.git), ("rsync", self.rsync), ("token", self.token),
                             ("agent", self.agent), ("clock", self.clock), ("auth", self.auth),
-                            ("ai", self.ai), ("ssh", self.ssh), ("mirror", self.mirror)):
+                            ("ai", self.ai), ("sandbox", self.sandbox), ("ssh", self.ssh),
+                            ("mirror", self.mirror)):
             try:
                 detail = check()
             except PatchwireError as e:
@@ -2483,6 +2491,18 @@ class Doctor:
                                  "install Claude Code on the box (npm install -g @anthropic-ai/claude-code) "
                                  "or set [ai] command in the agent's config")
         return f"{self.health.get('ai_command')} found on the box"
+
+    def sandbox(self) -> Optional[str]:
+        if "sandbox" not in self.health:
+            return None
+        if self.health.get("sandbox_warning"):
+            raise PatchwireError(str(self.health["sandbox_warning"]),
+                                 "install bubblewrap on the box (apt install bubblewrap), or set "
+                                 '[ai] sandbox = "none" in the agent\'s config to accept it')
+        kind = self.health["sandbox"]
+        if kind == "none":
+            return 'the AI runs unconfined on the box ([ai] sandbox = "none")'
+        return f"the AI runs confined to its job folder by {kind}"
 
     def ssh(self) -> Optional[str]:
         if not self.cfg.ssh:

@@ -47,7 +47,8 @@ max_running, timeout_s (ceiling), max_prompt_bytes, max_projects. Each refusal i
 error with code "policy" naming the limit, its value and the rule that set it.
 
 HTTP API (JSON; `Authorization: Bearer TOKEN` on all but health):
-    GET    /v1/health                       version, queue depth, whether the AI is found
+    GET    /v1/health                       version, queue depth, whether the AI is found,
+                                            which sandbox confines it
     GET    /v1/me?project=P                 your user name and the folder to rsync P into
     POST   /v1/ask {project,tree,files,prompt[,timeout_s]}
                                             202 {job} or, with Accept: application/x-ndjson,
@@ -76,6 +77,11 @@ client trickling bytes gets a 408, not a held slot); connections are capped per 
 overall, and at the cap a waiting connection gives way to a new client, while /v1/health
 still answers. Every request and job is a line in state_dir/audit.log (never a token or a
 prompt). The AI never runs in the mirror, and a failed run leaves the mirror untouched.
+The AI runs confined (section "sandbox"): by default bubblewrap on Linux, sandbox-exec on
+macOS; it writes only in its job folder and its own state, and sees neither the other
+users' mirrors nor the agent's state. Tracked symlinks out of the project are removed
+from the job folder while it runs. Its output is parsed as untrusted data. The state
+folder is 700 and its files private, whatever the umask.
 """
 
 from __future__ import annotations
@@ -138,8 +144,10 @@ AUDIT_BACKUPS = 5  # audit.log.1 .. audit.log.5
 PRIVATE_NETWORKS = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
                     "fc00::/7", "100.64.0.0/10", "fd7a:115c:a1e0::/48")
 KILL_GRACE_S = 5.0
+MIN_FREE_BYTES = 4 * 1024 * 1024  # asks are refused below this much free space for state
 HEARTBEAT_S = 15
 MAX_EVENT_TEXT = 16 * 1024
+MAX_AI_LINE = 4 * 1024 * 1024  # longer stdout lines are cut (and not parsed): bounded memory
 TERMINAL = ("done", "failed", "cancelled")
 LAST_EVENTS = ("finished", "failed", "cancelled")  # the event that ends a job's stream
 SAFE_PATH_RE = re.compile(r"^[A-Za-z0-9._/~+@-]+$")
@@ -164,6 +172,7 @@ CONFIG_TEMPLATE = """\
 [ai]
 # The AI command (argv); the prompt arrives on stdin, the cwd is a clean job folder.
 # Claude Code headless by default; any CLI that edits files in its cwd works.
+# sandbox: "auto" confines the AI to its job folder (bubblewrap on Linux, sandbox-exec on macOS).
 {ai}
 [jobs]
 # workers: AI runs at once on this box; slots: warm job folders per user and project.
@@ -202,7 +211,7 @@ SERVER_SCHEMA = {"listen": (str, DEFAULT_LISTEN), "state_dir": (str, None), "all
                  "shutdown_grace_s": ("int>=0", 60)}
 AI_SCHEMA = {"command": ("str_list", CLAUDE_COMMAND), "timeout_s": (int, 1800),
              "max_timeout_s": (int, 7200), "env": ("str_table", {}),
-             "resume_args": ("str_list", ["--resume", "{session_id}"])}
+             "resume_args": ("str_list", ["--resume", "{session_id}"]), "sandbox": (str, "auto")}
 JOBS_SCHEMA = {"workers": (int, 2), "slots": (int, 2)}
 # Policy keys: defaults in [policy], overrides in [users.NAME]. None means "no limit of its
 # own" (max_running: [jobs] workers; timeout_s: [ai] max_timeout_s; rate_limit: none).
@@ -255,6 +264,9 @@ class AgentConfig:
         self.tls: Optional[Tuple[Path, Path]] = None
         if server["tls_cert"]:
             self.tls = (config_relative(path, server["tls_cert"]), config_relative(path, server["tls_key"]))
+        if ai["sandbox"] not in SANDBOXES:
+            raise PatchwireError(f"{path}: ai.sandbox must be one of {', '.join(SANDBOXES)}, not {ai['sandbox']!r}")
+        self.sandbox: str = ai["sandbox"]
         self.workers: int = jobs["workers"]
         self.slots: int = jobs["slots"]
         self.users: Dict[str, bytes] = {}
@@ -400,13 +412,19 @@ JOB_FIELDS = ("id", "user", "project", "prompt", "status", "reason", "created", 
 
 class Store:
     """Jobs and their events in sqlite3, patches as files: all survive a restart.
-    One connection, one lock; a condition wakes event streams when something is added."""
+    One connection, one lock; a condition wakes event streams when something is added.
+    Prompts, diffs and events are private: folders 700, files 600, whatever the umask."""
 
     def __init__(self, state_dir: Path):
         self.patch_dir = state_dir / "patches"
-        self.patch_dir.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(state_dir / "jobs.sqlite3"), check_same_thread=False,
-                                  isolation_level=None)
+        make_private_dir(self.patch_dir)
+        db_path = state_dir / "jobs.sqlite3"
+        # sqlite gives its -wal and -shm files the mode of the database file (when it makes them)
+        os.close(os.open(str(db_path), os.O_RDWR | os.O_CREAT, 0o600))
+        for path in (db_path, state_dir / "jobs.sqlite3-wal", state_dir / "jobs.sqlite3-shm"):
+            if path.exists():
+                os.chmod(path, 0o600)
+        self.db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA_SQL)
         migrate_usage_columns(self.db)
@@ -475,10 +493,17 @@ class Store:
         return event
 
     def events(self, job_id: str, after: int) -> List[dict]:
+        return self.events_and_status(job_id, after)[0]
+
+    def events_and_status(self, job_id: str, after: int) -> Tuple[List[dict], Optional[str]]:
+        """A job's events after `after` and its status, read together under the lock that
+        add_event holds while it writes both: a stream that sees the job ended has also
+        seen its last event (read apart, `finished` could land in between)."""
         with self.lock:
             rows = self.db.execute("SELECT data FROM events WHERE job = ? AND seq > ? ORDER BY seq",
                                    (job_id, after)).fetchall()
-        return [json.loads(r[0]) for r in rows]
+            row = self.db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return [json.loads(r[0]) for r in rows], (row[0] if row else None)
 
     def wait(self, timeout: float) -> None:
         with self.changed:
@@ -487,9 +512,21 @@ class Store:
     def patch_path(self, job_id: str) -> Path:
         return self.patch_dir / f"{job_id}.patch"
 
+    def write_patch(self, job_id: str, patch: bytes) -> None:
+        fd = os.open(str(self.patch_path(job_id)), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(fd, 0o600)
+            f.write(patch)
+
     def close(self) -> None:
         with self.lock:
             self.db.close()
+
+
+def make_private_dir(path: Path) -> None:
+    """A folder only this user can enter (700), made or tightened whatever the umask."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
 
 
 def _to_sql(value: Any) -> Any:
@@ -846,8 +883,33 @@ class ProjectRepo:
             if self._slot_is_registered(slot):
                 try:
                     self._reset_slot(slot, "HEAD")
-                except PatchwireError:
+                except (PatchwireError, OSError):
                     self._remove_slot(slot)
+
+    # --- symlinks out of the project
+
+    def remove_escaping_links(self, slot: int) -> Dict[str, str]:
+        """Remove the tracked symlinks that resolve outside the job folder, before the AI
+        starts: through `evil -> /elsewhere` an AI writing `evil/x` would write outside, and
+        nothing of it would show in the diff. {path: target} of those removed."""
+        root = real(self.slot_path(slot))
+        removed = {}
+        for path, (mode, _) in self.slot_git(slot).ls_files_stage().items():
+            full = os.path.join(root, path)
+            if mode == "120000" and os.path.islink(full) and not is_within(os.path.realpath(full), root):
+                removed[path] = os.readlink(full)
+                os.unlink(full)
+        return removed
+
+    def restore_links(self, slot: int, links: Dict[str, str]) -> None:
+        """Put back the removed links the AI did not replace (so they are no change in the
+        diff); a path the AI wrote keeps what the AI wrote."""
+        root = self.slot_path(slot)
+        for path, target in links.items():
+            full = root / path
+            if not os.path.lexists(full) and full.parent.is_dir() and is_within(
+                    os.path.realpath(full.parent), real(root)):  # never through a link the AI made
+                os.symlink(target, full)
 
     # --- results
 
@@ -910,12 +972,188 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(path, onerror=retry)
 
 
+# ================================================================== sandbox (confining the AI)
+#
+# Claude Code refuses writes outside its cwd itself (DESIGN.md), but not what an allowed command
+# runs (a build, a test suite, `make`), and other agent CLIs have no such guard. The outer
+# sandbox is what makes the job folder a boundary:
+#   bwrap (Linux, bubblewrap): the root file system read-only; a private /tmp; the agent's state
+#     folder (every user's mirror, job folders, jobs and diffs) hidden under an empty tmpfs; then,
+#     later mounts winning, bound back: the AI program if it lives under a hidden folder
+#     (read-only), the project's own snapshot store (read-only: git in the job folder reads it,
+#     and hooks written there would run as the agent), the job folder and the AI's own state
+#     (~/.claude, ~/.claude.json) writable. Its own PID namespace, killed with the agent; the
+#     network is kept (the AI needs its API).
+#   sandbox-exec (macOS): a generated profile with the same boundary: writes only in the job
+#     folder, a private TMPDIR and the AI's own state; the state folder unreadable except the
+#     job folder and the snapshot store. Only the profile text is tested here (no macOS in CI).
+
+SANDBOXES = ("auto", "bwrap", "sandbox-exec", "none")
+SANDBOX_EXEC = "/usr/bin/sandbox-exec"
+SANDBOX_PROFILE = """\
+(version 1)
+(allow default)
+(deny file-write*)
+(allow file-write*
+    (subpath (param "JOB"))
+    (subpath (param "TMP"))
+    (subpath (param "CLAUDE_DIR"))
+    (literal (param "CLAUDE_JSON"))
+    (regex {claude_json_siblings})
+    (literal "/dev/null") (literal "/dev/zero") (literal "/dev/dtracehelper")
+    (regex #"^/dev/tty") (regex #"^/dev/fd/"))
+(deny file-read-data file-read-xattr (subpath (param "STATE")))
+(allow file-read-data file-read-xattr
+    (subpath (param "JOB"))
+    (subpath (param "TMP"))
+    (subpath (param "GIT_DIR")))
+"""
+
+
+class Sandbox:
+    """Which confinement the AI runs under, and the argv that applies it. `warning` says,
+    loudly, when "auto" found none."""
+
+    def __init__(self, kind: str, program: str = "", warning: str = ""):
+        self.kind, self.program, self.warning = kind, program, warning
+
+    @classmethod
+    def choose(cls, setting: str, platform: str = sys.platform) -> "Sandbox":
+        """The sandbox for `[ai] sandbox`: an explicit one that cannot run here is an error
+        (the agent does not start); "auto" falls back to none with a warning."""
+        if setting == "none":
+            return cls("none")
+        if setting in ("auto", "bwrap") and platform.startswith("linux"):
+            program, why = probe_bwrap()
+            if program:
+                return cls("bwrap", program)
+            if setting == "bwrap":
+                raise PatchwireError(f'[ai] sandbox = "bwrap", but bubblewrap cannot run here: {why}',
+                                     'install it (apt install bubblewrap) or set [ai] sandbox = "none"')
+            return cls("none", warning=f"the AI runs UNCONFINED: bubblewrap cannot run here ({why}); "
+                                       "install it (apt install bubblewrap), or set [ai] sandbox = \"none\" "
+                                       "to accept this")
+        if setting in ("auto", "sandbox-exec") and platform == "darwin" and os.access(SANDBOX_EXEC, os.X_OK):
+            return cls("sandbox-exec", SANDBOX_EXEC)
+        if setting == "auto":
+            return cls("none", warning=f"the AI runs UNCONFINED: no sandbox is known on {platform}; set "
+                                       "[ai] sandbox = \"none\" to accept this")
+        raise PatchwireError(f"[ai] sandbox = {setting!r} is not available on {platform}",
+                             'use "auto", or "none" to run the AI unconfined')
+
+    def wrap(self, argv: List[str], env: dict, job: Path, hide: List[Path], readonly: List[Path],
+             scratch: Path) -> Tuple[List[str], dict]:
+        """(argv, env) that run `argv` confined to `job`. `hide`: folders the AI must not
+        see; `readonly`: folders inside them it may read; `scratch`: a private temporary
+        folder (sandbox-exec; bwrap mounts a fresh /tmp)."""
+        found = shutil.which(argv[0], path=env.get("PATH"))
+        if self.kind == "none" or not found:  # not found: AIRun says so in its own words
+            return argv, env
+        home = Path(env.get("HOME") or os.path.expanduser("~"))
+        state = ai_state_paths(home, env)
+        if self.kind == "bwrap":
+            programs = [Path(p) for p in (found, os.path.realpath(found), *argv[1:]) if os.path.isabs(p)]
+            return (bwrap_argv(self.program, argv, job, hide, readonly, state, programs),
+                    {**env, "TMPDIR": "/tmp"})
+        scratch.mkdir(parents=True, exist_ok=True)
+        params = {"JOB": job, "TMP": scratch, "STATE": hide[0], "GIT_DIR": readonly[0],
+                  "CLAUDE_DIR": state[0], "CLAUDE_JSON": state[1]}
+        return (sandbox_exec_argv(self.program, argv, params), {**env, "TMPDIR": real(scratch)})
+
+
+def real(path: Path) -> str:
+    return os.path.realpath(str(path))
+
+
+def is_within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def ai_state_paths(home: Path, env: dict) -> List[Path]:
+    """Where Claude Code keeps its own state (sessions, settings): it must stay writable,
+    or --resume and its config break. The folder is made when missing."""
+    claude_dir = Path(env["CLAUDE_CONFIG_DIR"]) if env.get("CLAUDE_CONFIG_DIR") else home / ".claude"
+    try:
+        claude_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError:
+        pass  # a read-only home: the AI will say what it misses
+    return [claude_dir, home / ".claude.json"]
+
+
+def probe_bwrap() -> Tuple[str, str]:
+    """(path of bwrap, "") when it can make a sandbox here, else ("", why not)."""
+    program = shutil.which("bwrap")
+    if not program:
+        return "", "bwrap is not installed"
+    proc = pw.run([program, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-pid",
+                   "--die-with-parent", "true"], timeout=30, check=False)
+    if proc.returncode != 0:
+        return "", "bwrap fails: " + proc.stderr.decode("utf-8", "replace").strip()[-300:]
+    return program, ""
+
+
+def bwrap_argv(bwrap: str, argv: List[str], job: Path, hide: List[Path], readonly: List[Path],
+               state: List[Path], programs: List[Path]) -> List[str]:
+    """bubblewrap's argv. Mount order matters, later mounts win: a private /tmp; the AI's
+    program bound back into it; the hidden folders (even inside what was bound back); then
+    what the AI may use inside those."""
+    hidden = [h for h in map(real, hide) if h != "/tmp"]
+    out = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    for folder in sorted({install_folder(real(p), ["/tmp"] + hidden) for p in programs} - {""}):
+        out += ["--ro-bind", folder, folder]
+    for folder in hidden:
+        out += ["--tmpfs", folder]
+    for folder in readonly:
+        out += ["--ro-bind", real(folder), real(folder)]
+    out += ["--bind", real(job), real(job)]
+    for path in state:
+        if os.path.exists(path):
+            out += ["--bind", real(path), real(path)]
+    for folder in hidden:  # empty and read-only: writes there fail loudly, not into a void
+        out += ["--remount-ro", folder]
+    return out + ["--unshare-pid", "--die-with-parent", "--chdir", real(job), "--"] + argv
+
+
+def install_folder(path: str, hidden: List[str]) -> str:
+    """What to bind back (read-only) for a program at `path` under a hidden folder: the
+    folder it was installed in, one level below the hidden one (`/tmp/tools` for
+    `/tmp/tools/node_modules/.bin/claude`: the package's own files come along); "" when
+    `path` is not hidden or does not exist."""
+    root = next((h for h in hidden if is_within(path, h) and path != h), "")
+    if not root or not os.path.exists(path):
+        return ""
+    return os.path.join(root, os.path.relpath(path, root).split("/")[0])
+
+
+def sandbox_exec_argv(program: str, argv: List[str], params: Dict[str, Path]) -> List[str]:
+    """sandbox-exec's argv: the profile, with the paths passed as parameters (-D) so that no
+    path is ever spliced into the profile's own syntax, except one escaped regex."""
+    resolved = {name: real(path) for name, path in params.items()}
+    profile = SANDBOX_PROFILE.format(claude_json_siblings=sbpl_regex(resolved["CLAUDE_JSON"]))
+    out = [program, "-p", profile]
+    for name, path in resolved.items():
+        out += ["-D", f"{name}={path}"]
+    return out + argv
+
+
+def sbpl_regex(path: str) -> str:
+    """A profile regex matching `path` and its siblings that share its name as a prefix
+    (for a CLI that writes ~/.claude.json through temporary or backup files beside it)."""
+    escaped = re.sub(r'([\\.^$|?*+()\[\]{}])', r"\\\1", path)
+    if '"' in path or "\n" in path:
+        return '#"^$"'  # matches nothing: such a home cannot be written safely into the profile
+    return f'#"^{escaped}"'
+
+
 # ================================================================== the AI run
 
 
 class StreamParser:
     """Turns the AI's stdout into job events. JSON lines are read as Claude Code's
-    stream-json (parsed by field, never by text); anything else is passed through."""
+    stream-json (parsed by field, never by text); anything else is passed through.
+    The AI's output is data from outside: a line of an unexpected shape (no "type", a
+    message that is not an object, ...) becomes an `output` event, never an exception.
+    Types it does not know (newer CLIs add some) are skipped."""
 
     def __init__(self, emit: Callable[[dict], None], cwd: Path):
         self.emit = emit
@@ -934,13 +1172,17 @@ class StreamParser:
             obj = None
         if isinstance(obj, dict) and obj.get("type") == "system" and obj.get("subtype") == "init":
             self.claude = True
-        if not self.claude or not isinstance(obj, dict):
+        if not self.claude or not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
             self.emit({"type": "output", "text": clip(line)})
             return
-        self.session_id = obj.get("session_id") or self.session_id
-        handler = getattr(self, "on_" + str(obj["type"]), None)
+        if isinstance(obj.get("session_id"), str):
+            self.session_id = obj["session_id"]
+        handler = getattr(self, "on_" + obj["type"], None)
         if handler:
-            handler(obj)
+            try:
+                handler(obj)
+            except (AttributeError, KeyError, TypeError, ValueError):
+                self.emit({"type": "output", "text": clip(line)})
 
     def on_system(self, obj: dict) -> None:
         if obj.get("subtype") == "init":
@@ -960,6 +1202,10 @@ class StreamParser:
                 self.emit({"type": "tool_error", "text": clip(_text_of(block.get("content")), 500)})
 
     def on_result(self, obj: dict) -> None:
+        usage = obj.get("usage")
+        denials = obj.get("permission_denials")
+        obj = {**obj, "usage": usage if isinstance(usage, dict) else {},
+               "permission_denials": denials if isinstance(denials, list) else []}
         self.result = obj
         self.emit({"type": "result", **{k: obj.get(k) for k in RESULT_KEYS if k in obj}})
 
@@ -978,7 +1224,10 @@ RESULT_KEYS = ("subtype", "is_error", "duration_ms", "num_turns", "session_id",
 
 
 def _content(obj: dict) -> List[dict]:
-    content = (obj.get("message") or {}).get("content")
+    message = obj.get("message")
+    if not isinstance(message, dict):
+        raise ValueError("a message that is not an object")  # the line becomes an `output` event
+    content = message.get("content")  # a plain string is valid (the API allows it): no blocks
     return [b for b in content if isinstance(b, dict)] if isinstance(content, list) else []
 
 
@@ -1004,6 +1253,7 @@ class AIRun:
         self.timeout_s = timeout_s
         self.parser = StreamParser(emit, cwd)
         self.stop_reason: Optional[str] = None
+        self.stop_status = "cancelled"
         self.proc = None
         self.stderr_tail = b""
         self.exit_code: Optional[int] = None
@@ -1026,7 +1276,7 @@ class AIRun:
                    (self._feed_stdin, self._read_stderr, self._read_stdout)]
         for t in threads:
             t.start()
-        watchdog = threading.Timer(self.timeout_s, self.stop, (f"timed out after {self.timeout_s:g} s",))
+        watchdog = threading.Timer(self.timeout_s, self.stop, (f"timed out after {self.timeout_s:g} s", "failed"))
         watchdog.daemon = True
         watchdog.start()
         try:
@@ -1042,12 +1292,13 @@ class AIRun:
             pipe.close()
         return self.judge(code)
 
-    def stop(self, reason: str) -> None:
-        """End the run: TERM to the process group, KILL after a grace period."""
+    def stop(self, reason: str, status: str = "cancelled") -> None:
+        """End the run: TERM to the process group, KILL after a grace period. The run ends
+        as `status` (cancelled, or failed for a timeout or a broken reader)."""
         with self._lock:
             if self.stop_reason:
                 return
-            self.stop_reason = reason
+            self.stop_reason, self.stop_status = reason, status
             proc = self.proc
         if proc is None:
             return
@@ -1062,13 +1313,15 @@ class AIRun:
                 os.killpg(proc.pid, sig)
                 while sig == signal.SIGTERM and time.monotonic() < deadline:
                     time.sleep(0.05)
-                    os.killpg(proc.pid, 0)
+                    if not group_has_live_members(proc.pid):
+                        return
             except ProcessLookupError:
                 return
 
     def _feed_stdin(self) -> None:
         try:
-            self.proc.stdin.write(self.prompt.encode("utf-8"))
+            # a prompt is JSON from the network: a lone surrogate must not kill this thread
+            self.proc.stdin.write(self.prompt.encode("utf-8", "replace"))
         except OSError:
             pass  # the AI exited without reading its prompt; its exit status says why
         finally:
@@ -1082,14 +1335,34 @@ class AIRun:
             self.stderr_tail = (self.stderr_tail + chunk)[-8192:]
 
     def _read_stdout(self) -> None:
-        for line in self.proc.stdout:
-            self.parser.feed(line)
+        """Feed stdout to the parser line by line. If this fails (the store cannot take
+        the event: disk full; or a bug), the run ends as failed with the reason: a reader
+        that died silently would leave the AI blocked on a full pipe until the timeout."""
+        try:
+            for line in self._lines():
+                self.parser.feed(line)
+        except Exception as e:
+            log.exception("reading the AI's output failed")
+            self.stop(f"the agent could not record the AI's output: {describe_exception(e)}", "failed")
+            try:
+                for _ in iter(lambda: self.proc.stdout.read(65536), b""):
+                    pass  # keep the pipe drained until the process group is gone
+            except (OSError, ValueError):
+                pass  # closed by run(): the process is gone
+
+    def _lines(self):
+        """stdout's lines, each at most MAX_AI_LINE bytes: the start of a longer line is kept
+        (it becomes an `output` event, clipped) and the rest skipped."""
+        skipping = False
+        for piece in iter(lambda: self.proc.stdout.readline(MAX_AI_LINE), b""):
+            if not skipping:
+                yield piece
+            skipping = not piece.endswith(b"\n")
 
     def judge(self, code: int) -> Tuple[str, str, dict]:
         result = self.parser.result or {}
         if self.stop_reason:
-            status = "failed" if self.stop_reason.startswith("timed out") else "cancelled"
-            return status, self.stop_reason, result
+            return self.stop_status, self.stop_reason, result
         said = str(result.get("result") or "").strip()[:500]
         stderr = self.stderr_tail.decode("utf-8", "replace").strip()[-500:]
         if result.get("subtype") == "error_max_turns":
@@ -1097,6 +1370,9 @@ class AIRun:
                               "for a smaller step, or raise the limit"), result
         if result.get("is_error") or result.get("subtype", "success") != "success":
             return "failed", f"the AI reported an error: {said or result.get('subtype')}", result
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+            return "failed", f"the AI command was killed by signal {name}", result
         if code != 0:
             why = said or stderr or "no output"
             return "failed", f"the AI command exited with status {code}: {why}", result
@@ -1106,6 +1382,32 @@ class AIRun:
         if self.parser.claude and not self.parser.result:
             return "failed", "the AI ended without a result line", result
         return "done", "", result
+
+
+def group_has_live_members(pgid: int) -> bool:
+    """Whether a process group still has a member that is not a zombie. bwrap leaves its
+    PID-namespace init as a zombie for whoever adopts it to reap, which may take a while
+    (1-2 s seen under a slow init); a zombie runs nothing. Without /proc: any member."""
+    os.killpg(pgid, 0)  # ProcessLookupError when the group is empty
+    if not os.path.isdir("/proc/self"):
+        return True
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue  # gone meanwhile
+            if int(fields[2]) == pgid and fields[0] != b"Z":
+                return True
+    return False
+
+
+def describe_exception(e: BaseException) -> str:
+    """A short reason for a job's failure: the OS's own words for OS and sqlite errors."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e) or type(e).__name__
 
 
 def end_process_group(pgid: Optional[int]) -> None:
@@ -1305,10 +1607,13 @@ class Agent:
 
     def __init__(self, cfg: AgentConfig):
         self.cfg = cfg
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(cfg.state_dir)  # mirrors, job folders, prompts and diffs: all below it
         migrate_layout(cfg.state_dir)
         self.store = Store(cfg.state_dir)
         self.audit = AuditLog(cfg.state_dir / "audit.log", cfg.audit_max_bytes)
+        self.sandbox = Sandbox.choose(cfg.sandbox)
+        if self.sandbox.warning:
+            log.warning("%s", self.sandbox.warning)
         self.queue = FairQueue()
         self.lock = threading.Lock()
         self.repos: Dict[Tuple[str, str], ProjectRepo] = {}
@@ -1494,7 +1799,8 @@ class Agent:
             running = len(self.runs)
         return {"ok": True, "version": __version__, "time": time.time(), "queue_depth": len(self.queue.order()),
                 "running": running, "workers": self.cfg.workers, "ai_command": argv0,
-                "ai_found": bool(found)}
+                "ai_found": bool(found), "sandbox": self.sandbox.kind,
+                **({"sandbox_warning": self.sandbox.warning} if self.sandbox.warning else {})}
 
     # --- jobs
 
@@ -1504,6 +1810,9 @@ class Agent:
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise HTTPFailure(HTTPStatus.BAD_REQUEST, "prompt must be a non-empty string", code="bad_request")
+        if not is_unicode(prompt):
+            raise HTTPFailure(HTTPStatus.BAD_REQUEST, "prompt must be valid Unicode text (it has a lone "
+                              "surrogate)", code="bad_request")
         size = len(prompt.encode("utf-8", "surrogatepass"))
         if size > policy.max_prompt_bytes:
             raise policy_refusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, policy, "max_prompt_bytes",
@@ -1512,6 +1821,7 @@ class Agent:
         if not isinstance(tree, str) or not re.fullmatch(r"[0-9a-f]{40}([0-9a-f]{24})?", tree):
             raise HTTPFailure(HTTPStatus.BAD_REQUEST, "tree must be a git tree id", code="bad_request")
         manifest = check_manifest(body.get("files"))
+        self.check_room()
         timeout_s = self.check_timeout(policy, body.get("timeout_s", min(self.cfg.timeout_s, policy.timeout_s)))
         parent = self.parent_job(user, project, body.get("continue"))
         repo = self.open_project(user, project, for_ask=True)
@@ -1559,6 +1869,16 @@ class Agent:
             raise policy_refusal(HTTPStatus.TOO_MANY_REQUESTS, policy, "rate_limit",
                                  f"user {user} asked {len(times)} times in the last {seconds} s",
                                  f"try again in {retry} s", retry_after_s=retry)
+
+    def check_room(self) -> None:
+        """Refuse an ask while the state folder's file system is (nearly) full: the job's
+        snapshot, events and diff could not be recorded, and it would end in a muddle."""
+        st = os.statvfs(self.cfg.state_dir)
+        free = st.f_bavail * st.f_frsize
+        if free < MIN_FREE_BYTES:
+            raise HTTPFailure(HTTPStatus.INSUFFICIENT_STORAGE, f"the box's disk is full: {free // 1024} KiB free "
+                              f"for {self.cfg.state_dir}", "free space on the box, then ask again",
+                              code="disk_full")
 
     def parent_job(self, user: str, project: str, prefix: Any) -> Optional[dict]:
         """The finished job a follow-up ask continues, if any."""
@@ -1623,13 +1943,20 @@ class Agent:
             try:
                 with job_folders_lock(self.repo(item.user, item.project).home):  # gc keeps off
                     self.run_job(item)
-            except Exception as e:  # a bug: the job fails with the reason, the worker lives on
+            except Exception as e:  # a bug, or a full disk: the job fails, the worker lives on
                 log.exception("job %s crashed", item.job_id)
-                self.finish(item.job_id, "failed", f"internal error in the agent: {e!r}")
+                self._finish_after_crash(item.job_id, e)
             finally:
                 with self.lock:  # how long a worker is held, for the estimates of waiting jobs
                     self.recent_runs.append(time.monotonic() - began)
                 self._release_slot(item)
+
+    def _finish_after_crash(self, job_id: str, error: Exception) -> None:
+        try:
+            self.finish(job_id, "failed", f"internal error in the agent: {describe_exception(error)}")
+        except Exception:  # the store itself fails (disk full): the job stays running, and
+            # is failed with a reason by `recover` at the next start
+            log.exception("could not record the failure of job %s", job_id)
 
     def _claim(self, item: QueueItem) -> bool:
         """Called under the queue's lock: claims a job folder for the item when one is free
@@ -1680,11 +2007,14 @@ class Agent:
         """A `position` event for each waiting job whose place or estimate changed."""
         with self.announce_lock:
             order = self.queue.order()
-            for position, job_id in enumerate(order):
-                now = (position, self._estimate(position))
-                if self.announced.get(job_id) != now:
-                    self.announced[job_id] = now
-                    self.store.add_event(job_id, {"type": "position", "position": now[0], "estimate_s": now[1]})
+            try:
+                for position, job_id in enumerate(order):
+                    now = (position, self._estimate(position))
+                    if self.announced.get(job_id) != now:
+                        self.announced[job_id] = now
+                        self.store.add_event(job_id, {"type": "position", "position": now[0], "estimate_s": now[1]})
+            except sqlite3.Error as e:  # progress only (the disk is full): the worker goes on
+                log.warning("could not announce queue positions: %s", e)
             waiting = set(order)
             for job_id in [j for j in self.announced if j not in waiting]:
                 del self.announced[job_id]
@@ -1697,33 +2027,52 @@ class Agent:
         self._announce_positions()
         parent = self.store.job(job["parent"]) if job["parent"] else None
         carry = (parent["snapshot"], parent["result"]["result_commit"]) if parent else None
-        run = AIRun(self.ai_argv(parent), repo.slot_path(slot), ai_environment(self.cfg), job["prompt"],
+        argv, env = self.sandbox.wrap(self.ai_argv(parent), ai_environment(self.cfg), repo.slot_path(slot),
+                                      hide=[self.cfg.state_dir], readonly=[repo.git_dir],
+                                      scratch=repo.home / "tmp" / f"slot{slot}")
+        run = AIRun(argv, repo.slot_path(slot), env, job["prompt"],
                     job["timeout_s"], lambda e: self.store.add_event(job["id"], e),
                     on_spawn=lambda pid: self.store.update_job(job["id"], pgid=pid))
         with self.lock:
             self.runs[job["id"]] = run  # from here on a cancel reaches the job
         try:
             repo.prepare_slot(slot, job["snapshot"], carry)
+            links = repo.remove_escaping_links(slot)
         except PatchwireError as e:
             self.finish(job["id"], "failed", f"could not prepare the job folder: {e.message}")
             return
-        self.store.add_event(job["id"], {"type": "started", "slot": slot,
+        if links:
+            self.store.add_event(job["id"], {"type": "links_removed", "paths": sorted(links)[:100],
+                                             "count": len(links)})
+        self.store.add_event(job["id"], {"type": "started", "slot": slot, "sandbox": self.sandbox.kind,
                                          **({"continues": parent["id"]} if parent else {})})
         self.audit.job(job["id"], "job_start", user=job["user"], project=job["project"], slot=slot)
         started = time.monotonic()
         status, reason, result = run.run()
         summary = summarize_result(result, time.monotonic() - started, run.exit_code)
         if status != "done":
-            self.finish(job["id"], status, reason, result=summary)
+            self._fail_run(job["id"], repo, slot, status, reason, result=summary)
             return
         try:
+            repo.restore_links(slot, links)
             patch, stats, commit = repo.collect(slot, job["snapshot"], job["id"])
-        except PatchwireError as e:
-            self.finish(job["id"], "failed", f"could not collect the AI's changes: {e.message}",
-                        result=summary)
+        except (PatchwireError, OSError) as e:
+            self._fail_run(job["id"], repo, slot, "failed", "could not collect the AI's changes: "
+                           + (e.message if isinstance(e, PatchwireError) else describe_exception(e)),
+                           result=summary)
             return
-        self.store.patch_path(job["id"]).write_bytes(patch)
+        self.store.write_patch(job["id"], patch)
         self.finish(job["id"], "done", result={**summary, "result_commit": commit}, stats=stats)
+
+    def _fail_run(self, job_id: str, repo: ProjectRepo, slot: int, status: str, reason: str,
+                  **fields: Any) -> None:
+        """End a run that produced no diff. Its job folder is reset first: what the AI left
+        there may be what filled the disk the job's end must be recorded on."""
+        try:
+            repo.clean_slot(slot)
+        except (PatchwireError, OSError) as e:  # the next job's prepare_slot tries again
+            log.warning("could not reset the job folder of %s: %s", job_id, e)
+        self.finish(job_id, status, reason, **fields)
 
     def ai_argv(self, parent: Optional[dict]) -> List[str]:
         """The AI command; a follow-up adds `[ai] resume_args` with the parent's session."""
@@ -1734,7 +2083,7 @@ class Agent:
 
 
 def summarize_result(result: dict, elapsed: float, exit_code: Optional[int]) -> dict:
-    usage = result.get("usage") or {}
+    usage = result.get("usage") if isinstance(result.get("usage"), dict) else {}
     return {"exit_code": exit_code, "is_error": bool(result.get("is_error")),
             "subtype": result.get("subtype"), "duration_s": round(elapsed, 3),
             "num_turns": result.get("num_turns"), "session_id": result.get("session_id"),
@@ -1763,6 +2112,16 @@ def config_stamp(path: Path) -> Tuple[int, int, int]:
 
 def cancel_requests_dir(state_dir: Path) -> Path:
     return state_dir / "cancel-requests"
+
+
+def is_unicode(text: str) -> bool:
+    """False for a str holding lone surrogates (JSON's \\ud800 escapes make them), which
+    sqlite and the AI's stdin cannot take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_name(value: Any, what: str) -> str:
@@ -2385,13 +2744,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         store = self.agent.store
         quiet_since = time.monotonic()
         while True:
-            events = store.events(job_id, after)
+            events, status = store.events_and_status(job_id, after)
             for event in events:
                 self.write_chunk(json.dumps(event).encode() + b"\n")
                 after = event["seq"]
                 if event["type"] in LAST_EVENTS:
                     follow = False
-            if not follow or (not events and store.job(job_id)["status"] in TERMINAL):
+            if not follow or (not events and status in TERMINAL):
                 break
             if events:
                 quiet_since = time.monotonic()
@@ -2990,7 +3349,8 @@ def cmd_init(args) -> int:
     state_dir = args.state_dir or str(path.resolve().parent / "patchwire-state")
     sections = {
         "server": pw.dump_toml({"listen": args.listen, "state_dir": state_dir}),
-        "ai": pw.dump_toml({"command": CLAUDE_COMMAND, "timeout_s": 1800, "max_timeout_s": 7200}),
+        "ai": pw.dump_toml({"command": CLAUDE_COMMAND, "timeout_s": 1800, "max_timeout_s": 7200,
+                            "sandbox": "auto"}),
         "jobs": pw.dump_toml({"workers": 2, "slots": 2}),
         "users": pw.dump_toml({"users": {args.user: {"token_sha256": token_digest(token).hex()}}}),
     }
