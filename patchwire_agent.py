@@ -1810,9 +1810,6 @@ class Agent:
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise HTTPFailure(HTTPStatus.BAD_REQUEST, "prompt must be a non-empty string", code="bad_request")
-        if not is_unicode(prompt):
-            raise HTTPFailure(HTTPStatus.BAD_REQUEST, "prompt must be valid Unicode text (it has a lone "
-                              "surrogate)", code="bad_request")
         size = len(prompt.encode("utf-8", "surrogatepass"))
         if size > policy.max_prompt_bytes:
             raise policy_refusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, policy, "max_prompt_bytes",
@@ -2112,16 +2109,6 @@ def config_stamp(path: Path) -> Tuple[int, int, int]:
 
 def cancel_requests_dir(state_dir: Path) -> Path:
     return state_dir / "cancel-requests"
-
-
-def is_unicode(text: str) -> bool:
-    """False for a str holding lone surrogates (JSON's \\ud800 escapes make them), which
-    sqlite and the AI's stdin cannot take."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def check_name(value: Any, what: str) -> str:
@@ -2963,6 +2950,8 @@ OPENAPI_SCHEMAS = {
               "description": "Every error; `code` is stable, `error` and `hint` are for people."},
     "Health": _obj(["ok", "version", "time", "queue_depth", "running", "workers", "ai_command", "ai_found"],
                    ok=_B, version=_S, time=_N, queue_depth=_I, running=_I, workers=_I, ai_command=_S, ai_found=_B,
+                   sandbox={**_S, "description": "what confines the AI: bwrap, sandbox-exec or none"},
+                   sandbox_warning={**_S, "description": "present when the AI runs unconfined by default"},
                    connections={**_obj(["open", "max", "max_per_client", "waiting", "evicted"], open=_I, max=_I,
                                        max_per_client=_I, waiting=_I, evicted=_I),
                                 "description": "the connection table: open, caps, waiting for a request, evicted"}),
@@ -2989,7 +2978,8 @@ OPENAPI_SCHEMAS = {
         _event("queued", ["position"], project=_S, position=_I,
                estimate_s={**_nullable(_I), "description": "seconds until it starts, from recent runs"}),
         _event("position", ["position"], position=_I, estimate_s=_nullable(_I)),
-        _event("started", ["slot"], slot=_I, continues=_S),
+        _event("links_removed", ["paths", "count"], paths={"type": "array", "items": _S}, count=_I),
+        _event("started", ["slot"], slot=_I, continues=_S, sandbox=_S),
         _event("session", [], session_id=_nullable(_S), model=_nullable(_S)),
         _event("text", ["text"], text=_S),
         _event("tool", ["name"], name=_nullable(_S), detail=_S),
@@ -3022,7 +3012,12 @@ OPENAPI_ROUTES = {
                    "application/x-ndjson", "Event"),
              202: ("queued", "application/json", "Job"), 400: "bad request",
              404: "no such job to continue", 409: "tree_mismatch, not_done or ambiguous",
-             411: "no Content-Length, or a chunked body", 413: "body over 64 MiB"}),
+             403: "policy: a project outside the allowlist, or timeout_s over the ceiling",
+             408: "the request did not arrive within its time budget",
+             411: "no Content-Length, or a chunked body",
+             413: "body over 64 MiB, or policy: a prompt over max_prompt_bytes",
+             429: "policy: max_queued or rate_limit (with Retry-After)",
+             503: "past the connection caps", 507: "disk_full: the box's state folder is full"}),
     "jobs": ("Your jobs, newest first", {}, None, {200: ("your jobs", "application/json", "JobList")}),
     "job": ("One of your jobs; a unique id prefix is enough", {}, None,
             {200: ("the job", "application/json", "Job"), 404: "no such job of yours",
