@@ -404,7 +404,7 @@ class LaptopConfig:
         self.root, self.path = root, path
         self.agent = top["agent"].rstrip("/")
         self.token_file = top["token_file"]
-        self.ssh = top["ssh"]
+        self.ssh, self.ssh_port = parse_ssh_destination(top["ssh"], path)
         self.project = top["project"] or default_project_name(root)
         if not NAME_RE.fullmatch(self.project):
             raise PatchwireError(f"{path}: project {self.project!r} is not a valid name",
@@ -416,6 +416,10 @@ class LaptopConfig:
         self.allow = sync["allow"]
         self.ssh_options = sync["ssh_options"]
         self.rsync = sync["rsync"]
+
+    def ssh_argv(self) -> List[str]:
+        """`ssh` with the user's options and the port, without the destination."""
+        return ["ssh", *self.ssh_options, *(["-p", str(self.ssh_port)] if self.ssh_port else [])]
 
     def _token_inside(self) -> List[str]:
         """A token file kept inside the project never leaves with it."""
@@ -456,6 +460,59 @@ class LaptopConfig:
         if not token:
             raise UsageError(f"the token file {path} is empty")
         return token
+
+
+SSH_DESTINATION_RE = re.compile(
+    r"(?:ssh://)?(?P<dest>(?:[^@/\s:]+@)?(?:\[[0-9A-Fa-f:.]+\]|[^@/\s:\[\]]+))(?::(?P<port>\d{1,5}))?/?")
+
+
+def parse_ssh_destination(value: Optional[str], path: Path) -> Tuple[Optional[str], Optional[int]]:
+    """`host`, `user@host`, `user@host:port` or `ssh://user@host[:port]` -> (user@host, port).
+
+    ssh itself takes the port only as `-p` or from ~/.ssh/config; `host:2222` handed to it as
+    is fails much later as "Could not resolve hostname host:2222"."""
+    if not value:
+        return None, None
+    m = SSH_DESTINATION_RE.fullmatch(value.strip())
+    if not m or (m.group("port") and not 0 < int(m.group("port")) < 65536):
+        raise PatchwireError(
+            f"{path}: ssh = {value!r} is not an SSH destination",
+            "use USER@HOST, USER@HOST:PORT, ssh://USER@HOST:PORT or a Host alias from ~/.ssh/config "
+            "(the folder on the box comes from the agent, not from this setting)")
+    dest = m.group("dest")  # an IPv6 address keeps its brackets: rsync needs them, ssh drops them
+    return dest, int(m.group("port")) if m.group("port") else None
+
+
+SSH_FAILURES = (  # what ssh says on stderr -> what to do about it
+    (("Connection refused",),
+     "nothing accepts SSH connections at {where}: is sshd running on the box, and is the port "
+     "right? (ssh = \"USER@HOST:PORT\" in .patchwire.toml, or Port in ~/.ssh/config)"),
+    (("Could not resolve hostname", "Name or service not known", "nodename nor servname"),
+     "{host} is not a known host name: check the spelling, or describe it as a Host in ~/.ssh/config"),
+    (("Connection timed out", "Operation timed out", "No route to host"),
+     "the box does not answer at {where}: is it on and reachable (Tailscale up)?"),
+    (("Host key verification failed", "REMOTE HOST IDENTIFICATION HAS CHANGED"),
+     "the box's host key is unknown or has changed: run `{ssh}` once, check the fingerprint and "
+     "accept it (or fix the old line in ~/.ssh/known_hosts)"),
+    (("Permission denied", "Too many authentication failures"),
+     "the box refused the login: set up a key (ssh-copy-id {copy_id}), check the user name, and "
+     "check that `{ssh}` works without a password"),
+    (("rsync: command not found", "rsync: not found", "rsync: No such file"),
+     "rsync is missing on the box: install it there (Debian/Ubuntu: sudo apt install rsync)"),
+)
+
+
+def ssh_failure_hint(cfg: "LaptopConfig", stderr: str) -> str:
+    """The fix for an SSH failure, from what ssh said; a general one when it is unclear."""
+    ssh = " ".join(shlex.quote(a) for a in [*cfg.ssh_argv(), cfg.ssh or ""])
+    host = (cfg.ssh or "").rpartition("@")[2]
+    where = f"{host} port {cfg.ssh_port}" if cfg.ssh_port else host
+    copy_id = " ".join(shlex.quote(a) for a in (["-p", str(cfg.ssh_port)] if cfg.ssh_port else [])
+                       + [cfg.ssh or ""])
+    for needles, hint in SSH_FAILURES:
+        if any(n in stderr for n in needles):
+            return hint.format(where=where, host=host, ssh=ssh, copy_id=copy_id)
+    return f"check that `{ssh}` works without a password and that rsync is installed on the box"
 
 
 def default_project_name(root: Path) -> str:
@@ -587,7 +644,7 @@ def rsync_argv(cfg: LaptopConfig, dest: str, checksum: bool = False) -> List[str
     if checksum:
         argv.append("--checksum")
     if cfg.ssh:
-        ssh = ["ssh", *cfg.ssh_options, "-o", "BatchMode=yes",
+        ssh = [*cfg.ssh_argv(), "-o", "BatchMode=yes",
                "-o", "ControlMaster=auto", "-o", f"ControlPath={control_dir()}/%C",
                "-o", "ControlPersist=60"]
         argv += ["-e", " ".join(shlex.quote(a) for a in ssh)]
@@ -628,9 +685,7 @@ def send_files(cfg: LaptopConfig, paths: Sequence[str], dest: str, checksum: boo
                input=b"".join(encode_path(p) + b"\0" for p in paths), timeout=3600, check=False)
     if proc.returncode != 0:
         tail = proc.stderr.decode("utf-8", "replace").strip()[-1500:]
-        ssh = " ".join(shlex.quote(a) for a in ["ssh", *cfg.ssh_options, cfg.ssh or ""])
-        hint = (f"check that `{ssh}` works without a password and that rsync is installed on "
-                "the box") if cfg.ssh else "check that the mirror folder is writable"
+        hint = ssh_failure_hint(cfg, tail) if cfg.ssh else "check that the mirror folder is writable"
         raise AgentError(f"rsync failed (exit {proc.returncode}): {tail}", hint)
     return rsync_counts(proc.stdout)
 
@@ -1674,16 +1729,16 @@ class Doctor:
     def ssh(self) -> Optional[str]:
         if not self.cfg.ssh:
             return None
-        argv = ["ssh", *self.cfg.ssh_options, "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
+        argv = [*self.cfg.ssh_argv(), "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
                 self.cfg.ssh, "rsync", "--version"]
         proc = run(argv, timeout=30, check=False, hint="install OpenSSH's client")
-        shown = " ".join(shlex.quote(a) for a in ["ssh", *self.cfg.ssh_options, self.cfg.ssh])
+        shown = " ".join(shlex.quote(a) for a in [*self.cfg.ssh_argv(), self.cfg.ssh])
+        said = proc.stderr.decode(errors="replace").strip()[-300:]
         if proc.returncode == 255:
-            raise PatchwireError(f"cannot log in with `{shown}`: "
-                                 + proc.stderr.decode(errors="replace").strip()[-300:],
-                                 f"set up a key: ssh-copy-id {self.cfg.ssh} (and check ~/.ssh/config)")
+            raise PatchwireError(f"cannot log in with `{shown}`: {said}", ssh_failure_hint(self.cfg, said))
         if proc.returncode != 0:
-            raise PatchwireError(f"rsync is missing on {self.cfg.ssh}", "install rsync on the box")
+            raise PatchwireError(f"rsync is missing on {self.cfg.ssh}",
+                                 "install rsync on the box (Debian/Ubuntu: sudo apt install rsync)")
         return f"{shown} works; rsync is installed there"
 
     def mirror(self) -> Optional[str]:
