@@ -96,8 +96,10 @@ GIT_NEUTRAL = (
     "-c", "diff.relative=false", "-c", "commit.gpgSign=false", "-c", "gc.auto=0",
     "-c", "advice.detachedHead=false", "-c", "init.defaultBranch=main",
 )
-# Overrides any in-tree .gitattributes (it has higher precedence): content is stored and
-# checked out byte for byte, no EOL conversion, no filters (DESIGN.md: byte-exact git).
+# Written to info/attributes of every git dir Patchwire uses, it overrides any in-tree
+# .gitattributes (higher precedence): `* text=auto eol=crlf` or an LFS filter in the project
+# would otherwise change what `git add` stores and what checkout writes. With it, content is
+# stored and checked out byte for byte (tested with CRLF files under `* text=auto eol=crlf`).
 NEUTRAL_ATTRIBUTES = b"* -text -eol -filter -ident -working-tree-encoding\n"
 GIT_IDENTITY = {
     "GIT_AUTHOR_NAME": "patchwire", "GIT_AUTHOR_EMAIL": "patchwire@localhost",
@@ -442,23 +444,35 @@ class LaptopConfig:
         raise UsageError(f"no {CONFIG_NAME} here or in any parent folder",
                          "run `patchwire init --agent URL --token-file PATH` in the project root")
 
+    def token_path(self) -> Optional[Path]:
+        if not self.token_file:
+            return None
+        path = Path(os.path.expanduser(self.token_file))
+        return path if path.is_absolute() else self.root / path
+
+    def token_source(self) -> str:
+        """Where the token comes from, for messages: PATCHWIRE_TOKEN wins over token_file."""
+        if os.environ.get("PATCHWIRE_TOKEN", "").strip():
+            return "PATCHWIRE_TOKEN"
+        return f"the token file {self.token_path()}"
+
     def token(self) -> str:
         token = os.environ.get("PATCHWIRE_TOKEN", "").strip()
         if token:
             return token
-        if not self.token_file:
+        path = self.token_path()
+        if path is None:
             raise UsageError("no token: set PATCHWIRE_TOKEN or token_file in " + str(self.path))
-        path = Path(os.path.expanduser(self.token_file))
-        if not path.is_absolute():
-            path = self.root / path
+        put_it_there = (f"the box printed your token once (`patchwire-agent init` or `user add`): "
+                        f"put it in {path} (mkdir -p {shlex.quote(str(path.parent))}; "
+                        f"install -m 600 /dev/null {shlex.quote(str(path))}), or set PATCHWIRE_TOKEN")
         try:
             token = path.read_text().strip()
         except OSError as e:
-            raise UsageError(f"cannot read the token file {path}: {e.strerror}",
-                             "point token_file in .patchwire.toml at the file "
-                             "`patchwire-agent init` wrote")
+            raise UsageError(f"cannot read the token file {path}: {e.strerror}", put_it_there) from None
         if not token:
-            raise UsageError(f"the token file {path} is empty")
+            raise UsageError(f"the token file {path} is empty", put_it_there)
+        warn_if_shared(path)
         return token
 
 
@@ -513,6 +527,17 @@ def ssh_failure_hint(cfg: "LaptopConfig", stderr: str) -> str:
         if any(n in stderr for n in needles):
             return hint.format(where=where, host=host, ssh=ssh, copy_id=copy_id)
     return f"check that `{ssh}` works without a password and that rsync is installed on the box"
+
+
+def warn_if_shared(path: Path) -> None:
+    """A token others can read is a leaked token: say so on every command (doctor fails on it)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & 0o077:
+        say(f"warning: the token file {path} is readable by other users of this machine; "
+            f"fix: chmod 600 {shlex.quote(str(path))}")
 
 
 def default_project_name(root: Path) -> str:
@@ -696,10 +721,11 @@ def send_files(cfg: LaptopConfig, paths: Sequence[str], dest: str, checksum: boo
 class Client:
     """Talks to patchwire-agent: JSON requests, NDJSON streams, bearer token."""
 
-    def __init__(self, base_url: str, token: str, timeout: float = 30):
+    def __init__(self, base_url: str, token: str, timeout: float = 30, token_source: str = "the token"):
         self.base = base_url.rstrip("/")
         self._token = token
         self.timeout = timeout
+        self.token_source = token_source
 
     def _request(self, method: str, path: str, body: Optional[dict] = None,
                  accept: str = "application/json", timeout: Optional[float] = None):
@@ -725,12 +751,20 @@ class Client:
             body = json.loads(e.read() or b"{}")
         except ValueError:
             body = {}
-        message = body.get("error") or f"HTTP {e.code} {e.reason}"
-        hint = body.get("hint", "")
+        if not isinstance(body, dict) or not isinstance(body.get("error"), str):
+            return AgentError(f"{self.base} answered HTTP {e.code} {e.reason}, not as a patchwire-agent "
+                              "would", "check `agent` in .patchwire.toml: it is the URL "
+                              "`patchwire-agent serve` prints when it starts", code=str(e.code),
+                              http_status=e.code)
+        message, hint, code = body["error"], str(body.get("hint", "")), str(body.get("code", e.code))
         if e.code == 401:
-            hint = hint or "check the token file named in .patchwire.toml"
-        return AgentError(f"the agent refused: {message}", hint, details=body,
-                          code=body.get("code", str(e.code)), http_status=e.code)
+            hint = (f"the agent does not know the token from {self.token_source}: put in the token "
+                    "the box printed for you" + (" (or unset PATCHWIRE_TOKEN to use token_file)"
+                                                 if self.token_source == "PATCHWIRE_TOKEN" else ""))
+        if e.code == 404 and code == "not_found":  # not a refusal: nothing by that name
+            return AgentError(message, hint or "`patchwire jobs` lists your jobs", details=body, code=code,
+                              http_status=e.code, exit_status=ExitStatus.ERROR)
+        return AgentError(f"the agent refused: {message}", hint, details=body, code=code, http_status=e.code)
 
     def json(self, method: str, path: str, body: Optional[dict] = None) -> dict:
         with self._request(method, path, body) as resp:
@@ -1497,7 +1531,7 @@ class Session:
     @property
     def client(self) -> Client:
         if self._client is None:
-            self._client = Client(self.cfg.agent, self.cfg.token())
+            self._client = Client(self.cfg.agent, self.cfg.token(), token_source=self.cfg.token_source())
         return self._client
 
     def sync(self, force: bool = False, checksum: bool = False) -> Tuple[str, List[List[str]], dict]:
@@ -1594,8 +1628,10 @@ def stream_job(session: Session, first: Iterator[dict], on_event) -> dict:
 
 
 def read_answer(prompt: str) -> Optional[str]:
-    """One line from stdin, stripped; None when there is no input at all."""
-    say(prompt)
+    """One line from stdin, stripped; None when there is no input at all. On a terminal the
+    answer is typed on the prompt's own line."""
+    sys.stderr.write(prompt + (" " if sys.stdin.isatty() else "\n"))
+    sys.stderr.flush()
     try:
         line = sys.stdin.readline()
     except (OSError, ValueError):
@@ -1681,9 +1717,8 @@ class Doctor:
         self._token = self.cfg.token()
         if os.environ.get("PATCHWIRE_TOKEN", "").strip():
             return "from PATCHWIRE_TOKEN"
-        path = Path(os.path.expanduser(self.cfg.token_file or ""))
-        path = path if path.is_absolute() else self.cfg.root / path
-        if path.stat().st_mode & 0o077:
+        path = self.cfg.token_path()
+        if path and path.stat().st_mode & 0o077:
             raise PatchwireError(f"the token file {path} is readable by other users",
                                  f"chmod 600 {shlex.quote(str(path))}")
         return f"from {path}"
@@ -1707,13 +1742,12 @@ class Doctor:
         if not self.health or not getattr(self, "_token", None):
             return None
         try:
-            self.me = Client(self.cfg.agent, self._token).json(
+            self.me = Client(self.cfg.agent, self._token, token_source=self.cfg.token_source()).json(
                 "GET", "/v1/me?project=" + urllib.parse.quote(self.cfg.project))
         except AgentError as e:
             if e.http_status == 401:
-                raise PatchwireError("the agent does not accept this token",
-                                     "put the token `patchwire-agent init` printed for you into "
-                                     f"{self.cfg.token_file or 'PATCHWIRE_TOKEN'}")
+                raise PatchwireError(f"the agent does not accept the token from {self.cfg.token_source()}",
+                                     e.hint)
             raise
         return f"accepted as user {self.me['user']}"
 
@@ -1752,8 +1786,9 @@ class Doctor:
 
 
 # ================================================================== commands
-# Each cmd_* returns (exit status, result). The result is printed as one JSON document with
-# --json, otherwise by the command's own human output (`show_*`); progress goes to stderr.
+# Each cmd_* takes the parsed arguments and returns the exit status. Its result goes through
+# output(): one JSON document on stdout with --json, otherwise the human printer it is given;
+# progress and warnings go to stderr (say()).
 
 
 def output(args, result: Any, human=None) -> None:
@@ -1776,7 +1811,9 @@ def cmd_init(args) -> int:
     token_file = Path(os.path.expanduser(args.token_file)).resolve()
     if not token_file.is_file():
         raise UsageError(f"the token file {token_file} does not exist",
-                         "put the token `patchwire-agent init` printed into it (chmod 600)")
+                         "the box printed your token once (`patchwire-agent init` or `user add`): put it "
+                         f"there (mkdir -p {shlex.quote(str(token_file.parent))}; install -m 600 /dev/null "
+                         f"{shlex.quote(str(token_file))}; then paste it in)")
     data: Dict[str, Any] = {"agent": args.agent, "token_file": str(token_file)}
     if args.ssh:
         data["ssh"] = args.ssh
@@ -1948,16 +1985,20 @@ def cmd_jobs(args) -> int:
     jobs = session.client.json("GET", "/v1/jobs")["jobs"]
     if not jobs:
         say("no jobs yet")
-    output(args, {"jobs": jobs}, lambda r: print("\n".join(job_line(j) for j in r["jobs"])) if jobs else None)
+    output(args, {"jobs": jobs},
+           lambda r: print("\n".join([JOBS_HEADER] + [job_line(j) for j in r["jobs"]])) if jobs else None)
     return 0
+
+
+JOBS_HEADER = f"{'JOB':<12}  {'STATUS':<9} {'ASKED':>8}  {'PROJECT':<16} {'CHANGE':<10} PROMPT"
 
 
 def job_line(job: dict) -> str:
     stats = job.get("stats") or {}
-    age = human_age(time.time() - job["created"])
+    asked = human_age(time.time() - job["created"]) + " ago"
     size = f"+{stats.get('added', 0)} -{stats.get('removed', 0)}" if stats else ""
     prompt = " ".join(job["prompt"].split())[:50]
-    return f"{job['id']}  {job['status']:<9} {age:>5}  {job['project']:<16} {size:<10} {prompt}"
+    return f"{job['id']:<12}  {job['status']:<9} {asked:>8}  {job['project']:<16} {size:<10} {prompt}"
 
 
 def human_age(seconds: float) -> str:
@@ -1977,12 +2018,26 @@ def cmd_show(args) -> int:
             if job.get(key):
                 print(f"{key + ':':<9} {job[key]}")
         for key, value in (job.get("result") or {}).items():
-            print(f"{key + ':':<9} {value}")
+            if value is not None:
+                print(f"{key + ':':<9} {human_value(value)}")
         printer = ProgressPrinter(Style(False))
         for event in events:
             printer(event)
     output(args, {"job": job, "events": events}, human)
     return 0
+
+
+def human_value(value: Any) -> str:
+    """A JSON value as a person reads it: yes/no, not True/False; no Python reprs."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {human_value(v)}" for k, v in value.items() if v is not None) or "-"
+    if isinstance(value, list):
+        return ", ".join(human_value(v) for v in value) or "-"
+    return str(value)
 
 
 def cmd_cancel(args) -> int:

@@ -100,3 +100,109 @@ def test_a_refused_port_is_named_as_such_not_as_a_missing_key(tmp_path, agent):
     doctor = lap.run("doctor", "--json", check=1)
     ssh = {c["name"]: c for c in json.loads(doctor.out)["checks"]}["ssh"]
     assert not ssh["ok"] and f"127.0.0.1 port {port}" in ssh["fix"] and "ssh-copy-id" not in ssh["fix"]
+
+
+# ------------------------------------------------------------------ the token, named precisely
+
+
+def test_a_wrong_token_in_the_environment_is_blamed_on_the_environment(laptop, agent):
+    result = laptop.run("jobs", env={"PATCHWIRE_TOKEN": "pw_not-a-real-token"})
+    assert result.returncode == 3, result.err
+    assert "PATCHWIRE_TOKEN" in result.err and "unset PATCHWIRE_TOKEN to use token_file" in result.err
+    assert "token file" not in result.err.replace("the token from PATCHWIRE_TOKEN", "")
+    assert "pw_not-a-real-token" not in result.out + result.err  # never print a token
+
+
+def test_a_wrong_token_file_is_named(laptop, agent, tmp_path):
+    wrong = tmp_path / "wrong.token"
+    wrong.write_text("pw_wrong\n")
+    wrong.chmod(0o600)
+    text = (laptop.root / ".patchwire.toml").read_text().replace(str(agent.token_file()), str(wrong))
+    (laptop.root / ".patchwire.toml").write_text(text)
+    result = laptop.run("jobs")
+    assert result.returncode == 3 and f"the token file {wrong}" in result.err, result.err
+    assert "pw_wrong" not in result.err
+
+
+def test_an_empty_token_file_says_where_the_token_comes_from(laptop, agent):
+    agent.token_file().write_text("\n")
+    result = laptop.run("jobs")
+    assert result.returncode == 2, result.err
+    assert f"the token file {agent.token_file()} is empty" in result.err
+    assert "patchwire-agent init` or `user add`" in result.err and "install -m 600" in result.err
+
+
+def test_a_missing_token_file_hint_says_how_to_make_it(tmp_path, agent):
+    lap = Laptop(make_repo(tmp_path / "fresh", {"a.txt": b"a\n"}))
+    missing = tmp_path / "no such folder" / "token"
+    result = lap.run("init", "--agent", agent.url, "--token-file", str(missing))
+    assert result.returncode == 2
+    assert f"the token file {missing} does not exist" in result.err
+    assert "mkdir -p '%s'" % missing.parent in result.err and "install -m 600 /dev/null" in result.err
+
+
+def test_every_command_warns_about_a_token_file_others_can_read(laptop, agent):
+    token = agent.token_file()
+    token.chmod(0o644)
+    result = laptop.run("jobs", check=0)
+    assert f"warning: the token file {token} is readable by other users" in result.err
+    assert f"chmod 600 {token}" in result.err
+    token.chmod(0o600)
+    assert "warning" not in laptop.run("jobs", check=0).err
+
+
+# ------------------------------------------------------------------ not found, and not an agent
+
+
+def test_an_unknown_job_is_not_found_not_refused(laptop, agent):
+    result = laptop.run("show", "abcd")
+    assert result.returncode == 1, result.err
+    assert "no job 'abcd'" in result.err and "patchwire jobs" in result.err
+    assert "refused" not in result.err
+    as_json = laptop.run("show", "abcd", "--json")
+    assert as_json.returncode == 1 and json.loads(as_json.out)["exit_status"] == 1
+
+
+def test_a_url_that_is_not_an_agent_is_called_so(laptop, agent):
+    import http.server
+    import threading
+
+    class NotAnAgent(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"<html>nothing here</html>"
+            self.send_response(404)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotAnAgent)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = "http://127.0.0.1:%d" % server.server_address[1]
+        text = (laptop.root / ".patchwire.toml").read_text().replace(agent.url, url)
+        (laptop.root / ".patchwire.toml").write_text(text)
+        result = laptop.run("jobs")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 3, result.err
+    assert f"{url} answered HTTP 404" in result.err and "not as a patchwire-agent would" in result.err
+    assert "`patchwire-agent serve` prints" in result.err
+
+
+# ------------------------------------------------------------------ listings a person reads
+
+
+def test_jobs_has_a_header_and_shows_age_as_ago_and_show_prints_no_python(laptop, agent):
+    laptop.ask(script({"write": "new.txt", "text": "hi\n"}), "--no-apply", check=0)
+    jobs = laptop.run("jobs", check=0).out.splitlines()
+    assert jobs[0].split() == ["JOB", "STATUS", "ASKED", "PROJECT", "CHANGE", "PROMPT"]
+    assert " ago " in jobs[1] and "done" in jobs[1]
+    shown = laptop.run("show", jobs[1].split()[0], check=0).out
+    for python_only in ("True", "False", "None", "{'", "['"):
+        assert python_only not in shown, shown
+    assert "is_error: no" in shown
