@@ -24,8 +24,8 @@ Commands (`patchwire COMMAND --help` for each):
     doctor   check every link (git, rsync, ssh, agent, token, AI, clock) and say how to fix it
 
 Exit codes:
-    0 ok, 1 error, 2 usage, 3 agent unreachable or refused the request,
-    4 the AI run failed, 5 the patch does not apply, 130 interrupted.
+    0 ok, 1 error, 2 usage, 3 agent unreachable or refused, 4 AI run failed,
+    5 patch does not apply, 130 interrupted.   (ExitStatus; a test keeps this in step)
 
 Environment:
     PATCHWIRE_TOKEN   the bearer token (overrides token_file in .patchwire.toml)
@@ -58,6 +58,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.error
 import urllib.parse
@@ -107,14 +108,9 @@ GIT_IDENTITY = {
     "GIT_AUTHOR_DATE": "1700000000 +0000", "GIT_COMMITTER_DATE": "1700000000 +0000",
 }
 
-HELP_EPILOG = """\
-exit codes: 0 ok, 1 error, 2 usage, 3 agent unreachable or refused,
-            4 AI run failed, 5 patch does not apply, 130 interrupted
-environment: PATCHWIRE_TOKEN (bearer token), NO_COLOR, PAGER
-"""
-
-
 class ExitStatus(enum.IntEnum):
+    """The laptop's exit codes; `--help` is written from this table, nowhere else."""
+
     OK = 0
     ERROR = 1
     USAGE = 2
@@ -122,6 +118,20 @@ class ExitStatus(enum.IntEnum):
     AI_FAILED = 4
     PATCH = 5
     INTERRUPTED = 130
+
+    @property
+    def meaning(self) -> str:
+        return EXIT_MEANINGS[self]
+
+
+EXIT_MEANINGS = {
+    ExitStatus.OK: "ok", ExitStatus.ERROR: "error", ExitStatus.USAGE: "usage",
+    ExitStatus.AGENT: "agent unreachable or refused", ExitStatus.AI_FAILED: "AI run failed",
+    ExitStatus.PATCH: "patch does not apply", ExitStatus.INTERRUPTED: "interrupted",
+}
+HELP_EPILOG = (textwrap.fill("exit codes: " + ", ".join(f"{int(s)} {s.meaning}" for s in ExitStatus),
+                             width=88, subsequent_indent="            ")
+               + "\nenvironment: PATCHWIRE_TOKEN (bearer token), NO_COLOR, PAGER\n")
 
 
 # ================================================================== errors

@@ -206,3 +206,13 @@ def test_jobs_has_a_header_and_shows_age_as_ago_and_show_prints_no_python(laptop
     for python_only in ("True", "False", "None", "{'", "['"):
         assert python_only not in shown, shown
     assert "is_error: no" in shown
+
+
+def test_exit_codes_are_written_once_and_every_listing_agrees(laptop):
+    help_text = " ".join(laptop.run("--help", check=0).out.split())
+    docstring = " ".join(patchwire.__doc__.split())
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for status in patchwire.ExitStatus:
+        assert f"{int(status)} {status.meaning}" in help_text
+        assert f"{int(status)} {status.meaning}" in docstring
+        assert f"`{int(status)}` {status.meaning}" in readme
