@@ -25,8 +25,8 @@ Commands (`patchwire COMMAND --help` for each):
     usage    your asks, AI minutes, tokens and cost on the box (--by project|day, --csv)
 
 Exit codes:
-    0 ok, 1 error, 2 usage, 3 agent unreachable or refused the request,
-    4 the AI run failed, 5 the patch does not apply, 130 interrupted.
+    0 ok, 1 error, 2 usage, 3 agent unreachable or refused, 4 AI run failed,
+    5 patch does not apply, 130 interrupted.   (ExitStatus; a test keeps this in step)
 
 Environment:
     PATCHWIRE_TOKEN   the bearer token (overrides token_file in .patchwire.toml)
@@ -68,6 +68,7 @@ import ssl
 import stat
 import subprocess
 import sys
+import textwrap
 import time
 import unicodedata
 import urllib.error
@@ -110,8 +111,10 @@ GIT_NEUTRAL = (
     # them configurable) and a space on empty context lines, whatever the box user's config says
     "-c", "diff.srcPrefix=a/", "-c", "diff.dstPrefix=b/", "-c", "diff.suppressBlankEmpty=false",
 )
-# Overrides any in-tree .gitattributes (it has higher precedence): content is stored and
-# checked out byte for byte, no EOL conversion, no filters (DESIGN.md: byte-exact git).
+# Written to info/attributes of every git dir Patchwire uses, it overrides any in-tree
+# .gitattributes (higher precedence): `* text=auto eol=crlf` or an LFS filter in the project
+# would otherwise change what `git add` stores and what checkout writes. With it, content is
+# stored and checked out byte for byte (tested with CRLF files under `* text=auto eol=crlf`).
 NEUTRAL_ATTRIBUTES = b"* -text -eol -filter -ident -working-tree-encoding\n"
 GIT_IDENTITY = {
     "GIT_AUTHOR_NAME": "patchwire", "GIT_AUTHOR_EMAIL": "patchwire@localhost",
@@ -119,14 +122,9 @@ GIT_IDENTITY = {
     "GIT_AUTHOR_DATE": "1700000000 +0000", "GIT_COMMITTER_DATE": "1700000000 +0000",
 }
 
-HELP_EPILOG = """\
-exit codes: 0 ok, 1 error, 2 usage, 3 agent unreachable or refused,
-            4 AI run failed, 5 patch does not apply, 130 interrupted
-environment: PATCHWIRE_TOKEN (bearer token), NO_COLOR, PAGER
-"""
-
-
 class ExitStatus(enum.IntEnum):
+    """The laptop's exit codes; `--help` is written from this table, nowhere else."""
+
     OK = 0
     ERROR = 1
     USAGE = 2
@@ -134,6 +132,21 @@ class ExitStatus(enum.IntEnum):
     AI_FAILED = 4
     PATCH = 5
     INTERRUPTED = 130
+
+    @property
+    def meaning(self) -> str:
+        return EXIT_MEANINGS[self]
+
+
+EXIT_MEANINGS = {
+    ExitStatus.OK: "ok", ExitStatus.ERROR: "error", ExitStatus.USAGE: "usage",
+    ExitStatus.AGENT: "agent unreachable or refused", ExitStatus.AI_FAILED: "AI run failed",
+    ExitStatus.PATCH: "patch does not apply", ExitStatus.INTERRUPTED: "interrupted",
+}
+HELP_EPILOG = (textwrap.fill("exit codes: " + ", ".join(f"{int(s)} {s.meaning}".replace(" ", "\0")
+                                                          for s in ExitStatus),  # \0: never split an entry
+                             width=88, subsequent_indent="            ").replace("\0", " ")
+               + "\nenvironment: PATCHWIRE_TOKEN (bearer token), NO_COLOR, PAGER\n")
 
 
 # ================================================================== errors
@@ -423,7 +436,7 @@ class LaptopConfig:
         self.token_file = top["token_file"]
         # an https agent with its own (self-signed) certificate: the PEM file to trust
         self.ca_file = str(root / os.path.expanduser(top["ca_file"])) if top["ca_file"] else None
-        self.ssh = top["ssh"]
+        self.ssh, self.ssh_port = parse_ssh_destination(top["ssh"], path)
         self.project = top["project"] or default_project_name(root)
         if not NAME_RE.fullmatch(self.project):
             raise PatchwireError(f"{path}: project {self.project!r} is not a valid name",
@@ -435,6 +448,10 @@ class LaptopConfig:
         self.allow = sync["allow"]
         self.ssh_options = sync["ssh_options"]
         self.rsync = sync["rsync"]
+
+    def ssh_argv(self) -> List[str]:
+        """`ssh` with the user's options and the port, without the destination."""
+        return ["ssh", *self.ssh_options, *(["-p", str(self.ssh_port)] if self.ssh_port else [])]
 
     def _token_inside(self) -> List[str]:
         """A token file kept inside the project never leaves with it."""
@@ -457,24 +474,100 @@ class LaptopConfig:
         raise UsageError(f"no {CONFIG_NAME} here or in any parent folder",
                          "run `patchwire init --agent URL --token-file PATH` in the project root")
 
+    def token_path(self) -> Optional[Path]:
+        if not self.token_file:
+            return None
+        path = Path(os.path.expanduser(self.token_file))
+        return path if path.is_absolute() else self.root / path
+
+    def token_source(self) -> str:
+        """Where the token comes from, for messages: PATCHWIRE_TOKEN wins over token_file."""
+        if os.environ.get("PATCHWIRE_TOKEN", "").strip():
+            return "PATCHWIRE_TOKEN"
+        return f"the token file {self.token_path()}"
+
     def token(self) -> str:
         token = os.environ.get("PATCHWIRE_TOKEN", "").strip()
         if token:
             return token
-        if not self.token_file:
+        path = self.token_path()
+        if path is None:
             raise UsageError("no token: set PATCHWIRE_TOKEN or token_file in " + str(self.path))
-        path = Path(os.path.expanduser(self.token_file))
-        if not path.is_absolute():
-            path = self.root / path
+        put_it_there = (f"the box printed your token once (`patchwire-agent init` or `user add`): "
+                        f"put it in {path} (mkdir -p {shlex.quote(str(path.parent))}; "
+                        f"install -m 600 /dev/null {shlex.quote(str(path))}), or set PATCHWIRE_TOKEN")
         try:
             token = path.read_text().strip()
         except OSError as e:
-            raise UsageError(f"cannot read the token file {path}: {e.strerror}",
-                             "point token_file in .patchwire.toml at the file "
-                             "`patchwire-agent init` wrote")
+            raise UsageError(f"cannot read the token file {path}: {e.strerror}", put_it_there) from None
         if not token:
-            raise UsageError(f"the token file {path} is empty")
+            raise UsageError(f"the token file {path} is empty", put_it_there)
+        warn_if_shared(path)
         return token
+
+
+SSH_DESTINATION_RE = re.compile(
+    r"(?:ssh://)?(?P<dest>(?:[^@/\s:]+@)?(?:\[[0-9A-Fa-f:.]+\]|[^@/\s:\[\]]+))(?::(?P<port>\d{1,5}))?/?")
+
+
+def parse_ssh_destination(value: Optional[str], path: Path) -> Tuple[Optional[str], Optional[int]]:
+    """`host`, `user@host`, `user@host:port` or `ssh://user@host[:port]` -> (user@host, port).
+
+    ssh itself takes the port only as `-p` or from ~/.ssh/config; `host:2222` handed to it as
+    is fails much later as "Could not resolve hostname host:2222"."""
+    if not value:
+        return None, None
+    m = SSH_DESTINATION_RE.fullmatch(value.strip())
+    if not m or (m.group("port") and not 0 < int(m.group("port")) < 65536):
+        raise PatchwireError(
+            f"{path}: ssh = {value!r} is not an SSH destination",
+            "use USER@HOST, USER@HOST:PORT, ssh://USER@HOST:PORT or a Host alias from ~/.ssh/config "
+            "(the folder on the box comes from the agent, not from this setting)")
+    dest = m.group("dest")  # an IPv6 address keeps its brackets: rsync needs them, ssh drops them
+    return dest, int(m.group("port")) if m.group("port") else None
+
+
+SSH_FAILURES = (  # what ssh says on stderr -> what to do about it
+    (("Connection refused",),
+     "nothing accepts SSH connections at {where}: is sshd running on the box, and is the port "
+     "right? (ssh = \"USER@HOST:PORT\" in .patchwire.toml, or Port in ~/.ssh/config)"),
+    (("Could not resolve hostname", "Name or service not known", "nodename nor servname"),
+     "{host} is not a known host name: check the spelling, or describe it as a Host in ~/.ssh/config"),
+    (("Connection timed out", "Operation timed out", "No route to host"),
+     "the box does not answer at {where}: is it on and reachable (Tailscale up)?"),
+    (("Host key verification failed", "REMOTE HOST IDENTIFICATION HAS CHANGED"),
+     "the box's host key is unknown or has changed: run `{ssh}` once, check the fingerprint and "
+     "accept it (or fix the old line in ~/.ssh/known_hosts)"),
+    (("Permission denied", "Too many authentication failures"),
+     "the box refused the login: set up a key (ssh-copy-id {copy_id}), check the user name, and "
+     "check that `{ssh}` works without a password"),
+    (("rsync: command not found", "rsync: not found", "rsync: No such file"),
+     "rsync is missing on the box: install it there (Debian/Ubuntu: sudo apt install rsync)"),
+)
+
+
+def ssh_failure_hint(cfg: "LaptopConfig", stderr: str) -> str:
+    """The fix for an SSH failure, from what ssh said; a general one when it is unclear."""
+    ssh = " ".join(shlex.quote(a) for a in [*cfg.ssh_argv(), cfg.ssh or ""])
+    host = (cfg.ssh or "").rpartition("@")[2]
+    where = f"{host} port {cfg.ssh_port}" if cfg.ssh_port else host
+    copy_id = " ".join(shlex.quote(a) for a in (["-p", str(cfg.ssh_port)] if cfg.ssh_port else [])
+                       + [cfg.ssh or ""])
+    for needles, hint in SSH_FAILURES:
+        if any(n in stderr for n in needles):
+            return hint.format(where=where, host=host, ssh=ssh, copy_id=copy_id)
+    return f"check that `{ssh}` works without a password and that rsync is installed on the box"
+
+
+def warn_if_shared(path: Path) -> None:
+    """A token others can read is a leaked token: say so on every command (doctor fails on it)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & 0o077:
+        say(f"warning: the token file {path} is readable by other users of this machine; "
+            f"fix: chmod 600 {shlex.quote(str(path))}")
 
 
 def default_project_name(root: Path) -> str:
@@ -606,7 +699,7 @@ def rsync_argv(cfg: LaptopConfig, dest: str, checksum: bool = False) -> List[str
     if checksum:
         argv.append("--checksum")
     if cfg.ssh:
-        ssh = ["ssh", *cfg.ssh_options, "-o", "BatchMode=yes",
+        ssh = [*cfg.ssh_argv(), "-o", "BatchMode=yes",
                "-o", "ControlMaster=auto", "-o", f"ControlPath={control_dir()}/%C",
                "-o", "ControlPersist=60"]
         argv += ["-e", " ".join(shlex.quote(a) for a in ssh)]
@@ -647,9 +740,7 @@ def send_files(cfg: LaptopConfig, paths: Sequence[str], dest: str, checksum: boo
                input=b"".join(encode_path(p) + b"\0" for p in paths), timeout=3600, check=False)
     if proc.returncode != 0:
         tail = proc.stderr.decode("utf-8", "replace").strip()[-1500:]
-        ssh = " ".join(shlex.quote(a) for a in ["ssh", *cfg.ssh_options, cfg.ssh or ""])
-        hint = (f"check that `{ssh}` works without a password and that rsync is installed on "
-                "the box") if cfg.ssh else "check that the mirror folder is writable"
+        hint = ssh_failure_hint(cfg, tail) if cfg.ssh else "check that the mirror folder is writable"
         raise AgentError(f"rsync failed (exit {proc.returncode}): {tail}", hint)
     return rsync_counts(proc.stdout)
 
@@ -660,10 +751,12 @@ def send_files(cfg: LaptopConfig, paths: Sequence[str], dest: str, checksum: boo
 class Client:
     """Talks to patchwire-agent: JSON requests, NDJSON streams, bearer token."""
 
-    def __init__(self, base_url: str, token: str, timeout: float = 30, ca_file: Optional[str] = None):
+    def __init__(self, base_url: str, token: str, timeout: float = 30, ca_file: Optional[str] = None,
+                 token_source: str = "the token"):
         self.base = base_url.rstrip("/")
         self._token = token
         self.timeout = timeout
+        self.token_source = token_source
         self._tls: Optional[ssl.SSLContext] = None
         if ca_file:
             try:
@@ -702,15 +795,23 @@ class Client:
             body = json.loads(e.read() or b"{}")
         except ValueError:
             body = {}
-        message = body.get("error") or f"HTTP {e.code} {e.reason}"
-        hint = body.get("hint", "")
+        if not isinstance(body, dict) or not isinstance(body.get("error"), str):
+            return AgentError(f"{self.base} answered HTTP {e.code} {e.reason}, not as a patchwire-agent "
+                              "would", "check `agent` in .patchwire.toml: it is the URL "
+                              "`patchwire-agent serve` prints when it starts", code=str(e.code),
+                              http_status=e.code)
+        message, hint, code = body["error"], str(body.get("hint", "")), str(body.get("code", e.code))
         if e.code == 401:
-            hint = hint or "check the token file named in .patchwire.toml"
+            hint = (f"the agent does not know the token from {self.token_source}: put in the token "
+                    "the box printed for you" + (" (or unset PATCHWIRE_TOKEN to use token_file)"
+                                                 if self.token_source == "PATCHWIRE_TOKEN" else ""))
         retry = e.headers.get("Retry-After", "") if e.headers else ""
         if e.code == 429 and retry.isdigit() and retry not in hint:
             hint = (hint + "; " if hint else "") + f"the agent says: retry after {retry} s"
-        return AgentError(f"the agent refused: {message}", hint, details=body,
-                          code=body.get("code", str(e.code)), http_status=e.code)
+        if e.code == 404 and code == "not_found":  # not a refusal: nothing by that name
+            return AgentError(message, hint or "`patchwire jobs` lists your jobs", details=body, code=code,
+                              http_status=e.code, exit_status=ExitStatus.ERROR)
+        return AgentError(f"the agent refused: {message}", hint, details=body, code=code, http_status=e.code)
 
     def json(self, method: str, path: str, body: Optional[dict] = None) -> dict:
         with self._request(method, path, body) as resp:
@@ -2206,7 +2307,8 @@ class Session:
     @property
     def client(self) -> Client:
         if self._client is None:
-            self._client = Client(self.cfg.agent, self.cfg.token(), ca_file=self.cfg.ca_file)
+            self._client = Client(self.cfg.agent, self.cfg.token(), ca_file=self.cfg.ca_file,
+                                  token_source=self.cfg.token_source())
         return self._client
 
     def sync(self, force: bool = False, checksum: bool = False) -> Tuple[str, List[List[str]], dict]:
@@ -2364,8 +2466,10 @@ def stream_job(session: Session, first: Iterator[dict], on_event) -> dict:
 
 
 def read_answer(prompt: str) -> Optional[str]:
-    """One line from stdin, stripped; None when there is no input at all."""
-    say(prompt)
+    """One line from stdin, stripped; None when there is no input at all. On a terminal the
+    answer is typed on the prompt's own line."""
+    sys.stderr.write(prompt + (" " if sys.stdin.isatty() else "\n"))
+    sys.stderr.flush()
     try:
         line = sys.stdin.readline()
     except (OSError, ValueError):
@@ -2460,9 +2564,8 @@ class Doctor:
         self._token = self.cfg.token()
         if os.environ.get("PATCHWIRE_TOKEN", "").strip():
             return "from PATCHWIRE_TOKEN"
-        path = Path(os.path.expanduser(self.cfg.token_file or ""))
-        path = path if path.is_absolute() else self.cfg.root / path
-        if path.stat().st_mode & 0o077:
+        path = self.cfg.token_path()
+        if path and path.stat().st_mode & 0o077:
             raise PatchwireError(f"the token file {path} is readable by other users",
                                  f"chmod 600 {shlex.quote(str(path))}")
         return f"from {path}"
@@ -2486,13 +2589,13 @@ class Doctor:
         if not self.health or not getattr(self, "_token", None):
             return None
         try:
-            self.me = Client(self.cfg.agent, self._token, ca_file=self.cfg.ca_file).json(
+            self.me = Client(self.cfg.agent, self._token, ca_file=self.cfg.ca_file,
+                             token_source=self.cfg.token_source()).json(
                 "GET", "/v1/me?project=" + urllib.parse.quote(self.cfg.project))
         except AgentError as e:
             if e.http_status == 401:
-                raise PatchwireError("the agent does not accept this token",
-                                     "put the token `patchwire-agent init` printed for you into "
-                                     f"{self.cfg.token_file or 'PATCHWIRE_TOKEN'}")
+                raise PatchwireError(f"the agent does not accept the token from {self.cfg.token_source()}",
+                                     e.hint)
             raise
         return f"accepted as user {self.me['user']}"
 
@@ -2520,18 +2623,18 @@ class Doctor:
     def ssh(self) -> Optional[str]:
         if not self.cfg.ssh:
             return None
-        argv = ["ssh", *self.cfg.ssh_options, "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
+        argv = [*self.cfg.ssh_argv(), "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
                 self.cfg.ssh, "rsync", "--version"]
         proc = run(argv, timeout=30, check=False, hint="install OpenSSH's client")
-        shown = " ".join(shlex.quote(a) for a in ["ssh", *self.cfg.ssh_options, self.cfg.ssh])
+        shown = " ".join(shlex.quote(a) for a in [*self.cfg.ssh_argv(), self.cfg.ssh])
+        said = proc.stderr.decode(errors="replace").strip()[-300:]
         if proc.returncode == 255:
-            raise PatchwireError(f"cannot log in with `{shown}`: "
-                                 + proc.stderr.decode(errors="replace").strip()[-300:],
-                                 f"set up a key: ssh-copy-id {self.cfg.ssh} (and check ~/.ssh/config)")
+            raise PatchwireError(f"cannot log in with `{shown}`: {said}", ssh_failure_hint(self.cfg, said))
         if proc.returncode != 0 and b"rrsync" in proc.stderr:  # a team box's key runs rrsync only
             return f"{shown} works; this key may only rsync into your folder there (rrsync)"
         if proc.returncode != 0:
-            raise PatchwireError(f"rsync is missing on {self.cfg.ssh}", "install rsync on the box")
+            raise PatchwireError(f"rsync is missing on {self.cfg.ssh}",
+                                 "install rsync on the box (Debian/Ubuntu: sudo apt install rsync)")
         return f"{shown} works; rsync is installed there"
 
     def mirror(self) -> Optional[str]:
@@ -2545,8 +2648,9 @@ class Doctor:
 
 
 # ================================================================== commands
-# Each cmd_* returns (exit status, result). The result is printed as one JSON document with
-# --json, otherwise by the command's own human output (`show_*`); progress goes to stderr.
+# Each cmd_* takes the parsed arguments and returns the exit status. Its result goes through
+# output(): one JSON document on stdout with --json, otherwise the human printer it is given;
+# progress and warnings go to stderr (say()).
 
 
 def output(args, result: Any, human=None) -> None:
@@ -2569,7 +2673,9 @@ def cmd_init(args) -> int:
     token_file = Path(os.path.expanduser(args.token_file)).resolve()
     if not token_file.is_file():
         raise UsageError(f"the token file {token_file} does not exist",
-                         "put the token `patchwire-agent init` printed into it (chmod 600)")
+                         "the box printed your token once (`patchwire-agent init` or `user add`): put it "
+                         f"there (mkdir -p {shlex.quote(str(token_file.parent))}; install -m 600 /dev/null "
+                         f"{shlex.quote(str(token_file))}; then paste it in)")
     data: Dict[str, Any] = {"agent": args.agent, "token_file": str(token_file)}
     if args.ssh:
         data["ssh"] = args.ssh
@@ -2832,16 +2938,20 @@ def cmd_jobs(args) -> int:
     jobs = session.client.json("GET", "/v1/jobs")["jobs"]
     if not jobs:
         say("no jobs yet")
-    output(args, {"jobs": jobs}, lambda r: print("\n".join(job_line(j) for j in r["jobs"])) if jobs else None)
+    output(args, {"jobs": jobs},
+           lambda r: print("\n".join([JOBS_HEADER] + [job_line(j) for j in r["jobs"]])) if jobs else None)
     return 0
+
+
+JOBS_HEADER = f"{'JOB':<12}  {'STATUS':<9} {'ASKED':>8}  {'PROJECT':<16} {'CHANGE':<10} PROMPT"
 
 
 def job_line(job: dict) -> str:
     stats = job.get("stats") or {}
-    age = human_age(time.time() - job["created"])
+    asked = human_age(time.time() - job["created"]) + " ago"
     size = f"+{stats.get('added', 0)} -{stats.get('removed', 0)}" if stats else ""
     prompt = " ".join(str(job["prompt"]).split())[:50]
-    return sanitize(f"{job['id']}  {job['status']:<9} {age:>5}  {job['project']:<16} {size:<10} {prompt}")
+    return sanitize(f"{job['id']:<12}  {job['status']:<9} {asked:>8}  {job['project']:<16} {size:<10} {prompt}")
 
 
 def human_age(seconds: float) -> str:
@@ -2861,12 +2971,26 @@ def cmd_show(args) -> int:
             if job.get(key):
                 print(f"{key + ':':<9} {sanitize(str(job[key]), keep_newlines=True)}")
         for key, value in (job.get("result") or {}).items():
-            print(sanitize(f"{key + ':':<9} {value}", keep_newlines=True))
+            if value is not None:
+                print(sanitize(f"{key + ':':<9} {human_value(value)}", keep_newlines=True))
         printer = ProgressPrinter(Style(False))
         for event in events:
             printer(event)
     output(args, {"job": job, "events": events}, human)
     return 0
+
+
+def human_value(value: Any) -> str:
+    """A JSON value as a person reads it: yes/no, not True/False; no Python reprs."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {human_value(v)}" for k, v in value.items() if v is not None) or "-"
+    if isinstance(value, list):
+        return ", ".join(human_value(v) for v in value) or "-"
+    return str(value)
 
 
 def cmd_cancel(args) -> int:

@@ -163,7 +163,7 @@ exit codes: 0 ok, 1 error (bad config, cannot listen), 2 usage
 """
 
 CONFIG_TEMPLATE = """\
-# patchwire-agent configuration. Reference: README.md, "Agent config".
+# patchwire-agent configuration. Reference: README.md, "Configuration" (Box: agent.toml).
 
 [server]
 # host:port ([v6]:port) to listen on: loopback or a private network (Tailscale). Public
@@ -1602,8 +1602,8 @@ class AuditLog:
 
 
 class Agent:
-    """Owns config, users, store, queue, project repos and workers. No module state:
-    several agents can run in one process (tests do)."""
+    """Owns config, users, store, queue, project repos and workers. No module-level state:
+    everything a request or a worker needs hangs off this object."""
 
     def __init__(self, cfg: AgentConfig):
         self.cfg = cfg
