@@ -9,6 +9,7 @@ connection (ControlPersist) left by one test can never carry another test's traf
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -94,7 +95,7 @@ def mirror_of(agent, project: str = "laptop") -> Path:
 
 
 def listed(lap: Laptop) -> set:
-    return set(lap.run("sync", "--dry-run", check=0).out.splitlines())
+    return set(json.loads(lap.run("sync", "--dry-run", "--json", check=0).out)["files"])
 
 
 def laptop_files(lap: Laptop) -> Dict[str, bytes]:
