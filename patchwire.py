@@ -2,10 +2,15 @@
 
 The laptop is the source of truth. `patchwire ask "PROMPT"` does the whole job:
 
-    1. list the project's files with git's own ignore rules, minus a deny-list of secrets
-    2. record exactly what is sent as a git tree in a private index (blobs land in the
-       project's own object store, so every preimage of the returned diff exists here)
-    3. rsync those files, and only those, to the agent box (over SSH, or locally)
+    1. list the project's files with git's own ignore rules (wherever the project's root is:
+       a repository's top, a folder inside one, a folder without git), minus a deny-list of
+       secrets, `[sync] exclude` and files over `[sync] max_file_mb`
+    2. record exactly what is sent as a git tree in Patchwire's own store (a bare repository
+       under ~/.local/state/patchwire that reads the user's objects through alternates; the
+       user's repository holds nothing of it), so every preimage of the returned diff and
+       the 3-way merge base exist here
+    3. rsync the files that changed since the last sync (by content), and only listed files,
+       to the agent box (over SSH, or locally); files that move meanwhile are sent again
     4. POST /v1/ask {project, tree, files, prompt} to patchwire-agent with a bearer token
     5. stream the AI's progress (NDJSON events) to stderr as it happens
     6. fetch the diff, preview it (per-file summary, coloured diff, intra-line highlights)
@@ -13,7 +18,7 @@ The laptop is the source of truth. `patchwire ask "PROMPT"` does the whole job:
 
 Commands (`patchwire COMMAND --help` for each):
     init     write .patchwire.toml for this project (never the token itself)
-    sync     send the project to the agent box (--dry-run lists what would go, and why not)
+    sync     send the project to the agent box (--dry-run: what would go, and why not)
     ask      sync, ask the AI, stream progress, preview, apply on Enter
     diff     print a job's patch
     apply    apply a job's patch (the last job by default)
@@ -1846,7 +1851,10 @@ class Session:
         else:
             todo = files.paths
         t0 = time.monotonic()
-        counts = send_files(self.cfg, todo, mirror, checksum=force, ignore_times=bool(last.get("tree")))
+        if todo:
+            counts = send_files(self.cfg, todo, mirror, checksum=force, ignore_times=bool(last.get("tree")))
+        else:  # only deletions: the box's snapshot drops what the manifest no longer lists
+            counts = {"files": 0, "bytes": 0, "gone": []}
         # with -I every listed path went; otherwise rsync's count, which leaves out symlinks
         counts["sent"] = len(todo) if last.get("tree") else counts.get("files", 0) + (0 if force else files.links)
         say(f"synced {counts['sent']} of {len(files.paths)} file(s), "

@@ -338,6 +338,9 @@ def test_a_writer_process_during_asks_is_named_never_exit_3(laptop, agent, tmp_p
         "    open(sys.argv[1], 'w').write('// generated %09d\\n' % n)\n"),
         str(laptop.root / "src/gen.dart"), str(laptop.root / "README.md")])
     try:
+        deadline = time.monotonic() + 30
+        while not (laptop.root / "src/gen.dart").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
         for _ in range(2):
             result = laptop.ask(script({"say": "x"}), "--yes")
             assert result.returncode == 1, result.err
