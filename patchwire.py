@@ -508,6 +508,8 @@ class PathMatcher:
         self._folders: Dict[str, Optional[str]] = {}  # folder -> pattern: files share folders
 
     def match(self, path: str) -> Optional[str]:
+        if not self.patterns:
+            return None
         folder, _, name = path.rpartition("/")
         m = ((self._name and self._name.fullmatch(name)) or (self._root and self._root.fullmatch(path))
              or (self._tail and self._tail.search(path)))
@@ -658,15 +660,15 @@ class Project:
         self.name = project
         self.user_git: Optional[Git] = None
         self.user_objects: Optional[Path] = None
-        probe = run(["git", "rev-parse", "--is-inside-work-tree", "--git-dir", "--git-common-dir"],
-                    cwd=root, env=clean_env(), check=False)
-        lines = probe.stdout.decode("utf-8", "surrogateescape").splitlines()
+        probe = run(["git", "rev-parse", "--is-inside-work-tree", "--git-dir", "--git-common-dir",
+                     "--show-prefix"], cwd=root, env=clean_env(), check=False)
+        lines = probe.stdout.decode("utf-8", "surrogateescape").splitlines()[:4]
         key = hashlib.sha256(str(root.resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:16]
         self.private_dir = state_dir() / "projects" / f"{default_project_name(root)}-{key}"
         prepare_private_git_dir(self.private_dir)
         env = {"GIT_INDEX_FILE": str(self.private_dir / "index"), **TRUST_STAT}
         self.own_git = Git(cwd=root, git_dir=self.private_dir, work_tree=root, env=env)
-        if probe.returncode == 0 and len(lines) == 3 and lines[0] == "true":
+        if probe.returncode == 0 and len(lines) >= 3 and lines[0] == "true" and not _ignored_folder(root, lines):
             self.user_git = Git(cwd=root, neutral=False)
             self.user_objects = (root / lines[2]).resolve() / "objects"
             env["GIT_ALTERNATE_OBJECT_DIRECTORIES"] = quote_alternate(self.user_objects)
@@ -828,6 +830,14 @@ class Project:
 
     def state_file(self, name: str) -> Path:
         return self.private_dir / name
+
+
+def _ignored_folder(root: Path, probe: List[str]) -> bool:
+    """A folder inside a repository that ignores it (a home folder kept in git with `*` in its
+    .gitignore) is a project without git: its files are none of that repository's."""
+    if len(probe) < 4 or not probe[3]:
+        return False  # the repository's top level
+    return run(["git", "check-ignore", "-q", "."], cwd=root, env=clean_env(), check=False).returncode == 0
 
 
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"

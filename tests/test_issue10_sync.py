@@ -108,7 +108,13 @@ def kind_no_git(tmp_path: Path) -> Path:
     return root
 
 
-KINDS = {"toplevel": kind_toplevel, "subfolder": kind_subfolder, "worktree-subfolder": kind_worktree_subfolder,
+def kind_ignored_by_an_enclosing_repo(tmp_path: Path) -> Path:
+    home = make_repo(tmp_path / "home", {".gitignore": b"*\n!.bashrc\n", ".bashrc": b"x\n"})
+    root = kind_no_git(home / "code")
+    return root
+
+
+KINDS = {"ignored-by-home-repo": kind_ignored_by_an_enclosing_repo, "toplevel": kind_toplevel, "subfolder": kind_subfolder, "worktree-subfolder": kind_worktree_subfolder,
          "sparse-subfolder": kind_sparse_subfolder, "no-git": kind_no_git}
 
 
@@ -118,7 +124,7 @@ def test_the_same_files_go_twice_in_a_row_wherever_the_root_is(tmp_path, agent, 
     lap = Laptop(root)
     lap.init(agent)
     assert (root / ".patchwire.toml").is_file()  # written where init ran, a subfolder too
-    expected = APP_FILES | ({".gitignore"} if kind in ("toplevel", "no-git") else set())
+    expected = APP_FILES | ({".gitignore"} if kind in ("toplevel", "no-git", "ignored-by-home-repo") else set())
     first = dry(lap)
     assert set(first["files"]) == expected, first
     assert first["held_back"] == {".env": "secret deny-list: .env"}
@@ -128,7 +134,7 @@ def test_the_same_files_go_twice_in_a_row_wherever_the_root_is(tmp_path, agent, 
         assert set(mirror_files(agent, lap)) == expected
     assert "synced: nothing changed since the last sync (%d files)" % len(expected) in synced.err
     done = lap.ask(script({"append": "lib/main.dart", "text": "// by the AI\n"}), "--yes", check=0)
-    assert "not a git repository" not in done.err or kind == "no-git"
+    assert ("not a git repository" in done.err) == (kind in ("no-git", "ignored-by-home-repo"))
     assert (root / "lib/main.dart").read_bytes() == b"void main() {}\n// by the AI\n"
 
 
