@@ -760,7 +760,7 @@ class Project:
 
     def recorded(self, tree: str) -> bool:
         """Whether `tree` (a job's base) is a sync record this store can read."""
-        return self.git.run("cat-file", "-e", tree + "^{tree}", check=False).returncode == 0
+        return bool(tree) and self.git.run("cat-file", "-e", tree + "^{tree}", check=False).returncode == 0
 
     def recorded_file(self, tree: str, path: str) -> Optional[Tuple[bytes, str]]:
         """(bytes, git mode) of `path` as it was sent in the record `tree`; None if absent."""
@@ -1828,14 +1828,17 @@ class Session:
         if they still move, say which and why. `resend`: paths the box says differ."""
         me = self.client.json("GET", "/v1/me?project=" + urllib.parse.quote(self.cfg.project))
         last = self._last_sync()
-        if force or last.get("mirror") != me["mirror"]:
-            last = {}
+        if force or last.get("mirror") != me["mirror"] or not self.project.recorded(last.get("tree") or ""):
+            last = {}  # send every listed file: rsync compares them with the box's copy
         unsure = set(last.get("unsure", [])) | set(resend)
         moved: List[str] = []
         for attempt in (1, 2):
             files = self.project.scan(self.rules)
             if attempt == 1:
                 say_held(files)
+                if not files.paths:
+                    say(f"note: no file of {self.cfg.root} goes: git ignores them all, or they are held "
+                        "back (see `patchwire sync --dry-run`)")
             tree, manifest = self.project.record(files.paths)
             if last.get("tree") == tree and not unsure:
                 say(f"synced: nothing changed since the last sync ({len(files.paths)} files)")
