@@ -736,12 +736,13 @@ class Project:
             if len(rec) > 2:
                 yield prefix + _dec(rec[2:]), rec[:1] != b"?"
 
-    @staticmethod
-    def _nested(path: str, tracked: bool, rules: SyncRules, files: FileList, pending: List[str]) -> None:
+    def _nested(self, path: str, tracked: bool, rules: SyncRules, files: FileList, pending: List[str]) -> None:
         """A submodule (tracked) or a repository inside the project (untracked): its files
         go with `[sync] submodules = true`, listed by its own git."""
         kind = "a submodule" if tracked else "a git repository inside the project"
-        if rules.submodules and path.count("/") < 16:
+        if not os.path.lexists(os.path.join(self.root, path, ".git")):
+            files.held[path + "/"] = f"{kind} that is not checked out (git submodule update --init)"
+        elif rules.submodules and path.count("/") < 16:
             pending.append(path + "/")
         else:
             files.held[path + "/"] = f"{kind}: set `submodules = true` under [sync] to send its files"

@@ -428,6 +428,9 @@ def test_submodules_and_nested_repositories_go_as_their_files_when_asked(tmp_pat
     lap.ask(script({"append": "vendor/lib/lib.c", "text": "int more;\n"}), "--yes", check=0)
     assert (root / "vendor/lib/lib.c").read_bytes() == b"int lib;\nint more;\n"
     assert set(mirror_files(agent, lap)) == set(report["files"])
+    # a submodule that is not checked out is said so, not listed through the parent
+    git(root, "submodule", "deinit", "-q", "-f", "vendor/lib")
+    assert dry(lap)["held_back"]["vendor/lib/"] == "a submodule that is not checked out (git submodule update --init)"
 
 
 # ------------------------------------------------------------------ the deny-list
