@@ -148,6 +148,21 @@ def test_init_in_a_subfolder_writes_its_config_there_and_the_top_stays_clean(tmp
     assert not (top / ".git/patchwire").exists()  # nothing of Patchwire's in the user's .git
 
 
+def test_a_subfolder_project_merges_3_way_against_its_record_from_any_folder_inside(tmp_path, agent):
+    app = kind_subfolder(tmp_path)
+    long = "".join(f"line {i}\n" for i in range(1, 31))
+    write(app, {"lib/long.txt": long.encode()})
+    lap = Laptop(app)
+    lap.init(agent)
+    inside = Laptop(app / "lib")  # commands run anywhere inside the project
+    assert set(dry(inside)["files"]) == APP_FILES | {"lib/long.txt"}
+    inside.ask(script({"write": "lib/long.txt", "text": long.replace("line 5\n", "AI 5\n")}), "--no-apply", check=0)
+    (app / "lib/long.txt").write_text(long.replace("line 7\n", "mine 7\n"))
+    merged = inside.run("apply", check=0)
+    assert "3-way merged with your changes" in merged.err
+    assert (app / "lib/long.txt").read_text() == long.replace("line 5\n", "AI 5\n").replace("line 7\n", "mine 7\n")
+
+
 # ------------------------------------------------------------------ the sync record
 
 
