@@ -986,7 +986,7 @@ def send_files(cfg: LaptopConfig, paths: Sequence[str], dest: str, checksum: boo
             raise PatchwireError(f"cannot read {printable(path)}{more} here: {why}",
                                  "fix its permissions, or leave it out with `exclude = [...]` under "
                                  "[sync] in .patchwire.toml")
-        if gone:
+        if gone or proc.returncode == 24:  # 24 only ever means files vanished here
             counts["gone"] = gone
             return counts
     tail = proc.stderr.decode("utf-8", "replace").strip()[-1500:]
