@@ -690,8 +690,8 @@ class Project:
         while pending:
             prefix = pending.pop()
             for path, tracked in self._list(prefix, rules):
-                if rules.exclude.match(path):
-                    continue
+                if path in files.stats or rules.exclude.match(path):
+                    continue  # (a conflicted file is listed once per merge stage)
                 try:
                     st = os.lstat(os.path.join(root, path))
                 except OSError:
