@@ -2208,6 +2208,8 @@ def ask_init_values(args, root: Path) -> None:
 
 
 def cmd_sync(args) -> int:
+    if args.list and not args.dry_run:
+        raise UsageError("--list goes with --dry-run", "patchwire sync --dry-run --list")
     session = Session.here()
     if args.dry_run:
         report = dry_run_report(session.project.scan(session.rules))

@@ -559,6 +559,8 @@ def test_dry_run_totals_last_list_on_request_names_escaped(laptop):
     listed = laptop.run("sync", "--dry-run", "--list", check=0).out.splitlines()
     assert "README.md" in listed and "evil\\x1b[31mred\\nline.txt" in listed and "raw\\xff.txt" in listed
     assert listed[-1].startswith("would send 6 file(s)")
+    wrong = laptop.run("sync", "--list")
+    assert wrong.returncode == 2 and "--list goes with --dry-run" in wrong.err
 
 
 def test_dry_run_is_paged_on_a_terminal(laptop, tmp_path):
