@@ -295,6 +295,21 @@ def test_a_409_names_the_paths_and_the_ask_sends_them_again(laptop, agent):
     assert (laptop.root / "src/app.py").read_bytes() == b"print('AI')\n"
 
 
+def test_a_box_copy_that_differs_twice_is_named_exit_1(laptop, agent, tmp_path):
+    laptop.run("sync", check=0)
+    (laptop.root / "README.md").write_text("# new\n")
+    spoil = tmp_path / "rsync-spoils-the-mirror"
+    spoil.write_text(f"#!/bin/sh\nrsync \"$@\"; rc=$?\necho spoiled > {mirror_of(agent, laptop)}/README.md\nexit $rc\n")
+    spoil.chmod(0o755)
+    write_sync(laptop, rsync=str(spoil))
+    before = agent.json("GET", "/v1/jobs")[1]["jobs"]
+    asked = laptop.ask(script({"say": "never"}), "--yes")
+    assert asked.returncode == 1, asked.err
+    assert "the box's copy differs from what was sent in README.md; sending again" in asked.err
+    assert "the box's copy still differs from what was sent in README.md, after sending it again" in asked.err
+    assert "Traceback" not in asked.err and agent.json("GET", "/v1/jobs")[1]["jobs"] == before
+
+
 def test_symlinks_count_in_synced_n_of_m(laptop):
     laptop.run("sync", check=0)
     (laptop.root / "link").symlink_to("README.md")
