@@ -38,3 +38,12 @@ done
 for f in dist/patchwire dist/patchwire-agent; do
     echo "built $f: $(wc -c <"$f" | tr -d ' ') bytes"
 done
+
+# The VS Code extension (editors/vscode/package.sh), when Node is here: npm fetches the pinned
+# vsce only the first time; a failure to do so leaves the zipapps built and says why, loudly.
+if command -v node >/dev/null && command -v npm >/dev/null; then
+    bash editors/vscode/package.sh dist/patchwire-vscode.vsix || \
+        echo "build.sh: WARNING: dist/patchwire-vscode.vsix NOT built (see above)" >&2
+else
+    echo "build.sh: no Node.js here: dist/patchwire-vscode.vsix not built"
+fi

@@ -27,6 +27,7 @@ Commands (`patchwire COMMAND --help` for each):
     cancel   cancel a queued or running job
     log      what was applied here, when, from which job
     doctor   check every link (git, rsync, ssh, agent, token, AI, clock) and say how to fix it
+    usage    your asks, AI minutes, tokens and cost on the box (--by project|day, --csv)
 
 Exit codes:
     0 ok, 1 error, 2 usage, 3 agent unreachable or refused the request,
@@ -396,6 +397,8 @@ def _is_kind(value: Any, kind: Any) -> bool:
         return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
     if kind is int:
         return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    if kind == "int>=0":
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
     if kind is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
     return isinstance(value, kind)
@@ -403,7 +406,7 @@ def _is_kind(value: Any, kind: Any) -> bool:
 
 def _kind_name(kind: Any) -> str:
     return {"str_list": "a list of strings", "str_table": "a table of strings",
-            int: "a positive integer", float: "a positive number", str: "a string",
+            int: "a positive integer", "int>=0": "a whole number, 0 or more", float: "a positive number", str: "a string",
             bool: "true or false", dict: "a table", list: "a list"}.get(kind, str(kind))
 
 
@@ -1043,6 +1046,9 @@ class Client:
         hint = body.get("hint", "")
         if e.code == 401:
             hint = hint or "check the token file named in .patchwire.toml"
+        retry = e.headers.get("Retry-After", "") if e.headers else ""
+        if e.code == 429 and retry.isdigit() and retry not in hint:
+            hint = (hint + "; " if hint else "") + f"the agent says: retry after {retry} s"
         return AgentError(f"the agent refused: {message}", hint, details=body,
                           code=body.get("code", str(e.code)), http_status=e.code)
 
@@ -1119,10 +1125,11 @@ class ProgressPrinter:
 
     def on_queued(self, e: dict) -> None:
         ahead = e.get("position", 0)
-        say(self.stamp(), f"queued as job {e.get('job')}" + (f", {ahead} ahead" if ahead else ""))
+        say(self.stamp(), f"queued as job {e.get('job')}" + (f", {ahead} ahead" if ahead else "")
+            + _wait_estimate(e))
 
     def on_position(self, e: dict) -> None:
-        say(self.stamp(), f"waiting: {e.get('position')} ahead in the queue")
+        say(self.stamp(), f"waiting: {e.get('position')} ahead in the queue" + _wait_estimate(e))
 
     def on_started(self, e: dict) -> None:
         say(self.stamp(), "AI started")
@@ -1154,6 +1161,14 @@ class ProgressPrinter:
 
     def on_cancelled(self, e: dict) -> None:
         say(self.stamp(), self.style("yellow", f"job cancelled: {e.get('reason', '')}"))
+
+
+def _wait_estimate(e: dict) -> str:
+    """", starts in about 3 min": the box's estimate from its recent run times."""
+    seconds = e.get("estimate_s")
+    if not isinstance(seconds, int) or isinstance(seconds, bool) or seconds <= 0:
+        return ""
+    return f", starts in about {seconds} s" if seconds < 120 else f", starts in about {round(seconds / 60)} min"
 
 
 # --- the diff preview
@@ -2131,6 +2146,8 @@ class Doctor:
             raise PatchwireError(f"cannot log in with `{shown}`: "
                                  + proc.stderr.decode(errors="replace").strip()[-300:],
                                  f"set up a key: ssh-copy-id {self.cfg.ssh} (and check ~/.ssh/config)")
+        if proc.returncode != 0 and b"rrsync" in proc.stderr:  # a team box's key runs rrsync only
+            return f"{shown} works; this key may only rsync into your folder there (rrsync)"
         if proc.returncode != 0:
             raise PatchwireError(f"rsync is missing on {self.cfg.ssh}", "install rsync on the box")
         return f"{shown} works; rsync is installed there"
@@ -2359,6 +2376,8 @@ def confirm_apply(session: Session, args, job: str, tree: str, patch: bytes) -> 
 def cmd_diff(args) -> int:
     session = Session.here()
     job = session.job_id(args.job)
+    if args.file:
+        return show_job_file(session, job, args)
     patch = session.client.bytes(f"/v1/jobs/{job}/diff")
     if args.json:
         files = [{"path": f.path, "old_path": f.old_path, "kind": f.kind, "added": f.added,
@@ -2372,6 +2391,51 @@ def cmd_diff(args) -> int:
     sys.stdout.buffer.write(patch)
     sys.stdout.flush()
     return 0
+
+
+def show_job_file(session: Session, job_id: str, args) -> int:
+    """`diff JOB --file PATH --side old|new`: one file as it was synced, or as the job leaves
+    it, for an editor's side-by-side view (the VS Code extension's diff editor)."""
+    job = session.client.json("GET", f"/v1/jobs/{job_id}")
+    git, tree = session.project.git, job.get("tree") or ""
+    if not tree or git.run("cat-file", "-e", tree + "^{tree}", check=False).returncode != 0:
+        raise PatchwireError(f"the files job {job['id']} started from are not in this project",
+                             "run this in the project the job was asked from")
+    if args.side == "new":
+        patch = session.client.bytes(f"/v1/jobs/{job['id']}/diff")
+        tree = tree_after_patch(session.project, tree, patch, job["id"])
+    fields = git("ls-tree", "-z", tree, "--", args.file).split(b"\t", 1)[0].decode().split()
+    mode, blob = (fields[0], fields[2]) if len(fields) == 3 and fields[1] == "blob" else ("", "")
+    data = git("cat-file", "blob", blob) if blob else b""
+    if not args.json:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        return 0
+    body = {"exists": bool(blob), "mode": mode, "binary": b"\0" in data[:8000]}
+    try:
+        body["text"] = data.decode("utf-8")
+    except UnicodeDecodeError:
+        body["base64"] = base64.b64encode(data).decode()
+    output(args, {"job": job["id"], "path": args.file, "side": args.side, **body})
+    return 0
+
+
+def tree_after_patch(project: Project, tree: str, patch: bytes, job: str) -> str:
+    """The tree `patch` makes of `tree`: git's own apply in a throwaway index (never the
+    worktree), so there is no second patch applier. The index is per process: an editor
+    asks for several files at once."""
+    index = project.private_dir / f"show-{os.getpid()}.index"
+    git = project.git.with_env(GIT_INDEX_FILE=str(index))
+    try:
+        git("read-tree", tree)
+        applied = git.run("apply", "--cached", "--binary", "-", input=patch, check=False)
+        if applied.returncode != 0:
+            raise PatchError(f"job {job}'s patch does not apply to the files it started from:\n"
+                             + describe_apply_failure(applied.stderr))
+        return git.text("write-tree")
+    finally:
+        if index.exists():
+            index.unlink()
 
 
 def cmd_apply(args) -> int:
@@ -2475,6 +2539,70 @@ def print_checks(checks: List[dict], stream=None) -> None:
             print(f"     fix: {c['fix']}", file=stream)
 
 
+# Usage reports, shared with patchwire-agent's `usage`: the figures of GET /v1/usage in
+# table order, with their headings.
+USAGE_HEADINGS = (("asks", "asks"), ("done", "done"), ("failed", "failed"), ("cancelled", "cancel"),
+                  ("ai_minutes", "AI min"), ("turns", "turns"), ("tokens_in", "tok in"),
+                  ("tokens_out", "tok out"), ("cache_read_tokens", "cache rd"),
+                  ("cache_write_tokens", "cache wr"), ("cost_usd", "cost $"), ("files_changed", "files"),
+                  ("lines_added", "+lines"), ("lines_removed", "-lines"), ("queue_wait_minutes", "wait min"))
+
+
+def usage_rows(report: dict) -> List[List[str]]:
+    """Header, one row per group and the total, as strings (the CSV and the table)."""
+    key = {"user": "user", "project": "user/project", "day": "day (UTC)"}[report["group"]]
+    out = [[key] + [heading for _, heading in USAGE_HEADINGS]]
+    for row in report["rows"] + [dict(report["total"], key="total")]:
+        name = row["key"] + (" (removed)" if row.get("user_removed") else "")
+        out.append([name] + [_figure(field, row[field]) for field, _ in USAGE_HEADINGS])
+    return out
+
+
+def _figure(field: str, value: Any) -> str:
+    if field == "cost_usd":
+        return f"{value:.4f}"  # a small ask costs cents
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def usage_table(report: dict) -> List[str]:
+    rows = usage_rows(report)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    return lines[:-1] + ["-" * len(lines[0])] + lines[-1:]
+
+
+def usage_csv(report: dict) -> str:
+    import csv
+    import io
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([report["group"]] + [f for f, _ in USAGE_HEADINGS] + ["user_removed"])
+    for row in report["rows"] + [dict(report["total"], key="total")]:
+        removed = {True: "yes", False: "no"}.get(row.get("user_removed"), "")
+        writer.writerow([row["key"]] + [row[f] for f, _ in USAGE_HEADINGS] + [removed])
+    return buffer.getvalue()
+
+
+def print_usage(args, report: dict) -> None:
+    """--json, --csv or a table (with the time range above it)."""
+    if getattr(args, "csv", False):
+        sys.stdout.write(usage_csv(report))
+        return
+    def human(r: dict) -> None:
+        span = [time.strftime("%Y-%m-%d %H:%M", time.gmtime(r[k])) for k in ("since", "until")]
+        print(f"usage from {span[0]} to {span[1]} UTC" + (f", user {r['user']}" if r.get("user") else ""))
+        print("\n".join(usage_table(r)))
+    output(args, report, human)
+
+
+def cmd_usage(args) -> int:
+    session = Session.here()
+    query = {k: v for k, v in (("since", args.since), ("until", args.until), ("group", args.by)) if v}
+    print_usage(args, session.client.json("GET", "/v1/usage?" + urllib.parse.urlencode(query)))
+    return 0
+
+
 COMMANDS = {
     "init": (cmd_init, "write .patchwire.toml for this project (asks for the values without flags)"),
     "sync": (cmd_sync, "send the project's files to the agent box"),
@@ -2486,6 +2614,7 @@ COMMANDS = {
     "cancel": (cmd_cancel, "cancel a queued or running job"),
     "log": (cmd_log, "what was applied here, when, from which job"),
     "doctor": (cmd_doctor, "check git, rsync, ssh, the agent, the token and the AI; say how to fix"),
+    "usage": (cmd_usage, "your asks, AI time, tokens and cost on the agent box"),
 }
 
 
@@ -2523,15 +2652,29 @@ def build_parser() -> argparse.ArgumentParser:
     follow.add_argument("--on", metavar="JOB", help="continue the given job")
     for name in ("ask", "diff"):
         p[name].add_argument("--no-color", action="store_true", help="no colour")
+    p["diff"].add_argument("--file", metavar="PATH", help="print one file of the job instead of the patch")
+    p["diff"].add_argument("--side", choices=("old", "new"), default="new",
+                           help="with --file: as synced (old) or as the job leaves it (new, the default)")
     for name in ("diff", "apply", "show", "cancel"):
         p[name].add_argument("job", nargs="?" if name != "cancel" else None, help="job id (a unique prefix is enough)")
     p["apply"].add_argument("-i", "--interactive", action="store_true", help="choose files and hunks, like git add -p")
+    p["apply"].add_argument("--yes", "-y", action="store_true", help="apply without asking (for scripts and editors)")
     p["apply"].add_argument("--only", nargs="+", metavar="PATH", help="apply only these files or folders (shell patterns)")
     p["apply"].add_argument("--exclude", nargs="+", metavar="PATH", help="leave these files or folders out")
     p["apply"].add_argument("--keep-conflicts", action="store_true",
                             help="where your edits and the AI's overlap, write conflict markers instead of asking")
     p["apply"].add_argument("--undo", action="store_true", help="restore the files the last apply touched")
+    add_usage_arguments(p["usage"], "project")
     return parser
+
+
+def add_usage_arguments(parser: argparse.ArgumentParser, by: str) -> None:
+    """Shared by `patchwire usage` and `patchwire-agent usage`."""
+    parser.add_argument("--since", default="30d", help="7d, 12h, 2026-11-01 or an ISO time (default %(default)s)")
+    parser.add_argument("--until", help="the end, same forms (a bare day counts whole; default now)")
+    parser.add_argument("--by", choices=("user", "project", "day"), default=by,
+                        help="one row per user, project or UTC day (default %(default)s)")
+    parser.add_argument("--csv", action="store_true", help="CSV on stdout")
 
 
 def run_command(prog: str, commands: dict, args, on_error=None) -> int:

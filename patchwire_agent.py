@@ -3,11 +3,13 @@ synced project and returns a git diff.
 
 Data flow for one ask:
 
-    laptop rsyncs files     -> mirror/<user>/<project>/            (never the AI's cwd)
-    POST /v1/ask            -> snapshot: a commit of exactly the files listed in the ask
+    laptop rsyncs files     -> users/<user>/mirror/<project>/      (never the AI's cwd)
+    POST /v1/ask            -> the user's policy: project allowlist, limits (403/413/429)
+                            -> snapshot: a commit of exactly the files listed in the ask
                                (a private index over the mirror); 409 when its tree id
                                differs from the laptop's, naming the paths
-                            -> fair queue (round robin over users)
+                            -> fair queue (the user served longest ago first; FIFO
+                               within a user; [jobs] workers runs at once)
                             -> a warm job folder (git worktree) moved to the snapshot,
                                cleaned and checked clean before the AI starts
                             -> [ai] command, prompt on stdin, own process group, timeout
@@ -15,11 +17,34 @@ Data flow for one ask:
                             -> git add -A; git diff --cached --binary --full-index -M snap
                                -> stored patch, stats
 
-Commands:
+Commands (-c CONFIG defaults to $XDG_CONFIG_HOME/patchwire/agent.toml):
     patchwire-agent init -c CONFIG [--user NAME] [--token-file PATH]
         write a commented starter config with one user; print its token once
     patchwire-agent serve -c CONFIG
-        run the HTTP server
+        run the HTTP server; SIGHUP (or any change of the file) reloads users and policy;
+        SIGTERM lets running jobs finish for [server] shutdown_grace_s, then cancels them;
+        queued jobs stay queued and run after the restart
+    patchwire-agent user add NAME [--admin] [--ssh-key FILE [--authorized-keys FILE]]
+    patchwire-agent user list | remove NAME [--cancel-jobs] | rotate NAME [--cancel-jobs]
+    patchwire-agent user key NAME --ssh-key FILE [--authorized-keys FILE]
+        manage users and tokens (only sha256 digests are stored); with --ssh-key, an
+        authorized_keys line that may only rsync into the user's own mirror (rrsync)
+    patchwire-agent policy NAME
+        the user's effective policy, and where each value comes from
+    patchwire-agent usage -c CONFIG [--user NAME] [--since 7d|DATE] [--until] [--by user|project|day]
+        [--csv|--json]      usage summed from the state db (works while the server runs)
+    patchwire-agent status -c CONFIG    running and queued jobs by user, uptime, disk per user
+    patchwire-agent gc -c CONFIG [--older-than 30d] [--dry-run]
+        prune old jobs' patches and events and unused job folders; say what was freed
+    patchwire-agent service -c CONFIG --systemd|--launchd [--install]
+        a user-level systemd unit or launchd plist that runs serve and restarts it on failure
+
+Team mode: each user's mirrors, repositories and job folders live under users/<user>/;
+a user can reach only their own jobs (any other id is 404, as if it did not exist).
+`[policy]` holds defaults, `[users.NAME]` overrides: projects (name patterns), rate_limit
+("30/hour", counted from the stored jobs, so it survives a restart), max_queued,
+max_running, timeout_s (ceiling), max_prompt_bytes, max_projects. Each refusal is a JSON
+error with code "policy" naming the limit, its value and the rule that set it.
 
 HTTP API (JSON; `Authorization: Bearer TOKEN` on all but health):
     GET    /v1/health                       version, queue depth, whether the AI is found
@@ -32,6 +57,10 @@ HTTP API (JSON; `Authorization: Bearer TOKEN` on all but health):
     GET    /v1/jobs/{id}/events?after=N     its events after N (NDJSON, follows a live job)
     GET    /v1/jobs/{id}/diff               the patch, as bytes
     DELETE /v1/jobs/{id}                    cancel a queued or running job
+    GET    /v1/usage?since=&until=&group=user|project|day[&user=NAME]
+                                            usage summed over jobs: yours, or (admin) anyone's
+    GET    /v1/openapi.json                 this API as OpenAPI 3.1 (no token needed)
+    GET    /metrics                         Prometheus text format (admin token)
 
 Exit codes: 0 ok, 1 error (bad config, cannot listen), 2 usage.
 
@@ -47,6 +76,10 @@ capped. The AI never runs in the mirror, and a failed run leaves the mirror unto
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime as dt
+import fcntl
+import fnmatch
 import hashlib
 import hmac
 import http.server
@@ -66,7 +99,7 @@ import urllib.parse
 from collections import deque
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 import patchwire as pw
 from patchwire import Git, PatchwireError, UsageError
@@ -96,7 +129,8 @@ AGENT_DESCRIPTION = ("the box's side of Patchwire: runs Claude Code on a clean c
 AGENT_EPILOG = """\
 typical use:  patchwire-agent init -c agent.toml --user alice   (prints alice's token once)
               patchwire-agent serve -c agent.toml
-API: GET /v1/health, /v1/me, /v1/jobs[/ID[/events|/diff]]; POST /v1/ask; DELETE /v1/jobs/ID
+API: GET /v1/health, /v1/me, /v1/jobs[/ID[/events|/diff]], /v1/usage, /v1/openapi.json, /metrics;
+     POST /v1/ask; DELETE /v1/jobs/ID
 exit codes: 0 ok, 1 error (bad config, cannot listen), 2 usage
 """
 
@@ -113,7 +147,18 @@ CONFIG_TEMPLATE = """\
 [jobs]
 # workers: AI runs at once on this box; slots: warm job folders per user and project.
 {jobs}
-# One table per user. Only the sha256 of each token is stored here.
+# The policy table holds defaults for every user; users.NAME may override each key.
+# `patchwire-agent policy NAME` shows what applies. The built-in defaults:
+# [policy]  (uncomment to change)
+# projects = ["*"]            # allowed project names (patterns)
+# rate_limit = "30/hour"      # for example (default: no limit); per second, minute, hour or day
+# max_queued = 100            # jobs waiting per user
+# max_running = 2             # AI runs at once per user (default: jobs.workers)
+# timeout_s = 7200            # ceiling of an ask's timeout (default: ai.max_timeout_s)
+# max_prompt_bytes = 1048576
+# max_projects = 50           # projects (mirror + repository) per user on this box
+
+# One table per user (`patchwire-agent user add NAME`). Only the sha256 of each token is stored.
 {users}"""
 
 
@@ -129,13 +174,22 @@ class HTTPFailure(PatchwireError):
 
 # ================================================================== config
 
-SERVER_SCHEMA = {"listen": (str, DEFAULT_LISTEN), "state_dir": (str, None)}
+SERVER_SCHEMA = {"listen": (str, DEFAULT_LISTEN), "state_dir": (str, None), "shutdown_grace_s": ("int>=0", 60)}
 AI_SCHEMA = {"command": ("str_list", CLAUDE_COMMAND), "timeout_s": (int, 1800),
              "max_timeout_s": (int, 7200), "env": ("str_table", {}),
              "resume_args": ("str_list", ["--resume", "{session_id}"])}
 JOBS_SCHEMA = {"workers": (int, 2), "slots": (int, 2)}
-USER_SCHEMA = {"token_sha256": (str, None), "admin": (bool, False)}
-TOP_SCHEMA = {"server": (dict, {}), "ai": (dict, {}), "jobs": (dict, {}), "users": (dict, {})}
+# Policy keys: defaults in [policy], overrides in [users.NAME]. None means "no limit of its
+# own" (max_running: [jobs] workers; timeout_s: [ai] max_timeout_s; rate_limit: none).
+POLICY_SCHEMA = {"projects": ("str_list", ["*"]), "rate_limit": (str, None), "max_queued": (int, 100),
+                 "max_running": (int, None), "timeout_s": (int, None),
+                 "max_prompt_bytes": (int, 1024 * 1024), "max_projects": (int, 50)}
+USER_SCHEMA = {"token_sha256": (str, None), "admin": (bool, False),
+               **{key: (kind, None) for key, (kind, _) in POLICY_SCHEMA.items()}}
+TOP_SCHEMA = {"server": (dict, {}), "ai": (dict, {}), "jobs": (dict, {}), "users": (dict, {}),
+              "policy": (dict, {})}
+RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600,
+              "hour": 3600, "d": 86400, "day": 86400}
 
 
 class AgentConfig:
@@ -148,8 +202,10 @@ class AgentConfig:
         ai = pw.Schema(path, "ai", AI_SCHEMA).read(top["ai"])
         jobs = pw.Schema(path, "jobs", JOBS_SCHEMA).read(top["jobs"])
         self.host, self.port = parse_listen(path, server["listen"])
+        self.shutdown_grace_s: int = server["shutdown_grace_s"]  # on SIGTERM, running jobs may finish
         state = Path(os.path.expanduser(server["state_dir"] or "patchwire-state"))
-        self.state_dir = state if state.is_absolute() else (path.parent / state).resolve()
+        # real path: rrsync compares the laptop's absolute mirror path with its own realpath
+        self.state_dir = Path(os.path.realpath(path.parent / state))
         if not SAFE_PATH_RE.match(str(self.state_dir)):
             raise PatchwireError(f"{path}: server.state_dir {str(self.state_dir)!r} has characters "
                                  "that remote shells would split", "use a path of letters, digits and ./_-")
@@ -164,6 +220,10 @@ class AgentConfig:
         self.slots: int = jobs["slots"]
         self.users: Dict[str, bytes] = {}
         self.admins: Set[str] = set()  # users whose token also reads everyone's usage and metrics
+        self.policy_defaults = pw.Schema(path, "policy", POLICY_SCHEMA).read(top["policy"])
+        self.policy_set = set(top["policy"])  # keys [policy] sets itself (for `policy NAME`)
+        check_policy(path, "policy", self.policy_defaults)
+        self.user_policy: Dict[str, dict] = {}  # per user: the policy keys [users.NAME] sets
         for name, table in top["users"].items():
             if not pw.NAME_RE.fullmatch(name):
                 raise PatchwireError(f"{path}: user name {name!r} is not valid",
@@ -172,14 +232,75 @@ class AgentConfig:
             digest = user["token_sha256"] or ""
             if not re.fullmatch(r"[0-9a-f]{64}", digest):
                 raise PatchwireError(f"{path}: users.{name}.token_sha256 must be 64 hex digits",
-                                     "create users with `patchwire-agent init`")
+                                     "create users with `patchwire-agent user add`")
             self.users[name] = bytes.fromhex(digest)
             if user["admin"]:
                 self.admins.add(name)
+            self.user_policy[name] = {k: user[k] for k in POLICY_SCHEMA if user[k] is not None}
+            check_policy(path, f"users.{name}", self.user_policy[name])
 
     @classmethod
     def load(cls, path: Path) -> "AgentConfig":
         return cls(path, pw.load_toml(path))
+
+    def policy(self, user: str) -> "Policy":
+        """What applies to `user`, and where each value comes from."""
+        values, sources = {}, {}
+        own = self.user_policy.get(user, {})
+        for key, (_, default) in POLICY_SCHEMA.items():
+            if key in own:
+                values[key], sources[key] = own[key], f"[users.{user}]"
+            elif key in self.policy_set:
+                values[key], sources[key] = self.policy_defaults[key], "[policy]"
+            else:
+                values[key], sources[key] = default, "built-in default"
+        if values["max_running"] is None:
+            values["max_running"], sources["max_running"] = self.workers, "[jobs] workers"
+        ceiling = self.max_timeout_s
+        if values["timeout_s"] is None or values["timeout_s"] > ceiling:
+            values["timeout_s"], sources["timeout_s"] = ceiling, "[ai] max_timeout_s"
+        return Policy(user, values, sources)
+
+
+class Policy:
+    """One user's effective policy: `values[key]` and where it comes from, `sources[key]`."""
+
+    def __init__(self, user: str, values: dict, sources: dict):
+        self.user, self.values, self.sources = user, values, sources
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self.__dict__["values"][key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def rule(self, key: str) -> str:
+        """`[users.bob] max_queued = 5`: the rule as the admin wrote it."""
+        return f"{self.sources[key]} {key} = {json.dumps(self.values[key])}"
+
+    def allows_project(self, project: str) -> bool:
+        return any(fnmatch.fnmatchcase(project, pattern) for pattern in self.projects)
+
+    def rate_window(self) -> Optional[Tuple[int, int]]:
+        """(count, seconds) of `rate_limit`, or None without one."""
+        return parse_rate(self.rate_limit) if self.rate_limit else None
+
+
+def parse_rate(text: str) -> Optional[Tuple[int, int]]:
+    """"30/hour" -> (30, 3600); None when it is not of that form."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*([a-z]+?)s?\s*", text or "")
+    if not m or int(m.group(1)) < 1 or m.group(2) not in RATE_UNITS:
+        return None
+    return int(m.group(1)), RATE_UNITS[m.group(2)]
+
+
+def check_policy(path: Path, table: str, values: dict) -> None:
+    if values.get("rate_limit") and not parse_rate(values["rate_limit"]):
+        raise PatchwireError(f"{path}: {table}.rate_limit must be COUNT/UNIT, not {values['rate_limit']!r}",
+                             'for example "30/hour" (units: second, minute, hour, day)')
+    if values.get("projects") == []:
+        raise PatchwireError(f"{path}: {table}.projects is empty, so no project is allowed",
+                             'list name patterns, for example ["web-*", "api"], or "*" for all')
 
 
 def parse_listen(path: Path, listen: str) -> Tuple[str, int]:
@@ -221,6 +342,7 @@ class Store:
                                   isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA_SQL)
+        migrate_usage_columns(self.db)
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
 
@@ -249,6 +371,14 @@ class Store:
                 f"SELECT {', '.join(JOB_FIELDS)} FROM jobs WHERE user = ? AND id LIKE ? "
                 "ORDER BY created DESC LIMIT ?", (user, prefix.replace("%", "") + "%", limit)).fetchall()
         return [_job_row(r) for r in rows]
+
+    def ask_times(self, user: str, since: float) -> List[float]:
+        """When the user's asks since `since` were accepted, oldest first (rate limits: the
+        jobs table is the count, so it survives a restart)."""
+        with self.lock:
+            rows = self.db.execute("SELECT created FROM jobs WHERE user = ? AND created > ? "
+                                   "ORDER BY created", (user, since)).fetchall()
+        return [r[0] for r in rows]
 
     def jobs_with_status(self, *statuses: str) -> List[dict]:
         with self.lock:
@@ -306,7 +436,212 @@ def _job_row(row: tuple) -> dict:
     return job
 
 
+# ================================================================== usage: the jobs table, summed
+# Each finished job keeps its figures in columns of its own row, so a report is one GROUP BY
+# and its totals are exactly the sum over jobs, whatever restarts or gc happened in between.
+
+USAGE_COLUMNS = {"ai_s": "REAL", "turns": "INTEGER", "tokens_in": "INTEGER", "tokens_out": "INTEGER",
+                 "cache_read": "INTEGER", "cache_write": "INTEGER", "cost_usd": "REAL",
+                 "files": "INTEGER", "added": "INTEGER", "removed": "INTEGER"}
+USAGE_GROUPS = ("user", "project", "day")
+# what a report row holds, in table order (headings: pw.USAGE_HEADINGS): (key in JSON, SQL over one group)
+USAGE_FIGURES = (
+    ("asks", "COUNT(*)"),
+    ("done", "SUM(status = 'done')"),
+    ("failed", "SUM(status = 'failed')"),
+    ("cancelled", "SUM(status = 'cancelled')"),
+    ("ai_minutes", "SUM(ai_s) / 60.0"),
+    ("turns", "SUM(turns)"),
+    ("tokens_in", "SUM(tokens_in)"),
+    ("tokens_out", "SUM(tokens_out)"),
+    ("cache_read_tokens", "SUM(cache_read)"),
+    ("cache_write_tokens", "SUM(cache_write)"),
+    ("cost_usd", "SUM(cost_usd)"),
+    ("files_changed", "SUM(files)"),
+    ("lines_added", "SUM(added)"),
+    ("lines_removed", "SUM(removed)"),
+    # a job cancelled while queued waited until it was cancelled
+    ("queue_wait_minutes", "SUM(COALESCE(started, finished) - created) / 60.0"),
+)
+GROUP_SQL = {"user": "user", "project": "user || '/' || project", "day": "date(created, 'unixepoch')"}
+
+
+def migrate_usage_columns(db: sqlite3.Connection) -> None:
+    """Add the usage columns to a state db from before 0.3 and fill them from each job's
+    stored result and stats. In one write transaction: a second process (a `usage` on the
+    box while the server starts) waits, then finds the columns there."""
+    if set(USAGE_COLUMNS) <= _job_columns(db):
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        missing = [c for c in USAGE_COLUMNS if c not in _job_columns(db)]
+        for column in missing:
+            db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {USAGE_COLUMNS[column]}")
+        rows = db.execute("SELECT id, result, stats FROM jobs WHERE result IS NOT NULL OR stats IS NOT NULL")
+        for job_id, result, stats in rows.fetchall():
+            figures = usage_columns(json.loads(result or "null"), json.loads(stats or "null"))
+            db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in figures)} WHERE id = ?",
+                       [*figures.values(), job_id])
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _job_columns(db: sqlite3.Connection) -> Set[str]:
+    return {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+
+
+def usage_columns(result: Optional[dict], stats: Optional[dict]) -> dict:
+    """A finished job's usage columns from its result summary and diff stats. The AI's
+    figures are data: anything that is not a number counts as unknown (NULL), never as 0."""
+    result, stats = result or {}, stats or {}
+    def number(value: Any) -> Optional[float]:
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return {"ai_s": number(result.get("duration_s")), "turns": number(result.get("num_turns")),
+            "tokens_in": number(result.get("tokens_in")), "tokens_out": number(result.get("tokens_out")),
+            "cache_read": number(result.get("cache_read_tokens")),
+            "cache_write": number(result.get("cache_write_tokens")),
+            "cost_usd": number(result.get("cost_usd")), "files": number(stats.get("files")),
+            "added": number(stats.get("added")), "removed": number(stats.get("removed"))}
+
+
+def usage_report(store: Store, since: float, until: float, group: str, user: Optional[str] = None,
+                 users: Sequence[str] = ()) -> dict:
+    """Asks and their figures per user, project or (UTC) day for jobs created in
+    [since, until), with totals. `users` are the configured ones: a user with history who
+    is no longer configured is reported as removed (derived, never stored)."""
+    key = GROUP_SQL[group]
+    figures = ", ".join(sql for _, sql in USAGE_FIGURES)
+    where = "created >= ? AND created < ?" + (" AND user = ?" if user is not None else "")
+    params: List[Any] = [since, until] + ([user] if user is not None else [])
+    with store.lock:
+        rows = store.db.execute(f"SELECT {key}, {figures} FROM jobs WHERE {where} GROUP BY 1 ORDER BY 1",
+                                params).fetchall()
+        total = store.db.execute(f"SELECT {figures} FROM jobs WHERE {where}", params).fetchone()
+        job_users = [r[0] for r in store.db.execute(f"SELECT DISTINCT user FROM jobs WHERE {where}", params)]
+    names = [name for name, _ in USAGE_FIGURES]
+    out = [_round_figures(dict(zip(["key"] + names, row))) for row in rows]
+    for row in out:
+        if group != "day":
+            row["user"] = row["key"].split("/")[0]
+            row["user_removed"] = row["user"] not in users
+    return {"since": since, "until": until, "group": group, "user": user, "rows": out,
+            "total": _round_figures(dict(zip(names, total))), "removed_users": sorted(set(job_users) - set(users))}
+
+
+def _round_figures(row: dict) -> dict:
+    """SUM over no known value is NULL: report 0. Floats rounded for reading, not summing."""
+    for name, _ in USAGE_FIGURES:
+        value = row[name] or 0
+        row[name] = round(value, 6) if isinstance(value, float) else value
+    return row
+
+
+def usage_answer(agent: "Agent", user: str, query: Dict[str, str]) -> dict:
+    """GET /v1/usage: a user sees their own usage; an admin everyone's, or one user's. Asking
+    for another user without being an admin is 403 whether or not that user exists."""
+    group = query.get("group", "user")
+    if group not in USAGE_GROUPS:
+        raise HTTPFailure(HTTPStatus.BAD_REQUEST, f"group must be one of {', '.join(USAGE_GROUPS)}", code="bad_request")
+    wanted = query.get("user")
+    if wanted is not None and wanted != user:
+        require_admin(agent, user, "other users' usage")
+    if not agent.is_admin(user):
+        wanted = user
+    try:
+        since = parse_time(query.get("since"), 0.0)
+        until = parse_time(query.get("until"), time.time() + 1, end_of_day=True)
+    except UsageError as e:
+        raise HTTPFailure(HTTPStatus.BAD_REQUEST, e.message, e.hint, code="bad_request")
+    return usage_report(agent.store, since, until, group, wanted, list(agent.cfg.users))
+
+
+def require_admin(agent: "Agent", user: str, what: str) -> None:
+    if not agent.is_admin(user):
+        raise HTTPFailure(HTTPStatus.FORBIDDEN, f"only an admin may read {what}",
+                          "ask the box's admin, or use an admin token ([users.NAME] admin = true)",
+                          code="forbidden")
+
+
+TIME_RE = re.compile(r"^(\d+)([smhdw])$")
+TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_time(text: Optional[str], default: float, end_of_day: bool = False, now: Optional[float] = None) -> float:
+    """A point in time from `7d` / `12h` (that long ago), `2026-11-01` (a UTC day: its start, or
+    its end for an --until), an ISO date and time (UTC unless it names an offset), or Unix
+    seconds."""
+    if text is None or text == "":
+        return default
+    now = time.time() if now is None else now
+    relative = TIME_RE.match(text.strip())
+    if relative:
+        return now - int(relative.group(1)) * TIME_UNITS[relative.group(2)]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+            day = dt.datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=dt.timezone.utc)
+            return (day + dt.timedelta(days=1 if end_of_day else 0)).timestamp()
+        moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))  # 3.9 reads no Z
+    except ValueError:
+        raise UsageError(f"{text!r} is not a time", "use 7d, 12h, 2026-11-01, 2026-11-01T09:30 or Unix seconds")
+    return (moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)).timestamp()
+
+
 # ================================================================== git: snapshots and job folders
+
+
+# Everything of one user lives under state/users/NAME (so a sandbox or an rrsync key can be
+# given exactly one user's folder):
+#     users/NAME/mirror/PROJECT/                        what the laptop rsyncs (rrsync's DIR)
+#     users/NAME/projects/PROJECT/git                   snapshots, job results (bare git dir)
+#     users/NAME/projects/PROJECT/slots/slotN/          warm job folders, the AI's cwd
+
+
+def user_root(state_dir: Path, user: str) -> Path:
+    return state_dir / "users" / user
+
+
+def mirror_root(state_dir: Path, user: str) -> Path:
+    return user_root(state_dir, user) / "mirror"
+
+
+def user_projects(state_dir: Path, user: str) -> Set[str]:
+    """The user's projects: those with a mirror or a repository on the box."""
+    names: Set[str] = set()
+    for folder in (mirror_root(state_dir, user), user_root(state_dir, user) / "projects"):
+        try:
+            names.update(e.name for e in os.scandir(folder) if e.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            pass
+    return names
+
+
+def migrate_layout(state_dir: Path) -> None:
+    """Move a 0.3 state folder (mirror/NAME, projects/NAME) to users/NAME. Worktrees record
+    their folder's absolute path: point them at the new place."""
+    for old, new in (("mirror", "mirror"), ("projects", "projects")):
+        top = state_dir / old
+        if not top.is_dir() or top.is_symlink():
+            continue
+        for user in os.listdir(top):
+            target = user_root(state_dir, user) / new
+            if pw.NAME_RE.fullmatch(user) and not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                os.replace(top / user, target)
+                log.warning("moved %s to %s (one folder per user)", top / user, target)
+        if not os.listdir(top):
+            top.rmdir()
+    for gitdir_file in state_dir.glob("users/*/projects/*/git/worktrees/*/gitdir"):
+        slot = gitdir_file.parent.name
+        home = gitdir_file.parents[3]
+        moved = f"{home / 'slots' / slot / '.git'}\n"
+        if gitdir_file.read_text() != moved:
+            gitdir_file.write_text(moved)
 
 
 class ProjectRepo:
@@ -314,8 +649,8 @@ class ProjectRepo:
     holding snapshots, and warm job folders (worktrees), one per slot."""
 
     def __init__(self, state_dir: Path, user: str, project: str):
-        self.mirror = state_dir / "mirror" / user / project
-        self.home = state_dir / "projects" / user / project
+        self.mirror = mirror_root(state_dir, user) / project
+        self.home = user_root(state_dir, user) / "projects" / project
         self.git_dir = self.home / "git"
         self.lock = threading.Lock()
         # no system or global config, no ~/.config/git/ignore: what the AI writes must not
@@ -752,20 +1087,26 @@ class QueueItem:
 
 
 class FairQueue:
-    """Round robin over users; within a user, first come first served. `take` skips jobs
-    whose project has no free job folder, so one busy project never blocks the others."""
+    """Fair across users, first come first served within a user. Each user carries the
+    number of the last turn they were served in; the waiting user served longest ago goes
+    next (one never served, or back after a pause, goes first), so a user with 20 queued
+    jobs delays another's single job by at most the job already running. `take` skips jobs
+    that cannot run yet (busy job folders, a user's max_running), so they block nobody."""
 
     def __init__(self):
         self.cond = threading.Condition()
         self.by_user: Dict[str, Deque[QueueItem]] = {}
-        self.turn: List[str] = []  # users in round-robin order; the next one first
+        self.served: Dict[str, int] = {}  # user -> turn number of their last job taken
+        self.arrived: Dict[str, int] = {}  # user -> when their lane opened (ties: first come)
+        self.turns = 0
         self.closed = False
 
     def put(self, item: QueueItem) -> None:
         with self.cond:
             if item.user not in self.by_user:
                 self.by_user[item.user] = deque()
-                self.turn.append(item.user)
+                self.turns += 1
+                self.arrived[item.user] = self.turns
             self.by_user[item.user].append(item)
             self.cond.notify_all()
 
@@ -779,39 +1120,52 @@ class FairQueue:
                 self.cond.wait()
             return None
 
+    def _turn_order(self, served: Dict[str, int], users) -> List[str]:
+        return sorted(users, key=lambda u: (served.get(u, 0), self.arrived.get(u, 0)))
+
     def _pop_runnable(self, runnable: Callable[[QueueItem], bool]) -> Optional[QueueItem]:
-        for user in list(self.turn):
+        for user in self._turn_order(self.served, self.by_user):
             for item in self.by_user[user]:
                 if runnable(item):
-                    self.by_user[user].remove(item)
-                    self.turn.remove(user)
-                    if self.by_user[user]:
-                        self.turn.append(user)
-                    else:
-                        del self.by_user[user]
+                    self._drop(user, item)
+                    self.turns += 1
+                    self.served[user] = self.turns
                     return item
         return None
+
+    def _drop(self, user: str, item: QueueItem) -> None:
+        self.by_user[user].remove(item)
+        if not self.by_user[user]:
+            del self.by_user[user]
+            del self.arrived[user]
 
     def remove(self, job_id: str) -> bool:
         with self.cond:
             for user, items in list(self.by_user.items()):
                 for item in items:
                     if item.job_id == job_id:
-                        items.remove(item)
-                        if not items:
-                            del self.by_user[user]
-                            self.turn.remove(user)
+                        self._drop(user, item)
                         return True
         return False
 
-    def order(self) -> List[str]:
-        """Job ids in the order round robin would serve them (ignoring busy folders)."""
+    def jobs_of(self, user: str) -> List[str]:
         with self.cond:
-            lanes = [list(self.by_user[u]) for u in self.turn]
-        out: List[str] = []
-        for depth in range(max((len(l) for l in lanes), default=0)):
-            out += [lane[depth].job_id for lane in lanes if depth < len(lane)]
-        return out
+            return [item.job_id for item in self.by_user.get(user, ())]
+
+    def order(self) -> List[str]:
+        """Job ids in the order they would be served (ignoring busy folders and limits)."""
+        with self.cond:
+            lanes = {u: deque(items) for u, items in self.by_user.items()}
+            served, turns = dict(self.served), self.turns
+            out: List[str] = []
+            while lanes:
+                user = self._turn_order(served, lanes)[0]
+                out.append(lanes[user].popleft().job_id)
+                turns += 1
+                served[user] = turns
+                if not lanes[user]:
+                    del lanes[user]
+            return out
 
     def wake(self) -> None:
         with self.cond:
@@ -833,22 +1187,39 @@ class Agent:
     def __init__(self, cfg: AgentConfig):
         self.cfg = cfg
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        migrate_layout(cfg.state_dir)
         self.store = Store(cfg.state_dir)
         self.queue = FairQueue()
         self.lock = threading.Lock()
         self.repos: Dict[Tuple[str, str], ProjectRepo] = {}
         self.busy: Dict[Tuple[str, str], set] = {}
         self.runs: Dict[str, AIRun] = {}
+        self.running: Dict[str, int] = {}  # user -> jobs of theirs holding a worker
+        self.recent_runs: Deque[float] = deque(maxlen=20)  # seconds, for queue estimates
+        self.announced: Dict[str, Tuple[int, Optional[int]]] = {}  # job -> last (position, estimate)
+        self.announce_lock = threading.Lock()
+        self.admission = threading.Lock()  # checks and enqueue of one ask at a time
+        self.config_stamp = config_stamp(cfg.path)
+        self.reload_lock = threading.Lock()
         self.workers: List[threading.Thread] = []
+        self.metrics = Metrics()  # request counts and latencies, for GET /metrics
+        self.started_at = time.time()
 
     # --- life cycle
 
     def start(self) -> None:
         self.recover()
+        for job in self.store.jobs_with_status("done", "failed")[-self.recent_runs.maxlen:]:
+            if job["started"] and job["finished"]:  # estimates right after a restart too
+                self.recent_runs.append(job["finished"] - job["started"])
+        for user in sorted({job["user"] for job in self.store.jobs_with_status("queued")} - set(self.cfg.users)):
+            self.cancel_user_jobs(user, f"user {user} was removed", running=False)
+        self.apply_cancel_requests()
         for n in range(self.cfg.workers):
             t = threading.Thread(target=self.work, name=f"worker-{n}", daemon=True)
             t.start()
             self.workers.append(t)
+        threading.Thread(target=self.watch_config, name="config-watch", daemon=True).start()
 
     def stop(self) -> None:
         self.queue.close()
@@ -877,9 +1248,66 @@ class Agent:
             pin = self.store.job(job["parent"])["slot"] if job["parent"] else None
             self.queue.put(QueueItem(job["id"], job["user"], job["project"], pin))
 
+    # --- config reload (SIGHUP, or the file changed: `patchwire-agent user ...` rewrites it)
+
+    def watch_config(self) -> None:
+        """Picks up a changed config within a second even when no request comes (a removed
+        user's queued jobs end); requests also check it, so a removed token fails at once."""
+        while not self.queue.closed:
+            time.sleep(1.0)
+            self.maybe_reload()
+
+    def maybe_reload(self) -> None:
+        if config_stamp(self.cfg.path) != self.config_stamp:
+            self.reload()
+
+    def reload(self) -> None:
+        """Read the config again. Users, tokens and policy apply at once; [server] and the
+        number of workers need a restart. A config that does not load changes nothing."""
+        with self.reload_lock:
+            stamp = config_stamp(self.cfg.path)
+            try:
+                new = AgentConfig.load(self.cfg.path)
+            except PatchwireError as e:
+                if stamp != self.config_stamp:
+                    log.error("config not reloaded, the old one stays in force: %s", e)
+                self.config_stamp = stamp
+                return
+            old = self.cfg
+            if (new.host, new.port, new.state_dir, new.workers) != (old.host, old.port, old.state_dir, old.workers):
+                log.warning("[server] and [jobs] workers changes apply after a restart")
+            new.host, new.port, new.state_dir, new.workers = old.host, old.port, old.state_dir, old.workers
+            self.cfg, self.config_stamp = new, stamp
+            log.warning("config reloaded: %d user(s)", len(new.users))
+            for user in sorted(set(old.users) - set(new.users)):
+                self.cancel_user_jobs(user, f"user {user} was removed", running=False)
+            self.apply_cancel_requests()
+            self.queue.wake()  # policy limits may have changed
+
+    def apply_cancel_requests(self) -> None:
+        """`user remove|rotate --cancel-jobs` leaves a request file for the running server."""
+        folder = cancel_requests_dir(self.cfg.state_dir)
+        for request in sorted(folder.glob("*")) if folder.is_dir() else ():
+            request.unlink()
+            if pw.NAME_RE.fullmatch(request.name):
+                self.cancel_user_jobs(request.name, f"cancelled by the admin (user {request.name})",
+                                      running=True)
+
+    def cancel_user_jobs(self, user: str, reason: str, running: bool) -> None:
+        """End the user's queued jobs; with `running`, stop their running ones too."""
+        for job_id in self.queue.jobs_of(user):
+            if self.queue.remove(job_id):
+                self.finish(job_id, "cancelled", reason)
+        if running:
+            with self.lock:
+                runs = [run for job_id, run in self.runs.items() if self.store.job(job_id)["user"] == user]
+            for run in runs:
+                run.stop(reason)
+
     # --- users
 
     def authenticate(self, header: str) -> str:
+        self.maybe_reload()
         scheme, _, token = (header or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise HTTPFailure(HTTPStatus.UNAUTHORIZED, "missing bearer token", "send Authorization: Bearer TOKEN",
@@ -906,12 +1334,37 @@ class Agent:
 
     def me(self, user: str, project: Optional[str]) -> dict:
         out = {"user": user, "version": __version__,
-               "mirror_root": str(self.cfg.state_dir / "mirror" / user)}
+               "mirror_root": str(mirror_root(self.cfg.state_dir, user))}
         if project is not None:
-            repo = self.repo(user, check_name(project, "project"))
-            repo.ensure()
-            out["mirror"] = str(repo.mirror)
+            out["mirror"] = str(self.open_project(user, check_name(project, "project")).mirror)
         return out
+
+    def open_project(self, user: str, project: str, for_ask: bool = False) -> ProjectRepo:
+        """The user's project, its mirror folder made on first use (a sync or an ask), within
+        the user's allowlist and `max_projects`. The repository comes with the first ask, and
+        is counted on its own: folders rsynced straight into the mirror root (an SSH key can
+        do that) never add repositories past the cap."""
+        policy = self.cfg.policy(user)
+        if not policy.allows_project(project):
+            raise policy_refusal(HTTPStatus.FORBIDDEN, policy, "projects",
+                                 f"project {project!r} is not allowed for user {user}")
+        repo = self.repo(user, project)
+        with self.lock:  # one check-and-create at a time: the cap holds under concurrency
+            projects = user_projects(self.cfg.state_dir, user)
+            repos = {p.parent.name for p in (user_root(self.cfg.state_dir, user) / "projects").glob("*/git")}
+            if project not in projects:
+                self._check_project_cap(policy, len(projects))
+                repo.mirror.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if for_ask and project not in repos:
+                self._check_project_cap(policy, len(repos))
+        return repo
+
+    @staticmethod
+    def _check_project_cap(policy: "Policy", count: int) -> None:
+        if count >= policy.max_projects:
+            raise policy_refusal(HTTPStatus.FORBIDDEN, policy, "max_projects",
+                                 f"user {policy.user} has {count} projects on this box already",
+                                 "remove one on the box, or ask the admin to raise the limit")
 
     def health(self) -> dict:
         argv0 = self.cfg.ai_command[0]
@@ -925,29 +1378,66 @@ class Agent:
     # --- jobs
 
     def ask(self, user: str, body: dict) -> dict:
+        policy = self.cfg.policy(user)
         project = check_name(body.get("project"), "project")
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise HTTPFailure(HTTPStatus.BAD_REQUEST, "prompt must be a non-empty string", code="bad_request")
+        size = len(prompt.encode("utf-8", "surrogatepass"))
+        if size > policy.max_prompt_bytes:
+            raise policy_refusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, policy, "max_prompt_bytes",
+                                 f"the prompt has {size} bytes", "shorten it, or put the long part in a file of the project")
         tree = body.get("tree")
         if not isinstance(tree, str) or not re.fullmatch(r"[0-9a-f]{40}([0-9a-f]{24})?", tree):
             raise HTTPFailure(HTTPStatus.BAD_REQUEST, "tree must be a git tree id", code="bad_request")
         manifest = check_manifest(body.get("files"))
-        timeout_s = body.get("timeout_s", self.cfg.timeout_s)
-        if not isinstance(timeout_s, int) or isinstance(timeout_s, bool) or not 0 < timeout_s <= self.cfg.max_timeout_s:
-            raise HTTPFailure(HTTPStatus.BAD_REQUEST, f"timeout_s must be 1..{self.cfg.max_timeout_s} seconds",
-                              code="bad_request")
+        timeout_s = self.check_timeout(policy, body.get("timeout_s", min(self.cfg.timeout_s, policy.timeout_s)))
         parent = self.parent_job(user, project, body.get("continue"))
-        snapshot = self.repo(user, project).snapshot(tree, manifest)
+        repo = self.open_project(user, project, for_ask=True)
+        self.admit(policy)  # refuse early, before the snapshot's work
+        snapshot = repo.snapshot(tree, manifest)
         job = {"id": secrets.token_hex(6), "user": user, "project": project, "prompt": prompt,
                "status": "queued", "created": time.time(), "snapshot": snapshot, "tree": tree,
                "timeout_s": timeout_s, "parent": parent["id"] if parent else None}
-        self.store.create_job(job)
-        self.queue.put(QueueItem(job["id"], user, project, parent["slot"] if parent else None))
-        order = self.queue.order()
-        self.store.add_event(job["id"], {"type": "queued", "project": project,
-                                         "position": order.index(job["id"]) if job["id"] in order else 0})
+        with self.admission:  # again, atomically with the enqueue: concurrent asks
+            self.admit(self.cfg.policy(user))
+            self.store.create_job(job)
+            self.queue.put(QueueItem(job["id"], user, project, parent["slot"] if parent else None))
+        position, estimate = self.queue_position(job["id"])
+        self.store.add_event(job["id"], {"type": "queued", "project": project, "position": position,
+                                         "estimate_s": estimate})
         return self.store.job(job["id"])
+
+    def check_timeout(self, policy: "Policy", timeout_s: Any) -> int:
+        ceiling = policy.timeout_s
+        if not isinstance(timeout_s, int) or isinstance(timeout_s, bool) or timeout_s <= 0 or (
+                timeout_s > ceiling and policy.sources["timeout_s"] == "[ai] max_timeout_s"):
+            raise HTTPFailure(HTTPStatus.BAD_REQUEST, f"timeout_s must be 1..{ceiling} seconds",
+                              code="bad_request")
+        if timeout_s > ceiling:
+            raise policy_refusal(HTTPStatus.FORBIDDEN, policy, "timeout_s",
+                                 f"timeout_s {timeout_s} is over the ceiling", f"ask with --timeout {ceiling} or less")
+        return timeout_s
+
+    def admit(self, policy: "Policy") -> None:
+        """Refuse an ask over the user's queue or rate limit (429, with Retry-After)."""
+        user = policy.user
+        queued = len(self.queue.jobs_of(user))
+        if queued >= policy.max_queued:
+            raise policy_refusal(HTTPStatus.TOO_MANY_REQUESTS, policy, "max_queued",
+                                 f"user {user} has {queued} jobs waiting already",
+                                 "wait for one to start, or cancel one (patchwire jobs, patchwire cancel)")
+        window = policy.rate_window()
+        if not window:
+            return
+        count, seconds = window
+        now = time.time()
+        times = self.store.ask_times(user, now - seconds)
+        if len(times) >= count:
+            retry = max(1, int(times[-count] + seconds - now + 0.999))
+            raise policy_refusal(HTTPStatus.TOO_MANY_REQUESTS, policy, "rate_limit",
+                                 f"user {user} asked {len(times)} times in the last {seconds} s",
+                                 f"try again in {retry} s", retry_after_s=retry)
 
     def parent_job(self, user: str, project: str, prefix: Any) -> Optional[dict]:
         """The finished job a follow-up ask continues, if any."""
@@ -995,26 +1485,35 @@ class Agent:
         event = {"done": "finished", "failed": "failed", "cancelled": "cancelled"}[status]
         extra = {"stats": fields.get("stats")} if status == "done" else {"reason": reason}
         self.store.add_event(job_id, {"type": event, "status": status, **extra}, status=status,
-                             reason=reason or None, finished=time.time(), **fields)
+                             reason=reason or None, finished=time.time(), **fields,
+                             **usage_columns(fields.get("result"), fields.get("stats")))
 
     # --- workers
 
     def work(self) -> None:
         while True:
-            item = self.queue.take(self._has_free_slot)
+            item = self.queue.take(self._claim)
             if item is None:
                 return
+            began = time.monotonic()
             try:
-                self.run_job(item)
+                with job_folders_lock(self.repo(item.user, item.project).home):  # gc keeps off
+                    self.run_job(item)
             except Exception as e:  # a bug: the job fails with the reason, the worker lives on
                 log.exception("job %s crashed", item.job_id)
                 self.finish(item.job_id, "failed", f"internal error in the agent: {e!r}")
             finally:
+                with self.lock:  # how long a worker is held, for the estimates of waiting jobs
+                    self.recent_runs.append(time.monotonic() - began)
                 self._release_slot(item)
 
-    def _has_free_slot(self, item: QueueItem) -> bool:
-        """Called under the queue's lock: claims a slot for the item when one is free."""
+    def _claim(self, item: QueueItem) -> bool:
+        """Called under the queue's lock: claims a job folder for the item when one is free
+        and the user is under their max_running."""
+        limit = self.cfg.policy(item.user).max_running
         with self.lock:
+            if self.running.get(item.user, 0) >= limit:
+                return False
             busy = self.busy.setdefault((item.user, item.project), set())
             free = set(range(self.cfg.slots)) - busy
             if item.pin is not None and item.pin < self.cfg.slots:
@@ -1024,18 +1523,47 @@ class Agent:
             slot = min(free)
             busy.add(slot)
             item.slot = slot
+            self.running[item.user] = self.running.get(item.user, 0) + 1
             return True
 
     def _release_slot(self, item: QueueItem) -> None:
         with self.lock:
             self.busy[(item.user, item.project)].discard(item.slot)
             self.runs.pop(item.job_id, None)
+            self.running[item.user] -= 1
+            if not self.running[item.user]:
+                del self.running[item.user]
         self.queue.wake()
         self._announce_positions()
 
+    def queue_position(self, job_id: str) -> Tuple[int, Optional[int]]:
+        """(jobs ahead in the queue, estimated seconds until it starts, None without history)."""
+        order = self.queue.order()
+        position = order.index(job_id) if job_id in order else 0
+        return position, self._estimate(position)
+
+    def _estimate(self, position: int) -> Optional[int]:
+        with self.lock:
+            if not self.recent_runs:
+                return None
+            average = sum(self.recent_runs) / len(self.recent_runs)
+            running = sum(self.running.values())
+        # the job starts when `position` queued jobs and all but one worker's run are done
+        waits = max(0, position + running - self.cfg.workers + 1)
+        return int(round(waits * average / self.cfg.workers))
+
     def _announce_positions(self) -> None:
-        for position, job_id in enumerate(self.queue.order()):
-            self.store.add_event(job_id, {"type": "position", "position": position})
+        """A `position` event for each waiting job whose place or estimate changed."""
+        with self.announce_lock:
+            order = self.queue.order()
+            for position, job_id in enumerate(order):
+                now = (position, self._estimate(position))
+                if self.announced.get(job_id) != now:
+                    self.announced[job_id] = now
+                    self.store.add_event(job_id, {"type": "position", "position": now[0], "estimate_s": now[1]})
+            waiting = set(order)
+            for job_id in [j for j in self.announced if j not in waiting]:
+                del self.announced[job_id]
 
     def run_job(self, item: QueueItem) -> None:
         job = self.store.job(item.job_id)
@@ -1086,7 +1614,30 @@ def summarize_result(result: dict, elapsed: float, exit_code: Optional[int]) -> 
             "subtype": result.get("subtype"), "duration_s": round(elapsed, 3),
             "num_turns": result.get("num_turns"), "session_id": result.get("session_id"),
             "tokens_in": usage.get("input_tokens"), "tokens_out": usage.get("output_tokens"),
+            "cache_read_tokens": usage.get("cache_read_input_tokens"),
+            "cache_write_tokens": usage.get("cache_creation_input_tokens"),
             "cost_usd": result.get("total_cost_usd")}
+
+
+def policy_refusal(status: int, policy: "Policy", key: str, message: str, hint: str = "",
+                   **details: Any) -> HTTPFailure:
+    """A refusal that names the limit, its value and the rule that set it."""
+    return HTTPFailure(status, f"{message}; the limit is {policy.rule(key)}",
+                       hint or f"ask the box's admin (`patchwire-agent policy {policy.user}` shows the rules)",
+                       code="policy", limit=key, value=policy.values[key], rule=policy.sources[key], **details)
+
+
+def config_stamp(path: Path) -> Tuple[int, int, int]:
+    """What tells a changed config file: an atomic rewrite is a new inode."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0, 0)
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def cancel_requests_dir(state_dir: Path) -> Path:
+    return state_dir / "cancel-requests"
 
 
 def check_name(value: Any, what: str) -> str:
@@ -1112,6 +1663,88 @@ def check_manifest(files: Any) -> List[Tuple[str, str, str]]:
     return out
 
 
+# ================================================================== metrics (Prometheus text format)
+# Job figures are read from the store at each scrape, so they count every job ever run on
+# this state folder (counters that survive restarts); request figures live in memory.
+
+PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class Metrics:
+    """Request counts and a latency histogram per (method, route template, status)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: Dict[Tuple[str, str, str], List[float]] = {}  # [bucket counts..., count, sum]
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        key = (method, route, str(int(status)))
+        with self.lock:
+            cell = self.requests.setdefault(key, [0.0] * (len(LATENCY_BUCKETS) + 2))
+            for i, bound in enumerate(LATENCY_BUCKETS):
+                if seconds <= bound:
+                    cell[i] += 1
+            cell[-2] += 1
+            cell[-1] += seconds
+
+    def request_lines(self) -> List[str]:
+        with self.lock:
+            cells = sorted((key, list(cell)) for key, cell in self.requests.items())
+        count = ["# HELP patchwire_http_requests_total HTTP requests answered, by route template and status.",
+                 "# TYPE patchwire_http_requests_total counter"]
+        hist = ["# HELP patchwire_http_request_duration_seconds Time from request to the end of the answer.",
+                "# TYPE patchwire_http_request_duration_seconds histogram"]
+        name = "patchwire_http_request_duration_seconds"
+        for (method, route, status), cell in cells:
+            labels = {"method": method, "route": route, "status": status}
+            count.append(metric_line("patchwire_http_requests_total", labels, cell[-2]))
+            for bound, n in zip(LATENCY_BUCKETS, cell):
+                hist.append(metric_line(name + "_bucket", {**labels, "le": repr(bound)}, n))
+            hist.append(metric_line(name + "_bucket", {**labels, "le": "+Inf"}, cell[-2]))
+            hist.append(metric_line(name + "_count", labels, cell[-2]))
+            hist.append(metric_line(name + "_sum", labels, cell[-1]))
+        return count + hist
+
+
+def metric_line(name: str, labels: dict, value: float) -> str:
+    def escape(text: str) -> str:
+        return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    inside = ",".join(f'{k}="{escape(str(v))}"' for k, v in labels.items())
+    number = int(value) if float(value).is_integer() else value
+    return f"{name}{{{inside}}} {number}" if inside else f"{name} {number}"
+
+
+def metric_family(name: str, kind: str, help_: str, samples: List[Tuple[dict, float]]) -> List[str]:
+    return [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"] + [metric_line(name, l, v) for l, v in samples]
+
+
+def render_metrics(agent: "Agent") -> str:
+    with agent.store.lock:
+        db = agent.store.db
+        by_status = dict(db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall())
+        asks = db.execute("SELECT user, COUNT(*) FROM jobs GROUP BY user ORDER BY user").fetchall()
+        ai_s = db.execute("SELECT COALESCE(SUM(ai_s), 0) FROM jobs").fetchone()[0]
+    with agent.lock:
+        running = len(agent.runs)
+    lines = metric_family("patchwire_build_info", "gauge", "Version of the agent and of Python; always 1.",
+                          [({"version": __version__, "python": sys.version.split()[0]}, 1)])
+    lines += metric_family("patchwire_start_time_seconds", "gauge", "When the agent started (Unix time).",
+                           [({}, round(agent.started_at, 3))])
+    lines += metric_family("patchwire_queue_depth", "gauge", "Jobs waiting for a worker.",
+                           [({}, len(agent.queue.order()))])
+    lines += metric_family("patchwire_jobs_running", "gauge", "Jobs whose AI runs now.", [({}, running)])
+    lines += metric_family("patchwire_workers", "gauge", "AI runs allowed at once ([jobs] workers).",
+                           [({}, agent.cfg.workers)])
+    lines += metric_family("patchwire_jobs_finished_total", "counter", "Jobs that ended, by final state.",
+                           [({"status": s}, by_status.get(s, 0)) for s in TERMINAL])
+    lines += metric_family("patchwire_ai_seconds_total", "counter", "Seconds the AI ran, over all jobs.",
+                           [({}, round(ai_s, 3))])
+    lines += metric_family("patchwire_asks_total", "counter", "Asks accepted, by user.",
+                           [({"user": u}, n) for u, n in asks])
+    return "\n".join(lines + agent.metrics.request_lines()) + "\n"
+
+
 # ================================================================== HTTP server
 
 ROUTES: List[Tuple[str, "re.Pattern[str]", str, bool]] = [
@@ -1124,7 +1757,18 @@ ROUTES: List[Tuple[str, "re.Pattern[str]", str, bool]] = [
         ("DELETE", r"/v1/jobs/(?P<job>[^/]+)", "cancel", True),
         ("GET", r"/v1/jobs/(?P<job>[^/]+)/events", "events", True),
         ("GET", r"/v1/jobs/(?P<job>[^/]+)/diff", "diff", True),
+        ("GET", r"/v1/usage", "usage", True),
+        ("GET", r"/v1/openapi.json", "openapi", False),
+        ("GET", r"/metrics", "metrics", True),
     )]
+
+
+def route_template(pattern: "re.Pattern[str]") -> str:
+    """`/v1/jobs/{job}` for a route's regex: the label metrics and the OpenAPI document use."""
+    return re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern.pattern.strip("^$"))
+
+
+ROUTE_TEMPLATES = {name: route_template(pattern) for _, pattern, name, _ in ROUTES}
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -1154,6 +1798,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.connection.settimeout(HEADER_TIMEOUT)  # slow or idle clients go early
 
     def dispatch(self, method: str) -> None:
+        began = time.monotonic()  # metrics (issue 12): recorded at the end, by route template
+        self.route_label, self.sent_status = "unmatched", 0
+        try:
+            self.answer(method)
+        finally:
+            if self.sent_status:
+                self.agent.metrics.observe(method, self.route_label, self.sent_status, time.monotonic() - began)
+
+    def send_response(self, code: int, message: Optional[str] = None) -> None:
+        self.sent_status = code  # metrics (issue 12)
+        super().send_response(code, message)
+
+    def answer(self, method: str) -> None:
         self.connection.settimeout(CONNECTION_TIMEOUT)
         self.started_response = False
         url = urllib.parse.urlsplit(self.path)
@@ -1161,6 +1818,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.body_read = False
         try:
             name, params, auth = self.route(method, url.path)
+            self.route_label = ROUTE_TEMPLATES[name]
             user = self.agent.authenticate(self.headers.get("Authorization", "")) if auth else ""
             getattr(self, "route_" + name)(user, **params)
         except PatchwireError as e:
@@ -1230,6 +1888,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True  # else the unread body would be read as the next request
         data = json.dumps({k: v for k, v in obj.items() if v not in ("", None)}).encode() + b"\n"
         extra = {"WWW_Authenticate": 'Bearer realm="patchwire"'} if status == HTTPStatus.UNAUTHORIZED else {}
+        if obj.get("retry_after_s"):
+            extra["Retry_After"] = str(int(obj["retry_after_s"]))
         self.send_bytes(status, data, "application/json", **extra)
 
     def wants_stream(self) -> bool:
@@ -1307,7 +1967,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if found["status"] != "done":
             raise HTTPFailure(HTTPStatus.CONFLICT, f"job {found['id']} is {found['status']}: it has no diff",
                               found.get("reason") or "", code="no_diff")
-        self.send_bytes(HTTPStatus.OK, self.agent.store.patch_path(found["id"]).read_bytes(), "text/x-diff")
+        try:
+            patch = self.agent.store.patch_path(found["id"]).read_bytes()
+        except FileNotFoundError:
+            raise HTTPFailure(HTTPStatus.GONE, f"the patch of job {found['id']} was pruned by "
+                              "`patchwire-agent gc`", "ask again", code="pruned")
+        self.send_bytes(HTTPStatus.OK, patch, "text/x-diff")
+
+    def route_usage(self, user: str) -> None:
+        self.send_json(HTTPStatus.OK, usage_answer(self.agent, user, self.query))
+
+    def route_metrics(self, user: str) -> None:
+        require_admin(self.agent, user, "/metrics")
+        self.send_bytes(HTTPStatus.OK, render_metrics(self.agent).encode(), PROMETHEUS_TYPE)
+
+    def route_openapi(self, user: str) -> None:
+        self.send_json(HTTPStatus.OK, openapi_document())
 
 
 def public_job(job: dict) -> dict:
@@ -1361,6 +2036,412 @@ class AgentHTTPServer(http.server.ThreadingHTTPServer):
         return f"http://{host}:{port}"
 
 
+# ================================================================== OpenAPI document (GET /v1/openapi.json)
+# Written by hand next to the routes it describes; tests check it covers every route in
+# ROUTES and that the real server's answers match it.
+
+def _obj(required: Sequence[str], **properties: Any) -> dict:
+    return {"type": "object", "required": list(required), "properties": properties}
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+_S, _I, _N, _B = {"type": "string"}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"}
+
+
+def _nullable(schema: dict) -> dict:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _event(kind: str, required: Sequence[str] = (), **properties: Any) -> dict:
+    return _obj(["seq", "job", "time", "type", *required], seq=_I, job=_S, time=_N,
+                type={"const": kind}, **properties)
+
+
+_USAGE_NAMES = [name for name, _ in USAGE_FIGURES]
+_USAGE_TYPES = {name: _N if "minutes" in name or "cost" in name else _I for name in _USAGE_NAMES}
+OPENAPI_SCHEMAS = {
+    "Error": {**_obj(["error", "code"], error=_S, hint=_S, code=_S,
+                     paths={"type": "array", "items": _S, "description": "tree_mismatch: the paths that differ"},
+                     limit={**_S, "description": "policy: the [policy] key that refused"},
+                     value={"description": "policy: that key's value"},
+                     rule={**_S, "description": "policy: where the value is set"},
+                     retry_after_s={**_I, "description": "policy: also sent as Retry-After"}),
+              "description": "Every error; `code` is stable, `error` and `hint` are for people."},
+    "Health": _obj(["ok", "version", "time", "queue_depth", "running", "workers", "ai_command", "ai_found"],
+                   ok=_B, version=_S, time=_N, queue_depth=_I, running=_I, workers=_I, ai_command=_S, ai_found=_B),
+    "Me": _obj(["user", "version", "mirror_root"], user=_S, version=_S, mirror_root=_S,
+               mirror={**_S, "description": "with ?project=: the folder to rsync that project into"}),
+    "AskRequest": _obj(["project", "tree", "files", "prompt"], project=_S, prompt=_S,
+                       tree={**_S, "description": "git tree id of exactly the listed files"},
+                       files={"type": "array", "items": {"type": "array", "items": _S, "minItems": 3,
+                                                         "maxItems": 3}, "description": "[mode, blob, path]"},
+                       timeout_s=_I, **{"continue": {**_S, "description": "a finished job to follow up"}}),
+    "JobResult": _obj([], exit_code=_nullable(_I), is_error=_B, subtype=_nullable(_S), duration_s=_N,
+                      num_turns=_nullable(_I), session_id=_nullable(_S), tokens_in=_nullable(_I),
+                      tokens_out=_nullable(_I), cache_read_tokens=_nullable(_I), cache_write_tokens=_nullable(_I),
+                      cost_usd=_nullable(_N), result_commit=_S),
+    "Stats": _obj(["files", "added", "removed", "binary"], files=_I, added=_I, removed=_I, binary=_I),
+    "Job": _obj(["id", "project", "prompt", "status", "created", "events"], id=_S, project=_S, prompt=_S,
+                status={"enum": ["queued", "running", "done", "failed", "cancelled"]}, reason=_nullable(_S),
+                created=_N, started=_nullable(_N), finished=_nullable(_N), snapshot=_nullable(_S),
+                tree=_nullable(_S), timeout_s=_nullable(_I), result=_nullable(_ref("JobResult")),
+                stats=_nullable(_ref("Stats")), parent=_nullable(_S), slot=_nullable(_I),
+                events={**_I, "description": "number of the job's last event"}),
+    "JobList": _obj(["jobs"], jobs={"type": "array", "items": _ref("Job")}),
+    "Event": {"description": "One NDJSON line of a job's stream; `seq` numbers them from 1.", "oneOf": [
+        _event("queued", ["position"], project=_S, position=_I,
+               estimate_s={**_nullable(_I), "description": "seconds until it starts, from recent runs"}),
+        _event("position", ["position"], position=_I, estimate_s=_nullable(_I)),
+        _event("started", ["slot"], slot=_I, continues=_S),
+        _event("session", [], session_id=_nullable(_S), model=_nullable(_S)),
+        _event("text", ["text"], text=_S),
+        _event("tool", ["name"], name=_nullable(_S), detail=_S),
+        _event("tool_error", ["text"], text=_S),
+        _event("output", ["text"], text=_S),
+        _event("result", [], subtype=_S, is_error=_B, duration_ms=_N, num_turns=_I, session_id=_S,
+               total_cost_usd=_N, usage={"type": "object"}),
+        _event("finished", ["status", "stats"], status={"const": "done"}, stats=_ref("Stats")),
+        _event("failed", ["status", "reason"], status={"const": "failed"}, reason=_S),
+        _event("cancelled", ["status", "reason"], status={"const": "cancelled"}, reason=_S),
+    ]},
+    "UsageFigures": _obj(_USAGE_NAMES, **_USAGE_TYPES),
+    "UsageRow": _obj(["key", *_USAGE_NAMES], key={**_S, "description": "user, user/project or YYYY-MM-DD (UTC)"},
+                     user=_S, user_removed={**_B, "description": "no longer in the config; history kept"},
+                     **_USAGE_TYPES),
+    "Usage": _obj(["since", "until", "group", "rows", "total", "removed_users"], since=_N, until=_N,
+                  group={"enum": list(USAGE_GROUPS)}, user=_nullable(_S),
+                  rows={"type": "array", "items": _ref("UsageRow")}, total=_ref("UsageFigures"),
+                  removed_users={"type": "array", "items": _S}),
+}
+
+# route name: (summary, query parameters, request body schema, {status: (description, media type, schema)})
+OPENAPI_ROUTES = {
+    "health": ("Version, queue depth and whether the AI command is found; no token needed", {}, None,
+               {200: ("ok", "application/json", "Health")}),
+    "me": ("Your user name and the folder to rsync a project into", {"project": _S}, None,
+           {200: ("you", "application/json", "Me"), 400: "bad project name"}),
+    "ask": ("Snapshot the synced files, queue the AI run", {}, "AskRequest",
+            {200: ("with Accept: application/x-ndjson, the job's events as they happen",
+                   "application/x-ndjson", "Event"),
+             202: ("queued", "application/json", "Job"), 400: "bad request",
+             404: "no such job to continue", 409: "tree_mismatch, not_done or ambiguous",
+             411: "no Content-Length, or a chunked body", 413: "body over 64 MiB"}),
+    "jobs": ("Your jobs, newest first", {}, None, {200: ("your jobs", "application/json", "JobList")}),
+    "job": ("One of your jobs; a unique id prefix is enough", {}, None,
+            {200: ("the job", "application/json", "Job"), 404: "no such job of yours",
+             409: "ambiguous prefix"}),
+    "cancel": ("Cancel a queued or running job", {}, None,
+               {200: ("the job, cancelled", "application/json", "Job"), 404: "no such job of yours",
+                409: "already finished, or ambiguous prefix"}),
+    "events": ("The job's events after `after`, following a live job unless follow=0",
+               {"after": _I, "follow": {"enum": ["0", "1"]}}, None,
+               {200: ("NDJSON, one event per line", "application/x-ndjson", "Event"),
+                400: "after is not a whole number", 404: "no such job of yours", 409: "ambiguous prefix"}),
+    "diff": ("The patch of a done job (git diff --binary --full-index)", {}, None,
+             {200: ("the patch, as bytes", "text/x-diff", None), 404: "no such job of yours",
+              409: "the job is not done (no_diff), or ambiguous prefix", 410: "pruned by gc"}),
+    "usage": ("Asks, AI time, tokens, cost and changes over a time range; yours, or with an admin "
+              "token everyone's", {"since": _S, "until": _S, "group": {"enum": list(USAGE_GROUPS)}, "user": _S},
+              None, {200: ("the report", "application/json", "Usage"), 400: "bad group or time",
+                     403: "another user's usage without an admin token"}),
+    "openapi": ("This document", {}, None, {200: ("OpenAPI 3.1", "application/json", None)}),
+    "metrics": ("Prometheus text format; admin token", {}, None,
+                {200: ("metrics", PROMETHEUS_TYPE.split(";")[0], None), 403: "not an admin"}),
+}
+
+
+def openapi_document() -> dict:
+    paths: Dict[str, dict] = {}
+    for method, pattern, name, auth in ROUTES:
+        # a route without its entry is still listed (tests insist every route has one)
+        summary, query, body, answers = OPENAPI_ROUTES.get(name, ("(not described yet)", {}, None, {}))
+        template = ROUTE_TEMPLATES[name]
+        op: dict = {"operationId": name, "summary": summary, "responses": {}}
+        params = [{"name": p, "in": "path", "required": True, "schema": _S,
+                   "description": "a job id or a unique prefix of it"} for p in pattern.groupindex]
+        params += [{"name": k, "in": "query", "required": False, "schema": v} for k, v in query.items()]
+        if params:
+            op["parameters"] = params
+        if body:
+            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
+        if auth:
+            op["security"] = [{"bearer": []}]
+            answers = {**answers, 401: "missing or invalid token"}
+        else:
+            op["security"] = []
+        for status, answer in sorted(answers.items()):
+            op["responses"][str(status)] = _openapi_response(answer)
+        op["responses"]["default"] = _openapi_response("any other error (500: internal)")
+        paths.setdefault(template, {})[method.lower()] = op
+    return {"openapi": "3.1.0",
+            "info": {"title": "patchwire-agent", "version": __version__,
+                     "description": "Runs Claude Code on a synced project and returns a git diff. Errors are "
+                                    "JSON (Error) with a fitting status; an unknown path is 404 (not_found), "
+                                    "a method a path does not have is 405 (method_not_allowed)."},
+            "paths": paths,
+            "components": {"schemas": OPENAPI_SCHEMAS,
+                           "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+            "security": [{"bearer": []}]}
+
+
+def _openapi_response(answer: Any) -> dict:
+    if isinstance(answer, str):
+        return {"description": answer, "content": {"application/json": {"schema": _ref("Error")}}}
+    description, media, schema = answer
+    if schema:
+        body = _ref(schema)
+    else:
+        body = _S if media.startswith("text/") else {"type": "object"}
+    return {"description": description, "content": {media: {"schema": body}}}
+
+
+# ================================================================== operations: shutdown, service, status, gc
+
+RUN_FILE = "agent.json"  # in the state folder while `serve` runs: pid, start time, URL
+SYSTEMD_UNIT = "patchwire-agent.service"
+LAUNCHD_LABEL = "dev.patchwire.agent"
+
+
+def drain_jobs(agent: "Agent", grace_s: float, hurry: threading.Event) -> None:
+    """Graceful stop: no queued job starts any more (they stay queued in the store and run
+    after the restart); running jobs may finish for up to `grace_s`, then are cancelled
+    with the reason. `hurry` (a second signal) cuts the wait short."""
+    agent.queue.close()
+    with agent.lock:
+        running = len(agent.runs)
+    if running and grace_s:
+        pw.say(f"stopping: waiting up to {grace_s:g} s for {running} running job(s) to finish "
+               "(signal again to cancel them now)")
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and not hurry.is_set() and any(t.is_alive() for t in agent.workers):
+        for t in agent.workers:
+            t.join(timeout=0.1)
+    reason = (f"the agent was shut down and the job did not finish within {grace_s:g} s "
+              "([server] shutdown_grace_s); ask again")
+    with agent.lock:
+        runs = list(agent.runs.values())
+    for run in runs:
+        run.stop(reason)
+
+
+def write_run_file(cfg: AgentConfig, url: str, started: float) -> Path:
+    path = cfg.state_dir / RUN_FILE
+    write_private(path, json.dumps({"pid": os.getpid(), "started": started, "url": url,
+                                    "version": __version__}) + "\n")
+    return path
+
+
+def read_run_file(state_dir: Path) -> Optional[dict]:
+    """The running server's pid file, or None when no server runs on this state folder."""
+    try:
+        info = json.loads((state_dir / RUN_FILE).read_text())
+        os.kill(int(info["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return info
+
+
+def open_store(cfg: AgentConfig) -> Store:
+    """The state db for a command on the box, next to a running server: sqlite's busy
+    timeout makes a read wait for the server's short write transactions."""
+    if not (cfg.state_dir / "jobs.sqlite3").is_file():
+        raise PatchwireError(f"no jobs in {cfg.state_dir} yet", "has `patchwire-agent serve -c "
+                             f"{cfg.path}` run? The state folder is [server] state_dir")
+    return Store(cfg.state_dir)
+
+
+def agent_argv(config: Path) -> List[str]:
+    """This very program, the way it was started (script, zipapp or installed command)."""
+    return [sys.executable, os.path.abspath(sys.argv[0]), "serve", "-c", str(config.resolve())]
+
+
+def systemd_quote(arg: str) -> str:
+    """One ExecStart word: `%` and `$` are systemd's specifiers and variables."""
+    arg = arg.replace("%", "%%").replace("$", "$$")
+    return json.dumps(arg) if re.search(r'[\s"\'\\;]', arg) or not arg else arg
+
+
+def systemd_unit(cfg: AgentConfig, system: bool = False) -> str:
+    """A user unit, or with `system` one for the system manager that runs as this user."""
+    argv = agent_argv(cfg.path)
+    return "\n".join([
+        "[Unit]",
+        "Description=patchwire-agent: runs Claude Code for Patchwire laptops",
+        "After=network-online.target",
+        "Wants=network-online.target",
+        "",
+        "[Service]",
+        "Type=simple",
+        *([f"User={systemd_quote(current_user())}"] if system else []),
+        "ExecStart=" + " ".join(systemd_quote(a) for a in argv),
+        "WorkingDirectory=" + systemd_quote(str(cfg.path.resolve().parent)),
+        # the AI command is looked up on PATH, which a user manager's default would not have
+        "Environment=" + systemd_quote("PATH=" + os.environ.get("PATH", os.defpath)),
+        "Restart=on-failure",
+        "RestartSec=5",
+        # SIGTERM to the agent only: the AI runs in the same cgroup and must be allowed to
+        # finish its job during the grace time; KILL reaches whatever is left at the end
+        "KillMode=mixed",
+        f"TimeoutStopSec={cfg.shutdown_grace_s + int(KILL_GRACE_S) + 10}",
+        "",
+        "[Install]",
+        "WantedBy=" + ("multi-user.target" if system else "default.target"),
+        ""])
+
+
+def current_user() -> str:
+    import getpass
+    return getpass.getuser()
+
+
+def launchd_plist(cfg: AgentConfig, system: bool = False) -> bytes:
+    """A LaunchAgent, or with `system` a LaunchDaemon that runs as this user."""
+    import plistlib
+    log_file = Path.home() / "Library" / "Logs" / "patchwire-agent.log"
+    return plistlib.dumps({
+        **({"UserName": current_user()} if system else {}),
+        "Label": LAUNCHD_LABEL,
+        "ProgramArguments": agent_argv(cfg.path),
+        "WorkingDirectory": str(cfg.path.resolve().parent),
+        "EnvironmentVariables": {"PATH": os.environ.get("PATH", os.defpath)},
+        "RunAtLoad": True,
+        "KeepAlive": {"SuccessfulExit": False},  # restart after a crash, not after a clean stop
+        "ExitTimeOut": cfg.shutdown_grace_s + int(KILL_GRACE_S) + 10,
+        "StandardOutPath": str(log_file),
+        "StandardErrorPath": str(log_file),
+    })
+
+
+def service_target(kind: str, system: bool = False) -> Tuple[Path, str]:
+    """Where a unit or plist goes, and the one command that starts it."""
+    if system and kind == "systemd":
+        return (Path("/etc/systemd/system") / SYSTEMD_UNIT,
+                f"sudo systemctl daemon-reload && sudo systemctl enable --now {SYSTEMD_UNIT}")
+    if system:
+        path = Path("/Library/LaunchDaemons") / f"{LAUNCHD_LABEL}.plist"
+        return path, f"sudo launchctl bootstrap system {path}"
+    if kind == "systemd":
+        base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+        return (base / "systemd" / "user" / SYSTEMD_UNIT,
+                f"systemctl --user daemon-reload && systemctl --user enable --now {SYSTEMD_UNIT}")
+    path = Path.home() / "Library" / "LaunchAgents" / f"{LAUNCHD_LABEL}.plist"
+    return path, f"launchctl bootstrap gui/$(id -u) {path}"
+
+
+def tree_size(path: Path) -> int:
+    """Bytes in the files under `path` (links not followed)."""
+    total = 0
+    for folder, _, names in os.walk(path):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                pass  # removed while we walked
+    return total
+
+
+def status_report(cfg: AgentConfig, store: Store) -> dict:
+    run = read_run_file(cfg.state_dir)
+    with store.lock:
+        active = store.db.execute("SELECT user, status, COUNT(*) FROM jobs WHERE status IN ('queued', 'running') "
+                                  "GROUP BY user, status").fetchall()
+        job_users = [r[0] for r in store.db.execute("SELECT DISTINCT user FROM jobs")]
+        patches = store.db.execute("SELECT user, id FROM jobs WHERE status = 'done'").fetchall()
+        jobs = store.db.execute("SELECT id, user, project, status, COALESCE(started, created) FROM jobs "
+                                "WHERE status IN ('queued', 'running') ORDER BY created").fetchall()
+    users: Dict[str, dict] = {}
+    for name in sorted(set(cfg.users) | set(job_users)):
+        users[name] = {"running": 0, "queued": 0, "removed": name not in cfg.users,
+                       "disk_bytes": tree_size(user_root(cfg.state_dir, name))}
+    for user, status, n in active:
+        users[user][status] = n
+    for user, job_id in patches:
+        path = store.patch_path(job_id)
+        users[user]["disk_bytes"] += path.stat().st_size if path.exists() else 0
+    return {"running": bool(run), "pid": run and run["pid"], "url": run and run["url"],
+            "uptime_s": round(time.time() - run["started"], 1) if run else None,
+            "workers": cfg.workers, "slots": cfg.slots, "state_dir": str(cfg.state_dir),
+            "state_bytes": tree_size(cfg.state_dir), "users": users,
+            "jobs": [dict(zip(("id", "user", "project", "status", "since"), row)) for row in jobs]}
+
+
+@contextlib.contextmanager
+def job_folders_lock(home: Path, exclusive: bool = False):
+    """A worker holds this shared while a job uses the project's job folders; gc takes it
+    exclusively, without waiting (BlockingIOError), to remove them. flock works across
+    processes and is released when its holder dies."""
+    home.mkdir(parents=True, exist_ok=True)
+    fd = os.open(str(home / "folders.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+def gc_state(cfg: AgentConfig, store: Store, before: float, dry_run: bool) -> dict:
+    """Prune what jobs finished before `before` left behind: patches and events (the job
+    rows stay, so usage stays exact), and job folders of projects with no job since then.
+    Never touches a queued or running job's; safe while the server runs."""
+    with store.lock:
+        old = store.db.execute("SELECT id FROM jobs WHERE status IN ('done', 'failed', 'cancelled') "
+                               "AND finished < ?", (before,)).fetchall()
+        events = store.db.execute("SELECT COUNT(*) FROM events WHERE job IN (SELECT id FROM jobs WHERE "
+                                  "status IN ('done', 'failed', 'cancelled') AND finished < ?)", (before,)).fetchone()[0]
+        if not dry_run:
+            store.db.execute("DELETE FROM events WHERE job IN (SELECT id FROM jobs WHERE status IN "
+                             "('done', 'failed', 'cancelled') AND finished < ?)", (before,))
+    patches = [store.patch_path(job_id) for (job_id,) in old if store.patch_path(job_id).exists()]
+    out = {"before": before, "dry_run": dry_run, "jobs": len(old), "events": events,
+           "patches": len(patches), "patch_bytes": sum(p.stat().st_size for p in patches),
+           "job_folders": [], "folder_bytes": 0, "folders_busy": []}
+    if not dry_run:
+        for path in patches:
+            path.unlink()
+    for user, project in unused_projects(cfg, store, before):
+        try:
+            with job_folders_lock(ProjectRepo(cfg.state_dir, user, project).home, exclusive=True):
+                # asked for since the first look? Its worker waits for this lock: keep the folders
+                if (user, project) in unused_projects(cfg, store, before):
+                    prune_job_folders(ProjectRepo(cfg.state_dir, user, project), out, dry_run)
+        except BlockingIOError:
+            out["folders_busy"].append(f"{user}/{project}")
+    return out
+
+
+def prune_job_folders(repo: ProjectRepo, out: dict, dry_run: bool) -> None:
+    for folder in sorted(p for p in (repo.home / "slots").iterdir() if p.is_dir()):
+        out["job_folders"].append(str(folder))
+        out["folder_bytes"] += tree_size(folder)
+        if not dry_run:
+            remove_tree(folder)
+    if not dry_run:
+        repo.git()("worktree", "prune")  # the warm folder is rebuilt when next needed
+
+
+def unused_projects(cfg: AgentConfig, store: Store, before: float) -> List[Tuple[str, str]]:
+    """Projects with job folders whose jobs all ended before `before` (none queued or running)."""
+    with store.lock:
+        last = dict(((u, p), t) for u, p, t in store.db.execute(
+            "SELECT user, project, MAX(CASE WHEN status IN ('queued', 'running') THEN 1e18 "
+            "ELSE COALESCE(finished, created) END) FROM jobs GROUP BY user, project"))
+    out = []
+    for slots in sorted((cfg.state_dir / "users").glob("*/projects/*/slots")):
+        key = (slots.parent.parent.parent.name, slots.parent.name)
+        if last.get(key, 0) < before and any(slots.iterdir()):
+            out.append(key)
+    return out
+
+
+def human_duration(seconds: float) -> str:
+    days, rest = divmod(int(seconds), 86400)
+    hours, rest = divmod(rest, 3600)
+    return (f"{days}d " if days else "") + f"{hours}h {rest // 60}m"
+
+
 # ================================================================== commands
 
 
@@ -1398,6 +2479,8 @@ def write_private(path: Path, text: str) -> None:
     os.fchmod(fd, 0o600)  # an existing file keeps its mode otherwise
     with os.fdopen(fd, "w") as f:
         f.write(text)
+        f.flush()
+        os.fsync(f.fileno())  # an atomic replace of the config must not leave it empty
 
 
 def cmd_serve(args) -> int:
@@ -1409,26 +2492,343 @@ def cmd_serve(args) -> int:
         raise PatchwireError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror}",
                              "pick another [server] listen address, or stop what uses that port")
     agent.start()
+    hurry = threading.Event()  # set by a second SIGTERM/SIGINT: cancel running jobs now
 
     def on_signal(signum, _frame):
+        if server_stopping.is_set():
+            hurry.set()
+        server_stopping.set()
         threading.Thread(target=server.shutdown, daemon=True).start()
+    server_stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
+    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=agent.reload, daemon=True).start())
     ai = agent.health()
+    run_file = write_run_file(cfg, server.url, agent.started_at)
     print(f"patchwire-agent {__version__} listening on {server.url}", flush=True)
     pw.say(f"state in {cfg.state_dir}; {len(cfg.users)} user(s); AI command {cfg.ai_command[0]!r}"
            + ("" if ai["ai_found"] else " NOT FOUND on PATH: asks will fail until it is installed"))
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
-        server.server_close()
+        server.server_close()  # no new requests; streams already open go on while jobs finish
+        drain_jobs(agent, cfg.shutdown_grace_s, hurry)
         agent.stop()
+        run_file.unlink(missing_ok=True)
     return 0
+
+
+# --- users and policy: each command rewrites the config atomically; a running server
+# picks the change up by itself (it watches the file; SIGHUP also reloads)
+
+CONFIG_HEADER = ("# patchwire-agent configuration (rewritten by `patchwire-agent user`; comments are not "
+                 "kept).\n# Reference: README.md, \"Agent config\" and \"Team setup\".\n\n")
+RRSYNC_MISSING = ("rrsync is not installed on this box, so the key line below will not work yet. "
+                  "rrsync ships with rsync 3.2.4 and later: Debian/Ubuntu `apt install rsync` "
+                  "(/usr/bin/rrsync); macOS `brew install rsync` (then use the rrsync from "
+                  "$(brew --prefix rsync)); elsewhere copy support/rrsync from rsync's source")
+
+
+def edit_config(path: Path, change: Callable[[dict], Any]) -> Any:
+    """Read, change, check and atomically replace the config, one editor at a time; the
+    other keys and users stay as they were."""
+    if not path.is_file():
+        raise UsageError(f"{path}: no such config file", f"create it with `patchwire-agent init -c {path}`")
+    with open(path.parent / f".{path.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = pw.load_toml(path)
+        data.setdefault("users", {})
+        result = change(data)
+        text = CONFIG_HEADER + pw.dump_toml(data)
+        AgentConfig(path, pw.parse_toml(text, path))  # what we write must load
+        tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+        write_private(tmp, text)
+        os.replace(str(tmp), str(path))
+    return result
+
+
+def new_token() -> str:
+    return "pw_" + secrets.token_urlsafe(32)
+
+
+def hand_out_token(user: str, token: str, token_file: Optional[str], what: str) -> None:
+    if token_file:
+        write_private(Path(token_file), token + "\n")
+        pw.say(f"{what}; the token of user {user} is in {token_file}")
+    else:
+        pw.say(f"{what}. The token of user {user}, shown this once (only its sha256 is stored): "
+               "put it in a file on that user's laptop, chmod 600")
+        print(token, flush=True)
+
+
+def existing_user(data: dict, name: str, path: Path) -> dict:
+    if name not in data["users"]:
+        raise UsageError(f"{path} has no user {name!r}", "see them with `patchwire-agent user list`")
+    return data["users"][name]
+
+
+def cmd_user_add(args) -> int:
+    path, name = Path(args.config), args.name
+    if not pw.NAME_RE.fullmatch(name):
+        raise UsageError(f"user name {name!r} is not valid", "use letters, digits, '.', '_' and '-'")
+    key = read_ssh_key(args.ssh_key) if args.ssh_key else None
+    token = new_token()
+
+    def add(data: dict) -> None:
+        if name in data["users"]:
+            raise UsageError(f"user {name} exists already in {path}",
+                             f"give them a new token with `patchwire-agent user rotate {name}`")
+        data["users"][name] = {"token_sha256": token_digest(token).hex(), **({"admin": True} if args.admin else {})}
+    edit_config(path, add)
+    cfg = AgentConfig.load(path)
+    mirror_root(cfg.state_dir, name).mkdir(parents=True, exist_ok=True, mode=0o700)  # rrsync's DIR
+    hand_out_token(name, token, args.token_file, f"added user {name}" + (" (admin)" if args.admin else ""))
+    if key:
+        install_key_line(rrsync_key_line(cfg.state_dir, name, key), args.authorized_keys,
+                         mirror_root(cfg.state_dir, name))
+    return 0
+
+
+def cmd_user_list(args) -> int:
+    cfg = AgentConfig.load(Path(args.config))
+    for name in sorted(cfg.users):
+        own = cfg.user_policy.get(name, {})
+        print("  ".join(filter(None, [
+            name, "admin" if name in cfg.admins else "", f"{len(user_projects(cfg.state_dir, name))} project(s)",
+            ("own policy: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(own.items()))) if own else ""])))
+    return 0
+
+
+def cmd_user_remove(args) -> int:
+    path = Path(args.config)
+    if args.cancel_jobs:  # first: the server reads it when it sees the config change
+        request_cancel(AgentConfig.load(path).state_dir, args.name)
+
+    def remove(data: dict) -> None:
+        existing_user(data, args.name, path)
+        del data["users"][args.name]
+    edit_config(path, remove)
+    pw.say(f"removed user {args.name}: their token is refused from now on; their "
+           + ("jobs are cancelled" if args.cancel_jobs else "queued jobs end, a running one finishes")
+           + "; their files stay in the state folder")
+    if args.authorized_keys:
+        dropped = drop_key_lines(Path(args.authorized_keys), AgentConfig.load(path).state_dir, args.name)
+        pw.say(f"removed {dropped} key line(s) of {args.name} from {args.authorized_keys}")
+    return 0
+
+
+def cmd_user_rotate(args) -> int:
+    path = Path(args.config)
+    token = new_token()
+    if args.cancel_jobs:
+        request_cancel(AgentConfig.load(path).state_dir, args.name)
+
+    def rotate(data: dict) -> None:
+        existing_user(data, args.name, path)["token_sha256"] = token_digest(token).hex()
+    edit_config(path, rotate)
+    hand_out_token(args.name, token, args.token_file, f"new token for user {args.name} (the old one is refused now)")
+    return 0
+
+
+def cmd_user_key(args) -> int:
+    """The authorized_keys line for an existing user (a new laptop, a new key)."""
+    cfg = AgentConfig.load(Path(args.config))
+    if args.name not in cfg.users:
+        raise UsageError(f"{cfg.path} has no user {args.name!r}", "see them with `patchwire-agent user list`")
+    key = read_ssh_key(args.ssh_key)
+    mirror_root(cfg.state_dir, args.name).mkdir(parents=True, exist_ok=True, mode=0o700)
+    install_key_line(rrsync_key_line(cfg.state_dir, args.name, key), args.authorized_keys,
+                     mirror_root(cfg.state_dir, args.name))
+    return 0
+
+
+def request_cancel(state_dir: Path, user: str) -> None:
+    folder = cancel_requests_dir(state_dir)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (folder / user).write_text("cancel every job of this user\n")
+
+
+USER_COMMANDS = {"add": cmd_user_add, "list": cmd_user_list, "remove": cmd_user_remove, "rotate": cmd_user_rotate,
+                 "key": cmd_user_key}
+
+
+def cmd_user(args) -> int:
+    return USER_COMMANDS[args.action](args)
+
+
+def cmd_policy(args) -> int:
+    cfg = AgentConfig.load(Path(args.config))
+    if args.name not in cfg.users:
+        raise UsageError(f"{cfg.path} has no user {args.name!r}", "see them with `patchwire-agent user list`")
+    policy = cfg.policy(args.name)
+    print(f"policy of user {args.name}" + (" (admin)" if args.name in cfg.admins else ""))
+    for key in POLICY_SCHEMA:
+        value = policy.values[key]
+        shown = "none" if value is None else json.dumps(value)
+        print(f"  {key:<17} {shown:<24} from {policy.sources[key]}")
+    print(f"  on the box now: {len(user_projects(cfg.state_dir, args.name))} project(s)")
+    return 0
+
+
+# --- SSH keys restricted to one user's mirror folder (rrsync)
+
+
+def read_ssh_key(name: str) -> str:
+    try:
+        line = Path(name).read_text().strip()
+    except OSError as e:
+        raise UsageError(f"cannot read the SSH key {name}: {e.strerror}")
+    fields = line.split()
+    if len(fields) < 2 or not (fields[0].startswith(("ssh-", "ecdsa-", "sk-"))) or "\n" in line:
+        raise UsageError(f"{name} is not one SSH public key line", "give the .pub file, e.g. ~/.ssh/id_ed25519.pub")
+    return " ".join(fields[:2])
+
+
+def find_rrsync() -> Optional[str]:
+    found = shutil.which("rrsync")
+    for candidate in ([found] if found else []) + ["/usr/bin/rrsync", "/usr/local/bin/rrsync",
+                                                   "/opt/homebrew/bin/rrsync"]:
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def rrsync_key_line(state_dir: Path, user: str, key: str) -> str:
+    """An authorized_keys line that lets the key only rsync INTO the user's mirror folder:
+    `restrict` (no shell, tty or forwarding) and a forced rrsync. -absolute lets the laptop
+    keep sending the absolute mirror path /v1/me gives it; -no-lock lets two projects of one
+    user sync at once."""
+    rrsync = find_rrsync()
+    options = ["-wo"]
+    if rrsync and b"-absolute" in Path(rrsync).read_bytes():
+        options += ["-absolute", "-no-lock"]
+    else:
+        pw.say(RRSYNC_MISSING if not rrsync else
+               f"{rrsync} is older and lacks -absolute: the laptop's sync needs an rrsync that has it "
+               "(rsync's current support/rrsync)")
+        options += ["-no-lock"]
+    command = f"{rrsync or 'rrsync'} {' '.join(options)} {mirror_root(state_dir, user)}"
+    return f'restrict,command="{command}" {key} patchwire:{user}'
+
+
+def install_key_line(line: str, authorized_keys: Optional[str], folder: Path) -> None:
+    if not authorized_keys:
+        pw.say("add this line to ~/.ssh/authorized_keys of the box account that runs patchwire-agent:")
+        print(line, flush=True)
+        return
+    path = Path(authorized_keys)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    old = path.read_text() if path.exists() else ""
+    write_private(path, old + ("" if not old or old.endswith("\n") else "\n") + line + "\n")
+    pw.say(f"appended the key line to {path}: that key may only rsync into {folder}")
+
+
+def drop_key_lines(path: Path, state_dir: Path, user: str) -> int:
+    if not path.exists():
+        return 0
+    marker = f" {mirror_root(state_dir, user)}\""
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [l for l in lines if marker not in l]
+    write_private(path, "".join(kept))
+    return len(lines) - len(kept)
+def cmd_usage(args) -> int:
+    cfg = AgentConfig.load(Path(args.config))
+    store = open_store(cfg)
+    try:
+        since = parse_time(args.since, 0.0)
+        until = parse_time(args.until, time.time() + 1, end_of_day=True)
+        report = usage_report(store, since, until, args.by, args.user, list(cfg.users))
+    finally:
+        store.close()
+    pw.print_usage(args, report)
+    if report["removed_users"] and not (args.json or args.csv):
+        pw.say("removed users (no longer in the config; their history stays): " + ", ".join(report["removed_users"]))
+    return 0
+
+
+def cmd_service(args) -> int:
+    cfg = AgentConfig.load(Path(args.config))
+    kind = "systemd" if args.systemd else "launchd"
+    data = systemd_unit(cfg, args.system).encode() if kind == "systemd" else launchd_plist(cfg, args.system)
+    path, start = service_target(kind, args.system)
+    if args.system and args.install:
+        raise UsageError("--install writes user-level units only; a system one is root's to write",
+                         f"patchwire-agent service -c {args.config} --{kind} --system | sudo tee {path}")
+    if not args.install:
+        sys.stdout.buffer.write(data)
+        if args.system:
+            pw.say(f"as root, put it in {path}; then: {start}")
+        return 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    replaced = path.exists()
+    path.write_bytes(data)
+    pw.say(f"{'replaced' if replaced else 'wrote'} {path}; start it (and at every login) with:")
+    print(start)
+    if kind == "systemd":
+        pw.say(f"to keep it running while you are logged out: loginctl enable-linger {os.environ.get('USER', '$USER')}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    cfg = AgentConfig.load(Path(args.config))
+    store = open_store(cfg)
+    try:
+        report = status_report(cfg, store)
+    finally:
+        store.close()
+    pw.output(args, report, print_status)
+    return 0
+
+
+def print_status(r: dict) -> None:
+    if r["running"]:
+        print(f"agent: running, pid {r['pid']}, up {human_duration(r['uptime_s'])}, {r['url']}")
+    else:
+        print("agent: not running")
+    print(f"workers: {r['workers']}; job folders per user and project: {r['slots']}")
+    print(f"state folder: {r['state_dir']}, {pw.human_bytes(r['state_bytes'])}")
+    width = max([len(u) + 10 for u in r["users"]] + [4])
+    print(f"{'user':<{width}} {'running':>7} {'queued':>6} {'disk':>9}")
+    for name, u in r["users"].items():
+        label = name + (" (removed)" if u["removed"] else "")
+        print(f"{label:<{width}} {u['running']:>7} {u['queued']:>6} {pw.human_bytes(u['disk_bytes']):>9}")
+    for job in r["jobs"]:
+        print(f"  {job['id']}  {job['status']:<7}  {pw.human_age(time.time() - job['since']):>4}  "
+              f"{job['user']}/{job['project']}")
+
+
+def cmd_gc(args) -> int:
+    cfg = AgentConfig.load(Path(args.config))
+    before = parse_time(args.older_than, 0.0)
+    store = open_store(cfg)
+    try:
+        report = gc_state(cfg, store, before, args.dry_run)
+    finally:
+        store.close()
+    pw.output(args, report, print_gc)
+    return 0
+
+
+def print_gc(r: dict) -> None:
+    verb = "would free" if r["dry_run"] else "freed"
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(r["before"]))
+    print(f"{verb}: {r['patches']} patch(es), {pw.human_bytes(r['patch_bytes'])}, and {r['events']} event(s) "
+          f"of {r['jobs']} job(s) finished before {when} (the jobs and their usage stay)")
+    print(f"{verb}: {len(r['job_folders'])} job folder(s), {pw.human_bytes(r['folder_bytes'])}"
+          + "".join(f"\n  {f}" for f in r["job_folders"]))
+    if r["folders_busy"]:
+        print("kept the job folders of " + ", ".join(r["folders_busy"]) + ": a job started in them just now")
 
 
 COMMANDS = {
     "init": (cmd_init, "write a commented starter config with one user and print its token"),
     "serve": (cmd_serve, "run the HTTP server"),
+    "user": (cmd_user, "add, list, remove users or rotate a token (a running server picks it up)"),
+    "policy": (cmd_policy, "print a user's effective policy and where each value comes from"),
+    "usage": (cmd_usage, "asks, AI minutes, tokens and cost per user, project or day (reads the state)"),
+    "status": (cmd_status, "running and queued jobs by user, workers, uptime, disk per user"),
+    "gc": (cmd_gc, "prune old jobs' patches and events, and unused job folders"),
+    "service": (cmd_service, "print or install a systemd user unit or a launchd agent that runs serve"),
 }
 
 
@@ -1440,14 +2840,73 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     p = {name: sub.add_parser(name, help=help_, description=help_) for name, (_, help_) in COMMANDS.items()}
     for name in p:
-        p[name].add_argument("-c", "--config", required=True, help="the agent's TOML config file")
+        if name != "user":
+            add_config_option(p[name])
     p["init"].add_argument("--user", default=os.environ.get("USER") or "me", help="first user's name")
     p["init"].add_argument("--token-file", help="write the token to this file (mode 600) instead of printing it")
     p["init"].add_argument("--listen", default=DEFAULT_LISTEN, help="HOST:PORT (default %(default)s)")
     p["init"].add_argument("--state-dir", help="where jobs, mirrors and job folders live")
     p["init"].add_argument("--force", action="store_true", help="replace an existing config")
     p["serve"].add_argument("-v", "--verbose", action="store_true", help="log every request")
+    add_user_parsers(p["user"])
+    p["policy"].add_argument("name", help="the user's name")
+    add_ops_arguments(p)
     return parser
+
+
+def default_config() -> str:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "patchwire", "agent.toml")
+
+
+def add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", default=default_config(),
+                        help="the agent's TOML config file (default: %(default)s)")
+
+
+def add_user_parsers(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION")
+    sub.required = True
+    helps = {"add": "add a user and print their token once", "list": "list the users",
+             "remove": "remove a user: their token stops working at once",
+             "rotate": "give a user a new token: the old one stops working at once",
+             "key": "print (or append) an authorized_keys line for a user's SSH key"}
+    p = {name: sub.add_parser(name, help=text, description=text) for name, text in helps.items()}
+    for name, action in p.items():
+        add_config_option(action)
+        if name != "list":
+            action.add_argument("name", help="the user's name")
+    for name in ("add", "rotate"):
+        p[name].add_argument("--token-file", help="write the token to this file (mode 600) instead of printing it")
+    p["add"].add_argument("--admin", action="store_true", help="may also read everyone's usage and metrics")
+    p["key"].add_argument("--ssh-key", metavar="FILE", required=True, help="the user's SSH public key")
+    for name in ("add", "key"):
+        if name == "add":
+            p[name].add_argument("--ssh-key", metavar="FILE",
+                                 help="the user's SSH public key: print an authorized_keys line that may only "
+                                      "rsync into the user's own mirror folder (rrsync)")
+        p[name].add_argument("--authorized-keys", metavar="FILE", help="append that line to FILE instead of printing it")
+    p["remove"].add_argument("--authorized-keys", metavar="FILE", help="also drop the user's key lines from FILE")
+    for name in ("remove", "rotate"):
+        p[name].add_argument("--cancel-jobs", action="store_true",
+                             help="also cancel the user's running job (queued ones end on remove anyway)")
+
+
+def add_ops_arguments(p: Dict[str, argparse.ArgumentParser]) -> None:
+    pw.add_usage_arguments(p["usage"], "user")
+    p["usage"].add_argument("--user", help="only this user")
+    for name in ("usage", "status", "gc"):
+        p[name].add_argument("--json", action="store_true", help="the result as JSON on stdout")
+    p["gc"].add_argument("--older-than", default="30d", help="jobs finished longer ago than this: "
+                         "30d, 12h, or a date (default %(default)s)")
+    p["gc"].add_argument("--dry-run", action="store_true", help="say what would be freed, free nothing")
+    kind = p["service"].add_mutually_exclusive_group(required=True)
+    kind.add_argument("--systemd", action="store_true", help="a systemd user unit (Linux)")
+    kind.add_argument("--launchd", action="store_true", help="a launchd agent plist (macOS)")
+    p["service"].add_argument("--install", action="store_true", help="write it to the user's unit folder "
+                              "(~/.config/systemd/user or ~/Library/LaunchAgents) and print the command that starts it")
+    p["service"].add_argument("--system", action="store_true", help="for the system manager (starts at boot), "
+                              "running as you; printed, for root to install")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -140,7 +140,7 @@ class AgentProcess:
     """The real `patchwire-agent serve` on 127.0.0.1:0, configured by `init` then edited."""
 
     def __init__(self, workdir: Path, ai_command: Sequence[str], *, users: Sequence[str] = ("alice",),
-                 ai: Optional[dict] = None, jobs: Optional[dict] = None,
+                 ai: Optional[dict] = None, jobs: Optional[dict] = None, server: Optional[dict] = None,
                  program: Optional[Sequence[str]] = None, env: Optional[dict] = None):
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -150,9 +150,9 @@ class AgentProcess:
         self.tokens: Dict[str, str] = {}
         self.proc: Optional[subprocess.Popen] = None
         self.url = ""
-        self._write_config(users, ai_command, ai or {}, jobs or {})
+        self._write_config(users, ai_command, ai or {}, jobs or {}, server or {})
 
-    def _write_config(self, users, ai_command, ai, jobs) -> None:
+    def _write_config(self, users, ai_command, ai, jobs, server) -> None:
         first = users[0]
         token_file = self.workdir / f"{first}.token"
         code = patchwire_agent.main(["init", "-c", str(self.config), "--user", first,
@@ -165,6 +165,8 @@ class AgentProcess:
             data["users"][name] = {"token_sha256": patchwire_agent.token_digest(self.tokens[name]).hex()}
         data["ai"].update({"command": list(ai_command), **ai})
         data["jobs"].update(jobs)
+        # tests stop agents with jobs still running: cancel them at once, as before 0.3
+        data["server"].update({"shutdown_grace_s": 0, **server})
         self.config.write_text(tomli_w.dumps(data))
         self.state_dir = Path(data["server"]["state_dir"])
 

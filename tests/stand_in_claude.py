@@ -9,8 +9,10 @@ a real part: the AI. It reads the prompt on stdin.
 What it does is scripted by the prompt: a line `#pw-script <JSON list>` holds steps, e.g.
     #pw-script [{"write": "a.txt", "text": "hi\\n"}, {"say": "done"}]
 Steps: write (text or b64), delete, rename [a, b], chmod [path, "755"], say, sleep,
+wait_file (until that path exists; at most max_s, default 60),
 exit (code, no result line), error (is_error true, exit 1), deny (tool name; exit 0 with
-permission_denials), hang (sleeps forever, with a child in its process group), spawn_ignoring_term.
+permission_denials), hang (sleeps forever, with a child in its process group), spawn_ignoring_term,
+usage (the result's `usage` object; with "cost": its total_cost_usd).
 Without a script it makes one small, visible edit: it adds a line to PATCHWIRE_DEMO.md.
 
 STAND_IN_LOG (environment), when set, names a file that gets one JSON line per run with
@@ -46,6 +48,8 @@ class StandIn:
         self.session = arg_value(argv, "--resume") or str(uuid.uuid4())
         self.turns = 1
         self.denials = []
+        self.usage = {"input_tokens": 120, "output_tokens": 45, "cache_read_input_tokens": 0}
+        self.cost = 0.0123
 
     def assistant(self, block):
         emit({"type": "assistant", "message": {"id": "msg_" + uuid.uuid4().hex[:12], "type": "message",
@@ -66,8 +70,7 @@ class StandIn:
     def result(self, text, is_error=False, subtype="success"):
         emit({"type": "result", "subtype": subtype, "is_error": is_error, "duration_ms": 12,
               "duration_api_ms": 10, "num_turns": self.turns, "result": text,
-              "session_id": self.session, "total_cost_usd": 0.0123,
-              "usage": {"input_tokens": 120, "output_tokens": 45, "cache_read_input_tokens": 0},
+              "session_id": self.session, "total_cost_usd": self.cost, "usage": self.usage,
               "permission_denials": self.denials})
 
     def run(self):
@@ -124,8 +127,15 @@ class StandIn:
             path, mode = step["chmod"]
             os.chmod(self.path(path), int(mode, 8))
             self.tool("Bash", {"command": "chmod %s %s" % (mode, path), "description": "Mode"})
+        elif "usage" in step:
+            self.usage = step["usage"]
+            self.cost = step.get("cost", self.cost)
         elif "sleep" in step:
             time.sleep(step["sleep"])
+        elif "wait_file" in step:  # a gate the test opens: jobs that wait without timed sleeps
+            deadline = time.monotonic() + step.get("max_s", 60)
+            while not os.path.exists(step["wait_file"]) and time.monotonic() < deadline:
+                time.sleep(0.02)
         elif "exit" in step:
             sys.stderr.write("stand-in: exiting with %d as scripted\n" % step["exit"])
             return step["exit"]

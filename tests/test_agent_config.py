@@ -106,8 +106,8 @@ def test_init_refuses_a_bad_user_name(tmp_path, capsys):
 
 
 def test_init_usage_errors_exit_2(tmp_path, capsys):
-    assert patchwire_agent.main(["init"]) == 2  # -c is required
-    assert "-c" in capsys.readouterr().err
+    assert patchwire_agent.main(["init", "--bogus"]) == 2
+    assert "--bogus" in capsys.readouterr().err
     assert patchwire_agent.main(["frobnicate", "-c", "x"]) == 2
     assert patchwire_agent.main([]) == 2
 
@@ -222,10 +222,10 @@ def server_not_table(t):
 
 
 @pytest.mark.parametrize("edit, expected", [
-    (unknown_key, ["unknown key 'lisen' in [server]", "known keys: listen, state_dir"]),
+    (unknown_key, ["unknown key 'lisen' in [server]", "known keys: listen, shutdown_grace_s, state_dir"]),
     (workers_text, ["jobs.workers must be a positive integer", "'two'"]),
     (workers_zero, ["jobs.workers must be a positive integer", "not 0"]),
-    (unknown_table, ["unknown key 'logging' in top level", "known keys: ai, jobs, server, users"]),
+    (unknown_table, ["unknown key 'logging' in top level", "known keys: ai, jobs, policy, server, users"]),
     (bad_digest, ["users.bob.token_sha256 must be 64 hex digits"]),
     (short_digest, ["users.bob.token_sha256 must be 64 hex digits"]),
     (no_digest, ["users.bob.token_sha256 must be 64 hex digits"]),

@@ -190,7 +190,7 @@ def test_me_names_the_user_and_creates_the_mirror(agent):
     assert status == 200
     assert me["user"] == "alice"
     mirror = Path(me["mirror"])
-    assert mirror == agent.state_dir / "mirror" / "alice" / "demo"
+    assert mirror == agent.state_dir / "users" / "alice" / "mirror" / "demo"
     assert mirror.is_dir()
 
 
@@ -200,7 +200,7 @@ def test_me_refuses_invalid_project_names(agent):
         answer = assert_json_error(status, headers, body, 400, code="bad_request",
                                    words=("project must be a name", "at most 64"))
         assert "mirror" not in answer, project
-    assert list((agent.state_dir / "mirror").rglob("*")) == []  # no folder made for any
+    assert list((agent.state_dir / "users").rglob("*/mirror/*")) == []  # no folder made for any
 
 
 def test_me_accepts_a_64_character_name(agent):
@@ -216,7 +216,7 @@ def test_me_refuses_an_empty_project_name(agent):
 def test_me_refuses_a_name_with_a_trailing_newline(agent):
     status, headers, body = agent.request("GET", "/v1/me?project=x%0A")
     assert_json_error(status, headers, body, 400, code="bad_request")
-    assert list((agent.state_dir / "mirror").rglob("*")) == []
+    assert list((agent.state_dir / "users").rglob("*/mirror/*")) == []
 
 
 # ------------------------------------------------------------------ jobs
@@ -497,7 +497,7 @@ def test_bad_asks_are_400(agent):
         status, headers, data = agent.request("POST", "/v1/ask", body)
         assert_json_error(status, headers, data, 400, code="bad_request", words=words)
     assert job_ids(agent) == []
-    assert not (agent.state_dir / "projects").exists()  # refused before any snapshot
+    assert not (agent.state_dir / "users" / "alice" / "projects").exists()  # refused before any snapshot
 
 
 def test_chunked_request_body_is_411(agent):

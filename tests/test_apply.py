@@ -217,4 +217,4 @@ def test_a_token_file_inside_the_project_never_leaves(tmp_path, agent):
     listed = lap.run("sync", "--dry-run", "--json", check=0)
     assert ".pwtoken" not in json.loads(listed.out)["files"]
     lap.run("sync", check=0)
-    assert not (agent.state_dir / "mirror/alice/laptop/.pwtoken").exists()
+    assert not (agent.state_dir / "users/alice/mirror/laptop/.pwtoken").exists()

@@ -38,7 +38,8 @@ def dry(lap: Laptop) -> dict:
 
 
 def mirror_of(agent, lap: Laptop) -> Path:
-    return agent.state_dir / "mirror" / "alice" / patchwire.default_project_name(lap.root)
+    project = patchwire.default_project_name(lap.root)
+    return Path(agent.json("GET", f"/v1/me?project={project}")[1]["mirror"])  # where the box keeps it
 
 
 def mirror_files(agent, lap: Laptop) -> Dict[str, bytes]:

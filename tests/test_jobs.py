@@ -16,7 +16,7 @@ from conftest import Laptop, pid_alive, script, tree_digest
 
 
 def slot_dir(agent, slot: int, project: str = "laptop", user: str = "alice") -> Path:
-    return agent.state_dir / "projects" / user / project / "slots" / f"slot{slot}"
+    return agent.state_dir / "users" / user / "projects" / project / "slots" / f"slot{slot}"
 
 
 def wait_for(predicate, timeout: float = 30, what: str = "condition"):
@@ -74,7 +74,7 @@ def test_build_cache_survives_and_strays_are_gone(laptop, agent):
 def test_a_broken_job_folder_is_rebuilt(laptop, agent):
     laptop.ask(script({"say": "one"}), "--no-apply", check=0)
     slot = agent.json("GET", f"/v1/jobs/{laptop.last_job()}")[1]["slot"]
-    gitdir = agent.state_dir / "projects/alice/laptop/git/worktrees" / f"slot{slot}"
+    gitdir = agent.state_dir / "users/alice/projects/laptop/git/worktrees" / f"slot{slot}"
     (gitdir / "index").write_bytes(b"this is not an index")
     (gitdir / "HEAD").write_bytes(b"garbage\n")
     laptop.ask(script({"write": "README.md", "text": "# rebuilt\n"}), "--yes", check=0)
@@ -168,7 +168,7 @@ def test_sigkill_of_the_agent_mid_job(laptop, make_agent, tmp_path):
     box = make_agent(jobs={"workers": 1})
     laptop.init(box)
     laptop.run("sync", check=0)
-    mirror = box.state_dir / "mirror/alice/laptop"
+    mirror = box.state_dir / "users/alice/mirror/laptop"
     before = tree_digest(mirror)
     pidfile = tmp_path / "pids"
     status, running = box.json("POST", "/v1/ask", ask_body(

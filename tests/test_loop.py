@@ -58,7 +58,7 @@ def test_round_trip_is_byte_exact(rich_laptop, agent):
     job = rich_laptop.last_job()
     # the laptop's tree now equals the AI's result in the job folder, byte for byte
     info = agent.wait_job(job)
-    slot = agent.state_dir / "projects" / "alice" / "laptop" / "slots" / f"slot{info['slot']}"
+    slot = agent.state_dir / "users" / "alice" / "projects" / "laptop" / "slots" / f"slot{info['slot']}"
     laptop_files = snapshot_tree(rich_laptop.root, skip=(".git", ".patchwire.toml"))  # never sent
     box_files = snapshot_tree(slot, skip=(".git",))
     assert laptop_files == box_files
@@ -104,7 +104,7 @@ def test_secrets_and_ignored_files_never_reach_the_box(tmp_path, agent):
     for rel in secrets:
         assert f"held back: {rel} (secret deny-list" in dry.out
     lap.run("sync", check=0)
-    mirror = agent.state_dir / "mirror" / "alice" / "laptop"
+    mirror = agent.state_dir / "users" / "alice" / "mirror" / "laptop"
     sent = set(snapshot_tree(mirror))
     assert sent == listed
     # a file deleted locally disappears from the next snapshot (and from the mirror)
@@ -121,7 +121,7 @@ def test_secrets_and_ignored_files_never_reach_the_box(tmp_path, agent):
 ])
 def test_failed_ai_run_changes_nothing(laptop, agent, steps, reason):
     laptop.run("sync", check=0)
-    mirror = agent.state_dir / "mirror" / "alice" / "laptop"
+    mirror = agent.state_dir / "users" / "alice" / "mirror" / "laptop"
     before_mirror, before_laptop = tree_digest(mirror), tree_digest(laptop.root)
     result = laptop.ask(script(*steps), "--yes")
     assert result.returncode == 4, result.err
@@ -226,7 +226,7 @@ def test_non_git_folder_works(tmp_path, agent):
     lap.init(agent)
     lap.ask(script({"write": "notes.txt", "text": "hello\nworld\n"}), "--yes", check=0)
     assert (root / "notes.txt").read_bytes() == b"hello\nworld\n"
-    assert not (agent.state_dir / "mirror/alice/plain/tmp").exists()
+    assert not (agent.state_dir / "users/alice/mirror/plain/tmp").exists()
 
 
 def test_follow_up_continues_the_previous_job(laptop, agent, tmp_path):

@@ -88,11 +88,11 @@ class Box:
     @property
     def job_dir(self) -> Path:
         # One job at a time, and follow-ups are pinned to their parent's folder: always slot0.
-        return (self.agent.state_dir / "projects" / "alice" / PROJECT / "slots" / "slot0").resolve()
+        return (self.agent.state_dir / "users" / "alice" / "projects" / PROJECT / "slots" / "slot0").resolve()
 
     @property
     def mirror(self) -> Path:
-        return self.agent.state_dir / "mirror" / "alice" / PROJECT
+        return self.agent.state_dir / "users" / "alice" / "mirror" / PROJECT
 
     def job(self, job: str) -> dict:
         return self.agent.wait_job(job, timeout=120)

@@ -91,7 +91,7 @@ def ssh_laptop(tmp_path: Path, agent, server: SSHServer, ssh: str = "", options:
 
 
 def mirror_of(agent, project: str = "laptop") -> Path:
-    return agent.state_dir / "mirror" / "alice" / project
+    return agent.state_dir / "users" / "alice" / "mirror" / project
 
 
 def listed(lap: Laptop) -> set:

@@ -88,7 +88,7 @@ def test_whole_loop_with_built_zipapps(built_zipapps, make_agent, tmp_path, lapt
         ".env": b"SECRET=never-leaves\n",
         ".patchwire.toml": (root / ".patchwire.toml").read_bytes(),
     }
-    mirror = agent.state_dir / "mirror" / "alice" / "laptop"
+    mirror = agent.state_dir / "users" / "alice" / "mirror" / "laptop"
     assert not (mirror / ".env").exists()
 
     # both programs ran from their own extracted zipapps, nothing from this checkout

@@ -1,0 +1,236 @@
+'use strict';
+// The `patchwire` program, driven only through its --json interface: the extension has no
+// second implementation of the protocol and no second place that applies a patch. Each method
+// of `Cli` is one CLI command. No `vscode` here, so the unit tests load it as it is.
+//
+// What the CLI prints with --json: one JSON document on stdout (JSON lines for `ask`: the
+// agent's events, then {"type": "outcome"}); on an expected failure a last line
+// {"error", "hint", "exit_status", "details"} and a non-zero exit. Human progress ("synced 3
+// files") goes to stderr.
+
+const childProcess = require('child_process');
+const fs = require('fs');
+const os = require('os');
+const path = require('path');
+
+const END_EVENTS = new Set(['finished', 'failed', 'cancelled']);
+
+class CliError extends Error {
+  /** An expected failure, worded by the CLI itself (`message` and `hint` are its own). */
+  constructor(message, { hint = '', exitStatus = 1, code = '', notFound = false } = {}) {
+    super(message);
+    this.hint = hint;
+    this.exitStatus = exitStatus;
+    this.code = code;
+    this.notFound = notFound;
+  }
+}
+
+/** The program to run: the setting (with ~ expanded), else `patchwire` on PATH, else
+ * ~/bin/patchwire; null when none of them is an executable file. */
+function findProgram(setting, env = process.env, home = os.homedir()) {
+  const expand = (p) => (p === '~' || p.startsWith('~/') ? path.join(home, p.slice(1)) : p);
+  if (setting && setting.trim()) {
+    const given = expand(setting.trim());
+    return isExecutable(given) ? given : null;
+  }
+  for (const dir of (env.PATH || '').split(path.delimiter)) {
+    if (dir && isExecutable(path.join(dir, 'patchwire'))) {
+      return path.join(dir, 'patchwire');
+    }
+  }
+  const inHome = path.join(home, 'bin', 'patchwire');
+  return isExecutable(inHome) ? inHome : null;
+}
+
+function isExecutable(file) {
+  try {
+    fs.accessSync(file, fs.constants.X_OK);
+    return fs.statSync(file).isFile();
+  } catch (e) {
+    return false;
+  }
+}
+
+/** The folder whose .patchwire.toml applies: the CLI looks upward from its working folder,
+ * so the first candidate (the active file's workspace folder first) that has one, or has one
+ * above it. */
+function projectFolder(candidates) {
+  for (const folder of candidates) {
+    for (let dir = folder; ; dir = path.dirname(dir)) {
+      if (fs.existsSync(path.join(dir, '.patchwire.toml'))) {
+        return folder;
+      }
+      if (path.dirname(dir) === dir) {
+        break;
+      }
+    }
+  }
+  return null;
+}
+
+/** Splits a byte stream into lines; a line may arrive in several chunks. */
+class LineSplitter {
+  constructor() {
+    this.rest = '';
+    this.decoder = new (require('string_decoder').StringDecoder)('utf8');
+  }
+
+  push(chunk) {
+    const lines = (this.rest + this.decoder.write(chunk)).split('\n');
+    this.rest = lines.pop();
+    return lines.filter((l) => l.trim());
+  }
+
+  end() {
+    const last = (this.rest + this.decoder.end()).trim();
+    this.rest = '';
+    return last ? [last] : [];
+  }
+}
+
+/** One stdout line as an object; a line that is not a JSON object is kept as text. */
+function parseLine(line) {
+  try {
+    const value = JSON.parse(line);
+    if (value && typeof value === 'object' && !Array.isArray(value)) {
+      return value;
+    }
+  } catch (e) {
+    // not JSON: fall through
+  }
+  return { type: 'unparsed', text: line };
+}
+
+/** The CLI's own error for a failed run: its JSON error line, else the tail of stderr. */
+function errorFrom(run) {
+  const reported = run.objects.filter((o) => typeof o.error === 'string' && !o.type).pop();
+  if (reported) {
+    return new CliError(reported.error, {
+      hint: reported.hint || '', exitStatus: reported.exit_status || run.code,
+      code: (reported.details && reported.details.code) || '',
+    });
+  }
+  const tail = run.stderr.trim().split('\n').slice(-3).join('\n');
+  const how = run.signal ? `was stopped (${run.signal})` : `exited with status ${run.code}`;
+  return new CliError(`patchwire ${how}` + (tail ? `: ${tail}` : ''), { exitStatus: run.code || 1 });
+}
+
+/** `*`, `?` and `[` in a path, escaped for --only (which takes shell patterns). */
+function escapePattern(p) {
+  return p.replace(/[*?[]/g, (c) => `[${c}]`);
+}
+
+class Cli {
+  /** `program` from findProgram; `cwd` the project folder; `log(line)` gets stderr lines. */
+  constructor({ program, cwd, env = process.env, log = () => {} }) {
+    this.program = program;
+    this.cwd = cwd;
+    this.env = env;
+    this.log = log;
+  }
+
+  /** Start `patchwire ARGS --json`. Returns {done, interrupt}: `done` resolves to
+   * {code, signal, objects, stderr}; `onObject` sees each stdout object as it arrives. */
+  start(args, { input = null, onObject = () => {} } = {}) {
+    if (!this.program) {
+      const err = new CliError('the patchwire program was not found', {
+        hint: 'set patchwire.path in the settings, or put patchwire on PATH or in ~/bin',
+        notFound: true,
+      });
+      return { done: Promise.reject(err), interrupt() {} };
+    }
+    const child = childProcess.spawn(this.program, [...args, '--json'], {
+      cwd: this.cwd, env: this.env, stdio: ['pipe', 'pipe', 'pipe'],
+    });
+    const out = new LineSplitter();
+    const err = new LineSplitter();
+    const run = { code: null, signal: null, objects: [], stderr: '' };
+    const take = (line) => {
+      const obj = parseLine(line);
+      run.objects.push(obj);
+      onObject(obj);
+    };
+    const note = (line) => {
+      run.stderr += line + '\n';
+      this.log(line);
+    };
+    child.stdout.on('data', (c) => out.push(c).forEach(take));
+    child.stderr.on('data', (c) => err.push(c).forEach(note));
+    child.stdin.on('error', () => {}); // the CLI may exit before reading: nothing to do
+    child.stdin.end(input === null ? '' : input);
+    const done = new Promise((resolve, reject) => {
+      child.on('error', (e) => reject(e.code === 'ENOENT' || e.code === 'EACCES'
+        ? new CliError(`cannot run ${this.program}: ${e.code}`, {
+          hint: 'check patchwire.path in the settings', notFound: true,
+        })
+        : e));
+      child.on('close', (code, signal) => {
+        out.end().forEach(take);
+        err.end().forEach(note);
+        Object.assign(run, { code, signal });
+        resolve(run);
+      });
+    });
+    // SIGINT is the CLI's Ctrl-C: it stops before the job exists, and says so.
+    return { done, interrupt: () => child.kill('SIGINT') };
+  }
+
+  /** Run to the end; the last stdout object, or the CLI's error. */
+  async json(args, input = null) {
+    const run = await this.start(args, { input }).done;
+    if (run.code !== 0) {
+      throw errorFrom(run);
+    }
+    const last = run.objects.filter((o) => o.type !== 'unparsed').pop();
+    if (!last) {
+      throw new CliError(`patchwire ${args[0]} printed no JSON`, { hint: 'is patchwire.path a patchwire 0.3 or later?' });
+    }
+    return last;
+  }
+
+  /** Sync and ask; events stream to `onEvent`. The prompt goes on stdin ('-'). */
+  ask(prompt, { on = null, onEvent = () => {} } = {}) {
+    const args = ['ask', '-', '--no-apply', ...(on ? ['--on', on] : [])];
+    return this.start(args, { input: prompt, onObject: onEvent });
+  }
+
+  jobs() { return this.json(['jobs']); }
+
+  show(job) { return this.json(['show', job]); }
+
+  diff(job) { return this.json(['diff', job]); }
+
+  file(job, file, side) { return this.json(['diff', job, '--file', file, '--side', side]); }
+
+  /** Apply without a question (`--yes`), all files or only `paths`. */
+  apply(job, paths = [], { keepConflicts = false } = {}) {
+    const args = ['apply', job, '--yes'];
+    if (paths.length) {
+      args.push('--only', ...paths.map(escapePattern));
+    }
+    if (keepConflicts) {
+      args.push('--keep-conflicts');
+    }
+    return this.json(args);
+  }
+
+  undo() { return this.json(['apply', '--undo', '--yes']); }
+
+  cancel(job) { return this.json(['cancel', job]); }
+
+  doctor() { return this.start(['doctor']).done.then((run) => doctorResult(run)); }
+}
+
+/** doctor exits 1 when a check fails, and still prints its checks: both are a result. */
+function doctorResult(run) {
+  const result = run.objects.filter((o) => Array.isArray(o.checks)).pop();
+  if (result) {
+    return result;
+  }
+  throw errorFrom(run);
+}
+
+module.exports = {
+  Cli, CliError, END_EVENTS, LineSplitter, errorFrom, escapePattern, findProgram, parseLine, projectFolder,
+};

@@ -1,0 +1,483 @@
+'use strict';
+// The extension's commands: each is a short flow of VS Code widgets around one or two CLI
+// calls. `Patchwire` holds what the flows share (the output channel, the status bar, the CLI
+// for the current project); the unit tests build it with the `vscode` module stubbed.
+
+const path = require('path');
+const vscode = require('vscode');
+const { Cli, CliError, errorFrom, findProgram, projectFolder } = require('./cli');
+const present = require('./present');
+
+const SCHEME = 'patchwire-job';
+
+class Patchwire {
+  constructor(context) {
+    this.context = context;
+    this.output = vscode.window.createOutputChannel('Patchwire');
+    this.status = vscode.window.createStatusBarItem(vscode.StatusBarAlignment.Left, 10);
+    this.status.command = 'patchwire.showJobs';
+    this.status.name = 'Patchwire';
+    this.contents = new JobContents(this);
+    this.timer = null;
+  }
+
+  // --- the CLI for the current project
+
+  /** The CLI, run in the project folder; throws a CliError naming what is missing. Its
+   * progress lines (stderr) go to the output channel, unless `quiet`. */
+  cli({ quiet = false } = {}) {
+    const folders = [];
+    const active = vscode.window.activeTextEditor;
+    const own = active && vscode.workspace.getWorkspaceFolder(active.document.uri);
+    if (own) {
+      folders.push(own.uri.fsPath);
+    }
+    for (const f of vscode.workspace.workspaceFolders || []) {
+      folders.push(f.uri.fsPath);
+    }
+    const root = projectFolder(folders);
+    if (!root) {
+      throw new CliError('no .patchwire.toml in this workspace',
+        { hint: 'run `patchwire init` in the project folder, then reopen it' });
+    }
+    const setting = vscode.workspace.getConfiguration('patchwire').get('path');
+    const log = quiet ? () => {} : (line) => this.output.appendLine(present.clean(line));
+    return new Cli({ program: findProgram(setting), cwd: root, log });
+  }
+
+  log(line) {
+    this.output.appendLine(line);
+  }
+
+  /** An expected failure in the CLI's own words, with the way out as a button. */
+  async showError(err) {
+    if (!(err instanceof CliError)) {
+      this.log(`internal error: ${err && err.stack ? err.stack : err}`);
+    }
+    const actions = err instanceof CliError && err.notFound ? ['Open Settings'] : ['Show Output'];
+    const pick = await vscode.window.showErrorMessage(present.errorMessage(err), ...actions);
+    if (pick === 'Open Settings') {
+      await vscode.commands.executeCommand('workbench.action.openSettings', 'patchwire.path');
+    } else if (pick === 'Show Output') {
+      this.output.show(true);
+    }
+  }
+
+  /** Run a command's flow; any failure is shown, never thrown at VS Code. */
+  guard(flow) {
+    return async (...args) => {
+      try {
+        return await flow.apply(this, args);
+      } catch (err) {
+        this.showError(err); // not awaited: the message stays until the user closes it
+        return undefined;
+      } finally {
+        this.refreshStatus();
+      }
+    };
+  }
+
+  // --- status bar
+
+  startStatus() {
+    const seconds = vscode.workspace.getConfiguration('patchwire').get('statusRefreshSeconds');
+    this.stopStatus();
+    if (seconds > 0) {
+      this.timer = setInterval(() => this.refreshStatus(), seconds * 1000);
+    }
+    return this.refreshStatus();
+  }
+
+  stopStatus() {
+    if (this.timer) {
+      clearInterval(this.timer);
+      this.timer = null;
+    }
+  }
+
+  async refreshStatus() {
+    let jobs = [];
+    let error = null;
+    try {
+      jobs = (await this.cli({ quiet: true }).jobs()).jobs || [];
+    } catch (err) {
+      error = err;
+    }
+    Object.assign(this.status, present.statusBar(jobs, error));
+    this.status.show();
+    return { jobs, error };
+  }
+
+  // --- picking a job
+
+  /** A quick pick of your jobs (newest first) that pass `filter`; undefined on Escape. */
+  async pickJob(placeHolder, filter = () => true, none = 'no jobs yet') {
+    const jobs = present.sortJobs(((await this.cli().jobs()).jobs || []).filter(filter));
+    if (!jobs.length) {
+      vscode.window.showInformationMessage(`Patchwire: ${none}`);
+      return undefined;
+    }
+    const pick = await vscode.window.showQuickPick(jobs.map((j) => present.jobItem(j)),
+      { placeHolder, matchOnDescription: true, ignoreFocusOut: true });
+    return pick && pick.job;
+  }
+
+  // --- Ask, Ask Follow-up
+
+  /** Ask (or, with `followUp`, continue a finished job: `on`, or one picked). */
+  async ask(followUp = false, on = null) {
+    const cli = this.cli();
+    if (followUp && !on) {
+      const parent = await this.pickJob('The job to follow up on', (j) => j.status === 'done', 'no finished job to follow up on');
+      if (!parent) {
+        return undefined;
+      }
+      on = parent.id;
+    }
+    const text = await vscode.window.showInputBox({
+      title: on ? `Patchwire: follow up on job ${on}` : 'Patchwire: Ask',
+      prompt: 'What should the AI do? It works on the box; you review its diff here.',
+      placeHolder: 'e.g. add a --verbose flag to the CLI', ignoreFocusOut: true,
+    });
+    if (!text || !text.trim()) {
+      return undefined;
+    }
+    const context = await this.pickContext();
+    if (context === undefined) {
+      return undefined;
+    }
+    if (!(await this.saveFirst())) {
+      return undefined;
+    }
+    const run = await this.runAsk(cli, present.promptWithContext(text, context), on);
+    if (run.cancelled || !run.job) {
+      return run;
+    }
+    if (!run.files.length) {
+      vscode.window.showInformationMessage(`Patchwire: the AI made no changes (job ${run.job})`);
+      return run;
+    }
+    run.review = await this.review(run.job);
+    return run;
+  }
+
+  /** null: no context; undefined: the user backed out. Asked only when there is an editor. */
+  async pickContext() {
+    const editor = vscode.window.activeTextEditor;
+    if (!editor || editor.document.uri.scheme !== 'file') {
+      return null;
+    }
+    const rel = vscode.workspace.asRelativePath(editor.document.uri, false);
+    const items = [{ label: 'No context', context: null }];
+    const sel = editor.selection;
+    if (sel && !sel.isEmpty) {
+      items.push({
+        label: `Add the selection (lines ${sel.start.line + 1}-${sel.end.line + 1} of ${rel})`,
+        context: { kind: 'selection', path: rel, startLine: sel.start.line + 1, endLine: sel.end.line + 1, text: editor.document.getText(sel) },
+      });
+    }
+    items.push({ label: `Add the current file (${rel})`, context: { kind: 'file', path: rel } });
+    const pick = await vscode.window.showQuickPick(items, { placeHolder: 'Context for the prompt', ignoreFocusOut: true });
+    return pick ? pick.context : undefined;
+  }
+
+  /** The AI sees the files on disk: unsaved edits are saved first, or the user backs out. */
+  async saveFirst() {
+    const dirty = vscode.workspace.textDocuments.filter((d) => d.isDirty && d.uri.scheme === 'file');
+    if (!dirty.length) {
+      return true;
+    }
+    const names = dirty.map((d) => vscode.workspace.asRelativePath(d.uri, false)).join(', ');
+    const pick = await vscode.window.showWarningMessage(
+      `Patchwire sends the saved files; unsaved changes in ${names} would not go.`, 'Save All and Ask', 'Ask Anyway');
+    if (pick === 'Save All and Ask') {
+      return vscode.workspace.saveAll(false);
+    }
+    return pick === 'Ask Anyway';
+  }
+
+  /** Sync, ask and stream, under a cancellable progress notification. Cancelling cancels the
+   * job on the box (before the job exists: stops the CLI, as Ctrl-C would). */
+  runAsk(cli, prompt, on) {
+    this.log(`--- ${new Date().toLocaleTimeString()} ask${on ? ` (follow-up on ${on})` : ''}: ${present.oneLine(prompt)}`);
+    this.output.show(true);
+    const title = on ? `Patchwire: follow-up on ${on}` : 'Patchwire';
+    return vscode.window.withProgress(
+      { location: vscode.ProgressLocation.Notification, title, cancellable: true },
+      (progress, token) => followAsk(this, cli, prompt, on, progress, token));
+  }
+
+  // --- review and apply
+
+  /** The job's change as a multi-file diff, then a quick pick: Apply / Apply selected files /
+   * Keep for later, with the files (opening one shows its diff) and the look-closely flags. */
+  async review(job) {
+    const cli = this.cli();
+    const diff = await cli.diff(job);
+    const files = present.fileItems(diff);
+    if (!files.length) {
+      vscode.window.showInformationMessage(`Patchwire: job ${job} made no changes`);
+      return 'empty';
+    }
+    await this.openChanges(cli.cwd, job, files);
+    const general = present.generalFlags(diff);
+    for (;;) {
+      const action = await vscode.window.showQuickPick(reviewItems(files, general), {
+        title: `Patchwire: job ${job}, ${present.plural(files.length, 'file')}`,
+        placeHolder: 'Apply the change here? Pick a file to see its diff.', ignoreFocusOut: true,
+      });
+      if (action && action.file) {
+        await this.openDiff(cli.cwd, job, action);
+        continue;
+      }
+      if (!action || action.action === 'keep') {
+        vscode.window.showInformationMessage(`Patchwire: kept job ${job}; apply it later with "Patchwire: Apply Job"`);
+        return 'kept';
+      }
+      let paths = [];
+      if (action.action === 'some') {
+        const chosen = await vscode.window.showQuickPick(files.map((f) => ({ ...f, picked: true })), {
+          title: `Patchwire: the files of job ${job} to apply`, canPickMany: true, ignoreFocusOut: true,
+        });
+        if (!chosen || !chosen.length) {
+          continue;
+        }
+        paths = chosen.length === files.length ? [] : chosen.map((f) => f.path);
+      }
+      return this.apply(cli, job, paths, files);
+    }
+  }
+
+  async openChanges(root, job, files) {
+    const resources = files.map((f) => [vscode.Uri.file(path.join(root, f.path)),
+      jobUri(job, f.file.old_path || f.path, 'old'), jobUri(job, f.path, 'new')]);
+    try {
+      await vscode.commands.executeCommand('vscode.changes', `Patchwire: job ${job}`, resources);
+    } catch (err) {
+      // VS Code before the multi-file diff editor: the first file's diff.
+      await this.openDiff(root, job, files[0]);
+    }
+  }
+
+  openDiff(root, job, item) {
+    return vscode.commands.executeCommand('vscode.diff', jobUri(job, item.file.old_path || item.path, 'old'),
+      jobUri(job, item.path, 'new'), `${item.path} (synced ↔ job ${job})`, { preview: true });
+  }
+
+  /** `patchwire apply JOB --yes [--only ...]`; a refusal shows the CLI's own message. Where
+   * the AI's edits overlap yours, the CLI refuses; one button retries with conflict markers. */
+  async apply(cli, job, paths, files) {
+    const touched = new Set((paths.length ? paths : files.map((f) => f.path)).map((p) => path.join(cli.cwd, p)));
+    const unsaved = vscode.workspace.textDocuments.filter((d) => d.isDirty && touched.has(d.uri.fsPath));
+    if (unsaved.length) {
+      throw new CliError(`unsaved changes in ${unsaved.map((d) => vscode.workspace.asRelativePath(d.uri, false)).join(', ')}`,
+        { hint: 'save or revert them, then apply the job again' });
+    }
+    let result;
+    try {
+      result = await cli.apply(job, paths);
+    } catch (err) {
+      if (!(err instanceof CliError) || !/overlap/.test(err.message)) {
+        throw err;
+      }
+      const pick = await vscode.window.showWarningMessage(present.errorMessage(err), 'Apply with Conflict Markers');
+      if (pick !== 'Apply with Conflict Markers') {
+        return 'refused';
+      }
+      result = await cli.apply(job, paths, { keepConflicts: true });
+    }
+    this.log(`applied job ${job} (${result.how}): ${result.files.join(', ')}`);
+    vscode.window.showInformationMessage(present.appliedMessage(job, result));
+    if (result.conflicts && result.conflicts.length) {
+      vscode.window.showWarningMessage(`Patchwire: conflict markers to resolve in ${result.conflicts.join(', ')}`);
+    }
+    return 'applied';
+  }
+
+  async applyJob() {
+    const job = await this.pickJob('The job to review and apply', (j) => j.status === 'done', 'no finished job to apply');
+    return job ? this.review(job.id) : undefined;
+  }
+
+  async undo() {
+    const pick = await vscode.window.showWarningMessage(
+      'Patchwire: restore the files the last apply changed to what they were before?', { modal: true }, 'Undo Apply');
+    if (pick !== 'Undo Apply') {
+      return undefined;
+    }
+    const result = await this.cli().undo();
+    vscode.window.showInformationMessage(`Patchwire: restored ${present.plural(result.restored.length, 'file')}`);
+    return result;
+  }
+
+  async cancel() {
+    const job = await this.pickJob('The job to cancel', (j) => j.status === 'queued' || j.status === 'running', 'none of your jobs is queued or running');
+    if (!job) {
+      return undefined;
+    }
+    const result = await this.cli().cancel(job.id);
+    vscode.window.showInformationMessage(`Patchwire: job ${job.id} is ${result.job.status}`);
+    return result;
+  }
+
+  /** Your jobs; picking one offers what fits its state. */
+  async showJobs() {
+    const job = await this.pickJob('Your jobs on the agent box (newest first)');
+    if (!job) {
+      return undefined;
+    }
+    const actions = job.status === 'done' ? ['Review and Apply', 'Ask Follow-up', 'Show Events']
+      : ['queued', 'running'].includes(job.status) ? ['Cancel Job', 'Show Events'] : ['Show Events'];
+    const pick = await vscode.window.showQuickPick(actions, { placeHolder: `Job ${job.id}: ${present.oneLine(job.prompt, 60)}` });
+    if (pick === 'Review and Apply') {
+      return this.review(job.id);
+    }
+    if (pick === 'Cancel Job') {
+      const result = await this.cli().cancel(job.id);
+      vscode.window.showInformationMessage(`Patchwire: job ${job.id} is ${result.job.status}`);
+      return result;
+    }
+    if (pick === 'Ask Follow-up') {
+      return this.ask(true, job.id);
+    }
+    if (pick === 'Show Events') {
+      const shown = await this.cli().show(job.id);
+      this.log(`--- job ${job.id} (${shown.job.status}): ${present.oneLine(shown.job.prompt)}`);
+      for (const event of shown.events || []) {
+        (present.outputLines(event) || []).forEach((l) => this.log(l));
+      }
+      this.output.show(true);
+    }
+    return pick;
+  }
+
+  async doctor() {
+    const result = await vscode.window.withProgress(
+      { location: vscode.ProgressLocation.Notification, title: 'Patchwire: checking every link' },
+      () => this.cli().doctor());
+    this.log('--- doctor');
+    for (const c of result.checks) {
+      this.log(`${c.ok ? 'ok  ' : 'FAIL'} ${present.clean(c.name)}: ${present.clean(c.detail)}`);
+      if (!c.ok && c.fix) {
+        this.log(`     fix: ${present.clean(c.fix)}`);
+      }
+    }
+    const failed = result.checks.filter((c) => !c.ok);
+    if (failed.length) {
+      this.output.show(true);
+      vscode.window.showErrorMessage(`Patchwire doctor: ${failed.map((c) => `${c.name}: ${present.clean(c.detail)}`).join('; ')}`);
+    } else {
+      vscode.window.showInformationMessage(`Patchwire doctor: all ${result.checks.length} checks passed`);
+    }
+    return result;
+  }
+}
+
+/** Follow one `patchwire ask` to its end; resolves to {job, end, files, cancelled}. */
+async function followAsk(pw, cli, prompt, on, progress, token) {
+  const state = { job: null, end: null, files: [], cancelled: false };
+  const cancelOnBox = (job) => cli.cancel(job).then(
+    (r) => pw.log(`job ${job} is ${r.job.status}`),
+    (err) => pw.log(`could not cancel job ${job}: ${err.message}`));
+  progress.report({ message: 'syncing the project' });
+  const proc = cli.ask(prompt, {
+    on,
+    onEvent: (event) => {
+      // The output channel gets the CLI's own progress lines (its stderr, via the Cli's log);
+      // the events drive the notification.
+      if (event.type === 'unparsed') {
+        pw.log(present.clean(event.text));
+      }
+      const message = present.progressMessage(event);
+      if (message) {
+        progress.report({ message });
+      }
+      if (event.type === 'queued' || event.type === 'started') {
+        pw.refreshStatus(); // the status bar counts this job as waiting, then running
+      }
+      if (event.type === 'queued' && !state.job) {
+        state.job = event.job;
+        if (state.cancelled) {
+          cancelOnBox(state.job); // cancelled while syncing, and the ask got through
+        }
+      }
+      if (['finished', 'failed', 'cancelled'].includes(event.type)) {
+        state.end = event;
+      }
+      if (event.type === 'outcome') {
+        state.files = event.files || [];
+      }
+    },
+  });
+  token.onCancellationRequested(() => {
+    state.cancelled = true;
+    pw.log('cancel requested');
+    if (state.job) {
+      cancelOnBox(state.job);
+    } else {
+      proc.interrupt();
+    }
+  });
+  const run = await proc.done;
+  if (state.cancelled) {
+    vscode.window.showInformationMessage(state.job ? `Patchwire: job ${state.job} cancelled`
+      : 'Patchwire: ask cancelled before it reached the box');
+    return state;
+  }
+  if (run.code !== 0) {
+    throw errorFrom(run);
+  }
+  return state;
+}
+
+function reviewItems(files, general) {
+  const flagged = files.filter((f) => f.detail).length;
+  const warn = flagged || general.length ? ` (${flagged + general.length} to look closely at)` : '';
+  return [
+    { label: `$(check) Apply all ${present.plural(files.length, 'file')}`, action: 'all', description: warn },
+    { label: '$(checklist) Apply selected files...', action: 'some' },
+    { label: '$(clock) Keep for later', action: 'keep' },
+    ...general.map((g) => ({ label: `$(warning) ${g}`, action: 'keep', description: 'look closely' })),
+    { label: 'Files', kind: vscode.QuickPickItemKind.Separator },
+    ...files,
+  ];
+}
+
+function jobUri(job, file, side) {
+  return vscode.Uri.from({ scheme: SCHEME, path: '/' + file, query: new URLSearchParams({ job, side }).toString() });
+}
+
+/** The read-only left and right sides of the diff editor: the file as synced and as the job
+ * leaves it, each from `patchwire diff JOB --file PATH --side old|new`. */
+class JobContents {
+  constructor(pw) {
+    this.pw = pw;
+    this.cache = new Map();
+  }
+
+  async provideTextDocumentContent(uri) {
+    const key = uri.toString();
+    if (!this.cache.has(key)) {
+      const query = new URLSearchParams(uri.query);
+      // A job's files never change: each side is read once. A failure is shown, not kept.
+      this.cache.set(key, this.pw.cli().file(query.get('job'), uri.path.slice(1), query.get('side'))
+        .then(sideText, (err) => {
+          this.cache.delete(key);
+          return `(Patchwire could not read this file: ${present.clean(err.message)})`;
+        }));
+    }
+    return this.cache.get(key);
+  }
+}
+
+function sideText(file) {
+  if (!file.exists) {
+    return '';
+  }
+  if (file.binary || file.base64 !== undefined) {
+    return `(binary file, not shown; mode ${file.mode})`;
+  }
+  return file.text;
+}
+
+module.exports = { Patchwire, JobContents, SCHEME, followAsk, jobUri, reviewItems, sideText };

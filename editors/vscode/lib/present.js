@@ -1,0 +1,185 @@
+'use strict';
+// What the user reads: the agent's events as output-channel lines and progress messages, jobs
+// as quick-pick rows, the status bar text, the "look closely" flags. Pure functions (no
+// `vscode`), so the unit tests check the exact words.
+
+// Every string from the box (AI text, tool details, file names) is data: control characters
+// are shown escaped, never passed on to the editor's widgets raw.
+function clean(text) {
+  // eslint-disable-next-line no-control-regex
+  return String(text === undefined || text === null ? '' : text).replace(/[\u0000-\u0008\u000b-\u001f\u007f-\u009f]/g,
+    (c) => '\\x' + c.charCodeAt(0).toString(16).padStart(2, '0'));
+}
+
+function oneLine(text, max = 80) {
+  const line = clean(text).split('\n').map((l) => l.trim()).filter(Boolean)[0] || '';
+  return line.length > max ? line.slice(0, max - 1) + '…' : line;
+}
+
+function plural(n, word) {
+  return `${n} ${word}${n === 1 ? '' : 's'}`;
+}
+
+/** The line(s) an event adds to the "Patchwire" output channel; null for bookkeeping. */
+function outputLines(event) {
+  const e = event || {};
+  switch (e.type) {
+    case 'queued':
+      return [`queued as job ${clean(e.job)}` + (e.position ? `, ${e.position} ahead` : '')];
+    case 'position':
+      return [`waiting: ${e.position} ahead in the queue`];
+    case 'started':
+      return ['AI started'];
+    case 'text':
+    case 'output': {
+      const lines = clean(e.text).trim().split('\n');
+      return lines[0] ? lines : null;
+    }
+    case 'tool':
+      return [`> ${clean(e.name)} ${clean(e.detail || '')}`.trimEnd()];
+    case 'tool_error':
+      return [`  tool error: ${oneLine(e.text, 200)}`];
+    case 'finished':
+      return [finishedText(e)];
+    case 'failed':
+      return [`AI run failed: ${clean(e.reason)}`];
+    case 'cancelled':
+      return [`job cancelled: ${clean(e.reason || '')}`.trimEnd()];
+    case 'outcome':
+      return e.files && e.files.length ? [`changed: ${e.files.map(clean).join(', ')}`] : null;
+    case 'unparsed':
+      return [clean(e.text)];
+    default:
+      return null;
+  }
+}
+
+function finishedText(e) {
+  const stats = e.stats || {};
+  if (!stats.files) {
+    return 'AI finished: no changes';
+  }
+  return `AI finished: ${plural(stats.files, 'file')}, +${stats.added || 0} -${stats.removed || 0}`;
+}
+
+/** The progress notification's message after an event; null keeps the current one. */
+function progressMessage(event) {
+  const e = event || {};
+  switch (e.type) {
+    case 'queued':
+      return e.position ? `queued as job ${clean(e.job)}: ${e.position} ahead` : `queued as job ${clean(e.job)}`;
+    case 'position':
+      return `queued: ${e.position} ahead`;
+    case 'started':
+      return 'running';
+    case 'tool':
+      return `running: ${oneLine(`${e.name} ${e.detail || ''}`, 60)}`;
+    case 'text':
+      return oneLine(e.text) ? `running: ${oneLine(e.text, 60)}` : null;
+    case 'finished':
+      return 'fetching the diff';
+    default:
+      return null;
+  }
+}
+
+const STATUS_ICONS = { queued: '$(clock)', running: '$(sync~spin)', done: '$(check)', failed: '$(error)', cancelled: '$(circle-slash)' };
+
+function jobItem(job, now = Date.now() / 1000) {
+  const stats = job.stats || {};
+  const size = stats.files ? ` · ${plural(stats.files, 'file')} +${stats.added || 0} -${stats.removed || 0}` : '';
+  return {
+    label: `${STATUS_ICONS[job.status] || ''} ${oneLine(job.prompt, 70) || '(no prompt)'}`.trim(),
+    description: `${clean(job.id)} · ${clean(job.status)} · ${age(now - job.created)} ago${size}`,
+    detail: job.reason ? oneLine(job.reason, 120) : undefined,
+    job,
+  };
+}
+
+function age(seconds) {
+  for (const [unit, size] of [['d', 86400], ['h', 3600], ['m', 60]]) {
+    if (seconds >= size) {
+      return `${Math.floor(seconds / size)}${unit}`;
+    }
+  }
+  return `${Math.max(0, Math.floor(seconds))}s`;
+}
+
+/** Newest first. */
+function sortJobs(jobs) {
+  return [...jobs].sort((a, b) => (b.created || 0) - (a.created || 0));
+}
+
+/** The status bar: the agent's health and how many of your jobs run or wait. */
+function statusBar(jobs, error) {
+  if (error) {
+    return {
+      text: '$(warning) Patchwire',
+      tooltip: `Patchwire: ${clean(error.message)}${error.hint ? '\n' + clean(error.hint) : ''}\nClick to show jobs.`,
+    };
+  }
+  const running = jobs.filter((j) => j.status === 'running').length;
+  const waiting = jobs.filter((j) => j.status === 'queued').length;
+  const parts = [running && `${running} running`, waiting && `${waiting} waiting`].filter(Boolean);
+  return {
+    text: (running ? '$(sync~spin)' : '$(cloud)') + ' Patchwire' + (parts.length ? ': ' + parts.join(', ') : ''),
+    tooltip: `Patchwire: the agent answers; ${parts.length ? parts.join(', ') : 'none of your jobs runs or waits'}.\nClick to show jobs.`,
+  };
+}
+
+/** The review's file rows; `look_closely` ({path, reason}) may be absent (older CLI). */
+function fileItems(diff) {
+  const flags = new Map();
+  for (const item of diff.look_closely || []) {
+    flags.set(item.path, [...(flags.get(item.path) || []), clean(item.reason)]);
+  }
+  return (diff.files || []).map((f) => {
+    const reasons = flags.get(f.path) || [];
+    const size = f.binary ? 'binary' : `+${f.added} -${f.removed}`;
+    return {
+      label: `${reasons.length ? '$(warning)' : '$(diff)'} ${clean(f.path)}`,
+      description: `${clean(f.kind)} ${size}` + (f.old_path && f.old_path !== f.path ? ` (from ${clean(f.old_path)})` : ''),
+      detail: reasons.length ? `look closely: ${reasons.join('; ')}` : undefined,
+      path: f.path,
+      file: f,
+    };
+  });
+}
+
+/** look_closely items naming no file of the patch (a mass deletion, say) still get shown. */
+function generalFlags(diff) {
+  const paths = new Set((diff.files || []).map((f) => f.path));
+  return (diff.look_closely || []).filter((i) => !paths.has(i.path)).map((i) => `${clean(i.path)}: ${clean(i.reason)}`);
+}
+
+/** The prompt with the chosen context: the selection's text, or the current file's path (the
+ * file itself is synced with the project, so its name is enough). */
+function promptWithContext(prompt, context) {
+  if (!context) {
+    return prompt;
+  }
+  if (context.kind === 'file') {
+    return `${prompt}\n\nContext: the file ${context.path}`;
+  }
+  const fence = context.text.includes('```') ? '~~~~' : '```';
+  return `${prompt}\n\nContext: lines ${context.startLine}-${context.endLine} of ${context.path}:\n${fence}\n${context.text}\n${fence}`;
+}
+
+/** The notification after an apply. */
+function appliedMessage(job, result) {
+  const how = result.how === '3-way' ? ' (3-way merged with your edits)' : '';
+  let text = `Patchwire: applied job ${job}${how}: ${plural(result.files.length, 'file')}`;
+  if (result.partial) {
+    text += '; the rest stays in the job';
+  }
+  return text;
+}
+
+function errorMessage(err) {
+  return `Patchwire: ${clean(err.message)}` + (err.hint ? ` (${clean(err.hint)})` : '');
+}
+
+module.exports = {
+  appliedMessage, clean, errorMessage, fileItems, generalFlags, jobItem, oneLine, outputLines, plural,
+  progressMessage, promptWithContext, sortJobs, statusBar,
+};

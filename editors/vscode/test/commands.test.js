@@ -1,0 +1,273 @@
+'use strict';
+// The command flows with the `vscode` module stubbed and the CLI scripted (fake-patchwire.js).
+const test = require('node:test');
+const assert = require('node:assert/strict');
+const fs = require('fs');
+const os = require('os');
+const path = require('path');
+const { createStub, install } = require('./vscode-stub');
+const fx = require('./fixtures');
+
+const FAKE = path.join(__dirname, 'fake-patchwire.js');
+const MANIFEST = require('../package.json');
+
+/** A project folder, a stubbed VS Code, the extension activated in it, the CLI scripted. */
+function setup(plan, { config = true } = {}) {
+  const dir = fs.realpathSync(fs.mkdtempSync(path.join(os.tmpdir(), 'pw-cmd-')));
+  if (config) {
+    fs.writeFileSync(path.join(dir, '.patchwire.toml'), 'agent = "http://127.0.0.1:1"\n');
+  }
+  fs.writeFileSync(path.join(dir, 'scenario.json'), JSON.stringify({ jobs: { stdout: [fx.JOBS] }, ...plan }));
+  process.env.FAKE_PATCHWIRE = path.join(dir, 'scenario.json');
+  process.env.FAKE_PATCHWIRE_LOG = path.join(dir, 'calls.log');
+  const stub = createStub();
+  stub.folders = [dir];
+  stub.settings.path = FAKE;
+  const uninstall = install(stub);
+  const extension = require('../extension');
+  const context = { subscriptions: [] };
+  const pw = extension.activate(context);
+  uninstall();
+  const calls = () => (fs.existsSync(process.env.FAKE_PATCHWIRE_LOG)
+    ? fs.readFileSync(process.env.FAKE_PATCHWIRE_LOG, 'utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l)) : []);
+  const run = (name) => stub.commands.get(name)();
+  const uiCalls = (name) => stub.calls.filter((c) => c.name === name).map((c) => c.args);
+  return { dir, stub, pw, calls, run, uiCalls, context };
+}
+
+/** An answer that picks the quick-pick item matching `test`. */
+const pick = (match) => (items) => items.find((i) => match(i));
+
+async function until(condition, what) {
+  for (let i = 0; i < 500; i++) {
+    if (condition()) {
+      return;
+    }
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  throw new Error(`timed out waiting for ${what}`);
+}
+
+const ASK_OK = { ask: { stdout: [...fx.ASK_EVENTS, fx.OUTCOME], stderr: fx.ASK_STDERR } };
+
+test('every contributed command is registered, and only those', () => {
+  const { stub } = setup({});
+  const contributed = MANIFEST.contributes.commands.map((c) => c.command).sort();
+  assert.deepEqual([...stub.commands.keys()].sort(), contributed);
+  assert.deepEqual(MANIFEST.contributes.commands.map((c) => `${c.category}: ${c.title}`), [
+    'Patchwire: Ask...', 'Patchwire: Ask Follow-up...', 'Patchwire: Show Jobs', 'Patchwire: Apply Job',
+    'Patchwire: Undo Last Apply', 'Patchwire: Cancel Job', 'Patchwire: Doctor']);
+  assert.ok(MANIFEST.engines.vscode);
+  assert.deepEqual(Object.keys(MANIFEST.dependencies || {}), []);
+});
+
+test('Ask: prompt, progress, output channel, multi-file diff, Apply all through apply --yes', async () => {
+  const { stub, calls, run, uiCalls } = setup({ ...ASK_OK, diff: { stdout: [fx.DIFF] }, apply: { stdout: [fx.APPLIED] } });
+  stub.answers.push('add a --verbose flag', pick((i) => i.action === 'all'));
+  await run('patchwire.ask');
+  assert.deepEqual(calls().filter((c) => c.argv[0] !== 'jobs').map((c) => c.argv), [
+    ['ask', '-', '--no-apply', '--json'], ['diff', fx.JOB, '--json'], ['apply', fx.JOB, '--yes', '--json']]);
+  assert.equal(calls().find((c) => c.argv[0] === 'ask').stdin, 'add a --verbose flag');
+  assert.deepEqual(uiCalls('withProgress')[0][0], { location: 15, title: 'Patchwire', cancellable: true });
+  assert.deepEqual(stub.progress.progress.messages, ['syncing the project', 'queued as job 7aa6964d0087: 2 ahead',
+    'queued: 1 ahead', 'running', 'running: looking', 'running: Write src/app.py', 'running: Write new.txt', 'fetching the diff']);
+  // The output channel: the CLI's own progress lines, control characters shown escaped.
+  const from = stub.output.indexOf('synced 3 of 3 file(s), 236 B in 0.1s');
+  assert.deepEqual(stub.output.slice(from, from + 7), ['synced 3 of 3 file(s), 236 B in 0.1s', '   0.0s queued as job 7aa6964d0087, 2 ahead',
+    '   0.0s AI started', '   0.0s looking \\x1b]0;title\\x07', '   0.0s > Write src/app.py', '   0.1s AI finished: 2 file(s), +2 -1',
+    'applied job 7aa6964d0087 (plain): new.txt, src/app.py']);
+  const [changes] = uiCalls('executeCommand').filter((c) => c[0] === 'vscode.changes');
+  assert.equal(changes[1], 'Patchwire: job 7aa6964d0087');
+  assert.deepEqual(changes[2].map(([file, left, right]) => [file.fsPath, left.toString(), right.toString()]), [
+    [path.join(stub.folders[0], 'new.txt'), 'patchwire-job:/new.txt?job=7aa6964d0087&side=old', 'patchwire-job:/new.txt?job=7aa6964d0087&side=new'],
+    [path.join(stub.folders[0], 'src/app.py'), 'patchwire-job:/src/app.py?job=7aa6964d0087&side=old', 'patchwire-job:/src/app.py?job=7aa6964d0087&side=new'],
+  ]);
+  const review = uiCalls('showQuickPick')[0];
+  assert.deepEqual(review[0].map((i) => i.label), ['$(check) Apply all 2 files', '$(checklist) Apply selected files...',
+    '$(clock) Keep for later', 'Files', '$(diff) new.txt', '$(diff) src/app.py']);
+  assert.deepEqual(uiCalls('showInformationMessage').map((a) => a[0]), ['Patchwire: applied job 7aa6964d0087: 2 files']);
+  assert.deepEqual(uiCalls('showErrorMessage'), []);
+});
+
+test('Review: a file opens its diff, look-closely items are flagged, selected files go to --only', async () => {
+  const { stub, calls, pw, uiCalls } = setup({ diff: { stdout: [fx.DIFF_LOOK_CLOSELY] }, apply: { stdout: [{ ...fx.APPLIED, files: ['run.sh'], partial: true }] } });
+  stub.answers.push(pick((i) => i.path === 'src/app.py'), pick((i) => i.action === 'some'), (items) => items.filter((i) => i.path === 'run.sh'));
+  assert.equal(await pw.review(fx.JOB), 'applied');
+  const diffs = uiCalls('executeCommand').filter((c) => c[0] === 'vscode.diff');
+  assert.deepEqual(diffs.map((d) => [d[1].toString(), d[2].toString(), d[3]]), [[
+    'patchwire-job:/src/app.py?job=7aa6964d0087&side=old', 'patchwire-job:/src/app.py?job=7aa6964d0087&side=new',
+    'src/app.py (synced ↔ job 7aa6964d0087)']]);
+  const [first, , many] = uiCalls('showQuickPick');
+  assert.equal(first[0][0].description, ' (2 to look closely at)');
+  assert.ok(first[0].some((i) => i.label === '$(warning) .vscode/tasks.json: configures a tool'));
+  assert.equal(first[0].find((i) => i.path === 'run.sh').detail, 'look closely: becomes executable');
+  assert.equal(many[1].canPickMany, true);
+  assert.ok(many[0].every((i) => i.picked));
+  assert.deepEqual(calls().filter((c) => c.argv[0] === 'apply').map((c) => c.argv), [['apply', fx.JOB, '--yes', '--only', 'run.sh', '--json']]);
+  assert.deepEqual(uiCalls('showInformationMessage').map((a) => a[0]), ['Patchwire: applied job 7aa6964d0087: 1 file; the rest stays in the job']);
+});
+
+test('Review: Keep for later (or Escape) applies nothing', async () => {
+  const { stub, calls, pw, uiCalls } = setup({ diff: { stdout: [fx.DIFF] } });
+  stub.answers.push(pick((i) => i.action === 'keep'), undefined);
+  assert.equal(await pw.review(fx.JOB), 'kept');
+  assert.equal(await pw.review(fx.JOB), 'kept');
+  assert.equal(calls().filter((c) => c.argv[0] === 'apply').length, 0);
+  assert.match(uiCalls('showInformationMessage')[0][0], /kept job 7aa6964d0087; apply it later with "Patchwire: Apply Job"/);
+});
+
+test('Apply: overlapping edits show the CLI\'s refusal; the button retries with conflict markers', async () => {
+  const overlap = fx.error('the AI\'s change and yours overlap in src/app.py; nothing was changed', 5, 'resolve by hand');
+  const { stub, calls, pw, uiCalls } = setup({ diff: { stdout: [fx.DIFF] },
+    apply: [{ stdout: [overlap], code: 5 }, { stdout: [{ ...fx.APPLIED, how: '3-way', conflicts: ['src/app.py'] }] }] });
+  stub.answers.push(pick((i) => i.action === 'all'), 'Apply with Conflict Markers');
+  assert.equal(await pw.review(fx.JOB), 'applied');
+  assert.deepEqual(calls().filter((c) => c.argv[0] === 'apply').map((c) => c.argv.slice(2)), [['--yes', '--json'], ['--yes', '--keep-conflicts', '--json']]);
+  assert.deepEqual(uiCalls('showWarningMessage').map((a) => a[0]), [
+    'Patchwire: the AI\'s change and yours overlap in src/app.py; nothing was changed (resolve by hand)',
+    'Patchwire: conflict markers to resolve in src/app.py']);
+});
+
+test('Apply refuses to write under unsaved editors', async () => {
+  const { stub, calls, run, uiCalls } = setup({ diff: { stdout: [fx.DIFF] } });
+  stub.documents = [{ isDirty: true, uri: stub.vscode.Uri.file(path.join(stub.folders[0], 'src/app.py')) }];
+  stub.answers.push(pick((i) => i.job.id === 'aaa111'), pick((i) => i.action === 'all'));
+  await run('patchwire.applyJob');
+  assert.equal(calls().filter((c) => c.argv[0] === 'apply').length, 0);
+  assert.deepEqual(uiCalls('showErrorMessage').map((a) => a[0]), ['Patchwire: unsaved changes in src/app.py (save or revert them, then apply the job again)']);
+});
+
+test('Cancelling the notification while the job runs cancels it on the box', async () => {
+  const { stub, calls, run, uiCalls } = setup({
+    ask: { stdout: fx.ASK_EVENTS.slice(0, 3), stderr: '   0.0s AI started\n', hold: true, code: 4,
+      after: [{ seq: 4, job: fx.JOB, type: 'cancelled', reason: 'cancelled by alice' }, fx.error(`job ${fx.JOB} cancelled: cancelled by alice`, 4)] },
+    cancel: { stdout: [{ job: { id: fx.JOB, status: 'cancelled' } }] },
+  });
+  stub.answers.push('do a long thing');
+  const done = run('patchwire.ask');
+  await until(() => stub.progress && stub.progress.progress.messages.includes('running'), 'the started event');
+  stub.progress.cancel();
+  await done;
+  assert.deepEqual(calls().filter((c) => c.argv[0] === 'cancel').map((c) => c.argv), [['cancel', fx.JOB, '--json']]);
+  assert.deepEqual(uiCalls('showInformationMessage').map((a) => a[0]), [`Patchwire: job ${fx.JOB} cancelled`]);
+  assert.deepEqual(uiCalls('showErrorMessage'), []);
+  assert.equal(calls().filter((c) => c.argv[0] === 'diff').length, 0);
+});
+
+test('Cancelling while syncing stops the CLI before the job exists', async () => {
+  const { stub, calls, run, uiCalls } = setup({ ask: { stdout: [], hold: true } });
+  stub.answers.push('do a thing');
+  const done = run('patchwire.ask');
+  await until(() => calls().some((c) => c.argv[0] === 'ask'), 'the ask to start');
+  stub.progress.cancel();
+  await done;
+  assert.deepEqual(uiCalls('showInformationMessage').map((a) => a[0]), ['Patchwire: ask cancelled before it reached the box']);
+  assert.equal(calls().filter((c) => c.argv[0] === 'cancel').length, 0);
+});
+
+test('Ask: a refusal is shown in the CLI\'s words, with the output a click away', async () => {
+  const { stub, run, uiCalls } = setup({ ask: { stdout: [fx.error('the agent refused: invalid token', 3, 'check the token file named in .patchwire.toml', '401')], code: 3 } });
+  stub.answers.push('x', 'Show Output');
+  await run('patchwire.ask');
+  assert.deepEqual(uiCalls('showErrorMessage'), [['Patchwire: the agent refused: invalid token (check the token file named in .patchwire.toml)', 'Show Output']]);
+  const names = () => stub.calls.map((c) => c.name);
+  await until(() => names().lastIndexOf('output.show') > names().indexOf('showErrorMessage'), 'Show Output to show the channel');
+});
+
+test('Ask adds the selection as context when chosen; Escape backs out', async () => {
+  const { stub, calls, run } = setup(ASK_OK);
+  const file = stub.vscode.Uri.file(path.join(stub.folders[0], 'src', 'app.py'));
+  const sel = { isEmpty: false, start: { line: 1 }, end: { line: 2 } };
+  stub.vscode.window.activeTextEditor = { document: { uri: file, getText: () => 'line2\nline3' }, selection: sel };
+  stub.answers.push('explain', pick((i) => i.context && i.context.kind === 'selection'), undefined);
+  await run('patchwire.ask');
+  assert.equal(calls().find((c) => c.argv[0] === 'ask').stdin, 'explain\n\nContext: lines 2-3 of src/app.py:\n```\nline2\nline3\n```');
+  stub.answers.push('again', undefined);
+  const before = calls().length;
+  await run('patchwire.ask');
+  assert.equal(calls().slice(before).filter((c) => c.argv[0] === 'ask').length, 0);
+});
+
+test('Ask Follow-up continues the picked job with --on', async () => {
+  const { stub, calls, run, uiCalls } = setup({ ...ASK_OK, diff: { stdout: [{ ...fx.DIFF, files: [] }] } });
+  stub.answers.push(pick((i) => i.job.id === 'aaa111'), 'now add tests');
+  await run('patchwire.askFollowUp');
+  assert.deepEqual(uiCalls('showQuickPick')[0][0].map((i) => i.job.id), ['aaa111']); // only finished jobs
+  assert.deepEqual(calls().find((c) => c.argv[0] === 'ask').argv, ['ask', '-', '--no-apply', '--on', 'aaa111', '--json']);
+});
+
+test('no patchwire program: the error offers the setting', async () => {
+  const { stub, run, uiCalls } = setup({});
+  stub.settings.path = '/nonexistent/patchwire';
+  stub.answers.push('Open Settings');
+  await run('patchwire.showJobs');
+  assert.deepEqual(uiCalls('showErrorMessage'), [['Patchwire: the patchwire program was not found (set patchwire.path in the settings, or put patchwire on PATH or in ~/bin)', 'Open Settings']]);
+  await until(() => uiCalls('executeCommand').some((c) => c[0] === 'workbench.action.openSettings'), 'the settings to open');
+  assert.deepEqual(uiCalls('executeCommand').pop(), ['workbench.action.openSettings', 'patchwire.path']);
+  await until(() => stub.statusItem.text === '$(warning) Patchwire', 'the status bar to show the failure');
+});
+
+test('no .patchwire.toml in the workspace is said plainly', async () => {
+  const { run, uiCalls } = setup({}, { config: false });
+  await run('patchwire.doctor');
+  assert.match(uiCalls('showErrorMessage')[0][0], /^Patchwire: no .patchwire.toml in this workspace \(run `patchwire init`/);
+});
+
+test('the status bar shows your running and waiting jobs and opens Show Jobs', async () => {
+  const { stub, pw } = setup({});
+  await pw.refreshStatus();
+  assert.equal(stub.statusItem.text, '$(sync~spin) Patchwire: 1 running, 1 waiting');
+  assert.equal(stub.statusItem.command, 'patchwire.showJobs');
+  assert.ok(stub.statusItem.shown);
+});
+
+test('Show Jobs lists newest first; Cancel Job and Undo go through the CLI', async () => {
+  const { stub, calls, run, uiCalls } = setup({ cancel: { stdout: [{ job: { id: 'bbb222', status: 'cancelled' } }] }, undo: { stdout: [{ restored: ['src/app.py'] }] } });
+  stub.answers.push(undefined);
+  await run('patchwire.showJobs');
+  assert.deepEqual(uiCalls('showQuickPick')[0][0].map((i) => i.job.id), ['bbb222', 'ccc333', 'aaa111', 'ddd444']);
+  stub.answers.push((items) => { assert.deepEqual(items.map((i) => i.job.id), ['bbb222', 'ccc333']); return items[0]; });
+  await run('patchwire.cancelJob');
+  stub.answers.push('Undo Apply');
+  await run('patchwire.undoApply');
+  assert.deepEqual(calls().filter((c) => c.argv[0] !== 'jobs').map((c) => c.argv), [['cancel', 'bbb222', '--json'], ['apply', '--undo', '--yes', '--json']]);
+  assert.deepEqual(uiCalls('showInformationMessage').map((a) => a[0]), ['Patchwire: job bbb222 is cancelled', 'Patchwire: restored 1 file']);
+});
+
+test('Cancel Job with nothing running says so and runs nothing', async () => {
+  const { calls, run, uiCalls } = setup({ jobs: { stdout: [{ jobs: [fx.JOBS.jobs[0]] }] } });
+  await run('patchwire.cancelJob');
+  assert.deepEqual(uiCalls('showInformationMessage').map((a) => a[0]), ['Patchwire: none of your jobs is queued or running']);
+  assert.deepEqual(calls().filter((c) => c.argv[0] !== 'jobs'), []);
+});
+
+test('Doctor: failing checks and their fixes go to the output channel and an error', async () => {
+  const checks = [{ name: 'git', ok: true, detail: 'git version 2.39.5' }, { name: 'agent', ok: false, detail: 'cannot reach the agent', fix: 'start patchwire-agent serve' }];
+  const { stub, run, uiCalls } = setup({ doctor: { stdout: [{ ok: false, checks }], code: 1 } });
+  await run('patchwire.doctor');
+  assert.deepEqual(stub.output.slice(-3), ['ok   git: git version 2.39.5', 'FAIL agent: cannot reach the agent', '     fix: start patchwire-agent serve']);
+  assert.deepEqual(uiCalls('showErrorMessage').map((a) => a[0]), ['Patchwire doctor: agent: cannot reach the agent']);
+});
+
+test('the diff editor\'s sides come from diff --file --side, read-only text', async () => {
+  const { stub, calls } = setup({ diff: [
+    { stdout: [{ job: fx.JOB, path: 'src/app.py', side: 'old', exists: true, mode: '100644', binary: false, text: "print('hello')\n" }] },
+    { stdout: [{ job: fx.JOB, path: 'logo.png', side: 'new', exists: true, mode: '100644', binary: true, base64: 'iVBO' }] },
+    { stdout: [{ job: fx.JOB, path: 'gone.txt', side: 'new', exists: false, mode: '', binary: false, text: '' }] },
+    { stdout: [fx.error('the agent refused: no job', 3)], code: 3 },
+    { stdout: [{ job: fx.JOB, path: 'later.txt', side: 'new', exists: true, mode: '100644', binary: false, text: 'ok\n' }] },
+  ] });
+  const uri = (p, side) => stub.vscode.Uri.from({ scheme: 'patchwire-job', path: '/' + p, query: `job=${fx.JOB}&side=${side}` });
+  assert.equal(await stub.provider.provideTextDocumentContent(uri('src/app.py', 'old')), "print('hello')\n");
+  assert.equal(await stub.provider.provideTextDocumentContent(uri('src/app.py', 'old')), "print('hello')\n"); // cached
+  assert.equal(await stub.provider.provideTextDocumentContent(uri('logo.png', 'new')), '(binary file, not shown; mode 100644)');
+  assert.equal(await stub.provider.provideTextDocumentContent(uri('gone.txt', 'new')), '');
+  assert.equal(await stub.provider.provideTextDocumentContent(uri('later.txt', 'new')), '(Patchwire could not read this file: the agent refused: no job)');
+  assert.equal(await stub.provider.provideTextDocumentContent(uri('later.txt', 'new')), 'ok\n'); // a failure is not cached
+  assert.deepEqual(calls().filter((c) => c.argv[0] !== 'jobs').map((c) => c.argv), [
+    ['diff', fx.JOB, '--file', 'src/app.py', '--side', 'old', '--json'],
+    ['diff', fx.JOB, '--file', 'logo.png', '--side', 'new', '--json'],
+    ['diff', fx.JOB, '--file', 'gone.txt', '--side', 'new', '--json'],
+    ['diff', fx.JOB, '--file', 'later.txt', '--side', 'new', '--json'],
+    ['diff', fx.JOB, '--file', 'later.txt', '--side', 'new', '--json']]);
+});

@@ -1,0 +1,82 @@
+'use strict';
+const test = require('node:test');
+const assert = require('node:assert/strict');
+const present = require('../lib/present');
+const fx = require('./fixtures');
+
+test('events become output lines, as the CLI prints them', () => {
+  const lines = fx.ASK_EVENTS.flatMap((e) => present.outputLines(e) || []);
+  assert.deepEqual(lines, [
+    'queued as job 7aa6964d0087, 2 ahead',
+    'waiting: 1 ahead in the queue',
+    'AI started',
+    'looking',
+    'at two files',
+    '> Write src/app.py',
+    '> Write new.txt',
+    'AI finished: 2 files, +2 -1',
+  ]);
+  assert.deepEqual(present.outputLines({ type: 'finished', stats: { files: 0 } }), ['AI finished: no changes']);
+  assert.deepEqual(present.outputLines({ type: 'failed', reason: 'the AI exited with status 1' }), ['AI run failed: the AI exited with status 1']);
+  assert.deepEqual(present.outputLines({ type: 'tool_error', text: 'x'.repeat(300) }), [`  tool error: ${'x'.repeat(199)}…`]);
+  assert.equal(present.outputLines({ type: 'text', text: '  ' }), null);
+});
+
+test('control characters from the box are shown escaped', () => {
+  assert.deepEqual(present.outputLines({ type: 'text', text: 'a\u001b]0;pwned\u0007b\tc' }), ['a\\x1b]0;pwned\\x07b\tc']);
+  assert.equal(present.jobItem({ id: 'j', status: 'done', prompt: '\u001b[2Jhi', created: 0 }, 10).label, '$(check) \\x1b[2Jhi');
+});
+
+test('the progress notification says syncing, queued with the position, running, fetching', () => {
+  const messages = fx.ASK_EVENTS.map((e) => present.progressMessage(e));
+  assert.deepEqual(messages, [
+    'queued as job 7aa6964d0087: 2 ahead', 'queued: 1 ahead', 'running', null, 'running: looking',
+    'running: Write src/app.py', 'running: Write new.txt', null, 'fetching the diff',
+  ]);
+  assert.equal(present.progressMessage({ type: 'queued', job: 'j', position: 0 }), 'queued as job j');
+});
+
+test('jobs: newest first, with status, age and size', () => {
+  const sorted = present.sortJobs(fx.JOBS.jobs);
+  assert.deepEqual(sorted.map((j) => j.id), ['bbb222', 'ccc333', 'aaa111', 'ddd444']);
+  const item = present.jobItem(fx.JOBS.jobs[0], 1000 + 3700);
+  assert.equal(item.label, '$(check) prompt of aaa111');
+  assert.equal(item.description, 'aaa111 · done · 1h ago · 2 files +2 -1');
+  assert.equal(present.jobItem(fx.JOBS.jobs[3], 530).detail, 'the AI exited with status 1');
+});
+
+test('the status bar counts your running and waiting jobs, or names the failure', () => {
+  assert.equal(present.statusBar(fx.JOBS.jobs, null).text, '$(sync~spin) Patchwire: 1 running, 1 waiting');
+  assert.equal(present.statusBar([], null).text, '$(cloud) Patchwire');
+  const down = present.statusBar([], { message: 'cannot reach the agent at http://127.0.0.1:9: refused', hint: 'is it running?' });
+  assert.equal(down.text, '$(warning) Patchwire');
+  assert.match(down.tooltip, /cannot reach the agent at http:\/\/127.0.0.1:9: refused\nis it running\?/);
+});
+
+test('look_closely items are flagged on their files, the others listed apart; missing means none', () => {
+  const plain = present.fileItems(fx.DIFF);
+  assert.deepEqual(plain.map((f) => [f.label, f.description, f.detail]), [
+    ['$(diff) new.txt', 'new +1 -0', undefined],
+    ['$(diff) src/app.py', 'modified +1 -1', undefined],
+  ]);
+  assert.deepEqual(present.generalFlags(fx.DIFF), []);
+  const flagged = present.fileItems(fx.DIFF_LOOK_CLOSELY);
+  assert.deepEqual(flagged.map((f) => f.detail), [undefined, undefined, 'look closely: becomes executable']);
+  assert.equal(flagged[2].label, '$(warning) run.sh');
+  assert.deepEqual(present.generalFlags(fx.DIFF_LOOK_CLOSELY), ['.vscode/tasks.json: configures a tool']);
+});
+
+test('context: the selection goes into the prompt, the current file by name', () => {
+  assert.equal(present.promptWithContext('fix it', null), 'fix it');
+  assert.equal(present.promptWithContext('fix it', { kind: 'file', path: 'src/app.py' }), 'fix it\n\nContext: the file src/app.py');
+  assert.equal(present.promptWithContext('fix it', { kind: 'selection', path: 'a.md', startLine: 2, endLine: 3, text: 'x\n```y```' }),
+    'fix it\n\nContext: lines 2-3 of a.md:\n~~~~\nx\n```y```\n~~~~');
+});
+
+test('apply and error notifications', () => {
+  assert.equal(present.appliedMessage('j', fx.APPLIED), 'Patchwire: applied job j: 2 files');
+  assert.equal(present.appliedMessage('j', { how: '3-way', files: ['a'], partial: true }),
+    'Patchwire: applied job j (3-way merged with your edits): 1 file; the rest stays in the job');
+  assert.equal(present.errorMessage({ message: 'job x is done', hint: '' }), 'Patchwire: job x is done');
+  assert.equal(present.errorMessage({ message: 'no .patchwire.toml', hint: 'run init' }), 'Patchwire: no .patchwire.toml (run init)');
+});
