@@ -21,7 +21,7 @@ Commands (`patchwire COMMAND --help` for each):
     sync     send the project to the agent box (--dry-run: what would go, and why not)
     ask      sync, ask the AI, stream progress, preview, apply on Enter
     diff     print a job's patch
-    apply    apply a job's patch (the last job by default)
+    apply    preview and apply a job's patch (the last job by default; --yes skips asking)
     jobs     list your jobs on the agent box
     show     show one job with its events
     cancel   cancel a queued or running job
@@ -41,6 +41,11 @@ Environment:
 Threat model: the token is read from a file or the environment and sent only in the
 Authorization header; it is never written to .patchwire.toml, printed or logged. Files
 matching the secret deny-list never leave this machine, whatever git says about them.
+Everything the box sends is hostile data (README: Threat model): a patch is read strictly
+and refused as a whole unless every byte is what `git diff` writes and every path and
+symlink stays inside the project, out of .git and off Patchwire's own settings; files are
+read and written here without following symlinks; the 3-way merge base is this laptop's
+own record; every string from the box is sanitised before it reaches a terminal.
 
 This module is also the shared base of patchwire_agent.py: its error base, subprocess
 wrapper and neutral git settings are imported there, not copied.
@@ -65,6 +70,7 @@ import stat
 import subprocess
 import sys
 import time
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -116,6 +122,9 @@ GIT_NEUTRAL = (
     "-c", "diff.noprefix=false", "-c", "diff.mnemonicPrefix=false", "-c", "diff.external=",
     "-c", "diff.relative=false", "-c", "commit.gpgSign=false", "-c", "gc.auto=0",
     "-c", "advice.detachedHead=false", "-c", "init.defaultBranch=main",
+    # the laptop reads patches strictly (split_patch): git's own a/ b/ prefixes (git 2.45 made
+    # them configurable) and a space on empty context lines, whatever the box user's config says
+    "-c", "diff.srcPrefix=a/", "-c", "diff.dstPrefix=b/", "-c", "diff.suppressBlankEmpty=false",
 )
 # Overrides any in-tree .gitattributes (it has higher precedence): content is stored and
 # checked out byte for byte, no EOL conversion, no filters (DESIGN.md: byte-exact git).
@@ -755,12 +764,29 @@ class Project:
     def record(self, paths: Sequence[str]) -> Tuple[str, List[List[str]]]:
         """Record exactly `paths` as a tree in Patchwire's store; return (tree id, manifest).
         The tree stays readable (`recorded`, `recorded_file`) for the last RECORDS_KEPT syncs."""
-        set_index_paths(self.git, paths)
+        try:
+            set_index_paths(self.git, paths)
+        except ProcessError as e:  # a file that shrank or vanished while git hashed it
+            moving = RECORD_MOVED.findall(e.stderr)
+            if not moving:
+                raise
+            raise FilesMoved(sorted({_dec(a or b) for a, b in moving})) from None
         tree = self.git.text("write-tree")
         manifest = [[mode, sha, path] for path, (mode, sha) in sorted(self.git.ls_files_stage().items())]
         self._own_borrowed(tree)
         self._keep(tree)
         return tree, manifest
+
+    def pin_record(self, job: str, tree: str, jobs: Iterable[str]) -> None:
+        """Keep the record `tree` of `job` while the job may still be applied (3-way, against
+        that record), however many syncs come after; pins of jobs no longer in `jobs` (the
+        ones still kept) go, and their records with the next pruning."""
+        self.git("update-ref", f"refs/jobs/{job}", tree)
+        keep = {f"refs/jobs/{j}" for j in jobs}
+        old = [r for r in self.git.text("for-each-ref", "--format=%(refname)", "refs/jobs/").split()
+               if r not in keep]
+        if old:
+            self.git("update-ref", "--stdin", input="".join(f"delete {r}\n" for r in old).encode())
 
     def recorded(self, tree: str) -> bool:
         """Whether `tree` (a job's base) is a sync record this store can read."""
@@ -844,6 +870,17 @@ def _ignored_folder(root: Path, probe: List[str]) -> bool:
     return run(["git", "check-ignore", "-q", "."], cwd=root, env=clean_env(), check=False).returncode == 0
 
 
+class FilesMoved(PatchwireError):
+    """Files changed while git recorded them (`paths`): the sync lists the project again."""
+
+    def __init__(self, paths: List[str]):
+        super().__init__(f"{', '.join(paths)} changed while being recorded")
+        self.paths = paths
+
+
+# `git update-index` on a file rewritten under it: "error: short read while indexing X",
+# "error: X: failed to insert into database", "fatal: Unable to process path X".
+RECORD_MOVED = re.compile(rb"^(?:error: (.+): failed to insert into database|fatal: Unable to process path (.+))$", re.M)
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
 # Racy-git safety for the record: a file rewritten with the same size and mtime still has a
 # new ctime; make git look at it whatever the user's core.trustctime says (git >= 2.31).
@@ -986,7 +1023,7 @@ def send_files(cfg: LaptopConfig, paths: Sequence[str], dest: str, checksum: boo
         if unreadable:
             path, why = next(iter(unreadable.items()))
             more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
-            raise PatchwireError(f"cannot read {printable(path)}{more} here: {why}",
+            raise PatchwireError(f"cannot read {sanitize(path)}{more} here: {why}",
                                  "fix its permissions, or leave it out with `exclude = [...]` under "
                                  "[sync] in .patchwire.toml")
         if gone or proc.returncode == 24:  # 24 only ever means files vanished here
@@ -997,14 +1034,6 @@ def send_files(cfg: LaptopConfig, paths: Sequence[str], dest: str, checksum: boo
     hint = (f"check that `{ssh}` works without a password and that rsync is installed on "
             "the box") if cfg.ssh else "check that the mirror folder is writable"
     raise AgentError(f"rsync failed (exit {proc.returncode}): {tail}", hint)
-
-
-def printable(text: str) -> str:
-    """A name as it may be shown on a terminal: control characters and bytes that are not
-    UTF-8 escaped (\\x1b, \\n, \\xff), everything else as is."""
-    return "".join(c if c.isprintable() or c == " " else
-                   (f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else repr(c)[1:-1])
-                   for c in text)
 
 
 # ================================================================== HTTP client
@@ -1103,12 +1132,51 @@ class Style:
         return f"\x1b[{self.CODES[name]}m{text}\x1b[0m" if self.enabled and text else text
 
 
+# --- what reaches the terminal
+# Every string that came from the box (the AI's text, tool names, file names, diff lines,
+# error messages) is data. A terminal obeys the escape sequences in it: ESC[2J clears the
+# screen so a fake preview can be drawn over the real one, OSC 0 sets the window title,
+# OSC 52 writes the clipboard. So control characters are shown the way less shows them
+# (^[ for ESC, ^M for CR), C1 controls and bidirectional overrides as <U+XXXX>, bytes that
+# are not UTF-8 as \xNN; tab stays.
+
+_UNSAFE_FOR_TERMINAL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_UNSAFE_KEEP_NEWLINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def sanitize(text: str, keep_newlines: bool = False) -> str:
+    """`text` with every control character made visible: safe to print to a terminal."""
+    pattern = _UNSAFE_KEEP_NEWLINES if keep_newlines else _UNSAFE_FOR_TERMINAL
+    return pattern.sub(_visible, str(text))
+
+
+def _visible(m: "re.Match") -> str:
+    code = ord(m.group())
+    if code < 0x20 or code == 0x7F:
+        return "^" + chr(code ^ 0x40)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, carried by surrogateescape
+        return f"\\x{code - 0xDC00:02x}"
+    return f"<U+{code:04X}>"
+
+
+def sanitized(value: Any) -> Any:
+    """A JSON value from the box with every string in it sanitised (newlines kept)."""
+    if isinstance(value, str):
+        return sanitize(value, keep_newlines=True)
+    if isinstance(value, list):
+        return [sanitized(v) for v in value]
+    if isinstance(value, dict):
+        return {sanitize(str(k)): sanitized(v) for k, v in value.items()}
+    return value
+
+
 def say(*parts: str) -> None:
     print(*parts, file=sys.stderr, flush=True)
 
 
 class ProgressPrinter:
-    """Renders the agent's NDJSON events as human progress on stderr."""
+    """Renders the agent's NDJSON events as human progress on stderr. Every event is
+    sanitised once, on the way in: nothing the AI writes reaches the terminal raw."""
 
     def __init__(self, style: Style):
         self.style = style
@@ -1118,18 +1186,24 @@ class ProgressPrinter:
         return self.style("dim", f"{time.monotonic() - self.start:6.1f}s")
 
     def __call__(self, event: dict) -> None:
+        event = sanitized(event)
         kind = event.get("type")
         handler = getattr(self, "on_" + str(kind), None)
         if handler:
             handler(event)
 
+    @staticmethod
+    def flat(value: Any) -> str:
+        """One line: a newline the AI put in a tool name does not start a fake line."""
+        return str(value).replace("\n", "^J")
+
     def on_queued(self, e: dict) -> None:
         ahead = e.get("position", 0)
-        say(self.stamp(), f"queued as job {e.get('job')}" + (f", {ahead} ahead" if ahead else "")
+        say(self.stamp(), f"queued as job {self.flat(e.get('job'))}" + (f", {self.flat(ahead)} ahead" if ahead else "")
             + _wait_estimate(e))
 
     def on_position(self, e: dict) -> None:
-        say(self.stamp(), f"waiting: {e.get('position')} ahead in the queue" + _wait_estimate(e))
+        say(self.stamp(), f"waiting: {self.flat(e.get('position'))} ahead in the queue" + _wait_estimate(e))
 
     def on_started(self, e: dict) -> None:
         say(self.stamp(), "AI started")
@@ -1137,30 +1211,30 @@ class ProgressPrinter:
     def on_text(self, e: dict) -> None:
         text = str(e.get("text", "")).strip()
         if text:
-            lines = text.splitlines()
+            lines = text.split("\n")
             say(self.stamp(), lines[0], *(["\n        " + "\n        ".join(lines[1:])] if lines[1:] else []))
 
     on_output = on_text
 
     def on_tool(self, e: dict) -> None:
-        say(self.stamp(), self.style("cyan", f"> {e.get('name')}"), e.get("detail", ""))
+        say(self.stamp(), self.style("cyan", f"> {self.flat(e.get('name'))}"), self.flat(e.get("detail", "")))
 
     def on_tool_error(self, e: dict) -> None:
-        say(self.stamp(), self.style("yellow", f"  tool error: {str(e.get('text', ''))[:200]}"))
+        say(self.stamp(), self.style("yellow", f"  tool error: {self.flat(str(e.get('text', ''))[:200])}"))
 
     def on_finished(self, e: dict) -> None:
         stats = e.get("stats") or {}
         if not stats.get("files"):
             say(self.stamp(), self.style("bold", "AI finished: no changes"))
             return
-        say(self.stamp(), self.style("bold", f"AI finished: {stats['files']} file(s), "
-                                     f"+{stats.get('added', 0)} -{stats.get('removed', 0)}"))
+        say(self.stamp(), self.style("bold", f"AI finished: {self.flat(stats['files'])} file(s), "
+                                     f"+{self.flat(stats.get('added', 0))} -{self.flat(stats.get('removed', 0))}"))
 
     def on_failed(self, e: dict) -> None:
-        say(self.stamp(), self.style("red", f"AI run failed: {e.get('reason')}"))
+        say(self.stamp(), self.style("red", f"AI run failed: {self.flat(e.get('reason'))}"))
 
     def on_cancelled(self, e: dict) -> None:
-        say(self.stamp(), self.style("yellow", f"job cancelled: {e.get('reason', '')}"))
+        say(self.stamp(), self.style("yellow", f"job cancelled: {self.flat(e.get('reason', ''))}"))
 
 
 def _wait_estimate(e: dict) -> str:
@@ -1172,57 +1246,457 @@ def _wait_estimate(e: dict) -> str:
 
 
 # --- the diff preview
+# --- reading a patch, strictly
+# Every path that touches a patch (preview, plain apply, 3-way, -i, --only/--exclude, undo,
+# the apply log, `diff --json`) reads it through split_patch. `git apply` is lenient: it
+# skips text between sections and applies a plain unified diff found there, and when a
+# `diff --git` header names two different files it believes the `---`/`+++` lines. So
+# Patchwire accepts exactly what `git diff --binary --full-index -M` writes, every byte
+# accounted for, every name said the same way everywhere, and refuses the whole patch
+# otherwise: the preview then shows exactly what `git apply` would write.
+
+
+class PatchRefused(PatchError):
+    """A patch refused as a whole, before anything was written."""
+
+
+def refuse(reason: str) -> PatchRefused:
+    return PatchRefused("refused the whole patch, nothing was written: " + sanitize(reason),
+                        "the box sent something `git diff` does not write, or something that reaches "
+                        "outside the project (README: Threat model); ask again")
+
+
+GIT_MODES = ("100644", "100755", "120000")
+EXTENDED_HEADERS = (  # (prefix, key) of the lines git writes between `diff --git` and the body
+    (b"old mode ", "old_mode"), (b"new mode ", "new_mode"), (b"deleted file mode ", "deleted_mode"),
+    (b"new file mode ", "new_file_mode"), (b"similarity index ", "similarity"),
+    (b"dissimilarity index ", "dissimilarity"), (b"rename from ", "rename_from"),
+    (b"rename to ", "rename_to"), (b"copy from ", "copy_from"), (b"copy to ", "copy_to"),
+    (b"index ", "index"),
+)
+INDEX_RE = re.compile(rb"([0-9a-f]{7,64})\.\.([0-9a-f]{7,64})(?: (\d{6}))?")
+BASE85_LINE_RE = re.compile(rb"[A-Za-z][0-9A-Za-z!#$%&()*+;<=>?@^_`{|}~-]+\n")
+_C_ESCAPES = {ord("a"): 7, ord("b"): 8, ord("t"): 9, ord("n"): 10, ord("v"): 11, ord("f"): 12,
+              ord("r"): 13, ord('"'): 34, ord("\\"): 92}
+_C_LETTERS = {code: bytes([letter]) for letter, code in _C_ESCAPES.items()}
 
 
 class FilePatch:
-    """One file's part of a git patch, as bytes, with what the preview needs."""
+    """One file's part of a git patch, as bytes, with what the preview needs. Built only by
+    PatchParser, which has checked every line of it."""
 
-    def __init__(self, header: List[bytes]):
-        self.lines = header
-        first = header[0].decode("utf-8", "surrogateescape")
-        self.path = self.old_path = _path_from_diff_header(first)
+    def __init__(self, first: bytes):
+        self.lines = [first]
+        self.headers: Dict[str, bytes] = {}
+        self.path = self.old_path = ""
         self.added = self.removed = 0
         self.binary = False
         self.kind = "modified"
-
-    def feed(self, line: bytes) -> None:
-        self.lines.append(line)
-        if line.startswith(b"+") and not line.startswith(b"+++ "):
-            self.added += 1
-        elif line.startswith(b"-") and not line.startswith(b"--- "):
-            self.removed += 1
-        elif line.startswith(b"GIT binary patch") or line.startswith(b"Binary files"):
-            self.binary = True
-        elif line.startswith(b"new file mode"):
-            self.kind = "new"
-        elif line.startswith(b"deleted file mode"):
-            self.kind = "deleted"
-        elif line.startswith(b"rename to "):
-            self.kind = "renamed"
-            self.path = _unquote(line[len(b"rename to "):].decode("utf-8", "surrogateescape"))
-        elif line.startswith(b"new mode") and self.kind == "modified":
-            self.kind = "mode changed"
+        self.old_mode: Optional[str] = None  # None: not said (unchanged, whatever it is here)
+        self.new_mode: Optional[str] = None
+        self.hunks: List[Tuple[int, int, List[bytes]]] = []  # (old start, new start, lines)
+        self.body_start = 0  # index in `lines` of the first hunk header (0: no hunks)
+        self.link_target: Optional[str] = None  # the new target, when the result is a symlink
 
     @property
     def bytes(self) -> bytes:
         return b"".join(self.lines)
 
+    def whole_new_content(self) -> Optional[bytes]:
+        """The new content when the patch holds all of it (a new file, or a rewrite with no
+        context lines from the first line on); None when the rest lies in the file here."""
+        if self.binary or len(self.hunks) != 1:
+            return None
+        _old, new_start, lines = self.hunks[0]
+        if new_start > 1 or any(line.startswith(b" ") for line in lines):
+            return None
+        out = bytearray()
+        for i, line in enumerate(lines):
+            if line.startswith(b"+"):
+                no_newline = i + 1 < len(lines) and lines[i + 1].startswith(b"\\")
+                out += line[1:-1] if no_newline else line[1:]
+        return bytes(out)
 
-def _unquote(path: str) -> str:
-    """git's C-style quoting of unusual paths ("a\\tb", "\\303\\251")."""
-    if not (path.startswith('"') and path.endswith('"')):
-        return path
-    raw = path[1:-1].encode("latin-1", "backslashreplace").decode("unicode_escape")
-    return raw.encode("latin-1").decode("utf-8", "surrogateescape")
+    @property
+    def label(self) -> str:
+        """What the summary calls this change (the JSON `kind` stays git's word)."""
+        if self.link_target is not None:
+            return {"new": "new symlink", "modified": "symlink"}.get(self.kind, self.kind)
+        if self.kind == "new" and self.new_mode == "100755":
+            return "new, exec"
+        return self.kind
 
 
-def _path_from_diff_header(line: str) -> str:
-    rest = line.rstrip("\n")[len("diff --git "):]
-    if rest.startswith('"'):
-        end = rest.index('" ', 1) + 1
-        return _unquote(rest[:end])[2:]
-    half = len(rest) // 2  # "a/X b/X": both halves are the same path when not renamed
-    return rest[2:half] if rest[half] == " " else rest.split(" b/", 1)[0][2:]
+def c_unquote(token: bytes) -> bytes:
+    """git's C-style quoting of an unusual name ("a\\tb", "\\303\\251"), read strictly."""
+    if len(token) < 2 or not (token.startswith(b'"') and token.endswith(b'"')):
+        raise refuse(f"a badly quoted name: {token[:80]!r}")
+    body, out, i = token[1:-1], bytearray(), 0
+    while i < len(body):
+        c = body[i]
+        if c == 0x22:
+            raise refuse(f"a stray quote in a name: {token[:80]!r}")
+        if c != 0x5C:
+            out.append(c)
+            i += 1
+        elif body[i + 1:i + 2] and body[i + 1] in _C_ESCAPES:
+            out.append(_C_ESCAPES[body[i + 1]])
+            i += 2
+        elif re.fullmatch(rb"[0-3][0-7]{2}", body[i + 1:i + 4]):
+            out.append(int(body[i + 1:i + 4], 8))
+            i += 4
+        else:
+            raise refuse(f"a bad escape in a name: {token[:80]!r}")
+    return bytes(out)
+
+
+def c_quote(raw: bytes, full: bool) -> bytes:
+    """A name as git writes it: quoted when it holds '"', '\\' or a control byte (and with
+    core.quotePath, any byte over 0x7f); as is otherwise."""
+    out, needed = bytearray(), False
+    for c in raw:
+        if c in _C_LETTERS:
+            out += b"\\" + _C_LETTERS[c]
+            needed = True
+        elif c < 0x20 or c == 0x7F or (full and c >= 0x80):
+            out += b"\\%03o" % c
+            needed = True
+        else:
+            out.append(c)
+    return b'"' + bytes(out) + b'"' if needed else raw
+
+
+def spellings(name: bytes) -> set:
+    """Every way git may write `name` (with and without core.quotePath)."""
+    return {c_quote(name, False), c_quote(name, True)}
+
+
+def read_name(token: bytes) -> bytes:
+    """A name as git wrote it, back to bytes: quoted, or plain when it needs no quoting."""
+    if token.startswith(b'"'):
+        name = c_unquote(token)
+        if token not in spellings(name):
+            raise refuse(f"a name quoted in a way git does not: {token[:80]!r}")
+        return name
+    if c_quote(token, False) != token:
+        raise refuse(f"a name git would have quoted: {token[:80]!r}")
+    return token
+
+
+# Names that are `.git` to some filesystem: any case (macOS, Windows), with trailing dots or
+# spaces (Windows drops them), NTFS's short name and stream suffix, and HFS+'s ignored code
+# points (the spellings git's own verify_path refuses).
+_HFS_IGNORED = re.compile("[\u200c-\u200f\u202a-\u202e\u206a-\u206f\ufeff]")
+_PATH_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def folded_name(component: str) -> str:
+    """One path component as a case-insensitive, forgiving filesystem sees it."""
+    return _HFS_IGNORED.sub("", component).lower().split(":", 1)[0].rstrip(". ")
+
+
+def folded_path(path: str) -> str:
+    """A whole path as a case-insensitive disk that ignores Unicode normalisation (macOS's)
+    sees it: two spellings of one file fold to one string."""
+    return unicodedata.normalize("NFC", _HFS_IGNORED.sub("", path)).lower()
+
+
+def is_dot_git(component: str) -> bool:
+    return folded_name(component) in (".git", "git~1")
+
+
+def check_patch_path(path: str) -> str:
+    """A path a patch may touch, or PatchRefused naming why not."""
+    if not path or path.startswith("/"):
+        raise refuse(f"an absolute or empty path: {path!r}")
+    if _PATH_CONTROL.search(path):
+        raise refuse(f"a control character in the path {path!r}")
+    parts = path.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise refuse(f"a path with '..', '.' or '//' in it: {path!r}")
+    if any(is_dot_git(p) for p in parts):
+        raise refuse(f"a path into git's own folder: {path!r}")
+    if any(folded_name(p) == CONFIG_NAME for p in parts):
+        raise refuse(f"a change to Patchwire's own settings ({CONFIG_NAME}): {path!r}")
+    return path
+
+
+def link_target_problem(link: str, target: str) -> Optional[str]:
+    """Why a symlink at `link` pointing at `target` is refused, read lexically (chains
+    through the laptop's own links are followed by vet_on_disk)."""
+    if not target or _PATH_CONTROL.search(target):
+        return "an empty target or one with control characters"
+    if target.startswith("/"):
+        return "an absolute target"
+    depth = len(link.split("/")) - 1
+    for part in target.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return "a target outside the project"
+        elif part not in ("", "."):
+            if is_dot_git(part):
+                return "a target inside .git"
+            depth += 1
+    return None
+
+
+class PatchParser:
+    """`git diff --binary --full-index` output, line by line, nothing skipped."""
+
+    def __init__(self, patch: bytes):
+        if patch and not patch.endswith(b"\n"):
+            raise refuse("it does not end with a newline (cut short?)")
+        self.lines = patch_lines(patch)
+        self.i = 0
+
+    def peek(self) -> Optional[bytes]:
+        return self.lines[self.i] if self.i < len(self.lines) else None
+
+    def take(self, fp: Optional[FilePatch] = None) -> bytes:
+        line = self.lines[self.i]
+        self.i += 1
+        if fp is not None:
+            fp.lines.append(line)
+        return line
+
+    def fail(self, why: str) -> PatchRefused:
+        line = self.peek()
+        shown = f": {line[:100]!r}" if line is not None else ""
+        return refuse(f"line {self.i + 1}: {why}{shown}")
+
+    def files(self) -> List[FilePatch]:
+        out: List[FilePatch] = []
+        while self.peek() is not None:
+            if not self.peek().startswith(b"diff --git "):
+                raise self.fail("text outside a `diff --git` section" if not out else "text git does not write here")
+            out.append(self.section())
+        owner: Dict[str, int] = {}  # on a case-insensitive disk README and readme are one file
+        for n, fp in enumerate(out):
+            for path in {fp.old_path, fp.path}:
+                first = owner.setdefault(folded_path(path), n)
+                if first != n and not is_type_change(out[first], fp):
+                    raise refuse(f"{path!r} is changed by two sections")
+        return out
+
+    def section(self) -> FilePatch:
+        fp = FilePatch(self.take())
+        while True:
+            line = self.peek()
+            key = next((k for prefix, k in EXTENDED_HEADERS if line and line.startswith(prefix)), None)
+            if key is None:
+                break
+            if key in fp.headers:
+                raise self.fail(f"a second `{key.replace('_', ' ')}` line")
+            prefix = next(p for p, k in EXTENDED_HEADERS if k == key)
+            fp.headers[key] = self.take(fp)[len(prefix):-1]
+        labels = self.body(fp)
+        self.settle(fp, labels)
+        return fp
+
+    def body(self, fp: FilePatch) -> Optional[Tuple[bytes, bytes]]:
+        line = self.peek()
+        if line == b"GIT binary patch\n":
+            self.take(fp)
+            fp.binary = True
+            fp.body_start = len(fp.lines)
+            self.binary_block(fp)
+            if self.peek() is not None and self.peek().startswith((b"literal ", b"delta ")):
+                self.binary_block(fp)
+            return None
+        if line is not None and line.startswith(b"Binary files "):
+            raise self.fail("a binary change without its content (the box must use git diff --binary)")
+        if line is None or not line.startswith(b"--- "):
+            return None
+        old_label = self.take(fp)[4:-1]
+        if self.peek() is None or not self.peek().startswith(b"+++ "):
+            raise self.fail("a `---` line without its `+++` line")
+        new_label = self.take(fp)[4:-1]
+        if self.peek() is None or not self.peek().startswith(b"@@ "):
+            raise self.fail("file names without a hunk")
+        fp.body_start = len(fp.lines)
+        while self.peek() is not None and self.peek().startswith(b"@@ "):
+            self.hunk(fp)
+        return old_label, new_label
+
+    def hunk(self, fp: FilePatch) -> None:
+        header = self.take(fp)
+        m = HUNK_RE.match(header)
+        if not m or not (m.group(5) == b"\n" or m.group(5).startswith(b" ")):
+            raise refuse(f"line {self.i}: a malformed hunk header: {header[:100]!r}")
+        old_left = int(m.group(2)) if m.group(2) is not None else 1
+        new_left = int(m.group(4)) if m.group(4) is not None else 1
+        lines: List[bytes] = []
+        while old_left > 0 or new_left > 0 or (self.peek() or b"").startswith(b"\\ "):
+            line = self.peek()
+            if line is None:
+                raise refuse("the patch ends inside a hunk")
+            sign = line[:1]
+            if sign == b"\\":
+                if not line.startswith(b"\\ ") or not lines or lines[-1].startswith(b"\\"):
+                    raise self.fail("a stray `\\` line")
+            elif sign == b" " or line == b"\n":  # an empty context line, as diff.suppressBlankEmpty writes it
+                old_left, new_left = old_left - 1, new_left - 1
+            elif sign == b"-":
+                old_left -= 1
+                fp.removed += 1
+            elif sign == b"+":
+                new_left -= 1
+                fp.added += 1
+            else:
+                raise self.fail("a line in a hunk that is neither context, removed nor added")
+            if old_left < 0 or new_left < 0:
+                raise self.fail("more lines than the hunk header says")
+            lines.append(self.take(fp))
+        fp.hunks.append((int(m.group(1)), int(m.group(3)), lines))
+
+    def binary_block(self, fp: FilePatch) -> None:
+        line = self.peek()
+        if line is None or not re.fullmatch(rb"(literal|delta) \d+\n", line):
+            raise self.fail("a binary patch without `literal` or `delta`")
+        self.take(fp)
+        count = 0
+        while self.peek() not in (b"\n", None):
+            line = self.peek()
+            size = line[0] - (ord("A") - 1) if line[:1].isupper() else line[0] - (ord("a") - 27)
+            if not BASE85_LINE_RE.fullmatch(line) or len(line) - 2 != (size + 3) // 4 * 5:
+                raise self.fail("a malformed line of binary data")
+            self.take(fp)
+            count += 1
+        if self.peek() is None or not count:
+            raise self.fail("binary data that does not end with an empty line")
+        self.take(fp)
+
+    def settle(self, fp: FilePatch, labels: Optional[Tuple[bytes, bytes]]) -> None:
+        """Names and kind from the section's lines, which must all agree."""
+        h = fp.headers
+        if "copy_from" in h or "copy_to" in h:
+            raise refuse("a copy (the box's `git diff` never writes one)")
+        if ("rename_from" in h) != ("rename_to" in h) or ("old_mode" in h) != ("new_mode" in h):
+            raise refuse(f"a half-said rename or mode change in {fp.lines[0][:100]!r}")
+        for key in ("old_mode", "new_mode", "deleted_mode", "new_file_mode"):
+            if key in h and h[key].decode("ascii", "replace") not in GIT_MODES:
+                raise refuse(f"a file mode Patchwire does not apply ({h[key][:20]!r}): "
+                             "only files, executables and symlinks")
+        if "new_file_mode" in h and ("deleted_mode" in h or "rename_from" in h or "old_mode" in h) \
+                or "deleted_mode" in h and ("rename_from" in h or "old_mode" in h):
+            raise refuse(f"contradicting header lines in {fp.lines[0][:100]!r}")
+        old, new = self.names(fp, labels)
+        fp.old_path, fp.path = check_patch_path(_dec(old)), check_patch_path(_dec(new))
+        self.modes(fp)
+        if "new_file_mode" in h:
+            fp.kind = "new"
+        elif "deleted_mode" in h:
+            fp.kind = "deleted"
+        elif "rename_from" in h:
+            fp.kind = "renamed"
+        elif "old_mode" in h:
+            fp.kind = "mode changed"
+        if labels and ((labels[0] == b"/dev/null") != (fp.kind == "new")
+                       or (labels[1] == b"/dev/null") != (fp.kind == "deleted")):
+            raise refuse(f"a new or deleted file whose ---/+++ lines say otherwise: {fp.path!r}")
+        if fp.new_mode == "120000" and fp.kind != "deleted":
+            self.link(fp)
+
+    def names(self, fp: FilePatch, labels: Optional[Tuple[bytes, bytes]]) -> Tuple[bytes, bytes]:
+        """(old, new) name; the header, rename lines and ---/+++ lines must say the same."""
+        h = fp.headers
+        old = new = None
+        if "rename_from" in h:
+            old, new = read_name(h["rename_from"]), read_name(h["rename_to"])
+        if labels:
+            a, b = (self.label_name(label, prefix) for label, prefix in zip(labels, (b"a/", b"b/")))
+            if a is None and b is None:
+                raise refuse("a section whose ---/+++ lines both say /dev/null")
+            a, b = a if a is not None else b, b if b is not None else a
+            if old is not None and (a, b) != (old, new):
+                raise refuse(f"---/+++ lines that name other files than the rename lines: {a!r}, {b!r}")
+            if old is None and a != b:
+                raise refuse(f"---/+++ lines that name two files, {a!r} and {b!r}")
+            old, new = a, b
+        header = fp.lines[0][len(b"diff --git "):-1]
+        if old is None:  # no rename, no hunks: "a/X b/X", said the same twice
+            old = new = self.header_name(header)
+        if header not in {x + b" " + y for x in spellings(b"a/" + old) for y in spellings(b"b/" + new)}:
+            raise refuse(f"a `diff --git` line that names other files than the lines after it: {header[:100]!r}")
+        return old, new
+
+    @staticmethod
+    def label_name(label: bytes, prefix: bytes) -> Optional[bytes]:
+        if label == b"/dev/null":
+            return None
+        if label.endswith(b"\t"):  # git adds a tab after a name with a space in it
+            label = label[:-1]
+            if b" " not in label:
+                raise refuse(f"a tab after a name git would not add: {label[:100]!r}")
+        elif b" " in label:
+            raise refuse(f"a name with a space but without git's tab after it: {label[:100]!r}")
+        name = read_name(label)
+        if not name.startswith(prefix):
+            raise refuse(f"a name without git's {prefix.decode()} prefix: {label[:100]!r}")
+        return name[len(prefix):]
+
+    @staticmethod
+    def header_name(header: bytes) -> bytes:
+        if header.startswith(b'"'):
+            end = _closing_quote(header)
+            name = read_name(header[:end + 1]) if end > 0 else b""
+        else:
+            name = header[:(len(header) - 1) // 2] if len(header) % 2 else b""
+        if not name.startswith(b"a/"):
+            raise refuse(f"a `diff --git` line Patchwire cannot read: {header[:100]!r}")
+        return name[2:]
+
+    def modes(self, fp: FilePatch) -> None:
+        h = fp.headers
+        index_mode = None
+        if "index" in h:
+            m = INDEX_RE.fullmatch(h["index"])
+            if not m or (m.group(3) and m.group(3).decode() not in GIT_MODES):
+                raise refuse(f"a malformed index line: {h['index'][:100]!r}")
+            index_mode = m.group(3).decode() if m.group(3) else None
+            if index_mode and any(k in h for k in ("old_mode", "new_mode", "deleted_mode", "new_file_mode")):
+                # git writes a mode on the index line only for an unchanged one; `git apply`
+                # would let it override "new file mode 100644" and make the file executable
+                raise refuse(f"an index line whose mode contradicts the mode lines: {h['index'][:100]!r}")
+        fp.old_mode = _mode(h, "deleted_mode") or _mode(h, "old_mode") or index_mode
+        fp.new_mode = _mode(h, "new_file_mode") or _mode(h, "new_mode") or index_mode
+        if "old_mode" in h and (fp.old_mode == fp.new_mode or "120000" in (fp.old_mode, fp.new_mode)):
+            raise refuse(f"a change of {fp.path!r} between a file and a symlink in place "
+                         "(git diff writes a deletion and a new file)")
+
+    @staticmethod
+    def link(fp: FilePatch) -> None:
+        content = fp.whole_new_content()
+        if content is None:
+            raise refuse(f"a symlink change whose whole new target is not in the patch: {fp.path!r}")
+        fp.link_target = _dec(content)
+        problem = link_target_problem(fp.path, fp.link_target)
+        if problem:
+            raise refuse(f"a symlink {fp.path!r} -> {fp.link_target!r} with {problem}")
+
+
+def _closing_quote(token: bytes) -> int:
+    """Index of the quote that ends the quoted name `token` starts with (-1: none)."""
+    i = 1
+    while i < len(token):
+        if token[i:i + 1] == b"\\":
+            i += 2
+        elif token[i:i + 1] == b'"':
+            return i
+        else:
+            i += 1
+    return -1
+
+
+def is_type_change(first: FilePatch, second: FilePatch) -> bool:
+    """git writes a file that became a symlink (or back) as a deletion, then a new file."""
+    return (first.kind, second.kind) == ("deleted", "new") and first.path == second.path \
+        and "120000" in (first.old_mode, second.new_mode)
+
+
+def _mode(headers: Dict[str, bytes], key: str) -> Optional[str]:
+    return headers[key].decode() if key in headers else None
 
 
 def patch_lines(data: bytes) -> List[bytes]:
@@ -1233,21 +1707,76 @@ def patch_lines(data: bytes) -> List[bytes]:
 
 
 def split_patch(patch: bytes) -> List[FilePatch]:
-    files: List[FilePatch] = []
-    for line in patch_lines(patch):
-        if line.startswith(b"diff --git "):
-            files.append(FilePatch([line]))
-        elif files:
-            files[-1].feed(line)
-    return files
+    """The patch's files, or PatchRefused: the one reader of patches on the laptop."""
+    return PatchParser(patch).files()
+
+
+# --- what deserves a second look
+
+# Files that run code or configure tools without anyone asking: a change to them acts at the
+# next `git checkout`, `cd`, editor start, `npm install`, `make` or CI run.
+SELF_RUNNING = (
+    (re.compile(r"(^|/)\.gitattributes$", re.I), "sets git filters and diff drivers"),
+    (re.compile(r"(^|/)\.gitmodules$", re.I), "adds or moves git submodules"),
+    (re.compile(r"(^|/)\.envrc$", re.I), "runs when you cd here (direnv)"),
+    (re.compile(r"(^|/)\.vscode/", re.I), "editor tasks and settings run by themselves"),
+    (re.compile(r"^\.idea/", re.I), "editor run configurations"),
+    (re.compile(r"^\.devcontainer/", re.I), "dev container commands"),
+    (re.compile(r"^\.claude/", re.I), "Claude Code settings and hooks"),
+    (re.compile(r"^\.github/workflows/", re.I), "CI workflow (runs with the repository's secrets)"),
+    (re.compile(r"^\.husky/", re.I), "git hooks (husky)"),
+    (re.compile(r"(^|/)\.pre-commit-config\.yaml$", re.I), "git hooks (pre-commit)"),
+    (re.compile(r"(^|/)(GNUmakefile|[Mm]akefile)$", re.I), "runs or configures tools by itself"),
+    (re.compile(r"(^|/)package\.json$", re.I), "npm scripts and dependencies run on install"),
+    (re.compile(r"(^|/)build\.gradle(\.kts)?$|(^|/)settings\.gradle(\.kts)?$", re.I), "runs or configures tools by itself"),
+    (re.compile(r"(^|/)Podfile$", re.I), "runs or configures tools by itself"),
+    (re.compile(r"(^|/)pubspec\.yaml$", re.I), "runs or configures tools by itself"),
+    (re.compile(r"(^|/)(setup\.py|conftest\.py|pyproject\.toml)$", re.I), "runs or configures tools by itself"),
+    (re.compile(r"(^|/)(Gemfile|Rakefile|build\.rs|CMakeLists\.txt)$", re.I), "runs or configures tools by itself"),
+    (re.compile(r"(^|/)\.(npmrc|yarnrc|yarnrc\.yml)$", re.I), "sets the package registry and install scripts"),
+)
+MANY_DELETIONS = 3
+# A name that looks like another: invisible characters and direction overrides (Trojan Source).
+DECEPTIVE_NAME = re.compile("[\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+
+
+def look_closely(files: Sequence[FilePatch]) -> List[dict]:
+    """[{path, reason}] for the changes a reader should not skim past."""
+    out = []
+    for f in files:
+        if f.link_target is not None:
+            out.append({"path": f.path, "reason": ("new symlink -> " if f.kind == "new" else "symlink now -> ")
+                        + f.link_target})
+        elif f.new_mode == "100755" and (f.kind == "new" or f.old_mode not in (None, "100755")):
+            out.append({"path": f.path, "reason": "new executable file" if f.kind == "new" else "becomes executable"})
+        if f.kind != "deleted":
+            reason = next((why for pattern, why in SELF_RUNNING if pattern.search(f.path)), None)
+            if reason:
+                out.append({"path": f.path, "reason": reason})
+            if DECEPTIVE_NAME.search(f.path):
+                out.append({"path": f.path, "reason": "its name holds invisible or direction-changing characters"})
+    deleted = [f.path for f in files if f.kind == "deleted"]
+    if len(deleted) > MANY_DELETIONS:
+        common = os.path.commonpath(deleted) if len({p.split("/")[0] for p in deleted}) == 1 else "."
+        out.append({"path": common, "reason": f"deletes {len(deleted)} files"})
+    return out
+
+
+def render_look_closely(files: Sequence[FilePatch], style: Style) -> List[str]:
+    notes = look_closely(files)
+    if not notes:
+        return []
+    return [style("yellow", "Look closely:")] + [
+        "  " + style("yellow", sanitize(n["path"])) + ": " + sanitize(n["reason"]) for n in notes] + [""]
 
 
 def render_summary(files: Sequence[FilePatch], style: Style) -> List[str]:
-    width = max((len(f.path) for f in files), default=0)
+    shown = [sanitize(f.path) for f in files]
+    width = max((len(p) for p in shown), default=0)
     out = []
-    for f in files:
+    for f, path in zip(files, shown):
         change = "binary" if f.binary else (style("green", f"+{f.added}") + " " + style("red", f"-{f.removed}"))
-        out.append(f"  {f.path.ljust(width)}  {f.kind:<12} {change}")
+        out.append(f"  {path.ljust(width)}  {f.label:<12} {change}")
     added = sum(f.added for f in files)
     removed = sum(f.removed for f in files)
     out.append(style("bold", f"  {len(files)} file(s) changed, +{added} -{removed}"))
@@ -1257,14 +1786,13 @@ def render_summary(files: Sequence[FilePatch], style: Style) -> List[str]:
 def render_diff(files: Sequence[FilePatch], style: Style) -> List[str]:
     out: List[str] = []
     for f in files:
-        lines = [l.decode("utf-8", "replace").rstrip("\n") for l in f.lines]
-        i = 0
+        lines = [sanitize(l.decode("utf-8", "replace").rstrip("\n")) for l in f.lines]
+        body = f.body_start or len(lines)
+        out += [style("bold", line) for line in lines[:body]]
+        i = body
         while i < len(lines):
             line = lines[i]
-            if line.startswith(("diff --git", "index ", "new file", "deleted file", "rename ",
-                                "similarity", "old mode", "new mode", "--- ", "+++ ")):
-                out.append(style("bold", line))
-            elif line.startswith("@@"):
+            if line.startswith("@@"):
                 out.append(style("cyan", line))
             elif line.startswith("-"):
                 minus = _run_of(lines, i, "-")
@@ -1282,7 +1810,7 @@ def render_diff(files: Sequence[FilePatch], style: Style) -> List[str]:
 
 def _run_of(lines: List[str], start: int, sign: str) -> List[str]:
     run_ = []
-    while start < len(lines) and lines[start].startswith(sign) and not lines[start].startswith(sign * 3 + " "):
+    while start < len(lines) and lines[start].startswith(sign):
         run_.append(lines[start])
         start += 1
     return run_
@@ -1494,7 +2022,15 @@ class Chooser:
 
     def _file(self, i: int, fp: "FilePatch") -> str:
         header, hunks = self.sel.parsed[id(fp)]
-        say(self.style("bold", f"--- {fp.path} ({fp.kind}{', binary' if fp.binary else ''})"))
+        name = fp.path if fp.old_path == fp.path else f"{fp.old_path} -> {fp.path}"
+        say(self.style("bold", f"--- {sanitize(name)} ({fp.label}{', binary' if fp.binary else ''})"))
+        for note in look_closely([fp]):
+            say(self.style("yellow", "    look closely: " + sanitize(note["reason"])))
+        if fp.kind == "new":  # what a new file holds is shown before the question about it
+            if fp.binary:
+                say("    (binary content, not shown)")
+            for hunk in hunks:
+                self._show(hunk.lines)
         if not hunks or fp.kind in ("new", "deleted"):
             answer = self.ask(f"Apply this whole file ({fp.kind})", "ynq")
             if answer == "y":
@@ -1528,7 +2064,7 @@ class Chooser:
         return "s"
 
     def _show(self, lines: List[bytes]) -> None:
-        text = [l.decode("utf-8", "replace").rstrip("\n") for l in lines]
+        text = [sanitize(l.decode("utf-8", "replace").rstrip("\n")) for l in lines]
         for line in text:
             colour = {"+": "green", "-": "red"}.get(line[:1])
             say(self.style(colour, line) if colour else line)
@@ -1541,19 +2077,25 @@ class Applier:
     """Applies a patch to the project: plainly when the files still match what was synced
     (`git apply --check`, then `git apply`: all or nothing); otherwise, in a git repository,
     by 3-way merging each file against the synced version (whose blobs are in the local
-    object store since the sync). Saves what it overwrites, for `patchwire apply --undo`."""
+    object store since the sync). Saves what it overwrites, for `patchwire apply --undo`.
 
-    def __init__(self, project: Project, style: Style, job: str = ""):
+    The patch is vetted first (split_patch, then vet_on_disk): a refused patch changes
+    nothing. `protected` names more project paths no patch may touch (a token file)."""
+
+    def __init__(self, project: Project, style: Style, protected: Sequence[str] = (), job: str = ""):
         self.project = project
         self.git = project.git
         self.style = style
+        self.protected = protected
         self.job = job  # named in hints
 
     def apply(self, patch: bytes, base_tree: Optional[str], keep_conflicts: Optional[bool]) -> dict:
-        paths = touched_paths(split_patch(patch))
+        files = vet_on_disk(self.project.root, split_patch(patch), self.protected)
+        paths = touched_paths(files)
+        gone = removed_links(self.project.root, files)
         check = self.git.run("apply", "--check", "--binary", "-", input=patch, check=False)
         if check.returncode == 0:
-            before = self.save(paths)
+            before = self.save(paths, gone)
             self.git("apply", "--binary", "-", input=patch)
             return self.done(before, "plain", paths, [])
         failure = describe_apply_failure(check.stderr)
@@ -1561,17 +2103,24 @@ class Applier:
             raise PatchError("the patch does not apply to the files here; nothing was changed:\n"
                              + failure, "3-way merging is not available outside a git repository: "
                              "ask again on the current files")
-        if not base_tree or not self._have(base_tree):
+        if not base_tree:
+            raise PatchError("the patch does not apply to the files here, and this job was not asked "
+                             "from here, so there is no record of the files it was made from for a "
+                             "3-way merge; nothing was changed:\n" + failure,
+                             "ask again from this project (the box's word on what the job started "
+                             "from is never used)")
+        if not self._have(base_tree):
             raise PatchError("the patch does not apply and the synced version is not here for a "
                              "3-way merge; nothing was changed:\n" + failure, "ask again")
-        merged = self.merge(patch, base_tree)
+        merged = self.merge(patch, base_tree, gone)
+        check_merged_writes(self.project.root, merged)
         conflicts = [path for path, (_, _, n) in merged.items() if n]
         if conflicts and not self._keep_conflicts(merged, conflicts, keep_conflicts):
-            raise PatchError("the AI's change and yours overlap in " + ", ".join(conflicts) +
+            raise PatchError("the AI's change and yours overlap in " + ", ".join(map(sanitize, conflicts)) +
                              "; nothing was changed",
                              f"resolve by hand: `patchwire diff {self.job}` shows the AI's change; "
                              f"or run `patchwire apply {self.job} --keep-conflicts` to get conflict markers")
-        before = self.save(list(merged))
+        before = self.save(list(merged), gone)
         self.write(merged, before)
         return self.done(before, "3-way", list(merged), conflicts)
 
@@ -1580,8 +2129,9 @@ class Applier:
     def _have(self, tree: str) -> bool:
         return self.git.run("cat-file", "-e", tree + "^{tree}", check=False).returncode == 0
 
-    def merge(self, patch: bytes, base_tree: str) -> Dict[str, Tuple[Optional[bytes], str, int]]:
-        """{path: (new bytes or None for deleted, mode, conflicts)} for every touched path."""
+    def merge(self, patch: bytes, base_tree: str, gone: set) -> Dict[str, Tuple[Optional[bytes], str, int]]:
+        """{path: (new bytes or None for deleted, mode, conflicts)} for every touched path.
+        `gone`: symlinks here the patch deletes; what lies "beneath" them is not read."""
         tmp_index = str(self.project.private_dir / "merge.index")
         git = self.git.with_env(GIT_INDEX_FILE=tmp_index)
         git("read-tree", base_tree)
@@ -1594,24 +2144,28 @@ class Applier:
         out: Dict[str, Tuple[Optional[bytes], str, int]] = {}
         for status, old, new in diff_tree(self.git, base_tree, theirs_tree):
             if status == "R":
-                out[old] = self._merge_one(old, base_tree, None)
-                out[new] = self._merge_one(old, base_tree, (theirs_tree, new))
+                out[old] = self._merge_one(old, base_tree, None, gone)
+                out[new] = self._merge_one(old, base_tree, (theirs_tree, new), gone, new)
             else:
-                out[new] = self._merge_one(new, base_tree, (theirs_tree, new) if status != "D" else None)
+                out[new] = self._merge_one(new, base_tree, (theirs_tree, new) if status != "D" else None, gone)
         return out
 
-    def _merge_one(self, path: str, base_tree: str, theirs: Optional[Tuple[str, str]]):
+    def _merge_one(self, path: str, base_tree: str, theirs: Optional[Tuple[str, str]], gone: set,
+                   dest: Optional[str] = None):
         base = self._blob(base_tree, path)
         other = self._blob(*theirs) if theirs else None
-        ours = read_worktree(self.project.root / path)
+        dest = dest or path
+        ours = None if beneath(dest, gone) else read_worktree(self.project.root, path)
         if ours == base:
             return (other[0], other[1], 0) if other else (None, "", 0)
-        if other and ours and ours[0] == other[0]:
+        if other and ours and ours[0] == other[0] and ours[1] == other[1]:
             return other[0], other[1], 0
         if ours is None and other is None:  # deleted on both sides
             return None, "", 0
         if ours is None or other is None:  # deleted on one side, changed on the other
             return (other or ours)[0], (other or ours)[1], 1
+        if "120000" in (ours[1], other[1], base[1] if base else ""):  # a link target is not merged
+            return ours[0], ours[1], 1
         mode = other[1] if base and base[1] == ours[1] else ours[1]
         if b"\0" in (ours[0] + other[0] + (base[0] if base else b""))[:8000]:
             return ours[0], mode, 1
@@ -1628,7 +2182,8 @@ class Applier:
         proc = run(["git", "merge-file", "-p", "-L", f"{path} (yours)", "-L", f"{path} (synced)",
                     "-L", f"{path} (AI)", *files], env=clean_env(), check=False)
         if proc.returncode < 0 or proc.returncode > 127:
-            raise PatchError(f"git merge-file failed on {path}: {proc.stderr.decode(errors='replace')}")
+            raise PatchError(f"git merge-file failed on {sanitize(path)}: "
+                             f"{sanitize(proc.stderr.decode(errors='replace'))}")
         return proc.stdout, proc.returncode
 
     def _blob(self, tree: str, path: str) -> Optional[Tuple[bytes, str]]:
@@ -1642,9 +2197,9 @@ class Applier:
         say(self.style("yellow", f"{len(conflicts)} file(s) changed both here and by the AI, in the same place:"))
         for path in conflicts:
             data = merged[path][0] or b""
-            say(f"  {path}")
+            say(f"  {sanitize(path)}")
             for line in conflict_excerpt(data):
-                say("    " + line)
+                say("    " + sanitize(line))
         if keep is not None:
             return keep
         return confirm_word("Type k and Enter to apply with conflict markers to resolve; Enter alone "
@@ -1653,32 +2208,37 @@ class Applier:
     # --- writing, undo, log
 
     def write(self, merged: Dict[str, Tuple[Optional[bytes], str, int]], before: List[dict]) -> None:
-        """All files or none: on any failure (or Ctrl-C) the files written so far go back."""
-        written = []
+        """All files or none: on any failure (or Ctrl-C) the files written so far go back.
+        Deletions go first, deepest first: a symlink the patch removes is gone before
+        anything is written where it was."""
+        written: List[str] = []
         try:
-            for path, (data, mode, _) in merged.items():
+            for path in in_write_order(merged, lambda p: merged[p][0] is None):
+                data, mode, _ = merged[path]
                 written.append(path)
                 write_worktree(self.project.root, path, data, mode)
-        except (OSError, KeyboardInterrupt) as e:
+        except (OSError, PatchwireError, KeyboardInterrupt) as e:
             saved = {entry["path"]: entry for entry in before}
-            for path in written[:-1]:  # the last one failed: write_worktree replaces atomically
+            for path in reversed(written[:-1]):  # the last one failed: write_worktree replaces atomically
                 entry = saved[path]
                 data = self.git("cat-file", "blob", entry["blob"]) if entry["blob"] else None
                 write_worktree(self.project.root, path, data, entry["mode"] or "")
-            raise PatchError(f"could not write {written[-1]}: {e}; the files written so far were "
-                             "put back, nothing was changed", "fix the cause and apply again")
+            raise PatchError(f"could not write {sanitize(written[-1])}: {sanitize(str(e))}; the files "
+                             "written so far were put back, nothing was changed",
+                             "fix the cause and apply again")
 
-    def save(self, paths: Sequence[str]) -> List[dict]:
+    def save(self, paths: Sequence[str], gone: set) -> List[dict]:
+        """What each path holds now (nothing, beneath a link the patch removes)."""
         saved = []
         for path in paths:
-            state = read_worktree(self.project.root / path)
+            state = None if beneath(path, gone) else read_worktree(self.project.root, path)
             blob = self.git.text("hash-object", "-w", "--stdin", input=state[0]) if state else None
             saved.append({"path": path, "blob": blob, "mode": state[1] if state else None})
         return saved
 
     def done(self, before: List[dict], how: str, paths: Sequence[str], conflicts: List[str]) -> dict:
         for entry in before:
-            now = read_worktree(self.project.root / entry["path"])
+            now = read_worktree(self.project.root, entry["path"])
             entry["after"] = hashlib.sha256(now[0]).hexdigest() if now else None
             entry["after_mode"] = now[1] if now else None
         (self.project.state_file("undo.json")).write_text(json.dumps(before))
@@ -1691,22 +2251,32 @@ class Applier:
             raise UsageError("nothing to undo: no apply recorded in this project")
         changed = []
         for e in entries:
-            now = read_worktree(self.project.root / e["path"])
+            now = read_worktree(self.project.root, e["path"])
             if (hashlib.sha256(now[0]).hexdigest() if now else None) != e["after"] or \
                     (now[1] if now else None) != e["after_mode"]:
                 changed.append(e["path"])
         if changed:
-            raise PatchError("cannot undo: these files changed since the apply: " + ", ".join(changed),
+            raise PatchError("cannot undo: these files changed since the apply: " + ", ".join(map(sanitize, changed)),
                              "undo those edits first, or restore the files by hand")
-        for e in entries:
+        by_path = {e["path"]: e for e in entries}
+        for path in in_write_order(by_path, lambda p: not by_path[p]["blob"]):
+            e = by_path[path]
             data = self.git("cat-file", "blob", e["blob"]) if e["blob"] else None
-            write_worktree(self.project.root, e["path"], data, e["mode"] or "")
+            write_worktree(self.project.root, path, data, e["mode"] or "")
         self.project.state_file("undo.json").unlink()
         return [e["path"] for e in entries]
 
 
 def touched_paths(files: Sequence["FilePatch"]) -> List[str]:
     return list(dict.fromkeys(p for f in files for p in (f.old_path, f.path)))
+
+
+def in_write_order(paths: Iterable[str], is_removal) -> List[str]:
+    """Removals first, deepest first; then writes, shallowest first."""
+    paths = list(paths)
+    removals = sorted((p for p in paths if is_removal(p)), key=lambda p: -p.count("/"))
+    writes = sorted((p for p in paths if not is_removal(p)), key=lambda p: p.count("/"))
+    return removals + writes
 
 
 def diff_tree(git: Git, a: str, b: str) -> List[Tuple[str, str, str]]:
@@ -1728,28 +2298,199 @@ def _dec(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-def read_worktree(path: Path) -> Optional[Tuple[bytes, str]]:
+# --- vetting a patch against the files here
+
+
+def vet_on_disk(root: Path, files: List["FilePatch"], protected: Sequence[str] = ()) -> List["FilePatch"]:
+    """The parsed patch again, or PatchRefused: no path lies beneath a symlink here (unless
+    the patch itself removes that link), no path is a protected one, and no symlink the
+    patch makes leads out of the project or into .git, even through links already here."""
+    gone = removed_links(root, files)
+    shielded = {folded_path(p) for p in protected}
+    links: Dict[str, str] = {}
+    for f in files:
+        for path in {f.old_path, f.path}:
+            if folded_path(path) in shielded:
+                raise refuse(f"a change to {path!r}, which Patchwire keeps (your token file)")
+            link = symlink_parent(root, path)
+            if link and not beneath(path, gone):
+                raise refuse(f"{path!r} lies beyond the symlink {link!r} here: writing there would "
+                             "write wherever that link points")
+        if f.kind == "deleted":
+            continue
+        if f.link_target is not None:
+            links[f.path] = f.link_target
+        elif f.new_mode is None and not beneath(f.old_path, gone):
+            was = read_worktree(root, f.old_path)
+            if was and was[1] == "120000":  # a link here, kept a link (changed or moved)
+                content = f.whole_new_content() if f.hunks else was[0]
+                if content is None:
+                    raise refuse(f"a change to the symlink {f.path!r} whose whole new target is not in the patch")
+                links[f.path] = f.link_target = _dec(content)
+                f.new_mode = "120000"
+    for path, target in links.items():
+        problem = link_target_problem(path, target) or link_chain_problem(root, path, target, links, gone)
+        if problem:
+            raise refuse(f"a symlink {path!r} -> {target!r} with {problem}")
+    return files
+
+
+def removed_links(root: Path, files: Sequence["FilePatch"]) -> set:
+    """Symlinks here that the patch deletes or moves away."""
+    return {f.old_path for f in files if f.kind in ("deleted", "renamed")
+            and symlink_parent(root, f.old_path) is None
+            and (read_worktree(root, f.old_path) or (b"", ""))[1] == "120000"}
+
+
+def beneath(path: str, folders: set) -> bool:
+    """Whether a proper parent folder of `path` is one of `folders`."""
+    parts = path.split("/")
+    return any("/".join(parts[:n]) in folders for n in range(1, len(parts)))
+
+
+def symlink_parent(root: Path, rel: str) -> Optional[str]:
+    """The first parent folder of `rel` that is a symlink here (never followed), or None."""
+    parts = rel.split("/")
+    for n in range(1, len(parts)):
+        try:
+            if stat.S_ISLNK(os.lstat(os.path.join(root, *parts[:n])).st_mode):
+                return "/".join(parts[:n])
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+    return None
+
+
+def link_chain_problem(root: Path, link: str, target: str, links: Dict[str, str], gone: set) -> Optional[str]:
+    """Follow `target` component by component through the links here and the patch's own
+    (a chain a -> b, b -> ../..), lexically and never on the real filesystem beyond lstat;
+    the problem when it leaves the project or enters .git."""
+    parts = target.split("/")
+    out = link.split("/")[:-1]
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not out:
+                return f"a target that leads out of the project (through {link!r})"
+            out.pop()
+            continue
+        if is_dot_git(part):
+            return "a target that leads into .git"
+        out.append(part)
+        here = "/".join(out)
+        step = links.get(here)
+        if step is None and here not in gone:
+            disk = read_worktree(root, here) if symlink_parent(root, here) is None else None
+            step = _dec(disk[0]) if disk and disk[1] == "120000" else None
+        if step is not None:
+            hops += 1
+            if hops > 40 or step.startswith("/"):
+                return f"a target that leads out of the project through the symlink {here!r}"
+            out.pop()
+            parts = step.split("/") + parts
+    return None
+
+
+def check_merged_writes(root: Path, merged: Dict[str, Tuple[Optional[bytes], str, int]]) -> None:
+    """The 3-way result, vetted like the patch: nothing written beneath a symlink here
+    that the result does not delete first."""
+    removed = {p for p, (data, _, _) in merged.items() if data is None}
+    for path, (data, mode, _) in merged.items():
+        link = symlink_parent(root, path)
+        if data is not None and link and not beneath(path, removed):
+            raise refuse(f"{path!r} lies beyond the symlink {link!r} here")
+
+
+# --- the laptop's files, never through a symlink
+# The 3-way path and undo write files themselves. `open(root / rel)` follows a symlink in any
+# parent folder (an ignored `data -> /elsewhere` in the project, or a link a patch just made)
+# and would write outside the project; git's own "beyond a symbolic link" check only guards
+# plain `git apply`. So every read, write and delete here walks down from the project root
+# one folder at a time with O_NOFOLLOW and works relative to that folder's descriptor: a
+# symlink in the way is an error, never followed, even if it appears mid-way.
+
+
+class UnsafePath(PatchwireError):
+    exit_status = ExitStatus.PATCH
+
+
+def _open_parent(root: Path, rel: str, create: bool = False) -> Tuple[int, str]:
+    """(descriptor of rel's folder, reached without following a link; rel's last name)."""
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise UnsafePath(f"refusing the path {sanitize(rel)!r}")
+    fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        for name in parts[:-1]:
+            if create:
+                try:
+                    os.mkdir(name, 0o777, dir_fd=fd)
+                except FileExistsError:
+                    pass
+            try:
+                child = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_DIRECTORY", 0), dir_fd=fd)
+            except OSError:
+                if stat.S_ISLNK(_lstat_at(fd, name)):
+                    raise UnsafePath(f"{sanitize(rel)}: {sanitize(name)} on its way is a symlink; Patchwire "
+                                     "never reads, writes or deletes through one")
+                raise
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, parts[-1]
+
+
+def _lstat_at(fd: int, name: str) -> int:
+    try:
+        return os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
+    except FileNotFoundError:
+        return 0
+
+
+def read_worktree(root: Path, rel: str) -> Optional[Tuple[bytes, str]]:
     """(bytes, git mode) of a file or symlink, None when absent."""
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
+        fd, name = _open_parent(root, rel)
+    except (FileNotFoundError, NotADirectoryError):
         return None
-    if stat.S_ISLNK(st.st_mode):
-        return os.fsencode(os.readlink(path)), "120000"
-    if not stat.S_ISREG(st.st_mode):
-        return None
-    return path.read_bytes(), "100755" if st.st_mode & 0o100 else "100644"
+    try:
+        mode = _lstat_at(fd, name)
+        if stat.S_ISLNK(mode):
+            return os.readlink(os.fsencode(name), dir_fd=fd), "120000"
+        if not stat.S_ISREG(mode):
+            return None
+        with os.fdopen(os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd), "rb") as f:
+            return f.read(), "100755" if mode & 0o100 else "100644"
+    finally:
+        os.close(fd)
 
 
 def remove_file(root: Path, rel: str) -> None:
-    """Delete one file (or link) and the folders it leaves empty, never `root` or above."""
-    target = root / rel
-    if os.path.lexists(target) and (target.is_symlink() or not target.is_dir()):
-        target.unlink()
-    parent = target.parent
-    while parent != root and root in parent.parents and parent.is_dir() and not any(parent.iterdir()):
-        parent.rmdir()
-        parent = parent.parent
+    """Delete one file (or link) and the folders it leaves empty, never `root` or above,
+    never through a symlink."""
+    try:
+        fd, name = _open_parent(root, rel)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    try:
+        mode = _lstat_at(fd, name)
+        if mode and not stat.S_ISDIR(mode):
+            os.unlink(name, dir_fd=fd)
+    finally:
+        os.close(fd)
+    parts = rel.split("/")
+    for n in range(len(parts) - 1, 0, -1):
+        fd, name = _open_parent(root, "/".join(parts[:n]))
+        try:
+            os.rmdir(name, dir_fd=fd)  # a link in the way is ENOTDIR, never followed
+        except OSError:
+            return
+        finally:
+            os.close(fd)
 
 
 def write_worktree(root: Path, rel: str, data: Optional[bytes], mode: str) -> None:
@@ -1757,23 +2498,26 @@ def write_worktree(root: Path, rel: str, data: Optional[bytes], mode: str) -> No
     if data is None:
         remove_file(root, rel)
         return
-    path = root / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_dir() and not path.is_symlink():
-        raise IsADirectoryError(f"{path} is a folder")
-    tmp = path.with_name(f".{path.name}.patchwire-tmp")
+    fd, name = _open_parent(root, rel, create=True)
+    tmp = f".{name}.patchwire-tmp"
     try:
+        if stat.S_ISDIR(_lstat_at(fd, name)):
+            raise IsADirectoryError(f"{rel} is a folder")
+        if _lstat_at(fd, tmp):
+            os.unlink(tmp, dir_fd=fd)
         if mode == "120000":
-            if os.path.lexists(tmp):
-                tmp.unlink()
-            os.symlink(os.fsdecode(data), tmp)
+            os.symlink(os.fsdecode(data), tmp, dir_fd=fd)
         else:
-            tmp.write_bytes(data)
-            os.chmod(tmp, 0o755 if mode == "100755" else 0o644)
-        os.replace(tmp, path)
+            perm = 0o755 if mode == "100755" else 0o644
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, perm,
+                                   dir_fd=fd), "wb") as f:
+                f.write(data)
+                os.fchmod(f.fileno(), perm)  # the umask narrowed the mode open() gave
+        os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
     finally:
-        if os.path.lexists(tmp):
-            tmp.unlink()
+        if _lstat_at(fd, tmp):
+            os.unlink(tmp, dir_fd=fd)
+        os.close(fd)
 
 
 def conflict_excerpt(data: bytes, limit: int = 12) -> List[str]:
@@ -1855,18 +2599,22 @@ class Session:
                 if not files.paths:
                     say(f"note: no file of {self.cfg.root} goes: git ignores them all, or they are held "
                         "back (see `patchwire sync --dry-run`)")
-            tree, manifest = self.project.record(files.paths)
-            if last.get("tree") == tree and not unsure:
-                say(f"synced: nothing changed since the last sync ({len(files.paths)} files)")
-                return tree, manifest, {"sent_files": 0, "sent_bytes": 0, "skipped": True,
-                                        "held_back": files.held}
-            counts, todo, moved = self._send(files, tree, last, me["mirror"], unsure, force)
-            if not moved:
-                self._save_sync(tree, me["mirror"])
-                return tree, manifest, {"sent_files": counts["sent"], "sent_bytes": counts.get("bytes"),
-                                        "skipped": False, "held_back": files.held}
-            unsure |= set(todo)
-            self._save_sync(last.get("tree"), me["mirror"], sorted(unsure))
+            try:
+                tree, manifest = self.project.record(files.paths)
+            except FilesMoved as e:
+                moved = e.paths
+            else:
+                if last.get("tree") == tree and not unsure:
+                    say(f"synced: nothing changed since the last sync ({len(files.paths)} files)")
+                    return tree, manifest, {"sent_files": 0, "sent_bytes": 0, "skipped": True,
+                                            "held_back": files.held}
+                counts, todo, moved = self._send(files, tree, last, me["mirror"], unsure, force)
+                if not moved:
+                    self._save_sync(tree, me["mirror"])
+                    return tree, manifest, {"sent_files": counts["sent"], "sent_bytes": counts.get("bytes"),
+                                            "skipped": False, "held_back": files.held}
+                unsure |= set(todo)
+                self._save_sync(last.get("tree"), me["mirror"], sorted(unsure))
             if attempt == 1:
                 say(f"{describe_paths(moved)} changed while being sent; sending again")
         raise moved_error(moved, files)
@@ -1918,10 +2666,49 @@ class Session:
         return [json.loads(l) for l in lines if l.strip()]
 
     def remember_job(self, job: str) -> None:
-        self.project.state_file("last_job").write_text(job)
+        self.project.state_file("last_job").write_text(check_job_id(job))
+
+    # The merge base of a 3-way apply is the tree this laptop recorded when it sent the job's
+    # files, never what the box says (a box answering git's empty tree would make every file
+    # "new" and every local file "yours"). Kept by job id beside the apply log.
+    def record_job_tree(self, job: str, tree: str) -> None:
+        trees = self._job_trees()
+        trees.pop(check_job_id(job), None)
+        trees[job] = tree
+        kept = dict(list(trees.items())[-500:])
+        self.project.state_file("job_trees.json").write_text(json.dumps(kept))
+        self.project.pin_record(job, tree, kept)
+
+    def job_tree(self, job: str) -> Optional[str]:
+        return self._job_trees().get(job)
+
+    def _job_trees(self) -> Dict[str, str]:
+        try:
+            trees = json.loads(self.project.state_file("job_trees.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return trees if isinstance(trees, dict) else {}
+
+    def protected_paths(self) -> List[str]:
+        """Project paths no patch may touch besides .patchwire.toml: a token file kept inside."""
+        if not self.cfg.token_file:
+            return []
+        path = Path(os.path.expanduser(self.cfg.token_file))
+        try:
+            return [(path if path.is_absolute() else self.cfg.root / path).resolve()
+                    .relative_to(self.cfg.root.resolve()).as_posix()]
+        except (ValueError, OSError):
+            return []
+
+    def vet(self, patch: bytes) -> List[FilePatch]:
+        """The job's patch read strictly and checked against the files here, or PatchRefused."""
+        return vet_on_disk(self.cfg.root, split_patch(patch), self.protected_paths())
 
     def job_id(self, given: Optional[str]) -> str:
         if given:
+            if not JOB_ID_RE.fullmatch(given):
+                raise UsageError(f"{sanitize(given)[:40]!r} is not a job id",
+                                 "job ids are hex digits (a unique prefix is enough); `patchwire jobs` lists yours")
             return given
         try:
             return self.project.state_file("last_job").read_text().strip()
@@ -1938,11 +2725,11 @@ def say_held(files: FileList) -> None:
     say(f"held back {len(files.held)} file(s) (see `patchwire sync --dry-run`)")
     for path, why in files.held.items():
         if "max_file_mb" in why:
-            say(f"  held back {printable(path)}: {why}")
+            say(f"  held back {sanitize(path)}: {why}")
 
 
 def describe_paths(paths: Sequence[str], limit: int = 5) -> str:
-    shown = ", ".join(printable(p) for p in paths[:limit])
+    shown = ", ".join(sanitize(p) for p in paths[:limit])
     return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
 
 
@@ -1959,6 +2746,17 @@ def moved_error(moved: Sequence[str], files: FileList) -> PatchwireError:
     return PatchwireError("; ".join(parts), "stop what rewrites them, or leave them out with "
                           "`exclude = [...]` under [sync] in .patchwire.toml, then sync again",
                           details={"paths": list(moved)})
+
+
+JOB_ID_RE = re.compile(r"[0-9a-f]{1,32}")
+
+
+def check_job_id(job: Any, prefix: Optional[str] = None) -> str:
+    """A job id from the box: hex, and the job that was asked for (it starts with `prefix`)."""
+    if not isinstance(job, str) or not JOB_ID_RE.fullmatch(job) or (prefix and not job.startswith(prefix)):
+        raise AgentError(f"the agent answered with a job id that is not the one asked for: {sanitize(str(job))[:40]!r}",
+                         "is the URL in .patchwire.toml your patchwire-agent?")
+    return job
 
 
 def human_bytes(n: float) -> str:
@@ -1985,15 +2783,15 @@ def stream_job(session: Session, first: Iterator[dict], on_event) -> dict:
             if job is None or interrupted:
                 if job:
                     info = session.client.json("DELETE", f"/v1/jobs/{job}")
-                    say(f"job {job} is {info['status']}")
+                    say(sanitize(f"job {job} is {info.get('status')}"))
                 raise
             interrupted = True
-            say(f"\njob {job} keeps running on the box. Press Ctrl-C again to cancel it, or "
-                f"leave and come back with `patchwire show {job}`.")
+            say(sanitize(f"\njob {job} keeps running on the box. Press Ctrl-C again to cancel it, or "
+                         f"leave and come back with `patchwire show {job}`.", keep_newlines=True))
         except (AgentError, OSError, http.client.HTTPException, ValueError) as e:
             if job is None:
                 raise
-            say(f"lost the event stream ({e}); reconnecting")
+            say(sanitize(f"lost the event stream ({e}); reconnecting"))
             time.sleep(min(0.2 * 2 ** attempt, 5))
         if job is None:
             break
@@ -2012,37 +2810,45 @@ def read_answer(prompt: str) -> Optional[str]:
     return line.strip() if line else None
 
 
-def preview(patch: bytes, no_color: bool) -> None:
-    files = split_patch(patch)
+def preview(files: Sequence[FilePatch], no_color: bool) -> None:
+    """What will be written, exactly: what deserves a second look, the summary, the diff."""
     style = Style.for_stream(sys.stdout, no_color)
-    page(render_summary(files, style) + [""] + render_diff(files, style))
+    page(render_look_closely(files, style) + render_summary(files, style) + [""] + render_diff(files, style))
 
 
-def apply_job(session: Session, job: dict, patch: bytes, *, interactive: bool = False,
-              only: Sequence[str] = (), exclude: Sequence[str] = (),
-              keep_conflicts: Optional[bool] = None, no_color: bool = False) -> dict:
-    """Choose (all, --only/--exclude, or hunk by hunk), apply, log, report."""
-    files = split_patch(patch)
-    style = Style.for_stream(sys.stderr, no_color)
+def choose(files: List[FilePatch], patch: bytes, *, interactive: bool, only: Sequence[str],
+           exclude: Sequence[str], style: Style) -> bytes:
+    """The part of the patch to apply: all, --only/--exclude, or hunk by hunk."""
     if interactive:
-        chosen = Chooser(files, style).run().render()
-    elif only or exclude:
-        chosen = select_paths(files, only, exclude).render()
-    else:
-        chosen = patch
+        return Chooser(files, style).run().render()
+    if only or exclude:
+        return select_paths(files, only, exclude).render()
+    return patch
+
+
+def apply_job(session: Session, job: str, patch: bytes, *, chosen: Optional[bytes] = None,
+              interactive: bool = False, only: Sequence[str] = (), exclude: Sequence[str] = (),
+              keep_conflicts: Optional[bool] = None, no_color: bool = False) -> dict:
+    """Choose (unless `chosen` already is), apply, log, report. The merge base is the tree
+    this laptop recorded for the job, if it asked it."""
+    style = Style.for_stream(sys.stderr, no_color)
+    if chosen is None:
+        chosen = choose(session.vet(patch), patch, interactive=interactive, only=only, exclude=exclude,
+                        style=style)
     if not chosen.strip():
         say("nothing chosen; nothing applied")
-        return {"job": job["id"], "how": "none", "files": [], "conflicts": []}
-    result = Applier(session.project, style, job["id"]).apply(chosen, job.get("tree"), keep_conflicts)
-    result["job"] = job["id"]
+        return {"job": job, "how": "none", "files": [], "conflicts": []}
+    applier = Applier(session.project, style, session.protected_paths(), job)
+    result = applier.apply(chosen, session.job_tree(job), keep_conflicts)
+    result["job"] = job
     result["partial"] = chosen != patch
     session.log_apply(result)
     how = {"plain": "", "3-way": " (3-way merged with your changes)"}[result["how"]]
-    say(f"applied job {job['id']}{how}: {len(split_patch(chosen))} file(s) changed")
+    say(f"applied job {job}{how}: {len(split_patch(chosen))} file(s) changed")
     if result["conflicts"]:
-        say(style("yellow", "conflict markers to resolve in: " + ", ".join(result["conflicts"])))
+        say(style("yellow", "conflict markers to resolve in: " + ", ".join(map(sanitize, result["conflicts"]))))
     if result["partial"]:
-        say(f"the rest of the change stays in job {job['id']} (`patchwire apply {job['id']} -i`)")
+        say(f"the rest of the change stays in job {job} (`patchwire apply {job} -i`)")
     if not session.project.is_git_repo:
         say("note: not a git repository, so 3-way merging is not available here")
     return result
@@ -2264,19 +3070,19 @@ def dry_run_report(files: FileList) -> dict:
 def render_dry_run(report: dict, full: bool, limit: int = 40) -> List[str]:
     """The dry run for people: the list only when asked, the totals last (they scroll away
     otherwise), every name escaped."""
-    lines = [printable(p) for p in report["files"]] if full else []
+    lines = [sanitize(p) for p in report["files"]] if full else []
     held = list(report["held_back"].items())
     for path, why in held if full else held[:limit]:
-        lines.append(f"held back: {printable(path)} ({why})")
+        lines.append(f"held back: {sanitize(path)} ({why})")
     if len(held) > limit and not full:
         lines.append(f"held back: ... and {len(held) - limit} more (--list shows all)")
     lines += ["warning: " + w for w in report["warnings"]]
     totals = report["totals"]
     folders = sorted(totals["folders"].items(), key=lambda kv: (-kv[1]["bytes"], kv[0]))
-    width = max([len(printable(k)) for k, _ in folders[:12]] + [8])
+    width = max([len(sanitize(k)) for k, _ in folders[:12]] + [8])
     lines.append("by top-level folder:")
     for name, t in folders[:12]:
-        lines.append(f"  {printable(name).ljust(width)} {t['files']:>8,} file(s) {human_bytes(t['bytes']):>10}")
+        lines.append(f"  {sanitize(name).ljust(width)} {t['files']:>8,} file(s) {human_bytes(t['bytes']):>10}")
     if len(folders) > 12:
         rest = folders[12:]
         lines.append(f"  {'(' + str(len(rest)) + ' more)':<{width}} {sum(t['files'] for _, t in rest):>8,} "
@@ -2293,6 +3099,7 @@ def cmd_ask(args) -> int:
         raise UsageError("the prompt is empty")
     first, events, tree = start_ask(session, args, prompt)
     session.remember_job(first["job"])
+    session.record_job_tree(first["job"], tree)
     printer = ProgressPrinter(Style.for_stream(sys.stderr, args.no_color))
 
     def on_event(event: dict) -> None:
@@ -2308,15 +3115,17 @@ def cmd_ask(args) -> int:
         raise AIFailed(f"job {job} {end['type']}: {end.get('reason', '')}",
                        f"see `patchwire show {job}`; nothing was changed here")
     patch = session.client.bytes(f"/v1/jobs/{job}/diff")
-    outcome = {"type": "outcome", "job": job, "applied": False, "files": [f.path for f in split_patch(patch)]}
+    files = session.vet(patch)
+    outcome = {"type": "outcome", "job": job, "applied": False, "files": [f.path for f in files],
+               "look_closely": look_closely(files)}
     if not patch:
         say(f"the AI made no changes (job {job}); nothing to apply")
     elif args.json:
         if args.yes:
-            outcome.update(applied=True, apply=apply_job(session, {"id": job, "tree": tree}, patch))
+            outcome.update(applied=True, apply=apply_job(session, job, patch))
     else:
-        preview(patch, args.no_color)
-        outcome["applied"] = confirm_apply(session, args, job, tree, patch)
+        preview(files, args.no_color)
+        outcome["applied"] = confirm_apply(session, args, job, patch)
     output(args, outcome)
     return 0
 
@@ -2349,7 +3158,7 @@ def start_ask(session: Session, args, prompt: str) -> Tuple[dict, Iterator[dict]
 
 def post_ask(session: Session, body: dict) -> Tuple[dict, Iterator[dict]]:
     events = session.client.stream("POST", "/v1/ask", body)
-    return next(events), events
+    return checked_first(next(events)), events
 
 
 def mismatched_paths(e: AgentError) -> List[str]:
@@ -2359,36 +3168,55 @@ def mismatched_paths(e: AgentError) -> List[str]:
     return [str(p) for p in e.details.get("paths") or []]
 
 
-def confirm_apply(session: Session, args, job: str, tree: str, patch: bytes) -> bool:
+def checked_first(event: dict) -> dict:
+    """The ask's first event names the new job: its id becomes a file name and a key here."""
+    if not isinstance(event, dict):
+        raise AgentError("the agent's first event is not a JSON object")
+    check_job_id(event.get("job"))
+    return event
+
+
+def ask_before_applying(job: str) -> Optional[str]:
+    """"" to apply, "i" to choose hunks, None to keep the job for later."""
+    answer = read_answer("Enter applies this change here; i and Enter chooses files and hunks; anything "
+                         f"else keeps it for later (`patchwire apply {job}`).")
+    if answer in ("", "i"):
+        return answer
+    say(f"kept job {job}; apply it with `patchwire apply {job}`")
+    return None
+
+
+def confirm_apply(session: Session, args, job: str, patch: bytes) -> bool:
     if args.no_apply:
         say(f"not applied; apply later with `patchwire apply {job}`")
         return False
-    answer = "" if args.yes else read_answer(
-        "Enter applies this change here; i and Enter chooses files and hunks; anything else "
-        f"keeps it for later (`patchwire apply {job}`).")
-    if answer not in ("", "i"):
-        say(f"kept job {job}; apply it with `patchwire apply {job}`")
+    answer = "" if args.yes else ask_before_applying(job)
+    if answer is None:
         return False
-    apply_job(session, {"id": job, "tree": tree}, patch, interactive=answer == "i", no_color=args.no_color)
+    apply_job(session, job, patch, interactive=answer == "i", no_color=args.no_color)
     return True
 
 
 def cmd_diff(args) -> int:
     session = Session.here()
-    job = session.job_id(args.job)
+    job = check_job_id(session.job_id(args.job))
     if args.file:
         return show_job_file(session, job, args)
     patch = session.client.bytes(f"/v1/jobs/{job}/diff")
+    files = session.vet(patch)
     if args.json:
-        files = [{"path": f.path, "old_path": f.old_path, "kind": f.kind, "added": f.added,
-                  "removed": f.removed, "binary": f.binary} for f in split_patch(patch)]
+        listed = [{"path": f.path, "old_path": f.old_path, "kind": f.kind, "added": f.added,
+                   "removed": f.removed, "binary": f.binary} for f in files]
         try:
             body = {"patch": patch.decode("utf-8")}
         except UnicodeDecodeError:
             body = {"patch_base64": base64.b64encode(patch).decode()}
-        output(args, {"job": job, "files": files, **body})
+        output(args, {"job": job, "files": listed, "look_closely": look_closely(files), **body})
         return 0
-    sys.stdout.buffer.write(patch)
+    if sys.stdout.isatty():  # a person reads it: sanitised, like the preview
+        preview(files, args.no_color)
+        return 0
+    sys.stdout.buffer.write(patch)  # a pipe gets the exact bytes, for git apply or a file
     sys.stdout.flush()
     return 0
 
@@ -2397,12 +3225,13 @@ def show_job_file(session: Session, job_id: str, args) -> int:
     """`diff JOB --file PATH --side old|new`: one file as it was synced, or as the job leaves
     it, for an editor's side-by-side view (the VS Code extension's diff editor)."""
     job = session.client.json("GET", f"/v1/jobs/{job_id}")
-    git, tree = session.project.git, job.get("tree") or ""
+    git, tree = session.project.git, session.job_tree(str(job.get("id"))) or ""  # our record, never the box's
     if not tree or git.run("cat-file", "-e", tree + "^{tree}", check=False).returncode != 0:
-        raise PatchwireError(f"the files job {job['id']} started from are not in this project",
-                             "run this in the project the job was asked from")
+        raise PatchwireError(f"the files job {sanitize(str(job.get('id')))} started from are not recorded in "
+                             "this project", "run this in the project the job was asked from")
     if args.side == "new":
         patch = session.client.bytes(f"/v1/jobs/{job['id']}/diff")
+        split_patch(patch)  # the strict reader refuses what it refuses everywhere else
         tree = tree_after_patch(session.project, tree, patch, job["id"])
     fields = git("ls-tree", "-z", tree, "--", args.file).split(b"\t", 1)[0].decode().split()
     mode, blob = (fields[0], fields[2]) if len(fields) == 3 and fields[1] == "blob" else ("", "")
@@ -2443,20 +3272,40 @@ def cmd_apply(args) -> int:
     if args.undo:
         restored = Applier(session.project, Style(False)).undo()
         say(f"restored {len(restored)} file(s) to what they were before the last apply")
-        output(args, {"restored": restored}, lambda r: print("\n".join(r["restored"])))
+        output(args, {"restored": restored}, lambda r: print("\n".join(map(sanitize, r["restored"]))))
         return 0
-    job = session.client.json("GET", f"/v1/jobs/{session.job_id(args.job)}")
-    if job["status"] != "done":
-        raise AIFailed(f"job {job['id']} is {job['status']}: nothing to apply",
-                       job.get("reason") or "")
-    patch = session.client.bytes(f"/v1/jobs/{job['id']}/diff")
+    if not args.yes and (args.json or not (args.interactive or sys.stdin.isatty())):
+        raise UsageError("patchwire apply shows the change and asks before it writes: run it in a terminal, "
+                         "or pass --yes to apply without asking (scripts)",
+                         "patchwire apply JOB --yes [--only PATH ...] [--json]")
+    asked = session.job_id(args.job)
+    job = session.client.json("GET", f"/v1/jobs/{check_job_id(asked)}")
+    job_id = check_job_id(job.get("id"), asked)
+    if job.get("status") != "done":
+        raise AIFailed(f"job {job_id} is {sanitize(str(job.get('status')))}: nothing to apply",
+                       sanitize(str(job.get("reason") or "")))
+    patch = session.client.bytes(f"/v1/jobs/{job_id}/diff")
     if not patch:
-        say(f"job {job['id']} made no changes; nothing to apply")
-        output(args, {"job": job["id"], "how": "none", "files": [], "conflicts": []})
+        say(f"job {job_id} made no changes; nothing to apply")
+        output(args, {"job": job_id, "how": "none", "files": [], "conflicts": []})
         return 0
-    result = apply_job(session, job, patch, interactive=args.interactive, only=args.only or (),
-                       exclude=args.exclude or (), keep_conflicts=args.keep_conflicts or None)
-    output(args, result, lambda r: print("\n".join(r["files"])))
+    files = session.vet(patch)
+    style = Style.for_stream(sys.stderr, args.no_color)
+    chosen, interactive = None, args.interactive
+    if not args.yes and not interactive:
+        chosen = choose(files, patch, interactive=False, only=args.only or (), exclude=args.exclude or (),
+                        style=style)
+        preview(split_patch(chosen), args.no_color)
+        answer = ask_before_applying(job_id)
+        if answer is None:
+            output(args, {"job": job_id, "how": "none", "files": [], "conflicts": []})
+            return 0
+        if answer == "i":
+            chosen, interactive = None, True
+    result = apply_job(session, job_id, patch, chosen=chosen, interactive=interactive, only=args.only or (),
+                       exclude=args.exclude or (), keep_conflicts=args.keep_conflicts or None,
+                       no_color=args.no_color)
+    output(args, result, lambda r: print("\n".join(map(sanitize, r["files"]))))
     return 0
 
 
@@ -2473,8 +3322,8 @@ def job_line(job: dict) -> str:
     stats = job.get("stats") or {}
     age = human_age(time.time() - job["created"])
     size = f"+{stats.get('added', 0)} -{stats.get('removed', 0)}" if stats else ""
-    prompt = " ".join(job["prompt"].split())[:50]
-    return f"{job['id']}  {job['status']:<9} {age:>5}  {job['project']:<16} {size:<10} {prompt}"
+    prompt = " ".join(str(job["prompt"]).split())[:50]
+    return sanitize(f"{job['id']}  {job['status']:<9} {age:>5}  {job['project']:<16} {size:<10} {prompt}")
 
 
 def human_age(seconds: float) -> str:
@@ -2492,9 +3341,9 @@ def cmd_show(args) -> int:
     def human(r: dict) -> None:
         for key in ("id", "status", "project", "reason", "prompt"):
             if job.get(key):
-                print(f"{key + ':':<9} {job[key]}")
+                print(f"{key + ':':<9} {sanitize(str(job[key]), keep_newlines=True)}")
         for key, value in (job.get("result") or {}).items():
-            print(f"{key + ':':<9} {value}")
+            print(sanitize(f"{key + ':':<9} {value}", keep_newlines=True))
         printer = ProgressPrinter(Style(False))
         for event in events:
             printer(event)
@@ -2505,7 +3354,7 @@ def cmd_show(args) -> int:
 def cmd_cancel(args) -> int:
     session = Session.here()
     job = session.client.json("DELETE", f"/v1/jobs/{session.job_id(args.job)}")
-    say(f"job {job['id']} is {job['status']}")
+    say(sanitize(f"job {job['id']} is {job['status']}"))
     output(args, {"job": job})
     return 0
 
@@ -2518,8 +3367,8 @@ def cmd_log(args) -> int:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry["time"]))
             extra = " partial" if entry.get("partial") else ""
             extra += f" conflicts: {', '.join(entry['conflicts'])}" if entry["conflicts"] else ""
-            print(f"{when}  job {entry['job']}  {entry['how']}{extra}  {len(entry['files'])} file(s): "
-                  + ", ".join(entry["files"][:6]) + (" ..." if len(entry["files"]) > 6 else ""))
+            print(sanitize(f"{when}  job {entry['job']}  {entry['how']}{extra}  {len(entry['files'])} file(s): "
+                           + ", ".join(entry["files"][:6]) + (" ..." if len(entry["files"]) > 6 else "")))
     output(args, {"applied": entries}, human)
     return 0
 
@@ -2534,9 +3383,9 @@ def cmd_doctor(args) -> int:
 def print_checks(checks: List[dict], stream=None) -> None:
     stream = stream or sys.stderr
     for c in checks:
-        print(f"{'ok  ' if c['ok'] else 'FAIL'} {c['name']}: {c['detail']}", file=stream)
+        print(sanitize(f"{'ok  ' if c['ok'] else 'FAIL'} {c['name']}: {c['detail']}"), file=stream)
         if not c["ok"] and c.get("fix"):
-            print(f"     fix: {c['fix']}", file=stream)
+            print(sanitize(f"     fix: {c['fix']}"), file=stream)
 
 
 # Usage reports, shared with patchwire-agent's `usage`: the figures of GET /v1/usage in
@@ -2650,15 +3499,16 @@ def build_parser() -> argparse.ArgumentParser:
     follow.add_argument("--continue", dest="continue_", action="store_true",
                         help="continue the last job: start from its result, resume its AI session")
     follow.add_argument("--on", metavar="JOB", help="continue the given job")
-    for name in ("ask", "diff"):
+    for name in ("ask", "diff", "apply"):
         p[name].add_argument("--no-color", action="store_true", help="no colour")
     p["diff"].add_argument("--file", metavar="PATH", help="print one file of the job instead of the patch")
     p["diff"].add_argument("--side", choices=("old", "new"), default="new",
                            help="with --file: as synced (old) or as the job leaves it (new, the default)")
     for name in ("diff", "apply", "show", "cancel"):
         p[name].add_argument("job", nargs="?" if name != "cancel" else None, help="job id (a unique prefix is enough)")
+    p["apply"].add_argument("--yes", "-y", action="store_true",
+                            help="apply without showing the change and asking (for scripts)")
     p["apply"].add_argument("-i", "--interactive", action="store_true", help="choose files and hunks, like git add -p")
-    p["apply"].add_argument("--yes", "-y", action="store_true", help="apply without asking (for scripts and editors)")
     p["apply"].add_argument("--only", nargs="+", metavar="PATH", help="apply only these files or folders (shell patterns)")
     p["apply"].add_argument("--exclude", nargs="+", metavar="PATH", help="leave these files or folders out")
     p["apply"].add_argument("--keep-conflicts", action="store_true",
@@ -2683,7 +3533,7 @@ def run_command(prog: str, commands: dict, args, on_error=None) -> int:
     try:
         return commands[args.command][0](args)
     except PatchwireError as e:
-        say(f"{prog}: {e}")
+        say(sanitize(f"{prog}: {e}", keep_newlines=True))  # messages may quote the box or git
         if on_error:
             on_error(e)
         return int(e.exit_status)

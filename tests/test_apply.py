@@ -38,7 +38,7 @@ def ai_job(lap: Laptop, *steps) -> str:
 def test_far_local_edit_applies_plainly(long_laptop):
     job = ai_job(long_laptop, {"write": "long.txt", "text": edited({5: "line 5 by the AI\n"}).decode()})
     (long_laptop.root / "long.txt").write_bytes(edited({35: "line 35 by me\n"}))
-    result = long_laptop.run("apply", job, check=0)
+    result = long_laptop.run("apply", job, "--yes", check=0)
     assert "3-way" not in result.err
     assert (long_laptop.root / "long.txt").read_bytes() == edited({5: "line 5 by the AI\n", 35: "line 35 by me\n"})
 
@@ -47,7 +47,7 @@ def test_non_overlapping_local_edit_merges(long_laptop):
     # line 7 is inside the AI hunk's context, so plain `git apply` refuses: a 3-way merge is needed
     job = ai_job(long_laptop, {"write": "long.txt", "text": edited({5: "line 5 by the AI\n"}).decode()})
     (long_laptop.root / "long.txt").write_bytes(edited({7: "line 7 by me\n"}))
-    result = long_laptop.run("apply", job, check=0)
+    result = long_laptop.run("apply", job, "--yes", check=0)
     assert "3-way merged with your changes" in result.err
     assert (long_laptop.root / "long.txt").read_bytes() == edited({5: "line 5 by the AI\n", 7: "line 7 by me\n"})
     # the user's index and HEAD were not touched
@@ -59,7 +59,7 @@ def test_overlapping_edit_declined_leaves_everything_byte_identical(long_laptop)
                  {"write": "other.txt", "text": "other, by the AI\n"})
     (long_laptop.root / "long.txt").write_bytes(edited({5: "my five\n"}))
     before = tree_digest(long_laptop.root)
-    result = long_laptop.run("apply", job, input=b"\n")
+    result = long_laptop.run("apply", job, "--yes", input=b"\n")
     assert result.returncode == 5
     assert "long.txt" in result.err and "<<<<<<< long.txt (yours)" in result.err
     assert "-my five" not in result.err and "my five" in result.err and "AI five" in result.err
@@ -71,7 +71,7 @@ def test_overlapping_edit_kept_with_markers_then_undo(long_laptop):
                  {"write": "other.txt", "text": "other, by the AI\n"})
     mine = edited({5: "my five\n"})
     (long_laptop.root / "long.txt").write_bytes(mine)
-    result = long_laptop.run("apply", job, input=b"k\n", check=0)
+    result = long_laptop.run("apply", job, "--yes", input=b"k\n", check=0)
     assert "conflict markers to resolve in: long.txt" in result.err
     text = (long_laptop.root / "long.txt").read_bytes()
     assert b"<<<<<<< long.txt (yours)\nmy five\n=======\nAI five\n>>>>>>> long.txt (AI)\n" in text
@@ -90,13 +90,13 @@ def test_undo_restores_exact_bytes_and_refuses_after_later_edits(long_laptop):
                  {"write": "new.bin", "b64": "AAECAw=="}, {"chmod": ["docs/a.md", "755"]},
                  {"write": "run.sh", "text": "#!/bin/sh\necho changed\n"}, {"delete": "link"})
     before = tree_digest(long_laptop.root)
-    long_laptop.run("apply", job, check=0)
+    long_laptop.run("apply", job, "--yes", check=0)
     assert not (long_laptop.root / "other.txt").exists()
     long_laptop.run("apply", "--undo", check=0)
     assert tree_digest(long_laptop.root) == before
     # a second undo has nothing to undo
     assert long_laptop.run("apply", "--undo").returncode == 2
-    long_laptop.run("apply", job, check=0)
+    long_laptop.run("apply", job, "--yes", check=0)
     (long_laptop.root / "long.txt").write_bytes(b"edited after the apply\n")
     refused = long_laptop.run("apply", "--undo")
     assert refused.returncode == 5 and "long.txt" in refused.err
@@ -105,7 +105,7 @@ def test_undo_restores_exact_bytes_and_refuses_after_later_edits(long_laptop):
 
 def test_undo_refuses_after_a_mode_only_change(long_laptop):
     job = ai_job(long_laptop, {"write": "other.txt", "text": "OTHER\n"})
-    long_laptop.run("apply", job, check=0)
+    long_laptop.run("apply", job, "--yes", check=0)
     (long_laptop.root / "other.txt").chmod(0o755)
     refused = long_laptop.run("apply", "--undo")
     assert refused.returncode == 5 and "other.txt" in refused.err
@@ -116,12 +116,12 @@ def test_undo_refuses_after_a_mode_only_change(long_laptop):
 def test_only_and_exclude(long_laptop):
     job = ai_job(long_laptop, {"write": "docs/a.md", "text": "A\n"}, {"write": "docs/b.md", "text": "B\n"},
                  {"write": "other.txt", "text": "OTHER\n"})
-    long_laptop.run("apply", job, "--only", "docs", "--exclude", "docs/b.md", check=0)
+    long_laptop.run("apply", job, "--yes", "--only", "docs", "--exclude", "docs/b.md", check=0)
     root = long_laptop.root
     assert (root / "docs/a.md").read_bytes() == b"A\n"
     assert (root / "docs/b.md").read_bytes() == b"b\n" and (root / "other.txt").read_bytes() == b"other\n"
     # what was left out is still in the job
-    result = long_laptop.run("apply", job, "--only", "*.txt", check=0)
+    result = long_laptop.run("apply", job, "--yes", "--only", "*.txt", check=0)
     assert "stays in job" in result.err
     assert (root / "other.txt").read_bytes() == b"OTHER\n"
     log = long_laptop.run("log", check=0).out.splitlines()
@@ -163,12 +163,12 @@ def test_not_a_git_repo_applies_plainly_and_says_no_3way(tmp_path, agent):
     lap = Laptop(root)
     lap.init(agent)
     job = ai_job(lap, {"write": "notes.txt", "text": "one\nTWO\n"})
-    ok = lap.run("apply", job, check=0)
+    ok = lap.run("apply", job, "--yes", check=0)
     assert "3-way merging is not available" in ok.err
     assert (root / "notes.txt").read_bytes() == b"one\nTWO\n"
     job = ai_job(lap, {"write": "notes.txt", "text": "one\nTWO\nthree\n"})
     (root / "notes.txt").write_bytes(b"ONE\nTWO\n")
-    refused = lap.run("apply", job)
+    refused = lap.run("apply", job, "--yes")
     assert refused.returncode == 5 and "3-way merging is not available outside a git repository" in refused.err
     assert (root / "notes.txt").read_bytes() == b"ONE\nTWO\n"
 
@@ -177,7 +177,7 @@ def test_deleted_on_both_sides_is_no_conflict(long_laptop):
     job = ai_job(long_laptop, {"delete": "other.txt"},
                  {"write": "long.txt", "text": edited({5: "AI five\n"}).decode()})
     (long_laptop.root / "other.txt").unlink()
-    result = long_laptop.run("apply", job, check=0)
+    result = long_laptop.run("apply", job, "--yes", check=0)
     assert "3-way" in result.err
     assert not (long_laptop.root / "other.txt").exists()
     assert (long_laptop.root / "long.txt").read_bytes() == edited({5: "AI five\n"})
@@ -188,7 +188,7 @@ def test_a_write_that_fails_midway_puts_everything_back(long_laptop):
                  {"write": "other.txt", "text": "OTHER\n"})
     (long_laptop.root / "other.txt").unlink()
     (long_laptop.root / "other.txt").mkdir()  # in the way: the write of other.txt fails
-    result = long_laptop.run("apply", job, "--keep-conflicts")
+    result = long_laptop.run("apply", job, "--yes", "--keep-conflicts")
     assert result.returncode == 5 and "Traceback" not in result.err, result.err
     assert "were put back, nothing was changed" in result.err
     assert (long_laptop.root / "docs/a.md").read_bytes() == b"a\n"
@@ -202,7 +202,7 @@ def test_a_lone_carriage_return_survives_selective_apply(tmp_path, agent):
     lap.init(agent)
     job = ai_job(lap, {"write": "cr.txt", "b64": "b25lDXN0aWxsIG9uZSwgZWRpdGVkCnR3bwo="},
                  {"write": "b.txt", "text": "B\n"})
-    lap.run("apply", job, "--only", "cr.txt", check=0)
+    lap.run("apply", job, "--yes", "--only", "cr.txt", check=0)
     assert (root / "cr.txt").read_bytes() == b"one\rstill one, edited\ntwo\n"
     assert (root / "b.txt").read_bytes() == b"b\n"
 

@@ -49,7 +49,7 @@ def test_every_command_speaks_json(laptop, agent):
     assert log["applied"][0]["job"] == job and log["applied"][0]["files"] == ["README.md"]
     undo = json_of(laptop.run("apply", "--undo", "--json", check=0))
     assert undo == {"restored": ["README.md"]}
-    applied = json_of(laptop.run("apply", job, "--json", check=0))
+    applied = json_of(laptop.run("apply", job, "--yes", "--json", check=0))
     assert applied["how"] == "plain" and applied["files"] == ["README.md"]
     doctor = json_of(laptop.run("doctor", "--json", check=0))
     assert doctor["ok"] is True and {c["name"] for c in doctor["checks"]} >= {"git", "rsync", "agent", "auth", "ai"}

@@ -159,7 +159,7 @@ def test_a_subfolder_project_merges_3_way_against_its_record_from_any_folder_ins
     assert set(dry(inside)["files"]) == APP_FILES | {"lib/long.txt"}
     inside.ask(script({"write": "lib/long.txt", "text": long.replace("line 5\n", "AI 5\n")}), "--no-apply", check=0)
     (app / "lib/long.txt").write_text(long.replace("line 7\n", "mine 7\n"))
-    merged = inside.run("apply", check=0)
+    merged = inside.run("apply", "--yes", check=0)
     assert "3-way merged with your changes" in merged.err
     assert (app / "lib/long.txt").read_text() == long.replace("line 5\n", "AI 5\n").replace("line 7\n", "mine 7\n")
 
@@ -251,6 +251,14 @@ def test_old_records_and_their_blobs_are_pruned(tmp_path, monkeypatch):
     assert not loose.exists()
     assert not project.recorded(trees[0]) and project.recorded(trees[-1])
     assert project.recorded_file(trees[-1], "a.txt") == (b"a2\n", "100644")
+    # the record of a job that may still be applied stays, however many syncs come after
+    project.pin_record("abc123", trees[-1], ["abc123"])
+    for n in range(3, 7):
+        (root / "a.txt").write_text(f"a{n}\n")
+        project.record(["a.txt"])
+    assert project.recorded_file(trees[-1], "a.txt") == (b"a2\n", "100644")
+    project.pin_record("def456", trees[-1], ["def456"])
+    assert git(project.private_dir, "for-each-ref", "--format=%(refname)", "refs/jobs/").split() == ["refs/jobs/def456"]
 
 
 # ------------------------------------------------------------------ changes the stat cannot see
@@ -573,7 +581,7 @@ def test_dry_run_totals_last_list_on_request_names_escaped(laptop):
     assert any(l.startswith('warning: [sync] allow pattern "never-there.cfg" matches no file git lists') for l in lines)
     assert "README.md" not in lines and "\x1b" not in result.out
     listed = laptop.run("sync", "--dry-run", "--list", check=0).out.splitlines()
-    assert "README.md" in listed and "evil\\x1b[31mred\\nline.txt" in listed and "raw\\xff.txt" in listed
+    assert "README.md" in listed and "evil^[[31mred^Jline.txt" in listed and "raw\\xff.txt" in listed
     assert listed[-1].startswith("would send 6 file(s)")
     wrong = laptop.run("sync", "--list")
     assert wrong.returncode == 2 and "--list goes with --dry-run" in wrong.err
@@ -593,7 +601,7 @@ def test_the_conflict_hint_names_the_job(laptop):
     laptop.ask(script({"write": "README.md", "text": "# by the AI\n"}), "--no-apply", check=0)
     job = laptop.last_job()
     (laptop.root / "README.md").write_bytes(b"# mine\n")
-    refused = laptop.run("apply", job, input=b"\n")
+    refused = laptop.run("apply", job, "--yes", input=b"\n")
     assert refused.returncode == 5
     assert f"`patchwire diff {job}` shows the AI's change" in refused.err
     assert f"`patchwire apply {job} --keep-conflicts`" in refused.err

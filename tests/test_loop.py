@@ -166,7 +166,7 @@ def test_enter_applies_and_anything_else_keeps_the_job(laptop, agent):
     assert f"kept job {job}" in kept.err
     assert (laptop.root / "README.md").read_bytes() == b"# demo\n"
     assert "+# changed" in kept.out  # the preview went to stdout
-    laptop.run("apply", job[:6], check=0)
+    laptop.run("apply", job[:6], "--yes", check=0)
     assert (laptop.root / "README.md").read_bytes() == b"# changed\n"
     laptop.ask(script({"write": "src/app.py", "text": "print('bye')\n"}), input=b"\n", check=0)
     assert (laptop.root / "src/app.py").read_bytes() == b"print('bye')\n"
@@ -183,7 +183,7 @@ def test_patch_that_no_longer_applies_changes_nothing(laptop):
     job = laptop.last_job()
     (laptop.root / "README.md").write_bytes(b"# edited here meanwhile\n")
     before = tree_digest(laptop.root)
-    result = laptop.run("apply", job)
+    result = laptop.run("apply", job, "--yes")
     assert result.returncode == 5
     assert "README.md" in result.err and "overlap in README.md; nothing was changed" in result.err
     assert tree_digest(laptop.root) == before
@@ -211,7 +211,7 @@ def test_jobs_and_their_events_survive_an_agent_restart(laptop, agent):
     laptop.run("init", "--force", "--agent", agent.url, "--token-file", str(agent.token_file()), check=0)
     assert agent.events(job) == events
     assert agent.request("GET", f"/v1/jobs/{job}/diff")[2] == patch
-    laptop.run("apply", job, check=0)
+    laptop.run("apply", job, "--yes", check=0)
     assert (laptop.root / "README.md").read_bytes() == b"# persisted\n"
 
 

@@ -151,7 +151,7 @@ def test_diff_file_of_a_job_from_elsewhere_says_so(project, tmp_path, agent):
             "--project", "proj", check=0)
     proc = lap.run("diff", job, "--file", "src/app.py", "--json")
     assert proc.returncode == 1
-    assert json.loads(proc.out)["error"] == f"the files job {job} started from are not in this project"
+    assert json.loads(proc.out)["error"] == f"the files job {job} started from are not recorded in this project"
     assert "run this in the project the job was asked from" in proc.err
     assert "Traceback" not in proc.err
 

@@ -55,7 +55,7 @@ const SCENARIOS = {
     return { asked, cancel: await cancelled };
   },
   async refused() {
-    return { apply: await settle(cli.apply('nosuchjob')), doctor: await settle(cli.doctor()) };
+    return { apply: await settle(cli.apply('abc123')), doctor: await settle(cli.doctor()) };
   },
 };
 

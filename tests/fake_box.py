@@ -1,0 +1,96 @@
+"""A box that lies: a real HTTP server on loopback that speaks just enough of
+patchwire-agent's API (/v1/me, /v1/ask, /v1/jobs/ID[/diff|/events]) to hand the laptop
+chosen patches, job records and AI events. The laptop under test is the real CLI, syncing
+with real rsync into `mirror`; only the box's answers are chosen by the test."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
+
+
+class FakeBox:
+    def __init__(self, mirror: Path):
+        self.mirror = mirror
+        mirror.mkdir(parents=True, exist_ok=True)
+        self.jobs: Dict[str, dict] = {}
+        self.asks: List[str] = []  # job ids the next POST /v1/ask calls hand out, in order
+        self.requests: List[str] = []
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def add_job(self, job: str, patch: bytes, *, tree: str = EMPTY_TREE, status: str = "done",
+                events: Sequence[dict] = (), ask: bool = False) -> str:
+        """A job the box will describe and serve; with `ask`, the next ask creates it."""
+        self.jobs[job] = {"patch": patch, "tree": tree, "status": status, "events": list(events)}
+        if ask:
+            self.asks.append(job)
+        return job
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def events(self, job: str) -> List[dict]:
+        out = [{"type": "queued", "position": 0}, {"type": "started"}, *self.jobs[job]["events"],
+               {"type": "finished", "status": "done", "stats": {"files": 1, "added": 1, "removed": 0}}]
+        return [{"seq": n + 1, "job": job, **e} for n, e in enumerate(out)]
+
+    def _handler(self):
+        box = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def send(self, status: int, body: bytes, kind: str = "application/json") -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def job_json(self, job: str) -> dict:
+                info = box.jobs[job]
+                return {"id": job, "status": info["status"], "tree": info["tree"], "project": "laptop",
+                        "prompt": "do it", "created": time.time(), "reason": None}
+
+            def find(self, prefix: str) -> Optional[str]:
+                found = [j for j in box.jobs if j.startswith(prefix)]
+                return found[0] if len(found) == 1 else None
+
+            def do_GET(self) -> None:
+                box.requests.append("GET " + self.path)
+                path = self.path.split("?", 1)[0]
+                if path == "/v1/me":
+                    return self.send(200, json.dumps({"user": "alice", "mirror": str(box.mirror)}).encode())
+                m = re.fullmatch(r"/v1/jobs/([^/]+)(/diff|/events)?", path)
+                job = self.find(m.group(1)) if m else None
+                if job is None:
+                    return self.send(404, b'{"error": "no such job", "code": "not_found"}')
+                if m.group(2) == "/diff":
+                    return self.send(200, box.jobs[job]["patch"], "application/octet-stream")
+                if m.group(2) == "/events":
+                    lines = b"".join(json.dumps(e).encode() + b"\n" for e in box.events(job))
+                    return self.send(200, lines, "application/x-ndjson")
+                return self.send(200, json.dumps(self.job_json(job)).encode())
+
+            def do_POST(self) -> None:
+                box.requests.append("POST " + self.path)
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path != "/v1/ask" or not box.asks:
+                    return self.send(404, b'{"error": "nothing to ask", "code": "not_found"}')
+                job = box.asks.pop(0)
+                lines = b"".join(json.dumps(e).encode() + b"\n" for e in box.events(job))
+                return self.send(200, lines, "application/x-ndjson")
+
+        return Handler

