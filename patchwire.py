@@ -45,7 +45,8 @@ Everything the box sends is hostile data (README: Threat model): a patch is read
 and refused as a whole unless every byte is what `git diff` writes and every path and
 symlink stays inside the project, out of .git and off Patchwire's own settings; files are
 read and written here without following symlinks; the 3-way merge base is this laptop's
-own record; every string from the box is sanitised before it reaches a terminal.
+own record; every string from the box is sanitised before it reaches a terminal. An
+https agent is verified against the system's CAs, or `ca_file` in .patchwire.toml.
 
 This module is also the shared base of patchwire_agent.py: its error base, subprocess
 wrapper and neutral git settings are imported there, not copied.
@@ -55,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import copy
 import difflib
 import enum
 import fnmatch
@@ -66,6 +68,7 @@ import os
 import re
 import shlex
 import shutil
+import ssl
 import stat
 import subprocess
 import sys
@@ -390,7 +393,8 @@ class Schema:
                                  f"known keys: {', '.join(sorted(self.spec))}")
         out = {}
         for key, (kind, default) in self.spec.items():
-            value = data.get(key, default)
+            # a default is copied: configs that change their list or table must not share it
+            value = data[key] if key in data else copy.deepcopy(default)
             if value is not None and not _is_kind(value, kind):
                 raise PatchwireError(
                     f"{self.path}: {self.table + '.' if self.table else ''}{key} must be "
@@ -420,7 +424,7 @@ def _kind_name(kind: Any) -> str:
 
 
 LAPTOP_SCHEMA = {
-    "agent": (str, DEFAULT_AGENT_URL), "token_file": (str, None), "ssh": (str, None),
+    "agent": (str, DEFAULT_AGENT_URL), "token_file": (str, None), "ssh": (str, None), "ca_file": (str, None),
     "project": (str, None), "sync": (dict, {}),
 }
 SYNC_SCHEMA = {"deny": ("str_list", []), "allow": ("str_list", []), "exclude": ("str_list", []),
@@ -437,6 +441,8 @@ class LaptopConfig:
         self.root, self.path = root, path
         self.agent = top["agent"].rstrip("/")
         self.token_file = top["token_file"]
+        # an https agent with its own (self-signed) certificate: the PEM file to trust
+        self.ca_file = str(root / os.path.expanduser(top["ca_file"])) if top["ca_file"] else None
         self.ssh = top["ssh"]
         self.project = top["project"] or default_project_name(root)
         if not NAME_RE.fullmatch(self.project):
@@ -1042,10 +1048,18 @@ def send_files(cfg: LaptopConfig, paths: Sequence[str], dest: str, checksum: boo
 class Client:
     """Talks to patchwire-agent: JSON requests, NDJSON streams, bearer token."""
 
-    def __init__(self, base_url: str, token: str, timeout: float = 30):
+    def __init__(self, base_url: str, token: str, timeout: float = 30, ca_file: Optional[str] = None):
         self.base = base_url.rstrip("/")
         self._token = token
         self.timeout = timeout
+        self._tls: Optional[ssl.SSLContext] = None
+        if ca_file:
+            try:
+                self._tls = ssl.create_default_context(cafile=ca_file)
+            except (OSError, ssl.SSLError) as e:
+                raise PatchwireError(f"cannot read the agent's certificate ca_file {ca_file}: "
+                                     f"{getattr(e, 'strerror', None) or e}",
+                                     "point ca_file in .patchwire.toml at the agent's PEM certificate") from None
 
     def _request(self, method: str, path: str, body: Optional[dict] = None,
                  accept: str = "application/json", timeout: Optional[float] = None):
@@ -1057,11 +1071,16 @@ class Client:
         if data is not None:
             req.add_header("Content-Type", "application/json")
         try:
-            return urllib.request.urlopen(req, timeout=timeout or self.timeout)
+            return urllib.request.urlopen(req, timeout=timeout or self.timeout, context=self._tls)
         except urllib.error.HTTPError as e:
             raise self._refused(e) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
             reason = getattr(e, "reason", e)
+            if isinstance(reason, ssl.SSLCertVerificationError):
+                raise AgentError(f"the agent's TLS certificate at {self.base} is not trusted: "
+                                 f"{reason.verify_message}",
+                                 "set ca_file in .patchwire.toml to the agent's certificate (PEM), "
+                                 "or give the agent a certificate this machine trusts") from None
             raise AgentError(f"cannot reach the agent at {self.base}: {reason}",
                              "is `patchwire-agent serve` running there, and is the URL in "
                              ".patchwire.toml right? (`patchwire-agent` prints it at start)") from None
@@ -1207,6 +1226,11 @@ class ProgressPrinter:
 
     def on_started(self, e: dict) -> None:
         say(self.stamp(), "AI started")
+
+    def on_links_removed(self, e: dict) -> None:
+        paths = ["".join(c if c.isprintable() else "?" for c in str(p)) for p in e.get("paths") or []]
+        say(self.stamp(), self.style("yellow", f"{e.get('count', len(paths))} symlink(s) pointing outside "
+                                     f"the project kept from the AI: {', '.join(paths[:5])}"))
 
     def on_text(self, e: dict) -> None:
         text = str(e.get("text", "")).strip()
@@ -2572,7 +2596,7 @@ class Session:
     @property
     def client(self) -> Client:
         if self._client is None:
-            self._client = Client(self.cfg.agent, self.cfg.token())
+            self._client = Client(self.cfg.agent, self.cfg.token(), ca_file=self.cfg.ca_file)
         return self._client
 
     @property
@@ -2869,7 +2893,8 @@ class Doctor:
     def run(self) -> List[dict]:
         for name, check in (("git", self.git), ("rsync", self.rsync), ("token", self.token),
                             ("agent", self.agent), ("clock", self.clock), ("auth", self.auth),
-                            ("ai", self.ai), ("ssh", self.ssh), ("mirror", self.mirror)):
+                            ("ai", self.ai), ("sandbox", self.sandbox), ("ssh", self.ssh),
+                            ("mirror", self.mirror)):
             try:
                 detail = check()
             except PatchwireError as e:
@@ -2904,7 +2929,7 @@ class Doctor:
         return f"from {path}"
 
     def agent(self) -> str:
-        self.health = Client(self.cfg.agent, "").json("GET", "/v1/health")
+        self.health = Client(self.cfg.agent, "", ca_file=self.cfg.ca_file).json("GET", "/v1/health")
         version = self.health.get("version")
         note = "" if version == __version__ else f" (this laptop has {__version__}: upgrade the older one)"
         return f"patchwire-agent {version} at {self.cfg.agent}, {self.health.get('queue_depth', 0)} queued{note}"
@@ -2922,7 +2947,7 @@ class Doctor:
         if not self.health or not getattr(self, "_token", None):
             return None
         try:
-            self.me = Client(self.cfg.agent, self._token).json(
+            self.me = Client(self.cfg.agent, self._token, ca_file=self.cfg.ca_file).json(
                 "GET", "/v1/me?project=" + urllib.parse.quote(self.cfg.project))
         except AgentError as e:
             if e.http_status == 401:
@@ -2940,6 +2965,18 @@ class Doctor:
                                  "install Claude Code on the box (npm install -g @anthropic-ai/claude-code) "
                                  "or set [ai] command in the agent's config")
         return f"{self.health.get('ai_command')} found on the box"
+
+    def sandbox(self) -> Optional[str]:
+        if "sandbox" not in self.health:
+            return None
+        if self.health.get("sandbox_warning"):
+            raise PatchwireError(str(self.health["sandbox_warning"]),
+                                 "install bubblewrap on the box (apt install bubblewrap), or set "
+                                 '[ai] sandbox = "none" in the agent\'s config to accept it')
+        kind = self.health["sandbox"]
+        if kind == "none":
+            return 'the AI runs unconfined on the box ([ai] sandbox = "none")'
+        return f"the AI runs confined to its job folder by {kind}"
 
     def ssh(self) -> Optional[str]:
         if not self.cfg.ssh:

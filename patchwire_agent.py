@@ -47,7 +47,8 @@ max_running, timeout_s (ceiling), max_prompt_bytes, max_projects. Each refusal i
 error with code "policy" naming the limit, its value and the rule that set it.
 
 HTTP API (JSON; `Authorization: Bearer TOKEN` on all but health):
-    GET    /v1/health                       version, queue depth, whether the AI is found
+    GET    /v1/health                       version, queue depth, whether the AI is found,
+                                            which sandbox confines it
     GET    /v1/me?project=P                 your user name and the folder to rsync P into
     POST   /v1/ask {project,tree,files,prompt[,timeout_s]}
                                             202 {job} or, with Accept: application/x-ndjson,
@@ -67,10 +68,20 @@ Exit codes: 0 ok, 1 error (bad config, cannot listen), 2 usage.
 Environment: the AI inherits the agent's environment minus PATCHWIRE_* and GIT_*
 variables, plus `[ai] env`. Nothing from the laptop's environment reaches it.
 
-Threat model: tokens are stored only as sha256 digests and compared in constant time;
-the laptop reaches the box through SSH keys (rsync) and the bearer token (HTTP), ideally
-inside a private network. Requests are size-capped and time-limited; connections are
-capped. The AI never runs in the mirror, and a failed run leaves the mirror untouched.
+Threat model: tokens are stored only as sha256 digests and compared in constant time (as
+bytes: the digests); wrong tokens from one address are answered ever later. The laptop
+reaches the box through SSH keys (rsync) and the bearer token (HTTP or HTTPS), inside a
+private network: the agent refuses public listen addresses unless `allow_public = true`.
+Requests are size-capped and have a total time budget for their head and their body (a
+client trickling bytes gets a 408, not a held slot); connections are capped per address and
+overall, and at the cap a waiting connection gives way to a new client, while /v1/health
+still answers. Every request and job is a line in state_dir/audit.log (never a token or a
+prompt). The AI never runs in the mirror, and a failed run leaves the mirror untouched.
+The AI runs confined (section "sandbox"): by default bubblewrap on Linux, sandbox-exec on
+macOS; it writes only in its job folder and its own state, and sees neither the other
+users' mirrors nor the agent's state. Tracked symlinks out of the project are removed
+from the job folder while it runs. Its output is parsed as untrusted data. The state
+folder is 700 and its files private, whatever the umask.
 """
 
 from __future__ import annotations
@@ -83,15 +94,19 @@ import fnmatch
 import hashlib
 import hmac
 import http.server
+import io
+import ipaddress
 import json
 import logging
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import sys
 import threading
 import time
@@ -113,13 +128,26 @@ DEFAULT_LISTEN = "127.0.0.1:7433"
 CLAUDE_COMMAND = ["claude", "--print", "--output-format", "stream-json", "--verbose",
                   "--permission-mode", "acceptEdits"]
 MAX_BODY = 64 * 1024 * 1024
-MAX_CONNECTIONS = 64
-MAX_CONNECTIONS_PER_CLIENT = 16
-HEADER_TIMEOUT = 10  # seconds for a request line and headers, and between requests
-CONNECTION_TIMEOUT = 60
+MAX_JSON_DEPTH = 64  # deeper bodies are refused before anything walks them recursively
+MAX_QUERY_INT = 10 ** 15  # `after=N` and friends: sqlite integers are 64-bit
+CONNECTION_TIMEOUT = 60  # per socket operation once a request is in (a stream's writes)
+AT_CAP_SLOTS = 8  # connections past the caps that may still ask for /v1/health ...
+AT_CAP_SLOTS_PER_CLIENT = 2
+AT_CAP_BUDGET_S = 1.0  # ... within this total time for their request line and headers
+AUTH_FREE_FAILURES = 10  # wrong tokens from one address answered at once; then slower
+AUTH_PENALTY_S = 0.25  # the first delay, doubled per further failure ...
+AUTH_PENALTY_MAX_S = 4.0  # ... up to this
+AUTH_FORGET_S = 600  # an address without failures for this long starts afresh
+AUDIT_BACKUPS = 5  # audit.log.1 .. audit.log.5
+# Where [server] listen may point without `allow_public = true`: loopback, private
+# networks (RFC 1918, IPv6 unique local) and Tailscale's ranges.
+PRIVATE_NETWORKS = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+                    "fc00::/7", "100.64.0.0/10", "fd7a:115c:a1e0::/48")
 KILL_GRACE_S = 5.0
+MIN_FREE_BYTES = 4 * 1024 * 1024  # asks are refused below this much free space for state
 HEARTBEAT_S = 15
 MAX_EVENT_TEXT = 16 * 1024
+MAX_AI_LINE = 4 * 1024 * 1024  # longer stdout lines are cut (and not parsed): bounded memory
 TERMINAL = ("done", "failed", "cancelled")
 LAST_EVENTS = ("finished", "failed", "cancelled")  # the event that ends a job's stream
 SAFE_PATH_RE = re.compile(r"^[A-Za-z0-9._/~+@-]+$")
@@ -138,11 +166,13 @@ CONFIG_TEMPLATE = """\
 # patchwire-agent configuration. Reference: README.md, "Agent config".
 
 [server]
-# host:port to listen on. Keep it on loopback or a private network (Tailscale).
+# host:port ([v6]:port) to listen on: loopback or a private network (Tailscale). Public
+# addresses need allow_public = true (and tls_cert, tls_key). Caps and budgets: README.md.
 {server}
 [ai]
 # The AI command (argv); the prompt arrives on stdin, the cwd is a clean job folder.
 # Claude Code headless by default; any CLI that edits files in its cwd works.
+# sandbox: "auto" confines the AI to its job folder (bubblewrap on Linux, sandbox-exec on macOS).
 {ai}
 [jobs]
 # workers: AI runs at once on this box; slots: warm job folders per user and project.
@@ -174,10 +204,14 @@ class HTTPFailure(PatchwireError):
 
 # ================================================================== config
 
-SERVER_SCHEMA = {"listen": (str, DEFAULT_LISTEN), "state_dir": (str, None), "shutdown_grace_s": ("int>=0", 60)}
+SERVER_SCHEMA = {"listen": (str, DEFAULT_LISTEN), "state_dir": (str, None), "allow_public": (bool, False),
+                 "max_connections": (int, 64), "max_connections_per_client": (int, 16),
+                 "backlog": (int, 64), "header_timeout_s": (float, 10), "body_timeout_s": (float, 60),
+                 "tls_cert": (str, None), "tls_key": (str, None), "audit_max_bytes": (int, 10 * 2**20),
+                 "shutdown_grace_s": ("int>=0", 60)}
 AI_SCHEMA = {"command": ("str_list", CLAUDE_COMMAND), "timeout_s": (int, 1800),
              "max_timeout_s": (int, 7200), "env": ("str_table", {}),
-             "resume_args": ("str_list", ["--resume", "{session_id}"])}
+             "resume_args": ("str_list", ["--resume", "{session_id}"]), "sandbox": (str, "auto")}
 JOBS_SCHEMA = {"workers": (int, 2), "slots": (int, 2)}
 # Policy keys: defaults in [policy], overrides in [users.NAME]. None means "no limit of its
 # own" (max_running: [jobs] workers; timeout_s: [ai] max_timeout_s; rate_limit: none).
@@ -203,9 +237,11 @@ class AgentConfig:
         jobs = pw.Schema(path, "jobs", JOBS_SCHEMA).read(top["jobs"])
         self.host, self.port = parse_listen(path, server["listen"])
         self.shutdown_grace_s: int = server["shutdown_grace_s"]  # on SIGTERM, running jobs may finish
-        state = Path(os.path.expanduser(server["state_dir"] or "patchwire-state"))
+        self.allow_public: bool = server["allow_public"]
+        if not self.allow_public:
+            check_private_listen(path, self.host)
         # real path: rrsync compares the laptop's absolute mirror path with its own realpath
-        self.state_dir = Path(os.path.realpath(path.parent / state))
+        self.state_dir = Path(os.path.realpath(config_relative(path, server["state_dir"] or "patchwire-state")))
         if not SAFE_PATH_RE.match(str(self.state_dir)):
             raise PatchwireError(f"{path}: server.state_dir {str(self.state_dir)!r} has characters "
                                  "that remote shells would split", "use a path of letters, digits and ./_-")
@@ -216,6 +252,21 @@ class AgentConfig:
         self.max_timeout_s: int = max(ai["max_timeout_s"], ai["timeout_s"])
         self.ai_env: Dict[str, str] = ai["env"]
         self.resume_args: List[str] = ai["resume_args"]
+        self.max_connections: int = server["max_connections"]
+        self.max_connections_per_client: int = min(server["max_connections_per_client"], self.max_connections)
+        self.backlog: int = server["backlog"]
+        self.header_timeout_s: float = server["header_timeout_s"]
+        self.body_timeout_s: float = server["body_timeout_s"]
+        self.audit_max_bytes: int = server["audit_max_bytes"]
+        if (server["tls_cert"] is None) != (server["tls_key"] is None):
+            raise PatchwireError(f"{path}: server.tls_cert and server.tls_key go together",
+                                 "set both (PEM files) for HTTPS, or neither for plain HTTP")
+        self.tls: Optional[Tuple[Path, Path]] = None
+        if server["tls_cert"]:
+            self.tls = (config_relative(path, server["tls_cert"]), config_relative(path, server["tls_key"]))
+        if ai["sandbox"] not in SANDBOXES:
+            raise PatchwireError(f"{path}: ai.sandbox must be one of {', '.join(SANDBOXES)}, not {ai['sandbox']!r}")
+        self.sandbox: str = ai["sandbox"]
         self.workers: int = jobs["workers"]
         self.slots: int = jobs["slots"]
         self.users: Dict[str, bytes] = {}
@@ -303,11 +354,39 @@ def check_policy(path: Path, table: str, values: dict) -> None:
                              'list name patterns, for example ["web-*", "api"], or "*" for all')
 
 
+def config_relative(path: Path, value: str) -> Path:
+    """A path from the config: `~` expanded, relative ones taken from the config's folder."""
+    target = Path(os.path.expanduser(value))
+    return target if target.is_absolute() else (path.parent / target).resolve()
+
+
 def parse_listen(path: Path, listen: str) -> Tuple[str, int]:
+    """HOST:PORT, [IPv6]:PORT or NAME:PORT; an IPv6 address needs its brackets."""
     host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise PatchwireError(f"{path}: server.listen must be HOST:PORT, not {listen!r}")
-    return host.strip("[]"), int(port)
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    if (not host or not re.fullmatch(r"[0-9]{1,5}", port) or not 0 <= int(port) < 65536
+            or (":" in host and not bracketed) or not re.fullmatch(r"[A-Za-z0-9.:_%-]+", host)):
+        raise PatchwireError(f"{path}: server.listen must be HOST:PORT or [IPv6]:PORT, not {listen!r}")
+    return host, int(port)
+
+
+def check_private_listen(path: Path, host: str) -> None:
+    """Refuse to listen where the internet may reach the agent, unless the config says so."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise PatchwireError(f"{path}: server.listen host {host!r} does not resolve: {e}") from None
+    networks = [ipaddress.ip_network(n) for n in PRIVATE_NETWORKS]
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%")[0])
+        if not any(address in n for n in networks if n.version == address.version):
+            raise PatchwireError(
+                f"{path}: server.listen {host!r} is not a loopback, private (RFC 1918, IPv6 ULA) "
+                f"or Tailscale address ({address}): anyone who reaches it could try tokens",
+                "listen on 127.0.0.1, a private or Tailscale address; or set [server] allow_public = "
+                "true, ideally with tls_cert and tls_key")
 
 
 def token_digest(token: str) -> bytes:
@@ -333,13 +412,19 @@ JOB_FIELDS = ("id", "user", "project", "prompt", "status", "reason", "created", 
 
 class Store:
     """Jobs and their events in sqlite3, patches as files: all survive a restart.
-    One connection, one lock; a condition wakes event streams when something is added."""
+    One connection, one lock; a condition wakes event streams when something is added.
+    Prompts, diffs and events are private: folders 700, files 600, whatever the umask."""
 
     def __init__(self, state_dir: Path):
         self.patch_dir = state_dir / "patches"
-        self.patch_dir.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(state_dir / "jobs.sqlite3"), check_same_thread=False,
-                                  isolation_level=None)
+        make_private_dir(self.patch_dir)
+        db_path = state_dir / "jobs.sqlite3"
+        # sqlite gives its -wal and -shm files the mode of the database file (when it makes them)
+        os.close(os.open(str(db_path), os.O_RDWR | os.O_CREAT, 0o600))
+        for path in (db_path, state_dir / "jobs.sqlite3-wal", state_dir / "jobs.sqlite3-shm"):
+            if path.exists():
+                os.chmod(path, 0o600)
+        self.db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA_SQL)
         migrate_usage_columns(self.db)
@@ -408,10 +493,17 @@ class Store:
         return event
 
     def events(self, job_id: str, after: int) -> List[dict]:
+        return self.events_and_status(job_id, after)[0]
+
+    def events_and_status(self, job_id: str, after: int) -> Tuple[List[dict], Optional[str]]:
+        """A job's events after `after` and its status, read together under the lock that
+        add_event holds while it writes both: a stream that sees the job ended has also
+        seen its last event (read apart, `finished` could land in between)."""
         with self.lock:
             rows = self.db.execute("SELECT data FROM events WHERE job = ? AND seq > ? ORDER BY seq",
                                    (job_id, after)).fetchall()
-        return [json.loads(r[0]) for r in rows]
+            row = self.db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return [json.loads(r[0]) for r in rows], (row[0] if row else None)
 
     def wait(self, timeout: float) -> None:
         with self.changed:
@@ -420,9 +512,21 @@ class Store:
     def patch_path(self, job_id: str) -> Path:
         return self.patch_dir / f"{job_id}.patch"
 
+    def write_patch(self, job_id: str, patch: bytes) -> None:
+        fd = os.open(str(self.patch_path(job_id)), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(fd, 0o600)
+            f.write(patch)
+
     def close(self) -> None:
         with self.lock:
             self.db.close()
+
+
+def make_private_dir(path: Path) -> None:
+    """A folder only this user can enter (700), made or tightened whatever the umask."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
 
 
 def _to_sql(value: Any) -> Any:
@@ -780,8 +884,33 @@ class ProjectRepo:
             if self._slot_is_registered(slot):
                 try:
                     self._reset_slot(slot, "HEAD")
-                except PatchwireError:
+                except (PatchwireError, OSError):
                     self._remove_slot(slot)
+
+    # --- symlinks out of the project
+
+    def remove_escaping_links(self, slot: int) -> Dict[str, str]:
+        """Remove the tracked symlinks that resolve outside the job folder, before the AI
+        starts: through `evil -> /elsewhere` an AI writing `evil/x` would write outside, and
+        nothing of it would show in the diff. {path: target} of those removed."""
+        root = real(self.slot_path(slot))
+        removed = {}
+        for path, (mode, _) in self.slot_git(slot).ls_files_stage().items():
+            full = os.path.join(root, path)
+            if mode == "120000" and os.path.islink(full) and not is_within(os.path.realpath(full), root):
+                removed[path] = os.readlink(full)
+                os.unlink(full)
+        return removed
+
+    def restore_links(self, slot: int, links: Dict[str, str]) -> None:
+        """Put back the removed links the AI did not replace (so they are no change in the
+        diff); a path the AI wrote keeps what the AI wrote."""
+        root = self.slot_path(slot)
+        for path, target in links.items():
+            full = root / path
+            if not os.path.lexists(full) and full.parent.is_dir() and is_within(
+                    os.path.realpath(full.parent), real(root)):  # never through a link the AI made
+                os.symlink(target, full)
 
     # --- results
 
@@ -844,12 +973,188 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(path, onerror=retry)
 
 
+# ================================================================== sandbox (confining the AI)
+#
+# Claude Code refuses writes outside its cwd itself (DESIGN.md), but not what an allowed command
+# runs (a build, a test suite, `make`), and other agent CLIs have no such guard. The outer
+# sandbox is what makes the job folder a boundary:
+#   bwrap (Linux, bubblewrap): the root file system read-only; a private /tmp; the agent's state
+#     folder (every user's mirror, job folders, jobs and diffs) hidden under an empty tmpfs; then,
+#     later mounts winning, bound back: the AI program if it lives under a hidden folder
+#     (read-only), the project's own snapshot store (read-only: git in the job folder reads it,
+#     and hooks written there would run as the agent), the job folder and the AI's own state
+#     (~/.claude, ~/.claude.json) writable. Its own PID namespace, killed with the agent; the
+#     network is kept (the AI needs its API).
+#   sandbox-exec (macOS): a generated profile with the same boundary: writes only in the job
+#     folder, a private TMPDIR and the AI's own state; the state folder unreadable except the
+#     job folder and the snapshot store. Only the profile text is tested here (no macOS in CI).
+
+SANDBOXES = ("auto", "bwrap", "sandbox-exec", "none")
+SANDBOX_EXEC = "/usr/bin/sandbox-exec"
+SANDBOX_PROFILE = """\
+(version 1)
+(allow default)
+(deny file-write*)
+(allow file-write*
+    (subpath (param "JOB"))
+    (subpath (param "TMP"))
+    (subpath (param "CLAUDE_DIR"))
+    (literal (param "CLAUDE_JSON"))
+    (regex {claude_json_siblings})
+    (literal "/dev/null") (literal "/dev/zero") (literal "/dev/dtracehelper")
+    (regex #"^/dev/tty") (regex #"^/dev/fd/"))
+(deny file-read-data file-read-xattr (subpath (param "STATE")))
+(allow file-read-data file-read-xattr
+    (subpath (param "JOB"))
+    (subpath (param "TMP"))
+    (subpath (param "GIT_DIR")))
+"""
+
+
+class Sandbox:
+    """Which confinement the AI runs under, and the argv that applies it. `warning` says,
+    loudly, when "auto" found none."""
+
+    def __init__(self, kind: str, program: str = "", warning: str = ""):
+        self.kind, self.program, self.warning = kind, program, warning
+
+    @classmethod
+    def choose(cls, setting: str, platform: str = sys.platform) -> "Sandbox":
+        """The sandbox for `[ai] sandbox`: an explicit one that cannot run here is an error
+        (the agent does not start); "auto" falls back to none with a warning."""
+        if setting == "none":
+            return cls("none")
+        if setting in ("auto", "bwrap") and platform.startswith("linux"):
+            program, why = probe_bwrap()
+            if program:
+                return cls("bwrap", program)
+            if setting == "bwrap":
+                raise PatchwireError(f'[ai] sandbox = "bwrap", but bubblewrap cannot run here: {why}',
+                                     'install it (apt install bubblewrap) or set [ai] sandbox = "none"')
+            return cls("none", warning=f"the AI runs UNCONFINED: bubblewrap cannot run here ({why}); "
+                                       "install it (apt install bubblewrap), or set [ai] sandbox = \"none\" "
+                                       "to accept this")
+        if setting in ("auto", "sandbox-exec") and platform == "darwin" and os.access(SANDBOX_EXEC, os.X_OK):
+            return cls("sandbox-exec", SANDBOX_EXEC)
+        if setting == "auto":
+            return cls("none", warning=f"the AI runs UNCONFINED: no sandbox is known on {platform}; set "
+                                       "[ai] sandbox = \"none\" to accept this")
+        raise PatchwireError(f"[ai] sandbox = {setting!r} is not available on {platform}",
+                             'use "auto", or "none" to run the AI unconfined')
+
+    def wrap(self, argv: List[str], env: dict, job: Path, hide: List[Path], readonly: List[Path],
+             scratch: Path) -> Tuple[List[str], dict]:
+        """(argv, env) that run `argv` confined to `job`. `hide`: folders the AI must not
+        see; `readonly`: folders inside them it may read; `scratch`: a private temporary
+        folder (sandbox-exec; bwrap mounts a fresh /tmp)."""
+        found = shutil.which(argv[0], path=env.get("PATH"))
+        if self.kind == "none" or not found:  # not found: AIRun says so in its own words
+            return argv, env
+        home = Path(env.get("HOME") or os.path.expanduser("~"))
+        state = ai_state_paths(home, env)
+        if self.kind == "bwrap":
+            programs = [Path(p) for p in (found, os.path.realpath(found), *argv[1:]) if os.path.isabs(p)]
+            return (bwrap_argv(self.program, argv, job, hide, readonly, state, programs),
+                    {**env, "TMPDIR": "/tmp"})
+        scratch.mkdir(parents=True, exist_ok=True)
+        params = {"JOB": job, "TMP": scratch, "STATE": hide[0], "GIT_DIR": readonly[0],
+                  "CLAUDE_DIR": state[0], "CLAUDE_JSON": state[1]}
+        return (sandbox_exec_argv(self.program, argv, params), {**env, "TMPDIR": real(scratch)})
+
+
+def real(path: Path) -> str:
+    return os.path.realpath(str(path))
+
+
+def is_within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def ai_state_paths(home: Path, env: dict) -> List[Path]:
+    """Where Claude Code keeps its own state (sessions, settings): it must stay writable,
+    or --resume and its config break. The folder is made when missing."""
+    claude_dir = Path(env["CLAUDE_CONFIG_DIR"]) if env.get("CLAUDE_CONFIG_DIR") else home / ".claude"
+    try:
+        claude_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError:
+        pass  # a read-only home: the AI will say what it misses
+    return [claude_dir, home / ".claude.json"]
+
+
+def probe_bwrap() -> Tuple[str, str]:
+    """(path of bwrap, "") when it can make a sandbox here, else ("", why not)."""
+    program = shutil.which("bwrap")
+    if not program:
+        return "", "bwrap is not installed"
+    proc = pw.run([program, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-pid",
+                   "--die-with-parent", "true"], timeout=30, check=False)
+    if proc.returncode != 0:
+        return "", "bwrap fails: " + proc.stderr.decode("utf-8", "replace").strip()[-300:]
+    return program, ""
+
+
+def bwrap_argv(bwrap: str, argv: List[str], job: Path, hide: List[Path], readonly: List[Path],
+               state: List[Path], programs: List[Path]) -> List[str]:
+    """bubblewrap's argv. Mount order matters, later mounts win: a private /tmp; the AI's
+    program bound back into it; the hidden folders (even inside what was bound back); then
+    what the AI may use inside those."""
+    hidden = [h for h in map(real, hide) if h != "/tmp"]
+    out = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    for folder in sorted({install_folder(real(p), ["/tmp"] + hidden) for p in programs} - {""}):
+        out += ["--ro-bind", folder, folder]
+    for folder in hidden:
+        out += ["--tmpfs", folder]
+    for folder in readonly:
+        out += ["--ro-bind", real(folder), real(folder)]
+    out += ["--bind", real(job), real(job)]
+    for path in state:
+        if os.path.exists(path):
+            out += ["--bind", real(path), real(path)]
+    for folder in hidden:  # empty and read-only: writes there fail loudly, not into a void
+        out += ["--remount-ro", folder]
+    return out + ["--unshare-pid", "--die-with-parent", "--chdir", real(job), "--"] + argv
+
+
+def install_folder(path: str, hidden: List[str]) -> str:
+    """What to bind back (read-only) for a program at `path` under a hidden folder: the
+    folder it was installed in, one level below the hidden one (`/tmp/tools` for
+    `/tmp/tools/node_modules/.bin/claude`: the package's own files come along); "" when
+    `path` is not hidden or does not exist."""
+    root = next((h for h in hidden if is_within(path, h) and path != h), "")
+    if not root or not os.path.exists(path):
+        return ""
+    return os.path.join(root, os.path.relpath(path, root).split("/")[0])
+
+
+def sandbox_exec_argv(program: str, argv: List[str], params: Dict[str, Path]) -> List[str]:
+    """sandbox-exec's argv: the profile, with the paths passed as parameters (-D) so that no
+    path is ever spliced into the profile's own syntax, except one escaped regex."""
+    resolved = {name: real(path) for name, path in params.items()}
+    profile = SANDBOX_PROFILE.format(claude_json_siblings=sbpl_regex(resolved["CLAUDE_JSON"]))
+    out = [program, "-p", profile]
+    for name, path in resolved.items():
+        out += ["-D", f"{name}={path}"]
+    return out + argv
+
+
+def sbpl_regex(path: str) -> str:
+    """A profile regex matching `path` and its siblings that share its name as a prefix
+    (for a CLI that writes ~/.claude.json through temporary or backup files beside it)."""
+    escaped = re.sub(r'([\\.^$|?*+()\[\]{}])', r"\\\1", path)
+    if '"' in path or "\n" in path:
+        return '#"^$"'  # matches nothing: such a home cannot be written safely into the profile
+    return f'#"^{escaped}"'
+
+
 # ================================================================== the AI run
 
 
 class StreamParser:
     """Turns the AI's stdout into job events. JSON lines are read as Claude Code's
-    stream-json (parsed by field, never by text); anything else is passed through."""
+    stream-json (parsed by field, never by text); anything else is passed through.
+    The AI's output is data from outside: a line of an unexpected shape (no "type", a
+    message that is not an object, ...) becomes an `output` event, never an exception.
+    Types it does not know (newer CLIs add some) are skipped."""
 
     def __init__(self, emit: Callable[[dict], None], cwd: Path):
         self.emit = emit
@@ -868,13 +1173,17 @@ class StreamParser:
             obj = None
         if isinstance(obj, dict) and obj.get("type") == "system" and obj.get("subtype") == "init":
             self.claude = True
-        if not self.claude or not isinstance(obj, dict):
+        if not self.claude or not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
             self.emit({"type": "output", "text": clip(line)})
             return
-        self.session_id = obj.get("session_id") or self.session_id
-        handler = getattr(self, "on_" + str(obj["type"]), None)
+        if isinstance(obj.get("session_id"), str):
+            self.session_id = obj["session_id"]
+        handler = getattr(self, "on_" + obj["type"], None)
         if handler:
-            handler(obj)
+            try:
+                handler(obj)
+            except (AttributeError, KeyError, TypeError, ValueError):
+                self.emit({"type": "output", "text": clip(line)})
 
     def on_system(self, obj: dict) -> None:
         if obj.get("subtype") == "init":
@@ -894,6 +1203,10 @@ class StreamParser:
                 self.emit({"type": "tool_error", "text": clip(_text_of(block.get("content")), 500)})
 
     def on_result(self, obj: dict) -> None:
+        usage = obj.get("usage")
+        denials = obj.get("permission_denials")
+        obj = {**obj, "usage": usage if isinstance(usage, dict) else {},
+               "permission_denials": denials if isinstance(denials, list) else []}
         self.result = obj
         self.emit({"type": "result", **{k: obj.get(k) for k in RESULT_KEYS if k in obj}})
 
@@ -912,7 +1225,10 @@ RESULT_KEYS = ("subtype", "is_error", "duration_ms", "num_turns", "session_id",
 
 
 def _content(obj: dict) -> List[dict]:
-    content = (obj.get("message") or {}).get("content")
+    message = obj.get("message")
+    if not isinstance(message, dict):
+        raise ValueError("a message that is not an object")  # the line becomes an `output` event
+    content = message.get("content")  # a plain string is valid (the API allows it): no blocks
     return [b for b in content if isinstance(b, dict)] if isinstance(content, list) else []
 
 
@@ -938,6 +1254,7 @@ class AIRun:
         self.timeout_s = timeout_s
         self.parser = StreamParser(emit, cwd)
         self.stop_reason: Optional[str] = None
+        self.stop_status = "cancelled"
         self.proc = None
         self.stderr_tail = b""
         self.exit_code: Optional[int] = None
@@ -960,7 +1277,7 @@ class AIRun:
                    (self._feed_stdin, self._read_stderr, self._read_stdout)]
         for t in threads:
             t.start()
-        watchdog = threading.Timer(self.timeout_s, self.stop, (f"timed out after {self.timeout_s:g} s",))
+        watchdog = threading.Timer(self.timeout_s, self.stop, (f"timed out after {self.timeout_s:g} s", "failed"))
         watchdog.daemon = True
         watchdog.start()
         try:
@@ -976,12 +1293,13 @@ class AIRun:
             pipe.close()
         return self.judge(code)
 
-    def stop(self, reason: str) -> None:
-        """End the run: TERM to the process group, KILL after a grace period."""
+    def stop(self, reason: str, status: str = "cancelled") -> None:
+        """End the run: TERM to the process group, KILL after a grace period. The run ends
+        as `status` (cancelled, or failed for a timeout or a broken reader)."""
         with self._lock:
             if self.stop_reason:
                 return
-            self.stop_reason = reason
+            self.stop_reason, self.stop_status = reason, status
             proc = self.proc
         if proc is None:
             return
@@ -996,13 +1314,15 @@ class AIRun:
                 os.killpg(proc.pid, sig)
                 while sig == signal.SIGTERM and time.monotonic() < deadline:
                     time.sleep(0.05)
-                    os.killpg(proc.pid, 0)
+                    if not group_has_live_members(proc.pid):
+                        return
             except ProcessLookupError:
                 return
 
     def _feed_stdin(self) -> None:
         try:
-            self.proc.stdin.write(self.prompt.encode("utf-8"))
+            # a prompt is JSON from the network: a lone surrogate must not kill this thread
+            self.proc.stdin.write(self.prompt.encode("utf-8", "replace"))
         except OSError:
             pass  # the AI exited without reading its prompt; its exit status says why
         finally:
@@ -1016,14 +1336,34 @@ class AIRun:
             self.stderr_tail = (self.stderr_tail + chunk)[-8192:]
 
     def _read_stdout(self) -> None:
-        for line in self.proc.stdout:
-            self.parser.feed(line)
+        """Feed stdout to the parser line by line. If this fails (the store cannot take
+        the event: disk full; or a bug), the run ends as failed with the reason: a reader
+        that died silently would leave the AI blocked on a full pipe until the timeout."""
+        try:
+            for line in self._lines():
+                self.parser.feed(line)
+        except Exception as e:
+            log.exception("reading the AI's output failed")
+            self.stop(f"the agent could not record the AI's output: {describe_exception(e)}", "failed")
+            try:
+                for _ in iter(lambda: self.proc.stdout.read(65536), b""):
+                    pass  # keep the pipe drained until the process group is gone
+            except (OSError, ValueError):
+                pass  # closed by run(): the process is gone
+
+    def _lines(self):
+        """stdout's lines, each at most MAX_AI_LINE bytes: the start of a longer line is kept
+        (it becomes an `output` event, clipped) and the rest skipped."""
+        skipping = False
+        for piece in iter(lambda: self.proc.stdout.readline(MAX_AI_LINE), b""):
+            if not skipping:
+                yield piece
+            skipping = not piece.endswith(b"\n")
 
     def judge(self, code: int) -> Tuple[str, str, dict]:
         result = self.parser.result or {}
         if self.stop_reason:
-            status = "failed" if self.stop_reason.startswith("timed out") else "cancelled"
-            return status, self.stop_reason, result
+            return self.stop_status, self.stop_reason, result
         said = str(result.get("result") or "").strip()[:500]
         stderr = self.stderr_tail.decode("utf-8", "replace").strip()[-500:]
         if result.get("subtype") == "error_max_turns":
@@ -1031,6 +1371,9 @@ class AIRun:
                               "for a smaller step, or raise the limit"), result
         if result.get("is_error") or result.get("subtype", "success") != "success":
             return "failed", f"the AI reported an error: {said or result.get('subtype')}", result
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+            return "failed", f"the AI command was killed by signal {name}", result
         if code != 0:
             why = said or stderr or "no output"
             return "failed", f"the AI command exited with status {code}: {why}", result
@@ -1040,6 +1383,32 @@ class AIRun:
         if self.parser.claude and not self.parser.result:
             return "failed", "the AI ended without a result line", result
         return "done", "", result
+
+
+def group_has_live_members(pgid: int) -> bool:
+    """Whether a process group still has a member that is not a zombie. bwrap leaves its
+    PID-namespace init as a zombie for whoever adopts it to reap, which may take a while
+    (1-2 s seen under a slow init); a zombie runs nothing. Without /proc: any member."""
+    os.killpg(pgid, 0)  # ProcessLookupError when the group is empty
+    if not os.path.isdir("/proc/self"):
+        return True
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue  # gone meanwhile
+            if int(fields[2]) == pgid and fields[0] != b"Z":
+                return True
+    return False
+
+
+def describe_exception(e: BaseException) -> str:
+    """A short reason for a job's failure: the OS's own words for OS and sqlite errors."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e) or type(e).__name__
 
 
 def end_process_group(pgid: Optional[int]) -> None:
@@ -1177,6 +1546,59 @@ class FairQueue:
             self.cond.notify_all()
 
 
+# ================================================================== audit log
+
+
+class AuditLog:
+    """`audit.log` in the state folder, mode 600: one JSON line per request and per job start
+    and end (time, user, address, method, path, status, job, bytes, duration). Never a token,
+    never a prompt. Rotated by size: audit.log.1 is the newest old part, up to AUDIT_BACKUPS."""
+
+    def __init__(self, path: Path, max_bytes: int):
+        self.path, self.max_bytes = path, max_bytes
+        self.lock = threading.Lock()
+        self.fd: Optional[int] = None
+
+    def _open(self) -> int:
+        fd = os.open(str(self.path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.fchmod(fd, 0o600)  # whatever the umask, and for a file made by an older version
+        return fd
+
+    def write(self, record: dict) -> None:
+        now = time.time()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+        line = (json.dumps({"time": stamp, **record}, separators=(",", ":"), default=str) + "\n").encode()
+        with self.lock:
+            try:
+                if self.fd is None:
+                    self.fd = self._open()
+                if os.fstat(self.fd).st_size + len(line) > self.max_bytes:
+                    self._rotate()
+                os.write(self.fd, line)
+            except OSError as e:  # a full disk must not take requests down with it
+                log.warning("cannot write the audit log %s: %s", self.path, e)
+
+    def _rotate(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        for n in range(AUDIT_BACKUPS - 1, 0, -1):
+            older = Path(f"{self.path}.{n}")
+            if older.exists():
+                os.replace(older, f"{self.path}.{n + 1}")
+        os.replace(self.path, f"{self.path}.1")
+        self.fd = self._open()
+
+    def job(self, job_id: str, event: str, **fields: Any) -> None:
+        self.write({"event": event, "job": job_id, **fields})
+
+    def close(self) -> None:
+        with self.lock:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+
+
 # ================================================================== the agent (server object)
 
 
@@ -1186,9 +1608,13 @@ class Agent:
 
     def __init__(self, cfg: AgentConfig):
         self.cfg = cfg
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(cfg.state_dir)  # mirrors, job folders, prompts and diffs: all below it
         migrate_layout(cfg.state_dir)
         self.store = Store(cfg.state_dir)
+        self.audit = AuditLog(cfg.state_dir / "audit.log", cfg.audit_max_bytes)
+        self.sandbox = Sandbox.choose(cfg.sandbox)
+        if self.sandbox.warning:
+            log.warning("%s", self.sandbox.warning)
         self.queue = FairQueue()
         self.lock = threading.Lock()
         self.repos: Dict[Tuple[str, str], ProjectRepo] = {}
@@ -1230,6 +1656,7 @@ class Agent:
         for t in self.workers:
             t.join(timeout=KILL_GRACE_S + 5)
         self.store.close()
+        self.audit.close()
 
     def recover(self) -> None:
         """After a crash: running jobs fail with a reason and their folders are cleaned;
@@ -1373,7 +1800,8 @@ class Agent:
             running = len(self.runs)
         return {"ok": True, "version": __version__, "time": time.time(), "queue_depth": len(self.queue.order()),
                 "running": running, "workers": self.cfg.workers, "ai_command": argv0,
-                "ai_found": bool(found)}
+                "ai_found": bool(found), "sandbox": self.sandbox.kind,
+                **({"sandbox_warning": self.sandbox.warning} if self.sandbox.warning else {})}
 
     # --- jobs
 
@@ -1391,6 +1819,7 @@ class Agent:
         if not isinstance(tree, str) or not re.fullmatch(r"[0-9a-f]{40}([0-9a-f]{24})?", tree):
             raise HTTPFailure(HTTPStatus.BAD_REQUEST, "tree must be a git tree id", code="bad_request")
         manifest = check_manifest(body.get("files"))
+        self.check_room()
         timeout_s = self.check_timeout(policy, body.get("timeout_s", min(self.cfg.timeout_s, policy.timeout_s)))
         parent = self.parent_job(user, project, body.get("continue"))
         repo = self.open_project(user, project, for_ask=True)
@@ -1438,6 +1867,16 @@ class Agent:
             raise policy_refusal(HTTPStatus.TOO_MANY_REQUESTS, policy, "rate_limit",
                                  f"user {user} asked {len(times)} times in the last {seconds} s",
                                  f"try again in {retry} s", retry_after_s=retry)
+
+    def check_room(self) -> None:
+        """Refuse an ask while the state folder's file system is (nearly) full: the job's
+        snapshot, events and diff could not be recorded, and it would end in a muddle."""
+        st = os.statvfs(self.cfg.state_dir)
+        free = st.f_bavail * st.f_frsize
+        if free < MIN_FREE_BYTES:
+            raise HTTPFailure(HTTPStatus.INSUFFICIENT_STORAGE, f"the box's disk is full: {free // 1024} KiB free "
+                              f"for {self.cfg.state_dir}", "free space on the box, then ask again",
+                              code="disk_full")
 
     def parent_job(self, user: str, project: str, prefix: Any) -> Optional[dict]:
         """The finished job a follow-up ask continues, if any."""
@@ -1487,6 +1926,9 @@ class Agent:
         self.store.add_event(job_id, {"type": event, "status": status, **extra}, status=status,
                              reason=reason or None, finished=time.time(), **fields,
                              **usage_columns(fields.get("result"), fields.get("stats")))
+        job = self.store.job(job_id) or {}
+        self.audit.job(job_id, "job_end", user=job.get("user"), project=job.get("project"), status=status,
+                       reason=reason or None)
 
     # --- workers
 
@@ -1499,13 +1941,20 @@ class Agent:
             try:
                 with job_folders_lock(self.repo(item.user, item.project).home):  # gc keeps off
                     self.run_job(item)
-            except Exception as e:  # a bug: the job fails with the reason, the worker lives on
+            except Exception as e:  # a bug, or a full disk: the job fails, the worker lives on
                 log.exception("job %s crashed", item.job_id)
-                self.finish(item.job_id, "failed", f"internal error in the agent: {e!r}")
+                self._finish_after_crash(item.job_id, e)
             finally:
                 with self.lock:  # how long a worker is held, for the estimates of waiting jobs
                     self.recent_runs.append(time.monotonic() - began)
                 self._release_slot(item)
+
+    def _finish_after_crash(self, job_id: str, error: Exception) -> None:
+        try:
+            self.finish(job_id, "failed", f"internal error in the agent: {describe_exception(error)}")
+        except Exception:  # the store itself fails (disk full): the job stays running, and
+            # is failed with a reason by `recover` at the next start
+            log.exception("could not record the failure of job %s", job_id)
 
     def _claim(self, item: QueueItem) -> bool:
         """Called under the queue's lock: claims a job folder for the item when one is free
@@ -1556,11 +2005,14 @@ class Agent:
         """A `position` event for each waiting job whose place or estimate changed."""
         with self.announce_lock:
             order = self.queue.order()
-            for position, job_id in enumerate(order):
-                now = (position, self._estimate(position))
-                if self.announced.get(job_id) != now:
-                    self.announced[job_id] = now
-                    self.store.add_event(job_id, {"type": "position", "position": now[0], "estimate_s": now[1]})
+            try:
+                for position, job_id in enumerate(order):
+                    now = (position, self._estimate(position))
+                    if self.announced.get(job_id) != now:
+                        self.announced[job_id] = now
+                        self.store.add_event(job_id, {"type": "position", "position": now[0], "estimate_s": now[1]})
+            except sqlite3.Error as e:  # progress only (the disk is full): the worker goes on
+                log.warning("could not announce queue positions: %s", e)
             waiting = set(order)
             for job_id in [j for j in self.announced if j not in waiting]:
                 del self.announced[job_id]
@@ -1573,32 +2025,52 @@ class Agent:
         self._announce_positions()
         parent = self.store.job(job["parent"]) if job["parent"] else None
         carry = (parent["snapshot"], parent["result"]["result_commit"]) if parent else None
-        run = AIRun(self.ai_argv(parent), repo.slot_path(slot), ai_environment(self.cfg), job["prompt"],
+        argv, env = self.sandbox.wrap(self.ai_argv(parent), ai_environment(self.cfg), repo.slot_path(slot),
+                                      hide=[self.cfg.state_dir], readonly=[repo.git_dir],
+                                      scratch=repo.home / "tmp" / f"slot{slot}")
+        run = AIRun(argv, repo.slot_path(slot), env, job["prompt"],
                     job["timeout_s"], lambda e: self.store.add_event(job["id"], e),
                     on_spawn=lambda pid: self.store.update_job(job["id"], pgid=pid))
         with self.lock:
             self.runs[job["id"]] = run  # from here on a cancel reaches the job
         try:
             repo.prepare_slot(slot, job["snapshot"], carry)
+            links = repo.remove_escaping_links(slot)
         except PatchwireError as e:
             self.finish(job["id"], "failed", f"could not prepare the job folder: {e.message}")
             return
-        self.store.add_event(job["id"], {"type": "started", "slot": slot,
+        if links:
+            self.store.add_event(job["id"], {"type": "links_removed", "paths": sorted(links)[:100],
+                                             "count": len(links)})
+        self.store.add_event(job["id"], {"type": "started", "slot": slot, "sandbox": self.sandbox.kind,
                                          **({"continues": parent["id"]} if parent else {})})
+        self.audit.job(job["id"], "job_start", user=job["user"], project=job["project"], slot=slot)
         started = time.monotonic()
         status, reason, result = run.run()
         summary = summarize_result(result, time.monotonic() - started, run.exit_code)
         if status != "done":
-            self.finish(job["id"], status, reason, result=summary)
+            self._fail_run(job["id"], repo, slot, status, reason, result=summary)
             return
         try:
+            repo.restore_links(slot, links)
             patch, stats, commit = repo.collect(slot, job["snapshot"], job["id"])
-        except PatchwireError as e:
-            self.finish(job["id"], "failed", f"could not collect the AI's changes: {e.message}",
-                        result=summary)
+        except (PatchwireError, OSError) as e:
+            self._fail_run(job["id"], repo, slot, "failed", "could not collect the AI's changes: "
+                           + (e.message if isinstance(e, PatchwireError) else describe_exception(e)),
+                           result=summary)
             return
-        self.store.patch_path(job["id"]).write_bytes(patch)
+        self.store.write_patch(job["id"], patch)
         self.finish(job["id"], "done", result={**summary, "result_commit": commit}, stats=stats)
+
+    def _fail_run(self, job_id: str, repo: ProjectRepo, slot: int, status: str, reason: str,
+                  **fields: Any) -> None:
+        """End a run that produced no diff. Its job folder is reset first: what the AI left
+        there may be what filled the disk the job's end must be recorded on."""
+        try:
+            repo.clean_slot(slot)
+        except (PatchwireError, OSError) as e:  # the next job's prepare_slot tries again
+            log.warning("could not reset the job folder of %s: %s", job_id, e)
+        self.finish(job_id, status, reason, **fields)
 
     def ai_argv(self, parent: Optional[dict]) -> List[str]:
         """The AI command; a follow-up adds `[ai] resume_args` with the parent's session."""
@@ -1609,7 +2081,7 @@ class Agent:
 
 
 def summarize_result(result: dict, elapsed: float, exit_code: Optional[int]) -> dict:
-    usage = result.get("usage") or {}
+    usage = result.get("usage") if isinstance(result.get("usage"), dict) else {}
     return {"exit_code": exit_code, "is_error": bool(result.get("is_error")),
             "subtype": result.get("subtype"), "duration_s": round(elapsed, 3),
             "num_turns": result.get("num_turns"), "session_id": result.get("session_id"),
@@ -1771,14 +2243,220 @@ def route_template(pattern: "re.Pattern[str]") -> str:
 ROUTE_TEMPLATES = {name: route_template(pattern) for _, pattern, name, _ in ROUTES}
 
 
+class DeadlineSocketIO(socket.SocketIO):
+    """The raw reader under a connection's rfile. While `deadline` is set, each read may wait
+    only for the time left until it: a client trickling one byte at a time cannot stretch a
+    request line, its headers or a body past their total budget (a socket timeout alone
+    restarts with every byte)."""
+
+    def __init__(self, sock: socket.socket):
+        super().__init__(sock, "rb")
+        self.deadline: Optional[float] = None
+        self.expired = False
+        self.received = 0
+
+    def readinto(self, b) -> Optional[int]:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                self.expired = True
+                raise socket.timeout("the request took longer than its time budget")
+            self._sock.settimeout(left)
+        try:
+            n = super().readinto(b)
+        except socket.timeout:
+            self.expired = self.deadline is not None
+            raise
+        self.received += n or 0
+        return n
+
+
+class CountingWriter(io.BufferedIOBase):
+    """The response side of a connection: every write sent whole, and counted for the audit."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self.sent = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self._sock.sendall(b)
+        n = memoryview(b).nbytes
+        self.sent += n
+        return n
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+
+class Connection:
+    """One admitted connection as the caps see it: waiting (for a request line, headers or a
+    TLS handshake) or busy with a request."""
+
+    def __init__(self, address: str, sock: socket.socket):
+        self.address = address
+        self.sock = sock
+        self.waiting_since: Optional[float] = time.monotonic()
+
+    def hang_up(self) -> None:
+        # socket.socket's own shutdown, also for TLS: SSLSocket.shutdown would drop the TLS
+        # state under the thread that reads; this way that read just sees the end.
+        try:
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class ConnectionTable:
+    """Open connections under caps per client address and overall. At the overall cap a new
+    client takes the place of the oldest connection still waiting for its request, from the
+    address holding the most such connections: clients that trickle bytes (slowloris) cannot
+    crowd out everyone else. Past the caps, a few connections per address may still ask for
+    /v1/health within a small budget, so monitoring sees the truth."""
+
+    def __init__(self, total: int, per_client: int):
+        self.total, self.per_client = total, per_client
+        self.lock = threading.Lock()
+        self.open: Set[Connection] = set()
+        self.per_address: Dict[str, int] = {}
+        self.at_cap: Dict[str, int] = {}
+        self.evicted = 0
+
+    def admit(self, address: str, sock: socket.socket) -> Optional[Connection]:
+        victim = None
+        with self.lock:
+            if self.per_address.get(address, 0) >= self.per_client:
+                return None
+            if len(self.open) >= self.total:
+                victim = self._oldest_waiting()
+                if victim is None:
+                    return None
+                self._drop(victim)
+                self.evicted += 1
+            conn = Connection(address, sock)
+            self.open.add(conn)
+            self.per_address[address] = self.per_address.get(address, 0) + 1
+        if victim is not None:
+            log.info("connection cap reached: dropped a waiting connection of %s for %s", victim.address, address)
+            victim.hang_up()
+        return conn
+
+    def _oldest_waiting(self) -> Optional[Connection]:
+        waiting: Dict[str, List[Connection]] = {}
+        for conn in self.open:
+            if conn.waiting_since is not None:
+                waiting.setdefault(conn.address, []).append(conn)
+        if not waiting:
+            return None
+        most = max(len(conns) for conns in waiting.values())
+        candidates = [c for conns in waiting.values() if len(conns) == most for c in conns]
+        return min(candidates, key=lambda c: c.waiting_since or 0.0)
+
+    def _drop(self, conn: Connection) -> None:
+        self.open.discard(conn)
+        self.per_address[conn.address] -= 1
+        if not self.per_address[conn.address]:
+            del self.per_address[conn.address]
+
+    def release(self, conn: Connection) -> None:
+        with self.lock:
+            if conn in self.open:
+                self._drop(conn)
+
+    def waiting(self, conn: Optional[Connection]) -> None:
+        if conn is not None:
+            with self.lock:
+                conn.waiting_since = time.monotonic()
+
+    def busy(self, conn: Optional[Connection]) -> bool:
+        """The request is in: the connection is no longer evictable. False when it was
+        evicted while its request arrived."""
+        if conn is None:
+            return True
+        with self.lock:
+            conn.waiting_since = None
+            return conn in self.open
+
+    def admit_at_cap(self, address: str) -> bool:
+        with self.lock:
+            mine = self.at_cap.get(address, 0)
+            if sum(self.at_cap.values()) >= AT_CAP_SLOTS or mine >= AT_CAP_SLOTS_PER_CLIENT:
+                return False
+            self.at_cap[address] = mine + 1
+            return True
+
+    def release_at_cap(self, address: str) -> None:
+        with self.lock:
+            self.at_cap[address] -= 1
+            if not self.at_cap[address]:
+                del self.at_cap[address]
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {"open": len(self.open), "max": self.total, "max_per_client": self.per_client,
+                    "waiting": sum(1 for c in self.open if c.waiting_since is not None),
+                    "evicted": self.evicted}
+
+
+class AuthFailures:
+    """Wrong tokens per client address. After AUTH_FREE_FAILURES, each further one is answered
+    only after a delay that doubles up to AUTH_PENALTY_MAX_S. The delay is slept in that
+    connection's own thread (nobody else waits, no lock is held), and the per-address
+    connection cap bounds how many guesses one address has in flight."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.failures: Dict[str, Tuple[int, float]] = {}
+
+    def penalty(self, address: str) -> float:
+        """Count one failure of `address`; the seconds to wait before answering it."""
+        now = time.monotonic()
+        with self.lock:
+            count, last = self.failures.get(address, (0, now))
+            count = 1 if now - last > AUTH_FORGET_S else count + 1
+            self.failures[address] = (count, now)
+            if len(self.failures) > 10000:  # bounded memory whatever the number of addresses
+                self.failures = {a: v for a, v in self.failures.items() if now - v[1] <= AUTH_FORGET_S}
+        extra = count - AUTH_FREE_FAILURES
+        return 0.0 if extra <= 0 else min(AUTH_PENALTY_MAX_S, AUTH_PENALTY_S * 2 ** min(extra - 1, 16))
+
+
+def ascii_count(text: str) -> Optional[int]:
+    """A whole number written in ASCII digits, or None. (`str.isdigit` also accepts '²' and
+    other digits `int` refuses; long digit strings are refused before `int` sees them.)"""
+    if not re.fullmatch(r"[0-9]{1,18}", text):
+        return None
+    return int(text)
+
+
+def json_too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether a parsed JSON value nests deeper than `limit` (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
-    """Routes, auth and errors in one place; each route is a small `route_<name>`."""
+    """Routes, auth and errors in one place; each route is a small `route_<name>`. Each
+    request has a total time budget for its request line and headers (`header_timeout_s`)
+    and one for its body (`body_timeout_s`); a connection past the caps (`conn` None) gets
+    only /v1/health, within AT_CAP_BUDGET_S."""
 
     protocol_version = "HTTP/1.1"
     server_version = f"patchwire-agent/{__version__}"
     sys_version = ""
-    timeout = CONNECTION_TIMEOUT
     server: "AgentHTTPServer"
+
+    def __init__(self, request, client_address, server, conn: Optional[Connection] = None):
+        self.conn = conn
+        super().__init__(request, client_address, server)
 
     def do_GET(self) -> None:
         self.dispatch("GET")
@@ -1794,33 +2472,89 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return self.server.agent
 
     def setup(self) -> None:
-        super().setup()
-        self.connection.settimeout(HEADER_TIMEOUT)  # slow or idle clients go early
+        self.connection = self.request
+        self.connection.settimeout(CONNECTION_TIMEOUT)
+        self.reader = DeadlineSocketIO(self.connection)
+        self.rfile = io.BufferedReader(self.reader)
+        self.wfile = CountingWriter(self.connection)
+
+    def handle(self) -> None:
+        if self.server.tls is None or self.tls_handshake():
+            super().handle()
+
+    def tls_handshake(self) -> bool:
+        """The TLS handshake in this connection's own thread (in accept() one idle client
+        would stall everyone), within the budget of a request's headers."""
+        sock = self.connection
+        deadline = time.monotonic() + self.head_budget()
+        sock.setblocking(False)
+        try:
+            while True:
+                try:
+                    sock.do_handshake()
+                    return True
+                except ssl.SSLWantReadError:
+                    wait: Tuple[list, list] = ([sock], [])
+                except ssl.SSLWantWriteError:
+                    wait = ([], [sock])
+                left = deadline - time.monotonic()
+                if left <= 0 or not any(select.select(wait[0], wait[1], [], left)[:2]):
+                    log.info("TLS handshake with %s took too long", self.client_address[0])
+                    return False
+        except OSError as e:  # ssl.SSLError included: not TLS, a bad client, or it left
+            log.info("TLS handshake with %s failed: %s", self.client_address[0], e)
+            return False
+        finally:
+            sock.settimeout(CONNECTION_TIMEOUT)
+
+    def head_budget(self) -> float:
+        return AT_CAP_BUDGET_S if self.conn is None else self.server.agent.cfg.header_timeout_s
+
+    def handle_one_request(self) -> None:
+        """One request, from its first byte to its audit line."""
+        self.begin_record()
+        self.reader.deadline = time.monotonic() + self.head_budget()
+        self.server.connections.waiting(self.conn)
+        try:
+            super().handle_one_request()
+        except OSError:  # the client left or broke TLS mid-request: nothing to answer
+            self.close_connection = True
+        if self.reader.received > self.received_before:  # a request began (not just an idle keep-alive)
+            if self.reader.expired and not self.started_response:
+                self.answer_timeout()
+            self.finish_request_record()
+        if self.conn is None:  # past the caps: one request, then the slot goes back
+            self.close_connection = True
+
+    def answer_timeout(self) -> None:
+        """A clear 408 for a client too slow with its request (an honest one on a bad line)."""
+        self.close_connection = True
+        self.status = HTTPStatus.REQUEST_TIMEOUT
+        body = json.dumps({"error": "the request did not arrive in time", "code": "timeout",
+                           "hint": "send the request line, headers and body without pauses"}).encode() + b"\n"
+        try:
+            self.connection.settimeout(1.0)
+            self.wfile.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        except OSError:
+            pass
 
     def dispatch(self, method: str) -> None:
-        began = time.monotonic()  # metrics (issue 12): recorded at the end, by route template
-        self.route_label, self.sent_status = "unmatched", 0
-        try:
-            self.answer(method)
-        finally:
-            if self.sent_status:
-                self.agent.metrics.observe(method, self.route_label, self.sent_status, time.monotonic() - began)
-
-    def send_response(self, code: int, message: Optional[str] = None) -> None:
-        self.sent_status = code  # metrics (issue 12)
-        super().send_response(code, message)
-
-    def answer(self, method: str) -> None:
+        if not self.server.connections.busy(self.conn):  # evicted while its headers came in
+            self.close_connection = True
+            return
+        self.reader.deadline = None
         self.connection.settimeout(CONNECTION_TIMEOUT)
-        self.started_response = False
         url = urllib.parse.urlsplit(self.path)
         self.query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query, keep_blank_values=True).items()}
-        self.body_read = False
         try:
             name, params, auth = self.route(method, url.path)
+            if self.conn is None and name != "health":
+                raise HTTPFailure(HTTPStatus.SERVICE_UNAVAILABLE, "the agent is at its connection cap",
+                                  "try again in a moment; /v1/health still answers", code="busy")
             self.route_label = ROUTE_TEMPLATES[name]
-            user = self.agent.authenticate(self.headers.get("Authorization", "")) if auth else ""
-            getattr(self, "route_" + name)(user, **params)
+            self.user = self.authenticate() if auth else ""
+            getattr(self, "route_" + name)(self.user, **params)
         except PatchwireError as e:
             self.fail(e.http_status, {"error": e.message, "hint": e.hint, "code": e.code, **e.details})
         except (ConnectionError, socket.timeout):  # the client left, or was too slow
@@ -1842,26 +2576,117 @@ class Handler(http.server.BaseHTTPRequestHandler):
         raise HTTPFailure(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}", "see the API list in the README",
                           code="not_found")
 
+    def authenticate(self) -> str:
+        """The user of this request's bearer token. A wrong token is answered late once its
+        address has failed often (see AuthFailures)."""
+        header = self.headers.get("Authorization", "")
+        try:
+            return self.agent.authenticate(header)
+        except HTTPFailure:
+            if header[:7].lower() == "bearer ":
+                delay = self.server.auth_failures.penalty(self.client_address[0])
+                self.auth_delay_s = delay
+                if delay:
+                    time.sleep(delay)
+            raise
+
+    # --- the audit record of each request
+
+    def begin_record(self) -> None:
+        self.started_response = False
+        self.body_read = False
+        self.raw_requestline = b""
+        self.command, self.path = None, ""  # http.server keeps the last request's otherwise
+        self.user, self.job_id, self.status = "", None, None
+        self.bytes_in, self.auth_delay_s = 0, 0.0
+        self.route_label = "unmatched"  # the route template, for metrics (never the raw path)
+        self.request_started = time.monotonic()
+        self.reader.expired = False
+        self.sent_before = self.wfile.sent
+        self.received_before = self.reader.received
+
+    def send_response(self, code, message=None) -> None:
+        self.status = int(code)
+        super().send_response(code, message)
+
+    def finish_request_record(self) -> None:
+        """The one place where a finished request is known in full (route, user, status,
+        bytes, duration): it writes the request's audit line. Never the token, never a body."""
+        record = {"event": "request", "user": self.user or None, "address": self.client_address[0],
+                  "method": self.command or None, "path": clip(self.path or "", 512), "status": self.status,
+                  "job": self.job_id, "bytes": self.wfile.sent - self.sent_before, "bytes_in": self.bytes_in,
+                  "duration_ms": round((time.monotonic() - self.request_started) * 1000, 1)}
+        if self.auth_delay_s:
+            record["auth_delay_s"] = self.auth_delay_s
+        self.agent.audit.write(record)
+        if self.status:
+            method = self.command if self.command in ("GET", "POST", "DELETE") else "other"  # bounded labels
+            self.agent.metrics.observe(method, self.route_label, int(self.status),
+                                       time.monotonic() - self.request_started)
+
     # --- request and response helpers
 
     def read_json(self) -> dict:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             raise HTTPFailure(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length", code="length_required")
-        length = self.headers.get("Content-Length", "")
-        if not length.isdigit():
+        text = self.headers.get("Content-Length", "").strip()
+        if not text:
             raise HTTPFailure(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required", code="length_required")
-        if int(length) > MAX_BODY:
+        length = ascii_count(text)
+        if length is None and re.fullmatch(r"[0-9]+", text):
+            length = MAX_BODY + 1  # more digits than any body we take
+        if length is None:
+            raise HTTPFailure(HTTPStatus.BAD_REQUEST, "Content-Length must be a number of bytes in ASCII digits",
+                              code="bad_request")
+        if length > MAX_BODY:
             self.close_connection = True
             raise HTTPFailure(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over {MAX_BODY // 2**20} MiB", code="too_large")
-        data = self.rfile.read(int(length))
-        self.body_read = True
+        data = self.read_body(length)
         try:
             body = json.loads(data or b"null")
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             raise HTTPFailure(HTTPStatus.BAD_REQUEST, "the body is not valid JSON", code="bad_request")
+        if json_too_deep(body):
+            raise HTTPFailure(HTTPStatus.BAD_REQUEST, f"the body nests deeper than {MAX_JSON_DEPTH} levels",
+                              code="bad_request")
+        try:  # "\ud800" is valid JSON but no text: sqlite, git and files would refuse it later
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise HTTPFailure(HTTPStatus.BAD_REQUEST, "the body has a string that is not valid Unicode "
+                              "(an unpaired surrogate escape)", code="bad_request") from None
         if not isinstance(body, dict):
             raise HTTPFailure(HTTPStatus.BAD_REQUEST, "the body must be a JSON object", code="bad_request")
         return body
+
+    def read_body(self, length: int) -> bytes:
+        """The body, within `body_timeout_s` in all however it trickles in."""
+        budget = self.agent.cfg.body_timeout_s
+        self.reader.deadline = time.monotonic() + budget
+        try:
+            data = self.rfile.read(length)
+        except socket.timeout:
+            self.close_connection = True
+            raise HTTPFailure(HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within {budget:g} s",
+                              "send the body without pauses", code="timeout") from None
+        finally:
+            self.reader.deadline = None
+            self.connection.settimeout(CONNECTION_TIMEOUT)
+        self.body_read = True
+        self.bytes_in = len(data)
+        if len(data) < length:
+            self.close_connection = True
+            raise HTTPFailure(HTTPStatus.BAD_REQUEST, "the body ended before Content-Length bytes",
+                              code="bad_request")
+        return data
+
+    def query_count(self, name: str, default: int) -> int:
+        """A query parameter that must be a whole number (0 to MAX_QUERY_INT)."""
+        value = self.query.get(name)
+        number = default if value is None else ascii_count(value)
+        if number is None or number > MAX_QUERY_INT:
+            raise HTTPFailure(HTTPStatus.BAD_REQUEST, f"{name} must be a whole number from 0 to {MAX_QUERY_INT}",
+                              code="bad_request")
+        return number
 
     def send_bytes(self, status: int, data: bytes, content_type: str, **headers: str) -> None:
         self.started_response = True
@@ -1907,13 +2732,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         store = self.agent.store
         quiet_since = time.monotonic()
         while True:
-            events = store.events(job_id, after)
+            events, status = store.events_and_status(job_id, after)
             for event in events:
                 self.write_chunk(json.dumps(event).encode() + b"\n")
                 after = event["seq"]
                 if event["type"] in LAST_EVENTS:
                     follow = False
-            if not follow or (not events and store.job(job_id)["status"] in TERMINAL):
+            if not follow or (not events and status in TERMINAL):
                 break
             if events:
                 quiet_since = time.monotonic()
@@ -1934,13 +2759,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # --- routes
 
     def route_health(self, user: str) -> None:
-        self.send_json(HTTPStatus.OK, self.agent.health())
+        self.send_json(HTTPStatus.OK, {**self.agent.health(), "connections": self.server.connections.stats()})
 
     def route_me(self, user: str) -> None:
         self.send_json(HTTPStatus.OK, self.agent.me(user, self.query.get("project")))
 
     def route_ask(self, user: str) -> None:
         job = self.agent.ask(user, self.read_json())
+        self.job_id = job["id"]
         if self.wants_stream():
             self.stream_events(job["id"], 0)
         else:
@@ -1950,20 +2776,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_json(HTTPStatus.OK, {"jobs": [public_job(j) for j in self.agent.store.find_jobs(user)]})
 
     def route_job(self, user: str, job: str) -> None:
-        self.send_json(HTTPStatus.OK, public_job(self.agent.find_job(user, job)))
+        found = self.agent.find_job(user, job)
+        self.job_id = found["id"]
+        self.send_json(HTTPStatus.OK, public_job(found))
 
     def route_cancel(self, user: str, job: str) -> None:
-        self.send_json(HTTPStatus.OK, public_job(self.agent.cancel(user, job)))
+        self.job_id = self.agent.find_job(user, job)["id"]
+        self.send_json(HTTPStatus.OK, public_job(self.agent.cancel(user, self.job_id)))
 
     def route_events(self, user: str, job: str) -> None:
-        after = self.query.get("after", "0")
-        if not after.isdigit():
-            raise HTTPFailure(HTTPStatus.BAD_REQUEST, "after must be a whole number", code="bad_request")
+        after = self.query_count("after", 0)
         found = self.agent.find_job(user, job)
-        self.stream_events(found["id"], int(after), follow=self.query.get("follow", "1") != "0")
+        self.job_id = found["id"]
+        self.stream_events(found["id"], after, follow=self.query.get("follow", "1") != "0")
 
     def route_diff(self, user: str, job: str) -> None:
         found = self.agent.find_job(user, job)
+        self.job_id = found["id"]
         if found["status"] != "done":
             raise HTTPFailure(HTTPStatus.CONFLICT, f"job {found['id']} is {found['status']}: it has no diff",
                               found.get("reason") or "", code="no_diff")
@@ -1992,48 +2821,98 @@ def public_job(job: dict) -> dict:
 
 
 class AgentHTTPServer(http.server.ThreadingHTTPServer):
-    """ThreadingHTTPServer with caps on concurrent connections, in all and per client
-    address (503 beyond them)."""
+    """ThreadingHTTPServer with the caps of ConnectionTable, the configured listen backlog,
+    IPv4 or IPv6 as the address asks, and optional TLS (handshake in the connection's thread)."""
 
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, agent: Agent, address: Tuple[str, int]):
+    def __init__(self, agent: Agent, address: Tuple[str, int], tls: Optional[ssl.SSLContext] = None):
+        cfg = agent.cfg
         self.agent = agent
-        self.open: Dict[str, int] = {}
-        self.open_lock = threading.Lock()
+        self.tls = tls
+        self.connections = ConnectionTable(cfg.max_connections, cfg.max_connections_per_client)
+        self.auth_failures = AuthFailures()
+        self.request_queue_size = cfg.backlog
+        self.address_family = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM)[0][0]
         super().__init__(address, Handler)
+
+    def get_request(self):
+        sock, address = super().get_request()
+        if self.tls is not None:  # no I/O here: the handshake happens in the connection's thread
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
 
     def process_request(self, request, client_address) -> None:
         client = client_address[0]
-        with self.open_lock:
-            full = (sum(self.open.values()) >= MAX_CONNECTIONS
-                    or self.open.get(client, 0) >= MAX_CONNECTIONS_PER_CLIENT)
-            if not full:
-                self.open[client] = self.open.get(client, 0) + 1
-        if full:
+        conn = self.connections.admit(client, request)
+        if conn is not None:
+            self.start_thread(self.serve, request, client_address, conn)
+        elif self.connections.admit_at_cap(client):
+            self.start_thread(self.serve_at_cap, request, client_address)
+        else:
+            self.refuse(request)
+
+    @staticmethod
+    def start_thread(target, *args) -> None:
+        threading.Thread(target=target, args=args, daemon=True).start()
+
+    def serve(self, request, client_address, conn: Optional[Connection]) -> None:
+        try:
+            Handler(request, client_address, self, conn)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            if conn is not None:
+                self.connections.release(conn)
+            self.shutdown_request(request)
+
+    def serve_at_cap(self, request, client_address) -> None:
+        try:
+            self.serve(request, client_address, None)
+        finally:
+            self.connections.release_at_cap(client_address[0])
+
+    def refuse(self, request) -> None:
+        """Past every cap: a plain 503 (over TLS nothing can be said before a handshake)."""
+        if self.tls is None:
+            body = b'{"error": "the agent is at its connection cap", "code": "busy"}\n'
             try:
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
-                                b"Connection: close\r\n\r\n")
+                request.settimeout(0.5)
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
             except OSError:
                 pass
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
+        self.shutdown_request(request)
 
-    def process_request_thread(self, request, client_address) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self.open_lock:
-                self.open[client_address[0]] -= 1
-                if not self.open[client_address[0]]:
-                    del self.open[client_address[0]]
+    def handle_error(self, request, client_address) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):  # a client that left or broke the protocol: one line
+            log.info("connection from %s ended: %s", client_address[0], error)
+        else:
+            log.exception("error serving a connection from %s", client_address[0])
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if self.tls else 'http'}://{host}:{port}"
+
+
+def tls_context(cfg: AgentConfig) -> Optional[ssl.SSLContext]:
+    """The server's TLS context from [server] tls_cert and tls_key, or None for plain HTTP."""
+    if cfg.tls is None:
+        return None
+    cert, key = cfg.tls
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as e:
+        raise PatchwireError(f"{cfg.path}: cannot load server.tls_cert {cert} with server.tls_key {key}: "
+                             f"{getattr(e, 'strerror', None) or e}",
+                             "give the PEM certificate (chain) and its private key") from None
+    return context
 
 
 # ================================================================== OpenAPI document (GET /v1/openapi.json)
@@ -2071,7 +2950,12 @@ OPENAPI_SCHEMAS = {
                      retry_after_s={**_I, "description": "policy: also sent as Retry-After"}),
               "description": "Every error; `code` is stable, `error` and `hint` are for people."},
     "Health": _obj(["ok", "version", "time", "queue_depth", "running", "workers", "ai_command", "ai_found"],
-                   ok=_B, version=_S, time=_N, queue_depth=_I, running=_I, workers=_I, ai_command=_S, ai_found=_B),
+                   ok=_B, version=_S, time=_N, queue_depth=_I, running=_I, workers=_I, ai_command=_S, ai_found=_B,
+                   sandbox={**_S, "description": "what confines the AI: bwrap, sandbox-exec or none"},
+                   sandbox_warning={**_S, "description": "present when the AI runs unconfined by default"},
+                   connections={**_obj(["open", "max", "max_per_client", "waiting", "evicted"], open=_I, max=_I,
+                                       max_per_client=_I, waiting=_I, evicted=_I),
+                                "description": "the connection table: open, caps, waiting for a request, evicted"}),
     "Me": _obj(["user", "version", "mirror_root"], user=_S, version=_S, mirror_root=_S,
                mirror={**_S, "description": "with ?project=: the folder to rsync that project into"}),
     "AskRequest": _obj(["project", "tree", "files", "prompt"], project=_S, prompt=_S,
@@ -2095,7 +2979,8 @@ OPENAPI_SCHEMAS = {
         _event("queued", ["position"], project=_S, position=_I,
                estimate_s={**_nullable(_I), "description": "seconds until it starts, from recent runs"}),
         _event("position", ["position"], position=_I, estimate_s=_nullable(_I)),
-        _event("started", ["slot"], slot=_I, continues=_S),
+        _event("links_removed", ["paths", "count"], paths={"type": "array", "items": _S}, count=_I),
+        _event("started", ["slot"], slot=_I, continues=_S, sandbox=_S),
         _event("session", [], session_id=_nullable(_S), model=_nullable(_S)),
         _event("text", ["text"], text=_S),
         _event("tool", ["name"], name=_nullable(_S), detail=_S),
@@ -2128,7 +3013,12 @@ OPENAPI_ROUTES = {
                    "application/x-ndjson", "Event"),
              202: ("queued", "application/json", "Job"), 400: "bad request",
              404: "no such job to continue", 409: "tree_mismatch, not_done or ambiguous",
-             411: "no Content-Length, or a chunked body", 413: "body over 64 MiB"}),
+             403: "policy: a project outside the allowlist, or timeout_s over the ceiling",
+             408: "the request did not arrive within its time budget",
+             411: "no Content-Length, or a chunked body",
+             413: "body over 64 MiB, or policy: a prompt over max_prompt_bytes",
+             429: "policy: max_queued or rate_limit (with Retry-After)",
+             503: "past the connection caps", 507: "disk_full: the box's state folder is full"}),
     "jobs": ("Your jobs, newest first", {}, None, {200: ("your jobs", "application/json", "JobList")}),
     "job": ("One of your jobs; a unique id prefix is enough", {}, None,
             {200: ("the job", "application/json", "Job"), 404: "no such job of yours",
@@ -2455,7 +3345,8 @@ def cmd_init(args) -> int:
     state_dir = args.state_dir or str(path.resolve().parent / "patchwire-state")
     sections = {
         "server": pw.dump_toml({"listen": args.listen, "state_dir": state_dir}),
-        "ai": pw.dump_toml({"command": CLAUDE_COMMAND, "timeout_s": 1800, "max_timeout_s": 7200}),
+        "ai": pw.dump_toml({"command": CLAUDE_COMMAND, "timeout_s": 1800, "max_timeout_s": 7200,
+                            "sandbox": "auto"}),
         "jobs": pw.dump_toml({"workers": 2, "slots": 2}),
         "users": pw.dump_toml({"users": {args.user: {"token_sha256": token_digest(token).hex()}}}),
     }
@@ -2485,11 +3376,12 @@ def write_private(path: Path, text: str) -> None:
 
 def cmd_serve(args) -> int:
     cfg = AgentConfig.load(Path(args.config))
+    tls = tls_context(cfg)
     agent = Agent(cfg)
     try:
-        server = AgentHTTPServer(agent, (cfg.host, cfg.port))
+        server = AgentHTTPServer(agent, (cfg.host, cfg.port), tls)
     except OSError as e:
-        raise PatchwireError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror}",
+        raise PatchwireError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}",
                              "pick another [server] listen address, or stop what uses that port")
     agent.start()
     hurry = threading.Event()  # set by a second SIGTERM/SIGINT: cancel running jobs now
@@ -2506,6 +3398,9 @@ def cmd_serve(args) -> int:
     ai = agent.health()
     run_file = write_run_file(cfg, server.url, agent.started_at)
     print(f"patchwire-agent {__version__} listening on {server.url}", flush=True)
+    if cfg.allow_public and cfg.tls is None:
+        pw.say("warning: allow_public without tls_cert and tls_key: tokens, prompts and diffs cross "
+               "the network unencrypted")
     pw.say(f"state in {cfg.state_dir}; {len(cfg.users)} user(s); AI command {cfg.ai_command[0]!r}"
            + ("" if ai["ai_found"] else " NOT FOUND on PATH: asks will fail until it is installed"))
     try:

@@ -163,7 +163,9 @@ class AgentProcess:
         for name in users[1:]:
             self.tokens[name] = f"pw_test_token_{name}"
             data["users"][name] = {"token_sha256": patchwire_agent.token_digest(self.tokens[name]).hex()}
-        data["ai"].update({"command": list(ai_command), **ai})
+        # unconfined unless a test asks: these tests watch the AI's pids and files it writes
+        # beside the job folder; confinement has its own tests (test_confinement.py)
+        data["ai"].update({"command": list(ai_command), "sandbox": "none", **ai})
         data["jobs"].update(jobs)
         # tests stop agents with jobs still running: cancel them at once, as before 0.3
         data["server"].update({"shutdown_grace_s": 0, **server})

@@ -13,6 +13,9 @@ wait_file (until that path exists; at most max_s, default 60),
 exit (code, no result line), error (is_error true, exit 1), deny (tool name; exit 0 with
 permission_denials), hang (sleeps forever, with a child in its process group), spawn_ignoring_term,
 usage (the result's `usage` object; with "cost": its total_cost_usd).
+raw (a line printed as is), raw_big (a line of N bytes), link [target, path] (a symlink),
+copy [source, path] (reads a file, anywhere, into another), fill [path, MiB] (writes zeros).
+Paths are relative to the cwd, or absolute: a confinement test aims them outside.
 Without a script it makes one small, visible edit: it adds a line to PATCHWIRE_DEMO.md.
 
 STAND_IN_LOG (environment), when set, names a file that gets one JSON line per run with
@@ -130,6 +133,29 @@ class StandIn:
         elif "usage" in step:
             self.usage = step["usage"]
             self.cost = step.get("cost", self.cost)
+        elif "raw" in step:
+            sys.stdout.write(step["raw"] + "\n")
+            sys.stdout.flush()
+        elif "raw_big" in step:
+            sys.stdout.write("x" * step["raw_big"] + "\n")
+            sys.stdout.flush()
+        elif "link" in step:
+            target, path = step["link"]
+            os.symlink(target, self.path(path))
+            self.tool("Bash", {"command": "ln -s %s %s" % (target, path), "description": "Link"})
+        elif "copy" in step:
+            source, path = step["copy"]
+            with open(self.path(source), "rb") as f:
+                data = f.read()
+            with open(self.path(path), "wb") as f:
+                f.write(data)
+            self.tool("Bash", {"command": "cp %s %s" % (source, path), "description": "Copy"})
+        elif "fill" in step:
+            path, mib = step["fill"]
+            with open(self.path(path), "wb") as f:
+                for _ in range(mib):
+                    f.write(b"\0" * 1048576)
+            self.tool("Write", {"file_path": self.path(path), "content": "(zeros)"})
         elif "sleep" in step:
             time.sleep(step["sleep"])
         elif "wait_file" in step:  # a gate the test opens: jobs that wait without timed sleeps

@@ -222,7 +222,7 @@ def server_not_table(t):
 
 
 @pytest.mark.parametrize("edit, expected", [
-    (unknown_key, ["unknown key 'lisen' in [server]", "known keys: listen, shutdown_grace_s, state_dir"]),
+    (unknown_key, ["unknown key 'lisen' in [server]", "known keys: ", " listen,", " state_dir"]),
     (workers_text, ["jobs.workers must be a positive integer", "'two'"]),
     (workers_zero, ["jobs.workers must be a positive integer", "not 0"]),
     (unknown_table, ["unknown key 'logging' in top level", "known keys: ai, jobs, policy, server, users"]),

@@ -1,0 +1,109 @@
+"""Slow clients (issue 9): 100 connections trickling a byte every 2 s from five loopback
+addresses (127.0.0.2 to 127.0.0.6), reopened whenever the agent drops them, while another
+user asks through the real CLI and a monitor polls /v1/health. Each request head has a total
+budget (4 s here), so a trickler holds its slot for that long at most; at the overall cap a
+new client takes the place of a waiting connection of the address holding the most."""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+from typing import Dict, List
+
+from conftest import Laptop, make_repo, script
+from netface import HealthWatch, address, start_with, wait_until
+
+SOURCES = [f"127.0.0.{n}" for n in range(2, 7)]
+PER_SOURCE = 20  # 100 in all, past the per-address cap (16) and the overall one (64)
+HEAD = b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 10000
+
+
+class Tricklers(threading.Thread):
+    """PER_SOURCE connections from each address, each sending the next byte of an endless
+    request head every `every` seconds; one the agent closes or answers is opened again
+    (at most `max_opens` times in all)."""
+
+    def __init__(self, agent, every: float = 2.0, max_opens: int = 3000):
+        super().__init__(daemon=True)
+        self.agent, self.every, self.max_opens = agent, every, max_opens
+        self.stop = threading.Event()
+        self.opens = 0
+        self.dropped = 0  # connections the agent answered (408, 503) or closed
+        self.timed_out = 0  # ... of which answered 408: cut at their budget
+        self.socks: Dict[socket.socket, int] = {}  # socket -> bytes sent
+
+    def open_missing(self) -> None:
+        """(Re)open every missing connection; one that cannot be made now is tried next round."""
+        missing, self.missing = self.missing, []
+        for source in missing:
+            if self.opens >= self.max_opens:
+                return
+            self.opens += 1
+            try:
+                sock = socket.create_connection(address(self.agent), timeout=1, source_address=(source, 0))
+            except OSError:
+                self.missing.append(source)
+                continue
+            sock.setblocking(False)
+            self.socks[sock] = 0
+            self.source_of[sock] = source
+
+    def run(self) -> None:
+        self.source_of: Dict[socket.socket, str] = {}
+        self.missing: List[str] = [source for source in SOURCES for _ in range(PER_SOURCE)]
+        while not self.stop.is_set():
+            self.open_missing()
+            ended = select.select(list(self.socks), [], [], 0)[0] if self.socks else []
+            for sock in ended:
+                self.dropped += 1
+                try:
+                    self.timed_out += sock.recv(64).startswith(b"HTTP/1.1 408 ")
+                except OSError:
+                    pass
+                self.close(sock)
+            for sock, sent in list(self.socks.items()):
+                try:
+                    sock.send(HEAD[sent:sent + 1])
+                    self.socks[sock] = sent + 1
+                except OSError:
+                    self.dropped += 1
+                    self.close(sock)
+            self.stop.wait(self.every)
+        for sock in list(self.socks):
+            sock.close()
+
+    def close(self, sock: socket.socket) -> None:
+        self.missing.append(self.source_of.pop(sock))
+        del self.socks[sock]
+        sock.close()
+
+
+def test_a_hundred_trickling_connections_do_not_stop_another_users_ask(make_agent, tmp_path):
+    agent = start_with(make_agent, {"header_timeout_s": 4, "max_connections": 64, "max_connections_per_client": 16},
+                       users=("alice", "bob"))
+    lap = Laptop(make_repo(tmp_path / "bob-laptop", {"a.txt": b"a\n"}))
+    lap.init(agent, user="bob")
+    watch = HealthWatch(agent)
+    watch.start()
+    attack = Tricklers(agent)
+    attack.start()
+    try:
+        # the attack is real: the agent's connection table fills up to its cap, and the
+        # tricklers are cut at their budget and come back (a full round of it)
+        wait_until(lambda: max(watch.open_seen, default=0) >= 60, what="the connection cap nearly reached")
+        wait_until(lambda: attack.timed_out >= 40, timeout=30, what="tricklers cut at their budget")
+        result = lap.ask(script({"write": "a.txt", "text": "b\n"}, {"say": "done despite the crowd"}), "--yes",
+                         timeout=120)
+        assert result.returncode == 0, result.err
+        assert (lap.root / "a.txt").read_text() == "b\n"
+        assert "done despite the crowd" in result.err
+        assert attack.is_alive() and attack.opens < attack.max_opens  # still at it all along
+    finally:
+        attack.stop.set()
+        attack.join(timeout=30)
+    print(watch.finish(), f"| open connections seen up to {max(watch.open_seen)}; "
+          f"{attack.opens} trickling connections opened, {attack.dropped} dropped by the agent, "
+          f"{attack.timed_out} of them with a 408")
+    assert max(watch.open_seen) == 64
+    assert "Traceback" not in agent.read_log()
