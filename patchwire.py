@@ -2682,12 +2682,25 @@ class Session:
         with open(self.project.state_file("applied.log"), "a") as f:
             f.write(json.dumps(entry) + "\n")
 
+    def log_undo(self, restored: List[str]) -> None:
+        """Undo goes back one level: it always reverts the newest apply in the log."""
+        applies = [e for e in self.applied() if e["how"] != "undo"]
+        self.log_apply({"job": applies[-1]["job"] if applies else "", "how": "undo", "files": restored,
+                        "conflicts": []})
+
     def applied(self) -> List[dict]:
+        """The log, oldest first; an apply that a later undo reverted is marked "undone"."""
         try:
             lines = self.project.state_file("applied.log").read_text().splitlines()
         except OSError:
             return []
-        return [json.loads(l) for l in lines if l.strip()]
+        entries, open_applies = [json.loads(l) for l in lines if l.strip()], []
+        for entry in entries:
+            if entry["how"] != "undo":
+                open_applies.append(entry)
+            elif open_applies:
+                open_applies.pop()["undone"] = True
+        return entries
 
     def remember_job(self, job: str) -> None:
         self.project.state_file("last_job").write_text(check_job_id(job))
@@ -3308,6 +3321,7 @@ def cmd_apply(args) -> int:
     session = Session.here()
     if args.undo:
         restored = Applier(session.project, Style(False)).undo()
+        session.log_undo(restored)
         say(f"restored {len(restored)} file(s) to what they were before the last apply")
         output(args, {"restored": restored}, lambda r: print("\n".join(map(sanitize, r["restored"]))))
         return 0
@@ -3402,10 +3416,15 @@ def cmd_log(args) -> int:
     def human(r: dict) -> None:
         for entry in r["applied"]:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry["time"]))
-            extra = " partial" if entry.get("partial") else ""
-            extra += f" conflicts: {', '.join(entry['conflicts'])}" if entry["conflicts"] else ""
-            print(sanitize(f"{when}  job {entry['job']}  {entry['how']}{extra}  {len(entry['files'])} file(s): "
-                           + ", ".join(entry["files"][:6]) + (" ..." if len(entry["files"]) > 6 else "")))
+            if entry["how"] == "undo":
+                what = f"undo of job {entry['job']}: {len(entry['files'])} file(s) restored: "
+            else:
+                extra = " partial" if entry.get("partial") else ""
+                extra += f" conflicts: {', '.join(entry['conflicts'])}" if entry["conflicts"] else ""
+                extra += " (undone)" if entry.get("undone") else ""
+                what = f"job {entry['job']}  {entry['how']}{extra}  {len(entry['files'])} file(s): "
+            print(sanitize(f"{when}  {what}" + ", ".join(entry["files"][:6])
+                           + (" ..." if len(entry["files"]) > 6 else "")))
     output(args, {"applied": entries}, human)
     return 0
 

@@ -218,3 +218,21 @@ def test_a_token_file_inside_the_project_never_leaves(tmp_path, agent):
     assert ".pwtoken" not in json.loads(listed.out)["files"]
     lap.run("sync", check=0)
     assert not (agent.state_dir / "users/alice/mirror/laptop/.pwtoken").exists()
+
+
+def test_log_shows_undo_and_what_it_undid(long_laptop):
+    first = ai_job(long_laptop, {"write": "docs/a.md", "text": "A\n"})
+    long_laptop.run("apply", first, "--yes", check=0)
+    second = ai_job(long_laptop, {"write": "other.txt", "text": "OTHER\n"})
+    long_laptop.run("apply", second, "--yes", check=0)
+    long_laptop.run("apply", "--undo", check=0)
+    again = long_laptop.run("apply", "--undo")
+    assert again.returncode == 2 and "nothing to undo" in again.err
+    log = long_laptop.run("log", check=0).out.splitlines()  # newest first
+    assert len(log) == 3, log
+    assert f"undo of job {second}: 1 file(s) restored: other.txt" in log[0]
+    assert f"job {second}" in log[1] and "(undone)" in log[1]
+    assert f"job {first}" in log[2] and "(undone)" not in log[2]
+    entries = json.loads(long_laptop.run("log", "--json", check=0).out)["applied"]
+    assert [(e["job"], e["how"], e.get("undone", False)) for e in entries] == [
+        (second, "undo", False), (second, entries[1]["how"], True), (first, entries[2]["how"], False)]
