@@ -785,8 +785,9 @@ class ProjectRepo:
                 theirs = {path: (mode, sha) for mode, sha, path in manifest}
                 mine = git.ls_files_stage()
                 differ = sorted(p for p in set(mine) | set(theirs) if mine.get(p) != theirs.get(p))
+                named = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
                 raise HTTPFailure(HTTPStatus.CONFLICT, f"the box's copy of the project differs from what the laptop "
-                                  f"sent in {len(differ)} file(s)", "sync again (patchwire sync --force)",
+                                  f"sent in {len(differ)} file(s): {named}", "sync again (patchwire sync --force)",
                                   code="tree_mismatch", paths=differ[:200])
             return git.text("commit-tree", got, "-m", "patchwire snapshot")
 

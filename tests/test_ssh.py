@@ -9,6 +9,7 @@ connection (ControlPersist) left by one test can never carry another test's traf
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -94,7 +95,7 @@ def mirror_of(agent, project: str = "laptop") -> Path:
 
 
 def listed(lap: Laptop) -> set:
-    return set(lap.run("sync", "--dry-run", check=0).out.splitlines())
+    return set(json.loads(lap.run("sync", "--dry-run", "--json", check=0).out)["files"])
 
 
 def laptop_files(lap: Laptop) -> Dict[str, bytes]:
@@ -114,13 +115,13 @@ def test_sync_and_ask_round_trip_over_ssh(tmp_path, agent, sshd):
     config = tomllib.loads((lap.root / ".patchwire.toml").read_text())
     assert config["ssh"] == "pwtest" and config["sync"]["ssh_options"] == sshd.ssh_options
 
-    # the listed files: the project's own plus its .patchwire.toml (it holds no token)
-    assert listed(lap) == set(FILES) | {".patchwire.toml"}
+    # the listed files: the project's own, not its .patchwire.toml (Patchwire's, not the project's)
+    assert listed(lap) == set(FILES)
     lap.run("sync", check=0)
     mirror = mirror_of(agent)
     # exactly the listed files, byte for byte; no secret and no ignored file went over the wire
     sent = laptop_files(lap)
-    assert set(sent) == set(FILES) | {".patchwire.toml"}
+    assert set(sent) == set(FILES)
     assert files_under(mirror) == sent
     assert not (mirror / ".env").exists() and not (mirror / "certs").exists()
     assert not (mirror / "build").exists()
