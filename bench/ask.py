@@ -1,0 +1,283 @@
+#!/usr/bin/env python3
+"""Warm `patchwire ask` against the script a user would write, per project size, local and over
+SSH; plus the coloured preview, start-up, and the agent's memory. Writes bench/RESULTS.md.
+
+    python3 bench/ask.py                    # 200, 2,000, 20,000 files, 5 rounds (several minutes)
+    python3 bench/ask.py --big              # also 100,000 files
+    python3 bench/ask.py --sizes 200 --repeat 3 --no-write   # a quick look
+
+Everything is real but the AI (tests/stand_in_claude.py, instant, edits one file): the agent
+process on 127.0.0.1:0, rsync, git, and for the SSH rows a real sshd on loopback (tests/sshd.py)
+reached through a ControlMaster by both sides. Each round, the user changes one file, then
+Patchwire and the baseline run one after the other (the order alternates); figures are medians
+with min and max of the same invocation. Speed is never asserted: see RESULTS.md.
+
+The baseline, what a user would write (the "box" is a folder, over ssh for the SSH rows):
+    git ls-files -z --cached --others --exclude-standard | rsync -a --from0 --files-from=- ./ BOX:mirror/
+    ssh BOX 'cd mirror && git add -A && git commit -qm sync && claude -p "..." && git add -A && git diff --cached --binary && git commit -qm ai'
+    git apply
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
+
+import patchwire as pw  # noqa: E402
+from conftest import STAND_IN_COMMAND, AgentProcess, Laptop, script  # noqa: E402
+from prepare import project_files, write_files  # noqa: E402
+
+NESTED_GITIGNORE = {"lib/.gitignore": b"*.g.dart\n*.freezed.dart\n", "assets/.gitignore": b"*.tmp\n"}
+
+
+# ================================================================== helpers
+
+
+def git(cwd: Path, *args: str, input: Optional[bytes] = None) -> bytes:
+    return subprocess.run(["git", *args], cwd=cwd, input=input, check=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE).stdout
+
+
+def timed(func: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    func()
+    return time.perf_counter() - start
+
+
+def spread(values: Sequence[float], unit: float = 1.0, fmt: str = "{:.2f}") -> str:
+    """median (min-max)."""
+    v = [x * unit for x in values]
+    return f"{fmt.format(statistics.median(v))} ({fmt.format(min(v))}-{fmt.format(max(v))})"
+
+
+def make_project(root: Path, count: int) -> None:
+    """The synthetic Flutter-like project of bench/prepare.py, nested .gitignore files, some
+    ignored files, committed."""
+    files = project_files(count)
+    files.update(NESTED_GITIGNORE)
+    write_files(root, files)
+    write_files(root, {"lib/x.g.dart": b"// generated\n", "build/out.bin": os.urandom(4096)})
+    git(root, "init", "-q")
+    git(root, "-c", "user.email=b@b", "-c", "user.name=b", "add", "-A")
+    git(root, "-c", "user.email=b@b", "-c", "user.name=b", "commit", "-qm", "base")
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+# ================================================================== the two ways to ask
+
+
+class Baseline:
+    """The hand-written script. `ssh` is None for a local box (a folder)."""
+
+    def __init__(self, laptop: Path, box: Path, ssh: Optional[List[str]]):
+        self.laptop, self.box, self.ssh = laptop, box, ssh
+        box.mkdir(parents=True, exist_ok=True)
+        git(box, "init", "-q")
+        git(box, "config", "user.email", "b@b")
+        git(box, "config", "user.name", "b")
+
+    def _remote(self, command: str) -> bytes:
+        argv = [*self.ssh, command] if self.ssh else ["sh", "-c", command]
+        return subprocess.run(argv, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL).stdout
+
+    def ask(self, prompt: str) -> None:
+        files = git(self.laptop, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
+        dest = f"{self.ssh[-1]}:{self.box}/" if self.ssh else f"{self.box}/"
+        rsync = ["rsync", "-a", "--from0", "--files-from=-", "./", dest]
+        if self.ssh:
+            rsync[1:1] = ["-e", shlex.join(self.ssh[:-1])]
+        subprocess.run(rsync, cwd=self.laptop, input=files, check=True, stdout=subprocess.DEVNULL)
+        claude = shlex.join(STAND_IN_COMMAND)
+        patch = self._remote(
+            f"cd {shlex.quote(str(self.box))} && git add -A && git commit -qm sync --allow-empty && "
+            f"printf %s {shlex.quote(prompt)} | {claude} -p >/dev/null && git add -A && "
+            f"git diff --cached --binary && git commit -qm ai --allow-empty")
+        subprocess.run(["git", "apply"], cwd=self.laptop, input=patch, check=True)
+
+
+def patchwire_ask(lap: Laptop, prompt: str) -> None:
+    lap.run("ask", "--yes", "--no-color", prompt, check=0, timeout=600)
+
+
+# ================================================================== warm asks per size
+
+
+def run_size(tmp: Path, count: int, repeat: int, ssh_server, stack: ExitStack) -> Dict[str, List[float]]:
+    """{"pw local": [...], "base local": [...], ("pw ssh", "base ssh" when ssh_server)} seconds."""
+    root = tmp / f"p{count}"
+    make_project(root, count)
+    agent = AgentProcess(tmp / f"agent{count}", STAND_IN_COMMAND).start()
+    stack.callback(agent.stop)
+    lap = Laptop(root)
+    lap.init(agent)
+    modes = [("local", None)]
+    if ssh_server is not None:
+        modes.append(("ssh", ["ssh", *ssh_server.ssh_options, "-o", "ControlMaster=auto", "-o",
+                              f"ControlPath={tmp}/cm-%C", "-o", "ControlPersist=120", ssh_server.alias]))
+    out: Dict[str, List[float]] = {}
+    for mode, ssh in modes:
+        if ssh:
+            lap.run("init", "--force", "--agent", agent.url, "--token-file", str(agent.token_file()),
+                    "--ssh", ssh_server.alias, check=0)
+            path = root / ".patchwire.toml"
+            text = path.read_text()
+            if "[sync]" not in text:
+                text += "\n[sync]\n"
+            path.write_text(text.replace("[sync]\n", "[sync]\nssh_options = " +
+                                         json.dumps(ssh_server.ssh_options) + "\n", 1))
+        base = Baseline(root, tmp / f"box{count}-{mode}", ssh)
+        patchwire_ask(lap, script({"write": f"ai_pw_{mode}.txt", "text": "warm-up\n"}))  # cold sync
+        base.ask(script({"write": f"ai_base_{mode}.txt", "text": "warm-up\n"}))
+        pw_t, base_t = [], []
+        for r in range(repeat):
+            (root / "lib" / "user_edit.dart").parent.mkdir(parents=True, exist_ok=True)
+            (root / "lib" / "user_edit.dart").write_text(f"// the user's edit {mode} {r}\n")
+            runs = [("pw", lambda: patchwire_ask(lap, script({"write": f"ai_pw_{mode}.txt", "text": f"{r}\n"}))),
+                    ("base", lambda: base.ask(script({"write": f"ai_base_{mode}.txt", "text": f"{r}\n"})))]
+            for name, func in (runs if r % 2 == 0 else runs[::-1]):
+                (pw_t if name == "pw" else base_t).append(timed(func))
+        out[f"pw {mode}"], out[f"base {mode}"] = pw_t, base_t
+        print(f"  {count:>7,} files {mode:5}: patchwire {spread(pw_t)} s, baseline {spread(base_t)} s", flush=True)
+    out["agent rss kB"] = [float(rss_kb(agent.proc.pid))]
+    return out
+
+
+# ================================================================== preview, start-up, memory
+
+
+def preview_figures(lines: int = 10000, repeat: int = 5) -> Tuple[List[float], List[float]]:
+    """(coloured, plain) seconds to render a diff of `lines` changed lines."""
+    body = [b"diff --git a/f.txt b/f.txt\n", b"index 1111111..2222222 100644\n", b"--- a/f.txt\n",
+            b"+++ b/f.txt\n", f"@@ -1,{lines // 2} +1,{lines // 2} @@\n".encode()]
+    body += [f"-    value_{i} = compute(alpha, beta, {i * 7 % 13}, 'old text here')\n".encode() for i in range(lines // 2)]
+    body += [f"+    value_{i} = compute(alpha, gamma, {i * 5 % 11}, 'new text here')\n".encode() for i in range(lines // 2)]
+    files = pw.split_patch(b"".join(body))
+    colour = [timed(lambda: pw.render_diff(files, pw.Style(True))) for _ in range(repeat)]
+    plain = [timed(lambda: pw.render_diff(files, pw.Style(False))) for _ in range(repeat)]
+    return colour, plain
+
+
+def startup_figures(repeat: int = 7) -> Dict[str, List[float]]:
+    out = {}
+    for args in (["--version"], ["--help"]):
+        out[" ".join(args)] = [timed(lambda: subprocess.run([sys.executable, str(ROOT / "patchwire.py"), *args],
+                                                            stdout=subprocess.DEVNULL, check=True))
+                               for _ in range(repeat)]
+    out["python -c pass"] = [timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True))
+                             for _ in range(repeat)]
+    return out
+
+
+def agent_memory(tmp: Path, asks: int) -> Dict[str, int]:
+    """Agent VmRSS (kB) idle, and after `asks` POST /v1/ask of a 20-file project (no laptop CLI:
+    the agent's own growth per ask is what is measured)."""
+    root = tmp / "mem"
+    make_project(root, 20)
+    agent = AgentProcess(tmp / "agent-mem", STAND_IN_COMMAND, jobs={"workers": 2}).start()
+    try:
+        lap = Laptop(root)
+        lap.init(agent)
+        idle = rss_kb(agent.proc.pid)
+        lap.run("sync", check=0)
+        tree = pw.Project(root, "laptop")
+        after_first = 0
+        for i in range(asks):
+            lap.run("ask", "--no-apply", "--no-color", script({"write": "m.txt", "text": f"{i}\n"}), check=0)
+            if i == 0:
+                after_first = rss_kb(agent.proc.pid)
+        return {"idle": idle, "after 1 ask": after_first, f"after {asks} asks": rss_kb(agent.proc.pid)}
+    finally:
+        agent.stop()
+
+
+# ================================================================== report
+
+
+def machine() -> str:
+    git_version = subprocess.run(["git", "--version"], capture_output=True, text=True).stdout.strip()
+    rsync_version = subprocess.run(["rsync", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit}, {os.cpu_count()} cores, "
+            f"{platform.platform()}, Python {platform.python_version()}, {git_version}, {rsync_version}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[200, 2000, 20000])
+    ap.add_argument("--big", action="store_true", help="also 100,000 files (slow to generate)")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--ssh-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[200, 20000],
+                    help="sizes also measured over SSH")
+    ap.add_argument("--asks", type=int, default=100, help="asks for the agent memory figure")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    args = ap.parse_args(argv)
+    sizes = args.sizes + ([100000] if args.big else [])
+    lines = [f"# Benchmark results (`python3 bench/ask.py`)", "", machine(), ""]
+    with tempfile.TemporaryDirectory(prefix="patchwire-bench-ask-") as tmpdir, ExitStack() as stack:
+        tmp = Path(tmpdir)
+        os.environ["HOME"] = str(tmp / "home")
+        (tmp / "home").mkdir()
+        server = None
+        if any(s in args.ssh_sizes for s in sizes):
+            from sshd import running_sshd
+            server = stack.enter_context(running_sshd(tmp / "sshd"))
+        print("warm asks (s):", flush=True)
+        results = {n: run_size(tmp, n, args.repeat, server if n in args.ssh_sizes else None, stack) for n in sizes}
+        lines += ["## Warm ask against the hand-written script", "",
+                  f"Seconds, median (min-max) of {args.repeat} interleaved rounds; one file changed per round.", "",
+                  "| files | mode | Patchwire | baseline | ratio |", "|---|---|---|---|---|"]
+        for n, res in results.items():
+            for mode in ("local", "ssh"):
+                if f"pw {mode}" in res:
+                    a, b = res[f"pw {mode}"], res[f"base {mode}"]
+                    lines.append(f"| {n:,} | {mode} | {spread(a)} | {spread(b)} | "
+                                 f"{statistics.median(a) / statistics.median(b):.1f}x |")
+        if len(results) > 1:
+            lo, hi = min(results), max(results)
+            g = statistics.median(results[hi]["pw local"]) / statistics.median(results[lo]["pw local"])
+            gb = statistics.median(results[hi]["base local"]) / statistics.median(results[lo]["base local"])
+            lines += ["", f"Growth {lo:,} -> {hi:,} files, local: Patchwire {g:.1f}x, baseline {gb:.1f}x."]
+        colour, plain = preview_figures()
+        lines += ["", "## Coloured preview of a 10,000-line diff", "",
+                  f"Coloured {spread(colour, 1000, '{:.0f}')} ms, uncoloured {spread(plain, 1000, '{:.0f}')} ms."]
+        print(lines[-1], flush=True)
+        start = startup_figures()
+        lines += ["", "## Start-up (ms, median (min-max))", ""]
+        lines += [f"- `patchwire {k}`: {spread(v, 1000, '{:.0f}')}" if not k.startswith("python")
+                  else f"- bare `{k}`: {spread(v, 1000, '{:.0f}')}" for k, v in start.items()]
+        print("\n".join(lines[-3:]), flush=True)
+        mem = agent_memory(tmp, args.asks)
+        lines += ["", "## Agent memory (VmRSS)", "", ", ".join(f"{k}: {v / 1024:.1f} MB" for k, v in mem.items())]
+        print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.no_write:
+        (ROOT / "bench" / "RESULTS.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
