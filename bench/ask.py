@@ -213,6 +213,62 @@ def agent_memory(tmp: Path, asks: int) -> Dict[str, int]:
         agent.stop()
 
 
+def streaming_figures(tmp: Path, clients: int = 50, lines: int = 40) -> Dict[str, object]:
+    """Agent RSS while `clients` follow one job's event stream, and how long an event takes
+    from the agent's store (its "time", ms resolution) to each client (median, p95, ms)."""
+    import http.client
+    import threading
+    root = tmp / "streams"
+    make_project(root, 20)
+    # all clients come from 127.0.0.1: lift the per-client cap (16) for this measurement
+    agent = AgentProcess(tmp / "agent-streams", STAND_IN_COMMAND,
+                         server={"max_connections_per_client": 64}).start()
+    try:
+        lap = Laptop(root)
+        lap.init(agent)
+        steps = [{"sleep": 2.0}] + [s for i in range(lines) for s in ({"say": f"line {i}"}, {"sleep": 0.05})]
+        ask = subprocess.Popen(lap.program + ["ask", "--no-apply", "--no-color", script(*steps)], cwd=root,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=lap.env)
+        deadline, job = time.monotonic() + 30, None
+        while job is None and time.monotonic() < deadline:
+            running = [j for j in agent.json("GET", "/v1/jobs")[1]["jobs"] if j["status"] in ("queued", "running")]
+            job = running[0]["id"] if running else None
+            time.sleep(0.05)
+        host, port = agent.url.split("//")[1].rstrip("/").rsplit(":", 1)
+        delays: List[float] = []
+        statuses: List[int] = []
+        lock = threading.Lock()
+
+        def follow() -> None:
+            conn = http.client.HTTPConnection(host, int(port), timeout=60)
+            conn.request("GET", f"/v1/jobs/{job}/events", headers={
+                "Authorization": "Bearer " + agent.token, "Accept": "application/x-ndjson"})
+            resp = conn.getresponse()
+            with lock:
+                statuses.append(resp.status)
+            for raw in resp:
+                now = time.time()
+                event = json.loads(raw)
+                if event.get("type") == "text" or "line " in json.dumps(event):
+                    with lock:
+                        delays.append(now - event["time"])
+            conn.close()
+        threads = [threading.Thread(target=follow, daemon=True) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)  # all attached, the AI still in its first sleep
+        rss_streams = rss_kb(agent.proc.pid)
+        for t in threads:
+            t.join(60)
+        ask.wait(60)
+        delays.sort()
+        return {"rss with streams kB": rss_streams, "delays": delays,
+                "streams": f"{statuses.count(200)} of {clients} streams answered 200 "
+                           f"(others: {sorted(set(statuses) - {200}) or 'none'})"}
+    finally:
+        agent.stop()
+
+
 # ================================================================== report
 
 
@@ -270,8 +326,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                   else f"- bare `{k}`: {spread(v, 1000, '{:.0f}')}" for k, v in start.items()]
         print("\n".join(lines[-3:]), flush=True)
         mem = agent_memory(tmp, args.asks)
+        streams = streaming_figures(tmp)
+        mem["with 50 streaming clients"] = streams["rss with streams kB"]
         lines += ["", "## Agent memory (VmRSS)", "", ", ".join(f"{k}: {v / 1024:.1f} MB" for k, v in mem.items())]
         print(lines[-1], flush=True)
+        d = streams["delays"]
+        if d:
+            lines += ["", "## Event latency, agent store -> 50 streaming clients", "",
+                      f"{len(d)} deliveries: median {statistics.median(d) * 1000:.1f} ms, "
+                      f"p95 {d[int(len(d) * 0.95)] * 1000:.1f} ms, max {d[-1] * 1000:.1f} ms "
+                      "(the event's stored time has ms resolution); " + streams["streams"] + "."]
+            print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
