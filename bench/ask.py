@@ -315,7 +315,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="sizes also measured over SSH")
     ap.add_argument("--asks", type=int, default=100, help="asks for the agent memory figure")
     ap.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run (tests/test_bench.py): 200 files, local, 1 round, no memory figures")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.sizes, args.ssh_sizes, args.repeat, args.no_write = [200], [], 1, True
     sizes = args.sizes + ([100000] if args.big else [])
     lines = [f"# Benchmark results (`python3 bench/ask.py`)", "", machine(), ""]
     with tempfile.TemporaryDirectory(prefix="patchwire-bench-ask-") as tmpdir, ExitStack() as stack:
@@ -346,11 +350,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         lines += ["", "## Coloured preview of a 10,000-line diff", "",
                   f"Coloured {spread(colour, 1000, '{:.0f}')} ms, uncoloured {spread(plain, 1000, '{:.0f}')} ms."]
         print(lines[-1], flush=True)
-        start = startup_figures(tmp)
+        start = startup_figures(tmp, 2 if args.quick else 7)
         lines += ["", "## Start-up (ms, median (min-max))", ""]
         lines += [f"- `patchwire {k}`: {spread(v, 1000, '{:.0f}')}" if not k.startswith("python")
                   else f"- bare `{k}`: {spread(v, 1000, '{:.0f}')}" for k, v in start.items()]
         print("\n".join(lines[-3:]), flush=True)
+        if args.quick:
+            print("\n".join(lines))
+            return 0
         mem = agent_memory(tmp, args.asks)
         streams = streaming_figures(tmp)
         mem["idle, from cached bytecode"] = idle_rss_with_bytecode(tmp)

@@ -13,3 +13,13 @@ def test_prepare_benchmark_quick_run_holds_its_checks():
     out = proc.stdout.decode()
     assert proc.returncode == 0, out
     assert "build cache" in out and "intact" in out and "fresh add / warm prepare" in out
+
+
+def test_ask_benchmark_quick_run_measures_patchwire_and_the_hand_written_script():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/ask.py"), "--quick"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, out
+    row = [l for l in out.splitlines() if l.startswith("| 200 | local |")]
+    assert len(row) == 1 and row[0].endswith("x |"), out  # both sides ran: a ratio was computed
+    assert "Coloured" in out and "`patchwire --help (cached bytecode)`" in out
