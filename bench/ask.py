@@ -43,6 +43,7 @@ import patchwire as pw  # noqa: E402
 from conftest import STAND_IN_COMMAND, AgentProcess, Laptop, script  # noqa: E402
 from prepare import project_files, write_files  # noqa: E402
 
+NOTES = "## Notes (written by hand; the bench keeps this part)"
 NESTED_GITIGNORE = {"lib/.gitignore": b"*.g.dart\n*.freezed.dart\n", "assets/.gitignore": b"*.tmp\n"}
 
 
@@ -373,8 +374,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     print(text)
-    if not args.no_write:
-        (ROOT / "bench" / "RESULTS.md").write_text(text)
+    if not args.no_write:  # the hand-written notes at the end of the file stay
+        path = ROOT / "bench" / "RESULTS.md"
+        old = path.read_text() if path.exists() else ""
+        path.write_text(text + (old[old.index(NOTES):] if NOTES in old else "\n" + NOTES + "\n"))
     return 0
 
 
