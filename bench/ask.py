@@ -161,6 +161,16 @@ def run_size(tmp: Path, count: int, repeat: int, ssh_server, stack: ExitStack) -
             for name, func in (runs if r % 2 == 0 else runs[::-1]):
                 (pw_t if name == "pw" else base_t).append(timed(func))
         out[f"pw {mode}"], out[f"base {mode}"] = pw_t, base_t
+        if not ssh:  # a sync with nothing to send, against a bare rsync of the same list
+            files = git(root, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
+            bare = ["rsync", "-a", "--from0", "--files-from=-", "./", f"{base.box}/"]
+            sync_t, rsync_t = [], []
+            for r in range(repeat):
+                sync_t.append(timed(lambda: lap.run("sync", check=0)))
+                rsync_t.append(timed(lambda: subprocess.run(bare, cwd=root, input=files, check=True)))
+            out["pw sync"], out["bare rsync"] = sync_t, rsync_t
+            print(f"  {count:>7,} files no-change sync: patchwire {spread(sync_t)} s, "
+                  f"bare rsync {spread(rsync_t)} s", flush=True)
         print(f"  {count:>7,} files {mode:5}: patchwire {spread(pw_t)} s, baseline {spread(base_t)} s", flush=True)
     out["agent rss kB"] = [float(rss_kb(agent.proc.pid))]
     return out
@@ -342,6 +352,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                     a, b = res[f"pw {mode}"], res[f"base {mode}"]
                     lines.append(f"| {n:,} | {mode} | {spread(a)} | {spread(b)} | "
                                  f"{statistics.median(a) / statistics.median(b):.1f}x |")
+        lines += ["", "No-change `patchwire sync` against a bare `rsync -a --files-from` of the same list, local (s):", "",
+                  "| files | patchwire sync | bare rsync | ratio |", "|---|---|---|---|"]
+        for n, res in results.items():
+            a, b = res["pw sync"], res["bare rsync"]
+            lines.append(f"| {n:,} | {spread(a)} | {spread(b)} | {statistics.median(a) / statistics.median(b):.1f}x |")
         if len(results) > 1:
             lo, hi = min(results), max(results)
             g = statistics.median(results[hi]["pw local"]) / statistics.median(results[lo]["pw local"])
