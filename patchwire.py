@@ -76,6 +76,13 @@ import unicodedata
 import urllib.parse
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # at run time, imported when an AgentClient is made (start-up, see there)
+    import http.client
+    import ssl
+    import urllib.error
+    import urllib.request
 
 __version__ = "0.3.0"
 
@@ -1961,9 +1968,9 @@ def _highlight_pair(minus: List[str], plus: List[str], style: Style) -> List[str
     for k, (old, new) in enumerate(zip(minus, plus)):
         a, b = old[1:], new[1:]
         if k >= DIFFLIB_PAIRS_PER_RUN or max(len(a), len(b)) > DIFFLIB_MAX_LINE:
-            o, n = _highlight_ends(a, b, style)
-            old_out.append(o)
-            new_out.append(n)
+            old_line, new_line = _highlight_ends(a, b, style)
+            old_out.append(old_line)
+            new_out.append(new_line)
             continue
         matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
         if matcher.ratio() < 0.4:
