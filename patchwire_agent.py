@@ -1619,6 +1619,7 @@ class Agent:
         self.repos: Dict[Tuple[str, str], ProjectRepo] = {}
         self.busy: Dict[Tuple[str, str], set] = {}
         self.runs: Dict[str, AIRun] = {}
+        self.ended: Dict[str, threading.Event] = {}  # job -> set by finish(), for a cancel that waits
         self.running: Dict[str, int] = {}  # user -> jobs of theirs holding a worker
         self.recent_runs: Deque[float] = deque(maxlen=20)  # seconds, for queue estimates
         self.announced: Dict[str, Tuple[int, Optional[int]]] = {}  # job -> last (position, estimate)
@@ -1912,11 +1913,16 @@ class Agent:
         else:
             with self.lock:
                 run = self.runs.get(job["id"])
+                ended = self.ended.setdefault(job["id"], threading.Event())
             if run:
                 run.stop(reason)
-            deadline = time.monotonic() + KILL_GRACE_S + 2
-            while time.monotonic() < deadline and self.store.job(job["id"])["status"] not in TERMINAL:
-                self.store.wait(0.1)
+            # finish() stores the end, then sets the event: either it is stored already or it
+            # will wake us; bounded in case the run does not end within its kill grace
+            if self.store.job(job["id"])["status"] not in TERMINAL:
+                ended.wait(KILL_GRACE_S + 2)
+            with self.lock:
+                if self.ended.get(job["id"]) is ended and not ended.is_set():
+                    del self.ended[job["id"]]
         return self.store.job(job["id"])
 
     def finish(self, job_id: str, status: str, reason: str = "", **fields: Any) -> None:
@@ -1925,6 +1931,10 @@ class Agent:
         self.store.add_event(job_id, {"type": event, "status": status, **extra}, status=status,
                              reason=reason or None, finished=time.time(), **fields,
                              **usage_columns(fields.get("result"), fields.get("stats")))
+        with self.lock:
+            ended = self.ended.pop(job_id, None)
+        if ended:
+            ended.set()
         job = self.store.job(job_id) or {}
         self.audit.job(job_id, "job_end", user=job.get("user"), project=job.get("project"), status=status,
                        reason=reason or None)
