@@ -2,13 +2,25 @@
 # Build dist/patchwire and dist/patchwire-agent: shiv zipapps that each carry both
 # modules plus pure-Python tomli and tomli-w, byte-identical from one build to the next.
 #
-# Wheels are cached in wheels/: only the first build needs the network.
-# Environment: PYTHON (default python3; needs shiv), SOURCE_DATE_EPOCH (default: last commit).
+# It brings its own pinned build tools: a virtualenv in build/venv from requirements-build.txt
+# (made once). Wheels are cached in wheels/: only the first build needs the network.
+# dist/SHA256SUMS lets an air-gapped install check the copies: `sha256sum -c SHA256SUMS`
+# (macOS: `shasum -a 256 -c SHA256SUMS`).
+# Environment: PYTHON (default python3, 3.9+), SOURCE_DATE_EPOCH (default: last commit).
 set -euo pipefail
 cd "$(dirname "$0")"
 
-PYTHON=${PYTHON:-python3}
-export PIP_ROOT_USER_ACTION=ignore
+export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
+VENV=build/venv
+if ! "$VENV/bin/python" -c "import shiv" 2>/dev/null \
+        || ! cmp -s requirements-build.txt "$VENV/requirements-build.txt"; then
+    echo "build.sh: installing the pinned build tools into $VENV"
+    rm -rf "$VENV"
+    "${PYTHON:-python3}" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q -r requirements-build.txt
+    cp requirements-build.txt "$VENV/requirements-build.txt"
+fi
+PYTHON=$VENV/bin/python
 STAGE=build/zipapp-site
 # Pure wheels only: tomli's CPython wheels are mypyc-compiled and would tie the pyz to one Python.
 PURE=(--only-binary=:all: --platform any --implementation py --abi none --python-version 3.9)
@@ -47,3 +59,12 @@ if command -v node >/dev/null && command -v npm >/dev/null; then
 else
     echo "build.sh: no Node.js here: dist/patchwire-vscode.vsix not built"
 fi
+
+# sha256sum's own format, written by Python so that it is the same on macOS and Linux.
+"$PYTHON" - dist/patchwire dist/patchwire-agent dist/patchwire-vscode.vsix >dist/SHA256SUMS <<'PY'
+import hashlib, os, sys
+for path in filter(os.path.exists, sys.argv[1:]):
+    with open(path, "rb") as f:
+        print(f"{hashlib.sha256(f.read()).hexdigest()}  {os.path.basename(path)}")
+PY
+echo "wrote dist/SHA256SUMS"

@@ -2,10 +2,15 @@
 
 The laptop is the source of truth. `patchwire ask "PROMPT"` does the whole job:
 
-    1. list the project's files with git's own ignore rules, minus a deny-list of secrets
-    2. record exactly what is sent as a git tree in a private index (blobs land in the
-       project's own object store, so every preimage of the returned diff exists here)
-    3. rsync those files, and only those, to the agent box (over SSH, or locally)
+    1. list the project's files with git's own ignore rules (wherever the project's root is:
+       a repository's top, a folder inside one, a folder without git), minus a deny-list of
+       secrets, `[sync] exclude` and files over `[sync] max_file_mb`
+    2. record exactly what is sent as a git tree in Patchwire's own store (a bare repository
+       under ~/.local/state/patchwire that reads the user's objects through alternates; the
+       user's repository holds nothing of it), so every preimage of the returned diff and
+       the 3-way merge base exist here
+    3. rsync the files that changed since the last sync (by content), and only listed files,
+       to the agent box (over SSH, or locally); files that move meanwhile are sent again
     4. POST /v1/ask {project, tree, files, prompt} to patchwire-agent with a bearer token
     5. stream the AI's progress (NDJSON events) to stderr as it happens
     6. fetch the diff, preview it (per-file summary, coloured diff, intra-line highlights)
@@ -13,7 +18,7 @@ The laptop is the source of truth. `patchwire ask "PROMPT"` does the whole job:
 
 Commands (`patchwire COMMAND --help` for each):
     init     write .patchwire.toml for this project (never the token itself)
-    sync     send the project to the agent box (--dry-run lists what would go, and why not)
+    sync     send the project to the agent box (--dry-run: what would go, and why not)
     ask      sync, ask the AI, stream progress, preview, apply on Enter
     diff     print a job's patch
     apply    preview and apply a job's patch (the last job by default; --yes skips asking)
@@ -25,8 +30,8 @@ Commands (`patchwire COMMAND --help` for each):
     usage    your asks, AI minutes, tokens and cost on the box (--by project|day, --csv)
 
 Exit codes:
-    0 ok, 1 error, 2 usage, 3 agent unreachable or refused the request,
-    4 the AI run failed, 5 the patch does not apply, 130 interrupted.
+    0 ok, 1 error, 2 usage, 3 agent unreachable or refused, 4 AI run failed,
+    5 patch does not apply, 130 interrupted.   (ExitStatus; a test keeps this in step)
 
 Environment:
     PATCHWIRE_TOKEN   the bearer token (overrides token_file in .patchwire.toml)
@@ -40,8 +45,7 @@ Everything the box sends is hostile data (README: Threat model): a patch is read
 and refused as a whole unless every byte is what `git diff` writes and every path and
 symlink stays inside the project, out of .git and off Patchwire's own settings; files are
 read and written here without following symlinks; the 3-way merge base is this laptop's
-own record; every string from the box is sanitised before it reaches a terminal.
-matching the secret deny-list never leave this machine, whatever git says about them. An
+own record; every string from the box is sanitised before it reaches a terminal. An
 https agent is verified against the system's CAs, or `ca_file` in .patchwire.toml.
 
 This module is also the shared base of patchwire_agent.py: its error base, subprocess
@@ -68,6 +72,7 @@ import ssl
 import stat
 import subprocess
 import sys
+import textwrap
 import time
 import unicodedata
 import urllib.error
@@ -84,19 +89,34 @@ CONFIG_NAME = ".patchwire.toml"
 DEFAULT_AGENT_URL = "http://127.0.0.1:7433"
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # use fullmatch
 
-# Secrets never leave the laptop, whatever git says. Matched against the file name and
-# against the whole path (fnmatch, case-sensitive). `[sync] deny` adds, `[sync] allow`
-# lets a matching path through (for example ".env.example").
+# Secrets never leave the laptop, whatever git says. Matched case-insensitively, in one
+# compiled expression (`PathMatcher`): a pattern without "/" matches a file's name at any
+# depth, one ending in "/" a folder (everything under it), one with "/" elsewhere the end of
+# the path at any depth ("*" there crosses folders), one starting with "/" from the project
+# root. `[sync] deny` adds, `[sync] allow` lets a matching path through (".env.example").
 DEFAULT_DENY = (
-    ".env", ".env.*", "*.env", ".envrc",
-    "*.pem", "*.key", "*.p12", "*.pfx", "*.keystore", "*.jks", "*.der", "*.crt",
+    ".env", ".env.*", ".env_*", ".env-*", "*.env", "env.local", ".envrc", ".dev.vars", ".dev.vars.*",
+    "*.pem", "*.key", "*.key.bak", "*.key.old", "*.pem.bak", "*.p12", "*.pfx", "*.keystore",
+    "*.jks", "*.der", "*.crt", "*.ppk", "*.asc", "AuthKey_*.p8", "*.p8",
     "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*",
-    ".netrc", ".pgpass", ".npmrc", ".pypirc", "*.kdbx",
+    ".netrc", ".pgpass", ".npmrc", ".pypirc", ".yarnrc.yml", "*.kdbx", ".htpasswd",
+    ".git-credentials", ".docker/config.json", ".kube/config", "settings.xml", "settings-security.xml",
+    "terraform.tfstate", "terraform.tfstate.*", "*.tfstate", "*.tfvars", "*.tfvars.json",
     "credentials", "credentials.json", "*credentials*.json", "client_secret*.json",
-    "service-account*.json", ".aws/*", ".ssh/*", ".gnupg/*",
+    "service-account*.json", "service_account*.json", "serviceAccountKey*.json",
+    "*firebase-adminsdk*.json", "*keyfile*.json", "keystore.properties",
+    ".aws/*", ".ssh/*", ".gnupg/*", "secrets/", ".secrets/",
     "secrets.*", "*.secret", "*.secrets",
     "google-services.json", "GoogleService-Info.plist", "key.properties",
 )
+DEFAULT_MAX_FILE_MB = 50
+# Folders that are usually build output or downloaded dependencies: the dry run warns when git
+# does not ignore them (`[sync] exclude` leaves them out for Patchwire only).
+HEAVY_FOLDERS = ("node_modules", "Pods", "build", ".dart_tool", ".gradle", ".venv", "venv",
+                 "target", "DerivedData", ".next", "dist")
+# Sync records kept in Patchwire's store per project (a job's 3-way merge base is one of them).
+RECORDS_KEPT = 30
+RECORDS_PRUNE_AT = 40
 
 # Settings that make git's bytes the same on every machine, whatever the user's config.
 GIT_NEUTRAL = (
@@ -110,8 +130,10 @@ GIT_NEUTRAL = (
     # them configurable) and a space on empty context lines, whatever the box user's config says
     "-c", "diff.srcPrefix=a/", "-c", "diff.dstPrefix=b/", "-c", "diff.suppressBlankEmpty=false",
 )
-# Overrides any in-tree .gitattributes (it has higher precedence): content is stored and
-# checked out byte for byte, no EOL conversion, no filters (DESIGN.md: byte-exact git).
+# Written to info/attributes of every git dir Patchwire uses, it overrides any in-tree
+# .gitattributes (higher precedence): `* text=auto eol=crlf` or an LFS filter in the project
+# would otherwise change what `git add` stores and what checkout writes. With it, content is
+# stored and checked out byte for byte (tested with CRLF files under `* text=auto eol=crlf`).
 NEUTRAL_ATTRIBUTES = b"* -text -eol -filter -ident -working-tree-encoding\n"
 GIT_IDENTITY = {
     "GIT_AUTHOR_NAME": "patchwire", "GIT_AUTHOR_EMAIL": "patchwire@localhost",
@@ -119,14 +141,9 @@ GIT_IDENTITY = {
     "GIT_AUTHOR_DATE": "1700000000 +0000", "GIT_COMMITTER_DATE": "1700000000 +0000",
 }
 
-HELP_EPILOG = """\
-exit codes: 0 ok, 1 error, 2 usage, 3 agent unreachable or refused,
-            4 AI run failed, 5 patch does not apply, 130 interrupted
-environment: PATCHWIRE_TOKEN (bearer token), NO_COLOR, PAGER
-"""
-
-
 class ExitStatus(enum.IntEnum):
+    """The laptop's exit codes; `--help` is written from this table, nowhere else."""
+
     OK = 0
     ERROR = 1
     USAGE = 2
@@ -134,6 +151,21 @@ class ExitStatus(enum.IntEnum):
     AI_FAILED = 4
     PATCH = 5
     INTERRUPTED = 130
+
+    @property
+    def meaning(self) -> str:
+        return EXIT_MEANINGS[self]
+
+
+EXIT_MEANINGS = {
+    ExitStatus.OK: "ok", ExitStatus.ERROR: "error", ExitStatus.USAGE: "usage",
+    ExitStatus.AGENT: "agent unreachable or refused", ExitStatus.AI_FAILED: "AI run failed",
+    ExitStatus.PATCH: "patch does not apply", ExitStatus.INTERRUPTED: "interrupted",
+}
+HELP_EPILOG = (textwrap.fill("exit codes: " + ", ".join(f"{int(s)} {s.meaning}".replace(" ", "\0")
+                                                          for s in ExitStatus),  # \0: never split an entry
+                             width=88, subsequent_indent="            ").replace("\0", " ")
+               + "\nenvironment: PATCHWIRE_TOKEN (bearer token), NO_COLOR, PAGER\n")
 
 
 # ================================================================== errors
@@ -408,7 +440,8 @@ LAPTOP_SCHEMA = {
     "agent": (str, DEFAULT_AGENT_URL), "token_file": (str, None), "ssh": (str, None), "ca_file": (str, None),
     "project": (str, None), "sync": (dict, {}),
 }
-SYNC_SCHEMA = {"deny": ("str_list", []), "allow": ("str_list", []),
+SYNC_SCHEMA = {"deny": ("str_list", []), "allow": ("str_list", []), "exclude": ("str_list", []),
+               "max_file_mb": (float, DEFAULT_MAX_FILE_MB), "submodules": (bool, False),
                "ssh_options": ("str_list", []), "rsync": (str, "rsync")}
 
 
@@ -423,7 +456,7 @@ class LaptopConfig:
         self.token_file = top["token_file"]
         # an https agent with its own (self-signed) certificate: the PEM file to trust
         self.ca_file = str(root / os.path.expanduser(top["ca_file"])) if top["ca_file"] else None
-        self.ssh = top["ssh"]
+        self.ssh, self.ssh_port = parse_ssh_destination(top["ssh"], path)
         self.project = top["project"] or default_project_name(root)
         if not NAME_RE.fullmatch(self.project):
             raise PatchwireError(f"{path}: project {self.project!r} is not a valid name",
@@ -433,8 +466,15 @@ class LaptopConfig:
                                  f"not {self.agent!r}")
         self.deny = list(DEFAULT_DENY) + sync["deny"] + self._token_inside()
         self.allow = sync["allow"]
+        self.exclude = sync["exclude"]
+        self.max_file_mb = sync["max_file_mb"]
+        self.submodules = sync["submodules"]
         self.ssh_options = sync["ssh_options"]
         self.rsync = sync["rsync"]
+
+    def ssh_argv(self) -> List[str]:
+        """`ssh` with the user's options and the port, without the destination."""
+        return ["ssh", *self.ssh_options, *(["-p", str(self.ssh_port)] if self.ssh_port else [])]
 
     def _token_inside(self) -> List[str]:
         """A token file kept inside the project never leaves with it."""
@@ -445,7 +485,7 @@ class LaptopConfig:
             rel = (path if path.is_absolute() else self.root / path).resolve().relative_to(self.root.resolve())
         except ValueError:
             return []
-        return [glob.escape(rel.as_posix())]
+        return ["/" + glob.escape(rel.as_posix())]
 
     @classmethod
     def find(cls, start: Optional[Path] = None) -> "LaptopConfig":
@@ -457,24 +497,100 @@ class LaptopConfig:
         raise UsageError(f"no {CONFIG_NAME} here or in any parent folder",
                          "run `patchwire init --agent URL --token-file PATH` in the project root")
 
+    def token_path(self) -> Optional[Path]:
+        if not self.token_file:
+            return None
+        path = Path(os.path.expanduser(self.token_file))
+        return path if path.is_absolute() else self.root / path
+
+    def token_source(self) -> str:
+        """Where the token comes from, for messages: PATCHWIRE_TOKEN wins over token_file."""
+        if os.environ.get("PATCHWIRE_TOKEN", "").strip():
+            return "PATCHWIRE_TOKEN"
+        return f"the token file {self.token_path()}"
+
     def token(self) -> str:
         token = os.environ.get("PATCHWIRE_TOKEN", "").strip()
         if token:
             return token
-        if not self.token_file:
+        path = self.token_path()
+        if path is None:
             raise UsageError("no token: set PATCHWIRE_TOKEN or token_file in " + str(self.path))
-        path = Path(os.path.expanduser(self.token_file))
-        if not path.is_absolute():
-            path = self.root / path
+        put_it_there = (f"the box printed your token once (`patchwire-agent init` or `user add`): "
+                        f"put it in {path} (mkdir -p {shlex.quote(str(path.parent))}; "
+                        f"install -m 600 /dev/null {shlex.quote(str(path))}), or set PATCHWIRE_TOKEN")
         try:
             token = path.read_text().strip()
         except OSError as e:
-            raise UsageError(f"cannot read the token file {path}: {e.strerror}",
-                             "point token_file in .patchwire.toml at the file "
-                             "`patchwire-agent init` wrote")
+            raise UsageError(f"cannot read the token file {path}: {e.strerror}", put_it_there) from None
         if not token:
-            raise UsageError(f"the token file {path} is empty")
+            raise UsageError(f"the token file {path} is empty", put_it_there)
+        warn_if_shared(path)
         return token
+
+
+SSH_DESTINATION_RE = re.compile(
+    r"(?:ssh://)?(?P<dest>(?:[^@/\s:]+@)?(?:\[[0-9A-Fa-f:.]+\]|[^@/\s:\[\]]+))(?::(?P<port>\d{1,5}))?/?")
+
+
+def parse_ssh_destination(value: Optional[str], path: Path) -> Tuple[Optional[str], Optional[int]]:
+    """`host`, `user@host`, `user@host:port` or `ssh://user@host[:port]` -> (user@host, port).
+
+    ssh itself takes the port only as `-p` or from ~/.ssh/config; `host:2222` handed to it as
+    is fails much later as "Could not resolve hostname host:2222"."""
+    if not value:
+        return None, None
+    m = SSH_DESTINATION_RE.fullmatch(value.strip())
+    if not m or (m.group("port") and not 0 < int(m.group("port")) < 65536):
+        raise PatchwireError(
+            f"{path}: ssh = {value!r} is not an SSH destination",
+            "use USER@HOST, USER@HOST:PORT, ssh://USER@HOST:PORT or a Host alias from ~/.ssh/config "
+            "(the folder on the box comes from the agent, not from this setting)")
+    dest = m.group("dest")  # an IPv6 address keeps its brackets: rsync needs them, ssh drops them
+    return dest, int(m.group("port")) if m.group("port") else None
+
+
+SSH_FAILURES = (  # what ssh says on stderr -> what to do about it
+    (("Connection refused",),
+     "nothing accepts SSH connections at {where}: is sshd running on the box, and is the port "
+     "right? (ssh = \"USER@HOST:PORT\" in .patchwire.toml, or Port in ~/.ssh/config)"),
+    (("Could not resolve hostname", "Name or service not known", "nodename nor servname"),
+     "{host} is not a known host name: check the spelling, or describe it as a Host in ~/.ssh/config"),
+    (("Connection timed out", "Operation timed out", "No route to host"),
+     "the box does not answer at {where}: is it on and reachable (Tailscale up)?"),
+    (("Host key verification failed", "REMOTE HOST IDENTIFICATION HAS CHANGED"),
+     "the box's host key is unknown or has changed: run `{ssh}` once, check the fingerprint and "
+     "accept it (or fix the old line in ~/.ssh/known_hosts)"),
+    (("Permission denied", "Too many authentication failures"),
+     "the box refused the login: set up a key (ssh-copy-id {copy_id}), check the user name, and "
+     "check that `{ssh}` works without a password"),
+    (("rsync: command not found", "rsync: not found", "rsync: No such file"),
+     "rsync is missing on the box: install it there (Debian/Ubuntu: sudo apt install rsync)"),
+)
+
+
+def ssh_failure_hint(cfg: "LaptopConfig", stderr: str) -> str:
+    """The fix for an SSH failure, from what ssh said; a general one when it is unclear."""
+    ssh = " ".join(shlex.quote(a) for a in [*cfg.ssh_argv(), cfg.ssh or ""])
+    host = (cfg.ssh or "").rpartition("@")[2]
+    where = f"{host} port {cfg.ssh_port}" if cfg.ssh_port else host
+    copy_id = " ".join(shlex.quote(a) for a in (["-p", str(cfg.ssh_port)] if cfg.ssh_port else [])
+                       + [cfg.ssh or ""])
+    for needles, hint in SSH_FAILURES:
+        if any(n in stderr for n in needles):
+            return hint.format(where=where, host=host, ssh=ssh, copy_id=copy_id)
+    return f"check that `{ssh}` works without a password and that rsync is installed on the box"
+
+
+def warn_if_shared(path: Path) -> None:
+    """A token others can read is a leaked token: say so on every command (doctor fails on it)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & 0o077:
+        say(f"warning: the token file {path} is readable by other users of this machine; "
+            f"fix: chmod 600 {shlex.quote(str(path))}")
 
 
 def default_project_name(root: Path) -> str:
@@ -485,82 +601,410 @@ def default_project_name(root: Path) -> str:
 # ================================================================== files: what leaves the laptop
 
 
+class PathMatcher:
+    """Shell-style patterns with the rules written at DEFAULT_DENY, compiled once into four
+    case-insensitive expressions (by kind of pattern), so 20,000 paths cost a few regex runs
+    each rather than 1.5 M fnmatch calls. `match` returns the first pattern that matches."""
+
+    def __init__(self, patterns: Sequence[str]):
+        self.patterns = list(patterns)
+        kinds: Dict[str, List[str]] = {"name": [], "folder": [], "tail": [], "root": []}
+        for i, pattern in enumerate(self.patterns):
+            kind, regex = _pattern_regex(pattern)
+            kinds[kind].append(f"(?P<p{i}>{regex})")
+        self._name = _alternation(kinds["name"])  # the file's name, whole
+        self._root = _alternation(kinds["root"])  # the whole path
+        self._tail = _alternation(kinds["tail"], r"(?:^|/)(?:", r")\Z")  # the path's end
+        self._folder = _alternation(kinds["folder"])  # any one folder name on the path
+        self._folders: Dict[str, Optional[str]] = {}  # folder -> pattern: files share folders
+
+    def match(self, path: str) -> Optional[str]:
+        if not self.patterns:
+            return None
+        folder, _, name = path.rpartition("/")
+        m = ((self._name and self._name.fullmatch(name)) or (self._root and self._root.fullmatch(path))
+             or (self._tail and self._tail.search(path)))
+        if m:
+            return self._which(m)
+        return self._folder_match(folder) if folder and self._folder else None
+
+    def _folder_match(self, folder: str) -> Optional[str]:
+        if folder not in self._folders:
+            parent, _, name = folder.rpartition("/")
+            hit = self._folder_match(parent) if parent else None
+            if hit is None:
+                m = self._folder.fullmatch(name)
+                hit = self._which(m) if m else None
+            self._folders[folder] = hit
+        return self._folders[folder]
+
+    def _which(self, m: "re.Match") -> str:
+        return self.patterns[int(m.lastgroup[1:])]
+
+
+def _alternation(parts: List[str], head: str = "(?:", tail: str = ")") -> Optional["re.Pattern"]:
+    return re.compile(head + "|".join(parts) + tail, re.IGNORECASE | re.DOTALL) if parts else None
+
+
+def _pattern_regex(pattern: str) -> Tuple[str, str]:
+    """(kind, regex) of one pattern; see DEFAULT_DENY for what each kind matches."""
+    body = pattern.strip("/")
+    below = "/.*" if pattern.endswith("/") else ""
+    if pattern.startswith("/"):
+        return "root", _glob_regex(body, ".*") + below
+    if "/" in body:
+        return "tail", _glob_regex(body, ".*") + below
+    if below:
+        return "folder", _glob_regex(body, "[^/]*")
+    return "name", _glob_regex(body, "[^/]*")
+
+
+def _glob_regex(pattern: str, star: str) -> str:
+    """fnmatch's syntax (*, ?, [seq], [!seq]) as a regex; `star` is what * may cross."""
+    out, i, n = [], 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        i += 1
+        if c == "*":
+            out.append(star)
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[":
+            j = i + (pattern[i:i + 1] == "!")
+            j += pattern[j:j + 1] == "]"
+            j = pattern.find("]", j)
+            if j < 0:
+                out.append(r"\[")
+                continue
+            body = pattern[i:j]
+            i = j + 1
+            negate = body.startswith("!")
+            body = re.sub(r"([\\\[\]&~|^])", r"\\\1", body[negate:])
+            out.append("[" + ("^" if negate else "") + body + "]")
+        else:
+            out.append(re.escape(c))
+    return "".join(out)
+
+
+class SyncRules:
+    """What `[sync]` says about the files git lists, compiled once per command."""
+
+    def __init__(self, deny: Sequence[str] = DEFAULT_DENY, allow: Sequence[str] = (),
+                 exclude: Sequence[str] = (), max_file_mb: float = DEFAULT_MAX_FILE_MB,
+                 submodules: bool = False):
+        self.deny = PathMatcher(deny)
+        self.allow = PathMatcher(allow)
+        # exclude works like a .gitignore line: a bare name is a file or a folder
+        self.exclude = PathMatcher([CONFIG_NAME] + [q for p in exclude for q in ((p,) if "/" in p else (p, p + "/"))])
+        # the ones git can apply itself while walking (so it never enters node_modules/)
+        self.git_excludes = [p for p in exclude if "/" not in p.rstrip("/") and not p.startswith("!")]
+        self.max_file_mb = max_file_mb
+        self.max_bytes = int(max_file_mb * 1024 * 1024)
+        self.submodules = submodules
+
+    @classmethod
+    def of(cls, cfg: "LaptopConfig") -> "SyncRules":
+        return cls(cfg.deny, cfg.allow, cfg.exclude, cfg.max_file_mb, cfg.submodules)
+
+
+Stat = Tuple[int, int, int, int]  # size, mtime_ns, ctime_ns, inode: what says "it moved"
+
+
+def stat_key(st: os.stat_result) -> Stat:
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
+class FileList:
+    """A project's listing: the paths to send (with their stat data, to notice files that
+    change while they are sent), what is held back and why, and notes for the dry run."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.paths: List[str] = []
+        self.stats: Dict[str, Stat] = {}
+        self.held: Dict[str, str] = {}
+        self.links = 0
+        self.heavy: Dict[str, List[int]] = {}  # untracked heavy folder -> [files, bytes]
+        self.unused_allow: List[str] = []
+
+    def add(self, path: str, st: os.stat_result, tracked: bool) -> None:
+        self.paths.append(path)
+        self.stats[path] = stat_key(st)
+        self.links += stat.S_ISLNK(st.st_mode)
+        if not tracked and "/" in path:
+            parts = path.split("/")[:-1]
+            for i, part in enumerate(parts):
+                if part in HEAVY_FOLDERS:
+                    totals = self.heavy.setdefault("/".join(parts[:i + 1]) + "/", [0, 0])
+                    totals[0] += 1
+                    totals[1] += st.st_size
+                    break
+
+    def size(self, path: str) -> int:
+        return self.stats[path][0]
+
+    def moved(self, paths: Iterable[str]) -> List[str]:
+        """Paths whose stat data differ from the listing's (rewritten, or gone)."""
+        moved, root = [], str(self.root)
+        for path in paths:
+            try:
+                now = stat_key(os.lstat(os.path.join(root, path)))
+            except OSError:
+                now = None
+            if now != self.stats.get(path):
+                moved.append(path)
+        return moved
+
+
 class Project:
-    """The user's project folder: which files go, and a private git dir that records what
-    was sent (its objects are the user's own, so diffs' preimages exist locally)."""
+    """The user's project folder, wherever its root is (a git repository's top, a folder
+    inside one, or a folder without git): which files go, and Patchwire's own git store
+    for it, which records what was sent (the 3-way merge base of a job's diff).
+
+    The store is a bare repository under Patchwire's state folder. It reads the user's
+    objects through alternates, so files already in the user's history are not copied, and
+    nothing points the other way: the user's repository holds no ref, object or config of
+    Patchwire's, so `git push --mirror`, `clone` and `gc` there never see it."""
 
     def __init__(self, root: Path, project: str):
         self.root = root
         self.name = project
         self.user_git: Optional[Git] = None
-        top = run(["git", "rev-parse", "--show-toplevel", "--git-dir", "--git-common-dir"],
-                  cwd=root, env=clean_env(), check=False)
-        lines = top.stdout.decode("utf-8", "surrogateescape").splitlines()
-        if top.returncode == 0 and len(lines) == 3 and Path(lines[0]).resolve() == root.resolve():
-            git_dir = (root / lines[1]).resolve()
-            common = (root / lines[2]).resolve()
-            self.user_git = Git(cwd=root, neutral=False)
-            self.private_dir = git_dir / "patchwire"
-            objects = common / "objects"
-        else:
-            key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
-            self.private_dir = cache_dir() / "trees" / key
-            objects = self.private_dir / "objects"
+        self.user_objects: Optional[Path] = None
+        probe = run(["git", "rev-parse", "--is-inside-work-tree", "--git-dir", "--git-common-dir",
+                     "--show-prefix"], cwd=root, env=clean_env(), check=False)
+        lines = probe.stdout.decode("utf-8", "surrogateescape").splitlines()[:4]
+        key = hashlib.sha256(str(root.resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        self.private_dir = state_dir() / "projects" / f"{default_project_name(root)}-{key}"
         prepare_private_git_dir(self.private_dir)
-        self.git = Git(cwd=root, git_dir=self.private_dir, work_tree=root,
-                       env={"GIT_OBJECT_DIRECTORY": str(objects),
-                            "GIT_INDEX_FILE": str(self.private_dir / "index")})
+        env = {"GIT_INDEX_FILE": str(self.private_dir / "index"), **TRUST_STAT}
+        self.own_git = Git(cwd=root, git_dir=self.private_dir, work_tree=root, env=env)
+        if probe.returncode == 0 and len(lines) >= 3 and lines[0] == "true" and not _ignored_folder(root, lines):
+            self.user_git = Git(cwd=root, neutral=False)
+            self.user_objects = (root / lines[2]).resolve() / "objects"
+            env["GIT_ALTERNATE_OBJECT_DIRECTORIES"] = quote_alternate(self.user_objects)
+            self._forget_legacy_record((root / lines[1]).resolve())
+        self.git = Git(cwd=root, git_dir=self.private_dir, work_tree=root, env=env)
 
     @property
     def is_git_repo(self) -> bool:
         return self.user_git is not None
 
-    def candidate_files(self) -> List[str]:
-        """Tracked files plus untracked ones git does not ignore, by git's own rules
-        (nested .gitignore, negations, .git/info/exclude, core.excludesFile)."""
-        if self.user_git:
-            out = self.user_git("ls-files", "-z", "--cached", "--others", "--exclude-standard")
-        else:
-            out = Git(cwd=self.root, git_dir=self.private_dir, work_tree=self.root)(
-                "ls-files", "-z", "--others", "--exclude-standard")
-        paths = {p.decode("utf-8", "surrogateescape") for p in out.split(b"\0") if p}
-        return sorted(paths)
+    # --- listing
+
+    def scan(self, rules: SyncRules) -> FileList:
+        """Tracked files plus untracked ones git does not ignore, by git's own rules (nested
+        .gitignore, a parent folder's too, negations, info/exclude, core.excludesFile), minus
+        `[sync] exclude`, the secret deny-list and files over `[sync] max_file_mb`."""
+        files, used_allow = FileList(self.root), set()
+        root, pending = str(self.root), [""]
+        while pending:
+            prefix = pending.pop()
+            for path, tracked in self._list(prefix, rules):
+                if path in files.stats or rules.exclude.match(path):
+                    continue  # (a conflicted file is listed once per merge stage)
+                try:
+                    st = os.lstat(os.path.join(root, path))
+                except OSError:
+                    continue  # deleted from the worktree: it goes from the snapshot too
+                if stat.S_ISDIR(st.st_mode):
+                    self._nested(path.rstrip("/"), tracked, rules, files, pending)
+                    continue
+                if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+                    files.held[path] = "not a regular file"
+                    continue
+                allowed = rules.allow.match(path)
+                if allowed:
+                    used_allow.add(allowed)
+                else:
+                    why = held_reason(path, st, tracked, rules)
+                    if why:
+                        files.held[path] = why
+                        continue
+                files.add(path, st, tracked)
+        files.paths.sort()
+        files.unused_allow = [p for p in rules.allow.patterns if p not in used_allow]
+        return files
 
     def file_list(self, deny: Sequence[str], allow: Sequence[str]) -> Tuple[List[str], Dict[str, str]]:
-        """(paths to send, {path: why it is held back})."""
-        send, held = [], {}
-        for path in self.candidate_files():
-            try:
-                st = os.lstat(self.root / path)
-            except OSError:
-                continue  # deleted from the worktree: it goes from the snapshot too
-            if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
-                held[path] = "not a regular file (submodule or special file)"
-                continue
-            pattern = denied_by(path, deny, allow)
-            if pattern:
-                held[path] = f"secret deny-list: {pattern}"
-                continue
-            send.append(path)
-        return send, held
+        """(paths to send, {path: why held back}) with these deny and allow patterns."""
+        files = self.scan(SyncRules(deny, allow))
+        return files.paths, files.held
+
+    def _list(self, prefix: str, rules: SyncRules) -> Iterator[Tuple[str, bool]]:
+        """(path, tracked) of what git lists under `prefix` (a submodule's or nested
+        repository's folder, or "" for the project): `-t` tags untracked files with "?"."""
+        args = ["ls-files", "-z", "-t", "--others", "--exclude-standard",
+                *("--exclude=" + p for p in rules.git_excludes)]
+        if prefix:
+            git = Git(cwd=self.root / prefix, neutral=False)
+        elif self.user_git:
+            git = self.user_git
+        else:  # no repository: a throwaway index gives git's ignore rules all the same
+            git = self.own_git.with_env(GIT_INDEX_FILE=str(self.private_dir / "listing.index"))
+        out = git(*args, "--cached") if (prefix or self.user_git) else git(*args)
+        for rec in out.split(b"\0"):
+            if len(rec) > 2:
+                yield prefix + _dec(rec[2:]), rec[:1] != b"?"
+
+    def _nested(self, path: str, tracked: bool, rules: SyncRules, files: FileList, pending: List[str]) -> None:
+        """A submodule (tracked) or a repository inside the project (untracked): its files
+        go with `[sync] submodules = true`, listed by its own git."""
+        kind = "a submodule" if tracked else "a git repository inside the project"
+        if not os.path.lexists(os.path.join(self.root, path, ".git")):
+            files.held[path + "/"] = f"{kind} that is not checked out (git submodule update --init)"
+        elif rules.submodules and path.count("/") < 16:
+            pending.append(path + "/")
+        else:
+            files.held[path + "/"] = f"{kind}: set `submodules = true` under [sync] to send its files"
+
+    # --- the sync record
 
     def record(self, paths: Sequence[str]) -> Tuple[str, List[List[str]]]:
-        """Put exactly `paths` into the private index; return (tree id, manifest)."""
-        set_index_paths(self.git, paths)
+        """Record exactly `paths` as a tree in Patchwire's store; return (tree id, manifest).
+        The tree stays readable (`recorded`, `recorded_file`) for the last RECORDS_KEPT syncs."""
+        try:
+            set_index_paths(self.git, paths)
+        except ProcessError as e:  # a file that shrank or vanished while git hashed it
+            moving = RECORD_MOVED.findall(e.stderr)
+            if not moving:
+                raise
+            raise FilesMoved(sorted({_dec(a or b) for a, b in moving})) from None
         tree = self.git.text("write-tree")
         manifest = [[mode, sha, path] for path, (mode, sha) in sorted(self.git.ls_files_stage().items())]
+        self._own_borrowed(tree)
         self._keep(tree)
         return tree, manifest
 
-    def _keep(self, tree: str) -> None:
-        """A ref in the user's repo keeps the synced blobs from `git gc`."""
+    def pin_record(self, job: str, tree: str, jobs: Iterable[str]) -> None:
+        """Keep the record `tree` of `job` while the job may still be applied (3-way, against
+        that record), however many syncs come after; pins of jobs no longer in `jobs` (the
+        ones still kept) go, and their records with the next pruning."""
+        self.git("update-ref", f"refs/jobs/{job}", tree)
+        keep = {f"refs/jobs/{j}" for j in jobs}
+        old = [r for r in self.git.text("for-each-ref", "--format=%(refname)", "refs/jobs/").split()
+               if r not in keep]
+        if old:
+            self.git("update-ref", "--stdin", input="".join(f"delete {r}\n" for r in old).encode())
+
+    def recorded(self, tree: str) -> bool:
+        """Whether `tree` (a job's base) is a sync record this store can read."""
+        return bool(tree) and self.git.run("cat-file", "-e", tree + "^{tree}", check=False).returncode == 0
+
+    def recorded_file(self, tree: str, path: str) -> Optional[Tuple[bytes, str]]:
+        """(bytes, git mode) of `path` as it was sent in the record `tree`; None if absent."""
+        out = self.git("ls-tree", "-z", tree, "--", path)
+        if not out:
+            return None
+        mode, _, sha = out.split(b"\t", 1)[0].decode().split()
+        return self.git("cat-file", "blob", sha), mode
+
+    def changed_since(self, old_tree: str, tree: str) -> List[str]:
+        """Paths added or changed (by content or mode) from one record to the next."""
+        out = self.git("diff-tree", "-r", "-z", "--no-renames", "--diff-filter=AMT", "--name-only",
+                       old_tree, tree)
+        return [_dec(p) for p in out.split(b"\0") if p]
+
+    def _own_borrowed(self, tree: str) -> None:
+        """Copy into Patchwire's store the recorded blobs it finds only in the user's store
+        but not in the user's HEAD (staged edits, dangling blobs): the user's `git gc` may
+        drop those. Blobs in HEAD stay the user's: history keeps them."""
         if not self.user_git:
             return
-        commit = self.git.text("commit-tree", tree, "-m", f"patchwire sync of {self.name}")
-        self.user_git.with_env(**GIT_IDENTITY)("update-ref", f"refs/patchwire/{self.name}/synced", commit)
+        head = self.user_git.run("rev-parse", "-q", "--verify", "HEAD:./", check=False)
+        base = head.stdout.decode().strip() if head.returncode == 0 else EMPTY_TREE
+        out = self.git("diff-tree", "-r", "-z", "--no-renames", "--diff-filter=AMT", base, tree)
+        blobs = [rec.split()[3] for rec in out.split(b"\0")[0::2]
+                 if rec.startswith(b":") and rec.split()[1] != b"160000"]  # not submodule commits
+        if not blobs:
+            return
+        check = self.own_git("cat-file", "--batch-check", input=b"\n".join(blobs) + b"\n")
+        missing = [line.split()[0] for line in check.splitlines() if line.endswith(b" missing")]
+        if missing:  # read through the alternates, written without them: a local copy
+            pack = self.git("pack-objects", "-q", "--stdout", input=b"\n".join(missing) + b"\n")
+            self.own_git("unpack-objects", "-q", input=pack)
+
+    def _keep(self, tree: str) -> None:
+        """A ref per record keeps it from Patchwire's own pruning; beyond RECORDS_PRUNE_AT
+        records the oldest go, and so do blobs no record uses any more (after an hour, so a
+        sync running in parallel keeps what it has just written)."""
+        path = self.state_file("records.json")
+        try:
+            records = [r for r in json.loads(path.read_text()) if r != tree]
+        except (OSError, ValueError):
+            records = []
+        self.git("update-ref", f"refs/records/{tree}", tree)
+        records.append(tree)
+        if len(records) > RECORDS_PRUNE_AT:
+            for old in records[:-RECORDS_KEPT]:
+                self.git("update-ref", "-d", f"refs/records/{old}")
+            records = records[-RECORDS_KEPT:]
+            self.git("prune", "--expire=1.hour.ago")
+        path.write_text(json.dumps(records))
+
+    def _forget_legacy_record(self, git_dir: Path) -> None:
+        """Patchwire 0.3 kept its record inside the user's repository (.git/patchwire, and a
+        ref refs/patchwire/NAME/synced that `git push --mirror` carried away with untracked
+        files' blobs). Keep its state files, drop the rest."""
+        legacy = git_dir / "patchwire"
+        if not (legacy / "HEAD").is_file():
+            return
+        for name in ("last_job", "applied.log", "undo.json"):
+            if (legacy / name).is_file() and not self.state_file(name).exists():
+                shutil.copy2(legacy / name, self.state_file(name))
+        for ref in self.user_git.text("for-each-ref", "--format=%(refname)", "refs/patchwire/").split():
+            if ref.endswith("/synced"):
+                self.user_git("update-ref", "-d", ref)
+        shutil.rmtree(legacy)
 
     def state_file(self, name: str) -> Path:
         return self.private_dir / name
+
+
+def _ignored_folder(root: Path, probe: List[str]) -> bool:
+    """A folder inside a repository that ignores it (a home folder kept in git with `*` in its
+    .gitignore) is a project without git: its files are none of that repository's."""
+    if len(probe) < 4 or not probe[3]:
+        return False  # the repository's top level
+    return run(["git", "check-ignore", "-q", "."], cwd=root, env=clean_env(), check=False).returncode == 0
+
+
+class FilesMoved(PatchwireError):
+    """Files changed while git recorded them (`paths`): the sync lists the project again."""
+
+    def __init__(self, paths: List[str]):
+        super().__init__(f"{', '.join(paths)} changed while being recorded")
+        self.paths = paths
+
+
+# `git update-index` on a file rewritten under it: "error: short read while indexing X",
+# "error: X: failed to insert into database", "fatal: Unable to process path X".
+RECORD_MOVED = re.compile(rb"^(?:error: (.+): failed to insert into database|fatal: Unable to process path (.+))$", re.M)
+EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
+# Racy-git safety for the record: a file rewritten with the same size and mtime still has a
+# new ctime; make git look at it whatever the user's core.trustctime says (git >= 2.31).
+TRUST_STAT = {"GIT_CONFIG_COUNT": "2", "GIT_CONFIG_KEY_0": "core.trustctime", "GIT_CONFIG_VALUE_0": "true",
+              "GIT_CONFIG_KEY_1": "core.checkStat", "GIT_CONFIG_VALUE_1": "default"}
+
+
+def quote_alternate(path: Path) -> str:
+    """GIT_ALTERNATE_OBJECT_DIRECTORIES separates by ':'; such a path is C-quoted."""
+    text = str(path)
+    return json.dumps(text) if (":" in text or text.startswith('"')) else text
+
+
+def held_reason(path: str, st: os.stat_result, tracked: bool, rules: SyncRules) -> Optional[str]:
+    """Why a listed file stays here, or None: the deny-list, then the size cap."""
+    pattern = rules.deny.match(path)
+    if pattern:
+        why = f"secret deny-list: {pattern}"
+        if tracked:
+            why += f"; tracked in git: probably not a secret; allow with `[sync] allow = [{json.dumps(path)}]`"
+        return why
+    if stat.S_ISREG(st.st_mode) and st.st_size > rules.max_bytes:
+        return (f"{human_bytes(st.st_size)}, over [sync] max_file_mb = {rules.max_file_mb:g}: raise it, "
+                f"or add the path to [sync] allow, to send it")
+    return None
 
 
 def set_index_paths(git: Git, paths: Sequence[str]) -> None:
@@ -581,15 +1025,11 @@ def encode_path(path: str) -> bytes:
 
 
 def denied_by(path: str, deny: Sequence[str], allow: Sequence[str]) -> Optional[str]:
-    name = path.rsplit("/", 1)[-1]
-    for pattern in allow:
-        if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(path, pattern):
-            return None
-    for pattern in deny:
-        if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(path, pattern) \
-                or ("/" in pattern and fnmatch.fnmatchcase(path, "*/" + pattern)):
-            return pattern
-    return None
+    """The deny pattern that holds `path` back (None when an allow pattern lets it through).
+    For one path; a listing compiles its patterns once (SyncRules)."""
+    if PathMatcher(allow).match(path):
+        return None
+    return PathMatcher(deny).match(path)
 
 
 def cache_dir() -> Path:
@@ -597,16 +1037,26 @@ def cache_dir() -> Path:
     return Path(base) / "patchwire"
 
 
+def state_dir() -> Path:
+    """Patchwire's own state on this machine (sync records, apply log, undo)."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "patchwire"
+
+
 # ================================================================== sync (rsync)
 
 
-def rsync_argv(cfg: LaptopConfig, dest: str, checksum: bool = False) -> List[str]:
-    """Options that macOS's rsync 2.6.9, openrsync and rsync 3 all accept."""
+def rsync_argv(cfg: LaptopConfig, dest: str, checksum: bool = False, ignore_times: bool = False) -> List[str]:
+    """Options that macOS's rsync 2.6.9, openrsync and rsync 3 all accept. `ignore_times`
+    (-I) sends the listed files even when size and mtime match: Patchwire already knows by
+    content which ones changed. `checksum` compares every listed file by content."""
     argv = [cfg.rsync, "-a", "--files-from=-", "--from0", "--stats"]
     if checksum:
         argv.append("--checksum")
+    if ignore_times:
+        argv.append("-I")
     if cfg.ssh:
-        ssh = ["ssh", *cfg.ssh_options, "-o", "BatchMode=yes",
+        ssh = [*cfg.ssh_argv(), "-o", "BatchMode=yes",
                "-o", "ControlMaster=auto", "-o", f"ControlPath={control_dir()}/%C",
                "-o", "ControlPersist=60"]
         argv += ["-e", " ".join(shlex.quote(a) for a in ssh)]
@@ -628,6 +1078,12 @@ RSYNC_COUNTS = (
     ("files", re.compile(rb"Number of (?:regular )?files transferred: ([\d,.]+)")),
     ("bytes", re.compile(rb"Total transferred file size: ([\d,.]+)")),
 )
+# Exit 23 (some files not transferred) and 24 (some vanished) name the files on stderr:
+# `link_stat "X" failed`, `file has vanished: "X"` (gone), `send_files failed to open "X":
+# Permission denied` (unreadable here). rsync 3 tags the side ([sender] is this machine).
+RSYNC_GONE = re.compile(rb'(?:link_stat|file has vanished:) "([^"\n]+)"(?: failed: No such file)?')
+RSYNC_UNREADABLE = re.compile(rb'(?:\[sender\] )?send_files failed to open "([^"\n]+)": ([^\n(]+)')
+RSYNC_PARTIAL = (23, 24)
 
 
 def rsync_counts(stdout: bytes) -> Dict[str, int]:
@@ -639,19 +1095,42 @@ def rsync_counts(stdout: bytes) -> Dict[str, int]:
     return counts
 
 
-def send_files(cfg: LaptopConfig, paths: Sequence[str], dest: str, checksum: bool = False) -> Dict[str, int]:
+def rsync_failures(stderr: bytes, root: Path) -> Tuple[List[str], Dict[str, str]]:
+    """(paths that vanished, {path: why unreadable}) from rsync's stderr, relative to root."""
+    def rel(raw: bytes) -> str:
+        path = os.path.normpath(_dec(raw))
+        return os.path.relpath(path, str(root)) if os.path.isabs(path) else path
+    gone = [rel(m.group(1)) for m in RSYNC_GONE.finditer(stderr)]
+    unreadable = {rel(m.group(1)): _dec(m.group(2)).strip() for m in RSYNC_UNREADABLE.finditer(stderr)}
+    return gone, unreadable
+
+
+def send_files(cfg: LaptopConfig, paths: Sequence[str], dest: str, checksum: bool = False,
+               ignore_times: bool = False) -> Dict[str, Any]:
+    """rsync exactly `paths`; {"files", "bytes"} sent, and "gone": paths that vanished on the
+    way (exit 23/24 with nothing else wrong: the caller lists the project again)."""
     if not shutil.which(cfg.rsync):
         raise PatchwireError(f"{cfg.rsync} is not installed on this machine",
                              "install rsync (macOS ships it; Debian/Ubuntu: apt install rsync)")
-    proc = run(rsync_argv(cfg, dest, checksum), cwd=cfg.root,
+    proc = run(rsync_argv(cfg, dest, checksum, ignore_times), cwd=cfg.root,
                input=b"".join(encode_path(p) + b"\0" for p in paths), timeout=3600, check=False)
-    if proc.returncode != 0:
-        tail = proc.stderr.decode("utf-8", "replace").strip()[-1500:]
-        ssh = " ".join(shlex.quote(a) for a in ["ssh", *cfg.ssh_options, cfg.ssh or ""])
-        hint = (f"check that `{ssh}` works without a password and that rsync is installed on "
-                "the box") if cfg.ssh else "check that the mirror folder is writable"
-        raise AgentError(f"rsync failed (exit {proc.returncode}): {tail}", hint)
-    return rsync_counts(proc.stdout)
+    counts: Dict[str, Any] = {**rsync_counts(proc.stdout), "gone": []}
+    if proc.returncode == 0:
+        return counts
+    if proc.returncode in RSYNC_PARTIAL:
+        gone, unreadable = rsync_failures(proc.stderr, cfg.root)
+        if unreadable:
+            path, why = next(iter(unreadable.items()))
+            more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+            raise PatchwireError(f"cannot read {sanitize(path)}{more} here: {why}",
+                                 "fix its permissions, or leave it out with `exclude = [...]` under "
+                                 "[sync] in .patchwire.toml")
+        if gone or proc.returncode == 24:  # 24 only ever means files vanished here
+            counts["gone"] = gone
+            return counts
+    tail = proc.stderr.decode("utf-8", "replace").strip()[-1500:]
+    hint = ssh_failure_hint(cfg, tail) if cfg.ssh else "check that the mirror folder is writable"
+    raise AgentError(f"rsync failed (exit {proc.returncode}): {tail}", hint)
 
 
 # ================================================================== HTTP client
@@ -660,10 +1139,12 @@ def send_files(cfg: LaptopConfig, paths: Sequence[str], dest: str, checksum: boo
 class Client:
     """Talks to patchwire-agent: JSON requests, NDJSON streams, bearer token."""
 
-    def __init__(self, base_url: str, token: str, timeout: float = 30, ca_file: Optional[str] = None):
+    def __init__(self, base_url: str, token: str, timeout: float = 30, ca_file: Optional[str] = None,
+                 token_source: str = "the token"):
         self.base = base_url.rstrip("/")
         self._token = token
         self.timeout = timeout
+        self.token_source = token_source
         self._tls: Optional[ssl.SSLContext] = None
         if ca_file:
             try:
@@ -702,15 +1183,23 @@ class Client:
             body = json.loads(e.read() or b"{}")
         except ValueError:
             body = {}
-        message = body.get("error") or f"HTTP {e.code} {e.reason}"
-        hint = body.get("hint", "")
+        if not isinstance(body, dict) or not isinstance(body.get("error"), str):
+            return AgentError(f"{self.base} answered HTTP {e.code} {e.reason}, not as a patchwire-agent "
+                              "would", "check `agent` in .patchwire.toml: it is the URL "
+                              "`patchwire-agent serve` prints when it starts", code=str(e.code),
+                              http_status=e.code)
+        message, hint, code = body["error"], str(body.get("hint", "")), str(body.get("code", e.code))
         if e.code == 401:
-            hint = hint or "check the token file named in .patchwire.toml"
+            hint = (f"the agent does not know the token from {self.token_source}: put in the token "
+                    "the box printed for you" + (" (or unset PATCHWIRE_TOKEN to use token_file)"
+                                                 if self.token_source == "PATCHWIRE_TOKEN" else ""))
         retry = e.headers.get("Retry-After", "") if e.headers else ""
         if e.code == 429 and retry.isdigit() and retry not in hint:
             hint = (hint + "; " if hint else "") + f"the agent says: retry after {retry} s"
-        return AgentError(f"the agent refused: {message}", hint, details=body,
-                          code=body.get("code", str(e.code)), http_status=e.code)
+        if e.code == 404 and code == "not_found":  # not a refusal: nothing by that name
+            return AgentError(message, hint or "`patchwire jobs` lists your jobs", details=body, code=code,
+                              http_status=e.code, exit_status=ExitStatus.ERROR)
+        return AgentError(f"the agent refused: {message}", hint, details=body, code=code, http_status=e.code)
 
     def json(self, method: str, path: str, body: Optional[dict] = None) -> dict:
         with self._request(method, path, body) as resp:
@@ -1718,11 +2207,12 @@ class Applier:
     The patch is vetted first (split_patch, then vet_on_disk): a refused patch changes
     nothing. `protected` names more project paths no patch may touch (a token file)."""
 
-    def __init__(self, project: Project, style: Style, protected: Sequence[str] = ()):
+    def __init__(self, project: Project, style: Style, protected: Sequence[str] = (), job: str = ""):
         self.project = project
         self.git = project.git
         self.style = style
         self.protected = protected
+        self.job = job  # named in hints
 
     def apply(self, patch: bytes, base_tree: Optional[str], keep_conflicts: Optional[bool]) -> dict:
         files = vet_on_disk(self.project.root, split_patch(patch), self.protected)
@@ -1753,8 +2243,8 @@ class Applier:
         if conflicts and not self._keep_conflicts(merged, conflicts, keep_conflicts):
             raise PatchError("the AI's change and yours overlap in " + ", ".join(map(sanitize, conflicts)) +
                              "; nothing was changed",
-                             "resolve by hand: `patchwire diff JOB` shows the AI's change; "
-                             "or run `patchwire apply JOB --keep-conflicts` to get conflict markers")
+                             f"resolve by hand: `patchwire diff {self.job}` shows the AI's change; "
+                             f"or run `patchwire apply {self.job} --keep-conflicts` to get conflict markers")
         before = self.save(list(merged), gone)
         self.write(merged, before)
         return self.done(before, "3-way", list(merged), conflicts)
@@ -2198,6 +2688,7 @@ class Session:
         self.cfg = cfg
         self.project = Project(cfg.root, cfg.project)
         self._client: Optional[Client] = None
+        self._rules: Optional[SyncRules] = None
 
     @classmethod
     def here(cls) -> "Session":
@@ -2206,33 +2697,85 @@ class Session:
     @property
     def client(self) -> Client:
         if self._client is None:
-            self._client = Client(self.cfg.agent, self.cfg.token(), ca_file=self.cfg.ca_file)
+            self._client = Client(self.cfg.agent, self.cfg.token(), ca_file=self.cfg.ca_file,
+                                  token_source=self.cfg.token_source())
         return self._client
 
-    def sync(self, force: bool = False, checksum: bool = False) -> Tuple[str, List[List[str]], dict]:
-        paths, held = self.project.file_list(self.cfg.deny, self.cfg.allow)
-        if held:
-            say(f"held back {len(held)} file(s) (see `patchwire sync --dry-run`)")
+    @property
+    def rules(self) -> SyncRules:
+        if self._rules is None:
+            self._rules = SyncRules.of(self.cfg)
+        return self._rules
+
+    def sync(self, force: bool = False, resend: Sequence[str] = ()) -> Tuple[str, List[List[str]], dict]:
+        """Send what changed since the last sync, found by content (the two records' trees
+        differ), even when size and mtime did not change; with `force`, every file, compared
+        by checksum. Files that change or vanish while they are sent are sent again once;
+        if they still move, say which and why. `resend`: paths the box says differ."""
         me = self.client.json("GET", "/v1/me?project=" + urllib.parse.quote(self.cfg.project))
-        tree, manifest = self.project.record(paths)
         last = self._last_sync()
-        if not force and last.get("tree") == tree and last.get("mirror") == me["mirror"]:
-            say(f"synced: nothing changed since the last sync ({len(paths)} files)")
-            return tree, manifest, {"sent_files": 0, "sent_bytes": 0, "skipped": True}
+        if force or last.get("mirror") != me["mirror"] or not self.project.recorded(last.get("tree") or ""):
+            last = {}  # send every listed file: rsync compares them with the box's copy
+        unsure = set(last.get("unsure", [])) | set(resend)
+        moved: List[str] = []
+        for attempt in (1, 2):
+            files = self.project.scan(self.rules)
+            if attempt == 1:
+                say_held(files)
+                if not files.paths:
+                    say(f"note: no file of {self.cfg.root} goes: git ignores them all, or they are held "
+                        "back (see `patchwire sync --dry-run`)")
+            try:
+                tree, manifest = self.project.record(files.paths)
+            except FilesMoved as e:
+                moved = e.paths
+            else:
+                if last.get("tree") == tree and not unsure:
+                    say(f"synced: nothing changed since the last sync ({len(files.paths)} files)")
+                    return tree, manifest, {"sent_files": 0, "sent_bytes": 0, "skipped": True,
+                                            "held_back": files.held}
+                counts, todo, moved = self._send(files, tree, last, me["mirror"], unsure, force)
+                if not moved:
+                    self._save_sync(tree, me["mirror"])
+                    return tree, manifest, {"sent_files": counts["sent"], "sent_bytes": counts.get("bytes"),
+                                            "skipped": False, "held_back": files.held}
+                unsure |= set(todo)
+                self._save_sync(last.get("tree"), me["mirror"], sorted(unsure))
+            if attempt == 1:
+                say(f"{describe_paths(moved)} changed while being sent; sending again")
+        raise moved_error(moved, files)
+
+    def _send(self, files: FileList, tree: str, last: dict, mirror: str, unsure: set,
+              force: bool) -> Tuple[dict, List[str], List[str]]:
+        """rsync what this sync needs; (counts, paths given to rsync, paths that moved)."""
+        if last.get("tree"):
+            listed = set(files.paths)
+            todo = sorted((set(self.project.changed_since(last["tree"], tree)) | unsure) & listed)
+        else:
+            todo = files.paths
         t0 = time.monotonic()
-        counts = send_files(self.cfg, paths, me["mirror"], checksum=checksum)
-        say(f"synced {counts.get('files', '?')} of {len(paths)} file(s), "
+        if todo:
+            counts = send_files(self.cfg, todo, mirror, checksum=force, ignore_times=bool(last.get("tree")))
+        else:  # only deletions: the box's snapshot drops what the manifest no longer lists
+            counts = {"files": 0, "bytes": 0, "gone": []}
+        # with -I every listed path went; otherwise rsync's count, which leaves out symlinks
+        counts["sent"] = len(todo) if last.get("tree") else counts.get("files", 0) + (0 if force else files.links)
+        say(f"synced {counts['sent']} of {len(files.paths)} file(s), "
             f"{human_bytes(counts.get('bytes', 0))} in {time.monotonic() - t0:.1f}s")
-        self.project.state_file("last_sync.json").write_text(
-            json.dumps({"tree": tree, "mirror": me["mirror"], "time": time.time()}))
-        return tree, manifest, {"sent_files": counts.get("files"), "sent_bytes": counts.get("bytes"),
-                                "skipped": False}
+        moved = sorted(set(files.moved(todo)) | set(counts["gone"]))
+        return counts, todo, moved
 
     def _last_sync(self) -> dict:
         try:
             return json.loads(self.project.state_file("last_sync.json").read_text())
         except (OSError, ValueError):
             return {}
+
+    def _save_sync(self, tree: Optional[str], mirror: str, unsure: Sequence[str] = ()) -> None:
+        """The last tree the mirror is known to hold, and paths whose copy there is unsure
+        (sent while they moved): the next sync sends those again."""
+        self.project.state_file("last_sync.json").write_text(json.dumps(
+            {"tree": tree, "mirror": mirror, "time": time.time(), "unsure": list(unsure)}))
 
     def log_apply(self, result: dict) -> None:
         entry = {"time": time.time(), "job": result["job"], "how": result["how"],
@@ -2271,7 +2814,9 @@ class Session:
         trees = self._job_trees()
         trees.pop(check_job_id(job), None)
         trees[job] = tree
-        self.project.state_file("job_trees.json").write_text(json.dumps(dict(list(trees.items())[-500:])))
+        kept = dict(list(trees.items())[-500:])
+        self.project.state_file("job_trees.json").write_text(json.dumps(kept))
+        self.project.pin_record(job, tree, kept)
 
     def job_tree(self, job: str) -> Optional[str]:
         return self._job_trees().get(job)
@@ -2309,6 +2854,37 @@ class Session:
         except OSError:
             raise UsageError("no job given and no earlier ask in this project",
                              "name a job (see `patchwire jobs`)")
+
+
+def say_held(files: FileList) -> None:
+    """One line for the held-back count; a line of its own for each file held back by size
+    (big files are the ones a user expects to go)."""
+    if not files.held:
+        return
+    say(f"held back {len(files.held)} file(s) (see `patchwire sync --dry-run`)")
+    for path, why in files.held.items():
+        if "max_file_mb" in why:
+            say(f"  held back {sanitize(path)}: {why}")
+
+
+def describe_paths(paths: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(sanitize(p) for p in paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def moved_error(moved: Sequence[str], files: FileList) -> PatchwireError:
+    """Files that changed or vanished during two syncs in a row: name them and say why."""
+    gone = [p for p in moved if not os.path.lexists(files.root / p)]
+    changed = [p for p in moved if p not in gone]
+    parts = []
+    if changed:
+        parts.append(f"{describe_paths(changed)} changed while being sent, twice; is a watcher "
+                     "running (build_runner watch, an editor's autosave)?")
+    if gone:
+        parts.append(f"{describe_paths(gone)} vanished while being sent, twice (temporary files?)")
+    return PatchwireError("; ".join(parts), "stop what rewrites them, or leave them out with "
+                          "`exclude = [...]` under [sync] in .patchwire.toml, then sync again",
+                          details={"paths": list(moved)})
 
 
 JOB_ID_RE = re.compile(r"[0-9a-f]{1,32}")
@@ -2364,8 +2940,10 @@ def stream_job(session: Session, first: Iterator[dict], on_event) -> dict:
 
 
 def read_answer(prompt: str) -> Optional[str]:
-    """One line from stdin, stripped; None when there is no input at all."""
-    say(prompt)
+    """One line from stdin, stripped; None when there is no input at all. On a terminal the
+    answer is typed on the prompt's own line."""
+    sys.stderr.write(prompt + (" " if sys.stdin.isatty() else "\n"))
+    sys.stderr.flush()
     try:
         line = sys.stdin.readline()
     except (OSError, ValueError):
@@ -2401,7 +2979,7 @@ def apply_job(session: Session, job: str, patch: bytes, *, chosen: Optional[byte
     if not chosen.strip():
         say("nothing chosen; nothing applied")
         return {"job": job, "how": "none", "files": [], "conflicts": []}
-    applier = Applier(session.project, style, session.protected_paths())
+    applier = Applier(session.project, style, session.protected_paths(), job)
     result = applier.apply(chosen, session.job_tree(job), keep_conflicts)
     result["job"] = job
     result["partial"] = chosen != patch
@@ -2460,9 +3038,8 @@ class Doctor:
         self._token = self.cfg.token()
         if os.environ.get("PATCHWIRE_TOKEN", "").strip():
             return "from PATCHWIRE_TOKEN"
-        path = Path(os.path.expanduser(self.cfg.token_file or ""))
-        path = path if path.is_absolute() else self.cfg.root / path
-        if path.stat().st_mode & 0o077:
+        path = self.cfg.token_path()
+        if path and path.stat().st_mode & 0o077:
             raise PatchwireError(f"the token file {path} is readable by other users",
                                  f"chmod 600 {shlex.quote(str(path))}")
         return f"from {path}"
@@ -2486,13 +3063,13 @@ class Doctor:
         if not self.health or not getattr(self, "_token", None):
             return None
         try:
-            self.me = Client(self.cfg.agent, self._token, ca_file=self.cfg.ca_file).json(
+            self.me = Client(self.cfg.agent, self._token, ca_file=self.cfg.ca_file,
+                             token_source=self.cfg.token_source()).json(
                 "GET", "/v1/me?project=" + urllib.parse.quote(self.cfg.project))
         except AgentError as e:
             if e.http_status == 401:
-                raise PatchwireError("the agent does not accept this token",
-                                     "put the token `patchwire-agent init` printed for you into "
-                                     f"{self.cfg.token_file or 'PATCHWIRE_TOKEN'}")
+                raise PatchwireError(f"the agent does not accept the token from {self.cfg.token_source()}",
+                                     e.hint)
             raise
         return f"accepted as user {self.me['user']}"
 
@@ -2520,18 +3097,18 @@ class Doctor:
     def ssh(self) -> Optional[str]:
         if not self.cfg.ssh:
             return None
-        argv = ["ssh", *self.cfg.ssh_options, "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
+        argv = [*self.cfg.ssh_argv(), "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
                 self.cfg.ssh, "rsync", "--version"]
         proc = run(argv, timeout=30, check=False, hint="install OpenSSH's client")
-        shown = " ".join(shlex.quote(a) for a in ["ssh", *self.cfg.ssh_options, self.cfg.ssh])
+        shown = " ".join(shlex.quote(a) for a in [*self.cfg.ssh_argv(), self.cfg.ssh])
+        said = proc.stderr.decode(errors="replace").strip()[-300:]
         if proc.returncode == 255:
-            raise PatchwireError(f"cannot log in with `{shown}`: "
-                                 + proc.stderr.decode(errors="replace").strip()[-300:],
-                                 f"set up a key: ssh-copy-id {self.cfg.ssh} (and check ~/.ssh/config)")
+            raise PatchwireError(f"cannot log in with `{shown}`: {said}", ssh_failure_hint(self.cfg, said))
         if proc.returncode != 0 and b"rrsync" in proc.stderr:  # a team box's key runs rrsync only
             return f"{shown} works; this key may only rsync into your folder there (rrsync)"
         if proc.returncode != 0:
-            raise PatchwireError(f"rsync is missing on {self.cfg.ssh}", "install rsync on the box")
+            raise PatchwireError(f"rsync is missing on {self.cfg.ssh}",
+                                 "install rsync on the box (Debian/Ubuntu: sudo apt install rsync)")
         return f"{shown} works; rsync is installed there"
 
     def mirror(self) -> Optional[str]:
@@ -2545,8 +3122,9 @@ class Doctor:
 
 
 # ================================================================== commands
-# Each cmd_* returns (exit status, result). The result is printed as one JSON document with
-# --json, otherwise by the command's own human output (`show_*`); progress goes to stderr.
+# Each cmd_* takes the parsed arguments and returns the exit status. Its result goes through
+# output(): one JSON document on stdout with --json, otherwise the human printer it is given;
+# progress and warnings go to stderr (say()).
 
 
 def output(args, result: Any, human=None) -> None:
@@ -2557,7 +3135,7 @@ def output(args, result: Any, human=None) -> None:
 
 
 def cmd_init(args) -> int:
-    root = project_root(Path.cwd())
+    root = Path.cwd()  # where it is run, a monorepo's subfolder too: that folder is the project
     path = root / CONFIG_NAME
     if path.exists() and not args.force:
         raise UsageError(f"{path} exists already", "use --force to replace it")
@@ -2569,7 +3147,9 @@ def cmd_init(args) -> int:
     token_file = Path(os.path.expanduser(args.token_file)).resolve()
     if not token_file.is_file():
         raise UsageError(f"the token file {token_file} does not exist",
-                         "put the token `patchwire-agent init` printed into it (chmod 600)")
+                         "the box printed your token once (`patchwire-agent init` or `user add`): put it "
+                         f"there (mkdir -p {shlex.quote(str(token_file.parent))}; install -m 600 /dev/null "
+                         f"{shlex.quote(str(token_file))}; then paste it in)")
     data: Dict[str, Any] = {"agent": args.agent, "token_file": str(token_file)}
     if args.ssh:
         data["ssh"] = args.ssh
@@ -2587,11 +3167,6 @@ def cmd_init(args) -> int:
     say('next: patchwire doctor, patchwire sync --dry-run, then patchwire ask "..."')
     output(args, {"config": str(path), **data})
     return 0
-
-
-def project_root(here: Path) -> Path:
-    top = run(["git", "rev-parse", "--show-toplevel"], cwd=here, env=clean_env(), check=False)
-    return Path(top.stdout.decode().strip()) if top.returncode == 0 else here
 
 
 def ask_init_values(args, root: Path) -> None:
@@ -2612,17 +3187,65 @@ def ask_init_values(args, root: Path) -> None:
 
 
 def cmd_sync(args) -> int:
+    if args.list and not args.dry_run:
+        raise UsageError("--list goes with --dry-run", "patchwire sync --dry-run --list")
     session = Session.here()
-    paths, held = session.project.file_list(session.cfg.deny, session.cfg.allow)
     if args.dry_run:
-        for path, why in held.items():
-            say(f"held back: {path} ({why})")
-        say(f"{len(paths)} file(s) would be sent, {len(held)} held back")
-        output(args, {"files": paths, "held_back": held}, lambda r: print("\n".join(r["files"])))
+        report = dry_run_report(session.project.scan(session.rules))
+        output(args, report, lambda r: page(render_dry_run(r, args.list)))
         return 0
     tree, manifest, counts = session.sync(force=args.force)
-    output(args, {"tree": tree, "files": len(manifest), "held_back": held, **counts})
+    output(args, {"tree": tree, "files": len(manifest), **counts})
     return 0
+
+
+def dry_run_report(files: FileList) -> dict:
+    """What `sync --dry-run` tells: the list, what stays and why, totals by top-level folder,
+    and warnings (heavy folders git does not ignore, allow patterns that match nothing)."""
+    folders: Dict[str, List[int]] = {}
+    for path in files.paths:
+        top = path.split("/", 1)[0] + "/" if "/" in path else "./"
+        totals = folders.setdefault(top, [0, 0])
+        totals[0] += 1
+        totals[1] += files.size(path)
+    warnings = []
+    for folder, (count, size) in sorted(files.heavy.items(), key=lambda kv: -kv[1][1]):
+        name = folder.rstrip("/").rsplit("/", 1)[-1]
+        warnings.append(f"{folder} is not ignored by git: {count} file(s), {human_bytes(size)} would go; "
+                        f"to leave it out for Patchwire only, add `exclude = [{json.dumps(name + '/')}]` "
+                        "under [sync] in .patchwire.toml")
+    for pattern in files.unused_allow:
+        warnings.append(f"[sync] allow pattern {json.dumps(pattern)} matches no file git lists: files git "
+                        "ignores are never sent (un-ignore them in .gitignore with a `!` line)")
+    return {"files": files.paths, "held_back": files.held, "warnings": warnings,
+            "totals": {"files": len(files.paths), "bytes": sum(files.size(p) for p in files.paths),
+                       "held_back": len(files.held),
+                       "folders": {k: {"files": v[0], "bytes": v[1]} for k, v in folders.items()}}}
+
+
+def render_dry_run(report: dict, full: bool, limit: int = 40) -> List[str]:
+    """The dry run for people: the list only when asked, the totals last (they scroll away
+    otherwise), every name escaped."""
+    lines = [sanitize(p) for p in report["files"]] if full else []
+    held = list(report["held_back"].items())
+    for path, why in held if full else held[:limit]:
+        lines.append(f"held back: {sanitize(path)} ({why})")
+    if len(held) > limit and not full:
+        lines.append(f"held back: ... and {len(held) - limit} more (--list shows all)")
+    lines += ["warning: " + w for w in report["warnings"]]
+    totals = report["totals"]
+    folders = sorted(totals["folders"].items(), key=lambda kv: (-kv[1]["bytes"], kv[0]))
+    width = max([len(sanitize(k)) for k, _ in folders[:12]] + [8])
+    lines.append("by top-level folder:")
+    for name, t in folders[:12]:
+        lines.append(f"  {sanitize(name).ljust(width)} {t['files']:>8,} file(s) {human_bytes(t['bytes']):>10}")
+    if len(folders) > 12:
+        rest = folders[12:]
+        lines.append(f"  {'(' + str(len(rest)) + ' more)':<{width}} {sum(t['files'] for _, t in rest):>8,} "
+                     f"file(s) {human_bytes(sum(t['bytes'] for _, t in rest)):>10}")
+    lines.append(f"would send {totals['files']:,} file(s), {human_bytes(totals['bytes'])}; "
+                 f"{totals['held_back']} held back" + ("" if full else " (--list lists every file)"))
+    return lines
 
 
 def cmd_ask(args) -> int:
@@ -2664,7 +3287,8 @@ def cmd_ask(args) -> int:
 
 
 def start_ask(session: Session, args, prompt: str) -> Tuple[dict, Iterator[dict], str]:
-    """Sync, POST the ask; on a tree mismatch, sync again with checksums and retry once."""
+    """Sync, POST the ask; when the box's copy differs (409, naming the paths), send those
+    paths again and retry once; if they differ again, they move under our feet: say so."""
     tree, manifest, _ = session.sync()
     body = {"project": session.cfg.project, "tree": tree, "files": manifest, "prompt": prompt}
     if args.timeout:
@@ -2672,17 +3296,32 @@ def start_ask(session: Session, args, prompt: str) -> Tuple[dict, Iterator[dict]
     if args.on or args.continue_:
         body["continue"] = args.on or session.job_id(None)
     try:
-        events = session.client.stream("POST", "/v1/ask", body)
-        return checked_first(next(events)), events, tree
+        return post_ask(session, body) + (tree,)
     except AgentError as e:
-        if e.code != "tree_mismatch":
-            raise
-        say(sanitize("the box's copy differs from what was sent " +
-                     f"({', '.join(map(str, e.details.get('paths', [])[:5]))}); syncing again with checksums"))
-    tree, manifest, _ = session.sync(force=True, checksum=True)
+        paths = mismatched_paths(e)
+    say(f"the box's copy differs from what was sent in {describe_paths(paths)}; sending again")
+    # the agent names at most 200 paths: past that, compare every file by checksum
+    tree, manifest, _ = session.sync(resend=paths) if 0 < len(paths) < 200 else session.sync(force=True)
     body.update(tree=tree, files=manifest)
+    try:
+        return post_ask(session, body) + (tree,)
+    except AgentError as e:
+        paths = mismatched_paths(e)
+    raise PatchwireError(f"the box's copy still differs from what was sent in {describe_paths(paths)}, "
+                         "after sending it again", "did it change while it was being sent (a watcher, "
+                         "an editor's autosave)? stop that and ask again", details={"paths": paths})
+
+
+def post_ask(session: Session, body: dict) -> Tuple[dict, Iterator[dict]]:
     events = session.client.stream("POST", "/v1/ask", body)
-    return checked_first(next(events)), events, tree
+    return checked_first(next(events)), events
+
+
+def mismatched_paths(e: AgentError) -> List[str]:
+    """The paths of a 409 tree_mismatch; any other refusal goes on up."""
+    if e.code != "tree_mismatch":
+        raise e
+    return [str(p) for p in e.details.get("paths") or []]
 
 
 def checked_first(event: dict) -> dict:
@@ -2832,16 +3471,20 @@ def cmd_jobs(args) -> int:
     jobs = session.client.json("GET", "/v1/jobs")["jobs"]
     if not jobs:
         say("no jobs yet")
-    output(args, {"jobs": jobs}, lambda r: print("\n".join(job_line(j) for j in r["jobs"])) if jobs else None)
+    output(args, {"jobs": jobs},
+           lambda r: print("\n".join([JOBS_HEADER] + [job_line(j) for j in r["jobs"]])) if jobs else None)
     return 0
+
+
+JOBS_HEADER = f"{'JOB':<12}  {'STATUS':<9} {'ASKED':>8}  {'PROJECT':<16} {'CHANGE':<10} PROMPT"
 
 
 def job_line(job: dict) -> str:
     stats = job.get("stats") or {}
-    age = human_age(time.time() - job["created"])
+    asked = human_age(time.time() - job["created"]) + " ago"
     size = f"+{stats.get('added', 0)} -{stats.get('removed', 0)}" if stats else ""
     prompt = " ".join(str(job["prompt"]).split())[:50]
-    return sanitize(f"{job['id']}  {job['status']:<9} {age:>5}  {job['project']:<16} {size:<10} {prompt}")
+    return sanitize(f"{job['id']:<12}  {job['status']:<9} {asked:>8}  {job['project']:<16} {size:<10} {prompt}")
 
 
 def human_age(seconds: float) -> str:
@@ -2861,12 +3504,26 @@ def cmd_show(args) -> int:
             if job.get(key):
                 print(f"{key + ':':<9} {sanitize(str(job[key]), keep_newlines=True)}")
         for key, value in (job.get("result") or {}).items():
-            print(sanitize(f"{key + ':':<9} {value}", keep_newlines=True))
+            if value is not None:
+                print(sanitize(f"{key + ':':<9} {human_value(value)}", keep_newlines=True))
         printer = ProgressPrinter(Style(False))
         for event in events:
             printer(event)
     output(args, {"job": job, "events": events}, human)
     return 0
+
+
+def human_value(value: Any) -> str:
+    """A JSON value as a person reads it: yes/no, not True/False; no Python reprs."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {human_value(v)}" for k, v in value.items() if v is not None) or "-"
+    if isinstance(value, list):
+        return ", ".join(human_value(v) for v in value) or "-"
+    return str(value)
 
 
 def cmd_cancel(args) -> int:
@@ -3010,7 +3667,9 @@ def build_parser() -> argparse.ArgumentParser:
     p["init"].add_argument("--force", action="store_true", help="replace an existing .patchwire.toml")
     p["init"].set_defaults(interactive_answers=False)
     p["sync"].add_argument("--dry-run", action="store_true", help="list what would be sent, and why files are held back")
-    p["sync"].add_argument("--force", action="store_true", help="send even when nothing changed")
+    p["sync"].add_argument("--list", action="store_true", help="with --dry-run: every file that would go")
+    p["sync"].add_argument("--force", action="store_true",
+                           help="send every file, compared by checksum (when the box's copy is off)")
     p["ask"].add_argument("prompt", help="what to ask the AI ('-' reads it from stdin)")
     group = p["ask"].add_mutually_exclusive_group()
     group.add_argument("--yes", "-y", action="store_true", help="apply without asking")

@@ -34,6 +34,7 @@ Commands (-c CONFIG defaults to $XDG_CONFIG_HOME/patchwire/agent.toml):
     patchwire-agent usage -c CONFIG [--user NAME] [--since 7d|DATE] [--until] [--by user|project|day]
         [--csv|--json]      usage summed from the state db (works while the server runs)
     patchwire-agent status -c CONFIG    running and queued jobs by user, uptime, disk per user
+    patchwire-agent doctor -c CONFIG    git, rsync, rrsync, the AI, its sandbox, the state folder: ok or the fix
     patchwire-agent gc -c CONFIG [--older-than 30d] [--dry-run]
         prune old jobs' patches and events and unused job folders; say what was freed
     patchwire-agent service -c CONFIG --systemd|--launchd [--install]
@@ -163,7 +164,7 @@ exit codes: 0 ok, 1 error (bad config, cannot listen), 2 usage
 """
 
 CONFIG_TEMPLATE = """\
-# patchwire-agent configuration. Reference: README.md, "Agent config".
+# patchwire-agent configuration. Reference: README.md, "Configuration" (Box: agent.toml).
 
 [server]
 # host:port ([v6]:port) to listen on: loopback or a private network (Tailscale). Public
@@ -785,8 +786,9 @@ class ProjectRepo:
                 theirs = {path: (mode, sha) for mode, sha, path in manifest}
                 mine = git.ls_files_stage()
                 differ = sorted(p for p in set(mine) | set(theirs) if mine.get(p) != theirs.get(p))
+                named = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
                 raise HTTPFailure(HTTPStatus.CONFLICT, f"the box's copy of the project differs from what the laptop "
-                                  f"sent in {len(differ)} file(s)", "sync again (patchwire sync --force)",
+                                  f"sent in {len(differ)} file(s): {named}", "sync again (patchwire sync --force)",
                                   code="tree_mismatch", paths=differ[:200])
             return git.text("commit-tree", got, "-m", "patchwire snapshot")
 
@@ -1602,8 +1604,8 @@ class AuditLog:
 
 
 class Agent:
-    """Owns config, users, store, queue, project repos and workers. No module state:
-    several agents can run in one process (tests do)."""
+    """Owns config, users, store, queue, project repos and workers. No module-level state:
+    everything a request or a worker needs hangs off this object."""
 
     def __init__(self, cfg: AgentConfig):
         self.cfg = cfg
@@ -3674,6 +3676,104 @@ def cmd_service(args) -> int:
     return 0
 
 
+# --- doctor: what the box needs, each line ok or the fix
+
+
+def cmd_doctor(args) -> int:
+    try:
+        cfg = AgentConfig.load(Path(args.config))
+    except PatchwireError as e:
+        checks = [{"name": "config", "ok": False, "detail": e.message, "fix": e.hint or "fix the config"}]
+    else:
+        checks = [{"name": "config", "ok": True, "detail": f"{cfg.path}: {len(cfg.users)} user(s)"}]
+        checks += [check(cfg) for check in BOX_CHECKS]
+    ok = all(c["ok"] for c in checks)
+    pw.output(args, {"ok": ok, "checks": checks}, lambda r: pw.print_checks(r["checks"], sys.stdout))
+    return 0 if ok else 1
+
+
+def box_check(name: str, ok: bool, detail: str, fix: str = "") -> dict:
+    return {"name": name, "ok": ok, "detail": detail, **({"fix": fix} if not ok else {})}
+
+
+def check_program(name: str, fix: str) -> dict:
+    found = shutil.which(name)
+    if not found:
+        return box_check(name, False, f"{name} is not installed", fix)
+    first = pw.run([found, "--version"], check=False).stdout.decode(errors="replace").splitlines()
+    return box_check(name, True, f"{' '.join(first[0].split()) if first else 'unknown version'} ({found})")
+
+
+def check_git(cfg: AgentConfig) -> dict:
+    return check_program("git", "install git (Debian/Ubuntu: sudo apt install git; macOS: xcode-select --install)")
+
+
+def check_rsync(cfg: AgentConfig) -> dict:
+    return check_program("rsync", "the laptops rsync into this box: install rsync (Debian/Ubuntu: sudo apt "
+                                  "install rsync; macOS has it)")
+
+
+def check_rrsync(cfg: AgentConfig) -> dict:
+    """Only team keys (`user add --ssh-key`) need it: a missing one is said, not failed."""
+    rrsync = find_rrsync()
+    if not rrsync:
+        return box_check("rrsync", True, "not installed; only keys made with `user add --ssh-key` need it: "
+                         "Debian/Ubuntu `sudo apt install rsync` (3.2.4+ ships /usr/bin/rrsync), macOS "
+                         "`brew install rsync`")
+    if b"-absolute" not in Path(rrsync).read_bytes():
+        return box_check("rrsync", False, f"{rrsync} lacks -absolute, which the laptop's sync needs",
+                         "install rsync 3.2.4 or later (its support/rrsync), or `brew install rsync` on macOS")
+    return box_check("rrsync", True, f"{rrsync} (restricted keys work)")
+
+
+def check_ai(cfg: AgentConfig) -> dict:
+    argv0 = cfg.ai_command[0]
+    if shutil.which(argv0, path=ai_environment(cfg).get("PATH")):
+        return box_check("ai", True, f"{argv0} found")
+    return box_check("ai", False, f"the AI command {argv0!r} is not on the agent's PATH",
+                     "install Claude Code (npm install -g @anthropic-ai/claude-code) and log in, "
+                     "or set [ai] command")
+
+
+def check_sandbox(cfg: AgentConfig) -> dict:
+    try:
+        sandbox = Sandbox.choose(cfg.sandbox)
+    except PatchwireError as e:
+        return box_check("sandbox", False, e.message, e.hint)
+    if sandbox.warning:
+        return box_check("sandbox", False, sandbox.warning,
+                         "install bubblewrap (Debian/Ubuntu: sudo apt install bubblewrap), or set "
+                         '[ai] sandbox = "none" to accept an unconfined AI')
+    return box_check("sandbox", True, f"the AI runs under {sandbox.kind}")
+
+
+def check_state(cfg: AgentConfig) -> dict:
+    state = cfg.state_dir
+    if not state.exists():
+        return box_check("state", True, f"{state} will be made (mode 700) at the first start")
+    mode = state.stat().st_mode & 0o777
+    if mode & 0o077:
+        return box_check("state", False, f"{state} is readable by other users (mode {mode:o})",
+                         f"chmod 700 {state} (serve does it at start)")
+    st = os.statvfs(state)
+    free = st.f_bavail * st.f_frsize
+    if free < MIN_FREE_BYTES * 64:
+        return box_check("state", False, f"only {pw.human_bytes(free)} free for {state}",
+                         "free space: asks are refused below 4 MB, and jobs need room for their folders")
+    return box_check("state", True, f"{state}, private, {pw.human_bytes(free)} free")
+
+
+def check_listen(cfg: AgentConfig) -> dict:
+    scheme = "https" if cfg.tls else "http"
+    if cfg.allow_public and not cfg.tls:
+        return box_check("listen", False, f"{scheme}://{cfg.host}:{cfg.port} may be public, without TLS",
+                         "set [server] tls_cert and tls_key, or listen on a private address")
+    return box_check("listen", True, f"{scheme}://{cfg.host}:{cfg.port}")
+
+
+BOX_CHECKS = (check_git, check_rsync, check_rrsync, check_ai, check_sandbox, check_state, check_listen)
+
+
 def cmd_status(args) -> int:
     cfg = AgentConfig.load(Path(args.config))
     store = open_store(cfg)
@@ -3732,6 +3832,7 @@ COMMANDS = {
     "policy": (cmd_policy, "print a user's effective policy and where each value comes from"),
     "usage": (cmd_usage, "asks, AI minutes, tokens and cost per user, project or day (reads the state)"),
     "status": (cmd_status, "running and queued jobs by user, workers, uptime, disk per user"),
+    "doctor": (cmd_doctor, "check what this box needs (git, rsync, rrsync, the AI, its sandbox, the state folder)"),
     "gc": (cmd_gc, "prune old jobs' patches and events, and unused job folders"),
     "service": (cmd_service, "print or install a systemd user unit or a launchd agent that runs serve"),
 }
@@ -3800,7 +3901,7 @@ def add_user_parsers(parser: argparse.ArgumentParser) -> None:
 def add_ops_arguments(p: Dict[str, argparse.ArgumentParser]) -> None:
     pw.add_usage_arguments(p["usage"], "user")
     p["usage"].add_argument("--user", help="only this user")
-    for name in ("usage", "status", "gc"):
+    for name in ("usage", "status", "gc", "doctor"):
         p[name].add_argument("--json", action="store_true", help="the result as JSON on stdout")
     p["gc"].add_argument("--older-than", default="30d", help="jobs finished longer ago than this: "
                          "30d, 12h, or a date (default %(default)s)")

@@ -342,7 +342,7 @@ class Laptop:
     def record(self) -> Tuple[str, List[List[str]]]:
         if self.real:
             if not self.paths:
-                self.paths = self.real.candidate_files()
+                self.paths = self.real.file_list(pw.DEFAULT_DENY, [])[0]
             return self.real.record(self.paths)
         if not self.paths:  # the project's file set does not change in this benchmark
             out = self.git("ls-files", "-z", "--others", "--exclude-standard")

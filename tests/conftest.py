@@ -69,6 +69,7 @@ def neutral_env(tmp_path_factory, monkeypatch):
             monkeypatch.delenv(key)
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(home / ".local" / "state"))  # sync records, apply log
     monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
     monkeypatch.setenv("LC_ALL", "C.UTF-8")
     monkeypatch.setenv("SHIV_ROOT", str(tmp_path_factory.getbasetemp() / "shiv"))

@@ -52,13 +52,16 @@ git init -q
 printf '# Hello app\n\nA tiny project for the Patchwire demo.\n' > README.md
 printf 'API_KEY=never-leaves-this-machine\n' > .env
 printf '.env\n' > .gitignore
-git add README.md .gitignore
-git -c user.name=demo -c user.email=demo@localhost commit -qm "initial"
-
 pw() { "$py" "$repo/patchwire.py" "$@"; }
 pw init --agent "$url" --token-file "$work/demo.token" --project hello
+git add README.md .gitignore .patchwire.toml
+git -c user.name=demo -c user.email=demo@localhost commit -qm "initial"
+
 pw ask --yes "Add a short 'Usage' section to the README"
 echo
-echo "demo: the change is applied here, in $work/laptop:"
-git status --short
+git add --intent-to-add .    # so that the stat below counts new files too
+echo "demo: the AI's change, applied to the project in $work/laptop:"
 git --no-pager diff --stat
+if [ -z "${PATCHWIRE_DEMO_KEEP:-}" ]; then
+    echo "demo: that folder is removed now; run with PATCHWIRE_DEMO_KEEP=1 to keep it and look around"
+fi

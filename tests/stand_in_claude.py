@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A stand-in for `claude --print --output-format stream-json --verbose`.
 
-It speaks Claude Code's stream-json as the real CLI emits it (DESIGN.md): a system/init
+It speaks Claude Code's stream-json as the real CLI emits it (docs/claude-code.md): a system/init
 line, one assistant line per content block, user lines with tool results, and a final
 result line. It is the only thing in Patchwire's tests (and its demo) that stands in for
 a real part: the AI. It reads the prompt on stdin.

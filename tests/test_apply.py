@@ -213,7 +213,9 @@ def test_a_token_file_inside_the_project_never_leaves(tmp_path, agent):
     lap = Laptop(root)
     lap.run("init", "--agent", agent.url, "--token-file", ".pwtoken", check=0)
     dry = lap.run("sync", "--dry-run", check=0)
-    assert ".pwtoken" not in dry.out.split() and "held back: .pwtoken" in dry.err
+    assert "held back: .pwtoken (secret deny-list" in dry.out
+    listed = lap.run("sync", "--dry-run", "--json", check=0)
+    assert ".pwtoken" not in json.loads(listed.out)["files"]
     lap.run("sync", check=0)
     assert not (agent.state_dir / "users/alice/mirror/laptop/.pwtoken").exists()
 

@@ -201,7 +201,7 @@ def test_results_are_recorded(laptop, agent):
     assert result["cost_usd"] == 0.0123 and result["session_id"] and result["duration_s"] > 0
     assert job["stats"] == {"files": 1, "added": 2, "removed": 1, "binary": 0}
     listing = laptop.run("jobs", check=0).out
-    assert listing.splitlines()[0].startswith(job["id"]) and "done" in listing and "+2 -1" in listing
+    assert listing.splitlines()[1].startswith(job["id"]) and "done" in listing and "+2 -1" in listing
     shown = laptop.run("show", job["id"][:6], check=0)
     assert "status:   done" in shown.out and "> Write README.md" in shown.err
 

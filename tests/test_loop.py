@@ -4,6 +4,7 @@ The AI is the stand-in claude, scripted through the prompt."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 
 import pytest
@@ -58,7 +59,7 @@ def test_round_trip_is_byte_exact(rich_laptop, agent):
     # the laptop's tree now equals the AI's result in the job folder, byte for byte
     info = agent.wait_job(job)
     slot = agent.state_dir / "users" / "alice" / "projects" / "laptop" / "slots" / f"slot{info['slot']}"
-    laptop_files = snapshot_tree(rich_laptop.root, skip=(".git",))
+    laptop_files = snapshot_tree(rich_laptop.root, skip=(".git", ".patchwire.toml"))  # never sent
     box_files = snapshot_tree(slot, skip=(".git",))
     assert laptop_files == box_files
     root = rich_laptop.root
@@ -97,11 +98,11 @@ def test_secrets_and_ignored_files_never_reach_the_box(tmp_path, agent):
     lap = Laptop(root)
     lap.init(agent)
     dry = lap.run("sync", "--dry-run", check=0)
-    listed = set(dry.out.split())
+    listed = set(json.loads(lap.run("sync", "--dry-run", "--json", check=0).out)["files"])
     assert {"app.py", "sub/code.py", "keep.log", "untracked.py", ".gitignore"} <= listed
     assert not listed & (set(secrets) | set(ignored))
     for rel in secrets:
-        assert f"held back: {rel} (secret deny-list" in dry.err
+        assert f"held back: {rel} (secret deny-list" in dry.out
     lap.run("sync", check=0)
     mirror = agent.state_dir / "users" / "alice" / "mirror" / "laptop"
     sent = set(snapshot_tree(mirror))

@@ -65,3 +65,23 @@ def test_second_build_is_byte_identical(built_zipapps):
     subprocess.run(["bash", str(ROOT / "build.sh")], cwd=ROOT, stdin=subprocess.DEVNULL,
                    capture_output=True, check=True, timeout=600)
     assert {name: sha256(path) for name, path in built_zipapps.items()} == first
+
+
+def test_sha256sums_match_the_built_files_and_check_with_sha256sum(built_zipapps):
+    lines = (ROOT / "dist" / "SHA256SUMS").read_text().splitlines()
+    for name, path in built_zipapps.items():
+        assert "%s  %s" % (sha256(path), name) in lines
+    vsix = ROOT / "dist" / "patchwire-vscode.vsix"
+    assert len(lines) == 2 + vsix.exists()  # the extension too, when Node built it
+    check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=ROOT / "dist", capture_output=True,
+                           text=True, timeout=60)
+    assert check.returncode == 0 and check.stdout.count(": OK") == len(lines), check.stdout + check.stderr
+
+
+def test_build_brings_its_own_pinned_shiv(built_zipapps):
+    venv = ROOT / "build" / "venv"
+    assert (venv / "requirements-build.txt").read_text() == (ROOT / "requirements-build.txt").read_text()
+    pinned = (ROOT / "requirements-build.txt").read_text().split("shiv==")[1].split()[0]
+    out = subprocess.run([str(venv / "bin" / "python"), "-m", "shiv", "--version"], capture_output=True,
+                         text=True, timeout=60)
+    assert pinned in out.stdout + out.stderr

@@ -4,6 +4,7 @@ when asked or when not on a terminal, a pager when it is long; and the sync's ow
 from __future__ import annotations
 
 import io
+import json
 import re
 
 import patchwire
@@ -89,14 +90,16 @@ def test_long_previews_go_through_the_pager(laptop, tmp_path):
     assert "PAGER-START" not in short.out  # not a terminal: no pager
 
 
-def test_sync_records_its_tree_under_its_own_ref_without_touching_the_index(laptop):
+def test_sync_records_its_tree_in_its_own_store_without_touching_the_repository(laptop):
     (laptop.root / "new.txt").write_bytes(b"untracked\n")
     index_before = (laptop.root / ".git/index").read_bytes()
     head_before = git(laptop.root, "rev-parse", "HEAD")
     laptop.run("sync", check=0)
-    ref = git(laptop.root, "rev-parse", "refs/patchwire/laptop/synced^{tree}").strip()
-    listed = git(laptop.root, "ls-tree", "-r", "--name-only", ref).split()
-    assert "new.txt" in listed and "README.md" in listed
+    project = patchwire.Project(laptop.root, "laptop")
+    tree = json.loads(project.state_file("last_sync.json").read_text())["tree"]
+    assert project.recorded_file(tree, "new.txt") == (b"untracked\n", "100644")
+    assert project.recorded_file(tree, "README.md") is not None
+    assert git(laptop.root, "for-each-ref", "refs/patchwire/") == ""  # no ref of Patchwire's there
     assert (laptop.root / ".git/index").read_bytes() == index_before
     assert git(laptop.root, "rev-parse", "HEAD") == head_before
     assert git(laptop.root, "status", "--porcelain").splitlines() == ["?? .patchwire.toml", "?? new.txt"]

@@ -9,6 +9,7 @@ connection (ControlPersist) left by one test can never carry another test's traf
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -94,7 +95,7 @@ def mirror_of(agent, project: str = "laptop") -> Path:
 
 
 def listed(lap: Laptop) -> set:
-    return set(lap.run("sync", "--dry-run", check=0).out.splitlines())
+    return set(json.loads(lap.run("sync", "--dry-run", "--json", check=0).out)["files"])
 
 
 def laptop_files(lap: Laptop) -> Dict[str, bytes]:
@@ -114,13 +115,13 @@ def test_sync_and_ask_round_trip_over_ssh(tmp_path, agent, sshd):
     config = tomllib.loads((lap.root / ".patchwire.toml").read_text())
     assert config["ssh"] == "pwtest" and config["sync"]["ssh_options"] == sshd.ssh_options
 
-    # the listed files: the project's own plus its .patchwire.toml (it holds no token)
-    assert listed(lap) == set(FILES) | {".patchwire.toml"}
+    # the listed files: the project's own, not its .patchwire.toml (Patchwire's, not the project's)
+    assert listed(lap) == set(FILES)
     lap.run("sync", check=0)
     mirror = mirror_of(agent)
     # exactly the listed files, byte for byte; no secret and no ignored file went over the wire
     sent = laptop_files(lap)
-    assert set(sent) == set(FILES) | {".patchwire.toml"}
+    assert set(sent) == set(FILES)
     assert files_under(mirror) == sent
     assert not (mirror / ".env").exists() and not (mirror / "certs").exists()
     assert not (mirror / "build").exists()
@@ -205,8 +206,9 @@ def test_sync_leaves_a_master_connection_that_the_next_sync_reuses(tmp_path, age
 # ------------------------------------------------------------------ broken SSH setups
 
 
+# each breakage: (ssh destination, ssh options, what ssh says, what the hint must say)
 def wrong_user(tmp_path, server):
-    return "nobody@" + server.alias, server.ssh_options, "Permission denied"
+    return "nobody@" + server.alias, server.ssh_options, "Permission denied", "ssh-copy-id nobody@pwtest"
 
 
 def host_key_mismatch(tmp_path, server):
@@ -217,25 +219,25 @@ def host_key_mismatch(tmp_path, server):
     config = tmp_path / "ssh_config_wrong_key"
     config.write_text(server.config_path.read_text().replace(str(server.known_hosts), str(known)))
     config.chmod(0o600)
-    return server.alias, ["-F", str(config)], "Host key verification failed"
+    return server.alias, ["-F", str(config)], "Host key verification failed", "host key is unknown or has changed"
 
 
 def sshd_stopped(tmp_path, server):
     server.stop()
-    return server.alias, server.ssh_options, "Connection refused"
+    return server.alias, server.ssh_options, "Connection refused", "nothing accepts SSH connections at pwtest:"
 
 
 def unknown_host(tmp_path, server):
     # a host the ssh_config does not describe; "localhost" resolves from /etc/hosts (no DNS
     # query leaves the machine) to 127.0.0.1:22, where no sshd listens
-    return "localhost", server.ssh_options, "Connection refused"
+    return "localhost", server.ssh_options, "Connection refused", "nothing accepts SSH connections at localhost:"
 
 
 @pytest.mark.parametrize("breakage", [wrong_user, host_key_mismatch, sshd_stopped, unknown_host],
                          ids=lambda f: f.__name__)
 def test_broken_ssh_setup_is_a_clear_exit_3(tmp_path, agent, sshd, breakage):
     lap = ssh_laptop(tmp_path, agent, sshd)
-    ssh, options, ssh_says = breakage(tmp_path, sshd)
+    ssh, options, ssh_says, fix = breakage(tmp_path, sshd)
     lap.run("init", "--force", "--agent", agent.url, "--token-file", str(agent.token_file()),
             "--ssh", ssh, check=0)
     write_sync_options(lap, ssh_options=options)
@@ -245,8 +247,7 @@ def test_broken_ssh_setup_is_a_clear_exit_3(tmp_path, agent, sshd, breakage):
     assert result.returncode == 3, result.err
     assert "Traceback" not in result.err
     assert "rsync failed" in result.err and ssh_says in result.err, result.err
-    assert f"check that `ssh {shlex.join(options)} {ssh}` works without a password" in result.err
-    assert "rsync is installed on the box" in result.err
+    assert fix in result.err, result.err
     assert tree_digest(lap.root) == before
     assert not (state / "last_sync.json").exists()
     assert files_under(mirror_of(agent)) == {}

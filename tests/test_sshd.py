@@ -42,12 +42,6 @@ def multiplexing_options(control_dir: Path) -> list[str]:
             "-o", "ControlPersist=60"]
 
 
-def timed(function, *args):
-    began = time.monotonic()
-    result = function(*args)
-    return result, time.monotonic() - began
-
-
 def wait_until(predicate, timeout: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -107,20 +101,16 @@ def test_wrong_key_is_refused(sshd_server: SSHServer, tmp_path: Path):
     assert result.stdout == ""
 
 
-def test_multiplexed_connection_is_reused_and_faster(sshd_server: SSHServer, control_dir: Path):
+def test_multiplexed_connection_is_reused(sshd_server: SSHServer, control_dir: Path):
     mux = multiplexing_options(control_dir)
     try:
-        first, first_seconds = timed(ssh, sshd_server, *mux, sshd_server.alias,
-                                     "echo $SSH_CONNECTION")
-        later = [timed(ssh, sshd_server, *mux, sshd_server.alias, "echo $SSH_CONNECTION")
-                 for _ in range(3)]
+        first = ssh(sshd_server, *mux, sshd_server.alias, "echo $SSH_CONNECTION")
+        later = [ssh(sshd_server, *mux, sshd_server.alias, "echo $SSH_CONNECTION") for _ in range(3)]
         assert first.returncode == 0, first.stderr
         assert ssh(sshd_server, *mux, "-O", "check", sshd_server.alias).returncode == 0
         # Sessions over one master share its TCP connection, hence the client's source port.
-        assert {result.stdout for result, _ in later} == {first.stdout}
-        fastest = min(seconds for _, seconds in later)
-        print(f"first {first_seconds * 1000:.0f} ms, multiplexed {fastest * 1000:.0f} ms")
-        assert fastest < first_seconds
+        assert {result.stdout for result in later} == {first.stdout}
+        # How much faster it is, is measured by bench/ssh_mux.py, not asserted here.
     finally:
         exited = ssh(sshd_server, *mux, "-O", "exit", sshd_server.alias)
     assert exited.returncode == 0, exited.stderr

@@ -58,6 +58,7 @@ def test_whole_loop_with_built_zipapps(built_zipapps, make_agent, tmp_path, lapt
     lap = Laptop(root, program=[laptop_python, str(laptop_pyz)], env={"SHIV_ROOT": str(laptop_shiv)})
     assert lap.run("--version", check=0).out == f"patchwire {patchwire.__version__}\n"
     helped = lap.run("--help", check=0).out
+    helped = " ".join(helped.split())  # however the epilog is wrapped
     assert "exit codes: 0 ok, 1 error, 2 usage, 3 agent unreachable or refused" in helped
     assert "4 AI run failed, 5 patch does not apply, 130 interrupted" in helped
     lap.init(agent)
