@@ -254,3 +254,15 @@ def test_permission_denials_fail_the_run_and_are_described():
                                                              "not a dict"]})
     assert status == "failed"
     assert "Bash" in reason
+
+
+# ------------------------------------------------------------------ human_value
+
+
+@pytest.mark.parametrize("value, shown", [
+    (True, "yes"), (False, "no"), (0.123456, "0.1235"), (1234567.0, "1.235e+06"), (7, "7"), ("text", "text"),
+    ({"in": 10, "cache": None, "ok": True}, "in 10, ok yes"), ({}, "-"), ({"x": None}, "-"),
+    ([1, False, 2.5], "1, no, 2.5"), ([], "-"), ({"nested": {"a": 1, "b": [True]}}, "nested a 1, b yes"),
+])
+def test_human_value_reads_json_as_a_person_would(value, shown):
+    assert pw.human_value(value) == shown
