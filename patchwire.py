@@ -181,7 +181,7 @@ class PatchwireError(Exception):
     `http_status` the agent's HTTP answer for the same failure.
     """
 
-    exit_status = ExitStatus.ERROR
+    exit_status: int = ExitStatus.ERROR
     http_status = 400
     code = "error"
 
@@ -464,7 +464,7 @@ class LaptopConfig:
         if not NAME_RE.fullmatch(self.project):
             raise PatchwireError(f"{path}: project {self.project!r} is not a valid name",
                                  "use letters, digits, '.', '_' and '-' (at most 64)")
-        if not urllib.parse.urlsplit(self.agent).scheme in ("http", "https"):
+        if urllib.parse.urlsplit(self.agent).scheme not in ("http", "https"):
             raise PatchwireError(f"{path}: agent must be an http:// or https:// URL, "
                                  f"not {self.agent!r}")
         self.deny = list(DEFAULT_DENY) + sync["deny"] + self._token_inside()
@@ -1224,7 +1224,7 @@ class Client:
         with self._request("GET", path, accept="*/*") as resp:
             return self._read(resp)
 
-    def _read(self, resp) -> bytes:
+    def _read(self, resp) -> bytes:  # type: ignore[valid-type]  # the builtin, not the method
         try:
             return resp.read()
         except (OSError, http.client.HTTPException) as e:
@@ -1437,7 +1437,7 @@ class FilePatch:
     def bytes(self) -> bytes:
         return b"".join(self.lines)
 
-    def whole_new_content(self) -> Optional[bytes]:
+    def whole_new_content(self) -> Optional[bytes]:  # type: ignore[valid-type]  # the builtin, not the method
         """The new content when the patch holds all of it (a new file, or a rewrite with no
         context lines from the first line on); None when the rest lies in the file here."""
         if self.binary or len(self.hunks) != 1:
@@ -2558,7 +2558,7 @@ def check_merged_writes(root: Path, merged: Dict[str, Tuple[Optional[bytes], str
     """The 3-way result, vetted like the patch: nothing written beneath a symlink here
     that the result does not delete first."""
     removed = {p for p, (data, _, _) in merged.items() if data is None}
-    for path, (data, mode, _) in merged.items():
+    for path, (data, _, _) in merged.items():
         link = symlink_parent(root, path)
         if data is not None and link and not beneath(path, removed):
             raise refuse(f"{path!r} lies beyond the symlink {link!r} here")

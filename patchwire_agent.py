@@ -221,8 +221,8 @@ POLICY_SCHEMA = {"projects": ("str_list", ["*"]), "rate_limit": (str, None), "ma
                  "max_prompt_bytes": (int, 1024 * 1024), "max_projects": (int, 50)}
 USER_SCHEMA = {"token_sha256": (str, None), "admin": (bool, False),
                **{key: (kind, None) for key, (kind, _) in POLICY_SCHEMA.items()}}
-TOP_SCHEMA = {"server": (dict, {}), "ai": (dict, {}), "jobs": (dict, {}), "users": (dict, {}),
-              "policy": (dict, {})}
+TOP_SCHEMA: dict = {"server": (dict, {}), "ai": (dict, {}), "jobs": (dict, {}), "users": (dict, {}),
+                    "policy": (dict, {})}
 RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600,
               "hour": 3600, "d": 86400, "day": 86400}
 
@@ -381,7 +381,7 @@ def check_private_listen(path: Path, host: str) -> None:
         raise PatchwireError(f"{path}: server.listen host {host!r} does not resolve: {e}") from None
     networks = [ipaddress.ip_network(n) for n in PRIVATE_NETWORKS]
     for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%")[0])
+        address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
         if not any(address in n for n in networks if n.version == address.version):
             raise PatchwireError(
                 f"{path}: server.listen {host!r} is not a loopback, private (RFC 1918, IPv6 ULA) "
@@ -1105,8 +1105,8 @@ def bwrap_argv(bwrap: str, argv: List[str], job: Path, hide: List[Path], readonl
         out += ["--ro-bind", folder, folder]
     for folder in hidden:
         out += ["--tmpfs", folder]
-    for folder in readonly:
-        out += ["--ro-bind", real(folder), real(folder)]
+    for place in readonly:
+        out += ["--ro-bind", real(place), real(place)]
     out += ["--bind", real(job), real(job)]
     for path in state:
         if os.path.exists(path):
@@ -1249,14 +1249,14 @@ class AIRun:
     whole group, KILL after a grace period)."""
 
     def __init__(self, argv: List[str], cwd: Path, env: dict, prompt: str, timeout_s: float,
-                 emit: Callable[[dict], None], on_spawn: Callable[[int], None] = lambda pid: None):
+                 emit: Callable[[dict], Any], on_spawn: Callable[[int], None] = lambda pid: None):
         self.argv, self.cwd, self.env, self.prompt = argv, cwd, env, prompt
         self.on_spawn = on_spawn
         self.timeout_s = timeout_s
         self.parser = StreamParser(emit, cwd)
         self.stop_reason: Optional[str] = None
         self.stop_status = "cancelled"
-        self.proc = None
+        self.proc: Any = None  # the Popen, once spawned
         self.stderr_tail = b""
         self.exit_code: Optional[int] = None
         self._lock = threading.Lock()
@@ -1621,6 +1621,7 @@ class Agent:
         self.repos: Dict[Tuple[str, str], ProjectRepo] = {}
         self.busy: Dict[Tuple[str, str], set] = {}
         self.runs: Dict[str, AIRun] = {}
+        self.ended: Dict[str, threading.Event] = {}  # job -> set by finish(), for a cancel that waits
         self.running: Dict[str, int] = {}  # user -> jobs of theirs holding a worker
         self.recent_runs: Deque[float] = deque(maxlen=20)  # seconds, for queue estimates
         self.announced: Dict[str, Tuple[int, Optional[int]]] = {}  # job -> last (position, estimate)
@@ -1914,11 +1915,16 @@ class Agent:
         else:
             with self.lock:
                 run = self.runs.get(job["id"])
+                ended = self.ended.setdefault(job["id"], threading.Event())
             if run:
                 run.stop(reason)
-            deadline = time.monotonic() + KILL_GRACE_S + 2
-            while time.monotonic() < deadline and self.store.job(job["id"])["status"] not in TERMINAL:
-                self.store.wait(0.1)
+            # finish() stores the end, then sets the event: either it is stored already or it
+            # will wake us; bounded in case the run does not end within its kill grace
+            if self.store.job(job["id"])["status"] not in TERMINAL:
+                ended.wait(KILL_GRACE_S + 2)
+            with self.lock:
+                if self.ended.get(job["id"]) is ended and not ended.is_set():
+                    del self.ended[job["id"]]
         return self.store.job(job["id"])
 
     def finish(self, job_id: str, status: str, reason: str = "", **fields: Any) -> None:
@@ -1927,6 +1933,10 @@ class Agent:
         self.store.add_event(job_id, {"type": event, "status": status, **extra}, status=status,
                              reason=reason or None, finished=time.time(), **fields,
                              **usage_columns(fields.get("result"), fields.get("stats")))
+        with self.lock:
+            ended = self.ended.pop(job_id, None)
+        if ended:
+            ended.set()
         job = self.store.job(job_id) or {}
         self.audit.job(job_id, "job_end", user=job.get("user"), project=job.get("project"), status=status,
                        reason=reason or None)
@@ -2262,7 +2272,7 @@ class DeadlineSocketIO(socket.SocketIO):
             if left <= 0:
                 self.expired = True
                 raise socket.timeout("the request took longer than its time budget")
-            self._sock.settimeout(left)
+            self._sock.settimeout(left)  # type: ignore[attr-defined]  # SocketIO's own socket
         try:
             n = super().readinto(b)
         except socket.timeout:
@@ -2452,6 +2462,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = f"patchwire-agent/{__version__}"
+    wfile: CountingWriter  # set in setup(); it counts the bytes sent
     sys_version = ""
     server: "AgentHTTPServer"
 
@@ -2530,7 +2541,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def answer_timeout(self) -> None:
         """A clear 408 for a client too slow with its request (an honest one on a bad line)."""
         self.close_connection = True
-        self.status = HTTPStatus.REQUEST_TIMEOUT
+        self.status = int(HTTPStatus.REQUEST_TIMEOUT)
         body = json.dumps({"error": "the request did not arrive in time", "code": "timeout",
                            "hint": "send the request line, headers and body without pauses"}).encode() + b"\n"
         try:
@@ -2896,8 +2907,8 @@ class AgentHTTPServer(http.server.ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        host = f"[{host}]" if ":" in host else host
-        return f"{'https' if self.tls else 'http'}://{host}:{port}"
+        host = f"[{host}]" if ":" in host else host  # type: ignore[str-bytes-safe]
+        return f"{'https' if self.tls else 'http'}://{host}:{port}"  # type: ignore[str-bytes-safe]
 
 
 def tls_context(cfg: AgentConfig) -> Optional[ssl.SSLContext]:
@@ -3004,7 +3015,7 @@ OPENAPI_SCHEMAS = {
 }
 
 # route name: (summary, query parameters, request body schema, {status: (description, media type, schema)})
-OPENAPI_ROUTES = {
+OPENAPI_ROUTES: Dict[str, tuple] = {
     "health": ("Version, queue depth and whether the AI command is found; no token needed", {}, None,
                {200: ("ok", "application/json", "Health")}),
     "me": ("Your user name and the folder to rsync a project into", {"project": _S}, None,

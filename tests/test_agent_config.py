@@ -142,78 +142,26 @@ def replace_line(text: str, old: str, new: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def bad_listen(t):
-    return replace_line(t, "listen = ", 'listen = "nope"')
+# Each bad config is the seed text with one edit: a whole line replaced, a pattern replaced, or
+# text added; the table gives the edit and the words the one-line error must hold.
+def line(old: str, new: str):
+    return lambda t: replace_line(t, old, new)
 
 
-def bad_port(t):
-    return replace_line(t, "listen = ", 'listen = "127.0.0.1:70000"')
+def sub(pattern: str, new: str, flags: int = 0):
+    def edit(t: str) -> str:
+        changed, n = re.subn(pattern, new, t, flags=flags)
+        assert n == 1, (pattern, t)
+        return changed
+    return edit
 
 
-def unknown_key(t):
-    return replace_line(t, "listen = ", 'lisen = "127.0.0.1:0"')
+def append(text: str):
+    return lambda t: t + text
 
 
-def workers_text(t):
-    return replace_line(t, "workers = ", 'workers = "two"')
-
-
-def workers_zero(t):
-    return replace_line(t, "workers = ", "workers = 0")
-
-
-def workers_true(t):
-    return replace_line(t, "workers = ", "workers = true")
-
-
-def slots_float(t):
-    return replace_line(t, "slots = ", "slots = 1.5")
-
-
-def users_not_table(t):
-    return re.sub(r'\[users\.bob\]\ntoken_sha256 = "[0-9a-f]{64}"', '[users]\nbob = "secret"', t)
-
-
-def unknown_table(t):
-    return t + '\n[logging]\nlevel = "debug"\n'
-
-
-def bad_digest(t):
-    return re.sub(r'token_sha256 = "[0-9a-f]{64}"', 'token_sha256 = "not-a-digest"', t)
-
-
-def short_digest(t):
-    return re.sub(r'token_sha256 = "[0-9a-f]{64}"', f'token_sha256 = "{DIGEST[:63]}"', t)
-
-
-def no_digest(t):
-    return re.sub(r'token_sha256 = "[0-9a-f]{64}"\n', "", t)
-
-
-def invalid_toml(t):
-    return t + "\n[jobs\nworkers = 2\n"
-
-
-def replace_command(t, new):
-    changed, n = re.subn(r"^command = \[.*?\]$", new, t, flags=re.S | re.M)
-    assert n == 1, t
-    return changed
-
-
-def empty_command(t):
-    return replace_command(t, "command = []")
-
-
-def command_string(t):
-    return replace_command(t, 'command = "claude -p"')
-
-
-def bad_env(t):
-    return t.replace("[jobs]", "env = { DEBUG = 1 }\n\n[jobs]")
-
-
-def bad_user_name(t):
-    return t.replace("[users.bob]", '[users."bob smith"]')
+DIGEST_LINE = r'token_sha256 = "[0-9a-f]{64}"'
+COMMAND_LINE = (r"^command = \[.*?\]$", re.S | re.M)
 
 
 def server_not_table(t):
@@ -221,26 +169,35 @@ def server_not_table(t):
     return 'server = "127.0.0.1:0"\n' + t[:server] + t[ai:]
 
 
-@pytest.mark.parametrize("edit, expected", [
-    (unknown_key, ["unknown key 'lisen' in [server]", "known keys: ", " listen,", " state_dir"]),
-    (workers_text, ["jobs.workers must be a positive integer", "'two'"]),
-    (workers_zero, ["jobs.workers must be a positive integer", "not 0"]),
-    (unknown_table, ["unknown key 'logging' in top level", "known keys: ai, jobs, policy, server, users"]),
-    (bad_digest, ["users.bob.token_sha256 must be 64 hex digits"]),
-    (short_digest, ["users.bob.token_sha256 must be 64 hex digits"]),
-    (no_digest, ["users.bob.token_sha256 must be 64 hex digits"]),
-    (bad_listen, ["server.listen must be HOST:PORT", "'nope'"]),
-    (bad_port, ["server.listen must be HOST:PORT", "'127.0.0.1:70000'"]),
-    (invalid_toml, ["not valid TOML", "line "]),
-    (empty_command, ["ai.command must not be empty"]),
-    (command_string, ["ai.command must be a list of strings"]),
-    (bad_env, ["ai.env must be a table of strings"]),
-    (bad_user_name, ["user name 'bob smith' is not valid"]),
-    (workers_true, ["jobs.workers must be a positive integer", "not True"]),
-    (slots_float, ["jobs.slots must be a positive integer", "not 1.5"]),
-    (users_not_table, ["[users.bob] must be a table"]),
-    (server_not_table, ["server must be a table"]),
-], ids=lambda v: v.__name__ if callable(v) else "")
+BAD_CONFIGS = [
+    ("unknown_key", line("listen = ", 'lisen = "127.0.0.1:0"'),
+     ["unknown key 'lisen' in [server]", "known keys: ", " listen,", " state_dir"]),
+    ("workers_text", line("workers = ", 'workers = "two"'), ["jobs.workers must be a positive integer", "'two'"]),
+    ("workers_zero", line("workers = ", "workers = 0"), ["jobs.workers must be a positive integer", "not 0"]),
+    ("unknown_table", append('\n[logging]\nlevel = "debug"\n'),
+     ["unknown key 'logging' in top level", "known keys: ai, jobs, policy, server, users"]),
+    ("bad_digest", sub(DIGEST_LINE, 'token_sha256 = "not-a-digest"'), ["users.bob.token_sha256 must be 64 hex digits"]),
+    ("short_digest", sub(DIGEST_LINE, f'token_sha256 = "{DIGEST[:63]}"'),
+     ["users.bob.token_sha256 must be 64 hex digits"]),
+    ("no_digest", sub(DIGEST_LINE + "\n", ""), ["users.bob.token_sha256 must be 64 hex digits"]),
+    ("bad_listen", line("listen = ", 'listen = "nope"'), ["server.listen must be HOST:PORT", "'nope'"]),
+    ("bad_port", line("listen = ", 'listen = "127.0.0.1:70000"'),
+     ["server.listen must be HOST:PORT", "'127.0.0.1:70000'"]),
+    ("invalid_toml", append("\n[jobs\nworkers = 2\n"), ["not valid TOML", "line "]),
+    ("empty_command", sub(COMMAND_LINE[0], "command = []", COMMAND_LINE[1]), ["ai.command must not be empty"]),
+    ("command_string", sub(COMMAND_LINE[0], 'command = "claude -p"', COMMAND_LINE[1]),
+     ["ai.command must be a list of strings"]),
+    ("bad_env", sub(r"\[jobs\]", "env = { DEBUG = 1 }\n\n[jobs]"), ["ai.env must be a table of strings"]),
+    ("bad_user_name", sub(r"\[users\.bob\]", '[users."bob smith"]'), ["user name 'bob smith' is not valid"]),
+    ("workers_true", line("workers = ", "workers = true"), ["jobs.workers must be a positive integer", "not True"]),
+    ("slots_float", line("slots = ", "slots = 1.5"), ["jobs.slots must be a positive integer", "not 1.5"]),
+    ("users_not_table", sub(r"\[users\.bob\]\n" + DIGEST_LINE, '[users]\nbob = "secret"'),
+     ["[users.bob] must be a table"]),
+    ("server_not_table", server_not_table, ["server must be a table"]),
+]
+
+
+@pytest.mark.parametrize("edit, expected", [pytest.param(edit, expected, id=name) for name, edit, expected in BAD_CONFIGS])
 def test_serve_refuses_a_bad_config(tmp_path, edit, expected):
     config = tmp_path / "agent.toml"
     config.write_text(edit(start_config(tmp_path)))

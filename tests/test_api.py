@@ -448,7 +448,9 @@ def test_cancel_of_a_queued_job_never_starts_it(make_agent, tmp_path):
     assert agent.json("GET", "/v1/health")[1]["queue_depth"] == 0
     # end the long job: the worker is free, and the cancelled job still never ran
     assert agent.json("DELETE", f"/v1/jobs/{long}")[1]["status"] == "cancelled"
-    time.sleep(0.3)
+    # a job asked after it runs to its end on the one worker: the queue has been served past it
+    after = post_ask(agent, ask_body(lap, script({"say": "after"})))["id"]
+    assert agent.wait_job(after)["status"] == "done"
     types = [e["type"] for e in agent.events(queued["id"])]
     assert types[0] == "queued" and types[-1] == "cancelled"
     assert "started" not in types and "text" not in types and "tool" not in types

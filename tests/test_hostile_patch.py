@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 
 import conftest
-from conftest import Laptop, git, make_repo, snapshot_tree, tree_digest
+from conftest import Laptop, git, make_repo, tree_digest
 from fake_box import EMPTY_TREE, FakeBox
 
 
@@ -171,7 +170,7 @@ def test_diff_json_refuses_with_the_usual_error_object(world):
     lap, box, outside = world
     picked = ("header naming two files", "write beneath a tracked symlink out of the project",
               "symlink into .git/hooks")  # one refusal each of the reader, the disk and a link
-    for n, (name, patch, phrase) in enumerate(c for c in CORPUS if c[0] in picked):
+    for n, (_, patch, phrase) in enumerate(c for c in CORPUS if c[0] in picked):
         box.add_job(f"abc12{n}", patch)
         error = lap.run("diff", f"abc12{n}", "--json")
         assert error.returncode == 5

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import pytest
 
@@ -115,7 +115,8 @@ def kind_ignored_by_an_enclosing_repo(tmp_path: Path) -> Path:
     return root
 
 
-KINDS = {"ignored-by-home-repo": kind_ignored_by_an_enclosing_repo, "toplevel": kind_toplevel, "subfolder": kind_subfolder, "worktree-subfolder": kind_worktree_subfolder,
+KINDS = {"ignored-by-home-repo": kind_ignored_by_an_enclosing_repo, "toplevel": kind_toplevel,
+         "subfolder": kind_subfolder, "worktree-subfolder": kind_worktree_subfolder,
          "sparse-subfolder": kind_sparse_subfolder, "no-git": kind_no_git}
 
 

@@ -72,7 +72,8 @@ def ended(agent, user: str, job: str) -> Optional[dict]:
 
 def finish_all(agent, jobs: Dict[str, str]) -> Dict[str, dict]:
     """{job: job info} once every job (job -> user) has ended."""
-    return {job: wait_until(lambda: ended(agent, user, job), what=f"job {job}") for job, user in jobs.items()}
+    return {job: wait_until(lambda: ended(agent, user, job), what=f"job {job}")  # noqa: B023 (called at once)
+            for job, user in jobs.items()}
 
 
 def edit_config(agent, change) -> None:
@@ -139,7 +140,10 @@ def test_three_users_interleave_round_robin(make_agent, tmp_path):
 
 def test_queue_order_is_the_order_of_service_and_a_returning_user_goes_first():
     queue = AGENT.FairQueue()
-    put = lambda job, user: queue.put(AGENT.QueueItem(job, user, "p"))
+
+    def put(job, user):
+        queue.put(AGENT.QueueItem(job, user, "p"))
+
     for n in range(3):
         put(f"a{n}", "alice")
     put("b0", "bob")
@@ -167,7 +171,7 @@ def test_queue_skips_a_user_at_their_limit_without_losing_their_turn():
 def route_paths(job: str) -> List[tuple]:
     """(method, path) of every authenticated route, with alice's job id (or name) filled in."""
     out = []
-    for method, pattern, name, auth in AGENT.ROUTES:
+    for method, pattern, _, auth in AGENT.ROUTES:
         if not auth:
             continue
         path = pattern.pattern.strip("^$")
@@ -631,7 +635,8 @@ def test_bad_policy_is_refused_naming_the_key(tmp_path, table, words):
 
 def test_policy_values_and_their_sources(tmp_path):
     path = tmp_path / "agent.toml"
-    text = ('[ai]\ntimeout_s = 300\nmax_timeout_s = 600\n[jobs]\nworkers = 3\n[policy]\nrate_limit = "10/minute"\ntimeout_s = 9000\n'
+    text = ('[ai]\ntimeout_s = 300\nmax_timeout_s = 600\n[jobs]\nworkers = 3\n'
+            '[policy]\nrate_limit = "10/minute"\ntimeout_s = 9000\n'
             '[users.ann]\ntoken_sha256 = "' + "a" * 64 + '"\nprojects = ["web-*"]\ntimeout_s = 60\n')
     cfg = AGENT.AgentConfig(path, AGENT.pw.parse_toml(text, path))
     ann = cfg.policy("ann")

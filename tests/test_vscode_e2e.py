@@ -55,7 +55,7 @@ def install_code_server(installer: Path = TESTS / "install_code_server.sh", env=
         message = ("NO NETWORK: code-server could not be installed from the npm registry, so the "
                    "VS Code end-to-end test did NOT run:\n" + proc.stderr[-2000:])
         print("\n" + "!" * 78 + "\n" + message + "\n" + "!" * 78, file=sys.stderr)
-        warnings.warn(message)
+        warnings.warn(message, stacklevel=2)
         pytest.skip(message)
     assert proc.returncode == 0, f"install_code_server.sh failed:\n{proc.stdout}{proc.stderr}"
 

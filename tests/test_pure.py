@@ -1,0 +1,268 @@
+"""Issue 15: the parsers and pure functions, called directly on small inputs (the process
+tests reach them only through a whole ask). Each case states the bytes in and out."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+import patchwire as pw
+import patchwire_agent as pa
+
+# ------------------------------------------------------------------ Hunk.render
+
+# Two groups of changes separated by context: group 0 replaces b, group 1 adds e2.
+HUNK = pw.Hunk(b"@@ -1,5 +1,6 @@ def f():\n",
+               [b" a\n", b"-b\n", b"+B\n", b" c\n", b" d\n", b"+e2\n", b" e\n"])
+
+
+def test_a_hunk_groups_its_changes_by_the_context_between_them():
+    assert HUNK.groups == 2
+    assert HUNK.group_of == [None, 0, 0, None, None, 1, None]
+    assert HUNK.group_text(1) == [b" c\n", b" d\n", b"+e2\n", b" e\n"]
+
+
+@pytest.mark.parametrize("chosen, delta, expected, change", [
+    ({0, 1}, 0, b"@@ -1,5 +1,6 @@ def f():\n a\n-b\n+B\n c\n d\n+e2\n e\n", 1),
+    ({0}, 0, b"@@ -1,5 +1,5 @@ def f():\n a\n-b\n+B\n c\n d\n e\n", 0),
+    # group 0 left out: its removal turns back into context, its addition is dropped
+    ({1}, 0, b"@@ -1,5 +1,6 @@ def f():\n a\n b\n c\n d\n+e2\n e\n", 1),
+    # an earlier hunk that was taken in part moves this one's new start
+    ({1}, 2, b"@@ -1,5 +3,6 @@ def f():\n a\n b\n c\n d\n+e2\n e\n", 1),
+])
+def test_a_hunk_renders_only_the_chosen_groups(chosen, delta, expected, change):
+    assert HUNK.render(chosen, delta) == (expected, change)
+
+
+def test_a_hunk_with_no_group_chosen_renders_nothing():
+    assert HUNK.render(set(), 0) == (None, 0)
+
+
+def test_a_no_newline_marker_goes_with_the_line_it_follows():
+    hunk = pw.Hunk(b"@@ -1 +1 @@\n", [b"-old\n", b"\\ No newline at end of file\n", b"+new\n",
+                                      b"\\ No newline at end of file\n"])
+    assert hunk.groups == 1
+    text, change = hunk.render({0}, 0)
+    assert text == b"@@ -1,1 +1,1 @@\n-old\n\\ No newline at end of file\n+new\n\\ No newline at end of file\n"
+    assert change == 0
+
+
+def test_a_malformed_hunk_header_is_refused():
+    with pytest.raises(pw.PatchError, match="malformed hunk header"):
+        pw.Hunk(b"@@ -x +1 @@\n", [])
+
+
+# ------------------------------------------------------------------ path unquoting
+
+
+@pytest.mark.parametrize("token, name", [
+    (b'"a\\tb"', b"a\tb"),
+    (b'"\\303\\251t\\303\\251"', "été".encode()),
+    (b'"say \\"hi\\""', b'say "hi"'),
+    (b'"back\\\\slash"', b"back\\slash"),
+    (b'"bell\\a\\n"', b"bell\a\n"),
+])
+def test_git_quoted_names_read_back_to_their_bytes(token, name):
+    assert pw.c_unquote(token) == name
+    assert pw.read_name(token) == name
+    assert token in pw.spellings(name)
+
+
+@pytest.mark.parametrize("token, error", [
+    (b'"unterminated', "a badly quoted name"),
+    (b'"', "a badly quoted name"),
+    (b'"a"b"', "a stray quote in a name"),
+    (b'"bad \\q escape"', "a bad escape in a name"),
+    (b'"octal \\400"', "a bad escape in a name"),
+    (b'"trailing \\"', "a bad escape in a name"),
+])
+def test_badly_quoted_names_are_refused(token, error):
+    with pytest.raises(pw.PatchRefused, match=error):
+        pw.c_unquote(token)
+
+
+def test_names_git_would_quote_otherwise_are_refused():
+    with pytest.raises(pw.PatchRefused, match="a name quoted in a way git does not"):
+        pw.read_name(b'"plain"')  # git writes it bare
+    with pytest.raises(pw.PatchRefused, match="a name git would have quoted"):
+        pw.read_name(b"tab\there")
+    assert pw.read_name(b"plain/name.txt") == b"plain/name.txt"
+
+
+# ------------------------------------------------------------------ the patch reader
+
+MODIFY = (b"diff --git a/src/m.py b/src/m.py\nindex 1111111..2222222 100644\n--- a/src/m.py\n+++ b/src/m.py\n"
+          b"@@ -1,2 +1,2 @@\n x\n-y\n+Y\n")
+NEW = (b"diff --git a/new.txt b/new.txt\nnew file mode 100644\nindex 0000000..3333333\n--- /dev/null\n"
+       b"+++ b/new.txt\n@@ -0,0 +1,2 @@\n+one\n+two\n")
+DELETE = (b"diff --git a/old.txt b/old.txt\ndeleted file mode 100644\nindex 4444444..0000000\n--- a/old.txt\n"
+          b"+++ /dev/null\n@@ -1 +0,0 @@\n-gone\n")
+RENAME = b"diff --git a/a.txt b/b.txt\nsimilarity index 100%\nrename from a.txt\nrename to b.txt\n"
+
+
+def test_the_reader_splits_a_patch_into_its_files():
+    files = pw.split_patch(MODIFY + NEW + DELETE + RENAME)
+    assert [(f.kind, f.path, f.added, f.removed) for f in files] == [
+        ("modified", "src/m.py", 1, 1), ("new", "new.txt", 2, 0), ("deleted", "old.txt", 0, 1),
+        ("renamed", "b.txt", 0, 0)]
+    assert files[3].old_path == "a.txt"
+    assert b"".join(f.bytes for f in files) == MODIFY + NEW + DELETE + RENAME  # nothing lost
+    assert files[1].whole_new_content() == b"one\ntwo\n"
+
+
+def test_an_empty_patch_has_no_files():
+    assert pw.split_patch(b"") == []
+
+
+@pytest.mark.parametrize("patch", [
+    b"not a patch at all\n",
+    MODIFY.replace(b"@@ -1,2 +1,2 @@", b"@@ -1,2 +1,3 @@"),  # counts that do not add up
+    MODIFY.replace(b"b/src/m.py\nindex", b"b/../m.py\nindex").replace(b"+++ b/src/m.py", b"+++ b/../m.py"),
+])
+def test_the_reader_refuses_what_is_not_a_clean_patch(patch):
+    with pytest.raises(pw.PatchwireError):
+        pw.split_patch(patch)
+
+
+# ------------------------------------------------------------------ Schema
+
+SPEC = {"name": (str, "x"), "count": (int, 3), "zero_ok": ("int>=0", 0), "ratio": (float, None),
+        "flags": ("str_list", []), "env": ("str_table", {}), "on": (bool, False)}
+
+
+def test_a_schema_fills_defaults_and_keeps_given_values(tmp_path):
+    schema = pw.Schema(tmp_path / "c.toml", "t", SPEC)
+    assert schema.read({}) == {"name": "x", "count": 3, "zero_ok": 0, "ratio": None, "flags": [], "env": {},
+                               "on": False}
+    given = {"name": "y", "count": 1, "zero_ok": 0, "ratio": 2, "flags": ["a"], "env": {"K": "v"}, "on": True}
+    assert schema.read(given) == given
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"nme": "y"}, "c.toml: unknown key 'nme' in [t]"),
+    ({"count": 0}, "c.toml: t.count must be a positive integer, not 0"),
+    ({"count": True}, "c.toml: t.count must be a positive integer, not True"),
+    ({"zero_ok": -1}, "c.toml: t.zero_ok must be a whole number, 0 or more, not -1"),
+    ({"ratio": 0.0}, "c.toml: t.ratio must be a positive number, not 0.0"),
+    ({"flags": ["a", 1]}, "c.toml: t.flags must be a list of strings, not ['a', 1]"),
+    ({"env": {"K": 1}}, "c.toml: t.env must be a table of strings, not {'K': 1}"),
+    ({"on": "yes"}, "c.toml: t.on must be true or false, not 'yes'"),
+    ({"name": 5}, "c.toml: t.name must be a string, not 5"),
+])
+def test_a_schema_names_the_file_and_the_key_it_refuses(tmp_path, data, message):
+    with pytest.raises(pw.PatchwireError) as failure:
+        pw.Schema(tmp_path / "c.toml", "t", SPEC).read(data)
+    assert failure.value.message == f"{tmp_path}/{message}"
+
+
+def test_a_schema_refuses_a_value_that_is_not_a_table(tmp_path):
+    with pytest.raises(pw.PatchwireError, match=r"\[t\] must be a table"):
+        pw.Schema(tmp_path / "c.toml", "t", SPEC).read(["a"])
+    with pytest.raises(pw.PatchwireError, match="unknown key 'x' in top level") as failure:
+        pw.Schema(tmp_path / "c.toml", "", SPEC).read({"x": 1})
+    assert failure.value.hint == "known keys: count, env, flags, name, on, ratio, zero_ok"
+
+
+# ------------------------------------------------------------------ numstat
+
+
+@pytest.mark.parametrize("out, expected", [
+    (b"", {"files": 0, "added": 0, "removed": 0, "binary": 0}),
+    (b"3\t1\ta.py\x002\t0\tb c.py\x00", {"files": 2, "added": 5, "removed": 1, "binary": 0}),
+    (b"-\t-\timg.png\x00", {"files": 1, "added": 0, "removed": 0, "binary": 1}),
+    # a rename: empty path, then the old and new paths as their own NUL-terminated fields
+    (b"0\t0\t\x00old.txt\x00new.txt\x004\t4\tz.txt\x00", {"files": 2, "added": 4, "removed": 4, "binary": 0}),
+    (b"1\t0\t\x00tab\there\x00new\x00", {"files": 1, "added": 1, "removed": 0, "binary": 0}),
+])
+def test_numstat_counts_files_lines_and_binaries(out, expected):
+    assert pa.parse_numstat(out) == expected
+
+
+# ------------------------------------------------------------------ StreamParser
+
+
+def test_the_stream_parser_turns_claude_lines_into_events():
+    events: list = []
+    parser = pa.StreamParser(events.append, Path("/job"))
+    for line in (b"plain output before init\n",
+                 b'{"type": "system", "subtype": "init", "session_id": "s9", "model": "m1"}\n',
+                 b'{"type": "assistant", "message": {"content": [{"type": "text", "text": "hi"},'
+                 b' {"type": "tool_use", "name": "Edit", "input": {"file_path": "/job/src/a.py"}}]}}\n',
+                 b'{"type": "user", "message": {"content": [{"type": "tool_result", "is_error": true,'
+                 b' "content": [{"type": "text", "text": "denied"}]}]}}\n',
+                 b'{"type": "newer_kind", "x": 1}\n',
+                 b"\n",
+                 b'{"type": "result", "subtype": "success", "is_error": false, "num_turns": 2, "usage": {"a": 1}}\n'):
+        parser.feed(line)
+    assert events == [
+        {"type": "output", "text": "plain output before init"},
+        {"type": "session", "session_id": "s9", "model": "m1"},
+        {"type": "text", "text": "hi"},
+        {"type": "tool", "name": "Edit", "detail": "src/a.py"},  # the job folder is not shown
+        {"type": "tool_error", "text": "denied"},
+        {"type": "result", "subtype": "success", "is_error": False, "num_turns": 2, "usage": {"a": 1}},
+    ]
+    assert parser.claude and parser.session_id == "s9" and parser.result["num_turns"] == 2
+
+
+def test_json_from_a_command_that_is_not_claude_passes_through_as_output():
+    events: list = []
+    parser = pa.StreamParser(events.append, Path("/job"))
+    parser.feed(b'{"type": "result", "subtype": "success"}\r\n')
+    assert events == [{"type": "output", "text": '{"type": "result", "subtype": "success"}'}]
+    assert parser.result is None and not parser.claude
+
+
+# ------------------------------------------------------------------ AIRun.judge
+
+
+def judged(code: int, result=None, claude: bool = True, stop: str = "", stderr: bytes = b""):
+    run = pa.AIRun(["true"], Path("/job"), {}, "prompt", timeout_s=60, emit=lambda e: None)
+    run.parser.result, run.parser.claude, run.stderr_tail = result, claude, stderr
+    if stop:
+        run.stop_reason = stop
+    return run.judge(code)[:2]
+
+
+OK = {"type": "result", "subtype": "success", "is_error": False, "result": "all done"}
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"code": 0, "result": OK}, ("done", "")),
+    ({"code": 0, "result": None, "claude": False}, ("done", "")),  # another command, exit 0
+    ({"code": 0, "result": None}, ("failed", "the AI ended without a result line")),
+    ({"code": 0, "result": OK, "stop": "cancelled by ann"}, ("cancelled", "cancelled by ann")),
+    ({"code": 0, "result": {**OK, "subtype": "error_max_turns"}},
+     ("failed", "the AI stopped at its turn limit (--max-turns in [ai] command): ask for a smaller step, "
+                "or raise the limit")),
+    ({"code": 0, "result": {**OK, "is_error": True, "result": "quota"}}, ("failed", "the AI reported an error: quota")),
+    ({"code": 0, "result": {**OK, "subtype": "error_during_execution", "result": ""}},
+     ("failed", "the AI reported an error: error_during_execution")),
+    ({"code": -signal.SIGKILL, "result": OK}, ("failed", "the AI command was killed by signal SIGKILL")),
+    ({"code": 2, "result": None, "claude": False, "stderr": b"usage: claude\n"},
+     ("failed", "the AI command exited with status 2: usage: claude")),
+    ({"code": 3, "result": None, "claude": False}, ("failed", "the AI command exited with status 3: no output")),
+])
+def test_the_judge_names_how_a_run_ended(kwargs, expected):
+    assert judged(**kwargs) == expected
+
+
+def test_permission_denials_fail_the_run_and_are_described():
+    status, reason = judged(0, {**OK, "permission_denials": [{"tool_name": "Bash", "tool_input": {"command": "rm x"}},
+                                                             "not a dict"]})
+    assert status == "failed"
+    assert "Bash" in reason
+
+
+# ------------------------------------------------------------------ human_value
+
+
+@pytest.mark.parametrize("value, shown", [
+    (True, "yes"), (False, "no"), (0.123456, "0.1235"), (1234567.0, "1.235e+06"), (7, "7"), ("text", "text"),
+    ({"in": 10, "cache": None, "ok": True}, "in 10, ok yes"), ({}, "-"), ({"x": None}, "-"),
+    ([1, False, 2.5], "1, no, 2.5"), ([], "-"), ({"nested": {"a": 1, "b": [True]}}, "nested a 1, b yes"),
+])
+def test_human_value_reads_json_as_a_person_would(value, shown):
+    assert pw.human_value(value) == shown
