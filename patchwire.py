@@ -1149,8 +1149,8 @@ class Client:
         global http, ssl
         import http.client
         import ssl
-        import urllib.error
-        import urllib.request
+        import urllib.error  # noqa: F401  (loads the submodule: `urllib.error` works module-wide)
+        import urllib.request  # noqa: F401
         self.base = base_url.rstrip("/")
         self._token = token
         self.timeout = timeout

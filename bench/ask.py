@@ -14,7 +14,8 @@ with min and max of the same invocation. Speed is never asserted: see RESULTS.md
 
 The baseline, what a user would write (the "box" is a folder, over ssh for the SSH rows):
     git ls-files -z --cached --others --exclude-standard | rsync -a --from0 --files-from=- ./ BOX:mirror/
-    ssh BOX 'cd mirror && git add -A && git commit -qm sync && claude -p "..." && git add -A && git diff --cached --binary && git commit -qm ai'
+    ssh BOX 'cd mirror && git add -A && git commit -qm sync && claude -p "..." \
+             && git add -A && git diff --cached --binary && git commit -qm ai'
     git apply
 """
 
@@ -24,9 +25,7 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -165,7 +164,7 @@ def run_size(tmp: Path, count: int, repeat: int, ssh_server, stack: ExitStack) -
             files = git(root, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
             bare = ["rsync", "-a", "--from0", "--files-from=-", "./", f"{base.box}/"]
             sync_t, rsync_t = [], []
-            for r in range(repeat):
+            for _ in range(repeat):
                 sync_t.append(timed(lambda: lap.run("sync", check=0)))
                 rsync_t.append(timed(lambda: subprocess.run(bare, cwd=root, input=files, check=True)))
             out["pw sync"], out["bare rsync"] = sync_t, rsync_t
@@ -221,7 +220,6 @@ def agent_memory(tmp: Path, asks: int) -> Dict[str, int]:
         lap.init(agent)
         idle = rss_kb(agent.proc.pid)
         lap.run("sync", check=0)
-        tree = pw.Project(root, "laptop")
         after_first = 0
         for i in range(asks):
             lap.run("ask", "--no-apply", "--no-color", script({"write": "m.txt", "text": f"{i}\n"}), check=0)
@@ -332,7 +330,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.quick:
         args.sizes, args.ssh_sizes, args.repeat, args.no_write = [200], [], 1, True
     sizes = args.sizes + ([100000] if args.big else [])
-    lines = [f"# Benchmark results (`python3 bench/ask.py`)", "", machine(), ""]
+    lines = ["# Benchmark results (`python3 bench/ask.py`)", "", machine(), ""]
     with tempfile.TemporaryDirectory(prefix="patchwire-bench-ask-") as tmpdir, ExitStack() as stack:
         tmp = Path(tmpdir)
         os.environ["HOME"] = str(tmp / "home")
