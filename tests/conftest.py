@@ -57,6 +57,18 @@ def program_argv(name: str) -> List[str]:
     return [TEST_PYTHON, str(ROOT / "dist" / name)]
 
 
+def wait_until(predicate, timeout: float = 60, what: str = "condition"):
+    """Poll `predicate` until it returns something true; that value. A test waits on a
+    condition, never for a fixed time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
 # ------------------------------------------------------------------ environment
 
 

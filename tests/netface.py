@@ -89,15 +89,6 @@ def audit_lines(agent: AgentProcess, name: str = "audit.log") -> List[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def wait_until(condition, timeout: float = 20, what: str = "condition"):
-    """Poll `condition` until it returns something true; that value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not met within {timeout}s")
 
 
 class HealthWatch(threading.Thread):

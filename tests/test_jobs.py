@@ -13,20 +13,13 @@ import time
 from pathlib import Path
 
 from conftest import Laptop, pid_alive, script, tree_digest
+from conftest import wait_until as wait_for
 
 
 def slot_dir(agent, slot: int, project: str = "laptop", user: str = "alice") -> Path:
     return agent.state_dir / "users" / user / "projects" / project / "slots" / f"slot{slot}"
 
 
-def wait_for(predicate, timeout: float = 30, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def start_ask(laptop: Laptop, prompt: str, *extra: str) -> subprocess.Popen:

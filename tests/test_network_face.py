@@ -22,8 +22,9 @@ import pytest
 
 import patchwire_agent
 from conftest import Laptop, make_repo, script
+from conftest import wait_until
 from netface import (address, audit_lines, configure_server, connect, exchange, read_all, request,
-                     split_response, start_with, wait_until)
+                     split_response, start_with)
 
 HEALTH = b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 

@@ -12,7 +12,8 @@ import threading
 from typing import Dict, List
 
 from conftest import Laptop, make_repo, script
-from netface import HealthWatch, address, start_with, wait_until
+from conftest import wait_until
+from netface import HealthWatch, address, start_with
 
 SOURCES = [f"127.0.0.{n}" for n in range(2, 7)]
 PER_SOURCE = 20  # 100 in all, past the per-address cap (16) and the overall one (64)

@@ -9,14 +9,13 @@ import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
 
 import patchwire_agent as AGENT
-from conftest import Laptop, make_repo, script, tomli_w, tomllib
+from conftest import Laptop, make_repo, script, tomli_w, tomllib, wait_until
 from test_api import ask_body, assert_json_error, post_ask, wait_for_event
 
 
@@ -42,14 +41,6 @@ def gated(gate: Path, text: str = "held") -> str:
     return script({"say": text}, {"wait_file": str(gate)}, {"say": "released"})
 
 
-def wait_until(predicate, timeout: float = 60, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def events_as(agent, user: str, job: str) -> List[dict]:
