@@ -1220,7 +1220,7 @@ class Client:
             raise AgentError(f"the agent at {self.base} answered with something that is not JSON",
                              "is the URL in .patchwire.toml a patchwire-agent?") from None
 
-    def bytes(self, path: str) -> bytes:
+    def raw(self, path: str) -> bytes:
         with self._request("GET", path, accept="*/*") as resp:
             return self._read(resp)
 
@@ -1240,6 +1240,46 @@ class Client:
                 line = line.strip()
                 if line:
                     yield json.loads(line)
+
+    # --- one method per route of patchwire-agent (its ROUTES table); ids and names are quoted
+
+    def health(self) -> dict:
+        return self.json("GET", "/v1/health")
+
+    def me(self, project: str) -> dict:
+        return self.json("GET", "/v1/me?" + urllib.parse.urlencode({"project": project}))
+
+    def ask(self, body: dict) -> Iterator[dict]:
+        return self.stream("POST", "/v1/ask", body)
+
+    def jobs(self) -> List[dict]:
+        return self.json("GET", "/v1/jobs")["jobs"]
+
+    def job(self, job: str) -> dict:
+        return self.json("GET", f"/v1/jobs/{_quote(job)}")
+
+    def cancel(self, job: str) -> dict:
+        return self.json("DELETE", f"/v1/jobs/{_quote(job)}")
+
+    def events(self, job: str, after: int = 0, follow: bool = True) -> Iterator[dict]:
+        return self.stream("GET", f"/v1/jobs/{_quote(job)}/events?after={int(after)}" + ("" if follow else "&follow=0"))
+
+    def diff(self, job: str) -> bytes:
+        return self.raw(f"/v1/jobs/{_quote(job)}/diff")
+
+    def usage(self, query: Dict[str, str]) -> dict:
+        return self.json("GET", "/v1/usage?" + urllib.parse.urlencode(query))
+
+
+def _quote(value: str) -> str:
+    return urllib.parse.quote(str(value), safe="")
+
+
+def http_errors() -> tuple:
+    """http.client's exception base, imported when first needed: the code that catches it may
+    run before any Client was made (start-up stays free of network modules)."""
+    import http.client
+    return (http.client.HTTPException,)
 
 
 # ================================================================== presentation
@@ -2748,7 +2788,7 @@ class Session:
         differ), even when size and mtime did not change; with `force`, every file, compared
         by checksum. Files that change or vanish while they are sent are sent again once;
         if they still move, say which and why. `resend`: paths the box says differ."""
-        me = self.client.json("GET", "/v1/me?project=" + urllib.parse.quote(self.cfg.project))
+        me = self.client.me(self.cfg.project)
         last = self._last_sync()
         if force or last.get("mirror") != me["mirror"] or not self.project.recorded(last.get("tree") or ""):
             last = {}  # send every listed file: rsync compares them with the box's copy
@@ -2957,20 +2997,20 @@ def stream_job(session: Session, first: Iterator[dict], on_event) -> dict:
         except KeyboardInterrupt:
             if job is None or interrupted:
                 if job:
-                    info = session.client.json("DELETE", f"/v1/jobs/{job}")
+                    info = session.client.cancel(job)
                     say(sanitize(f"job {job} is {info.get('status')}"))
                 raise
             interrupted = True
             say(sanitize(f"\njob {job} keeps running on the box. Press Ctrl-C again to cancel it, or "
                          f"leave and come back with `patchwire show {job}`.", keep_newlines=True))
-        except (AgentError, OSError, http.client.HTTPException, ValueError) as e:
+        except (AgentError, OSError, ValueError, *http_errors()) as e:
             if job is None:
                 raise
             say(sanitize(f"lost the event stream ({e}); reconnecting"))
             time.sleep(min(0.2 * 2 ** attempt, 5))
         if job is None:
             break
-        events = session.client.stream("GET", f"/v1/jobs/{job}/events?after={seq}")
+        events = session.client.events(job, seq)
     raise AgentError("the agent's event stream ended before the job did",
                      f"check the job with `patchwire show {job}`")
 
@@ -3081,7 +3121,7 @@ class Doctor:
         return f"from {path}"
 
     def agent(self) -> str:
-        self.health = Client(self.cfg.agent, "", ca_file=self.cfg.ca_file).json("GET", "/v1/health")
+        self.health = Client(self.cfg.agent, "", ca_file=self.cfg.ca_file).health()
         version = self.health.get("version")
         note = "" if version == __version__ else f" (this laptop has {__version__}: upgrade the older one)"
         return f"patchwire-agent {version} at {self.cfg.agent}, {self.health.get('queue_depth', 0)} queued{note}"
@@ -3100,8 +3140,7 @@ class Doctor:
             return None
         try:
             self.me = Client(self.cfg.agent, self._token, ca_file=self.cfg.ca_file,
-                             token_source=self.cfg.token_source()).json(
-                "GET", "/v1/me?project=" + urllib.parse.quote(self.cfg.project))
+                             token_source=self.cfg.token_source()).me(self.cfg.project)
         except AgentError as e:
             if e.http_status == 401:
                 raise PatchwireError(f"the agent does not accept the token from {self.cfg.token_source()}",
@@ -3306,7 +3345,7 @@ def cmd_ask(args) -> int:
     if end["type"] != "finished":
         raise AIFailed(f"job {job} {end['type']}: {end.get('reason', '')}",
                        f"see `patchwire show {job}`; nothing was changed here")
-    patch = session.client.bytes(f"/v1/jobs/{job}/diff")
+    patch = session.client.diff(job)
     files = session.vet(patch)
     outcome = {"type": "outcome", "job": job, "applied": False, "files": [f.path for f in files],
                "look_closely": look_closely(files)}
@@ -3349,7 +3388,7 @@ def start_ask(session: Session, args, prompt: str) -> Tuple[dict, Iterator[dict]
 
 
 def post_ask(session: Session, body: dict) -> Tuple[dict, Iterator[dict]]:
-    events = session.client.stream("POST", "/v1/ask", body)
+    events = session.client.ask(body)
     return checked_first(next(events)), events
 
 
@@ -3394,7 +3433,7 @@ def cmd_diff(args) -> int:
     job = check_job_id(session.job_id(args.job))
     if args.file:
         return show_job_file(session, job, args)
-    patch = session.client.bytes(f"/v1/jobs/{job}/diff")
+    patch = session.client.diff(job)
     files = session.vet(patch)
     if args.json:
         listed = [{"path": f.path, "old_path": f.old_path, "kind": f.kind, "added": f.added,
@@ -3416,13 +3455,13 @@ def cmd_diff(args) -> int:
 def show_job_file(session: Session, job_id: str, args) -> int:
     """`diff JOB --file PATH --side old|new`: one file as it was synced, or as the job leaves
     it, for an editor's side-by-side view (the VS Code extension's diff editor)."""
-    job = session.client.json("GET", f"/v1/jobs/{job_id}")
+    job = session.client.job(job_id)
     git, tree = session.project.git, session.job_tree(str(job.get("id"))) or ""  # our record, never the box's
     if not tree or git.run("cat-file", "-e", tree + "^{tree}", check=False).returncode != 0:
         raise PatchwireError(f"the files job {sanitize(str(job.get('id')))} started from are not recorded in "
                              "this project", "run this in the project the job was asked from")
     if args.side == "new":
-        patch = session.client.bytes(f"/v1/jobs/{job['id']}/diff")
+        patch = session.client.diff(job["id"])
         split_patch(patch)  # the strict reader refuses what it refuses everywhere else
         tree = tree_after_patch(session.project, tree, patch, job["id"])
     fields = git("ls-tree", "-z", tree, "--", args.file).split(b"\t", 1)[0].decode().split()
@@ -3472,12 +3511,12 @@ def cmd_apply(args) -> int:
                          "or pass --yes to apply without asking (scripts)",
                          "patchwire apply JOB --yes [--only PATH ...] [--json]")
     asked = session.job_id(args.job)
-    job = session.client.json("GET", f"/v1/jobs/{check_job_id(asked)}")
+    job = session.client.job(check_job_id(asked))
     job_id = check_job_id(job.get("id"), asked)
     if job.get("status") != "done":
         raise AIFailed(f"job {job_id} is {sanitize(str(job.get('status')))}: nothing to apply",
                        sanitize(str(job.get("reason") or "")))
-    patch = session.client.bytes(f"/v1/jobs/{job_id}/diff")
+    patch = session.client.diff(job_id)
     if not patch:
         say(f"job {job_id} made no changes; nothing to apply")
         output(args, {"job": job_id, "how": "none", "files": [], "conflicts": []})
@@ -3504,7 +3543,7 @@ def cmd_apply(args) -> int:
 
 def cmd_jobs(args) -> int:
     session = Session.here()
-    jobs = session.client.json("GET", "/v1/jobs")["jobs"]
+    jobs = session.client.jobs()
     if not jobs:
         say("no jobs yet")
     output(args, {"jobs": jobs},
@@ -3532,8 +3571,8 @@ def human_age(seconds: float) -> str:
 
 def cmd_show(args) -> int:
     session = Session.here()
-    job = session.client.json("GET", f"/v1/jobs/{session.job_id(args.job)}")
-    events = list(session.client.stream("GET", f"/v1/jobs/{job['id']}/events?after=0&follow=0"))
+    job = session.client.job(session.job_id(args.job))
+    events = list(session.client.events(job["id"], 0, follow=False))
 
     def human(r: dict) -> None:
         for key in ("id", "status", "project", "reason", "prompt"):
@@ -3564,7 +3603,7 @@ def human_value(value: Any) -> str:
 
 def cmd_cancel(args) -> int:
     session = Session.here()
-    job = session.client.json("DELETE", f"/v1/jobs/{session.job_id(args.job)}")
+    job = session.client.cancel(session.job_id(args.job))
     say(sanitize(f"job {job['id']} is {job['status']}"))
     output(args, {"job": job})
     return 0
@@ -3664,7 +3703,7 @@ def print_usage(args, report: dict) -> None:
 def cmd_usage(args) -> int:
     session = Session.here()
     query = {k: v for k, v in (("since", args.since), ("until", args.until), ("group", args.by)) if v}
-    print_usage(args, session.client.json("GET", "/v1/usage?" + urllib.parse.urlencode(query)))
+    print_usage(args, session.client.usage(query))
     return 0
 
 

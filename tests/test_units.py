@@ -43,11 +43,11 @@ def test_queue_remove_and_close():
 
 class FakeClient:
     def __init__(self, events):
-        self.paths, self.events = [], events
+        self.paths, self.event_list = [], events
 
-    def stream(self, method, path, body=None):
-        self.paths.append(path)
-        yield from self.events
+    def events(self, job, after=0, follow=True):  # patchwire.Client.events, recorded
+        self.paths.append(f"/v1/jobs/{job}/events?after={after}")
+        yield from self.event_list
 
 
 class FakeSession:
