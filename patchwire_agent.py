@@ -203,6 +203,36 @@ class HTTPFailure(PatchwireError):
         super().__init__(message, hint, http_status=status, code=code, details=details)
 
 
+class NamedFailure(HTTPFailure):
+    """An HTTPFailure whose class names its status; `code` defaults to the status's own."""
+
+    status: int = HTTPStatus.BAD_REQUEST
+    default_code = "error"
+
+    def __init__(self, message: str, hint: str = "", code: Optional[str] = None, **details):
+        super().__init__(self.status, message, hint, code=code or self.default_code, **details)
+
+
+class BadRequest(NamedFailure):
+    status, default_code = HTTPStatus.BAD_REQUEST, "bad_request"
+
+
+class Conflict(NamedFailure):
+    status, default_code = HTTPStatus.CONFLICT, "conflict"
+
+
+class NotFound(NamedFailure):
+    status, default_code = HTTPStatus.NOT_FOUND, "not_found"
+
+
+class Unauthorized(NamedFailure):
+    status, default_code = HTTPStatus.UNAUTHORIZED, "unauthorized"
+
+
+class LengthRequired(NamedFailure):
+    status, default_code = HTTPStatus.LENGTH_REQUIRED, "length_required"
+
+
 # ================================================================== config
 
 SERVER_SCHEMA = {"listen": (str, DEFAULT_LISTEN), "state_dir": (str, None), "allow_public": (bool, False),
@@ -648,7 +678,7 @@ def usage_answer(agent: "Agent", user: str, query: Dict[str, str]) -> dict:
     for another user without being an admin is 403 whether or not that user exists."""
     group = query.get("group", "user")
     if group not in USAGE_GROUPS:
-        raise HTTPFailure(HTTPStatus.BAD_REQUEST, f"group must be one of {', '.join(USAGE_GROUPS)}", code="bad_request")
+        raise BadRequest(f"group must be one of {', '.join(USAGE_GROUPS)}")
     wanted = query.get("user")
     if wanted is not None and wanted != user:
         require_admin(agent, user, "other users' usage")
@@ -658,7 +688,7 @@ def usage_answer(agent: "Agent", user: str, query: Dict[str, str]) -> dict:
         since = parse_time(query.get("since"), 0.0)
         until = parse_time(query.get("until"), time.time() + 1, end_of_day=True)
     except UsageError as e:
-        raise HTTPFailure(HTTPStatus.BAD_REQUEST, e.message, e.hint, code="bad_request")
+        raise BadRequest(e.message, e.hint)
     return usage_report(agent.store, since, until, group, wanted, list(agent.cfg.users))
 
 
@@ -787,9 +817,9 @@ class ProjectRepo:
                 mine = git.ls_files_stage()
                 differ = sorted(p for p in set(mine) | set(theirs) if mine.get(p) != theirs.get(p))
                 named = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
-                raise HTTPFailure(HTTPStatus.CONFLICT, f"the box's copy of the project differs from what the laptop "
-                                  f"sent in {len(differ)} file(s): {named}", "sync again (patchwire sync --force)",
-                                  code="tree_mismatch", paths=differ[:200])
+                raise Conflict(f"the box's copy of the project differs from what the laptop "
+                               f"sent in {len(differ)} file(s): {named}", "sync again (patchwire sync --force)",
+                               code="tree_mismatch", paths=differ[:200])
             return git.text("commit-tree", got, "-m", "patchwire snapshot")
 
     # --- job folders
@@ -1739,16 +1769,14 @@ class Agent:
         self.maybe_reload()
         scheme, _, token = (header or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise HTTPFailure(HTTPStatus.UNAUTHORIZED, "missing bearer token", "send Authorization: Bearer TOKEN",
-                              code="unauthorized")
+            raise Unauthorized("missing bearer token", "send Authorization: Bearer TOKEN")
         presented = token_digest(token.strip())
         user = None
         for name, digest in self.cfg.users.items():
             if hmac.compare_digest(presented, digest):
                 user = name
         if user is None:
-            raise HTTPFailure(HTTPStatus.UNAUTHORIZED, "invalid token", "check the token file on the laptop",
-                              code="unauthorized")
+            raise Unauthorized("invalid token", "check the token file on the laptop")
         return user
 
     def is_admin(self, user: str) -> bool:
@@ -1812,14 +1840,14 @@ class Agent:
         project = check_name(body.get("project"), "project")
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
-            raise HTTPFailure(HTTPStatus.BAD_REQUEST, "prompt must be a non-empty string", code="bad_request")
+            raise BadRequest("prompt must be a non-empty string")
         size = len(prompt.encode("utf-8", "surrogatepass"))
         if size > policy.max_prompt_bytes:
             raise policy_refusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, policy, "max_prompt_bytes",
                                  f"the prompt has {size} bytes", "shorten it, or put the long part in a file of the project")
         tree = body.get("tree")
         if not isinstance(tree, str) or not re.fullmatch(r"[0-9a-f]{40}([0-9a-f]{24})?", tree):
-            raise HTTPFailure(HTTPStatus.BAD_REQUEST, "tree must be a git tree id", code="bad_request")
+            raise BadRequest("tree must be a git tree id")
         manifest = check_manifest(body.get("files"))
         self.check_room()
         timeout_s = self.check_timeout(policy, body.get("timeout_s", min(self.cfg.timeout_s, policy.timeout_s)))
@@ -1843,8 +1871,7 @@ class Agent:
         ceiling = policy.timeout_s
         if not isinstance(timeout_s, int) or isinstance(timeout_s, bool) or timeout_s <= 0 or (
                 timeout_s > ceiling and policy.sources["timeout_s"] == "[ai] max_timeout_s"):
-            raise HTTPFailure(HTTPStatus.BAD_REQUEST, f"timeout_s must be 1..{ceiling} seconds",
-                              code="bad_request")
+            raise BadRequest(f"timeout_s must be 1..{ceiling} seconds")
         if timeout_s > ceiling:
             raise policy_refusal(HTTPStatus.FORBIDDEN, policy, "timeout_s",
                                  f"timeout_s {timeout_s} is over the ceiling", f"ask with --timeout {ceiling} or less")
@@ -1886,29 +1913,28 @@ class Agent:
             return None
         parent = self.find_job(user, str(prefix))
         if parent["project"] != project:
-            raise HTTPFailure(HTTPStatus.BAD_REQUEST, f"job {parent['id']} belongs to project {parent['project']}, "
-                              f"not {project}", code="bad_request")
+            raise BadRequest(f"job {parent['id']} belongs to project {parent['project']}, "
+                             f"not {project}")
         if parent["status"] != "done":
-            raise HTTPFailure(HTTPStatus.CONFLICT, f"job {parent['id']} is {parent['status']}: only a finished "
-                              "job can be continued", code="not_done")
+            raise Conflict(f"job {parent['id']} is {parent['status']}: only a finished "
+                           "job can be continued", code="not_done")
         return parent
 
     def find_job(self, user: str, prefix: str) -> dict:
         if not re.fullmatch(r"[0-9a-f]{1,32}", prefix or ""):
-            raise HTTPFailure(HTTPStatus.NOT_FOUND, f"no job {prefix!r}", code="not_found")
+            raise NotFound(f"no job {prefix!r}")
         jobs = self.store.find_jobs(user, prefix, limit=2)
         if not jobs:
-            raise HTTPFailure(HTTPStatus.NOT_FOUND, f"no job {prefix!r} of yours", "list them with `patchwire jobs`",
-                              code="not_found")
+            raise NotFound(f"no job {prefix!r} of yours", "list them with `patchwire jobs`")
         if len(jobs) > 1:
-            raise HTTPFailure(HTTPStatus.CONFLICT, f"job id prefix {prefix!r} is ambiguous", "give more characters",
-                              code="ambiguous")
+            raise Conflict(f"job id prefix {prefix!r} is ambiguous", "give more characters",
+                           code="ambiguous")
         return jobs[0]
 
     def cancel(self, user: str, prefix: str) -> dict:
         job = self.find_job(user, prefix)
         if job["status"] in TERMINAL:
-            raise HTTPFailure(HTTPStatus.CONFLICT, f"job {job['id']} is already {job['status']}", code="finished")
+            raise Conflict(f"job {job['id']} is already {job['status']}", code="finished")
         reason = "cancelled by " + user
         if self.queue.remove(job["id"]):
             self.finish(job["id"], "cancelled", reason)
@@ -2125,23 +2151,23 @@ def cancel_requests_dir(state_dir: Path) -> Path:
 
 def check_name(value: Any, what: str) -> str:
     if not isinstance(value, str) or not pw.NAME_RE.fullmatch(value):
-        raise HTTPFailure(HTTPStatus.BAD_REQUEST, f"{what} must be a name of letters, digits, '.', '_' and '-' "
-                          f"(at most 64)", code="bad_request")
+        raise BadRequest(f"{what} must be a name of letters, digits, '.', '_' and '-' "
+                         f"(at most 64)")
     return value
 
 
 def check_manifest(files: Any) -> List[Tuple[str, str, str]]:
     if not isinstance(files, list):
-        raise HTTPFailure(HTTPStatus.BAD_REQUEST, "files must be a list of [mode, blob, path]", code="bad_request")
+        raise BadRequest("files must be a list of [mode, blob, path]")
     out = []
     for entry in files:
         if (not isinstance(entry, list) or len(entry) != 3 or not all(isinstance(x, str) for x in entry)
                 or entry[0] not in ("100644", "100755", "120000")):
-            raise HTTPFailure(HTTPStatus.BAD_REQUEST, f"bad entry in files: {str(entry)[:100]}", code="bad_request")
+            raise BadRequest(f"bad entry in files: {str(entry)[:100]}")
         try:
             pw.check_relative_path(entry[2])
         except UsageError as e:
-            raise HTTPFailure(HTTPStatus.BAD_REQUEST, e.message, code="bad_request")
+            raise BadRequest(e.message)
         out.append((entry[0], entry[1], entry[2]))
     return out
 
@@ -2585,8 +2611,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 allowed.append(m)
         if allowed:
             raise HTTPFailure(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} is not allowed on {path}", code="method_not_allowed")
-        raise HTTPFailure(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}", "see the API list in the README",
-                          code="not_found")
+        raise NotFound(f"no such endpoint: {path}", "see the API list in the README")
 
     def authenticate(self) -> str:
         """The user of this request's bearer token. A wrong token is answered late once its
@@ -2640,16 +2665,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def read_json(self) -> dict:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            raise HTTPFailure(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length", code="length_required")
+            raise LengthRequired("send the body with a Content-Length")
         text = self.headers.get("Content-Length", "").strip()
         if not text:
-            raise HTTPFailure(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required", code="length_required")
+            raise LengthRequired("Content-Length is required")
         length = ascii_count(text)
         if length is None and re.fullmatch(r"[0-9]+", text):
             length = MAX_BODY + 1  # more digits than any body we take
         if length is None:
-            raise HTTPFailure(HTTPStatus.BAD_REQUEST, "Content-Length must be a number of bytes in ASCII digits",
-                              code="bad_request")
+            raise BadRequest("Content-Length must be a number of bytes in ASCII digits")
         if length > MAX_BODY:
             self.close_connection = True
             raise HTTPFailure(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over {MAX_BODY // 2**20} MiB", code="too_large")
@@ -2657,17 +2681,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             body = json.loads(data or b"null")
         except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
-            raise HTTPFailure(HTTPStatus.BAD_REQUEST, "the body is not valid JSON", code="bad_request")
+            raise BadRequest("the body is not valid JSON")
         if json_too_deep(body):
-            raise HTTPFailure(HTTPStatus.BAD_REQUEST, f"the body nests deeper than {MAX_JSON_DEPTH} levels",
-                              code="bad_request")
+            raise BadRequest(f"the body nests deeper than {MAX_JSON_DEPTH} levels")
         try:  # "\ud800" is valid JSON but no text: sqlite, git and files would refuse it later
             json.dumps(body, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
-            raise HTTPFailure(HTTPStatus.BAD_REQUEST, "the body has a string that is not valid Unicode "
-                              "(an unpaired surrogate escape)", code="bad_request") from None
+            raise BadRequest("the body has a string that is not valid Unicode "
+                             "(an unpaired surrogate escape)") from None
         if not isinstance(body, dict):
-            raise HTTPFailure(HTTPStatus.BAD_REQUEST, "the body must be a JSON object", code="bad_request")
+            raise BadRequest("the body must be a JSON object")
         return body
 
     def read_body(self, length: int) -> bytes:
@@ -2687,8 +2710,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.bytes_in = len(data)
         if len(data) < length:
             self.close_connection = True
-            raise HTTPFailure(HTTPStatus.BAD_REQUEST, "the body ended before Content-Length bytes",
-                              code="bad_request")
+            raise BadRequest("the body ended before Content-Length bytes")
         return data
 
     def query_count(self, name: str, default: int) -> int:
@@ -2696,8 +2718,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         value = self.query.get(name)
         number = default if value is None else ascii_count(value)
         if number is None or number > MAX_QUERY_INT:
-            raise HTTPFailure(HTTPStatus.BAD_REQUEST, f"{name} must be a whole number from 0 to {MAX_QUERY_INT}",
-                              code="bad_request")
+            raise BadRequest(f"{name} must be a whole number from 0 to {MAX_QUERY_INT}")
         return number
 
     def send_bytes(self, status: int, data: bytes, content_type: str, **headers: str) -> None:
@@ -2806,8 +2827,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         found = self.agent.find_job(user, job)
         self.job_id = found["id"]
         if found["status"] != "done":
-            raise HTTPFailure(HTTPStatus.CONFLICT, f"job {found['id']} is {found['status']}: it has no diff",
-                              found.get("reason") or "", code="no_diff")
+            raise Conflict(f"job {found['id']} is {found['status']}: it has no diff",
+                           found.get("reason") or "", code="no_diff")
         try:
             patch = self.agent.store.patch_path(found["id"]).read_bytes()
         except FileNotFoundError:
