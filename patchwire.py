@@ -895,11 +895,12 @@ class Project:
         return bool(tree) and self.git.run("cat-file", "-e", tree + "^{tree}", check=False).returncode == 0
 
     def recorded_file(self, tree: str, path: str) -> Optional[Tuple[bytes, str]]:
-        """(bytes, git mode) of `path` as it was sent in the record `tree`; None if absent."""
-        out = self.git("ls-tree", "-z", tree, "--", path)
-        if not out:
+        """(bytes, git mode) of the file `path` in `tree` (a sync record, or a tree made from
+        one); None if it is absent or not a file."""
+        fields = self.git("ls-tree", "-z", tree, "--", path).split(b"\t", 1)[0].decode().split()
+        if len(fields) != 3 or fields[1] != "blob":
             return None
-        mode, _, sha = out.split(b"\t", 1)[0].decode().split()
+        mode, _, sha = fields
         return self.git("cat-file", "blob", sha), mode
 
     def changed_since(self, old_tree: str, tree: str) -> List[str]:
@@ -2353,8 +2354,8 @@ class Applier:
 
     def _merge_one(self, path: str, base_tree: str, theirs: Optional[Tuple[str, str]], gone: set,
                    dest: Optional[str] = None):
-        base = self._blob(base_tree, path)
-        other = self._blob(*theirs) if theirs else None
+        base = self.project.recorded_file(base_tree, path)
+        other = self.project.recorded_file(*theirs) if theirs else None
         dest = dest or path
         ours = None if beneath(dest, gone) else read_worktree(self.project.root, path)
         if ours == base:
@@ -2386,13 +2387,6 @@ class Applier:
             raise PatchError(f"git merge-file failed on {sanitize(path)}: "
                              f"{sanitize(proc.stderr.decode(errors='replace'))}")
         return proc.stdout, proc.returncode
-
-    def _blob(self, tree: str, path: str) -> Optional[Tuple[bytes, str]]:
-        out = self.git("ls-tree", "-z", tree, "--", path)
-        if not out:
-            return None
-        mode, _, sha = out.split(b"\t", 1)[0].decode().split()
-        return self.git("cat-file", "blob", sha), mode
 
     def _keep_conflicts(self, merged, conflicts: List[str], keep: Optional[bool]) -> bool:
         say(self.style("yellow", f"{len(conflicts)} file(s) changed both here and by the AI, in the same place:"))
@@ -3456,22 +3450,21 @@ def show_job_file(session: Session, job_id: str, args) -> int:
     """`diff JOB --file PATH --side old|new`: one file as it was synced, or as the job leaves
     it, for an editor's side-by-side view (the VS Code extension's diff editor)."""
     job = session.client.job(job_id)
-    git, tree = session.project.git, session.job_tree(str(job.get("id"))) or ""  # our record, never the box's
-    if not tree or git.run("cat-file", "-e", tree + "^{tree}", check=False).returncode != 0:
+    tree = session.job_tree(str(job.get("id"))) or ""  # our record, never the box's
+    if not session.project.recorded(tree):
         raise PatchwireError(f"the files job {sanitize(str(job.get('id')))} started from are not recorded in "
                              "this project", "run this in the project the job was asked from")
     if args.side == "new":
         patch = session.client.diff(job["id"])
         split_patch(patch)  # the strict reader refuses what it refuses everywhere else
         tree = tree_after_patch(session.project, tree, patch, job["id"])
-    fields = git("ls-tree", "-z", tree, "--", args.file).split(b"\t", 1)[0].decode().split()
-    mode, blob = (fields[0], fields[2]) if len(fields) == 3 and fields[1] == "blob" else ("", "")
-    data = git("cat-file", "blob", blob) if blob else b""
+    found = session.project.recorded_file(tree, args.file)
+    data, mode = found or (b"", "")
     if not args.json:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
         return 0
-    body = {"exists": bool(blob), "mode": mode, "binary": b"\0" in data[:8000]}
+    body = {"exists": found is not None, "mode": mode, "binary": b"\0" in data[:8000]}
     try:
         body["text"] = data.decode("utf-8")
     except UnicodeDecodeError:
