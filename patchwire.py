@@ -48,8 +48,11 @@ read and written here without following symlinks; the 3-way merge base is this l
 own record; every string from the box is sanitised before it reaches a terminal. An
 https agent is verified against the system's CAs, or `ca_file` in .patchwire.toml.
 
-This module is also the shared base of patchwire_agent.py: its error base, subprocess
-wrapper and neutral git settings are imported there, not copied.
+This module is also the shared base of patchwire_agent.py. What both programs use (the
+protocol's constants, the error base, the one subprocess runner, `Git`, config schemas, the
+no-follow file access, terminal-safe output) is the SHARED part at the top; the agent
+imports nothing below the LAPTOP banner (tests/test_structure.py), so changing the laptop's
+apply code cannot change the agent by accident.
 """
 
 from __future__ import annotations
@@ -86,40 +89,24 @@ if TYPE_CHECKING:  # at run time, imported when an AgentClient is made (start-up
 
 __version__ = "0.3.0"
 
-# ================================================================== constants
+# ##################################################################################################
+# SHARED: both programs. patchwire_agent.py imports these names and nothing below the
+# LAPTOP banner (tests/test_structure.py keeps it so): a change here changes the agent too.
+# ##################################################################################################
 
-CONFIG_NAME = ".patchwire.toml"
-DEFAULT_AGENT_URL = "http://127.0.0.1:7433"
+# ================================================================== constants and the protocol
+
+
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # use fullmatch
 
-# Secrets never leave the laptop, whatever git says. Matched case-insensitively, in one
-# compiled expression (`PathMatcher`): a pattern without "/" matches a file's name at any
-# depth, one ending in "/" a folder (everything under it), one with "/" elsewhere the end of
-# the path at any depth ("*" there crosses folders), one starting with "/" from the project
-# root. `[sync] deny` adds, `[sync] allow` lets a matching path through (".env.example").
-DEFAULT_DENY = (
-    ".env", ".env.*", ".env_*", ".env-*", "*.env", "env.local", ".envrc", ".dev.vars", ".dev.vars.*",
-    "*.pem", "*.key", "*.key.bak", "*.key.old", "*.pem.bak", "*.p12", "*.pfx", "*.keystore",
-    "*.jks", "*.der", "*.crt", "*.ppk", "*.asc", "AuthKey_*.p8", "*.p8",
-    "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*",
-    ".netrc", ".pgpass", ".npmrc", ".pypirc", ".yarnrc.yml", "*.kdbx", ".htpasswd",
-    ".git-credentials", ".docker/config.json", ".kube/config", "settings.xml", "settings-security.xml",
-    "terraform.tfstate", "terraform.tfstate.*", "*.tfstate", "*.tfvars", "*.tfvars.json",
-    "credentials", "credentials.json", "*credentials*.json", "client_secret*.json",
-    "service-account*.json", "service_account*.json", "serviceAccountKey*.json",
-    "*firebase-adminsdk*.json", "*keyfile*.json", "keystore.properties",
-    ".aws/*", ".ssh/*", ".gnupg/*", "secrets/", ".secrets/",
-    "secrets.*", "*.secret", "*.secrets",
-    "google-services.json", "GoogleService-Info.plist", "key.properties",
-)
-DEFAULT_MAX_FILE_MB = 50
-# Folders that are usually build output or downloaded dependencies: the dry run warns when git
-# does not ignore them (`[sync] exclude` leaves them out for Patchwire only).
-HEAVY_FOLDERS = ("node_modules", "Pods", "build", ".dart_tool", ".gradle", ".venv", "venv",
-                 "target", "DerivedData", ".next", "dist")
-# Sync records kept in Patchwire's store per project (a job's 3-way merge base is one of them).
-RECORDS_KEPT = 30
-RECORDS_PRUNE_AT = 40
+# The protocol both programs speak (README: API; the agent serves it at /v1/openapi.json).
+# A job's status ends as one of JOB_ENDS, and its event stream with one of LAST_EVENTS; a
+# refusal is JSON {"error", "hint", "code", ...}, and these codes are the ones the laptop acts on.
+JOB_ENDS = ("done", "failed", "cancelled")
+LAST_EVENTS = ("finished", "failed", "cancelled")
+CODE_NOT_FOUND = "not_found"  # no such job, project or route: not a refusal
+CODE_TREE_MISMATCH = "tree_mismatch"  # the box's copy is not what the laptop recorded: sync again
+
 
 # Settings that make git's bytes the same on every machine, whatever the user's config.
 GIT_NEUTRAL = (
@@ -133,16 +120,21 @@ GIT_NEUTRAL = (
     # them configurable) and a space on empty context lines, whatever the box user's config says
     "-c", "diff.srcPrefix=a/", "-c", "diff.dstPrefix=b/", "-c", "diff.suppressBlankEmpty=false",
 )
+
+
 # Written to info/attributes of every git dir Patchwire uses, it overrides any in-tree
 # .gitattributes (higher precedence): `* text=auto eol=crlf` or an LFS filter in the project
 # would otherwise change what `git add` stores and what checkout writes. With it, content is
 # stored and checked out byte for byte (tested with CRLF files under `* text=auto eol=crlf`).
 NEUTRAL_ATTRIBUTES = b"* -text -eol -filter -ident -working-tree-encoding\n"
+
+
 GIT_IDENTITY = {
     "GIT_AUTHOR_NAME": "patchwire", "GIT_AUTHOR_EMAIL": "patchwire@localhost",
     "GIT_COMMITTER_NAME": "patchwire", "GIT_COMMITTER_EMAIL": "patchwire@localhost",
     "GIT_AUTHOR_DATE": "1700000000 +0000", "GIT_COMMITTER_DATE": "1700000000 +0000",
 }
+
 
 class ExitStatus(enum.IntEnum):
     """The laptop's exit codes; `--help` is written from this table, nowhere else."""
@@ -165,10 +157,6 @@ EXIT_MEANINGS = {
     ExitStatus.AGENT: "agent unreachable or refused", ExitStatus.AI_FAILED: "AI run failed",
     ExitStatus.PATCH: "patch does not apply", ExitStatus.INTERRUPTED: "interrupted",
 }
-HELP_EPILOG = (textwrap.fill("exit codes: " + ", ".join(f"{int(s)} {s.meaning}".replace(" ", "\0")
-                                                          for s in ExitStatus),  # \0: never split an entry
-                             width=88, subsequent_indent="            ").replace("\0", " ")
-               + "\nenvironment: PATCHWIRE_TOKEN (bearer token), NO_COLOR, PAGER\n")
 
 
 # ================================================================== errors
@@ -246,24 +234,26 @@ def _short_argv(argv: Sequence[str]) -> List[str]:
 
 
 def run(argv: Sequence[str], *, cwd: Optional[os.PathLike] = None, env: Optional[dict] = None,
-        input: Optional[bytes] = None, timeout: float = 600, check: bool = True,
-        hint: str = "") -> subprocess.CompletedProcess:
+        input: Optional[bytes] = None, timeout: Optional[float] = 600, check: bool = True,
+        hint: str = "", capture: bool = True) -> subprocess.CompletedProcess:
     """Run a command to completion: the one place that calls subprocess.run.
 
-    Output is captured as bytes. A missing program, a timeout or (with check) a non-zero
+    Output is captured as bytes (`capture=False`: it goes to this process's own stdout and
+    stderr, as a pager's must). A missing program, a timeout or (with check) a non-zero
     exit raises PatchwireError naming the command, with the tail of its stderr.
     """
+    out = subprocess.PIPE if capture else None
     try:
         proc = subprocess.run(list(argv), cwd=cwd, env=env, input=input, timeout=timeout,
                               stdin=None if input is not None else subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                              stdout=out, stderr=out)
     except FileNotFoundError:
         raise PatchwireError(f"{argv[0]} is not installed or not on PATH",
                              hint or f"install {os.path.basename(str(argv[0]))} and try again")
     except subprocess.TimeoutExpired:
-        raise PatchwireError(f"{' '.join(_short_argv(argv))} took longer than {timeout:g} s", hint)
+        raise PatchwireError(f"{' '.join(_short_argv(argv))} took longer than {timeout or 0:g} s", hint)
     if check and proc.returncode != 0:
-        raise ProcessError(argv, proc.returncode, proc.stderr, hint)
+        raise ProcessError(argv, proc.returncode, proc.stderr or b"", hint)
     return proc
 
 
@@ -364,7 +354,28 @@ def check_relative_path(path: str) -> str:
     return path
 
 
-# ================================================================== config
+def set_index_paths(git: Git, paths: Sequence[str]) -> None:
+    """Make the index hold exactly `paths`, re-hashing only files whose stat changed: O(changed)
+    plus a stat per file. (Not `git add --pathspec-from-file`: that is quadratic.) Both ends
+    use it, the laptop to record what it sends and the box to snapshot what it received."""
+    stale = set(git.ls_files_stage()) - set(paths)
+    if stale:
+        git("update-index", "--force-remove", "-z", "--stdin",
+            input=b"".join(encode_path(p) + b"\0" for p in sorted(stale)))
+    if paths:
+        git("update-index", "--add", "--remove", "-z", "--stdin",
+            input=b"".join(encode_path(p) + b"\0" for p in paths))
+
+
+def encode_path(path: str) -> bytes:
+    return path.encode("utf-8", "surrogateescape")
+
+
+def _dec(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+# ================================================================== config files
 
 
 def parse_toml(text: str, path: Path) -> dict:
@@ -437,6 +448,342 @@ def _kind_name(kind: Any) -> str:
     return {"str_list": "a list of strings", "str_table": "a table of strings",
             int: "a positive integer", "int>=0": "a whole number, 0 or more", float: "a positive number", str: "a string",
             bool: "true or false", dict: "a table", list: "a list"}.get(kind, str(kind))
+
+
+# ================================================================== files, never through a symlink
+# The 3-way path, undo and the agent's pruning write files themselves. `open(root / rel)` follows a symlink in any
+# parent folder (an ignored `data -> /elsewhere` in the project, or a link a patch just made)
+# and would write outside the project; git's own "beyond a symbolic link" check only guards
+# plain `git apply`. So every read, write and delete here walks down from the project root
+# one folder at a time with O_NOFOLLOW and works relative to that folder's descriptor: a
+# symlink in the way is an error, never followed, even if it appears mid-way.
+
+
+class UnsafePath(PatchwireError):
+    exit_status = ExitStatus.PATCH
+
+
+def _open_parent(root: Path, rel: str, create: bool = False) -> Tuple[int, str]:
+    """(descriptor of rel's folder, reached without following a link; rel's last name)."""
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise UnsafePath(f"refusing the path {sanitize(rel)!r}")
+    fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        for name in parts[:-1]:
+            if create:
+                try:
+                    os.mkdir(name, 0o777, dir_fd=fd)
+                except FileExistsError:
+                    pass
+            try:
+                child = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_DIRECTORY", 0), dir_fd=fd)
+            except OSError:
+                if stat.S_ISLNK(_lstat_at(fd, name)):
+                    raise UnsafePath(f"{sanitize(rel)}: {sanitize(name)} on its way is a symlink; Patchwire "
+                                     "never reads, writes or deletes through one")
+                raise
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, parts[-1]
+
+
+def _lstat_at(fd: int, name: str) -> int:
+    try:
+        return os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
+    except FileNotFoundError:
+        return 0
+
+
+def read_worktree(root: Path, rel: str) -> Optional[Tuple[bytes, str]]:
+    """(bytes, git mode) of a file or symlink, None when absent."""
+    try:
+        fd, name = _open_parent(root, rel)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        mode = _lstat_at(fd, name)
+        if stat.S_ISLNK(mode):
+            return os.readlink(os.fsencode(name), dir_fd=fd), "120000"
+        if not stat.S_ISREG(mode):
+            return None
+        with os.fdopen(os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd), "rb") as f:
+            return f.read(), "100755" if mode & 0o100 else "100644"
+    finally:
+        os.close(fd)
+
+
+def remove_file(root: Path, rel: str) -> None:
+    """Delete one file (or link) and the folders it leaves empty, never `root` or above,
+    never through a symlink."""
+    try:
+        fd, name = _open_parent(root, rel)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    try:
+        mode = _lstat_at(fd, name)
+        if mode and not stat.S_ISDIR(mode):
+            os.unlink(name, dir_fd=fd)
+    finally:
+        os.close(fd)
+    parts = rel.split("/")
+    for n in range(len(parts) - 1, 0, -1):
+        fd, name = _open_parent(root, "/".join(parts[:n]))
+        try:
+            os.rmdir(name, dir_fd=fd)  # a link in the way is ENOTDIR, never followed
+        except OSError:
+            return
+        finally:
+            os.close(fd)
+
+
+def write_worktree(root: Path, rel: str, data: Optional[bytes], mode: str) -> None:
+    """Write (atomically, by rename) or delete one file; empty folders left behind go too."""
+    if data is None:
+        remove_file(root, rel)
+        return
+    fd, name = _open_parent(root, rel, create=True)
+    tmp = f".{name}.patchwire-tmp"
+    try:
+        if stat.S_ISDIR(_lstat_at(fd, name)):
+            raise IsADirectoryError(f"{rel} is a folder")
+        if _lstat_at(fd, tmp):
+            os.unlink(tmp, dir_fd=fd)
+        if mode == "120000":
+            os.symlink(os.fsdecode(data), tmp, dir_fd=fd)
+        else:
+            perm = 0o755 if mode == "100755" else 0o644
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, perm,
+                                   dir_fd=fd), "wb") as f:
+                f.write(data)
+                os.fchmod(f.fileno(), perm)  # the umask narrowed the mode open() gave
+        os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+    finally:
+        if _lstat_at(fd, tmp):
+            os.unlink(tmp, dir_fd=fd)
+        os.close(fd)
+
+
+# ================================================================== what reaches the terminal
+# Every string that came from the box (the AI's text, tool names, file names, diff lines,
+# error messages) is data. A terminal obeys the escape sequences in it: ESC[2J clears the
+# screen so a fake preview can be drawn over the real one, OSC 0 sets the window title,
+# OSC 52 writes the clipboard. So control characters are shown the way less shows them
+# (^[ for ESC, ^M for CR), C1 controls and bidirectional overrides as <U+XXXX>, bytes that
+# are not UTF-8 as \xNN; tab stays.
+
+
+_UNSAFE_FOR_TERMINAL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+_UNSAFE_KEEP_NEWLINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def sanitize(text: str, keep_newlines: bool = False) -> str:
+    """`text` with every control character made visible: safe to print to a terminal."""
+    pattern = _UNSAFE_KEEP_NEWLINES if keep_newlines else _UNSAFE_FOR_TERMINAL
+    return pattern.sub(_visible, str(text))
+
+
+def _visible(m: "re.Match") -> str:
+    code = ord(m.group())
+    if code < 0x20 or code == 0x7F:
+        return "^" + chr(code ^ 0x40)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, carried by surrogateescape
+        return f"\\x{code - 0xDC00:02x}"
+    return f"<U+{code:04X}>"
+
+
+def say(*parts: str) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def output(args, result: Any, human=None) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(result, default=str), flush=True)
+    elif human:
+        human(result)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def human_age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def describe_apply_failure(stderr: bytes) -> str:
+    lines = []
+    for line in stderr.decode("utf-8", "replace").splitlines():
+        line = line.strip()
+        if line.startswith("error: "):
+            lines.append("  " + line[len("error: "):])
+    return "\n".join(dict.fromkeys(lines)) or "  " + stderr.decode("utf-8", "replace").strip()
+
+
+def print_checks(checks: List[dict], stream=None) -> None:
+    stream = stream or sys.stderr
+    for c in checks:
+        print(sanitize(f"{'ok  ' if c['ok'] else 'FAIL'} {c['name']}: {c['detail']}"), file=stream)
+        if not c["ok"] and c.get("fix"):
+            print(sanitize(f"     fix: {c['fix']}"), file=stream)
+
+
+# ================================================================== usage reports (`patchwire usage`, `patchwire-agent usage`)
+
+
+# Usage reports, shared with patchwire-agent's `usage`: the figures of GET /v1/usage in
+# table order, with their headings.
+USAGE_HEADINGS = (("asks", "asks"), ("done", "done"), ("failed", "failed"), ("cancelled", "cancel"),
+                  ("ai_minutes", "AI min"), ("turns", "turns"), ("tokens_in", "tok in"),
+                  ("tokens_out", "tok out"), ("cache_read_tokens", "cache rd"),
+                  ("cache_write_tokens", "cache wr"), ("cost_usd", "cost $"), ("files_changed", "files"),
+                  ("lines_added", "+lines"), ("lines_removed", "-lines"), ("queue_wait_minutes", "wait min"))
+
+
+def usage_rows(report: dict) -> List[List[str]]:
+    """Header, one row per group and the total, as strings (the CSV and the table)."""
+    key = {"user": "user", "project": "user/project", "day": "day (UTC)"}[report["group"]]
+    out = [[key] + [heading for _, heading in USAGE_HEADINGS]]
+    for row in report["rows"] + [dict(report["total"], key="total")]:
+        name = row["key"] + (" (removed)" if row.get("user_removed") else "")
+        out.append([name] + [_figure(field, row[field]) for field, _ in USAGE_HEADINGS])
+    return out
+
+
+def _figure(field: str, value: Any) -> str:
+    if field == "cost_usd":
+        return f"{value:.4f}"  # a small ask costs cents
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def usage_table(report: dict) -> List[str]:
+    rows = usage_rows(report)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    return lines[:-1] + ["-" * len(lines[0])] + lines[-1:]
+
+
+def usage_csv(report: dict) -> str:
+    import csv
+    import io
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([report["group"]] + [f for f, _ in USAGE_HEADINGS] + ["user_removed"])
+    for row in report["rows"] + [dict(report["total"], key="total")]:
+        removed = {True: "yes", False: "no"}.get(row.get("user_removed"), "")
+        writer.writerow([row["key"]] + [row[f] for f, _ in USAGE_HEADINGS] + [removed])
+    return buffer.getvalue()
+
+
+def print_usage(args, report: dict) -> None:
+    """--json, --csv or a table (with the time range above it)."""
+    if getattr(args, "csv", False):
+        sys.stdout.write(usage_csv(report))
+        return
+    def human(r: dict) -> None:
+        span = [time.strftime("%Y-%m-%d %H:%M", time.gmtime(r[k])) for k in ("since", "until")]
+        print(f"usage from {span[0]} to {span[1]} UTC" + (f", user {r['user']}" if r.get("user") else ""))
+        print("\n".join(usage_table(r)))
+    output(args, report, human)
+
+
+def add_usage_arguments(parser: argparse.ArgumentParser, by: str) -> None:
+    """Shared by `patchwire usage` and `patchwire-agent usage`."""
+    parser.add_argument("--since", default="30d", help="7d, 12h, 2026-11-01 or an ISO time (default %(default)s)")
+    parser.add_argument("--until", help="the end, same forms (a bare day counts whole; default now)")
+    parser.add_argument("--by", choices=("user", "project", "day"), default=by,
+                        help="one row per user, project or UTC day (default %(default)s)")
+    parser.add_argument("--csv", action="store_true", help="CSV on stdout")
+
+
+# ================================================================== command line
+
+
+def run_command(prog: str, commands: dict, args, on_error=None) -> int:
+    """Run the chosen cmd_*: an expected failure becomes one line on stderr and its exit
+    status, never a traceback. Both programs' main() end here."""
+    try:
+        return commands[args.command][0](args)
+    except PatchwireError as e:
+        say(sanitize(f"{prog}: {e}", keep_newlines=True))  # messages may quote the box or git
+        if on_error:
+            on_error(e)
+        return int(e.exit_status)
+    except KeyboardInterrupt:
+        say(f"{prog}: interrupted")
+        return int(ExitStatus.INTERRUPTED)
+    except BrokenPipeError:
+        return 0
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]):
+    """The parsed arguments, or the exit status argparse chose (help, version, usage)."""
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+# ##################################################################################################
+# LAPTOP: the `patchwire` command. Nothing below is imported by the agent.
+# ##################################################################################################
+
+
+# ================================================================== constants
+
+CONFIG_NAME = ".patchwire.toml"
+DEFAULT_AGENT_URL = "http://127.0.0.1:7433"
+
+# Secrets never leave the laptop, whatever git says. Matched case-insensitively, in one
+# compiled expression (`PathMatcher`): a pattern without "/" matches a file's name at any
+# depth, one ending in "/" a folder (everything under it), one with "/" elsewhere the end of
+# the path at any depth ("*" there crosses folders), one starting with "/" from the project
+# root. `[sync] deny` adds, `[sync] allow` lets a matching path through (".env.example").
+DEFAULT_DENY = (
+    ".env", ".env.*", ".env_*", ".env-*", "*.env", "env.local", ".envrc", ".dev.vars", ".dev.vars.*",
+    "*.pem", "*.key", "*.key.bak", "*.key.old", "*.pem.bak", "*.p12", "*.pfx", "*.keystore",
+    "*.jks", "*.der", "*.crt", "*.ppk", "*.asc", "AuthKey_*.p8", "*.p8",
+    "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*",
+    ".netrc", ".pgpass", ".npmrc", ".pypirc", ".yarnrc.yml", "*.kdbx", ".htpasswd",
+    ".git-credentials", ".docker/config.json", ".kube/config", "settings.xml", "settings-security.xml",
+    "terraform.tfstate", "terraform.tfstate.*", "*.tfstate", "*.tfvars", "*.tfvars.json",
+    "credentials", "credentials.json", "*credentials*.json", "client_secret*.json",
+    "service-account*.json", "service_account*.json", "serviceAccountKey*.json",
+    "*firebase-adminsdk*.json", "*keyfile*.json", "keystore.properties",
+    ".aws/*", ".ssh/*", ".gnupg/*", "secrets/", ".secrets/",
+    "secrets.*", "*.secret", "*.secrets",
+    "google-services.json", "GoogleService-Info.plist", "key.properties",
+)
+DEFAULT_MAX_FILE_MB = 50
+# Folders that are usually build output or downloaded dependencies: the dry run warns when git
+# does not ignore them (`[sync] exclude` leaves them out for Patchwire only).
+HEAVY_FOLDERS = ("node_modules", "Pods", "build", ".dart_tool", ".gradle", ".venv", "venv",
+                 "target", "DerivedData", ".next", "dist")
+# Sync records kept in Patchwire's store per project (a job's 3-way merge base is one of them).
+RECORDS_KEPT = 30
+RECORDS_PRUNE_AT = 40
+
+
+HELP_EPILOG = (textwrap.fill("exit codes: " + ", ".join(f"{int(s)} {s.meaning}".replace(" ", "\0")
+                                                          for s in ExitStatus),  # \0: never split an entry
+                             width=88, subsequent_indent="            ").replace("\0", " ")
+               + "\nenvironment: PATCHWIRE_TOKEN (bearer token), NO_COLOR, PAGER\n")
+
+
+# ================================================================== config
 
 
 LAPTOP_SCHEMA = {
@@ -1011,23 +1358,6 @@ def held_reason(path: str, st: os.stat_result, tracked: bool, rules: SyncRules) 
     return None
 
 
-def set_index_paths(git: Git, paths: Sequence[str]) -> None:
-    """Make the index hold exactly `paths`, re-hashing only files whose stat changed: O(changed)
-    plus a stat per file. (Not `git add --pathspec-from-file`: that is quadratic.) Both ends
-    use it, the laptop to record what it sends and the box to snapshot what it received."""
-    stale = set(git.ls_files_stage()) - set(paths)
-    if stale:
-        git("update-index", "--force-remove", "-z", "--stdin",
-            input=b"".join(encode_path(p) + b"\0" for p in sorted(stale)))
-    if paths:
-        git("update-index", "--add", "--remove", "-z", "--stdin",
-            input=b"".join(encode_path(p) + b"\0" for p in paths))
-
-
-def encode_path(path: str) -> bytes:
-    return path.encode("utf-8", "surrogateescape")
-
-
 def denied_by(path: str, deny: Sequence[str], allow: Sequence[str]) -> Optional[str]:
     """The deny pattern that holds `path` back (None when an allow pattern lets it through).
     For one path; a listing compiles its patterns once (SyncRules)."""
@@ -1207,7 +1537,7 @@ class Client:
         retry = e.headers.get("Retry-After", "") if e.headers else ""
         if e.code == 429 and retry.isdigit() and retry not in hint:
             hint = (hint + "; " if hint else "") + f"the agent says: retry after {retry} s"
-        if e.code == 404 and code == "not_found":  # not a refusal: nothing by that name
+        if e.code == 404 and code == CODE_NOT_FOUND:  # not a refusal: nothing by that name
             return AgentError(message, hint or "`patchwire jobs` lists your jobs", details=body, code=code,
                               http_status=e.code, exit_status=ExitStatus.ERROR)
         return AgentError(f"the agent refused: {message}", hint, details=body, code=code, http_status=e.code)
@@ -1303,33 +1633,6 @@ class Style:
         return f"\x1b[{self.CODES[name]}m{text}\x1b[0m" if self.enabled and text else text
 
 
-# --- what reaches the terminal
-# Every string that came from the box (the AI's text, tool names, file names, diff lines,
-# error messages) is data. A terminal obeys the escape sequences in it: ESC[2J clears the
-# screen so a fake preview can be drawn over the real one, OSC 0 sets the window title,
-# OSC 52 writes the clipboard. So control characters are shown the way less shows them
-# (^[ for ESC, ^M for CR), C1 controls and bidirectional overrides as <U+XXXX>, bytes that
-# are not UTF-8 as \xNN; tab stays.
-
-_UNSAFE_FOR_TERMINAL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
-_UNSAFE_KEEP_NEWLINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
-
-
-def sanitize(text: str, keep_newlines: bool = False) -> str:
-    """`text` with every control character made visible: safe to print to a terminal."""
-    pattern = _UNSAFE_KEEP_NEWLINES if keep_newlines else _UNSAFE_FOR_TERMINAL
-    return pattern.sub(_visible, str(text))
-
-
-def _visible(m: "re.Match") -> str:
-    code = ord(m.group())
-    if code < 0x20 or code == 0x7F:
-        return "^" + chr(code ^ 0x40)
-    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, carried by surrogateescape
-        return f"\\x{code - 0xDC00:02x}"
-    return f"<U+{code:04X}>"
-
-
 def sanitized(value: Any) -> Any:
     """A JSON value from the box with every string in it sanitised (newlines kept)."""
     if isinstance(value, str):
@@ -1339,10 +1642,6 @@ def sanitized(value: Any) -> Any:
     if isinstance(value, dict):
         return {sanitize(str(k)): sanitized(v) for k, v in value.items()}
     return value
-
-
-def say(*parts: str) -> None:
-    print(*parts, file=sys.stderr, flush=True)
 
 
 class ProgressPrinter:
@@ -2050,12 +2349,11 @@ def page(lines: List[str]) -> None:
     height = shutil.get_terminal_size((80, 24)).lines
     pager = os.environ.get("PAGER") or "less -R"
     if sys.stdout.isatty() and len(lines) > height - 2 and pager and shutil.which(shlex.split(pager)[0]):
-        try:
-            proc = subprocess.Popen(shlex.split(pager), stdin=subprocess.PIPE,
-                                    env={**os.environ, "LESS": os.environ.get("LESS", "FRX")})
-            proc.communicate(text.encode("utf-8", "replace"))
+        try:  # no time limit: the user reads at their own pace
+            run(shlex.split(pager), input=text.encode("utf-8", "replace"), timeout=None, check=False,
+                capture=False, env={**os.environ, "LESS": os.environ.get("LESS", "FRX")})
             return
-        except OSError:
+        except (PatchwireError, OSError):
             pass
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -2489,10 +2787,6 @@ def diff_tree(git: Git, a: str, b: str) -> List[Tuple[str, str, str]]:
     return out
 
 
-def _dec(raw: bytes) -> str:
-    return raw.decode("utf-8", "surrogateescape")
-
-
 # --- vetting a patch against the files here
 
 
@@ -2598,123 +2892,6 @@ def check_merged_writes(root: Path, merged: Dict[str, Tuple[Optional[bytes], str
             raise refuse(f"{path!r} lies beyond the symlink {link!r} here")
 
 
-# --- the laptop's files, never through a symlink
-# The 3-way path and undo write files themselves. `open(root / rel)` follows a symlink in any
-# parent folder (an ignored `data -> /elsewhere` in the project, or a link a patch just made)
-# and would write outside the project; git's own "beyond a symbolic link" check only guards
-# plain `git apply`. So every read, write and delete here walks down from the project root
-# one folder at a time with O_NOFOLLOW and works relative to that folder's descriptor: a
-# symlink in the way is an error, never followed, even if it appears mid-way.
-
-
-class UnsafePath(PatchwireError):
-    exit_status = ExitStatus.PATCH
-
-
-def _open_parent(root: Path, rel: str, create: bool = False) -> Tuple[int, str]:
-    """(descriptor of rel's folder, reached without following a link; rel's last name)."""
-    parts = rel.split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        raise UnsafePath(f"refusing the path {sanitize(rel)!r}")
-    fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        for name in parts[:-1]:
-            if create:
-                try:
-                    os.mkdir(name, 0o777, dir_fd=fd)
-                except FileExistsError:
-                    pass
-            try:
-                child = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_DIRECTORY", 0), dir_fd=fd)
-            except OSError:
-                if stat.S_ISLNK(_lstat_at(fd, name)):
-                    raise UnsafePath(f"{sanitize(rel)}: {sanitize(name)} on its way is a symlink; Patchwire "
-                                     "never reads, writes or deletes through one")
-                raise
-            os.close(fd)
-            fd = child
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, parts[-1]
-
-
-def _lstat_at(fd: int, name: str) -> int:
-    try:
-        return os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
-    except FileNotFoundError:
-        return 0
-
-
-def read_worktree(root: Path, rel: str) -> Optional[Tuple[bytes, str]]:
-    """(bytes, git mode) of a file or symlink, None when absent."""
-    try:
-        fd, name = _open_parent(root, rel)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    try:
-        mode = _lstat_at(fd, name)
-        if stat.S_ISLNK(mode):
-            return os.readlink(os.fsencode(name), dir_fd=fd), "120000"
-        if not stat.S_ISREG(mode):
-            return None
-        with os.fdopen(os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd), "rb") as f:
-            return f.read(), "100755" if mode & 0o100 else "100644"
-    finally:
-        os.close(fd)
-
-
-def remove_file(root: Path, rel: str) -> None:
-    """Delete one file (or link) and the folders it leaves empty, never `root` or above,
-    never through a symlink."""
-    try:
-        fd, name = _open_parent(root, rel)
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    try:
-        mode = _lstat_at(fd, name)
-        if mode and not stat.S_ISDIR(mode):
-            os.unlink(name, dir_fd=fd)
-    finally:
-        os.close(fd)
-    parts = rel.split("/")
-    for n in range(len(parts) - 1, 0, -1):
-        fd, name = _open_parent(root, "/".join(parts[:n]))
-        try:
-            os.rmdir(name, dir_fd=fd)  # a link in the way is ENOTDIR, never followed
-        except OSError:
-            return
-        finally:
-            os.close(fd)
-
-
-def write_worktree(root: Path, rel: str, data: Optional[bytes], mode: str) -> None:
-    """Write (atomically, by rename) or delete one file; empty folders left behind go too."""
-    if data is None:
-        remove_file(root, rel)
-        return
-    fd, name = _open_parent(root, rel, create=True)
-    tmp = f".{name}.patchwire-tmp"
-    try:
-        if stat.S_ISDIR(_lstat_at(fd, name)):
-            raise IsADirectoryError(f"{rel} is a folder")
-        if _lstat_at(fd, tmp):
-            os.unlink(tmp, dir_fd=fd)
-        if mode == "120000":
-            os.symlink(os.fsdecode(data), tmp, dir_fd=fd)
-        else:
-            perm = 0o755 if mode == "100755" else 0o644
-            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, perm,
-                                   dir_fd=fd), "wb") as f:
-                f.write(data)
-                os.fchmod(f.fileno(), perm)  # the umask narrowed the mode open() gave
-        os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
-    finally:
-        if _lstat_at(fd, tmp):
-            os.unlink(tmp, dir_fd=fd)
-        os.close(fd)
-
-
 def conflict_excerpt(data: bytes, limit: int = 12) -> List[str]:
     lines = data.decode("utf-8", "replace").splitlines()
     out, inside = [], False
@@ -2737,15 +2914,6 @@ def confirm_word(prompt: str, word: str) -> bool:
         return sys.stdin.readline().strip().lower() == word
     except (OSError, ValueError):
         return False
-
-
-def describe_apply_failure(stderr: bytes) -> str:
-    lines = []
-    for line in stderr.decode("utf-8", "replace").splitlines():
-        line = line.strip()
-        if line.startswith("error: "):
-            lines.append("  " + line[len("error: "):])
-    return "\n".join(dict.fromkeys(lines)) or "  " + stderr.decode("utf-8", "replace").strip()
 
 
 # ================================================================== the job, laptop side
@@ -2968,14 +3136,6 @@ def check_job_id(job: Any, prefix: Optional[str] = None) -> str:
     return job
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
-
-
 def stream_job(session: Session, first: Iterator[dict], on_event) -> dict:
     """Follow a job's events to the end, reconnecting with ?after=N when the connection
     drops. The first Ctrl-C warns, a second one cancels the job on the box."""
@@ -2986,7 +3146,7 @@ def stream_job(session: Session, first: Iterator[dict], on_event) -> dict:
                 job = event.get("job") or job
                 seq = max(seq, int(event.get("seq", 0)))
                 on_event(event)
-                if event.get("type") in ("finished", "failed", "cancelled"):
+                if event.get("type") in LAST_EVENTS:
                     return event
         except KeyboardInterrupt:
             if job is None or interrupted:
@@ -3196,13 +3356,6 @@ class Doctor:
 # progress and warnings go to stderr (say()).
 
 
-def output(args, result: Any, human=None) -> None:
-    if getattr(args, "json", False):
-        print(json.dumps(result, default=str), flush=True)
-    elif human:
-        human(result)
-
-
 def cmd_init(args) -> int:
     root = Path.cwd()  # where it is run, a monorepo's subfolder too: that folder is the project
     path = root / CONFIG_NAME
@@ -3388,7 +3541,7 @@ def post_ask(session: Session, body: dict) -> Tuple[dict, Iterator[dict]]:
 
 def mismatched_paths(e: AgentError) -> List[str]:
     """The paths of a 409 tree_mismatch; any other refusal goes on up."""
-    if e.code != "tree_mismatch":
+    if e.code != CODE_TREE_MISMATCH:
         raise e
     return [str(p) for p in e.details.get("paths") or []]
 
@@ -3555,13 +3708,6 @@ def job_line(job: dict) -> str:
     return sanitize(f"{job['id']:<12}  {job['status']:<9} {asked:>8}  {job['project']:<16} {size:<10} {prompt}")
 
 
-def human_age(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds)}s"
-
-
 def cmd_show(args) -> int:
     session = Session.here()
     job = session.client.job(session.job_id(args.job))
@@ -3626,71 +3772,6 @@ def cmd_doctor(args) -> int:
     ok = all(c["ok"] for c in checks)
     output(args, {"ok": ok, "checks": checks}, lambda r: print_checks(r["checks"], sys.stdout))
     return 0 if ok else int(ExitStatus.ERROR)
-
-
-def print_checks(checks: List[dict], stream=None) -> None:
-    stream = stream or sys.stderr
-    for c in checks:
-        print(sanitize(f"{'ok  ' if c['ok'] else 'FAIL'} {c['name']}: {c['detail']}"), file=stream)
-        if not c["ok"] and c.get("fix"):
-            print(sanitize(f"     fix: {c['fix']}"), file=stream)
-
-
-# Usage reports, shared with patchwire-agent's `usage`: the figures of GET /v1/usage in
-# table order, with their headings.
-USAGE_HEADINGS = (("asks", "asks"), ("done", "done"), ("failed", "failed"), ("cancelled", "cancel"),
-                  ("ai_minutes", "AI min"), ("turns", "turns"), ("tokens_in", "tok in"),
-                  ("tokens_out", "tok out"), ("cache_read_tokens", "cache rd"),
-                  ("cache_write_tokens", "cache wr"), ("cost_usd", "cost $"), ("files_changed", "files"),
-                  ("lines_added", "+lines"), ("lines_removed", "-lines"), ("queue_wait_minutes", "wait min"))
-
-
-def usage_rows(report: dict) -> List[List[str]]:
-    """Header, one row per group and the total, as strings (the CSV and the table)."""
-    key = {"user": "user", "project": "user/project", "day": "day (UTC)"}[report["group"]]
-    out = [[key] + [heading for _, heading in USAGE_HEADINGS]]
-    for row in report["rows"] + [dict(report["total"], key="total")]:
-        name = row["key"] + (" (removed)" if row.get("user_removed") else "")
-        out.append([name] + [_figure(field, row[field]) for field, _ in USAGE_HEADINGS])
-    return out
-
-
-def _figure(field: str, value: Any) -> str:
-    if field == "cost_usd":
-        return f"{value:.4f}"  # a small ask costs cents
-    return f"{value:.2f}" if isinstance(value, float) else str(value)
-
-
-def usage_table(report: dict) -> List[str]:
-    rows = usage_rows(report)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in rows]
-    return lines[:-1] + ["-" * len(lines[0])] + lines[-1:]
-
-
-def usage_csv(report: dict) -> str:
-    import csv
-    import io
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([report["group"]] + [f for f, _ in USAGE_HEADINGS] + ["user_removed"])
-    for row in report["rows"] + [dict(report["total"], key="total")]:
-        removed = {True: "yes", False: "no"}.get(row.get("user_removed"), "")
-        writer.writerow([row["key"]] + [row[f] for f, _ in USAGE_HEADINGS] + [removed])
-    return buffer.getvalue()
-
-
-def print_usage(args, report: dict) -> None:
-    """--json, --csv or a table (with the time range above it)."""
-    if getattr(args, "csv", False):
-        sys.stdout.write(usage_csv(report))
-        return
-    def human(r: dict) -> None:
-        span = [time.strftime("%Y-%m-%d %H:%M", time.gmtime(r[k])) for k in ("since", "until")]
-        print(f"usage from {span[0]} to {span[1]} UTC" + (f", user {r['user']}" if r.get("user") else ""))
-        print("\n".join(usage_table(r)))
-    output(args, report, human)
 
 
 def cmd_usage(args) -> int:
@@ -3764,40 +3845,6 @@ def build_parser() -> argparse.ArgumentParser:
     p["apply"].add_argument("--undo", action="store_true", help="restore the files the last apply touched")
     add_usage_arguments(p["usage"], "project")
     return parser
-
-
-def add_usage_arguments(parser: argparse.ArgumentParser, by: str) -> None:
-    """Shared by `patchwire usage` and `patchwire-agent usage`."""
-    parser.add_argument("--since", default="30d", help="7d, 12h, 2026-11-01 or an ISO time (default %(default)s)")
-    parser.add_argument("--until", help="the end, same forms (a bare day counts whole; default now)")
-    parser.add_argument("--by", choices=("user", "project", "day"), default=by,
-                        help="one row per user, project or UTC day (default %(default)s)")
-    parser.add_argument("--csv", action="store_true", help="CSV on stdout")
-
-
-def run_command(prog: str, commands: dict, args, on_error=None) -> int:
-    """Run the chosen cmd_*: an expected failure becomes one line on stderr and its exit
-    status, never a traceback. Both programs' main() end here."""
-    try:
-        return commands[args.command][0](args)
-    except PatchwireError as e:
-        say(sanitize(f"{prog}: {e}", keep_newlines=True))  # messages may quote the box or git
-        if on_error:
-            on_error(e)
-        return int(e.exit_status)
-    except KeyboardInterrupt:
-        say(f"{prog}: interrupted")
-        return int(ExitStatus.INTERRUPTED)
-    except BrokenPipeError:
-        return 0
-
-
-def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]):
-    """The parsed arguments, or the exit status argparse chose (help, version, usage)."""
-    try:
-        return parser.parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -149,8 +149,8 @@ MIN_FREE_BYTES = 4 * 1024 * 1024  # asks are refused below this much free space 
 HEARTBEAT_S = 15
 MAX_EVENT_TEXT = 16 * 1024
 MAX_AI_LINE = 4 * 1024 * 1024  # longer stdout lines are cut (and not parsed): bounded memory
-TERMINAL = ("done", "failed", "cancelled")
-LAST_EVENTS = ("finished", "failed", "cancelled")  # the event that ends a job's stream
+TERMINAL = pw.JOB_ENDS
+LAST_EVENTS = pw.LAST_EVENTS
 SAFE_PATH_RE = re.compile(r"^[A-Za-z0-9._/~+@-]+$")
 
 AGENT_DESCRIPTION = ("the box's side of Patchwire: runs Claude Code on a clean checkout of a "
@@ -222,7 +222,7 @@ class Conflict(NamedFailure):
 
 
 class NotFound(NamedFailure):
-    status, default_code = HTTPStatus.NOT_FOUND, "not_found"
+    status, default_code = HTTPStatus.NOT_FOUND, pw.CODE_NOT_FOUND
 
 
 class Unauthorized(NamedFailure):
@@ -819,7 +819,7 @@ class ProjectRepo:
                 named = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
                 raise Conflict(f"the box's copy of the project differs from what the laptop "
                                f"sent in {len(differ)} file(s): {named}", "sync again (patchwire sync --force)",
-                               code="tree_mismatch", paths=differ[:200])
+                               code=pw.CODE_TREE_MISMATCH, paths=differ[:200])
             return git.text("commit-tree", got, "-m", "patchwire snapshot")
 
     # --- job folders
