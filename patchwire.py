@@ -74,11 +74,12 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import unicodedata
 import urllib.parse
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # at run time, imported when an AgentClient is made (start-up, see there)
@@ -265,6 +266,28 @@ def spawn(argv: Sequence[str], *, cwd: os.PathLike, env: dict) -> subprocess.Pop
                             start_new_session=True)
 
 
+def in_parallel(*calls: Callable[[], Any]) -> List[Any]:
+    """The results of `calls`, run at once in threads (each mostly waits on a git process, so
+    two cores do two at a time); the first exception is raised after all have ended."""
+    results: List[Any] = [None] * len(calls)
+    errors: List[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            results[i] = calls[i]()
+        except BaseException as e:  # noqa: B036 - handed to the caller's thread
+            errors.append(e)
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(1, len(calls))]
+    for thread in threads:
+        thread.start()
+    work(0)
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
 def clean_env(extra: Optional[dict] = None) -> dict:
     """This process's environment without git's and Patchwire's own variables."""
     env = {k: v for k, v in os.environ.items()
@@ -357,14 +380,19 @@ def check_relative_path(path: str) -> str:
 def set_index_paths(git: Git, paths: Sequence[str]) -> None:
     """Make the index hold exactly `paths`, re-hashing only files whose stat changed: O(changed)
     plus a stat per file. (Not `git add --pathspec-from-file`: that is quadratic.) Both ends
-    use it, the laptop to record what it sends and the box to snapshot what it received."""
-    stale = set(git.ls_files_stage()) - set(paths)
-    if stale:
+    use it for a whole listing, the laptop's full scan and the box's full form of an ask."""
+    update_index_paths(git, paths, sorted(set(git.ls_files_stage()) - set(paths)))
+
+
+def update_index_paths(git: Git, changed: Sequence[str], removed: Sequence[str]) -> None:
+    """Re-hash `changed` into the index (added, rewritten, or gone: then dropped) and drop
+    `removed`: O(changed), the other entries keep their stat data and blobs."""
+    if removed:
         git("update-index", "--force-remove", "-z", "--stdin",
-            input=b"".join(encode_path(p) + b"\0" for p in sorted(stale)))
-    if paths:
+            input=b"".join(encode_path(p) + b"\0" for p in removed))
+    if changed:
         git("update-index", "--add", "--remove", "-z", "--stdin",
-            input=b"".join(encode_path(p) + b"\0" for p in paths))
+            input=b"".join(encode_path(p) + b"\0" for p in changed))
 
 
 def encode_path(path: str) -> bytes:
@@ -1051,6 +1079,9 @@ class SyncRules:
         self.max_file_mb = max_file_mb
         self.max_bytes = int(max_file_mb * 1024 * 1024)
         self.submodules = submodules
+        # what a listing depends on besides the files: a scan kept under other rules is no base
+        self.fingerprint = hashlib.sha256(json.dumps(
+            [list(deny), list(allow), list(exclude), max_file_mb, submodules]).encode()).hexdigest()
 
     @classmethod
     def of(cls, cfg: "LaptopConfig") -> "SyncRules":
@@ -1076,6 +1107,16 @@ class FileList:
         self.links = 0
         self.heavy: Dict[str, List[int]] = {}  # untracked heavy folder -> [files, bytes]
         self.unused_allow: List[str] = []
+        # A listing of changes only (Project.scan_changes): `paths` then holds just the new and
+        # changed files (to re-hash and send), `removed` what leaves the record, `total` the
+        # number of files in the record afterwards. None: `paths` is the whole listing.
+        self.removed: Optional[List[str]] = None
+        self.total = 0
+
+    @property
+    def count(self) -> int:
+        """How many files the project sends in all."""
+        return len(self.paths) if self.removed is None else self.total
 
     def add(self, path: str, st: os.stat_result, tracked: bool) -> None:
         self.paths.append(path)
@@ -1092,6 +1133,16 @@ class FileList:
 
     def size(self, path: str) -> int:
         return self.stats[path][0]
+
+    def note(self, paths: Iterable[str]) -> None:
+        """Take the stat data of `paths` the listing did not look at (a listing of changes
+        leaves out files recorded by an earlier sync that were not sent then)."""
+        for path in paths:
+            if path not in self.stats:
+                try:
+                    self.stats[path] = stat_key(os.lstat(os.path.join(self.root, path)))
+                except OSError:
+                    pass
 
     def moved(self, paths: Iterable[str]) -> List[str]:
         """Paths whose stat data differ from the listing's (rewritten, or gone)."""
@@ -1146,35 +1197,82 @@ class Project:
         """Tracked files plus untracked ones git does not ignore, by git's own rules (nested
         .gitignore, a parent folder's too, negations, info/exclude, core.excludesFile), minus
         `[sync] exclude`, the secret deny-list and files over `[sync] max_file_mb`."""
-        files, used_allow = FileList(self.root), set()
-        root, pending = str(self.root), [""]
+        files, pending = FileList(self.root), [""]
+        used_allow: set = set()
         while pending:
             prefix = pending.pop()
             for path, tracked in self._list(prefix, rules):
-                if path in files.stats or rules.exclude.match(path):
-                    continue  # (a conflicted file is listed once per merge stage)
-                try:
-                    st = os.lstat(os.path.join(root, path))
-                except OSError:
-                    continue  # deleted from the worktree: it goes from the snapshot too
-                if stat.S_ISDIR(st.st_mode):
-                    self._nested(path.rstrip("/"), tracked, rules, files, pending)
-                    continue
-                if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
-                    files.held[path] = "not a regular file"
-                    continue
-                allowed = rules.allow.match(path)
-                if allowed:
-                    used_allow.add(allowed)
-                else:
-                    why = held_reason(path, st, tracked, rules)
-                    if why:
-                        files.held[path] = why
-                        continue
-                files.add(path, st, tracked)
+                if path not in files.stats:  # (a conflicted file is listed once per merge stage)
+                    self._consider(path, tracked, rules, files, pending, used_allow)
         files.paths.sort()
         files.unused_allow = [p for p in rules.allow.patterns if p not in used_allow]
         return files
+
+    def _consider(self, path: str, tracked: bool, rules: SyncRules, files: FileList, pending: List[str],
+                  used_allow: set) -> bool:
+        """Put one listed path in `files` (to send) or `files.held` (and why); False if it
+        goes neither way (excluded, gone, a folder)."""
+        if rules.exclude.match(path):
+            return False
+        try:
+            st = os.lstat(os.path.join(self.root, path))
+        except OSError:
+            return False  # deleted from the worktree: it goes from the snapshot too
+        if stat.S_ISDIR(st.st_mode):
+            self._nested(path.rstrip("/"), tracked, rules, files, pending)
+            return False
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            files.held[path] = "not a regular file"
+            return False
+        allowed = rules.allow.match(path)
+        if allowed:
+            used_allow.add(allowed)
+        else:
+            why = held_reason(path, st, tracked, rules)
+            if why:
+                files.held[path] = why
+                return False
+        files.add(path, st, tracked)
+        return True
+
+    def scan_changes(self, rules: SyncRules, also: Iterable[str] = ()) -> Optional[FileList]:
+        """What changed since the last record, found the way `git status` finds it: in one
+        pass each, git lists the project and compares every recorded file's stat data with
+        the record's index (both in C, at once). Python looks only at what is new, changed,
+        held back, or in `also`. None when only a full scan can tell: no kept scan, other
+        `[sync]` rules, a record changed meanwhile, a nested repository."""
+        kept = self._kept_scan()
+        if not kept or kept.get("rules") != rules.fingerprint or self.git.text("write-tree") != kept.get("tree"):
+            return None
+        listing, recorded, dirty = in_parallel(
+            lambda: self._listing(rules), lambda: self.git("ls-files", "-z"),
+            lambda: self.git("diff-files", "--name-only", "-z", "--no-renames"))
+        listed = {rec[2:]: rec[:1] != b"?" for rec in listing.split(b"\0") if len(rec) > 2}
+        before = set(recorded.split(b"\0"))
+        before.discard(b"")
+        held_before = {encode_path(p) for p in kept.get("held", {})}
+        candidates = (set(listed) - before) | set(dirty.split(b"\0")) | held_before | {encode_path(p) for p in also}
+        candidates.discard(b"")
+        gone = before - set(listed)
+        files = FileList(self.root)
+        pending: List[str] = []
+        files.removed = sorted(_dec(p) for p in gone)
+        for raw in sorted(candidates - gone):
+            path = _dec(raw)
+            if raw not in listed or not self._consider(path, listed[raw], rules, files, pending, set()):
+                if raw in before and raw not in gone:
+                    files.removed.append(path)
+        if pending:
+            return None  # a repository inside the project: its own git lists it (full scan)
+        files.total = len(before) - len(files.removed) + sum(encode_path(p) not in before for p in files.paths)
+        return files
+
+    def _kept_scan(self) -> dict:
+        try:
+            kept = json.loads(self.state_file("scan.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return kept if isinstance(kept, dict) else {}
 
     def file_list(self, deny: Sequence[str], allow: Sequence[str]) -> Tuple[List[str], Dict[str, str]]:
         """(paths to send, {path: why held back}) with these deny and allow patterns."""
@@ -1183,7 +1281,13 @@ class Project:
 
     def _list(self, prefix: str, rules: SyncRules) -> Iterator[Tuple[str, bool]]:
         """(path, tracked) of what git lists under `prefix` (a submodule's or nested
-        repository's folder, or "" for the project): `-t` tags untracked files with "?"."""
+        repository's folder, or "" for the project)."""
+        for rec in self._listing(rules, prefix).split(b"\0"):
+            if len(rec) > 2:
+                yield prefix + _dec(rec[2:]), rec[:1] != b"?"
+
+    def _listing(self, rules: SyncRules, prefix: str = "") -> bytes:
+        """git's listing under `prefix`, NUL-separated; `-t` tags untracked files with "? "."""
         args = ["ls-files", "-z", "-t", "--others", "--exclude-standard",
                 *("--exclude=" + p for p in rules.git_excludes)]
         if prefix:
@@ -1192,10 +1296,7 @@ class Project:
             git = self.user_git
         else:  # no repository: a throwaway index gives git's ignore rules all the same
             git = self.own_git.with_env(GIT_INDEX_FILE=str(self.private_dir / "listing.index"))
-        out = git(*args, "--cached") if (prefix or self.user_git) else git(*args)
-        for rec in out.split(b"\0"):
-            if len(rec) > 2:
-                yield prefix + _dec(rec[2:]), rec[:1] != b"?"
+        return git(*args, "--cached") if (prefix or self.user_git) else git(*args)
 
     def _nested(self, path: str, tracked: bool, rules: SyncRules, files: FileList, pending: List[str]) -> None:
         """A submodule (tracked) or a repository inside the project (untracked): its files
@@ -1210,21 +1311,38 @@ class Project:
 
     # --- the sync record
 
-    def record(self, paths: Sequence[str]) -> Tuple[str, List[List[str]]]:
-        """Record exactly `paths` as a tree in Patchwire's store; return (tree id, manifest).
-        The tree stays readable (`recorded`, `recorded_file`) for the last RECORDS_KEPT syncs."""
+    def record(self, files: FileList, rules: SyncRules) -> str:
+        """Record exactly the files of `files` as a tree in Patchwire's store (re-hashing only
+        what changed) and return its id. The tree stays readable (`recorded`,
+        `recorded_file`) for the last RECORDS_KEPT syncs; the scan is kept for the next
+        `scan_changes`."""
         try:
-            set_index_paths(self.git, paths)
+            if files.removed is None:
+                set_index_paths(self.git, files.paths)
+            else:
+                update_index_paths(self.git, files.paths, files.removed)
         except ProcessError as e:  # a file that shrank or vanished while git hashed it
             moving = RECORD_MOVED.findall(e.stderr)
             if not moving:
                 raise
             raise FilesMoved(sorted({_dec(a or b) for a, b in moving})) from None
         tree = self.git.text("write-tree")
-        manifest = [[mode, sha, path] for path, (mode, sha) in sorted(self.git.ls_files_stage().items())]
         self._own_borrowed(tree)
         self._keep(tree)
-        return tree, manifest
+        self.state_file("scan.json").write_text(json.dumps(
+            {"rules": rules.fingerprint, "tree": tree, "held": files.held}))
+        return tree
+
+    def record_paths(self, paths: Sequence[str]) -> Tuple[str, List[List[str]]]:
+        """Record exactly `paths` (no listing, no rules) and return (tree, manifest): the full
+        form of an ask, for tools and tests that build one by hand."""
+        files = FileList(self.root)
+        files.paths = sorted(paths)
+        return self.record(files, SyncRules()), self.manifest()
+
+    def manifest(self) -> List[List[str]]:
+        """[mode, blob, path] of every file in the last record (the agent's full form of an ask)."""
+        return [[mode, sha, path] for path, (mode, sha) in sorted(self.git.ls_files_stage().items())]
 
     def pin_record(self, job: str, tree: str, jobs: Iterable[str]) -> None:
         """Keep the record `tree` of `job` while the job may still be applied (3-way, against
@@ -1250,11 +1368,15 @@ class Project:
         mode, _, sha = fields
         return self.git("cat-file", "blob", sha), mode
 
-    def changed_since(self, old_tree: str, tree: str) -> List[str]:
-        """Paths added or changed (by content or mode) from one record to the next."""
-        out = self.git("diff-tree", "-r", "-z", "--no-renames", "--diff-filter=AMT", "--name-only",
-                       old_tree, tree)
-        return [_dec(p) for p in out.split(b"\0") if p]
+    def changes(self, old_tree: str, tree: str) -> Tuple[List[str], List[str]]:
+        """(paths added or changed by content or mode, paths deleted) from one record to the
+        next: git compares the two trees, skipping every folder whose tree id is the same."""
+        out = self.git("diff-tree", "-r", "-z", "--no-renames", "--name-status", old_tree, tree).split(b"\0")
+        changed: List[str] = []
+        deleted: List[str] = []
+        for status, raw in zip(out[0::2], out[1::2]):
+            (deleted if status == b"D" else changed).append(_dec(raw))
+        return changed, deleted
 
     def _own_borrowed(self, tree: str) -> None:
         """Copy into Patchwire's store the recorded blobs it finds only in the user's store
@@ -2919,6 +3041,21 @@ def confirm_word(prompt: str, word: str) -> bool:
 # ================================================================== the job, laptop side
 
 
+class Synced:
+    """What a sync left on the box: the record `tree` the mirror now holds and, from `base`
+    (the record it held before), the paths sent and deleted. Without a base (a first or
+    forced sync, or paths sent again after a mismatch) the agent gets the whole listing."""
+
+    def __init__(self, tree: str, base: Optional[str], changed: List[str], deleted: List[str], counts: dict):
+        self.tree, self.base, self.changed, self.deleted, self.counts = tree, base, changed, deleted, counts
+
+    def ask_fields(self, project: "Project") -> dict:
+        """The files part of POST /v1/ask: O(changed) with a base, else every [mode, blob, path]."""
+        if self.base is None:
+            return {"tree": self.tree, "files": project.manifest()}
+        return {"tree": self.tree, "base": self.base, "changed": self.changed, "deleted": self.deleted}
+
+
 class Session:
     """One command's view of the project, its config and the agent."""
 
@@ -2945,11 +3082,12 @@ class Session:
             self._rules = SyncRules.of(self.cfg)
         return self._rules
 
-    def sync(self, force: bool = False, resend: Sequence[str] = ()) -> Tuple[str, List[List[str]], dict]:
+    def sync(self, force: bool = False, resend: Sequence[str] = ()) -> "Synced":
         """Send what changed since the last sync, found by content (the two records' trees
         differ), even when size and mtime did not change; with `force`, every file, compared
         by checksum. Files that change or vanish while they are sent are sent again once;
-        if they still move, say which and why. `resend`: paths the box says differ."""
+        if they still move, say which and why. `resend`: paths the box says differ (the
+        agent then re-reads the whole listing: no `base`)."""
         me = self.client.me(self.cfg.project)
         last = self._last_sync()
         if force or last.get("mirror") != me["mirror"] or not self.project.recorded(last.get("tree") or ""):
@@ -2957,48 +3095,62 @@ class Session:
         unsure = set(last.get("unsure", [])) | set(resend)
         moved: List[str] = []
         for attempt in (1, 2):
-            files = self.project.scan(self.rules)
+            files = (last and self.project.scan_changes(self.rules, unsure)) or self.project.scan(self.rules)
             if attempt == 1:
                 say_held(files)
-                if not files.paths:
+                if not files.count:
                     say(f"note: no file of {self.cfg.root} goes: git ignores them all, or they are held "
                         "back (see `patchwire sync --dry-run`)")
             try:
-                tree, manifest = self.project.record(files.paths)
+                tree = self.project.record(files, self.rules)
             except FilesMoved as e:
                 moved = e.paths
             else:
+                base, changed, deleted = self._since_indexed(last, tree, bool(resend))
                 if last.get("tree") == tree and not unsure:
-                    say(f"synced: nothing changed since the last sync ({len(files.paths)} files)")
-                    return tree, manifest, {"sent_files": 0, "sent_bytes": 0, "skipped": True,
-                                            "held_back": files.held}
+                    say(f"synced: nothing changed since the last sync ({files.count} files)")
+                    return Synced(tree, base, changed, deleted, {
+                        "sent_files": 0, "sent_bytes": 0, "skipped": True, "held_back": files.held,
+                        "files": files.count})
                 counts, todo, moved = self._send(files, tree, last, me["mirror"], unsure, force)
                 if not moved:
-                    self._save_sync(tree, me["mirror"])
-                    return tree, manifest, {"sent_files": counts["sent"], "sent_bytes": counts.get("bytes"),
-                                            "skipped": False, "held_back": files.held}
+                    self._save_sync(tree, me["mirror"], indexed=last.get("indexed"))
+                    return Synced(tree, base, changed, deleted, {
+                        "sent_files": counts["sent"], "sent_bytes": counts.get("bytes"), "skipped": False,
+                        "held_back": files.held, "files": files.count})
                 unsure |= set(todo)
-                self._save_sync(last.get("tree"), me["mirror"], sorted(unsure))
+                self._save_sync(last.get("tree"), me["mirror"], sorted(unsure), indexed=last.get("indexed"))
             if attempt == 1:
                 say(f"{describe_paths(moved)} changed while being sent; sending again")
         raise moved_error(moved, files)
+
+    def _since_indexed(self, last: dict, tree: str, resend: bool) -> Tuple[Optional[str], List[str], List[str]]:
+        """(base, changed, deleted) for the agent: what changed since the tree its last
+        snapshot of this project was made from (`indexed`, which a sync without an ask leaves
+        behind the mirror). No base after a full sync, or when paths are sent again."""
+        indexed = last.get("indexed")
+        if resend or not indexed or not self.project.recorded(indexed):
+            return None, [], []
+        changed, deleted = self.project.changes(indexed, tree)
+        return indexed, changed, deleted
 
     def _send(self, files: FileList, tree: str, last: dict, mirror: str, unsure: set,
               force: bool) -> Tuple[dict, List[str], List[str]]:
         """rsync what this sync needs; (counts, paths given to rsync, paths that moved)."""
         if last.get("tree"):
-            listed = set(files.paths)
-            todo = sorted((set(self.project.changed_since(last["tree"], tree)) | unsure) & listed)
+            changed, _ = self.project.changes(last["tree"], tree)
+            todo = sorted(set(changed) | (unsure & set(files.paths)))
         else:
             todo = files.paths
+        files.note(todo)
         t0 = time.monotonic()
         if todo:
             counts = send_files(self.cfg, todo, mirror, checksum=force, ignore_times=bool(last.get("tree")))
-        else:  # only deletions: the box's snapshot drops what the manifest no longer lists
+        else:  # only deletions: the agent deletes them from its copy
             counts = {"files": 0, "bytes": 0, "gone": []}
         # with -I every listed path went; otherwise rsync's count, which leaves out symlinks
         counts["sent"] = len(todo) if last.get("tree") else counts.get("files", 0) + (0 if force else files.links)
-        say(f"synced {counts['sent']} of {len(files.paths)} file(s), "
+        say(f"synced {counts['sent']} of {files.count} file(s), "
             f"{human_bytes(counts.get('bytes', 0))} in {time.monotonic() - t0:.1f}s")
         moved = sorted(set(files.moved(todo)) | set(counts["gone"]))
         return counts, todo, moved
@@ -3009,11 +3161,19 @@ class Session:
         except (OSError, ValueError):
             return {}
 
-    def _save_sync(self, tree: Optional[str], mirror: str, unsure: Sequence[str] = ()) -> None:
-        """The last tree the mirror is known to hold, and paths whose copy there is unsure
-        (sent while they moved): the next sync sends those again."""
+    def _save_sync(self, tree: Optional[str], mirror: str, unsure: Sequence[str] = (),
+                   indexed: Optional[str] = None) -> None:
+        """The last tree the mirror is known to hold, paths whose copy there is unsure (sent
+        while they moved: the next sync sends those again), and the tree of the agent's last
+        snapshot (`indexed`: the base of the next ask's changes)."""
         self.project.state_file("last_sync.json").write_text(json.dumps(
-            {"tree": tree, "mirror": mirror, "time": time.time(), "unsure": list(unsure)}))
+            {"tree": tree, "mirror": mirror, "time": time.time(), "unsure": list(unsure), "indexed": indexed}))
+
+    def mark_indexed(self, tree: str) -> None:
+        """The agent made a snapshot of `tree` (it accepted an ask of it)."""
+        last = self._last_sync()
+        if last.get("tree") == tree:
+            self._save_sync(tree, last["mirror"], last.get("unsure", []), indexed=tree)
 
     def log_apply(self, result: dict) -> None:
         entry = {"time": time.time(), "job": result["job"], "how": result["how"],
@@ -3416,8 +3576,8 @@ def cmd_sync(args) -> int:
         report = dry_run_report(session.project.scan(session.rules))
         output(args, report, lambda r: page(render_dry_run(r, args.list)))
         return 0
-    tree, manifest, counts = session.sync(force=args.force)
-    output(args, {"tree": tree, "files": len(manifest), **counts})
+    synced = session.sync(force=args.force)
+    output(args, {"tree": synced.tree, **synced.counts})
     return 0
 
 
@@ -3509,24 +3669,32 @@ def cmd_ask(args) -> int:
 
 
 def start_ask(session: Session, args, prompt: str) -> Tuple[dict, Iterator[dict], str]:
-    """Sync, POST the ask; when the box's copy differs (409, naming the paths), send those
-    paths again and retry once; if they differ again, they move under our feet: say so."""
-    tree, manifest, _ = session.sync()
-    body = {"project": session.cfg.project, "tree": tree, "files": manifest, "prompt": prompt}
+    """Sync, POST the ask; when the box's copy differs (409): after a sync of changes only
+    (the box does not hold the record they start from: a new box, its state reset, another
+    laptop), send every file compared by checksum; after a full one, send the paths it names
+    again. Retry once; if they differ again, they move under our feet: say so."""
+    synced = session.sync()
+    body = {"project": session.cfg.project, "prompt": prompt, **synced.ask_fields(session.project)}
     if args.timeout:
         body["timeout_s"] = args.timeout
     if args.on or args.continue_:
         body["continue"] = args.on or session.job_id(None)
     try:
-        return post_ask(session, body) + (tree,)
+        return post_ask(session, body, synced.tree) + (synced.tree,)
     except AgentError as e:
         paths = mismatched_paths(e)
-    say(f"the box's copy differs from what was sent in {describe_paths(paths)}; sending again")
-    # the agent names at most 200 paths: past that, compare every file by checksum
-    tree, manifest, _ = session.sync(resend=paths) if 0 < len(paths) < 200 else session.sync(force=True)
-    body.update(tree=tree, files=manifest)
+    if synced.base is not None:
+        why = f"differs from what was sent in {describe_paths(paths)}" if paths else "is not the one this laptop last sent"
+        say(f"the box's copy {why}; sending every file, compared by checksum")
+        synced = session.sync(force=True)
+    else:  # the agent names at most 200 paths: past that, compare every file by checksum
+        say(f"the box's copy differs from what was sent in {describe_paths(paths)}; sending again")
+        synced = session.sync(resend=paths) if 0 < len(paths) < 200 else session.sync(force=True)
+    for key in ("files", "base", "changed", "deleted"):
+        body.pop(key, None)
+    body.update(synced.ask_fields(session.project))
     try:
-        return post_ask(session, body) + (tree,)
+        return post_ask(session, body, synced.tree) + (synced.tree,)
     except AgentError as e:
         paths = mismatched_paths(e)
     raise PatchwireError(f"the box's copy still differs from what was sent in {describe_paths(paths)}, "
@@ -3534,9 +3702,11 @@ def start_ask(session: Session, args, prompt: str) -> Tuple[dict, Iterator[dict]
                          "an editor's autosave)? stop that and ask again", details={"paths": paths})
 
 
-def post_ask(session: Session, body: dict) -> Tuple[dict, Iterator[dict]]:
+def post_ask(session: Session, body: dict, tree: str) -> Tuple[dict, Iterator[dict]]:
     events = session.client.ask(body)
-    return checked_first(next(events)), events
+    first = checked_first(next(events))
+    session.mark_indexed(tree)
+    return first, events
 
 
 def mismatched_paths(e: AgentError) -> List[str]:

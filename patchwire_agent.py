@@ -822,6 +822,33 @@ class ProjectRepo:
                                code=pw.CODE_TREE_MISMATCH, paths=differ[:200])
             return git.text("commit-tree", got, "-m", "patchwire snapshot")
 
+    def snapshot_changes(self, tree: str, base: str, changed: List[str], deleted: List[str]) -> str:
+        """The same commit in O(changed): the index the last snapshot left must hold `base`
+        (else 409: a new box, a reset state folder, another laptop's sync in between); the
+        deleted paths go from it and from the mirror, the changed ones are hashed from the
+        mirror, and the result must be `tree`. Files in the mirror that the laptop did not
+        send are never read: the snapshot's other blobs are the ones already recorded."""
+        with self.lock:
+            self.ensure()
+            git = self.git(self.mirror, GIT_INDEX_FILE=str(self.home / "snapshot.index"))
+            held = git.run("write-tree", check=False)
+            if held.returncode != 0 or held.stdout.decode().strip() != base:
+                raise Conflict("the box's copy of the project is not the one the laptop last sent "
+                               "(a new box, a reset state folder, or another laptop's sync)",
+                               "sync again (patchwire sync --force)", code=pw.CODE_TREE_MISMATCH, paths=[])
+            for path in deleted:
+                try:
+                    pw.remove_file(self.mirror, path)
+                except (OSError, PatchwireError):
+                    pass  # already gone, or beneath a link: the index drops it all the same
+            pw.update_index_paths(git, changed, deleted)
+            got = git.text("write-tree")
+            if got != tree:
+                raise Conflict(f"the box's copy of the project differs from what the laptop sent in "
+                               f"{len(changed)} changed file(s)", "sync again (patchwire sync --force)",
+                               code=pw.CODE_TREE_MISMATCH, paths=changed[:200])
+            return git.text("commit-tree", got, "-m", "patchwire snapshot")
+
     # --- job folders
 
     def slot_path(self, slot: int) -> Path:
@@ -1845,16 +1872,22 @@ class Agent:
         if size > policy.max_prompt_bytes:
             raise policy_refusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, policy, "max_prompt_bytes",
                                  f"the prompt has {size} bytes", "shorten it, or put the long part in a file of the project")
-        tree = body.get("tree")
-        if not isinstance(tree, str) or not re.fullmatch(r"[0-9a-f]{40}([0-9a-f]{24})?", tree):
-            raise BadRequest("tree must be a git tree id")
-        manifest = check_manifest(body.get("files"))
+        tree = check_tree_id(body.get("tree"), "tree")
+        if "files" in body:
+            files: Any = check_manifest(body.get("files"))
+        else:
+            files = (check_tree_id(body.get("base"), "base"), check_paths(body.get("changed"), "changed"),
+                     check_paths(body.get("deleted"), "deleted"))
         self.check_room()
         timeout_s = self.check_timeout(policy, body.get("timeout_s", min(self.cfg.timeout_s, policy.timeout_s)))
         parent = self.parent_job(user, project, body.get("continue"))
         repo = self.open_project(user, project, for_ask=True)
         self.admit(policy)  # refuse early, before the snapshot's work
-        snapshot = repo.snapshot(tree, manifest)
+        started = time.monotonic()
+        snapshot = repo.snapshot(tree, files) if isinstance(files, list) else repo.snapshot_changes(tree, *files)
+        snapped = {"form": "full", "files": len(files)} if isinstance(files, list) else {
+            "form": "changes", "changed": len(files[1]), "deleted": len(files[2])}
+        snapped["ms"] = round((time.monotonic() - started) * 1000, 1)
         job = {"id": secrets.token_hex(6), "user": user, "project": project, "prompt": prompt,
                "status": "queued", "created": time.time(), "snapshot": snapshot, "tree": tree,
                "timeout_s": timeout_s, "parent": parent["id"] if parent else None}
@@ -1862,6 +1895,7 @@ class Agent:
             self.admit(self.cfg.policy(user))
             self.store.create_job(job)
             self.queue.put(QueueItem(job["id"], user, project, parent["slot"] if parent else None))
+        self.audit.job(job["id"], "snapshot", user=user, project=project, **snapped)
         position, estimate = self.queue_position(job["id"])
         self.store.add_event(job["id"], {"type": "queued", "project": project, "position": position,
                                          "estimate_s": estimate})
@@ -2154,6 +2188,25 @@ def check_name(value: Any, what: str) -> str:
         raise BadRequest(f"{what} must be a name of letters, digits, '.', '_' and '-' "
                          f"(at most 64)")
     return value
+
+
+TREE_ID_RE = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")
+
+
+def check_tree_id(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not TREE_ID_RE.fullmatch(value):
+        raise BadRequest(f"{what} must be a git tree id")
+    return value
+
+
+def check_paths(value: Any, what: str) -> List[str]:
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise BadRequest(f"{what} must be a list of paths", "send `files` (every file) or `base`, "
+                         "`changed` and `deleted`")
+    try:
+        return [pw.check_relative_path(p) for p in value]
+    except UsageError as e:
+        raise BadRequest(f"{what}: {e.message}")
 
 
 def check_manifest(files: Any) -> List[Tuple[str, str, str]]:
@@ -2991,11 +3044,19 @@ OPENAPI_SCHEMAS = {
                                 "description": "the connection table: open, caps, waiting for a request, evicted"}),
     "Me": _obj(["user", "version", "mirror_root"], user=_S, version=_S, mirror_root=_S,
                mirror={**_S, "description": "with ?project=: the folder to rsync that project into"}),
-    "AskRequest": _obj(["project", "tree", "files", "prompt"], project=_S, prompt=_S,
-                       tree={**_S, "description": "git tree id of exactly the listed files"},
-                       files={"type": "array", "items": {"type": "array", "items": _S, "minItems": 3,
-                                                         "maxItems": 3}, "description": "[mode, blob, path]"},
-                       timeout_s=_I, **{"continue": {**_S, "description": "a finished job to follow up"}}),
+    "AskRequest": {**_obj(["project", "tree", "prompt"], project=_S, prompt=_S,
+                          tree={**_S, "description": "git tree id of exactly the files the laptop sent"},
+                          files={"type": "array", "items": {"type": "array", "items": _S, "minItems": 3,
+                                                            "maxItems": 3},
+                                 "description": "full form: [mode, blob, path] of every file"},
+                          base={**_S, "description": "changes form: the tree the box's copy held before "
+                                                     "this sync (409 tree_mismatch if it does not)"},
+                          changed={"type": "array", "items": _S, "description": "changes form: paths sent since base"},
+                          deleted={"type": "array", "items": _S,
+                                   "description": "changes form: paths deleted since base"},
+                          timeout_s=_I, **{"continue": {**_S, "description": "a finished job to follow up"}}),
+                   "description": "Either `files` (every file) or `base` with `changed` and `deleted` "
+                                  "(what changed since base: O(changed))"},
     "JobResult": _obj([], exit_code=_nullable(_I), is_error=_B, subtype=_nullable(_S), duration_s=_N,
                       num_turns=_nullable(_I), session_id=_nullable(_S), tokens_in=_nullable(_I),
                       tokens_out=_nullable(_I), cache_read_tokens=_nullable(_I), cache_write_tokens=_nullable(_I),

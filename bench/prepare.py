@@ -343,7 +343,7 @@ class Laptop:
         if self.real:
             if not self.paths:
                 self.paths = self.real.file_list(pw.DEFAULT_DENY, [])[0]
-            return self.real.record(self.paths)
+            return self.real.record_paths(self.paths)
         if not self.paths:  # the project's file set does not change in this benchmark
             out = self.git("ls-files", "-z", "--others", "--exclude-standard")
             self.paths = sorted(p.decode("utf-8", "surrogateescape") for p in out.split(b"\0") if p)

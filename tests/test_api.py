@@ -46,7 +46,7 @@ def ask_body(lap: Laptop, prompt: str, extra_paths=(), project: str = PROJECT, *
     """The body of POST /v1/ask, computed the way the CLI does it."""
     files = patchwire.Project(lap.root, project)
     paths, _ = files.file_list(patchwire.DEFAULT_DENY, [])
-    tree, manifest = files.record(sorted(set(paths) | set(extra_paths)))
+    tree, manifest = files.record_paths(sorted(set(paths) | set(extra_paths)))
     return {"project": project, "tree": tree, "files": manifest, "prompt": prompt, **fields}
 
 

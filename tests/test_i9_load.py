@@ -38,7 +38,7 @@ def project_for(box, root: Path, user: str, project: str) -> dict:
     """A laptop repo, its files placed in the box's mirror as rsync would, and the ask body."""
     make_repo(root, {"README.md": f"# {project}\n".encode(), "src/a.py": b"x = 1\n"})
     paths, _ = patchwire.Project(root, project).file_list(patchwire.DEFAULT_DENY, [])
-    tree, manifest = patchwire.Project(root, project).record(paths)
+    tree, manifest = patchwire.Project(root, project).record_paths(paths)
     mirror = box.state_dir / "users" / user / "mirror" / project
     for rel in paths:
         (mirror / rel).parent.mkdir(parents=True, exist_ok=True)

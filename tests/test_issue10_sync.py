@@ -215,7 +215,7 @@ def test_the_users_gc_cannot_drop_what_a_record_needs(tmp_path):
     git(root, "add", "b.txt")
     sha = git(root, "rev-parse", ":b.txt").strip()
     project = patchwire.Project(root, "laptop")
-    tree, _ = project.record(["a.txt", "b.txt"])
+    tree, _ = project.record_paths(["a.txt", "b.txt"])
     (root / "b.txt").write_bytes(b"b\n")
     git(root, "reset", "-q")
     git(root, "reflog", "expire", "--expire=now", "--all")
@@ -236,7 +236,7 @@ def test_old_records_and_their_blobs_are_pruned(tmp_path, monkeypatch):
     project = patchwire.Project(root, "laptop")
     (root / "big.bin").write_bytes(b"big untracked content\n" * 1000)
     big = git(root, "hash-object", "big.bin").strip()
-    trees = [project.record(["a.txt", "big.bin"])[0]]
+    trees = [project.record_paths(["a.txt", "big.bin"])[0]]
     (root / "big.bin").unlink()
     loose = project.private_dir / "objects" / big[:2] / big[2:]
     assert loose.exists()
@@ -246,7 +246,7 @@ def test_old_records_and_their_blobs_are_pruned(tmp_path, monkeypatch):
             for obj in (project.private_dir / "objects").glob("??/*"):
                 os.utime(obj, (hours_ago, hours_ago))
         (root / "a.txt").write_text(f"a{n}\n")
-        trees.append(project.record(["a.txt"])[0])
+        trees.append(project.record_paths(["a.txt"])[0])
     refs = git(project.private_dir, "for-each-ref", "--format=%(refname)").split()
     assert refs == sorted(f"refs/records/{t}" for t in trees[-2:])
     assert not loose.exists()
@@ -256,7 +256,7 @@ def test_old_records_and_their_blobs_are_pruned(tmp_path, monkeypatch):
     project.pin_record("abc123", trees[-1], ["abc123"])
     for n in range(3, 7):
         (root / "a.txt").write_text(f"a{n}\n")
-        project.record(["a.txt"])
+        project.record_paths(["a.txt"])
     assert project.recorded_file(trees[-1], "a.txt") == (b"a2\n", "100644")
     project.pin_record("def456", trees[-1], ["def456"])
     assert git(project.private_dir, "for-each-ref", "--format=%(refname)", "refs/jobs/").split() == ["refs/jobs/def456"]
@@ -291,7 +291,7 @@ def test_a_409_names_the_paths_and_the_ask_sends_them_again(laptop, agent):
     # the agent's own message names the paths
     (laptop.root / "only-here.txt").write_text("x\n")
     project = patchwire.Project(laptop.root, "laptop")
-    tree, manifest = project.record(project.file_list(patchwire.DEFAULT_DENY, [])[0])
+    tree, manifest = project.record_paths(project.file_list(patchwire.DEFAULT_DENY, [])[0])
     status, answer = agent.json("POST", "/v1/ask", {"project": "laptop", "tree": tree, "files": manifest,
                                                     "prompt": "x"})
     assert status == 409 and answer["error"].endswith("in 1 file(s): only-here.txt")

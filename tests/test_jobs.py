@@ -138,7 +138,7 @@ def ask_body(laptop: Laptop, prompt: str, **extra) -> dict:
     import patchwire
     project = patchwire.Project(laptop.root, "laptop")
     paths, _ = project.file_list(patchwire.DEFAULT_DENY, [])
-    tree, manifest = project.record(paths)
+    tree, manifest = project.record_paths(paths)
     return {"project": "laptop", "tree": tree, "files": manifest, "prompt": prompt, **extra}
 
 

@@ -1,0 +1,235 @@
+"""Issue 14: an ask is O(changed). After the first, the laptop finds what changed with git's
+stat cache and sends the agent the base tree, the new tree and the changed and deleted paths;
+the agent updates its index for those paths only and checks the tree id. Every way the box
+can hold something else falls back to the full, checksummed sync, and the job always sees
+exactly the laptop's files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import List
+
+import pytest
+
+import patchwire
+from conftest import git, make_repo, script
+from test_issue10_sync import mirror_of, write_sync
+
+
+def snapshots(agent) -> List[dict]:
+    """The agent's audit lines for snapshots: form (changes|full) and counts."""
+    lines = (agent.state_dir / "audit.log").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("event") == "snapshot"]
+
+
+def asks(agent) -> List[int]:
+    lines = (agent.state_dir / "audit.log").read_text().splitlines()
+    return [r["status"] for r in map(json.loads, lines) if r.get("path") == "/v1/ask"]
+
+
+def seen(laptop, path: str) -> bytes:
+    """What the last job's AI read at `path` (it copied the file to seen.PATH, applied here)."""
+    return (laptop.root / ("seen." + path.replace("/", "_"))).read_bytes()
+
+
+def copy_steps(*paths: str) -> List[dict]:
+    return [{"copy": [p, "seen." + p.replace("/", "_")]} for p in paths]
+
+
+def test_the_second_ask_sends_only_what_changed(laptop, agent):
+    laptop.ask(script({"say": "first"}), "--yes", check=0)
+    (laptop.root / "README.md").write_bytes(b"# edited\n")
+    (laptop.root / "src/new.py").write_bytes(b"new = 1\n")
+    (laptop.root / "src/app.py").unlink()
+    asked = laptop.ask(script(*copy_steps("README.md", "src/new.py")), "--yes", check=0)
+    first, second = snapshots(agent)
+    assert first["form"] == "full" and first["files"] == 3
+    assert (second["form"], second["changed"], second["deleted"]) == ("changes", 2, 1), asked.err
+    assert seen(laptop, "README.md") == b"# edited\n" and seen(laptop, "src/new.py") == b"new = 1\n"
+    assert not (mirror_of(agent, laptop) / "src/app.py").exists()  # the agent deleted it
+    # nothing changed: still the changes form, with nothing in it
+    laptop.ask(script({"say": "third"}), "--yes", check=0)
+    assert snapshots(agent)[-1] == {**snapshots(agent)[-1], "form": "changes", "changed": 2, "deleted": 0}
+    assert all(status == 200 for status in asks(agent))
+
+
+def test_a_sync_between_asks_keeps_the_changes_form(laptop, agent):
+    laptop.ask(script({"say": "first"}), "--yes", check=0)
+    (laptop.root / "README.md").write_bytes(b"# synced alone\n")
+    laptop.run("sync", check=0)
+    (laptop.root / "src/app.py").write_bytes(b"print('later')\n")
+    laptop.ask(script(*copy_steps("README.md", "src/app.py")), "--yes", check=0)
+    last = snapshots(agent)[-1]
+    assert (last["form"], last["changed"], last["deleted"]) == ("changes", 2, 0)
+    assert seen(laptop, "README.md") == b"# synced alone\n" and seen(laptop, "src/app.py") == b"print('later')\n"
+    assert 409 not in asks(agent)
+
+
+def test_a_mirror_changed_behind_the_laptops_back_never_reaches_the_job(laptop, agent):
+    laptop.ask(script({"say": "first"}), "--yes", check=0)
+    mirror = mirror_of(agent, laptop)
+    (mirror / "README.md").write_bytes(b"# tampered on the box\n")  # the laptop leaves it alone
+    (mirror / "src/app.py").write_bytes(b"print('tampered')\n")  # the laptop changes it too
+    (laptop.root / "src/app.py").write_bytes(b"print('laptop')\n")
+    laptop.ask(script(*copy_steps("README.md", "src/app.py")), "--yes", check=0)
+    assert snapshots(agent)[-1]["form"] == "changes"
+    # the snapshot is the recorded blobs plus what was sent: never the box's own edits
+    assert seen(laptop, "README.md") == b"# demo\n"
+    assert seen(laptop, "src/app.py") == b"print('laptop')\n"
+    assert (mirror / "src/app.py").read_bytes() == b"print('laptop')\n"
+
+
+def test_a_new_box_or_a_reset_state_falls_back_to_the_full_checksummed_sync(laptop, agent):
+    laptop.ask(script({"say": "first"}), "--yes", check=0)
+    mirror = mirror_of(agent, laptop)
+    home = agent.state_dir / "users" / "alice" / "projects" / "laptop"
+    shutil.rmtree(home)  # the box's snapshots are gone; its mirror stays, partly stale
+    (mirror / "README.md").write_bytes(b"# stale\n")
+    (laptop.root / "src/app.py").write_bytes(b"print('after reset')\n")
+    asked = laptop.ask(script(*copy_steps("README.md", "src/app.py")), "--yes", check=0)
+    assert "the box's copy is not the one this laptop last sent; sending every file, compared by checksum" in asked.err
+    assert asks(agent)[-2:] == [409, 200]
+    assert snapshots(agent)[-1]["form"] == "full"
+    assert seen(laptop, "README.md") == b"# demo\n" and (mirror / "README.md").read_bytes() == b"# demo\n"
+    assert seen(laptop, "src/app.py") == b"print('after reset')\n"
+    # and the next ask is of changes again
+    (laptop.root / "README.md").write_bytes(b"# next\n")
+    laptop.ask(script({"say": "next"}), "--yes", check=0)
+    assert snapshots(agent)[-1]["form"] == "changes"
+
+
+def test_a_lost_laptop_state_folder_sends_the_full_form(laptop, agent):
+    laptop.ask(script({"say": "first"}), "--yes", check=0)
+    shutil.rmtree(patchwire.Project(laptop.root, "laptop").private_dir)
+    (laptop.root / "README.md").write_bytes(b"# after loss\n")
+    laptop.ask(script(*copy_steps("README.md")), "--yes", check=0)
+    assert snapshots(agent)[-1]["form"] == "full" and 409 not in asks(agent)
+    assert seen(laptop, "README.md") == b"# after loss\n"
+
+
+def test_a_sent_file_spoiled_on_the_box_is_refused_then_sent_by_checksum(laptop, agent, tmp_path):
+    laptop.ask(script({"say": "first"}), "--yes", check=0)
+    (laptop.root / "README.md").write_bytes(b"# sent\n")
+    once = tmp_path / "spoiled-once"
+    spoil = tmp_path / "rsync-spoils-once"
+    spoil.write_text(f"#!/bin/sh\nrsync \"$@\"; rc=$?\n[ -e {once} ] || {{ touch {once}; "
+                     f"echo spoiled > {mirror_of(agent, laptop)}/README.md; }}\nexit $rc\n")
+    spoil.chmod(0o755)
+    write_sync(laptop, rsync=str(spoil))
+    asked = laptop.ask(script(*copy_steps("README.md")), "--yes", check=0)
+    assert "the box's copy differs from what was sent in README.md; sending every file, compared by checksum" in asked.err
+    assert asks(agent)[-2:] == [409, 200] and seen(laptop, "README.md") == b"# sent\n"
+
+
+# ------------------------------------------------------------------ the agent's side, over HTTP
+
+
+def test_the_changes_form_is_checked(laptop, agent):
+    laptop.ask(script({"say": "first"}), "--yes", check=0)
+    project = patchwire.Project(laptop.root, "laptop")
+    tree = json.loads(project.state_file("last_sync.json").read_text())["tree"]
+    ask = {"project": "laptop", "prompt": "x", "tree": tree, "base": tree, "changed": [], "deleted": []}
+    for bad, code, words in (
+            ({"base": "0" * 40}, 409, "not the one the laptop last sent"),
+            ({"base": "zz"}, 400, "base must be a git tree id"),
+            ({"changed": ["../escape"]}, 400, "unsafe path"),
+            ({"deleted": [".git/config"]}, 400, "unsafe path"),
+            ({"changed": "README.md"}, 400, "changed must be a list of paths"),
+            ({"tree": "1" * 40}, 409, "differs from what the laptop sent")):
+        status, answer = agent.json("POST", "/v1/ask", {**ask, **bad})
+        assert (status, words in answer["error"]) == (code, True), (bad, answer)
+        if status == 409:
+            assert answer["code"] == "tree_mismatch"
+    outside = agent.state_dir.parent / "outside.txt"
+    outside.write_text("keep\n")
+    status, _ = agent.json("POST", "/v1/ask", {**ask, "deleted": ["../outside.txt"]})
+    assert status == 400 and outside.read_text() == "keep\n"
+
+
+# ------------------------------------------------------------------ the laptop's listing of changes
+
+
+def full_listing(project: patchwire.Project, rules: patchwire.SyncRules):
+    files = project.scan(rules)
+    return files.paths, files.held
+
+
+def recorded_paths(project: patchwire.Project) -> List[str]:
+    return sorted(p.decode() for p in project.git("ls-files", "-z").split(b"\0") if p)
+
+
+MUTATIONS = [
+    ("edit", lambda r: (r / "a.txt").write_text("edited\n")),
+    ("touch only", lambda r: os.utime(r / "b.txt")),
+    ("new untracked", lambda r: (r / "new.txt").write_text("new\n")),
+    ("new in a new folder", lambda r: (r / "deep/er").mkdir(parents=True) or (r / "deep/er/x.txt").write_text("x\n")),
+    ("delete", lambda r: (r / "b.txt").unlink()),
+    ("now ignored", lambda r: (r / ".gitignore").write_text("*.log\nnew.txt\n")),
+    ("a secret", lambda r: (r / ".env").write_text("TOKEN=1\n")),
+    ("grows over the cap", lambda r: (r / "big.bin").write_bytes(b"\0" * 2 * 1024 * 1024)),
+    ("shrinks under it", lambda r: (r / "big.bin").write_bytes(b"small\n")),
+    ("a symlink", lambda r: os.symlink("a.txt", r / "link")),
+    ("file becomes folder", lambda r: (r / "a.txt").unlink() or (r / "a.txt").mkdir() or (r / "a.txt/in").write_text("i\n")),
+    ("staged then deleted", lambda r: (r / "staged.txt").write_text("s\n") or git(r, "add", "staged.txt")),
+    ("tracked but ignored", lambda r: (r / "ign.log").write_text("l\n") or git(r, "add", "-f", "ign.log")),
+    ("a fifo", lambda r: os.mkfifo(r / "pipe")),
+]
+
+
+def test_the_listing_of_changes_agrees_with_a_full_listing(tmp_path):
+    root = make_repo(tmp_path / "p", {"a.txt": b"a\n", "b.txt": b"b\n", ".gitignore": b"*.log\n",
+                                      "big.bin": b"small\n"})
+    project = patchwire.Project(root, "p")
+    rules = patchwire.SyncRules(max_file_mb=1)
+    project.record(project.scan(rules), rules)
+    for name, mutate in MUTATIONS:
+        mutate(root)
+        changes = project.scan_changes(rules)
+        assert changes is not None, name
+        tree = project.record(changes, rules)
+        paths, held = full_listing(project, rules)
+        assert recorded_paths(project) == paths, name
+        assert changes.held == held, name
+        assert changes.count == len(paths), name
+        assert tree == patchwire.Project(root, "p").git.text("write-tree"), name
+        # the same tree a full record makes from scratch
+        fresh = tmp_path / f"fresh-{len(name)}-{name.replace(' ', '-')}"
+        os.environ["XDG_STATE_HOME"], saved = str(fresh), os.environ.get("XDG_STATE_HOME")
+        try:
+            other = patchwire.Project(root, "p")
+            assert other.record(other.scan(rules), rules) == tree, name
+        finally:
+            os.environ["XDG_STATE_HOME"] = saved or ""
+
+
+@pytest.mark.parametrize("change", ["rules", "record"])
+def test_the_listing_of_changes_needs_its_kept_scan(tmp_path, change):
+    root = make_repo(tmp_path / "p", {"a.txt": b"a\n"})
+    project = patchwire.Project(root, "p")
+    rules = patchwire.SyncRules()
+    project.record(project.scan(rules), rules)
+    assert project.scan_changes(rules) is not None
+    if change == "rules":
+        assert project.scan_changes(patchwire.SyncRules(exclude=["a.txt"])) is None
+    else:  # the store's index no longer holds the kept scan's tree
+        project.git("update-index", "--force-remove", "a.txt")
+        assert project.scan_changes(rules) is None
+
+
+def test_a_nested_repository_needs_a_full_listing(tmp_path):
+    root = make_repo(tmp_path / "p", {"a.txt": b"a\n"})
+    project = patchwire.Project(root, "p")
+    rules = patchwire.SyncRules()
+    project.record(project.scan(rules), rules)
+    make_repo(root / "inner", {"i.txt": b"i\n"})
+    changes = project.scan_changes(rules)
+    assert changes is not None and changes.held == {"inner/": "a git repository inside the project: set "
+                                                    "`submodules = true` under [sync] to send its files"}
+    with_submodules = patchwire.SyncRules(submodules=True)
+    project.record(project.scan(with_submodules), with_submodules)
+    make_repo(root / "inner2", {"j.txt": b"j\n"})
+    assert project.scan_changes(with_submodules) is None
+    assert Path(root / "inner2/j.txt").exists()
