@@ -811,7 +811,7 @@ class ProjectRepo:
             self.ensure()
             git = self.git(self.mirror, GIT_INDEX_FILE=str(self.home / "snapshot.index"))
             index_paths(git, [path for _, _, path in manifest], self.mirror)
-            got = git.text("write-tree")
+            got = self._write_snapshot_tree(git)
             if got != tree:
                 theirs = {path: (mode, sha) for mode, sha, path in manifest}
                 mine = git.ls_files_stage()
@@ -831,8 +831,7 @@ class ProjectRepo:
         with self.lock:
             self.ensure()
             git = self.git(self.mirror, GIT_INDEX_FILE=str(self.home / "snapshot.index"))
-            held = git.run("write-tree", check=False)
-            if held.returncode != 0 or held.stdout.decode().strip() != base:
+            if self._indexed() != base:
                 raise Conflict("the box's copy of the project is not the one the laptop last sent "
                                "(a new box, a reset state folder, or another laptop's sync)",
                                "sync again (patchwire sync --force)", code=pw.CODE_TREE_MISMATCH, paths=[])
@@ -842,12 +841,25 @@ class ProjectRepo:
                 except (OSError, PatchwireError):
                     pass  # already gone, or beneath a link: the index drops it all the same
             pw.update_index_paths(git, changed, deleted)
-            got = git.text("write-tree")
+            got = self._write_snapshot_tree(git)
             if got != tree:
                 raise Conflict(f"the box's copy of the project differs from what the laptop sent in "
                                f"{len(changed)} changed file(s)", "sync again (patchwire sync --force)",
                                code=pw.CODE_TREE_MISMATCH, paths=changed[:200])
             return git.text("commit-tree", got, "-m", "patchwire snapshot")
+
+    def _indexed(self) -> Optional[str]:
+        """The tree the snapshot index holds, as written beside it by the last snapshot (reading
+        the file costs nothing; `write-tree` reads the whole index)."""
+        try:
+            return (self.home / "snapshot.tree").read_text().strip() or None
+        except OSError:
+            return None
+
+    def _write_snapshot_tree(self, git: Git) -> str:
+        tree = git.text("write-tree")
+        (self.home / "snapshot.tree").write_text(tree)
+        return tree
 
     # --- job folders
 
@@ -922,14 +934,11 @@ class ProjectRepo:
         git("clean", "-q", "-ffd")
 
     def _check_slot_clean(self, slot: int, commit: str) -> None:
-        git = self.slot_git(slot)
-        if git.text("rev-parse", "HEAD") != commit:
+        """`checkout -f` (one stat pass) and `clean -ffd` (one walk) exit non-zero on whatever
+        they could not write or remove; that they did their work is not walked again (two
+        more passes over every file, 0.2 s at 100,000 files). HEAD must be the snapshot."""
+        if self.slot_git(slot).text("rev-parse", "HEAD") != commit:
             raise PatchwireError(f"job folder HEAD is not at {commit}")
-        stray = git("ls-files", "-z", "--others", "--exclude-standard")
-        changed = git.run("diff-files", "--quiet", check=False).returncode
-        if stray or changed:
-            raise PatchwireError("job folder not clean: " + (stray[:200].decode("utf-8", "replace")
-                                                              or "tracked files differ"))
 
     def _remove_slot(self, slot: int) -> None:
         remove_tree(self.slot_path(slot))
@@ -953,9 +962,11 @@ class ProjectRepo:
         nothing of it would show in the diff. {path: target} of those removed."""
         root = real(self.slot_path(slot))
         removed = {}
-        for path, (mode, _) in self.slot_git(slot).ls_files_stage().items():
+        listing = self.slot_git(slot)("ls-files", "-s", "-z")
+        for m in SYMLINK_ENTRY.finditer(listing):  # a regex over the listing: no loop per file
+            path = m.group(1).decode("utf-8", "surrogateescape")
             full = os.path.join(root, path)
-            if mode == "120000" and os.path.islink(full) and not is_within(os.path.realpath(full), root):
+            if os.path.islink(full) and not is_within(os.path.realpath(full), root):
                 removed[path] = os.readlink(full)
                 os.unlink(full)
         return removed
@@ -982,6 +993,10 @@ class ProjectRepo:
         result = git.text("commit-tree", git.text("write-tree"), "-p", snapshot, "-m", f"patchwire job {job_id}")
         self.git()("update-ref", f"refs/patchwire/jobs/{job_id}", result)
         return patch, stats, result
+
+
+# A symlink's entry in `git ls-files -s -z`: "120000 <blob> <stage>\t<path>\0".
+SYMLINK_ENTRY = re.compile(rb"(?:^|\0)120000 [0-9a-f]{40,64} [0-3]\t([^\0]+)")
 
 
 def index_paths(git: Git, paths: List[str], prune_root: Path) -> None:

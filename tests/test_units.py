@@ -3,6 +3,8 @@ queue, reconnecting a dropped event stream, and the job folder's clean check."""
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 import patchwire
@@ -95,19 +97,18 @@ def prepared(tmp_path):
     return repo, commit, folder
 
 
-def test_clean_check_finds_strays_changes_and_a_moved_head(prepared):
+def test_a_warm_job_folder_is_made_exactly_the_snapshot(prepared):
     repo, commit, folder = prepared
-    repo._check_slot_clean(0, commit)  # clean: no error
     (folder / "build").mkdir()
     (folder / "build" / "cache").write_bytes(b"ignored: fine")
-    repo._check_slot_clean(0, commit)
     (folder / "stray.txt").write_bytes(b"left over")
-    with pytest.raises(patchwire.PatchwireError, match="stray.txt"):
-        repo._check_slot_clean(0, commit)
-    (folder / "stray.txt").unlink()
     (folder / "a.txt").write_bytes(b"changed\n")
-    with pytest.raises(patchwire.PatchwireError, match="tracked files differ"):
-        repo._check_slot_clean(0, commit)
-    repo.prepare_slot(0, commit)
+    (folder / "nested").mkdir()
+    subprocess.run(["git", "init", "-q", str(folder / "nested")], check=True)
+    assert repo.prepare_slot(0, commit) == folder
+    assert (folder / "build" / "cache").read_bytes() == b"ignored: fine"
+    assert not (folder / "stray.txt").exists() and not (folder / "nested").exists()
+    assert (folder / "a.txt").read_bytes() == b"a\n"
+    repo._check_slot_clean(0, commit)
     with pytest.raises(patchwire.PatchwireError, match="HEAD is not at"):
         repo._check_slot_clean(0, "0" * 40)
