@@ -1242,7 +1242,7 @@ class Project:
         held back, or in `also`. None when only a full scan can tell: no kept scan, other
         `[sync]` rules, a record changed meanwhile, a nested repository."""
         kept = self._kept_scan()
-        if not kept or kept.get("rules") != rules.fingerprint or self.git.text("write-tree") != kept.get("tree"):
+        if not kept or kept.get("rules") != rules.fingerprint or not self._holds(kept):
             return None
         listing, recorded, dirty = in_parallel(
             lambda: self._listing(rules), lambda: self.git("ls-files", "-z"),
@@ -1266,6 +1266,16 @@ class Project:
             return None  # a repository inside the project: its own git lists it (full scan)
         files.total = len(before) - len(files.removed) + sum(encode_path(p) not in before for p in files.paths)
         return files
+
+    def _holds(self, kept: dict) -> bool:
+        """Whether the store's index still holds the kept scan's tree: its file untouched
+        since, or else by `write-tree` (which reads all of it)."""
+        try:
+            if list(stat_key(os.stat(self.private_dir / "index"))) == kept.get("index"):
+                return True
+        except OSError:
+            return False
+        return self.git.text("write-tree") == kept.get("tree")
 
     def _kept_scan(self) -> dict:
         try:
@@ -1330,7 +1340,8 @@ class Project:
         self._own_borrowed(tree)
         self._keep(tree)
         self.state_file("scan.json").write_text(json.dumps(
-            {"rules": rules.fingerprint, "tree": tree, "held": files.held}))
+            {"rules": rules.fingerprint, "tree": tree, "held": files.held,
+             "index": list(stat_key(os.stat(self.private_dir / "index")))}))
         return tree
 
     def record_paths(self, paths: Sequence[str]) -> Tuple[str, List[List[str]]]:
@@ -1456,8 +1467,11 @@ RECORD_MOVED = re.compile(rb"^(?:error: (.+): failed to insert into database|fat
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
 # Racy-git safety for the record: a file rewritten with the same size and mtime still has a
 # new ctime; make git look at it whatever the user's core.trustctime says (git >= 2.31).
-TRUST_STAT = {"GIT_CONFIG_COUNT": "2", "GIT_CONFIG_KEY_0": "core.trustctime", "GIT_CONFIG_VALUE_0": "true",
-              "GIT_CONFIG_KEY_1": "core.checkStat", "GIT_CONFIG_VALUE_1": "default"}
+# And a split index: a sync rewrites only the entries it changed, not all of a 100,000-file
+# index (50 ms a write at that size, 20 ms split).
+TRUST_STAT = {"GIT_CONFIG_COUNT": "3", "GIT_CONFIG_KEY_0": "core.trustctime", "GIT_CONFIG_VALUE_0": "true",
+              "GIT_CONFIG_KEY_1": "core.checkStat", "GIT_CONFIG_VALUE_1": "default",
+              "GIT_CONFIG_KEY_2": "core.splitIndex", "GIT_CONFIG_VALUE_2": "true"}
 
 
 def quote_alternate(path: Path) -> str:
