@@ -4,14 +4,17 @@ The laptop is the source of truth. `patchwire ask "PROMPT"` does the whole job:
 
     1. list the project's files with git's own ignore rules (wherever the project's root is:
        a repository's top, a folder inside one, a folder without git), minus a deny-list of
-       secrets, `[sync] exclude` and files over `[sync] max_file_mb`
+       secrets, `[sync] exclude` and files over `[sync] max_file_mb`; after the first sync,
+       only what changed, found with git's stat cache (`Project.scan_changes`)
     2. record exactly what is sent as a git tree in Patchwire's own store (a bare repository
        under ~/.local/state/patchwire that reads the user's objects through alternates; the
        user's repository holds nothing of it), so every preimage of the returned diff and
        the 3-way merge base exist here
     3. rsync the files that changed since the last sync (by content), and only listed files,
        to the agent box (over SSH, or locally); files that move meanwhile are sent again
-    4. POST /v1/ask {project, tree, files, prompt} to patchwire-agent with a bearer token
+    4. POST /v1/ask {project, tree, base, changed, deleted, prompt} (what changed since the
+       box's last snapshot; the whole file list after a first or forced sync, or when the
+       box answers 409 because it holds something else) with a bearer token
     5. stream the AI's progress (NDJSON events) to stderr as it happens
     6. fetch the diff, preview it (per-file summary, coloured diff, intra-line highlights)
     7. on Enter, `git apply --check`, then `git apply`: all or nothing

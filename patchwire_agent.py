@@ -5,13 +5,14 @@ Data flow for one ask:
 
     laptop rsyncs files     -> users/<user>/mirror/<project>/      (never the AI's cwd)
     POST /v1/ask            -> the user's policy: project allowlist, limits (403/413/429)
-                            -> snapshot: a commit of exactly the files listed in the ask
-                               (a private index over the mirror); 409 when its tree id
-                               differs from the laptop's, naming the paths
+                            -> snapshot: a commit of exactly the laptop's files (a private
+                               index over the mirror, updated for the paths the ask says
+                               changed since its base); 409 when its tree id differs from
+                               the laptop's, or the index does not hold that base
                             -> fair queue (the user served longest ago first; FIFO
                                within a user; [jobs] workers runs at once)
-                            -> a warm job folder (git worktree) moved to the snapshot,
-                               cleaned and checked clean before the AI starts
+                            -> a warm job folder (git worktree) moved to the snapshot
+                               (checkout -f, clean -ffd) before the AI starts
                             -> [ai] command, prompt on stdin, own process group, timeout
                             -> events (NDJSON, numbered) stored as they happen
                             -> git add -A; git diff --cached --binary --full-index -M snap
