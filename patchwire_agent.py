@@ -441,10 +441,30 @@ JOB_FIELDS = ("id", "user", "project", "prompt", "status", "reason", "created", 
               "pgid", "last_seq")
 
 
+class EventTail:
+    """The latest events of a job that has not ended, as the lines a stream sends them:
+    followers read them here, not from sqlite (which stays the record; a follower further
+    behind, or of an ended job, reads it there). Seqs are consecutive: a follower's place
+    is an index."""
+
+    def __init__(self, status: Optional[str]):
+        self.status = status
+        self.lines: List[Tuple[int, str, bytes]] = []  # (seq, type, JSON line)
+
+    def after(self, seq: int) -> Optional[List[Tuple[int, str, bytes]]]:
+        """The lines after `seq`; None when the tail does not reach back that far."""
+        start = seq + 1 - self.lines[0][0]
+        return self.lines[start:] if start >= 0 else None
+
+
 class Store:
     """Jobs and their events in sqlite3, patches as files: all survive a restart.
-    One connection, one lock; a condition wakes event streams when something is added.
+    One connection, one lock; a condition wakes event streams when something is added, and
+    a generation count lets a stream tell whether anything was added since it last read (a
+    notify between its read and its wait would otherwise be missed until the next one).
     Prompts, diffs and events are private: folders 700, files 600, whatever the umask."""
+
+    TAIL_EVENTS = 256  # per job not yet ended, kept in memory for its followers (up to twice that)
 
     def __init__(self, state_dir: Path):
         self.patch_dir = state_dir / "patches"
@@ -461,6 +481,8 @@ class Store:
         migrate_usage_columns(self.db)
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
+        self.generation = 0  # counts changes, under the lock
+        self.tails: Dict[str, EventTail] = {}
 
     def create_job(self, job: dict) -> None:
         with self.lock:
@@ -473,6 +495,9 @@ class Store:
             sets = ", ".join(f"{k} = ?" for k in fields)
             self.db.execute(f"UPDATE jobs SET {sets} WHERE id = ?",
                             [_to_sql(v) for v in fields.values()] + [job_id])
+            if "status" in fields and job_id in self.tails:
+                self.tails[job_id].status = fields["status"]
+            self.generation += 1
             self.changed.notify_all()
 
     def job(self, job_id: str) -> Optional[dict]:
@@ -510,18 +535,58 @@ class Store:
             seq = self.db.execute("SELECT last_seq FROM jobs WHERE id = ?", (job_id,)).fetchone()[0] + 1
             event = {"seq": seq, "job": job_id, "time": round(time.time(), 3), **event}
             fields = {**job_fields, "last_seq": seq}
+            data = json.dumps(event)
             self.db.execute("BEGIN")
             try:
                 self.db.execute("INSERT INTO events (job, seq, data) VALUES (?, ?, ?)",
-                                (job_id, seq, json.dumps(event)))
+                                (job_id, seq, data))
                 self.db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
                                 [_to_sql(v) for v in fields.values()] + [job_id])
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
             self.db.execute("COMMIT")
+            self._keep_in_tail(job_id, seq, event["type"], data, fields.get("status"))
+            self.generation += 1
             self.changed.notify_all()
         return event
+
+    def _keep_in_tail(self, job_id: str, seq: int, kind: str, data: str, status: Optional[str]) -> None:
+        """Under the lock, after the commit. A job's last event drops its tail."""
+        if kind in LAST_EVENTS:
+            self.tails.pop(job_id, None)
+            return
+        tail = self.tails.get(job_id)
+        if tail is None:
+            row = self.db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            tail = self.tails[job_id] = EventTail(row[0] if row else None)
+        elif status is not None:
+            tail.status = status
+        tail.lines.append((seq, kind, (data + "\n").encode()))
+        if len(tail.lines) > 2 * self.TAIL_EVENTS:
+            del tail.lines[:-self.TAIL_EVENTS]
+
+    def follow(self, job_id: str, after: int) -> Tuple[List[Tuple[int, str, bytes]], Optional[str], int]:
+        """What a stream reads: the job's events after `after` as (seq, type, JSON line), its
+        status (read together, as in events_and_status), and the generation to hand to
+        wait_change. From the job's tail when it reaches back that far; else from sqlite."""
+        with self.lock:
+            tail = self.tails.get(job_id)
+            lines = tail.after(after) if tail is not None else None
+            if tail is not None and lines is not None:
+                return lines, tail.status, self.generation
+            rows = self.db.execute("SELECT seq, data FROM events WHERE job = ? AND seq > ? ORDER BY seq",
+                                   (job_id, after)).fetchall()
+            row = self.db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            generation = self.generation
+        return ([(seq, json.loads(data)["type"], (data + "\n").encode()) for seq, data in rows],
+                row[0] if row else None, generation)
+
+    def wait_change(self, seen: int, timeout: float) -> bool:
+        """Wait until the store's generation is past `seen` (at once if it already is), at
+        most `timeout` seconds; whether it is."""
+        with self.changed:
+            return self.changed.wait_for(lambda: self.generation != seen, timeout)
 
     def events(self, job_id: str, after: int) -> List[dict]:
         return self.events_and_status(job_id, after)[0]
@@ -2765,11 +2830,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         store = self.agent.store
         quiet_since = time.monotonic()
         while True:
-            events, status = store.events_and_status(job_id, after)
-            for event in events:
-                self.write_chunk(json.dumps(event).encode() + b"\n")
-                after = event["seq"]
-                if event["type"] in LAST_EVENTS:
+            events, status, seen = store.follow(job_id, after)
+            for seq, kind, line in events:
+                self.write_chunk(line)
+                after = seq
+                if kind in LAST_EVENTS:
                     follow = False
             if not follow or (not events and status in TERMINAL):
                 break
@@ -2778,8 +2843,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             elif time.monotonic() - quiet_since > HEARTBEAT_S:
                 self.write_chunk(b"\n")  # keeps proxies open and finds clients that left
                 quiet_since = time.monotonic()
-            else:
-                store.wait(1.0)
+            else:  # an event added since `follow` read ends the wait at once
+                store.wait_change(seen, 1.0)
         self.write_chunk(b"")
 
     def write_chunk(self, data: bytes) -> None:

@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -76,6 +77,12 @@ def make_project(root: Path, count: int) -> None:
     git(root, "init", "-q")
     git(root, "-c", "user.email=b@b", "-c", "user.name=b", "add", "-A")
     git(root, "-c", "user.email=b@b", "-c", "user.name=b", "commit", "-qm", "base")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kb(pid: int) -> int:
@@ -230,60 +237,90 @@ def agent_memory(tmp: Path, asks: int) -> Dict[str, int]:
         agent.stop()
 
 
-def streaming_figures(tmp: Path, clients: int = 50, lines: int = 40) -> Dict[str, object]:
-    """Agent RSS while `clients` follow one job's event stream, and how long an event takes
-    from the agent's store (its "time", ms resolution) to each client (median, p95, ms)."""
+def percentiles(values: Sequence[float]) -> str:
+    """median, p95 and max, in ms."""
+    v = sorted(values)
+    return (f"median {statistics.median(v) * 1000:.1f} ms, p95 {v[int(len(v) * 0.95)] * 1000:.1f} ms, "
+            f"max {v[-1] * 1000:.1f} ms")
+
+
+def follow_stream(agent: AgentProcess, job: str, attached: "threading.Semaphore",
+                  out: Dict[str, List[float]], lock: "threading.Lock") -> None:
+    """One streaming client on its own HTTP connection (http.client, as the laptop's is):
+    for each `stamp <send time>` line of the AI, when it arrived here (time.time()) against
+    when the AI wrote it, and against the time the agent stored the event (ms resolution)."""
     import http.client
-    import threading
+    host, port = agent.url.split("//")[1].rstrip("/").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        conn.request("GET", f"/v1/jobs/{job}/events", headers={
+            "Authorization": "Bearer " + agent.token, "Accept": "application/x-ndjson"})
+        resp = conn.getresponse()  # the agent sends its headers before it waits for events
+        with lock:
+            out["statuses"].append(resp.status)
+        attached.release()
+        for raw in resp:
+            now = time.time()
+            event = json.loads(raw) if raw.strip() else {}
+            text = str(event.get("text", ""))
+            if event.get("type") == "text" and text.startswith("stamp "):
+                with lock:
+                    out["ai"].append(now - float(text[6:]))
+                    out["store"].append(now - event["time"])
+    finally:
+        conn.close()
+
+
+def streaming_figures(tmp: Path, clients: Sequence[int] = (1, 50), lines: int = 200,
+                      every_s: float = 0.003) -> Dict[str, object]:
+    """AI line -> client latency, end to end: the stand-in AI writes `lines` stream-json text
+    lines `every_s` apart, each carrying its own send time; `n` concurrent streaming clients
+    (real HTTP) note when each line arrives. One job per entry of `clients`, against one
+    agent; the agent's RSS while the most clients are attached."""
     root = tmp / "streams"
     make_project(root, 20)
     # all clients come from 127.0.0.1: lift the per-client cap (16) for this measurement
     agent = AgentProcess(tmp / "agent-streams", STAND_IN_COMMAND,
-                         server={"max_connections_per_client": 64}).start()
+                         server={"max_connections_per_client": max(clients) + 8}).start()
+    result: Dict[str, object] = {}
     try:
         lap = Laptop(root)
         lap.init(agent)
-        steps = [{"sleep": 2.0}] + [s for i in range(lines) for s in ({"say": f"line {i}"}, {"sleep": 0.05})]
-        ask = subprocess.Popen(lap.program + ["ask", "--no-apply", "--no-color", script(*steps)], cwd=root,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=lap.env)
-        deadline, job = time.monotonic() + 30, None
-        while job is None and time.monotonic() < deadline:
-            running = [j for j in agent.json("GET", "/v1/jobs")[1]["jobs"] if j["status"] in ("queued", "running")]
-            job = running[0]["id"] if running else None
-            time.sleep(0.05)
-        host, port = agent.url.split("//")[1].rstrip("/").rsplit(":", 1)
-        delays: List[float] = []
-        statuses: List[int] = []
-        lock = threading.Lock()
-
-        def follow() -> None:
-            conn = http.client.HTTPConnection(host, int(port), timeout=60)
-            conn.request("GET", f"/v1/jobs/{job}/events", headers={
-                "Authorization": "Bearer " + agent.token, "Accept": "application/x-ndjson"})
-            resp = conn.getresponse()
-            with lock:
-                statuses.append(resp.status)
-            for raw in resp:
-                now = time.time()
-                event = json.loads(raw)
-                if event.get("type") == "text" or "line " in json.dumps(event):
-                    with lock:
-                        delays.append(now - event["time"])
-            conn.close()
-        threads = [threading.Thread(target=follow, daemon=True) for _ in range(clients)]
-        for t in threads:
-            t.start()
-        time.sleep(1.0)  # all attached, the AI still in its first sleep
-        rss_streams = rss_kb(agent.proc.pid)
-        for t in threads:
-            t.join(60)
-        ask.wait(60)
-        delays.sort()
-        return {"rss with streams kB": rss_streams, "delays": delays,
-                "streams": f"{statuses.count(200)} of {clients} streams answered 200 "
-                           f"(others: {sorted(set(statuses) - {200}) or 'none'})"}
+        for n in clients:
+            gate = tmp / f"streams-gate-{n}"
+            steps = [{"wait_file": str(gate), "max_s": 60}, {"stamps": lines, "every_s": every_s}]
+            ask = subprocess.Popen(lap.program + ["ask", "--no-apply", "--no-color", script(*steps)], cwd=root,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=lap.env)
+            deadline, job = time.monotonic() + 60, None
+            while job is None and time.monotonic() < deadline:
+                running = [j for j in agent.json("GET", "/v1/jobs")[1]["jobs"] if j["status"] == "running"]
+                job = running[0]["id"] if running else None
+                time.sleep(0.02)
+            if job is None:
+                raise SystemExit("the streaming job did not start within 60 s")
+            out: Dict[str, List[float]] = {"ai": [], "store": [], "statuses": []}
+            lock, attached = threading.Lock(), threading.Semaphore(0)
+            threads = [threading.Thread(target=follow_stream, args=(agent, job, attached, out, lock), daemon=True)
+                       for _ in range(n)]
+            for t in threads:
+                t.start()
+            for _ in range(n):
+                attached.acquire(timeout=30)
+            if n == max(clients):
+                result["rss with streams kB"] = rss_kb(agent.proc.pid)
+            cpu = cpu_seconds(agent.proc.pid)
+            gate.write_text("go\n")  # the AI starts writing its lines
+            for t in threads:
+                t.join(120)
+            cpu = cpu_seconds(agent.proc.pid) - cpu
+            ask.wait(60)
+            statuses = out["statuses"]
+            result[n] = {"ai": out["ai"], "store": out["store"], "expected": n * lines, "cpu": cpu,
+                         "streams": f"{statuses.count(200)} of {n} streams answered 200"
+                                    + (f" (others: {sorted(set(statuses) - {200})})" if set(statuses) - {200} else "")}
     finally:
         agent.stop()
+    return result
 
 
 def idle_rss_with_bytecode(tmp: Path) -> int:
@@ -378,13 +415,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         mem["with 50 streaming clients"] = streams["rss with streams kB"]
         lines += ["", "## Agent memory (VmRSS)", "", ", ".join(f"{k}: {v / 1024:.1f} MB" for k, v in mem.items())]
         print(lines[-1], flush=True)
-        d = streams["delays"]
-        if d:
-            lines += ["", "## Event latency, agent store -> 50 streaming clients", "",
-                      f"{len(d)} deliveries: median {statistics.median(d) * 1000:.1f} ms, "
-                      f"p95 {d[int(len(d) * 0.95)] * 1000:.1f} ms, max {d[-1] * 1000:.1f} ms "
-                      "(the event's stored time has ms resolution); " + streams["streams"] + "."]
-            print(lines[-1], flush=True)
+        lines += ["", "## AI line -> streaming clients", "",
+                  "The stand-in AI writes 200 stream-json text lines 3 ms apart, each carrying its send "
+                  "time (time.time()); each client (http.client, its own connection to "
+                  "/v1/jobs/ID/events) notes when the line arrives. \"store\" starts at the event's "
+                  "stored time instead (ms resolution).", ""]
+        for n in (k for k in streams if isinstance(k, int)):
+            fig = streams[n]
+            if fig["ai"]:
+                lines.append(f"- {n} client{'s' if n > 1 else ''}: {len(fig['ai'])} of {fig['expected']} lines; "
+                             f"AI -> client {percentiles(fig['ai'])}; store -> client {percentiles(fig['store'])}; "
+                             f"{fig['streams']}.")
+            else:
+                lines.append(f"- {n} client{'s' if n > 1 else ''}: no line arrived; {fig['streams']}.")
+        print("\n".join(lines[-len([k for k in streams if isinstance(k, int)]):]), flush=True)
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:  # the hand-written notes at the end of the file stay
