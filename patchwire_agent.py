@@ -2018,9 +2018,12 @@ class Agent:
                     del self.ended[job["id"]]
         return self.store.job(job["id"])
 
-    def finish(self, job_id: str, status: str, reason: str = "", **fields: Any) -> None:
+    def finish(self, job_id: str, status: str, reason: str = "", timings: Optional[Dict[str, float]] = None,
+               **fields: Any) -> None:
         event = {"done": "finished", "failed": "failed", "cancelled": "cancelled"}[status]
         extra = {"stats": fields.get("stats")} if status == "done" else {"reason": reason}
+        if timings:
+            extra["timings"] = timings
         self.store.add_event(job_id, {"type": event, "status": status, **extra}, status=status,
                              reason=reason or None, finished=time.time(), **fields,
                              **usage_columns(fields.get("result"), fields.get("stats")))
@@ -2030,7 +2033,7 @@ class Agent:
             ended.set()
         job = self.store.job(job_id) or {}
         self.audit.job(job_id, "job_end", user=job.get("user"), project=job.get("project"), status=status,
-                       reason=reason or None)
+                       reason=reason or None, **({"timings": timings} if timings else {}))
 
     # --- workers
 
@@ -2120,6 +2123,7 @@ class Agent:
                 del self.announced[job_id]
 
     def run_job(self, item: QueueItem) -> None:
+        times = StepTimes()
         job = self.store.job(item.job_id)
         slot = item.slot
         repo = self.repo(job["user"], job["project"])
@@ -2135,9 +2139,12 @@ class Agent:
                     on_spawn=lambda pid: self.store.update_job(job["id"], pgid=pid))
         with self.lock:
             self.runs[job["id"]] = run  # from here on a cancel reaches the job
+        times.step("setup_ms")
         try:
             repo.prepare_slot(slot, job["snapshot"], carry)
+            times.step("prepare_ms")
             links = repo.remove_escaping_links(slot)
+            times.step("links_ms")
         except PatchwireError as e:
             self.finish(job["id"], "failed", f"could not prepare the job folder: {e.message}")
             return
@@ -2149,6 +2156,7 @@ class Agent:
         self.audit.job(job["id"], "job_start", user=job["user"], project=job["project"], slot=slot)
         started = time.monotonic()
         status, reason, result = run.run()
+        times.step("ai_ms")
         summary = summarize_result(result, time.monotonic() - started, run.exit_code)
         if status != "done":
             self._fail_run(job["id"], repo, slot, status, reason, result=summary)
@@ -2156,13 +2164,16 @@ class Agent:
         try:
             repo.restore_links(slot, links)
             patch, stats, commit = repo.collect(slot, job["snapshot"], job["id"])
+            times.step("collect_ms")
         except (PatchwireError, OSError) as e:
             self._fail_run(job["id"], repo, slot, "failed", "could not collect the AI's changes: "
                            + (e.message if isinstance(e, PatchwireError) else describe_exception(e)),
                            result=summary)
             return
         self.store.write_patch(job["id"], patch)
-        self.finish(job["id"], "done", result={**summary, "result_commit": commit}, stats=stats)
+        times.step("patch_ms")
+        self.finish(job["id"], "done", result={**summary, "result_commit": commit}, stats=stats,
+                    timings=times.ms)
 
     def _fail_run(self, job_id: str, repo: ProjectRepo, slot: int, status: str, reason: str,
                   **fields: Any) -> None:
@@ -2180,6 +2191,20 @@ class Agent:
         if not session:
             return list(self.cfg.ai_command)
         return self.cfg.ai_command + [a.replace("{session_id}", session) for a in self.cfg.resume_args]
+
+
+class StepTimes:
+    """Milliseconds per step of a job's run, one after the other, for its `finished` event and
+    the audit log's job_end line (bench/ask.py prints them): cheap enough to be always on."""
+
+    def __init__(self):
+        self.ms: Dict[str, float] = {}
+        self.last = time.monotonic()
+
+    def step(self, name: str) -> None:
+        now = time.monotonic()
+        self.ms[name] = round((now - self.last) * 1000, 1)
+        self.last = now
 
 
 def summarize_result(result: dict, elapsed: float, exit_code: Optional[int]) -> dict:
@@ -2577,6 +2602,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.connection = self.request
         self.connection.settimeout(CONNECTION_TIMEOUT)
+        # each event of a stream is one small write: Nagle would hold the next one back until
+        # the client acknowledged the last (up to its delayed-ACK time, ~40 ms) on a real network
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = DeadlineSocketIO(self.connection)
         self.rfile = io.BufferedReader(self.reader)
         self.wfile = CountingWriter(self.connection)
@@ -2701,6 +2729,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.command, self.path = None, ""  # http.server keeps the last request's otherwise
         self.user, self.job_id, self.status = "", None, None
         self.bytes_in, self.auth_delay_s = 0, 0.0
+        self.ask_ms: Dict[str, float] = {}  # POST /v1/ask: request start -> body read, -> job queued
         self.route_label = "unmatched"  # the route template, for metrics (never the raw path)
         self.request_started = time.monotonic()
         self.reader.expired = False
@@ -2720,6 +2749,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                   "duration_ms": round((time.monotonic() - self.request_started) * 1000, 1)}
         if self.auth_delay_s:
             record["auth_delay_s"] = self.auth_delay_s
+        record.update(self.ask_ms)
         self.agent.audit.write(record)
         if self.status:
             method = self.command if self.command in ("GET", "POST", "DELETE") else "other"  # bounded labels
@@ -2863,7 +2893,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_json(HTTPStatus.OK, self.agent.me(user, self.query.get("project")))
 
     def route_ask(self, user: str) -> None:
-        job = self.agent.ask(user, self.read_json())
+        body = self.read_json()
+        self.ask_ms = {"body_ms": round((time.monotonic() - self.request_started) * 1000, 1)}
+        job = self.agent.ask(user, body)
+        self.ask_ms["queued_ms"] = round((time.monotonic() - self.request_started) * 1000, 1)
         self.job_id = job["id"]
         if self.wants_stream():
             self.stream_events(job["id"], 0)
@@ -3086,7 +3119,10 @@ OPENAPI_SCHEMAS = {
         _event("output", ["text"], text=_S),
         _event("result", [], subtype=_S, is_error=_B, duration_ms=_N, num_turns=_I, session_id=_S,
                total_cost_usd=_N, usage={"type": "object"}),
-        _event("finished", ["status", "stats"], status={"const": "done"}, stats=_ref("Stats")),
+        _event("finished", ["status", "stats"], status={"const": "done"}, stats=_ref("Stats"),
+               timings={"type": "object", "additionalProperties": _N,
+                        "description": "milliseconds per step of the run: setup_ms, prepare_ms, links_ms, "
+                                       "ai_ms, collect_ms, patch_ms"}),
         _event("failed", ["status", "reason"], status={"const": "failed"}, reason=_S),
         _event("cancelled", ["status", "reason"], status={"const": "cancelled"}, reason=_S),
     ]},

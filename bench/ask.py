@@ -22,7 +22,11 @@ The baseline, what a user would write (the "box" is a folder, over ssh for the S
 from __future__ import annotations
 
 import argparse
+import contextlib
+import inspect
+import io
 import json
+import multiprocessing
 import os
 import platform
 import shlex
@@ -244,31 +248,33 @@ def percentiles(values: Sequence[float]) -> str:
             f"max {v[-1] * 1000:.1f} ms")
 
 
-def follow_stream(agent: AgentProcess, job: str, attached: "threading.Semaphore",
-                  out: Dict[str, List[float]], lock: "threading.Lock") -> None:
+def follow_stream(agent: AgentProcess, job: str, attached, results) -> None:
     """One streaming client on its own HTTP connection (http.client, as the laptop's is):
     for each `stamp <send time>` line of the AI, when it arrived here (time.time()) against
-    when the AI wrote it, and against the time the agent stored the event (ms resolution)."""
+    when the AI wrote it, and against the time the agent stored the event (ms resolution).
+    Puts {"ai": [s], "store": [s], "statuses": [HTTP status]} on `results`."""
     import http.client
     host, port = agent.url.split("//")[1].rstrip("/").rsplit(":", 1)
+    out: Dict[str, List[float]] = {"ai": [], "store": [], "statuses": []}
+    arrived: List[Tuple[float, bytes]] = []
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     try:
         conn.request("GET", f"/v1/jobs/{job}/events", headers={
             "Authorization": "Bearer " + agent.token, "Accept": "application/x-ndjson"})
         resp = conn.getresponse()  # the agent sends its headers before it waits for events
-        with lock:
-            out["statuses"].append(resp.status)
+        out["statuses"].append(resp.status)
         attached.release()
         for raw in resp:
-            now = time.time()
+            arrived.append((time.time(), raw))  # parsed after the stream: only the arrival is timed
+    finally:
+        conn.close()
+        for now, raw in arrived:
             event = json.loads(raw) if raw.strip() else {}
             text = str(event.get("text", ""))
             if event.get("type") == "text" and text.startswith("stamp "):
-                with lock:
-                    out["ai"].append(now - float(text[6:]))
-                    out["store"].append(now - event["time"])
-    finally:
-        conn.close()
+                out["ai"].append(now - float(text[6:]))
+                out["store"].append(now - event["time"])
+        results.put(out)
 
 
 def streaming_figures(tmp: Path, clients: Sequence[int] = (1, 50), lines: int = 200,
@@ -298,21 +304,27 @@ def streaming_figures(tmp: Path, clients: Sequence[int] = (1, 50), lines: int = 
                 time.sleep(0.02)
             if job is None:
                 raise SystemExit("the streaming job did not start within 60 s")
-            out: Dict[str, List[float]] = {"ai": [], "store": [], "statuses": []}
-            lock, attached = threading.Lock(), threading.Semaphore(0)
-            threads = [threading.Thread(target=follow_stream, args=(agent, job, attached, out, lock), daemon=True)
-                       for _ in range(n)]
-            for t in threads:
-                t.start()
+            # each client its own process (forked), as each laptop is: the bench's own GIL
+            # is not part of the figure
+            ctx = multiprocessing.get_context("fork")
+            attached, results = ctx.Semaphore(0), ctx.Queue()
+            procs = [ctx.Process(target=follow_stream, args=(agent, job, attached, results), daemon=True)
+                     for _ in range(n)]
+            for proc in procs:
+                proc.start()
             for _ in range(n):
                 attached.acquire(timeout=30)
             if n == max(clients):
                 result["rss with streams kB"] = rss_kb(agent.proc.pid)
             cpu = cpu_seconds(agent.proc.pid)
             gate.write_text("go\n")  # the AI starts writing its lines
-            for t in threads:
-                t.join(120)
+            out: Dict[str, List[float]] = {"ai": [], "store": [], "statuses": []}
+            for _ in range(n):
+                for key, values in results.get(timeout=120).items():
+                    out[key] += values
             cpu = cpu_seconds(agent.proc.pid) - cpu
+            for proc in procs:
+                proc.join(10)
             ask.wait(60)
             statuses = out["statuses"]
             result[n] = {"ai": out["ai"], "store": out["store"], "expected": n * lines, "cpu": cpu,
@@ -321,6 +333,100 @@ def streaming_figures(tmp: Path, clients: Sequence[int] = (1, 50), lines: int = 
     finally:
         agent.stop()
     return result
+
+
+def capture_ask_body(root: Path, prompt: str) -> dict:
+    """The body the laptop CLI POSTs to /v1/ask, caught on its way out of a real
+    `patchwire ask` run in this process (whatever the sync/ask protocol puts in it)."""
+    clients = [c for c in vars(pw).values() if isinstance(c, type) and callable(getattr(c, "ask", None))
+               and "body" in inspect.signature(c.ask).parameters]
+    if not clients:
+        raise SystemExit("bench: no client class with an ask(body) method in patchwire.py")
+    caught: List[dict] = []
+    originals = {c: c.ask for c in clients}
+
+    def catching(original):
+        def ask(self, body, *args, **kwargs):
+            caught.append(json.loads(json.dumps(body)))
+            return original(self, body, *args, **kwargs)
+        return ask
+    here = os.getcwd()
+    try:
+        for c in clients:
+            c.ask = catching(originals[c])
+        os.chdir(root)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+            code = pw.main(["ask", "--no-apply", "--no-color", prompt])
+    finally:
+        os.chdir(here)
+        for c, original in originals.items():
+            c.ask = original
+    if code != 0 or not caught:
+        raise SystemExit(f"bench: the ask to catch its body failed ({code}): {err.getvalue()[-500:]}")
+    return caught[-1]
+
+
+def job_end(agent: AgentProcess, job: str, token: str, timeout: float = 600) -> dict:
+    """The job once it has ended (polled: the wall time is taken from its `finished`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = agent.json("GET", f"/v1/jobs/{job}", token=token)[1]
+        if info.get("status") in ("done", "failed", "cancelled"):
+            return info
+        time.sleep(0.05)
+    raise SystemExit(f"bench: job {job} did not end within {timeout} s")
+
+
+def queue_figures(tmp: Path, asks: int = 40, users: int = 4, workers: Sequence[int] = (1, 2),
+                  ai_sleeps: Sequence[float] = (0.0, 0.1)) -> List[dict]:
+    """Queue throughput: `asks` asks from `users` users (one thread each, POSTing as fast as
+    the agent answers) against an agent with [jobs] workers = w, for each w and each AI
+    duration. The bodies are those the laptop CLI sent for its last ask (caught once per
+    user, then replayed with a new prompt): the laptop's own sync is not part of the figure.
+    Wall time is from the first POST to the last job's `finished` (the agent's clock)."""
+    names = [f"user{i}" for i in range(users)]
+    out = []
+    for w in workers:
+        agent = AgentProcess(tmp / f"agent-queue{w}", STAND_IN_COMMAND, users=names, jobs={"workers": w}).start()
+        try:
+            bodies = {}
+            for name in names:
+                root = tmp / f"queue{w}-{name}"
+                make_project(root, 20)
+                Laptop(root).init(agent, user=name)
+                bodies[name] = capture_ask_body(root, script({"write": "warm.txt", "text": "warm\n"}))
+            for sleep in ai_sleeps:
+                jobs: Dict[str, List[str]] = {name: [] for name in names}
+                refused: List[str] = []
+
+                def submit(name: str) -> None:
+                    for i in range(asks // users):
+                        steps = ([{"sleep": sleep}] if sleep else []) + [{"write": f"q{i}.txt", "text": f"{i}\n"}]
+                        body = {**bodies[name], "prompt": script(*steps)}
+                        status, answer = agent.json("POST", "/v1/ask", body, token=agent.tokens[name])
+                        if status == 202:
+                            jobs[name].append(answer["id"])
+                        else:
+                            refused.append(f"{status} {answer.get('code')}: {answer.get('error')}")
+                began = time.time()
+                threads = [threading.Thread(target=submit, args=(name,)) for name in names]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(600)
+                posted = time.time() - began
+                ends = [job_end(agent, job, agent.tokens[name]) for name in names for job in jobs[name]]
+                finished = [j for j in ends if j["status"] == "done"]
+                wall = max((j["finished"] for j in ends), default=began) - began
+                out.append({"workers": w, "ai_s": sleep, "asks": asks, "done": len(finished),
+                            "refused": refused[:3], "wall": wall, "posted": posted,
+                            "rate": len(finished) / wall if wall > 0 else 0.0})
+                print(f"  workers {w}, AI {sleep * 1000:.0f} ms: {len(finished)} of {asks} done in {wall:.2f} s "
+                      f"({out[-1]['rate']:.1f} jobs/s; POSTs took {posted:.2f} s)"
+                      + (f"; refused: {refused[:3]}" if refused else ""), flush=True)
+        finally:
+            agent.stop()
+    return out
 
 
 def idle_rss_with_bytecode(tmp: Path) -> int:
