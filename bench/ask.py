@@ -201,10 +201,17 @@ def preview_figures(lines: int = 10000, repeat: int = 5) -> Tuple[List[float], L
     return colour, plain
 
 
-def startup_figures(tmp: Path, repeat: int = 7) -> Dict[str, List[float]]:
+def startup_figures(tmp: Path, repeat: int = 7, zipapp: Optional[Path] = None) -> Dict[str, List[float]]:
     """From source as run here (PYTHONDONTWRITEBYTECODE=1: compiled at every start), and
-    imported from cached bytecode, as an installed module would be."""
+    imported from cached bytecode, as an installed module would be; with `zipapp`, the
+    built zipapps beside it too (their first run, which unpacks them, is not timed)."""
     out = {}
+    for app in ([zipapp.parent / "patchwire", zipapp] if zipapp else []):
+        if app.exists():
+            argv = [sys.executable, str(app), "--version"]
+            subprocess.run(argv, stdout=subprocess.DEVNULL, check=True)
+            out[f"zipapp `{app.name} --version`"] = [
+                timed(lambda: subprocess.run(argv, stdout=subprocess.DEVNULL, check=True)) for _ in range(repeat)]
     cached = {**os.environ, "PYTHONDONTWRITEBYTECODE": "", "PYTHONPYCACHEPREFIX": str(tmp / "pyc")}
     for args in (["--version"], ["--help"]):
         out[" ".join(args)] = [timed(lambda: subprocess.run([sys.executable, str(ROOT / "patchwire.py"), *args],
@@ -220,12 +227,12 @@ def startup_figures(tmp: Path, repeat: int = 7) -> Dict[str, List[float]]:
     return out
 
 
-def agent_memory(tmp: Path, asks: int) -> Dict[str, int]:
+def agent_memory(tmp: Path, asks: int, program: Optional[List[str]] = None) -> Dict[str, int]:
     """Agent VmRSS (kB) idle, and after `asks` POST /v1/ask of a 20-file project (no laptop CLI:
     the agent's own growth per ask is what is measured)."""
     root = tmp / "mem"
     make_project(root, 20)
-    agent = AgentProcess(tmp / "agent-mem", STAND_IN_COMMAND, jobs={"workers": 2}).start()
+    agent = AgentProcess(tmp / "agent-mem", STAND_IN_COMMAND, jobs={"workers": 2}, program=program).start()
     try:
         lap = Laptop(root)
         lap.init(agent)
@@ -277,8 +284,8 @@ def follow_stream(agent: AgentProcess, job: str, attached, results) -> None:
         results.put(out)
 
 
-def streaming_figures(tmp: Path, clients: Sequence[int] = (1, 50), lines: int = 200,
-                      every_s: float = 0.003) -> Dict[str, object]:
+def streaming_figures(tmp: Path, clients: Sequence[int] = (1, 50), lines: int = 200, every_s: float = 0.003,
+                      program: Optional[List[str]] = None) -> Dict[object, object]:
     """AI line -> client latency, end to end: the stand-in AI writes `lines` stream-json text
     lines `every_s` apart, each carrying its own send time; `n` concurrent streaming clients
     (real HTTP) note when each line arrives. One job per entry of `clients`, against one
@@ -287,8 +294,8 @@ def streaming_figures(tmp: Path, clients: Sequence[int] = (1, 50), lines: int = 
     make_project(root, 20)
     # all clients come from 127.0.0.1: lift the per-client cap (16) for this measurement
     agent = AgentProcess(tmp / "agent-streams", STAND_IN_COMMAND,
-                         server={"max_connections_per_client": max(clients) + 8}).start()
-    result: Dict[str, object] = {}
+                         server={"max_connections_per_client": max(clients) + 8}, program=program).start()
+    result: Dict[object, object] = {}
     try:
         lap = Laptop(root)
         lap.init(agent)
@@ -429,6 +436,90 @@ def queue_figures(tmp: Path, asks: int = 40, users: int = 4, workers: Sequence[i
     return out
 
 
+# laptop steps of one ask: (label, function names in patchwire.py, any of which times it).
+# Looked up by name in a cProfile of the real CLI; a name the code no longer has shows as n/a.
+LAPTOP_STEPS = [("sync (all)", ["sync"]), ("  scan", ["scan"]), ("  record", ["record"]),
+                ("  rsync and the rest", ["rsync_argv"]), ("POST /v1/ask -> queued", ["post_ask"]),
+                ("stream until done", ["stream_job"]), ("GET diff", ["diff"]), ("vet", ["vet"]),
+                ("preview", ["preview"]), ("git apply", ["apply"]), ("ask (all)", ["cmd_ask"])]
+AGENT_STEPS = ["setup_ms", "prepare_ms", "links_ms", "ai_ms", "collect_ms", "patch_ms"]
+
+
+def laptop_profile(lap: Laptop, prompt: str, out: Path) -> Tuple[float, Dict[str, Optional[float]], List[str]]:
+    """(wall seconds, {step label: seconds or None}, the 12 slowest patchwire.py functions)
+    of one `patchwire ask --yes` run under cProfile."""
+    import pstats
+    argv = [sys.executable, "-m", "cProfile", "-o", str(out), str(ROOT / "patchwire.py"),
+            "ask", "--yes", "--no-color", prompt]
+    began = time.perf_counter()
+    subprocess.run(argv, cwd=lap.root, env=lap.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   check=True, timeout=600)
+    wall = time.perf_counter() - began
+    stats = pstats.Stats(str(out)).stats  # type: ignore[attr-defined]  # {(file, line, name): (cc, nc, tt, ct, callers)}
+    ours = {key: value for key, value in stats.items() if key[0].endswith("patchwire.py")}
+    by_name: Dict[str, float] = {}
+    for (_, _, name), (_, _, _, cumulative, _) in ours.items():
+        by_name[name] = max(by_name.get(name, 0.0), cumulative)
+    steps: Dict[str, Optional[float]] = {}
+    for label, names in LAPTOP_STEPS:
+        found = [by_name[n] for n in names if n in by_name]
+        steps[label] = max(found) if found else None
+    if steps.get("  rsync and the rest") is not None:  # rsync itself runs in the child: sync minus what is ours
+        own = sum(steps[k] or 0.0 for k in ("  scan", "  record"))
+        steps["  rsync and the rest"] = max(0.0, (steps["sync (all)"] or 0.0) - own)
+    top = sorted(ours.items(), key=lambda kv: -kv[1][3])[:12]
+    return wall, steps, [f"{name} {value[3] * 1000:.0f} ms" for (_, _, name), value in top]
+
+
+def breakdown_figures(tmp: Path, count: int) -> Dict[str, object]:
+    """Where the time of one warm ask of a `count`-file project goes (one file changed): the
+    laptop CLI under cProfile (steps looked up by function name), the agent's own step times
+    (its `finished` event) and its POST /v1/ask request line (audit log: body read, job
+    queued, whole request, ms)."""
+    root = tmp / f"breakdown{count}"
+    make_project(root, count)
+    agent = AgentProcess(tmp / f"agent-breakdown{count}", STAND_IN_COMMAND).start()
+    try:
+        lap = Laptop(root)
+        lap.init(agent)
+        lap.run("ask", "--yes", "--no-color", script({"write": "ai_warm.txt", "text": "warm\n"}), check=0,
+                timeout=600)  # the cold sync
+        (root / "lib" / "user_edit.dart").write_text("// the user's edit\n")
+        wall, steps, top = laptop_profile(lap, script({"write": "ai_breakdown.txt", "text": "1\n"}),
+                                          tmp / "ask.prof")
+        job = lap.last_job()
+        finished = [e for e in agent.events(job) if e["type"] in ("finished", "failed")]
+        timings = (finished[-1].get("timings") or {}) if finished else {}
+        audit = [json.loads(line) for line in (agent.state_dir / "audit.log").read_text().splitlines()
+                 if line.strip()]
+        posts = [r for r in audit if r.get("event") == "request" and r.get("method") == "POST"
+                 and str(r.get("path", "")).startswith("/v1/ask") and r.get("job") == job]
+        request = {k: posts[-1][k] for k in ("body_ms", "queued_ms", "duration_ms", "bytes_in")
+                   if posts and k in posts[-1]}
+        return {"count": count, "wall": wall, "laptop": steps, "top": top, "agent": timings,
+                "request": request}
+    finally:
+        agent.stop()
+
+
+def breakdown_lines(b: Dict[str, object]) -> List[str]:
+    laptop: Dict[str, Optional[float]] = b["laptop"]  # type: ignore[assignment]
+    agent: Dict[str, float] = b["agent"]  # type: ignore[assignment]
+    request: Dict[str, float] = b["request"]  # type: ignore[assignment]
+    lines = [f"One warm `patchwire ask --yes` of a {b['count']:,}-file project, one file changed, "
+             f"{b['wall']:.2f} s under cProfile (which slows Python code down).", "",
+             "Laptop (cumulative ms of the function timing each step; n/a: not found by name):", ""]
+    lines += [f"- {label.strip()}{' (part of sync)' if label.startswith('  ') else ''}: "
+              + (f"{v * 1000:.0f}" if v is not None else "n/a") for label, v in laptop.items()]
+    lines += ["", "Agent: POST /v1/ask " + (", ".join(f"{k.replace('_ms', '')} {v:,.0f} ms" if k != "bytes_in"
+                                                     else f"{v:,} bytes in" for k, v in request.items())
+                                             or "n/a (no audit line)")
+              + " (duration: the whole streamed request, the job included); the job's steps: "
+              + (", ".join(f"{k.replace('_ms', '')} {agent[k]:,.0f}" for k in AGENT_STEPS if k in agent) or "n/a")
+              + " ms.", "", "The slowest patchwire.py functions (cumulative): " + "; ".join(b["top"]) + "."]  # type: ignore[operator]
+    return lines
+
+
 def idle_rss_with_bytecode(tmp: Path) -> int:
     """Agent VmRSS (kB) idle when its modules load from cached bytecode (an installed module,
     or a zipapp built with compiled .pyc): compiling the 3,800-line sources at every start,
@@ -450,15 +541,19 @@ def idle_rss_with_bytecode(tmp: Path) -> int:
 # ================================================================== report
 
 
-def machine() -> str:
+def machine(zipapp: Optional[Path] = None) -> str:
     git_version = subprocess.run(["git", "--version"], capture_output=True, text=True).stdout.strip()
     rsync_version = subprocess.run(["rsync", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit}, {os.cpu_count()} cores, "
-            f"{platform.platform()}, Python {platform.python_version()}, {git_version}, {rsync_version}")
+            f"{platform.platform()}, Python {platform.python_version()}, {git_version}, {rsync_version}"
+            + (f"; agent from the zipapp {zipapp.name} ({zipapp.stat().st_size:,} bytes)" if zipapp else ""))
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+PARTS = ("asks", "breakdown", "queue", "preview", "startup", "memory", "streams")
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[200, 2000, 20000])
     ap.add_argument("--big", action="store_true", help="also 100,000 files (slow to generate)")
@@ -466,81 +561,152 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--ssh-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[200, 20000],
                     help="sizes also measured over SSH")
     ap.add_argument("--asks", type=int, default=100, help="asks for the agent memory figure")
+    ap.add_argument("--breakdown-size", type=int, default=20000,
+                    help="files in the project of the per-step breakdown (default 20,000)")
+    ap.add_argument("--queue-asks", type=int, default=40, help="asks for the queue throughput figure (4 users)")
+    ap.add_argument("--zipapp", type=Path, default=None,
+                    help="the agent zipapp (e.g. dist/patchwire-agent) for the memory and start-up figures; "
+                         "by default the agent runs from source")
+    ap.add_argument("--only", type=lambda s: [x for x in s.split(",") if x], default=list(PARTS),
+                    help="comma-separated parts to run: " + ",".join(PARTS))
     ap.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     ap.add_argument("--quick", action="store_true",
-                    help="a smoke run (tests/test_bench.py): 200 files, local, 1 round, no memory figures")
+                    help="a smoke run (tests/test_bench.py): 200 files, local, 1 round, a 200-file breakdown, "
+                         "no queue, memory or stream figures")
     args = ap.parse_args(argv)
+    unknown = set(args.only) - set(PARTS)
+    if unknown:
+        ap.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}; the parts are {', '.join(PARTS)}")
     if args.quick:
         args.sizes, args.ssh_sizes, args.repeat, args.no_write = [200], [], 1, True
+        args.breakdown_size = 200
+        args.only = [p for p in args.only if p in ("asks", "breakdown", "preview", "startup")]
+    if args.zipapp is not None:
+        args.zipapp = args.zipapp.resolve()
+    return args
+
+
+def asks_lines(args, tmp: Path, stack: ExitStack) -> List[str]:
     sizes = args.sizes + ([100000] if args.big else [])
-    lines = ["# Benchmark results (`python3 bench/ask.py`)", "", machine(), ""]
+    server = None
+    if any(s in args.ssh_sizes for s in sizes):
+        from sshd import running_sshd
+        server = stack.enter_context(running_sshd(tmp / "sshd"))
+    print("warm asks (s):", flush=True)
+    results = {n: run_size(tmp, n, args.repeat, server if n in args.ssh_sizes else None, stack) for n in sizes}
+    lines = ["## Warm ask against the hand-written script", "",
+             f"Seconds, median (min-max) of {args.repeat} interleaved rounds; one file changed per round.", "",
+             "| files | mode | Patchwire | baseline | ratio |", "|---|---|---|---|---|"]
+    for n, res in results.items():
+        for mode in ("local", "ssh"):
+            if f"pw {mode}" in res:
+                a, b = res[f"pw {mode}"], res[f"base {mode}"]
+                lines.append(f"| {n:,} | {mode} | {spread(a)} | {spread(b)} | "
+                             f"{statistics.median(a) / statistics.median(b):.1f}x |")
+    lines += ["", "No-change `patchwire sync` against a bare `rsync -a --files-from` of the same list, local (s):", "",
+              "| files | patchwire sync | bare rsync | ratio |", "|---|---|---|---|"]
+    for n, res in results.items():
+        a, b = res["pw sync"], res["bare rsync"]
+        lines.append(f"| {n:,} | {spread(a)} | {spread(b)} | {statistics.median(a) / statistics.median(b):.1f}x |")
+    if len(results) > 1:
+        lo, hi = min(results), max(results)
+        g = statistics.median(results[hi]["pw local"]) / statistics.median(results[lo]["pw local"])
+        gb = statistics.median(results[hi]["base local"]) / statistics.median(results[lo]["base local"])
+        lines += ["", f"Growth {lo:,} -> {hi:,} files, local: Patchwire {g:.1f}x, baseline {gb:.1f}x."]
+    return lines + [""]
+
+
+def queue_lines(args, tmp: Path) -> List[str]:
+    print("queue throughput:", flush=True)
+    rows = queue_figures(tmp, asks=args.queue_asks)
+    lines = ["## Queue throughput", "",
+             f"{args.queue_asks} asks from 4 users (a thread each, POSTing as fast as the agent answers the "
+             "body the laptop CLI sent for its last ask, a new prompt each) against an agent with "
+             "`[jobs] workers` = 1, then 2; the stand-in AI edits one file, at once or after a 100 ms "
+             "sleep. Wall time from the first POST to the last job's end.", "",
+             "| workers | AI | done | wall (s) | jobs/s | POSTs (s) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['workers']} | {r['ai_s'] * 1000:.0f} ms | {r['done']} of {r['asks']} | {r['wall']:.2f} | "
+                     f"{r['rate']:.1f} | {r['posted']:.2f} |")
+        if r["refused"]:
+            lines.append(f"| | refused: {'; '.join(r['refused'])} | | | | |")
+    for sleep in sorted({r["ai_s"] for r in rows}):
+        rate = {r["workers"]: r["rate"] for r in rows if r["ai_s"] == sleep}
+        if rate.get(1) and 2 in rate:
+            lines.append(f"\n2 workers against 1, AI {sleep * 1000:.0f} ms: {rate[2] / rate[1]:.1f}x the jobs per second.")
+    return lines + [""]
+
+
+def streams_lines(tmp: Path, streams: Dict[object, object]) -> List[str]:
+    lines = ["## AI line -> streaming clients", "",
+             "The stand-in AI writes 200 stream-json text lines 3 ms apart, each carrying its send time "
+             "(time.time()); each client (http.client on its own connection to /v1/jobs/ID/events, in its "
+             "own process) notes when the line arrives. \"store\" starts at the event's stored time "
+             "instead (ms resolution). Agent CPU: user + system during the job.", ""]
+    for n in (k for k in streams if isinstance(k, int)):
+        fig: dict = streams[n]  # type: ignore[assignment]
+        who = f"{n} client{'s' if n > 1 else ''}"
+        if fig["ai"]:
+            lines.append(f"- {who}: {len(fig['ai'])} of {fig['expected']} lines; AI -> client "
+                         f"{percentiles(fig['ai'])}; store -> client {percentiles(fig['store'])}; agent CPU "
+                         f"{fig['cpu']:.2f} s; {fig['streams']}.")
+        else:
+            lines.append(f"- {who}: no line arrived; {fig['streams']}.")
+    return lines + [""]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    lines = ["# Benchmark results (`python3 bench/ask.py`)", "", machine(args.zipapp), ""]
     with tempfile.TemporaryDirectory(prefix="patchwire-bench-ask-") as tmpdir, ExitStack() as stack:
         tmp = Path(tmpdir)
         os.environ["HOME"] = str(tmp / "home")
         (tmp / "home").mkdir()
-        server = None
-        if any(s in args.ssh_sizes for s in sizes):
-            from sshd import running_sshd
-            server = stack.enter_context(running_sshd(tmp / "sshd"))
-        print("warm asks (s):", flush=True)
-        results = {n: run_size(tmp, n, args.repeat, server if n in args.ssh_sizes else None, stack) for n in sizes}
-        lines += ["## Warm ask against the hand-written script", "",
-                  f"Seconds, median (min-max) of {args.repeat} interleaved rounds; one file changed per round.", "",
-                  "| files | mode | Patchwire | baseline | ratio |", "|---|---|---|---|---|"]
-        for n, res in results.items():
-            for mode in ("local", "ssh"):
-                if f"pw {mode}" in res:
-                    a, b = res[f"pw {mode}"], res[f"base {mode}"]
-                    lines.append(f"| {n:,} | {mode} | {spread(a)} | {spread(b)} | "
-                                 f"{statistics.median(a) / statistics.median(b):.1f}x |")
-        lines += ["", "No-change `patchwire sync` against a bare `rsync -a --files-from` of the same list, local (s):", "",
-                  "| files | patchwire sync | bare rsync | ratio |", "|---|---|---|---|"]
-        for n, res in results.items():
-            a, b = res["pw sync"], res["bare rsync"]
-            lines.append(f"| {n:,} | {spread(a)} | {spread(b)} | {statistics.median(a) / statistics.median(b):.1f}x |")
-        if len(results) > 1:
-            lo, hi = min(results), max(results)
-            g = statistics.median(results[hi]["pw local"]) / statistics.median(results[lo]["pw local"])
-            gb = statistics.median(results[hi]["base local"]) / statistics.median(results[lo]["base local"])
-            lines += ["", f"Growth {lo:,} -> {hi:,} files, local: Patchwire {g:.1f}x, baseline {gb:.1f}x."]
-        colour, plain = preview_figures()
-        lines += ["", "## Coloured preview of a 10,000-line diff", "",
-                  f"Coloured {spread(colour, 1000, '{:.0f}')} ms, uncoloured {spread(plain, 1000, '{:.0f}')} ms."]
-        print(lines[-1], flush=True)
-        start = startup_figures(tmp, 2 if args.quick else 7)
-        lines += ["", "## Start-up (ms, median (min-max))", ""]
-        lines += [f"- `patchwire {k}`: {spread(v, 1000, '{:.0f}')}" if not k.startswith("python")
-                  else f"- bare `{k}`: {spread(v, 1000, '{:.0f}')}" for k, v in start.items()]
-        print("\n".join(lines[-3:]), flush=True)
-        if args.quick:
-            print("\n".join(lines))
-            return 0
-        mem = agent_memory(tmp, args.asks)
-        streams = streaming_figures(tmp)
-        mem["idle, from cached bytecode"] = idle_rss_with_bytecode(tmp)
-        mem["with 50 streaming clients"] = streams["rss with streams kB"]
-        lines += ["", "## Agent memory (VmRSS)", "", ", ".join(f"{k}: {v / 1024:.1f} MB" for k, v in mem.items())]
-        print(lines[-1], flush=True)
-        lines += ["", "## AI line -> streaming clients", "",
-                  "The stand-in AI writes 200 stream-json text lines 3 ms apart, each carrying its send "
-                  "time (time.time()); each client (http.client, its own connection to "
-                  "/v1/jobs/ID/events) notes when the line arrives. \"store\" starts at the event's "
-                  "stored time instead (ms resolution).", ""]
-        for n in (k for k in streams if isinstance(k, int)):
-            fig = streams[n]
-            if fig["ai"]:
-                lines.append(f"- {n} client{'s' if n > 1 else ''}: {len(fig['ai'])} of {fig['expected']} lines; "
-                             f"AI -> client {percentiles(fig['ai'])}; store -> client {percentiles(fig['store'])}; "
-                             f"{fig['streams']}.")
-            else:
-                lines.append(f"- {n} client{'s' if n > 1 else ''}: no line arrived; {fig['streams']}.")
-        print("\n".join(lines[-len([k for k in streams if isinstance(k, int)]):]), flush=True)
-    text = "\n".join(lines) + "\n"
+        agent_program = [sys.executable, str(args.zipapp)] if args.zipapp else None
+        if "asks" in args.only:
+            lines += asks_lines(args, tmp, stack)
+        if "breakdown" in args.only:
+            print(f"breakdown of one {args.breakdown_size:,}-file ask:", flush=True)
+            part = ["## Per-step breakdown of one ask", ""] + breakdown_lines(breakdown_figures(tmp, args.breakdown_size))
+            print("\n".join(part), flush=True)
+            lines += part + [""]
+        if "queue" in args.only:
+            lines += queue_lines(args, tmp)
+        if "preview" in args.only:
+            colour, plain = preview_figures()
+            lines += ["## Coloured preview of a 10,000-line diff", "",
+                      f"Coloured {spread(colour, 1000, '{:.0f}')} ms, uncoloured {spread(plain, 1000, '{:.0f}')} ms.", ""]
+            print(lines[-2], flush=True)
+        if "startup" in args.only:
+            start = startup_figures(tmp, 2 if args.quick else 7, args.zipapp)
+            part = ["## Start-up (ms, median (min-max))", ""]
+            part += [f"- `patchwire {k}`: {spread(v, 1000, '{:.0f}')}" if not k.startswith(("python", "zipapp"))
+                     else f"- {k}: {spread(v, 1000, '{:.0f}')}" if k.startswith("zipapp")
+                     else f"- bare `{k}`: {spread(v, 1000, '{:.0f}')}" for k, v in start.items()]
+            print("\n".join(part), flush=True)
+            lines += part + [""]
+        streams: Dict[object, object] = {}
+        if "streams" in args.only:
+            streams = streaming_figures(tmp, program=agent_program)
+        if "memory" in args.only:
+            mem = agent_memory(tmp, args.asks, program=agent_program)
+            if not args.zipapp:
+                mem["idle, from cached bytecode"] = idle_rss_with_bytecode(tmp)
+            if "rss with streams kB" in streams:
+                mem["with 50 streaming clients"] = streams["rss with streams kB"]  # type: ignore[assignment]
+            where = f"the zipapp {args.zipapp.name}" if args.zipapp else "source (PYTHONDONTWRITEBYTECODE=1)"
+            lines += ["## Agent memory (VmRSS)", "", f"Agent run from {where}: "
+                      + ", ".join(f"{k}: {v / 1024:.1f} MB" for k, v in mem.items()), ""]
+            print(lines[-2], flush=True)
+        if streams:
+            lines += streams_lines(tmp, streams)
+            print("\n".join(lines[-4:]), flush=True)
+    text = "\n".join(lines).rstrip("\n") + "\n"
     print(text)
     if not args.no_write:  # the hand-written notes at the end of the file stay
         path = ROOT / "bench" / "RESULTS.md"
         old = path.read_text() if path.exists() else ""
-        path.write_text(text + (old[old.index(NOTES):] if NOTES in old else "\n" + NOTES + "\n"))
+        path.write_text(text + "\n" + (old[old.index(NOTES):] if NOTES in old else NOTES + "\n"))
     return 0
 
 
