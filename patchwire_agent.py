@@ -2021,7 +2021,7 @@ class Agent:
     def finish(self, job_id: str, status: str, reason: str = "", timings: Optional[Dict[str, float]] = None,
                **fields: Any) -> None:
         event = {"done": "finished", "failed": "failed", "cancelled": "cancelled"}[status]
-        extra = {"stats": fields.get("stats")} if status == "done" else {"reason": reason}
+        extra: Dict[str, Any] = {"stats": fields.get("stats")} if status == "done" else {"reason": reason}
         if timings:
             extra["timings"] = timings
         self.store.add_event(job_id, {"type": event, "status": status, **extra}, status=status,

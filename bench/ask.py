@@ -1,10 +1,30 @@
 #!/usr/bin/env python3
 """Warm `patchwire ask` against the script a user would write, per project size, local and over
-SSH; plus the coloured preview, start-up, and the agent's memory. Writes bench/RESULTS.md.
+SSH; where one ask's time goes; queue throughput; AI line -> client latency; the coloured
+preview, start-up, and the agent's memory. Writes bench/RESULTS.md (its Notes part is kept).
 
-    python3 bench/ask.py                    # 200, 2,000, 20,000 files, 5 rounds (several minutes)
+    python3 bench/ask.py                    # everything: 200, 2,000, 20,000 files, 5 rounds (many minutes)
     python3 bench/ask.py --big              # also 100,000 files
     python3 bench/ask.py --sizes 200 --repeat 3 --no-write   # a quick look
+    python3 bench/ask.py --only streams,memory --zipapp dist/patchwire-agent   # the shipped agent
+    python3 bench/ask.py --quick            # the smoke run of tests/test_bench.py
+
+Parts (`--only`, comma-separated; all by default):
+    asks       warm asks per size against the baseline below; a no-change sync against bare rsync
+    breakdown  one warm ask of a --breakdown-size (20,000) file project, one file changed: the
+               laptop CLI under cProfile, its steps found by function name (scan, record, rsync,
+               POST, stream, diff, vet, preview, apply; n/a when a name is gone), and the agent's
+               side: its POST /v1/ask audit line (body_ms, queued_ms) and the job's step times
+               (the `timings` of its `finished` event: setup, prepare, links, ai, collect, patch)
+    queue      --queue-asks (40) asks from 4 users, POSTed by threads replaying the body the CLI
+               sent, against [jobs] workers = 1 then 2, with an instant AI and a 100 ms one
+    preview    render_diff of a 10,000-line rewrite, coloured and not
+    startup    --version/--help from source, from cached bytecode, and with --zipapp the zipapps
+    memory     agent VmRSS idle, after 1 and --asks (500) asks; from source also from cached bytecode;
+               with --zipapp from that zipapp (its first start, the one that unpacks it)
+    streams    AI line -> client: the stand-in writes 200 stream-json lines 3 ms apart, each with
+               its send time; 1 then 50 clients (each its own process and HTTP connection) note
+               their arrival: median, p95, max; and the agent's RSS with the 50 attached
 
 Everything is real but the AI (tests/stand_in_claude.py, instant, edits one file): the agent
 process on 127.0.0.1:0, rsync, git, and for the SSH rows a real sshd on loopback (tests/sshd.py)
@@ -38,7 +58,7 @@ import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
@@ -228,8 +248,8 @@ def startup_figures(tmp: Path, repeat: int = 7, zipapp: Optional[Path] = None) -
 
 
 def agent_memory(tmp: Path, asks: int, program: Optional[List[str]] = None) -> Dict[str, int]:
-    """Agent VmRSS (kB) idle, and after `asks` POST /v1/ask of a 20-file project (no laptop CLI:
-    the agent's own growth per ask is what is measured)."""
+    """Agent VmRSS (kB) idle, after one ask and after `asks` asks of a 20-file project (each a
+    `patchwire ask --no-apply`: the agent's growth per ask is what is measured)."""
     root = tmp / "mem"
     make_project(root, 20)
     agent = AgentProcess(tmp / "agent-mem", STAND_IN_COMMAND, jobs={"workers": 2}, program=program).start()
@@ -345,7 +365,7 @@ def streaming_figures(tmp: Path, clients: Sequence[int] = (1, 50), lines: int = 
 def capture_ask_body(root: Path, prompt: str) -> dict:
     """The body the laptop CLI POSTs to /v1/ask, caught on its way out of a real
     `patchwire ask` run in this process (whatever the sync/ask protocol puts in it)."""
-    clients = [c for c in vars(pw).values() if isinstance(c, type) and callable(getattr(c, "ask", None))
+    clients: List[Any] = [c for c in vars(pw).values() if isinstance(c, type) and callable(getattr(c, "ask", None))
                and "body" in inspect.signature(c.ask).parameters]
     if not clients:
         raise SystemExit("bench: no client class with an ask(body) method in patchwire.py")
@@ -516,7 +536,7 @@ def breakdown_lines(b: Dict[str, object]) -> List[str]:
                                              or "n/a (no audit line)")
               + " (duration: the whole streamed request, the job included); the job's steps: "
               + (", ".join(f"{k.replace('_ms', '')} {agent[k]:,.0f}" for k in AGENT_STEPS if k in agent) or "n/a")
-              + " ms.", "", "The slowest patchwire.py functions (cumulative): " + "; ".join(b["top"]) + "."]  # type: ignore[operator]
+              + " ms.", "", "The slowest patchwire.py functions (cumulative): " + "; ".join(b["top"]) + "."]  # type: ignore[arg-type]
     return lines
 
 
@@ -560,7 +580,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--ssh-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[200, 20000],
                     help="sizes also measured over SSH")
-    ap.add_argument("--asks", type=int, default=100, help="asks for the agent memory figure")
+    ap.add_argument("--asks", type=int, default=500, help="asks for the agent memory figure (500)")
     ap.add_argument("--breakdown-size", type=int, default=20000,
                     help="files in the project of the per-step breakdown (default 20,000)")
     ap.add_argument("--queue-asks", type=int, default=40, help="asks for the queue throughput figure (4 users)")
@@ -685,16 +705,19 @@ def main(argv: Optional[List[str]] = None) -> int:
                      else f"- bare `{k}`: {spread(v, 1000, '{:.0f}')}" for k, v in start.items()]
             print("\n".join(part), flush=True)
             lines += part + [""]
-        streams: Dict[object, object] = {}
-        if "streams" in args.only:
-            streams = streaming_figures(tmp, program=agent_program)
-        if "memory" in args.only:
+        mem: Dict[str, int] = {}
+        if "memory" in args.only:  # first: from a zipapp, this agent is the start that unpacks it
             mem = agent_memory(tmp, args.asks, program=agent_program)
             if not args.zipapp:
                 mem["idle, from cached bytecode"] = idle_rss_with_bytecode(tmp)
+        streams: Dict[object, object] = {}
+        if "streams" in args.only:
+            streams = streaming_figures(tmp, program=agent_program)
+        if mem:
             if "rss with streams kB" in streams:
                 mem["with 50 streaming clients"] = streams["rss with streams kB"]  # type: ignore[assignment]
-            where = f"the zipapp {args.zipapp.name}" if args.zipapp else "source (PYTHONDONTWRITEBYTECODE=1)"
+            where = (f"the zipapp {args.zipapp.name} (its first start, which unpacks it)" if args.zipapp
+                     else "source (PYTHONDONTWRITEBYTECODE=1)")
             lines += ["## Agent memory (VmRSS)", "", f"Agent run from {where}: "
                       + ", ".join(f"{k}: {v / 1024:.1f} MB" for k, v in mem.items()), ""]
             print(lines[-2], flush=True)
