@@ -5,8 +5,10 @@ preview, start-up, and the agent's memory. Writes bench/RESULTS.md (its Notes pa
 
     python3 bench/ask.py                    # everything: 200, 2,000, 20,000 files, 5 rounds (many minutes)
     python3 bench/ask.py --big              # also 100,000 files
+    bash build.sh && python3 bench/ask.py --big --zipapp dist/patchwire-agent   # RESULTS.md's run:
+                                            # the agent's memory and streams from the shipped zipapp
     python3 bench/ask.py --sizes 200 --repeat 3 --no-write   # a quick look
-    python3 bench/ask.py --only streams,memory --zipapp dist/patchwire-agent   # the shipped agent
+    python3 bench/ask.py --only streams,memory --zipapp dist/patchwire-agent   # prints only
     python3 bench/ask.py --quick            # the smoke run of tests/test_bench.py
 
 Parts (`--only`, comma-separated; all by default):
@@ -588,7 +590,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                     help="the agent zipapp (e.g. dist/patchwire-agent) for the memory and start-up figures; "
                          "by default the agent runs from source")
     ap.add_argument("--only", type=lambda s: [x for x in s.split(",") if x], default=list(PARTS),
-                    help="comma-separated parts to run: " + ",".join(PARTS))
+                    help="comma-separated parts to run (a partial run only prints): " + ",".join(PARTS))
     ap.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run (tests/test_bench.py): 200 files, local, 1 round, a 200-file breakdown, "
@@ -677,7 +679,8 @@ def streams_lines(tmp: Path, streams: Dict[object, object]) -> List[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    lines = ["# Benchmark results (`python3 bench/ask.py`)", "", machine(args.zipapp), ""]
+    command = " ".join(["python3", "bench/ask.py", *(str(a) for a in (sys.argv[1:] if argv is None else argv))])
+    lines = [f"# Benchmark results (`{command}`)", "", machine(args.zipapp), ""]
     with tempfile.TemporaryDirectory(prefix="patchwire-bench-ask-") as tmpdir, ExitStack() as stack:
         tmp = Path(tmpdir)
         os.environ["HOME"] = str(tmp / "home")
@@ -726,7 +729,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             print("\n".join(lines[-4:]), flush=True)
     text = "\n".join(lines).rstrip("\n") + "\n"
     print(text)
-    if not args.no_write:  # the hand-written notes at the end of the file stay
+    if not args.no_write and set(args.only) != set(PARTS):
+        print("(--only: a partial run leaves bench/RESULTS.md alone)")
+    elif not args.no_write:  # the hand-written notes at the end of the file stay
         path = ROOT / "bench" / "RESULTS.md"
         old = path.read_text() if path.exists() else ""
         path.write_text(text + "\n" + (old[old.index(NOTES):] if NOTES in old else NOTES + "\n"))
