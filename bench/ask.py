@@ -26,7 +26,8 @@ Parts (`--only`, comma-separated; all by default):
                with --zipapp from that zipapp (its first start, the one that unpacks it)
     streams    AI line -> client: the stand-in writes 200 stream-json lines 3 ms apart, each with
                its send time; 1 then 50 clients (each its own process and HTTP connection) note
-               their arrival: median, p95, max; and the agent's RSS with the 50 attached
+               their arrival: median, p95, max; the agent's RSS with the 50 attached; and the
+               same lines as the laptop CLI prints them (`patchwire ask`, its stderr)
 
 Everything is real but the AI (tests/stand_in_claude.py, instant, edits one file): the agent
 process on 127.0.0.1:0, rsync, git, and for the SSH rows a real sshd on loopback (tests/sshd.py)
@@ -359,9 +360,26 @@ def streaming_figures(tmp: Path, clients: Sequence[int] = (1, 50), lines: int = 
             result[n] = {"ai": out["ai"], "store": out["store"], "expected": n * lines, "cpu": cpu,
                          "streams": f"{statuses.count(200)} of {n} streams answered 200"
                                     + (f" (others: {sorted(set(statuses) - {200})})" if set(statuses) - {200} else "")}
+        result["cli"] = cli_latency(lap, lines, every_s)
     finally:
         agent.stop()
     return result
+
+
+def cli_latency(lap: Laptop, lines: int, every_s: float) -> Dict[str, object]:
+    """The same lines through the laptop CLI: `patchwire ask` prints each AI text line on
+    stderr ("   0.1s stamp <send time>"); the delay is to when that line arrives here."""
+    steps = [{"sleep": 0.3}, {"stamps": lines, "every_s": every_s}]
+    ask = subprocess.Popen(lap.program + ["ask", "--no-apply", "--no-color", script(*steps)], cwd=lap.root,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=lap.env)
+    delays: List[float] = []
+    for raw in ask.stderr:  # type: ignore[union-attr]
+        now = time.time()
+        text = raw.decode("utf-8", "replace")
+        if " stamp " in text:
+            delays.append(now - float(text.rsplit(" stamp ", 1)[1]))
+    ask.wait(60)
+    return {"ai": delays, "expected": lines, "exit": ask.returncode}
 
 
 def capture_ask_body(root: Path, prompt: str) -> dict:
@@ -665,6 +683,12 @@ def streams_lines(tmp: Path, streams: Dict[object, object]) -> List[str]:
              "(time.time()); each client (http.client on its own connection to /v1/jobs/ID/events, in its "
              "own process) notes when the line arrives. \"store\" starts at the event's stored time "
              "instead (ms resolution). Agent CPU: user + system during the job.", ""]
+    cli: dict = streams.get("cli") or {}  # type: ignore[assignment]
+    if cli.get("ai"):
+        lines.append(f"- the laptop CLI (`patchwire ask`, each line as it prints it on stderr): {len(cli['ai'])} of "
+                     f"{cli['expected']} lines; AI -> terminal {percentiles(cli['ai'])}; exit {cli['exit']}.")
+    elif cli:
+        lines.append(f"- the laptop CLI: no line arrived; exit {cli['exit']}.")
     for n in (k for k in streams if isinstance(k, int)):
         fig: dict = streams[n]  # type: ignore[assignment]
         who = f"{n} client{'s' if n > 1 else ''}"
@@ -725,8 +749,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                       + ", ".join(f"{k}: {v / 1024:.1f} MB" for k, v in mem.items()), ""]
             print(lines[-2], flush=True)
         if streams:
-            lines += streams_lines(tmp, streams)
-            print("\n".join(lines[-4:]), flush=True)
+            part = streams_lines(tmp, streams)
+            print("\n".join(part), flush=True)
+            lines += part
     text = "\n".join(lines).rstrip("\n") + "\n"
     print(text)
     if not args.no_write and set(args.only) != set(PARTS):
