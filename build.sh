@@ -42,8 +42,13 @@ cp patchwire.py patchwire_agent.py "$STAGE"/
 chmod -R u=rwX,go=rX "$STAGE"
 
 mkdir -p dist
+# --compile-pyc: the first start after an install (which unpacks the zipapp into ~/.shiv)
+# compiles every module to bytecode, in worker processes, before importing any. Without it, that
+# first start compiles the modules in the process itself and keeps the compiler's ~10 MB
+# (the agent, a service started once: 34-41 MB idle instead of 25-28 MB; bench/RESULTS.md).
+# The bytecode is for the Python that unpacks; another version writes its own, as usual.
 for app in patchwire:patchwire patchwire-agent:patchwire_agent; do
-    "$PYTHON" -m shiv --reproducible --python '/usr/bin/env python3' \
+    "$PYTHON" -m shiv --reproducible --compile-pyc --python '/usr/bin/env python3' \
         --site-packages "$STAGE" -e "${app#*:}:main" -o "dist/${app%%:*}"
 done
 

@@ -442,10 +442,30 @@ JOB_FIELDS = ("id", "user", "project", "prompt", "status", "reason", "created", 
               "pgid", "last_seq")
 
 
+class EventTail:
+    """The latest events of a job that has not ended, as the lines a stream sends them:
+    followers read them here, not from sqlite (which stays the record; a follower further
+    behind, or of an ended job, reads it there). Seqs are consecutive: a follower's place
+    is an index."""
+
+    def __init__(self, status: Optional[str]):
+        self.status = status
+        self.lines: List[Tuple[int, str, bytes]] = []  # (seq, type, JSON line)
+
+    def after(self, seq: int) -> Optional[List[Tuple[int, str, bytes]]]:
+        """The lines after `seq`; None when the tail does not reach back that far."""
+        start = seq + 1 - self.lines[0][0]
+        return self.lines[start:] if start >= 0 else None
+
+
 class Store:
     """Jobs and their events in sqlite3, patches as files: all survive a restart.
-    One connection, one lock; a condition wakes event streams when something is added.
+    One connection, one lock; a condition wakes event streams when something is added, and
+    a generation count lets a stream tell whether anything was added since it last read (a
+    notify between its read and its wait would otherwise be missed until the next one).
     Prompts, diffs and events are private: folders 700, files 600, whatever the umask."""
+
+    TAIL_EVENTS = 256  # per job not yet ended, kept in memory for its followers (up to twice that)
 
     def __init__(self, state_dir: Path):
         self.patch_dir = state_dir / "patches"
@@ -462,6 +482,8 @@ class Store:
         migrate_usage_columns(self.db)
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
+        self.generation = 0  # counts changes, under the lock
+        self.tails: Dict[str, EventTail] = {}
 
     def create_job(self, job: dict) -> None:
         with self.lock:
@@ -474,6 +496,9 @@ class Store:
             sets = ", ".join(f"{k} = ?" for k in fields)
             self.db.execute(f"UPDATE jobs SET {sets} WHERE id = ?",
                             [_to_sql(v) for v in fields.values()] + [job_id])
+            if "status" in fields and job_id in self.tails:
+                self.tails[job_id].status = fields["status"]
+            self.generation += 1
             self.changed.notify_all()
 
     def job(self, job_id: str) -> Optional[dict]:
@@ -511,18 +536,58 @@ class Store:
             seq = self.db.execute("SELECT last_seq FROM jobs WHERE id = ?", (job_id,)).fetchone()[0] + 1
             event = {"seq": seq, "job": job_id, "time": round(time.time(), 3), **event}
             fields = {**job_fields, "last_seq": seq}
+            data = json.dumps(event)
             self.db.execute("BEGIN")
             try:
                 self.db.execute("INSERT INTO events (job, seq, data) VALUES (?, ?, ?)",
-                                (job_id, seq, json.dumps(event)))
+                                (job_id, seq, data))
                 self.db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
                                 [_to_sql(v) for v in fields.values()] + [job_id])
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
             self.db.execute("COMMIT")
+            self._keep_in_tail(job_id, seq, event["type"], data, fields.get("status"))
+            self.generation += 1
             self.changed.notify_all()
         return event
+
+    def _keep_in_tail(self, job_id: str, seq: int, kind: str, data: str, status: Optional[str]) -> None:
+        """Under the lock, after the commit. A job's last event drops its tail."""
+        if kind in LAST_EVENTS:
+            self.tails.pop(job_id, None)
+            return
+        tail = self.tails.get(job_id)
+        if tail is None:
+            row = self.db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            tail = self.tails[job_id] = EventTail(row[0] if row else None)
+        elif status is not None:
+            tail.status = status
+        tail.lines.append((seq, kind, (data + "\n").encode()))
+        if len(tail.lines) > 2 * self.TAIL_EVENTS:
+            del tail.lines[:-self.TAIL_EVENTS]
+
+    def follow(self, job_id: str, after: int) -> Tuple[List[Tuple[int, str, bytes]], Optional[str], int]:
+        """What a stream reads: the job's events after `after` as (seq, type, JSON line), its
+        status (read together, as in events_and_status), and the generation to hand to
+        wait_change. From the job's tail when it reaches back that far; else from sqlite."""
+        with self.lock:
+            tail = self.tails.get(job_id)
+            lines = tail.after(after) if tail is not None else None
+            if tail is not None and lines is not None:
+                return lines, tail.status, self.generation
+            rows = self.db.execute("SELECT seq, data FROM events WHERE job = ? AND seq > ? ORDER BY seq",
+                                   (job_id, after)).fetchall()
+            row = self.db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            generation = self.generation
+        return ([(seq, json.loads(data)["type"], (data + "\n").encode()) for seq, data in rows],
+                row[0] if row else None, generation)
+
+    def wait_change(self, seen: int, timeout: float) -> bool:
+        """Wait until the store's generation is past `seen` (at once if it already is), at
+        most `timeout` seconds; whether it is."""
+        with self.changed:
+            return self.changed.wait_for(lambda: self.generation != seen, timeout)
 
     def events(self, job_id: str, after: int) -> List[dict]:
         return self.events_and_status(job_id, after)[0]
@@ -2009,9 +2074,12 @@ class Agent:
                     del self.ended[job["id"]]
         return self.store.job(job["id"])
 
-    def finish(self, job_id: str, status: str, reason: str = "", **fields: Any) -> None:
+    def finish(self, job_id: str, status: str, reason: str = "", timings: Optional[Dict[str, float]] = None,
+               **fields: Any) -> None:
         event = {"done": "finished", "failed": "failed", "cancelled": "cancelled"}[status]
-        extra = {"stats": fields.get("stats")} if status == "done" else {"reason": reason}
+        extra: Dict[str, Any] = {"stats": fields.get("stats")} if status == "done" else {"reason": reason}
+        if timings:
+            extra["timings"] = timings
         self.store.add_event(job_id, {"type": event, "status": status, **extra}, status=status,
                              reason=reason or None, finished=time.time(), **fields,
                              **usage_columns(fields.get("result"), fields.get("stats")))
@@ -2021,7 +2089,7 @@ class Agent:
             ended.set()
         job = self.store.job(job_id) or {}
         self.audit.job(job_id, "job_end", user=job.get("user"), project=job.get("project"), status=status,
-                       reason=reason or None)
+                       reason=reason or None, **({"timings": timings} if timings else {}))
 
     # --- workers
 
@@ -2111,6 +2179,7 @@ class Agent:
                 del self.announced[job_id]
 
     def run_job(self, item: QueueItem) -> None:
+        times = StepTimes()
         job = self.store.job(item.job_id)
         slot = item.slot
         repo = self.repo(job["user"], job["project"])
@@ -2126,9 +2195,12 @@ class Agent:
                     on_spawn=lambda pid: self.store.update_job(job["id"], pgid=pid))
         with self.lock:
             self.runs[job["id"]] = run  # from here on a cancel reaches the job
+        times.step("setup_ms")
         try:
             repo.prepare_slot(slot, job["snapshot"], carry)
+            times.step("prepare_ms")
             links = repo.remove_escaping_links(slot)
+            times.step("links_ms")
         except PatchwireError as e:
             self.finish(job["id"], "failed", f"could not prepare the job folder: {e.message}")
             return
@@ -2140,6 +2212,7 @@ class Agent:
         self.audit.job(job["id"], "job_start", user=job["user"], project=job["project"], slot=slot)
         started = time.monotonic()
         status, reason, result = run.run()
+        times.step("ai_ms")
         summary = summarize_result(result, time.monotonic() - started, run.exit_code)
         if status != "done":
             self._fail_run(job["id"], repo, slot, status, reason, result=summary)
@@ -2147,13 +2220,16 @@ class Agent:
         try:
             repo.restore_links(slot, links)
             patch, stats, commit = repo.collect(slot, job["snapshot"], job["id"])
+            times.step("collect_ms")
         except (PatchwireError, OSError) as e:
             self._fail_run(job["id"], repo, slot, "failed", "could not collect the AI's changes: "
                            + (e.message if isinstance(e, PatchwireError) else describe_exception(e)),
                            result=summary)
             return
         self.store.write_patch(job["id"], patch)
-        self.finish(job["id"], "done", result={**summary, "result_commit": commit}, stats=stats)
+        times.step("patch_ms")
+        self.finish(job["id"], "done", result={**summary, "result_commit": commit}, stats=stats,
+                    timings=times.ms)
 
     def _fail_run(self, job_id: str, repo: ProjectRepo, slot: int, status: str, reason: str,
                   **fields: Any) -> None:
@@ -2171,6 +2247,20 @@ class Agent:
         if not session:
             return list(self.cfg.ai_command)
         return self.cfg.ai_command + [a.replace("{session_id}", session) for a in self.cfg.resume_args]
+
+
+class StepTimes:
+    """Milliseconds per step of a job's run, one after the other, for its `finished` event and
+    the audit log's job_end line (bench/ask.py prints them): cheap enough to be always on."""
+
+    def __init__(self):
+        self.ms: Dict[str, float] = {}
+        self.last = time.monotonic()
+
+    def step(self, name: str) -> None:
+        now = time.monotonic()
+        self.ms[name] = round((now - self.last) * 1000, 1)
+        self.last = now
 
 
 def summarize_result(result: dict, elapsed: float, exit_code: Optional[int]) -> dict:
@@ -2587,6 +2677,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.connection = self.request
         self.connection.settimeout(CONNECTION_TIMEOUT)
+        # each event of a stream is one small write: Nagle would hold the next one back until
+        # the client acknowledged the last (up to its delayed-ACK time, ~40 ms) on a real network
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = DeadlineSocketIO(self.connection)
         self.rfile = io.BufferedReader(self.reader)
         self.wfile = CountingWriter(self.connection)
@@ -2711,6 +2804,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.command, self.path = None, ""  # http.server keeps the last request's otherwise
         self.user, self.job_id, self.status = "", None, None
         self.bytes_in, self.auth_delay_s = 0, 0.0
+        self.ask_ms: Dict[str, float] = {}  # POST /v1/ask: request start -> body read, -> job queued
         self.route_label = "unmatched"  # the route template, for metrics (never the raw path)
         self.request_started = time.monotonic()
         self.reader.expired = False
@@ -2730,6 +2824,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                   "duration_ms": round((time.monotonic() - self.request_started) * 1000, 1)}
         if self.auth_delay_s:
             record["auth_delay_s"] = self.auth_delay_s
+        record.update(self.ask_ms)
         self.agent.audit.write(record)
         if self.status:
             method = self.command if self.command in ("GET", "POST", "DELETE") else "other"  # bounded labels
@@ -2840,11 +2935,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         store = self.agent.store
         quiet_since = time.monotonic()
         while True:
-            events, status = store.events_and_status(job_id, after)
-            for event in events:
-                self.write_chunk(json.dumps(event).encode() + b"\n")
-                after = event["seq"]
-                if event["type"] in LAST_EVENTS:
+            events, status, seen = store.follow(job_id, after)
+            for seq, kind, line in events:
+                self.write_chunk(line)
+                after = seq
+                if kind in LAST_EVENTS:
                     follow = False
             if not follow or (not events and status in TERMINAL):
                 break
@@ -2853,8 +2948,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             elif time.monotonic() - quiet_since > HEARTBEAT_S:
                 self.write_chunk(b"\n")  # keeps proxies open and finds clients that left
                 quiet_since = time.monotonic()
-            else:
-                store.wait(1.0)
+            else:  # an event added since `follow` read ends the wait at once
+                store.wait_change(seen, 1.0)
         self.write_chunk(b"")
 
     def write_chunk(self, data: bytes) -> None:
@@ -2873,7 +2968,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_json(HTTPStatus.OK, self.agent.me(user, self.query.get("project")))
 
     def route_ask(self, user: str) -> None:
-        job = self.agent.ask(user, self.read_json())
+        body = self.read_json()
+        self.ask_ms = {"body_ms": round((time.monotonic() - self.request_started) * 1000, 1)}
+        job = self.agent.ask(user, body)
+        self.ask_ms["queued_ms"] = round((time.monotonic() - self.request_started) * 1000, 1)
         self.job_id = job["id"]
         if self.wants_stream():
             self.stream_events(job["id"], 0)
@@ -3104,7 +3202,10 @@ OPENAPI_SCHEMAS = {
         _event("output", ["text"], text=_S),
         _event("result", [], subtype=_S, is_error=_B, duration_ms=_N, num_turns=_I, session_id=_S,
                total_cost_usd=_N, usage={"type": "object"}),
-        _event("finished", ["status", "stats"], status={"const": "done"}, stats=_ref("Stats")),
+        _event("finished", ["status", "stats"], status={"const": "done"}, stats=_ref("Stats"),
+               timings={"type": "object", "additionalProperties": _N,
+                        "description": "milliseconds per step of the run: setup_ms, prepare_ms, links_ms, "
+                                       "ai_ms, collect_ms, patch_ms"}),
         _event("failed", ["status", "reason"], status={"const": "failed"}, reason=_S),
         _event("cancelled", ["status", "reason"], status={"const": "cancelled"}, reason=_S),
     ]},

@@ -1,10 +1,33 @@
 #!/usr/bin/env python3
 """Warm `patchwire ask` against the script a user would write, per project size, local and over
-SSH; plus the coloured preview, start-up, and the agent's memory. Writes bench/RESULTS.md.
+SSH; where one ask's time goes; queue throughput; AI line -> client latency; the coloured
+preview, start-up, and the agent's memory. Writes bench/RESULTS.md (its Notes part is kept).
 
-    python3 bench/ask.py                    # 200, 2,000, 20,000 files, 5 rounds (several minutes)
+    python3 bench/ask.py                    # everything: 200, 2,000, 20,000 files, 5 rounds (many minutes)
     python3 bench/ask.py --big              # also 100,000 files
+    bash build.sh && python3 bench/ask.py --big --zipapp dist/patchwire-agent   # RESULTS.md's run:
+                                            # the agent's memory and streams from the shipped zipapp
     python3 bench/ask.py --sizes 200 --repeat 3 --no-write   # a quick look
+    python3 bench/ask.py --only streams,memory --zipapp dist/patchwire-agent   # prints only
+    python3 bench/ask.py --quick            # the smoke run of tests/test_bench.py
+
+Parts (`--only`, comma-separated; all by default):
+    asks       warm asks per size against the baseline below; a no-change sync against bare rsync
+    breakdown  one warm ask of a --breakdown-size (20,000) file project, one file changed: the
+               laptop CLI under cProfile, its steps found by function name (scan, record, rsync,
+               POST, stream, diff, vet, preview, apply; n/a when a name is gone), and the agent's
+               side: its POST /v1/ask audit line (body_ms, queued_ms) and the job's step times
+               (the `timings` of its `finished` event: setup, prepare, links, ai, collect, patch)
+    queue      --queue-asks (40) asks from 4 users, POSTed by threads replaying the body the CLI
+               sent, against [jobs] workers = 1 then 2, with an instant AI and a 100 ms one
+    preview    render_diff of a 10,000-line rewrite, coloured and not
+    startup    --version/--help from source, from cached bytecode, and with --zipapp the zipapps
+    memory     agent VmRSS idle, after 1 and --asks (500) asks; from source also from cached bytecode;
+               with --zipapp from that zipapp (its first start, the one that unpacks it)
+    streams    AI line -> client: the stand-in writes 200 stream-json lines 3 ms apart, each with
+               its send time; 1 then 50 clients (each its own process and HTTP connection) note
+               their arrival: median, p95, max; the agent's RSS with the 50 attached; and the
+               same lines as the laptop CLI prints them (`patchwire ask`, its stderr)
 
 Everything is real but the AI (tests/stand_in_claude.py, instant, edits one file): the agent
 process on 127.0.0.1:0, rsync, git, and for the SSH rows a real sshd on loopback (tests/sshd.py)
@@ -22,7 +45,11 @@ The baseline, what a user would write (the "box" is a folder, over ssh for the S
 from __future__ import annotations
 
 import argparse
+import contextlib
+import inspect
+import io
 import json
+import multiprocessing
 import os
 import platform
 import shlex
@@ -30,10 +57,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
@@ -76,6 +104,12 @@ def make_project(root: Path, count: int) -> None:
     git(root, "init", "-q")
     git(root, "-c", "user.email=b@b", "-c", "user.name=b", "add", "-A")
     git(root, "-c", "user.email=b@b", "-c", "user.name=b", "commit", "-qm", "base")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kb(pid: int) -> int:
@@ -190,10 +224,17 @@ def preview_figures(lines: int = 10000, repeat: int = 5) -> Tuple[List[float], L
     return colour, plain
 
 
-def startup_figures(tmp: Path, repeat: int = 7) -> Dict[str, List[float]]:
+def startup_figures(tmp: Path, repeat: int = 7, zipapp: Optional[Path] = None) -> Dict[str, List[float]]:
     """From source as run here (PYTHONDONTWRITEBYTECODE=1: compiled at every start), and
-    imported from cached bytecode, as an installed module would be."""
+    imported from cached bytecode, as an installed module would be; with `zipapp`, the
+    built zipapps beside it too (their first run, which unpacks them, is not timed)."""
     out = {}
+    for app in ([zipapp.parent / "patchwire", zipapp] if zipapp else []):
+        if app.exists():
+            argv = [sys.executable, str(app), "--version"]
+            subprocess.run(argv, stdout=subprocess.DEVNULL, check=True)
+            out[f"zipapp `{app.name} --version`"] = [
+                timed(lambda: subprocess.run(argv, stdout=subprocess.DEVNULL, check=True)) for _ in range(repeat)]
     cached = {**os.environ, "PYTHONDONTWRITEBYTECODE": "", "PYTHONPYCACHEPREFIX": str(tmp / "pyc")}
     for args in (["--version"], ["--help"]):
         out[" ".join(args)] = [timed(lambda: subprocess.run([sys.executable, str(ROOT / "patchwire.py"), *args],
@@ -209,12 +250,12 @@ def startup_figures(tmp: Path, repeat: int = 7) -> Dict[str, List[float]]:
     return out
 
 
-def agent_memory(tmp: Path, asks: int) -> Dict[str, int]:
-    """Agent VmRSS (kB) idle, and after `asks` POST /v1/ask of a 20-file project (no laptop CLI:
-    the agent's own growth per ask is what is measured)."""
+def agent_memory(tmp: Path, asks: int, program: Optional[List[str]] = None) -> Dict[str, int]:
+    """Agent VmRSS (kB) idle, after one ask and after `asks` asks of a 20-file project (each a
+    `patchwire ask --no-apply`: the agent's growth per ask is what is measured)."""
     root = tmp / "mem"
     make_project(root, 20)
-    agent = AgentProcess(tmp / "agent-mem", STAND_IN_COMMAND, jobs={"workers": 2}).start()
+    agent = AgentProcess(tmp / "agent-mem", STAND_IN_COMMAND, jobs={"workers": 2}, program=program).start()
     try:
         lap = Laptop(root)
         lap.init(agent)
@@ -230,60 +271,293 @@ def agent_memory(tmp: Path, asks: int) -> Dict[str, int]:
         agent.stop()
 
 
-def streaming_figures(tmp: Path, clients: int = 50, lines: int = 40) -> Dict[str, object]:
-    """Agent RSS while `clients` follow one job's event stream, and how long an event takes
-    from the agent's store (its "time", ms resolution) to each client (median, p95, ms)."""
+def percentiles(values: Sequence[float]) -> str:
+    """median, p95 and max, in ms."""
+    v = sorted(values)
+    return (f"median {statistics.median(v) * 1000:.1f} ms, p95 {v[int(len(v) * 0.95)] * 1000:.1f} ms, "
+            f"max {v[-1] * 1000:.1f} ms")
+
+
+def follow_stream(agent: AgentProcess, job: str, attached, results) -> None:
+    """One streaming client on its own HTTP connection (http.client, as the laptop's is):
+    for each `stamp <send time>` line of the AI, when it arrived here (time.time()) against
+    when the AI wrote it, and against the time the agent stored the event (ms resolution).
+    Puts {"ai": [s], "store": [s], "statuses": [HTTP status]} on `results`."""
     import http.client
-    import threading
+    host, port = agent.url.split("//")[1].rstrip("/").rsplit(":", 1)
+    out: Dict[str, List[float]] = {"ai": [], "store": [], "statuses": []}
+    arrived: List[Tuple[float, bytes]] = []
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        conn.request("GET", f"/v1/jobs/{job}/events", headers={
+            "Authorization": "Bearer " + agent.token, "Accept": "application/x-ndjson"})
+        resp = conn.getresponse()  # the agent sends its headers before it waits for events
+        out["statuses"].append(resp.status)
+        attached.release()
+        for raw in resp:
+            arrived.append((time.time(), raw))  # parsed after the stream: only the arrival is timed
+    finally:
+        conn.close()
+        for now, raw in arrived:
+            event = json.loads(raw) if raw.strip() else {}
+            text = str(event.get("text", ""))
+            if event.get("type") == "text" and text.startswith("stamp "):
+                out["ai"].append(now - float(text[6:]))
+                out["store"].append(now - event["time"])
+        results.put(out)
+
+
+def streaming_figures(tmp: Path, clients: Sequence[int] = (1, 50), lines: int = 200, every_s: float = 0.003,
+                      program: Optional[List[str]] = None) -> Dict[object, object]:
+    """AI line -> client latency, end to end: the stand-in AI writes `lines` stream-json text
+    lines `every_s` apart, each carrying its own send time; `n` concurrent streaming clients
+    (real HTTP) note when each line arrives. One job per entry of `clients`, against one
+    agent; the agent's RSS while the most clients are attached."""
     root = tmp / "streams"
     make_project(root, 20)
     # all clients come from 127.0.0.1: lift the per-client cap (16) for this measurement
     agent = AgentProcess(tmp / "agent-streams", STAND_IN_COMMAND,
-                         server={"max_connections_per_client": 64}).start()
+                         server={"max_connections_per_client": max(clients) + 8}, program=program).start()
+    result: Dict[object, object] = {}
     try:
         lap = Laptop(root)
         lap.init(agent)
-        steps = [{"sleep": 2.0}] + [s for i in range(lines) for s in ({"say": f"line {i}"}, {"sleep": 0.05})]
-        ask = subprocess.Popen(lap.program + ["ask", "--no-apply", "--no-color", script(*steps)], cwd=root,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=lap.env)
-        deadline, job = time.monotonic() + 30, None
-        while job is None and time.monotonic() < deadline:
-            running = [j for j in agent.json("GET", "/v1/jobs")[1]["jobs"] if j["status"] in ("queued", "running")]
-            job = running[0]["id"] if running else None
-            time.sleep(0.05)
-        host, port = agent.url.split("//")[1].rstrip("/").rsplit(":", 1)
-        delays: List[float] = []
-        statuses: List[int] = []
-        lock = threading.Lock()
-
-        def follow() -> None:
-            conn = http.client.HTTPConnection(host, int(port), timeout=60)
-            conn.request("GET", f"/v1/jobs/{job}/events", headers={
-                "Authorization": "Bearer " + agent.token, "Accept": "application/x-ndjson"})
-            resp = conn.getresponse()
-            with lock:
-                statuses.append(resp.status)
-            for raw in resp:
-                now = time.time()
-                event = json.loads(raw)
-                if event.get("type") == "text" or "line " in json.dumps(event):
-                    with lock:
-                        delays.append(now - event["time"])
-            conn.close()
-        threads = [threading.Thread(target=follow, daemon=True) for _ in range(clients)]
-        for t in threads:
-            t.start()
-        time.sleep(1.0)  # all attached, the AI still in its first sleep
-        rss_streams = rss_kb(agent.proc.pid)
-        for t in threads:
-            t.join(60)
-        ask.wait(60)
-        delays.sort()
-        return {"rss with streams kB": rss_streams, "delays": delays,
-                "streams": f"{statuses.count(200)} of {clients} streams answered 200 "
-                           f"(others: {sorted(set(statuses) - {200}) or 'none'})"}
+        for n in clients:
+            gate = tmp / f"streams-gate-{n}"
+            steps = [{"wait_file": str(gate), "max_s": 60}, {"stamps": lines, "every_s": every_s}]
+            ask = subprocess.Popen(lap.program + ["ask", "--no-apply", "--no-color", script(*steps)], cwd=root,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=lap.env)
+            deadline, job = time.monotonic() + 60, None
+            while job is None and time.monotonic() < deadline:
+                running = [j for j in agent.json("GET", "/v1/jobs")[1]["jobs"] if j["status"] == "running"]
+                job = running[0]["id"] if running else None
+                time.sleep(0.02)
+            if job is None:
+                raise SystemExit("the streaming job did not start within 60 s")
+            # each client its own process (forked), as each laptop is: the bench's own GIL
+            # is not part of the figure
+            ctx = multiprocessing.get_context("fork")
+            attached, results = ctx.Semaphore(0), ctx.Queue()
+            procs = [ctx.Process(target=follow_stream, args=(agent, job, attached, results), daemon=True)
+                     for _ in range(n)]
+            for proc in procs:
+                proc.start()
+            for _ in range(n):
+                attached.acquire(timeout=30)
+            if n == max(clients):
+                result["rss with streams kB"] = rss_kb(agent.proc.pid)
+            cpu = cpu_seconds(agent.proc.pid)
+            gate.write_text("go\n")  # the AI starts writing its lines
+            out: Dict[str, List[float]] = {"ai": [], "store": [], "statuses": []}
+            for _ in range(n):
+                for key, values in results.get(timeout=120).items():
+                    out[key] += values
+            cpu = cpu_seconds(agent.proc.pid) - cpu
+            for proc in procs:
+                proc.join(10)
+            ask.wait(60)
+            statuses = out["statuses"]
+            result[n] = {"ai": out["ai"], "store": out["store"], "expected": n * lines, "cpu": cpu,
+                         "streams": f"{statuses.count(200)} of {n} streams answered 200"
+                                    + (f" (others: {sorted(set(statuses) - {200})})" if set(statuses) - {200} else "")}
+        result["cli"] = cli_latency(lap, lines, every_s)
     finally:
         agent.stop()
+    return result
+
+
+def cli_latency(lap: Laptop, lines: int, every_s: float) -> Dict[str, object]:
+    """The same lines through the laptop CLI: `patchwire ask` prints each AI text line on
+    stderr ("   0.1s stamp <send time>"); the delay is to when that line arrives here."""
+    steps = [{"sleep": 0.3}, {"stamps": lines, "every_s": every_s}]
+    ask = subprocess.Popen(lap.program + ["ask", "--no-apply", "--no-color", script(*steps)], cwd=lap.root,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=lap.env)
+    delays: List[float] = []
+    for raw in ask.stderr:  # type: ignore[union-attr]
+        now = time.time()
+        text = raw.decode("utf-8", "replace")
+        if " stamp " in text:
+            delays.append(now - float(text.rsplit(" stamp ", 1)[1]))
+    ask.wait(60)
+    return {"ai": delays, "expected": lines, "exit": ask.returncode}
+
+
+def capture_ask_body(root: Path, prompt: str) -> dict:
+    """The body the laptop CLI POSTs to /v1/ask, caught on its way out of a real
+    `patchwire ask` run in this process (whatever the sync/ask protocol puts in it)."""
+    clients: List[Any] = [c for c in vars(pw).values() if isinstance(c, type) and callable(getattr(c, "ask", None))
+               and "body" in inspect.signature(c.ask).parameters]
+    if not clients:
+        raise SystemExit("bench: no client class with an ask(body) method in patchwire.py")
+    caught: List[dict] = []
+    originals = {c: c.ask for c in clients}
+
+    def catching(original):
+        def ask(self, body, *args, **kwargs):
+            caught.append(json.loads(json.dumps(body)))
+            return original(self, body, *args, **kwargs)
+        return ask
+    here = os.getcwd()
+    try:
+        for c in clients:
+            c.ask = catching(originals[c])
+        os.chdir(root)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+            code = pw.main(["ask", "--no-apply", "--no-color", prompt])
+    finally:
+        os.chdir(here)
+        for c, original in originals.items():
+            c.ask = original
+    if code != 0 or not caught:
+        raise SystemExit(f"bench: the ask to catch its body failed ({code}): {err.getvalue()[-500:]}")
+    return caught[-1]
+
+
+def job_end(agent: AgentProcess, job: str, token: str, timeout: float = 600) -> dict:
+    """The job once it has ended (polled: the wall time is taken from its `finished`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = agent.json("GET", f"/v1/jobs/{job}", token=token)[1]
+        if info.get("status") in ("done", "failed", "cancelled"):
+            return info
+        time.sleep(0.05)
+    raise SystemExit(f"bench: job {job} did not end within {timeout} s")
+
+
+def queue_figures(tmp: Path, asks: int = 40, users: int = 4, workers: Sequence[int] = (1, 2),
+                  ai_sleeps: Sequence[float] = (0.0, 0.1)) -> List[dict]:
+    """Queue throughput: `asks` asks from `users` users (one thread each, POSTing as fast as
+    the agent answers) against an agent with [jobs] workers = w, for each w and each AI
+    duration. The bodies are those the laptop CLI sent for its last ask (caught once per
+    user, then replayed with a new prompt): the laptop's own sync is not part of the figure.
+    Wall time is from the first POST to the last job's `finished` (the agent's clock)."""
+    names = [f"user{i}" for i in range(users)]
+    out = []
+    for w in workers:
+        agent = AgentProcess(tmp / f"agent-queue{w}", STAND_IN_COMMAND, users=names, jobs={"workers": w}).start()
+        try:
+            bodies = {}
+            for name in names:
+                root = tmp / f"queue{w}-{name}"
+                make_project(root, 20)
+                Laptop(root).init(agent, user=name)
+                bodies[name] = capture_ask_body(root, script({"write": "warm.txt", "text": "warm\n"}))
+            for sleep in ai_sleeps:
+                jobs: Dict[str, List[str]] = {name: [] for name in names}
+                refused: List[str] = []
+
+                def submit(name: str) -> None:
+                    for i in range(asks // users):
+                        steps = ([{"sleep": sleep}] if sleep else []) + [{"write": f"q{i}.txt", "text": f"{i}\n"}]
+                        body = {**bodies[name], "prompt": script(*steps)}
+                        status, answer = agent.json("POST", "/v1/ask", body, token=agent.tokens[name])
+                        if status == 202:
+                            jobs[name].append(answer["id"])
+                        else:
+                            refused.append(f"{status} {answer.get('code')}: {answer.get('error')}")
+                began = time.time()
+                threads = [threading.Thread(target=submit, args=(name,)) for name in names]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(600)
+                posted = time.time() - began
+                ends = [job_end(agent, job, agent.tokens[name]) for name in names for job in jobs[name]]
+                finished = [j for j in ends if j["status"] == "done"]
+                wall = max((j["finished"] for j in ends), default=began) - began
+                out.append({"workers": w, "ai_s": sleep, "asks": asks, "done": len(finished),
+                            "refused": refused[:3], "wall": wall, "posted": posted,
+                            "rate": len(finished) / wall if wall > 0 else 0.0})
+                print(f"  workers {w}, AI {sleep * 1000:.0f} ms: {len(finished)} of {asks} done in {wall:.2f} s "
+                      f"({out[-1]['rate']:.1f} jobs/s; POSTs took {posted:.2f} s)"
+                      + (f"; refused: {refused[:3]}" if refused else ""), flush=True)
+        finally:
+            agent.stop()
+    return out
+
+
+# laptop steps of one ask: (label, function names in patchwire.py, any of which times it).
+# Looked up by name in a cProfile of the real CLI; a name the code no longer has shows as n/a.
+LAPTOP_STEPS = [("sync (all)", ["sync"]), ("  scan", ["scan"]), ("  record", ["record"]),
+                ("  rsync and the rest", ["rsync_argv"]), ("POST /v1/ask -> queued", ["post_ask"]),
+                ("stream until done", ["stream_job"]), ("GET diff", ["diff"]), ("vet", ["vet"]),
+                ("preview", ["preview"]), ("git apply", ["apply"]), ("ask (all)", ["cmd_ask"])]
+AGENT_STEPS = ["setup_ms", "prepare_ms", "links_ms", "ai_ms", "collect_ms", "patch_ms"]
+
+
+def laptop_profile(lap: Laptop, prompt: str, out: Path) -> Tuple[float, Dict[str, Optional[float]], List[str]]:
+    """(wall seconds, {step label: seconds or None}, the 12 slowest patchwire.py functions)
+    of one `patchwire ask --yes` run under cProfile."""
+    import pstats
+    argv = [sys.executable, "-m", "cProfile", "-o", str(out), str(ROOT / "patchwire.py"),
+            "ask", "--yes", "--no-color", prompt]
+    began = time.perf_counter()
+    subprocess.run(argv, cwd=lap.root, env=lap.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   check=True, timeout=600)
+    wall = time.perf_counter() - began
+    stats = pstats.Stats(str(out)).stats  # type: ignore[attr-defined]  # {(file, line, name): (cc, nc, tt, ct, callers)}
+    ours = {key: value for key, value in stats.items() if key[0].endswith("patchwire.py")}
+    by_name: Dict[str, float] = {}
+    for (_, _, name), (_, _, _, cumulative, _) in ours.items():
+        by_name[name] = max(by_name.get(name, 0.0), cumulative)
+    steps: Dict[str, Optional[float]] = {}
+    for label, names in LAPTOP_STEPS:
+        found = [by_name[n] for n in names if n in by_name]
+        steps[label] = max(found) if found else None
+    if steps.get("  rsync and the rest") is not None:  # rsync itself runs in the child: sync minus what is ours
+        own = sum(steps[k] or 0.0 for k in ("  scan", "  record"))
+        steps["  rsync and the rest"] = max(0.0, (steps["sync (all)"] or 0.0) - own)
+    top = sorted(ours.items(), key=lambda kv: -kv[1][3])[:12]
+    return wall, steps, [f"{name} {value[3] * 1000:.0f} ms" for (_, _, name), value in top]
+
+
+def breakdown_figures(tmp: Path, count: int) -> Dict[str, object]:
+    """Where the time of one warm ask of a `count`-file project goes (one file changed): the
+    laptop CLI under cProfile (steps looked up by function name), the agent's own step times
+    (its `finished` event) and its POST /v1/ask request line (audit log: body read, job
+    queued, whole request, ms)."""
+    root = tmp / f"breakdown{count}"
+    make_project(root, count)
+    agent = AgentProcess(tmp / f"agent-breakdown{count}", STAND_IN_COMMAND).start()
+    try:
+        lap = Laptop(root)
+        lap.init(agent)
+        lap.run("ask", "--yes", "--no-color", script({"write": "ai_warm.txt", "text": "warm\n"}), check=0,
+                timeout=600)  # the cold sync
+        (root / "lib" / "user_edit.dart").write_text("// the user's edit\n")
+        wall, steps, top = laptop_profile(lap, script({"write": "ai_breakdown.txt", "text": "1\n"}),
+                                          tmp / "ask.prof")
+        job = lap.last_job()
+        finished = [e for e in agent.events(job) if e["type"] in ("finished", "failed")]
+        timings = (finished[-1].get("timings") or {}) if finished else {}
+        audit = [json.loads(line) for line in (agent.state_dir / "audit.log").read_text().splitlines()
+                 if line.strip()]
+        posts = [r for r in audit if r.get("event") == "request" and r.get("method") == "POST"
+                 and str(r.get("path", "")).startswith("/v1/ask") and r.get("job") == job]
+        request = {k: posts[-1][k] for k in ("body_ms", "queued_ms", "duration_ms", "bytes_in")
+                   if posts and k in posts[-1]}
+        return {"count": count, "wall": wall, "laptop": steps, "top": top, "agent": timings,
+                "request": request}
+    finally:
+        agent.stop()
+
+
+def breakdown_lines(b: Dict[str, object]) -> List[str]:
+    laptop: Dict[str, Optional[float]] = b["laptop"]  # type: ignore[assignment]
+    agent: Dict[str, float] = b["agent"]  # type: ignore[assignment]
+    request: Dict[str, float] = b["request"]  # type: ignore[assignment]
+    lines = [f"One warm `patchwire ask --yes` of a {b['count']:,}-file project, one file changed, "
+             f"{b['wall']:.2f} s under cProfile (which slows Python code down).", "",
+             "Laptop (cumulative ms of the function timing each step; n/a: not found by name):", ""]
+    lines += [f"- {label.strip()}{' (part of sync)' if label.startswith('  ') else ''}: "
+              + (f"{v * 1000:.0f}" if v is not None else "n/a") for label, v in laptop.items()]
+    lines += ["", "Agent: POST /v1/ask " + (", ".join(f"{k.replace('_ms', '')} {v:,.0f} ms" if k != "bytes_in"
+                                                     else f"{v:,} bytes in" for k, v in request.items())
+                                             or "n/a (no audit line)")
+              + " (duration: the whole streamed request, the job included); the job's steps: "
+              + (", ".join(f"{k.replace('_ms', '')} {agent[k]:,.0f}" for k in AGENT_STEPS if k in agent) or "n/a")
+              + " ms.", "", "The slowest patchwire.py functions (cumulative): " + "; ".join(b["top"]) + "."]  # type: ignore[arg-type]
+    return lines
 
 
 def idle_rss_with_bytecode(tmp: Path) -> int:
@@ -307,90 +581,185 @@ def idle_rss_with_bytecode(tmp: Path) -> int:
 # ================================================================== report
 
 
-def machine() -> str:
+def machine(zipapp: Optional[Path] = None) -> str:
     git_version = subprocess.run(["git", "--version"], capture_output=True, text=True).stdout.strip()
     rsync_version = subprocess.run(["rsync", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit}, {os.cpu_count()} cores, "
-            f"{platform.platform()}, Python {platform.python_version()}, {git_version}, {rsync_version}")
+            f"{platform.platform()}, Python {platform.python_version()}, {git_version}, {rsync_version}"
+            + (f"; agent from the zipapp {zipapp.name} ({zipapp.stat().st_size:,} bytes)" if zipapp else ""))
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+PARTS = ("asks", "breakdown", "queue", "preview", "startup", "memory", "streams")
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[200, 2000, 20000])
     ap.add_argument("--big", action="store_true", help="also 100,000 files (slow to generate)")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--ssh-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[200, 20000],
                     help="sizes also measured over SSH")
-    ap.add_argument("--asks", type=int, default=100, help="asks for the agent memory figure")
+    ap.add_argument("--asks", type=int, default=500, help="asks for the agent memory figure (500)")
+    ap.add_argument("--breakdown-size", type=int, default=20000,
+                    help="files in the project of the per-step breakdown (default 20,000)")
+    ap.add_argument("--queue-asks", type=int, default=40, help="asks for the queue throughput figure (4 users)")
+    ap.add_argument("--zipapp", type=Path, default=None,
+                    help="the agent zipapp (e.g. dist/patchwire-agent) for the memory and start-up figures; "
+                         "by default the agent runs from source")
+    ap.add_argument("--only", type=lambda s: [x for x in s.split(",") if x], default=list(PARTS),
+                    help="comma-separated parts to run (a partial run only prints): " + ",".join(PARTS))
     ap.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     ap.add_argument("--quick", action="store_true",
-                    help="a smoke run (tests/test_bench.py): 200 files, local, 1 round, no memory figures")
+                    help="a smoke run (tests/test_bench.py): 200 files, local, 1 round, a 200-file breakdown, "
+                         "no queue, memory or stream figures")
     args = ap.parse_args(argv)
+    unknown = set(args.only) - set(PARTS)
+    if unknown:
+        ap.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}; the parts are {', '.join(PARTS)}")
     if args.quick:
         args.sizes, args.ssh_sizes, args.repeat, args.no_write = [200], [], 1, True
+        args.breakdown_size = 200
+        args.only = [p for p in args.only if p in ("asks", "breakdown", "preview", "startup")]
+    if args.zipapp is not None:
+        args.zipapp = args.zipapp.resolve()
+    return args
+
+
+def asks_lines(args, tmp: Path, stack: ExitStack) -> List[str]:
     sizes = args.sizes + ([100000] if args.big else [])
-    lines = ["# Benchmark results (`python3 bench/ask.py`)", "", machine(), ""]
+    server = None
+    if any(s in args.ssh_sizes for s in sizes):
+        from sshd import running_sshd
+        server = stack.enter_context(running_sshd(tmp / "sshd"))
+    print("warm asks (s):", flush=True)
+    results = {n: run_size(tmp, n, args.repeat, server if n in args.ssh_sizes else None, stack) for n in sizes}
+    lines = ["## Warm ask against the hand-written script", "",
+             f"Seconds, median (min-max) of {args.repeat} interleaved rounds; one file changed per round.", "",
+             "| files | mode | Patchwire | baseline | ratio |", "|---|---|---|---|---|"]
+    for n, res in results.items():
+        for mode in ("local", "ssh"):
+            if f"pw {mode}" in res:
+                a, b = res[f"pw {mode}"], res[f"base {mode}"]
+                lines.append(f"| {n:,} | {mode} | {spread(a)} | {spread(b)} | "
+                             f"{statistics.median(a) / statistics.median(b):.1f}x |")
+    lines += ["", "No-change `patchwire sync` against a bare `rsync -a --files-from` of the same list, local (s):", "",
+              "| files | patchwire sync | bare rsync | ratio |", "|---|---|---|---|"]
+    for n, res in results.items():
+        a, b = res["pw sync"], res["bare rsync"]
+        lines.append(f"| {n:,} | {spread(a)} | {spread(b)} | {statistics.median(a) / statistics.median(b):.1f}x |")
+    if len(results) > 1:
+        lo, hi = min(results), max(results)
+        g = statistics.median(results[hi]["pw local"]) / statistics.median(results[lo]["pw local"])
+        gb = statistics.median(results[hi]["base local"]) / statistics.median(results[lo]["base local"])
+        lines += ["", f"Growth {lo:,} -> {hi:,} files, local: Patchwire {g:.1f}x, baseline {gb:.1f}x."]
+    return lines + [""]
+
+
+def queue_lines(args, tmp: Path) -> List[str]:
+    print("queue throughput:", flush=True)
+    rows = queue_figures(tmp, asks=args.queue_asks)
+    lines = ["## Queue throughput", "",
+             f"{args.queue_asks} asks from 4 users (a thread each, POSTing as fast as the agent answers the "
+             "body the laptop CLI sent for its last ask, a new prompt each) against an agent with "
+             "`[jobs] workers` = 1, then 2; the stand-in AI edits one file, at once or after a 100 ms "
+             "sleep. Wall time from the first POST to the last job's end.", "",
+             "| workers | AI | done | wall (s) | jobs/s | POSTs (s) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['workers']} | {r['ai_s'] * 1000:.0f} ms | {r['done']} of {r['asks']} | {r['wall']:.2f} | "
+                     f"{r['rate']:.1f} | {r['posted']:.2f} |")
+        if r["refused"]:
+            lines.append(f"| | refused: {'; '.join(r['refused'])} | | | | |")
+    for sleep in sorted({r["ai_s"] for r in rows}):
+        rate = {r["workers"]: r["rate"] for r in rows if r["ai_s"] == sleep}
+        if rate.get(1) and 2 in rate:
+            lines.append(f"\n2 workers against 1, AI {sleep * 1000:.0f} ms: {rate[2] / rate[1]:.1f}x the jobs per second.")
+    return lines + [""]
+
+
+def streams_lines(tmp: Path, streams: Dict[object, object]) -> List[str]:
+    lines = ["## AI line -> streaming clients", "",
+             "The stand-in AI writes 200 stream-json text lines 3 ms apart, each carrying its send time "
+             "(time.time()); each client (http.client on its own connection to /v1/jobs/ID/events, in its "
+             "own process) notes when the line arrives. \"store\" starts at the event's stored time "
+             "instead (ms resolution). Agent CPU: user + system during the job.", ""]
+    cli: dict = streams.get("cli") or {}  # type: ignore[assignment]
+    if cli.get("ai"):
+        lines.append(f"- the laptop CLI (`patchwire ask`, each line as it prints it on stderr): {len(cli['ai'])} of "
+                     f"{cli['expected']} lines; AI -> terminal {percentiles(cli['ai'])}; exit {cli['exit']}.")
+    elif cli:
+        lines.append(f"- the laptop CLI: no line arrived; exit {cli['exit']}.")
+    for n in (k for k in streams if isinstance(k, int)):
+        fig: dict = streams[n]  # type: ignore[assignment]
+        who = f"{n} client{'s' if n > 1 else ''}"
+        if fig["ai"]:
+            lines.append(f"- {who}: {len(fig['ai'])} of {fig['expected']} lines; AI -> client "
+                         f"{percentiles(fig['ai'])}; store -> client {percentiles(fig['store'])}; agent CPU "
+                         f"{fig['cpu']:.2f} s; {fig['streams']}.")
+        else:
+            lines.append(f"- {who}: no line arrived; {fig['streams']}.")
+    return lines + [""]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    command = " ".join(["python3", "bench/ask.py", *(str(a) for a in (sys.argv[1:] if argv is None else argv))])
+    lines = [f"# Benchmark results (`{command}`)", "", machine(args.zipapp), ""]
     with tempfile.TemporaryDirectory(prefix="patchwire-bench-ask-") as tmpdir, ExitStack() as stack:
         tmp = Path(tmpdir)
         os.environ["HOME"] = str(tmp / "home")
         (tmp / "home").mkdir()
-        server = None
-        if any(s in args.ssh_sizes for s in sizes):
-            from sshd import running_sshd
-            server = stack.enter_context(running_sshd(tmp / "sshd"))
-        print("warm asks (s):", flush=True)
-        results = {n: run_size(tmp, n, args.repeat, server if n in args.ssh_sizes else None, stack) for n in sizes}
-        lines += ["## Warm ask against the hand-written script", "",
-                  f"Seconds, median (min-max) of {args.repeat} interleaved rounds; one file changed per round.", "",
-                  "| files | mode | Patchwire | baseline | ratio |", "|---|---|---|---|---|"]
-        for n, res in results.items():
-            for mode in ("local", "ssh"):
-                if f"pw {mode}" in res:
-                    a, b = res[f"pw {mode}"], res[f"base {mode}"]
-                    lines.append(f"| {n:,} | {mode} | {spread(a)} | {spread(b)} | "
-                                 f"{statistics.median(a) / statistics.median(b):.1f}x |")
-        lines += ["", "No-change `patchwire sync` against a bare `rsync -a --files-from` of the same list, local (s):", "",
-                  "| files | patchwire sync | bare rsync | ratio |", "|---|---|---|---|"]
-        for n, res in results.items():
-            a, b = res["pw sync"], res["bare rsync"]
-            lines.append(f"| {n:,} | {spread(a)} | {spread(b)} | {statistics.median(a) / statistics.median(b):.1f}x |")
-        if len(results) > 1:
-            lo, hi = min(results), max(results)
-            g = statistics.median(results[hi]["pw local"]) / statistics.median(results[lo]["pw local"])
-            gb = statistics.median(results[hi]["base local"]) / statistics.median(results[lo]["base local"])
-            lines += ["", f"Growth {lo:,} -> {hi:,} files, local: Patchwire {g:.1f}x, baseline {gb:.1f}x."]
-        colour, plain = preview_figures()
-        lines += ["", "## Coloured preview of a 10,000-line diff", "",
-                  f"Coloured {spread(colour, 1000, '{:.0f}')} ms, uncoloured {spread(plain, 1000, '{:.0f}')} ms."]
-        print(lines[-1], flush=True)
-        start = startup_figures(tmp, 2 if args.quick else 7)
-        lines += ["", "## Start-up (ms, median (min-max))", ""]
-        lines += [f"- `patchwire {k}`: {spread(v, 1000, '{:.0f}')}" if not k.startswith("python")
-                  else f"- bare `{k}`: {spread(v, 1000, '{:.0f}')}" for k, v in start.items()]
-        print("\n".join(lines[-3:]), flush=True)
-        if args.quick:
-            print("\n".join(lines))
-            return 0
-        mem = agent_memory(tmp, args.asks)
-        streams = streaming_figures(tmp)
-        mem["idle, from cached bytecode"] = idle_rss_with_bytecode(tmp)
-        mem["with 50 streaming clients"] = streams["rss with streams kB"]
-        lines += ["", "## Agent memory (VmRSS)", "", ", ".join(f"{k}: {v / 1024:.1f} MB" for k, v in mem.items())]
-        print(lines[-1], flush=True)
-        d = streams["delays"]
-        if d:
-            lines += ["", "## Event latency, agent store -> 50 streaming clients", "",
-                      f"{len(d)} deliveries: median {statistics.median(d) * 1000:.1f} ms, "
-                      f"p95 {d[int(len(d) * 0.95)] * 1000:.1f} ms, max {d[-1] * 1000:.1f} ms "
-                      "(the event's stored time has ms resolution); " + streams["streams"] + "."]
-            print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
+        agent_program = [sys.executable, str(args.zipapp)] if args.zipapp else None
+        if "asks" in args.only:
+            lines += asks_lines(args, tmp, stack)
+        if "breakdown" in args.only:
+            print(f"breakdown of one {args.breakdown_size:,}-file ask:", flush=True)
+            part = ["## Per-step breakdown of one ask", ""] + breakdown_lines(breakdown_figures(tmp, args.breakdown_size))
+            print("\n".join(part), flush=True)
+            lines += part + [""]
+        if "queue" in args.only:
+            lines += queue_lines(args, tmp)
+        if "preview" in args.only:
+            colour, plain = preview_figures()
+            lines += ["## Coloured preview of a 10,000-line diff", "",
+                      f"Coloured {spread(colour, 1000, '{:.0f}')} ms, uncoloured {spread(plain, 1000, '{:.0f}')} ms.", ""]
+            print(lines[-2], flush=True)
+        if "startup" in args.only:
+            start = startup_figures(tmp, 2 if args.quick else 7, args.zipapp)
+            part = ["## Start-up (ms, median (min-max))", ""]
+            part += [f"- `patchwire {k}`: {spread(v, 1000, '{:.0f}')}" if not k.startswith(("python", "zipapp"))
+                     else f"- {k}: {spread(v, 1000, '{:.0f}')}" if k.startswith("zipapp")
+                     else f"- bare `{k}`: {spread(v, 1000, '{:.0f}')}" for k, v in start.items()]
+            print("\n".join(part), flush=True)
+            lines += part + [""]
+        mem: Dict[str, int] = {}
+        if "memory" in args.only:  # first: from a zipapp, this agent is the start that unpacks it
+            mem = agent_memory(tmp, args.asks, program=agent_program)
+            if not args.zipapp:
+                mem["idle, from cached bytecode"] = idle_rss_with_bytecode(tmp)
+        streams: Dict[object, object] = {}
+        if "streams" in args.only:
+            streams = streaming_figures(tmp, program=agent_program)
+        if mem:
+            if "rss with streams kB" in streams:
+                mem["with 50 streaming clients"] = streams["rss with streams kB"]  # type: ignore[assignment]
+            where = (f"the zipapp {args.zipapp.name} (its first start, which unpacks it)" if args.zipapp
+                     else "source (PYTHONDONTWRITEBYTECODE=1)")
+            lines += ["## Agent memory (VmRSS)", "", f"Agent run from {where}: "
+                      + ", ".join(f"{k}: {v / 1024:.1f} MB" for k, v in mem.items()), ""]
+            print(lines[-2], flush=True)
+        if streams:
+            part = streams_lines(tmp, streams)
+            print("\n".join(part), flush=True)
+            lines += part
+    text = "\n".join(lines).rstrip("\n") + "\n"
     print(text)
-    if not args.no_write:  # the hand-written notes at the end of the file stay
+    if not args.no_write and set(args.only) != set(PARTS):
+        print("(--only: a partial run leaves bench/RESULTS.md alone)")
+    elif not args.no_write:  # the hand-written notes at the end of the file stay
         path = ROOT / "bench" / "RESULTS.md"
         old = path.read_text() if path.exists() else ""
-        path.write_text(text + (old[old.index(NOTES):] if NOTES in old else "\n" + NOTES + "\n"))
+        path.write_text(text + "\n" + (old[old.index(NOTES):] if NOTES in old else NOTES + "\n"))
     return 0
 
 

@@ -14,6 +14,8 @@ exit (code, no result line), error (is_error true, exit 1), deny (tool name; exi
 permission_denials), hang (sleeps forever, with a child in its process group), spawn_ignoring_term,
 usage (the result's `usage` object; with "cost": its total_cost_usd).
 raw (a line printed as is), raw_big (a line of N bytes), link [target, path] (a symlink),
+stamps (N assistant text lines "stamp <time.time()>", each stamped as it is written, every_s
+apart, default 0.003: the bench's AI line -> client latency),
 copy [source, path] (reads a file, anywhere, into another), fill [path, MiB] (writes zeros).
 Paths are relative to the cwd, or absolute: a confinement test aims them outside.
 Without a script it makes one small, visible edit: it adds a line to PATCHWIRE_DEMO.md.
@@ -156,6 +158,10 @@ class StandIn:
                 for _ in range(mib):
                     f.write(b"\0" * 1048576)
             self.tool("Write", {"file_path": self.path(path), "content": "(zeros)"})
+        elif "stamps" in step:
+            for _ in range(step["stamps"]):
+                time.sleep(step.get("every_s", 0.003))
+                self.assistant({"type": "text", "text": "stamp %r" % time.time()})
         elif "sleep" in step:
             time.sleep(step["sleep"])
         elif "wait_file" in step:  # a gate the test opens: jobs that wait without timed sleeps
