@@ -441,7 +441,10 @@ def queue_figures(tmp: Path, asks: int = 40, users: int = 4, workers: Sequence[i
                 root = tmp / f"queue{w}-{name}"
                 make_project(root, 20)
                 Laptop(root).init(agent, user=name)
-                bodies[name] = capture_ask_body(root, script({"write": "warm.txt", "text": "warm\n"}))
+                body = capture_ask_body(root, script({"write": "warm.txt", "text": "warm\n"}))
+                # a first ask is of every file; the steady state is an ask of changes (none here)
+                body.pop("files", None)
+                bodies[name] = {**body, "base": body["tree"], "changed": [], "deleted": []}
             for sleep in ai_sleeps:
                 jobs: Dict[str, List[str]] = {name: [] for name in names}
                 refused: List[str] = []
