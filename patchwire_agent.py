@@ -119,7 +119,7 @@ from pathlib import Path
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 import patchwire as pw
-from patchwire import Git, PatchwireError, UsageError
+from patchwire import Git, PatchwireError, ProcessError, UsageError
 
 __version__ = pw.__version__
 log = logging.getLogger("patchwire-agent")
@@ -912,7 +912,13 @@ class ProjectRepo:
                     pw.remove_file(self.mirror, path)
                 except (OSError, PatchwireError):
                     pass  # already gone, or beneath a link: the index drops it all the same
-            pw.update_index_paths(git, changed, deleted)
+            try:
+                pw.update_index_paths(git, changed, deleted)
+            except ProcessError as e:  # a folder, or a path beneath a symlink: not what was sent
+                (self.home / "snapshot.tree").unlink(missing_ok=True)  # the index may hold part of it
+                raise Conflict(f"the box's copy of the project cannot hold what the laptop sent: {e.message}",
+                               "sync again (patchwire sync --force)", code=pw.CODE_TREE_MISMATCH,
+                               paths=changed[:200])
             got = self._write_snapshot_tree(git)
             if got != tree:
                 raise Conflict(f"the box's copy of the project differs from what the laptop sent in "

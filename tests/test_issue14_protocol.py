@@ -138,7 +138,9 @@ def test_the_changes_form_is_checked(laptop, agent):
             ({"changed": ["../escape"]}, 400, "unsafe path"),
             ({"deleted": [".git/config"]}, 400, "unsafe path"),
             ({"changed": "README.md"}, 400, "changed must be a list of paths"),
-            ({"tree": "1" * 40}, 409, "differs from what the laptop sent")):
+            ({"tree": "1" * 40}, 409, "differs from what the laptop sent"),
+            ({"changed": ["src"]}, 409, "cannot hold what the laptop sent"),  # a folder in the mirror
+            ({"changed": ["README.md"]}, 409, "not the one the laptop last sent")):  # after that refusal
         status, answer = agent.json("POST", "/v1/ask", {**ask, **bad})
         assert (status, words in answer["error"]) == (code, True), (bad, answer)
         if status == 409:
