@@ -1175,6 +1175,7 @@ class Project:
         self.name = project
         self.user_git: Optional[Git] = None
         self.user_objects: Optional[Path] = None
+        self._changes: Dict[Tuple[str, str], Tuple[List[str], List[str]]] = {}
         probe = run(["git", "rev-parse", "--is-inside-work-tree", "--git-dir", "--git-common-dir",
                      "--show-prefix"], cwd=root, env=clean_env(), check=False)
         lines = probe.stdout.decode("utf-8", "surrogateescape").splitlines()[:4]
@@ -1385,12 +1386,15 @@ class Project:
     def changes(self, old_tree: str, tree: str) -> Tuple[List[str], List[str]]:
         """(paths added or changed by content or mode, paths deleted) from one record to the
         next: git compares the two trees, skipping every folder whose tree id is the same."""
-        out = self.git("diff-tree", "-r", "-z", "--no-renames", "--name-status", old_tree, tree).split(b"\0")
-        changed: List[str] = []
-        deleted: List[str] = []
-        for status, raw in zip(out[0::2], out[1::2]):
-            (deleted if status == b"D" else changed).append(_dec(raw))
-        return changed, deleted
+        if (old_tree, tree) not in self._changes:  # a sync asks twice: for rsync and for the agent
+            out = self.git("diff-tree", "-r", "-z", "--no-renames", "--name-status", old_tree, tree).split(b"\0")
+            changed: List[str] = []
+            deleted: List[str] = []
+            for status, raw in zip(out[0::2], out[1::2]):
+                (deleted if status == b"D" else changed).append(_dec(raw))
+            self._changes[(old_tree, tree)] = (changed, deleted)
+        changed, deleted = self._changes[(old_tree, tree)]
+        return list(changed), list(deleted)
 
     def _own_borrowed(self, tree: str) -> None:
         """Copy into Patchwire's store the recorded blobs it finds only in the user's store
@@ -3146,7 +3150,7 @@ class Session:
         snapshot of this project was made from (`indexed`, which a sync without an ask leaves
         behind the mirror). No base after a full sync, or when paths are sent again."""
         indexed = last.get("indexed")
-        if resend or not indexed or not self.project.recorded(indexed):
+        if resend or not indexed or (indexed != last.get("tree") and not self.project.recorded(indexed)):
             return None, [], []
         changed, deleted = self.project.changes(indexed, tree)
         return indexed, changed, deleted
