@@ -1176,8 +1176,9 @@ class Project:
         self.user_git: Optional[Git] = None
         self.user_objects: Optional[Path] = None
         self._changes: Dict[Tuple[str, str], Tuple[List[str], List[str]]] = {}
-        probe = run(["git", "rev-parse", "--is-inside-work-tree", "--git-dir", "--git-common-dir",
-                     "--show-prefix"], cwd=root, env=clean_env(), check=False)
+        # the user's own git (not neutral): their core.excludesFile and the like decide the listing
+        probe = Git(cwd=root, neutral=False).run("rev-parse", "--is-inside-work-tree", "--git-dir",
+                                                 "--git-common-dir", "--show-prefix", check=False)
         lines = probe.stdout.decode("utf-8", "surrogateescape").splitlines()[:4]
         key = hashlib.sha256(str(root.resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:16]
         self.private_dir = state_dir() / "projects" / f"{default_project_name(root)}-{key}"
@@ -1457,7 +1458,8 @@ def _ignored_folder(root: Path, probe: List[str]) -> bool:
     .gitignore) is a project without git: its files are none of that repository's."""
     if len(probe) < 4 or not probe[3]:
         return False  # the repository's top level
-    return run(["git", "check-ignore", "-q", "."], cwd=root, env=clean_env(), check=False).returncode == 0
+    git = Git(cwd=root, neutral=False).with_env(GIT_LITERAL_PATHSPECS="0")  # check-ignore refuses it
+    return git.run("check-ignore", "-q", ".", check=False).returncode == 0
 
 
 class FilesMoved(PatchwireError):
