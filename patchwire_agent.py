@@ -3717,16 +3717,20 @@ def box_check(name: str, ok: bool, detail: str, fix: str = "") -> dict:
     return {"name": name, "ok": ok, "detail": detail, **({"fix": fix} if not ok else {})}
 
 
-def check_program(name: str, fix: str) -> dict:
+def check_program(name: str, fix: str, version: Optional[Callable[[], bytes]] = None) -> dict:
+    """Whether `name` is on PATH, and its first line of `--version` (`version()` says it
+    differently: git's goes through pw.Git like every git call)."""
     found = shutil.which(name)
     if not found:
         return box_check(name, False, f"{name} is not installed", fix)
-    first = pw.run([found, "--version"], check=False).stdout.decode(errors="replace").splitlines()
+    said = version() if version else pw.run([found, "--version"], check=False).stdout
+    first = said.decode(errors="replace").splitlines()
     return box_check(name, True, f"{' '.join(first[0].split()) if first else 'unknown version'} ({found})")
 
 
 def check_git(cfg: AgentConfig) -> dict:
-    return check_program("git", "install git (Debian/Ubuntu: sudo apt install git; macOS: xcode-select --install)")
+    return check_program("git", "install git (Debian/Ubuntu: sudo apt install git; macOS: xcode-select --install)",
+                         lambda: pw.Git().run("--version", check=False).stdout)
 
 
 def check_rsync(cfg: AgentConfig) -> dict:
