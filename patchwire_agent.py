@@ -536,9 +536,15 @@ class Store:
             row = self.db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return [json.loads(r[0]) for r in rows], (row[0] if row else None)
 
-    def wait(self, timeout: float) -> None:
+    def wait_for_event(self, job_id: str, after: int, timeout: float) -> bool:
+        """Until the job has an event after `after`, at most `timeout` s; whether it has.
+        Checked under the lock add_event notifies under: an event added after the reader's
+        last read and before this wait wakes it at once (a bare wait would sleep through it)."""
+        def newer() -> bool:
+            row = self.db.execute("SELECT last_seq FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            return bool(row) and row[0] > after
         with self.changed:
-            self.changed.wait(timeout)
+            return self.changed.wait_for(newer, timeout)
 
     def patch_path(self, job_id: str) -> Path:
         return self.patch_dir / f"{job_id}.patch"
@@ -2775,11 +2781,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 break
             if events:
                 quiet_since = time.monotonic()
-            elif time.monotonic() - quiet_since > HEARTBEAT_S:
+            elif time.monotonic() - quiet_since >= HEARTBEAT_S:
                 self.write_chunk(b"\n")  # keeps proxies open and finds clients that left
                 quiet_since = time.monotonic()
             else:
-                store.wait(1.0)
+                store.wait_for_event(job_id, after, HEARTBEAT_S - (time.monotonic() - quiet_since))
         self.write_chunk(b"")
 
     def write_chunk(self, data: bytes) -> None:

@@ -154,3 +154,23 @@ def test_every_git_call_goes_through_git():
     for path in (LAPTOP, AGENT):
         offenders = git_run_calls(path.read_text()) - GIT_OUTSIDE_GIT_ALLOWED
         assert not offenders, f"{path.name}: {sorted(offenders)} run git around `Git` (use Git(...))"
+
+
+def test_http_threads_and_cancel_wait_on_events_not_sleeps():
+    """A cancel waits for the job's end on a threading.Event that finish() sets, and an event
+    stream on the store's condition; no request handler polls with time.sleep. The one
+    sleep allowed is Handler.authenticate's, on purpose: it answers a repeatedly wrong token late."""
+    tree = ast.parse(AGENT.read_text())
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    methods = {f"{c}.{m.name}": m for c in ("Handler", "Agent") for m in classes[c].body
+               if isinstance(m, ast.FunctionDef)}
+    checked = [name for name in methods if name.startswith("Handler.")] + ["Agent.cancel"]
+    sleeping = sorted(name for name in checked
+                      for n in ast.walk(methods[name]) if isinstance(n, ast.Call)
+                      and isinstance(n.func, ast.Attribute) and n.func.attr == "sleep")
+    assert sleeping == ["Handler.authenticate"], sleeping
+    cancel = methods["Agent.cancel"]
+    assert not [n for n in ast.walk(cancel) if isinstance(n, ast.While)], "Agent.cancel loops"
+    waits = [n.func.value for n in ast.walk(cancel) if isinstance(n, ast.Call)
+             and isinstance(n.func, ast.Attribute) and n.func.attr == "wait"]
+    assert [getattr(w, "id", "") for w in waits] == ["ended"]  # the job's end Event
