@@ -2725,6 +2725,7 @@ class ThreeWayMerge:
         for name, data in (("ours", ours), ("base", base), ("theirs", theirs)):
             (folder / name).write_bytes(data)
             files.append(str(folder / name))
+        # the user's merge.conflictStyle (diff3, zdiff3) still applies: the markers are theirs to resolve
         proc = self.git.run("merge-file", "-p", "-L", f"{path} (yours)", "-L", f"{path} (synced)",
                             "-L", f"{path} (AI)", *files, check=False)
         if proc.returncode < 0 or proc.returncode > 127:
@@ -2962,7 +2963,7 @@ def confirm_word(prompt: str, word: str, answers=None) -> bool:
     """Whether the line read from `answers` (stdin) is `word`; no input at all is a no."""
     say(prompt)
     try:
-        return (answers or sys.stdin).readline().strip().lower() == word
+        return (answers if answers is not None else sys.stdin).readline().strip().lower() == word
     except (OSError, ValueError):
         return False
 
