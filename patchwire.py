@@ -335,9 +335,9 @@ class Git:
         return argv + list(args)
 
     def run(self, *args: str, input: Optional[bytes] = None, check: bool = True,
-            timeout: float = 600) -> subprocess.CompletedProcess:
+            timeout: float = 600, hint: str = "") -> subprocess.CompletedProcess:
         return run(self.argv(args), cwd=self.cwd, env=self.env, input=input, check=check,
-                   timeout=timeout, hint="")
+                   timeout=timeout, hint=hint)
 
     def __call__(self, *args: str, input: Optional[bytes] = None, timeout: float = 600) -> bytes:
         return self.run(*args, input=input, timeout=timeout).stdout
@@ -360,7 +360,7 @@ def prepare_private_git_dir(path: Path, bare: bool = True) -> None:
     """A git dir of Patchwire's own with neutral attributes (idempotent)."""
     if not (path / "HEAD").exists():
         path.mkdir(parents=True, exist_ok=True)
-        run(["git", "init", "-q", "--bare" if bare else "-q", str(path)], env=clean_env())
+        Git(cwd=path)("init", "-q", "--bare" if bare else "-q", str(path))
     info = path / "info"
     info.mkdir(exist_ok=True)
     attributes = info / "attributes"
@@ -2721,18 +2721,24 @@ class Chooser:
 class Applier:
     """Applies a patch to the project: plainly when the files still match what was synced
     (`git apply --check`, then `git apply`: all or nothing); otherwise, in a git repository,
-    by 3-way merging each file against the synced version (whose blobs are in the local
-    object store since the sync). Saves what it overwrites, for `patchwire apply --undo`.
+    by 3-way merging each file against the synced version (ThreeWayMerge), asking before it
+    writes conflict markers (ask_keep_conflicts). What it overwrites goes to the UndoLog
+    first, for `patchwire apply --undo`.
 
     The patch is vetted first (split_patch, then vet_on_disk): a refused patch changes
-    nothing. `protected` names more project paths no patch may touch (a token file)."""
+    nothing. `protected` names more project paths no patch may touch (a token file);
+    `answers` is where the conflict question reads its answer (stdin by default)."""
 
-    def __init__(self, project: Project, style: Style, protected: Sequence[str] = (), job: str = ""):
+    def __init__(self, project: Project, style: Style, protected: Sequence[str] = (), job: str = "",
+                 answers=None):
         self.project = project
         self.git = project.git
         self.style = style
         self.protected = protected
         self.job = job  # named in hints
+        self.answers = answers
+        self.merger = ThreeWayMerge(project)
+        self.undo_log = UndoLog(project)
 
     def apply(self, patch: bytes, base_tree: Optional[str], keep_conflicts: Optional[bool]) -> dict:
         files = vet_on_disk(self.project.root, split_patch(patch), self.protected)
@@ -2740,7 +2746,7 @@ class Applier:
         gone = removed_links(self.project.root, files)
         check = self.git.run("apply", "--check", "--binary", "-", input=patch, check=False)
         if check.returncode == 0:
-            before = self.save(paths, gone)
+            before = self.undo_log.save(paths, gone)
             self.git("apply", "--binary", "-", input=patch)
             return self.done(before, "plain", paths, [])
         failure = describe_apply_failure(check.stderr)
@@ -2754,24 +2760,61 @@ class Applier:
                              "3-way merge; nothing was changed:\n" + failure,
                              "ask again from this project (the box's word on what the job started "
                              "from is never used)")
-        if not self._have(base_tree):
+        if not self.merger.have(base_tree):
             raise PatchError("the patch does not apply and the synced version is not here for a "
                              "3-way merge; nothing was changed:\n" + failure, "ask again")
-        merged = self.merge(patch, base_tree, gone)
+        merged = self.merger.merge(patch, base_tree, gone)
         check_merged_writes(self.project.root, merged)
         conflicts = [path for path, (_, _, n) in merged.items() if n]
-        if conflicts and not self._keep_conflicts(merged, conflicts, keep_conflicts):
+        if conflicts and not ask_keep_conflicts({p: merged[p][0] for p in conflicts}, self.style,
+                                                keep_conflicts, self.answers):
             raise PatchError("the AI's change and yours overlap in " + ", ".join(map(sanitize, conflicts)) +
                              "; nothing was changed",
                              f"resolve by hand: `patchwire diff {self.job}` shows the AI's change; "
                              f"or run `patchwire apply {self.job} --keep-conflicts` to get conflict markers")
-        before = self.save(list(merged), gone)
+        before = self.undo_log.save(list(merged), gone)
         self.write(merged, before)
         return self.done(before, "3-way", list(merged), conflicts)
 
-    # --- 3-way
+    def write(self, merged: Dict[str, Tuple[Optional[bytes], str, int]], before: List[dict]) -> None:
+        """All files or none: on any failure (or Ctrl-C) the files written so far go back.
+        Deletions go first, deepest first: a symlink the patch removes is gone before
+        anything is written where it was."""
+        written: List[str] = []
+        try:
+            for path in in_write_order(merged, lambda p: merged[p][0] is None):
+                data, mode, _ = merged[path]
+                written.append(path)
+                write_worktree(self.project.root, path, data, mode)
+        except (OSError, PatchwireError, KeyboardInterrupt) as e:
+            saved = {entry["path"]: entry for entry in before}
+            # the last one failed: write_worktree replaces atomically
+            self.undo_log.put_back([saved[path] for path in reversed(written[:-1])])
+            raise PatchError(f"could not write {sanitize(written[-1])}: {sanitize(str(e))}; the files "
+                             "written so far were put back, nothing was changed",
+                             "fix the cause and apply again")
 
-    def _have(self, tree: str) -> bool:
+    def done(self, before: List[dict], how: str, paths: Sequence[str], conflicts: List[str]) -> dict:
+        self.undo_log.record(before)
+        return {"how": how, "files": list(paths), "conflicts": conflicts}
+
+    def undo(self) -> List[str]:
+        return self.undo_log.undo()
+
+
+# --- the 3-way merge
+
+
+class ThreeWayMerge:
+    """Merges a patch with the files here, file by file, against the synced version the job
+    started from (a sync record, whose blobs are in Patchwire's store since the sync):
+    computes the merged bytes and counts conflicts, and writes nothing in the project."""
+
+    def __init__(self, project: Project):
+        self.project = project
+        self.git = project.git
+
+    def have(self, tree: str) -> bool:
         return self.git.run("cat-file", "-e", tree + "^{tree}", check=False).returncode == 0
 
     def merge(self, patch: bytes, base_tree: str, gone: set) -> Dict[str, Tuple[Optional[bytes], str, int]]:
@@ -2789,14 +2832,16 @@ class Applier:
         out: Dict[str, Tuple[Optional[bytes], str, int]] = {}
         for status, old, new in diff_tree(self.git, base_tree, theirs_tree):
             if status == "R":
-                out[old] = self._merge_one(old, base_tree, None, gone)
-                out[new] = self._merge_one(old, base_tree, (theirs_tree, new), gone, new)
+                out[old] = self.merge_one(old, base_tree, None, gone)
+                out[new] = self.merge_one(old, base_tree, (theirs_tree, new), gone, new)
             else:
-                out[new] = self._merge_one(new, base_tree, (theirs_tree, new) if status != "D" else None, gone)
+                out[new] = self.merge_one(new, base_tree, (theirs_tree, new) if status != "D" else None, gone)
         return out
 
-    def _merge_one(self, path: str, base_tree: str, theirs: Optional[Tuple[str, str]], gone: set,
-                   dest: Optional[str] = None):
+    def merge_one(self, path: str, base_tree: str, theirs: Optional[Tuple[str, str]], gone: set,
+                  dest: Optional[str] = None) -> Tuple[Optional[bytes], str, int]:
+        """One file: `path` in `base_tree`, the file here, and `theirs` ((tree, path) of the
+        AI's version, None when the AI deleted it), ending up at `dest`."""
         base = self.project.recorded_file(base_tree, path)
         other = self.project.recorded_file(*theirs) if theirs else None
         dest = dest or path
@@ -2814,82 +2859,91 @@ class Applier:
         mode = other[1] if base and base[1] == ours[1] else ours[1]
         if b"\0" in (ours[0] + other[0] + (base[0] if base else b""))[:8000]:
             return ours[0], mode, 1
-        merged, conflicts = self._merge_file(path, ours[0], base[0] if base else b"", other[0])
+        merged, conflicts = self.merge_file(path, ours[0], base[0] if base else b"", other[0])
         return merged, mode, conflicts
 
-    def _merge_file(self, path: str, ours: bytes, base: bytes, theirs: bytes) -> Tuple[bytes, int]:
+    def merge_file(self, path: str, ours: bytes, base: bytes, theirs: bytes) -> Tuple[bytes, int]:
+        """(merged bytes, number of conflicts) of one text file, by `git merge-file`."""
         folder = self.project.private_dir / "merge"
         folder.mkdir(exist_ok=True)
         files = []
         for name, data in (("ours", ours), ("base", base), ("theirs", theirs)):
             (folder / name).write_bytes(data)
             files.append(str(folder / name))
-        proc = run(["git", "merge-file", "-p", "-L", f"{path} (yours)", "-L", f"{path} (synced)",
-                    "-L", f"{path} (AI)", *files], env=clean_env(), check=False)
+        # the user's merge.conflictStyle (diff3, zdiff3) still applies: the markers are theirs to resolve
+        proc = self.git.run("merge-file", "-p", "-L", f"{path} (yours)", "-L", f"{path} (synced)",
+                            "-L", f"{path} (AI)", *files, check=False)
         if proc.returncode < 0 or proc.returncode > 127:
             raise PatchError(f"git merge-file failed on {sanitize(path)}: "
                              f"{sanitize(proc.stderr.decode(errors='replace'))}")
         return proc.stdout, proc.returncode
 
-    def _keep_conflicts(self, merged, conflicts: List[str], keep: Optional[bool]) -> bool:
-        say(self.style("yellow", f"{len(conflicts)} file(s) changed both here and by the AI, in the same place:"))
-        for path in conflicts:
-            data = merged[path][0] or b""
-            say(f"  {sanitize(path)}")
-            for line in conflict_excerpt(data):
-                say("    " + sanitize(line))
-        if keep is not None:
-            return keep
-        return confirm_word("Type k and Enter to apply with conflict markers to resolve; Enter alone "
-                            "leaves every file as it was.", "k")
 
-    # --- writing, undo, log
+# --- the conflict question
 
-    def write(self, merged: Dict[str, Tuple[Optional[bytes], str, int]], before: List[dict]) -> None:
-        """All files or none: on any failure (or Ctrl-C) the files written so far go back.
-        Deletions go first, deepest first: a symlink the patch removes is gone before
-        anything is written where it was."""
-        written: List[str] = []
-        try:
-            for path in in_write_order(merged, lambda p: merged[p][0] is None):
-                data, mode, _ = merged[path]
-                written.append(path)
-                write_worktree(self.project.root, path, data, mode)
-        except (OSError, PatchwireError, KeyboardInterrupt) as e:
-            saved = {entry["path"]: entry for entry in before}
-            for path in reversed(written[:-1]):  # the last one failed: write_worktree replaces atomically
-                entry = saved[path]
-                data = self.git("cat-file", "blob", entry["blob"]) if entry["blob"] else None
-                write_worktree(self.project.root, path, data, entry["mode"] or "")
-            raise PatchError(f"could not write {sanitize(written[-1])}: {sanitize(str(e))}; the files "
-                             "written so far were put back, nothing was changed",
-                             "fix the cause and apply again")
+
+def ask_keep_conflicts(conflicted: Dict[str, Optional[bytes]], style: Style, keep: Optional[bool],
+                       answers=None) -> bool:
+    """Shows where the AI's change and the user's overlap ({path: merged bytes}) and whether
+    to write them with conflict markers: `keep` when the command line said, otherwise the
+    answer read from `answers` (stdin): "k" keeps, anything else or no input at all does not."""
+    say(style("yellow", f"{len(conflicted)} file(s) changed both here and by the AI, in the same place:"))
+    for path, data in conflicted.items():
+        say(f"  {sanitize(path)}")
+        for line in conflict_excerpt(data or b""):
+            say("    " + sanitize(line))
+    if keep is not None:
+        return keep
+    return confirm_word("Type k and Enter to apply with conflict markers to resolve; Enter alone "
+                        "leaves every file as it was.", "k", answers)
+
+
+# --- the undo log
+
+
+class UndoLog:
+    """What the last apply overwrote, so `patchwire apply --undo` can put it back: each
+    path's bytes before (a blob in Patchwire's store, none for a file that was not there)
+    and mode, and a digest of what the apply left, in the project's undo.json. Files are
+    read and written without following symlinks (read_worktree, write_worktree)."""
+
+    def __init__(self, project: Project):
+        self.root = project.root
+        self.git = project.git
+        self.path = project.state_file("undo.json")
 
     def save(self, paths: Sequence[str], gone: set) -> List[dict]:
         """What each path holds now (nothing, beneath a link the patch removes)."""
         saved = []
         for path in paths:
-            state = None if beneath(path, gone) else read_worktree(self.project.root, path)
+            state = None if beneath(path, gone) else read_worktree(self.root, path)
             blob = self.git.text("hash-object", "-w", "--stdin", input=state[0]) if state else None
             saved.append({"path": path, "blob": blob, "mode": state[1] if state else None})
         return saved
 
-    def done(self, before: List[dict], how: str, paths: Sequence[str], conflicts: List[str]) -> dict:
+    def record(self, before: List[dict]) -> None:
+        """Keep `before` (from save) as the last apply, with what each path holds now."""
         for entry in before:
-            now = read_worktree(self.project.root, entry["path"])
+            now = read_worktree(self.root, entry["path"])
             entry["after"] = hashlib.sha256(now[0]).hexdigest() if now else None
             entry["after_mode"] = now[1] if now else None
-        (self.project.state_file("undo.json")).write_text(json.dumps(before))
-        return {"how": how, "files": list(paths), "conflicts": conflicts}
+        self.path.write_text(json.dumps(before))
+
+    def put_back(self, entries: Iterable[dict]) -> None:
+        """Write saved entries back, in the order given."""
+        for entry in entries:
+            data = self.git("cat-file", "blob", entry["blob"]) if entry["blob"] else None
+            write_worktree(self.root, entry["path"], data, entry["mode"] or "")
 
     def undo(self) -> List[str]:
+        """Put back what the last apply overwrote, unless a file changed since; its paths."""
         try:
-            entries = json.loads(self.project.state_file("undo.json").read_text())
+            entries = json.loads(self.path.read_text())
         except (OSError, ValueError):
             raise UsageError("nothing to undo: no apply recorded in this project")
         changed = []
         for e in entries:
-            now = read_worktree(self.project.root, e["path"])
+            now = read_worktree(self.root, e["path"])
             if (hashlib.sha256(now[0]).hexdigest() if now else None) != e["after"] or \
                     (now[1] if now else None) != e["after_mode"]:
                 changed.append(e["path"])
@@ -2897,11 +2951,8 @@ class Applier:
             raise PatchError("cannot undo: these files changed since the apply: " + ", ".join(map(sanitize, changed)),
                              "undo those edits first, or restore the files by hand")
         by_path = {e["path"]: e for e in entries}
-        for path in in_write_order(by_path, lambda p: not by_path[p]["blob"]):
-            e = by_path[path]
-            data = self.git("cat-file", "blob", e["blob"]) if e["blob"] else None
-            write_worktree(self.project.root, path, data, e["mode"] or "")
-        self.project.state_file("undo.json").unlink()
+        self.put_back(by_path[path] for path in in_write_order(by_path, lambda p: not by_path[p]["blob"]))
+        self.path.unlink()
         return [e["path"] for e in entries]
 
 
@@ -3053,10 +3104,11 @@ def conflict_excerpt(data: bytes, limit: int = 12) -> List[str]:
     return out
 
 
-def confirm_word(prompt: str, word: str) -> bool:
+def confirm_word(prompt: str, word: str, answers=None) -> bool:
+    """Whether the line read from `answers` (stdin) is `word`; no input at all is a no."""
     say(prompt)
     try:
-        return sys.stdin.readline().strip().lower() == word
+        return (answers if answers is not None else sys.stdin).readline().strip().lower() == word
     except (OSError, ValueError):
         return False
 
@@ -3323,31 +3375,36 @@ def stream_job(session: Session, first: Iterator[dict], on_event) -> dict:
     """Follow a job's events to the end, reconnecting with ?after=N when the connection
     drops. The first Ctrl-C warns, a second one cancels the job on the box."""
     events, job, seq, interrupted = first, None, 0, False
-    for attempt in range(8):
-        try:
-            for event in events:
-                job = event.get("job") or job
-                seq = max(seq, int(event.get("seq", 0)))
-                on_event(event)
-                if event.get("type") in LAST_EVENTS:
-                    return event
-        except KeyboardInterrupt:
-            if job is None or interrupted:
-                if job:
-                    info = session.client.cancel(job)
-                    say(sanitize(f"job {job} is {info.get('status')}"))
-                raise
-            interrupted = True
-            say(sanitize(f"\njob {job} keeps running on the box. Press Ctrl-C again to cancel it, or "
-                         f"leave and come back with `patchwire show {job}`.", keep_newlines=True))
-        except (AgentError, OSError, ValueError, *http_errors()) as e:
+    try:
+        for attempt in range(8):
+            try:
+                for event in events:
+                    job = event.get("job") or job
+                    seq = max(seq, int(event.get("seq", 0)))
+                    on_event(event)
+                    if event.get("type") in LAST_EVENTS:
+                        return event
+            except KeyboardInterrupt:
+                if job is None or interrupted:
+                    raise
+                interrupted = True
+                say(sanitize(f"\njob {job} keeps running on the box. Press Ctrl-C again to cancel it, or "
+                             f"leave and come back with `patchwire show {job}`.", keep_newlines=True))
+            except (AgentError, OSError, ValueError, *http_errors()) as e:
+                if job is None:
+                    raise
+                say(sanitize(f"lost the event stream ({e}); reconnecting"))
+                time.sleep(min(0.2 * 2 ** attempt, 5))
             if job is None:
-                raise
-            say(sanitize(f"lost the event stream ({e}); reconnecting"))
-            time.sleep(min(0.2 * 2 ** attempt, 5))
-        if job is None:
-            break
-        events = session.client.events(job, seq)
+                break
+            events = session.client.events(job, seq)
+    except KeyboardInterrupt:
+        # the second Ctrl-C cancels wherever it lands: also just after the warning is
+        # printed, or while reconnecting, outside the loop's own handler
+        if job and interrupted:
+            info = session.client.cancel(job)
+            say(sanitize(f"job {job} is {info.get('status')}"))
+        raise
     raise AgentError("the agent's event stream ended before the job did",
                      f"check the job with `patchwire show {job}`")
 
@@ -3435,7 +3492,7 @@ class Doctor:
         return self.checks
 
     def git(self) -> str:
-        return run(["git", "--version"], hint="install git").stdout.decode().strip()
+        return Git().run("--version", hint="install git").stdout.decode().strip()
 
     def rsync(self) -> str:
         if not shutil.which(self.cfg.rsync):

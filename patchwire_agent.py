@@ -602,10 +602,6 @@ class Store:
             row = self.db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return [json.loads(r[0]) for r in rows], (row[0] if row else None)
 
-    def wait(self, timeout: float) -> None:
-        with self.changed:
-            self.changed.wait(timeout)
-
     def patch_path(self, job_id: str) -> Path:
         return self.patch_dir / f"{job_id}.patch"
 
@@ -2951,11 +2947,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 break
             if events:
                 quiet_since = time.monotonic()
-            elif time.monotonic() - quiet_since > HEARTBEAT_S:
+            elif time.monotonic() - quiet_since >= HEARTBEAT_S:
                 self.write_chunk(b"\n")  # keeps proxies open and finds clients that left
                 quiet_since = time.monotonic()
             else:  # an event added since `follow` read ends the wait at once
-                store.wait_change(seen, 1.0)
+                store.wait_change(seen, HEARTBEAT_S - (time.monotonic() - quiet_since))
         self.write_chunk(b"")
 
     def write_chunk(self, data: bytes) -> None:
@@ -3907,16 +3903,20 @@ def box_check(name: str, ok: bool, detail: str, fix: str = "") -> dict:
     return {"name": name, "ok": ok, "detail": detail, **({"fix": fix} if not ok else {})}
 
 
-def check_program(name: str, fix: str) -> dict:
+def check_program(name: str, fix: str, version: Optional[Callable[[], bytes]] = None) -> dict:
+    """Whether `name` is on PATH, and its first line of `--version` (`version()` says it
+    differently: git's goes through pw.Git like every git call)."""
     found = shutil.which(name)
     if not found:
         return box_check(name, False, f"{name} is not installed", fix)
-    first = pw.run([found, "--version"], check=False).stdout.decode(errors="replace").splitlines()
+    said = version() if version else pw.run([found, "--version"], check=False).stdout
+    first = said.decode(errors="replace").splitlines()
     return box_check(name, True, f"{' '.join(first[0].split()) if first else 'unknown version'} ({found})")
 
 
 def check_git(cfg: AgentConfig) -> dict:
-    return check_program("git", "install git (Debian/Ubuntu: sudo apt install git; macOS: xcode-select --install)")
+    return check_program("git", "install git (Debian/Ubuntu: sudo apt install git; macOS: xcode-select --install)",
+                         lambda: pw.Git().run("--version", check=False).stdout)
 
 
 def check_rsync(cfg: AgentConfig) -> dict:

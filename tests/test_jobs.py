@@ -25,7 +25,15 @@ def slot_dir(agent, slot: int, project: str = "laptop", user: str = "alice") -> 
 def start_ask(laptop: Laptop, prompt: str, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(laptop.program + ["ask", prompt, *extra], cwd=laptop.root,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=laptop.env)
+                            env=laptop.env, preexec_fn=ctrl_c_as_on_a_terminal)
+
+
+def ctrl_c_as_on_a_terminal() -> None:
+    """SIGINT back to its default in the child, as in a terminal. A suite started in the
+    background of a non-interactive shell (`pytest ... &`) runs with SIGINT ignored, every
+    child inherits that, and Python then never raises KeyboardInterrupt: the Ctrl-C tests
+    waited 30 s for a warning that could not come (the 'flakes under load')."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def read_until(stream, needle: str, timeout: float = 30) -> str:

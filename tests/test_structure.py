@@ -89,3 +89,87 @@ def test_every_child_process_goes_through_the_one_runner():
                      and isinstance(n.func.value, ast.Name) and n.func.value.id == "subprocess"
                      and n.func.attr in ("run", "Popen", "call", "check_call", "check_output")]
             assert not calls, f"{path.name}: {getattr(node, 'name', '?')} calls {calls} (use run/spawn)"
+
+
+# Calls that may run git around `Git`, by qualified name: none.
+GIT_OUTSIDE_GIT_ALLOWED: Set[str] = set()
+
+
+def starts_with_git(node: ast.AST, assigned: Dict[str, ast.AST]) -> bool:
+    """Whether an argv expression is a list or tuple whose first element is the literal "git"
+    (directly, as the left of a `+`, or through a name assigned such a list)."""
+    if isinstance(node, ast.Name) and node.id in assigned:
+        return starts_with_git(assigned[node.id], {})
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return starts_with_git(node.left, assigned)
+    if isinstance(node, (ast.List, ast.Tuple)) and node.elts:
+        first = node.elts[0]
+        return isinstance(first, ast.Constant) and first.value == "git"
+    return False
+
+
+def git_run_calls(source: str) -> Set[str]:
+    """Qualified names of the functions outside `class Git` that pass run/spawn an argv
+    starting with "git"."""
+    found: Set[str] = set()
+
+    def visit(node: ast.AST, qualname: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef) and child.name == "Git" and not qualname:
+                continue
+            if isinstance(child, (ast.FunctionDef, ast.ClassDef)):
+                visit(child, f"{qualname}.{child.name}" if qualname else child.name)
+                if isinstance(child, ast.FunctionDef):
+                    check_function(child, f"{qualname}.{child.name}" if qualname else child.name)
+
+    def check_function(func: ast.FunctionDef, name: str) -> None:
+        assigned = {t.id: n.value for n in ast.walk(func) if isinstance(n, ast.Assign)
+                    for t in n.targets if isinstance(t, ast.Name)}
+        for call in ast.walk(func):
+            if not isinstance(call, ast.Call) or not call.args:
+                continue
+            called = call.func.id if isinstance(call.func, ast.Name) else getattr(call.func, "attr", "")
+            if called in ("run", "spawn") and starts_with_git(call.args[0], assigned):
+                found.add(name)
+
+    tree = ast.parse(source)
+    visit(tree, "")
+    for node in tree.body:  # module-level code
+        if not isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            for call in ast.walk(node):
+                if isinstance(call, ast.Call) and call.args and starts_with_git(call.args[0], {}):
+                    found.add("<module>")
+    return found
+
+
+def test_every_git_call_goes_through_git():
+    """run(["git", ...]) skips the neutral settings (GIT_NEUTRAL): git goes through `Git`,
+    with `neutral=False` and a comment where a call must read the user's own config."""
+    probe = ('def a():\n    run(["git", "init"])\n'
+             'class B:\n    def c(self):\n        argv = ["git"] + more\n        pw.run(argv, cwd=x)\n'
+             'class Git:\n    def run(self):\n        return run(["git"])\n'
+             'def d():\n    run(["rsync"]); git.run("status"); spawn(["gitk"])\n')
+    assert git_run_calls(probe) == {"a", "B.c"}  # the walk finds both spellings, skips Git
+    for path in (LAPTOP, AGENT):
+        offenders = git_run_calls(path.read_text()) - GIT_OUTSIDE_GIT_ALLOWED
+        assert not offenders, f"{path.name}: {sorted(offenders)} run git around `Git` (use Git(...))"
+
+
+def test_http_threads_and_cancel_wait_on_events_not_sleeps():
+    """A cancel waits for the job's end on a threading.Event that finish() sets, and an event
+    stream on the store's condition; no request handler polls with time.sleep. The one
+    sleep allowed is Handler.authenticate's, on purpose: it answers a repeatedly wrong token late."""
+    tree = ast.parse(AGENT.read_text())
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    methods = {f"{c}.{m.name}": m for c in ("Handler", "Agent") for m in classes[c].body
+               if isinstance(m, ast.FunctionDef)}
+    checked = [name for name in methods if name.startswith("Handler.")] + ["Agent.cancel"]
+    sleeping = sorted(name for name in checked
+                      for n in ast.walk(methods[name]) if isinstance(n, ast.Call)
+                      and isinstance(n.func, ast.Attribute) and n.func.attr == "sleep")
+    assert sleeping == ["Handler.authenticate"], sleeping
+    cancel = methods["Agent.cancel"]
+    assert not [n for n in ast.walk(cancel) if isinstance(n, ast.While)], "Agent.cancel loops"
+    waits = [n.func.value for n in ast.walk(cancel) if isinstance(n, ast.Call)
+             and isinstance(n.func, ast.Attribute) and n.func.attr == "wait"]
+    assert [getattr(w, "id", "") for w in waits] == ["ended"]  # the job's end Event
