@@ -1036,9 +1036,7 @@ class ProjectRepo:
         nothing of it would show in the diff. {path: target} of those removed."""
         root = real(self.slot_path(slot))
         removed = {}
-        listing = self.slot_git(slot)("ls-files", "-s", "-z")
-        for m in SYMLINK_ENTRY.finditer(listing):  # a regex over the listing: no loop per file
-            path = m.group(1).decode("utf-8", "surrogateescape")
+        for path in symlink_entries(self.slot_git(slot)("ls-files", "-s", "-z")):
             full = os.path.join(root, path)
             if os.path.islink(full) and not is_within(os.path.realpath(full), root):
                 removed[path] = os.readlink(full)
@@ -1069,8 +1067,19 @@ class ProjectRepo:
         return patch, stats, result
 
 
-# A symlink's entry in `git ls-files -s -z`: "120000 <blob> <stage>\t<path>\0".
-SYMLINK_ENTRY = re.compile(rb"(?:^|\0)120000 [0-9a-f]{40,64} [0-3]\t([^\0]+)")
+def symlink_entries(listing: bytes) -> List[str]:
+    """The symlinks' paths in `git ls-files -s -z` ("120000 <blob> <stage>\t<path>\0" each):
+    found by bytes.find, in C, so 100,000 entries with a few links cost a few ms, not a loop
+    (or a regex tried at every byte) over all of them."""
+    paths, at = [], listing.find(b"120000 ")
+    while at >= 0:
+        end = listing.find(b"\0", at)
+        end = len(listing) if end < 0 else end
+        if at == 0 or listing[at - 1] == 0:  # a record's start, not "120000 " inside a path
+            _, _, path = listing[at:end].partition(b"\t")
+            paths.append(path.decode("utf-8", "surrogateescape"))
+        at = listing.find(b"120000 ", end)
+    return paths
 
 
 def index_paths(git: Git, paths: List[str], prune_root: Path) -> None:

@@ -235,3 +235,15 @@ def test_a_nested_repository_needs_a_full_listing(tmp_path):
     make_repo(root / "inner2", {"j.txt": b"j\n"})
     assert project.scan_changes(with_submodules) is None
     assert Path(root / "inner2/j.txt").exists()
+
+
+def test_symlinks_are_found_in_the_listing_without_a_loop_over_every_entry():
+    import patchwire_agent as pa
+
+    def rec(mode: str, path: str) -> bytes:
+        return f"{mode} {'a' * 40} 0\t{path}".encode() + b"\0"
+    listing = (rec("120000", "first") + rec("100644", "dir/120000 not a link") + rec("120000", "d/l 2")
+               + rec("100755", "x\t120000 y") + rec("120000", "last"))
+    assert pa.symlink_entries(listing) == ["first", "d/l 2", "last"]
+    assert pa.symlink_entries(listing.rstrip(b"\0")) == ["first", "d/l 2", "last"]
+    assert pa.symlink_entries(b"") == []
