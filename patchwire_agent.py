@@ -1777,6 +1777,8 @@ class Agent:
         self.busy: Dict[Tuple[str, str], set] = {}
         self.runs: Dict[str, AIRun] = {}
         self.ended: Dict[str, threading.Event] = {}  # job -> set by finish(), for a cancel that waits
+        # job -> reason: cancelled after a worker took it from the queue, before its run existed
+        self.cancel_early: Dict[str, str] = {}
         self.running: Dict[str, int] = {}  # user -> jobs of theirs holding a worker
         self.recent_runs: Deque[float] = deque(maxlen=20)  # seconds, for queue estimates
         self.announced: Dict[str, Tuple[int, Optional[int]]] = {}  # job -> last (position, estimate)
@@ -2073,6 +2075,8 @@ class Agent:
         else:
             with self.lock:
                 run = self.runs.get(job["id"])
+                if run is None:  # taken by a worker, its run not made yet: run_job stops it
+                    self.cancel_early[job["id"]] = reason
                 ended = self.ended.setdefault(job["id"], threading.Event())
             if run:
                 run.stop(reason)
@@ -2206,6 +2210,10 @@ class Agent:
                     on_spawn=lambda pid: self.store.update_job(job["id"], pgid=pid))
         with self.lock:
             self.runs[job["id"]] = run  # from here on a cancel reaches the job
+            early = self.cancel_early.pop(job["id"], None)
+        if early:  # cancelled while this worker was taking it: the AI never starts
+            self.finish(job["id"], "cancelled", early)
+            return
         times.step("setup_ms")
         try:
             repo.prepare_slot(slot, job["snapshot"], carry)

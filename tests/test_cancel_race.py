@@ -1,0 +1,49 @@
+"""A cancel that lands after a worker took the job from the queue but before the worker made
+its run (the gap between `FairQueue.take` and `runs[job] = run`): the job ends cancelled and
+the AI never starts. Driven in-process, step by step, so the gap is hit every time."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import patchwire_agent as pa
+
+
+def test_a_cancel_between_the_claim_and_the_run_stops_the_job_before_the_ai(tmp_path):
+    marker = tmp_path / "the-ai-ran"
+    cfg = pa.AgentConfig(tmp_path / "agent.toml", {
+        "server": {"state_dir": str(tmp_path / "state")},
+        "ai": {"command": [sys.executable, "-c", f"open({str(marker)!r}, 'w').close()"], "sandbox": "none"},
+        "users": {"alice": {"token_sha256": pa.token_digest("t").hex()}}})
+    agent = pa.Agent(cfg)  # no workers: this test is the worker
+    repo = agent.repo("alice", "demo")
+    repo.ensure()
+    (repo.mirror / "a.txt").write_bytes(b"a\n")
+    git = repo.snapshot_git()
+    git("update-index", "--add", "a.txt")
+    tree = git.text("write-tree")
+    snapshot = repo.snapshot(tree, [(m, s, p) for p, (m, s) in git.ls_files_stage().items()])
+    job = {"id": "abc123", "user": "alice", "project": "demo", "prompt": "x", "status": "queued",
+           "created": time.time(), "snapshot": snapshot, "tree": tree, "timeout_s": 60, "parent": None}
+    agent.store.create_job(job)
+    agent.queue.put(pa.QueueItem("abc123", "alice", "demo"))
+    item = agent.queue.take(agent._claim)  # a worker has taken it; its run does not exist yet
+    assert item is not None and item.job_id == "abc123"
+
+    answer: dict = {}
+    cancelling = threading.Thread(target=lambda: answer.update(agent.cancel("alice", "abc")))
+    cancelling.start()
+    deadline = time.monotonic() + 30
+    while "abc123" not in agent.cancel_early and time.monotonic() < deadline:
+        time.sleep(0.01)  # until the cancel has been heard
+    assert agent.cancel_early == {"abc123": "cancelled by alice"}
+    agent.run_job(item)  # the worker goes on: it makes the run, and finds the cancel
+    cancelling.join(30)
+    assert answer["status"] == "cancelled" and answer["reason"] == "cancelled by alice"
+    assert not marker.exists(), "the AI ran after its job was cancelled"
+    assert agent.cancel_early == {}
+    events = [e["type"] for e in agent.store.events("abc123", 0)]
+    assert events[-1] == "cancelled" and "started" not in events
+    agent.stop()
