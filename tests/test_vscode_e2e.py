@@ -190,8 +190,14 @@ def browser():
         driver.quit()
 
 
+# The user's own HOME, read when the module is collected (the tests then get one of their own):
+# the installer needs its npm config, as .ci/run's call has (this machine's says where Node's
+# headers are, for the native modules VS Code builds).
+USER_HOME = os.environ.get("HOME", "")
+
+
 def test_ask_review_apply_in_a_real_vs_code(tmp_path, agent, browser):
-    install_code_server()
+    install_code_server(env={**os.environ, "HOME": USER_HOME})
     vsix = tmp_path / "patchwire-vscode.vsix"
     subprocess.run(["bash", str(ROOT / "editors" / "vscode" / "package.sh"), str(vsix)], check=True,
                    capture_output=True, timeout=300)
