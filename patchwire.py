@@ -3117,9 +3117,10 @@ def confirm_word(prompt: str, word: str, answers=None) -> bool:
 
 
 class Synced:
-    """What a sync left on the box: the record `tree` the mirror now holds and, from `base`
-    (the record it held before), the paths sent and deleted. Without a base (a first or
-    forced sync, or paths sent again after a mismatch) the agent gets the whole listing."""
+    """What a sync left on the box: the record `tree` the mirror now holds and, since `base`
+    (the tree of the box's last snapshot of the project), the paths changed and deleted.
+    Without a base (a first or forced sync, or paths sent again after a mismatch) the agent
+    gets the whole listing."""
 
     def __init__(self, tree: str, base: Optional[str], changed: List[str], deleted: List[str], counts: dict):
         self.tree, self.base, self.changed, self.deleted, self.counts = tree, base, changed, deleted, counts
