@@ -869,8 +869,7 @@ class ProjectRepo:
     def snapshot_git(self) -> Git:
         """Git on the mirror with the snapshot index, split: an ask of changes rewrites only
         the entries it changed, not all of a 100,000-file index."""
-        return self.git(self.mirror, GIT_INDEX_FILE=str(self.home / "snapshot.index"), GIT_CONFIG_COUNT="1",
-                        GIT_CONFIG_KEY_0="core.splitIndex", GIT_CONFIG_VALUE_0="true")
+        return self.git(self.mirror, GIT_INDEX_FILE=str(self.home / "snapshot.index"), **SPLIT_INDEX)
 
     def snapshot(self, tree: str, manifest: List[Tuple[str, str, str]]) -> str:
         """A commit of exactly the listed files, as they are in the mirror. Files the laptop
@@ -945,7 +944,7 @@ class ProjectRepo:
         file, which the AI could rewrite)."""
         path = self.slot_path(slot)  # also the cwd: `git apply` reads paths relative to it
         return Git(git_dir=self.git_dir / "worktrees" / f"slot{slot}", work_tree=path,
-                   cwd=path if path.is_dir() else self.home, env=self.git_env)
+                   cwd=path if path.is_dir() else self.home, env={**self.git_env, **SPLIT_INDEX})
 
     def prepare_slot(self, slot: int, commit: str, carry: Optional[Tuple[str, str]] = None) -> Path:
         """Move the slot's warm worktree to `commit` (O(changed)); ignored files such as build
@@ -1065,6 +1064,11 @@ class ProjectRepo:
         result = git.text("commit-tree", git.text("write-tree"), "-p", snapshot, "-m", f"patchwire job {job_id}")
         self.git()("update-ref", f"refs/patchwire/jobs/{job_id}", result)
         return patch, stats, result
+
+
+# A split index: a command that changes a few entries of a 100,000-file index writes those,
+# not all of it (`checkout -f` of a job folder: 140 -> 110 ms; `update-index`: 50 -> 20 ms).
+SPLIT_INDEX = {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "core.splitIndex", "GIT_CONFIG_VALUE_0": "true"}
 
 
 def symlink_entries(listing: bytes) -> List[str]:
