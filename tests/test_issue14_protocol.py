@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import List
 
@@ -149,6 +150,29 @@ def test_the_changes_form_is_checked(laptop, agent):
     outside.write_text("keep\n")
     status, _ = agent.json("POST", "/v1/ask", {**ask, "deleted": ["../outside.txt"]})
     assert status == 400 and outside.read_text() == "keep\n"
+
+
+def test_a_link_in_the_mirror_reads_and_deletes_nothing_of_another_user(laptop, agent):
+    """The laptop's rsync can put a symlink in its mirror. Named in `changed`, git refuses to
+    hash beneath it; named in `deleted`, the no-follow delete leaves its target alone: another
+    user's file never reaches this user's snapshot, and is never removed."""
+    laptop.ask(script({"say": "first"}), "--yes", check=0)
+    other = agent.state_dir / "users" / "bob" / "mirror" / "secret-project"
+    other.mkdir(parents=True)
+    (other / "secret.txt").write_bytes(b"bob's secret\n")
+    secret_blob = git(laptop.root, "hash-object", str(other / "secret.txt")).strip()
+    os.symlink(other, mirror_of(agent, laptop) / "bobs")
+    project = patchwire.Project(laptop.root, "laptop")
+    tree = json.loads(project.state_file("last_sync.json").read_text())["tree"]
+    ask = {"project": "laptop", "prompt": "x", "tree": tree, "base": tree, "changed": [], "deleted": []}
+    status, _ = agent.json("POST", "/v1/ask", {**ask, "deleted": ["bobs/secret.txt"]})
+    assert status == 202 and (other / "secret.txt").read_bytes() == b"bob's secret\n"
+    status, answer = agent.json("POST", "/v1/ask", {**ask, "changed": ["bobs/secret.txt"]})
+    assert (status, answer["code"]) == (409, "tree_mismatch") and "secret" not in answer["error"].replace(
+        "bobs/secret.txt", "")
+    home = agent.state_dir / "users" / "alice" / "projects" / "laptop"
+    found = subprocess.run(["git", "--git-dir", str(home / "git"), "cat-file", "-e", secret_blob])
+    assert found.returncode != 0, "bob's file was hashed into alice's store"
 
 
 # ------------------------------------------------------------------ the laptop's listing of changes
