@@ -22,6 +22,8 @@ class FakeBox:
         mirror.mkdir(parents=True, exist_ok=True)
         self.jobs: Dict[str, dict] = {}
         self.asks: List[str] = []  # job ids the next POST /v1/ask calls hand out, in order
+        self.mismatches: List[List[str]] = []  # before those: 409 tree_mismatch naming these paths
+        self.ask_bodies: List[dict] = []
         self.requests: List[str] = []
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -86,7 +88,13 @@ class FakeBox:
 
             def do_POST(self) -> None:
                 box.requests.append("POST " + self.path)
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path == "/v1/ask":
+                    box.ask_bodies.append(json.loads(body))
+                if self.path == "/v1/ask" and box.mismatches:
+                    paths = box.mismatches.pop(0)
+                    return self.send(409, json.dumps({"error": "differs", "code": "tree_mismatch",
+                                                      "paths": paths}).encode())
                 if self.path != "/v1/ask" or not box.asks:
                     return self.send(404, b'{"error": "nothing to ask", "code": "not_found"}')
                 job = box.asks.pop(0)

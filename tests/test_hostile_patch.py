@@ -394,3 +394,25 @@ def test_sanitize_shows_every_control_character():
     raw = "a\x1b[2J\x07\tb\r\x7f\u009b\u202e" + b"\xe9".decode("utf-8", "surrogateescape") + "\n"
     assert patchwire.sanitize(raw) == "a^[[2J^G\tb^M^?<U+009B><U+202E>\\xe9^J"
     assert patchwire.sanitize(raw, keep_newlines=True).endswith("\\xe9\n")
+
+
+def test_a_lying_409_cannot_make_the_laptop_send_what_never_goes(world):
+    """A box answering 409 tree_mismatch names the paths to send again. Those it names that the
+    laptop would not send anyway (a secret, an ignored file, the token, paths out of the
+    project) stay here; only listed files go, and the names reach the terminal escaped."""
+    lap, box, outside = world
+    (lap.root / ".env").write_text("API_KEY=1\n")
+    lies = ["README.md\x1b]0;pwned\x07", ".env", ".pwtoken", "data/secret.txt", "../outside/secret.txt",
+            "/etc/passwd"]
+    box.mismatches.append(lies)
+    box.add_job("abc123", b"", ask=True)
+    before = tree_digest(outside, skip=())
+    asked = lap.run("ask", "x", "--yes")
+    assert asked.returncode == 0, asked.err
+    assert "\x1b" not in asked.err and "README.md^[]0;pwned^G" in asked.err
+    sent = {p.relative_to(box.mirror).as_posix() for p in box.mirror.rglob("*") if not p.is_dir()}
+    assert ".env" not in sent and ".pwtoken" not in sent and not any(p.startswith("data/") for p in sent)
+    assert "README.md" in sent and tree_digest(outside, skip=()) == before
+    first, second = box.ask_bodies  # the laptop asked again, with the full listing it sends
+    assert {f[2] for f in second["files"]} == {f[2] for f in first["files"]}
+    assert not {".env", ".pwtoken"} & {f[2] for f in second["files"]}
