@@ -82,7 +82,7 @@ import time
 import unicodedata
 import urllib.parse
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # at run time, imported when an AgentClient is made (start-up, see there)
@@ -504,12 +504,21 @@ class UnsafePath(PatchwireError):
     exit_status = ExitStatus.PATCH
 
 
-def _open_parent(root: Path, rel: str, create: bool = False) -> Tuple[int, str]:
+Root = Union[Path, int]  # a folder's path, or a descriptor of it (opened by open_folder)
+
+
+def _open_root(root: Root) -> int:
+    if isinstance(root, int):
+        return os.dup(root)
+    return os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _open_parent(root: Root, rel: str, create: bool = False) -> Tuple[int, str]:
     """(descriptor of rel's folder, reached without following a link; rel's last name)."""
     parts = rel.split("/")
     if any(p in ("", ".", "..") for p in parts):
         raise UnsafePath(f"refusing the path {sanitize(rel)!r}")
-    fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    fd = _open_root(root)
     try:
         for name in parts[:-1]:
             if create:
@@ -532,6 +541,53 @@ def _open_parent(root: Path, rel: str, create: bool = False) -> Tuple[int, str]:
     return fd, parts[-1]
 
 
+def open_folder(root: Path, rel: str) -> int:
+    """A descriptor of the folder root/rel, reached from `root` one real folder at a time: a
+    symlink anywhere on the way, rel's own last name included, is UnsafePath naming it, never
+    followed. Work relative to the descriptor afterwards, and a link put in the way later
+    cannot redirect that work either."""
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise UnsafePath(f"refusing the path {sanitize(rel)!r}")
+    fd = _open_root(root)
+    for n, name in enumerate(parts):
+        try:
+            child = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_DIRECTORY", 0), dir_fd=fd)
+        except OSError:
+            link = stat.S_ISLNK(_lstat_at(fd, name))
+            os.close(fd)
+            if link:
+                raise UnsafePath(f"{sanitize('/'.join(parts[:n + 1]))} is a symlink; Patchwire never "
+                                 "follows one there")
+            raise
+        os.close(fd)
+        fd = child
+    return fd
+
+
+def make_folder(root: Path, rel: str, mode: int = 0o700) -> None:
+    """Make root/rel and the folders on its way where missing, never through a symlink."""
+    fd, name = _open_parent(root, rel, create=True)
+    try:
+        os.mkdir(name, mode, dir_fd=fd)
+    except FileExistsError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def lstat_beneath(root: Root, rel: str) -> int:
+    """The st_mode of root/rel itself (0 when absent), never through a symlink on the way."""
+    try:
+        fd, name = _open_parent(root, rel)
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    try:
+        return _lstat_at(fd, name)
+    finally:
+        os.close(fd)
+
+
 def _lstat_at(fd: int, name: str) -> int:
     try:
         return os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
@@ -539,7 +595,7 @@ def _lstat_at(fd: int, name: str) -> int:
         return 0
 
 
-def read_worktree(root: Path, rel: str) -> Optional[Tuple[bytes, str]]:
+def read_worktree(root: Root, rel: str) -> Optional[Tuple[bytes, str]]:
     """(bytes, git mode) of a file or symlink, None when absent."""
     try:
         fd, name = _open_parent(root, rel)
@@ -557,7 +613,7 @@ def read_worktree(root: Path, rel: str) -> Optional[Tuple[bytes, str]]:
         os.close(fd)
 
 
-def remove_file(root: Path, rel: str) -> None:
+def remove_file(root: Root, rel: str) -> None:
     """Delete one file (or link) and the folders it leaves empty, never `root` or above,
     never through a symlink."""
     try:

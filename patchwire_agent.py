@@ -109,10 +109,12 @@ import signal
 import socket
 import sqlite3
 import ssl
+import stat
 import sys
 import threading
 import time
 import urllib.parse
+import zlib
 from collections import deque
 from http import HTTPStatus
 from pathlib import Path
@@ -846,7 +848,9 @@ class ProjectRepo:
     holding snapshots, and warm job folders (worktrees), one per slot."""
 
     def __init__(self, state_dir: Path, user: str, project: str):
+        self.state_dir = state_dir
         self.mirror = mirror_root(state_dir, user) / project
+        self.mirror_rel = str(self.mirror.relative_to(state_dir))
         self.home = user_root(state_dir, user) / "projects" / project
         self.git_dir = self.home / "git"
         self.lock = threading.Lock()
@@ -856,39 +860,86 @@ class ProjectRepo:
         self.git_env = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull,
                         "HOME": empty_home, "XDG_CONFIG_HOME": empty_home}
 
-    def git(self, work_tree: Optional[Path] = None, config: Optional[Dict[str, str]] = None, **env: str) -> Git:
-        return Git(git_dir=self.git_dir, work_tree=work_tree, cwd=self.home, env={**self.git_env, **env},
+    def git(self, work_tree: Optional[Path] = None, config: Optional[Dict[str, str]] = None,
+            cwd: Optional[str] = None, **env: str) -> Git:
+        return Git(git_dir=self.git_dir, work_tree=work_tree, cwd=Path(cwd) if cwd else self.home,
+                   env={**self.git_env, **env},
                    config=config)
 
     def ensure(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
-        self.mirror.mkdir(parents=True, exist_ok=True)
+        self.make_mirror()
         pw.prepare_private_git_dir(self.git_dir)
+
+    def make_mirror(self) -> None:
+        """The mirror folder, made where missing without following a link on the way (one is
+        refused later, by open_mirror, with its name)."""
+        try:
+            pw.make_folder(self.state_dir, self.mirror_rel)
+        except pw.UnsafePath:
+            pass
 
     # --- snapshots
 
-    def snapshot_git(self) -> Git:
+    @contextlib.contextmanager
+    def open_mirror(self):
+        """A descriptor of the mirror folder, reached from the state folder without following a
+        link (pw.open_folder). The user's SSH key can rsync a symlink over their own project
+        folder (`app -> ../../bob/mirror/web`): followed, an ask would hash bob's files into
+        this user's store, delete or prune them. Such a link is refused, and the project's
+        own is replaced by an empty folder, so the laptop's fallback full sync refills it."""
+        try:
+            fd = pw.open_folder(self.state_dir, self.mirror_rel)
+        except pw.UnsafePath as e:
+            if self._mirror_is_a_link():
+                self.mirror.unlink()
+                self.mirror.mkdir(mode=0o700)
+                (self.home / "snapshot.tree").unlink(missing_ok=True)  # the next ask is a full one
+                hint = "sync again (patchwire sync --force); the box put an empty folder in its place"
+            else:
+                hint = f"the box's admin: replace that link with a real folder under {self.state_dir}"
+            raise Conflict(f"{e.message}: the box's copy of the project cannot be read", hint,
+                           code=pw.CODE_TREE_MISMATCH, paths=[])
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _mirror_is_a_link(self) -> bool:
+        """Whether the project folder itself is the link (rsync can put one there), not a
+        folder further up (that is the admin's to mend)."""
+        try:
+            return stat.S_ISLNK(pw.lstat_beneath(self.state_dir, self.mirror_rel))
+        except pw.UnsafePath:
+            return False
+
+    def snapshot_git(self, mirror_fd: int) -> Git:
         """Git on the mirror with the snapshot index (INDEX_CONFIG: an ask of changes rewrites only
-        the entries it changed, not all of a 100,000-file index)."""
-        return self.git(self.mirror, pw.INDEX_CONFIG, GIT_INDEX_FILE=str(self.home / "snapshot.index"))
+        the entries it changed, not all of a 100,000-file index). Its work tree is the folder
+        the descriptor holds, not a path looked up again: git starts in it (on Linux through
+        /proc/self/fd, which the child inherits) and takes "." as its work tree."""
+        return self.git(Path("."), pw.INDEX_CONFIG, cwd=pinned_folder(mirror_fd, self.mirror),
+                        GIT_INDEX_FILE=str(self.home / "snapshot.index"))
 
     def snapshot(self, tree: str, manifest: List[Tuple[str, str, str]]) -> str:
         """A commit of exactly the listed files, as they are in the mirror. Files the laptop
         no longer lists are pruned from the mirror first (rsync --files-from never deletes)."""
         with self.lock:
             self.ensure()
-            git = self.snapshot_git()
-            index_paths(git, [path for _, _, path in manifest], self.mirror)
-            got = self._write_snapshot_tree(git)
-            if got != tree:
-                theirs = {path: (mode, sha) for mode, sha, path in manifest}
-                mine = git.ls_files_stage()
-                differ = sorted(p for p in set(mine) | set(theirs) if mine.get(p) != theirs.get(p))
-                named = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
-                raise Conflict(f"the box's copy of the project differs from what the laptop "
-                               f"sent in {len(differ)} file(s): {named}", "sync again (patchwire sync --force)",
-                               code=pw.CODE_TREE_MISMATCH, paths=differ[:200])
-            return git.text("commit-tree", got, "-m", "patchwire snapshot")
+            with self.open_mirror() as fd:
+                git = self.snapshot_git(fd)
+                links = [path for mode, _, path in manifest if mode == "120000"]
+                index_paths(git, fd, [path for _, _, path in manifest], links)
+                got = self._write_snapshot_tree(git)
+                if got != tree:
+                    theirs = {path: (mode, sha) for mode, sha, path in manifest}
+                    mine = git.ls_files_stage()
+                    differ = sorted(p for p in set(mine) | set(theirs) if mine.get(p) != theirs.get(p))
+                    named = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
+                    raise Conflict(f"the box's copy of the project differs from what the laptop "
+                                   f"sent in {len(differ)} file(s): {named}", "sync again (patchwire sync --force)",
+                                   code=pw.CODE_TREE_MISMATCH, paths=differ[:200])
+                return git.text("commit-tree", got, "-m", "patchwire snapshot")
 
     def snapshot_changes(self, tree: str, base: str, changed: List[str], deleted: List[str]) -> str:
         """The same commit in O(changed): the index the last snapshot left must hold `base`
@@ -898,29 +949,30 @@ class ProjectRepo:
         send are never read: the snapshot's other blobs are the ones already recorded."""
         with self.lock:
             self.ensure()
-            git = self.snapshot_git()
-            if self._indexed() != base:
-                raise Conflict("the box's copy of the project is not the one the laptop last sent "
-                               "(a new box, a reset state folder, or another laptop's sync)",
-                               "sync again (patchwire sync --force)", code=pw.CODE_TREE_MISMATCH, paths=[])
-            for path in deleted:
+            with self.open_mirror() as fd:
+                if self._indexed() != base:
+                    raise Conflict("the box's copy of the project is not the one the laptop last sent "
+                                   "(a new box, a reset state folder, or another laptop's sync)",
+                                   "sync again (patchwire sync --force)", code=pw.CODE_TREE_MISMATCH, paths=[])
+                git = self.snapshot_git(fd)
+                for path in deleted:
+                    try:
+                        pw.remove_file(fd, path)
+                    except (OSError, PatchwireError):
+                        pass  # already gone, or beneath a link: the index drops it all the same
                 try:
-                    pw.remove_file(self.mirror, path)
-                except (OSError, PatchwireError):
-                    pass  # already gone, or beneath a link: the index drops it all the same
-            try:
-                pw.update_index_paths(git, changed, deleted)
-            except ProcessError as e:  # a folder, or a path beneath a symlink: not what was sent
-                (self.home / "snapshot.tree").unlink(missing_ok=True)  # the index may hold part of it
-                raise Conflict(f"the box's copy of the project cannot hold what the laptop sent: {e.message}",
-                               "sync again (patchwire sync --force)", code=pw.CODE_TREE_MISMATCH,
-                               paths=changed[:200])
-            got = self._write_snapshot_tree(git)
-            if got != tree:
-                raise Conflict(f"the box's copy of the project differs from what the laptop sent in "
-                               f"{len(changed)} changed file(s)", "sync again (patchwire sync --force)",
-                               code=pw.CODE_TREE_MISMATCH, paths=changed[:200])
-            return git.text("commit-tree", got, "-m", "patchwire snapshot")
+                    update_mirror_index(git, fd, changed, deleted)
+                except (ProcessError, pw.UnsafePath) as e:  # a folder, or beneath a link: not what was sent
+                    (self.home / "snapshot.tree").unlink(missing_ok=True)  # the index may hold part of it
+                    raise Conflict(f"the box's copy of the project cannot hold what the laptop sent: {e.message}",
+                                   "sync again (patchwire sync --force)", code=pw.CODE_TREE_MISMATCH,
+                                   paths=changed[:200])
+                got = self._write_snapshot_tree(git)
+                if got != tree:
+                    raise Conflict(f"the box's copy of the project differs from what the laptop sent in "
+                                   f"{len(changed)} changed file(s)", "sync again (patchwire sync --force)",
+                                   code=pw.CODE_TREE_MISMATCH, paths=changed[:200])
+                return git.text("commit-tree", got, "-m", "patchwire snapshot")
 
     def _indexed(self) -> Optional[str]:
         """The tree the snapshot index holds, as written beside it by the last snapshot (reading
@@ -1082,13 +1134,76 @@ def symlink_entries(listing: bytes) -> List[str]:
     return paths
 
 
-def index_paths(git: Git, paths: List[str], prune_root: Path) -> None:
-    """Make the index hold exactly `paths`, then delete every other file from `prune_root`:
-    rsync --files-from never deletes on the receiving side."""
-    pw.set_index_paths(git, paths)
+def index_paths(git: Git, mirror_fd: int, paths: List[str], links: List[str]) -> None:
+    """Make the index hold exactly `paths`, then delete every other file from the mirror:
+    rsync --files-from never deletes on the receiving side. `links`: the paths the laptop
+    says are symlinks (the only ones that may be)."""
+    try:
+        index_links = link_entries(git, mirror_fd, links)
+    except pw.UnsafePath as e:
+        raise Conflict(f"the box's copy of the project cannot hold what the laptop sent: {e.message}",
+                       "sync again (patchwire sync --force)", code=pw.CODE_TREE_MISMATCH, paths=links[:200])
+    linked = {path for path, _ in index_links}
+    stale = sorted(set(git.ls_files_stage()) - set(paths))
+    pw.update_index_paths(git, [p for p in paths if p not in linked], stale)
+    add_link_entries(git, index_links)
     for raw in git("ls-files", "-z", "--others").split(b"\0"):  # git's own walk: fast
         if raw:
-            pw.remove_file(prune_root, raw.decode("utf-8", "surrogateescape"))
+            pw.remove_file(mirror_fd, raw.decode("utf-8", "surrogateescape"))
+
+
+def update_mirror_index(git: Git, mirror_fd: int, changed: List[str], deleted: List[str]) -> None:
+    """Re-hash `changed` from the mirror and drop `deleted` (an ask of changes): the changed
+    paths that are symlinks are read by the agent itself (link_entries), the rest by git."""
+    links = {p for p in changed if stat.S_ISLNK(pw.lstat_beneath(mirror_fd, p))}
+    index_links = link_entries(git, mirror_fd, sorted(links))
+    pw.update_index_paths(git, [p for p in changed if p not in links], deleted)
+    add_link_entries(git, index_links)
+
+
+# rrsync -munge (the key line's) stores a link the laptop sent as "/rsyncd-munged/" + its
+# target, so that no link in a mirror resolves; the snapshot takes the target the laptop sent.
+MUNGE_PREFIX = b"/rsyncd-munged/"
+
+
+def link_entries(git: Git, mirror_fd: int, paths: List[str]) -> List[Tuple[str, str]]:
+    """[(path, blob)] of the paths that are symlinks in the mirror, each blob the link's target
+    as the laptop sent it, read with readlink beneath the mirror's descriptor (never resolved)
+    and written into the store. A path that is not a link there is left to git."""
+    out = []
+    for path in paths:
+        found = pw.read_worktree(mirror_fd, path) if stat.S_ISLNK(pw.lstat_beneath(mirror_fd, path)) else None
+        if found:
+            target = found[0][len(MUNGE_PREFIX):] if found[0].startswith(MUNGE_PREFIX) else found[0]
+            out.append((path, write_blob(Path(str(git.git_dir)), target)))
+    return out
+
+
+def add_link_entries(git: Git, entries: List[Tuple[str, str]]) -> None:
+    if entries:
+        git("update-index", "-z", "--index-info",
+            input=b"".join(b"120000 %s\t%s\0" % (blob.encode(), pw.encode_path(path)) for path, blob in entries))
+
+
+def write_blob(git_dir: Path, data: bytes) -> str:
+    """Store `data` as a loose blob (zlib over "blob <size>\\0" + data, named by its sha1: git's
+    own format) and return its id; one write per link, no process."""
+    raw = b"blob %d\0" % len(data) + data
+    blob = hashlib.sha1(raw).hexdigest()
+    path = git_dir / "objects" / blob[:2] / blob[2:]
+    if not path.exists():
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.parent / f"tmp_obj_{secrets.token_hex(6)}"
+        tmp.write_bytes(zlib.compress(raw))
+        os.replace(tmp, path)
+    return blob
+
+
+def pinned_folder(fd: int, path: Path) -> str:
+    """A cwd for a child process that is the folder `fd` holds: /proc/self/fd/N in the child
+    (inherited across fork, resolved by the kernel, never by name). Without /proc (macOS) the
+    path itself, which open_folder checked a moment before."""
+    return f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else str(path)
 
 
 def parse_numstat(out: bytes) -> dict:
@@ -1938,7 +2053,7 @@ class Agent:
             repos = {p.parent.name for p in (user_root(self.cfg.state_dir, user) / "projects").glob("*/git")}
             if project not in projects:
                 self._check_project_cap(policy, len(projects))
-                repo.mirror.mkdir(parents=True, exist_ok=True, mode=0o700)
+                repo.make_mirror()
             if for_ask and project not in repos:
                 self._check_project_cap(policy, len(repos))
         return repo
@@ -3826,12 +3941,16 @@ def find_rrsync() -> Optional[str]:
 
 def rrsync_key_line(state_dir: Path, user: str, key: str) -> str:
     """An authorized_keys line that lets the key only rsync INTO the user's mirror folder:
-    `restrict` (no shell, tty or forwarding) and a forced rrsync. -absolute lets the laptop
+    `restrict` (no shell, tty or forwarding) and a forced rrsync. -munge stores each link it
+    receives as "/rsyncd-munged/TARGET", which resolves nowhere (MUNGE_PREFIX). -absolute lets the laptop
     keep sending the absolute mirror path /v1/me gives it; -no-lock lets two projects of one
     user sync at once."""
     rrsync = find_rrsync()
     options = ["-wo"]
-    if rrsync and b"-absolute" in Path(rrsync).read_bytes():
+    text = Path(rrsync).read_bytes() if rrsync else b""
+    if b"-munge" in text:  # links it writes never resolve (the agent does not rely on it)
+        options += ["-munge"]
+    if b"-absolute" in text:
         options += ["-absolute", "-no-lock"]
     else:
         pw.say(RRSYNC_MISSING if not rrsync else

@@ -21,10 +21,12 @@ def test_a_cancel_between_the_claim_and_the_run_stops_the_job_before_the_ai(tmp_
     repo = agent.repo("alice", "demo")
     repo.ensure()
     (repo.mirror / "a.txt").write_bytes(b"a\n")
-    git = repo.snapshot_git()
-    git("update-index", "--add", "a.txt")
-    tree = git.text("write-tree")
-    snapshot = repo.snapshot(tree, [(m, s, p) for p, (m, s) in git.ls_files_stage().items()])
+    with repo.open_mirror() as fd:
+        git = repo.snapshot_git(fd)
+        git("update-index", "--add", "a.txt")
+        tree = git.text("write-tree")
+        entries = git.ls_files_stage()
+    snapshot = repo.snapshot(tree, [(m, s, p) for p, (m, s) in entries.items()])
     job = {"id": "abc123", "user": "alice", "project": "demo", "prompt": "x", "status": "queued",
            "created": time.time(), "snapshot": snapshot, "tree": tree, "timeout_s": 60, "parent": None}
     agent.store.create_job(job)
