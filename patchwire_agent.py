@@ -89,6 +89,7 @@ folder is 700 and its files private, whatever the umask.
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import datetime as dt
 import fcntl
@@ -339,7 +340,10 @@ class AgentConfig:
                 values[key], sources[key] = self.policy_defaults[key], "[policy]"
             else:
                 values[key], sources[key] = default, "built-in default"
-        if values["max_running"] is None:
+        if values["max_running"] is None and self.workers > 1 and len(self.users) > 1:
+            # one worker stays free for the others: a user's two-hour jobs never hold them all
+            values["max_running"], sources["max_running"] = self.workers - 1, "[jobs] workers - 1 (a shared box)"
+        elif values["max_running"] is None:
             values["max_running"], sources["max_running"] = self.workers, "[jobs] workers"
         ceiling = self.max_timeout_s
         if values["timeout_s"] is None or values["timeout_s"] > ceiling:
@@ -1794,13 +1798,17 @@ class FairQueue:
 
     def order(self) -> List[str]:
         """Job ids in the order they would be served (ignoring busy folders and limits)."""
+        return [job for job, _ in self.items()]
+
+    def items(self) -> List[Tuple[str, str]]:
+        """(job, user) in the order they would be served (ignoring busy folders and limits)."""
         with self.cond:
             lanes = {u: deque(items) for u, items in self.by_user.items()}
             served, turns = dict(self.served), self.turns
-            out: List[str] = []
+            out: List[Tuple[str, str]] = []
             while lanes:
                 user = self._turn_order(served, lanes)[0]
-                out.append(lanes[user].popleft().job_id)
+                out.append((lanes[user].popleft().job_id, user))
                 turns += 1
                 served[user] = turns
                 if not lanes[user]:
@@ -1895,6 +1903,7 @@ class Agent:
         # job -> reason: cancelled after a worker took it from the queue, before its run existed
         self.cancel_early: Dict[str, str] = {}
         self.running: Dict[str, int] = {}  # user -> jobs of theirs holding a worker
+        self.run_began: Dict[str, Tuple[str, float]] = {}  # job holding a worker -> (user, monotonic)
         self.recent_runs: Deque[float] = deque(maxlen=20)  # seconds, for queue estimates
         self.announced: Dict[str, Tuple[int, Optional[int]]] = {}  # job -> last (position, estimate)
         self.announce_lock = threading.Lock()
@@ -2264,6 +2273,7 @@ class Agent:
             busy.add(slot)
             item.slot = slot
             self.running[item.user] = self.running.get(item.user, 0) + 1
+            self.run_began[item.job_id] = (item.user, time.monotonic())
             return True
 
     def _release_slot(self, item: QueueItem) -> None:
@@ -2273,32 +2283,37 @@ class Agent:
             self.running[item.user] -= 1
             if not self.running[item.user]:
                 del self.running[item.user]
+            self.run_began.pop(item.job_id, None)
         self.queue.wake()
         self._announce_positions()
 
     def queue_position(self, job_id: str) -> Tuple[int, Optional[int]]:
-        """(jobs ahead in the queue, estimated seconds until it starts, None without history)."""
-        order = self.queue.order()
-        position = order.index(job_id) if job_id in order else 0
-        return position, self._estimate(position)
+        """(queued jobs that start before it, estimated seconds until it starts, None without
+        history)."""
+        return self._plan().get(job_id, (0, None))
 
-    def _estimate(self, position: int) -> Optional[int]:
+    def _plan(self) -> Dict[str, Tuple[int, Optional[int]]]:
+        """Every queued job's (place, estimate), from plan_starts over the fair order, the
+        running jobs' expected rest and each user's max_running: a job of a user at their
+        limit waits for one of theirs, while another user's later job takes a free worker."""
+        items = self.queue.items()
+        now = time.monotonic()
         with self.lock:
-            if not self.recent_runs:
-                return None
-            average = sum(self.recent_runs) / len(self.recent_runs)
-            running = sum(self.running.values())
-        # the job starts when `position` queued jobs and all but one worker's run are done
-        waits = max(0, position + running - self.cfg.workers + 1)
-        return int(round(waits * average / self.cfg.workers))
+            known = bool(self.recent_runs)
+            average = sum(self.recent_runs) / len(self.recent_runs) if known else 1.0
+            running = [(user, max(0.0, average - (now - began))) for user, began in self.run_began.values()]
+        users = {user for _, user in items} | {user for user, _ in running}
+        limits = {user: self.cfg.policy(user).max_running for user in users}
+        starts = plan_starts(items, running, self.cfg.workers, limits, average)
+        return {job: (place, int(round(at)) if known else None) for job, (place, at) in starts.items()}
 
     def _announce_positions(self) -> None:
         """A `position` event for each waiting job whose place or estimate changed."""
         with self.announce_lock:
-            order = self.queue.order()
+            plan = self._plan()
+            order = list(plan)
             try:
-                for position, job_id in enumerate(order):
-                    now = (position, self._estimate(position))
+                for job_id, now in plan.items():
                     if self.announced.get(job_id) != now:
                         self.announced[job_id] = now
                         self.store.add_event(job_id, {"type": "position", "position": now[0], "estimate_s": now[1]})
@@ -2381,6 +2396,36 @@ class Agent:
         if not session:
             return list(self.cfg.ai_command)
         return self.cfg.ai_command + [a.replace("{session_id}", session) for a in self.cfg.resume_args]
+
+
+def plan_starts(order: List[Tuple[str, str]], running: List[Tuple[str, float]], workers: int,
+                limits: Dict[str, int], average: float) -> Dict[str, Tuple[int, float]]:
+    """{job: (queued jobs starting before it, seconds until it starts)} for the queued (job, user)
+    pairs in the fair queue's order, as the workers will take them: each running (user, seconds
+    left) holds a worker; at each moment a worker is free, the first job in order whose user is
+    under their limit starts, and runs `average` seconds."""
+    free = sorted([left for _, left in running] + [0.0] * max(0, workers - len(running)))
+    ends: Dict[str, List[float]] = {}
+    for user, left in running:
+        ends.setdefault(user, []).append(left)
+    waiting, now = list(order), 0.0
+    out: Dict[str, Tuple[int, float]] = {}
+    while waiting and free:
+        now = max(now, free[0])
+        pick = next((w for w in waiting if sum(end > now for end in ends.get(w[1], ())) < limits.get(w[1], workers)),
+                    None)
+        if pick is None:  # every waiting user is at their limit: on to the next end of a run
+            later = [end for user_ends in ends.values() for end in user_ends if end > now]
+            if not later:
+                break
+            now = min(later)
+            continue
+        waiting.remove(pick)
+        free.pop(0)
+        bisect.insort(free, now + average)
+        ends.setdefault(pick[1], []).append(now + average)
+        out[pick[0]] = (len(out), now)
+    return out
 
 
 class StepTimes:
