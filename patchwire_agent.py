@@ -188,7 +188,7 @@ CONFIG_TEMPLATE = """\
 # projects = ["*"]            # allowed project names (patterns)
 # rate_limit = "30/hour"      # for example (default: no limit); per second, minute, hour or day
 # max_queued = 100            # jobs waiting per user
-# max_running = 2             # AI runs at once per user (default: jobs.workers)
+# max_running = 2             # AI runs at once per user (default: jobs.workers; minus one with several users)
 # timeout_s = 7200            # ceiling of an ask's timeout (default: ai.max_timeout_s)
 # max_prompt_bytes = 1048576
 # max_projects = 50           # projects (mirror + repository) per user on this box
@@ -2290,7 +2290,11 @@ class Agent:
     def queue_position(self, job_id: str) -> Tuple[int, Optional[int]]:
         """(queued jobs that start before it, estimated seconds until it starts, None without
         history)."""
-        return self._plan().get(job_id, (0, None))
+        planned = self._plan().get(job_id)
+        if planned:
+            return planned
+        with self.lock:  # a worker took it already
+            return 0, (0 if self.recent_runs else None)
 
     def _plan(self) -> Dict[str, Tuple[int, Optional[int]]]:
         """Every queued job's (place, estimate), from plan_starts over the fair order, the

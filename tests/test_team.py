@@ -275,7 +275,7 @@ def test_rate_limit_is_429_with_retry_after_and_survives_a_restart(make_agent, t
 def test_each_ceiling_is_a_clear_refusal(make_agent, tmp_path):
     agent = make_agent(users=("alice", "bob"), jobs={"workers": 2}, start=False)
     edit_config(agent, lambda d: (d.update(policy={"max_queued": 1, "max_prompt_bytes": 300, "timeout_s": 60,
-                                                   "max_projects": 2}),
+                                                   "max_projects": 2, "max_running": 2}),
                                   d["users"]["bob"].update(max_running=1, max_prompt_bytes=5000)))
     agent.start()
     lap = synced_laptop(tmp_path, agent, "alice")
