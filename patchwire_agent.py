@@ -256,7 +256,7 @@ POLICY_SCHEMA = {"projects": ("str_list", ["*"]), "rate_limit": (str, None), "ma
 USER_SCHEMA = {"token_sha256": (str, None), "admin": (bool, False),
                **{key: (kind, None) for key, (kind, _) in POLICY_SCHEMA.items()}}
 TOP_SCHEMA: dict = {"server": (dict, {}), "ai": (dict, {}), "jobs": (dict, {}), "users": (dict, {}),
-                    "policy": (dict, {})}
+                    "policy": (dict, {}), "network": (dict, None)}
 RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600,
               "hour": 3600, "d": 86400, "day": 86400}
 
@@ -304,6 +304,7 @@ class AgentConfig:
         self.sandbox: str = ai["sandbox"]
         self.workers: int = jobs["workers"]
         self.slots: int = jobs["slots"]
+        self.network = NetworkConfig(path, top["network"])
         self.users: Dict[str, bytes] = {}
         self.admins: Set[str] = set()  # users whose token also reads everyone's usage and metrics
         self.policy_defaults = pw.Schema(path, "policy", POLICY_SCHEMA).read(top["policy"])
@@ -1419,6 +1420,430 @@ def sbpl_regex(path: str) -> str:
     if '"' in path or "\n" in path:
         return '#"^$"'  # matches nothing: such a home cannot be written safely into the profile
     return f'#"^{escaped}"'
+
+
+# ================================================================== the gateway (the AI's only way out)
+#
+# Under bwrap each job has its own network namespace (--unshare-net): only its own loopback, no
+# other job's ports, no service of the box, no abstract socket. Its one way out is this gateway,
+# run by the agent: a Unix socket per job, bound into the sandbox, and a forwarder inside
+# (GATEWAY_FORWARDER, run by the agent's own Python: it needs nothing the box lacks, where socat
+# may be missing) that listens on a loopback port and passes each connection to the socket.
+# HTTPS_PROXY and HTTP_PROXY point there, so curl, npm, pub, gradle and git's https reach the
+# outside through CONNECT (TLS end to end: the gateway sees the host, never the content) or
+# plain absolute-form requests, and only to hosts [network] allows. The AI's own API calls go
+# to the same port in origin form (ANTHROPIC_BASE_URL): the gateway adds the box's credential
+# and forwards them to [network] api_upstream, so the AI holds a placeholder key, never the
+# credential. Every connection is counted per host for the job's egress report.
+
+NETWORK_MODES = ("open", "allowlist", "none")
+# Named host lists for what this tool's users build with (README.md, "Network").
+NETWORK_PRESETS: Dict[str, Tuple[str, ...]] = {
+    "anthropic": ("api.anthropic.com", "statsig.anthropic.com"),
+    "github": ("github.com", "*.github.com", "*.githubusercontent.com", "codeload.github.com"),
+    "pub": ("pub.dev", "*.pub.dev", "pub.dartlang.org", "storage.googleapis.com"),
+    "npm": ("registry.npmjs.org", "*.npmjs.org", "registry.yarnpkg.com"),
+    "pypi": ("pypi.org", "files.pythonhosted.org"),
+    "maven-google": ("maven.google.com", "dl.google.com"),
+    "gradle": ("services.gradle.org", "plugins.gradle.org", "plugins-artifacts.gradle.org",
+               "downloads.gradle.org", "repo.maven.apache.org", "repo1.maven.org"),
+    "cocoapods": ("cdn.cocoapods.org", "trunk.cocoapods.org", "github.com", "*.githubusercontent.com"),
+    "crates": ("crates.io", "index.crates.io", "static.crates.io"),
+    "go": ("proxy.golang.org", "sum.golang.org", "storage.googleapis.com"),
+}
+NETWORK_SCHEMA = {"mode": (str, "allowlist"), "allow": ("str_list", []), "presets": ("str_list", ["anthropic"]),
+                  "api_upstream": (str, None), "credential_file": (str, None), "users": (dict, {}),
+                  "projects": (dict, {})}
+NETWORK_OVERRIDE_SCHEMA = {"mode": (str, None), "allow": ("str_list", None), "presets": ("str_list", None)}
+GATEWAY_PORT = 3128  # the forwarder's port on the job's own loopback (nothing else is there)
+GATEWAY_SOCKET = "/tmp/.patchwire-gateway.sock"  # where the job's socket appears in the sandbox
+GATEWAY_PLACEHOLDER_KEY = "sk-ant-patchwire-gateway-placeholder"
+GATEWAY_HEAD_MAX = 64 * 1024
+GATEWAY_CONNECT_TIMEOUT_S = 10
+CREDENTIAL_VARIABLES = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN")
+OAUTH_BETA = "oauth-2025-04-20"  # Anthropic's API takes a Claude login's token with this beta
+# Run inside the sandbox as `python -I -S -c GATEWAY_FORWARDER SOCKET PORT AI_ARGV...`: listen on
+# the job's loopback, pass each connection to the gateway's socket, run the AI as a child and
+# end with its exit status (the forwarder's threads die with it).
+GATEWAY_FORWARDER = """
+import os, socket, sys, threading
+path, port, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("127.0.0.1", port))
+listener.listen(128)
+def pump(src, dst):
+    try:
+        while True:
+            data = src.recv(65536)
+            if not data:
+                break
+            dst.sendall(data)
+    except OSError:
+        pass
+    for s, how in ((dst, socket.SHUT_WR), (src, socket.SHUT_RD)):
+        try:
+            s.shutdown(how)
+        except OSError:
+            pass
+def accept():
+    while True:
+        client, _ = listener.accept()
+        upstream = socket.socket(socket.AF_UNIX)
+        try:
+            upstream.connect(path)
+        except OSError:
+            client.close()
+            continue
+        for a, b in ((client, upstream), (upstream, client)):
+            threading.Thread(target=pump, args=(a, b), daemon=True).start()
+threading.Thread(target=accept, daemon=True).start()
+pid = os.fork()
+if pid == 0:
+    listener.close()
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as e:
+        sys.stderr.write("cannot start the AI command %r: %s\\n" % (argv[0], e.strerror))
+        os._exit(127)
+status = os.waitpid(pid, 0)[1]
+os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+"""
+
+
+class NetworkPolicy:
+    """Where one user's job in one project may connect: `mode`, host patterns, and the rule
+    that set each (for the refusal's text)."""
+
+    def __init__(self, mode: str, patterns: List[str], mode_rule: str, allow_rule: str):
+        self.mode, self.patterns, self.mode_rule, self.allow_rule = mode, patterns, mode_rule, allow_rule
+
+    def allows(self, host: str, port: int) -> bool:
+        if self.mode == "open":
+            return True
+        if self.mode == "none":
+            return False
+        return any(host_matches(pattern, host, port) for pattern in self.patterns)
+
+    def refusal(self, host: str, port: int) -> str:
+        if self.mode == "none":
+            return (f"patchwire gateway: {host}:{port} refused: the network is off for this job "
+                    f"({self.mode_rule}); the box's admin can allow hosts there")
+        return (f"patchwire gateway: {host}:{port} is not allowed ({self.mode_rule}); the box's admin can "
+                f'add "{host}" to {self.allow_rule} allow = [...] or use a preset (README.md, "Network")')
+
+
+def host_matches(pattern: str, host: str, port: int) -> bool:
+    """`host`, `*.domain` (any depth below it), each optionally `:port` (else 80 and 443)."""
+    name, _, want = pattern.lower().rpartition(":") if pattern.count(":") == 1 else (pattern.lower(), "", "")
+    host = host.lower().rstrip(".")
+    ports = {int(want)} if want.isdigit() else {80, 443}
+    if port not in ports:
+        return False
+    if name.startswith("*."):
+        return host.endswith(name[1:])
+    return host == name
+
+
+class NetworkConfig:
+    """[network], read once: defaults, per-user and per-project (name pattern) overrides. The
+    most specific `mode` wins (project, then user, then [network]); allow and presets add up."""
+
+    def __init__(self, path: Path, data: Optional[dict]):
+        self.configured = data is not None  # an older config without [network]: the box's network
+        table = pw.Schema(path, "network", NETWORK_SCHEMA).read(data or {})
+        self.base = self._check(path, "network", table)
+        self.users = {name: self._check(path, f"network.users.{name}",
+                                        pw.Schema(path, f"network.users.{name}", NETWORK_OVERRIDE_SCHEMA).read(t))
+                      for name, t in table["users"].items()}
+        self.projects = {pattern: self._check(path, f"network.projects.{pattern}", pw.Schema(
+            path, f"network.projects.{pattern}", NETWORK_OVERRIDE_SCHEMA).read(t))
+            for pattern, t in table["projects"].items()}
+        self.api_upstream: Optional[str] = table["api_upstream"]
+        self.credential_file = config_relative(path, table["credential_file"]) if table["credential_file"] else None
+        if self.api_upstream and urllib.parse.urlsplit(self.api_upstream).scheme not in ("http", "https"):
+            raise PatchwireError(f"{path}: network.api_upstream must be an http:// or https:// URL")
+
+    @staticmethod
+    def _check(path: Path, where: str, table: dict) -> dict:
+        if table["mode"] is not None and table["mode"] not in NETWORK_MODES:
+            raise PatchwireError(f"{path}: {where}.mode must be one of {', '.join(NETWORK_MODES)}, "
+                                 f"not {table['mode']!r}")
+        unknown = sorted(set(table["presets"] or ()) - set(NETWORK_PRESETS))
+        if unknown:
+            raise PatchwireError(f"{path}: {where}.presets has no preset {unknown[0]!r}",
+                                 f"known presets: {', '.join(NETWORK_PRESETS)}")
+        return table
+
+    def policy(self, user: str, project: str) -> NetworkPolicy:
+        layers = [("[network]", self.base)]
+        if user in self.users:
+            layers.append((f"[network.users.{user}]", self.users[user]))
+        layers += [(f'[network.projects."{p}"]', t) for p, t in self.projects.items()
+                   if fnmatch.fnmatchcase(project, p)]
+        mode, mode_rule, allow_rule = "allowlist", "", "[network]"
+        patterns: List[str] = []
+        for rule, table in layers:
+            if table["mode"] is not None:
+                mode, mode_rule = table["mode"], f'{rule} mode = "{table["mode"]}"'
+            for preset in table["presets"] or ():
+                patterns += NETWORK_PRESETS[preset]
+            patterns += table["allow"] or []
+            if table["allow"] is not None or table["presets"] is not None:
+                allow_rule = rule
+        return NetworkPolicy(mode, patterns, mode_rule, allow_rule)
+
+
+class Credential:
+    """The box's API credential, as the gateway adds it: an API key (`x-api-key`) or a Claude
+    login's long-lived token from `claude setup-token` (`Authorization: Bearer`, with the OAuth
+    beta). Read from [network] credential_file (only the agent can read it), else from the
+    agent's environment; the AI only ever holds GATEWAY_PLACEHOLDER_KEY."""
+
+    def __init__(self, kind: str, secret: str):
+        self.kind, self.secret = kind, secret
+
+    @classmethod
+    def find(cls, net: "NetworkConfig", env: Dict[str, str]) -> Optional["Credential"]:
+        secret = ""
+        if net.credential_file:
+            try:
+                secret = net.credential_file.read_text().strip()
+            except OSError as e:
+                raise PatchwireError(f"cannot read network.credential_file {net.credential_file}: {e.strerror}")
+        secret = secret or env.get("ANTHROPIC_API_KEY", "") or env.get("CLAUDE_CODE_OAUTH_TOKEN", "") or env.get(
+            "ANTHROPIC_AUTH_TOKEN", "")
+        if not secret:
+            return None
+        return cls("oauth" if secret.startswith("sk-ant-oat") or env.get("CLAUDE_CODE_OAUTH_TOKEN") == secret
+                   else "api_key", secret)
+
+    def headers(self) -> List[Tuple[str, str]]:
+        if self.kind == "api_key":
+            return [("x-api-key", self.secret)]
+        return [("authorization", f"Bearer {self.secret}")]
+
+
+class EgressReport:
+    """Per job: hosts contacted (allowed and refused), with counts and bytes, and the API's
+    token counts as the gateway saw them."""
+
+    def __init__(self, emit: Callable[[dict], Any]):
+        self.emit = emit
+        self.lock = threading.Lock()
+        self.hosts: Dict[str, Dict[str, int]] = {}
+
+    def record(self, host: str, allowed: bool, sent: int = 0, received: int = 0) -> None:
+        with self.lock:
+            entry = self.hosts.setdefault(host, {"allowed": 0, "refused": 0, "sent": 0, "received": 0})
+            first = not entry["allowed" if allowed else "refused"]
+            entry["allowed" if allowed else "refused"] += 1
+            entry["sent"] += sent
+            entry["received"] += received
+        if first or not allowed and entry["refused"] <= 20:
+            self.emit({"type": "network" if allowed else "network_refused", "host": host,
+                       **({} if allowed else {"count": entry["refused"]})})
+
+    def add_bytes(self, host: str, sent: int, received: int) -> None:
+        with self.lock:
+            entry = self.hosts.setdefault(host, {"allowed": 0, "refused": 0, "sent": 0, "received": 0})
+            entry["sent"] += sent
+            entry["received"] += received
+
+    def summary(self) -> dict:
+        with self.lock:
+            return {"contacted": {h: dict(e) for h, e in sorted(self.hosts.items()) if e["allowed"]},
+                    "refused": {h: e["refused"] for h, e in sorted(self.hosts.items()) if e["refused"]}}
+
+
+class JobGateway:
+    """One job's way out: a Unix socket the sandbox gets, served by a thread of the agent.
+    Each connection is read up to its request head, judged, then relayed byte for byte."""
+
+    def __init__(self, folder: Path, policy: NetworkPolicy, upstream: Optional[str],
+                 credential: Optional[Credential], report: EgressReport):
+        self.policy, self.upstream, self.credential, self.report = policy, upstream, credential, report
+        self.path = folder / f"gw-{secrets.token_hex(6)}.sock"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(self.path))
+        self.sock.listen(128)
+        self.closed = False
+        threading.Thread(target=self._accept, name="gateway", daemon=True).start()
+
+    def close(self) -> None:
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(30)
+            head, rest = read_head(conn)
+            method, target, headers = parse_head(head)
+            if method == "CONNECT":
+                self._tunnel(conn, target, rest)
+            elif target.startswith("/"):
+                self._api(conn, method, target, headers, rest)
+            else:
+                self._plain(conn, method, target, headers, rest)
+        except (OSError, ValueError, ssl.SSLError) as e:
+            with contextlib.suppress(OSError):
+                gateway_answer(conn, HTTPStatus.BAD_REQUEST, f"patchwire gateway: {describe_exception(e)}")
+        finally:
+            conn.close()
+
+    def _tunnel(self, conn: socket.socket, target: str, rest: bytes) -> None:
+        host, port = split_host_port(target, 443)
+        if not self._allowed(conn, host, port):
+            return
+        upstream = socket.create_connection((host, port), timeout=GATEWAY_CONNECT_TIMEOUT_S)
+        conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        self._relay(conn, upstream, host, rest)
+
+    def _plain(self, conn: socket.socket, method: str, target: str, headers: List[Tuple[str, str]],
+               rest: bytes) -> None:
+        url = urllib.parse.urlsplit(target)
+        if url.scheme != "http" or not url.hostname:
+            gateway_answer(conn, HTTPStatus.BAD_REQUEST, f"patchwire gateway: cannot forward {target!r}")
+            return
+        host, port = url.hostname, url.port or 80
+        if not self._allowed(conn, host, port):
+            return
+        upstream = socket.create_connection((host, port), timeout=GATEWAY_CONNECT_TIMEOUT_S)
+        path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        upstream.sendall(build_head(method, path, close_headers(headers)) + rest)
+        self._relay(conn, upstream, host, b"")
+
+    def _api(self, conn: socket.socket, method: str, path: str, headers: List[Tuple[str, str]],
+             rest: bytes) -> None:
+        """The AI's own API call: its placeholder credential out, the box's in, on to
+        api_upstream over TLS (whatever the mode: the AI cannot work without it)."""
+        if not self.upstream:
+            gateway_answer(conn, HTTPStatus.BAD_GATEWAY, "patchwire gateway: no [network] api_upstream")
+            return
+        url = urllib.parse.urlsplit(self.upstream)
+        host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+        kept = [(k, v) for k, v in close_headers(headers) if k.lower() not in ("x-api-key", "authorization")]
+        if self.credential:
+            kept += self.credential.headers()
+            if self.credential.kind == "oauth":
+                kept = add_beta(kept, OAUTH_BETA)
+        kept = [(k, v) if k.lower() != "host" else (k, url.netloc) for k, v in kept]
+        upstream: socket.socket = socket.create_connection((host, port), timeout=GATEWAY_CONNECT_TIMEOUT_S)
+        if url.scheme == "https":
+            upstream = ssl.create_default_context().wrap_socket(upstream, server_hostname=host)
+        upstream.sendall(build_head(method, url.path.rstrip("/") + path, kept) + rest)
+        self.report.record(host, True)
+        self._relay(conn, upstream, host, b"")
+
+    def _allowed(self, conn: socket.socket, host: str, port: int) -> bool:
+        if self.policy.allows(host, port):
+            self.report.record(host, True)
+            return True
+        self.report.record(host, False)
+        gateway_answer(conn, HTTPStatus.FORBIDDEN, self.policy.refusal(host, port))
+        return False
+
+    def _relay(self, conn: socket.socket, upstream: socket.socket, host: str, first: bytes) -> None:
+        """Both directions until each side is done; bytes counted for the report."""
+        conn.settimeout(None)
+        upstream.settimeout(None)
+        if first:
+            upstream.sendall(first)
+            self.report.add_bytes(host, len(first), 0)
+
+        def pump(src: socket.socket, dst: socket.socket, sent: bool) -> None:
+            try:
+                for chunk in iter(lambda: src.recv(65536), b""):
+                    self.report.add_bytes(host, len(chunk) if sent else 0, 0 if sent else len(chunk))
+                    dst.sendall(chunk)
+            except OSError:
+                pass
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+        back = threading.Thread(target=pump, args=(upstream, conn, False), daemon=True)
+        back.start()
+        pump(conn, upstream, True)
+        back.join()
+        upstream.close()
+
+
+def read_head(conn: socket.socket) -> Tuple[bytes, bytes]:
+    """(request head, what came after it), the head at most GATEWAY_HEAD_MAX bytes."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            raise ValueError("the connection ended inside the request head")
+        data += chunk
+        if len(data) > GATEWAY_HEAD_MAX:
+            raise ValueError("request head too large")
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def parse_head(head: bytes) -> Tuple[str, str, List[Tuple[str, str]]]:
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise ValueError("not an HTTP/1.x request")
+    headers = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not name.strip():
+            raise ValueError("a malformed header line")
+        headers.append((name.strip(), value.strip()))
+    return parts[0].upper(), parts[1], headers
+
+
+def build_head(method: str, target: str, headers: List[Tuple[str, str]]) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1"] + [f"{k}: {v}" for k, v in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def close_headers(headers: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
+    """The headers with `Connection: close`: one request per connection, so that every
+    request passes the gateway's judgement (a kept-alive one would be relayed unseen)."""
+    hop = {"connection", "proxy-connection", "keep-alive", "proxy-authorization"}
+    return [(k, v) for k, v in headers if k.lower() not in hop] + [("Connection", "close")]
+
+
+def add_beta(headers: List[Tuple[str, str]], beta: str) -> List[Tuple[str, str]]:
+    betas = [v for k, v in headers if k.lower() == "anthropic-beta"]
+    merged = ",".join(b for b in [*betas, beta] if b)
+    return [(k, v) for k, v in headers if k.lower() != "anthropic-beta"] + [("anthropic-beta", merged)]
+
+
+def split_host_port(target: str, default_port: int) -> Tuple[str, int]:
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return target.strip("[]"), default_port
+    return host.strip("[]"), int(port)
+
+
+def gateway_answer(conn: socket.socket, status: HTTPStatus, text: str) -> None:
+    body = (text + "\n").encode("utf-8")
+    conn.sendall(f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode("latin-1") + body)
+
+
+def gateway_env(port: int = GATEWAY_PORT) -> Dict[str, str]:
+    """What the AI and the tools it runs get: the proxies (both spellings: curl reads only the
+    lower-case http_proxy), the API through the gateway, a placeholder key."""
+    url = f"http://127.0.0.1:{port}"
+    return {"HTTPS_PROXY": url, "HTTP_PROXY": url, "https_proxy": url, "http_proxy": url,
+            "NO_PROXY": "localhost,127.0.0.1,::1", "no_proxy": "localhost,127.0.0.1,::1",
+            "ANTHROPIC_BASE_URL": url, "ANTHROPIC_API_KEY": GATEWAY_PLACEHOLDER_KEY}
 
 
 # ================================================================== the AI run

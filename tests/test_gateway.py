@@ -1,0 +1,166 @@
+"""The gateway on its own: a job's Unix socket, spoken to as the forwarder inside the sandbox would
+(raw HTTP/1.1 over the socket), in front of a small "internet" on 127.0.0.2 (HTTPS, a test CA)
+and 127.0.0.3 (plain HTTP), and a stand-in API upstream that records the credential it got."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+from pathlib import Path
+from typing import List
+
+import pytest
+
+import patchwire_agent as pa
+from internet import Internet
+
+
+@pytest.fixture
+def internet(tmp_path):
+    net = Internet(tmp_path / "internet")
+    yield net
+    net.close()
+
+
+@pytest.fixture
+def gateway(tmp_path):
+    made: List[pa.JobGateway] = []
+
+    def factory(mode="allowlist", allow=(), upstream=None, credential=None):
+        events: List[dict] = []
+        report = pa.EgressReport(events.append)
+        policy = pa.NetworkPolicy(mode, list(allow), f'[network] mode = "{mode}"', "[network]")
+        folder = Path("/tmp") if len(str(tmp_path)) > 80 else tmp_path
+        gw = pa.JobGateway(folder, policy, upstream, credential, report)
+        gw.events = events  # type: ignore[attr-defined]
+        made.append(gw)
+        return gw
+    yield factory
+    for gw in made:
+        gw.close()
+
+
+def talk(gw: pa.JobGateway, head: str, body: bytes = b"") -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(20)
+    sock.connect(str(gw.path))
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+def read_all(sock) -> bytes:
+    data = b""
+    for chunk in iter(lambda: sock.recv(65536), b""):
+        data += chunk
+    return data
+
+
+def read_response_head(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(1)
+        assert chunk, data
+        data += chunk
+    return data
+
+
+def test_connect_to_an_allowed_host_is_a_tls_tunnel(gateway, internet):
+    host, port = internet.https
+    gw = gateway(allow=[f"{host}:{port}"])
+    sock = talk(gw, f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n")
+    assert read_response_head(sock).startswith(b"HTTP/1.1 200")
+    tls = ssl.create_default_context(cafile=str(internet.ca)).wrap_socket(sock, server_hostname=host)
+    tls.sendall(f"GET /x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+    answer = read_all(tls)
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"hello from 127.0.0.2\n")
+    report = gw.report.summary()
+    assert report["contacted"][host]["allowed"] == 1 and report["contacted"][host]["received"] > len(answer)
+    assert gw.events == [{"type": "network", "host": host}]
+
+
+def test_a_host_not_allowed_gets_an_answer_naming_it_and_the_setting(gateway, internet):
+    host, port = internet.http
+    gw = gateway(allow=[f"{internet.https[0]}:{internet.https[1]}"])
+    for _ in range(3):
+        answer = read_all(talk(gw, f"CONNECT {host}:{port} HTTP/1.1\r\n\r\n"))
+        assert answer.startswith(b"HTTP/1.1 403 Forbidden")
+        assert f"{host}:{port} is not allowed ([network] mode = \"allowlist\")".encode() in answer
+        assert f'add "{host}" to [network] allow = [...]'.encode() in answer
+    answer = read_all(talk(gw, f"GET http://{host}:{port}/x HTTP/1.1\r\nHost: {host}\r\n\r\n"))
+    assert answer.startswith(b"HTTP/1.1 403") and not internet.http_seen
+    assert gw.report.summary()["refused"] == {host: 4}
+    assert [e["type"] for e in gw.events] == ["network_refused"] * 4 and gw.events[-1]["count"] == 4
+
+
+def test_plain_http_is_forwarded_one_request_per_connection(gateway, internet):
+    host, port = internet.http
+    gw = gateway(allow=[f"{host}:{port}"])
+    answer = read_all(talk(gw, f"GET http://{host}:{port}/path?q=1 HTTP/1.1\r\nHost: {host}\r\n"
+                               "Connection: keep-alive\r\nProxy-Authorization: Basic eA==\r\n\r\n"))
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"hello from 127.0.0.3\n")
+    method, path, headers = internet.http_seen[-1]
+    assert (method, path) == ("GET", "/path?q=1")
+    assert headers["connection"] == "close" and "proxy-authorization" not in headers
+
+
+def test_mode_none_refuses_everything_and_open_allows_anything(gateway, internet):
+    host, port = internet.http
+    answer = read_all(talk(gateway(mode="none", allow=[f"{host}:{port}"]), f"CONNECT {host}:{port} HTTP/1.1\r\n\r\n"))
+    assert b"the network is off for this job ([network] mode = \"none\")" in answer
+    answer = read_all(talk(gateway(mode="open"), f"GET http://{host}:{port}/ HTTP/1.1\r\nHost: x\r\n\r\n"))
+    assert answer.endswith(b"hello from 127.0.0.3\n")
+
+
+@pytest.mark.parametrize("kind,secret,header,value", [
+    ("api_key", "sk-ant-api03-REAL", "x-api-key", "sk-ant-api03-REAL"),
+    ("oauth", "sk-ant-oat01-REAL", "authorization", "Bearer sk-ant-oat01-REAL"),
+])
+def test_the_api_call_gets_the_box_credential_and_the_ai_never_holds_it(gateway, internet, kind, secret, header, value):
+    host, port = internet.http
+    internet.servers[1].body = b'{"ok": true}'
+    gw = gateway(mode="none", upstream=f"http://{host}:{port}", credential=pa.Credential(kind, secret))
+    body = json.dumps({"model": "x"}).encode()
+    answer = read_all(talk(gw, f"POST /v1/messages?beta=true HTTP/1.1\r\nHost: 127.0.0.1:3128\r\n"
+                               f"x-api-key: {pa.GATEWAY_PLACEHOLDER_KEY}\r\nanthropic-beta: tools-1\r\n"
+                               f"Content-Length: {len(body)}\r\n\r\n", body))
+    assert answer.endswith(b'{"ok": true}')
+    method, path, headers = internet.http_seen[-1]
+    assert (method, path) == ("POST", "/v1/messages?beta=true")
+    assert headers[header] == value and headers["host"] == f"{host}:{port}"
+    assert pa.GATEWAY_PLACEHOLDER_KEY not in json.dumps(headers)
+    if kind == "oauth":
+        assert "x-api-key" not in headers and headers["anthropic-beta"] == f"tools-1,{pa.OAUTH_BETA}"
+    assert gw.report.summary()["contacted"][host]["allowed"] == 1  # counted even with mode "none"
+
+
+def test_host_patterns():
+    assert pa.host_matches("pub.dev", "pub.dev", 443) and pa.host_matches("pub.dev", "PUB.dev.", 80)
+    assert not pa.host_matches("pub.dev", "pub.dev", 8443) and pa.host_matches("pub.dev:8443", "pub.dev", 8443)
+    assert pa.host_matches("*.github.com", "api.github.com", 443)
+    assert pa.host_matches("*.github.com", "a.b.github.com", 443)
+    assert not pa.host_matches("*.github.com", "github.com", 443)
+    assert not pa.host_matches("*.github.com", "evilgithub.com", 443)
+    assert not pa.host_matches("pub.dev", "pub.dev.evil.example", 443)
+
+
+def test_network_config_layers_and_errors(tmp_path):
+    path = tmp_path / "agent.toml"
+    net = pa.NetworkConfig(path, {"presets": ["pub"], "allow": ["internal.example"],
+                                  "users": {"ann": {"allow": ["ann.example"]}},
+                                  "projects": {"secret-*": {"mode": "none"}}})
+    ann = net.policy("ann", "web")
+    assert ann.mode == "allowlist" and ann.allows("pub.dev", 443) and ann.allows("ann.example", 443)
+    assert ann.allows("internal.example", 443) and not net.policy("ben", "web").allows("ann.example", 443)
+    assert not ann.allows("api.anthropic.com", 443)  # presets replace the default list when given
+    assert pa.NetworkConfig(path, {}).policy("x", "y").allows("api.anthropic.com", 443)  # the default preset
+    locked = net.policy("ann", "secret-app")
+    assert locked.mode == "none" and 'mode = "none"' in locked.refusal("pub.dev", 443)
+    assert '[network.users.ann] allow' in ann.refusal("evil.example", 443)
+    assert pa.NetworkConfig(path, None).configured is False
+    for bad, words in (({"mode": "closed"}, "network.mode must be one of open, allowlist, none"),
+                       ({"presets": ["pypy"]}, "has no preset 'pypy'"),
+                       ({"users": {"ann": {"mode": "x"}}}, "network.users.ann.mode must be one of"),
+                       ({"api_upstream": "ftp://x"}, "must be an http:// or https:// URL")):
+        with pytest.raises(pa.PatchwireError, match=words):
+            pa.NetworkConfig(path, bad)
