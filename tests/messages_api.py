@@ -52,6 +52,7 @@ from typing import Any, Dict, List, Optional, Union
 EXHAUSTED_TEXT = "(script exhausted)"
 SIDE_REPLY_TEXT = "OK"
 MAX_BODY_BYTES = 64 * 1024 * 1024
+CREDENTIAL_HEADERS = ("x-api-key", "authorization", "anthropic-beta")
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -222,7 +223,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
 
     def do_POST(self):
-        self.api._hit(self.command, self.path)
+        self.api._hit(self.command, self.path, self.headers)
         path = self._path()
         if path not in ("/v1/messages", "/v1/messages/count_tokens"):
             self._send_json(HTTPStatus.NOT_FOUND, error_body(404, "no route " + path))
@@ -268,6 +269,7 @@ class FakeMessagesAPI:
         self._requests: List[Dict[str, Any]] = []
         self._side_requests: List[Dict[str, Any]] = []
         self._hits: List[tuple] = []
+        self._credentials: List[Dict[str, str]] = []
         self._ids = itertools.count(1)
         self._server: Optional[_Server] = None
         self._thread: Optional[threading.Thread] = None
@@ -338,11 +340,20 @@ class FakeMessagesAPI:
         with self._lock:
             return list(self._hits)
 
+    @property
+    def credentials(self) -> List[Dict[str, str]]:
+        """For each POST, the headers that carry or qualify a credential (CREDENTIAL_HEADERS)."""
+        with self._lock:
+            return list(self._credentials)
+
     # -- called by the handler
 
-    def _hit(self, method: str, path: str) -> None:
+    def _hit(self, method: str, path: str, headers: Any = None) -> None:
         with self._lock:
             self._hits.append((method, path))
+            if headers is not None:
+                self._credentials.append({k.lower(): v for k, v in headers.items()
+                                          if k.lower() in CREDENTIAL_HEADERS})
 
     def _next_reply(self, body: Dict[str, Any]) -> Reply:
         with self._lock:

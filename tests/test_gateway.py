@@ -164,3 +164,41 @@ def test_network_config_layers_and_errors(tmp_path):
                        ({"api_upstream": "ftp://x"}, "must be an http:// or https:// URL")):
         with pytest.raises(pa.PatchwireError, match=words):
             pa.NetworkConfig(path, bad)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,secret,header,value", [
+    ("api_key", "sk-ant-api03-REAL", "x-api-key", "sk-ant-api03-REAL"),
+    ("oauth", "sk-ant-oat01-REAL", "authorization", "Bearer sk-ant-oat01-REAL"),
+])
+def test_the_real_cli_reaches_its_api_through_the_forwarder_and_the_gateway(gateway, tmp_path, kind, secret,
+                                                                             header, value):
+    """The forwarder as the sandbox runs it (the agent's Python, -I -S), the real Claude Code CLI
+    as its child with the gateway's environment: the stand-in Messages API sees the box's
+    credential, in the headers that credential's kind needs, and never the placeholder."""
+    import subprocess
+    import sys
+    from claude_cli import claude_env, require_claude_cli
+    from messages_api import FakeMessagesAPI
+    cli = require_claude_cli()
+    with FakeMessagesAPI([[{"type": "text", "text": "hello through the gateway"}]]) as api:
+        gw = gateway(mode="none", upstream=api.base_url, credential=pa.Credential(kind, secret))
+        port = free_port()
+        env = {**claude_env(tmp_path / "home", "unused"), **pa.gateway_env(port)}
+        out = subprocess.run([sys.executable, "-I", "-S", "-c", pa.GATEWAY_FORWARDER, str(gw.path), str(port),
+                              cli, "--print", "--output-format", "json", "say hello"],
+                             env=env, cwd=tmp_path, capture_output=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["result"] == "hello through the gateway"
+        sent = [c for c in api.credentials if header in c]
+        assert sent and all(c[header] == value for c in sent), api.credentials
+        assert pa.GATEWAY_PLACEHOLDER_KEY not in json.dumps(api.credentials)
+        if kind == "oauth":
+            assert all(pa.OAUTH_BETA in c["anthropic-beta"].split(",") for c in sent)
+    assert gw.report.summary()["contacted"]["127.0.0.1"]["allowed"] >= 1
