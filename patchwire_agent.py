@@ -2558,6 +2558,8 @@ def limited_run(run: AIRun, cgroup: JobCgroup) -> Tuple[str, str, dict]:
         hit = cgroup.hit()
     finally:
         cgroup.remove()
+    if not hit and cgroup.limits.processes_by == "prlimit" and "fork" in reason.lower():
+        hit = f"[ai] max_processes = {cgroup.limits.max_processes}"  # RLIMIT_NPROC says no more than this
     if status == "failed" and hit:
         reason = f"the AI reached its limit {hit} (raise it in agent.toml if the job needs more): {reason}"
     elif status == "failed" and "No space left on device" in reason + run.stderr_tail.decode("utf-8", "replace"):
@@ -4256,7 +4258,45 @@ def check_sandbox(cfg: AgentConfig) -> dict:
         return box_check("sandbox", False, sandbox.warning,
                          "install bubblewrap (Debian/Ubuntu: sudo apt install bubblewrap), or set "
                          '[ai] sandbox = "none" to accept an unconfined AI')
-    return box_check("sandbox", True, f"the AI runs under {sandbox.kind}")
+    if sandbox.kind != "bwrap":
+        return box_check("sandbox", True, f"the AI runs under {sandbox.kind}")
+    return box_check("sandbox", True, f"the AI runs under bwrap with capabilities {ai_capabilities(sandbox.program)} "
+                     "(its own user namespace, --cap-drop ALL); the network and abstract sockets are the box's")
+
+
+def ai_capabilities(bwrap: str) -> str:
+    """The capability sets a process in the sandbox holds, read from inside one."""
+    proc = pw.run([bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-user",
+                   "--cap-drop", "ALL", "--unshare-pid", "--die-with-parent", "cat", "/proc/self/status"],
+                  timeout=30, check=False)
+    sets = re.findall(r"^(Cap(?:Eff|Prm|Bnd)):\s*([0-9a-f]+)$", proc.stdout.decode("utf-8", "replace"), re.M)
+    return ", ".join(f"{name} {value}" for name, value in sets) or "unknown (bwrap failed)"
+
+
+def check_ai_path(cfg: AgentConfig) -> dict:
+    """PATH folders of the AI that the sandbox hides (a toolchain in the box account's home)
+    and nothing binds back: the AI would not find what lies there."""
+    if cfg.sandbox == "none" or not sys.platform.startswith("linux"):
+        return box_check("ai_path", True, "the sandbox hides no folder of the AI's PATH")
+    walls = JobWalls(cfg.state_dir, cfg.state_dir, cfg.state_dir, cfg.state_dir, cfg.limits)
+    hidden = ["/tmp", *walls.hidden_folders(), real(cfg.state_dir)]
+    env = ai_environment(cfg)
+    found = shutil.which(cfg.ai_command[0], path=env.get("PATH"))
+    bound = [*cfg.readable, *[install_folder(real(Path(p)), hidden) for p in (found or "",) if p]]
+    lost = [folder for folder in dict.fromkeys(env.get("PATH", "").split(os.pathsep)) if folder
+            and any(is_within(real(Path(folder)), h) for h in hidden)
+            and not any(is_within(real(Path(folder)), b) for b in bound if b)]
+    if lost:
+        return box_check("ai_path", False, f"the sandbox hides these folders of the AI's PATH: {', '.join(lost)}",
+                         f'add them to [ai] readable (read-only for the AI), e.g. readable = ["{lost[0]}"]')
+    return box_check("ai_path", True, "every folder of the AI's PATH is readable in its sandbox")
+
+
+def check_limits(cfg: AgentConfig) -> dict:
+    limits = cfg.limits.probe()
+    said = ", ".join(f"{key} {'unlimited' if value is None else value}" for key, value in limits.summary().items())
+    why = limits.unlimited()
+    return box_check("limits", True, f"each job: {said}" + (f" ({why})" if why else ""))
 
 
 def check_state(cfg: AgentConfig) -> dict:
@@ -4283,7 +4323,8 @@ def check_listen(cfg: AgentConfig) -> dict:
     return box_check("listen", True, f"{scheme}://{cfg.host}:{cfg.port}")
 
 
-BOX_CHECKS = (check_git, check_rsync, check_rrsync, check_ai, check_sandbox, check_state, check_listen)
+BOX_CHECKS = (check_git, check_rsync, check_rrsync, check_ai, check_sandbox, check_ai_path, check_limits,
+              check_state, check_listen)
 
 
 def cmd_status(args) -> int:

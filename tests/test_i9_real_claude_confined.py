@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def outside():
-    path = Path(tempfile.mkdtemp(prefix="pw-outside-", dir="/var/tmp"))
+    # a folder the AI sees (read-only): /tmp, /var/tmp and the homes are hidden from it
+    path = Path(tempfile.mkdtemp(prefix="pw-outside-", dir="/srv"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -45,7 +46,11 @@ def test_claude_runs_confined(cli, start_box, laptop, outside):
     assert [e for e in events if e["type"] == "started"][0]["sandbox"] == "bwrap"
     errors = [e["text"] for e in events if e["type"] == "tool_error"]
     assert any("Read-only file system" in e for e in errors), errors
-    # its session survived in ~/.claude: a follow-up resumes it
+    # its session lives in alice's own AI home, not in the box account's ~/.claude
+    home = box.agent.state_dir / "users/alice/home"
+    assert list(home.glob(".claude/projects/*/*.jsonl")) and (home / ".claude.json").exists()
+    assert not list(Path(box.agent.env["HOME"]).glob(".claude/projects/*/*.jsonl"))
+    # and survives there: a follow-up resumes it
     box.api.script([[text("Resumed.")]])
     follow = laptop.ask("and now?", "--continue", "--yes", timeout=120)
     assert follow.returncode == 0, follow.err
