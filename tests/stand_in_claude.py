@@ -21,7 +21,7 @@ read [paths] with out (a JSON object: each path's text, or the error reading it)
 that gets the environment, one NAME=value a line), connect [socket paths] with out (each one's
 "connected" or the error), run [argv] with out (its exit status and output; with "check":
 true a failure ends the run with status 3).
-Paths are relative to the cwd, or absolute: a confinement test aims them outside.
+Paths are relative to the cwd, absolute, or start with ~ (the AI's HOME): a confinement test aims them outside.
 Without a script it makes one small, visible edit: it adds a line to PATCHWIRE_DEMO.md.
 
 STAND_IN_LOG (environment), when set, names a file that gets one JSON line per run with
@@ -75,7 +75,7 @@ class StandIn:
         self.turns += 1
 
     def path(self, rel):
-        return os.path.join(self.cwd, rel)
+        return os.path.join(self.cwd, os.path.expanduser(rel))
 
     def write_json(self, rel, obj):
         with open(self.path(rel), "w") as f:
@@ -221,7 +221,7 @@ class StandIn:
 
 def read_or_error(path):
     try:
-        with open(path, "rb") as f:
+        with open(os.path.expanduser(path), "rb") as f:
             return f.read().decode("utf-8", "replace")
     except OSError as e:
         return "error: %s" % e.strerror
