@@ -3499,7 +3499,10 @@ OPENAPI_SCHEMAS = {
                estimate_s={**_nullable(_I), "description": "seconds until it starts, from recent runs"}),
         _event("position", ["position"], position=_I, estimate_s=_nullable(_I)),
         _event("links_removed", ["paths", "count"], paths={"type": "array", "items": _S}, count=_I),
-        _event("started", ["slot"], slot=_I, continues=_S, sandbox=_S),
+        _event("started", ["slot"], slot=_I, continues=_S, sandbox=_S,
+               limits={"type": "object", "description": "what holds for this run (null: no limit): "
+                       "tmp_mb, max_processes, max_memory_mb", "additionalProperties": _nullable(_I)},
+               unlimited={**_S, "description": "why a limit does not hold on this box"}),
         _event("session", [], session_id=_nullable(_S), model=_nullable(_S)),
         _event("text", ["text"], text=_S),
         _event("tool", ["name"], name=_nullable(_S), detail=_S),
