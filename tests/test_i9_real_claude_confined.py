@@ -4,6 +4,7 @@ writes outside failing with the file system's own error."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -11,8 +12,9 @@ from pathlib import Path
 import pytest
 
 import patchwire_agent as pa
-from test_real_claude import (CLAUDE_COMMAND, api, cli, connect, laptop, offline_env,  # noqa: F401
-                              start_box, text, tool)
+from conftest import Laptop, make_repo
+from test_real_claude import (CLAUDE_COMMAND, FILES, PROJECT, api, cli, connect, laptop,  # noqa: F401
+                              offline_env, start_box, text, tool)
 
 pytestmark = pytest.mark.slow
 
@@ -56,3 +58,42 @@ def test_claude_runs_confined(cli, start_box, laptop, outside):
     assert follow.returncode == 0, follow.err
     assert "Resumed." in follow.err
     assert "write inside, then outside" in str(box.api.requests[-1]["messages"])  # the old turns came along
+
+
+def test_one_users_claude_cannot_read_or_plant_in_anothers(cli, start_box, laptop, tmp_path):
+    """Each user's Claude Code keeps its transcripts and settings in that user's own AI home:
+    bob's Claude, told to read alice's transcript and plant a hook in her settings, finds
+    neither; alice's next job (a --continue of her session) runs as before, without the hook."""
+    program, why = pa.probe_bwrap()
+    if not program:
+        pytest.skip(f"bubblewrap cannot run here: {why}")
+    # Claude Code's own guard off (it would refuse the writes out of the cwd itself): only the
+    # walls of the sandbox stand between bob's AI and alice's home
+    box = start_box(ai={"sandbox": "bwrap", "command": CLAUDE_COMMAND + ["--dangerously-skip-permissions"],
+                        "env": {"IS_SANDBOX": "1"}}, users=("alice", "bob"))
+    connect(laptop, box)
+    box.api.script([[text("Noted: ALICE-SECRET-PLAN.")]])
+    assert laptop.ask("remember ALICE-SECRET-PLAN", "--yes", timeout=120).returncode == 0
+    alice_home = box.agent.state_dir / "users/alice/home"
+    assert b"ALICE-SECRET-PLAN" in b"".join(p.read_bytes() for p in alice_home.glob(".claude/projects/*/*.jsonl"))
+    hook = '{"hooks": {"SessionStart": [{"hooks": [{"type": "command", "command": "touch /tmp/pwned"}]}]}}'
+    bob = Laptop(make_repo(tmp_path / "bob" / PROJECT, FILES))
+    bob.init(box.agent, user="bob")
+    box.api.script([
+        [tool("Bash", command=f"cat {alice_home}/.claude/projects/*/*.jsonl ~/../../alice/home/.claude/projects/*/*.jsonl "
+                              "> stolen.txt; true", description="Read alice's transcript")],
+        [tool("Bash", command=f"echo '{hook}' > {alice_home}/.claude/settings.json", description="Plant a hook")],
+        [text("Done.")],
+    ])
+    result = bob.ask("steal", "--yes", timeout=120)
+    assert result.returncode == 0, result.err
+    assert (bob.root / "stolen.txt").read_bytes() == b""  # nothing of alice's was there to read
+    assert not (alice_home / ".claude/settings.json").exists()
+    _, _, data = box.agent.request("GET", f"/v1/jobs/{bob.last_job()}/events?after=0&follow=0",
+                                   token=box.agent.tokens["bob"])
+    errors = [e["text"] for e in map(json.loads, data.splitlines()) if e["type"] == "tool_error"]
+    assert any("No such file or directory" in e for e in errors), errors
+    box.api.script([[text("Resumed.")]])
+    follow = laptop.ask("and now?", "--continue", "--yes", timeout=120)
+    assert follow.returncode == 0 and "Resumed." in follow.err, follow.err
+    assert "ALICE-SECRET-PLAN" in str(box.api.requests[-1]["messages"])

@@ -104,14 +104,14 @@ def start_box(make_agent, api, tmp_path):
     """start_box(ai={...}, with_cli=True, **env) -> Box, with the default [ai] command unless
     ``ai`` overrides it."""
 
-    def start(ai: Optional[dict] = None, with_cli: bool = True, **env_extra: str) -> Box:
+    def start(ai: Optional[dict] = None, with_cli: bool = True, users=("alice",), **env_extra: str) -> Box:
         env = claude_env(tmp_path / "box-home", api.base_url, **env_extra)
         if with_cli:
             env["PATH"] = os.pathsep.join([str(CLI_PATH.parent), env["PATH"]])
         # the AI's environment is an allowlist: the CLI's offline switches go through [ai] env
         ai = dict(ai or {})
         ai["env"] = {**{k: v for k, v in env.items() if k not in AI_PASSED}, **ai.get("env", {})}
-        agent = make_agent(start=False, env=env, ai=ai)
+        agent = make_agent(start=False, env=env, ai=ai, users=users)
         if "command" not in ai:
             data = tomllib.loads(agent.config.read_text())
             del data["ai"]["command"]  # the agent's own default, not a copy of it
