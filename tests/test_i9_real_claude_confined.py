@@ -75,20 +75,22 @@ def test_one_users_claude_cannot_read_or_plant_in_anothers(cli, start_box, lapto
     box.api.script([[text("Noted: ALICE-SECRET-PLAN.")]])
     assert laptop.ask("remember ALICE-SECRET-PLAN", "--yes", timeout=120).returncode == 0
     alice_home = box.agent.state_dir / "users/alice/home"
-    assert b"ALICE-SECRET-PLAN" in b"".join(p.read_bytes() for p in alice_home.glob(".claude/projects/*/*.jsonl"))
     hook = '{"hooks": {"SessionStart": [{"hooks": [{"type": "command", "command": "touch /tmp/pwned"}]}]}}'
     bob = Laptop(make_repo(tmp_path / "bob" / PROJECT, FILES))
     bob.init(box.agent, user="bob")
     box.api.script([
-        [tool("Bash", command=f"cat {alice_home}/.claude/projects/*/*.jsonl ~/../../alice/home/.claude/projects/*/*.jsonl "
+        [tool("Bash", command=f"cat ~/.claude/projects/*/*.jsonl {alice_home}/.claude/projects/*/*.jsonl "
                               "> stolen.txt; true", description="Read alice's transcript")],
-        [tool("Bash", command=f"echo '{hook}' > {alice_home}/.claude/settings.json", description="Plant a hook")],
+        [tool("Bash", command=f"echo '{hook}' > ~/.claude/settings.json; echo '{hook}' > {alice_home}/.claude/settings.json",
+              description="Plant a hook")],
         [text("Done.")],
     ])
     result = bob.ask("steal", "--yes", timeout=120)
     assert result.returncode == 0, result.err
-    assert (bob.root / "stolen.txt").read_bytes() == b""  # nothing of alice's was there to read
-    assert not (alice_home / ".claude/settings.json").exists()
+    assert b"ALICE-SECRET-PLAN" not in (bob.root / "stolen.txt").read_bytes()  # bob's own transcript only
+    assert b"ALICE-SECRET-PLAN" in b"".join(p.read_bytes() for p in alice_home.glob(".claude/projects/*/*.jsonl"))
+    assert not (alice_home / ".claude/settings.json").exists()  # bob's hook went to bob's own home
+    assert "touch /tmp/pwned" in (box.agent.state_dir / "users/bob/home/.claude/settings.json").read_text()
     _, _, data = box.agent.request("GET", f"/v1/jobs/{bob.last_job()}/events?after=0&follow=0",
                                    token=box.agent.tokens["bob"])
     errors = [e["text"] for e in map(json.loads, data.splitlines()) if e["type"] == "tool_error"]
