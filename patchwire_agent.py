@@ -67,8 +67,11 @@ HTTP API (JSON; `Authorization: Bearer TOKEN` on all but health):
 
 Exit codes: 0 ok, 1 error (bad config, cannot listen), 2 usage.
 
-Environment: the AI inherits the agent's environment minus PATCHWIRE_* and GIT_*
-variables, plus `[ai] env`. Nothing from the laptop's environment reaches it.
+Environment: the AI's is an allowlist: PATH, LANG, LC_*, TERM, TZ, TMPDIR and Claude's
+credential variables (ANTHROPIC_API_KEY, ANTHROPIC_AUTH_TOKEN, CLAUDE_CODE_OAUTH_TOKEN,
+ANTHROPIC_BASE_URL) of the agent's environment, plus `[ai] env`; HOME is the user's own AI
+home, users/<user>/home. Nothing else of the agent's environment, and nothing from the
+laptop's, reaches it.
 
 Threat model: tokens are stored only as sha256 digests and compared in constant time (as
 bytes: the digests); wrong tokens from one address are answered ever later. The laptop
@@ -80,10 +83,16 @@ overall, and at the cap a waiting connection gives way to a new client, while /v
 still answers. Every request and job is a line in state_dir/audit.log (never a token or a
 prompt). The AI never runs in the mirror, and a failed run leaves the mirror untouched.
 The AI runs confined (section "sandbox"): by default bubblewrap on Linux, sandbox-exec on
-macOS; it writes only in its job folder and its own state, and sees neither the other
-users' mirrors nor the agent's state. Tracked symlinks out of the project are removed
-from the job folder while it runs. Its output is parsed as untrusted data. The state
-folder is 700 and its files private, whatever the umask.
+macOS; it writes only in its job folder, its own /tmp and its user's AI home (Claude's
+settings, hooks, sessions and transcripts: never shared between users), and sees neither the
+other users' mirrors, jobs and AI homes nor the agent's state, config and TLS key. Under
+bubblewrap it also cannot see the box account's home (~/.ssh, ~/.aws, the admin's ~/.claude:
+only the login is bound in, read-only), /run, /var/tmp or the account's Unix sockets, holds
+no capability even when the agent is root, and has a sized /tmp, a process cap and (with a
+cgroup) a memory cap. It shares the box's network and abstract sockets (its API needs the
+network). Tracked symlinks out of the project are removed from the job folder while it runs.
+Its output is parsed as untrusted data. The state folder is 700 and its files private,
+whatever the umask.
 """
 
 from __future__ import annotations
@@ -176,6 +185,8 @@ CONFIG_TEMPLATE = """\
 # The AI command (argv); the prompt arrives on stdin, the cwd is a clean job folder.
 # Claude Code headless by default; any CLI that edits files in its cwd works.
 # sandbox: "auto" confines the AI to its job folder (bubblewrap on Linux, sandbox-exec on macOS).
+# readable: folders the sandbox hides that the AI may read (a toolchain in this account's home).
+# tmp_mb, max_processes, max_memory_mb: each job's /tmp, processes and memory (doctor: what holds).
 {ai}
 [jobs]
 # workers: AI runs at once on this box; slots: warm job folders per user and project.
