@@ -110,6 +110,7 @@ import ipaddress
 import json
 import logging
 import os
+import pwd
 import re
 import secrets
 import select
@@ -1316,7 +1317,7 @@ class JobWalls:
     def hidden_folders(self) -> List[str]:
         """System folders hidden under an empty tmpfs: the account's homes, /run, /var/tmp;
         never / itself, and each once (/var/run is usually /run)."""
-        homes = [os.environ.get("HOME") or "", os.path.expanduser("~")]
+        homes = [os.environ.get("HOME") or "", os.path.expanduser("~"), pwd.getpwuid(os.geteuid()).pw_dir]
         found: List[str] = []
         for folder in [real(Path(p)) for p in (*homes, *HIDDEN_SYSTEM_FOLDERS) if p]:
             if folder != "/" and os.path.isdir(folder) and folder not in found and not is_within(folder, "/tmp"):
@@ -2520,7 +2521,13 @@ class Agent:
                                       scratch=repo.home / "tmp" / f"slot{slot}")
         cgroup = JobCgroup(limits, job["id"])
         if bwrap:
-            cgroup.create()
+            try:
+                cgroup.create()
+            except OSError as e:  # the job runs, and its started event says what is unlimited
+                log.warning("could not make the cgroups of job %s: %s", job["id"], describe_exception(e))
+                cgroup.remove()
+                cgroup.folders.clear()
+                cgroup.limits = AILimits(limits.tmp_mb, limits.max_processes, limits.max_memory_mb)
         return cgroup.wrap(argv), env, cgroup
 
     def limits_said(self, cgroup: JobCgroup) -> dict:

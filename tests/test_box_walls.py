@@ -28,7 +28,7 @@ from typing import Dict, List
 import pytest
 
 import patchwire_agent as pa
-from conftest import ROOT, STAND_IN, STAND_IN_COMMAND, AgentProcess, script, tomli_w, tomllib
+from conftest import ROOT, STAND_IN, STAND_IN_COMMAND, AgentProcess, script, tomli_w, tomllib, wait_until
 
 ACCOUNT = "pw-walls"
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
@@ -71,7 +71,7 @@ class WallsBox:
     """A real agent with a fake box-account home full of secrets, its config and state
     folder under /srv (visible to the old sandbox), run as root or as the test account."""
 
-    def __init__(self, place: Path, who: str, users=("alice", "bob"), ai=None):
+    def __init__(self, place: Path, who: str, users=("alice", "bob"), ai=None, server=None):
         self.place, self.who = place, who
         self.home = place / "home"
         for rel, data in {**SECRETS, ".claude/.credentials.json": LOGIN}.items():
@@ -86,7 +86,7 @@ class WallsBox:
                        "/usr/bin/python3", str(ROOT / "patchwire_agent.py")]
             command = ["/usr/bin/python3", str(STAND_IN), *STAND_IN_COMMAND[2:]]
         self.agent = AgentProcess(place / "box", command, users=users, ai={"sandbox": "bwrap", **(ai or {})},
-                                  program=program, env=env)
+                                  program=program, env=env, server=server)
         if who == "account":
             subprocess.run(["chown", "-R", f"{ACCOUNT}:", str(place)], check=True)
         self.agent.start()
@@ -102,13 +102,10 @@ class WallsBox:
         return self.agent.wait_job(job["id"], timeout=120) if user == "alice" else self.wait(user, job["id"])
 
     def wait(self, user: str, job_id: str) -> dict:
-        import time
-        for _ in range(2400):
-            status, info = self.agent.json("GET", f"/v1/jobs/{job_id}", token=self.agent.tokens[user])
-            if info.get("status") in ("done", "failed", "cancelled"):
-                return info
-            time.sleep(0.05)
-        raise AssertionError(f"job {job_id} never ended")
+        def ended():
+            info = self.agent.json("GET", f"/v1/jobs/{job_id}", token=self.agent.tokens[user])[1]
+            return info if info.get("status") in ("done", "failed", "cancelled") else None
+        return wait_until(ended, timeout=120, what=f"job {job_id} to end")
 
     def diff(self, job: dict, user: str = "alice") -> bytes:
         return self.agent.request("GET", f"/v1/jobs/{job['id']}/diff", token=self.agent.tokens[user])[2]
@@ -340,6 +337,31 @@ def doctor(box: WallsBox) -> Dict[str, dict]:
     out = subprocess.run(argv + ["doctor", "-c", str(box.agent.config), "--json"], capture_output=True,
                          env=box.agent.env, timeout=60)
     return {c["name"]: c for c in json.loads(out.stdout)["checks"]}
+
+
+def test_a_state_folder_inside_the_hidden_home_works_and_stays_hidden(walls_box, place):
+    """The usual layout: state next to the config under ~/.config: the home is hidden, the
+    job folder, the snapshot store and the AI home are bound back into it."""
+    box = walls_box(server={"state_dir": str(place / "home/.config/patchwire/state")})
+    job = box.ask("alice", {"write": "made.txt", "text": "made\n"},
+                  {"read": [str(box.home / ".netrc"), str(box.state / "jobs.sqlite3"), "~/.claude/.credentials.json"],
+                   "out": "read.json"}, {"run": ["git", "log", "--oneline"], "out": "git.txt", "check": True})
+    assert job["status"] == "done", job
+    seen = json.loads(box.added(job, "read.json"))
+    assert seen[str(box.home / ".netrc")].startswith("error") and seen[str(box.state / "jobs.sqlite3")].startswith("error")
+    assert seen["~/.claude/.credentials.json"] == LOGIN.decode()
+    assert box.added(job, "made.txt") == "made"
+
+
+def test_a_cancel_ends_the_confined_ai(walls_box):
+    box = walls_box()
+    body = {"project": "p", "tree": EMPTY_TREE, "files": [], "prompt": script({"hang": True})}
+    job = box.agent.json("POST", "/v1/ask", body)[1]["id"]
+    wait_until(lambda: any(e["type"] == "text" for e in box.agent.events(job)), what="the AI to hang")
+    assert box.agent.json("DELETE", f"/v1/jobs/{job}")[0] == 200
+    assert box.agent.wait_job(job, timeout=20)["status"] == "cancelled"
+    if box.who == "root" and pa.cgroup_folder("pids"):
+        assert not (pa.cgroup_folder("pids") / "patchwire" / job).exists()  # removed with the run
 
 
 # ------------------------------------------------------------------ the walls, as text
