@@ -67,8 +67,11 @@ HTTP API (JSON; `Authorization: Bearer TOKEN` on all but health):
 
 Exit codes: 0 ok, 1 error (bad config, cannot listen), 2 usage.
 
-Environment: the AI inherits the agent's environment minus PATCHWIRE_* and GIT_*
-variables, plus `[ai] env`. Nothing from the laptop's environment reaches it.
+Environment: the AI's is an allowlist: PATH, LANG, LC_*, TERM, TZ, TMPDIR and Claude's
+credential variables (ANTHROPIC_API_KEY, ANTHROPIC_AUTH_TOKEN, CLAUDE_CODE_OAUTH_TOKEN,
+ANTHROPIC_BASE_URL) of the agent's environment, plus `[ai] env`; HOME is the user's own AI
+home, users/<user>/home. Nothing else of the agent's environment, and nothing from the
+laptop's, reaches it.
 
 Threat model: tokens are stored only as sha256 digests and compared in constant time (as
 bytes: the digests); wrong tokens from one address are answered ever later. The laptop
@@ -80,10 +83,16 @@ overall, and at the cap a waiting connection gives way to a new client, while /v
 still answers. Every request and job is a line in state_dir/audit.log (never a token or a
 prompt). The AI never runs in the mirror, and a failed run leaves the mirror untouched.
 The AI runs confined (section "sandbox"): by default bubblewrap on Linux, sandbox-exec on
-macOS; it writes only in its job folder and its own state, and sees neither the other
-users' mirrors nor the agent's state. Tracked symlinks out of the project are removed
-from the job folder while it runs. Its output is parsed as untrusted data. The state
-folder is 700 and its files private, whatever the umask.
+macOS; it writes only in its job folder, its own /tmp and its user's AI home (Claude's
+settings, hooks, sessions and transcripts: never shared between users), and sees neither the
+other users' mirrors, jobs and AI homes nor the agent's state, config and TLS key. Under
+bubblewrap it also cannot see the box account's home (~/.ssh, ~/.aws, the admin's ~/.claude:
+only the login is bound in, read-only), /run, /var/tmp or the account's Unix sockets, holds
+no capability even when the agent is root, and has a sized /tmp, a process cap and (with a
+cgroup) a memory cap. It shares the box's network and abstract sockets (its API needs the
+network). Tracked symlinks out of the project are removed from the job folder while it runs.
+Its output is parsed as untrusted data. The state folder is 700 and its files private,
+whatever the umask.
 """
 
 from __future__ import annotations
@@ -102,6 +111,7 @@ import ipaddress
 import json
 import logging
 import os
+import pwd
 import re
 import secrets
 import select
@@ -178,6 +188,8 @@ CONFIG_TEMPLATE = """\
 # The AI command (argv); the prompt arrives on stdin, the cwd is a clean job folder.
 # Claude Code headless by default; any CLI that edits files in its cwd works.
 # sandbox: "auto" confines the AI to its job folder (bubblewrap on Linux, sandbox-exec on macOS).
+# readable: folders the sandbox hides that the AI may read (a toolchain in this account's home).
+# tmp_mb, max_processes, max_memory_mb: each job's /tmp, processes and memory (doctor: what holds).
 {ai}
 [jobs]
 # workers: AI runs at once on this box; slots: warm job folders per user and project.
@@ -246,7 +258,9 @@ SERVER_SCHEMA = {"listen": (str, DEFAULT_LISTEN), "state_dir": (str, None), "all
                  "shutdown_grace_s": ("int>=0", 60)}
 AI_SCHEMA = {"command": ("str_list", CLAUDE_COMMAND), "timeout_s": (int, 1800),
              "max_timeout_s": (int, 7200), "env": ("str_table", {}),
-             "resume_args": ("str_list", ["--resume", "{session_id}"]), "sandbox": (str, "auto")}
+             "resume_args": ("str_list", ["--resume", "{session_id}"]), "sandbox": (str, "auto"),
+             "readable": ("str_list", []), "tmp_mb": (int, 1024), "max_processes": (int, 1024),
+             "max_memory_mb": ("int>=0", 4096)}
 JOBS_SCHEMA = {"workers": (int, 2), "slots": (int, 2)}
 # Policy keys: defaults in [policy], overrides in [users.NAME]. None means "no limit of its
 # own" (max_running: [jobs] workers; timeout_s: [ai] max_timeout_s; rate_limit: none).
@@ -302,6 +316,10 @@ class AgentConfig:
         if ai["sandbox"] not in SANDBOXES:
             raise PatchwireError(f"{path}: ai.sandbox must be one of {', '.join(SANDBOXES)}, not {ai['sandbox']!r}")
         self.sandbox: str = ai["sandbox"]
+        self.limits = AILimits(ai["tmp_mb"], ai["max_processes"], ai["max_memory_mb"])
+        self.readable: List[str] = [check_absolute(path, "ai.readable", item) for item in ai["readable"]]
+        # files the AI must never read, even when their folder is visible to it
+        self.secret_files: List[Path] = [self.path, *(self.tls or ())]
         self.workers: int = jobs["workers"]
         self.slots: int = jobs["slots"]
         self.network = NetworkConfig(path, top["network"])
@@ -391,6 +409,13 @@ def check_policy(path: Path, table: str, values: dict) -> None:
     if values.get("projects") == []:
         raise PatchwireError(f"{path}: {table}.projects is empty, so no project is allowed",
                              'list name patterns, for example ["web-*", "api"], or "*" for all')
+
+
+def check_absolute(path: Path, key: str, value: str) -> str:
+    if not os.path.isabs(os.path.expanduser(value)):
+        raise PatchwireError(f"{path}: {key} entries must be absolute paths, not {value!r}",
+                             "write the full path of the folder, e.g. \"/home/box/flutter\"")
+    return os.path.realpath(os.path.expanduser(value))
 
 
 def config_relative(path: Path, value: str) -> Path:
@@ -1254,16 +1279,29 @@ def remove_tree(path: Path) -> None:
 # Claude Code refuses writes outside its cwd itself (DESIGN.md), but not what an allowed command
 # runs (a build, a test suite, `make`), and other agent CLIs have no such guard. The outer
 # sandbox is what makes the job folder a boundary:
-#   bwrap (Linux, bubblewrap): the root file system read-only; a private /tmp; the agent's state
-#     folder (every user's mirror, job folders, jobs and diffs) hidden under an empty tmpfs; then,
-#     later mounts winning, bound back: the AI program if it lives under a hidden folder
-#     (read-only), the project's own snapshot store (read-only: git in the job folder reads it,
-#     and hooks written there would run as the agent), the job folder and the AI's own state
-#     (~/.claude, ~/.claude.json) writable. Its own PID namespace, killed with the agent; the
-#     network is kept (the AI needs its API).
-#   sandbox-exec (macOS): a generated profile with the same boundary: writes only in the job
-#     folder, a private TMPDIR and the AI's own state; the state folder unreadable except the
-#     job folder and the snapshot store. Only the profile text is tested here (no macOS in CI).
+#   bwrap (Linux, bubblewrap): system folders read-only; hidden under empty tmpfs: the box
+#     account's home (and /root, /home), /run, /var/tmp (where its secrets, its session and
+#     agent sockets and other programs' scratch live) and the agent's state folder (every user's
+#     mirror, job folders, jobs and diffs); the agent's config and TLS files and every other
+#     Unix socket the account has bound covered by /dev/null. Then, later mounts winning, bound
+#     back: the AI program's install folder and `[ai] readable` (read-only), the project's own
+#     snapshot store (read-only: git in the job folder reads it, and hooks written there would
+#     run as the agent), the job folder and the user's own AI home (writable; HOME points
+#     there), and the admin's Claude login read-only inside it. /tmp and /dev/shm are the
+#     AI's own, sized tmpfs. A user namespace with every capability dropped (even when the
+#     agent runs as root, the AI holds none: no remount, no mount over its walls), its own
+#     session (no TIOCSTI into a terminal) and PID namespace, killed with the agent. The
+#     network and abstract Unix sockets are still the box's (issue 20): the AI needs its API.
+#   sandbox-exec (macOS): a generated profile with the same boundary for writes: only in the
+#     job folder, a private TMPDIR and the user's AI home; the state folder unreadable except
+#     the job folder, the snapshot store and that home. It does not hide the account's home
+#     (the AI's programs live there on a Mac). Only the profile text is tested (no macOS in CI).
+#
+# Per-user AI state: Claude Code keeps settings, hooks, CLAUDE.md, sessions and transcripts in
+# ~/.claude and ~/.claude.json; shared between users, one user's AI reads another's transcripts
+# and plants hooks that run in their next job. So HOME is users/NAME/home, and only the box
+# admin's credential enters it: bound read-only under bwrap, written afresh before each job
+# otherwise (nothing else confines the AI then, and a copy it rewrites is its own user's).
 
 SANDBOXES = ("auto", "bwrap", "sandbox-exec", "none")
 SANDBOX_EXEC = "/usr/bin/sandbox-exec"
@@ -1274,17 +1312,28 @@ SANDBOX_PROFILE = """\
 (allow file-write*
     (subpath (param "JOB"))
     (subpath (param "TMP"))
-    (subpath (param "CLAUDE_DIR"))
-    (literal (param "CLAUDE_JSON"))
-    (regex {claude_json_siblings})
+    (subpath (param "HOME"))
     (literal "/dev/null") (literal "/dev/zero") (literal "/dev/dtracehelper")
     (regex #"^/dev/tty") (regex #"^/dev/fd/"))
 (deny file-read-data file-read-xattr (subpath (param "STATE")))
 (allow file-read-data file-read-xattr
     (subpath (param "JOB"))
     (subpath (param "TMP"))
+    (subpath (param "HOME"))
     (subpath (param "GIT_DIR")))
 """
+# Where the box account keeps what is its own: secrets (~/.ssh, ~/.aws, ~/.netrc, ~/.claude),
+# session and agent sockets (/run/user/UID/bus, gpg, ssh-agent), other programs' scratch.
+HIDDEN_SYSTEM_FOLDERS = ("/root", "/home", "/run", "/var/run", "/var/tmp")
+# System files that may be links into a hidden folder (systemd-resolved's stub lives in /run):
+# bound back, or the AI cannot resolve its API's host name.
+NEEDED_SYSTEM_FILES = ("/etc/resolv.conf",)
+# The AI's environment is an allowlist: the agent's own may hold tokens for anything.
+AI_ENV_NAMES = ("PATH", "LANG", "TERM", "TZ", "TMPDIR")
+AI_CREDENTIAL_NAMES = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN",
+                       "ANTHROPIC_BASE_URL")
+CREDENTIALS_FILE = ".credentials.json"  # Claude Code's login, in its config dir
+MAX_HIDDEN_SOCKETS = 256
 
 
 class Sandbox:
@@ -1318,24 +1367,81 @@ class Sandbox:
         raise PatchwireError(f"[ai] sandbox = {setting!r} is not available on {platform}",
                              'use "auto", or "none" to run the AI unconfined')
 
-    def wrap(self, argv: List[str], env: dict, job: Path, hide: List[Path], readonly: List[Path],
-             scratch: Path) -> Tuple[List[str], dict]:
-        """(argv, env) that run `argv` confined to `job`. `hide`: folders the AI must not
-        see; `readonly`: folders inside them it may read; `scratch`: a private temporary
-        folder (sandbox-exec; bwrap mounts a fresh /tmp)."""
+    def wrap(self, argv: List[str], env: dict, walls: "JobWalls", scratch: Path) -> Tuple[List[str], dict]:
+        """(argv, env) that run `argv` inside `walls`. `scratch`: a private temporary folder
+        (sandbox-exec; bwrap mounts a fresh /tmp)."""
         found = shutil.which(argv[0], path=env.get("PATH"))
         if self.kind == "none" or not found:  # not found: AIRun says so in its own words
             return argv, env
-        home = Path(env.get("HOME") or os.path.expanduser("~"))
-        state = ai_state_paths(home, env)
         if self.kind == "bwrap":
             programs = [Path(p) for p in (found, os.path.realpath(found), *argv[1:]) if os.path.isabs(p)]
-            return (bwrap_argv(self.program, argv, job, hide, readonly, state, programs),
-                    {**env, "TMPDIR": "/tmp"})
+            inner = process_limit_argv(walls.limits)
+            return bwrap_argv(self.program, inner + argv, walls, programs), {**env, "TMPDIR": "/tmp"}
         scratch.mkdir(parents=True, exist_ok=True)
-        params = {"JOB": job, "TMP": scratch, "STATE": hide[0], "GIT_DIR": readonly[0],
-                  "CLAUDE_DIR": state[0], "CLAUDE_JSON": state[1]}
+        params = {"JOB": walls.job, "TMP": scratch, "STATE": walls.state, "GIT_DIR": walls.git_dir,
+                  "HOME": walls.home}
         return (sandbox_exec_argv(self.program, argv, params), {**env, "TMPDIR": real(scratch)})
+
+
+class AILimits:
+    """[ai] tmp_mb, max_processes and max_memory_mb (0: no limit). `processes_by` and
+    `memory_by` say what enforces each on this box ("" when nothing can)."""
+
+    def __init__(self, tmp_mb: int, max_processes: int, max_memory_mb: int):
+        self.tmp_mb, self.max_processes, self.max_memory_mb = tmp_mb, max_processes, max_memory_mb
+        self.processes_by, self.memory_by = "", ""
+
+    def probe(self) -> "AILimits":
+        """Find what enforces the limits here. The kernel never applies RLIMIT_NPROC to uid 0
+        (a user namespace does not change the kernel's uid), so as root only a pids cgroup
+        limits processes; an ordinary account gets `prlimit --nproc` inside its own user
+        namespace, where it counts only the sandbox's processes. Memory is never RLIMIT_AS
+        (JavaScript runtimes reserve far more address space than they use): a cgroup or none."""
+        if cgroup_folder("pids"):
+            self.processes_by = "cgroup"
+        elif os.geteuid() != 0 and shutil.which("prlimit"):
+            self.processes_by = "prlimit"
+        if self.max_memory_mb and cgroup_folder("memory"):
+            self.memory_by = "cgroup"
+        return self
+
+    def summary(self) -> dict:
+        """What holds for a job, for its `started` event and doctor: None is "no limit"."""
+        return {"tmp_mb": self.tmp_mb, "max_processes": self.max_processes if self.processes_by else None,
+                "max_memory_mb": self.max_memory_mb if self.memory_by else None}
+
+    def unlimited(self) -> str:
+        """Why a limit does not hold, or ""."""
+        why = []
+        if not self.processes_by:
+            why.append("processes are not limited (RLIMIT_NPROC never applies to root, and no "
+                       "pids cgroup is writable)")
+        if self.max_memory_mb and not self.memory_by:
+            why.append("memory is unlimited (no writable memory cgroup: run the agent as root "
+                       "on cgroup v1, or give it a delegated cgroup)")
+        return "; ".join(why)
+
+
+class JobWalls:
+    """What one job's sandbox shows the AI: its job folder and its user's AI home writable,
+    the project's snapshot store read-only, the program's folders and `readable` read-only;
+    hidden: the state folder, the account's home and session folders, `secret_files`."""
+
+    def __init__(self, job: Path, state: Path, git_dir: Path, home: Path, limits: AILimits,
+                 secret_files: Sequence[Path] = (), readable: Sequence[str] = (),
+                 credentials: Optional[Path] = None):
+        self.job, self.state, self.git_dir, self.home, self.limits = job, state, git_dir, home, limits
+        self.secret_files, self.readable, self.credentials = list(secret_files), list(readable), credentials
+
+    def hidden_folders(self) -> List[str]:
+        """System folders hidden under an empty tmpfs: the account's homes, /run, /var/tmp;
+        never / itself, and each once (/var/run is usually /run)."""
+        homes = [os.environ.get("HOME") or "", os.path.expanduser("~"), pwd.getpwuid(os.geteuid()).pw_dir]
+        found: List[str] = []
+        for folder in [real(Path(p)) for p in (*homes, *HIDDEN_SYSTEM_FOLDERS) if p]:
+            if folder != "/" and os.path.isdir(folder) and folder not in found and not is_within(folder, "/tmp"):
+                found.append(folder)
+        return found
 
 
 def real(path: Path) -> str:
@@ -1346,15 +1452,44 @@ def is_within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
-def ai_state_paths(home: Path, env: dict) -> List[Path]:
-    """Where Claude Code keeps its own state (sessions, settings): it must stay writable,
-    or --resume and its config break. The folder is made when missing."""
-    claude_dir = Path(env["CLAUDE_CONFIG_DIR"]) if env.get("CLAUDE_CONFIG_DIR") else home / ".claude"
-    try:
-        claude_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError:
-        pass  # a read-only home: the AI will say what it misses
-    return [claude_dir, home / ".claude.json"]
+def ai_home(state_dir: Path, user: str) -> Path:
+    """The user's own HOME for the AI: Claude Code's settings, sessions, transcripts and tool
+    caches, never shared with another user."""
+    return user_root(state_dir, user) / "home"
+
+
+def agent_credentials(environ: Optional[Dict[str, str]] = None) -> Optional[Path]:
+    """The box admin's Claude Code login (`claude login`), when there is one: in
+    $CLAUDE_CONFIG_DIR or ~/.claude of the agent's own environment."""
+    environ = dict(os.environ) if environ is None else environ
+    folder = environ.get("CLAUDE_CONFIG_DIR") or os.path.join(environ.get("HOME") or os.path.expanduser("~"),
+                                                               ".claude")
+    path = Path(folder) / CREDENTIALS_FILE
+    return path if path.is_file() else None
+
+
+def prepare_ai_home(state_dir: Path, user: str, credentials: Optional[Path], bound: bool) -> Path:
+    """Make the user's AI home (700) and put the admin's login where Claude Code looks for it:
+    an empty file for bwrap to bind the real one read-only onto (`bound`), or a fresh copy
+    (600) written before every job. A copy left from an earlier job is replaced, never kept."""
+    home = ai_home(state_dir, user)
+    claude_dir, target = home / ".claude", home / ".claude" / CREDENTIALS_FILE
+    for path in (claude_dir, target):  # the AI may have left a link or a folder in their place
+        if path.is_symlink() or (path == target and path.is_dir()):
+            if path.is_symlink():
+                path.unlink()
+            else:
+                remove_tree(path)
+    make_private_dir(claude_dir)
+    os.chmod(home, 0o700)
+    with contextlib.suppress(FileNotFoundError):
+        target.unlink()
+    if credentials:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            if not bound:
+                f.write(credentials.read_bytes())
+    return home
 
 
 def probe_bwrap() -> Tuple[str, str]:
@@ -1363,32 +1498,76 @@ def probe_bwrap() -> Tuple[str, str]:
     if not program:
         return "", "bwrap is not installed"
     proc = pw.run([program, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-pid",
-                   "--die-with-parent", "true"], timeout=30, check=False)
+                   "--unshare-user", "--cap-drop", "ALL", "--die-with-parent", "true"], timeout=30, check=False)
     if proc.returncode != 0:
         return "", "bwrap fails: " + proc.stderr.decode("utf-8", "replace").strip()[-300:]
     return program, ""
 
 
-def bwrap_argv(bwrap: str, argv: List[str], job: Path, hide: List[Path], readonly: List[Path],
-               state: List[Path], programs: List[Path]) -> List[str]:
-    """bubblewrap's argv. Mount order matters, later mounts win: a private /tmp; the AI's
-    program bound back into it; the hidden folders (even inside what was bound back); then
-    what the AI may use inside those."""
-    hidden = [h for h in map(real, hide) if h != "/tmp"]
-    out = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
-    for folder in sorted({install_folder(real(p), ["/tmp"] + hidden) for p in programs} - {""}):
-        out += ["--ro-bind", folder, folder]
-    for folder in hidden:
+def bwrap_argv(bwrap: str, argv: List[str], walls: JobWalls, programs: List[Path]) -> List[str]:
+    """bubblewrap's argv. Mount order matters, later mounts win: the AI's own sized /tmp and
+    /dev/shm; the hidden system folders; what the AI needs from inside them bound back; the
+    state folder hidden (even inside what was bound back); then what the AI may use in it;
+    last the secret files covered, and the hidden folders made read-only."""
+    size = str(walls.limits.tmp_mb * 1024 * 1024)
+    out = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+           "--size", size, "--tmpfs", "/tmp", "--size", size, "--tmpfs", "/dev/shm"]
+    system = walls.hidden_folders()
+    for folder in system:
         out += ["--tmpfs", folder]
-    for place in readonly:
-        out += ["--ro-bind", real(place), real(place)]
-    out += ["--bind", real(job), real(job)]
-    for path in state:
-        if os.path.exists(path):
-            out += ["--bind", real(path), real(path)]
-    for folder in hidden:  # empty and read-only: writes there fail loudly, not into a void
+    hidden = ["/tmp", *system]
+    bound = bound_back(walls, programs, hidden)
+    for path in bound:
+        out += ["--ro-bind", path, path]
+    state = real(walls.state)
+    out += ["--tmpfs", state, "--ro-bind", real(walls.git_dir), real(walls.git_dir),
+            "--bind", real(walls.job), real(walls.job), "--bind", real(walls.home), real(walls.home)]
+    if walls.credentials:
+        out += ["--ro-bind", real(walls.credentials), real(walls.home / ".claude" / CREDENTIALS_FILE)]
+    for path in covered_files(walls, hidden + [state], bound):
+        out += ["--ro-bind", "/dev/null", path]
+    for folder in system + [state]:  # empty and read-only: writes there fail loudly, not into a void
         out += ["--remount-ro", folder]
-    return out + ["--unshare-pid", "--die-with-parent", "--chdir", real(job), "--"] + argv
+    return out + ["--unshare-user", "--cap-drop", "ALL", "--unshare-pid", "--new-session",
+                  "--die-with-parent", "--chdir", real(walls.job), "--"] + argv
+
+
+def bound_back(walls: JobWalls, programs: List[Path], hidden: List[str]) -> List[str]:
+    """What lies in a hidden folder and is bound back read-only: the AI program's install
+    folders, `[ai] readable`, and system files that link into a hidden folder."""
+    folders = {install_folder(real(p), hidden) for p in programs}
+    folders |= {p for p in walls.readable if os.path.exists(p)}
+    folders |= {real(Path(f)) for f in NEEDED_SYSTEM_FILES
+                if os.path.exists(f) and any(is_within(real(Path(f)), h) for h in hidden)}
+    return sorted(folders - {""})
+
+
+def covered_files(walls: JobWalls, hidden: List[str], bound: List[str]) -> List[str]:
+    """Files the AI could still see that it must not: the agent's config and TLS files and
+    the account's Unix sockets (connect() works through a read-only bind), each covered
+    by /dev/null unless a hidden folder already hides it."""
+    def visible(path: str) -> bool:
+        return not any(is_within(path, h) for h in hidden) or any(is_within(path, b) for b in bound)
+    paths = [real(p) for p in walls.secret_files if p.exists()] + account_sockets()
+    return sorted({p for p in paths if visible(p)})
+
+
+def account_sockets() -> List[str]:
+    """The Unix sockets on a path that this account owns (from /proc/net/unix: abstract ones,
+    "@name", have no path and are issue 20's)."""
+    try:
+        lines = Path("/proc/net/unix").read_text(errors="replace").splitlines()[1:]
+    except OSError:
+        return []
+    found: Set[str] = set()
+    for line in lines:
+        fields = line.split(None, 7)
+        if len(fields) == 8 and fields[7].startswith("/") and len(found) < MAX_HIDDEN_SOCKETS:
+            with contextlib.suppress(OSError):
+                st = os.lstat(fields[7])
+                if stat.S_ISSOCK(st.st_mode) and st.st_uid == os.geteuid():
+                    found.add(real(Path(fields[7])))
+    return sorted(found)
 
 
 def install_folder(path: str, hidden: List[str]) -> str:
@@ -1402,24 +1581,92 @@ def install_folder(path: str, hidden: List[str]) -> str:
     return os.path.join(root, os.path.relpath(path, root).split("/")[0])
 
 
+def process_limit_argv(limits: AILimits) -> List[str]:
+    """`prlimit` before the AI command when an RLIMIT_NPROC is what limits its processes
+    (an ordinary account without a pids cgroup): inside the sandbox's own user namespace the
+    kernel counts only the sandbox's processes against it."""
+    if limits.processes_by != "prlimit":
+        return []
+    n = limits.max_processes
+    return ["prlimit", f"--nproc={n}:{n}", "--"]
+
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+# Runs before bwrap: puts itself (then, by exec, bwrap and all it starts) into the job's
+# cgroups, so no process of the AI ever runs outside them (no preexec_fn: the agent is threaded).
+CGROUP_ENTER = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
+
+
+def cgroup_folder(controller: str) -> Optional[Path]:
+    """The cgroup v1 hierarchy of `controller` when this agent may make cgroups in it (as
+    root, here), else None. Unified (v2) hierarchies are not used yet: a delegated one needs
+    the agent's own processes moved out of its cgroup first."""
+    folder = CGROUP_ROOT / controller
+    if (folder / "cgroup.procs").is_file() and os.access(folder, os.W_OK):
+        return folder
+    return None
+
+
+class JobCgroup:
+    """The cgroups one job's AI runs in (pids.max, memory.limit_in_bytes), made before the
+    run and removed after; `hit()` names the config key whose limit the AI reached."""
+
+    LIMITS = {"pids": ("pids.max", "max_processes"), "memory": ("memory.limit_in_bytes", "max_memory_mb")}
+
+    def __init__(self, limits: AILimits, name: str):
+        self.limits, self.name = limits, name
+        self.folders: Dict[str, Path] = {}
+
+    def create(self) -> None:
+        wanted = {"pids": self.limits.max_processes if self.limits.processes_by == "cgroup" else 0,
+                  "memory": self.limits.max_memory_mb * 2**20 if self.limits.memory_by == "cgroup" else 0}
+        for controller, value in wanted.items():
+            root = cgroup_folder(controller) if value else None
+            if root:
+                folder = root / "patchwire" / self.name
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / self.LIMITS[controller][0]).write_text(str(value))
+                self.folders[controller] = folder
+
+    def wrap(self, argv: List[str]) -> List[str]:
+        if not self.folders:
+            return argv
+        procs = [str(f / "cgroup.procs") for f in self.folders.values()]
+        return ["/bin/sh", "-c", CGROUP_ENTER, "patchwire-cgroup", *procs, "--", *argv]
+
+    def hit(self) -> str:
+        """"[ai] max_processes = N" when a fork failed at pids.max, "[ai] max_memory_mb = N"
+        when the kernel killed for memory; "" otherwise."""
+        checks = {"pids": ("pids.events", "max"), "memory": ("memory.oom_control", "oom_kill")}
+        for controller, folder in self.folders.items():
+            name, field = checks[controller]
+            with contextlib.suppress(OSError, ValueError):
+                counts = dict(line.split() for line in (folder / name).read_text().splitlines())
+                if int(counts.get(field, 0)):
+                    key = self.LIMITS[controller][1]
+                    return f"[ai] {key} = {getattr(self.limits, key)}"
+        return ""
+
+    def remove(self) -> None:
+        """rmdir each cgroup (it must be empty: the AI's processes may take a moment to go)."""
+        for folder in self.folders.values():
+            for _ in range(50):
+                try:
+                    folder.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.1)
+
+
 def sandbox_exec_argv(program: str, argv: List[str], params: Dict[str, Path]) -> List[str]:
     """sandbox-exec's argv: the profile, with the paths passed as parameters (-D) so that no
-    path is ever spliced into the profile's own syntax, except one escaped regex."""
-    resolved = {name: real(path) for name, path in params.items()}
-    profile = SANDBOX_PROFILE.format(claude_json_siblings=sbpl_regex(resolved["CLAUDE_JSON"]))
-    out = [program, "-p", profile]
-    for name, path in resolved.items():
-        out += ["-D", f"{name}={path}"]
+    path is ever spliced into the profile's own syntax."""
+    out = [program, "-p", SANDBOX_PROFILE]
+    for name, path in params.items():
+        out += ["-D", f"{name}={real(path)}"]
     return out + argv
-
-
-def sbpl_regex(path: str) -> str:
-    """A profile regex matching `path` and its siblings that share its name as a prefix
-    (for a CLI that writes ~/.claude.json through temporary or backup files beside it)."""
-    escaped = re.sub(r'([\\.^$|?*+()\[\]{}])', r"\\\1", path)
-    if '"' in path or "\n" in path:
-        return '#"^$"'  # matches nothing: such a home cannot be written safely into the profile
-    return f'#"^{escaped}"'
 
 
 # ================================================================== the gateway (the AI's only way out)
@@ -2138,9 +2385,19 @@ def describe_denials(denials: List[dict]) -> str:
     return text
 
 
-def ai_environment(cfg: AgentConfig) -> dict:
-    """The agent's own environment, minus Patchwire's and git's variables, plus [ai] env."""
-    return pw.clean_env(cfg.ai_env)
+def ai_environment(cfg: AgentConfig, home: Optional[Path] = None, environ: Optional[Dict[str, str]] = None) -> dict:
+    """The AI's environment, an allowlist: PATH, LANG, LC_*, TERM, TZ, TMPDIR and Claude's
+    credential variables from the agent's environment, then `[ai] env`; HOME is the user's
+    own AI home. Nothing else of the agent's environment (tokens for other services, agent
+    sockets, CLAUDE_CONFIG_DIR) and nothing from the laptop's reaches the AI."""
+    environ = dict(os.environ) if environ is None else environ
+    env = {key: value for key, value in environ.items()
+           if key in AI_ENV_NAMES or key in AI_CREDENTIAL_NAMES or key.startswith("LC_")}
+    env.setdefault("PATH", os.defpath)
+    env.update(cfg.ai_env)
+    if home is not None:
+        env["HOME"] = str(home)
+    return env
 
 
 # ================================================================== fair queue
@@ -2761,9 +3018,7 @@ class Agent:
         self._announce_positions()
         parent = self.store.job(job["parent"]) if job["parent"] else None
         carry = (parent["snapshot"], parent["result"]["result_commit"]) if parent else None
-        argv, env = self.sandbox.wrap(self.ai_argv(parent), ai_environment(self.cfg), repo.slot_path(slot),
-                                      hide=[self.cfg.state_dir], readonly=[repo.git_dir],
-                                      scratch=repo.home / "tmp" / f"slot{slot}")
+        argv, env, cgroup = self.confine(job, repo, slot, parent)
         run = AIRun(argv, repo.slot_path(slot), env, job["prompt"],
                     job["timeout_s"], lambda e: self.store.add_event(job["id"], e),
                     on_spawn=lambda pid: self.store.update_job(job["id"], pgid=pid))
@@ -2786,10 +3041,10 @@ class Agent:
             self.store.add_event(job["id"], {"type": "links_removed", "paths": sorted(links)[:100],
                                              "count": len(links)})
         self.store.add_event(job["id"], {"type": "started", "slot": slot, "sandbox": self.sandbox.kind,
-                                         **({"continues": parent["id"]} if parent else {})})
+                                         **self.limits_said(cgroup), **({"continues": parent["id"]} if parent else {})})
         self.audit.job(job["id"], "job_start", user=job["user"], project=job["project"], slot=slot)
         started = time.monotonic()
-        status, reason, result = run.run()
+        status, reason, result = limited_run(run, cgroup)
         times.step("ai_ms")
         summary = summarize_result(result, time.monotonic() - started, run.exit_code)
         if status != "done":
@@ -2808,6 +3063,37 @@ class Agent:
         times.step("patch_ms")
         self.finish(job["id"], "done", result={**summary, "result_commit": commit}, stats=stats,
                     timings=times.ms)
+
+    def confine(self, job: dict, repo: ProjectRepo, slot: int, parent: Optional[dict]
+                ) -> Tuple[List[str], dict, JobCgroup]:
+        """The AI's argv and environment for this job, inside its walls and limits: the
+        user's own AI home, the sandbox, the job's cgroups (made here, removed by the run)."""
+        cfg, bwrap = self.cfg, self.sandbox.kind == "bwrap"
+        credentials = agent_credentials()
+        home = prepare_ai_home(cfg.state_dir, job["user"], credentials, bound=bwrap)
+        limits = cfg.limits.probe() if bwrap else AILimits(0, 0, 0)
+        walls = JobWalls(repo.slot_path(slot), cfg.state_dir, repo.git_dir, home, limits,
+                         secret_files=cfg.secret_files, readable=cfg.readable,
+                         credentials=credentials if bwrap else None)
+        argv, env = self.sandbox.wrap(self.ai_argv(parent), ai_environment(cfg, home), walls,
+                                      scratch=repo.home / "tmp" / f"slot{slot}")
+        cgroup = JobCgroup(limits, job["id"])
+        if bwrap:
+            try:
+                cgroup.create()
+            except OSError as e:  # the job runs, and its started event says what is unlimited
+                log.warning("could not make the cgroups of job %s: %s", job["id"], describe_exception(e))
+                cgroup.remove()
+                cgroup.folders.clear()
+                cgroup.limits = AILimits(limits.tmp_mb, limits.max_processes, limits.max_memory_mb)
+        return cgroup.wrap(argv), env, cgroup
+
+    def limits_said(self, cgroup: JobCgroup) -> dict:
+        """The `started` event's word on the limits: what holds, and why one does not."""
+        if self.sandbox.kind != "bwrap":
+            return {"limits": {}, "unlimited": f"no limits apply without a sandbox ({self.sandbox.kind})"}
+        why = cgroup.limits.unlimited()
+        return {"limits": cgroup.limits.summary(), **({"unlimited": why} if why else {})}
 
     def _fail_run(self, job_id: str, repo: ProjectRepo, slot: int, status: str, reason: str,
                   **fields: Any) -> None:
@@ -2869,6 +3155,23 @@ class StepTimes:
         now = time.monotonic()
         self.ms[name] = round((now - self.last) * 1000, 1)
         self.last = now
+
+
+def limited_run(run: AIRun, cgroup: JobCgroup) -> Tuple[str, str, dict]:
+    """Run the AI in its cgroups; a run that failed at a limit says which config key set it."""
+    try:
+        status, reason, result = run.run()
+        hit = cgroup.hit()
+    finally:
+        cgroup.remove()
+    if not hit and cgroup.limits.processes_by == "prlimit" and "fork" in reason.lower():
+        hit = f"[ai] max_processes = {cgroup.limits.max_processes}"  # RLIMIT_NPROC says no more than this
+    if status == "failed" and hit:
+        reason = f"the AI reached its limit {hit} (raise it in agent.toml if the job needs more): {reason}"
+    elif status == "failed" and "No space left on device" in reason + run.stderr_tail.decode("utf-8", "replace"):
+        reason += (f" (the AI's /tmp holds [ai] tmp_mb = {cgroup.limits.tmp_mb} MB; the job folder "
+                   "shares the state folder's disk)")
+    return status, reason, result
 
 
 def summarize_result(result: dict, elapsed: float, exit_code: Optional[int]) -> dict:
@@ -3802,7 +4105,10 @@ OPENAPI_SCHEMAS = {
                estimate_s={**_nullable(_I), "description": "seconds until it starts, from recent runs"}),
         _event("position", ["position"], position=_I, estimate_s=_nullable(_I)),
         _event("links_removed", ["paths", "count"], paths={"type": "array", "items": _S}, count=_I),
-        _event("started", ["slot"], slot=_I, continues=_S, sandbox=_S),
+        _event("started", ["slot"], slot=_I, continues=_S, sandbox=_S,
+               limits={"type": "object", "description": "what holds for this run (null: no limit): "
+                       "tmp_mb, max_processes, max_memory_mb", "additionalProperties": _nullable(_I)},
+               unlimited={**_S, "description": "why a limit does not hold on this box"}),
         _event("session", [], session_id=_nullable(_S), model=_nullable(_S)),
         _event("text", ["text"], text=_S),
         _event("tool", ["name"], name=_nullable(_S), detail=_S),
@@ -4565,7 +4871,45 @@ def check_sandbox(cfg: AgentConfig) -> dict:
         return box_check("sandbox", False, sandbox.warning,
                          "install bubblewrap (Debian/Ubuntu: sudo apt install bubblewrap), or set "
                          '[ai] sandbox = "none" to accept an unconfined AI')
-    return box_check("sandbox", True, f"the AI runs under {sandbox.kind}")
+    if sandbox.kind != "bwrap":
+        return box_check("sandbox", True, f"the AI runs under {sandbox.kind}")
+    return box_check("sandbox", True, f"the AI runs under bwrap with capabilities {ai_capabilities(sandbox.program)} "
+                     "(its own user namespace, --cap-drop ALL); the network and abstract sockets are the box's")
+
+
+def ai_capabilities(bwrap: str) -> str:
+    """The capability sets a process in the sandbox holds, read from inside one."""
+    proc = pw.run([bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-user",
+                   "--cap-drop", "ALL", "--unshare-pid", "--die-with-parent", "cat", "/proc/self/status"],
+                  timeout=30, check=False)
+    sets = re.findall(r"^(Cap(?:Eff|Prm|Bnd)):\s*([0-9a-f]+)$", proc.stdout.decode("utf-8", "replace"), re.M)
+    return ", ".join(f"{name} {value}" for name, value in sets) or "unknown (bwrap failed)"
+
+
+def check_ai_path(cfg: AgentConfig) -> dict:
+    """PATH folders of the AI that the sandbox hides (a toolchain in the box account's home)
+    and nothing binds back: the AI would not find what lies there."""
+    if cfg.sandbox == "none" or not sys.platform.startswith("linux"):
+        return box_check("ai_path", True, "the sandbox hides no folder of the AI's PATH")
+    walls = JobWalls(cfg.state_dir, cfg.state_dir, cfg.state_dir, cfg.state_dir, cfg.limits)
+    hidden = ["/tmp", *walls.hidden_folders(), real(cfg.state_dir)]
+    env = ai_environment(cfg)
+    found = shutil.which(cfg.ai_command[0], path=env.get("PATH"))
+    bound = [*cfg.readable, *[install_folder(real(Path(p)), hidden) for p in (found or "",) if p]]
+    lost = [folder for folder in dict.fromkeys(env.get("PATH", "").split(os.pathsep)) if folder
+            and any(is_within(real(Path(folder)), h) for h in hidden)
+            and not any(is_within(real(Path(folder)), b) for b in bound if b)]
+    if lost:
+        return box_check("ai_path", False, f"the sandbox hides these folders of the AI's PATH: {', '.join(lost)}",
+                         f'add them to [ai] readable (read-only for the AI), e.g. readable = ["{lost[0]}"]')
+    return box_check("ai_path", True, "every folder of the AI's PATH is readable in its sandbox")
+
+
+def check_limits(cfg: AgentConfig) -> dict:
+    limits = cfg.limits.probe()
+    said = ", ".join(f"{key} {'unlimited' if value is None else value}" for key, value in limits.summary().items())
+    why = limits.unlimited()
+    return box_check("limits", True, f"each job: {said}" + (f" ({why})" if why else ""))
 
 
 def check_state(cfg: AgentConfig) -> dict:
@@ -4592,7 +4936,8 @@ def check_listen(cfg: AgentConfig) -> dict:
     return box_check("listen", True, f"{scheme}://{cfg.host}:{cfg.port}")
 
 
-BOX_CHECKS = (check_git, check_rsync, check_rrsync, check_ai, check_sandbox, check_state, check_listen)
+BOX_CHECKS = (check_git, check_rsync, check_rrsync, check_ai, check_sandbox, check_ai_path, check_limits,
+              check_state, check_listen)
 
 
 def cmd_status(args) -> int:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import http.server
-import os
 import socket
 import statistics
 import subprocess

@@ -16,8 +16,12 @@ usage (the result's `usage` object; with "cost": its total_cost_usd).
 raw (a line printed as is), raw_big (a line of N bytes), link [target, path] (a symlink),
 stamps (N assistant text lines "stamp <time.time()>", each stamped as it is written, every_s
 apart, default 0.003: the bench's AI line -> client latency),
-copy [source, path] (reads a file, anywhere, into another), fill [path, MiB] (writes zeros).
-Paths are relative to the cwd, or absolute: a confinement test aims them outside.
+copy [source, path] (reads a file, anywhere, into another), fill [path, MiB] (writes zeros),
+read [paths] with out (a JSON object: each path's text, or the error reading it), env (a file
+that gets the environment, one NAME=value a line), connect [socket paths] with out (each one's
+"connected" or the error), run [argv] with out (its exit status and output; with "check":
+true a failure ends the run with status 3).
+Paths are relative to the cwd, absolute, or start with ~ (the AI's HOME): a confinement test aims them outside.
 Without a script it makes one small, visible edit: it adds a line to PATCHWIRE_DEMO.md.
 
 STAND_IN_LOG (environment), when set, names a file that gets one JSON line per run with
@@ -28,6 +32,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -70,7 +75,11 @@ class StandIn:
         self.turns += 1
 
     def path(self, rel):
-        return os.path.join(self.cwd, rel)
+        return os.path.join(self.cwd, os.path.expanduser(rel))
+
+    def write_json(self, rel, obj):
+        with open(self.path(rel), "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
 
     def result(self, text, is_error=False, subtype="success"):
         emit({"type": "result", "subtype": subtype, "is_error": is_error, "duration_ms": 12,
@@ -158,6 +167,21 @@ class StandIn:
                 for _ in range(mib):
                     f.write(b"\0" * 1048576)
             self.tool("Write", {"file_path": self.path(path), "content": "(zeros)"})
+        elif "read" in step:
+            self.write_json(step["out"], {path: read_or_error(path) for path in step["read"]})
+        elif "env" in step:
+            with open(self.path(step["env"]), "w") as f:
+                f.write("".join("%s=%s\n" % item for item in sorted(os.environ.items())))
+        elif "connect" in step:
+            self.write_json(step["out"], {path: connect(path) for path in step["connect"]})
+        elif "run" in step:
+            proc = subprocess.run(step["run"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            with open(self.path(step["out"]), "wb") as f:
+                f.write(b"rc=%d\n" % proc.returncode + proc.stdout)
+            self.tool("Bash", {"command": " ".join(step["run"]), "description": "Run"})
+            if step.get("check") and proc.returncode:
+                sys.stderr.write("stand-in: %r failed: %s\n" % (step["run"], proc.stdout.decode()[-300:]))
+                return 3
         elif "stamps" in step:
             for _ in range(step["stamps"]):
                 time.sleep(step.get("every_s", 0.003))
@@ -193,6 +217,27 @@ class StandIn:
         else:
             raise SystemExit("stand-in: unknown step %r" % (step,))
         return None
+
+
+def read_or_error(path):
+    try:
+        with open(os.path.expanduser(path), "rb") as f:
+            return f.read().decode("utf-8", "replace")
+    except OSError as e:
+        return "error: %s" % e.strerror
+
+
+def connect(path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(2)
+        sock.connect(path)
+        sock.sendall(b"hello from the AI\n")
+        return "connected"
+    except OSError as e:
+        return "error: %s" % e.strerror
+    finally:
+        sock.close()
 
 
 def main():

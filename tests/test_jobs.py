@@ -243,13 +243,15 @@ def test_any_cli_runs_and_plain_text_passes_through(laptop, make_agent, tmp_path
     assert "EXTRA_SETTING=on" in outputs
 
 
-def test_stand_in_sees_only_the_agent_environment(laptop, make_agent, tmp_path):
+def test_stand_in_sees_only_the_allowed_environment(laptop, make_agent, tmp_path):
     log = tmp_path / "ai.log"
-    box = make_agent(ai={"env": {"STAND_IN_LOG": str(log)}}, env={"AGENT_ONLY_VAR": "1"})
+    box = make_agent(ai={"env": {"STAND_IN_LOG": str(log)}}, env={"AGENT_ONLY_VAR": "1", "LC_TIME": "C"})
     laptop.init(box)
     laptop.ask(script({"say": "hi"}), "--yes", env={"LAPTOP_ONLY_VAR": "1"}, check=0)
     seen = json.loads(log.read_text().splitlines()[-1])
-    assert "AGENT_ONLY_VAR" in seen["env"] and "LAPTOP_ONLY_VAR" not in seen["env"]
+    # an allowlist: the agent's own variables stay with the agent, the laptop's never arrive
+    assert "AGENT_ONLY_VAR" not in seen["env"] and "LAPTOP_ONLY_VAR" not in seen["env"]
+    assert {"PATH", "HOME", "LC_TIME", "STAND_IN_LOG"} <= set(seen["env"])
     assert seen["cwd"] == str(slot_dir(box, 0))
     assert seen["argv"][:5] == ["--print", "--output-format", "stream-json", "--verbose", "--permission-mode"]
 

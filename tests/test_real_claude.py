@@ -26,7 +26,7 @@ import pytest
 from claude_cli import CLI_PATH, claude_env, require_claude_cli
 from conftest import ROOT, Laptop, make_repo, snapshot_tree, tree_digest, tomllib, tomli_w
 from messages_api import FakeMessagesAPI
-from patchwire_agent import CLAUDE_COMMAND
+from patchwire_agent import AI_CREDENTIAL_NAMES, AI_ENV_NAMES, CLAUDE_COMMAND
 
 pytestmark = pytest.mark.slow
 
@@ -40,6 +40,7 @@ FILES = {
 FAILURE_BUDGET_S = 20  # an ask that fails, CLI start-up and bounded retries included
 # Variables that could route the CLI's traffic (or a real key) anywhere but the stand-in.
 LEAKY_PREFIXES = ("ANTHROPIC_", "CLAUDE_", "AWS_", "VERTEX_", "CLOUD_ML_", "GOOGLE_")
+AI_PASSED = ("HOME", *AI_ENV_NAMES, *AI_CREDENTIAL_NAMES)  # what the agent hands the AI itself
 LEAKY_NAMES = ("IS_SANDBOX", "NODE_OPTIONS", "NODE_EXTRA_CA_CERTS")
 
 
@@ -103,12 +104,15 @@ def start_box(make_agent, api, tmp_path):
     """start_box(ai={...}, with_cli=True, **env) -> Box, with the default [ai] command unless
     ``ai`` overrides it."""
 
-    def start(ai: Optional[dict] = None, with_cli: bool = True, **env_extra: str) -> Box:
+    def start(ai: Optional[dict] = None, with_cli: bool = True, users=("alice",), **env_extra: str) -> Box:
         env = claude_env(tmp_path / "box-home", api.base_url, **env_extra)
         if with_cli:
             env["PATH"] = os.pathsep.join([str(CLI_PATH.parent), env["PATH"]])
-        agent = make_agent(start=False, env=env, ai=ai or {})
-        if not ai or "command" not in ai:
+        # the AI's environment is an allowlist: the CLI's offline switches go through [ai] env
+        ai = dict(ai or {})
+        ai["env"] = {**{k: v for k, v in env.items() if k not in AI_PASSED}, **ai.get("env", {})}
+        agent = make_agent(start=False, env=env, ai=ai, users=users)
+        if "command" not in ai:
             data = tomllib.loads(agent.config.read_text())
             del data["ai"]["command"]  # the agent's own default, not a copy of it
             agent.config.write_text(tomli_w.dumps(data))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import re
 import signal
 import subprocess
@@ -549,6 +550,7 @@ def test_a_state_folder_of_0_3_moves_to_one_folder_per_user(make_agent, tmp_path
     os.replace(state / "users/alice/projects", state / "projects/alice")
     for gitdir in (state / "projects/alice/laptop/git/worktrees").glob("*/gitdir"):
         gitdir.write_text(f"{state}/projects/alice/laptop/slots/{gitdir.parent.name}/.git\n")
+    shutil.rmtree(state / "users/alice/home")  # 0.3 had no AI home per user
     os.rmdir(state / "users/alice")
     agent.start()
     assert not (state / "mirror").exists() and not (state / "projects").exists()
