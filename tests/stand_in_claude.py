@@ -16,7 +16,10 @@ usage (the result's `usage` object; with "cost": its total_cost_usd).
 raw (a line printed as is), raw_big (a line of N bytes), link [target, path] (a symlink),
 stamps (N assistant text lines "stamp <time.time()>", each stamped as it is written, every_s
 apart, default 0.003: the bench's AI line -> client latency),
-copy [source, path] (reads a file, anywhere, into another), fill [path, MiB] (writes zeros).
+copy [source, path] (reads a file, anywhere, into another), fill [path, MiB] (writes zeros),
+random [path, MiB] (writes bytes that do not compress: a diff as large as the file),
+lines [count, size] (prints that many plain lines of that many bytes: output without end),
+fill_until_full path (writes zeros until the disk refuses, then goes on and ends well).
 Paths are relative to the cwd, or absolute: a confinement test aims them outside.
 Without a script it makes one small, visible edit: it adds a line to PATCHWIRE_DEMO.md.
 
@@ -158,6 +161,27 @@ class StandIn:
                 for _ in range(mib):
                     f.write(b"\0" * 1048576)
             self.tool("Write", {"file_path": self.path(path), "content": "(zeros)"})
+        elif "random" in step:
+            path, mib = step["random"]
+            with open(self.path(path), "wb") as f:
+                for _ in range(mib):
+                    f.write(os.urandom(1048576))
+            self.tool("Write", {"file_path": self.path(path), "content": "(random bytes)"})
+        elif "lines" in step:
+            count, size = step["lines"]
+            line = "y" * size + "\n"
+            for _ in range(count):
+                sys.stdout.write(line)
+            sys.stdout.flush()
+        elif "fill_until_full" in step:
+            try:
+                with open(self.path(step["fill_until_full"]), "wb") as f:
+                    while True:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+            except OSError:
+                pass  # the disk is full: an AI that writes on regardless of errors
+            self.tool("Write", {"file_path": self.path(step["fill_until_full"]), "content": "(zeros)"})
         elif "stamps" in step:
             for _ in range(step["stamps"]):
                 time.sleep(step.get("every_s", 0.003))
