@@ -3765,9 +3765,8 @@ def gc_state(cfg: AgentConfig, store: Store, before: float, dry_run: bool) -> di
     if not dry_run:
         for path in patches:
             path.unlink()
-        with store.lock:
-            store.db.execute(f"DELETE FROM events WHERE job IN (SELECT id FROM jobs WHERE {ENDED_BEFORE})",
-                             (before,))
+        delete_in_steps(store, "DELETE FROM events WHERE rowid IN (SELECT rowid FROM events WHERE job IN "
+                        f"(SELECT id FROM jobs WHERE {ENDED_BEFORE}) LIMIT {GC_STEP_ROWS})", (before,))
         out["compact_error"] = compact_db(store)
         out["db_bytes"] = max(0, db_before - db_size(cfg.state_dir))
     for user, project in unused_projects(cfg, store, before):
@@ -3784,6 +3783,20 @@ def gc_state(cfg: AgentConfig, store: Store, before: float, dry_run: bool) -> di
 
 
 ENDED_BEFORE = "status IN ('done', 'failed', 'cancelled') AND finished < ?"
+GC_STEP_ROWS = 2000  # events deleted per transaction: each fits in the write-ahead log the file has
+GC_STEP_PAGES = 256  # pages given back per transaction
+
+
+def delete_in_steps(store: Store, sql: str, params: tuple) -> None:
+    """Run a DELETE ... LIMIT until it deletes nothing, each step its own transaction followed
+    by a checkpoint: a step's pages go to the log's start again, so on a full disk the log
+    never needs to grow (one DELETE of everything would need a log as large as its pages)."""
+    while True:
+        with store.lock:
+            deleted = store.db.execute(sql, params).rowcount
+            store.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        if not deleted:
+            return
 
 
 def db_size(state_dir: Path) -> int:
@@ -3798,16 +3811,23 @@ def compact_db(store: Store) -> Optional[str]:
     switches the database to it (it copies the whole file once, so it needs that much room:
     without it the pages stay free inside the file, for new events). The WAL is truncated
     after, or the file would shrink and its log keep the room."""
-    with store.lock:
-        try:
-            if store.db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
-                store.db.execute("PRAGMA incremental_vacuum").fetchall()  # a page per step: all of them
-            else:
+    try:
+        with store.lock:
+            incremental = store.db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+            if not incremental:
                 store.db.execute("PRAGMA auto_vacuum = INCREMENTAL")
                 store.db.execute("VACUUM")
+        free = -1
+        while incremental:
+            with store.lock:  # in steps, as delete_in_steps: the log stays small
+                store.db.execute(f"PRAGMA incremental_vacuum({GC_STEP_PAGES})").fetchall()  # a page per row
+                store.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                left = store.db.execute("PRAGMA freelist_count").fetchone()[0]
+            incremental, free = 0 < left != free, left  # until none are left, or none go any more
+        with store.lock:
             store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-        except sqlite3.OperationalError as e:
-            return str(e)
+    except sqlite3.OperationalError as e:
+        return str(e)
     return None
 
 
