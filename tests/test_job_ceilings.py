@@ -223,8 +223,11 @@ def test_a_job_filling_the_disk_ends_failed_and_the_other_users_ask_again(make_a
     box.start()
     alice = synced(box, tmp_path / "a")
     bob = synced(box, tmp_path / "b", user="bob")
-    for _ in range(3):  # it stayed `running` in 2 of 3 runs: whether sqlite failed at INSERT or COMMIT
-        steps = [{"fill_until_full": "big.bin"}] + [{"say": f"still writing {n}"} for n in range(50)]
+    # the disk fills at another step each time: while the AI writes, while git stores its file,
+    # while the patch is written (that one stayed `running`: its end could not be recorded)
+    fills = [[{"fill_until_full": "big.bin"}] + [{"say": f"still writing {n}"} for n in range(50)]]
+    fills += [[{"random": ["big.bin", mib]}] for mib in (6, 7, 8)]
+    for steps in fills:
         status, job = ask(box, alice, *steps, timeout_s=120)
         assert status == 202, job
         info = box.wait_job(job["id"], timeout=60)
