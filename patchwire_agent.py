@@ -3782,8 +3782,11 @@ def gc_state(cfg: AgentConfig, store: Store, before: float, dry_run: bool) -> di
             path.unlink()
         delete_in_steps(store, "DELETE FROM events WHERE rowid IN (SELECT rowid FROM events WHERE job IN "
                         f"(SELECT id FROM jobs WHERE {ENDED_BEFORE}) LIMIT {GC_STEP_ROWS})", (before,))
-        out["compact_error"] = compact_db(store)
-        out["db_bytes"] = max(0, db_before - db_size(cfg.state_dir))
+        with store.lock:
+            unused_pages = store.db.execute("PRAGMA freelist_count").fetchone()[0]
+        if events or unused_pages:  # else there is nothing to give back
+            out["compact_error"] = compact_db(store)
+            out["db_bytes"] = max(0, db_before - db_size(cfg.state_dir))
     for user, project in unused_projects(cfg, store, before):
         try:
             with job_folders_lock(ProjectRepo(cfg.state_dir, user, project).home, exclusive=True):
@@ -4360,7 +4363,7 @@ def print_gc(r: dict) -> None:
           f"of {r['jobs']} job(s) finished before {when} (the jobs and their usage stay)")
     print(f"{verb}: {len(r['job_folders'])} job folder(s), {pw.human_bytes(r['folder_bytes'])}"
           + "".join(f"\n  {f}" for f in r["job_folders"]))
-    if not r["dry_run"]:
+    if r["db_bytes"]:
         print(f"{verb}: {pw.human_bytes(r['db_bytes'])} of the state database")
     if r.get("compact_error"):
         print(f"could not compact the state database ({r['compact_error']}): its free pages are reused "
