@@ -87,8 +87,8 @@ macOS; it writes only in its job folder and its own state, and sees neither the 
 users' mirrors nor the agent's state. Tracked symlinks out of the project are removed
 from the job folder while it runs. Its output is parsed as untrusted data, and what it can
 make the box store is capped (its events, its diff, its user's disk quota); a job that
-fills the disk still ends recorded (state/reserve is given up for that) with its folder reset. The state
-folder is 700 and its files private, whatever the umask.
+fills the disk still ends recorded (state/reserve is given up for that) with its folder
+reset. The state folder is 700 and its files private, whatever the umask.
 """
 
 from __future__ import annotations
@@ -577,7 +577,7 @@ class Store:
 
     def _insert_event(self, job_id: str, seq: int, data: str, fields: dict) -> None:
         """Under the lock: one transaction, rolled back on any failure, COMMIT's own included
-        (a COMMIT that fails on a full disk leaves the transaction open, and every later
+        (sqlite may keep the transaction open after a failed COMMIT, and then every later
         BEGIN would fail: no job could ever end again)."""
         self.db.execute("BEGIN")
         try:
