@@ -2431,9 +2431,18 @@ class Agent:
         output = OutputBudget(lambda e: self.store.add_event(job["id"], e), int(self.cfg.max_output_mb * MIB),
                               f"[jobs] max_output_mb = {self.cfg.max_output_mb:g}")
         run = AIRun(argv, repo.slot_path(slot), env, job["prompt"], job["timeout_s"], output,
-                    on_spawn=lambda pid: self.store.update_job(job["id"], pgid=pid),
+                    on_spawn=lambda pid: self._record_pgid(job["id"], pid),
                     watch=self.quota_watch(job["user"], repo.slot_path(slot)))
         return run, output
+
+    def _record_pgid(self, job_id: str, pgid: int) -> None:
+        """Note the AI's process group, for `recover` after a crash. Not worth a run: on a full
+        disk this is logged and the run goes on: raised out of AIRun.run, it would leave the AI
+        running unwatched."""
+        try:
+            self.store.update_job(job_id, pgid=pgid)
+        except sqlite3.Error as e:
+            log.warning("could not record the process group of job %s: %s", job_id, e)
 
     def _flush_output(self, job_id: str, output: OutputBudget) -> None:
         """Store the tail of the AI's output. On a full disk the job's end matters more than
