@@ -82,7 +82,7 @@ import time
 import unicodedata
 import urllib.parse
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # at run time, imported when an AgentClient is made (start-up, see there)
@@ -110,6 +110,9 @@ JOB_ENDS = ("done", "failed", "cancelled")
 LAST_EVENTS = ("finished", "failed", "cancelled")
 CODE_NOT_FOUND = "not_found"  # no such job, project or route: not a refusal
 CODE_TREE_MISMATCH = "tree_mismatch"  # the box's copy is not what the laptop recorded: sync again
+# In a stream, where the agent left out the middle of the AI's output ([jobs] max_output_mb):
+# {"type": OUTPUT_DROPPED, "events": N, "bytes": N, "limit": "[jobs] max_output_mb = 16"}
+OUTPUT_DROPPED = "output_dropped"
 
 
 # Settings that make git's bytes the same on every machine, whatever the user's config.
@@ -245,18 +248,23 @@ def _short_argv(argv: Sequence[str]) -> List[str]:
 
 def run(argv: Sequence[str], *, cwd: Optional[os.PathLike] = None, env: Optional[dict] = None,
         input: Optional[bytes] = None, timeout: Optional[float] = 600, check: bool = True,
-        hint: str = "", capture: bool = True) -> subprocess.CompletedProcess:
+        hint: str = "", capture: bool = True, stdout: Optional[BinaryIO] = None,
+        max_file_bytes: Optional[int] = None) -> subprocess.CompletedProcess:
     """Run a command to completion: the one place that calls subprocess.run.
 
     Output is captured as bytes (`capture=False`: it goes to this process's own stdout and
-    stderr, as a pager's must). A missing program, a timeout or (with check) a non-zero
-    exit raises PatchwireError naming the command, with the tail of its stderr.
+    stderr, as a pager's must; `stdout`: an open file gets it, so output of any size never
+    passes through this process's memory). `max_file_bytes` caps every file the command
+    writes (RLIMIT_FSIZE: past it the kernel ends it with SIGXFSZ). A missing program, a
+    timeout or (with check) a non-zero exit raises PatchwireError naming the command, with
+    the tail of its stderr.
     """
     out = subprocess.PIPE if capture else None
     try:
         proc = subprocess.run(list(argv), cwd=cwd, env=env, input=input, timeout=timeout,
                               stdin=None if input is not None else subprocess.DEVNULL,
-                              stdout=out, stderr=out)
+                              stdout=stdout if stdout is not None else out, stderr=out,
+                              preexec_fn=_file_size_limit(max_file_bytes))
     except FileNotFoundError:
         raise PatchwireError(f"{argv[0]} is not installed or not on PATH",
                              hint or f"install {os.path.basename(str(argv[0]))} and try again")
@@ -265,6 +273,17 @@ def run(argv: Sequence[str], *, cwd: Optional[os.PathLike] = None, env: Optional
     if check and proc.returncode != 0:
         raise ProcessError(argv, proc.returncode, proc.stderr or b"", hint)
     return proc
+
+
+def _file_size_limit(limit: Optional[int]) -> Optional[Callable[[], None]]:
+    """A preexec_fn that caps the size of files the child writes, or None (no cap)."""
+    if limit is None:
+        return None
+    import resource  # POSIX only: here, not at the top, which a laptop without it also runs
+
+    def cap() -> None:  # runs in the child between fork and exec: nothing but the syscall
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return cap
 
 
 def spawn(argv: Sequence[str], *, cwd: os.PathLike, env: dict) -> subprocess.Popen:
@@ -345,9 +364,10 @@ class Git:
         return argv + list(args)
 
     def run(self, *args: str, input: Optional[bytes] = None, check: bool = True,
-            timeout: float = 600, hint: str = "") -> subprocess.CompletedProcess:
+            timeout: float = 600, hint: str = "", stdout: Optional[BinaryIO] = None,
+            max_file_bytes: Optional[int] = None) -> subprocess.CompletedProcess:
         return run(self.argv(args), cwd=self.cwd, env=self.env, input=input, check=check,
-                   timeout=timeout, hint=hint)
+                   timeout=timeout, hint=hint, stdout=stdout, max_file_bytes=max_file_bytes)
 
     def __call__(self, *args: str, input: Optional[bytes] = None, timeout: float = 600) -> bytes:
         return self.run(*args, input=input, timeout=timeout).stdout
@@ -1888,6 +1908,11 @@ class ProgressPrinter:
             say(self.stamp(), lines[0], *(["\n        " + "\n        ".join(lines[1:])] if lines[1:] else []))
 
     on_output = on_text
+
+    def on_output_dropped(self, e: dict) -> None:
+        size = human_bytes(e["bytes"]) if isinstance(e.get("bytes"), int) else "?"
+        say(self.stamp(), self.style("yellow", f"... {self.flat(e.get('events'))} event(s) of the AI's output "
+                                     f"({size}) not kept by the box: over {self.flat(e.get('limit'))}"))
 
     def on_tool(self, e: dict) -> None:
         say(self.stamp(), self.style("cyan", f"> {self.flat(e.get('name'))}"), self.flat(e.get("detail", "")))

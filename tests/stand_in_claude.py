@@ -20,7 +20,10 @@ copy [source, path] (reads a file, anywhere, into another), fill [path, MiB] (wr
 read [paths] with out (a JSON object: each path's text, or the error reading it), env (a file
 that gets the environment, one NAME=value a line), connect [socket paths] with out (each one's
 "connected" or the error), run [argv] with out (its exit status and output; with "check":
-true a failure ends the run with status 3).
+true a failure ends the run with status 3),
+random [path, MiB] (writes bytes that do not compress: a diff as large as the file),
+lines [count, size] (prints that many plain lines of that many bytes: output without end),
+fill_until_full path (writes zeros until the disk refuses, then goes on and ends well).
 Paths are relative to the cwd, absolute, or start with ~ (the AI's HOME): a confinement test aims them outside.
 Without a script it makes one small, visible edit: it adds a line to PATCHWIRE_DEMO.md.
 
@@ -182,6 +185,27 @@ class StandIn:
             if step.get("check") and proc.returncode:
                 sys.stderr.write("stand-in: %r failed: %s\n" % (step["run"], proc.stdout.decode()[-300:]))
                 return 3
+        elif "random" in step:
+            path, mib = step["random"]
+            with open(self.path(path), "wb") as f:
+                for _ in range(mib):
+                    f.write(os.urandom(1048576))
+            self.tool("Write", {"file_path": self.path(path), "content": "(random bytes)"})
+        elif "lines" in step:
+            count, size = step["lines"]
+            line = "y" * size + "\n"
+            for _ in range(count):
+                sys.stdout.write(line)
+            sys.stdout.flush()
+        elif "fill_until_full" in step:
+            try:
+                with open(self.path(step["fill_until_full"]), "wb") as f:
+                    while True:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+            except OSError:
+                pass  # the disk is full: an AI that writes on regardless of errors
+            self.tool("Write", {"file_path": self.path(step["fill_until_full"]), "content": "(zeros)"})
         elif "stamps" in step:
             for _ in range(step["stamps"]):
                 time.sleep(step.get("every_s", 0.003))
