@@ -4551,6 +4551,8 @@ def build_parser() -> argparse.ArgumentParser:
     p["apply"].add_argument("--keep-conflicts", action="store_true",
                             help="where your edits and the AI's overlap, write conflict markers instead of asking")
     p["apply"].add_argument("--undo", action="store_true", help="restore the files the last apply touched")
+    p["apply"].add_argument("paths", nargs="*", metavar="-- PATH",
+                            help="after --: apply only these files, exact names (a file may be called --undo)")
     add_usage_arguments(p["usage"], "project")
     return parser
 
@@ -4559,6 +4561,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(build_parser(), argv)
     if isinstance(args, int):
         return args
+    if getattr(args, "paths", None):  # exact names, given after `--`: matched as --only patterns
+        args.only = (args.only or []) + [glob.escape(p) for p in args.paths]
     return run_command("patchwire", COMMANDS, args, lambda e: output(args, {
         "error": e.message, "hint": e.hint, "exit_status": int(e.exit_status),
         **({"details": e.details} if e.details else {})}))

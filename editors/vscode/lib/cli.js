@@ -140,7 +140,10 @@ class Cli {
       });
       return { done: Promise.reject(err), interrupt() {} };
     }
-    const child = childProcess.spawn(this.program, [...args, '--json'], {
+    // With a `--`, what follows it are file names, whatever they look like, and --json goes
+    // right after the command (argparse wants the positionals, JOB -- NAME..., together).
+    const argv = args.includes('--') ? [args[0], '--json', ...args.slice(1)] : [...args, '--json'];
+    const child = childProcess.spawn(this.program, argv, {
       cwd: this.cwd, env: this.env, stdio: ['pipe', 'pipe', 'pipe'],
     });
     const out = new LineSplitter();
@@ -201,18 +204,15 @@ class Cli {
 
   diff(job) { return this.json(['diff', job]); }
 
-  file(job, file, side) { return this.json(['diff', job, '--file', file, '--side', side]); }
+  // File names come from the box's patch: `--file=NAME` and `-- NAME...`, so a file called
+  // `--undo` is a file, never a flag.
+  file(job, file, side) { return this.json(['diff', job, `--file=${file}`, '--side', side]); }
 
-  /** Apply without a question (`--yes`), all files or only `paths`. */
+  /** Apply without a question (`--yes`), all files or only `paths` (exact names, after `--`). */
   apply(job, paths = [], { keepConflicts = false } = {}) {
-    const args = ['apply', job, '--yes'];
-    if (paths.length) {
-      args.push('--only', ...paths.map(escapePattern));
-    }
-    if (keepConflicts) {
-      args.push('--keep-conflicts');
-    }
-    return this.json(args);
+    const options = ['--yes', ...(keepConflicts ? ['--keep-conflicts'] : [])];
+    // JOB right before `--`: argparse takes the positionals (JOB -- NAME...) only together
+    return this.json(paths.length ? ['apply', ...options, job, '--', ...paths] : ['apply', job, ...options]);
   }
 
   undo() { return this.json(['apply', '--undo', '--yes']); }

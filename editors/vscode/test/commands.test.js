@@ -103,7 +103,7 @@ test('Review: a file opens its diff, look-closely items are flagged, selected fi
   assert.equal(first[0].find((i) => i.path === 'run.sh').detail, 'look closely: becomes executable');
   assert.equal(many[1].canPickMany, true);
   assert.ok(many[0].every((i) => i.picked));
-  assert.deepEqual(calls().filter((c) => c.argv[0] === 'apply').map((c) => c.argv), [['apply', fx.JOB, '--yes', '--only', 'run.sh', '--json']]);
+  assert.deepEqual(calls().filter((c) => c.argv[0] === 'apply').map((c) => c.argv), [['apply', '--json', '--yes', fx.JOB, '--', 'run.sh']]);
   assert.deepEqual(uiCalls('showInformationMessage').map((a) => a[0]), ['Patchwire: applied job 7aa6964d0087: 1 file; the rest stays in the job']);
 });
 
@@ -265,9 +265,9 @@ test('the diff editor\'s sides come from diff --file --side, read-only text', as
   assert.equal(await stub.provider.provideTextDocumentContent(uri('later.txt', 'new')), '(Patchwire could not read this file: the agent refused: no job)');
   assert.equal(await stub.provider.provideTextDocumentContent(uri('later.txt', 'new')), 'ok\n'); // a failure is not cached
   assert.deepEqual(calls().filter((c) => c.argv[0] !== 'jobs').map((c) => c.argv), [
-    ['diff', fx.JOB, '--file', 'src/app.py', '--side', 'old', '--json'],
-    ['diff', fx.JOB, '--file', 'logo.png', '--side', 'new', '--json'],
-    ['diff', fx.JOB, '--file', 'gone.txt', '--side', 'new', '--json'],
-    ['diff', fx.JOB, '--file', 'later.txt', '--side', 'new', '--json'],
-    ['diff', fx.JOB, '--file', 'later.txt', '--side', 'new', '--json']]);
+    ['diff', fx.JOB, '--file=src/app.py', '--side', 'old', '--json'],
+    ['diff', fx.JOB, '--file=logo.png', '--side', 'new', '--json'],
+    ['diff', fx.JOB, '--file=gone.txt', '--side', 'new', '--json'],
+    ['diff', fx.JOB, '--file=later.txt', '--side', 'new', '--json'],
+    ['diff', fx.JOB, '--file=later.txt', '--side', 'new', '--json']]);
 });
