@@ -2772,51 +2772,125 @@ def split_patch(patch: bytes) -> List[FilePatch]:
 # --- what deserves a second look
 
 # Files that run code or configure tools without anyone asking: a change to them acts at the
-# next `git checkout`, `cd`, editor start, `npm install`, `make` or CI run.
-SELF_RUNNING = (
-    (re.compile(r"(^|/)\.gitattributes$", re.I), "sets git filters and diff drivers"),
-    (re.compile(r"(^|/)\.gitmodules$", re.I), "adds or moves git submodules"),
-    (re.compile(r"(^|/)\.envrc$", re.I), "runs when you cd here (direnv)"),
-    (re.compile(r"(^|/)\.vscode/", re.I), "editor tasks and settings run by themselves"),
-    (re.compile(r"^\.idea/", re.I), "editor run configurations"),
-    (re.compile(r"^\.devcontainer/", re.I), "dev container commands"),
-    (re.compile(r"^\.claude/", re.I), "Claude Code settings and hooks"),
-    (re.compile(r"^\.github/workflows/", re.I), "CI workflow (runs with the repository's secrets)"),
-    (re.compile(r"^\.husky/", re.I), "git hooks (husky)"),
-    (re.compile(r"(^|/)\.pre-commit-config\.yaml$", re.I), "git hooks (pre-commit)"),
-    (re.compile(r"(^|/)(GNUmakefile|[Mm]akefile)$", re.I), "runs or configures tools by itself"),
-    (re.compile(r"(^|/)package\.json$", re.I), "npm scripts and dependencies run on install"),
-    (re.compile(r"(^|/)build\.gradle(\.kts)?$|(^|/)settings\.gradle(\.kts)?$", re.I), "runs or configures tools by itself"),
-    (re.compile(r"(^|/)Podfile$", re.I), "runs or configures tools by itself"),
-    (re.compile(r"(^|/)pubspec\.yaml$", re.I), "runs or configures tools by itself"),
-    (re.compile(r"(^|/)(setup\.py|conftest\.py|pyproject\.toml)$", re.I), "runs or configures tools by itself"),
-    (re.compile(r"(^|/)(Gemfile|Rakefile|build\.rs|CMakeLists\.txt)$", re.I), "runs or configures tools by itself"),
-    (re.compile(r"(^|/)\.(npmrc|yarnrc|yarnrc\.yml)$", re.I), "sets the package registry and install scripts"),
+# next build, `git checkout`, `cd`, editor start, install, CI run or AI run, long after the
+# review. By category, each with the reason the preview shows (README: Look closely). This
+# tool's users build Flutter, Android and iOS apps: a Gradle wrapper's distributionUrl is a
+# program the next `./gradlew` downloads and runs, an Xcode project's build phases are shell
+# scripts, a Dart build hook runs at every build.
+WRAPPER = "build wrapper or its download"
+BUILD = "build script or hook"
+CI = "CI"
+CONTAINER = "container"
+TOOL = "editor or tool configuration"
+AGENT = "AI agent configuration"
+_SELF_RUNNING_TABLE = (
+    (WRAPPER, r"(^|/)gradle-wrapper\.properties$", "its distributionUrl is a Gradle the next build downloads and runs"),
+    (WRAPPER, r"(^|/)(gradle|maven)-wrapper\.jar$", "runs at the next ./gradlew or ./mvnw"),
+    (WRAPPER, r"(^|/)(gradlew|gradlew\.bat|mvnw|mvnw\.cmd)$", "the script every build through the wrapper runs"),
+    (WRAPPER, r"(^|/)\.mvn/", "Maven wrapper and extensions: downloaded and run by the next Maven build"),
+    (WRAPPER, r"(^|/)\.yarn/(releases|plugins)/", "the Yarn code every yarn command runs"),
+    (WRAPPER, r"(^|/)\.yarnrc\.yml$", "yarnPath names the Yarn that runs; also the registry and install scripts"),
+    (WRAPPER, r"(^|/)\.pnp\.c?js$", "Yarn's loader, run by node in this project"),
+    (WRAPPER, r"(^|/)(rust-toolchain(\.toml)?|\.tool-versions|\.?mise\.toml|\.fvmrc|\.fvm/fvm_config\.json)$",
+     "names a toolchain that is downloaded and run"),
+    (BUILD, r"(^|/)(GNUmakefile|makefile|[^/]+\.mk)$", "make runs its recipes"),
+    (BUILD, r"(^|/)(CMakeLists\.txt|[^/]+\.cmake|meson\.build)$", "runs at configure time"),
+    (BUILD, r"(^|/)[^/]+\.gradle(\.kts)?$", "Gradle runs it at every build"),
+    (BUILD, r"(^|/)gradle\.properties$", "sets the JVM options and settings of every Gradle build"),
+    (BUILD, r"(^|/)package\.json$", "npm scripts and dependencies run on install"),
+    (BUILD, r"(^|/)(Podfile|[^/]+\.podspec)$", "CocoaPods runs it at pod install"),
+    (BUILD, r"\.xcodeproj/project\.pbxproj$", "Xcode project: its build phases run shell scripts"),
+    (BUILD, r"\.xcscheme$", "Xcode scheme: its pre- and post-actions run scripts"),
+    (BUILD, r"(^|/)pubspec\.yaml$", "Dart and Flutter dependencies, whose build hooks run"),
+    (BUILD, r"(^|/)pubspec_overrides\.yaml$", "replaces Dart dependencies with any path or git source"),
+    (BUILD, r"(^|/)hook/(build|link)\.dart$", "a Dart build hook: runs at every build"),
+    (BUILD, r"(^|/)build\.yaml$", "build_runner builders run at code generation"),
+    (BUILD, r"(^|/)(setup\.py|setup\.cfg|conftest\.py|pyproject\.toml|noxfile\.py|tox\.ini)$",
+     "Python build or test configuration: runs at install or test time"),
+    (BUILD, r"(^|/)(Gemfile|Rakefile|[^/]+\.gemspec|Fastfile)$", "Ruby that bundler, rake or fastlane runs"),
+    (BUILD, r"(^|/)(build\.rs|Cargo\.toml)$", "Cargo runs it, or its dependencies' build scripts"),
+    (BUILD, r"(^|/)\.cargo/config(\.toml)?$", "sets Cargo's runner, linker and rustc wrapper: programs every build runs"),
+    (BUILD, r"(^|/)(Taskfile\.ya?ml|justfile|\.justfile|Jakefile(\.js)?|Gruntfile\.[cm]?[jt]s|gulpfile\.[cm]?[jt]s|"
+            r"Earthfile|Tiltfile|magefile\.go|Procfile)$", "a task runner's tasks"),
+    (BUILD, r"(^|/)(flake\.nix|shell\.nix|default\.nix|devenv\.nix)$", "Nix runs it when the shell or build starts"),
+    (BUILD, r"(^|/)\.gitattributes$", "sets git filters and diff drivers"),
+    (BUILD, r"(^|/)\.gitmodules$", "adds or moves git submodules"),
+    (BUILD, r"(^|/)\.envrc$", "runs when you cd here (direnv)"),
+    (BUILD, r"(^|/)\.husky/", "git hooks (husky)"),
+    (BUILD, r"(^|/)(\.pre-commit-config\.yaml|\.?lefthook\.ya?ml)$", "git hooks (pre-commit, lefthook)"),
+    (CI, r"^\.github/workflows/", "CI workflow (runs with the repository's secrets)"),
+    (CI, r"^\.github/actions/|(^|/)action\.ya?ml$", "a CI action that workflows run (with the repository's secrets)"),
+    (CI, r"(^|/)\.gitlab-ci\.ya?ml$|^\.gitlab/", "GitLab CI (runs with the project's secrets)"),
+    (CI, r"^\.circleci/", "CircleCI (runs with the project's secrets)"),
+    (CI, r"(^|/)bitbucket-pipelines\.ya?ml$", "Bitbucket Pipelines (runs with the repository's secrets)"),
+    (CI, r"(^|/)azure-pipelines\.ya?ml$|^\.?azure-pipelines/|^\.azure/", "Azure Pipelines (runs with the project's secrets)"),
+    (CI, r"(^|/)Jenkinsfile$", "Jenkins pipeline (runs with its credentials)"),
+    (CI, r"(^|/)(\.travis\.yml|\.drone\.ya?ml|appveyor\.ya?ml|\.woodpecker\.ya?ml|codemagic\.ya?ml|bitrise\.ya?ml|"
+         r"cloudbuild\.ya?ml)$|^\.(buildkite|woodpecker)/", "CI configuration (runs with the project's secrets)"),
+    (CONTAINER, r"(^|/)(Dockerfile|Containerfile)([.-][^/]*)?$|\.[Dd]ockerfile$",
+     "its RUN lines run at the next image build"),
+    (CONTAINER, r"(^|/)(docker-)?compose([.-][^/]*)?\.ya?ml$", "the containers, mounts and commands compose starts"),
+    (CONTAINER, r"(^|/)\.devcontainer/|(^|/)\.devcontainer\.json$", "dev container commands run when the editor opens it"),
+    (TOOL, r"(^|/)\.vscode/", "editor tasks and settings run by themselves"),
+    (TOOL, r"\.code-workspace$", "a VS Code workspace: its settings and tasks apply when it is opened"),
+    (TOOL, r"(^|/)\.idea/", "editor run configurations"),
+    (TOOL, r"(^|/)(\.nvim\.lua|\.nvimrc|\.exrc|\.lvimrc)$|\.sublime-project$", "the editor runs it when it opens here"),
+    (TOOL, r"(^|/)\.(npmrc|yarnrc|bunfig\.toml)$|(^|/)(bunfig\.toml|pip\.conf|\.bundle/config)$",
+     "sets the package registry and install scripts"),
+    (AGENT, r"(^|/)\.claude/|(^|/)\.mcp\.json$", "Claude Code settings, hooks and MCP servers: programs the AI's tools start"),
+    (AGENT, r"(^|/)(CLAUDE(\.local)?\.md|AGENTS\.md|GEMINI\.md|\.cursorrules|\.windsurfrules|\.clinerules)$"
+            r"|^\.github/copilot-instructions\.md$", "instructions the next AI run follows"),
+    (AGENT, r"(^|/)\.(cursor|gemini|codex|continue|roo|windsurf|aider[^/]*)(/|$)", "AI tool settings and hooks"),
 )
+SELF_RUNNING = tuple((re.compile(pattern, re.I), category, why) for category, pattern, why in _SELF_RUNNING_TABLE)
 MANY_DELETIONS = 3
 # A name that looks like another: invisible characters and direction overrides (Trojan Source).
-DECEPTIVE_NAME = re.compile("[\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+DECEPTIVE_NAME = re.compile(f"[{_INVISIBLE}]")
+# Letters of other scripts drawn like Latin ones (Unicode's confusables for the common ones):
+# `src/аpp.py` with a Cyrillic а sits beside `src/app.py` and reads the same.
+_LOOKALIKES = str.maketrans("аеіјорсѕухԁԛԝһӏАВЕІЈКМНОРСЅТХУαβεικνορτυχΑΒΕΗΙΚΜΝΟΡΤΥΧΖօոսՏ",
+                            "aeijopcsyxdqwhlABEIJKMHOPCSTXYaBeikvoptuxABEHIKMNOPTYXZonuS")
+_LATIN_LOOKING = ("CYRILLIC", "GREEK", "ARMENIAN", "CHEROKEE", "COPTIC", "LISU")
+
+
+def name_problem(path: str) -> Optional[str]:
+    """Why `path` may be mistaken for another name, or None."""
+    if DECEPTIVE_NAME.search(path):
+        return "its name holds invisible or direction-changing characters"
+    if unicodedata.normalize("NFKC", path) != unicodedata.normalize("NFC", path):
+        return (f"its name has letters in another form (fullwidth, mathematical) and reads as "
+                f"{unicodedata.normalize('NFKC', path)}")
+    looks_like = unicodedata.normalize("NFKC", path.translate(_LOOKALIKES))
+    if looks_like != path and looks_like.isascii():
+        return f"its name has letters of another script that look Latin: it reads as {looks_like}"
+    for word in re.findall(r"[^\W\d_]+", path):  # runs of letters: `файл.py` is a Russian name, not a mix
+        scripts = {unicodedata.name(c, "?").split(" ")[0] for c in word}
+        if "LATIN" in scripts and scripts & set(_LATIN_LOOKING):
+            return f"its name mixes Latin and {' and '.join(sorted(scripts & set(_LATIN_LOOKING))).title()} letters"
+    return None
 
 
 def look_closely(files: Sequence[FilePatch]) -> List[dict]:
-    """[{path, reason}] for the changes a reader should not skim past."""
+    """[{path, category, reason}] for the changes a reader should not skim past."""
     out = []
     for f in files:
         if f.link_target is not None:
-            out.append({"path": f.path, "reason": ("new symlink -> " if f.kind == "new" else "symlink now -> ")
-                        + f.link_target})
+            out.append({"path": f.path, "category": "symlink",
+                        "reason": ("new symlink -> " if f.kind == "new" else "symlink now -> ") + f.link_target})
         elif f.new_mode == "100755" and (f.kind == "new" or f.old_mode not in (None, "100755")):
-            out.append({"path": f.path, "reason": "new executable file" if f.kind == "new" else "becomes executable"})
+            out.append({"path": f.path, "category": "executable",
+                        "reason": "new executable file" if f.kind == "new" else "becomes executable"})
         if f.kind != "deleted":
-            reason = next((why for pattern, why in SELF_RUNNING if pattern.search(f.path)), None)
-            if reason:
-                out.append({"path": f.path, "reason": reason})
-            if DECEPTIVE_NAME.search(f.path):
-                out.append({"path": f.path, "reason": "its name holds invisible or direction-changing characters"})
+            found = next(((category, why) for pattern, category, why in SELF_RUNNING if pattern.search(f.path)), None)
+            if found:
+                out.append({"path": f.path, "category": found[0], "reason": found[1]})
+            problem = name_problem(f.path)
+            if problem:
+                out.append({"path": f.path, "category": "lookalike name", "reason": problem})
     deleted = [f.path for f in files if f.kind == "deleted"]
     if len(deleted) > MANY_DELETIONS:
         common = os.path.commonpath(deleted) if len({p.split("/")[0] for p in deleted}) == 1 else "."
-        out.append({"path": common, "reason": f"deletes {len(deleted)} files"})
+        out.append({"path": common, "category": "deletions", "reason": f"deletes {len(deleted)} files"})
     return out
 
 
@@ -2825,7 +2899,8 @@ def render_look_closely(files: Sequence[FilePatch], style: Style) -> List[str]:
     if not notes:
         return []
     return [style("yellow", "Look closely:")] + [
-        "  " + style("yellow", sanitize(n["path"])) + ": " + sanitize(n["reason"]) for n in notes] + [""]
+        "  " + style("yellow", sanitize(n["path"])) + ": " + sanitize(n["reason"]) + style("dim", f"  [{n['category']}]")
+        for n in notes] + [""]
 
 
 def render_summary(files: Sequence[FilePatch], style: Style) -> List[str]:
