@@ -1994,17 +1994,19 @@ class EventStream:
 
     def __iter__(self) -> Iterator[dict]:
         import queue
+        every = min(STILL_WAITING_S, self.silence / 3)  # at least two notes before it gives up
         last_line = quiet_since = time.monotonic()
-        next_note = quiet_since + STILL_WAITING_S if self.on_wait else float("inf")
+        next_note = quiet_since + every if self.on_wait else float("inf")
         try:
             while True:
                 now = time.monotonic()
                 if now - last_line >= self.silence:
-                    raise AnswerRefused(f"the agent sent nothing for {now - last_line:.0f} s; stopped waiting",
-                                        "is the box still up? `patchwire show JOB` follows the job again")
+                    raise AnswerRefused(f"the agent sent no whole line for {now - last_line:.0f} s (not even its "
+                                        "heartbeat); stopped waiting", "is the box still up? `patchwire show "
+                                        "JOB` follows the job again")
                 if self.on_wait and now >= next_note:
                     self.on_wait(now - quiet_since)
-                    next_note = now + STILL_WAITING_S
+                    next_note = now + every
                 try:
                     kind, value = self.lines.get(timeout=max(0.05, min(next_note, last_line + self.silence) - now))
                 except queue.Empty:
@@ -2015,7 +2017,7 @@ class EventStream:
                     raise value
                 last_line = time.monotonic()
                 if value.strip():  # a blank line is the agent's heartbeat, not news
-                    quiet_since, next_note = last_line, last_line + (STILL_WAITING_S if self.on_wait else float("inf"))
+                    quiet_since, next_note = last_line, last_line + (every if self.on_wait else float("inf"))
                     yield checked_event(value.strip())
         finally:
             self.deadline.fire()  # the reader thread, blocked in recv(), ends with the socket
@@ -2128,14 +2130,21 @@ class Client:
             resp.close()
 
     def _read(self, resp, deadline: Deadline, cap: int, what: str) -> bytes:
+        # a body cut short by the deadline's shutdown may read as a short body, not an error
+        # (http.client returns what came before EOF): the deadline is checked either way
         try:
-            return read_capped(resp, cap, what)
+            data, broken = read_capped(resp, cap, what), None
         except (OSError, http.client.HTTPException) as e:
-            if deadline.fired:
-                raise AnswerRefused(f"the agent's {what} did not arrive within {deadline.seconds:.0f} s; "
-                                    "stopped waiting", "is the box overloaded, or the network to it slow? "
-                                    "try again (PATCHWIRE_TIMEOUT sets the seconds)") from None
-            raise AgentError(f"the connection to the agent broke: {e}", "try again") from None
+            data, broken = b"", e
+        if deadline.fired:
+            raise AnswerRefused(f"the agent's {what} did not arrive within {deadline.seconds:.0f} s; "
+                                "stopped waiting", "is the box overloaded, or the network to it slow? "
+                                "try again (PATCHWIRE_TIMEOUT sets the seconds)")
+        length = (resp.headers.get("Content-Length") or "").strip()
+        if broken is not None or (length.isdigit() and int(length) != len(data)):
+            raise AgentError(f"the connection to the agent broke: {broken or 'the answer was cut short'}",
+                             "try again")
+        return data
 
     def stream(self, method: str, path: str, body: Optional[dict] = None) -> Iterator[dict]:
         """NDJSON events as they arrive (EventStream: caps, silence, still-waiting notes)."""
