@@ -40,6 +40,7 @@ Environment:
     PATCHWIRE_TOKEN   the bearer token (overrides token_file in .patchwire.toml)
     NO_COLOR          no colour in the preview
     PAGER             pager for long previews (default: less -R)
+    PATCHWIRE_TIMEOUT seconds a whole request to the agent may take (default 30; README: Threat model)
 
 Threat model: the token is read from a file or the environment and sent only in the
 Authorization header; it is never written to .patchwire.toml, printed or logged. Files
@@ -48,7 +49,9 @@ Everything the box sends is hostile data (README: Threat model): a patch is read
 and refused as a whole unless every byte is what `git diff` writes and every path and
 symlink stays inside the project, out of .git and off Patchwire's own settings; files are
 read and written here without following symlinks; the 3-way merge base is this laptop's
-own record; every string from the box is sanitised before it reaches a terminal. An
+own record; every string from the box is sanitised before it reaches a terminal, and
+every answer is read within a size cap and a deadline, as strict JSON whose fields are
+type-checked (HTTP client). An
 https agent is verified against the system's CAs, or `ca_file` in .patchwire.toml.
 
 This module is also the shared base of patchwire_agent.py. What both programs use (the
@@ -899,7 +902,8 @@ RECORDS_PRUNE_AT = 40
 HELP_EPILOG = (textwrap.fill("exit codes: " + ", ".join(f"{int(s)} {s.meaning}".replace(" ", "\0")
                                                           for s in ExitStatus),  # \0: never split an entry
                              width=88, subsequent_indent="            ").replace("\0", " ")
-               + "\nenvironment: PATCHWIRE_TOKEN (bearer token), NO_COLOR, PAGER\n")
+               + "\nenvironment: PATCHWIRE_TOKEN (bearer token), PATCHWIRE_TIMEOUT (seconds a request may take), "
+                 "NO_COLOR, PAGER\n")
 
 
 # ================================================================== config
