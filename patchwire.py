@@ -2230,9 +2230,10 @@ class Style:
 
 
 def sanitized(value: Any) -> Any:
-    """A JSON value from the box with every string in it sanitised (newlines kept)."""
+    """A JSON value from the box with every string in it sanitised (newlines kept, not yet
+    indented: the printer lays out its lines itself)."""
     if isinstance(value, str):
-        return sanitize(value, keep_newlines=True)
+        return _UNSAFE_KEEP_NEWLINES.sub(_visible, value)
     if isinstance(value, list):
         return [sanitized(v) for v in value]
     if isinstance(value, dict):
@@ -2795,7 +2796,7 @@ BUILD = "build script or hook"
 CI = "CI"
 CONTAINER = "container"
 TOOL = "editor or tool configuration"
-AGENT = "AI agent configuration"
+AI_AGENT = "AI agent configuration"
 _SELF_RUNNING_TABLE = (
     (WRAPPER, r"(^|/)gradle-wrapper\.properties$", "its distributionUrl is a Gradle the next build downloads and runs"),
     (WRAPPER, r"(^|/)(gradle|maven)-wrapper\.jar$", "runs at the next ./gradlew or ./mvnw"),
@@ -2850,10 +2851,10 @@ _SELF_RUNNING_TABLE = (
     (TOOL, r"(^|/)(\.nvim\.lua|\.nvimrc|\.exrc|\.lvimrc)$|\.sublime-project$", "the editor runs it when it opens here"),
     (TOOL, r"(^|/)\.(npmrc|yarnrc|bunfig\.toml)$|(^|/)(bunfig\.toml|pip\.conf|\.bundle/config)$",
      "sets the package registry and install scripts"),
-    (AGENT, r"(^|/)\.claude/|(^|/)\.mcp\.json$", "Claude Code settings, hooks and MCP servers: programs the AI's tools start"),
-    (AGENT, r"(^|/)(CLAUDE(\.local)?\.md|AGENTS\.md|GEMINI\.md|\.cursorrules|\.windsurfrules|\.clinerules)$"
+    (AI_AGENT, r"(^|/)\.claude/|(^|/)\.mcp\.json$", "Claude Code settings, hooks and MCP servers: programs the AI's tools start"),
+    (AI_AGENT, r"(^|/)(CLAUDE(\.local)?\.md|AGENTS\.md|GEMINI\.md|\.cursorrules|\.windsurfrules|\.clinerules)$"
             r"|^\.github/copilot-instructions\.md$", "instructions the next AI run follows"),
-    (AGENT, r"(^|/)\.(cursor|gemini|codex|continue|roo|windsurf|aider[^/]*)(/|$)", "AI tool settings and hooks"),
+    (AI_AGENT, r"(^|/)\.(cursor|gemini|codex|continue|roo|windsurf|aider[^/]*)(/|$)", "AI tool settings and hooks"),
 )
 SELF_RUNNING = tuple((re.compile(pattern, re.I), category, why) for category, pattern, why in _SELF_RUNNING_TABLE)
 MANY_DELETIONS = 3
