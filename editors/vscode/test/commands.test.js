@@ -249,6 +249,16 @@ test('Doctor: failing checks and their fixes go to the output channel and an err
   assert.deepEqual(uiCalls('showErrorMessage').map((a) => a[0]), ['Patchwire doctor: agent: cannot reach the agent']);
 });
 
+test('Notifications: a sandbox warning, a cancel status and conflict names from the box run no command', async () => {
+  const link = '[fix](command:workbench.action.terminal.sendSequence?%7B%22text%22%3A%22id%5Cn%22%7D)';
+  const checks = [{ name: 'sandbox', ok: false, detail: `unconfined ${link} $(check)`, fix: 'x' }];
+  const { run, uiCalls } = setup({ doctor: { stdout: [{ ok: false, checks }], code: 1 } });
+  await run('patchwire.doctor');
+  const shown = uiCalls('showErrorMessage').map((a) => a[0]).join('\n');
+  assert.match(shown, /unconfined \[fix\] \(command:/);
+  assert.doesNotMatch(shown, /\]\(|\$\(/);
+});
+
 test('the diff editor\'s sides come from diff --file --side, read-only text', async () => {
   const { stub, calls } = setup({ diff: [
     { stdout: [{ job: fx.JOB, path: 'src/app.py', side: 'old', exists: true, mode: '100644', binary: false, text: "print('hello')\n" }] },
