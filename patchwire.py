@@ -2170,8 +2170,9 @@ class Client:
         return checked(self.json("GET", "/v1/health", what="health answer"), HEALTH_SHAPE, "health answer")
 
     def me(self, project: str) -> dict:
-        return checked(self.json("GET", "/v1/me?" + urllib.parse.urlencode({"project": project}), what="answer "
-                                 "to /v1/me"), ME_SHAPE, "answer to /v1/me", required=("user", "mirror"))
+        what = "answer to /v1/me"
+        return checked(self.json("GET", "/v1/me?" + urllib.parse.urlencode({"project": project}), what=what),
+                       ME_SHAPE, what, required=("user", "mirror"))
 
     def ask(self, body: dict) -> Iterator[dict]:
         return self.stream("POST", "/v1/ask", body)

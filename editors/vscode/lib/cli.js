@@ -116,11 +116,6 @@ function errorFrom(run) {
   return new CliError(`patchwire ${how}` + (tail ? `: ${tail}` : ''), { exitStatus: run.code || 1 });
 }
 
-/** `*`, `?` and `[` in a path, escaped for --only (which takes shell patterns). */
-function escapePattern(p) {
-  return p.replace(/[*?[]/g, (c) => `[${c}]`);
-}
-
 class Cli {
   /** `program` from findProgram; `cwd` the project folder; `log(line)` gets stderr lines. */
   constructor({ program, cwd, env = process.env, log = () => {} }) {
@@ -232,5 +227,5 @@ function doctorResult(run) {
 }
 
 module.exports = {
-  Cli, CliError, END_EVENTS, LineSplitter, errorFrom, escapePattern, findProgram, parseLine, projectFolder,
+  Cli, CliError, END_EVENTS, LineSplitter, errorFrom, findProgram, parseLine, projectFolder,
 };

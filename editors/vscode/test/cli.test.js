@@ -4,7 +4,7 @@ const assert = require('node:assert/strict');
 const fs = require('fs');
 const os = require('os');
 const path = require('path');
-const { Cli, CliError, LineSplitter, errorFrom, escapePattern, findProgram, parseLine, projectFolder } = require('../lib/cli');
+const { Cli, CliError, LineSplitter, errorFrom, findProgram, parseLine, projectFolder } = require('../lib/cli');
 const fx = require('./fixtures');
 
 const FAKE = path.join(__dirname, 'fake-patchwire.js');
@@ -45,11 +45,6 @@ test('the CLI\'s own error line wins over stderr; without it, the tail of stderr
   const crash = errorFrom({ code: 1, objects: [], stderr: 'a\nb\nc\nValueError: boom\n' });
   assert.equal(crash.message, 'patchwire exited with status 1: b\nc\nValueError: boom');
   assert.match(errorFrom({ code: null, signal: 'SIGKILL', objects: [], stderr: '' }).message, /stopped \(SIGKILL\)/);
-});
-
-test('--only gets each path as a pattern that matches only that path', () => {
-  assert.equal(escapePattern('src/app.py'), 'src/app.py');
-  assert.equal(escapePattern('a[1]*?.txt'), 'a[[]1][*][?].txt');
 });
 
 test('file names from the box go after --, so a file called --undo is a file', async () => {
