@@ -286,7 +286,7 @@ class Patchwire {
       }
       result = await cli.apply(job, paths, { keepConflicts: true });
     }
-    this.log(`applied job ${job} (${result.how}): ${result.files.join(', ')}`);
+    this.log(`applied job ${present.clean(job)} (${present.clean(result.how)}): ${result.files.map(present.clean).join(', ')}`);
     vscode.window.showInformationMessage(present.appliedMessage(job, result));
     if (result.conflicts && result.conflicts.length) {
       vscode.window.showWarningMessage(`Patchwire: conflict markers to resolve in ${result.conflicts.map(present.plain).join(', ')}`);
@@ -342,7 +342,7 @@ class Patchwire {
     }
     if (pick === 'Show Events') {
       const shown = await this.cli().show(job.id);
-      this.log(`--- job ${job.id} (${shown.job.status}): ${present.oneLine(shown.job.prompt)}`);
+      this.log(`--- job ${present.clean(job.id)} (${present.clean(shown.job.status)}): ${present.oneLine(shown.job.prompt)}`);
       for (const event of shown.events || []) {
         (present.outputLines(event) || []).forEach((l) => this.log(l));
       }
