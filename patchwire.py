@@ -40,6 +40,7 @@ Environment:
     PATCHWIRE_TOKEN   the bearer token (overrides token_file in .patchwire.toml)
     NO_COLOR          no colour in the preview
     PAGER             pager for long previews (default: less -R)
+    PATCHWIRE_TIMEOUT seconds a whole request to the agent may take (default 30; README: Threat model)
 
 Threat model: the token is read from a file or the environment and sent only in the
 Authorization header; it is never written to .patchwire.toml, printed or logged. Files
@@ -48,7 +49,9 @@ Everything the box sends is hostile data (README: Threat model): a patch is read
 and refused as a whole unless every byte is what `git diff` writes and every path and
 symlink stays inside the project, out of .git and off Patchwire's own settings; files are
 read and written here without following symlinks; the 3-way merge base is this laptop's
-own record; every string from the box is sanitised before it reaches a terminal. An
+own record; every string from the box is sanitised before it reaches a terminal, and
+every answer is read within a size cap and a deadline, as strict JSON whose fields are
+type-checked (HTTP client). An
 https agent is verified against the system's CAs, or `ca_file` in .patchwire.toml.
 
 This module is also the shared base of patchwire_agent.py. What both programs use (the
@@ -691,18 +694,30 @@ def write_worktree(root: Path, rel: str, data: Optional[bytes], mode: str) -> No
 # OSC 52 writes the clipboard. So control characters are shown the way less shows them
 # (^[ for ESC, ^M for CR), C1 controls and bidirectional overrides as <U+XXXX>, bytes that
 # are not UTF-8 as \xNN; tab stays.
-
-
-_UNSAFE_FOR_TERMINAL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
-
-
-_UNSAFE_KEEP_NEWLINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+#
+# Beyond controls, what a reader cannot see is shown too: Unicode's format characters (bidi
+# marks such as U+061C, zero-width joiners, tag characters U+E0000.. that hide ASCII inside
+# one visible glyph), the line and paragraph separators U+2028/U+2029 (some terminals and
+# editors break the line there), and the letters and marks that draw nothing: Hangul fillers
+# U+3164/U+FFA0/U+115F/U+1160, the blank braille pattern U+2800, the combining grapheme
+# joiner U+034F, Khmer's invisible vowels, Mongolian variation selectors and the
+# supplementary variation selectors. A name written with them looks like another name.
+_INVISIBLE = ("\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u2028-\u202e"
+              "\u2060-\u206f\u2800\u3164\ufeff\uffa0\ufff9-\ufffb\u0600-\u0605\u06dd\u070f\u08e2"
+              "\U000110bd\U000110cd\U0001d173-\U0001d17a\U000e0000-\U000e007f\U000e0100-\U000e01ef")
+_UNSAFE_FOR_TERMINAL = re.compile(f"[\x00-\x08\x0a-\x1f\x7f-\x9f\ud800-\udfff{_INVISIBLE}]")
+_UNSAFE_KEEP_NEWLINES = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff{_INVISIBLE}]")
+# With newlines kept, a line of box text must not start at column 0, where it could pass for
+# the program's own line ("patchwire: applied job ..."): continuation lines are indented.
+_LINE_AT_COLUMN_0 = re.compile("\n(?=[^ \t\n])")
 
 
 def sanitize(text: str, keep_newlines: bool = False) -> str:
-    """`text` with every control character made visible: safe to print to a terminal."""
-    pattern = _UNSAFE_KEEP_NEWLINES if keep_newlines else _UNSAFE_FOR_TERMINAL
-    return pattern.sub(_visible, str(text))
+    """`text` with every control and invisible character made visible: safe to print to a
+    terminal. With `keep_newlines`, each line after the first starts indented."""
+    if not keep_newlines:
+        return _UNSAFE_FOR_TERMINAL.sub(_visible, str(text))
+    return _LINE_AT_COLUMN_0.sub("\n  ", _UNSAFE_KEEP_NEWLINES.sub(_visible, str(text)))
 
 
 def _visible(m: "re.Match") -> str:
@@ -712,6 +727,16 @@ def _visible(m: "re.Match") -> str:
     if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, carried by surrogateescape
         return f"\\x{code - 0xDC00:02x}"
     return f"<U+{code:04X}>"
+
+
+def csv_cell(value: Any) -> Any:
+    """A cell for a spreadsheet: a string starting with = + - @ (or a tab or CR) is a formula
+    to Excel, LibreOffice and Sheets (`=HYPERLINK(...)`, `=cmd|...`), so it gets a leading
+    apostrophe, which they show as text; control characters are escaped. Numbers stay."""
+    if not isinstance(value, str):
+        return value
+    text = sanitize(value)
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 def say(*parts: str) -> None:
@@ -774,7 +799,7 @@ def usage_rows(report: dict) -> List[List[str]]:
     key = {"user": "user", "project": "user/project", "day": "day (UTC)"}[report["group"]]
     out = [[key] + [heading for _, heading in USAGE_HEADINGS]]
     for row in report["rows"] + [dict(report["total"], key="total")]:
-        name = row["key"] + (" (removed)" if row.get("user_removed") else "")
+        name = sanitize(row["key"]) + (" (removed)" if row.get("user_removed") else "")  # the box's text
         out.append([name] + [_figure(field, row[field]) for field, _ in USAGE_HEADINGS])
     return out
 
@@ -801,7 +826,7 @@ def usage_csv(report: dict) -> str:
     writer.writerow([report["group"]] + [f for f, _ in USAGE_HEADINGS] + ["user_removed"])
     for row in report["rows"] + [dict(report["total"], key="total")]:
         removed = {True: "yes", False: "no"}.get(row.get("user_removed"), "")
-        writer.writerow([row["key"]] + [row[f] for f, _ in USAGE_HEADINGS] + [removed])
+        writer.writerow([csv_cell(row["key"])] + [csv_cell(row[f]) for f, _ in USAGE_HEADINGS] + [removed])
     return buffer.getvalue()
 
 
@@ -812,7 +837,7 @@ def print_usage(args, report: dict) -> None:
         return
     def human(r: dict) -> None:
         span = [time.strftime("%Y-%m-%d %H:%M", time.gmtime(r[k])) for k in ("since", "until")]
-        print(f"usage from {span[0]} to {span[1]} UTC" + (f", user {r['user']}" if r.get("user") else ""))
+        print(f"usage from {span[0]} to {span[1]} UTC" + (f", user {sanitize(r['user'])}" if r.get("user") else ""))
         print("\n".join(usage_table(r)))
     output(args, report, human)
 
@@ -897,7 +922,8 @@ RECORDS_PRUNE_AT = 40
 HELP_EPILOG = (textwrap.fill("exit codes: " + ", ".join(f"{int(s)} {s.meaning}".replace(" ", "\0")
                                                           for s in ExitStatus),  # \0: never split an entry
                              width=88, subsequent_indent="            ").replace("\0", " ")
-               + "\nenvironment: PATCHWIRE_TOKEN (bearer token), NO_COLOR, PAGER\n")
+               + "\nenvironment: PATCHWIRE_TOKEN (bearer token), PATCHWIRE_TIMEOUT (seconds a request may take), "
+                 "NO_COLOR, PAGER\n")
 
 
 # ================================================================== config
@@ -1686,12 +1712,347 @@ def send_files(cfg: LaptopConfig, paths: Sequence[str], dest: str, checksum: boo
 
 
 # ================================================================== HTTP client
+# The box's answers, read strictly and within bounds. A lying box can answer with anything:
+# a body that never ends, one line of a gigabyte, a byte every few seconds, JSON nested a
+# million deep, NaN, 1e400, a number with 5,000 digits, a list where an object belongs. Each
+# of those becomes one clear AgentError (exit 3), never a MemoryError, a traceback or a wait
+# without end: bodies and lines have caps, every request a deadline for the whole of it (a
+# socket timeout alone restarts with each byte), and every field the laptop or the editor
+# extension reads is type-checked before anything uses it.
+
+MAX_DIFF_BYTES = 32 * 2 ** 20  # a job's patch; base85 binaries included, AI edits stay far below
+MAX_JSON_BYTES = 16 * 2 ** 20  # a JSON answer (a job list of 500 jobs with long prompts fits)
+MAX_EVENT_LINE = 2 ** 20  # one NDJSON event; the agent clips event text to 16 KiB
+MAX_BOX_JSON_DEPTH = 32  # the agent's answers nest 4 deep
+MAX_INT_DIGITS = 19  # a 64-bit integer: seq, sizes, token counts
+# Seconds a whole request may take (PATCHWIRE_TIMEOUT overrides); a diff gets DIFF_DEADLINES
+# of them. An event stream has no end time (the AI may think for an hour) but must send a
+# line (the agent's heartbeat comes every 15 s of quiet) within STREAM_SILENCES of them.
+DEFAULT_TIMEOUT_S = 30.0
+DIFF_DEADLINES = 4
+STREAM_SILENCES = 2
+STILL_WAITING_S = 10.0  # `ask` says it is still waiting after this long without an event
+# Event types only this laptop writes (`ask --json` ends with its "outcome"; the extension
+# reads "unparsed" as a line it could not read): the box may not send them.
+LAPTOP_EVENT_TYPES = ("outcome", "unparsed")
+EVENT_TYPE_RE = re.compile(r"[a-z][a-z_]{0,39}")
+BOX_HINT = "is the URL in .patchwire.toml your patchwire-agent? a box that answers like this is not to be trusted"
+
+
+class AnswerRefused(AgentError):
+    """The box's answer is refused as a whole (too big, too slow, malformed): asking the same
+    again would get the same, so a stream is not reconnected after it."""
+
+
+def request_timeout() -> float:
+    """PATCHWIRE_TIMEOUT, or the default: seconds a whole request to the agent may take."""
+    text = os.environ.get("PATCHWIRE_TIMEOUT", "").strip()
+    try:
+        value = float(text) if text else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise UsageError(f"PATCHWIRE_TIMEOUT must be a number of seconds, not {sanitize(text)[:20]!r}") from None
+    if not 0 < value <= 86400:
+        raise UsageError("PATCHWIRE_TIMEOUT must be between 0 and 86400 seconds")
+    return value
+
+
+class _NotAllowed(ValueError):
+    """A JSON number the laptop does not take (raised from the json module's hooks)."""
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotAllowed(f"{name} (not JSON, though Python's reader takes it)")
+
+
+def _box_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _NotAllowed(f"a number of {len(text)} digits")
+    return int(text)
+
+
+def _box_float(text: str) -> float:
+    value = float(text) if len(text) <= 40 else float("inf")
+    if value in (float("inf"), float("-inf")):
+        raise _NotAllowed(f"a number too large for the laptop ({sanitize(text)[:20]}...)")
+    return value
+
+
+def box_json(data: bytes, what: str) -> Any:
+    """`data` parsed as strict JSON: no NaN or Infinity, no number beyond 64 bits or a
+    double, nesting at most MAX_BOX_JSON_DEPTH deep; else AnswerRefused naming `what`."""
+    try:
+        value = json.loads(data, parse_constant=_no_constant, parse_int=_box_int, parse_float=_box_float)
+    except _NotAllowed as e:
+        raise AnswerRefused(f"the agent's {what} holds {e}", BOX_HINT) from None
+    except RecursionError:  # the C reader recurses per level: deeper than the stack goes
+        raise AnswerRefused(f"the agent's {what} nests deeper than {MAX_BOX_JSON_DEPTH} levels", BOX_HINT) from None
+    except ValueError:
+        raise AnswerRefused(f"the agent's {what} is not JSON", BOX_HINT) from None
+    if _json_depth_over(value, MAX_BOX_JSON_DEPTH):
+        raise AnswerRefused(f"the agent's {what} nests deeper than {MAX_BOX_JSON_DEPTH} levels", BOX_HINT)
+    return value
+
+
+def _json_depth_over(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:  # without recursion: the depth is what is being checked
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
+# --- the shapes of the box's answers: {field: kind}. A kind is a type or a tuple of types
+# (bool is never an int here), a nested shape (a dict), or ("list", kind). Fields not named
+# pass through unchecked; a field named is checked wherever it appears.
+NUMBER = (int, float)
+STATS_SHAPE = {"files": int, "added": int, "removed": int, "binary": int}
+JOB_SHAPE: Dict[str, Any] = {
+    "id": str, "status": str, "project": str, "prompt": str, "created": NUMBER, "reason": (str, type(None)),
+    "started": (*NUMBER, type(None)), "finished": (*NUMBER, type(None)), "tree": (str, type(None)),
+    "snapshot": (str, type(None)), "parent": (str, type(None)), "timeout_s": (int, type(None)),
+    "slot": (int, type(None)), "events": int, "stats": (dict, type(None)), "result": (dict, type(None))}
+EVENT_SHAPE: Dict[str, Any] = {
+    "type": str, "seq": int, "job": str, "position": int, "estimate_s": (int, type(None)), "count": int,
+    "paths": ("list", str), "text": str, "name": (str, type(None)), "detail": str, "status": str,
+    "reason": str, "stats": (dict, type(None)), "project": str}
+HEALTH_SHAPE = {"version": str, "time": NUMBER, "queue_depth": int, "ai_found": bool, "ai_command": str,
+                "sandbox": str, "sandbox_warning": str}
+ME_SHAPE = {"user": str, "mirror": str}
+USAGE_FIGURES = {field: NUMBER for field, _ in USAGE_HEADINGS}
+USAGE_SHAPE = {"since": NUMBER, "until": NUMBER, "group": str, "user": (str, type(None)),
+               "rows": ("list", {"key": str, "user_removed": bool, **USAGE_FIGURES}), "total": USAGE_FIGURES}
+
+
+def checked(value: Any, shape: Dict[str, Any], what: str, required: Sequence[str] = ()) -> dict:
+    """`value` if it is an object whose fields have the kinds `shape` names; else AnswerRefused."""
+    if not isinstance(value, dict):
+        raise AnswerRefused(f"the agent's {what} is {_json_kind(value)}, not a JSON object", BOX_HINT)
+    for key in required:
+        if key not in value:
+            raise AnswerRefused(f"the agent's {what} has no {key}", BOX_HINT)
+    for key, kind in shape.items():
+        if key in value and not _box_kind(value[key], kind, f"{what}'s {key}"):
+            raise AnswerRefused(f"the agent's {what} has a {key} that is {_json_kind(value[key])}", BOX_HINT)
+    return value
+
+
+def _box_kind(value: Any, kind: Any, what: str) -> bool:
+    if isinstance(kind, dict):
+        checked(value, kind, what)  # refuses with the nested field's own name
+        return True
+    if isinstance(kind, tuple) and kind[:1] == ("list",):
+        return isinstance(value, list) and all(_box_kind(v, kind[1], what) for v in value)
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
+
+
+def _json_kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "true or false", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def checked_job(value: Any, what: str = "job record") -> dict:
+    job = checked(value, JOB_SHAPE, what, required=("id", "status"))
+    check_job_id(job["id"])
+    if job.get("stats") is not None:
+        checked(job["stats"], STATS_SHAPE, f"{what}'s stats")
+    return job
+
+
+def checked_event(line: bytes) -> dict:
+    """One NDJSON line of a job's stream, as an event the laptop may act on and pass on."""
+    event = checked(box_json(line, "event"), EVENT_SHAPE, "event", required=("type",))
+    if not EVENT_TYPE_RE.fullmatch(event["type"]) or event["type"] in LAPTOP_EVENT_TYPES:
+        raise AnswerRefused(f"the agent sent an event of type {sanitize(event['type'])[:40]!r}, which only "
+                            "this laptop writes or no agent sends", BOX_HINT)
+    if "job" in event:
+        check_job_id(event["job"])
+    if event.get("stats") is not None:
+        checked(event["stats"], STATS_SHAPE, "event's stats")
+    return event
+
+
+def checked_usage(value: Any) -> dict:
+    """GET /v1/usage: every figure a number, every row keyed (the table reads them all)."""
+    report = checked(value, USAGE_SHAPE, "usage report", required=("since", "until", "group", "rows", "total"))
+    if report["group"] not in ("user", "project", "day"):
+        raise AnswerRefused(f"the agent's usage report is grouped by {sanitize(report['group'])[:20]!r}", BOX_HINT)
+    for row in [*report["rows"], report["total"]]:
+        missing = [f for f, _ in USAGE_HEADINGS if f not in row] + (["key"] if row is not report["total"]
+                                                                      and "key" not in row else [])
+        if missing:
+            raise AnswerRefused(f"the agent's usage report has a row without {missing[0]}", BOX_HINT)
+    for key in ("since", "until"):
+        if not 0 <= report[key] < 2 ** 40:  # a time the clock can print
+            raise AnswerRefused(f"the agent's usage report has {key} {report[key]!r}", BOX_HINT)
+    return report
+
+
+# --- deadlines for a whole request
+
+
+class Deadline:
+    """Ends a request that takes longer than `seconds` in all: when the time is up, the
+    sockets it opened (a redirect opens a second) are shut down, so a read blocked on a box
+    that trickles a byte every few seconds returns at once. `fire()` ends it early."""
+
+    def __init__(self, seconds: Optional[float]):
+        self.seconds = seconds
+        self.fired = False
+        self._sockets: list = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self.fire) if seconds else None
+        if self._timer:
+            self._timer.daemon = True
+            self._timer.start()
+
+    def watch(self, sock) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            fired = self.fired
+        if fired:
+            self._shut(sock)
+
+    def fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            self._shut(sock)
+
+    def cancel(self) -> None:
+        """The answer has been read in time: the timer stops, the sockets stay as they are."""
+        if self._timer:
+            self._timer.cancel()
+
+    @staticmethod
+    def _shut(sock) -> None:
+        import socket
+        try:  # shutdown, not close: a thread blocked in recv() on it wakes up with EOF
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed
+
+    def opener(self, tls: Optional["ssl.SSLContext"]) -> "urllib.request.OpenerDirector":
+        """urllib's opener (proxies and redirects as urlopen's), its connections watched."""
+        deadline = self
+
+        def watched(cls):
+            class Watched(cls):  # type: ignore[valid-type,misc]
+                def connect(self) -> None:
+                    super().connect()
+                    deadline.watch(self.sock)
+            return Watched
+
+        class HTTP(urllib.request.HTTPHandler):
+            def http_open(self, req):
+                return self.do_open(watched(http.client.HTTPConnection), req)
+
+        class HTTPS(urllib.request.HTTPSHandler):
+            def https_open(self, req):
+                return self.do_open(watched(http.client.HTTPSConnection), req, context=tls)
+
+        return urllib.request.build_opener(HTTP(), HTTPS(context=tls))
+
+
+def read_capped(resp, cap: int, what: str) -> bytes:
+    """The body, refused past `cap` bytes: at once when Content-Length says so, else once
+    that many have arrived (a body without a length may never end). Read in 1 MiB pieces,
+    so a refused body never costs more than `cap` of memory."""
+    length = (resp.headers.get("Content-Length") or "").strip()
+    if length.isdigit() and (len(length) > 15 or int(length) > cap):
+        raise AnswerRefused(f"the agent's {what} is over the laptop's limit of {human_bytes(cap)} "
+                            f"(it announces {human_bytes(int(length)) if len(length) <= 15 else length + ' bytes'})",
+                            BOX_HINT)
+    chunks: List[bytes] = []
+    total = 0
+    while True:
+        chunk = resp.read(min(2 ** 20, cap + 1 - total))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > cap:
+            raise AnswerRefused(f"the agent's {what} is over the laptop's limit of {human_bytes(cap)}", BOX_HINT)
+
+
+class EventStream:
+    """A job's NDJSON events as they arrive, read by a thread of its own, so the waiting side
+    can tell time: it says it is still waiting (`on_wait`) every STILL_WAITING_S without an
+    event, and gives up when no line at all (not even the agent's heartbeat) has come for
+    `silence` seconds, a box trickling one byte at a time included. A line over
+    MAX_EVENT_LINE is refused after that many bytes, never held whole."""
+
+    def __init__(self, resp, deadline: Deadline, silence: float, on_wait: Optional[Callable[[float], None]]):
+        import queue
+        self.resp, self.deadline, self.silence, self.on_wait = resp, deadline, silence, on_wait
+        self.lines: "queue.Queue[Tuple[str, Any]]" = queue.Queue(maxsize=8)  # bounded: the reader waits
+        threading.Thread(target=self._read, daemon=True, name="patchwire-events").start()
+
+    def _read(self) -> None:
+        try:
+            while True:
+                line = self.resp.readline(MAX_EVENT_LINE + 1)
+                if len(line) > MAX_EVENT_LINE:
+                    self._put(("error", AnswerRefused(
+                        f"the agent sent an event line over the laptop's limit of {human_bytes(MAX_EVENT_LINE)}",
+                        BOX_HINT)))
+                    return
+                self._put(("line", line) if line else ("end", None))
+                if not line:
+                    return
+        except BaseException as e:  # handed to the waiting side, which raises it there
+            self._put(("error", e))
+
+    def _put(self, item: Tuple[str, Any]) -> None:
+        """Waits while the queue is full, until the waiting side stops listening (it fires)."""
+        import queue
+        while not self.deadline.fired:
+            try:
+                return self.lines.put(item, timeout=0.5)
+            except queue.Full:
+                continue
+
+    def __iter__(self) -> Iterator[dict]:
+        import queue
+        every = min(STILL_WAITING_S, self.silence / 3)  # at least two notes before it gives up
+        last_line = quiet_since = time.monotonic()
+        next_note = quiet_since + every if self.on_wait else float("inf")
+        try:
+            while True:
+                now = time.monotonic()
+                if now - last_line >= self.silence:
+                    raise AnswerRefused(f"the agent sent no whole line for {now - last_line:.0f} s (not even its "
+                                        "heartbeat); stopped waiting", "is the box still up? `patchwire show "
+                                        "JOB` follows the job again")
+                if self.on_wait and now >= next_note:
+                    self.on_wait(now - quiet_since)
+                    next_note = now + every
+                try:
+                    kind, value = self.lines.get(timeout=max(0.05, min(next_note, last_line + self.silence) - now))
+                except queue.Empty:
+                    continue
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise value
+                last_line = time.monotonic()
+                if value.strip():  # a blank line is the agent's heartbeat, not news
+                    quiet_since, next_note = last_line, last_line + (every if self.on_wait else float("inf"))
+                    yield checked_event(value.strip())
+        finally:
+            self.deadline.fire()  # the reader thread, blocked in recv(), ends with the socket
+            self.resp.close()
 
 
 class Client:
-    """Talks to patchwire-agent: JSON requests, NDJSON streams, bearer token."""
+    """Talks to patchwire-agent: JSON requests, NDJSON streams, bearer token. Every answer is
+    read within a cap and a deadline and checked (above) before it is handed on."""
 
-    def __init__(self, base_url: str, token: str, timeout: float = 30, ca_file: Optional[str] = None,
+    def __init__(self, base_url: str, token: str, timeout: Optional[float] = None, ca_file: Optional[str] = None,
                  token_source: str = "the token"):
         # The network modules cost start-up time that `--help` and `--version` should not pay
         # (http.client pulls in email): imported here, for the module, when a client is made.
@@ -1702,8 +2063,9 @@ class Client:
         import urllib.request  # noqa: F401
         self.base = base_url.rstrip("/")
         self._token = token
-        self.timeout = timeout
+        self.timeout = timeout or request_timeout()
         self.token_source = token_source
+        self.on_wait: Optional[Callable[[float], None]] = None  # `ask` sets it: says it still waits
         self._tls: Optional[ssl.SSLContext] = None
         if ca_file:
             try:
@@ -1713,8 +2075,9 @@ class Client:
                                      f"{getattr(e, 'strerror', None) or e}",
                                      "point ca_file in .patchwire.toml at the agent's PEM certificate") from None
 
-    def _request(self, method: str, path: str, body: Optional[dict] = None,
-                 accept: str = "application/json", timeout: Optional[float] = None):
+    def _request(self, method: str, path: str, body: Optional[dict] = None, accept: str = "application/json",
+                 deadline_s: Optional[float] = None, read_timeout: Optional[float] = None):
+        """(response, its Deadline); the deadline keeps running while the body is read."""
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.base + path, data=data, method=method)
         req.add_unredirected_header("Authorization", "Bearer " + self._token)  # never to a redirect
@@ -1722,29 +2085,42 @@ class Client:
         req.add_header("User-Agent", f"patchwire/{__version__}")
         if data is not None:
             req.add_header("Content-Type", "application/json")
+        deadline = Deadline(deadline_s or self.timeout)
         try:
-            return urllib.request.urlopen(req, timeout=timeout or self.timeout, context=self._tls)
+            return deadline.opener(self._tls).open(req, timeout=read_timeout or deadline_s or self.timeout), deadline
         except urllib.error.HTTPError as e:
-            raise self._refused(e) from None
+            try:
+                raise self._refused(e, deadline) from None
+            finally:
+                deadline.cancel()
+                e.close()
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-            reason = getattr(e, "reason", e)
-            if isinstance(reason, ssl.SSLCertVerificationError):
-                raise AgentError(f"the agent's TLS certificate at {self.base} is not trusted: "
-                                 f"{reason.verify_message}",
-                                 "set ca_file in .patchwire.toml to the agent's certificate (PEM), "
-                                 "or give the agent a certificate this machine trusts") from None
-            raise AgentError(f"cannot reach the agent at {self.base}: {reason}",
-                             "is `patchwire-agent serve` running there, and is the URL in "
-                             ".patchwire.toml right? (`patchwire-agent` prints it at start)") from None
+            deadline.cancel()
+            raise self._unreachable(e, deadline) from None
 
-    def _refused(self, e: urllib.error.HTTPError) -> PatchwireError:
+    def _unreachable(self, e: Exception, deadline: Deadline) -> AgentError:
+        reason = getattr(e, "reason", e)
+        if deadline.fired:
+            return AnswerRefused(f"the agent at {self.base} did not answer within {deadline.seconds:.0f} s; "
+                                 "stopped waiting", "is the box overloaded, or the network to it slow? try "
+                                 "again (PATCHWIRE_TIMEOUT sets the seconds)")
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            return AgentError(f"the agent's TLS certificate at {self.base} is not trusted: "
+                              f"{reason.verify_message}",
+                              "set ca_file in .patchwire.toml to the agent's certificate (PEM), "
+                              "or give the agent a certificate this machine trusts")
+        return AgentError(f"cannot reach the agent at {self.base}: {reason}",
+                          "is `patchwire-agent serve` running there, and is the URL in "
+                          ".patchwire.toml right? (`patchwire-agent` prints it at start)")
+
+    def _refused(self, e: "urllib.error.HTTPError", deadline: Deadline) -> PatchwireError:
         try:
-            body = json.loads(e.read() or b"{}")
-        except ValueError:
+            body = box_json(self._read(e, deadline, MAX_JSON_BYTES, "refusal") or b"{}", "refusal")
+        except AnswerRefused:
             body = {}
         if not isinstance(body, dict) or not isinstance(body.get("error"), str):
-            return AgentError(f"{self.base} answered HTTP {e.code} {e.reason}, not as a patchwire-agent "
-                              "would", "check `agent` in .patchwire.toml: it is the URL "
+            return AgentError(f"{self.base} answered HTTP {e.code} {sanitize(str(e.reason))[:80]}, not as a "
+                              "patchwire-agent would", "check `agent` in .patchwire.toml: it is the URL "
                               "`patchwire-agent serve` prints when it starts", code=str(e.code),
                               http_status=e.code)
         message, hint, code = body["error"], str(body.get("hint", "")), str(body.get("code", e.code))
@@ -1753,71 +2129,94 @@ class Client:
                     "the box printed for you" + (" (or unset PATCHWIRE_TOKEN to use token_file)"
                                                  if self.token_source == "PATCHWIRE_TOKEN" else ""))
         retry = e.headers.get("Retry-After", "") if e.headers else ""
-        if e.code == 429 and retry.isdigit() and retry not in hint:
+        if e.code == 429 and retry.isdigit() and len(retry) < 8 and retry not in hint:
             hint = (hint + "; " if hint else "") + f"the agent says: retry after {retry} s"
         if e.code == 404 and code == CODE_NOT_FOUND:  # not a refusal: nothing by that name
             return AgentError(message, hint or "`patchwire jobs` lists your jobs", details=body, code=code,
                               http_status=e.code, exit_status=ExitStatus.ERROR)
         return AgentError(f"the agent refused: {message}", hint, details=body, code=code, http_status=e.code)
 
-    def json(self, method: str, path: str, body: Optional[dict] = None) -> dict:
-        with self._request(method, path, body) as resp:
-            data = self._read(resp)
+    def json(self, method: str, path: str, body: Optional[dict] = None, what: str = "answer") -> Any:
+        resp, deadline = self._request(method, path, body)
         try:
-            return json.loads(data)
-        except ValueError:
-            raise AgentError(f"the agent at {self.base} answered with something that is not JSON",
-                             "is the URL in .patchwire.toml a patchwire-agent?") from None
+            data = self._read(resp, deadline, MAX_JSON_BYTES, what)
+        finally:
+            deadline.cancel()
+            resp.close()
+        return box_json(data, what)
 
-    def raw(self, path: str) -> bytes:
-        with self._request("GET", path, accept="*/*") as resp:
-            return self._read(resp)
-
-    def _read(self, resp) -> bytes:  # type: ignore[valid-type]  # the builtin, not the method
+    def raw(self, path: str, what: str) -> bytes:
+        resp, deadline = self._request("GET", path, accept="*/*", deadline_s=self.timeout * DIFF_DEADLINES)
         try:
-            return resp.read()
+            return self._read(resp, deadline, MAX_DIFF_BYTES, what)
+        finally:
+            deadline.cancel()
+            resp.close()
+
+    def _read(self, resp, deadline: Deadline, cap: int, what: str) -> bytes:
+        # a body cut short by the deadline's shutdown may read as a short body, not an error
+        # (http.client returns what came before EOF): the deadline is checked either way
+        try:
+            data, broken = read_capped(resp, cap, what), None
         except (OSError, http.client.HTTPException) as e:
-            raise AgentError(f"the connection to the agent broke: {e}", "try again") from None
+            data, broken = b"", e
+        if deadline.fired:
+            raise AnswerRefused(f"the agent's {what} did not arrive within {deadline.seconds:.0f} s; "
+                                "stopped waiting", "is the box overloaded, or the network to it slow? "
+                                "try again (PATCHWIRE_TIMEOUT sets the seconds)")
+        length = (resp.headers.get("Content-Length") or "").strip()
+        if broken is not None or (length.isdigit() and int(length) != len(data)):
+            raise AgentError(f"the connection to the agent broke: {broken or 'the answer was cut short'}",
+                             "try again")
+        return data
 
     def stream(self, method: str, path: str, body: Optional[dict] = None) -> Iterator[dict]:
-        """NDJSON events as they arrive. The read timeout is generous: the AI may think."""
-        with self._request(method, path, body, accept="application/x-ndjson", timeout=600) as resp:
-            if "ndjson" not in resp.headers.get("Content-Type", ""):
-                yield json.loads(resp.read())
-                return
-            for line in resp:
-                line = line.strip()
-                if line:
-                    yield json.loads(line)
+        """NDJSON events as they arrive (EventStream: caps, silence, still-waiting notes)."""
+        silence = self.timeout * STREAM_SILENCES
+        resp, deadline = self._request(method, path, body, accept="application/x-ndjson",
+                                       deadline_s=self.timeout * DIFF_DEADLINES, read_timeout=silence + 5)
+        deadline.cancel()  # the answer has begun: from here on, silence is what is timed
+        if "ndjson" not in resp.headers.get("Content-Type", ""):
+            try:
+                yield checked_event(self._read(resp, deadline, MAX_JSON_BYTES, "event"))
+            finally:
+                resp.close()
+            return
+        yield from EventStream(resp, deadline, silence, self.on_wait)
 
     # --- one method per route of patchwire-agent (its ROUTES table); ids and names are quoted
 
     def health(self) -> dict:
-        return self.json("GET", "/v1/health")
+        return checked(self.json("GET", "/v1/health", what="health answer"), HEALTH_SHAPE, "health answer")
 
     def me(self, project: str) -> dict:
-        return self.json("GET", "/v1/me?" + urllib.parse.urlencode({"project": project}))
+        what = "answer to /v1/me"
+        return checked(self.json("GET", "/v1/me?" + urllib.parse.urlencode({"project": project}), what=what),
+                       ME_SHAPE, what, required=("user", "mirror"))
 
     def ask(self, body: dict) -> Iterator[dict]:
         return self.stream("POST", "/v1/ask", body)
 
     def jobs(self) -> List[dict]:
-        return self.json("GET", "/v1/jobs")["jobs"]
+        answer = checked(self.json("GET", "/v1/jobs", what="job list"), {"jobs": ("list", dict)}, "job list",
+                         required=("jobs",))
+        return [checked_job(job, "job list's job") for job in answer["jobs"]]
 
     def job(self, job: str) -> dict:
-        return self.json("GET", f"/v1/jobs/{_quote(job)}")
+        return checked_job(self.json("GET", f"/v1/jobs/{_quote(job)}", what="job record"))
 
     def cancel(self, job: str) -> dict:
-        return self.json("DELETE", f"/v1/jobs/{_quote(job)}")
+        return checked_job(self.json("DELETE", f"/v1/jobs/{_quote(job)}", what="answer to a cancel"),
+                           "answer to a cancel")
 
     def events(self, job: str, after: int = 0, follow: bool = True) -> Iterator[dict]:
         return self.stream("GET", f"/v1/jobs/{_quote(job)}/events?after={int(after)}" + ("" if follow else "&follow=0"))
 
     def diff(self, job: str) -> bytes:
-        return self.raw(f"/v1/jobs/{_quote(job)}/diff")
+        return self.raw(f"/v1/jobs/{_quote(job)}/diff", "diff")
 
     def usage(self, query: Dict[str, str]) -> dict:
-        return self.json("GET", "/v1/usage?" + urllib.parse.urlencode(query))
+        return checked_usage(self.json("GET", "/v1/usage?" + urllib.parse.urlencode(query), what="usage report"))
 
 
 def _quote(value: str) -> str:
@@ -1852,9 +2251,10 @@ class Style:
 
 
 def sanitized(value: Any) -> Any:
-    """A JSON value from the box with every string in it sanitised (newlines kept)."""
+    """A JSON value from the box with every string in it sanitised (newlines kept, not yet
+    indented: the printer lays out its lines itself)."""
     if isinstance(value, str):
-        return sanitize(value, keep_newlines=True)
+        return _UNSAFE_KEEP_NEWLINES.sub(_visible, value)
     if isinstance(value, list):
         return [sanitized(v) for v in value]
     if isinstance(value, dict):
@@ -2412,51 +2812,125 @@ def split_patch(patch: bytes) -> List[FilePatch]:
 # --- what deserves a second look
 
 # Files that run code or configure tools without anyone asking: a change to them acts at the
-# next `git checkout`, `cd`, editor start, `npm install`, `make` or CI run.
-SELF_RUNNING = (
-    (re.compile(r"(^|/)\.gitattributes$", re.I), "sets git filters and diff drivers"),
-    (re.compile(r"(^|/)\.gitmodules$", re.I), "adds or moves git submodules"),
-    (re.compile(r"(^|/)\.envrc$", re.I), "runs when you cd here (direnv)"),
-    (re.compile(r"(^|/)\.vscode/", re.I), "editor tasks and settings run by themselves"),
-    (re.compile(r"^\.idea/", re.I), "editor run configurations"),
-    (re.compile(r"^\.devcontainer/", re.I), "dev container commands"),
-    (re.compile(r"^\.claude/", re.I), "Claude Code settings and hooks"),
-    (re.compile(r"^\.github/workflows/", re.I), "CI workflow (runs with the repository's secrets)"),
-    (re.compile(r"^\.husky/", re.I), "git hooks (husky)"),
-    (re.compile(r"(^|/)\.pre-commit-config\.yaml$", re.I), "git hooks (pre-commit)"),
-    (re.compile(r"(^|/)(GNUmakefile|[Mm]akefile)$", re.I), "runs or configures tools by itself"),
-    (re.compile(r"(^|/)package\.json$", re.I), "npm scripts and dependencies run on install"),
-    (re.compile(r"(^|/)build\.gradle(\.kts)?$|(^|/)settings\.gradle(\.kts)?$", re.I), "runs or configures tools by itself"),
-    (re.compile(r"(^|/)Podfile$", re.I), "runs or configures tools by itself"),
-    (re.compile(r"(^|/)pubspec\.yaml$", re.I), "runs or configures tools by itself"),
-    (re.compile(r"(^|/)(setup\.py|conftest\.py|pyproject\.toml)$", re.I), "runs or configures tools by itself"),
-    (re.compile(r"(^|/)(Gemfile|Rakefile|build\.rs|CMakeLists\.txt)$", re.I), "runs or configures tools by itself"),
-    (re.compile(r"(^|/)\.(npmrc|yarnrc|yarnrc\.yml)$", re.I), "sets the package registry and install scripts"),
+# next build, `git checkout`, `cd`, editor start, install, CI run or AI run, long after the
+# review. By category, each with the reason the preview shows (README: Look closely). This
+# tool's users build Flutter, Android and iOS apps: a Gradle wrapper's distributionUrl is a
+# program the next `./gradlew` downloads and runs, an Xcode project's build phases are shell
+# scripts, a Dart build hook runs at every build.
+WRAPPER = "build wrapper or its download"
+BUILD = "build script or hook"
+CI = "CI"
+CONTAINER = "container"
+TOOL = "editor or tool configuration"
+AI_AGENT = "AI agent configuration"
+_SELF_RUNNING_TABLE = (
+    (WRAPPER, r"(^|/)gradle-wrapper\.properties$", "its distributionUrl is a Gradle the next build downloads and runs"),
+    (WRAPPER, r"(^|/)(gradle|maven)-wrapper\.jar$", "runs at the next ./gradlew or ./mvnw"),
+    (WRAPPER, r"(^|/)(gradlew|gradlew\.bat|mvnw|mvnw\.cmd)$", "the script every build through the wrapper runs"),
+    (WRAPPER, r"(^|/)\.mvn/", "Maven wrapper and extensions: downloaded and run by the next Maven build"),
+    (WRAPPER, r"(^|/)\.yarn/(releases|plugins)/", "the Yarn code every yarn command runs"),
+    (WRAPPER, r"(^|/)\.yarnrc\.yml$", "yarnPath names the Yarn that runs; also the registry and install scripts"),
+    (WRAPPER, r"(^|/)\.pnp\.c?js$", "Yarn's loader, run by node in this project"),
+    (WRAPPER, r"(^|/)(rust-toolchain(\.toml)?|\.tool-versions|\.?mise\.toml|\.fvmrc|\.fvm/fvm_config\.json)$",
+     "names a toolchain that is downloaded and run"),
+    (BUILD, r"(^|/)(GNUmakefile|makefile|[^/]+\.mk)$", "make runs its recipes"),
+    (BUILD, r"(^|/)(CMakeLists\.txt|[^/]+\.cmake|meson\.build)$", "runs at configure time"),
+    (BUILD, r"(^|/)[^/]+\.gradle(\.kts)?$", "Gradle runs it at every build"),
+    (BUILD, r"(^|/)gradle\.properties$", "sets the JVM options and settings of every Gradle build"),
+    (BUILD, r"(^|/)package\.json$", "npm scripts and dependencies run on install"),
+    (BUILD, r"(^|/)(Podfile|[^/]+\.podspec)$", "CocoaPods runs it at pod install"),
+    (BUILD, r"\.xcodeproj/project\.pbxproj$", "Xcode project: its build phases run shell scripts"),
+    (BUILD, r"\.xcscheme$", "Xcode scheme: its pre- and post-actions run scripts"),
+    (BUILD, r"(^|/)pubspec\.yaml$", "Dart and Flutter dependencies, whose build hooks run"),
+    (BUILD, r"(^|/)pubspec_overrides\.yaml$", "replaces Dart dependencies with any path or git source"),
+    (BUILD, r"(^|/)hook/(build|link)\.dart$", "a Dart build hook: runs at every build"),
+    (BUILD, r"(^|/)build\.yaml$", "build_runner builders run at code generation"),
+    (BUILD, r"(^|/)(setup\.py|setup\.cfg|conftest\.py|pyproject\.toml|noxfile\.py|tox\.ini)$",
+     "Python build or test configuration: runs at install or test time"),
+    (BUILD, r"(^|/)(Gemfile|Rakefile|[^/]+\.gemspec|Fastfile)$", "Ruby that bundler, rake or fastlane runs"),
+    (BUILD, r"(^|/)(build\.rs|Cargo\.toml)$", "Cargo runs it, or its dependencies' build scripts"),
+    (BUILD, r"(^|/)\.cargo/config(\.toml)?$", "sets Cargo's runner, linker and rustc wrapper: programs every build runs"),
+    (BUILD, r"(^|/)(Taskfile\.ya?ml|justfile|\.justfile|Jakefile(\.js)?|Gruntfile\.[cm]?[jt]s|gulpfile\.[cm]?[jt]s|"
+            r"Earthfile|Tiltfile|magefile\.go|Procfile)$", "a task runner's tasks"),
+    (BUILD, r"(^|/)(flake\.nix|shell\.nix|default\.nix|devenv\.nix)$", "Nix runs it when the shell or build starts"),
+    (BUILD, r"(^|/)\.gitattributes$", "sets git filters and diff drivers"),
+    (BUILD, r"(^|/)\.gitmodules$", "adds or moves git submodules"),
+    (BUILD, r"(^|/)\.envrc$", "runs when you cd here (direnv)"),
+    (BUILD, r"(^|/)\.husky/", "git hooks (husky)"),
+    (BUILD, r"(^|/)(\.pre-commit-config\.yaml|\.?lefthook\.ya?ml)$", "git hooks (pre-commit, lefthook)"),
+    (CI, r"^\.github/workflows/", "CI workflow (runs with the repository's secrets)"),
+    (CI, r"^\.github/actions/|(^|/)action\.ya?ml$", "a CI action that workflows run (with the repository's secrets)"),
+    (CI, r"(^|/)\.gitlab-ci\.ya?ml$|^\.gitlab/", "GitLab CI (runs with the project's secrets)"),
+    (CI, r"^\.circleci/", "CircleCI (runs with the project's secrets)"),
+    (CI, r"(^|/)bitbucket-pipelines\.ya?ml$", "Bitbucket Pipelines (runs with the repository's secrets)"),
+    (CI, r"(^|/)azure-pipelines\.ya?ml$|^\.?azure-pipelines/|^\.azure/", "Azure Pipelines (runs with the project's secrets)"),
+    (CI, r"(^|/)Jenkinsfile$", "Jenkins pipeline (runs with its credentials)"),
+    (CI, r"(^|/)(\.travis\.yml|\.drone\.ya?ml|appveyor\.ya?ml|\.woodpecker\.ya?ml|codemagic\.ya?ml|bitrise\.ya?ml|"
+         r"cloudbuild\.ya?ml)$|^\.(buildkite|woodpecker)/", "CI configuration (runs with the project's secrets)"),
+    (CONTAINER, r"(^|/)(Dockerfile|Containerfile)([.-][^/]*)?$|\.[Dd]ockerfile$",
+     "its RUN lines run at the next image build"),
+    (CONTAINER, r"(^|/)(docker-)?compose([.-][^/]*)?\.ya?ml$", "the containers, mounts and commands compose starts"),
+    (CONTAINER, r"(^|/)\.devcontainer/|(^|/)\.devcontainer\.json$", "dev container commands run when the editor opens it"),
+    (TOOL, r"(^|/)\.vscode/", "editor tasks and settings run by themselves"),
+    (TOOL, r"\.code-workspace$", "a VS Code workspace: its settings and tasks apply when it is opened"),
+    (TOOL, r"(^|/)\.idea/", "editor run configurations"),
+    (TOOL, r"(^|/)(\.nvim\.lua|\.nvimrc|\.exrc|\.lvimrc)$|\.sublime-project$", "the editor runs it when it opens here"),
+    (TOOL, r"(^|/)\.(npmrc|yarnrc|bunfig\.toml)$|(^|/)(bunfig\.toml|pip\.conf|\.bundle/config)$",
+     "sets the package registry and install scripts"),
+    (AI_AGENT, r"(^|/)\.claude/|(^|/)\.mcp\.json$", "Claude Code settings, hooks and MCP servers: programs the AI's tools start"),
+    (AI_AGENT, r"(^|/)(CLAUDE(\.local)?\.md|AGENTS\.md|GEMINI\.md|\.cursorrules|\.windsurfrules|\.clinerules)$"
+            r"|^\.github/copilot-instructions\.md$", "instructions the next AI run follows"),
+    (AI_AGENT, r"(^|/)\.(cursor|gemini|codex|continue|roo|windsurf|aider[^/]*)(/|$)", "AI tool settings and hooks"),
 )
+SELF_RUNNING = tuple((re.compile(pattern, re.I), category, why) for category, pattern, why in _SELF_RUNNING_TABLE)
 MANY_DELETIONS = 3
 # A name that looks like another: invisible characters and direction overrides (Trojan Source).
-DECEPTIVE_NAME = re.compile("[\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+DECEPTIVE_NAME = re.compile(f"[{_INVISIBLE}]")
+# Letters of other scripts drawn like Latin ones (Unicode's confusables for the common ones):
+# `src/аpp.py` with a Cyrillic а sits beside `src/app.py` and reads the same.
+_LOOKALIKES = str.maketrans("аеіјорсѕухԁԛԝһӏАВЕІЈКМНОРСЅТХУαβεικνορτυχΑΒΕΗΙΚΜΝΟΡΤΥΧΖօոսՏ",
+                            "aeijopcsyxdqwhlABEIJKMHOPCSTXYaBeikvoptuxABEHIKMNOPTYXZonuS")
+_LATIN_LOOKING = ("CYRILLIC", "GREEK", "ARMENIAN", "CHEROKEE", "COPTIC", "LISU")
+
+
+def name_problem(path: str) -> Optional[str]:
+    """Why `path` may be mistaken for another name, or None."""
+    if DECEPTIVE_NAME.search(path):
+        return "its name holds invisible or direction-changing characters"
+    if unicodedata.normalize("NFKC", path) != unicodedata.normalize("NFC", path):
+        return (f"its name has letters in another form (fullwidth, mathematical) and reads as "
+                f"{unicodedata.normalize('NFKC', path)}")
+    looks_like = unicodedata.normalize("NFKC", path.translate(_LOOKALIKES))
+    if looks_like != path and looks_like.isascii():
+        return f"its name has letters of another script that look Latin: it reads as {looks_like}"
+    for word in re.findall(r"[^\W\d_]+", path):  # runs of letters: `файл.py` is a Russian name, not a mix
+        scripts = {unicodedata.name(c, "?").split(" ")[0] for c in word}
+        if "LATIN" in scripts and scripts & set(_LATIN_LOOKING):
+            return f"its name mixes Latin and {' and '.join(sorted(scripts & set(_LATIN_LOOKING))).title()} letters"
+    return None
 
 
 def look_closely(files: Sequence[FilePatch]) -> List[dict]:
-    """[{path, reason}] for the changes a reader should not skim past."""
+    """[{path, category, reason}] for the changes a reader should not skim past."""
     out = []
     for f in files:
         if f.link_target is not None:
-            out.append({"path": f.path, "reason": ("new symlink -> " if f.kind == "new" else "symlink now -> ")
-                        + f.link_target})
+            out.append({"path": f.path, "category": "symlink",
+                        "reason": ("new symlink -> " if f.kind == "new" else "symlink now -> ") + f.link_target})
         elif f.new_mode == "100755" and (f.kind == "new" or f.old_mode not in (None, "100755")):
-            out.append({"path": f.path, "reason": "new executable file" if f.kind == "new" else "becomes executable"})
+            out.append({"path": f.path, "category": "executable",
+                        "reason": "new executable file" if f.kind == "new" else "becomes executable"})
         if f.kind != "deleted":
-            reason = next((why for pattern, why in SELF_RUNNING if pattern.search(f.path)), None)
-            if reason:
-                out.append({"path": f.path, "reason": reason})
-            if DECEPTIVE_NAME.search(f.path):
-                out.append({"path": f.path, "reason": "its name holds invisible or direction-changing characters"})
+            found = next(((category, why) for pattern, category, why in SELF_RUNNING if pattern.search(f.path)), None)
+            if found:
+                out.append({"path": f.path, "category": found[0], "reason": found[1]})
+            problem = name_problem(f.path)
+            if problem:
+                out.append({"path": f.path, "category": "lookalike name", "reason": problem})
     deleted = [f.path for f in files if f.kind == "deleted"]
     if len(deleted) > MANY_DELETIONS:
         common = os.path.commonpath(deleted) if len({p.split("/")[0] for p in deleted}) == 1 else "."
-        out.append({"path": common, "reason": f"deletes {len(deleted)} files"})
+        out.append({"path": common, "category": "deletions", "reason": f"deletes {len(deleted)} files"})
     return out
 
 
@@ -2465,7 +2939,8 @@ def render_look_closely(files: Sequence[FilePatch], style: Style) -> List[str]:
     if not notes:
         return []
     return [style("yellow", "Look closely:")] + [
-        "  " + style("yellow", sanitize(n["path"])) + ": " + sanitize(n["reason"]) for n in notes] + [""]
+        "  " + style("yellow", sanitize(n["path"])) + ": " + sanitize(n["reason"]) + style("dim", f"  [{n['category']}]")
+        for n in notes] + [""]
 
 
 def render_summary(files: Sequence[FilePatch], style: Style) -> List[str]:
@@ -3476,6 +3951,8 @@ def stream_job(session: Session, first: Iterator[dict], on_event) -> dict:
                 interrupted = True
                 say(sanitize(f"\njob {job} keeps running on the box. Press Ctrl-C again to cancel it, or "
                              f"leave and come back with `patchwire show {job}`.", keep_newlines=True))
+            except AnswerRefused:
+                raise  # too big, too slow or malformed: reconnecting would read it again
             except (AgentError, OSError, ValueError, *http_errors()) as e:
                 if job is None:
                     raise
@@ -3801,6 +4278,7 @@ def cmd_ask(args) -> int:
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     if not prompt.strip():
         raise UsageError("the prompt is empty")
+    session.client.on_wait = lambda quiet: say(f"still waiting for the box ({quiet:.0f} s without news)")
     first, events, tree = start_ask(session, args, prompt)
     session.remember_job(first["job"])
     session.record_job_tree(first["job"], tree)
@@ -4038,28 +4516,37 @@ JOBS_HEADER = f"{'JOB':<12}  {'STATUS':<9} {'ASKED':>8}  {'PROJECT':<16} {'CHANG
 
 def job_line(job: dict) -> str:
     stats = job.get("stats") or {}
-    asked = human_age(time.time() - job["created"]) + " ago"
+    asked = human_age(time.time() - job.get("created", time.time())) + " ago"
     size = f"+{stats.get('added', 0)} -{stats.get('removed', 0)}" if stats else ""
-    prompt = " ".join(str(job["prompt"]).split())[:50]
-    return sanitize(f"{job['id']:<12}  {job['status']:<9} {asked:>8}  {job['project']:<16} {size:<10} {prompt}")
+    prompt = " ".join(str(job.get("prompt", "")).split())[:50]
+    return sanitize(f"{job['id']:<12}  {job['status']:<9} {asked:>8}  {job.get('project', ''):<16} {size:<10} {prompt}")
 
 
 def cmd_show(args) -> int:
+    """The job, then its events as they arrive: a job's events may run to hundreds of MB, so
+    none is kept once shown (with --json, the one document is written piece by piece)."""
     session = Session.here()
     job = session.client.job(session.job_id(args.job))
-    events = list(session.client.events(job["id"], 0, follow=False))
-
-    def human(r: dict) -> None:
-        for key in ("id", "status", "project", "reason", "prompt"):
-            if job.get(key):
-                print(f"{key + ':':<9} {sanitize(str(job[key]), keep_newlines=True)}")
-        for key, value in (job.get("result") or {}).items():
-            if value is not None:
-                print(sanitize(f"{key + ':':<9} {human_value(value)}", keep_newlines=True))
-        printer = ProgressPrinter(Style(False))
-        for event in events:
-            printer(event)
-    output(args, {"job": job, "events": events}, human)
+    events = session.client.events(job["id"], 0, follow=False)
+    if args.json:
+        sys.stdout.write('{"job": ' + json.dumps(job) + ', "events": [')
+        try:
+            for n, event in enumerate(events):
+                sys.stdout.write((", " if n else "") + json.dumps(event))
+        except PatchwireError:
+            print(flush=True)  # the unfinished document ends its line; the error's object follows
+            raise
+        print("]}", flush=True)
+        return 0
+    for key in ("id", "status", "project", "reason", "prompt"):
+        if job.get(key):
+            print(f"{key + ':':<9} {sanitize(str(job[key]), keep_newlines=True)}")
+    for key, value in (job.get("result") or {}).items():
+        if value is not None:
+            print(sanitize(f"{key + ':':<9} {human_value(value)}", keep_newlines=True))
+    printer = ProgressPrinter(Style(False))
+    for event in events:
+        printer(event)
     return 0
 
 
@@ -4179,6 +4666,8 @@ def build_parser() -> argparse.ArgumentParser:
     p["apply"].add_argument("--keep-conflicts", action="store_true",
                             help="where your edits and the AI's overlap, write conflict markers instead of asking")
     p["apply"].add_argument("--undo", action="store_true", help="restore the files the last apply touched")
+    p["apply"].add_argument("paths", nargs="*", metavar="-- PATH",
+                            help="after --: apply only these files, exact names (a file may be called --undo)")
     add_usage_arguments(p["usage"], "project")
     return parser
 
@@ -4187,6 +4676,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(build_parser(), argv)
     if isinstance(args, int):
         return args
+    if getattr(args, "paths", None):  # exact names, given after `--`: matched as --only patterns
+        args.only = (args.only or []) + [glob.escape(p) for p in args.paths]
     return run_command("patchwire", COMMANDS, args, lambda e: output(args, {
         "error": e.message, "hint": e.hint, "exit_status": int(e.exit_status),
         **({"details": e.details} if e.details else {})}))

@@ -11,9 +11,85 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
+
+# A lie is a callable answer(handler, box) that writes whatever it likes; box.lie(route, answer)
+# makes it the box's answer to that route ("GET /v1/jobs", without the query). The helpers
+# below make the usual ones: a chosen body, a trickle, an endless or oversized body, a hang.
+Lie = Callable[..., None]
+
+
+def answer(data: bytes, status: int = 200, kind: str = "application/json", length: Optional[str] = "auto") -> Lie:
+    """`data` as the body; `length` the Content-Length header as given ("auto": the real one,
+    None: none, the body ends when the connection closes)."""
+    def lie(handler, box) -> None:
+        handler.send_response(status)
+        handler.send_header("Content-Type", kind)
+        if length is not None:
+            handler.send_header("Content-Length", str(len(data)) if length == "auto" else length)
+        handler.end_headers()
+        try:
+            handler.wfile.write(data)
+        except OSError:
+            pass
+    return lie
+
+
+def trickle(data: bytes, every: float, kind: str = "application/json") -> Lie:
+    """A 200 with the right Content-Length, the body one byte every `every` seconds."""
+    def lie(handler, box) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", kind)
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        for i in range(len(data)):
+            try:
+                handler.wfile.write(data[i:i + 1])
+                handler.wfile.flush()
+            except OSError:
+                return
+            if box.closing.wait(every):
+                return
+    return lie
+
+
+def endless(piece: bytes, total: Optional[int] = None, kind: str = "application/octet-stream",
+            first: bytes = b"", length: Optional[str] = None) -> Lie:
+    """`first`, then `piece` again and again: `total` bytes in all, or until the laptop hangs
+    up. Nothing of it is built in memory. No Content-Length unless `length` is given."""
+    def lie(handler, box) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", kind)
+        if length is not None:
+            handler.send_header("Content-Length", length)
+        handler.end_headers()
+        sent = 0
+        try:
+            handler.wfile.write(first)
+            sent += len(first)
+            while (total is None or sent < total) and not box.closing.is_set():
+                handler.wfile.write(piece if total is None else piece[:total - sent])
+                sent += len(piece)
+        except OSError:
+            return
+    return lie
+
+
+def hang(first: bytes = b"", kind: str = "application/x-ndjson") -> Lie:
+    """A 200, `first`, then nothing, the connection held open until the box closes."""
+    def lie(handler, box) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", kind)
+        handler.end_headers()
+        try:
+            handler.wfile.write(first)
+            handler.wfile.flush()
+        except OSError:
+            return
+        box.closing.wait(300)
+    return lie
 
 
 class FakeBox:
@@ -25,6 +101,8 @@ class FakeBox:
         self.mismatches: List[List[str]] = []  # before those: 409 tree_mismatch naming these paths
         self.ask_bodies: List[dict] = []
         self.requests: List[str] = []
+        self.lies: Dict[str, Lie] = {}  # "METHOD /path": the answer given instead of the usual one
+        self.closing = threading.Event()  # set by close(): lies that hang or trickle stop
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -38,7 +116,12 @@ class FakeBox:
             self.asks.append(job)
         return job
 
+    def lie(self, route: str, answer: Lie) -> None:
+        """Answer `route` ("GET /v1/jobs", "POST /v1/ask", ...) with `answer` from now on."""
+        self.lies[route] = answer
+
     def close(self) -> None:
+        self.closing.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -70,9 +153,19 @@ class FakeBox:
                 found = [j for j in box.jobs if j.startswith(prefix)]
                 return found[0] if len(found) == 1 else None
 
+            def lied(self, method: str) -> bool:
+                lie = box.lies.get(f"{method} {self.path.split('?', 1)[0]}")
+                if lie:
+                    lie(self, box)
+                return lie is not None
+
             def do_GET(self) -> None:
                 box.requests.append("GET " + self.path)
                 path = self.path.split("?", 1)[0]
+                if self.lied("GET"):
+                    return
+                if path == "/v1/jobs":
+                    return self.send(200, json.dumps({"jobs": [self.job_json(j) for j in box.jobs]}).encode())
                 if path == "/v1/me":
                     return self.send(200, json.dumps({"user": "alice", "mirror": str(box.mirror)}).encode())
                 m = re.fullmatch(r"/v1/jobs/([^/]+)(/diff|/events)?", path)
@@ -89,6 +182,8 @@ class FakeBox:
             def do_POST(self) -> None:
                 box.requests.append("POST " + self.path)
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.lied("POST"):
+                    return
                 if self.path == "/v1/ask":
                     box.ask_bodies.append(json.loads(body))
                 if self.path == "/v1/ask" and box.mismatches:
@@ -100,5 +195,16 @@ class FakeBox:
                 job = box.asks.pop(0)
                 lines = b"".join(json.dumps(e).encode() + b"\n" for e in box.events(job))
                 return self.send(200, lines, "application/x-ndjson")
+
+            def do_DELETE(self) -> None:
+                box.requests.append("DELETE " + self.path)
+                if self.lied("DELETE"):
+                    return
+                m = re.fullmatch(r"/v1/jobs/([^/]+)", self.path)
+                job = self.find(m.group(1)) if m else None
+                if job is None:
+                    return self.send(404, b'{"error": "no such job", "code": "not_found"}')
+                box.jobs[job]["status"] = "cancelled"
+                return self.send(200, json.dumps(self.job_json(job)).encode())
 
         return Handler

@@ -320,12 +320,14 @@ def test_look_closely_names_what_runs_by_itself(world):
     lap.run("ask", "--no-apply", "go", check=0)
     diffed = json.loads(lap.run("diff", "abc999", "--json", check=0).out)
     assert diffed["look_closely"] == [
-        {"path": "docs/readme", "reason": "new symlink -> ../README.md"},
-        {"path": "run.sh", "reason": "new executable file"},
-        {"path": ".github/workflows/ci.yml", "reason": "CI workflow (runs with the repository's secrets)"},
-        {"path": ".envrc", "reason": "runs when you cd here (direnv)"},
-        {"path": "docs/gnp.\u202ecod", "reason": "its name holds invisible or direction-changing characters"},
-        {"path": "docs", "reason": "deletes 5 files"}]
+        {"path": "docs/readme", "category": "symlink", "reason": "new symlink -> ../README.md"},
+        {"path": "run.sh", "category": "executable", "reason": "new executable file"},
+        {"path": ".github/workflows/ci.yml", "category": "CI",
+         "reason": "CI workflow (runs with the repository's secrets)"},
+        {"path": ".envrc", "category": "build script or hook", "reason": "runs when you cd here (direnv)"},
+        {"path": "docs/gnp.\u202ecod", "category": "lookalike name",
+         "reason": "its name holds invisible or direction-changing characters"},
+        {"path": "docs", "category": "deletions", "reason": "deletes 5 files"}]
     assert [f["path"] for f in diffed["files"]][:2] == ["docs/readme", "run.sh"]
     # `apply` without a job previews and asks, the notes above the diff; `n` keeps everything
     before = state(lap, outside)

@@ -172,7 +172,7 @@ def drive(lap: Laptop, scenario: str, prompt: str = "") -> dict:
 
 def test_extension_cli_layer_asks_reviews_applies_selected_and_undoes(project):
     lap = project
-    weird = "src/we*ird[1].py"  # --only takes patterns: the extension escapes the path
+    weird = "src/we*ird[1].py"  # a name, not a pattern: the extension passes it after --
     result = drive(lap, "review", script({"say": "on it"}, {"write": "src/app.py", "text": "print('hi')\n"},
                                          {"write": weird, "text": "w\n"}))
     asked, job = result["asked"], result["asked"]["job"]

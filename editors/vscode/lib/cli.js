@@ -116,11 +116,6 @@ function errorFrom(run) {
   return new CliError(`patchwire ${how}` + (tail ? `: ${tail}` : ''), { exitStatus: run.code || 1 });
 }
 
-/** `*`, `?` and `[` in a path, escaped for --only (which takes shell patterns). */
-function escapePattern(p) {
-  return p.replace(/[*?[]/g, (c) => `[${c}]`);
-}
-
 class Cli {
   /** `program` from findProgram; `cwd` the project folder; `log(line)` gets stderr lines. */
   constructor({ program, cwd, env = process.env, log = () => {} }) {
@@ -140,7 +135,10 @@ class Cli {
       });
       return { done: Promise.reject(err), interrupt() {} };
     }
-    const child = childProcess.spawn(this.program, [...args, '--json'], {
+    // With a `--`, what follows it are file names, whatever they look like, and --json goes
+    // right after the command (argparse wants the positionals, JOB -- NAME..., together).
+    const argv = args.includes('--') ? [args[0], '--json', ...args.slice(1)] : [...args, '--json'];
+    const child = childProcess.spawn(this.program, argv, {
       cwd: this.cwd, env: this.env, stdio: ['pipe', 'pipe', 'pipe'],
     });
     const out = new LineSplitter();
@@ -201,18 +199,15 @@ class Cli {
 
   diff(job) { return this.json(['diff', job]); }
 
-  file(job, file, side) { return this.json(['diff', job, '--file', file, '--side', side]); }
+  // File names come from the box's patch: `--file=NAME` and `-- NAME...`, so a file called
+  // `--undo` is a file, never a flag.
+  file(job, file, side) { return this.json(['diff', job, `--file=${file}`, '--side', side]); }
 
-  /** Apply without a question (`--yes`), all files or only `paths`. */
+  /** Apply without a question (`--yes`), all files or only `paths` (exact names, after `--`). */
   apply(job, paths = [], { keepConflicts = false } = {}) {
-    const args = ['apply', job, '--yes'];
-    if (paths.length) {
-      args.push('--only', ...paths.map(escapePattern));
-    }
-    if (keepConflicts) {
-      args.push('--keep-conflicts');
-    }
-    return this.json(args);
+    const options = ['--yes', ...(keepConflicts ? ['--keep-conflicts'] : [])];
+    // JOB right before `--`: argparse takes the positionals (JOB -- NAME...) only together
+    return this.json(paths.length ? ['apply', ...options, job, '--', ...paths] : ['apply', job, ...options]);
   }
 
   undo() { return this.json(['apply', '--undo', '--yes']); }
@@ -232,5 +227,5 @@ function doctorResult(run) {
 }
 
 module.exports = {
-  Cli, CliError, END_EVENTS, LineSplitter, errorFrom, escapePattern, findProgram, parseLine, projectFolder,
+  Cli, CliError, END_EVENTS, LineSplitter, errorFrom, findProgram, parseLine, projectFolder,
 };

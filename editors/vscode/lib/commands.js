@@ -154,7 +154,7 @@ class Patchwire {
       return run;
     }
     if (!run.files.length) {
-      vscode.window.showInformationMessage(`Patchwire: the AI made no changes (job ${run.job})`);
+      vscode.window.showInformationMessage(`Patchwire: the AI made no changes (job ${present.plain(run.job)})`);
       return run;
     }
     run.review = await this.review(run.job);
@@ -216,7 +216,7 @@ class Patchwire {
     const diff = await cli.diff(job);
     const files = present.fileItems(diff);
     if (!files.length) {
-      vscode.window.showInformationMessage(`Patchwire: job ${job} made no changes`);
+      vscode.window.showInformationMessage(`Patchwire: job ${present.plain(job)} made no changes`);
       return 'empty';
     }
     await this.openChanges(cli.cwd, job, files);
@@ -231,7 +231,7 @@ class Patchwire {
         continue;
       }
       if (!action || action.action === 'keep') {
-        vscode.window.showInformationMessage(`Patchwire: kept job ${job}; apply it later with "Patchwire: Apply Job"`);
+        vscode.window.showInformationMessage(`Patchwire: kept job ${present.plain(job)}; apply it later with "Patchwire: Apply Job"`);
         return 'kept';
       }
       let paths = [];
@@ -286,10 +286,10 @@ class Patchwire {
       }
       result = await cli.apply(job, paths, { keepConflicts: true });
     }
-    this.log(`applied job ${job} (${result.how}): ${result.files.join(', ')}`);
+    this.log(`applied job ${present.clean(job)} (${present.clean(result.how)}): ${result.files.map(present.clean).join(', ')}`);
     vscode.window.showInformationMessage(present.appliedMessage(job, result));
     if (result.conflicts && result.conflicts.length) {
-      vscode.window.showWarningMessage(`Patchwire: conflict markers to resolve in ${result.conflicts.join(', ')}`);
+      vscode.window.showWarningMessage(`Patchwire: conflict markers to resolve in ${result.conflicts.map(present.plain).join(', ')}`);
     }
     return 'applied';
   }
@@ -316,7 +316,7 @@ class Patchwire {
       return undefined;
     }
     const result = await this.cli().cancel(job.id);
-    vscode.window.showInformationMessage(`Patchwire: job ${job.id} is ${result.job.status}`);
+    vscode.window.showInformationMessage(`Patchwire: job ${present.plain(job.id)} is ${present.plain(result.job.status)}`);
     return result;
   }
 
@@ -328,13 +328,13 @@ class Patchwire {
     }
     const actions = job.status === 'done' ? ['Review and Apply', 'Ask Follow-up', 'Show Events']
       : ['queued', 'running'].includes(job.status) ? ['Cancel Job', 'Show Events'] : ['Show Events'];
-    const pick = await vscode.window.showQuickPick(actions, { placeHolder: `Job ${job.id}: ${present.oneLine(job.prompt, 60)}` });
+    const pick = await vscode.window.showQuickPick(actions, { placeHolder: `Job ${present.plain(job.id)}: ${present.plain(present.oneLine(job.prompt, 60))}` });
     if (pick === 'Review and Apply') {
       return this.review(job.id);
     }
     if (pick === 'Cancel Job') {
       const result = await this.cli().cancel(job.id);
-      vscode.window.showInformationMessage(`Patchwire: job ${job.id} is ${result.job.status}`);
+      vscode.window.showInformationMessage(`Patchwire: job ${present.plain(job.id)} is ${present.plain(result.job.status)}`);
       return result;
     }
     if (pick === 'Ask Follow-up') {
@@ -342,7 +342,7 @@ class Patchwire {
     }
     if (pick === 'Show Events') {
       const shown = await this.cli().show(job.id);
-      this.log(`--- job ${job.id} (${shown.job.status}): ${present.oneLine(shown.job.prompt)}`);
+      this.log(`--- job ${present.clean(job.id)} (${present.clean(shown.job.status)}): ${present.oneLine(shown.job.prompt)}`);
       for (const event of shown.events || []) {
         (present.outputLines(event) || []).forEach((l) => this.log(l));
       }
@@ -365,7 +365,7 @@ class Patchwire {
     const failed = result.checks.filter((c) => !c.ok);
     if (failed.length) {
       this.output.show(true);
-      vscode.window.showErrorMessage(`Patchwire doctor: ${failed.map((c) => `${c.name}: ${present.clean(c.detail)}`).join('; ')}`);
+      vscode.window.showErrorMessage(`Patchwire doctor: ${failed.map((c) => `${present.plain(c.name)}: ${present.plain(c.detail)}`).join('; ')}`);
     } else {
       vscode.window.showInformationMessage(`Patchwire doctor: all ${result.checks.length} checks passed`);
     }
@@ -420,7 +420,7 @@ async function followAsk(pw, cli, prompt, on, progress, token) {
   });
   const run = await proc.done;
   if (state.cancelled) {
-    vscode.window.showInformationMessage(state.job ? `Patchwire: job ${state.job} cancelled`
+    vscode.window.showInformationMessage(state.job ? `Patchwire: job ${present.plain(state.job)} cancelled`
       : 'Patchwire: ask cancelled before it reached the box');
     return state;
   }

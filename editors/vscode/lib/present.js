@@ -4,11 +4,25 @@
 // `vscode`), so the unit tests check the exact words.
 
 // Every string from the box (AI text, tool details, file names) is data: control characters
-// are shown escaped, never passed on to the editor's widgets raw.
+// are shown escaped, never passed on to the editor's widgets raw; so are the characters a
+// reader cannot see (bidi marks and overrides, zero-width and format characters, line and
+// paragraph separators, tag characters, invisible letters such as U+3164), as the CLI does.
+// eslint-disable-next-line no-control-regex, no-misleading-character-class
+const UNSAFE = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f]|[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u2028-\u202e\u2060-\u206f\u2800\u3164\ufeff\uffa0\ufff9-\ufffb\u{E0000}-\u{E007F}\u{E0100}-\u{E01EF}]/gu;
+
 function clean(text) {
-  // eslint-disable-next-line no-control-regex
-  return String(text === undefined || text === null ? '' : text).replace(/[\u0000-\u0008\u000b-\u001f\u007f-\u009f]/g,
-    (c) => '\\x' + c.charCodeAt(0).toString(16).padStart(2, '0'));
+  return String(text === undefined || text === null ? '' : text).replace(UNSAFE, (c) => {
+    const code = c.codePointAt(0);
+    return code <= 0x9f ? '\\x' + code.toString(16).padStart(2, '0') : `<U+${code.toString(16).toUpperCase().padStart(4, '0')}>`;
+  });
+}
+
+// VS Code draws [label](command:ID?ARGS "title") in a notification as a link that runs the
+// command on a click, and $(name) in notifications, quick picks and the status bar as an
+// icon. In text from the box both are broken up ("] (", "$ ("), so a failure reason, a file
+// name or a job's status shows as the characters it is and runs nothing.
+function plain(text) {
+  return clean(text).replace(/\]\(/g, '] (').replace(/\$\(/g, '$ (');
 }
 
 function oneLine(text, max = 80) {
@@ -89,9 +103,9 @@ function jobItem(job, now = Date.now() / 1000) {
   const stats = job.stats || {};
   const size = stats.files ? ` · ${plural(stats.files, 'file')} +${stats.added || 0} -${stats.removed || 0}` : '';
   return {
-    label: `${STATUS_ICONS[job.status] || ''} ${oneLine(job.prompt, 70) || '(no prompt)'}`.trim(),
-    description: `${clean(job.id)} · ${clean(job.status)} · ${age(now - job.created)} ago${size}`,
-    detail: job.reason ? oneLine(job.reason, 120) : undefined,
+    label: `${STATUS_ICONS[job.status] || ''} ${plain(oneLine(job.prompt, 70)) || '(no prompt)'}`.trim(),
+    description: `${plain(job.id)} · ${plain(job.status)} · ${age(now - job.created)} ago${size}`,
+    detail: job.reason ? plain(oneLine(job.reason, 120)) : undefined,
     job,
   };
 }
@@ -131,14 +145,14 @@ function statusBar(jobs, error) {
 function fileItems(diff) {
   const flags = new Map();
   for (const item of diff.look_closely || []) {
-    flags.set(item.path, [...(flags.get(item.path) || []), clean(item.reason)]);
+    flags.set(item.path, [...(flags.get(item.path) || []), plain(item.reason)]);
   }
   return (diff.files || []).map((f) => {
     const reasons = flags.get(f.path) || [];
     const size = f.binary ? 'binary' : `+${f.added} -${f.removed}`;
     return {
-      label: `${reasons.length ? '$(warning)' : '$(diff)'} ${clean(f.path)}`,
-      description: `${clean(f.kind)} ${size}` + (f.old_path && f.old_path !== f.path ? ` (from ${clean(f.old_path)})` : ''),
+      label: `${reasons.length ? '$(warning)' : '$(diff)'} ${plain(f.path)}`,
+      description: `${plain(f.kind)} ${size}` + (f.old_path && f.old_path !== f.path ? ` (from ${plain(f.old_path)})` : ''),
       detail: reasons.length ? `look closely: ${reasons.join('; ')}` : undefined,
       path: f.path,
       file: f,
@@ -168,7 +182,7 @@ function promptWithContext(prompt, context) {
 /** The notification after an apply. */
 function appliedMessage(job, result) {
   const how = result.how === '3-way' ? ' (3-way merged with your edits)' : '';
-  let text = `Patchwire: applied job ${job}${how}: ${plural(result.files.length, 'file')}`;
+  let text = `Patchwire: applied job ${plain(job)}${how}: ${plural(result.files.length, 'file')}`;
   if (result.partial) {
     text += '; the rest stays in the job';
   }
@@ -176,10 +190,10 @@ function appliedMessage(job, result) {
 }
 
 function errorMessage(err) {
-  return `Patchwire: ${clean(err.message)}` + (err.hint ? ` (${clean(err.hint)})` : '');
+  return `Patchwire: ${plain(err.message)}` + (err.hint ? ` (${plain(err.hint)})` : '');
 }
 
 module.exports = {
-  appliedMessage, clean, errorMessage, fileItems, generalFlags, jobItem, oneLine, outputLines, plural,
+  appliedMessage, clean, errorMessage, fileItems, generalFlags, jobItem, oneLine, outputLines, plain, plural,
   progressMessage, promptWithContext, sortJobs, statusBar,
 };

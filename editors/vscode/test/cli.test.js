@@ -4,7 +4,7 @@ const assert = require('node:assert/strict');
 const fs = require('fs');
 const os = require('os');
 const path = require('path');
-const { Cli, CliError, LineSplitter, errorFrom, escapePattern, findProgram, parseLine, projectFolder } = require('../lib/cli');
+const { Cli, CliError, LineSplitter, errorFrom, findProgram, parseLine, projectFolder } = require('../lib/cli');
 const fx = require('./fixtures');
 
 const FAKE = path.join(__dirname, 'fake-patchwire.js');
@@ -47,9 +47,14 @@ test('the CLI\'s own error line wins over stderr; without it, the tail of stderr
   assert.match(errorFrom({ code: null, signal: 'SIGKILL', objects: [], stderr: '' }).message, /stopped \(SIGKILL\)/);
 });
 
-test('--only gets each path as a pattern that matches only that path', () => {
-  assert.equal(escapePattern('src/app.py'), 'src/app.py');
-  assert.equal(escapePattern('a[1]*?.txt'), 'a[[]1][*][?].txt');
+test('file names from the box go after --, so a file called --undo is a file', async () => {
+  const { cli, calls } = scenario({ apply: { stdout: [fx.APPLIED] }, diff: { stdout: [{ text: '' }] } });
+  await cli.apply('j1', ['--undo', '-i', 'src/app.py']);
+  await cli.file('j1', '--undo', 'new');
+  assert.deepEqual(calls().map((c) => c.argv), [
+    ['apply', '--json', '--yes', 'j1', '--', '--undo', '-i', 'src/app.py'],
+    ['diff', 'j1', '--file=--undo', '--side', 'new', '--json'],
+  ]);
 });
 
 test('the program: the setting, then PATH, then ~/bin/patchwire', () => {
@@ -102,7 +107,7 @@ test('each command is the CLI command with --json; apply always passes --yes', a
   assert.deepEqual((await cli.jobs()).jobs.length, 4);
   assert.deepEqual(calls().map((c) => c.argv), [
     ['apply', 'j1', '--yes', '--json'],
-    ['apply', 'j1', '--yes', '--only', 'src/app.py', 'we[*]ird', '--keep-conflicts', '--json'],
+    ['apply', '--json', '--yes', '--keep-conflicts', 'j1', '--', 'src/app.py', 'we*ird'],
     ['apply', '--undo', '--yes', '--json'],
     ['jobs', '--json'],
   ]);

@@ -103,7 +103,7 @@ test('Review: a file opens its diff, look-closely items are flagged, selected fi
   assert.equal(first[0].find((i) => i.path === 'run.sh').detail, 'look closely: becomes executable');
   assert.equal(many[1].canPickMany, true);
   assert.ok(many[0].every((i) => i.picked));
-  assert.deepEqual(calls().filter((c) => c.argv[0] === 'apply').map((c) => c.argv), [['apply', fx.JOB, '--yes', '--only', 'run.sh', '--json']]);
+  assert.deepEqual(calls().filter((c) => c.argv[0] === 'apply').map((c) => c.argv), [['apply', '--json', '--yes', fx.JOB, '--', 'run.sh']]);
   assert.deepEqual(uiCalls('showInformationMessage').map((a) => a[0]), ['Patchwire: applied job 7aa6964d0087: 1 file; the rest stays in the job']);
 });
 
@@ -249,6 +249,16 @@ test('Doctor: failing checks and their fixes go to the output channel and an err
   assert.deepEqual(uiCalls('showErrorMessage').map((a) => a[0]), ['Patchwire doctor: agent: cannot reach the agent']);
 });
 
+test('Notifications: a sandbox warning, a cancel status and conflict names from the box run no command', async () => {
+  const link = '[fix](command:workbench.action.terminal.sendSequence?%7B%22text%22%3A%22id%5Cn%22%7D)';
+  const checks = [{ name: 'sandbox', ok: false, detail: `unconfined ${link} $(check)`, fix: 'x' }];
+  const { run, uiCalls } = setup({ doctor: { stdout: [{ ok: false, checks }], code: 1 } });
+  await run('patchwire.doctor');
+  const shown = uiCalls('showErrorMessage').map((a) => a[0]).join('\n');
+  assert.match(shown, /unconfined \[fix\] \(command:/);
+  assert.doesNotMatch(shown, /\]\(|\$\(/);
+});
+
 test('the diff editor\'s sides come from diff --file --side, read-only text', async () => {
   const { stub, calls } = setup({ diff: [
     { stdout: [{ job: fx.JOB, path: 'src/app.py', side: 'old', exists: true, mode: '100644', binary: false, text: "print('hello')\n" }] },
@@ -265,9 +275,9 @@ test('the diff editor\'s sides come from diff --file --side, read-only text', as
   assert.equal(await stub.provider.provideTextDocumentContent(uri('later.txt', 'new')), '(Patchwire could not read this file: the agent refused: no job)');
   assert.equal(await stub.provider.provideTextDocumentContent(uri('later.txt', 'new')), 'ok\n'); // a failure is not cached
   assert.deepEqual(calls().filter((c) => c.argv[0] !== 'jobs').map((c) => c.argv), [
-    ['diff', fx.JOB, '--file', 'src/app.py', '--side', 'old', '--json'],
-    ['diff', fx.JOB, '--file', 'logo.png', '--side', 'new', '--json'],
-    ['diff', fx.JOB, '--file', 'gone.txt', '--side', 'new', '--json'],
-    ['diff', fx.JOB, '--file', 'later.txt', '--side', 'new', '--json'],
-    ['diff', fx.JOB, '--file', 'later.txt', '--side', 'new', '--json']]);
+    ['diff', fx.JOB, '--file=src/app.py', '--side', 'old', '--json'],
+    ['diff', fx.JOB, '--file=logo.png', '--side', 'new', '--json'],
+    ['diff', fx.JOB, '--file=gone.txt', '--side', 'new', '--json'],
+    ['diff', fx.JOB, '--file=later.txt', '--side', 'new', '--json'],
+    ['diff', fx.JOB, '--file=later.txt', '--side', 'new', '--json']]);
 });

