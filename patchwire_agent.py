@@ -127,6 +127,7 @@ import sqlite3
 import ssl
 import stat
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -205,6 +206,19 @@ CONFIG_TEMPLATE = """\
 # max_output_mb: the AI's events stored per job (the head and the tail; the middle is dropped
 # and counted). max_diff_mb: a job's patch; a larger change fails the job. Defaults 16 and 256.
 {jobs}
+[network]
+# Under bwrap each job has its own network namespace: the AI reaches the outside only through
+# the agent's gateway, which lets it reach the hosts allowed here. mode: "allowlist", "none"
+# (only the AI's own API) or "open". presets: anthropic, github, pub, npm, pypi, maven-google,
+# gradle, cocoapods, crates, go (README.md, "Network"). users.NAME and projects."PATTERN"
+# tables may set mode, allow and presets again.
+mode = "allowlist"
+presets = ["anthropic"]
+allow = []
+# api_upstream = "https://api.anthropic.com"
+# credential_file = "claude-credential"  # an API key or a `claude setup-token` token, for the
+#                                        # gateway to add to the AI's API calls: the AI never holds it
+
 # The policy table holds defaults for every user; users.NAME may override each key.
 # `patchwire-agent policy NAME` shows what applies. The built-in defaults:
 # [policy]  (uncomment to change)
@@ -1473,6 +1487,9 @@ class Sandbox:
         if self.kind == "bwrap":
             programs = [Path(p) for p in (found, os.path.realpath(found), *argv[1:]) if os.path.isabs(p)]
             inner = process_limit_argv(walls.limits)
+            if walls.gateway:  # the forwarder runs the AI as its child: the agent's own Python
+                inner += [sys.executable, "-I", "-S", "-c", GATEWAY_FORWARDER, GATEWAY_SOCKET, str(GATEWAY_PORT)]
+                programs += [Path(sys.executable), Path(os.path.realpath(sys.executable))]
             return bwrap_argv(self.program, inner + argv, walls, programs), {**env, "TMPDIR": "/tmp"}
         scratch.mkdir(parents=True, exist_ok=True)
         params = {"JOB": walls.job, "TMP": scratch, "STATE": walls.state, "GIT_DIR": walls.git_dir,
@@ -1526,9 +1543,10 @@ class JobWalls:
 
     def __init__(self, job: Path, state: Path, git_dir: Path, home: Path, limits: AILimits,
                  secret_files: Sequence[Path] = (), readable: Sequence[str] = (),
-                 credentials: Optional[Path] = None):
+                 credentials: Optional[Path] = None, gateway: Optional[Path] = None):
         self.job, self.state, self.git_dir, self.home, self.limits = job, state, git_dir, home, limits
         self.secret_files, self.readable, self.credentials = list(secret_files), list(readable), credentials
+        self.gateway = gateway  # the job's gateway socket: its own network namespace, this the way out
 
     def hidden_folders(self) -> List[str]:
         """System folders hidden under an empty tmpfs: the account's homes, /run, /var/tmp;
@@ -1625,6 +1643,8 @@ def bwrap_argv(bwrap: str, argv: List[str], walls: JobWalls, programs: List[Path
         out += ["--ro-bind", "/dev/null", path]
     for folder in system + [state]:  # empty and read-only: writes there fail loudly, not into a void
         out += ["--remount-ro", folder]
+    if walls.gateway:  # its own loopback only; the gateway's socket (in the private /tmp) the way out
+        out += ["--unshare-net", "--bind", str(walls.gateway), GATEWAY_SOCKET]
     return out + ["--unshare-user", "--cap-drop", "ALL", "--unshare-pid", "--new-session",
                   "--die-with-parent", "--chdir", real(walls.job), "--"] + argv
 
@@ -1799,10 +1819,14 @@ NETWORK_SCHEMA = {"mode": (str, "allowlist"), "allow": ("str_list", []), "preset
                   "api_upstream": (str, None), "credential_file": (str, None), "users": (dict, {}),
                   "projects": (dict, {})}
 NETWORK_OVERRIDE_SCHEMA = {"mode": (str, None), "allow": ("str_list", None), "presets": ("str_list", None)}
+NETWORK_MISSING = ("the config has no [network] table: every job shares the box's network (other jobs' "
+                   "ports, the box's services, the whole internet) and holds the API credential; add "
+                   '[network] mode = "allowlist" (README.md, "Network")')
 GATEWAY_PORT = 3128  # the forwarder's port on the job's own loopback (nothing else is there)
 GATEWAY_SOCKET = "/tmp/.patchwire-gateway.sock"  # where the job's socket appears in the sandbox
 GATEWAY_PLACEHOLDER_KEY = "sk-ant-patchwire-gateway-placeholder"
 GATEWAY_HEAD_MAX = 64 * 1024
+EGRESS_EVENTS = 200  # network events per job; the summary counts everything
 GATEWAY_CONNECT_TIMEOUT_S = 10
 CREDENTIAL_VARIABLES = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN")
 OAUTH_BETA = "oauth-2025-04-20"  # Anthropic's API takes a Claude login's token with this beta
@@ -1976,6 +2000,7 @@ class EgressReport:
         self.emit = emit
         self.lock = threading.Lock()
         self.hosts: Dict[str, Dict[str, int]] = {}
+        self.told = 0
 
     def record(self, host: str, allowed: bool, sent: int = 0, received: int = 0) -> None:
         with self.lock:
@@ -1984,9 +2009,15 @@ class EgressReport:
             entry["allowed" if allowed else "refused"] += 1
             entry["sent"] += sent
             entry["received"] += received
-        if first or not allowed and entry["refused"] <= 20:
+        if (first or not allowed and entry["refused"] <= 20) and self._told_enough():
             self.emit({"type": "network" if allowed else "network_refused", "host": host,
                        **({} if allowed else {"count": entry["refused"]})})
+
+    def _told_enough(self) -> bool:
+        """At most EGRESS_EVENTS events a job (an AI trying 10,000 hosts is in the summary)."""
+        with self.lock:
+            self.told += 1
+            return self.told <= EGRESS_EVENTS
 
     def add_bytes(self, host: str, sent: int, received: int) -> None:
         with self.lock:
@@ -2179,6 +2210,22 @@ def gateway_answer(conn: socket.socket, status: HTTPStatus, text: str) -> None:
     body = (text + "\n").encode("utf-8")
     conn.sendall(f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: text/plain; charset=utf-8\r\n"
                  f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode("latin-1") + body)
+
+
+def gateway_ai_environment(env: Dict[str, str], holds_credential: bool) -> Dict[str, str]:
+    """The AI's environment behind the gateway: the proxies and the API through it; when the
+    gateway holds the credential, the AI's own credential variables go and a placeholder
+    comes (the CLI wants some key)."""
+    out = {**env, **gateway_env()}
+    if not holds_credential:
+        out.pop("ANTHROPIC_API_KEY")
+        if "ANTHROPIC_API_KEY" in env:
+            out["ANTHROPIC_API_KEY"] = env["ANTHROPIC_API_KEY"]
+        return out
+    for name in CREDENTIAL_VARIABLES:
+        out.pop(name, None)
+    out["ANTHROPIC_API_KEY"] = GATEWAY_PLACEHOLDER_KEY
+    return out
 
 
 def gateway_env(port: int = GATEWAY_PORT) -> Dict[str, str]:
@@ -2743,6 +2790,11 @@ class Agent:
         self.sandbox = Sandbox.choose(cfg.sandbox)
         if self.sandbox.warning:
             log.warning("%s", self.sandbox.warning)
+        # the jobs' gateway sockets: a short path (a socket's is at most 107 bytes), private
+        self.gateway_dir = Path(tempfile.mkdtemp(prefix="pw-gateway-"))
+        self.credential = Credential.find(cfg.network, dict(os.environ))
+        if self.sandbox.kind == "bwrap" and not cfg.network.configured:
+            log.warning("%s", NETWORK_MISSING)
         self.queue = FairQueue()
         self.lock = threading.Lock()
         self.repos: Dict[Tuple[str, str], ProjectRepo] = {}
@@ -2789,6 +2841,7 @@ class Agent:
             t.join(timeout=KILL_GRACE_S + 5)
         self.store.close()
         self.audit.close()
+        shutil.rmtree(self.gateway_dir, ignore_errors=True)
 
     def recover(self) -> None:
         """After a crash: running jobs fail with a reason and their folders are cleaned;
@@ -3206,12 +3259,37 @@ class Agent:
         self._announce_positions()
         parent = self.store.job(job["parent"]) if job["parent"] else None
         carry = (parent["snapshot"], parent["result"]["result_commit"]) if parent else None
-        argv, env, cgroup = self.confine(job, repo, slot, parent)
+        gateway = self.open_gateway(job)
+        try:
+            self._run_in_walls(job, repo, slot, parent, carry, times, gateway)
+        finally:
+            if gateway:
+                gateway.close()
+
+    def open_gateway(self, job: dict) -> Optional["JobGateway"]:
+        """The job's way out (section "the gateway"): under bwrap with [network] set. An older
+        config without [network] keeps the box's network (a warning at start says so)."""
+        if self.sandbox.kind != "bwrap" or not self.cfg.network.configured:
+            return None
+        policy = self.cfg.network.policy(job["user"], job["project"])
+        report = EgressReport(lambda e: self.store.add_event(job["id"], e))
+        return JobGateway(self.gateway_dir, policy, self.api_upstream(), self.credential, report)
+
+    def api_upstream(self) -> str:
+        """[network] api_upstream, else the API the AI would have used: ANTHROPIC_BASE_URL of
+        [ai] env or of the agent's environment, else Anthropic's."""
+        return (self.cfg.network.api_upstream or self.cfg.ai_env.get("ANTHROPIC_BASE_URL")
+                or os.environ.get("ANTHROPIC_BASE_URL") or "https://api.anthropic.com")
+
+    def _run_in_walls(self, job: dict, repo: ProjectRepo, slot: int, parent: Optional[dict],
+                      carry: Optional[Tuple[str, str]], times: "StepTimes", gateway: Optional["JobGateway"]) -> None:
+        argv, env, cgroup = self.confine(job, repo, slot, parent, gateway)
         run, output = self._new_run(job, repo, slot, argv, env)
         with self.lock:
             self.runs[job["id"]] = run  # from here on a cancel reaches the job
             early = self.cancel_early.pop(job["id"], None)
         if early:  # cancelled while this worker was taking it: the AI never starts
+            cgroup.remove()
             self.finish(job["id"], "cancelled", early)
             return
         times.step("setup_ms")
@@ -3221,6 +3299,7 @@ class Agent:
             links = repo.remove_escaping_links(slot)
             times.step("links_ms")
         except PatchwireError as e:
+            cgroup.remove()
             self.finish(job["id"], "failed", f"could not prepare the job folder: {e.message}")
             return
         if links:
@@ -3234,6 +3313,9 @@ class Agent:
         self._flush_output(job["id"], output)
         times.step("ai_ms")
         summary = summarize_result(result, time.monotonic() - started, run.exit_code)
+        if gateway:
+            summary["network"] = gateway.report.summary()
+            self.audit.job(job["id"], "egress", user=job["user"], project=job["project"], **summary["network"])
         if status != "done":
             self._fail_run(job["id"], repo, slot, status, reason, result=summary)
             return
@@ -3284,19 +3366,24 @@ class Agent:
         self.finish(job["id"], "done", result={**summary, "result_commit": commit}, stats=stats,
                     timings=times.ms)
 
-    def confine(self, job: dict, repo: ProjectRepo, slot: int, parent: Optional[dict]
-                ) -> Tuple[List[str], dict, JobCgroup]:
+    def confine(self, job: dict, repo: ProjectRepo, slot: int, parent: Optional[dict],
+                gateway: Optional["JobGateway"] = None) -> Tuple[List[str], dict, JobCgroup]:
         """The AI's argv and environment for this job, inside its walls and limits: the
-        user's own AI home, the sandbox, the job's cgroups (made here, removed by the run)."""
+        user's own AI home, the sandbox, the job's network (its gateway, when there is one),
+        the job's cgroups (made here, removed by the run)."""
         cfg, bwrap = self.cfg, self.sandbox.kind == "bwrap"
         credentials = agent_credentials()
+        if gateway and gateway.credential:
+            credentials = None  # the gateway adds the box's credential: the AI holds none
         home = prepare_ai_home(cfg.state_dir, job["user"], credentials, bound=bwrap)
         limits = cfg.limits.probe() if bwrap else AILimits(0, 0, 0)
         walls = JobWalls(repo.slot_path(slot), cfg.state_dir, repo.git_dir, home, limits,
                          secret_files=cfg.secret_files, readable=cfg.readable,
-                         credentials=credentials if bwrap else None)
-        argv, env = self.sandbox.wrap(self.ai_argv(parent), ai_environment(cfg, home), walls,
-                                      scratch=repo.home / "tmp" / f"slot{slot}")
+                         credentials=credentials if bwrap else None, gateway=gateway.path if gateway else None)
+        env = ai_environment(cfg, home)
+        if gateway:
+            env = gateway_ai_environment(env, holds_credential=gateway.credential is not None)
+        argv, env = self.sandbox.wrap(self.ai_argv(parent), env, walls, scratch=repo.home / "tmp" / f"slot{slot}")
         cgroup = JobCgroup(limits, job["id"])
         if bwrap:
             try:

@@ -71,14 +71,15 @@ class WallsBox:
     """A real agent with a fake box-account home full of secrets, its config and state
     folder under /srv (visible to the old sandbox), run as root or as the test account."""
 
-    def __init__(self, place: Path, who: str, users=("alice", "bob"), ai=None, server=None):
+    def __init__(self, place: Path, who: str, users=("alice", "bob"), ai=None, server=None, network=None,
+                 env=None):
         self.place, self.who = place, who
         self.home = place / "home"
         for rel, data in {**SECRETS, ".claude/.credentials.json": LOGIN}.items():
             (self.home / rel).parent.mkdir(parents=True, exist_ok=True)
             (self.home / rel).write_bytes(data)
         env = {"HOME": str(self.home), "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
-               "ANTHROPIC_API_KEY": "sk-passes-through", **AGENT_ENV_SECRETS}
+               "ANTHROPIC_API_KEY": "sk-passes-through", **AGENT_ENV_SECRETS, **(env or {})}
         program, command = None, list(STAND_IN_COMMAND)
         if who == "account":
             account = account_or_skip()
@@ -87,6 +88,10 @@ class WallsBox:
             command = ["/usr/bin/python3", str(STAND_IN), *STAND_IN_COMMAND[2:]]
         self.agent = AgentProcess(place / "box", command, users=users, ai={"sandbox": "bwrap", **(ai or {})},
                                   program=program, env=env, server=server)
+        if network is not None:
+            data = tomllib.loads(self.agent.config.read_text())
+            data["network"] = network
+            self.agent.config.write_text(tomli_w.dumps(data))
         if who == "account":
             subprocess.run(["chown", "-R", f"{ACCOUNT}:", str(place)], check=True)
         self.agent.start()

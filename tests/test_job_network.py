@@ -1,0 +1,116 @@
+"""The AI's network (the gateway, wired in): each job under bwrap in its own network namespace, its
+way out the agent's gateway. The real agent, as root and as an ordinary account (test_box_walls'
+WallsBox), the stand-in AI running real curl and python; the "internet" is tests/internet.py on
+127.0.0.2 (HTTPS, a test CA) and 127.0.0.3 (plain HTTP)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+import patchwire_agent as pa
+from conftest import script
+from internet import Internet
+from test_box_walls import EMPTY_TREE, place, walls_box  # noqa: F401 - fixtures
+
+LISTEN_CODE = """
+import socket, sys
+s = socket.socket(); s.bind(("127.0.0.1", 45678)); s.listen(1); s.settimeout(15)
+open(sys.argv[1], "w").write("listening")
+try:
+    c, _ = s.accept(); print("someone came:", c.recv(100))
+except socket.timeout:
+    print("nobody came")
+"""
+CONNECT_CODE = """
+import socket, sys
+for target in sys.argv[1:]:
+    family = socket.AF_UNIX if target.startswith("@") else socket.AF_INET
+    s = socket.socket(family)
+    s.settimeout(3)
+    try:
+        s.connect("\\0" + target[1:] if family == socket.AF_UNIX else (target.split(":")[0], int(target.split(":")[1])))
+        s.sendall(b"hello from the AI")
+        print(target, "connected")
+    except OSError as e:
+        print(target, "error:", e.strerror or e)
+"""
+
+
+@pytest.fixture
+def internet(place):  # noqa: F811
+    net = Internet(place / "internet")
+    yield net
+    net.close()
+
+
+def test_a_job_reaches_only_allowed_hosts_and_never_holds_the_credential(walls_box, internet):  # noqa: F811
+    (https_host, https_port), (http_host, http_port) = internet.https, internet.http
+    box = walls_box(network={"mode": "allowlist", "presets": [], "allow": [f"{https_host}:{https_port}"]},
+                    env={"ANTHROPIC_API_KEY": "sk-ant-api03-THE-BOXES-OWN"})
+    job = box.ask("alice",
+                  {"write": "ca.crt", "text": internet.ca.read_text()},
+                  {"run": ["curl", "-sS", "--cacert", "ca.crt", f"https://{https_host}:{https_port}/a"],
+                   "out": "allowed.txt"},
+                  {"run": ["curl", "-sS", f"http://{http_host}:{http_port}/b"], "out": "refused.txt"},
+                  {"run": ["curl", "-sS", "--cacert", "ca.crt", f"https://{http_host}:{http_port}/c"],
+                   "out": "refused-tls.txt"},
+                  {"run": ["curl", "-sS", "--noproxy", "*", "--max-time", "5", f"http://{http_host}:{http_port}/d"],
+                   "out": "direct.txt"},
+                  {"env": "env.txt"})
+    assert job["status"] == "done", job
+    assert box.added(job, "allowed.txt").startswith("rc=0\nhello from 127.0.0.2")
+    refused = box.added(job, "refused.txt")
+    assert f"{http_host}:{http_port} is not allowed ([network] mode = \"allowlist\")" in refused
+    assert f'add "{http_host}" to [network] allow = [...]' in refused
+    assert "rc=0" not in box.added(job, "refused-tls.txt")  # curl: CONNECT refused with 403
+    assert "rc=0" not in box.added(job, "direct.txt")  # no route: its own namespace has only loopback
+    assert not internet.http_seen and [p for _, p, _ in internet.https_seen] == ["/a"]
+    env = dict(line.split("=", 1) for line in box.added(job, "env.txt").splitlines() if "=" in line)
+    assert env["ANTHROPIC_API_KEY"] == pa.GATEWAY_PLACEHOLDER_KEY and env["HTTPS_PROXY"] == "http://127.0.0.1:3128"
+    assert b"THE-BOXES-OWN" not in box.diff(job) + box.events_text(job)
+    network = box.agent.json("GET", f"/v1/jobs/{job['id']}")[1]["result"]["network"]
+    assert network["refused"] == {http_host: 2} and network["contacted"][https_host]["received"] > 0
+    kinds = [json.loads(line)["type"] for line in box.events_text(job).splitlines() if line.strip()]
+    assert kinds.count("network") == 1 and kinds.count("network_refused") == 2
+
+
+def test_no_port_or_socket_of_the_box_or_another_job_is_reachable(walls_box):  # noqa: F811
+    box = walls_box()
+    service = socket.socket()
+    service.bind(("127.0.0.1", 0))
+    service.listen(5)
+    abstract = socket.socket(socket.AF_UNIX)
+    abstract.bind("\0pw-test-abstract")
+    abstract.listen(5)
+    heard: list = []
+
+    def accept(sock) -> None:
+        sock.settimeout(30)
+        try:
+            heard.append(sock.accept()[0].recv(100))
+        except OSError:
+            pass
+    for sock in (service, abstract):
+        threading.Thread(target=accept, args=(sock,), daemon=True).start()
+    try:
+        body = {"project": "p", "tree": EMPTY_TREE, "files": []}
+        listener = box.agent.json("POST", "/v1/ask", {**body, "prompt": script(
+            {"run": ["python3", "-c", LISTEN_CODE, "/tmp/ready"], "out": "listener.txt"})})[1]
+        target = ["python3", "-c", CONNECT_CODE, f"127.0.0.1:{service.getsockname()[1]}", "@pw-test-abstract",
+                  "127.0.0.1:45678"]
+        time.sleep(1.5)  # the listener job binds first
+        other = box.ask("bob", {"run": target, "out": "connect.txt"})
+        said = box.added(other, "connect.txt", user="bob")
+        assert said.count("error:") == 3 and "connected" not in said, said
+        first = box.agent.wait_job(listener["id"], timeout=60)
+        assert "nobody came" in box.added(first, "listener.txt"), box.added(first, "listener.txt")
+        assert heard == []
+    finally:
+        service.close()
+        abstract.close()
+
