@@ -23,3 +23,11 @@ def test_ask_benchmark_quick_run_measures_patchwire_and_the_hand_written_script(
     row = [l for l in out.splitlines() if l.startswith("| 200 | local |")]
     assert len(row) == 1 and row[0].endswith("x |"), out  # both sides ran: a ratio was computed
     assert "Coloured" in out and "`patchwire --help (cached bytecode)`" in out
+
+
+def test_gateway_benchmark_quick_run_measures_both_paths():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/gateway.py"), "--quick"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, out
+    assert out.count("x | +") == 2 and "tunnels open" in out, out
