@@ -2314,6 +2314,13 @@ class ProgressPrinter:
         say(self.stamp(), self.style("yellow", f"... {self.flat(e.get('events'))} event(s) of the AI's output "
                                      f"({size}) not kept by the box: over {self.flat(e.get('limit'))}"))
 
+    def on_network(self, e: dict) -> None:
+        say(self.stamp(), self.style("dim", f"network: {self.flat(e.get('host'))}"))
+
+    def on_network_refused(self, e: dict) -> None:
+        say(self.stamp(), self.style("yellow", f"network: {self.flat(e.get('host'))} refused by the box's "
+                                     f"[network] policy (x{self.flat(e.get('count', 1))})"))
+
     def on_tool(self, e: dict) -> None:
         say(self.stamp(), self.style("cyan", f"> {self.flat(e.get('name'))}"), self.flat(e.get("detail", "")))
 
