@@ -5291,7 +5291,47 @@ def check_sandbox(cfg: AgentConfig) -> dict:
     if sandbox.kind != "bwrap":
         return box_check("sandbox", True, f"the AI runs under {sandbox.kind}")
     return box_check("sandbox", True, f"the AI runs under bwrap with capabilities {ai_capabilities(sandbox.program)} "
-                     "(its own user namespace, --cap-drop ALL); the network and abstract sockets are the box's")
+                     "(its own user namespace, --cap-drop ALL)")
+
+
+NETWORK_PROBE = """
+import socket, sys
+for host, port in (("127.0.0.1", int(sys.argv[1])), (sys.argv[2], int(sys.argv[3]))):
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+        print("reached", host, port)
+    except OSError as e:
+        print("refused", host, port, e.strerror or e)
+"""
+
+
+def check_network(cfg: AgentConfig) -> dict:
+    """[network] as it applies, proved from inside a sandbox like a job's: a port of the box
+    (this doctor's own listener on loopback) and the API upstream, tried directly, are both
+    out of reach; only the gateway leads out."""
+    net = cfg.network
+    if not net.configured:
+        return box_check("network", cfg.sandbox == "none", NETWORK_MISSING, 'add [network] mode = "allowlist" to the config')
+    what = (f'mode "{net.base["mode"]}", presets {", ".join(net.base["presets"]) or "none"}, '
+            f'{len(net.base["allow"])} more host(s)')
+    program, _ = probe_bwrap() if cfg.sandbox in ("auto", "bwrap") and sys.platform.startswith("linux") else ("", "")
+    if not program:
+        return box_check("network", cfg.sandbox == "none", f"{what}; not enforced without bwrap",
+                         "install bubblewrap: only a job in its own network namespace is held to [network]")
+    upstream = urllib.parse.urlsplit(cfg.network.api_upstream or "https://api.anthropic.com")
+    with socket.socket() as box_port:
+        box_port.bind(("127.0.0.1", 0))
+        box_port.listen(1)
+        proc = pw.run([program, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-user",
+                       "--unshare-net", "--unshare-pid", "--die-with-parent", sys.executable, "-I", "-S", "-c",
+                       NETWORK_PROBE, str(box_port.getsockname()[1]), upstream.hostname or "",
+                       str(upstream.port or 443)], timeout=30, check=False)
+    said = proc.stdout.decode("utf-8", "replace")
+    if proc.returncode != 0 or [line.split(" ")[0] for line in said.splitlines()] != ["refused", "refused"]:
+        return box_check("network", False, f"{what}; from inside a job's sandbox: {said.strip() or 'bwrap failed'}",
+                         "the job's own network namespace did not hold: check bwrap --unshare-net here")
+    return box_check("network", True, f"{what}; from inside a job's sandbox neither a port of the box nor "
+                     f"{upstream.hostname} is reachable directly: only the gateway leads out")
 
 
 def ai_capabilities(bwrap: str) -> str:
@@ -5353,7 +5393,7 @@ def check_listen(cfg: AgentConfig) -> dict:
     return box_check("listen", True, f"{scheme}://{cfg.host}:{cfg.port}")
 
 
-BOX_CHECKS = (check_git, check_rsync, check_rrsync, check_ai, check_sandbox, check_ai_path, check_limits,
+BOX_CHECKS = (check_git, check_rsync, check_rrsync, check_ai, check_sandbox, check_network, check_ai_path, check_limits,
               check_state, check_listen)
 
 

@@ -114,3 +114,23 @@ def test_no_port_or_socket_of_the_box_or_another_job_is_reachable(walls_box):  #
         service.close()
         abstract.close()
 
+
+
+def test_doctor_proves_from_inside_a_sandbox_that_only_the_gateway_leads_out(tmp_path, capsys):
+    from test_box_walls import bwrap_or_skip
+    bwrap_or_skip()
+    config = tmp_path / "agent.toml"
+    assert pa.main(["init", "-c", str(config), "--user", "ann", "--token-file", str(tmp_path / "t")]) == 0
+    text = config.read_text().replace('sandbox = "auto"', 'sandbox = "bwrap"')
+    config.write_text(text)
+    capsys.readouterr()
+    pa.main(["doctor", "-c", str(config), "--json"])
+    checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)["checks"]}
+    assert checks["network"]["ok"], checks["network"]
+    assert "neither a port of the box nor api.anthropic.com is reachable directly" in checks["network"]["detail"]
+    # a config of an older version, without [network]: the jobs share the box's network
+    start, end = text.index("[network]"), text.index("allow = []") + len("allow = []")
+    config.write_text(text[:start] + text[end:])
+    pa.main(["doctor", "-c", str(config), "--json"])
+    checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)["checks"]}
+    assert not checks["network"]["ok"] and "no [network] table" in checks["network"]["detail"]
