@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import patchwire_agent as pa
+from claude_cli import DUMMY_API_KEY
 from conftest import Laptop, make_repo
 from test_real_claude import (CLAUDE_COMMAND, FILES, PROJECT, api, cli, connect, laptop,  # noqa: F401
                               offline_env, start_box, text, tool)
@@ -37,6 +38,7 @@ def test_claude_runs_confined(cli, start_box, laptop, outside):
     box.api.script([
         [tool("Write", file_path=str(cwd / "inside.txt"), content="inside\n")],
         [tool("Bash", command=f"touch {outside}/x", description="Write outside")],
+        [tool("Bash", command="curl -sS http://refused.example/; exit 1", description="Reach out")],
         [text("Done.")],
     ])
     result = laptop.ask("write inside, then outside", "--yes", timeout=120)
@@ -48,6 +50,15 @@ def test_claude_runs_confined(cli, start_box, laptop, outside):
     assert [e for e in events if e["type"] == "started"][0]["sandbox"] == "bwrap"
     errors = [e["text"] for e in events if e["type"] == "tool_error"]
     assert any("Read-only file system" in e for e in errors), errors
+    # its own network namespace: the gateway answered the refused host, naming the setting
+    assert any('refused.example:80 is not allowed ([network] mode = "allowlist")' in e for e in errors), errors
+    assert {"type": "network_refused", "host": "refused.example", "count": 1} in [
+        {k: e[k] for k in ("type", "host", "count") if k in e} for e in events]
+    # its API calls went through the gateway, which put the box's key in place of a placeholder
+    keys = {c.get("x-api-key") for c in box.api.credentials}
+    assert keys == {DUMMY_API_KEY}, box.api.credentials
+    network = box.agent.json("GET", f"/v1/jobs/{job}")[1]["result"]["network"]
+    assert network["contacted"]["127.0.0.1"]["allowed"] >= 2 and network["refused"] == {"refused.example": 1}
     # its session lives in alice's own AI home, not in the box account's ~/.claude
     home = box.agent.state_dir / "users/alice/home"
     assert list(home.glob(".claude/projects/*/*.jsonl")) and (home / ".claude.json").exists()
