@@ -2036,8 +2036,9 @@ class JobGateway:
     Each connection is read up to its request head, judged, then relayed byte for byte."""
 
     def __init__(self, folder: Path, policy: NetworkPolicy, upstream: Optional[str],
-                 credential: Optional[Credential], report: EgressReport):
+                 credential: Optional[Credential], report: EgressReport, own_folder: bool = False):
         self.policy, self.upstream, self.credential, self.report = policy, upstream, credential, report
+        self.folder = folder if own_folder else None  # removed by close()
         self.path = folder / f"gw-{secrets.token_hex(6)}.sock"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(str(self.path))
@@ -2051,6 +2052,8 @@ class JobGateway:
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         self.path.unlink(missing_ok=True)
+        if self.folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     def _accept(self) -> None:
         while not self.closed:
@@ -2790,8 +2793,6 @@ class Agent:
         self.sandbox = Sandbox.choose(cfg.sandbox)
         if self.sandbox.warning:
             log.warning("%s", self.sandbox.warning)
-        # the jobs' gateway sockets: a short path (a socket's is at most 107 bytes), private
-        self.gateway_dir = Path(tempfile.mkdtemp(prefix="pw-gateway-"))
         self.credential = Credential.find(cfg.network, dict(os.environ))
         if self.sandbox.kind == "bwrap" and not cfg.network.configured:
             log.warning("%s", NETWORK_MISSING)
@@ -2841,7 +2842,6 @@ class Agent:
             t.join(timeout=KILL_GRACE_S + 5)
         self.store.close()
         self.audit.close()
-        shutil.rmtree(self.gateway_dir, ignore_errors=True)
 
     def recover(self) -> None:
         """After a crash: running jobs fail with a reason and their folders are cleaned;
@@ -3273,7 +3273,9 @@ class Agent:
             return None
         policy = self.cfg.network.policy(job["user"], job["project"])
         report = EgressReport(lambda e: self.store.add_event(job["id"], e))
-        return JobGateway(self.gateway_dir, policy, self.api_upstream(), self.credential, report)
+        # a short, private folder for its socket (a socket's path is at most 107 bytes), gone with it
+        folder = Path(tempfile.mkdtemp(prefix="pw-gateway-"))
+        return JobGateway(folder, policy, self.api_upstream(), self.credential, report, own_folder=True)
 
     def api_upstream(self) -> str:
         """[network] api_upstream, else the API the AI would have used: ANTHROPIC_BASE_URL of
