@@ -2331,15 +2331,39 @@ class ProgressPrinter:
         stats = e.get("stats") or {}
         if not stats.get("files"):
             say(self.stamp(), self.style("bold", "AI finished: no changes"))
-            return
-        say(self.stamp(), self.style("bold", f"AI finished: {self.flat(stats['files'])} file(s), "
-                                     f"+{self.flat(stats.get('added', 0))} -{self.flat(stats.get('removed', 0))}"))
+        else:
+            say(self.stamp(), self.style("bold", f"AI finished: {self.flat(stats['files'])} file(s), +"
+                                         f"{self.flat(stats.get('added', 0))} -{self.flat(stats.get('removed', 0))}"))
+        self.say_network(e)
 
     def on_failed(self, e: dict) -> None:
         say(self.stamp(), self.style("red", f"AI run failed: {self.flat(e.get('reason'))}"))
+        self.say_network(e)
+
+    def say_network(self, e: dict) -> None:
+        summary = network_summary(e.get("network"))
+        if summary:
+            say(self.stamp(), self.style("yellow" if "refused:" in summary else "dim", summary))
 
     def on_cancelled(self, e: dict) -> None:
         say(self.stamp(), self.style("yellow", f"job cancelled: {self.flat(e.get('reason', ''))}"))
+
+
+def network_summary(network: Any) -> str:
+    """"contacted: api.anthropic.com, pub.dev; refused: evil.example x3" from a job's egress
+    report (the box's `network`), "" without one; hosts sanitised by the caller's printer."""
+    if not isinstance(network, dict):
+        return ""
+    contacted = network.get("contacted") if isinstance(network.get("contacted"), dict) else {}
+    refused = network.get("refused") if isinstance(network.get("refused"), dict) else {}
+    parts = []
+    if contacted:
+        parts.append("contacted: " + ", ".join(str(h) for h in list(contacted)[:10])
+                     + (f" and {len(contacted) - 10} more" if len(contacted) > 10 else ""))
+    if refused:
+        parts.append("refused: " + ", ".join(f"{h} x{n}" for h, n in list(refused.items())[:10])
+                     + (f" and {len(refused) - 10} more" if len(refused) > 10 else ""))
+    return "network " + "; ".join(parts) if parts else ""
 
 
 def _wait_estimate(e: dict) -> str:
@@ -4549,7 +4573,9 @@ def cmd_show(args) -> int:
         if job.get(key):
             print(f"{key + ':':<9} {sanitize(str(job[key]), keep_newlines=True)}")
     for key, value in (job.get("result") or {}).items():
-        if value is not None:
+        if key == "network":
+            print(sanitize(network_summary(value).replace("network ", "network: ", 1), keep_newlines=True))
+        elif value is not None:
             print(sanitize(f"{key + ':':<9} {human_value(value)}", keep_newlines=True))
     printer = ProgressPrinter(Style(False))
     for event in events:

@@ -3135,6 +3135,9 @@ class Agent:
         extra: Dict[str, Any] = {"stats": fields.get("stats")} if status == "done" else {"reason": reason}
         if timings:
             extra["timings"] = timings
+        network = (fields.get("result") or {}).get("network")
+        if network:  # what the job contacted, for the laptop to show beside the outcome
+            extra["network"] = network
         self.store.add_event(job_id, {"type": event, "status": status, **extra}, status=status,
                              reason=reason or None, finished=time.time(), **fields,
                              **usage_columns(fields.get("result"), fields.get("stats")))

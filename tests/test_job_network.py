@@ -5,6 +5,8 @@ WallsBox), the stand-in AI running real curl and python; the "internet" is tests
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import socket
 import threading
@@ -12,6 +14,7 @@ import time
 
 import pytest
 
+import patchwire
 import patchwire_agent as pa
 from conftest import script
 from internet import Internet
@@ -77,6 +80,13 @@ def test_a_job_reaches_only_allowed_hosts_and_never_holds_the_credential(walls_b
     assert network["refused"] == {http_host: 2} and network["contacted"][https_host]["received"] > 0
     kinds = [json.loads(line)["type"] for line in box.events_text(job).splitlines() if line.strip()]
     assert kinds.count("network") == 1 and kinds.count("network_refused") == 2
+    printer_out = io.StringIO()
+    with contextlib.redirect_stderr(printer_out):
+        printer = patchwire.ProgressPrinter(patchwire.Style(False))
+        for line in box.events_text(job).splitlines():
+            printer(json.loads(line))
+    assert f"network contacted: {https_host}; refused: {http_host} x2" in printer_out.getvalue()
+    assert f"network: {http_host} refused by the box's [network] policy (x2)" in printer_out.getvalue()
 
 
 def test_no_port_or_socket_of_the_box_or_another_job_is_reachable(walls_box):  # noqa: F811
