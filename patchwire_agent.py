@@ -2000,6 +2000,7 @@ class EgressReport:
         self.emit = emit
         self.lock = threading.Lock()
         self.hosts: Dict[str, Dict[str, int]] = {}
+        self.tokens: Dict[str, int] = {}  # the API's own count of the job's tokens, as the gateway saw it
         self.told = 0
 
     def record(self, host: str, allowed: bool, sent: int = 0, received: int = 0) -> None:
@@ -2025,10 +2026,99 @@ class EgressReport:
             entry["sent"] += sent
             entry["received"] += received
 
+    def add_tokens(self, tokens: Dict[str, int]) -> None:
+        with self.lock:
+            for key, value in tokens.items():
+                self.tokens[key] = self.tokens.get(key, 0) + value
+
     def summary(self) -> dict:
         with self.lock:
             return {"contacted": {h: dict(e) for h, e in sorted(self.hosts.items()) if e["allowed"]},
-                    "refused": {h: e["refused"] for h, e in sorted(self.hosts.items()) if e["refused"]}}
+                    "refused": {h: e["refused"] for h, e in sorted(self.hosts.items()) if e["refused"]},
+                    **({"api_tokens": dict(self.tokens)} if self.tokens else {})}
+
+
+class UsageScanner:
+    """Reads an API response as it is relayed (its bytes pass unchanged) for the tokens the
+    model's answer reports: a streamed answer's `message_start` and last `message_delta`, or a
+    plain JSON answer's `usage`. De-chunks `Transfer-Encoding: chunked`; bounded memory."""
+
+    LIMIT = 4 * 1024 * 1024
+
+    def __init__(self):
+        self.head, self.body, self.chunked, self.pending = b"", b"", False, -1
+        self.raw = b""
+        self.tokens = {"input": 0, "output": 0, "cache_read": 0, "cache_write": 0}
+
+    def feed(self, data: bytes) -> None:
+        if not self.head:
+            self.raw += data
+            if b"\r\n\r\n" not in self.raw:
+                self.raw = self.raw[-self.LIMIT:]
+                return
+            self.head, _, data = self.raw.partition(b"\r\n\r\n")
+            self.raw = b""
+            self.chunked = b"chunked" in self.head.lower()
+        self._body(self._dechunk(data) if self.chunked else data)
+
+    def _dechunk(self, data: bytes) -> bytes:
+        self.raw += data
+        out = b""
+        while True:
+            if self.pending < 0:
+                line, sep, rest = self.raw.partition(b"\r\n")
+                if not sep:
+                    return out
+                self.pending = int(line.split(b";")[0] or b"0", 16) + 2  # the chunk and its CRLF
+                self.raw = rest
+            take = self.raw[:self.pending]
+            out += take[:max(0, self.pending - 2)]  # the chunk's data, not its closing CRLF
+            self.pending -= len(take)
+            self.raw = self.raw[len(take):]
+            if self.pending:
+                return out
+            self.pending = -1
+
+    def _body(self, data: bytes) -> None:
+        self.body = (self.body + data)[-self.LIMIT:]
+        if self.body.startswith(b"{"):
+            return  # a plain JSON answer: read whole by close()
+        while b"\n" in self.body:  # SSE: `event:` lines, `data: {...}` lines, blank lines
+            line, _, self.body = self.body.partition(b"\n")
+            if line.startswith(b"data:"):
+                self._event(line[5:])
+
+    def _event(self, text: bytes) -> None:
+        try:
+            event = json.loads(text)
+        except ValueError:
+            return
+        if not isinstance(event, dict):
+            return
+        usage = (event.get("message") or {}).get("usage") if event.get("type") == "message_start" else event.get("usage")
+        if isinstance(usage, dict):
+            self._count(usage, delta=event.get("type") == "message_delta")
+
+    def _count(self, usage: dict, delta: bool) -> None:
+        def number(key: str) -> int:
+            value = usage.get(key)
+            return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+        if delta:  # a message_delta's output_tokens is the total so far: the last one counts
+            self.tokens["output"] = self.last_output_base + number("output_tokens")
+            return
+        self.tokens["input"] += number("input_tokens")
+        self.tokens["cache_read"] += number("cache_read_input_tokens")
+        self.tokens["cache_write"] += number("cache_creation_input_tokens")
+        self.tokens["output"] += number("output_tokens")
+        self.last_output_base = self.tokens["output"] - number("output_tokens")
+
+    last_output_base = 0
+
+    def close(self) -> Dict[str, int]:
+        """The tokens counted; a plain JSON answer is read whole here."""
+        if self.body.startswith(b"{"):
+            self._event(self.body)
+        return self.tokens
 
 
 class JobGateway:
@@ -2122,7 +2212,9 @@ class JobGateway:
             upstream = ssl.create_default_context().wrap_socket(upstream, server_hostname=host)
         upstream.sendall(build_head(method, url.path.rstrip("/") + path, kept) + rest)
         self.report.record(host, True)
-        self._relay(conn, upstream, host, b"")
+        scanner = UsageScanner()
+        self._relay(conn, upstream, host, b"", scanner.feed)
+        self.report.add_tokens(scanner.close())
 
     def _allowed(self, conn: socket.socket, host: str, port: int) -> bool:
         if self.policy.allows(host, port):
@@ -2132,8 +2224,10 @@ class JobGateway:
         gateway_answer(conn, HTTPStatus.FORBIDDEN, self.policy.refusal(host, port))
         return False
 
-    def _relay(self, conn: socket.socket, upstream: socket.socket, host: str, first: bytes) -> None:
-        """Both directions until each side is done; bytes counted for the report."""
+    def _relay(self, conn: socket.socket, upstream: socket.socket, host: str, first: bytes,
+               watch: Callable[[bytes], None] = lambda chunk: None) -> None:
+        """Both directions until each side is done; bytes counted for the report, and what comes
+        back shown to `watch`."""
         conn.settimeout(None)
         upstream.settimeout(None)
         if first:
@@ -2145,6 +2239,8 @@ class JobGateway:
                 for chunk in iter(lambda: src.recv(65536), b""):
                     self.report.add_bytes(host, len(chunk) if sent else 0, 0 if sent else len(chunk))
                     dst.sendall(chunk)
+                    if not sent:
+                        watch(chunk)
             except OSError:
                 pass
             with contextlib.suppress(OSError):

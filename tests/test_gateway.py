@@ -201,4 +201,43 @@ def test_the_real_cli_reaches_its_api_through_the_forwarder_and_the_gateway(gate
         assert pa.GATEWAY_PLACEHOLDER_KEY not in json.dumps(api.credentials)
         if kind == "oauth":
             assert all(pa.OAUTH_BETA in c["anthropic-beta"].split(",") for c in sent)
-    assert gw.report.summary()["contacted"]["127.0.0.1"]["allowed"] >= 1
+    summary = gw.report.summary()
+    assert summary["contacted"]["127.0.0.1"]["allowed"] >= 1
+    # the gateway's own count of tokens equals what the CLI reported from the same answers
+    reported = json.loads(out.stdout)["usage"]
+    assert summary["api_tokens"]["output"] == reported["output_tokens"] > 0
+    assert summary["api_tokens"]["input"] >= reported["input_tokens"] > 0
+
+
+def sse(*events: dict) -> bytes:
+    return b"".join(b"event: %s\ndata: %s\n\n" % (e["type"].encode(), json.dumps(e).encode()) for e in events)
+
+
+def chunked(body: bytes, size: int) -> bytes:
+    parts = [body[i:i + size] for i in range(0, len(body), size)]
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("encoding", ["plain", "chunked"])
+def test_the_gateway_counts_the_apis_own_tokens_in_a_streamed_answer(encoding):
+    body = sse({"type": "message_start", "message": {"usage": {"input_tokens": 120, "output_tokens": 1,
+                                                               "cache_read_input_tokens": 30,
+                                                               "cache_creation_input_tokens": 7}}},
+               {"type": "content_block_delta", "delta": {"text": "data: {\"usage\": 999}"}},
+               {"type": "message_delta", "usage": {"output_tokens": 10}},
+               {"type": "message_delta", "usage": {"output_tokens": 45}},
+               {"type": "message_stop"})
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+    wire = (head + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(body, 37) if encoding == "chunked"
+            else head + b"\r\n" + body)
+    scanner = pa.UsageScanner()
+    for i in range(0, len(wire), 13):  # relayed in pieces that cut lines and chunk headers anywhere
+        scanner.feed(wire[i:i + 13])
+    assert scanner.close() == {"input": 120, "output": 45, "cache_read": 30, "cache_write": 7}
+
+
+def test_the_gateway_counts_the_tokens_of_a_plain_json_answer():
+    scanner = pa.UsageScanner()
+    scanner.feed(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n")
+    scanner.feed(json.dumps({"usage": {"input_tokens": 5, "output_tokens": 6}}).encode())
+    assert scanner.close() == {"input": 5, "output": 6, "cache_read": 0, "cache_write": 0}
