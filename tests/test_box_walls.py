@@ -79,7 +79,7 @@ class WallsBox:
             (self.home / rel).parent.mkdir(parents=True, exist_ok=True)
             (self.home / rel).write_bytes(data)
         env = {"HOME": str(self.home), "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
-               "ANTHROPIC_API_KEY": "sk-passes-through", **AGENT_ENV_SECRETS, **(env or {})}
+               **AGENT_ENV_SECRETS, **(env or {})}
         program, command = None, list(STAND_IN_COMMAND)
         if who == "account":
             account = account_or_skip()
@@ -170,8 +170,10 @@ def test_the_box_accounts_files_and_environment_stay_hidden(walls_box):
     assert all(text.startswith("error: ") or text == "" for text in seen.values()), seen
     env = dict(line.split("=", 1) for line in box.added(job, "env.txt").splitlines())
     assert env["HOME"] == os.path.realpath(box.state / "users/alice/home")
-    assert env["ANTHROPIC_API_KEY"] == "sk-passes-through"  # a credential variable passes by name
-    allowed = {*pa.AI_ENV_NAMES, *pa.AI_CREDENTIAL_NAMES, "HOME", "PWD"}  # PWD: bwrap's --chdir sets it
+    # no credential for the gateway here (tests/test_job_network.py has one): the AI uses the
+    # admin's login, and the gateway passes its calls on as they are
+    assert "ANTHROPIC_API_KEY" not in env and env["HTTPS_PROXY"] == "http://127.0.0.1:3128"
+    allowed = {*pa.AI_ENV_NAMES, *pa.AI_CREDENTIAL_NAMES, "HOME", "PWD", *pa.gateway_env()}  # PWD: bwrap's --chdir sets it
     assert {name for name in env if not name.startswith("LC_")} <= allowed, sorted(env)
     # the admin's login reaches the AI read-only, at its own home's path
     assert json.loads(box.added(job, "login.json")) == {"~/.claude/.credentials.json": LOGIN.decode()}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import socket
 import threading
 import time
@@ -95,7 +96,8 @@ def test_no_port_or_socket_of_the_box_or_another_job_is_reachable(walls_box):  #
     service.bind(("127.0.0.1", 0))
     service.listen(5)
     abstract = socket.socket(socket.AF_UNIX)
-    abstract.bind("\0pw-test-abstract")
+    name = f"pw-test-abstract-{os.getpid()}-{time.monotonic_ns()}"
+    abstract.bind("\0" + name)
     abstract.listen(5)
     heard: list = []
 
@@ -111,7 +113,7 @@ def test_no_port_or_socket_of_the_box_or_another_job_is_reachable(walls_box):  #
         body = {"project": "p", "tree": EMPTY_TREE, "files": []}
         listener = box.agent.json("POST", "/v1/ask", {**body, "prompt": script(
             {"run": ["python3", "-c", LISTEN_CODE, "/tmp/ready"], "out": "listener.txt"})})[1]
-        target = ["python3", "-c", CONNECT_CODE, f"127.0.0.1:{service.getsockname()[1]}", "@pw-test-abstract",
+        target = ["python3", "-c", CONNECT_CODE, f"127.0.0.1:{service.getsockname()[1]}", "@" + name,
                   "127.0.0.1:45678"]
         time.sleep(1.5)  # the listener job binds first
         other = box.ask("bob", {"run": target, "out": "connect.txt"})
@@ -121,8 +123,10 @@ def test_no_port_or_socket_of_the_box_or_another_job_is_reachable(walls_box):  #
         assert "nobody came" in box.added(first, "listener.txt"), box.added(first, "listener.txt")
         assert heard == []
     finally:
-        service.close()
-        abstract.close()
+        for sock in (service, abstract):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread, which holds the name
+            sock.close()
 
 
 
