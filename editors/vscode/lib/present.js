@@ -54,9 +54,13 @@ function outputLines(event) {
     case 'tool_error':
       return [`  tool error: ${oneLine(e.text, 200)}`];
     case 'finished':
-      return [finishedText(e)];
+      return [finishedText(e), ...networkLine(e.network)];
     case 'failed':
-      return [`AI run failed: ${clean(e.reason)}`];
+      return [`AI run failed: ${clean(e.reason)}`, ...networkLine(e.network)];
+    case 'network':
+      return [`network: ${clean(e.host)}`];
+    case 'network_refused':
+      return [`network: ${clean(e.host)} refused by the box's [network] policy (x${Number(e.count) || 1})`];
     case 'cancelled':
       return [`job cancelled: ${clean(e.reason || '')}`.trimEnd()];
     case 'outcome':
@@ -66,6 +70,24 @@ function outputLines(event) {
     default:
       return null;
   }
+}
+
+/** The job's egress summary, as the CLI prints it: "network contacted: a, b; refused: c x3". */
+function networkLine(network) {
+  if (!network || typeof network !== 'object') {
+    return [];
+  }
+  const parts = [];
+  const contacted = Object.keys(network.contacted || {});
+  const refused = Object.entries(network.refused || {});
+  if (contacted.length) {
+    parts.push('contacted: ' + contacted.slice(0, 10).map(clean).join(', ') + (contacted.length > 10 ? ` and ${contacted.length - 10} more` : ''));
+  }
+  if (refused.length) {
+    parts.push('refused: ' + refused.slice(0, 10).map(([h, n]) => `${clean(h)} x${Number(n) || 0}`).join(', ') +
+      (refused.length > 10 ? ` and ${refused.length - 10} more` : ''));
+  }
+  return parts.length ? ['network ' + parts.join('; ')] : [];
 }
 
 function finishedText(e) {
@@ -194,6 +216,6 @@ function errorMessage(err) {
 }
 
 module.exports = {
-  appliedMessage, clean, errorMessage, fileItems, generalFlags, jobItem, oneLine, outputLines, plain, plural,
+  appliedMessage, clean, errorMessage, fileItems, generalFlags, jobItem, networkLine, oneLine, outputLines, plain, plural,
   progressMessage, promptWithContext, sortJobs, statusBar,
 };

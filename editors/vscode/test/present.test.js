@@ -22,6 +22,19 @@ test('events become output lines, as the CLI prints them', () => {
   assert.equal(present.outputLines({ type: 'text', text: '  ' }), null);
 });
 
+test('the job\'s network shows as the CLI prints it, its host names escaped', () => {
+  const network = { contacted: { 'api.anthropic.com': { allowed: 3 }, 'pub.dev': { allowed: 1 } },
+    refused: { 'evil.example': 3, '[x](command:workbench.action.terminal.new)': 1 } };
+  assert.deepEqual(present.outputLines({ type: 'finished', stats: { files: 0 }, network }), [
+    'AI finished: no changes',
+    'network contacted: api.anthropic.com, pub.dev; refused: evil.example x3, [x](command:workbench.action.terminal.new) x1',
+  ]);
+  assert.deepEqual(present.outputLines({ type: 'network_refused', host: 'evil\u001b[2J.example', count: 2 }),
+    ['network: evil\\x1b[2J.example refused by the box\'s [network] policy (x2)']);
+  assert.deepEqual(present.outputLines({ type: 'network', host: 'pub.dev' }), ['network: pub.dev']);
+  assert.deepEqual(present.networkLine(undefined), []);
+});
+
 test('control characters from the box are shown escaped', () => {
   assert.deepEqual(present.outputLines({ type: 'text', text: 'a\u001b]0;pwned\u0007b\tc' }), ['a\\x1b]0;pwned\\x07b\tc']);
   assert.equal(present.jobItem({ id: 'j', status: 'done', prompt: '\u001b[2Jhi', created: 0 }, 10).label, '$(check) \\x1b[2Jhi');
