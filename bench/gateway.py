@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import http.server
+import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -118,12 +120,13 @@ def main(argv=None) -> int:
         sock_path = gateway.stdout.readline().decode().strip()
         port = free_port()
         forwarder = subprocess.Popen([sys.executable, "-I", "-S", "-c", pa.GATEWAY_FORWARDER, sock_path, str(port),
-                                      sys.executable, "-c", "import time; time.sleep(3600)"])
+                                      sys.executable, "-c", "import time; time.sleep(3600)"],
+                                     start_new_session=True)
         try:
             wait_for_port(port)
             report(rounds, connections, up, ("127.0.0.1", port), gateway.pid)
         finally:
-            forwarder.kill()
+            os.killpg(forwarder.pid, signal.SIGKILL)  # the forwarder and the child it runs
             gateway.kill()
             upstream.shutdown()
     return 0

@@ -34,7 +34,7 @@ def test_a_ready_box_is_all_ok(tmp_path):
     result = agent_cli("doctor", "-c", config, "--json")
     assert result.returncode == 0, result.stdout
     found = checks(result)
-    assert set(found) == {"config", "git", "rsync", "rrsync", "ai", "sandbox", "ai_path", "limits", "state", "listen"}
+    assert set(found) == {"config", "git", "rsync", "rrsync", "ai", "sandbox", "network", "ai_path", "limits", "state", "listen"}
     assert all(c["ok"] for c in found.values())
     assert found["listen"]["detail"] == "http://127.0.0.1:7433"
     human = agent_cli("doctor", "-c", config)
