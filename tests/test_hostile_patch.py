@@ -106,7 +106,7 @@ CORPUS = [
     ("absolute path", new_file(b"/tmp/pw-absolute", b"x\n"), "absolute or empty path"),
     ("more lines than the hunk says", HONEST + b"+smuggled\n", "text git does not write here"),
     ("submodule", b"diff --git a/sub b/sub\nnew file mode 160000\nindex 0000000..1234567\n--- /dev/null\n"
-     b"+++ b/sub\n@@ -0,0 +1 @@\n+Subproject commit 1234567\n", "file mode"),
+     b"+++ b/sub\n@@ -0,0 +1 @@\n+Subproject commit 1234567\n", "submodule (gitlink) change to 'sub'"),
     ("binary change without content", b"diff --git a/img.bin b/img.bin\nindex 1111111..2222222 100644\n"
      b"Binary files a/img.bin and b/img.bin differ\n", "without its content"),
     ("file turned symlink in place", b"diff --git a/README.md b/README.md\nold mode 100644\nnew mode 120000\n",

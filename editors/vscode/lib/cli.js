@@ -203,9 +203,13 @@ class Cli {
 
   file(job, file, side) { return this.json(['diff', job, '--file', file, '--side', side]); }
 
-  /** Apply without a question (`--yes`), all files or only `paths`. */
-  apply(job, paths = [], { keepConflicts = false } = {}) {
+  /** Apply without a question (`--yes`), all files or only `paths`; with `sha256` (the hash
+   * `diff --json` gave for what was reviewed) the CLI refuses any other patch bytes. */
+  apply(job, paths = [], { keepConflicts = false, sha256 = '' } = {}) {
     const args = ['apply', job, '--yes'];
+    if (sha256) {
+      args.push('--sha256', sha256);
+    }
     if (paths.length) {
       args.push('--only', ...paths.map(escapePattern));
     }
