@@ -67,7 +67,14 @@ def real_diff(lap: Laptop, changes: dict) -> bytes:
     return patch
 
 
-def test_a_hunk_whose_lines_match_elsewhere_is_refused_not_landed_in_another_function(world):
+def what_git_writes(tmp_path, path: str, data: bytes, patch: bytes) -> bytes:
+    """`git apply` of the box's patch to a copy of the file: the attack is real."""
+    repo = make_repo(tmp_path / "scratch", {path: data})
+    git(repo, "apply", "-", input=patch)
+    return (repo / path).read_bytes()
+
+
+def test_a_hunk_whose_lines_match_elsewhere_is_refused_not_landed_in_another_function(world, tmp_path):
     """The `@@` line names is_test_env() at line 4; its context only matches is_admin() at
     the end, and without trailing context git anchors it there."""
     lap, box = world
@@ -75,13 +82,14 @@ def test_a_hunk_whose_lines_match_elsewhere_is_refused_not_landed_in_another_fun
     patch = (b"diff --git a/app.py b/app.py\nindex %s..%s 100644\n--- a/app.py\n+++ b/app.py\n"
              b"@@ -4,2 +4,2 @@ def is_test_env():\n def is_admin(user):\n-    return False\n+    return True\n"
              % (blob(APP).encode(), blob(landed).encode()))
+    assert what_git_writes(tmp_path, "app.py", APP, patch) == landed
     box.add_job("a1a1a1", patch)
     before = tree_digest(lap.root)
     refused(lap.run("apply", "a1a1a1", "--yes"), "not those of the synced file at line 4")
     assert (lap.root / "app.py").read_bytes() == APP and tree_digest(lap.root) == before
 
 
-def test_no_newline_marker_inside_the_added_lines_is_refused(world):
+def test_no_newline_marker_inside_the_added_lines_is_refused(world, tmp_path):
     """git joins the line before the marker with the next: the check becomes a comment."""
     lap, box = world
     shown = DEV_SH + b"# check the download\n\\ No newline at end of file\nsha256sum -c tools.sha256 || exit 1\n"
@@ -90,7 +98,8 @@ def test_no_newline_marker_inside_the_added_lines_is_refused(world):
              b"+++ b/scripts/dev.sh\n@@ -1,3 +1,5 @@\n #!/bin/sh\n set -e\n python3 -m venv .venv\n"
              b"+# check the download\n\\ No newline at end of file\n+sha256sum -c tools.sha256 || exit 1\n"
              % (blob(DEV_SH).encode(), blob(written).encode()))
-    assert shown  # what a reader of the diff takes it for
+    assert b"\nsha256sum -c" in shown  # what a reader of the diff takes it for
+    assert what_git_writes(tmp_path, "scripts/dev.sh", DEV_SH, patch) == written
     box.add_job("a2a2a2", patch)
     refused(lap.run("apply", "a2a2a2", "--yes"), "No newline at end of file` after a '+' line")
     assert (lap.root / "scripts/dev.sh").read_bytes() == DEV_SH
