@@ -2855,7 +2855,8 @@ class Applier:
         if not self.merger.have(base_tree):
             raise PatchError("the patch does not apply and the synced version is not here for a "
                              "3-way merge; nothing was changed:\n" + failure, "ask again")
-        merged = self.merger.merge(patch, base_tree, gone)
+        merged = self.merger.merge(patch, base_tree, gone, {f.path: f.result for f in files
+                                                            if f.result is not None and f.kind != "deleted"})
         check_merged_writes(self.project.root, merged)
         conflicts = [path for path, (_, _, n) in merged.items() if n]
         if conflicts and not ask_keep_conflicts({p: merged[p][0] for p in conflicts}, self.style,
@@ -2920,9 +2921,11 @@ class ThreeWayMerge:
     def have(self, tree: str) -> bool:
         return self.git.run("cat-file", "-e", tree + "^{tree}", check=False).returncode == 0
 
-    def merge(self, patch: bytes, base_tree: str, gone: set) -> Dict[str, Tuple[Optional[bytes], str, int]]:
+    def merge(self, patch: bytes, base_tree: str, gone: set,
+              results: Optional[Dict[str, bytes]] = None) -> Dict[str, Tuple[Optional[bytes], str, int]]:
         """{path: (new bytes or None for deleted, mode, conflicts)} for every touched path.
-        `gone`: symlinks here the patch deletes; what lies "beneath" them is not read."""
+        `gone`: symlinks here the patch deletes; what lies "beneath" them is not read.
+        `results`: the files as computed before the preview; the AI's side must be those."""
         tmp_index = str(self.project.private_dir / "merge.index")
         git = self.git.with_env(GIT_INDEX_FILE=tmp_index)
         git("read-tree", base_tree)
@@ -2932,6 +2935,9 @@ class ThreeWayMerge:
                              + describe_apply_failure(applied.stderr))
         theirs_tree = git.text("write-tree")
         os.unlink(tmp_index)
+        for path, data in (results or {}).items():
+            if (self.project.recorded_file(theirs_tree, path) or (None, ""))[0] != data:
+                raise refuse(f"git's result for {path!r} on the synced files is not the change shown")
         out: Dict[str, Tuple[Optional[bytes], str, int]] = {}
         for status, old, new in diff_tree(self.git, base_tree, theirs_tree):
             if status == "R":
@@ -3625,14 +3631,15 @@ class Session:
         bytes must be those (the hash `diff --json` gave the reviewer, VS Code's Apply)."""
         kept = self.project.state_file(f"diffs/{check_job_id(job)}.patch")
         try:
-            patch = kept.read_bytes()
+            patch, fetched = kept.read_bytes(), False
         except OSError:
-            patch = self.client.diff(job)
-            kept.parent.mkdir(exist_ok=True)
-            kept.write_bytes(patch)
+            patch, fetched = self.client.diff(job), True
         if sha256 and hashlib.sha256(patch).hexdigest() != sha256.lower():
             raise refuse(f"job {job}'s patch is not the one reviewed (its sha256 is "
                          f"{hashlib.sha256(patch).hexdigest()}, not {sha256})")
+        if fetched:  # never a copy the hash refused
+            kept.parent.mkdir(exist_ok=True)
+            kept.write_bytes(patch)
         return patch
 
     def job_id(self, given: Optional[str]) -> str:
@@ -4070,8 +4077,8 @@ def cmd_ask(args) -> int:
     if end["type"] != "finished":
         raise AIFailed(f"job {job} {end['type']}: {end.get('reason', '')}",
                        f"see `patchwire show {job}`; nothing was changed here")
-    patch = session.client.diff(job)
-    files = session.vet(patch)
+    patch = session.job_diff(job)
+    files = session.vet(patch, job)
     outcome = {"type": "outcome", "job": job, "applied": False, "files": [f.path for f in files],
                "look_closely": look_closely(files)}
     if not patch:
@@ -4168,7 +4175,7 @@ def cmd_diff(args) -> int:
     job = check_job_id(session.job_id(args.job))
     if args.file:
         return show_job_file(session, job, args)
-    patch = session.client.diff(job)
+    patch = session.job_diff(job)  # kept: what is reviewed now is what a later apply reads
     files = session.vet(patch, job)
     if args.json:
         listed = [{"path": f.path, "old_path": f.old_path, "kind": f.kind, "added": f.added,
@@ -4197,7 +4204,7 @@ def show_job_file(session: Session, job_id: str, args) -> int:
         raise PatchwireError(f"the files job {sanitize(str(job.get('id')))} started from are not recorded in "
                              "this project", "run this in the project the job was asked from")
     if args.side == "new":
-        patch = session.client.diff(job["id"])
+        patch = session.job_diff(job["id"])
         session.vet(patch, job["id"])  # refused here as everywhere else: the editor shows no other result
         tree = tree_after_patch(session.project, tree, patch, job["id"])
     found = session.project.recorded_file(tree, args.file)

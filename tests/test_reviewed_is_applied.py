@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -148,8 +150,17 @@ def test_a_diff_changed_after_review_is_not_applied(world):
     assert shown["sha256"] == hashlib.sha256(honest).hexdigest()
     box.jobs["a6a6a6"]["patch"] = evil  # every later fetch
     before = tree_digest(lap.root)
+    # the diff the review fetched is the one kept: without it (reviewed from another
+    # checkout, or the state folder wiped) the hash still refuses the box's new bytes
+    kept = list((Path(os.environ["XDG_STATE_HOME"]) / "patchwire").rglob("diffs/a6a6a6.patch"))
+    assert [k.read_bytes() for k in kept] == [honest]
+    kept[0].unlink()
     refused(lap.run("apply", "a6a6a6", "--yes", "--sha256", shown["sha256"]), "not the one reviewed")
     assert tree_digest(lap.root) == before
+    assert sum(r.endswith("/diff") for r in box.requests) == 2 and not kept[0].exists()  # refused: not kept
+    kept[0].write_bytes(honest)
+    lap.run("apply", "a6a6a6", "--yes", "--sha256", shown["sha256"], check=0)
+    assert b"return True\n\n\ndef is_admin(user):\n    return False" in (lap.root / "app.py").read_bytes()
 
 
 def test_the_diff_is_fetched_once_then_kept(world):
