@@ -222,10 +222,16 @@ def test_a_gitlink_bump_is_refused_naming_the_submodule(world):
 
 def test_every_honest_change_still_applies(world):
     lap, box = world
+    image = bytes(range(256)) * 8
     patch = real_diff(lap, {"app.py": APP + b"\n\ndef more():\n    return 1", "docs/new.md": b"new\n",
-                            "scripts/dev.sh": None, "config/example.env": b"API_KEY=changeme"})
+                            "scripts/dev.sh": None, "config/example.env": b"API_KEY=changeme",
+                            "img/logo.bin": image, "pages/common/r.md": None,
+                            "pages/r2.md": b"# r\n"})
+    assert b"GIT binary patch" in patch and b"rename from pages/common/r.md" in patch
     box.add_job("abab56", patch)
     lap.run("apply", "abab56", "--yes", check=0)
+    assert (lap.root / "img/logo.bin").read_bytes() == image
+    assert (lap.root / "pages/r2.md").read_bytes() == b"# r\n"
     assert (lap.root / "app.py").read_bytes() == APP + b"\n\ndef more():\n    return 1"
     assert (lap.root / "config/example.env").read_bytes() == b"API_KEY=changeme"
     assert (lap.root / "docs/new.md").read_bytes() == b"new\n" and not (lap.root / "scripts/dev.sh").exists()
