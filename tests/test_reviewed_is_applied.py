@@ -30,7 +30,7 @@ def blob(data: bytes) -> str:
 def world(tmp_path):
     root = make_repo(tmp_path / "laptop", {
         "app.py": APP, "scripts/dev.sh": DEV_SH, "pages/common/r.md": b"# r\n",
-        "config/example.env": b"API_KEY=changeme\n", "ssh_config": b"Host box\n  User me\n",
+        "config/example.env": b"API_KEY=changeme\n", "config/env.sample": b"API_KEY=changeme\n", "ssh_config": b"Host box\n  User me\n",
         ".gitignore": b".env\n.pwtoken\n"})
     (root / ".env").write_bytes(b"API_KEY=the-real-secret\n")  # ignored: never synced, never reviewed
     (root / ".pwtoken").write_text("pw_fake\n")
@@ -178,14 +178,14 @@ def test_the_diff_is_fetched_once_then_kept(world):
 
 def test_a_rename_onto_an_ignored_file_never_replaces_it(world):
     lap, box = world
-    patch = (b"diff --git a/config/example.env b/.env\nsimilarity index 100%\nrename from config/example.env\n"
+    patch = (b"diff --git a/config/env.sample b/.env\nsimilarity index 100%\nrename from config/env.sample\n"
              b"rename to .env\n")
     box.add_job("a8a8a8", patch, ask=True)
     lap.run("ask", "--no-apply", "go", check=0)  # asked here: a 3-way base exists
     result = lap.run("apply", "a8a8a8", "--yes", "--keep-conflicts")
     assert result.returncode == 5 and ".env is already here" in result.err, result.err
     assert (lap.root / ".env").read_bytes() == b"API_KEY=the-real-secret\n"
-    assert (lap.root / "config/example.env").exists()
+    assert (lap.root / "config/env.sample").exists()
 
 
 def test_files_named_by_ssh_options_are_protected(world):
