@@ -3179,9 +3179,10 @@ def hunk_sides(lines: List[bytes]) -> Tuple[List[bytes], List[bytes], bool]:
     return old, new, trailing
 
 
-def post_image(pre: bytes, fp: FilePatch) -> bytes:
+def post_image(pre: bytes, fp: FilePatch, whole: bool = True) -> bytes:
     """The file `fp` makes of `pre`, every hunk at exactly the line it names, its context and
-    removed lines byte for byte those of `pre` there; PatchRefused otherwise."""
+    removed lines byte for byte those of `pre` there; PatchRefused otherwise. `whole`: the
+    new line numbers too (a part chosen by -i renumbers them its own way; git ignores them)."""
     old, at = patch_lines(pre), 0
     out: List[bytes] = []
     for old_start, new_start, lines in fp.hunks:
@@ -3194,7 +3195,7 @@ def post_image(pre: bytes, fp: FilePatch) -> bytes:
             raise refuse(f"a hunk of {fp.path!r} without trailing context that does not end the file "
                          "(git would apply it at the end of the file instead)")
         before = len(out) + start - at
-        if new_start != before + (1 if added else 0):
+        if whole and new_start != before + (1 if added else 0):
             raise refuse(f"a hunk of {fp.path!r} whose new line number {new_start} is not where it lands")
         out += old[at:start] + added
         at = start + len(gone)
@@ -3235,7 +3236,7 @@ def compute_results(project: "Project", files: Sequence[FilePatch], base_tree: O
         pre = preimage(project, fp, base_tree)
         if pre is None:
             raise refuse(f"a change to {fp.old_path!r}, which was not synced from here")
-        fp.result = post_image(pre, fp)
+        fp.result = post_image(pre, fp, whole)
         ids = index_ids(fp)
         expected = "" if ids is None or ZERO_ID.fullmatch(ids[1]) else ids[1]
         if whole and ids and (blob_id(fp.result, ids[1]) != expected if expected else fp.result):

@@ -30,7 +30,8 @@ def blob(data: bytes) -> str:
 def world(tmp_path):
     root = make_repo(tmp_path / "laptop", {
         "app.py": APP, "scripts/dev.sh": DEV_SH, "pages/common/r.md": b"# r\n",
-        "config/example.env": b"API_KEY=changeme\n", "config/env.sample": b"API_KEY=changeme\n", "ssh_config": b"Host box\n  User me\n",
+        "config/example.env": b"API_KEY=changeme\n", "config/env.sample": b"API_KEY=changeme\n",
+        "ssh_config": b"Host box\n  User me\n",
         ".gitignore": b".env\n.pwtoken\n"})
     (root / ".env").write_bytes(b"API_KEY=the-real-secret\n")  # ignored: never synced, never reviewed
     (root / ".pwtoken").write_text("pw_fake\n")

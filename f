@@ -1,0 +1,10 @@
+
+def f():
+
+
+a
+b
+b
+b
+    return 1
+def f():
