@@ -84,6 +84,7 @@ import threading
 import time
 import unicodedata
 import urllib.parse
+import zlib
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 from typing import TYPE_CHECKING
@@ -2426,6 +2427,7 @@ class FilePatch:
         self.hunks: List[Tuple[int, int, List[bytes]]] = []  # (old start, new start, lines)
         self.body_start = 0  # index in `lines` of the first hunk header (0: no hunks)
         self.link_target: Optional[str] = None  # the new target, when the result is a symlink
+        self.result: Optional[bytes] = None  # the text file it leaves, computed here (compute_results)
 
     @property
     def bytes(self) -> bytes:
@@ -2604,7 +2606,7 @@ class PatchParser:
         for n, fp in enumerate(out):
             for path in {fp.old_path, fp.path}:
                 first = owner.setdefault(folded_path(path), n)
-                if first != n and not is_type_change(out[first], fp):
+                if first != n and not (is_type_change(out[first], fp) or is_case_only_move(out[first], fp)):
                     raise refuse(f"{path!r} is changed by two sections")
         return out
 
@@ -2677,6 +2679,10 @@ class PatchParser:
             if old_left < 0 or new_left < 0:
                 raise self.fail("more lines than the hunk header says")
             lines.append(self.take(fp))
+        problem = no_newline_problem(lines)
+        if problem or (fp.hunks and any(line.startswith(b"\\") for line in fp.hunks[-1][2])):
+            raise refuse(f"line {self.i}: a `\\ No newline at end of file` {problem or 'before the last hunk'}: "
+                         "git joins the lines around it, so the file written is not the one shown")
         fp.hunks.append((int(m.group(1)), int(m.group(3)), lines))
 
     def binary_block(self, fp: FilePatch) -> None:
@@ -2703,6 +2709,12 @@ class PatchParser:
             raise refuse("a copy (the box's `git diff` never writes one)")
         if ("rename_from" in h) != ("rename_to" in h) or ("old_mode" in h) != ("new_mode" in h):
             raise refuse(f"a half-said rename or mode change in {fp.lines[0][:100]!r}")
+        old, new = self.names(fp, labels)
+        index_mode = INDEX_RE.fullmatch(h.get("index", b""))
+        if any(h.get(k) == b"160000" for k in ("old_mode", "new_mode", "deleted_mode", "new_file_mode")) \
+                or (index_mode and index_mode.group(3) == b"160000"):
+            raise refuse(f"a submodule (gitlink) change to {_dec(new)!r}: Patchwire applies files, links and "
+                         "modes only; update the submodule yourself (git submodule update)")
         for key in ("old_mode", "new_mode", "deleted_mode", "new_file_mode"):
             if key in h and h[key].decode("ascii", "replace") not in GIT_MODES:
                 raise refuse(f"a file mode Patchwire does not apply ({h[key][:20]!r}): "
@@ -2710,7 +2722,6 @@ class PatchParser:
         if "new_file_mode" in h and ("deleted_mode" in h or "rename_from" in h or "old_mode" in h) \
                 or "deleted_mode" in h and ("rename_from" in h or "old_mode" in h):
             raise refuse(f"contradicting header lines in {fp.lines[0][:100]!r}")
-        old, new = self.names(fp, labels)
         fp.old_path, fp.path = check_patch_path(_dec(old)), check_patch_path(_dec(new))
         self.modes(fp)
         if "new_file_mode" in h:
@@ -2822,6 +2833,30 @@ def is_type_change(first: FilePatch, second: FilePatch) -> bool:
     """git writes a file that became a symlink (or back) as a deletion, then a new file."""
     return (first.kind, second.kind) == ("deleted", "new") and first.path == second.path \
         and "120000" in (first.old_mode, second.new_mode)
+
+
+def is_case_only_move(first: FilePatch, second: FilePatch) -> bool:
+    """A rename that changes only case (r.md -> R.md): git writes it as a deletion, then a new
+    file, whose paths fold to one on a case-insensitive disk. The deletion comes first, so
+    on such a disk the old name is gone before the new one is written."""
+    return (first.kind, second.kind) == ("deleted", "new") and first.path != second.path \
+        and folded_path(first.path) == folded_path(second.path)
+
+
+def no_newline_problem(lines: List[bytes]) -> Optional[str]:
+    """Where git writes `\\ No newline at end of file`: after the last line of the old side
+    (a `-` or context line), of the new side (a `+` or context line), or both. Anywhere else
+    `git apply` joins the line before it with the next one (an added check vanishes into a
+    comment), so the preview would show two lines where the file gets one."""
+    for i, line in enumerate(lines):
+        if not line.startswith(b"\\"):
+            continue
+        sign = b" " if lines[i - 1] == b"\n" else lines[i - 1][:1]
+        later = {b" " if l == b"\n" else l[:1] for l in lines[i + 1:] if not l.startswith(b"\\")}
+        side = {b" ": {b" ", b"-", b"+"}, b"-": {b" ", b"-"}, b"+": {b" ", b"+"}}[sign]
+        if later & side:
+            return f"after a {sign.decode()!r} line that is not the last of its side"
+    return None
 
 
 def _mode(headers: Dict[str, bytes], key: str) -> Optional[str]:
@@ -2996,8 +3031,8 @@ def render_diff(files: Sequence[FilePatch], style: Style) -> List[str]:
         i = body
         while i < len(lines):
             line = lines[i]
-            if line.startswith("@@"):
-                out.append(style("cyan", line))
+            if line.startswith("@@"):  # the heading after `@@ ... @@` is the box's words: not shown
+                out.append(style("cyan", line[:line.find("@@", 2) + 2]))
             elif line.startswith("-"):
                 minus = _run_of(lines, i, "-")
                 plus = _run_of(lines, i + len(minus), "+")
@@ -3326,12 +3361,16 @@ class Applier:
 
     def apply(self, patch: bytes, base_tree: Optional[str], keep_conflicts: Optional[bool]) -> dict:
         files = vet_on_disk(self.project.root, split_patch(patch), self.protected)
+        compute_results(self.project, files, base_tree, whole=False)
+        check_destinations(self.project.root, files)
         paths = touched_paths(files)
         gone = removed_links(self.project.root, files)
         check = self.git.run("apply", "--check", "--binary", "-", input=patch, check=False)
         if check.returncode == 0:
             before = self.undo_log.save(paths, gone)
+            exact = unchanged_since_sync(self.project, files, base_tree)
             self.git("apply", "--binary", "-", input=patch)
+            self.check_written(files, exact, before)
             return self.done(before, "plain", paths, [])
         failure = describe_apply_failure(check.stderr)
         if not self.project.is_git_repo:
@@ -3347,7 +3386,8 @@ class Applier:
         if not self.merger.have(base_tree):
             raise PatchError("the patch does not apply and the synced version is not here for a "
                              "3-way merge; nothing was changed:\n" + failure, "ask again")
-        merged = self.merger.merge(patch, base_tree, gone)
+        merged = self.merger.merge(patch, base_tree, gone, {f.path: f.result for f in files
+                                                            if f.result is not None and f.kind != "deleted"})
         check_merged_writes(self.project.root, merged)
         conflicts = [path for path, (_, _, n) in merged.items() if n]
         if conflicts and not ask_keep_conflicts({p: merged[p][0] for p in conflicts}, self.style,
@@ -3378,6 +3418,17 @@ class Applier:
                              "written so far were put back, nothing was changed",
                              "fix the cause and apply again")
 
+    def check_written(self, files: Sequence[FilePatch], exact: set, before: List[dict]) -> None:
+        """What `git apply` wrote to each file that was here as synced must be the result
+        computed beforehand (the one the preview showed); otherwise everything goes back."""
+        for fp in files:
+            if fp.path in exact and fp.result is not None and fp.kind != "deleted":
+                now = read_worktree(self.project.root, fp.path)
+                if now is None or now[0] != fp.result:
+                    self.undo_log.put_back(reversed(before))
+                    raise refuse(f"git wrote to {fp.path!r} something other than the change shown; "
+                                 "every file was put back")
+
     def done(self, before: List[dict], how: str, paths: Sequence[str], conflicts: List[str]) -> dict:
         self.undo_log.record(before)
         return {"how": how, "files": list(paths), "conflicts": conflicts}
@@ -3401,9 +3452,11 @@ class ThreeWayMerge:
     def have(self, tree: str) -> bool:
         return self.git.run("cat-file", "-e", tree + "^{tree}", check=False).returncode == 0
 
-    def merge(self, patch: bytes, base_tree: str, gone: set) -> Dict[str, Tuple[Optional[bytes], str, int]]:
+    def merge(self, patch: bytes, base_tree: str, gone: set,
+              results: Optional[Dict[str, bytes]] = None) -> Dict[str, Tuple[Optional[bytes], str, int]]:
         """{path: (new bytes or None for deleted, mode, conflicts)} for every touched path.
-        `gone`: symlinks here the patch deletes; what lies "beneath" them is not read."""
+        `gone`: symlinks here the patch deletes; what lies "beneath" them is not read.
+        `results`: the files as computed before the preview; the AI's side must be those."""
         tmp_index = str(self.project.private_dir / "merge.index")
         git = self.git.with_env(GIT_INDEX_FILE=tmp_index)
         git("read-tree", base_tree)
@@ -3413,6 +3466,9 @@ class ThreeWayMerge:
                              + describe_apply_failure(applied.stderr))
         theirs_tree = git.text("write-tree")
         os.unlink(tmp_index)
+        for path, data in (results or {}).items():
+            if (self.project.recorded_file(theirs_tree, path) or (None, ""))[0] != data:
+                raise refuse(f"git's result for {path!r} on the synced files is not the change shown")
         out: Dict[str, Tuple[Optional[bytes], str, int]] = {}
         for status, old, new in diff_tree(self.git, base_tree, theirs_tree):
             if status == "R":
@@ -3580,7 +3636,8 @@ def vet_on_disk(root: Path, files: List["FilePatch"], protected: Sequence[str] =
     for f in files:
         for path in {f.old_path, f.path}:
             if folded_path(path) in shielded:
-                raise refuse(f"a change to {path!r}, which Patchwire keeps (your token file)")
+                raise refuse(f"a change to {path!r}, which Patchwire keeps (your token file, or a file "
+                             "your ssh_options name)")
             link = symlink_parent(root, path)
             if link and not beneath(path, gone):
                 raise refuse(f"{path!r} lies beyond the symlink {link!r} here: writing there would "
@@ -3602,6 +3659,190 @@ def vet_on_disk(root: Path, files: List["FilePatch"], protected: Sequence[str] =
         if problem:
             raise refuse(f"a symlink {path!r} -> {target!r} with {problem}")
     return files
+
+
+# --- the result, computed here
+#
+# `git apply` forgives: a hunk whose lines are not at the line its `@@` names is looked for
+# elsewhere (and one without trailing context is anchored at the end of the file), so a box
+# can show a change in one function and land it in another. The laptop therefore computes
+# every text file's result itself, from the synced bytes the patch's `index` line names (in
+# Patchwire's store since the sync), with no offset and no fuzz, and requires its blob id to
+# be the one that line names. The preview shows those hunks (their heading text, which the
+# box writes, dropped), and apply checks the written files against these bytes.
+
+ZERO_ID = re.compile(r"0+")
+SCRIPT_SUFFIXES = (".sh", ".bash", ".zsh", ".py", ".pl", ".rb", ".js", ".mjs", ".cjs", ".ts", ".php",
+                   ".ps1", ".bat", ".cmd", ".mk", ".lua", ".fish")
+
+
+def blob_id(data: bytes, like: str) -> str:
+    """git's id of a blob holding `data`, in the hash `like` (an id) is written in."""
+    algo = "sha256" if len(like) == 64 else "sha1"
+    return hashlib.new(algo, b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def index_ids(fp: FilePatch) -> Optional[Tuple[str, str]]:
+    """(old id, new id) from a full `index` line (git diff --full-index); None otherwise."""
+    m = INDEX_RE.fullmatch(fp.headers.get("index", b""))
+    if not m or len(m.group(1)) not in (40, 64) or len(m.group(2)) != len(m.group(1)):
+        return None
+    return m.group(1).decode(), m.group(2).decode()
+
+
+def hunk_sides(lines: List[bytes]) -> Tuple[List[bytes], List[bytes], bool]:
+    """(old side's lines, new side's lines, has trailing context) of one hunk; a line
+    followed by `\\ No newline at end of file` loses its newline."""
+    old: List[bytes] = []
+    new: List[bytes] = []
+    trailing = False
+    went: List[List[bytes]] = []  # the sides the line before took
+    for line in lines:
+        if line.startswith(b"\\"):
+            for side in went:
+                side[-1] = side[-1][:-1]
+            continue
+        sign, text = (b" ", b"\n") if line == b"\n" else (line[:1], line[1:])
+        trailing = sign == b" "
+        went = [side for side, skip in ((old, b"+"), (new, b"-")) if sign != skip]
+        for side in went:
+            side.append(text)
+    return old, new, trailing
+
+
+def post_image(pre: bytes, fp: FilePatch, whole: bool = True) -> bytes:
+    """The file `fp` makes of `pre`, every hunk at exactly the line it names, its context and
+    removed lines byte for byte those of `pre` there; PatchRefused otherwise. `whole`: the
+    new line numbers too (a part chosen by -i renumbers them its own way; git ignores them)."""
+    old, at = patch_lines(pre), 0
+    out: List[bytes] = []
+    for old_start, new_start, lines in fp.hunks:
+        gone, added, trailing = hunk_sides(lines)
+        start = old_start - 1 if gone else old_start  # `-5,0`: insert after line 5
+        if start < at or old[start:start + len(gone)] != gone:
+            raise refuse(f"a hunk of {fp.path!r} whose lines are not those of the synced file at "
+                         f"line {old_start} (git would look for them elsewhere and change another place)")
+        if not trailing and start + len(gone) != len(old):
+            raise refuse(f"a hunk of {fp.path!r} without trailing context that does not end the file "
+                         "(git would apply it at the end of the file instead)")
+        before = len(out) + start - at
+        if whole and new_start != before + (1 if added else 0):
+            raise refuse(f"a hunk of {fp.path!r} whose new line number {new_start} is not where it lands")
+        out += old[at:start] + added
+        at = start + len(gone)
+    return b"".join(out + old[at:])
+
+
+def preimage(project: "Project", fp: FilePatch, base_tree: Optional[str]) -> Optional[bytes]:
+    """The synced bytes a section was made from: the blob its `index` line names (in
+    Patchwire's store since the sync), else the job's record here, else the file here."""
+    if fp.kind == "new":
+        return b""
+    ids = index_ids(fp)
+    if ids:
+        got = project.git.run("cat-file", "blob", ids[0], check=False)
+        if got.returncode != 0:
+            raise refuse(f"{fp.old_path!r} as the patch says it was ({ids[0][:12]}) is no version synced "
+                         "from here")
+        return got.stdout
+    found = (project.recorded_file(base_tree, fp.old_path) if base_tree and project.recorded(base_tree)
+             else read_worktree(project.root, fp.old_path))
+    return found[0] if found else None
+
+
+def compute_results(project: "Project", files: Sequence[FilePatch], base_tree: Optional[str],
+                    whole: bool = True) -> Sequence[FilePatch]:
+    """Each text file's result into `fp.result`, or PatchRefused. `whole`: the patch as the
+    box sent it, whose results must be the blobs its `index` lines name (a part chosen
+    from it by --only or -i is checked by position only)."""
+    for fp in files:
+        if fp.binary:
+            problem = binary_problem(fp, preimage(project, fp, base_tree))
+            if problem:
+                raise refuse(f"a binary patch to {fp.path!r}, {problem}: what it writes cannot be "
+                             "reviewed (ask for a text change)")
+            continue
+        if not fp.hunks:
+            continue
+        pre = preimage(project, fp, base_tree)
+        if pre is None:
+            raise refuse(f"a change to {fp.old_path!r}, which was not synced from here")
+        fp.result = post_image(pre, fp, whole)
+        ids = index_ids(fp)
+        expected = "" if ids is None or ZERO_ID.fullmatch(ids[1]) else ids[1]
+        if whole and ids and (blob_id(fp.result, ids[1]) != expected if expected else fp.result):
+            raise refuse(f"the result for {fp.path!r} is not the file its index line names ({ids[1][:12]})")
+    return files
+
+
+def binary_problem(fp: FilePatch, pre: Optional[bytes]) -> Optional[str]:
+    """Why a binary patch is refused: it turns a text file into base85 the preview cannot
+    show (one NUL byte added to a script is enough for git diff to write one), it changes an
+    executable or a script, or its literal content is text after all."""
+    if "100755" in (fp.old_mode, fp.new_mode):
+        return "an executable"
+    if any(p.lower().endswith(SCRIPT_SUFFIXES) for p in (fp.path, fp.old_path)):
+        return "a script"
+    if pre and b"\0" not in pre[:8000]:
+        return "a text file here"
+    literal = binary_literal(fp)
+    if literal is not None and (literal.startswith(b"#!") or b"\0" not in literal[:8000]):
+        return "which decodes to text" + (" starting with #!" if literal.startswith(b"#!") else "")
+    return None
+
+
+def binary_literal(fp: FilePatch) -> Optional[bytes]:
+    """The content a `literal` binary patch writes (git's base85 of zlib data); None for a delta."""
+    lines = fp.lines[fp.body_start:]
+    if not lines or not lines[0].startswith(b"literal "):
+        return None
+    data = bytearray()
+    for line in lines[1:]:
+        if line == b"\n":
+            break
+        size = line[0] - (ord("A") - 1) if line[:1].isupper() else line[0] - (ord("a") - 27)
+        data += base64.b85decode(line[1:-1])[:size]
+    try:
+        return zlib.decompress(bytes(data))
+    except (zlib.error, ValueError):
+        raise refuse(f"binary data for {fp.path!r} that does not decode")
+
+
+def unchanged_since_sync(project: "Project", files: Sequence[FilePatch], base_tree: Optional[str]) -> set:
+    """Paths of the text files here that hold exactly the bytes the patch was made from:
+    there the result git writes must be the one computed (Applier.check_written)."""
+    out = set()
+    for fp in files:
+        if fp.result is not None and not fp.binary:
+            here = read_worktree(project.root, fp.old_path) if fp.kind != "new" else None
+            if (here[0] if here else b"" if fp.kind == "new" else None) == preimage(project, fp, base_tree):
+                out.add(fp.path)
+    return out
+
+
+def check_destinations(root: Path, files: Sequence[FilePatch]) -> None:
+    """A new file or a rename lands on a path where nothing was synced: a file already there
+    (untracked, ignored: a `.env` never sent to the box) was never reviewed, and git's
+    3-way fallback would replace it. Refused naming it, unless it holds the result already."""
+    leaving = {folded_path(f.old_path) for f in files if f.kind in ("deleted", "renamed")}
+    for f in files:
+        if f.kind not in ("new", "renamed") or folded_path(f.path) in leaving or symlink_parent(root, f.path):
+            continue
+        if lstat_or_none(root / f.path) is None:
+            continue
+        here = read_worktree(root, f.path)
+        if here is None or f.result is None or here[0] != f.result:
+            raise PatchError(f"{sanitize(f.path)} is already here, and the patch would replace it with "
+                             "content you did not review (an untracked or ignored file the box never "
+                             "had); nothing was changed",
+                             "move that file away and apply again, or apply the rest with --exclude")
+
+
+def lstat_or_none(path: Path) -> Optional[os.stat_result]:
+    try:
+        return os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def removed_links(root: Path, files: Sequence["FilePatch"]) -> set:
@@ -3894,19 +4135,44 @@ class Session:
         return trees if isinstance(trees, dict) else {}
 
     def protected_paths(self) -> List[str]:
-        """Project paths no patch may touch besides .patchwire.toml: a token file kept inside."""
-        if not self.cfg.token_file:
-            return []
-        path = Path(os.path.expanduser(self.cfg.token_file))
-        try:
-            return [(path if path.is_absolute() else self.cfg.root / path).resolve()
-                    .relative_to(self.cfg.root.resolve()).as_posix()]
-        except (ValueError, OSError):
-            return []
+        """Project paths no patch may touch besides .patchwire.toml: a token file kept inside,
+        and the files ssh_options names (`-F ssh_config`: a ProxyCommand added there runs at
+        the next sync; `-i key`, `-o IdentityFile=`, `-o Include=`, `-o UserKnownHostsFile=`)."""
+        names = [self.cfg.token_file] if self.cfg.token_file else []
+        names += ssh_option_files(self.cfg.ssh_options)
+        out = []
+        for name in names:
+            path = Path(os.path.expanduser(name))
+            try:
+                out.append((path if path.is_absolute() else self.cfg.root / path).resolve()
+                           .relative_to(self.cfg.root.resolve()).as_posix())
+            except (ValueError, OSError):
+                continue
+        return out
 
-    def vet(self, patch: bytes) -> List[FilePatch]:
-        """The job's patch read strictly and checked against the files here, or PatchRefused."""
-        return vet_on_disk(self.cfg.root, split_patch(patch), self.protected_paths())
+    def vet(self, patch: bytes, job: str = "") -> List[FilePatch]:
+        """The job's patch read strictly, checked against the files here and its results
+        computed from the synced bytes (compute_results), or PatchRefused."""
+        files = vet_on_disk(self.cfg.root, split_patch(patch), self.protected_paths())
+        compute_results(self.project, files, self.job_tree(job) if job else None)
+        return files
+
+    def job_diff(self, job: str, sha256: Optional[str] = None) -> bytes:
+        """A finished job's patch: fetched once and kept in the state folder, so what a later
+        apply writes is what was reviewed, whatever the box serves next; with `sha256`, the
+        bytes must be those (the hash `diff --json` gave the reviewer, VS Code's Apply)."""
+        kept = self.project.state_file(f"diffs/{check_job_id(job)}.patch")
+        try:
+            patch, fetched = kept.read_bytes(), False
+        except OSError:
+            patch, fetched = self.client.diff(job), True
+        if sha256 and hashlib.sha256(patch).hexdigest() != sha256.lower():
+            raise refuse(f"job {job}'s patch is not the one reviewed (its sha256 is "
+                         f"{hashlib.sha256(patch).hexdigest()}, not {sha256})")
+        if fetched:  # never a copy the hash refused
+            kept.parent.mkdir(exist_ok=True)
+            kept.write_bytes(patch)
+        return patch
 
     def job_id(self, given: Optional[str]) -> str:
         if given:
@@ -3919,6 +4185,25 @@ class Session:
         except OSError:
             raise UsageError("no job given and no earlier ask in this project",
                              "name a job (see `patchwire jobs`)")
+
+
+SSH_FILE_OPTIONS = ("identityfile", "include", "userknownhostsfile", "certificatefile", "controlpath",
+                    "identityagent", "globalknownhostsfile")
+
+
+def ssh_option_files(options: Sequence[str]) -> List[str]:
+    """The files ssh reads because of `options` (-F FILE, -i FILE, -o Key=FILE)."""
+    out = []
+    for flag, value in zip(options, list(options[1:]) + [""]):
+        if flag in ("-F", "-i"):
+            out.append(value)
+        elif flag.startswith(("-F", "-i")) and len(flag) > 2:
+            out.append(flag[2:])
+        opt = value if flag == "-o" else flag[2:] if flag.startswith("-o") else ""
+        key, _, val = opt.replace("=", " ", 1).partition(" ")
+        if key.lower() in SSH_FILE_OPTIONS and val.strip():
+            out += val.split()
+    return [o for o in out if o]
 
 
 def say_held(files: FileList) -> None:
@@ -4038,7 +4323,7 @@ def apply_job(session: Session, job: str, patch: bytes, *, chosen: Optional[byte
     this laptop recorded for the job, if it asked it."""
     style = Style.for_stream(sys.stderr, no_color)
     if chosen is None:
-        chosen = choose(session.vet(patch), patch, interactive=interactive, only=only, exclude=exclude,
+        chosen = choose(session.vet(patch, job), patch, interactive=interactive, only=only, exclude=exclude,
                         style=style)
     if not chosen.strip():
         say("nothing chosen; nothing applied")
@@ -4327,8 +4612,8 @@ def cmd_ask(args) -> int:
     if end["type"] != "finished":
         raise AIFailed(f"job {job} {end['type']}: {end.get('reason', '')}",
                        f"see `patchwire show {job}`; nothing was changed here")
-    patch = session.client.diff(job)
-    files = session.vet(patch)
+    patch = session.job_diff(job)
+    files = session.vet(patch, job)
     outcome = {"type": "outcome", "job": job, "applied": False, "files": [f.path for f in files],
                "look_closely": look_closely(files)}
     if not patch:
@@ -4425,15 +4710,16 @@ def cmd_diff(args) -> int:
     job = check_job_id(session.job_id(args.job))
     if args.file:
         return show_job_file(session, job, args)
-    patch = session.client.diff(job)
-    files = session.vet(patch)
+    patch = session.job_diff(job)  # kept: what is reviewed now is what a later apply reads
+    files = session.vet(patch, job)
     if args.json:
         listed = [{"path": f.path, "old_path": f.old_path, "kind": f.kind, "added": f.added,
                    "removed": f.removed, "binary": f.binary} for f in files]
+        body = {"sha256": hashlib.sha256(patch).hexdigest()}  # `apply --sha256` applies these bytes only
         try:
-            body = {"patch": patch.decode("utf-8")}
+            body["patch"] = patch.decode("utf-8")
         except UnicodeDecodeError:
-            body = {"patch_base64": base64.b64encode(patch).decode()}
+            body["patch_base64"] = base64.b64encode(patch).decode()
         output(args, {"job": job, "files": listed, "look_closely": look_closely(files), **body})
         return 0
     if sys.stdout.isatty():  # a person reads it: sanitised, like the preview
@@ -4453,8 +4739,8 @@ def show_job_file(session: Session, job_id: str, args) -> int:
         raise PatchwireError(f"the files job {sanitize(str(job.get('id')))} started from are not recorded in "
                              "this project", "run this in the project the job was asked from")
     if args.side == "new":
-        patch = session.client.diff(job["id"])
-        split_patch(patch)  # the strict reader refuses what it refuses everywhere else
+        patch = session.job_diff(job["id"])
+        session.vet(patch, job["id"])  # refused here as everywhere else: the editor shows no other result
         tree = tree_after_patch(session.project, tree, patch, job["id"])
     found = session.project.recorded_file(tree, args.file)
     data, mode = found or (b"", "")
@@ -4507,12 +4793,12 @@ def cmd_apply(args) -> int:
     if job.get("status") != "done":
         raise AIFailed(f"job {job_id} is {sanitize(str(job.get('status')))}: nothing to apply",
                        sanitize(str(job.get("reason") or "")))
-    patch = session.client.diff(job_id)
+    patch = session.job_diff(job_id, args.sha256)
     if not patch:
         say(f"job {job_id} made no changes; nothing to apply")
         output(args, {"job": job_id, "how": "none", "files": [], "conflicts": []})
         return 0
-    files = session.vet(patch)
+    files = session.vet(patch, job_id)
     style = Style.for_stream(sys.stderr, args.no_color)
     chosen, interactive = None, args.interactive
     if not args.yes and not interactive:
@@ -4701,6 +4987,8 @@ def build_parser() -> argparse.ArgumentParser:
     p["apply"].add_argument("--undo", action="store_true", help="restore the files the last apply touched")
     p["apply"].add_argument("paths", nargs="*", metavar="-- PATH",
                             help="after --: apply only these files, exact names (a file may be called --undo)")
+    p["apply"].add_argument("--sha256", metavar="HEX", help="apply only if the job's patch has this sha256 "
+                            "(the one `patchwire diff JOB --json` reported when it was reviewed)")
     add_usage_arguments(p["usage"], "project")
     return parser
 

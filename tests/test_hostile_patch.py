@@ -106,7 +106,7 @@ CORPUS = [
     ("absolute path", new_file(b"/tmp/pw-absolute", b"x\n"), "absolute or empty path"),
     ("more lines than the hunk says", HONEST + b"+smuggled\n", "text git does not write here"),
     ("submodule", b"diff --git a/sub b/sub\nnew file mode 160000\nindex 0000000..1234567\n--- /dev/null\n"
-     b"+++ b/sub\n@@ -0,0 +1 @@\n+Subproject commit 1234567\n", "file mode"),
+     b"+++ b/sub\n@@ -0,0 +1 @@\n+Subproject commit 1234567\n", "submodule (gitlink) change to 'sub'"),
     ("binary change without content", b"diff --git a/img.bin b/img.bin\nindex 1111111..2222222 100644\n"
      b"Binary files a/img.bin and b/img.bin differ\n", "without its content"),
     ("file turned symlink in place", b"diff --git a/README.md b/README.md\nold mode 100644\nnew mode 120000\n",
@@ -210,14 +210,15 @@ def test_the_merge_base_is_the_laptops_record_never_the_boxs(world):
     # new README.md merge with yours as if nothing had been synced.
     box.add_job("ccc333", new_file(b"README.md", b"pwned\n"), tree=EMPTY_TREE)
     result = lap.run("apply", "ccc333", "--yes", "--keep-conflicts")
-    assert result.returncode == 5 and "no record of the files it was made from" in result.err, result.err
+    # a new file onto one that is here: refused before any merge (no write where nothing was reviewed)
+    assert result.returncode == 5 and "README.md is already here" in result.err, result.err
     assert state(lap, outside) == before
     # asked here: the recorded tree is the base, whatever the box says
     box.add_job("ddd444", new_file(b"README.md", b"pwned\n"), tree=EMPTY_TREE, ask=True)
     asked = lap.run("ask", "--no-apply", "go", check=0)
     assert "kept" in asked.err or "not applied" in asked.err
     result = lap.run("apply", "ddd444", "--yes", "--keep-conflicts")
-    assert result.returncode == 5 and "does not even apply to the synced version" in result.err, result.err
+    assert result.returncode == 5 and "README.md is already here" in result.err, result.err
     assert state(lap, outside) == before
 
 

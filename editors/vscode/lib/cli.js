@@ -203,9 +203,11 @@ class Cli {
   // `--undo` is a file, never a flag.
   file(job, file, side) { return this.json(['diff', job, `--file=${file}`, '--side', side]); }
 
-  /** Apply without a question (`--yes`), all files or only `paths` (exact names, after `--`). */
-  apply(job, paths = [], { keepConflicts = false } = {}) {
-    const options = ['--yes', ...(keepConflicts ? ['--keep-conflicts'] : [])];
+  /** Apply without a question (`--yes`), all files or only `paths` (exact names, after `--`);
+   * with `sha256` (the hash `diff --json` gave for what was reviewed) the CLI refuses any other
+   * patch bytes. */
+  apply(job, paths = [], { keepConflicts = false, sha256 = '' } = {}) {
+    const options = ['--yes', ...(sha256 ? ['--sha256', sha256] : []), ...(keepConflicts ? ['--keep-conflicts'] : [])];
     // JOB right before `--`: argparse takes the positionals (JOB -- NAME...) only together
     return this.json(paths.length ? ['apply', ...options, job, '--', ...paths] : ['apply', job, ...options]);
   }

@@ -244,7 +244,7 @@ class Patchwire {
         }
         paths = chosen.length === files.length ? [] : chosen.map((f) => f.path);
       }
-      return this.apply(cli, job, paths, files);
+      return this.apply(cli, job, paths, files, diff.sha256);
     }
   }
 
@@ -264,9 +264,10 @@ class Patchwire {
       jobUri(job, item.path, 'new'), `${item.path} (synced ↔ job ${job})`, { preview: true });
   }
 
-  /** `patchwire apply JOB --yes [--only ...]`; a refusal shows the CLI's own message. Where
+  /** `patchwire apply JOB --yes --sha256 HEX [--only ...]` (the reviewed bytes only); a refusal
+   * shows the CLI's own message. Where
    * the AI's edits overlap yours, the CLI refuses; one button retries with conflict markers. */
-  async apply(cli, job, paths, files) {
+  async apply(cli, job, paths, files, sha256 = '') {
     const touched = new Set((paths.length ? paths : files.map((f) => f.path)).map((p) => path.join(cli.cwd, p)));
     const unsaved = vscode.workspace.textDocuments.filter((d) => d.isDirty && touched.has(d.uri.fsPath));
     if (unsaved.length) {
@@ -275,7 +276,7 @@ class Patchwire {
     }
     let result;
     try {
-      result = await cli.apply(job, paths);
+      result = await cli.apply(job, paths, { sha256 });
     } catch (err) {
       if (!(err instanceof CliError) || !/overlap/.test(err.message)) {
         throw err;
@@ -284,7 +285,7 @@ class Patchwire {
       if (pick !== 'Apply with Conflict Markers') {
         return 'refused';
       }
-      result = await cli.apply(job, paths, { keepConflicts: true });
+      result = await cli.apply(job, paths, { keepConflicts: true, sha256 });
     }
     this.log(`applied job ${present.clean(job)} (${present.clean(result.how)}): ${result.files.map(present.clean).join(', ')}`);
     vscode.window.showInformationMessage(present.appliedMessage(job, result));

@@ -66,7 +66,7 @@ test('Ask: prompt, progress, output channel, multi-file diff, Apply all through 
   stub.answers.push('add a --verbose flag', pick((i) => i.action === 'all'));
   await run('patchwire.ask');
   assert.deepEqual(calls().filter((c) => c.argv[0] !== 'jobs').map((c) => c.argv), [
-    ['ask', '-', '--no-apply', '--json'], ['diff', fx.JOB, '--json'], ['apply', fx.JOB, '--yes', '--json']]);
+    ['ask', '-', '--no-apply', '--json'], ['diff', fx.JOB, '--json'], ['apply', fx.JOB, '--yes', '--sha256', fx.DIFF.sha256, '--json']]);
   assert.equal(calls().find((c) => c.argv[0] === 'ask').stdin, 'add a --verbose flag');
   assert.deepEqual(uiCalls('withProgress')[0][0], { location: 15, title: 'Patchwire', cancellable: true });
   assert.deepEqual(stub.progress.progress.messages, ['syncing the project', 'queued as job 7aa6964d0087: 2 ahead',
@@ -103,7 +103,7 @@ test('Review: a file opens its diff, look-closely items are flagged, selected fi
   assert.equal(first[0].find((i) => i.path === 'run.sh').detail, 'look closely: becomes executable');
   assert.equal(many[1].canPickMany, true);
   assert.ok(many[0].every((i) => i.picked));
-  assert.deepEqual(calls().filter((c) => c.argv[0] === 'apply').map((c) => c.argv), [['apply', '--json', '--yes', fx.JOB, '--', 'run.sh']]);
+  assert.deepEqual(calls().filter((c) => c.argv[0] === 'apply').map((c) => c.argv), [['apply', '--json', '--yes', '--sha256', fx.DIFF.sha256, fx.JOB, '--', 'run.sh']]);
   assert.deepEqual(uiCalls('showInformationMessage').map((a) => a[0]), ['Patchwire: applied job 7aa6964d0087: 1 file; the rest stays in the job']);
 });
 
@@ -122,7 +122,7 @@ test('Apply: overlapping edits show the CLI\'s refusal; the button retries with 
     apply: [{ stdout: [overlap], code: 5 }, { stdout: [{ ...fx.APPLIED, how: '3-way', conflicts: ['src/app.py'] }] }] });
   stub.answers.push(pick((i) => i.action === 'all'), 'Apply with Conflict Markers');
   assert.equal(await pw.review(fx.JOB), 'applied');
-  assert.deepEqual(calls().filter((c) => c.argv[0] === 'apply').map((c) => c.argv.slice(2)), [['--yes', '--json'], ['--yes', '--keep-conflicts', '--json']]);
+  assert.deepEqual(calls().filter((c) => c.argv[0] === 'apply').map((c) => c.argv.slice(2)), [['--yes', '--sha256', fx.DIFF.sha256, '--json'], ['--yes', '--sha256', fx.DIFF.sha256, '--keep-conflicts', '--json']]);
   assert.deepEqual(uiCalls('showWarningMessage').map((a) => a[0]), [
     'Patchwire: the AI\'s change and yours overlap in src/app.py; nothing was changed (resolve by hand)',
     'Patchwire: conflict markers to resolve in src/app.py']);

@@ -28,6 +28,7 @@ const DIFF = {
     { path: 'src/app.py', old_path: 'src/app.py', kind: 'modified', added: 1, removed: 1, binary: false },
   ],
   patch: 'diff --git a/new.txt b/new.txt\n...',
+  sha256: 'c0ffee'.padEnd(64, '0'), // of the patch bytes shown: Apply passes it back (apply --sha256)
 };
 // After issue 8 the CLI adds look_closely; the extension shows it when present.
 const DIFF_LOOK_CLOSELY = {

