@@ -131,7 +131,7 @@ def test_sync_and_ask_round_trip_over_ssh(tmp_path, agent, sshd):
     (lap.root / "README.md").write_bytes(b"# over ssh, edited before the ask\n")
     result = lap.ask(script(
         {"write": "src/app.py", "text": "print('hello')\r\nprint('edited by the AI')\r\n"},
-        {"write": "src/new module.py", "b64": "AAEC/w=="},
+        {"write": "src/new module.bin", "b64": "AAEC/w=="},
         {"delete": "gone.txt"},
         {"say": "Done over ssh."},
     ), "--yes", check=0)
@@ -139,7 +139,7 @@ def test_sync_and_ask_round_trip_over_ssh(tmp_path, agent, sshd):
     assert "applied job" in result.err and "3 file(s) changed" in result.err
     root = lap.root
     assert (root / "src/app.py").read_bytes() == b"print('hello')\r\nprint('edited by the AI')\r\n"
-    assert (root / "src/new module.py").read_bytes() == b"\x00\x01\x02\xff"
+    assert (root / "src/new module.bin").read_bytes() == b"\x00\x01\x02\xff"
     assert not (root / "gone.txt").exists()
     assert (root / "README.md").read_bytes() == b"# over ssh, edited before the ask\n"
     for rel, data in SECRETS.items():
@@ -150,7 +150,7 @@ def test_sync_and_ask_round_trip_over_ssh(tmp_path, agent, sshd):
     # the next ask sends the applied result; the deleted file goes from the mirror too
     lap.ask(script({"say": "nothing"}), "--yes", check=0)
     expected = laptop_files(lap)
-    assert "gone.txt" not in expected and "src/new module.py" in expected
+    assert "gone.txt" not in expected and "src/new module.bin" in expected
     assert files_under(mirror) == expected
     assert not any(b"supersecret" in data for data in files_under(mirror).values())
 
