@@ -320,6 +320,19 @@ def in_parallel(*calls: Callable[[], Any]) -> List[Any]:
     return results
 
 
+def json_too_deep(value: Any, limit: int) -> bool:
+    """Whether a parsed JSON value nests deeper than `limit`, walked without recursion (the
+    depth is what is being checked): both programs read JSON from the other side."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
 def clean_env(extra: Optional[dict] = None) -> dict:
     """This process's environment without git's and Patchwire's own variables."""
     env = {k: v for k, v in os.environ.items()
@@ -1789,20 +1802,9 @@ def box_json(data: bytes, what: str) -> Any:
         raise AnswerRefused(f"the agent's {what} nests deeper than {MAX_BOX_JSON_DEPTH} levels", BOX_HINT) from None
     except ValueError:
         raise AnswerRefused(f"the agent's {what} is not JSON", BOX_HINT) from None
-    if _json_depth_over(value, MAX_BOX_JSON_DEPTH):
+    if json_too_deep(value, MAX_BOX_JSON_DEPTH):
         raise AnswerRefused(f"the agent's {what} nests deeper than {MAX_BOX_JSON_DEPTH} levels", BOX_HINT)
     return value
-
-
-def _json_depth_over(value: Any, limit: int) -> bool:
-    stack = [(value, 1)]
-    while stack:  # without recursion: the depth is what is being checked
-        item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            if depth > limit:
-                return True
-            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
-    return False
 
 
 # --- the shapes of the box's answers: {field: kind}. A kind is a type or a tuple of types

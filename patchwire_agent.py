@@ -3977,18 +3977,6 @@ def ascii_count(text: str) -> Optional[int]:
     return int(text)
 
 
-def json_too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
-    """Whether a parsed JSON value nests deeper than `limit` (walked without recursion)."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            if depth > limit:
-                return True
-            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
-    return False
-
-
 class Handler(http.server.BaseHTTPRequestHandler):
     """Routes, auth and errors in one place; each route is a small `route_<name>`. Each
     request has a total time budget for its request line and headers (`header_timeout_s`)
@@ -4196,7 +4184,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             body = json.loads(data or b"null")
         except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             raise BadRequest("the body is not valid JSON")
-        if json_too_deep(body):
+        if pw.json_too_deep(body, MAX_JSON_DEPTH):
             raise BadRequest(f"the body nests deeper than {MAX_JSON_DEPTH} levels")
         try:  # "\ud800" is valid JSON but no text: sqlite, git and files would refuse it later
             json.dumps(body, ensure_ascii=False).encode("utf-8")

@@ -28,6 +28,7 @@ from typing import Dict, List
 import pytest
 
 import patchwire_agent as pa
+from test_i9_confinement import bwrap_or_skip  # noqa: F401 - also imported from here
 from conftest import ROOT, STAND_IN, STAND_IN_COMMAND, AgentProcess, script, tomli_w, tomllib, wait_until
 
 ACCOUNT = "pw-walls"
@@ -43,14 +44,6 @@ SECRETS = {
 }
 AGENT_ENV_SECRETS = {"SECRET_TOKEN": "SECRET-ENV", "AWS_SECRET_ACCESS_KEY": "SECRET-ENV-AWS",
                      "SSH_AUTH_SOCK": "/run/SECRET-SOCK"}
-
-
-def bwrap_or_skip() -> None:
-    program, why = pa.probe_bwrap()
-    if not program:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"bubblewrap is needed here: {why}")
-        pytest.skip(f"bubblewrap cannot run here: {why}")
 
 
 def account_or_skip() -> pwd.struct_passwd:
