@@ -1826,6 +1826,8 @@ GATEWAY_PORT = 3128  # the forwarder's port on the job's own loopback (nothing e
 GATEWAY_SOCKET = "/tmp/.patchwire-gateway.sock"  # where the job's socket appears in the sandbox
 GATEWAY_PLACEHOLDER_KEY = "sk-ant-patchwire-gateway-placeholder"
 GATEWAY_HEAD_MAX = 64 * 1024
+GATEWAY_HEAD_BUDGET_S = 10.0
+GATEWAY_MAX_CONNECTIONS = 64  # open at once, per job (each holds two threads of the agent)
 EGRESS_EVENTS = 200  # network events per job; the summary counts everything
 GATEWAY_CONNECT_TIMEOUT_S = 10
 CREDENTIAL_VARIABLES = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN")
@@ -1886,6 +1888,10 @@ class NetworkPolicy:
     def __init__(self, mode: str, patterns: List[str], mode_rule: str, allow_rule: str):
         self.mode, self.patterns, self.mode_rule, self.allow_rule = mode, patterns, mode_rule, allow_rule
 
+    def names_address(self, address: str, port: int) -> bool:
+        """Whether an allow entry is this IP address itself (not a name, not a wildcard)."""
+        return any(host_matches(p, address, port) for p in self.patterns if is_ip_literal(p, address))
+
     def allows(self, host: str, port: int) -> bool:
         if self.mode == "open":
             return True
@@ -1899,6 +1905,11 @@ class NetworkPolicy:
                     f"({self.mode_rule}); the box's admin can allow hosts there")
         return (f"patchwire gateway: {host}:{port} is not allowed ({self.mode_rule}); the box's admin can "
                 f'add "{host}" to {self.allow_rule} allow = [...] or use a preset (README.md, "Network")')
+
+
+def is_ip_literal(pattern: str, address: str) -> bool:
+    name = pattern.rpartition(":")[0] if pattern.count(":") == 1 else pattern
+    return name.strip("[]") == address
 
 
 def host_matches(pattern: str, host: str, port: int) -> bool:
@@ -2134,6 +2145,8 @@ class JobGateway:
         self.sock.bind(str(self.path))
         self.sock.listen(128)
         self.closed = False
+        self.lock = threading.Lock()
+        self.open_connections = 0
         threading.Thread(target=self._accept, name="gateway", daemon=True).start()
 
     def close(self) -> None:
@@ -2151,11 +2164,16 @@ class JobGateway:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
+            with self.lock:  # an AI opening connections without end must not exhaust the agent
+                full = self.open_connections >= GATEWAY_MAX_CONNECTIONS
+                self.open_connections += not full
+            if full:
+                refuse_busy(conn)
+                continue
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
         try:
-            conn.settimeout(30)
             head, rest = read_head(conn)
             method, target, headers = parse_head(head)
             if method == "CONNECT":
@@ -2169,12 +2187,15 @@ class JobGateway:
                 gateway_answer(conn, HTTPStatus.BAD_REQUEST, f"patchwire gateway: {describe_exception(e)}")
         finally:
             conn.close()
+            with self.lock:
+                self.open_connections -= 1
 
     def _tunnel(self, conn: socket.socket, target: str, rest: bytes) -> None:
         host, port = split_host_port(target, 443)
-        if not self._allowed(conn, host, port):
+        address = self._destination(conn, host, port)
+        if not address:
             return
-        upstream = socket.create_connection((host, port), timeout=GATEWAY_CONNECT_TIMEOUT_S)
+        upstream = socket.create_connection(address, timeout=GATEWAY_CONNECT_TIMEOUT_S)
         conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
         self._relay(conn, upstream, host, rest)
 
@@ -2184,10 +2205,11 @@ class JobGateway:
         if url.scheme != "http" or not url.hostname:
             gateway_answer(conn, HTTPStatus.BAD_REQUEST, f"patchwire gateway: cannot forward {target!r}")
             return
-        host, port = url.hostname, url.port or 80
-        if not self._allowed(conn, host, port):
+        address = self._destination(conn, url.hostname, url.port or 80)
+        if not address:
             return
-        upstream = socket.create_connection((host, port), timeout=GATEWAY_CONNECT_TIMEOUT_S)
+        host = url.hostname
+        upstream = socket.create_connection(address, timeout=GATEWAY_CONNECT_TIMEOUT_S)
         path = (url.path or "/") + (f"?{url.query}" if url.query else "")
         upstream.sendall(build_head(method, path, close_headers(headers)) + rest)
         self._relay(conn, upstream, host, b"")
@@ -2216,13 +2238,28 @@ class JobGateway:
         self._relay(conn, upstream, host, b"", scanner.feed)
         self.report.add_tokens(scanner.close())
 
-    def _allowed(self, conn: socket.socket, host: str, port: int) -> bool:
-        if self.policy.allows(host, port):
-            self.report.record(host, True)
-            return True
-        self.report.record(host, False)
-        gateway_answer(conn, HTTPStatus.FORBIDDEN, self.policy.refusal(host, port))
-        return False
+    def _destination(self, conn: socket.socket, host: str, port: int) -> Optional[Tuple[str, int]]:
+        """The address to connect to for an allowed host, resolved once here and connected to as
+        resolved (a second lookup could answer differently). An address that is not on the
+        internet (the box's loopback: the agent's own API, other services; its private
+        network; link-local cloud metadata) is reached only when an allow entry names that
+        address itself: a host name that resolves there, or mode "open", never does."""
+        refusal = "" if self.policy.allows(host, port) else self.policy.refusal(host, port)
+        address = ""
+        if not refusal:
+            try:
+                address = str(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0])
+            except (OSError, UnicodeError) as e:
+                gateway_answer(conn, HTTPStatus.BAD_GATEWAY, f"patchwire gateway: cannot resolve {host}: {e}")
+                return None
+            if not ipaddress.ip_address(address).is_global and not self.policy.names_address(address, port):
+                refusal = (f"patchwire gateway: {host}:{port} is {address}, not an internet address (the box "
+                           "or its network): only an allow entry naming that address itself reaches it")
+        self.report.record(host, not refusal)
+        if refusal:
+            gateway_answer(conn, HTTPStatus.FORBIDDEN, refusal)
+            return None
+        return address, port
 
     def _relay(self, conn: socket.socket, upstream: socket.socket, host: str, first: bytes,
                watch: Callable[[bytes], None] = lambda chunk: None) -> None:
@@ -2252,11 +2289,33 @@ class JobGateway:
         upstream.close()
 
 
+def refuse_busy(conn: socket.socket) -> None:
+    """Answer a connection past GATEWAY_MAX_CONNECTIONS without a thread for it. What it sent
+    already is read first: closing on unread bytes would reset it before it read the answer."""
+    with contextlib.suppress(OSError):
+        conn.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            conn.recv(GATEWAY_HEAD_MAX)
+        conn.setblocking(True)
+        gateway_answer(conn, HTTPStatus.SERVICE_UNAVAILABLE, "patchwire gateway: this job has "
+                       f"{GATEWAY_MAX_CONNECTIONS} connections open already; close some")
+        conn.shutdown(socket.SHUT_WR)
+    conn.close()
+
+
 def read_head(conn: socket.socket) -> Tuple[bytes, bytes]:
-    """(request head, what came after it), the head at most GATEWAY_HEAD_MAX bytes."""
-    data = b""
+    """(request head, what came after it), the head at most GATEWAY_HEAD_MAX bytes and in at
+    most GATEWAY_HEAD_BUDGET_S in all: a byte every few seconds does not hold a thread."""
+    data, deadline = b"", time.monotonic() + GATEWAY_HEAD_BUDGET_S
     while b"\r\n\r\n" not in data:
-        chunk = conn.recv(65536)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ValueError(f"no whole request head within {GATEWAY_HEAD_BUDGET_S:g} s")
+        conn.settimeout(left)
+        try:
+            chunk = conn.recv(65536)
+        except socket.timeout:
+            raise ValueError(f"no whole request head within {GATEWAY_HEAD_BUDGET_S:g} s") from None
         if not chunk:
             raise ValueError("the connection ended inside the request head")
         data += chunk

@@ -108,7 +108,9 @@ def test_mode_none_refuses_everything_and_open_allows_anything(gateway, internet
     host, port = internet.http
     answer = read_all(talk(gateway(mode="none", allow=[f"{host}:{port}"]), f"CONNECT {host}:{port} HTTP/1.1\r\n\r\n"))
     assert b"the network is off for this job ([network] mode = \"none\")" in answer
-    answer = read_all(talk(gateway(mode="open"), f"GET http://{host}:{port}/ HTTP/1.1\r\nHost: x\r\n\r\n"))
+    # "open" allows any host on the internet; the "internet" here is loopback, named itself
+    gw = gateway(mode="open", allow=[f"{host}:{port}"])
+    answer = read_all(talk(gw, f"GET http://{host}:{port}/ HTTP/1.1\r\nHost: x\r\n\r\n"))
     assert answer.endswith(b"hello from 127.0.0.3\n")
 
 
@@ -241,3 +243,55 @@ def test_the_gateway_counts_the_tokens_of_a_plain_json_answer():
     scanner.feed(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n")
     scanner.feed(json.dumps({"usage": {"input_tokens": 5, "output_tokens": 6}}).encode())
     assert scanner.close() == {"input": 5, "output": 6, "cache_read": 0, "cache_write": 0}
+
+
+def test_the_box_itself_is_out_of_reach_even_in_open_mode(gateway):
+    """The gateway runs in the box's own network: a prompt-injected AI must not use it to reach
+    the agent's API or another service on the box's loopback, by address in mode "open", nor
+    by a name that resolves there (DNS under the attacker's control, or "localhost")."""
+    service = socket.socket()
+    service.bind(("127.0.0.1", 0))
+    service.listen(5)
+    port = service.getsockname()[1]
+    try:
+        for gw, target in ((gateway(mode="open"), f"127.0.0.1:{port}"),
+                           (gateway(allow=[f"localhost:{port}"]), f"localhost:{port}")):
+            answer = read_all(talk(gw, f"CONNECT {target} HTTP/1.1\r\n\r\n"))
+            assert answer.startswith(b"HTTP/1.1 403") and b"is 127.0.0.1, not an internet address" in answer, answer
+            assert gw.report.summary()["refused"] == {target.split(":")[0]: 1}
+        service.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            service.accept()  # nothing came through
+        # an admin who means it names the address
+        answer = talk(gateway(allow=[f"127.0.0.1:{port}"]), f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n")
+        assert read_response_head(answer).startswith(b"HTTP/1.1 200")
+        answer.close()
+    finally:
+        service.close()
+
+
+def test_a_client_trickling_its_request_is_cut_off(gateway, monkeypatch):
+    import time
+    monkeypatch.setattr(pa, "GATEWAY_HEAD_BUDGET_S", 1.0)
+    sock = talk(gateway(mode="open"), "CONN")
+    started = time.monotonic()
+    try:
+        for byte in b"ECT example.com:443 HTTP/1.1\r\n":  # a byte every 0.2 s: never a whole head in time
+            sock.sendall(bytes([byte]))
+            time.sleep(0.2)
+    except OSError:
+        pass  # the gateway hung up
+    answer = read_all(sock)
+    assert b"no whole request head within 1 s" in answer and time.monotonic() - started < 8
+
+
+def test_a_job_cannot_open_connections_without_end(gateway, monkeypatch):
+    monkeypatch.setattr(pa, "GATEWAY_MAX_CONNECTIONS", 3)
+    gw = gateway(mode="open")
+    held = [talk(gw, "CONNECT") for _ in range(3)]  # heads never finished: each holds a slot
+    import time
+    time.sleep(0.3)  # the three are taken
+    answer = read_all(talk(gw, "CONNECT example.com:443 HTTP/1.1\r\n\r\n"))
+    assert answer.startswith(b"HTTP/1.1 503") and b"3 connections open already" in answer
+    for sock in held:
+        sock.close()

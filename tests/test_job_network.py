@@ -91,7 +91,9 @@ def test_a_job_reaches_only_allowed_hosts_and_never_holds_the_credential(walls_b
 
 
 def test_no_port_or_socket_of_the_box_or_another_job_is_reachable(walls_box):  # noqa: F811
-    box = walls_box()
+    """Directly (its own namespace) or through the gateway, even with mode "open": the agent's
+    API and every other service on the box's loopback stay out of a job's reach."""
+    box = walls_box(network={"mode": "open"})
     service = socket.socket()
     service.bind(("127.0.0.1", 0))
     service.listen(5)
@@ -116,9 +118,13 @@ def test_no_port_or_socket_of_the_box_or_another_job_is_reachable(walls_box):  #
         target = ["python3", "-c", CONNECT_CODE, f"127.0.0.1:{service.getsockname()[1]}", "@" + name,
                   "127.0.0.1:45678"]
         time.sleep(1.5)  # the listener job binds first
-        other = box.ask("bob", {"run": target, "out": "connect.txt"})
+        via_gateway = ["curl", "-sS", "-x", "http://127.0.0.1:3128", "--noproxy", "",
+                       f"http://127.0.0.1:{service.getsockname()[1]}/", f"{box.agent.url}/v1/health"]
+        other = box.ask("bob", {"run": target, "out": "connect.txt"}, {"run": via_gateway, "out": "gateway.txt"})
         said = box.added(other, "connect.txt", user="bob")
         assert said.count("error:") == 3 and "connected" not in said, said
+        through = box.added(other, "gateway.txt", user="bob")
+        assert through.count("is 127.0.0.1, not an internet address") == 2 and '"ok"' not in through, through
         first = box.agent.wait_job(listener["id"], timeout=60)
         assert "nobody came" in box.added(first, "listener.txt"), box.added(first, "listener.txt")
         assert heard == []
