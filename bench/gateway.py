@@ -45,7 +45,9 @@ GATEWAY_SERVER = """
 import sys, threading
 sys.path.insert(0, sys.argv[1])
 import patchwire_agent as pa
-policy = pa.NetworkPolicy("open", [], "bench", "bench")
+upstream = __import__("urllib.parse").parse.urlsplit(sys.argv[3])
+# the upstream is on loopback: reached only through an allow entry naming its address
+policy = pa.NetworkPolicy("allowlist", [upstream.netloc], "bench", "bench")
 gw = pa.JobGateway(__import__("pathlib").Path(sys.argv[2]), policy, sys.argv[3],
                    pa.Credential("api_key", "sk-ant-bench"), pa.EgressReport(lambda e: None))
 print(gw.path, flush=True)

@@ -60,6 +60,17 @@ def account_or_skip() -> pwd.struct_passwd:
         return pwd.getpwnam(ACCOUNT)
 
 
+def readable_copy(folder: Path) -> Path:
+    """The two modules and the stand-in AI, copied where the test account can read them (CI
+    clones into a folder of mode 700)."""
+    folder.mkdir(exist_ok=True)
+    for source in (ROOT / "patchwire.py", ROOT / "patchwire_agent.py", STAND_IN):
+        shutil.copy(source, folder / source.name)
+        os.chmod(folder / source.name, 0o644)
+    os.chmod(folder, 0o755)
+    return folder
+
+
 class WallsBox:
     """A real agent with a fake box-account home full of secrets, its config and state
     folder under /srv (visible to the old sandbox), run as root or as the test account."""
@@ -76,9 +87,10 @@ class WallsBox:
         program, command = None, list(STAND_IN_COMMAND)
         if who == "account":
             account = account_or_skip()
+            code = readable_copy(place / "code")  # the checkout may sit in a folder only root can read
             program = ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--init-groups",
-                       "/usr/bin/python3", str(ROOT / "patchwire_agent.py")]
-            command = ["/usr/bin/python3", str(STAND_IN), *STAND_IN_COMMAND[2:]]
+                       "/usr/bin/python3", str(code / "patchwire_agent.py")]
+            command = ["/usr/bin/python3", str(code / STAND_IN.name), *STAND_IN_COMMAND[2:]]
         self.agent = AgentProcess(place / "box", command, users=users, ai={"sandbox": "bwrap", **(ai or {})},
                                   program=program, env=env, server=server)
         if network is not None:
