@@ -816,12 +816,22 @@ def usage_columns(result: Optional[dict], stats: Optional[dict]) -> dict:
     result, stats = result or {}, stats or {}
     def number(value: Any) -> Optional[float]:
         return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-    return {"ai_s": number(result.get("duration_s")), "turns": number(result.get("num_turns")),
-            "tokens_in": number(result.get("tokens_in")), "tokens_out": number(result.get("tokens_out")),
-            "cache_read": number(result.get("cache_read_tokens")),
-            "cache_write": number(result.get("cache_write_tokens")),
+    tokens = {"tokens_in": number(result.get("tokens_in")), "tokens_out": number(result.get("tokens_out")),
+              "cache_read": number(result.get("cache_read_tokens")),
+              "cache_write": number(result.get("cache_write_tokens"))}
+    counted = (result.get("network") or {}).get("api_tokens") if isinstance(result.get("network"), dict) else None
+    if isinstance(counted, dict):  # the gateway read them from the API's own answers: they win
+        tokens = {column: number(counted.get(key)) for column, key in GATEWAY_TOKEN_COLUMNS.items()}
+    return {"ai_s": number(result.get("duration_s")), "turns": number(result.get("num_turns")), **tokens,
             "cost_usd": number(result.get("cost_usd")), "files": number(stats.get("files")),
             "added": number(stats.get("added")), "removed": number(stats.get("removed"))}
+
+
+# usage column <- the gateway's count (UsageScanner): when the AI's API traffic went through the
+# gateway, the box counted the tokens from the API's answers itself, so an AI CLI that misreports
+# (or a prompt-injected one that prints a made-up result line) cannot change a user's usage
+GATEWAY_TOKEN_COLUMNS = {"tokens_in": "input", "tokens_out": "output", "cache_read": "cache_read",
+                         "cache_write": "cache_write"}
 
 
 def usage_report(store: Store, since: float, until: float, group: str, user: Optional[str] = None,

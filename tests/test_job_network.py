@@ -19,6 +19,7 @@ import patchwire
 import patchwire_agent as pa
 from conftest import script
 from internet import Internet
+from messages_api import FakeMessagesAPI
 from test_box_walls import EMPTY_TREE, place, walls_box  # noqa: F401 - fixtures
 
 LISTEN_CODE = """
@@ -54,9 +55,19 @@ def internet(place):  # noqa: F811
 
 def test_a_job_reaches_only_allowed_hosts_and_never_holds_the_credential(walls_box, internet):  # noqa: F811
     (https_host, https_port), (http_host, http_port) = internet.https, internet.http
-    box = walls_box(network={"mode": "allowlist", "presets": [], "allow": [f"{https_host}:{https_port}"]},
+    api = FakeMessagesAPI([[{"type": "text", "text": "counted by the gateway"}]]).start()
+    upstream = api.base_url.split("//")[1]
+    box = walls_box(network={"mode": "allowlist", "presets": [], "allow": [f"{https_host}:{https_port}", upstream],
+                             "api_upstream": api.base_url},
                     env={"ANTHROPIC_API_KEY": "sk-ant-api03-THE-BOXES-OWN"})
+    call_api = ("curl -sS -H 'content-type: application/json' -H 'anthropic-version: 2023-06-01' "
+                "-H \"x-api-key: $ANTHROPIC_API_KEY\" -d '" + json.dumps(
+                    {"model": "m", "max_tokens": 50, "messages": [{"role": "user", "content": "count me"}]})
+                + "' \"$ANTHROPIC_BASE_URL/v1/messages\"")
     job = box.ask("alice",
+                  {"run": ["sh", "-c", call_api], "out": "api.txt"},
+                  # the AI's own report says next to nothing: usage must hold what the API answered
+                  {"usage": {"input_tokens": 1, "output_tokens": 1}},
                   {"write": "ca.crt", "text": internet.ca.read_text()},
                   {"run": ["curl", "-sS", "--cacert", "ca.crt", f"https://{https_host}:{https_port}/a"],
                    "out": "allowed.txt"},
@@ -80,14 +91,20 @@ def test_a_job_reaches_only_allowed_hosts_and_never_holds_the_credential(walls_b
     network = box.agent.json("GET", f"/v1/jobs/{job['id']}")[1]["result"]["network"]
     assert network["refused"] == {http_host: 2} and network["contacted"][https_host]["received"] > 0
     kinds = [json.loads(line)["type"] for line in box.events_text(job).splitlines() if line.strip()]
-    assert kinds.count("network") == 1 and kinds.count("network_refused") == 2
+    assert kinds.count("network") == 2 and kinds.count("network_refused") == 2  # the API, the https host
     printer_out = io.StringIO()
     with contextlib.redirect_stderr(printer_out):
         printer = patchwire.ProgressPrinter(patchwire.Style(False))
         for line in box.events_text(job).splitlines():
             printer(json.loads(line))
-    assert f"network contacted: {https_host}; refused: {http_host} x2" in printer_out.getvalue()
+    assert f"network contacted: 127.0.0.1, {https_host}; refused: {http_host} x2" in printer_out.getvalue()
     assert f"network: {http_host} refused by the box's [network] policy (x2)" in printer_out.getvalue()
+    answered = json.loads(box.added(job, "api.txt").split("\n", 1)[1])["usage"]
+    api.stop()
+    assert [c["x-api-key"] for c in api.credentials] == ["sk-ant-api03-THE-BOXES-OWN"]
+    usage = box.agent.json("GET", "/v1/usage", token=box.agent.tokens["alice"])[1]["total"]
+    assert (usage["tokens_in"], usage["tokens_out"]) == (answered["input_tokens"], answered["output_tokens"])
+    assert answered["input_tokens"] > 1 and answered["output_tokens"] > 1
 
 
 def test_no_port_or_socket_of_the_box_or_another_job_is_reachable(walls_box):  # noqa: F811
