@@ -4722,7 +4722,8 @@ def cmd_diff(args) -> int:
             body["patch"] = patch.decode("utf-8")
         except UnicodeDecodeError:
             body["patch_base64"] = base64.b64encode(patch).decode()
-        output(args, {"job": job, "files": listed, "look_closely": look_closely(files), **body})
+        output(args, {"job": job, "files": listed, "look_closely": look_closely(files), **body,
+                      **job_network(session, job)})
         return 0
     if sys.stdout.isatty():  # a person reads it: sanitised, like the preview
         preview(files, args.no_color)
@@ -4730,6 +4731,18 @@ def cmd_diff(args) -> int:
     sys.stdout.buffer.write(patch)  # a pipe gets the exact bytes, for git apply or a file
     sys.stdout.flush()
     return 0
+
+
+def job_network(session: Session, job_id: str) -> dict:
+    """{"network": the job's egress report} for a review beside the diff (the VS Code review's
+    quick pick shows it); {} when the job has none, or the box cannot be asked now (the diff
+    itself is kept on the laptop and reviewable without the box)."""
+    try:
+        result = session.client.job(job_id).get("result")
+    except PatchwireError:
+        return {}
+    network = result.get("network") if isinstance(result, dict) else None
+    return {"network": network} if network_summary(network) else {}
 
 
 def show_job_file(session: Session, job_id: str, args) -> int:

@@ -109,9 +109,10 @@ class FakeBox:
         self.thread.start()
 
     def add_job(self, job: str, patch: bytes, *, tree: str = EMPTY_TREE, status: str = "done",
-                events: Sequence[dict] = (), ask: bool = False) -> str:
+                events: Sequence[dict] = (), ask: bool = False, result: Optional[dict] = None) -> str:
         """A job the box will describe and serve; with `ask`, the next ask creates it."""
-        self.jobs[job] = {"patch": patch, "tree": tree, "status": status, "events": list(events)}
+        self.jobs[job] = {"patch": patch, "tree": tree, "status": status, "events": list(events),
+                          "result": result}
         if ask:
             self.asks.append(job)
         return job
@@ -147,7 +148,8 @@ class FakeBox:
             def job_json(self, job: str) -> dict:
                 info = box.jobs[job]
                 return {"id": job, "status": info["status"], "tree": info["tree"], "project": "laptop",
-                        "prompt": "do it", "created": time.time(), "reason": None}
+                        "prompt": "do it", "created": time.time(), "reason": None,
+                        **({"result": info["result"]} if info["result"] is not None else {})}
 
             def find(self, prefix: str) -> Optional[str]:
                 found = [j for j in box.jobs if j.startswith(prefix)]

@@ -21,6 +21,7 @@ from conftest import Laptop, make_repo
 from fake_box import FakeBox, answer, endless, hang, trickle
 
 JOB = "abc123"
+JOB2 = "def456"
 FIGURES = {"asks": 1, "done": 1, "failed": 0, "cancelled": 0, "ai_minutes": 1.5, "turns": 3, "tokens_in": 10,
            "tokens_out": 20, "cache_read_tokens": 0, "cache_write_tokens": 0, "cost_usd": 0.01,
            "files_changed": 1, "lines_added": 2, "lines_removed": 0, "queue_wait_minutes": 0.0}
@@ -288,3 +289,16 @@ def test_look_closely_names_what_runs_by_itself_and_names_that_look_like_others(
         assert by_path.get(path, {}).get("category") == "lookalike name", (path, by_path.get(path))
     assert by_path["src/\u0430pp.py"]["reason"].endswith("it reads as src/app.py")
     assert "src/app.py" not in by_path
+
+
+def test_diff_json_carries_the_jobs_egress_report_for_the_review(world):
+    """The VS Code review shows what the job contacted beside its files: `diff --json` carries
+    the box's report as data (the extension neutralises it); without one, or when the box
+    cannot be asked, the key is absent and the diff still reviews."""
+    lap, box = world
+    network = {"contacted": {"pub.dev": {"allowed": 2, "refused": 0, "sent": 10, "received": 99}},
+               "refused": {"evil.example$(zap)": 3}}
+    box.add_job(JOB, new_file(b"a.txt"), result={"network": network})
+    assert json.loads(lap.run("diff", JOB, "--json").out)["network"] == network
+    box.add_job(JOB2, new_file(b"b.txt"), result={"network": "not a report"})
+    assert "network" not in json.loads(lap.run("diff", JOB2, "--json").out)

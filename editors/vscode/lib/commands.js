@@ -222,7 +222,7 @@ class Patchwire {
     await this.openChanges(cli.cwd, job, files);
     const general = present.generalFlags(diff);
     for (;;) {
-      const action = await vscode.window.showQuickPick(reviewItems(files, general), {
+      const action = await vscode.window.showQuickPick(reviewItems(files, general, diff.network), {
         title: `Patchwire: job ${job}, ${present.plural(files.length, 'file')}`,
         placeHolder: 'Apply the change here? Pick a file to see its diff.', ignoreFocusOut: true,
       });
@@ -431,14 +431,22 @@ async function followAsk(pw, cli, prompt, on, progress, token) {
   return state;
 }
 
-function reviewItems(files, general) {
+function reviewItems(files, general, network) {
   const flagged = files.filter((f) => f.detail).length;
   const warn = flagged || general.length ? ` (${flagged + general.length} to look closely at)` : '';
+  // What the job reached on the network (the box's egress report), host names neutralised:
+  // refused connections are worth a look before applying what the AI wrote after them.
+  const refused = network && Object.keys(network.refused || {}).length;
+  const egress = present.networkLine(network).map((line) => ({
+    label: `$(${refused ? 'warning' : 'globe'}) ${present.plain(line)}`, action: 'keep',
+    description: refused ? 'the box refused these' : 'what the job contacted',
+  }));
   return [
     { label: `$(check) Apply all ${present.plural(files.length, 'file')}`, action: 'all', description: warn },
     { label: '$(checklist) Apply selected files...', action: 'some' },
     { label: '$(clock) Keep for later', action: 'keep' },
     ...general.map((g) => ({ label: `$(warning) ${g}`, action: 'keep', description: 'look closely' })),
+    ...egress,
     { label: 'Files', kind: vscode.QuickPickItemKind.Separator },
     ...files,
   ];

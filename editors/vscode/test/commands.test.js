@@ -89,6 +89,15 @@ test('Ask: prompt, progress, output channel, multi-file diff, Apply all through 
   assert.deepEqual(uiCalls('showErrorMessage'), []);
 });
 
+test('Review: the job\'s egress report is a row of the quick pick, its host names neutralised', async () => {
+  const network = { contacted: { 'pub.dev': { allowed: 1 } }, refused: { 'evil.example$(zap)](command:x)': 3 } };
+  const { stub, pw, uiCalls } = setup({ diff: { stdout: [{ ...fx.DIFF, network }] } });
+  stub.answers.push(pick((i) => i.action === 'keep' && i.label.includes('network')));
+  assert.equal(await pw.review(fx.JOB), 'kept');
+  const labels = uiCalls('showQuickPick')[0][0].map((i) => i.label);
+  assert.deepEqual(labels.slice(3, 4), ['$(warning) network contacted: pub.dev; refused: evil.example$ (zap)] (command:x) x3']);
+});
+
 test('Review: a file opens its diff, look-closely items are flagged, selected files go to --only', async () => {
   const { stub, calls, pw, uiCalls } = setup({ diff: { stdout: [fx.DIFF_LOOK_CLOSELY] }, apply: { stdout: [{ ...fx.APPLIED, files: ['run.sh'], partial: true }] } });
   stub.answers.push(pick((i) => i.path === 'src/app.py'), pick((i) => i.action === 'some'), (items) => items.filter((i) => i.path === 'run.sh'));
