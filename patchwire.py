@@ -65,9 +65,11 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import copy
 import difflib
 import enum
+import fcntl
 import fnmatch
 import glob
 import hashlib
@@ -1316,6 +1318,31 @@ class Project:
             env["GIT_ALTERNATE_OBJECT_DIRECTORIES"] = quote_alternate(self.user_objects)
             self._forget_legacy_record((root / lines[1]).resolve())
         self.git = Git(cwd=root, git_dir=self.private_dir, work_tree=root, env=env, config=INDEX_CONFIG)
+        self._lock_depth = 0
+
+    @contextlib.contextmanager
+    def record_lock(self) -> Iterator[None]:
+        """Hold this project's record for one command: two syncs or asks at once would both
+        write the record's index (git refuses the second: `index.lock: File exists`) and its
+        state files, and two asks would each tell the box a base the other has just moved on
+        from (a 409, then a checksummed send of everything). flock, not a lock file: the OS
+        drops it when the process dies, so a killed command never leaves the project locked.
+        Re-entrant within a process (an ask's sync holds it already)."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        fd = os.open(self.private_dir / "record.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._lock_depth = 1
+            yield
+        finally:
+            self._lock_depth = 0
+            os.close(fd)  # closing the last descriptor releases the lock
 
     @property
     def is_git_repo(self) -> bool:
@@ -1573,6 +1600,13 @@ class Project:
 
     def state_file(self, name: str) -> Path:
         return self.private_dir / name
+
+    def write_state(self, name: str, text: str) -> None:
+        """Replace a state file whole: a command reading it without the record's lock (an
+        apply reading job_trees.json) sees the old content or the new, never half of it."""
+        part = self.state_file(f"{name}.{os.getpid()}.part")
+        part.write_text(text)
+        os.replace(part, self.state_file(name))
 
 
 def _ignored_folder(root: Path, probe: List[str]) -> bool:
@@ -3990,7 +4024,12 @@ class Session:
         differ), even when size and mtime did not change; with `force`, every file, compared
         by checksum. Files that change or vanish while they are sent are sent again once;
         if they still move, say which and why. `resend`: paths the box says differ (the
-        agent then re-reads the whole listing: no `base`)."""
+        agent then re-reads the whole listing: no `base`). One sync of a project at a time
+        (`record_lock`): a second one waits, then finds what the first sent already there."""
+        with self.project.record_lock():
+            return self._sync(force, resend)
+
+    def _sync(self, force: bool, resend: Sequence[str]) -> "Synced":
         me = self.client.me(self.cfg.project)
         last = self._last_sync()
         if force or last.get("mirror") != me["mirror"] or not self.project.recorded(last.get("tree") or ""):
@@ -4076,7 +4115,7 @@ class Session:
         """The last tree the mirror is known to hold, paths whose copy there is unsure (sent
         while they moved: the next sync sends those again), and the tree of the agent's last
         snapshot (`indexed`: the base of the next ask's changes)."""
-        self.project.state_file("last_sync.json").write_text(json.dumps(
+        self.project.write_state("last_sync.json", json.dumps(
             {"tree": tree, "mirror": mirror, "time": time.time(), "unsure": list(unsure), "indexed": indexed}))
 
     def mark_indexed(self, tree: str) -> None:
@@ -4119,12 +4158,13 @@ class Session:
     # files, never what the box says (a box answering git's empty tree would make every file
     # "new" and every local file "yours"). Kept by job id beside the apply log.
     def record_job_tree(self, job: str, tree: str) -> None:
-        trees = self._job_trees()
-        trees.pop(check_job_id(job), None)
-        trees[job] = tree
-        kept = dict(list(trees.items())[-500:])
-        self.project.state_file("job_trees.json").write_text(json.dumps(kept))
-        self.project.pin_record(job, tree, kept)
+        with self.project.record_lock():  # parallel asks would each drop the other's job
+            trees = self._job_trees()
+            trees.pop(check_job_id(job), None)
+            trees[job] = tree
+            kept = dict(list(trees.items())[-500:])
+            self.project.write_state("job_trees.json", json.dumps(kept))
+            self.project.pin_record(job, tree, kept)
 
     def job_tree(self, job: str) -> Optional[str]:
         return self._job_trees().get(job)
@@ -4631,6 +4671,14 @@ def cmd_ask(args) -> int:
 
 
 def start_ask(session: Session, args, prompt: str) -> Tuple[dict, Iterator[dict], str]:
+    """Sync and POST the ask with the project's record held until the box has accepted it
+    (made its snapshot): an ask started meanwhile would tell the box a base this one moves
+    the box on from. The AI's run is not held: parallel asks run side by side."""
+    with session.project.record_lock():
+        return sync_and_post(session, args, prompt)
+
+
+def sync_and_post(session: Session, args, prompt: str) -> Tuple[dict, Iterator[dict], str]:
     """Sync, POST the ask; when the box's copy differs (409): after a sync of changes only
     (the box does not hold the record they start from: a new box, its state reset, another
     laptop), send every file compared by checksum; after a full one, send the paths it names
