@@ -4290,44 +4290,132 @@ def check_job_id(job: Any, prefix: Optional[str] = None) -> str:
     return job
 
 
+class JobLeft(PatchwireError):
+    """Ctrl-C while an ask follows its job: the laptop leaves at once, the job runs on."""
+
+    exit_status = ExitStatus.INTERRUPTED
+
+    def __init__(self, job: str):
+        super().__init__(f"left job {job}; it keeps running on the box",
+                         f"`patchwire show {job}` shows its progress, `patchwire apply {job}` applies it once "
+                         f"it is done, `patchwire cancel {job}` stops it", details={"job": job})
+
+
+# How long `ask` keeps reconnecting to a job's event stream, counting only the waits between
+# tries: long enough for an agent restart (its shutdown grace, then a start), bounded so a
+# box that is gone for good ends in a message, not a hang.
+RECONNECT_FOR_S = 150.0
+STILL_RECONNECTING_S = 10.0
+
+
 def stream_job(session: Session, first: Iterator[dict], on_event) -> dict:
-    """Follow a job's events to the end, reconnecting with ?after=N when the connection
-    drops. The first Ctrl-C warns, a second one cancels the job on the box."""
-    events, job, seq, interrupted = first, None, 0, False
+    """Follow a job's events to its last one (JobFollower). Ctrl-C leaves at once without
+    cancelling (JobLeft, exit 130, naming the commands that pick the job up again); before
+    the box has named the job, it stops the ask like any Ctrl-C."""
+    follower = JobFollower(session, on_event)
     try:
-        for attempt in range(8):
-            try:
-                for event in events:
-                    job = event.get("job") or job
-                    seq = max(seq, int(event.get("seq", 0)))
-                    on_event(event)
-                    if event.get("type") in LAST_EVENTS:
-                        return event
-            except KeyboardInterrupt:
-                if job is None or interrupted:
-                    raise
-                interrupted = True
-                say(sanitize(f"\njob {job} keeps running on the box. Press Ctrl-C again to cancel it, or "
-                             f"leave and come back with `patchwire show {job}`.", keep_newlines=True))
-            except AnswerRefused:
-                raise  # too big, too slow or malformed: reconnecting would read it again
-            except (AgentError, OSError, ValueError, *http_errors()) as e:
-                if job is None:
-                    raise
-                say(sanitize(f"lost the event stream ({e}); reconnecting"))
-                time.sleep(min(0.2 * 2 ** attempt, 5))
-            if job is None:
-                break
-            events = session.client.events(job, seq)
+        return follower.run(first)
     except KeyboardInterrupt:
-        # the second Ctrl-C cancels wherever it lands: also just after the warning is
-        # printed, or while reconnecting, outside the loop's own handler
-        if job and interrupted:
-            info = session.client.cancel(job)
-            say(sanitize(f"job {job} is {info.get('status')}"))
-        raise
-    raise AgentError("the agent's event stream ended before the job did",
-                     f"check the job with `patchwire show {job}`")
+        if follower.job is None:
+            raise
+        raise JobLeft(follower.job) from None
+
+
+class JobFollower:
+    """A job's events, across lost connections: the agent restarting (a SIGTERM lets the job
+    finish meanwhile), a network change. Each reconnect asks for the events after the last
+    one seen (?after=N); the agent replays what it stored, so a job that ended meanwhile
+    still ends here with its own last event. One line says the stream was lost, then at most
+    one every STILL_RECONNECTING_S; tries back off up to 5 s apart, for RECONNECT_FOR_S."""
+
+    def __init__(self, session: Session, on_event: Callable[[dict], None], patience: float = RECONNECT_FOR_S):
+        self.session, self.on_event, self.patience = session, on_event, patience
+        self.job: Optional[str] = None
+        self.seq = 0
+
+    def run(self, events: Iterator[dict]) -> dict:
+        waited, lost, said, tries = 0.0, "", -STILL_RECONNECTING_S, 0
+        while True:
+            seq = self.seq
+            try:
+                end = self.follow(events) or self.ended()
+                if end is not None:
+                    return end
+                problem = "the stream ended before the job did"
+            except (AgentError, OSError, ValueError, *http_errors()) as e:
+                if self.job is None or not reconnectable(e):
+                    raise
+                problem = str(e).split("\n")[0]
+            if self.seq > seq:  # news came before the loss: a fresh loss, a fresh patience
+                waited, lost, said, tries = 0.0, "", -STILL_RECONNECTING_S, 0
+            if not lost:
+                lost = problem
+                say(sanitize(f"lost the event stream ({problem}); reconnecting"))
+            elif waited - said >= STILL_RECONNECTING_S:
+                said = waited
+                say(f"still reconnecting ({waited:.0f} s)")
+            if waited >= self.patience:
+                raise AgentError(f"lost job {self.job}'s event stream for {waited:.0f} s: {sanitize(problem)}",
+                                 f"the job may still run on the box: `patchwire show {self.job}`, then "
+                                 f"`patchwire apply {self.job}` once it is done")
+            delay = min(0.2 * 2 ** tries, 5.0)
+            time.sleep(delay)
+            waited, tries = waited + delay, tries + 1
+            events = self.session.client.events(self.job, self.seq)
+
+    def follow(self, events: Iterator[dict]) -> Optional[dict]:
+        """Hand on every event not seen yet; the last one of the job, or None if the stream
+        ended first."""
+        for event in events:
+            self.job = event.get("job") or self.job
+            seq = int(event.get("seq", 0))
+            if seq and seq <= self.seq:
+                continue  # replayed after a reconnect
+            self.seq = max(self.seq, seq)
+            self.on_event(event)
+            if event.get("type") in LAST_EVENTS:
+                return event
+        return None
+
+
+    def ended(self) -> Optional[dict]:
+        """The job's end from its record, when its stream closed without the last event (the
+        agent stopped before it sent it): the job's result is what counts, not the stream."""
+        if self.job is None:
+            return None
+        job = self.session.client.job(self.job)
+        ends = {"done": "finished", "failed": "failed", "cancelled": "cancelled"}
+        if job.get("status") not in ends:
+            return None
+        return {"type": ends[job["status"]], "job": self.job, "reason": str(job.get("reason") or "")}
+
+
+def patiently(call: Callable[[], Any], what: str, patience: float = RECONNECT_FOR_S) -> Any:
+    """`call()`, tried again while the agent cannot be reached (it restarts between a job's
+    end and the fetch of its diff), with one line saying so and the same backoff."""
+    waited, tries = 0.0, 0
+    while True:
+        try:
+            return call()
+        except (AgentError, OSError, *http_errors()) as e:
+            if not reconnectable(e) or waited >= patience:
+                raise
+            if not tries:
+                say(sanitize(f"cannot fetch {what} ({str(e).splitlines()[0]}); trying again"))
+        delay = min(0.2 * 2 ** tries, 5.0)
+        time.sleep(delay)
+        waited, tries = waited + delay, tries + 1
+
+
+def reconnectable(e: BaseException) -> bool:
+    """A lost or refused connection, or the agent failing: worth another try. An answer the
+    laptop refused (too big, too slow, malformed) would be read again; a refusal (401, 404)
+    would be given again."""
+    if isinstance(e, AnswerRefused):
+        return False
+    if isinstance(e, PatchwireError):
+        return e.code == "error" or e.http_status >= 500
+    return True
 
 
 def read_answer(prompt: str) -> Optional[str]:
@@ -4654,7 +4742,7 @@ def cmd_ask(args) -> int:
     if end["type"] != "finished":
         raise AIFailed(f"job {job} {end['type']}: {end.get('reason', '')}",
                        f"see `patchwire show {job}`; nothing was changed here")
-    patch = session.job_diff(job)
+    patch = patiently(lambda: session.job_diff(job), f"job {job}'s diff")
     files = session.vet(patch, job)
     outcome = {"type": "outcome", "job": job, "applied": False, "files": [f.path for f in files],
                "look_closely": look_closely(files)}
