@@ -4836,6 +4836,10 @@ def confirm_apply(session: Session, args, job: str, patch: bytes) -> bool:
     if args.no_apply:
         say(f"not applied; apply later with `patchwire apply {job}`")
         return False
+    if not args.yes and not sys.stdin.isatty():  # the same rule as `apply`: no terminal, no yes
+        say(f"kept job {job}, not applied: stdin is not a terminal to confirm on; pass --yes to apply "
+            f"without asking: `patchwire apply {job} --yes`")
+        return False
     answer = "" if args.yes else ask_before_applying(job)
     if answer is None:
         return False
@@ -4922,8 +4926,8 @@ def cmd_apply(args) -> int:
         output(args, {"restored": restored}, lambda r: print("\n".join(map(sanitize, r["restored"]))))
         return 0
     if not args.yes and (args.json or not (args.interactive or sys.stdin.isatty())):
-        raise UsageError("patchwire apply shows the change and asks before it writes: run it in a terminal, "
-                         "or pass --yes to apply without asking (scripts)",
+        raise UsageError("patchwire apply shows the change and asks before it writes, and stdin is not a "
+                         "terminal: run it in a terminal, or pass --yes to apply without asking (scripts)",
                          "patchwire apply JOB --yes [--only PATH ...] [--json]")
     asked = session.job_id(args.job)
     job = session.client.job(check_job_id(asked))
