@@ -4151,6 +4151,13 @@ class Session:
                 open_applies.pop()["undone"] = True
         return entries
 
+    def open_apply(self, job: str) -> Optional[dict]:
+        """The log's apply of all of `job` that no undo has reverted, if any."""
+        for entry in reversed(self.applied()):
+            if entry["job"] == job and entry["how"] in ("plain", "3-way") and not entry.get("undone"):
+                return None if entry.get("partial") else entry
+        return None
+
     def remember_job(self, job: str) -> None:
         self.project.state_file("last_job").write_text(check_job_id(job))
 
@@ -4920,11 +4927,7 @@ def tree_after_patch(project: Project, tree: str, patch: bytes, job: str) -> str
 def cmd_apply(args) -> int:
     session = Session.here()
     if args.undo:
-        restored = Applier(session.project, Style(False)).undo()
-        session.log_undo(restored)
-        say(f"restored {len(restored)} file(s) to what they were before the last apply")
-        output(args, {"restored": restored}, lambda r: print("\n".join(map(sanitize, r["restored"]))))
-        return 0
+        return undo_last_apply(session, args)
     if not args.yes and (args.json or not (args.interactive or sys.stdin.isatty())):
         raise UsageError("patchwire apply shows the change and asks before it writes, and stdin is not a "
                          "terminal: run it in a terminal, or pass --yes to apply without asking (scripts)",
@@ -4935,6 +4938,12 @@ def cmd_apply(args) -> int:
     if job.get("status") != "done":
         raise AIFailed(f"job {job_id} is {sanitize(str(job.get('status')))}: nothing to apply",
                        sanitize(str(job.get("reason") or "")))
+    done = None if (args.only or args.exclude or args.interactive) else session.open_apply(job_id)
+    if done:  # applying it again would 3-way merge the change with itself
+        say(f"job {job_id} is already applied here (at {when(done['time'])}); nothing changed "
+            "(`patchwire log` lists applies; `patchwire apply --undo` reverts the last one)")
+        output(args, {"job": job_id, "how": "already", "files": [], "conflicts": [], "applied_at": done["time"]})
+        return 0
     patch = session.job_diff(job_id, args.sha256)
     if not patch:
         say(f"job {job_id} made no changes; nothing to apply")
@@ -5030,6 +5039,30 @@ def cmd_cancel(args) -> int:
     say(sanitize(f"job {job['id']} is {job['status']}"))
     output(args, {"job": job})
     return 0
+
+
+def undo_last_apply(session: Session, args) -> int:
+    """`apply --undo`: one level back, the newest apply. When it was undone already, say so
+    and when (as `log` shows it), not that nothing was ever applied."""
+    if not session.project.state_file("undo.json").exists():
+        raise nothing_to_undo(session.applied())
+    restored = Applier(session.project, Style(False)).undo()
+    session.log_undo(restored)
+    say(f"restored {len(restored)} file(s) to what they were before the last apply")
+    output(args, {"restored": restored}, lambda r: print("\n".join(map(sanitize, r["restored"]))))
+    return 0
+
+
+def nothing_to_undo(log: List[dict]) -> UsageError:
+    undos = [e for e in log if e["how"] == "undo"]
+    if log and undos and log[-1] is undos[-1]:
+        return UsageError(f"nothing to undo: the last apply (job {undos[-1]['job']}) was already undone "
+                          f"at {when(undos[-1]['time'])}", "`patchwire log` lists what was applied and undone")
+    return UsageError("nothing to undo: no apply recorded in this project")
+
+
+def when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
 
 
 def cmd_log(args) -> int:
