@@ -234,9 +234,16 @@ class ProcessError(PatchwireError):
         self.argv = list(argv)
         self.returncode = returncode
         self.stderr = stderr
-        tail = stderr.decode("utf-8", "replace").strip()[-800:]
+        tail = fold_returns(stderr.decode("utf-8", "replace")).strip()[-800:]
         name = " ".join(_short_argv(argv))
         super().__init__(f"{name} failed (exit {returncode})" + (f": {tail}" if tail else ""), hint)
+
+
+def fold_returns(text: str) -> str:
+    """What a terminal shows of a program's stderr: ssh and rsync end lines with \\r\\n when
+    they think they talk to one, and redraw progress with a lone \\r, which would reach a
+    message as ^M. Each line keeps its last redraw."""
+    return "\n".join(line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n"))
 
 
 def _short_argv(argv: Sequence[str]) -> List[str]:
@@ -774,6 +781,21 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+def human_wait(seconds: int) -> str:
+    """A wait as a person plans it: seconds under two minutes, then minutes, then hours."""
+    if seconds < 120:
+        return f"{seconds} s"
+    minutes = -(-seconds // 60)  # rounded up: "try again in 12 min" must not be too early
+    if minutes < 120:
+        return f"{minutes} min"
+    return f"{minutes // 60} h" + (f" {minutes % 60} min" if minutes % 60 else "")
+
+
+def in_minutes(text: str) -> str:
+    """Every "N s" of the box's words (a rate limit's window and wait) as human_wait says it."""
+    return re.sub(r"\b(\d{1,7}) s\b", lambda m: human_wait(int(m.group(1))), text)
+
+
 def human_age(seconds: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
@@ -826,12 +848,32 @@ def _figure(field: str, value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
-def usage_table(report: dict) -> List[str]:
+# A usage table fits USAGE_WIDTH columns (a terminal beside an editor) unless --wide: the
+# columns read least go first, in this order, and a last line names them.
+USAGE_WIDTH = 100
+USAGE_DROPPED_FIRST = ("cache wr", "cache rd", "turns", "wait min", "-lines", "+lines", "cancel", "files",
+                       "tok out", "tok in", "failed")
+
+
+def usage_table(report: dict, wide: bool = False, left_out: Optional[List[str]] = None) -> List[str]:
+    """The table's lines; the headings of the columns left out go to `left_out`."""
     rows = usage_rows(report)
+    keep = list(range(len(rows[0])))
+    left_out = [] if left_out is None else left_out
+    for heading in USAGE_DROPPED_FIRST:
+        if wide or _table_width(rows, keep) <= USAGE_WIDTH:
+            break
+        keep.remove(rows[0].index(heading))
+        left_out.append(heading)
+    rows = [[r[i] for i in keep] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]
     return lines[:-1] + ["-" * len(lines[0])] + lines[-1:]
+
+
+def _table_width(rows: List[List[str]], columns: List[int]) -> int:
+    return sum(max(len(r[i]) for r in rows) for i in columns) + 2 * (len(columns) - 1)
 
 
 def usage_csv(report: dict) -> str:
@@ -854,7 +896,10 @@ def print_usage(args, report: dict) -> None:
     def human(r: dict) -> None:
         span = [time.strftime("%Y-%m-%d %H:%M", time.gmtime(r[k])) for k in ("since", "until")]
         print(f"usage from {span[0]} to {span[1]} UTC" + (f", user {sanitize(r['user'])}" if r.get("user") else ""))
-        print("\n".join(usage_table(r)))
+        left_out: List[str] = []
+        print("\n".join(usage_table(r, getattr(args, "wide", False), left_out)))
+        if left_out:  # on stderr: stdout stays the table
+            say(f"left out to fit {USAGE_WIDTH} columns: {', '.join(left_out)}; --wide shows them")
     output(args, report, human)
 
 
@@ -865,6 +910,8 @@ def add_usage_arguments(parser: argparse.ArgumentParser, by: str) -> None:
     parser.add_argument("--by", choices=("user", "project", "day"), default=by,
                         help="one row per user, project or UTC day (default %(default)s)")
     parser.add_argument("--csv", action="store_true", help="CSV on stdout")
+    parser.add_argument("--wide", action="store_true",
+                        help=f"every column, however wide (the table fits {USAGE_WIDTH} columns otherwise)")
 
 
 # ================================================================== command line
@@ -1754,7 +1801,7 @@ def send_files(cfg: LaptopConfig, paths: Sequence[str], dest: str, checksum: boo
         if gone or proc.returncode == 24:  # 24 only ever means files vanished here
             counts["gone"] = gone
             return counts
-    tail = proc.stderr.decode("utf-8", "replace").strip()[-1500:]
+    tail = fold_returns(proc.stderr.decode("utf-8", "replace")).strip()[-1500:]
     hint = ssh_failure_hint(cfg, tail) if cfg.ssh else "check that the mirror folder is writable"
     raise AgentError(f"rsync failed (exit {proc.returncode}): {tail}", hint)
 
@@ -2161,17 +2208,26 @@ class Client:
                               "`patchwire-agent serve` prints when it starts", code=str(e.code),
                               http_status=e.code)
         message, hint, code = body["error"], str(body.get("hint", "")), str(body.get("code", e.code))
-        if e.code == 401:
+        if e.code == 401:  # unknown, or revoked by the box's admin: only they can give one
             hint = (f"the agent does not know the token from {self.token_source}: put in the token "
                     "the box printed for you" + (" (or unset PATCHWIRE_TOKEN to use token_file)"
-                                                 if self.token_source == "PATCHWIRE_TOKEN" else ""))
-        retry = e.headers.get("Retry-After", "") if e.headers else ""
-        if e.code == 429 and retry.isdigit() and len(retry) < 8 and retry not in hint:
-            hint = (hint + "; " if hint else "") + f"the agent says: retry after {retry} s"
+                                                 if self.token_source == "PATCHWIRE_TOKEN" else "")
+                    + "; if it worked before, it was revoked or replaced: ask the box's admin for "
+                    "a new one (`patchwire-agent user rotate NAME` on the box)")
+        if e.code == 429:
+            message, hint = in_minutes(message), in_minutes(hint) + self._retry_after(e, hint)
         if e.code == 404 and code == CODE_NOT_FOUND:  # not a refusal: nothing by that name
             return AgentError(message, hint or "`patchwire jobs` lists your jobs", details=body, code=code,
                               http_status=e.code, exit_status=ExitStatus.ERROR)
         return AgentError(f"the agent refused: {message}", hint, details=body, code=code, http_status=e.code)
+
+    @staticmethod
+    def _retry_after(e: "urllib.error.HTTPError", hint: str) -> str:
+        """The Retry-After header in words, unless the box's hint gives the wait already."""
+        retry = e.headers.get("Retry-After", "") if e.headers else ""
+        if not retry.isdigit() or len(retry) >= 8 or " in " in hint:
+            return ""
+        return ("; " if hint else "") + f"the agent says: try again in {human_wait(int(retry))}"
 
     def json(self, method: str, path: str, body: Optional[dict] = None, what: str = "answer") -> Any:
         resp, deadline = self._request(method, path, body)
@@ -4586,7 +4642,7 @@ class Doctor:
                 self.cfg.ssh, "rsync", "--version"]
         proc = run(argv, timeout=30, check=False, hint="install OpenSSH's client")
         shown = " ".join(shlex.quote(a) for a in [*self.cfg.ssh_argv(), self.cfg.ssh])
-        said = proc.stderr.decode(errors="replace").strip()[-300:]
+        said = fold_returns(proc.stderr.decode(errors="replace")).strip()[-300:]
         if proc.returncode == 255:
             raise PatchwireError(f"cannot log in with `{shown}`: {said}", ssh_failure_hint(self.cfg, said))
         if proc.returncode != 0 and b"rrsync" in proc.stderr:  # a team box's key runs rrsync only
