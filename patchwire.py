@@ -752,6 +752,22 @@ def _visible(m: "re.Match") -> str:
     return f"<U+{code:04X}>"
 
 
+def clip_words(text: str, limit: int, keep_end: bool = False) -> str:
+    """`text` in at most about `limit` characters, cut between words (a file or module name cut
+    in half reads as another name), "..." where it was cut; `keep_end` keeps the end (the
+    tail of a program's stderr) instead of the start. A single word longer than half the
+    limit is cut where it must be."""
+    if len(text) <= limit:
+        return text
+    if keep_end:
+        part = text[-limit:]
+        space = re.search(r"\s", part)
+        return "..." + (part[space.end():] if space and space.start() < limit // 2 else part).lstrip()
+    part = text[:limit]
+    spaces = [m.start() for m in re.finditer(r"\s", part)]
+    return (part[:spaces[-1]] if spaces and spaces[-1] > limit // 2 else part).rstrip() + " ..."
+
+
 def csv_cell(value: Any) -> Any:
     """A cell for a spreadsheet: a string starting with = + - @ (or a tab or CR) is a formula
     to Excel, LibreOffice and Sheets (`=HYPERLINK(...)`, `=cmd|...`), so it gets a leading

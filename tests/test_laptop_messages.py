@@ -55,3 +55,11 @@ def test_the_usage_table_fits_100_columns_and_wide_shows_every_column(laptop):
     assert "cache wr" not in narrow.out and "--wide shows them" in narrow.err and "cache wr" in narrow.err
     wide = laptop.run("usage", "--wide", check=0)
     assert "cache wr" in wide.out.splitlines()[1] and "--wide" not in wide.err
+
+
+def test_a_long_ai_failure_reason_is_cut_between_words(laptop):
+    names = " ".join(f"lib/module_{n:03d}.dart" for n in range(60))  # 1,200 characters of names
+    failed = laptop.ask(script({"error": f"cannot import {names}"}), "--no-apply", check=4)
+    reason = failed.err.split("the AI reported an error: ", 1)[1].splitlines()[0]
+    assert reason.endswith(" ...") and len(reason) < 520, reason
+    assert reason[:-4].split()[-1] in names.split(), reason  # the last name whole
