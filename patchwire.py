@@ -65,9 +65,11 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import copy
 import difflib
 import enum
+import fcntl
 import fnmatch
 import glob
 import hashlib
@@ -232,9 +234,16 @@ class ProcessError(PatchwireError):
         self.argv = list(argv)
         self.returncode = returncode
         self.stderr = stderr
-        tail = stderr.decode("utf-8", "replace").strip()[-800:]
+        tail = fold_returns(stderr.decode("utf-8", "replace")).strip()[-800:]
         name = " ".join(_short_argv(argv))
         super().__init__(f"{name} failed (exit {returncode})" + (f": {tail}" if tail else ""), hint)
+
+
+def fold_returns(text: str) -> str:
+    """What a terminal shows of a program's stderr: ssh and rsync end lines with \\r\\n when
+    they think they talk to one, and redraw progress with a lone \\r, which would reach a
+    message as ^M. Each line keeps its last redraw."""
+    return "\n".join(line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n"))
 
 
 def _short_argv(argv: Sequence[str]) -> List[str]:
@@ -743,6 +752,22 @@ def _visible(m: "re.Match") -> str:
     return f"<U+{code:04X}>"
 
 
+def clip_words(text: str, limit: int, keep_end: bool = False) -> str:
+    """`text` in at most about `limit` characters, cut between words (a file or module name cut
+    in half reads as another name), "..." where it was cut; `keep_end` keeps the end (the
+    tail of a program's stderr) instead of the start. A single word longer than half the
+    limit is cut where it must be."""
+    if len(text) <= limit:
+        return text
+    if keep_end:
+        part = text[-limit:]
+        space = re.search(r"\s", part)
+        return "..." + (part[space.end():] if space and space.start() < limit // 2 else part).lstrip()
+    part = text[:limit]
+    spaces = [m.start() for m in re.finditer(r"\s", part)]
+    return (part[:spaces[-1]] if spaces and spaces[-1] > limit // 2 else part).rstrip() + " ..."
+
+
 def csv_cell(value: Any) -> Any:
     """A cell for a spreadsheet: a string starting with = + - @ (or a tab or CR) is a formula
     to Excel, LibreOffice and Sheets (`=HYPERLINK(...)`, `=cmd|...`), so it gets a leading
@@ -770,6 +795,21 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GB"
+
+
+def human_wait(seconds: int) -> str:
+    """A wait as a person plans it: seconds under two minutes, then minutes, then hours."""
+    if seconds < 120:
+        return f"{seconds} s"
+    minutes = -(-seconds // 60)  # rounded up: "try again in 12 min" must not be too early
+    if minutes < 120:
+        return f"{minutes} min"
+    return f"{minutes // 60} h" + (f" {minutes % 60} min" if minutes % 60 else "")
+
+
+def in_minutes(text: str) -> str:
+    """Every "N s" of the box's words (a rate limit's window and wait) as human_wait says it."""
+    return re.sub(r"\b(\d{1,7}) s\b", lambda m: human_wait(int(m.group(1))), text)
 
 
 def human_age(seconds: float) -> str:
@@ -824,12 +864,32 @@ def _figure(field: str, value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
-def usage_table(report: dict) -> List[str]:
+# A usage table fits USAGE_WIDTH columns (a terminal beside an editor) unless --wide: the
+# columns read least go first, in this order, and a last line names them.
+USAGE_WIDTH = 100
+USAGE_DROPPED_FIRST = ("cache wr", "cache rd", "turns", "wait min", "-lines", "+lines", "cancel", "files",
+                       "tok out", "tok in", "failed")
+
+
+def usage_table(report: dict, wide: bool = False, left_out: Optional[List[str]] = None) -> List[str]:
+    """The table's lines; the headings of the columns left out go to `left_out`."""
     rows = usage_rows(report)
+    keep = list(range(len(rows[0])))
+    left_out = [] if left_out is None else left_out
+    for heading in USAGE_DROPPED_FIRST:
+        if wide or _table_width(rows, keep) <= USAGE_WIDTH:
+            break
+        keep.remove(rows[0].index(heading))
+        left_out.append(heading)
+    rows = [[r[i] for i in keep] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]
     return lines[:-1] + ["-" * len(lines[0])] + lines[-1:]
+
+
+def _table_width(rows: List[List[str]], columns: List[int]) -> int:
+    return sum(max(len(r[i]) for r in rows) for i in columns) + 2 * (len(columns) - 1)
 
 
 def usage_csv(report: dict) -> str:
@@ -852,7 +912,10 @@ def print_usage(args, report: dict) -> None:
     def human(r: dict) -> None:
         span = [time.strftime("%Y-%m-%d %H:%M", time.gmtime(r[k])) for k in ("since", "until")]
         print(f"usage from {span[0]} to {span[1]} UTC" + (f", user {sanitize(r['user'])}" if r.get("user") else ""))
-        print("\n".join(usage_table(r)))
+        left_out: List[str] = []
+        print("\n".join(usage_table(r, getattr(args, "wide", False), left_out)))
+        if left_out:  # on stderr: stdout stays the table
+            say(f"left out to fit {USAGE_WIDTH} columns: {', '.join(left_out)}; --wide shows them")
     output(args, report, human)
 
 
@@ -863,6 +926,8 @@ def add_usage_arguments(parser: argparse.ArgumentParser, by: str) -> None:
     parser.add_argument("--by", choices=("user", "project", "day"), default=by,
                         help="one row per user, project or UTC day (default %(default)s)")
     parser.add_argument("--csv", action="store_true", help="CSV on stdout")
+    parser.add_argument("--wide", action="store_true",
+                        help=f"every column, however wide (the table fits {USAGE_WIDTH} columns otherwise)")
 
 
 # ================================================================== command line
@@ -1316,6 +1381,31 @@ class Project:
             env["GIT_ALTERNATE_OBJECT_DIRECTORIES"] = quote_alternate(self.user_objects)
             self._forget_legacy_record((root / lines[1]).resolve())
         self.git = Git(cwd=root, git_dir=self.private_dir, work_tree=root, env=env, config=INDEX_CONFIG)
+        self._lock_depth = 0
+
+    @contextlib.contextmanager
+    def record_lock(self) -> Iterator[None]:
+        """Hold this project's record for one command: two syncs or asks at once would both
+        write the record's index (git refuses the second: `index.lock: File exists`) and its
+        state files, and two asks would each tell the box a base the other has just moved on
+        from (a 409, then a checksummed send of everything). flock, not a lock file: the OS
+        drops it when the process dies, so a killed command never leaves the project locked.
+        Re-entrant within a process (an ask's sync holds it already)."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        fd = os.open(self.private_dir / "record.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._lock_depth = 1
+            yield
+        finally:
+            self._lock_depth = 0
+            os.close(fd)  # closing the last descriptor releases the lock
 
     @property
     def is_git_repo(self) -> bool:
@@ -1574,6 +1664,13 @@ class Project:
     def state_file(self, name: str) -> Path:
         return self.private_dir / name
 
+    def write_state(self, name: str, text: str) -> None:
+        """Replace a state file whole: a command reading it without the record's lock (an
+        apply reading job_trees.json) sees the old content or the new, never half of it."""
+        part = self.state_file(f"{name}.{os.getpid()}.part")
+        part.write_text(text)
+        os.replace(part, self.state_file(name))
+
 
 def _ignored_folder(root: Path, probe: List[str]) -> bool:
     """A folder inside a repository that ignores it (a home folder kept in git with `*` in its
@@ -1720,7 +1817,7 @@ def send_files(cfg: LaptopConfig, paths: Sequence[str], dest: str, checksum: boo
         if gone or proc.returncode == 24:  # 24 only ever means files vanished here
             counts["gone"] = gone
             return counts
-    tail = proc.stderr.decode("utf-8", "replace").strip()[-1500:]
+    tail = fold_returns(proc.stderr.decode("utf-8", "replace")).strip()[-1500:]
     hint = ssh_failure_hint(cfg, tail) if cfg.ssh else "check that the mirror folder is writable"
     raise AgentError(f"rsync failed (exit {proc.returncode}): {tail}", hint)
 
@@ -2127,17 +2224,26 @@ class Client:
                               "`patchwire-agent serve` prints when it starts", code=str(e.code),
                               http_status=e.code)
         message, hint, code = body["error"], str(body.get("hint", "")), str(body.get("code", e.code))
-        if e.code == 401:
+        if e.code == 401:  # unknown, or revoked by the box's admin: only they can give one
             hint = (f"the agent does not know the token from {self.token_source}: put in the token "
                     "the box printed for you" + (" (or unset PATCHWIRE_TOKEN to use token_file)"
-                                                 if self.token_source == "PATCHWIRE_TOKEN" else ""))
-        retry = e.headers.get("Retry-After", "") if e.headers else ""
-        if e.code == 429 and retry.isdigit() and len(retry) < 8 and retry not in hint:
-            hint = (hint + "; " if hint else "") + f"the agent says: retry after {retry} s"
+                                                 if self.token_source == "PATCHWIRE_TOKEN" else "")
+                    + "; if it worked before, it was revoked or replaced: ask the box's admin for "
+                    "a new one (`patchwire-agent user rotate NAME` on the box)")
+        if e.code == 429:
+            message, hint = in_minutes(message), in_minutes(hint) + self._retry_after(e, hint)
         if e.code == 404 and code == CODE_NOT_FOUND:  # not a refusal: nothing by that name
             return AgentError(message, hint or "`patchwire jobs` lists your jobs", details=body, code=code,
                               http_status=e.code, exit_status=ExitStatus.ERROR)
         return AgentError(f"the agent refused: {message}", hint, details=body, code=code, http_status=e.code)
+
+    @staticmethod
+    def _retry_after(e: "urllib.error.HTTPError", hint: str) -> str:
+        """The Retry-After header in words, unless the box's hint gives the wait already."""
+        retry = e.headers.get("Retry-After", "") if e.headers else ""
+        if not retry.isdigit() or len(retry) >= 8 or " in " in hint:
+            return ""
+        return ("; " if hint else "") + f"the agent says: try again in {human_wait(int(retry))}"
 
     def json(self, method: str, path: str, body: Optional[dict] = None, what: str = "answer") -> Any:
         resp, deadline = self._request(method, path, body)
@@ -3990,7 +4096,12 @@ class Session:
         differ), even when size and mtime did not change; with `force`, every file, compared
         by checksum. Files that change or vanish while they are sent are sent again once;
         if they still move, say which and why. `resend`: paths the box says differ (the
-        agent then re-reads the whole listing: no `base`)."""
+        agent then re-reads the whole listing: no `base`). One sync of a project at a time
+        (`record_lock`): a second one waits, then finds what the first sent already there."""
+        with self.project.record_lock():
+            return self._sync(force, resend)
+
+    def _sync(self, force: bool, resend: Sequence[str]) -> "Synced":
         me = self.client.me(self.cfg.project)
         last = self._last_sync()
         if force or last.get("mirror") != me["mirror"] or not self.project.recorded(last.get("tree") or ""):
@@ -4076,7 +4187,7 @@ class Session:
         """The last tree the mirror is known to hold, paths whose copy there is unsure (sent
         while they moved: the next sync sends those again), and the tree of the agent's last
         snapshot (`indexed`: the base of the next ask's changes)."""
-        self.project.state_file("last_sync.json").write_text(json.dumps(
+        self.project.write_state("last_sync.json", json.dumps(
             {"tree": tree, "mirror": mirror, "time": time.time(), "unsure": list(unsure), "indexed": indexed}))
 
     def mark_indexed(self, tree: str) -> None:
@@ -4112,6 +4223,13 @@ class Session:
                 open_applies.pop()["undone"] = True
         return entries
 
+    def open_apply(self, job: str) -> Optional[dict]:
+        """The log's apply of all of `job` that no undo has reverted, if any."""
+        for entry in reversed(self.applied()):
+            if entry["job"] == job and entry["how"] in ("plain", "3-way") and not entry.get("undone"):
+                return None if entry.get("partial") else entry
+        return None
+
     def remember_job(self, job: str) -> None:
         self.project.state_file("last_job").write_text(check_job_id(job))
 
@@ -4119,12 +4237,13 @@ class Session:
     # files, never what the box says (a box answering git's empty tree would make every file
     # "new" and every local file "yours"). Kept by job id beside the apply log.
     def record_job_tree(self, job: str, tree: str) -> None:
-        trees = self._job_trees()
-        trees.pop(check_job_id(job), None)
-        trees[job] = tree
-        kept = dict(list(trees.items())[-500:])
-        self.project.state_file("job_trees.json").write_text(json.dumps(kept))
-        self.project.pin_record(job, tree, kept)
+        with self.project.record_lock():  # parallel asks would each drop the other's job
+            trees = self._job_trees()
+            trees.pop(check_job_id(job), None)
+            trees[job] = tree
+            kept = dict(list(trees.items())[-500:])
+            self.project.write_state("job_trees.json", json.dumps(kept))
+            self.project.pin_record(job, tree, kept)
 
     def job_tree(self, job: str) -> Optional[str]:
         return self._job_trees().get(job)
@@ -4250,44 +4369,132 @@ def check_job_id(job: Any, prefix: Optional[str] = None) -> str:
     return job
 
 
+class JobLeft(PatchwireError):
+    """Ctrl-C while an ask follows its job: the laptop leaves at once, the job runs on."""
+
+    exit_status = ExitStatus.INTERRUPTED
+
+    def __init__(self, job: str):
+        super().__init__(f"left job {job}; it keeps running on the box",
+                         f"`patchwire show {job}` shows its progress, `patchwire apply {job}` applies it once "
+                         f"it is done, `patchwire cancel {job}` stops it", details={"job": job})
+
+
+# How long `ask` keeps reconnecting to a job's event stream, counting only the waits between
+# tries: long enough for an agent restart (its shutdown grace, then a start), bounded so a
+# box that is gone for good ends in a message, not a hang.
+RECONNECT_FOR_S = 150.0
+STILL_RECONNECTING_S = 10.0
+
+
 def stream_job(session: Session, first: Iterator[dict], on_event) -> dict:
-    """Follow a job's events to the end, reconnecting with ?after=N when the connection
-    drops. The first Ctrl-C warns, a second one cancels the job on the box."""
-    events, job, seq, interrupted = first, None, 0, False
+    """Follow a job's events to its last one (JobFollower). Ctrl-C leaves at once without
+    cancelling (JobLeft, exit 130, naming the commands that pick the job up again); before
+    the box has named the job, it stops the ask like any Ctrl-C."""
+    follower = JobFollower(session, on_event)
     try:
-        for attempt in range(8):
-            try:
-                for event in events:
-                    job = event.get("job") or job
-                    seq = max(seq, int(event.get("seq", 0)))
-                    on_event(event)
-                    if event.get("type") in LAST_EVENTS:
-                        return event
-            except KeyboardInterrupt:
-                if job is None or interrupted:
-                    raise
-                interrupted = True
-                say(sanitize(f"\njob {job} keeps running on the box. Press Ctrl-C again to cancel it, or "
-                             f"leave and come back with `patchwire show {job}`.", keep_newlines=True))
-            except AnswerRefused:
-                raise  # too big, too slow or malformed: reconnecting would read it again
-            except (AgentError, OSError, ValueError, *http_errors()) as e:
-                if job is None:
-                    raise
-                say(sanitize(f"lost the event stream ({e}); reconnecting"))
-                time.sleep(min(0.2 * 2 ** attempt, 5))
-            if job is None:
-                break
-            events = session.client.events(job, seq)
+        return follower.run(first)
     except KeyboardInterrupt:
-        # the second Ctrl-C cancels wherever it lands: also just after the warning is
-        # printed, or while reconnecting, outside the loop's own handler
-        if job and interrupted:
-            info = session.client.cancel(job)
-            say(sanitize(f"job {job} is {info.get('status')}"))
-        raise
-    raise AgentError("the agent's event stream ended before the job did",
-                     f"check the job with `patchwire show {job}`")
+        if follower.job is None:
+            raise
+        raise JobLeft(follower.job) from None
+
+
+class JobFollower:
+    """A job's events, across lost connections: the agent restarting (a SIGTERM lets the job
+    finish meanwhile), a network change. Each reconnect asks for the events after the last
+    one seen (?after=N); the agent replays what it stored, so a job that ended meanwhile
+    still ends here with its own last event. One line says the stream was lost, then at most
+    one every STILL_RECONNECTING_S; tries back off up to 5 s apart, for RECONNECT_FOR_S."""
+
+    def __init__(self, session: Session, on_event: Callable[[dict], None], patience: float = RECONNECT_FOR_S):
+        self.session, self.on_event, self.patience = session, on_event, patience
+        self.job: Optional[str] = None
+        self.seq = 0
+
+    def run(self, events: Iterator[dict]) -> dict:
+        waited, lost, said, tries = 0.0, "", -STILL_RECONNECTING_S, 0
+        while True:
+            seq = self.seq
+            try:
+                end = self.follow(events) or self.ended()
+                if end is not None:
+                    return end
+                problem = "the stream ended before the job did"
+            except (AgentError, OSError, ValueError, *http_errors()) as e:
+                if self.job is None or not reconnectable(e):
+                    raise
+                problem = str(e).split("\n")[0]
+            if self.seq > seq:  # news came before the loss: a fresh loss, a fresh patience
+                waited, lost, said, tries = 0.0, "", -STILL_RECONNECTING_S, 0
+            if not lost:
+                lost = problem
+                say(sanitize(f"lost the event stream ({problem}); reconnecting"))
+            elif waited - said >= STILL_RECONNECTING_S:
+                said = waited
+                say(f"still reconnecting ({waited:.0f} s)")
+            if waited >= self.patience:
+                raise AgentError(f"lost job {self.job}'s event stream for {waited:.0f} s: {sanitize(problem)}",
+                                 f"the job may still run on the box: `patchwire show {self.job}`, then "
+                                 f"`patchwire apply {self.job}` once it is done")
+            delay = min(0.2 * 2 ** tries, 5.0)
+            time.sleep(delay)
+            waited, tries = waited + delay, tries + 1
+            events = self.session.client.events(self.job, self.seq)
+
+    def follow(self, events: Iterator[dict]) -> Optional[dict]:
+        """Hand on every event not seen yet; the last one of the job, or None if the stream
+        ended first."""
+        for event in events:
+            self.job = event.get("job") or self.job
+            seq = int(event.get("seq", 0))
+            if seq and seq <= self.seq:
+                continue  # replayed after a reconnect
+            self.seq = max(self.seq, seq)
+            self.on_event(event)
+            if event.get("type") in LAST_EVENTS:
+                return event
+        return None
+
+
+    def ended(self) -> Optional[dict]:
+        """The job's end from its record, when its stream closed without the last event (the
+        agent stopped before it sent it): the job's result is what counts, not the stream."""
+        if self.job is None:
+            return None
+        job = self.session.client.job(self.job)
+        ends = {"done": "finished", "failed": "failed", "cancelled": "cancelled"}
+        if job.get("status") not in ends:
+            return None
+        return {"type": ends[job["status"]], "job": self.job, "reason": str(job.get("reason") or "")}
+
+
+def patiently(call: Callable[[], Any], what: str, patience: float = RECONNECT_FOR_S) -> Any:
+    """`call()`, tried again while the agent cannot be reached (it restarts between a job's
+    end and the fetch of its diff), with one line saying so and the same backoff."""
+    waited, tries = 0.0, 0
+    while True:
+        try:
+            return call()
+        except (AgentError, OSError, *http_errors()) as e:
+            if not reconnectable(e) or waited >= patience:
+                raise
+            if not tries:
+                say(sanitize(f"cannot fetch {what} ({str(e).splitlines()[0]}); trying again"))
+        delay = min(0.2 * 2 ** tries, 5.0)
+        time.sleep(delay)
+        waited, tries = waited + delay, tries + 1
+
+
+def reconnectable(e: BaseException) -> bool:
+    """A lost or refused connection, or the agent failing: worth another try. An answer the
+    laptop refused (too big, too slow, malformed) would be read again; a refusal (401, 404)
+    would be given again."""
+    if isinstance(e, AnswerRefused):
+        return False
+    if isinstance(e, PatchwireError):
+        return e.code == "error" or e.http_status >= 500
+    return True
 
 
 def read_answer(prompt: str) -> Optional[str]:
@@ -4451,7 +4658,7 @@ class Doctor:
                 self.cfg.ssh, "rsync", "--version"]
         proc = run(argv, timeout=30, check=False, hint="install OpenSSH's client")
         shown = " ".join(shlex.quote(a) for a in [*self.cfg.ssh_argv(), self.cfg.ssh])
-        said = proc.stderr.decode(errors="replace").strip()[-300:]
+        said = fold_returns(proc.stderr.decode(errors="replace")).strip()[-300:]
         if proc.returncode == 255:
             raise PatchwireError(f"cannot log in with `{shown}`: {said}", ssh_failure_hint(self.cfg, said))
         if proc.returncode != 0 and b"rrsync" in proc.stderr:  # a team box's key runs rrsync only
@@ -4614,7 +4821,7 @@ def cmd_ask(args) -> int:
     if end["type"] != "finished":
         raise AIFailed(f"job {job} {end['type']}: {end.get('reason', '')}",
                        f"see `patchwire show {job}`; nothing was changed here")
-    patch = session.job_diff(job)
+    patch = patiently(lambda: session.job_diff(job), f"job {job}'s diff")
     files = session.vet(patch, job)
     outcome = {"type": "outcome", "job": job, "applied": False, "files": [f.path for f in files],
                "look_closely": look_closely(files)}
@@ -4631,6 +4838,14 @@ def cmd_ask(args) -> int:
 
 
 def start_ask(session: Session, args, prompt: str) -> Tuple[dict, Iterator[dict], str]:
+    """Sync and POST the ask with the project's record held until the box has accepted it
+    (made its snapshot): an ask started meanwhile would tell the box a base this one moves
+    the box on from. The AI's run is not held: parallel asks run side by side."""
+    with session.project.record_lock():
+        return sync_and_post(session, args, prompt)
+
+
+def sync_and_post(session: Session, args, prompt: str) -> Tuple[dict, Iterator[dict], str]:
     """Sync, POST the ask; when the box's copy differs (409): after a sync of changes only
     (the box does not hold the record they start from: a new box, its state reset, another
     laptop), send every file compared by checksum; after a full one, send the paths it names
@@ -4699,6 +4914,10 @@ def ask_before_applying(job: str) -> Optional[str]:
 def confirm_apply(session: Session, args, job: str, patch: bytes) -> bool:
     if args.no_apply:
         say(f"not applied; apply later with `patchwire apply {job}`")
+        return False
+    if not args.yes and not sys.stdin.isatty():  # the same rule as `apply`: no terminal, no yes
+        say(f"kept job {job}, not applied: stdin is not a terminal to confirm on; pass --yes to apply "
+            f"without asking: `patchwire apply {job} --yes`")
         return False
     answer = "" if args.yes else ask_before_applying(job)
     if answer is None:
@@ -4793,14 +5012,10 @@ def tree_after_patch(project: Project, tree: str, patch: bytes, job: str) -> str
 def cmd_apply(args) -> int:
     session = Session.here()
     if args.undo:
-        restored = Applier(session.project, Style(False)).undo()
-        session.log_undo(restored)
-        say(f"restored {len(restored)} file(s) to what they were before the last apply")
-        output(args, {"restored": restored}, lambda r: print("\n".join(map(sanitize, r["restored"]))))
-        return 0
+        return undo_last_apply(session, args)
     if not args.yes and (args.json or not (args.interactive or sys.stdin.isatty())):
-        raise UsageError("patchwire apply shows the change and asks before it writes: run it in a terminal, "
-                         "or pass --yes to apply without asking (scripts)",
+        raise UsageError("patchwire apply shows the change and asks before it writes, and stdin is not a "
+                         "terminal: run it in a terminal, or pass --yes to apply without asking (scripts)",
                          "patchwire apply JOB --yes [--only PATH ...] [--json]")
     asked = session.job_id(args.job)
     job = session.client.job(check_job_id(asked))
@@ -4808,6 +5023,12 @@ def cmd_apply(args) -> int:
     if job.get("status") != "done":
         raise AIFailed(f"job {job_id} is {sanitize(str(job.get('status')))}: nothing to apply",
                        sanitize(str(job.get("reason") or "")))
+    done = None if (args.only or args.exclude or args.interactive) else session.open_apply(job_id)
+    if done:  # applying it again would 3-way merge the change with itself
+        say(f"job {job_id} is already applied here (at {when(done['time'])}); nothing changed "
+            "(`patchwire log` lists applies; `patchwire apply --undo` reverts the last one)")
+        output(args, {"job": job_id, "how": "already", "files": [], "conflicts": [], "applied_at": done["time"]})
+        return 0
     patch = session.job_diff(job_id, args.sha256)
     if not patch:
         say(f"job {job_id} made no changes; nothing to apply")
@@ -4903,6 +5124,30 @@ def cmd_cancel(args) -> int:
     say(sanitize(f"job {job['id']} is {job['status']}"))
     output(args, {"job": job})
     return 0
+
+
+def undo_last_apply(session: Session, args) -> int:
+    """`apply --undo`: one level back, the newest apply. When it was undone already, say so
+    and when (as `log` shows it), not that nothing was ever applied."""
+    if not session.project.state_file("undo.json").exists():
+        raise nothing_to_undo(session.applied())
+    restored = Applier(session.project, Style(False)).undo()
+    session.log_undo(restored)
+    say(f"restored {len(restored)} file(s) to what they were before the last apply")
+    output(args, {"restored": restored}, lambda r: print("\n".join(map(sanitize, r["restored"]))))
+    return 0
+
+
+def nothing_to_undo(log: List[dict]) -> UsageError:
+    undos = [e for e in log if e["how"] == "undo"]
+    if log and undos and log[-1] is undos[-1]:
+        return UsageError(f"nothing to undo: the last apply (job {undos[-1]['job']}) was already undone "
+                          f"at {when(undos[-1]['time'])}", "`patchwire log` lists what was applied and undone")
+    return UsageError("nothing to undo: no apply recorded in this project")
+
+
+def when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
 
 
 def cmd_log(args) -> int:

@@ -2693,8 +2693,8 @@ class AIRun:
         result = self.parser.result or {}
         if self.stop_reason:
             return self.stop_status, self.stop_reason, result
-        said = str(result.get("result") or "").strip()[:500]
-        stderr = self.stderr_tail.decode("utf-8", "replace").strip()[-500:]
+        said = pw.clip_words(str(result.get("result") or "").strip(), 500)
+        stderr = pw.clip_words(pw.fold_returns(self.stderr_tail.decode("utf-8", "replace")).strip(), 500, keep_end=True)
         if result.get("subtype") == "error_max_turns":
             return "failed", ("the AI stopped at its turn limit (--max-turns in [ai] command): ask "
                               "for a smaller step, or raise the limit"), result

@@ -160,16 +160,18 @@ def test_ai_command_missing_is_a_clear_failure(laptop, make_agent):
     assert "'no-such-claude-binary' is not installed on the box" in result.err
 
 
-def test_enter_applies_and_anything_else_keeps_the_job(laptop, agent):
-    kept = laptop.ask(script({"write": "README.md", "text": "# changed\n"}), input=b"no thanks\n", check=0)
+def test_without_a_terminal_neither_ask_nor_apply_applies_unless_yes(laptop, agent):
+    """One rule for both (issue 22): `echo | patchwire ask` applied, `echo | patchwire apply` refused."""
+    kept = laptop.ask(script({"write": "README.md", "text": "# changed\n"}), input=b"\n", check=0)
     job = laptop.last_job()
-    assert f"kept job {job}" in kept.err
+    assert f"pass --yes to apply without asking: `patchwire apply {job} --yes`" in kept.err
     assert (laptop.root / "README.md").read_bytes() == b"# demo\n"
     assert "+# changed" in kept.out  # the preview went to stdout
+    refused = laptop.run("apply", job[:6], input=b"\n", check=2)
+    assert "stdin is not a terminal" in refused.err and "--yes" in refused.err
+    assert (laptop.root / "README.md").read_bytes() == b"# demo\n"
     laptop.run("apply", job[:6], "--yes", check=0)
     assert (laptop.root / "README.md").read_bytes() == b"# changed\n"
-    laptop.ask(script({"write": "src/app.py", "text": "print('bye')\n"}), input=b"\n", check=0)
-    assert (laptop.root / "src/app.py").read_bytes() == b"print('bye')\n"
 
 
 def test_no_input_means_no_apply(laptop):

@@ -269,7 +269,7 @@ def test_rate_limit_is_429_with_retry_after_and_survives_a_restart(make_agent, t
     lap.init(agent)  # the restarted agent listens on another port
     result = lap.ask(script({"say": "third"}), "--no-apply")
     assert result.returncode == 3, result.err
-    assert ('patchwire: the agent refused: user alice asked 2 times in the last 3600 s; the limit is '
+    assert ('patchwire: the agent refused: user alice asked 2 times in the last 60 min; the limit is '
             '[policy] rate_limit = "2/hour"\n  try again in ') in result.err
 
 
