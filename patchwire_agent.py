@@ -5070,8 +5070,47 @@ def write_private(path: Path, text: str) -> None:
         os.fsync(f.fileno())  # an atomic replace of the config must not leave it empty
 
 
+class OutlivesItsReader:
+    """A text stream (the agent's stdout or stderr) that survives the death of its reader.
+    `serve 2>&1 | tee log` then Ctrl-C: the terminal sends SIGINT to the whole pipeline, tee
+    dies at once, and the next line the agent writes raises BrokenPipeError (Python ignores
+    SIGPIPE), which broke off the graceful stop. The first broken write points the file
+    descriptor at /dev/null instead, so every later line (and the exit's flush) goes nowhere
+    quietly while running jobs finish."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._guard(self._stream.write, text)
+
+    def flush(self) -> None:
+        self._guard(self._stream.flush)
+
+    def _guard(self, call: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return call(*args)
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+            return call(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def outlive_the_output_reader() -> None:
+    """stdout, stderr and the log's handlers write through OutlivesItsReader from here on."""
+    sys.stdout, sys.stderr = OutlivesItsReader(sys.stdout), OutlivesItsReader(sys.stderr)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.__stderr__, sys.__stdout__):
+            handler.setStream(OutlivesItsReader(handler.stream))
+
+
 def cmd_serve(args) -> int:
     cfg = AgentConfig.load(Path(args.config))
+    outlive_the_output_reader()
     tls = tls_context(cfg)
     agent = Agent(cfg)
     try:
