@@ -743,6 +743,22 @@ def make_private_dir(path: Path) -> None:
     os.chmod(path, 0o700)
 
 
+def make_state_dir(state_dir: Path) -> None:
+    """The state folder, made or tightened to 700 (what doctor expects) by every command that
+    needs it; a folder this account cannot make or own is an error naming the admin's fix."""
+    try:
+        make_private_dir(state_dir)
+    except OSError as e:
+        raise PatchwireError(f"cannot make the state folder {state_dir}: {e.strerror or e}",
+                             state_dir_fix(state_dir))
+
+
+def state_dir_fix(state_dir: Path) -> str:
+    account = pwd.getpwuid(os.geteuid()).pw_name  # state_dir has only safe characters (SAFE_PATH_RE)
+    return (f"make it for this account ({account}) as root: sudo install -d -o {account} -m 700 "
+            f"{state_dir}, or set [server] state_dir to a folder it can write")
+
+
 def _to_sql(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, (dict, list)) else value
 
@@ -2941,7 +2957,7 @@ class Agent:
 
     def __init__(self, cfg: AgentConfig):
         self.cfg = cfg
-        make_private_dir(cfg.state_dir)  # mirrors, job folders, prompts and diffs: all below it
+        make_state_dir(cfg.state_dir)  # mirrors, job folders, prompts and diffs: all below it
         migrate_layout(cfg.state_dir)
         self.store = Store(cfg.state_dir)
         self.audit = AuditLog(cfg.state_dir / "audit.log", cfg.audit_max_bytes)
@@ -5047,7 +5063,8 @@ def cmd_init(args) -> int:
         "users": pw.dump_toml({"users": {args.user: {"token_sha256": token_digest(token).hex()}}}),
     }
     text = CONFIG_TEMPLATE.format(**sections)
-    AgentConfig(path, pw.parse_toml(text, path))  # what we write must load
+    cfg = AgentConfig(path, pw.parse_toml(text, path))  # what we write must load
+    make_state_dir(cfg.state_dir)  # now, while the admin is here, not at the first `user key`
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     os.chmod(path, 0o600)
@@ -5211,7 +5228,7 @@ def cmd_user_add(args) -> int:
         data["users"][name] = {"token_sha256": token_digest(token).hex(), **({"admin": True} if args.admin else {})}
     edit_config(path, add)
     cfg = AgentConfig.load(path)
-    mirror_root(cfg.state_dir, name).mkdir(parents=True, exist_ok=True, mode=0o700)  # rrsync's DIR
+    make_mirror_root(cfg.state_dir, name)  # rrsync's DIR
     hand_out_token(name, token, args.token_file, f"added user {name}" + (" (admin)" if args.admin else ""))
     if key:
         install_key_line(rrsync_key_line(cfg.state_dir, name, key), args.authorized_keys,
@@ -5266,10 +5283,16 @@ def cmd_user_key(args) -> int:
     if args.name not in cfg.users:
         raise UsageError(f"{cfg.path} has no user {args.name!r}", "see them with `patchwire-agent user list`")
     key = read_ssh_key(args.ssh_key)
-    mirror_root(cfg.state_dir, args.name).mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_mirror_root(cfg.state_dir, args.name)
     install_key_line(rrsync_key_line(cfg.state_dir, args.name, key), args.authorized_keys,
                      mirror_root(cfg.state_dir, args.name))
     return 0
+
+
+def make_mirror_root(state_dir: Path, user: str) -> None:
+    """The user's mirror folder (rrsync's DIR); the state folder above it private (700)."""
+    make_state_dir(state_dir)
+    mirror_root(state_dir, user).mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
 def request_cancel(state_dir: Path, user: str) -> None:
@@ -5559,7 +5582,7 @@ def check_limits(cfg: AgentConfig) -> dict:
 def check_state(cfg: AgentConfig) -> dict:
     state = cfg.state_dir
     if not state.exists():
-        return box_check("state", True, f"{state} will be made (mode 700) at the first start")
+        return check_state_parent(state)
     mode = state.stat().st_mode & 0o777
     if mode & 0o077:
         return box_check("state", False, f"{state} is readable by other users (mode {mode:o})",
@@ -5570,6 +5593,18 @@ def check_state(cfg: AgentConfig) -> dict:
         return box_check("state", False, f"only {pw.human_bytes(free)} free for {state}",
                          "free space: asks are refused below 4 MB, and jobs need room for their folders")
     return box_check("state", True, f"{state}, private, {pw.human_bytes(free)} free")
+
+
+def check_state_parent(state: Path) -> dict:
+    """A state folder not made yet: the nearest existing folder above it must let this account
+    make it, or the first `serve` or `user key` fails."""
+    parent = state.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return box_check("state", False, f"{state} does not exist and this account cannot make it "
+                         f"({parent} is not writable for it)", state_dir_fix(state))
+    return box_check("state", True, f"{state} will be made (mode 700) at the first start")
 
 
 def check_listen(cfg: AgentConfig) -> dict:

@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from conftest import ROOT, STAND_IN_COMMAND, tomli_w, tomllib
+from test_box_walls import ACCOUNT, account_or_skip, readable_copy
 
 AGENT = [sys.executable, str(ROOT / "patchwire_agent.py")]
 
@@ -44,7 +48,7 @@ def test_a_ready_box_is_all_ok(tmp_path):
 def test_a_missing_ai_and_a_shared_state_folder_each_say_the_fix(tmp_path):
     config = box(tmp_path, command=["claude-not-installed-here"])
     state = tmp_path / "patchwire-state"
-    state.mkdir(mode=0o755)
+    state.mkdir(mode=0o755, exist_ok=True)  # init made it (700); another admin opened it up
     os.chmod(state, 0o755)
     result = agent_cli("doctor", "-c", config)
     assert result.returncode == 1
@@ -61,3 +65,56 @@ def test_a_broken_config_is_one_failed_line_not_a_traceback(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     found = checks(result)
     assert list(found) == ["config"] and "server.listen" in found["config"]["detail"]
+
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGrkvBiFo0S1sTDGnWBMvpTAYbVJyXkh3UZrlqz3Krrp ann@laptop\n"
+
+
+def test_a_state_folder_the_account_cannot_make_is_refused_with_the_fix():
+    """`init --state-dir` in a folder root owns, as the box account: init, `user key` and
+    doctor each say the folder cannot be made and the admin's command, never a traceback."""
+    account = account_or_skip()
+    place = Path(tempfile.mkdtemp(dir="/srv"))  # root's, like /srv/patchwire on a fresh box
+    try:
+        os.chmod(place, 0o755)
+        code = readable_copy(place / "code")
+        # init writes TOML with tomli_w, installed for the tests' Python only
+        shutil.copytree(Path(tomli_w.__file__).parent, code / "tomli_w")
+        subprocess.run(["chmod", "-R", "a+rX", str(code)], check=True)
+        home = place / "home"
+        home.mkdir()
+        (home / "ann.pub").write_text(KEY)
+        shutil.chown(home, ACCOUNT)
+        as_account = ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--init-groups",
+                      "/usr/bin/python3", str(code / "patchwire_agent.py")]
+        state, config = place / "state", home / "agent.toml"
+        fix = f"sudo install -d -o {ACCOUNT} -m 700 {state}"
+
+        def run(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run(as_account + list(args), capture_output=True, text=True, timeout=60,
+                                  stdin=subprocess.DEVNULL)
+        made = run("init", "-c", str(config), "--user", "ann", "--token-file", str(home / "t"),
+                   "--state-dir", str(state))
+        assert made.returncode != 0 and fix in made.stderr and "Traceback" not in made.stderr, made.stderr
+        assert not config.exists()
+        # a config written by hand anyway: doctor fails the state folder, `user key` says the fix
+        config.write_text(f'[server]\nstate_dir = "{state}"\n[users.ann]\ntoken_sha256 = "{"0" * 64}"\n')
+        shutil.chown(config, ACCOUNT)
+        found = checks(run("doctor", "-c", str(config), "--json"))
+        assert not found["state"]["ok"] and fix in found["state"]["fix"], found["state"]
+        key = run("user", "key", "ann", "-c", str(config), "--ssh-key", str(home / "ann.pub"))
+        assert key.returncode != 0 and fix in key.stderr and "Traceback" not in key.stderr, key.stderr
+    finally:
+        shutil.rmtree(place)
+
+
+def test_user_key_makes_the_state_folder_private_as_doctor_expects(tmp_path):
+    config = box(tmp_path)
+    state = tmp_path / "patchwire-state"
+    assert state.stat().st_mode & 0o777 == 0o700  # init made it
+    shutil.rmtree(state)
+    (tmp_path / "ann.pub").write_text(KEY)
+    key = agent_cli("user", "key", "ann", "-c", config, "--ssh-key", str(tmp_path / "ann.pub"))
+    assert key.returncode == 0, key.stderr
+    assert state.stat().st_mode & 0o777 == 0o700
+    assert checks(agent_cli("doctor", "-c", config, "--json"))["state"]["ok"]
