@@ -940,6 +940,16 @@ def user_root(state_dir: Path, user: str) -> Path:
     return state_dir / "users" / user
 
 
+def box_folder_unwritable(folder: Any, why: str) -> PatchwireError:
+    """A folder of the state folder the agent's account cannot write: the box admin's to fix,
+    so the answer names the folder and their command (a bare 500 told the developer nothing)."""
+    account = pwd.getpwuid(os.geteuid()).pw_name
+    return PatchwireError(f"the box cannot write its folder {folder} ({why})",
+                          f"ask the box's admin to give it back to the agent's account ({account}): "
+                          f"sudo chown -R {account} {folder}; `patchwire-agent doctor` checks this",
+                          http_status=HTTPStatus.SERVICE_UNAVAILABLE, code="box_folder")
+
+
 def mirror_root(state_dir: Path, user: str) -> Path:
     return user_root(state_dir, user) / "mirror"
 
@@ -1002,9 +1012,12 @@ class ProjectRepo:
                    config=config)
 
     def ensure(self) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
-        self.make_mirror()
-        pw.prepare_private_git_dir(self.git_dir)
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+            self.make_mirror()
+            pw.prepare_private_git_dir(self.git_dir)
+        except OSError as e:  # e.g. a folder root made or chowned: the developer cannot fix it
+            raise box_folder_unwritable(e.filename or self.home, e.strerror or str(e))
 
     def make_mirror(self) -> None:
         """The mirror folder, made where missing without following a link on the way (one is
@@ -5587,12 +5600,25 @@ def check_state(cfg: AgentConfig) -> dict:
     if mode & 0o077:
         return box_check("state", False, f"{state} is readable by other users (mode {mode:o})",
                          f"chmod 700 {state} (serve does it at start)")
+    stuck = unwritable_folders(state)
+    if stuck:
+        return box_check("state", False, f"this account cannot write {len(stuck)} folder(s) of {state}: "
+                         + ", ".join(map(str, stuck[:3])) + ("" if len(stuck) <= 3 else ", ..."),
+                         f"as root: sudo chown -R {pwd.getpwuid(os.geteuid()).pw_name} {state}")
     st = os.statvfs(state)
     free = st.f_bavail * st.f_frsize
     if free < MIN_FREE_BYTES * 64:
         return box_check("state", False, f"only {pw.human_bytes(free)} free for {state}",
                          "free space: asks are refused below 4 MB, and jobs need room for their folders")
     return box_check("state", True, f"{state}, private, {pw.human_bytes(free)} free")
+
+
+def unwritable_folders(state: Path) -> List[Path]:
+    """The folders of the state folder down to each project that this account cannot write
+    (made or chowned by root, say): syncs into them and asks in them fail."""
+    levels = [state, *state.glob("users"), *state.glob("users/*"), *state.glob("users/*/mirror"),
+              *state.glob("users/*/projects"), *state.glob("users/*/mirror/*"), *state.glob("users/*/projects/*")]
+    return [p for p in levels if p.is_dir() and not p.is_symlink() and not os.access(p, os.W_OK | os.X_OK)]
 
 
 def check_state_parent(state: Path) -> dict:

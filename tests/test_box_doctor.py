@@ -10,7 +10,8 @@ import tempfile
 from pathlib import Path
 
 from conftest import ROOT, STAND_IN_COMMAND, tomli_w, tomllib
-from test_box_walls import ACCOUNT, account_or_skip, readable_copy
+from test_box_walls import ACCOUNT, EMPTY_TREE, WallsBox, account_or_skip, readable_copy
+import patchwire as pw
 
 AGENT = [sys.executable, str(ROOT / "patchwire_agent.py")]
 
@@ -118,3 +119,53 @@ def test_user_key_makes_the_state_folder_private_as_doctor_expects(tmp_path):
     assert key.returncode == 0, key.stderr
     assert state.stat().st_mode & 0o777 == 0o700
     assert checks(agent_cli("doctor", "-c", config, "--json"))["state"]["ok"]
+
+
+def test_a_projects_folder_the_agent_cannot_write_names_the_folder_and_the_fix():
+    """Root made a user's projects folder: the ask is refused with the folder and the admin's
+    command (it was a 500, "internal error in the agent"), and doctor run as the box account fails it."""
+    account_or_skip()
+    place = Path(tempfile.mkdtemp(dir="/srv"))
+    try:
+        os.chmod(place, 0o755)
+        walls = WallsBox(place, "account", users=("alice",), ai={"sandbox": "none"})
+        projects = walls.state / "users/alice/projects"
+        projects.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["chown", "-R", f"{ACCOUNT}:", str(walls.state)], check=True)
+        os.chown(projects, 0, 0)  # the one folder root made
+        body = {"project": "p", "tree": EMPTY_TREE, "files": [], "prompt": "hello"}
+        status, answer = walls.agent.json("POST", "/v1/ask", body, token=walls.agent.tokens["alice"])
+        assert status == 503 and answer["code"] == "box_folder", (answer, walls.agent.read_log())
+        assert f"cannot write its folder {projects}" in answer["error"]
+        assert f"sudo chown -R {ACCOUNT} {projects}" in answer["hint"]
+        doctor = subprocess.run(walls.agent.program + ["doctor", "-c", str(walls.agent.config), "--json"],
+                                capture_output=True, text=True, timeout=60, env=walls.agent.env)
+        state = checks(doctor)["state"]
+        assert not state["ok"] and str(projects) in state["detail"], state
+        assert f"sudo chown -R {ACCOUNT} {walls.state}" in state["fix"]
+        walls.agent.stop()
+    finally:
+        shutil.rmtree(place)
+
+
+def test_rsync_refused_by_a_box_folder_is_not_called_a_refused_login():
+    """rsync's own "mkdir ... failed: Permission denied (13)" (from a real rsync as an ordinary
+    account) says the box's folder is not writable, not "set up a key"."""
+    account = account_or_skip()
+    place = Path(tempfile.mkdtemp(dir="/srv"))
+    try:
+        os.chmod(place, 0o755)
+        (place / "src").mkdir()
+        (place / "src/a.txt").write_text("a\n")
+        (place / "mirror").mkdir()  # root's, like a mirror folder root made
+        subprocess.run(["chmod", "-R", "a+rX", str(place)], check=True)
+        sent = subprocess.run(["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--init-groups",
+                               "rsync", "-r", f"{place}/src/", f"{place}/mirror/p/"],
+                              capture_output=True, text=True, timeout=60)
+        assert sent.returncode != 0 and "Permission denied" in sent.stderr, sent.stderr
+        cfg = type("Cfg", (), {"ssh": "me@box", "ssh_port": None, "ssh_argv": lambda self: ["ssh"]})()
+        hint = pw.ssh_failure_hint(cfg, sent.stderr)
+        assert "not writable by its account" in hint and "patchwire-agent doctor" in hint, hint
+        assert "ssh-copy-id" not in hint
+    finally:
+        shutil.rmtree(place)
