@@ -5495,11 +5495,33 @@ def check_rrsync(cfg: AgentConfig) -> dict:
 
 def check_ai(cfg: AgentConfig) -> dict:
     argv0 = cfg.ai_command[0]
-    if shutil.which(argv0, path=ai_environment(cfg).get("PATH")):
-        return box_check("ai", True, f"{argv0} found")
-    return box_check("ai", False, f"the AI command {argv0!r} is not on the agent's PATH",
-                     "install Claude Code (npm install -g @anthropic-ai/claude-code) and log in, "
-                     "or set [ai] command")
+    if not shutil.which(argv0, path=ai_environment(cfg).get("PATH")):
+        return box_check("ai", False, f"the AI command {argv0!r} is not on the agent's PATH",
+                         "install Claude Code (npm install -g @anthropic-ai/claude-code) and log in, "
+                         "or set [ai] command")
+    for arg in cfg.ai_command[1:]:
+        # a path among the arguments is a script the program runs (`python3 /opt/ai.py`):
+        # found or not, the program itself starts, so only this check tells before an ask fails
+        if arg.startswith("-") or os.sep not in arg:
+            continue
+        if not os.path.exists(arg):
+            return box_check("ai", False, f"the AI command's argument {arg!r} does not exist",
+                             "fix the path in [ai] command")
+        if not os.access(arg, os.R_OK):
+            return box_check("ai", False, f"the AI command's argument {arg!r} is not readable by this account",
+                             f"chmod a+r {arg}, or fix the path in [ai] command")
+    return box_check("ai", True, f"{argv0} found")
+
+
+def check_settings(cfg: AgentConfig) -> dict:
+    """Settings that load but cannot take effect, named with the rule that sets them."""
+    for user in sorted(cfg.users):
+        policy = cfg.policy(user)
+        if policy.max_running > cfg.workers:
+            return box_check("settings", False, f"{policy.rule('max_running')} for {user} is above "
+                             f"[jobs] workers = {cfg.workers}: at most {cfg.workers} job(s) run at once",
+                             "lower max_running, or raise [jobs] workers")
+    return box_check("settings", True, "no setting exceeds what the box can run")
 
 
 def check_sandbox(cfg: AgentConfig) -> dict:
@@ -5641,8 +5663,8 @@ def check_listen(cfg: AgentConfig) -> dict:
     return box_check("listen", True, f"{scheme}://{cfg.host}:{cfg.port}")
 
 
-BOX_CHECKS = (check_git, check_rsync, check_rrsync, check_ai, check_sandbox, check_network, check_ai_path, check_limits,
-              check_state, check_listen)
+BOX_CHECKS = (check_git, check_rsync, check_rrsync, check_ai, check_settings, check_sandbox, check_network,
+              check_ai_path, check_limits, check_state, check_listen)
 
 
 def cmd_status(args) -> int:

@@ -39,7 +39,8 @@ def test_a_ready_box_is_all_ok(tmp_path):
     result = agent_cli("doctor", "-c", config, "--json")
     assert result.returncode == 0, result.stdout
     found = checks(result)
-    assert set(found) == {"config", "git", "rsync", "rrsync", "ai", "sandbox", "network", "ai_path", "limits", "state", "listen"}
+    assert set(found) == {"config", "git", "rsync", "rrsync", "ai", "settings", "sandbox", "network", "ai_path",
+                          "limits", "state", "listen"}
     assert all(c["ok"] for c in found.values())
     assert found["listen"]["detail"] == "http://127.0.0.1:7433"
     human = agent_cli("doctor", "-c", config)
@@ -169,3 +170,23 @@ def test_rsync_refused_by_a_box_folder_is_not_called_a_refused_login():
         assert "ssh-copy-id" not in hint
     finally:
         shutil.rmtree(place)
+
+
+def test_an_ai_script_that_is_missing_or_unreadable_fails_doctor(tmp_path):
+    """`[ai] command = ["python3", "/opt/ai.py"]`: python3 is found, the script is not."""
+    script_path = tmp_path / "ai.py"
+    config = box(tmp_path, command=[sys.executable, str(script_path), "--print"])
+    found = checks(agent_cli("doctor", "-c", config, "--json"))["ai"]
+    assert not found["ok"] and f"argument {str(script_path)!r} does not exist" in found["detail"], found
+    assert "[ai] command" in found["fix"]
+
+
+def test_max_running_above_workers_fails_doctor_with_the_rule(tmp_path):
+    config = box(tmp_path)
+    data = tomllib.loads(Path(config).read_text())
+    data["jobs"]["workers"] = 2
+    data["users"]["ann"]["max_running"] = 5
+    Path(config).write_text(tomli_w.dumps(data))
+    found = checks(agent_cli("doctor", "-c", config, "--json"))["settings"]
+    assert not found["ok"] and "[users.ann] max_running = 5 for ann is above [jobs] workers = 2" in found["detail"], found
+    assert "lower max_running" in found["fix"]
