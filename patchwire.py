@@ -4467,6 +4467,11 @@ class Doctor:
         return f"{shown} works; rsync is installed there"
 
     def mirror(self) -> Optional[str]:
+        stuck = self.me.get("unwritable")
+        if stuck and isinstance(stuck, list):
+            raise PatchwireError(f"the box cannot write its folder(s) {', '.join(map(str, stuck[:4]))}: "
+                                 "syncs and asks there fail",
+                                 "ask the box's admin to run `patchwire-agent doctor` there (it names the fix)")
         if self.cfg.ssh or not self.me.get("mirror"):
             return None
         path = Path(self.me["mirror"])

@@ -3127,10 +3127,14 @@ class Agent:
             return self.repos[key]
 
     def me(self, user: str, project: Optional[str]) -> dict:
-        out = {"user": user, "version": __version__,
-               "mirror_root": str(mirror_root(self.cfg.state_dir, user))}
+        out: Dict[str, Any] = {"user": user, "version": __version__,
+                               "mirror_root": str(mirror_root(self.cfg.state_dir, user))}
         if project is not None:
-            out["mirror"] = str(self.open_project(user, check_name(project, "project")).mirror)
+            repo = self.open_project(user, check_name(project, "project"))
+            out["mirror"] = str(repo.mirror)
+            # the laptop's doctor cannot see these folders over rrsync: the box says which it cannot write
+            folders = (user_root(self.cfg.state_dir, user), mirror_root(self.cfg.state_dir, user), repo.mirror, repo.home)
+            out["unwritable"] = [str(p) for p in folders if p.is_dir() and not os.access(p, os.W_OK | os.X_OK)]
         return out
 
     def open_project(self, user: str, project: str, for_ask: bool = False) -> ProjectRepo:

@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from conftest import ROOT, STAND_IN_COMMAND, tomli_w, tomllib
+from conftest import ROOT, STAND_IN_COMMAND, Laptop, make_repo, tomli_w, tomllib
 from test_box_walls import ACCOUNT, EMPTY_TREE, WallsBox, account_or_skip, readable_copy
 import patchwire as pw
 
@@ -190,3 +190,25 @@ def test_max_running_above_workers_fails_doctor_with_the_rule(tmp_path):
     found = checks(agent_cli("doctor", "-c", config, "--json"))["settings"]
     assert not found["ok"] and "[users.ann] max_running = 5 for ann is above [jobs] workers = 2" in found["detail"], found
     assert "lower max_running" in found["fix"]
+
+
+def test_the_laptops_doctor_names_a_mirror_the_box_cannot_write(tmp_path):
+    """Root made the project's mirror folder: rsync over rrsync would fail there, and the
+    laptop's doctor (which cannot look at the box's folders) hears it from the agent."""
+    account_or_skip()
+    place = Path(tempfile.mkdtemp(dir="/srv"))
+    try:
+        os.chmod(place, 0o755)
+        walls = WallsBox(place, "account", users=("alice",), ai={"sandbox": "none"})
+        mirror = walls.state / "users/alice/mirror/p"
+        mirror.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["chown", "-R", f"{ACCOUNT}:", str(walls.state)], check=True)
+        os.chown(mirror, 0, 0)
+        lap = Laptop(make_repo(tmp_path / "laptop", {"a.txt": b"a\n"}))
+        lap.init(walls.agent, "--project", "p")
+        found = {c["name"]: c for c in json.loads(lap.run("doctor", "--json").out)["checks"]}
+        assert not found["mirror"]["ok"] and str(mirror) in found["mirror"]["detail"], found
+        assert "patchwire-agent doctor" in found["mirror"]["fix"]
+        walls.agent.stop()
+    finally:
+        shutil.rmtree(place)
