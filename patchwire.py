@@ -1133,6 +1133,11 @@ SSH_FAILURES = (  # what ssh says on stderr -> what to do about it
     (("Host key verification failed", "REMOTE HOST IDENTIFICATION HAS CHANGED"),
      "the box's host key is unknown or has changed: run `{ssh}` once, check the fingerprint and "
      "accept it (or fix the old line in ~/.ssh/known_hosts)"),
+    # rsync's own refusals on the box ("mkdir \"...\" failed: Permission denied (13)") carry
+    # ssh's words too: a folder of the box's state the box account cannot write, not the login
+    (("failed: Permission denied", "failed: Read-only file system"),
+     "the box logged you in, but its folder for your projects is not writable by its account: "
+     "ask the box's admin to run `patchwire-agent doctor` there (it names the folder and the fix)"),
     (("Permission denied", "Too many authentication failures"),
      "the box refused the login: set up a key (ssh-copy-id {copy_id}), check the user name, and "
      "check that `{ssh}` works without a password"),
@@ -4669,6 +4674,11 @@ class Doctor:
         return f"{shown} works; rsync is installed there"
 
     def mirror(self) -> Optional[str]:
+        stuck = self.me.get("unwritable")
+        if stuck and isinstance(stuck, list):
+            raise PatchwireError(f"the box cannot write its folder(s) {', '.join(map(str, stuck[:4]))}: "
+                                 "syncs and asks there fail",
+                                 "ask the box's admin to run `patchwire-agent doctor` there (it names the fix)")
         if self.cfg.ssh or not self.me.get("mirror"):
             return None
         path = Path(self.me["mirror"])

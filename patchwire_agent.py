@@ -743,6 +743,22 @@ def make_private_dir(path: Path) -> None:
     os.chmod(path, 0o700)
 
 
+def make_state_dir(state_dir: Path) -> None:
+    """The state folder, made or tightened to 700 (what doctor expects) by every command that
+    needs it; a folder this account cannot make or own is an error naming the admin's fix."""
+    try:
+        make_private_dir(state_dir)
+    except OSError as e:
+        raise PatchwireError(f"cannot make the state folder {state_dir}: {e.strerror or e}",
+                             state_dir_fix(state_dir))
+
+
+def state_dir_fix(state_dir: Path) -> str:
+    account = pwd.getpwuid(os.geteuid()).pw_name  # state_dir has only safe characters (SAFE_PATH_RE)
+    return (f"make it for this account ({account}) as root: sudo install -d -o {account} -m 700 "
+            f"{state_dir}, or set [server] state_dir to a folder it can write")
+
+
 def _to_sql(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, (dict, list)) else value
 
@@ -934,6 +950,16 @@ def user_root(state_dir: Path, user: str) -> Path:
     return state_dir / "users" / user
 
 
+def box_folder_unwritable(folder: Any, why: str) -> PatchwireError:
+    """A folder of the state folder the agent's account cannot write: the box admin's to fix,
+    so the answer names the folder and their command (a bare 500 told the developer nothing)."""
+    account = pwd.getpwuid(os.geteuid()).pw_name
+    return PatchwireError(f"the box cannot write its folder {folder} ({why})",
+                          f"ask the box's admin to give it back to the agent's account ({account}): "
+                          f"sudo chown -R {account} {folder}; `patchwire-agent doctor` checks this",
+                          http_status=HTTPStatus.SERVICE_UNAVAILABLE, code="box_folder")
+
+
 def mirror_root(state_dir: Path, user: str) -> Path:
     return user_root(state_dir, user) / "mirror"
 
@@ -996,9 +1022,12 @@ class ProjectRepo:
                    config=config)
 
     def ensure(self) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
-        self.make_mirror()
-        pw.prepare_private_git_dir(self.git_dir)
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+            self.make_mirror()
+            pw.prepare_private_git_dir(self.git_dir)
+        except OSError as e:  # e.g. a folder root made or chowned: the developer cannot fix it
+            raise box_folder_unwritable(e.filename or self.home, e.strerror or str(e))
 
     def make_mirror(self) -> None:
         """The mirror folder, made where missing without following a link on the way (one is
@@ -2951,7 +2980,7 @@ class Agent:
 
     def __init__(self, cfg: AgentConfig):
         self.cfg = cfg
-        make_private_dir(cfg.state_dir)  # mirrors, job folders, prompts and diffs: all below it
+        make_state_dir(cfg.state_dir)  # mirrors, job folders, prompts and diffs: all below it
         migrate_layout(cfg.state_dir)
         self.store = Store(cfg.state_dir)
         self.audit = AuditLog(cfg.state_dir / "audit.log", cfg.audit_max_bytes)
@@ -3108,10 +3137,14 @@ class Agent:
             return self.repos[key]
 
     def me(self, user: str, project: Optional[str]) -> dict:
-        out = {"user": user, "version": __version__,
-               "mirror_root": str(mirror_root(self.cfg.state_dir, user))}
+        out: Dict[str, Any] = {"user": user, "version": __version__,
+                               "mirror_root": str(mirror_root(self.cfg.state_dir, user))}
         if project is not None:
-            out["mirror"] = str(self.open_project(user, check_name(project, "project")).mirror)
+            repo = self.open_project(user, check_name(project, "project"))
+            out["mirror"] = str(repo.mirror)
+            # the laptop's doctor cannot see these folders over rrsync: the box says which it cannot write
+            folders = (user_root(self.cfg.state_dir, user), mirror_root(self.cfg.state_dir, user), repo.mirror, repo.home)
+            out["unwritable"] = [str(p) for p in folders if p.is_dir() and not os.access(p, os.W_OK | os.X_OK)]
         return out
 
     def open_project(self, user: str, project: str, for_ask: bool = False) -> ProjectRepo:
@@ -5057,7 +5090,8 @@ def cmd_init(args) -> int:
         "users": pw.dump_toml({"users": {args.user: {"token_sha256": token_digest(token).hex()}}}),
     }
     text = CONFIG_TEMPLATE.format(**sections)
-    AgentConfig(path, pw.parse_toml(text, path))  # what we write must load
+    cfg = AgentConfig(path, pw.parse_toml(text, path))  # what we write must load
+    make_state_dir(cfg.state_dir)  # now, while the admin is here, not at the first `user key`
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     os.chmod(path, 0o600)
@@ -5080,8 +5114,47 @@ def write_private(path: Path, text: str) -> None:
         os.fsync(f.fileno())  # an atomic replace of the config must not leave it empty
 
 
+class OutlivesItsReader:
+    """A text stream (the agent's stdout or stderr) that survives the death of its reader.
+    `serve 2>&1 | tee log` then Ctrl-C: the terminal sends SIGINT to the whole pipeline, tee
+    dies at once, and the next line the agent writes raises BrokenPipeError (Python ignores
+    SIGPIPE), which broke off the graceful stop. The first broken write points the file
+    descriptor at /dev/null instead, so every later line (and the exit's flush) goes nowhere
+    quietly while running jobs finish."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._guard(self._stream.write, text)
+
+    def flush(self) -> None:
+        self._guard(self._stream.flush)
+
+    def _guard(self, call: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return call(*args)
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+            return call(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def outlive_the_output_reader() -> None:
+    """stdout, stderr and the log's handlers write through OutlivesItsReader from here on."""
+    sys.stdout, sys.stderr = OutlivesItsReader(sys.stdout), OutlivesItsReader(sys.stderr)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.__stderr__, sys.__stdout__):
+            handler.setStream(OutlivesItsReader(handler.stream))
+
+
 def cmd_serve(args) -> int:
     cfg = AgentConfig.load(Path(args.config))
+    outlive_the_output_reader()
     tls = tls_context(cfg)
     agent = Agent(cfg)
     try:
@@ -5182,7 +5255,7 @@ def cmd_user_add(args) -> int:
         data["users"][name] = {"token_sha256": token_digest(token).hex(), **({"admin": True} if args.admin else {})}
     edit_config(path, add)
     cfg = AgentConfig.load(path)
-    mirror_root(cfg.state_dir, name).mkdir(parents=True, exist_ok=True, mode=0o700)  # rrsync's DIR
+    make_mirror_root(cfg.state_dir, name)  # rrsync's DIR
     hand_out_token(name, token, args.token_file, f"added user {name}" + (" (admin)" if args.admin else ""))
     if key:
         install_key_line(rrsync_key_line(cfg.state_dir, name, key), args.authorized_keys,
@@ -5237,10 +5310,16 @@ def cmd_user_key(args) -> int:
     if args.name not in cfg.users:
         raise UsageError(f"{cfg.path} has no user {args.name!r}", "see them with `patchwire-agent user list`")
     key = read_ssh_key(args.ssh_key)
-    mirror_root(cfg.state_dir, args.name).mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_mirror_root(cfg.state_dir, args.name)
     install_key_line(rrsync_key_line(cfg.state_dir, args.name, key), args.authorized_keys,
                      mirror_root(cfg.state_dir, args.name))
     return 0
+
+
+def make_mirror_root(state_dir: Path, user: str) -> None:
+    """The user's mirror folder (rrsync's DIR); the state folder above it private (700)."""
+    make_state_dir(state_dir)
+    mirror_root(state_dir, user).mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
 def request_cancel(state_dir: Path, user: str) -> None:
@@ -5430,11 +5509,33 @@ def check_rrsync(cfg: AgentConfig) -> dict:
 
 def check_ai(cfg: AgentConfig) -> dict:
     argv0 = cfg.ai_command[0]
-    if shutil.which(argv0, path=ai_environment(cfg).get("PATH")):
-        return box_check("ai", True, f"{argv0} found")
-    return box_check("ai", False, f"the AI command {argv0!r} is not on the agent's PATH",
-                     "install Claude Code (npm install -g @anthropic-ai/claude-code) and log in, "
-                     "or set [ai] command")
+    if not shutil.which(argv0, path=ai_environment(cfg).get("PATH")):
+        return box_check("ai", False, f"the AI command {argv0!r} is not on the agent's PATH",
+                         "install Claude Code (npm install -g @anthropic-ai/claude-code) and log in, "
+                         "or set [ai] command")
+    for arg in cfg.ai_command[1:]:
+        # a path among the arguments is a script the program runs (`python3 /opt/ai.py`):
+        # found or not, the program itself starts, so only this check tells before an ask fails
+        if arg.startswith("-") or os.sep not in arg:
+            continue
+        if not os.path.exists(arg):
+            return box_check("ai", False, f"the AI command's argument {arg!r} does not exist",
+                             "fix the path in [ai] command")
+        if not os.access(arg, os.R_OK):
+            return box_check("ai", False, f"the AI command's argument {arg!r} is not readable by this account",
+                             f"chmod a+r {arg}, or fix the path in [ai] command")
+    return box_check("ai", True, f"{argv0} found")
+
+
+def check_settings(cfg: AgentConfig) -> dict:
+    """Settings that load but cannot take effect, named with the rule that sets them."""
+    for user in sorted(cfg.users):
+        policy = cfg.policy(user)
+        if policy.max_running > cfg.workers:
+            return box_check("settings", False, f"{policy.rule('max_running')} for {user} is above "
+                             f"[jobs] workers = {cfg.workers}: at most {cfg.workers} job(s) run at once",
+                             "lower max_running, or raise [jobs] workers")
+    return box_check("settings", True, "no setting exceeds what the box can run")
 
 
 def check_sandbox(cfg: AgentConfig) -> dict:
@@ -5530,17 +5631,42 @@ def check_limits(cfg: AgentConfig) -> dict:
 def check_state(cfg: AgentConfig) -> dict:
     state = cfg.state_dir
     if not state.exists():
-        return box_check("state", True, f"{state} will be made (mode 700) at the first start")
+        return check_state_parent(state)
     mode = state.stat().st_mode & 0o777
     if mode & 0o077:
         return box_check("state", False, f"{state} is readable by other users (mode {mode:o})",
                          f"chmod 700 {state} (serve does it at start)")
+    stuck = unwritable_folders(state)
+    if stuck:
+        return box_check("state", False, f"this account cannot write {len(stuck)} folder(s) of {state}: "
+                         + ", ".join(map(str, stuck[:3])) + ("" if len(stuck) <= 3 else ", ..."),
+                         f"as root: sudo chown -R {pwd.getpwuid(os.geteuid()).pw_name} {state}")
     st = os.statvfs(state)
     free = st.f_bavail * st.f_frsize
     if free < MIN_FREE_BYTES * 64:
         return box_check("state", False, f"only {pw.human_bytes(free)} free for {state}",
                          "free space: asks are refused below 4 MB, and jobs need room for their folders")
     return box_check("state", True, f"{state}, private, {pw.human_bytes(free)} free")
+
+
+def unwritable_folders(state: Path) -> List[Path]:
+    """The folders of the state folder down to each project that this account cannot write
+    (made or chowned by root, say): syncs into them and asks in them fail."""
+    levels = [state, *state.glob("users"), *state.glob("users/*"), *state.glob("users/*/mirror"),
+              *state.glob("users/*/projects"), *state.glob("users/*/mirror/*"), *state.glob("users/*/projects/*")]
+    return [p for p in levels if p.is_dir() and not p.is_symlink() and not os.access(p, os.W_OK | os.X_OK)]
+
+
+def check_state_parent(state: Path) -> dict:
+    """A state folder not made yet: the nearest existing folder above it must let this account
+    make it, or the first `serve` or `user key` fails."""
+    parent = state.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return box_check("state", False, f"{state} does not exist and this account cannot make it "
+                         f"({parent} is not writable for it)", state_dir_fix(state))
+    return box_check("state", True, f"{state} will be made (mode 700) at the first start")
 
 
 def check_listen(cfg: AgentConfig) -> dict:
@@ -5551,8 +5677,8 @@ def check_listen(cfg: AgentConfig) -> dict:
     return box_check("listen", True, f"{scheme}://{cfg.host}:{cfg.port}")
 
 
-BOX_CHECKS = (check_git, check_rsync, check_rrsync, check_ai, check_sandbox, check_network, check_ai_path, check_limits,
-              check_state, check_listen)
+BOX_CHECKS = (check_git, check_rsync, check_rrsync, check_ai, check_settings, check_sandbox, check_network,
+              check_ai_path, check_limits, check_state, check_listen)
 
 
 def cmd_status(args) -> int:

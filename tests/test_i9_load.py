@@ -115,7 +115,7 @@ def mode(path: Path) -> int:
 
 def test_state_is_private_whatever_the_umask(make_agent, tmp_path):
     box = make_agent(INSTANT_AI, start=False)
-    box.state_dir.mkdir(parents=True)
+    box.state_dir.mkdir(parents=True, exist_ok=True)  # init makes it
     os.chmod(box.state_dir, 0o755)  # an existing, too open state folder is tightened
     old = os.umask(0)  # the agent inherits it
     try:

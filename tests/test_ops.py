@@ -169,6 +169,33 @@ def test_a_second_signal_cancels_at_once(make_agent):
     assert box.json("GET", f"/v1/jobs/{job}")[1]["status"] == "cancelled"
 
 
+def test_ctrl_c_in_a_pipeline_lets_the_running_job_finish(make_agent):
+    """`patchwire-agent serve 2>&1 | tee log`, then Ctrl-C: the terminal sends SIGINT to the
+    whole pipeline, so the reader of the agent's output dies first and every later line the
+    agent writes meets a broken pipe; the agent must still wait for the running job."""
+    box = make_agent(start=False, jobs={"workers": 1}, server={"shutdown_grace_s": 30})
+    command = " ".join(map(shlex.quote, box.program + ["serve", "-c", str(box.config)]))
+    shell = subprocess.Popen(["sh", "-c", f"{command} 2>&1 | cat"], stdout=subprocess.PIPE,
+                             env=box.env, start_new_session=True)
+    try:
+        line = shell.stdout.readline().decode()
+        assert "listening on " in line, line
+        box.url = line.split("listening on ")[1].strip()
+        pid = json.loads((box.state_dir / "agent.json").read_text())["pid"]
+        job = post(box, "alice", script({"sleep": 1.5}, {"write": "r.txt", "text": "r\n"}))
+        wait_job(box, "alice", job, until=("running",))
+        os.killpg(shell.pid, signal.SIGINT)
+        wait_for(lambda: not pid_alive(pid), "the agent to stop")
+    finally:
+        shell.stdout.close()
+        if shell.poll() is None:
+            os.killpg(shell.pid, signal.SIGKILL)
+        shell.wait()
+    box.start()
+    info = box.json("GET", f"/v1/jobs/{job}")[1]
+    assert info["status"] == "done", info
+
+
 # ------------------------------------------------------------------ status and gc
 
 

@@ -237,7 +237,7 @@ def test_an_old_state_db_gains_the_usage_columns(tmp_path):
     config = tmp_path / "agent.toml"
     assert patchwire_agent.main(["init", "-c", str(config), "--token-file", str(tmp_path / "t")]) == 0
     state = Path(tomllib.loads(config.read_text())["server"]["state_dir"])
-    state.mkdir()
+    state.mkdir(exist_ok=True)  # init makes it
     db = sqlite3.connect(str(state / "jobs.sqlite3"))
     db.executescript("""CREATE TABLE jobs (
         id TEXT PRIMARY KEY, user TEXT NOT NULL, project TEXT NOT NULL, prompt TEXT NOT NULL,
