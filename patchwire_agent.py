@@ -5126,16 +5126,47 @@ def edit_config(path: Path, change: Callable[[dict], Any]) -> Any:
     if not path.is_file():
         raise UsageError(f"{path}: no such config file", f"create it with `patchwire-agent init -c {path}`")
     with open(path.parent / f".{path.name}.lock", "a") as lock:
+        give_to_owner(Path(lock.name), path.stat())  # the box account edits after root, too
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = pw.load_toml(path)
         data.setdefault("users", {})
         result = change(data)
         text = CONFIG_HEADER + pw.dump_toml(data)
         AgentConfig(path, pw.parse_toml(text, path))  # what we write must load
-        tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-        write_private(tmp, text)
-        os.replace(str(tmp), str(path))
+        replace_keeping_owner(path, text)
     return result
+
+
+def give_to_owner(path: Path, owner: os.stat_result) -> None:
+    """As root, hand what an admin command made to the account that owns the config or the
+    state folder: the agent runs as that account and must read and write it."""
+    if os.geteuid() == 0:
+        os.chown(path, owner.st_uid, owner.st_gid)
+
+
+def replace_keeping_owner(path: Path, text: str) -> None:
+    """Atomically replace `path` (a temporary file beside it, renamed), with its owner and
+    mode: `user add` run as root must not leave the box account's config root:root 600,
+    which the running agent could no longer read."""
+    old = path.stat()
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        write_private(tmp, text)
+        give_to_owner(tmp, old)
+        os.chmod(tmp, stat.S_IMODE(old.st_mode))
+        os.replace(str(tmp), str(path))
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def make_owned_dirs(folder: Path, cfg: AgentConfig) -> None:
+    """mkdir -p, mode 700; as root, each folder made belongs to the state folder's owner
+    (the config's while there is no state folder yet)."""
+    owner = (cfg.state_dir if cfg.state_dir.exists() else cfg.path).stat()
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    for part in reversed(missing):
+        part.mkdir(mode=0o700, exist_ok=True)
+        give_to_owner(part, owner)
 
 
 def new_token() -> str:
@@ -5172,7 +5203,7 @@ def cmd_user_add(args) -> int:
         data["users"][name] = {"token_sha256": token_digest(token).hex(), **({"admin": True} if args.admin else {})}
     edit_config(path, add)
     cfg = AgentConfig.load(path)
-    mirror_root(cfg.state_dir, name).mkdir(parents=True, exist_ok=True, mode=0o700)  # rrsync's DIR
+    make_owned_dirs(mirror_root(cfg.state_dir, name), cfg)  # rrsync's DIR
     hand_out_token(name, token, args.token_file, f"added user {name}" + (" (admin)" if args.admin else ""))
     if key:
         install_key_line(rrsync_key_line(cfg.state_dir, name, key), args.authorized_keys,
@@ -5193,7 +5224,7 @@ def cmd_user_list(args) -> int:
 def cmd_user_remove(args) -> int:
     path = Path(args.config)
     if args.cancel_jobs:  # first: the server reads it when it sees the config change
-        request_cancel(AgentConfig.load(path).state_dir, args.name)
+        request_cancel(AgentConfig.load(path), args.name)
 
     def remove(data: dict) -> None:
         existing_user(data, args.name, path)
@@ -5212,7 +5243,7 @@ def cmd_user_rotate(args) -> int:
     path = Path(args.config)
     token = new_token()
     if args.cancel_jobs:
-        request_cancel(AgentConfig.load(path).state_dir, args.name)
+        request_cancel(AgentConfig.load(path), args.name)
 
     def rotate(data: dict) -> None:
         existing_user(data, args.name, path)["token_sha256"] = token_digest(token).hex()
@@ -5227,16 +5258,17 @@ def cmd_user_key(args) -> int:
     if args.name not in cfg.users:
         raise UsageError(f"{cfg.path} has no user {args.name!r}", "see them with `patchwire-agent user list`")
     key = read_ssh_key(args.ssh_key)
-    mirror_root(cfg.state_dir, args.name).mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_owned_dirs(mirror_root(cfg.state_dir, args.name), cfg)
     install_key_line(rrsync_key_line(cfg.state_dir, args.name, key), args.authorized_keys,
                      mirror_root(cfg.state_dir, args.name))
     return 0
 
 
-def request_cancel(state_dir: Path, user: str) -> None:
-    folder = cancel_requests_dir(state_dir)
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+def request_cancel(cfg: AgentConfig, user: str) -> None:
+    folder = cancel_requests_dir(cfg.state_dir)
+    make_owned_dirs(folder, cfg)
     (folder / user).write_text("cancel every job of this user\n")
+    give_to_owner(folder / user, folder.stat())  # the agent deletes it once applied
 
 
 USER_COMMANDS = {"add": cmd_user_add, "list": cmd_user_list, "remove": cmd_user_remove, "rotate": cmd_user_rotate,
