@@ -32,8 +32,9 @@ Commands (-c CONFIG defaults to $XDG_CONFIG_HOME/patchwire/agent.toml):
     patchwire-agent user key NAME --ssh-key FILE [--authorized-keys FILE]
         manage users and tokens (only sha256 digests are stored); with --ssh-key, an
         authorized_keys line that may only rsync into the user's own mirror (rrsync)
-    patchwire-agent policy NAME
-        the user's effective policy, and where each value comes from
+    patchwire-agent policy NAME | --default [--set KEY=VALUE ...]
+        the user's effective policy, and where each value comes from; --set writes
+        [users.NAME] (or [policy]) keys, checked as the config is
     patchwire-agent usage -c CONFIG [--user NAME] [--since 7d|DATE] [--until] [--by user|project|day]
         [--csv|--json]      usage summed from the state db (works while the server runs)
     patchwire-agent status -c CONFIG    running and queued jobs by user, uptime, disk per user
@@ -5280,6 +5281,13 @@ def cmd_user(args) -> int:
 
 
 def cmd_policy(args) -> int:
+    if bool(args.name) == args.default:
+        raise UsageError("name one user, or --default for [policy]",
+                         "e.g. `patchwire-agent policy ben --set max_queued=5`")
+    if args.set:
+        set_policy(Path(args.config), args.name, [policy_setting(item) for item in args.set])
+        if args.default:
+            return 0
     cfg = AgentConfig.load(Path(args.config))
     if args.name not in cfg.users:
         raise UsageError(f"{cfg.path} has no user {args.name!r}", "see them with `patchwire-agent user list`")
@@ -5291,6 +5299,30 @@ def cmd_policy(args) -> int:
         print(f"  {key:<17} {shown:<24} from {policy.sources[key]}")
     print(f"  on the box now: {len(user_projects(cfg.state_dir, args.name))} project(s)")
     return 0
+
+
+def policy_setting(item: str) -> Tuple[str, Any]:
+    """KEY=VALUE, VALUE read as TOML (5, true, ["web-*"]) or else as text ("30/hour" needs
+    no quotes in a shell)."""
+    key, eq, text = item.partition("=")
+    if not eq or key.strip() not in POLICY_SCHEMA:
+        raise UsageError(f"--set {item!r}: not KEY=VALUE with a policy key",
+                         "keys: " + ", ".join(POLICY_SCHEMA))
+    try:
+        return key.strip(), pw.parse_toml(f"v = {text}", Path("--set"))["v"]
+    except PatchwireError:
+        return key.strip(), text
+
+
+def set_policy(path: Path, user: Optional[str], settings: List[Tuple[str, Any]]) -> None:
+    """Into [users.NAME] or [policy]; a value the config would refuse changes nothing (the
+    check of edit_config names the key and what it must be)."""
+    def change(data: dict) -> None:
+        table = existing_user(data, user, path) if user else data.setdefault("policy", {})
+        table.update(settings)
+    edit_config(path, change)
+    pw.say(f"set {', '.join(f'{k} = {json.dumps(v)}' for k, v in settings)} in "
+           + (f"[users.{user}]" if user else "[policy]") + "; a running server applies it at once")
 
 
 # --- SSH keys restricted to one user's mirror folder (rrsync)
@@ -5640,7 +5672,7 @@ COMMANDS = {
     "init": (cmd_init, "write a commented starter config with one user and print its token"),
     "serve": (cmd_serve, "run the HTTP server"),
     "user": (cmd_user, "add, list, remove users or rotate a token (a running server picks it up)"),
-    "policy": (cmd_policy, "print a user's effective policy and where each value comes from"),
+    "policy": (cmd_policy, "print a user's effective policy and where each value comes from, or --set it"),
     "usage": (cmd_usage, "asks, AI minutes, tokens and cost per user, project or day (reads the state)"),
     "status": (cmd_status, "running and queued jobs by user, workers, uptime, disk per user"),
     "doctor": (cmd_doctor, "check what this box needs (git, rsync, rrsync, the AI, its sandbox, the state folder)"),
@@ -5666,7 +5698,11 @@ def build_parser() -> argparse.ArgumentParser:
     p["init"].add_argument("--force", action="store_true", help="replace an existing config")
     p["serve"].add_argument("-v", "--verbose", action="store_true", help="log every request")
     add_user_parsers(p["user"])
-    p["policy"].add_argument("name", help="the user's name")
+    p["policy"].add_argument("name", nargs="?", help="the user's name")
+    p["policy"].add_argument("--default", action="store_true", help="the [policy] defaults of every user")
+    p["policy"].add_argument("--set", action="append", metavar="KEY=VALUE",
+                             help="set a policy key (repeatable), checked as the config is: "
+                                  "max_queued=5, rate_limit=30/hour, projects='[\"web-*\"]'")
     add_ops_arguments(p)
     return parser
 

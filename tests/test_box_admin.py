@@ -1,5 +1,6 @@
-"""Admin commands run as root on a box whose config and state folder belong to an ordinary
-account (the account that runs the agent): they must leave both usable by that account."""
+"""Admin commands: run as root on a box whose config and state folder belong to an ordinary
+account (the account that runs the agent), they leave both usable by that account; policy is
+set from the command line, checked as the config is."""
 
 from __future__ import annotations
 
@@ -53,3 +54,20 @@ def test_user_add_as_root_keeps_the_config_and_new_folders_the_box_accounts(box_
         assert owner_and_mode(folder) == (account.pw_uid, account.pw_gid, 0o700), folder
     # the box account can take the edit lock after root (its own `user rotate` later)
     assert owner_and_mode(agent.config.parent / ".agent.toml.lock")[:2] == (account.pw_uid, account.pw_gid)
+
+
+def test_policy_set_writes_checked_values_and_a_bad_one_changes_nothing(tmp_path, capsys):
+    config = tmp_path / "agent.toml"
+    assert pa.main(["init", "-c", str(config), "--user", "ann", "--token-file", str(tmp_path / "t")]) == 0
+    assert pa.main(["policy", "ann", "-c", str(config), "--set", "max_queued=5", "--set", "rate_limit=30/hour"]) == 0
+    out = capsys.readouterr().out
+    assert "max_queued        5" in out and '"30/hour"' in out and "from [users.ann]" in out
+    assert pa.main(["policy", "--default", "-c", str(config), "--set", 'projects=["web-*"]']) == 0
+    assert pa.AgentConfig.load(config).policy("ann").projects == ["web-*"]
+    before = config.read_bytes()
+    assert pa.main(["policy", "ann", "-c", str(config), "--set", "rate_limit=lots"]) == 1
+    assert "users.ann.rate_limit must be COUNT/UNIT" in capsys.readouterr().err
+    assert pa.main(["policy", "ann", "-c", str(config), "--set", "colour=red"]) == 2
+    assert "keys: projects, rate_limit" in capsys.readouterr().err
+    assert pa.main(["policy", "nobody", "-c", str(config), "--set", "max_queued=1"]) == 2
+    assert config.read_bytes() == before
