@@ -28,7 +28,7 @@ Commands (-c CONFIG defaults to $XDG_CONFIG_HOME/patchwire/agent.toml):
         SIGTERM lets running jobs finish for [server] shutdown_grace_s, then cancels them;
         queued jobs stay queued and run after the restart
     patchwire-agent user add NAME [--admin] [--ssh-key FILE [--authorized-keys FILE]]
-    patchwire-agent user list | remove NAME [--cancel-jobs] | rotate NAME [--cancel-jobs]
+    patchwire-agent user list | remove NAME [--cancel-jobs] [--purge [--yes]] | rotate NAME [--cancel-jobs]
     patchwire-agent user key NAME --ssh-key FILE [--authorized-keys FILE]
         manage users and tokens (only sha256 digests are stored); with --ssh-key, an
         authorized_keys line that may only rsync into the user's own mirror (rrsync)
@@ -5224,7 +5224,9 @@ def cmd_user_list(args) -> int:
 
 def cmd_user_remove(args) -> int:
     path = Path(args.config)
-    if args.cancel_jobs:  # first: the server reads it when it sees the config change
+    if args.purge:
+        confirm_purge(AgentConfig.load(path), args.name, args.yes)
+    if args.cancel_jobs or args.purge:  # first: the server reads it when it sees the config change
         request_cancel(AgentConfig.load(path), args.name)
 
     def remove(data: dict) -> None:
@@ -5232,12 +5234,51 @@ def cmd_user_remove(args) -> int:
         del data["users"][args.name]
     edit_config(path, remove)
     pw.say(f"removed user {args.name}: their token is refused from now on; their "
-           + ("jobs are cancelled" if args.cancel_jobs else "queued jobs end, a running one finishes")
-           + "; their files stay in the state folder")
+           + ("jobs are cancelled" if args.cancel_jobs or args.purge else "queued jobs end, a running one finishes")
+           + ("" if args.purge else "; their files stay in the state folder (--purge deletes them)"))
+    if args.purge:
+        purge_user(AgentConfig.load(path), args.name)
     if args.authorized_keys:
         dropped = drop_key_lines(Path(args.authorized_keys), AgentConfig.load(path).state_dir, args.name)
         pw.say(f"removed {dropped} key line(s) of {args.name} from {args.authorized_keys}")
     return 0
+
+
+def confirm_purge(cfg: AgentConfig, user: str, yes: bool) -> None:
+    folder = user_root(cfg.state_dir, user)
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise UsageError(f"--purge deletes {folder} and {user}'s stored patches, and there is no "
+                         "terminal to confirm it on", "add --yes")
+    size = pw.human_bytes(tree_size(folder) if folder.exists() else 0)
+    sys.stderr.write(f"delete {folder} ({size}: mirrors, job folders, AI home) and {user}'s stored patches? [y/N] ")
+    sys.stderr.flush()
+    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+        raise UsageError("nothing removed", "answer y to delete them, or leave out --purge")
+
+
+def purge_user(cfg: AgentConfig, user: str) -> None:
+    """Their folder (mirrors, repositories, job folders, AI home) and their stored patches; the
+    jobs' rows stay, so usage still counts them. Their cancelled run stops within seconds: its
+    job folder is deleted after it, so wait a little for it first."""
+    folder = user_root(cfg.state_dir, user)
+    store = open_store(cfg)
+    try:
+        with store.lock:
+            ids = [row[0] for row in store.db.execute("SELECT id FROM jobs WHERE user = ?", (user,))]
+        deadline = time.monotonic() + KILL_GRACE_S + 5
+        while (any(job["user"] == user for job in store.jobs_with_status("running"))
+               and time.monotonic() < deadline):
+            time.sleep(0.2)
+        patches = [store.patch_path(i) for i in ids if store.patch_path(i).exists()]
+    finally:
+        store.close()
+    for patch in patches:
+        patch.unlink(missing_ok=True)
+    if folder.exists():
+        remove_tree(folder)
+    pw.say(f"deleted {folder} and {len(patches)} stored patch(es) of {user}")
 
 
 def cmd_user_rotate(args) -> int:
@@ -5740,6 +5781,9 @@ def add_user_parsers(parser: argparse.ArgumentParser) -> None:
                                       "rsync into the user's own mirror folder (rrsync)")
         p[name].add_argument("--authorized-keys", metavar="FILE", help="append that line to FILE instead of printing it")
     p["remove"].add_argument("--authorized-keys", metavar="FILE", help="also drop the user's key lines from FILE")
+    p["remove"].add_argument("--purge", action="store_true", help="also delete their mirrors, job folders, AI "
+                             "home and stored patches, after confirming (cancels their jobs)")
+    p["remove"].add_argument("--yes", action="store_true", help="confirm --purge without asking")
     for name in ("remove", "rotate"):
         p[name].add_argument("--cancel-jobs", action="store_true",
                              help="also cancel the user's running job (queued ones end on remove anyway)")

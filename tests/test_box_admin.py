@@ -9,13 +9,14 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 import patchwire_agent as pa
-from conftest import STAND_IN_COMMAND, AgentProcess
-from test_box_walls import ACCOUNT, account_or_skip, readable_copy
+from conftest import STAND_IN_COMMAND, AgentProcess, script
+from test_box_walls import ACCOUNT, EMPTY_TREE, account_or_skip, readable_copy
 
 
 @pytest.fixture
@@ -71,3 +72,30 @@ def test_policy_set_writes_checked_values_and_a_bad_one_changes_nothing(tmp_path
     assert "keys: projects, rate_limit" in capsys.readouterr().err
     assert pa.main(["policy", "nobody", "-c", str(config), "--set", "max_queued=1"]) == 2
     assert config.read_bytes() == before
+
+
+def test_user_remove_purge_confirms_then_deletes_their_files_and_key(make_agent, tmp_path):
+    agent = make_agent(users=("alice", "bob"))
+    body = {"project": "p", "tree": EMPTY_TREE, "files": [], "prompt": script({"write": "a.txt", "text": "hi\n"})}
+    status, job = agent.json("POST", "/v1/ask", body, token=agent.tokens["bob"])
+    assert status == 202, job
+    deadline = time.monotonic() + 60
+    while agent.json("GET", f"/v1/jobs/{job['id']}", token=agent.tokens["bob"])[1]["status"] != "done":
+        assert time.monotonic() < deadline, "bob's job did not finish"
+        time.sleep(0.05)
+    folder, patch = agent.state_dir / "users/bob", agent.state_dir / f"patches/{job['id']}.patch"
+    assert (folder / "home").is_dir() and (folder / "projects/p").is_dir() and patch.exists()
+    keys = tmp_path / "authorized_keys"
+    keys.write_text(pa.rrsync_key_line(agent.state_dir, "alice", "ssh-ed25519 AAAA") + "\n"
+                    + pa.rrsync_key_line(agent.state_dir, "bob", "ssh-ed25519 BBBB") + "\n")
+    remove = agent.program + ["user", "remove", "bob", "-c", str(agent.config), "--purge",
+                              "--authorized-keys", str(keys)]
+    refused = subprocess.run(remove, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "add --yes" in refused.stderr and "Traceback" not in refused.stderr
+    assert folder.exists() and agent.json("GET", "/v1/me", token=agent.tokens["bob"])[0] == 200
+    done = subprocess.run(remove + ["--yes"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert agent.request("GET", "/v1/me", token=agent.tokens["bob"])[0] == 401
+    assert not folder.exists() and not patch.exists()
+    assert "BBBB" not in keys.read_text() and "AAAA" in keys.read_text()
+    assert agent.json("GET", "/v1/me", token=agent.tokens["alice"])[0] == 200
