@@ -35,6 +35,8 @@ Commands (-c CONFIG defaults to $XDG_CONFIG_HOME/patchwire/agent.toml):
     patchwire-agent policy NAME | --default [--set KEY=VALUE ...]
         the user's effective policy, and where each value comes from; --set writes
         [users.NAME] (or [policy]) keys, checked as the config is
+    patchwire-agent project remove USER PROJECT [--yes]
+        delete one project's mirror, repository, job folders and stored patches
     patchwire-agent usage -c CONFIG [--user NAME] [--since 7d|DATE] [--until] [--by user|project|day]
         [--csv|--json]      usage summed from the state db (works while the server runs)
     patchwire-agent status -c CONFIG    running and queued jobs by user, uptime, disk per user
@@ -5246,15 +5248,9 @@ def cmd_user_remove(args) -> int:
 
 def confirm_purge(cfg: AgentConfig, user: str, yes: bool) -> None:
     folder = user_root(cfg.state_dir, user)
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        raise UsageError(f"--purge deletes {folder} and {user}'s stored patches, and there is no "
-                         "terminal to confirm it on", "add --yes")
     size = pw.human_bytes(tree_size(folder) if folder.exists() else 0)
-    sys.stderr.write(f"delete {folder} ({size}: mirrors, job folders, AI home) and {user}'s stored patches? [y/N] ")
-    sys.stderr.flush()
-    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+    if not yes and not confirm_on_terminal(f"delete {folder} ({size}: mirrors, job folders, AI home) "
+                                           f"and {user}'s stored patches?"):
         raise UsageError("nothing removed", "answer y to delete them, or leave out --purge")
 
 
@@ -5279,6 +5275,50 @@ def purge_user(cfg: AgentConfig, user: str) -> None:
     if folder.exists():
         remove_tree(folder)
     pw.say(f"deleted {folder} and {len(patches)} stored patch(es) of {user}")
+
+
+def cmd_project(args) -> int:
+    """`project remove USER PROJECT`: the mirror, repository, job folders and stored patches of
+    one project. Refused while a job of it is queued or running: its folders are in use."""
+    cfg = AgentConfig.load(Path(args.config))
+    user, project = args.user, args.project
+    if not (pw.NAME_RE.fullmatch(user) and pw.NAME_RE.fullmatch(project)):
+        raise UsageError(f"{user}/{project} is not a user and project name", "use letters, digits, '.', '_' and '-'")
+    repo = ProjectRepo(cfg.state_dir, user, project)
+    store = open_store(cfg)
+    try:
+        with store.lock:
+            rows = store.db.execute("SELECT id, status FROM jobs WHERE user = ? AND project = ?",
+                                    (user, project)).fetchall()
+        busy = [job for job, status in rows if status in ("queued", "running")]
+        if busy:
+            raise UsageError(f"{user}/{project} has a job queued or running ({busy[0]})",
+                             f"wait for it, or cancel it (`patchwire-agent user remove {user} --cancel-jobs` "
+                             "cancels all of theirs; the user can run `patchwire cancel`)")
+        patches = [store.patch_path(job) for job, _ in rows if store.patch_path(job).exists()]
+    finally:
+        store.close()
+    if not (repo.mirror.exists() or repo.home.exists() or patches):
+        raise UsageError(f"user {user} has no project {project!r} on this box",
+                         f"see theirs with `patchwire-agent user list` and `ls {mirror_root(cfg.state_dir, user)}`")
+    if not args.yes and not confirm_on_terminal(f"delete {repo.mirror}, {repo.home} and {len(patches)} "
+                                                "stored patch(es)?"):
+        raise UsageError("nothing removed", "answer y to delete them (or pass --yes)")
+    for patch in patches:
+        patch.unlink(missing_ok=True)
+    for folder in (repo.mirror, repo.home):
+        if folder.exists():
+            remove_tree(folder)
+    pw.say(f"removed project {project} of {user}: its next sync and ask start afresh")
+    return 0
+
+
+def confirm_on_terminal(question: str) -> bool:
+    if not sys.stdin.isatty():
+        raise UsageError("deleting needs a confirmation and there is no terminal to ask on", "add --yes")
+    sys.stderr.write(question + " [y/N] ")
+    sys.stderr.flush()
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
 def cmd_user_rotate(args) -> int:
@@ -5714,6 +5754,7 @@ COMMANDS = {
     "serve": (cmd_serve, "run the HTTP server"),
     "user": (cmd_user, "add, list, remove users or rotate a token (a running server picks it up)"),
     "policy": (cmd_policy, "print a user's effective policy and where each value comes from, or --set it"),
+    "project": (cmd_project, "remove one project of a user: its mirror, repository, job folders, patches"),
     "usage": (cmd_usage, "asks, AI minutes, tokens and cost per user, project or day (reads the state)"),
     "status": (cmd_status, "running and queued jobs by user, workers, uptime, disk per user"),
     "doctor": (cmd_doctor, "check what this box needs (git, rsync, rrsync, the AI, its sandbox, the state folder)"),
@@ -5740,6 +5781,10 @@ def build_parser() -> argparse.ArgumentParser:
     p["serve"].add_argument("-v", "--verbose", action="store_true", help="log every request")
     add_user_parsers(p["user"])
     p["policy"].add_argument("name", nargs="?", help="the user's name")
+    p["project"].add_argument("action", choices=["remove"])
+    p["project"].add_argument("user", help="the user's name")
+    p["project"].add_argument("project", help="the project's name")
+    p["project"].add_argument("--yes", action="store_true", help="delete without asking")
     p["policy"].add_argument("--default", action="store_true", help="the [policy] defaults of every user")
     p["policy"].add_argument("--set", action="append", metavar="KEY=VALUE",
                              help="set a policy key (repeatable), checked as the config is: "

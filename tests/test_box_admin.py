@@ -99,3 +99,25 @@ def test_user_remove_purge_confirms_then_deletes_their_files_and_key(make_agent,
     assert not folder.exists() and not patch.exists()
     assert "BBBB" not in keys.read_text() and "AAAA" in keys.read_text()
     assert agent.json("GET", "/v1/me", token=agent.tokens["alice"])[0] == 200
+
+
+def test_project_remove_deletes_one_project_and_the_next_ask_starts_afresh(make_agent):
+    agent = make_agent()
+    ask = {"project": "p", "tree": EMPTY_TREE, "files": [], "prompt": script({"write": "a.txt", "text": "hi\n"})}
+    job = agent.json("POST", "/v1/ask", ask)[1]
+    assert agent.wait_job(job["id"])["status"] == "done"
+    mirror, home = agent.state_dir / "users/alice/mirror/p", agent.state_dir / "users/alice/projects/p"
+    assert mirror.is_dir() and home.is_dir()
+    remove = agent.program + ["project", "remove", "alice", "p", "-c", str(agent.config)]
+    refused = subprocess.run(remove, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "add --yes" in refused.stderr and mirror.is_dir()
+    done = subprocess.run(remove + ["--yes"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert not mirror.exists() and not home.exists()
+    assert not (agent.state_dir / f"patches/{job['id']}.patch").exists()
+    again = agent.json("POST", "/v1/ask", ask)[1]
+    assert agent.wait_job(again["id"])["status"] == "done", agent.events(again["id"])[-1]
+    gone = subprocess.run(remove + ["--yes"], capture_output=True, text=True, timeout=60)
+    assert gone.returncode == 0
+    nothing = subprocess.run(remove + ["--yes"], capture_output=True, text=True, timeout=60)
+    assert nothing.returncode == 2 and "has no project" in nothing.stderr
