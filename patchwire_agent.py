@@ -28,12 +28,15 @@ Commands (-c CONFIG defaults to $XDG_CONFIG_HOME/patchwire/agent.toml):
         SIGTERM lets running jobs finish for [server] shutdown_grace_s, then cancels them;
         queued jobs stay queued and run after the restart
     patchwire-agent user add NAME [--admin] [--ssh-key FILE [--authorized-keys FILE]]
-    patchwire-agent user list | remove NAME [--cancel-jobs] | rotate NAME [--cancel-jobs]
+    patchwire-agent user list | remove NAME [--cancel-jobs] [--purge [--yes]] | rotate NAME [--cancel-jobs]
     patchwire-agent user key NAME --ssh-key FILE [--authorized-keys FILE]
         manage users and tokens (only sha256 digests are stored); with --ssh-key, an
         authorized_keys line that may only rsync into the user's own mirror (rrsync)
-    patchwire-agent policy NAME
-        the user's effective policy, and where each value comes from
+    patchwire-agent policy NAME | --default [--set KEY=VALUE ...]
+        the user's effective policy, and where each value comes from; --set writes
+        [users.NAME] (or [policy]) keys, checked as the config is
+    patchwire-agent project remove USER PROJECT [--yes]
+        delete one project's mirror, repository, job folders and stored patches
     patchwire-agent usage -c CONFIG [--user NAME] [--since 7d|DATE] [--until] [--by user|project|day]
         [--csv|--json]      usage summed from the state db (works while the server runs)
     patchwire-agent status -c CONFIG    running and queued jobs by user, uptime, disk per user
@@ -5209,16 +5212,47 @@ def edit_config(path: Path, change: Callable[[dict], Any]) -> Any:
     if not path.is_file():
         raise UsageError(f"{path}: no such config file", f"create it with `patchwire-agent init -c {path}`")
     with open(path.parent / f".{path.name}.lock", "a") as lock:
+        give_to_owner(Path(lock.name), path.stat())  # the box account edits after root, too
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = pw.load_toml(path)
         data.setdefault("users", {})
         result = change(data)
         text = CONFIG_HEADER + pw.dump_toml(data)
         AgentConfig(path, pw.parse_toml(text, path))  # what we write must load
-        tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-        write_private(tmp, text)
-        os.replace(str(tmp), str(path))
+        replace_keeping_owner(path, text)
     return result
+
+
+def give_to_owner(path: Path, owner: os.stat_result) -> None:
+    """As root, hand what an admin command made to the account that owns the config or the
+    state folder: the agent runs as that account and must read and write it."""
+    if os.geteuid() == 0:
+        os.chown(path, owner.st_uid, owner.st_gid)
+
+
+def replace_keeping_owner(path: Path, text: str) -> None:
+    """Atomically replace `path` (a temporary file beside it, renamed), with its owner and
+    mode: `user add` run as root must not leave the box account's config root:root 600,
+    which the running agent could no longer read."""
+    old = path.stat()
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        write_private(tmp, text)
+        give_to_owner(tmp, old)
+        os.chmod(tmp, stat.S_IMODE(old.st_mode))
+        os.replace(str(tmp), str(path))
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def make_owned_dirs(folder: Path, cfg: AgentConfig) -> None:
+    """mkdir -p, mode 700; as root, each folder made belongs to the state folder's owner
+    (the config's while there is no state folder yet)."""
+    owner = (cfg.state_dir if cfg.state_dir.exists() else cfg.path).stat()
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    for part in reversed(missing):
+        part.mkdir(mode=0o700, exist_ok=True)
+        give_to_owner(part, owner)
 
 
 def new_token() -> str:
@@ -5255,7 +5289,7 @@ def cmd_user_add(args) -> int:
         data["users"][name] = {"token_sha256": token_digest(token).hex(), **({"admin": True} if args.admin else {})}
     edit_config(path, add)
     cfg = AgentConfig.load(path)
-    make_mirror_root(cfg.state_dir, name)  # rrsync's DIR
+    make_mirror_root(cfg, name)  # rrsync's DIR
     hand_out_token(name, token, args.token_file, f"added user {name}" + (" (admin)" if args.admin else ""))
     if key:
         install_key_line(rrsync_key_line(cfg.state_dir, name, key), args.authorized_keys,
@@ -5275,27 +5309,106 @@ def cmd_user_list(args) -> int:
 
 def cmd_user_remove(args) -> int:
     path = Path(args.config)
-    if args.cancel_jobs:  # first: the server reads it when it sees the config change
-        request_cancel(AgentConfig.load(path).state_dir, args.name)
+    if args.purge:
+        confirm_purge(AgentConfig.load(path), args.name, args.yes)
+    if args.cancel_jobs or args.purge:  # first: the server reads it when it sees the config change
+        request_cancel(AgentConfig.load(path), args.name)
 
     def remove(data: dict) -> None:
         existing_user(data, args.name, path)
         del data["users"][args.name]
     edit_config(path, remove)
     pw.say(f"removed user {args.name}: their token is refused from now on; their "
-           + ("jobs are cancelled" if args.cancel_jobs else "queued jobs end, a running one finishes")
-           + "; their files stay in the state folder")
+           + ("jobs are cancelled" if args.cancel_jobs or args.purge else "queued jobs end, a running one finishes")
+           + ("" if args.purge else "; their files stay in the state folder (--purge deletes them)"))
+    if args.purge:
+        purge_user(AgentConfig.load(path), args.name)
     if args.authorized_keys:
         dropped = drop_key_lines(Path(args.authorized_keys), AgentConfig.load(path).state_dir, args.name)
         pw.say(f"removed {dropped} key line(s) of {args.name} from {args.authorized_keys}")
     return 0
 
 
+def confirm_purge(cfg: AgentConfig, user: str, yes: bool) -> None:
+    folder = user_root(cfg.state_dir, user)
+    size = pw.human_bytes(tree_size(folder) if folder.exists() else 0)
+    if not yes and not confirm_on_terminal(f"delete {folder} ({size}: mirrors, job folders, AI home) "
+                                           f"and {user}'s stored patches?"):
+        raise UsageError("nothing removed", "answer y to delete them, or leave out --purge")
+
+
+def purge_user(cfg: AgentConfig, user: str) -> None:
+    """Their folder (mirrors, repositories, job folders, AI home) and their stored patches; the
+    jobs' rows stay, so usage still counts them. Their cancelled run stops within seconds: its
+    job folder is deleted after it, so wait a little for it first."""
+    folder = user_root(cfg.state_dir, user)
+    store = open_store(cfg)
+    try:
+        with store.lock:
+            ids = [row[0] for row in store.db.execute("SELECT id FROM jobs WHERE user = ?", (user,))]
+        deadline = time.monotonic() + KILL_GRACE_S + 5
+        while (any(job["user"] == user for job in store.jobs_with_status("running"))
+               and time.monotonic() < deadline):
+            time.sleep(0.2)
+        patches = [store.patch_path(i) for i in ids if store.patch_path(i).exists()]
+    finally:
+        store.close()
+    for patch in patches:
+        patch.unlink(missing_ok=True)
+    if folder.exists():
+        remove_tree(folder)
+    pw.say(f"deleted {folder} and {len(patches)} stored patch(es) of {user}")
+
+
+def cmd_project(args) -> int:
+    """`project remove USER PROJECT`: the mirror, repository, job folders and stored patches of
+    one project. Refused while a job of it is queued or running: its folders are in use."""
+    cfg = AgentConfig.load(Path(args.config))
+    user, project = args.user, args.project
+    if not (pw.NAME_RE.fullmatch(user) and pw.NAME_RE.fullmatch(project)):
+        raise UsageError(f"{user}/{project} is not a user and project name", "use letters, digits, '.', '_' and '-'")
+    repo = ProjectRepo(cfg.state_dir, user, project)
+    store = open_store(cfg)
+    try:
+        with store.lock:
+            rows = store.db.execute("SELECT id, status FROM jobs WHERE user = ? AND project = ?",
+                                    (user, project)).fetchall()
+        busy = [job for job, status in rows if status in ("queued", "running")]
+        if busy:
+            raise UsageError(f"{user}/{project} has a job queued or running ({busy[0]})",
+                             f"wait for it, or cancel it (`patchwire-agent user remove {user} --cancel-jobs` "
+                             "cancels all of theirs; the user can run `patchwire cancel`)")
+        patches = [store.patch_path(job) for job, _ in rows if store.patch_path(job).exists()]
+    finally:
+        store.close()
+    if not (repo.mirror.exists() or repo.home.exists() or patches):
+        raise UsageError(f"user {user} has no project {project!r} on this box",
+                         f"see theirs with `patchwire-agent user list` and `ls {mirror_root(cfg.state_dir, user)}`")
+    if not args.yes and not confirm_on_terminal(f"delete {repo.mirror}, {repo.home} and {len(patches)} "
+                                                "stored patch(es)?"):
+        raise UsageError("nothing removed", "answer y to delete them (or pass --yes)")
+    for patch in patches:
+        patch.unlink(missing_ok=True)
+    for folder in (repo.mirror, repo.home):
+        if folder.exists():
+            remove_tree(folder)
+    pw.say(f"removed project {project} of {user}: its next sync and ask start afresh")
+    return 0
+
+
+def confirm_on_terminal(question: str) -> bool:
+    if not sys.stdin.isatty():
+        raise UsageError("deleting needs a confirmation and there is no terminal to ask on", "add --yes")
+    sys.stderr.write(question + " [y/N] ")
+    sys.stderr.flush()
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
 def cmd_user_rotate(args) -> int:
     path = Path(args.config)
     token = new_token()
     if args.cancel_jobs:
-        request_cancel(AgentConfig.load(path).state_dir, args.name)
+        request_cancel(AgentConfig.load(path), args.name)
 
     def rotate(data: dict) -> None:
         existing_user(data, args.name, path)["token_sha256"] = token_digest(token).hex()
@@ -5310,22 +5423,28 @@ def cmd_user_key(args) -> int:
     if args.name not in cfg.users:
         raise UsageError(f"{cfg.path} has no user {args.name!r}", "see them with `patchwire-agent user list`")
     key = read_ssh_key(args.ssh_key)
-    make_mirror_root(cfg.state_dir, args.name)
+    make_mirror_root(cfg, args.name)
     install_key_line(rrsync_key_line(cfg.state_dir, args.name, key), args.authorized_keys,
                      mirror_root(cfg.state_dir, args.name))
     return 0
 
 
-def make_mirror_root(state_dir: Path, user: str) -> None:
-    """The user's mirror folder (rrsync's DIR); the state folder above it private (700)."""
-    make_state_dir(state_dir)
-    mirror_root(state_dir, user).mkdir(parents=True, exist_ok=True, mode=0o700)
+def make_mirror_root(cfg: AgentConfig, user: str) -> None:
+    """The user's mirror folder (rrsync's DIR), owned as make_owned_dirs says; the state
+    folder above it private (700)."""
+    try:
+        make_owned_dirs(mirror_root(cfg.state_dir, user), cfg)
+    except OSError as e:
+        raise PatchwireError(f"cannot make the state folder {cfg.state_dir}: {e.strerror or e}",
+                             state_dir_fix(cfg.state_dir)) from None
+    make_state_dir(cfg.state_dir)  # tightened to 700 when it was there already
 
 
-def request_cancel(state_dir: Path, user: str) -> None:
-    folder = cancel_requests_dir(state_dir)
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+def request_cancel(cfg: AgentConfig, user: str) -> None:
+    folder = cancel_requests_dir(cfg.state_dir)
+    make_owned_dirs(folder, cfg)
     (folder / user).write_text("cancel every job of this user\n")
+    give_to_owner(folder / user, folder.stat())  # the agent deletes it once applied
 
 
 USER_COMMANDS = {"add": cmd_user_add, "list": cmd_user_list, "remove": cmd_user_remove, "rotate": cmd_user_rotate,
@@ -5337,6 +5456,13 @@ def cmd_user(args) -> int:
 
 
 def cmd_policy(args) -> int:
+    if bool(args.name) == args.default:
+        raise UsageError("name one user, or --default for [policy]",
+                         "e.g. `patchwire-agent policy ben --set max_queued=5`")
+    if args.set:
+        set_policy(Path(args.config), args.name, [policy_setting(item) for item in args.set])
+        if args.default:
+            return 0
     cfg = AgentConfig.load(Path(args.config))
     if args.name not in cfg.users:
         raise UsageError(f"{cfg.path} has no user {args.name!r}", "see them with `patchwire-agent user list`")
@@ -5348,6 +5474,30 @@ def cmd_policy(args) -> int:
         print(f"  {key:<17} {shown:<24} from {policy.sources[key]}")
     print(f"  on the box now: {len(user_projects(cfg.state_dir, args.name))} project(s)")
     return 0
+
+
+def policy_setting(item: str) -> Tuple[str, Any]:
+    """KEY=VALUE, VALUE read as TOML (5, true, ["web-*"]) or else as text ("30/hour" needs
+    no quotes in a shell)."""
+    key, eq, text = item.partition("=")
+    if not eq or key.strip() not in POLICY_SCHEMA:
+        raise UsageError(f"--set {item!r}: not KEY=VALUE with a policy key",
+                         "keys: " + ", ".join(POLICY_SCHEMA))
+    try:
+        return key.strip(), pw.parse_toml(f"v = {text}", Path("--set"))["v"]
+    except PatchwireError:
+        return key.strip(), text
+
+
+def set_policy(path: Path, user: Optional[str], settings: List[Tuple[str, Any]]) -> None:
+    """Into [users.NAME] or [policy]; a value the config would refuse changes nothing (the
+    check of edit_config names the key and what it must be)."""
+    def change(data: dict) -> None:
+        table = existing_user(data, user, path) if user else data.setdefault("policy", {})
+        table.update(settings)
+    edit_config(path, change)
+    pw.say(f"set {', '.join(f'{k} = {json.dumps(v)}' for k, v in settings)} in "
+           + (f"[users.{user}]" if user else "[policy]") + "; a running server applies it at once")
 
 
 # --- SSH keys restricted to one user's mirror folder (rrsync)
@@ -5744,7 +5894,8 @@ COMMANDS = {
     "init": (cmd_init, "write a commented starter config with one user and print its token"),
     "serve": (cmd_serve, "run the HTTP server"),
     "user": (cmd_user, "add, list, remove users or rotate a token (a running server picks it up)"),
-    "policy": (cmd_policy, "print a user's effective policy and where each value comes from"),
+    "policy": (cmd_policy, "print a user's effective policy and where each value comes from, or --set it"),
+    "project": (cmd_project, "remove one project of a user: its mirror, repository, job folders, patches"),
     "usage": (cmd_usage, "asks, AI minutes, tokens and cost per user, project or day (reads the state)"),
     "status": (cmd_status, "running and queued jobs by user, workers, uptime, disk per user"),
     "doctor": (cmd_doctor, "check what this box needs (git, rsync, rrsync, the AI, its sandbox, the state folder)"),
@@ -5770,7 +5921,15 @@ def build_parser() -> argparse.ArgumentParser:
     p["init"].add_argument("--force", action="store_true", help="replace an existing config")
     p["serve"].add_argument("-v", "--verbose", action="store_true", help="log every request")
     add_user_parsers(p["user"])
-    p["policy"].add_argument("name", help="the user's name")
+    p["policy"].add_argument("name", nargs="?", help="the user's name")
+    p["project"].add_argument("action", choices=["remove"])
+    p["project"].add_argument("user", help="the user's name")
+    p["project"].add_argument("project", help="the project's name")
+    p["project"].add_argument("--yes", action="store_true", help="delete without asking")
+    p["policy"].add_argument("--default", action="store_true", help="the [policy] defaults of every user")
+    p["policy"].add_argument("--set", action="append", metavar="KEY=VALUE",
+                             help="set a policy key (repeatable), checked as the config is: "
+                                  "max_queued=5, rate_limit=30/hour, projects='[\"web-*\"]'")
     add_ops_arguments(p)
     return parser
 
@@ -5808,6 +5967,9 @@ def add_user_parsers(parser: argparse.ArgumentParser) -> None:
                                       "rsync into the user's own mirror folder (rrsync)")
         p[name].add_argument("--authorized-keys", metavar="FILE", help="append that line to FILE instead of printing it")
     p["remove"].add_argument("--authorized-keys", metavar="FILE", help="also drop the user's key lines from FILE")
+    p["remove"].add_argument("--purge", action="store_true", help="also delete their mirrors, job folders, AI "
+                             "home and stored patches, after confirming (cancels their jobs)")
+    p["remove"].add_argument("--yes", action="store_true", help="confirm --purge without asking")
     for name in ("remove", "rotate"):
         p[name].add_argument("--cancel-jobs", action="store_true",
                              help="also cancel the user's running job (queued ones end on remove anyway)")

@@ -1,0 +1,123 @@
+"""Admin commands: run as root on a box whose config and state folder belong to an ordinary
+account (the account that runs the agent), they leave both usable by that account; policy is
+set from the command line, checked as the config is."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+import patchwire_agent as pa
+from conftest import STAND_IN_COMMAND, AgentProcess, script
+from test_box_walls import ACCOUNT, EMPTY_TREE, account_or_skip, readable_copy
+
+
+@pytest.fixture
+def box_account_agent():
+    """An agent run as the test account, its config and state folder owned by that account."""
+    account = account_or_skip()
+    place = Path(tempfile.mkdtemp(prefix="pw-admin-", dir="/srv" if os.access("/srv", os.W_OK) else None))
+    os.chmod(place, 0o755)
+    code = readable_copy(place / "code")
+    program = ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--init-groups",
+               "/usr/bin/python3", str(code / "patchwire_agent.py")]
+    agent = AgentProcess(place / "box", STAND_IN_COMMAND, program=program,
+                         env={"HOME": str(place), "PATH": "/usr/local/bin:/usr/bin:/bin"})
+    subprocess.run(["chown", "-R", f"{ACCOUNT}:", str(place / "box")], check=True)
+    os.chmod(agent.config, 0o640)  # not the mode the command would pick itself
+    agent.start()
+    yield agent, account
+    agent.stop()
+    shutil.rmtree(place, ignore_errors=True)
+
+
+def owner_and_mode(path: Path):
+    st = path.stat()
+    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+
+
+def test_user_add_as_root_keeps_the_config_and_new_folders_the_box_accounts(box_account_agent):
+    agent, account = box_account_agent
+    before = owner_and_mode(agent.config)
+    token_file = agent.workdir / "bob.token"
+    assert pa.main(["user", "add", "bob", "-c", str(agent.config), "--token-file", str(token_file)]) == 0
+    assert owner_and_mode(agent.config) == before
+    status, me = agent.json("GET", "/v1/me", token=token_file.read_text().strip())
+    assert status == 200 and me["user"] == "bob", me
+    for folder in (agent.state_dir / "users/bob", agent.state_dir / "users/bob/mirror"):
+        assert owner_and_mode(folder) == (account.pw_uid, account.pw_gid, 0o700), folder
+    # the box account can take the edit lock after root (its own `user rotate` later)
+    assert owner_and_mode(agent.config.parent / ".agent.toml.lock")[:2] == (account.pw_uid, account.pw_gid)
+
+
+def test_policy_set_writes_checked_values_and_a_bad_one_changes_nothing(tmp_path, capsys):
+    config = tmp_path / "agent.toml"
+    assert pa.main(["init", "-c", str(config), "--user", "ann", "--token-file", str(tmp_path / "t")]) == 0
+    assert pa.main(["policy", "ann", "-c", str(config), "--set", "max_queued=5", "--set", "rate_limit=30/hour"]) == 0
+    out = capsys.readouterr().out
+    assert "max_queued        5" in out and '"30/hour"' in out and "from [users.ann]" in out
+    assert pa.main(["policy", "--default", "-c", str(config), "--set", 'projects=["web-*"]']) == 0
+    assert pa.AgentConfig.load(config).policy("ann").projects == ["web-*"]
+    before = config.read_bytes()
+    assert pa.main(["policy", "ann", "-c", str(config), "--set", "rate_limit=lots"]) == 1
+    assert "users.ann.rate_limit must be COUNT/UNIT" in capsys.readouterr().err
+    assert pa.main(["policy", "ann", "-c", str(config), "--set", "colour=red"]) == 2
+    assert "keys: projects, rate_limit" in capsys.readouterr().err
+    assert pa.main(["policy", "nobody", "-c", str(config), "--set", "max_queued=1"]) == 2
+    assert config.read_bytes() == before
+
+
+def test_user_remove_purge_confirms_then_deletes_their_files_and_key(make_agent, tmp_path):
+    agent = make_agent(users=("alice", "bob"))
+    body = {"project": "p", "tree": EMPTY_TREE, "files": [], "prompt": script({"write": "a.txt", "text": "hi\n"})}
+    status, job = agent.json("POST", "/v1/ask", body, token=agent.tokens["bob"])
+    assert status == 202, job
+    deadline = time.monotonic() + 60
+    while agent.json("GET", f"/v1/jobs/{job['id']}", token=agent.tokens["bob"])[1]["status"] != "done":
+        assert time.monotonic() < deadline, "bob's job did not finish"
+        time.sleep(0.05)
+    folder, patch = agent.state_dir / "users/bob", agent.state_dir / f"patches/{job['id']}.patch"
+    assert (folder / "home").is_dir() and (folder / "projects/p").is_dir() and patch.exists()
+    keys = tmp_path / "authorized_keys"
+    keys.write_text(pa.rrsync_key_line(agent.state_dir, "alice", "ssh-ed25519 AAAA") + "\n"
+                    + pa.rrsync_key_line(agent.state_dir, "bob", "ssh-ed25519 BBBB") + "\n")
+    remove = agent.program + ["user", "remove", "bob", "-c", str(agent.config), "--purge",
+                              "--authorized-keys", str(keys)]
+    refused = subprocess.run(remove, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "add --yes" in refused.stderr and "Traceback" not in refused.stderr
+    assert folder.exists() and agent.json("GET", "/v1/me", token=agent.tokens["bob"])[0] == 200
+    done = subprocess.run(remove + ["--yes"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert agent.request("GET", "/v1/me", token=agent.tokens["bob"])[0] == 401
+    assert not folder.exists() and not patch.exists()
+    assert "BBBB" not in keys.read_text() and "AAAA" in keys.read_text()
+    assert agent.json("GET", "/v1/me", token=agent.tokens["alice"])[0] == 200
+
+
+def test_project_remove_deletes_one_project_and_the_next_ask_starts_afresh(make_agent):
+    agent = make_agent()
+    ask = {"project": "p", "tree": EMPTY_TREE, "files": [], "prompt": script({"write": "a.txt", "text": "hi\n"})}
+    job = agent.json("POST", "/v1/ask", ask)[1]
+    assert agent.wait_job(job["id"])["status"] == "done"
+    mirror, home = agent.state_dir / "users/alice/mirror/p", agent.state_dir / "users/alice/projects/p"
+    assert mirror.is_dir() and home.is_dir()
+    remove = agent.program + ["project", "remove", "alice", "p", "-c", str(agent.config)]
+    refused = subprocess.run(remove, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "add --yes" in refused.stderr and mirror.is_dir()
+    done = subprocess.run(remove + ["--yes"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert not mirror.exists() and not home.exists()
+    assert not (agent.state_dir / f"patches/{job['id']}.patch").exists()
+    again = agent.json("POST", "/v1/ask", ask)[1]
+    assert agent.wait_job(again["id"])["status"] == "done", agent.events(again["id"])[-1]
+    gone = subprocess.run(remove + ["--yes"], capture_output=True, text=True, timeout=60)
+    assert gone.returncode == 0
+    nothing = subprocess.run(remove + ["--yes"], capture_output=True, text=True, timeout=60)
+    assert nothing.returncode == 2 and "has no project" in nothing.stderr
