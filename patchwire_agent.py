@@ -106,6 +106,7 @@ files private, whatever the umask.
 from __future__ import annotations
 
 import argparse
+import base64
 import bisect
 import contextlib
 import datetime as dt
@@ -1443,12 +1444,14 @@ def remove_tree(path: Path) -> None:
 #     there), and the admin's Claude login read-only inside it. /tmp and /dev/shm are the
 #     AI's own, sized tmpfs. A user namespace with every capability dropped (even when the
 #     agent runs as root, the AI holds none: no remount, no mount over its walls), its own
-#     session (no TIOCSTI into a terminal) and PID namespace, killed with the agent. The
-#     network and abstract Unix sockets are still the box's (issue 20): the AI needs its API.
+#     session (no TIOCSTI into a terminal) and PID namespace, killed with the agent. With
+#     [network], its own network namespace too: the gateway's socket the one way out.
 #   sandbox-exec (macOS): a generated profile with the same boundary for writes: only in the
 #     job folder, a private TMPDIR and the user's AI home; the state folder unreadable except
 #     the job folder, the snapshot store and that home. It does not hide the account's home
-#     (the AI's programs live there on a Mac). Only the profile text is tested (no macOS in CI).
+#     (the AI's programs live there on a Mac). With [network], outbound connections only to
+#     the job's keyed gateway port (section "the gateway"). Only the profile text is tested
+#     (no macOS in CI).
 #
 # Per-user AI state: Claude Code keeps settings, hooks, CLAUDE.md, sessions and transcripts in
 # ~/.claude and ~/.claude.json; shared between users, one user's AI reads another's transcripts
@@ -1474,6 +1477,10 @@ SANDBOX_PROFILE = """\
     (subpath (param "TMP"))
     (subpath (param "HOME"))
     (subpath (param "GIT_DIR")))
+"""
+SANDBOX_NETWORK = """\
+(deny network-outbound)
+(allow network-outbound (remote ip "localhost:{port}"))
 """
 # Where the box account keeps what is its own: secrets (~/.ssh, ~/.aws, ~/.netrc, ~/.claude),
 # session and agent sockets (/run/user/UID/bus, gpg, ssh-agent), other programs' scratch.
@@ -1536,7 +1543,7 @@ class Sandbox:
         scratch.mkdir(parents=True, exist_ok=True)
         params = {"JOB": walls.job, "TMP": scratch, "STATE": walls.state, "GIT_DIR": walls.git_dir,
                   "HOME": walls.home}
-        return (sandbox_exec_argv(self.program, argv, params), {**env, "TMPDIR": real(scratch)})
+        return (sandbox_exec_argv(self.program, argv, params, walls.gateway_port), {**env, "TMPDIR": real(scratch)})
 
 
 class AILimits:
@@ -1585,10 +1592,11 @@ class JobWalls:
 
     def __init__(self, job: Path, state: Path, git_dir: Path, home: Path, limits: AILimits,
                  secret_files: Sequence[Path] = (), readable: Sequence[str] = (),
-                 credentials: Optional[Path] = None, gateway: Optional[Path] = None):
+                 credentials: Optional[Path] = None, gateway: Optional[Path] = None, gateway_port: int = 0):
         self.job, self.state, self.git_dir, self.home, self.limits = job, state, git_dir, home, limits
         self.secret_files, self.readable, self.credentials = list(secret_files), list(readable), credentials
-        self.gateway = gateway  # the job's gateway socket: its own network namespace, this the way out
+        self.gateway = gateway  # bwrap: the job's gateway socket; its own network namespace, this the way out
+        self.gateway_port = gateway_port  # sandbox-exec: the gateway's loopback port, the only way out
 
     def hidden_folders(self) -> List[str]:
         """System folders hidden under an empty tmpfs: the account's homes, /run, /var/tmp;
@@ -1819,10 +1827,16 @@ class JobCgroup:
                     time.sleep(0.1)
 
 
-def sandbox_exec_argv(program: str, argv: List[str], params: Dict[str, Path]) -> List[str]:
+def sandbox_exec_argv(program: str, argv: List[str], params: Dict[str, Path], gateway_port: int = 0) -> List[str]:
     """sandbox-exec's argv: the profile, with the paths passed as parameters (-D) so that no
-    path is ever spliced into the profile's own syntax."""
-    out = [program, "-p", SANDBOX_PROFILE]
+    path is ever spliced into the profile's own syntax. With a gateway, every outbound
+    connection but the one to its port is denied (TCP, UDP and Unix sockets alike: the box's
+    services, other jobs' ports, DNS); the port, an integer the agent chose, is the one value
+    written into the profile (SBPL reads a network filter's address as a literal)."""
+    profile = SANDBOX_PROFILE
+    if gateway_port:
+        profile += SANDBOX_NETWORK.format(port=int(gateway_port))
+    out = [program, "-p", profile]
     for name, path in params.items():
         out += ["-D", f"{name}={real(path)}"]
     return out + argv
@@ -1841,6 +1855,9 @@ def sandbox_exec_argv(program: str, argv: List[str], params: Dict[str, Path]) ->
 # to the same port in origin form (ANTHROPIC_BASE_URL): the gateway adds the box's credential
 # and forwards them to [network] api_upstream, so the AI holds a placeholder key, never the
 # credential. Every connection is counted per host for the job's egress report.
+# Under sandbox-exec (a Mac: no network namespace) the gateway is a port of the job's own on
+# the box's loopback, the profile lets out only to it, and each request carries the job's key
+# (GatewayKey), since every local process can reach that port.
 
 NETWORK_MODES = ("open", "allowlist", "none")
 # Named host lists for what this tool's users build with (README.md, "Network").
@@ -2175,16 +2192,26 @@ class UsageScanner:
 
 
 class JobGateway:
-    """One job's way out: a Unix socket the sandbox gets, served by a thread of the agent.
-    Each connection is read up to its request head, judged, then relayed byte for byte."""
+    """One job's way out, served by threads of the agent: a Unix socket the sandbox gets (bwrap),
+    or with a `key`, a port on the box's loopback (sandbox-exec: a Mac has no network namespace,
+    so every local process can reach that port, and each request must prove it is the job's:
+    GatewayKey). Each connection is read up to its request head, judged, then relayed byte for
+    byte."""
 
     def __init__(self, folder: Path, policy: NetworkPolicy, upstream: Optional[str],
-                 credential: Optional[Credential], report: EgressReport, own_folder: bool = False):
+                 credential: Optional[Credential], report: EgressReport, own_folder: bool = False,
+                 key: Optional["GatewayKey"] = None):
         self.policy, self.upstream, self.credential, self.report = policy, upstream, credential, report
         self.folder = folder if own_folder else None  # removed by close()
         self.path = folder / f"gw-{secrets.token_hex(6)}.sock"
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(str(self.path))
+        self.key, self.port = key, 0
+        if key:
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.sock.bind(("127.0.0.1", 0))
+            self.port = self.sock.getsockname()[1]
+        else:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.bind(str(self.path))
         self.sock.listen(128)
         self.closed = False
         self.lock = threading.Lock()
@@ -2218,7 +2245,9 @@ class JobGateway:
         try:
             head, rest = read_head(conn)
             method, target, headers = parse_head(head)
-            if method == "CONNECT":
+            if self.key and not self.key.proven(target, headers, self.credential is not None):
+                self.key.refuse(conn, target)
+            elif method == "CONNECT":
                 self._tunnel(conn, target, rest)
             elif target.startswith("/"):
                 self._api(conn, method, target, headers, rest)
@@ -2265,8 +2294,9 @@ class JobGateway:
             return
         url = urllib.parse.urlsplit(self.upstream)
         host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
-        kept = [(k, v) for k, v in close_headers(headers) if k.lower() not in ("x-api-key", "authorization")]
-        if self.credential:
+        kept = close_headers(headers)
+        if self.credential:  # else the AI's own login goes on as it came
+            kept = [(k, v) for k, v in kept if k.lower() not in ("x-api-key", "authorization")]
             kept += self.credential.headers()
             if self.credential.kind == "oauth":
                 kept = add_beta(kept, OAUTH_BETA)
@@ -2329,6 +2359,44 @@ class JobGateway:
         pump(conn, upstream, True)
         back.join()
         upstream.close()
+
+
+class GatewayKey:
+    """A loopback port's proof that a request comes from its job (sandbox-exec): a secret only
+    the job's environment holds. A proxy request carries it as proxy credentials (the proxy
+    URLs are http://patchwire:KEY@127.0.0.1:PORT: curl, git, Node and Dart send them); the AI's
+    API call carries it as its placeholder key, which the gateway replaces with the box's
+    credential. Without it another account of the box could spend that credential or use the
+    job's allowlist; when the AI holds its own key, its API calls need no proof (they spend
+    only what the caller holds)."""
+
+    USER = "patchwire"
+
+    def __init__(self, secret: str = ""):
+        self.secret = secret or secrets.token_urlsafe(24)
+
+    @property
+    def placeholder(self) -> str:
+        return f"sk-ant-patchwire-{self.secret}"
+
+    def proxy_url(self, port: int) -> str:
+        return f"http://{self.USER}:{self.secret}@127.0.0.1:{port}"
+
+    def proven(self, target: str, headers: List[Tuple[str, str]], gateway_holds_credential: bool) -> bool:
+        if target.startswith("/"):  # the AI's API call
+            if not gateway_holds_credential:
+                return True
+            wanted = {("x-api-key", self.placeholder), ("authorization", f"Bearer {self.placeholder}")}
+        else:
+            basic = base64.b64encode(f"{self.USER}:{self.secret}".encode()).decode()
+            wanted = {("proxy-authorization", f"Basic {basic}")}
+        return any(hmac.compare_digest(f"{k.lower()}\n{v}".encode(), f"{name}\n{value}".encode())
+                   for k, v in headers for name, value in wanted if k.lower() == name)
+
+    def refuse(self, conn: socket.socket, target: str) -> None:
+        status = HTTPStatus.UNAUTHORIZED if target.startswith("/") else HTTPStatus.PROXY_AUTHENTICATION_REQUIRED
+        gateway_answer(conn, status, "patchwire gateway: this port serves one job; its requests carry the "
+                       "job's key (HTTPS_PROXY and ANTHROPIC_API_KEY of its environment)")
 
 
 def refuse_busy(conn: socket.socket) -> None:
@@ -2412,11 +2480,12 @@ def gateway_answer(conn: socket.socket, status: HTTPStatus, text: str) -> None:
                  f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode("latin-1") + body)
 
 
-def gateway_ai_environment(env: Dict[str, str], holds_credential: bool) -> Dict[str, str]:
+def gateway_ai_environment(env: Dict[str, str], holds_credential: bool, port: int = GATEWAY_PORT,
+                           key: Optional[GatewayKey] = None) -> Dict[str, str]:
     """The AI's environment behind the gateway: the proxies and the API through it; when the
     gateway holds the credential, the AI's own credential variables go and a placeholder
     comes (the CLI wants some key)."""
-    out = {**env, **gateway_env()}
+    out = {**env, **gateway_env(port, key)}
     if not holds_credential:
         out.pop("ANTHROPIC_API_KEY")
         if "ANTHROPIC_API_KEY" in env:
@@ -2424,17 +2493,19 @@ def gateway_ai_environment(env: Dict[str, str], holds_credential: bool) -> Dict[
         return out
     for name in CREDENTIAL_VARIABLES:
         out.pop(name, None)
-    out["ANTHROPIC_API_KEY"] = GATEWAY_PLACEHOLDER_KEY
+    out["ANTHROPIC_API_KEY"] = key.placeholder if key else GATEWAY_PLACEHOLDER_KEY
     return out
 
 
-def gateway_env(port: int = GATEWAY_PORT) -> Dict[str, str]:
+def gateway_env(port: int = GATEWAY_PORT, key: Optional[GatewayKey] = None) -> Dict[str, str]:
     """What the AI and the tools it runs get: the proxies (both spellings: curl reads only the
-    lower-case http_proxy), the API through the gateway, a placeholder key."""
+    lower-case http_proxy), the API through the gateway, a placeholder key. With a `key` (a
+    port on the box's shared loopback) the proxies carry it and the placeholder is it."""
     url = f"http://127.0.0.1:{port}"
-    return {"HTTPS_PROXY": url, "HTTP_PROXY": url, "https_proxy": url, "http_proxy": url,
+    proxy = key.proxy_url(port) if key else url
+    return {"HTTPS_PROXY": proxy, "HTTP_PROXY": proxy, "https_proxy": proxy, "http_proxy": proxy,
             "NO_PROXY": "localhost,127.0.0.1,::1", "no_proxy": "localhost,127.0.0.1,::1",
-            "ANTHROPIC_BASE_URL": url, "ANTHROPIC_API_KEY": GATEWAY_PLACEHOLDER_KEY}
+            "ANTHROPIC_BASE_URL": url, "ANTHROPIC_API_KEY": key.placeholder if key else GATEWAY_PLACEHOLDER_KEY}
 
 
 # ================================================================== the AI run
@@ -2991,7 +3062,7 @@ class Agent:
         if self.sandbox.warning:
             log.warning("%s", self.sandbox.warning)
         self.credential = Credential.find(cfg.network, dict(os.environ))
-        if self.sandbox.kind == "bwrap" and not cfg.network.configured:
+        if self.sandbox.kind != "none" and not cfg.network.configured:
             log.warning("%s", NETWORK_MISSING)
         self.queue = FairQueue()
         self.lock = threading.Lock()
@@ -3471,15 +3542,17 @@ class Agent:
                 gateway.close()
 
     def open_gateway(self, job: dict) -> Optional["JobGateway"]:
-        """The job's way out (section "the gateway"): under bwrap with [network] set. An older
-        config without [network] keeps the box's network (a warning at start says so)."""
-        if self.sandbox.kind != "bwrap" or not self.cfg.network.configured:
+        """The job's way out (section "the gateway"): under a sandbox with [network] set (bwrap:
+        a socket; sandbox-exec: a keyed loopback port). An older config without [network]
+        keeps the box's network (a warning at start says so)."""
+        if self.sandbox.kind == "none" or not self.cfg.network.configured:
             return None
         policy = self.cfg.network.policy(job["user"], job["project"])
         report = EgressReport(lambda e: self.store.add_event(job["id"], e))
         # a short, private folder for its socket (a socket's path is at most 107 bytes), gone with it
         folder = Path(tempfile.mkdtemp(prefix="pw-gateway-"))
-        return JobGateway(folder, policy, self.api_upstream(), self.credential, report, own_folder=True)
+        key = GatewayKey() if self.sandbox.kind == "sandbox-exec" else None
+        return JobGateway(folder, policy, self.api_upstream(), self.credential, report, own_folder=True, key=key)
 
     def api_upstream(self) -> str:
         """[network] api_upstream, else the API the AI would have used: ANTHROPIC_BASE_URL of
@@ -3585,10 +3658,12 @@ class Agent:
         limits = cfg.limits.probe() if bwrap else AILimits(0, 0, 0)
         walls = JobWalls(repo.slot_path(slot), cfg.state_dir, repo.git_dir, home, limits,
                          secret_files=cfg.secret_files, readable=cfg.readable,
-                         credentials=credentials if bwrap else None, gateway=gateway.path if gateway else None)
+                         credentials=credentials if bwrap else None, gateway=gateway.path if gateway else None,
+                         gateway_port=gateway.port if gateway else 0)
         env = ai_environment(cfg, home)
         if gateway:
-            env = gateway_ai_environment(env, holds_credential=gateway.credential is not None)
+            env = gateway_ai_environment(env, holds_credential=gateway.credential is not None,
+                                         port=gateway.port or GATEWAY_PORT, key=gateway.key)
         argv, env = self.sandbox.wrap(self.ai_argv(parent), env, walls, scratch=repo.home / "tmp" / f"slot{slot}")
         cgroup = JobCgroup(limits, job["id"])
         if bwrap:
@@ -5723,24 +5798,35 @@ def check_network(cfg: AgentConfig) -> dict:
         return box_check("network", cfg.sandbox == "none", NETWORK_MISSING, 'add [network] mode = "allowlist" to the config')
     what = (f'mode "{net.base["mode"]}", presets {", ".join(net.base["presets"]) or "none"}, '
             f'{len(net.base["allow"])} more host(s)')
-    program, _ = probe_bwrap() if cfg.sandbox in ("auto", "bwrap") and sys.platform.startswith("linux") else ("", "")
-    if not program:
-        return box_check("network", cfg.sandbox == "none", f"{what}; not enforced without bwrap",
+    confine = network_walls(cfg.sandbox)
+    if not confine:
+        return box_check("network", cfg.sandbox == "none", f"{what}; not enforced without a sandbox",
                          "install bubblewrap: only a job in its own network namespace is held to [network]")
     upstream = urllib.parse.urlsplit(cfg.network.api_upstream or "https://api.anthropic.com")
     with socket.socket() as box_port:
         box_port.bind(("127.0.0.1", 0))
         box_port.listen(1)
-        proc = pw.run([program, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-user",
-                       "--unshare-net", "--unshare-pid", "--die-with-parent", sys.executable, "-I", "-S", "-c",
-                       NETWORK_PROBE, str(box_port.getsockname()[1]), upstream.hostname or "",
-                       str(upstream.port or 443)], timeout=30, check=False)
+        proc = pw.run(confine + [sys.executable, "-I", "-S", "-c", NETWORK_PROBE, str(box_port.getsockname()[1]),
+                                 upstream.hostname or "", str(upstream.port or 443)], timeout=30, check=False)
     said = proc.stdout.decode("utf-8", "replace")
     if proc.returncode != 0 or [line.split(" ")[0] for line in said.splitlines()] != ["refused", "refused"]:
-        return box_check("network", False, f"{what}; from inside a job's sandbox: {said.strip() or 'bwrap failed'}",
-                         "the job's own network namespace did not hold: check bwrap --unshare-net here")
+        return box_check("network", False, f"{what}; from inside a job's sandbox: {said.strip() or 'it failed'}",
+                         f"the job's network walls did not hold: check {Path(confine[0]).name} here")
     return box_check("network", True, f"{what}; from inside a job's sandbox neither a port of the box nor "
                      f"{upstream.hostname} is reachable directly: only the gateway leads out")
+
+
+def network_walls(setting: str, platform: str = sys.platform) -> List[str]:
+    """The argv prefix that puts a probe behind a job's network walls: bwrap's own namespace,
+    or sandbox-exec's profile letting out only to a gateway port (none listens here); []
+    where no sandbox holds the network."""
+    if setting in ("auto", "bwrap") and platform.startswith("linux"):
+        program, _ = probe_bwrap()
+        return [program, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-user",
+                "--unshare-net", "--unshare-pid", "--die-with-parent"] if program else []
+    if setting in ("auto", "sandbox-exec") and platform == "darwin" and os.access(SANDBOX_EXEC, os.X_OK):
+        return [SANDBOX_EXEC, "-p", "(version 1)\n(allow default)\n" + SANDBOX_NETWORK.format(port=GATEWAY_PORT)]
+    return []
 
 
 def ai_capabilities(bwrap: str) -> str:

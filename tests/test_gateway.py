@@ -4,6 +4,7 @@ and 127.0.0.3 (plain HTTP), and a stand-in API upstream that records the credent
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import ssl
@@ -27,12 +28,12 @@ def internet(tmp_path):
 def gateway(tmp_path):
     made: List[pa.JobGateway] = []
 
-    def factory(mode="allowlist", allow=(), upstream=None, credential=None):
+    def factory(mode="allowlist", allow=(), upstream=None, credential=None, key=None):
         events: List[dict] = []
         report = pa.EgressReport(events.append)
         policy = pa.NetworkPolicy(mode, list(allow), f'[network] mode = "{mode}"', "[network]")
         folder = Path("/tmp") if len(str(tmp_path)) > 80 else tmp_path
-        gw = pa.JobGateway(folder, policy, upstream, credential, report)
+        gw = pa.JobGateway(folder, policy, upstream, credential, report, key=key)
         gw.events = events  # type: ignore[attr-defined]
         made.append(gw)
         return gw
@@ -42,9 +43,9 @@ def gateway(tmp_path):
 
 
 def talk(gw: pa.JobGateway, head: str, body: bytes = b"") -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX)
+    sock = socket.socket(socket.AF_INET if gw.key else socket.AF_UNIX)
     sock.settimeout(20)
-    sock.connect(str(gw.path))
+    sock.connect(("127.0.0.1", gw.port) if gw.key else str(gw.path))
     sock.sendall(head.encode() + body)
     return sock
 
@@ -134,6 +135,51 @@ def test_the_api_call_gets_the_box_credential_and_the_ai_never_holds_it(gateway,
     if kind == "oauth":
         assert "x-api-key" not in headers and headers["anthropic-beta"] == f"tools-1,{pa.OAUTH_BETA}"
     assert gw.report.summary()["contacted"][host]["allowed"] == 1  # counted even with mode "none"
+
+
+def test_a_keyed_port_serves_only_requests_carrying_its_jobs_key(gateway, internet):
+    """sandbox-exec's gateway: a port on the box's shared loopback, so every process of the box
+    can connect; only the job's environment holds the key its requests must carry."""
+    host, port = internet.http
+    internet.servers[1].body = b'{"ok": true}'
+    key = pa.GatewayKey()
+    gw = gateway(allow=[f"{host}:{port}"], upstream=f"http://{host}:{port}",
+                 credential=pa.Credential("api_key", "sk-ant-api03-REAL"), key=key)
+    assert gw.port and not gw.path.exists()
+    env = pa.gateway_env(gw.port, key)
+    assert env["HTTPS_PROXY"] == env["http_proxy"] == f"http://patchwire:{key.secret}@127.0.0.1:{gw.port}"
+    assert env["ANTHROPIC_BASE_URL"] == f"http://127.0.0.1:{gw.port}" and env["ANTHROPIC_API_KEY"] == key.placeholder
+    get = f"GET http://{host}:{port}/x HTTP/1.1\r\nHost: {host}\r\n"
+    basic = base64.b64encode(f"patchwire:{key.secret}".encode()).decode()
+    other = base64.b64encode(f"patchwire:{pa.GatewayKey().secret}".encode()).decode()
+    for proof in ("", f"Proxy-Authorization: Basic {other}\r\n"):
+        answer = read_all(talk(gw, get + proof + "\r\n"))
+        assert answer.startswith(b"HTTP/1.1 407 Proxy Authentication Required"), answer
+        assert b"this port serves one job" in answer
+    for placeholder in ("", pa.GATEWAY_PLACEHOLDER_KEY, pa.GatewayKey().placeholder):
+        answer = read_all(talk(gw, f"POST /v1/messages HTTP/1.1\r\nx-api-key: {placeholder}\r\n"
+                                   "Content-Length: 0\r\n\r\n"))
+        assert answer.startswith(b"HTTP/1.1 401 Unauthorized"), answer
+    assert not internet.http_seen  # nothing went out for a request without the key
+    assert read_all(talk(gw, get + f"Proxy-Authorization: Basic {basic}\r\n\r\n")).endswith(b'{"ok": true}')
+    answer = read_all(talk(gw, f"POST /v1/messages HTTP/1.1\r\nx-api-key: {key.placeholder}\r\n"
+                               "Content-Length: 0\r\n\r\n"))
+    assert answer.endswith(b'{"ok": true}')
+    sent = [headers for _, _, headers in internet.http_seen]
+    assert "proxy-authorization" not in sent[0] and sent[1]["x-api-key"] == "sk-ant-api03-REAL"
+    assert key.secret not in json.dumps(sent)  # the key never leaves the box
+    gw.close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", gw.port), timeout=5)
+
+
+def test_without_a_credential_of_its_own_the_gateway_passes_the_ais_login_on(gateway, internet):
+    host, port = internet.http
+    gw = gateway(mode="none", upstream=f"http://{host}:{port}", key=pa.GatewayKey())
+    answer = read_all(talk(gw, "POST /v1/messages HTTP/1.1\r\nAuthorization: Bearer sk-ant-oat01-THE-AIS\r\n"
+                               "Content-Length: 0\r\n\r\n"))
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert internet.http_seen[-1][2]["authorization"] == "Bearer sk-ant-oat01-THE-AIS"
 
 
 def test_host_patterns():

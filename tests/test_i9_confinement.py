@@ -89,6 +89,16 @@ def test_sandbox_exec_profile_passes_paths_as_parameters(tmp_path):
         assert f"{name}={os.path.realpath(params[name])}" in argv
     assert str(tmp_path) not in profile  # paths never spliced into the profile
     assert "(deny file-read-data file-read-xattr (subpath (param \"STATE\")))" in profile
+    assert "network" not in profile  # no gateway (no [network]): the box's network, as before
+
+
+def test_sandbox_exec_profile_with_a_gateway_lets_out_only_to_its_port(tmp_path):
+    params = {"JOB": tmp_path / "job", "TMP": tmp_path / "tmp", "STATE": tmp_path / "state",
+              "GIT_DIR": tmp_path / "git", "HOME": tmp_path / "home"}
+    profile = pa.sandbox_exec_argv("/usr/bin/sandbox-exec", ["claude"], params, gateway_port=40123)[2]
+    assert profile.startswith(pa.SANDBOX_PROFILE)  # the file rules unchanged
+    assert profile[len(pa.SANDBOX_PROFILE):] == ('(deny network-outbound)\n'
+                                                  '(allow network-outbound (remote ip "localhost:40123"))\n')
 
 
 def test_choosing_a_sandbox(monkeypatch):

@@ -171,3 +171,84 @@ def test_doctor_proves_from_inside_a_sandbox_that_only_the_gateway_leads_out(tmp
     pa.main(["doctor", "-c", str(config), "--json"])
     checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)["checks"]}
     assert not checks["network"]["ok"] and "no [network] table" in checks["network"]["detail"]
+
+
+FAKE_SANDBOX_EXEC = """#!/bin/sh
+# sandbox-exec as a Mac has it, minus the enforcing: the profile is kept for the test to read
+printf '%s' "$2" > "$PW_PROFILE_OUT"
+shift 2
+while [ "$1" = -D ]; do shift 2; done
+exec "$@"
+"""
+KEYED_AI = """
+out=$1
+curl -sS --max-time 10 "http://$2/allowed" > "$out/allowed.txt" 2>&1
+curl -sS --max-time 10 -x "http://127.0.0.1:${ANTHROPIC_BASE_URL##*:}" "http://$2/nokey" > "$out/nokey.txt" 2>&1
+curl -sS --max-time 10 -H "x-api-key: $ANTHROPIC_API_KEY" -d '{}' "$ANTHROPIC_BASE_URL/v1/messages" > "$out/api.txt" 2>&1
+env > "$out/env.txt"
+"""
+
+
+def test_under_sandbox_exec_a_job_goes_out_only_through_its_keyed_gateway_port(tmp_path, monkeypatch):
+    """The macOS wiring, run here: the job's gateway is a port on the box's loopback (no network
+    namespace on a Mac), the profile lets out only to that port, and each request carries the
+    job's key. A stand-in sandbox-exec records the profile and runs the AI unconfined: what a Mac
+    enforces is the profile's text, checked here to name the port the AI was given."""
+    internet = Internet(tmp_path / "internet")
+    host, port = internet.http
+    internet.servers[1].body = b"from the internet\n"
+    fake = tmp_path / "bin" / "sandbox-exec"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_SANDBOX_EXEC)
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setenv("PW_PROFILE_OUT", str(out / "profile.sb"))
+    (tmp_path / "credential").write_text("sk-ant-api03-THE-BOXES-OWN\n")
+    cfg = pa.AgentConfig(tmp_path / "agent.toml", {
+        "server": {"state_dir": str(tmp_path / "state")},
+        "ai": {"command": ["sh", "-c", KEYED_AI, "ai", str(out), f"{host}:{port}"], "sandbox": "none",
+               "env": {"PW_PROFILE_OUT": str(out / "profile.sb")}},
+        "network": {"mode": "allowlist", "presets": [], "allow": [f"{host}:{port}"],
+                    "api_upstream": f"http://{host}:{port}", "credential_file": str(tmp_path / "credential")},
+        "users": {"alice": {"token_sha256": pa.token_digest("t").hex()}}})
+    agent = pa.Agent(cfg)  # no workers: this test is the worker
+    agent.sandbox = pa.Sandbox("sandbox-exec", str(fake))
+    try:
+        job_id = queue_one_job(agent)
+        agent.run_job(agent.queue.take(agent._claim))
+        assert agent.store.job(job_id)["status"] in ("done", "failed")
+    finally:
+        agent.stop()
+        internet.close()
+    env = dict(line.split("=", 1) for line in (out / "env.txt").read_text().splitlines() if "=" in line)
+    gateway_port = int(env["ANTHROPIC_BASE_URL"].rsplit(":", 1)[1])
+    assert (out / "profile.sb").read_text().endswith(
+        f'(deny network-outbound)\n(allow network-outbound (remote ip "localhost:{gateway_port}"))\n')
+    assert env["HTTPS_PROXY"].startswith("http://patchwire:") and env["HTTPS_PROXY"].endswith(f"@127.0.0.1:{gateway_port}")
+    assert env["ANTHROPIC_API_KEY"].startswith("sk-ant-patchwire-") and "THE-BOXES-OWN" not in json.dumps(env)
+    assert (out / "allowed.txt").read_text() == "from the internet\n"
+    assert "this port serves one job" in (out / "nokey.txt").read_text()
+    assert (out / "api.txt").read_text() == "from the internet\n"
+    seen = [(path, headers.get("x-api-key")) for _, path, headers in internet.http_seen]
+    assert seen == [("/allowed", None), ("/v1/messages", "sk-ant-api03-THE-BOXES-OWN")]
+    with pytest.raises(ConnectionRefusedError):  # gone with the job
+        socket.create_connection(("127.0.0.1", gateway_port), timeout=5)
+
+
+def queue_one_job(agent: pa.Agent) -> str:
+    """One queued job of alice's on a one-file snapshot, for a test that is its own worker."""
+    repo = agent.repo("alice", "demo")
+    repo.ensure()
+    (repo.mirror / "a.txt").write_bytes(b"a\n")
+    with repo.open_mirror() as fd:
+        git = repo.snapshot_git(fd)
+        git("update-index", "--add", "a.txt")
+        tree = git.text("write-tree")
+        entries = git.ls_files_stage()
+    snapshot = repo.snapshot(tree, [(m, s, p) for p, (m, s) in entries.items()])
+    agent.store.create_job({"id": "mac123", "user": "alice", "project": "demo", "prompt": "x", "status": "queued",
+                            "created": time.time(), "snapshot": snapshot, "tree": tree, "timeout_s": 60,
+                            "parent": None})
+    agent.queue.put(pa.QueueItem("mac123", "alice", "demo"))
+    return "mac123"
