@@ -257,6 +257,27 @@ def test_the_real_cli_reaches_its_api_through_the_forwarder_and_the_gateway(gate
     assert summary["api_tokens"]["input"] >= reported["input_tokens"] > 0
 
 
+@pytest.mark.slow
+def test_the_real_cli_reaches_its_api_through_a_keyed_gateway_port(gateway, tmp_path):
+    """The macOS wiring: no forwarder, the real CLI talks to the gateway's own loopback port
+    with the keyed environment, and its placeholder key is the proof the gateway takes."""
+    import subprocess
+    from claude_cli import claude_env, require_claude_cli
+    from messages_api import FakeMessagesAPI
+    cli = require_claude_cli()
+    key = pa.GatewayKey()
+    with FakeMessagesAPI([[{"type": "text", "text": "hello through the keyed port"}]]) as api:
+        gw = gateway(mode="none", upstream=api.base_url, credential=pa.Credential("api_key", "sk-ant-api03-REAL"),
+                     key=key)
+        env = {**claude_env(tmp_path / "home", "unused"), **pa.gateway_env(gw.port, key)}
+        out = subprocess.run([cli, "--print", "--output-format", "json", "say hello"],
+                             env=env, cwd=tmp_path, capture_output=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["result"] == "hello through the keyed port"
+        assert api.credentials and all(c.get("x-api-key") == "sk-ant-api03-REAL" for c in api.credentials)
+        assert key.secret not in json.dumps(api.credentials)
+
+
 def sse(*events: dict) -> bytes:
     return b"".join(b"event: %s\ndata: %s\n\n" % (e["type"].encode(), json.dumps(e).encode()) for e in events)
 
