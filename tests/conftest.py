@@ -176,7 +176,7 @@ class AgentProcess:
             self.tokens[name] = f"pw_test_token_{name}"
             data["users"][name] = {"token_sha256": patchwire_agent.token_digest(self.tokens[name]).hex()}
         # unconfined unless a test asks: these tests watch the AI's pids and files it writes
-        # beside the job folder; confinement has its own tests (test_confinement.py)
+        # beside the job folder; confinement has its own tests (test_sandbox.py)
         data["ai"].update({"command": list(ai_command), "sandbox": "none", **ai})
         data["jobs"].update(jobs)
         # tests stop agents with jobs still running: cancel them at once, as before 0.3

@@ -17,7 +17,7 @@ import pytest
 
 import patchwire
 from conftest import git, make_repo, script
-from test_issue10_sync import mirror_of, write_sync
+from test_sync_real_projects import mirror_of, write_sync
 
 
 def snapshots(agent) -> List[dict]:
