@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 
-import patchwire
 import patchwire as pw
 
 # ------------------------------------------------------------------ Hunk.render
@@ -197,7 +196,7 @@ class FakeSession:
 
 
 def test_a_dropped_stream_continues_after_the_last_event_seen(monkeypatch):
-    monkeypatch.setattr(patchwire.time, "sleep", lambda s: None)
+    monkeypatch.setattr(pw.time, "sleep", lambda s: None)
 
     def first():
         yield {"seq": 1, "job": "abc", "type": "queued"}
@@ -206,16 +205,16 @@ def test_a_dropped_stream_continues_after_the_last_event_seen(monkeypatch):
     client = FakeClient([{"seq": 3, "job": "abc", "type": "text", "text": "hi"},
                          {"seq": 4, "job": "abc", "type": "finished"}])
     seen = []
-    end = patchwire.stream_job(FakeSession(client), first(), seen.append)
+    end = pw.stream_job(FakeSession(client), first(), seen.append)
     assert end["type"] == "finished"
     assert client.paths == ["/v1/jobs/abc/events?after=2"]
     assert [e["seq"] for e in seen] == [1, 2, 3, 4]
 
 
 def test_a_stream_that_never_ends_is_an_agent_error(monkeypatch):
-    monkeypatch.setattr(patchwire.time, "sleep", lambda s: None)
+    monkeypatch.setattr(pw.time, "sleep", lambda s: None)
     client = FakeClient([{"seq": 2, "job": "abc", "type": "text", "text": "still going"}])
     first = iter([{"seq": 1, "job": "abc", "type": "queued"}])
-    with pytest.raises(patchwire.AgentError, match="ended before the job did"):
-        patchwire.stream_job(FakeSession(client), first, lambda e: None)
+    with pytest.raises(pw.AgentError, match="ended before the job did"):
+        pw.stream_job(FakeSession(client), first, lambda e: None)
     assert 0 < len(client.paths) <= 40  # bounded reconnections (patchwire.RECONNECT_FOR_S)
