@@ -320,6 +320,23 @@ def laptop(tmp_path, agent) -> Laptop:
     return lap
 
 
+EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"  # git's tree of no files
+
+
+def ask_body(lap: Optional[Laptop], prompt: str, extra_paths: Sequence[str] = (), project: str = "laptop",
+             **fields) -> dict:
+    """The body of POST /v1/ask, computed the way the CLI does it: the tree and manifest of the
+    files `lap` would sync, with `extra_paths` recorded too whatever the rules say. Without a
+    laptop: an empty project, which needs no rsync. "laptop" is the project name the CLI derives
+    from the `laptop` fixture's folder name."""
+    if lap is None:
+        return {"project": project, "tree": EMPTY_TREE, "files": [], "prompt": prompt, **fields}
+    files = patchwire.Project(lap.root, project)
+    paths, _ = files.file_list(patchwire.DEFAULT_DENY, [])
+    tree, manifest = files.record_paths(sorted(set(paths) | set(extra_paths)))
+    return {"project": project, "tree": tree, "files": manifest, "prompt": prompt, **fields}
+
+
 def drive_pty(lap: Laptop, args: Sequence[str], answers: Sequence[str], prompts: Sequence[bytes],
               timeout: float = 60) -> str:
     """Run the CLI on a real pseudo-terminal and send each answer when one more prompt (any of
