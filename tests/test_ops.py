@@ -1,4 +1,4 @@
-"""Issue 12: running the agent as a service an admin can watch: the systemd unit and launchd
+"""Running the agent as a service an admin can watch (issue 12): the systemd unit and launchd
 plist, graceful shutdown, `status` and `gc`, all against the real agent process."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 12: per-user usage, /metrics, the OpenAPI document and the README's curl lines,
+"""Per-user usage (issue 12), /metrics, the OpenAPI document and the README's curl lines,
 against one real agent with three users (alice is an admin) and jobs that end every way,
 across a restart and after a user is removed from the config."""
 
