@@ -176,7 +176,7 @@ class AgentProcess:
             self.tokens[name] = f"pw_test_token_{name}"
             data["users"][name] = {"token_sha256": patchwire_agent.token_digest(self.tokens[name]).hex()}
         # unconfined unless a test asks: these tests watch the AI's pids and files it writes
-        # beside the job folder; confinement has its own tests (test_confinement.py)
+        # beside the job folder; confinement has its own tests (test_sandbox.py)
         data["ai"].update({"command": list(ai_command), "sandbox": "none", **ai})
         data["jobs"].update(jobs)
         # tests stop agents with jobs still running: cancel them at once, as before 0.3
@@ -318,6 +318,23 @@ def laptop(tmp_path, agent) -> Laptop:
     lap = Laptop(root)
     lap.init(agent)
     return lap
+
+
+EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"  # git's tree of no files
+
+
+def ask_body(lap: Optional[Laptop], prompt: str, extra_paths: Sequence[str] = (), project: str = "laptop",
+             **fields) -> dict:
+    """The body of POST /v1/ask, computed the way the CLI does it: the tree and manifest of the
+    files `lap` would sync, with `extra_paths` recorded too whatever the rules say. Without a
+    laptop: an empty project, which needs no rsync. "laptop" is the project name the CLI derives
+    from the `laptop` fixture's folder name."""
+    if lap is None:
+        return {"project": project, "tree": EMPTY_TREE, "files": [], "prompt": prompt, **fields}
+    files = patchwire.Project(lap.root, project)
+    paths, _ = files.file_list(patchwire.DEFAULT_DENY, [])
+    tree, manifest = files.record_paths(sorted(set(paths) | set(extra_paths)))
+    return {"project": project, "tree": tree, "files": manifest, "prompt": prompt, **fields}
 
 
 def drive_pty(lap: Laptop, args: Sequence[str], answers: Sequence[str], prompts: Sequence[bytes],

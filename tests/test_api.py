@@ -18,7 +18,7 @@ from typing import List
 import pytest
 
 import patchwire
-from conftest import ROOT, Laptop, make_repo, script
+from conftest import ROOT, Laptop, ask_body, make_repo, script
 
 PROJECT = "laptop"  # the project name the CLI derives from the folder name
 
@@ -40,14 +40,6 @@ def sync_laptop(tmp_path: Path, agent, name: str = "laptop") -> Laptop:
     lap.init(agent)
     lap.run("sync", check=0)
     return lap
-
-
-def ask_body(lap: Laptop, prompt: str, extra_paths=(), project: str = PROJECT, **fields) -> dict:
-    """The body of POST /v1/ask, computed the way the CLI does it."""
-    files = patchwire.Project(lap.root, project)
-    paths, _ = files.file_list(patchwire.DEFAULT_DENY, [])
-    tree, manifest = files.record_paths(sorted(set(paths) | set(extra_paths)))
-    return {"project": project, "tree": tree, "files": manifest, "prompt": prompt, **fields}
 
 
 def post_ask(agent, body: dict) -> dict:

@@ -28,7 +28,7 @@ from typing import Dict, List
 import pytest
 
 import patchwire_agent as pa
-from test_i9_confinement import bwrap_or_skip  # noqa: F401 - also imported from here
+from test_sandbox import bwrap_or_skip  # noqa: F401 - also imported from here
 from conftest import ROOT, STAND_IN, STAND_IN_COMMAND, AgentProcess, script, tomli_w, tomllib, wait_until
 
 ACCOUNT = "pw-walls"

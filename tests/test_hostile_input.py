@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import script
+from conftest import ask_body, script
 from netface import HealthWatch, address, start_with
-from test_api import ask_body, post_ask, sync_laptop
+from test_api import post_ask, sync_laptop
 
 IMPLEMENTED = ("GET", "POST", "DELETE")
 EXAMPLES = 500

@@ -21,9 +21,8 @@ from pathlib import Path
 import pytest
 
 import patchwire_agent as pa
-from conftest import Laptop, make_repo, program_argv, script, tomli_w, tomllib
-from conftest import wait_until as wait_for
-from test_jobs import ask_body, slot_dir
+from conftest import Laptop, ask_body, make_repo, program_argv, script, tomli_w, tomllib, wait_until
+from test_jobs import slot_dir
 
 MIB = 1024 * 1024
 
@@ -53,7 +52,7 @@ def ended(box, job: str, user: str = "alice", timeout: float = 60) -> dict:
     def read():
         info = box.json("GET", f"/v1/jobs/{job}", token=box.tokens[user])[1]
         return info if info.get("status") in ("done", "failed", "cancelled") else None
-    return wait_for(read, timeout, f"job {job} to end")
+    return wait_until(read, timeout, f"job {job} to end")
 
 
 def peak_rss(pid: int) -> int:

@@ -12,8 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import Laptop, pid_alive, script, tree_digest
-from conftest import wait_until as wait_for
+from conftest import Laptop, ask_body, pid_alive, script, tree_digest, wait_until
 
 
 def slot_dir(agent, slot: int, project: str = "laptop", user: str = "alice") -> Path:
@@ -111,7 +110,7 @@ def test_cancel_a_running_job_ends_its_process_group(laptop, agent, tmp_path):
     assert "is cancelled" in cancelled.err
     assert proc.wait(30) == 4
     leader, child = map(int, pidfile.read_text().split())
-    wait_for(lambda: not pid_alive(leader) and not pid_alive(child), what="AI processes to end")
+    wait_until(lambda: not pid_alive(leader) and not pid_alive(child), what="AI processes to end")
     info = agent.json("GET", f"/v1/jobs/{job}")[1]
     assert info["status"] == "cancelled" and "cancelled by alice" in info["reason"]
     texts = [e.get("text") for e in agent.events(job) if e["type"] == "text"]
@@ -126,7 +125,7 @@ def test_cancel_ignoring_term_gets_killed(laptop, agent, tmp_path):
     read_until(proc.stderr, "Thinking for a long time")
     agent.json("DELETE", f"/v1/jobs/{laptop.last_job()}")
     leader, _ = map(int, pidfile.read_text().split())
-    wait_for(lambda: not pid_alive(leader), timeout=20, what="KILL after the grace period")
+    wait_until(lambda: not pid_alive(leader), timeout=20, what="KILL after the grace period")
     assert proc.wait(30) == 4
 
 
@@ -140,14 +139,6 @@ def test_cancel_a_queued_job(laptop, make_agent):
     assert box.json("DELETE", f"/v1/jobs/{queued['id']}")[1]["status"] == "cancelled"
     assert [e["type"] for e in box.events(queued["id"])] == ["queued", "cancelled"]
     box.json("DELETE", f"/v1/jobs/{running['id']}")
-
-
-def ask_body(laptop: Laptop, prompt: str, **extra) -> dict:
-    import patchwire
-    project = patchwire.Project(laptop.root, "laptop")
-    paths, _ = project.file_list(patchwire.DEFAULT_DENY, [])
-    tree, manifest = project.record_paths(paths)
-    return {"project": "laptop", "tree": tree, "files": manifest, "prompt": prompt, **extra}
 
 
 def test_ctrl_c_leaves_and_the_job_runs_on(laptop, agent):
@@ -174,12 +165,12 @@ def test_sigkill_of_the_agent_mid_job(laptop, make_agent, tmp_path):
     status, running = box.json("POST", "/v1/ask", ask_body(
         laptop, script({"write": "half.txt", "text": "half\n"}, {"hang": True, "pidfile": str(pidfile)})))
     status, queued = box.json("POST", "/v1/ask", ask_body(laptop, script({"write": "q.txt", "text": "q\n"})))
-    wait_for(pidfile.exists, what="the AI to start")
+    wait_until(pidfile.exists, what="the AI to start")
     box.kill()
     leader, child = map(int, pidfile.read_text().split())
     assert pid_alive(leader) and pid_alive(child)  # the AI's group outlives a SIGKILLed agent
     box.start()
-    wait_for(lambda: not pid_alive(leader) and not pid_alive(child), what="recovery to end the AI")
+    wait_until(lambda: not pid_alive(leader) and not pid_alive(child), what="recovery to end the AI")
     info = box.wait_job(running["id"])
     assert info["status"] == "failed" and info["reason"] == "agent restarted while the job ran"
     assert box.wait_job(queued["id"])["status"] == "done"  # the queued job ran, it did not vanish
@@ -262,7 +253,7 @@ def test_background_children_of_the_ai_do_not_outlive_the_job(laptop, make_agent
     laptop.init(box)
     laptop.ask("go", "--yes", check=0)
     assert (laptop.root / "made.txt").read_bytes() == b"made\n"
-    wait_for(lambda: not pid_alive(int(pidfile.read_text())), what="the background sleep to end")
+    wait_until(lambda: not pid_alive(int(pidfile.read_text())), what="the background sleep to end")
 
 
 def test_the_box_users_global_git_excludes_do_not_hide_the_ais_files(laptop, make_agent, tmp_path):

@@ -17,7 +17,7 @@ import pytest
 
 import patchwire
 import patchwire_agent as pa
-from conftest import Laptop, git, make_repo, script
+from conftest import Laptop, ask_body, git, make_repo, script
 from test_team import agent_cli, synced_laptop
 
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
@@ -113,7 +113,6 @@ def test_symlinks_inside_a_project_still_sync_exactly(make_agent, tmp_path):
     """A link the project tracks reaches the snapshot byte for byte, also when the mirror holds
     it munged (rrsync -munge stores `/rsyncd-munged/` + target): the agent reads the link
     itself, without ever resolving it, in both forms of an ask."""
-    from test_jobs import ask_body
     agent = make_agent()
     root = make_repo(tmp_path / "laptop", {"README.md": b"# x\n", "docs/guide.md": b"guide\n"})
     links = {"docs/readme-link": "../README.md", "abs-link": "/etc/hostname"}

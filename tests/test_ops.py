@@ -1,4 +1,4 @@
-"""Issue 12: running the agent as a service an admin can watch: the systemd unit and launchd
+"""Running the agent as a service an admin can watch (issue 12): the systemd unit and launchd
 plist, graceful shutdown, `status` and `gc`, all against the real agent process."""
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ import shlex
 import shutil
 import signal
 import subprocess
-import time
 
-from conftest import AgentProcess, pid_alive, script
+from conftest import AgentProcess, pid_alive, script, wait_until
 import patchwire_agent
 from test_usage import post, usage, wait_job
 
@@ -23,15 +22,6 @@ def agent_cli(box: AgentProcess, *args: str, env=None) -> subprocess.CompletedPr
                           stderr=subprocess.PIPE, text=True, timeout=60, env={**box.env, **(env or {})})
     assert proc.returncode == 0, proc.stderr
     return proc
-
-
-def wait_for(condition, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def wait_exit(box: AgentProcess, timeout: float = 30) -> int:
@@ -146,11 +136,11 @@ def test_sigterm_cancels_what_outlives_the_grace_time(make_agent, tmp_path):
     box = make_agent(server={"shutdown_grace_s": 1})
     pidfile = tmp_path / "pids"
     job = post(box, "alice", script({"hang": True, "pidfile": str(pidfile)}))
-    wait_for(lambda: pidfile.exists() and pidfile.read_text().endswith("\n"), "the AI to start")
+    wait_until(lambda: pidfile.exists() and pidfile.read_text().endswith("\n"), what="the AI to start")
     box.proc.send_signal(signal.SIGTERM)
     assert wait_exit(box) == 0
     leader, child = map(int, pidfile.read_text().split())
-    wait_for(lambda: not pid_alive(leader) and not pid_alive(child), "the AI's processes to end")
+    wait_until(lambda: not pid_alive(leader) and not pid_alive(child), what="the AI's processes to end")
     box.start()
     info = box.json("GET", f"/v1/jobs/{job}")[1]
     assert info["status"] == "cancelled"
@@ -162,7 +152,7 @@ def test_a_second_signal_cancels_at_once(make_agent):
     job = post(box, "alice", script({"hang": True}))
     wait_job(box, "alice", job, until=("running",))
     box.proc.send_signal(signal.SIGTERM)
-    wait_for(lambda: "signal again to cancel them now" in box.read_log(), "the agent to say it waits")
+    wait_until(lambda: "signal again to cancel them now" in box.read_log(), what="the agent to say it waits")
     box.proc.send_signal(signal.SIGINT)
     assert wait_exit(box, timeout=20) == 0
     box.start()
@@ -185,7 +175,7 @@ def test_ctrl_c_in_a_pipeline_lets_the_running_job_finish(make_agent):
         job = post(box, "alice", script({"sleep": 1.5}, {"write": "r.txt", "text": "r\n"}))
         wait_job(box, "alice", job, until=("running",))
         os.killpg(shell.pid, signal.SIGINT)
-        wait_for(lambda: not pid_alive(pid), "the agent to stop")
+        wait_until(lambda: not pid_alive(pid), what="the agent to stop")
     finally:
         shell.stdout.close()
         if shell.poll() is None:

@@ -5,9 +5,8 @@ someone's long jobs; the queue's estimates follow the order the jobs will really
 from __future__ import annotations
 
 import patchwire_agent as pa
-from conftest import script
+from conftest import ask_body, script
 from test_api import wait_for_event
-from test_jobs import ask_body
 from test_team import agent_cli, ask_as, edit_config, events_as, finish_all, gated, job_of, synced_laptop
 
 

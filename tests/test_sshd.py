@@ -6,11 +6,11 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
+from conftest import wait_until
 from sshd import (SSHDError, SSHServer, descendants, generate_key, pid_alive, require_sshd,
                   running_sshd)
 
@@ -40,15 +40,6 @@ def ssh(server: SSHServer, *args: str) -> subprocess.CompletedProcess:
 def multiplexing_options(control_dir: Path) -> list[str]:
     return ["-o", "ControlMaster=auto", "-o", f"ControlPath={control_dir}/%C",
             "-o", "ControlPersist=60"]
-
-
-def wait_until(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def test_echo_over_ssh(sshd_server: SSHServer):
@@ -115,7 +106,7 @@ def test_multiplexed_connection_is_reused(sshd_server: SSHServer, control_dir: P
         exited = ssh(sshd_server, *mux, "-O", "exit", sshd_server.alias)
     assert exited.returncode == 0, exited.stderr
     # The master unlinks its socket just after answering -O exit.
-    assert wait_until(lambda: not any(control_dir.iterdir()))
+    wait_until(lambda: not any(control_dir.iterdir()), timeout=5, what="the master to unlink its socket")
 
 
 def test_stop_leaves_no_sshd_processes(tmp_path: Path, control_dir: Path):

@@ -16,8 +16,8 @@ from typing import Dict, List, Optional
 import pytest
 
 import patchwire_agent as AGENT
-from conftest import Laptop, make_repo, script, tomli_w, tomllib, wait_until
-from test_api import ask_body, assert_json_error, post_ask, wait_for_event
+from conftest import Laptop, ask_body, make_repo, script, tomli_w, tomllib, wait_until
+from test_api import assert_json_error, post_ask, wait_for_event
 
 
 # ------------------------------------------------------------------ helpers

@@ -1,4 +1,4 @@
-"""Issue 12: per-user usage, /metrics, the OpenAPI document and the README's curl lines,
+"""Per-user usage (issue 12), /metrics, the OpenAPI document and the README's curl lines,
 against one real agent with three users (alice is an admin) and jobs that end every way,
 across a restart and after a user is removed from the config."""
 
@@ -18,22 +18,16 @@ from typing import Dict, List
 
 import pytest
 
-from conftest import (AgentProcess, Laptop, STAND_IN_COMMAND, make_repo, program_argv, script,
+from conftest import (AgentProcess, Laptop, STAND_IN_COMMAND, ask_body, make_repo, program_argv, script,
                       tomli_w, tomllib)
 import patchwire
 import patchwire_agent
 
-EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
 FIGURES = [name for name, _ in patchwire_agent.USAGE_FIGURES]
 
 
-def ask_body(prompt: str, project: str = "app") -> dict:
-    """An ask on an empty project: no rsync needed, the AI's files are the whole diff."""
-    return {"project": project, "tree": EMPTY_TREE, "files": [], "prompt": prompt}
-
-
 def post(agent: AgentProcess, user: str, prompt: str, project: str = "app") -> str:
-    status, job = agent.json("POST", "/v1/ask", ask_body(prompt, project), token=agent.tokens[user])
+    status, job = agent.json("POST", "/v1/ask", ask_body(None, prompt, project=project), token=agent.tokens[user])
     assert status == 202, job
     return job["id"]
 
@@ -418,9 +412,9 @@ def test_openapi_is_valid_and_matches_the_server(box, tmp_path):
              ("GET", "/v1/usage?since=soon", None, bob, {}), ("GET", "/metrics", None, alice, {}),
              ("GET", "/metrics", None, bob, {}), ("GET", "/v1/jobs", None, "wrong", {}),
              ("POST", "/v1/ask", {"project": "app"}, alice, {}),
-             ("POST", "/v1/ask", {**ask_body("x"), "tree": "0" * 40}, alice, {}),
-             ("POST", "/v1/ask", ask_body(script({"write": "n.txt", "text": "n\n"})), bob, {}),
-             ("POST", "/v1/ask", ask_body(script({"say": "streamed"})), bob, stream),
+             ("POST", "/v1/ask", {**ask_body(None, "x", project="app"), "tree": "0" * 40}, alice, {}),
+             ("POST", "/v1/ask", ask_body(None, script({"write": "n.txt", "text": "n\n"}), project="app"), bob, {}),
+             ("POST", "/v1/ask", ask_body(None, script({"say": "streamed"}), project="app"), bob, stream),
              ("GET", "/v1/openapi.json", None, None, {})]
     statuses = set()
     for method, path, body, token, headers in calls:
@@ -461,8 +455,8 @@ def test_readme_curl_examples_run(box, tmp_path):
     (bin_dir / "curl").write_text(f'#!/bin/sh\nexec {real_curl} --fail-with-body --max-time 30 "$@"\n')
     (bin_dir / "curl").chmod(0o755)
     work = make_repo(tmp_path / "work", {})
-    (work / "ask.json").write_text(json.dumps(ask_body(script({"write": "from-readme.txt", "text": "hi\n"}),
-                                                      "my-app")))
+    (work / "ask.json").write_text(json.dumps(ask_body(None, script({"write": "from-readme.txt", "text": "hi\n"}),
+                                                      project="my-app")))
     done = box.infos["alice"][0]["id"]
     env = {**os.environ, "HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     routes = set()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import zipfile
@@ -41,15 +42,23 @@ def need_node() -> str:
 
 
 def test_node_unit_tests_pass():
-    """editors/vscode/test/*.test.js: parsing, command flows, cancellation, error display."""
-    node = need_node()
-    tests = sorted(str(p) for p in (EXTENSION / "test").glob("*.test.js"))
-    assert len(tests) >= 3
-    proc = subprocess.run([node, "--test", *tests], cwd=EXTENSION, capture_output=True, text=True, timeout=120)
+    """`npm test` in editors/vscode, as an extension developer runs it: test/*.test.js (parsing,
+    command flows, cancellation, error display), and not their helpers beside them."""
+    need_node()
+    npm = shutil.which("npm")
+    if npm is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("npm is not installed: CI must run the VS Code extension's tests")
+        pytest.skip("npm is not installed")
+    proc = subprocess.run([npm, "test"], cwd=EXTENSION, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "NO_COLOR": "1"})
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert "# fail 0" in proc.stdout
-    passed = int(proc.stdout.split("# pass ")[1].split()[0])
-    assert passed >= 30, proc.stdout[-2000:]
+    # The summary: "# pass 42" from the tap reporter (Node 18-22 without a terminal), "ℹ pass 42"
+    # from spec (the default from Node 23 on).
+    counts = dict(re.findall(r"^(?:#|\u2139) (pass|fail) (\d+)$", proc.stdout, re.MULTILINE))
+    assert counts.get("fail") == "0", proc.stdout[-2000:]
+    assert int(counts.get("pass", 0)) >= 30, proc.stdout[-2000:]
+    assert "fake-patchwire" not in proc.stdout  # a helper is not a test file
 
 
 def package(out: Path, env: dict) -> subprocess.CompletedProcess:

@@ -6,7 +6,7 @@
 // stderr, an exit status. It logs its argv, cwd and stdin to FAKE_PATCHWIRE_LOG. `ask` with
 // "hold": true waits after its first lines until `cancel` runs (then prints "after") or until
 // SIGINT (then exits 130, as the CLI's Ctrl-C does). The real CLI is exercised by
-// tests/test_vscode_cli.py and tests/test_vscode_e2e.py.
+// tests/test_vscode.py (its CLI layer) and tests/test_vscode_e2e.py.
 const fs = require('fs');
 
 const argv = process.argv.slice(2);

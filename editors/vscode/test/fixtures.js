@@ -1,5 +1,5 @@
 'use strict';
-// What the real CLI printed (patchwire 0.3, stand-in AI), trimmed; tests/test_vscode_cli.py
+// What the real CLI printed (patchwire 0.3, stand-in AI), trimmed; tests/test_vscode.py
 // checks that the real CLI still prints the fields the extension reads.
 
 const JOB = '7aa6964d0087';

@@ -1,8 +1,9 @@
-"""Issue 14: the built zipapps start from bytecode from their first start on. build.sh asks
-shiv for --compile-pyc: the start that unpacks a zipapp compiles every bundled module for the
-Python running it (in worker processes), so even the agent's first start after an install
-does not keep the compiler's memory (bench/ask.py --zipapp measures its RSS). Another
-Python version later finds no bytecode of its own and writes it as usual: nothing breaks."""
+"""Zipapp bytecode (issue 14): the built zipapps start from bytecode from their first start on.
+build.sh asks shiv for --compile-pyc: the start that unpacks a zipapp compiles every bundled
+module for the Python running it (in worker processes), so even the agent's first start after
+an install does not keep the compiler's memory (bench/ask.py --zipapp measures its RSS).
+Another Python version later finds no bytecode of its own and writes it as usual: nothing
+breaks."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""Issue 14: an ask is O(changed). After the first, the laptop finds what changed with git's
-stat cache and sends the agent the base tree, the new tree and the changed and deleted paths;
-the agent updates its index for those paths only and checks the tree id. Every way the box
-can hold something else falls back to the full, checksummed sync, and the job always sees
-exactly the laptop's files."""
+"""An ask sends only what changed (issue 14: O(changed)). After the first, the laptop finds what
+changed with git's stat cache and sends the agent the base tree, the new tree and the changed
+and deleted paths; the agent updates its index for those paths only and checks the tree id.
+Every way the box can hold something else falls back to the full, checksummed sync, and the job
+always sees exactly the laptop's files."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 
 import patchwire
 from conftest import git, make_repo, script
-from test_issue10_sync import mirror_of, write_sync
+from test_sync_real_projects import mirror_of, write_sync
 
 
 def snapshots(agent) -> List[dict]:

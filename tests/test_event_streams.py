@@ -1,4 +1,4 @@
-"""Issue 14: event streams. A stream reads a job's latest events from memory (Store.follow,
+"""Event streams (issue 14). A stream reads a job's latest events from memory (Store.follow,
 EventTail) with the same bytes sqlite holds, and an event added between a stream's read and its
 wait ends the wait at once (Store.wait_change): with a bare condition, that notify was lost and
 the stream slept until the next event or its 1 s timeout. The latency itself is measured by

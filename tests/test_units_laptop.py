@@ -1,15 +1,13 @@
-"""Issue 15: the parsers and pure functions, called directly on small inputs (the process
-tests reach them only through a whole ask). Each case states the bytes in and out."""
+"""Pure logic of the laptop CLI (patchwire.py), called directly on small inputs: the process
+tests reach it only through a whole ask. Each case states the bytes in and out: the hunks a
+partial apply renders, git's quoted names, the strict patch reader, the config schema, values
+shown to a person, and following a job's event stream across dropped connections."""
 
 from __future__ import annotations
-
-import signal
-from pathlib import Path
 
 import pytest
 
 import patchwire as pw
-import patchwire_agent as pa
 
 # ------------------------------------------------------------------ Hunk.render
 
@@ -165,97 +163,6 @@ def test_a_schema_refuses_a_value_that_is_not_a_table(tmp_path):
     assert failure.value.hint == "known keys: count, env, flags, name, on, ratio, zero_ok"
 
 
-# ------------------------------------------------------------------ numstat
-
-
-@pytest.mark.parametrize("out, expected", [
-    (b"", {"files": 0, "added": 0, "removed": 0, "binary": 0}),
-    (b"3\t1\ta.py\x002\t0\tb c.py\x00", {"files": 2, "added": 5, "removed": 1, "binary": 0}),
-    (b"-\t-\timg.png\x00", {"files": 1, "added": 0, "removed": 0, "binary": 1}),
-    # a rename: empty path, then the old and new paths as their own NUL-terminated fields
-    (b"0\t0\t\x00old.txt\x00new.txt\x004\t4\tz.txt\x00", {"files": 2, "added": 4, "removed": 4, "binary": 0}),
-    (b"1\t0\t\x00tab\there\x00new\x00", {"files": 1, "added": 1, "removed": 0, "binary": 0}),
-])
-def test_numstat_counts_files_lines_and_binaries(out, expected):
-    assert pa.parse_numstat(out) == expected
-
-
-# ------------------------------------------------------------------ StreamParser
-
-
-def test_the_stream_parser_turns_claude_lines_into_events():
-    events: list = []
-    parser = pa.StreamParser(events.append, Path("/job"))
-    for line in (b"plain output before init\n",
-                 b'{"type": "system", "subtype": "init", "session_id": "s9", "model": "m1"}\n',
-                 b'{"type": "assistant", "message": {"content": [{"type": "text", "text": "hi"},'
-                 b' {"type": "tool_use", "name": "Edit", "input": {"file_path": "/job/src/a.py"}}]}}\n',
-                 b'{"type": "user", "message": {"content": [{"type": "tool_result", "is_error": true,'
-                 b' "content": [{"type": "text", "text": "denied"}]}]}}\n',
-                 b'{"type": "newer_kind", "x": 1}\n',
-                 b"\n",
-                 b'{"type": "result", "subtype": "success", "is_error": false, "num_turns": 2, "usage": {"a": 1}}\n'):
-        parser.feed(line)
-    assert events == [
-        {"type": "output", "text": "plain output before init"},
-        {"type": "session", "session_id": "s9", "model": "m1"},
-        {"type": "text", "text": "hi"},
-        {"type": "tool", "name": "Edit", "detail": "src/a.py"},  # the job folder is not shown
-        {"type": "tool_error", "text": "denied"},
-        {"type": "result", "subtype": "success", "is_error": False, "num_turns": 2, "usage": {"a": 1}},
-    ]
-    assert parser.claude and parser.session_id == "s9" and parser.result["num_turns"] == 2
-
-
-def test_json_from_a_command_that_is_not_claude_passes_through_as_output():
-    events: list = []
-    parser = pa.StreamParser(events.append, Path("/job"))
-    parser.feed(b'{"type": "result", "subtype": "success"}\r\n')
-    assert events == [{"type": "output", "text": '{"type": "result", "subtype": "success"}'}]
-    assert parser.result is None and not parser.claude
-
-
-# ------------------------------------------------------------------ AIRun.judge
-
-
-def judged(code: int, result=None, claude: bool = True, stop: str = "", stderr: bytes = b""):
-    run = pa.AIRun(["true"], Path("/job"), {}, "prompt", timeout_s=60, emit=lambda e: None)
-    run.parser.result, run.parser.claude, run.stderr_tail = result, claude, stderr
-    if stop:
-        run.stop_reason = stop
-    return run.judge(code)[:2]
-
-
-OK = {"type": "result", "subtype": "success", "is_error": False, "result": "all done"}
-
-
-@pytest.mark.parametrize("kwargs, expected", [
-    ({"code": 0, "result": OK}, ("done", "")),
-    ({"code": 0, "result": None, "claude": False}, ("done", "")),  # another command, exit 0
-    ({"code": 0, "result": None}, ("failed", "the AI ended without a result line")),
-    ({"code": 0, "result": OK, "stop": "cancelled by ann"}, ("cancelled", "cancelled by ann")),
-    ({"code": 0, "result": {**OK, "subtype": "error_max_turns"}},
-     ("failed", "the AI stopped at its turn limit (--max-turns in [ai] command): ask for a smaller step, "
-                "or raise the limit")),
-    ({"code": 0, "result": {**OK, "is_error": True, "result": "quota"}}, ("failed", "the AI reported an error: quota")),
-    ({"code": 0, "result": {**OK, "subtype": "error_during_execution", "result": ""}},
-     ("failed", "the AI reported an error: error_during_execution")),
-    ({"code": -signal.SIGKILL, "result": OK}, ("failed", "the AI command was killed by signal SIGKILL")),
-    ({"code": 2, "result": None, "claude": False, "stderr": b"usage: claude\n"},
-     ("failed", "the AI command exited with status 2: usage: claude")),
-    ({"code": 3, "result": None, "claude": False}, ("failed", "the AI command exited with status 3: no output")),
-])
-def test_the_judge_names_how_a_run_ended(kwargs, expected):
-    assert judged(**kwargs) == expected
-
-
-def test_permission_denials_fail_the_run_and_are_described():
-    status, reason = judged(0, {**OK, "permission_denials": [{"tool_name": "Bash", "tool_input": {"command": "rm x"}},
-                                                             "not a dict"]})
-    assert status == "failed"
-    assert "Bash" in reason
-
-
 # ------------------------------------------------------------------ human_value
 
 
@@ -266,3 +173,48 @@ def test_permission_denials_fail_the_run_and_are_described():
 ])
 def test_human_value_reads_json_as_a_person_would(value, shown):
     assert pw.human_value(value) == shown
+
+
+# ------------------------------------------------------------------ following a job's event stream
+
+
+class FakeClient:
+    def __init__(self, events):
+        self.paths, self.event_list = [], events
+
+    def events(self, job, after=0, follow=True):  # patchwire.Client.events, recorded
+        self.paths.append(f"/v1/jobs/{job}/events?after={after}")
+        yield from self.event_list
+
+    def job(self, job):  # patchwire.Client.job: still running
+        return {"id": job, "status": "running"}
+
+
+class FakeSession:
+    def __init__(self, client):
+        self.client = client
+
+
+def test_a_dropped_stream_continues_after_the_last_event_seen(monkeypatch):
+    monkeypatch.setattr(pw.time, "sleep", lambda s: None)
+
+    def first():
+        yield {"seq": 1, "job": "abc", "type": "queued"}
+        yield {"seq": 2, "job": "abc", "type": "started"}
+        raise ConnectionResetError("connection reset by peer")
+    client = FakeClient([{"seq": 3, "job": "abc", "type": "text", "text": "hi"},
+                         {"seq": 4, "job": "abc", "type": "finished"}])
+    seen = []
+    end = pw.stream_job(FakeSession(client), first(), seen.append)
+    assert end["type"] == "finished"
+    assert client.paths == ["/v1/jobs/abc/events?after=2"]
+    assert [e["seq"] for e in seen] == [1, 2, 3, 4]
+
+
+def test_a_stream_that_never_ends_is_an_agent_error(monkeypatch):
+    monkeypatch.setattr(pw.time, "sleep", lambda s: None)
+    client = FakeClient([{"seq": 2, "job": "abc", "type": "text", "text": "still going"}])
+    first = iter([{"seq": 1, "job": "abc", "type": "queued"}])
+    with pytest.raises(pw.AgentError, match="ended before the job did"):
+        pw.stream_job(FakeSession(client), first, lambda e: None)
+    assert 0 < len(client.paths) <= 40  # bounded reconnections (patchwire.RECONNECT_FOR_S)

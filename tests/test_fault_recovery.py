@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 import patchwire_agent as pa
-from conftest import Laptop, make_repo, pid_alive, script, tomli_w, tomllib, tree_digest
-from test_jobs import ask_body, read_until, start_ask, wait_for
+from conftest import Laptop, ask_body, make_repo, pid_alive, script, tomli_w, tomllib, tree_digest, wait_until
+from test_jobs import read_until, start_ask
 
 TERMINAL = {"done", "failed", "cancelled"}
 
@@ -78,7 +78,7 @@ def test_ai_killed_with_sigkill(make_agent, tmp_path):
     assert proc.wait(60) == 4
     err = proc.stderr.read().decode()
     assert "the AI command was killed by signal SIGKILL" in err
-    wait_for(lambda: not pid_alive(child), what="the AI's child to be ended with its group")
+    wait_until(lambda: not pid_alive(child), what="the AI's child to be ended with its group")
     assert before.unchanged()
     [job] = all_jobs_ended(box)
     assert job["status"] == "failed" and job["reason"] == "the AI command was killed by signal SIGKILL"
@@ -95,7 +95,7 @@ def test_ai_hanging_ends_at_its_timeout_with_everything_it_started(make_agent, t
     job = box.wait_job(job["id"], timeout=30)
     assert job["status"] == "failed" and job["reason"] == "timed out after 1 s"
     slots = box.state_dir / "users/alice/projects/laptop/slots"
-    wait_for(lambda: not processes_in(slots), what="the AI and its child to end")
+    wait_until(lambda: not processes_in(slots), what="the AI and its child to end")
     assert before.unchanged()
     all_jobs_ended(box)
 
@@ -169,7 +169,7 @@ def test_agent_killed_mid_stream_and_restarted(make_agent, tmp_path):
     err = proc.stderr.read().decode()
     assert "lost the event stream" in err and "agent restarted while the job ran" in err
     leader, child = map(int, pidfile.read_text().split())
-    wait_for(lambda: not pid_alive(leader) and not pid_alive(child), what="recovery to end the AI")
+    wait_until(lambda: not pid_alive(leader) and not pid_alive(child), what="recovery to end the AI")
     assert before.unchanged()
     [job] = all_jobs_ended(box)
     events = box.events(job["id"])
@@ -187,9 +187,9 @@ def test_a_confined_ai_dies_with_a_killed_agent(make_agent, tmp_path):
     before = Before(box, lap)
     status, job = box.json("POST", "/v1/ask", ask_body(lap, script({"say": "starting"}, {"hang": True})))
     slots = box.state_dir / "users/alice/projects/laptop/slots"
-    wait_for(lambda: processes_in(slots), what="the AI to start")
+    wait_until(lambda: processes_in(slots), what="the AI to start")
     box.kill()
-    wait_for(lambda: not processes_in(slots), what="the AI to end with the agent")
+    wait_until(lambda: not processes_in(slots), what="the AI to end with the agent")
     box.start()
     info = box.wait_job(job["id"])
     assert info["status"] == "failed" and info["reason"] == "agent restarted while the job ran"

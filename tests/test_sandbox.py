@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 
 import patchwire_agent as pa
-from conftest import Laptop, make_repo, script, tree_digest
-from test_jobs import ask_body
+from conftest import Laptop, ask_body, make_repo, script, tree_digest
 
 SECRET = b"bob's secret: hunter2\n"
 

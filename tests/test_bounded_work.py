@@ -1,4 +1,4 @@
-"""Issue 14's bounded work: the coloured preview asks difflib about a bounded number of line
+"""Bounded work (issue 14): the coloured preview asks difflib about a bounded number of line
 pairs per run (the rest are highlighted by their common prefix and suffix, and no text is lost),
 and `--help`/`--version` start without the network modules. Speed itself is in bench/ask.py."""
 

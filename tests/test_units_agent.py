@@ -1,0 +1,287 @@
+"""Pure logic of the box agent (patchwire_agent.py), in process: config defaults never shared,
+the AI's output parsed defensively (Claude's stream-json lines into events, how a run ended), a
+reader that cannot record ends the run as failed (with a real process), events and status read
+together, private folders whatever the umask, the fair queue, the job folder's clean check, and
+git's numstat counted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import patchwire
+import patchwire_agent as pa
+
+# ------------------------------------------------------------------ config, the AI's output, the store
+
+
+def test_schema_defaults_are_not_shared_between_configs(tmp_path):
+    schema = patchwire.Schema(tmp_path / "x.toml", "ai", pa.AI_SCHEMA)
+    first, second = schema.read({}), schema.read({})
+    first["command"].append("--oops")
+    first["env"]["LEAK"] = "1"
+    assert second["command"] == pa.CLAUDE_COMMAND and "--oops" not in pa.CLAUDE_COMMAND
+    assert second["env"] == {} and pa.AI_SCHEMA["env"][1] == {}
+    a = pa.AgentConfig(tmp_path / "a.toml", {})
+    a.ai_command.append("--max-turns")
+    assert pa.AgentConfig(tmp_path / "b.toml", {}).ai_command == pa.CLAUDE_COMMAND
+
+
+def parsed(*lines: str) -> list:
+    events: list = []
+    parser = pa.StreamParser(events.append, Path("/job"))
+    for line in lines:
+        parser.feed(line.encode() + b"\n")
+    return events
+
+
+INIT = json.dumps({"type": "system", "subtype": "init", "session_id": "s1", "model": "m"})
+
+
+@pytest.mark.parametrize("line", [
+    '{"no_type": 1}', '{"type": null}', '{"type": ["a"]}', '"just a string"', "42",
+    '{"type": "assistant", "message": []}', '{"type": "assistant", "message": "text"}',
+    '{"type": "assistant", "message": {"content": [{"type": "tool_use", "input": "not a dict"}]}}',
+    '{"type": "user", "message": 7}',
+])
+def test_unexpected_shapes_become_output_events(line):
+    events = parsed(INIT, line, '{"type": "assistant", "message": {"content": [{"type": "text", "text": "after"}]}}')
+    assert events[0]["type"] == "session"
+    assert events[1] == {"type": "output", "text": line}
+    assert events[2] == {"type": "text", "text": "after"}  # and the parser goes on
+
+
+def test_a_result_line_of_odd_shape_still_judges():
+    events: list = []
+    parser = pa.StreamParser(events.append, Path("/job"))
+    for line in (INIT, '{"type": "result", "subtype": "success", "is_error": false, "usage": "x", '
+                       '"permission_denials": {"a": 1}, "session_id": 5}'):
+        parser.feed(line.encode())
+    assert parser.result["usage"] == {} and parser.result["permission_denials"] == []
+    assert parser.session_id == "s1"  # a session id that is not a string is ignored
+    summary = pa.summarize_result(parser.result, 1.0, 0)
+    assert summary["tokens_in"] is None and summary["subtype"] == "success"
+
+
+def test_a_reader_that_cannot_record_ends_the_run_as_failed(tmp_path):
+    """The AI keeps printing; the store refuses the 3rd event (as a full disk does): the run
+    ends as failed with that reason, not at its timeout, and the process is gone."""
+    seen = []
+
+    def emit(event):
+        if len(seen) == 2:
+            raise pa.sqlite3.OperationalError("database or disk is full")
+        seen.append(event)
+
+    ai = [sys.executable, "-c", "import sys\nwhile True: print('line', flush=True)"]
+    run = pa.AIRun(ai, tmp_path, dict(os.environ), "prompt", timeout_s=600, emit=emit)
+    status, reason, _ = run.run()  # the reason says it did not wait for the timeout
+    assert (status, reason) == ("failed", "the agent could not record the AI's output: database or disk is full")
+    assert run.proc.poll() is not None
+
+
+def test_overlong_lines_are_cut_and_the_rest_skipped(tmp_path):
+    events: list = []
+    code = ("import sys; w = sys.stdout.write; w('a' * (5 * 2**20) + '\\n'); w('short\\n'); "
+            "w('b' * (9 * 2**20)); w('\\n'); w('end\\n')")
+    run = pa.AIRun([sys.executable, "-c", code], tmp_path, dict(os.environ), "", 60, events.append)
+    assert run.run()[0] == "done"
+    texts = [e["text"] for e in events]
+    assert texts[1:] == ["short", texts[2], "end"] and texts[2].startswith("bbbb")
+    assert texts[0].startswith("aaaa") and texts[0].endswith(" [...]") and len(texts[0]) == pa.MAX_EVENT_TEXT + 6
+
+
+def test_events_and_status_are_read_together(tmp_path):
+    store = pa.Store(tmp_path)
+    store.create_job({"id": "j1", "user": "u", "project": "p", "prompt": "x", "status": "running",
+                      "created": 1.0})
+    store.add_event("j1", {"type": "text", "text": "hi"})
+    assert [e["seq"] for e in store.events_and_status("j1", 0)[0]] == [1]
+    store.add_event("j1", {"type": "finished"}, status="done")
+    events, status = store.events_and_status("j1", 1)
+    assert status == "done" and [e["type"] for e in events] == ["finished"]
+    assert store.events_and_status("nope", 0) == ([], None)
+    store.close()
+
+
+def test_private_folders_and_files_whatever_the_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        state = tmp_path / "state"
+        pa.make_private_dir(state)
+        store = pa.Store(state)
+        store.write_patch("j1", b"diff\n")
+        store.close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert stat.S_IMODE((state / "jobs.sqlite3").stat().st_mode) == 0o600
+    assert stat.S_IMODE((state / "patches/j1.patch").stat().st_mode) == 0o600
+
+
+# ------------------------------------------------------------------ the fair queue
+
+
+def item(job: str, user: str, project: str = "p") -> pa.QueueItem:
+    return pa.QueueItem(job, user, project)
+
+
+def test_queue_is_round_robin_over_users():
+    queue = pa.FairQueue()
+    for job, user in (("a1", "alice"), ("a2", "alice"), ("a3", "alice"), ("b1", "bob"), ("c1", "carol")):
+        queue.put(item(job, user))
+    assert queue.order() == ["a1", "b1", "c1", "a2", "a3"]
+    taken = [queue.take(lambda i: True).job_id for _ in range(5)]
+    assert taken == ["a1", "b1", "c1", "a2", "a3"]
+
+
+def test_queue_skips_a_busy_project_and_serves_the_next():
+    queue = pa.FairQueue()
+    queue.put(item("a1", "alice", "busy"))
+    queue.put(item("a2", "alice", "free"))
+    queue.put(item("b1", "bob", "busy"))
+    first = queue.take(lambda i: i.project != "busy")
+    assert first.job_id == "a2"
+    assert queue.order() == ["b1", "a1"]  # alice was served: bob's turn comes first now
+
+
+def test_queue_remove_and_close():
+    queue = pa.FairQueue()
+    queue.put(item("a1", "alice"))
+    assert queue.remove("a1") and not queue.remove("a1")
+    assert queue.order() == []
+    queue.close()
+    assert queue.take(lambda i: True) is None
+
+
+# ------------------------------------------------------------------ the job folder's clean check
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    repo = pa.ProjectRepo(tmp_path / "state", "alice", "demo")
+    repo.ensure()
+    (repo.mirror / "a.txt").write_bytes(b"a\n")
+    (repo.mirror / ".gitignore").write_bytes(b"build/\n")
+    git = repo.git(repo.mirror, GIT_INDEX_FILE=str(repo.home / "t.index"))
+    git("add", "-A", "-f", ".")
+    tree = git.text("write-tree")
+    manifest = [(m, s, p) for p, (m, s) in sorted(git.ls_files_stage().items())]
+    commit = repo.snapshot(tree, manifest)
+    folder = repo.prepare_slot(0, commit)
+    return repo, commit, folder
+
+
+def test_a_warm_job_folder_is_made_exactly_the_snapshot(prepared):
+    repo, commit, folder = prepared
+    (folder / "build").mkdir()
+    (folder / "build" / "cache").write_bytes(b"ignored: fine")
+    (folder / "stray.txt").write_bytes(b"left over")
+    (folder / "a.txt").write_bytes(b"changed\n")
+    (folder / "nested").mkdir()
+    subprocess.run(["git", "init", "-q", str(folder / "nested")], check=True)
+    assert repo.prepare_slot(0, commit) == folder
+    assert (folder / "build" / "cache").read_bytes() == b"ignored: fine"
+    assert not (folder / "stray.txt").exists() and not (folder / "nested").exists()
+    assert (folder / "a.txt").read_bytes() == b"a\n"
+    repo._check_slot_clean(0, commit)
+    with pytest.raises(patchwire.PatchwireError, match="HEAD is not at"):
+        repo._check_slot_clean(0, "0" * 40)
+
+
+# ------------------------------------------------------------------ numstat
+
+
+@pytest.mark.parametrize("out, expected", [
+    (b"", {"files": 0, "added": 0, "removed": 0, "binary": 0}),
+    (b"3\t1\ta.py\x002\t0\tb c.py\x00", {"files": 2, "added": 5, "removed": 1, "binary": 0}),
+    (b"-\t-\timg.png\x00", {"files": 1, "added": 0, "removed": 0, "binary": 1}),
+    # a rename: empty path, then the old and new paths as their own NUL-terminated fields
+    (b"0\t0\t\x00old.txt\x00new.txt\x004\t4\tz.txt\x00", {"files": 2, "added": 4, "removed": 4, "binary": 0}),
+    (b"1\t0\t\x00tab\there\x00new\x00", {"files": 1, "added": 1, "removed": 0, "binary": 0}),
+])
+def test_numstat_counts_files_lines_and_binaries(out, expected):
+    assert pa.parse_numstat(out) == expected
+
+
+# ------------------------------------------------------------------ StreamParser
+
+
+def test_the_stream_parser_turns_claude_lines_into_events():
+    events: list = []
+    parser = pa.StreamParser(events.append, Path("/job"))
+    for line in (b"plain output before init\n",
+                 b'{"type": "system", "subtype": "init", "session_id": "s9", "model": "m1"}\n',
+                 b'{"type": "assistant", "message": {"content": [{"type": "text", "text": "hi"},'
+                 b' {"type": "tool_use", "name": "Edit", "input": {"file_path": "/job/src/a.py"}}]}}\n',
+                 b'{"type": "user", "message": {"content": [{"type": "tool_result", "is_error": true,'
+                 b' "content": [{"type": "text", "text": "denied"}]}]}}\n',
+                 b'{"type": "newer_kind", "x": 1}\n',
+                 b"\n",
+                 b'{"type": "result", "subtype": "success", "is_error": false, "num_turns": 2, "usage": {"a": 1}}\n'):
+        parser.feed(line)
+    assert events == [
+        {"type": "output", "text": "plain output before init"},
+        {"type": "session", "session_id": "s9", "model": "m1"},
+        {"type": "text", "text": "hi"},
+        {"type": "tool", "name": "Edit", "detail": "src/a.py"},  # the job folder is not shown
+        {"type": "tool_error", "text": "denied"},
+        {"type": "result", "subtype": "success", "is_error": False, "num_turns": 2, "usage": {"a": 1}},
+    ]
+    assert parser.claude and parser.session_id == "s9" and parser.result["num_turns"] == 2
+
+
+def test_json_from_a_command_that_is_not_claude_passes_through_as_output():
+    events: list = []
+    parser = pa.StreamParser(events.append, Path("/job"))
+    parser.feed(b'{"type": "result", "subtype": "success"}\r\n')
+    assert events == [{"type": "output", "text": '{"type": "result", "subtype": "success"}'}]
+    assert parser.result is None and not parser.claude
+
+
+# ------------------------------------------------------------------ AIRun.judge
+
+
+def judged(code: int, result=None, claude: bool = True, stop: str = "", stderr: bytes = b""):
+    run = pa.AIRun(["true"], Path("/job"), {}, "prompt", timeout_s=60, emit=lambda e: None)
+    run.parser.result, run.parser.claude, run.stderr_tail = result, claude, stderr
+    if stop:
+        run.stop_reason = stop
+    return run.judge(code)[:2]
+
+
+OK = {"type": "result", "subtype": "success", "is_error": False, "result": "all done"}
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"code": 0, "result": OK}, ("done", "")),
+    ({"code": 0, "result": None, "claude": False}, ("done", "")),  # another command, exit 0
+    ({"code": 0, "result": None}, ("failed", "the AI ended without a result line")),
+    ({"code": 0, "result": OK, "stop": "cancelled by ann"}, ("cancelled", "cancelled by ann")),
+    ({"code": 0, "result": {**OK, "subtype": "error_max_turns"}},
+     ("failed", "the AI stopped at its turn limit (--max-turns in [ai] command): ask for a smaller step, "
+                "or raise the limit")),
+    ({"code": 0, "result": {**OK, "is_error": True, "result": "quota"}}, ("failed", "the AI reported an error: quota")),
+    ({"code": 0, "result": {**OK, "subtype": "error_during_execution", "result": ""}},
+     ("failed", "the AI reported an error: error_during_execution")),
+    ({"code": -signal.SIGKILL, "result": OK}, ("failed", "the AI command was killed by signal SIGKILL")),
+    ({"code": 2, "result": None, "claude": False, "stderr": b"usage: claude\n"},
+     ("failed", "the AI command exited with status 2: usage: claude")),
+    ({"code": 3, "result": None, "claude": False}, ("failed", "the AI command exited with status 3: no output")),
+])
+def test_the_judge_names_how_a_run_ended(kwargs, expected):
+    assert judged(**kwargs) == expected
+
+
+def test_permission_denials_fail_the_run_and_are_described():
+    status, reason = judged(0, {**OK, "permission_denials": [{"tool_name": "Bash", "tool_input": {"command": "rm x"}},
+                                                             "not a dict"]})
+    assert status == "failed"
+    assert "Bash" in reason
