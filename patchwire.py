@@ -49,10 +49,12 @@ Everything the box sends is hostile data (README: Threat model): a patch is read
 and refused as a whole unless every byte is what `git diff` writes and every path and
 symlink stays inside the project, out of .git and off Patchwire's own settings; files are
 read and written here without following symlinks; the 3-way merge base is this laptop's
-own record; every string from the box is sanitised before it reaches a terminal, and
-every answer is read within a size cap and a deadline, as strict JSON whose fields are
-type-checked (HTTP client). An
-https agent is verified against the system's CAs, or `ca_file` in .patchwire.toml.
+own record; a file of yours where the patch puts a new file or a rename (untracked,
+ignored: never reviewed) is replaced only when you say so (asked on a terminal, else
+`--overwrite-untracked`), its bytes kept for undo; every string from the box is sanitised
+before it reaches a terminal, and every answer is read within a size cap and a deadline, as
+strict JSON whose fields are type-checked (HTTP client). An https agent is verified against
+the system's CAs, or `ca_file` in .patchwire.toml.
 
 This module is also the shared base of patchwire_agent.py. What both programs use (the
 protocol's constants, the error base, the one subprocess runner, `Git`, config schemas, the
@@ -5455,9 +5457,9 @@ def build_parser() -> argparse.ArgumentParser:
     p["apply"].add_argument("--keep-conflicts", action="store_true",
                             help="where your edits and the AI's overlap, write conflict markers instead of asking")
     p["apply"].add_argument("--overwrite-untracked", action="store_true",
-                            help="replace files already at a new file's or a rename's destination (untracked "
-                            "or ignored: never synced, never reviewed) instead of refusing (--yes) or asking; "
-                            "--undo puts their bytes back")
+                            help="replace files of yours (untracked or ignored, so not part of what you "
+                            "reviewed) where the change puts a new file or a rename, instead of asking (on a "
+                            "terminal) or refusing (--yes); `apply --undo` puts them back")
     p["apply"].add_argument("--undo", action="store_true", help="restore the files the last apply touched")
     p["apply"].add_argument("paths", nargs="*", metavar="-- PATH",
                             help="after --: apply only these files, exact names (a file may be called --undo)")
