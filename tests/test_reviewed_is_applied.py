@@ -183,15 +183,17 @@ SECRET = b"API_KEY=the-real-secret\n"  # the ignored .env: 24 bytes
 MINE = b"// mine, never synced\r\nvoid main() {}\0"  # an untracked file made after the sync: 38 bytes
 
 
-def in_the_way_job(lap: Laptop, box: FakeBox, job: str) -> None:
+def in_the_way_job(lap: Laptop, box: FakeBox, job: str, ask: bool = False) -> None:
     """A job that renames config/env.sample onto the ignored .env, adds lib/x.dart where an
-    untracked file of the user's now is, and edits app.py (in the way of nothing)."""
+    untracked file the user made after the sync now is, and edits app.py (in the way of nothing)."""
     patch = RENAME_ONTO_ENV + real_diff(lap, {"app.py": APP.replace(b"return False\n\n\ndef", b"return True\n\n\ndef"),
                                               "lib/x.dart": b"void main() => print('AI');\n"})
+    box.add_job(job, patch, ask=ask)
+    if ask:  # asked here: the laptop records the synced files, a 3-way base
+        lap.run("ask", "--no-apply", "go", check=0)
     (lap.root / "lib").mkdir(exist_ok=True)
     (lap.root / "lib/x.dart").write_bytes(MINE)
     os.chmod(lap.root / "lib/x.dart", 0o755)
-    box.add_job(job, patch)
 
 
 def test_files_in_the_way_are_refused_without_a_terminal_naming_them_and_the_flag(world):
@@ -222,6 +224,20 @@ def test_overwrite_untracked_replaces_them_and_undo_puts_back_the_exact_bytes(wo
     lap.run("apply", "--undo", check=0)
     assert tree_digest(lap.root) == before  # bytes and modes: the 755 of lib/x.dart too
     assert (lap.root / ".env").read_bytes() == SECRET and (lap.root / "lib/x.dart").read_bytes() == MINE
+
+
+def test_a_3_way_apply_that_is_refused_puts_the_files_in_the_way_back(world):
+    lap, box = world
+    in_the_way_job(lap, box, "a8a8a8", ask=True)
+    (lap.root / "app.py").write_bytes(APP.replace(b"return False\n\n\ndef", b"return None\n\n\ndef"))
+    before = tree_digest(lap.root)
+    overlap = lap.run("apply", "a8a8a8", "--yes", "--overwrite-untracked")
+    assert overlap.returncode == 5 and "overlap in app.py" in overlap.err, overlap.err
+    assert tree_digest(lap.root) == before  # .env and lib/x.dart were set aside, then put back
+    lap.run("apply", "a8a8a8", "--yes", "--overwrite-untracked", "--keep-conflicts", check=0)
+    assert (lap.root / ".env").read_bytes() == b"API_KEY=changeme\n" and b">>>>>>>" in (lap.root / "app.py").read_bytes()
+    lap.run("apply", "--undo", check=0)
+    assert tree_digest(lap.root) == before
 
 
 def test_patchwires_own_files_and_tracked_files_are_never_replaced_even_with_the_flag(world):
