@@ -4016,8 +4016,8 @@ def files_in_the_way(project: "Project", files: Sequence[FilePatch]) -> List[InT
             continue
         status = worktree_status(project, f.path) if here is not None else "a folder"
         if here is None or status == "tracked":
-            raise PatchError(f"{sanitize(f.path)} is already here ({status}), and the patch calls it a new "
-                             "file: it was not made from the files here; nothing was changed",
+            raise PatchError(f"{sanitize(f.path)} is already here ({status}), where the patch puts a new file "
+                             "or a rename: it was not made from the files here; nothing was changed",
                              "if you made it since the ask, move it away and apply again; otherwise ask again")
         found.append(InTheWay(f, status, *here))
     return found
@@ -4685,7 +4685,8 @@ def settle_in_the_way(session: Session, job: str, chosen: bytes, overwrite: Opti
     `overwrite` True all of them, False none (the Applier then refuses, naming them), None as
     answered on stdin file by file; a file kept leaves its section out of the change, and q
     leaves nothing to apply. Patchwire's own files never get here: vetting refuses them."""
-    found = files_in_the_way(session.project, session.vet(chosen, job, whole=False)) if chosen.strip() else []
+    found = (files_in_the_way(session.project, session.vet(chosen, job, whole=False))
+             if may_be_in_the_way(session.project.root, chosen) else [])
     if not found or overwrite is False:
         return chosen, {}
     answers = {w.path: True for w in found} if overwrite else ask_overwrites(found, style)
@@ -4695,6 +4696,12 @@ def settle_in_the_way(session: Session, job: str, chosen: bytes, overwrite: Opti
     if kept:
         say("kept yours, left out of the change: " + ", ".join(map(sanitize, kept)))
     return leave_out(chosen, kept), {w.path: w.digest for w in found if answers[w.path]}
+
+
+def may_be_in_the_way(root: Path, patch: bytes) -> bool:
+    """Whether something is here where the patch puts a new file or a rename: only then is
+    the patch vetted again, its results computed (a git call per file)."""
+    return any(f.kind in ("new", "renamed") and lstat_or_none(root / f.path) for f in split_patch(patch))
 
 
 def ask_overwrites(found: Sequence[InTheWay], style: Style) -> Optional[Dict[str, bool]]:
