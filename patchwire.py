@@ -49,10 +49,12 @@ Everything the box sends is hostile data (README: Threat model): a patch is read
 and refused as a whole unless every byte is what `git diff` writes and every path and
 symlink stays inside the project, out of .git and off Patchwire's own settings; files are
 read and written here without following symlinks; the 3-way merge base is this laptop's
-own record; every string from the box is sanitised before it reaches a terminal, and
-every answer is read within a size cap and a deadline, as strict JSON whose fields are
-type-checked (HTTP client). An
-https agent is verified against the system's CAs, or `ca_file` in .patchwire.toml.
+own record; a file of yours where the patch puts a new file or a rename (untracked,
+ignored: never reviewed) is replaced only when you say so (asked on a terminal, else
+`--overwrite-untracked`), its bytes kept for undo; every string from the box is sanitised
+before it reaches a terminal, and every answer is read within a size cap and a deadline, as
+strict JSON whose fields are type-checked (HTTP client). An https agent is verified against
+the system's CAs, or `ca_file` in .patchwire.toml.
 
 This module is also the shared base of patchwire_agent.py. What both programs use (the
 protocol's constants, the error base, the one subprocess runner, `Git`, config schemas, the
@@ -996,6 +998,9 @@ HEAVY_FOLDERS = ("node_modules", "Pods", "build", ".dart_tool", ".gradle", ".ven
 # Sync records kept in Patchwire's store per project (a job's 3-way merge base is one of them).
 RECORDS_KEPT = 30
 RECORDS_PRUNE_AT = 40
+# `details.code` of apply's JSON error when files are in the way of a new file or a rename
+# (the VS Code extension offers to replace them: apply --overwrite-untracked).
+CODE_IN_THE_WAY = "in_the_way"
 
 
 HELP_EPILOG = (textwrap.fill("exit codes: " + ", ".join(f"{int(s)} {s.meaning}".replace(" ", "\0")
@@ -3471,16 +3476,32 @@ class Applier:
         self.answers = answers
         self.merger = ThreeWayMerge(project)
         self.undo_log = UndoLog(project)
+        self.aside: List[dict] = []  # undo entries of the files in the way, moved out
 
-    def apply(self, patch: bytes, base_tree: Optional[str], keep_conflicts: Optional[bool]) -> dict:
+    def apply(self, patch: bytes, base_tree: Optional[str], keep_conflicts: Optional[bool],
+              overwrite: Optional[Dict[str, str]] = None) -> dict:
+        """`overwrite`: the decision on files in the way of a new file or a rename ({path:
+        sha256 of the bytes the user agreed to replace}, made by the caller before: this
+        code asks nothing); any other file in the way refuses the patch (check_destinations).
+        On any failure the files set aside go back, byte for byte."""
         files = vet_on_disk(self.project.root, split_patch(patch), self.protected)
         compute_results(self.project, files, base_tree, whole=False)
-        check_destinations(self.project.root, files)
+        self.aside = self.set_aside(check_destinations(self.project, files, overwrite or {}, self.job))
+        try:
+            result = self.apply_vetted(patch, files, base_tree, keep_conflicts)
+        except BaseException:
+            self.undo_log.put_back(self.aside)
+            raise
+        result["replaced"] = [e["path"] for e in self.aside]
+        return result
+
+    def apply_vetted(self, patch: bytes, files: List[FilePatch], base_tree: Optional[str],
+                     keep_conflicts: Optional[bool]) -> dict:
         paths = touched_paths(files)
         gone = removed_links(self.project.root, files)
         check = self.git.run("apply", "--check", "--binary", "-", input=patch, check=False)
         if check.returncode == 0:
-            before = self.undo_log.save(paths, gone)
+            before = self.saved(paths, gone)
             exact = unchanged_since_sync(self.project, files, base_tree)
             self.git("apply", "--binary", "-", input=patch)
             self.check_written(files, exact, before)
@@ -3509,9 +3530,24 @@ class Applier:
                              "; nothing was changed",
                              f"resolve by hand: `patchwire diff {self.job}` shows the AI's change; "
                              f"or run `patchwire apply {self.job} --keep-conflicts` to get conflict markers")
-        before = self.undo_log.save(list(merged), gone)
+        before = self.saved(list(merged), gone)
         self.write(merged, before)
         return self.done(before, "3-way", list(merged), conflicts)
+
+    def set_aside(self, replaced: Sequence[InTheWay]) -> List[dict]:
+        """Move the files the user agreed to replace out of the way, their bytes in the store
+        first: `git apply` refuses a new file where one exists, and the 3-way merge would
+        take them for the user's side of an add/add conflict."""
+        saved = self.undo_log.save([w.path for w in replaced], set())
+        for w in replaced:
+            write_worktree(self.project.root, w.path, None, "")
+        return saved
+
+    def saved(self, paths: Sequence[str], gone: set) -> List[dict]:
+        """What each path holds now (UndoLog.save), a file set aside what it held before:
+        `apply --undo` puts those bytes back."""
+        aside = {e["path"]: e for e in self.aside}
+        return [aside.get(e["path"], e) for e in self.undo_log.save(paths, gone)]
 
     def write(self, merged: Dict[str, Tuple[Optional[bytes], str, int]], before: List[dict]) -> None:
         """All files or none: on any failure (or Ctrl-C) the files written so far go back.
@@ -3933,22 +3969,92 @@ def unchanged_since_sync(project: "Project", files: Sequence[FilePatch], base_tr
     return out
 
 
-def check_destinations(root: Path, files: Sequence[FilePatch]) -> None:
-    """A new file or a rename lands on a path where nothing was synced: a file already there
-    (untracked, ignored: a `.env` never sent to the box) was never reviewed, and git's
-    3-way fallback would replace it. Refused naming it, unless it holds the result already."""
+class InTheWay:
+    """A file already at a new file's or a rename's destination that the patch would replace:
+    what it holds was never synced or reviewed (a file made since the sync, an ignored `.env`).
+    `status` is git's word for it: "untracked" or "ignored" (every file outside git is untracked)."""
+
+    def __init__(self, fp: FilePatch, status: str, data: bytes, mode: str):
+        self.fp, self.status, self.data, self.mode = fp, status, data, mode
+
+    @property
+    def path(self) -> str:
+        return self.fp.path
+
+    @property
+    def digest(self) -> str:
+        """What the user agreed to replace: these bytes, not whatever the path holds later."""
+        return hashlib.sha256(self.data).hexdigest()
+
+    def describe(self) -> str:
+        kind = f"{self.status} symlink" if self.mode == "120000" else self.status
+        return f"{sanitize(self.path)} ({kind}, {size_in_words(len(self.data))})"
+
+    def as_json(self) -> dict:
+        return {"path": self.path, "status": self.status, "bytes": len(self.data), "sha256": self.digest}
+
+
+def size_in_words(n: int) -> str:
+    return "1 byte" if n == 1 else f"{n} bytes" if n < 1024 else human_bytes(n)
+
+
+def files_in_the_way(project: "Project", files: Sequence[FilePatch]) -> List[InTheWay]:
+    """What a new file or a rename would replace here: a file or link where nothing was synced.
+    A file that holds the result already is not in the way. A folder, or a file git tracks
+    (the box had it, so a patch calling it new was not made from your files), is never
+    replaced: PatchError, before any write."""
+    root = project.root
     leaving = {folded_path(f.old_path) for f in files if f.kind in ("deleted", "renamed")}
+    found = []
     for f in files:
         if f.kind not in ("new", "renamed") or folded_path(f.path) in leaving or symlink_parent(root, f.path):
             continue
         if lstat_or_none(root / f.path) is None:
             continue
         here = read_worktree(root, f.path)
-        if here is None or f.result is None or here[0] != f.result:
-            raise PatchError(f"{sanitize(f.path)} is already here, and the patch would replace it with "
-                             "content you did not review (an untracked or ignored file the box never "
-                             "had); nothing was changed",
-                             "move that file away and apply again, or apply the rest with --exclude")
+        if here is not None and f.result is not None and here[0] == f.result:
+            continue
+        status = worktree_status(project, f.path) if here is not None else "a folder"
+        if here is None or status == "tracked":
+            raise PatchError(f"{sanitize(f.path)} is already here ({status}), where the patch puts a new file "
+                             "or a rename: it was not made from the files here; nothing was changed",
+                             "if you made it since the ask, move it away and apply again; otherwise ask again")
+        found.append(InTheWay(f, status, *here))
+    return found
+
+
+def worktree_status(project: "Project", path: str) -> str:
+    """"tracked", "ignored" or "untracked", by the user's own git and its ignore rules."""
+    if project.user_git is None:
+        return "untracked"
+    if project.user_git("ls-files", "-z", "--", path):
+        return "tracked"
+    ignored = project.user_git("ls-files", "-z", "--others", "--ignored", "--exclude-standard", "--", path)
+    return "ignored" if ignored else "untracked"
+
+
+def check_destinations(project: "Project", files: Sequence[FilePatch], overwrite: Dict[str, str],
+                       job: str) -> List[InTheWay]:
+    """The files in the way (files_in_the_way) that `overwrite` ({path: sha256 of the bytes
+    the user agreed to replace}) lets the patch replace; PatchError naming every other one,
+    before any write: git's 3-way fallback would replace them unseen."""
+    found = files_in_the_way(project, files)
+    refused = [w for w in found if overwrite.get(w.path) != w.digest]
+    if refused:
+        raise in_the_way_error(refused, job)
+    return found
+
+
+def in_the_way_error(found: Sequence[InTheWay], job: str) -> PatchError:
+    one = len(found) == 1
+    it, names = "it" if one else "them", " ".join(shlex.quote(sanitize(w.path)) for w in found)
+    return PatchError(", ".join(w.describe() for w in found) + (" is" if one else " are") + " already here, "
+                      f"not part of what you reviewed: the patch would replace {it} (a new file or a rename "
+                      "lands there); nothing was changed",
+                      f"look at {it}; then `patchwire apply {job} --overwrite-untracked` replaces {it} "
+                      f"(`patchwire apply --undo` puts {it} back), or move {it} away, or leave {it} out: "
+                      f"`patchwire apply {job} --exclude {names}`",
+                      details={"code": CODE_IN_THE_WAY, "in_the_way": [w.as_json() for w in found]})
 
 
 def lstat_or_none(path: Path) -> Optional[os.stat_result]:
@@ -4276,11 +4382,12 @@ class Session:
                 continue
         return out
 
-    def vet(self, patch: bytes, job: str = "") -> List[FilePatch]:
-        """The job's patch read strictly, checked against the files here and its results
-        computed from the synced bytes (compute_results), or PatchRefused."""
+    def vet(self, patch: bytes, job: str = "", whole: bool = True) -> List[FilePatch]:
+        """The job's patch (or the part chosen of it: not `whole`) read strictly, checked
+        against the files here and its results computed from the synced bytes
+        (compute_results), or PatchRefused."""
         files = vet_on_disk(self.cfg.root, split_patch(patch), self.protected_paths())
-        compute_results(self.project, files, self.job_tree(job) if job else None)
+        compute_results(self.project, files, self.job_tree(job) if job else None, whole)
         return files
 
     def job_diff(self, job: str, sha256: Optional[str] = None) -> bytes:
@@ -4532,23 +4639,29 @@ def choose(files: List[FilePatch], patch: bytes, *, interactive: bool, only: Seq
 
 def apply_job(session: Session, job: str, patch: bytes, *, chosen: Optional[bytes] = None,
               interactive: bool = False, only: Sequence[str] = (), exclude: Sequence[str] = (),
-              keep_conflicts: Optional[bool] = None, no_color: bool = False) -> dict:
-    """Choose (unless `chosen` already is), apply, log, report. The merge base is the tree
+              keep_conflicts: Optional[bool] = None, overwrite: Optional[bool] = False,
+              no_color: bool = False) -> dict:
+    """Choose (unless `chosen` already is), settle the files in the way (`overwrite`: True
+    replaces them, False refuses, None asks), apply, log, report. The merge base is the tree
     this laptop recorded for the job, if it asked it."""
     style = Style.for_stream(sys.stderr, no_color)
     if chosen is None:
         chosen = choose(session.vet(patch, job), patch, interactive=interactive, only=only, exclude=exclude,
                         style=style)
+    chosen, replace = settle_in_the_way(session, job, chosen, overwrite, style)
     if not chosen.strip():
         say("nothing chosen; nothing applied")
         return {"job": job, "how": "none", "files": [], "conflicts": []}
     applier = Applier(session.project, style, session.protected_paths(), job)
-    result = applier.apply(chosen, session.job_tree(job), keep_conflicts)
+    result = applier.apply(chosen, session.job_tree(job), keep_conflicts, replace)
     result["job"] = job
     result["partial"] = chosen != patch
     session.log_apply(result)
     how = {"plain": "", "3-way": " (3-way merged with your changes)"}[result["how"]]
     say(f"applied job {job}{how}: {len(split_patch(chosen))} file(s) changed")
+    if result["replaced"]:
+        say(f"replaced {', '.join(map(sanitize, result['replaced']))}: `patchwire apply --undo` puts back "
+            "what was there")
     if result["conflicts"]:
         say(style("yellow", "conflict markers to resolve in: " + ", ".join(map(sanitize, result["conflicts"]))))
     if result["partial"]:
@@ -4556,6 +4669,98 @@ def apply_job(session: Session, job: str, patch: bytes, *, chosen: Optional[byte
     if not session.project.is_git_repo:
         say("note: not a git repository, so 3-way merging is not available here")
     return result
+
+
+# --- files in the way of a new file or a rename
+
+
+OVERWRITE_HELP = """y - replace your file with the AI's (`patchwire apply --undo` puts yours back)
+n - keep yours: that file of the change is left out (Enter alone)
+a - replace this one and every later one      q - apply nothing; every file stays as it is"""
+
+
+def settle_in_the_way(session: Session, job: str, chosen: bytes, overwrite: Optional[bool],
+                      style: Style) -> Tuple[bytes, Dict[str, str]]:
+    """The part to apply and the files in the way it may replace ({path: sha256}): with
+    `overwrite` True all of them, False none (the Applier then refuses, naming them), None as
+    answered on stdin file by file; a file kept leaves its section out of the change, and q
+    leaves nothing to apply. Patchwire's own files never get here: vetting refuses them."""
+    found = (files_in_the_way(session.project, session.vet(chosen, job, whole=False))
+             if may_be_in_the_way(session.project.root, chosen) else [])
+    if not found or overwrite is False:
+        return chosen, {}
+    answers = {w.path: True for w in found} if overwrite else ask_overwrites(found, style)
+    if answers is None:
+        return b"", {}
+    kept = [w.path for w in found if not answers[w.path]]
+    if kept:
+        say("kept yours, left out of the change: " + ", ".join(map(sanitize, kept)))
+    return leave_out(chosen, kept), {w.path: w.digest for w in found if answers[w.path]}
+
+
+def may_be_in_the_way(root: Path, patch: bytes) -> bool:
+    """Whether something is here where the patch puts a new file or a rename: only then is
+    the patch vetted again, its results computed (a git call per file)."""
+    return any(f.kind in ("new", "renamed") and lstat_or_none(root / f.path) for f in split_patch(patch))
+
+
+def ask_overwrites(found: Sequence[InTheWay], style: Style) -> Optional[Dict[str, bool]]:
+    """{path: replace it?} as answered on stdin, or None for q (or no input at all)."""
+    say(style("yellow", f"{len(found)} file(s) here would be replaced: the box never had them, and you did "
+                        "not review what they hold"))
+    answers: Dict[str, bool] = {}
+    rest = ""
+    for w in found:
+        show_replacement(w, style)
+        answer = rest or ask_letter(f"overwrite {w.describe()}", "ynaq", "n", OVERWRITE_HELP, style)
+        if answer == "q":
+            return None
+        rest = "y" if answer == "a" else rest
+        answers[w.path] = answer in "ya"
+    return answers
+
+
+def show_replacement(w: InTheWay, style: Style, limit: int = 20) -> None:
+    """What the AI's change would leave at `w.path`, the first `limit` lines of it."""
+    fp = w.fp
+    if fp.link_target is not None:
+        say(f"  {sanitize(fp.path)} would become a symlink to {sanitize(fp.link_target)}")
+    elif fp.result is not None:
+        lines = fp.result.decode("utf-8", "replace").splitlines()
+        say(f"  {sanitize(fp.path)} would become the AI's file ({size_in_words(len(fp.result))}):")
+        for line in lines[:limit]:  # the preview showed the diff; this is the whole file
+            say(style("green", "    +" + sanitize(line)))
+        if len(lines) > limit:
+            say(f"    ... {len(lines) - limit} more line(s)")
+    elif fp.binary:
+        say(f"  {sanitize(fp.path)} would become the AI's binary file (not shown)")
+    elif fp.kind == "renamed":
+        say(f"  {sanitize(fp.path)} would become {sanitize(fp.old_path)}, moved there as it is")
+    else:
+        say(f"  {sanitize(fp.path)} would become an empty file")
+
+
+def ask_letter(question: str, allowed: str, default: str, help_text: str, style: Style) -> str:
+    """One letter of `allowed` read from stdin; Enter alone is `default`, no input at all q."""
+    choices = "/".join(c.upper() if c == default else c for c in allowed)
+    while True:
+        sys.stderr.write(style("bold", f"{question}? [{choices}/?] "))
+        sys.stderr.flush()
+        try:
+            line = sys.stdin.readline()
+        except (OSError, ValueError):
+            line = ""
+        if not line:
+            return "q"
+        answer = line.strip().lower()[:1] or default
+        if answer in allowed:
+            return answer
+        say(help_text)
+
+
+def leave_out(patch: bytes, paths: Sequence[str]) -> bytes:
+    """The patch without the sections that write `paths` (each section is its own bytes)."""
+    return b"".join(fp.bytes for fp in split_patch(patch) if fp.path not in paths) if paths else patch
 
 
 # ================================================================== doctor
@@ -4932,7 +5137,8 @@ def confirm_apply(session: Session, args, job: str, patch: bytes) -> bool:
     answer = "" if args.yes else ask_before_applying(job)
     if answer is None:
         return False
-    apply_job(session, job, patch, interactive=answer == "i", no_color=args.no_color)
+    apply_job(session, job, patch, interactive=answer == "i", overwrite=False if args.yes else None,
+              no_color=args.no_color)
     return True
 
 
@@ -5057,9 +5263,12 @@ def cmd_apply(args) -> int:
             return 0
         if answer == "i":
             chosen, interactive = None, True
+    # files in the way of a new file or a rename: replaced when the flag says so, asked about on
+    # a terminal, refused under --yes (scripts, VS Code) naming them and the flag
+    overwrite = True if args.overwrite_untracked else False if args.yes else None
     result = apply_job(session, job_id, patch, chosen=chosen, interactive=interactive, only=args.only or (),
                        exclude=args.exclude or (), keep_conflicts=args.keep_conflicts or None,
-                       no_color=args.no_color)
+                       overwrite=overwrite, no_color=args.no_color)
     output(args, result, lambda r: print("\n".join(map(sanitize, r["files"]))))
     return 0
 
@@ -5254,6 +5463,10 @@ def build_parser() -> argparse.ArgumentParser:
     p["apply"].add_argument("--exclude", nargs="+", metavar="PATH", help="leave these files or folders out")
     p["apply"].add_argument("--keep-conflicts", action="store_true",
                             help="where your edits and the AI's overlap, write conflict markers instead of asking")
+    p["apply"].add_argument("--overwrite-untracked", action="store_true",
+                            help="replace files of yours (untracked or ignored, so not part of what you "
+                            "reviewed) where the change puts a new file or a rename, instead of asking (on a "
+                            "terminal) or refusing (--yes); `apply --undo` puts them back")
     p["apply"].add_argument("--undo", action="store_true", help="restore the files the last apply touched")
     p["apply"].add_argument("paths", nargs="*", metavar="-- PATH",
                             help="after --: apply only these files, exact names (a file may be called --undo)")

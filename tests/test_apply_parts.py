@@ -186,7 +186,7 @@ def test_applier_asks_its_answer_source_then_undoes(project):
         refused.apply(patch, base, None)
     assert (project.root / "f.txt").read_bytes() == mine
     result = pw.Applier(project, pw.Style(False), answers=io.StringIO("k\n")).apply(patch, base, None)
-    assert result == {"how": "3-way", "files": ["f.txt"], "conflicts": ["f.txt"]}
+    assert result == {"how": "3-way", "files": ["f.txt"], "conflicts": ["f.txt"], "replaced": []}
     assert b">>>>>>> f.txt (AI)" in (project.root / "f.txt").read_bytes()
     assert pw.Applier(project, pw.Style(False)).undo() == ["f.txt"]
     assert (project.root / "f.txt").read_bytes() == mine

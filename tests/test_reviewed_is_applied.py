@@ -177,16 +177,116 @@ def test_the_diff_is_fetched_once_then_kept(world):
     assert b"return True\n\n\ndef is_admin" in (lap.root / "app.py").read_bytes()
 
 
-def test_a_rename_onto_an_ignored_file_never_replaces_it(world):
+RENAME_ONTO_ENV = (b"diff --git a/config/env.sample b/.env\nsimilarity index 100%\nrename from config/env.sample\n"
+                   b"rename to .env\n")
+SECRET = b"API_KEY=the-real-secret\n"  # the ignored .env: 24 bytes
+MINE = b"// mine, never synced\r\nvoid main() {}\0"  # an untracked file made after the sync: 38 bytes
+
+
+def in_the_way_job(lap: Laptop, box: FakeBox, job: str, ask: bool = False) -> None:
+    """A job that renames config/env.sample onto the ignored .env, adds lib/x.dart where an
+    untracked file the user made after the sync now is, and edits app.py (in the way of nothing)."""
+    patch = RENAME_ONTO_ENV + real_diff(lap, {"app.py": APP.replace(b"return False\n\n\ndef", b"return True\n\n\ndef"),
+                                              "lib/x.dart": b"void main() => print('AI');\n"})
+    box.add_job(job, patch, ask=ask)
+    if ask:  # asked here: the laptop records the synced files, a 3-way base
+        lap.run("ask", "--no-apply", "go", check=0)
+    (lap.root / "lib").mkdir(exist_ok=True)
+    (lap.root / "lib/x.dart").write_bytes(MINE)
+    os.chmod(lap.root / "lib/x.dart", 0o755)
+
+
+def test_files_in_the_way_are_refused_without_a_terminal_naming_them_and_the_flag(world):
     lap, box = world
-    patch = (b"diff --git a/config/env.sample b/.env\nsimilarity index 100%\nrename from config/env.sample\n"
-             b"rename to .env\n")
-    box.add_job("a8a8a8", patch, ask=True)
-    lap.run("ask", "--no-apply", "go", check=0)  # asked here: a 3-way base exists
-    result = lap.run("apply", "a8a8a8", "--yes", "--keep-conflicts")
-    assert result.returncode == 5 and ".env is already here" in result.err, result.err
-    assert (lap.root / ".env").read_bytes() == b"API_KEY=the-real-secret\n"
-    assert (lap.root / "config/env.sample").exists()
+    in_the_way_job(lap, box, "a8a8a8")
+    before = tree_digest(lap.root)
+    refused_ = lap.run("apply", "a8a8a8", "--yes", "--keep-conflicts")
+    assert refused_.returncode == 5, refused_.err
+    assert ".env (ignored, 24 bytes), lib/x.dart (untracked, 38 bytes) are already here" in refused_.err
+    assert "--overwrite-untracked" in refused_.err and "--exclude .env lib/x.dart" in refused_.err
+    as_json = lap.run("apply", "a8a8a8", "--yes", "--json")
+    error = json.loads(as_json.out)
+    assert as_json.returncode == 5 and error["exit_status"] == 5 and error["details"]["code"] == "in_the_way"
+    assert [(f["path"], f["status"], f["bytes"]) for f in error["details"]["in_the_way"]] == [
+        (".env", "ignored", 24), ("lib/x.dart", "untracked", 38)]
+    assert tree_digest(lap.root) == before and (lap.root / ".env").read_bytes() == SECRET
+
+
+def test_overwrite_untracked_replaces_them_and_undo_puts_back_the_exact_bytes(world):
+    lap, box = world
+    in_the_way_job(lap, box, "a8a8a8")
+    before = tree_digest(lap.root)
+    applied = lap.run("apply", "a8a8a8", "--yes", "--overwrite-untracked", "--json", check=0)
+    assert json.loads(applied.out)["replaced"] == [".env", "lib/x.dart"]
+    assert (lap.root / ".env").read_bytes() == b"API_KEY=changeme\n" and not (lap.root / "config/env.sample").exists()
+    assert (lap.root / "lib/x.dart").read_bytes() == b"void main() => print('AI');\n"
+    assert "puts back" in applied.err
+    lap.run("apply", "--undo", check=0)
+    assert tree_digest(lap.root) == before  # bytes and modes: the 755 of lib/x.dart too
+    assert (lap.root / ".env").read_bytes() == SECRET and (lap.root / "lib/x.dart").read_bytes() == MINE
+
+
+def test_a_3_way_apply_that_is_refused_puts_the_files_in_the_way_back(world):
+    lap, box = world
+    in_the_way_job(lap, box, "a8a8a8", ask=True)
+    (lap.root / "app.py").write_bytes(APP.replace(b"return False\n\n\ndef", b"return None\n\n\ndef"))
+    before = tree_digest(lap.root)
+    overlap = lap.run("apply", "a8a8a8", "--yes", "--overwrite-untracked")
+    assert overlap.returncode == 5 and "overlap in app.py" in overlap.err, overlap.err
+    assert tree_digest(lap.root) == before  # .env and lib/x.dart were set aside, then put back
+    lap.run("apply", "a8a8a8", "--yes", "--overwrite-untracked", "--keep-conflicts", check=0)
+    assert (lap.root / ".env").read_bytes() == b"API_KEY=changeme\n" and b">>>>>>>" in (lap.root / "app.py").read_bytes()
+    lap.run("apply", "--undo", check=0)
+    assert tree_digest(lap.root) == before
+
+
+def test_patchwires_own_files_and_tracked_files_are_never_replaced_even_with_the_flag(world):
+    lap, box = world
+    before = tree_digest(lap.root)
+    for job, path, why in (("a9a9a1", ".pwtoken", "which Patchwire keeps"),
+                           ("a9a9a2", ".patchwire.toml", "Patchwire's own settings")):
+        box.add_job(job, b"diff --git a/%s b/%s\nnew file mode 100644\nindex 0000000000000000000000000000000000000000.."
+                    b"%s\n--- /dev/null\n+++ b/%s\n@@ -0,0 +1 @@\n+pwned\n"
+                    % (path.encode(), path.encode(), blob(b"pwned\n").encode(), path.encode()))
+        refused(lap.run("apply", job, "--yes", "--overwrite-untracked"), why)
+    box.add_job("a9a9a3", real_diff(lap, {"docs/a.md": b"a\n"}).replace(b"docs/a.md", b"app.py"))
+    result = lap.run("apply", "a9a9a3", "--yes", "--overwrite-untracked")
+    assert result.returncode == 5 and "app.py is already here (tracked)" in result.err, result.err
+    assert tree_digest(lap.root) == before
+
+
+def drive(lap: Laptop, job: str, answers) -> str:
+    """`patchwire apply JOB` on a terminal: Enter applies after the preview, then `answers`
+    to the questions about the files in the way."""
+    return conftest.drive_pty(lap, ["apply", job, "--no-color"], ["", *answers],
+                              prompts=(b"for later", b"/?] "), timeout=30)
+
+
+def test_on_a_terminal_each_file_in_the_way_is_asked_about_and_a_no_keeps_it(world):
+    lap, box = world
+    in_the_way_job(lap, box, "a8a8a8")
+    before = tree_digest(lap.root)
+    out = drive(lap, "a8a8a8", ["y", "n"])
+    assert "overwrite .env (ignored, 24 bytes)? [y/N/a/q/?]" in out, out
+    assert "overwrite lib/x.dart (untracked, 38 bytes)? [y/N/a/q/?]" in out
+    assert "+void main() => print('AI');" in out  # what would replace it
+    assert "kept yours, left out of the change: lib/x.dart" in out and "stays in job a8a8a8" in out
+    assert (lap.root / ".env").read_bytes() == b"API_KEY=changeme\n"
+    assert (lap.root / "lib/x.dart").read_bytes() == MINE
+    assert b"return True" in (lap.root / "app.py").read_bytes()
+    lap.run("apply", "--undo", check=0)
+    assert tree_digest(lap.root) == before
+
+
+@pytest.mark.parametrize("answers", [["n"], ["q"], []], ids=["no", "quit", "no input"])
+def test_on_a_terminal_a_no_to_the_only_file_in_the_way_writes_nothing(world, answers):
+    lap, box = world
+    box.add_job("a8a8a8", RENAME_ONTO_ENV)
+    before = tree_digest(lap.root)
+    out = drive(lap, "a8a8a8", answers) if answers else lap.run(
+        "apply", "a8a8a8", "-i", input=b"y\n", check=0).err
+    assert "overwrite .env (ignored, 24 bytes)?" in out and "nothing applied" in out, out
+    assert tree_digest(lap.root) == before and (lap.root / ".env").read_bytes() == SECRET
 
 
 def test_files_named_by_ssh_options_are_protected(world):

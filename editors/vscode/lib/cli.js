@@ -205,9 +205,10 @@ class Cli {
 
   /** Apply without a question (`--yes`), all files or only `paths` (exact names, after `--`);
    * with `sha256` (the hash `diff --json` gave for what was reviewed) the CLI refuses any other
-   * patch bytes. */
-  apply(job, paths = [], { keepConflicts = false, sha256 = '' } = {}) {
-    const options = ['--yes', ...(sha256 ? ['--sha256', sha256] : []), ...(keepConflicts ? ['--keep-conflicts'] : [])];
+   * patch bytes; `overwriteUntracked` lets it replace files in the way of a new file or a rename. */
+  apply(job, paths = [], { keepConflicts = false, overwriteUntracked = false, sha256 = '' } = {}) {
+    const options = ['--yes', ...(sha256 ? ['--sha256', sha256] : []), ...(keepConflicts ? ['--keep-conflicts'] : []),
+      ...(overwriteUntracked ? ['--overwrite-untracked'] : [])];
     // JOB right before `--`: argparse takes the positionals (JOB -- NAME...) only together
     return this.json(paths.length ? ['apply', ...options, job, '--', ...paths] : ['apply', job, ...options]);
   }

@@ -265,8 +265,9 @@ class Patchwire {
   }
 
   /** `patchwire apply JOB --yes --sha256 HEX [--only ...]` (the reviewed bytes only); a refusal
-   * shows the CLI's own message. Where
-   * the AI's edits overlap yours, the CLI refuses; one button retries with conflict markers. */
+   * shows the CLI's own message. Two refusals have one button that retries (retryFor): where
+   * the AI's edits overlap yours, with conflict markers; where files of yours the box never
+   * had are in the way of a new file or a rename, replacing them. */
   async apply(cli, job, paths, files, sha256 = '') {
     const touched = new Set((paths.length ? paths : files.map((f) => f.path)).map((p) => path.join(cli.cwd, p)));
     const unsaved = vscode.workspace.textDocuments.filter((d) => d.isDirty && touched.has(d.uri.fsPath));
@@ -278,14 +279,15 @@ class Patchwire {
     try {
       result = await cli.apply(job, paths, { sha256 });
     } catch (err) {
-      if (!(err instanceof CliError) || !/overlap/.test(err.message)) {
+      const retry = retryFor(err);
+      if (!retry) {
         throw err;
       }
-      const pick = await vscode.window.showWarningMessage(present.errorMessage(err), 'Apply with Conflict Markers');
-      if (pick !== 'Apply with Conflict Markers') {
+      const pick = await vscode.window.showWarningMessage(retry.message, retry.button);
+      if (pick !== retry.button) {
         return 'refused';
       }
-      result = await cli.apply(job, paths, { keepConflicts: true, sha256 });
+      result = await cli.apply(job, paths, { ...retry.options, sha256 });
     }
     this.log(`applied job ${present.clean(job)} (${present.clean(result.how)}): ${result.files.map(present.clean).join(', ')}`);
     vscode.window.showInformationMessage(present.appliedMessage(job, result));
@@ -429,6 +431,25 @@ async function followAsk(pw, cli, prompt, on, progress, token) {
     throw errorFrom(run);
   }
   return state;
+}
+
+/** The one-button retry a refused apply offers, or null: conflict markers where the AI's edits
+ * overlap yours; replacing files the box never had (untracked, ignored) that stand where the
+ * change puts a new file or a rename (the CLI's details.code "in_the_way"). */
+function retryFor(err) {
+  if (!(err instanceof CliError)) {
+    return null;
+  }
+  if (err.code === 'in_the_way') {
+    return {
+      message: `Patchwire: ${present.plain(err.message)}. Overwrite replaces what is there; Undo Last Apply puts it back.`,
+      button: 'Overwrite', options: { overwriteUntracked: true },
+    };
+  }
+  if (/overlap/.test(err.message)) {
+    return { message: present.errorMessage(err), button: 'Apply with Conflict Markers', options: { keepConflicts: true } };
+  }
+  return null;
 }
 
 function reviewItems(files, general, network) {

@@ -137,6 +137,24 @@ test('Apply: overlapping edits show the CLI\'s refusal; the button retries with 
     'Patchwire: conflict markers to resolve in src/app.py']);
 });
 
+test('Apply: files in the way are named in a warning; Overwrite retries with --overwrite-untracked, dismissing writes nothing', async () => {
+  const inTheWay = fx.error('.env (ignored, 24 bytes) is already here, not part of what you reviewed: the patch would replace '
+    + 'it (a new file or a rename lands there); nothing was changed', 5, 'look at it; then `patchwire apply ...`', 'in_the_way');
+  const { stub, calls, pw, uiCalls } = setup({ diff: { stdout: [fx.DIFF] },
+    apply: [{ stdout: [inTheWay], code: 5 }, { stdout: [{ ...fx.APPLIED, replaced: ['.env'] }] }, { stdout: [inTheWay], code: 5 }] });
+  stub.answers.push(pick((i) => i.action === 'all'), 'Overwrite');
+  assert.equal(await pw.review(fx.JOB), 'applied');
+  assert.deepEqual(calls().filter((c) => c.argv[0] === 'apply').map((c) => c.argv.slice(2)), [
+    ['--yes', '--sha256', fx.DIFF.sha256, '--json'], ['--yes', '--sha256', fx.DIFF.sha256, '--overwrite-untracked', '--json']]);
+  const [warning] = uiCalls('showWarningMessage');
+  assert.equal(warning[0], 'Patchwire: .env (ignored, 24 bytes) is already here, not part of what you reviewed: the patch '
+    + 'would replace it (a new file or a rename lands there); nothing was changed. Overwrite replaces what is there; Undo Last Apply puts it back.');
+  assert.deepEqual(warning.slice(1), ['Overwrite']);
+  stub.answers.push(pick((i) => i.action === 'all'), undefined);
+  assert.equal(await pw.review(fx.JOB), 'refused');
+  assert.equal(calls().filter((c) => c.argv[0] === 'apply').length, 3);
+});
+
 test('Apply refuses to write under unsaved editors', async () => {
   const { stub, calls, run, uiCalls } = setup({ diff: { stdout: [fx.DIFF] } });
   stub.documents = [{ isDirty: true, uri: stub.vscode.Uri.file(path.join(stub.folders[0], 'src/app.py')) }];
