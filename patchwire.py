@@ -403,6 +403,28 @@ class Git:
     def text(self, *args: str, input: Optional[bytes] = None) -> str:
         return self(*args, input=input).decode("utf-8", "surrogateescape").strip()
 
+    def write_blobs(self, datas: Sequence[bytes]) -> List[str]:
+        """Store each of `datas` as a blob; their ids. Written as git writes a loose object
+        (zlib of "blob LEN\\0" + the bytes, in a temporary file renamed into objects/XX/),
+        with no process at all: an undo log of 1,600 files was 1,600 `hash-object` runs."""
+        if self.git_dir is None:
+            return [self.text("hash-object", "-w", "--stdin", input=data) for data in datas]
+        objects = Path(self.git_dir) / "objects"
+        ids = []
+        for data in datas:
+            header = b"blob %d\0" % len(data)
+            sha = hashlib.sha1(header + data).hexdigest()
+            path = objects / sha[:2] / sha[2:]
+            if not path.exists():
+                path.parent.mkdir(exist_ok=True)
+                tmp = path.parent / f"tmp_obj_{os.getpid()}_{threading.get_ident()}"
+                with open(tmp, "wb") as f:
+                    f.write(zlib.compress(header + data, 1))
+                os.chmod(tmp, 0o444)
+                os.replace(tmp, path)
+            ids.append(sha)
+        return ids
+
     def ls_files_stage(self) -> Dict[str, Tuple[str, str]]:
         """{path: (mode, blob)} of the index."""
         entries = {}
@@ -3703,12 +3725,11 @@ class UndoLog:
 
     def save(self, paths: Sequence[str], gone: set) -> List[dict]:
         """What each path holds now (nothing, beneath a link the patch removes)."""
-        saved = []
-        for path in paths:
-            state = None if beneath(path, gone) else read_worktree(self.root, path)
-            blob = self.git.text("hash-object", "-w", "--stdin", input=state[0]) if state else None
-            saved.append({"path": path, "blob": blob, "mode": state[1] if state else None})
-        return saved
+        states = {path: None if beneath(path, gone) else read_worktree(self.root, path) for path in paths}
+        held = [path for path, state in states.items() if state]
+        blobs = dict(zip(held, self.git.write_blobs([states[p][0] for p in held])))  # type: ignore[index]
+        return [{"path": path, "blob": blobs.get(path), "mode": state[1] if state else None}
+                for path, state in states.items()]
 
     def record(self, before: List[dict]) -> None:
         """Keep `before` (from save) as the last apply, with what each path holds now."""

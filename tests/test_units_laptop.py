@@ -218,3 +218,18 @@ def test_a_stream_that_never_ends_is_an_agent_error(monkeypatch):
     with pytest.raises(pw.AgentError, match="ended before the job did"):
         pw.stream_job(FakeSession(client), first, lambda e: None)
     assert 0 < len(client.paths) <= 40  # bounded reconnections (patchwire.RECONNECT_FOR_S)
+
+
+def test_write_blobs_stores_what_git_would_with_no_process(tmp_path, monkeypatch):
+    git_dir = tmp_path / "store.git"
+    pw.prepare_private_git_dir(git_dir)
+    git = pw.Git(git_dir=git_dir)
+    datas = [b"", b"hello\n", bytes(range(256)) * 4000, b"hello\n"]
+    expected = [pw.Git(cwd=tmp_path).text("hash-object", "--stdin", input=d) for d in datas]
+    monkeypatch.setattr(pw, "run", lambda *a, **k: pytest.fail("a process ran"))
+    assert git.write_blobs(datas) == expected
+    monkeypatch.undo()
+    for blob, data in zip(expected, datas):
+        assert git("cat-file", "blob", blob) == data
+    assert git.text("fsck", "--strict", "--no-dangling") == ""
+    assert pw.Git(cwd=tmp_path / "nowhere").write_blobs([]) == []
