@@ -425,6 +425,26 @@ class Git:
             ids.append(sha)
         return ids
 
+    def read_blobs(self, ids: Sequence[str]) -> Dict[str, Optional[bytes]]:
+        """{id: its bytes, None when there is no such blob}, all in one `cat-file --batch`."""
+        wanted = list(dict.fromkeys(ids))
+        if not wanted:
+            return {}
+        out = self("cat-file", "--batch", input="".join(i + "\n" for i in wanted).encode())
+        found: Dict[str, Optional[bytes]] = {}
+        at = 0
+        for blob in wanted:  # "<id> blob <size>\n<bytes>\n", or "<id> missing\n"
+            end = out.index(b"\n", at)
+            head = out[at:end].split(b" ")
+            at = end + 1
+            if len(head) == 3 and head[1] == b"blob":
+                size = int(head[2])
+                found[blob], at = out[at:at + size], at + size + 1
+            else:
+                found[blob] = None  # missing, ambiguous, or not a blob (a tree's body is skipped)
+                at += int(head[2]) + 1 if len(head) == 3 else 0
+        return found
+
     def ls_files_stage(self) -> Dict[str, Tuple[str, str]]:
         """{path: (mode, blob)} of the index."""
         entries = {}
@@ -2568,6 +2588,7 @@ class FilePatch:
         self.body_start = 0  # index in `lines` of the first hunk header (0: no hunks)
         self.link_target: Optional[str] = None  # the new target, when the result is a symlink
         self.result: Optional[bytes] = None  # the text file it leaves, computed here (compute_results)
+        self.pre: Optional[bytes] = None  # the synced bytes it was made from, when compute_results read them
 
     @property
     def bytes(self) -> bytes:
@@ -3499,15 +3520,20 @@ class Applier:
         self.merger = ThreeWayMerge(project)
         self.undo_log = UndoLog(project)
         self.aside: List[dict] = []  # undo entries of the files in the way, moved out
+        self.files: List[FilePatch] = []  # what apply() applied, as read
 
     def apply(self, patch: bytes, base_tree: Optional[str], keep_conflicts: Optional[bool],
-              overwrite: Optional[Dict[str, str]] = None) -> dict:
+              overwrite: Optional[Dict[str, str]] = None, read: Optional[List[FilePatch]] = None) -> dict:
         """`overwrite`: the decision on files in the way of a new file or a rename ({path:
         sha256 of the bytes the user agreed to replace}, made by the caller before: this
         code asks nothing); any other file in the way refuses the patch (check_destinations).
+        `read`: `patch` as the caller read and computed it already (Session.vet); the files
+        here are vetted again all the same (time may have passed since the preview).
         On any failure the files set aside go back, byte for byte."""
-        files = vet_on_disk(self.project.root, split_patch(patch), self.protected)
-        compute_results(self.project, files, base_tree, whole=False)
+        files = vet_on_disk(self.project.root, read if read is not None else split_patch(patch), self.protected)
+        if read is None:
+            compute_results(self.project, files, base_tree, whole=False)
+        self.files = files
         self.aside = self.set_aside(check_destinations(self.project, files, overwrite or {}, self.job))
         try:
             result = self.apply_vetted(patch, files, base_tree, keep_conflicts)
@@ -3903,18 +3929,20 @@ def post_image(pre: bytes, fp: FilePatch, whole: bool = True) -> bytes:
     return b"".join(out + old[at:])
 
 
-def preimage(project: "Project", fp: FilePatch, base_tree: Optional[str]) -> Optional[bytes]:
+def preimage(project: "Project", fp: FilePatch, base_tree: Optional[str],
+             blobs: Optional[Dict[str, Optional[bytes]]] = None) -> Optional[bytes]:
     """The synced bytes a section was made from: the blob its `index` line names (in
-    Patchwire's store since the sync), else the job's record here, else the file here."""
+    Patchwire's store since the sync; from `blobs` when read already), else the job's
+    record here, else the file here."""
     if fp.kind == "new":
         return b""
     ids = index_ids(fp)
     if ids:
-        got = project.git.run("cat-file", "blob", ids[0], check=False)
-        if got.returncode != 0:
+        got = blobs[ids[0]] if blobs is not None and ids[0] in blobs else project.git.read_blobs([ids[0]])[ids[0]]
+        if got is None:
             raise refuse(f"{fp.old_path!r} as the patch says it was ({ids[0][:12]}) is no version synced "
                          "from here")
-        return got.stdout
+        return got
     found = (project.recorded_file(base_tree, fp.old_path) if base_tree and project.recorded(base_tree)
              else read_worktree(project.root, fp.old_path))
     return found[0] if found else None
@@ -3924,20 +3952,22 @@ def compute_results(project: "Project", files: Sequence[FilePatch], base_tree: O
                     whole: bool = True) -> Sequence[FilePatch]:
     """Each text file's result into `fp.result`, or PatchRefused. `whole`: the patch as the
     box sent it, whose results must be the blobs its `index` lines name (a part chosen
-    from it by --only or -i is checked by position only)."""
+    from it by --only or -i is checked by position only). The blobs the sections name are
+    read in one git process, not one each."""
+    blobs = project.git.read_blobs([ids[0] for ids in map(index_ids, files) if ids and not ZERO_ID.fullmatch(ids[0])])
     for fp in files:
         if fp.binary:
-            problem = binary_problem(fp, preimage(project, fp, base_tree))
+            problem = binary_problem(fp, preimage(project, fp, base_tree, blobs))
             if problem:
                 raise refuse(f"a binary patch to {fp.path!r}, {problem}: what it writes cannot be "
                              "reviewed (ask for a text change)")
             continue
         if not fp.hunks:
             continue
-        pre = preimage(project, fp, base_tree)
+        pre = preimage(project, fp, base_tree, blobs)
         if pre is None:
             raise refuse(f"a change to {fp.old_path!r}, which was not synced from here")
-        fp.result = post_image(pre, fp, whole)
+        fp.pre, fp.result = pre, post_image(pre, fp, whole)
         ids = index_ids(fp)
         expected = "" if ids is None or ZERO_ID.fullmatch(ids[1]) else ids[1]
         if whole and ids and (blob_id(fp.result, ids[1]) != expected if expected else fp.result):
@@ -3985,7 +4015,8 @@ def unchanged_since_sync(project: "Project", files: Sequence[FilePatch], base_tr
     for fp in files:
         if fp.result is not None and not fp.binary:
             here = read_worktree(project.root, fp.old_path) if fp.kind != "new" else None
-            if (here[0] if here else b"" if fp.kind == "new" else None) == preimage(project, fp, base_tree):
+            pre = fp.pre if fp.pre is not None else preimage(project, fp, base_tree)
+            if (here[0] if here else b"" if fp.kind == "new" else None) == pre:
                 out.add(fp.path)
     return out
 
@@ -4659,27 +4690,31 @@ def choose(files: List[FilePatch], patch: bytes, *, interactive: bool, only: Seq
 
 
 def apply_job(session: Session, job: str, patch: bytes, *, chosen: Optional[bytes] = None,
+              read: Optional[List[FilePatch]] = None,
               interactive: bool = False, only: Sequence[str] = (), exclude: Sequence[str] = (),
               keep_conflicts: Optional[bool] = None, overwrite: Optional[bool] = False,
               no_color: bool = False) -> dict:
     """Choose (unless `chosen` already is), settle the files in the way (`overwrite`: True
     replaces them, False refuses, None asks), apply, log, report. The merge base is the tree
-    this laptop recorded for the job, if it asked it."""
+    this laptop recorded for the job, if it asked it. `read`: `patch` as Session.vet read it
+    for the preview (a 50 MB patch is read once, not four times)."""
     style = Style.for_stream(sys.stderr, no_color)
     if chosen is None:
-        chosen = choose(session.vet(patch, job), patch, interactive=interactive, only=only, exclude=exclude,
-                        style=style)
-    chosen, replace = settle_in_the_way(session, job, chosen, overwrite, style)
-    if not chosen.strip():
+        read = read if read is not None else session.vet(patch, job)
+        chosen = choose(read, patch, interactive=interactive, only=only, exclude=exclude, style=style)
+    settled, replace = settle_in_the_way(session, job, chosen, overwrite, style, read if chosen is patch else None)
+    if not settled.strip():
         say("nothing chosen; nothing applied")
         return {"job": job, "how": "none", "files": [], "conflicts": []}
     applier = Applier(session.project, style, session.protected_paths(), job)
-    result = applier.apply(chosen, session.job_tree(job), keep_conflicts, replace)
+    read = read if settled is patch else None  # the patch as read above, unless a part was chosen
+    chosen = settled
+    result = applier.apply(chosen, session.job_tree(job), keep_conflicts, replace, read)
     result["job"] = job
     result["partial"] = chosen != patch
     session.log_apply(result)
     how = {"plain": "", "3-way": " (3-way merged with your changes)"}[result["how"]]
-    say(f"applied job {job}{how}: {len(split_patch(chosen))} file(s) changed")
+    say(f"applied job {job}{how}: {len(applier.files)} file(s) changed")
     if result["replaced"]:
         say(f"replaced {', '.join(map(sanitize, result['replaced']))}: `patchwire apply --undo` puts back "
             "what was there")
@@ -4701,13 +4736,15 @@ a - replace this one and every later one      q - apply nothing; every file stay
 
 
 def settle_in_the_way(session: Session, job: str, chosen: bytes, overwrite: Optional[bool],
-                      style: Style) -> Tuple[bytes, Dict[str, str]]:
+                      style: Style, read: Optional[List[FilePatch]] = None) -> Tuple[bytes, Dict[str, str]]:
     """The part to apply and the files in the way it may replace ({path: sha256}): with
     `overwrite` True all of them, False none (the Applier then refuses, naming them), None as
     answered on stdin file by file; a file kept leaves its section out of the change, and q
-    leaves nothing to apply. Patchwire's own files never get here: vetting refuses them."""
-    found = (files_in_the_way(session.project, session.vet(chosen, job, whole=False))
-             if may_be_in_the_way(session.project.root, chosen) else [])
+    leaves nothing to apply. Patchwire's own files never get here: vetting refuses them.
+    `read`: `chosen` as read and vetted already (none: it is read here when needed)."""
+    files = read if read is not None else split_patch(chosen)
+    found = (files_in_the_way(session.project, read if read is not None else session.vet(chosen, job, whole=False))
+             if may_be_in_the_way(session.project.root, files) else [])
     if not found or overwrite is False:
         return chosen, {}
     answers = {w.path: True for w in found} if overwrite else ask_overwrites(found, style)
@@ -4719,10 +4756,10 @@ def settle_in_the_way(session: Session, job: str, chosen: bytes, overwrite: Opti
     return leave_out(chosen, kept), {w.path: w.digest for w in found if answers[w.path]}
 
 
-def may_be_in_the_way(root: Path, patch: bytes) -> bool:
+def may_be_in_the_way(root: Path, files: Sequence[FilePatch]) -> bool:
     """Whether something is here where the patch puts a new file or a rename: only then is
-    the patch vetted again, its results computed (a git call per file)."""
-    return any(f.kind in ("new", "renamed") and lstat_or_none(root / f.path) for f in split_patch(patch))
+    a chosen part vetted again and its results computed."""
+    return any(f.kind in ("new", "renamed") and lstat_or_none(root / f.path) for f in files)
 
 
 def ask_overwrites(found: Sequence[InTheWay], style: Style) -> Optional[Dict[str, bool]]:
@@ -5065,10 +5102,10 @@ def cmd_ask(args) -> int:
         say(f"the AI made no changes (job {job}); nothing to apply")
     elif args.json:
         if args.yes:
-            outcome.update(applied=True, apply=apply_job(session, job, patch))
+            outcome.update(applied=True, apply=apply_job(session, job, patch, read=files))
     else:
         preview(files, args.no_color)
-        outcome["applied"] = confirm_apply(session, args, job, patch)
+        outcome["applied"] = confirm_apply(session, args, job, patch, files)
     output(args, outcome)
     return 0
 
@@ -5147,7 +5184,7 @@ def ask_before_applying(job: str) -> Optional[str]:
     return None
 
 
-def confirm_apply(session: Session, args, job: str, patch: bytes) -> bool:
+def confirm_apply(session: Session, args, job: str, patch: bytes, read: List[FilePatch]) -> bool:
     if args.no_apply:
         say(f"not applied; apply later with `patchwire apply {job}`")
         return False
@@ -5158,7 +5195,7 @@ def confirm_apply(session: Session, args, job: str, patch: bytes) -> bool:
     answer = "" if args.yes else ask_before_applying(job)
     if answer is None:
         return False
-    apply_job(session, job, patch, interactive=answer == "i", overwrite=False if args.yes else None,
+    apply_job(session, job, patch, read=read, interactive=answer == "i", overwrite=False if args.yes else None,
               no_color=args.no_color)
     return True
 
@@ -5277,7 +5314,7 @@ def cmd_apply(args) -> int:
     if not args.yes and not interactive:
         chosen = choose(files, patch, interactive=False, only=args.only or (), exclude=args.exclude or (),
                         style=style)
-        preview(split_patch(chosen), args.no_color)
+        preview(files if chosen is patch else split_patch(chosen), args.no_color)
         answer = ask_before_applying(job_id)
         if answer is None:
             output(args, {"job": job_id, "how": "none", "files": [], "conflicts": []})
@@ -5287,7 +5324,7 @@ def cmd_apply(args) -> int:
     # files in the way of a new file or a rename: replaced when the flag says so, asked about on
     # a terminal, refused under --yes (scripts, VS Code) naming them and the flag
     overwrite = True if args.overwrite_untracked else False if args.yes else None
-    result = apply_job(session, job_id, patch, chosen=chosen, interactive=interactive, only=args.only or (),
+    result = apply_job(session, job_id, patch, chosen=chosen, read=files, interactive=interactive, only=args.only or (),
                        exclude=args.exclude or (), keep_conflicts=args.keep_conflicts or None,
                        overwrite=overwrite, no_color=args.no_color)
     output(args, result, lambda r: print("\n".join(map(sanitize, r["files"]))))
