@@ -2408,7 +2408,8 @@ class ProgressPrinter:
         say(self.stamp(), f"waiting: {self.flat(e.get('position'))} ahead in the queue" + _wait_estimate(e))
 
     def on_started(self, e: dict) -> None:
-        say(self.stamp(), "AI started")
+        ai = e.get("ai")  # set when the box runs its built-in stand-in
+        say(self.stamp(), "AI started" + (f" ({self.flat(ai)})" if isinstance(ai, str) else ""))
 
     def on_links_removed(self, e: dict) -> None:
         paths = ["".join(c if c.isprintable() else "?" for c in str(p)) for p in e.get("paths") or []]

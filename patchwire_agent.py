@@ -329,7 +329,10 @@ class AgentConfig:
                                  "that remote shells would split", "use a path of letters, digits and ./_-")
         if not ai["command"]:
             raise PatchwireError(f"{path}: ai.command must not be empty")
-        self.ai_command: List[str] = ai["command"]
+        # ["stand-in"]: the built-in stand-in AI (STAND_IN_SOURCE), run by the agent's own Python
+        self.stand_in = ai["command"] == [STAND_IN]
+        self.ai_command: List[str] = stand_in_argv() if self.stand_in else ai["command"]
+        self.ai_label = STAND_IN_LABEL if self.stand_in else repr(self.ai_command[0])
         self.timeout_s: int = ai["timeout_s"]
         self.max_timeout_s: int = max(ai["max_timeout_s"], ai["timeout_s"])
         self.ai_env: Dict[str, str] = ai["env"]
@@ -2799,6 +2802,53 @@ def describe_denials(denials: List[dict]) -> str:
     return text
 
 
+# --- the built-in stand-in AI: `[ai] command = ["stand-in"]` (`init --ai stand-in`)
+#
+# For trying a box and for teaching, without a Claude login: it speaks Claude Code's real
+# stream-json (system/init, assistant text and tool_use, the user's tool_result, result), so
+# every part of a job runs as it would with Claude, and it makes one small, deterministic
+# change: the prompt, on one line, appended to PATCHWIRE_DEMO.md. Its source runs as
+# `python -I -S -c STAND_IN_SOURCE`, the agent's own Python: no file to find, so it works
+# from the .pyz and inside the sandbox alike. Everything it says carries STAND_IN_LABEL.
+
+STAND_IN = "stand-in"
+STAND_IN_LABEL = "stand-in AI, not Claude"
+STAND_IN_FILE = "PATCHWIRE_DEMO.md"
+STAND_IN_SOURCE = """
+import json, os, sys, uuid
+LABEL, FILE = %r, %r
+args = sys.argv[1:]
+session = args[args.index("--resume") + 1] if "--resume" in args[:-1] else str(uuid.uuid4())
+prompt = " ".join(sys.stdin.read().split())[:200] or "(an empty request)"
+def emit(obj):
+    sys.stdout.write(json.dumps(dict(obj, session_id=session)) + "\\n")
+    sys.stdout.flush()
+def say(block):
+    emit({"type": "assistant", "parent_tool_use_id": None, "message": {"id": "msg_stand_in",
+          "type": "message", "role": "assistant", "model": LABEL, "content": [block]}})
+emit({"type": "system", "subtype": "init", "cwd": os.getcwd(), "tools": ["Edit"], "model": LABEL,
+      "permissionMode": "acceptEdits", "apiKeySource": "none"})
+say({"type": "text", "text": "[%%s] I add your request, on one line, to %%s." %% (LABEL, FILE)})
+line = "- " + prompt + "\\n"
+head = "" if os.path.exists(FILE) else "# Requests noted by Patchwire's " + LABEL + "\\n\\n"
+with open(FILE, "a") as f:
+    f.write(head + line)
+say({"type": "tool_use", "id": "toolu_stand_in", "name": "Edit", "input": {
+    "file_path": os.path.abspath(FILE), "old_string": "", "new_string": line}})
+emit({"type": "user", "parent_tool_use_id": None, "message": {"role": "user", "content": [
+    {"tool_use_id": "toolu_stand_in", "type": "tool_result", "content": "ok", "is_error": False}]}})
+done = "[%%s] Added one line to %%s. For real work, set [ai] command to Claude Code." %% (LABEL, FILE)
+say({"type": "text", "text": done})
+emit({"type": "result", "subtype": "success", "is_error": False, "duration_ms": 0, "duration_api_ms": 0,
+      "num_turns": 1, "result": done, "total_cost_usd": 0, "usage": {"input_tokens": 0, "output_tokens": 0},
+      "permission_denials": []})
+""" % (STAND_IN_LABEL, STAND_IN_FILE)
+
+
+def stand_in_argv() -> List[str]:
+    return [sys.executable, "-I", "-S", "-c", STAND_IN_SOURCE]
+
+
 def ai_environment(cfg: AgentConfig, home: Optional[Path] = None, environ: Optional[Dict[str, str]] = None) -> dict:
     """The AI's environment, an allowlist: PATH, LANG, LC_*, TERM, TZ, TMPDIR and Claude's
     credential variables from the agent's environment, then `[ai] env`; HOME is the user's
@@ -3183,7 +3233,9 @@ class Agent:
         with self.lock:
             running = len(self.runs)
         return {"ok": True, "version": __version__, "time": time.time(), "queue_depth": len(self.queue.order()),
-                "running": running, "workers": self.cfg.workers, "ai_command": argv0,
+                "running": running, "workers": self.cfg.workers,
+                "ai_command": STAND_IN if self.cfg.stand_in else argv0,
+                **({"ai": STAND_IN_LABEL} if self.cfg.stand_in else {}),
                 "ai_found": bool(found), "sandbox": self.sandbox.kind,
                 **({"sandbox_warning": self.sandbox.warning} if self.sandbox.warning else {})}
 
@@ -3512,6 +3564,7 @@ class Agent:
             self.store.add_event(job["id"], {"type": "links_removed", "paths": sorted(links)[:100],
                                              "count": len(links)})
         self.store.add_event(job["id"], {"type": "started", "slot": slot, "sandbox": self.sandbox.kind,
+                                         **({"ai": STAND_IN_LABEL} if self.cfg.stand_in else {}),
                                          **self.limits_said(cgroup), **({"continues": parent["id"]} if parent else {})})
         self.audit.job(job["id"], "job_start", user=job["user"], project=job["project"], slot=slot)
         started = time.monotonic()
@@ -4601,6 +4654,7 @@ OPENAPI_SCHEMAS = {
               "description": "Every error; `code` is stable, `error` and `hint` are for people."},
     "Health": _obj(["ok", "version", "time", "queue_depth", "running", "workers", "ai_command", "ai_found"],
                    ok=_B, version=_S, time=_N, queue_depth=_I, running=_I, workers=_I, ai_command=_S, ai_found=_B,
+                   ai={**_S, "description": "present when the AI is the built-in stand-in (not Claude)"},
                    sandbox={**_S, "description": "what confines the AI: bwrap, sandbox-exec or none"},
                    sandbox_warning={**_S, "description": "present when the AI runs unconfined by default"},
                    connections={**_obj(["open", "max", "max_per_client", "waiting", "evicted"], open=_I, max=_I,
@@ -4639,6 +4693,7 @@ OPENAPI_SCHEMAS = {
         _event("position", ["position"], position=_I, estimate_s=_nullable(_I)),
         _event("links_removed", ["paths", "count"], paths={"type": "array", "items": _S}, count=_I),
         _event("started", ["slot"], slot=_I, continues=_S, sandbox=_S,
+               ai={**_S, "description": "set when the AI is the built-in stand-in: \"stand-in AI, not Claude\""},
                limits={"type": "object", "description": "what holds for this run (null: no limit): "
                        "tmp_mb, max_processes, max_memory_mb", "additionalProperties": _nullable(_I)},
                unlimited={**_S, "description": "why a limit does not hold on this box"}),
@@ -5087,8 +5142,7 @@ def cmd_init(args) -> int:
     state_dir = args.state_dir or str(path.resolve().parent / "patchwire-state")
     sections = {
         "server": pw.dump_toml({"listen": args.listen, "state_dir": state_dir}),
-        "ai": pw.dump_toml({"command": CLAUDE_COMMAND, "timeout_s": 1800, "max_timeout_s": 7200,
-                            "sandbox": "auto"}),
+        "ai": ai_section(args.ai),
         "jobs": pw.dump_toml({"workers": 2, "slots": 2, "max_output_mb": 16, "max_diff_mb": 256}),
         "users": pw.dump_toml({"users": {args.user: {"token_sha256": token_digest(token).hex()}}}),
     }
@@ -5106,6 +5160,16 @@ def cmd_init(args) -> int:
                "is stored): put it in a file on the laptop, chmod 600")
         print(token)
     return 0
+
+
+def ai_section(ai: str) -> str:
+    """The [ai] table `init` writes: Claude Code, or the built-in stand-in for trying the box."""
+    said = pw.dump_toml({"command": [STAND_IN] if ai == STAND_IN else CLAUDE_COMMAND, "timeout_s": 1800,
+                         "max_timeout_s": 7200, "sandbox": "auto"})
+    if ai != STAND_IN:
+        return said
+    return (f"# [\"{STAND_IN}\"]: the built-in {STAND_IN_LABEL}, for trying the box: each job adds its prompt\n"
+            f"# to {STAND_IN_FILE}. For real work: command = {json.dumps(CLAUDE_COMMAND)}\n" + said)
 
 
 def write_private(path: Path, text: str) -> None:
@@ -5183,7 +5247,7 @@ def cmd_serve(args) -> int:
     if cfg.allow_public and cfg.tls is None:
         pw.say("warning: allow_public without tls_cert and tls_key: tokens, prompts and diffs cross "
                "the network unencrypted")
-    pw.say(f"state in {cfg.state_dir}; {len(cfg.users)} user(s); AI command {cfg.ai_command[0]!r}"
+    pw.say(f"state in {cfg.state_dir}; {len(cfg.users)} user(s); AI {cfg.ai_label}"
            + ("" if ai["ai_found"] else " NOT FOUND on PATH: asks will fail until it is installed"))
     try:
         server.serve_forever(poll_interval=0.2)
@@ -5658,6 +5722,9 @@ def check_rrsync(cfg: AgentConfig) -> dict:
 
 
 def check_ai(cfg: AgentConfig) -> dict:
+    if cfg.stand_in:  # fine for trying the box, and said so: it is no AI at all
+        return box_check("ai", True, f"the built-in {STAND_IN_LABEL}: each job adds the prompt to "
+                         f"{STAND_IN_FILE}; for real work set [ai] command (README.md, \"Box\")")
     argv0 = cfg.ai_command[0]
     if not shutil.which(argv0, path=ai_environment(cfg).get("PATH")):
         return box_check("ai", False, f"the AI command {argv0!r} is not on the agent's PATH",
@@ -5919,6 +5986,9 @@ def build_parser() -> argparse.ArgumentParser:
     p["init"].add_argument("--listen", default=DEFAULT_LISTEN, help="HOST:PORT (default %(default)s)")
     p["init"].add_argument("--state-dir", help="where jobs, mirrors and job folders live")
     p["init"].add_argument("--force", action="store_true", help="replace an existing config")
+    p["init"].add_argument("--ai", choices=["claude", STAND_IN], default="claude",
+                           help="Claude Code (default), or the built-in stand-in AI for trying the box "
+                                "without a Claude login (it adds the prompt to PATCHWIRE_DEMO.md)")
     p["serve"].add_argument("-v", "--verbose", action="store_true", help="log every request")
     add_user_parsers(p["user"])
     p["policy"].add_argument("name", nargs="?", help="the user's name")
