@@ -21,8 +21,11 @@ Data flow for one ask:
                                capped at [jobs] max_diff_mb; stats
 
 Commands (-c CONFIG defaults to $XDG_CONFIG_HOME/patchwire/agent.toml):
-    patchwire-agent init -c CONFIG [--user NAME] [--token-file PATH]
-        write a commented starter config with one user; print its token once
+    patchwire-agent init -c CONFIG [--user NAME] [--token-file PATH] [--listen HOST:PORT]
+        [--state-dir DIR] [--account NAME] [--ai claude|stand-in] [--service]
+        set the box up: say what it lacks (git, rsync, rrsync, bwrap, the AI) and how to
+        install it; make the state folder (700, the agent account's); write a commented
+        config with one user; print its token once, and the next step for each developer
     patchwire-agent serve -c CONFIG
         run the HTTP server; SIGHUP (or any change of the file) reloads users and policy;
         SIGTERM lets running jobs finish for [server] shutdown_grace_s, then cancels them;
@@ -5133,12 +5136,16 @@ def human_duration(seconds: float) -> str:
 
 
 def cmd_init(args) -> int:
+    """The box's setup in one command: the config, the state folder (owned by the account that
+    runs the agent, mode 700), what the box lacks and how to install it, optionally the
+    service unit, and the next step for each developer."""
     path = Path(args.config)
     if path.exists() and not args.force:
         raise UsageError(f"{path} exists already", "use --force to replace it")
     if not pw.NAME_RE.fullmatch(args.user):
         raise UsageError(f"user name {args.user!r} is not valid", "use letters, digits, '.', '_' and '-'")
-    token = "pw_" + secrets.token_urlsafe(32)
+    account = init_account(args.account, args.service)
+    token = new_token()
     state_dir = args.state_dir or str(path.resolve().parent / "patchwire-state")
     sections = {
         "server": pw.dump_toml({"listen": args.listen, "state_dir": state_dir}),
@@ -5148,18 +5155,83 @@ def cmd_init(args) -> int:
     }
     text = CONFIG_TEMPLATE.format(**sections)
     cfg = AgentConfig(path, pw.parse_toml(text, path))  # what we write must load
-    make_state_dir(cfg.state_dir)  # now, while the admin is here, not at the first `user key`
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    os.chmod(path, 0o600)
-    if args.token_file:
-        write_private(Path(args.token_file), token + "\n")
-        pw.say(f"wrote {path}; the token of user {args.user} is in {args.token_file}")
-    else:
-        pw.say(f"wrote {path}. The token of user {args.user}, shown this once (only its sha256 "
-               "is stored): put it in a file on the laptop, chmod 600")
-        print(token)
+    pw.say("this box:")
+    pw.print_checks([check(cfg) for check in SETUP_CHECKS])
+    make_owned_state_dir(cfg.state_dir, account)  # now, while the admin is here, not at the first `user key`
+    write_owned_config(path, text, account)
+    pw.say(f"wrote {path}: the agent will listen on {agent_url(cfg)}, state in {cfg.state_dir} "
+           f"({account.pw_name}'s, mode 700), AI {cfg.ai_label}")
+    hand_out_token(args.user, token, args.token_file, f"user {args.user} added")
+    if args.service:
+        install_service(cfg, "systemd" if sys.platform.startswith("linux") else "launchd")
+    pw.say(next_steps(cfg, args.user, account))
     return 0
+
+
+def init_account(name: Optional[str], service: bool) -> pwd.struct_passwd:
+    """The account that will run the agent and own its files: this one, or (as root)
+    `--account NAME`: root's own files could not be read by an agent run as that account."""
+    me = pwd.getpwuid(os.geteuid())
+    if not name or name == me.pw_name:
+        if me.pw_uid == 0:
+            pw.say("note: run as root without --account, the config and state folder are root's: "
+                   "the agent must then run as root (give --account NAME for the box account)")
+        return me
+    if me.pw_uid != 0:
+        raise UsageError(f"--account {name}: only root makes files for another account",
+                         f"run init as {name}, or as root")
+    if service:
+        raise UsageError("--service installs a user unit of the account that runs init",
+                         f"run init --service as {name} (sudo -u {name} -H patchwire-agent init ...)")
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        raise UsageError(f"--account {name}: no such account on this box",
+                         f"make it first: sudo useradd --create-home {name}")
+
+
+def make_owned_state_dir(state_dir: Path, account: pwd.struct_passwd) -> None:
+    """The state folder, mode 700, and every folder made on the way, owned by `account`; an
+    existing one of another account is refused with the fix (the agent could not use it)."""
+    if state_dir.exists() and state_dir.stat().st_uid != account.pw_uid:
+        owner = pwd.getpwuid(state_dir.stat().st_uid).pw_name
+        raise PatchwireError(f"the state folder {state_dir} belongs to {owner}, not {account.pw_name} "
+                             "who runs the agent", f"as root: sudo chown -R {account.pw_name}: {state_dir}, "
+                             "or pick another --state-dir")
+    made = [p for p in (state_dir, *state_dir.parents) if not p.exists()]
+    make_state_dir(state_dir)
+    for folder in made if os.geteuid() == 0 else ():
+        os.chown(folder, account.pw_uid, account.pw_gid)
+
+
+def write_owned_config(path: Path, text: str, account: pwd.struct_passwd) -> None:
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_private(path, text)
+    if os.geteuid() == 0:
+        for item in (path, *made):
+            os.chown(item, account.pw_uid, account.pw_gid)
+
+
+def agent_url(cfg: AgentConfig) -> str:
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    return f"{'https' if cfg.tls else 'http'}://{host}:{cfg.port}"
+
+
+def next_steps(cfg: AgentConfig, first: str, account: pwd.struct_passwd) -> str:
+    """What the team lead does next, and what each developer runs on their laptop."""
+    keys = Path(account.pw_dir) / ".ssh" / "authorized_keys"
+    box = cfg.host if cfg.host not in ("127.0.0.1", "::1", "0.0.0.0", "::") else "BOX"
+    c = "" if str(cfg.path) == default_config() else f" -c {cfg.path}"
+    return "\n".join([
+        f"next, on this box as {account.pw_name}: {first}'s SSH key, and one `user add` per developer (KEY.pub: their key)",
+        f"  patchwire-agent user key {first}{c} --ssh-key {first}.pub --authorized-keys {keys}",
+        f"  patchwire-agent user add NAME{c} --ssh-key NAME.pub --authorized-keys {keys} --token-file NAME.token",
+        f"  patchwire-agent doctor{c}; then patchwire-agent serve{c} (or as a service: patchwire-agent service --systemd)",
+        "hand each token file to its developer privately, then delete it; on each laptop:",
+        "  mkdir -p ~/.config/patchwire && install -m 600 /dev/null ~/.config/patchwire/token   # paste the token",
+        f"  cd ~/code/PROJECT && patchwire init --agent {agent_url(cfg)} --token-file ~/.config/patchwire/token "
+        f"--ssh {account.pw_name}@{box}"])
 
 
 def ai_section(ai: str) -> str:
@@ -5657,14 +5729,21 @@ def cmd_service(args) -> int:
         if args.system:
             pw.say(f"as root, put it in {path}; then: {start}")
         return 0
+    install_service(cfg, kind)
+    return 0
+
+
+def install_service(cfg: AgentConfig, kind: str) -> None:
+    """A user-level unit (or LaunchAgent) written where its manager finds it."""
+    data = systemd_unit(cfg).encode() if kind == "systemd" else launchd_plist(cfg)
+    path, start = service_target(kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     replaced = path.exists()
     path.write_bytes(data)
     pw.say(f"{'replaced' if replaced else 'wrote'} {path}; start it (and at every login) with:")
-    print(start)
+    print(start, flush=True)
     if kind == "systemd":
-        pw.say(f"to keep it running while you are logged out: loginctl enable-linger {os.environ.get('USER', '$USER')}")
-    return 0
+        pw.say(f"to keep it running while you are logged out: loginctl enable-linger {current_user()}")
 
 
 # --- doctor: what the box needs, each line ok or the fix
@@ -5894,6 +5973,7 @@ def check_listen(cfg: AgentConfig) -> dict:
     return box_check("listen", True, f"{scheme}://{cfg.host}:{cfg.port}")
 
 
+SETUP_CHECKS = (check_git, check_rsync, check_rrsync, check_sandbox, check_ai)
 BOX_CHECKS = (check_git, check_rsync, check_rrsync, check_ai, check_settings, check_sandbox, check_network,
               check_ai_path, check_limits, check_state, check_listen)
 
@@ -5958,7 +6038,7 @@ def print_gc(r: dict) -> None:
 
 
 COMMANDS = {
-    "init": (cmd_init, "write a commented starter config with one user and print its token"),
+    "init": (cmd_init, "set the box up: check it, make the state folder, write the config with one user"),
     "serve": (cmd_serve, "run the HTTP server"),
     "user": (cmd_user, "add, list, remove users or rotate a token (a running server picks it up)"),
     "policy": (cmd_policy, "print a user's effective policy and where each value comes from, or --set it"),
@@ -5986,6 +6066,10 @@ def build_parser() -> argparse.ArgumentParser:
     p["init"].add_argument("--listen", default=DEFAULT_LISTEN, help="HOST:PORT (default %(default)s)")
     p["init"].add_argument("--state-dir", help="where jobs, mirrors and job folders live")
     p["init"].add_argument("--force", action="store_true", help="replace an existing config")
+    p["init"].add_argument("--account", help="as root: the account that runs the agent; it gets the config "
+                           "and the state folder")
+    p["init"].add_argument("--service", action="store_true", help="also install a user-level service unit "
+                           "(systemd; launchd on macOS) that runs serve")
     p["init"].add_argument("--ai", choices=["claude", STAND_IN], default="claude",
                            help="Claude Code (default), or the built-in stand-in AI for trying the box "
                                 "without a Claude login (it adds the prompt to PATCHWIRE_DEMO.md)")
