@@ -4643,6 +4643,8 @@ class Doctor:
             raise PatchwireError(f"the AI command {self.health.get('ai_command')!r} is not found on the box",
                                  "install Claude Code on the box (npm install -g @anthropic-ai/claude-code) "
                                  "or set [ai] command in the agent's config")
+        if isinstance(self.health.get("ai"), str):  # the box's built-in stand-in
+            return f"the box runs the {self.health['ai']}: each ask adds its prompt to PATCHWIRE_DEMO.md"
         return f"{self.health.get('ai_command')} found on the box"
 
     def sandbox(self) -> Optional[str]:
@@ -4716,6 +4718,9 @@ def cmd_init(args) -> int:
         data["ssh"] = args.ssh
     data["project"] = args.project or default_project_name(root)
     cfg = LaptopConfig(root, data, path)  # validates before anything is written
+    warn_broad_root(root, args.interactive_answers)
+    if not args.interactive_answers:  # the interactive init runs doctor, which asks the same
+        check_project_allowed(cfg)
     if args.interactive_answers:
         checks = Doctor(cfg).run()
         print_checks(checks)
@@ -4728,6 +4733,31 @@ def cmd_init(args) -> int:
     say('next: patchwire doctor, patchwire sync --dry-run, then patchwire ask "..."')
     output(args, {"config": str(path), **data})
     return 0
+
+
+def warn_broad_root(root: Path, interactive: bool) -> None:
+    """A project in the home folder or / would send everything under it to the box."""
+    if root.resolve() not in (Path.home().resolve(), Path("/")):
+        return
+    what = "your home folder" if root.resolve() == Path.home().resolve() else "the root folder"
+    say(f"warning: {root} is {what}: as a project, every file under it that git does not ignore goes "
+        "to the box; run init in the project's own folder")
+    if interactive and read_answer(f"Make all of {what} one project? [y/N]") != "y":
+        raise UsageError("nothing written; cd into the project's folder and run init there")
+
+
+def check_project_allowed(cfg: LaptopConfig) -> None:
+    """The box's project allowlist, asked before the config is written: a name it refuses is
+    an error now, not at the first ask. An agent that cannot be asked yet is only said."""
+    try:
+        Client(cfg.agent, cfg.token(), ca_file=cfg.ca_file, token_source=cfg.token_source()).me(cfg.project)
+    except AgentError as e:
+        if e.http_status == 403:
+            raise UsageError(f"the box does not take project {cfg.project}: {e.message}",
+                             "pick a name it allows with --project NAME, or ask the box's admin") from None
+        say(f"note: could not check project {cfg.project} with the agent: {e.message}")
+    except PatchwireError as e:
+        say(f"note: could not check project {cfg.project} with the agent: {e.message} (patchwire doctor tells more)")
 
 
 def ask_init_values(args, root: Path) -> None:

@@ -57,6 +57,8 @@ def test_an_ask_of_the_stand_in_is_labelled_everywhere_and_applies_its_one_line(
     root = make_repo(tmp_path / "app", {"README.md": b"# app\n"})
     lap = Laptop(root)
     lap.init(agent)
+    doctor = lap.run("doctor")
+    assert f"ok   ai: the box runs the {LABEL}: each ask adds its prompt to PATCHWIRE_DEMO.md" in doctor.out + doctor.err
     asked = lap.ask("Add a health check endpoint", "--yes", check=0)
     assert f"AI started ({LABEL})" in asked.err
     assert f"[{LABEL}] I add your request, on one line, to PATCHWIRE_DEMO.md." in asked.err
