@@ -43,7 +43,9 @@ Commands (-c CONFIG defaults to $XDG_CONFIG_HOME/patchwire/agent.toml):
     patchwire-agent usage -c CONFIG [--user NAME] [--since 7d|DATE] [--until] [--by user|project|day]
         [--csv|--json]      usage summed from the state db (works while the server runs)
     patchwire-agent status -c CONFIG    running and queued jobs by user, uptime, disk per user
-    patchwire-agent doctor -c CONFIG    git, rsync, rrsync, the AI, its sandbox, the state folder: ok or the fix
+    patchwire-agent doctor -c CONFIG [--sshd-config FILE]
+        git, rsync, rrsync, the AI, its sandbox, the state folder, the sshd side (the
+        account's authorized_keys, PermitUserEnvironment): ok or the fix
     patchwire-agent gc -c CONFIG [--older-than 30d] [--dry-run]
         prune old jobs' patches and events and unused job folders; say what was freed
     patchwire-agent service -c CONFIG --systemd|--launchd [--install]
@@ -5194,7 +5196,7 @@ def make_owned_state_dir(state_dir: Path, account: pwd.struct_passwd) -> None:
     """The state folder, mode 700, and every folder made on the way, owned by `account`; an
     existing one of another account is refused with the fix (the agent could not use it)."""
     if state_dir.exists() and state_dir.stat().st_uid != account.pw_uid:
-        owner = pwd.getpwuid(state_dir.stat().st_uid).pw_name
+        owner = account_name(state_dir.stat().st_uid)
         raise PatchwireError(f"the state folder {state_dir} belongs to {owner}, not {account.pw_name} "
                              "who runs the agent", f"as root: sudo chown -R {account.pw_name}: {state_dir}, "
                              "or pick another --state-dir")
@@ -5756,7 +5758,7 @@ def cmd_doctor(args) -> int:
         checks = [{"name": "config", "ok": False, "detail": e.message, "fix": e.hint or "fix the config"}]
     else:
         checks = [{"name": "config", "ok": True, "detail": f"{cfg.path}: {len(cfg.users)} user(s)"}]
-        checks += [check(cfg) for check in BOX_CHECKS]
+        checks += [check(cfg) for check in BOX_CHECKS] + [check_sshd(cfg, Path(args.sshd_config))]
     ok = all(c["ok"] for c in checks)
     pw.output(args, {"ok": ok, "checks": checks}, lambda r: pw.print_checks(r["checks"], sys.stdout))
     return 0 if ok else 1
@@ -5973,6 +5975,113 @@ def check_listen(cfg: AgentConfig) -> dict:
     return box_check("listen", True, f"{scheme}://{cfg.host}:{cfg.port}")
 
 
+# --- the sshd side: the developers' keys go through sshd as the agent's account
+
+
+SSHD_CONFIG = "/etc/ssh/sshd_config"
+
+
+def check_sshd(cfg: AgentConfig, sshd_config: Path) -> dict:
+    """What sshd does with the rrsync keys: the account's authorized_keys must be its own and
+    writable by nobody else (sshd's StrictModes refuses it otherwise, and whoever can write it
+    can add a key with a shell), and PermitUserEnvironment must be no (with it, a key's
+    environment= option or ~/.ssh/environment could set LD_PRELOAD for rrsync)."""
+    account = pwd.getpwuid(cfg.path.stat().st_uid)  # the config's owner runs the agent
+    settings, source = sshd_settings(sshd_config)
+    if settings is not None and settings.get("permituserenvironment", "no") != "no":
+        return box_check("sshd", False, f"PermitUserEnvironment is {settings['permituserenvironment']} "
+                         f"(from {source}): a key's environment= could change what rrsync runs with",
+                         f"set PermitUserEnvironment no in {sshd_config}, then reload sshd "
+                         "(sudo systemctl reload ssh)")
+    said = [f"PermitUserEnvironment no (from {source})" if settings is not None else
+            f"cannot tell whether PermitUserEnvironment is no ({source}; run doctor as root to ask sshd -T)"]
+    for keys in authorized_keys_files(settings, account):
+        wrong = wrongly_held(keys, account)
+        if wrong:
+            return box_check("sshd", False, wrong, f"sudo chown {account.pw_name}: {keys} {keys.parent}; "
+                             f"chmod go-w {keys} {keys.parent}")
+        said.append(f"{keys} is {account.pw_name}'s, writable by it only" if keys.exists()
+                    else f"no {keys} yet (`user add --authorized-keys` makes it)")
+    return box_check("sshd", True, "; ".join(said))
+
+
+def sshd_settings(sshd_config: Path) -> Tuple[Optional[Dict[str, str]], str]:
+    """sshd's settings (lower-case keywords) and where they were read: `sshd -T`, which
+    knows every Include and default but mostly needs root; else the file itself, where the
+    first value of a keyword wins, up to the first Match block. None when neither works."""
+    sshd = shutil.which("sshd") or ("/usr/sbin/sshd" if os.access("/usr/sbin/sshd", os.X_OK) else None)
+    if sshd:
+        proc = pw.run([sshd, "-T", "-f", str(sshd_config)], timeout=10, check=False)
+        if proc.returncode == 0:
+            return parse_sshd_lines(proc.stdout.decode("utf-8", "replace").splitlines()), f"sshd -T -f {sshd_config}"
+    try:
+        lines = sshd_config_lines(sshd_config)
+    except OSError as e:
+        return None, f"cannot read {sshd_config}: {e.strerror}"
+    return parse_sshd_lines(lines), str(sshd_config)
+
+
+def sshd_config_lines(path: Path, depth: int = 0) -> List[str]:
+    """The file's lines with its Include files read in place (relative to /etc/ssh, as sshd
+    does), up to the first Match block."""
+    out: List[str] = []
+    for line in path.read_text(errors="replace").splitlines():
+        words = line.split(None, 1)
+        if words and words[0].lower() == "match":
+            break
+        if words and words[0].lower() == "include" and len(words) == 2 and depth < 4:
+            for pattern in words[1].split():
+                for name in sorted(Path("/etc/ssh").glob(pattern) if not pattern.startswith("/")
+                                   else Path("/").glob(pattern.lstrip("/"))):
+                    with contextlib.suppress(OSError):
+                        out += sshd_config_lines(name, depth + 1)
+            continue
+        out.append(line)
+    return out
+
+
+def parse_sshd_lines(lines: List[str]) -> Dict[str, str]:
+    settings: Dict[str, str] = {}
+    for line in lines:
+        words = line.split("#", 1)[0].replace("=", " ", 1).split(None, 1)
+        if len(words) == 2:
+            settings.setdefault(words[0].lower(), words[1].strip())
+    return settings
+
+
+def authorized_keys_files(settings: Optional[Dict[str, str]], account: pwd.struct_passwd) -> List[Path]:
+    """The account's AuthorizedKeysFile entries (%h, %u, %% expanded; relative to its home)."""
+    value = (settings or {}).get("authorizedkeysfile", ".ssh/authorized_keys .ssh/authorized_keys2")
+    paths = []
+    for entry in value.split():
+        if entry.lower() == "none":
+            continue
+        entry = entry.replace("%%", "\0").replace("%h", account.pw_dir).replace("%u", account.pw_name)
+        paths.append(Path(account.pw_dir) / entry.replace("\0", "%"))
+    return [p for p in paths if p.exists()] or paths[:1]
+
+
+def wrongly_held(keys: Path, account: pwd.struct_passwd) -> str:
+    """Why sshd would refuse `keys` or another account could add a key to it; "" when fine."""
+    for path in (keys, keys.parent):
+        if not path.exists():
+            continue
+        st = path.stat()
+        if st.st_uid != account.pw_uid:
+            return f"{path} belongs to {account_name(st.st_uid)}, not {account.pw_name}: sshd refuses its keys (StrictModes)"
+        if st.st_mode & 0o022:
+            return (f"{path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}): they could "
+                    "add a key with a shell, and sshd refuses it (StrictModes)")
+    return ""
+
+
+def account_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
 SETUP_CHECKS = (check_git, check_rsync, check_rrsync, check_sandbox, check_ai)
 BOX_CHECKS = (check_git, check_rsync, check_rrsync, check_ai, check_settings, check_sandbox, check_network,
               check_ai_path, check_limits, check_state, check_listen)
@@ -6045,7 +6154,7 @@ COMMANDS = {
     "project": (cmd_project, "remove one project of a user: its mirror, repository, job folders, patches"),
     "usage": (cmd_usage, "asks, AI minutes, tokens and cost per user, project or day (reads the state)"),
     "status": (cmd_status, "running and queued jobs by user, workers, uptime, disk per user"),
-    "doctor": (cmd_doctor, "check what this box needs (git, rsync, rrsync, the AI, its sandbox, the state folder)"),
+    "doctor": (cmd_doctor, "check what this box needs (git, rsync, rrsync, the AI, its sandbox, the state folder, sshd)"),
     "gc": (cmd_gc, "prune old jobs' patches and events, and unused job folders"),
     "service": (cmd_service, "print or install a systemd user unit or a launchd agent that runs serve"),
 }
@@ -6132,6 +6241,8 @@ def add_user_parsers(parser: argparse.ArgumentParser) -> None:
 def add_ops_arguments(p: Dict[str, argparse.ArgumentParser]) -> None:
     pw.add_usage_arguments(p["usage"], "user")
     p["usage"].add_argument("--user", help="only this user")
+    p["doctor"].add_argument("--sshd-config", default=SSHD_CONFIG, metavar="FILE",
+                             help="the sshd_config of the sshd the developers' keys go through (default %(default)s)")
     for name in ("usage", "status", "gc", "doctor"):
         p[name].add_argument("--json", action="store_true", help="the result as JSON on stdout")
     p["gc"].add_argument("--older-than", default="30d", help="jobs finished longer ago than this: "
