@@ -5431,7 +5431,7 @@ def cmd_user_add(args) -> int:
     hand_out_token(name, token, args.token_file, f"added user {name}" + (" (admin)" if args.admin else ""))
     if key:
         install_key_line(rrsync_key_line(cfg.state_dir, name, key), args.authorized_keys,
-                         mirror_root(cfg.state_dir, name))
+                         mirror_root(cfg.state_dir, name), cfg.path.stat())
     return 0
 
 
@@ -5563,7 +5563,7 @@ def cmd_user_key(args) -> int:
     key = read_ssh_key(args.ssh_key)
     make_mirror_root(cfg, args.name)
     install_key_line(rrsync_key_line(cfg.state_dir, args.name, key), args.authorized_keys,
-                     mirror_root(cfg.state_dir, args.name))
+                     mirror_root(cfg.state_dir, args.name), cfg.path.stat())
     return 0
 
 
@@ -5683,15 +5683,20 @@ def rrsync_key_line(state_dir: Path, user: str, key: str) -> str:
     return f'restrict,command="{command}" {key} patchwire:{user}'
 
 
-def install_key_line(line: str, authorized_keys: Optional[str], folder: Path) -> None:
+def install_key_line(line: str, authorized_keys: Optional[str], folder: Path, owner: os.stat_result) -> None:
+    """Print the line, or append it to `authorized_keys`; as root, a file or folder made here
+    belongs to `owner` (the config's), since sshd refuses keys in a file the account does not own."""
     if not authorized_keys:
         pw.say("add this line to ~/.ssh/authorized_keys of the box account that runs patchwire-agent:")
         print(line, flush=True)
         return
     path = Path(authorized_keys)
+    made = [p for p in (path, path.parent) if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     old = path.read_text() if path.exists() else ""
     write_private(path, old + ("" if not old or old.endswith("\n") else "\n") + line + "\n")
+    for item in made:
+        give_to_owner(item, owner)
     pw.say(f"appended the key line to {path}: that key may only rsync into {folder}")
 
 

@@ -121,3 +121,18 @@ def test_project_remove_deletes_one_project_and_the_next_ask_starts_afresh(make_
     assert gone.returncode == 0
     nothing = subprocess.run(remove + ["--yes"], capture_output=True, text=True, timeout=60)
     assert nothing.returncode == 2 and "has no project" in nothing.stderr
+
+
+def test_user_add_as_root_makes_the_authorized_keys_the_box_accounts(box_account_agent, tmp_path):
+    """sshd refuses keys in a file the account does not own (StrictModes): the file and its
+    folder that root's `user add` makes belong to the config's owner; an existing one keeps its."""
+    agent, account = box_account_agent
+    (tmp_path / "carol.pub").write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGrkvBiFo0S1sTDGnWBMvpTAYbVJyXkh3Uz"
+                                        "rlqz3Krrp carol@laptop\n")
+    keys = agent.workdir / "home" / ".ssh" / "authorized_keys"
+    added = pa.main(["user", "add", "carol", "-c", str(agent.config), "--token-file", str(tmp_path / "t"),
+                     "--ssh-key", str(tmp_path / "carol.pub"), "--authorized-keys", str(keys)])
+    assert added == 0
+    assert owner_and_mode(keys) == (account.pw_uid, account.pw_gid, 0o600)
+    assert owner_and_mode(keys.parent) == (account.pw_uid, account.pw_gid, 0o700)
+    assert keys.read_text().endswith(" patchwire:carol\n")
