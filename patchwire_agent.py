@@ -5336,8 +5336,8 @@ def cmd_serve(args) -> int:
 # --- users and policy: each command rewrites the config atomically; a running server
 # picks the change up by itself (it watches the file; SIGHUP also reloads)
 
-CONFIG_HEADER = ("# patchwire-agent configuration (rewritten by `patchwire-agent user`; comments are not "
-                 "kept).\n# Reference: README.md, \"Agent config\" and \"Team setup\".\n\n")
+CONFIG_HEADER = ("# patchwire-agent configuration (rewritten whole by `patchwire-agent user` or `policy`: "
+                 "its comments were not kept).\n# Reference: README.md, \"Agent config\" and \"Team setup\".\n\n")
 RRSYNC_MISSING = ("rrsync is not installed on this box, so the key line below will not work yet. "
                   "rrsync ships with rsync 3.2.4 and later: Debian/Ubuntu `apt install rsync` "
                   "(/usr/bin/rrsync); macOS `brew install rsync` (then use the rrsync from "
@@ -5352,13 +5352,157 @@ def edit_config(path: Path, change: Callable[[dict], Any]) -> Any:
     with open(path.parent / f".{path.name}.lock", "a") as lock:
         give_to_owner(Path(lock.name), path.stat())  # the box account edits after root, too
         fcntl.flock(lock, fcntl.LOCK_EX)
-        data = pw.load_toml(path)
+        before = path.read_text(encoding="utf-8")
+        data = pw.parse_toml(before, path)
         data.setdefault("users", {})
         result = change(data)
-        text = CONFIG_HEADER + pw.dump_toml(data)
+        text = splice_toml(before, data)
+        if text is None:
+            text = CONFIG_HEADER + pw.dump_toml(data)
+            pw.say(f"note: {path} was rewritten whole, without its comments: its layout (inline or "
+                   "dotted tables, arrays of tables) is more than the line editor changes in place")
         AgentConfig(path, pw.parse_toml(text, path))  # what we write must load
         replace_keeping_owner(path, text)
     return result
+
+
+# --- editing the config in place: only the lines of what changed are rewritten, so the
+# admin's comments stay. The stdlib reads TOML but cannot write it back with its comments
+# (tomlkit could; Patchwire takes no dependency beyond tomli/tomli-w), so the file is split
+# into tables and keys by asking the TOML reader itself where each ends, and each edit
+# replaces the lines of one key or one table. The result is read back and must equal what
+# was asked, else the caller rewrites the file whole.
+
+TomlPath = Tuple[str, ...]
+
+
+class TomlTable:
+    """One table of a TOML file: its header line (-1 for the top level), the line after its
+    last key, and each key's lines [start, end) with the value they hold."""
+
+    def __init__(self, header: int):
+        self.header = header
+        self.end = header + 1
+        self.keys: Dict[str, Tuple[int, int, Any]] = {}
+
+
+def toml_header(line: str) -> Optional[TomlPath]:
+    """The table path of a `[a."b.c"]` header line; None for any other line. `[[x]]` (an
+    array of tables) is a ValueError: the line editor leaves such files to the full rewrite."""
+    if not line.lstrip().startswith("["):
+        return None
+    try:
+        node: Any = pw.parse_toml(line, Path("header"))
+    except PatchwireError:
+        return None
+    path: List[str] = []
+    while isinstance(node, dict) and len(node) == 1:
+        key, node = next(iter(node.items()))
+        path.append(key)
+    if node != {} or not path:
+        raise ValueError("not a plain table header")
+    return tuple(path)
+
+
+def locate_tables(lines: List[str]) -> Dict[TomlPath, TomlTable]:
+    """Each table and key of the file; a ValueError for a shape this does not edit (a dotted
+    key or an inline table, a value that never closes)."""
+    tables: Dict[TomlPath, TomlTable] = {(): TomlTable(-1)}
+    table, i = tables[()], 0
+    while i < len(lines):
+        stripped = lines[i].strip()
+        if not stripped or stripped.startswith("#"):
+            i += 1
+            continue
+        path = toml_header(lines[i])
+        if path is not None:
+            if path in tables:
+                raise ValueError("a table defined twice")
+            table = tables[path] = TomlTable(i)
+            i += 1
+            continue
+        end = key_end(lines, i)  # a value may span lines: it ends where the chunk reads as TOML
+        (key, value), = pw.parse_toml("".join(lines[i:end]), Path("key")).items()
+        if key in table.keys:  # dotted keys (a.x = 1, a.y = 2): left to the full rewrite
+            raise ValueError("a key given in parts")
+        table.keys[key] = (i, end, value)  # a dict here: an inline table, kept as one value
+        table.end, i = end, end
+    return tables
+
+
+def key_end(lines: List[str], start: int) -> int:
+    for end in range(start + 1, len(lines) + 1):
+        with contextlib.suppress(PatchwireError):
+            if len(pw.parse_toml("".join(lines[start:end]), Path("key"))) == 1:
+                return end
+    raise ValueError("a value that does not end")
+
+
+def flat_tables(data: dict, inline: Set[TomlPath], path: TomlPath = ()) -> List[Tuple[TomlPath, dict, bool]]:
+    """(path, its keys that are not tables, whether it has tables inside) for every table;
+    a table the file writes inline (`env = { A = "1" }`) counts as one key's value."""
+    def is_table(key: str, value: Any) -> bool:
+        return isinstance(value, dict) and path + (key,) not in inline
+    own = {k: v for k, v in data.items() if not is_table(k, v)}
+    inner = [(k, v) for k, v in data.items() if is_table(k, v)]
+    out = [(path, own, bool(inner))]
+    for key, value in inner:
+        out += flat_tables(value, inline, path + (key,))
+    return out
+
+
+def table_edits(table: TomlTable, wanted: dict) -> List[Tuple[int, int, str]]:
+    """(start, end, text) replacements that make `table`'s keys those of `wanted`."""
+    edits = []
+    for key, (start, end, value) in table.keys.items():
+        if key not in wanted:
+            edits.append((start, end, ""))
+        elif wanted[key] != value or type(wanted[key]) is not type(value):
+            if isinstance(value, dict):  # tomli-w writes no inline tables
+                raise ValueError("a changed inline table")
+            edits.append((start, end, pw.dump_toml({key: wanted[key]})))
+    added = {k: v for k, v in wanted.items() if k not in table.keys}
+    if added:
+        edits.append((table.end, table.end, pw.dump_toml(added)))
+    return edits
+
+
+def splice_toml(text: str, data: dict) -> Optional[str]:
+    """`text` changed to hold `data`, rewriting only the lines of keys and tables that
+    changed; None when the file's shape is beyond this editor (then it is rewritten whole)."""
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    try:
+        tables = locate_tables(lines)
+        inline = {path + (key,) for path, table in tables.items()
+                  for key, (_, _, value) in table.keys.items() if isinstance(value, dict)}
+        wanted = {path: (own, nested) for path, own, nested in flat_tables(data, inline)}
+        edits: List[Tuple[int, int, str]] = []
+        for path, table in tables.items():
+            if path in wanted:
+                edits += table_edits(table, wanted[path][0])
+            else:  # a table gone (a removed user): its header, its keys and the blank line above
+                blank_above = table.header > 0 and not lines[table.header - 1].strip()
+                edits.append((table.header - blank_above, table.end, ""))
+    except ValueError:
+        return None
+    for start, end, new in sorted(edits, key=lambda e: (e[0], e[1]), reverse=True):
+        lines[start:end] = [new] if new else []
+    for path, (own, nested) in wanted.items():
+        if path not in tables and (own or not nested):  # a new table ([users.NAME])
+            lines.append("\n" + pw.dump_toml(dict_at(path, own)))
+    spliced = "".join(lines)
+    try:
+        return spliced if pw.parse_toml(spliced, Path("edit")) == data else None
+    except PatchwireError:
+        return None
+
+
+def dict_at(path: TomlPath, table: dict) -> dict:
+    for key in reversed(path):
+        table = {key: table}
+    return table
 
 
 def give_to_owner(path: Path, owner: os.stat_result) -> None:
