@@ -6054,6 +6054,8 @@ def check_ai_path(cfg: AgentConfig) -> dict:
     and nothing binds back: the AI would not find what lies there."""
     if cfg.sandbox == "none" or not sys.platform.startswith("linux"):
         return box_check("ai_path", True, "the sandbox hides no folder of the AI's PATH")
+    if cfg.stand_in:  # the agent's own Python, bound in by the sandbox; it runs nothing from PATH
+        return box_check("ai_path", True, f"the {STAND_IN_LABEL} needs nothing from PATH")
     walls = JobWalls(cfg.state_dir, cfg.state_dir, cfg.state_dir, cfg.state_dir, cfg.limits)
     hidden = ["/tmp", *walls.hidden_folders(), real(cfg.state_dir)]
     env = ai_environment(cfg)
