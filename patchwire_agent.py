@@ -3577,6 +3577,8 @@ class Agent:
         self._flush_output(job["id"], output)
         times.step("ai_ms")
         summary = summarize_result(result, time.monotonic() - started, run.exit_code)
+        if self.cfg.stand_in:  # the job's record says it too, not only its events
+            summary["ai"] = STAND_IN_LABEL
         if gateway:
             summary["network"] = gateway.report.summary()
             self.audit.job(job["id"], "egress", user=job["user"], project=job["project"], **summary["network"])
@@ -4685,7 +4687,8 @@ OPENAPI_SCHEMAS = {
     "JobResult": _obj([], exit_code=_nullable(_I), is_error=_B, subtype=_nullable(_S), duration_s=_N,
                       num_turns=_nullable(_I), session_id=_nullable(_S), tokens_in=_nullable(_I),
                       tokens_out=_nullable(_I), cache_read_tokens=_nullable(_I), cache_write_tokens=_nullable(_I),
-                      cost_usd=_nullable(_N), result_commit=_S),
+                      cost_usd=_nullable(_N), result_commit=_S,
+                      ai={**_S, "description": "set when the built-in stand-in ran: \"stand-in AI, not Claude\""}),
     "Stats": _obj(["files", "added", "removed", "binary"], files=_I, added=_I, removed=_I, binary=_I),
     "Job": _obj(["id", "project", "prompt", "status", "created", "events"], id=_S, project=_S, prompt=_S,
                 status={"enum": ["queued", "running", "done", "failed", "cancelled"]}, reason=_nullable(_S),

@@ -64,6 +64,8 @@ def test_an_ask_of_the_stand_in_is_labelled_everywhere_and_applies_its_one_line(
     assert f"[{LABEL}] I add your request, on one line, to PATCHWIRE_DEMO.md." in asked.err
     assert (root / "PATCHWIRE_DEMO.md").read_bytes() == (
         f"# Requests noted by Patchwire's {LABEL}\n\n- Add a health check endpoint\n".encode())
+    assert agent.json("GET", f"/v1/jobs/{lap.last_job()}")[1]["result"]["ai"] == LABEL
+    assert f"ai:       {LABEL}\n" in lap.run("show", check=0).out
     events = agent.events(lap.last_job())
     started = next(e for e in events if e["type"] == "started")
     assert started["ai"] == LABEL and started["sandbox"] == ("none" if sandbox == "none" else started["sandbox"])
