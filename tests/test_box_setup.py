@@ -132,6 +132,16 @@ def test_init_as_the_box_account_installs_its_service_and_cannot_make_root_files
     assert f"ExecStart=/usr/bin/python3 {code / 'patchwire_agent.py'} serve -c {config}" in unit.read_text()
     assert owner_and_mode(home / "patchwire-state") == (account.pw_uid, 0o700)
     assert tomllib.loads(config.read_text())["users"]["ann"]["token_sha256"]
+    # the box account's own user and policy commands keep init's commented config as it was
+    template = config.read_text()
+    for command in (["user", "add", "ben", "--token-file", str(home / "ben.token")],
+                    ["policy", "ben", "--set", "max_queued=3"], ["policy", "--default", "--set", "rate_limit=30/hour"]):
+        edited = run(as_account(code, account) + command + ["-c", str(config)], env=env)
+        assert edited.returncode == 0 and "rewritten whole" not in edited.stderr, edited.stderr
+    after = config.read_text()
+    assert [l for l in after.splitlines() if l.startswith("#")] == [l for l in template.splitlines() if l.startswith("#")]
+    assert after.startswith(template.split("[users.ann]")[0])  # everything above the users, byte for byte
+    assert "[users.ben]\n" in after and 'rate_limit = "30/hour"' in after
     refused = run(as_account(code, account) + ["init", "-c", str(home / "b.toml"), "--account", "root"], env=env)
     assert refused.returncode == 2 and "--account root: only root makes files for another account" in refused.stderr
     assert not (home / "b.toml").exists()
