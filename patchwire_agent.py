@@ -332,10 +332,7 @@ class AgentConfig:
         if not SAFE_PATH_RE.match(str(self.state_dir)):
             raise PatchwireError(f"{path}: server.state_dir {str(self.state_dir)!r} has characters "
                                  "that remote shells would split", "use a path of letters, digits and ./_-")
-        if not ai["command"]:
-            raise PatchwireError(f"{path}: ai.command must not be empty")
-        # ["stand-in"]: the built-in stand-in AI (STAND_IN_SOURCE), run by the agent's own Python
-        self.stand_in = ai["command"] == [STAND_IN]
+        self.stand_in = check_ai_command(path, ai["command"])
         self.ai_command: List[str] = stand_in_argv() if self.stand_in else ai["command"]
         self.ai_label = STAND_IN_LABEL if self.stand_in else repr(self.ai_command[0])
         self.timeout_s: int = ai["timeout_s"]
@@ -452,6 +449,17 @@ def check_policy(path: Path, table: str, values: dict) -> None:
     if values.get("projects") == []:
         raise PatchwireError(f"{path}: {table}.projects is empty, so no project is allowed",
                              'list name patterns, for example ["web-*", "api"], or "*" for all')
+
+
+def check_ai_command(path: Path, command: List[str]) -> bool:
+    """Whether [ai] command is ["stand-in"], the built-in stand-in AI (STAND_IN_SOURCE, run
+    by the agent's own Python); an empty command, or the stand-in with arguments, is refused."""
+    if not command:
+        raise PatchwireError(f"{path}: ai.command must not be empty")
+    if command[:1] == [STAND_IN] and command != [STAND_IN]:
+        raise PatchwireError(f"{path}: ai.command {json.dumps(command)}: the built-in stand-in takes no "
+                             "arguments", f'set command = ["{STAND_IN}"], or the argv of a real AI CLI')
+    return command == [STAND_IN]
 
 
 def check_absolute(path: Path, key: str, value: str) -> str:

@@ -31,6 +31,10 @@ def test_init_with_the_stand_in_writes_it_labelled_and_doctor_says_it_is_not_cla
     doctor = agent_cli("doctor", "-c", str(config), "--json")
     ai = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}["ai"]
     assert ai["ok"] and ai["detail"].startswith(f"the built-in {LABEL}: each job adds the prompt to PATCHWIRE_DEMO.md")
+    config.write_text(text.replace('    "stand-in",\n', '    "stand-in",\n    "--fast",\n'))
+    bad = agent_cli("doctor", "-c", str(config))
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr + bad.stdout
+    assert 'ai.command ["stand-in", "--fast"]: the built-in stand-in takes no arguments' in bad.stdout
     refused = agent_cli("init", "-c", str(tmp_path / "b.toml"), "--ai", "gpt")
     assert refused.returncode == 2 and "invalid choice: 'gpt'" in refused.stderr
 
