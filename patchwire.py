@@ -1751,11 +1751,21 @@ def rsync_argv(cfg: LaptopConfig, dest: str, checksum: bool = False, ignore_time
         argv.append("-I")
     if cfg.ssh:
         ssh = [*cfg.ssh_argv(), "-o", "BatchMode=yes",
-               "-o", "ControlMaster=auto", "-o", f"ControlPath={control_dir()}/%C",
+               "-o", "ControlMaster=auto", "-o", f"ControlPath={control_socket(cfg.ssh_argv(), cfg.ssh)}",
                "-o", "ControlPersist=60"]
         argv += ["-e", " ".join(shlex.quote(a) for a in ssh)]
         return argv + ["./", f"{cfg.ssh}:{dest}/"]
     return argv + ["./", dest + "/"]
+
+
+def control_socket(ssh_argv: List[str], destination: str) -> str:
+    """The ControlPath of a project's SSH master. ssh's %C hashes the host, port and user,
+    not the key: two projects that reach one box account with different keys (two
+    ~/.ssh/config aliases of one host, or their own -i/-F options) would share a master, and
+    the second would sync with the first's key, into that key's rrsync folder. The options
+    and the destination as written are hashed in too."""
+    mark = hashlib.sha256("\0".join([*ssh_argv, destination]).encode()).hexdigest()[:10]
+    return f"{control_dir()}/%C-{mark}"
 
 
 def control_dir() -> str:
