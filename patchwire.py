@@ -1798,11 +1798,21 @@ def rsync_argv(cfg: LaptopConfig, dest: str, checksum: bool = False, ignore_time
         argv.append("-I")
     if cfg.ssh:
         ssh = [*cfg.ssh_argv(), "-o", "BatchMode=yes",
-               "-o", "ControlMaster=auto", "-o", f"ControlPath={control_dir()}/%C",
+               "-o", "ControlMaster=auto", "-o", f"ControlPath={control_socket(cfg.ssh_argv(), cfg.ssh)}",
                "-o", "ControlPersist=60"]
         argv += ["-e", " ".join(shlex.quote(a) for a in ssh)]
         return argv + ["./", f"{cfg.ssh}:{dest}/"]
     return argv + ["./", dest + "/"]
+
+
+def control_socket(ssh_argv: List[str], destination: str) -> str:
+    """The ControlPath of a project's SSH master. ssh's %C hashes the host, port and user,
+    not the key: two projects that reach one box account with different keys (two
+    ~/.ssh/config aliases of one host, or their own -i/-F options) would share a master, and
+    the second would sync with the first's key, into that key's rrsync folder. The options
+    and the destination as written are hashed in too."""
+    mark = hashlib.sha256("\0".join([*ssh_argv, destination]).encode()).hexdigest()[:10]
+    return f"{control_dir()}/%C-{mark}"
 
 
 def control_dir() -> str:
@@ -2455,7 +2465,8 @@ class ProgressPrinter:
         say(self.stamp(), f"waiting: {self.flat(e.get('position'))} ahead in the queue" + _wait_estimate(e))
 
     def on_started(self, e: dict) -> None:
-        say(self.stamp(), "AI started")
+        ai = e.get("ai")  # set when the box runs its built-in stand-in
+        say(self.stamp(), "AI started" + (f" ({self.flat(ai)})" if isinstance(ai, str) else ""))
 
     def on_links_removed(self, e: dict) -> None:
         paths = ["".join(c if c.isprintable() else "?" for c in str(p)) for p in e.get("paths") or []]
@@ -4905,6 +4916,8 @@ class Doctor:
             raise PatchwireError(f"the AI command {self.health.get('ai_command')!r} is not found on the box",
                                  "install Claude Code on the box (npm install -g @anthropic-ai/claude-code) "
                                  "or set [ai] command in the agent's config")
+        if isinstance(self.health.get("ai"), str):  # the box's built-in stand-in
+            return f"the box runs the {self.health['ai']}: each ask adds its prompt to PATCHWIRE_DEMO.md"
         return f"{self.health.get('ai_command')} found on the box"
 
     def sandbox(self) -> Optional[str]:
@@ -4978,6 +4991,9 @@ def cmd_init(args) -> int:
         data["ssh"] = args.ssh
     data["project"] = args.project or default_project_name(root)
     cfg = LaptopConfig(root, data, path)  # validates before anything is written
+    warn_broad_root(root, args.interactive_answers)
+    if not args.interactive_answers:  # the interactive init runs doctor, which asks the same
+        check_project_allowed(cfg)
     if args.interactive_answers:
         checks = Doctor(cfg).run()
         print_checks(checks)
@@ -4990,6 +5006,31 @@ def cmd_init(args) -> int:
     say('next: patchwire doctor, patchwire sync --dry-run, then patchwire ask "..."')
     output(args, {"config": str(path), **data})
     return 0
+
+
+def warn_broad_root(root: Path, interactive: bool) -> None:
+    """A project in the home folder or / would send everything under it to the box."""
+    if root.resolve() not in (Path.home().resolve(), Path("/")):
+        return
+    what = "your home folder" if root.resolve() == Path.home().resolve() else "the root folder"
+    say(f"warning: {root} is {what}: as a project, every file under it that git does not ignore goes "
+        "to the box; run init in the project's own folder")
+    if interactive and read_answer(f"Make all of {what} one project? [y/N]") != "y":
+        raise UsageError("nothing written; cd into the project's folder and run init there")
+
+
+def check_project_allowed(cfg: LaptopConfig) -> None:
+    """The box's project allowlist, asked before the config is written: a name it refuses is
+    an error now, not at the first ask. An agent that cannot be asked yet is only said."""
+    try:
+        Client(cfg.agent, cfg.token(), ca_file=cfg.ca_file, token_source=cfg.token_source()).me(cfg.project)
+    except AgentError as e:
+        if e.http_status == 403:
+            raise UsageError(f"the box does not take project {cfg.project}: {e.message}",
+                             "pick a name it allows with --project NAME, or ask the box's admin") from None
+        say(f"note: could not check project {cfg.project} with the agent: {e.message}")
+    except PatchwireError as e:
+        say(f"note: could not check project {cfg.project} with the agent: {e.message} (patchwire doctor tells more)")
 
 
 def ask_init_values(args, root: Path) -> None:

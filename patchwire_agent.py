@@ -21,8 +21,11 @@ Data flow for one ask:
                                capped at [jobs] max_diff_mb; stats
 
 Commands (-c CONFIG defaults to $XDG_CONFIG_HOME/patchwire/agent.toml):
-    patchwire-agent init -c CONFIG [--user NAME] [--token-file PATH]
-        write a commented starter config with one user; print its token once
+    patchwire-agent init -c CONFIG [--user NAME] [--token-file PATH] [--listen HOST:PORT]
+        [--state-dir DIR] [--account NAME] [--ai claude|stand-in] [--service]
+        set the box up: say what it lacks (git, rsync, rrsync, bwrap, the AI) and how to
+        install it; make the state folder (700, the agent account's); write a commented
+        config with one user; print its token once, and the next step for each developer
     patchwire-agent serve -c CONFIG
         run the HTTP server; SIGHUP (or any change of the file) reloads users and policy;
         SIGTERM lets running jobs finish for [server] shutdown_grace_s, then cancels them;
@@ -40,7 +43,9 @@ Commands (-c CONFIG defaults to $XDG_CONFIG_HOME/patchwire/agent.toml):
     patchwire-agent usage -c CONFIG [--user NAME] [--since 7d|DATE] [--until] [--by user|project|day]
         [--csv|--json]      usage summed from the state db (works while the server runs)
     patchwire-agent status -c CONFIG    running and queued jobs by user, uptime, disk per user
-    patchwire-agent doctor -c CONFIG    git, rsync, rrsync, the AI, its sandbox, the state folder: ok or the fix
+    patchwire-agent doctor -c CONFIG [--sshd-config FILE]
+        git, rsync, rrsync, the AI, its sandbox, the state folder, the sshd side (the
+        account's authorized_keys, PermitUserEnvironment): ok or the fix
     patchwire-agent gc -c CONFIG [--older-than 30d] [--dry-run]
         prune old jobs' patches and events and unused job folders; say what was freed
     patchwire-agent service -c CONFIG --systemd|--launchd [--install]
@@ -328,9 +333,9 @@ class AgentConfig:
         if not SAFE_PATH_RE.match(str(self.state_dir)):
             raise PatchwireError(f"{path}: server.state_dir {str(self.state_dir)!r} has characters "
                                  "that remote shells would split", "use a path of letters, digits and ./_-")
-        if not ai["command"]:
-            raise PatchwireError(f"{path}: ai.command must not be empty")
-        self.ai_command: List[str] = ai["command"]
+        self.stand_in = check_ai_command(path, ai["command"])
+        self.ai_command: List[str] = stand_in_argv() if self.stand_in else ai["command"]
+        self.ai_label = STAND_IN_LABEL if self.stand_in else repr(self.ai_command[0])
         self.timeout_s: int = ai["timeout_s"]
         self.max_timeout_s: int = max(ai["max_timeout_s"], ai["timeout_s"])
         self.ai_env: Dict[str, str] = ai["env"]
@@ -445,6 +450,17 @@ def check_policy(path: Path, table: str, values: dict) -> None:
     if values.get("projects") == []:
         raise PatchwireError(f"{path}: {table}.projects is empty, so no project is allowed",
                              'list name patterns, for example ["web-*", "api"], or "*" for all')
+
+
+def check_ai_command(path: Path, command: List[str]) -> bool:
+    """Whether [ai] command is ["stand-in"], the built-in stand-in AI (STAND_IN_SOURCE, run
+    by the agent's own Python); an empty command, or the stand-in with arguments, is refused."""
+    if not command:
+        raise PatchwireError(f"{path}: ai.command must not be empty")
+    if command[:1] == [STAND_IN] and command != [STAND_IN]:
+        raise PatchwireError(f"{path}: ai.command {json.dumps(command)}: the built-in stand-in takes no "
+                             "arguments", f'set command = ["{STAND_IN}"], or the argv of a real AI CLI')
+    return command == [STAND_IN]
 
 
 def check_absolute(path: Path, key: str, value: str) -> str:
@@ -2870,6 +2886,53 @@ def describe_denials(denials: List[dict]) -> str:
     return text
 
 
+# --- the built-in stand-in AI: `[ai] command = ["stand-in"]` (`init --ai stand-in`)
+#
+# For trying a box and for teaching, without a Claude login: it speaks Claude Code's real
+# stream-json (system/init, assistant text and tool_use, the user's tool_result, result), so
+# every part of a job runs as it would with Claude, and it makes one small, deterministic
+# change: the prompt, on one line, appended to PATCHWIRE_DEMO.md. Its source runs as
+# `python -I -S -c STAND_IN_SOURCE`, the agent's own Python: no file to find, so it works
+# from the .pyz and inside the sandbox alike. Everything it says carries STAND_IN_LABEL.
+
+STAND_IN = "stand-in"
+STAND_IN_LABEL = "stand-in AI, not Claude"
+STAND_IN_FILE = "PATCHWIRE_DEMO.md"
+STAND_IN_SOURCE = """
+import json, os, sys, uuid
+LABEL, FILE = %r, %r
+args = sys.argv[1:]
+session = args[args.index("--resume") + 1] if "--resume" in args[:-1] else str(uuid.uuid4())
+prompt = " ".join(sys.stdin.read().split())[:200] or "(an empty request)"
+def emit(obj):
+    sys.stdout.write(json.dumps(dict(obj, session_id=session)) + "\\n")
+    sys.stdout.flush()
+def say(block):
+    emit({"type": "assistant", "parent_tool_use_id": None, "message": {"id": "msg_stand_in",
+          "type": "message", "role": "assistant", "model": LABEL, "content": [block]}})
+emit({"type": "system", "subtype": "init", "cwd": os.getcwd(), "tools": ["Edit"], "model": LABEL,
+      "permissionMode": "acceptEdits", "apiKeySource": "none"})
+say({"type": "text", "text": "[%%s] I add your request, on one line, to %%s." %% (LABEL, FILE)})
+line = "- " + prompt + "\\n"
+head = "" if os.path.exists(FILE) else "# Requests noted by Patchwire's " + LABEL + "\\n\\n"
+with open(FILE, "a") as f:
+    f.write(head + line)
+say({"type": "tool_use", "id": "toolu_stand_in", "name": "Edit", "input": {
+    "file_path": os.path.abspath(FILE), "old_string": "", "new_string": line}})
+emit({"type": "user", "parent_tool_use_id": None, "message": {"role": "user", "content": [
+    {"tool_use_id": "toolu_stand_in", "type": "tool_result", "content": "ok", "is_error": False}]}})
+done = "[%%s] Added one line to %%s. For real work, set [ai] command to Claude Code." %% (LABEL, FILE)
+say({"type": "text", "text": done})
+emit({"type": "result", "subtype": "success", "is_error": False, "duration_ms": 0, "duration_api_ms": 0,
+      "num_turns": 1, "result": done, "total_cost_usd": 0, "usage": {"input_tokens": 0, "output_tokens": 0},
+      "permission_denials": []})
+""" % (STAND_IN_LABEL, STAND_IN_FILE)
+
+
+def stand_in_argv() -> List[str]:
+    return [sys.executable, "-I", "-S", "-c", STAND_IN_SOURCE]
+
+
 def ai_environment(cfg: AgentConfig, home: Optional[Path] = None, environ: Optional[Dict[str, str]] = None) -> dict:
     """The AI's environment, an allowlist: PATH, LANG, LC_*, TERM, TZ, TMPDIR and Claude's
     credential variables from the agent's environment, then `[ai] env`; HOME is the user's
@@ -3254,7 +3317,9 @@ class Agent:
         with self.lock:
             running = len(self.runs)
         return {"ok": True, "version": __version__, "time": time.time(), "queue_depth": len(self.queue.order()),
-                "running": running, "workers": self.cfg.workers, "ai_command": argv0,
+                "running": running, "workers": self.cfg.workers,
+                "ai_command": STAND_IN if self.cfg.stand_in else argv0,
+                **({"ai": STAND_IN_LABEL} if self.cfg.stand_in else {}),
                 "ai_found": bool(found), "sandbox": self.sandbox.kind,
                 **({"sandbox_warning": self.sandbox.warning} if self.sandbox.warning else {})}
 
@@ -3585,6 +3650,7 @@ class Agent:
             self.store.add_event(job["id"], {"type": "links_removed", "paths": sorted(links)[:100],
                                              "count": len(links)})
         self.store.add_event(job["id"], {"type": "started", "slot": slot, "sandbox": self.sandbox.kind,
+                                         **({"ai": STAND_IN_LABEL} if self.cfg.stand_in else {}),
                                          **self.limits_said(cgroup), **({"continues": parent["id"]} if parent else {})})
         self.audit.job(job["id"], "job_start", user=job["user"], project=job["project"], slot=slot)
         started = time.monotonic()
@@ -3592,6 +3658,8 @@ class Agent:
         self._flush_output(job["id"], output)
         times.step("ai_ms")
         summary = summarize_result(result, time.monotonic() - started, run.exit_code)
+        if self.cfg.stand_in:  # the job's record says it too, not only its events
+            summary["ai"] = STAND_IN_LABEL
         if gateway:
             summary["network"] = gateway.report.summary()
             self.audit.job(job["id"], "egress", user=job["user"], project=job["project"], **summary["network"])
@@ -4676,6 +4744,7 @@ OPENAPI_SCHEMAS = {
               "description": "Every error; `code` is stable, `error` and `hint` are for people."},
     "Health": _obj(["ok", "version", "time", "queue_depth", "running", "workers", "ai_command", "ai_found"],
                    ok=_B, version=_S, time=_N, queue_depth=_I, running=_I, workers=_I, ai_command=_S, ai_found=_B,
+                   ai={**_S, "description": "present when the AI is the built-in stand-in (not Claude)"},
                    sandbox={**_S, "description": "what confines the AI: bwrap, sandbox-exec or none"},
                    sandbox_warning={**_S, "description": "present when the AI runs unconfined by default"},
                    connections={**_obj(["open", "max", "max_per_client", "waiting", "evicted"], open=_I, max=_I,
@@ -4684,7 +4753,7 @@ OPENAPI_SCHEMAS = {
     "Me": _obj(["user", "version", "mirror_root"], user=_S, version=_S, mirror_root=_S,
                mirror={**_S, "description": "with ?project=: the folder to rsync that project into"},
                unwritable={"type": "array", "items": _S,
-                           "description": "with ?project=: the box's folders for it that the agent cannot write"}),
+                           "description": "with ?project=: its folders the agent cannot write (the admin's to fix)"}),
     "AskRequest": {**_obj(["project", "tree", "prompt"], project=_S, prompt=_S,
                           tree={**_S, "description": "git tree id of exactly the files the laptop sent"},
                           files={"type": "array", "items": {"type": "array", "items": _S, "minItems": 3,
@@ -4701,7 +4770,8 @@ OPENAPI_SCHEMAS = {
     "JobResult": _obj([], exit_code=_nullable(_I), is_error=_B, subtype=_nullable(_S), duration_s=_N,
                       num_turns=_nullable(_I), session_id=_nullable(_S), tokens_in=_nullable(_I),
                       tokens_out=_nullable(_I), cache_read_tokens=_nullable(_I), cache_write_tokens=_nullable(_I),
-                      cost_usd=_nullable(_N), result_commit=_S),
+                      cost_usd=_nullable(_N), result_commit=_S,
+                      ai={**_S, "description": "set when the built-in stand-in ran: \"stand-in AI, not Claude\""}),
     "Stats": _obj(["files", "added", "removed", "binary"], files=_I, added=_I, removed=_I, binary=_I),
     "Job": _obj(["id", "project", "prompt", "status", "created", "events"], id=_S, project=_S, prompt=_S,
                 status={"enum": ["queued", "running", "done", "failed", "cancelled"]}, reason=_nullable(_S),
@@ -4716,6 +4786,7 @@ OPENAPI_SCHEMAS = {
         _event("position", ["position"], position=_I, estimate_s=_nullable(_I)),
         _event("links_removed", ["paths", "count"], paths={"type": "array", "items": _S}, count=_I),
         _event("started", ["slot"], slot=_I, continues=_S, sandbox=_S,
+               ai={**_S, "description": "set when the AI is the built-in stand-in: \"stand-in AI, not Claude\""},
                limits={"type": "object", "description": "what holds for this run (null: no limit): "
                        "tmp_mb, max_processes, max_memory_mb", "additionalProperties": _nullable(_I)},
                unlimited={**_S, "description": "why a limit does not hold on this box"}),
@@ -5155,34 +5226,112 @@ def human_duration(seconds: float) -> str:
 
 
 def cmd_init(args) -> int:
+    """The box's setup in one command: the config, the state folder (owned by the account that
+    runs the agent, mode 700), what the box lacks and how to install it, optionally the
+    service unit, and the next step for each developer."""
     path = Path(args.config)
     if path.exists() and not args.force:
         raise UsageError(f"{path} exists already", "use --force to replace it")
     if not pw.NAME_RE.fullmatch(args.user):
         raise UsageError(f"user name {args.user!r} is not valid", "use letters, digits, '.', '_' and '-'")
-    token = "pw_" + secrets.token_urlsafe(32)
+    account = init_account(args.account, args.service)
+    token = new_token()
     state_dir = args.state_dir or str(path.resolve().parent / "patchwire-state")
     sections = {
         "server": pw.dump_toml({"listen": args.listen, "state_dir": state_dir}),
-        "ai": pw.dump_toml({"command": CLAUDE_COMMAND, "timeout_s": 1800, "max_timeout_s": 7200,
-                            "sandbox": "auto"}),
+        "ai": ai_section(args.ai),
         "jobs": pw.dump_toml({"workers": 2, "slots": 2, "max_output_mb": 16, "max_diff_mb": 256}),
         "users": pw.dump_toml({"users": {args.user: {"token_sha256": token_digest(token).hex()}}}),
     }
     text = CONFIG_TEMPLATE.format(**sections)
     cfg = AgentConfig(path, pw.parse_toml(text, path))  # what we write must load
-    make_state_dir(cfg.state_dir)  # now, while the admin is here, not at the first `user key`
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    os.chmod(path, 0o600)
-    if args.token_file:
-        write_private(Path(args.token_file), token + "\n")
-        pw.say(f"wrote {path}; the token of user {args.user} is in {args.token_file}")
-    else:
-        pw.say(f"wrote {path}. The token of user {args.user}, shown this once (only its sha256 "
-               "is stored): put it in a file on the laptop, chmod 600")
-        print(token)
+    pw.say("this box:")
+    pw.print_checks([check(cfg) for check in SETUP_CHECKS])
+    make_owned_state_dir(cfg.state_dir, account)  # now, while the admin is here, not at the first `user key`
+    write_owned_config(path, text, account)
+    pw.say(f"wrote {path}: the agent will listen on {agent_url(cfg)}, state in {cfg.state_dir} "
+           f"({account.pw_name}'s, mode 700), AI {cfg.ai_label}")
+    hand_out_token(args.user, token, args.token_file, f"user {args.user} added")
+    if args.service:
+        install_service(cfg, "systemd" if sys.platform.startswith("linux") else "launchd")
+    pw.say(next_steps(cfg, args.user, account))
     return 0
+
+
+def init_account(name: Optional[str], service: bool) -> pwd.struct_passwd:
+    """The account that will run the agent and own its files: this one, or (as root)
+    `--account NAME`: root's own files could not be read by an agent run as that account."""
+    me = pwd.getpwuid(os.geteuid())
+    if not name or name == me.pw_name:
+        if me.pw_uid == 0:
+            pw.say("note: run as root without --account, the config and state folder are root's: "
+                   "the agent must then run as root (give --account NAME for the box account)")
+        return me
+    if me.pw_uid != 0:
+        raise UsageError(f"--account {name}: only root makes files for another account",
+                         f"run init as {name}, or as root")
+    if service:
+        raise UsageError("--service installs a user unit of the account that runs init",
+                         f"run init --service as {name} (sudo -u {name} -H patchwire-agent init ...)")
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        raise UsageError(f"--account {name}: no such account on this box",
+                         f"make it first: sudo useradd --create-home {name}")
+
+
+def make_owned_state_dir(state_dir: Path, account: pwd.struct_passwd) -> None:
+    """The state folder, mode 700, and every folder made on the way, owned by `account`; an
+    existing one of another account is refused with the fix (the agent could not use it)."""
+    if state_dir.exists() and state_dir.stat().st_uid != account.pw_uid:
+        owner = account_name(state_dir.stat().st_uid)
+        raise PatchwireError(f"the state folder {state_dir} belongs to {owner}, not {account.pw_name} "
+                             "who runs the agent", f"as root: sudo chown -R {account.pw_name}: {state_dir}, "
+                             "or pick another --state-dir")
+    made = [p for p in (state_dir, *state_dir.parents) if not p.exists()]
+    make_state_dir(state_dir)
+    for folder in made if os.geteuid() == 0 else ():
+        os.chown(folder, account.pw_uid, account.pw_gid)
+
+
+def write_owned_config(path: Path, text: str, account: pwd.struct_passwd) -> None:
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_private(path, text)
+    if os.geteuid() == 0:
+        for item in (path, *made):
+            os.chown(item, account.pw_uid, account.pw_gid)
+
+
+def agent_url(cfg: AgentConfig) -> str:
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    return f"{'https' if cfg.tls else 'http'}://{host}:{cfg.port}"
+
+
+def next_steps(cfg: AgentConfig, first: str, account: pwd.struct_passwd) -> str:
+    """What the team lead does next, and what each developer runs on their laptop."""
+    keys = Path(account.pw_dir) / ".ssh" / "authorized_keys"
+    box = cfg.host if cfg.host not in ("127.0.0.1", "::1", "0.0.0.0", "::") else "BOX"
+    c = "" if str(cfg.path) == default_config() else f" -c {cfg.path}"
+    return "\n".join([
+        f"next, on this box as {account.pw_name}: {first}'s SSH key, and one `user add` per developer (KEY.pub: their key)",
+        f"  patchwire-agent user key {first}{c} --ssh-key {first}.pub --authorized-keys {keys}",
+        f"  patchwire-agent user add NAME{c} --ssh-key NAME.pub --authorized-keys {keys} --token-file NAME.token",
+        f"  patchwire-agent doctor{c}; then patchwire-agent serve{c} (or as a service: patchwire-agent service --systemd)",
+        "hand each token file to its developer privately, then delete it; on each laptop:",
+        "  mkdir -p ~/.config/patchwire && install -m 600 /dev/null ~/.config/patchwire/token   # paste the token",
+        f"  cd ~/code/PROJECT && patchwire init --agent {agent_url(cfg)} --token-file ~/.config/patchwire/token "
+        f"--ssh {account.pw_name}@{box}"])
+
+
+def ai_section(ai: str) -> str:
+    """The [ai] table `init` writes: Claude Code, or the built-in stand-in for trying the box."""
+    said = pw.dump_toml({"command": [STAND_IN] if ai == STAND_IN else CLAUDE_COMMAND, "timeout_s": 1800,
+                         "max_timeout_s": 7200, "sandbox": "auto"})
+    if ai != STAND_IN:
+        return said
+    return (f"# [\"{STAND_IN}\"]: the built-in {STAND_IN_LABEL}, for trying the box: each job adds its prompt\n"
+            f"# to {STAND_IN_FILE}. For real work: command = {json.dumps(CLAUDE_COMMAND)}\n" + said)
 
 
 def write_private(path: Path, text: str) -> None:
@@ -5260,7 +5409,7 @@ def cmd_serve(args) -> int:
     if cfg.allow_public and cfg.tls is None:
         pw.say("warning: allow_public without tls_cert and tls_key: tokens, prompts and diffs cross "
                "the network unencrypted")
-    pw.say(f"state in {cfg.state_dir}; {len(cfg.users)} user(s); AI command {cfg.ai_command[0]!r}"
+    pw.say(f"state in {cfg.state_dir}; {len(cfg.users)} user(s); AI {cfg.ai_label}"
            + ("" if ai["ai_found"] else " NOT FOUND on PATH: asks will fail until it is installed"))
     try:
         server.serve_forever(poll_interval=0.2)
@@ -5275,8 +5424,8 @@ def cmd_serve(args) -> int:
 # --- users and policy: each command rewrites the config atomically; a running server
 # picks the change up by itself (it watches the file; SIGHUP also reloads)
 
-CONFIG_HEADER = ("# patchwire-agent configuration (rewritten by `patchwire-agent user`; comments are not "
-                 "kept).\n# Reference: README.md, \"Agent config\" and \"Team setup\".\n\n")
+CONFIG_HEADER = ("# patchwire-agent configuration (rewritten whole by `patchwire-agent user` or `policy`: "
+                 "its comments were not kept).\n# Reference: README.md, \"Agent config\" and \"Team setup\".\n\n")
 RRSYNC_MISSING = ("rrsync is not installed on this box, so the key line below will not work yet. "
                   "rrsync ships with rsync 3.2.4 and later: Debian/Ubuntu `apt install rsync` "
                   "(/usr/bin/rrsync); macOS `brew install rsync` (then use the rrsync from "
@@ -5291,13 +5440,157 @@ def edit_config(path: Path, change: Callable[[dict], Any]) -> Any:
     with open(path.parent / f".{path.name}.lock", "a") as lock:
         give_to_owner(Path(lock.name), path.stat())  # the box account edits after root, too
         fcntl.flock(lock, fcntl.LOCK_EX)
-        data = pw.load_toml(path)
+        before = path.read_text(encoding="utf-8")
+        data = pw.parse_toml(before, path)
         data.setdefault("users", {})
         result = change(data)
-        text = CONFIG_HEADER + pw.dump_toml(data)
+        text = splice_toml(before, data)
+        if text is None:
+            text = CONFIG_HEADER + pw.dump_toml(data)
+            pw.say(f"note: {path} was rewritten whole, without its comments: its layout (inline or "
+                   "dotted tables, arrays of tables) is more than the line editor changes in place")
         AgentConfig(path, pw.parse_toml(text, path))  # what we write must load
         replace_keeping_owner(path, text)
     return result
+
+
+# --- editing the config in place: only the lines of what changed are rewritten, so the
+# admin's comments stay. The stdlib reads TOML but cannot write it back with its comments
+# (tomlkit could; Patchwire takes no dependency beyond tomli/tomli-w), so the file is split
+# into tables and keys by asking the TOML reader itself where each ends, and each edit
+# replaces the lines of one key or one table. The result is read back and must equal what
+# was asked, else the caller rewrites the file whole.
+
+TomlPath = Tuple[str, ...]
+
+
+class TomlTable:
+    """One table of a TOML file: its header line (-1 for the top level), the line after its
+    last key, and each key's lines [start, end) with the value they hold."""
+
+    def __init__(self, header: int):
+        self.header = header
+        self.end = header + 1
+        self.keys: Dict[str, Tuple[int, int, Any]] = {}
+
+
+def toml_header(line: str) -> Optional[TomlPath]:
+    """The table path of a `[a."b.c"]` header line; None for any other line. `[[x]]` (an
+    array of tables) is a ValueError: the line editor leaves such files to the full rewrite."""
+    if not line.lstrip().startswith("["):
+        return None
+    try:
+        node: Any = pw.parse_toml(line, Path("header"))
+    except PatchwireError:
+        return None
+    path: List[str] = []
+    while isinstance(node, dict) and len(node) == 1:
+        key, node = next(iter(node.items()))
+        path.append(key)
+    if node != {} or not path:
+        raise ValueError("not a plain table header")
+    return tuple(path)
+
+
+def locate_tables(lines: List[str]) -> Dict[TomlPath, TomlTable]:
+    """Each table and key of the file; a ValueError for a shape this does not edit (a dotted
+    key or an inline table, a value that never closes)."""
+    tables: Dict[TomlPath, TomlTable] = {(): TomlTable(-1)}
+    table, i = tables[()], 0
+    while i < len(lines):
+        stripped = lines[i].strip()
+        if not stripped or stripped.startswith("#"):
+            i += 1
+            continue
+        path = toml_header(lines[i])
+        if path is not None:
+            if path in tables:
+                raise ValueError("a table defined twice")
+            table = tables[path] = TomlTable(i)
+            i += 1
+            continue
+        end = key_end(lines, i)  # a value may span lines: it ends where the chunk reads as TOML
+        (key, value), = pw.parse_toml("".join(lines[i:end]), Path("key")).items()
+        if key in table.keys:  # dotted keys (a.x = 1, a.y = 2): left to the full rewrite
+            raise ValueError("a key given in parts")
+        table.keys[key] = (i, end, value)  # a dict here: an inline table, kept as one value
+        table.end, i = end, end
+    return tables
+
+
+def key_end(lines: List[str], start: int) -> int:
+    for end in range(start + 1, len(lines) + 1):
+        with contextlib.suppress(PatchwireError):
+            if len(pw.parse_toml("".join(lines[start:end]), Path("key"))) == 1:
+                return end
+    raise ValueError("a value that does not end")
+
+
+def flat_tables(data: dict, inline: Set[TomlPath], path: TomlPath = ()) -> List[Tuple[TomlPath, dict, bool]]:
+    """(path, its keys that are not tables, whether it has tables inside) for every table;
+    a table the file writes inline (`env = { A = "1" }`) counts as one key's value."""
+    def is_table(key: str, value: Any) -> bool:
+        return isinstance(value, dict) and path + (key,) not in inline
+    own = {k: v for k, v in data.items() if not is_table(k, v)}
+    inner = [(k, v) for k, v in data.items() if is_table(k, v)]
+    out = [(path, own, bool(inner))]
+    for key, value in inner:
+        out += flat_tables(value, inline, path + (key,))
+    return out
+
+
+def table_edits(table: TomlTable, wanted: dict) -> List[Tuple[int, int, str]]:
+    """(start, end, text) replacements that make `table`'s keys those of `wanted`."""
+    edits = []
+    for key, (start, end, value) in table.keys.items():
+        if key not in wanted:
+            edits.append((start, end, ""))
+        elif wanted[key] != value or type(wanted[key]) is not type(value):
+            if isinstance(value, dict):  # tomli-w writes no inline tables
+                raise ValueError("a changed inline table")
+            edits.append((start, end, pw.dump_toml({key: wanted[key]})))
+    added = {k: v for k, v in wanted.items() if k not in table.keys}
+    if added:
+        edits.append((table.end, table.end, pw.dump_toml(added)))
+    return edits
+
+
+def splice_toml(text: str, data: dict) -> Optional[str]:
+    """`text` changed to hold `data`, rewriting only the lines of keys and tables that
+    changed; None when the file's shape is beyond this editor (then it is rewritten whole)."""
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    try:
+        tables = locate_tables(lines)
+        inline = {path + (key,) for path, table in tables.items()
+                  for key, (_, _, value) in table.keys.items() if isinstance(value, dict)}
+        wanted = {path: (own, nested) for path, own, nested in flat_tables(data, inline)}
+        edits: List[Tuple[int, int, str]] = []
+        for path, table in tables.items():
+            if path in wanted:
+                edits += table_edits(table, wanted[path][0])
+            else:  # a table gone (a removed user): its header, its keys and the blank line above
+                blank_above = table.header > 0 and not lines[table.header - 1].strip()
+                edits.append((table.header - blank_above, table.end, ""))
+    except ValueError:
+        return None
+    for start, end, new in sorted(edits, key=lambda e: (e[0], e[1]), reverse=True):
+        lines[start:end] = [new] if new else []
+    for path, (own, nested) in wanted.items():
+        if path not in tables and (own or not nested):  # a new table ([users.NAME])
+            lines.append("\n" + pw.dump_toml(dict_at(path, own)))
+    spliced = "".join(lines)
+    try:
+        return spliced if pw.parse_toml(spliced, Path("edit")) == data else None
+    except PatchwireError:
+        return None
+
+
+def dict_at(path: TomlPath, table: dict) -> dict:
+    for key in reversed(path):
+        table = {key: table}
+    return table
 
 
 def give_to_owner(path: Path, owner: os.stat_result) -> None:
@@ -5370,7 +5663,7 @@ def cmd_user_add(args) -> int:
     hand_out_token(name, token, args.token_file, f"added user {name}" + (" (admin)" if args.admin else ""))
     if key:
         install_key_line(rrsync_key_line(cfg.state_dir, name, key), args.authorized_keys,
-                         mirror_root(cfg.state_dir, name))
+                         mirror_root(cfg.state_dir, name), cfg.path.stat())
     return 0
 
 
@@ -5502,7 +5795,7 @@ def cmd_user_key(args) -> int:
     key = read_ssh_key(args.ssh_key)
     make_mirror_root(cfg, args.name)
     install_key_line(rrsync_key_line(cfg.state_dir, args.name, key), args.authorized_keys,
-                     mirror_root(cfg.state_dir, args.name))
+                     mirror_root(cfg.state_dir, args.name), cfg.path.stat())
     return 0
 
 
@@ -5622,15 +5915,20 @@ def rrsync_key_line(state_dir: Path, user: str, key: str) -> str:
     return f'restrict,command="{command}" {key} patchwire:{user}'
 
 
-def install_key_line(line: str, authorized_keys: Optional[str], folder: Path) -> None:
+def install_key_line(line: str, authorized_keys: Optional[str], folder: Path, owner: os.stat_result) -> None:
+    """Print the line, or append it to `authorized_keys`; as root, a file or folder made here
+    belongs to `owner` (the config's), since sshd refuses keys in a file the account does not own."""
     if not authorized_keys:
         pw.say("add this line to ~/.ssh/authorized_keys of the box account that runs patchwire-agent:")
         print(line, flush=True)
         return
     path = Path(authorized_keys)
+    made = [p for p in (path, path.parent) if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     old = path.read_text() if path.exists() else ""
     write_private(path, old + ("" if not old or old.endswith("\n") else "\n") + line + "\n")
+    for item in made:
+        give_to_owner(item, owner)
     pw.say(f"appended the key line to {path}: that key may only rsync into {folder}")
 
 
@@ -5670,14 +5968,21 @@ def cmd_service(args) -> int:
         if args.system:
             pw.say(f"as root, put it in {path}; then: {start}")
         return 0
+    install_service(cfg, kind)
+    return 0
+
+
+def install_service(cfg: AgentConfig, kind: str) -> None:
+    """A user-level unit (or LaunchAgent) written where its manager finds it."""
+    data = systemd_unit(cfg).encode() if kind == "systemd" else launchd_plist(cfg)
+    path, start = service_target(kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     replaced = path.exists()
     path.write_bytes(data)
     pw.say(f"{'replaced' if replaced else 'wrote'} {path}; start it (and at every login) with:")
-    print(start)
+    print(start, flush=True)
     if kind == "systemd":
-        pw.say(f"to keep it running while you are logged out: loginctl enable-linger {os.environ.get('USER', '$USER')}")
-    return 0
+        pw.say(f"to keep it running while you are logged out: loginctl enable-linger {current_user()}")
 
 
 # --- doctor: what the box needs, each line ok or the fix
@@ -5690,7 +5995,7 @@ def cmd_doctor(args) -> int:
         checks = [{"name": "config", "ok": False, "detail": e.message, "fix": e.hint or "fix the config"}]
     else:
         checks = [{"name": "config", "ok": True, "detail": f"{cfg.path}: {len(cfg.users)} user(s)"}]
-        checks += [check(cfg) for check in BOX_CHECKS]
+        checks += [check(cfg) for check in BOX_CHECKS] + [check_sshd(cfg, Path(args.sshd_config))]
     ok = all(c["ok"] for c in checks)
     pw.output(args, {"ok": ok, "checks": checks}, lambda r: pw.print_checks(r["checks"], sys.stdout))
     return 0 if ok else 1
@@ -5735,6 +6040,9 @@ def check_rrsync(cfg: AgentConfig) -> dict:
 
 
 def check_ai(cfg: AgentConfig) -> dict:
+    if cfg.stand_in:  # fine for trying the box, and said so: it is no AI at all
+        return box_check("ai", True, f"the built-in {STAND_IN_LABEL}: each job adds the prompt to "
+                         f"{STAND_IN_FILE}; for real work set [ai] command (README.md, \"Box\")")
     argv0 = cfg.ai_command[0]
     if not shutil.which(argv0, path=ai_environment(cfg).get("PATH")):
         return box_check("ai", False, f"the AI command {argv0!r} is not on the agent's PATH",
@@ -5845,6 +6153,8 @@ def check_ai_path(cfg: AgentConfig) -> dict:
     and nothing binds back: the AI would not find what lies there."""
     if cfg.sandbox == "none" or not sys.platform.startswith("linux"):
         return box_check("ai_path", True, "the sandbox hides no folder of the AI's PATH")
+    if cfg.stand_in:  # the agent's own Python, bound in by the sandbox; it runs nothing from PATH
+        return box_check("ai_path", True, f"the {STAND_IN_LABEL} needs nothing from PATH")
     walls = JobWalls(cfg.state_dir, cfg.state_dir, cfg.state_dir, cfg.state_dir, cfg.limits)
     hidden = ["/tmp", *walls.hidden_folders(), real(cfg.state_dir)]
     env = ai_environment(cfg)
@@ -5915,6 +6225,114 @@ def check_listen(cfg: AgentConfig) -> dict:
     return box_check("listen", True, f"{scheme}://{cfg.host}:{cfg.port}")
 
 
+# --- the sshd side: the developers' keys go through sshd as the agent's account
+
+
+SSHD_CONFIG = "/etc/ssh/sshd_config"
+
+
+def check_sshd(cfg: AgentConfig, sshd_config: Path) -> dict:
+    """What sshd does with the rrsync keys: the account's authorized_keys must be its own and
+    writable by nobody else (sshd's StrictModes refuses it otherwise, and whoever can write it
+    can add a key with a shell), and PermitUserEnvironment must be no (with it, a key's
+    environment= option or ~/.ssh/environment could set LD_PRELOAD for rrsync)."""
+    account = pwd.getpwuid(cfg.path.stat().st_uid)  # the config's owner runs the agent
+    settings, source = sshd_settings(sshd_config)
+    if settings is not None and settings.get("permituserenvironment", "no") != "no":
+        return box_check("sshd", False, f"PermitUserEnvironment is {settings['permituserenvironment']} "
+                         f"(from {source}): a key's environment= could change what rrsync runs with",
+                         f"set PermitUserEnvironment no in {sshd_config}, then reload sshd "
+                         "(sudo systemctl reload ssh)")
+    said = [f"PermitUserEnvironment no (from {source})" if settings is not None else
+            f"cannot tell whether PermitUserEnvironment is no ({source}; run doctor as root to ask sshd -T)"]
+    for keys in authorized_keys_files(settings, account):
+        wrong = wrongly_held(keys, account)
+        if wrong:
+            return box_check("sshd", False, wrong, f"sudo chown {account.pw_name}: {keys} {keys.parent}; "
+                             f"chmod go-w {keys} {keys.parent}")
+        said.append(f"{keys} is {account.pw_name}'s, writable by it only" if keys.exists()
+                    else f"no {keys} yet (`user add --authorized-keys` makes it)")
+    return box_check("sshd", True, "; ".join(said))
+
+
+def sshd_settings(sshd_config: Path) -> Tuple[Optional[Dict[str, str]], str]:
+    """sshd's settings (lower-case keywords) and where they were read: `sshd -T`, which
+    knows every Include and default but mostly needs root; else the file itself, where the
+    first value of a keyword wins, up to the first Match block. None when neither works."""
+    sshd = shutil.which("sshd") or ("/usr/sbin/sshd" if os.access("/usr/sbin/sshd", os.X_OK) else None)
+    if sshd:
+        proc = pw.run([sshd, "-T", "-f", str(sshd_config)], timeout=10, check=False)
+        if proc.returncode == 0:
+            return parse_sshd_lines(proc.stdout.decode("utf-8", "replace").splitlines()), f"sshd -T -f {sshd_config}"
+    try:
+        lines = sshd_config_lines(sshd_config)
+    except OSError as e:
+        return None, f"cannot read {sshd_config}: {e.strerror}"
+    return parse_sshd_lines(lines), str(sshd_config)
+
+
+def sshd_config_lines(path: Path, depth: int = 0) -> List[str]:
+    """The file's lines with its Include files read in place (relative to /etc/ssh, as sshd
+    does), up to the first Match block."""
+    out: List[str] = []
+    for line in path.read_text(errors="replace").splitlines():
+        words = line.split(None, 1)
+        if words and words[0].lower() == "match":
+            break
+        if words and words[0].lower() == "include" and len(words) == 2 and depth < 4:
+            for pattern in words[1].split():
+                for name in sorted(Path("/etc/ssh").glob(pattern) if not pattern.startswith("/")
+                                   else Path("/").glob(pattern.lstrip("/"))):
+                    with contextlib.suppress(OSError):
+                        out += sshd_config_lines(name, depth + 1)
+            continue
+        out.append(line)
+    return out
+
+
+def parse_sshd_lines(lines: List[str]) -> Dict[str, str]:
+    settings: Dict[str, str] = {}
+    for line in lines:
+        words = line.split("#", 1)[0].replace("=", " ", 1).split(None, 1)
+        if len(words) == 2:
+            settings.setdefault(words[0].lower(), words[1].strip())
+    return settings
+
+
+def authorized_keys_files(settings: Optional[Dict[str, str]], account: pwd.struct_passwd) -> List[Path]:
+    """The account's AuthorizedKeysFile entries (%h, %u, %% expanded; relative to its home)."""
+    value = (settings or {}).get("authorizedkeysfile", ".ssh/authorized_keys .ssh/authorized_keys2")
+    paths = []
+    for entry in value.split():
+        if entry.lower() == "none":
+            continue
+        entry = entry.replace("%%", "\0").replace("%h", account.pw_dir).replace("%u", account.pw_name)
+        paths.append(Path(account.pw_dir) / entry.replace("\0", "%"))
+    return [p for p in paths if p.exists()] or paths[:1]
+
+
+def wrongly_held(keys: Path, account: pwd.struct_passwd) -> str:
+    """Why sshd would refuse `keys` or another account could add a key to it; "" when fine."""
+    for path in (keys, keys.parent):
+        if not path.exists():
+            continue
+        st = path.stat()
+        if st.st_uid != account.pw_uid:
+            return f"{path} belongs to {account_name(st.st_uid)}, not {account.pw_name}: sshd refuses its keys (StrictModes)"
+        if st.st_mode & 0o022:
+            return (f"{path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}): they could "
+                    "add a key with a shell, and sshd refuses it (StrictModes)")
+    return ""
+
+
+def account_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+SETUP_CHECKS = (check_git, check_rsync, check_rrsync, check_sandbox, check_ai)
 BOX_CHECKS = (check_git, check_rsync, check_rrsync, check_ai, check_settings, check_sandbox, check_network,
               check_ai_path, check_limits, check_state, check_listen)
 
@@ -5979,14 +6397,14 @@ def print_gc(r: dict) -> None:
 
 
 COMMANDS = {
-    "init": (cmd_init, "write a commented starter config with one user and print its token"),
+    "init": (cmd_init, "set the box up: check it, make the state folder, write the config with one user"),
     "serve": (cmd_serve, "run the HTTP server"),
     "user": (cmd_user, "add, list, remove users or rotate a token (a running server picks it up)"),
     "policy": (cmd_policy, "print a user's effective policy and where each value comes from, or --set it"),
     "project": (cmd_project, "remove one project of a user: its mirror, repository, job folders, patches"),
     "usage": (cmd_usage, "asks, AI minutes, tokens and cost per user, project or day (reads the state)"),
     "status": (cmd_status, "running and queued jobs by user, workers, uptime, disk per user"),
-    "doctor": (cmd_doctor, "check what this box needs (git, rsync, rrsync, the AI, its sandbox, the state folder)"),
+    "doctor": (cmd_doctor, "check what this box needs (git, rsync, rrsync, the AI, its sandbox, the state folder, sshd)"),
     "gc": (cmd_gc, "prune old jobs' patches and events, and unused job folders"),
     "service": (cmd_service, "print or install a systemd user unit or a launchd agent that runs serve"),
 }
@@ -6007,6 +6425,13 @@ def build_parser() -> argparse.ArgumentParser:
     p["init"].add_argument("--listen", default=DEFAULT_LISTEN, help="HOST:PORT (default %(default)s)")
     p["init"].add_argument("--state-dir", help="where jobs, mirrors and job folders live")
     p["init"].add_argument("--force", action="store_true", help="replace an existing config")
+    p["init"].add_argument("--account", help="as root: the account that runs the agent; it gets the config "
+                           "and the state folder")
+    p["init"].add_argument("--service", action="store_true", help="also install a user-level service unit "
+                           "(systemd; launchd on macOS) that runs serve")
+    p["init"].add_argument("--ai", choices=["claude", STAND_IN], default="claude",
+                           help="Claude Code (default), or the built-in stand-in AI for trying the box "
+                                "without a Claude login (it adds the prompt to PATCHWIRE_DEMO.md)")
     p["serve"].add_argument("-v", "--verbose", action="store_true", help="log every request")
     add_user_parsers(p["user"])
     p["policy"].add_argument("name", nargs="?", help="the user's name")
@@ -6066,6 +6491,8 @@ def add_user_parsers(parser: argparse.ArgumentParser) -> None:
 def add_ops_arguments(p: Dict[str, argparse.ArgumentParser]) -> None:
     pw.add_usage_arguments(p["usage"], "user")
     p["usage"].add_argument("--user", help="only this user")
+    p["doctor"].add_argument("--sshd-config", default=SSHD_CONFIG, metavar="FILE",
+                             help="the sshd_config of the sshd the developers' keys go through (default %(default)s)")
     for name in ("usage", "status", "gc", "doctor"):
         p[name].add_argument("--json", action="store_true", help="the result as JSON on stdout")
     p["gc"].add_argument("--older-than", default="30d", help="jobs finished longer ago than this: "

@@ -2,7 +2,7 @@
 # Patchwire's whole job on this one machine, end to end:
 #   a throwaway git project (the "laptop"), patchwire-agent on 127.0.0.1 (the "box"),
 #   a local rsync mirror instead of SSH, and the AI: `claude` when it is installed, otherwise
-#   a clearly labelled stand-in (tests/stand_in_claude.py) that makes one small edit.
+#   the agent's built-in stand-in (`init --ai stand-in`), clearly labelled, that makes one small edit.
 # It ends with the AI's change applied to the project and shown by git.
 #   PATCHWIRE_DEMO_AI=stand-in forces the stand-in; PATCHWIRE_DEMO_KEEP=1 keeps the folder.
 set -euo pipefail
@@ -32,14 +32,15 @@ export HOME="$work/home" XDG_CACHE_HOME="$work/home/.cache"
 mkdir -p "$HOME"
 
 # --- the box: an agent on a free loopback port
-"$py" "$repo/patchwire_agent.py" init -c "$work/box/agent.toml" --user demo \
-    --token-file "$work/demo.token" --listen 127.0.0.1:0 --state-dir "$work/box/state"
 if [ "${PATCHWIRE_DEMO_AI:-}" != stand-in ] && command -v claude >/dev/null; then
-    echo "demo: AI = Claude Code ($(command -v claude))"
+    echo "demo: AI = Claude Code ($(command -v claude))"; ai=claude
 else
-    echo "demo: AI = STAND-IN (tests/stand_in_claude.py, not Claude: it appends your prompt to PATCHWIRE_DEMO.md)"
-    sed -i.bak "s|^    \"claude\",|    \"$py\", \"$repo/tests/stand_in_claude.py\",|" "$work/box/agent.toml"
+    echo "demo: AI = STAND-IN (built into patchwire-agent, not Claude: it appends your prompt to PATCHWIRE_DEMO.md)"
+    ai=stand-in
 fi
+"$py" "$repo/patchwire_agent.py" init -c "$work/box/agent.toml" --user demo --ai "$ai" \
+    --token-file "$work/demo.token" --listen 127.0.0.1:0 --state-dir "$work/box/state" 2>"$work/init.log" \
+    || { cat "$work/init.log" >&2; exit 1; }
 "$py" "$repo/patchwire_agent.py" serve -c "$work/box/agent.toml" >"$work/agent.out" 2>"$work/agent.log" &
 agent_pid=$!
 for _ in $(seq 100); do grep -q "listening on" "$work/agent.out" 2>/dev/null && break; sleep 0.1; done

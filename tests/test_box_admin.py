@@ -4,6 +4,7 @@ set from the command line, checked as the config is."""
 
 from __future__ import annotations
 
+import difflib
 import os
 import shutil
 import stat
@@ -121,3 +122,121 @@ def test_project_remove_deletes_one_project_and_the_next_ask_starts_afresh(make_
     assert gone.returncode == 0
     nothing = subprocess.run(remove + ["--yes"], capture_output=True, text=True, timeout=60)
     assert nothing.returncode == 2 and "has no project" in nothing.stderr
+
+
+def test_user_add_as_root_makes_the_authorized_keys_the_box_accounts(box_account_agent, tmp_path):
+    """sshd refuses keys in a file the account does not own (StrictModes): the file and its
+    folder that root's `user add` makes belong to the config's owner; an existing one keeps its."""
+    agent, account = box_account_agent
+    (tmp_path / "carol.pub").write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGrkvBiFo0S1sTDGnWBMvpTAYbVJyXkh3Uz"
+                                        "rlqz3Krrp carol@laptop\n")
+    keys = agent.workdir / "home" / ".ssh" / "authorized_keys"
+    added = pa.main(["user", "add", "carol", "-c", str(agent.config), "--token-file", str(tmp_path / "t"),
+                     "--ssh-key", str(tmp_path / "carol.pub"), "--authorized-keys", str(keys)])
+    assert added == 0
+    assert owner_and_mode(keys) == (account.pw_uid, account.pw_gid, 0o600)
+    assert owner_and_mode(keys.parent) == (account.pw_uid, account.pw_gid, 0o700)
+    assert keys.read_text().endswith(" patchwire:carol\n")
+
+
+COMMENTED = '''\
+# Our box: ask Dana before changing anything.
+
+[server]
+listen = "127.0.0.1:7433"   # the tailnet address goes here
+state_dir = "{state}"
+
+[ai]
+# a command over lines, and a string whose lines look like tables
+command = [
+    "claude",  # the CLI
+    "--print",
+]
+env = {{ NOTE = "x" }}
+
+[policy]
+# the team agreed on 30 an hour
+rate_limit = "30/hour"
+
+# ann leads the team
+[users.ann]
+token_sha256 = "{digest}"
+'''
+
+
+# a string whose lines look like a table and a key: the editor asks the TOML reader where it ends
+TRICKY = '''"quoted key" = 1
+motto = """
+[users.fake]
+token_sha256 = "not a table"
+"""
+'''
+
+
+def commented_config(tmp_path, tricky: str = "") -> str:
+    return COMMENTED.format(state=tmp_path / "state", digest="a" * 64).replace("\n\n# ann", "\n" + tricky + "\n# ann")
+
+
+def comments(text: str):
+    return [line.strip() for line in text.splitlines() if "#" in line]
+
+
+@pytest.mark.parametrize("change, most", [
+    (lambda d: d["users"].update(ben={"token_sha256": "b" * 64}), 3),  # blank, header, key
+    (lambda d: d["users"].pop("ann"), 4),  # its header, key and the blank line above; users = {} stays
+    (lambda d: d["users"]["ann"].update(token_sha256="c" * 64, max_queued=5), 3),
+    (lambda d: d["policy"].update(rate_limit="5/hour", projects=["web-*", "api"]), 6),
+    (lambda d: d["policy"].pop("rate_limit"), 1),
+    (lambda d: d.setdefault("jobs", {}).update(workers=3), 3),
+])
+def test_an_edit_rewrites_only_its_lines_and_keeps_every_comment(tmp_path, change, most):
+    text = commented_config(tmp_path, TRICKY)
+    data = pa.pw.parse_toml(text, tmp_path)
+    change(data)
+    spliced = pa.splice_toml(text, data)
+    assert spliced is not None and pa.pw.parse_toml(spliced, tmp_path) == data
+    assert comments(spliced) == comments(text)
+    changed = [line for line in difflib.ndiff(text.splitlines(), spliced.splitlines()) if line[:1] in "+-"]
+    assert len(changed) <= most, "\n".join(changed)  # only the edited key's or table's lines
+
+
+@pytest.mark.parametrize("layout", [
+    'users = { ann = { token_sha256 = "%s" } }\n' % ("a" * 64),
+    '[users]\nann.token_sha256 = "%s"\nann.admin = true\n' % ("a" * 64),
+    '[[extra]]\nx = 1\n[users.ann]\ntoken_sha256 = "%s"\n' % ("a" * 64),
+])
+def test_a_layout_beyond_the_line_editor_is_left_to_the_full_rewrite(tmp_path, layout):
+    data = pa.pw.parse_toml(layout, tmp_path)
+    data["users"]["ben"] = {"token_sha256": "b" * 64}
+    assert pa.splice_toml(layout, data) is None
+
+
+def test_user_and_policy_commands_keep_the_configs_comments_as_root_on_the_box_accounts(box_account_agent, tmp_path):
+    agent, account = box_account_agent
+    text = commented_config(agent.workdir).replace("[users.ann]", "[users.alice]")
+    text = text.replace("a" * 64, pa.token_digest(agent.token).hex()).replace(
+        "127.0.0.1:7433", "127.0.0.1:0").replace(str(agent.workdir / "state"), str(agent.state_dir))
+    agent.config.write_text(text)
+    config = str(agent.config)
+    assert pa.main(["user", "add", "ben", "-c", config, "--token-file", str(tmp_path / "ben")]) == 0
+    assert pa.main(["policy", "ben", "-c", config, "--set", "max_queued=3"]) == 0
+    assert pa.main(["policy", "--default", "-c", config, "--set", "rate_limit=60/hour"]) == 0
+    assert pa.main(["user", "rotate", "alice", "-c", config, "--token-file", str(tmp_path / "alice")]) == 0
+    after = agent.config.read_text()
+    assert [c for c in comments(after)] == [c for c in comments(text)]
+    assert 'rate_limit = "60/hour"\n' in after and "[users.ben]\n" in after and "max_queued = 3\n" in after
+    assert owner_and_mode(agent.config)[:2] == (account.pw_uid, account.pw_gid)
+    status, me = agent.json("GET", "/v1/me", token=(tmp_path / "ben").read_text().strip())
+    assert status == 200 and me["user"] == "ben"  # the running agent read the edited file
+    assert pa.main(["user", "remove", "ben", "-c", config]) == 0
+    assert "[users.ben]" not in agent.config.read_text()
+    assert comments(agent.config.read_text()) == comments(text)
+
+
+def test_a_config_beyond_the_line_editor_is_rewritten_whole_and_says_so(tmp_path, capsys):
+    config = tmp_path / "agent.toml"
+    config.write_text('# gone after the rewrite\nusers = { ann = { token_sha256 = "%s" } }\n' % ("a" * 64))
+    assert pa.main(["user", "add", "ben", "-c", str(config), "--token-file", str(tmp_path / "t")]) == 0
+    assert "was rewritten whole, without its comments" in capsys.readouterr().err
+    text = config.read_text()
+    assert text.startswith(pa.CONFIG_HEADER) and "# gone after" not in text and "[users.ben]" in text

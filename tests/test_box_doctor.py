@@ -9,6 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT, STAND_IN_COMMAND, Laptop, make_repo, tomli_w, tomllib
 from test_box_walls import ACCOUNT, EMPTY_TREE, WallsBox, account_or_skip, readable_copy
 import patchwire as pw
@@ -40,7 +42,7 @@ def test_a_ready_box_is_all_ok(tmp_path):
     assert result.returncode == 0, result.stdout
     found = checks(result)
     assert set(found) == {"config", "git", "rsync", "rrsync", "ai", "settings", "sandbox", "network", "ai_path",
-                          "limits", "state", "listen"}
+                          "limits", "state", "listen", "sshd"}
     assert all(c["ok"] for c in found.values())
     assert found["listen"]["detail"] == "http://127.0.0.1:7433"
     human = agent_cli("doctor", "-c", config)
@@ -210,5 +212,89 @@ def test_the_laptops_doctor_names_a_mirror_the_box_cannot_write(tmp_path):
         assert not found["mirror"]["ok"] and str(mirror) in found["mirror"]["detail"], found
         assert "patchwire-agent doctor" in found["mirror"]["fix"]
         walls.agent.stop()
+    finally:
+        shutil.rmtree(place)
+
+
+def sshd_config(folder: Path, *extra: str) -> Path:
+    """An sshd_config as the box's, with its own host key and an absolute AuthorizedKeysFile."""
+    from sshd import generate_key
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "host").exists():
+        generate_key(folder / "host", "host")
+    config = folder / "sshd_config"
+    config.write_text(f"HostKey {folder / 'host'}\nAuthorizedKeysFile {folder / 'authorized_keys'}\n"
+                      + "".join(line + "\n" for line in extra))
+    return config
+
+
+def test_doctor_checks_the_sshd_side_authorized_keys_and_permit_user_environment(tmp_path):
+    if not os.path.exists("/usr/sbin/sshd"):
+        pytest.skip("needs openssh-server")
+    config = box(tmp_path)
+    sshd = sshd_config(tmp_path / "ssh")
+    keys = tmp_path / "ssh" / "authorized_keys"
+    found = checks(agent_cli("doctor", "-c", config, "--json", "--sshd-config", str(sshd)))["sshd"]
+    assert found["ok"] and f"no {keys} yet" in found["detail"], found
+    assert f"PermitUserEnvironment no (from sshd -T -f {sshd})" in found["detail"]  # sshd's default
+    keys.write_text(KEY)
+    os.chmod(keys, 0o664)
+    result = agent_cli("doctor", "-c", config, "--sshd-config", str(sshd))
+    assert result.returncode == 1
+    assert f"FAIL sshd: {keys} is writable by other users (mode 664): they could add a key" in result.stdout
+    assert f"chmod go-w {keys} {keys.parent}" in result.stdout
+    os.chmod(keys, 0o600)
+    found = checks(agent_cli("doctor", "-c", config, "--json", "--sshd-config", str(sshd)))["sshd"]
+    assert found["ok"] and f"{keys} is root's, writable by it only" in found["detail"], found
+    sshd_config(tmp_path / "ssh", "PermitUserEnvironment yes")
+    found = checks(agent_cli("doctor", "-c", config, "--json", "--sshd-config", str(sshd)))["sshd"]
+    assert not found["ok"] and found["detail"].startswith("PermitUserEnvironment is yes (from sshd -T"), found
+    assert f"set PermitUserEnvironment no in {sshd}" in found["fix"]
+
+
+def test_doctor_as_the_box_account_reads_sshd_config_itself_and_says_when_it_cannot_tell():
+    """sshd -T needs the host keys, which are root's: the file is read instead, and a file the
+    account cannot read is said, not guessed. A root-owned authorized_keys fails."""
+    account = account_or_skip()
+    place = Path(tempfile.mkdtemp(dir="/srv"))
+    try:
+        os.chmod(place, 0o755)
+        code = readable_copy(place / "code")
+        home = place / "home"
+        home.mkdir()
+        shutil.chown(home, ACCOUNT)
+        config = home / "agent.toml"
+        config.write_text(f'[server]\nstate_dir = "{home / "state"}"\n[users.ann]\ntoken_sha256 = "{"0" * 64}"\n')
+        shutil.chown(config, ACCOUNT)
+        ssh = place / "ssh"
+        # an Include read in place: its value comes first, and the first value wins, as in sshd
+        sshd = sshd_config(ssh, f"Include {ssh}/*.conf", "PermitUserEnvironment no")
+        (ssh / "extra.conf").write_text("PermitUserEnvironment yes\n")
+        os.chmod(ssh, 0o755)
+        os.chmod(sshd, 0o644)
+        keys = ssh / "authorized_keys"
+        keys.write_text(KEY)
+        os.chmod(keys, 0o644)
+        as_account = ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--init-groups",
+                      "/usr/bin/python3", str(code / "patchwire_agent.py"), "doctor", "-c", str(config), "--json"]
+
+        def sshd_check(path: Path) -> dict:
+            ran = subprocess.run(as_account + ["--sshd-config", str(path)], capture_output=True, text=True, timeout=60)
+            return checks(ran)["sshd"]
+        found = sshd_check(sshd)
+        assert not found["ok"] and found["detail"].startswith(f"PermitUserEnvironment is yes (from {sshd})"), found
+        sshd_config(ssh)
+        found = sshd_check(sshd)
+        assert not found["ok"], found
+        assert found["detail"] == f"{keys} belongs to root, not {ACCOUNT}: sshd refuses its keys (StrictModes)"
+        assert found["fix"].startswith(f"sudo chown {ACCOUNT}: {keys} {ssh}")
+        shutil.chown(keys, ACCOUNT)
+        shutil.chown(ssh, ACCOUNT)
+        found = sshd_check(sshd)
+        assert found["ok"] and f"PermitUserEnvironment no (from {sshd})" in found["detail"], found
+        os.chmod(sshd, 0o600)
+        found = sshd_check(sshd)
+        assert found["ok"] and found["detail"].startswith(
+            f"cannot tell whether PermitUserEnvironment is no (cannot read {sshd}: Permission denied"), found
     finally:
         shutil.rmtree(place)

@@ -14,7 +14,7 @@ def test_demo_script_ends_with_an_applied_change(tmp_path):
     assert proc.returncode == 0, out
     assert "AI = STAND-IN" in out
     assert "applied job" in out
-    assert " PATCHWIRE_DEMO.md | 1 +\n 1 file changed, 1 insertion(+)" in out  # the new file counted
+    assert " PATCHWIRE_DEMO.md | 3 +++\n 1 file changed, 3 insertions(+)" in out  # the new file counted
     assert "PATCHWIRE_DEMO_KEEP=1" in out  # says how to keep the folder it removes
     assert "+- Add a short 'Usage' section to the README" in out
     assert not list(tmp_path.iterdir())  # it cleaned up after itself

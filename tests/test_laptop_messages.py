@@ -11,7 +11,7 @@ import pytest
 import tomli_w
 
 import patchwire
-from conftest import script
+from conftest import Laptop, drive_pty, make_repo, script
 
 try:
     import tomllib  # type: ignore[import-not-found]
@@ -63,3 +63,33 @@ def test_a_long_ai_failure_reason_is_cut_between_words(laptop):
     reason = failed.err.split("the AI reported an error: ", 1)[1].splitlines()[0]
     assert reason.endswith(" ...") and len(reason) < 520, reason
     assert reason[:-4].split()[-1] in names.split(), reason  # the last name whole
+
+
+def test_init_in_the_home_folder_warns_and_on_a_terminal_asks_first(tmp_path, agent):
+    home = make_repo(tmp_path / "home", {"notes.txt": b"n\n"})
+    lap = Laptop(home, env={"HOME": str(home)})
+    token = agent.token_file()
+    out = drive_pty(lap, ["init"], [agent.url, str(token), "none", "", "n"], prompts=(b"]:", b"[y/N]"))
+    assert f"warning: {home} is your home folder: as a project, every file under it" in out
+    assert "Make all of your home folder one project? [y/N]" in out and "nothing written; cd into" in out
+    assert not (home / ".patchwire.toml").exists()
+    flags = lap.run("init", "--agent", agent.url, "--token-file", str(token), check=0)  # said, then written
+    assert f"warning: {home} is your home folder" in flags.err and (home / ".patchwire.toml").is_file()
+
+
+def test_init_with_flags_checks_the_project_against_the_boxs_allowlist(tmp_path, make_agent):
+    agent = make_agent(start=False)
+    data = tomllib.loads(agent.config.read_text())
+    data["policy"] = {"projects": ["web-*"]}
+    agent.config.write_text(tomli_w.dumps(data))
+    agent.start()
+    root = make_repo(tmp_path / "api", {"a.txt": b"a\n"})
+    lap = Laptop(root)
+    refused = lap.run("init", "--agent", agent.url, "--token-file", str(agent.token_file()))
+    assert refused.returncode == 2 and "patchwire: the box does not take project api: " in refused.err
+    assert '[policy] projects = ["web-*"]' in refused.err and "pick a name it allows with --project NAME" in refused.err
+    assert not (root / ".patchwire.toml").exists()
+    lap.run("init", "--agent", agent.url, "--token-file", str(agent.token_file()), "--project", "web-api", check=0)
+    down = Laptop(make_repo(tmp_path / "other", {"a.txt": b"a\n"}))  # an agent not running yet: said, written
+    later = down.run("init", "--agent", "http://127.0.0.1:9", "--token-file", str(agent.token_file()), check=0)
+    assert "note: could not check project other with the agent: " in later.err

@@ -53,7 +53,8 @@ def sshd(tmp_path):
 
 def control_path(server: SSHServer, options: List[str] = ()) -> List[str]:
     """ssh options naming the ControlPath patchwire uses, for `ssh -O check|exit`."""
-    return [*(options or server.ssh_options), "-o", f"ControlPath={patchwire.control_dir()}/%C"]
+    options = list(options or server.ssh_options)
+    return [*options, "-o", f"ControlPath={patchwire.control_socket(['ssh', *options], server.alias)}"]
 
 
 def master(server: SSHServer, command: str, options: List[str] = ()) -> subprocess.CompletedProcess:
@@ -294,7 +295,8 @@ def test_rsync_argv_uses_only_portable_options(tmp_path, checksum):
     settings = dict(w.split("=", 1) for w in words[5:] if w != "-o")
     assert settings["BatchMode"] == "yes"
     assert settings["ControlMaster"] == "auto"
-    assert settings["ControlPath"] == f"/tmp/patchwire-{os.getuid()}/%C"
+    assert settings["ControlPath"] == patchwire.control_socket(words[:5], "me@box")
+    assert settings["ControlPath"].startswith(f"/tmp/patchwire-{os.getuid()}/%C-")
     assert int(settings["ControlPersist"]) > 0
     assert words[5::2] == ["-o"] * len(settings)
 

@@ -236,7 +236,13 @@ def test_project_allowlist_refuses_sync_and_ask_naming_the_rule(make_agent, tmp_
     # the laptop says it, with the hint, and exits 3 (refused by the agent)
     other = make_repo(tmp_path / "bob" / "api", {"a.txt": b"a\n"})
     api = Laptop(other)
-    api.init(agent, user="bob")
+    refused = api.run("init", "--agent", agent.url, "--token-file", str(agent.token_file("bob")))
+    assert refused.returncode == 2 and "the box does not take project api: " in refused.err
+    assert '[users.bob] projects = ["web-*"]' in refused.err and "--project NAME" in refused.err
+    assert not (other / ".patchwire.toml").exists()
+    # a config from before the rule: sync is refused the same way
+    (other / ".patchwire.toml").write_text(f'agent = "{agent.url}"\ntoken_file = "{agent.token_file("bob")}"\n'
+                                           'project = "api"\n')
     result = api.run("sync")
     assert result.returncode == 3, result.err
     assert '[users.bob] projects = ["web-*"]' in result.err
