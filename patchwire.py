@@ -2883,16 +2883,16 @@ class PatchParser:
             raise refuse(f"a half-said rename or mode change in {fp.lines[0][:100]!r}")
         old, new = self.names(fp, labels)
         index_mode = INDEX_RE.fullmatch(h.get("index", b""))
-        if any(h.get(k) == b"160000" for k in ("old_mode", "new_mode", "deleted_mode", "new_file_mode")) \
-                or (index_mode and index_mode.group(3) == b"160000"):
+        if (any(h.get(k) == b"160000" for k in ("old_mode", "new_mode", "deleted_mode", "new_file_mode"))
+                or (index_mode and index_mode.group(3) == b"160000")):
             raise refuse(f"a submodule (gitlink) change to {_dec(new)!r}: Patchwire applies files, links and "
                          "modes only; update the submodule yourself (git submodule update)")
         for key in ("old_mode", "new_mode", "deleted_mode", "new_file_mode"):
             if key in h and h[key].decode("ascii", "replace") not in GIT_MODES:
                 raise refuse(f"a file mode Patchwire does not apply ({h[key][:20]!r}): "
                              "only files, executables and symlinks")
-        if "new_file_mode" in h and ("deleted_mode" in h or "rename_from" in h or "old_mode" in h) \
-                or "deleted_mode" in h and ("rename_from" in h or "old_mode" in h):
+        if ("new_file_mode" in h and ("deleted_mode" in h or "rename_from" in h or "old_mode" in h)
+                or "deleted_mode" in h and ("rename_from" in h or "old_mode" in h)):
             raise refuse(f"contradicting header lines in {fp.lines[0][:100]!r}")
         fp.old_path, fp.path = check_patch_path(_dec(old)), check_patch_path(_dec(new))
         self.modes(fp)
@@ -3003,16 +3003,16 @@ def _closing_quote(token: bytes) -> int:
 
 def is_type_change(first: FilePatch, second: FilePatch) -> bool:
     """git writes a file that became a symlink (or back) as a deletion, then a new file."""
-    return (first.kind, second.kind) == ("deleted", "new") and first.path == second.path \
-        and "120000" in (first.old_mode, second.new_mode)
+    return ((first.kind, second.kind) == ("deleted", "new") and first.path == second.path
+            and "120000" in (first.old_mode, second.new_mode))
 
 
 def is_case_only_move(first: FilePatch, second: FilePatch) -> bool:
     """A rename that changes only case (r.md -> R.md): git writes it as a deletion, then a new
     file, whose paths fold to one on a case-insensitive disk. The deletion comes first, so
     on such a disk the old name is gone before the new one is written."""
-    return (first.kind, second.kind) == ("deleted", "new") and first.path != second.path \
-        and folded_path(first.path) == folded_path(second.path)
+    return ((first.kind, second.kind) == ("deleted", "new") and first.path != second.path
+            and folded_path(first.path) == folded_path(second.path))
 
 
 def no_newline_problem(lines: List[bytes]) -> Optional[str]:
@@ -3791,8 +3791,8 @@ class UndoLog:
         changed = []
         for e in entries:
             now = read_worktree(self.root, e["path"])
-            if (hashlib.sha256(now[0]).hexdigest() if now else None) != e["after"] or \
-                    (now[1] if now else None) != e["after_mode"]:
+            if ((hashlib.sha256(now[0]).hexdigest() if now else None) != e["after"]
+                    or (now[1] if now else None) != e["after_mode"]):
                 changed.append(e["path"])
         if changed:
             raise PatchError("cannot undo: these files changed since the apply: " + ", ".join(map(sanitize, changed)),

@@ -173,3 +173,18 @@ def test_http_threads_and_cancel_wait_on_events_not_sleeps():
     waits = [n.func.value for n in ast.walk(cancel) if isinstance(n, ast.Call)
              and isinstance(n.func, ast.Attribute) and n.func.attr == "wait"]
     assert [getattr(w, "id", "") for w in waits] == ["ended"]  # the job's end Event
+
+
+def test_no_backslash_line_continuations():
+    """Outline views and call-graph readers stop at a backslash continuation: brackets instead
+    (PEP 8). A backslash ending a line inside a string (a docstring's `\\`) is not one."""
+    import io
+    import tokenize
+    for path in (LAPTOP, AGENT):
+        text = path.read_text()
+        in_strings = set()
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+            if tok.type == tokenize.STRING:
+                in_strings.update(range(tok.start[0], tok.end[0]))
+        found = [n for n, line in enumerate(text.splitlines(), 1) if line.endswith("\\") and n not in in_strings]
+        assert not found, f"{path.name}: backslash continuations on lines {found}"
