@@ -3512,29 +3512,29 @@ class Chooser:
 class Applier:
     """Applies a patch to the project: plainly when the files still match what was synced
     (`git apply --check`, then `git apply`: all or nothing); otherwise, in a git repository,
-    by 3-way merging each file against the synced version (ThreeWayMerge), asking before it
-    writes conflict markers (ask_keep_conflicts). What it overwrites goes to the UndoLog
-    first, for `patchwire apply --undo`.
+    by 3-way merging each file against the synced version (ThreeWayMerge). What it overwrites
+    goes to the UndoLog first, for `patchwire apply --undo`. It asks nothing itself: whether
+    to write conflict markers is `keep_conflicts`'s decision ({path: merged bytes} -> keep?),
+    which the command passes in (ask_keep_conflicts; no decision: never).
 
     The patch is vetted first (split_patch, then vet_on_disk): a refused patch changes
-    nothing. `protected` names more project paths no patch may touch (a token file);
-    `answers` is where the conflict question reads its answer (stdin by default)."""
+    nothing. `protected` names more project paths no patch may touch (a token file)."""
 
     def __init__(self, project: Project, style: Style, protected: Sequence[str] = (), job: str = "",
-                 answers=None):
+                 keep_conflicts: Optional[Callable[[Dict[str, Optional[bytes]]], bool]] = None):
         self.project = project
         self.git = project.git
         self.style = style
         self.protected = protected
         self.job = job  # named in hints
-        self.answers = answers
+        self.keep_conflicts = keep_conflicts or (lambda conflicted: False)
         self.merger = ThreeWayMerge(project)
         self.undo_log = UndoLog(project)
         self.aside: List[dict] = []  # undo entries of the files in the way, moved out
         self.files: List[FilePatch] = []  # what apply() applied, as read
 
-    def apply(self, patch: bytes, base_tree: Optional[str], keep_conflicts: Optional[bool],
-              overwrite: Optional[Dict[str, str]] = None, read: Optional[List[FilePatch]] = None) -> dict:
+    def apply(self, patch: bytes, base_tree: Optional[str], overwrite: Optional[Dict[str, str]] = None,
+              read: Optional[List[FilePatch]] = None) -> dict:
         """`overwrite`: the decision on files in the way of a new file or a rename ({path:
         sha256 of the bytes the user agreed to replace}, made by the caller before: this
         code asks nothing); any other file in the way refuses the patch (check_destinations).
@@ -3547,15 +3547,14 @@ class Applier:
         self.files = files
         self.aside = self.set_aside(check_destinations(self.project, files, overwrite or {}, self.job))
         try:
-            result = self.apply_vetted(patch, files, base_tree, keep_conflicts)
+            result = self.apply_vetted(patch, files, base_tree)
         except BaseException:
             self.undo_log.put_back(self.aside)
             raise
         result["replaced"] = [e["path"] for e in self.aside]
         return result
 
-    def apply_vetted(self, patch: bytes, files: List[FilePatch], base_tree: Optional[str],
-                     keep_conflicts: Optional[bool]) -> dict:
+    def apply_vetted(self, patch: bytes, files: List[FilePatch], base_tree: Optional[str]) -> dict:
         paths = touched_paths(files)
         gone = removed_links(self.project.root, files)
         check = self.git.run("apply", "--check", "--binary", "-", input=patch, check=False)
@@ -3583,8 +3582,7 @@ class Applier:
                                                             if f.result is not None and f.kind != "deleted"})
         check_merged_writes(self.project.root, merged)
         conflicts = [path for path, (_, _, n) in merged.items() if n]
-        if conflicts and not ask_keep_conflicts({p: merged[p][0] for p in conflicts}, self.style,
-                                                keep_conflicts, self.answers):
+        if conflicts and not self.keep_conflicts({p: merged[p][0] for p in conflicts}):
             raise PatchError("the AI's change and yours overlap in " + ", ".join(map(sanitize, conflicts)) +
                              "; nothing was changed",
                              f"resolve by hand: `patchwire diff {self.job}` shows the AI's change; "
@@ -4717,10 +4715,11 @@ def apply_job(session: Session, job: str, patch: bytes, *, chosen: Optional[byte
     if not settled.strip():
         say("nothing chosen; nothing applied")
         return {"job": job, "how": "none", "files": [], "conflicts": []}
-    applier = Applier(session.project, style, session.protected_paths(), job)
+    applier = Applier(session.project, style, session.protected_paths(), job,
+                      lambda conflicted: ask_keep_conflicts(conflicted, style, keep_conflicts))
     read = read if settled is patch else None  # the patch as read above, unless a part was chosen
     chosen = settled
-    result = applier.apply(chosen, session.job_tree(job), keep_conflicts, replace, read)
+    result = applier.apply(chosen, session.job_tree(job), replace, read)
     result["job"] = job
     result["partial"] = chosen != patch
     session.log_apply(result)

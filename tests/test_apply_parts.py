@@ -177,15 +177,19 @@ def test_conflict_question_not_asked_when_the_command_line_said(keep, capsys):
     assert "Type k" not in capsys.readouterr().err
 
 
-def test_applier_asks_its_answer_source_then_undoes(project):
+def test_applier_takes_the_conflict_decision_it_is_given_then_undoes(project):
     base, patch = synced_and_patch(project, {"f.txt": replace_line(BASE, 5, b"AI's line 5\n")})
     mine = replace_line(BASE, 5, b"my line 5\n")
     (project.root / "f.txt").write_bytes(mine)
-    refused = pw.Applier(project, pw.Style(False), job="j1", answers=io.StringIO(""))
+    asked = []
+    refused = pw.Applier(project, pw.Style(False), job="j1", keep_conflicts=lambda c: asked.append(c) or False)
     with pytest.raises(pw.PatchError, match="overlap in f.txt; nothing was changed"):
-        refused.apply(patch, base, None)
+        refused.apply(patch, base)
+    assert list(asked[0]) == ["f.txt"] and b">>>>>>> f.txt (AI)" in asked[0]["f.txt"]
     assert (project.root / "f.txt").read_bytes() == mine
-    result = pw.Applier(project, pw.Style(False), answers=io.StringIO("k\n")).apply(patch, base, None)
+    with pytest.raises(pw.PatchError, match="overlap in f.txt"):  # no decision given: never markers
+        pw.Applier(project, pw.Style(False)).apply(patch, base)
+    result = pw.Applier(project, pw.Style(False), keep_conflicts=lambda c: True).apply(patch, base)
     assert result == {"how": "3-way", "files": ["f.txt"], "conflicts": ["f.txt"], "replaced": []}
     assert b">>>>>>> f.txt (AI)" in (project.root / "f.txt").read_bytes()
     assert pw.Applier(project, pw.Style(False)).undo() == ["f.txt"]
