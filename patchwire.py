@@ -2827,6 +2827,9 @@ class PatchParser:
         m = HUNK_RE.match(header)
         if not m or not (m.group(5) == b"\n" or m.group(5).startswith(b" ")):
             raise refuse(f"line {self.i}: a malformed hunk header: {header[:100]!r}")
+        # git reads a hunk by the counts in its header (a missing count is 1), not up to the next
+        # `@@`: so does this reader, or a line past the count would be shown here as part of
+        # the hunk while git reads it as the start of something else
         old_left = int(m.group(2)) if m.group(2) is not None else 1
         new_left = int(m.group(4)) if m.group(4) is not None else 1
         lines: List[bytes] = []
@@ -2851,6 +2854,9 @@ class PatchParser:
             if old_left < 0 or new_left < 0:
                 raise self.fail("more lines than the hunk header says")
             lines.append(self.take(fp))
+        # `\ No newline at end of file` strips the newline of the line before it. git writes it
+        # only after a side's last line; anywhere else git apply joins that line to the next,
+        # so a previewed `sha256sum -c ... || exit 1` line can vanish into a comment
         problem = no_newline_problem(lines)
         if problem or (fp.hunks and any(line.startswith(b"\\") for line in fp.hunks[-1][2])):
             raise refuse(f"line {self.i}: a `\\ No newline at end of file` {problem or 'before the last hunk'}: "
@@ -2875,13 +2881,19 @@ class PatchParser:
         self.take(fp)
 
     def settle(self, fp: FilePatch, labels: Optional[Tuple[bytes, bytes]]) -> None:
-        """Names and kind from the section's lines, which must all agree."""
+        """Names and kind from the section's lines, which must all agree. git apply reads
+        some of these lines and ignores others depending on which are present; a section
+        where they disagree means what is shown and what git writes can differ, so every
+        disagreement is refused rather than resolved."""
         h = fp.headers
+        # the box runs `git diff -M`, which never writes a copy: a copy is hand-made, and
+        # its source's content would be written without being shown
         if "copy_from" in h or "copy_to" in h:
             raise refuse("a copy (the box's `git diff` never writes one)")
         if ("rename_from" in h) != ("rename_to" in h) or ("old_mode" in h) != ("new_mode" in h):
             raise refuse(f"a half-said rename or mode change in {fp.lines[0][:100]!r}")
         old, new = self.names(fp, labels)
+        # mode 160000 is a gitlink: applying it moves a submodule to a commit no preview shows
         index_mode = INDEX_RE.fullmatch(h.get("index", b""))
         if (any(h.get(k) == b"160000" for k in ("old_mode", "new_mode", "deleted_mode", "new_file_mode"))
                 or (index_mode and index_mode.group(3) == b"160000")):
@@ -2891,6 +2903,8 @@ class PatchParser:
             if key in h and h[key].decode("ascii", "replace") not in GIT_MODES:
                 raise refuse(f"a file mode Patchwire does not apply ({h[key][:20]!r}): "
                              "only files, executables and symlinks")
+        # git writes at most one of new/deleted/renamed/mode-changed per section; with two,
+        # which one git apply obeys depends on its reading order, not on the preview
         if ("new_file_mode" in h and ("deleted_mode" in h or "rename_from" in h or "old_mode" in h)
                 or "deleted_mode" in h and ("rename_from" in h or "old_mode" in h)):
             raise refuse(f"contradicting header lines in {fp.lines[0][:100]!r}")
@@ -2904,6 +2918,7 @@ class PatchParser:
             fp.kind = "renamed"
         elif "old_mode" in h:
             fp.kind = "mode changed"
+        # without the extended lines git apply takes "new" and "deleted" from ---/+++ /dev/null
         if labels and ((labels[0] == b"/dev/null") != (fp.kind == "new")
                        or (labels[1] == b"/dev/null") != (fp.kind == "deleted")):
             raise refuse(f"a new or deleted file whose ---/+++ lines say otherwise: {fp.path!r}")
@@ -3692,6 +3707,9 @@ class ThreeWayMerge:
         other = self.project.recorded_file(*theirs) if theirs else None
         dest = dest or path
         ours = None if beneath(dest, gone) else read_worktree(self.project.root, path)
+        # the three-way rules git's own merge follows, file by file: one side unchanged takes
+        # the other; equal sides agree; a delete against a change, a link, a binary file or a
+        # mode changed on both sides is a conflict that keeps the user's version (counted as 1)
         if ours == base:
             return (other[0], other[1], 0) if other else (None, "", 0)
         if other and ours and ours[0] == other[0] and ours[1] == other[1]:
@@ -3703,6 +3721,7 @@ class ThreeWayMerge:
         if "120000" in (ours[1], other[1], base[1] if base else ""):  # a link target is not merged
             return ours[0], ours[1], 1
         mode = other[1] if base and base[1] == ours[1] else ours[1]
+        # git's own test for binary: a NUL in the first 8000 bytes (xdiff's buffer_is_binary)
         if b"\0" in (ours[0] + other[0] + (base[0] if base else b""))[:8000]:
             return ours[0], mode, 1
         merged, conflicts = self.merge_file(path, ours[0], base[0] if base else b"", other[0])
@@ -3843,6 +3862,8 @@ def vet_on_disk(root: Path, files: List["FilePatch"], protected: Sequence[str] =
             if folded_path(path) in shielded:
                 raise refuse(f"a change to {path!r}, which Patchwire keeps (your token file, or a file "
                              "your ssh_options name)")
+            # git apply writes through a symlink in a parent folder (it opens the path): a link
+            # `lib -> ~/.ssh` here plus a patch to `lib/authorized_keys` writes outside the project
             link = symlink_parent(root, path)
             if link and not beneath(path, gone):
                 raise refuse(f"{path!r} lies beyond the symlink {link!r} here: writing there would "
@@ -3852,6 +3873,8 @@ def vet_on_disk(root: Path, files: List["FilePatch"], protected: Sequence[str] =
         if f.link_target is not None:
             links[f.path] = f.link_target
         elif f.new_mode is None and not beneath(f.old_path, gone):
+            # a section with no mode lines keeps the file's type: changing a symlink's "content"
+            # changes where it points, though nothing in the section says "symlink"
             was = read_worktree(root, f.old_path)
             if was and was[1] == "120000":  # a link here, kept a link (changed or moved)
                 content = f.whole_new_content() if f.hunks else was[0]

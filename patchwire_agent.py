@@ -2809,6 +2809,11 @@ class AIRun:
             skipping = not piece.endswith(b"\n")
 
     def judge(self, code: int) -> Tuple[str, str, dict]:
+        """(status, reason, result line) of an ended run. Claude Code's own word comes first:
+        its `result` line says max-turns or an error even when it exits 0, and `claude -p`
+        exits 1 with the reason in that line, not on stderr; then the exit status; then
+        permission denials (the job did not do what was asked, though everything "worked");
+        last, a Claude run that printed stream-json but no result line was cut off."""
         result = self.parser.result or {}
         if self.stop_reason:
             return self.stop_status, self.stop_reason, result
