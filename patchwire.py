@@ -425,6 +425,22 @@ class Git:
             ids.append(sha)
         return ids
 
+    def has_tree(self, tree: str) -> bool:
+        """Whether `tree` names a tree in this repository (a commit's id does not count)."""
+        return bool(tree) and self.run("cat-file", "-e", tree + "^{tree}", check=False).returncode == 0
+
+    def tree_after_patch(self, tree: str, patch: bytes, index: Path) -> Tuple[Optional[str], bytes]:
+        """(the tree `patch` makes of `tree`, None when it does not apply; git's stderr): git's
+        own apply in a throwaway `index` (removed after), never a worktree, so there is no second
+        patch applier."""
+        git = self.with_env(GIT_INDEX_FILE=str(index))
+        try:
+            git("read-tree", tree)
+            applied = git.run("apply", "--cached", "--binary", "-", input=patch, check=False)
+            return (git.text("write-tree") if applied.returncode == 0 else None), applied.stderr
+        finally:
+            index.unlink(missing_ok=True)
+
     def read_blobs(self, ids: Sequence[str]) -> Dict[str, Optional[bytes]]:
         """{id: its bytes, None when there is no such blob}, all in one `cat-file --batch`."""
         wanted = list(dict.fromkeys(ids))
@@ -1640,7 +1656,7 @@ class Project:
 
     def recorded(self, tree: str) -> bool:
         """Whether `tree` (a job's base) is a sync record this store can read."""
-        return bool(tree) and self.git.run("cat-file", "-e", tree + "^{tree}", check=False).returncode == 0
+        return self.git.has_tree(tree)
 
     def recorded_file(self, tree: str, path: str) -> Optional[Tuple[bytes, str]]:
         """(bytes, git mode) of the file `path` in `tree` (a sync record, or a tree made from
@@ -3671,22 +3687,16 @@ class ThreeWayMerge:
         self.git = project.git
 
     def have(self, tree: str) -> bool:
-        return self.git.run("cat-file", "-e", tree + "^{tree}", check=False).returncode == 0
+        return self.git.has_tree(tree)
 
     def merge(self, patch: bytes, base_tree: str, gone: set,
               results: Optional[Dict[str, bytes]] = None) -> Dict[str, Tuple[Optional[bytes], str, int]]:
         """{path: (new bytes or None for deleted, mode, conflicts)} for every touched path.
         `gone`: symlinks here the patch deletes; what lies "beneath" them is not read.
         `results`: the files as computed before the preview; the AI's side must be those."""
-        tmp_index = str(self.project.private_dir / "merge.index")
-        git = self.git.with_env(GIT_INDEX_FILE=tmp_index)
-        git("read-tree", base_tree)
-        applied = git.run("apply", "--cached", "--binary", "-", input=patch, check=False)
-        if applied.returncode != 0:
-            raise PatchError("the patch does not even apply to the synced version:\n"
-                             + describe_apply_failure(applied.stderr))
-        theirs_tree = git.text("write-tree")
-        os.unlink(tmp_index)
+        theirs_tree, stderr = self.git.tree_after_patch(base_tree, patch, self.project.private_dir / "merge.index")
+        if theirs_tree is None:
+            raise PatchError("the patch does not even apply to the synced version:\n" + describe_apply_failure(stderr))
         for path, data in (results or {}).items():
             if (self.project.recorded_file(theirs_tree, path) or (None, ""))[0] != data:
                 raise refuse(f"git's result for {path!r} on the synced files is not the change shown")
@@ -5332,18 +5342,11 @@ def tree_after_patch(project: Project, tree: str, patch: bytes, job: str) -> str
     """The tree `patch` makes of `tree`: git's own apply in a throwaway index (never the
     worktree), so there is no second patch applier. The index is per process: an editor
     asks for several files at once."""
-    index = project.private_dir / f"show-{os.getpid()}.index"
-    git = project.git.with_env(GIT_INDEX_FILE=str(index))
-    try:
-        git("read-tree", tree)
-        applied = git.run("apply", "--cached", "--binary", "-", input=patch, check=False)
-        if applied.returncode != 0:
-            raise PatchError(f"job {job}'s patch does not apply to the files it started from:\n"
-                             + describe_apply_failure(applied.stderr))
-        return git.text("write-tree")
-    finally:
-        if index.exists():
-            index.unlink()
+    after, stderr = project.git.tree_after_patch(tree, patch, project.private_dir / f"show-{os.getpid()}.index")
+    if after is None:
+        raise PatchError(f"job {job}'s patch does not apply to the files it started from:\n"
+                         + describe_apply_failure(stderr))
+    return after
 
 
 def cmd_apply(args) -> int:
