@@ -78,6 +78,7 @@ import hashlib
 import json
 import os
 import re
+import itertools
 import shlex
 import shutil
 import stat
@@ -301,9 +302,13 @@ def _file_size_limit(limit: Optional[int]) -> Optional[Callable[[], None]]:
     return cap
 
 
-def spawn(argv: Sequence[str], *, cwd: os.PathLike, env: dict) -> subprocess.Popen:
+def spawn(argv: Sequence[str], *, cwd: os.PathLike, env: dict, terminal: bool = False) -> subprocess.Popen:
     """Start a long-running child in its own process group (so the whole group can be
-    ended), with pipes for stdin, stdout and stderr. The agent's AI runs this way."""
+    ended), with pipes for stdin, stdout and stderr. The agent's AI runs this way. With
+    `terminal` (a pager), only stdin is a pipe and the child stays in this session: it
+    writes to the terminal and reads its keys from it."""
+    if terminal:
+        return subprocess.Popen(list(argv), cwd=cwd, env=env, stdin=subprocess.PIPE)
     return subprocess.Popen(list(argv), cwd=cwd, env=env, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
@@ -3226,28 +3231,32 @@ def render_summary(files: Sequence[FilePatch], style: Style) -> List[str]:
 
 
 def render_diff(files: Sequence[FilePatch], style: Style) -> List[str]:
-    out: List[str] = []
+    return list(diff_lines(files, style))
+
+
+def diff_lines(files: Sequence[FilePatch], style: Style) -> Iterator[str]:
+    """The preview's diff, a line at a time as it is rendered (page() shows the first
+    screenful before the rest is rendered)."""
     for f in files:
         lines = [sanitize(l.decode("utf-8", "replace").rstrip("\n")) for l in f.lines]
         body = f.body_start or len(lines)
-        out += [style("bold", line) for line in lines[:body]]
+        yield from (style("bold", line) for line in lines[:body])
         i = body
         while i < len(lines):
             line = lines[i]
             if line.startswith("@@"):  # the heading after `@@ ... @@` is the box's words: not shown
-                out.append(style("cyan", line[:line.find("@@", 2) + 2]))
+                yield style("cyan", line[:line.find("@@", 2) + 2])
             elif line.startswith("-"):
                 minus = _run_of(lines, i, "-")
                 plus = _run_of(lines, i + len(minus), "+")
-                out += _highlight_pair(minus, plus, style)
+                yield from _highlight_pair(minus, plus, style)
                 i += len(minus) + len(plus)
                 continue
             elif line.startswith("+"):
-                out.append(style("green", line))
+                yield style("green", line)
             else:
-                out.append(line)
+                yield line
             i += 1
-    return out
 
 
 def _run_of(lines: List[str], start: int, sign: str) -> List[str]:
@@ -3310,20 +3319,51 @@ def _highlight_ends(a: str, b: str, style: Style) -> Tuple[str, str]:
     return o, n
 
 
-def page(lines: List[str]) -> None:
-    """Print, through a pager when stdout is a terminal and the text is taller than it."""
-    text = "\n".join(lines) + "\n"
+def page(lines: Iterable[str]) -> None:
+    """Print, through a pager when stdout is a terminal and the text is taller than it. Only
+    the first screenful is rendered before anything shows; the rest streams to the pager
+    as it is rendered (and stops being rendered when the reader quits it)."""
+    rest = iter(lines)
     height = shutil.get_terminal_size((80, 24)).lines
+    head = list(itertools.islice(rest, max(height - 1, 1)))
     pager = os.environ.get("PAGER") or "less -R"
-    if sys.stdout.isatty() and len(lines) > height - 2 and pager and shutil.which(shlex.split(pager)[0]):
-        try:  # no time limit: the user reads at their own pace
-            run(shlex.split(pager), input=text.encode("utf-8", "replace"), timeout=None, check=False,
-                capture=False, env={**os.environ, "LESS": os.environ.get("LESS", "FRX")})
+    if sys.stdout.isatty() and len(head) > height - 2 and pager and shutil.which(shlex.split(pager)[0]):
+        try:
+            proc = spawn(shlex.split(pager), cwd=Path.cwd(), terminal=True,
+                         env={**os.environ, "LESS": os.environ.get("LESS", "FRX")})
+        except OSError:
+            proc = None
+        if proc is not None:
+            feed_pager(proc, itertools.chain(head, rest))
             return
-        except (PatchwireError, OSError):
-            pass
-    sys.stdout.write(text)
+    for chunk in batched(itertools.chain(head, rest), 1000):
+        sys.stdout.write("\n".join(chunk) + "\n")
     sys.stdout.flush()
+
+
+def feed_pager(proc: subprocess.Popen, lines: Iterator[str]) -> None:
+    """Write `lines` to the pager in batches, then wait for the reader to quit it (no time
+    limit: they read at their own pace). A reader who quits early ends the writing."""
+    assert proc.stdin is not None
+    try:
+        for chunk in batched(lines, 1000):
+            proc.stdin.write(("\n".join(chunk) + "\n").encode("utf-8", "replace"))
+        proc.stdin.close()
+    except (BrokenPipeError, OSError):
+        pass
+    finally:
+        with contextlib.suppress(BrokenPipeError, OSError):
+            proc.stdin.close()
+        proc.wait()
+
+
+def batched(items: Iterable[str], size: int) -> Iterator[List[str]]:
+    it = iter(items)
+    while True:
+        chunk = list(itertools.islice(it, size))
+        if not chunk:
+            return
+        yield chunk
 
 
 # ================================================================== choosing what to apply
@@ -4718,7 +4758,8 @@ def read_answer(prompt: str) -> Optional[str]:
 def preview(files: Sequence[FilePatch], no_color: bool) -> None:
     """What will be written, exactly: what deserves a second look, the summary, the diff."""
     style = Style.for_stream(sys.stdout, no_color)
-    page(render_look_closely(files, style) + render_summary(files, style) + [""] + render_diff(files, style))
+    page(itertools.chain(render_look_closely(files, style), render_summary(files, style), [""],
+                         diff_lines(files, style)))
 
 
 def choose(files: List[FilePatch], patch: bytes, *, interactive: bool, only: Sequence[str],
