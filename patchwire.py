@@ -22,12 +22,14 @@ The laptop is the source of truth. `patchwire ask "PROMPT"` does the whole job:
 Commands (`patchwire COMMAND --help` for each):
     init     write .patchwire.toml for this project (never the token itself)
     sync     send the project to the agent box (--dry-run: what would go, and why not)
-    ask      sync, ask the AI, stream progress, preview, apply on Enter
+    ask      sync, ask the AI, stream progress, preview, apply on Enter (--detach: queue and leave)
+    wait     follow your running jobs again, then preview and apply as ask does
     diff     print a job's patch
     apply    preview and apply a job's patch (the last job by default; --yes skips asking)
     jobs     list your jobs on the agent box
     show     show one job with its events
     cancel   cancel a queued or running job
+    notify   where the box tells you a job ended: add URL, list, remove ID, test [ID]
     log      what was applied here, when, from which job
     doctor   check every link (git, rsync, ssh, agent, token, AI, clock) and say how to fix it
     usage    your asks, AI minutes, tokens and cost on the box (--by project|day, --csv)
@@ -526,6 +528,8 @@ def _is_kind(value: Any, kind: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value > 0
     if kind == "int>=0":
         return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    if kind == "num>=0":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
     if kind is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
     return isinstance(value, kind)
@@ -533,7 +537,8 @@ def _is_kind(value: Any, kind: Any) -> bool:
 
 def _kind_name(kind: Any) -> str:
     return {"str_list": "a list of strings", "str_table": "a table of strings",
-            int: "a positive integer", "int>=0": "a whole number, 0 or more", float: "a positive number", str: "a string",
+            int: "a positive integer", "int>=0": "a whole number, 0 or more",
+            "num>=0": "a number, 0 or more", float: "a positive number", str: "a string",
             bool: "true or false", dict: "a table", list: "a list"}.get(kind, str(kind))
 
 
@@ -1010,11 +1015,13 @@ HELP_EPILOG = (textwrap.fill("exit codes: " + ", ".join(f"{int(s)} {s.meaning}".
 
 LAPTOP_SCHEMA = {
     "agent": (str, DEFAULT_AGENT_URL), "token_file": (str, None), "ssh": (str, None), "ca_file": (str, None),
-    "project": (str, None), "sync": (dict, {}),
+    "project": (str, None), "sync": (dict, {}), "notify": (dict, {}),
 }
 SYNC_SCHEMA = {"deny": ("str_list", []), "allow": ("str_list", []), "exclude": ("str_list", []),
                "max_file_mb": (float, DEFAULT_MAX_FILE_MB), "submodules": (bool, False),
                "ssh_options": ("str_list", []), "rsync": (str, "rsync")}
+# [notify]: a desktop notification when an attached ask or wait took at least after_s
+NOTIFY_SCHEMA = {"desktop": (bool, True), "after_s": ("num>=0", 30)}
 
 
 class LaptopConfig:
@@ -1023,6 +1030,9 @@ class LaptopConfig:
     def __init__(self, root: Path, data: dict, path: Path):
         top = Schema(path, "", LAPTOP_SCHEMA).read(data)
         sync = Schema(path, "sync", SYNC_SCHEMA).read(top["sync"])
+        notify = Schema(path, "notify", NOTIFY_SCHEMA).read(top["notify"])
+        self.notify_desktop: bool = notify["desktop"]
+        self.notify_after_s: float = notify["after_s"]
         self.root, self.path = root, path
         self.agent = top["agent"].rstrip("/")
         self.token_file = top["token_file"]
@@ -4250,6 +4260,23 @@ class Session:
             self.project.write_state("job_trees.json", json.dumps(kept))
             self.project.pin_record(job, tree, kept)
 
+    # Jobs `ask --detach` left behind, until a `wait` has offered them: a bare `wait` finds a
+    # detached job that ended before it was run, not only the ones still running.
+    def remember_detached(self, job: str) -> None:
+        with self.project.record_lock():
+            self.project.write_state("detached.json", json.dumps(self.detached() + [check_job_id(job)]))
+
+    def forget_detached(self, job: str) -> None:
+        with self.project.record_lock():
+            self.project.write_state("detached.json", json.dumps([j for j in self.detached() if j != job]))
+
+    def detached(self) -> List[str]:
+        try:
+            jobs = json.loads(self.project.state_file("detached.json").read_text())
+        except (OSError, ValueError):
+            return []
+        return [j for j in jobs if isinstance(j, str) and JOB_ID_RE.fullmatch(j)][-100:] if isinstance(jobs, list) else []
+
     def job_tree(self, job: str) -> Optional[str]:
         return self._job_trees().get(job)
 
@@ -4381,8 +4408,9 @@ class JobLeft(PatchwireError):
 
     def __init__(self, job: str):
         super().__init__(f"left job {job}; it keeps running on the box",
-                         f"`patchwire show {job}` shows its progress, `patchwire apply {job}` applies it once "
-                         f"it is done, `patchwire cancel {job}` stops it", details={"job": job})
+                         f"`patchwire wait {job}` follows it again and offers its change, `patchwire show {job}` "
+                         f"shows its progress, `patchwire apply {job}` applies it once it is done, "
+                         f"`patchwire cancel {job}` stops it", details={"job": job})
 
 
 # How long `ask` keeps reconnecting to a job's event stream, counting only the waits between
@@ -4392,11 +4420,14 @@ RECONNECT_FOR_S = 150.0
 STILL_RECONNECTING_S = 10.0
 
 
-def stream_job(session: Session, first: Iterator[dict], on_event) -> dict:
+def stream_job(session: Session, first: Iterator[dict], on_event, job: Optional[str] = None,
+               after: int = 0) -> dict:
     """Follow a job's events to its last one (JobFollower). Ctrl-C leaves at once without
     cancelling (JobLeft, exit 130, naming the commands that pick the job up again); before
-    the box has named the job, it stops the ask like any Ctrl-C."""
+    the box has named the job, it stops the ask like any Ctrl-C. `job` and `after`: a job
+    already known (`wait`), followed from its event `after`."""
     follower = JobFollower(session, on_event)
+    follower.job, follower.seq = job, after
     try:
         return follower.run(first)
     except KeyboardInterrupt:
@@ -4556,6 +4587,71 @@ def apply_job(session: Session, job: str, patch: bytes, *, chosen: Optional[byte
     if not session.project.is_git_repo:
         say("note: not a git repository, so 3-way merging is not available here")
     return result
+
+
+# ================================================================== telling you it is done (desktop)
+# A job that took a while ends with a notification, since its user has likely looked away:
+# notify-send on a Linux desktop, osascript on macOS, else the terminal's own notification
+# (OSC 9, OSC 777) where the terminal is known to show one, else the bell. Its text holds box
+# words (a failure's reason) and passes `sanitize` like every other box string; osascript gets
+# it as argv of a fixed script (`on run argv`), never spliced into AppleScript source, where a
+# quote would end the string and the rest would run as a script.
+
+OSASCRIPT_NOTIFY = ("on run argv", "display notification (item 2 of argv) with title (item 1 of argv)", "end run")
+OSC9_TERMINALS = ("iTerm.app", "WezTerm", "ghostty", "WarpTerminal")  # TERM_PROGRAM values that show OSC 9
+OSC777_TERMS = ("rxvt", "foot")  # TERM prefixes of terminals that show OSC 777 notify
+DESKTOP_SESSION_VARIABLES = ("DISPLAY", "WAYLAND_DISPLAY", "DBUS_SESSION_BUS_ADDRESS")
+
+
+def notify_desktop(cfg: LaptopConfig, job: str, end: dict, patch: Optional[bytes], elapsed: float) -> None:
+    """The notification for a job that ended after `elapsed` seconds of waiting, when
+    [notify] desktop is on and the wait reached after_s. Never raises: it is a courtesy."""
+    if not cfg.notify_desktop or elapsed < cfg.notify_after_s:
+        return
+    title, body = desktop_notice(cfg.project, job, end, patch)
+    try:
+        send_desktop_notice(title, body)
+    except (PatchwireError, OSError) as e:
+        say(sanitize(f"note: no desktop notification: {str(e).splitlines()[0]}"))
+
+
+def desktop_notice(project: str, job: str, end: dict, patch: Optional[bytes]) -> Tuple[str, str]:
+    """(title, body): the job, how it ended, the files it changed or why it did not."""
+    outcome = {"finished": "done", "failed": "failed", "cancelled": "cancelled"}.get(end.get("type", ""), "ended")
+    title = f"Patchwire: job {job} {outcome}"
+    if patch is not None:
+        count = patch.count(b"\ndiff --git ") + patch.startswith(b"diff --git ")
+        body = f"{project}: {count} file(s) changed" if count else f"{project}: no changes"
+    else:
+        body = f"{project}: {clip_words(str(end.get('reason') or outcome), 200)}"
+    return sanitize(title), sanitize(body)
+
+
+def send_desktop_notice(title: str, body: str) -> None:
+    """Show it by the first way this machine has (see the section's comment)."""
+    if sys.platform == "darwin" and shutil.which("osascript"):
+        run(["osascript", *[arg for line in OSASCRIPT_NOTIFY for arg in ("-e", line)], title, body],
+            timeout=10, check=False)
+    elif (sys.platform.startswith("linux") and shutil.which("notify-send")
+          and any(os.environ.get(v) for v in DESKTOP_SESSION_VARIABLES)):
+        run(["notify-send", "--app-name=Patchwire", "--", title, body], timeout=10, check=False)
+    else:
+        terminal_notice(title, body)
+
+
+def terminal_notice(title: str, body: str) -> None:
+    """OSC 9 or OSC 777 to a terminal known to show it, the bell to any other terminal.
+    `sanitize` left no control character in the text, and ";" separates OSC 777's fields."""
+    stream = next((s for s in (sys.stdout, sys.stderr) if s.isatty()), None)
+    if stream is None:
+        return
+    if os.environ.get("TERM_PROGRAM") in OSC9_TERMINALS or os.environ.get("WT_SESSION"):
+        stream.write(f"\x1b]9;{title}: {body}\x07")
+    elif os.environ.get("TERM", "").startswith(OSC777_TERMS):
+        stream.write(f"\x1b]777;notify;{title.replace(';', ',')};{body.replace(';', ',')}\x07")
+    else:
+        stream.write("\a")
+    stream.flush()
 
 
 # ================================================================== doctor
@@ -4809,6 +4905,7 @@ def render_dry_run(report: dict, full: bool, limit: int = 40) -> List[str]:
 
 
 def cmd_ask(args) -> int:
+    began = time.monotonic()
     session = Session.here()
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     if not prompt.strip():
@@ -4817,21 +4914,55 @@ def cmd_ask(args) -> int:
     first, events, tree = start_ask(session, args, prompt)
     session.remember_job(first["job"])
     session.record_job_tree(first["job"], tree)
+    if args.detach:
+        session.remember_detached(first["job"])
+        return detach(args, first["job"], events)
+
+    def chain():
+        yield first
+        yield from events
+    return follow_and_apply(session, args, first["job"], chain(), began)
+
+
+def detach(args, job: str, events: Iterator[dict]) -> int:
+    """`ask --detach`: the box holds the job; the laptop lets go of its stream and says how to
+    come back (`wait`) and how to stop it (`cancel`)."""
+    close = getattr(events, "close", None)
+    if close:
+        close()  # the stream's reader thread and socket end with it; the job does not
+    say(f"job {job} is queued on the box; the laptop can go.\n"
+        f"  `patchwire wait {job}` follows it and offers its change when it is done\n"
+        f"  `patchwire cancel {job}` stops it")
+    output(args, {"type": "outcome", "job": job, "detached": True, "applied": False})
+    return 0
+
+
+def follow_and_apply(session: Session, args, job: str, events: Iterator[dict], began: float,
+                     after: int = 0) -> int:
+    """Follow a job's events to its end, then fetch, preview and offer its change: `ask` and
+    `wait` alike. A long wait ends with a desktop notification (`notify_desktop`)."""
     printer = ProgressPrinter(Style.for_stream(sys.stderr, args.no_color))
 
     def on_event(event: dict) -> None:
         printer(event)
         output(args, event)
-
-    def chain():
-        yield first
-        yield from events
-    end = stream_job(session, chain(), on_event)
-    job = first["job"]
-    if end["type"] != "finished":
+    end = stream_job(session, events, on_event, job=job, after=after)
+    patch: Optional[bytes] = None
+    try:
+        if end["type"] == "finished":
+            patch = patiently(lambda: session.job_diff(job), f"job {job}'s diff")
+    finally:
+        if not args.json:  # a program reading --json (the editor) tells its user itself
+            notify_desktop(session.cfg, job, end, patch, time.monotonic() - began)
+    if patch is None:
         raise AIFailed(f"job {job} {end['type']}: {end.get('reason', '')}",
                        f"see `patchwire show {job}`; nothing was changed here")
-    patch = patiently(lambda: session.job_diff(job), f"job {job}'s diff")
+    return offer_change(session, args, job, patch)
+
+
+def offer_change(session: Session, args, job: str, patch: bytes) -> int:
+    """A finished job's change: previewed and applied on Enter (or --yes); with --json, the
+    outcome line, applied only with --yes."""
     files = session.vet(patch, job)
     outcome = {"type": "outcome", "job": job, "applied": False, "files": [f.path for f in files],
                "look_closely": look_closely(files)}
@@ -4845,6 +4976,47 @@ def cmd_ask(args) -> int:
         outcome["applied"] = confirm_apply(session, args, job, patch)
     output(args, outcome)
     return 0
+
+
+def cmd_wait(args) -> int:
+    """Reattach to jobs of yours (named, or all queued and running ones of this project), one
+    after the other: each is followed from where it is now, then offered as `ask` offers it.
+    The exit status is the last failure's (4 when a job failed), else 0."""
+    began = time.monotonic()
+    session = Session.here()
+    session.client.on_wait = lambda quiet: say(f"still waiting for the box ({quiet:.0f} s without news)")
+    jobs = jobs_to_wait_for(session, args.jobs)
+    if not jobs:
+        say(f"no queued or running job of yours in project {session.cfg.project}, and none detached "
+            "here; `patchwire jobs` lists them all")
+        output(args, {"type": "outcome", "jobs": []})
+        return 0
+    status = 0
+    for job in jobs:
+        say(sanitize(f"following job {job['id']} ({job['status']}, asked {human_age(time.time() - job['created'])} "
+                     f"ago): {clip_words(' '.join(str(job.get('prompt', '')).split()), 60)}"))
+        events = session.client.events(job["id"], job["events"])
+        try:
+            status = follow_and_apply(session, args, job["id"], events, began, after=job["events"]) or status
+            session.forget_detached(job["id"])
+        except AIFailed as e:
+            session.forget_detached(job["id"])
+            if len(jobs) == 1:
+                raise
+            say(sanitize(f"patchwire: {e}", keep_newlines=True))
+            status = int(e.exit_status)
+    return status
+
+
+def jobs_to_wait_for(session: Session, given: Sequence[str]) -> List[dict]:
+    """The named jobs (prefixes resolved by the box); else every queued and running job of
+    this user in this project, and the jobs detached here that ended since, oldest first."""
+    if given:
+        return [session.client.job(check_job_id(session.job_id(name))) for name in given]
+    detached = set(session.detached())
+    mine = [job for job in session.client.jobs() if job.get("project") == session.cfg.project
+            and (job["status"] in ("queued", "running") or job["id"] in detached)]
+    return sorted(mine, key=lambda job: job.get("created", 0))
 
 
 def start_ask(session: Session, args, prompt: str) -> Tuple[dict, Iterator[dict], str]:
@@ -5202,6 +5374,8 @@ COMMANDS = {
     "jobs": (cmd_jobs, "list your jobs on the agent box"),
     "show": (cmd_show, "show a job and its events"),
     "cancel": (cmd_cancel, "cancel a queued or running job"),
+    "wait": (cmd_wait, "follow your running jobs again (all of this project's, or those named), "
+                       "then preview and apply as ask does"),
     "log": (cmd_log, "what was applied here, when, from which job"),
     "doctor": (cmd_doctor, "check git, rsync, ssh, the agent, the token and the AI; say how to fix"),
     "usage": (cmd_usage, "your asks, AI time, tokens and cost on the agent box"),
@@ -5232,15 +5406,22 @@ def build_parser() -> argparse.ArgumentParser:
     p["sync"].add_argument("--force", action="store_true",
                            help="send every file, compared by checksum (when the box's copy is off)")
     p["ask"].add_argument("prompt", help="what to ask the AI ('-' reads it from stdin)")
-    group = p["ask"].add_mutually_exclusive_group()
-    group.add_argument("--yes", "-y", action="store_true", help="apply without asking")
-    group.add_argument("--no-apply", action="store_true", help="only show the diff")
+    p["wait"].add_argument("jobs", nargs="*", metavar="JOB",
+                           help="job ids or unique prefixes (default: your queued and running jobs here)")
+    for name in ("ask", "wait"):
+        group = p[name].add_mutually_exclusive_group()
+        group.add_argument("--yes", "-y", action="store_true", help="apply without asking")
+        group.add_argument("--no-apply", action="store_true", help="only show the diff")
+        if name == "ask":
+            group.add_argument("--detach", "-d", action="store_true",
+                               help="sync and queue the job, print its id and leave (`patchwire wait JOB` "
+                                    "picks it up)")
     p["ask"].add_argument("--timeout", type=int, help="seconds the AI may take (up to the box's maximum)")
     follow = p["ask"].add_mutually_exclusive_group()
     follow.add_argument("--continue", dest="continue_", action="store_true",
                         help="continue the last job: start from its result, resume its AI session")
     follow.add_argument("--on", metavar="JOB", help="continue the given job")
-    for name in ("ask", "diff", "apply"):
+    for name in ("ask", "wait", "diff", "apply"):
         p[name].add_argument("--no-color", action="store_true", help="no colour")
     p["diff"].add_argument("--file", metavar="PATH", help="print one file of the job instead of the patch")
     p["diff"].add_argument("--side", choices=("old", "new"), default="new",
