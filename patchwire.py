@@ -1936,6 +1936,9 @@ EVENT_SHAPE: Dict[str, Any] = {
 HEALTH_SHAPE = {"version": str, "time": NUMBER, "queue_depth": int, "ai_found": bool, "ai_command": str,
                 "sandbox": str, "sandbox_warning": str}
 ME_SHAPE = {"user": str, "mirror": str}
+TARGET_SHAPE = {"id": str, "kind": str, "url": str, "events": ("list", str), "include": ("list", str),
+                "created": NUMBER}
+TEST_SHAPE = {"ok": bool, "status": (int, type(None)), "error": (str, type(None))}
 USAGE_FIGURES = {field: NUMBER for field, _ in USAGE_HEADINGS}
 USAGE_SHAPE = {"since": NUMBER, "until": NUMBER, "group": str, "user": (str, type(None)),
                "rows": ("list", {"key": str, "user_removed": bool, **USAGE_FIGURES}), "total": USAGE_FIGURES}
@@ -2341,6 +2344,26 @@ class Client:
 
     def usage(self, query: Dict[str, str]) -> dict:
         return checked_usage(self.json("GET", "/v1/usage?" + urllib.parse.urlencode(query), what="usage report"))
+
+    def notify_targets(self) -> List[dict]:
+        answer = checked(self.json("GET", "/v1/notify", what="target list"), {"targets": ("list", TARGET_SHAPE)},
+                         "target list", required=("targets",))
+        return [checked(t, TARGET_SHAPE, "target", required=("id", "kind", "url")) for t in answer["targets"]]
+
+    def notify_add(self, body: dict) -> dict:
+        what = "answer to notify add"
+        return checked(self.json("POST", "/v1/notify", body, what=what), {"target": TARGET_SHAPE, "secret": str},
+                       what, required=("target",))
+
+    def notify_remove(self, target: str) -> dict:
+        what = "answer to notify remove"
+        return checked(self.json("DELETE", f"/v1/notify/{_quote(target)}", what=what), {"target": TARGET_SHAPE},
+                       what, required=("target",))
+
+    def notify_test(self, target: str) -> dict:
+        what = "answer to notify test"
+        return checked(self.json("POST", f"/v1/notify/{_quote(target)}/test", {}, what=what), TEST_SHAPE, what,
+                       required=("ok",))
 
 
 def _quote(value: str) -> str:
@@ -5308,6 +5331,66 @@ def cmd_cancel(args) -> int:
     return 0
 
 
+def cmd_notify(args) -> int:
+    """Where the box tells you a job ended: `add URL`, `list`, `remove ID`, `test [ID]`."""
+    return NOTIFY_ACTIONS[args.action](Session.here(), args)
+
+
+def notify_add(session: Session, args) -> int:
+    if not args.target:
+        raise UsageError("notify add needs the receiver's URL", "patchwire notify add https://HOST/PATH [--kind ...]")
+    body: Dict[str, Any] = {"url": args.target, "events": args.on or ["end"], "include": args.include or []}
+    if args.kind:
+        body["kind"] = args.kind
+    answer = session.client.notify_add(body)
+    target = answer["target"]
+    say(sanitize(f"added {target['kind']} target {target['id']} ({target['url']}): on {', '.join(target['events'])}"
+                 + (f", with {', '.join(target['include'])}" if target["include"] else "")))
+    if answer.get("secret"):  # shown this once: the box never gives it again
+        say("its signing secret, shown only now (keep it where your receiver verifies signatures; "
+            "README: \"Verifying a webhook\"):")
+    output(args, answer, lambda r: print(sanitize(r["secret"])) if r.get("secret") else None)
+    return 0
+
+
+def notify_list(session: Session, args) -> int:
+    targets = session.client.notify_targets()
+    if not targets:
+        say("no notification targets; `patchwire notify add URL` adds one")
+    output(args, {"targets": targets}, lambda r: print("\n".join(sanitize(
+        f"{t['id']}  {t['kind']:<7}  {t['url']}  on {','.join(t['events'])}"
+        + (f"  with {','.join(t['include'])}" if t["include"] else "")) for t in r["targets"])) if targets else None)
+    return 0
+
+
+def notify_remove(session: Session, args) -> int:
+    if not args.target:
+        raise UsageError("notify remove needs a target id", "`patchwire notify list` lists them")
+    target = session.client.notify_remove(args.target)["target"]
+    say(sanitize(f"removed target {target['id']} ({target['url']})"))
+    output(args, {"target": target})
+    return 0
+
+
+def notify_test(session: Session, args) -> int:
+    """One test delivery to each target (or the one named), sent by the box now."""
+    ids = [args.target] if args.target else [t["id"] for t in session.client.notify_targets()]
+    if not ids:
+        raise UsageError("no notification targets to test", "`patchwire notify add URL` adds one")
+    results = []
+    for target in ids:
+        result = {"target": target, **session.client.notify_test(target)}
+        results.append(result)
+        said = "delivered" if result["ok"] else f"not delivered: {result.get('error') or result.get('status')}"
+        say(sanitize(f"target {target}: {said}"))
+    output(args, {"results": results})
+    return 0 if all(r["ok"] for r in results) else int(ExitStatus.AGENT)
+
+
+NOTIFY_ACTIONS: Dict[str, Callable[[Session, Any], int]] = {
+    "add": notify_add, "list": notify_list, "remove": notify_remove, "test": notify_test}
+
+
 def undo_last_apply(session: Session, args) -> int:
     """`apply --undo`: one level back, the newest apply. When it was undone already, say so
     and when (as `log` shows it), not that nothing was ever applied."""
@@ -5377,6 +5460,7 @@ COMMANDS = {
     "wait": (cmd_wait, "follow your running jobs again (all of this project's, or those named), "
                        "then preview and apply as ask does"),
     "log": (cmd_log, "what was applied here, when, from which job"),
+    "notify": (cmd_notify, "where the box tells you a job ended: add URL, list, remove ID, test [ID]"),
     "doctor": (cmd_doctor, "check git, rsync, ssh, the agent, the token and the AI; say how to fix"),
     "usage": (cmd_usage, "your asks, AI time, tokens and cost on the agent box"),
 }
@@ -5441,6 +5525,16 @@ def build_parser() -> argparse.ArgumentParser:
     p["apply"].add_argument("--sha256", metavar="HEX", help="apply only if the job's patch has this sha256 "
                             "(the one `patchwire diff JOB --json` reported when it was reviewed)")
     add_usage_arguments(p["usage"], "project")
+    p["notify"].add_argument("action", choices=("add", "list", "remove", "test"))
+    p["notify"].add_argument("target", nargs="?", metavar="URL|ID", help="add: the receiver's URL; remove, test: "
+                             "a target id (test without one: every target)")
+    p["notify"].add_argument("--kind", choices=("webhook", "ntfy", "slack"),
+                             help="add: a JSON webhook signed with HMAC-SHA256 (default; ntfy.sh and "
+                                  "hooks.slack.com are recognised), an ntfy topic, a Slack incoming webhook")
+    p["notify"].add_argument("--on", nargs="+", choices=("end", "start", "failure"),
+                             help="add: when to send: every end (default), starts, failed ends only")
+    p["notify"].add_argument("--include", nargs="+", choices=("prompt", "diff"),
+                             help="add: also send the prompt or the diff (never sent otherwise)")
     return parser
 
 
