@@ -68,6 +68,12 @@ HTTP API (JSON; `Authorization: Bearer TOKEN` on all but health):
     DELETE /v1/jobs/{id}                    cancel a queued or running job
     GET    /v1/usage?since=&until=&group=user|project|day[&user=NAME]
                                             usage summed over jobs: yours, or (admin) anyone's
+    GET    /v1/notify                       your notification targets (never their secrets)
+    POST   /v1/notify {url[,kind,events,include]}
+                                            201 {target[,secret]}: a host in [notify] allow; a
+                                            webhook's HMAC secret is in this answer only
+    DELETE /v1/notify/{id}                  remove a target
+    POST   /v1/notify/{id}/test             one test delivery now: {ok, status, error}
     GET    /v1/openapi.json                 this API as OpenAPI 3.1 (no token needed)
     GET    /metrics                         Prometheus text format (admin token)
 
@@ -87,7 +93,10 @@ Requests are size-capped and have a total time budget for their head and their b
 client trickling bytes gets a 408, not a held slot); connections are capped per address and
 overall, and at the cap a waiting connection gives way to a new client, while /v1/health
 still answers. Every request and job is a line in state_dir/audit.log (never a token or a
-prompt). The AI never runs in the mirror, and a failed run leaves the mirror untouched.
+prompt), and so is every notification attempt. Notifications go only to hosts the admin lists
+in [notify] allow, from a thread of their own (a dead receiver never slows a job), without
+the prompt or the diff unless the user included them; a webhook's signing secret is kept in
+the state db (private) and shown to its user once. The AI never runs in the mirror, and a failed run leaves the mirror untouched.
 The AI runs confined (section "sandbox"): by default bubblewrap on Linux, sandbox-exec on
 macOS; it writes only in its job folder, its own /tmp and its user's AI home (Claude's
 settings, hooks, sessions and transcripts: never shared between users), and sees neither the
@@ -188,8 +197,8 @@ AGENT_DESCRIPTION = ("the box's side of Patchwire: runs Claude Code on a clean c
 AGENT_EPILOG = """\
 typical use:  patchwire-agent init -c agent.toml --user alice   (prints alice's token once)
               patchwire-agent serve -c agent.toml
-API: GET /v1/health, /v1/me, /v1/jobs[/ID[/events|/diff]], /v1/usage, /v1/openapi.json, /metrics;
-     POST /v1/ask; DELETE /v1/jobs/ID
+API: GET /v1/health, /v1/me, /v1/jobs[/ID[/events|/diff]], /v1/usage, /v1/notify, /v1/openapi.json,
+     /metrics; POST /v1/ask, /v1/notify[/ID/test]; DELETE /v1/jobs/ID, /v1/notify/ID
 exit codes: 0 ok, 1 error (bad config, cannot listen), 2 usage
 """
 
@@ -224,6 +233,12 @@ allow = []
 # api_upstream = "https://api.anthropic.com"
 # credential_file = "claude-credential"  # an API key or a `claude setup-token` token, for the
 #                                        # gateway to add to the AI's API calls: the AI never holds it
+
+[notify]
+# Hosts users may send job notifications to (`patchwire notify add URL`): "hooks.slack.com",
+# "ntfy.sh", "*.example.com", each optionally ":port" (else 80 and 443). Empty: none.
+allow = []
+# max_targets = 10            # per user
 
 # The policy table holds defaults for every user; users.NAME may override each key.
 # `patchwire-agent policy NAME` shows what applies. The built-in defaults:
@@ -4975,7 +4990,24 @@ OPENAPI_SCHEMAS = {
                                        max_per_client=_I, waiting=_I, evicted=_I),
                                 "description": "the connection table: open, caps, waiting for a request, evicted"}),
     "Me": _obj(["user", "version", "mirror_root"], user=_S, version=_S, mirror_root=_S,
-               mirror={**_S, "description": "with ?project=: the folder to rsync that project into"}),
+               mirror={**_S, "description": "with ?project=: the folder to rsync that project into"},
+               unwritable={"type": "array", "items": _S,
+                           "description": "folders of yours the box account cannot write (the admin's to fix)"}),
+    "NotifyRequest": {**_obj(["url"], url={**_S, "description": "http(s) URL on a host in [notify] allow"},
+                             kind={"enum": list(NOTIFY_KINDS), "description": "default: webhook (slack for "
+                                   "hooks.slack.com, ntfy for ntfy.sh)"},
+                             events={"type": "array", "items": {"enum": list(NOTIFY_EVENTS)},
+                                     "description": "end (default): every end; failure: failed ends; start"},
+                             include={"type": "array", "items": {"enum": list(NOTIFY_INCLUDES)},
+                                      "description": "also send these (never sent otherwise)"})},
+    "NotifyTarget": _obj(["id", "kind", "url", "events", "include", "created"], id=_S, kind={"enum": list(NOTIFY_KINDS)},
+                         url={**_S, "description": "host and the path's last 4 characters"},
+                         events={"type": "array", "items": _S}, include={"type": "array", "items": _S}, created=_N),
+    "NotifyTargets": _obj(["targets"], targets={"type": "array", "items": _ref("NotifyTarget")}),
+    "NotifyAdded": _obj(["target"], target=_ref("NotifyTarget"),
+                        secret={**_S, "description": "webhook: the HMAC-SHA256 signing key, given this once"}),
+    "NotifyRemoved": _obj(["target"], target=_ref("NotifyTarget")),
+    "NotifyTested": _obj(["ok", "status", "error"], ok=_B, status=_nullable(_I), error=_nullable(_S)),
     "AskRequest": {**_obj(["project", "tree", "prompt"], project=_S, prompt=_S,
                           tree={**_S, "description": "git tree id of exactly the files the laptop sent"},
                           files={"type": "array", "items": {"type": "array", "items": _S, "minItems": 3,
@@ -5078,6 +5110,18 @@ OPENAPI_ROUTES: Dict[str, tuple] = {
               "token everyone's", {"since": _S, "until": _S, "group": {"enum": list(USAGE_GROUPS)}, "user": _S},
               None, {200: ("the report", "application/json", "Usage"), 400: "bad group or time",
                      403: "another user's usage without an admin token"}),
+    "notify_list": ("Your notification targets (never their secrets)", {}, None,
+                    {200: ("your targets", "application/json", "NotifyTargets")}),
+    "notify_add": ("Add a notification target: a signed JSON webhook, an ntfy topic or a Slack webhook", {},
+                   "NotifyRequest", {201: ("added; a webhook's secret is in this answer only",
+                                           "application/json", "NotifyAdded"),
+                                     400: "bad url, kind, events or include",
+                                     403: "policy: a host outside [notify] allow, or [notify] max_targets"}),
+    "notify_remove": ("Remove a notification target", {}, None,
+                      {200: ("removed", "application/json", "NotifyRemoved"), 404: "no such target of yours"}),
+    "notify_test": ("Send a test notification to a target now (one attempt)", {}, None,
+                    {200: ("what the receiver answered", "application/json", "NotifyTested"),
+                     404: "no such target of yours"}),
     "openapi": ("This document", {}, None, {200: ("OpenAPI 3.1", "application/json", None)}),
     "metrics": ("Prometheus text format; admin token", {}, None,
                 {200: ("metrics", PROMETHEUS_TYPE.split(";")[0], None), 403: "not an admin"}),
@@ -5092,7 +5136,8 @@ def openapi_document() -> dict:
         template = ROUTE_TEMPLATES[name]
         op: dict = {"operationId": name, "summary": summary, "responses": {}}
         params = [{"name": p, "in": "path", "required": True, "schema": _S,
-                   "description": "a job id or a unique prefix of it"} for p in pattern.groupindex]
+                   "description": "a notification target's id" if p == "target" else "a job id or a unique "
+                                  "prefix of it"} for p in pattern.groupindex]
         params += [{"name": k, "in": "query", "required": False, "schema": v} for k, v in query.items()]
         if params:
             op["parameters"] = params

@@ -421,6 +421,9 @@ def test_openapi_is_valid_and_matches_the_server(box, tmp_path):
              ("POST", "/v1/ask", {**ask_body("x"), "tree": "0" * 40}, alice, {}),
              ("POST", "/v1/ask", ask_body(script({"write": "n.txt", "text": "n\n"})), bob, {}),
              ("POST", "/v1/ask", ask_body(script({"say": "streamed"})), bob, stream),
+             ("GET", "/v1/notify", None, alice, {}), ("DELETE", "/v1/notify/zz", None, alice, {}),
+             ("POST", "/v1/notify", {"url": "https://nowhere.example/hook"}, alice, {}),
+             ("POST", "/v1/notify/zz/test", None, alice, {}),
              ("GET", "/v1/openapi.json", None, None, {})]
     statuses = set()
     for method, path, body, token, headers in calls:
