@@ -4986,6 +4986,11 @@ def follow_and_apply(session: Session, args, job: str, events: Iterator[dict], b
 def offer_change(session: Session, args, job: str, patch: bytes) -> int:
     """A finished job's change: previewed and applied on Enter (or --yes); with --json, the
     outcome line, applied only with --yes."""
+    done = session.open_apply(job)
+    if done:  # `wait` for a job applied since: applying it again would merge it with itself
+        say(f"job {job} is already applied here (at {when(done['time'])}); nothing changed")
+        output(args, {"type": "outcome", "job": job, "applied": False, "already": True})
+        return 0
     files = session.vet(patch, job)
     outcome = {"type": "outcome", "job": job, "applied": False, "files": [f.path for f in files],
                "look_closely": look_closely(files)}
@@ -5035,7 +5040,12 @@ def jobs_to_wait_for(session: Session, given: Sequence[str]) -> List[dict]:
     """The named jobs (prefixes resolved by the box); else every queued and running job of
     this user in this project, and the jobs detached here that ended since, oldest first."""
     if given:
-        return [session.client.job(check_job_id(session.job_id(name))) for name in given]
+        jobs = [session.client.job(check_job_id(session.job_id(name))) for name in given]
+        for job in jobs:
+            if job.get("project") != session.cfg.project:  # its change belongs to that project's files
+                raise UsageError(sanitize(f"job {job['id']} is of project {job.get('project')}, not "
+                                          f"{session.cfg.project}"), "run `patchwire wait` in that project's folder")
+        return jobs
     detached = set(session.detached())
     mine = [job for job in session.client.jobs() if job.get("project") == session.cfg.project
             and (job["status"] in ("queued", "running") or job["id"] in detached)]

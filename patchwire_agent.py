@@ -753,6 +753,10 @@ class Store:
                                    "ORDER BY created", (user,)).fetchall()
         return [_target_row(r) for r in rows]
 
+    def remove_targets(self, user: str) -> int:
+        with self.lock:
+            return self.db.execute("DELETE FROM notify_targets WHERE user = ?", (user,)).rowcount
+
     def remove_target(self, user: str, target_id: str) -> bool:
         with self.lock:
             return self.db.execute("DELETE FROM notify_targets WHERE user = ? AND id = ?",
@@ -3245,7 +3249,7 @@ class Notifier:
 
     def _fan_out(self, job_id: str, event: str) -> None:
         job = self.store.job(job_id)
-        if job is None:
+        if job is None or job["user"] not in self.config().users:  # a removed user is told nothing more
             return
         for target in self.store.targets(job["user"]):
             if wants(target, event, job["status"]):
@@ -5764,13 +5768,14 @@ def purge_user(cfg: AgentConfig, user: str) -> None:
                and time.monotonic() < deadline):
             time.sleep(0.2)
         patches = [store.patch_path(i) for i in ids if store.patch_path(i).exists()]
+        targets = store.remove_targets(user)  # with their signing secrets
     finally:
         store.close()
     for patch in patches:
         patch.unlink(missing_ok=True)
     if folder.exists():
         remove_tree(folder)
-    pw.say(f"deleted {folder} and {len(patches)} stored patch(es) of {user}")
+    pw.say(f"deleted {folder}, {len(patches)} stored patch(es) and {targets} notification target(s) of {user}")
 
 
 def cmd_project(args) -> int:

@@ -65,6 +65,8 @@ def test_detach_then_wait_in_another_process_applies_the_same_bytes(tmp_path, ma
     own = (".git", ".patchwire.toml")  # the config names each project
     assert tree_digest(lap.root, own) == tree_digest(plain.root, own)
     assert (lap.root / "src/new.py").read_bytes() == b"x = 1\n"
+    elsewhere = lap.run("wait", plain.last_job())  # its change belongs to the other project's files
+    assert elsewhere.returncode == 2 and "is of project plain, not lap" in elsewhere.err
 
 
 def test_wait_with_nothing_running_says_so_and_a_finished_job_is_still_offered(laptop, agent):
@@ -77,8 +79,9 @@ def test_wait_with_nothing_running_says_so_and_a_finished_job_is_still_offered(l
     outcome = json.loads(later.out.splitlines()[-1])
     assert outcome["type"] == "outcome" and outcome["applied"] and outcome["files"] == ["done.txt"]
     assert (laptop.root / "done.txt").read_text() == "ok\n"
-    again = laptop.run("wait", job[:6], "--no-apply", check=0)  # by prefix; offered, not applied again
-    assert "applied job" not in again.err and "no queued or running" in laptop.run("wait", check=0).err
+    again = laptop.run("wait", job[:6], "--yes", check=0)  # by prefix; never applied twice
+    assert f"job {job} is already applied here" in again.err and "applied job" not in again.err
+    assert "no queued or running" in laptop.run("wait", check=0).err  # offered once: no longer "detached here"
 
 
 def test_a_long_wait_ends_with_a_desktop_notification_of_sanitised_text(tmp_path, laptop):
