@@ -193,6 +193,9 @@ class Cli {
     return this.start(args, { input: prompt, onObject: onEvent });
   }
 
+  /** Sync and queue, then leave (`ask --detach`): {job, detached}. */
+  askDetached(prompt) { return this.json(['ask', '-', '--detach'], prompt); }
+
   jobs() { return this.json(['jobs']); }
 
   show(job) { return this.json(['show', job]); }
