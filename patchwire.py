@@ -15,8 +15,10 @@ The laptop is the source of truth. `patchwire ask "PROMPT"` does the whole job:
     4. POST /v1/ask {project, tree, base, changed, deleted, prompt} (what changed since the
        box's last snapshot; the whole file list after a first or forced sync, or when the
        box answers 409 because it holds something else) with a bearer token
-    5. stream the AI's progress (NDJSON events) to stderr as it happens
-    6. fetch the diff, preview it (per-file summary, coloured diff, intra-line highlights)
+       and the project's [box] (setup before the AI, checks on its result)
+    5. stream the setup's, the AI's and the checks' progress (NDJSON events) to stderr
+    6. fetch the diff, preview it (the checks' verdict, once the receipt's sha256 is this
+       patch's; per-file summary, coloured diff, intra-line highlights)
     7. on Enter, `git apply --check`, then `git apply`: all or nothing
 
 Commands (`patchwire COMMAND --help` for each):
@@ -34,7 +36,8 @@ Commands (`patchwire COMMAND --help` for each):
 
 Exit codes:
     0 ok, 1 error, 2 usage, 3 agent unreachable or refused, 4 AI run failed,
-    5 patch does not apply, 130 interrupted.   (ExitStatus; a test keeps this in step)
+    5 patch does not apply, 6 checks failed (ask --require-checks), 130 interrupted.
+    (ExitStatus; a test keeps this in step)
 
 Environment:
     PATCHWIRE_TOKEN   the bearer token (overrides token_file in .patchwire.toml)

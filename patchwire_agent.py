@@ -12,13 +12,18 @@ Data flow for one ask:
                             -> fair queue (the user served longest ago first; FIFO
                                within a user; [jobs] workers runs at once)
                             -> a warm job folder (git worktree) moved to the snapshot
-                               (checkout -f, clean -ffd) before the AI starts
+                               (checkout -f, clean -ffd: ignored build caches stay)
+                            -> the ask's [box] setup, in the AI's own sandbox, when its
+                               inputs changed since the last setup of that folder
                             -> [ai] command, prompt on stdin, own process group, timeout
                             -> events (NDJSON, numbered) stored as they happen, up to
                                [jobs] max_output_mb: its head and tail, the middle counted
                             -> git add -A; git diff --cached --binary --full-index -M snap
                                -> straight into the patch file (never whole in memory),
                                capped at [jobs] max_diff_mb; stats
+                            -> the ask's [box] checks, each on exactly the result, in the
+                               same sandbox: a receipt (patch sha256, result tree, each
+                               check's exit code, duration and output tail)
 
 Commands (-c CONFIG defaults to $XDG_CONFIG_HOME/patchwire/agent.toml):
     patchwire-agent init -c CONFIG [--user NAME] [--token-file PATH]

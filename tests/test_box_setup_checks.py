@@ -247,3 +247,12 @@ def test_the_laptop_refuses_a_receipt_that_is_not_well_formed():
                 {**good, "runs": [good["runs"][0]] * 21}, {**good, "runs": [{"name": "t"}]}):
         with pytest.raises(pw.AnswerRefused):
             pw.checked_receipt(bad, "checks")
+
+
+def test_the_readme_examples_of_box_are_valid():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [b.split("```")[0] for b in readme.split("```toml\n")[1:] if b.startswith("[box]")]
+    assert len(blocks) == 2  # Flutter and web
+    for block in blocks:
+        box = pw.check_box("README.md", pw.parse_toml(block, Path("README.md"))["box"])
+        assert box["setup"] and box["setup_when"] and box["checks"]
