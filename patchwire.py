@@ -4968,23 +4968,12 @@ def cmd_ask(args) -> int:
     if not prompt.strip():
         raise UsageError("the prompt is empty")
     session.client.on_wait = lambda quiet: say(f"still waiting for the box ({quiet:.0f} s without news)")
-    first, events, tree = start_ask(session, args, prompt)
-    session.remember_job(first["job"])
-    session.record_job_tree(first["job"], tree)
-    printer = ProgressPrinter(Style.for_stream(sys.stderr, args.no_color))
-
-    def on_event(event: dict) -> None:
-        printer(event)
-        output(args, event)
-
-    def chain():
-        yield first
-        yield from events
-    end = stream_job(session, chain(), on_event)
-    job = first["job"]
-    if end["type"] != "finished":
-        raise AIFailed(f"job {job} {end['type']}: {end.get('reason', '')}",
-                       f"see `patchwire show {job}`; nothing was changed here")
+    job, end = ask_and_follow(session, args, prompt)
+    failed = [run for run in (end.get("checks") or {}).get("runs", []) if not run["ok"]]
+    if args.fix_checks and failed:  # once: the AI gets the failing output and the checks run again
+        say(f"{len(failed)} check(s) failed; asking the AI once to fix them (a follow-up of job {job})")
+        args.on, args.continue_, args.setup = job, False, False
+        job, end = ask_and_follow(session, args, fix_checks_prompt(failed))
     patch = patiently(lambda: session.job_diff(job), f"job {job}'s diff")
     files = session.vet(patch, job)
     receipt = end.get("checks")
@@ -5004,6 +4993,40 @@ def cmd_ask(args) -> int:
         outcome["applied"] = confirm_apply(session, args, job, patch)
     output(args, outcome)
     return ExitStatus.CHECKS if held else 0
+
+
+def ask_and_follow(session: Session, args, prompt: str) -> Tuple[str, dict]:
+    """Sync, ask, and follow the job's events to its end: (job, its `finished` event);
+    AIFailed when it failed or was cancelled."""
+    first, events, tree = start_ask(session, args, prompt)
+    session.remember_job(first["job"])
+    session.record_job_tree(first["job"], tree)
+    printer = ProgressPrinter(Style.for_stream(sys.stderr, args.no_color))
+
+    def on_event(event: dict) -> None:
+        printer(event)
+        output(args, event)
+
+    def chain():
+        yield first
+        yield from events
+    end = stream_job(session, chain(), on_event)
+    job = first["job"]
+    if end["type"] != "finished":
+        raise AIFailed(f"job {job} {end['type']}: {end.get('reason', '')}",
+                       f"see `patchwire show {job}`; nothing was changed here")
+    return job, end
+
+
+def fix_checks_prompt(failed: List[dict]) -> str:
+    """The follow-up prompt of `ask --fix-checks`: each failed check's command and output tail
+    (the box's own text, going back to the box's AI; capped by the receipt's checks)."""
+    parts = ["These checks failed on your change. Fix the code so that they pass; do not change the "
+             "checks themselves or weaken the tests."]
+    for run in failed:
+        said = "timed out" if run.get("timed_out") else f"exited with status {run.get('exit_code')}"
+        parts.append(f"$ {run['command']}\n({said}) its output ends with:\n{str(run.get('tail') or '')[-4000:]}")
+    return "\n\n".join(parts)
 
 
 def checks_outcome(receipt: Optional[dict], patch: bytes) -> dict:
@@ -5095,8 +5118,8 @@ def box_fields(cfg: LaptopConfig, args) -> dict:
     box = cfg.box
     if args.setup and not box["setup"]:
         raise UsageError(f"--setup, but {cfg.path} has no [box] setup", "add setup = [\"...\"] under [box]")
-    if args.require_checks and not box["checks"]:
-        raise UsageError(f"--require-checks, but {cfg.path} has no [box] checks",
+    if (args.require_checks or args.fix_checks) and not box["checks"]:
+        raise UsageError(f"--require-checks or --fix-checks, but {cfg.path} has no [box] checks",
                          "add checks = [\"...\"] under [box]")
     fields: dict = {"box": box} if box["setup"] or box["checks"] else {}
     if args.setup:
@@ -5476,6 +5499,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="run [box] setup before the AI even when its inputs did not change")
     p["ask"].add_argument("--require-checks", action="store_true",
                           help="do not offer to apply unless every [box] check passed on the result (exit 6)")
+    p["ask"].add_argument("--fix-checks", action="store_true",
+                          help="when a [box] check fails, give the AI its output once (a follow-up) and check again")
     follow = p["ask"].add_mutually_exclusive_group()
     follow.add_argument("--continue", dest="continue_", action="store_true",
                         help="continue the last job: start from its result, resume its AI session")

@@ -256,3 +256,19 @@ def test_the_readme_examples_of_box_are_valid():
     for block in blocks:
         box = pw.check_box("README.md", pw.parse_toml(block, Path("README.md"))["box"])
         assert box["setup"] and box["setup_when"] and box["checks"]
+
+
+def test_fix_checks_gives_the_ai_the_failing_output_once_and_checks_again(tmp_path, agent):
+    # the check's output carries a script for the stand-in AI: the follow-up's prompt holds that
+    # output, so the stand-in "fixes" what the check wants
+    fix = '#pw-script [{"write": "fixed.txt", "text": "ok"}]'
+    lap = project(tmp_path, agent, {"a.txt": b"a\n"}, checks=[f"test -f fixed.txt || {{ echo '{fix}'; exit 1; }}"])
+    proc, lines = ask_json(lap, "make a change", "--fix-checks", "--yes")
+    assert "asking the AI once to fix them" in proc.err
+    ends = [e for e in lines if e["type"] == "finished"]
+    assert [[r["ok"] for r in e["checks"]["runs"]] for e in ends] == [[False], [True]]
+    outcome = lines[-1]
+    assert outcome["checks"]["passed"] and outcome["applied"]
+    assert (lap.root / "fixed.txt").read_text() == "ok" and (lap.root / "PATCHWIRE_DEMO.md").exists()
+    follow_up = agent.json("GET", f"/v1/jobs/{outcome['job']}")[1]
+    assert follow_up["parent"] == ends[0]["job"] and "test -f fixed.txt" in follow_up["prompt"]
