@@ -5064,7 +5064,7 @@ def checks_heading(receipt: Optional[dict], patch: bytes, style: Style) -> List[
     if receipt is None:
         return []
     passed = checks_outcome(receipt, patch)["checks"]["passed"]
-    line = sanitize(checks_summary(receipt))
+    line = sanitize(checks_summary(receipt) + box_source(receipt))
     if receipt["patch_sha256"] != hashlib.sha256(patch).hexdigest():
         line += " (ran on ANOTHER patch than the one shown: not to be trusted)"
     return [style("green" if passed else "red", line), ""]
@@ -5116,11 +5116,8 @@ def sync_and_post(session: Session, args, prompt: str) -> Tuple[dict, Iterator[d
 def box_fields(cfg: LaptopConfig, args) -> dict:
     """The ask's `box` ([box] of .patchwire.toml: setup and checks) and `setup` (--setup)."""
     box = cfg.box
-    if args.setup and not box["setup"]:
-        raise UsageError(f"--setup, but {cfg.path} has no [box] setup", "add setup = [\"...\"] under [box]")
-    if (args.require_checks or args.fix_checks) and not box["checks"]:
-        raise UsageError(f"--require-checks or --fix-checks, but {cfg.path} has no [box] checks",
-                         "add checks = [\"...\"] under [box]")
+    # the box may have setup and checks of its own for the project ([projects.NAME]): --setup
+    # and --require-checks without any here are the box's to judge
     fields: dict = {"box": box} if box["setup"] or box["checks"] else {}
     if args.setup:
         fields["setup"] = True
@@ -5362,16 +5359,22 @@ def box_steps_said(key: str, value: dict) -> str:
     if key == "setup":
         ran = f"ran ({value.get('why', '')}) in {human_value(value.get('duration_ms', 0) / 1000)} s" if value[
             "ran"] else f"not run ({value.get('why', '')})"
-        lines = [f"{'setup:':<9} {ran}"]
+        lines = [f"{'setup:':<9} {ran}" + box_source(value)]
     else:
         lines = [f"{'checks:':<9} {checks_summary(value).partition(': ')[2]} (on tree {value['tree'][:12]}, "
-                 f"patch sha256 {value['patch_sha256'][:12]})"]
+                 f"patch sha256 {value['patch_sha256'][:12]})" + box_source(value)]
     for run in value.get("runs") or []:
         if run.get("ok") is False or (key == "setup" and run.get("exit_code") not in (0, None)):
             tail = str(run.get("tail") or "").rstrip()[-2000:]
             lines.append(f"          {run.get('name') or run.get('command')} exit {run.get('exit_code')}:\n"
                          + "\n".join("            " + line for line in tail.splitlines()))
     return "\n".join(lines)
+
+
+def box_source(value: dict) -> str:
+    """Whose [box] ran: nothing for the project's own, else the box's rule that set it."""
+    source = value.get("source")
+    return f", set by the box's {source}" if source and source != "project" else ""
 
 
 def human_value(value: Any) -> str:

@@ -308,7 +308,7 @@ POLICY_SCHEMA = {"projects": ("str_list", ["*"]), "rate_limit": (str, None), "ma
 USER_SCHEMA = {"token_sha256": (str, None), "admin": (bool, False),
                **{key: (kind, None) for key, (kind, _) in POLICY_SCHEMA.items()}}
 TOP_SCHEMA: dict = {"server": (dict, {}), "ai": (dict, {}), "jobs": (dict, {}), "users": (dict, {}),
-                    "policy": (dict, {}), "network": (dict, None)}
+                    "policy": (dict, {}), "network": (dict, None), "projects": (dict, {})}
 RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600,
               "hour": 3600, "d": 86400, "day": 86400}
 
@@ -361,6 +361,14 @@ class AgentConfig:
         self.workers: int = jobs["workers"]
         self.slots: int = jobs["slots"]
         self.network = NetworkConfig(path, top["network"])
+        # [projects.NAME]: the box's own [box] setup and checks for a project of that name (any
+        # user's); an ask's own setup or checks win over them
+        self.project_box: Dict[str, dict] = {}
+        for name, table in top["projects"].items():
+            if not pw.NAME_RE.fullmatch(name):
+                raise PatchwireError(f"{path}: project name {name!r} in [projects] is not valid",
+                                     "use letters, digits, '.', '_' and '-'")
+            self.project_box[name] = pw.check_box(path, table)
         self.max_output_mb: float = jobs["max_output_mb"]  # stored AI events per job (head and tail)
         self.max_diff_mb: float = jobs["max_diff_mb"]  # a job's patch; past it the job fails
         self.users: Dict[str, bytes] = {}
@@ -2946,7 +2954,8 @@ class BoxSteps:
         if last == digest and not self.box.get("force_setup"):
             self.output({"type": "setup", "step": "skipped", "reason": "its inputs are unchanged since the last "
                          "setup of this job folder"})
-            return "done", "", {"ran": False, "why": "inputs unchanged", "hash": digest}
+            return "done", "", {"ran": False, "why": "inputs unchanged", "hash": digest,
+                                "source": self.box.get("setup_source", "project")}
         why = ("asked (--setup)" if self.box.get("force_setup") else
                "first setup of this job folder" if last is None else "inputs changed")
         self.repo.forget_setup(self.slot)  # a setup that fails half way is no setup
@@ -2956,12 +2965,14 @@ class BoxSteps:
             runs.append(record)
             if status != "done":
                 report = {"ran": True, "why": why, "hash": digest, "runs": runs,
+                          "source": self.box.get("setup_source", "project"),
                           "duration_ms": round((time.monotonic() - started) * 1000, 1)}
                 tail = record["tail"].strip()[-1500:]
                 return status, (f"setup failed before the AI started: `{clip(command, 200)}` {reason}"
                                 + (f"; its output ends:\n{tail}" if tail else "")), report
         self._keep(digest)
         return "done", "", {"ran": True, "why": why, "hash": digest, "runs": runs,
+                            "source": self.box.get("setup_source", "project"),
                             "duration_ms": round((time.monotonic() - started) * 1000, 1)}
 
     def _keep(self, digest: str) -> None:
@@ -2983,7 +2994,7 @@ class BoxSteps:
             return "done", "", None
         runs: List[dict] = []
         receipt = {"patch_sha256": file_sha256(patch), "tree": self.repo.tree_of(commit), "commit": commit,
-                   "source": "project", "runs": runs}
+                   "source": self.box.get("checks_source", "project"), "runs": runs}
         status, reason = "done", ""
         for name, command in zip(pw.check_names(commands), commands):
             self.repo.reset_slot_to(self.slot, commit)
@@ -3023,28 +3034,44 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def ask_box(policy: "Policy", body: dict) -> Optional[dict]:
-    """The ask's [box] (setup and checks), checked as the laptop checks it, each timeout
-    within the user's timeout ceiling; `setup: true` (ask --setup) runs setup whatever its
-    inputs. None without one."""
+def ask_box(policy: "Policy", body: dict, default: Optional[dict], rule: str) -> Optional[dict]:
+    """The job's [box]: the ask's setup and checks, checked as the laptop checks them, each
+    timeout within the user's timeout ceiling; where the ask has none, the box's own `default`
+    ([projects.NAME], named by `rule`). `setup: true` (ask --setup) runs setup whatever its
+    inputs. None when neither has any."""
     force = body.get("setup", False)
     if not isinstance(force, bool):
         raise BadRequest("setup must be true or false")
-    if body.get("box") is None:
-        if force:
-            raise BadRequest("setup is true, but the ask has no box.setup")
+    asked = None
+    if body.get("box") is not None:
+        try:
+            asked = pw.check_box("the ask's", body["box"])
+        except PatchwireError as e:
+            raise BadRequest(e.message, e.hint) from None
+        for key in ("setup_timeout_s", "check_timeout_s"):
+            if asked[key] > policy.timeout_s:
+                raise policy_refusal(HTTPStatus.FORBIDDEN, policy, "timeout_s",
+                                     f"box.{key} {asked[key]} is over the ceiling",
+                                     f"set {key} to {policy.timeout_s} or less under [box]")
+    box = merge_box(asked, default, rule)
+    if force and not (box and box["setup"]):
+        raise BadRequest("setup is true, but neither the ask nor the box has a [box] setup for this project")
+    return {**box, "force_setup": force} if box else None
+
+
+def merge_box(asked: Optional[dict], default: Optional[dict], rule: str) -> Optional[dict]:
+    """Setup, and checks, each from the ask when it has them, else from the box's `default`;
+    `setup_source` and `checks_source` say whose ("project": the laptop's .patchwire.toml)."""
+    if not asked and not default:
         return None
-    try:
-        box = pw.check_box("the ask's", body["box"])
-    except PatchwireError as e:
-        raise BadRequest(e.message, e.hint) from None
-    if force and not box["setup"]:
-        raise BadRequest("setup is true, but the ask has no box.setup")
-    for key in ("setup_timeout_s", "check_timeout_s"):
-        if box[key] > policy.timeout_s:
-            raise policy_refusal(HTTPStatus.FORBIDDEN, policy, "timeout_s", f"box.{key} {box[key]} is over the ceiling",
-                                 f"set {key} to {policy.timeout_s} or less under [box]")
-    return {**box, "force_setup": force}
+    box: dict = {}
+    for part, keys in (("setup", ("setup", "setup_when", "setup_timeout_s")),
+                       ("checks", ("checks", "check_timeout_s"))):
+        use_default = bool(default and default[part] and not (asked and asked[part]))
+        source = default if use_default else asked or default
+        box.update({key: (source or {}).get(key, pw.BOX_SCHEMA[key][1]) for key in keys})
+        box[f"{part}_source"] = rule if use_default else "project"
+    return box
 
 
 # ================================================================== fair queue
@@ -3441,7 +3468,7 @@ class Agent:
         self.check_room()
         self.check_quota(policy)
         timeout_s = self.check_timeout(policy, body.get("timeout_s", min(self.cfg.timeout_s, policy.timeout_s)))
-        box = ask_box(policy, body)
+        box = ask_box(policy, body, self.cfg.project_box.get(project), f"[projects.{project}]")
         parent = self.parent_job(user, project, body.get("continue"))
         repo = self.open_project(user, project, for_ask=True)
         self.admit(policy)  # refuse early, before the snapshot's work

@@ -139,7 +139,7 @@ def test_the_box_refuses_a_box_section_that_is_not_valid(agent, laptop):
         status, answer = agent.json("POST", "/v1/ask", {**body, "box": box})
         assert status in (400, 403) and why in answer["error"] + answer.get("hint", ""), answer
     status, answer = agent.json("POST", "/v1/ask", {**body, "setup": True})
-    assert status == 400 and "no box.setup" in answer["error"]
+    assert status == 400 and "neither the ask nor the box has a [box] setup" in answer["error"]
 
 
 # ------------------------------------------------------------------ checks
@@ -191,9 +191,30 @@ def test_require_checks_refuses_to_offer_apply_when_a_check_failed(tmp_path, age
     assert (lap.root / "a.txt").read_bytes() == b"changed\n"
 
 
-def test_require_checks_needs_checks_in_the_project(laptop):
-    proc = laptop.ask("x", "--require-checks", check=2)
-    assert "no [box] checks" in proc.err
+def test_require_checks_refuses_when_no_check_ran(laptop):
+    proc = laptop.ask("x", "--require-checks", "--yes", check=6)
+    assert "the box ran no checks" in proc.err
+    assert not (laptop.root / "PATCHWIRE_DEMO.md").exists()
+
+
+def test_the_boxs_own_setup_and_checks_apply_where_the_project_has_none(tmp_path, make_agent):
+    agent = make_agent(start=False)
+    with open(agent.config, "a") as f:
+        f.write('\n[projects.laptop]\nsetup = ["mkdir -p cache && touch cache/from-the-box"]\n'
+                'checks = ["true"]\n')
+    agent.start()
+    lap = project(tmp_path, agent, {"a.txt": b"a\n", ".gitignore": b"cache/\n"},
+                  checks=["test -f cache/from-the-box"])  # the project's checks win over the box's
+    _, lines = ask_json(lap, "x")
+    assert setup_steps(lines) == ["start"]
+    job = agent.json("GET", f"/v1/jobs/{lines[-1]['job']}")[1]
+    assert job["result"]["setup"]["source"] == "[projects.laptop]"
+    assert job["result"]["checks"]["source"] == "project"
+    assert [r["command"] for r in job["result"]["checks"]["runs"]] == ["test -f cache/from-the-box"]
+    assert "set by the box's [projects.laptop]" in lap.run("show", job["id"], check=0).out
+    status, answer = agent.json("POST", "/v1/ask", {"project": "other", "tree": "0" * 40, "files": [],
+                                                     "prompt": "x", "setup": True})
+    assert status == 400 and "neither the ask nor the box has a [box] setup" in answer["error"], answer
 
 
 # ------------------------------------------------------------------ inside the sandbox
