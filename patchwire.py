@@ -925,7 +925,8 @@ USAGE_HEADINGS = (("asks", "asks"), ("done", "done"), ("failed", "failed"), ("ca
                   ("ai_minutes", "AI min"), ("turns", "turns"), ("tokens_in", "tok in"),
                   ("tokens_out", "tok out"), ("cache_read_tokens", "cache rd"),
                   ("cache_write_tokens", "cache wr"), ("cost_usd", "cost $"), ("files_changed", "files"),
-                  ("lines_added", "+lines"), ("lines_removed", "-lines"), ("queue_wait_minutes", "wait min"))
+                  ("lines_added", "+lines"), ("lines_removed", "-lines"), ("queue_wait_minutes", "wait min"),
+                  ("checked", "checked"), ("checks_passed", "passed"))
 
 
 def usage_rows(report: dict) -> List[List[str]]:
@@ -947,7 +948,7 @@ def _figure(field: str, value: Any) -> str:
 # A usage table fits USAGE_WIDTH columns (a terminal beside an editor) unless --wide: the
 # columns read least go first, in this order, and a last line names them.
 USAGE_WIDTH = 100
-USAGE_DROPPED_FIRST = ("cache wr", "cache rd", "turns", "wait min", "-lines", "+lines", "cancel", "files",
+USAGE_DROPPED_FIRST = ("cache wr", "cache rd", "turns", "wait min", "checked", "passed", "-lines", "+lines", "cancel", "files",
                        "tok out", "tok in", "failed")
 
 

@@ -794,7 +794,8 @@ def _job_row(row: tuple) -> dict:
 
 USAGE_COLUMNS = {"ai_s": "REAL", "turns": "INTEGER", "tokens_in": "INTEGER", "tokens_out": "INTEGER",
                  "cache_read": "INTEGER", "cache_write": "INTEGER", "cost_usd": "REAL",
-                 "files": "INTEGER", "added": "INTEGER", "removed": "INTEGER"}
+                 "files": "INTEGER", "added": "INTEGER", "removed": "INTEGER",
+                 "checks": "INTEGER"}  # 1: every [box] check passed, 0: one failed, NULL: none ran
 USAGE_GROUPS = ("user", "project", "day")
 # what a report row holds, in table order (headings: pw.USAGE_HEADINGS): (key in JSON, SQL over one group)
 USAGE_FIGURES = (
@@ -814,6 +815,8 @@ USAGE_FIGURES = (
     ("lines_removed", "SUM(removed)"),
     # a job cancelled while queued waited until it was cancelled
     ("queue_wait_minutes", "SUM(COALESCE(started, finished) - created) / 60.0"),
+    ("checked", "COUNT(checks)"),  # jobs whose result was checked ([box] checks) ...
+    ("checks_passed", "SUM(checks)"),  # ... and of those, the ones where every check passed
 )
 GROUP_SQL = {"user": "user", "project": "user || '/' || project", "day": "date(created, 'unixepoch')"}
 
@@ -858,7 +861,17 @@ def usage_columns(result: Optional[dict], stats: Optional[dict]) -> dict:
         tokens = {column: number(counted.get(key)) for column, key in GATEWAY_TOKEN_COLUMNS.items()}
     return {"ai_s": number(result.get("duration_s")), "turns": number(result.get("num_turns")), **tokens,
             "cost_usd": number(result.get("cost_usd")), "files": number(stats.get("files")),
-            "added": number(stats.get("added")), "removed": number(stats.get("removed"))}
+            "added": number(stats.get("added")), "removed": number(stats.get("removed")),
+            "checks": checks_passed(result.get("checks"))}
+
+
+def checks_passed(receipt: Any) -> Optional[int]:
+    """A job's `checks` usage column: 1 when every check passed, 0 when one failed, None
+    without checks."""
+    runs = receipt.get("runs") if isinstance(receipt, dict) else None
+    if not isinstance(runs, list) or not runs:
+        return None
+    return int(all(isinstance(run, dict) and run.get("ok") is True for run in runs))
 
 
 # usage column <- the gateway's count (UsageScanner): when the AI's API traffic went through the
@@ -4920,7 +4933,9 @@ OPENAPI_SCHEMAS = {
                                        max_per_client=_I, waiting=_I, evicted=_I),
                                 "description": "the connection table: open, caps, waiting for a request, evicted"}),
     "Me": _obj(["user", "version", "mirror_root"], user=_S, version=_S, mirror_root=_S,
-               mirror={**_S, "description": "with ?project=: the folder to rsync that project into"}),
+               mirror={**_S, "description": "with ?project=: the folder to rsync that project into"},
+               unwritable={"type": "array", "items": _S,
+                           "description": "folders of the user's the box account cannot write (doctor names the fix)"}),
     "AskRequest": {**_obj(["project", "tree", "prompt"], project=_S, prompt=_S,
                           tree={**_S, "description": "git tree id of exactly the files the laptop sent"},
                           files={"type": "array", "items": {"type": "array", "items": _S, "minItems": 3,
@@ -4941,7 +4956,10 @@ OPENAPI_SCHEMAS = {
                 setup_when={"type": "array", "items": _S, "description": "globs from the project root: their "
                              "files' content (and the commands) decide when setup runs again"},
                 setup_timeout_s=_I, checks={"type": "array", "items": _S, "maxItems": pw.MAX_BOX_COMMANDS},
-                check_timeout_s={**_I, "description": "each check's own timeout"}),
+                check_timeout_s={**_I, "description": "each check's own timeout"},
+                force_setup={**_B, "description": "in a job: setup runs whatever its inputs"},
+                setup_source={**_S, "description": "in a job: whose setup: project, or [projects.NAME]"},
+                checks_source={**_S, "description": "in a job: whose checks"}),
     "StepRun": _obj(["command", "exit_code", "duration_ms", "tail"], command=_S, exit_code=_nullable(_I),
                     duration_ms=_N, tail={**_S, "description": "the end of its output (stdout and stderr)"},
                     timed_out=_B, name={**_S, "description": "checks: a short name from the command"},
@@ -4964,6 +4982,7 @@ OPENAPI_SCHEMAS = {
                 created=_N, started=_nullable(_N), finished=_nullable(_N), snapshot=_nullable(_S),
                 tree=_nullable(_S), timeout_s=_nullable(_I), result=_nullable(_ref("JobResult")),
                 stats=_nullable(_ref("Stats")), parent=_nullable(_S), slot=_nullable(_I),
+                box={**_nullable(_ref("Box")), "description": "the job's setup and checks"},
                 events={**_I, "description": "number of the job's last event"}),
     "JobList": _obj(["jobs"], jobs={"type": "array", "items": _ref("Job")}),
     "Event": {"description": "One NDJSON line of a job's stream; `seq` numbers them from 1.", "oneOf": [

@@ -189,6 +189,8 @@ def test_require_checks_refuses_to_offer_apply_when_a_check_failed(tmp_path, age
     # without --require-checks the failed check is shown and the patch offered as ever
     lap.ask(prompt, "--yes", check=0)
     assert (lap.root / "a.txt").read_bytes() == b"changed\n"
+    total = json.loads(lap.run("usage", "--json", check=0).out)["total"]
+    assert (total["checked"], total["checks_passed"]) == (3, 0)  # the pass rate: 0 of 3
 
 
 def test_require_checks_refuses_when_no_check_ran(laptop):
