@@ -2582,7 +2582,11 @@ class ProgressPrinter:
         self.say_network(e)
 
     def on_failed(self, e: dict) -> None:
-        say(self.stamp(), self.style("red", f"AI run failed: {self.flat(e.get('reason'))}"))
+        reason = str(e.get("reason"))
+        if reason.startswith("setup failed"):  # its output was streamed just above: its first line
+            say(self.stamp(), self.style("red", f"job failed: {self.flat(reason.split(chr(10))[0])}"))
+        else:
+            say(self.stamp(), self.style("red", f"AI run failed: {self.flat(reason)}"))
         self.say_network(e)
 
     def say_network(self, e: dict) -> None:

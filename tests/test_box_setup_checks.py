@@ -295,3 +295,22 @@ def test_fix_checks_gives_the_ai_the_failing_output_once_and_checks_again(tmp_pa
     assert (lap.root / "fixed.txt").read_text() == "ok" and (lap.root / "PATCHWIRE_DEMO.md").exists()
     follow_up = agent.json("GET", f"/v1/jobs/{outcome['job']}")[1]
     assert follow_up["parent"] == ends[0]["job"] and "test -f fixed.txt" in follow_up["prompt"]
+
+
+def test_a_setup_that_times_out_or_is_cancelled_ends_the_job_before_the_ai(agent, laptop):
+    from test_jobs import ask_body
+    from conftest import wait_until
+    slow = {"setup": ["echo started; sleep 30"], "setup_timeout_s": 1}
+    laptop.run("sync", check=0)
+    status, job = agent.json("POST", "/v1/ask", ask_body(laptop, "x", box=slow))
+    assert status == 202
+    done = agent.wait_job(job["id"], timeout=30)
+    assert done["status"] == "failed" and "timed out after 1 s" in done["reason"], done
+    assert done["result"]["setup"]["runs"][0]["timed_out"] is True
+
+    status, job = agent.json("POST", "/v1/ask", ask_body(laptop, "x", box={**slow, "setup_timeout_s": 60}))
+    wait_until(lambda: any(e.get("text") == "started" for e in agent.events(job["id"])), 30, "setup output")
+    status, _ = agent.json("DELETE", f"/v1/jobs/{job['id']}")
+    done = agent.wait_job(job["id"], timeout=30)
+    assert done["status"] == "cancelled", done
+    assert not [e for e in agent.events(job["id"]) if e["type"] == "started"]  # the AI never started
