@@ -927,6 +927,7 @@ USAGE_HEADINGS = (("asks", "asks"), ("done", "done"), ("failed", "failed"), ("ca
                   ("cache_write_tokens", "cache wr"), ("cost_usd", "cost $"), ("files_changed", "files"),
                   ("lines_added", "+lines"), ("lines_removed", "-lines"), ("queue_wait_minutes", "wait min"),
                   ("checked", "checked"), ("checks_passed", "passed"))
+USAGE_SINCE_CHECKS = ("checked", "checks_passed")  # figures an older box does not send
 
 
 def usage_rows(report: dict) -> List[List[str]]:
@@ -2117,6 +2118,8 @@ def checked_usage(value: Any) -> dict:
     if report["group"] not in ("user", "project", "day"):
         raise AnswerRefused(f"the agent's usage report is grouped by {sanitize(report['group'])[:20]!r}", BOX_HINT)
     for row in [*report["rows"], report["total"]]:
+        for field in USAGE_SINCE_CHECKS:  # a box from before [box] checks counts none
+            row.setdefault(field, 0)
         missing = [f for f, _ in USAGE_HEADINGS if f not in row] + (["key"] if row is not report["total"]
                                                                       and "key" not in row else [])
         if missing:
