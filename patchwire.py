@@ -15,8 +15,10 @@ The laptop is the source of truth. `patchwire ask "PROMPT"` does the whole job:
     4. POST /v1/ask {project, tree, base, changed, deleted, prompt} (what changed since the
        box's last snapshot; the whole file list after a first or forced sync, or when the
        box answers 409 because it holds something else) with a bearer token
-    5. stream the AI's progress (NDJSON events) to stderr as it happens
-    6. fetch the diff, preview it (per-file summary, coloured diff, intra-line highlights)
+       and the project's [box] (setup before the AI, checks on its result)
+    5. stream the setup's, the AI's and the checks' progress (NDJSON events) to stderr
+    6. fetch the diff, preview it (the checks' verdict, once the receipt's sha256 is this
+       patch's; per-file summary, coloured diff, intra-line highlights)
     7. on Enter, `git apply --check`, then `git apply`: all or nothing
 
 Commands (`patchwire COMMAND --help` for each):
@@ -36,7 +38,8 @@ Commands (`patchwire COMMAND --help` for each):
 
 Exit codes:
     0 ok, 1 error, 2 usage, 3 agent unreachable or refused, 4 AI run failed,
-    5 patch does not apply, 130 interrupted.   (ExitStatus; a test keeps this in step)
+    5 patch does not apply, 6 checks failed (ask --require-checks), 130 interrupted.
+    (ExitStatus; a test keeps this in step)
 
 Environment:
     PATCHWIRE_TOKEN   the bearer token (overrides token_file in .patchwire.toml)
@@ -169,6 +172,7 @@ class ExitStatus(enum.IntEnum):
     AGENT = 3
     AI_FAILED = 4
     PATCH = 5
+    CHECKS = 6
     INTERRUPTED = 130
 
     @property
@@ -179,7 +183,8 @@ class ExitStatus(enum.IntEnum):
 EXIT_MEANINGS = {
     ExitStatus.OK: "ok", ExitStatus.ERROR: "error", ExitStatus.USAGE: "usage",
     ExitStatus.AGENT: "agent unreachable or refused", ExitStatus.AI_FAILED: "AI run failed",
-    ExitStatus.PATCH: "patch does not apply", ExitStatus.INTERRUPTED: "interrupted",
+    ExitStatus.PATCH: "patch does not apply", ExitStatus.CHECKS: "checks failed (ask --require-checks)",
+    ExitStatus.INTERRUPTED: "interrupted",
 }
 
 
@@ -607,6 +612,81 @@ def _kind_name(kind: Any) -> str:
             bool: "true or false", dict: "a table", list: "a list"}.get(kind, str(kind))
 
 
+# --- [box]: the project's setup and checks on the box (both programs read this)
+#
+# The laptop reads [box] from .patchwire.toml and sends it with the ask; the agent checks it
+# again (the laptop is not the only client). `setup` runs in the warm job folder before the AI,
+# only when a hash of the setup commands and of the files `setup_when` names changed since the
+# last setup that succeeded there; `checks` run after the AI, on its result.
+
+BOX_SCHEMA = {"setup": ("str_list", []), "setup_when": ("str_list", []), "setup_timeout_s": (int, 1800),
+              "checks": ("str_list", []), "check_timeout_s": (int, 600)}
+MAX_BOX_COMMANDS = 20  # setup commands, and checks, each
+MAX_BOX_COMMAND_CHARS = 4000
+MAX_BOX_GLOBS = 50
+MAX_BOX_TIMEOUT_S = 86400
+# Words that run a tool rather than name it: `flutter test` is the check "test", `npm run lint`
+# "lint", `python3 -m pytest -q` "pytest" (the laptop shows "checks: test ok, lint FAILED").
+CHECK_RUNNERS = {"dart", "flutter", "npm", "npx", "pnpm", "yarn", "bun", "run", "python", "python3", "-m",
+                 "uv", "poetry", "pipenv", "bundle", "exec", "cargo", "go", "make", "sh", "bash", "fvm",
+                 "./gradlew", "gradle", "node", "deno", "mix", "dotnet", "swift", "env"}
+
+
+def check_box(path: Any, data: Any) -> dict:
+    """[box] validated (PatchwireError naming `path` and the key): lists of at most
+    MAX_BOX_COMMANDS commands of at most MAX_BOX_COMMAND_CHARS characters, no NUL or newline
+    in one (a command is one shell line), timeouts of 1..MAX_BOX_TIMEOUT_S seconds."""
+    box = Schema(path, "box", BOX_SCHEMA).read(data)
+    for key, most in (("setup", MAX_BOX_COMMANDS), ("checks", MAX_BOX_COMMANDS), ("setup_when", MAX_BOX_GLOBS)):
+        if len(box[key]) > most:
+            raise PatchwireError(f"{path}: box.{key} has {len(box[key])} entries; at most {most}")
+        for item in box[key]:
+            if not item.strip() or len(item) > MAX_BOX_COMMAND_CHARS or re.search(r"[\x00\n\r]", item):
+                raise PatchwireError(f"{path}: box.{key} holds {item[:60]!r}: each entry is one non-empty "
+                                     f"line of at most {MAX_BOX_COMMAND_CHARS} characters")
+    for key in ("setup_timeout_s", "check_timeout_s"):
+        if box[key] > MAX_BOX_TIMEOUT_S:
+            raise PatchwireError(f"{path}: box.{key} must be at most {MAX_BOX_TIMEOUT_S} seconds")
+    return box
+
+
+def check_names(commands: Sequence[str]) -> List[str]:
+    """A short name per check, from its command: the first word that is not a runner
+    (CHECK_RUNNERS) nor an option; a repeated name gets "#2", "#3"."""
+    names: List[str] = []
+    for command in commands:
+        words = [w for w in command.split() if w not in CHECK_RUNNERS and not w.startswith("-")]
+        base = re.sub(r"[^A-Za-z0-9._:-]", "", os.path.basename(words[0]) if words else "")[:32] or "check"
+        name, n = base, 1
+        while name in names:
+            n += 1
+            name = f"{base}#{n}"
+        names.append(name)
+    return names
+
+
+def glob_regex(patterns: Sequence[str]) -> "re.Pattern[str]":
+    """One expression for `setup_when` globs, matched against a path from the project root:
+    `*` and `?` within one folder, `**/` any folders (none too), `/**` everything below."""
+    parts = []
+    for pattern in patterns:
+        out, i = "", 0
+        pattern = pattern.lstrip("/")
+        while i < len(pattern):
+            if pattern.startswith("**/", i):
+                out, i = out + "(?:.*/)?", i + 3
+            elif pattern.startswith("**", i):
+                out, i = out + ".*", i + 2
+            elif pattern[i] == "*":
+                out, i = out + "[^/]*", i + 1
+            elif pattern[i] == "?":
+                out, i = out + "[^/]", i + 1
+            else:
+                out, i = out + re.escape(pattern[i]), i + 1
+        parts.append(out)
+    return re.compile("(?:" + "|".join(parts or ["(?!)"]) + r")\Z", re.DOTALL)
+
+
 # ================================================================== files, never through a symlink
 # The 3-way path, undo and the agent's pruning write files themselves. `open(root / rel)` follows a symlink in any
 # parent folder (an ignored `data -> /elsewhere` in the project, or a link a patch just made)
@@ -915,7 +995,9 @@ USAGE_HEADINGS = (("asks", "asks"), ("done", "done"), ("failed", "failed"), ("ca
                   ("ai_minutes", "AI min"), ("turns", "turns"), ("tokens_in", "tok in"),
                   ("tokens_out", "tok out"), ("cache_read_tokens", "cache rd"),
                   ("cache_write_tokens", "cache wr"), ("cost_usd", "cost $"), ("files_changed", "files"),
-                  ("lines_added", "+lines"), ("lines_removed", "-lines"), ("queue_wait_minutes", "wait min"))
+                  ("lines_added", "+lines"), ("lines_removed", "-lines"), ("queue_wait_minutes", "wait min"),
+                  ("checked", "checked"), ("checks_passed", "passed"))
+USAGE_SINCE_CHECKS = ("checked", "checks_passed")  # figures an older box does not send
 
 
 def usage_rows(report: dict) -> List[List[str]]:
@@ -937,7 +1019,7 @@ def _figure(field: str, value: Any) -> str:
 # A usage table fits USAGE_WIDTH columns (a terminal beside an editor) unless --wide: the
 # columns read least go first, in this order, and a last line names them.
 USAGE_WIDTH = 100
-USAGE_DROPPED_FIRST = ("cache wr", "cache rd", "turns", "wait min", "-lines", "+lines", "cancel", "files",
+USAGE_DROPPED_FIRST = ("cache wr", "cache rd", "turns", "wait min", "checked", "passed", "-lines", "+lines", "cancel", "files",
                        "tok out", "tok in", "failed")
 
 
@@ -1083,7 +1165,7 @@ HELP_EPILOG = (textwrap.fill("exit codes: " + ", ".join(f"{int(s)} {s.meaning}".
 
 LAPTOP_SCHEMA = {
     "agent": (str, DEFAULT_AGENT_URL), "token_file": (str, None), "ssh": (str, None), "ca_file": (str, None),
-    "project": (str, None), "sync": (dict, {}), "notify": (dict, {}),
+    "project": (str, None), "sync": (dict, {}), "notify": (dict, {}), "box": (dict, {}),
 }
 SYNC_SCHEMA = {"deny": ("str_list", []), "allow": ("str_list", []), "exclude": ("str_list", []),
                "max_file_mb": (float, DEFAULT_MAX_FILE_MB), "submodules": (bool, False),
@@ -1121,6 +1203,7 @@ class LaptopConfig:
         self.submodules = sync["submodules"]
         self.ssh_options = sync["ssh_options"]
         self.rsync = sync["rsync"]
+        self.box = check_box(path, top["box"])  # setup and checks on the box, sent with each ask
 
     def ssh_argv(self) -> List[str]:
         """`ssh` with the user's options and the port, without the destination."""
@@ -2010,7 +2093,17 @@ JOB_SHAPE: Dict[str, Any] = {
 EVENT_SHAPE: Dict[str, Any] = {
     "type": str, "seq": int, "job": str, "position": int, "estimate_s": (int, type(None)), "count": int,
     "paths": ("list", str), "text": str, "name": (str, type(None)), "detail": str, "status": str,
-    "reason": str, "stats": (dict, type(None)), "project": str}
+    "reason": str, "stats": (dict, type(None)), "project": str, "step": str, "command": str,
+    "exit_code": (int, type(None)), "duration_ms": NUMBER, "ok": bool, "checks": dict, "setup": dict}
+# A job's checks (its result's and its finished event's `checks`): what ran on which result.
+CHECK_RUN_SHAPE = {"name": str, "command": str, "exit_code": (int, type(None)), "duration_ms": NUMBER,
+                   "ok": bool, "tail": str, "timed_out": bool}
+CHECKS_SHAPE = {"patch_sha256": str, "tree": str, "commit": str, "source": str,
+                "runs": ("list", CHECK_RUN_SHAPE)}
+SETUP_SHAPE = {"ran": bool, "why": str, "hash": str, "duration_ms": NUMBER, "source": str,
+               "runs": ("list", {"command": str, "exit_code": (int, type(None)), "duration_ms": NUMBER,
+                                 "tail": str, "timed_out": bool})}
+MAX_CHECK_TAIL = 16 * 1024  # characters of a check's or setup command's output the box may send back
 HEALTH_SHAPE = {"version": str, "time": NUMBER, "queue_depth": int, "ai_found": bool, "ai_command": str,
                 "sandbox": str, "sandbox_warning": str}
 ME_SHAPE = {"user": str, "mirror": str}
@@ -2055,7 +2148,42 @@ def checked_job(value: Any, what: str = "job record") -> dict:
     check_job_id(job["id"])
     if job.get("stats") is not None:
         checked(job["stats"], STATS_SHAPE, f"{what}'s stats")
+    result = job.get("result") or {}
+    if result.get("checks") is not None:
+        checked_receipt(result["checks"], f"{what}'s checks")
+    if result.get("setup") is not None:
+        checked_setup(result["setup"], f"{what}'s setup")
     return job
+
+
+def checked_receipt(value: Any, what: str) -> dict:
+    """A job's checks as the box reports them: at most MAX_BOX_COMMANDS runs, each named,
+    its output's tail capped; the patch hash 64 hex digits and the tree an object id (the
+    laptop compares the hash with the patch it previews before it believes a word)."""
+    receipt = checked(value, CHECKS_SHAPE, what, required=("patch_sha256", "tree", "runs"))
+    if not re.fullmatch(r"[0-9a-f]{64}", receipt["patch_sha256"]) or not re.fullmatch(
+            r"[0-9a-f]{40}(?:[0-9a-f]{24})?", receipt["tree"]):
+        raise AnswerRefused(f"the agent's {what} has a patch hash or tree that is no hex id", BOX_HINT)
+    _check_runs(receipt["runs"], what, ("name", "command", "ok"))
+    for run in receipt["runs"]:
+        if not 0 < len(run["name"]) <= 64:
+            raise AnswerRefused(f"the agent's {what} has a check named with {len(run['name'])} characters", BOX_HINT)
+    return receipt
+
+
+def checked_setup(value: Any, what: str) -> dict:
+    setup = checked(value, SETUP_SHAPE, what, required=("ran",))
+    _check_runs(setup.get("runs") or [], what, ("command",))
+    return setup
+
+
+def _check_runs(runs: List[dict], what: str, required: Sequence[str]) -> None:
+    if len(runs) > MAX_BOX_COMMANDS:
+        raise AnswerRefused(f"the agent's {what} lists {len(runs)} commands; at most {MAX_BOX_COMMANDS} run", BOX_HINT)
+    for run in runs:
+        checked(run, {}, what, required=required)
+        if len(run.get("tail") or "") > MAX_CHECK_TAIL or len(run.get("command") or "") > MAX_BOX_COMMAND_CHARS:
+            raise AnswerRefused(f"the agent's {what} holds an output tail or command over its size", BOX_HINT)
 
 
 def checked_event(line: bytes) -> dict:
@@ -2068,6 +2196,10 @@ def checked_event(line: bytes) -> dict:
         check_job_id(event["job"])
     if event.get("stats") is not None:
         checked(event["stats"], STATS_SHAPE, "event's stats")
+    if event.get("checks") is not None:
+        checked_receipt(event["checks"], "event's checks")
+    if event.get("setup") is not None:
+        checked_setup(event["setup"], "event's setup")
     return event
 
 
@@ -2077,6 +2209,8 @@ def checked_usage(value: Any) -> dict:
     if report["group"] not in ("user", "project", "day"):
         raise AnswerRefused(f"the agent's usage report is grouped by {sanitize(report['group'])[:20]!r}", BOX_HINT)
     for row in [*report["rows"], report["total"]]:
+        for field in USAGE_SINCE_CHECKS:  # a box from before [box] checks counts none
+            row.setdefault(field, 0)
         missing = [f for f, _ in USAGE_HEADINGS if f not in row] + (["key"] if row is not report["total"]
                                                                       and "key" not in row else [])
         if missing:
@@ -2563,7 +2697,11 @@ class ProgressPrinter:
         self.say_network(e)
 
     def on_failed(self, e: dict) -> None:
-        say(self.stamp(), self.style("red", f"AI run failed: {self.flat(e.get('reason'))}"))
+        reason = str(e.get("reason"))
+        if reason.startswith("setup failed"):  # its output was streamed just above: its first line
+            say(self.stamp(), self.style("red", f"job failed: {self.flat(reason.split(chr(10))[0])}"))
+        else:
+            say(self.stamp(), self.style("red", f"AI run failed: {self.flat(reason)}"))
         self.say_network(e)
 
     def say_network(self, e: dict) -> None:
@@ -2573,6 +2711,28 @@ class ProgressPrinter:
 
     def on_cancelled(self, e: dict) -> None:
         say(self.stamp(), self.style("yellow", f"job cancelled: {self.flat(e.get('reason', ''))}"))
+
+    def on_setup(self, e: dict) -> None:
+        self.say_step("setup", e, self.flat(e.get("command", "")))
+
+    def on_check(self, e: dict) -> None:
+        self.say_step("check", e, self.flat(e.get("name", "")))
+
+    def say_step(self, what: str, e: dict, name: str) -> None:
+        """A setup command's or a check's start, output line or end."""
+        step = e.get("step")
+        if step == "start":
+            say(self.stamp(), self.style("cyan", f"{what}: {name}"))
+        elif step == "end":
+            ok = e.get("ok", e.get("exit_code") == 0)
+            took = f" ({e['duration_ms'] / 1000:.1f} s)" if isinstance(e.get("duration_ms"), (int, float)) else ""
+            say(self.stamp(), self.style("green" if ok else "red",
+                                         f"{what}: {name} " + ("ok" if ok else f"FAILED, exit {self.flat(e.get('exit_code'))}")
+                                         + took))
+        elif step == "skipped":
+            say(self.stamp(), self.style("dim", f"{what}: skipped ({self.flat(e.get('reason', ''))})"))
+        elif "text" in e:
+            say(self.stamp(), self.style("dim", "  | " + self.flat(e.get("text", ""))[:500]))
 
 
 def network_summary(network: Any) -> str:
@@ -4809,10 +4969,11 @@ def read_answer(prompt: str) -> Optional[str]:
     return line.strip() if line else None
 
 
-def preview(files: Sequence[FilePatch], no_color: bool) -> None:
-    """What will be written, exactly: what deserves a second look, the summary, the diff."""
+def preview(files: Sequence[FilePatch], no_color: bool, heading: Sequence[str] = ()) -> None:
+    """What will be written, exactly: the checks on the box (`heading`), what deserves a second
+    look, the summary, the diff."""
     style = Style.for_stream(sys.stdout, no_color)
-    page(itertools.chain(render_look_closely(files, style), render_summary(files, style), [""],
+    page(itertools.chain(heading, render_look_closely(files, style), render_summary(files, style), [""],
                          diff_lines(files, style)))
 
 
@@ -5311,17 +5472,30 @@ def cmd_ask(args) -> int:
     if not prompt.strip():
         raise UsageError("the prompt is empty")
     session.client.on_wait = lambda quiet: say(f"still waiting for the box ({quiet:.0f} s without news)")
+    job, events = ask_job(session, args, prompt)
+    if args.detach:
+        session.remember_detached(job)
+        return detach(args, job, events)
+    end, patch = follow_job(session, args, job, events, began)
+    failed = [run for run in (end.get("checks") or {}).get("runs", []) if not run["ok"]]
+    if args.fix_checks and failed:  # once: the AI gets the failing output and the checks run again
+        say(f"{len(failed)} check(s) failed; asking the AI once to fix them (a follow-up of job {job})")
+        args.on, args.continue_, args.setup = job, False, False
+        job, events = ask_job(session, args, fix_checks_prompt(failed))
+        end, patch = follow_job(session, args, job, events, began)
+    return offer_change(session, args, job, patch, end)
+
+
+def ask_job(session: Session, args, prompt: str) -> Tuple[str, Iterator[dict]]:
+    """Sync and ask: (the job, its events from the first on), the job remembered here."""
     first, events, tree = start_ask(session, args, prompt)
     session.remember_job(first["job"])
     session.record_job_tree(first["job"], tree)
-    if args.detach:
-        session.remember_detached(first["job"])
-        return detach(args, first["job"], events)
 
     def chain():
         yield first
         yield from events
-    return follow_and_apply(session, args, first["job"], chain(), began)
+    return first["job"], chain()
 
 
 def detach(args, job: str, events: Iterator[dict]) -> int:
@@ -5339,8 +5513,15 @@ def detach(args, job: str, events: Iterator[dict]) -> int:
 
 def follow_and_apply(session: Session, args, job: str, events: Iterator[dict], began: float,
                      after: int = 0) -> int:
-    """Follow a job's events to its end, then fetch, preview and offer its change: `ask` and
-    `wait` alike. A long wait ends with a desktop notification (`notify_desktop`)."""
+    """Follow a job to its end, then preview and offer its change: `wait` (and `ask`)."""
+    end, patch = follow_job(session, args, job, events, began, after)
+    return offer_change(session, args, job, patch, end)
+
+
+def follow_job(session: Session, args, job: str, events: Iterator[dict], began: float,
+               after: int = 0) -> Tuple[dict, bytes]:
+    """Follow a job's events to its end: (its `finished` event, its patch); AIFailed when it
+    failed or was cancelled. A long wait ends with a desktop notification (`notify_desktop`)."""
     printer = ProgressPrinter(Style.for_stream(sys.stderr, args.no_color))
 
     def on_event(event: dict) -> None:
@@ -5357,30 +5538,88 @@ def follow_and_apply(session: Session, args, job: str, events: Iterator[dict], b
     if patch is None:
         raise AIFailed(f"job {job} {end['type']}: {end.get('reason', '')}",
                        f"see `patchwire show {job}`; nothing was changed here")
-    return offer_change(session, args, job, patch)
+    return end, patch
 
 
-def offer_change(session: Session, args, job: str, patch: bytes) -> int:
-    """A finished job's change: previewed and applied on Enter (or --yes); with --json, the
-    outcome line, applied only with --yes."""
+def offer_change(session: Session, args, job: str, patch: bytes, end: dict) -> int:
+    """A finished job's change: previewed under its checks and applied on Enter (or --yes);
+    with --json, the outcome line, applied only with --yes. --require-checks offers nothing
+    the box's checks did not pass on this very patch (exit 6)."""
     done = session.open_apply(job)
     if done:  # `wait` for a job applied since: applying it again would merge it with itself
         say(f"job {job} is already applied here (at {when(done['time'])}); nothing changed")
         output(args, {"type": "outcome", "job": job, "applied": False, "already": True})
         return 0
     files = session.vet(patch, job)
+    receipt = end.get("checks")
     outcome = {"type": "outcome", "job": job, "applied": False, "files": [f.path for f in files],
-               "look_closely": look_closely(files)}
+               "look_closely": look_closely(files), **checks_outcome(receipt, patch)}
+    held = getattr(args, "require_checks", False) and not outcome.get("checks", {}).get("passed")
     if not patch:
         say(f"the AI made no changes (job {job}); nothing to apply")
-    elif args.json:
-        if args.yes:
-            outcome.update(applied=True, apply=apply_job(session, job, patch, read=files))
-    else:
-        preview(files, args.no_color)
+    elif not args.json:
+        preview(files, args.no_color, heading=checks_heading(receipt, patch, Style.for_stream(sys.stdout, args.no_color)))
+    if patch and held:
+        say(f"not offering to apply job {job}: {checks_refusal(receipt, patch)} (--require-checks); see "
+            f"`patchwire show {job}`, or apply it anyway with `patchwire apply {job}`")
+    elif patch and args.json and args.yes:
+        outcome.update(applied=True, apply=apply_job(session, job, patch, read=files))
+    elif patch and not args.json:
         outcome["applied"] = confirm_apply(session, args, job, patch, files)
     output(args, outcome)
-    return 0
+    return ExitStatus.CHECKS if held else 0
+
+
+def fix_checks_prompt(failed: List[dict]) -> str:
+    """The follow-up prompt of `ask --fix-checks`: each failed check's command and output tail
+    (the box's own text, going back to the box's AI; capped by the receipt's checks)."""
+    parts = ["These checks failed on your change. Fix the code so that they pass; do not change the "
+             "checks themselves or weaken the tests."]
+    for run in failed:
+        said = "timed out" if run.get("timed_out") else f"exited with status {run.get('exit_code')}"
+        parts.append(f"$ {run['command']}\n({said}) its output ends with:\n{str(run.get('tail') or '')[-4000:]}")
+    return "\n\n".join(parts)
+
+
+def checks_outcome(receipt: Optional[dict], patch: bytes) -> dict:
+    """{"checks": ...} for --json: each check's name, ok, exit code and duration, whether
+    all passed, and whether the box's receipt names this very patch (by its sha256)."""
+    if receipt is None:
+        return {}
+    runs = [{k: run.get(k) for k in ("name", "command", "ok", "exit_code", "duration_ms", "timed_out")}
+            for run in receipt["runs"]]
+    matches = receipt["patch_sha256"] == hashlib.sha256(patch).hexdigest()
+    return {"checks": {"passed": matches and all(run["ok"] for run in runs), "matches_patch": matches,
+                       "tree": receipt["tree"], "patch_sha256": receipt["patch_sha256"], "runs": runs}}
+
+
+def checks_summary(receipt: dict) -> str:
+    """"checks: format ok, analyze ok, test FAILED" (names from the box: sanitised by the caller)."""
+    words = {True: "ok", False: "FAILED"}
+    parts = [f"{run['name']} " + ("TIMED OUT" if run.get("timed_out") else words[bool(run["ok"])])
+             for run in receipt["runs"]]
+    return "checks: " + (", ".join(parts) if parts else "none ran")
+
+
+def checks_refusal(receipt: Optional[dict], patch: bytes) -> str:
+    """Why the checks do not vouch for `patch`, in words."""
+    if receipt is None:
+        return "the box ran no checks"
+    if receipt["patch_sha256"] != hashlib.sha256(patch).hexdigest():
+        return "the box's checks ran on another patch than this one"
+    failed = [sanitize(run["name"]) for run in receipt["runs"] if not run["ok"]]
+    return f"check(s) {', '.join(failed)} failed" if failed else "no check ran"
+
+
+def checks_heading(receipt: Optional[dict], patch: bytes, style: Style) -> List[str]:
+    """The preview's first line: the checks and how they did on this very patch."""
+    if receipt is None:
+        return []
+    passed = checks_outcome(receipt, patch)["checks"]["passed"]
+    line = sanitize(checks_summary(receipt) + box_source(receipt))
+    if receipt["patch_sha256"] != hashlib.sha256(patch).hexdigest():
+        line += " (ran on ANOTHER patch than the one shown: not to be trusted)"
+    return [style("green" if passed else "red", line), ""]
 
 
 def cmd_wait(args) -> int:
@@ -5446,6 +5685,7 @@ def sync_and_post(session: Session, args, prompt: str) -> Tuple[dict, Iterator[d
     body = {"project": session.cfg.project, "prompt": prompt, **synced.ask_fields(session.project)}
     if args.timeout:
         body["timeout_s"] = args.timeout
+    body.update(box_fields(session.cfg, args))
     if args.on or args.continue_:
         body["continue"] = args.on or session.job_id(None)
     try:
@@ -5469,6 +5709,17 @@ def sync_and_post(session: Session, args, prompt: str) -> Tuple[dict, Iterator[d
     raise PatchwireError(f"the box's copy still differs from what was sent in {describe_paths(paths)}, "
                          "after sending it again", "did it change while it was being sent (a watcher, "
                          "an editor's autosave)? stop that and ask again", details={"paths": paths})
+
+
+def box_fields(cfg: LaptopConfig, args) -> dict:
+    """The ask's `box` ([box] of .patchwire.toml: setup and checks) and `setup` (--setup)."""
+    box = cfg.box
+    # the box may have setup and checks of its own for the project ([projects.NAME]): --setup
+    # and --require-checks without any here are the box's to judge
+    fields: dict = {"box": box} if box["setup"] or box["checks"] else {}
+    if args.setup:
+        fields["setup"] = True
+    return fields
 
 
 def post_ask(session: Session, body: dict, tree: str) -> Tuple[dict, Iterator[dict]]:
@@ -5535,7 +5786,7 @@ def cmd_diff(args) -> int:
         except UnicodeDecodeError:
             body["patch_base64"] = base64.b64encode(patch).decode()
         output(args, {"job": job, "files": listed, "look_closely": look_closely(files), **body,
-                      **job_network(session, job)})
+                      **job_review(session, job, patch)})
         return 0
     if sys.stdout.isatty():  # a person reads it: sanitised, like the preview
         preview(files, args.no_color)
@@ -5545,16 +5796,18 @@ def cmd_diff(args) -> int:
     return 0
 
 
-def job_network(session: Session, job_id: str) -> dict:
-    """{"network": the job's egress report} for a review beside the diff (the VS Code review's
-    quick pick shows it); {} when the job has none, or the box cannot be asked now (the diff
-    itself is kept on the laptop and reviewable without the box)."""
+def job_review(session: Session, job_id: str, patch: bytes) -> dict:
+    """{"network": the job's egress report, "checks": its checks} for a review beside the diff
+    (the VS Code review's quick pick shows them); {} when the job has none, or the box cannot
+    be asked now (the diff itself is kept on the laptop and reviewable without the box)."""
     try:
         result = session.client.job(job_id).get("result")
     except PatchwireError:
         return {}
-    network = result.get("network") if isinstance(result, dict) else None
-    return {"network": network} if network_summary(network) else {}
+    result = result if isinstance(result, dict) else {}
+    network = result.get("network")
+    return {**({"network": network} if network_summary(network) else {}),
+            **checks_outcome(result.get("checks"), patch)}
 
 
 def show_job_file(session: Session, job_id: str, args) -> int:
@@ -5686,12 +5939,37 @@ def cmd_show(args) -> int:
     for key, value in (job.get("result") or {}).items():
         if key == "network":
             print(sanitize(network_summary(value).replace("network ", "network: ", 1), keep_newlines=True))
+        elif key in ("checks", "setup") and value is not None:
+            print(sanitize(box_steps_said(key, value), keep_newlines=True))
         elif value is not None:
             print(sanitize(f"{key + ':':<9} {human_value(value)}", keep_newlines=True))
     printer = ProgressPrinter(Style(False))
     for event in events:
         printer(event)
     return 0
+
+
+def box_steps_said(key: str, value: dict) -> str:
+    """`show`'s lines for a job's setup and checks (their output's tail after a failure)."""
+    if key == "setup":
+        ran = f"ran ({value.get('why', '')}) in {human_value(value.get('duration_ms', 0) / 1000)} s" if value[
+            "ran"] else f"not run ({value.get('why', '')})"
+        lines = [f"{'setup:':<9} {ran}" + box_source(value)]
+    else:
+        lines = [f"{'checks:':<9} {checks_summary(value).partition(': ')[2]} (on tree {value['tree'][:12]}, "
+                 f"patch sha256 {value['patch_sha256'][:12]})" + box_source(value)]
+    for run in value.get("runs") or []:
+        if run.get("ok") is False or (key == "setup" and run.get("exit_code") not in (0, None)):
+            tail = str(run.get("tail") or "").rstrip()[-2000:]
+            lines.append(f"          {run.get('name') or run.get('command')} exit {run.get('exit_code')}:\n"
+                         + "\n".join("            " + line for line in tail.splitlines()))
+    return "\n".join(lines)
+
+
+def box_source(value: dict) -> str:
+    """Whose [box] ran: nothing for the project's own, else the box's rule that set it."""
+    source = value.get("source")
+    return f", set by the box's {source}" if source and source != "project" else ""
 
 
 def human_value(value: Any) -> str:
@@ -5885,6 +6163,12 @@ def build_parser() -> argparse.ArgumentParser:
                                help="sync and queue the job, print its id and leave (`patchwire wait JOB` "
                                     "picks it up)")
     p["ask"].add_argument("--timeout", type=int, help="seconds the AI may take (up to the box's maximum)")
+    p["ask"].add_argument("--setup", action="store_true",
+                          help="run [box] setup before the AI even when its inputs did not change")
+    p["ask"].add_argument("--require-checks", action="store_true",
+                          help="do not offer to apply unless every [box] check passed on the result (exit 6)")
+    p["ask"].add_argument("--fix-checks", action="store_true",
+                          help="when a [box] check fails, give the AI its output once (a follow-up) and check again")
     follow = p["ask"].add_mutually_exclusive_group()
     follow.add_argument("--continue", dest="continue_", action="store_true",
                         help="continue the last job: start from its result, resume its AI session")

@@ -12,13 +12,18 @@ Data flow for one ask:
                             -> fair queue (the user served longest ago first; FIFO
                                within a user; [jobs] workers runs at once)
                             -> a warm job folder (git worktree) moved to the snapshot
-                               (checkout -f, clean -ffd) before the AI starts
+                               (checkout -f, clean -ffd: ignored build caches stay)
+                            -> the ask's [box] setup, in the AI's own sandbox, when its
+                               inputs changed since the last setup of that folder
                             -> [ai] command, prompt on stdin, own process group, timeout
                             -> events (NDJSON, numbered) stored as they happen, up to
                                [jobs] max_output_mb: its head and tail, the middle counted
                             -> git add -A; git diff --cached --binary --full-index -M snap
                                -> straight into the patch file (never whole in memory),
                                capped at [jobs] max_diff_mb; stats
+                            -> the ask's [box] checks, each on exactly the result, in the
+                               same sandbox: a receipt (patch sha256, result tree, each
+                               check's exit code, duration and output tail)
 
 Commands (-c CONFIG defaults to $XDG_CONFIG_HOME/patchwire/agent.toml):
     patchwire-agent init -c CONFIG [--user NAME] [--token-file PATH] [--listen HOST:PORT]
@@ -327,7 +332,8 @@ POLICY_SCHEMA = {"projects": ("str_list", ["*"]), "rate_limit": (str, None), "ma
 USER_SCHEMA = {"token_sha256": (str, None), "admin": (bool, False),
                **{key: (kind, None) for key, (kind, _) in POLICY_SCHEMA.items()}}
 TOP_SCHEMA: dict = {"server": (dict, {}), "ai": (dict, {}), "jobs": (dict, {}), "users": (dict, {}),
-                    "policy": (dict, {}), "network": (dict, None), "notify": (dict, {})}
+                    "policy": (dict, {}), "network": (dict, None), "notify": (dict, {}),
+                    "projects": (dict, {})}
 # [notify]: the hosts users may point notification targets at, and how many each may have
 NOTIFY_SCHEMA = {"allow": ("str_list", []), "max_targets": (int, 10)}
 RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600,
@@ -385,6 +391,14 @@ class AgentConfig:
         notify = pw.Schema(path, "notify", NOTIFY_SCHEMA).read(top["notify"])
         self.notify_allow: List[str] = notify["allow"]  # host, *.domain, each optionally :port
         self.notify_max_targets: int = notify["max_targets"]
+        # [projects.NAME]: the box's own [box] setup and checks for a project of that name (any
+        # user's); an ask's own setup or checks win over them
+        self.project_box: Dict[str, dict] = {}
+        for name, table in top["projects"].items():
+            if not pw.NAME_RE.fullmatch(name):
+                raise PatchwireError(f"{path}: project name {name!r} in [projects] is not valid",
+                                     "use letters, digits, '.', '_' and '-'")
+            self.project_box[name] = pw.check_box(path, table)
         self.max_output_mb: float = jobs["max_output_mb"]  # stored AI events per job (head and tail)
         self.max_diff_mb: float = jobs["max_diff_mb"]  # a job's patch; past it the job fails
         self.users: Dict[str, bytes] = {}
@@ -539,7 +553,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, user TEXT NOT NULL, project TEXT NOT NULL, prompt TEXT NOT NULL,
     status TEXT NOT NULL, reason TEXT, created REAL NOT NULL, started REAL, finished REAL,
     snapshot TEXT, tree TEXT, timeout_s INTEGER, result TEXT, stats TEXT, parent TEXT,
-    slot INTEGER, pgid INTEGER, last_seq INTEGER NOT NULL DEFAULT 0);
+    slot INTEGER, pgid INTEGER, last_seq INTEGER NOT NULL DEFAULT 0, box TEXT);
 CREATE INDEX IF NOT EXISTS jobs_user ON jobs (user, created);
 CREATE TABLE IF NOT EXISTS events (
     job TEXT NOT NULL, seq INTEGER NOT NULL, data TEXT NOT NULL, PRIMARY KEY (job, seq));
@@ -550,7 +564,7 @@ CREATE TABLE IF NOT EXISTS notify_targets (
 TARGET_FIELDS = ("id", "user", "kind", "url", "secret", "events", "include", "created")
 JOB_FIELDS = ("id", "user", "project", "prompt", "status", "reason", "created", "started",
               "finished", "snapshot", "tree", "timeout_s", "result", "stats", "parent", "slot",
-              "pgid", "last_seq")
+              "pgid", "last_seq", "box")
 
 
 class EventTail:
@@ -594,6 +608,8 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA_SQL)
         migrate_usage_columns(self.db)
+        if "box" not in _job_columns(self.db):  # a state db from before [box] setup and checks
+            self.db.execute("ALTER TABLE jobs ADD COLUMN box TEXT")
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self.generation = 0  # counts changes, under the lock
@@ -840,7 +856,7 @@ def _target_row(row: tuple) -> dict:
 
 def _job_row(row: tuple) -> dict:
     job = dict(zip(JOB_FIELDS, row))
-    for key in ("result", "stats"):
+    for key in ("result", "stats", "box"):
         job[key] = json.loads(job[key]) if job[key] else None
     return job
 
@@ -851,7 +867,8 @@ def _job_row(row: tuple) -> dict:
 
 USAGE_COLUMNS = {"ai_s": "REAL", "turns": "INTEGER", "tokens_in": "INTEGER", "tokens_out": "INTEGER",
                  "cache_read": "INTEGER", "cache_write": "INTEGER", "cost_usd": "REAL",
-                 "files": "INTEGER", "added": "INTEGER", "removed": "INTEGER"}
+                 "files": "INTEGER", "added": "INTEGER", "removed": "INTEGER",
+                 "checks": "INTEGER"}  # 1: every [box] check passed, 0: one failed, NULL: none ran
 USAGE_GROUPS = ("user", "project", "day")
 # what a report row holds, in table order (headings: pw.USAGE_HEADINGS): (key in JSON, SQL over one group)
 USAGE_FIGURES = (
@@ -871,6 +888,8 @@ USAGE_FIGURES = (
     ("lines_removed", "SUM(removed)"),
     # a job cancelled while queued waited until it was cancelled
     ("queue_wait_minutes", "SUM(COALESCE(started, finished) - created) / 60.0"),
+    ("checked", "COUNT(checks)"),  # jobs whose result was checked ([box] checks) ...
+    ("checks_passed", "SUM(checks)"),  # ... and of those, the ones where every check passed
 )
 GROUP_SQL = {"user": "user", "project": "user || '/' || project", "day": "date(created, 'unixepoch')"}
 
@@ -915,7 +934,17 @@ def usage_columns(result: Optional[dict], stats: Optional[dict]) -> dict:
         tokens = {column: number(counted.get(key)) for column, key in GATEWAY_TOKEN_COLUMNS.items()}
     return {"ai_s": number(result.get("duration_s")), "turns": number(result.get("num_turns")), **tokens,
             "cost_usd": number(result.get("cost_usd")), "files": number(stats.get("files")),
-            "added": number(stats.get("added")), "removed": number(stats.get("removed"))}
+            "added": number(stats.get("added")), "removed": number(stats.get("removed")),
+            "checks": checks_passed(result.get("checks"))}
+
+
+def checks_passed(receipt: Any) -> Optional[int]:
+    """A job's `checks` usage column: 1 when every check passed, 0 when one failed, None
+    without checks."""
+    runs = receipt.get("runs") if isinstance(receipt, dict) else None
+    if not isinstance(runs, list) or not runs:
+        return None
+    return int(all(isinstance(run, dict) and run.get("ok") is True for run in runs))
 
 
 # usage column <- the gateway's count (UsageScanner): when the AI's API traffic went through the
@@ -1312,6 +1341,49 @@ class ProjectRepo:
                     self._reset_slot(slot, "HEAD")
                 except (PatchwireError, OSError):
                     self._remove_slot(slot)
+
+    # --- [box] setup: its inputs and the hash of the last one that succeeded here
+
+    def setup_inputs(self, slot: int, commands: List[str], globs: List[str]) -> str:
+        """A hash of the setup commands and of each file `globs` names, by its blob id in the
+        job folder's index (what the snapshot holds: no file is read)."""
+        digest = hashlib.sha256(json.dumps(commands).encode())
+        wanted = pw.glob_regex(globs)
+        for entry in self.slot_git(slot)("ls-files", "-s", "-z").split(b"\0"):
+            meta, _, path = entry.partition(b"\t")
+            name = path.decode("utf-8", "surrogateescape")
+            if path and wanted.match(name):
+                digest.update(meta.split(b" ")[1] + b" " + path + b"\0")
+        return digest.hexdigest()
+
+    def _setup_stamp(self, slot: int) -> Path:
+        return self.git_dir / "worktrees" / f"slot{slot}" / SETUP_STAMP
+
+    def last_setup(self, slot: int) -> Optional[str]:
+        try:
+            return self._setup_stamp(slot).read_text().strip() or None
+        except OSError:
+            return None
+
+    def remember_setup(self, slot: int, digest: str) -> None:
+        self._setup_stamp(slot).write_text(digest + "\n")
+
+    def forget_setup(self, slot: int) -> None:
+        self._setup_stamp(slot).unlink(missing_ok=True)
+
+    def changed_paths(self, slot: int) -> List[str]:
+        """Paths in the job folder that differ from its index and git does not ignore."""
+        out = self.slot_git(slot)("status", "--porcelain", "-z", "--untracked-files=all", "--no-renames")
+        return [entry[3:].decode("utf-8", "replace") for entry in out.split(b"\0") if entry]
+
+    def reset_slot_to(self, slot: int, commit: str) -> None:
+        """The job folder exactly at `commit` again (a check may have rewritten files);
+        ignored files stay."""
+        with self.lock:
+            self._reset_slot(slot, commit)
+
+    def tree_of(self, commit: str) -> str:
+        return self.git().text("rev-parse", commit + "^{tree}")
 
     # --- symlinks out of the project
 
@@ -3008,6 +3080,208 @@ def ai_environment(cfg: AgentConfig, home: Optional[Path] = None, environ: Optio
     return env
 
 
+# ================================================================== setup and checks (the project's [box])
+#
+# Setup (`flutter pub get`, `npm ci`) runs in the warm job folder before the AI, in the AI's own
+# walls (Agent.confine: sandbox, network gateway, user home, limits), only when its inputs
+# changed since the last setup that succeeded in that folder: a hash of the commands and of the
+# blob ids of the files `setup_when` names, read from the job folder's index (the snapshot),
+# never from files the AI or a setup could have rewritten. The hash is kept in the folder's own
+# worktree git dir, which the sandbox shows read-only; a folder rebuilt from scratch has none,
+# so its setup runs again. What setup writes into ignored folders (.dart_tool/, node_modules/)
+# survives between jobs: the reset before each job is `clean -ffd`, which keeps ignored files.
+#
+# Checks run after the diff is taken, each on exactly the result: the folder is reset to the
+# result commit before every check and after the last one, so a check that rewrites files
+# (a formatter) changes neither the patch nor what the next check sees. The receipt names the
+# patch's sha256 and the result's tree: the laptop compares the hash with what it previews.
+
+SETUP_STAMP = "patchwire-setup"  # in a job folder's worktree git dir: the hash of its last setup
+MAX_STEP_TAIL = 4000  # characters of a command's output kept for the job's record
+MAX_STEP_LINE = 2000  # characters of one output line in an event
+
+
+class LineParser(StreamParser):
+    """A setup command's or check's output (stdout and stderr as one stream): each line an
+    event of `kind`, the tail kept for the job's record."""
+
+    def __init__(self, emit: Callable[[dict], None], cwd: Path, kind: str, label: dict):
+        super().__init__(emit, cwd)
+        self.kind, self.label = kind, label
+        self.tail = ""
+
+    def feed(self, raw: bytes) -> None:
+        line = pw.fold_returns(raw.decode("utf-8", "replace")).rstrip("\r\n")
+        self.tail = (self.tail + line + "\n")[-MAX_STEP_TAIL:]
+        self.emit({"type": self.kind, **self.label, "text": clip(line, MAX_STEP_LINE)})
+
+
+class CommandRun(AIRun):
+    """One setup command or check, `sh -c`, run and stopped as the AI is (process group,
+    timeout, cancel, disk quota); done when it exits 0."""
+
+    def __init__(self, argv: List[str], cwd: Path, env: dict, timeout_s: float, emit: Callable[[dict], Any],
+                 kind: str, label: dict, **kw: Any):
+        super().__init__(argv, cwd, env, "", timeout_s, emit, **kw)
+        self.parser = self.lines = LineParser(emit, cwd, kind, label)
+
+    def judge(self, code: int) -> Tuple[str, str, dict]:
+        if self.stop_reason:
+            return self.stop_status, self.stop_reason, {}
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+            return "failed", f"was killed by signal {name}", {}
+        if code != 0:
+            return "failed", f"exited with status {code}", {}
+        return "done", "", {}
+
+    def record(self, command: str, started: float) -> dict:
+        """What the job keeps of the run: command, exit code, duration, output tail."""
+        tail = self.lines.tail or self.stderr_tail.decode("utf-8", "replace")[-MAX_STEP_TAIL:]
+        return {"command": command, "exit_code": self.exit_code, "duration_ms": round((time.monotonic() - started) * 1000, 1),
+                "tail": tail, "timed_out": bool(self.stop_reason and self.stop_reason.startswith("timed out"))}
+
+
+class BoxSteps:
+    """One job's [box] setup and checks, each command confined like the AI (Agent.confine)."""
+
+    def __init__(self, agent: "Agent", job: dict, repo: "ProjectRepo", slot: int,
+                 gateway: Optional["JobGateway"], output: OutputBudget):
+        self.agent, self.job, self.repo, self.slot, self.gateway, self.output = agent, job, repo, slot, gateway, output
+        self.box: dict = job.get("box") or {}
+        self.count = 0
+
+    def setup(self) -> Tuple[str, str, Optional[dict]]:
+        """(status, reason, report): setup run when its inputs changed (or `ask --setup`),
+        else skipped; None without [box] setup."""
+        commands = self.box.get("setup") or []
+        if not commands:
+            return "done", "", None
+        digest = self.repo.setup_inputs(self.slot, commands, self.box.get("setup_when") or [])
+        last = self.repo.last_setup(self.slot)
+        if last == digest and not self.box.get("force_setup"):
+            self.output({"type": "setup", "step": "skipped", "reason": "its inputs are unchanged since the last "
+                         "setup of this job folder"})
+            return "done", "", {"ran": False, "why": "inputs unchanged", "hash": digest,
+                                "source": self.box.get("setup_source", "project")}
+        why = ("asked (--setup)" if self.box.get("force_setup") else
+               "first setup of this job folder" if last is None else "inputs changed")
+        self.repo.forget_setup(self.slot)  # a setup that fails half way is no setup
+        started, runs = time.monotonic(), []
+        for command in commands:
+            record, status, reason = self.command("setup", command, self.box["setup_timeout_s"], {})
+            runs.append(record)
+            if status != "done":
+                report = {"ran": True, "why": why, "hash": digest, "runs": runs,
+                          "source": self.box.get("setup_source", "project"),
+                          "duration_ms": round((time.monotonic() - started) * 1000, 1)}
+                tail = record["tail"].strip()[-1500:]
+                return status, (f"setup failed before the AI started: `{clip(command, 200)}` {reason}"
+                                + (f"; its output ends:\n{tail}" if tail else "")), report
+        self._keep(digest)
+        return "done", "", {"ran": True, "why": why, "hash": digest, "runs": runs,
+                            "source": self.box.get("setup_source", "project"),
+                            "duration_ms": round((time.monotonic() - started) * 1000, 1)}
+
+    def _keep(self, digest: str) -> None:
+        """Remember the setup, unless it changed files git does not ignore: those would be
+        cleaned away before the next job (and are in this job's diff), so it must run again."""
+        changed = self.repo.changed_paths(self.slot)
+        if not changed:
+            self.repo.remember_setup(self.slot, digest)
+            return
+        self.output({"type": "setup", "step": "warning", "text": (
+            f"setup changed {len(changed)} path(s) git does not ignore ({', '.join(changed[:5])}): they "
+            "are part of this job's diff, and setup runs again next time; add them to .gitignore")})
+
+    def checks(self, commit: str, patch: Path) -> Tuple[str, str, Optional[dict]]:
+        """(status, reason, receipt): each check run on exactly the result `commit`; a check
+        that fails or times out is recorded and the next one runs; a cancel ends them."""
+        commands = self.box.get("checks") or []
+        if not commands:
+            return "done", "", None
+        runs: List[dict] = []
+        receipt = {"patch_sha256": file_sha256(patch), "tree": self.repo.tree_of(commit), "commit": commit,
+                   "source": self.box.get("checks_source", "project"), "runs": runs}
+        status, reason = "done", ""
+        for name, command in zip(pw.check_names(commands), commands):
+            self.repo.reset_slot_to(self.slot, commit)
+            record, status, reason = self.command("check", command, self.box["check_timeout_s"], {"name": name})
+            runs.append({"name": name, "ok": status == "done", **record})
+            if status == "cancelled":
+                break
+        self.repo.reset_slot_to(self.slot, commit)
+        return ("cancelled", reason, receipt) if status == "cancelled" else ("done", "", receipt)
+
+    def command(self, kind: str, command: str, timeout_s: int, label: dict) -> Tuple[dict, str, str]:
+        """Run one command in the job's walls: (record, status, reason)."""
+        self.count += 1
+        job, agent, folder = self.job, self.agent, self.repo.slot_path(self.slot)
+        argv, env, cgroup = agent.confine(job, self.repo, self.slot, None, self.gateway,
+                                          command=["/bin/sh", "-c", "exec 2>&1\n" + command],
+                                          name=f"{job['id']}-{kind}{self.count}")
+        run = CommandRun(argv, folder, env, timeout_s, self.output, kind, label,
+                         on_spawn=lambda pid: agent._record_pgid(job["id"], pid),
+                         watch=agent.quota_watch(job["user"], folder))
+        agent._swap_run(job["id"], run)
+        self.output({"type": kind, "step": "start", "command": command, **label})
+        started = time.monotonic()
+        status, reason, _ = limited_run(run, cgroup)
+        record = run.record(command, started)
+        self.output({"type": kind, "step": "end", "command": command, **label, "exit_code": record["exit_code"],
+                     "duration_ms": record["duration_ms"], "ok": status == "done"})
+        agent._flush_output(job["id"], self.output)
+        return record, status, reason
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(MIB), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def ask_box(policy: "Policy", body: dict, default: Optional[dict], rule: str) -> Optional[dict]:
+    """The job's [box]: the ask's setup and checks, checked as the laptop checks them, each
+    timeout within the user's timeout ceiling; where the ask has none, the box's own `default`
+    ([projects.NAME], named by `rule`). `setup: true` (ask --setup) runs setup whatever its
+    inputs. None when neither has any."""
+    force = body.get("setup", False)
+    if not isinstance(force, bool):
+        raise BadRequest("setup must be true or false")
+    asked = None
+    if body.get("box") is not None:
+        try:
+            asked = pw.check_box("the ask's", body["box"])
+        except PatchwireError as e:
+            raise BadRequest(e.message, e.hint) from None
+        for key in ("setup_timeout_s", "check_timeout_s"):
+            if asked[key] > policy.timeout_s:
+                raise policy_refusal(HTTPStatus.FORBIDDEN, policy, "timeout_s",
+                                     f"box.{key} {asked[key]} is over the ceiling",
+                                     f"set {key} to {policy.timeout_s} or less under [box]")
+    box = merge_box(asked, default, rule)
+    if force and not (box and box["setup"]):
+        raise BadRequest("setup is true, but neither the ask nor the box has a [box] setup for this project")
+    return {**box, "force_setup": force} if box else None
+
+
+def merge_box(asked: Optional[dict], default: Optional[dict], rule: str) -> Optional[dict]:
+    """Setup, and checks, each from the ask when it has them, else from the box's `default`;
+    `setup_source` and `checks_source` say whose ("project": the laptop's .patchwire.toml)."""
+    if not asked and not default:
+        return None
+    box: dict = {}
+    for part, keys in (("setup", ("setup", "setup_when", "setup_timeout_s")),
+                       ("checks", ("checks", "check_timeout_s"))):
+        use_default = bool(default and default[part] and not (asked and asked[part]))
+        source = default if use_default else asked or default
+        box.update({key: (source or {}).get(key, pw.BOX_SCHEMA[key][1]) for key in keys})
+        box[f"{part}_source"] = rule if use_default else "project"
+    return box
+
+
 # ================================================================== fair queue
 
 
@@ -3718,6 +3992,7 @@ class Agent:
         self.check_room()
         self.check_quota(policy)
         timeout_s = self.check_timeout(policy, body.get("timeout_s", min(self.cfg.timeout_s, policy.timeout_s)))
+        box = ask_box(policy, body, self.cfg.project_box.get(project), f"[projects.{project}]")
         parent = self.parent_job(user, project, body.get("continue"))
         repo = self.open_project(user, project, for_ask=True)
         self.admit(policy)  # refuse early, before the snapshot's work
@@ -3728,7 +4003,7 @@ class Agent:
         snapped["ms"] = round((time.monotonic() - started) * 1000, 1)
         job = {"id": secrets.token_hex(6), "user": user, "project": project, "prompt": prompt,
                "status": "queued", "created": time.time(), "snapshot": snapshot, "tree": tree,
-               "timeout_s": timeout_s, "parent": parent["id"] if parent else None}
+               "timeout_s": timeout_s, "parent": parent["id"] if parent else None, "box": box}
         with self.admission:  # again, atomically with the enqueue: concurrent asks
             self.admit(self.cfg.policy(user))
             self.store.create_job(job)
@@ -3846,9 +4121,10 @@ class Agent:
         extra: Dict[str, Any] = {"stats": fields.get("stats")} if status == "done" else {"reason": reason}
         if timings:
             extra["timings"] = timings
-        network = (fields.get("result") or {}).get("network")
-        if network:  # what the job contacted, for the laptop to show beside the outcome
-            extra["network"] = network
+        result = fields.get("result") or {}
+        for key in ("network", "checks", "setup"):  # what the job contacted, and its setup and
+            if result.get(key):  # checks: for the laptop to show beside the outcome
+                extra[key] = result[key]
         self.store.add_event(job_id, {"type": event, "status": status, **extra}, status=status,
                              reason=reason or None, finished=time.time(), **fields,
                              **usage_columns(fields.get("result"), fields.get("stats")))
@@ -4003,7 +4279,8 @@ class Agent:
     def _run_in_walls(self, job: dict, repo: ProjectRepo, slot: int, parent: Optional[dict],
                       carry: Optional[Tuple[str, str]], times: "StepTimes", gateway: Optional["JobGateway"]) -> None:
         argv, env, cgroup = self.confine(job, repo, slot, parent, gateway)
-        run, output = self._new_run(job, repo, slot, argv, env)
+        output = self._job_output(job)
+        run = self._new_run(job, repo, slot, argv, env, output)
         with self.lock:
             self.runs[job["id"]] = run  # from here on a cancel reaches the job
             early = self.cancel_early.pop(job["id"], None)
@@ -4024,6 +4301,10 @@ class Agent:
         if links:
             self.store.add_event(job["id"], {"type": "links_removed", "paths": sorted(links)[:100],
                                              "count": len(links)})
+        steps = BoxSteps(self, job, repo, slot, gateway, output)
+        setup = self._setup(steps, run, cgroup, times)
+        if setup is False:
+            return
         self.store.add_event(job["id"], {"type": "started", "slot": slot, "sandbox": self.sandbox.kind,
                                          **({"ai": STAND_IN_LABEL} if self.cfg.stand_in else {}),
                                          **self.limits_said(cgroup), **({"continues": parent["id"]} if parent else {})})
@@ -4036,24 +4317,67 @@ class Agent:
         summary = summarize_result(result, time.monotonic() - started, run.exit_code)
         if self.cfg.stand_in:  # the job's record says it too, not only its events
             summary["ai"] = STAND_IN_LABEL
+        if setup:
+            summary["setup"] = setup
         if gateway:
             summary["network"] = gateway.report.summary()
             self.audit.job(job["id"], "egress", user=job["user"], project=job["project"], **summary["network"])
         if status != "done":
             self._fail_run(job["id"], repo, slot, status, reason, result=summary)
             return
-        self._collect(job, repo, slot, links, summary, times)
+        collected = self._collect(job, repo, slot, links, summary, times)
+        if collected is not None:
+            self._check(steps, summary, times, *collected)
 
-    def _new_run(self, job: dict, repo: ProjectRepo, slot: int, argv: List[str], env: dict
-                 ) -> Tuple[AIRun, OutputBudget]:
-        """The job's AI run of the confined `argv`; its events kept within [jobs] max_output_mb,
-        and its folder watched against the user's disk quota."""
-        output = OutputBudget(lambda e: self.store.add_event(job["id"], e), int(self.cfg.max_output_mb * MIB),
-                              f"[jobs] max_output_mb = {self.cfg.max_output_mb:g}")
-        run = AIRun(argv, repo.slot_path(slot), env, job["prompt"], job["timeout_s"], output,
-                    on_spawn=lambda pid: self._record_pgid(job["id"], pid),
-                    watch=self.quota_watch(job["user"], repo.slot_path(slot)))
-        return run, output
+    def _setup(self, steps: BoxSteps, run: AIRun, cgroup: JobCgroup, times: StepTimes) -> Any:
+        """The project's setup before the AI: its report (None without one), or False when
+        it failed or was cancelled and the job ended so, before any AI time."""
+        job = steps.job
+        status, reason, setup = steps.setup()
+        if setup is not None:
+            times.step("project_setup_ms")
+        self._swap_run(job["id"], run)  # a cancel of the setup carries over: the AI never starts
+        if status == "done":
+            return setup
+        cgroup.remove()
+        result = {"setup": setup, **({"network": steps.gateway.report.summary()} if steps.gateway else {})}
+        self._fail_run(job["id"], steps.repo, steps.slot, status, reason, result=result, timings=times.ms)
+        return False
+
+    def _check(self, steps: BoxSteps, summary: dict, times: StepTimes, stats: dict, commit: str) -> None:
+        """The project's checks on the collected result, then the job's end (cancelled when a
+        cancel came while a check ran)."""
+        job_id = steps.job["id"]
+        status, reason, checks = steps.checks(commit, self.store.patch_path(job_id))
+        result = {**summary, "result_commit": commit}
+        if checks is not None:
+            result["checks"] = checks
+            times.step("checks_ms")
+        if status != "done":
+            self._fail_run(job_id, steps.repo, steps.slot, status, reason, result=result)
+            return
+        self.finish(job_id, "done", result=result, stats=stats, timings=times.ms)
+
+    def _job_output(self, job: dict) -> OutputBudget:
+        """Where a job's setup, AI and check events go: kept within [jobs] max_output_mb."""
+        return OutputBudget(lambda e: self.store.add_event(job["id"], e), int(self.cfg.max_output_mb * MIB),
+                            f"[jobs] max_output_mb = {self.cfg.max_output_mb:g}")
+
+    def _new_run(self, job: dict, repo: ProjectRepo, slot: int, argv: List[str], env: dict,
+                 output: OutputBudget) -> AIRun:
+        """The job's AI run of the confined `argv`, its folder watched against the user's disk quota."""
+        return AIRun(argv, repo.slot_path(slot), env, job["prompt"], job["timeout_s"], output,
+                     on_spawn=lambda pid: self._record_pgid(job["id"], pid),
+                     watch=self.quota_watch(job["user"], repo.slot_path(slot)))
+
+    def _swap_run(self, job_id: str, run: AIRun) -> None:
+        """Make `run` the one a cancel of the job stops; a cancel that reached the run before
+        it stops this one too (before it starts: it never does)."""
+        with self.lock:
+            before = self.runs.get(job_id)
+            self.runs[job_id] = run
+        if before is not None and before is not run and before.stop_reason and before.stop_status == "cancelled":
+            run.stop(before.stop_reason)
 
     def _record_pgid(self, job_id: str, pgid: int) -> None:
         """Note the AI's process group, for `recover` after a crash. Not worth a run: on a full
@@ -4073,27 +4397,29 @@ class Agent:
             log.warning("could not store the end of the AI's output of job %s: %s", job_id, e)
 
     def _collect(self, job: dict, repo: ProjectRepo, slot: int, links: Dict[str, str], summary: dict,
-                 times: StepTimes) -> None:
-        """The AI's change as the job's patch file and stats: the job ends done, or failed with
-        the reason (over [jobs] max_diff_mb, or git failed), its patch gone and folder reset."""
+                 times: StepTimes) -> Optional[Tuple[dict, str]]:
+        """The AI's change as the job's patch file: (stats, result commit), or None when the
+        job failed with the reason (over [jobs] max_diff_mb, or git failed), its patch gone
+        and folder reset."""
         try:
             repo.restore_links(slot, links)
             with self.store.open_patch(job["id"]) as patch:
-                stats, commit = repo.collect(slot, job["snapshot"], job["id"], patch, int(self.cfg.max_diff_mb * MIB))
+                collected = repo.collect(slot, job["snapshot"], job["id"], patch, int(self.cfg.max_diff_mb * MIB))
                 times.step("collect_ms")
             times.step("patch_ms")
+            return collected
         except (PatchwireError, OSError) as e:
             self.store.patch_path(job["id"]).unlink(missing_ok=True)
             self._fail_run(job["id"], repo, slot, "failed", self.collect_failure(e), result=summary)
-            return
-        self.finish(job["id"], "done", result={**summary, "result_commit": commit}, stats=stats,
-                    timings=times.ms)
+            return None
 
     def confine(self, job: dict, repo: ProjectRepo, slot: int, parent: Optional[dict],
-                gateway: Optional["JobGateway"] = None) -> Tuple[List[str], dict, JobCgroup]:
+                gateway: Optional["JobGateway"] = None, command: Optional[List[str]] = None,
+                name: str = "") -> Tuple[List[str], dict, JobCgroup]:
         """The AI's argv and environment for this job, inside its walls and limits: the
         user's own AI home, the sandbox, the job's network (its gateway, when there is one),
-        the job's cgroups (made here, removed by the run)."""
+        the job's cgroups (made here, removed by the run). `command` instead of the AI: a
+        [box] setup command or check, in the very same walls (cgroups named `name`)."""
         cfg, bwrap = self.cfg, self.sandbox.kind == "bwrap"
         credentials = agent_credentials()
         if gateway and gateway.credential:
@@ -4108,8 +4434,9 @@ class Agent:
         if gateway:
             env = gateway_ai_environment(env, holds_credential=gateway.credential is not None,
                                          port=gateway.port or GATEWAY_PORT, key=gateway.key)
-        argv, env = self.sandbox.wrap(self.ai_argv(parent), env, walls, scratch=repo.home / "tmp" / f"slot{slot}")
-        cgroup = JobCgroup(limits, job["id"])
+        argv, env = self.sandbox.wrap(command or self.ai_argv(parent), env, walls,
+                                      scratch=repo.home / "tmp" / f"slot{slot}")
+        cgroup = JobCgroup(limits, name or job["id"])
         if bwrap:
             try:
                 cgroup.create()
@@ -5171,10 +5498,33 @@ OPENAPI_SCHEMAS = {
                           changed={"type": "array", "items": _S, "description": "changes form: paths sent since base"},
                           deleted={"type": "array", "items": _S,
                                    "description": "changes form: paths deleted since base"},
-                          timeout_s=_I, **{"continue": {**_S, "description": "a finished job to follow up"}}),
+                          timeout_s=_I, **{"continue": {**_S, "description": "a finished job to follow up"}},
+                          box={**_ref("Box"), "description": "the project's [box]: setup before the AI, "
+                                                             "checks on its result"},
+                          setup={**_B, "description": "run box.setup whatever its inputs (ask --setup)"}),
                    "description": "Either `files` (every file) or `base` with `changed` and `deleted` "
                                   "(what changed since base: O(changed))"},
-    "JobResult": _obj([], exit_code=_nullable(_I), is_error=_B, subtype=_nullable(_S), duration_s=_N,
+    "Box": _obj([], setup={"type": "array", "items": _S, "maxItems": pw.MAX_BOX_COMMANDS},
+                setup_when={"type": "array", "items": _S, "description": "globs from the project root: their "
+                             "files' content (and the commands) decide when setup runs again"},
+                setup_timeout_s=_I, checks={"type": "array", "items": _S, "maxItems": pw.MAX_BOX_COMMANDS},
+                check_timeout_s={**_I, "description": "each check's own timeout"},
+                force_setup={**_B, "description": "in a job: setup runs whatever its inputs"},
+                setup_source={**_S, "description": "in a job: whose setup: project, or [projects.NAME]"},
+                checks_source={**_S, "description": "in a job: whose checks"}),
+    "StepRun": _obj(["command", "exit_code", "duration_ms", "tail"], command=_S, exit_code=_nullable(_I),
+                    duration_ms=_N, tail={**_S, "description": "the end of its output (stdout and stderr)"},
+                    timed_out=_B, name={**_S, "description": "checks: a short name from the command"},
+                    ok={**_B, "description": "checks: exit 0 in time"}),
+    "Setup": _obj(["ran"], ran=_B, why=_S, hash={**_S, "description": "of the commands and their inputs"},
+                  duration_ms=_N, runs={"type": "array", "items": _ref("StepRun")}),
+    "Checks": _obj(["patch_sha256", "tree", "runs"],
+                   patch_sha256={**_S, "description": "sha256 of the job's patch: the one the checks vouch for"},
+                   tree={**_S, "description": "the result's tree id: every check ran on exactly it"},
+                   commit=_S, source={**_S, "description": "whose [box] ran: project"},
+                   runs={"type": "array", "items": _ref("StepRun")}),
+    "JobResult": _obj([], setup=_ref("Setup"), checks=_ref("Checks"),
+                      exit_code=_nullable(_I), is_error=_B, subtype=_nullable(_S), duration_s=_N,
                       num_turns=_nullable(_I), session_id=_nullable(_S), tokens_in=_nullable(_I),
                       tokens_out=_nullable(_I), cache_read_tokens=_nullable(_I), cache_write_tokens=_nullable(_I),
                       cost_usd=_nullable(_N), result_commit=_S,
@@ -5185,6 +5535,7 @@ OPENAPI_SCHEMAS = {
                 created=_N, started=_nullable(_N), finished=_nullable(_N), snapshot=_nullable(_S),
                 tree=_nullable(_S), timeout_s=_nullable(_I), result=_nullable(_ref("JobResult")),
                 stats=_nullable(_ref("Stats")), parent=_nullable(_S), slot=_nullable(_I),
+                box={**_nullable(_ref("Box")), "description": "the job's setup and checks"},
                 events={**_I, "description": "number of the job's last event"}),
     "JobList": _obj(["jobs"], jobs={"type": "array", "items": _ref("Job")}),
     "Event": {"description": "One NDJSON line of a job's stream; `seq` numbers them from 1.", "oneOf": [
@@ -5209,13 +5560,20 @@ OPENAPI_SCHEMAS = {
         _event("network", ["host"], host={**_S, "description": "the first connection of the job to this host"}),
         _event("network_refused", ["host", "count"], host=_S,
                count={**_I, "description": "refusals of this host so far (events stop at 20 per host)"}),
+        _event("setup", [], step={"enum": ["start", "end", "skipped", "warning"]}, command=_S, text=_S,
+               exit_code=_nullable(_I), duration_ms=_N, ok=_B, reason=_S),
+        _event("check", ["name"], name=_S, step={"enum": ["start", "end"]}, command=_S, text=_S,
+               exit_code=_nullable(_I), duration_ms=_N, ok=_B),
         _event("result", [], subtype=_S, is_error=_B, duration_ms=_N, num_turns=_I, session_id=_S,
                total_cost_usd=_N, usage={"type": "object"}),
         _event("finished", ["status", "stats"], status={"const": "done"}, stats=_ref("Stats"),
                timings={"type": "object", "additionalProperties": _N,
                         "description": "milliseconds per step of the run: setup_ms, prepare_ms, links_ms, "
-                                       "ai_ms, collect_ms, patch_ms"}),
-        _event("failed", ["status", "reason"], status={"const": "failed"}, reason=_S),
+                                       "project_setup_ms ([box] setup), ai_ms, collect_ms, patch_ms, "
+                                       "checks_ms"},
+               checks=_ref("Checks"), setup=_ref("Setup")),
+        _event("failed", ["status", "reason"], status={"const": "failed"}, reason=_S,
+               setup={**_ref("Setup"), "description": "when setup ran: the job failed there, before the AI"}),
         _event("cancelled", ["status", "reason"], status={"const": "cancelled"}, reason=_S),
     ]},
     "UsageFigures": _obj(_USAGE_NAMES, **_USAGE_TYPES),

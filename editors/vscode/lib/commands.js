@@ -265,7 +265,7 @@ class Patchwire {
     await this.openChanges(cli.cwd, job, files);
     const general = present.generalFlags(diff);
     for (;;) {
-      const action = await vscode.window.showQuickPick(reviewItems(files, general, diff.network), {
+      const action = await vscode.window.showQuickPick(reviewItems(files, general, diff.network, diff.checks), {
         title: `Patchwire: job ${job}, ${present.plural(files.length, 'file')}`,
         placeHolder: 'Apply the change here? Pick a file to see its diff.', ignoreFocusOut: true,
       });
@@ -495,7 +495,7 @@ function retryFor(err) {
   return null;
 }
 
-function reviewItems(files, general, network) {
+function reviewItems(files, general, network, checks) {
   const flagged = files.filter((f) => f.detail).length;
   const warn = flagged || general.length ? ` (${flagged + general.length} to look closely at)` : '';
   // What the job reached on the network (the box's egress report), host names neutralised:
@@ -505,7 +505,13 @@ function reviewItems(files, general, network) {
     label: `$(${refused ? 'warning' : 'globe'}) ${present.plain(line)}`, action: 'keep',
     description: refused ? 'the box refused these' : 'what the job contacted',
   }));
+  // The box's checks on this very patch (diff --json compared the receipt's sha256 with it).
+  const verdict = present.checksLine(checks).map((line) => ({
+    label: `$(${checks.passed ? 'pass' : 'error'}) ${present.plain(line)}`, action: 'keep',
+    description: checks.passed ? 'run on the box, on this very patch' : 'a check failed: look before applying',
+  }));
   return [
+    ...verdict,
     { label: `$(check) Apply all ${present.plural(files.length, 'file')}`, action: 'all', description: warn },
     { label: '$(checklist) Apply selected files...', action: 'some' },
     { label: '$(clock) Keep for later', action: 'keep' },

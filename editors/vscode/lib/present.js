@@ -54,9 +54,12 @@ function outputLines(event) {
     case 'tool_error':
       return [`  tool error: ${oneLine(e.text, 200)}`];
     case 'finished':
-      return [finishedText(e), ...networkLine(e.network)];
+      return [finishedText(e), ...checksLine(e.checks), ...networkLine(e.network)];
     case 'failed':
       return [`AI run failed: ${clean(e.reason)}`, ...networkLine(e.network)];
+    case 'setup':
+    case 'check':
+      return stepLine(e);
     case 'network':
       return [`network: ${clean(e.host)}`];
     case 'network_refused':
@@ -70,6 +73,33 @@ function outputLines(event) {
     default:
       return null;
   }
+}
+
+/** A [box] setup command's or check's start, output line or end, as the CLI prints it. */
+function stepLine(e) {
+  const name = e.type === 'check' ? clean(e.name || '') : clean(e.command || '');
+  if (e.step === 'start') {
+    return [`${e.type}: ${name}`];
+  }
+  if (e.step === 'end') {
+    return [`${e.type}: ${name} ` + (e.ok ? 'ok' : `FAILED, exit ${Number.isInteger(e.exit_code) ? e.exit_code : '?'}`)];
+  }
+  if (e.step === 'skipped') {
+    return [`${e.type}: skipped (${clean(e.reason || '')})`];
+  }
+  return typeof e.text === 'string' ? [`  | ${oneLine(e.text, 500)}`] : null;
+}
+
+/** The job's checks, as the CLI shows them atop its preview: "checks: format ok, test FAILED";
+ * `matches_patch` false (diff --json compared the receipt with the patch shown) says so. */
+function checksLine(checks) {
+  if (!checks || typeof checks !== 'object' || !Array.isArray(checks.runs)) {
+    return [];
+  }
+  const parts = checks.runs.map((r) => `${clean(String(r && r.name))} ` +
+    (r && r.timed_out ? 'TIMED OUT' : r && r.ok === true ? 'ok' : 'FAILED'));
+  const other = checks.matches_patch === false ? ' (ran on ANOTHER patch than the one shown)' : '';
+  return ['checks: ' + (parts.length ? parts.join(', ') : 'none ran') + other];
 }
 
 /** The job's egress summary, as the CLI prints it: "network contacted: a, b; refused: c x3". */
@@ -225,6 +255,6 @@ function errorMessage(err) {
 }
 
 module.exports = {
-  appliedMessage, clean, endedMessage, errorMessage, fileItems, generalFlags, jobItem, networkLine, oneLine, outputLines, plain, plural,
+  appliedMessage, checksLine, clean, endedMessage, errorMessage, fileItems, generalFlags, jobItem, networkLine, oneLine, outputLines, plain, plural,
   progressMessage, promptWithContext, sortJobs, statusBar,
 };

@@ -98,6 +98,16 @@ test('Review: the job\'s egress report is a row of the quick pick, its host name
   assert.deepEqual(labels.slice(3, 4), ['$(warning) network contacted: pub.dev; refused: evil.example$ (zap)] (command:x) x3']);
 });
 
+test('Review: the box\'s checks are the first row, their names neutralised', async () => {
+  const checks = { passed: false, matches_patch: true, runs: [{ name: 'format', ok: true }, { name: 'test$(zap)', ok: false }] };
+  const { stub, pw, uiCalls } = setup({ diff: { stdout: [{ ...fx.DIFF, checks }] } });
+  stub.answers.push(pick((i) => i.action === 'keep' && i.label.includes('checks')));
+  assert.equal(await pw.review(fx.JOB), 'kept');
+  const items = uiCalls('showQuickPick')[0][0];
+  assert.equal(items[0].label, '$(error) checks: format ok, test$ (zap) FAILED');
+  assert.equal(items[0].description, 'a check failed: look before applying');
+});
+
 test('Review: a file opens its diff, look-closely items are flagged, selected files go to --only', async () => {
   const { stub, calls, pw, uiCalls } = setup({ diff: { stdout: [fx.DIFF_LOOK_CLOSELY] }, apply: { stdout: [{ ...fx.APPLIED, files: ['run.sh'], partial: true }] } });
   stub.answers.push(pick((i) => i.path === 'src/app.py'), pick((i) => i.action === 'some'), (items) => items.filter((i) => i.path === 'run.sh'));

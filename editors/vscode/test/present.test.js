@@ -105,3 +105,18 @@ test('apply and error notifications', () => {
   assert.equal(present.errorMessage({ message: 'job x is done', hint: '' }), 'Patchwire: job x is done');
   assert.equal(present.errorMessage({ message: 'no .patchwire.toml', hint: 'run init' }), 'Patchwire: no .patchwire.toml (run init)');
 });
+
+test('setup and check events, and the checks on a finished job, read as the CLI prints them', () => {
+  assert.deepEqual(present.outputLines({ type: 'setup', step: 'start', command: 'npm ci' }), ['setup: npm ci']);
+  assert.deepEqual(present.outputLines({ type: 'setup', text: 'added 3 packages\u001b[2J' }), ['  | added 3 packages\\x1b[2J']);
+  assert.deepEqual(present.outputLines({ type: 'check', step: 'end', name: 'test', ok: false, exit_code: 1 }),
+    ['check: test FAILED, exit 1']);
+  assert.deepEqual(present.outputLines({ type: 'setup', step: 'skipped', reason: 'inputs unchanged' }),
+    ['setup: skipped (inputs unchanged)']);
+  const checks = { runs: [{ name: 'format', ok: true }, { name: 'test', ok: false, timed_out: true }] };
+  assert.deepEqual(present.outputLines({ type: 'finished', stats: { files: 0 }, checks }),
+    ['AI finished: no changes', 'checks: format ok, test TIMED OUT']);
+  assert.deepEqual(present.checksLine({ matches_patch: false, runs: [] }),
+    ['checks: none ran (ran on ANOTHER patch than the one shown)']);
+  assert.deepEqual(present.checksLine(undefined), []);
+});
