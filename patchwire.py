@@ -66,6 +66,30 @@ protocol's constants, the error base, the one subprocess runner, `Git`, config s
 no-follow file access, terminal-safe output) is the SHARED part at the top; the agent
 imports nothing below the LAPTOP banner (tests/test_structure.py), so changing the laptop's
 apply code cannot change the agent by accident.
+
+Map: the banner sections, top to bottom, in the order data flows (tests/test_structure.py
+keeps it in step). SHARED first, then the LAPTOP's own:
+    constants and the protocol ........................ NAME_RE, JOB_ENDS, LAST_EVENTS, GIT_NEUTRAL, ExitStatus
+    errors ............................................ PatchwireError and its kinds (UsageError, PatchError, ...)
+    processes ......................................... run, spawn, in_parallel
+    git ............................................... Git (every git call goes through it), set_index_paths
+    config files ...................................... Schema, load_toml, check_box ([box])
+    files, never through a symlink .................... read_worktree, write_worktree
+    what reaches the terminal ......................... sanitize, say, clip_words
+    usage reports (`patchwire usage`, `patchwire-agent usage`) .. usage_table
+    command line ...................................... run_command, output
+    constants ......................................... CONFIG_NAME, DEFAULT_DENY, HELP_EPILOG
+    config ............................................ LaptopConfig (.patchwire.toml)
+    files: what leaves the laptop ..................... PathMatcher, SyncRules, FileList, Project (the record)
+    sync (rsync) ...................................... rsync_argv, send_files
+    HTTP client ....................................... Client, EventStream, Deadline, the answers' shapes
+    presentation ...................................... Style, ProgressPrinter, PatchParser, look_closely
+    choosing what to apply ............................ Chooser, Selection, Hunk
+    apply ............................................. Applier, ThreeWayMerge, UndoLog; vet_on_disk, compute_results
+    the job, laptop side .............................. Session, JobFollower, stream_job, apply_job
+    telling you it is done (desktop) .................. notify_desktop
+    doctor ............................................ Doctor
+    commands .......................................... cmd_<name>, COMMANDS, main
 """
 
 from __future__ import annotations

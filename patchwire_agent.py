@@ -114,12 +114,35 @@ other users' mirrors, jobs and AI homes nor the agent's state, config and TLS ke
 bubblewrap it also cannot see the box account's home (~/.ssh, ~/.aws, the admin's ~/.claude:
 only the login is bound in, read-only), /run, /var/tmp or the account's Unix sockets, holds
 no capability even when the agent is root, and has a sized /tmp, a process cap and (with a
-cgroup) a memory cap. It shares the box's network and abstract sockets (its API needs the
-network). Tracked symlinks out of the project are removed from the job folder while it runs.
+cgroup) a memory cap. With [network] it has its own network namespace too: no other job's
+ports, no service or abstract socket of the box; its one way out is the agent's gateway,
+which allows only the hosts the policy names and adds the API credential the AI never holds
+(section "the gateway"). Tracked symlinks out of the project are removed from the job folder while it runs.
 Its output is parsed as untrusted data, and what it can make the box store is capped (its
 events, its diff, its user's disk quota); a job that fills the disk still ends recorded
 (state/reserve is given up for that) with its folder reset. The state folder is 700 and its
 files private, whatever the umask.
+
+Map: the banner sections, top to bottom (tests/test_structure.py keeps it in step):
+    constants ......................................... limits, CONFIG_TEMPLATE, AGENT_EPILOG
+    errors ............................................ HTTPFailure and its kinds (BadRequest, NotFound, ...)
+    config ............................................ AgentConfig, Policy: [server] [ai] [jobs] [users] [policy]
+    store (sqlite3 + files) ........................... Store (jobs, events, patches), EventTail
+    usage: the jobs table, summed ..................... usage_columns, usage_report
+    git: snapshots and job folders .................... ProjectRepo: snapshot, prepare_slot, collect
+    sandbox (confining the AI) ........................ Sandbox, JobWalls, bwrap_argv, AILimits, JobCgroup
+    the gateway (the AI's only way out) ............... JobGateway, NetworkPolicy, Credential, EgressReport
+    the AI run ........................................ AIRun, StreamParser, OutputBudget
+    setup and checks (the project's [box]) ............ BoxSteps, CommandRun
+    fair queue ........................................ FairQueue, QueueItem
+    audit log ......................................... AuditLog
+    notifications (the box tells you a job ended) ..... Notifier, Delivery
+    the agent (server object) ......................... Agent: ask, run_job, cancel, finish
+    metrics (Prometheus text format) .................. Metrics
+    HTTP server ....................................... Handler (route_<name>), ROUTES, AgentHTTPServer
+    OpenAPI document (GET /v1/openapi.json) ........... OPENAPI_SCHEMAS, OPENAPI_ROUTES, openapi_document
+    operations: shutdown, service, status, gc ......... drain_jobs, gc_state, the service units
+    commands .......................................... cmd_<name>, COMMANDS, main
 """
 
 from __future__ import annotations

@@ -188,3 +188,32 @@ def test_no_backslash_line_continuations():
                 in_strings.update(range(tok.start[0], tok.end[0]))
         found = [n for n, line in enumerate(text.splitlines(), 1) if line.endswith("\\") and n not in in_strings]
         assert not found, f"{path.name}: backslash continuations on lines {found}"
+
+
+BANNER = "# " + "=" * 66 + " "
+
+
+def banners(path: Path) -> list:
+    return [line[len(BANNER):].strip() for line in path.read_text().splitlines() if line.startswith(BANNER)]
+
+
+def mapped(path: Path) -> list:
+    """The section titles the module docstring's "Map" lists, in its order."""
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    assert "\nMap" in doc, f"{path.name}: its docstring has no Map"
+    lines = doc.split("\nMap", 1)[1].splitlines()
+    lines = lines[next(i for i, line in enumerate(lines) if line.startswith("    ")):]
+    out = []
+    for line in lines:
+        if not line.startswith("    "):
+            break
+        if not line.startswith("     "):  # a continuation line is indented further
+            out.append(re.split(r" \.{2,}", line.strip())[0].strip())
+    return out
+
+
+def test_each_modules_map_lists_its_sections_in_order():
+    """A newcomer reads the Map at the end of the docstring to find a section; the banners
+    and the Map must say the same, in the same order."""
+    for path in (LAPTOP, AGENT):
+        assert mapped(path) == banners(path), path.name
