@@ -151,6 +151,12 @@ CODE_TREE_MISMATCH = "tree_mismatch"  # the box's copy is not what the laptop re
 # In a stream, where the agent left out the middle of the AI's output ([jobs] max_output_mb):
 # {"type": OUTPUT_DROPPED, "events": N, "bytes": N, "limit": "[jobs] max_output_mb = 16"}
 OUTPUT_DROPPED = "output_dropped"
+# Every type of event a job's stream carries, in the order a job can emit them; the agent's
+# OpenAPI document describes each, and the laptop's ProgressPrinter has an on_<type> for those
+# it shows (tests/test_structure.py keeps all three in step). Anything else from a box is not
+# the protocol: the laptop shows it as nothing more than an unknown event.
+EVENT_TYPES = ("queued", "position", "setup", "started", "session", "text", "tool", "tool_error", "output",
+               OUTPUT_DROPPED, "network", "network_refused", "links_removed", "result", "check", *LAST_EVENTS)
 
 
 # Settings that make git's bytes the same on every machine, whatever the user's config.

@@ -217,3 +217,22 @@ def test_each_modules_map_lists_its_sections_in_order():
     and the Map must say the same, in the same order."""
     for path in (LAPTOP, AGENT):
         assert mapped(path) == banners(path), path.name
+
+
+def test_the_event_types_are_spelled_once():
+    """The protocol's event types live in the SHARED part (EVENT_TYPES): the agent's OpenAPI
+    document describes exactly those, the printer handles only those, and every job event
+    the agent writes as a literal is one of them."""
+    import patchwire
+    import patchwire_agent
+    events = patchwire.EVENT_TYPES
+    described = {branch["properties"]["type"]["const"]
+                 for branch in patchwire_agent.openapi_document()["components"]["schemas"]["Event"]["oneOf"]}
+    assert described == set(events)
+    handled = {name[3:] for name in vars(patchwire.ProgressPrinter) if name.startswith("on_") and name != "on_event"}
+    assert handled <= set(events), handled - set(events)
+    not_events = {"array", "object", "string", "number", "integer", "boolean", "null",  # JSON schema
+                  "assistant", "user", "system", "message", "tool_use", "tool_result",  # Claude's stream-json
+                  "http", "test"}  # the OpenAPI security scheme; a notification's test delivery
+    literal = set(re.findall(r'"type": "([a-z_]+)"', AGENT.read_text())) - not_events
+    assert literal <= set(events), literal - set(events)
