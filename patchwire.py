@@ -119,6 +119,7 @@ import time
 import unicodedata
 import urllib.parse
 import zlib
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 from typing import TYPE_CHECKING
@@ -229,7 +230,7 @@ class PatchwireError(Exception):
     """
 
     exit_status: int = ExitStatus.ERROR
-    http_status = 400
+    http_status: int = HTTPStatus.BAD_REQUEST
     code = "error"
 
     def __init__(self, message: str, hint: str = "", *, exit_status: Optional[int] = None,
@@ -2484,15 +2485,15 @@ class Client:
                               "`patchwire-agent serve` prints when it starts", code=str(e.code),
                               http_status=e.code)
         message, hint, code = body["error"], str(body.get("hint", "")), str(body.get("code", e.code))
-        if e.code == 401:  # unknown, or revoked by the box's admin: only they can give one
+        if e.code == HTTPStatus.UNAUTHORIZED:  # unknown, or revoked by the box's admin: only they can give one
             hint = (f"the agent does not know the token from {self.token_source}: put in the token "
                     "the box printed for you" + (" (or unset PATCHWIRE_TOKEN to use token_file)"
                                                  if self.token_source == "PATCHWIRE_TOKEN" else "")
                     + "; if it worked before, it was revoked or replaced: ask the box's admin for "
                     "a new one (`patchwire-agent user rotate NAME` on the box)")
-        if e.code == 429:
+        if e.code == HTTPStatus.TOO_MANY_REQUESTS:
             message, hint = in_minutes(message), in_minutes(hint) + self._retry_after(e, hint)
-        if e.code == 404 and code == CODE_NOT_FOUND:  # not a refusal: nothing by that name
+        if e.code == HTTPStatus.NOT_FOUND and code == CODE_NOT_FOUND:  # not a refusal: nothing by that name
             return AgentError(message, hint or "`patchwire jobs` lists your jobs", details=body, code=code,
                               http_status=e.code, exit_status=ExitStatus.ERROR)
         return AgentError(f"the agent refused: {message}", hint, details=body, code=code, http_status=e.code)
@@ -5286,7 +5287,7 @@ class Doctor:
             self.me = Client(self.cfg.agent, self._token, ca_file=self.cfg.ca_file,
                              token_source=self.cfg.token_source()).me(self.cfg.project)
         except AgentError as e:
-            if e.http_status == 401:
+            if e.http_status == HTTPStatus.UNAUTHORIZED:
                 raise PatchwireError(f"the agent does not accept the token from {self.cfg.token_source()}",
                                      e.hint)
             raise
@@ -5408,7 +5409,7 @@ def check_project_allowed(cfg: LaptopConfig) -> None:
     try:
         Client(cfg.agent, cfg.token(), ca_file=cfg.ca_file, token_source=cfg.token_source()).me(cfg.project)
     except AgentError as e:
-        if e.http_status == 403:
+        if e.http_status == HTTPStatus.FORBIDDEN:
             raise UsageError(f"the box does not take project {cfg.project}: {e.message}",
                              "pick a name it allows with --project NAME, or ask the box's admin") from None
         say(f"note: could not check project {cfg.project} with the agent: {e.message}")
