@@ -1,0 +1,99 @@
+"""Several attempts at once (`patchwire ask -n N`, POST /v1/ask with "attempts"): sibling jobs
+of one snapshot grouped by an ask id, queued fairly, followed as a group, and one change built
+from the attempts, whole or file by file, with the same strict reading and vetting as one job.
+The stand-in AI answers per attempt (its `by_attempt` step reads PATCHWIRE_ATTEMPT)."""
+
+import json
+import sqlite3
+from pathlib import Path
+
+import patchwire_agent as AGENT
+
+from conftest import ask_body, script
+from test_team import ask_as, edit_config, finish_all, gated, synced_laptop
+
+
+def per_attempt(**steps: list) -> str:
+    """A prompt whose attempt K runs steps[f"a{K}"]."""
+    return script({"by_attempt": {key[1:]: value for key, value in steps.items()}})
+
+
+def group_of(agent, user: str, ask: str) -> dict:
+    status, group = agent.json("GET", f"/v1/asks/{ask}", token=agent.tokens[user])
+    assert status == 200, group
+    return group
+
+
+# ------------------------------------------------------------------ the box
+
+
+def test_an_ask_of_three_attempts_is_a_group_of_sibling_jobs_with_its_own_routes(make_agent, tmp_path):
+    agent = make_agent(jobs={"workers": 2, "slots": 3})
+    lap = synced_laptop(tmp_path, agent, "alice")
+    prompt = per_attempt(a1=[{"write": "a.txt", "text": "one\n"}], a2=[{"write": "a.txt", "text": "two\n"}],
+                         a3=[{"error": "scripted failure"}])
+    group = ask_as(agent, "alice", ask_body(lap, prompt, attempts=3))
+    assert group["attempts"] == 3 and [j["attempt"] for j in group["jobs"]] == [1, 2, 3]
+    ids = [j["id"] for j in group["jobs"]]
+    assert len(set(ids)) == 3 and {j["ask_id"] for j in group["jobs"]} == {group["id"]}
+    assert len({j["snapshot"] for j in group["jobs"]}) == 1  # one snapshot for all
+    finish_all(agent, dict.fromkeys(ids, "alice"))
+    group = group_of(agent, "alice", group["id"][:6])
+    assert group["status"] == "ended"
+    assert [j["status"] for j in group["jobs"]] == ["done", "done", "failed"]
+    assert group["jobs"][0]["stats"]["files"] == 1 and group["jobs"][0]["result"]["cost_usd"] is not None
+    assert len({j["slot"] for j in group["jobs"]}) >= 2  # each in its own job folder
+    diffs = [agent.request("GET", f"/v1/jobs/{j}/diff")[2] for j in ids[:2]]
+    assert b"+one" in diffs[0] and b"+two" in diffs[1]
+    # the group's stream: every attempt's events, each naming its job, to every last event
+    _, _, data = agent.request("GET", f"/v1/asks/{group['id']}/events?follow=0")
+    events = [json.loads(line) for line in data.splitlines() if line.strip()]
+    assert {e["job"] for e in events} == set(ids)
+    assert sorted(e["job"] for e in events if e["type"] in ("finished", "failed")) == sorted(ids)
+    # the API document lists the routes; another user sees no such ask
+    doc = agent.json("GET", "/v1/openapi.json", token=None)[1]
+    assert "/v1/asks/{ask}" in doc["paths"] and "/v1/asks/{ask}/events" in doc["paths"]
+    assert agent.json("GET", f"/v1/asks/{'0' * 12}")[0] == 404
+
+
+def test_attempts_are_bounded_by_policy_and_count_once_for_the_rate_limit(make_agent, tmp_path):
+    agent = make_agent(start=False, jobs={"workers": 1})
+    edit_config(agent, lambda d: d.update(policy={"max_attempts": 2, "rate_limit": "2/hour"}))
+    agent.start()
+    lap = synced_laptop(tmp_path, agent, "alice")
+    status, answer = agent.json("POST", "/v1/ask", ask_body(lap, "hi", attempts=3))
+    assert status == 403 and answer["limit"] == "max_attempts", answer
+    assert agent.json("POST", "/v1/ask", ask_body(lap, "hi", attempts=0))[0] == 400
+    assert agent.json("POST", "/v1/ask", ask_body(lap, "hi", attempts=2))[0] == 202
+    assert agent.json("POST", "/v1/ask", ask_body(lap, "hi"))[0] == 202  # 3 jobs, 2 asks
+    status, answer = agent.json("POST", "/v1/ask", ask_body(lap, "hi"))
+    assert status == 429 and answer["limit"] == "rate_limit", answer
+
+
+def test_another_user_asking_meanwhile_waits_for_one_attempt_at_most(make_agent, tmp_path):
+    agent = make_agent(users=("heavy", "light"), jobs={"workers": 1, "slots": 4})
+    heavy = synced_laptop(tmp_path, agent, "heavy")
+    light = synced_laptop(tmp_path, agent, "light")
+    gate = tmp_path / "gate"
+    group = ask_as(agent, "heavy", ask_body(heavy, gated(gate), attempts=4))
+    ids = [j["id"] for j in group["jobs"]]
+    mine = ask_as(agent, "light", ask_body(light, script({"say": "light"})))["id"]
+    gate.write_text("go")
+    infos = finish_all(agent, {**dict.fromkeys(ids, "heavy"), mine: "light"})
+    started = sorted(infos, key=lambda j: infos[j]["started"])
+    assert started[1] == mine, started  # after the attempt already running, before the other three
+
+
+def test_an_old_state_database_gains_the_attempt_columns(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    db = sqlite3.connect(str(state / "jobs.sqlite3"))
+    db.executescript(AGENT.SCHEMA_SQL)
+    db.execute("INSERT INTO jobs (id, user, project, prompt, status, created) VALUES "
+               "('abc123abc123', 'alice', 'p', 'hi', 'done', 1.0)")
+    db.commit()
+    db.close()
+    store = AGENT.Store(Path(state))
+    job = store.job("abc123abc123")
+    assert job["ask_id"] is None and job["attempt"] is None
+    store.close()
