@@ -97,3 +97,78 @@ def test_an_old_state_database_gains_the_attempt_columns(tmp_path):
     job = store.job("abc123abc123")
     assert job["ask_id"] is None and job["attempt"] is None
     store.close()
+
+
+# ------------------------------------------------------------------ the laptop: ask -n, then choose
+
+
+def outcome_of(result) -> dict:
+    lines = [json.loads(line) for line in result.out.splitlines() if line.strip()]
+    return next(line for line in lines if line.get("type") == "outcome")
+
+
+def applied_log(lap) -> list:
+    import patchwire
+    path = patchwire.Project(lap.root, "laptop").state_file("applied.log")
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+TWO_WAYS = per_attempt(
+    a1=[{"write": "lib/a.dart", "text": "a from one\n"}, {"write": "lib/b.dart", "text": "b from one\n"}],
+    a2=[{"write": "lib/a.dart", "text": "a from two\n"}, {"write": "lib/b.dart", "text": "b from two\n"},
+        {"write": "README.md", "text": "# two\n"}],
+    a3=[{"error": "scripted failure of attempt 3"}])
+
+
+def test_pick_applies_attempt_two_whole_byte_for_byte_and_continue_goes_on_from_it(make_agent, tmp_path):
+    agent = make_agent(jobs={"workers": 2, "slots": 3})
+    lap = synced_laptop(tmp_path, agent, "alice")
+    result = lap.ask(TWO_WAYS, "-n", "3", "--pick", "2", "--json", check=0)
+    outcome = outcome_of(result)
+    rows = outcome["attempts"]
+    assert [r["status"] for r in rows] == ["done", "done", "failed"]
+    assert "scripted failure" in rows[2]["problem"] and rows[1]["files"] == 3
+    assert outcome["differences"] == [{"attempts": [1, 2], "paths": ["README.md", "lib/a.dart", "lib/b.dart"]}]
+    assert outcome["applied"] and outcome["apply"]["ask"] == outcome["ask"]
+    assert (lap.root / "lib/a.dart").read_bytes() == b"a from two\n"
+    assert (lap.root / "lib/b.dart").read_bytes() == b"b from two\n"
+    assert (lap.root / "README.md").read_bytes() == b"# two\n"
+    entry = applied_log(lap)[-1]
+    assert entry["job"] == rows[1]["job"] and entry["ask"] == outcome["ask"]
+    assert set(entry["parts"].values()) == {2}
+    # the job list names the ask and each attempt
+    jobs = lap.run("jobs", check=0).out
+    assert f"ask {outcome['ask'][:6]} #2" in jobs
+    # --continue goes on from the attempt applied
+    assert lap.last_job() == rows[1]["job"]
+    follow = lap.ask(script({"say": "more"}), "--continue", "--no-apply", "--json", check=0)
+    job = outcome_of(follow)["job"]
+    assert agent.json("GET", f"/v1/jobs/{job}")[1]["parent"] == rows[1]["job"]
+
+
+def test_take_builds_one_change_from_two_attempts_and_undo_puts_it_back(make_agent, tmp_path):
+    agent = make_agent(jobs={"workers": 2, "slots": 3})
+    lap = synced_laptop(tmp_path, agent, "alice")
+    before = (lap.root / "README.md").read_bytes()
+    result = lap.ask(TWO_WAYS, "-n", "3", "--take", "2:lib/a.dart,1:lib/b.dart", "--json", check=0)
+    outcome = outcome_of(result)
+    assert (lap.root / "lib/a.dart").read_bytes() == b"a from two\n"
+    assert (lap.root / "lib/b.dart").read_bytes() == b"b from one\n"
+    assert (lap.root / "README.md").read_bytes() == before  # attempt 2's other file stays out
+    assert applied_log(lap)[-1]["parts"] == {"lib/a.dart": 2, "lib/b.dart": 1}
+    assert outcome["apply"]["parts"] == {"lib/a.dart": 2, "lib/b.dart": 1}
+    lap.run("apply", "--undo", check=0)
+    assert not (lap.root / "lib/a.dart").exists() and not (lap.root / "lib/b.dart").exists()
+
+
+def test_the_same_file_from_two_attempts_is_refused_and_nothing_changes(make_agent, tmp_path):
+    agent = make_agent(jobs={"workers": 2, "slots": 2})
+    lap = synced_laptop(tmp_path, agent, "alice")
+    prompt = per_attempt(a1=[{"write": "lib/a.dart", "text": "one\n"}], a2=[{"write": "lib/a.dart", "text": "two\n"}])
+    result = lap.ask(prompt, "-n", "2", "--take", "1:lib/a.dart,2:lib/a.dart")
+    assert result.returncode == 2, result.err
+    assert "lib/a.dart is taken from attempts 1 and 2" in result.err and "Traceback" not in result.err
+    assert not (lap.root / "lib/a.dart").exists()
+    # attempt numbers outside -n are refused before anything is sent
+    result = lap.ask(prompt, "-n", "2", "--pick", "3")
+    assert result.returncode == 2 and "no attempt 3 of 2" in result.err
