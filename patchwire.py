@@ -22,7 +22,8 @@ The laptop is the source of truth. `patchwire ask "PROMPT"` does the whole job:
 Commands (`patchwire COMMAND --help` for each):
     init     write .patchwire.toml for this project (never the token itself)
     sync     send the project to the agent box (--dry-run: what would go, and why not)
-    ask      sync, ask the AI, stream progress, preview, apply on Enter
+    ask      sync, ask the AI, stream progress, preview, apply on Enter (-n N: several
+             attempts, then --pick K or --take K:PATH,... builds one change from them)
     diff     print a job's patch
     apply    preview and apply a job's patch (the last job by default; --yes skips asking)
     jobs     list your jobs on the agent box
@@ -4850,8 +4851,6 @@ def leave_out(patch: bytes, paths: Sequence[str]) -> bytes:
 
 ASK_GROUP_SHAPE = {"id": str, "project": str, "prompt": str, "created": NUMBER, "status": str,
                    "attempts": int, "jobs": ("list", dict)}
-ATTEMPTS_HELP = ("several attempts (-n 2..4): the table of attempts, their differences, then --pick K "
-                 "applies attempt K whole, --take K:PATH,... builds one change file by file")
 
 
 def checked_group(value: Any, asked: str) -> dict:
@@ -5855,7 +5854,8 @@ def cmd_usage(args) -> int:
 COMMANDS = {
     "init": (cmd_init, "write .patchwire.toml for this project (asks for the values without flags)"),
     "sync": (cmd_sync, "send the project's files to the agent box"),
-    "ask": (cmd_ask, "sync, ask the AI, stream its progress, preview and apply the diff"),
+    "ask": (cmd_ask, "sync, ask the AI, stream its progress, preview and apply the diff (-n N: several "
+                     "attempts side by side, then choose one, or files from several)"),
     "diff": (cmd_diff, "print a job's patch (the last job by default)"),
     "apply": (cmd_apply, "apply a job's patch here (the last job by default)"),
     "jobs": (cmd_jobs, "list your jobs on the agent box"),
