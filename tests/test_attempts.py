@@ -5,11 +5,15 @@ The stand-in AI answers per attempt (its `by_attempt` step reads PATCHWIRE_ATTEM
 
 import json
 import sqlite3
+import subprocess
 from pathlib import Path
 
+import pytest
+
+import patchwire
 import patchwire_agent as AGENT
 
-from conftest import ask_body, script
+from conftest import ask_body, script, wait_until
 from test_team import ask_as, edit_config, finish_all, gated, synced_laptop
 
 
@@ -108,7 +112,6 @@ def outcome_of(result) -> dict:
 
 
 def applied_log(lap) -> list:
-    import patchwire
     path = patchwire.Project(lap.root, "laptop").state_file("applied.log")
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -172,3 +175,57 @@ def test_the_same_file_from_two_attempts_is_refused_and_nothing_changes(make_age
     # attempt numbers outside -n are refused before anything is sent
     result = lap.ask(prompt, "-n", "2", "--pick", "3")
     assert result.returncode == 2 and "no attempt 3 of 2" in result.err
+
+
+def test_a_cancelled_attempt_is_shown_and_the_others_still_apply(make_agent, tmp_path):
+    agent = make_agent(jobs={"workers": 2, "slots": 2})
+    lap = synced_laptop(tmp_path, agent, "alice")
+    prompt = per_attempt(a1=[{"write": "one.txt", "text": "one\n"}],
+                         a2=[{"wait_file": str(tmp_path / "never"), "max_s": 60}])
+    proc = subprocess.Popen(lap.program + ["ask", prompt, "-n", "2", "--pick", "1", "--json"], cwd=lap.root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=lap.env)
+    try:
+        def second_running():
+            jobs = agent.json("GET", "/v1/jobs")[1]["jobs"]
+            return next((j for j in jobs if j.get("attempt") == 2 and j["status"] == "running"), None)
+        job = wait_until(second_running, what="attempt 2 running")
+        assert agent.json("DELETE", f"/v1/jobs/{job['id']}")[0] == 200
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err.decode()
+    lines = [json.loads(line) for line in out.decode().splitlines() if line.strip()]
+    outcome = next(line for line in lines if line.get("type") == "outcome")
+    assert [r["status"] for r in outcome["attempts"]] == ["done", "cancelled"]
+    assert "cancelled by alice" in outcome["attempts"][1]["problem"]
+    assert (lap.root / "one.txt").read_bytes() == b"one\n"
+
+
+# ------------------------------------------------------------------ units: policy and a box that lies
+
+
+def test_max_attempts_is_checked_like_every_policy_key(tmp_path):
+    config = tmp_path / "agent.toml"
+    AGENT.main(["init", "-c", str(config), "--user", "alice", "--token-file", str(tmp_path / "t"),
+                "--listen", "127.0.0.1:0"])
+    config.write_text(config.read_text() + "\n[policy]\nmax_attempts = 5\n")
+    with pytest.raises(AGENT.PatchwireError, match="max_attempts must be 1..4"):
+        AGENT.AgentConfig.load(config)
+
+
+def test_the_laptop_refuses_an_ask_group_that_does_not_add_up():
+    job = {"id": "aaaaaaaaaaaa", "status": "done", "ask_id": "bbbbbbbbbbbb", "attempt": 1}
+    good = {"id": "bbbbbbbbbbbb", "project": "p", "prompt": "x", "created": 1.0, "status": "ended",
+            "attempts": 2, "jobs": [job, {**job, "id": "cccccccccccc", "attempt": 2}]}
+    assert patchwire.checked_group(good, "bbbb")["attempts"] == 2
+    lies = [{**good, "id": "dddddddddddd"},  # not the ask asked for
+            {**good, "attempts": 3},  # more attempts than jobs
+            {**good, "jobs": [job, {**job, "id": "cccccccccccc", "attempt": 3}]},  # numbering
+            {**good, "jobs": [job, {**job, "id": "cccccccccccc", "attempt": 2, "ask_id": "eeeeeeeeeeee"}]},
+            {**good, "jobs": [job, {**job, "attempt": 2}]},  # the same job twice
+            {**good, "jobs": [job, {**job, "id": "cccccccccccc", "attempt": True}]},  # true is no number
+            {**good, "jobs": "all of them"}]
+    for lie in lies:
+        with pytest.raises(patchwire.PatchwireError):
+            patchwire.checked_group(lie, "bbbb")
