@@ -5117,11 +5117,23 @@ def ask_which(attempts: Sequence[Attempt], style: Style) -> List[Tuple[int, str]
     paths = list(dict.fromkeys(fp.path for a in attempts if a.usable for fp in a.files))
     for path in paths:
         offers = [a.number for a in attempts if a.usable and path in a.sections()]
+        show_alternatives([a for a in attempts if a.number in offers], path, style)
         pick = read_answer(style("bold", sanitize(path)) + f": from attempt {'/'.join(map(str, offers))}, "
                            "or Enter to leave it out?")
         if pick and pick.isdigit() and int(pick) in offers:
             parts.append((int(pick), path))
     return parts
+
+
+def show_alternatives(attempts: Sequence[Attempt], path: str, style: Style) -> None:
+    """Each different change the attempts make to `path`, once, naming who makes it."""
+    alike: Dict[bytes, List[Attempt]] = {}
+    for a in attempts:
+        alike.setdefault(a.sections()[path], []).append(a)
+    for same in alike.values():
+        fp = next(f for f in same[0].files if path in (f.path, f.old_path))
+        say(style("bold", "attempt " + " and ".join(str(a.number) for a in same) + ":"))
+        say("\n".join(render_diff([fp], style)))
 
 
 def ask_attempts(session: Session, args, prompt: str) -> int:

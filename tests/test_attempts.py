@@ -13,7 +13,7 @@ import pytest
 import patchwire
 import patchwire_agent as AGENT
 
-from conftest import ask_body, script, wait_until
+from conftest import ask_body, drive_pty, script, wait_until
 from test_team import ask_as, edit_config, finish_all, gated, synced_laptop
 
 
@@ -229,3 +229,17 @@ def test_the_laptop_refuses_an_ask_group_that_does_not_add_up():
     for lie in lies:
         with pytest.raises(patchwire.PatchwireError):
             patchwire.checked_group(lie, "bbbb")
+
+
+def test_on_a_terminal_each_file_is_offered_from_the_attempts_that_change_it(make_agent, tmp_path):
+    agent = make_agent(jobs={"workers": 2, "slots": 3})
+    lap = synced_laptop(tmp_path, agent, "alice")
+    before = (lap.root / "README.md").read_bytes()
+    out = drive_pty(lap, ["ask", TWO_WAYS, "-n", "3", "--no-color"], ["t", "2", "1", ""],
+                    [b"keeps them for later.", b"leave it out?"])
+    assert "attempt 2 differs from 1 in 3 file(s)" in out
+    assert "attempt 1:" in out and "attempt 2:" in out and "+a from two" in out  # the alternatives, shown
+    assert (lap.root / "lib/a.dart").read_bytes() == b"a from two\n"
+    assert (lap.root / "lib/b.dart").read_bytes() == b"b from one\n"
+    assert (lap.root / "README.md").read_bytes() == before
+    assert applied_log(lap)[-1]["parts"] == {"lib/a.dart": 2, "lib/b.dart": 1}
