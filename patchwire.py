@@ -4865,6 +4865,17 @@ def checked_group(value: Any, asked: str) -> dict:
     return {**group, "jobs": jobs}
 
 
+def show_siblings(session: Session, job: dict) -> None:
+    """`show` of an attempt: one line for each attempt of its ask."""
+    if not isinstance(job.get("ask_id"), str):
+        return
+    for other in session.client.ask_group(job["ask_id"])["jobs"]:
+        stats = other.get("stats") or {}
+        change = f", {stats.get('files', 0)} file(s) +{stats.get('added', 0)} -{stats.get('removed', 0)}" if stats else ""
+        mark = " (this one)" if other["id"] == job["id"] else ""
+        print(sanitize(f"  attempt {other['attempt']}: job {other['id']} {other['status']}{change}{mark}"))
+
+
 def attempt_label(job: dict) -> str:
     """"ask 1a2b3c #2 " before a job's prompt in `jobs`: the attempts of one ask group."""
     if not isinstance(job.get("ask_id"), str) or not isinstance(job.get("attempt"), int):
@@ -5774,6 +5785,7 @@ def cmd_show(args) -> int:
     for key in ("id", "status", "project", "reason", "ask_id", "attempt", "prompt"):
         if job.get(key):
             print(f"{key + ':':<9} {sanitize(str(job[key]), keep_newlines=True)}")
+    show_siblings(session, job)
     for key, value in (job.get("result") or {}).items():
         if key == "network":
             print(sanitize(network_summary(value).replace("network ", "network: ", 1), keep_newlines=True))

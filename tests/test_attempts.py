@@ -142,6 +142,9 @@ def test_pick_applies_attempt_two_whole_byte_for_byte_and_continue_goes_on_from_
     # the job list names the ask and each attempt
     jobs = lap.run("jobs", check=0).out
     assert f"ask {outcome['ask'][:6]} #2" in jobs
+    shown = lap.run("show", rows[0]["job"], check=0).out
+    assert f"ask_id:   {outcome['ask']}" in shown and f"attempt 2: job {rows[1]['job']} done, 3 file(s)" in shown
+    assert f"attempt 1: job {rows[0]['job']} done, 2 file(s) +2 -0 (this one)" in shown
     # --continue goes on from the attempt applied
     assert lap.last_job() == rows[1]["job"]
     follow = lap.ask(script({"say": "more"}), "--continue", "--no-apply", "--json", check=0)
