@@ -1977,7 +1977,7 @@ JOB_SHAPE: Dict[str, Any] = {
     "started": (*NUMBER, type(None)), "finished": (*NUMBER, type(None)), "tree": (str, type(None)),
     "snapshot": (str, type(None)), "parent": (str, type(None)), "timeout_s": (int, type(None)),
     "slot": (int, type(None)), "events": int, "stats": (dict, type(None)), "result": (dict, type(None)),
-    "ask_id": (str, type(None)), "attempt": (int, type(None))}
+    "ask_id": (str, type(None)), "attempt": (int, type(None)), "profile": (str, type(None))}
 EVENT_SHAPE: Dict[str, Any] = {
     "type": str, "seq": int, "job": str, "position": int, "estimate_s": (int, type(None)), "count": int,
     "paths": ("list", str), "text": str, "name": (str, type(None)), "detail": str, "status": str,
@@ -4889,12 +4889,27 @@ def add_attempt_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pick", type=int, metavar="K", help="with -n: apply attempt K whole, without asking")
     parser.add_argument("--take", metavar="K:PATH,...",
                         help="with -n: build one change, each file from the attempt named (2:lib/a.dart,3:lib/b.dart)")
+    parser.add_argument("--agents", metavar="NAME,...",
+                        help="one attempt per AI profile of the box ([ai.profiles.NAME]), e.g. --agents claude,codex")
     parser.add_argument("--focus", type=int, default=1, metavar="K",
                         help="with -n: the attempt whose AI text is shown (default 1)")
 
 
+def attempt_fields(args) -> dict:
+    """The ask's fields for several attempts: attempts, and the AI profile of each."""
+    agents = [a.strip() for a in (getattr(args, "agents", None) or "").split(",") if a.strip()]
+    if agents:
+        return {"attempts": len(agents), "agents": agents}
+    return {"attempts": args.attempts} if getattr(args, "attempts", 1) != 1 else {}
+
+
 def check_attempt_args(args) -> List[Tuple[int, str]]:
     """The command line of `ask -n`, checked before anything is sent; --take's parts."""
+    agents = attempt_fields(args).get("agents")
+    if agents and args.attempts not in (1, len(agents)):
+        raise UsageError(f"-n {args.attempts} and --agents with {len(agents)} names disagree",
+                         "--agents makes one attempt per name: leave -n out")
+    args.attempts = len(agents) if agents else args.attempts
     if not 2 <= args.attempts <= 4:
         raise UsageError(f"-n {args.attempts}: several attempts are 2 to 4", "patchwire ask -n 3 PROMPT")
     if args.pick and args.take:
@@ -5003,7 +5018,7 @@ class Attempt:
         stats = self.job.get("stats") or {}
         result = self.job.get("result") or {}
         started, finished = self.job.get("started"), self.job.get("finished")
-        return {"attempt": self.number, "job": self.id, "status": self.status,
+        return {"attempt": self.number, "job": self.id, "status": self.status, "agent": self.job.get("profile"),
                 "files": len(self.files) if self.usable else stats.get("files", 0),
                 "added": stats.get("added", 0), "removed": stats.get("removed", 0),
                 "seconds": round(finished - started, 1) if started and finished else None,
@@ -5051,7 +5066,8 @@ def render_attempts(rows: Sequence[dict], diffs: Sequence[dict]) -> List[str]:
         cost = f"${r['cost_usd']:.4f}" if r["cost_usd"] is not None else "-"
         turns = f"{r['turns']:g}" if r["turns"] is not None else "-"
         line = f"{r['attempt']:>2}  {r['job']:<12}  {r['status']:<9} {r['files']:>5}  {size:<11} {took:>7}  {cost:>8}  {turns}"
-        lines.append(sanitize(line + (f"  ({r['problem'][:80]})" if r["problem"] else "")))
+        agent = f"  [{r['agent']}]" if r["agent"] else ""
+        lines.append(sanitize(line + agent + (f"  ({r['problem'][:80]})" if r["problem"] else "")))
     for d in diffs:
         a, b = d["attempts"]
         lines.append(f"attempt {b} differs from {a} in {len(d['paths'])} file(s)"
@@ -5486,7 +5502,7 @@ def cmd_ask(args) -> int:
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     if not prompt.strip():
         raise UsageError("the prompt is empty")
-    if args.attempts != 1 or args.pick or args.take:
+    if args.attempts != 1 or args.pick or args.take or args.agents:
         return ask_attempts(session, args, prompt)
     session.client.on_wait = lambda quiet: say(f"still waiting for the box ({quiet:.0f} s without news)")
     first, events, tree = start_ask(session, args, prompt)
@@ -5541,8 +5557,7 @@ def sync_and_post(session: Session, args, prompt: str) -> Tuple[dict, Iterator[d
         body["timeout_s"] = args.timeout
     if args.on or args.continue_:
         body["continue"] = args.on or session.job_id(None)
-    if getattr(args, "attempts", 1) != 1:
-        body["attempts"] = args.attempts
+    body.update(attempt_fields(args))
     try:
         return post_ask(session, body, synced.tree) + (synced.tree,)
     except AgentError as e:

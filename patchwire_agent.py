@@ -213,6 +213,8 @@ CONFIG_TEMPLATE = """\
 # sandbox: "auto" confines the AI to its job folder (bubblewrap on Linux, sandbox-exec on macOS).
 # readable: folders the sandbox hides that the AI may read (a toolchain in this account's home).
 # tmp_mb, max_processes, max_memory_mb: each job's /tmp, processes and memory (doctor: what holds).
+# [ai.profiles.NAME] command = [...]: other AI commands one ask may try side by side
+# (`patchwire ask --agents claude,other`), one attempt each.
 {ai}
 [jobs]
 # workers: AI runs at once on this box; slots: warm job folders per user and project.
@@ -302,7 +304,7 @@ AI_SCHEMA = {"command": ("str_list", CLAUDE_COMMAND), "timeout_s": (int, 1800),
              "max_timeout_s": (int, 7200), "env": ("str_table", {}),
              "resume_args": ("str_list", ["--resume", "{session_id}"]), "sandbox": (str, "auto"),
              "readable": ("str_list", []), "tmp_mb": (int, 1024), "max_processes": (int, 1024),
-             "max_memory_mb": ("int>=0", 4096)}
+             "max_memory_mb": ("int>=0", 4096), "profiles": (dict, {})}
 JOBS_SCHEMA = {"workers": (int, 2), "slots": (int, 2), "max_output_mb": (float, 16),
                "max_diff_mb": (float, 256)}
 # Policy keys: defaults in [policy], overrides in [users.NAME]. None means "no limit of its
@@ -341,6 +343,7 @@ class AgentConfig:
         self.stand_in = check_ai_command(path, ai["command"])
         self.ai_command: List[str] = stand_in_argv() if self.stand_in else ai["command"]
         self.ai_label = STAND_IN_LABEL if self.stand_in else repr(self.ai_command[0])
+        self.ai_profiles = read_profiles(path, ai["profiles"])  # several attempts: --agents a,b
         self.timeout_s: int = ai["timeout_s"]
         self.max_timeout_s: int = max(ai["max_timeout_s"], ai["timeout_s"])
         self.ai_env: Dict[str, str] = ai["env"]
@@ -528,7 +531,7 @@ CREATE TABLE IF NOT EXISTS events (
     job TEXT NOT NULL, seq INTEGER NOT NULL, data TEXT NOT NULL, PRIMARY KEY (job, seq));
 """
 # several attempts: the ask that groups sibling jobs, and which of them a job is (1..N)
-ATTEMPT_COLUMNS = {"ask_id": "TEXT", "attempt": "INTEGER"}
+ATTEMPT_COLUMNS = {"ask_id": "TEXT", "attempt": "INTEGER", "profile": "TEXT"}
 JOB_FIELDS = ("id", "user", "project", "prompt", "status", "reason", "created", "started",
               "finished", "snapshot", "tree", "timeout_s", "result", "stats", "parent", "slot",
               "pgid", "last_seq", *ATTEMPT_COLUMNS)
@@ -3085,9 +3088,13 @@ def check_max_attempts(path: Path, table: str, values: dict) -> None:
                              "the number of sibling jobs one ask may start (`patchwire ask -n N`)")
 
 
-def check_attempts(policy: "Policy", body: dict) -> int:
-    """The ask's number of attempts: 1 unless it says, at most the user's max_attempts."""
-    attempts = body.get("attempts", 1)
+def check_attempts(policy: "Policy", body: dict, known: Dict[str, List[str]]) -> Tuple[int, List[str]]:
+    """The ask's number of attempts (1 unless it says, at most the user's max_attempts) and
+    the AI profile of each (`agents`: one name per attempt), or no profiles."""
+    profiles = check_profiles(body.get("agents"), known)
+    attempts = body.get("attempts", len(profiles) or 1)
+    if profiles and attempts != len(profiles):
+        raise BadRequest("agents names one profile per attempt", "send attempts equal to the number of agents")
     if not isinstance(attempts, int) or isinstance(attempts, bool) or not 1 <= attempts <= MAX_ATTEMPTS:
         raise BadRequest(f"attempts must be a whole number 1..{MAX_ATTEMPTS}")
     if attempts > 1 and body.get("continue") is not None:
@@ -3097,16 +3104,50 @@ def check_attempts(policy: "Policy", body: dict) -> int:
         raise policy_refusal(HTTPStatus.FORBIDDEN, policy, "max_attempts",
                              f"{attempts} attempts is over the limit of user {policy.user}",
                              f"ask with -n {policy.max_attempts} or fewer")
-    return attempts
+    return attempts, profiles
 
 
-def attempt_jobs(job: dict, attempts: int) -> List[dict]:
+def check_profiles(agents: Any, known: Dict[str, List[str]]) -> List[str]:
+    if agents is None:
+        return []
+    if not isinstance(agents, list) or not agents or not all(isinstance(a, str) for a in agents):
+        raise BadRequest("agents must be a list of AI profile names")
+    for name in agents:
+        if name not in known:
+            raise BadRequest(f"no AI profile {clip(name, 40)!r} on this box",
+                             "its [ai.profiles.NAME] tables: " + (", ".join(sorted(known)) or "none"),
+                             code="no_profile")
+    return agents
+
+
+def attempt_jobs(job: dict, attempts: int, profiles: Sequence[str] = ()) -> List[dict]:
     """The jobs of one ask: `job` alone, or N siblings of its snapshot under one ask id."""
     if attempts == 1:
-        return [job]
+        return [{**job, "profile": profiles[0]} if profiles else job]
     ask_id = secrets.token_hex(6)
     ids = [job["id"]] + [secrets.token_hex(6) for _ in range(attempts - 1)]
-    return [{**job, "id": job_id, "ask_id": ask_id, "attempt": n} for n, job_id in enumerate(ids, 1)]
+    return [{**job, "id": job_id, "ask_id": ask_id, "attempt": n, **({"profile": profiles[n - 1]} if profiles else {})}
+            for n, job_id in enumerate(ids, 1)]
+
+
+def read_profiles(path: Path, tables: dict) -> Dict[str, List[str]]:
+    """[ai.profiles.NAME] command = [...]: other AI commands an ask may name (`--agents`)."""
+    profiles = {}
+    for name, table in tables.items():
+        if not pw.NAME_RE.fullmatch(name):
+            raise PatchwireError(f"{path}: AI profile name {name!r} is not valid", "use letters, digits, '.', '_' and '-'")
+        command = pw.Schema(path, f"ai.profiles.{name}", {"command": ("str_list", None)}).read(table)["command"]
+        if not command:
+            raise PatchwireError(f"{path}: ai.profiles.{name}.command must be a non-empty list of strings")
+        profiles[name] = stand_in_argv() if command == [STAND_IN] else command
+    return profiles
+
+
+def profile_command(cfg: AgentConfig, job: Optional[dict], parent: Optional[dict]) -> List[str]:
+    """The job's AI command: its profile's (a follow-up: its parent's), else [ai] command.
+    A profile removed from the config since the ask falls back to [ai] command."""
+    name = (job or {}).get("profile") or (parent or {}).get("profile")
+    return cfg.ai_profiles.get(name, cfg.ai_command) if name else cfg.ai_command
 
 
 def attempt_environment(job: dict) -> Dict[str, str]:
@@ -3438,7 +3479,7 @@ class Agent:
         else:
             files = (check_tree_id(body.get("base"), "base"), check_paths(body.get("changed"), "changed"),
                      check_paths(body.get("deleted"), "deleted"))
-        attempts = check_attempts(policy, body)
+        attempts, profiles = check_attempts(policy, body, self.cfg.ai_profiles)
         self.check_room()
         self.check_quota(policy)
         timeout_s = self.check_timeout(policy, body.get("timeout_s", min(self.cfg.timeout_s, policy.timeout_s)))
@@ -3455,7 +3496,7 @@ class Agent:
                "timeout_s": timeout_s, "parent": parent["id"] if parent else None}
         with self.admission:  # again, atomically with the enqueue: concurrent asks
             self.admit(self.cfg.policy(user), attempts)
-            siblings = attempt_jobs(job, attempts)
+            siblings = attempt_jobs(job, attempts, profiles)
             for one in siblings:
                 self.store.create_job(one)
                 self.queue.put(QueueItem(one["id"], user, project, parent["slot"] if parent else None))
@@ -3833,7 +3874,7 @@ class Agent:
         if gateway:
             env = gateway_ai_environment(env, holds_credential=gateway.credential is not None,
                                          port=gateway.port or GATEWAY_PORT, key=gateway.key)
-        argv, env = self.sandbox.wrap(self.ai_argv(parent), env, walls, scratch=repo.home / "tmp" / f"slot{slot}")
+        argv, env = self.sandbox.wrap(self.ai_argv(parent, job), env, walls, scratch=repo.home / "tmp" / f"slot{slot}")
         cgroup = JobCgroup(limits, job["id"])
         if bwrap:
             try:
@@ -3887,12 +3928,14 @@ class Agent:
             log.warning("could not reset the job folder of %s: %s", job_id, e)
         self.finish(job_id, status, reason, **fields)
 
-    def ai_argv(self, parent: Optional[dict]) -> List[str]:
-        """The AI command; a follow-up adds `[ai] resume_args` with the parent's session."""
+    def ai_argv(self, parent: Optional[dict], job: Optional[dict] = None) -> List[str]:
+        """The AI command (of the job's profile, if it names one); a follow-up adds `[ai]
+        resume_args` with the parent's session."""
+        command = profile_command(self.cfg, job, parent)
         session = ((parent or {}).get("result") or {}).get("session_id")
         if not session:
-            return list(self.cfg.ai_command)
-        return self.cfg.ai_command + [a.replace("{session_id}", session) for a in self.cfg.resume_args]
+            return list(command)
+        return command + [a.replace("{session_id}", session) for a in self.cfg.resume_args]
 
 
 def plan_starts(order: List[Tuple[str, str]], running: List[Tuple[str, float]], workers: int,
@@ -4924,6 +4967,8 @@ OPENAPI_SCHEMAS = {
                                    "description": "changes form: paths deleted since base"},
                           timeout_s=_I, attempts={**_I, "description": "1..4 sibling jobs of this snapshot, "
                                                   "grouped by an ask id (policy: max_attempts); default 1"},
+                          agents={"type": "array", "items": _S,
+                                  "description": "an [ai.profiles.NAME] per attempt (their number is attempts)"},
                           **{"continue": {**_S, "description": "a finished job to follow up"}}),
                    "description": "Either `files` (every file) or `base` with `changed` and `deleted` "
                                   "(what changed since base: O(changed))"},
@@ -4940,6 +4985,7 @@ OPENAPI_SCHEMAS = {
                 stats=_nullable(_ref("Stats")), parent=_nullable(_S), slot=_nullable(_I),
                 events={**_I, "description": "number of the job's last event"},
                 ask_id={**_nullable(_S), "description": "the ask of several attempts this job is one of"},
+                profile={**_nullable(_S), "description": "the [ai.profiles.NAME] that ran it (agents)"},
                 attempt={**_nullable(_I), "description": "which attempt of its ask (1..N)"}),
     "AskGroup": _obj(["id", "project", "prompt", "created", "status", "attempts", "jobs"], id=_S, project=_S,
                      prompt=_S, created=_N, status={"enum": ["running", "ended"]}, attempts=_I,

@@ -13,7 +13,7 @@ import pytest
 import patchwire
 import patchwire_agent as AGENT
 
-from conftest import ask_body, drive_pty, script, wait_until
+from conftest import STAND_IN_COMMAND, ask_body, drive_pty, script, wait_until
 from test_team import ask_as, edit_config, finish_all, gated, synced_laptop
 
 
@@ -246,3 +246,19 @@ def test_on_a_terminal_each_file_is_offered_from_the_attempts_that_change_it(mak
     assert (lap.root / "lib/b.dart").read_bytes() == b"b from one\n"
     assert (lap.root / "README.md").read_bytes() == before
     assert applied_log(lap)[-1]["parts"] == {"lib/a.dart": 2, "lib/b.dart": 1}
+
+
+def test_agents_run_one_attempt_per_ai_profile_of_the_box(make_agent, tmp_path):
+    log = tmp_path / "stand-in.log"
+    profiles = {name: {"command": STAND_IN_COMMAND + ["--model", name]} for name in ("quick", "deep")}
+    agent = make_agent(jobs={"workers": 2, "slots": 2}, ai={"env": {"STAND_IN_LOG": str(log)}, "profiles": profiles})
+    lap = synced_laptop(tmp_path, agent, "alice")
+    prompt = per_attempt(a1=[{"write": "a.txt", "text": "quick\n"}], a2=[{"write": "a.txt", "text": "deep\n"}])
+    outcome = outcome_of(lap.ask(prompt, "--agents", "quick,deep", "--pick", "2", "--json", check=0))
+    assert [(r["attempt"], r["agent"]) for r in outcome["attempts"]] == [(1, "quick"), (2, "deep")]
+    assert (lap.root / "a.txt").read_bytes() == b"deep\n"
+    models = sorted(run["argv"][run["argv"].index("--model") + 1] for run in map(json.loads, log.read_text().splitlines()))
+    assert models == ["deep", "quick"]
+    # a profile the box does not have is refused, naming the ones it has
+    result = lap.ask(prompt, "--agents", "quick,codex")
+    assert result.returncode == 3 and "no AI profile 'codex'" in result.err and "deep, quick" in result.err
