@@ -5174,6 +5174,8 @@ def ask_attempts(session: Session, args, prompt: str) -> int:
                             "Patchwire's several attempts?)", BOX_HINT)
     group = session.client.ask_group(ask)
     numbers = {job["id"]: job["attempt"] for job in group["jobs"]}
+    if len(numbers) != args.attempts or first["job"] not in numbers:
+        raise AnswerRefused(f"the agent's ask {ask} is not the {args.attempts} attempts asked for", BOX_HINT)
     for job in numbers:
         session.record_job_tree(job, tree)
     say(f"ask {ask}: {len(numbers)} attempts; following attempt {args.focus}'s AI, one line each for the others")
@@ -5181,8 +5183,9 @@ def ask_attempts(session: Session, args, prompt: str) -> int:
                                ProgressPrinter(Style.for_stream(sys.stderr, args.no_color)))
 
     def on_event(event: dict) -> None:
-        progress(event)
-        output(args, event)
+        if event.get("job") in numbers:  # another job's event has no place here
+            progress(event)
+            output(args, event)
 
     def chain():
         yield first
