@@ -9,6 +9,7 @@ const { Patchwire, SCHEME } = require('./lib/commands');
 const COMMANDS = {
   'patchwire.ask': (pw) => pw.ask(false),
   'patchwire.askFollowUp': (pw) => pw.ask(true),
+  'patchwire.askAttempts': (pw) => pw.askAttempts(),
   'patchwire.showJobs': (pw) => pw.showJobs(),
   'patchwire.applyJob': (pw) => pw.applyJob(),
   'patchwire.undoApply': (pw) => pw.undo(),

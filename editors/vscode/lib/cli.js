@@ -193,6 +193,11 @@ class Cli {
     return this.start(args, { input: prompt, onObject: onEvent });
   }
 
+  /** Several attempts (`ask -n N`): every attempt's events, then an outcome with their table. */
+  askAttempts(prompt, attempts, { onEvent = () => {} } = {}) {
+    return this.start(['ask', '-', '-n', String(attempts), '--no-apply'], { input: prompt, onObject: onEvent });
+  }
+
   jobs() { return this.json(['jobs']); }
 
   show(job) { return this.json(['show', job]); }
