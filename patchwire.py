@@ -22,13 +22,15 @@ The laptop is the source of truth. `patchwire ask "PROMPT"` does the whole job:
 Commands (`patchwire COMMAND --help` for each):
     init     write .patchwire.toml for this project (never the token itself)
     sync     send the project to the agent box (--dry-run: what would go, and why not)
-    ask      sync, ask the AI, stream progress, preview, apply on Enter (-n N: several
-             attempts, then --pick K or --take K:PATH,... builds one change from them)
+    ask      sync, ask the AI, stream progress, preview, apply on Enter (--detach: queue and leave;
+             -n N: several attempts, then --pick K or --take K:PATH,... builds one change from them)
+    wait     follow your running jobs again, then preview and apply as ask does
     diff     print a job's patch
     apply    preview and apply a job's patch (the last job by default; --yes skips asking)
     jobs     list your jobs on the agent box
     show     show one job with its events
     cancel   cancel a queued or running job
+    notify   where the box tells you a job ended: add URL, list, remove ID, test [ID]
     log      what was applied here, when, from which job
     doctor   check every link (git, rsync, ssh, agent, token, AI, clock) and say how to fix it
     usage    your asks, AI minutes, tokens and cost on the box (--by project|day, --csv)
@@ -79,6 +81,7 @@ import hashlib
 import json
 import os
 import re
+import itertools
 import shlex
 import shutil
 import stat
@@ -302,9 +305,13 @@ def _file_size_limit(limit: Optional[int]) -> Optional[Callable[[], None]]:
     return cap
 
 
-def spawn(argv: Sequence[str], *, cwd: os.PathLike, env: dict) -> subprocess.Popen:
+def spawn(argv: Sequence[str], *, cwd: os.PathLike, env: dict, terminal: bool = False) -> subprocess.Popen:
     """Start a long-running child in its own process group (so the whole group can be
-    ended), with pipes for stdin, stdout and stderr. The agent's AI runs this way."""
+    ended), with pipes for stdin, stdout and stderr. The agent's AI runs this way. With
+    `terminal` (a pager), only stdin is a pipe and the child stays in this session: it
+    writes to the terminal and reads its keys from it."""
+    if terminal:
+        return subprocess.Popen(list(argv), cwd=cwd, env=env, stdin=subprocess.PIPE)
     return subprocess.Popen(list(argv), cwd=cwd, env=env, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
@@ -425,6 +432,22 @@ class Git:
                 os.replace(tmp, path)
             ids.append(sha)
         return ids
+
+    def has_tree(self, tree: str) -> bool:
+        """Whether `tree` names a tree in this repository (a commit's id does not count)."""
+        return bool(tree) and self.run("cat-file", "-e", tree + "^{tree}", check=False).returncode == 0
+
+    def tree_after_patch(self, tree: str, patch: bytes, index: Path) -> Tuple[Optional[str], bytes]:
+        """(the tree `patch` makes of `tree`, None when it does not apply; git's stderr): git's
+        own apply in a throwaway `index` (removed after), never a worktree, so there is no second
+        patch applier."""
+        git = self.with_env(GIT_INDEX_FILE=str(index))
+        try:
+            git("read-tree", tree)
+            applied = git.run("apply", "--cached", "--binary", "-", input=patch, check=False)
+            return (git.text("write-tree") if applied.returncode == 0 else None), applied.stderr
+        finally:
+            index.unlink(missing_ok=True)
 
     def read_blobs(self, ids: Sequence[str]) -> Dict[str, Optional[bytes]]:
         """{id: its bytes, None when there is no such blob}, all in one `cat-file --batch`."""
@@ -571,6 +594,8 @@ def _is_kind(value: Any, kind: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value > 0
     if kind == "int>=0":
         return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    if kind == "num>=0":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
     if kind is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
     return isinstance(value, kind)
@@ -578,7 +603,8 @@ def _is_kind(value: Any, kind: Any) -> bool:
 
 def _kind_name(kind: Any) -> str:
     return {"str_list": "a list of strings", "str_table": "a table of strings",
-            int: "a positive integer", "int>=0": "a whole number, 0 or more", float: "a positive number", str: "a string",
+            int: "a positive integer", "int>=0": "a whole number, 0 or more",
+            "num>=0": "a number, 0 or more", float: "a positive number", str: "a string",
             bool: "true or false", dict: "a table", list: "a list"}.get(kind, str(kind))
 
 
@@ -1058,11 +1084,13 @@ HELP_EPILOG = (textwrap.fill("exit codes: " + ", ".join(f"{int(s)} {s.meaning}".
 
 LAPTOP_SCHEMA = {
     "agent": (str, DEFAULT_AGENT_URL), "token_file": (str, None), "ssh": (str, None), "ca_file": (str, None),
-    "project": (str, None), "sync": (dict, {}),
+    "project": (str, None), "sync": (dict, {}), "notify": (dict, {}),
 }
 SYNC_SCHEMA = {"deny": ("str_list", []), "allow": ("str_list", []), "exclude": ("str_list", []),
                "max_file_mb": (float, DEFAULT_MAX_FILE_MB), "submodules": (bool, False),
                "ssh_options": ("str_list", []), "rsync": (str, "rsync")}
+# [notify]: a desktop notification when an attached ask or wait took at least after_s
+NOTIFY_SCHEMA = {"desktop": (bool, True), "after_s": ("num>=0", 30)}
 
 
 class LaptopConfig:
@@ -1071,6 +1099,9 @@ class LaptopConfig:
     def __init__(self, root: Path, data: dict, path: Path):
         top = Schema(path, "", LAPTOP_SCHEMA).read(data)
         sync = Schema(path, "sync", SYNC_SCHEMA).read(top["sync"])
+        notify = Schema(path, "notify", NOTIFY_SCHEMA).read(top["notify"])
+        self.notify_desktop: bool = notify["desktop"]
+        self.notify_after_s: float = notify["after_s"]
         self.root, self.path = root, path
         self.agent = top["agent"].rstrip("/")
         self.token_file = top["token_file"]
@@ -1641,7 +1672,7 @@ class Project:
 
     def recorded(self, tree: str) -> bool:
         """Whether `tree` (a job's base) is a sync record this store can read."""
-        return bool(tree) and self.git.run("cat-file", "-e", tree + "^{tree}", check=False).returncode == 0
+        return self.git.has_tree(tree)
 
     def recorded_file(self, tree: str, path: str) -> Optional[Tuple[bytes, str]]:
         """(bytes, git mode) of the file `path` in `tree` (a sync record, or a tree made from
@@ -1985,6 +2016,9 @@ EVENT_SHAPE: Dict[str, Any] = {
 HEALTH_SHAPE = {"version": str, "time": NUMBER, "queue_depth": int, "ai_found": bool, "ai_command": str,
                 "sandbox": str, "sandbox_warning": str}
 ME_SHAPE = {"user": str, "mirror": str}
+TARGET_SHAPE = {"id": str, "kind": str, "url": str, "events": ("list", str), "include": ("list", str),
+                "created": NUMBER}
+TEST_SHAPE = {"ok": bool, "status": (int, type(None)), "error": (str, type(None))}
 USAGE_FIGURES = {field: NUMBER for field, _ in USAGE_HEADINGS}
 USAGE_SHAPE = {"since": NUMBER, "until": NUMBER, "group": str, "user": (str, type(None)),
                "rows": ("list", {"key": str, "user_removed": bool, **USAGE_FIGURES}), "total": USAGE_FIGURES}
@@ -2396,6 +2430,25 @@ class Client:
 
     def ask_events(self, ask: str, follow: bool = True) -> Iterator[dict]:
         return self.stream("GET", f"/v1/asks/{_quote(ask)}/events" + ("" if follow else "?follow=0"))
+    def notify_targets(self) -> List[dict]:
+        answer = checked(self.json("GET", "/v1/notify", what="target list"), {"targets": ("list", TARGET_SHAPE)},
+                         "target list", required=("targets",))
+        return [checked(t, TARGET_SHAPE, "target", required=("id", "kind", "url")) for t in answer["targets"]]
+
+    def notify_add(self, body: dict) -> dict:
+        what = "answer to notify add"
+        return checked(self.json("POST", "/v1/notify", body, what=what), {"target": TARGET_SHAPE, "secret": str},
+                       what, required=("target",))
+
+    def notify_remove(self, target: str) -> dict:
+        what = "answer to notify remove"
+        return checked(self.json("DELETE", f"/v1/notify/{_quote(target)}", what=what), {"target": TARGET_SHAPE},
+                       what, required=("target",))
+
+    def notify_test(self, target: str) -> dict:
+        what = "answer to notify test"
+        return checked(self.json("POST", f"/v1/notify/{_quote(target)}/test", {}, what=what), TEST_SHAPE, what,
+                       required=("ok",))
 
 
 def _quote(value: str) -> str:
@@ -2835,6 +2888,9 @@ class PatchParser:
         m = HUNK_RE.match(header)
         if not m or not (m.group(5) == b"\n" or m.group(5).startswith(b" ")):
             raise refuse(f"line {self.i}: a malformed hunk header: {header[:100]!r}")
+        # git reads a hunk by the counts in its header (a missing count is 1), not up to the next
+        # `@@`: so does this reader, or a line past the count would be shown here as part of
+        # the hunk while git reads it as the start of something else
         old_left = int(m.group(2)) if m.group(2) is not None else 1
         new_left = int(m.group(4)) if m.group(4) is not None else 1
         lines: List[bytes] = []
@@ -2859,6 +2915,9 @@ class PatchParser:
             if old_left < 0 or new_left < 0:
                 raise self.fail("more lines than the hunk header says")
             lines.append(self.take(fp))
+        # `\ No newline at end of file` strips the newline of the line before it. git writes it
+        # only after a side's last line; anywhere else git apply joins that line to the next,
+        # so a previewed `sha256sum -c ... || exit 1` line can vanish into a comment
         problem = no_newline_problem(lines)
         if problem or (fp.hunks and any(line.startswith(b"\\") for line in fp.hunks[-1][2])):
             raise refuse(f"line {self.i}: a `\\ No newline at end of file` {problem or 'before the last hunk'}: "
@@ -2883,13 +2942,19 @@ class PatchParser:
         self.take(fp)
 
     def settle(self, fp: FilePatch, labels: Optional[Tuple[bytes, bytes]]) -> None:
-        """Names and kind from the section's lines, which must all agree."""
+        """Names and kind from the section's lines, which must all agree. git apply reads
+        some of these lines and ignores others depending on which are present; a section
+        where they disagree means what is shown and what git writes can differ, so every
+        disagreement is refused rather than resolved."""
         h = fp.headers
+        # the box runs `git diff -M`, which never writes a copy: a copy is hand-made, and
+        # its source's content would be written without being shown
         if "copy_from" in h or "copy_to" in h:
             raise refuse("a copy (the box's `git diff` never writes one)")
         if ("rename_from" in h) != ("rename_to" in h) or ("old_mode" in h) != ("new_mode" in h):
             raise refuse(f"a half-said rename or mode change in {fp.lines[0][:100]!r}")
         old, new = self.names(fp, labels)
+        # mode 160000 is a gitlink: applying it moves a submodule to a commit no preview shows
         index_mode = INDEX_RE.fullmatch(h.get("index", b""))
         if (any(h.get(k) == b"160000" for k in ("old_mode", "new_mode", "deleted_mode", "new_file_mode"))
                 or (index_mode and index_mode.group(3) == b"160000")):
@@ -2899,6 +2964,8 @@ class PatchParser:
             if key in h and h[key].decode("ascii", "replace") not in GIT_MODES:
                 raise refuse(f"a file mode Patchwire does not apply ({h[key][:20]!r}): "
                              "only files, executables and symlinks")
+        # git writes at most one of new/deleted/renamed/mode-changed per section; with two,
+        # which one git apply obeys depends on its reading order, not on the preview
         if ("new_file_mode" in h and ("deleted_mode" in h or "rename_from" in h or "old_mode" in h)
                 or "deleted_mode" in h and ("rename_from" in h or "old_mode" in h)):
             raise refuse(f"contradicting header lines in {fp.lines[0][:100]!r}")
@@ -2912,6 +2979,7 @@ class PatchParser:
             fp.kind = "renamed"
         elif "old_mode" in h:
             fp.kind = "mode changed"
+        # without the extended lines git apply takes "new" and "deleted" from ---/+++ /dev/null
         if labels and ((labels[0] == b"/dev/null") != (fp.kind == "new")
                        or (labels[1] == b"/dev/null") != (fp.kind == "deleted")):
             raise refuse(f"a new or deleted file whose ---/+++ lines say otherwise: {fp.path!r}")
@@ -3203,28 +3271,32 @@ def render_summary(files: Sequence[FilePatch], style: Style) -> List[str]:
 
 
 def render_diff(files: Sequence[FilePatch], style: Style) -> List[str]:
-    out: List[str] = []
+    return list(diff_lines(files, style))
+
+
+def diff_lines(files: Sequence[FilePatch], style: Style) -> Iterator[str]:
+    """The preview's diff, a line at a time as it is rendered (page() shows the first
+    screenful before the rest is rendered)."""
     for f in files:
         lines = [sanitize(l.decode("utf-8", "replace").rstrip("\n")) for l in f.lines]
         body = f.body_start or len(lines)
-        out += [style("bold", line) for line in lines[:body]]
+        yield from (style("bold", line) for line in lines[:body])
         i = body
         while i < len(lines):
             line = lines[i]
             if line.startswith("@@"):  # the heading after `@@ ... @@` is the box's words: not shown
-                out.append(style("cyan", line[:line.find("@@", 2) + 2]))
+                yield style("cyan", line[:line.find("@@", 2) + 2])
             elif line.startswith("-"):
                 minus = _run_of(lines, i, "-")
                 plus = _run_of(lines, i + len(minus), "+")
-                out += _highlight_pair(minus, plus, style)
+                yield from _highlight_pair(minus, plus, style)
                 i += len(minus) + len(plus)
                 continue
             elif line.startswith("+"):
-                out.append(style("green", line))
+                yield style("green", line)
             else:
-                out.append(line)
+                yield line
             i += 1
-    return out
 
 
 def _run_of(lines: List[str], start: int, sign: str) -> List[str]:
@@ -3287,20 +3359,51 @@ def _highlight_ends(a: str, b: str, style: Style) -> Tuple[str, str]:
     return o, n
 
 
-def page(lines: List[str]) -> None:
-    """Print, through a pager when stdout is a terminal and the text is taller than it."""
-    text = "\n".join(lines) + "\n"
+def page(lines: Iterable[str]) -> None:
+    """Print, through a pager when stdout is a terminal and the text is taller than it. Only
+    the first screenful is rendered before anything shows; the rest streams to the pager
+    as it is rendered (and stops being rendered when the reader quits it)."""
+    rest = iter(lines)
     height = shutil.get_terminal_size((80, 24)).lines
+    head = list(itertools.islice(rest, max(height - 1, 1)))
     pager = os.environ.get("PAGER") or "less -R"
-    if sys.stdout.isatty() and len(lines) > height - 2 and pager and shutil.which(shlex.split(pager)[0]):
-        try:  # no time limit: the user reads at their own pace
-            run(shlex.split(pager), input=text.encode("utf-8", "replace"), timeout=None, check=False,
-                capture=False, env={**os.environ, "LESS": os.environ.get("LESS", "FRX")})
+    if sys.stdout.isatty() and len(head) > height - 2 and pager and shutil.which(shlex.split(pager)[0]):
+        try:
+            proc = spawn(shlex.split(pager), cwd=Path.cwd(), terminal=True,
+                         env={**os.environ, "LESS": os.environ.get("LESS", "FRX")})
+        except OSError:
+            proc = None
+        if proc is not None:
+            feed_pager(proc, itertools.chain(head, rest))
             return
-        except (PatchwireError, OSError):
-            pass
-    sys.stdout.write(text)
+    for chunk in batched(itertools.chain(head, rest), 1000):
+        sys.stdout.write("\n".join(chunk) + "\n")
     sys.stdout.flush()
+
+
+def feed_pager(proc: subprocess.Popen, lines: Iterator[str]) -> None:
+    """Write `lines` to the pager in batches, then wait for the reader to quit it (no time
+    limit: they read at their own pace). A reader who quits early ends the writing."""
+    assert proc.stdin is not None
+    try:
+        for chunk in batched(lines, 1000):
+            proc.stdin.write(("\n".join(chunk) + "\n").encode("utf-8", "replace"))
+        proc.stdin.close()
+    except (BrokenPipeError, OSError):
+        pass
+    finally:
+        with contextlib.suppress(BrokenPipeError, OSError):
+            proc.stdin.close()
+        proc.wait()
+
+
+def batched(items: Iterable[str], size: int) -> Iterator[List[str]]:
+    it = iter(items)
+    while True:
+        chunk = list(itertools.islice(it, size))
+        if not chunk:
+            return
+        yield chunk
 
 
 # ================================================================== choosing what to apply
@@ -3664,22 +3767,16 @@ class ThreeWayMerge:
         self.git = project.git
 
     def have(self, tree: str) -> bool:
-        return self.git.run("cat-file", "-e", tree + "^{tree}", check=False).returncode == 0
+        return self.git.has_tree(tree)
 
     def merge(self, patch: bytes, base_tree: str, gone: set,
               results: Optional[Dict[str, bytes]] = None) -> Dict[str, Tuple[Optional[bytes], str, int]]:
         """{path: (new bytes or None for deleted, mode, conflicts)} for every touched path.
         `gone`: symlinks here the patch deletes; what lies "beneath" them is not read.
         `results`: the files as computed before the preview; the AI's side must be those."""
-        tmp_index = str(self.project.private_dir / "merge.index")
-        git = self.git.with_env(GIT_INDEX_FILE=tmp_index)
-        git("read-tree", base_tree)
-        applied = git.run("apply", "--cached", "--binary", "-", input=patch, check=False)
-        if applied.returncode != 0:
-            raise PatchError("the patch does not even apply to the synced version:\n"
-                             + describe_apply_failure(applied.stderr))
-        theirs_tree = git.text("write-tree")
-        os.unlink(tmp_index)
+        theirs_tree, stderr = self.git.tree_after_patch(base_tree, patch, self.project.private_dir / "merge.index")
+        if theirs_tree is None:
+            raise PatchError("the patch does not even apply to the synced version:\n" + describe_apply_failure(stderr))
         for path, data in (results or {}).items():
             if (self.project.recorded_file(theirs_tree, path) or (None, ""))[0] != data:
                 raise refuse(f"git's result for {path!r} on the synced files is not the change shown")
@@ -3700,6 +3797,9 @@ class ThreeWayMerge:
         other = self.project.recorded_file(*theirs) if theirs else None
         dest = dest or path
         ours = None if beneath(dest, gone) else read_worktree(self.project.root, path)
+        # the three-way rules git's own merge follows, file by file: one side unchanged takes
+        # the other; equal sides agree; a delete against a change, a link, a binary file or a
+        # mode changed on both sides is a conflict that keeps the user's version (counted as 1)
         if ours == base:
             return (other[0], other[1], 0) if other else (None, "", 0)
         if other and ours and ours[0] == other[0] and ours[1] == other[1]:
@@ -3711,6 +3811,7 @@ class ThreeWayMerge:
         if "120000" in (ours[1], other[1], base[1] if base else ""):  # a link target is not merged
             return ours[0], ours[1], 1
         mode = other[1] if base and base[1] == ours[1] else ours[1]
+        # git's own test for binary: a NUL in the first 8000 bytes (xdiff's buffer_is_binary)
         if b"\0" in (ours[0] + other[0] + (base[0] if base else b""))[:8000]:
             return ours[0], mode, 1
         merged, conflicts = self.merge_file(path, ours[0], base[0] if base else b"", other[0])
@@ -3851,6 +3952,8 @@ def vet_on_disk(root: Path, files: List["FilePatch"], protected: Sequence[str] =
             if folded_path(path) in shielded:
                 raise refuse(f"a change to {path!r}, which Patchwire keeps (your token file, or a file "
                              "your ssh_options name)")
+            # git apply writes through a symlink in a parent folder (it opens the path): a link
+            # `lib -> ~/.ssh` here plus a patch to `lib/authorized_keys` writes outside the project
             link = symlink_parent(root, path)
             if link and not beneath(path, gone):
                 raise refuse(f"{path!r} lies beyond the symlink {link!r} here: writing there would "
@@ -3860,6 +3963,8 @@ def vet_on_disk(root: Path, files: List["FilePatch"], protected: Sequence[str] =
         if f.link_target is not None:
             links[f.path] = f.link_target
         elif f.new_mode is None and not beneath(f.old_path, gone):
+            # a section with no mode lines keeps the file's type: changing a symlink's "content"
+            # changes where it points, though nothing in the section says "symlink"
             was = read_worktree(root, f.old_path)
             if was and was[1] == "120000":  # a link here, kept a link (changed or moved)
                 content = f.whole_new_content() if f.hunks else was[0]
@@ -4426,6 +4531,23 @@ class Session:
             self.project.write_state("job_trees.json", json.dumps(kept))
             self.project.pin_record(job, tree, kept)
 
+    # Jobs `ask --detach` left behind, until a `wait` has offered them: a bare `wait` finds a
+    # detached job that ended before it was run, not only the ones still running.
+    def remember_detached(self, job: str) -> None:
+        with self.project.record_lock():
+            self.project.write_state("detached.json", json.dumps(self.detached() + [check_job_id(job)]))
+
+    def forget_detached(self, job: str) -> None:
+        with self.project.record_lock():
+            self.project.write_state("detached.json", json.dumps([j for j in self.detached() if j != job]))
+
+    def detached(self) -> List[str]:
+        try:
+            jobs = json.loads(self.project.state_file("detached.json").read_text())
+        except (OSError, ValueError):
+            return []
+        return [j for j in jobs if isinstance(j, str) and JOB_ID_RE.fullmatch(j)][-100:] if isinstance(jobs, list) else []
+
     def job_tree(self, job: str) -> Optional[str]:
         return self._job_trees().get(job)
 
@@ -4558,8 +4680,9 @@ class JobLeft(PatchwireError):
 
     def __init__(self, job: str):
         super().__init__(f"left job {job}; it keeps running on the box",
-                         f"`patchwire show {job}` shows its progress, `patchwire apply {job}` applies it once "
-                         f"it is done, `patchwire cancel {job}` stops it", details={"job": job})
+                         f"`patchwire wait {job}` follows it again and offers its change, `patchwire show {job}` "
+                         f"shows its progress, `patchwire apply {job}` applies it once it is done, "
+                         f"`patchwire cancel {job}` stops it", details={"job": job})
 
 
 # How long `ask` keeps reconnecting to a job's event stream, counting only the waits between
@@ -4569,11 +4692,14 @@ RECONNECT_FOR_S = 150.0
 STILL_RECONNECTING_S = 10.0
 
 
-def stream_job(session: Session, first: Iterator[dict], on_event) -> dict:
+def stream_job(session: Session, first: Iterator[dict], on_event, job: Optional[str] = None,
+               after: int = 0) -> dict:
     """Follow a job's events to its last one (JobFollower). Ctrl-C leaves at once without
     cancelling (JobLeft, exit 130, naming the commands that pick the job up again); before
-    the box has named the job, it stops the ask like any Ctrl-C."""
+    the box has named the job, it stops the ask like any Ctrl-C. `job` and `after`: a job
+    already known (`wait`), followed from its event `after`."""
     follower = JobFollower(session, on_event)
+    follower.job, follower.seq = job, after
     try:
         return follower.run(first)
     except KeyboardInterrupt:
@@ -4694,7 +4820,8 @@ def read_answer(prompt: str) -> Optional[str]:
 def preview(files: Sequence[FilePatch], no_color: bool) -> None:
     """What will be written, exactly: what deserves a second look, the summary, the diff."""
     style = Style.for_stream(sys.stdout, no_color)
-    page(render_look_closely(files, style) + render_summary(files, style) + [""] + render_diff(files, style))
+    page(itertools.chain(render_look_closely(files, style), render_summary(files, style), [""],
+                         diff_lines(files, style)))
 
 
 def choose(files: List[FilePatch], patch: bytes, *, interactive: bool, only: Sequence[str],
@@ -4912,6 +5039,9 @@ def check_attempt_args(args) -> List[Tuple[int, str]]:
     args.attempts = len(agents) if agents else args.attempts
     if not 2 <= args.attempts <= 4:
         raise UsageError(f"-n {args.attempts}: several attempts are 2 to 4", "patchwire ask -n 3 PROMPT")
+    if getattr(args, "detach", False):
+        raise UsageError("-n does not go with --detach: the choice between the attempts follows them",
+                         "ask -n N and stay, or ask --detach for one attempt")
     if args.pick and args.take:
         raise UsageError("--pick and --take do not go together", "apply one attempt whole, or build one change")
     if args.yes and not (args.pick or args.take):
@@ -5219,6 +5349,70 @@ def choose_attempt(session: Session, args, ask: str, attempts: List[Attempt], pa
     return 0
 
 
+# ================================================================== telling you it is done (desktop)
+# A job that took a while ends with a notification, since its user has likely looked away:
+# notify-send on a Linux desktop, osascript on macOS, else the terminal's own notification
+# (OSC 9, OSC 777) where the terminal is known to show one, else the bell. Its text holds box
+# words (a failure's reason) and passes `sanitize` like every other box string; osascript gets
+# it as argv of a fixed script (`on run argv`), never spliced into AppleScript source, where a
+# quote would end the string and the rest would run as a script.
+
+OSASCRIPT_NOTIFY = ("on run argv", "display notification (item 2 of argv) with title (item 1 of argv)", "end run")
+OSC9_TERMINALS = ("iTerm.app", "WezTerm", "ghostty", "WarpTerminal")  # TERM_PROGRAM values that show OSC 9
+OSC777_TERMS = ("rxvt", "foot")  # TERM prefixes of terminals that show OSC 777 notify
+DESKTOP_SESSION_VARIABLES = ("DISPLAY", "WAYLAND_DISPLAY", "DBUS_SESSION_BUS_ADDRESS")
+
+
+def notify_desktop(cfg: LaptopConfig, job: str, end: dict, patch: Optional[bytes], elapsed: float) -> None:
+    """The notification for a job that ended after `elapsed` seconds of waiting, when
+    [notify] desktop is on and the wait reached after_s. Never raises: it is a courtesy."""
+    if not cfg.notify_desktop or elapsed < cfg.notify_after_s:
+        return
+    title, body = desktop_notice(cfg.project, job, end, patch)
+    try:
+        send_desktop_notice(title, body)
+    except (PatchwireError, OSError) as e:
+        say(sanitize(f"note: no desktop notification: {str(e).splitlines()[0]}"))
+
+
+def desktop_notice(project: str, job: str, end: dict, patch: Optional[bytes]) -> Tuple[str, str]:
+    """(title, body): the job, how it ended, the files it changed or why it did not."""
+    outcome = {"finished": "done", "failed": "failed", "cancelled": "cancelled"}.get(end.get("type", ""), "ended")
+    title = f"Patchwire: job {job} {outcome}"
+    if patch is not None:
+        count = patch.count(b"\ndiff --git ") + patch.startswith(b"diff --git ")
+        body = f"{project}: {count} file(s) changed" if count else f"{project}: no changes"
+    else:
+        body = f"{project}: {clip_words(str(end.get('reason') or outcome), 200)}"
+    return sanitize(title), sanitize(body)
+
+
+def send_desktop_notice(title: str, body: str) -> None:
+    """Show it by the first way this machine has (see the section's comment)."""
+    if sys.platform == "darwin" and shutil.which("osascript"):
+        run(["osascript", *[arg for line in OSASCRIPT_NOTIFY for arg in ("-e", line)], title, body],
+            timeout=10, check=False)
+    elif (sys.platform.startswith("linux") and shutil.which("notify-send")
+          and any(os.environ.get(v) for v in DESKTOP_SESSION_VARIABLES)):
+        run(["notify-send", "--app-name=Patchwire", "--", title, body], timeout=10, check=False)
+    else:
+        terminal_notice(title, body)
+
+
+def terminal_notice(title: str, body: str) -> None:
+    """OSC 9 or OSC 777 to a terminal known to show it, the bell to any other terminal.
+    `sanitize` left no control character in the text, and ";" separates OSC 777's fields."""
+    stream = next((s for s in (sys.stdout, sys.stderr) if s.isatty()), None)
+    if stream is None:
+        return
+    if os.environ.get("TERM_PROGRAM") in OSC9_TERMINALS or os.environ.get("WT_SESSION"):
+        stream.write(f"\x1b]9;{title}: {body}\x07")
+    elif os.environ.get("TERM", "").startswith(OSC777_TERMS):
+        stream.write(f"\x1b]777;notify;{title.replace(';', ',')};{body.replace(';', ',')}\x07")
+    else:
+        stream.write("\a")
+    stream.flush()
+
 
 # ================================================================== doctor
 
@@ -5501,6 +5695,7 @@ def render_dry_run(report: dict, full: bool, limit: int = 40) -> List[str]:
 
 
 def cmd_ask(args) -> int:
+    began = time.monotonic()
     session = Session.here()
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     if not prompt.strip():
@@ -5511,21 +5706,60 @@ def cmd_ask(args) -> int:
     first, events, tree = start_ask(session, args, prompt)
     session.remember_job(first["job"])
     session.record_job_tree(first["job"], tree)
+    if args.detach:
+        session.remember_detached(first["job"])
+        return detach(args, first["job"], events)
+
+    def chain():
+        yield first
+        yield from events
+    return follow_and_apply(session, args, first["job"], chain(), began)
+
+
+def detach(args, job: str, events: Iterator[dict]) -> int:
+    """`ask --detach`: the box holds the job; the laptop lets go of its stream and says how to
+    come back (`wait`) and how to stop it (`cancel`)."""
+    close = getattr(events, "close", None)
+    if close:
+        close()  # the stream's reader thread and socket end with it; the job does not
+    say(f"job {job} is queued on the box; the laptop can go.\n"
+        f"  `patchwire wait {job}` follows it and offers its change when it is done\n"
+        f"  `patchwire cancel {job}` stops it")
+    output(args, {"type": "outcome", "job": job, "detached": True, "applied": False})
+    return 0
+
+
+def follow_and_apply(session: Session, args, job: str, events: Iterator[dict], began: float,
+                     after: int = 0) -> int:
+    """Follow a job's events to its end, then fetch, preview and offer its change: `ask` and
+    `wait` alike. A long wait ends with a desktop notification (`notify_desktop`)."""
     printer = ProgressPrinter(Style.for_stream(sys.stderr, args.no_color))
 
     def on_event(event: dict) -> None:
         printer(event)
         output(args, event)
-
-    def chain():
-        yield first
-        yield from events
-    end = stream_job(session, chain(), on_event)
-    job = first["job"]
-    if end["type"] != "finished":
+    end = stream_job(session, events, on_event, job=job, after=after)
+    patch: Optional[bytes] = None
+    try:
+        if end["type"] == "finished":
+            patch = patiently(lambda: session.job_diff(job), f"job {job}'s diff")
+    finally:
+        if not args.json:  # a program reading --json (the editor) tells its user itself
+            notify_desktop(session.cfg, job, end, patch, time.monotonic() - began)
+    if patch is None:
         raise AIFailed(f"job {job} {end['type']}: {end.get('reason', '')}",
                        f"see `patchwire show {job}`; nothing was changed here")
-    patch = patiently(lambda: session.job_diff(job), f"job {job}'s diff")
+    return offer_change(session, args, job, patch)
+
+
+def offer_change(session: Session, args, job: str, patch: bytes) -> int:
+    """A finished job's change: previewed and applied on Enter (or --yes); with --json, the
+    outcome line, applied only with --yes."""
+    done = session.open_apply(job)
+    if done:  # `wait` for a job applied since: applying it again would merge it with itself
+        say(f"job {job} is already applied here (at {when(done['time'])}); nothing changed")
+        output(args, {"type": "outcome", "job": job, "applied": False, "already": True})
+        return 0
     files = session.vet(patch, job)
     outcome = {"type": "outcome", "job": job, "applied": False, "files": [f.path for f in files],
                "look_closely": look_closely(files)}
@@ -5539,6 +5773,52 @@ def cmd_ask(args) -> int:
         outcome["applied"] = confirm_apply(session, args, job, patch, files)
     output(args, outcome)
     return 0
+
+
+def cmd_wait(args) -> int:
+    """Reattach to jobs of yours (named, or all queued and running ones of this project), one
+    after the other: each is followed from where it is now, then offered as `ask` offers it.
+    The exit status is the last failure's (4 when a job failed), else 0."""
+    began = time.monotonic()
+    session = Session.here()
+    session.client.on_wait = lambda quiet: say(f"still waiting for the box ({quiet:.0f} s without news)")
+    jobs = jobs_to_wait_for(session, args.jobs)
+    if not jobs:
+        say(f"no queued or running job of yours in project {session.cfg.project}, and none detached "
+            "here; `patchwire jobs` lists them all")
+        output(args, {"type": "outcome", "jobs": []})
+        return 0
+    status = 0
+    for job in jobs:
+        say(sanitize(f"following job {job['id']} ({job['status']}, asked {human_age(time.time() - job['created'])} "
+                     f"ago): {clip_words(' '.join(str(job.get('prompt', '')).split()), 60)}"))
+        events = session.client.events(job["id"], job["events"])
+        try:
+            status = follow_and_apply(session, args, job["id"], events, began, after=job["events"]) or status
+            session.forget_detached(job["id"])
+        except AIFailed as e:
+            session.forget_detached(job["id"])
+            if len(jobs) == 1:
+                raise
+            say(sanitize(f"patchwire: {e}", keep_newlines=True))
+            status = int(e.exit_status)
+    return status
+
+
+def jobs_to_wait_for(session: Session, given: Sequence[str]) -> List[dict]:
+    """The named jobs (prefixes resolved by the box); else every queued and running job of
+    this user in this project, and the jobs detached here that ended since, oldest first."""
+    if given:
+        jobs = [session.client.job(check_job_id(session.job_id(name))) for name in given]
+        for job in jobs:
+            if job.get("project") != session.cfg.project:  # its change belongs to that project's files
+                raise UsageError(sanitize(f"job {job['id']} is of project {job.get('project')}, not "
+                                          f"{session.cfg.project}"), "run `patchwire wait` in that project's folder")
+        return jobs
+    detached = set(session.detached())
+    mine = [job for job in session.client.jobs() if job.get("project") == session.cfg.project
+            and (job["status"] in ("queued", "running") or job["id"] in detached)]
+    return sorted(mine, key=lambda job: job.get("created", 0))
 
 
 def start_ask(session: Session, args, prompt: str) -> Tuple[dict, Iterator[dict], str]:
@@ -5701,18 +5981,11 @@ def tree_after_patch(project: Project, tree: str, patch: bytes, job: str) -> str
     """The tree `patch` makes of `tree`: git's own apply in a throwaway index (never the
     worktree), so there is no second patch applier. The index is per process: an editor
     asks for several files at once."""
-    index = project.private_dir / f"show-{os.getpid()}.index"
-    git = project.git.with_env(GIT_INDEX_FILE=str(index))
-    try:
-        git("read-tree", tree)
-        applied = git.run("apply", "--cached", "--binary", "-", input=patch, check=False)
-        if applied.returncode != 0:
-            raise PatchError(f"job {job}'s patch does not apply to the files it started from:\n"
-                             + describe_apply_failure(applied.stderr))
-        return git.text("write-tree")
-    finally:
-        if index.exists():
-            index.unlink()
+    after, stderr = project.git.tree_after_patch(tree, patch, project.private_dir / f"show-{os.getpid()}.index")
+    if after is None:
+        raise PatchError(f"job {job}'s patch does not apply to the files it started from:\n"
+                         + describe_apply_failure(stderr))
+    return after
 
 
 def cmd_apply(args) -> int:
@@ -5836,6 +6109,66 @@ def cmd_cancel(args) -> int:
     return 0
 
 
+def cmd_notify(args) -> int:
+    """Where the box tells you a job ended: `add URL`, `list`, `remove ID`, `test [ID]`."""
+    return NOTIFY_ACTIONS[args.action](Session.here(), args)
+
+
+def notify_add(session: Session, args) -> int:
+    if not args.target:
+        raise UsageError("notify add needs the receiver's URL", "patchwire notify add https://HOST/PATH [--kind ...]")
+    body: Dict[str, Any] = {"url": args.target, "events": args.on or ["end"], "include": args.include or []}
+    if args.kind:
+        body["kind"] = args.kind
+    answer = session.client.notify_add(body)
+    target = answer["target"]
+    say(sanitize(f"added {target['kind']} target {target['id']} ({target['url']}): on {', '.join(target['events'])}"
+                 + (f", with {', '.join(target['include'])}" if target["include"] else "")))
+    if answer.get("secret"):  # shown this once: the box never gives it again
+        say("its signing secret, shown only now (keep it where your receiver verifies signatures; "
+            "README: \"Verifying a webhook\"):")
+    output(args, answer, lambda r: print(sanitize(r["secret"])) if r.get("secret") else None)
+    return 0
+
+
+def notify_list(session: Session, args) -> int:
+    targets = session.client.notify_targets()
+    if not targets:
+        say("no notification targets; `patchwire notify add URL` adds one")
+    output(args, {"targets": targets}, lambda r: print("\n".join(sanitize(
+        f"{t['id']}  {t['kind']:<7}  {t['url']}  on {','.join(t['events'])}"
+        + (f"  with {','.join(t['include'])}" if t["include"] else "")) for t in r["targets"])) if targets else None)
+    return 0
+
+
+def notify_remove(session: Session, args) -> int:
+    if not args.target:
+        raise UsageError("notify remove needs a target id", "`patchwire notify list` lists them")
+    target = session.client.notify_remove(args.target)["target"]
+    say(sanitize(f"removed target {target['id']} ({target['url']})"))
+    output(args, {"target": target})
+    return 0
+
+
+def notify_test(session: Session, args) -> int:
+    """One test delivery to each target (or the one named), sent by the box now."""
+    ids = [args.target] if args.target else [t["id"] for t in session.client.notify_targets()]
+    if not ids:
+        raise UsageError("no notification targets to test", "`patchwire notify add URL` adds one")
+    results = []
+    for target in ids:
+        result = {"target": target, **session.client.notify_test(target)}
+        results.append(result)
+        said = "delivered" if result["ok"] else f"not delivered: {result.get('error') or result.get('status')}"
+        say(sanitize(f"target {target}: {said}"))
+    output(args, {"results": results})
+    return 0 if all(r["ok"] for r in results) else int(ExitStatus.AGENT)
+
+
+NOTIFY_ACTIONS: Dict[str, Callable[[Session, Any], int]] = {
+    "add": notify_add, "list": notify_list, "remove": notify_remove, "test": notify_test}
+
+
 def undo_last_apply(session: Session, args) -> int:
     """`apply --undo`: one level back, the newest apply. When it was undone already, say so
     and when (as `log` shows it), not that nothing was ever applied."""
@@ -5903,7 +6236,10 @@ COMMANDS = {
     "jobs": (cmd_jobs, "list your jobs on the agent box"),
     "show": (cmd_show, "show a job and its events"),
     "cancel": (cmd_cancel, "cancel a queued or running job"),
+    "wait": (cmd_wait, "follow your running jobs again (all of this project's, or those named), "
+                       "then preview and apply as ask does"),
     "log": (cmd_log, "what was applied here, when, from which job"),
+    "notify": (cmd_notify, "where the box tells you a job ended: add URL, list, remove ID, test [ID]"),
     "doctor": (cmd_doctor, "check git, rsync, ssh, the agent, the token and the AI; say how to fix"),
     "usage": (cmd_usage, "your asks, AI time, tokens and cost on the agent box"),
 }
@@ -5933,16 +6269,23 @@ def build_parser() -> argparse.ArgumentParser:
     p["sync"].add_argument("--force", action="store_true",
                            help="send every file, compared by checksum (when the box's copy is off)")
     p["ask"].add_argument("prompt", help="what to ask the AI ('-' reads it from stdin)")
-    group = p["ask"].add_mutually_exclusive_group()
-    group.add_argument("--yes", "-y", action="store_true", help="apply without asking")
-    group.add_argument("--no-apply", action="store_true", help="only show the diff")
+    p["wait"].add_argument("jobs", nargs="*", metavar="JOB",
+                           help="job ids or unique prefixes (default: your queued and running jobs here)")
+    for name in ("ask", "wait"):
+        group = p[name].add_mutually_exclusive_group()
+        group.add_argument("--yes", "-y", action="store_true", help="apply without asking")
+        group.add_argument("--no-apply", action="store_true", help="only show the diff")
+        if name == "ask":
+            group.add_argument("--detach", "-d", action="store_true",
+                               help="sync and queue the job, print its id and leave (`patchwire wait JOB` "
+                                    "picks it up)")
     p["ask"].add_argument("--timeout", type=int, help="seconds the AI may take (up to the box's maximum)")
     follow = p["ask"].add_mutually_exclusive_group()
     follow.add_argument("--continue", dest="continue_", action="store_true",
                         help="continue the last job: start from its result, resume its AI session")
     follow.add_argument("--on", metavar="JOB", help="continue the given job")
     add_attempt_arguments(p["ask"])
-    for name in ("ask", "diff", "apply"):
+    for name in ("ask", "wait", "diff", "apply"):
         p[name].add_argument("--no-color", action="store_true", help="no colour")
     p["diff"].add_argument("--file", metavar="PATH", help="print one file of the job instead of the patch")
     p["diff"].add_argument("--side", choices=("old", "new"), default="new",
@@ -5966,6 +6309,16 @@ def build_parser() -> argparse.ArgumentParser:
     p["apply"].add_argument("--sha256", metavar="HEX", help="apply only if the job's patch has this sha256 "
                             "(the one `patchwire diff JOB --json` reported when it was reviewed)")
     add_usage_arguments(p["usage"], "project")
+    p["notify"].add_argument("action", choices=("add", "list", "remove", "test"))
+    p["notify"].add_argument("target", nargs="?", metavar="URL|ID", help="add: the receiver's URL; remove, test: "
+                             "a target id (test without one: every target)")
+    p["notify"].add_argument("--kind", choices=("webhook", "ntfy", "slack"),
+                             help="add: a JSON webhook signed with HMAC-SHA256 (default; ntfy.sh and "
+                                  "hooks.slack.com are recognised), an ntfy topic, a Slack incoming webhook")
+    p["notify"].add_argument("--on", nargs="+", choices=("end", "start", "failure"),
+                             help="add: when to send: every end (default), starts, failed ends only")
+    p["notify"].add_argument("--include", nargs="+", choices=("prompt", "diff"),
+                             help="add: also send the prompt or the diff (never sent otherwise)")
     return parser
 
 

@@ -76,6 +76,12 @@ HTTP API (JSON; `Authorization: Bearer TOKEN` on all but health):
                                             "attempts": N): its jobs, or all their events
     GET    /v1/usage?since=&until=&group=user|project|day[&user=NAME]
                                             usage summed over jobs: yours, or (admin) anyone's
+    GET    /v1/notify                       your notification targets (never their secrets)
+    POST   /v1/notify {url[,kind,events,include]}
+                                            201 {target[,secret]}: a host in [notify] allow; a
+                                            webhook's HMAC secret is in this answer only
+    DELETE /v1/notify/{id}                  remove a target
+    POST   /v1/notify/{id}/test             one test delivery now: {ok, status, error}
     GET    /v1/openapi.json                 this API as OpenAPI 3.1 (no token needed)
     GET    /metrics                         Prometheus text format (admin token)
 
@@ -95,7 +101,10 @@ Requests are size-capped and have a total time budget for their head and their b
 client trickling bytes gets a 408, not a held slot); connections are capped per address and
 overall, and at the cap a waiting connection gives way to a new client, while /v1/health
 still answers. Every request and job is a line in state_dir/audit.log (never a token or a
-prompt). The AI never runs in the mirror, and a failed run leaves the mirror untouched.
+prompt), and so is every notification attempt. Notifications go only to hosts the admin lists
+in [notify] allow, from a thread of their own (a dead receiver never slows a job), without
+the prompt or the diff unless the user included them; a webhook's signing secret is kept in
+the state db (private) and shown to its user once. The AI never runs in the mirror, and a failed run leaves the mirror untouched.
 The AI runs confined (section "sandbox"): by default bubblewrap on Linux, sandbox-exec on
 macOS; it writes only in its job folder, its own /tmp and its user's AI home (Claude's
 settings, hooks, sessions and transcripts: never shared between users), and sees neither the
@@ -121,6 +130,7 @@ import datetime as dt
 import fcntl
 import fnmatch
 import hashlib
+import heapq
 import hmac
 import http.server
 import io
@@ -142,7 +152,9 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 import zlib
 from collections import deque
 from http import HTTPStatus
@@ -194,9 +206,8 @@ AGENT_DESCRIPTION = ("the box's side of Patchwire: runs Claude Code on a clean c
 AGENT_EPILOG = """\
 typical use:  patchwire-agent init -c agent.toml --user alice   (prints alice's token once)
               patchwire-agent serve -c agent.toml
-API: GET /v1/health, /v1/me, /v1/jobs[/ID[/events|/diff]], /v1/asks/ID[/events], /v1/usage,
-     /v1/openapi.json, /metrics;
-     POST /v1/ask; DELETE /v1/jobs/ID
+API: GET /v1/health, /v1/me, /v1/jobs[/ID[/events|/diff]], /v1/asks/ID[/events], /v1/usage, /v1/notify,
+     /v1/openapi.json, /metrics; POST /v1/ask, /v1/notify[/ID/test]; DELETE /v1/jobs/ID, /v1/notify/ID
 exit codes: 0 ok, 1 error (bad config, cannot listen), 2 usage
 """
 
@@ -233,6 +244,12 @@ allow = []
 # api_upstream = "https://api.anthropic.com"
 # credential_file = "claude-credential"  # an API key or a `claude setup-token` token, for the
 #                                        # gateway to add to the AI's API calls: the AI never holds it
+
+[notify]
+# Hosts users may send job notifications to (`patchwire notify add URL`): "hooks.slack.com",
+# "ntfy.sh", "*.example.com", each optionally ":port" (else 80 and 443). Empty: none.
+allow = []
+# max_targets = 10            # per user
 
 # The policy table holds defaults for every user; users.NAME may override each key.
 # `patchwire-agent policy NAME` shows what applies. The built-in defaults:
@@ -316,7 +333,9 @@ POLICY_SCHEMA = {"projects": ("str_list", ["*"]), "rate_limit": (str, None), "ma
 USER_SCHEMA = {"token_sha256": (str, None), "admin": (bool, False),
                **{key: (kind, None) for key, (kind, _) in POLICY_SCHEMA.items()}}
 TOP_SCHEMA: dict = {"server": (dict, {}), "ai": (dict, {}), "jobs": (dict, {}), "users": (dict, {}),
-                    "policy": (dict, {}), "network": (dict, None)}
+                    "policy": (dict, {}), "network": (dict, None), "notify": (dict, {})}
+# [notify]: the hosts users may point notification targets at, and how many each may have
+NOTIFY_SCHEMA = {"allow": ("str_list", []), "max_targets": (int, 10)}
 RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600,
               "hour": 3600, "d": 86400, "day": 86400}
 
@@ -370,6 +389,9 @@ class AgentConfig:
         self.workers: int = jobs["workers"]
         self.slots: int = jobs["slots"]
         self.network = NetworkConfig(path, top["network"])
+        notify = pw.Schema(path, "notify", NOTIFY_SCHEMA).read(top["notify"])
+        self.notify_allow: List[str] = notify["allow"]  # host, *.domain, each optionally :port
+        self.notify_max_targets: int = notify["max_targets"]
         self.max_output_mb: float = jobs["max_output_mb"]  # stored AI events per job (head and tail)
         self.max_diff_mb: float = jobs["max_diff_mb"]  # a job's patch; past it the job fails
         self.users: Dict[str, bytes] = {}
@@ -529,9 +551,13 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_user ON jobs (user, created);
 CREATE TABLE IF NOT EXISTS events (
     job TEXT NOT NULL, seq INTEGER NOT NULL, data TEXT NOT NULL, PRIMARY KEY (job, seq));
+CREATE TABLE IF NOT EXISTS notify_targets (
+    id TEXT PRIMARY KEY, user TEXT NOT NULL, kind TEXT NOT NULL, url TEXT NOT NULL, secret TEXT,
+    events TEXT NOT NULL, include TEXT NOT NULL, created REAL NOT NULL);
 """
 # several attempts: the ask that groups sibling jobs, and which of them a job is (1..N)
 ATTEMPT_COLUMNS = {"ask_id": "TEXT", "attempt": "INTEGER", "profile": "TEXT"}
+TARGET_FIELDS = ("id", "user", "kind", "url", "secret", "events", "include", "created")
 JOB_FIELDS = ("id", "user", "project", "prompt", "status", "reason", "created", "started",
               "finished", "snapshot", "tree", "timeout_s", "result", "stats", "parent", "slot",
               "pgid", "last_seq", *ATTEMPT_COLUMNS)
@@ -743,6 +769,28 @@ class Store:
             row = self.db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return [json.loads(r[0]) for r in rows], (row[0] if row else None)
 
+    # --- notification targets (a webhook's signing secret is kept here: the agent signs with it)
+
+    def add_target(self, target: dict) -> None:
+        with self.lock:
+            self.db.execute(f"INSERT INTO notify_targets ({', '.join(TARGET_FIELDS)}) VALUES "
+                            f"({', '.join('?' * len(TARGET_FIELDS))})", [_to_sql(target[k]) for k in TARGET_FIELDS])
+
+    def targets(self, user: str) -> List[dict]:
+        with self.lock:
+            rows = self.db.execute(f"SELECT {', '.join(TARGET_FIELDS)} FROM notify_targets WHERE user = ? "
+                                   "ORDER BY created", (user,)).fetchall()
+        return [_target_row(r) for r in rows]
+
+    def remove_targets(self, user: str) -> int:
+        with self.lock:
+            return self.db.execute("DELETE FROM notify_targets WHERE user = ?", (user,)).rowcount
+
+    def remove_target(self, user: str, target_id: str) -> bool:
+        with self.lock:
+            return self.db.execute("DELETE FROM notify_targets WHERE user = ? AND id = ?",
+                                   (user, target_id)).rowcount > 0
+
     def patch_path(self, job_id: str) -> Path:
         return self.patch_dir / f"{job_id}.patch"
 
@@ -794,6 +842,12 @@ def state_dir_fix(state_dir: Path) -> str:
 
 def _to_sql(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, (dict, list)) else value
+
+
+def _target_row(row: tuple) -> dict:
+    target = dict(zip(TARGET_FIELDS, row))
+    target["events"], target["include"] = json.loads(target["events"]), json.loads(target["include"])
+    return target
 
 
 def _job_row(row: tuple) -> dict:
@@ -2822,6 +2876,11 @@ class AIRun:
             skipping = not piece.endswith(b"\n")
 
     def judge(self, code: int) -> Tuple[str, str, dict]:
+        """(status, reason, result line) of an ended run. Claude Code's own word comes first:
+        its `result` line says max-turns or an error even when it exits 0, and `claude -p`
+        exits 1 with the reason in that line, not on stderr; then the exit status; then
+        permission denials (the job did not do what was asked, though everything "worked");
+        last, a Claude run that printed stream-json but no result line was cut off."""
         result = self.parser.result or {}
         if self.stop_reason:
             return self.stop_status, self.stop_reason, result
@@ -3246,6 +3305,294 @@ class AuditLog:
                 self.fd = None
 
 
+# ================================================================== notifications (the box tells you a job ended)
+# Each user may name a few targets (POST /v1/notify, `patchwire notify add URL`): a generic
+# JSON webhook signed with HMAC-SHA256, an ntfy topic, or a Slack incoming webhook. Their
+# hosts must be in the admin's `[notify] allow`, checked when a target is added and again at
+# each delivery (a host taken off the list gets nothing more). A job's start and end only
+# put a note on the Notifier's own schedule; its thread builds and sends the deliveries, so
+# a slow or dead receiver never holds a worker or a request. A delivery is tried
+# NOTIFY_ATTEMPTS times with growing waits, each attempt a line in the audit log. What is
+# sent is the job's id, project, status, reason and change counts: never the prompt or the
+# diff unless the target was added with them (`include`). Redirects are not followed (the
+# allowlist names where a delivery goes) and no proxy is used.
+
+NOTIFY_KINDS = ("webhook", "ntfy", "slack")
+NOTIFY_EVENTS = ("end", "start", "failure")  # end: every end; failure: failed ends only; start
+NOTIFY_INCLUDES = ("prompt", "diff")
+NOTIFY_ATTEMPTS = 4
+NOTIFY_BACKOFF_S = (1.0, 5.0, 30.0)  # the waits before the 2nd, 3rd and 4th attempts
+NOTIFY_TIMEOUT_S = 10.0  # one attempt, connecting and answering
+NOTIFY_PENDING_MAX = 1000  # notes and deliveries waiting; past it new ones are dropped (logged)
+NOTIFY_DIFF_MAX = 256 * 1024  # `include = diff`: the patch up to this, else cut and said so
+NOTIFY_REASON_MAX = 2000
+SIGNATURE_HEADER = "X-Patchwire-Signature"  # "sha256=" + hex HMAC-SHA256(secret, TIMESTAMP + "." + body)
+TIMESTAMP_HEADER = "X-Patchwire-Timestamp"  # seconds since the epoch, signed with the body
+TARGET_ID_RE = re.compile(r"[0-9a-f]{8}")
+
+
+def notify_host_allowed(allow: Sequence[str], url: str) -> bool:
+    """Whether `url`'s host and port match a `[notify] allow` entry (as the gateway's: a host
+    or *.domain, optionally :port, else 80 and 443)."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return False
+    return bool(parts.hostname) and any(host_matches(p, parts.hostname or "", port) for p in allow)
+
+
+def redacted_url(url: str) -> str:
+    """A target's URL as lists and the audit log show it: an ntfy topic and a Slack webhook's
+    path are its password, so only the host and the path's last 4 characters."""
+    parts = urllib.parse.urlsplit(url)
+    path = parts.path.rstrip("/")
+    return f"{parts.scheme}://{parts.netloc}/" + (f"...{path[-4:]}" if len(path) > 5 else path.lstrip("/"))
+
+
+def check_target_request(cfg: AgentConfig, body: dict, count: int) -> dict:
+    """A new target from POST /v1/notify's body, validated; refusals name what to change."""
+    url = body.get("url")
+    if not isinstance(url, str) or len(url) > 2048:
+        raise BadRequest("url must be an http:// or https:// URL (at most 2048 characters)")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
+        raise BadRequest(f"{url[:100]!r} is not an http:// or https:// URL with a host and no user:password",
+                         "give the receiver's URL; a secret belongs in its path (ntfy, Slack) or in "
+                         "the signature this box adds (webhook)")
+    if not notify_host_allowed(cfg.notify_allow, url):
+        raise HTTPFailure(HTTPStatus.FORBIDDEN, f"{parts.netloc} is not a host this box sends notifications to "
+                          f"([notify] allow = {json.dumps(cfg.notify_allow)})",
+                          f'the box\'s admin can add "{parts.hostname}" to [notify] allow in the agent\'s config',
+                          code="policy", limit="[notify] allow")
+    if count >= cfg.notify_max_targets:
+        raise HTTPFailure(HTTPStatus.FORBIDDEN, f"you have {count} notification targets, the most this box keeps "
+                          f"([notify] max_targets = {cfg.notify_max_targets})", "remove one first (`patchwire "
+                          "notify remove ID`)", code="policy", limit="[notify] max_targets")
+    kind = body.get("kind") or guess_kind(parts.hostname or "")
+    events, include = body.get("events", ["end"]), body.get("include", [])
+    for name, value, allowed in (("kind", [kind], NOTIFY_KINDS), ("events", events, NOTIFY_EVENTS),
+                                 ("include", include, NOTIFY_INCLUDES)):
+        if not isinstance(value, list) or not all(v in allowed for v in value) or (name == "events" and not value):
+            raise BadRequest(f"{name} must be {'one' if name == 'kind' else 'a list'} of {', '.join(allowed)}")
+    return {"id": secrets.token_hex(4), "kind": kind, "url": url, "events": sorted(set(events)),
+            "include": sorted(set(include)), "created": time.time(),
+            "secret": secrets.token_urlsafe(32) if kind == "webhook" else None}
+
+
+def guess_kind(host: str) -> str:
+    if host == "hooks.slack.com":
+        return "slack"
+    return "ntfy" if host == "ntfy.sh" or host.startswith("ntfy.") else "webhook"
+
+
+def public_target(target: dict) -> dict:
+    """A target as its user sees it: never the secret, the URL redacted."""
+    return {"id": target["id"], "kind": target["kind"], "url": redacted_url(target["url"]),
+            "events": target["events"], "include": target["include"], "created": target["created"]}
+
+
+def wants(target: dict, event: str, status: Optional[str]) -> bool:
+    """Whether `target` asked for this: a start, an end (any), or a failed end."""
+    if event == "start":
+        return "start" in target["events"]
+    return "end" in target["events"] or (status == "failed" and "failure" in target["events"])
+
+
+def job_payload(job: dict, event: str, target: dict, patch_path: Path) -> dict:
+    """The generic webhook's JSON body for `job` (also what the other kinds summarise)."""
+    kind = "job.started" if event == "start" else f"job.{job['status']}"
+    record = {k: job.get(k) for k in ("id", "project", "status", "created", "started", "finished", "stats")}
+    record["reason"] = (job.get("reason") or "")[:NOTIFY_REASON_MAX] or None
+    if "prompt" in target["include"]:
+        record["prompt"] = job.get("prompt")
+    if "diff" in target["include"] and job.get("status") == "done":
+        record.update(read_diff_for_notify(patch_path))
+    return {"type": kind, "user": job.get("user"), "job": record}
+
+
+def read_diff_for_notify(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(NOTIFY_DIFF_MAX + 1)
+    except OSError:
+        return {"diff": None}
+    return {"diff": data[:NOTIFY_DIFF_MAX].decode("utf-8", "replace"), "diff_cut": len(data) > NOTIFY_DIFF_MAX}
+
+
+def summary_line(payload: dict) -> str:
+    """One line for people (ntfy, Slack): the job, its project and how it ended."""
+    job = payload["job"]
+    if payload["type"] == "test":
+        return "Patchwire: a test notification from the box"
+    stats = job.get("stats") or {}
+    what = {"job.started": "started", "job.done": "done", "job.failed": "failed",
+            "job.cancelled": "cancelled"}.get(payload["type"], payload["type"])
+    line = f"Patchwire: job {job['id']} in {job.get('project')} {what}"
+    if stats:
+        line += f": {stats.get('files', 0)} file(s), +{stats.get('added', 0)} -{stats.get('removed', 0)}"
+    elif job.get("reason"):
+        line += f": {clip(job['reason'], 300)}"
+    return line
+
+
+def encode_delivery(target: dict, payload: dict) -> Tuple[bytes, Dict[str, str]]:
+    """(body, headers) for the target's kind; a webhook's are signed at each attempt (sign)."""
+    if target["kind"] == "slack":
+        text = summary_line(payload).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        return json.dumps({"text": text}).encode(), {"Content-Type": "application/json"}
+    if target["kind"] == "ntfy":
+        title = payload["type"].encode("ascii", "replace").decode()
+        return summary_line(payload).encode(), {"Content-Type": "text/plain; charset=utf-8",
+                                                "Title": f"Patchwire {title}", "Tags": "robot"}
+    return json.dumps(payload).encode(), {"Content-Type": "application/json",
+                                          "X-Patchwire-Event": payload["type"]}
+
+
+def sign(secret: str, timestamp: int, body: bytes) -> str:
+    """The webhook's signature header value (README: "Verifying a webhook")."""
+    mac = hmac.new(secret.encode(), str(timestamp).encode() + b"." + body, hashlib.sha256)
+    return "sha256=" + mac.hexdigest()
+
+
+class Delivery:
+    """One message to one target, with its attempts so far."""
+
+    def __init__(self, target: dict, payload: dict, job: Optional[str]):
+        self.target, self.job = target, job
+        self.id = secrets.token_hex(8)  # the same on every attempt: a receiver can drop repeats
+        self.body, self.headers = encode_delivery(target, payload)
+        self.event = payload["type"]
+        self.attempt = 0
+
+
+class Notifier:
+    """Sends notifications from a thread of its own, on a schedule (a heap of due times):
+    a job's start or end is a note that the thread turns into deliveries; a failed attempt
+    goes back on the schedule after its backoff. `post` is the one place that sends."""
+
+    def __init__(self, store: "Store", audit: AuditLog, config: Callable[[], AgentConfig]):
+        self.store, self.audit, self.config = store, audit, config
+        self._heap: List[Tuple[float, int, Any]] = []
+        self._count = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="notifier", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def job_event(self, job_id: str, event: str) -> None:
+        """A job started or ended: at once, never blocking its caller (a worker)."""
+        self._schedule(0.0, ("job", job_id, event))
+
+    def _schedule(self, delay: float, item: Any) -> None:
+        with self._cond:
+            if len(self._heap) >= NOTIFY_PENDING_MAX:
+                log.warning("notifications: %d waiting already; dropped %s", len(self._heap), item[0])
+                return
+            self._count += 1
+            heapq.heappush(self._heap, (time.monotonic() + delay, self._count, item))
+            self._cond.notify()
+
+    def _next(self) -> Optional[Any]:
+        with self._cond:
+            while not self._closed:
+                now = time.monotonic()
+                if self._heap and self._heap[0][0] <= now:
+                    return heapq.heappop(self._heap)[2]
+                self._cond.wait(self._heap[0][0] - now if self._heap else None)
+        return None
+
+    def _run(self) -> None:
+        while True:
+            item = self._next()
+            if item is None:
+                return
+            try:
+                if item[0] == "job":
+                    self._fan_out(item[1], item[2])
+                else:
+                    self._attempt(item[1])
+            except Exception:  # a bug must not end the deliveries of everyone after it
+                log.exception("notification %r failed", item[:2])
+
+    def _fan_out(self, job_id: str, event: str) -> None:
+        job = self.store.job(job_id)
+        if job is None or job["user"] not in self.config().users:  # a removed user is told nothing more
+            return
+        for target in self.store.targets(job["user"]):
+            if wants(target, event, job["status"]):
+                payload = job_payload(job, event, target, self.store.patch_path(job_id))
+                self._attempt(Delivery(target, payload, job_id))
+
+    def _attempt(self, delivery: Delivery) -> None:
+        delivery.attempt += 1
+        sent = self.post(delivery)
+        if not sent["ok"] and sent["retry"] and delivery.attempt < NOTIFY_ATTEMPTS:
+            self._schedule(NOTIFY_BACKOFF_S[delivery.attempt - 1], ("delivery", delivery))
+
+    def test(self, target: dict) -> dict:
+        """POST /v1/notify/ID/test: one attempt now, in the caller's thread; what happened."""
+        delivery = Delivery(target, {"type": "test", "user": target["user"], "job": None}, None)
+        delivery.attempt = 1
+        sent = self.post(delivery)
+        return {"ok": sent["ok"], "status": sent["status"], "error": sent["error"]}
+
+    def post(self, delivery: Delivery) -> dict:
+        """Send one attempt: {ok, retry (worth another try), status, error}, as an audit line."""
+        target, started = delivery.target, time.monotonic()
+        status, error = None, ""
+        if not notify_host_allowed(self.config().notify_allow, target["url"]):
+            error = "the host is no longer in [notify] allow"
+        else:
+            status, error = send_delivery(delivery)
+        ok = status is not None and 200 <= status < 300
+        sent = {"ok": ok, "retry": not ok and (status is None or status >= 500 or status in (408, 429)),
+                "status": status, "error": error or None}
+        self.audit.write({"event": "notify", "user": target["user"], "target": target["id"], "kind": target["kind"],
+                          "url": redacted_url(target["url"]), "job": delivery.job, "type": delivery.event,
+                          "delivery": delivery.id, "attempt": delivery.attempt, "status": status,
+                          "error": sent["error"], "ms": round((time.monotonic() - started) * 1000, 1)})
+        return sent
+
+
+def send_delivery(delivery: Delivery) -> Tuple[Optional[int], str]:
+    """POST it (a webhook's body signed now, with this attempt's time): (HTTP status or None,
+    what went wrong)."""
+    target = delivery.target
+    headers = dict(delivery.headers, **{"User-Agent": f"patchwire-agent/{__version__}",
+                                        "X-Patchwire-Delivery": delivery.id})
+    if target["kind"] == "webhook" and target.get("secret"):
+        stamp = int(time.time())
+        headers[TIMESTAMP_HEADER] = str(stamp)
+        headers[SIGNATURE_HEADER] = sign(target["secret"], stamp, delivery.body)
+    request = urllib.request.Request(target["url"], data=delivery.body, headers=headers, method="POST")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), NoRedirects())
+    try:
+        with opener.open(request, timeout=NOTIFY_TIMEOUT_S) as answer:
+            answer.read(64 * 1024)
+            return answer.status, ""
+    except urllib.error.HTTPError as e:
+        e.close()
+        return e.code, f"HTTP {e.code}"
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        return None, clip(str(getattr(e, "reason", e)), 200)
+
+
+class NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is an answer, not a way elsewhere: the allowlist names where deliveries go."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        return None
+
+
 # ================================================================== the agent (server object)
 
 
@@ -3284,10 +3631,12 @@ class Agent:
         self.workers: List[threading.Thread] = []
         self.metrics = Metrics()  # request counts and latencies, for GET /metrics
         self.started_at = time.time()
+        self.notifier = Notifier(self.store, self.audit, lambda: self.cfg)  # its own thread: never a worker's
 
     # --- life cycle
 
     def start(self) -> None:
+        self.notifier.start()
         self.recover()
         for job in self.store.jobs_with_status("done", "failed")[-self.recent_runs.maxlen:]:
             if job["started"] and job["finished"]:  # estimates right after a restart too
@@ -3303,6 +3652,7 @@ class Agent:
 
     def stop(self) -> None:
         self.queue.close()
+        self.notifier.close()
         with self.lock:
             runs = list(self.runs.values())
         for run in runs:
@@ -3410,6 +3760,29 @@ class Agent:
             if key not in self.repos:
                 self.repos[key] = ProjectRepo(self.cfg.state_dir, user, project)
             return self.repos[key]
+
+    # --- notification targets (section "notifications")
+
+    def add_target(self, user: str, body: dict) -> dict:
+        """A new target of `user`'s: {target, secret} (the secret only here, once)."""
+        with self.admission:  # two adds at once must not both pass max_targets
+            target = check_target_request(self.cfg, body, len(self.store.targets(user)))
+            self.store.add_target({**target, "user": user})
+        self.audit.write({"event": "notify_add", "user": user, "target": target["id"], "kind": target["kind"],
+                          "url": redacted_url(target["url"])})
+        return {"target": public_target(target), **({"secret": target["secret"]} if target["secret"] else {})}
+
+    def find_target(self, user: str, target_id: str) -> dict:
+        for target in self.store.targets(user):
+            if target["id"] == target_id:
+                return target
+        raise NotFound(f"no notification target {target_id[:20]!r} of yours", "`patchwire notify list` lists them")
+
+    def remove_target(self, user: str, target_id: str) -> dict:
+        target = self.find_target(user, target_id)
+        self.store.remove_target(user, target_id)
+        self.audit.write({"event": "notify_remove", "user": user, "target": target_id})
+        return public_target(target)
 
     def me(self, user: str, project: Optional[str]) -> dict:
         out: Dict[str, Any] = {"user": user, "version": __version__,
@@ -3627,6 +4000,7 @@ class Agent:
         job = self.store.job(job_id) or {}
         self.audit.job(job_id, "job_end", user=job.get("user"), project=job.get("project"), status=status,
                        reason=reason or None, **({"timings": timings} if timings else {}))
+        self.notifier.job_event(job_id, "end")
 
     # --- workers
 
@@ -3795,6 +4169,7 @@ class Agent:
                                          **({"ai": STAND_IN_LABEL} if self.cfg.stand_in else {}),
                                          **self.limits_said(cgroup), **({"continues": parent["id"]} if parent else {})})
         self.audit.job(job["id"], "job_start", user=job["user"], project=job["project"], slot=slot)
+        self.notifier.job_event(job["id"], "start")
         started = time.monotonic()
         status, reason, result = limited_run(run, cgroup)
         self._flush_output(job["id"], output)
@@ -4170,6 +4545,10 @@ ROUTES: List[Tuple[str, "re.Pattern[str]", str, bool]] = [
         ("GET", r"/v1/asks/(?P<ask>[^/]+)", "ask_group", True),
         ("GET", r"/v1/asks/(?P<ask>[^/]+)/events", "ask_events", True),
         ("GET", r"/v1/usage", "usage", True),
+        ("GET", r"/v1/notify", "notify_list", True),
+        ("POST", r"/v1/notify", "notify_add", True),
+        ("DELETE", r"/v1/notify/(?P<target>[^/]+)", "notify_remove", True),
+        ("POST", r"/v1/notify/(?P<target>[^/]+)/test", "notify_test", True),
         ("GET", r"/v1/openapi.json", "openapi", False),
         ("GET", r"/metrics", "metrics", True),
     )]
@@ -4803,6 +5182,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         require_admin(self.agent, user, "/metrics")
         self.send_bytes(HTTPStatus.OK, render_metrics(self.agent).encode(), PROMETHEUS_TYPE)
 
+    def route_notify_list(self, user: str) -> None:
+        self.send_json(HTTPStatus.OK, {"targets": [public_target(t) for t in self.agent.store.targets(user)]})
+
+    def route_notify_add(self, user: str) -> None:
+        self.send_json(HTTPStatus.CREATED, self.agent.add_target(user, self.read_json()))
+
+    def route_notify_remove(self, user: str, target: str) -> None:
+        self.send_json(HTTPStatus.OK, {"target": self.agent.remove_target(user, target)})
+
+    def route_notify_test(self, user: str, target: str) -> None:
+        self.send_json(HTTPStatus.OK, self.agent.notifier.test(self.agent.find_target(user, target)))
+
     def route_openapi(self, user: str) -> None:
         self.send_json(HTTPStatus.OK, openapi_document())
 
@@ -4954,7 +5345,22 @@ OPENAPI_SCHEMAS = {
     "Me": _obj(["user", "version", "mirror_root"], user=_S, version=_S, mirror_root=_S,
                mirror={**_S, "description": "with ?project=: the folder to rsync that project into"},
                unwritable={"type": "array", "items": _S,
-                           "description": "with ?project=: its folders the agent cannot write (the admin's to fix)"}),
+                           "description": "folders of yours the box account cannot write (the admin's to fix)"}),
+    "NotifyRequest": {**_obj(["url"], url={**_S, "description": "http(s) URL on a host in [notify] allow"},
+                             kind={"enum": list(NOTIFY_KINDS), "description": "default: webhook (slack for "
+                                   "hooks.slack.com, ntfy for ntfy.sh)"},
+                             events={"type": "array", "items": {"enum": list(NOTIFY_EVENTS)},
+                                     "description": "end (default): every end; failure: failed ends; start"},
+                             include={"type": "array", "items": {"enum": list(NOTIFY_INCLUDES)},
+                                      "description": "also send these (never sent otherwise)"})},
+    "NotifyTarget": _obj(["id", "kind", "url", "events", "include", "created"], id=_S, kind={"enum": list(NOTIFY_KINDS)},
+                         url={**_S, "description": "host and the path's last 4 characters"},
+                         events={"type": "array", "items": _S}, include={"type": "array", "items": _S}, created=_N),
+    "NotifyTargets": _obj(["targets"], targets={"type": "array", "items": _ref("NotifyTarget")}),
+    "NotifyAdded": _obj(["target"], target=_ref("NotifyTarget"),
+                        secret={**_S, "description": "webhook: the HMAC-SHA256 signing key, given this once"}),
+    "NotifyRemoved": _obj(["target"], target=_ref("NotifyTarget")),
+    "NotifyTested": _obj(["ok", "status", "error"], ok=_B, status=_nullable(_I), error=_nullable(_S)),
     "AskRequest": {**_obj(["project", "tree", "prompt"], project=_S, prompt=_S,
                           tree={**_S, "description": "git tree id of exactly the files the laptop sent"},
                           files={"type": "array", "items": {"type": "array", "items": _S, "minItems": 3,
@@ -5078,6 +5484,18 @@ OPENAPI_ROUTES: Dict[str, tuple] = {
               "token everyone's", {"since": _S, "until": _S, "group": {"enum": list(USAGE_GROUPS)}, "user": _S},
               None, {200: ("the report", "application/json", "Usage"), 400: "bad group or time",
                      403: "another user's usage without an admin token"}),
+    "notify_list": ("Your notification targets (never their secrets)", {}, None,
+                    {200: ("your targets", "application/json", "NotifyTargets")}),
+    "notify_add": ("Add a notification target: a signed JSON webhook, an ntfy topic or a Slack webhook", {},
+                   "NotifyRequest", {201: ("added; a webhook's secret is in this answer only",
+                                           "application/json", "NotifyAdded"),
+                                     400: "bad url, kind, events or include",
+                                     403: "policy: a host outside [notify] allow, or [notify] max_targets"}),
+    "notify_remove": ("Remove a notification target", {}, None,
+                      {200: ("removed", "application/json", "NotifyRemoved"), 404: "no such target of yours"}),
+    "notify_test": ("Send a test notification to a target now (one attempt)", {}, None,
+                    {200: ("what the receiver answered", "application/json", "NotifyTested"),
+                     404: "no such target of yours"}),
     "openapi": ("This document", {}, None, {200: ("OpenAPI 3.1", "application/json", None)}),
     "metrics": ("Prometheus text format; admin token", {}, None,
                 {200: ("metrics", PROMETHEUS_TYPE.split(";")[0], None), 403: "not an admin"}),
@@ -5092,7 +5510,8 @@ def openapi_document() -> dict:
         template = ROUTE_TEMPLATES[name]
         op: dict = {"operationId": name, "summary": summary, "responses": {}}
         params = [{"name": p, "in": "path", "required": True, "schema": _S,
-                   "description": f"a {p} id or a unique prefix of it"} for p in pattern.groupindex]
+                   "description": "a notification target's id" if p == "target" else f"a {p} id or a unique "
+                                  "prefix of it"} for p in pattern.groupindex]
         params += [{"name": k, "in": "query", "required": False, "schema": v} for k, v in query.items()]
         if params:
             op["parameters"] = params
@@ -5941,13 +6360,14 @@ def purge_user(cfg: AgentConfig, user: str) -> None:
                and time.monotonic() < deadline):
             time.sleep(0.2)
         patches = [store.patch_path(i) for i in ids if store.patch_path(i).exists()]
+        targets = store.remove_targets(user)  # with their signing secrets
     finally:
         store.close()
     for patch in patches:
         patch.unlink(missing_ok=True)
     if folder.exists():
         remove_tree(folder)
-    pw.say(f"deleted {folder} and {len(patches)} stored patch(es) of {user}")
+    pw.say(f"deleted {folder}, {len(patches)} stored patch(es) and {targets} notification target(s) of {user}")
 
 
 def cmd_project(args) -> int:

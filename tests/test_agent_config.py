@@ -175,7 +175,7 @@ BAD_CONFIGS = [
     ("workers_text", line("workers = ", 'workers = "two"'), ["jobs.workers must be a positive integer", "'two'"]),
     ("workers_zero", line("workers = ", "workers = 0"), ["jobs.workers must be a positive integer", "not 0"]),
     ("unknown_table", append('\n[logging]\nlevel = "debug"\n'),
-     ["unknown key 'logging' in top level", "known keys: ai, jobs, network, policy, server, users"]),
+     ["unknown key 'logging' in top level", "known keys: ai, jobs, network, notify, policy, server, users"]),
     ("bad_digest", sub(DIGEST_LINE, 'token_sha256 = "not-a-digest"'), ["users.bob.token_sha256 must be 64 hex digits"]),
     ("short_digest", sub(DIGEST_LINE, f'token_sha256 = "{DIGEST[:63]}"'),
      ["users.bob.token_sha256 must be 64 hex digits"]),

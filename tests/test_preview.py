@@ -103,3 +103,52 @@ def test_sync_records_its_tree_in_its_own_store_without_touching_the_repository(
     assert (laptop.root / ".git/index").read_bytes() == index_before
     assert git(laptop.root, "rev-parse", "HEAD") == head_before
     assert git(laptop.root, "status", "--porcelain").splitlines() == ["?? .patchwire.toml", "?? new.txt"]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_pager_starts_after_one_screenful_and_the_rest_streams_to_it(tmp_path, monkeypatch):
+    """A 100,000-line diff shows at once: only the first screenful is rendered before the
+    pager starts, the rest is rendered while the reader reads; quitting stops the rendering."""
+    started, got = tmp_path / "started", tmp_path / "got.txt"
+    pager = tmp_path / "pager.sh"
+    pager.write_text(f"#!/bin/sh\ntouch {started}\ncat > {got}\n")
+    pager.chmod(0o755)
+    monkeypatch.setenv("PAGER", str(pager))
+    monkeypatch.setenv("LINES", "40")
+    monkeypatch.setattr("sys.stdout", _Terminal())
+    rendered_when_shown: list = []
+
+    def rendering(count: int):
+        for i in range(count):
+            if not rendered_when_shown and started.exists():
+                rendered_when_shown.append(i)
+            yield f"line {i}"
+    patchwire.page(rendering(100_000))
+    assert got.read_text() == "".join(f"line {i}\n" for i in range(100_000))
+    assert rendered_when_shown and rendered_when_shown[0] < 5_000, rendered_when_shown
+
+    pager.write_text("#!/bin/sh\nhead -n 3 > /dev/null\n")  # the reader quits at once
+    pulled = []
+
+    def counted():
+        for i in range(1_000_000):
+            pulled.append(i)
+            yield f"line {i}"
+    patchwire.page(counted())
+    assert len(pulled) < 200_000  # not all rendered for nobody
+
+
+def test_a_short_text_is_printed_without_a_pager(tmp_path, monkeypatch):
+    pager = tmp_path / "pager.sh"
+    pager.write_text(f"#!/bin/sh\ntouch {tmp_path / 'started'}\ncat\n")
+    pager.chmod(0o755)
+    monkeypatch.setenv("PAGER", str(pager))
+    monkeypatch.setenv("LINES", "40")
+    out = _Terminal()
+    monkeypatch.setattr("sys.stdout", out)
+    patchwire.page(f"line {i}" for i in range(10))
+    assert out.getvalue() == "".join(f"line {i}\n" for i in range(10)) and not (tmp_path / "started").exists()

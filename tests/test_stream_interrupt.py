@@ -43,8 +43,10 @@ def ask_on_a_terminal(lap: Laptop, prompt: str) -> "tuple[int, int]":
     return pid, fd
 
 
-def test_the_first_ctrl_c_leaves_at_once_and_the_job_runs_on(laptop, agent):
-    pid, fd = ask_on_a_terminal(laptop, script({"hang": True}))
+def test_the_first_ctrl_c_leaves_at_once_the_job_finishes_and_wait_applies_it(laptop, agent, tmp_path):
+    gate = tmp_path / "gate"
+    pid, fd = ask_on_a_terminal(laptop, script({"say": "Thinking for a long time"}, {"wait_file": str(gate)},
+                                                {"write": "after.txt", "text": "finished on the box\n"}))
     out = bytearray()
     try:
         read_pty(fd, out, b"Thinking for a long time")
@@ -61,11 +63,15 @@ def test_the_first_ctrl_c_leaves_at_once_and_the_job_runs_on(laptop, agent):
     assert left < 5
     assert os.waitstatus_to_exitcode(status) == 130, text
     assert f"left job {job}; it keeps running on the box" in text
-    for command in ("show", "apply", "cancel"):
+    for command in ("wait", "show", "apply", "cancel"):
         assert f"`patchwire {command} {job}`" in text
     assert "Traceback" not in text and "Enter applies" not in text
     assert agent.json("GET", f"/v1/jobs/{job}")[1]["status"] == "running"
-    agent.json("DELETE", f"/v1/jobs/{job}")
+    gate.write_text("open")
+    assert agent.wait_job(job)["status"] == "done"  # nobody attached: it ran to its end on the box
+    assert not (laptop.root / "after.txt").exists()
+    laptop.run("wait", job, "--yes", check=0)
+    assert (laptop.root / "after.txt").read_text() == "finished on the box\n"
 
 
 def free_port() -> int:

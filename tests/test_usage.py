@@ -91,6 +91,9 @@ def box(tmp_path_factory):
     agent = AgentProcess(tmp_path_factory.mktemp("usage-box"), STAND_IN_COMMAND,
                          users=("alice", "bob", "carol"), jobs={"workers": 1}, env=env)
     set_users(agent, ["alice", "bob", "carol"])
+    data = tomllib.loads(agent.config.read_text())
+    data["notify"] = {"allow": ["127.0.0.1:9"]}  # the discard port: nothing answers, nothing leaves the machine
+    agent.config.write_text(tomli_w.dumps(data))
     agent.start()
     jobs: Dict[str, List[str]] = {"alice": [], "bob": [], "carol": []}
     jobs["alice"].append(post(agent, "alice", script(
@@ -415,6 +418,9 @@ def test_openapi_is_valid_and_matches_the_server(box, tmp_path):
              ("POST", "/v1/ask", {**ask_body(None, "x", project="app"), "tree": "0" * 40}, alice, {}),
              ("POST", "/v1/ask", ask_body(None, script({"write": "n.txt", "text": "n\n"}), project="app"), bob, {}),
              ("POST", "/v1/ask", ask_body(None, script({"say": "streamed"}), project="app"), bob, stream),
+             ("GET", "/v1/notify", None, alice, {}), ("DELETE", "/v1/notify/zz", None, alice, {}),
+             ("POST", "/v1/notify", {"url": "https://nowhere.example/hook"}, alice, {}),
+             ("POST", "/v1/notify/zz/test", None, alice, {}),
              ("GET", "/v1/openapi.json", None, None, {})]
     statuses = set()
     for method, path, body, token, headers in calls:
@@ -458,6 +464,8 @@ def test_readme_curl_examples_run(box, tmp_path):
     (work / "ask.json").write_text(json.dumps(ask_body(None, script({"write": "from-readme.txt", "text": "hi\n"}),
                                                       project="my-app")))
     done = box.infos["alice"][0]["id"]
+    status, added = box.json("POST", "/v1/notify", {"url": "http://127.0.0.1:9/readme"}, token=box.tokens["alice"])
+    assert status == 201, added
     env = {**os.environ, "HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     routes = set()
     running = ""
@@ -465,10 +473,13 @@ def test_readme_curl_examples_run(box, tmp_path):
                              token=box.tokens["alice"])
     assert status == 202, group
     for command in commands:
-        if "-X DELETE" in command:  # cancel a job that runs (the box has one worker)
+        command = command.replace("7e57a1b2", added["target"]["id"]).replace(
+            "https://hooks.example.com/patchwire", "http://127.0.0.1:9/readme")
+        cancels = "-X DELETE" in command and "/v1/jobs/" in command
+        if cancels:  # cancel a job that runs (the box has one worker)
             running = post(box, "alice", script({"hang": True}))
             wait_job(box, "alice", running, until=("running",))
-        job = running if "-X DELETE" in command else done
+        job = running if cancels else done
         command = command.replace("7c2e", group["id"][:6])  # an ask of two attempts
         line = setup.replace("http://127.0.0.1:7433", box.url) + "\n" + command.replace("3fa1", job[:6])
         proc = subprocess.run(["bash", "-c", "set -eo pipefail\n" + line], cwd=work, env=env,

@@ -8,6 +8,7 @@ const { Patchwire, SCHEME } = require('./lib/commands');
 
 const COMMANDS = {
   'patchwire.ask': (pw) => pw.ask(false),
+  'patchwire.askDetached': (pw) => pw.askDetached(),
   'patchwire.askFollowUp': (pw) => pw.ask(true),
   'patchwire.askAttempts': (pw) => pw.askAttempts(),
   'patchwire.showJobs': (pw) => pw.showJobs(),

@@ -193,6 +193,9 @@ class Cli {
     return this.start(args, { input: prompt, onObject: onEvent });
   }
 
+  /** Sync and queue, then leave (`ask --detach`): {job, detached}. */
+  askDetached(prompt) { return this.json(['ask', '-', '--detach'], prompt); }
+
   /** Several attempts (`ask -n N`): every attempt's events, then an outcome with their table. */
   askAttempts(prompt, attempts, { onEvent = () => {} } = {}) {
     return this.start(['ask', '-', '-n', String(attempts), '--no-apply'], { input: prompt, onObject: onEvent });

@@ -19,6 +19,7 @@ class Patchwire {
     this.status.name = 'Patchwire';
     this.contents = new JobContents(this);
     this.timer = null;
+    this.detached = new Set(); // jobs asked detached: the status bar's refresh tells when each ends
   }
 
   // --- the CLI for the current project
@@ -105,7 +106,25 @@ class Patchwire {
     }
     Object.assign(this.status, present.statusBar(jobs, error));
     this.status.show();
+    this.tellEnded(jobs);
     return { jobs, error };
+  }
+
+  /** A detached job of this window that has ended: one notification, with Review when done. */
+  tellEnded(jobs) {
+    for (const job of jobs) {
+      if (!this.detached.has(job.id) || !['done', 'failed', 'cancelled'].includes(job.status)) {
+        continue;
+      }
+      this.detached.delete(job.id);
+      const text = present.endedMessage(job);
+      if (job.status !== 'done') {
+        vscode.window.showWarningMessage(text);
+        continue;
+      }
+      vscode.window.showInformationMessage(text, 'Review').then(
+        (pick) => (pick === 'Review' ? this.guard(() => this.review(job.id))() : undefined));
+    }
   }
 
   // --- picking a job
@@ -159,6 +178,30 @@ class Patchwire {
     }
     run.review = await this.review(run.job);
     return run;
+  }
+
+  /** Ask, and let the box work: the job is queued and the window is free; a notification says
+   * when it ends (found by the status bar's refresh), with Review to see its change. */
+  async askDetached() {
+    const cli = this.cli();
+    const text = await vscode.window.showInputBox({
+      title: 'Patchwire: Ask (detached)',
+      prompt: 'What should the AI do? It works on the box; you are told when it is done.',
+      placeHolder: 'e.g. upgrade the dependencies and fix what breaks', ignoreFocusOut: true,
+    });
+    if (!text || !text.trim()) {
+      return undefined;
+    }
+    const context = await this.pickContext();
+    if (context === undefined || !(await this.saveFirst())) {
+      return undefined;
+    }
+    this.log(`--- ${new Date().toLocaleTimeString()} ask (detached): ${present.oneLine(text)}`);
+    const result = await cli.askDetached(present.promptWithContext(text, context));
+    this.detached.add(result.job);
+    vscode.window.showInformationMessage(`Patchwire: job ${present.plain(result.job)} is queued on the box; `
+      + 'you will be told when it ends');
+    return result;
   }
 
   /** null: no context; undefined: the user backed out. Asked only when there is an editor. */

@@ -147,6 +147,15 @@ function sortJobs(jobs) {
 }
 
 /** The status bar: the agent's health and how many of your jobs run or wait. */
+/** A detached job's end, for a notification: box text made plain. */
+function endedMessage(job) {
+  const stats = job.stats || {};
+  if (job.status === 'done') {
+    return `Patchwire: job ${plain(job.id)} is done: ${plural(stats.files || 0, 'file')} changed`;
+  }
+  return `Patchwire: job ${plain(job.id)} ${plain(job.status)}${job.reason ? ': ' + plain(oneLine(job.reason, 200)) : ''}`;
+}
+
 function statusBar(jobs, error) {
   if (error) {
     return {
@@ -216,6 +225,6 @@ function errorMessage(err) {
 }
 
 module.exports = {
-  appliedMessage, clean, errorMessage, fileItems, generalFlags, jobItem, networkLine, oneLine, outputLines, plain, plural,
+  appliedMessage, clean, endedMessage, errorMessage, fileItems, generalFlags, jobItem, networkLine, oneLine, outputLines, plain, plural,
   progressMessage, promptWithContext, sortJobs, statusBar,
 };

@@ -55,7 +55,7 @@ test('every contributed command is registered, and only those', () => {
   const contributed = MANIFEST.contributes.commands.map((c) => c.command).sort();
   assert.deepEqual([...stub.commands.keys()].sort(), contributed);
   assert.deepEqual(MANIFEST.contributes.commands.map((c) => `${c.category}: ${c.title}`), [
-    'Patchwire: Ask...', 'Patchwire: Ask Follow-up...', 'Patchwire: Ask with Several Attempts...', 'Patchwire: Show Jobs', 'Patchwire: Apply Job',
+    'Patchwire: Ask...', 'Patchwire: Ask (detached)...', 'Patchwire: Ask Follow-up...', 'Patchwire: Ask with Several Attempts...', 'Patchwire: Show Jobs', 'Patchwire: Apply Job',
     'Patchwire: Undo Last Apply', 'Patchwire: Cancel Job', 'Patchwire: Doctor']);
   assert.ok(MANIFEST.engines.vscode);
   assert.deepEqual(Object.keys(MANIFEST.dependencies || {}), []);
@@ -221,6 +221,43 @@ test('Ask Follow-up continues the picked job with --on', async () => {
   await run('patchwire.askFollowUp');
   assert.deepEqual(uiCalls('showQuickPick')[0][0].map((i) => i.job.id), ['aaa111']); // only finished jobs
   assert.deepEqual(calls().find((c) => c.argv[0] === 'ask').argv, ['ask', '-', '--no-apply', '--on', 'aaa111', '--json']);
+});
+
+test('Ask (detached) queues with ask --detach; the status refresh tells when it ends, Review opens it', async () => {
+  const queued = { jobs: [fx.job('eee555', 'queued', 4000)] };
+  const link = 'boom [x](command:workbench.action.terminal.sendSequence) $(check)';
+  const { stub, pw, calls, run, uiCalls } = setup({
+    ask: { stdout: [{ type: 'outcome', job: 'eee555', detached: true, applied: false }] },
+    jobs: [{ stdout: [queued] }, { stdout: [queued] }, { stdout: [queued] },
+      { stdout: [{ jobs: [fx.job('eee555', 'done', 4000, { stats: { files: 2 } }), fx.job('fff666', 'failed', 10, { reason: link })] }] }],
+    diff: { stdout: [{ ...fx.DIFF, job: 'eee555', files: [] }] },
+  });
+  stub.answers.push('upgrade everything');
+  await run('patchwire.askDetached');
+  assert.deepEqual(calls().find((c) => c.argv[0] === 'ask').argv, ['ask', '-', '--detach', '--json']);
+  assert.equal(calls().find((c) => c.argv[0] === 'ask').stdin, 'upgrade everything');
+  assert.equal(uiCalls('withProgress').length, 0); // nothing to watch: the window is free
+  await until(() => calls().filter((c) => c.argv[0] === 'jobs').length >= 2, 'the refreshes after the ask');
+  await pw.refreshStatus(); // still queued: nothing said yet
+  assert.deepEqual(uiCalls('showInformationMessage').map((a) => a[0]),
+    ['Patchwire: job eee555 is queued on the box; you will be told when it ends']);
+  stub.answers.push('Review');
+  await pw.refreshStatus(); // done now; fff666 failed too, but was not asked detached here
+  await until(() => calls().some((c) => c.argv[0] === 'diff'), 'Review to open the job');
+  assert.deepEqual(uiCalls('showInformationMessage')[1], ['Patchwire: job eee555 is done: 2 files changed', 'Review']);
+  assert.deepEqual(uiCalls('showWarningMessage'), []);
+  await pw.refreshStatus(); // told once
+  assert.equal(uiCalls('showInformationMessage').filter((a) => /eee555 is done/.test(a[0])).length, 1);
+});
+
+test('a detached job that failed is told with its reason, box text made plain', async () => {
+  const link = 'boom [x](command:workbench.action.terminal.sendSequence) $(check)';
+  const { pw, uiCalls } = setup({ jobs: { stdout: [{ jobs: [fx.job('fff666', 'failed', 10, { reason: link })] }] } });
+  pw.detached.add('fff666');
+  await pw.refreshStatus();
+  const [[text]] = uiCalls('showWarningMessage');
+  assert.match(text, /^Patchwire: job fff666 failed: boom \[x\] \(command:/);
+  assert.doesNotMatch(text, /\]\(|\$\(/);
 });
 
 test('no patchwire program: the error offers the setting', async () => {

@@ -59,4 +59,4 @@ function error(message, exitStatus, hint = '', code = '') {
   return { error: message, hint, exit_status: exitStatus, ...(code ? { details: { error: message, code } } : {}) };
 }
 
-module.exports = { APPLIED, ASK_EVENTS, ASK_STDERR, DIFF, DIFF_LOOK_CLOSELY, JOB, JOBS, OUTCOME, error };
+module.exports = { APPLIED, ASK_EVENTS, ASK_STDERR, DIFF, DIFF_LOOK_CLOSELY, JOB, JOBS, OUTCOME, error, job };

@@ -1,0 +1,143 @@
+"""The box tells you a job ended: a user's notification targets (`patchwire notify add URL`), a
+receiver on loopback that checks each delivery's HMAC signature, retries after a 500, nothing for
+another user's jobs, and hosts outside the admin's `[notify] allow` refused. Real agent, real
+laptop CLI, a real HTTP receiver."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.server
+import json
+import threading
+import time
+from pathlib import Path
+from typing import List
+
+import pytest
+
+from conftest import Laptop, make_repo, script, tomli_w, tomllib, wait_until
+
+
+class Receiver(http.server.ThreadingHTTPServer):
+    """Records every POST (headers, body); answers the first `failures` of them with 500."""
+
+    def __init__(self, failures: int = 0):
+        self.got: List[dict] = []
+        self.failures = failures
+        super().__init__(("127.0.0.1", 0), ReceiverHandler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class ReceiverHandler(http.server.BaseHTTPRequestHandler):
+    server: Receiver
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.server.got.append({"path": self.path, "headers": dict(self.headers), "body": body})
+        failing = len(self.server.got) <= self.server.failures
+        self.send_response(500 if failing else 204)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def verified(secret: str, got: dict) -> dict:
+    """The delivery's JSON, after checking its signature as README "Verifying a webhook" says."""
+    stamp = got["headers"]["X-Patchwire-Timestamp"]
+    expected = "sha256=" + hmac.new(secret.encode(), stamp.encode() + b"." + got["body"], hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(expected, got["headers"]["X-Patchwire-Signature"])
+    assert abs(time.time() - int(stamp)) < 300
+    return json.loads(got["body"])
+
+
+@pytest.fixture
+def receiver():
+    server = Receiver(failures=1)
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def box_allowing(make_agent, *hosts: str):
+    box = make_agent(start=False, users=("alice", "bob"))
+    data = tomllib.loads(box.config.read_text())
+    data["notify"] = {"allow": list(hosts)}
+    box.config.write_text(tomli_w.dumps(data))
+    return box.start()
+
+
+def laptop_of(tmp_path: Path, box, user: str) -> Laptop:
+    lap = Laptop(make_repo(tmp_path / user, {"README.md": b"# demo\n"}))
+    lap.init(box, user=user)
+    return lap
+
+
+def test_one_signed_delivery_per_finished_job_retried_after_a_500_and_none_for_others(tmp_path, make_agent,
+                                                                                      receiver):
+    host = receiver.url.split("//")[1]
+    box = box_allowing(make_agent, host)
+    alice, bob = laptop_of(tmp_path, box, "alice"), laptop_of(tmp_path, box, "bob")
+    added = alice.run("notify", "add", receiver.url + "/hook", check=0)
+    secret = added.out.strip()
+    assert len(secret) >= 40 and "signing secret" in added.err
+    listed = alice.run("notify", "list", "--json", check=0)
+    assert secret not in listed.out and json.loads(listed.out)["targets"][0]["kind"] == "webhook"
+
+    bob.ask(script({"write": "b.txt", "text": "b\n"}), "--yes", check=0)  # bob has no target
+    secret_prompt = script({"write": "a.txt", "text": "a\n"}, text="the secret plan")
+    alice.ask(secret_prompt, "--yes", check=0)
+    job = alice.last_job()
+    wait_until(lambda: len(receiver.got) >= 2, 30, "the delivery and its retry")
+    time.sleep(0.5)  # a third delivery (bob's, or a repeat) would have come by now
+    assert len(receiver.got) == 2, receiver.got
+    first, second = receiver.got
+    assert first["headers"]["X-Patchwire-Delivery"] == second["headers"]["X-Patchwire-Delivery"]
+    for got in receiver.got:
+        payload = verified(secret, got)
+        assert payload["type"] == "job.done" and payload["job"]["id"] == job
+        assert payload["job"]["stats"]["files"] == 1 and payload["user"] == "alice"
+        assert "secret plan" not in got["body"].decode() and "a.txt" not in got["body"].decode()
+    forged = dict(second, body=second["body"].replace(b"job.done", b"job.fail"))
+    with pytest.raises(AssertionError):
+        verified(secret, forged)
+
+    audit = [json.loads(line) for line in (box.state_dir / "audit.log").read_text().splitlines()]
+    attempts = [(r["attempt"], r["status"]) for r in audit if r.get("event") == "notify"]
+    assert attempts == [(1, 500), (2, 204)]
+    assert secret not in (box.state_dir / "audit.log").read_text()
+
+
+def test_an_unlisted_host_is_refused_naming_the_setting(tmp_path, make_agent, receiver):
+    box = box_allowing(make_agent, "hooks.example.com")
+    alice = laptop_of(tmp_path, box, "alice")
+    refused = alice.run("notify", "add", receiver.url + "/hook")
+    assert refused.returncode == 3 and "[notify] allow" in refused.err, refused.err
+    assert json.loads(alice.run("notify", "list", "--json", check=0).out)["targets"] == []
+    assert receiver.got == []
+
+
+def test_slack_and_test_and_remove(tmp_path, make_agent, receiver):
+    receiver.failures = 0
+    box = box_allowing(make_agent, receiver.url.split("//")[1])
+    alice = laptop_of(tmp_path, box, "alice")
+    added = json.loads(alice.run("notify", "add", receiver.url + "/services/T0/B0/XYZsecretpath", "--kind", "slack",
+                                 "--on", "failure", "--json", check=0).out)
+    target = added["target"]
+    assert "secret" not in added and "XYZsecretpath" not in target["url"]
+    tested = alice.run("notify", "test", check=0)
+    assert f"target {target['id']}: delivered" in tested.err
+    assert json.loads(receiver.got[0]["body"]) == {"text": "Patchwire: a test notification from the box"}
+    alice.ask(script({"write": "ok.txt", "text": "ok\n"}), "--yes", check=0)  # not a failure: nothing sent
+    alice.ask(script({"error": "<!channel> & down"}), "--yes")
+    wait_until(lambda: len(receiver.got) >= 2, 30, "the failure's delivery")
+    text = json.loads(receiver.got[1]["body"])["text"]
+    assert f"job {alice.last_job()} in alice failed" in text and "&lt;!channel&gt; &amp; down" in text
+    alice.run("notify", "remove", target["id"], check=0)
+    assert json.loads(alice.run("notify", "list", "--json", check=0).out)["targets"] == []
