@@ -35,6 +35,10 @@ Commands (`patchwire COMMAND --help` for each):
     doctor   check every link (git, rsync, ssh, agent, token, AI, clock) and say how to fix it
     usage    your asks, AI minutes, tokens and cost on the box (--by project|day, --csv)
 
+Several attempts (`ask -n N`, section "several attempts"): N sibling jobs of one sync and
+one snapshot; the chooser applies one whole, or one change built from files of several,
+each part vetted exactly as a single job's patch is (Session.vet, apply_job).
+
 Exit codes:
     0 ok, 1 error, 2 usage, 3 agent unreachable or refused, 4 AI run failed,
     5 patch does not apply, 130 interrupted.   (ExitStatus; a test keeps this in step)
