@@ -5007,6 +5007,19 @@ def show_siblings(session: Session, job: dict) -> None:
         print(sanitize(f"  attempt {other['attempt']}: job {other['id']} {other['status']}{change}{mark}"))
 
 
+def log_origin(entry: dict) -> str:
+    """`patchwire log`: " from ask ID (attempt 2: a.dart; attempt 1: b.dart)" for an apply of
+    several attempts' work, "" for any other."""
+    parts = entry.get("parts")
+    if not isinstance(entry.get("ask"), str) or not isinstance(parts, dict):
+        return ""
+    by_attempt: Dict[Any, List[str]] = {}
+    for path, k in parts.items():
+        by_attempt.setdefault(k, []).append(str(path))
+    return f" from ask {entry['ask']} (" + "; ".join(f"attempt {k}: {describe_paths(paths, 3)}"
+                                                     for k, paths in by_attempt.items()) + ")"
+
+
 def attempt_label(job: dict) -> str:
     """"ask 1a2b3c #2 " before a job's prompt in `jobs`: the attempts of one ask group."""
     if not isinstance(job.get("ask_id"), str) or not isinstance(job.get("attempt"), int):
@@ -6209,6 +6222,7 @@ def cmd_log(args) -> int:
                 extra = " partial" if entry.get("partial") else ""
                 extra += f" conflicts: {', '.join(entry['conflicts'])}" if entry["conflicts"] else ""
                 extra += " (undone)" if entry.get("undone") else ""
+                extra += log_origin(entry)
                 what = f"job {entry['job']}  {entry['how']}{extra}  {len(entry['files'])} file(s): "
             print(sanitize(f"{when}  {what}" + ", ".join(entry["files"][:6])
                            + (" ..." if len(entry["files"]) > 6 else "")))

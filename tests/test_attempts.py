@@ -163,6 +163,8 @@ def test_take_builds_one_change_from_two_attempts_and_undo_puts_it_back(make_age
     assert (lap.root / "README.md").read_bytes() == before  # attempt 2's other file stays out
     assert applied_log(lap)[-1]["parts"] == {"lib/a.dart": 2, "lib/b.dart": 1}
     assert outcome["apply"]["parts"] == {"lib/a.dart": 2, "lib/b.dart": 1}
+    log = lap.run("log", check=0).out
+    assert f"from ask {outcome['ask']} (attempt 2: lib/a.dart; attempt 1: lib/b.dart)" in log
     lap.run("apply", "--undo", check=0)
     assert not (lap.root / "lib/a.dart").exists() and not (lap.root / "lib/b.dart").exists()
 
