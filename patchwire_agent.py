@@ -5396,6 +5396,7 @@ OPENAPI_SCHEMAS = {
     "AskGroup": _obj(["id", "project", "prompt", "created", "status", "attempts", "jobs"], id=_S, project=_S,
                      prompt=_S, created=_N, status={"enum": ["running", "ended"]}, attempts=_I,
                      jobs={"type": "array", "items": _ref("Job"), "description": "the attempts, in order"}),
+    "AskAnswer": {"anyOf": [_ref("Job"), _ref("AskGroup")], "description": "one job, or the group of several attempts"},
     "JobList": _obj(["jobs"], jobs={"type": "array", "items": _ref("Job")}),
     "Event": {"description": "One NDJSON line of a job's stream; `seq` numbers them from 1.", "oneOf": [
         _event("queued", ["position"], project=_S, position=_I,
@@ -5447,7 +5448,7 @@ OPENAPI_ROUTES: Dict[str, tuple] = {
     "ask": ("Snapshot the synced files, queue the AI run", {}, "AskRequest",
             {200: ("with Accept: application/x-ndjson, the job's events as they happen",
                    "application/x-ndjson", "Event"),
-             202: ("queued: the Job, or with attempts the AskGroup", "application/json", "Job"),
+             202: ("queued: the Job, or with attempts the AskGroup", "application/json", "AskAnswer"),
              400: "bad request",
              404: "no such job to continue", 409: "tree_mismatch, not_done or ambiguous",
              403: "policy: a project outside the allowlist, timeout_s over the ceiling, or attempts over "

@@ -36,7 +36,7 @@ def test_an_ask_of_three_attempts_is_a_group_of_sibling_jobs_with_its_own_routes
     lap = synced_laptop(tmp_path, agent, "alice")
     prompt = per_attempt(a1=[{"write": "a.txt", "text": "one\n"}], a2=[{"write": "a.txt", "text": "two\n"}],
                          a3=[{"error": "scripted failure"}])
-    group = ask_as(agent, "alice", ask_body(lap, prompt, attempts=3))
+    group = first = ask_as(agent, "alice", ask_body(lap, prompt, attempts=3))
     assert group["attempts"] == 3 and [j["attempt"] for j in group["jobs"]] == [1, 2, 3]
     ids = [j["id"] for j in group["jobs"]]
     assert len(set(ids)) == 3 and {j["ask_id"] for j in group["jobs"]} == {group["id"]}
@@ -57,6 +57,10 @@ def test_an_ask_of_three_attempts_is_a_group_of_sibling_jobs_with_its_own_routes
     # the API document lists the routes; another user sees no such ask
     doc = agent.json("GET", "/v1/openapi.json", token=None)[1]
     assert "/v1/asks/{ask}" in doc["paths"] and "/v1/asks/{ask}/events" in doc["paths"]
+    import jsonschema
+    for name, answer in (("AskAnswer", first), ("AskGroup", group)):
+        jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{name}",
+                                         "components": doc["components"]}).validate(answer)
     assert agent.json("GET", f"/v1/asks/{'0' * 12}")[0] == 404
 
 
