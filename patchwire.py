@@ -24,7 +24,8 @@ The laptop is the source of truth. `patchwire ask "PROMPT"` does the whole job:
 Commands (`patchwire COMMAND --help` for each):
     init     write .patchwire.toml for this project (never the token itself)
     sync     send the project to the agent box (--dry-run: what would go, and why not)
-    ask      sync, ask the AI, stream progress, preview, apply on Enter (--detach: queue and leave)
+    ask      sync, ask the AI, stream progress, preview, apply on Enter (--detach: queue and leave;
+             -n N: several attempts, then --pick K or --take K:PATH,... builds one change from them)
     wait     follow your running jobs again, then preview and apply as ask does
     diff     print a job's patch
     apply    preview and apply a job's patch (the last job by default; --yes skips asking)
@@ -35,6 +36,10 @@ Commands (`patchwire COMMAND --help` for each):
     log      what was applied here, when, from which job
     doctor   check every link (git, rsync, ssh, agent, token, AI, clock) and say how to fix it
     usage    your asks, AI minutes, tokens and cost on the box (--by project|day, --csv)
+
+Several attempts (`ask -n N`, section "several attempts"): N sibling jobs of one sync and
+one snapshot; the chooser applies one whole, or one change built from files of several,
+each part vetted exactly as a single job's patch is (Session.vet, apply_job).
 
 Exit codes:
     0 ok, 1 error, 2 usage, 3 agent unreachable or refused, 4 AI run failed,
@@ -2120,7 +2125,8 @@ JOB_SHAPE: Dict[str, Any] = {
     "id": str, "status": str, "project": str, "prompt": str, "created": NUMBER, "reason": (str, type(None)),
     "started": (*NUMBER, type(None)), "finished": (*NUMBER, type(None)), "tree": (str, type(None)),
     "snapshot": (str, type(None)), "parent": (str, type(None)), "timeout_s": (int, type(None)),
-    "slot": (int, type(None)), "events": int, "stats": (dict, type(None)), "result": (dict, type(None))}
+    "slot": (int, type(None)), "events": int, "stats": (dict, type(None)), "result": (dict, type(None)),
+    "ask_id": (str, type(None)), "attempt": (int, type(None)), "profile": (str, type(None))}
 EVENT_SHAPE: Dict[str, Any] = {
     "type": str, "seq": int, "job": str, "position": int, "estimate_s": (int, type(None)), "count": int,
     "paths": ("list", str), "text": str, "name": (str, type(None)), "detail": str, "status": str,
@@ -2588,6 +2594,11 @@ class Client:
     def usage(self, query: Dict[str, str]) -> dict:
         return checked_usage(self.json("GET", "/v1/usage?" + urllib.parse.urlencode(query), what="usage report"))
 
+    def ask_group(self, ask: str) -> dict:
+        return checked_group(self.json("GET", f"/v1/asks/{_quote(ask)}", what="ask group"), ask)
+
+    def ask_events(self, ask: str, follow: bool = True) -> Iterator[dict]:
+        return self.stream("GET", f"/v1/asks/{_quote(ask)}/events" + ("" if follow else "?follow=0"))
     def notify_targets(self) -> List[dict]:
         answer = checked(self.json("GET", "/v1/notify", what="target list"), {"targets": ("list", TARGET_SHAPE)},
                          "target list", required=("targets",))
@@ -4668,7 +4679,8 @@ class Session:
     def log_apply(self, result: dict) -> None:
         entry = {"time": time.time(), "job": result["job"], "how": result["how"],
                  "files": result["files"], "conflicts": result["conflicts"],
-                 "partial": result.get("partial", False)}
+                 "partial": result.get("partial", False),
+                 **{k: result[k] for k in ("ask", "parts") if k in result}}  # several attempts
         with open(self.project.state_file("applied.log"), "a") as f:
             f.write(json.dumps(entry) + "\n")
 
@@ -5022,7 +5034,7 @@ def apply_job(session: Session, job: str, patch: bytes, *, chosen: Optional[byte
               read: Optional[List[FilePatch]] = None,
               interactive: bool = False, only: Sequence[str] = (), exclude: Sequence[str] = (),
               keep_conflicts: Optional[bool] = None, overwrite: Optional[bool] = False,
-              no_color: bool = False) -> dict:
+              no_color: bool = False, origin: Optional[dict] = None) -> dict:
     """Choose (unless `chosen` already is), settle the files in the way (`overwrite`: True
     replaces them, False refuses, None asks), apply, log, report. The merge base is the tree
     this laptop recorded for the job, if it asked it. `read`: `patch` as Session.vet read it
@@ -5042,6 +5054,7 @@ def apply_job(session: Session, job: str, patch: bytes, *, chosen: Optional[byte
     result = applier.apply(chosen, session.job_tree(job), replace, read)
     result["job"] = job
     result["partial"] = chosen != patch
+    result.update(origin or {})  # several attempts: the ask, and which attempt each file came from
     session.log_apply(result)
     how = {"plain": "", "3-way": " (3-way merged with your changes)"}[result["how"]]
     say(f"applied job {job}{how}: {len(applier.files)} file(s) changed")
@@ -5149,6 +5162,400 @@ def ask_letter(question: str, allowed: str, default: str, help_text: str, style:
 def leave_out(patch: bytes, paths: Sequence[str]) -> bytes:
     """The patch without the sections that write `paths` (each section is its own bytes)."""
     return b"".join(fp.bytes for fp in split_patch(patch) if fp.path not in paths) if paths else patch
+
+
+# ================================================================== several attempts
+# `ask -n N`: one sync, one POST with "attempts": N; the box makes N sibling jobs of one
+# snapshot under an ask id (GET /v1/asks/ID). Each attempt is an ordinary job: its patch is
+# fetched and kept like any job's, read with the strict reader and vetted by Session.vet.
+# A change built from several attempts is their files' sections, byte for byte as the box
+# sent them (index lines and all), joined into one patch and vetted again whole, exactly
+# as one job's: no second patch path. Files from different attempts must not overlap.
+
+ASK_GROUP_SHAPE = {"id": str, "project": str, "prompt": str, "created": NUMBER, "status": str,
+                   "attempts": int, "jobs": ("list", dict)}
+
+
+def checked_group(value: Any, asked: str) -> dict:
+    """GET /v1/asks/ID: the ask asked for, its attempts numbered 1..N, each a job of it."""
+    group = checked(value, ASK_GROUP_SHAPE, "ask group", required=("id", "jobs", "attempts"))
+    check_job_id(group["id"], asked)
+    jobs = [checked_job(job, "ask group's job") for job in group["jobs"]]
+    if [job.get("attempt") for job in jobs] != list(range(1, len(jobs) + 1)) or len(jobs) != group["attempts"]:
+        raise AnswerRefused("the agent's ask group does not number its attempts 1..N", BOX_HINT)
+    if any(job.get("ask_id") != group["id"] for job in jobs) or len({job["id"] for job in jobs}) != len(jobs):
+        raise AnswerRefused("the agent's ask group holds jobs of another ask", BOX_HINT)
+    return {**group, "jobs": jobs}
+
+
+def show_siblings(session: Session, job: dict) -> None:
+    """`show` of an attempt: one line for each attempt of its ask."""
+    if not isinstance(job.get("ask_id"), str):
+        return
+    for other in session.client.ask_group(job["ask_id"])["jobs"]:
+        stats = other.get("stats") or {}
+        change = f", {stats.get('files', 0)} file(s) +{stats.get('added', 0)} -{stats.get('removed', 0)}" if stats else ""
+        mark = " (this one)" if other["id"] == job["id"] else ""
+        print(sanitize(f"  attempt {other['attempt']}: job {other['id']} {other['status']}{change}{mark}"))
+
+
+def log_origin(entry: dict) -> str:
+    """`patchwire log`: " from ask ID (attempt 2: a.dart; attempt 1: b.dart)" for an apply of
+    several attempts' work, "" for any other."""
+    parts = entry.get("parts")
+    if not isinstance(entry.get("ask"), str) or not isinstance(parts, dict):
+        return ""
+    by_attempt: Dict[Any, List[str]] = {}
+    for path, k in parts.items():
+        by_attempt.setdefault(k, []).append(str(path))
+    return f" from ask {entry['ask']} (" + "; ".join(f"attempt {k}: {describe_paths(paths, 3)}"
+                                                     for k, paths in by_attempt.items()) + ")"
+
+
+def attempt_label(job: dict) -> str:
+    """"ask 1a2b3c #2 " before a job's prompt in `jobs`: the attempts of one ask group."""
+    if not isinstance(job.get("ask_id"), str) or not isinstance(job.get("attempt"), int):
+        return ""
+    return f"ask {job['ask_id'][:6]} #{job['attempt']} "
+
+
+def add_attempt_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-n", "--attempts", type=int, default=1, metavar="N",
+                        help="run N attempts (1-4) of the prompt side by side, then choose")
+    parser.add_argument("--pick", type=int, metavar="K", help="with -n: apply attempt K whole, without asking")
+    parser.add_argument("--take", metavar="K:PATH,...",
+                        help="with -n: build one change, each file from the attempt named (2:lib/a.dart,3:lib/b.dart)")
+    parser.add_argument("--agents", metavar="NAME,...",
+                        help="one attempt per AI profile of the box ([ai.profiles.NAME]), e.g. --agents claude,codex")
+    parser.add_argument("--focus", type=int, default=1, metavar="K",
+                        help="with -n: the attempt whose AI text is shown (default 1)")
+
+
+def attempt_fields(args) -> dict:
+    """The ask's fields for several attempts: attempts, and the AI profile of each."""
+    agents = [a.strip() for a in (getattr(args, "agents", None) or "").split(",") if a.strip()]
+    if agents:
+        return {"attempts": len(agents), "agents": agents}
+    return {"attempts": args.attempts} if getattr(args, "attempts", 1) != 1 else {}
+
+
+def check_attempt_args(args) -> List[Tuple[int, str]]:
+    """The command line of `ask -n`, checked before anything is sent; --take's parts."""
+    agents = attempt_fields(args).get("agents")
+    if agents and args.attempts not in (1, len(agents)):
+        raise UsageError(f"-n {args.attempts} and --agents with {len(agents)} names disagree",
+                         "--agents makes one attempt per name: leave -n out")
+    args.attempts = len(agents) if agents else args.attempts
+    if not 2 <= args.attempts <= 4:
+        raise UsageError(f"-n {args.attempts}: several attempts are 2 to 4", "patchwire ask -n 3 PROMPT")
+    if getattr(args, "detach", False):
+        raise UsageError("-n does not go with --detach: the choice between the attempts follows them",
+                         "ask -n N and stay, or ask --detach for one attempt")
+    if args.pick and args.take:
+        raise UsageError("--pick and --take do not go together", "apply one attempt whole, or build one change")
+    if args.yes and not (args.pick or args.take):
+        raise UsageError("with -n, say what to apply without asking: --pick K or --take K:PATH,...")
+    for k in [args.pick or 1, args.focus] + [k for k, _ in parse_take(args.take or "")]:
+        if not 1 <= k <= args.attempts:
+            raise UsageError(f"there is no attempt {k} of {args.attempts}")
+    return parse_take(args.take or "")
+
+
+def parse_take(text: str) -> List[Tuple[int, str]]:
+    """"2:lib/a.dart,3:lib/b.dart" -> [(2, "lib/a.dart"), (3, "lib/b.dart")]."""
+    parts = []
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        k, sep, path = item.partition(":")
+        if not sep or not k.isdigit() or not path:
+            raise UsageError(f"--take {sanitize(item)!r} is not K:PATH", "e.g. --take 2:lib/a.dart,3:lib/b.dart")
+        parts.append((int(k), path))
+    return parts
+
+
+# --- following the group
+
+
+class AttemptProgress:
+    """One line per attempt as its state changes (state, turns, files); the focused
+    attempt's events in full, through the ProgressPrinter (sanitised there)."""
+
+    def __init__(self, numbers: Dict[str, int], focus: str, printer: ProgressPrinter):
+        self.numbers, self.focus, self.printer = numbers, focus, printer
+        self.state: Dict[str, Dict[str, Any]] = {job: {"state": "queued", "turns": 0, "files": 0} for job in numbers}
+
+    def __call__(self, event: dict) -> None:
+        job = event.get("job")
+        if job not in self.numbers:
+            return
+        if job == self.focus:
+            self.printer(event)
+        kind, state = event.get("type"), self.state[job]
+        if kind == "tool":
+            state["turns"] += 1
+        elif kind == "result" and isinstance(event.get("num_turns"), int):
+            state["turns"] = event["num_turns"]
+        elif kind in ("started", "finished", "failed", "cancelled"):
+            state["state"] = {"started": "running", "finished": "done"}.get(kind, kind)
+            stats = event.get("stats") or {}
+            state["files"] = stats.get("files", 0) if isinstance(stats.get("files"), int) else 0
+            self.line(job)
+
+    def line(self, job: str) -> None:
+        s = self.state[job]
+        say(self.printer.stamp(), f"attempt {self.numbers[job]} ({job}): {s['state']}, {s['turns']} turn(s), "
+            f"{s['files']} file(s)")
+
+
+def follow_group(session: Session, ask: str, events: Iterator[dict], on_event: Callable[[dict], None]) -> dict:
+    """Hand on each attempt's events once (by job and seq), across lost connections, until
+    every attempt has ended; the group as the box then says it is."""
+    seen: set = set()  # (job, seq)
+    waited, tries = 0.0, 0
+    while True:
+        try:
+            for event in events:
+                key = (str(event.get("job")), int(event.get("seq", 0)))
+                if key not in seen:
+                    seen.add(key)
+                    on_event(event)
+            group = session.client.ask_group(ask)
+            if all(job["status"] in JOB_ENDS for job in group["jobs"]):
+                return group
+        except (AgentError, OSError, ValueError, *http_errors()) as e:
+            if not reconnectable(e) or waited >= RECONNECT_FOR_S:
+                raise
+            if not tries:
+                say(sanitize(f"lost the event stream ({str(e).splitlines()[0]}); reconnecting"))
+        delay = min(0.2 * 2 ** tries, 5.0)
+        time.sleep(delay)
+        waited, tries = waited + delay, tries + 1
+        events = session.client.ask_events(ask)
+
+
+# --- the attempts side by side
+
+
+class Attempt:
+    """One attempt as the chooser sees it: its job, its figures, its patch as read and vetted."""
+
+    def __init__(self, job: dict):
+        self.job, self.number, self.id = job, job["attempt"], job["id"]
+        self.status: str = job["status"]
+        self.patch = b""
+        self.files: List[FilePatch] = []
+        self.problem = ""  # why its patch cannot be applied here
+
+    @property
+    def usable(self) -> bool:
+        return self.status == "done" and not self.problem
+
+    def sections(self) -> Dict[str, bytes]:
+        """Each path the patch touches -> that file's section, as the box sent it."""
+        return {path: fp.bytes for fp in self.files for path in (fp.old_path, fp.path)}
+
+    def row(self) -> dict:
+        stats = self.job.get("stats") or {}
+        result = self.job.get("result") or {}
+        started, finished = self.job.get("started"), self.job.get("finished")
+        return {"attempt": self.number, "job": self.id, "status": self.status, "agent": self.job.get("profile"),
+                "files": len(self.files) if self.usable else stats.get("files", 0),
+                "added": stats.get("added", 0), "removed": stats.get("removed", 0),
+                "seconds": round(finished - started, 1) if started and finished else None,
+                "cost_usd": box_number(result.get("cost_usd")), "turns": box_number(result.get("num_turns")),
+                "paths": [fp.path for fp in self.files],
+                "problem": self.problem or (str(self.job.get("reason") or "") if self.status != "done" else "")}
+
+
+def box_number(value: Any) -> Optional[float]:
+    """A figure of a job's result (not checked by JOB_SHAPE): a number, or None."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def load_attempts(session: Session, group: dict) -> List[Attempt]:
+    """Every attempt; the patch of each done one fetched, kept and vetted like one job's."""
+    attempts = [Attempt(job) for job in group["jobs"]]
+    for a in attempts:
+        if a.status != "done":
+            continue
+        try:
+            a.patch = patiently(lambda: session.job_diff(a.id), f"job {a.id}'s diff")  # noqa: B023 (called at once)
+            a.files = session.vet(a.patch, a.id)
+        except PatchError as e:
+            a.problem = e.message
+    return attempts
+
+
+def differences(attempts: Sequence[Attempt]) -> List[dict]:
+    """For each pair of usable attempts: the paths where their changes differ."""
+    usable = [a for a in attempts if a.usable]
+    out = []
+    for i, a in enumerate(usable):
+        for b in usable[i + 1:]:
+            sa, sb = a.sections(), b.sections()
+            paths = sorted(p for p in set(sa) | set(sb) if sa.get(p) != sb.get(p))
+            out.append({"attempts": [a.number, b.number], "paths": paths})
+    return out
+
+
+def render_attempts(rows: Sequence[dict], diffs: Sequence[dict]) -> List[str]:
+    lines = [f"{'#':>2}  {'JOB':<12}  {'STATUS':<9} {'FILES':>5}  {'+/-':<11} {'TIME':>7}  {'COST':>8}  TURNS"]
+    for r in rows:
+        size = f"+{r['added']} -{r['removed']}" if r["status"] == "done" else ""
+        took = f"{r['seconds']:.1f}s" if r["seconds"] is not None else "-"
+        cost = f"${r['cost_usd']:.4f}" if r["cost_usd"] is not None else "-"
+        turns = f"{r['turns']:g}" if r["turns"] is not None else "-"
+        line = f"{r['attempt']:>2}  {r['job']:<12}  {r['status']:<9} {r['files']:>5}  {size:<11} {took:>7}  {cost:>8}  {turns}"
+        agent = f"  [{r['agent']}]" if r["agent"] else ""
+        lines.append(sanitize(line + agent + (f"  ({r['problem'][:80]})" if r["problem"] else "")))
+    for d in diffs:
+        a, b = d["attempts"]
+        lines.append(f"attempt {b} differs from {a} in {len(d['paths'])} file(s)"
+                     + (f": {sanitize(describe_paths(d['paths']))}" if d["paths"] else " (the same change)"))
+    return lines
+
+
+# --- choosing: one attempt whole, or one change built from several
+
+
+def numbered(attempts: Sequence[Attempt], k: int) -> Attempt:
+    a = attempts[k - 1]
+    if not a.usable:
+        raise UsageError(f"attempt {k} (job {a.id}) is {a.status}" + (f": {sanitize(a.problem)}" if a.problem else ""),
+                         "choose a done attempt from the table")
+    return a
+
+
+def built_change(attempts: Sequence[Attempt], parts: Sequence[Tuple[int, str]]) -> Tuple[bytes, Dict[str, int]]:
+    """The sections `parts` name ((attempt, path)), joined: one patch, and path -> attempt.
+    The same file from two attempts (or a rename of one touching the other's) is refused."""
+    chosen: Dict[str, int] = {}
+    sections: List[bytes] = []
+    for k, path in parts:
+        a = numbered(attempts, k)
+        fp = next((f for f in a.files if path in (f.path, f.old_path)), None)
+        if fp is None:
+            raise UsageError(f"attempt {k} does not change {sanitize(path)}",
+                             f"its files: {sanitize(describe_paths([f.path for f in a.files]))}")
+        for touched in touched_paths([fp]):
+            if chosen.get(touched, k) != k:
+                raise UsageError(f"{sanitize(touched)} is taken from attempts {chosen[touched]} and {k}",
+                                 "take each file from one attempt (`patchwire diff JOB --file PATH` shows each)")
+        if fp.path in chosen:
+            continue
+        chosen.update(dict.fromkeys(touched_paths([fp]), k))
+        sections.append(fp.bytes)
+    return b"".join(sections), chosen
+
+
+def apply_attempts(session: Session, args, ask: str, attempts: Sequence[Attempt],
+                   parts: Sequence[Tuple[int, str]], overwrite: Optional[bool]) -> dict:
+    """Apply one attempt whole (`parts` empty: args.pick) or the change built from `parts`,
+    vetted as one job's patch against the tree the attempts were asked on; the log and undo
+    record the ask and which attempt each file came from."""
+    if not parts:
+        a = numbered(attempts, args.pick)
+        origin = {"ask": ask, "parts": {fp.path: a.number for fp in a.files}}
+        result = apply_job(session, a.id, a.patch, read=a.files, overwrite=overwrite, no_color=args.no_color,
+                           origin=origin)
+        session.remember_job(a.id)
+        return result
+    patch, chosen = built_change(attempts, parts)
+    first = numbered(attempts, parts[0][0])
+    files = session.vet(patch, first.id)  # strictly, whole: each section keeps its index line
+    result = apply_job(session, first.id, patch, read=files, overwrite=overwrite, no_color=args.no_color,
+                       origin={"ask": ask, "parts": chosen})
+    counts = [list(chosen.values()).count(a.number) for a in attempts]
+    session.remember_job(attempts[counts.index(max(counts))].id)  # `ask --continue` goes on from it
+    say("built from " + ", ".join(f"attempt {k}: {sanitize(p)}" for p, k in chosen.items()))
+    return result
+
+
+def ask_which(attempts: Sequence[Attempt], style: Style) -> List[Tuple[int, str]]:
+    """On a terminal: a number applies that attempt whole ([(K, "")]); t goes file by file,
+    each file's different changes offered as alternatives; anything else keeps them all."""
+    answer = read_answer("A number and Enter applies that attempt whole; t and Enter takes files from "
+                         "several; anything else keeps them for later.")
+    if answer and answer.isdigit() and 1 <= int(answer) <= len(attempts):
+        return [(int(answer), "")]
+    if answer != "t":
+        return []
+    parts: List[Tuple[int, str]] = []
+    paths = list(dict.fromkeys(fp.path for a in attempts if a.usable for fp in a.files))
+    for path in paths:
+        offers = [a.number for a in attempts if a.usable and path in a.sections()]
+        show_alternatives([a for a in attempts if a.number in offers], path, style)
+        pick = read_answer(style("bold", sanitize(path)) + f": from attempt {'/'.join(map(str, offers))}, "
+                           "or Enter to leave it out?")
+        if pick and pick.isdigit() and int(pick) in offers:
+            parts.append((int(pick), path))
+    return parts
+
+
+def show_alternatives(attempts: Sequence[Attempt], path: str, style: Style) -> None:
+    """Each different change the attempts make to `path`, once, naming who makes it."""
+    alike: Dict[bytes, List[Attempt]] = {}
+    for a in attempts:
+        alike.setdefault(a.sections()[path], []).append(a)
+    for same in alike.values():
+        fp = next(f for f in same[0].files if path in (f.path, f.old_path))
+        say(style("bold", "attempt " + " and ".join(str(a.number) for a in same) + ":"))
+        say("\n".join(render_diff([fp], style)))
+
+
+def ask_attempts(session: Session, args, prompt: str) -> int:
+    """`patchwire ask -n N`: sync once, post once, follow every attempt, then choose."""
+    parts = check_attempt_args(args)
+    session.client.on_wait = lambda quiet: say(f"still waiting for the box ({quiet:.0f} s without news)")
+    first, events, tree = start_ask(session, args, prompt)
+    ask = session.client.job(first["job"]).get("ask_id")
+    if not isinstance(ask, str):
+        raise AnswerRefused("the agent made one job of an ask of several attempts (is it older than "
+                            "Patchwire's several attempts?)", BOX_HINT)
+    group = session.client.ask_group(ask)
+    numbers = {job["id"]: job["attempt"] for job in group["jobs"]}
+    if len(numbers) != args.attempts or first["job"] not in numbers:
+        raise AnswerRefused(f"the agent's ask {ask} is not the {args.attempts} attempts asked for", BOX_HINT)
+    for job in numbers:
+        session.record_job_tree(job, tree)
+    say(f"ask {ask}: {len(numbers)} attempts; following attempt {args.focus}'s AI, one line each for the others")
+    progress = AttemptProgress(numbers, group["jobs"][args.focus - 1]["id"],
+                               ProgressPrinter(Style.for_stream(sys.stderr, args.no_color)))
+
+    def on_event(event: dict) -> None:
+        if event.get("job") in numbers:  # another job's event has no place here
+            progress(event)
+            output(args, event)
+
+    def chain():
+        yield first
+        yield from events
+    group = follow_group(session, ask, chain(), on_event)
+    return choose_attempt(session, args, ask, load_attempts(session, group), parts)
+
+
+def choose_attempt(session: Session, args, ask: str, attempts: List[Attempt], parts: List[Tuple[int, str]]) -> int:
+    rows, diffs = [a.row() for a in attempts], differences(attempts)
+    outcome: Dict[str, Any] = {"type": "outcome", "ask": ask, "attempts": rows, "differences": diffs, "applied": False}
+    if not args.json:
+        print("\n".join(render_attempts(rows, diffs)), file=sys.stderr)
+    if not any(a.usable for a in attempts):
+        output(args, outcome)
+        raise AIFailed(f"no attempt of ask {ask} is done with a change to apply", "see `patchwire show JOB`")
+    chosen = [(args.pick, "")] if args.pick else parts
+    overwrite: Optional[bool] = False
+    if not chosen and not args.json and not args.no_apply and sys.stdin.isatty():
+        chosen, overwrite = ask_which(attempts, Style.for_stream(sys.stderr, args.no_color)), None
+        if chosen and not chosen[0][1]:
+            args.pick = chosen[0][0]
+            preview(numbered(attempts, args.pick).files, args.no_color)
+    if chosen:
+        outcome.update(applied=True, apply=apply_attempts(session, args, ask, attempts,
+                                                          [] if args.pick else chosen, overwrite))
+    else:
+        say("kept the attempts (" + ", ".join(f"{a.number}: job {a.id}" for a in attempts) + "): `patchwire apply "
+            "JOB` applies one, `patchwire ask --on JOB ...` continues one")
+    output(args, outcome)
+    return 0
 
 
 # ================================================================== telling you it is done (desktop)
@@ -5502,6 +5909,8 @@ def cmd_ask(args) -> int:
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     if not prompt.strip():
         raise UsageError("the prompt is empty")
+    if args.attempts != 1 or args.pick or args.take or args.agents:
+        return ask_attempts(session, args, prompt)
     session.client.on_wait = lambda quiet: say(f"still waiting for the box ({quiet:.0f} s without news)")
     job, events = ask_job(session, args, prompt)
     if args.detach:
@@ -5719,6 +6128,7 @@ def sync_and_post(session: Session, args, prompt: str) -> Tuple[dict, Iterator[d
     body.update(box_fields(session.cfg, args))
     if args.on or args.continue_:
         body["continue"] = args.on or session.job_id(None)
+    body.update(attempt_fields(args))
     try:
         return post_ask(session, body, synced.tree) + (synced.tree,)
     except AgentError as e:
@@ -5944,7 +6354,7 @@ def job_line(job: dict) -> str:
     stats = job.get("stats") or {}
     asked = human_age(time.time() - job.get("created", time.time())) + " ago"
     size = f"+{stats.get('added', 0)} -{stats.get('removed', 0)}" if stats else ""
-    prompt = " ".join(str(job.get("prompt", "")).split())[:50]
+    prompt = attempt_label(job) + " ".join(str(job.get("prompt", "")).split())[:50]
     return sanitize(f"{job['id']:<12}  {job['status']:<9} {asked:>8}  {job.get('project', ''):<16} {size:<10} {prompt}")
 
 
@@ -5964,9 +6374,10 @@ def cmd_show(args) -> int:
             raise
         print("]}", flush=True)
         return 0
-    for key in ("id", "status", "project", "reason", "prompt"):
+    for key in ("id", "status", "project", "reason", "ask_id", "attempt", "prompt"):
         if job.get(key):
             print(f"{key + ':':<9} {sanitize(str(job[key]), keep_newlines=True)}")
+    show_siblings(session, job)
     for key, value in (job.get("result") or {}).items():
         if key == "network":
             print(sanitize(network_summary(value).replace("network ", "network: ", 1), keep_newlines=True))
@@ -6120,6 +6531,7 @@ def cmd_log(args) -> int:
                 extra = " partial" if entry.get("partial") else ""
                 extra += f" conflicts: {', '.join(entry['conflicts'])}" if entry["conflicts"] else ""
                 extra += " (undone)" if entry.get("undone") else ""
+                extra += log_origin(entry)
                 what = f"job {entry['job']}  {entry['how']}{extra}  {len(entry['files'])} file(s): "
             print(sanitize(f"{when}  {what}" + ", ".join(entry["files"][:6])
                            + (" ..." if len(entry["files"]) > 6 else "")))
@@ -6144,7 +6556,8 @@ def cmd_usage(args) -> int:
 COMMANDS = {
     "init": (cmd_init, "write .patchwire.toml for this project (asks for the values without flags)"),
     "sync": (cmd_sync, "send the project's files to the agent box"),
-    "ask": (cmd_ask, "sync, ask the AI, stream its progress, preview and apply the diff"),
+    "ask": (cmd_ask, "sync, ask the AI, stream its progress, preview and apply the diff (-n N: several "
+                     "attempts side by side, then choose one, or files from several)"),
     "diff": (cmd_diff, "print a job's patch (the last job by default)"),
     "apply": (cmd_apply, "apply a job's patch here (the last job by default)"),
     "jobs": (cmd_jobs, "list your jobs on the agent box"),
@@ -6204,6 +6617,7 @@ def build_parser() -> argparse.ArgumentParser:
     follow.add_argument("--continue", dest="continue_", action="store_true",
                         help="continue the last job: start from its result, resume its AI session")
     follow.add_argument("--on", metavar="JOB", help="continue the given job")
+    add_attempt_arguments(p["ask"])
     for name in ("ask", "wait", "diff", "apply"):
         p[name].add_argument("--no-color", action="store_true", help="no colour")
     p["diff"].add_argument("--file", metavar="PATH", help="print one file of the job instead of the patch")

@@ -59,16 +59,17 @@ Commands (-c CONFIG defaults to $XDG_CONFIG_HOME/patchwire/agent.toml):
 Team mode: each user's mirrors, repositories and job folders live under users/<user>/;
 a user can reach only their own jobs (any other id is 404, as if it did not exist).
 `[policy]` holds defaults, `[users.NAME]` overrides: projects (name patterns), rate_limit
-("30/hour", counted from the stored jobs, so it survives a restart), max_queued,
-max_running, timeout_s (ceiling), max_prompt_bytes, max_projects, disk_quota_mb (all of
-users/<user>/; a running job past it is stopped). Each refusal is a JSON error with code
+("30/hour", counted from the stored jobs, so it survives a restart; an ask of several
+attempts counts once), max_queued, max_running, timeout_s (ceiling), max_prompt_bytes,
+max_projects, disk_quota_mb (all of users/<user>/; a running job past it is stopped),
+max_attempts (sibling jobs per ask, 1-4, default 4). Each refusal is a JSON error with code
 "policy" (507 "quota" for the disk quota) naming the limit, its value and the rule that set it.
 
 HTTP API (JSON; `Authorization: Bearer TOKEN` on all but health):
     GET    /v1/health                       version, queue depth, whether the AI is found,
                                             which sandbox confines it
     GET    /v1/me?project=P                 your user name and the folder to rsync P into
-    POST   /v1/ask {project,tree,files,prompt[,timeout_s]}
+    POST   /v1/ask {project,tree,files,prompt[,timeout_s][,attempts]}
                                             202 {job} or, with Accept: application/x-ndjson,
                                             the job's events streamed as they happen
     GET    /v1/jobs                         your jobs, newest first
@@ -76,6 +77,8 @@ HTTP API (JSON; `Authorization: Bearer TOKEN` on all but health):
     GET    /v1/jobs/{id}/events?after=N     its events after N (NDJSON, follows a live job)
     GET    /v1/jobs/{id}/diff               the patch, as bytes
     DELETE /v1/jobs/{id}                    cancel a queued or running job
+    GET    /v1/asks/{id}[/events]           an ask of several attempts (POST /v1/ask with
+                                            "attempts": N): its jobs, or all their events
     GET    /v1/usage?since=&until=&group=user|project|day[&user=NAME]
                                             usage summed over jobs: yours, or (admin) anyone's
     GET    /v1/notify                       your notification targets (never their secrets)
@@ -231,8 +234,8 @@ AGENT_DESCRIPTION = ("the box's side of Patchwire: runs Claude Code on a clean c
 AGENT_EPILOG = """\
 typical use:  patchwire-agent init -c agent.toml --user alice   (prints alice's token once)
               patchwire-agent serve -c agent.toml
-API: GET /v1/health, /v1/me, /v1/jobs[/ID[/events|/diff]], /v1/usage, /v1/notify, /v1/openapi.json,
-     /metrics; POST /v1/ask, /v1/notify[/ID/test]; DELETE /v1/jobs/ID, /v1/notify/ID
+API: GET /v1/health, /v1/me, /v1/jobs[/ID[/events|/diff]], /v1/asks/ID[/events], /v1/usage, /v1/notify,
+     /v1/openapi.json, /metrics; POST /v1/ask, /v1/notify[/ID/test]; DELETE /v1/jobs/ID, /v1/notify/ID
 exit codes: 0 ok, 1 error (bad config, cannot listen), 2 usage
 """
 
@@ -249,6 +252,8 @@ CONFIG_TEMPLATE = """\
 # sandbox: "auto" confines the AI to its job folder (bubblewrap on Linux, sandbox-exec on macOS).
 # readable: folders the sandbox hides that the AI may read (a toolchain in this account's home).
 # tmp_mb, max_processes, max_memory_mb: each job's /tmp, processes and memory (doctor: what holds).
+# [ai.profiles.NAME] command = [...]: other AI commands one ask may try side by side
+# (`patchwire ask --agents claude,other`), one attempt each.
 {ai}
 [jobs]
 # workers: AI runs at once on this box; slots: warm job folders per user and project.
@@ -287,6 +292,7 @@ allow = []
 # disk_quota_mb = 10240       # for example (default: none): all of a user's folder on the box
 #                             # (mirrors, repositories, job folders); asks over it are refused,
 #                             # a job that grows past it is stopped and fails
+# max_attempts = 4            # sibling jobs one ask may start (`patchwire ask -n N`), 1-4
 
 # One table per user (`patchwire-agent user add NAME`). Only the sha256 of each token is stored.
 {users}"""
@@ -343,7 +349,7 @@ AI_SCHEMA = {"command": ("str_list", CLAUDE_COMMAND), "timeout_s": (int, 1800),
              "max_timeout_s": (int, 7200), "env": ("str_table", {}),
              "resume_args": ("str_list", ["--resume", "{session_id}"]), "sandbox": (str, "auto"),
              "readable": ("str_list", []), "tmp_mb": (int, 1024), "max_processes": (int, 1024),
-             "max_memory_mb": ("int>=0", 4096)}
+             "max_memory_mb": ("int>=0", 4096), "profiles": (dict, {})}
 JOBS_SCHEMA = {"workers": (int, 2), "slots": (int, 2), "max_output_mb": (float, 16),
                "max_diff_mb": (float, 256)}
 # Policy keys: defaults in [policy], overrides in [users.NAME]. None means "no limit of its
@@ -351,7 +357,7 @@ JOBS_SCHEMA = {"workers": (int, 2), "slots": (int, 2), "max_output_mb": (float, 
 POLICY_SCHEMA = {"projects": ("str_list", ["*"]), "rate_limit": (str, None), "max_queued": (int, 100),
                  "max_running": (int, None), "timeout_s": (int, None),
                  "max_prompt_bytes": (int, 1024 * 1024), "max_projects": (int, 50),
-                 "disk_quota_mb": (float, None)}
+                 "disk_quota_mb": (float, None), "max_attempts": (int, 4)}
 USER_SCHEMA = {"token_sha256": (str, None), "admin": (bool, False),
                **{key: (kind, None) for key, (kind, _) in POLICY_SCHEMA.items()}}
 TOP_SCHEMA: dict = {"server": (dict, {}), "ai": (dict, {}), "jobs": (dict, {}), "users": (dict, {}),
@@ -385,6 +391,7 @@ class AgentConfig:
         self.stand_in = check_ai_command(path, ai["command"])
         self.ai_command: List[str] = stand_in_argv() if self.stand_in else ai["command"]
         self.ai_label = STAND_IN_LABEL if self.stand_in else repr(self.ai_command[0])
+        self.ai_profiles = read_profiles(path, ai["profiles"])  # several attempts: --agents a,b
         self.timeout_s: int = ai["timeout_s"]
         self.max_timeout_s: int = max(ai["max_timeout_s"], ai["timeout_s"])
         self.ai_env: Dict[str, str] = ai["env"]
@@ -510,6 +517,7 @@ def check_policy(path: Path, table: str, values: dict) -> None:
     if values.get("projects") == []:
         raise PatchwireError(f"{path}: {table}.projects is empty, so no project is allowed",
                              'list name patterns, for example ["web-*", "api"], or "*" for all')
+    check_max_attempts(path, table, values)
 
 
 def check_ai_command(path: Path, command: List[str]) -> bool:
@@ -584,10 +592,12 @@ CREATE TABLE IF NOT EXISTS notify_targets (
     id TEXT PRIMARY KEY, user TEXT NOT NULL, kind TEXT NOT NULL, url TEXT NOT NULL, secret TEXT,
     events TEXT NOT NULL, include TEXT NOT NULL, created REAL NOT NULL);
 """
+# several attempts: the ask that groups sibling jobs, and which of them a job is (1..N)
+ATTEMPT_COLUMNS = {"ask_id": "TEXT", "attempt": "INTEGER", "profile": "TEXT"}
 TARGET_FIELDS = ("id", "user", "kind", "url", "secret", "events", "include", "created")
 JOB_FIELDS = ("id", "user", "project", "prompt", "status", "reason", "created", "started",
               "finished", "snapshot", "tree", "timeout_s", "result", "stats", "parent", "slot",
-              "pgid", "last_seq", "box")
+              "pgid", "last_seq", "box", *ATTEMPT_COLUMNS)
 
 
 class EventTail:
@@ -633,6 +643,7 @@ class Store:
         migrate_usage_columns(self.db)
         if "box" not in _job_columns(self.db):  # a state db from before [box] setup and checks
             self.db.execute("ALTER TABLE jobs ADD COLUMN box TEXT")
+        migrate_attempt_columns(self.db)
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self.generation = 0  # counts changes, under the lock
@@ -673,8 +684,9 @@ class Store:
         """When the user's asks since `since` were accepted, oldest first (rate limits: the
         jobs table is the count, so it survives a restart)."""
         with self.lock:
-            rows = self.db.execute("SELECT created FROM jobs WHERE user = ? AND created > ? "
-                                   "ORDER BY created", (user, since)).fetchall()
+            # the attempts of one ask are one ask (see "several attempts")
+            rows = self.db.execute("SELECT MIN(created) FROM jobs WHERE user = ? AND created > ? "
+                                   "GROUP BY COALESCE(ask_id, id) ORDER BY 1", (user, since)).fetchall()
         return [r[0] for r in rows]
 
     def jobs_with_status(self, *statuses: str) -> List[dict]:
@@ -3412,6 +3424,131 @@ class FairQueue:
             self.cond.notify_all()
 
 
+# ================================================================== several attempts
+# `"attempts": N` in an ask makes N sibling jobs of one snapshot, grouped by an ask id. Each is
+# an ordinary job (its own job folder, events, patch); the group is only the `ask_id` and
+# `attempt` columns. The fair queue needs nothing new: it is fair across users, first come
+# first served within one, so a user's three attempts wait behind each other, never in front
+# of another user's job. Counted against the policy: `max_attempts` bounds N, each attempt
+# is a job for `max_queued` and `max_running`, and the ask counts once for `rate_limit` (the
+# user asked once; what the attempts cost the box is held by the queue and max_running).
+# The AI of attempt K sees PATCHWIRE_ATTEMPT=K (a wrapper may vary the model or the temperature).
+
+MAX_ATTEMPTS = 4
+
+
+def check_max_attempts(path: Path, table: str, values: dict) -> None:
+    value = values.get("max_attempts")
+    if value is not None and not 1 <= value <= MAX_ATTEMPTS:
+        raise PatchwireError(f"{path}: {table}.max_attempts must be 1..{MAX_ATTEMPTS}, not {value}",
+                             "the number of sibling jobs one ask may start (`patchwire ask -n N`)")
+
+
+def check_attempts(policy: "Policy", body: dict, known: Dict[str, List[str]]) -> Tuple[int, List[str]]:
+    """The ask's number of attempts (1 unless it says, at most the user's max_attempts) and
+    the AI profile of each (`agents`: one name per attempt), or no profiles."""
+    profiles = check_profiles(body.get("agents"), known)
+    attempts = body.get("attempts", len(profiles) or 1)
+    if profiles and attempts != len(profiles):
+        raise BadRequest("agents names one profile per attempt", "send attempts equal to the number of agents")
+    if not isinstance(attempts, int) or isinstance(attempts, bool) or not 1 <= attempts <= MAX_ATTEMPTS:
+        raise BadRequest(f"attempts must be a whole number 1..{MAX_ATTEMPTS}")
+    if attempts > 1 and body.get("continue") is not None:
+        raise BadRequest("an ask continuing a job makes one attempt",
+                         "continue the attempt you chose, without attempts")
+    if attempts > policy.max_attempts:
+        raise policy_refusal(HTTPStatus.FORBIDDEN, policy, "max_attempts",
+                             f"{attempts} attempts is over the limit of user {policy.user}",
+                             f"ask with -n {policy.max_attempts} or fewer")
+    return attempts, profiles
+
+
+def check_profiles(agents: Any, known: Dict[str, List[str]]) -> List[str]:
+    if agents is None:
+        return []
+    if not isinstance(agents, list) or not agents or not all(isinstance(a, str) for a in agents):
+        raise BadRequest("agents must be a list of AI profile names")
+    for name in agents:
+        if name not in known:
+            raise BadRequest(f"no AI profile {clip(name, 40)!r} on this box",
+                             "its [ai.profiles.NAME] tables: " + (", ".join(sorted(known)) or "none"),
+                             code="no_profile")
+    return agents
+
+
+def attempt_jobs(job: dict, attempts: int, profiles: Sequence[str] = ()) -> List[dict]:
+    """The jobs of one ask: `job` alone, or N siblings of its snapshot under one ask id."""
+    if attempts == 1:
+        return [{**job, "profile": profiles[0]} if profiles else job]
+    ask_id = secrets.token_hex(6)
+    ids = [job["id"]] + [secrets.token_hex(6) for _ in range(attempts - 1)]
+    return [{**job, "id": job_id, "ask_id": ask_id, "attempt": n, **({"profile": profiles[n - 1]} if profiles else {})}
+            for n, job_id in enumerate(ids, 1)]
+
+
+def read_profiles(path: Path, tables: dict) -> Dict[str, List[str]]:
+    """[ai.profiles.NAME] command = [...]: other AI commands an ask may name (`--agents`)."""
+    profiles = {}
+    for name, table in tables.items():
+        if not pw.NAME_RE.fullmatch(name):
+            raise PatchwireError(f"{path}: AI profile name {name!r} is not valid", "use letters, digits, '.', '_' and '-'")
+        command = pw.Schema(path, f"ai.profiles.{name}", {"command": ("str_list", None)}).read(table)["command"]
+        if not command:
+            raise PatchwireError(f"{path}: ai.profiles.{name}.command must be a non-empty list of strings")
+        profiles[name] = stand_in_argv() if command == [STAND_IN] else command
+    return profiles
+
+
+def profile_command(cfg: AgentConfig, job: Optional[dict], parent: Optional[dict]) -> List[str]:
+    """The job's AI command: its profile's (a follow-up: its parent's), else [ai] command.
+    A profile removed from the config since the ask falls back to [ai] command."""
+    name = (job or {}).get("profile") or (parent or {}).get("profile")
+    return cfg.ai_profiles.get(name, cfg.ai_command) if name else cfg.ai_command
+
+
+def attempt_environment(job: dict) -> Dict[str, str]:
+    return {"PATCHWIRE_ATTEMPT": str(job["attempt"])} if job.get("attempt") else {}
+
+
+def migrate_attempt_columns(db: sqlite3.Connection) -> None:
+    """Add the ask_id and attempt columns (a state db from before several attempts: its jobs
+    are asks of one attempt, NULL in both)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for column in [c for c in ATTEMPT_COLUMNS if c not in _job_columns(db)]:
+            db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {ATTEMPT_COLUMNS[column]}")
+        db.execute("CREATE INDEX IF NOT EXISTS jobs_ask ON jobs (ask_id)")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def ask_jobs(store: "Store", user: str, prefix: str) -> List[dict]:
+    """The attempts of the user's ask (a unique prefix of its id is enough), in order."""
+    if not re.fullmatch(r"[0-9a-f]{1,32}", prefix or ""):
+        raise NotFound(f"no ask {prefix!r}")
+    with store.lock:
+        rows = store.db.execute(f"SELECT {', '.join(JOB_FIELDS)} FROM jobs WHERE user = ? AND ask_id LIKE ? "
+                                "ORDER BY ask_id, attempt", (user, prefix + "%")).fetchall()
+    jobs = [_job_row(r) for r in rows]
+    if not jobs:
+        raise NotFound(f"no ask {prefix!r} of yours", "`patchwire jobs` lists your jobs with their ask ids")
+    if len({job["ask_id"] for job in jobs}) > 1:
+        raise Conflict(f"ask id prefix {prefix!r} is ambiguous", "give more characters", code="ambiguous")
+    return jobs
+
+
+def ask_group(jobs: List[dict]) -> dict:
+    """GET /v1/asks/ID: the ask and its attempts, each a job record (status, stats: the files
+    changed, created/started/finished, result: turns, tokens, cost)."""
+    first = jobs[0]
+    live = [job for job in jobs if job["status"] not in TERMINAL]
+    return {"id": first["ask_id"], "project": first["project"], "prompt": first["prompt"],
+            "created": first["created"], "status": "running" if live else "ended",
+            "attempts": len(jobs), "jobs": [public_job(job) for job in jobs]}
+
+
 # ================================================================== audit log
 
 
@@ -4012,13 +4149,14 @@ class Agent:
         else:
             files = (check_tree_id(body.get("base"), "base"), check_paths(body.get("changed"), "changed"),
                      check_paths(body.get("deleted"), "deleted"))
+        attempts, profiles = check_attempts(policy, body, self.cfg.ai_profiles)
         self.check_room()
         self.check_quota(policy)
         timeout_s = self.check_timeout(policy, body.get("timeout_s", min(self.cfg.timeout_s, policy.timeout_s)))
         box = ask_box(policy, body, self.cfg.project_box.get(project), f"[projects.{project}]")
         parent = self.parent_job(user, project, body.get("continue"))
         repo = self.open_project(user, project, for_ask=True)
-        self.admit(policy)  # refuse early, before the snapshot's work
+        self.admit(policy, attempts)  # refuse early, before the snapshot's work
         started = time.monotonic()
         snapshot = repo.snapshot(tree, files) if isinstance(files, list) else repo.snapshot_changes(tree, *files)
         snapped = {"form": "full", "files": len(files)} if isinstance(files, list) else {
@@ -4028,13 +4166,16 @@ class Agent:
                "status": "queued", "created": time.time(), "snapshot": snapshot, "tree": tree,
                "timeout_s": timeout_s, "parent": parent["id"] if parent else None, "box": box}
         with self.admission:  # again, atomically with the enqueue: concurrent asks
-            self.admit(self.cfg.policy(user))
-            self.store.create_job(job)
-            self.queue.put(QueueItem(job["id"], user, project, parent["slot"] if parent else None))
-        self.audit.job(job["id"], "snapshot", user=user, project=project, **snapped)
-        position, estimate = self.queue_position(job["id"])
-        self.store.add_event(job["id"], {"type": "queued", "project": project, "position": position,
-                                         "estimate_s": estimate})
+            self.admit(self.cfg.policy(user), attempts)
+            siblings = attempt_jobs(job, attempts, profiles)
+            for one in siblings:
+                self.store.create_job(one)
+                self.queue.put(QueueItem(one["id"], user, project, parent["slot"] if parent else None))
+        for one in siblings:
+            self.audit.job(one["id"], "snapshot", user=user, project=project, **snapped)
+            position, estimate = self.queue_position(one["id"])
+            self.store.add_event(one["id"], {"type": "queued", "project": project, "position": position,
+                                             "estimate_s": estimate})
         return self.store.job(job["id"])
 
     def check_timeout(self, policy: "Policy", timeout_s: Any) -> int:
@@ -4047,11 +4188,11 @@ class Agent:
                                  f"timeout_s {timeout_s} is over the ceiling", f"ask with --timeout {ceiling} or less")
         return timeout_s
 
-    def admit(self, policy: "Policy") -> None:
+    def admit(self, policy: "Policy", adding: int = 1) -> None:
         """Refuse an ask over the user's queue or rate limit (429, with Retry-After)."""
         user = policy.user
         queued = len(self.queue.jobs_of(user))
-        if queued >= policy.max_queued:
+        if queued + adding > policy.max_queued:
             raise policy_refusal(HTTPStatus.TOO_MANY_REQUESTS, policy, "max_queued",
                                  f"user {user} has {queued} jobs waiting already",
                                  "wait for one to start, or cancel one (patchwire jobs, patchwire cancel)")
@@ -4453,11 +4594,11 @@ class Agent:
                          secret_files=cfg.secret_files, readable=cfg.readable,
                          credentials=credentials if bwrap else None, gateway=gateway.path if gateway else None,
                          gateway_port=gateway.port if gateway else 0)
-        env = ai_environment(cfg, home)
+        env = {**ai_environment(cfg, home), **attempt_environment(job)}
         if gateway:
             env = gateway_ai_environment(env, holds_credential=gateway.credential is not None,
                                          port=gateway.port or GATEWAY_PORT, key=gateway.key)
-        argv, env = self.sandbox.wrap(command or self.ai_argv(parent), env, walls,
+        argv, env = self.sandbox.wrap(command or self.ai_argv(parent, job), env, walls,
                                       scratch=repo.home / "tmp" / f"slot{slot}")
         cgroup = JobCgroup(limits, name or job["id"])
         if bwrap:
@@ -4512,12 +4653,14 @@ class Agent:
             log.warning("could not reset the job folder of %s: %s", job_id, e)
         self.finish(job_id, status, reason, **fields)
 
-    def ai_argv(self, parent: Optional[dict]) -> List[str]:
-        """The AI command; a follow-up adds `[ai] resume_args` with the parent's session."""
+    def ai_argv(self, parent: Optional[dict], job: Optional[dict] = None) -> List[str]:
+        """The AI command (of the job's profile, if it names one); a follow-up adds `[ai]
+        resume_args` with the parent's session."""
+        command = profile_command(self.cfg, job, parent)
         session = ((parent or {}).get("result") or {}).get("session_id")
         if not session:
-            return list(self.cfg.ai_command)
-        return self.cfg.ai_command + [a.replace("{session_id}", session) for a in self.cfg.resume_args]
+            return list(command)
+        return command + [a.replace("{session_id}", session) for a in self.cfg.resume_args]
 
 
 def plan_starts(order: List[Tuple[str, str]], running: List[Tuple[str, float]], workers: int,
@@ -4749,6 +4892,8 @@ ROUTES: List[Tuple[str, "re.Pattern[str]", str, bool]] = [
         ("DELETE", r"/v1/jobs/(?P<job>[^/]+)", "cancel", True),
         ("GET", r"/v1/jobs/(?P<job>[^/]+)/events", "events", True),
         ("GET", r"/v1/jobs/(?P<job>[^/]+)/diff", "diff", True),
+        ("GET", r"/v1/asks/(?P<ask>[^/]+)", "ask_group", True),
+        ("GET", r"/v1/asks/(?P<ask>[^/]+)/events", "ask_events", True),
         ("GET", r"/v1/usage", "usage", True),
         ("GET", r"/v1/notify", "notify_list", True),
         ("POST", r"/v1/notify", "notify_add", True),
@@ -5287,7 +5432,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         job = self.agent.ask(user, body)
         self.ask_ms["queued_ms"] = round((time.monotonic() - self.request_started) * 1000, 1)
         self.job_id = job["id"]
-        if self.wants_stream():
+        if job.get("ask_id"):  # several attempts: the group answers (see "several attempts")
+            self.answer_group(user, job["ask_id"])
+        elif self.wants_stream():
             self.stream_events(job["id"], 0)
         else:
             self.send_json(HTTPStatus.ACCEPTED, public_job(job))
@@ -5324,6 +5471,59 @@ class Handler(http.server.BaseHTTPRequestHandler):
         with patch:  # in chunks from the file: a patch of any size costs the agent 1 MiB of memory
             self.send_head(HTTPStatus.OK, os.fstat(patch.fileno()).st_size, "text/x-diff")
             shutil.copyfileobj(patch, self.wfile, MIB)
+
+    # --- several attempts: the group of an ask
+
+    def answer_group(self, user: str, ask_id: str) -> None:
+        """POST /v1/ask with attempts: the group (202), or with Accept: NDJSON its events."""
+        if self.wants_stream():
+            self.stream_group_events(ask_id, user)
+        else:
+            self.send_json(HTTPStatus.ACCEPTED, ask_group(ask_jobs(self.agent.store, user, ask_id)))
+
+    def route_ask_group(self, user: str, ask: str) -> None:
+        self.send_json(HTTPStatus.OK, ask_group(ask_jobs(self.agent.store, user, ask)))
+
+    def route_ask_events(self, user: str, ask: str) -> None:
+        self.stream_group_events(ask, user, follow=self.query.get("follow", "1") != "0")
+
+    def stream_group_events(self, ask: str, user: str, follow: bool = True) -> None:
+        """The events of every attempt, each with its `job`, interleaved as they happen, from
+        the first; ends once every attempt has sent its last event (or at once without
+        `follow`). A client that reconnects skips what it saw by (job, seq)."""
+        jobs = [job["id"] for job in ask_jobs(self.agent.store, user, ask)]
+        self.started_response = True
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        after, live, quiet_since = dict.fromkeys(jobs, 0), set(jobs), time.monotonic()
+        while live:
+            seen, before = self.agent.store.generation, sum(after.values())
+            for job_id in jobs:
+                if job_id in live and self._send_new_events(job_id, after):
+                    live.discard(job_id)
+            if sum(after.values()) > before:
+                quiet_since = time.monotonic()
+            if not follow:
+                break
+            if time.monotonic() - quiet_since >= HEARTBEAT_S:
+                self.write_chunk(b"\n")
+                quiet_since = time.monotonic()
+            elif live:
+                self.agent.store.wait_change(seen, HEARTBEAT_S - (time.monotonic() - quiet_since))
+        self.write_chunk(b"")
+
+    def _send_new_events(self, job_id: str, after: Dict[str, int]) -> bool:
+        """Send the job's events after the last one sent; whether the job has ended."""
+        events, status, _ = self.agent.store.follow(job_id, after[job_id])
+        ended = not events and status in TERMINAL
+        for seq, kind, line in events:
+            self.write_chunk(line)
+            after[job_id] = seq
+            ended = ended or kind in LAST_EVENTS
+        return ended
 
     def route_usage(self, user: str) -> None:
         self.send_json(HTTPStatus.OK, usage_answer(self.agent, user, self.query))
@@ -5521,7 +5721,11 @@ OPENAPI_SCHEMAS = {
                           changed={"type": "array", "items": _S, "description": "changes form: paths sent since base"},
                           deleted={"type": "array", "items": _S,
                                    "description": "changes form: paths deleted since base"},
-                          timeout_s=_I, **{"continue": {**_S, "description": "a finished job to follow up"}},
+                          timeout_s=_I, attempts={**_I, "description": "1..4 sibling jobs of this snapshot, "
+                                                  "grouped by an ask id (policy: max_attempts); default 1"},
+                          agents={"type": "array", "items": _S,
+                                  "description": "an [ai.profiles.NAME] per attempt (their number is attempts)"},
+                          **{"continue": {**_S, "description": "a finished job to follow up"}},
                           box={**_ref("Box"), "description": "the project's [box]: setup before the AI, "
                                                              "checks on its result"},
                           setup={**_B, "description": "run box.setup whatever its inputs (ask --setup)"}),
@@ -5559,7 +5763,14 @@ OPENAPI_SCHEMAS = {
                 tree=_nullable(_S), timeout_s=_nullable(_I), result=_nullable(_ref("JobResult")),
                 stats=_nullable(_ref("Stats")), parent=_nullable(_S), slot=_nullable(_I),
                 box={**_nullable(_ref("Box")), "description": "the job's setup and checks"},
-                events={**_I, "description": "number of the job's last event"}),
+                                events={**_I, "description": "number of the job's last event"},
+                ask_id={**_nullable(_S), "description": "the ask of several attempts this job is one of"},
+                profile={**_nullable(_S), "description": "the [ai.profiles.NAME] that ran it (agents)"},
+                attempt={**_nullable(_I), "description": "which attempt of its ask (1..N)"}),
+    "AskGroup": _obj(["id", "project", "prompt", "created", "status", "attempts", "jobs"], id=_S, project=_S,
+                     prompt=_S, created=_N, status={"enum": ["running", "ended"]}, attempts=_I,
+                     jobs={"type": "array", "items": _ref("Job"), "description": "the attempts, in order"}),
+    "AskAnswer": {"anyOf": [_ref("Job"), _ref("AskGroup")], "description": "one job, or the group of several attempts"},
     "JobList": _obj(["jobs"], jobs={"type": "array", "items": _ref("Job")}),
     "Event": {"description": "One NDJSON line of a job's stream; `seq` numbers them from 1.", "oneOf": [
         _event("queued", ["position"], project=_S, position=_I,
@@ -5618,9 +5829,11 @@ OPENAPI_ROUTES: Dict[str, tuple] = {
     "ask": ("Snapshot the synced files, queue the AI run", {}, "AskRequest",
             {200: ("with Accept: application/x-ndjson, the job's events as they happen",
                    "application/x-ndjson", "Event"),
-             202: ("queued", "application/json", "Job"), 400: "bad request",
+             202: ("queued: the Job, or with attempts the AskGroup", "application/json", "AskAnswer"),
+             400: "bad request",
              404: "no such job to continue", 409: "tree_mismatch, not_done or ambiguous",
-             403: "policy: a project outside the allowlist, or timeout_s over the ceiling",
+             403: "policy: a project outside the allowlist, timeout_s over the ceiling, or attempts over "
+                  "max_attempts",
              408: "the request did not arrive within its time budget",
              411: "no Content-Length, or a chunked body",
              413: "body over 64 MiB, or policy: a prompt over max_prompt_bytes",
@@ -5642,6 +5855,13 @@ OPENAPI_ROUTES: Dict[str, tuple] = {
     "diff": ("The patch of a done job (git diff --binary --full-index)", {}, None,
              {200: ("the patch, as bytes", "text/x-diff", None), 404: "no such job of yours",
               409: "the job is not done (no_diff), or ambiguous prefix", 410: "pruned by gc"}),
+    "ask_group": ("An ask of several attempts: its jobs with status, stats, timings and usage", {}, None,
+                  {200: ("the group", "application/json", "AskGroup"), 404: "no such ask of yours",
+                   409: "ambiguous prefix"}),
+    "ask_events": ("The events of every attempt of an ask (each with its job), following them unless "
+                   "follow=0", {"follow": {"enum": ["0", "1"]}}, None,
+                   {200: ("NDJSON, one event per line", "application/x-ndjson", "Event"),
+                    404: "no such ask of yours", 409: "ambiguous prefix"}),
     "usage": ("Asks, AI time, tokens, cost and changes over a time range; yours, or with an admin "
               "token everyone's", {"since": _S, "until": _S, "group": {"enum": list(USAGE_GROUPS)}, "user": _S},
               None, {200: ("the report", "application/json", "Usage"), 400: "bad group or time",
@@ -5672,7 +5892,7 @@ def openapi_document() -> dict:
         template = ROUTE_TEMPLATES[name]
         op: dict = {"operationId": name, "summary": summary, "responses": {}}
         params = [{"name": p, "in": "path", "required": True, "schema": _S,
-                   "description": "a notification target's id" if p == "target" else "a job id or a unique "
+                   "description": "a notification target's id" if p == "target" else f"a {p} id or a unique "
                                   "prefix of it"} for p in pattern.groupindex]
         params += [{"name": k, "in": "query", "required": False, "schema": v} for k, v in query.items()]
         if params:

@@ -12,7 +12,8 @@ Steps: write (text or b64), delete, rename [a, b], chmod [path, "755"], say, sle
 wait_file (until that path exists; at most max_s, default 60),
 exit (code, no result line), error (is_error true, exit 1), deny (tool name; exit 0 with
 permission_denials), hang (sleeps forever, with a child in its process group), spawn_ignoring_term,
-usage (the result's `usage` object; with "cost": its total_cost_usd).
+usage (the result's `usage` object; with "cost": its total_cost_usd),
+by_attempt {"1": [steps], "2": [steps]} (the steps of the attempt PATCHWIRE_ATTEMPT names).
 raw (a line printed as is), raw_big (a line of N bytes), link [target, path] (a symlink),
 stamps (N assistant text lines "stamp <time.time()>", each stamped as it is written, every_s
 apart, default 0.003: the bench's AI line -> client latency),
@@ -120,7 +121,12 @@ class StandIn:
                 {"append": "PATCHWIRE_DEMO.md", "text": "- %s\n" % " ".join(self.prompt.split())[:200]}]
 
     def do(self, step):
-        if "say" in step:
+        if "by_attempt" in step:  # {"by_attempt": {"1": [steps], "2": [...]}}: PATCHWIRE_ATTEMPT's
+            for inner in step["by_attempt"].get(os.environ.get("PATCHWIRE_ATTEMPT", "1"), []):
+                code = self.do(inner)
+                if code is not None:
+                    return code
+        elif "say" in step:
             self.assistant({"type": "text", "text": step["say"]})
         elif "write" in step:
             data = base64.b64decode(step["b64"]) if "b64" in step else step["text"].encode("utf-8")

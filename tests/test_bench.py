@@ -31,3 +31,11 @@ def test_gateway_benchmark_quick_run_measures_both_paths():
     out = proc.stdout.decode()
     assert proc.returncode == 0, out
     assert out.count("x | +") == 2 and "tunnels open" in out, out
+
+
+def test_attempts_benchmark_quick_run_prints_both_wall_times():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/attempts.py"), "--sleep", "0.2", "--rounds", "1"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, out
+    assert "| one attempt |" in out and "| three attempts, --pick 1 |" in out, out

@@ -469,6 +469,9 @@ def test_readme_curl_examples_run(box, tmp_path):
     env = {**os.environ, "HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     routes = set()
     running = ""
+    status, group = box.json("POST", "/v1/ask", ask_body(None, script({"say": "hi"}), project="my-app", attempts=2),
+                             token=box.tokens["alice"])
+    assert status == 202, group
     for command in commands:
         command = command.replace("7e57a1b2", added["target"]["id"]).replace(
             "https://hooks.example.com/patchwire", "http://127.0.0.1:9/readme")
@@ -477,6 +480,7 @@ def test_readme_curl_examples_run(box, tmp_path):
             running = post(box, "alice", script({"hang": True}))
             wait_job(box, "alice", running, until=("running",))
         job = running if cancels else done
+        command = command.replace("7c2e", group["id"][:6])  # an ask of two attempts
         line = setup.replace("http://127.0.0.1:7433", box.url) + "\n" + command.replace("3fa1", job[:6])
         proc = subprocess.run(["bash", "-c", "set -eo pipefail\n" + line], cwd=work, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)

@@ -10,6 +10,7 @@ const COMMANDS = {
   'patchwire.ask': (pw) => pw.ask(false),
   'patchwire.askDetached': (pw) => pw.askDetached(),
   'patchwire.askFollowUp': (pw) => pw.ask(true),
+  'patchwire.askAttempts': (pw) => pw.askAttempts(),
   'patchwire.showJobs': (pw) => pw.showJobs(),
   'patchwire.applyJob': (pw) => pw.applyJob(),
   'patchwire.undoApply': (pw) => pw.undo(),

@@ -196,6 +196,11 @@ class Cli {
   /** Sync and queue, then leave (`ask --detach`): {job, detached}. */
   askDetached(prompt) { return this.json(['ask', '-', '--detach'], prompt); }
 
+  /** Several attempts (`ask -n N`): every attempt's events, then an outcome with their table. */
+  askAttempts(prompt, attempts, { onEvent = () => {} } = {}) {
+    return this.start(['ask', '-', '-n', String(attempts), '--no-apply'], { input: prompt, onObject: onEvent });
+  }
+
   jobs() { return this.json(['jobs']); }
 
   show(job) { return this.json(['show', job]); }

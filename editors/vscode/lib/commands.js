@@ -417,6 +417,99 @@ class Patchwire {
     }
     return result;
   }
+
+  // --- several attempts
+
+  /** Ask with N attempts, then a quick pick of the attempts with their figures; picking one
+   * opens its review (its multi-file diff; apply all of it, or only the files chosen: a file
+   * from attempt K). Back from a review kept for later, the attempts are offered again. */
+  async askAttempts() {
+    const cli = this.cli();
+    const text = await vscode.window.showInputBox({
+      title: 'Patchwire: Ask with Several Attempts', prompt: 'What should the AI do? Each attempt works on the same files.',
+      ignoreFocusOut: true,
+    });
+    if (!text || !text.trim()) {
+      return undefined;
+    }
+    const count = await vscode.window.showQuickPick(['2', '3', '4'].map((n) => ({ label: `${n} attempts`, n })),
+      { placeHolder: 'How many attempts, side by side?', ignoreFocusOut: true });
+    if (!count || !(await this.saveFirst())) {
+      return undefined;
+    }
+    this.log(`--- ${new Date().toLocaleTimeString()} ask, ${count.n} attempts: ${present.oneLine(text)}`);
+    const run = await vscode.window.withProgress(
+      { location: vscode.ProgressLocation.Notification, title: `Patchwire: ${count.n} attempts`, cancellable: true },
+      (progress, token) => followAttempts(this, cli, text, Number(count.n), progress, token));
+    if (run.cancelled || !run.outcome) {
+      return run;
+    }
+    for (;;) {
+      const chosen = await vscode.window.showQuickPick(attemptItems(run.outcome), {
+        title: `Patchwire: ask ${present.plain(run.outcome.ask)}`, placeHolder: 'The attempt to review and apply', ignoreFocusOut: true,
+      });
+      if (!chosen || !chosen.job) {
+        return run;
+      }
+      run.review = await this.review(chosen.job);
+      if (run.review !== 'kept') {
+        return run;
+      }
+    }
+  }
+}
+
+/** Follow `patchwire ask -n N` to its end; resolves to {jobs, outcome, cancelled}. Cancelling
+ * cancels every attempt the box has named (before it named one: stops the CLI). */
+async function followAttempts(pw, cli, prompt, attempts, progress, token) {
+  const state = { jobs: [], ended: 0, outcome: null, cancelled: false };
+  progress.report({ message: 'syncing the project' });
+  const proc = cli.askAttempts(prompt, attempts, {
+    onEvent: (event) => {
+      if (event.type === 'queued' && !state.jobs.includes(event.job)) {
+        state.jobs.push(event.job);
+      }
+      if (['finished', 'failed', 'cancelled'].includes(event.type)) {
+        state.ended += 1;
+        progress.report({ message: `${state.ended} of ${attempts} attempts ended` });
+      }
+      if (event.type === 'outcome') {
+        state.outcome = event;
+      }
+    },
+  });
+  token.onCancellationRequested(() => {
+    state.cancelled = true;
+    if (!state.jobs.length) {
+      proc.interrupt();
+    }
+    for (const job of state.jobs) {
+      cli.cancel(job).then((r) => pw.log(`job ${job} is ${r.job.status}`), (err) => pw.log(`could not cancel job ${job}: ${err.message}`));
+    }
+  });
+  const run = await proc.done;
+  if (!state.cancelled && run.code !== 0) {
+    throw errorFrom(run);
+  }
+  return state;
+}
+
+/** The attempts as quick-pick items: figures in the description, the differences and the
+ * reason of a failed one in the detail; only a done attempt can be picked for review. */
+function attemptItems(outcome) {
+  return (outcome.attempts || []).map((a) => {
+    const figures = a.status === 'done' ? `${present.plural(a.files, 'file')} +${a.added} -${a.removed}` : a.status;
+    const cost = typeof a.cost_usd === 'number' ? ` · $${a.cost_usd.toFixed(4)}` : '';
+    const took = typeof a.seconds === 'number' ? ` · ${a.seconds}s` : '';
+    const differs = (outcome.differences || []).filter((d) => d.attempts[1] === a.attempt)
+      .map((d) => `differs from ${d.attempts[0]} in ${present.plural(d.paths.length, 'file')}`);
+    return {
+      label: `${a.status === 'done' ? '$(git-compare)' : '$(error)'} Attempt ${a.attempt}${a.agent ? ` (${present.plain(a.agent)})` : ''}`,
+      description: present.plain(figures + took + cost),
+      detail: present.plain([...differs, a.problem || ''].filter(Boolean).join('; ')),
+      job: a.status === 'done' && !a.problem ? a.job : null,
+    };
+  });
 }
 
 /** Follow one `patchwire ask` to its end; resolves to {job, end, files, cancelled}. */
@@ -559,4 +652,4 @@ function sideText(file) {
   return file.text;
 }
 
-module.exports = { Patchwire, JobContents, SCHEME, followAsk, jobUri, reviewItems, sideText };
+module.exports = { Patchwire, JobContents, SCHEME, attemptItems, followAsk, jobUri, reviewItems, sideText };

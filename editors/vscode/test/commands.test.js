@@ -55,7 +55,7 @@ test('every contributed command is registered, and only those', () => {
   const contributed = MANIFEST.contributes.commands.map((c) => c.command).sort();
   assert.deepEqual([...stub.commands.keys()].sort(), contributed);
   assert.deepEqual(MANIFEST.contributes.commands.map((c) => `${c.category}: ${c.title}`), [
-    'Patchwire: Ask...', 'Patchwire: Ask (detached)...', 'Patchwire: Ask Follow-up...', 'Patchwire: Show Jobs', 'Patchwire: Apply Job',
+    'Patchwire: Ask...', 'Patchwire: Ask (detached)...', 'Patchwire: Ask Follow-up...', 'Patchwire: Ask with Several Attempts...', 'Patchwire: Show Jobs', 'Patchwire: Apply Job',
     'Patchwire: Undo Last Apply', 'Patchwire: Cancel Job', 'Patchwire: Doctor']);
   assert.ok(MANIFEST.engines.vscode);
   assert.deepEqual(Object.keys(MANIFEST.dependencies || {}), []);
@@ -354,4 +354,32 @@ test('the diff editor\'s sides come from diff --file --side, read-only text', as
     ['diff', fx.JOB, '--file=gone.txt', '--side', 'new', '--json'],
     ['diff', fx.JOB, '--file=later.txt', '--side', 'new', '--json'],
     ['diff', fx.JOB, '--file=later.txt', '--side', 'new', '--json']]);
+});
+
+test('Ask with Several Attempts: ask -n N, a quick pick of the attempts, then one attempt\'s review', async () => {
+  const second = 'b1f9c0290ea5';
+  const outcome = {
+    type: 'outcome', ask: '982b04e614e0', applied: false,
+    attempts: [
+      { attempt: 1, job: fx.JOB, status: 'done', agent: null, files: 2, added: 2, removed: 0, seconds: 1.5, cost_usd: 0.0123, problem: '' },
+      { attempt: 2, job: second, status: 'done', agent: 'deep', files: 3, added: 3, removed: 1, seconds: 2, cost_usd: null, problem: '' },
+      { attempt: 3, job: 'd21c86281130', status: 'failed', agent: null, files: 0, added: 0, removed: 0, seconds: null, cost_usd: null, problem: 'API Error' },
+    ],
+    differences: [{ attempts: [1, 2], paths: ['a', 'b', 'c'] }],
+  };
+  const events = [{ seq: 1, job: fx.JOB, type: 'queued' }, { seq: 1, job: second, type: 'queued' },
+    { seq: 2, job: fx.JOB, type: 'finished', status: 'done' }, { seq: 2, job: second, type: 'finished', status: 'done' }];
+  const { stub, calls, run, uiCalls } = setup({ ask: { stdout: [...events, outcome] }, diff: { stdout: [{ ...fx.DIFF, job: second }] },
+    apply: { stdout: [{ ...fx.APPLIED, job: second, files: ['src/app.py'], partial: true }] } });
+  stub.answers.push('try it', pick((i) => i.n === '3'), pick((i) => i.label.includes('Attempt 2')),
+    pick((i) => i.action === 'some'), (items) => items.filter((i) => i.path === 'src/app.py'));
+  await run('patchwire.askAttempts');
+  assert.deepEqual(calls().filter((c) => c.argv[0] === 'ask').map((c) => c.argv), [['ask', '-', '-n', '3', '--no-apply', '--json']]);
+  const items = uiCalls('showQuickPick')[1][0];
+  assert.deepEqual(items.map((i) => [i.label, i.description, i.detail, i.job]), [
+    ['$(git-compare) Attempt 1', '2 files +2 -0 · 1.5s · $0.0123', '', fx.JOB],
+    ['$(git-compare) Attempt 2 (deep)', '3 files +3 -1 · 2s', 'differs from 1 in 3 files', second],
+    ['$(error) Attempt 3', 'failed', 'API Error', null]]);
+  assert.deepEqual(calls().filter((c) => c.argv[0] === 'apply').map((c) => c.argv),
+    [['apply', '--json', '--yes', '--sha256', fx.DIFF.sha256, second, '--', 'src/app.py']]);
 });
