@@ -88,11 +88,15 @@ keeps it in step). SHARED first, then the LAPTOP's own:
     files: what leaves the laptop ..................... PathMatcher, SyncRules, FileList, Project (the record)
     sync (rsync) ...................................... rsync_argv, send_files
     HTTP client ....................................... Client, EventStream, Deadline, the answers' shapes
-    presentation ...................................... Style, ProgressPrinter, PatchParser, look_closely
-    choosing what to apply ............................ Chooser, Selection, Hunk
-    apply ............................................. Applier, ThreeWayMerge, UndoLog; vet_on_disk, compute_results
     the job, laptop side .............................. Session, JobFollower, stream_job, apply_job
+    progress: the job's events on the terminal ........ Style, ProgressPrinter
     telling you it is done (desktop) .................. notify_desktop
+    reading a patch, strictly ......................... PatchParser, FilePatch, split_patch
+    vetting: a patch against the files here, its results computed .. vet_on_disk, compute_results
+    preview: what deserves a second look, and the diff .. look_closely, diff_lines, page
+    choosing what to apply ............................ Chooser, Selection, Hunk
+    apply and undo .................................... Applier, ThreeWayMerge, UndoLog, settle_in_the_way
+    several attempts .................................. ask -n: the group followed, compared, picked or built
     doctor ............................................ Doctor
     commands .......................................... cmd_<name>, COMMANDS, main
 """
@@ -2631,1901 +2635,6 @@ def http_errors() -> tuple:
     return (http.client.HTTPException,)
 
 
-# ================================================================== presentation
-
-
-class Style:
-    """ANSI colour, or none (NO_COLOR, --no-color, not a terminal)."""
-
-    CODES = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "cyan": "36",
-             "red_bg": "41;97", "green_bg": "42;30", "magenta": "35"}
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-
-    @classmethod
-    def for_stream(cls, stream, no_color: bool = False) -> "Style":
-        return cls(not no_color and "NO_COLOR" not in os.environ and stream.isatty())
-
-    def __call__(self, name: str, text: str) -> str:
-        return f"\x1b[{self.CODES[name]}m{text}\x1b[0m" if self.enabled and text else text
-
-
-def sanitized(value: Any) -> Any:
-    """A JSON value from the box with every string in it sanitised (newlines kept, not yet
-    indented: the printer lays out its lines itself)."""
-    if isinstance(value, str):
-        return _UNSAFE_KEEP_NEWLINES.sub(_visible, value)
-    if isinstance(value, list):
-        return [sanitized(v) for v in value]
-    if isinstance(value, dict):
-        return {sanitize(str(k)): sanitized(v) for k, v in value.items()}
-    return value
-
-
-class ProgressPrinter:
-    """Renders the agent's NDJSON events as human progress on stderr. Every event is
-    sanitised once, on the way in: nothing the AI writes reaches the terminal raw."""
-
-    def __init__(self, style: Style):
-        self.style = style
-        self.start = time.monotonic()
-
-    def stamp(self) -> str:
-        return self.style("dim", f"{time.monotonic() - self.start:6.1f}s")
-
-    def __call__(self, event: dict) -> None:
-        event = sanitized(event)
-        kind = event.get("type")
-        handler = getattr(self, "on_" + str(kind), None)
-        if handler:
-            handler(event)
-
-    @staticmethod
-    def flat(value: Any) -> str:
-        """One line: a newline the AI put in a tool name does not start a fake line."""
-        return str(value).replace("\n", "^J")
-
-    def on_queued(self, e: dict) -> None:
-        ahead = e.get("position", 0)
-        say(self.stamp(), f"queued as job {self.flat(e.get('job'))}" + (f", {self.flat(ahead)} ahead" if ahead else "")
-            + _wait_estimate(e))
-
-    def on_position(self, e: dict) -> None:
-        say(self.stamp(), f"waiting: {self.flat(e.get('position'))} ahead in the queue" + _wait_estimate(e))
-
-    def on_started(self, e: dict) -> None:
-        ai = e.get("ai")  # set when the box runs its built-in stand-in
-        say(self.stamp(), "AI started" + (f" ({self.flat(ai)})" if isinstance(ai, str) else ""))
-
-    def on_links_removed(self, e: dict) -> None:
-        paths = ["".join(c if c.isprintable() else "?" for c in str(p)) for p in e.get("paths") or []]
-        say(self.stamp(), self.style("yellow", f"{e.get('count', len(paths))} symlink(s) pointing outside "
-                                     f"the project kept from the AI: {', '.join(paths[:5])}"))
-
-    def on_text(self, e: dict) -> None:
-        text = str(e.get("text", "")).strip()
-        if text:
-            lines = text.split("\n")
-            say(self.stamp(), lines[0], *(["\n        " + "\n        ".join(lines[1:])] if lines[1:] else []))
-
-    on_output = on_text
-
-    def on_output_dropped(self, e: dict) -> None:
-        size = human_bytes(e["bytes"]) if isinstance(e.get("bytes"), int) else "?"
-        say(self.stamp(), self.style("yellow", f"... {self.flat(e.get('events'))} event(s) of the AI's output "
-                                     f"({size}) not kept by the box: over {self.flat(e.get('limit'))}"))
-
-    def on_network(self, e: dict) -> None:
-        say(self.stamp(), self.style("dim", f"network: {self.flat(e.get('host'))}"))
-
-    def on_network_refused(self, e: dict) -> None:
-        say(self.stamp(), self.style("yellow", f"network: {self.flat(e.get('host'))} refused by the box's "
-                                     f"[network] policy (x{self.flat(e.get('count', 1))})"))
-
-    def on_tool(self, e: dict) -> None:
-        say(self.stamp(), self.style("cyan", f"> {self.flat(e.get('name'))}"), self.flat(e.get("detail", "")))
-
-    def on_tool_error(self, e: dict) -> None:
-        say(self.stamp(), self.style("yellow", f"  tool error: {self.flat(str(e.get('text', ''))[:200])}"))
-
-    def on_finished(self, e: dict) -> None:
-        stats = e.get("stats") or {}
-        if not stats.get("files"):
-            say(self.stamp(), self.style("bold", "AI finished: no changes"))
-        else:
-            say(self.stamp(), self.style("bold", f"AI finished: {self.flat(stats['files'])} file(s), +"
-                                         f"{self.flat(stats.get('added', 0))} -{self.flat(stats.get('removed', 0))}"))
-        self.say_network(e)
-
-    def on_failed(self, e: dict) -> None:
-        reason = str(e.get("reason"))
-        if reason.startswith("setup failed"):  # its output was streamed just above: its first line
-            say(self.stamp(), self.style("red", f"job failed: {self.flat(reason.split(chr(10))[0])}"))
-        else:
-            say(self.stamp(), self.style("red", f"AI run failed: {self.flat(reason)}"))
-        self.say_network(e)
-
-    def say_network(self, e: dict) -> None:
-        summary = network_summary(e.get("network"))
-        if summary:
-            say(self.stamp(), self.style("yellow" if "refused:" in summary else "dim", summary))
-
-    def on_cancelled(self, e: dict) -> None:
-        say(self.stamp(), self.style("yellow", f"job cancelled: {self.flat(e.get('reason', ''))}"))
-
-    def on_setup(self, e: dict) -> None:
-        self.say_step("setup", e, self.flat(e.get("command", "")))
-
-    def on_check(self, e: dict) -> None:
-        self.say_step("check", e, self.flat(e.get("name", "")))
-
-    def say_step(self, what: str, e: dict, name: str) -> None:
-        """A setup command's or a check's start, output line or end."""
-        step = e.get("step")
-        if step == "start":
-            say(self.stamp(), self.style("cyan", f"{what}: {name}"))
-        elif step == "end":
-            ok = e.get("ok", e.get("exit_code") == 0)
-            took = f" ({e['duration_ms'] / 1000:.1f} s)" if isinstance(e.get("duration_ms"), (int, float)) else ""
-            say(self.stamp(), self.style("green" if ok else "red",
-                                         f"{what}: {name} " + ("ok" if ok else f"FAILED, exit {self.flat(e.get('exit_code'))}")
-                                         + took))
-        elif step == "skipped":
-            say(self.stamp(), self.style("dim", f"{what}: skipped ({self.flat(e.get('reason', ''))})"))
-        elif "text" in e:
-            say(self.stamp(), self.style("dim", "  | " + self.flat(e.get("text", ""))[:500]))
-
-
-def network_summary(network: Any) -> str:
-    """"contacted: api.anthropic.com, pub.dev; refused: evil.example x3" from a job's egress
-    report (the box's `network`), "" without one; hosts sanitised by the caller's printer."""
-    if not isinstance(network, dict):
-        return ""
-    contacted = network.get("contacted") if isinstance(network.get("contacted"), dict) else {}
-    refused = network.get("refused") if isinstance(network.get("refused"), dict) else {}
-    parts = []
-    if contacted:
-        parts.append("contacted: " + ", ".join(str(h) for h in list(contacted)[:10])
-                     + (f" and {len(contacted) - 10} more" if len(contacted) > 10 else ""))
-    if refused:
-        parts.append("refused: " + ", ".join(f"{h} x{n}" for h, n in list(refused.items())[:10])
-                     + (f" and {len(refused) - 10} more" if len(refused) > 10 else ""))
-    return "network " + "; ".join(parts) if parts else ""
-
-
-def _wait_estimate(e: dict) -> str:
-    """", starts in about 3 min": the box's estimate from its recent run times."""
-    seconds = e.get("estimate_s")
-    if not isinstance(seconds, int) or isinstance(seconds, bool) or seconds <= 0:
-        return ""
-    return f", starts in about {seconds} s" if seconds < 120 else f", starts in about {round(seconds / 60)} min"
-
-
-# --- the diff preview
-# --- reading a patch, strictly
-# Every path that touches a patch (preview, plain apply, 3-way, -i, --only/--exclude, undo,
-# the apply log, `diff --json`) reads it through split_patch. `git apply` is lenient: it
-# skips text between sections and applies a plain unified diff found there, and when a
-# `diff --git` header names two different files it believes the `---`/`+++` lines. So
-# Patchwire accepts exactly what `git diff --binary --full-index -M` writes, every byte
-# accounted for, every name said the same way everywhere, and refuses the whole patch
-# otherwise: the preview then shows exactly what `git apply` would write.
-
-
-class PatchRefused(PatchError):
-    """A patch refused as a whole, before anything was written."""
-
-
-def refuse(reason: str) -> PatchRefused:
-    return PatchRefused("refused the whole patch, nothing was written: " + sanitize(reason),
-                        "the box sent something `git diff` does not write, or something that reaches "
-                        "outside the project (README: Threat model); ask again")
-
-
-GIT_MODES = ("100644", "100755", "120000")
-EXTENDED_HEADERS = (  # (prefix, key) of the lines git writes between `diff --git` and the body
-    (b"old mode ", "old_mode"), (b"new mode ", "new_mode"), (b"deleted file mode ", "deleted_mode"),
-    (b"new file mode ", "new_file_mode"), (b"similarity index ", "similarity"),
-    (b"dissimilarity index ", "dissimilarity"), (b"rename from ", "rename_from"),
-    (b"rename to ", "rename_to"), (b"copy from ", "copy_from"), (b"copy to ", "copy_to"),
-    (b"index ", "index"),
-)
-INDEX_RE = re.compile(rb"([0-9a-f]{7,64})\.\.([0-9a-f]{7,64})(?: (\d{6}))?")
-BASE85_LINE_RE = re.compile(rb"[A-Za-z][0-9A-Za-z!#$%&()*+;<=>?@^_`{|}~-]+\n")
-_C_ESCAPES = {ord("a"): 7, ord("b"): 8, ord("t"): 9, ord("n"): 10, ord("v"): 11, ord("f"): 12,
-              ord("r"): 13, ord('"'): 34, ord("\\"): 92}
-_C_LETTERS = {code: bytes([letter]) for letter, code in _C_ESCAPES.items()}
-
-
-class FilePatch:
-    """One file's part of a git patch, as bytes, with what the preview needs. Built only by
-    PatchParser, which has checked every line of it."""
-
-    def __init__(self, first: bytes):
-        self.lines = [first]
-        self.headers: Dict[str, bytes] = {}
-        self.path = self.old_path = ""
-        self.added = self.removed = 0
-        self.binary = False
-        self.kind = "modified"
-        self.old_mode: Optional[str] = None  # None: not said (unchanged, whatever it is here)
-        self.new_mode: Optional[str] = None
-        self.hunks: List[Tuple[int, int, List[bytes]]] = []  # (old start, new start, lines)
-        self.body_start = 0  # index in `lines` of the first hunk header (0: no hunks)
-        self.link_target: Optional[str] = None  # the new target, when the result is a symlink
-        self.result: Optional[bytes] = None  # the text file it leaves, computed here (compute_results)
-        self.pre: Optional[bytes] = None  # the synced bytes it was made from, when compute_results read them
-
-    @property
-    def bytes(self) -> bytes:
-        return b"".join(self.lines)
-
-    def whole_new_content(self) -> Optional[bytes]:  # type: ignore[valid-type]  # the builtin, not the method
-        """The new content when the patch holds all of it (a new file, or a rewrite with no
-        context lines from the first line on); None when the rest lies in the file here."""
-        if self.binary or len(self.hunks) != 1:
-            return None
-        _old, new_start, lines = self.hunks[0]
-        if new_start > 1 or any(line.startswith(b" ") for line in lines):
-            return None
-        out = bytearray()
-        for i, line in enumerate(lines):
-            if line.startswith(b"+"):
-                no_newline = i + 1 < len(lines) and lines[i + 1].startswith(b"\\")
-                out += line[1:-1] if no_newline else line[1:]
-        return bytes(out)
-
-    @property
-    def label(self) -> str:
-        """What the summary calls this change (the JSON `kind` stays git's word)."""
-        if self.link_target is not None:
-            return {"new": "new symlink", "modified": "symlink"}.get(self.kind, self.kind)
-        if self.kind == "new" and self.new_mode == "100755":
-            return "new, exec"
-        return self.kind
-
-
-def c_unquote(token: bytes) -> bytes:
-    """git's C-style quoting of an unusual name ("a\\tb", "\\303\\251"), read strictly."""
-    if len(token) < 2 or not (token.startswith(b'"') and token.endswith(b'"')):
-        raise refuse(f"a badly quoted name: {token[:80]!r}")
-    body, out, i = token[1:-1], bytearray(), 0
-    while i < len(body):
-        c = body[i]
-        if c == 0x22:
-            raise refuse(f"a stray quote in a name: {token[:80]!r}")
-        if c != 0x5C:
-            out.append(c)
-            i += 1
-        elif body[i + 1:i + 2] and body[i + 1] in _C_ESCAPES:
-            out.append(_C_ESCAPES[body[i + 1]])
-            i += 2
-        elif re.fullmatch(rb"[0-3][0-7]{2}", body[i + 1:i + 4]):
-            out.append(int(body[i + 1:i + 4], 8))
-            i += 4
-        else:
-            raise refuse(f"a bad escape in a name: {token[:80]!r}")
-    return bytes(out)
-
-
-def c_quote(raw: bytes, full: bool) -> bytes:
-    """A name as git writes it: quoted when it holds '"', '\\' or a control byte (and with
-    core.quotePath, any byte over 0x7f); as is otherwise."""
-    out, needed = bytearray(), False
-    for c in raw:
-        if c in _C_LETTERS:
-            out += b"\\" + _C_LETTERS[c]
-            needed = True
-        elif c < 0x20 or c == 0x7F or (full and c >= 0x80):
-            out += b"\\%03o" % c
-            needed = True
-        else:
-            out.append(c)
-    return b'"' + bytes(out) + b'"' if needed else raw
-
-
-def spellings(name: bytes) -> set:
-    """Every way git may write `name` (with and without core.quotePath)."""
-    return {c_quote(name, False), c_quote(name, True)}
-
-
-def read_name(token: bytes) -> bytes:
-    """A name as git wrote it, back to bytes: quoted, or plain when it needs no quoting."""
-    if token.startswith(b'"'):
-        name = c_unquote(token)
-        if token not in spellings(name):
-            raise refuse(f"a name quoted in a way git does not: {token[:80]!r}")
-        return name
-    if c_quote(token, False) != token:
-        raise refuse(f"a name git would have quoted: {token[:80]!r}")
-    return token
-
-
-# Names that are `.git` to some filesystem: any case (macOS, Windows), with trailing dots or
-# spaces (Windows drops them), NTFS's short name and stream suffix, and HFS+'s ignored code
-# points (the spellings git's own verify_path refuses).
-_HFS_IGNORED = re.compile("[\u200c-\u200f\u202a-\u202e\u206a-\u206f\ufeff]")
-_PATH_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
-
-
-def folded_name(component: str) -> str:
-    """One path component as a case-insensitive, forgiving filesystem sees it."""
-    return _HFS_IGNORED.sub("", component).lower().split(":", 1)[0].rstrip(". ")
-
-
-def folded_path(path: str) -> str:
-    """A whole path as a case-insensitive disk that ignores Unicode normalisation (macOS's)
-    sees it: two spellings of one file fold to one string."""
-    return unicodedata.normalize("NFC", _HFS_IGNORED.sub("", path)).lower()
-
-
-def is_dot_git(component: str) -> bool:
-    return folded_name(component) in (".git", "git~1")
-
-
-def check_patch_path(path: str) -> str:
-    """A path a patch may touch, or PatchRefused naming why not."""
-    if not path or path.startswith("/"):
-        raise refuse(f"an absolute or empty path: {path!r}")
-    if _PATH_CONTROL.search(path):
-        raise refuse(f"a control character in the path {path!r}")
-    parts = path.split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        raise refuse(f"a path with '..', '.' or '//' in it: {path!r}")
-    if any(is_dot_git(p) for p in parts):
-        raise refuse(f"a path into git's own folder: {path!r}")
-    if any(folded_name(p) == CONFIG_NAME for p in parts):
-        raise refuse(f"a change to Patchwire's own settings ({CONFIG_NAME}): {path!r}")
-    return path
-
-
-def link_target_problem(link: str, target: str) -> Optional[str]:
-    """Why a symlink at `link` pointing at `target` is refused, read lexically (chains
-    through the laptop's own links are followed by vet_on_disk)."""
-    if not target or _PATH_CONTROL.search(target):
-        return "an empty target or one with control characters"
-    if target.startswith("/"):
-        return "an absolute target"
-    depth = len(link.split("/")) - 1
-    for part in target.split("/"):
-        if part == "..":
-            depth -= 1
-            if depth < 0:
-                return "a target outside the project"
-        elif part not in ("", "."):
-            if is_dot_git(part):
-                return "a target inside .git"
-            depth += 1
-    return None
-
-
-class PatchParser:
-    """`git diff --binary --full-index` output, line by line, nothing skipped."""
-
-    def __init__(self, patch: bytes):
-        if patch and not patch.endswith(b"\n"):
-            raise refuse("it does not end with a newline (cut short?)")
-        self.lines = patch_lines(patch)
-        self.i = 0
-
-    def peek(self) -> Optional[bytes]:
-        return self.lines[self.i] if self.i < len(self.lines) else None
-
-    def take(self, fp: Optional[FilePatch] = None) -> bytes:
-        line = self.lines[self.i]
-        self.i += 1
-        if fp is not None:
-            fp.lines.append(line)
-        return line
-
-    def fail(self, why: str) -> PatchRefused:
-        line = self.peek()
-        shown = f": {line[:100]!r}" if line is not None else ""
-        return refuse(f"line {self.i + 1}: {why}{shown}")
-
-    def files(self) -> List[FilePatch]:
-        out: List[FilePatch] = []
-        while self.peek() is not None:
-            if not self.peek().startswith(b"diff --git "):
-                raise self.fail("text outside a `diff --git` section" if not out else "text git does not write here")
-            out.append(self.section())
-        owner: Dict[str, int] = {}  # on a case-insensitive disk README and readme are one file
-        for n, fp in enumerate(out):
-            for path in {fp.old_path, fp.path}:
-                first = owner.setdefault(folded_path(path), n)
-                if first != n and not (is_type_change(out[first], fp) or is_case_only_move(out[first], fp)):
-                    raise refuse(f"{path!r} is changed by two sections")
-        return out
-
-    def section(self) -> FilePatch:
-        fp = FilePatch(self.take())
-        while True:
-            line = self.peek()
-            key = next((k for prefix, k in EXTENDED_HEADERS if line and line.startswith(prefix)), None)
-            if key is None:
-                break
-            if key in fp.headers:
-                raise self.fail(f"a second `{key.replace('_', ' ')}` line")
-            prefix = next(p for p, k in EXTENDED_HEADERS if k == key)
-            fp.headers[key] = self.take(fp)[len(prefix):-1]
-        labels = self.body(fp)
-        self.settle(fp, labels)
-        return fp
-
-    def body(self, fp: FilePatch) -> Optional[Tuple[bytes, bytes]]:
-        line = self.peek()
-        if line == b"GIT binary patch\n":
-            self.take(fp)
-            fp.binary = True
-            fp.body_start = len(fp.lines)
-            self.binary_block(fp)
-            if self.peek() is not None and self.peek().startswith((b"literal ", b"delta ")):
-                self.binary_block(fp)
-            return None
-        if line is not None and line.startswith(b"Binary files "):
-            raise self.fail("a binary change without its content (the box must use git diff --binary)")
-        if line is None or not line.startswith(b"--- "):
-            return None
-        old_label = self.take(fp)[4:-1]
-        if self.peek() is None or not self.peek().startswith(b"+++ "):
-            raise self.fail("a `---` line without its `+++` line")
-        new_label = self.take(fp)[4:-1]
-        if self.peek() is None or not self.peek().startswith(b"@@ "):
-            raise self.fail("file names without a hunk")
-        fp.body_start = len(fp.lines)
-        while self.peek() is not None and self.peek().startswith(b"@@ "):
-            self.hunk(fp)
-        return old_label, new_label
-
-    def hunk(self, fp: FilePatch) -> None:
-        header = self.take(fp)
-        m = HUNK_RE.match(header)
-        if not m or not (m.group(5) == b"\n" or m.group(5).startswith(b" ")):
-            raise refuse(f"line {self.i}: a malformed hunk header: {header[:100]!r}")
-        # git reads a hunk by the counts in its header (a missing count is 1), not up to the next
-        # `@@`: so does this reader, or a line past the count would be shown here as part of
-        # the hunk while git reads it as the start of something else
-        old_left = int(m.group(2)) if m.group(2) is not None else 1
-        new_left = int(m.group(4)) if m.group(4) is not None else 1
-        lines: List[bytes] = []
-        while old_left > 0 or new_left > 0 or (self.peek() or b"").startswith(b"\\ "):
-            line = self.peek()
-            if line is None:
-                raise refuse("the patch ends inside a hunk")
-            sign = line[:1]
-            if sign == b"\\":
-                if not line.startswith(b"\\ ") or not lines or lines[-1].startswith(b"\\"):
-                    raise self.fail("a stray `\\` line")
-            elif sign == b" " or line == b"\n":  # an empty context line, as diff.suppressBlankEmpty writes it
-                old_left, new_left = old_left - 1, new_left - 1
-            elif sign == b"-":
-                old_left -= 1
-                fp.removed += 1
-            elif sign == b"+":
-                new_left -= 1
-                fp.added += 1
-            else:
-                raise self.fail("a line in a hunk that is neither context, removed nor added")
-            if old_left < 0 or new_left < 0:
-                raise self.fail("more lines than the hunk header says")
-            lines.append(self.take(fp))
-        # `\ No newline at end of file` strips the newline of the line before it. git writes it
-        # only after a side's last line; anywhere else git apply joins that line to the next,
-        # so a previewed `sha256sum -c ... || exit 1` line can vanish into a comment
-        problem = no_newline_problem(lines)
-        if problem or (fp.hunks and any(line.startswith(b"\\") for line in fp.hunks[-1][2])):
-            raise refuse(f"line {self.i}: a `\\ No newline at end of file` {problem or 'before the last hunk'}: "
-                         "git joins the lines around it, so the file written is not the one shown")
-        fp.hunks.append((int(m.group(1)), int(m.group(3)), lines))
-
-    def binary_block(self, fp: FilePatch) -> None:
-        line = self.peek()
-        if line is None or not re.fullmatch(rb"(literal|delta) \d+\n", line):
-            raise self.fail("a binary patch without `literal` or `delta`")
-        self.take(fp)
-        count = 0
-        while self.peek() not in (b"\n", None):
-            line = self.peek()
-            size = line[0] - (ord("A") - 1) if line[:1].isupper() else line[0] - (ord("a") - 27)
-            if not BASE85_LINE_RE.fullmatch(line) or len(line) - 2 != (size + 3) // 4 * 5:
-                raise self.fail("a malformed line of binary data")
-            self.take(fp)
-            count += 1
-        if self.peek() is None or not count:
-            raise self.fail("binary data that does not end with an empty line")
-        self.take(fp)
-
-    def settle(self, fp: FilePatch, labels: Optional[Tuple[bytes, bytes]]) -> None:
-        """Names and kind from the section's lines, which must all agree. git apply reads
-        some of these lines and ignores others depending on which are present; a section
-        where they disagree means what is shown and what git writes can differ, so every
-        disagreement is refused rather than resolved."""
-        h = fp.headers
-        # the box runs `git diff -M`, which never writes a copy: a copy is hand-made, and
-        # its source's content would be written without being shown
-        if "copy_from" in h or "copy_to" in h:
-            raise refuse("a copy (the box's `git diff` never writes one)")
-        if ("rename_from" in h) != ("rename_to" in h) or ("old_mode" in h) != ("new_mode" in h):
-            raise refuse(f"a half-said rename or mode change in {fp.lines[0][:100]!r}")
-        old, new = self.names(fp, labels)
-        # mode 160000 is a gitlink: applying it moves a submodule to a commit no preview shows
-        index_mode = INDEX_RE.fullmatch(h.get("index", b""))
-        if (any(h.get(k) == b"160000" for k in ("old_mode", "new_mode", "deleted_mode", "new_file_mode"))
-                or (index_mode and index_mode.group(3) == b"160000")):
-            raise refuse(f"a submodule (gitlink) change to {_dec(new)!r}: Patchwire applies files, links and "
-                         "modes only; update the submodule yourself (git submodule update)")
-        for key in ("old_mode", "new_mode", "deleted_mode", "new_file_mode"):
-            if key in h and h[key].decode("ascii", "replace") not in GIT_MODES:
-                raise refuse(f"a file mode Patchwire does not apply ({h[key][:20]!r}): "
-                             "only files, executables and symlinks")
-        # git writes at most one of new/deleted/renamed/mode-changed per section; with two,
-        # which one git apply obeys depends on its reading order, not on the preview
-        if ("new_file_mode" in h and ("deleted_mode" in h or "rename_from" in h or "old_mode" in h)
-                or "deleted_mode" in h and ("rename_from" in h or "old_mode" in h)):
-            raise refuse(f"contradicting header lines in {fp.lines[0][:100]!r}")
-        fp.old_path, fp.path = check_patch_path(_dec(old)), check_patch_path(_dec(new))
-        self.modes(fp)
-        if "new_file_mode" in h:
-            fp.kind = "new"
-        elif "deleted_mode" in h:
-            fp.kind = "deleted"
-        elif "rename_from" in h:
-            fp.kind = "renamed"
-        elif "old_mode" in h:
-            fp.kind = "mode changed"
-        # without the extended lines git apply takes "new" and "deleted" from ---/+++ /dev/null
-        if labels and ((labels[0] == b"/dev/null") != (fp.kind == "new")
-                       or (labels[1] == b"/dev/null") != (fp.kind == "deleted")):
-            raise refuse(f"a new or deleted file whose ---/+++ lines say otherwise: {fp.path!r}")
-        if fp.new_mode == "120000" and fp.kind != "deleted":
-            self.link(fp)
-
-    def names(self, fp: FilePatch, labels: Optional[Tuple[bytes, bytes]]) -> Tuple[bytes, bytes]:
-        """(old, new) name; the header, rename lines and ---/+++ lines must say the same."""
-        h = fp.headers
-        old = new = None
-        if "rename_from" in h:
-            old, new = read_name(h["rename_from"]), read_name(h["rename_to"])
-        if labels:
-            a, b = (self.label_name(label, prefix) for label, prefix in zip(labels, (b"a/", b"b/")))
-            if a is None and b is None:
-                raise refuse("a section whose ---/+++ lines both say /dev/null")
-            a, b = a if a is not None else b, b if b is not None else a
-            if old is not None and (a, b) != (old, new):
-                raise refuse(f"---/+++ lines that name other files than the rename lines: {a!r}, {b!r}")
-            if old is None and a != b:
-                raise refuse(f"---/+++ lines that name two files, {a!r} and {b!r}")
-            old, new = a, b
-        header = fp.lines[0][len(b"diff --git "):-1]
-        if old is None:  # no rename, no hunks: "a/X b/X", said the same twice
-            old = new = self.header_name(header)
-        if header not in {x + b" " + y for x in spellings(b"a/" + old) for y in spellings(b"b/" + new)}:
-            raise refuse(f"a `diff --git` line that names other files than the lines after it: {header[:100]!r}")
-        return old, new
-
-    @staticmethod
-    def label_name(label: bytes, prefix: bytes) -> Optional[bytes]:
-        if label == b"/dev/null":
-            return None
-        if label.endswith(b"\t"):  # git adds a tab after a name with a space in it
-            label = label[:-1]
-            if b" " not in label:
-                raise refuse(f"a tab after a name git would not add: {label[:100]!r}")
-        elif b" " in label:
-            raise refuse(f"a name with a space but without git's tab after it: {label[:100]!r}")
-        name = read_name(label)
-        if not name.startswith(prefix):
-            raise refuse(f"a name without git's {prefix.decode()} prefix: {label[:100]!r}")
-        return name[len(prefix):]
-
-    @staticmethod
-    def header_name(header: bytes) -> bytes:
-        if header.startswith(b'"'):
-            end = _closing_quote(header)
-            name = read_name(header[:end + 1]) if end > 0 else b""
-        else:
-            name = header[:(len(header) - 1) // 2] if len(header) % 2 else b""
-        if not name.startswith(b"a/"):
-            raise refuse(f"a `diff --git` line Patchwire cannot read: {header[:100]!r}")
-        return name[2:]
-
-    def modes(self, fp: FilePatch) -> None:
-        h = fp.headers
-        index_mode = None
-        if "index" in h:
-            m = INDEX_RE.fullmatch(h["index"])
-            if not m or (m.group(3) and m.group(3).decode() not in GIT_MODES):
-                raise refuse(f"a malformed index line: {h['index'][:100]!r}")
-            index_mode = m.group(3).decode() if m.group(3) else None
-            if index_mode and any(k in h for k in ("old_mode", "new_mode", "deleted_mode", "new_file_mode")):
-                # git writes a mode on the index line only for an unchanged one; `git apply`
-                # would let it override "new file mode 100644" and make the file executable
-                raise refuse(f"an index line whose mode contradicts the mode lines: {h['index'][:100]!r}")
-        fp.old_mode = _mode(h, "deleted_mode") or _mode(h, "old_mode") or index_mode
-        fp.new_mode = _mode(h, "new_file_mode") or _mode(h, "new_mode") or index_mode
-        if "old_mode" in h and (fp.old_mode == fp.new_mode or "120000" in (fp.old_mode, fp.new_mode)):
-            raise refuse(f"a change of {fp.path!r} between a file and a symlink in place "
-                         "(git diff writes a deletion and a new file)")
-
-    @staticmethod
-    def link(fp: FilePatch) -> None:
-        content = fp.whole_new_content()
-        if content is None:
-            raise refuse(f"a symlink change whose whole new target is not in the patch: {fp.path!r}")
-        fp.link_target = _dec(content)
-        problem = link_target_problem(fp.path, fp.link_target)
-        if problem:
-            raise refuse(f"a symlink {fp.path!r} -> {fp.link_target!r} with {problem}")
-
-
-def _closing_quote(token: bytes) -> int:
-    """Index of the quote that ends the quoted name `token` starts with (-1: none)."""
-    i = 1
-    while i < len(token):
-        if token[i:i + 1] == b"\\":
-            i += 2
-        elif token[i:i + 1] == b'"':
-            return i
-        else:
-            i += 1
-    return -1
-
-
-def is_type_change(first: FilePatch, second: FilePatch) -> bool:
-    """git writes a file that became a symlink (or back) as a deletion, then a new file."""
-    return ((first.kind, second.kind) == ("deleted", "new") and first.path == second.path
-            and "120000" in (first.old_mode, second.new_mode))
-
-
-def is_case_only_move(first: FilePatch, second: FilePatch) -> bool:
-    """A rename that changes only case (r.md -> R.md): git writes it as a deletion, then a new
-    file, whose paths fold to one on a case-insensitive disk. The deletion comes first, so
-    on such a disk the old name is gone before the new one is written."""
-    return ((first.kind, second.kind) == ("deleted", "new") and first.path != second.path
-            and folded_path(first.path) == folded_path(second.path))
-
-
-def no_newline_problem(lines: List[bytes]) -> Optional[str]:
-    """Where git writes `\\ No newline at end of file`: after the last line of the old side
-    (a `-` or context line), of the new side (a `+` or context line), or both. Anywhere else
-    `git apply` joins the line before it with the next one (an added check vanishes into a
-    comment), so the preview would show two lines where the file gets one."""
-    for i, line in enumerate(lines):
-        if not line.startswith(b"\\"):
-            continue
-        sign = b" " if lines[i - 1] == b"\n" else lines[i - 1][:1]
-        later = {b" " if l == b"\n" else l[:1] for l in lines[i + 1:] if not l.startswith(b"\\")}
-        side = {b" ": {b" ", b"-", b"+"}, b"-": {b" ", b"-"}, b"+": {b" ", b"+"}}[sign]
-        if later & side:
-            return f"after a {sign.decode()!r} line that is not the last of its side"
-    return None
-
-
-def _mode(headers: Dict[str, bytes], key: str) -> Optional[str]:
-    return headers[key].decode() if key in headers else None
-
-
-def patch_lines(data: bytes) -> List[bytes]:
-    """Lines ending in LF, and only LF: a lone CR is part of a line's content."""
-    lines = [line + b"\n" for line in data.split(b"\n")]
-    lines[-1] = lines[-1][:-1]
-    return lines if lines[-1] else lines[:-1]
-
-
-def split_patch(patch: bytes) -> List[FilePatch]:
-    """The patch's files, or PatchRefused: the one reader of patches on the laptop."""
-    return PatchParser(patch).files()
-
-
-# --- what deserves a second look
-
-# Files that run code or configure tools without anyone asking: a change to them acts at the
-# next build, `git checkout`, `cd`, editor start, install, CI run or AI run, long after the
-# review. By category, each with the reason the preview shows (README: Look closely). This
-# tool's users build Flutter, Android and iOS apps: a Gradle wrapper's distributionUrl is a
-# program the next `./gradlew` downloads and runs, an Xcode project's build phases are shell
-# scripts, a Dart build hook runs at every build.
-WRAPPER = "build wrapper or its download"
-BUILD = "build script or hook"
-CI = "CI"
-CONTAINER = "container"
-TOOL = "editor or tool configuration"
-AI_AGENT = "AI agent configuration"
-_SELF_RUNNING_TABLE = (
-    (WRAPPER, r"(^|/)gradle-wrapper\.properties$", "its distributionUrl is a Gradle the next build downloads and runs"),
-    (WRAPPER, r"(^|/)(gradle|maven)-wrapper\.jar$", "runs at the next ./gradlew or ./mvnw"),
-    (WRAPPER, r"(^|/)(gradlew|gradlew\.bat|mvnw|mvnw\.cmd)$", "the script every build through the wrapper runs"),
-    (WRAPPER, r"(^|/)\.mvn/", "Maven wrapper and extensions: downloaded and run by the next Maven build"),
-    (WRAPPER, r"(^|/)\.yarn/(releases|plugins)/", "the Yarn code every yarn command runs"),
-    (WRAPPER, r"(^|/)\.yarnrc\.yml$", "yarnPath names the Yarn that runs; also the registry and install scripts"),
-    (WRAPPER, r"(^|/)\.pnp\.c?js$", "Yarn's loader, run by node in this project"),
-    (WRAPPER, r"(^|/)(rust-toolchain(\.toml)?|\.tool-versions|\.?mise\.toml|\.fvmrc|\.fvm/fvm_config\.json)$",
-     "names a toolchain that is downloaded and run"),
-    (BUILD, r"(^|/)(GNUmakefile|makefile|[^/]+\.mk)$", "make runs its recipes"),
-    (BUILD, r"(^|/)(CMakeLists\.txt|[^/]+\.cmake|meson\.build)$", "runs at configure time"),
-    (BUILD, r"(^|/)[^/]+\.gradle(\.kts)?$", "Gradle runs it at every build"),
-    (BUILD, r"(^|/)gradle\.properties$", "sets the JVM options and settings of every Gradle build"),
-    (BUILD, r"(^|/)package\.json$", "npm scripts and dependencies run on install"),
-    (BUILD, r"(^|/)(Podfile|[^/]+\.podspec)$", "CocoaPods runs it at pod install"),
-    (BUILD, r"\.xcodeproj/project\.pbxproj$", "Xcode project: its build phases run shell scripts"),
-    (BUILD, r"\.xcscheme$", "Xcode scheme: its pre- and post-actions run scripts"),
-    (BUILD, r"(^|/)pubspec\.yaml$", "Dart and Flutter dependencies, whose build hooks run"),
-    (BUILD, r"(^|/)pubspec_overrides\.yaml$", "replaces Dart dependencies with any path or git source"),
-    (BUILD, r"(^|/)hook/(build|link)\.dart$", "a Dart build hook: runs at every build"),
-    (BUILD, r"(^|/)build\.yaml$", "build_runner builders run at code generation"),
-    (BUILD, r"(^|/)(setup\.py|setup\.cfg|conftest\.py|pyproject\.toml|noxfile\.py|tox\.ini)$",
-     "Python build or test configuration: runs at install or test time"),
-    (BUILD, r"(^|/)(Gemfile|Rakefile|[^/]+\.gemspec|Fastfile)$", "Ruby that bundler, rake or fastlane runs"),
-    (BUILD, r"(^|/)(build\.rs|Cargo\.toml)$", "Cargo runs it, or its dependencies' build scripts"),
-    (BUILD, r"(^|/)\.cargo/config(\.toml)?$", "sets Cargo's runner, linker and rustc wrapper: programs every build runs"),
-    (BUILD, r"(^|/)(Taskfile\.ya?ml|justfile|\.justfile|Jakefile(\.js)?|Gruntfile\.[cm]?[jt]s|gulpfile\.[cm]?[jt]s|"
-            r"Earthfile|Tiltfile|magefile\.go|Procfile)$", "a task runner's tasks"),
-    (BUILD, r"(^|/)(flake\.nix|shell\.nix|default\.nix|devenv\.nix)$", "Nix runs it when the shell or build starts"),
-    (BUILD, r"(^|/)\.gitattributes$", "sets git filters and diff drivers"),
-    (BUILD, r"(^|/)\.gitmodules$", "adds or moves git submodules"),
-    (BUILD, r"(^|/)\.envrc$", "runs when you cd here (direnv)"),
-    (BUILD, r"(^|/)\.husky/", "git hooks (husky)"),
-    (BUILD, r"(^|/)(\.pre-commit-config\.yaml|\.?lefthook\.ya?ml)$", "git hooks (pre-commit, lefthook)"),
-    (CI, r"^\.github/workflows/", "CI workflow (runs with the repository's secrets)"),
-    (CI, r"^\.github/actions/|(^|/)action\.ya?ml$", "a CI action that workflows run (with the repository's secrets)"),
-    (CI, r"(^|/)\.gitlab-ci\.ya?ml$|^\.gitlab/", "GitLab CI (runs with the project's secrets)"),
-    (CI, r"^\.circleci/", "CircleCI (runs with the project's secrets)"),
-    (CI, r"(^|/)bitbucket-pipelines\.ya?ml$", "Bitbucket Pipelines (runs with the repository's secrets)"),
-    (CI, r"(^|/)azure-pipelines\.ya?ml$|^\.?azure-pipelines/|^\.azure/", "Azure Pipelines (runs with the project's secrets)"),
-    (CI, r"(^|/)Jenkinsfile$", "Jenkins pipeline (runs with its credentials)"),
-    (CI, r"(^|/)(\.travis\.yml|\.drone\.ya?ml|appveyor\.ya?ml|\.woodpecker\.ya?ml|codemagic\.ya?ml|bitrise\.ya?ml|"
-         r"cloudbuild\.ya?ml)$|^\.(buildkite|woodpecker)/", "CI configuration (runs with the project's secrets)"),
-    (CONTAINER, r"(^|/)(Dockerfile|Containerfile)([.-][^/]*)?$|\.[Dd]ockerfile$",
-     "its RUN lines run at the next image build"),
-    (CONTAINER, r"(^|/)(docker-)?compose([.-][^/]*)?\.ya?ml$", "the containers, mounts and commands compose starts"),
-    (CONTAINER, r"(^|/)\.devcontainer/|(^|/)\.devcontainer\.json$", "dev container commands run when the editor opens it"),
-    (TOOL, r"(^|/)\.vscode/", "editor tasks and settings run by themselves"),
-    (TOOL, r"\.code-workspace$", "a VS Code workspace: its settings and tasks apply when it is opened"),
-    (TOOL, r"(^|/)\.idea/", "editor run configurations"),
-    (TOOL, r"(^|/)(\.nvim\.lua|\.nvimrc|\.exrc|\.lvimrc)$|\.sublime-project$", "the editor runs it when it opens here"),
-    (TOOL, r"(^|/)\.(npmrc|yarnrc|bunfig\.toml)$|(^|/)(bunfig\.toml|pip\.conf|\.bundle/config)$",
-     "sets the package registry and install scripts"),
-    (AI_AGENT, r"(^|/)\.claude/|(^|/)\.mcp\.json$", "Claude Code settings, hooks and MCP servers: programs the AI's tools start"),
-    (AI_AGENT, r"(^|/)(CLAUDE(\.local)?\.md|AGENTS\.md|GEMINI\.md|\.cursorrules|\.windsurfrules|\.clinerules)$"
-            r"|^\.github/copilot-instructions\.md$", "instructions the next AI run follows"),
-    (AI_AGENT, r"(^|/)\.(cursor|gemini|codex|continue|roo|windsurf|aider[^/]*)(/|$)", "AI tool settings and hooks"),
-)
-SELF_RUNNING = tuple((re.compile(pattern, re.I), category, why) for category, pattern, why in _SELF_RUNNING_TABLE)
-MANY_DELETIONS = 3
-# A name that looks like another: invisible characters and direction overrides (Trojan Source).
-DECEPTIVE_NAME = re.compile(f"[{_INVISIBLE}]")
-# Letters of other scripts drawn like Latin ones (Unicode's confusables for the common ones):
-# `src/аpp.py` with a Cyrillic а sits beside `src/app.py` and reads the same.
-_LOOKALIKES = str.maketrans("аеіјорсѕухԁԛԝһӏАВЕІЈКМНОРСЅТХУαβεικνορτυχΑΒΕΗΙΚΜΝΟΡΤΥΧΖօոսՏ",
-                            "aeijopcsyxdqwhlABEIJKMHOPCSTXYaBeikvoptuxABEHIKMNOPTYXZonuS")
-_LATIN_LOOKING = ("CYRILLIC", "GREEK", "ARMENIAN", "CHEROKEE", "COPTIC", "LISU")
-
-
-def name_problem(path: str) -> Optional[str]:
-    """Why `path` may be mistaken for another name, or None."""
-    if DECEPTIVE_NAME.search(path):
-        return "its name holds invisible or direction-changing characters"
-    if unicodedata.normalize("NFKC", path) != unicodedata.normalize("NFC", path):
-        return (f"its name has letters in another form (fullwidth, mathematical) and reads as "
-                f"{unicodedata.normalize('NFKC', path)}")
-    looks_like = unicodedata.normalize("NFKC", path.translate(_LOOKALIKES))
-    if looks_like != path and looks_like.isascii():
-        return f"its name has letters of another script that look Latin: it reads as {looks_like}"
-    for word in re.findall(r"[^\W\d_]+", path):  # runs of letters: `файл.py` is a Russian name, not a mix
-        scripts = {unicodedata.name(c, "?").split(" ")[0] for c in word}
-        if "LATIN" in scripts and scripts & set(_LATIN_LOOKING):
-            return f"its name mixes Latin and {' and '.join(sorted(scripts & set(_LATIN_LOOKING))).title()} letters"
-    return None
-
-
-def look_closely(files: Sequence[FilePatch]) -> List[dict]:
-    """[{path, category, reason}] for the changes a reader should not skim past."""
-    out = []
-    for f in files:
-        if f.link_target is not None:
-            out.append({"path": f.path, "category": "symlink",
-                        "reason": ("new symlink -> " if f.kind == "new" else "symlink now -> ") + f.link_target})
-        elif f.new_mode == "100755" and (f.kind == "new" or f.old_mode not in (None, "100755")):
-            out.append({"path": f.path, "category": "executable",
-                        "reason": "new executable file" if f.kind == "new" else "becomes executable"})
-        if f.kind != "deleted":
-            found = next(((category, why) for pattern, category, why in SELF_RUNNING if pattern.search(f.path)), None)
-            if found:
-                out.append({"path": f.path, "category": found[0], "reason": found[1]})
-            problem = name_problem(f.path)
-            if problem:
-                out.append({"path": f.path, "category": "lookalike name", "reason": problem})
-    deleted = [f.path for f in files if f.kind == "deleted"]
-    if len(deleted) > MANY_DELETIONS:
-        common = os.path.commonpath(deleted) if len({p.split("/")[0] for p in deleted}) == 1 else "."
-        out.append({"path": common, "category": "deletions", "reason": f"deletes {len(deleted)} files"})
-    return out
-
-
-def render_look_closely(files: Sequence[FilePatch], style: Style) -> List[str]:
-    notes = look_closely(files)
-    if not notes:
-        return []
-    return [style("yellow", "Look closely:")] + [
-        "  " + style("yellow", sanitize(n["path"])) + ": " + sanitize(n["reason"]) + style("dim", f"  [{n['category']}]")
-        for n in notes] + [""]
-
-
-def render_summary(files: Sequence[FilePatch], style: Style) -> List[str]:
-    shown = [sanitize(f.path) for f in files]
-    width = max((len(p) for p in shown), default=0)
-    out = []
-    for f, path in zip(files, shown):
-        change = "binary" if f.binary else (style("green", f"+{f.added}") + " " + style("red", f"-{f.removed}"))
-        out.append(f"  {path.ljust(width)}  {f.label:<12} {change}")
-    added = sum(f.added for f in files)
-    removed = sum(f.removed for f in files)
-    out.append(style("bold", f"  {len(files)} file(s) changed, +{added} -{removed}"))
-    return out
-
-
-def render_diff(files: Sequence[FilePatch], style: Style) -> List[str]:
-    return list(diff_lines(files, style))
-
-
-def diff_lines(files: Sequence[FilePatch], style: Style) -> Iterator[str]:
-    """The preview's diff, a line at a time as it is rendered (page() shows the first
-    screenful before the rest is rendered)."""
-    for f in files:
-        lines = [sanitize(l.decode("utf-8", "replace").rstrip("\n")) for l in f.lines]
-        body = f.body_start or len(lines)
-        yield from (style("bold", line) for line in lines[:body])
-        i = body
-        while i < len(lines):
-            line = lines[i]
-            if line.startswith("@@"):  # the heading after `@@ ... @@` is the box's words: not shown
-                yield style("cyan", line[:line.find("@@", 2) + 2])
-            elif line.startswith("-"):
-                minus = _run_of(lines, i, "-")
-                plus = _run_of(lines, i + len(minus), "+")
-                yield from _highlight_pair(minus, plus, style)
-                i += len(minus) + len(plus)
-                continue
-            elif line.startswith("+"):
-                yield style("green", line)
-            else:
-                yield line
-            i += 1
-
-
-def _run_of(lines: List[str], start: int, sign: str) -> List[str]:
-    run_ = []
-    while start < len(lines) and lines[start].startswith(sign):
-        run_.append(lines[start])
-        start += 1
-    return run_
-
-
-# difflib costs ~100 µs a pair of ordinary lines and grows with the square of a line's length:
-# a 10,000-line rewrite took 0.9 s to colour (7 ms uncoloured). So difflib judges only the
-# first pairs of each run and short lines; past that, a pair is highlighted by its common
-# prefix and suffix (what git's contrib diff-highlight does), linear in the line's length.
-DIFFLIB_PAIRS_PER_RUN = 16
-DIFFLIB_MAX_LINE = 400
-
-
-def _highlight_pair(minus: List[str], plus: List[str], style: Style) -> List[str]:
-    """Removed and added lines, with the changed characters highlighted when the two runs
-    pair up line by line (difflib decides what changed within each pair, within a budget)."""
-    if not style.enabled or len(minus) != len(plus):
-        return [style("red", l) for l in minus] + [style("green", l) for l in plus]
-    old_out, new_out = [], []
-    for k, (old, new) in enumerate(zip(minus, plus)):
-        a, b = old[1:], new[1:]
-        if k >= DIFFLIB_PAIRS_PER_RUN or max(len(a), len(b)) > DIFFLIB_MAX_LINE:
-            old_line, new_line = _highlight_ends(a, b, style)
-            old_out.append(old_line)
-            new_out.append(new_line)
-            continue
-        matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
-        if matcher.ratio() < 0.4:
-            old_out.append(style("red", old))
-            new_out.append(style("green", new))
-            continue
-        o, n = [style("red", "-")], [style("green", "+")]
-        for op, a1, a2, b1, b2 in matcher.get_opcodes():
-            if op == "equal":
-                o.append(style("red", a[a1:a2]))
-                n.append(style("green", b[b1:b2]))
-            else:
-                o.append(style("red_bg", a[a1:a2]))
-                n.append(style("green_bg", b[b1:b2]))
-        old_out.append("".join(o))
-        new_out.append("".join(n))
-    return old_out + new_out
-
-
-def _highlight_ends(a: str, b: str, style: Style) -> Tuple[str, str]:
-    """One removed/added pair (signs stripped) with the middle between their common prefix
-    and suffix highlighted; unhighlighted when less than 40% of the longer line is shared."""
-    pre = len(os.path.commonprefix([a, b]))
-    suf = len(os.path.commonprefix([a[pre:][::-1], b[pre:][::-1]]))
-    if pre + suf < 0.4 * max(len(a), len(b), 1):
-        return style("red", "-" + a), style("green", "+" + b)
-    ea, eb = len(a) - suf, len(b) - suf
-    o = style("red", "-" + a[:pre]) + style("red_bg", a[pre:ea]) + style("red", a[ea:])
-    n = style("green", "+" + b[:pre]) + style("green_bg", b[pre:eb]) + style("green", b[eb:])
-    return o, n
-
-
-def page(lines: Iterable[str]) -> None:
-    """Print, through a pager when stdout is a terminal and the text is taller than it. Only
-    the first screenful is rendered before anything shows; the rest streams to the pager
-    as it is rendered (and stops being rendered when the reader quits it)."""
-    rest = iter(lines)
-    height = shutil.get_terminal_size((80, 24)).lines
-    head = list(itertools.islice(rest, max(height - 1, 1)))
-    pager = os.environ.get("PAGER") or "less -R"
-    if sys.stdout.isatty() and len(head) > height - 2 and pager and shutil.which(shlex.split(pager)[0]):
-        try:
-            proc = spawn(shlex.split(pager), cwd=Path.cwd(), terminal=True,
-                         env={**os.environ, "LESS": os.environ.get("LESS", "FRX")})
-        except OSError:
-            proc = None
-        if proc is not None:
-            feed_pager(proc, itertools.chain(head, rest))
-            return
-    for chunk in batched(itertools.chain(head, rest), 1000):
-        sys.stdout.write("\n".join(chunk) + "\n")
-    sys.stdout.flush()
-
-
-def feed_pager(proc: subprocess.Popen, lines: Iterator[str]) -> None:
-    """Write `lines` to the pager in batches, then wait for the reader to quit it (no time
-    limit: they read at their own pace). A reader who quits early ends the writing."""
-    assert proc.stdin is not None
-    try:
-        for chunk in batched(lines, 1000):
-            proc.stdin.write(("\n".join(chunk) + "\n").encode("utf-8", "replace"))
-        proc.stdin.close()
-    except (BrokenPipeError, OSError):
-        pass
-    finally:
-        with contextlib.suppress(BrokenPipeError, OSError):
-            proc.stdin.close()
-        proc.wait()
-
-
-def batched(items: Iterable[str], size: int) -> Iterator[List[str]]:
-    it = iter(items)
-    while True:
-        chunk = list(itertools.islice(it, size))
-        if not chunk:
-            return
-        yield chunk
-
-
-# ================================================================== choosing what to apply
-
-HUNK_RE = re.compile(rb"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@(.*)$", re.S)
-
-
-class Hunk:
-    """One @@ hunk; its changes grouped into runs separated by context, so a hunk can be
-    split ('s') and applied in part: an unchosen group turns back into context."""
-
-    def __init__(self, header: bytes, lines: List[bytes]):
-        m = HUNK_RE.match(header)
-        if not m:
-            raise PatchError(f"malformed hunk header: {header[:80]!r}")
-        self.old_start = int(m.group(1))
-        self.tail = m.group(5)
-        self.lines = lines
-        self.group_of: List[Optional[int]] = []
-        group, in_change = -1, False
-        for line in lines:
-            if line.startswith((b"-", b"+")):
-                if not in_change:
-                    group, in_change = group + 1, True
-                self.group_of.append(group)
-            elif line.startswith(b"\\"):
-                self.group_of.append(self.group_of[-1] if self.group_of else None)
-            else:
-                in_change = False
-                self.group_of.append(None)
-        self.groups = group + 1
-
-    def render(self, chosen: Iterable[int], delta: int) -> Tuple[Optional[bytes], int]:
-        """(hunk bytes, change in line count) keeping only the chosen groups."""
-        chosen = set(chosen)
-        if not chosen:
-            return None, 0
-        out, old, new, dropped = [], 0, 0, False
-        for line, group in zip(self.lines, self.group_of):
-            if line.startswith(b"\\"):
-                if not dropped:
-                    out.append(line)
-                continue
-            dropped = False
-            if group is None or group in chosen:
-                out.append(line)
-                old += not line.startswith(b"+")
-                new += not line.startswith(b"-")
-            elif line.startswith(b"-"):
-                out.append(b" " + line[1:])
-                old, new = old + 1, new + 1
-            else:
-                dropped = True
-        header = b"@@ -%d,%d +%d,%d @@%s" % (self.old_start, old, max(self.old_start + delta, 0 if new == 0 else 1),
-                                            new, self.tail)
-        return header + b"".join(out), new - old
-
-    def group_text(self, group: Optional[int] = None) -> List[bytes]:
-        """The hunk's lines, or one group with the context around it."""
-        if group is None:
-            return self.lines
-        idx = [i for i, g in enumerate(self.group_of) if g == group]
-        lo, hi = idx[0], idx[-1] + 1
-        while lo > 0 and self.group_of[lo - 1] is None:
-            lo -= 1
-        while hi < len(self.lines) and self.group_of[hi] is None:
-            hi += 1
-        return self.lines[lo:hi]
-
-
-def parse_hunks(fp: "FilePatch") -> Tuple[List[bytes], List[Hunk]]:
-    """(header lines, hunks) of a text file's patch; binary patches have no hunks."""
-    header: List[bytes] = []
-    hunks: List[Hunk] = []
-    current: Optional[Tuple[bytes, List[bytes]]] = None
-    for line in fp.lines:
-        if line.startswith(b"@@ "):
-            if current:
-                hunks.append(Hunk(*current))
-            current = (line, [])
-        elif current:
-            current[1].append(line)
-        else:
-            header.append(line)
-    if current:
-        hunks.append(Hunk(*current))
-    return header, hunks
-
-
-class Selection:
-    """What to take from a patch: whole files, or chosen groups of chosen hunks."""
-
-    def __init__(self, files: Sequence["FilePatch"]):
-        self.files = list(files)
-        self.parsed = {id(f): parse_hunks(f) for f in files}
-        self.chosen: Dict[int, Dict[int, set]] = {}  # file index -> hunk index -> groups
-
-    def take_file(self, i: int) -> None:
-        _, hunks = self.parsed[id(self.files[i])]
-        self.chosen[i] = {h: set(range(hunk.groups)) for h, hunk in enumerate(hunks)}
-
-    def render(self) -> bytes:
-        out = []
-        for i, fp in enumerate(self.files):
-            if i not in self.chosen:
-                continue
-            header, hunks = self.parsed[id(fp)]
-            if not hunks:  # binary, pure rename, mode change, empty new file
-                out.append(fp.bytes)
-                continue
-            body, delta = [], 0
-            for h, hunk in enumerate(hunks):
-                data, change = hunk.render(self.chosen[i].get(h, ()), delta)
-                if data:
-                    body.append(data)
-                    delta += change
-            if body:
-                out.append(b"".join(header) + b"".join(body))
-        return b"".join(out)
-
-
-def select_paths(files: Sequence["FilePatch"], only: Sequence[str], exclude: Sequence[str]) -> Selection:
-    """--only / --exclude: shell patterns or folders, matched against old and new paths."""
-    def hit(fp: FilePatch, patterns: Sequence[str]) -> bool:
-        return any(fnmatch.fnmatchcase(p, pat) or p.startswith(pat.rstrip("/") + "/") or p == pat
-                   for p in {fp.path, fp.old_path} for pat in patterns)
-    sel = Selection(files)
-    for i, fp in enumerate(files):
-        if (not only or hit(fp, only)) and not hit(fp, exclude):
-            sel.take_file(i)
-    return sel
-
-
-HUNK_HELP = """y - apply this hunk     n - skip this hunk     q - quit; apply what was chosen so far
-a - this and all later hunks of the file      d - none of the later hunks of the file
-s - split this hunk into smaller ones         ? - this help"""
-
-
-class Chooser:
-    """`git add -p`-style questions on stderr, answers as lines on stdin."""
-
-    def __init__(self, files: Sequence["FilePatch"], style: Style):
-        self.sel = Selection(files)
-        self.style = style
-
-    def ask(self, question: str, allowed: str) -> str:
-        while True:
-            sys.stderr.write(self.style("bold", f"{question} [{','.join(allowed)},?]? "))
-            sys.stderr.flush()
-            answer = sys.stdin.readline()
-            if not answer:
-                return "q"
-            answer = answer.strip().lower()[:1]
-            if answer in allowed:
-                return answer
-            say(HUNK_HELP)
-
-    def run(self) -> Selection:
-        for i, fp in enumerate(self.sel.files):
-            if self._file(i, fp) == "q":
-                break
-        return self.sel
-
-    def _file(self, i: int, fp: "FilePatch") -> str:
-        header, hunks = self.sel.parsed[id(fp)]
-        name = fp.path if fp.old_path == fp.path else f"{fp.old_path} -> {fp.path}"
-        say(self.style("bold", f"--- {sanitize(name)} ({fp.label}{', binary' if fp.binary else ''})"))
-        for note in look_closely([fp]):
-            say(self.style("yellow", "    look closely: " + sanitize(note["reason"])))
-        if fp.kind == "new":  # what a new file holds is shown before the question about it
-            if fp.binary:
-                say("    (binary content, not shown)")
-            for hunk in hunks:
-                self._show(hunk.lines)
-        if not hunks or fp.kind in ("new", "deleted"):
-            answer = self.ask(f"Apply this whole file ({fp.kind})", "ynq")
-            if answer == "y":
-                self.sel.take_file(i)
-            return answer
-        picked: Dict[int, set] = {}
-        self.sel.chosen[i] = picked
-        rest = None
-        for h, hunk in enumerate(hunks):
-            answer = rest or self._hunk(hunk, picked.setdefault(h, set()), h, len(hunks))
-            if answer in "ad":
-                rest = answer
-            if answer in ("y", "a"):
-                picked[h] = set(range(hunk.groups))
-            if answer == "q":
-                return "q"
-        return ""
-
-    def _hunk(self, hunk: Hunk, picked: set, h: int, count: int) -> str:
-        self._show(hunk.group_text())
-        answer = self.ask(f"Apply this hunk ({h + 1}/{count})", "ynadsq" if hunk.groups > 1 else "ynadq")
-        if answer != "s":
-            return answer
-        for g in range(hunk.groups):
-            self._show(hunk.group_text(g))
-            part = self.ask(f"Apply this part ({g + 1}/{hunk.groups})", "ynq")
-            if part == "y":
-                picked.add(g)
-            if part == "q":
-                return "q"
-        return "s"
-
-    def _show(self, lines: List[bytes]) -> None:
-        text = [sanitize(l.decode("utf-8", "replace").rstrip("\n")) for l in lines]
-        for line in text:
-            colour = {"+": "green", "-": "red"}.get(line[:1])
-            say(self.style(colour, line) if colour else line)
-
-
-# ================================================================== apply
-
-
-class Applier:
-    """Applies a patch to the project: plainly when the files still match what was synced
-    (`git apply --check`, then `git apply`: all or nothing); otherwise, in a git repository,
-    by 3-way merging each file against the synced version (ThreeWayMerge). What it overwrites
-    goes to the UndoLog first, for `patchwire apply --undo`. It asks nothing itself: whether
-    to write conflict markers is `keep_conflicts`'s decision ({path: merged bytes} -> keep?),
-    which the command passes in (ask_keep_conflicts; no decision: never).
-
-    The patch is vetted first (split_patch, then vet_on_disk): a refused patch changes
-    nothing. `protected` names more project paths no patch may touch (a token file)."""
-
-    def __init__(self, project: Project, style: Style, protected: Sequence[str] = (), job: str = "",
-                 keep_conflicts: Optional[Callable[[Dict[str, Optional[bytes]]], bool]] = None):
-        self.project = project
-        self.git = project.git
-        self.style = style
-        self.protected = protected
-        self.job = job  # named in hints
-        self.keep_conflicts = keep_conflicts or (lambda conflicted: False)
-        self.merger = ThreeWayMerge(project)
-        self.undo_log = UndoLog(project)
-        self.aside: List[dict] = []  # undo entries of the files in the way, moved out
-        self.files: List[FilePatch] = []  # what apply() applied, as read
-
-    def apply(self, patch: bytes, base_tree: Optional[str], overwrite: Optional[Dict[str, str]] = None,
-              read: Optional[List[FilePatch]] = None) -> dict:
-        """`overwrite`: the decision on files in the way of a new file or a rename ({path:
-        sha256 of the bytes the user agreed to replace}, made by the caller before: this
-        code asks nothing); any other file in the way refuses the patch (check_destinations).
-        `read`: `patch` as the caller read and computed it already (Session.vet); the files
-        here are vetted again all the same (time may have passed since the preview).
-        On any failure the files set aside go back, byte for byte."""
-        files = vet_on_disk(self.project.root, read if read is not None else split_patch(patch), self.protected)
-        if read is None:
-            compute_results(self.project, files, base_tree, whole=False)
-        self.files = files
-        self.aside = self.set_aside(check_destinations(self.project, files, overwrite or {}, self.job))
-        try:
-            result = self.apply_vetted(patch, files, base_tree)
-        except BaseException:
-            self.undo_log.put_back(self.aside)
-            raise
-        result["replaced"] = [e["path"] for e in self.aside]
-        return result
-
-    def apply_vetted(self, patch: bytes, files: List[FilePatch], base_tree: Optional[str]) -> dict:
-        paths = touched_paths(files)
-        gone = removed_links(self.project.root, files)
-        check = self.git.run("apply", "--check", "--binary", "-", input=patch, check=False)
-        if check.returncode == 0:
-            before = self.saved(paths, gone)
-            exact = unchanged_since_sync(self.project, files, base_tree)
-            self.git("apply", "--binary", "-", input=patch)
-            self.check_written(files, exact, before)
-            return self.done(before, "plain", paths, [])
-        failure = describe_apply_failure(check.stderr)
-        if not self.project.is_git_repo:
-            raise PatchError("the patch does not apply to the files here; nothing was changed:\n"
-                             + failure, "3-way merging is not available outside a git repository: "
-                             "ask again on the current files")
-        if not base_tree:
-            raise PatchError("the patch does not apply to the files here, and this job was not asked "
-                             "from here, so there is no record of the files it was made from for a "
-                             "3-way merge; nothing was changed:\n" + failure,
-                             "ask again from this project (the box's word on what the job started "
-                             "from is never used)")
-        if not self.merger.have(base_tree):
-            raise PatchError("the patch does not apply and the synced version is not here for a "
-                             "3-way merge; nothing was changed:\n" + failure, "ask again")
-        merged = self.merger.merge(patch, base_tree, gone, {f.path: f.result for f in files
-                                                            if f.result is not None and f.kind != "deleted"})
-        check_merged_writes(self.project.root, merged)
-        conflicts = [path for path, (_, _, n) in merged.items() if n]
-        if conflicts and not self.keep_conflicts({p: merged[p][0] for p in conflicts}):
-            raise PatchError("the AI's change and yours overlap in " + ", ".join(map(sanitize, conflicts)) +
-                             "; nothing was changed",
-                             f"resolve by hand: `patchwire diff {self.job}` shows the AI's change; "
-                             f"or run `patchwire apply {self.job} --keep-conflicts` to get conflict markers")
-        before = self.saved(list(merged), gone)
-        self.write(merged, before)
-        return self.done(before, "3-way", list(merged), conflicts)
-
-    def set_aside(self, replaced: Sequence[InTheWay]) -> List[dict]:
-        """Move the files the user agreed to replace out of the way, their bytes in the store
-        first: `git apply` refuses a new file where one exists, and the 3-way merge would
-        take them for the user's side of an add/add conflict."""
-        saved = self.undo_log.save([w.path for w in replaced], set())
-        for w in replaced:
-            write_worktree(self.project.root, w.path, None, "")
-        return saved
-
-    def saved(self, paths: Sequence[str], gone: set) -> List[dict]:
-        """What each path holds now (UndoLog.save), a file set aside what it held before:
-        `apply --undo` puts those bytes back."""
-        aside = {e["path"]: e for e in self.aside}
-        return [aside.get(e["path"], e) for e in self.undo_log.save(paths, gone)]
-
-    def write(self, merged: Dict[str, Tuple[Optional[bytes], str, int]], before: List[dict]) -> None:
-        """All files or none: on any failure (or Ctrl-C) the files written so far go back.
-        Deletions go first, deepest first: a symlink the patch removes is gone before
-        anything is written where it was."""
-        written: List[str] = []
-        try:
-            for path in in_write_order(merged, lambda p: merged[p][0] is None):
-                data, mode, _ = merged[path]
-                written.append(path)
-                write_worktree(self.project.root, path, data, mode)
-        except (OSError, PatchwireError, KeyboardInterrupt) as e:
-            saved = {entry["path"]: entry for entry in before}
-            # the last one failed: write_worktree replaces atomically
-            self.undo_log.put_back([saved[path] for path in reversed(written[:-1])])
-            raise PatchError(f"could not write {sanitize(written[-1])}: {sanitize(str(e))}; the files "
-                             "written so far were put back, nothing was changed",
-                             "fix the cause and apply again")
-
-    def check_written(self, files: Sequence[FilePatch], exact: set, before: List[dict]) -> None:
-        """What `git apply` wrote to each file that was here as synced must be the result
-        computed beforehand (the one the preview showed); otherwise everything goes back."""
-        for fp in files:
-            if fp.path in exact and fp.result is not None and fp.kind != "deleted":
-                now = read_worktree(self.project.root, fp.path)
-                if now is None or now[0] != fp.result:
-                    self.undo_log.put_back(reversed(before))
-                    raise refuse(f"git wrote to {fp.path!r} something other than the change shown; "
-                                 "every file was put back")
-
-    def done(self, before: List[dict], how: str, paths: Sequence[str], conflicts: List[str]) -> dict:
-        self.undo_log.record(before)
-        return {"how": how, "files": list(paths), "conflicts": conflicts}
-
-    def undo(self) -> List[str]:
-        return self.undo_log.undo()
-
-
-# --- the 3-way merge
-
-
-class ThreeWayMerge:
-    """Merges a patch with the files here, file by file, against the synced version the job
-    started from (a sync record, whose blobs are in Patchwire's store since the sync):
-    computes the merged bytes and counts conflicts, and writes nothing in the project."""
-
-    def __init__(self, project: Project):
-        self.project = project
-        self.git = project.git
-
-    def have(self, tree: str) -> bool:
-        return self.git.has_tree(tree)
-
-    def merge(self, patch: bytes, base_tree: str, gone: set,
-              results: Optional[Dict[str, bytes]] = None) -> Dict[str, Tuple[Optional[bytes], str, int]]:
-        """{path: (new bytes or None for deleted, mode, conflicts)} for every touched path.
-        `gone`: symlinks here the patch deletes; what lies "beneath" them is not read.
-        `results`: the files as computed before the preview; the AI's side must be those."""
-        theirs_tree, stderr = self.git.tree_after_patch(base_tree, patch, self.project.private_dir / "merge.index")
-        if theirs_tree is None:
-            raise PatchError("the patch does not even apply to the synced version:\n" + describe_apply_failure(stderr))
-        for path, data in (results or {}).items():
-            if (self.project.recorded_file(theirs_tree, path) or (None, ""))[0] != data:
-                raise refuse(f"git's result for {path!r} on the synced files is not the change shown")
-        out: Dict[str, Tuple[Optional[bytes], str, int]] = {}
-        for status, old, new in diff_tree(self.git, base_tree, theirs_tree):
-            if status == "R":
-                out[old] = self.merge_one(old, base_tree, None, gone)
-                out[new] = self.merge_one(old, base_tree, (theirs_tree, new), gone, new)
-            else:
-                out[new] = self.merge_one(new, base_tree, (theirs_tree, new) if status != "D" else None, gone)
-        return out
-
-    def merge_one(self, path: str, base_tree: str, theirs: Optional[Tuple[str, str]], gone: set,
-                  dest: Optional[str] = None) -> Tuple[Optional[bytes], str, int]:
-        """One file: `path` in `base_tree`, the file here, and `theirs` ((tree, path) of the
-        AI's version, None when the AI deleted it), ending up at `dest`."""
-        base = self.project.recorded_file(base_tree, path)
-        other = self.project.recorded_file(*theirs) if theirs else None
-        dest = dest or path
-        ours = None if beneath(dest, gone) else read_worktree(self.project.root, path)
-        # the three-way rules git's own merge follows, file by file: one side unchanged takes
-        # the other; equal sides agree; a delete against a change, a link, a binary file or a
-        # mode changed on both sides is a conflict that keeps the user's version (counted as 1)
-        if ours == base:
-            return (other[0], other[1], 0) if other else (None, "", 0)
-        if other and ours and ours[0] == other[0] and ours[1] == other[1]:
-            return other[0], other[1], 0
-        if ours is None and other is None:  # deleted on both sides
-            return None, "", 0
-        if ours is None or other is None:  # deleted on one side, changed on the other
-            return (other or ours)[0], (other or ours)[1], 1
-        if "120000" in (ours[1], other[1], base[1] if base else ""):  # a link target is not merged
-            return ours[0], ours[1], 1
-        mode = other[1] if base and base[1] == ours[1] else ours[1]
-        # git's own test for binary: a NUL in the first 8000 bytes (xdiff's buffer_is_binary)
-        if b"\0" in (ours[0] + other[0] + (base[0] if base else b""))[:8000]:
-            return ours[0], mode, 1
-        merged, conflicts = self.merge_file(path, ours[0], base[0] if base else b"", other[0])
-        return merged, mode, conflicts
-
-    def merge_file(self, path: str, ours: bytes, base: bytes, theirs: bytes) -> Tuple[bytes, int]:
-        """(merged bytes, number of conflicts) of one text file, by `git merge-file`."""
-        folder = self.project.private_dir / "merge"
-        folder.mkdir(exist_ok=True)
-        files = []
-        for name, data in (("ours", ours), ("base", base), ("theirs", theirs)):
-            (folder / name).write_bytes(data)
-            files.append(str(folder / name))
-        # the user's merge.conflictStyle (diff3, zdiff3) still applies: the markers are theirs to resolve
-        proc = self.git.run("merge-file", "-p", "-L", f"{path} (yours)", "-L", f"{path} (synced)",
-                            "-L", f"{path} (AI)", *files, check=False)
-        if proc.returncode < 0 or proc.returncode > 127:
-            raise PatchError(f"git merge-file failed on {sanitize(path)}: "
-                             f"{sanitize(proc.stderr.decode(errors='replace'))}")
-        return proc.stdout, proc.returncode
-
-
-# --- the conflict question
-
-
-def ask_keep_conflicts(conflicted: Dict[str, Optional[bytes]], style: Style, keep: Optional[bool],
-                       answers=None) -> bool:
-    """Shows where the AI's change and the user's overlap ({path: merged bytes}) and whether
-    to write them with conflict markers: `keep` when the command line said, otherwise the
-    answer read from `answers` (stdin): "k" keeps, anything else or no input at all does not."""
-    say(style("yellow", f"{len(conflicted)} file(s) changed both here and by the AI, in the same place:"))
-    for path, data in conflicted.items():
-        say(f"  {sanitize(path)}")
-        for line in conflict_excerpt(data or b""):
-            say("    " + sanitize(line))
-    if keep is not None:
-        return keep
-    return confirm_word("Type k and Enter to apply with conflict markers to resolve; Enter alone "
-                        "leaves every file as it was.", "k", answers)
-
-
-# --- the undo log
-
-
-class UndoLog:
-    """What the last apply overwrote, so `patchwire apply --undo` can put it back: each
-    path's bytes before (a blob in Patchwire's store, none for a file that was not there)
-    and mode, and a digest of what the apply left, in the project's undo.json. Files are
-    read and written without following symlinks (read_worktree, write_worktree)."""
-
-    def __init__(self, project: Project):
-        self.root = project.root
-        self.git = project.git
-        self.path = project.state_file("undo.json")
-
-    def save(self, paths: Sequence[str], gone: set) -> List[dict]:
-        """What each path holds now (nothing, beneath a link the patch removes)."""
-        states = {path: None if beneath(path, gone) else read_worktree(self.root, path) for path in paths}
-        held = [path for path, state in states.items() if state]
-        blobs = dict(zip(held, self.git.write_blobs([states[p][0] for p in held])))  # type: ignore[index]
-        return [{"path": path, "blob": blobs.get(path), "mode": state[1] if state else None}
-                for path, state in states.items()]
-
-    def record(self, before: List[dict]) -> None:
-        """Keep `before` (from save) as the last apply, with what each path holds now."""
-        for entry in before:
-            now = read_worktree(self.root, entry["path"])
-            entry["after"] = hashlib.sha256(now[0]).hexdigest() if now else None
-            entry["after_mode"] = now[1] if now else None
-        self.path.write_text(json.dumps(before))
-
-    def put_back(self, entries: Iterable[dict]) -> None:
-        """Write saved entries back, in the order given."""
-        for entry in entries:
-            data = self.git("cat-file", "blob", entry["blob"]) if entry["blob"] else None
-            write_worktree(self.root, entry["path"], data, entry["mode"] or "")
-
-    def undo(self) -> List[str]:
-        """Put back what the last apply overwrote, unless a file changed since; its paths."""
-        try:
-            entries = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            raise UsageError("nothing to undo: no apply recorded in this project")
-        changed = []
-        for e in entries:
-            now = read_worktree(self.root, e["path"])
-            if ((hashlib.sha256(now[0]).hexdigest() if now else None) != e["after"]
-                    or (now[1] if now else None) != e["after_mode"]):
-                changed.append(e["path"])
-        if changed:
-            raise PatchError("cannot undo: these files changed since the apply: " + ", ".join(map(sanitize, changed)),
-                             "undo those edits first, or restore the files by hand")
-        by_path = {e["path"]: e for e in entries}
-        self.put_back(by_path[path] for path in in_write_order(by_path, lambda p: not by_path[p]["blob"]))
-        self.path.unlink()
-        return [e["path"] for e in entries]
-
-
-def touched_paths(files: Sequence["FilePatch"]) -> List[str]:
-    return list(dict.fromkeys(p for f in files for p in (f.old_path, f.path)))
-
-
-def in_write_order(paths: Iterable[str], is_removal) -> List[str]:
-    """Removals first, deepest first; then writes, shallowest first."""
-    paths = list(paths)
-    removals = sorted((p for p in paths if is_removal(p)), key=lambda p: -p.count("/"))
-    writes = sorted((p for p in paths if not is_removal(p)), key=lambda p: p.count("/"))
-    return removals + writes
-
-
-def diff_tree(git: Git, a: str, b: str) -> List[Tuple[str, str, str]]:
-    """(status letter, old path, new path) of every change between two trees."""
-    fields = git("diff-tree", "-r", "-M", "-z", "--name-status", a, b).split(b"\0")
-    out, i = [], 0
-    while i < len(fields) - 1:
-        status = fields[i].decode()[:1]
-        if status in "RC":
-            out.append((status, _dec(fields[i + 1]), _dec(fields[i + 2])))
-            i += 3
-        else:
-            out.append((status, _dec(fields[i + 1]), _dec(fields[i + 1])))
-            i += 2
-    return out
-
-
-# --- vetting a patch against the files here
-
-
-def vet_on_disk(root: Path, files: List["FilePatch"], protected: Sequence[str] = ()) -> List["FilePatch"]:
-    """The parsed patch again, or PatchRefused: no path lies beneath a symlink here (unless
-    the patch itself removes that link), no path is a protected one, and no symlink the
-    patch makes leads out of the project or into .git, even through links already here."""
-    gone = removed_links(root, files)
-    shielded = {folded_path(p) for p in protected}
-    links: Dict[str, str] = {}
-    for f in files:
-        for path in {f.old_path, f.path}:
-            if folded_path(path) in shielded:
-                raise refuse(f"a change to {path!r}, which Patchwire keeps (your token file, or a file "
-                             "your ssh_options name)")
-            # git apply writes through a symlink in a parent folder (it opens the path): a link
-            # `lib -> ~/.ssh` here plus a patch to `lib/authorized_keys` writes outside the project
-            link = symlink_parent(root, path)
-            if link and not beneath(path, gone):
-                raise refuse(f"{path!r} lies beyond the symlink {link!r} here: writing there would "
-                             "write wherever that link points")
-        if f.kind == "deleted":
-            continue
-        if f.link_target is not None:
-            links[f.path] = f.link_target
-        elif f.new_mode is None and not beneath(f.old_path, gone):
-            # a section with no mode lines keeps the file's type: changing a symlink's "content"
-            # changes where it points, though nothing in the section says "symlink"
-            was = read_worktree(root, f.old_path)
-            if was and was[1] == "120000":  # a link here, kept a link (changed or moved)
-                content = f.whole_new_content() if f.hunks else was[0]
-                if content is None:
-                    raise refuse(f"a change to the symlink {f.path!r} whose whole new target is not in the patch")
-                links[f.path] = f.link_target = _dec(content)
-                f.new_mode = "120000"
-    for path, target in links.items():
-        problem = link_target_problem(path, target) or link_chain_problem(root, path, target, links, gone)
-        if problem:
-            raise refuse(f"a symlink {path!r} -> {target!r} with {problem}")
-    return files
-
-
-# --- the result, computed here
-#
-# `git apply` forgives: a hunk whose lines are not at the line its `@@` names is looked for
-# elsewhere (and one without trailing context is anchored at the end of the file), so a box
-# can show a change in one function and land it in another. The laptop therefore computes
-# every text file's result itself, from the synced bytes the patch's `index` line names (in
-# Patchwire's store since the sync), with no offset and no fuzz, and requires its blob id to
-# be the one that line names. The preview shows those hunks (their heading text, which the
-# box writes, dropped), and apply checks the written files against these bytes.
-
-ZERO_ID = re.compile(r"0+")
-SCRIPT_SUFFIXES = (".sh", ".bash", ".zsh", ".py", ".pl", ".rb", ".js", ".mjs", ".cjs", ".ts", ".php",
-                   ".ps1", ".bat", ".cmd", ".mk", ".lua", ".fish")
-
-
-def blob_id(data: bytes, like: str) -> str:
-    """git's id of a blob holding `data`, in the hash `like` (an id) is written in."""
-    algo = "sha256" if len(like) == 64 else "sha1"
-    return hashlib.new(algo, b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def index_ids(fp: FilePatch) -> Optional[Tuple[str, str]]:
-    """(old id, new id) from a full `index` line (git diff --full-index); None otherwise."""
-    m = INDEX_RE.fullmatch(fp.headers.get("index", b""))
-    if not m or len(m.group(1)) not in (40, 64) or len(m.group(2)) != len(m.group(1)):
-        return None
-    return m.group(1).decode(), m.group(2).decode()
-
-
-def hunk_sides(lines: List[bytes]) -> Tuple[List[bytes], List[bytes], bool]:
-    """(old side's lines, new side's lines, has trailing context) of one hunk; a line
-    followed by `\\ No newline at end of file` loses its newline."""
-    old: List[bytes] = []
-    new: List[bytes] = []
-    trailing = False
-    went: List[List[bytes]] = []  # the sides the line before took
-    for line in lines:
-        if line.startswith(b"\\"):
-            for side in went:
-                side[-1] = side[-1][:-1]
-            continue
-        sign, text = (b" ", b"\n") if line == b"\n" else (line[:1], line[1:])
-        trailing = sign == b" "
-        went = [side for side, skip in ((old, b"+"), (new, b"-")) if sign != skip]
-        for side in went:
-            side.append(text)
-    return old, new, trailing
-
-
-def post_image(pre: bytes, fp: FilePatch, whole: bool = True) -> bytes:
-    """The file `fp` makes of `pre`, every hunk at exactly the line it names, its context and
-    removed lines byte for byte those of `pre` there; PatchRefused otherwise. `whole`: the
-    new line numbers too (a part chosen by -i renumbers them its own way; git ignores them)."""
-    old, at = patch_lines(pre), 0
-    out: List[bytes] = []
-    for old_start, new_start, lines in fp.hunks:
-        gone, added, trailing = hunk_sides(lines)
-        start = old_start - 1 if gone else old_start  # `-5,0`: insert after line 5
-        if start < at or old[start:start + len(gone)] != gone:
-            raise refuse(f"a hunk of {fp.path!r} whose lines are not those of the synced file at "
-                         f"line {old_start} (git would look for them elsewhere and change another place)")
-        if not trailing and start + len(gone) != len(old):
-            raise refuse(f"a hunk of {fp.path!r} without trailing context that does not end the file "
-                         "(git would apply it at the end of the file instead)")
-        before = len(out) + start - at
-        if whole and new_start != before + (1 if added else 0):
-            raise refuse(f"a hunk of {fp.path!r} whose new line number {new_start} is not where it lands")
-        out += old[at:start] + added
-        at = start + len(gone)
-    return b"".join(out + old[at:])
-
-
-def preimage(project: "Project", fp: FilePatch, base_tree: Optional[str],
-             blobs: Optional[Dict[str, Optional[bytes]]] = None) -> Optional[bytes]:
-    """The synced bytes a section was made from: the blob its `index` line names (in
-    Patchwire's store since the sync; from `blobs` when read already), else the job's
-    record here, else the file here."""
-    if fp.kind == "new":
-        return b""
-    ids = index_ids(fp)
-    if ids:
-        got = blobs[ids[0]] if blobs is not None and ids[0] in blobs else project.git.read_blobs([ids[0]])[ids[0]]
-        if got is None:
-            raise refuse(f"{fp.old_path!r} as the patch says it was ({ids[0][:12]}) is no version synced "
-                         "from here")
-        return got
-    found = (project.recorded_file(base_tree, fp.old_path) if base_tree and project.recorded(base_tree)
-             else read_worktree(project.root, fp.old_path))
-    return found[0] if found else None
-
-
-def compute_results(project: "Project", files: Sequence[FilePatch], base_tree: Optional[str],
-                    whole: bool = True) -> Sequence[FilePatch]:
-    """Each text file's result into `fp.result`, or PatchRefused. `whole`: the patch as the
-    box sent it, whose results must be the blobs its `index` lines name (a part chosen
-    from it by --only or -i is checked by position only). The blobs the sections name are
-    read in one git process, not one each."""
-    blobs = project.git.read_blobs([ids[0] for ids in map(index_ids, files) if ids and not ZERO_ID.fullmatch(ids[0])])
-    for fp in files:
-        if fp.binary:
-            problem = binary_problem(fp, preimage(project, fp, base_tree, blobs))
-            if problem:
-                raise refuse(f"a binary patch to {fp.path!r}, {problem}: what it writes cannot be "
-                             "reviewed (ask for a text change)")
-            continue
-        if not fp.hunks:
-            continue
-        pre = preimage(project, fp, base_tree, blobs)
-        if pre is None:
-            raise refuse(f"a change to {fp.old_path!r}, which was not synced from here")
-        fp.pre, fp.result = pre, post_image(pre, fp, whole)
-        ids = index_ids(fp)
-        expected = "" if ids is None or ZERO_ID.fullmatch(ids[1]) else ids[1]
-        if whole and ids and (blob_id(fp.result, ids[1]) != expected if expected else fp.result):
-            raise refuse(f"the result for {fp.path!r} is not the file its index line names ({ids[1][:12]})")
-    return files
-
-
-def binary_problem(fp: FilePatch, pre: Optional[bytes]) -> Optional[str]:
-    """Why a binary patch is refused: it turns a text file into base85 the preview cannot
-    show (one NUL byte added to a script is enough for git diff to write one), it changes an
-    executable or a script, or its literal content is text after all."""
-    if "100755" in (fp.old_mode, fp.new_mode):
-        return "an executable"
-    if any(p.lower().endswith(SCRIPT_SUFFIXES) for p in (fp.path, fp.old_path)):
-        return "a script"
-    if pre and b"\0" not in pre[:8000]:
-        return "a text file here"
-    literal = binary_literal(fp)
-    if literal is not None and (literal.startswith(b"#!") or b"\0" not in literal[:8000]):
-        return "which decodes to text" + (" starting with #!" if literal.startswith(b"#!") else "")
-    return None
-
-
-def binary_literal(fp: FilePatch) -> Optional[bytes]:
-    """The content a `literal` binary patch writes (git's base85 of zlib data); None for a delta."""
-    lines = fp.lines[fp.body_start:]
-    if not lines or not lines[0].startswith(b"literal "):
-        return None
-    data = bytearray()
-    for line in lines[1:]:
-        if line == b"\n":
-            break
-        size = line[0] - (ord("A") - 1) if line[:1].isupper() else line[0] - (ord("a") - 27)
-        data += base64.b85decode(line[1:-1])[:size]
-    try:
-        return zlib.decompress(bytes(data))
-    except (zlib.error, ValueError):
-        raise refuse(f"binary data for {fp.path!r} that does not decode")
-
-
-def unchanged_since_sync(project: "Project", files: Sequence[FilePatch], base_tree: Optional[str]) -> set:
-    """Paths of the text files here that hold exactly the bytes the patch was made from:
-    there the result git writes must be the one computed (Applier.check_written)."""
-    out = set()
-    for fp in files:
-        if fp.result is not None and not fp.binary:
-            here = read_worktree(project.root, fp.old_path) if fp.kind != "new" else None
-            pre = fp.pre if fp.pre is not None else preimage(project, fp, base_tree)
-            if (here[0] if here else b"" if fp.kind == "new" else None) == pre:
-                out.add(fp.path)
-    return out
-
-
-class InTheWay:
-    """A file already at a new file's or a rename's destination that the patch would replace:
-    what it holds was never synced or reviewed (a file made since the sync, an ignored `.env`).
-    `status` is git's word for it: "untracked" or "ignored" (every file outside git is untracked)."""
-
-    def __init__(self, fp: FilePatch, status: str, data: bytes, mode: str):
-        self.fp, self.status, self.data, self.mode = fp, status, data, mode
-
-    @property
-    def path(self) -> str:
-        return self.fp.path
-
-    @property
-    def digest(self) -> str:
-        """What the user agreed to replace: these bytes, not whatever the path holds later."""
-        return hashlib.sha256(self.data).hexdigest()
-
-    def describe(self) -> str:
-        kind = f"{self.status} symlink" if self.mode == "120000" else self.status
-        return f"{sanitize(self.path)} ({kind}, {size_in_words(len(self.data))})"
-
-    def as_json(self) -> dict:
-        return {"path": self.path, "status": self.status, "bytes": len(self.data), "sha256": self.digest}
-
-
-def size_in_words(n: int) -> str:
-    return "1 byte" if n == 1 else f"{n} bytes" if n < 1024 else human_bytes(n)
-
-
-def files_in_the_way(project: "Project", files: Sequence[FilePatch]) -> List[InTheWay]:
-    """What a new file or a rename would replace here: a file or link where nothing was synced.
-    A file that holds the result already is not in the way. A folder, or a file git tracks
-    (the box had it, so a patch calling it new was not made from your files), is never
-    replaced: PatchError, before any write."""
-    root = project.root
-    leaving = {folded_path(f.old_path) for f in files if f.kind in ("deleted", "renamed")}
-    found = []
-    for f in files:
-        if f.kind not in ("new", "renamed") or folded_path(f.path) in leaving or symlink_parent(root, f.path):
-            continue
-        if lstat_or_none(root / f.path) is None:
-            continue
-        here = read_worktree(root, f.path)
-        if here is not None and f.result is not None and here[0] == f.result:
-            continue
-        status = worktree_status(project, f.path) if here is not None else "a folder"
-        if here is None or status == "tracked":
-            raise PatchError(f"{sanitize(f.path)} is already here ({status}), where the patch puts a new file "
-                             "or a rename: it was not made from the files here; nothing was changed",
-                             "if you made it since the ask, move it away and apply again; otherwise ask again")
-        found.append(InTheWay(f, status, *here))
-    return found
-
-
-def worktree_status(project: "Project", path: str) -> str:
-    """"tracked", "ignored" or "untracked", by the user's own git and its ignore rules."""
-    if project.user_git is None:
-        return "untracked"
-    if project.user_git("ls-files", "-z", "--", path):
-        return "tracked"
-    ignored = project.user_git("ls-files", "-z", "--others", "--ignored", "--exclude-standard", "--", path)
-    return "ignored" if ignored else "untracked"
-
-
-def check_destinations(project: "Project", files: Sequence[FilePatch], overwrite: Dict[str, str],
-                       job: str) -> List[InTheWay]:
-    """The files in the way (files_in_the_way) that `overwrite` ({path: sha256 of the bytes
-    the user agreed to replace}) lets the patch replace; PatchError naming every other one,
-    before any write: git's 3-way fallback would replace them unseen."""
-    found = files_in_the_way(project, files)
-    refused = [w for w in found if overwrite.get(w.path) != w.digest]
-    if refused:
-        raise in_the_way_error(refused, job)
-    return found
-
-
-def in_the_way_error(found: Sequence[InTheWay], job: str) -> PatchError:
-    one = len(found) == 1
-    it, names = "it" if one else "them", " ".join(shlex.quote(sanitize(w.path)) for w in found)
-    return PatchError(", ".join(w.describe() for w in found) + (" is" if one else " are") + " already here, "
-                      f"not part of what you reviewed: the patch would replace {it} (a new file or a rename "
-                      "lands there); nothing was changed",
-                      f"look at {it}; then `patchwire apply {job} --overwrite-untracked` replaces {it} "
-                      f"(`patchwire apply --undo` puts {it} back), or move {it} away, or leave {it} out: "
-                      f"`patchwire apply {job} --exclude {names}`",
-                      details={"code": CODE_IN_THE_WAY, "in_the_way": [w.as_json() for w in found]})
-
-
-def lstat_or_none(path: Path) -> Optional[os.stat_result]:
-    try:
-        return os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-
-
-def removed_links(root: Path, files: Sequence["FilePatch"]) -> set:
-    """Symlinks here that the patch deletes or moves away."""
-    return {f.old_path for f in files if f.kind in ("deleted", "renamed")
-            and symlink_parent(root, f.old_path) is None
-            and (read_worktree(root, f.old_path) or (b"", ""))[1] == "120000"}
-
-
-def beneath(path: str, folders: set) -> bool:
-    """Whether a proper parent folder of `path` is one of `folders`."""
-    parts = path.split("/")
-    return any("/".join(parts[:n]) in folders for n in range(1, len(parts)))
-
-
-def symlink_parent(root: Path, rel: str) -> Optional[str]:
-    """The first parent folder of `rel` that is a symlink here (never followed), or None."""
-    parts = rel.split("/")
-    for n in range(1, len(parts)):
-        try:
-            if stat.S_ISLNK(os.lstat(os.path.join(root, *parts[:n])).st_mode):
-                return "/".join(parts[:n])
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-    return None
-
-
-def link_chain_problem(root: Path, link: str, target: str, links: Dict[str, str], gone: set) -> Optional[str]:
-    """Follow `target` component by component through the links here and the patch's own
-    (a chain a -> b, b -> ../..), lexically and never on the real filesystem beyond lstat;
-    the problem when it leaves the project or enters .git."""
-    parts = target.split("/")
-    out = link.split("/")[:-1]
-    hops = 0
-    while parts:
-        part = parts.pop(0)
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if not out:
-                return f"a target that leads out of the project (through {link!r})"
-            out.pop()
-            continue
-        if is_dot_git(part):
-            return "a target that leads into .git"
-        out.append(part)
-        here = "/".join(out)
-        step = links.get(here)
-        if step is None and here not in gone:
-            disk = read_worktree(root, here) if symlink_parent(root, here) is None else None
-            step = _dec(disk[0]) if disk and disk[1] == "120000" else None
-        if step is not None:
-            hops += 1
-            if hops > 40 or step.startswith("/"):
-                return f"a target that leads out of the project through the symlink {here!r}"
-            out.pop()
-            parts = step.split("/") + parts
-    return None
-
-
-def check_merged_writes(root: Path, merged: Dict[str, Tuple[Optional[bytes], str, int]]) -> None:
-    """The 3-way result, vetted like the patch: nothing written beneath a symlink here
-    that the result does not delete first."""
-    removed = {p for p, (data, _, _) in merged.items() if data is None}
-    for path, (data, _, _) in merged.items():
-        link = symlink_parent(root, path)
-        if data is not None and link and not beneath(path, removed):
-            raise refuse(f"{path!r} lies beyond the symlink {link!r} here")
-
-
-def conflict_excerpt(data: bytes, limit: int = 12) -> List[str]:
-    lines = data.decode("utf-8", "replace").splitlines()
-    out, inside = [], False
-    for line in lines:
-        if line.startswith("<<<<<<< "):
-            inside = True
-        if inside:
-            out.append(line)
-        if line.startswith(">>>>>>> "):
-            inside = False
-        if len(out) >= limit:
-            out.append("...")
-            break
-    return out
-
-
-def confirm_word(prompt: str, word: str, answers=None) -> bool:
-    """Whether the line read from `answers` (stdin) is `word`; no input at all is a no."""
-    say(prompt)
-    try:
-        return (answers if answers is not None else sys.stdin).readline().strip().lower() == word
-    except (OSError, ValueError):
-        return False
-
-
 # ================================================================== the job, laptop side
 
 
@@ -5070,6 +3179,1965 @@ def apply_job(session: Session, job: str, patch: bytes, *, chosen: Optional[byte
     return result
 
 
+# ================================================================== progress: the job's events on the terminal
+
+
+class Style:
+    """ANSI colour, or none (NO_COLOR, --no-color, not a terminal)."""
+
+    CODES = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "cyan": "36",
+             "red_bg": "41;97", "green_bg": "42;30", "magenta": "35"}
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    @classmethod
+    def for_stream(cls, stream, no_color: bool = False) -> "Style":
+        return cls(not no_color and "NO_COLOR" not in os.environ and stream.isatty())
+
+    def __call__(self, name: str, text: str) -> str:
+        return f"\x1b[{self.CODES[name]}m{text}\x1b[0m" if self.enabled and text else text
+
+
+def sanitized(value: Any) -> Any:
+    """A JSON value from the box with every string in it sanitised (newlines kept, not yet
+    indented: the printer lays out its lines itself)."""
+    if isinstance(value, str):
+        return _UNSAFE_KEEP_NEWLINES.sub(_visible, value)
+    if isinstance(value, list):
+        return [sanitized(v) for v in value]
+    if isinstance(value, dict):
+        return {sanitize(str(k)): sanitized(v) for k, v in value.items()}
+    return value
+
+
+class ProgressPrinter:
+    """Renders the agent's NDJSON events as human progress on stderr. Every event is
+    sanitised once, on the way in: nothing the AI writes reaches the terminal raw."""
+
+    def __init__(self, style: Style):
+        self.style = style
+        self.start = time.monotonic()
+
+    def stamp(self) -> str:
+        return self.style("dim", f"{time.monotonic() - self.start:6.1f}s")
+
+    def __call__(self, event: dict) -> None:
+        event = sanitized(event)
+        kind = event.get("type")
+        handler = getattr(self, "on_" + str(kind), None)
+        if handler:
+            handler(event)
+
+    @staticmethod
+    def flat(value: Any) -> str:
+        """One line: a newline the AI put in a tool name does not start a fake line."""
+        return str(value).replace("\n", "^J")
+
+    def on_queued(self, e: dict) -> None:
+        ahead = e.get("position", 0)
+        say(self.stamp(), f"queued as job {self.flat(e.get('job'))}" + (f", {self.flat(ahead)} ahead" if ahead else "")
+            + _wait_estimate(e))
+
+    def on_position(self, e: dict) -> None:
+        say(self.stamp(), f"waiting: {self.flat(e.get('position'))} ahead in the queue" + _wait_estimate(e))
+
+    def on_started(self, e: dict) -> None:
+        ai = e.get("ai")  # set when the box runs its built-in stand-in
+        say(self.stamp(), "AI started" + (f" ({self.flat(ai)})" if isinstance(ai, str) else ""))
+
+    def on_links_removed(self, e: dict) -> None:
+        paths = ["".join(c if c.isprintable() else "?" for c in str(p)) for p in e.get("paths") or []]
+        say(self.stamp(), self.style("yellow", f"{e.get('count', len(paths))} symlink(s) pointing outside "
+                                     f"the project kept from the AI: {', '.join(paths[:5])}"))
+
+    def on_text(self, e: dict) -> None:
+        text = str(e.get("text", "")).strip()
+        if text:
+            lines = text.split("\n")
+            say(self.stamp(), lines[0], *(["\n        " + "\n        ".join(lines[1:])] if lines[1:] else []))
+
+    on_output = on_text
+
+    def on_output_dropped(self, e: dict) -> None:
+        size = human_bytes(e["bytes"]) if isinstance(e.get("bytes"), int) else "?"
+        say(self.stamp(), self.style("yellow", f"... {self.flat(e.get('events'))} event(s) of the AI's output "
+                                     f"({size}) not kept by the box: over {self.flat(e.get('limit'))}"))
+
+    def on_network(self, e: dict) -> None:
+        say(self.stamp(), self.style("dim", f"network: {self.flat(e.get('host'))}"))
+
+    def on_network_refused(self, e: dict) -> None:
+        say(self.stamp(), self.style("yellow", f"network: {self.flat(e.get('host'))} refused by the box's "
+                                     f"[network] policy (x{self.flat(e.get('count', 1))})"))
+
+    def on_tool(self, e: dict) -> None:
+        say(self.stamp(), self.style("cyan", f"> {self.flat(e.get('name'))}"), self.flat(e.get("detail", "")))
+
+    def on_tool_error(self, e: dict) -> None:
+        say(self.stamp(), self.style("yellow", f"  tool error: {self.flat(str(e.get('text', ''))[:200])}"))
+
+    def on_finished(self, e: dict) -> None:
+        stats = e.get("stats") or {}
+        if not stats.get("files"):
+            say(self.stamp(), self.style("bold", "AI finished: no changes"))
+        else:
+            say(self.stamp(), self.style("bold", f"AI finished: {self.flat(stats['files'])} file(s), +"
+                                         f"{self.flat(stats.get('added', 0))} -{self.flat(stats.get('removed', 0))}"))
+        self.say_network(e)
+
+    def on_failed(self, e: dict) -> None:
+        reason = str(e.get("reason"))
+        if reason.startswith("setup failed"):  # its output was streamed just above: its first line
+            say(self.stamp(), self.style("red", f"job failed: {self.flat(reason.split(chr(10))[0])}"))
+        else:
+            say(self.stamp(), self.style("red", f"AI run failed: {self.flat(reason)}"))
+        self.say_network(e)
+
+    def say_network(self, e: dict) -> None:
+        summary = network_summary(e.get("network"))
+        if summary:
+            say(self.stamp(), self.style("yellow" if "refused:" in summary else "dim", summary))
+
+    def on_cancelled(self, e: dict) -> None:
+        say(self.stamp(), self.style("yellow", f"job cancelled: {self.flat(e.get('reason', ''))}"))
+
+    def on_setup(self, e: dict) -> None:
+        self.say_step("setup", e, self.flat(e.get("command", "")))
+
+    def on_check(self, e: dict) -> None:
+        self.say_step("check", e, self.flat(e.get("name", "")))
+
+    def say_step(self, what: str, e: dict, name: str) -> None:
+        """A setup command's or a check's start, output line or end."""
+        step = e.get("step")
+        if step == "start":
+            say(self.stamp(), self.style("cyan", f"{what}: {name}"))
+        elif step == "end":
+            ok = e.get("ok", e.get("exit_code") == 0)
+            took = f" ({e['duration_ms'] / 1000:.1f} s)" if isinstance(e.get("duration_ms"), (int, float)) else ""
+            say(self.stamp(), self.style("green" if ok else "red",
+                                         f"{what}: {name} " + ("ok" if ok else f"FAILED, exit {self.flat(e.get('exit_code'))}")
+                                         + took))
+        elif step == "skipped":
+            say(self.stamp(), self.style("dim", f"{what}: skipped ({self.flat(e.get('reason', ''))})"))
+        elif "text" in e:
+            say(self.stamp(), self.style("dim", "  | " + self.flat(e.get("text", ""))[:500]))
+
+
+def network_summary(network: Any) -> str:
+    """"contacted: api.anthropic.com, pub.dev; refused: evil.example x3" from a job's egress
+    report (the box's `network`), "" without one; hosts sanitised by the caller's printer."""
+    if not isinstance(network, dict):
+        return ""
+    contacted = network.get("contacted") if isinstance(network.get("contacted"), dict) else {}
+    refused = network.get("refused") if isinstance(network.get("refused"), dict) else {}
+    parts = []
+    if contacted:
+        parts.append("contacted: " + ", ".join(str(h) for h in list(contacted)[:10])
+                     + (f" and {len(contacted) - 10} more" if len(contacted) > 10 else ""))
+    if refused:
+        parts.append("refused: " + ", ".join(f"{h} x{n}" for h, n in list(refused.items())[:10])
+                     + (f" and {len(refused) - 10} more" if len(refused) > 10 else ""))
+    return "network " + "; ".join(parts) if parts else ""
+
+
+def _wait_estimate(e: dict) -> str:
+    """", starts in about 3 min": the box's estimate from its recent run times."""
+    seconds = e.get("estimate_s")
+    if not isinstance(seconds, int) or isinstance(seconds, bool) or seconds <= 0:
+        return ""
+    return f", starts in about {seconds} s" if seconds < 120 else f", starts in about {round(seconds / 60)} min"
+
+
+# ================================================================== telling you it is done (desktop)
+# A job that took a while ends with a notification, since its user has likely looked away:
+# notify-send on a Linux desktop, osascript on macOS, else the terminal's own notification
+# (OSC 9, OSC 777) where the terminal is known to show one, else the bell. Its text holds box
+# words (a failure's reason) and passes `sanitize` like every other box string; osascript gets
+# it as argv of a fixed script (`on run argv`), never spliced into AppleScript source, where a
+# quote would end the string and the rest would run as a script.
+
+OSASCRIPT_NOTIFY = ("on run argv", "display notification (item 2 of argv) with title (item 1 of argv)", "end run")
+OSC9_TERMINALS = ("iTerm.app", "WezTerm", "ghostty", "WarpTerminal")  # TERM_PROGRAM values that show OSC 9
+OSC777_TERMS = ("rxvt", "foot")  # TERM prefixes of terminals that show OSC 777 notify
+DESKTOP_SESSION_VARIABLES = ("DISPLAY", "WAYLAND_DISPLAY", "DBUS_SESSION_BUS_ADDRESS")
+
+
+def notify_desktop(cfg: LaptopConfig, job: str, end: dict, patch: Optional[bytes], elapsed: float) -> None:
+    """The notification for a job that ended after `elapsed` seconds of waiting, when
+    [notify] desktop is on and the wait reached after_s. Never raises: it is a courtesy."""
+    if not cfg.notify_desktop or elapsed < cfg.notify_after_s:
+        return
+    title, body = desktop_notice(cfg.project, job, end, patch)
+    try:
+        send_desktop_notice(title, body)
+    except (PatchwireError, OSError) as e:
+        say(sanitize(f"note: no desktop notification: {str(e).splitlines()[0]}"))
+
+
+def desktop_notice(project: str, job: str, end: dict, patch: Optional[bytes]) -> Tuple[str, str]:
+    """(title, body): the job, how it ended, the files it changed or why it did not."""
+    outcome = {"finished": "done", "failed": "failed", "cancelled": "cancelled"}.get(end.get("type", ""), "ended")
+    title = f"Patchwire: job {job} {outcome}"
+    if patch is not None:
+        count = patch.count(b"\ndiff --git ") + patch.startswith(b"diff --git ")
+        body = f"{project}: {count} file(s) changed" if count else f"{project}: no changes"
+    else:
+        body = f"{project}: {clip_words(str(end.get('reason') or outcome), 200)}"
+    return sanitize(title), sanitize(body)
+
+
+def send_desktop_notice(title: str, body: str) -> None:
+    """Show it by the first way this machine has (see the section's comment)."""
+    if sys.platform == "darwin" and shutil.which("osascript"):
+        run(["osascript", *[arg for line in OSASCRIPT_NOTIFY for arg in ("-e", line)], title, body],
+            timeout=10, check=False)
+    elif (sys.platform.startswith("linux") and shutil.which("notify-send")
+          and any(os.environ.get(v) for v in DESKTOP_SESSION_VARIABLES)):
+        run(["notify-send", "--app-name=Patchwire", "--", title, body], timeout=10, check=False)
+    else:
+        terminal_notice(title, body)
+
+
+def terminal_notice(title: str, body: str) -> None:
+    """OSC 9 or OSC 777 to a terminal known to show it, the bell to any other terminal.
+    `sanitize` left no control character in the text, and ";" separates OSC 777's fields."""
+    stream = next((s for s in (sys.stdout, sys.stderr) if s.isatty()), None)
+    if stream is None:
+        return
+    if os.environ.get("TERM_PROGRAM") in OSC9_TERMINALS or os.environ.get("WT_SESSION"):
+        stream.write(f"\x1b]9;{title}: {body}\x07")
+    elif os.environ.get("TERM", "").startswith(OSC777_TERMS):
+        stream.write(f"\x1b]777;notify;{title.replace(';', ',')};{body.replace(';', ',')}\x07")
+    else:
+        stream.write("\a")
+    stream.flush()
+
+
+# ================================================================== reading a patch, strictly
+# Every path that touches a patch (preview, plain apply, 3-way, -i, --only/--exclude, undo,
+# the apply log, `diff --json`) reads it through split_patch. `git apply` is lenient: it
+# skips text between sections and applies a plain unified diff found there, and when a
+# `diff --git` header names two different files it believes the `---`/`+++` lines. So
+# Patchwire accepts exactly what `git diff --binary --full-index -M` writes, every byte
+# accounted for, every name said the same way everywhere, and refuses the whole patch
+# otherwise: the preview then shows exactly what `git apply` would write.
+
+
+class PatchRefused(PatchError):
+    """A patch refused as a whole, before anything was written."""
+
+
+def refuse(reason: str) -> PatchRefused:
+    return PatchRefused("refused the whole patch, nothing was written: " + sanitize(reason),
+                        "the box sent something `git diff` does not write, or something that reaches "
+                        "outside the project (README: Threat model); ask again")
+
+
+GIT_MODES = ("100644", "100755", "120000")
+EXTENDED_HEADERS = (  # (prefix, key) of the lines git writes between `diff --git` and the body
+    (b"old mode ", "old_mode"), (b"new mode ", "new_mode"), (b"deleted file mode ", "deleted_mode"),
+    (b"new file mode ", "new_file_mode"), (b"similarity index ", "similarity"),
+    (b"dissimilarity index ", "dissimilarity"), (b"rename from ", "rename_from"),
+    (b"rename to ", "rename_to"), (b"copy from ", "copy_from"), (b"copy to ", "copy_to"),
+    (b"index ", "index"),
+)
+INDEX_RE = re.compile(rb"([0-9a-f]{7,64})\.\.([0-9a-f]{7,64})(?: (\d{6}))?")
+BASE85_LINE_RE = re.compile(rb"[A-Za-z][0-9A-Za-z!#$%&()*+;<=>?@^_`{|}~-]+\n")
+_C_ESCAPES = {ord("a"): 7, ord("b"): 8, ord("t"): 9, ord("n"): 10, ord("v"): 11, ord("f"): 12,
+              ord("r"): 13, ord('"'): 34, ord("\\"): 92}
+_C_LETTERS = {code: bytes([letter]) for letter, code in _C_ESCAPES.items()}
+
+
+class FilePatch:
+    """One file's part of a git patch, as bytes, with what the preview needs. Built only by
+    PatchParser, which has checked every line of it."""
+
+    def __init__(self, first: bytes):
+        self.lines = [first]
+        self.headers: Dict[str, bytes] = {}
+        self.path = self.old_path = ""
+        self.added = self.removed = 0
+        self.binary = False
+        self.kind = "modified"
+        self.old_mode: Optional[str] = None  # None: not said (unchanged, whatever it is here)
+        self.new_mode: Optional[str] = None
+        self.hunks: List[Tuple[int, int, List[bytes]]] = []  # (old start, new start, lines)
+        self.body_start = 0  # index in `lines` of the first hunk header (0: no hunks)
+        self.link_target: Optional[str] = None  # the new target, when the result is a symlink
+        self.result: Optional[bytes] = None  # the text file it leaves, computed here (compute_results)
+        self.pre: Optional[bytes] = None  # the synced bytes it was made from, when compute_results read them
+
+    @property
+    def bytes(self) -> bytes:
+        return b"".join(self.lines)
+
+    def whole_new_content(self) -> Optional[bytes]:  # type: ignore[valid-type]  # the builtin, not the method
+        """The new content when the patch holds all of it (a new file, or a rewrite with no
+        context lines from the first line on); None when the rest lies in the file here."""
+        if self.binary or len(self.hunks) != 1:
+            return None
+        _old, new_start, lines = self.hunks[0]
+        if new_start > 1 or any(line.startswith(b" ") for line in lines):
+            return None
+        out = bytearray()
+        for i, line in enumerate(lines):
+            if line.startswith(b"+"):
+                no_newline = i + 1 < len(lines) and lines[i + 1].startswith(b"\\")
+                out += line[1:-1] if no_newline else line[1:]
+        return bytes(out)
+
+    @property
+    def label(self) -> str:
+        """What the summary calls this change (the JSON `kind` stays git's word)."""
+        if self.link_target is not None:
+            return {"new": "new symlink", "modified": "symlink"}.get(self.kind, self.kind)
+        if self.kind == "new" and self.new_mode == "100755":
+            return "new, exec"
+        return self.kind
+
+
+def c_unquote(token: bytes) -> bytes:
+    """git's C-style quoting of an unusual name ("a\\tb", "\\303\\251"), read strictly."""
+    if len(token) < 2 or not (token.startswith(b'"') and token.endswith(b'"')):
+        raise refuse(f"a badly quoted name: {token[:80]!r}")
+    body, out, i = token[1:-1], bytearray(), 0
+    while i < len(body):
+        c = body[i]
+        if c == 0x22:
+            raise refuse(f"a stray quote in a name: {token[:80]!r}")
+        if c != 0x5C:
+            out.append(c)
+            i += 1
+        elif body[i + 1:i + 2] and body[i + 1] in _C_ESCAPES:
+            out.append(_C_ESCAPES[body[i + 1]])
+            i += 2
+        elif re.fullmatch(rb"[0-3][0-7]{2}", body[i + 1:i + 4]):
+            out.append(int(body[i + 1:i + 4], 8))
+            i += 4
+        else:
+            raise refuse(f"a bad escape in a name: {token[:80]!r}")
+    return bytes(out)
+
+
+def c_quote(raw: bytes, full: bool) -> bytes:
+    """A name as git writes it: quoted when it holds '"', '\\' or a control byte (and with
+    core.quotePath, any byte over 0x7f); as is otherwise."""
+    out, needed = bytearray(), False
+    for c in raw:
+        if c in _C_LETTERS:
+            out += b"\\" + _C_LETTERS[c]
+            needed = True
+        elif c < 0x20 or c == 0x7F or (full and c >= 0x80):
+            out += b"\\%03o" % c
+            needed = True
+        else:
+            out.append(c)
+    return b'"' + bytes(out) + b'"' if needed else raw
+
+
+def spellings(name: bytes) -> set:
+    """Every way git may write `name` (with and without core.quotePath)."""
+    return {c_quote(name, False), c_quote(name, True)}
+
+
+def read_name(token: bytes) -> bytes:
+    """A name as git wrote it, back to bytes: quoted, or plain when it needs no quoting."""
+    if token.startswith(b'"'):
+        name = c_unquote(token)
+        if token not in spellings(name):
+            raise refuse(f"a name quoted in a way git does not: {token[:80]!r}")
+        return name
+    if c_quote(token, False) != token:
+        raise refuse(f"a name git would have quoted: {token[:80]!r}")
+    return token
+
+
+# Names that are `.git` to some filesystem: any case (macOS, Windows), with trailing dots or
+# spaces (Windows drops them), NTFS's short name and stream suffix, and HFS+'s ignored code
+# points (the spellings git's own verify_path refuses).
+_HFS_IGNORED = re.compile("[\u200c-\u200f\u202a-\u202e\u206a-\u206f\ufeff]")
+_PATH_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def folded_name(component: str) -> str:
+    """One path component as a case-insensitive, forgiving filesystem sees it."""
+    return _HFS_IGNORED.sub("", component).lower().split(":", 1)[0].rstrip(". ")
+
+
+def folded_path(path: str) -> str:
+    """A whole path as a case-insensitive disk that ignores Unicode normalisation (macOS's)
+    sees it: two spellings of one file fold to one string."""
+    return unicodedata.normalize("NFC", _HFS_IGNORED.sub("", path)).lower()
+
+
+def is_dot_git(component: str) -> bool:
+    return folded_name(component) in (".git", "git~1")
+
+
+def check_patch_path(path: str) -> str:
+    """A path a patch may touch, or PatchRefused naming why not."""
+    if not path or path.startswith("/"):
+        raise refuse(f"an absolute or empty path: {path!r}")
+    if _PATH_CONTROL.search(path):
+        raise refuse(f"a control character in the path {path!r}")
+    parts = path.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise refuse(f"a path with '..', '.' or '//' in it: {path!r}")
+    if any(is_dot_git(p) for p in parts):
+        raise refuse(f"a path into git's own folder: {path!r}")
+    if any(folded_name(p) == CONFIG_NAME for p in parts):
+        raise refuse(f"a change to Patchwire's own settings ({CONFIG_NAME}): {path!r}")
+    return path
+
+
+def link_target_problem(link: str, target: str) -> Optional[str]:
+    """Why a symlink at `link` pointing at `target` is refused, read lexically (chains
+    through the laptop's own links are followed by vet_on_disk)."""
+    if not target or _PATH_CONTROL.search(target):
+        return "an empty target or one with control characters"
+    if target.startswith("/"):
+        return "an absolute target"
+    depth = len(link.split("/")) - 1
+    for part in target.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return "a target outside the project"
+        elif part not in ("", "."):
+            if is_dot_git(part):
+                return "a target inside .git"
+            depth += 1
+    return None
+
+
+class PatchParser:
+    """`git diff --binary --full-index` output, line by line, nothing skipped."""
+
+    def __init__(self, patch: bytes):
+        if patch and not patch.endswith(b"\n"):
+            raise refuse("it does not end with a newline (cut short?)")
+        self.lines = patch_lines(patch)
+        self.i = 0
+
+    def peek(self) -> Optional[bytes]:
+        return self.lines[self.i] if self.i < len(self.lines) else None
+
+    def take(self, fp: Optional[FilePatch] = None) -> bytes:
+        line = self.lines[self.i]
+        self.i += 1
+        if fp is not None:
+            fp.lines.append(line)
+        return line
+
+    def fail(self, why: str) -> PatchRefused:
+        line = self.peek()
+        shown = f": {line[:100]!r}" if line is not None else ""
+        return refuse(f"line {self.i + 1}: {why}{shown}")
+
+    def files(self) -> List[FilePatch]:
+        out: List[FilePatch] = []
+        while self.peek() is not None:
+            if not self.peek().startswith(b"diff --git "):
+                raise self.fail("text outside a `diff --git` section" if not out else "text git does not write here")
+            out.append(self.section())
+        owner: Dict[str, int] = {}  # on a case-insensitive disk README and readme are one file
+        for n, fp in enumerate(out):
+            for path in {fp.old_path, fp.path}:
+                first = owner.setdefault(folded_path(path), n)
+                if first != n and not (is_type_change(out[first], fp) or is_case_only_move(out[first], fp)):
+                    raise refuse(f"{path!r} is changed by two sections")
+        return out
+
+    def section(self) -> FilePatch:
+        fp = FilePatch(self.take())
+        while True:
+            line = self.peek()
+            key = next((k for prefix, k in EXTENDED_HEADERS if line and line.startswith(prefix)), None)
+            if key is None:
+                break
+            if key in fp.headers:
+                raise self.fail(f"a second `{key.replace('_', ' ')}` line")
+            prefix = next(p for p, k in EXTENDED_HEADERS if k == key)
+            fp.headers[key] = self.take(fp)[len(prefix):-1]
+        labels = self.body(fp)
+        self.settle(fp, labels)
+        return fp
+
+    def body(self, fp: FilePatch) -> Optional[Tuple[bytes, bytes]]:
+        line = self.peek()
+        if line == b"GIT binary patch\n":
+            self.take(fp)
+            fp.binary = True
+            fp.body_start = len(fp.lines)
+            self.binary_block(fp)
+            if self.peek() is not None and self.peek().startswith((b"literal ", b"delta ")):
+                self.binary_block(fp)
+            return None
+        if line is not None and line.startswith(b"Binary files "):
+            raise self.fail("a binary change without its content (the box must use git diff --binary)")
+        if line is None or not line.startswith(b"--- "):
+            return None
+        old_label = self.take(fp)[4:-1]
+        if self.peek() is None or not self.peek().startswith(b"+++ "):
+            raise self.fail("a `---` line without its `+++` line")
+        new_label = self.take(fp)[4:-1]
+        if self.peek() is None or not self.peek().startswith(b"@@ "):
+            raise self.fail("file names without a hunk")
+        fp.body_start = len(fp.lines)
+        while self.peek() is not None and self.peek().startswith(b"@@ "):
+            self.hunk(fp)
+        return old_label, new_label
+
+    def hunk(self, fp: FilePatch) -> None:
+        header = self.take(fp)
+        m = HUNK_RE.match(header)
+        if not m or not (m.group(5) == b"\n" or m.group(5).startswith(b" ")):
+            raise refuse(f"line {self.i}: a malformed hunk header: {header[:100]!r}")
+        # git reads a hunk by the counts in its header (a missing count is 1), not up to the next
+        # `@@`: so does this reader, or a line past the count would be shown here as part of
+        # the hunk while git reads it as the start of something else
+        old_left = int(m.group(2)) if m.group(2) is not None else 1
+        new_left = int(m.group(4)) if m.group(4) is not None else 1
+        lines: List[bytes] = []
+        while old_left > 0 or new_left > 0 or (self.peek() or b"").startswith(b"\\ "):
+            line = self.peek()
+            if line is None:
+                raise refuse("the patch ends inside a hunk")
+            sign = line[:1]
+            if sign == b"\\":
+                if not line.startswith(b"\\ ") or not lines or lines[-1].startswith(b"\\"):
+                    raise self.fail("a stray `\\` line")
+            elif sign == b" " or line == b"\n":  # an empty context line, as diff.suppressBlankEmpty writes it
+                old_left, new_left = old_left - 1, new_left - 1
+            elif sign == b"-":
+                old_left -= 1
+                fp.removed += 1
+            elif sign == b"+":
+                new_left -= 1
+                fp.added += 1
+            else:
+                raise self.fail("a line in a hunk that is neither context, removed nor added")
+            if old_left < 0 or new_left < 0:
+                raise self.fail("more lines than the hunk header says")
+            lines.append(self.take(fp))
+        # `\ No newline at end of file` strips the newline of the line before it. git writes it
+        # only after a side's last line; anywhere else git apply joins that line to the next,
+        # so a previewed `sha256sum -c ... || exit 1` line can vanish into a comment
+        problem = no_newline_problem(lines)
+        if problem or (fp.hunks and any(line.startswith(b"\\") for line in fp.hunks[-1][2])):
+            raise refuse(f"line {self.i}: a `\\ No newline at end of file` {problem or 'before the last hunk'}: "
+                         "git joins the lines around it, so the file written is not the one shown")
+        fp.hunks.append((int(m.group(1)), int(m.group(3)), lines))
+
+    def binary_block(self, fp: FilePatch) -> None:
+        line = self.peek()
+        if line is None or not re.fullmatch(rb"(literal|delta) \d+\n", line):
+            raise self.fail("a binary patch without `literal` or `delta`")
+        self.take(fp)
+        count = 0
+        while self.peek() not in (b"\n", None):
+            line = self.peek()
+            size = line[0] - (ord("A") - 1) if line[:1].isupper() else line[0] - (ord("a") - 27)
+            if not BASE85_LINE_RE.fullmatch(line) or len(line) - 2 != (size + 3) // 4 * 5:
+                raise self.fail("a malformed line of binary data")
+            self.take(fp)
+            count += 1
+        if self.peek() is None or not count:
+            raise self.fail("binary data that does not end with an empty line")
+        self.take(fp)
+
+    def settle(self, fp: FilePatch, labels: Optional[Tuple[bytes, bytes]]) -> None:
+        """Names and kind from the section's lines, which must all agree. git apply reads
+        some of these lines and ignores others depending on which are present; a section
+        where they disagree means what is shown and what git writes can differ, so every
+        disagreement is refused rather than resolved."""
+        h = fp.headers
+        # the box runs `git diff -M`, which never writes a copy: a copy is hand-made, and
+        # its source's content would be written without being shown
+        if "copy_from" in h or "copy_to" in h:
+            raise refuse("a copy (the box's `git diff` never writes one)")
+        if ("rename_from" in h) != ("rename_to" in h) or ("old_mode" in h) != ("new_mode" in h):
+            raise refuse(f"a half-said rename or mode change in {fp.lines[0][:100]!r}")
+        old, new = self.names(fp, labels)
+        # mode 160000 is a gitlink: applying it moves a submodule to a commit no preview shows
+        index_mode = INDEX_RE.fullmatch(h.get("index", b""))
+        if (any(h.get(k) == b"160000" for k in ("old_mode", "new_mode", "deleted_mode", "new_file_mode"))
+                or (index_mode and index_mode.group(3) == b"160000")):
+            raise refuse(f"a submodule (gitlink) change to {_dec(new)!r}: Patchwire applies files, links and "
+                         "modes only; update the submodule yourself (git submodule update)")
+        for key in ("old_mode", "new_mode", "deleted_mode", "new_file_mode"):
+            if key in h and h[key].decode("ascii", "replace") not in GIT_MODES:
+                raise refuse(f"a file mode Patchwire does not apply ({h[key][:20]!r}): "
+                             "only files, executables and symlinks")
+        # git writes at most one of new/deleted/renamed/mode-changed per section; with two,
+        # which one git apply obeys depends on its reading order, not on the preview
+        if ("new_file_mode" in h and ("deleted_mode" in h or "rename_from" in h or "old_mode" in h)
+                or "deleted_mode" in h and ("rename_from" in h or "old_mode" in h)):
+            raise refuse(f"contradicting header lines in {fp.lines[0][:100]!r}")
+        fp.old_path, fp.path = check_patch_path(_dec(old)), check_patch_path(_dec(new))
+        self.modes(fp)
+        if "new_file_mode" in h:
+            fp.kind = "new"
+        elif "deleted_mode" in h:
+            fp.kind = "deleted"
+        elif "rename_from" in h:
+            fp.kind = "renamed"
+        elif "old_mode" in h:
+            fp.kind = "mode changed"
+        # without the extended lines git apply takes "new" and "deleted" from ---/+++ /dev/null
+        if labels and ((labels[0] == b"/dev/null") != (fp.kind == "new")
+                       or (labels[1] == b"/dev/null") != (fp.kind == "deleted")):
+            raise refuse(f"a new or deleted file whose ---/+++ lines say otherwise: {fp.path!r}")
+        if fp.new_mode == "120000" and fp.kind != "deleted":
+            self.link(fp)
+
+    def names(self, fp: FilePatch, labels: Optional[Tuple[bytes, bytes]]) -> Tuple[bytes, bytes]:
+        """(old, new) name; the header, rename lines and ---/+++ lines must say the same."""
+        h = fp.headers
+        old = new = None
+        if "rename_from" in h:
+            old, new = read_name(h["rename_from"]), read_name(h["rename_to"])
+        if labels:
+            a, b = (self.label_name(label, prefix) for label, prefix in zip(labels, (b"a/", b"b/")))
+            if a is None and b is None:
+                raise refuse("a section whose ---/+++ lines both say /dev/null")
+            a, b = a if a is not None else b, b if b is not None else a
+            if old is not None and (a, b) != (old, new):
+                raise refuse(f"---/+++ lines that name other files than the rename lines: {a!r}, {b!r}")
+            if old is None and a != b:
+                raise refuse(f"---/+++ lines that name two files, {a!r} and {b!r}")
+            old, new = a, b
+        header = fp.lines[0][len(b"diff --git "):-1]
+        if old is None:  # no rename, no hunks: "a/X b/X", said the same twice
+            old = new = self.header_name(header)
+        if header not in {x + b" " + y for x in spellings(b"a/" + old) for y in spellings(b"b/" + new)}:
+            raise refuse(f"a `diff --git` line that names other files than the lines after it: {header[:100]!r}")
+        return old, new
+
+    @staticmethod
+    def label_name(label: bytes, prefix: bytes) -> Optional[bytes]:
+        if label == b"/dev/null":
+            return None
+        if label.endswith(b"\t"):  # git adds a tab after a name with a space in it
+            label = label[:-1]
+            if b" " not in label:
+                raise refuse(f"a tab after a name git would not add: {label[:100]!r}")
+        elif b" " in label:
+            raise refuse(f"a name with a space but without git's tab after it: {label[:100]!r}")
+        name = read_name(label)
+        if not name.startswith(prefix):
+            raise refuse(f"a name without git's {prefix.decode()} prefix: {label[:100]!r}")
+        return name[len(prefix):]
+
+    @staticmethod
+    def header_name(header: bytes) -> bytes:
+        if header.startswith(b'"'):
+            end = _closing_quote(header)
+            name = read_name(header[:end + 1]) if end > 0 else b""
+        else:
+            name = header[:(len(header) - 1) // 2] if len(header) % 2 else b""
+        if not name.startswith(b"a/"):
+            raise refuse(f"a `diff --git` line Patchwire cannot read: {header[:100]!r}")
+        return name[2:]
+
+    def modes(self, fp: FilePatch) -> None:
+        h = fp.headers
+        index_mode = None
+        if "index" in h:
+            m = INDEX_RE.fullmatch(h["index"])
+            if not m or (m.group(3) and m.group(3).decode() not in GIT_MODES):
+                raise refuse(f"a malformed index line: {h['index'][:100]!r}")
+            index_mode = m.group(3).decode() if m.group(3) else None
+            if index_mode and any(k in h for k in ("old_mode", "new_mode", "deleted_mode", "new_file_mode")):
+                # git writes a mode on the index line only for an unchanged one; `git apply`
+                # would let it override "new file mode 100644" and make the file executable
+                raise refuse(f"an index line whose mode contradicts the mode lines: {h['index'][:100]!r}")
+        fp.old_mode = _mode(h, "deleted_mode") or _mode(h, "old_mode") or index_mode
+        fp.new_mode = _mode(h, "new_file_mode") or _mode(h, "new_mode") or index_mode
+        if "old_mode" in h and (fp.old_mode == fp.new_mode or "120000" in (fp.old_mode, fp.new_mode)):
+            raise refuse(f"a change of {fp.path!r} between a file and a symlink in place "
+                         "(git diff writes a deletion and a new file)")
+
+    @staticmethod
+    def link(fp: FilePatch) -> None:
+        content = fp.whole_new_content()
+        if content is None:
+            raise refuse(f"a symlink change whose whole new target is not in the patch: {fp.path!r}")
+        fp.link_target = _dec(content)
+        problem = link_target_problem(fp.path, fp.link_target)
+        if problem:
+            raise refuse(f"a symlink {fp.path!r} -> {fp.link_target!r} with {problem}")
+
+
+def _closing_quote(token: bytes) -> int:
+    """Index of the quote that ends the quoted name `token` starts with (-1: none)."""
+    i = 1
+    while i < len(token):
+        if token[i:i + 1] == b"\\":
+            i += 2
+        elif token[i:i + 1] == b'"':
+            return i
+        else:
+            i += 1
+    return -1
+
+
+def is_type_change(first: FilePatch, second: FilePatch) -> bool:
+    """git writes a file that became a symlink (or back) as a deletion, then a new file."""
+    return ((first.kind, second.kind) == ("deleted", "new") and first.path == second.path
+            and "120000" in (first.old_mode, second.new_mode))
+
+
+def is_case_only_move(first: FilePatch, second: FilePatch) -> bool:
+    """A rename that changes only case (r.md -> R.md): git writes it as a deletion, then a new
+    file, whose paths fold to one on a case-insensitive disk. The deletion comes first, so
+    on such a disk the old name is gone before the new one is written."""
+    return ((first.kind, second.kind) == ("deleted", "new") and first.path != second.path
+            and folded_path(first.path) == folded_path(second.path))
+
+
+def no_newline_problem(lines: List[bytes]) -> Optional[str]:
+    """Where git writes `\\ No newline at end of file`: after the last line of the old side
+    (a `-` or context line), of the new side (a `+` or context line), or both. Anywhere else
+    `git apply` joins the line before it with the next one (an added check vanishes into a
+    comment), so the preview would show two lines where the file gets one."""
+    for i, line in enumerate(lines):
+        if not line.startswith(b"\\"):
+            continue
+        sign = b" " if lines[i - 1] == b"\n" else lines[i - 1][:1]
+        later = {b" " if l == b"\n" else l[:1] for l in lines[i + 1:] if not l.startswith(b"\\")}
+        side = {b" ": {b" ", b"-", b"+"}, b"-": {b" ", b"-"}, b"+": {b" ", b"+"}}[sign]
+        if later & side:
+            return f"after a {sign.decode()!r} line that is not the last of its side"
+    return None
+
+
+def _mode(headers: Dict[str, bytes], key: str) -> Optional[str]:
+    return headers[key].decode() if key in headers else None
+
+
+def patch_lines(data: bytes) -> List[bytes]:
+    """Lines ending in LF, and only LF: a lone CR is part of a line's content."""
+    lines = [line + b"\n" for line in data.split(b"\n")]
+    lines[-1] = lines[-1][:-1]
+    return lines if lines[-1] else lines[:-1]
+
+
+def split_patch(patch: bytes) -> List[FilePatch]:
+    """The patch's files, or PatchRefused: the one reader of patches on the laptop."""
+    return PatchParser(patch).files()
+
+
+# ================================================================== vetting: a patch against the files here, its results computed
+
+
+def vet_on_disk(root: Path, files: List["FilePatch"], protected: Sequence[str] = ()) -> List["FilePatch"]:
+    """The parsed patch again, or PatchRefused: no path lies beneath a symlink here (unless
+    the patch itself removes that link), no path is a protected one, and no symlink the
+    patch makes leads out of the project or into .git, even through links already here."""
+    gone = removed_links(root, files)
+    shielded = {folded_path(p) for p in protected}
+    links: Dict[str, str] = {}
+    for f in files:
+        for path in {f.old_path, f.path}:
+            if folded_path(path) in shielded:
+                raise refuse(f"a change to {path!r}, which Patchwire keeps (your token file, or a file "
+                             "your ssh_options name)")
+            # git apply writes through a symlink in a parent folder (it opens the path): a link
+            # `lib -> ~/.ssh` here plus a patch to `lib/authorized_keys` writes outside the project
+            link = symlink_parent(root, path)
+            if link and not beneath(path, gone):
+                raise refuse(f"{path!r} lies beyond the symlink {link!r} here: writing there would "
+                             "write wherever that link points")
+        if f.kind == "deleted":
+            continue
+        if f.link_target is not None:
+            links[f.path] = f.link_target
+        elif f.new_mode is None and not beneath(f.old_path, gone):
+            # a section with no mode lines keeps the file's type: changing a symlink's "content"
+            # changes where it points, though nothing in the section says "symlink"
+            was = read_worktree(root, f.old_path)
+            if was and was[1] == "120000":  # a link here, kept a link (changed or moved)
+                content = f.whole_new_content() if f.hunks else was[0]
+                if content is None:
+                    raise refuse(f"a change to the symlink {f.path!r} whose whole new target is not in the patch")
+                links[f.path] = f.link_target = _dec(content)
+                f.new_mode = "120000"
+    for path, target in links.items():
+        problem = link_target_problem(path, target) or link_chain_problem(root, path, target, links, gone)
+        if problem:
+            raise refuse(f"a symlink {path!r} -> {target!r} with {problem}")
+    return files
+
+
+# --- the result, computed here
+#
+# `git apply` forgives: a hunk whose lines are not at the line its `@@` names is looked for
+# elsewhere (and one without trailing context is anchored at the end of the file), so a box
+# can show a change in one function and land it in another. The laptop therefore computes
+# every text file's result itself, from the synced bytes the patch's `index` line names (in
+# Patchwire's store since the sync), with no offset and no fuzz, and requires its blob id to
+# be the one that line names. The preview shows those hunks (their heading text, which the
+# box writes, dropped), and apply checks the written files against these bytes.
+
+ZERO_ID = re.compile(r"0+")
+SCRIPT_SUFFIXES = (".sh", ".bash", ".zsh", ".py", ".pl", ".rb", ".js", ".mjs", ".cjs", ".ts", ".php",
+                   ".ps1", ".bat", ".cmd", ".mk", ".lua", ".fish")
+
+
+def blob_id(data: bytes, like: str) -> str:
+    """git's id of a blob holding `data`, in the hash `like` (an id) is written in."""
+    algo = "sha256" if len(like) == 64 else "sha1"
+    return hashlib.new(algo, b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def index_ids(fp: FilePatch) -> Optional[Tuple[str, str]]:
+    """(old id, new id) from a full `index` line (git diff --full-index); None otherwise."""
+    m = INDEX_RE.fullmatch(fp.headers.get("index", b""))
+    if not m or len(m.group(1)) not in (40, 64) or len(m.group(2)) != len(m.group(1)):
+        return None
+    return m.group(1).decode(), m.group(2).decode()
+
+
+def hunk_sides(lines: List[bytes]) -> Tuple[List[bytes], List[bytes], bool]:
+    """(old side's lines, new side's lines, has trailing context) of one hunk; a line
+    followed by `\\ No newline at end of file` loses its newline."""
+    old: List[bytes] = []
+    new: List[bytes] = []
+    trailing = False
+    went: List[List[bytes]] = []  # the sides the line before took
+    for line in lines:
+        if line.startswith(b"\\"):
+            for side in went:
+                side[-1] = side[-1][:-1]
+            continue
+        sign, text = (b" ", b"\n") if line == b"\n" else (line[:1], line[1:])
+        trailing = sign == b" "
+        went = [side for side, skip in ((old, b"+"), (new, b"-")) if sign != skip]
+        for side in went:
+            side.append(text)
+    return old, new, trailing
+
+
+def post_image(pre: bytes, fp: FilePatch, whole: bool = True) -> bytes:
+    """The file `fp` makes of `pre`, every hunk at exactly the line it names, its context and
+    removed lines byte for byte those of `pre` there; PatchRefused otherwise. `whole`: the
+    new line numbers too (a part chosen by -i renumbers them its own way; git ignores them)."""
+    old, at = patch_lines(pre), 0
+    out: List[bytes] = []
+    for old_start, new_start, lines in fp.hunks:
+        gone, added, trailing = hunk_sides(lines)
+        start = old_start - 1 if gone else old_start  # `-5,0`: insert after line 5
+        if start < at or old[start:start + len(gone)] != gone:
+            raise refuse(f"a hunk of {fp.path!r} whose lines are not those of the synced file at "
+                         f"line {old_start} (git would look for them elsewhere and change another place)")
+        if not trailing and start + len(gone) != len(old):
+            raise refuse(f"a hunk of {fp.path!r} without trailing context that does not end the file "
+                         "(git would apply it at the end of the file instead)")
+        before = len(out) + start - at
+        if whole and new_start != before + (1 if added else 0):
+            raise refuse(f"a hunk of {fp.path!r} whose new line number {new_start} is not where it lands")
+        out += old[at:start] + added
+        at = start + len(gone)
+    return b"".join(out + old[at:])
+
+
+def preimage(project: "Project", fp: FilePatch, base_tree: Optional[str],
+             blobs: Optional[Dict[str, Optional[bytes]]] = None) -> Optional[bytes]:
+    """The synced bytes a section was made from: the blob its `index` line names (in
+    Patchwire's store since the sync; from `blobs` when read already), else the job's
+    record here, else the file here."""
+    if fp.kind == "new":
+        return b""
+    ids = index_ids(fp)
+    if ids:
+        got = blobs[ids[0]] if blobs is not None and ids[0] in blobs else project.git.read_blobs([ids[0]])[ids[0]]
+        if got is None:
+            raise refuse(f"{fp.old_path!r} as the patch says it was ({ids[0][:12]}) is no version synced "
+                         "from here")
+        return got
+    found = (project.recorded_file(base_tree, fp.old_path) if base_tree and project.recorded(base_tree)
+             else read_worktree(project.root, fp.old_path))
+    return found[0] if found else None
+
+
+def compute_results(project: "Project", files: Sequence[FilePatch], base_tree: Optional[str],
+                    whole: bool = True) -> Sequence[FilePatch]:
+    """Each text file's result into `fp.result`, or PatchRefused. `whole`: the patch as the
+    box sent it, whose results must be the blobs its `index` lines name (a part chosen
+    from it by --only or -i is checked by position only). The blobs the sections name are
+    read in one git process, not one each."""
+    blobs = project.git.read_blobs([ids[0] for ids in map(index_ids, files) if ids and not ZERO_ID.fullmatch(ids[0])])
+    for fp in files:
+        if fp.binary:
+            problem = binary_problem(fp, preimage(project, fp, base_tree, blobs))
+            if problem:
+                raise refuse(f"a binary patch to {fp.path!r}, {problem}: what it writes cannot be "
+                             "reviewed (ask for a text change)")
+            continue
+        if not fp.hunks:
+            continue
+        pre = preimage(project, fp, base_tree, blobs)
+        if pre is None:
+            raise refuse(f"a change to {fp.old_path!r}, which was not synced from here")
+        fp.pre, fp.result = pre, post_image(pre, fp, whole)
+        ids = index_ids(fp)
+        expected = "" if ids is None or ZERO_ID.fullmatch(ids[1]) else ids[1]
+        if whole and ids and (blob_id(fp.result, ids[1]) != expected if expected else fp.result):
+            raise refuse(f"the result for {fp.path!r} is not the file its index line names ({ids[1][:12]})")
+    return files
+
+
+def binary_problem(fp: FilePatch, pre: Optional[bytes]) -> Optional[str]:
+    """Why a binary patch is refused: it turns a text file into base85 the preview cannot
+    show (one NUL byte added to a script is enough for git diff to write one), it changes an
+    executable or a script, or its literal content is text after all."""
+    if "100755" in (fp.old_mode, fp.new_mode):
+        return "an executable"
+    if any(p.lower().endswith(SCRIPT_SUFFIXES) for p in (fp.path, fp.old_path)):
+        return "a script"
+    if pre and b"\0" not in pre[:8000]:
+        return "a text file here"
+    literal = binary_literal(fp)
+    if literal is not None and (literal.startswith(b"#!") or b"\0" not in literal[:8000]):
+        return "which decodes to text" + (" starting with #!" if literal.startswith(b"#!") else "")
+    return None
+
+
+def binary_literal(fp: FilePatch) -> Optional[bytes]:
+    """The content a `literal` binary patch writes (git's base85 of zlib data); None for a delta."""
+    lines = fp.lines[fp.body_start:]
+    if not lines or not lines[0].startswith(b"literal "):
+        return None
+    data = bytearray()
+    for line in lines[1:]:
+        if line == b"\n":
+            break
+        size = line[0] - (ord("A") - 1) if line[:1].isupper() else line[0] - (ord("a") - 27)
+        data += base64.b85decode(line[1:-1])[:size]
+    try:
+        return zlib.decompress(bytes(data))
+    except (zlib.error, ValueError):
+        raise refuse(f"binary data for {fp.path!r} that does not decode")
+
+
+def unchanged_since_sync(project: "Project", files: Sequence[FilePatch], base_tree: Optional[str]) -> set:
+    """Paths of the text files here that hold exactly the bytes the patch was made from:
+    there the result git writes must be the one computed (Applier.check_written)."""
+    out = set()
+    for fp in files:
+        if fp.result is not None and not fp.binary:
+            here = read_worktree(project.root, fp.old_path) if fp.kind != "new" else None
+            pre = fp.pre if fp.pre is not None else preimage(project, fp, base_tree)
+            if (here[0] if here else b"" if fp.kind == "new" else None) == pre:
+                out.add(fp.path)
+    return out
+
+
+class InTheWay:
+    """A file already at a new file's or a rename's destination that the patch would replace:
+    what it holds was never synced or reviewed (a file made since the sync, an ignored `.env`).
+    `status` is git's word for it: "untracked" or "ignored" (every file outside git is untracked)."""
+
+    def __init__(self, fp: FilePatch, status: str, data: bytes, mode: str):
+        self.fp, self.status, self.data, self.mode = fp, status, data, mode
+
+    @property
+    def path(self) -> str:
+        return self.fp.path
+
+    @property
+    def digest(self) -> str:
+        """What the user agreed to replace: these bytes, not whatever the path holds later."""
+        return hashlib.sha256(self.data).hexdigest()
+
+    def describe(self) -> str:
+        kind = f"{self.status} symlink" if self.mode == "120000" else self.status
+        return f"{sanitize(self.path)} ({kind}, {size_in_words(len(self.data))})"
+
+    def as_json(self) -> dict:
+        return {"path": self.path, "status": self.status, "bytes": len(self.data), "sha256": self.digest}
+
+
+def size_in_words(n: int) -> str:
+    return "1 byte" if n == 1 else f"{n} bytes" if n < 1024 else human_bytes(n)
+
+
+def files_in_the_way(project: "Project", files: Sequence[FilePatch]) -> List[InTheWay]:
+    """What a new file or a rename would replace here: a file or link where nothing was synced.
+    A file that holds the result already is not in the way. A folder, or a file git tracks
+    (the box had it, so a patch calling it new was not made from your files), is never
+    replaced: PatchError, before any write."""
+    root = project.root
+    leaving = {folded_path(f.old_path) for f in files if f.kind in ("deleted", "renamed")}
+    found = []
+    for f in files:
+        if f.kind not in ("new", "renamed") or folded_path(f.path) in leaving or symlink_parent(root, f.path):
+            continue
+        if lstat_or_none(root / f.path) is None:
+            continue
+        here = read_worktree(root, f.path)
+        if here is not None and f.result is not None and here[0] == f.result:
+            continue
+        status = worktree_status(project, f.path) if here is not None else "a folder"
+        if here is None or status == "tracked":
+            raise PatchError(f"{sanitize(f.path)} is already here ({status}), where the patch puts a new file "
+                             "or a rename: it was not made from the files here; nothing was changed",
+                             "if you made it since the ask, move it away and apply again; otherwise ask again")
+        found.append(InTheWay(f, status, *here))
+    return found
+
+
+def worktree_status(project: "Project", path: str) -> str:
+    """"tracked", "ignored" or "untracked", by the user's own git and its ignore rules."""
+    if project.user_git is None:
+        return "untracked"
+    if project.user_git("ls-files", "-z", "--", path):
+        return "tracked"
+    ignored = project.user_git("ls-files", "-z", "--others", "--ignored", "--exclude-standard", "--", path)
+    return "ignored" if ignored else "untracked"
+
+
+def check_destinations(project: "Project", files: Sequence[FilePatch], overwrite: Dict[str, str],
+                       job: str) -> List[InTheWay]:
+    """The files in the way (files_in_the_way) that `overwrite` ({path: sha256 of the bytes
+    the user agreed to replace}) lets the patch replace; PatchError naming every other one,
+    before any write: git's 3-way fallback would replace them unseen."""
+    found = files_in_the_way(project, files)
+    refused = [w for w in found if overwrite.get(w.path) != w.digest]
+    if refused:
+        raise in_the_way_error(refused, job)
+    return found
+
+
+def in_the_way_error(found: Sequence[InTheWay], job: str) -> PatchError:
+    one = len(found) == 1
+    it, names = "it" if one else "them", " ".join(shlex.quote(sanitize(w.path)) for w in found)
+    return PatchError(", ".join(w.describe() for w in found) + (" is" if one else " are") + " already here, "
+                      f"not part of what you reviewed: the patch would replace {it} (a new file or a rename "
+                      "lands there); nothing was changed",
+                      f"look at {it}; then `patchwire apply {job} --overwrite-untracked` replaces {it} "
+                      f"(`patchwire apply --undo` puts {it} back), or move {it} away, or leave {it} out: "
+                      f"`patchwire apply {job} --exclude {names}`",
+                      details={"code": CODE_IN_THE_WAY, "in_the_way": [w.as_json() for w in found]})
+
+
+def lstat_or_none(path: Path) -> Optional[os.stat_result]:
+    try:
+        return os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def removed_links(root: Path, files: Sequence["FilePatch"]) -> set:
+    """Symlinks here that the patch deletes or moves away."""
+    return {f.old_path for f in files if f.kind in ("deleted", "renamed")
+            and symlink_parent(root, f.old_path) is None
+            and (read_worktree(root, f.old_path) or (b"", ""))[1] == "120000"}
+
+
+def beneath(path: str, folders: set) -> bool:
+    """Whether a proper parent folder of `path` is one of `folders`."""
+    parts = path.split("/")
+    return any("/".join(parts[:n]) in folders for n in range(1, len(parts)))
+
+
+def symlink_parent(root: Path, rel: str) -> Optional[str]:
+    """The first parent folder of `rel` that is a symlink here (never followed), or None."""
+    parts = rel.split("/")
+    for n in range(1, len(parts)):
+        try:
+            if stat.S_ISLNK(os.lstat(os.path.join(root, *parts[:n])).st_mode):
+                return "/".join(parts[:n])
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+    return None
+
+
+def link_chain_problem(root: Path, link: str, target: str, links: Dict[str, str], gone: set) -> Optional[str]:
+    """Follow `target` component by component through the links here and the patch's own
+    (a chain a -> b, b -> ../..), lexically and never on the real filesystem beyond lstat;
+    the problem when it leaves the project or enters .git."""
+    parts = target.split("/")
+    out = link.split("/")[:-1]
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not out:
+                return f"a target that leads out of the project (through {link!r})"
+            out.pop()
+            continue
+        if is_dot_git(part):
+            return "a target that leads into .git"
+        out.append(part)
+        here = "/".join(out)
+        step = links.get(here)
+        if step is None and here not in gone:
+            disk = read_worktree(root, here) if symlink_parent(root, here) is None else None
+            step = _dec(disk[0]) if disk and disk[1] == "120000" else None
+        if step is not None:
+            hops += 1
+            if hops > 40 or step.startswith("/"):
+                return f"a target that leads out of the project through the symlink {here!r}"
+            out.pop()
+            parts = step.split("/") + parts
+    return None
+
+
+def check_merged_writes(root: Path, merged: Dict[str, Tuple[Optional[bytes], str, int]]) -> None:
+    """The 3-way result, vetted like the patch: nothing written beneath a symlink here
+    that the result does not delete first."""
+    removed = {p for p, (data, _, _) in merged.items() if data is None}
+    for path, (data, _, _) in merged.items():
+        link = symlink_parent(root, path)
+        if data is not None and link and not beneath(path, removed):
+            raise refuse(f"{path!r} lies beyond the symlink {link!r} here")
+
+
+def conflict_excerpt(data: bytes, limit: int = 12) -> List[str]:
+    lines = data.decode("utf-8", "replace").splitlines()
+    out, inside = [], False
+    for line in lines:
+        if line.startswith("<<<<<<< "):
+            inside = True
+        if inside:
+            out.append(line)
+        if line.startswith(">>>>>>> "):
+            inside = False
+        if len(out) >= limit:
+            out.append("...")
+            break
+    return out
+
+
+def confirm_word(prompt: str, word: str, answers=None) -> bool:
+    """Whether the line read from `answers` (stdin) is `word`; no input at all is a no."""
+    say(prompt)
+    try:
+        return (answers if answers is not None else sys.stdin).readline().strip().lower() == word
+    except (OSError, ValueError):
+        return False
+
+
+# ================================================================== preview: what deserves a second look, and the diff
+
+# Files that run code or configure tools without anyone asking: a change to them acts at the
+# next build, `git checkout`, `cd`, editor start, install, CI run or AI run, long after the
+# review. By category, each with the reason the preview shows (README: Look closely). This
+# tool's users build Flutter, Android and iOS apps: a Gradle wrapper's distributionUrl is a
+# program the next `./gradlew` downloads and runs, an Xcode project's build phases are shell
+# scripts, a Dart build hook runs at every build.
+WRAPPER = "build wrapper or its download"
+BUILD = "build script or hook"
+CI = "CI"
+CONTAINER = "container"
+TOOL = "editor or tool configuration"
+AI_AGENT = "AI agent configuration"
+_SELF_RUNNING_TABLE = (
+    (WRAPPER, r"(^|/)gradle-wrapper\.properties$", "its distributionUrl is a Gradle the next build downloads and runs"),
+    (WRAPPER, r"(^|/)(gradle|maven)-wrapper\.jar$", "runs at the next ./gradlew or ./mvnw"),
+    (WRAPPER, r"(^|/)(gradlew|gradlew\.bat|mvnw|mvnw\.cmd)$", "the script every build through the wrapper runs"),
+    (WRAPPER, r"(^|/)\.mvn/", "Maven wrapper and extensions: downloaded and run by the next Maven build"),
+    (WRAPPER, r"(^|/)\.yarn/(releases|plugins)/", "the Yarn code every yarn command runs"),
+    (WRAPPER, r"(^|/)\.yarnrc\.yml$", "yarnPath names the Yarn that runs; also the registry and install scripts"),
+    (WRAPPER, r"(^|/)\.pnp\.c?js$", "Yarn's loader, run by node in this project"),
+    (WRAPPER, r"(^|/)(rust-toolchain(\.toml)?|\.tool-versions|\.?mise\.toml|\.fvmrc|\.fvm/fvm_config\.json)$",
+     "names a toolchain that is downloaded and run"),
+    (BUILD, r"(^|/)(GNUmakefile|makefile|[^/]+\.mk)$", "make runs its recipes"),
+    (BUILD, r"(^|/)(CMakeLists\.txt|[^/]+\.cmake|meson\.build)$", "runs at configure time"),
+    (BUILD, r"(^|/)[^/]+\.gradle(\.kts)?$", "Gradle runs it at every build"),
+    (BUILD, r"(^|/)gradle\.properties$", "sets the JVM options and settings of every Gradle build"),
+    (BUILD, r"(^|/)package\.json$", "npm scripts and dependencies run on install"),
+    (BUILD, r"(^|/)(Podfile|[^/]+\.podspec)$", "CocoaPods runs it at pod install"),
+    (BUILD, r"\.xcodeproj/project\.pbxproj$", "Xcode project: its build phases run shell scripts"),
+    (BUILD, r"\.xcscheme$", "Xcode scheme: its pre- and post-actions run scripts"),
+    (BUILD, r"(^|/)pubspec\.yaml$", "Dart and Flutter dependencies, whose build hooks run"),
+    (BUILD, r"(^|/)pubspec_overrides\.yaml$", "replaces Dart dependencies with any path or git source"),
+    (BUILD, r"(^|/)hook/(build|link)\.dart$", "a Dart build hook: runs at every build"),
+    (BUILD, r"(^|/)build\.yaml$", "build_runner builders run at code generation"),
+    (BUILD, r"(^|/)(setup\.py|setup\.cfg|conftest\.py|pyproject\.toml|noxfile\.py|tox\.ini)$",
+     "Python build or test configuration: runs at install or test time"),
+    (BUILD, r"(^|/)(Gemfile|Rakefile|[^/]+\.gemspec|Fastfile)$", "Ruby that bundler, rake or fastlane runs"),
+    (BUILD, r"(^|/)(build\.rs|Cargo\.toml)$", "Cargo runs it, or its dependencies' build scripts"),
+    (BUILD, r"(^|/)\.cargo/config(\.toml)?$", "sets Cargo's runner, linker and rustc wrapper: programs every build runs"),
+    (BUILD, r"(^|/)(Taskfile\.ya?ml|justfile|\.justfile|Jakefile(\.js)?|Gruntfile\.[cm]?[jt]s|gulpfile\.[cm]?[jt]s|"
+            r"Earthfile|Tiltfile|magefile\.go|Procfile)$", "a task runner's tasks"),
+    (BUILD, r"(^|/)(flake\.nix|shell\.nix|default\.nix|devenv\.nix)$", "Nix runs it when the shell or build starts"),
+    (BUILD, r"(^|/)\.gitattributes$", "sets git filters and diff drivers"),
+    (BUILD, r"(^|/)\.gitmodules$", "adds or moves git submodules"),
+    (BUILD, r"(^|/)\.envrc$", "runs when you cd here (direnv)"),
+    (BUILD, r"(^|/)\.husky/", "git hooks (husky)"),
+    (BUILD, r"(^|/)(\.pre-commit-config\.yaml|\.?lefthook\.ya?ml)$", "git hooks (pre-commit, lefthook)"),
+    (CI, r"^\.github/workflows/", "CI workflow (runs with the repository's secrets)"),
+    (CI, r"^\.github/actions/|(^|/)action\.ya?ml$", "a CI action that workflows run (with the repository's secrets)"),
+    (CI, r"(^|/)\.gitlab-ci\.ya?ml$|^\.gitlab/", "GitLab CI (runs with the project's secrets)"),
+    (CI, r"^\.circleci/", "CircleCI (runs with the project's secrets)"),
+    (CI, r"(^|/)bitbucket-pipelines\.ya?ml$", "Bitbucket Pipelines (runs with the repository's secrets)"),
+    (CI, r"(^|/)azure-pipelines\.ya?ml$|^\.?azure-pipelines/|^\.azure/", "Azure Pipelines (runs with the project's secrets)"),
+    (CI, r"(^|/)Jenkinsfile$", "Jenkins pipeline (runs with its credentials)"),
+    (CI, r"(^|/)(\.travis\.yml|\.drone\.ya?ml|appveyor\.ya?ml|\.woodpecker\.ya?ml|codemagic\.ya?ml|bitrise\.ya?ml|"
+         r"cloudbuild\.ya?ml)$|^\.(buildkite|woodpecker)/", "CI configuration (runs with the project's secrets)"),
+    (CONTAINER, r"(^|/)(Dockerfile|Containerfile)([.-][^/]*)?$|\.[Dd]ockerfile$",
+     "its RUN lines run at the next image build"),
+    (CONTAINER, r"(^|/)(docker-)?compose([.-][^/]*)?\.ya?ml$", "the containers, mounts and commands compose starts"),
+    (CONTAINER, r"(^|/)\.devcontainer/|(^|/)\.devcontainer\.json$", "dev container commands run when the editor opens it"),
+    (TOOL, r"(^|/)\.vscode/", "editor tasks and settings run by themselves"),
+    (TOOL, r"\.code-workspace$", "a VS Code workspace: its settings and tasks apply when it is opened"),
+    (TOOL, r"(^|/)\.idea/", "editor run configurations"),
+    (TOOL, r"(^|/)(\.nvim\.lua|\.nvimrc|\.exrc|\.lvimrc)$|\.sublime-project$", "the editor runs it when it opens here"),
+    (TOOL, r"(^|/)\.(npmrc|yarnrc|bunfig\.toml)$|(^|/)(bunfig\.toml|pip\.conf|\.bundle/config)$",
+     "sets the package registry and install scripts"),
+    (AI_AGENT, r"(^|/)\.claude/|(^|/)\.mcp\.json$", "Claude Code settings, hooks and MCP servers: programs the AI's tools start"),
+    (AI_AGENT, r"(^|/)(CLAUDE(\.local)?\.md|AGENTS\.md|GEMINI\.md|\.cursorrules|\.windsurfrules|\.clinerules)$"
+            r"|^\.github/copilot-instructions\.md$", "instructions the next AI run follows"),
+    (AI_AGENT, r"(^|/)\.(cursor|gemini|codex|continue|roo|windsurf|aider[^/]*)(/|$)", "AI tool settings and hooks"),
+)
+SELF_RUNNING = tuple((re.compile(pattern, re.I), category, why) for category, pattern, why in _SELF_RUNNING_TABLE)
+MANY_DELETIONS = 3
+# A name that looks like another: invisible characters and direction overrides (Trojan Source).
+DECEPTIVE_NAME = re.compile(f"[{_INVISIBLE}]")
+# Letters of other scripts drawn like Latin ones (Unicode's confusables for the common ones):
+# `src/аpp.py` with a Cyrillic а sits beside `src/app.py` and reads the same.
+_LOOKALIKES = str.maketrans("аеіјорсѕухԁԛԝһӏАВЕІЈКМНОРСЅТХУαβεικνορτυχΑΒΕΗΙΚΜΝΟΡΤΥΧΖօոսՏ",
+                            "aeijopcsyxdqwhlABEIJKMHOPCSTXYaBeikvoptuxABEHIKMNOPTYXZonuS")
+_LATIN_LOOKING = ("CYRILLIC", "GREEK", "ARMENIAN", "CHEROKEE", "COPTIC", "LISU")
+
+
+def name_problem(path: str) -> Optional[str]:
+    """Why `path` may be mistaken for another name, or None."""
+    if DECEPTIVE_NAME.search(path):
+        return "its name holds invisible or direction-changing characters"
+    if unicodedata.normalize("NFKC", path) != unicodedata.normalize("NFC", path):
+        return (f"its name has letters in another form (fullwidth, mathematical) and reads as "
+                f"{unicodedata.normalize('NFKC', path)}")
+    looks_like = unicodedata.normalize("NFKC", path.translate(_LOOKALIKES))
+    if looks_like != path and looks_like.isascii():
+        return f"its name has letters of another script that look Latin: it reads as {looks_like}"
+    for word in re.findall(r"[^\W\d_]+", path):  # runs of letters: `файл.py` is a Russian name, not a mix
+        scripts = {unicodedata.name(c, "?").split(" ")[0] for c in word}
+        if "LATIN" in scripts and scripts & set(_LATIN_LOOKING):
+            return f"its name mixes Latin and {' and '.join(sorted(scripts & set(_LATIN_LOOKING))).title()} letters"
+    return None
+
+
+def look_closely(files: Sequence[FilePatch]) -> List[dict]:
+    """[{path, category, reason}] for the changes a reader should not skim past."""
+    out = []
+    for f in files:
+        if f.link_target is not None:
+            out.append({"path": f.path, "category": "symlink",
+                        "reason": ("new symlink -> " if f.kind == "new" else "symlink now -> ") + f.link_target})
+        elif f.new_mode == "100755" and (f.kind == "new" or f.old_mode not in (None, "100755")):
+            out.append({"path": f.path, "category": "executable",
+                        "reason": "new executable file" if f.kind == "new" else "becomes executable"})
+        if f.kind != "deleted":
+            found = next(((category, why) for pattern, category, why in SELF_RUNNING if pattern.search(f.path)), None)
+            if found:
+                out.append({"path": f.path, "category": found[0], "reason": found[1]})
+            problem = name_problem(f.path)
+            if problem:
+                out.append({"path": f.path, "category": "lookalike name", "reason": problem})
+    deleted = [f.path for f in files if f.kind == "deleted"]
+    if len(deleted) > MANY_DELETIONS:
+        common = os.path.commonpath(deleted) if len({p.split("/")[0] for p in deleted}) == 1 else "."
+        out.append({"path": common, "category": "deletions", "reason": f"deletes {len(deleted)} files"})
+    return out
+
+
+def render_look_closely(files: Sequence[FilePatch], style: Style) -> List[str]:
+    notes = look_closely(files)
+    if not notes:
+        return []
+    return [style("yellow", "Look closely:")] + [
+        "  " + style("yellow", sanitize(n["path"])) + ": " + sanitize(n["reason"]) + style("dim", f"  [{n['category']}]")
+        for n in notes] + [""]
+
+
+def render_summary(files: Sequence[FilePatch], style: Style) -> List[str]:
+    shown = [sanitize(f.path) for f in files]
+    width = max((len(p) for p in shown), default=0)
+    out = []
+    for f, path in zip(files, shown):
+        change = "binary" if f.binary else (style("green", f"+{f.added}") + " " + style("red", f"-{f.removed}"))
+        out.append(f"  {path.ljust(width)}  {f.label:<12} {change}")
+    added = sum(f.added for f in files)
+    removed = sum(f.removed for f in files)
+    out.append(style("bold", f"  {len(files)} file(s) changed, +{added} -{removed}"))
+    return out
+
+
+def render_diff(files: Sequence[FilePatch], style: Style) -> List[str]:
+    return list(diff_lines(files, style))
+
+
+def diff_lines(files: Sequence[FilePatch], style: Style) -> Iterator[str]:
+    """The preview's diff, a line at a time as it is rendered (page() shows the first
+    screenful before the rest is rendered)."""
+    for f in files:
+        lines = [sanitize(l.decode("utf-8", "replace").rstrip("\n")) for l in f.lines]
+        body = f.body_start or len(lines)
+        yield from (style("bold", line) for line in lines[:body])
+        i = body
+        while i < len(lines):
+            line = lines[i]
+            if line.startswith("@@"):  # the heading after `@@ ... @@` is the box's words: not shown
+                yield style("cyan", line[:line.find("@@", 2) + 2])
+            elif line.startswith("-"):
+                minus = _run_of(lines, i, "-")
+                plus = _run_of(lines, i + len(minus), "+")
+                yield from _highlight_pair(minus, plus, style)
+                i += len(minus) + len(plus)
+                continue
+            elif line.startswith("+"):
+                yield style("green", line)
+            else:
+                yield line
+            i += 1
+
+
+def _run_of(lines: List[str], start: int, sign: str) -> List[str]:
+    run_ = []
+    while start < len(lines) and lines[start].startswith(sign):
+        run_.append(lines[start])
+        start += 1
+    return run_
+
+
+# difflib costs ~100 µs a pair of ordinary lines and grows with the square of a line's length:
+# a 10,000-line rewrite took 0.9 s to colour (7 ms uncoloured). So difflib judges only the
+# first pairs of each run and short lines; past that, a pair is highlighted by its common
+# prefix and suffix (what git's contrib diff-highlight does), linear in the line's length.
+DIFFLIB_PAIRS_PER_RUN = 16
+DIFFLIB_MAX_LINE = 400
+
+
+def _highlight_pair(minus: List[str], plus: List[str], style: Style) -> List[str]:
+    """Removed and added lines, with the changed characters highlighted when the two runs
+    pair up line by line (difflib decides what changed within each pair, within a budget)."""
+    if not style.enabled or len(minus) != len(plus):
+        return [style("red", l) for l in minus] + [style("green", l) for l in plus]
+    old_out, new_out = [], []
+    for k, (old, new) in enumerate(zip(minus, plus)):
+        a, b = old[1:], new[1:]
+        if k >= DIFFLIB_PAIRS_PER_RUN or max(len(a), len(b)) > DIFFLIB_MAX_LINE:
+            old_line, new_line = _highlight_ends(a, b, style)
+            old_out.append(old_line)
+            new_out.append(new_line)
+            continue
+        matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
+        if matcher.ratio() < 0.4:
+            old_out.append(style("red", old))
+            new_out.append(style("green", new))
+            continue
+        o, n = [style("red", "-")], [style("green", "+")]
+        for op, a1, a2, b1, b2 in matcher.get_opcodes():
+            if op == "equal":
+                o.append(style("red", a[a1:a2]))
+                n.append(style("green", b[b1:b2]))
+            else:
+                o.append(style("red_bg", a[a1:a2]))
+                n.append(style("green_bg", b[b1:b2]))
+        old_out.append("".join(o))
+        new_out.append("".join(n))
+    return old_out + new_out
+
+
+def _highlight_ends(a: str, b: str, style: Style) -> Tuple[str, str]:
+    """One removed/added pair (signs stripped) with the middle between their common prefix
+    and suffix highlighted; unhighlighted when less than 40% of the longer line is shared."""
+    pre = len(os.path.commonprefix([a, b]))
+    suf = len(os.path.commonprefix([a[pre:][::-1], b[pre:][::-1]]))
+    if pre + suf < 0.4 * max(len(a), len(b), 1):
+        return style("red", "-" + a), style("green", "+" + b)
+    ea, eb = len(a) - suf, len(b) - suf
+    o = style("red", "-" + a[:pre]) + style("red_bg", a[pre:ea]) + style("red", a[ea:])
+    n = style("green", "+" + b[:pre]) + style("green_bg", b[pre:eb]) + style("green", b[eb:])
+    return o, n
+
+
+def page(lines: Iterable[str]) -> None:
+    """Print, through a pager when stdout is a terminal and the text is taller than it. Only
+    the first screenful is rendered before anything shows; the rest streams to the pager
+    as it is rendered (and stops being rendered when the reader quits it)."""
+    rest = iter(lines)
+    height = shutil.get_terminal_size((80, 24)).lines
+    head = list(itertools.islice(rest, max(height - 1, 1)))
+    pager = os.environ.get("PAGER") or "less -R"
+    if sys.stdout.isatty() and len(head) > height - 2 and pager and shutil.which(shlex.split(pager)[0]):
+        try:
+            proc = spawn(shlex.split(pager), cwd=Path.cwd(), terminal=True,
+                         env={**os.environ, "LESS": os.environ.get("LESS", "FRX")})
+        except OSError:
+            proc = None
+        if proc is not None:
+            feed_pager(proc, itertools.chain(head, rest))
+            return
+    for chunk in batched(itertools.chain(head, rest), 1000):
+        sys.stdout.write("\n".join(chunk) + "\n")
+    sys.stdout.flush()
+
+
+def feed_pager(proc: subprocess.Popen, lines: Iterator[str]) -> None:
+    """Write `lines` to the pager in batches, then wait for the reader to quit it (no time
+    limit: they read at their own pace). A reader who quits early ends the writing."""
+    assert proc.stdin is not None
+    try:
+        for chunk in batched(lines, 1000):
+            proc.stdin.write(("\n".join(chunk) + "\n").encode("utf-8", "replace"))
+        proc.stdin.close()
+    except (BrokenPipeError, OSError):
+        pass
+    finally:
+        with contextlib.suppress(BrokenPipeError, OSError):
+            proc.stdin.close()
+        proc.wait()
+
+
+def batched(items: Iterable[str], size: int) -> Iterator[List[str]]:
+    it = iter(items)
+    while True:
+        chunk = list(itertools.islice(it, size))
+        if not chunk:
+            return
+        yield chunk
+
+
+# ================================================================== choosing what to apply
+
+HUNK_RE = re.compile(rb"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@(.*)$", re.S)
+
+
+class Hunk:
+    """One @@ hunk; its changes grouped into runs separated by context, so a hunk can be
+    split ('s') and applied in part: an unchosen group turns back into context."""
+
+    def __init__(self, header: bytes, lines: List[bytes]):
+        m = HUNK_RE.match(header)
+        if not m:
+            raise PatchError(f"malformed hunk header: {header[:80]!r}")
+        self.old_start = int(m.group(1))
+        self.tail = m.group(5)
+        self.lines = lines
+        self.group_of: List[Optional[int]] = []
+        group, in_change = -1, False
+        for line in lines:
+            if line.startswith((b"-", b"+")):
+                if not in_change:
+                    group, in_change = group + 1, True
+                self.group_of.append(group)
+            elif line.startswith(b"\\"):
+                self.group_of.append(self.group_of[-1] if self.group_of else None)
+            else:
+                in_change = False
+                self.group_of.append(None)
+        self.groups = group + 1
+
+    def render(self, chosen: Iterable[int], delta: int) -> Tuple[Optional[bytes], int]:
+        """(hunk bytes, change in line count) keeping only the chosen groups."""
+        chosen = set(chosen)
+        if not chosen:
+            return None, 0
+        out, old, new, dropped = [], 0, 0, False
+        for line, group in zip(self.lines, self.group_of):
+            if line.startswith(b"\\"):
+                if not dropped:
+                    out.append(line)
+                continue
+            dropped = False
+            if group is None or group in chosen:
+                out.append(line)
+                old += not line.startswith(b"+")
+                new += not line.startswith(b"-")
+            elif line.startswith(b"-"):
+                out.append(b" " + line[1:])
+                old, new = old + 1, new + 1
+            else:
+                dropped = True
+        header = b"@@ -%d,%d +%d,%d @@%s" % (self.old_start, old, max(self.old_start + delta, 0 if new == 0 else 1),
+                                            new, self.tail)
+        return header + b"".join(out), new - old
+
+    def group_text(self, group: Optional[int] = None) -> List[bytes]:
+        """The hunk's lines, or one group with the context around it."""
+        if group is None:
+            return self.lines
+        idx = [i for i, g in enumerate(self.group_of) if g == group]
+        lo, hi = idx[0], idx[-1] + 1
+        while lo > 0 and self.group_of[lo - 1] is None:
+            lo -= 1
+        while hi < len(self.lines) and self.group_of[hi] is None:
+            hi += 1
+        return self.lines[lo:hi]
+
+
+def parse_hunks(fp: "FilePatch") -> Tuple[List[bytes], List[Hunk]]:
+    """(header lines, hunks) of a text file's patch; binary patches have no hunks."""
+    header: List[bytes] = []
+    hunks: List[Hunk] = []
+    current: Optional[Tuple[bytes, List[bytes]]] = None
+    for line in fp.lines:
+        if line.startswith(b"@@ "):
+            if current:
+                hunks.append(Hunk(*current))
+            current = (line, [])
+        elif current:
+            current[1].append(line)
+        else:
+            header.append(line)
+    if current:
+        hunks.append(Hunk(*current))
+    return header, hunks
+
+
+class Selection:
+    """What to take from a patch: whole files, or chosen groups of chosen hunks."""
+
+    def __init__(self, files: Sequence["FilePatch"]):
+        self.files = list(files)
+        self.parsed = {id(f): parse_hunks(f) for f in files}
+        self.chosen: Dict[int, Dict[int, set]] = {}  # file index -> hunk index -> groups
+
+    def take_file(self, i: int) -> None:
+        _, hunks = self.parsed[id(self.files[i])]
+        self.chosen[i] = {h: set(range(hunk.groups)) for h, hunk in enumerate(hunks)}
+
+    def render(self) -> bytes:
+        out = []
+        for i, fp in enumerate(self.files):
+            if i not in self.chosen:
+                continue
+            header, hunks = self.parsed[id(fp)]
+            if not hunks:  # binary, pure rename, mode change, empty new file
+                out.append(fp.bytes)
+                continue
+            body, delta = [], 0
+            for h, hunk in enumerate(hunks):
+                data, change = hunk.render(self.chosen[i].get(h, ()), delta)
+                if data:
+                    body.append(data)
+                    delta += change
+            if body:
+                out.append(b"".join(header) + b"".join(body))
+        return b"".join(out)
+
+
+def select_paths(files: Sequence["FilePatch"], only: Sequence[str], exclude: Sequence[str]) -> Selection:
+    """--only / --exclude: shell patterns or folders, matched against old and new paths."""
+    def hit(fp: FilePatch, patterns: Sequence[str]) -> bool:
+        return any(fnmatch.fnmatchcase(p, pat) or p.startswith(pat.rstrip("/") + "/") or p == pat
+                   for p in {fp.path, fp.old_path} for pat in patterns)
+    sel = Selection(files)
+    for i, fp in enumerate(files):
+        if (not only or hit(fp, only)) and not hit(fp, exclude):
+            sel.take_file(i)
+    return sel
+
+
+HUNK_HELP = """y - apply this hunk     n - skip this hunk     q - quit; apply what was chosen so far
+a - this and all later hunks of the file      d - none of the later hunks of the file
+s - split this hunk into smaller ones         ? - this help"""
+
+
+class Chooser:
+    """`git add -p`-style questions on stderr, answers as lines on stdin."""
+
+    def __init__(self, files: Sequence["FilePatch"], style: Style):
+        self.sel = Selection(files)
+        self.style = style
+
+    def ask(self, question: str, allowed: str) -> str:
+        while True:
+            sys.stderr.write(self.style("bold", f"{question} [{','.join(allowed)},?]? "))
+            sys.stderr.flush()
+            answer = sys.stdin.readline()
+            if not answer:
+                return "q"
+            answer = answer.strip().lower()[:1]
+            if answer in allowed:
+                return answer
+            say(HUNK_HELP)
+
+    def run(self) -> Selection:
+        for i, fp in enumerate(self.sel.files):
+            if self._file(i, fp) == "q":
+                break
+        return self.sel
+
+    def _file(self, i: int, fp: "FilePatch") -> str:
+        header, hunks = self.sel.parsed[id(fp)]
+        name = fp.path if fp.old_path == fp.path else f"{fp.old_path} -> {fp.path}"
+        say(self.style("bold", f"--- {sanitize(name)} ({fp.label}{', binary' if fp.binary else ''})"))
+        for note in look_closely([fp]):
+            say(self.style("yellow", "    look closely: " + sanitize(note["reason"])))
+        if fp.kind == "new":  # what a new file holds is shown before the question about it
+            if fp.binary:
+                say("    (binary content, not shown)")
+            for hunk in hunks:
+                self._show(hunk.lines)
+        if not hunks or fp.kind in ("new", "deleted"):
+            answer = self.ask(f"Apply this whole file ({fp.kind})", "ynq")
+            if answer == "y":
+                self.sel.take_file(i)
+            return answer
+        picked: Dict[int, set] = {}
+        self.sel.chosen[i] = picked
+        rest = None
+        for h, hunk in enumerate(hunks):
+            answer = rest or self._hunk(hunk, picked.setdefault(h, set()), h, len(hunks))
+            if answer in "ad":
+                rest = answer
+            if answer in ("y", "a"):
+                picked[h] = set(range(hunk.groups))
+            if answer == "q":
+                return "q"
+        return ""
+
+    def _hunk(self, hunk: Hunk, picked: set, h: int, count: int) -> str:
+        self._show(hunk.group_text())
+        answer = self.ask(f"Apply this hunk ({h + 1}/{count})", "ynadsq" if hunk.groups > 1 else "ynadq")
+        if answer != "s":
+            return answer
+        for g in range(hunk.groups):
+            self._show(hunk.group_text(g))
+            part = self.ask(f"Apply this part ({g + 1}/{hunk.groups})", "ynq")
+            if part == "y":
+                picked.add(g)
+            if part == "q":
+                return "q"
+        return "s"
+
+    def _show(self, lines: List[bytes]) -> None:
+        text = [sanitize(l.decode("utf-8", "replace").rstrip("\n")) for l in lines]
+        for line in text:
+            colour = {"+": "green", "-": "red"}.get(line[:1])
+            say(self.style(colour, line) if colour else line)
+
+
+# ================================================================== apply and undo
+
+
+class Applier:
+    """Applies a patch to the project: plainly when the files still match what was synced
+    (`git apply --check`, then `git apply`: all or nothing); otherwise, in a git repository,
+    by 3-way merging each file against the synced version (ThreeWayMerge). What it overwrites
+    goes to the UndoLog first, for `patchwire apply --undo`. It asks nothing itself: whether
+    to write conflict markers is `keep_conflicts`'s decision ({path: merged bytes} -> keep?),
+    which the command passes in (ask_keep_conflicts; no decision: never).
+
+    The patch is vetted first (split_patch, then vet_on_disk): a refused patch changes
+    nothing. `protected` names more project paths no patch may touch (a token file)."""
+
+    def __init__(self, project: Project, style: Style, protected: Sequence[str] = (), job: str = "",
+                 keep_conflicts: Optional[Callable[[Dict[str, Optional[bytes]]], bool]] = None):
+        self.project = project
+        self.git = project.git
+        self.style = style
+        self.protected = protected
+        self.job = job  # named in hints
+        self.keep_conflicts = keep_conflicts or (lambda conflicted: False)
+        self.merger = ThreeWayMerge(project)
+        self.undo_log = UndoLog(project)
+        self.aside: List[dict] = []  # undo entries of the files in the way, moved out
+        self.files: List[FilePatch] = []  # what apply() applied, as read
+
+    def apply(self, patch: bytes, base_tree: Optional[str], overwrite: Optional[Dict[str, str]] = None,
+              read: Optional[List[FilePatch]] = None) -> dict:
+        """`overwrite`: the decision on files in the way of a new file or a rename ({path:
+        sha256 of the bytes the user agreed to replace}, made by the caller before: this
+        code asks nothing); any other file in the way refuses the patch (check_destinations).
+        `read`: `patch` as the caller read and computed it already (Session.vet); the files
+        here are vetted again all the same (time may have passed since the preview).
+        On any failure the files set aside go back, byte for byte."""
+        files = vet_on_disk(self.project.root, read if read is not None else split_patch(patch), self.protected)
+        if read is None:
+            compute_results(self.project, files, base_tree, whole=False)
+        self.files = files
+        self.aside = self.set_aside(check_destinations(self.project, files, overwrite or {}, self.job))
+        try:
+            result = self.apply_vetted(patch, files, base_tree)
+        except BaseException:
+            self.undo_log.put_back(self.aside)
+            raise
+        result["replaced"] = [e["path"] for e in self.aside]
+        return result
+
+    def apply_vetted(self, patch: bytes, files: List[FilePatch], base_tree: Optional[str]) -> dict:
+        paths = touched_paths(files)
+        gone = removed_links(self.project.root, files)
+        check = self.git.run("apply", "--check", "--binary", "-", input=patch, check=False)
+        if check.returncode == 0:
+            before = self.saved(paths, gone)
+            exact = unchanged_since_sync(self.project, files, base_tree)
+            self.git("apply", "--binary", "-", input=patch)
+            self.check_written(files, exact, before)
+            return self.done(before, "plain", paths, [])
+        failure = describe_apply_failure(check.stderr)
+        if not self.project.is_git_repo:
+            raise PatchError("the patch does not apply to the files here; nothing was changed:\n"
+                             + failure, "3-way merging is not available outside a git repository: "
+                             "ask again on the current files")
+        if not base_tree:
+            raise PatchError("the patch does not apply to the files here, and this job was not asked "
+                             "from here, so there is no record of the files it was made from for a "
+                             "3-way merge; nothing was changed:\n" + failure,
+                             "ask again from this project (the box's word on what the job started "
+                             "from is never used)")
+        if not self.merger.have(base_tree):
+            raise PatchError("the patch does not apply and the synced version is not here for a "
+                             "3-way merge; nothing was changed:\n" + failure, "ask again")
+        merged = self.merger.merge(patch, base_tree, gone, {f.path: f.result for f in files
+                                                            if f.result is not None and f.kind != "deleted"})
+        check_merged_writes(self.project.root, merged)
+        conflicts = [path for path, (_, _, n) in merged.items() if n]
+        if conflicts and not self.keep_conflicts({p: merged[p][0] for p in conflicts}):
+            raise PatchError("the AI's change and yours overlap in " + ", ".join(map(sanitize, conflicts)) +
+                             "; nothing was changed",
+                             f"resolve by hand: `patchwire diff {self.job}` shows the AI's change; "
+                             f"or run `patchwire apply {self.job} --keep-conflicts` to get conflict markers")
+        before = self.saved(list(merged), gone)
+        self.write(merged, before)
+        return self.done(before, "3-way", list(merged), conflicts)
+
+    def set_aside(self, replaced: Sequence[InTheWay]) -> List[dict]:
+        """Move the files the user agreed to replace out of the way, their bytes in the store
+        first: `git apply` refuses a new file where one exists, and the 3-way merge would
+        take them for the user's side of an add/add conflict."""
+        saved = self.undo_log.save([w.path for w in replaced], set())
+        for w in replaced:
+            write_worktree(self.project.root, w.path, None, "")
+        return saved
+
+    def saved(self, paths: Sequence[str], gone: set) -> List[dict]:
+        """What each path holds now (UndoLog.save), a file set aside what it held before:
+        `apply --undo` puts those bytes back."""
+        aside = {e["path"]: e for e in self.aside}
+        return [aside.get(e["path"], e) for e in self.undo_log.save(paths, gone)]
+
+    def write(self, merged: Dict[str, Tuple[Optional[bytes], str, int]], before: List[dict]) -> None:
+        """All files or none: on any failure (or Ctrl-C) the files written so far go back.
+        Deletions go first, deepest first: a symlink the patch removes is gone before
+        anything is written where it was."""
+        written: List[str] = []
+        try:
+            for path in in_write_order(merged, lambda p: merged[p][0] is None):
+                data, mode, _ = merged[path]
+                written.append(path)
+                write_worktree(self.project.root, path, data, mode)
+        except (OSError, PatchwireError, KeyboardInterrupt) as e:
+            saved = {entry["path"]: entry for entry in before}
+            # the last one failed: write_worktree replaces atomically
+            self.undo_log.put_back([saved[path] for path in reversed(written[:-1])])
+            raise PatchError(f"could not write {sanitize(written[-1])}: {sanitize(str(e))}; the files "
+                             "written so far were put back, nothing was changed",
+                             "fix the cause and apply again")
+
+    def check_written(self, files: Sequence[FilePatch], exact: set, before: List[dict]) -> None:
+        """What `git apply` wrote to each file that was here as synced must be the result
+        computed beforehand (the one the preview showed); otherwise everything goes back."""
+        for fp in files:
+            if fp.path in exact and fp.result is not None and fp.kind != "deleted":
+                now = read_worktree(self.project.root, fp.path)
+                if now is None or now[0] != fp.result:
+                    self.undo_log.put_back(reversed(before))
+                    raise refuse(f"git wrote to {fp.path!r} something other than the change shown; "
+                                 "every file was put back")
+
+    def done(self, before: List[dict], how: str, paths: Sequence[str], conflicts: List[str]) -> dict:
+        self.undo_log.record(before)
+        return {"how": how, "files": list(paths), "conflicts": conflicts}
+
+    def undo(self) -> List[str]:
+        return self.undo_log.undo()
+
+
+# --- the 3-way merge
+
+
+class ThreeWayMerge:
+    """Merges a patch with the files here, file by file, against the synced version the job
+    started from (a sync record, whose blobs are in Patchwire's store since the sync):
+    computes the merged bytes and counts conflicts, and writes nothing in the project."""
+
+    def __init__(self, project: Project):
+        self.project = project
+        self.git = project.git
+
+    def have(self, tree: str) -> bool:
+        return self.git.has_tree(tree)
+
+    def merge(self, patch: bytes, base_tree: str, gone: set,
+              results: Optional[Dict[str, bytes]] = None) -> Dict[str, Tuple[Optional[bytes], str, int]]:
+        """{path: (new bytes or None for deleted, mode, conflicts)} for every touched path.
+        `gone`: symlinks here the patch deletes; what lies "beneath" them is not read.
+        `results`: the files as computed before the preview; the AI's side must be those."""
+        theirs_tree, stderr = self.git.tree_after_patch(base_tree, patch, self.project.private_dir / "merge.index")
+        if theirs_tree is None:
+            raise PatchError("the patch does not even apply to the synced version:\n" + describe_apply_failure(stderr))
+        for path, data in (results or {}).items():
+            if (self.project.recorded_file(theirs_tree, path) or (None, ""))[0] != data:
+                raise refuse(f"git's result for {path!r} on the synced files is not the change shown")
+        out: Dict[str, Tuple[Optional[bytes], str, int]] = {}
+        for status, old, new in diff_tree(self.git, base_tree, theirs_tree):
+            if status == "R":
+                out[old] = self.merge_one(old, base_tree, None, gone)
+                out[new] = self.merge_one(old, base_tree, (theirs_tree, new), gone, new)
+            else:
+                out[new] = self.merge_one(new, base_tree, (theirs_tree, new) if status != "D" else None, gone)
+        return out
+
+    def merge_one(self, path: str, base_tree: str, theirs: Optional[Tuple[str, str]], gone: set,
+                  dest: Optional[str] = None) -> Tuple[Optional[bytes], str, int]:
+        """One file: `path` in `base_tree`, the file here, and `theirs` ((tree, path) of the
+        AI's version, None when the AI deleted it), ending up at `dest`."""
+        base = self.project.recorded_file(base_tree, path)
+        other = self.project.recorded_file(*theirs) if theirs else None
+        dest = dest or path
+        ours = None if beneath(dest, gone) else read_worktree(self.project.root, path)
+        # the three-way rules git's own merge follows, file by file: one side unchanged takes
+        # the other; equal sides agree; a delete against a change, a link, a binary file or a
+        # mode changed on both sides is a conflict that keeps the user's version (counted as 1)
+        if ours == base:
+            return (other[0], other[1], 0) if other else (None, "", 0)
+        if other and ours and ours[0] == other[0] and ours[1] == other[1]:
+            return other[0], other[1], 0
+        if ours is None and other is None:  # deleted on both sides
+            return None, "", 0
+        if ours is None or other is None:  # deleted on one side, changed on the other
+            return (other or ours)[0], (other or ours)[1], 1
+        if "120000" in (ours[1], other[1], base[1] if base else ""):  # a link target is not merged
+            return ours[0], ours[1], 1
+        mode = other[1] if base and base[1] == ours[1] else ours[1]
+        # git's own test for binary: a NUL in the first 8000 bytes (xdiff's buffer_is_binary)
+        if b"\0" in (ours[0] + other[0] + (base[0] if base else b""))[:8000]:
+            return ours[0], mode, 1
+        merged, conflicts = self.merge_file(path, ours[0], base[0] if base else b"", other[0])
+        return merged, mode, conflicts
+
+    def merge_file(self, path: str, ours: bytes, base: bytes, theirs: bytes) -> Tuple[bytes, int]:
+        """(merged bytes, number of conflicts) of one text file, by `git merge-file`."""
+        folder = self.project.private_dir / "merge"
+        folder.mkdir(exist_ok=True)
+        files = []
+        for name, data in (("ours", ours), ("base", base), ("theirs", theirs)):
+            (folder / name).write_bytes(data)
+            files.append(str(folder / name))
+        # the user's merge.conflictStyle (diff3, zdiff3) still applies: the markers are theirs to resolve
+        proc = self.git.run("merge-file", "-p", "-L", f"{path} (yours)", "-L", f"{path} (synced)",
+                            "-L", f"{path} (AI)", *files, check=False)
+        if proc.returncode < 0 or proc.returncode > 127:
+            raise PatchError(f"git merge-file failed on {sanitize(path)}: "
+                             f"{sanitize(proc.stderr.decode(errors='replace'))}")
+        return proc.stdout, proc.returncode
+
+
+# --- the conflict question
+
+
+def ask_keep_conflicts(conflicted: Dict[str, Optional[bytes]], style: Style, keep: Optional[bool],
+                       answers=None) -> bool:
+    """Shows where the AI's change and the user's overlap ({path: merged bytes}) and whether
+    to write them with conflict markers: `keep` when the command line said, otherwise the
+    answer read from `answers` (stdin): "k" keeps, anything else or no input at all does not."""
+    say(style("yellow", f"{len(conflicted)} file(s) changed both here and by the AI, in the same place:"))
+    for path, data in conflicted.items():
+        say(f"  {sanitize(path)}")
+        for line in conflict_excerpt(data or b""):
+            say("    " + sanitize(line))
+    if keep is not None:
+        return keep
+    return confirm_word("Type k and Enter to apply with conflict markers to resolve; Enter alone "
+                        "leaves every file as it was.", "k", answers)
+
+
+# --- the undo log
+
+
+class UndoLog:
+    """What the last apply overwrote, so `patchwire apply --undo` can put it back: each
+    path's bytes before (a blob in Patchwire's store, none for a file that was not there)
+    and mode, and a digest of what the apply left, in the project's undo.json. Files are
+    read and written without following symlinks (read_worktree, write_worktree)."""
+
+    def __init__(self, project: Project):
+        self.root = project.root
+        self.git = project.git
+        self.path = project.state_file("undo.json")
+
+    def save(self, paths: Sequence[str], gone: set) -> List[dict]:
+        """What each path holds now (nothing, beneath a link the patch removes)."""
+        states = {path: None if beneath(path, gone) else read_worktree(self.root, path) for path in paths}
+        held = [path for path, state in states.items() if state]
+        blobs = dict(zip(held, self.git.write_blobs([states[p][0] for p in held])))  # type: ignore[index]
+        return [{"path": path, "blob": blobs.get(path), "mode": state[1] if state else None}
+                for path, state in states.items()]
+
+    def record(self, before: List[dict]) -> None:
+        """Keep `before` (from save) as the last apply, with what each path holds now."""
+        for entry in before:
+            now = read_worktree(self.root, entry["path"])
+            entry["after"] = hashlib.sha256(now[0]).hexdigest() if now else None
+            entry["after_mode"] = now[1] if now else None
+        self.path.write_text(json.dumps(before))
+
+    def put_back(self, entries: Iterable[dict]) -> None:
+        """Write saved entries back, in the order given."""
+        for entry in entries:
+            data = self.git("cat-file", "blob", entry["blob"]) if entry["blob"] else None
+            write_worktree(self.root, entry["path"], data, entry["mode"] or "")
+
+    def undo(self) -> List[str]:
+        """Put back what the last apply overwrote, unless a file changed since; its paths."""
+        try:
+            entries = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            raise UsageError("nothing to undo: no apply recorded in this project")
+        changed = []
+        for e in entries:
+            now = read_worktree(self.root, e["path"])
+            if ((hashlib.sha256(now[0]).hexdigest() if now else None) != e["after"]
+                    or (now[1] if now else None) != e["after_mode"]):
+                changed.append(e["path"])
+        if changed:
+            raise PatchError("cannot undo: these files changed since the apply: " + ", ".join(map(sanitize, changed)),
+                             "undo those edits first, or restore the files by hand")
+        by_path = {e["path"]: e for e in entries}
+        self.put_back(by_path[path] for path in in_write_order(by_path, lambda p: not by_path[p]["blob"]))
+        self.path.unlink()
+        return [e["path"] for e in entries]
+
+
+def touched_paths(files: Sequence["FilePatch"]) -> List[str]:
+    return list(dict.fromkeys(p for f in files for p in (f.old_path, f.path)))
+
+
+def in_write_order(paths: Iterable[str], is_removal) -> List[str]:
+    """Removals first, deepest first; then writes, shallowest first."""
+    paths = list(paths)
+    removals = sorted((p for p in paths if is_removal(p)), key=lambda p: -p.count("/"))
+    writes = sorted((p for p in paths if not is_removal(p)), key=lambda p: p.count("/"))
+    return removals + writes
+
+
+def diff_tree(git: Git, a: str, b: str) -> List[Tuple[str, str, str]]:
+    """(status letter, old path, new path) of every change between two trees."""
+    fields = git("diff-tree", "-r", "-M", "-z", "--name-status", a, b).split(b"\0")
+    out, i = [], 0
+    while i < len(fields) - 1:
+        status = fields[i].decode()[:1]
+        if status in "RC":
+            out.append((status, _dec(fields[i + 1]), _dec(fields[i + 2])))
+            i += 3
+        else:
+            out.append((status, _dec(fields[i + 1]), _dec(fields[i + 1])))
+            i += 2
+    return out
+
+
 # --- files in the way of a new file or a rename
 
 
@@ -5556,71 +5624,6 @@ def choose_attempt(session: Session, args, ask: str, attempts: List[Attempt], pa
             "JOB` applies one, `patchwire ask --on JOB ...` continues one")
     output(args, outcome)
     return 0
-
-
-# ================================================================== telling you it is done (desktop)
-# A job that took a while ends with a notification, since its user has likely looked away:
-# notify-send on a Linux desktop, osascript on macOS, else the terminal's own notification
-# (OSC 9, OSC 777) where the terminal is known to show one, else the bell. Its text holds box
-# words (a failure's reason) and passes `sanitize` like every other box string; osascript gets
-# it as argv of a fixed script (`on run argv`), never spliced into AppleScript source, where a
-# quote would end the string and the rest would run as a script.
-
-OSASCRIPT_NOTIFY = ("on run argv", "display notification (item 2 of argv) with title (item 1 of argv)", "end run")
-OSC9_TERMINALS = ("iTerm.app", "WezTerm", "ghostty", "WarpTerminal")  # TERM_PROGRAM values that show OSC 9
-OSC777_TERMS = ("rxvt", "foot")  # TERM prefixes of terminals that show OSC 777 notify
-DESKTOP_SESSION_VARIABLES = ("DISPLAY", "WAYLAND_DISPLAY", "DBUS_SESSION_BUS_ADDRESS")
-
-
-def notify_desktop(cfg: LaptopConfig, job: str, end: dict, patch: Optional[bytes], elapsed: float) -> None:
-    """The notification for a job that ended after `elapsed` seconds of waiting, when
-    [notify] desktop is on and the wait reached after_s. Never raises: it is a courtesy."""
-    if not cfg.notify_desktop or elapsed < cfg.notify_after_s:
-        return
-    title, body = desktop_notice(cfg.project, job, end, patch)
-    try:
-        send_desktop_notice(title, body)
-    except (PatchwireError, OSError) as e:
-        say(sanitize(f"note: no desktop notification: {str(e).splitlines()[0]}"))
-
-
-def desktop_notice(project: str, job: str, end: dict, patch: Optional[bytes]) -> Tuple[str, str]:
-    """(title, body): the job, how it ended, the files it changed or why it did not."""
-    outcome = {"finished": "done", "failed": "failed", "cancelled": "cancelled"}.get(end.get("type", ""), "ended")
-    title = f"Patchwire: job {job} {outcome}"
-    if patch is not None:
-        count = patch.count(b"\ndiff --git ") + patch.startswith(b"diff --git ")
-        body = f"{project}: {count} file(s) changed" if count else f"{project}: no changes"
-    else:
-        body = f"{project}: {clip_words(str(end.get('reason') or outcome), 200)}"
-    return sanitize(title), sanitize(body)
-
-
-def send_desktop_notice(title: str, body: str) -> None:
-    """Show it by the first way this machine has (see the section's comment)."""
-    if sys.platform == "darwin" and shutil.which("osascript"):
-        run(["osascript", *[arg for line in OSASCRIPT_NOTIFY for arg in ("-e", line)], title, body],
-            timeout=10, check=False)
-    elif (sys.platform.startswith("linux") and shutil.which("notify-send")
-          and any(os.environ.get(v) for v in DESKTOP_SESSION_VARIABLES)):
-        run(["notify-send", "--app-name=Patchwire", "--", title, body], timeout=10, check=False)
-    else:
-        terminal_notice(title, body)
-
-
-def terminal_notice(title: str, body: str) -> None:
-    """OSC 9 or OSC 777 to a terminal known to show it, the bell to any other terminal.
-    `sanitize` left no control character in the text, and ";" separates OSC 777's fields."""
-    stream = next((s for s in (sys.stdout, sys.stderr) if s.isatty()), None)
-    if stream is None:
-        return
-    if os.environ.get("TERM_PROGRAM") in OSC9_TERMINALS or os.environ.get("WT_SESSION"):
-        stream.write(f"\x1b]9;{title}: {body}\x07")
-    elif os.environ.get("TERM", "").startswith(OSC777_TERMS):
-        stream.write(f"\x1b]777;notify;{title.replace(';', ',')};{body.replace(';', ',')}\x07")
-    else:
-        stream.write("\a")
-    stream.flush()
 
 
 # ================================================================== doctor

@@ -138,6 +138,7 @@ Map: the banner sections, top to bottom (tests/test_structure.py keeps it in ste
     the AI run ........................................ AIRun, StreamParser, OutputBudget
     setup and checks (the project's [box]) ............ BoxSteps, CommandRun
     fair queue ........................................ FairQueue, QueueItem
+    several attempts .................................. ask groups (attempts, ask_id), AI profiles
     audit log ......................................... AuditLog
     notifications (the box tells you a job ended) ..... Notifier, Delivery
     the agent (server object) ......................... Agent: ask, run_job, cancel, finish
