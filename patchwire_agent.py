@@ -3850,7 +3850,7 @@ class Notifier:
         if not notify_host_allowed(self.config().notify_allow, target["url"]):
             error = "the host is no longer in [notify] allow"
         else:
-            status, error = send_delivery(delivery)
+            status, error = send_delivery(delivery, self.config().notify_allow)
         ok = status is not None and 200 <= status < 300
         sent = {"ok": ok, "retry": not ok and (status is None or status >= 500 or status in (408, 429)),
                 "status": status, "error": error or None}
@@ -3861,10 +3861,16 @@ class Notifier:
         return sent
 
 
-def send_delivery(delivery: Delivery) -> Tuple[Optional[int], str]:
+def send_delivery(delivery: Delivery, allow: Sequence[str]) -> Tuple[Optional[int], str]:
     """POST it (a webhook's body signed now, with this attempt's time): (HTTP status or None,
-    what went wrong)."""
+    what went wrong). Its host is resolved once here and connected to as resolved, and an
+    address off the internet is reached only when an allow entry names that address itself
+    (as the gateway judges the AI's connections): an allowed name that a DNS answer points
+    at the box's loopback or its private network does not make the agent post there."""
     target = delivery.target
+    address, refusal = delivery_address(target["url"], allow)
+    if not address:
+        return None, refusal
     headers = dict(delivery.headers, **{"User-Agent": f"patchwire-agent/{__version__}",
                                         "X-Patchwire-Delivery": delivery.id})
     if target["kind"] == "webhook" and target.get("secret"):
@@ -3872,7 +3878,7 @@ def send_delivery(delivery: Delivery) -> Tuple[Optional[int], str]:
         headers[TIMESTAMP_HEADER] = str(stamp)
         headers[SIGNATURE_HEADER] = sign(target["secret"], stamp, delivery.body)
     request = urllib.request.Request(target["url"], data=delivery.body, headers=headers, method="POST")
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), NoRedirects())
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), NoRedirects(), *pinned_handlers(address))
     try:
         with opener.open(request, timeout=NOTIFY_TIMEOUT_S) as answer:
             answer.read(64 * 1024)
@@ -3882,6 +3888,44 @@ def send_delivery(delivery: Delivery) -> Tuple[Optional[int], str]:
         return e.code, f"HTTP {e.code}"
     except (urllib.error.URLError, OSError, ValueError) as e:
         return None, clip(str(getattr(e, "reason", e)), 200)
+
+
+def delivery_address(url: str, allow: Sequence[str]) -> Tuple[str, str]:
+    """(the address to post `url` to, "") or ("", why not)."""
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        address = str(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0])
+    except (OSError, UnicodeError) as e:
+        return "", f"cannot resolve {host}: {e}"
+    named = any(host_matches(p, address, port) for p in allow if is_ip_literal(p, address))
+    if not ipaddress.ip_address(address).is_global and not named:
+        return "", (f"{host} is {address}, not an internet address: only a [notify] allow entry naming "
+                    "that address itself reaches it")
+    return address, ""
+
+
+def pinned_handlers(address: str) -> List[urllib.request.BaseHandler]:
+    """urllib handlers whose connections go to `address` (TLS still checks the URL's host)."""
+    import http.client
+
+    class Pinned(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.create_connection((address, self.port), self.timeout)
+
+    class PinnedTLS(http.client.HTTPSConnection):
+        def connect(self) -> None:
+            sock = socket.create_connection((address, self.port), self.timeout)
+            self.sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
+
+    class HTTP(urllib.request.HTTPHandler):
+        def http_open(self, req):  # type: ignore[no-untyped-def]
+            return self.do_open(Pinned, req)
+
+    class HTTPS(urllib.request.HTTPSHandler):
+        def https_open(self, req):  # type: ignore[no-untyped-def]
+            return self.do_open(PinnedTLS, req)
+    return [HTTP(), HTTPS()]
 
 
 class NoRedirects(urllib.request.HTTPRedirectHandler):

@@ -141,3 +141,19 @@ def test_slack_and_test_and_remove(tmp_path, make_agent, receiver):
     assert f"job {alice.last_job()} in alice failed" in text and "&lt;!channel&gt; &amp; down" in text
     alice.run("notify", "remove", target["id"], check=0)
     assert json.loads(alice.run("notify", "list", "--json", check=0).out)["targets"] == []
+
+
+def test_an_allowed_name_that_resolves_to_the_box_gets_nothing(tmp_path, make_agent, receiver):
+    """`localhost` is allowed, but it resolves to the box's loopback: the agent resolves once,
+    judges the address as the gateway does, and posts nowhere off the internet unless an
+    allow entry names that address itself."""
+    receiver.failures = 0
+    port = receiver.url.rsplit(":", 1)[1]
+    box = box_allowing(make_agent, f"localhost:{port}")
+    alice = laptop_of(tmp_path, box, "alice")
+    alice.run("notify", "add", f"http://localhost:{port}/hook", check=0)
+    tested = alice.run("notify", "test")
+    assert "not an internet address" in tested.err and "[notify] allow" in tested.err, tested.err
+    assert receiver.got == []
+    audit = [json.loads(line) for line in (box.state_dir / "audit.log").read_text().splitlines()]
+    assert [r["status"] for r in audit if r.get("event") == "notify"] == [None]
