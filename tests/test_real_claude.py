@@ -341,3 +341,38 @@ def test_another_cli_printing_its_own_json_lines_succeeds(make_agent, tmp_path):
     assert result.returncode == 0, result.err
     assert (lap.root / "made.txt").read_bytes() == b"made\n"
     assert "thread.started" in result.err  # shown like any other output line
+
+
+# ---------------------------------------------------------------------------------------------
+# The project's [box] setup and checks around a real CLI run
+
+
+def test_setup_and_checks_around_the_real_cli(cli, start_box, laptop):
+    """Setup runs before the CLI in the job folder (its output in an ignored folder, which the
+    CLI then reads), the checks run on the CLI's result, and the receipt names the very patch
+    the laptop previews: `--require-checks` offers it and it is applied."""
+    box = start_box()
+    connect(laptop, box)
+    toml = laptop.root / ".patchwire.toml"
+    toml.write_text(toml.read_text() + '\n[box]\nsetup = ["mkdir -p build && echo generated > build/setup.txt"]\n'
+                    'checks = ["grep -q world src/app.py"]\n')
+    cwd = box.job_dir
+    box.api.script([
+        [tool("Read", file_path=str(cwd / "build/setup.txt"))],
+        [tool("Read", file_path=str(cwd / "src/app.py"))],
+        [tool("Edit", file_path=str(cwd / "src/app.py"), old_string="'hello'", new_string="'hello, world'")],
+        [text("Done.")],
+    ])
+    result = laptop.ask("Greet the world.", "--yes", "--require-checks", timeout=120)
+    assert result.returncode == 0, result.err
+    assert "checks: grep ok" in result.out + result.err
+    assert (laptop.root / "src/app.py").read_bytes() == b"def greet():\n    return 'hello, world'\n"
+    assert not (laptop.root / "build").exists()  # setup's output stays on the box
+    job = laptop.last_job()
+    kinds = [e["type"] for e in box.agent.events(job)]
+    assert kinds.index("setup") < kinds.index("started") < kinds.index("check")
+    assert "generated" in json.dumps(box.api.requests[1])  # the CLI read what setup made
+    receipt = box.job(job)["result"]["checks"]
+    diff = laptop.run("diff", job, "--json", check=0)
+    assert receipt["patch_sha256"] == json.loads(diff.out)["sha256"]
+    assert [run["ok"] for run in receipt["runs"]] == [True]
