@@ -39,3 +39,11 @@ def test_attempts_benchmark_quick_run_prints_both_wall_times():
     out = proc.stdout.decode()
     assert proc.returncode == 0, out
     assert "| one attempt |" in out and "| three attempts, --pick 1 |" in out, out
+
+
+def test_setup_cost_benchmark_quick_run_prints_the_ratio():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/setup_cost.py"), "--quick"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, out
+    assert "warm ask, 200 files, setup:" in out and "with setup unchanged / without:" in out, out
