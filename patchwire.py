@@ -6124,16 +6124,10 @@ def sync_and_post(session: Session, args, prompt: str) -> Tuple[dict, Iterator[d
     (the box does not hold the record they start from: a new box, its state reset, another
     laptop), send every file compared by checksum; after a full one, send the paths it names
     again. Retry once; if they differ again, they move under our feet: say so."""
+    fields = {"prompt": prompt, **ask_options(session, args)}
     synced = session.sync()
-    body = {"project": session.cfg.project, "prompt": prompt, **synced.ask_fields(session.project)}
-    if args.timeout:
-        body["timeout_s"] = args.timeout
-    body.update(box_fields(session.cfg, args))
-    if args.on or args.continue_:
-        body["continue"] = args.on or session.job_id(None)
-    body.update(attempt_fields(args))
     try:
-        return post_ask(session, body, synced.tree) + (synced.tree,)
+        return post_ask(session, ask_body(session, synced, fields), synced.tree) + (synced.tree,)
     except AgentError as e:
         paths = mismatched_paths(e)
     if synced.base is not None:
@@ -6143,16 +6137,31 @@ def sync_and_post(session: Session, args, prompt: str) -> Tuple[dict, Iterator[d
     else:  # the agent names at most 200 paths: past that, compare every file by checksum
         say(f"the box's copy differs from what was sent in {describe_paths(paths)}; sending again")
         synced = session.sync(resend=paths) if 0 < len(paths) < 200 else session.sync(force=True)
-    for key in ("files", "base", "changed", "deleted"):
-        body.pop(key, None)
-    body.update(synced.ask_fields(session.project))
     try:
-        return post_ask(session, body, synced.tree) + (synced.tree,)
+        return post_ask(session, ask_body(session, synced, fields), synced.tree) + (synced.tree,)
     except AgentError as e:
         paths = mismatched_paths(e)
     raise PatchwireError(f"the box's copy still differs from what was sent in {describe_paths(paths)}, "
                          "after sending it again", "did it change while it was being sent (a watcher, "
                          "an editor's autosave)? stop that and ask again", details={"paths": paths})
+
+
+def ask_body(session: Session, synced: "Synced", fields: dict) -> dict:
+    """The POST /v1/ask body: the project, what this sync left on the box, and `fields`."""
+    return {"project": session.cfg.project, **synced.ask_fields(session.project), **fields}
+
+
+def ask_options(session: Session, args) -> dict:
+    """The ask's fields the command line decides (read here, once): its timeout, the job it
+    continues, the project's [box] and --setup, several attempts."""
+    out: dict = {}
+    if args.timeout:
+        out["timeout_s"] = args.timeout
+    out.update(box_fields(session.cfg, args))
+    if args.on or args.continue_:
+        out["continue"] = args.on or session.job_id(None)
+    out.update(attempt_fields(args))
+    return out
 
 
 def box_fields(cfg: LaptopConfig, args) -> dict:
