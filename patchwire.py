@@ -161,6 +161,38 @@ CODE_TREE_MISMATCH = "tree_mismatch"  # the box's copy is not what the laptop re
 # In a stream, where the agent left out the middle of the AI's output ([jobs] max_output_mb):
 # {"type": OUTPUT_DROPPED, "events": N, "bytes": N, "limit": "[jobs] max_output_mb = 16"}
 OUTPUT_DROPPED = "output_dropped"
+# The routes both programs know, each once: (method, path template, name, needs a token). The
+# agent matches requests against them (its Handler's route_<name>) and the OpenAPI document
+# describes them; the laptop's Client builds its paths from them (route_path).
+ROUTE_TABLE = (
+    ("GET", "/v1/health", "health", False),
+    ("GET", "/v1/me", "me", True),
+    ("POST", "/v1/ask", "ask", True),
+    ("GET", "/v1/jobs", "jobs", True),
+    ("GET", "/v1/jobs/{job}", "job", True),
+    ("DELETE", "/v1/jobs/{job}", "cancel", True),
+    ("GET", "/v1/jobs/{job}/events", "events", True),
+    ("GET", "/v1/jobs/{job}/diff", "diff", True),
+    ("GET", "/v1/asks/{ask}", "ask_group", True),
+    ("GET", "/v1/asks/{ask}/events", "ask_events", True),
+    ("GET", "/v1/usage", "usage", True),
+    ("GET", "/v1/notify", "notify_list", True),
+    ("POST", "/v1/notify", "notify_add", True),
+    ("DELETE", "/v1/notify/{target}", "notify_remove", True),
+    ("POST", "/v1/notify/{target}/test", "notify_test", True),
+    ("GET", "/v1/openapi.json", "openapi", False),
+    ("GET", "/metrics", "metrics", True),
+)
+ROUTE_TEMPLATES = {name: template for _, template, name, _ in ROUTE_TABLE}
+
+
+def route_path(name: str, query: Optional[Dict[str, Any]] = None, **params: str) -> str:
+    """The path of route `name` with its parameters filled in (each quoted whole: a job id
+    holding "/" stays one segment), and `query` appended."""
+    path = ROUTE_TEMPLATES[name].format(**{k: urllib.parse.quote(str(v), safe="") for k, v in params.items()})
+    return path + ("?" + urllib.parse.urlencode(query) if query else "")
+
+
 # Every type of event a job's stream carries, in the order a job can emit them; the agent's
 # OpenAPI document describes each, and the laptop's ProgressPrinter has an on_<type> for those
 # it shows (tests/test_structure.py keeps all three in step). Anything else from a box is not
@@ -2567,65 +2599,61 @@ class Client:
     # --- one method per route of patchwire-agent (its ROUTES table); ids and names are quoted
 
     def health(self) -> dict:
-        return checked(self.json("GET", "/v1/health", what="health answer"), HEALTH_SHAPE, "health answer")
+        return checked(self.json("GET", route_path("health"), what="health answer"), HEALTH_SHAPE, "health answer")
 
     def me(self, project: str) -> dict:
         what = "answer to /v1/me"
-        return checked(self.json("GET", "/v1/me?" + urllib.parse.urlencode({"project": project}), what=what),
+        return checked(self.json("GET", route_path("me", {"project": project}), what=what),
                        ME_SHAPE, what, required=("user", "mirror"))
 
     def ask(self, body: dict) -> Iterator[dict]:
-        return self.stream("POST", "/v1/ask", body)
+        return self.stream("POST", route_path("ask"), body)
 
     def jobs(self) -> List[dict]:
-        answer = checked(self.json("GET", "/v1/jobs", what="job list"), {"jobs": ("list", dict)}, "job list",
+        answer = checked(self.json("GET", route_path("jobs"), what="job list"), {"jobs": ("list", dict)}, "job list",
                          required=("jobs",))
         return [checked_job(job, "job list's job") for job in answer["jobs"]]
 
     def job(self, job: str) -> dict:
-        return checked_job(self.json("GET", f"/v1/jobs/{_quote(job)}", what="job record"))
+        return checked_job(self.json("GET", route_path("job", job=job), what="job record"))
 
     def cancel(self, job: str) -> dict:
-        return checked_job(self.json("DELETE", f"/v1/jobs/{_quote(job)}", what="answer to a cancel"),
+        return checked_job(self.json("DELETE", route_path("cancel", job=job), what="answer to a cancel"),
                            "answer to a cancel")
 
     def events(self, job: str, after: int = 0, follow: bool = True) -> Iterator[dict]:
-        return self.stream("GET", f"/v1/jobs/{_quote(job)}/events?after={int(after)}" + ("" if follow else "&follow=0"))
+        return self.stream("GET", route_path("events", {"after": int(after), **({} if follow else {"follow": 0})}, job=job))
 
     def diff(self, job: str) -> bytes:
-        return self.raw(f"/v1/jobs/{_quote(job)}/diff", "diff")
+        return self.raw(route_path("diff", job=job), "diff")
 
     def usage(self, query: Dict[str, str]) -> dict:
-        return checked_usage(self.json("GET", "/v1/usage?" + urllib.parse.urlencode(query), what="usage report"))
+        return checked_usage(self.json("GET", route_path("usage", query), what="usage report"))
 
     def ask_group(self, ask: str) -> dict:
-        return checked_group(self.json("GET", f"/v1/asks/{_quote(ask)}", what="ask group"), ask)
+        return checked_group(self.json("GET", route_path("ask_group", ask=ask), what="ask group"), ask)
 
     def ask_events(self, ask: str, follow: bool = True) -> Iterator[dict]:
-        return self.stream("GET", f"/v1/asks/{_quote(ask)}/events" + ("" if follow else "?follow=0"))
+        return self.stream("GET", route_path("ask_events", None if follow else {"follow": 0}, ask=ask))
     def notify_targets(self) -> List[dict]:
-        answer = checked(self.json("GET", "/v1/notify", what="target list"), {"targets": ("list", TARGET_SHAPE)},
+        answer = checked(self.json("GET", route_path("notify_list"), what="target list"), {"targets": ("list", TARGET_SHAPE)},
                          "target list", required=("targets",))
         return [checked(t, TARGET_SHAPE, "target", required=("id", "kind", "url")) for t in answer["targets"]]
 
     def notify_add(self, body: dict) -> dict:
         what = "answer to notify add"
-        return checked(self.json("POST", "/v1/notify", body, what=what), {"target": TARGET_SHAPE, "secret": str},
+        return checked(self.json("POST", route_path("notify_add"), body, what=what), {"target": TARGET_SHAPE, "secret": str},
                        what, required=("target",))
 
     def notify_remove(self, target: str) -> dict:
         what = "answer to notify remove"
-        return checked(self.json("DELETE", f"/v1/notify/{_quote(target)}", what=what), {"target": TARGET_SHAPE},
+        return checked(self.json("DELETE", route_path("notify_remove", target=target), what=what), {"target": TARGET_SHAPE},
                        what, required=("target",))
 
     def notify_test(self, target: str) -> dict:
         what = "answer to notify test"
-        return checked(self.json("POST", f"/v1/notify/{_quote(target)}/test", {}, what=what), TEST_SHAPE, what,
+        return checked(self.json("POST", route_path("notify_test", target=target), {}, what=what), TEST_SHAPE, what,
                        required=("ok",))
-
-
-def _quote(value: str) -> str:
-    return urllib.parse.quote(str(value), safe="")
 
 
 def http_errors() -> tuple:

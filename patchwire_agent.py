@@ -4927,34 +4927,15 @@ def render_metrics(agent: "Agent") -> str:
 
 # ================================================================== HTTP server
 
+def route_regex(template: str) -> "re.Pattern[str]":
+    """`/v1/jobs/{job}` as the regex requests are matched with: each {name} one path segment."""
+    return re.compile("^" + re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(template)) + "$")
+
+
+# (method, regex, name, needs a token), from the protocol's one table (pw.ROUTE_TABLE)
 ROUTES: List[Tuple[str, "re.Pattern[str]", str, bool]] = [
-    (method, re.compile("^" + pattern + "$"), name, auth) for method, pattern, name, auth in (
-        ("GET", r"/v1/health", "health", False),
-        ("GET", r"/v1/me", "me", True),
-        ("POST", r"/v1/ask", "ask", True),
-        ("GET", r"/v1/jobs", "jobs", True),
-        ("GET", r"/v1/jobs/(?P<job>[^/]+)", "job", True),
-        ("DELETE", r"/v1/jobs/(?P<job>[^/]+)", "cancel", True),
-        ("GET", r"/v1/jobs/(?P<job>[^/]+)/events", "events", True),
-        ("GET", r"/v1/jobs/(?P<job>[^/]+)/diff", "diff", True),
-        ("GET", r"/v1/asks/(?P<ask>[^/]+)", "ask_group", True),
-        ("GET", r"/v1/asks/(?P<ask>[^/]+)/events", "ask_events", True),
-        ("GET", r"/v1/usage", "usage", True),
-        ("GET", r"/v1/notify", "notify_list", True),
-        ("POST", r"/v1/notify", "notify_add", True),
-        ("DELETE", r"/v1/notify/(?P<target>[^/]+)", "notify_remove", True),
-        ("POST", r"/v1/notify/(?P<target>[^/]+)/test", "notify_test", True),
-        ("GET", r"/v1/openapi.json", "openapi", False),
-        ("GET", r"/metrics", "metrics", True),
-    )]
-
-
-def route_template(pattern: "re.Pattern[str]") -> str:
-    """`/v1/jobs/{job}` for a route's regex: the label metrics and the OpenAPI document use."""
-    return re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern.pattern.strip("^$"))
-
-
-ROUTE_TEMPLATES = {name: route_template(pattern) for _, pattern, name, _ in ROUTES}
+    (method, route_regex(template), name, auth) for method, template, name, auth in pw.ROUTE_TABLE]
+ROUTE_TEMPLATES = pw.ROUTE_TEMPLATES
 
 
 class DeadlineSocketIO(socket.SocketIO):

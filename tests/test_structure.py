@@ -236,3 +236,15 @@ def test_the_event_types_are_spelled_once():
                   "http", "test"}  # the OpenAPI security scheme; a notification's test delivery
     literal = set(re.findall(r'"type": "([a-z_]+)"', AGENT.read_text())) - not_events
     assert literal <= set(events), literal - set(events)
+
+
+def test_route_paths_are_spelled_once():
+    """The laptop builds every path from the protocol's ROUTE_TABLE (route_path); the agent
+    matches requests against the same table."""
+    import patchwire
+    import patchwire_agent
+    table = [line for line in LAPTOP.read_text().splitlines() if re.search(r'"/(v1/|metrics)', line)]
+    assert all(re.match(r'    \("(GET|POST|DELETE)", "/', line) for line in table), table
+    assert [(m, r.pattern, n) for m, r, n, _ in patchwire_agent.ROUTES] == [
+        (m, patchwire_agent.route_regex(t).pattern, n) for m, t, n, _ in patchwire.ROUTE_TABLE]
+    assert patchwire.route_path("events", {"after": 3}, job="a/b") == "/v1/jobs/a%2Fb/events?after=3"
