@@ -56,9 +56,11 @@ def test_the_first_ctrl_c_leaves_at_once_the_job_finishes_and_wait_applies_it(la
         read_pty(fd, out, b"\0never", timeout=8)  # until the CLI has left and closed the terminal
         left = time.monotonic() - t0
     finally:
-        if os.waitpid(pid, os.WNOHANG) == (0, 0):
+        ended = os.waitpid(pid, os.WNOHANG)  # reaps it when it has left already
+        if ended == (0, 0):
             os.kill(pid, signal.SIGKILL)  # it did not leave: the failure is reported above
-        _, status = os.waitpid(pid, 0)
+            ended = os.waitpid(pid, 0)
+        status = ended[1]
     text = out.decode(errors="replace")
     assert left < 5
     assert os.waitstatus_to_exitcode(status) == 130, text

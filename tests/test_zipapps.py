@@ -60,7 +60,7 @@ def test_whole_loop_with_built_zipapps(built_zipapps, make_agent, tmp_path, lapt
     helped = lap.run("--help", check=0).out
     helped = " ".join(helped.split())  # however the epilog is wrapped
     assert "exit codes: 0 ok, 1 error, 2 usage, 3 agent unreachable or refused" in helped
-    assert "4 AI run failed, 5 patch does not apply, 130 interrupted" in helped
+    assert "4 AI run failed, 5 patch does not apply, 6 checks failed (ask --require-checks), 130 interrupted" in helped
     lap.init(agent)
 
     new_binary = BINARY[::-1]
