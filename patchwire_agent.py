@@ -3782,9 +3782,13 @@ class Notifier:
         self._thread.start()
 
     def close(self) -> None:
+        """Stop taking notes; a delivery in flight may finish (a moment), then the agent closes
+        the store. One still pending is not sent (README: When it's done)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2)
 
     def job_event(self, job_id: str, event: str) -> None:
         """A job started or ended: at once, never blocking its caller (a worker)."""
@@ -3818,7 +3822,10 @@ class Notifier:
                     self._fan_out(item[1], item[2])
                 else:
                     self._attempt(item[1])
-            except Exception:  # a bug must not end the deliveries of everyone after it
+            except Exception as e:  # a bug must not end the deliveries of everyone after it
+                if self._closed:  # the agent stopped under it (the store may be closed): not a bug
+                    log.info("notification %r not sent: the agent stopped (%s)", item[:2], e)
+                    return
                 log.exception("notification %r failed", item[:2])
 
     def _fan_out(self, job_id: str, event: str) -> None:
