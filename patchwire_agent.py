@@ -5415,15 +5415,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def wants_stream(self) -> bool:
         return "application/x-ndjson" in self.headers.get("Accept", "")
 
-    def stream_events(self, job_id: str, after: int, follow: bool = True) -> None:
-        """Numbered NDJSON events, chunked, flushed one by one; ends after the job's last
-        event (or at once without `follow`)."""
+    def start_ndjson(self) -> None:
+        """The head of a streamed answer: NDJSON, chunked, never cached."""
         self.started_response = True
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", "application/x-ndjson")
         self.send_header("Transfer-Encoding", "chunked")
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
+
+    def stream_events(self, job_id: str, after: int, follow: bool = True) -> None:
+        """Numbered NDJSON events, chunked, flushed one by one; ends after the job's last
+        event (or at once without `follow`)."""
+        self.start_ndjson()
         store = self.agent.store
         quiet_since = time.monotonic()
         while True:
@@ -5525,12 +5529,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         the first; ends once every attempt has sent its last event (or at once without
         `follow`). A client that reconnects skips what it saw by (job, seq)."""
         jobs = [job["id"] for job in ask_jobs(self.agent.store, user, ask)]
-        self.started_response = True
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", "application/x-ndjson")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
+        self.start_ndjson()
         after, live, quiet_since = dict.fromkeys(jobs, 0), set(jobs), time.monotonic()
         while live:
             seen, before = self.agent.store.generation, sum(after.values())
