@@ -363,3 +363,21 @@ def drive_pty(lap: Laptop, args: Sequence[str], answers: Sequence[str], prompts:
     finally:
         os.waitpid(pid, 0)
     return out.decode("utf-8", "replace")
+
+
+def queue_one_job(agent, job_id: str = "mac123") -> str:
+    """One queued job of alice's on a one-file snapshot, for a test that is its own worker."""
+    repo = agent.repo("alice", "demo")
+    repo.ensure()
+    (repo.mirror / "a.txt").write_bytes(b"a\n")
+    with repo.open_mirror() as fd:
+        git = repo.snapshot_git(fd)
+        git("update-index", "--add", "a.txt")
+        tree = git.text("write-tree")
+        entries = git.ls_files_stage()
+    snapshot = repo.snapshot(tree, [(m, s, p) for p, (m, s) in entries.items()])
+    agent.store.create_job({"id": job_id, "user": "alice", "project": "demo", "prompt": "x", "status": "queued",
+                            "created": time.time(), "snapshot": snapshot, "tree": tree, "timeout_s": 60,
+                            "parent": None})
+    agent.queue.put(patchwire_agent.QueueItem(job_id, "alice", "demo"))
+    return job_id

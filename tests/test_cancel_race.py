@@ -9,6 +9,7 @@ import threading
 import time
 
 import patchwire_agent as pa
+from conftest import queue_one_job
 
 
 def test_a_cancel_between_the_claim_and_the_run_stops_the_job_before_the_ai(tmp_path):
@@ -18,19 +19,7 @@ def test_a_cancel_between_the_claim_and_the_run_stops_the_job_before_the_ai(tmp_
         "ai": {"command": [sys.executable, "-c", f"open({str(marker)!r}, 'w').close()"], "sandbox": "none"},
         "users": {"alice": {"token_sha256": pa.token_digest("t").hex()}}})
     agent = pa.Agent(cfg)  # no workers: this test is the worker
-    repo = agent.repo("alice", "demo")
-    repo.ensure()
-    (repo.mirror / "a.txt").write_bytes(b"a\n")
-    with repo.open_mirror() as fd:
-        git = repo.snapshot_git(fd)
-        git("update-index", "--add", "a.txt")
-        tree = git.text("write-tree")
-        entries = git.ls_files_stage()
-    snapshot = repo.snapshot(tree, [(m, s, p) for p, (m, s) in entries.items()])
-    job = {"id": "abc123", "user": "alice", "project": "demo", "prompt": "x", "status": "queued",
-           "created": time.time(), "snapshot": snapshot, "tree": tree, "timeout_s": 60, "parent": None}
-    agent.store.create_job(job)
-    agent.queue.put(pa.QueueItem("abc123", "alice", "demo"))
+    queue_one_job(agent, "abc123")
     item = agent.queue.take(agent._claim)  # a worker has taken it; its run does not exist yet
     assert item is not None and item.job_id == "abc123"
 

@@ -17,7 +17,7 @@ import pytest
 
 import patchwire
 import patchwire_agent as pa
-from conftest import script
+from conftest import queue_one_job, script
 from internet import Internet
 from messages_api import FakeMessagesAPI
 from test_box_walls import EMPTY_TREE, place, walls_box  # noqa: F401 - fixtures
@@ -235,20 +235,3 @@ def test_under_sandbox_exec_a_job_goes_out_only_through_its_keyed_gateway_port(t
     with pytest.raises(ConnectionRefusedError):  # gone with the job
         socket.create_connection(("127.0.0.1", gateway_port), timeout=5)
 
-
-def queue_one_job(agent: pa.Agent) -> str:
-    """One queued job of alice's on a one-file snapshot, for a test that is its own worker."""
-    repo = agent.repo("alice", "demo")
-    repo.ensure()
-    (repo.mirror / "a.txt").write_bytes(b"a\n")
-    with repo.open_mirror() as fd:
-        git = repo.snapshot_git(fd)
-        git("update-index", "--add", "a.txt")
-        tree = git.text("write-tree")
-        entries = git.ls_files_stage()
-    snapshot = repo.snapshot(tree, [(m, s, p) for p, (m, s) in entries.items()])
-    agent.store.create_job({"id": "mac123", "user": "alice", "project": "demo", "prompt": "x", "status": "queued",
-                            "created": time.time(), "snapshot": snapshot, "tree": tree, "timeout_s": 60,
-                            "parent": None})
-    agent.queue.put(pa.QueueItem("mac123", "alice", "demo"))
-    return "mac123"
