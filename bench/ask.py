@@ -5,6 +5,7 @@ preview, start-up, and the agent's memory. Writes bench/RESULTS.md (its Notes pa
 
     python3 bench/ask.py                    # everything: 200, 2,000, 20,000 files, 5 rounds (many minutes)
     python3 bench/ask.py --big              # also 100,000 files
+    bash bench/real_project.sh /tmp/real && python3 bench/ask.py --big --real /tmp/real   # with the first ask
     bash build.sh && python3 bench/ask.py --big --zipapp dist/patchwire-agent   # RESULTS.md's run:
                                             # the agent's memory and streams from the shipped zipapp
     python3 bench/ask.py --sizes 200 --repeat 3 --no-write   # a quick look
@@ -12,7 +13,14 @@ preview, start-up, and the agent's memory. Writes bench/RESULTS.md (its Notes pa
     python3 bench/ask.py --quick            # the smoke run of tests/test_bench.py
 
 Parts (`--only`, comma-separated; all by default):
-    asks       warm asks per size against the natural script below; a no-change sync against its rsync
+    asks       warm asks per size against the natural script below, with the laptop side's peak
+               memory (GNU time's maximum resident set, the CLI or the script's shell with every
+               process each waited for); a no-change sync against the script's rsync
+    switch     a branch switch: two branches of a --switch-size (20,000) file project, a tenth of the
+               files changed, a fortieth deleted and as many added; each round switches, then asks
+    first      the first ask on an empty box of a real project (--real DIR; bench/real_project.sh
+               DIR makes the 43,734-file npm tree RESULTS.md names): a new agent and a new box
+               folder each round
     breakdown  one warm ask of a --breakdown-size (20,000) file project, one file changed: the
                laptop CLI under cProfile, its steps found by function name (scan, record, rsync,
                POST, stream, diff, vet, preview, apply; n/a when a name is gone), and the agent's
@@ -142,28 +150,66 @@ class Baseline:
         git(box, "config", "user.email", "b@b")
         git(box, "config", "user.name", "b")
 
-    def _remote(self, command: str) -> bytes:
-        argv = [*self.ssh, command] if self.ssh else ["sh", "-c", command]
-        return subprocess.run(argv, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              stdin=subprocess.DEVNULL).stdout
-
     def rsync(self) -> List[str]:
         dest = f"{self.ssh[-1]}:{self.box}/" if self.ssh else f"{self.box}/"
         return ["rsync", "-a", "--delete", "--exclude=.git", *(["-e", shlex.join(self.ssh[:-1])] if self.ssh else []),
                 "./", dest]
 
-    def ask(self, prompt: str) -> None:
-        subprocess.run(self.rsync(), cwd=self.laptop, check=True, stdout=subprocess.DEVNULL)
+    def command(self, prompt: str) -> str:
+        """The script as a user writes it: one line of shell on the laptop, one remote command."""
         claude = shlex.join(STAND_IN_COMMAND)
-        patch = self._remote(
-            f"cd {shlex.quote(str(self.box))} && git add -A && git commit -qm s --allow-empty && "
-            f"printf %s {shlex.quote(prompt)} | {claude} -p >/dev/null && git add -A && "
-            f"git diff --cached --binary -M HEAD && git reset -q --hard")
-        subprocess.run(["git", "apply"], cwd=self.laptop, input=patch, check=True)
+        remote = (f"cd {shlex.quote(str(self.box))} && git add -A && git commit -qm s --allow-empty && "
+                  f"printf %s {shlex.quote(prompt)} | {claude} -p >/dev/null && git add -A && "
+                  f"git diff --cached --binary -M HEAD && git reset -q --hard")
+        box = shlex.join([*self.ssh, remote]) if self.ssh else f"sh -c {shlex.quote(remote)}"
+        return f"{shlex.join(self.rsync())} >/dev/null && {box} > .git/p && git apply .git/p"
+
+    def ask(self, prompt: str) -> float:
+        """One ask; the laptop side's peak RSS in kB."""
+        return run_peak(["sh", "-c", self.command(prompt)], self.laptop)
 
 
-def patchwire_ask(lap: Laptop, prompt: str) -> None:
-    lap.run("ask", "--yes", "--no-color", prompt, check=0, timeout=600)
+def run_peak(argv: Sequence[str], cwd: Path, env: Optional[dict] = None) -> float:
+    """Run `argv` to its end (a failure raises, with the end of its stderr); its peak RSS in kB:
+    the largest of it and of every process it waited for, as GNU time reports it (nan without
+    /usr/bin/time). Not wait4 here: a child forked from this big Python process starts with its
+    high-water mark, which exec keeps."""
+    with tempfile.NamedTemporaryFile() as err, tempfile.NamedTemporaryFile() as peak:
+        timer = ["/usr/bin/time", "-f", "%M", "-o", peak.name] if os.path.exists("/usr/bin/time") else []
+        proc = subprocess.run([*timer, *argv], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=err)
+        if proc.returncode:
+            err.seek(0)
+            tail = err.read()[-3000:].decode(errors="replace")
+            raise RuntimeError(f"{' '.join(argv[:4])}: exit {proc.returncode}\n{tail}")
+        figure = Path(peak.name).read_text().strip().splitlines()
+        return float(figure[-1]) if timer and figure else float("nan")
+
+
+def patchwire_ask(lap: Laptop, prompt: str) -> float:
+    """One `patchwire ask --yes`; its peak RSS in kB (with the git and rsync it ran)."""
+    return run_peak([*lap.program, "ask", "--yes", "--no-color", prompt], lap.root, lap.env)
+
+
+def script_ssh(ssh_server, tmp: Path) -> List[str]:
+    """The natural script's ssh: the same options and a ControlMaster, as Patchwire's."""
+    return ["ssh", *ssh_server.ssh_options, "-o", "ControlMaster=auto", "-o", f"ControlPath={tmp}/cm-%C",
+            "-o", "ControlPersist=120", ssh_server.alias]
+
+
+def over_ssh(lap: Laptop, agent: AgentProcess, ssh_server) -> Optional[List[str]]:
+    """Point the laptop's project at `agent` with its files synced over SSH to the loopback sshd;
+    the natural script's ssh command. Without a server (a quick run): local, None."""
+    if ssh_server is None:
+        return None
+    lap.run("init", "--force", "--agent", agent.url, "--token-file", str(agent.token_file()),
+            "--ssh", ssh_server.alias, check=0)
+    path = lap.root / ".patchwire.toml"
+    text = path.read_text()
+    if "[sync]" not in text:
+        text += "\n[sync]\n"
+    path.write_text(text.replace("[sync]\n", "[sync]\nssh_options = " + json.dumps(ssh_server.ssh_options) + "\n", 1))
+    return script_ssh(ssh_server, lap.root.parent)
 
 
 # ================================================================== warm asks per size
@@ -179,31 +225,27 @@ def run_size(tmp: Path, count: int, repeat: int, ssh_server, stack: ExitStack) -
     lap.init(agent)
     modes = [("local", None)]
     if ssh_server is not None:
-        modes.append(("ssh", ["ssh", *ssh_server.ssh_options, "-o", "ControlMaster=auto", "-o",
-                              f"ControlPath={tmp}/cm-%C", "-o", "ControlPersist=120", ssh_server.alias]))
+        modes.append(("ssh", script_ssh(ssh_server, tmp)))
     out: Dict[str, List[float]] = {}
     for mode, ssh in modes:
         if ssh:
-            lap.run("init", "--force", "--agent", agent.url, "--token-file", str(agent.token_file()),
-                    "--ssh", ssh_server.alias, check=0)
-            path = root / ".patchwire.toml"
-            text = path.read_text()
-            if "[sync]" not in text:
-                text += "\n[sync]\n"
-            path.write_text(text.replace("[sync]\n", "[sync]\nssh_options = " +
-                                         json.dumps(ssh_server.ssh_options) + "\n", 1))
+            over_ssh(lap, agent, ssh_server)
         base = Baseline(root, tmp / f"box{count}-{mode}", ssh)
         patchwire_ask(lap, script({"write": f"ai_pw_{mode}.txt", "text": "warm-up\n"}))  # cold sync
         base.ask(script({"write": f"ai_base_{mode}.txt", "text": "warm-up\n"}))
         pw_t, base_t = [], []
+        peaks: Dict[str, List[float]] = {"pw": [], "base": []}
         for r in range(repeat):
             (root / "lib" / "user_edit.dart").parent.mkdir(parents=True, exist_ok=True)
             (root / "lib" / "user_edit.dart").write_text(f"// the user's edit {mode} {r}\n")
             runs = [("pw", lambda: patchwire_ask(lap, script({"write": f"ai_pw_{mode}.txt", "text": f"{r}\n"}))),
                     ("base", lambda: base.ask(script({"write": f"ai_base_{mode}.txt", "text": f"{r}\n"})))]
             for name, func in (runs if r % 2 == 0 else runs[::-1]):
-                (pw_t if name == "pw" else base_t).append(timed(func))
+                start = time.perf_counter()
+                peaks[name].append(func())
+                (pw_t if name == "pw" else base_t).append(time.perf_counter() - start)
         out[f"pw {mode}"], out[f"base {mode}"] = pw_t, base_t
+        out[f"pw {mode} peak kB"], out[f"base {mode} peak kB"] = peaks["pw"], peaks["base"]
         if not ssh:  # a sync with nothing to send, against the natural script's rsync
             bare = base.rsync()
             sync_t, rsync_t = [], []
@@ -215,6 +257,92 @@ def run_size(tmp: Path, count: int, repeat: int, ssh_server, stack: ExitStack) -
                   f"bare rsync {spread(rsync_t)} s", flush=True)
         print(f"  {count:>7,} files {mode:5}: patchwire {spread(pw_t)} s, baseline {spread(base_t)} s", flush=True)
     out["agent rss kB"] = [float(rss_kb(agent.proc.pid))]
+    return out
+
+
+# ================================================================== a branch switch, a first ask
+
+
+def make_branch(root: Path, changed: int, deleted: int, added: int) -> None:
+    """Branch `other` of the committed project at `root`: `changed` files edited (a line added
+    mid-file), `deleted` removed and `added` new ones; `main` checked out again."""
+    tracked = sorted(p for p in git(root, "ls-files", "-z").decode().split("\0") if p.endswith(".dart"))
+    git(root, "checkout", "-qb", "other")
+    for i, path in enumerate(tracked[:changed]):
+        f = root / path
+        lines = f.read_bytes().split(b"\n")
+        lines.insert(len(lines) // 2, f"  // the other branch's line {i}".encode())
+        f.write_bytes(b"\n".join(lines))
+    for path in tracked[changed:changed + deleted]:
+        (root / path).unlink()
+    for i in range(added):
+        f = root / "lib" / "other" / f"part_{i // 50:02d}" / f"added_{i}.dart"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(f"// added on the other branch {i}\nclass Added{i} {{}}\n" + "// padding line\n" * 60)
+    git(root, "-c", "user.email=b@b", "-c", "user.name=b", "add", "-A")
+    git(root, "-c", "user.email=b@b", "-c", "user.name=b", "commit", "-qm", "other")
+    git(root, "checkout", "-q", "main")
+
+
+def switch_figures(tmp: Path, count: int, repeat: int, ssh_server, stack: ExitStack) -> Dict[str, List[float]]:
+    """Each round the user switches branch (main <-> other), then asks, both ways interleaved:
+    each pays the whole switch (each has its own box)."""
+    root = tmp / f"switch{count}"
+    make_project(root, count)
+    git(root, "branch", "-M", "main")
+    make_branch(root, count // 10, count // 40, count // 40)
+    agent = AgentProcess(tmp / f"agent-switch{count}", STAND_IN_COMMAND).start()
+    stack.callback(agent.stop)
+    lap = Laptop(root)
+    lap.init(agent)
+    ssh = over_ssh(lap, agent, ssh_server)
+    base = Baseline(root, tmp / f"box-switch{count}", ssh)
+    patchwire_ask(lap, script({"write": "ai_pw.txt", "text": "warm-up\n"}))
+    base.ask(script({"write": "ai_base.txt", "text": "warm-up\n"}))
+    out: Dict[str, List[float]] = {"pw": [], "base": []}
+    for r in range(repeat):
+        git(root, "checkout", "-q", "other" if r % 2 == 0 else "main")
+        runs = [("pw", lambda: patchwire_ask(lap, script({"write": "ai_pw.txt", "text": f"{r}\n"}))),
+                ("base", lambda: base.ask(script({"write": "ai_base.txt", "text": f"{r}\n"})))]
+        for name, func in (runs if r % 2 == 0 else runs[::-1]):
+            out[name].append(timed(func))
+    print(f"  branch switch at {count:,} files, ssh: patchwire {spread(out['pw'])} s, "
+          f"baseline {spread(out['base'])} s, {ratio(out['pw'], out['base']):.2f}x", flush=True)
+    return out
+
+
+def real_project(tmp: Path, source: Path) -> Path:
+    """A committed copy of the real project tree at `source` (bench/real_project.sh makes one)."""
+    root = tmp / "real"
+    subprocess.run(["cp", "-a", f"{source}/.", str(root)], check=True)
+    if not (root / ".git").exists():
+        git(root, "init", "-q")
+        git(root, "-c", "user.email=b@b", "-c", "user.name=b", "add", "-A")
+        git(root, "-c", "user.email=b@b", "-c", "user.name=b", "commit", "-qm", "real")
+    return root
+
+
+def first_figures(tmp: Path, source: Path, repeat: int, ssh_server, stack: ExitStack) -> Dict[str, object]:
+    """Each round a first ask of the real project on an empty box, both ways interleaved: a new
+    agent (new mirror, no job folder) for Patchwire, a new `git init` folder for the script."""
+    root = real_project(tmp, source)
+    files = len(git(root, "ls-files", "-z").split(b"\0")) - 1
+    size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and ".git" not in f.parts)
+    out: Dict[str, object] = {"files": files, "bytes": size, "pw": [], "base": []}
+    lap = Laptop(root)
+    for r in range(repeat):
+        agent = AgentProcess(tmp / f"agent-first{r}", STAND_IN_COMMAND).start()
+        stack.callback(agent.stop)
+        lap.init(agent)
+        ssh = over_ssh(lap, agent, ssh_server)
+        base = Baseline(root, tmp / f"box-first{r}", ssh)
+        runs = [("pw", lambda: patchwire_ask(lap, script({"write": "ai_pw.txt", "text": f"{r}\n"}))),
+                ("base", lambda: base.ask(script({"write": "ai_base.txt", "text": f"{r}\n"})))]
+        for name, func in (runs if r % 2 == 0 else runs[::-1]):
+            out[name].append(timed(func))  # type: ignore[union-attr]
+        agent.stop()
+    print(f"  first ask of the real project ({files:,} files), ssh: patchwire {spread(out['pw'])} s, "  # type: ignore[arg-type]
+          f"baseline {spread(out['base'])} s, {ratio(out['pw'], out['base']):.2f}x", flush=True)  # type: ignore[arg-type]
     return out
 
 
@@ -602,7 +730,7 @@ def machine(zipapp: Optional[Path] = None) -> str:
             + (f"; agent from the zipapp {zipapp.name} ({zipapp.stat().st_size:,} bytes)" if zipapp else ""))
 
 
-PARTS = ("asks", "breakdown", "queue", "preview", "startup", "memory", "streams")
+PARTS = ("asks", "switch", "first", "breakdown", "queue", "preview", "startup", "memory", "streams")
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -615,6 +743,13 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     ap.add_argument("--asks", type=int, default=500, help="asks for the agent memory figure (500)")
     ap.add_argument("--breakdown-size", type=int, default=20000,
                     help="files in the project of the per-step breakdown (default 20,000)")
+    ap.add_argument("--switch-size", type=int, default=20000,
+                    help="files in the project of the branch switch (default 20,000; a tenth change, "
+                         "a fortieth are deleted, as many added)")
+    ap.add_argument("--real", type=Path, default=None,
+                    help="a real project tree for the first ask (bench/real_project.sh DIR makes the "
+                         "43,734-file one RESULTS.md names); without it the part is skipped")
+    ap.add_argument("--first-repeat", type=int, default=3, help="rounds of the first ask (3)")
     ap.add_argument("--queue-asks", type=int, default=40, help="asks for the queue throughput figure (4 users)")
     ap.add_argument("--zipapp", type=Path, default=None,
                     help="the agent zipapp (e.g. dist/patchwire-agent) for the memory and start-up figures; "
@@ -631,8 +766,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         ap.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}; the parts are {', '.join(PARTS)}")
     if args.quick:
         args.sizes, args.ssh_sizes, args.repeat, args.no_write = [200], [], 1, True
-        args.breakdown_size = 200
-        args.only = [p for p in args.only if p in ("asks", "breakdown", "preview", "startup")]
+        args.breakdown_size, args.switch_size, args.first_repeat = 200, 400, 1
+        args.only = [p for p in args.only if p in ("asks", "switch", "first", "breakdown", "preview", "startup")]
     if args.zipapp is not None:
         args.zipapp = args.zipapp.resolve()
     return args
@@ -640,21 +775,23 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 
 def asks_lines(args, tmp: Path, stack: ExitStack) -> List[str]:
     sizes = args.sizes + ([100000] if args.big else [])
-    server = None
-    if any(s in args.ssh_sizes for s in sizes):
-        from sshd import running_sshd
-        server = stack.enter_context(running_sshd(tmp / "sshd"))
+    server = start_sshd(tmp, stack) if any(s in args.ssh_sizes for s in sizes) else None
     print("warm asks (s):", flush=True)
     results = {n: run_size(tmp, n, args.repeat, server if n in args.ssh_sizes else None, stack) for n in sizes}
     lines = ["## Warm ask against the natural script", "",
              f"Seconds, median (min-max) of {args.repeat} interleaved rounds; one file changed per round; "
              "ratio: the median of the rounds' ratios.", "",
-             "| files | mode | Patchwire | baseline | ratio |", "|---|---|---|---|---|"]
+             "Laptop peak: the largest resident set of the laptop's side (the CLI or the script's shell, "
+             "with every git, rsync and ssh each waited for), MB, median of the rounds.", "",
+             "| files | mode | Patchwire | baseline | ratio | laptop peak, Patchwire / script |",
+             "|---|---|---|---|---|---|"]
     for n, res in results.items():
         for mode in ("local", "ssh"):
             if f"pw {mode}" in res:
                 a, b = res[f"pw {mode}"], res[f"base {mode}"]
-                lines.append(f"| {n:,} | {mode} | {spread(a)} | {spread(b)} | {ratio(a, b):.2f}x |")
+                peak = (f"{statistics.median(res[f'pw {mode} peak kB']) / 1024:.0f} / "
+                        f"{statistics.median(res[f'base {mode} peak kB']) / 1024:.0f} MB")
+                lines.append(f"| {n:,} | {mode} | {spread(a)} | {spread(b)} | {ratio(a, b):.2f}x | {peak} |")
     lines += ["", "No-change `patchwire sync` against the script's `rsync -a --delete --exclude=.git`, local (s):", "",
               "| files | patchwire sync | bare rsync | ratio |", "|---|---|---|---|"]
     for n, res in results.items():
@@ -666,6 +803,43 @@ def asks_lines(args, tmp: Path, stack: ExitStack) -> List[str]:
         gb = statistics.median(results[hi]["base local"]) / statistics.median(results[lo]["base local"])
         lines += ["", f"Growth {lo:,} -> {hi:,} files, local: Patchwire {g:.1f}x, baseline {gb:.1f}x."]
     return lines + [""]
+
+
+def start_sshd(tmp: Path, stack: ExitStack):
+    """The loopback sshd of the SSH rows, started once."""
+    from sshd import running_sshd
+    if not hasattr(start_sshd, "server"):
+        start_sshd.server = stack.enter_context(running_sshd(tmp / "sshd"))  # type: ignore[attr-defined]
+    return start_sshd.server  # type: ignore[attr-defined]
+
+
+def switch_lines(args, tmp: Path, stack: ExitStack) -> List[str]:
+    n = args.switch_size
+    res = switch_figures(tmp, n, args.repeat, None if args.quick else start_sshd(tmp, stack), stack)
+    mode = "local" if args.quick else "ssh"
+    return ["## A branch switch", "",
+            f"The user switches between two branches of a {n:,}-file project ({n // 10:,} files changed, "
+            f"{n // 40:,} deleted, {n // 40:,} added), then asks; {args.repeat} rounds, interleaved, each way "
+            f"its own box, {mode}.", "",
+            "| files | Patchwire | baseline | ratio |", "|---|---|---|---|",
+            f"| {n:,} | {spread(res['pw'])} | {spread(res['base'])} | {ratio(res['pw'], res['base']):.2f}x |", ""]
+
+
+def first_lines(args, tmp: Path, stack: ExitStack) -> List[str]:
+    source, what = args.real, f"the real project at `{args.real}` (bench/real_project.sh)"
+    if source is None:
+        if not args.quick:
+            return ["## The first ask", "", "Not measured: no --real DIR (bench/real_project.sh DIR makes one).", ""]
+        source, what = tmp / "first-source", "a synthetic 300-file project (a quick run)"
+        write_files(source, project_files(300))
+    res = first_figures(tmp, source, args.first_repeat, None if args.quick else start_sshd(tmp, stack), stack)
+    a, b = res["pw"], res["base"]
+    return ["## The first ask on an empty box", "",
+            f"{what}: {res['files']:,} files, {res['bytes'] / 1e6:.0f} MB. Each round a new agent (no mirror, "
+            f"no job folder) and a new `git init` box for the script; {args.first_repeat} rounds interleaved"
+            f"{'' if args.quick else ', over SSH'}.", "",
+            "| files | Patchwire | baseline | ratio |", "|---|---|---|---|",
+            f"| {res['files']:,} | {spread(a)} | {spread(b)} | {ratio(a, b):.2f}x |", ""]  # type: ignore[arg-type]
 
 
 def queue_lines(args, tmp: Path) -> List[str]:
@@ -724,6 +898,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         agent_program = [sys.executable, str(args.zipapp)] if args.zipapp else None
         if "asks" in args.only:
             lines += asks_lines(args, tmp, stack)
+        if "switch" in args.only:
+            lines += switch_lines(args, tmp, stack)
+        if "first" in args.only:
+            lines += first_lines(args, tmp, stack)
         if "breakdown" in args.only:
             print(f"breakdown of one {args.breakdown_size:,}-file ask:", flush=True)
             part = ["## Per-step breakdown of one ask", ""] + breakdown_lines(breakdown_figures(tmp, args.breakdown_size))

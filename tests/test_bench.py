@@ -21,7 +21,11 @@ def test_ask_benchmark_quick_run_measures_patchwire_and_the_hand_written_script(
     out = proc.stdout.decode()
     assert proc.returncode == 0, out
     row = [l for l in out.splitlines() if l.startswith("| 200 | local |")]
-    assert len(row) == 1 and row[0].endswith("x |"), out  # both sides ran: a ratio was computed
+    assert len(row) == 1 and row[0].split("|")[5].strip().endswith("x"), out  # both sides ran: a ratio
+    assert " MB |" in row[0], out  # the laptop's peak of both sides (nan without /usr/bin/time)
+    for part in ("## A branch switch", "## The first ask on an empty box"):
+        table = out[out.index(part):].split("\n\n")[2].splitlines()
+        assert table[2].endswith("x |") and table[2].startswith(("| 400 |", "| 300 |")), out
     assert "Coloured" in out and "`patchwire --help (cached bytecode)`" in out
 
 
