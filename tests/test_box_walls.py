@@ -76,7 +76,7 @@ class WallsBox:
     folder under /srv (visible to the old sandbox), run as root or as the test account."""
 
     def __init__(self, place: Path, who: str, users=("alice", "bob"), ai=None, server=None, network=None,
-                 env=None):
+                 env=None, notify=None):
         self.place, self.who = place, who
         self.home = place / "home"
         for rel, data in {**SECRETS, ".claude/.credentials.json": LOGIN}.items():
@@ -93,9 +93,10 @@ class WallsBox:
             command = ["/usr/bin/python3", str(code / STAND_IN.name), *STAND_IN_COMMAND[2:]]
         self.agent = AgentProcess(place / "box", command, users=users, ai={"sandbox": "bwrap", **(ai or {})},
                                   program=program, env=env, server=server)
-        if network is not None:
+        if network is not None or notify is not None:
             data = tomllib.loads(self.agent.config.read_text())
-            data["network"] = network
+            data.update({"network": network} if network is not None else {})
+            data.update({"notify": notify} if notify is not None else {})
             self.agent.config.write_text(tomli_w.dumps(data))
         if who == "account":
             subprocess.run(["chown", "-R", f"{ACCOUNT}:", str(place)], check=True)
@@ -396,3 +397,45 @@ def test_the_agents_config_and_tls_files_are_covered(tmp_path):
             assert argv[i - 2:i] == ["--ro-bind", "/dev/null"]
     finally:
         shutil.rmtree(place, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ the newer features inside the walls
+
+
+def test_attempts_setup_checks_and_a_webhook_work_inside_the_walls(walls_box):
+    """Several attempts with [box] setup and checks and a signed webhook, the agent as root and as
+    the ordinary account (root hides permission bugs): each attempt's AI, setup and checks run in
+    its own job folder; attempt 1, prompt-injected, tries to write into every folder it can name
+    around its own, and only its own takes the file; the webhook's secret shows in no diff or event."""
+    from test_notify_targets import Receiver, verified
+    receiver = Receiver()
+    try:
+        box = walls_box(notify={"allow": [receiver.url.split("//")[1]]})
+        token = box.agent.tokens["alice"]
+        status, added = box.agent.json("POST", "/v1/notify", {"url": receiver.url + "/hook"}, token=token)
+        assert status == 201, added
+        sneak = ("for d in ../* ../../*/* ../../../*/*/*; do "
+                 "echo sneaked > $d/sneaked.txt 2>/dev/null && echo wrote $d; done; true")
+        steps = {"by_attempt": {"1": [{"run": ["sh", "-c", sneak], "out": "sneak.txt"},
+                                      {"write": "a.txt", "text": "one\n"}],
+                                "2": [{"write": "a.txt", "text": "two\n"}]}}
+        body = {"project": "p", "tree": EMPTY_TREE, "files": [], "prompt": script(steps), "attempts": 2,
+                "box": {"setup": ["id -u > ../setup-uid 2>/dev/null; true"], "checks": ["test -s a.txt"]}}
+        status, group = box.agent.json("POST", "/v1/ask", body, token=token)
+        assert status == 202 and group["attempts"] == 2, group
+        jobs = [box.agent.wait_job(job["id"], timeout=120) for job in group["jobs"]]
+        assert [job["status"] for job in jobs] == ["done", "done"], jobs
+        assert all([run["ok"] for run in job["result"]["checks"]["runs"]] == [True] for job in jobs), jobs
+        setups = [job["result"]["setup"] for job in jobs]  # the second may reuse the first's job folder
+        assert setups[0]["ran"] and setups[1]["ran"] in (True, False) and setups[0]["hash"] == setups[1]["hash"]
+        assert setups[1]["ran"] or setups[1]["why"] == "inputs unchanged", setups
+        one, two = (box.diff(job) for job in jobs)
+        assert b"+one" in one and b"+two" in two and b"sneaked" not in two, two
+        assert b"sneaked" in one  # its own folder was writable, its siblings' were not reachable
+        assert added["secret"].encode() not in b"".join(box.diff(job) + box.events_text(job) for job in jobs)
+        wait_until(lambda: len(receiver.got) >= 2, 30, "a delivery per attempt")
+        done = sorted(verified(added["secret"], got)["job"]["id"] for got in receiver.got)
+        assert done == sorted(job["id"] for job in jobs)
+    finally:
+        receiver.shutdown()
+        receiver.server_close()
