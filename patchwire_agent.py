@@ -161,6 +161,7 @@ import fnmatch
 import hashlib
 import heapq
 import hmac
+import http.client
 import http.server
 import io
 import ipaddress
@@ -279,6 +280,7 @@ allow = []
 # "ntfy.sh", "*.example.com", each optionally ":port" (else 80 and 443). Empty: none.
 allow = []
 # max_targets = 10            # per user
+# timeout_s = 10              # one delivery attempt, whole (a slow receiver is cut off, then retried)
 
 # The policy table holds defaults for every user; users.NAME may override each key.
 # `patchwire-agent policy NAME` shows what applies. The built-in defaults:
@@ -365,7 +367,7 @@ TOP_SCHEMA: dict = {"server": (dict, {}), "ai": (dict, {}), "jobs": (dict, {}), 
                     "policy": (dict, {}), "network": (dict, None), "notify": (dict, {}),
                     "projects": (dict, {})}
 # [notify]: the hosts users may point notification targets at, and how many each may have
-NOTIFY_SCHEMA = {"allow": ("str_list", []), "max_targets": (int, 10)}
+NOTIFY_SCHEMA = {"allow": ("str_list", []), "max_targets": (int, 10), "timeout_s": (float, 10.0)}
 RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600,
               "hour": 3600, "d": 86400, "day": 86400}
 
@@ -422,6 +424,7 @@ class AgentConfig:
         notify = pw.Schema(path, "notify", NOTIFY_SCHEMA).read(top["notify"])
         self.notify_allow: List[str] = notify["allow"]  # host, *.domain, each optionally :port
         self.notify_max_targets: int = notify["max_targets"]
+        self.notify_timeout_s: float = min(notify["timeout_s"], 120.0)  # one attempt, whole
         # [projects.NAME]: the box's own [box] setup and checks for a project of that name (any
         # user's); an ask's own setup or checks win over them
         self.project_box: Dict[str, dict] = {}
@@ -3857,7 +3860,7 @@ class Notifier:
         if not notify_host_allowed(self.config().notify_allow, target["url"]):
             error = "the host is no longer in [notify] allow"
         else:
-            status, error = send_delivery(delivery, self.config().notify_allow)
+            status, error = send_delivery(delivery, self.config().notify_allow, self.config().notify_timeout_s)
         ok = status is not None and 200 <= status < 300
         sent = {"ok": ok, "retry": not ok and (status is None or status >= 500 or status in (408, 429)),
                 "status": status, "error": error or None}
@@ -3868,12 +3871,14 @@ class Notifier:
         return sent
 
 
-def send_delivery(delivery: Delivery, allow: Sequence[str]) -> Tuple[Optional[int], str]:
+def send_delivery(delivery: Delivery, allow: Sequence[str], timeout: float = NOTIFY_TIMEOUT_S
+                  ) -> Tuple[Optional[int], str]:
     """POST it (a webhook's body signed now, with this attempt's time): (HTTP status or None,
-    what went wrong). Its host is resolved once here and connected to as resolved, and an
-    address off the internet is reached only when an allow entry names that address itself
-    (as the gateway judges the AI's connections): an allowed name that a DNS answer points
-    at the box's loopback or its private network does not make the agent post there."""
+    what went wrong), all of it within `timeout`. Its host is resolved once here and connected
+    to as resolved, and an address off the internet is reached only when an allow entry names
+    that address itself (as the gateway judges the AI's connections): an allowed name that a
+    DNS answer points at the box's loopback or its private network does not make the agent
+    post there."""
     target = delivery.target
     address, refusal = delivery_address(target["url"], allow)
     if not address:
@@ -3885,16 +3890,59 @@ def send_delivery(delivery: Delivery, allow: Sequence[str]) -> Tuple[Optional[in
         headers[TIMESTAMP_HEADER] = str(stamp)
         headers[SIGNATURE_HEADER] = sign(target["secret"], stamp, delivery.body)
     request = urllib.request.Request(target["url"], data=delivery.body, headers=headers, method="POST")
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), NoRedirects(), *pinned_handlers(address))
-    try:
-        with opener.open(request, timeout=NOTIFY_TIMEOUT_S) as answer:
-            answer.read(64 * 1024)
-            return answer.status, ""
-    except urllib.error.HTTPError as e:
-        e.close()
-        return e.code, f"HTTP {e.code}"
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        return None, clip(str(getattr(e, "reason", e)), 200)
+    with Cutoff(timeout) as cutoff:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), NoRedirects(),
+                                             *pinned_handlers(address, cutoff))
+        try:
+            with opener.open(request, timeout=timeout) as answer:
+                answer.read(64 * 1024)
+                return answer.status, ""
+        except urllib.error.HTTPError as e:
+            e.close()
+            return e.code, f"HTTP {e.code}"
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
+            if cutoff.expired:
+                return None, f"no whole answer within {timeout:g} s ([notify] timeout_s)"
+            return None, clip(str(getattr(e, "reason", e)), 200)
+
+
+class Cutoff:
+    """Ends a delivery at its deadline whatever the receiver does. A socket timeout bounds each
+    wait, not their sum: a receiver answering a byte every few seconds would otherwise hold the
+    one notifier thread, and so every user's deliveries, for as long as it liked. At the
+    deadline the connection's sockets are shut down, which ends any read or write on them."""
+
+    def __init__(self, seconds: float):
+        self.sockets: List[socket.socket] = []
+        self.expired = False
+        self.lock = threading.Lock()
+        self.timer = threading.Timer(seconds, self.cut)
+        self.timer.daemon = True
+
+    def __enter__(self) -> "Cutoff":
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.timer.cancel()
+
+    def watch(self, sock: socket.socket) -> socket.socket:
+        with self.lock:
+            self.sockets.append(sock)
+            late = self.expired
+        if late:  # the deadline passed while connecting
+            self.cut()
+        return sock
+
+    def cut(self) -> None:
+        with self.lock:
+            self.expired = True
+            sockets = list(self.sockets)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                # the plain socket's shutdown, also for a TLS one: its SSL object stays with the
+                # thread reading it, which sees the end of the stream
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 def delivery_address(url: str, allow: Sequence[str]) -> Tuple[str, str]:
@@ -3912,18 +3960,18 @@ def delivery_address(url: str, allow: Sequence[str]) -> Tuple[str, str]:
     return address, ""
 
 
-def pinned_handlers(address: str) -> List[urllib.request.BaseHandler]:
-    """urllib handlers whose connections go to `address` (TLS still checks the URL's host)."""
-    import http.client
+def pinned_handlers(address: str, cutoff: Cutoff) -> List[urllib.request.BaseHandler]:
+    """urllib handlers whose connections go to `address` (TLS still checks the URL's host),
+    their sockets watched by `cutoff`."""
 
     class Pinned(http.client.HTTPConnection):
         def connect(self) -> None:
-            self.sock = socket.create_connection((address, self.port), self.timeout)
+            self.sock = cutoff.watch(socket.create_connection((address, self.port), self.timeout))
 
     class PinnedTLS(http.client.HTTPSConnection):
         def connect(self) -> None:
-            sock = socket.create_connection((address, self.port), self.timeout)
-            self.sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
+            sock = cutoff.watch(socket.create_connection((address, self.port), self.timeout))
+            self.sock = cutoff.watch(ssl.create_default_context().wrap_socket(sock, server_hostname=self.host))
 
     class HTTP(urllib.request.HTTPHandler):
         def http_open(self, req):  # type: ignore[no-untyped-def]

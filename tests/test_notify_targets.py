@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import http.server
 import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -65,10 +66,10 @@ def receiver():
     server.server_close()
 
 
-def box_allowing(make_agent, *hosts: str):
+def box_allowing(make_agent, *hosts: str, **notify):
     box = make_agent(start=False, users=("alice", "bob"))
     data = tomllib.loads(box.config.read_text())
-    data["notify"] = {"allow": list(hosts)}
+    data["notify"] = {"allow": list(hosts), **notify}
     box.config.write_text(tomli_w.dumps(data))
     return box.start()
 
@@ -157,3 +158,46 @@ def test_an_allowed_name_that_resolves_to_the_box_gets_nothing(tmp_path, make_ag
     assert receiver.got == []
     audit = [json.loads(line) for line in (box.state_dir / "audit.log").read_text().splitlines()]
     assert [r["status"] for r in audit if r.get("event") == "notify"] == [None]
+
+
+class Trickle:
+    """A receiver that reads the request, then answers a byte every 0.2 s for as long as it is
+    let (at most 30 s): what a slow or hostile receiver of one user's would do to the one
+    thread that delivers everyone's notifications."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.sent = 0
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn:
+            conn.recv(65536)
+            end = time.monotonic() + 30
+            answer = b"HTTP/1.1 200 OK\r\n" + b"X-Slow: " + b"a" * 10000
+            while time.monotonic() < end and self.sent < len(answer):
+                try:
+                    conn.sendall(answer[self.sent:self.sent + 1])
+                except OSError:
+                    return
+                self.sent += 1
+                time.sleep(0.2)
+
+
+def test_a_trickling_receiver_is_cut_off_and_the_next_delivery_goes_out(tmp_path, make_agent, receiver):
+    receiver.failures = 0
+    slow = Trickle()
+    box = box_allowing(make_agent, receiver.url.split("//")[1], slow.url.split("//")[1], timeout_s=1.5)
+    alice = laptop_of(tmp_path, box, "alice")
+    alice.run("notify", "add", slow.url + "/hook", check=0)  # added first: delivered to first
+    alice.run("notify", "add", receiver.url + "/hook", check=0)
+    started = time.monotonic()
+    alice.ask(script({"write": "a.txt", "text": "a\n"}), "--yes", check=0)
+    wait_until(lambda: receiver.got, 30, "the second target's delivery")
+    assert time.monotonic() - started < 15  # not after the trickle's 30 s
+    audit = [json.loads(line) for line in (box.state_dir / "audit.log").read_text().splitlines()]
+    cut = [r for r in audit if r.get("event") == "notify" and r["url"].startswith(slow.url)][0]
+    assert cut["status"] is None and cut["error"] == "no whole answer within 1.5 s ([notify] timeout_s)", cut
+    assert 1400 <= cut["ms"] < 4000 and 3 <= slow.sent < 30, (cut, slow.sent)
