@@ -2683,6 +2683,12 @@ class Synced:
         return {"tree": self.tree, "base": self.base, "changed": self.changed, "deleted": self.deleted}
 
 
+# What an apply of several attempts' work records beside the job (log_origin says it):
+# the ask, path -> attempt of each file taken whole, path -> [[attempt, hunk], ...] of each
+# file built hunk by hunk.
+ATTEMPT_ORIGIN = ("ask", "parts", "hunks")
+
+
 class Session:
     """One command's view of the project, its config and the agent."""
 
@@ -2818,15 +2824,19 @@ class Session:
         entry = {"time": time.time(), "job": result["job"], "how": result["how"],
                  "files": result["files"], "conflicts": result["conflicts"],
                  "partial": result.get("partial", False),
-                 **{k: result[k] for k in ("ask", "parts") if k in result}}  # several attempts
+                 **{k: result[k] for k in ATTEMPT_ORIGIN if k in result}}
         with open(self.project.state_file("applied.log"), "a") as f:
             f.write(json.dumps(entry) + "\n")
 
-    def log_undo(self, restored: List[str]) -> None:
-        """Undo goes back one level: it always reverts the newest apply in the log."""
+    def log_undo(self, restored: List[str]) -> dict:
+        """Undo goes back one level: it always reverts the newest apply in the log. The undo's
+        entry names what the apply was built from (several attempts), as the apply's does."""
         applies = [e for e in self.applied() if e["how"] != "undo"]
-        self.log_apply({"job": applies[-1]["job"] if applies else "", "how": "undo", "files": restored,
-                        "conflicts": []})
+        undone = applies[-1] if applies else {}
+        entry = {"job": undone.get("job", ""), "how": "undo", "files": restored, "conflicts": [],
+                 **{k: undone[k] for k in ATTEMPT_ORIGIN if k in undone}}
+        self.log_apply(entry)
+        return entry
 
     def applied(self) -> List[dict]:
         """The log, oldest first; an apply that a later undo reverted is marked "undone"."""
@@ -6790,8 +6800,8 @@ def undo_last_apply(session: Session, args) -> int:
     if not session.project.state_file("undo.json").exists():
         raise nothing_to_undo(session.applied())
     restored = Applier(session.project, Style(False)).undo()
-    session.log_undo(restored)
-    say(f"restored {len(restored)} file(s) to what they were before the last apply")
+    entry = session.log_undo(restored)
+    say(f"restored {len(restored)} file(s) to what they were before the last apply{log_origin(entry)}")
     output(args, {"restored": restored}, lambda r: print("\n".join(map(sanitize, r["restored"]))))
     return 0
 
@@ -6815,7 +6825,7 @@ def cmd_log(args) -> int:
         for entry in r["applied"]:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry["time"]))
             if entry["how"] == "undo":
-                what = f"undo of job {entry['job']}: {len(entry['files'])} file(s) restored: "
+                what = f"undo of job {entry['job']}{log_origin(entry)}: {len(entry['files'])} file(s) restored: "
             else:
                 extra = " partial" if entry.get("partial") else ""
                 extra += f" conflicts: {', '.join(entry['conflicts'])}" if entry["conflicts"] else ""
