@@ -38,8 +38,9 @@ Commands (`patchwire COMMAND --help` for each):
     usage    your asks, AI minutes, tokens and cost on the box (--by project|day, --csv)
 
 Several attempts (`ask -n N`, section "several attempts"): N sibling jobs of one sync and
-one snapshot; the chooser applies one whole, or one change built from files of several,
-each part vetted exactly as a single job's patch is (Session.vet, apply_job).
+one snapshot; the chooser applies one whole, or one change built from files or hunks of
+several (overlapping hunks are alternatives, never merged), vetted as a single job's patch
+is (Session.vet, apply_job).
 
 Exit codes:
     0 ok, 1 error, 2 usage, 3 agent unreachable or refused, 4 AI run failed,
@@ -5317,7 +5318,10 @@ def leave_out(patch: bytes, paths: Sequence[str]) -> bytes:
 # fetched and kept like any job's, read with the strict reader and vetted by Session.vet.
 # A change built from several attempts is their files' sections, byte for byte as the box
 # sent them (index lines and all), joined into one patch and vetted again whole, exactly
-# as one job's: no second patch path. Files from different attempts must not overlap.
+# as one job's: no second patch path. Files from different attempts must not overlap. A
+# file built from hunks of several attempts is rendered by the chooser's own code (Hunk,
+# render_hunks): the attempts all start from one snapshot, so their hunks' old line numbers
+# are of the same file, and hunks that read the same lines are alternatives, never merged.
 
 ASK_GROUP_SHAPE = {"id": str, "project": str, "prompt": str, "created": NUMBER, "status": str,
                    "attempts": int, "jobs": ("list", dict)}
