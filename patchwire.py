@@ -38,8 +38,9 @@ Commands (`patchwire COMMAND --help` for each):
     usage    your asks, AI minutes, tokens and cost on the box (--by project|day, --csv)
 
 Several attempts (`ask -n N`, section "several attempts"): N sibling jobs of one sync and
-one snapshot; the chooser applies one whole, or one change built from files of several,
-each part vetted exactly as a single job's patch is (Session.vet, apply_job).
+one snapshot; the chooser applies one whole, or one change built from files or hunks of
+several (overlapping hunks are alternatives, never merged), vetted as a single job's patch
+is (Session.vet, apply_job).
 
 Exit codes:
     0 ok, 1 error, 2 usage, 3 agent unreachable or refused, 4 AI run failed,
@@ -130,7 +131,8 @@ import urllib.parse
 import zlib
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import (Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple,
+                    Union)
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # at run time, imported when an AgentClient is made (start-up, see there)
@@ -2682,6 +2684,12 @@ class Synced:
         return {"tree": self.tree, "base": self.base, "changed": self.changed, "deleted": self.deleted}
 
 
+# What an apply of several attempts' work records beside the job (log_origin says it):
+# the ask, path -> attempt of each file taken whole, path -> [[attempt, hunk], ...] of each
+# file built hunk by hunk.
+ATTEMPT_ORIGIN = ("ask", "parts", "hunks")
+
+
 class Session:
     """One command's view of the project, its config and the agent."""
 
@@ -2817,15 +2825,19 @@ class Session:
         entry = {"time": time.time(), "job": result["job"], "how": result["how"],
                  "files": result["files"], "conflicts": result["conflicts"],
                  "partial": result.get("partial", False),
-                 **{k: result[k] for k in ("ask", "parts") if k in result}}  # several attempts
+                 **{k: result[k] for k in ATTEMPT_ORIGIN if k in result}}
         with open(self.project.state_file("applied.log"), "a") as f:
             f.write(json.dumps(entry) + "\n")
 
-    def log_undo(self, restored: List[str]) -> None:
-        """Undo goes back one level: it always reverts the newest apply in the log."""
+    def log_undo(self, restored: List[str]) -> dict:
+        """Undo goes back one level: it always reverts the newest apply in the log. The undo's
+        entry names what the apply was built from (several attempts), as the apply's does."""
         applies = [e for e in self.applied() if e["how"] != "undo"]
-        self.log_apply({"job": applies[-1]["job"] if applies else "", "how": "undo", "files": restored,
-                        "conflicts": []})
+        undone = applies[-1] if applies else {}
+        entry = {"job": undone.get("job", ""), "how": "undo", "files": restored, "conflicts": [],
+                 **{k: undone[k] for k in ATTEMPT_ORIGIN if k in undone}}
+        self.log_apply(entry)
+        return entry
 
     def applied(self) -> List[dict]:
         """The log, oldest first; an apply that a later undo reverted is marked "undone"."""
@@ -4637,6 +4649,24 @@ def batched(items: Iterable[str], size: int) -> Iterator[List[str]]:
 
 # ================================================================== choosing what to apply
 
+
+class ApplyOptions:
+    """How a command offers and applies a change, read from its command line once (by the
+    command function): the choosing and applying code reads these names, never argparse's
+    Namespace. `json` also makes `output` print JSON lines."""
+
+    def __init__(self, *, yes: bool = False, no_apply: bool = False, json: bool = False, no_color: bool = False,
+                 require_checks: bool = False):
+        self.yes, self.no_apply, self.json = yes, no_apply, json
+        self.no_color, self.require_checks = no_color, require_checks
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> "ApplyOptions":
+        """The options of `ask`, `wait` or `diff` (each has only some of these flags)."""
+        return cls(**{name: bool(getattr(args, name, False))
+                      for name in ("yes", "no_apply", "json", "no_color", "require_checks")})
+
+
 HUNK_RE = re.compile(rb"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@(.*)$", re.S)
 
 
@@ -4664,6 +4694,15 @@ class Hunk:
                 in_change = False
                 self.group_of.append(None)
         self.groups = group + 1
+
+    @property
+    def old_lines(self) -> Tuple[int, int]:
+        """(first, past the last) line of the file as synced that this hunk reads, context
+        included; a pure insertion (no old lines: git writes -N,0 for "after line N") holds
+        the line after N, so two insertions at one place count as overlapping."""
+        count = sum(1 for line in self.lines if not line.startswith((b"+", b"\\")))
+        first = self.old_start + (1 if count == 0 else 0)
+        return first, first + max(count, 1)
 
     def render(self, chosen: Iterable[int], delta: int) -> Tuple[Optional[bytes], int]:
         """(hunk bytes, change in line count) keeping only the chosen groups."""
@@ -4743,15 +4782,23 @@ class Selection:
             if not hunks:  # binary, pure rename, mode change, empty new file
                 out.append(fp.bytes)
                 continue
-            body, delta = [], 0
-            for h, hunk in enumerate(hunks):
-                data, change = hunk.render(self.chosen[i].get(h, ()), delta)
-                if data:
-                    body.append(data)
-                    delta += change
-            if body:
-                out.append(b"".join(header) + b"".join(body))
+            section = render_hunks(header, [(hunk, self.chosen[i].get(h, ())) for h, hunk in enumerate(hunks)])
+            if section:
+                out.append(section)
         return b"".join(out)
+
+
+def render_hunks(header: List[bytes], picks: Sequence[Tuple[Hunk, Iterable[int]]]) -> Optional[bytes]:
+    """One file's section from `picks` ((hunk, its chosen groups), in file order): each
+    hunk's new start moved by what the hunks before it added or removed; None when nothing
+    is chosen. Hunks of one patch, or of several made from the same file (attempts)."""
+    body, delta = [], 0
+    for hunk, groups in picks:
+        data, change = hunk.render(groups, delta)
+        if data:
+            body.append(data)
+            delta += change
+    return b"".join(header) + b"".join(body) if body else None
 
 
 def select_paths(files: Sequence["FilePatch"], only: Sequence[str], exclude: Sequence[str]) -> Selection:
@@ -4840,10 +4887,15 @@ class Chooser:
         return "s"
 
     def _show(self, lines: List[bytes]) -> None:
-        text = [sanitize(l.decode("utf-8", "replace").rstrip("\n")) for l in lines]
-        for line in text:
-            colour = {"+": "green", "-": "red"}.get(line[:1])
-            say(self.style(colour, line) if colour else line)
+        show_hunk_lines(lines, self.style)
+
+
+def show_hunk_lines(lines: Sequence[bytes], style: Style) -> None:
+    """A hunk's lines on stderr, sanitised, added lines green and removed ones red."""
+    text = [sanitize(l.decode("utf-8", "replace").rstrip("\n")) for l in lines]
+    for line in text:
+        colour = {"+": "green", "-": "red"}.get(line[:1])
+        say(style(colour, line) if colour else line)
 
 
 # ================================================================== apply and undo
@@ -5266,7 +5318,10 @@ def leave_out(patch: bytes, paths: Sequence[str]) -> bytes:
 # fetched and kept like any job's, read with the strict reader and vetted by Session.vet.
 # A change built from several attempts is their files' sections, byte for byte as the box
 # sent them (index lines and all), joined into one patch and vetted again whole, exactly
-# as one job's: no second patch path. Files from different attempts must not overlap.
+# as one job's: no second patch path. Files from different attempts must not overlap. A
+# file built from hunks of several attempts is rendered by the chooser's own code (Hunk,
+# render_hunks): the attempts all start from one snapshot, so their hunks' old line numbers
+# are of the same file, and hunks that read the same lines are alternatives, never merged.
 
 ASK_GROUP_SHAPE = {"id": str, "project": str, "prompt": str, "created": NUMBER, "status": str,
                    "attempts": int, "jobs": ("list", dict)}
@@ -5296,16 +5351,12 @@ def show_siblings(session: Session, job: dict) -> None:
 
 
 def log_origin(entry: dict) -> str:
-    """`patchwire log`: " from ask ID (attempt 2: a.dart; attempt 1: b.dart)" for an apply of
-    several attempts' work, "" for any other."""
-    parts = entry.get("parts")
-    if not isinstance(entry.get("ask"), str) or not isinstance(parts, dict):
+    """`patchwire log`: " from ask ID (attempt 2: a.dart; b.dart: hunk 1 of attempt 2, hunk 2
+    of attempt 3)" for an apply (or its undo) of several attempts' work, "" for any other."""
+    parts, hunks = entry.get("parts"), entry.get("hunks") or {}
+    if not isinstance(entry.get("ask"), str) or not isinstance(parts, dict) or not isinstance(hunks, dict):
         return ""
-    by_attempt: Dict[Any, List[str]] = {}
-    for path, k in parts.items():
-        by_attempt.setdefault(k, []).append(str(path))
-    return f" from ask {entry['ask']} (" + "; ".join(f"attempt {k}: {describe_paths(paths, 3)}"
-                                                     for k, paths in by_attempt.items()) + ")"
+    return f" from ask {entry['ask']} ({describe_origin(parts, hunks)})"
 
 
 def attempt_label(job: dict) -> str:
@@ -5315,57 +5366,120 @@ def attempt_label(job: dict) -> str:
     return f"ask {job['ask_id'][:6]} #{job['attempt']} "
 
 
+TAKE_HELP = ("with -n: build one change, each file from the attempt named: 2:lib/a.dart,3:lib/b.dart; "
+             "3#2:lib/b.dart takes hunk 2 of attempt 3's change to it (3#1+3:PATH hunks 1 and 3, "
+             "numbered as its @@ lines in `patchwire diff JOB`); in PATH write \\, for a comma, "
+             "\\\\ for a backslash")
+
+
 def add_attempt_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--attempts", type=int, default=1, metavar="N",
                         help="run N attempts (1-4) of the prompt side by side, then choose")
     parser.add_argument("--pick", type=int, metavar="K", help="with -n: apply attempt K whole, without asking")
-    parser.add_argument("--take", metavar="K:PATH,...",
-                        help="with -n: build one change, each file from the attempt named (2:lib/a.dart,3:lib/b.dart)")
+    parser.add_argument("--take", metavar="K[#H]:PATH,...", help=TAKE_HELP)
     parser.add_argument("--agents", metavar="NAME,...",
                         help="one attempt per AI profile of the box ([ai.profiles.NAME]), e.g. --agents claude,codex")
     parser.add_argument("--focus", type=int, default=1, metavar="K",
                         help="with -n: the attempt whose AI text is shown (default 1)")
 
 
+class Part(NamedTuple):
+    """A part of a built change: attempt K's change to PATH, whole (no `hunks`), or only
+    the hunks numbered (1-based, in the order of the section's @@ lines)."""
+    attempt: int
+    path: str
+    hunks: Tuple[int, ...] = ()
+
+
+class AttemptOptions:
+    """What `ask -n` was told on its command line about the attempts, read once there."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        agents = [a.strip() for a in (getattr(args, "agents", None) or "").split(",") if a.strip()]
+        self.agents = agents
+        self.count: int = len(agents) if agents else getattr(args, "attempts", 1)
+        self.pick: Optional[int] = getattr(args, "pick", None)
+        self.focus: int = getattr(args, "focus", 1)
+        self.parts: List[Part] = parse_take(getattr(args, "take", None) or "")
+
+    def fields(self) -> dict:
+        """The ask's fields for several attempts: attempts, and the AI profile of each."""
+        if self.agents:
+            return {"attempts": len(self.agents), "agents": self.agents}
+        return {"attempts": self.count} if self.count != 1 else {}
+
+
 def attempt_fields(args) -> dict:
     """The ask's fields for several attempts: attempts, and the AI profile of each."""
-    agents = [a.strip() for a in (getattr(args, "agents", None) or "").split(",") if a.strip()]
-    if agents:
-        return {"attempts": len(agents), "agents": agents}
-    return {"attempts": args.attempts} if getattr(args, "attempts", 1) != 1 else {}
+    return AttemptOptions(args).fields()
 
 
-def check_attempt_args(args) -> List[Tuple[int, str]]:
-    """The command line of `ask -n`, checked before anything is sent; --take's parts."""
-    agents = attempt_fields(args).get("agents")
-    if agents and args.attempts not in (1, len(agents)):
-        raise UsageError(f"-n {args.attempts} and --agents with {len(agents)} names disagree",
+def check_attempt_args(args) -> AttemptOptions:
+    """The command line of `ask -n`, checked before anything is sent."""
+    opts = AttemptOptions(args)
+    if opts.agents and args.attempts not in (1, len(opts.agents)):
+        raise UsageError(f"-n {args.attempts} and --agents with {len(opts.agents)} names disagree",
                          "--agents makes one attempt per name: leave -n out")
-    args.attempts = len(agents) if agents else args.attempts
-    if not 2 <= args.attempts <= 4:
-        raise UsageError(f"-n {args.attempts}: several attempts are 2 to 4", "patchwire ask -n 3 PROMPT")
+    if not 2 <= opts.count <= 4:
+        raise UsageError(f"-n {opts.count}: several attempts are 2 to 4", "patchwire ask -n 3 PROMPT")
     if getattr(args, "detach", False):
         raise UsageError("-n does not go with --detach: the choice between the attempts follows them",
                          "ask -n N and stay, or ask --detach for one attempt")
-    if args.pick and args.take:
+    if opts.pick and opts.parts:
         raise UsageError("--pick and --take do not go together", "apply one attempt whole, or build one change")
-    if args.yes and not (args.pick or args.take):
+    if args.yes and not (opts.pick or opts.parts):
         raise UsageError("with -n, say what to apply without asking: --pick K or --take K:PATH,...")
-    for k in [args.pick or 1, args.focus] + [k for k, _ in parse_take(args.take or "")]:
-        if not 1 <= k <= args.attempts:
-            raise UsageError(f"there is no attempt {k} of {args.attempts}")
-    return parse_take(args.take or "")
+    for k in [opts.pick or 1, opts.focus] + [part.attempt for part in opts.parts]:
+        if not 1 <= k <= opts.count:
+            raise UsageError(f"there is no attempt {k} of {opts.count}")
+    return opts
 
 
-def parse_take(text: str) -> List[Tuple[int, str]]:
-    """"2:lib/a.dart,3:lib/b.dart" -> [(2, "lib/a.dart"), (3, "lib/b.dart")]."""
+TAKE_RE = re.compile(r"(\d+)(?:#(\d+(?:\+\d+)*))?:(.+)", re.S)
+
+
+def parse_take(text: str) -> List[Part]:
+    """"2:lib/a.dart,3#1+2:lib/b.dart" -> [Part(2, "lib/a.dart"), Part(3, "lib/b.dart", (1, 2))].
+    Any file name can be written: the attempt and hunks end at the first colon (a path may
+    hold more), and in a path a backslash makes the next character plain (\\, a comma,
+    \\\\ a backslash); whitespace around an item is dropped unless escaped."""
     parts = []
-    for item in filter(None, (i.strip() for i in text.split(","))):
-        k, sep, path = item.partition(":")
-        if not sep or not k.isdigit() or not path:
-            raise UsageError(f"--take {sanitize(item)!r} is not K:PATH", "e.g. --take 2:lib/a.dart,3:lib/b.dart")
-        parts.append((int(k), path))
+    for item in split_escaped(text):
+        m = TAKE_RE.fullmatch(item)
+        if not m:
+            raise UsageError(f"--take {sanitize(item)!r} is not K:PATH or K#H:PATH",
+                             "e.g. --take 2:lib/a.dart,3#2:lib/b.dart")
+        hunks = tuple(int(h) for h in m.group(2).split("+")) if m.group(2) else ()
+        if 0 in hunks:
+            raise UsageError(f"--take {sanitize(item)!r}: hunks are numbered from 1")
+        parts.append(Part(int(m.group(1)), m.group(3), hunks))
     return parts
+
+
+def split_escaped(text: str) -> List[str]:
+    """Split at each comma not escaped by a backslash, the escapes resolved; empty items and
+    unescaped whitespace at either end of an item dropped."""
+    items: List[List[Tuple[str, bool]]] = [[]]
+    chars = iter(text)
+    for c in chars:
+        if c == "\\":
+            escaped = next(chars, None)
+            if escaped is None:
+                raise UsageError("--take ends with a lone backslash", "write \\\\ for a backslash in a path")
+            items[-1].append((escaped, True))
+        elif c == ",":
+            items.append([])
+        else:
+            items[-1].append((c, False))
+    out = []
+    for item in items:
+        while item and not item[0][1] and item[0][0].isspace():
+            item.pop(0)
+        while item and not item[-1][1] and item[-1][0].isspace():
+            item.pop()
+        if item:
+            out.append("".join(c for c, _ in item))
+    return out
 
 
 # --- following the group
@@ -5521,69 +5635,217 @@ def numbered(attempts: Sequence[Attempt], k: int) -> Attempt:
     return a
 
 
-def built_change(attempts: Sequence[Attempt], parts: Sequence[Tuple[int, str]]) -> Tuple[bytes, Dict[str, int]]:
-    """The sections `parts` name ((attempt, path)), joined: one patch, and path -> attempt.
-    The same file from two attempts (or a rename of one touching the other's) is refused."""
+class Built(NamedTuple):
+    """A change built from several attempts: the patch, path -> attempt for each file taken
+    whole, and path -> [[attempt, hunk], ...] for each file built hunk by hunk."""
+    patch: bytes
+    parts: Dict[str, int]
+    hunks: Dict[str, List[List[int]]]
+
+
+def built_change(attempts: Sequence[Attempt], parts: Sequence[Part]) -> Built:
+    """The sections `parts` name, joined into one patch. A file taken whole comes byte for
+    byte as its attempt's section; a file named with hunks (of one attempt or several) is
+    rebuilt from them. The same file whole from two attempts (or a rename of one touching
+    the other's) is refused, and so are two hunks that overlap: never merged silently."""
+    by_hunk = list(dict.fromkeys(p.path for p in parts if p.hunks))
     chosen: Dict[str, int] = {}
     sections: List[bytes] = []
-    for k, path in parts:
-        a = numbered(attempts, k)
-        fp = next((f for f in a.files if path in (f.path, f.old_path)), None)
-        if fp is None:
-            raise UsageError(f"attempt {k} does not change {sanitize(path)}",
-                             f"its files: {sanitize(describe_paths([f.path for f in a.files]))}")
-        for touched in touched_paths([fp]):
-            if chosen.get(touched, k) != k:
-                raise UsageError(f"{sanitize(touched)} is taken from attempts {chosen[touched]} and {k}",
-                                 "take each file from one attempt (`patchwire diff JOB --file PATH` shows each)")
-        if fp.path in chosen:
-            continue
+    for part in parts:
+        if part.path not in by_hunk:
+            whole_section(attempts, part, chosen, sections)
+    hunks: Dict[str, List[List[int]]] = {}
+    for path in by_hunk:
+        if path in chosen:
+            raise UsageError(f"{sanitize(path)} is touched by attempt {chosen[path]}'s change to another file, "
+                             "and taken in hunks", "take it whole, from one attempt")
+        section, hunks[path] = hunk_section(attempts, path, [p for p in parts if p.path == path])
+        sections.append(section)
+    return Built(b"".join(sections), chosen, hunks)
+
+
+def whole_section(attempts: Sequence[Attempt], part: Part, chosen: Dict[str, int], sections: List[bytes]) -> None:
+    k, path = part.attempt, part.path
+    fp = attempt_file(numbered(attempts, k), path)
+    for touched in touched_paths([fp]):
+        if chosen.get(touched, k) != k:
+            raise UsageError(f"{sanitize(touched)} is taken from attempts {chosen[touched]} and {k}",
+                             "take each file from one attempt, or hunks of it from several "
+                             "(K#H:PATH; `patchwire diff JOB` shows each)")
+    if fp.path not in chosen:
         chosen.update(dict.fromkeys(touched_paths([fp]), k))
         sections.append(fp.bytes)
-    return b"".join(sections), chosen
 
 
-def apply_attempts(session: Session, args, ask: str, attempts: Sequence[Attempt],
-                   parts: Sequence[Tuple[int, str]], overwrite: Optional[bool]) -> dict:
-    """Apply one attempt whole (`parts` empty: args.pick) or the change built from `parts`,
-    vetted as one job's patch against the tree the attempts were asked on; the log and undo
-    record the ask and which attempt each file came from."""
-    if not parts:
-        a = numbered(attempts, args.pick)
+def attempt_file(a: Attempt, path: str) -> FilePatch:
+    fp = next((f for f in a.files if path in (f.path, f.old_path)), None)
+    if fp is None:
+        raise UsageError(f"attempt {a.number} does not change {sanitize(path)}",
+                         f"its files: {sanitize(describe_paths([f.path for f in a.files]))}")
+    return fp
+
+
+def file_hunks(a: Attempt, path: str) -> Tuple[List[bytes], List[Hunk]]:
+    """(header, hunks) of attempt `a`'s change to `path`, which must be an edit of a text
+    file in place: a new, deleted, renamed, binary or symlink change is taken whole."""
+    fp = attempt_file(a, path)
+    if fp.kind != "modified" or fp.old_path != fp.path or fp.binary or fp.link_target is not None or not fp.hunks:
+        raise UsageError(f"attempt {a.number}'s change to {sanitize(path)} is {fp.label}"
+                         f"{' (binary)' if fp.binary else ''}: it cannot be taken in hunks",
+                         f"take it whole: --take {a.number}:PATH")
+    return parse_hunks(fp)
+
+
+def same_header(header: List[bytes]) -> List[bytes]:
+    """A section's header without its index line (which names each attempt's own result):
+    what must agree for hunks of several attempts to go under one header (modes, names)."""
+    return [line for line in header if not line.startswith(b"index ")]
+
+
+def hunk_section(attempts: Sequence[Attempt], path: str, parts: Sequence[Part]) -> Tuple[bytes, List[List[int]]]:
+    """`path`'s section built from the hunks `parts` name, in file order, under the first
+    attempt's header; [[attempt, hunk], ...] as taken. A part without hunks takes all of
+    its attempt's. The same hunk from two attempts (byte for byte) is taken once."""
+    header: Optional[List[bytes]] = None
+    picked: Dict[Tuple[int, bytes], Tuple[int, int, Hunk]] = {}  # (start, lines) -> (attempt, number, hunk)
+    for part in parts:
+        head, hunks = file_hunks(numbered(attempts, part.attempt), path)
+        if header is not None and same_header(head) != same_header(header):
+            raise UsageError(f"attempts {parts[0].attempt} and {part.attempt} change {sanitize(path)}'s mode "
+                             "or header differently: its hunks cannot go together", "take it whole, from one attempt")
+        header = header or head
+        for h in part.hunks or range(1, len(hunks) + 1):
+            if h > len(hunks):
+                raise UsageError(f"attempt {part.attempt} changes {sanitize(path)} in {len(hunks)} hunk(s): "
+                                 f"there is no hunk {h}", f"`patchwire diff {numbered(attempts, part.attempt).id}` "
+                                 "numbers them by their @@ lines")
+            hunk = hunks[h - 1]
+            picked.setdefault((hunk.old_start, b"".join(hunk.lines)), (part.attempt, h, hunk))
+    ordered = sorted(picked.values(), key=lambda t: t[2].old_lines)
+    for (k1, h1, one), (k2, h2, two) in zip(ordered, ordered[1:]):
+        if two.old_lines[0] < one.old_lines[1]:
+            raise UsageError(f"hunk {h1} of attempt {k1} and hunk {h2} of attempt {k2} overlap in {sanitize(path)} "
+                             f"(lines {two.old_lines[0]}-{min(one.old_lines[1], two.old_lines[1]) - 1} as synced)",
+                             "take one of them: overlapping hunks are alternatives, never merged")
+    section = render_hunks(header or [], [(hunk, range(hunk.groups)) for _, _, hunk in ordered])
+    return section or b"", [[k, h] for k, h, _ in ordered]
+
+
+def apply_attempts(session: Session, opts: ApplyOptions, ask: str, attempts: Sequence[Attempt],
+                   pick: Optional[int], parts: Sequence[Part], overwrite: Optional[bool]) -> dict:
+    """Apply attempt `pick` whole, or the change built from `parts`, vetted as one job's
+    patch against the tree the attempts were asked on (a file built from hunks: as a part
+    chosen of a job's patch, by position); the log and undo record the ask and which
+    attempt each file, or each hunk, came from."""
+    if pick:
+        a = numbered(attempts, pick)
         origin = {"ask": ask, "parts": {fp.path: a.number for fp in a.files}}
-        result = apply_job(session, a.id, a.patch, read=a.files, overwrite=overwrite, no_color=args.no_color,
+        result = apply_job(session, a.id, a.patch, read=a.files, overwrite=overwrite, no_color=opts.no_color,
                            origin=origin)
         session.remember_job(a.id)
         return result
-    patch, chosen = built_change(attempts, parts)
-    first = numbered(attempts, parts[0][0])
-    files = session.vet(patch, first.id)  # strictly, whole: each section keeps its index line
-    result = apply_job(session, first.id, patch, read=files, overwrite=overwrite, no_color=args.no_color,
-                       origin={"ask": ask, "parts": chosen})
-    counts = [list(chosen.values()).count(a.number) for a in attempts]
+    built = built_change(attempts, parts)
+    first = numbered(attempts, parts[0].attempt)
+    # strictly, whole: each section keeps its index line; a file built from hunks has no
+    # blob of its own to be checked against, as a part chosen with `apply -i` has none
+    files = session.vet(built.patch, first.id, whole=not built.hunks)
+    origin = {"ask": ask, "parts": built.parts, **({"hunks": built.hunks} if built.hunks else {})}
+    result = apply_job(session, first.id, built.patch, read=files, overwrite=overwrite, no_color=opts.no_color,
+                       origin=origin)
+    taken = list(built.parts.values()) + [k for pairs in built.hunks.values() for k, _ in pairs]
+    counts = [taken.count(a.number) for a in attempts]
     session.remember_job(attempts[counts.index(max(counts))].id)  # `ask --continue` goes on from it
-    say("built from " + ", ".join(f"attempt {k}: {sanitize(p)}" for p, k in chosen.items()))
+    say("built from " + describe_origin(built.parts, built.hunks))
     return result
 
 
-def ask_which(attempts: Sequence[Attempt], style: Style) -> List[Tuple[int, str]]:
-    """On a terminal: a number applies that attempt whole ([(K, "")]); t goes file by file,
-    each file's different changes offered as alternatives; anything else keeps them all."""
+def describe_origin(parts: Dict[str, Any], hunks: Dict[str, Any]) -> str:
+    """"attempt 2: lib/a.dart; lib/b.dart: hunk 1 of attempt 2, hunk 2 of attempt 3"."""
+    by_attempt: Dict[Any, List[str]] = {}
+    for path, k in parts.items():
+        by_attempt.setdefault(k, []).append(str(path))
+    said = [f"attempt {k}: {describe_paths(paths, 3)}" for k, paths in by_attempt.items()]
+    for path, pairs in hunks.items():
+        said.append(sanitize(str(path)) + ": " + ", ".join(f"hunk {h} of attempt {k}" for k, h in pairs))
+    return "; ".join(said)
+
+
+def ask_which(attempts: Sequence[Attempt], style: Style) -> List[Part]:
+    """On a terminal: a number applies that attempt whole ([Part(K, "")]); t goes file by
+    file, each file's different changes offered as alternatives (and, where the attempts
+    edit it differently, hunk by hunk: h); anything else keeps them all."""
     answer = read_answer("A number and Enter applies that attempt whole; t and Enter takes files from "
                          "several; anything else keeps them for later.")
     if answer and answer.isdigit() and 1 <= int(answer) <= len(attempts):
-        return [(int(answer), "")]
+        return [Part(int(answer), "")]
     if answer != "t":
         return []
-    parts: List[Tuple[int, str]] = []
+    parts: List[Part] = []
     paths = list(dict.fromkeys(fp.path for a in attempts if a.usable for fp in a.files))
     for path in paths:
-        offers = [a.number for a in attempts if a.usable and path in a.sections()]
-        show_alternatives([a for a in attempts if a.number in offers], path, style)
-        pick = read_answer(style("bold", sanitize(path)) + f": from attempt {'/'.join(map(str, offers))}, "
-                           "or Enter to leave it out?")
-        if pick and pick.isdigit() and int(pick) in offers:
-            parts.append((int(pick), path))
+        offers = [a for a in attempts if a.usable and path in a.sections()]
+        show_alternatives(offers, path, style)
+        by_hunk = len({a.sections()[path] for a in offers}) > 1 and hunk_choice_possible(offers, path)
+        pick = read_answer(style("bold", sanitize(path)) + f": from attempt {'/'.join(str(a.number) for a in offers)}"
+                           + (", h hunk by hunk," if by_hunk else "") + " or Enter to leave it out?")
+        if by_hunk and pick == "h":
+            parts += ask_hunk_by_hunk(offers, path, style)
+        elif pick and pick.isdigit() and int(pick) in [a.number for a in offers]:
+            parts.append(Part(int(pick), path))
+    return parts
+
+
+def hunk_choice_possible(offers: Sequence[Attempt], path: str) -> bool:
+    """Whether every attempt's change to `path` can be taken in hunks, under one header."""
+    try:
+        heads = [same_header(file_hunks(a, path)[0]) for a in offers]
+    except UsageError:
+        return False
+    return all(head == heads[0] for head in heads)
+
+
+def hunk_clusters(offers: Sequence[Attempt], path: str) -> List[List[Tuple[List[int], List[Tuple[int, Hunk]]]]]:
+    """The attempts' hunks of `path` in runs that overlap (one run: the hunks of any attempt
+    touching the same lines as synced); in each run the alternatives, one per different
+    change: ([attempts making it], [(hunk number, hunk), ...])."""
+    every = sorted(((a.number, h, hunk) for a in offers for h, hunk in enumerate(file_hunks(a, path)[1], 1)),
+                   key=lambda t: t[2].old_lines)
+    runs: List[List[Tuple[int, int, Hunk]]] = []
+    end = 0  # past the last line the current run reads
+    for k, h, hunk in every:
+        first, last = hunk.old_lines
+        if not runs or first >= end:
+            runs.append([])
+        end = max(end, last) if runs[-1] else last
+        runs[-1].append((k, h, hunk))
+    out = []
+    for run in runs:
+        alike: Dict[bytes, Tuple[List[int], List[Tuple[int, Hunk]]]] = {}
+        for a in offers:
+            mine = [(h, hunk) for k, h, hunk in run if k == a.number]
+            if mine:
+                key = b"\0".join(b"%d" % hunk.old_start + b"".join(hunk.lines) for _, hunk in mine)
+                alike.setdefault(key, ([], mine))[0].append(a.number)
+        out.append(list(alike.values()))
+    return out
+
+
+def ask_hunk_by_hunk(offers: Sequence[Attempt], path: str, style: Style) -> List[Part]:
+    """Each run of overlapping hunks once: its alternatives shown, one taken or none."""
+    parts = []
+    clusters = hunk_clusters(offers, path)
+    for i, alternatives in enumerate(clusters, 1):
+        for makers, hunks in alternatives:
+            say(style("bold", f"attempt {' and '.join(map(str, makers))}, hunk "
+                              + "+".join(str(h) for h, _ in hunks) + f" (from line {hunks[0][1].old_start} as synced):"))
+            for _, hunk in hunks:
+                show_hunk_lines(hunk.lines, style)
+        numbers = [k for makers, _ in alternatives for k in makers]
+        pick = read_answer(style("bold", f"{sanitize(path)}, part {i}/{len(clusters)}") + ": from attempt "
+                           + "/".join(map(str, numbers)) + ", or Enter to leave it out?")
+        for makers, hunks in alternatives:
+            if pick and pick.isdigit() and int(pick) in makers:
+                parts.append(Part(int(pick), path, tuple(h for h, _ in hunks)))
     return parts
 
 
@@ -5600,7 +5862,7 @@ def show_alternatives(attempts: Sequence[Attempt], path: str, style: Style) -> N
 
 def ask_attempts(session: Session, args, prompt: str) -> int:
     """`patchwire ask -n N`: sync once, post once, follow every attempt, then choose."""
-    parts = check_attempt_args(args)
+    which, opts = check_attempt_args(args), ApplyOptions.of(args)
     session.client.on_wait = lambda quiet: say(f"still waiting for the box ({quiet:.0f} s without news)")
     first, events, tree = start_ask(session, args, prompt)
     ask = session.client.job(first["job"]).get("ask_id")
@@ -5609,48 +5871,48 @@ def ask_attempts(session: Session, args, prompt: str) -> int:
                             "Patchwire's several attempts?)", BOX_HINT)
     group = session.client.ask_group(ask)
     numbers = {job["id"]: job["attempt"] for job in group["jobs"]}
-    if len(numbers) != args.attempts or first["job"] not in numbers:
-        raise AnswerRefused(f"the agent's ask {ask} is not the {args.attempts} attempts asked for", BOX_HINT)
+    if len(numbers) != which.count or first["job"] not in numbers:
+        raise AnswerRefused(f"the agent's ask {ask} is not the {which.count} attempts asked for", BOX_HINT)
     for job in numbers:
         session.record_job_tree(job, tree)
-    say(f"ask {ask}: {len(numbers)} attempts; following attempt {args.focus}'s AI, one line each for the others")
-    progress = AttemptProgress(numbers, group["jobs"][args.focus - 1]["id"],
-                               ProgressPrinter(Style.for_stream(sys.stderr, args.no_color)))
+    say(f"ask {ask}: {len(numbers)} attempts; following attempt {which.focus}'s AI, one line each for the others")
+    progress = AttemptProgress(numbers, group["jobs"][which.focus - 1]["id"],
+                               ProgressPrinter(Style.for_stream(sys.stderr, opts.no_color)))
 
     def on_event(event: dict) -> None:
         if event.get("job") in numbers:  # another job's event has no place here
             progress(event)
-            output(args, event)
+            output(opts, event)
 
     def chain():
         yield first
         yield from events
     group = follow_group(session, ask, chain(), on_event)
-    return choose_attempt(session, args, ask, load_attempts(session, group), parts)
+    return choose_attempt(session, opts, ask, load_attempts(session, group), which)
 
 
-def choose_attempt(session: Session, args, ask: str, attempts: List[Attempt], parts: List[Tuple[int, str]]) -> int:
+def choose_attempt(session: Session, opts: ApplyOptions, ask: str, attempts: List[Attempt],
+                   which: AttemptOptions) -> int:
     rows, diffs = [a.row() for a in attempts], differences(attempts)
     outcome: Dict[str, Any] = {"type": "outcome", "ask": ask, "attempts": rows, "differences": diffs, "applied": False}
-    if not args.json:
+    if not opts.json:
         print("\n".join(render_attempts(rows, diffs)), file=sys.stderr)
     if not any(a.usable for a in attempts):
-        output(args, outcome)
+        output(opts, outcome)
         raise AIFailed(f"no attempt of ask {ask} is done with a change to apply", "see `patchwire show JOB`")
-    chosen = [(args.pick, "")] if args.pick else parts
+    pick, parts = which.pick, which.parts
     overwrite: Optional[bool] = False
-    if not chosen and not args.json and not args.no_apply and sys.stdin.isatty():
-        chosen, overwrite = ask_which(attempts, Style.for_stream(sys.stderr, args.no_color)), None
-        if chosen and not chosen[0][1]:
-            args.pick = chosen[0][0]
-            preview(numbered(attempts, args.pick).files, args.no_color)
-    if chosen:
-        outcome.update(applied=True, apply=apply_attempts(session, args, ask, attempts,
-                                                          [] if args.pick else chosen, overwrite))
+    if not pick and not parts and not opts.json and not opts.no_apply and sys.stdin.isatty():
+        parts, overwrite = ask_which(attempts, Style.for_stream(sys.stderr, opts.no_color)), None
+        if parts and not parts[0].path:
+            pick, parts = parts[0].attempt, []
+            preview(numbered(attempts, pick).files, opts.no_color)
+    if pick or parts:
+        outcome.update(applied=True, apply=apply_attempts(session, opts, ask, attempts, pick, parts, overwrite))
     else:
         say("kept the attempts (" + ", ".join(f"{a.number}: job {a.id}" for a in attempts) + "): `patchwire apply "
             "JOB` applies one, `patchwire ask --on JOB ...` continues one")
-    output(args, outcome)
+    output(opts, outcome)
     return 0
 
 
@@ -5942,19 +6204,20 @@ def cmd_ask(args) -> int:
         raise UsageError("the prompt is empty")
     if args.attempts != 1 or args.pick or args.take or args.agents:
         return ask_attempts(session, args, prompt)
+    opts = ApplyOptions.of(args)
     session.client.on_wait = lambda quiet: say(f"still waiting for the box ({quiet:.0f} s without news)")
     job, events = ask_job(session, args, prompt)
     if args.detach:
         session.remember_detached(job)
-        return detach(args, job, events)
-    end, patch = follow_job(session, args, job, events, began)
+        return detach(opts, job, events)
+    end, patch = follow_job(session, opts, job, events, began)
     failed = [run for run in (end.get("checks") or {}).get("runs", []) if not run["ok"]]
     if args.fix_checks and failed:  # once: the AI gets the failing output and the checks run again
         say(f"{len(failed)} check(s) failed; asking the AI once to fix them (a follow-up of job {job})")
         args.on, args.continue_, args.setup = job, False, False
         job, events = ask_job(session, args, fix_checks_prompt(failed))
-        end, patch = follow_job(session, args, job, events, began)
-    return offer_change(session, args, job, patch, end)
+        end, patch = follow_job(session, opts, job, events, began)
+    return offer_change(session, opts, job, patch, end)
 
 
 def ask_job(session: Session, args, prompt: str) -> Tuple[str, Iterator[dict]]:
@@ -5969,7 +6232,7 @@ def ask_job(session: Session, args, prompt: str) -> Tuple[str, Iterator[dict]]:
     return first["job"], chain()
 
 
-def detach(args, job: str, events: Iterator[dict]) -> int:
+def detach(opts: ApplyOptions, job: str, events: Iterator[dict]) -> int:
     """`ask --detach`: the box holds the job; the laptop lets go of its stream and says how to
     come back (`wait`) and how to stop it (`cancel`)."""
     close = getattr(events, "close", None)
@@ -5978,33 +6241,33 @@ def detach(args, job: str, events: Iterator[dict]) -> int:
     say(f"job {job} is queued on the box; the laptop can go.\n"
         f"  `patchwire wait {job}` follows it and offers its change when it is done\n"
         f"  `patchwire cancel {job}` stops it")
-    output(args, {"type": "outcome", "job": job, "detached": True, "applied": False})
+    output(opts, {"type": "outcome", "job": job, "detached": True, "applied": False})
     return 0
 
 
-def follow_and_apply(session: Session, args, job: str, events: Iterator[dict], began: float,
+def follow_and_apply(session: Session, opts: ApplyOptions, job: str, events: Iterator[dict], began: float,
                      after: int = 0) -> int:
     """Follow a job to its end, then preview and offer its change: `wait` (and `ask`)."""
-    end, patch = follow_job(session, args, job, events, began, after)
-    return offer_change(session, args, job, patch, end)
+    end, patch = follow_job(session, opts, job, events, began, after)
+    return offer_change(session, opts, job, patch, end)
 
 
-def follow_job(session: Session, args, job: str, events: Iterator[dict], began: float,
+def follow_job(session: Session, opts: ApplyOptions, job: str, events: Iterator[dict], began: float,
                after: int = 0) -> Tuple[dict, bytes]:
     """Follow a job's events to its end: (its `finished` event, its patch); AIFailed when it
     failed or was cancelled. A long wait ends with a desktop notification (`notify_desktop`)."""
-    printer = ProgressPrinter(Style.for_stream(sys.stderr, args.no_color))
+    printer = ProgressPrinter(Style.for_stream(sys.stderr, opts.no_color))
 
     def on_event(event: dict) -> None:
         printer(event)
-        output(args, event)
+        output(opts, event)
     end = stream_job(session, events, on_event, job=job, after=after)
     patch: Optional[bytes] = None
     try:
         if end["type"] == "finished":
             patch = patiently(lambda: session.job_diff(job), f"job {job}'s diff")
     finally:
-        if not args.json:  # a program reading --json (the editor) tells its user itself
+        if not opts.json:  # a program reading --json (the editor) tells its user itself
             notify_desktop(session.cfg, job, end, patch, time.monotonic() - began)
     if patch is None:
         raise AIFailed(f"job {job} {end['type']}: {end.get('reason', '')}",
@@ -6012,32 +6275,32 @@ def follow_job(session: Session, args, job: str, events: Iterator[dict], began: 
     return end, patch
 
 
-def offer_change(session: Session, args, job: str, patch: bytes, end: dict) -> int:
+def offer_change(session: Session, opts: ApplyOptions, job: str, patch: bytes, end: dict) -> int:
     """A finished job's change: previewed under its checks and applied on Enter (or --yes);
     with --json, the outcome line, applied only with --yes. --require-checks offers nothing
     the box's checks did not pass on this very patch (exit 6)."""
     done = session.open_apply(job)
     if done:  # `wait` for a job applied since: applying it again would merge it with itself
         say(f"job {job} is already applied here (at {when(done['time'])}); nothing changed")
-        output(args, {"type": "outcome", "job": job, "applied": False, "already": True})
+        output(opts, {"type": "outcome", "job": job, "applied": False, "already": True})
         return 0
     files = session.vet(patch, job)
     receipt = end.get("checks")
     outcome = {"type": "outcome", "job": job, "applied": False, "files": [f.path for f in files],
                "look_closely": look_closely(files), **checks_outcome(receipt, patch)}
-    held = getattr(args, "require_checks", False) and not outcome.get("checks", {}).get("passed")
+    held = opts.require_checks and not outcome.get("checks", {}).get("passed")
     if not patch:
         say(f"the AI made no changes (job {job}); nothing to apply")
-    elif not args.json:
-        preview(files, args.no_color, heading=checks_heading(receipt, patch, Style.for_stream(sys.stdout, args.no_color)))
+    elif not opts.json:
+        preview(files, opts.no_color, heading=checks_heading(receipt, patch, Style.for_stream(sys.stdout, opts.no_color)))
     if patch and held:
         say(f"not offering to apply job {job}: {checks_refusal(receipt, patch)} (--require-checks); see "
             f"`patchwire show {job}`, or apply it anyway with `patchwire apply {job}`")
-    elif patch and args.json and args.yes:
+    elif patch and opts.json and opts.yes:
         outcome.update(applied=True, apply=apply_job(session, job, patch, read=files))
-    elif patch and not args.json:
-        outcome["applied"] = confirm_apply(session, args, job, patch, files)
-    output(args, outcome)
+    elif patch and not opts.json:
+        outcome["applied"] = confirm_apply(session, opts, job, patch, files)
+    output(opts, outcome)
     return ExitStatus.CHECKS if held else 0
 
 
@@ -6097,7 +6360,7 @@ def cmd_wait(args) -> int:
     """Reattach to jobs of yours (named, or all queued and running ones of this project), one
     after the other: each is followed from where it is now, then offered as `ask` offers it.
     The exit status is the last failure's (4 when a job failed), else 0."""
-    began = time.monotonic()
+    began, opts = time.monotonic(), ApplyOptions.of(args)
     session = Session.here()
     session.client.on_wait = lambda quiet: say(f"still waiting for the box ({quiet:.0f} s without news)")
     jobs = jobs_to_wait_for(session, args.jobs)
@@ -6112,7 +6375,7 @@ def cmd_wait(args) -> int:
                      f"ago): {clip_words(' '.join(str(job.get('prompt', '')).split()), 60)}"))
         events = session.client.events(job["id"], job["events"])
         try:
-            status = follow_and_apply(session, args, job["id"], events, began, after=job["events"]) or status
+            status = follow_and_apply(session, opts, job["id"], events, began, after=job["events"]) or status
             session.forget_detached(job["id"])
         except AIFailed as e:
             session.forget_detached(job["id"])
@@ -6235,19 +6498,19 @@ def ask_before_applying(job: str) -> Optional[str]:
     return None
 
 
-def confirm_apply(session: Session, args, job: str, patch: bytes, read: List[FilePatch]) -> bool:
-    if args.no_apply:
+def confirm_apply(session: Session, opts: ApplyOptions, job: str, patch: bytes, read: List[FilePatch]) -> bool:
+    if opts.no_apply:
         say(f"not applied; apply later with `patchwire apply {job}`")
         return False
-    if not args.yes and not sys.stdin.isatty():  # the same rule as `apply`: no terminal, no yes
+    if not opts.yes and not sys.stdin.isatty():  # the same rule as `apply`: no terminal, no yes
         say(f"kept job {job}, not applied: stdin is not a terminal to confirm on; pass --yes to apply "
             f"without asking: `patchwire apply {job} --yes`")
         return False
-    answer = "" if args.yes else ask_before_applying(job)
+    answer = "" if opts.yes else ask_before_applying(job)
     if answer is None:
         return False
-    apply_job(session, job, patch, read=read, interactive=answer == "i", overwrite=False if args.yes else None,
-              no_color=args.no_color)
+    apply_job(session, job, patch, read=read, interactive=answer == "i", overwrite=False if opts.yes else None,
+              no_color=opts.no_color)
     return True
 
 
@@ -6255,7 +6518,7 @@ def cmd_diff(args) -> int:
     session = Session.here()
     job = check_job_id(session.job_id(args.job))
     if args.file:
-        return show_job_file(session, job, args)
+        return show_job_file(session, job, args.file, args.side, as_json=args.json)
     patch = session.job_diff(job)  # kept: what is reviewed now is what a later apply reads
     files = session.vet(patch, job)
     if args.json:
@@ -6291,7 +6554,7 @@ def job_review(session: Session, job_id: str, patch: bytes) -> dict:
             **checks_outcome(result.get("checks"), patch)}
 
 
-def show_job_file(session: Session, job_id: str, args) -> int:
+def show_job_file(session: Session, job_id: str, path: str, side: str, *, as_json: bool) -> int:
     """`diff JOB --file PATH --side old|new`: one file as it was synced, or as the job leaves
     it, for an editor's side-by-side view (the VS Code extension's diff editor)."""
     job = session.client.job(job_id)
@@ -6299,13 +6562,13 @@ def show_job_file(session: Session, job_id: str, args) -> int:
     if not session.project.recorded(tree):
         raise PatchwireError(f"the files job {sanitize(str(job.get('id')))} started from are not recorded in "
                              "this project", "run this in the project the job was asked from")
-    if args.side == "new":
+    if side == "new":
         patch = session.job_diff(job["id"])
         session.vet(patch, job["id"])  # refused here as everywhere else: the editor shows no other result
         tree = tree_after_patch(session.project, tree, patch, job["id"])
-    found = session.project.recorded_file(tree, args.file)
+    found = session.project.recorded_file(tree, path)
     data, mode = found or (b"", "")
-    if not args.json:
+    if not as_json:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
         return 0
@@ -6314,7 +6577,7 @@ def show_job_file(session: Session, job_id: str, args) -> int:
         body["text"] = data.decode("utf-8")
     except UnicodeDecodeError:
         body["base64"] = base64.b64encode(data).decode()
-    output(args, {"job": job["id"], "path": args.file, "side": args.side, **body})
+    output(ApplyOptions(json=True), {"job": job["id"], "path": path, "side": side, **body})
     return 0
 
 
@@ -6541,8 +6804,8 @@ def undo_last_apply(session: Session, args) -> int:
     if not session.project.state_file("undo.json").exists():
         raise nothing_to_undo(session.applied())
     restored = Applier(session.project, Style(False)).undo()
-    session.log_undo(restored)
-    say(f"restored {len(restored)} file(s) to what they were before the last apply")
+    entry = session.log_undo(restored)
+    say(f"restored {len(restored)} file(s) to what they were before the last apply{log_origin(entry)}")
     output(args, {"restored": restored}, lambda r: print("\n".join(map(sanitize, r["restored"]))))
     return 0
 
@@ -6566,7 +6829,7 @@ def cmd_log(args) -> int:
         for entry in r["applied"]:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry["time"]))
             if entry["how"] == "undo":
-                what = f"undo of job {entry['job']}: {len(entry['files'])} file(s) restored: "
+                what = f"undo of job {entry['job']}{log_origin(entry)}: {len(entry['files'])} file(s) restored: "
             else:
                 extra = " partial" if entry.get("partial") else ""
                 extra += f" conflicts: {', '.join(entry['conflicts'])}" if entry["conflicts"] else ""

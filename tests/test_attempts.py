@@ -13,7 +13,7 @@ import pytest
 import patchwire
 import patchwire_agent as AGENT
 
-from conftest import STAND_IN_COMMAND, ask_body, drive_pty, script, wait_until
+from conftest import STAND_IN_COMMAND, Laptop, ask_body, drive_pty, make_repo, script, wait_until
 from test_team import ask_as, edit_config, finish_all, gated, synced_laptop
 
 
@@ -214,6 +214,25 @@ def test_a_cancelled_attempt_is_shown_and_the_others_still_apply(make_agent, tmp
 # ------------------------------------------------------------------ units: policy and a box that lies
 
 
+def test_attempts_beyond_max_running_wait_their_turn_and_beyond_max_queued_are_refused(make_agent, tmp_path):
+    """The policy for an ask of more attempts than the user may run at once: each attempt is
+    a job, so they run max_running at a time (never more, never refused for it); an ask of
+    more attempts than max_queued allows is refused whole (429), starting none."""
+    agent = make_agent(start=False, jobs={"workers": 2, "slots": 3})
+    edit_config(agent, lambda d: d.update(policy={"max_running": 1, "max_queued": 2}))
+    agent.start()
+    lap = synced_laptop(tmp_path, agent, "alice")
+    status, answer = agent.json("POST", "/v1/ask", ask_body(lap, "hi", attempts=3))
+    assert status == 429 and answer["limit"] == "max_queued", answer
+    assert agent.json("GET", "/v1/jobs")[1]["jobs"] == []  # none of the three started
+    prompt = per_attempt(a1=[{"sleep": 0.3}, {"say": "one"}], a2=[{"sleep": 0.3}, {"say": "two"}])
+    group = ask_as(agent, "alice", ask_body(lap, prompt, attempts=2))
+    infos = finish_all(agent, {j["id"]: "alice" for j in group["jobs"]})
+    runs = sorted((info["started"], info["finished"]) for info in infos.values())
+    assert [info["status"] for info in infos.values()] == ["done", "done"]
+    assert runs[0][1] <= runs[1][0], runs  # one after the other, on a box with two workers free
+
+
 def test_max_attempts_is_checked_like_every_policy_key(tmp_path):
     config = tmp_path / "agent.toml"
     AGENT.main(["init", "-c", str(config), "--user", "alice", "--token-file", str(tmp_path / "t"),
@@ -268,3 +287,89 @@ def test_agents_run_one_attempt_per_ai_profile_of_the_box(make_agent, tmp_path):
     # a profile the box does not have is refused, naming the ones it has
     result = lap.ask(prompt, "--agents", "quick,codex")
     assert result.returncode == 3 and "no AI profile 'codex'" in result.err and "deep, quick" in result.err
+
+
+# ------------------------------------------------------------------ hunks from several attempts
+
+BASE = b"".join(b"line %d\n" % n for n in range(1, 31))
+ODD = "odd,name#1:x.txt"  # every character --take gives a meaning to
+
+
+def edited(changes: dict) -> str:
+    """BASE with lines replaced ({line number: text})."""
+    return "".join(f"{changes.get(n, f'line {n}')}\n" for n in range(1, 31))
+
+
+# attempt 1 changes lines 3 and 25, attempt 2 lines 3 (differently: overlapping) and 14
+HUNKY = per_attempt(
+    a1=[{"write": "lib/b.dart", "text": edited({3: "three from one", 25: "twenty-five from one"})},
+        {"write": ODD, "text": "odd from one\n"}],
+    a2=[{"write": "lib/b.dart", "text": edited({3: "three from two", 14: "fourteen from two"})},
+        {"write": ODD, "text": "odd from two\n"}])
+
+
+def hunky_laptop(tmp_path, agent) -> Laptop:
+    root = make_repo(tmp_path / "alice" / "laptop", {"README.md": b"# alice\n", "lib/b.dart": BASE})
+    lap = Laptop(root)
+    lap.init(agent, user="alice")
+    lap.run("sync", check=0)
+    return lap
+
+
+def test_take_builds_one_file_from_hunks_of_two_attempts_and_refuses_overlapping_ones(make_agent, tmp_path):
+    agent = make_agent(jobs={"workers": 2, "slots": 2})
+    lap = hunky_laptop(tmp_path, agent)
+    # hunk 1 of each attempt changes line 3: alternatives, never merged; nothing is written
+    result = lap.ask(HUNKY, "-n", "2", "--take", "1#1:lib/b.dart,2#1:lib/b.dart")
+    assert result.returncode == 2, result.err
+    assert ("hunk 1 of attempt 1 and hunk 1 of attempt 2 overlap in lib/b.dart (lines 1-6 as synced)"
+            in result.err and "Traceback" not in result.err)
+    assert (lap.root / "lib/b.dart").read_bytes() == BASE and not (lap.root / ODD).exists()
+    assert not patchwire.Project(lap.root, "laptop").state_file("applied.log").exists()
+    # line 3 and 25 from attempt 1, line 14 from attempt 2; the odd name escaped
+    take = "2#2:lib/b.dart, 1#1+2:lib/b.dart, 2:odd\\,name#1:x.txt"
+    outcome = outcome_of(lap.ask(HUNKY, "-n", "2", "--take", take, "--json", check=0))
+    assert outcome["attempts"][0]["paths"] == ["lib/b.dart", ODD]
+    assert (lap.root / "lib/b.dart").read_bytes() == edited(
+        {3: "three from one", 14: "fourteen from two", 25: "twenty-five from one"}).encode()
+    assert (lap.root / ODD).read_bytes() == b"odd from two\n"
+    entry = applied_log(lap)[-1]
+    assert entry["parts"] == {ODD: 2} and entry["hunks"] == {"lib/b.dart": [[1, 1], [2, 2], [1, 2]]}
+    assert entry["partial"] is False and outcome["apply"]["hunks"] == entry["hunks"]
+    said = (f"from ask {outcome['ask']} (attempt 2: {ODD}; lib/b.dart: hunk 1 of attempt 1, hunk 2 of attempt 2, "
+            "hunk 2 of attempt 1)")
+    assert said in lap.run("log", check=0).out
+    undone = lap.run("apply", "--undo", check=0)
+    assert said in undone.err
+    assert (lap.root / "lib/b.dart").read_bytes() == BASE and not (lap.root / ODD).exists()
+    assert f"undo of job {entry['job']} {said}" in lap.run("log", check=0).out
+    # a hunk the attempt does not have, and a new file asked for in hunks, are refused by name
+    result = lap.ask(HUNKY, "-n", "2", "--take", "2#3:lib/b.dart")
+    assert result.returncode == 2 and "attempt 2 changes lib/b.dart in 2 hunk(s): there is no hunk 3" in result.err
+
+
+def test_on_a_terminal_a_file_the_attempts_edit_differently_is_offered_hunk_by_hunk(make_agent, tmp_path):
+    agent = make_agent(jobs={"workers": 2, "slots": 2})
+    lap = hunky_laptop(tmp_path, agent)
+    # lib/b.dart: h, then line 3 (attempt 1 or 2) from 2, line 14 (2 only) taken, line 25 (1 only)
+    # left out; the odd file from attempt 1
+    out = drive_pty(lap, ["ask", HUNKY, "-n", "2", "--no-color"], ["t", "h", "2", "2", "", "1"],
+                    [b"keeps them for later.", b"leave it out?"])
+    assert "lib/b.dart: from attempt 1/2, h hunk by hunk, or Enter to leave it out?" in out
+    assert "attempt 1, hunk 1 (from line 1 as synced):" in out and "attempt 2, hunk 1 (from line 1 as synced):" in out
+    assert "lib/b.dart, part 1/3: from attempt 1/2, or Enter" in out
+    assert "lib/b.dart, part 3/3: from attempt 1, or Enter" in out
+    assert (lap.root / "lib/b.dart").read_bytes() == edited({3: "three from two", 14: "fourteen from two"}).encode()
+    assert (lap.root / ODD).read_bytes() == b"odd from one\n"
+    entry = applied_log(lap)[-1]
+    assert entry["parts"] == {ODD: 1} and entry["hunks"] == {"lib/b.dart": [[2, 1], [2, 2]]}
+
+
+def test_take_parts_are_read_for_any_file_name():
+    parts = patchwire.parse_take("2:lib/a.dart, 3#1+2:a\\,b#c:d.txt,1:x\\\\y,4:\\ sp\\ ")
+    assert parts == [patchwire.Part(2, "lib/a.dart"), patchwire.Part(3, "a,b#c:d.txt", (1, 2)),
+                     patchwire.Part(1, "x\\y"), patchwire.Part(4, " sp ")]
+    for bad, said in (("2", "is not K:PATH"), ("2#0:a", "numbered from 1"), ("a:b", "is not K:PATH"),
+                      ("2:a\\", "lone backslash")):
+        with pytest.raises(patchwire.UsageError, match=said):
+            patchwire.parse_take(bad)

@@ -2,7 +2,9 @@
 tests/install_code_server.sh) with the built .vsix installed, a project wired to the real agent
 with the stand-in AI, driven through headless Chromium by selenium: "Patchwire: Ask..." from
 the command palette, the progress notification, the output channel, the multi-file diff, Apply,
-and the file on disk. Screenshots go to tests/artifacts/ (docs/ keeps a copy for the README).
+and the file on disk; then "Ask with Several Attempts...", attempt 2 from the attempts' quick
+pick, and "Apply one file from attempt 2" (one file of that attempt's two, the bytes on disk).
+Screenshots go to tests/artifacts/ (docs/ keeps a copy for the README).
 
 Skipped only when code-server cannot be installed for lack of network, and then loudly.
 """
@@ -29,6 +31,13 @@ PROMPT_TEXT = "Greet in French"
 # A change in the middle of the file, so the diff shows below the review quick pick.
 OLD_APP = "".join(f"# line {i}\n" for i in range(1, 9)) + "print('hello')\n" + "".join(f"# line {i}\n" for i in range(10, 13))
 NEW_APP = OLD_APP.replace("print('hello')", "print('bonjour')")
+# Two attempts, each changing src/app.py and adding GUIDE.md its own way: the prompt is one line
+# (an input box), the stand-in's script line itself.
+SALUT_APP = NEW_APP.replace("print('bonjour')", "print('salut')")
+ATTEMPTS_PROMPT = "#pw-script " + json.dumps([{"by_attempt": {
+    "1": [{"write": "src/app.py", "text": NEW_APP.replace("print('bonjour')", "print('coucou')")},
+          {"write": "GUIDE.md", "text": "one\n"}],
+    "2": [{"write": "src/app.py", "text": SALUT_APP}, {"write": "GUIDE.md", "text": "two\n"}]}}])
 # Network stays on loopback: no marketplace, no update checks, no telemetry.
 SETTINGS = {
     "security.workspace.trust.enabled": False,
@@ -278,6 +287,38 @@ def drive_the_loop(wb: Workbench, server: CodeServer, root: Path) -> None:
     assert (root / "src" / "app.py").read_text() == NEW_APP
     for name in ("vscode-progress.png", "vscode-diff.png"):
         assert (ARTIFACTS / name).read_bytes().startswith(b"\x89PNG")
+    drive_two_attempts(wb, root)
+
+
+def choose_row(wb: Workbench, starting: str) -> None:
+    """Arrow down the open quick pick to the row whose label contains `starting`, then Enter."""
+    wb.wait(f"{starting!r} in the quick pick", lambda: any(starting in row for row in wb.rows()))
+    for _ in range(12):
+        if starting in wb.focused_row():
+            break
+        wb.keys(wb.Keys.DOWN)
+    assert starting in wb.focused_row(), wb.rows()
+    wb.keys(wb.Keys.ENTER)
+
+
+def drive_two_attempts(wb: Workbench, root: Path) -> None:
+    """Two attempts of one prompt; from the second, one file of its two, applied alone."""
+    wb.keys(wb.Keys.ESCAPE)
+    wb.command("Patchwire: Ask with Several Attempts...")
+    wb.wait("the prompt box", lambda: "Each attempt works on the same files" in wb.text(".quick-input-widget"))
+    wb.keys(ATTEMPTS_PROMPT, wb.Keys.ENTER)
+    choose_row(wb, "2 attempts")
+    wb.wait("the attempts' quick pick", lambda: "The attempt to review and apply" in wb.driver.find_element(
+        wb.By.CSS_SELECTOR, ".quick-input-widget input").get_attribute("placeholder"), timeout=120)
+    choose_row(wb, "Attempt 2")
+    wb.wait("attempt 2's diff", lambda: "print('salut')" in wb.text(".editor-container"))
+    choose_row(wb, "Apply one file from attempt 2...")
+    choose_row(wb, "src/app.py")
+    wb.wait("the applied notification", lambda: "applied job" in wb.text(".notifications-toasts")
+            and "the rest stays in the job" in wb.text(".notifications-toasts"))
+    wb.shot("vscode-attempt-file.png")
+    assert (root / "src" / "app.py").read_bytes() == SALUT_APP.encode()
+    assert not (root / "GUIDE.md").exists()  # attempt 2's other file stays in its job
 
 
 # A failure reason as a lying box words it: VS Code draws [label](command:ID?ARGS) in a

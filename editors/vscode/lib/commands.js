@@ -253,8 +253,9 @@ class Patchwire {
   // --- review and apply
 
   /** The job's change as a multi-file diff, then a quick pick: Apply / Apply selected files /
-   * Keep for later, with the files (opening one shows its diff) and the look-closely flags. */
-  async review(job) {
+   * Keep for later, with the files (opening one shows its diff) and the look-closely flags.
+   * An attempt of several (`attempt`: its number) also offers "apply one file from attempt K". */
+  async review(job, { attempt = null } = {}) {
     const cli = this.cli();
     const diff = await cli.diff(job);
     const files = present.fileItems(diff);
@@ -265,8 +266,8 @@ class Patchwire {
     await this.openChanges(cli.cwd, job, files);
     const general = present.generalFlags(diff);
     for (;;) {
-      const action = await vscode.window.showQuickPick(reviewItems(files, general, diff.network, diff.checks), {
-        title: `Patchwire: job ${job}, ${present.plural(files.length, 'file')}`,
+      const action = await vscode.window.showQuickPick(reviewItems(files, general, diff.network, diff.checks, attempt), {
+        title: `Patchwire: ${attempt ? `attempt ${attempt}, ` : ''}job ${job}, ${present.plural(files.length, 'file')}`,
         placeHolder: 'Apply the change here? Pick a file to see its diff.', ignoreFocusOut: true,
       });
       if (action && action.file) {
@@ -286,6 +287,16 @@ class Patchwire {
           continue;
         }
         paths = chosen.length === files.length ? [] : chosen.map((f) => f.path);
+      }
+      if (action.action === 'one') {
+        const one = await vscode.window.showQuickPick(files, {
+          title: `Patchwire: the file to apply from attempt ${attempt} (job ${job})`,
+          placeHolder: 'The other files stay in the job', ignoreFocusOut: true,
+        });
+        if (!one) {
+          continue;
+        }
+        paths = files.length === 1 ? [] : [one.path];
       }
       return this.apply(cli, job, paths, files, diff.sha256);
     }
@@ -421,8 +432,8 @@ class Patchwire {
   // --- several attempts
 
   /** Ask with N attempts, then a quick pick of the attempts with their figures; picking one
-   * opens its review (its multi-file diff; apply all of it, or only the files chosen: a file
-   * from attempt K). Back from a review kept for later, the attempts are offered again. */
+   * opens its review (its multi-file diff; apply all of it, only the files chosen, or "one
+   * file from attempt K"). Back from a review kept for later, the attempts are offered again. */
   async askAttempts() {
     const cli = this.cli();
     const text = await vscode.window.showInputBox({
@@ -451,7 +462,7 @@ class Patchwire {
       if (!chosen || !chosen.job) {
         return run;
       }
-      run.review = await this.review(chosen.job);
+      run.review = await this.review(chosen.job, { attempt: chosen.attempt });
       if (run.review !== 'kept') {
         return run;
       }
@@ -508,6 +519,7 @@ function attemptItems(outcome) {
       description: present.plain(figures + took + cost),
       detail: present.plain([...differs, a.problem || ''].filter(Boolean).join('; ')),
       job: a.status === 'done' && !a.problem ? a.job : null,
+      attempt: a.attempt,
     };
   });
 }
@@ -588,7 +600,7 @@ function retryFor(err) {
   return null;
 }
 
-function reviewItems(files, general, network, checks) {
+function reviewItems(files, general, network, checks, attempt = null) {
   const flagged = files.filter((f) => f.detail).length;
   const warn = flagged || general.length ? ` (${flagged + general.length} to look closely at)` : '';
   // What the job reached on the network (the box's egress report), host names neutralised:
@@ -607,6 +619,7 @@ function reviewItems(files, general, network, checks) {
     ...verdict,
     { label: `$(check) Apply all ${present.plural(files.length, 'file')}`, action: 'all', description: warn },
     { label: '$(checklist) Apply selected files...', action: 'some' },
+    ...(attempt ? [{ label: `$(file) Apply one file from attempt ${attempt}...`, action: 'one' }] : []),
     { label: '$(clock) Keep for later', action: 'keep' },
     ...general.map((g) => ({ label: `$(warning) ${g}`, action: 'keep', description: 'look closely' })),
     ...egress,

@@ -383,3 +383,31 @@ test('Ask with Several Attempts: ask -n N, a quick pick of the attempts, then on
   assert.deepEqual(calls().filter((c) => c.argv[0] === 'apply').map((c) => c.argv),
     [['apply', '--json', '--yes', '--sha256', fx.DIFF.sha256, second, '--', 'src/app.py']]);
 });
+
+test('Ask with Several Attempts: "apply one file from attempt K" applies that file of that attempt only', async () => {
+  const second = 'b1f9c0290ea5';
+  const outcome = {
+    type: 'outcome', ask: '982b04e614e0', applied: false, differences: [],
+    attempts: [
+      { attempt: 1, job: fx.JOB, status: 'done', agent: null, files: 2, added: 2, removed: 0, seconds: 1, cost_usd: null, problem: '' },
+      { attempt: 2, job: second, status: 'done', agent: null, files: 2, added: 2, removed: 0, seconds: 1, cost_usd: null, problem: '' },
+    ],
+  };
+  const { stub, calls, run, uiCalls } = setup({ ask: { stdout: [outcome] }, diff: { stdout: [{ ...fx.DIFF_LOOK_CLOSELY, job: second }] },
+    apply: { stdout: [{ ...fx.APPLIED, job: second, files: ['run.sh'], partial: true }] } });
+  stub.answers.push('try it', pick((i) => i.n === '2'), pick((i) => i.attempt === 2),
+    pick((i) => i.action === 'one'), pick((i) => i.path === 'run.sh'));
+  await run('patchwire.askAttempts');
+  const [, , review, one] = uiCalls('showQuickPick');
+  assert.equal(review[1].title, `Patchwire: attempt 2, job ${second}, 3 files`);
+  assert.ok(review[0].some((i) => i.label === '$(file) Apply one file from attempt 2...'));
+  assert.equal(one[1].title, `Patchwire: the file to apply from attempt 2 (job ${second})`);
+  assert.notEqual(one[1].canPickMany, true);
+  assert.deepEqual(calls().filter((c) => c.argv[0] === 'apply').map((c) => c.argv),
+    [['apply', '--json', '--yes', '--sha256', fx.DIFF.sha256, second, '--', 'run.sh']]);
+});
+
+test('Review of a job that is no attempt offers no "one file from attempt"', () => {
+  const { reviewItems } = require('../lib/commands');
+  assert.ok(!reviewItems([], [], null, null).some((i) => i.action === 'one'));
+});
