@@ -30,7 +30,8 @@ Parts (`--only`, comma-separated; all by default):
                sent, against [jobs] workers = 1 then 2, with an instant AI and a 100 ms one
     preview    render_diff of a 10,000-line rewrite, coloured and not
     startup    --version/--help from source, from cached bytecode, and with --zipapp the zipapps
-    memory     agent VmRSS idle, after 1 and --asks (500) asks; from source also from cached bytecode;
+    memory     agent VmRSS idle, after 1 ask and along --asks (5,000) asks (the CLI's first body replayed by
+               two threads, a new prompt each), and the growth per ask; from source also from cached bytecode;
                with --zipapp from that zipapp (its first start, the one that unpacks it)
     streams    AI line -> client: the stand-in writes 200 stream-json lines 3 ms apart, each with
                its send time; 1 then 50 clients (each its own process and HTTP connection) note
@@ -388,8 +389,9 @@ def startup_figures(tmp: Path, repeat: int = 7, zipapp: Optional[Path] = None) -
 
 
 def agent_memory(tmp: Path, asks: int, program: Optional[List[str]] = None) -> Dict[str, int]:
-    """Agent VmRSS (kB) idle, after one ask and after `asks` asks of a 20-file project (each a
-    `patchwire ask --no-apply`: the agent's growth per ask is what is measured)."""
+    """Agent VmRSS (kB) idle, after one ask and along `asks` asks of a 20-file project: the
+    body the laptop CLI sent for its first ask, replayed with a new prompt each time by two
+    threads (the laptop's own work is not what is measured: the agent's growth per ask is)."""
     root = tmp / "mem"
     make_project(root, 20)
     agent = AgentProcess(tmp / "agent-mem", STAND_IN_COMMAND, jobs={"workers": 2}, program=program).start()
@@ -397,13 +399,34 @@ def agent_memory(tmp: Path, asks: int, program: Optional[List[str]] = None) -> D
         lap = Laptop(root)
         lap.init(agent)
         idle = rss_kb(agent.proc.pid)
-        lap.run("sync", check=0)
-        after_first = 0
-        for i in range(asks):
-            lap.run("ask", "--no-apply", "--no-color", script({"write": "m.txt", "text": f"{i}\n"}), check=0)
-            if i == 0:
-                after_first = rss_kb(agent.proc.pid)
-        return {"idle": idle, "after 1 ask": after_first, f"after {asks} asks": rss_kb(agent.proc.pid)}
+        body = capture_ask_body(root, script({"write": "m.txt", "text": "first\n"}))
+        body.pop("files", None)  # the steady state: an ask of no change
+        body = {**body, "base": body["tree"], "changed": [], "deleted": []}
+        out = {"idle": idle, "after 1 ask": rss_kb(agent.proc.pid)}
+        marks = sorted({m for m in (100, 500, 1000, 2000, 3000, 4000, 5000, asks) if m <= asks})
+        done = [1]
+        lock = threading.Lock()
+
+        def asker(n: int) -> None:
+            for i in range(n):
+                status, job = agent.json("POST", "/v1/ask", {**body, "prompt": script({"write": "m.txt", "text": f"{n} {i}\n"})})
+                if status != 202:
+                    raise SystemExit(f"bench: ask refused: {status} {job}")
+                job_end(agent, job["id"], agent.tokens["alice"])
+                with lock:
+                    done[0] += 1
+                    if done[0] in marks:
+                        out[f"after {done[0]:,} asks"] = rss_kb(agent.proc.pid)
+        threads = [threading.Thread(target=asker, args=(k,)) for k in ((asks - 1) // 2, asks - 1 - (asks - 1) // 2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        first, last = (f"after {m:,} asks" for m in (min(marks), max(marks)))
+        if max(marks) > min(marks):
+            out[f"growth per ask from {min(marks):,} to {max(marks):,}, bytes"] = round(
+                (out[last] - out[first]) * 1024 / (max(marks) - min(marks)))
+        return out
     finally:
         agent.stop()
 
@@ -740,7 +763,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--ssh-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[200, 20000],
                     help="sizes also measured over SSH")
-    ap.add_argument("--asks", type=int, default=500, help="asks for the agent memory figure (500)")
+    ap.add_argument("--asks", type=int, default=5000, help="asks for the agent memory figure (5,000)")
     ap.add_argument("--breakdown-size", type=int, default=20000,
                     help="files in the project of the per-step breakdown (default 20,000)")
     ap.add_argument("--switch-size", type=int, default=20000,
@@ -936,7 +959,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             where = (f"the zipapp {args.zipapp.name} (its first start, which unpacks it)" if args.zipapp
                      else "source (PYTHONDONTWRITEBYTECODE=1)")
             lines += ["## Agent memory (VmRSS)", "", f"Agent run from {where}: "
-                      + ", ".join(f"{k}: {v / 1024:.1f} MB" for k, v in mem.items()), ""]
+                      + ", ".join(f"{k}: {v:,}" if "bytes" in k else f"{k}: {v / 1024:.1f} MB"
+                                  for k, v in mem.items()), ""]
             print(lines[-2], flush=True)
         if streams:
             part = streams_lines(tmp, streams)
