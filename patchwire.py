@@ -74,7 +74,7 @@ apply code cannot change the agent by accident.
 
 Map: the banner sections, top to bottom, in the order data flows (tests/test_structure.py
 keeps it in step). SHARED first, then the LAPTOP's own:
-    constants and the protocol ........................ NAME_RE, JOB_ENDS, LAST_EVENTS, GIT_NEUTRAL, ExitStatus
+    constants and the protocol ........................ NAME_RE, JOB_ENDS, LAST_EVENTS, GIT_NEUTRAL, ExitStatus, STATUS_EXITS
     errors ............................................ PatchwireError and its kinds (UsageError, PatchError, ...)
     processes ......................................... run, spawn, in_parallel
     git ............................................... Git (every git call goes through it), set_index_paths
@@ -133,11 +133,9 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # at run time, imported when an AgentClient is made (start-up, see there)
+if TYPE_CHECKING:  # at run time, imported where a request is made (start-up: see http_client)
     import http.client
     import ssl
-    import urllib.error
-    import urllib.request
 
 __version__ = "0.3.0"
 
@@ -258,6 +256,19 @@ EXIT_MEANINGS = {
     ExitStatus.PATCH: "patch does not apply", ExitStatus.CHECKS: "checks failed (ask --require-checks)",
     ExitStatus.INTERRUPTED: "interrupted",
 }
+
+# The agent's HTTP answer -> the laptop's exit status, the one table of it (as httpie's
+# status.py): keyed by (status, the refusal's code) or the status alone; anything else the
+# agent refuses is exit 3. "Nothing by that name" (404 not_found) is the user's mistake, not a
+# refusal. tests/test_structure.py keeps status-to-exit mappings out of the rest of the code.
+STATUS_EXITS: Dict[Union[int, Tuple[int, str]], ExitStatus] = {
+    (HTTPStatus.NOT_FOUND, CODE_NOT_FOUND): ExitStatus.ERROR,
+}
+
+
+def exit_for_status(http_status: int, code: str = "") -> ExitStatus:
+    """The exit status for the agent's answer `http_status` (a refusal with `code`)."""
+    return STATUS_EXITS.get((http_status, code), STATUS_EXITS.get(http_status, ExitStatus.AGENT))
 
 
 # ================================================================== errors
@@ -2339,27 +2350,6 @@ class Deadline:
         except OSError:
             pass  # already closed
 
-    def opener(self, tls: Optional["ssl.SSLContext"]) -> "urllib.request.OpenerDirector":
-        """urllib's opener (proxies and redirects as urlopen's), its connections watched."""
-        deadline = self
-
-        def watched(cls):
-            class Watched(cls):  # type: ignore[valid-type,misc]
-                def connect(self) -> None:
-                    super().connect()
-                    deadline.watch(self.sock)
-            return Watched
-
-        class HTTP(urllib.request.HTTPHandler):
-            def http_open(self, req):
-                return self.do_open(watched(http.client.HTTPConnection), req)
-
-        class HTTPS(urllib.request.HTTPSHandler):
-            def https_open(self, req):
-                return self.do_open(watched(http.client.HTTPSConnection), req, context=tls)
-
-        return urllib.request.build_opener(HTTP(), HTTPS(context=tls))
-
 
 def read_capped(resp, cap: int, what: str) -> bytes:
     """The body, refused past `cap` bytes: at once when Content-Length says so, else once
@@ -2451,26 +2441,45 @@ class EventStream:
             self.resp.close()
 
 
+def http_client():
+    """The http.client module, imported when first needed: it costs start-up time (it pulls in
+    email and ssl) that `--help`, `--version` and the work before the first request should not
+    pay. A local import, so nothing at module level is rebound."""
+    import http.client
+    return http.client
+
+
+def ssl_module():
+    import ssl
+    return ssl
+
+
+# Redirects are followed as urllib's urlopen follows them (a box behind a front that moves it
+# keeps working): a GET or HEAD on any of these, a POST on 301-303 (it becomes a GET without its
+# body); at most MAX_REDIRECTS, only to http(s), and never with the token.
+REDIRECTS = (301, 302, 303, 307, 308)
+MAX_REDIRECTS = 10
+
+
+def follows_redirect(method: str, status: int) -> bool:
+    return (method in ("GET", "HEAD") and status in REDIRECTS) or (method == "POST" and status in REDIRECTS[:3])
+
+
 class Client:
     """Talks to patchwire-agent: JSON requests, NDJSON streams, bearer token. Every answer is
-    read within a cap and a deadline and checked (above) before it is handed on."""
+    read within a cap and a deadline and checked (above) before it is handed on. Plain
+    http.client, no proxy: the agent is reached directly, as its URL says."""
 
     def __init__(self, base_url: str, token: str, timeout: Optional[float] = None, ca_file: Optional[str] = None,
                  token_source: str = "the token"):
-        # The network modules cost start-up time that `--help` and `--version` should not pay
-        # (http.client pulls in email): imported here, for the module, when a client is made.
-        global http, ssl
-        import http.client
-        import ssl
-        import urllib.error  # noqa: F401  (loads the submodule: `urllib.error` works module-wide)
-        import urllib.request  # noqa: F401
         self.base = base_url.rstrip("/")
         self._token = token
         self.timeout = timeout or request_timeout()
         self.token_source = token_source
         self.on_wait: Optional[Callable[[float], None]] = None  # `ask` sets it: says it still waits
-        self._tls: Optional[ssl.SSLContext] = None
+        self._tls: Optional["ssl.SSLContext"] = None
         if ca_file:
+            ssl = ssl_module()
             try:
                 self._tls = ssl.create_default_context(cafile=ca_file)
             except (OSError, ssl.SSLError) as e:
@@ -2480,68 +2489,106 @@ class Client:
 
     def _request(self, method: str, path: str, body: Optional[dict] = None, accept: str = "application/json",
                  deadline_s: Optional[float] = None, read_timeout: Optional[float] = None):
-        """(response, its Deadline); the deadline keeps running while the body is read."""
+        """(response, its Deadline); the deadline keeps running while the body is read. An
+        answer other than 2xx is raised as the agent's refusal (_refused)."""
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base + path, data=data, method=method)
-        req.add_unredirected_header("Authorization", "Bearer " + self._token)  # never to a redirect
-        req.add_header("Accept", accept)
-        req.add_header("User-Agent", f"patchwire/{__version__}")
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
+        headers = {"Accept": accept, "User-Agent": f"patchwire/{__version__}", "Connection": "close"}
+        token = {"Authorization": "Bearer " + self._token}
         deadline = Deadline(deadline_s or self.timeout)
+        url = self.base + path
         try:
-            return deadline.opener(self._tls).open(req, timeout=read_timeout or deadline_s or self.timeout), deadline
-        except urllib.error.HTTPError as e:
-            try:
-                raise self._refused(e, deadline) from None
-            finally:
-                deadline.cancel()
-                e.close()
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            for _ in range(MAX_REDIRECTS + 1):
+                content = {"Content-Type": "application/json"} if data is not None else {}
+                resp = self._send(method, url, data, {**headers, **content, **token}, deadline,
+                                  read_timeout or deadline_s or self.timeout)
+                location = resp.getheader("Location") if follows_redirect(method, resp.status) else None
+                target = urllib.parse.urljoin(url, location or "")
+                if not location or urllib.parse.urlsplit(target).scheme not in ("http", "https"):
+                    break
+                resp.close()
+                url, token = target, {}  # the token goes to the agent's own URL only
+                method, data = ("HEAD" if method == "HEAD" else "GET"), None
+        except (OSError, http_client().HTTPException) as e:
             deadline.cancel()
             raise self._unreachable(e, deadline) from None
+        if 200 <= resp.status < 300:
+            return resp, deadline
+        try:
+            raise self._refused(resp, deadline) from None
+        finally:
+            deadline.cancel()
+            resp.close()
+
+    def _send(self, method: str, url: str, data: Optional[bytes], headers: Dict[str, str], deadline: Deadline,
+              timeout: float) -> "http.client.HTTPResponse":
+        """One request on a connection of its own, watched by `deadline`; the response owns
+        the socket (closing it closes the connection)."""
+        client = http_client()
+        parts = urllib.parse.urlsplit(url)
+        host = parts.netloc.rpartition("@")[2]
+        conn: "http.client.HTTPConnection"
+        if parts.scheme == "https":
+            conn = client.HTTPSConnection(host, timeout=timeout, context=self._tls)
+        else:
+            conn = client.HTTPConnection(host, timeout=timeout)
+        try:
+            conn.connect()
+            deadline.watch(conn.sock)
+            conn.request(method, (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), data, headers)
+            resp = conn.getresponse()
+        except BaseException:
+            conn.close()
+            raise
+        # http.client keeps the socket for another request unless the server said close:
+        # drop the connection's hold, so the response's close is the socket's (as urllib does)
+        if conn.sock:
+            conn.sock.close()
+            conn.sock = None
+        return resp
 
     def _unreachable(self, e: Exception, deadline: Deadline) -> AgentError:
-        reason = getattr(e, "reason", e)
         if deadline.fired:
             return AnswerRefused(f"the agent at {self.base} did not answer within {deadline.seconds:.0f} s; "
                                  "stopped waiting", "is the box overloaded, or the network to it slow? try "
                                  "again (PATCHWIRE_TIMEOUT sets the seconds)")
-        if isinstance(reason, ssl.SSLCertVerificationError):
+        if isinstance(e, ssl_module().SSLCertVerificationError):
             return AgentError(f"the agent's TLS certificate at {self.base} is not trusted: "
-                              f"{reason.verify_message}",
+                              f"{e.verify_message}",
                               "set ca_file in .patchwire.toml to the agent's certificate (PEM), "
                               "or give the agent a certificate this machine trusts")
-        return AgentError(f"cannot reach the agent at {self.base}: {reason}",
+        return AgentError(f"cannot reach the agent at {self.base}: {e}",
                           "is `patchwire-agent serve` running there, and is the URL in "
                           ".patchwire.toml right? (`patchwire-agent` prints it at start)")
 
-    def _refused(self, e: "urllib.error.HTTPError", deadline: Deadline) -> PatchwireError:
+    def _refused(self, e: "http.client.HTTPResponse", deadline: Deadline) -> PatchwireError:
+        status = e.status
         try:
             body = box_json(self._read(e, deadline, MAX_JSON_BYTES, "refusal") or b"{}", "refusal")
         except AnswerRefused:
             body = {}
         if not isinstance(body, dict) or not isinstance(body.get("error"), str):
-            return AgentError(f"{self.base} answered HTTP {e.code} {sanitize(str(e.reason))[:80]}, not as a "
+            return AgentError(f"{self.base} answered HTTP {status} {sanitize(str(e.reason))[:80]}, not as a "
                               "patchwire-agent would", "check `agent` in .patchwire.toml: it is the URL "
-                              "`patchwire-agent serve` prints when it starts", code=str(e.code),
-                              http_status=e.code)
-        message, hint, code = body["error"], str(body.get("hint", "")), str(body.get("code", e.code))
-        if e.code == HTTPStatus.UNAUTHORIZED:  # unknown, or revoked by the box's admin: only they can give one
+                              "`patchwire-agent serve` prints when it starts", code=str(status),
+                              http_status=status, exit_status=exit_for_status(status))
+        message, hint, code = body["error"], str(body.get("hint", "")), str(body.get("code", status))
+        exit_status = exit_for_status(status, code)
+        if status == HTTPStatus.UNAUTHORIZED:  # unknown, or revoked by the box's admin: only they can give one
             hint = (f"the agent does not know the token from {self.token_source}: put in the token "
                     "the box printed for you" + (" (or unset PATCHWIRE_TOKEN to use token_file)"
                                                  if self.token_source == "PATCHWIRE_TOKEN" else "")
                     + "; if it worked before, it was revoked or replaced: ask the box's admin for "
                     "a new one (`patchwire-agent user rotate NAME` on the box)")
-        if e.code == HTTPStatus.TOO_MANY_REQUESTS:
+        if status == HTTPStatus.TOO_MANY_REQUESTS:
             message, hint = in_minutes(message), in_minutes(hint) + self._retry_after(e, hint)
-        if e.code == HTTPStatus.NOT_FOUND and code == CODE_NOT_FOUND:  # not a refusal: nothing by that name
+        if exit_status != ExitStatus.AGENT:  # not a refusal (STATUS_EXITS): nothing by that name
             return AgentError(message, hint or "`patchwire jobs` lists your jobs", details=body, code=code,
-                              http_status=e.code, exit_status=ExitStatus.ERROR)
-        return AgentError(f"the agent refused: {message}", hint, details=body, code=code, http_status=e.code)
+                              http_status=status, exit_status=exit_status)
+        return AgentError(f"the agent refused: {message}", hint, details=body, code=code, http_status=status,
+                          exit_status=exit_status)
 
     @staticmethod
-    def _retry_after(e: "urllib.error.HTTPError", hint: str) -> str:
+    def _retry_after(e: "http.client.HTTPResponse", hint: str) -> str:
         """The Retry-After header in words, unless the box's hint gives the wait already."""
         retry = e.headers.get("Retry-After", "") if e.headers else ""
         if not retry.isdigit() or len(retry) >= 8 or " in " in hint:
@@ -2570,7 +2617,7 @@ class Client:
         # (http.client returns what came before EOF): the deadline is checked either way
         try:
             data, broken = read_capped(resp, cap, what), None
-        except (OSError, http.client.HTTPException) as e:
+        except (OSError, http_client().HTTPException) as e:
             data, broken = b"", e
         if deadline.fired:
             raise AnswerRefused(f"the agent's {what} did not arrive within {deadline.seconds:.0f} s; "
@@ -2659,8 +2706,7 @@ class Client:
 def http_errors() -> tuple:
     """http.client's exception base, imported when first needed: the code that catches it may
     run before any Client was made (start-up stays free of network modules)."""
-    import http.client
-    return (http.client.HTTPException,)
+    return (http_client().HTTPException,)
 
 
 # ================================================================== the job, laptop side
