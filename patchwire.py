@@ -1790,10 +1790,11 @@ class Project:
 
     # --- the sync record
 
-    def record(self, files: FileList, rules: SyncRules) -> str:
+    def record(self, files: FileList, rules: SyncRules, upkeep: bool = True) -> str:
         """Record exactly the files of `files` as a tree in Patchwire's store (re-hashing only
         what changed) and return its id. The tree stays readable (`recorded`,
-        `recorded_file`) for the last RECORDS_KEPT syncs; the scan is kept for the next
+        `recorded_file`) for the last RECORDS_KEPT syncs (`keep_record`, here unless
+        `upkeep` is False: the caller then runs it); the scan is kept for the next
         `scan_changes`."""
         try:
             if files.removed is None:
@@ -1806,12 +1807,18 @@ class Project:
                 raise
             raise FilesMoved(sorted({_dec(a or b) for a, b in moving})) from None
         tree = self.git.text("write-tree")
-        self._own_borrowed(tree)
-        self._keep(tree)
         self.state_file("scan.json").write_text(json.dumps(
             {"rules": rules.fingerprint, "tree": tree, "held": files.held,
              "index": list(stat_key(os.stat(self.private_dir / "index")))}))
+        if upkeep:
+            self.keep_record(tree)
         return tree
+
+    def keep_record(self, tree: str) -> None:
+        """The record's upkeep: its blobs owned here, its ref against pruning. Nothing of the
+        sync waits on it (a sync runs it while rsync sends), but it ends before the sync does."""
+        self._own_borrowed(tree)
+        self._keep(tree)
 
     def record_paths(self, paths: Sequence[str]) -> Tuple[str, List[List[str]]]:
         """Record exactly `paths` (no listing, no rules) and return (tree, manifest): the full
@@ -2733,6 +2740,9 @@ class Session:
 
     def __init__(self, cfg: LaptopConfig):
         self.cfg = cfg
+        # nearly every command talks to the agent: http.client (~15 ms of imports) loads in a
+        # thread while git looks at the project, most of which is waiting for git processes
+        threading.Thread(target=http_client, daemon=True, name="patchwire-import").start()
         self.project = Project(cfg.root, cfg.project)
         self._client: Optional[Client] = None
         self._rules: Optional[SyncRules] = None
@@ -2765,42 +2775,64 @@ class Session:
             return self._sync(force, resend)
 
     def _sync(self, force: bool, resend: Sequence[str]) -> "Synced":
-        me = self.client.me(self.cfg.project)
         last = self._last_sync()
-        if force or last.get("mirror") != me["mirror"] or not self.project.recorded(last.get("tree") or ""):
-            last = {}  # send every listed file: rsync compares them with the box's copy
         unsure = set(last.get("unsure", [])) | set(resend)
+        # The agent's answer, the last record's check and the listing of changes need nothing
+        # of each other: at once (a listing made for nothing, when the mirror moved, is dropped)
+        me, known, early = in_parallel(
+            lambda: self.client.me(self.cfg.project), lambda: self.project.recorded(last.get("tree") or ""),
+            lambda: None if force or not last else self.project.scan_changes(self.rules, unsure))
+        if force or last.get("mirror") != me["mirror"] or not known:
+            last, early = {}, None  # send every listed file: rsync compares them with the box's copy
+            unsure = set(resend)
         moved: List[str] = []
         for attempt in (1, 2):
-            files = (last and self.project.scan_changes(self.rules, unsure)) or self.project.scan(self.rules)
+            listed = early if attempt == 1 else (last and self.project.scan_changes(self.rules, unsure))
+            files = listed or self.project.scan(self.rules)
             if attempt == 1:
                 say_held(files)
                 if not files.count:
                     say(f"note: no file of {self.cfg.root} goes: git ignores them all, or they are held "
                         "back (see `patchwire sync --dry-run`)")
             try:
-                tree = self.project.record(files, self.rules)
+                tree = self.project.record(files, self.rules, upkeep=False)
             except FilesMoved as e:
                 moved = e.paths
             else:
-                since_last = self.project.changes(last["tree"], tree) if last.get("tree") else None
-                base, changed, deleted = self._since_indexed(last, tree, bool(resend), since_last)
-                if last.get("tree") == tree and not unsure:
-                    say(f"synced: nothing changed since the last sync ({files.count} files)")
-                    return Synced(tree, base, changed, deleted, {
-                        "sent_files": 0, "sent_bytes": 0, "skipped": True, "held_back": files.held,
-                        "files": files.count})
-                counts, todo, moved = self._send(files, since_last, me["mirror"], unsure, force)
-                if not moved:
-                    self._save_sync(tree, me["mirror"], indexed=last.get("indexed"))
-                    return Synced(tree, base, changed, deleted, {
-                        "sent_files": counts["sent"], "sent_bytes": counts.get("bytes"), "skipped": False,
-                        "held_back": files.held, "files": files.count})
+                synced, todo, moved = self._send_and_keep(files, last, tree, bool(resend), unsure, force, me["mirror"])
+                if synced:
+                    return synced
                 unsure |= set(todo)
                 self._save_sync(last.get("tree"), me["mirror"], sorted(unsure), indexed=last.get("indexed"))
             if attempt == 1:
                 say(f"{describe_paths(moved)} changed while being sent; sending again")
         raise moved_error(moved, files)
+
+    def _send_and_keep(self, files: FileList, last: dict, tree: str, resend: bool, unsure: set, force: bool,
+                       mirror: str) -> Tuple[Optional["Synced"], List[str], List[str]]:
+        """_send_recorded, with the record's upkeep at the same time (rsync mostly waits)."""
+        sent, _ = in_parallel(lambda: self._send_recorded(files, last, tree, resend, unsure, force, mirror),
+                              lambda: self.project.keep_record(tree))
+        return sent
+
+    def _send_recorded(self, files: FileList, last: dict, tree: str, resend: bool, unsure: set, force: bool,
+                       mirror: str) -> Tuple[Optional["Synced"], List[str], List[str]]:
+        """Bring the box's mirror to the record `tree`: (what the sync left, [], []) once it
+        holds it, else (None, paths given to rsync, paths that moved while sent)."""
+        since_last = self.project.changes(last["tree"], tree) if last.get("tree") else None
+        base, changed, deleted = self._since_indexed(last, tree, resend, since_last)
+        if last.get("tree") == tree and not unsure:
+            say(f"synced: nothing changed since the last sync ({files.count} files)")
+            return Synced(tree, base, changed, deleted, {
+                "sent_files": 0, "sent_bytes": 0, "skipped": True, "held_back": files.held,
+                "files": files.count}), [], []
+        counts, todo, moved = self._send(files, since_last, mirror, unsure, force)
+        if moved:
+            return None, todo, moved
+        self._save_sync(tree, mirror, indexed=last.get("indexed"))
+        return Synced(tree, base, changed, deleted, {
+            "sent_files": counts["sent"], "sent_bytes": counts.get("bytes"), "skipped": False,
+            "held_back": files.held, "files": files.count}), [], []
 
     def _since_indexed(self, last: dict, tree: str, resend: bool,
                        since_last: Optional[Tuple[List[str], List[str]]]) -> Tuple[Optional[str], List[str], List[str]]:
