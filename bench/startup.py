@@ -85,14 +85,14 @@ def interleaved(repeat: int, runs: Sequence[Tuple[str, Callable[[int], float]]])
     return out
 
 
-def peak_kb(argv: Sequence[str], cwd: Path, stdin: Optional[bytes] = None) -> int:
+def peak_kb(argv: Sequence[str], cwd: Path, stdin: Optional[bytes] = None, env: Optional[Dict[str, str]] = None) -> int:
     """Run argv; the largest ru_maxrss (kB) among it and its children. Through GNU time: a
     child forked (or vforked) from this big Python process starts with this process's peak as
     its own (the kernel copies it at fork and takes the old one at exec), while one forked from
     `time` starts small; Linux folds each reaped child's peak into its parent's."""
     with tempfile.NamedTemporaryFile() as out:
         proc = subprocess.run([TIME, "-f", "%M", "-o", out.name, *argv], cwd=cwd, input=stdin or b"",
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         if proc.returncode != 0:
             raise SystemExit(f"{shlex.join(argv)} failed ({proc.returncode}): "
                              f"{proc.stderr.decode(errors='replace')[-2000:]}")
@@ -133,17 +133,31 @@ class Natural:
         return max(rsync, peak_kb(["git", "apply"], self.laptop, stdin=self.box_side(prompt)))
 
 
-class Side:
-    """A project, an agent whose AI is `ai`, the laptop set up against it, and the natural
-    script's box beside it."""
+def laptop_program(tmp: Path, way: str) -> Tuple[List[str], Dict[str, str]]:
+    """argv and environment of the laptop CLI run `way`: "zipapp" (dist/patchwire, as shipped,
+    unpacked into a SHIV_ROOT of the run's own), "module" (imported from cached bytecode, as
+    an installed module would be) or "source" (`python3 patchwire.py`: compiled at each start)."""
+    env = {"PYTHONDONTWRITEBYTECODE": "", "PYTHONPYCACHEPREFIX": str(tmp / "pyc"), "SHIV_ROOT": str(tmp / "shiv")}
+    if way == "zipapp":
+        return [sys.executable, str(ROOT / "dist" / "patchwire")], env
+    if way == "module":
+        return [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import patchwire; "
+                                      "sys.exit(patchwire.main())"], env
+    return [sys.executable, str(ROOT / "patchwire.py")], env
 
-    def __init__(self, tmp: Path, name: str, count: int, ai: Sequence[str], stack: ExitStack):
+
+class Side:
+    """A project, an agent whose AI is `ai`, the laptop set up against it (its CLI run `way`),
+    and the natural script's box beside it."""
+
+    def __init__(self, tmp: Path, name: str, count: int, ai: Sequence[str], stack: ExitStack, way: str):
         self.root = tmp / name
         make_project(self.root, count)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # init
             self.agent = AgentProcess(tmp / f"agent-{name}", ai).start()
         stack.callback(self.agent.stop)
-        self.lap = Laptop(self.root)
+        program, self.env = laptop_program(tmp, way)
+        self.lap = Laptop(self.root, program=program, env=self.env)
         self.lap.init(self.agent)
         self.natural = Natural(self.root, tmp / f"box-{name}", ai)
         self.pw(script({"write": "ai_pw.txt", "text": "warm-up\n"}))  # the first sync: not timed
@@ -171,9 +185,9 @@ def stamping_ai(tmp: Path) -> Tuple[List[str], Path]:
     return [str(wrapper), *STAND_IN_COMMAND], stamp
 
 
-def enter_figures(tmp: Path, count: int, repeat: int, stack: ExitStack) -> Dict[str, List[float]]:
+def enter_figures(tmp: Path, count: int, repeat: int, stack: ExitStack, way: str) -> Dict[str, List[float]]:
     ai, stamp = stamping_ai(tmp)
-    side = Side(tmp, "enter", count, ai, stack)
+    side = Side(tmp, "enter", count, ai, stack, way)
 
     def until_ai(run: Callable[[], None]) -> float:
         stamp.unlink(missing_ok=True)
@@ -195,14 +209,18 @@ def enter_figures(tmp: Path, count: int, repeat: int, stack: ExitStack) -> Dict[
 # ================================================================== start-up
 
 
-def startup_figures(repeat: int, zipapp: bool) -> Dict[str, List[float]]:
+def startup_figures(tmp: Path, repeat: int, zipapp: bool) -> Dict[str, List[float]]:
     """Seconds of `--version` per (python, way)."""
     runs: List[Tuple[str, Callable[[int], float]]] = []
+    _, env = laptop_program(tmp, "module")
+    env = {**os.environ, **env}
 
     def timed(argv: List[str]) -> Callable[[int], float]:
+        subprocess.run(argv, stdout=subprocess.DEVNULL, check=True, env=env)  # unpacks, writes bytecode: not timed
+
         def run(_: int) -> float:
             start = time.perf_counter()
-            subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+            subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, env=env)
             return time.perf_counter() - start
         return run
 
@@ -213,10 +231,10 @@ def startup_figures(repeat: int, zipapp: bool) -> Dict[str, List[float]]:
             continue
         runs.append((f"{version} python -c pass", timed([exe, "-c", "pass"])))
         runs.append((f"{version} source", timed([exe, str(ROOT / "patchwire.py"), "--version"])))
+        module = laptop_program(tmp, "module")[0][1:]
+        runs.append((f"{version} module", timed([exe, *module, "--version"])))
         if zipapp:
-            argv = [exe, str(ROOT / "dist" / "patchwire"), "--version"]
-            subprocess.run(argv, stdout=subprocess.DEVNULL, check=True)  # unpacks it: not timed
-            runs.append((f"{version} zipapp", timed(argv)))
+            runs.append((f"{version} zipapp", timed([exe, str(ROOT / "dist" / "patchwire"), "--version"])))
     return interleaved(repeat, runs)
 
 
@@ -230,12 +248,13 @@ def build_zipapp() -> None:
 # ================================================================== memory
 
 
-def memory_figures(tmp: Path, count: int, repeat: int, stack: ExitStack) -> Dict[str, List[float]]:
-    side = Side(tmp, "memory", count, STAND_IN_COMMAND, stack)
+def memory_figures(tmp: Path, count: int, repeat: int, stack: ExitStack, way: str) -> Dict[str, List[float]]:
+    side = Side(tmp, "memory", count, STAND_IN_COMMAND, stack, way)
 
     def pw(r: int) -> float:
         side.user_edit(r)
-        return peak_kb(side.pw_argv(script({"write": "ai_pw.txt", "text": "." * (r + 1) + "\n"})), side.root) / 1024
+        prompt = script({"write": "ai_pw.txt", "text": "." * (r + 1) + "\n"})
+        return peak_kb(side.pw_argv(prompt), side.root, env={**os.environ, **side.env}) / 1024
 
     def natural(r: int) -> float:
         side.user_edit(r + 1000)
@@ -255,10 +274,14 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=None, help="rounds (7; quick 3)")
     p.add_argument("--no-zipapp", action="store_true", help="leave the zipapp out of the start-up part")
     p.add_argument("--no-build", action="store_true", help="use dist/patchwire as it is (no build.sh)")
+    p.add_argument("--program", choices=("zipapp", "module", "source"), default=None,
+                   help="how the laptop CLI runs in the enter and memory parts (zipapp; quick: module)")
     args = p.parse_args(argv)
     args.mem_files = args.mem_files or (2000 if args.quick else 100000)
     args.repeat = args.repeat or (3 if args.quick else 7)
+    args.no_build = args.no_build or args.quick  # quick: dist/patchwire as it was built, if it was
     args.zipapp = not args.no_zipapp and (not args.quick or (ROOT / "dist" / "patchwire").exists())
+    args.program = args.program or ("module" if args.quick or not args.zipapp else "zipapp")
     return args
 
 
@@ -270,16 +293,18 @@ def table(title: str, figures: Dict[str, List[float]], base: str, unit: str, sca
 
 
 def startup_table(figures: Dict[str, List[float]]) -> List[str]:
-    lines = ["### `patchwire --version`: zipapp against source, per Python", "",
-             "| Python | `python -c pass` ms | source ms | zipapp ms | zipapp / source |", "|---|---|---|---|---|"]
+    ways = ("python -c pass", "source", "module", "zipapp")
+    lines = ["### `patchwire --version`, per Python: source (compiled at each start), module (cached "
+             "bytecode), zipapp (ms)", "",
+             "| Python | " + " | ".join(ways) + " | zipapp / source | zipapp / module |", "|---|---|---|---|---|---|---|"]
     for version in ("3.9", "3.13"):
-        row = {way: figures.get(f"{version} {way}") for way in ("python -c pass", "source", "zipapp")}
+        row = {way: figures.get(f"{version} {way}") for way in ways}
         if not row["source"]:
             continue
-        zipapp, source = row["zipapp"], row["source"]
-        vs = f"{ratio(zipapp, source):.2f}x" if zipapp else "n/a"
-        lines.append(f"| {version} | {spread(row['python -c pass'] or [0.0], 1000, '{:.0f}')} | "
-                     f"{spread(source, 1000, '{:.0f}')} | {spread(zipapp, 1000, '{:.0f}') if zipapp else 'n/a'} | {vs} |")
+        cells = [spread(row[way], 1000, "{:.0f}") if row[way] else "n/a" for way in ways]
+        zipapp = row["zipapp"]
+        cells += [f"{ratio(zipapp, row[base] or []):.2f}x" if zipapp else "n/a" for base in ("source", "module")]
+        lines.append(f"| {version} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
@@ -287,20 +312,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     print(f"# bench/startup.py: Python {sys.version.split()[0]}, {os.cpu_count()} cores, "
           f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
-    if args.zipapp and not args.no_build:
+    if (args.zipapp or args.program == "zipapp") and not args.no_build:
         build_zipapp()
     out: List[str] = []
     with tempfile.TemporaryDirectory(prefix="patchwire-startup-") as name, ExitStack() as stack:
         tmp = Path(name)
-        enter = enter_figures(tmp, args.files, args.repeat, stack)
-        out += table(f"Enter -> AI start, {args.files:,} files, local (s)", enter, "natural", "s", 1.0, "{:.3f}")
+        enter = enter_figures(tmp, args.files, args.repeat, stack, args.program)
+        out += table(f"Enter -> AI start, {args.files:,} files, local, the CLI as {args.program} (s)", enter, "natural",
+                     "s", 1.0, "{:.3f}")
         print("\n".join(out), flush=True)
-        startup = startup_figures(args.repeat, args.zipapp)
+        startup = startup_figures(tmp, args.repeat, args.zipapp)
         out2 = startup_table(startup)
         print("\n".join(out2), flush=True)
-        memory = memory_figures(tmp, args.mem_files, max(2, args.repeat // 2), stack)
-        out3 = table(f"Laptop peak RSS of a warm ask, {args.mem_files:,} files (MB)", memory, "natural", "MB",
-                     1.0, "{:.1f}")
+        memory = memory_figures(tmp, args.mem_files, max(2, args.repeat // 2), stack, args.program)
+        out3 = table(f"Laptop peak RSS of a warm ask, {args.mem_files:,} files, the CLI as {args.program} (MB)",
+                     memory, "natural", "MB", 1.0, "{:.1f}")
         print("\n".join(out3), flush=True)
     return 0
 
