@@ -535,6 +535,41 @@ class Git:
         """Whether `tree` names a tree in this repository (a commit's id does not count)."""
         return bool(tree) and self.run("cat-file", "-e", tree + "^{tree}", check=False).returncode == 0
 
+    def write_tree(self) -> str:
+        """The id of the tree the index holds (written into the object store)."""
+        return self.text("write-tree")
+
+    def rev_parse(self, rev: str) -> Optional[str]:
+        """The object id `rev` names, or None (`-q --verify`: no error for a missing one, such
+        as HEAD in a repository without commits)."""
+        found = self.run("rev-parse", "-q", "--verify", rev, check=False)
+        return found.stdout.decode().strip() if found.returncode == 0 else None
+
+    def update_ref(self, ref: str, value: str) -> None:
+        self("update-ref", ref, value)
+
+    def delete_refs(self, refs: Sequence[str]) -> None:
+        """Delete every ref of `refs` in one process (`update-ref --stdin`)."""
+        if refs:
+            self("update-ref", "--stdin", input="".join(f"delete {r}\n" for r in refs).encode())
+
+    def refs(self, prefix: str) -> List[str]:
+        """The names of the refs under `prefix` (e.g. "refs/jobs/")."""
+        return self.text("for-each-ref", "--format=%(refname)", prefix).split()
+
+    def missing_objects(self, ids: Sequence[bytes]) -> List[bytes]:
+        """Those of `ids` this repository cannot read, all in one `cat-file --batch-check`."""
+        if not ids:
+            return []
+        check = self("cat-file", "--batch-check", input=b"\n".join(ids) + b"\n")
+        return [line.split()[0] for line in check.splitlines() if line.endswith(b" missing")]
+
+    def changed_paths(self, old_tree: str, tree: str) -> List[Tuple[bytes, bytes]]:
+        """(status letter, path) of every file that differs from `old_tree` to `tree`, renames
+        not looked for; git skips each folder whose tree id is the same in both."""
+        out = self("diff-tree", "-r", "-z", "--no-renames", "--name-status", old_tree, tree).split(b"\0")
+        return list(zip(out[0::2], out[1::2]))
+
     def tree_after_patch(self, tree: str, patch: bytes, index: Path) -> Tuple[Optional[str], bytes]:
         """(the tree `patch` makes of `tree`, None when it does not apply; git's stderr): git's
         own apply in a throwaway `index` (removed after), never a worktree, so there is no second
@@ -1828,7 +1863,7 @@ class Project:
                 return True
         except OSError:
             return False
-        return self.git.text("write-tree") == kept.get("tree")
+        return self.git.write_tree() == kept.get("tree")
 
     def _kept_scan(self) -> dict:
         try:
@@ -1890,7 +1925,7 @@ class Project:
             if not moving:
                 raise
             raise FilesMoved(sorted({_dec(a or b) for a, b in moving})) from None
-        tree = self.git.text("write-tree")
+        tree = self.git.write_tree()
         self.state_file("scan.json").write_text(json.dumps(
             {"rules": rules.fingerprint, "tree": tree, "held": files.held,
              "index": list(stat_key(os.stat(self.private_dir / "index")))}))
@@ -1919,12 +1954,9 @@ class Project:
         """Keep the record `tree` of `job` while the job may still be applied (3-way, against
         that record), however many syncs come after; pins of jobs no longer in `jobs` (the
         ones still kept) go, and their records with the next pruning."""
-        self.git("update-ref", f"refs/jobs/{job}", tree)
+        self.git.update_ref(f"refs/jobs/{job}", tree)
         keep = {f"refs/jobs/{j}" for j in jobs}
-        old = [r for r in self.git.text("for-each-ref", "--format=%(refname)", "refs/jobs/").split()
-               if r not in keep]
-        if old:
-            self.git("update-ref", "--stdin", input="".join(f"delete {r}\n" for r in old).encode())
+        self.git.delete_refs([r for r in self.git.refs("refs/jobs/") if r not in keep])
 
     def recorded(self, tree: str) -> bool:
         """Whether `tree` (a job's base) is a sync record this store can read."""
@@ -1942,10 +1974,9 @@ class Project:
     def changes(self, old_tree: str, tree: str) -> Tuple[List[str], List[str]]:
         """(paths added or changed by content or mode, paths deleted) from one record to the
         next: git compares the two trees, skipping every folder whose tree id is the same."""
-        out = self.git("diff-tree", "-r", "-z", "--no-renames", "--name-status", old_tree, tree).split(b"\0")
         changed: List[str] = []
         deleted: List[str] = []
-        for status, raw in zip(out[0::2], out[1::2]):
+        for status, raw in self.git.changed_paths(old_tree, tree):
             (deleted if status == b"D" else changed).append(_dec(raw))
         return changed, deleted
 
@@ -1955,15 +1986,11 @@ class Project:
         drop those. Blobs in HEAD stay the user's: history keeps them."""
         if not self.user_git:
             return
-        head = self.user_git.run("rev-parse", "-q", "--verify", "HEAD:./", check=False)
-        base = head.stdout.decode().strip() if head.returncode == 0 else EMPTY_TREE
+        base = self.user_git.rev_parse("HEAD:./") or EMPTY_TREE
         out = self.git("diff-tree", "-r", "-z", "--no-renames", "--diff-filter=AMT", base, tree)
         blobs = [rec.split()[3] for rec in out.split(b"\0")[0::2]
                  if rec.startswith(b":") and rec.split()[1] != b"160000"]  # not submodule commits
-        if not blobs:
-            return
-        check = self.own_git("cat-file", "--batch-check", input=b"\n".join(blobs) + b"\n")
-        missing = [line.split()[0] for line in check.splitlines() if line.endswith(b" missing")]
+        missing = self.own_git.missing_objects(blobs)
         if missing:  # read through the alternates, written without them: a local copy
             pack = self.git("pack-objects", "-q", "--stdout", input=b"\n".join(missing) + b"\n")
             self.own_git("unpack-objects", "-q", input=pack)
@@ -1977,11 +2004,10 @@ class Project:
             records = [r for r in json.loads(path.read_text()) if r != tree]
         except (OSError, ValueError):
             records = []
-        self.git("update-ref", f"refs/records/{tree}", tree)
+        self.git.update_ref(f"refs/records/{tree}", tree)
         records.append(tree)
         if len(records) > RECORDS_PRUNE_AT:
-            for old in records[:-RECORDS_KEPT]:
-                self.git("update-ref", "-d", f"refs/records/{old}")
+            self.git.delete_refs([f"refs/records/{old}" for old in records[:-RECORDS_KEPT]])
             records = records[-RECORDS_KEPT:]
             self.git("prune", "--expire=1.hour.ago")
         path.write_text(json.dumps(records))
@@ -1996,9 +2022,7 @@ class Project:
         for name in ("last_job", "applied.log", "undo.json"):
             if (legacy / name).is_file() and not self.state_file(name).exists():
                 shutil.copy2(legacy / name, self.state_file(name))
-        for ref in self.user_git.text("for-each-ref", "--format=%(refname)", "refs/patchwire/").split():
-            if ref.endswith("/synced"):
-                self.user_git("update-ref", "-d", ref)
+        self.user_git.delete_refs([ref for ref in self.user_git.refs("refs/patchwire/") if ref.endswith("/synced")])
         shutil.rmtree(legacy)
 
     def state_file(self, name: str) -> Path:
