@@ -133,31 +133,32 @@ class Natural:
         return max(rsync, peak_kb(["git", "apply"], self.laptop, stdin=self.box_side(prompt)))
 
 
-def laptop_program(tmp: Path, way: str) -> Tuple[List[str], Dict[str, str]]:
+def laptop_program(tmp: Path, way: str, root: Path = ROOT) -> Tuple[List[str], Dict[str, str]]:
     """argv and environment of the laptop CLI run `way`: "zipapp" (dist/patchwire, as shipped,
     unpacked into a SHIV_ROOT of the run's own), "module" (imported from cached bytecode, as
     an installed module would be) or "source" (`python3 patchwire.py`: compiled at each start)."""
     env = {"PYTHONDONTWRITEBYTECODE": "", "PYTHONPYCACHEPREFIX": str(tmp / "pyc"), "SHIV_ROOT": str(tmp / "shiv"),
            "PATCHWIRE_TIMEOUT": "900"}  # the first ask of 100,000 files waits for the box to hash them all
     if way == "zipapp":
-        return [sys.executable, str(ROOT / "dist" / "patchwire")], env
+        return [sys.executable, str(root / "dist" / "patchwire")], env
     if way == "module":
-        return [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import patchwire; "
+        return [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(root)!r}); import patchwire; "
                                       "sys.exit(patchwire.main())"], env
-    return [sys.executable, str(ROOT / "patchwire.py")], env
+    return [sys.executable, str(root / "patchwire.py")], env
 
 
 class Side:
     """A project, an agent whose AI is `ai`, the laptop set up against it (its CLI run `way`),
     and the natural script's box beside it."""
 
-    def __init__(self, tmp: Path, name: str, count: int, ai: Sequence[str], stack: ExitStack, way: str):
+    def __init__(self, tmp: Path, name: str, count: int, ai: Sequence[str], stack: ExitStack, way: str,
+                 root: Path = ROOT):
         self.root = tmp / name
         make_project(self.root, count)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # init
             self.agent = AgentProcess(tmp / f"agent-{name}", ai).start()
         stack.callback(self.agent.stop)
-        program, self.env = laptop_program(tmp, way)
+        program, self.env = laptop_program(tmp, way, root)
         self.lap = Laptop(self.root, program=program, env=self.env)
         self.lap.init(self.agent)
         self.natural = Natural(self.root, tmp / f"box-{name}", ai)
@@ -186,9 +187,11 @@ def stamping_ai(tmp: Path) -> Tuple[List[str], Path]:
     return [str(wrapper), *STAND_IN_COMMAND], stamp
 
 
-def enter_figures(tmp: Path, count: int, repeat: int, stack: ExitStack, way: str) -> Dict[str, List[float]]:
+def enter_figures(tmp: Path, count: int, repeat: int, stack: ExitStack, way: str,
+                  against: Optional[Path]) -> Dict[str, List[float]]:
     ai, stamp = stamping_ai(tmp)
     side = Side(tmp, "enter", count, ai, stack, way)
+    old = Side(tmp, "enter-before", count, ai, stack, way, against) if against else None
 
     def until_ai(run: Callable[[], None]) -> float:
         stamp.unlink(missing_ok=True)
@@ -204,13 +207,18 @@ def enter_figures(tmp: Path, count: int, repeat: int, stack: ExitStack, way: str
         side.user_edit(r + 1000)
         return until_ai(lambda: side.natural.ask(script({"write": "ai_natural.txt", "text": "." * (r + 1) + "\n"})))
 
-    return interleaved(repeat, [("patchwire", pw), ("natural", natural)])
+    def before(r: int) -> float:
+        assert old
+        old.user_edit(r)
+        return until_ai(lambda: old.pw(script({"write": "ai_pw.txt", "text": "." * (r + 1) + "\n"})))
+
+    return interleaved(repeat, [("patchwire", pw), ("natural", natural), *([("before", before)] if old else [])])
 
 
 # ================================================================== start-up
 
 
-def startup_figures(tmp: Path, repeat: int, zipapp: bool) -> Dict[str, List[float]]:
+def startup_figures(tmp: Path, repeat: int, zipapp: bool, against: Optional[Path]) -> Dict[str, List[float]]:
     """Seconds of `--version` per (python, way)."""
     runs: List[Tuple[str, Callable[[int], float]]] = []
     _, env = laptop_program(tmp, "module")
@@ -236,6 +244,8 @@ def startup_figures(tmp: Path, repeat: int, zipapp: bool) -> Dict[str, List[floa
         runs.append((f"{version} module", timed([exe, *module, "--version"])))
         if zipapp:
             runs.append((f"{version} zipapp", timed([exe, str(ROOT / "dist" / "patchwire"), "--version"])))
+        if zipapp and against:
+            runs.append((f"{version} zipapp before", timed([exe, str(against / "dist" / "patchwire"), "--version"])))
     return interleaved(repeat, runs)
 
 
@@ -275,6 +285,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=None, help="rounds (7; quick 3)")
     p.add_argument("--no-zipapp", action="store_true", help="leave the zipapp out of the start-up part")
     p.add_argument("--no-build", action="store_true", help="use dist/patchwire as it is (no build.sh)")
+    p.add_argument("--against", type=Path, default=None,
+                   help="another checkout (built: its dist/) measured in the same rounds as 'before' (enter, startup)")
     p.add_argument("--only", default="enter,startup,memory", help="parts, comma-separated (all by default)")
     p.add_argument("--program", choices=("zipapp", "module", "source"), default=None,
                    help="how the laptop CLI runs in the enter and memory parts (zipapp; quick: module)")
@@ -295,10 +307,10 @@ def table(title: str, figures: Dict[str, List[float]], base: str, unit: str, sca
 
 
 def startup_table(figures: Dict[str, List[float]]) -> List[str]:
-    ways = ("python -c pass", "source", "module", "zipapp")
+    ways = ("python -c pass", "source", "module", "zipapp", "zipapp before")
     lines = ["### `patchwire --version`, per Python: source (compiled at each start), module (cached "
              "bytecode), zipapp (ms)", "",
-             "| Python | " + " | ".join(ways) + " | zipapp / source | zipapp / module |", "|---|---|---|---|---|---|---|"]
+             "| Python | " + " | ".join(ways) + " | zipapp / source | zipapp / module |", "|---" * 8 + "|"]
     for version in ("3.9", "3.13"):
         row = {way: figures.get(f"{version} {way}") for way in ways}
         if not row["source"]:
@@ -321,12 +333,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         tmp = Path(name)
         parts = args.only.split(",")
         if "enter" in parts:
-            enter = enter_figures(tmp, args.files, args.repeat, stack, args.program)
+            enter = enter_figures(tmp, args.files, args.repeat, stack, args.program, args.against)
             out += table(f"Enter -> AI start, {args.files:,} files, local, the CLI as {args.program} (s)", enter,
                          "natural", "s", 1.0, "{:.3f}")
             print("\n".join(out), flush=True)
         if "startup" in parts:
-            print("\n".join(startup_table(startup_figures(tmp, args.repeat, args.zipapp))), flush=True)
+            print("\n".join(startup_table(startup_figures(tmp, args.repeat, args.zipapp, args.against))), flush=True)
         if "memory" in parts:
             memory = memory_figures(tmp, args.mem_files, max(2, args.repeat // 2), stack, args.program)
             print("\n".join(table(f"Laptop peak RSS of a warm ask, {args.mem_files:,} files, the CLI as "
