@@ -336,6 +336,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             enter = enter_figures(tmp, args.files, args.repeat, stack, args.program, args.against)
             out += table(f"Enter -> AI start, {args.files:,} files, local, the CLI as {args.program} (s)", enter,
                          "natural", "s", 1.0, "{:.3f}")
+            if "before" in enter:
+                out += [f"patchwire / before (same rounds): {ratio(enter['patchwire'], enter['before']):.2f}x", ""]
             print("\n".join(out), flush=True)
         if "startup" in parts:
             print("\n".join(startup_table(startup_figures(tmp, args.repeat, args.zipapp, args.against))), flush=True)
