@@ -1844,7 +1844,7 @@ class Project:
             return None  # a git that lists in another order: the full scan tells
         files = FileList(self.root)
         pending: List[str] = []
-        files.removed = [_dec(p) for p in walked.gone]
+        files.removed = sorted(_dec(p) for p in walked.gone)
         for raw in sorted(set(walked.listed) | (watch - set(walked.gone))):
             path = _dec(raw)
             if raw not in walked.listed or not self._consider(path, walked.listed[raw], rules, files, pending, set()):
