@@ -75,7 +75,7 @@ apply code cannot change the agent by accident.
 
 Map: the banner sections, top to bottom, in the order data flows (tests/test_structure.py
 keeps it in step). SHARED first, then the LAPTOP's own:
-    constants and the protocol ........................ NAME_RE, JOB_ENDS, LAST_EVENTS, GIT_NEUTRAL, ExitStatus
+    constants and the protocol ........................ NAME_RE, JOB_ENDS, LAST_EVENTS, GIT_NEUTRAL, ExitStatus, STATUS_EXITS
     errors ............................................ PatchwireError and its kinds (UsageError, PatchError, ...)
     processes ......................................... run, spawn, in_parallel
     git ............................................... Git (every git call goes through it), set_index_paths
@@ -114,6 +114,7 @@ import fcntl
 import fnmatch
 import glob
 import hashlib
+import heapq
 import json
 import os
 import re
@@ -135,11 +136,9 @@ from typing import (Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Nam
                     Union)
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # at run time, imported when an AgentClient is made (start-up, see there)
+if TYPE_CHECKING:  # at run time, imported where a request is made (start-up: see http_client)
     import http.client
     import ssl
-    import urllib.error
-    import urllib.request
 
 __version__ = "0.3.0"
 
@@ -260,6 +259,19 @@ EXIT_MEANINGS = {
     ExitStatus.PATCH: "patch does not apply", ExitStatus.CHECKS: "checks failed (ask --require-checks)",
     ExitStatus.INTERRUPTED: "interrupted",
 }
+
+# The agent's HTTP answer -> the laptop's exit status, the one table of it (as httpie's
+# status.py): keyed by (status, the refusal's code) or the status alone; anything else the
+# agent refuses is exit 3. "Nothing by that name" (404 not_found) is the user's mistake, not a
+# refusal. tests/test_structure.py keeps status-to-exit mappings out of the rest of the code.
+STATUS_EXITS: Dict[Union[int, Tuple[int, str]], ExitStatus] = {
+    (HTTPStatus.NOT_FOUND, CODE_NOT_FOUND): ExitStatus.ERROR,
+}
+
+
+def exit_for_status(http_status: int, code: str = "") -> ExitStatus:
+    """The exit status for the agent's answer `http_status` (a refusal with `code`)."""
+    return STATUS_EXITS.get((http_status, code), STATUS_EXITS.get(http_status, ExitStatus.AGENT))
 
 
 # ================================================================== errors
@@ -489,6 +501,16 @@ class Git:
     def text(self, *args: str, input: Optional[bytes] = None) -> str:
         return self(*args, input=input).decode("utf-8", "surrogateescape").strip()
 
+    def large(self, *args: str) -> bytes:
+        """The output of a command that grows with the project (a listing of every file),
+        through a temporary file: read from a pipe, it is held twice as it ends (the pieces,
+        then their join), 12 MB instead of 6 for a listing of 100,000 files."""
+        import tempfile
+        with tempfile.TemporaryFile() as out:
+            self.run(*args, stdout=out)
+            out.seek(0)
+            return out.read()
+
     def write_blobs(self, datas: Sequence[bytes]) -> List[str]:
         """Store each of `datas` as a blob; their ids. Written as git writes a loose object
         (zlib of "blob LEN\\0" + the bytes, in a temporary file renamed into objects/XX/),
@@ -514,6 +536,41 @@ class Git:
     def has_tree(self, tree: str) -> bool:
         """Whether `tree` names a tree in this repository (a commit's id does not count)."""
         return bool(tree) and self.run("cat-file", "-e", tree + "^{tree}", check=False).returncode == 0
+
+    def write_tree(self) -> str:
+        """The id of the tree the index holds (written into the object store)."""
+        return self.text("write-tree")
+
+    def rev_parse(self, rev: str) -> Optional[str]:
+        """The object id `rev` names, or None (`-q --verify`: no error for a missing one, such
+        as HEAD in a repository without commits)."""
+        found = self.run("rev-parse", "-q", "--verify", rev, check=False)
+        return found.stdout.decode().strip() if found.returncode == 0 else None
+
+    def update_ref(self, ref: str, value: str) -> None:
+        self("update-ref", ref, value)
+
+    def delete_refs(self, refs: Sequence[str]) -> None:
+        """Delete every ref of `refs` in one process (`update-ref --stdin`)."""
+        if refs:
+            self("update-ref", "--stdin", input="".join(f"delete {r}\n" for r in refs).encode())
+
+    def refs(self, prefix: str) -> List[str]:
+        """The names of the refs under `prefix` (e.g. "refs/jobs/")."""
+        return self.text("for-each-ref", "--format=%(refname)", prefix).split()
+
+    def missing_objects(self, ids: Sequence[bytes]) -> List[bytes]:
+        """Those of `ids` this repository cannot read, all in one `cat-file --batch-check`."""
+        if not ids:
+            return []
+        check = self("cat-file", "--batch-check", input=b"\n".join(ids) + b"\n")
+        return [line.split()[0] for line in check.splitlines() if line.endswith(b" missing")]
+
+    def changed_paths(self, old_tree: str, tree: str) -> List[Tuple[bytes, bytes]]:
+        """(status letter, path) of every file that differs from `old_tree` to `tree`, renames
+        not looked for; git skips each folder whose tree id is the same in both."""
+        out = self("diff-tree", "-r", "-z", "--no-renames", "--name-status", old_tree, tree).split(b"\0")
+        return list(zip(out[0::2], out[1::2]))
 
     def tree_after_patch(self, tree: str, patch: bytes, index: Path) -> Tuple[Optional[str], bytes]:
         """(the tree `patch` makes of `tree`, None when it does not apply; git's stderr): git's
@@ -1591,6 +1648,80 @@ class FileList:
         return moved
 
 
+class ListingOrder(Exception):
+    """git's listing is not in the order ListingWalk relies on."""
+
+
+def nul_records(data: bytes, piece: int = 2 ** 18) -> Iterator[bytes]:
+    """The non-empty NUL-separated records of `data`, split a piece at a time: a whole split
+    of a 100,000-file listing is ~9 MB of objects at once."""
+    start, size = 0, len(data)
+    while start < size:
+        end = data.find(b"\0", start + piece)
+        end = size if end < 0 else end
+        yield from filter(None, data[start:end].split(b"\0"))
+        start = end + 1
+
+
+class ListingWalk:
+    """git's listing of the project (`ls-files -z -t`, untracked files tagged "? ") against
+    the record's index (`ls-files -z`), walked side by side in one pass, never held as sets:
+    at 100,000 files those were 45 MB of the laptop's peak. Both come sorted by path bytes
+    (the index always is; ls-files prints the untracked files sorted, then the tracked ones
+    sorted), so the two runs of the listing merge; ListingOrder if anything is out of order.
+    Kept: `listed` {path: tracked} of paths new to the record or in `watch`, `gone` the
+    recorded paths no longer listed (sorted), `kept` the watched paths listed and recorded,
+    `recorded` how many paths the record held."""
+
+    def __init__(self, listing: bytes, recorded: bytes, watch: set):
+        self.listed: Dict[bytes, bool] = {}
+        self.gone: List[bytes] = []
+        self.kept: set = set()
+        self.recorded = 0
+        records = self._sorted(nul_records(recorded))
+        current = next(records, None)
+        for raw, tracked in self._merged(listing):
+            while current is not None and current < raw:
+                self.gone.append(current)
+                current = self._next(records)
+            if current == raw:
+                current = self._next(records)
+                if raw in watch:
+                    self.listed[raw] = tracked
+                    self.kept.add(raw)
+            else:
+                self.listed[raw] = tracked
+        while current is not None:
+            self.gone.append(current)
+            current = self._next(records)
+
+    def _next(self, records: Iterator[bytes]) -> Optional[bytes]:
+        self.recorded += 1
+        return next(records, None)
+
+    def _merged(self, listing: bytes) -> Iterator[Tuple[bytes, bool]]:
+        """(path, tracked) of the listing in path order, each path once (a conflicted file
+        is listed once per merge stage)."""
+        untracked = (rec[2:] for rec in nul_records(listing) if rec[:1] == b"?" and len(rec) > 2)
+        tracked = (rec[2:] for rec in nul_records(listing) if rec[:1] != b"?" and len(rec) > 2)
+        pairs = heapq.merge(((raw, False) for raw in self._sorted(untracked)),
+                            ((raw, True) for raw in self._sorted(tracked)))
+        last = None
+        for raw, is_tracked in pairs:
+            if raw != last:
+                yield raw, is_tracked
+            last = raw
+
+    @staticmethod
+    def _sorted(paths: Iterator[bytes]) -> Iterator[bytes]:
+        last = b""
+        for raw in paths:
+            if raw < last:
+                raise ListingOrder(raw)
+            yield raw
+            last = raw
+
+
 class Project:
     """The user's project folder, wherever its root is (a git repository's top, a folder
     inside one, or a folder without git): which files go, and Patchwire's own git store
@@ -1705,26 +1836,25 @@ class Project:
         if not kept or kept.get("rules") != rules.fingerprint or not self._holds(kept):
             return None
         listing, recorded, dirty = in_parallel(
-            lambda: self._listing(rules), lambda: self.git("ls-files", "-z"),
+            lambda: self._listing(rules), lambda: self.git.large("ls-files", "-z"),
             lambda: self.git("diff-files", "--name-only", "-z", "--no-renames"))
-        listed = {rec[2:]: rec[:1] != b"?" for rec in listing.split(b"\0") if len(rec) > 2}
-        before = set(recorded.split(b"\0"))
-        before.discard(b"")
-        held_before = {encode_path(p) for p in kept.get("held", {})}
-        candidates = (set(listed) - before) | set(dirty.split(b"\0")) | held_before | {encode_path(p) for p in also}
-        candidates.discard(b"")
-        gone = before - set(listed)
+        watch = set(dirty.split(b"\0")) | {encode_path(p) for p in [*kept.get("held", {}), *also]}
+        watch.discard(b"")
+        try:
+            walked = ListingWalk(listing, recorded, watch)
+        except ListingOrder:
+            return None  # a git that lists in another order: the full scan tells
         files = FileList(self.root)
         pending: List[str] = []
-        files.removed = sorted(_dec(p) for p in gone)
-        for raw in sorted(candidates - gone):
+        files.removed = sorted(_dec(p) for p in walked.gone)
+        for raw in sorted(set(walked.listed) | (watch - set(walked.gone))):
             path = _dec(raw)
-            if raw not in listed or not self._consider(path, listed[raw], rules, files, pending, set()):
-                if raw in before and raw not in gone:
+            if raw not in walked.listed or not self._consider(path, walked.listed[raw], rules, files, pending, set()):
+                if raw in walked.kept:
                     files.removed.append(path)
         if pending:
             return None  # a repository inside the project: its own git lists it (full scan)
-        files.total = len(before) - len(files.removed) + sum(encode_path(p) not in before for p in files.paths)
+        files.total = walked.recorded - len(files.removed) + sum(encode_path(p) not in walked.kept for p in files.paths)
         return files
 
     def _holds(self, kept: dict) -> bool:
@@ -1735,7 +1865,7 @@ class Project:
                 return True
         except OSError:
             return False
-        return self.git.text("write-tree") == kept.get("tree")
+        return self.git.write_tree() == kept.get("tree")
 
     def _kept_scan(self) -> dict:
         try:
@@ -1766,7 +1896,7 @@ class Project:
             git = self.user_git
         else:  # no repository: a throwaway index gives git's ignore rules all the same
             git = self.own_git.with_env(GIT_INDEX_FILE=str(self.private_dir / "listing.index"))
-        return git(*args, "--cached") if (prefix or self.user_git) else git(*args)
+        return git.large(*args, "--cached") if (prefix or self.user_git) else git.large(*args)
 
     def _nested(self, path: str, tracked: bool, rules: SyncRules, files: FileList, pending: List[str]) -> None:
         """A submodule (tracked) or a repository inside the project (untracked): its files
@@ -1781,10 +1911,11 @@ class Project:
 
     # --- the sync record
 
-    def record(self, files: FileList, rules: SyncRules) -> str:
+    def record(self, files: FileList, rules: SyncRules, upkeep: bool = True) -> str:
         """Record exactly the files of `files` as a tree in Patchwire's store (re-hashing only
         what changed) and return its id. The tree stays readable (`recorded`,
-        `recorded_file`) for the last RECORDS_KEPT syncs; the scan is kept for the next
+        `recorded_file`) for the last RECORDS_KEPT syncs (`keep_record`, here unless
+        `upkeep` is False: the caller then runs it); the scan is kept for the next
         `scan_changes`."""
         try:
             if files.removed is None:
@@ -1796,13 +1927,19 @@ class Project:
             if not moving:
                 raise
             raise FilesMoved(sorted({_dec(a or b) for a, b in moving})) from None
-        tree = self.git.text("write-tree")
-        self._own_borrowed(tree)
-        self._keep(tree)
+        tree = self.git.write_tree()
         self.state_file("scan.json").write_text(json.dumps(
             {"rules": rules.fingerprint, "tree": tree, "held": files.held,
              "index": list(stat_key(os.stat(self.private_dir / "index")))}))
+        if upkeep:
+            self.keep_record(tree)
         return tree
+
+    def keep_record(self, tree: str) -> None:
+        """The record's upkeep: its blobs owned here, its ref against pruning. Nothing of the
+        sync waits on it (a sync runs it while rsync sends), but it ends before the sync does."""
+        self._own_borrowed(tree)
+        self._keep(tree)
 
     def record_paths(self, paths: Sequence[str]) -> Tuple[str, List[List[str]]]:
         """Record exactly `paths` (no listing, no rules) and return (tree, manifest): the full
@@ -1819,12 +1956,9 @@ class Project:
         """Keep the record `tree` of `job` while the job may still be applied (3-way, against
         that record), however many syncs come after; pins of jobs no longer in `jobs` (the
         ones still kept) go, and their records with the next pruning."""
-        self.git("update-ref", f"refs/jobs/{job}", tree)
+        self.git.update_ref(f"refs/jobs/{job}", tree)
         keep = {f"refs/jobs/{j}" for j in jobs}
-        old = [r for r in self.git.text("for-each-ref", "--format=%(refname)", "refs/jobs/").split()
-               if r not in keep]
-        if old:
-            self.git("update-ref", "--stdin", input="".join(f"delete {r}\n" for r in old).encode())
+        self.git.delete_refs([r for r in self.git.refs("refs/jobs/") if r not in keep])
 
     def recorded(self, tree: str) -> bool:
         """Whether `tree` (a job's base) is a sync record this store can read."""
@@ -1842,10 +1976,9 @@ class Project:
     def changes(self, old_tree: str, tree: str) -> Tuple[List[str], List[str]]:
         """(paths added or changed by content or mode, paths deleted) from one record to the
         next: git compares the two trees, skipping every folder whose tree id is the same."""
-        out = self.git("diff-tree", "-r", "-z", "--no-renames", "--name-status", old_tree, tree).split(b"\0")
         changed: List[str] = []
         deleted: List[str] = []
-        for status, raw in zip(out[0::2], out[1::2]):
+        for status, raw in self.git.changed_paths(old_tree, tree):
             (deleted if status == b"D" else changed).append(_dec(raw))
         return changed, deleted
 
@@ -1855,15 +1988,11 @@ class Project:
         drop those. Blobs in HEAD stay the user's: history keeps them."""
         if not self.user_git:
             return
-        head = self.user_git.run("rev-parse", "-q", "--verify", "HEAD:./", check=False)
-        base = head.stdout.decode().strip() if head.returncode == 0 else EMPTY_TREE
+        base = self.user_git.rev_parse("HEAD:./") or EMPTY_TREE
         out = self.git("diff-tree", "-r", "-z", "--no-renames", "--diff-filter=AMT", base, tree)
         blobs = [rec.split()[3] for rec in out.split(b"\0")[0::2]
                  if rec.startswith(b":") and rec.split()[1] != b"160000"]  # not submodule commits
-        if not blobs:
-            return
-        check = self.own_git("cat-file", "--batch-check", input=b"\n".join(blobs) + b"\n")
-        missing = [line.split()[0] for line in check.splitlines() if line.endswith(b" missing")]
+        missing = self.own_git.missing_objects(blobs)
         if missing:  # read through the alternates, written without them: a local copy
             pack = self.git("pack-objects", "-q", "--stdout", input=b"\n".join(missing) + b"\n")
             self.own_git("unpack-objects", "-q", input=pack)
@@ -1877,11 +2006,10 @@ class Project:
             records = [r for r in json.loads(path.read_text()) if r != tree]
         except (OSError, ValueError):
             records = []
-        self.git("update-ref", f"refs/records/{tree}", tree)
+        self.git.update_ref(f"refs/records/{tree}", tree)
         records.append(tree)
         if len(records) > RECORDS_PRUNE_AT:
-            for old in records[:-RECORDS_KEPT]:
-                self.git("update-ref", "-d", f"refs/records/{old}")
+            self.git.delete_refs([f"refs/records/{old}" for old in records[:-RECORDS_KEPT]])
             records = records[-RECORDS_KEPT:]
             self.git("prune", "--expire=1.hour.ago")
         path.write_text(json.dumps(records))
@@ -1896,9 +2024,7 @@ class Project:
         for name in ("last_job", "applied.log", "undo.json"):
             if (legacy / name).is_file() and not self.state_file(name).exists():
                 shutil.copy2(legacy / name, self.state_file(name))
-        for ref in self.user_git.text("for-each-ref", "--format=%(refname)", "refs/patchwire/").split():
-            if ref.endswith("/synced"):
-                self.user_git("update-ref", "-d", ref)
+        self.user_git.delete_refs([ref for ref in self.user_git.refs("refs/patchwire/") if ref.endswith("/synced")])
         shutil.rmtree(legacy)
 
     def state_file(self, name: str) -> Path:
@@ -2341,27 +2467,6 @@ class Deadline:
         except OSError:
             pass  # already closed
 
-    def opener(self, tls: Optional["ssl.SSLContext"]) -> "urllib.request.OpenerDirector":
-        """urllib's opener (proxies and redirects as urlopen's), its connections watched."""
-        deadline = self
-
-        def watched(cls):
-            class Watched(cls):  # type: ignore[valid-type,misc]
-                def connect(self) -> None:
-                    super().connect()
-                    deadline.watch(self.sock)
-            return Watched
-
-        class HTTP(urllib.request.HTTPHandler):
-            def http_open(self, req):
-                return self.do_open(watched(http.client.HTTPConnection), req)
-
-        class HTTPS(urllib.request.HTTPSHandler):
-            def https_open(self, req):
-                return self.do_open(watched(http.client.HTTPSConnection), req, context=tls)
-
-        return urllib.request.build_opener(HTTP(), HTTPS(context=tls))
-
 
 def read_capped(resp, cap: int, what: str) -> bytes:
     """The body, refused past `cap` bytes: at once when Content-Length says so, else once
@@ -2453,26 +2558,45 @@ class EventStream:
             self.resp.close()
 
 
+def http_client():
+    """The http.client module, imported when first needed: it costs start-up time (it pulls in
+    email and ssl) that `--help`, `--version` and the work before the first request should not
+    pay. A local import, so nothing at module level is rebound."""
+    import http.client
+    return http.client
+
+
+def ssl_module():
+    import ssl
+    return ssl
+
+
+# Redirects are followed as urllib's urlopen follows them (a box behind a front that moves it
+# keeps working): a GET or HEAD on any of these, a POST on 301-303 (it becomes a GET without its
+# body); at most MAX_REDIRECTS, only to http(s), and never with the token.
+REDIRECTS = (301, 302, 303, 307, 308)
+MAX_REDIRECTS = 10
+
+
+def follows_redirect(method: str, status: int) -> bool:
+    return (method in ("GET", "HEAD") and status in REDIRECTS) or (method == "POST" and status in REDIRECTS[:3])
+
+
 class Client:
     """Talks to patchwire-agent: JSON requests, NDJSON streams, bearer token. Every answer is
-    read within a cap and a deadline and checked (above) before it is handed on."""
+    read within a cap and a deadline and checked (above) before it is handed on. Plain
+    http.client, no proxy: the agent is reached directly, as its URL says."""
 
     def __init__(self, base_url: str, token: str, timeout: Optional[float] = None, ca_file: Optional[str] = None,
                  token_source: str = "the token"):
-        # The network modules cost start-up time that `--help` and `--version` should not pay
-        # (http.client pulls in email): imported here, for the module, when a client is made.
-        global http, ssl
-        import http.client
-        import ssl
-        import urllib.error  # noqa: F401  (loads the submodule: `urllib.error` works module-wide)
-        import urllib.request  # noqa: F401
         self.base = base_url.rstrip("/")
         self._token = token
         self.timeout = timeout or request_timeout()
         self.token_source = token_source
         self.on_wait: Optional[Callable[[float], None]] = None  # `ask` sets it: says it still waits
-        self._tls: Optional[ssl.SSLContext] = None
+        self._tls: Optional["ssl.SSLContext"] = None
         if ca_file:
+            ssl = ssl_module()
             try:
                 self._tls = ssl.create_default_context(cafile=ca_file)
             except (OSError, ssl.SSLError) as e:
@@ -2482,68 +2606,106 @@ class Client:
 
     def _request(self, method: str, path: str, body: Optional[dict] = None, accept: str = "application/json",
                  deadline_s: Optional[float] = None, read_timeout: Optional[float] = None):
-        """(response, its Deadline); the deadline keeps running while the body is read."""
+        """(response, its Deadline); the deadline keeps running while the body is read. An
+        answer other than 2xx is raised as the agent's refusal (_refused)."""
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base + path, data=data, method=method)
-        req.add_unredirected_header("Authorization", "Bearer " + self._token)  # never to a redirect
-        req.add_header("Accept", accept)
-        req.add_header("User-Agent", f"patchwire/{__version__}")
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
+        headers = {"Accept": accept, "User-Agent": f"patchwire/{__version__}", "Connection": "close"}
+        token = {"Authorization": "Bearer " + self._token}
         deadline = Deadline(deadline_s or self.timeout)
+        url = self.base + path
         try:
-            return deadline.opener(self._tls).open(req, timeout=read_timeout or deadline_s or self.timeout), deadline
-        except urllib.error.HTTPError as e:
-            try:
-                raise self._refused(e, deadline) from None
-            finally:
-                deadline.cancel()
-                e.close()
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            for _ in range(MAX_REDIRECTS + 1):
+                content = {"Content-Type": "application/json"} if data is not None else {}
+                resp = self._send(method, url, data, {**headers, **content, **token}, deadline,
+                                  read_timeout or deadline_s or self.timeout)
+                location = resp.getheader("Location") if follows_redirect(method, resp.status) else None
+                target = urllib.parse.urljoin(url, location or "")
+                if not location or urllib.parse.urlsplit(target).scheme not in ("http", "https"):
+                    break
+                resp.close()
+                url, token = target, {}  # the token goes to the agent's own URL only
+                method, data = ("HEAD" if method == "HEAD" else "GET"), None
+        except (OSError, http_client().HTTPException) as e:
             deadline.cancel()
             raise self._unreachable(e, deadline) from None
+        if 200 <= resp.status < 300:
+            return resp, deadline
+        try:
+            raise self._refused(resp, deadline) from None
+        finally:
+            deadline.cancel()
+            resp.close()
+
+    def _send(self, method: str, url: str, data: Optional[bytes], headers: Dict[str, str], deadline: Deadline,
+              timeout: float) -> "http.client.HTTPResponse":
+        """One request on a connection of its own, watched by `deadline`; the response owns
+        the socket (closing it closes the connection)."""
+        client = http_client()
+        parts = urllib.parse.urlsplit(url)
+        host = parts.netloc.rpartition("@")[2]
+        conn: "http.client.HTTPConnection"
+        if parts.scheme == "https":
+            conn = client.HTTPSConnection(host, timeout=timeout, context=self._tls)
+        else:
+            conn = client.HTTPConnection(host, timeout=timeout)
+        try:
+            conn.connect()
+            deadline.watch(conn.sock)
+            conn.request(method, (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), data, headers)
+            resp = conn.getresponse()
+        except BaseException:
+            conn.close()
+            raise
+        # http.client keeps the socket for another request unless the server said close:
+        # drop the connection's hold, so the response's close is the socket's (as urllib does)
+        if conn.sock:
+            conn.sock.close()
+            conn.sock = None
+        return resp
 
     def _unreachable(self, e: Exception, deadline: Deadline) -> AgentError:
-        reason = getattr(e, "reason", e)
         if deadline.fired:
             return AnswerRefused(f"the agent at {self.base} did not answer within {deadline.seconds:.0f} s; "
                                  "stopped waiting", "is the box overloaded, or the network to it slow? try "
                                  "again (PATCHWIRE_TIMEOUT sets the seconds)")
-        if isinstance(reason, ssl.SSLCertVerificationError):
+        if isinstance(e, ssl_module().SSLCertVerificationError):
             return AgentError(f"the agent's TLS certificate at {self.base} is not trusted: "
-                              f"{reason.verify_message}",
+                              f"{e.verify_message}",
                               "set ca_file in .patchwire.toml to the agent's certificate (PEM), "
                               "or give the agent a certificate this machine trusts")
-        return AgentError(f"cannot reach the agent at {self.base}: {reason}",
+        return AgentError(f"cannot reach the agent at {self.base}: {e}",
                           "is `patchwire-agent serve` running there, and is the URL in "
                           ".patchwire.toml right? (`patchwire-agent` prints it at start)")
 
-    def _refused(self, e: "urllib.error.HTTPError", deadline: Deadline) -> PatchwireError:
+    def _refused(self, e: "http.client.HTTPResponse", deadline: Deadline) -> PatchwireError:
+        status = e.status
         try:
             body = box_json(self._read(e, deadline, MAX_JSON_BYTES, "refusal") or b"{}", "refusal")
         except AnswerRefused:
             body = {}
         if not isinstance(body, dict) or not isinstance(body.get("error"), str):
-            return AgentError(f"{self.base} answered HTTP {e.code} {sanitize(str(e.reason))[:80]}, not as a "
+            return AgentError(f"{self.base} answered HTTP {status} {sanitize(str(e.reason))[:80]}, not as a "
                               "patchwire-agent would", "check `agent` in .patchwire.toml: it is the URL "
-                              "`patchwire-agent serve` prints when it starts", code=str(e.code),
-                              http_status=e.code)
-        message, hint, code = body["error"], str(body.get("hint", "")), str(body.get("code", e.code))
-        if e.code == HTTPStatus.UNAUTHORIZED:  # unknown, or revoked by the box's admin: only they can give one
+                              "`patchwire-agent serve` prints when it starts", code=str(status),
+                              http_status=status, exit_status=exit_for_status(status))
+        message, hint, code = body["error"], str(body.get("hint", "")), str(body.get("code", status))
+        exit_status = exit_for_status(status, code)
+        if status == HTTPStatus.UNAUTHORIZED:  # unknown, or revoked by the box's admin: only they can give one
             hint = (f"the agent does not know the token from {self.token_source}: put in the token "
                     "the box printed for you" + (" (or unset PATCHWIRE_TOKEN to use token_file)"
                                                  if self.token_source == "PATCHWIRE_TOKEN" else "")
                     + "; if it worked before, it was revoked or replaced: ask the box's admin for "
                     "a new one (`patchwire-agent user rotate NAME` on the box)")
-        if e.code == HTTPStatus.TOO_MANY_REQUESTS:
+        if status == HTTPStatus.TOO_MANY_REQUESTS:
             message, hint = in_minutes(message), in_minutes(hint) + self._retry_after(e, hint)
-        if e.code == HTTPStatus.NOT_FOUND and code == CODE_NOT_FOUND:  # not a refusal: nothing by that name
+        if exit_status != ExitStatus.AGENT:  # not a refusal (STATUS_EXITS): nothing by that name
             return AgentError(message, hint or "`patchwire jobs` lists your jobs", details=body, code=code,
-                              http_status=e.code, exit_status=ExitStatus.ERROR)
-        return AgentError(f"the agent refused: {message}", hint, details=body, code=code, http_status=e.code)
+                              http_status=status, exit_status=exit_status)
+        return AgentError(f"the agent refused: {message}", hint, details=body, code=code, http_status=status,
+                          exit_status=exit_status)
 
     @staticmethod
-    def _retry_after(e: "urllib.error.HTTPError", hint: str) -> str:
+    def _retry_after(e: "http.client.HTTPResponse", hint: str) -> str:
         """The Retry-After header in words, unless the box's hint gives the wait already."""
         retry = e.headers.get("Retry-After", "") if e.headers else ""
         if not retry.isdigit() or len(retry) >= 8 or " in " in hint:
@@ -2572,7 +2734,7 @@ class Client:
         # (http.client returns what came before EOF): the deadline is checked either way
         try:
             data, broken = read_capped(resp, cap, what), None
-        except (OSError, http.client.HTTPException) as e:
+        except (OSError, http_client().HTTPException) as e:
             data, broken = b"", e
         if deadline.fired:
             raise AnswerRefused(f"the agent's {what} did not arrive within {deadline.seconds:.0f} s; "
@@ -2661,8 +2823,7 @@ class Client:
 def http_errors() -> tuple:
     """http.client's exception base, imported when first needed: the code that catches it may
     run before any Client was made (start-up stays free of network modules)."""
-    import http.client
-    return (http.client.HTTPException,)
+    return (http_client().HTTPException,)
 
 
 # ================================================================== the job, laptop side
@@ -2695,6 +2856,9 @@ class Session:
 
     def __init__(self, cfg: LaptopConfig):
         self.cfg = cfg
+        # nearly every command talks to the agent: http.client (~15 ms of imports) loads in a
+        # thread while git looks at the project, most of which is waiting for git processes
+        threading.Thread(target=http_client, daemon=True, name="patchwire-import").start()
         self.project = Project(cfg.root, cfg.project)
         self._client: Optional[Client] = None
         self._rules: Optional[SyncRules] = None
@@ -2727,42 +2891,64 @@ class Session:
             return self._sync(force, resend)
 
     def _sync(self, force: bool, resend: Sequence[str]) -> "Synced":
-        me = self.client.me(self.cfg.project)
         last = self._last_sync()
-        if force or last.get("mirror") != me["mirror"] or not self.project.recorded(last.get("tree") or ""):
-            last = {}  # send every listed file: rsync compares them with the box's copy
         unsure = set(last.get("unsure", [])) | set(resend)
+        # The agent's answer, the last record's check and the listing of changes need nothing
+        # of each other: at once (a listing made for nothing, when the mirror moved, is dropped)
+        me, known, early = in_parallel(
+            lambda: self.client.me(self.cfg.project), lambda: self.project.recorded(last.get("tree") or ""),
+            lambda: None if force or not last else self.project.scan_changes(self.rules, unsure))
+        if force or last.get("mirror") != me["mirror"] or not known:
+            last, early = {}, None  # send every listed file: rsync compares them with the box's copy
+            unsure = set(resend)
         moved: List[str] = []
         for attempt in (1, 2):
-            files = (last and self.project.scan_changes(self.rules, unsure)) or self.project.scan(self.rules)
+            listed = early if attempt == 1 else (last and self.project.scan_changes(self.rules, unsure))
+            files = listed or self.project.scan(self.rules)
             if attempt == 1:
                 say_held(files)
                 if not files.count:
                     say(f"note: no file of {self.cfg.root} goes: git ignores them all, or they are held "
                         "back (see `patchwire sync --dry-run`)")
             try:
-                tree = self.project.record(files, self.rules)
+                tree = self.project.record(files, self.rules, upkeep=False)
             except FilesMoved as e:
                 moved = e.paths
             else:
-                since_last = self.project.changes(last["tree"], tree) if last.get("tree") else None
-                base, changed, deleted = self._since_indexed(last, tree, bool(resend), since_last)
-                if last.get("tree") == tree and not unsure:
-                    say(f"synced: nothing changed since the last sync ({files.count} files)")
-                    return Synced(tree, base, changed, deleted, {
-                        "sent_files": 0, "sent_bytes": 0, "skipped": True, "held_back": files.held,
-                        "files": files.count})
-                counts, todo, moved = self._send(files, since_last, me["mirror"], unsure, force)
-                if not moved:
-                    self._save_sync(tree, me["mirror"], indexed=last.get("indexed"))
-                    return Synced(tree, base, changed, deleted, {
-                        "sent_files": counts["sent"], "sent_bytes": counts.get("bytes"), "skipped": False,
-                        "held_back": files.held, "files": files.count})
+                synced, todo, moved = self._send_and_keep(files, last, tree, bool(resend), unsure, force, me["mirror"])
+                if synced:
+                    return synced
                 unsure |= set(todo)
                 self._save_sync(last.get("tree"), me["mirror"], sorted(unsure), indexed=last.get("indexed"))
             if attempt == 1:
                 say(f"{describe_paths(moved)} changed while being sent; sending again")
         raise moved_error(moved, files)
+
+    def _send_and_keep(self, files: FileList, last: dict, tree: str, resend: bool, unsure: set, force: bool,
+                       mirror: str) -> Tuple[Optional["Synced"], List[str], List[str]]:
+        """_send_recorded, with the record's upkeep at the same time (rsync mostly waits)."""
+        sent, _ = in_parallel(lambda: self._send_recorded(files, last, tree, resend, unsure, force, mirror),
+                              lambda: self.project.keep_record(tree))
+        return sent
+
+    def _send_recorded(self, files: FileList, last: dict, tree: str, resend: bool, unsure: set, force: bool,
+                       mirror: str) -> Tuple[Optional["Synced"], List[str], List[str]]:
+        """Bring the box's mirror to the record `tree`: (what the sync left, [], []) once it
+        holds it, else (None, paths given to rsync, paths that moved while sent)."""
+        since_last = self.project.changes(last["tree"], tree) if last.get("tree") else None
+        base, changed, deleted = self._since_indexed(last, tree, resend, since_last)
+        if last.get("tree") == tree and not unsure:
+            say(f"synced: nothing changed since the last sync ({files.count} files)")
+            return Synced(tree, base, changed, deleted, {
+                "sent_files": 0, "sent_bytes": 0, "skipped": True, "held_back": files.held,
+                "files": files.count}), [], []
+        counts, todo, moved = self._send(files, since_last, mirror, unsure, force)
+        if moved:
+            return None, todo, moved
+        self._save_sync(tree, mirror, indexed=last.get("indexed"))
+        return Synced(tree, base, changed, deleted, {
+            "sent_files": counts["sent"], "sent_bytes": counts.get("bytes"), "skipped": False,
+            "held_back": files.held, "files": files.count}), [], []
 
     def _since_indexed(self, last: dict, tree: str, resend: bool,
                        since_last: Optional[Tuple[List[str], List[str]]]) -> Tuple[Optional[str], List[str], List[str]]:

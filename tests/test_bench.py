@@ -51,3 +51,14 @@ def test_setup_cost_benchmark_quick_run_prints_the_ratio():
     out = proc.stdout.decode()
     assert proc.returncode == 0, out
     assert "warm ask, 200 files, setup:" in out and "with setup unchanged / without:" in out, out
+
+
+def test_startup_benchmark_quick_run_measures_enter_to_ai_start_up_and_memory_against_the_script():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/startup.py"), "--quick"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, out
+    rows = [line for line in out.splitlines() if line.startswith(("| patchwire |", "| natural |"))]
+    assert len(rows) == 4 and all(line.endswith("x |") for line in rows), out  # both sides, both parts
+    assert "Enter -> AI start, 200 files" in out and "peak RSS of a warm ask, 2,000 files" in out, out
+    assert "| 3.9 |" in out or "| 3.13 |" in out, out  # start-up under a supported Python

@@ -214,6 +214,34 @@ def test_the_token_is_not_sent_to_a_redirect():
     assert seen == [None]
 
 
+def test_the_client_reaches_the_agent_directly_whatever_the_proxy_variables_say(monkeypatch):
+    import http.server
+    import threading
+
+    class Agent(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "12")
+            self.end_headers()
+            self.wfile.write(b'{"ok": true}')
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Agent)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    try:
+        answer = patchwire.Client(f"http://127.0.0.1:{server.server_address[1]}", "pw_secret").json("GET", "/v1/me")
+    finally:
+        server.shutdown()
+    assert answer == {"ok": True}
+
+
 def test_init_and_cancel_speak_json(tmp_path, agent):
     root = make_repo(tmp_path / "fresh", {"a.txt": b"a\n"})
     lap = Laptop(root)

@@ -248,3 +248,42 @@ def test_route_paths_are_spelled_once():
     assert [(m, r.pattern, n) for m, r, n, _ in patchwire_agent.ROUTES] == [
         (m, patchwire_agent.route_regex(t).pattern, n) for m, t, n, _ in patchwire.ROUTE_TABLE]
     assert patchwire.route_path("events", {"after": 3}, job="a/b") == "/v1/jobs/a%2Fb/events?after=3"
+
+
+def exit_status_mappings(path: Path) -> list:
+    """(line, what) of code outside STATUS_EXITS and exit_for_status that ties an HTTP status
+    to an exit status: a call given both `http_status=` and an `exit_status=` that is not
+    exit_for_status(...), or a comparison of a status with ExitStatus in one expression."""
+    found = []
+    tree = ast.parse(path.read_text())
+    table = {id(n) for top in tree.body if isinstance(top, ast.AnnAssign)
+             and getattr(top.target, "id", "") == "STATUS_EXITS" for n in ast.walk(top)}
+    for node in ast.walk(tree):
+        if id(node) in table:
+            continue
+        if isinstance(node, ast.Call):
+            words = {k.arg: k.value for k in node.keywords}
+            chosen = words.get("exit_status")
+            if "http_status" in words and chosen is not None and not (
+                    isinstance(chosen, ast.Name) or (isinstance(chosen, ast.Call) and getattr(
+                        chosen.func, "id", "") == "exit_for_status")):
+                found.append((node.lineno, ast.unparse(node)[:100]))
+        if isinstance(node, (ast.IfExp, ast.Dict)):
+            text = ast.unparse(node)
+            if re.search(r"HTTPStatus\.|\b[1-5]\d\d\b", text) and "ExitStatus." in text:
+                found.append((node.lineno, text[:100]))
+    return found
+
+
+def test_the_status_to_exit_table_is_written_once():
+    """The agent's HTTP status -> the laptop's exit status lives in the SHARED part
+    (STATUS_EXITS, exit_for_status, as httpie's status.py); no other code maps one to the other."""
+    import patchwire
+    assert patchwire.exit_for_status(404, patchwire.CODE_NOT_FOUND) == patchwire.ExitStatus.ERROR
+    assert patchwire.exit_for_status(404) == patchwire.exit_for_status(409, "tree_mismatch") == 3
+    assert top_level_lines(LAPTOP)["exit_for_status"] < laptop_banner_line()
+    source = LAPTOP.read_text()
+    table = source[source.index("STATUS_EXITS: Dict"):source.index("def exit_for_status")]
+    assert "ExitStatus.ERROR" in table
+    for path in (LAPTOP, AGENT):
+        assert exit_status_mappings(path) == [], path.name

@@ -233,3 +233,31 @@ def test_write_blobs_stores_what_git_would_with_no_process(tmp_path, monkeypatch
         assert git("cat-file", "blob", blob) == data
     assert git.text("fsck", "--strict", "--no-dangling") == ""
     assert pw.Git(cwd=tmp_path / "nowhere").write_blobs([]) == []
+
+
+# ------------------------------------------------------------------ the listing against the record
+
+
+def test_nul_records_splits_a_piece_at_a_time_and_loses_no_record():
+    data = b"".join(b"path/%d.txt\0" % i for i in range(1000))
+    for piece in (1, 7, 64, 2 ** 18):
+        assert list(pw.nul_records(data, piece)) == [b"path/%d.txt" % i for i in range(1000)]
+    assert list(pw.nul_records(b"a\0\0b", 1)) == [b"a", b"b"]
+
+
+def test_listing_walk_finds_new_gone_and_watched_paths_in_one_pass():
+    # ls-files -t: untracked ("? ") sorted, then tracked sorted; a conflicted file once per stage
+    listing = b"\0".join([b"? a.b", b"? new/x", b"? zz", b"H a-b", b"M c", b"M c", b"M c", b"H d/e", b""])
+    recorded = b"\0".join([b"a-b", b"b-gone", b"c", b"d/e", b"old/z", b""])
+    walk = pw.ListingWalk(listing, recorded, watch={b"c", b"zz", b"b-gone"})
+    assert walk.listed == {b"a.b": False, b"new/x": False, b"zz": False, b"c": True}
+    assert walk.gone == [b"b-gone", b"old/z"]
+    assert walk.kept == {b"c"}  # watched, listed and recorded
+    assert walk.recorded == 5
+
+
+def test_listing_walk_refuses_a_listing_out_of_order():
+    with pytest.raises(pw.ListingOrder):
+        pw.ListingWalk(b"H b\0H a\0", b"a\0b\0", watch=set())
+    with pytest.raises(pw.ListingOrder):
+        pw.ListingWalk(b"H a\0", b"b\0a\0", watch=set())
