@@ -1459,10 +1459,13 @@ class ProjectRepo:
         index = self.git_dir / "worktrees" / f"slot{slot}" / "index"
         room = 2 * (index.stat().st_size if index.exists() else 0) + 64 * MIB
         run_capped(git, max(max_bytes, room), "add", "-A")
-        diff_args = ("diff", "--cached", "-M", "--no-ext-diff", "--no-textconv", "--no-color")
-        run_capped(git, max_bytes, *diff_args, "--binary", "--full-index", snapshot, stdout=patch)
-        stats = parse_numstat(git(*diff_args, "--numstat", "-z", snapshot))  # a line per file: small
-        result = git.text("commit-tree", git.text("write-tree"), "-p", snapshot, "-m", f"patchwire job {job_id}")
+        # the result's tree first (cache-tree: O(changed)), then diffs of tree against tree, which
+        # skip every subtree whose id is the same; `diff --cached` compared the whole index
+        tree = git.text("write-tree")
+        diff_args = ("diff", "-M", "--no-ext-diff", "--no-textconv", "--no-color")
+        run_capped(git, max_bytes, *diff_args, "--binary", "--full-index", snapshot, tree, stdout=patch)
+        stats = parse_numstat(git(*diff_args, "--numstat", "-z", snapshot, tree))  # a line per file: small
+        result = git.text("commit-tree", tree, "-p", snapshot, "-m", f"patchwire job {job_id}")
         self.git()("update-ref", f"refs/patchwire/jobs/{job_id}", result)
         return stats, result
 
