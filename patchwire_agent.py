@@ -1290,12 +1290,12 @@ class ProjectRepo:
     def slot_path(self, slot: int) -> Path:
         return self.home / "slots" / f"slot{slot}"
 
-    def slot_git(self, slot: int) -> Git:
+    def slot_git(self, slot: int, **env: str) -> Git:
         """Git for a job folder, through its own worktree git dir (never the folder's .git
         file, which the AI could rewrite)."""
         path = self.slot_path(slot)  # also the cwd: `git apply` reads paths relative to it
         return Git(git_dir=self.git_dir / "worktrees" / f"slot{slot}", work_tree=path,
-                   cwd=path if path.is_dir() else self.home, env=self.git_env, config=pw.INDEX_CONFIG)
+                   cwd=path if path.is_dir() else self.home, env={**self.git_env, **env}, config=pw.INDEX_CONFIG)
 
     def prepare_slot(self, slot: int, commit: str, carry: Optional[Tuple[str, str]] = None) -> Path:
         """Move the slot's warm worktree to `commit` (O(changed)); ignored files such as build
@@ -1303,21 +1303,25 @@ class ProjectRepo:
         clean is thrown away and rebuilt. `carry` (base, result) brings an earlier job's
         change along, for a follow-up ask."""
         with self.lock:
-            for attempt in (1, 2):
-                try:
-                    if not self._slot_is_registered(slot):
-                        self._create_slot(slot, commit)
-                    self._reset_slot(slot, commit)
-                    self._check_slot_clean(slot, commit)
-                    break
-                except (PatchwireError, OSError) as e:
-                    if attempt == 2:
-                        raise PatchwireError(f"job folder {self.slot_path(slot)} cannot be made clean: {e}")
-                    log.warning("job folder %s is not clean (%s); rebuilding it", self.slot_path(slot), e)
-                    self._remove_slot(slot)
+            self._make_slot(slot, commit)
             if carry:
                 self._carry(slot, *carry)
+                self._seal_index(slot)  # `apply --index` wrote it
             return self.slot_path(slot)
+
+    def _make_slot(self, slot: int, commit: str) -> None:
+        for attempt in (1, 2):
+            try:
+                if not self._slot_is_registered(slot):
+                    self._create_slot(slot, commit)
+                self._reset_slot(slot, commit)
+                self._check_slot_clean(slot, commit)
+                return
+            except (PatchwireError, OSError) as e:
+                if attempt == 2:
+                    raise PatchwireError(f"job folder {self.slot_path(slot)} cannot be made clean: {e}")
+                log.warning("job folder %s is not clean (%s); rebuilding it", self.slot_path(slot), e)
+                self._remove_slot(slot)
 
     def _carry(self, slot: int, base: str, result: str) -> None:
         """Apply an earlier job's change (base..result) on top of the fresh snapshot, unless the
@@ -1344,24 +1348,83 @@ class ProjectRepo:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.git()("worktree", "prune")
         self.git()("worktree", "add", "--detach", "-f", str(path), commit)
+        self._seal_index(slot)  # a fresh index, written by the agent over a fresh folder
 
-    def _reset_slot(self, slot: int, commit: str) -> None:
-        gitdir = self.git_dir / "worktrees" / f"slot{slot}"
+    def _slot_gitdir(self, slot: int) -> Path:
+        return self.git_dir / "worktrees" / f"slot{slot}"
+
+    def _mend_slot_links(self, slot: int) -> Path:
+        """Drop stale locks and write the folder's .git file again (the AI may have rewritten
+        it; the agent's own git calls never read it). The worktree's git dir."""
+        gitdir = self._slot_gitdir(slot)
         for lock in ("index.lock", "HEAD.lock"):
             (gitdir / lock).unlink() if (gitdir / lock).exists() else None
         dotgit = self.slot_path(slot) / ".git"
         if dotgit.is_dir() or dotgit.is_symlink():
             remove_tree(dotgit)
-        dotgit.write_text(f"gitdir: {gitdir}\n")  # the AI may have rewritten it
+        dotgit.write_text(f"gitdir: {gitdir}\n")
+        return gitdir
+
+    def _reset_slot(self, slot: int, commit: str) -> None:
+        """The whole folder back to `commit`: one stat pass (checkout -f) and one walk (clean
+        -ffd). An index the agent did not write last (its seal differs: the AI reached the git
+        dir, or an agent's run ended half way) is not trusted for its stat data: it is read
+        again from `commit` and every file compared by content (refresh), so that a file the
+        AI changed behind forged stat data is rewritten too."""
+        self._mend_slot_links(slot)
         git = self.slot_git(slot)
+        if not self._index_is_sealed(slot):
+            self._rebuild_index(slot, commit)
         git("checkout", "-q", "-f", "--detach", commit)
         git("clean", "-q", "-ffd")
+        self._seal_index(slot)
+
+    def _head(self, slot: int) -> str:
+        """The job folder's HEAD, read from its file (a detached HEAD holds the commit's id)."""
+        try:
+            return (self._slot_gitdir(slot) / "HEAD").read_text().strip()
+        except OSError:
+            return ""
+
+    def _rebuild_index(self, slot: int, commit: str) -> None:
+        gitdir = self._slot_gitdir(slot)
+        for old in [gitdir / "index", *gitdir.glob("sharedindex.*")]:
+            old.unlink(missing_ok=True)
+        git = self.slot_git(slot)
+        git("read-tree", commit)
+        git.run("update-index", "-q", "--refresh", check=False)  # exits 1 when files differ: checkout mends them
+
+    # --- the seal of a job folder's index: which index the agent wrote last, by the index file's
+    # inode, size, mtime and ctime (the kernel sets ctime on every write; no process can set
+    # it back), kept beside the project's git dir, out of the sandbox's sight. An index the
+    # AI rewrote (it can reach the git dir when it runs unconfined) could claim a file it
+    # changed is the snapshot's, with stat data that match: `checkout -f` would keep it.
+
+    def _seal_path(self, slot: int) -> Path:
+        return self.home / f"slot{slot}.seal"
+
+    def _index_stat(self, slot: int) -> List[int]:
+        found = os.stat(self._slot_gitdir(slot) / "index")
+        return [found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns]
+
+    def _seal_index(self, slot: int) -> None:
+        try:
+            replace_file(self._seal_path(slot), json.dumps(self._index_stat(slot)).encode())
+        except OSError:
+            self._seal_path(slot).unlink(missing_ok=True)
+
+    def _index_is_sealed(self, slot: int) -> bool:
+        try:
+            return bool(json.loads(self._seal_path(slot).read_bytes()) == self._index_stat(slot))
+        except (OSError, ValueError):
+            return False
 
     def _check_slot_clean(self, slot: int, commit: str) -> None:
         """`checkout -f` (one stat pass) and `clean -ffd` (one walk) exit non-zero on whatever
         they could not write or remove; that they did their work is not walked again (two
-        more passes over every file, 0.2 s at 100,000 files). HEAD must be the snapshot."""
-        if self.slot_git(slot).text("rev-parse", "HEAD") != commit:
+        more passes over every file, 0.2 s at 100,000 files). HEAD must be the snapshot: read
+        from its file (a detached HEAD holds the commit's id), no process."""
+        if self._head(slot) != commit:
             raise PatchwireError(f"job folder HEAD is not at {commit}")
 
     def _remove_slot(self, slot: int) -> None:
@@ -1409,7 +1472,9 @@ class ProjectRepo:
 
     def changed_paths(self, slot: int) -> List[str]:
         """Paths in the job folder that differ from its index and git does not ignore."""
-        out = self.slot_git(slot)("status", "--porcelain", "-z", "--untracked-files=all", "--no-renames")
+        # no optional locks: status would write a refreshed index, breaking its seal
+        out = self.slot_git(slot, GIT_OPTIONAL_LOCKS="0")(
+            "status", "--porcelain", "-z", "--untracked-files=all", "--no-renames")
         return [entry[3:].decode("utf-8", "replace") for entry in out.split(b"\0") if entry]
 
     def reset_slot_to(self, slot: int, commit: str) -> None:
@@ -1453,6 +1518,8 @@ class ProjectRepo:
         from git's stdout straight into the file `patch`: a change of any size never passes
         through the agent's memory. Past `max_bytes` ([jobs] max_diff_mb) git is stopped by the
         kernel (RLIMIT_FSIZE) and DiffTooLarge raised: a 1 GB file costs no GB of patch."""
+        if not self._index_is_sealed(slot):  # the index is not the one the agent wrote: not trusted
+            self._rebuild_index(slot, snapshot)
         git = self.slot_git(slot)
         # objects and the index written by `add` are capped too, with room for a big project's
         # index: a file whose compressed blob is over the cap makes a diff over it as well
@@ -1467,6 +1534,7 @@ class ProjectRepo:
         stats = parse_numstat(git(*diff_args, "--numstat", "-z", snapshot, tree))  # a line per file: small
         result = git.text("commit-tree", tree, "-p", snapshot, "-m", f"patchwire job {job_id}")
         self.git()("update-ref", f"refs/patchwire/jobs/{job_id}", result)
+        self._seal_index(slot)
         return stats, result
 
 
@@ -1483,6 +1551,15 @@ def run_capped(git: Git, max_bytes: int, *args: str, stdout: Optional[BinaryIO] 
         raise DiffTooLarge(f"git {args[0]} passed {max_bytes} bytes")
     if proc.returncode:
         raise ProcessError(git.argv(args), proc.returncode, proc.stderr)
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all (a temporary file renamed over it), private."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 def symlink_entries(listing: bytes) -> List[str]:

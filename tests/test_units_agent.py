@@ -6,12 +6,14 @@ git's numstat counted."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -194,6 +196,44 @@ def test_a_warm_job_folder_is_made_exactly_the_snapshot(prepared):
     repo._check_slot_clean(0, commit)
     with pytest.raises(patchwire.PatchwireError, match="HEAD is not at"):
         repo._check_slot_clean(0, "0" * 40)
+
+
+def forge_index_entry(repo, folder, path: str, blob: str) -> None:
+    """What an AI that reaches the git dir can do: stage its change (real stat data of the
+    changed file), then write the snapshot's blob id over the staged one and fix the index's
+    checksum: git now believes the changed file is the snapshot's."""
+    gitdir = repo.git_dir / "worktrees" / "slot0"
+    git = ["git", "--git-dir", str(gitdir), "--work-tree", str(folder), "-c", "core.splitIndex=false"]
+    then = time.time() - 10  # older than the index: not "racily clean", so git trusts its stat data
+    os.utime(folder / path, (then, then))
+    subprocess.run(git + ["update-index", "--add", "--", path], check=True)
+    staged = subprocess.run(git + ["ls-files", "-s", "--", path], check=True, capture_output=True).stdout.split()[1]
+    data = (gitdir / "index").read_bytes()[:-20]
+    assert data.count(bytes.fromhex(staged.decode())) == 1
+    data = data.replace(bytes.fromhex(staged.decode()), bytes.fromhex(blob))
+    (gitdir / "index").write_bytes(data + hashlib.sha1(data).digest())
+    assert subprocess.run(git + ["diff-files", "--quiet"]).returncode == 0  # the forgery holds
+
+
+def test_a_job_folder_with_a_forged_index_is_still_made_exactly_the_snapshot(prepared):
+    repo, commit, folder = prepared
+    (folder / "a.txt").write_bytes(b"poisoned\n")
+    forge_index_entry(repo, folder, "a.txt", repo.git().text("rev-parse", f"{commit}:a.txt"))
+    assert repo.prepare_slot(0, commit) == folder
+    assert (folder / "a.txt").read_bytes() == b"a\n"
+
+
+def test_a_change_hidden_by_a_forged_index_is_in_the_patch_and_gone_after(prepared, tmp_path):
+    repo, commit, folder = prepared
+    (folder / "a.txt").write_bytes(b"poisoned\n")
+    forge_index_entry(repo, folder, "a.txt", repo.git().text("rev-parse", f"{commit}:a.txt"))
+    with open(tmp_path / "patch", "wb") as patch:
+        stats, result = repo.collect(0, commit, "job1", patch, 1 << 20)
+    assert stats == {"files": 1, "added": 1, "removed": 1, "binary": 0}
+    assert b"-a\n+poisoned\n" in (tmp_path / "patch").read_bytes()
+    assert repo.git()("show", f"{result}:a.txt") == b"poisoned\n"
+    repo.prepare_slot(0, commit)
+    assert (folder / "a.txt").read_bytes() == b"a\n"
 
 
 # ------------------------------------------------------------------ numstat
