@@ -272,6 +272,9 @@ def check_equals_snapshot(repo: pa.ProjectRepo, commit: str, label: str) -> None
     # the index must hold exactly the snapshot's tree (status compares the worktree with the index)
     check(git.text("write-tree") == git.text("rev-parse", commit + "^{tree}"),
           f"{label}: job folder index is not the snapshot's tree")
+    # these checks' own git calls may rewrite the index (a refresh): the agent would take an
+    # index it did not write for a forged one and compare every file by content next time
+    repo._seal_index(SLOT)
 
 
 def cache_digest(folder: Path) -> Dict[str, str]:
@@ -316,6 +319,8 @@ class SizeResult:
         self.fresh: List[float] = []
         self.warm_steps: List[List[Tuple[str, float]]] = []
         self.snapshot_steps: List[List[Tuple[str, float]]] = []
+        self.collect: List[float] = []
+        self.collect_steps: List[List[Tuple[str, float]]] = []
         self.cache_files = 0
 
 
@@ -403,6 +408,12 @@ def run_size(tmp: Path, count: int, repeat: int, fresh_repeat: int, real_laptop:
         (folder / ai_delete).unlink()
         ai_new = folder / "lib" / "src" / f"ai_new_{k}.dart"
         ai_new.write_bytes(b"// a file the previous job created\n")
+        settle()
+        with open(tmp / "patch", "wb") as patch:
+            (stats, _), t_collect, collect_steps = timed(repo.collect, SLOT, commit, f"bench{k}", patch, 1 << 30)
+        check(stats["files"] == 3, f"collect saw {stats['files']} changed files, not 3")
+        res.collect.append(t_collect)
+        res.collect_steps.append(collect_steps)
 
         # the user's one change, as it arrives in the mirror
         changed = rng.choice(editable)
@@ -509,6 +520,11 @@ def report(small: SizeResult, big: SizeResult, repeat: int, laptop: bool) -> str
         f"where warm prepare goes at {big.files:,} files: {step_breakdown(big.warm_steps, big.warm)}",
         f"where snapshot next goes at {big.files:,} files: "
         f"{step_breakdown(big.snapshot_steps, big.snapshot_next)}",
+        f"collect (the previous job's 3 changes) {small.files:,} / {big.files:,} files: "
+        f"{ms(median(small.collect)).strip()} / {ms(median(big.collect)).strip()}; where it goes at "
+        f"{big.files:,}: {step_breakdown(big.collect_steps, big.collect)}",
+        f"git processes per job on the box (snapshot next + prepare + collect): "
+        f"{len(big.snapshot_steps[0]) + len(big.warm_steps[0]) + len(big.collect_steps[0])}",
         "",
         f"checks: job folder == snapshot after every preparation (HEAD, index tree, status "
         f"--untracked-files=all); previous job's edit/new/deleted file undone; build cache "
