@@ -1295,7 +1295,7 @@ class ProjectRepo:
         file, which the AI could rewrite)."""
         path = self.slot_path(slot)  # also the cwd: `git apply` reads paths relative to it
         return Git(git_dir=self.git_dir / "worktrees" / f"slot{slot}", work_tree=path,
-                   cwd=path if path.is_dir() else self.home, env={**self.git_env, **env}, config=pw.INDEX_CONFIG)
+                   cwd=path if path.is_dir() else self.home, env={**self.git_env, **env}, config=SLOT_INDEX_CONFIG)
 
     def prepare_slot(self, slot: int, commit: str, carry: Optional[Tuple[str, str]] = None) -> Path:
         """Move the slot's warm worktree to `commit` (O(changed)); ignored files such as build
@@ -1306,7 +1306,7 @@ class ProjectRepo:
             self._make_slot(slot, commit)
             if carry:
                 self._carry(slot, *carry)
-                self._seal_index(slot)  # `apply --index` wrote it
+                self._seal_index(slot, None)  # `apply --index` wrote it
             return self.slot_path(slot)
 
     def _make_slot(self, slot: int, commit: str) -> None:
@@ -1314,7 +1314,8 @@ class ProjectRepo:
             try:
                 if not self._slot_is_registered(slot):
                     self._create_slot(slot, commit)
-                self._reset_slot(slot, commit)
+                if not self._move_slot(slot, commit):
+                    self._reset_slot(slot, commit)
                 self._check_slot_clean(slot, commit)
                 return
             except (PatchwireError, OSError) as e:
@@ -1348,7 +1349,7 @@ class ProjectRepo:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.git()("worktree", "prune")
         self.git()("worktree", "add", "--detach", "-f", str(path), commit)
-        self._seal_index(slot)  # a fresh index, written by the agent over a fresh folder
+        self._seal_index(slot, commit)  # a fresh index, written by the agent over a fresh folder
 
     def _slot_gitdir(self, slot: int) -> Path:
         return self.git_dir / "worktrees" / f"slot{slot}"
@@ -1377,7 +1378,7 @@ class ProjectRepo:
             self._rebuild_index(slot, commit)
         git("checkout", "-q", "-f", "--detach", commit)
         git("clean", "-q", "-ffd")
-        self._seal_index(slot)
+        self._seal_index(slot, self._head(slot))
 
     def _head(self, slot: int) -> str:
         """The job folder's HEAD, read from its file (a detached HEAD holds the commit's id)."""
@@ -1407,17 +1408,67 @@ class ProjectRepo:
         found = os.stat(self._slot_gitdir(slot) / "index")
         return [found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns]
 
-    def _seal_index(self, slot: int) -> None:
+    def _seal_index(self, slot: int, tree: Optional[str]) -> None:
+        """Seal the index the agent just wrote; `tree`: the tree (or commit) it holds, when known."""
         try:
-            replace_file(self._seal_path(slot), json.dumps(self._index_stat(slot)).encode())
+            replace_file(self._seal_path(slot), json.dumps({"stat": self._index_stat(slot), "tree": tree}).encode())
         except OSError:
             self._seal_path(slot).unlink(missing_ok=True)
 
-    def _index_is_sealed(self, slot: int) -> bool:
+    def _sealed(self, slot: int) -> Optional[dict]:
+        """The seal, when the index is still the one the agent wrote last (else None)."""
         try:
-            return bool(json.loads(self._seal_path(slot).read_bytes()) == self._index_stat(slot))
+            seal = json.loads(self._seal_path(slot).read_bytes())
+            return seal if isinstance(seal, dict) and seal.get("stat") == self._index_stat(slot) else None
         except (OSError, ValueError):
+            return None
+
+    def _index_is_sealed(self, slot: int) -> bool:
+        return self._sealed(slot) is not None
+
+    def _move_slot(self, slot: int, commit: str) -> bool:
+        """Move the folder to `commit` by the paths that differ, when its index is the agent's
+        and holds a known tree, and the folder is exactly that index: `status` (one stat pass;
+        with git's untracked cache only the folders whose stat data changed are read), one
+        `diff-tree` between the two trees, then those paths alone: removed, put in the index
+        (`update-index --index-info`) and written (`checkout-index`). False when it cannot be
+        done so (a .gitignore or a nested repository changed, a path in the way): the folder
+        is then reset whole."""
+        seal = self._sealed(slot)
+        if seal is None or not seal.get("tree"):
             return False
+        gitdir = self._mend_slot_links(slot)
+        git = self.slot_git(slot)
+        if worktree_changes(git("status", "--porcelain", "-z", "--no-renames", "-unormal")):
+            return False
+        moved = parse_raw_diff(git("diff-tree", "-r", "-z", "--no-renames", seal["tree"], commit))
+        if any(ignore_rules_move(path, old, new) for old, new, _, path in moved):
+            return False
+        try:
+            self._move_paths(slot, git, moved)
+        except (PatchwireError, OSError) as e:
+            log.info("job folder %s: moving by the changed paths failed (%s); resetting it whole",
+                     self.slot_path(slot), e)
+            self._seal_index(slot, None)  # the agent's own writes: trusted, the tree unknown
+            return False
+        replace_file(gitdir / "HEAD", f"{commit}\n".encode())  # a detached HEAD: the commit's id
+        self._seal_index(slot, commit)
+        return True
+
+    def _move_paths(self, slot: int, git: Git, moved: List[Tuple[str, str, str, bytes]]) -> None:
+        """Paths whose type changed or that went are removed first (a file may stand where a
+        folder comes, and the other way round), never through a link; then the index and the
+        files take the new tree's entries."""
+        folder = self.slot_path(slot)
+        for old, new, _, path in moved:
+            if old != "000000" and new != old:
+                pw.remove_file(folder, path.decode("utf-8", "surrogateescape"))
+        git("update-index", "-z", "--index-info",
+            input=b"".join(b"%s %s\t%s\0" % (new.encode(), (blob if new != "000000" else "0" * 40).encode(), path)
+                           for _, new, blob, path in moved))
+        written = b"".join(path + b"\0" for _, new, _, path in moved if new != "000000")
+        if written:
+            git("checkout-index", "-u", "-f", "-z", "--stdin", input=written)
 
     def _check_slot_clean(self, slot: int, commit: str) -> None:
         """`checkout -f` (one stat pass) and `clean -ffd` (one walk) exit non-zero on whatever
@@ -1481,7 +1532,8 @@ class ProjectRepo:
         """The job folder exactly at `commit` again (a check may have rewritten files);
         ignored files stay."""
         with self.lock:
-            self._reset_slot(slot, commit)
+            if not self._move_slot(slot, commit):
+                self._reset_slot(slot, commit)
 
     def tree_of(self, commit: str) -> str:
         return self.git().text("rev-parse", commit + "^{tree}")
@@ -1534,7 +1586,7 @@ class ProjectRepo:
         stats = parse_numstat(git(*diff_args, "--numstat", "-z", snapshot, tree))  # a line per file: small
         result = git.text("commit-tree", tree, "-p", snapshot, "-m", f"patchwire job {job_id}")
         self.git()("update-ref", f"refs/patchwire/jobs/{job_id}", result)
-        self._seal_index(slot)
+        self._seal_index(slot, tree)  # `add -A`: the index is the folder, and holds `tree`
         return stats, result
 
 
@@ -1551,6 +1603,35 @@ def run_capped(git: Git, max_bytes: int, *args: str, stdout: Optional[BinaryIO] 
         raise DiffTooLarge(f"git {args[0]} passed {max_bytes} bytes")
     if proc.returncode:
         raise ProcessError(git.argv(args), proc.returncode, proc.stderr)
+
+
+# the job folders' index also keeps git's untracked cache: `status` then reads only the folders
+# whose stat data changed (ctime too: no process can set it back), not all of them
+SLOT_INDEX_CONFIG = {**pw.INDEX_CONFIG, "core.untrackedCache": "true"}
+
+
+def worktree_changes(status: bytes) -> bool:
+    """Whether `git status --porcelain -z --no-renames` lists a file the folder has and its
+    index does not ("??") or one that differs from its index (Y not " "); what the index
+    holds against HEAD (X) does not count."""
+    return any(entry[:2] == b"??" or entry[1:2] != b" " for entry in status.split(b"\0") if entry)
+
+
+def parse_raw_diff(raw: bytes) -> List[Tuple[str, str, str, bytes]]:
+    """[(old mode, new mode, new blob, path)] of `git diff-tree -r -z --no-renames` (records
+    ":oldmode newmode oldblob newblob status\0path\0")."""
+    fields = raw.split(b"\0")
+    out = []
+    for meta, path in zip(fields[::2], fields[1::2]):
+        old, new, _, blob, _ = meta.lstrip(b":").decode().split(" ")
+        out.append((old, new, blob, path))
+    return out
+
+
+def ignore_rules_move(path: bytes, old: str, new: str) -> bool:
+    """A changed .gitignore (what was ignored may not be any longer: `clean` must look again)
+    or a nested repository (a gitlink, 160000): for the whole reset."""
+    return path.rsplit(b"/", 1)[-1] == b".gitignore" or "160000" in (old, new)
 
 
 def replace_file(path: Path, data: bytes) -> None:
