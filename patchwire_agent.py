@@ -1237,7 +1237,7 @@ class ProjectRepo:
                     raise Conflict(f"the box's copy of the project differs from what the laptop "
                                    f"sent in {len(differ)} file(s): {named}", "sync again (patchwire sync --force)",
                                    code=pw.CODE_TREE_MISMATCH, paths=differ[:200])
-                return git.text("commit-tree", got, "-m", "patchwire snapshot")
+                return write_commit(self.git_dir, got, None, "patchwire snapshot")
 
     def snapshot_changes(self, tree: str, base: str, changed: List[str], deleted: List[str]) -> str:
         """The same commit in O(changed): the index the last snapshot left must hold `base`
@@ -1270,7 +1270,7 @@ class ProjectRepo:
                     raise Conflict(f"the box's copy of the project differs from what the laptop sent in "
                                    f"{len(changed)} changed file(s)", "sync again (patchwire sync --force)",
                                    code=pw.CODE_TREE_MISMATCH, paths=changed[:200])
-                return git.text("commit-tree", got, "-m", "patchwire snapshot")
+                return write_commit(self.git_dir, got, None, "patchwire snapshot")
 
     def _indexed(self) -> Optional[str]:
         """The tree the snapshot index holds, as written beside it by the last snapshot (reading
@@ -1459,6 +1459,8 @@ class ProjectRepo:
         """Paths whose type changed or that went are removed first (a file may stand where a
         folder comes, and the other way round), never through a link; then the index and the
         files take the new tree's entries."""
+        if not moved:
+            return
         folder = self.slot_path(slot)
         for old, new, _, path in moved:
             if old != "000000" and new != old:
@@ -1577,15 +1579,20 @@ class ProjectRepo:
         # index: a file whose compressed blob is over the cap makes a diff over it as well
         index = self.git_dir / "worktrees" / f"slot{slot}" / "index"
         room = 2 * (index.stat().st_size if index.exists() else 0) + 64 * MIB
-        run_capped(git, max(max_bytes, room), "add", "-A")
+        # what the AI changed: one stat pass, and (untracked cache) only the folders whose stat
+        # data changed are read; `add -A` of those paths alone (a new folder: all it holds)
+        touched = worktree_paths(git("status", "--porcelain", "-z", "--no-renames", "-unormal"))
+        if touched:
+            run_capped(git, max(max_bytes, room), "add", "-A", "--pathspec-from-file=-", "--pathspec-file-nul",
+                       input=b"".join(path + b"\0" for path in touched))
         # the result's tree first (cache-tree: O(changed)), then diffs of tree against tree, which
         # skip every subtree whose id is the same; `diff --cached` compared the whole index
         tree = git.text("write-tree")
         diff_args = ("diff", "-M", "--no-ext-diff", "--no-textconv", "--no-color")
         run_capped(git, max_bytes, *diff_args, "--binary", "--full-index", snapshot, tree, stdout=patch)
         stats = parse_numstat(git(*diff_args, "--numstat", "-z", snapshot, tree))  # a line per file: small
-        result = git.text("commit-tree", tree, "-p", snapshot, "-m", f"patchwire job {job_id}")
-        self.git()("update-ref", f"refs/patchwire/jobs/{job_id}", result)
+        result = write_commit(self.git_dir, tree, snapshot, f"patchwire job {job_id}")
+        write_ref(self.git_dir, f"refs/patchwire/jobs/{job_id}", result)
         self._seal_index(slot, tree)  # `add -A`: the index is the folder, and holds `tree`
         return stats, result
 
@@ -1594,11 +1601,12 @@ class DiffTooLarge(PatchwireError):
     """A job's change is over [jobs] max_diff_mb (the job fails with the reason)."""
 
 
-def run_capped(git: Git, max_bytes: int, *args: str, stdout: Optional[BinaryIO] = None) -> None:
+def run_capped(git: Git, max_bytes: int, *args: str, stdout: Optional[BinaryIO] = None,
+               input: Optional[bytes] = None) -> None:
     """Run git with every file it writes capped at `max_bytes`. Past the cap the kernel sends
     SIGXFSZ (subprocess restores its default action, which ends git), or a write fails with
     EFBIG where it is ignored: either is DiffTooLarge, any other failure a ProcessError."""
-    proc = git.run(*args, check=False, stdout=stdout, max_file_bytes=max_bytes)
+    proc = git.run(*args, check=False, stdout=stdout, max_file_bytes=max_bytes, input=input)
     if proc.returncode == -signal.SIGXFSZ or (proc.returncode and b"File too large" in proc.stderr):
         raise DiffTooLarge(f"git {args[0]} passed {max_bytes} bytes")
     if proc.returncode:
@@ -1614,7 +1622,13 @@ def worktree_changes(status: bytes) -> bool:
     """Whether `git status --porcelain -z --no-renames` lists a file the folder has and its
     index does not ("??") or one that differs from its index (Y not " "); what the index
     holds against HEAD (X) does not count."""
-    return any(entry[:2] == b"??" or entry[1:2] != b" " for entry in status.split(b"\0") if entry)
+    return bool(worktree_paths(status))
+
+
+def worktree_paths(status: bytes) -> List[bytes]:
+    """The paths of worktree_changes: untracked ones ("dir/" for a new folder) and those that
+    differ from the index."""
+    return [entry[3:] for entry in status.split(b"\0") if entry and (entry[:2] == b"??" or entry[1:2] != b" ")]
 
 
 def parse_raw_diff(raw: bytes) -> List[Tuple[str, str, str, bytes]]:
@@ -1712,7 +1726,27 @@ def add_link_entries(git: Git, entries: List[Tuple[str, str]]) -> None:
 def write_blob(git_dir: Path, data: bytes) -> str:
     """Store `data` as a loose blob (zlib over "blob <size>\\0" + data, named by its sha1: git's
     own format) and return its id; one write per link, no process."""
-    raw = b"blob %d\0" % len(data) + data
+    return write_object(git_dir, b"blob", data)
+
+
+def write_commit(git_dir: Path, tree: str, parent: Optional[str], message: str) -> str:
+    """The commit `git commit-tree TREE [-p PARENT] -m MESSAGE` makes with pw.GIT_IDENTITY
+    (the same bytes, so the same id), written without a process."""
+    ident = "patchwire <patchwire@localhost> 1700000000 +0000"
+    head = f"tree {tree}\n" + (f"parent {parent}\n" if parent else "") + f"author {ident}\ncommitter {ident}\n"
+    return write_object(git_dir, b"commit", f"{head}\n{message}\n".encode())
+
+
+def write_ref(git_dir: Path, name: str, commit: str) -> None:
+    """A new loose ref (`refs/...` holding the id: git's files backend), as `update-ref` writes it."""
+    path = git_dir / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    replace_file(path, f"{commit}\n".encode())
+
+
+def write_object(git_dir: Path, kind: bytes, data: bytes) -> str:
+    """Store a loose object (zlib over "<kind> <size>\\0" + data, named by its sha1)."""
+    raw = kind + b" %d\0" % len(data) + data
     blob = hashlib.sha1(raw).hexdigest()
     path = git_dir / "objects" / blob[:2] / blob[2:]
     if not path.exists():

@@ -290,8 +290,18 @@ def test_a_warm_job_folder_moves_by_the_changed_paths_only(prepared, tmp_path, m
     (folder / "build" / "cache").write_bytes(b"kept")
     (folder / "a.txt").write_bytes(b"the AI's\n")  # the job's change, collected
     (folder / "ai.txt").write_bytes(b"new\n")
+    (folder / "x" / "b").unlink()
+    (folder / "newdir" / "sub").mkdir(parents=True)
+    (folder / "newdir" / "sub" / "f").write_bytes(b"deep\n")
+    (folder / "build" / "ignored.txt").write_bytes(b"never collected\n")
     with open(tmp_path / "patch", "wb") as patch:
-        repo.collect(0, first, "job1", patch, 1 << 20)
+        stats, result = repo.collect(0, first, "job1", patch, 1 << 20)
+    assert stats == {"files": 4, "added": 3, "removed": 2, "binary": 0}
+    # written without a process: the very commit `git commit-tree` makes, and its ref
+    made = repo.git().text("commit-tree", repo.tree_of(result), "-p", first, "-m", "patchwire job job1")
+    assert made == result == repo.git().text("rev-parse", "refs/patchwire/jobs/job1")
+    assert repo.git().text("diff-tree", "-r", "--name-status", first, result).split("\n") == [
+        "M\ta.txt", "A\tai.txt", "A\tnewdir/sub/f", "D\tx/b"]
     second = snapshot_of(repo, SNAP2)
     seen = git_commands(monkeypatch)
     assert repo.prepare_slot(0, second) == folder
