@@ -11,14 +11,17 @@ Data flow for one ask:
                                the laptop's, or the index does not hold that base
                             -> fair queue (the user served longest ago first; FIFO
                                within a user; [jobs] workers runs at once)
-                            -> a warm job folder (git worktree) moved to the snapshot
-                               (checkout -f, clean -ffd: ignored build caches stay)
+                            -> a warm job folder (git worktree) moved to the snapshot:
+                               by the changed paths when git's status finds it equal to
+                               its (sealed) index, else whole (checkout -f, clean -ffd);
+                               ignored build caches stay either way
                             -> the ask's [box] setup, in the AI's own sandbox, when its
                                inputs changed since the last setup of that folder
                             -> [ai] command, prompt on stdin, own process group, timeout
                             -> events (NDJSON, numbered) stored as they happen, up to
                                [jobs] max_output_mb: its head and tail, the middle counted
-                            -> git add -A; git diff --cached --binary --full-index -M snap
+                            -> git add -A of what status names; write-tree; git diff
+                               --binary --full-index -M snap tree
                                -> straight into the patch file (never whole in memory),
                                capped at [jobs] max_diff_mb; stats
                             -> the ask's [box] checks, each on exactly the result, in the
