@@ -284,6 +284,7 @@ SNAP2 = {"a.txt": b"a\n", "d": b"now a file\n", "x": b"x file\n", "l/in": b"in a
 
 def test_a_warm_job_folder_moves_by_the_changed_paths_only(prepared, tmp_path, monkeypatch):
     repo, _, folder = prepared
+    monkeypatch.setattr(repo, "BY_PATHS_MIN_INDEX_BYTES", 0)  # as for a large project
     first = snapshot_of(repo, SNAP1)
     repo.prepare_slot(0, first)
     (folder / "build").mkdir(exist_ok=True)
@@ -320,6 +321,7 @@ def test_a_warm_job_folder_moves_by_the_changed_paths_only(prepared, tmp_path, m
 
 def test_a_moved_gitignore_or_a_stray_file_resets_the_folder_whole(prepared, monkeypatch):
     repo, _, folder = prepared
+    monkeypatch.setattr(repo, "BY_PATHS_MIN_INDEX_BYTES", 0)
     first = snapshot_of(repo, SNAP1)
     repo.prepare_slot(0, first)
     (folder / "build").mkdir(exist_ok=True)
