@@ -1447,9 +1447,13 @@ class ProjectRepo:
             return False
         gitdir = self._mend_slot_links(slot)
         git = self.slot_git(slot)
-        if worktree_changes(git("status", "--porcelain", "-z", "--no-renames", "-unormal")):
+        status = git.run("status", "--porcelain", "-z", "--no-renames", "-unormal", check=False)
+        if status.returncode or worktree_changes(status.stdout):  # a folder it cannot read, say
             return False
-        moved = parse_raw_diff(git("diff-tree", "-r", "-z", "--no-renames", seal["tree"], commit))
+        raw = git.run("diff-tree", "-r", "-z", "--no-renames", seal["tree"], commit, check=False)
+        if raw.returncode:
+            return False
+        moved = parse_raw_diff(raw.stdout)
         if any(ignore_rules_move(path, old, new) for old, new, _, path in moved):
             return False
         try:
