@@ -1222,51 +1222,13 @@ class ProjectRepo:
         except pw.UnsafePath:
             return False
 
-    def snapshot_git(self, mirror_fd: int, index: str = "snapshot.index", split: bool = True) -> Git:
+    def snapshot_git(self, mirror_fd: int) -> Git:
         """Git on the mirror with the snapshot index (INDEX_CONFIG: an ask of changes rewrites only
         the entries it changed, not all of a 100,000-file index). Its work tree is the folder
         the descriptor holds, not a path looked up again: git starts in it (on Linux through
         /proc/self/fd, which the child inherits) and takes "." as its work tree."""
-        config = pw.INDEX_CONFIG if split else {**pw.INDEX_CONFIG, "core.splitIndex": "false"}
-        return self.git(Path("."), config, cwd=pinned_folder(mirror_fd, self.mirror), GIT_INDEX_FILE=str(self.home / index))
-
-    # a first snapshot of this many files or more is hashed by one `update-index` per core
-    PARALLEL_HASH_MIN_FILES = 4000
-
-    def _hasher(self, mirror_fd: int, count: int) -> Callable[[Git, List[str], List[str]], None]:
-        """How a snapshot puts the mirror's files in its index: in parallel for a first one
-        (no index yet) of many files, else pw.update_index_paths."""
-        cores = min(os.cpu_count() or 1, 8)
-        if cores < 2 or count < self.PARALLEL_HASH_MIN_FILES or (self.home / "snapshot.index").exists():
-            return pw.update_index_paths
-        return lambda git, paths, stale: self._hash_in_parallel(git, mirror_fd, paths, cores)
-
-    def _hash_in_parallel(self, git: Git, mirror_fd: int, paths: List[str], parts: int) -> None:
-        """Hash `paths` into `git`'s (empty) index by `parts` processes at once, each into an
-        index of its own; their entries are then put in that index (`--index-info`, no file
-        read again). The entries carry no stat data: a later full snapshot hashes every file
-        again, as a first one does; asks of changes never look at the others."""
-        names = [f"snapshot.part{n}.index" for n in range(parts)]
-        errors: List[BaseException] = []
-
-        def hash_part(n: int) -> None:
-            try:
-                pw.update_index_paths(self.snapshot_git(mirror_fd, names[n], split=False), paths[n::parts], [])
-            except BaseException as e:  # raised below, in the caller's thread
-                errors.append(e)
-        try:
-            threads = [threading.Thread(target=hash_part, args=(n,)) for n in range(parts)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            if errors:
-                raise errors[0]
-            listing = b"".join(self.snapshot_git(mirror_fd, name, split=False)("ls-files", "-s", "-z") for name in names)
-            git("update-index", "-z", "--index-info", input=listing)
-        finally:
-            for name in names:
-                (self.home / name).unlink(missing_ok=True)
+        return self.git(Path("."), pw.INDEX_CONFIG, cwd=pinned_folder(mirror_fd, self.mirror),
+                        GIT_INDEX_FILE=str(self.home / "snapshot.index"))
 
     def snapshot(self, tree: str, manifest: List[Tuple[str, str, str]]) -> str:
         """A commit of exactly the listed files, as they are in the mirror. Files the laptop
@@ -1276,7 +1238,7 @@ class ProjectRepo:
             with self.open_mirror() as fd:
                 git = self.snapshot_git(fd)
                 links = [path for mode, _, path in manifest if mode == "120000"]
-                index_paths(git, fd, [path for _, _, path in manifest], links, self._hasher(fd, len(manifest)))
+                index_paths(git, fd, [path for _, _, path in manifest], links)
                 got = self._write_snapshot_tree(git)
                 if got != tree:
                     theirs = {path: (mode, sha) for mode, sha, path in manifest}
@@ -1740,8 +1702,7 @@ def symlink_entries(listing: bytes) -> List[str]:
     return paths
 
 
-def index_paths(git: Git, mirror_fd: int, paths: List[str], links: List[str],
-                hasher: Callable[[Git, List[str], List[str]], None] = pw.update_index_paths) -> None:
+def index_paths(git: Git, mirror_fd: int, paths: List[str], links: List[str]) -> None:
     """Make the index hold exactly `paths`, then delete every other file from the mirror:
     rsync --files-from never deletes on the receiving side. `links`: the paths the laptop
     says are symlinks (the only ones that may be)."""
@@ -1752,7 +1713,7 @@ def index_paths(git: Git, mirror_fd: int, paths: List[str], links: List[str],
                        "sync again (patchwire sync --force)", code=pw.CODE_TREE_MISMATCH, paths=links[:200])
     linked = {path for path, _ in index_links}
     stale = sorted(set(git.ls_files_stage()) - set(paths))
-    hasher(git, [p for p in paths if p not in linked], stale)
+    pw.update_index_paths(git, [p for p in paths if p not in linked], stale)
     add_link_entries(git, index_links)
     for raw in git("ls-files", "-z", "--others").split(b"\0"):  # git's own walk: fast
         if raw:

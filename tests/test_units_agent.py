@@ -339,24 +339,6 @@ def test_a_moved_gitignore_or_a_stray_file_resets_the_folder_whole(prepared, mon
     assert_folder_is(repo, folder, first)
 
 
-def test_a_large_first_snapshot_is_hashed_in_parallel_into_the_same_tree(tmp_path, monkeypatch):
-    repo = pa.ProjectRepo(tmp_path / "state", "alice", "demo")
-    repo.ensure()
-    monkeypatch.setattr(repo, "PARALLEL_HASH_MIN_FILES", 1)
-    monkeypatch.setattr(os, "cpu_count", lambda: 3)
-    seen = git_commands(monkeypatch)
-    files = {f"d{n % 4}/f{n}.txt": b"%d\n" % n for n in range(30)}
-    commit = snapshot_of(repo, {**files, "l": ("link", "d0/f0.txt"), "x.sh": ("exec", b"run\n")})
-    assert seen.count("update-index") >= 3 + 1  # three parts, then their entries in one index
-    # snapshot() checked the tree id against the laptop's; the index holds it, and the next
-    # ask of changes builds on it
-    assert sorted(p.name for p in repo.home.iterdir() if "part" in p.name or p.name.startswith("sharedindex")) == []
-    (repo.mirror / "d1" / "f1.txt").write_bytes(b"changed\n")
-    git = repo.git(repo.mirror, GIT_INDEX_FILE=str(repo.home / "t.index"))
-    git("add", "-A", "-f", ".")
-    assert repo.snapshot_changes(git.text("write-tree"), repo.tree_of(commit), ["d1/f1.txt"], [])
-
-
 # ------------------------------------------------------------------ numstat
 
 
