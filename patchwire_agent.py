@@ -11,14 +11,17 @@ Data flow for one ask:
                                the laptop's, or the index does not hold that base
                             -> fair queue (the user served longest ago first; FIFO
                                within a user; [jobs] workers runs at once)
-                            -> a warm job folder (git worktree) moved to the snapshot
-                               (checkout -f, clean -ffd: ignored build caches stay)
+                            -> a warm job folder (git worktree) moved to the snapshot:
+                               by the changed paths when git's status finds it equal to
+                               its (sealed) index, else whole (checkout -f, clean -ffd);
+                               ignored build caches stay either way
                             -> the ask's [box] setup, in the AI's own sandbox, when its
                                inputs changed since the last setup of that folder
                             -> [ai] command, prompt on stdin, own process group, timeout
                             -> events (NDJSON, numbered) stored as they happen, up to
                                [jobs] max_output_mb: its head and tail, the middle counted
-                            -> git add -A; git diff --cached --binary --full-index -M snap
+                            -> git add -A of what status names; write-tree; git diff
+                               --binary --full-index -M snap tree
                                -> straight into the patch file (never whole in memory),
                                capped at [jobs] max_diff_mb; stats
                             -> the ask's [box] checks, each on exactly the result, in the
@@ -643,6 +646,9 @@ class Store:
         # to the file system in place (gc), with no VACUUM's copy of the whole file
         self.db.execute("PRAGMA auto_vacuum = INCREMENTAL")
         self.db.execute("PRAGMA journal_mode=WAL")
+        # sqlite's page cache (2 MB by default) filled as the db grew: about 1 MB of the agent's
+        # RSS growth over its first 1,000 asks. Pages it drops are in the OS's cache still.
+        self.db.execute("PRAGMA cache_size = -256")
         self.db.executescript(SCHEMA_SQL)
         migrate_usage_columns(self.db)
         if "box" not in _job_columns(self.db):  # a state db from before [box] setup and checks
@@ -1145,6 +1151,11 @@ class ProjectRepo:
     """One user's project on the box: the mirror the laptop rsyncs into, a private git dir
     holding snapshots, and warm job folders (worktrees), one per slot."""
 
+    # below this much index (about 5,000 files) two git processes over every file cost less
+    # than four over the changed paths: the folder is reset whole and `add -A` collects
+    # (bench/prepare.py: at 2,000 files 34 against 36 ms, at 20,000 files 132 against 59 ms)
+    BY_PATHS_MIN_INDEX_BYTES = 512 * 1024
+
     def __init__(self, state_dir: Path, user: str, project: str):
         self.state_dir = state_dir
         self.mirror = mirror_root(state_dir, user) / project
@@ -1240,7 +1251,7 @@ class ProjectRepo:
                     raise Conflict(f"the box's copy of the project differs from what the laptop "
                                    f"sent in {len(differ)} file(s): {named}", "sync again (patchwire sync --force)",
                                    code=pw.CODE_TREE_MISMATCH, paths=differ[:200])
-                return git.text("commit-tree", got, "-m", "patchwire snapshot")
+                return write_commit(self.git_dir, got, None, "patchwire snapshot")
 
     def snapshot_changes(self, tree: str, base: str, changed: List[str], deleted: List[str]) -> str:
         """The same commit in O(changed): the index the last snapshot left must hold `base`
@@ -1273,7 +1284,7 @@ class ProjectRepo:
                     raise Conflict(f"the box's copy of the project differs from what the laptop sent in "
                                    f"{len(changed)} changed file(s)", "sync again (patchwire sync --force)",
                                    code=pw.CODE_TREE_MISMATCH, paths=changed[:200])
-                return git.text("commit-tree", got, "-m", "patchwire snapshot")
+                return write_commit(self.git_dir, got, None, "patchwire snapshot")
 
     def _indexed(self) -> Optional[str]:
         """The tree the snapshot index holds, as written beside it by the last snapshot (reading
@@ -1293,12 +1304,12 @@ class ProjectRepo:
     def slot_path(self, slot: int) -> Path:
         return self.home / "slots" / f"slot{slot}"
 
-    def slot_git(self, slot: int) -> Git:
+    def slot_git(self, slot: int, **env: str) -> Git:
         """Git for a job folder, through its own worktree git dir (never the folder's .git
         file, which the AI could rewrite)."""
         path = self.slot_path(slot)  # also the cwd: `git apply` reads paths relative to it
         return Git(git_dir=self.git_dir / "worktrees" / f"slot{slot}", work_tree=path,
-                   cwd=path if path.is_dir() else self.home, env=self.git_env, config=pw.INDEX_CONFIG)
+                   cwd=path if path.is_dir() else self.home, env={**self.git_env, **env}, config=SLOT_INDEX_CONFIG)
 
     def prepare_slot(self, slot: int, commit: str, carry: Optional[Tuple[str, str]] = None) -> Path:
         """Move the slot's warm worktree to `commit` (O(changed)); ignored files such as build
@@ -1306,21 +1317,26 @@ class ProjectRepo:
         clean is thrown away and rebuilt. `carry` (base, result) brings an earlier job's
         change along, for a follow-up ask."""
         with self.lock:
-            for attempt in (1, 2):
-                try:
-                    if not self._slot_is_registered(slot):
-                        self._create_slot(slot, commit)
-                    self._reset_slot(slot, commit)
-                    self._check_slot_clean(slot, commit)
-                    break
-                except (PatchwireError, OSError) as e:
-                    if attempt == 2:
-                        raise PatchwireError(f"job folder {self.slot_path(slot)} cannot be made clean: {e}")
-                    log.warning("job folder %s is not clean (%s); rebuilding it", self.slot_path(slot), e)
-                    self._remove_slot(slot)
+            self._make_slot(slot, commit)
             if carry:
                 self._carry(slot, *carry)
+                self._seal_index(slot, None)  # `apply --index` wrote it
             return self.slot_path(slot)
+
+    def _make_slot(self, slot: int, commit: str) -> None:
+        for attempt in (1, 2):
+            try:
+                if not self._slot_is_registered(slot):
+                    self._create_slot(slot, commit)
+                if not self._move_slot(slot, commit):
+                    self._reset_slot(slot, commit)
+                self._check_slot_clean(slot, commit)
+                return
+            except (PatchwireError, OSError) as e:
+                if attempt == 2:
+                    raise PatchwireError(f"job folder {self.slot_path(slot)} cannot be made clean: {e}")
+                log.warning("job folder %s is not clean (%s); rebuilding it", self.slot_path(slot), e)
+                self._remove_slot(slot)
 
     def _carry(self, slot: int, base: str, result: str) -> None:
         """Apply an earlier job's change (base..result) on top of the fresh snapshot, unless the
@@ -1346,25 +1362,149 @@ class ProjectRepo:
             remove_tree(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.git()("worktree", "prune")
-        self.git()("worktree", "add", "--detach", "-f", str(path), commit)
+        self.git(config=PARALLEL_CHECKOUT)("worktree", "add", "--detach", "-f", str(path), commit)
+        self._seal_index(slot, commit)  # a fresh index, written by the agent over a fresh folder
 
-    def _reset_slot(self, slot: int, commit: str) -> None:
-        gitdir = self.git_dir / "worktrees" / f"slot{slot}"
+    def _slot_gitdir(self, slot: int) -> Path:
+        return self.git_dir / "worktrees" / f"slot{slot}"
+
+    def _mend_slot_links(self, slot: int) -> Path:
+        """Drop stale locks and write the folder's .git file again (the AI may have rewritten
+        it; the agent's own git calls never read it). The worktree's git dir."""
+        gitdir = self._slot_gitdir(slot)
         for lock in ("index.lock", "HEAD.lock"):
             (gitdir / lock).unlink() if (gitdir / lock).exists() else None
         dotgit = self.slot_path(slot) / ".git"
         if dotgit.is_dir() or dotgit.is_symlink():
             remove_tree(dotgit)
-        dotgit.write_text(f"gitdir: {gitdir}\n")  # the AI may have rewritten it
+        dotgit.write_text(f"gitdir: {gitdir}\n")
+        return gitdir
+
+    def _reset_slot(self, slot: int, commit: str) -> None:
+        """The whole folder back to `commit`: one stat pass (checkout -f) and one walk (clean
+        -ffd). An index the agent did not write last (its seal differs: the AI reached the git
+        dir, or an agent's run ended half way) is not trusted for its stat data: it is read
+        again from `commit` and every file compared by content (refresh), so that a file the
+        AI changed behind forged stat data is rewritten too."""
+        self._mend_slot_links(slot)
         git = self.slot_git(slot)
+        if not self._index_is_sealed(slot):
+            self._rebuild_index(slot, commit)
         git("checkout", "-q", "-f", "--detach", commit)
         git("clean", "-q", "-ffd")
+        self._seal_index(slot, self._head(slot))
+
+    def _head(self, slot: int) -> str:
+        """The job folder's HEAD, read from its file (a detached HEAD holds the commit's id)."""
+        try:
+            return (self._slot_gitdir(slot) / "HEAD").read_text().strip()
+        except OSError:
+            return ""
+
+    def _rebuild_index(self, slot: int, commit: str) -> None:
+        gitdir = self._slot_gitdir(slot)
+        for old in [gitdir / "index", *gitdir.glob("sharedindex.*")]:
+            old.unlink(missing_ok=True)
+        git = self.slot_git(slot)
+        git("read-tree", commit)
+        git.run("update-index", "-q", "--refresh", check=False)  # exits 1 when files differ: checkout mends them
+
+    # --- the seal of a job folder's index: which index the agent wrote last, by the index file's
+    # inode, size, mtime and ctime (the kernel sets ctime on every write; no process can set
+    # it back), kept beside the project's git dir, out of the sandbox's sight. An index the
+    # AI rewrote (it can reach the git dir when it runs unconfined) could claim a file it
+    # changed is the snapshot's, with stat data that match: `checkout -f` would keep it.
+
+    def _seal_path(self, slot: int) -> Path:
+        return self.home / f"slot{slot}.seal"
+
+    def _index_stat(self, slot: int) -> List[int]:
+        found = os.stat(self._slot_gitdir(slot) / "index")
+        return [found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns]
+
+    def _seal_index(self, slot: int, tree: Optional[str]) -> None:
+        """Seal the index the agent just wrote; `tree`: the tree (or commit) it holds, when known."""
+        try:
+            replace_file(self._seal_path(slot), json.dumps({"stat": self._index_stat(slot), "tree": tree}).encode())
+        except OSError:
+            self._seal_path(slot).unlink(missing_ok=True)
+
+    def _sealed(self, slot: int) -> Optional[dict]:
+        """The seal, when the index is still the one the agent wrote last (else None)."""
+        try:
+            seal = json.loads(self._seal_path(slot).read_bytes())
+            return seal if isinstance(seal, dict) and seal.get("stat") == self._index_stat(slot) else None
+        except (OSError, ValueError):
+            return None
+
+    def _index_is_sealed(self, slot: int) -> bool:
+        return self._sealed(slot) is not None
+
+    def _move_slot(self, slot: int, commit: str) -> bool:
+        """Move the folder to `commit` by the paths that differ, when its index is the agent's
+        and holds a known tree, and the folder is exactly that index: `status` (one stat pass;
+        with git's untracked cache only the folders whose stat data changed are read), one
+        `diff-tree` between the two trees, then those paths alone: removed, put in the index
+        (`update-index --index-info`) and written (`checkout-index`). False when it cannot be
+        done so (a .gitignore or a nested repository changed, a path in the way): the folder
+        is then reset whole."""
+        seal = self._sealed(slot)
+        if seal is None or not seal.get("tree") or not self._large(slot):
+            return False
+        gitdir = self._mend_slot_links(slot)
+        git = self.slot_git(slot)
+        status = git.run("status", "--porcelain", "-z", "--no-renames", "-unormal", check=False)
+        if status.returncode or worktree_changes(status.stdout):  # a folder it cannot read, say
+            return False
+        raw = git.run("diff-tree", "-r", "-z", "--no-renames", seal["tree"], commit, check=False)
+        if raw.returncode:
+            return False
+        moved = parse_raw_diff(raw.stdout)
+        if any(ignore_rules_move(path, old, new) for old, new, _, path in moved):
+            return False
+        try:
+            self._move_paths(slot, git, moved)
+        except (PatchwireError, OSError) as e:
+            log.info("job folder %s: moving by the changed paths failed (%s); resetting it whole",
+                     self.slot_path(slot), e)
+            self._seal_index(slot, None)  # the agent's own writes: trusted, the tree unknown
+            return False
+        replace_file(gitdir / "HEAD", f"{commit}\n".encode())  # a detached HEAD: the commit's id
+        self._seal_index(slot, commit)
+        return True
+
+    def _large(self, slot: int) -> bool:
+        """Whether the folder's index (with its shared part) is over BY_PATHS_MIN_INDEX_BYTES."""
+        gitdir = self._slot_gitdir(slot)
+        try:
+            size = sum(path.stat().st_size for path in [gitdir / "index", *gitdir.glob("sharedindex.*")])
+        except OSError:
+            return False
+        return size >= self.BY_PATHS_MIN_INDEX_BYTES
+
+    def _move_paths(self, slot: int, git: Git, moved: List[Tuple[str, str, str, bytes]]) -> None:
+        """Paths whose type changed or that went are removed first (a file may stand where a
+        folder comes, and the other way round), never through a link; then the index and the
+        files take the new tree's entries."""
+        if not moved:
+            return
+        folder = self.slot_path(slot)
+        for old, new, _, path in moved:
+            if old != "000000" and new != old:
+                pw.remove_file(folder, path.decode("utf-8", "surrogateescape"))
+        git("update-index", "-z", "--index-info",
+            input=b"".join(b"%s %s\t%s\0" % (new.encode(), (blob if new != "000000" else "0" * 40).encode(), path)
+                           for _, new, blob, path in moved))
+        written = b"".join(path + b"\0" for _, new, _, path in moved if new != "000000")
+        if written:
+            git("checkout-index", "-u", "-f", "-z", "--stdin", input=written)
 
     def _check_slot_clean(self, slot: int, commit: str) -> None:
         """`checkout -f` (one stat pass) and `clean -ffd` (one walk) exit non-zero on whatever
         they could not write or remove; that they did their work is not walked again (two
-        more passes over every file, 0.2 s at 100,000 files). HEAD must be the snapshot."""
-        if self.slot_git(slot).text("rev-parse", "HEAD") != commit:
+        more passes over every file, 0.2 s at 100,000 files). HEAD must be the snapshot: read
+        from its file (a detached HEAD holds the commit's id), no process."""
+        if self._head(slot) != commit:
             raise PatchwireError(f"job folder HEAD is not at {commit}")
 
     def _remove_slot(self, slot: int) -> None:
@@ -1412,14 +1552,17 @@ class ProjectRepo:
 
     def changed_paths(self, slot: int) -> List[str]:
         """Paths in the job folder that differ from its index and git does not ignore."""
-        out = self.slot_git(slot)("status", "--porcelain", "-z", "--untracked-files=all", "--no-renames")
+        # no optional locks: status would write a refreshed index, breaking its seal
+        out = self.slot_git(slot, GIT_OPTIONAL_LOCKS="0")(
+            "status", "--porcelain", "-z", "--untracked-files=all", "--no-renames")
         return [entry[3:].decode("utf-8", "replace") for entry in out.split(b"\0") if entry]
 
     def reset_slot_to(self, slot: int, commit: str) -> None:
         """The job folder exactly at `commit` again (a check may have rewritten files);
         ignored files stay."""
         with self.lock:
-            self._reset_slot(slot, commit)
+            if not self._move_slot(slot, commit):
+                self._reset_slot(slot, commit)
 
     def tree_of(self, commit: str) -> str:
         return self.git().text("rev-parse", commit + "^{tree}")
@@ -1456,17 +1599,31 @@ class ProjectRepo:
         from git's stdout straight into the file `patch`: a change of any size never passes
         through the agent's memory. Past `max_bytes` ([jobs] max_diff_mb) git is stopped by the
         kernel (RLIMIT_FSIZE) and DiffTooLarge raised: a 1 GB file costs no GB of patch."""
+        if not self._index_is_sealed(slot):  # the index is not the one the agent wrote: not trusted
+            self._rebuild_index(slot, snapshot)
         git = self.slot_git(slot)
         # objects and the index written by `add` are capped too, with room for a big project's
         # index: a file whose compressed blob is over the cap makes a diff over it as well
         index = self.git_dir / "worktrees" / f"slot{slot}" / "index"
         room = 2 * (index.stat().st_size if index.exists() else 0) + 64 * MIB
-        run_capped(git, max(max_bytes, room), "add", "-A")
-        diff_args = ("diff", "--cached", "-M", "--no-ext-diff", "--no-textconv", "--no-color")
-        run_capped(git, max_bytes, *diff_args, "--binary", "--full-index", snapshot, stdout=patch)
-        stats = parse_numstat(git(*diff_args, "--numstat", "-z", snapshot))  # a line per file: small
-        result = git.text("commit-tree", git.text("write-tree"), "-p", snapshot, "-m", f"patchwire job {job_id}")
-        self.git()("update-ref", f"refs/patchwire/jobs/{job_id}", result)
+        # what the AI changed: one stat pass, and (untracked cache) only the folders whose stat
+        # data changed are read; `add -A` of those paths alone (a new folder: all it holds)
+        if not self._large(slot):
+            run_capped(git, max(max_bytes, room), "add", "-A")
+        else:
+            touched = worktree_paths(git("status", "--porcelain", "-z", "--no-renames", "-unormal"))
+            if touched:
+                run_capped(git, max(max_bytes, room), "add", "-A", "--pathspec-from-file=-", "--pathspec-file-nul",
+                           input=b"".join(path + b"\0" for path in touched))
+        # the result's tree first (cache-tree: O(changed)), then diffs of tree against tree, which
+        # skip every subtree whose id is the same; `diff --cached` compared the whole index
+        tree = git.text("write-tree")
+        diff_args = ("diff", "-M", "--no-ext-diff", "--no-textconv", "--no-color")
+        run_capped(git, max_bytes, *diff_args, "--binary", "--full-index", snapshot, tree, stdout=patch)
+        stats = parse_numstat(git(*diff_args, "--numstat", "-z", snapshot, tree))  # a line per file: small
+        result = write_commit(self.git_dir, tree, snapshot, f"patchwire job {job_id}")
+        write_ref(self.git_dir, f"refs/patchwire/jobs/{job_id}", result)
+        self._seal_index(slot, tree)  # `add -A`: the index is the folder, and holds `tree`
         return stats, result
 
 
@@ -1474,15 +1631,63 @@ class DiffTooLarge(PatchwireError):
     """A job's change is over [jobs] max_diff_mb (the job fails with the reason)."""
 
 
-def run_capped(git: Git, max_bytes: int, *args: str, stdout: Optional[BinaryIO] = None) -> None:
+def run_capped(git: Git, max_bytes: int, *args: str, stdout: Optional[BinaryIO] = None,
+               input: Optional[bytes] = None) -> None:
     """Run git with every file it writes capped at `max_bytes`. Past the cap the kernel sends
     SIGXFSZ (subprocess restores its default action, which ends git), or a write fails with
     EFBIG where it is ignored: either is DiffTooLarge, any other failure a ProcessError."""
-    proc = git.run(*args, check=False, stdout=stdout, max_file_bytes=max_bytes)
+    proc = git.run(*args, check=False, stdout=stdout, max_file_bytes=max_bytes, input=input)
     if proc.returncode == -signal.SIGXFSZ or (proc.returncode and b"File too large" in proc.stderr):
         raise DiffTooLarge(f"git {args[0]} passed {max_bytes} bytes")
     if proc.returncode:
         raise ProcessError(git.argv(args), proc.returncode, proc.stderr)
+
+
+# the job folders' index also keeps git's untracked cache: `status` then reads only the folders
+# whose stat data changed (ctime too: no process can set it back), not all of them. Checkouts
+# of more than 100 files write them with one worker per core (git 2.32+; older gits ignore
+# it): a first job folder of 20,000 files took 7.6-9.2 s with one, 4.7-5.6 s with two cores
+PARALLEL_CHECKOUT = {"checkout.workers": "0"}
+SLOT_INDEX_CONFIG = {**pw.INDEX_CONFIG, "core.untrackedCache": "true", **PARALLEL_CHECKOUT}
+
+
+def worktree_changes(status: bytes) -> bool:
+    """Whether `git status --porcelain -z --no-renames` lists a file the folder has and its
+    index does not ("??") or one that differs from its index (Y not " "); what the index
+    holds against HEAD (X) does not count."""
+    return bool(worktree_paths(status))
+
+
+def worktree_paths(status: bytes) -> List[bytes]:
+    """The paths of worktree_changes: untracked ones ("dir/" for a new folder) and those that
+    differ from the index."""
+    return [entry[3:] for entry in status.split(b"\0") if entry and (entry[:2] == b"??" or entry[1:2] != b" ")]
+
+
+def parse_raw_diff(raw: bytes) -> List[Tuple[str, str, str, bytes]]:
+    """[(old mode, new mode, new blob, path)] of `git diff-tree -r -z --no-renames` (records
+    ":oldmode newmode oldblob newblob status\0path\0")."""
+    fields = raw.split(b"\0")
+    out = []
+    for meta, path in zip(fields[::2], fields[1::2]):
+        old, new, _, blob, _ = meta.lstrip(b":").decode().split(" ")
+        out.append((old, new, blob, path))
+    return out
+
+
+def ignore_rules_move(path: bytes, old: str, new: str) -> bool:
+    """A changed .gitignore (what was ignored may not be any longer: `clean` must look again)
+    or a nested repository (a gitlink, 160000): for the whole reset."""
+    return path.rsplit(b"/", 1)[-1] == b".gitignore" or "160000" in (old, new)
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all (a temporary file renamed over it), private."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 def symlink_entries(listing: bytes) -> List[str]:
@@ -1554,7 +1759,27 @@ def add_link_entries(git: Git, entries: List[Tuple[str, str]]) -> None:
 def write_blob(git_dir: Path, data: bytes) -> str:
     """Store `data` as a loose blob (zlib over "blob <size>\\0" + data, named by its sha1: git's
     own format) and return its id; one write per link, no process."""
-    raw = b"blob %d\0" % len(data) + data
+    return write_object(git_dir, b"blob", data)
+
+
+def write_commit(git_dir: Path, tree: str, parent: Optional[str], message: str) -> str:
+    """The commit `git commit-tree TREE [-p PARENT] -m MESSAGE` makes with pw.GIT_IDENTITY
+    (the same bytes, so the same id), written without a process."""
+    ident = "patchwire <patchwire@localhost> 1700000000 +0000"
+    head = f"tree {tree}\n" + (f"parent {parent}\n" if parent else "") + f"author {ident}\ncommitter {ident}\n"
+    return write_object(git_dir, b"commit", f"{head}\n{message}\n".encode())
+
+
+def write_ref(git_dir: Path, name: str, commit: str) -> None:
+    """A new loose ref (`refs/...` holding the id: git's files backend), as `update-ref` writes it."""
+    path = git_dir / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    replace_file(path, f"{commit}\n".encode())
+
+
+def write_object(git_dir: Path, kind: bytes, data: bytes) -> str:
+    """Store a loose object (zlib over "<kind> <size>\\0" + data, named by its sha1)."""
+    raw = kind + b" %d\0" % len(data) + data
     blob = hashlib.sha1(raw).hexdigest()
     path = git_dir / "objects" / blob[:2] / blob[2:]
     if not path.exists():
@@ -6482,8 +6707,26 @@ def outlive_the_output_reader() -> None:
             handler.setStream(OutlivesItsReader(handler.stream))
 
 
+def limit_malloc_arenas(environ: Optional[Dict[str, str]] = None) -> bool:
+    """Two malloc arenas, as MALLOC_ARENA_MAX=2 would (unless that is set): glibc gives each new
+    thread (one per connection) an arena of its own, up to 8 per core, and keeps what each
+    freed. The agent's RSS grew 4.2 MB over its first 1,000 asks with them, 2.3 MB with two.
+    Called before any thread starts. Whether it was set (False off glibc: macOS, musl)."""
+    if (os.environ if environ is None else environ).get("MALLOC_ARENA_MAX"):
+        return False
+    import ctypes  # only here: serve alone needs it
+    try:
+        return bool(ctypes.CDLL(None).mallopt(M_ARENA_MAX, 2))
+    except (OSError, AttributeError):
+        return False
+
+
+M_ARENA_MAX = -8  # glibc's malloc.h
+
+
 def cmd_serve(args) -> int:
     cfg = AgentConfig.load(Path(args.config))
+    limit_malloc_arenas()
     outlive_the_output_reader()
     tls = tls_context(cfg)
     agent = Agent(cfg)

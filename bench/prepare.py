@@ -272,6 +272,10 @@ def check_equals_snapshot(repo: pa.ProjectRepo, commit: str, label: str) -> None
     # the index must hold exactly the snapshot's tree (status compares the worktree with the index)
     check(git.text("write-tree") == git.text("rev-parse", commit + "^{tree}"),
           f"{label}: job folder index is not the snapshot's tree")
+    # these checks' own git calls may rewrite the index (a refresh): the agent would take an
+    # index it did not write for a forged one and compare every file by content next time
+    if hasattr(repo, "_seal_index"):  # (an agent from before the seal, for a before/after run)
+        repo._seal_index(SLOT, commit)
 
 
 def cache_digest(folder: Path) -> Dict[str, str]:
@@ -316,6 +320,11 @@ class SizeResult:
         self.fresh: List[float] = []
         self.warm_steps: List[List[Tuple[str, float]]] = []
         self.snapshot_steps: List[List[Tuple[str, float]]] = []
+        self.collect: List[float] = []
+        self.nat_snapshot: List[float] = []
+        self.nat_collect: List[float] = []
+        self.nat_prepare: List[float] = []
+        self.collect_steps: List[List[Tuple[str, float]]] = []
         self.cache_files = 0
 
 
@@ -351,6 +360,35 @@ class Laptop:
                  input=b"".join(p.encode("utf-8", "surrogateescape") + b"\0" for p in self.paths))
         tree = self.git.text("write-tree", "--missing-ok")
         return tree, [[mode, sha, path] for path, (mode, sha) in sorted(self.git.ls_files_stage().items())]
+
+
+class Natural:
+    """The box side of the script a user would write (`git add -A && git commit` before the AI,
+    `git add -A && git diff --cached --binary -M HEAD` after it, `git reset --hard` to end) on
+    the same project: a plain repository whose objects are borrowed from the agent's store
+    (alternates), so starting it hashes nothing."""
+
+    def __init__(self, root: Path, store: Path, commit: str, env: Dict[str, str]):
+        root.mkdir()
+        self.root = root
+        self.git = pw.Git(git_dir=root / ".git", work_tree=root, cwd=root, env=env)
+        pw.run(["git", "init", "-q", str(root)], env={**os.environ, **env})
+        (root / ".git" / "objects" / "info" / "alternates").write_text(f"{store / 'objects'}\n")
+        self.git("read-tree", commit)
+        self.git("checkout-index", "-a", "-f")
+        self.git("update-ref", "HEAD", commit)
+
+    def snapshot(self) -> None:
+        self.git("add", "-A")
+        self.git("commit", "-q", "--allow-empty", "-m", "s")
+
+    def collect(self, patch: Path) -> None:
+        self.git("add", "-A")
+        with open(patch, "wb") as out:
+            self.git.run("diff", "--cached", "--binary", "-M", "--no-ext-diff", "HEAD", stdout=out)
+
+    def prepare(self) -> None:
+        self.git("reset", "-q", "--hard")
 
 
 def remove_fast(path: Path) -> None:
@@ -392,6 +430,7 @@ def run_size(tmp: Path, count: int, repeat: int, fresh_repeat: int, real_laptop:
 
     cache = make_build_cache(folder)
     res.cache_files = len(cache)
+    natural = Natural(tmp / f"natural{count}", repo.git_dir, commit, repo.git_env)
     editable = sorted(p for p in files if p.startswith("lib/src/"))
     rng = random.Random(3)
 
@@ -403,11 +442,28 @@ def run_size(tmp: Path, count: int, repeat: int, fresh_repeat: int, real_laptop:
         (folder / ai_delete).unlink()
         ai_new = folder / "lib" / "src" / f"ai_new_{k}.dart"
         ai_new.write_bytes(b"// a file the previous job created\n")
+        settle()
+        with open(tmp / "patch", "wb") as patch:
+            (stats, _), t_collect, collect_steps = timed(repo.collect, SLOT, commit, f"bench{k}", patch, 1 << 30)
+        check(stats["files"] == 3, f"collect saw {stats['files']} changed files, not 3")
+        res.collect.append(t_collect)
+        res.collect_steps.append(collect_steps)
+        with open(natural.root / ai_edit, "ab") as f:  # the same job, under the natural script
+            f.write(b"// edited by the previous job\n")
+        (natural.root / ai_delete).unlink()
+        (natural.root / "lib" / "src" / f"ai_new_{k}.dart").write_bytes(b"// a file the previous job created\n")
+        settle()
+        res.nat_collect.append(timed(natural.collect, tmp / "natural.patch")[1])
+        settle()
+        res.nat_prepare.append(timed(natural.prepare)[1])
 
         # the user's one change, as it arrives in the mirror
         changed = rng.choice(editable)
         data = files[changed] + f"// change {k}\n".encode()
         (repo.mirror / changed).write_bytes(data)
+        (natural.root / changed).write_bytes(data)
+        settle()
+        res.nat_snapshot.append(timed(natural.snapshot)[1])
         settle()
         (tree, manifest), t_record, _ = timed(laptop.record)
         res.record_next.append(t_record)
@@ -474,6 +530,16 @@ def step_breakdown(rounds: List[List[Tuple[str, float]]], total: List[float]) ->
     return ", ".join(parts) + " (ms, median)"
 
 
+def natural_line(r: SizeResult) -> str:
+    """Patchwire's step / the natural script's, per round, medians: prepare against `reset
+    --hard`, collect against `add -A; diff --cached`, snapshot against `add -A; commit`."""
+    def per(ours: List[float], theirs: List[float]) -> str:
+        rounds = median([a / b for a, b in zip(ours, theirs)])
+        return f"{ms(median(ours)).strip()} vs {ms(median(theirs)).strip()} ({rounds:.2f}x)"
+    return (f"  {r.files:,} files: prepare {per(r.warm, r.nat_prepare)}; collect {per(r.collect, r.nat_collect)}; "
+            f"snapshot {per(r.snapshot_next, r.nat_snapshot)}")
+
+
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.1f}x" if b > 0 else "n/a"
 
@@ -509,6 +575,14 @@ def report(small: SizeResult, big: SizeResult, repeat: int, laptop: bool) -> str
         f"where warm prepare goes at {big.files:,} files: {step_breakdown(big.warm_steps, big.warm)}",
         f"where snapshot next goes at {big.files:,} files: "
         f"{step_breakdown(big.snapshot_steps, big.snapshot_next)}",
+        f"collect (the previous job's 3 changes) {small.files:,} / {big.files:,} files: "
+        f"{ms(median(small.collect)).strip()} / {ms(median(big.collect)).strip()}; where it goes at "
+        f"{big.files:,}: {step_breakdown(big.collect_steps, big.collect)}",
+        f"git processes per job on the box (snapshot next + prepare + collect): "
+        f"{len(big.snapshot_steps[0]) + len(big.warm_steps[0]) + len(big.collect_steps[0])}",
+        "",
+        "against the natural script's box side on the same folder state (median of per-round ratios):",
+        *(natural_line(r) for r in (small, big)),
         "",
         f"checks: job folder == snapshot after every preparation (HEAD, index tree, status "
         f"--untracked-files=all); previous job's edit/new/deleted file undone; build cache "

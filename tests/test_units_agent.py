@@ -6,12 +6,15 @@ git's numstat counted."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -196,6 +199,146 @@ def test_a_warm_job_folder_is_made_exactly_the_snapshot(prepared):
         repo._check_slot_clean(0, "0" * 40)
 
 
+def forge_index_entry(repo, folder, path: str, blob: str) -> None:
+    """What an AI that reaches the git dir can do: stage its change (real stat data of the
+    changed file), then write the snapshot's blob id over the staged one and fix the index's
+    checksum: git now believes the changed file is the snapshot's."""
+    gitdir = repo.git_dir / "worktrees" / "slot0"
+    git = ["git", "--git-dir", str(gitdir), "--work-tree", str(folder), "-c", "core.splitIndex=false"]
+    then = time.time() - 10  # older than the index: not "racily clean", so git trusts its stat data
+    os.utime(folder / path, (then, then))
+    subprocess.run(git + ["update-index", "--add", "--", path], check=True)
+    staged = subprocess.run(git + ["ls-files", "-s", "--", path], check=True, capture_output=True).stdout.split()[1]
+    data = (gitdir / "index").read_bytes()[:-20]
+    assert data.count(bytes.fromhex(staged.decode())) == 1
+    data = data.replace(bytes.fromhex(staged.decode()), bytes.fromhex(blob))
+    (gitdir / "index").write_bytes(data + hashlib.sha1(data).digest())
+    assert subprocess.run(git + ["diff-files", "--quiet"]).returncode == 0  # the forgery holds
+
+
+def test_a_job_folder_with_a_forged_index_is_still_made_exactly_the_snapshot(prepared):
+    repo, commit, folder = prepared
+    (folder / "a.txt").write_bytes(b"poisoned\n")
+    forge_index_entry(repo, folder, "a.txt", repo.git().text("rev-parse", f"{commit}:a.txt"))
+    assert repo.prepare_slot(0, commit) == folder
+    assert (folder / "a.txt").read_bytes() == b"a\n"
+
+
+def test_a_change_hidden_by_a_forged_index_is_in_the_patch_and_gone_after(prepared, tmp_path):
+    repo, commit, folder = prepared
+    (folder / "a.txt").write_bytes(b"poisoned\n")
+    forge_index_entry(repo, folder, "a.txt", repo.git().text("rev-parse", f"{commit}:a.txt"))
+    with open(tmp_path / "patch", "wb") as patch:
+        stats, result = repo.collect(0, commit, "job1", patch, 1 << 20)
+    assert stats == {"files": 1, "added": 1, "removed": 1, "binary": 0}
+    assert b"-a\n+poisoned\n" in (tmp_path / "patch").read_bytes()
+    assert repo.git()("show", f"{result}:a.txt") == b"poisoned\n"
+    repo.prepare_slot(0, commit)
+    assert (folder / "a.txt").read_bytes() == b"a\n"
+
+
+def snapshot_of(repo, files: dict) -> str:
+    """The mirror made exactly `files` ({path: bytes, or ("link", target), or ("exec", bytes)}), snapshotted."""
+    pa.remove_tree(repo.mirror)
+    repo.mirror.mkdir()
+    for path, data in files.items():
+        target = repo.mirror / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(data, tuple) and data[0] == "link":
+            os.symlink(data[1], target)
+        else:
+            target.write_bytes(data[1] if isinstance(data, tuple) else data)
+            target.chmod(0o755 if isinstance(data, tuple) else 0o644)
+    (repo.home / "t.index").unlink(missing_ok=True)
+    git = repo.git(repo.mirror, GIT_INDEX_FILE=str(repo.home / "t.index"))
+    git("add", "-A", "-f", ".")
+    manifest = [(m, s, p) for p, (m, s) in sorted(git.ls_files_stage().items())]
+    return repo.snapshot(git.text("write-tree"), manifest)
+
+
+def git_commands(monkeypatch) -> list:
+    """The git commands the agent runs from here on (their first word), in order."""
+    seen: list = []
+    run = patchwire.Git.run
+    monkeypatch.setattr(patchwire.Git, "run", lambda self, *args, **kw: seen.append(args[0]) or run(self, *args, **kw))
+    return seen
+
+
+def assert_folder_is(repo, folder, commit: str) -> None:
+    """HEAD, the index and the folder are exactly `commit` (ignored files aside)."""
+    git = repo.slot_git(0, GIT_OPTIONAL_LOCKS="0")
+    assert (repo.git_dir / "worktrees/slot0/HEAD").read_text() == commit + "\n"
+    assert git("status", "--porcelain", "-z", "--untracked-files=all") == b""
+    # write-tree may write the index: a copy (beside it: its shared index is found there), so the seal holds
+    copy = repo.git_dir / "worktrees/slot0/copy.index"
+    shutil.copyfile(repo.git_dir / "worktrees/slot0/index", copy)
+    assert repo.git(GIT_INDEX_FILE=str(copy)).text("write-tree") == repo.tree_of(commit)
+    copy.unlink()
+
+
+SNAP1 = {"a.txt": b"a\n", "d/f": b"f\n", "x/a": b"xa\n", "x/b": b"xb\n", "k": b"k\n", "l": ("link", "k"),
+         "run.sh": b"echo\n", ".gitignore": b"build/\n"}
+SNAP2 = {"a.txt": b"a\n", "d": b"now a file\n", "x": b"x file\n", "l/in": b"in a folder\n", "k": b"k2\n",
+         "run.sh": ("exec", b"echo\n"), ".gitignore": b"build/\n", "new/deep/n.txt": b"n\n"}
+
+
+def test_a_warm_job_folder_moves_by_the_changed_paths_only(prepared, tmp_path, monkeypatch):
+    repo, _, folder = prepared
+    monkeypatch.setattr(repo, "BY_PATHS_MIN_INDEX_BYTES", 0)  # as for a large project
+    first = snapshot_of(repo, SNAP1)
+    repo.prepare_slot(0, first)
+    (folder / "build").mkdir(exist_ok=True)
+    (folder / "build" / "cache").write_bytes(b"kept")
+    (folder / "a.txt").write_bytes(b"the AI's\n")  # the job's change, collected
+    (folder / "ai.txt").write_bytes(b"new\n")
+    (folder / "x" / "b").unlink()
+    (folder / "newdir" / "sub").mkdir(parents=True)
+    (folder / "newdir" / "sub" / "f").write_bytes(b"deep\n")
+    (folder / "build" / "ignored.txt").write_bytes(b"never collected\n")
+    with open(tmp_path / "patch", "wb") as patch:
+        stats, result = repo.collect(0, first, "job1", patch, 1 << 20)
+    assert stats == {"files": 4, "added": 3, "removed": 2, "binary": 0}
+    # written without a process: the very commit `git commit-tree` makes, and its ref
+    made = repo.git().text("commit-tree", repo.tree_of(result), "-p", first, "-m", "patchwire job job1")
+    assert made == result == repo.git().text("rev-parse", "refs/patchwire/jobs/job1")
+    assert repo.git().text("diff-tree", "-r", "--name-status", first, result).split("\n") == [
+        "M\ta.txt", "A\tai.txt", "A\tnewdir/sub/f", "D\tx/b"]
+    second = snapshot_of(repo, SNAP2)
+    seen = git_commands(monkeypatch)
+    assert repo.prepare_slot(0, second) == folder
+    assert seen == ["status", "diff-tree", "update-index", "checkout-index"]  # no checkout -f, no clean
+    assert_folder_is(repo, folder, second)
+    assert (folder / "a.txt").read_bytes() == b"a\n" and not (folder / "ai.txt").exists()
+    assert (folder / "d").read_bytes() == b"now a file\n" and (folder / "l" / "in").read_bytes() == b"in a folder\n"
+    assert os.access(folder / "run.sh", os.X_OK) and (folder / "build" / "cache").read_bytes() == b"kept"
+    # and back: a folder where a file was, a link where a folder was
+    seen.clear()
+    repo.prepare_slot(0, first)
+    assert seen == ["status", "diff-tree", "update-index", "checkout-index"]
+    assert_folder_is(repo, folder, first)
+    assert os.readlink(folder / "l") == "k" and (folder / "x" / "b").read_bytes() == b"xb\n"
+
+
+def test_a_moved_gitignore_or_a_stray_file_resets_the_folder_whole(prepared, monkeypatch):
+    repo, _, folder = prepared
+    monkeypatch.setattr(repo, "BY_PATHS_MIN_INDEX_BYTES", 0)
+    first = snapshot_of(repo, SNAP1)
+    repo.prepare_slot(0, first)
+    (folder / "build").mkdir(exist_ok=True)
+    (folder / "build" / "out").write_bytes(b"ignored until the .gitignore goes")
+    second = snapshot_of(repo, {**SNAP1, ".gitignore": b"# nothing ignored\n"})
+    seen = git_commands(monkeypatch)
+    repo.prepare_slot(0, second)
+    assert "checkout" in seen and "clean" in seen
+    assert not (folder / "build").exists()  # no longer ignored: not the snapshot's, cleaned away
+    assert_folder_is(repo, folder, second)
+    (folder / "stray.txt").write_bytes(b"written after the agent's last git call")
+    seen.clear()
+    repo.prepare_slot(0, first)
+    assert seen[:1] == ["status"] and "clean" in seen and not (folder / "stray.txt").exists()
+    assert_folder_is(repo, folder, first)
+
+
 # ------------------------------------------------------------------ numstat
 
 
@@ -285,3 +428,12 @@ def test_permission_denials_fail_the_run_and_are_described():
                                                              "not a dict"]})
     assert status == "failed"
     assert "Bash" in reason
+
+
+# ------------------------------------------------------------------ malloc arenas
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_serve_limits_malloc_arenas_unless_the_environment_does():
+    assert pa.limit_malloc_arenas({}) is True  # glibc accepted M_ARENA_MAX
+    assert pa.limit_malloc_arenas({"MALLOC_ARENA_MAX": "8"}) is False  # the admin's word stands
