@@ -113,7 +113,9 @@ import fcntl
 import fnmatch
 import glob
 import hashlib
+import io
 import json
+import operator
 import os
 import re
 import itertools
@@ -3647,16 +3649,19 @@ class PatchParser:
         if patch and not patch.endswith(b"\n"):
             raise refuse("it does not end with a newline (cut short?)")
         self.lines = patch_lines(patch)
+        # each line's first byte, all in one bytes: a hunk's body is measured by counting its
+        # kinds there (C speed), not line by line (a 50 MB patch holds a million lines)
+        self.kinds = line_kinds(self.lines)
         self.i = 0
+        self.start = 0  # where the section being read starts
+        self.backslash = False  # the section's last hunk had a `\ No newline` line
 
     def peek(self) -> Optional[bytes]:
         return self.lines[self.i] if self.i < len(self.lines) else None
 
-    def take(self, fp: Optional[FilePatch] = None) -> bytes:
+    def take(self) -> bytes:
         line = self.lines[self.i]
         self.i += 1
-        if fp is not None:
-            fp.lines.append(line)
         return line
 
     def fail(self, why: str) -> PatchRefused:
@@ -3679,6 +3684,7 @@ class PatchParser:
         return out
 
     def section(self) -> FilePatch:
+        self.start, self.backslash = self.i, False
         fp = FilePatch(self.take())
         while True:
             line = self.peek()
@@ -3688,17 +3694,18 @@ class PatchParser:
             if key in fp.headers:
                 raise self.fail(f"a second `{key.replace('_', ' ')}` line")
             prefix = next(p for p, k in EXTENDED_HEADERS if k == key)
-            fp.headers[key] = self.take(fp)[len(prefix):-1]
+            fp.headers[key] = self.take()[len(prefix):-1]
         labels = self.body(fp)
+        fp.lines = self.lines[self.start:self.i]  # the section's own lines, every one read above
         self.settle(fp, labels)
         return fp
 
     def body(self, fp: FilePatch) -> Optional[Tuple[bytes, bytes]]:
         line = self.peek()
         if line == b"GIT binary patch\n":
-            self.take(fp)
+            self.take()
             fp.binary = True
-            fp.body_start = len(fp.lines)
+            fp.body_start = self.i - self.start
             self.binary_block(fp)
             if self.peek() is not None and self.peek().startswith((b"literal ", b"delta ")):
                 self.binary_block(fp)
@@ -3707,19 +3714,19 @@ class PatchParser:
             raise self.fail("a binary change without its content (the box must use git diff --binary)")
         if line is None or not line.startswith(b"--- "):
             return None
-        old_label = self.take(fp)[4:-1]
+        old_label = self.take()[4:-1]
         if self.peek() is None or not self.peek().startswith(b"+++ "):
             raise self.fail("a `---` line without its `+++` line")
-        new_label = self.take(fp)[4:-1]
+        new_label = self.take()[4:-1]
         if self.peek() is None or not self.peek().startswith(b"@@ "):
             raise self.fail("file names without a hunk")
-        fp.body_start = len(fp.lines)
+        fp.body_start = self.i - self.start
         while self.peek() is not None and self.peek().startswith(b"@@ "):
             self.hunk(fp)
         return old_label, new_label
 
     def hunk(self, fp: FilePatch) -> None:
-        header = self.take(fp)
+        header = self.take()
         m = HUNK_RE.match(header)
         if not m or not (m.group(5) == b"\n" or m.group(5).startswith(b" ")):
             raise refuse(f"line {self.i}: a malformed hunk header: {header[:100]!r}")
@@ -3728,6 +3735,60 @@ class PatchParser:
         # the hunk while git reads it as the start of something else
         old_left = int(m.group(2)) if m.group(2) is not None else 1
         new_left = int(m.group(4)) if m.group(4) is not None else 1
+        end = self.hunk_end(old_left, new_left)
+        if end:
+            lines, kinds = self.lines[self.i:end], self.kinds[self.i:end]
+            fp.added, fp.removed, self.i = fp.added + kinds.count(b"+"), fp.removed + kinds.count(b"-"), end
+        else:
+            lines = self.hunk_lines(fp, old_left, new_left)
+            kinds = line_kinds(lines)
+        # `\ No newline at end of file` strips the newline of the line before it. git writes it
+        # only after a side's last line; anywhere else git apply joins that line to the next,
+        # so a previewed `sha256sum -c ... || exit 1` line can vanish into a comment
+        backslash = b"\\" in kinds
+        problem = no_newline_problem(lines) if backslash else None
+        if problem or self.backslash:  # a hunk after one that ended without a newline
+            raise refuse(f"line {self.i}: a `\\ No newline at end of file` {problem or 'before the last hunk'}: "
+                         "git joins the lines around it, so the file written is not the one shown")
+        self.backslash = backslash
+        fp.hunks.append((int(m.group(1)), int(m.group(3)), lines))
+
+    def hunk_end(self, old_left: int, new_left: int) -> int:
+        """Where a hunk's body that holds exactly the lines its counts say ends, measured on
+        `kinds` whole slices at a time; 0 when it does not (then hunk_lines reads it line by
+        line and names the line that is wrong). A line counts for one side or both, so the
+        body is at least as long as the larger count still missing: the window grows by that
+        much and never past where the line-by-line reading would stop."""
+        kinds, start = self.kinds, self.i
+        end = start
+        old = new = 0
+        while old < old_left or new < new_left:
+            grow = max(old_left - old, new_left - new)
+            part = kinds[end:end + grow]
+            if len(part) < grow:
+                return 0  # the patch ends inside the hunk
+            both = part.count(b" ") + part.count(b"\n")
+            minus, plus, slashes = part.count(b"-"), part.count(b"+"), part.count(b"\\")
+            if both + minus + plus + slashes != grow:
+                return 0  # a line that is neither context, removed nor added
+            old, new, end = old + both + minus, new + both + plus, end + grow
+        if old != old_left or new != new_left:
+            return 0  # more lines than the header says
+        while kinds[end:end + 1] == b"\\" and self.lines[end].startswith(b"\\ "):
+            end += 1  # `\ No newline` after the last line belongs to the hunk
+        return end if end > start and self.backslashes_fit(start, end) else 0
+
+    def backslashes_fit(self, start: int, end: int) -> bool:
+        """Each `\\` line of a body is a `\\ ` line after a line that is not one."""
+        at = self.kinds.find(b"\\", start, end)
+        while at >= 0:
+            if at == start or self.kinds[at - 1] == 0x5C or not self.lines[at].startswith(b"\\ "):
+                return False
+            at = self.kinds.find(b"\\", at + 1, end)
+        return True
+
+    def hunk_lines(self, fp: FilePatch, old_left: int, new_left: int) -> List[bytes]:
+        """A hunk's body read line by line, to name the line where it goes wrong."""
         lines: List[bytes] = []
         while old_left > 0 or new_left > 0 or (self.peek() or b"").startswith(b"\\ "):
             line = self.peek()
@@ -3749,32 +3810,25 @@ class PatchParser:
                 raise self.fail("a line in a hunk that is neither context, removed nor added")
             if old_left < 0 or new_left < 0:
                 raise self.fail("more lines than the hunk header says")
-            lines.append(self.take(fp))
-        # `\ No newline at end of file` strips the newline of the line before it. git writes it
-        # only after a side's last line; anywhere else git apply joins that line to the next,
-        # so a previewed `sha256sum -c ... || exit 1` line can vanish into a comment
-        problem = no_newline_problem(lines)
-        if problem or (fp.hunks and any(line.startswith(b"\\") for line in fp.hunks[-1][2])):
-            raise refuse(f"line {self.i}: a `\\ No newline at end of file` {problem or 'before the last hunk'}: "
-                         "git joins the lines around it, so the file written is not the one shown")
-        fp.hunks.append((int(m.group(1)), int(m.group(3)), lines))
+            lines.append(self.take())
+        return lines
 
     def binary_block(self, fp: FilePatch) -> None:
         line = self.peek()
         if line is None or not re.fullmatch(rb"(literal|delta) \d+\n", line):
             raise self.fail("a binary patch without `literal` or `delta`")
-        self.take(fp)
+        self.take()
         count = 0
         while self.peek() not in (b"\n", None):
             line = self.peek()
             size = line[0] - (ord("A") - 1) if line[:1].isupper() else line[0] - (ord("a") - 27)
             if not BASE85_LINE_RE.fullmatch(line) or len(line) - 2 != (size + 3) // 4 * 5:
                 raise self.fail("a malformed line of binary data")
-            self.take(fp)
+            self.take()
             count += 1
         if self.peek() is None or not count:
             raise self.fail("binary data that does not end with an empty line")
-        self.take(fp)
+        self.take()
 
     def settle(self, fp: FilePatch, labels: Optional[Tuple[bytes, bytes]]) -> None:
         """Names and kind from the section's lines, which must all agree. git apply reads
@@ -3947,10 +4001,14 @@ def _mode(headers: Dict[str, bytes], key: str) -> Optional[str]:
 
 
 def patch_lines(data: bytes) -> List[bytes]:
-    """Lines ending in LF, and only LF: a lone CR is part of a line's content."""
-    lines = [line + b"\n" for line in data.split(b"\n")]
-    lines[-1] = lines[-1][:-1]
-    return lines if lines[-1] else lines[:-1]
+    """Lines ending in LF, and only LF: a lone CR is part of a line's content (BytesIO splits
+    at LF alone, unlike bytes.splitlines)."""
+    return io.BytesIO(data).readlines()
+
+
+def line_kinds(lines: Sequence[bytes]) -> bytes:
+    """The first byte of each line (none is empty), in one bytes object."""
+    return bytes(map(operator.itemgetter(0), lines))
 
 
 def split_patch(patch: bytes) -> List[FilePatch]:
@@ -4029,47 +4087,70 @@ def index_ids(fp: FilePatch) -> Optional[Tuple[str, str]]:
     return m.group(1).decode(), m.group(2).decode()
 
 
-def hunk_sides(lines: List[bytes]) -> Tuple[List[bytes], List[bytes], bool]:
-    """(old side's lines, new side's lines, has trailing context) of one hunk; a line
-    followed by `\\ No newline at end of file` loses its newline."""
+# A hunk's body as runs of one kind of line: removed, added, context (an empty context line is a
+# bare LF), or one `\ No newline at end of file`
+_HUNK_RUNS = re.compile(rb"-+|\++|[ \n]+|\\")
+
+
+def hunk_sides(lines: List[bytes]) -> Tuple[bytes, int, bytes, int, bool]:
+    """(old side's text, its line count, new side's text, its line count, has trailing
+    context) of one hunk; a line followed by `\\ No newline at end of file` loses its
+    newline. Built a run of lines at a time: a rewrite of 100,000 lines is two runs."""
+    kinds = line_kinds(lines)
     old: List[bytes] = []
     new: List[bytes] = []
-    trailing = False
-    went: List[List[bytes]] = []  # the sides the line before took
-    for line in lines:
-        if line.startswith(b"\\"):
+    old_n = new_n = 0
+    went: Tuple[List[bytes], ...] = ()  # the sides the run before went to
+    for run in _HUNK_RUNS.finditer(kinds):
+        first, end = run.span()
+        sign = kinds[first:first + 1]
+        if sign == b"\\":
             for side in went:
                 side[-1] = side[-1][:-1]
             continue
-        sign, text = (b" ", b"\n") if line == b"\n" else (line[:1], line[1:])
-        trailing = sign == b" "
-        went = [side for side, skip in ((old, b"+"), (new, b"-")) if sign != skip]
+        went = (old,) if sign == b"-" else (new,) if sign == b"+" else (old, new)
+        text = run_text(lines[first:end], sign)
         for side in went:
             side.append(text)
-    return old, new, trailing
+        old_n += end - first if sign != b"+" else 0
+        new_n += end - first if sign != b"-" else 0
+    trailing = kinds.rstrip(b"\\")[-1:] in (b" ", b"\n")
+    return b"".join(old), old_n, b"".join(new), new_n, trailing
+
+
+def run_text(run: List[bytes], sign: bytes) -> bytes:
+    """The text of a run of lines of one kind, their signs dropped: after every LF of the
+    joined run the next line's sign, and the first line's (an empty context line has none)."""
+    joined = b"".join(run)
+    sign = b" " if sign == b"\n" else sign
+    joined = joined[1:] if joined[:1] == sign else joined
+    return joined.replace(b"\n" + sign, b"\n")
 
 
 def post_image(pre: bytes, fp: FilePatch, whole: bool = True) -> bytes:
     """The file `fp` makes of `pre`, every hunk at exactly the line it names, its context and
     removed lines byte for byte those of `pre` there; PatchRefused otherwise. `whole`: the
-    new line numbers too (a part chosen by -i renumbers them its own way; git ignores them)."""
-    old, at = patch_lines(pre), 0
+    new line numbers too (a part chosen by -i renumbers them its own way; git ignores them).
+    Lines are compared and copied as whole slices of `pre` (`starts`: where each line begins)."""
+    starts = [0, *itertools.accumulate(map(len, patch_lines(pre)))]
+    count = len(starts) - 1
     out: List[bytes] = []
+    at = made = 0  # lines of `pre` used, lines of the result made
     for old_start, new_start, lines in fp.hunks:
-        gone, added, trailing = hunk_sides(lines)
-        start = old_start - 1 if gone else old_start  # `-5,0`: insert after line 5
-        if start < at or old[start:start + len(gone)] != gone:
+        gone, gone_n, added, added_n, trailing = hunk_sides(lines)
+        start = old_start - 1 if gone_n else old_start  # `-5,0`: insert after line 5
+        if start < at or pre[starts[min(start, count)]:starts[min(start + gone_n, count)]] != gone:
             raise refuse(f"a hunk of {fp.path!r} whose lines are not those of the synced file at "
                          f"line {old_start} (git would look for them elsewhere and change another place)")
-        if not trailing and start + len(gone) != len(old):
+        if not trailing and start + gone_n != count:
             raise refuse(f"a hunk of {fp.path!r} without trailing context that does not end the file "
                          "(git would apply it at the end of the file instead)")
-        before = len(out) + start - at
-        if whole and new_start != before + (1 if added else 0):
+        before = made + start - at
+        if whole and new_start != before + (1 if added_n else 0):
             raise refuse(f"a hunk of {fp.path!r} whose new line number {new_start} is not where it lands")
-        out += old[at:start] + added
-        at = start + len(gone)
-    return b"".join(out + old[at:])
+        out += [pre[starts[at]:starts[start]], added]
+        made, at = before + added_n, start + gone_n
+    return b"".join(out) + pre[starts[at]:]
 
 
 def preimage(project: "Project", fp: FilePatch, base_tree: Optional[str],

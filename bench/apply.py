@@ -6,9 +6,9 @@
 Two scenarios, each built once in a temporary folder (Patchwire's state there too):
 
 1. **Apply a big patch.** A git project of source-like files (log-uniform sizes, 2-128 kB) and a
-   copy of it as the box has it. On the box copy about `--files` files change: a quarter rewritten
-   whole, a half edited in a few places, the rest new, deleted or renamed (half of those renames
-   edited too); `git diff --cached --binary --full-index -M HEAD` there is the patch (`--mb`
+   copy of it as the box has it. On the box copy `--files` files change: 30% rewritten whole, 40%
+   edited in a few places, 10% each new, deleted or renamed (half of those renames edited too),
+   as many left alone; `git diff --cached --binary --full-index -M HEAD` there is the patch (`--mb`
    sizes the files so the patch is about that big). The laptop's base is recorded in Patchwire's
    store, as a sync leaves it. Each round, in interleaved order, on freshly reset checkouts:
    - **Patchwire**: what `patchwire apply JOB --yes` does with the patch it holds (no HTTP):
@@ -36,6 +36,7 @@ side's result is git's (the trees written by Patchwire and by `git apply` are eq
 
 import argparse
 import itertools
+import math
 import os
 import random
 import shutil
@@ -97,29 +98,42 @@ def edited(src: Source, data: bytes, places: int) -> bytes:
     return b"".join(lines)
 
 
+def log_uniform_low(mean: float, high: float) -> float:
+    """The low end of a log-uniform size range up to `high` whose mean is `mean`."""
+    low, top = 1.0, high
+    for _ in range(60):
+        mid = (low + top) / 2
+        low, top = (mid, top) if (high - mid) / math.log(high / mid) < mean else (low, mid)
+    return low
+
+
 def build_change(files: int, mb: float, seed: int) -> Tuple[Dict[str, bytes], Dict[str, bytes]]:
-    """(the laptop's files, the box's files after the AI) for a patch of about `mb` MB."""
+    """(the laptop's files, the box's files after the AI) for a patch of about `mb` MB:
+    30% of `files` rewritten whole, 40% edited in a few places, 10% each deleted, renamed
+    (half of them edited) and new. Whole files are sized so the patch reaches `mb`."""
     rng = random.Random(seed)
     old, new = Source(rng, "o"), Source(rng, "n")
-    # the patch holds rewritten files twice, new and deleted ones once: size those to reach `mb`
-    average = mb * 1e6 / max(1, files // 4 * 2 + files // 10 * 2 + files // 20)
-    high = int(min(128_000, max(4_000, average * 2.2)))
-    base = {f"src/pkg{i % 37}/mod{i}.py": old.text(old.size(2_000, high if i % 4 < 3 else 100_000))
-            for i in range(files * 2)}  # half the project is left alone
+    # the patch holds a rewritten file twice, a new or deleted one once
+    whole = mb * 1e6 / max(1, files * 8 // 10)
+    high = 128_000.0 if whole < 100_000 else whole * 1.5
+    low = log_uniform_low(min(whole, high * 0.9), high)
+    paths = [f"src/pkg{i % 37}/mod{i}.py" for i in range(files * 2)]  # half the project is left alone
+    kinds = {path: i % 20 for i, path in enumerate(paths[:files])}
+    base = {p: old.text(old.size(low, high) if kinds.get(p, 6) in (0, 1, 2, 3, 4, 5, 14, 15)
+                        else old.size(2_000, 100_000)) for p in paths}
     after = dict(base)
-    for i, path in enumerate(sorted(base)[:files]):
-        kind = i % 20
-        if kind < 5:  # a quarter rewritten whole
+    for i, (path, kind) in enumerate(kinds.items()):
+        if kind < 6:
             after[path] = new.text(len(base[path]))
-        elif kind < 15:  # a half edited in a few places
+        elif kind < 14:
             after[path] = edited(old, base[path], rng.randint(1, 6))
-        elif kind < 17:
+        elif kind < 16:
             del after[path]
-        elif kind < 19:  # renamed, every other one edited
+        elif kind < 18:
             data = after.pop(path)
-            after[path.replace("src/", "lib/", 1)] = edited(old, data, 2) if kind == 17 else data
+            after[path.replace("src/", "lib/", 1)] = edited(old, data, 2) if kind == 16 else data
         else:
-            after[f"src/new/file{i}.py"] = new.text(new.size(8_000, high))
+            after[f"src/new/file{i}.py"] = new.text(new.size(low, high))
     return base, after
 
 
@@ -243,7 +257,7 @@ def preview_change(lines: int, seed: int) -> Tuple[Dict[str, bytes], Dict[str, b
     """About `lines` diff lines: 400 files edited in many places, every tenth rewritten whole."""
     rng = random.Random(seed)
     old, new = Source(rng, "o"), Source(rng, "n")
-    nfiles = max(4, lines // 250)
+    nfiles = max(4, lines // 190)
     base = {f"src/pkg{i % 17}/view{i}.py": old.text(old.size(4_000, 40_000)) for i in range(nfiles)}
     after = {}
     for i, (path, data) in enumerate(sorted(base.items())):
