@@ -4232,13 +4232,17 @@ def binary_literal(fp: FilePatch) -> Optional[bytes]:
         raise refuse(f"binary data for {fp.path!r} that does not decode")
 
 
-def unchanged_since_sync(project: "Project", files: Sequence[FilePatch], base_tree: Optional[str]) -> set:
+def unchanged_since_sync(project: "Project", files: Sequence[FilePatch], base_tree: Optional[str],
+                         read: Optional[Dict[str, Optional[Tuple[bytes, str]]]] = None) -> set:
     """Paths of the text files here that hold exactly the bytes the patch was made from:
-    there the result git writes must be the one computed (Applier.check_written)."""
+    there the result git writes must be the one computed (Applier.check_written). `read`:
+    the files here read already."""
+    read = read or {}
     out = set()
     for fp in files:
         if fp.result is not None and not fp.binary:
-            here = read_worktree(project.root, fp.old_path) if fp.kind != "new" else None
+            old = fp.old_path
+            here = (read[old] if old in read else read_worktree(project.root, old)) if fp.kind != "new" else None
             pre = fp.pre if fp.pre is not None else preimage(project, fp, base_tree)
             if (here[0] if here else b"" if fp.kind == "new" else None) == pre:
                 out.add(fp.path)
@@ -4978,14 +4982,17 @@ class Applier:
     def apply_vetted(self, patch: bytes, files: List[FilePatch], base_tree: Optional[str]) -> dict:
         paths = touched_paths(files)
         gone = removed_links(self.project.root, files)
-        check = self.git.run("apply", "--check", "--binary", "-", input=patch, check=False)
-        if check.returncode == 0:
-            before = self.saved(paths, gone)
-            exact = unchanged_since_sync(self.project, files, base_tree)
-            self.git("apply", "--binary", "-", input=patch)
-            self.check_written(files, exact, before)
-            return self.done(before, "plain", paths, [])
-        failure = describe_apply_failure(check.stderr)
+        # every file is read once before git writes (the undo log, and which ones are as synced)
+        # and once after (the check, the undo log's digests), not once per use
+        here = self.read_here([path for path in paths if not beneath(path, gone)])
+        before = self.saved(paths, gone, here)
+        exact = unchanged_since_sync(self.project, files, base_tree, here)
+        plain = self.git_apply(patch)
+        if plain.returncode == 0:
+            now = self.read_here(paths)
+            self.check_written(files, exact, before, now)
+            return self.done(before, "plain", paths, [], now)
+        failure = describe_apply_failure(plain.stderr)
         if not self.project.is_git_repo:
             raise PatchError("the patch does not apply to the files here; nothing was changed:\n"
                              + failure, "3-way merging is not available outside a git repository: "
@@ -5012,6 +5019,23 @@ class Applier:
         self.write(merged, before)
         return self.done(before, "3-way", list(merged), conflicts)
 
+    def git_apply(self, patch: bytes) -> subprocess.CompletedProcess:
+        """`git apply` of the whole patch, all or nothing: git applies every hunk of every file
+        in memory before it writes one (apply.c checks the whole list first), so a patch that
+        does not apply leaves the files as they were, and no `--check` run has to read and
+        apply it first. The patch goes in as a file: 50 MB through a pipe is 12,000 writes."""
+        held = self.project.private_dir / f"apply-{os.getpid()}-{threading.get_ident()}.patch"
+        held.write_bytes(patch)
+        try:
+            return self.git.run("apply", "--binary", str(held), check=False)
+        finally:
+            held.unlink(missing_ok=True)
+
+    def read_here(self, paths: Sequence[str]) -> Dict[str, Optional[Tuple[bytes, str]]]:
+        """What each path holds ((bytes, mode), None when absent); never through a symlink
+        (read_worktree), so never a path beneath a link the patch removes, before it does."""
+        return {path: read_worktree(self.project.root, path) for path in paths}
+
     def set_aside(self, replaced: Sequence[InTheWay]) -> List[dict]:
         """Move the files the user agreed to replace out of the way, their bytes in the store
         first: `git apply` refuses a new file where one exists, and the 3-way merge would
@@ -5021,11 +5045,12 @@ class Applier:
             write_worktree(self.project.root, w.path, None, "")
         return saved
 
-    def saved(self, paths: Sequence[str], gone: set) -> List[dict]:
-        """What each path holds now (UndoLog.save), a file set aside what it held before:
-        `apply --undo` puts those bytes back."""
+    def saved(self, paths: Sequence[str], gone: set, here: Optional[Dict[str, Optional[Tuple[bytes, str]]]] = None
+              ) -> List[dict]:
+        """What each path holds now (UndoLog.save; `here`: read already), a file set aside
+        what it held before: `apply --undo` puts those bytes back."""
         aside = {e["path"]: e for e in self.aside}
-        return [aside.get(e["path"], e) for e in self.undo_log.save(paths, gone)]
+        return [aside.get(e["path"], e) for e in self.undo_log.save(paths, gone, here)]
 
     def write(self, merged: Dict[str, Tuple[Optional[bytes], str, int]], before: List[dict]) -> None:
         """All files or none: on any failure (or Ctrl-C) the files written so far go back.
@@ -5045,19 +5070,22 @@ class Applier:
                              "written so far were put back, nothing was changed",
                              "fix the cause and apply again")
 
-    def check_written(self, files: Sequence[FilePatch], exact: set, before: List[dict]) -> None:
-        """What `git apply` wrote to each file that was here as synced must be the result
-        computed beforehand (the one the preview showed); otherwise everything goes back."""
+    def check_written(self, files: Sequence[FilePatch], exact: set, before: List[dict],
+                      now: Dict[str, Optional[Tuple[bytes, str]]]) -> None:
+        """What `git apply` wrote to each file that was here as synced (`now`: read after it)
+        must be the result computed beforehand (the one the preview showed); otherwise
+        everything goes back."""
         for fp in files:
             if fp.path in exact and fp.result is not None and fp.kind != "deleted":
-                now = read_worktree(self.project.root, fp.path)
-                if now is None or now[0] != fp.result:
+                written = now[fp.path]
+                if written is None or written[0] != fp.result:
                     self.undo_log.put_back(reversed(before))
                     raise refuse(f"git wrote to {fp.path!r} something other than the change shown; "
                                  "every file was put back")
 
-    def done(self, before: List[dict], how: str, paths: Sequence[str], conflicts: List[str]) -> dict:
-        self.undo_log.record(before)
+    def done(self, before: List[dict], how: str, paths: Sequence[str], conflicts: List[str],
+             now: Optional[Dict[str, Optional[Tuple[bytes, str]]]] = None) -> dict:
+        self.undo_log.record(before, now)
         return {"how": how, "files": list(paths), "conflicts": conflicts}
 
     def undo(self) -> List[str]:
@@ -5177,18 +5205,24 @@ class UndoLog:
         self.git = project.git
         self.path = project.state_file("undo.json")
 
-    def save(self, paths: Sequence[str], gone: set) -> List[dict]:
-        """What each path holds now (nothing, beneath a link the patch removes)."""
-        states = {path: None if beneath(path, gone) else read_worktree(self.root, path) for path in paths}
+    def save(self, paths: Sequence[str], gone: set, here: Optional[Dict[str, Optional[Tuple[bytes, str]]]] = None
+             ) -> List[dict]:
+        """What each path holds now (nothing, beneath a link the patch removes); `here`: the
+        paths read already."""
+        here = here or {}
+        states = {path: None if beneath(path, gone) else here[path] if path in here else read_worktree(self.root, path)
+                  for path in paths}
         held = [path for path, state in states.items() if state]
         blobs = dict(zip(held, self.git.write_blobs([states[p][0] for p in held])))  # type: ignore[index]
         return [{"path": path, "blob": blobs.get(path), "mode": state[1] if state else None}
                 for path, state in states.items()]
 
-    def record(self, before: List[dict]) -> None:
-        """Keep `before` (from save) as the last apply, with what each path holds now."""
+    def record(self, before: List[dict], read: Optional[Dict[str, Optional[Tuple[bytes, str]]]] = None) -> None:
+        """Keep `before` (from save) as the last apply, with what each path holds now (`read`:
+        read already, since the apply wrote)."""
         for entry in before:
-            now = read_worktree(self.root, entry["path"])
+            path = entry["path"]
+            now = read[path] if read is not None and path in read else read_worktree(self.root, path)
             entry["after"] = hashlib.sha256(now[0]).hexdigest() if now else None
             entry["after_mode"] = now[1] if now else None
         self.path.write_text(json.dumps(before))
