@@ -547,6 +547,14 @@ class Git:
                 at += int(head[2]) + 1 if len(head) == 3 else 0
         return found
 
+    def have_objects(self, ids: Sequence[str]) -> set:
+        """Which of `ids` name an object here, in one `cat-file --batch-check` (nothing inflated)."""
+        wanted = list(dict.fromkeys(ids))
+        if not wanted:
+            return set()
+        out = self("cat-file", "--batch-check", input="".join(i + "\n" for i in wanted).encode())
+        return {line.split(b" ")[0].decode() for line in out.splitlines() if not line.endswith(b" missing")} & set(wanted)
+
     def ls_files_stage(self) -> Dict[str, Tuple[str, str]]:
         """{path: (mode, blob)} of the index."""
         entries = {}
@@ -4075,8 +4083,9 @@ SCRIPT_SUFFIXES = (".sh", ".bash", ".zsh", ".py", ".pl", ".rb", ".js", ".mjs", "
 
 def blob_id(data: bytes, like: str) -> str:
     """git's id of a blob holding `data`, in the hash `like` (an id) is written in."""
-    algo = "sha256" if len(like) == 64 else "sha1"
-    return hashlib.new(algo, b"blob %d\0" % len(data) + data).hexdigest()
+    digest = hashlib.new("sha256" if len(like) == 64 else "sha1", b"blob %d\0" % len(data))
+    digest.update(data)  # not header + data: that copies the file
+    return digest.hexdigest()
 
 
 def index_ids(fp: FilePatch) -> Optional[Tuple[str, str]]:
@@ -4178,7 +4187,7 @@ def compute_results(project: "Project", files: Sequence[FilePatch], base_tree: O
     box sent it, whose results must be the blobs its `index` lines name (a part chosen
     from it by --only or -i is checked by position only). The blobs the sections name are
     read in one git process, not one each."""
-    blobs = project.git.read_blobs([ids[0] for ids in map(index_ids, files) if ids and not ZERO_ID.fullmatch(ids[0])])
+    blobs = synced_blobs(project, files)
     for fp in files:
         if fp.binary:
             problem = binary_problem(fp, preimage(project, fp, base_tree, blobs))
@@ -4197,6 +4206,24 @@ def compute_results(project: "Project", files: Sequence[FilePatch], base_tree: O
         if whole and ids and (blob_id(fp.result, ids[1]) != expected if expected else fp.result):
             raise refuse(f"the result for {fp.path!r} is not the file its index line names ({ids[1][:12]})")
     return files
+
+
+def synced_blobs(project: "Project", files: Sequence[FilePatch]) -> Dict[str, Optional[bytes]]:
+    """{id: bytes, None when the store lacks it} of the blobs the sections' `index` lines say
+    they were made from. Patchwire's store holds them deflated (packed: as deltas too), and
+    inflating 64 MB took 0.4 s, while a file here that still holds those bytes is read and
+    hashed in a fifth of that: so a blob the store has is taken from the file here when the
+    file hashes to its id (the same bytes, by git's own naming); the rest come from the
+    store, all in one `cat-file --batch`."""
+    wanted = {ids[0]: fp.old_path for fp, ids in zip(files, map(index_ids, files))
+              if ids and not ZERO_ID.fullmatch(ids[0])}
+    found: Dict[str, Optional[bytes]] = {}
+    for blob in project.git.have_objects(list(wanted)):
+        with contextlib.suppress(PatchwireError):  # a path through a symlink: read from the store
+            here = read_worktree(project.root, wanted[blob])
+            if here is not None and blob_id(here[0], blob) == blob:
+                found[blob] = here[0]
+    return {**found, **project.git.read_blobs([blob for blob in wanted if blob not in found])}
 
 
 def binary_problem(fp: FilePatch, pre: Optional[bytes]) -> Optional[str]:
