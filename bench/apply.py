@@ -1,6 +1,6 @@
 """Applying and previewing a big patch on the laptop, against git's own tools on the same change.
 
-    python3 bench/apply.py [--files 1000] [--mb 50] [--preview-lines 100000] [--rounds 5]
+    python3 bench/apply.py [--files 1000] [--mb 50] [--preview-lines 100000] [--rounds 5] [--only apply|preview]
     python3 bench/apply.py --quick      # the smoke run of tests/test_bench.py (a few seconds)
 
 Two scenarios, each built once in a temporary folder (Patchwire's state there too):
@@ -313,6 +313,7 @@ def main(argv=None) -> int:
     parser.add_argument("--mb", type=float, default=50)
     parser.add_argument("--preview-lines", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--only", choices=("apply", "preview"), help="run one scenario")
     parser.add_argument("--quick", action="store_true", help="60 files, 2 MB, 4,000 preview lines, 2 rounds")
     args = parser.parse_args(argv)
     if args.quick:
@@ -320,8 +321,8 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="patchwire-bench-apply-"))
     os.environ["XDG_STATE_HOME"] = str(tmp / "state")
     try:
-        out = apply_scenario(tmp, args.files, args.mb, args.rounds)
-        out += preview_scenario(tmp, args.preview_lines, args.rounds)
+        out = apply_scenario(tmp, args.files, args.mb, args.rounds) if args.only != "preview" else []
+        out += preview_scenario(tmp, args.preview_lines, args.rounds) if args.only != "apply" else []
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print("\n".join(out))
