@@ -3509,6 +3509,7 @@ class FilePatch:
         self.old_mode: Optional[str] = None  # None: not said (unchanged, whatever it is here)
         self.new_mode: Optional[str] = None
         self.hunks: List[Tuple[int, int, List[bytes]]] = []  # (old start, new start, lines)
+        self.kinds: List[bytes] = []  # each hunk's line_kinds, as the reader counted them
         self.body_start = 0  # index in `lines` of the first hunk header (0: no hunks)
         self.link_target: Optional[str] = None  # the new target, when the result is a symlink
         self.result: Optional[bytes] = None  # the text file it leaves, computed here (compute_results)
@@ -3773,6 +3774,7 @@ class PatchParser:
                          "git joins the lines around it, so the file written is not the one shown")
         self.backslash = backslash
         fp.hunks.append((int(m.group(1)), int(m.group(3)), lines))
+        fp.kinds.append(kinds)
 
     def hunk_end(self, old_left: int, new_left: int) -> int:
         """Where a hunk's body that holds exactly the lines its counts say ends, measured on
@@ -4114,11 +4116,12 @@ def index_ids(fp: FilePatch) -> Optional[Tuple[str, str]]:
 _HUNK_RUNS = re.compile(rb"-+|\++|[ \n]+|\\")
 
 
-def hunk_sides(lines: List[bytes]) -> Tuple[bytes, int, bytes, int, bool]:
+def hunk_sides(lines: List[bytes], kinds: Optional[bytes] = None) -> Tuple[bytes, int, bytes, int, bool]:
     """(old side's text, its line count, new side's text, its line count, has trailing
-    context) of one hunk; a line followed by `\\ No newline at end of file` loses its
-    newline. Built a run of lines at a time: a rewrite of 100,000 lines is two runs."""
-    kinds = line_kinds(lines)
+    context) of one hunk (`kinds`: its line_kinds, when counted already); a line followed by
+    `\\ No newline at end of file` loses its newline. Built a run of lines at a time: a
+    rewrite of 100,000 lines is two runs."""
+    kinds = line_kinds(lines) if kinds is None else kinds
     old: List[bytes] = []
     new: List[bytes] = []
     old_n = new_n = 0
@@ -4158,8 +4161,9 @@ def post_image(pre: bytes, fp: FilePatch, whole: bool = True) -> bytes:
     count = len(starts) - 1
     out: List[bytes] = []
     at = made = 0  # lines of `pre` used, lines of the result made
-    for old_start, new_start, lines in fp.hunks:
-        gone, gone_n, added, added_n, trailing = hunk_sides(lines)
+    kinds = fp.kinds if len(fp.kinds) == len(fp.hunks) else [line_kinds(lines) for _, _, lines in fp.hunks]
+    for (old_start, new_start, lines), counted in zip(fp.hunks, kinds):
+        gone, gone_n, added, added_n, trailing = hunk_sides(lines, counted)
         start = old_start - 1 if gone_n else old_start  # `-5,0`: insert after line 5
         if start < at or pre[starts[min(start, count)]:starts[min(start + gone_n, count)]] != gone:
             raise refuse(f"a hunk of {fp.path!r} whose lines are not those of the synced file at "
