@@ -4173,15 +4173,15 @@ def post_image(pre: bytes, fp: FilePatch, whole: bool = True) -> bytes:
     removed lines byte for byte those of `pre` there; PatchRefused otherwise. `whole`: the
     new line numbers too (a part chosen by -i renumbers them its own way; git ignores them).
     Lines are compared and copied as whole slices of `pre` (`starts`: where each line begins)."""
-    starts = [0, *itertools.accumulate(map(len, patch_lines(pre)))]
-    count = len(starts) - 1
+    starts = LineStarts(pre)
+    count = starts.count
     out: List[bytes] = []
     at = made = 0  # lines of `pre` used, lines of the result made
     kinds = fp.kinds if len(fp.kinds) == len(fp.hunks) else [line_kinds(lines) for _, _, lines in fp.hunks]
     for (old_start, new_start, lines), counted in zip(fp.hunks, kinds):
         gone, gone_n, added, added_n, trailing = hunk_sides(lines, counted)
         start = old_start - 1 if gone_n else old_start  # `-5,0`: insert after line 5
-        if start < at or pre[starts[min(start, count)]:starts[min(start + gone_n, count)]] != gone:
+        if start < at or pre[starts[start]:starts[start + gone_n]] != gone:
             raise refuse(f"a hunk of {fp.path!r} whose lines are not those of the synced file at "
                          f"line {old_start} (git would look for them elsewhere and change another place)")
         if not trailing and start + gone_n != count:
@@ -4193,6 +4193,23 @@ def post_image(pre: bytes, fp: FilePatch, whole: bool = True) -> bytes:
         out += [pre[starts[at]:starts[start]], added]
         made, at = before + added_n, start + gone_n
     return b"".join(out) + pre[starts[at]:]
+
+
+class LineStarts:
+    """Where line N of `data` begins (past the last line: its end). Counted on first need: a
+    file rewritten whole has hunks only at its two ends, and needs none of them."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.count = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+        self.starts: Optional[List[int]] = None
+
+    def __getitem__(self, line: int) -> int:
+        if line <= 0 or line >= self.count:
+            return 0 if line <= 0 else len(self.data)
+        if self.starts is None:
+            self.starts = [0, *itertools.accumulate(map(len, patch_lines(self.data)))]
+        return self.starts[line]
 
 
 def preimage(project: "Project", fp: FilePatch, base_tree: Optional[str],

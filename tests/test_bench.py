@@ -47,3 +47,12 @@ def test_setup_cost_benchmark_quick_run_prints_the_ratio():
     out = proc.stdout.decode()
     assert proc.returncode == 0, out
     assert "warm ask, 200 files, setup:" in out and "with setup unchanged / without:" in out, out
+
+
+def test_apply_benchmark_quick_run_measures_patchwire_and_git_on_the_same_patch():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/apply.py"), "--quick"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, out  # both sides left the box's tree (the bench checks it)
+    assert "| **Patchwire / git apply** (median of per-round ratios) | **" in out, out
+    assert "| **full render / git diff --color** (median of per-round ratios) | **" in out, out
