@@ -490,19 +490,23 @@ class Git:
     def text(self, *args: str, input: Optional[bytes] = None) -> str:
         return self(*args, input=input).decode("utf-8", "surrogateescape").strip()
 
-    def write_blobs(self, datas: Sequence[bytes]) -> List[str]:
+    def write_blobs(self, datas: Sequence[bytes], stored: Iterable[str] = ()) -> List[str]:
         """Store each of `datas` as a blob; their ids. Written as git writes a loose object
         (zlib of "blob LEN\\0" + the bytes, in a temporary file renamed into objects/XX/),
-        with no process at all: an undo log of 1,600 files was 1,600 `hash-object` runs."""
+        with no process at all: an undo log of 1,600 files was 1,600 `hash-object` runs.
+        `stored`: ids known to be here already (deflating 64 MB takes a second)."""
         if self.git_dir is None:
             return [self.text("hash-object", "-w", "--stdin", input=data) for data in datas]
         objects = Path(self.git_dir) / "objects"
+        stored = set(stored)
         ids = []
         for data in datas:
             header = b"blob %d\0" % len(data)
-            sha = hashlib.sha1(header + data).hexdigest()
+            digest = hashlib.sha1(header)
+            digest.update(data)  # not header + data: that copies the file
+            sha = digest.hexdigest()
             path = objects / sha[:2] / sha[2:]
-            if not path.exists():
+            if sha not in stored and not path.exists():
                 path.parent.mkdir(exist_ok=True)
                 tmp = path.parent / f"tmp_obj_{os.getpid()}_{threading.get_ident()}"
                 with open(tmp, "wb") as f:
@@ -5081,8 +5085,8 @@ class Applier:
         # every file is read once before git writes (the undo log, and which ones are as synced)
         # and once after (the check, the undo log's digests), not once per use
         here = self.read_here([path for path in paths if not beneath(path, gone)])
-        before = self.saved(paths, gone, here)
         exact = unchanged_since_sync(self.project, files, base_tree, here)
+        before = self.saved(paths, gone, here, synced_ids(files, exact))
         plain = self.git_apply(patch)
         if plain.returncode == 0:
             now = self.read_here(paths)
@@ -5119,13 +5123,8 @@ class Applier:
         """`git apply` of the whole patch, all or nothing: git applies every hunk of every file
         in memory before it writes one (apply.c checks the whole list first), so a patch that
         does not apply leaves the files as they were, and no `--check` run has to read and
-        apply it first. The patch goes in as a file: 50 MB through a pipe is 12,000 writes."""
-        held = self.project.private_dir / f"apply-{os.getpid()}-{threading.get_ident()}.patch"
-        held.write_bytes(patch)
-        try:
-            return self.git.run("apply", "--binary", str(held), check=False)
-        finally:
-            held.unlink(missing_ok=True)
+        apply it first."""
+        return self.git.run("apply", "--binary", "-", input=patch, check=False)
 
     def read_here(self, paths: Sequence[str]) -> Dict[str, Optional[Tuple[bytes, str]]]:
         """What each path holds ((bytes, mode), None when absent); never through a symlink
@@ -5141,12 +5140,13 @@ class Applier:
             write_worktree(self.project.root, w.path, None, "")
         return saved
 
-    def saved(self, paths: Sequence[str], gone: set, here: Optional[Dict[str, Optional[Tuple[bytes, str]]]] = None
-              ) -> List[dict]:
-        """What each path holds now (UndoLog.save; `here`: read already), a file set aside
-        what it held before: `apply --undo` puts those bytes back."""
+    def saved(self, paths: Sequence[str], gone: set, here: Optional[Dict[str, Optional[Tuple[bytes, str]]]] = None,
+              stored: Iterable[str] = ()) -> List[dict]:
+        """What each path holds now (UndoLog.save; `here`: read already; `stored`: blobs in
+        the store already), a file set aside what it held before: `apply --undo` puts those
+        bytes back."""
         aside = {e["path"]: e for e in self.aside}
-        return [aside.get(e["path"], e) for e in self.undo_log.save(paths, gone, here)]
+        return [aside.get(e["path"], e) for e in self.undo_log.save(paths, gone, here, stored)]
 
     def write(self, merged: Dict[str, Tuple[Optional[bytes], str, int]], before: List[dict]) -> None:
         """All files or none: on any failure (or Ctrl-C) the files written so far go back.
@@ -5301,15 +5301,15 @@ class UndoLog:
         self.git = project.git
         self.path = project.state_file("undo.json")
 
-    def save(self, paths: Sequence[str], gone: set, here: Optional[Dict[str, Optional[Tuple[bytes, str]]]] = None
-             ) -> List[dict]:
+    def save(self, paths: Sequence[str], gone: set, here: Optional[Dict[str, Optional[Tuple[bytes, str]]]] = None,
+             stored: Iterable[str] = ()) -> List[dict]:
         """What each path holds now (nothing, beneath a link the patch removes); `here`: the
-        paths read already."""
+        paths read already; `stored`: blob ids the store holds already (not written again)."""
         here = here or {}
         states = {path: None if beneath(path, gone) else here[path] if path in here else read_worktree(self.root, path)
                   for path in paths}
         held = [path for path, state in states.items() if state]
-        blobs = dict(zip(held, self.git.write_blobs([states[p][0] for p in held])))  # type: ignore[index]
+        blobs = dict(zip(held, self.git.write_blobs([states[p][0] for p in held], stored)))  # type: ignore[index]
         return [{"path": path, "blob": blobs.get(path), "mode": state[1] if state else None}
                 for path, state in states.items()]
 
@@ -5348,6 +5348,15 @@ class UndoLog:
         self.put_back(by_path[path] for path in in_write_order(by_path, lambda p: not by_path[p]["blob"]))
         self.path.unlink()
         return [e["path"] for e in entries]
+
+
+def synced_ids(files: Sequence["FilePatch"], exact: set) -> List[str]:
+    """The blob ids of the files here that hold the synced bytes (`exact`, by new path): the
+    sync's record holds them, in the store or in your repository's objects beside it (as it
+    holds every file the 3-way merge starts from), so the undo log points at them as they are
+    and does not deflate a copy."""
+    return [ids[0] for fp, ids in zip(files, map(index_ids, files))
+            if ids and fp.path in exact and fp.kind != "new" and len(ids[0]) == 40]
 
 
 def touched_paths(files: Sequence["FilePatch"]) -> List[str]:

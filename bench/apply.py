@@ -10,7 +10,8 @@ Two scenarios, each built once in a temporary folder (Patchwire's state there to
    edited in a few places, 10% each new, deleted or renamed (half of those renames edited too),
    as many left alone; `git diff --cached --binary --full-index -M HEAD` there is the patch (`--mb`
    sizes the files so the patch is about that big). The laptop's base is recorded in Patchwire's
-   store, as a sync leaves it. Each round, in interleaved order, on freshly reset checkouts:
+   store afresh each round (a state folder of its own), as a sync leaves it. Each round, in
+   interleaved order, on freshly reset checkouts:
    - **Patchwire**: what `patchwire apply JOB` does with the patch it holds (no HTTP, no
      waiting for the person): read it strictly, vet it against the files here and compute
      every result (Session.vet's split_patch, vet_on_disk, compute_results); render the first
@@ -222,16 +223,16 @@ def apply_scenario(tmp: Path, files: int, mb: float, rounds: int) -> List[str]:
     laptop = repo(tmp / "apply-laptop", base)
     plain = repo(tmp / "apply-plain", base)
     (tmp / "apply.patch").write_bytes(patch)
-    project = pw.Project(laptop, "laptop")
-    base_tree, _ = project.record_paths(list(base))
     want = git(box, "rev-parse", "HEAD^{tree}").decode().strip()
     times: Dict[str, List[float]] = {k: [] for k in ("read", "preview", "apply", "total", "render", "git")}
     for r in range(rounds):
         reset(laptop)
         reset(plain)
-        undo = project.state_file("undo.json")
-        if undo.exists():
-            undo.unlink()
+        # a fresh sync record each round: the undo log's blobs are not in Patchwire's store yet,
+        # as at the first apply after a sync
+        os.environ["XDG_STATE_HOME"] = str(tmp / f"state-{r}")
+        project = pw.Project(laptop, "laptop")
+        base_tree, _ = project.record_paths(list(base))
         sides = ["pw", "git"] if r % 2 == 0 else ["git", "pw"]
         for side in sides:
             if side == "pw":
