@@ -490,15 +490,13 @@ class Git:
     def text(self, *args: str, input: Optional[bytes] = None) -> str:
         return self(*args, input=input).decode("utf-8", "surrogateescape").strip()
 
-    def write_blobs(self, datas: Sequence[bytes], stored: Iterable[str] = ()) -> List[str]:
+    def write_blobs(self, datas: Sequence[bytes]) -> List[str]:
         """Store each of `datas` as a blob; their ids. Written as git writes a loose object
         (zlib of "blob LEN\\0" + the bytes, in a temporary file renamed into objects/XX/),
-        with no process at all: an undo log of 1,600 files was 1,600 `hash-object` runs.
-        `stored`: ids known to be here already (deflating 64 MB takes a second)."""
+        with no process at all: an undo log of 1,600 files was 1,600 `hash-object` runs."""
         if self.git_dir is None:
             return [self.text("hash-object", "-w", "--stdin", input=data) for data in datas]
         objects = Path(self.git_dir) / "objects"
-        stored = set(stored)
         ids = []
         for data in datas:
             header = b"blob %d\0" % len(data)
@@ -506,7 +504,7 @@ class Git:
             digest.update(data)  # not header + data: that copies the file
             sha = digest.hexdigest()
             path = objects / sha[:2] / sha[2:]
-            if sha not in stored and not path.exists():
+            if not path.exists():
                 path.parent.mkdir(exist_ok=True)
                 tmp = path.parent / f"tmp_obj_{os.getpid()}_{threading.get_ident()}"
                 with open(tmp, "wb") as f:
@@ -4177,7 +4175,7 @@ def post_image(pre: bytes, fp: FilePatch, whole: bool = True) -> bytes:
     removed lines byte for byte those of `pre` there; PatchRefused otherwise. `whole`: the
     new line numbers too (a part chosen by -i renumbers them its own way; git ignores them).
     Lines are compared and copied as whole slices of `pre` (`starts`: where each line begins)."""
-    starts = LineStarts(pre)
+    starts, whole_pre = LineStarts(pre), memoryview(pre)  # compared in place, not copied
     count = starts.count
     out: List[bytes] = []
     at = made = 0  # lines of `pre` used, lines of the result made
@@ -4185,7 +4183,7 @@ def post_image(pre: bytes, fp: FilePatch, whole: bool = True) -> bytes:
     for (old_start, new_start, lines), counted in zip(fp.hunks, kinds):
         gone, gone_n, added, added_n, trailing = hunk_sides(lines, counted)
         start = old_start - 1 if gone_n else old_start  # `-5,0`: insert after line 5
-        if start < at or pre[starts[start]:starts[start + gone_n]] != gone:
+        if start < at or whole_pre[starts[start]:starts[start + gone_n]] != gone:
             raise refuse(f"a hunk of {fp.path!r} whose lines are not those of the synced file at "
                          f"line {old_start} (git would look for them elsewhere and change another place)")
         if not trailing and start + gone_n != count:
@@ -4194,9 +4192,10 @@ def post_image(pre: bytes, fp: FilePatch, whole: bool = True) -> bytes:
         before = made + start - at
         if whole and new_start != before + (1 if added_n else 0):
             raise refuse(f"a hunk of {fp.path!r} whose new line number {new_start} is not where it lands")
-        out += [pre[starts[at]:starts[start]], added]
+        out += [whole_pre[starts[at]:starts[start]], added]
         made, at = before + added_n, start + gone_n
-    return b"".join(out) + pre[starts[at]:]
+    # a file rewritten whole is its added text: bytes.join of one bytes returns it, no copy
+    return b"".join([piece for piece in [*out, whole_pre[starts[at]:]] if len(piece)])
 
 
 class LineStarts:
@@ -5141,12 +5140,12 @@ class Applier:
         return saved
 
     def saved(self, paths: Sequence[str], gone: set, here: Optional[Dict[str, Optional[Tuple[bytes, str]]]] = None,
-              stored: Iterable[str] = ()) -> List[dict]:
-        """What each path holds now (UndoLog.save; `here`: read already; `stored`: blobs in
-        the store already), a file set aside what it held before: `apply --undo` puts those
-        bytes back."""
+              synced: Optional[Dict[str, str]] = None) -> List[dict]:
+        """What each path holds now (UndoLog.save; `here`: read already; `synced`: the paths
+        that hold a synced blob, and its id), a file set aside what it held before: `apply
+        --undo` puts those bytes back."""
         aside = {e["path"]: e for e in self.aside}
-        return [aside.get(e["path"], e) for e in self.undo_log.save(paths, gone, here, stored)]
+        return [aside.get(e["path"], e) for e in self.undo_log.save(paths, gone, here, synced)]
 
     def write(self, merged: Dict[str, Tuple[Optional[bytes], str, int]], before: List[dict]) -> None:
         """All files or none: on any failure (or Ctrl-C) the files written so far go back.
@@ -5302,14 +5301,17 @@ class UndoLog:
         self.path = project.state_file("undo.json")
 
     def save(self, paths: Sequence[str], gone: set, here: Optional[Dict[str, Optional[Tuple[bytes, str]]]] = None,
-             stored: Iterable[str] = ()) -> List[dict]:
+             synced: Optional[Dict[str, str]] = None) -> List[dict]:
         """What each path holds now (nothing, beneath a link the patch removes); `here`: the
-        paths read already; `stored`: blob ids the store holds already (not written again)."""
+        paths read already; `synced`: {path: id} of paths that hold the sync record's blob `id`,
+        which is kept as it is (deflating 64 MB into a copy took a second)."""
         here = here or {}
         states = {path: None if beneath(path, gone) else here[path] if path in here else read_worktree(self.root, path)
                   for path in paths}
         held = [path for path, state in states.items() if state]
-        blobs = dict(zip(held, self.git.write_blobs([states[p][0] for p in held], stored)))  # type: ignore[index]
+        known = {path: blob for path, blob in (synced or {}).items() if states.get(path)}
+        fresh = [path for path in held if path not in known]
+        blobs = {**known, **dict(zip(fresh, self.git.write_blobs([states[p][0] for p in fresh])))}  # type: ignore[index]
         return [{"path": path, "blob": blobs.get(path), "mode": state[1] if state else None}
                 for path, state in states.items()]
 
@@ -5350,13 +5352,13 @@ class UndoLog:
         return [e["path"] for e in entries]
 
 
-def synced_ids(files: Sequence["FilePatch"], exact: set) -> List[str]:
-    """The blob ids of the files here that hold the synced bytes (`exact`, by new path): the
-    sync's record holds them, in the store or in your repository's objects beside it (as it
-    holds every file the 3-way merge starts from), so the undo log points at them as they are
-    and does not deflate a copy."""
-    return [ids[0] for fp, ids in zip(files, map(index_ids, files))
-            if ids and fp.path in exact and fp.kind != "new" and len(ids[0]) == 40]
+def synced_ids(files: Sequence["FilePatch"], exact: set) -> Dict[str, str]:
+    """{path: blob id} of the files here that hold the synced bytes (`exact`, by new path):
+    the sync's record holds those blobs, in the store or in your repository's objects beside
+    it (as it holds every file the 3-way merge starts from), so the undo log points at them
+    as they are and neither hashes nor deflates a copy."""
+    return {fp.old_path: ids[0] for fp, ids in zip(files, map(index_ids, files))
+            if ids and fp.path in exact and fp.kind != "new" and len(ids[0]) == 40}
 
 
 def touched_paths(files: Sequence["FilePatch"]) -> List[str]:
