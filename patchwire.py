@@ -5091,6 +5091,10 @@ class Applier:
             now = self.read_here(paths)
             self.check_written(files, exact, before, now)
             return self.done(before, "plain", paths, [], now)
+        if self.read_here(list(here)) != here:  # not a patch that does not apply: a write that failed
+            self.undo_log.put_back(reversed(before))
+            raise PatchError("git apply failed while writing; every file was put back:\n"
+                             + describe_apply_failure(plain.stderr), "fix the cause and apply again")
         failure = describe_apply_failure(plain.stderr)
         if not self.project.is_git_repo:
             raise PatchError("the patch does not apply to the files here; nothing was changed:\n"
