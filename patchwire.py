@@ -19,7 +19,7 @@ The laptop is the source of truth. `patchwire ask "PROMPT"` does the whole job:
     5. stream the setup's, the AI's and the checks' progress (NDJSON events) to stderr
     6. fetch the diff, preview it (the checks' verdict, once the receipt's sha256 is this
        patch's; per-file summary, coloured diff, intra-line highlights)
-    7. on Enter, `git apply --check`, then `git apply`: all or nothing
+    7. on Enter, `git apply`: all or nothing (git checks every hunk before it writes)
 
 Commands (`patchwire COMMAND --help` for each):
     init     write .patchwire.toml for this project (never the token itself)
@@ -5035,8 +5035,8 @@ class Chooser:
 
 class Applier:
     """Applies a patch to the project: plainly when the files still match what was synced
-    (`git apply --check`, then `git apply`: all or nothing); otherwise, in a git repository,
-    by 3-way merging each file against the synced version (ThreeWayMerge). What it overwrites
+    (`git apply`, which checks every hunk before it writes: all or nothing); otherwise, in a
+    git repository, by 3-way merging each file against the synced version (ThreeWayMerge). What it overwrites
     goes to the UndoLog first, for `patchwire apply --undo`. It asks nothing itself: whether
     to write conflict markers is `keep_conflicts`'s decision ({path: merged bytes} -> keep?),
     which the command passes in (ask_keep_conflicts; no decision: never).
