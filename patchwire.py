@@ -19,7 +19,7 @@ The laptop is the source of truth. `patchwire ask "PROMPT"` does the whole job:
     5. stream the setup's, the AI's and the checks' progress (NDJSON events) to stderr
     6. fetch the diff, preview it (the checks' verdict, once the receipt's sha256 is this
        patch's; per-file summary, coloured diff, intra-line highlights)
-    7. on Enter, `git apply --check`, then `git apply`: all or nothing
+    7. on Enter, `git apply`: all or nothing (git checks every hunk before it writes)
 
 Commands (`patchwire COMMAND --help` for each):
     init     write .patchwire.toml for this project (never the token itself)
@@ -112,10 +112,13 @@ import difflib
 import enum
 import fcntl
 import fnmatch
+import gc
 import glob
 import hashlib
 import heapq
+import io
 import json
+import operator
 import os
 import re
 import itertools
@@ -521,7 +524,9 @@ class Git:
         ids = []
         for data in datas:
             header = b"blob %d\0" % len(data)
-            sha = hashlib.sha1(header + data).hexdigest()
+            digest = hashlib.sha1(header)
+            digest.update(data)  # not header + data: that copies the file
+            sha = digest.hexdigest()
             path = objects / sha[:2] / sha[2:]
             if not path.exists():
                 path.parent.mkdir(exist_ok=True)
@@ -603,6 +608,14 @@ class Git:
                 found[blob] = None  # missing, ambiguous, or not a blob (a tree's body is skipped)
                 at += int(head[2]) + 1 if len(head) == 3 else 0
         return found
+
+    def have_objects(self, ids: Sequence[str]) -> set:
+        """Which of `ids` name an object here, in one `cat-file --batch-check` (nothing inflated)."""
+        wanted = list(dict.fromkeys(ids))
+        if not wanted:
+            return set()
+        out = self("cat-file", "--batch-check", input="".join(i + "\n" for i in wanted).encode())
+        return {line.split(b" ")[0].decode() for line in out.splitlines() if not line.endswith(b" missing")} & set(wanted)
 
     def ls_files_stage(self) -> Dict[str, Tuple[str, str]]:
         """{path: (mode, blob)} of the index."""
@@ -3424,6 +3437,13 @@ class Style:
     def __call__(self, name: str, text: str) -> str:
         return f"\x1b[{self.CODES[name]}m{text}\x1b[0m" if self.enabled and text else text
 
+    def each(self, name: str, lines: List[str]) -> List[str]:
+        """[self(name, line) for line in lines], joined and split in C: no line holds a newline."""
+        if not (self.enabled and lines and all(lines)):
+            return [self(name, line) for line in lines]
+        on, off = f"\x1b[{self.CODES[name]}m", "\x1b[0m"
+        return (on + (off + "\n" + on).join(lines) + off).split("\n")
+
 
 def sanitized(value: Any) -> Any:
     """A JSON value from the box with every string in it sanitised (newlines kept, not yet
@@ -3690,6 +3710,7 @@ class FilePatch:
         self.old_mode: Optional[str] = None  # None: not said (unchanged, whatever it is here)
         self.new_mode: Optional[str] = None
         self.hunks: List[Tuple[int, int, List[bytes]]] = []  # (old start, new start, lines)
+        self.kinds: List[bytes] = []  # each hunk's line_kinds, as the reader counted them
         self.body_start = 0  # index in `lines` of the first hunk header (0: no hunks)
         self.link_target: Optional[str] = None  # the new target, when the result is a symlink
         self.result: Optional[bytes] = None  # the text file it leaves, computed here (compute_results)
@@ -3747,9 +3768,15 @@ def c_unquote(token: bytes) -> bytes:
     return bytes(out)
 
 
+_QUOTED_BYTE = re.compile(rb'["\\\x00-\x1f\x7f]')
+_QUOTED_BYTE_FULL = re.compile(rb'["\\\x00-\x1f\x7f-\xff]')
+
+
 def c_quote(raw: bytes, full: bool) -> bytes:
     """A name as git writes it: quoted when it holds '"', '\\' or a control byte (and with
     core.quotePath, any byte over 0x7f); as is otherwise."""
+    if not (_QUOTED_BYTE_FULL if full else _QUOTED_BYTE).search(raw):
+        return raw  # most names: no byte to look at one by one
     out, needed = bytearray(), False
     for c in raw:
         if c in _C_LETTERS:
@@ -3845,16 +3872,19 @@ class PatchParser:
         if patch and not patch.endswith(b"\n"):
             raise refuse("it does not end with a newline (cut short?)")
         self.lines = patch_lines(patch)
+        # each line's first byte, all in one bytes: a hunk's body is measured by counting its
+        # kinds there (C speed), not line by line (a 50 MB patch holds a million lines)
+        self.kinds = line_kinds(self.lines)
         self.i = 0
+        self.start = 0  # where the section being read starts
+        self.backslash = False  # the section's last hunk had a `\ No newline` line
 
     def peek(self) -> Optional[bytes]:
         return self.lines[self.i] if self.i < len(self.lines) else None
 
-    def take(self, fp: Optional[FilePatch] = None) -> bytes:
+    def take(self) -> bytes:
         line = self.lines[self.i]
         self.i += 1
-        if fp is not None:
-            fp.lines.append(line)
         return line
 
     def fail(self, why: str) -> PatchRefused:
@@ -3877,6 +3907,7 @@ class PatchParser:
         return out
 
     def section(self) -> FilePatch:
+        self.start, self.backslash = self.i, False
         fp = FilePatch(self.take())
         while True:
             line = self.peek()
@@ -3886,17 +3917,18 @@ class PatchParser:
             if key in fp.headers:
                 raise self.fail(f"a second `{key.replace('_', ' ')}` line")
             prefix = next(p for p, k in EXTENDED_HEADERS if k == key)
-            fp.headers[key] = self.take(fp)[len(prefix):-1]
+            fp.headers[key] = self.take()[len(prefix):-1]
         labels = self.body(fp)
+        fp.lines = self.lines[self.start:self.i]  # the section's own lines, every one read above
         self.settle(fp, labels)
         return fp
 
     def body(self, fp: FilePatch) -> Optional[Tuple[bytes, bytes]]:
         line = self.peek()
         if line == b"GIT binary patch\n":
-            self.take(fp)
+            self.take()
             fp.binary = True
-            fp.body_start = len(fp.lines)
+            fp.body_start = self.i - self.start
             self.binary_block(fp)
             if self.peek() is not None and self.peek().startswith((b"literal ", b"delta ")):
                 self.binary_block(fp)
@@ -3905,19 +3937,19 @@ class PatchParser:
             raise self.fail("a binary change without its content (the box must use git diff --binary)")
         if line is None or not line.startswith(b"--- "):
             return None
-        old_label = self.take(fp)[4:-1]
+        old_label = self.take()[4:-1]
         if self.peek() is None or not self.peek().startswith(b"+++ "):
             raise self.fail("a `---` line without its `+++` line")
-        new_label = self.take(fp)[4:-1]
+        new_label = self.take()[4:-1]
         if self.peek() is None or not self.peek().startswith(b"@@ "):
             raise self.fail("file names without a hunk")
-        fp.body_start = len(fp.lines)
+        fp.body_start = self.i - self.start
         while self.peek() is not None and self.peek().startswith(b"@@ "):
             self.hunk(fp)
         return old_label, new_label
 
     def hunk(self, fp: FilePatch) -> None:
-        header = self.take(fp)
+        header = self.take()
         m = HUNK_RE.match(header)
         if not m or not (m.group(5) == b"\n" or m.group(5).startswith(b" ")):
             raise refuse(f"line {self.i}: a malformed hunk header: {header[:100]!r}")
@@ -3926,6 +3958,61 @@ class PatchParser:
         # the hunk while git reads it as the start of something else
         old_left = int(m.group(2)) if m.group(2) is not None else 1
         new_left = int(m.group(4)) if m.group(4) is not None else 1
+        end = self.hunk_end(old_left, new_left)
+        if end:
+            lines, kinds = self.lines[self.i:end], self.kinds[self.i:end]
+            fp.added, fp.removed, self.i = fp.added + kinds.count(b"+"), fp.removed + kinds.count(b"-"), end
+        else:
+            lines = self.hunk_lines(fp, old_left, new_left)
+            kinds = line_kinds(lines)
+        # `\ No newline at end of file` strips the newline of the line before it. git writes it
+        # only after a side's last line; anywhere else git apply joins that line to the next,
+        # so a previewed `sha256sum -c ... || exit 1` line can vanish into a comment
+        backslash = b"\\" in kinds
+        problem = no_newline_problem(lines) if backslash else None
+        if problem or self.backslash:  # a hunk after one that ended without a newline
+            raise refuse(f"line {self.i}: a `\\ No newline at end of file` {problem or 'before the last hunk'}: "
+                         "git joins the lines around it, so the file written is not the one shown")
+        self.backslash = backslash
+        fp.hunks.append((int(m.group(1)), int(m.group(3)), lines))
+        fp.kinds.append(kinds)
+
+    def hunk_end(self, old_left: int, new_left: int) -> int:
+        """Where a hunk's body that holds exactly the lines its counts say ends, measured on
+        `kinds` whole slices at a time; 0 when it does not (then hunk_lines reads it line by
+        line and names the line that is wrong). A line counts for one side or both, so the
+        body is at least as long as the larger count still missing: the window grows by that
+        much and never past where the line-by-line reading would stop."""
+        kinds, start = self.kinds, self.i
+        end = start
+        old = new = 0
+        while old < old_left or new < new_left:
+            grow = max(old_left - old, new_left - new)
+            part = kinds[end:end + grow]
+            if len(part) < grow:
+                return 0  # the patch ends inside the hunk
+            both = part.count(b" ") + part.count(b"\n")
+            minus, plus, slashes = part.count(b"-"), part.count(b"+"), part.count(b"\\")
+            if both + minus + plus + slashes != grow:
+                return 0  # a line that is neither context, removed nor added
+            old, new, end = old + both + minus, new + both + plus, end + grow
+        if old != old_left or new != new_left:
+            return 0  # more lines than the header says
+        while kinds[end:end + 1] == b"\\" and self.lines[end].startswith(b"\\ "):
+            end += 1  # `\ No newline` after the last line belongs to the hunk
+        return end if end > start and self.backslashes_fit(start, end) else 0
+
+    def backslashes_fit(self, start: int, end: int) -> bool:
+        """Each `\\` line of a body is a `\\ ` line after a line that is not one."""
+        at = self.kinds.find(b"\\", start, end)
+        while at >= 0:
+            if at == start or self.kinds[at - 1] == 0x5C or not self.lines[at].startswith(b"\\ "):
+                return False
+            at = self.kinds.find(b"\\", at + 1, end)
+        return True
+
+    def hunk_lines(self, fp: FilePatch, old_left: int, new_left: int) -> List[bytes]:
+        """A hunk's body read line by line, to name the line where it goes wrong."""
         lines: List[bytes] = []
         while old_left > 0 or new_left > 0 or (self.peek() or b"").startswith(b"\\ "):
             line = self.peek()
@@ -3947,32 +4034,25 @@ class PatchParser:
                 raise self.fail("a line in a hunk that is neither context, removed nor added")
             if old_left < 0 or new_left < 0:
                 raise self.fail("more lines than the hunk header says")
-            lines.append(self.take(fp))
-        # `\ No newline at end of file` strips the newline of the line before it. git writes it
-        # only after a side's last line; anywhere else git apply joins that line to the next,
-        # so a previewed `sha256sum -c ... || exit 1` line can vanish into a comment
-        problem = no_newline_problem(lines)
-        if problem or (fp.hunks and any(line.startswith(b"\\") for line in fp.hunks[-1][2])):
-            raise refuse(f"line {self.i}: a `\\ No newline at end of file` {problem or 'before the last hunk'}: "
-                         "git joins the lines around it, so the file written is not the one shown")
-        fp.hunks.append((int(m.group(1)), int(m.group(3)), lines))
+            lines.append(self.take())
+        return lines
 
     def binary_block(self, fp: FilePatch) -> None:
         line = self.peek()
         if line is None or not re.fullmatch(rb"(literal|delta) \d+\n", line):
             raise self.fail("a binary patch without `literal` or `delta`")
-        self.take(fp)
+        self.take()
         count = 0
         while self.peek() not in (b"\n", None):
             line = self.peek()
             size = line[0] - (ord("A") - 1) if line[:1].isupper() else line[0] - (ord("a") - 27)
             if not BASE85_LINE_RE.fullmatch(line) or len(line) - 2 != (size + 3) // 4 * 5:
                 raise self.fail("a malformed line of binary data")
-            self.take(fp)
+            self.take()
             count += 1
         if self.peek() is None or not count:
             raise self.fail("binary data that does not end with an empty line")
-        self.take(fp)
+        self.take()
 
     def settle(self, fp: FilePatch, labels: Optional[Tuple[bytes, bytes]]) -> None:
         """Names and kind from the section's lines, which must all agree. git apply reads
@@ -4145,15 +4225,34 @@ def _mode(headers: Dict[str, bytes], key: str) -> Optional[str]:
 
 
 def patch_lines(data: bytes) -> List[bytes]:
-    """Lines ending in LF, and only LF: a lone CR is part of a line's content."""
-    lines = [line + b"\n" for line in data.split(b"\n")]
-    lines[-1] = lines[-1][:-1]
-    return lines if lines[-1] else lines[:-1]
+    """Lines ending in LF, and only LF: a lone CR is part of a line's content (BytesIO splits
+    at LF alone, unlike bytes.splitlines)."""
+    return io.BytesIO(data).readlines()
+
+
+def line_kinds(lines: Sequence[bytes]) -> bytes:
+    """The first byte of each line (none is empty), in one bytes object."""
+    return bytes(map(operator.itemgetter(0), lines))
 
 
 def split_patch(patch: bytes) -> List[FilePatch]:
     """The patch's files, or PatchRefused: the one reader of patches on the laptop."""
-    return PatchParser(patch).files()
+    with collector_paused():
+        return PatchParser(patch).files()
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cycle collector held off: reading a patch makes a few thousand lists (the
+    sections, their hunks) beside a million lines, none of them in a cycle, and the
+    collections their making set off doubled the reading time of a 50 MB patch."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 # ================================================================== vetting: a patch against the files here, its results computed
@@ -4215,8 +4314,9 @@ SCRIPT_SUFFIXES = (".sh", ".bash", ".zsh", ".py", ".pl", ".rb", ".js", ".mjs", "
 
 def blob_id(data: bytes, like: str) -> str:
     """git's id of a blob holding `data`, in the hash `like` (an id) is written in."""
-    algo = "sha256" if len(like) == 64 else "sha1"
-    return hashlib.new(algo, b"blob %d\0" % len(data) + data).hexdigest()
+    digest = hashlib.new("sha256" if len(like) == 64 else "sha1", b"blob %d\0" % len(data))
+    digest.update(data)  # not header + data: that copies the file
+    return digest.hexdigest()
 
 
 def index_ids(fp: FilePatch) -> Optional[Tuple[str, str]]:
@@ -4227,47 +4327,90 @@ def index_ids(fp: FilePatch) -> Optional[Tuple[str, str]]:
     return m.group(1).decode(), m.group(2).decode()
 
 
-def hunk_sides(lines: List[bytes]) -> Tuple[List[bytes], List[bytes], bool]:
-    """(old side's lines, new side's lines, has trailing context) of one hunk; a line
-    followed by `\\ No newline at end of file` loses its newline."""
+# A hunk's body as runs of one kind of line: removed, added, context (an empty context line is a
+# bare LF), or one `\ No newline at end of file`
+_HUNK_RUNS = re.compile(rb"-+|\++|[ \n]+|\\")
+
+
+def hunk_sides(lines: List[bytes], kinds: Optional[bytes] = None) -> Tuple[bytes, int, bytes, int, bool]:
+    """(old side's text, its line count, new side's text, its line count, has trailing
+    context) of one hunk (`kinds`: its line_kinds, when counted already); a line followed by
+    `\\ No newline at end of file` loses its newline. Built a run of lines at a time: a
+    rewrite of 100,000 lines is two runs."""
+    kinds = line_kinds(lines) if kinds is None else kinds
     old: List[bytes] = []
     new: List[bytes] = []
-    trailing = False
-    went: List[List[bytes]] = []  # the sides the line before took
-    for line in lines:
-        if line.startswith(b"\\"):
+    old_n = new_n = 0
+    went: Tuple[List[bytes], ...] = ()  # the sides the run before went to
+    for run in _HUNK_RUNS.finditer(kinds):
+        first, end = run.span()
+        sign = kinds[first:first + 1]
+        if sign == b"\\":
             for side in went:
                 side[-1] = side[-1][:-1]
             continue
-        sign, text = (b" ", b"\n") if line == b"\n" else (line[:1], line[1:])
-        trailing = sign == b" "
-        went = [side for side, skip in ((old, b"+"), (new, b"-")) if sign != skip]
+        went = (old,) if sign == b"-" else (new,) if sign == b"+" else (old, new)
+        text = run_text(lines[first:end], sign)
         for side in went:
             side.append(text)
-    return old, new, trailing
+        old_n += end - first if sign != b"+" else 0
+        new_n += end - first if sign != b"-" else 0
+    trailing = kinds.rstrip(b"\\")[-1:] in (b" ", b"\n")
+    return b"".join(old), old_n, b"".join(new), new_n, trailing
+
+
+def run_text(run: List[bytes], sign: bytes) -> bytes:
+    """The text of a run of lines of one kind, their signs dropped: after every LF of the
+    joined run the next line's sign, and the first line's (an empty context line has none)."""
+    joined = b"".join(run)
+    sign = b" " if sign == b"\n" else sign
+    joined = joined[1:] if joined[:1] == sign else joined
+    return joined.replace(b"\n" + sign, b"\n")
 
 
 def post_image(pre: bytes, fp: FilePatch, whole: bool = True) -> bytes:
     """The file `fp` makes of `pre`, every hunk at exactly the line it names, its context and
     removed lines byte for byte those of `pre` there; PatchRefused otherwise. `whole`: the
-    new line numbers too (a part chosen by -i renumbers them its own way; git ignores them)."""
-    old, at = patch_lines(pre), 0
+    new line numbers too (a part chosen by -i renumbers them its own way; git ignores them).
+    Lines are compared and copied as whole slices of `pre` (`starts`: where each line begins)."""
+    starts, whole_pre = LineStarts(pre), memoryview(pre)  # compared in place, not copied
+    count = starts.count
     out: List[bytes] = []
-    for old_start, new_start, lines in fp.hunks:
-        gone, added, trailing = hunk_sides(lines)
-        start = old_start - 1 if gone else old_start  # `-5,0`: insert after line 5
-        if start < at or old[start:start + len(gone)] != gone:
+    at = made = 0  # lines of `pre` used, lines of the result made
+    kinds = fp.kinds if len(fp.kinds) == len(fp.hunks) else [line_kinds(lines) for _, _, lines in fp.hunks]
+    for (old_start, new_start, lines), counted in zip(fp.hunks, kinds):
+        gone, gone_n, added, added_n, trailing = hunk_sides(lines, counted)
+        start = old_start - 1 if gone_n else old_start  # `-5,0`: insert after line 5
+        if start < at or whole_pre[starts[start]:starts[start + gone_n]] != gone:
             raise refuse(f"a hunk of {fp.path!r} whose lines are not those of the synced file at "
                          f"line {old_start} (git would look for them elsewhere and change another place)")
-        if not trailing and start + len(gone) != len(old):
+        if not trailing and start + gone_n != count:
             raise refuse(f"a hunk of {fp.path!r} without trailing context that does not end the file "
                          "(git would apply it at the end of the file instead)")
-        before = len(out) + start - at
-        if whole and new_start != before + (1 if added else 0):
+        before = made + start - at
+        if whole and new_start != before + (1 if added_n else 0):
             raise refuse(f"a hunk of {fp.path!r} whose new line number {new_start} is not where it lands")
-        out += old[at:start] + added
-        at = start + len(gone)
-    return b"".join(out + old[at:])
+        out += [whole_pre[starts[at]:starts[start]], added]
+        made, at = before + added_n, start + gone_n
+    # a file rewritten whole is its added text: bytes.join of one bytes returns it, no copy
+    return b"".join([piece for piece in [*out, whole_pre[starts[at]:]] if len(piece)])
+
+
+class LineStarts:
+    """Where line N of `data` begins (past the last line: its end). Counted on first need: a
+    file rewritten whole has hunks only at its two ends, and needs none of them."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.count = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+        self.starts: Optional[List[int]] = None
+
+    def __getitem__(self, line: int) -> int:
+        if line <= 0 or line >= self.count:
+            return 0 if line <= 0 else len(self.data)
+        if self.starts is None:
+            self.starts = [0, *itertools.accumulate(map(len, patch_lines(self.data)))]
+        return self.starts[line]
 
 
 def preimage(project: "Project", fp: FilePatch, base_tree: Optional[str],
@@ -4295,7 +4438,7 @@ def compute_results(project: "Project", files: Sequence[FilePatch], base_tree: O
     box sent it, whose results must be the blobs its `index` lines name (a part chosen
     from it by --only or -i is checked by position only). The blobs the sections name are
     read in one git process, not one each."""
-    blobs = project.git.read_blobs([ids[0] for ids in map(index_ids, files) if ids and not ZERO_ID.fullmatch(ids[0])])
+    blobs = synced_blobs(project, files)
     for fp in files:
         if fp.binary:
             problem = binary_problem(fp, preimage(project, fp, base_tree, blobs))
@@ -4314,6 +4457,24 @@ def compute_results(project: "Project", files: Sequence[FilePatch], base_tree: O
         if whole and ids and (blob_id(fp.result, ids[1]) != expected if expected else fp.result):
             raise refuse(f"the result for {fp.path!r} is not the file its index line names ({ids[1][:12]})")
     return files
+
+
+def synced_blobs(project: "Project", files: Sequence[FilePatch]) -> Dict[str, Optional[bytes]]:
+    """{id: bytes, None when the store lacks it} of the blobs the sections' `index` lines say
+    they were made from. Patchwire's store holds them deflated (packed: as deltas too), and
+    inflating 64 MB took 0.4 s, while a file here that still holds those bytes is read and
+    hashed in a fifth of that: so a blob the store has is taken from the file here when the
+    file hashes to its id (the same bytes, by git's own naming); the rest come from the
+    store, all in one `cat-file --batch`."""
+    wanted = {ids[0]: fp.old_path for fp, ids in zip(files, map(index_ids, files))
+              if ids and not ZERO_ID.fullmatch(ids[0])}
+    found: Dict[str, Optional[bytes]] = {}
+    for blob in project.git.have_objects(list(wanted)):
+        with contextlib.suppress(PatchwireError):  # a path through a symlink: read from the store
+            here = read_worktree(project.root, wanted[blob])
+            if here is not None and blob_id(here[0], blob) == blob:
+                found[blob] = here[0]
+    return {**found, **project.git.read_blobs([blob for blob in wanted if blob not in found])}
 
 
 def binary_problem(fp: FilePatch, pre: Optional[bytes]) -> Optional[str]:
@@ -4349,13 +4510,17 @@ def binary_literal(fp: FilePatch) -> Optional[bytes]:
         raise refuse(f"binary data for {fp.path!r} that does not decode")
 
 
-def unchanged_since_sync(project: "Project", files: Sequence[FilePatch], base_tree: Optional[str]) -> set:
+def unchanged_since_sync(project: "Project", files: Sequence[FilePatch], base_tree: Optional[str],
+                         read: Optional[Dict[str, Optional[Tuple[bytes, str]]]] = None) -> set:
     """Paths of the text files here that hold exactly the bytes the patch was made from:
-    there the result git writes must be the one computed (Applier.check_written)."""
+    there the result git writes must be the one computed (Applier.check_written). `read`:
+    the files here read already."""
+    read = read or {}
     out = set()
     for fp in files:
         if fp.result is not None and not fp.binary:
-            here = read_worktree(project.root, fp.old_path) if fp.kind != "new" else None
+            old = fp.old_path
+            here = (read[old] if old in read else read_worktree(project.root, old)) if fp.kind != "new" else None
             pre = fp.pre if fp.pre is not None else preimage(project, fp, base_tree)
             if (here[0] if here else b"" if fp.kind == "new" else None) == pre:
                 out.add(fp.path)
@@ -4702,59 +4867,78 @@ def render_diff(files: Sequence[FilePatch], style: Style) -> List[str]:
 
 
 def diff_lines(files: Sequence[FilePatch], style: Style) -> Iterator[str]:
-    """The preview's diff, a line at a time as it is rendered (page() shows the first
-    screenful before the rest is rendered)."""
+    """The preview's diff, a line at a time, rendered a file at a time (page() shows the
+    first screenful before the rest is rendered)."""
+    budget = [DIFFLIB_PAIRS_PER_PREVIEW]
     for f in files:
-        lines = [sanitize(l.decode("utf-8", "replace").rstrip("\n")) for l in f.lines]
-        body = f.body_start or len(lines)
-        yield from (style("bold", line) for line in lines[:body])
-        i = body
-        while i < len(lines):
-            line = lines[i]
-            if line.startswith("@@"):  # the heading after `@@ ... @@` is the box's words: not shown
-                yield style("cyan", line[:line.find("@@", 2) + 2])
-            elif line.startswith("-"):
-                minus = _run_of(lines, i, "-")
-                plus = _run_of(lines, i + len(minus), "+")
-                yield from _highlight_pair(minus, plus, style)
-                i += len(minus) + len(plus)
-                continue
-            elif line.startswith("+"):
-                yield style("green", line)
-            else:
-                yield line
-            i += 1
+        yield from file_diff_lines(f, style, budget)
 
 
-def _run_of(lines: List[str], start: int, sign: str) -> List[str]:
-    run_ = []
-    while start < len(lines) and lines[start].startswith(sign):
-        run_.append(lines[start])
-        start += 1
-    return run_
+_PLAIN_BYTES = bytes(range(0x20, 0x7F)) + b"\t\n"
+
+
+def terminal_text(data: bytes) -> str:
+    """`data` decoded and sanitised with its newlines kept (sanitize, line by line, gives the
+    same): most patches are printable ASCII, found so by one C pass (translate) instead of the
+    regex's, which took 0.2 s on 4 MB."""
+    if not data.translate(None, _PLAIN_BYTES):
+        return data.decode("ascii")
+    return _UNSAFE_KEEP_NEWLINES.sub(_visible, data.decode("utf-8", "replace"))
+
+
+# A section's body by runs of its lines' first bytes: removed lines and the added ones right
+# after them (a pair of runs highlighted together), added lines alone, a hunk header, the rest
+_RENDER_RUNS = re.compile(rb"(-+)(\+*)|\++|@|[^-+@]+")
+
+
+def file_diff_lines(f: FilePatch, style: Style, budget: List[int]) -> List[str]:
+    """One section's lines, coloured. The section is decoded and sanitised in one pass and
+    coloured a run of lines at a time (a 100,000-line preview took 0.6 s a line at a time);
+    only a removed/added pair is looked at on its own, to highlight what changed in it."""
+    lines = terminal_text(b"".join(f.lines)).split("\n")[:-1]
+    body = f.body_start or len(lines)
+    out = [style("bold", line) for line in lines[:body]]
+    for run in _RENDER_RUNS.finditer(line_kinds(f.lines[body:])):
+        first, end = body + run.start(), body + run.end()
+        kind = run.group()[:1]
+        if kind == b"@":  # the heading after `@@ ... @@` is the box's words: not shown
+            out.append(style("cyan", lines[first][:lines[first].find("@@", 2) + 2]))
+        elif kind == b"-":
+            split = first + len(run.group(1))
+            out += _highlight_pair(lines[first:split], lines[split:end], style, budget)
+        elif kind == b"+":
+            out += style.each("green", lines[first:end])
+        else:
+            out += lines[first:end]
+    return out
 
 
 # difflib costs ~100 µs a pair of ordinary lines and grows with the square of a line's length:
-# a 10,000-line rewrite took 0.9 s to colour (7 ms uncoloured). So difflib judges only the
-# first pairs of each run and short lines; past that, a pair is highlighted by its common
-# prefix and suffix (what git's contrib diff-highlight does), linear in the line's length.
+# a 10,000-line rewrite took 0.9 s to colour (7 ms uncoloured), and 3,000 one-line edits 0.5 s.
+# So difflib judges only the first pairs of each run, the first pairs of a preview (the screens
+# read first) and short lines; past that, a pair is highlighted by its common prefix and suffix
+# (what git's contrib diff-highlight does), linear in the line's length.
 DIFFLIB_PAIRS_PER_RUN = 16
+DIFFLIB_PAIRS_PER_PREVIEW = 128
 DIFFLIB_MAX_LINE = 400
 
 
-def _highlight_pair(minus: List[str], plus: List[str], style: Style) -> List[str]:
+def _highlight_pair(minus: List[str], plus: List[str], style: Style, budget: Optional[List[int]] = None) -> List[str]:
     """Removed and added lines, with the changed characters highlighted when the two runs
-    pair up line by line (difflib decides what changed within each pair, within a budget)."""
+    pair up line by line (difflib decides what changed within each pair, within a budget:
+    `budget[0]` pairs left for this preview)."""
     if not style.enabled or len(minus) != len(plus):
-        return [style("red", l) for l in minus] + [style("green", l) for l in plus]
+        return style.each("red", minus) + style.each("green", plus)
+    budget = budget if budget is not None else [DIFFLIB_PAIRS_PER_PREVIEW]
     old_out, new_out = [], []
     for k, (old, new) in enumerate(zip(minus, plus)):
         a, b = old[1:], new[1:]
-        if k >= DIFFLIB_PAIRS_PER_RUN or max(len(a), len(b)) > DIFFLIB_MAX_LINE:
+        if k >= DIFFLIB_PAIRS_PER_RUN or budget[0] <= 0 or max(len(a), len(b)) > DIFFLIB_MAX_LINE:
             old_line, new_line = _highlight_ends(a, b, style)
             old_out.append(old_line)
             new_out.append(new_line)
             continue
+        budget[0] -= 1
         matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
         if matcher.ratio() < 0.4:
             old_out.append(style("red", old))
@@ -5089,8 +5273,8 @@ def show_hunk_lines(lines: Sequence[bytes], style: Style) -> None:
 
 class Applier:
     """Applies a patch to the project: plainly when the files still match what was synced
-    (`git apply --check`, then `git apply`: all or nothing); otherwise, in a git repository,
-    by 3-way merging each file against the synced version (ThreeWayMerge). What it overwrites
+    (`git apply`, which checks every hunk before it writes: all or nothing); otherwise, in a
+    git repository, by 3-way merging each file against the synced version (ThreeWayMerge). What it overwrites
     goes to the UndoLog first, for `patchwire apply --undo`. It asks nothing itself: whether
     to write conflict markers is `keep_conflicts`'s decision ({path: merged bytes} -> keep?),
     which the command passes in (ask_keep_conflicts; no decision: never).
@@ -5135,14 +5319,21 @@ class Applier:
     def apply_vetted(self, patch: bytes, files: List[FilePatch], base_tree: Optional[str]) -> dict:
         paths = touched_paths(files)
         gone = removed_links(self.project.root, files)
-        check = self.git.run("apply", "--check", "--binary", "-", input=patch, check=False)
-        if check.returncode == 0:
-            before = self.saved(paths, gone)
-            exact = unchanged_since_sync(self.project, files, base_tree)
-            self.git("apply", "--binary", "-", input=patch)
-            self.check_written(files, exact, before)
-            return self.done(before, "plain", paths, [])
-        failure = describe_apply_failure(check.stderr)
+        # every file is read once before git writes (the undo log, and which ones are as synced)
+        # and once after (the check, the undo log's digests), not once per use
+        here = self.read_here([path for path in paths if not beneath(path, gone)])
+        exact = unchanged_since_sync(self.project, files, base_tree, here)
+        before = self.saved(paths, gone, here, synced_ids(files, exact))
+        plain = self.git_apply(patch)
+        if plain.returncode == 0:
+            now = self.read_here(paths)
+            self.check_written(files, exact, before, now)
+            return self.done(before, "plain", paths, [], now)
+        if self.read_here(list(here)) != here:  # not a patch that does not apply: a write that failed
+            self.undo_log.put_back(reversed(before))
+            raise PatchError("git apply failed while writing; every file was put back:\n"
+                             + describe_apply_failure(plain.stderr), "fix the cause and apply again")
+        failure = describe_apply_failure(plain.stderr)
         if not self.project.is_git_repo:
             raise PatchError("the patch does not apply to the files here; nothing was changed:\n"
                              + failure, "3-way merging is not available outside a git repository: "
@@ -5169,6 +5360,18 @@ class Applier:
         self.write(merged, before)
         return self.done(before, "3-way", list(merged), conflicts)
 
+    def git_apply(self, patch: bytes) -> subprocess.CompletedProcess:
+        """`git apply` of the whole patch, all or nothing: git applies every hunk of every file
+        in memory before it writes one (apply.c checks the whole list first), so a patch that
+        does not apply leaves the files as they were, and no `--check` run has to read and
+        apply it first."""
+        return self.git.run("apply", "--binary", "-", input=patch, check=False)
+
+    def read_here(self, paths: Sequence[str]) -> Dict[str, Optional[Tuple[bytes, str]]]:
+        """What each path holds ((bytes, mode), None when absent); never through a symlink
+        (read_worktree), so never a path beneath a link the patch removes, before it does."""
+        return {path: read_worktree(self.project.root, path) for path in paths}
+
     def set_aside(self, replaced: Sequence[InTheWay]) -> List[dict]:
         """Move the files the user agreed to replace out of the way, their bytes in the store
         first: `git apply` refuses a new file where one exists, and the 3-way merge would
@@ -5178,11 +5381,13 @@ class Applier:
             write_worktree(self.project.root, w.path, None, "")
         return saved
 
-    def saved(self, paths: Sequence[str], gone: set) -> List[dict]:
-        """What each path holds now (UndoLog.save), a file set aside what it held before:
-        `apply --undo` puts those bytes back."""
+    def saved(self, paths: Sequence[str], gone: set, here: Optional[Dict[str, Optional[Tuple[bytes, str]]]] = None,
+              synced: Optional[Dict[str, str]] = None) -> List[dict]:
+        """What each path holds now (UndoLog.save; `here`: read already; `synced`: the paths
+        that hold a synced blob, and its id), a file set aside what it held before: `apply
+        --undo` puts those bytes back."""
         aside = {e["path"]: e for e in self.aside}
-        return [aside.get(e["path"], e) for e in self.undo_log.save(paths, gone)]
+        return [aside.get(e["path"], e) for e in self.undo_log.save(paths, gone, here, synced)]
 
     def write(self, merged: Dict[str, Tuple[Optional[bytes], str, int]], before: List[dict]) -> None:
         """All files or none: on any failure (or Ctrl-C) the files written so far go back.
@@ -5202,19 +5407,22 @@ class Applier:
                              "written so far were put back, nothing was changed",
                              "fix the cause and apply again")
 
-    def check_written(self, files: Sequence[FilePatch], exact: set, before: List[dict]) -> None:
-        """What `git apply` wrote to each file that was here as synced must be the result
-        computed beforehand (the one the preview showed); otherwise everything goes back."""
+    def check_written(self, files: Sequence[FilePatch], exact: set, before: List[dict],
+                      now: Dict[str, Optional[Tuple[bytes, str]]]) -> None:
+        """What `git apply` wrote to each file that was here as synced (`now`: read after it)
+        must be the result computed beforehand (the one the preview showed); otherwise
+        everything goes back."""
         for fp in files:
             if fp.path in exact and fp.result is not None and fp.kind != "deleted":
-                now = read_worktree(self.project.root, fp.path)
-                if now is None or now[0] != fp.result:
+                written = now[fp.path]
+                if written is None or written[0] != fp.result:
                     self.undo_log.put_back(reversed(before))
                     raise refuse(f"git wrote to {fp.path!r} something other than the change shown; "
                                  "every file was put back")
 
-    def done(self, before: List[dict], how: str, paths: Sequence[str], conflicts: List[str]) -> dict:
-        self.undo_log.record(before)
+    def done(self, before: List[dict], how: str, paths: Sequence[str], conflicts: List[str],
+             now: Optional[Dict[str, Optional[Tuple[bytes, str]]]] = None) -> dict:
+        self.undo_log.record(before, now)
         return {"how": how, "files": list(paths), "conflicts": conflicts}
 
     def undo(self) -> List[str]:
@@ -5334,18 +5542,27 @@ class UndoLog:
         self.git = project.git
         self.path = project.state_file("undo.json")
 
-    def save(self, paths: Sequence[str], gone: set) -> List[dict]:
-        """What each path holds now (nothing, beneath a link the patch removes)."""
-        states = {path: None if beneath(path, gone) else read_worktree(self.root, path) for path in paths}
+    def save(self, paths: Sequence[str], gone: set, here: Optional[Dict[str, Optional[Tuple[bytes, str]]]] = None,
+             synced: Optional[Dict[str, str]] = None) -> List[dict]:
+        """What each path holds now (nothing, beneath a link the patch removes); `here`: the
+        paths read already; `synced`: {path: id} of paths that hold the sync record's blob `id`,
+        which is kept as it is (deflating 64 MB into a copy took a second)."""
+        here = here or {}
+        states = {path: None if beneath(path, gone) else here[path] if path in here else read_worktree(self.root, path)
+                  for path in paths}
         held = [path for path, state in states.items() if state]
-        blobs = dict(zip(held, self.git.write_blobs([states[p][0] for p in held])))  # type: ignore[index]
+        known = {path: blob for path, blob in (synced or {}).items() if states.get(path)}
+        fresh = [path for path in held if path not in known]
+        blobs = {**known, **dict(zip(fresh, self.git.write_blobs([states[p][0] for p in fresh])))}  # type: ignore[index]
         return [{"path": path, "blob": blobs.get(path), "mode": state[1] if state else None}
                 for path, state in states.items()]
 
-    def record(self, before: List[dict]) -> None:
-        """Keep `before` (from save) as the last apply, with what each path holds now."""
+    def record(self, before: List[dict], read: Optional[Dict[str, Optional[Tuple[bytes, str]]]] = None) -> None:
+        """Keep `before` (from save) as the last apply, with what each path holds now (`read`:
+        read already, since the apply wrote)."""
         for entry in before:
-            now = read_worktree(self.root, entry["path"])
+            path = entry["path"]
+            now = read[path] if read is not None and path in read else read_worktree(self.root, path)
             entry["after"] = hashlib.sha256(now[0]).hexdigest() if now else None
             entry["after_mode"] = now[1] if now else None
         self.path.write_text(json.dumps(before))
@@ -5375,6 +5592,15 @@ class UndoLog:
         self.put_back(by_path[path] for path in in_write_order(by_path, lambda p: not by_path[p]["blob"]))
         self.path.unlink()
         return [e["path"] for e in entries]
+
+
+def synced_ids(files: Sequence["FilePatch"], exact: set) -> Dict[str, str]:
+    """{path: blob id} of the files here that hold the synced bytes (`exact`, by new path):
+    the sync's record holds those blobs, in the store or in your repository's objects beside
+    it (as it holds every file the 3-way merge starts from), so the undo log points at them
+    as they are and neither hashes nor deflates a copy."""
+    return {fp.old_path: ids[0] for fp, ids in zip(files, map(index_ids, files))
+            if ids and fp.path in exact and fp.kind != "new" and len(ids[0]) == 40}
 
 
 def touched_paths(files: Sequence["FilePatch"]) -> List[str]:

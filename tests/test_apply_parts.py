@@ -152,6 +152,27 @@ def test_undo_log_never_writes_through_a_symlinked_folder(project, tmp_path):
     assert log.save(["dir/x.txt"], {"dir"}) == [{"path": "dir/x.txt", "blob": None, "mode": None}]
 
 
+def test_undo_of_files_as_synced_points_at_the_synced_blobs_and_puts_them_back(project):
+    """A file here that holds the synced bytes is not deflated into the store again for the
+    undo log (the sync record's blob, here in the repository's own objects, is the one kept),
+    and undo still puts it back byte for byte."""
+    base, patch = synced_and_patch(project, {"f.txt": replace_line(BASE, 2, b"AI's line 2\n"),
+                                             "other.txt": b"AI's other\n"})
+    loose = project.private_dir / "objects"
+    synced = pw.blob_id(BASE, "0" * 40)
+    assert not (loose / synced[:2] / synced[2:]).exists()  # a committed file's blob: in .git only
+    files = pw.vet_on_disk(project.root, pw.split_patch(patch))
+    pw.compute_results(project, files, base)
+    result = pw.Applier(project, pw.Style(False)).apply(patch, base, {}, files)
+    assert result["how"] == "plain" and result["files"] == ["f.txt", "other.txt"]
+    assert not (loose / synced[:2] / synced[2:]).exists()
+    undo = {e["path"]: e["blob"] for e in json.loads(project.state_file("undo.json").read_text())}
+    assert undo["f.txt"] == synced
+    assert pw.Applier(project, pw.Style(False)).undo() == ["f.txt", "other.txt"]
+    assert (project.root / "f.txt").read_bytes() == BASE
+    assert (project.root / "other.txt").read_bytes() == b"other\n"
+
+
 # ------------------------------------------------------------------ the conflict question
 
 

@@ -62,3 +62,12 @@ def test_startup_benchmark_quick_run_measures_enter_to_ai_start_up_and_memory_ag
     assert len(rows) == 4 and all(line.endswith("x |") for line in rows), out  # both sides, both parts
     assert "Enter -> AI start, 200 files" in out and "peak RSS of a warm ask, 2,000 files" in out, out
     assert "| 3.9 |" in out or "| 3.13 |" in out, out  # start-up under a supported Python
+
+
+def test_apply_benchmark_quick_run_measures_patchwire_and_git_on_the_same_patch():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/apply.py"), "--quick"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, out  # both sides left the box's tree (the bench checks it)
+    assert "| **Patchwire / git apply** (median of per-round ratios) | **" in out, out
+    assert "| **full render / git diff --color** (median of per-round ratios) | **" in out, out
