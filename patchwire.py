@@ -564,6 +564,16 @@ class Git:
         """The names of the refs under `prefix` (e.g. "refs/jobs/")."""
         return self.text("for-each-ref", "--format=%(refname)", prefix).split()
 
+    def keep_refs(self, prefix: str, ids: Iterable[str]) -> None:
+        """Make the refs under `prefix` exactly one per id of `ids` (PREFIX/ID -> ID), in one
+        `update-ref --stdin`: what a ref names, prune keeps."""
+        want = {f"{prefix}{i}": i for i in ids}
+        have = set(self.refs(prefix))
+        lines = [f"delete {ref}\n" for ref in sorted(have - set(want))]
+        lines += [f"create {ref} {i}\n" for ref, i in sorted(want.items()) if ref not in have]
+        if lines:
+            self("update-ref", "--stdin", input="".join(lines).encode())
+
     def missing_objects(self, ids: Sequence[bytes]) -> List[bytes]:
         """Those of `ids` this repository cannot read, all in one `cat-file --batch-check`."""
         if not ids:
@@ -2024,8 +2034,23 @@ class Project:
         if len(records) > RECORDS_PRUNE_AT:
             self.git.delete_refs([f"refs/records/{old}" for old in records[:-RECORDS_KEPT]])
             records = records[-RECORDS_KEPT:]
+            self.git.keep_refs("refs/undo/", self._undo_blobs())
             self.git("prune", "--expire=1.hour.ago")
         path.write_text(json.dumps(records))
+
+    def _undo_blobs(self) -> List[str]:
+        """The blobs `apply --undo` would put back (the last apply's): loose objects no record
+        names, or a record's own blobs, which pruning old records would otherwise take, and
+        an undo an hour and forty syncs later would find nothing to restore. Those this store
+        cannot read (gone already) are left out: a ref to them cannot be made."""
+        try:
+            entries = json.loads(self.state_file("undo.json").read_text())
+            ids = sorted({e["blob"] for e in entries if isinstance(e, dict) and isinstance(e.get("blob"), str)
+                          and re.fullmatch(r"[0-9a-f]{40}", e["blob"])})
+        except (OSError, ValueError, TypeError):
+            return []
+        missing = set(self.git.missing_objects([i.encode() for i in ids]))
+        return [i for i in ids if i.encode() not in missing]
 
     def _forget_legacy_record(self, git_dir: Path) -> None:
         """Patchwire 0.3 kept its record inside the user's repository (.git/patchwire, and a

@@ -262,6 +262,39 @@ def test_old_records_and_their_blobs_are_pruned(tmp_path, monkeypatch):
     assert git(project.private_dir, "for-each-ref", "--format=%(refname)", "refs/jobs/").split() == ["refs/jobs/def456"]
 
 
+def test_pruning_old_records_keeps_what_undo_would_put_back(tmp_path, monkeypatch):
+    """The last apply's undo blobs (a loose copy of an edit, written when the apply replaced it)
+    survive the pruning of old records an hour later; once another apply replaces the undo log,
+    they may go."""
+    monkeypatch.setattr(patchwire, "RECORDS_KEPT", 1)
+    monkeypatch.setattr(patchwire, "RECORDS_PRUNE_AT", 2)
+    root = make_repo(tmp_path / "laptop", {"a.txt": b"a\n"})
+    project = patchwire.Project(root, "laptop")
+    project.record_paths(["a.txt"])
+    (root / "a.txt").write_bytes(b"the user's edit, only here\n")
+    before = patchwire.UndoLog(project).save(["a.txt"], set())
+    (root / "a.txt").write_bytes(b"what the apply wrote\n")
+    patchwire.UndoLog(project).record(before)
+    blob = before[0]["blob"]
+    loose = project.private_dir / "objects" / blob[:2] / blob[2:]
+
+    def syncs_an_hour_later(n: int) -> None:
+        for i in range(n):
+            hours_ago = time.time() - 7200
+            for obj in (project.private_dir / "objects").glob("??/*"):
+                os.utime(obj, (hours_ago, hours_ago))
+            (root / "b.txt").write_text(f"sync {i} {time.time()}\n")
+            project.record_paths(["a.txt", "b.txt"])
+    syncs_an_hour_later(3)
+    assert loose.exists() and git(project.private_dir, "cat-file", "blob", blob) == "the user's edit, only here\n"
+    assert patchwire.UndoLog(project).undo() == ["a.txt"]
+    assert (root / "a.txt").read_bytes() == b"the user's edit, only here\n"
+    (project.state_file("undo.json")).write_text("[]")  # a later apply's log names other blobs
+    (root / "a.txt").write_bytes(b"edited again\n")  # and no record holds the edit any more
+    syncs_an_hour_later(3)
+    assert not loose.exists()
+
+
 # ------------------------------------------------------------------ changes the stat cannot see
 
 
