@@ -157,7 +157,9 @@ class Baseline:
                 "./", dest]
 
     def command(self, prompt: str) -> str:
-        """The script as a user writes it: one line of shell on the laptop, one remote command."""
+        """The script as a user writes it: one line of shell on the laptop, one remote command.
+        (rsync's quick check skips a file of the same size and mtime: the rounds' AI answers
+        differ in size, or the script would send a stale file, as it would for a user.)"""
         claude = shlex.join(STAND_IN_COMMAND)
         remote = (f"cd {shlex.quote(str(self.box))} && git add -A && git commit -qm s --allow-empty && "
                   f"printf %s {shlex.quote(prompt)} | {claude} -p >/dev/null && git add -A && "
@@ -185,6 +187,15 @@ def run_peak(argv: Sequence[str], cwd: Path, env: Optional[dict] = None) -> floa
             raise RuntimeError(f"{' '.join(argv[:4])}: exit {proc.returncode}\n{tail}")
         figure = Path(peak.name).read_text().strip().splitlines()
         return float(figure[-1]) if timer and figure else float("nan")
+
+
+LAPTOP_PROGRAM: List[List[str]] = []  # the laptop CLI as shipped (--zipapp's dist/patchwire), else source
+
+
+def user_laptop(root: Path) -> Laptop:
+    """The laptop CLI a user runs: the built zipapp with --zipapp (as shipped: bytecode cached
+    after its first start), else this checkout's patchwire.py."""
+    return Laptop(root, program=LAPTOP_PROGRAM[0] if LAPTOP_PROGRAM else None)
 
 
 def patchwire_ask(lap: Laptop, prompt: str) -> float:
@@ -222,7 +233,7 @@ def run_size(tmp: Path, count: int, repeat: int, ssh_server, stack: ExitStack) -
     make_project(root, count)
     agent = AgentProcess(tmp / f"agent{count}", STAND_IN_COMMAND).start()
     stack.callback(agent.stop)
-    lap = Laptop(root)
+    lap = user_laptop(root)
     lap.init(agent)
     modes = [("local", None)]
     if ssh_server is not None:
@@ -239,8 +250,8 @@ def run_size(tmp: Path, count: int, repeat: int, ssh_server, stack: ExitStack) -
         for r in range(repeat):
             (root / "lib" / "user_edit.dart").parent.mkdir(parents=True, exist_ok=True)
             (root / "lib" / "user_edit.dart").write_text(f"// the user's edit {mode} {r}\n")
-            runs = [("pw", lambda: patchwire_ask(lap, script({"write": f"ai_pw_{mode}.txt", "text": f"{r}\n"}))),
-                    ("base", lambda: base.ask(script({"write": f"ai_base_{mode}.txt", "text": f"{r}\n"})))]
+            runs = [("pw", lambda: patchwire_ask(lap, script({"write": f"ai_pw_{mode}.txt", "text": f"round {r}\n" * (r + 2)}))),
+                    ("base", lambda: base.ask(script({"write": f"ai_base_{mode}.txt", "text": f"round {r}\n" * (r + 2)})))]
             for name, func in (runs if r % 2 == 0 else runs[::-1]):
                 start = time.perf_counter()
                 peaks[name].append(func())
@@ -294,7 +305,7 @@ def switch_figures(tmp: Path, count: int, repeat: int, ssh_server, stack: ExitSt
     make_branch(root, count // 10, count // 40, count // 40)
     agent = AgentProcess(tmp / f"agent-switch{count}", STAND_IN_COMMAND).start()
     stack.callback(agent.stop)
-    lap = Laptop(root)
+    lap = user_laptop(root)
     lap.init(agent)
     ssh = over_ssh(lap, agent, ssh_server)
     base = Baseline(root, tmp / f"box-switch{count}", ssh)
@@ -303,8 +314,8 @@ def switch_figures(tmp: Path, count: int, repeat: int, ssh_server, stack: ExitSt
     out: Dict[str, List[float]] = {"pw": [], "base": []}
     for r in range(repeat):
         git(root, "checkout", "-q", "other" if r % 2 == 0 else "main")
-        runs = [("pw", lambda: patchwire_ask(lap, script({"write": "ai_pw.txt", "text": f"{r}\n"}))),
-                ("base", lambda: base.ask(script({"write": "ai_base.txt", "text": f"{r}\n"})))]
+        runs = [("pw", lambda: patchwire_ask(lap, script({"write": "ai_pw.txt", "text": f"round {r}\n" * (r + 2)}))),
+                ("base", lambda: base.ask(script({"write": "ai_base.txt", "text": f"round {r}\n" * (r + 2)})))]
         for name, func in (runs if r % 2 == 0 else runs[::-1]):
             out[name].append(timed(func))
     print(f"  branch switch at {count:,} files, ssh: patchwire {spread(out['pw'])} s, "
@@ -330,15 +341,15 @@ def first_figures(tmp: Path, source: Path, repeat: int, ssh_server, stack: ExitS
     files = len(git(root, "ls-files", "-z").split(b"\0")) - 1
     size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and ".git" not in f.parts)
     out: Dict[str, object] = {"files": files, "bytes": size, "pw": [], "base": []}
-    lap = Laptop(root)
+    lap = user_laptop(root)
     for r in range(repeat):
         agent = AgentProcess(tmp / f"agent-first{r}", STAND_IN_COMMAND).start()
         stack.callback(agent.stop)
         lap.init(agent)
         ssh = over_ssh(lap, agent, ssh_server)
         base = Baseline(root, tmp / f"box-first{r}", ssh)
-        runs = [("pw", lambda: patchwire_ask(lap, script({"write": "ai_pw.txt", "text": f"{r}\n"}))),
-                ("base", lambda: base.ask(script({"write": "ai_base.txt", "text": f"{r}\n"})))]
+        runs = [("pw", lambda: patchwire_ask(lap, script({"write": "ai_pw.txt", "text": f"round {r}\n" * (r + 2)}))),
+                ("base", lambda: base.ask(script({"write": "ai_base.txt", "text": f"round {r}\n" * (r + 2)})))]
         for name, func in (runs if r % 2 == 0 else runs[::-1]):
             out[name].append(timed(func))  # type: ignore[union-attr]
         agent.stop()
@@ -396,7 +407,7 @@ def agent_memory(tmp: Path, asks: int, program: Optional[List[str]] = None) -> D
     make_project(root, 20)
     agent = AgentProcess(tmp / "agent-mem", STAND_IN_COMMAND, jobs={"workers": 2}, program=program).start()
     try:
-        lap = Laptop(root)
+        lap = user_laptop(root)
         lap.init(agent)
         idle = rss_kb(agent.proc.pid)
         body = capture_ask_body(root, script({"write": "m.txt", "text": "first\n"}))
@@ -750,7 +761,9 @@ def machine(zipapp: Optional[Path] = None) -> str:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit}, {os.cpu_count()} cores, "
             f"{platform.platform()}, Python {platform.python_version()}, {git_version}, {rsync_version}"
-            + (f"; agent from the zipapp {zipapp.name} ({zipapp.stat().st_size:,} bytes)" if zipapp else ""))
+            + (f"; the agent's memory and streams from the zipapp {zipapp.name} ({zipapp.stat().st_size:,} bytes), "
+               f"the laptop CLI of the asks from the zipapp patchwire beside it" if zipapp else
+               "; the laptop CLI and the agent from source"))
 
 
 PARTS = ("asks", "switch", "first", "breakdown", "queue", "preview", "startup", "memory", "streams")
@@ -919,6 +932,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.environ["HOME"] = str(tmp / "home")
         (tmp / "home").mkdir()
         agent_program = [sys.executable, str(args.zipapp)] if args.zipapp else None
+        if args.zipapp and (args.zipapp.parent / "patchwire").exists():
+            LAPTOP_PROGRAM.append([sys.executable, str(args.zipapp.parent / "patchwire")])
         if "asks" in args.only:
             lines += asks_lines(args, tmp, stack)
         if "switch" in args.only:
