@@ -29,6 +29,10 @@ Parts (`--only`, comma-separated; all by default):
     queue      --queue-asks (40) asks from 4 users, POSTed by threads replaying the body the CLI
                sent, against [jobs] workers = 1 then 2, with an instant AI and a 100 ms one
     preview    render_diff of a 10,000-line rewrite, coloured and not
+    laptop     bench/startup.py as it runs alone: Enter -> AI start at 200 files, the zipapps' start-up
+               per Python, the laptop's peak memory of a warm ask at 100,000 files
+    apply      bench/apply.py as it runs alone: preview and apply of a 1,000-file, 50 MB patch against
+               git apply; the coloured preview of a 100,000-line diff against git diff --color
     startup    --version/--help from source, from cached bytecode, and with --zipapp the zipapps
     memory     agent VmRSS idle, after 1 ask and along --asks (5,000) asks (the CLI's first body replayed by
                two threads, a new prompt each), and the growth per ask; from source also from cached bytecode;
@@ -766,7 +770,11 @@ def machine(zipapp: Optional[Path] = None) -> str:
                "; the laptop CLI and the agent from source"))
 
 
-PARTS = ("asks", "switch", "first", "breakdown", "queue", "preview", "startup", "memory", "streams")
+PARTS = ("asks", "switch", "first", "breakdown", "queue", "preview", "startup", "memory", "streams", "laptop", "apply")
+OTHER_BENCHES = {  # parts measured by a bench of their own, run as it runs alone, its tables kept
+    "laptop": ("Enter -> AI start, start-up and the laptop's peak memory (bench/startup.py)", ["startup.py"]),
+    "apply": ("A big patch and a big preview (bench/apply.py)", ["apply.py"]),
+}
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -878,6 +886,23 @@ def first_lines(args, tmp: Path, stack: ExitStack) -> List[str]:
             f"| {res['files']:,} | {spread(a)} | {spread(b)} | {ratio(a, b):.2f}x |", ""]  # type: ignore[arg-type]
 
 
+def other_bench_lines(part: str) -> List[str]:
+    """Run bench/<part's script> as a user would and keep what it printed from its first table
+    heading on (its own command line and machine line are this file's)."""
+    title, argv = OTHER_BENCHES[part]
+    print(f"{title}:", flush=True)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / argv[0]), *argv[1:]], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=3600)
+    out = proc.stdout
+    body = out[out.index("\n#") + 1:] if "\n#" in out else out
+    body = "\n".join("#" + line if line.startswith("## ") or line.startswith("### ") else line
+                     for line in body.splitlines())
+    if proc.returncode:
+        body += f"\n\n(exit {proc.returncode})"
+    print(body, flush=True)
+    return [f"## {title}", "", body.strip(), ""]
+
+
 def queue_lines(args, tmp: Path) -> List[str]:
     print("queue throughput:", flush=True)
     rows = queue_figures(tmp, asks=args.queue_asks)
@@ -936,6 +961,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             LAPTOP_PROGRAM.append([sys.executable, str(args.zipapp.parent / "patchwire")])
         if "asks" in args.only:
             lines += asks_lines(args, tmp, stack)
+        for part in (p for p in OTHER_BENCHES if p in args.only and not args.quick):
+            lines += other_bench_lines(part)
         if "switch" in args.only:
             lines += switch_lines(args, tmp, stack)
         if "first" in args.only:
