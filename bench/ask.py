@@ -887,14 +887,14 @@ def first_lines(args, tmp: Path, stack: ExitStack) -> List[str]:
 
 
 def other_bench_lines(part: str) -> List[str]:
-    """Run bench/<part's script> as a user would and keep what it printed from its first table
-    heading on (its own command line and machine line are this file's)."""
+    """Run bench/<part's script> as a user would and keep what it printed, less a title line of
+    its own (this file's command line and machine line say it)."""
     title, argv = OTHER_BENCHES[part]
     print(f"{title}:", flush=True)
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / argv[0]), *argv[1:]], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=3600)
     out = proc.stdout
-    body = out[out.index("\n#") + 1:] if "\n#" in out else out
+    body = out.split("\n", 1)[1] if out.startswith("# ") else out  # its own title line: this file has one
     body = "\n".join("#" + line if line.startswith("## ") or line.startswith("### ") else line
                      for line in body.splitlines())
     if proc.returncode:
