@@ -6301,7 +6301,7 @@ def ask_attempts(session: Session, args, prompt: str) -> int:
     """`patchwire ask -n N`: sync once, post once, follow every attempt, then choose."""
     which, opts = check_attempt_args(args), ApplyOptions.of(args)
     session.client.on_wait = lambda quiet: say(f"still waiting for the box ({quiet:.0f} s without news)")
-    first, events, tree = start_ask(session, args, prompt)
+    first, events, tree = start_ask(session, ask_fields(session, args, prompt))
     ask = session.client.job(first["job"]).get("ask_id")
     if not isinstance(ask, str):
         raise AnswerRefused("the agent made one job of an ask of several attempts (is it older than "
@@ -6643,7 +6643,8 @@ def cmd_ask(args) -> int:
         return ask_attempts(session, args, prompt)
     opts = ApplyOptions.of(args)
     session.client.on_wait = lambda quiet: say(f"still waiting for the box ({quiet:.0f} s without news)")
-    job, events = ask_job(session, args, prompt)
+    fields = ask_fields(session, args, prompt)
+    job, events = ask_job(session, fields)
     if args.detach:
         session.remember_detached(job)
         return detach(opts, job, events)
@@ -6651,15 +6652,16 @@ def cmd_ask(args) -> int:
     failed = [run for run in (end.get("checks") or {}).get("runs", []) if not run["ok"]]
     if args.fix_checks and failed:  # once: the AI gets the failing output and the checks run again
         say(f"{len(failed)} check(s) failed; asking the AI once to fix them (a follow-up of job {job})")
-        args.on, args.continue_, args.setup = job, False, False
-        job, events = ask_job(session, args, fix_checks_prompt(failed))
+        follow_up = {k: v for k, v in fields.items() if k != "setup"}  # setup ran for the first
+        job, events = ask_job(session, {**follow_up, "prompt": fix_checks_prompt(failed), "continue": job})
         end, patch = follow_job(session, opts, job, events, began)
     return offer_change(session, opts, job, patch, end)
 
 
-def ask_job(session: Session, args, prompt: str) -> Tuple[str, Iterator[dict]]:
-    """Sync and ask: (the job, its events from the first on), the job remembered here."""
-    first, events, tree = start_ask(session, args, prompt)
+def ask_job(session: Session, fields: dict) -> Tuple[str, Iterator[dict]]:
+    """Sync and ask (`fields`: ask_fields'): (the job, its events from the first on), the job
+    remembered here."""
+    first, events, tree = start_ask(session, fields)
     session.remember_job(first["job"])
     session.record_job_tree(first["job"], tree)
 
@@ -6839,20 +6841,19 @@ def jobs_to_wait_for(session: Session, given: Sequence[str]) -> List[dict]:
     return sorted(mine, key=lambda job: job.get("created", 0))
 
 
-def start_ask(session: Session, args, prompt: str) -> Tuple[dict, Iterator[dict], str]:
+def start_ask(session: Session, fields: dict) -> Tuple[dict, Iterator[dict], str]:
     """Sync and POST the ask with the project's record held until the box has accepted it
     (made its snapshot): an ask started meanwhile would tell the box a base this one moves
     the box on from. The AI's run is not held: parallel asks run side by side."""
     with session.project.record_lock():
-        return sync_and_post(session, args, prompt)
+        return sync_and_post(session, fields)
 
 
-def sync_and_post(session: Session, args, prompt: str) -> Tuple[dict, Iterator[dict], str]:
+def sync_and_post(session: Session, fields: dict) -> Tuple[dict, Iterator[dict], str]:
     """Sync, POST the ask; when the box's copy differs (409): after a sync of changes only
     (the box does not hold the record they start from: a new box, its state reset, another
     laptop), send every file compared by checksum; after a full one, send the paths it names
     again. Retry once; if they differ again, they move under our feet: say so."""
-    fields = {"prompt": prompt, **ask_options(session, args)}
     synced = session.sync()
     try:
         return post_ask(session, ask_body(session, synced, fields), synced.tree) + (synced.tree,)
@@ -6879,10 +6880,11 @@ def ask_body(session: Session, synced: "Synced", fields: dict) -> dict:
     return {"project": session.cfg.project, **synced.ask_fields(session.project), **fields}
 
 
-def ask_options(session: Session, args) -> dict:
-    """The ask's fields the command line decides (read here, once): its timeout, the job it
-    continues, the project's [box] and --setup, several attempts."""
-    out: dict = {}
+def ask_fields(session: Session, args, prompt: str) -> dict:
+    """The ask's fields the command line decides, read here once by the command (the code
+    below it takes them as they are): the prompt, its timeout, the job it continues, the
+    project's [box] and --setup, several attempts."""
+    out: dict = {"prompt": prompt}
     if args.timeout:
         out["timeout_s"] = args.timeout
     out.update(box_fields(session.cfg, args))

@@ -4,7 +4,7 @@ start-up (zipapp against source, per Python), and the laptop's peak memory of a 
 against the natural script, rounds interleaved, ratios the median of per-round ratios.
 
     python3 bench/startup.py                 # 200 files, memory at 100,000 files, 7 rounds (minutes)
-    python3 bench/startup.py --quick         # memory at 2,000 files, 3 rounds: tests/test_bench.py
+    python3 bench/startup.py --quick         # memory at 500 files, 2 rounds: tests/test_bench.py
     python3 bench/startup.py --mem-files 20000 --repeat 5 --no-zipapp
 
 Parts:
@@ -279,10 +279,10 @@ def memory_figures(tmp: Path, count: int, repeat: int, stack: ExitStack, way: st
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="memory at 2,000 files, 3 rounds, no zipapp build")
+    p.add_argument("--quick", action="store_true", help="memory at 500 files, 2 rounds, no zipapp build")
     p.add_argument("--files", type=int, default=200, help="files for Enter -> AI start (200)")
-    p.add_argument("--mem-files", type=int, default=None, help="files for the memory part (100,000; quick 2,000)")
-    p.add_argument("--repeat", type=int, default=None, help="rounds (7; quick 3)")
+    p.add_argument("--mem-files", type=int, default=None, help="files for the memory part (100,000; quick 500)")
+    p.add_argument("--repeat", type=int, default=None, help="rounds (7; quick 2)")
     p.add_argument("--no-zipapp", action="store_true", help="leave the zipapp out of the start-up part")
     p.add_argument("--no-build", action="store_true", help="use dist/patchwire as it is (no build.sh)")
     p.add_argument("--against", type=Path, default=None,
@@ -291,8 +291,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--program", choices=("zipapp", "module", "source"), default=None,
                    help="how the laptop CLI runs in the enter and memory parts (zipapp; quick: module)")
     args = p.parse_args(argv)
-    args.mem_files = args.mem_files or (2000 if args.quick else 100000)
-    args.repeat = args.repeat or (3 if args.quick else 7)
+    args.mem_files = args.mem_files or (500 if args.quick else 100000)
+    args.repeat = args.repeat or (2 if args.quick else 7)
     args.no_build = args.no_build or args.quick  # quick: dist/patchwire as it was built, if it was
     args.zipapp = not args.no_zipapp and (not args.quick or (ROOT / "dist" / "patchwire").exists())
     args.program = args.program or ("module" if args.quick or not args.zipapp else "zipapp")

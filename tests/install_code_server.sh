@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install a real VS Code for the extension's end-to-end test (tests/test_vscode_e2e.py): code-server
-# (the browser build of VS Code) with its own Node 24, pinned, into tests/.code-server/ (git-ignored),
+# (the browser build of VS Code) with its own Node 24, pinned, into ~/.cache/patchwire-tests/code-server
+# ($PATCHWIRE_CODE_SERVER_DIR, else $XDG_CACHE_HOME/patchwire-tests/code-server),
 # from the npm registry only; Debian's chromium and chromedriver drive it headless.
 #
 # Idempotent and quiet: does nothing when the pinned version is installed completely (a marker
@@ -13,7 +14,8 @@
 set -euo pipefail
 
 VERSION="${CODE_SERVER_VERSION:-4.139.1}"
-DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/.code-server/code-server"  # npm takes the folder name
+# Outside the checkout, so a fresh clone (CI's) finds it installed: ~95 s saved a run.
+DIR="${PATCHWIRE_CODE_SERVER_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/patchwire-tests/code-server}"  # npm takes the folder name
 MARKER="$DIR/installed-$VERSION"
 [ -f "$MARKER" ] && [ -x "$DIR/bin/code-server" ] && exit 0
 

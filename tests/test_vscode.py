@@ -99,14 +99,14 @@ def test_vsce_is_pinned_with_a_lock_file():
 def test_code_server_install_without_network_skips_the_e2e_loudly(tmp_path, capsys):
     """The only reason the e2e test may skip: the registry cannot be reached (here: a dead port)."""
     from test_vscode_e2e import install_code_server
-    installer = tmp_path / "tests" / "install_code_server.sh"  # installs next to itself: in tmp_path
-    installer.parent.mkdir()
-    shutil.copy(TESTS / "install_code_server.sh", installer)
-    env = {**os.environ, "npm_config_registry": "http://127.0.0.1:9/", "npm_config_fetch_retries": "0"}
+    installer = TESTS / "install_code_server.sh"
+    target = tmp_path / "cache" / "code-server"
+    env = {**os.environ, "npm_config_registry": "http://127.0.0.1:9/", "npm_config_fetch_retries": "0",
+           "PATCHWIRE_CODE_SERVER_DIR": str(target)}
     with pytest.warns(UserWarning, match="NO NETWORK"), pytest.raises(pytest.skip.Exception, match="NO NETWORK"):
         install_code_server(installer, env)
     assert "the npm registry cannot be reached" in capsys.readouterr().err
-    assert not (tmp_path / "tests" / ".code-server" / "code-server" / "bin").exists()
+    assert not (target / "bin").exists()
 
 
 # ------------------------------------------------------------------ diff JOB --file PATH --side

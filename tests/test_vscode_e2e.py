@@ -25,7 +25,10 @@ import pytest
 
 from conftest import ROOT, TESTS, Laptop, make_repo, script
 
-CODE_SERVER = TESTS / ".code-server" / "code-server" / "bin" / "code-server"
+# where tests/install_code_server.sh puts it (read before the tests' own HOME is set)
+CODE_SERVER_DIR = Path(os.environ.get("PATCHWIRE_CODE_SERVER_DIR")
+                       or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "patchwire-tests" / "code-server")
+CODE_SERVER = CODE_SERVER_DIR / "bin" / "code-server"
 ARTIFACTS = TESTS / "artifacts"
 PROMPT_TEXT = "Greet in French"
 # A change in the middle of the file, so the diff shows below the review quick pick.
@@ -59,6 +62,7 @@ CHROMIUM_FLAGS = ("--no-sandbox", "--headless", "--disable-gpu", "--disable-back
 
 def install_code_server(installer: Path = TESTS / "install_code_server.sh", env=None) -> None:
     """Install (or find installed) code-server; skip, loudly, only when there is no network."""
+    env = {"PATCHWIRE_CODE_SERVER_DIR": str(CODE_SERVER_DIR), **(env or os.environ)}
     proc = subprocess.run(["bash", str(installer)], capture_output=True, text=True, timeout=900, env=env)
     if proc.returncode == 3:
         message = ("NO NETWORK: code-server could not be installed from the npm registry, so the "
