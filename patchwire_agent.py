@@ -2294,6 +2294,7 @@ GATEWAY_PLACEHOLDER_KEY = "sk-ant-patchwire-gateway-placeholder"
 GATEWAY_HEAD_MAX = 64 * 1024
 GATEWAY_HEAD_BUDGET_S = 10.0
 GATEWAY_MAX_CONNECTIONS = 64  # open at once, per job (each holds two threads of the agent)
+GATEWAY_REFUSE_WAIT_S = 0.2  # for a refused connection's first bytes (holds that job's accepts)
 EGRESS_EVENTS = 200  # network events per job; the summary counts everything
 GATEWAY_CONNECT_TIMEOUT_S = 10
 CREDENTIAL_VARIABLES = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN")
@@ -2807,13 +2808,14 @@ class GatewayKey:
 
 
 def refuse_busy(conn: socket.socket) -> None:
-    """Answer a connection past GATEWAY_MAX_CONNECTIONS without a thread for it. What it sent
-    already is read first: closing on unread bytes would reset it before it read the answer."""
+    """Answer a connection past GATEWAY_MAX_CONNECTIONS without a thread for it. What it sends
+    first is read (waiting GATEWAY_REFUSE_WAIT_S at most): closing on unread bytes would reset it
+    before it read the answer, and closing before it wrote would fail its write (EPIPE) instead."""
     with contextlib.suppress(OSError):
-        conn.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
+        conn.settimeout(GATEWAY_REFUSE_WAIT_S)
+        with contextlib.suppress(socket.timeout):
             conn.recv(GATEWAY_HEAD_MAX)
-        conn.setblocking(True)
+        conn.settimeout(None)
         gateway_answer(conn, HTTPStatus.SERVICE_UNAVAILABLE, "patchwire gateway: this job has "
                        f"{GATEWAY_MAX_CONNECTIONS} connections open already; close some")
         conn.shutdown(socket.SHUT_WR)
