@@ -638,13 +638,17 @@ class Store:
         db_path = state_dir / "jobs.sqlite3"
         # sqlite gives its -wal and -shm files the mode of the database file (when it makes them)
         os.close(os.open(str(db_path), os.O_RDWR | os.O_CREAT, 0o600))
+        new = db_path.stat().st_size == 0
         for path in (db_path, state_dir / "jobs.sqlite3-wal", state_dir / "jobs.sqlite3-shm"):
             if path.exists():
                 os.chmod(path, 0o600)
         self.db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
         # before the first table (a new database): pages that deletes free can be given back
-        # to the file system in place (gc), with no VACUUM's copy of the whole file
-        self.db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        # to the file system in place (gc), with no VACUUM's copy of the whole file. Only then:
+        # on an existing database sqlite opens a write transaction for it, even when the mode is
+        # already set, and fails on a full disk, where `gc` must open the store to free space.
+        if new:
+            self.db.execute("PRAGMA auto_vacuum = INCREMENTAL")
         self.db.execute("PRAGMA journal_mode=WAL")
         # sqlite's page cache (2 MB by default) filled as the db grew: about 1 MB of the agent's
         # RSS growth over its first 1,000 asks. Pages it drops are in the OS's cache still.

@@ -265,5 +265,34 @@ def test_gc_frees_a_full_disk_and_the_database_shrinks(make_agent, tmp_path, sma
     assert box.wait_job(job["id"])["status"] == "done"
 
 
+
+def test_the_box_commands_open_the_state_on_a_disk_full_to_the_last_byte(make_agent, tmp_path, small_disk):
+    """`status`, `usage` and `gc` open the state database on a disk with not one byte free (gc is
+    how a box admin frees one). sqlite opens a write transaction for `PRAGMA auto_vacuum` even
+    on a database that has it set already, and that failed with "database or disk is full"."""
+    box = make_agent(start=False)
+    configure(box, on_small_disk(small_disk))
+    box.start()
+    lap = synced(box, tmp_path)
+    status, job = ask(box, lap, {"write": "a.txt", "text": "a\n"})
+    assert status == 202 and box.wait_job(job["id"])["status"] == "done"
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:  # to the last byte
+        try:
+            while True:
+                f.write(bytes(65536))
+                f.flush()
+        except OSError:
+            pass
+    assert os.statvfs(small_disk).f_bavail == 0
+    config = ["-c", str(box.config)]
+    for argv in (["status", "--json"], ["usage", "--json"], ["gc", "--older-than", "0d", "--json"]):
+        run = subprocess.run(program_argv("patchwire-agent") + argv + config, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+        assert run.returncode == 0 and b"Traceback" not in run.stderr, (argv, run.stderr.decode())
+        assert json.loads(run.stdout), argv
+    filler.unlink()
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
