@@ -4,17 +4,15 @@ hunks (through a real pseudo-terminal), the apply log, and folders that are not 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 
 import conftest
 from conftest import Laptop, make_repo, script, snapshot_tree, tree_digest
-from test_box_walls import ACCOUNT, account_or_skip, readable_copy
+from test_box_walls import account_or_skip, hand_to_account, readable_copy
 
 LONG = b"".join(b"line %d\n" % i for i in range(1, 41))
 
@@ -255,27 +253,11 @@ PART_WAY = {
 }
 
 
-@pytest.fixture
-def srv_place(monkeypatch):
-    """A folder the test account can reach (pytest's tmp_path is root's, mode 700), holding the
-    project and a HOME for the CLI (its Patchwire state: the sync record, the undo log)."""
-    path = Path(tempfile.mkdtemp(prefix="pw-apply-", dir="/srv" if os.access("/srv", os.W_OK) else None))
-    os.chmod(path, 0o755)
-    home = path / "home"
-    home.mkdir()
-    for key, value in {"HOME": home, "XDG_CACHE_HOME": home / ".cache",
-                       "XDG_STATE_HOME": home / ".local/state"}.items():
-        monkeypatch.setenv(key, str(value))
-    yield path
-    subprocess.run(["chmod", "-R", "u+w", str(path)], check=False)
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def as_walls_account(lap: Laptop, place: Path) -> Laptop:
     """The same project, its files and state handed to the test account, the CLI run as it."""
     account = account_or_skip()
     code = readable_copy(place / "code")
-    subprocess.run(["chown", "-R", f"{ACCOUNT}:", str(place)], check=True)
+    hand_to_account(place)
     program = ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--init-groups",
                "/usr/bin/python3", str(code / "patchwire.py")]
     return Laptop(lap.root, program=program)
