@@ -5457,15 +5457,7 @@ class Applier:
         the very folder no one can write). Removals first, deepest first, as UndoLog.undo.
         Every path is tried: (the paths that had changed, [(path, why not)] of those that
         could not be put back)."""
-        changed = [path for path, state in was.items() if held_now(self.project.root, path) != state]
-        left = []
-        for path in in_write_order(changed, lambda p: was[p] is None):
-            state = was[path]
-            try:
-                write_worktree(self.project.root, path, state[0] if state else None, state[1] if state else "")
-            except (OSError, PatchwireError) as e:
-                left.append((path, e.strerror if isinstance(e, OSError) and e.strerror else str(e)))
-        return changed, left
+        return restore_states(self.project.root, was)
 
     def read_here(self, paths: Sequence[str]) -> Dict[str, Optional[Tuple[bytes, str]]]:
         """What each path holds ((bytes, mode), None when absent); never through a symlink
@@ -5690,9 +5682,9 @@ class UndoLog:
             entries = json.loads(self.path.read_text())
         except (OSError, ValueError):
             raise UsageError("nothing to undo: no apply recorded in this project")
-        changed = []
+        changed, applied = [], {}
         for e in entries:
-            now = read_worktree(self.root, e["path"])
+            now = applied[e["path"]] = read_worktree(self.root, e["path"])
             if ((hashlib.sha256(now[0]).hexdigest() if now else None) != e["after"]
                     or (now[1] if now else None) != e["after_mode"]):
                 changed.append(e["path"])
@@ -5700,9 +5692,27 @@ class UndoLog:
             raise PatchError("cannot undo: these files changed since the apply: " + ", ".join(map(sanitize, changed)),
                              "undo those edits first, or restore the files by hand")
         by_path = {e["path"]: e for e in entries}
-        self.put_back(by_path[path] for path in in_write_order(by_path, lambda p: not by_path[p]["blob"]))
+        for path in in_write_order(by_path, lambda p: not by_path[p]["blob"]):
+            try:
+                self.put_back([by_path[path]])
+            except (OSError, PatchwireError) as e:
+                raise self.undo_failed(path, e, applied)
         self.path.unlink()
         return [e["path"] for e in entries]
+
+    def undo_failed(self, path: str, error: BaseException, applied: Dict[str, Optional[Tuple[bytes, str]]]
+                    ) -> PatchError:
+        """An undo stopped at `path`: the files undone before it go back to what the apply left
+        (`applied`), so the undo log still fits them and the same undo can run again."""
+        _, left = restore_states(self.root, applied)
+        fix = write_failure_fix(self.root, path, [path])
+        hint = f"{fix + ', then ' if fix else 'fix the cause, then '}run `patchwire apply --undo` again"
+        if left:
+            return PatchError(f"cannot undo: could not write {sanitize(path)} ({sanitize(why_not(error))}); "
+                              "these were left undone: " + ", ".join(
+                                  f"{sanitize(p)} ({sanitize(why)})" for p, why in left), hint)
+        return PatchError(f"cannot undo: could not write {sanitize(path)} ({sanitize(why_not(error))}); "
+                          "the files undone before it are as the apply left them, nothing was changed", hint)
 
 
 def synced_ids(files: Sequence["FilePatch"], exact: set) -> Dict[str, str]:
@@ -5724,6 +5734,24 @@ def in_write_order(paths: Iterable[str], is_removal) -> List[str]:
     removals = sorted((p for p in paths if is_removal(p)), key=lambda p: -p.count("/"))
     writes = sorted((p for p in paths if not is_removal(p)), key=lambda p: p.count("/"))
     return removals + writes
+
+
+def restore_states(root: Path, was: Dict[str, Optional[Tuple[bytes, str]]]) -> Tuple[List[str], List[Tuple[str, str]]]:
+    """Applier.put_back_rewritten, for any folder: (changed paths, [(path, why not)])."""
+    changed = [path for path, state in was.items() if held_now(root, path) != state]
+    left = []
+    for path in in_write_order(changed, lambda p: was[p] is None):
+        state = was[path]
+        try:
+            write_worktree(root, path, state[0] if state else None, state[1] if state else "")
+        except (OSError, PatchwireError) as e:
+            left.append((path, why_not(e)))
+    return changed, left
+
+
+def why_not(e: BaseException) -> str:
+    """An OSError's reason without its path ("Permission denied"), else the message."""
+    return e.strerror if isinstance(e, OSError) and e.strerror else str(e)
 
 
 def held_now(root: Path, path: str) -> Optional[Tuple[bytes, str]]:

@@ -328,3 +328,33 @@ def test_a_file_that_cannot_be_put_back_is_named_with_the_way_back(srv_place, ag
     put_back = subprocess.run(account.program[:4] + ["/bin/sh", "-c", way_back], cwd=root, capture_output=True)
     assert put_back.returncode == 0, put_back.stderr
     assert (root / "docs/a.md").read_bytes() == b"a\n"
+
+
+def test_undo_that_cannot_write_a_file_changes_nothing_and_says_how(srv_place, agent):
+    """`apply --undo` with a folder made read-only since the apply (as the test account: root
+    writes there anyway): the files it undid before that one go back to what the apply left,
+    the undo log stays, and once the folder is writable the same undo works."""
+    root = make_repo(srv_place / "laptop", {"a.md": b"a\n", "locked/b.md": b"b\n"})
+    token = srv_place / "token"
+    shutil.copy(agent.token_file(), token)
+    lap = Laptop(root)
+    lap.run("init", "--force", "--agent", agent.url, "--token-file", str(token), check=0)
+    # undone in this order: new.md removed, a.md written back, then locked/b.md fails
+    job = ai_job(lap, {"write": "a.md", "text": "A by the AI\n"}, {"write": "locked/b.md", "text": "B\n"},
+                 {"write": "new.md", "text": "new\n"})
+    account = as_walls_account(lap, srv_place)
+    account.run("apply", job, "--yes", check=0)
+    (root / "locked").chmod(0o555)
+    applied = snapshot_tree(root)
+
+    failed = account.run("apply", "--undo")
+    assert failed.returncode == 5 and "Traceback" not in failed.err, failed.err
+    assert "cannot undo: could not write locked/b.md (Permission denied); the files undone before it are as " \
+           "the apply left them, nothing was changed" in failed.err, failed.err
+    assert "make locked writable (`chmod u+w locked`), then run `patchwire apply --undo` again" in failed.err
+    assert snapshot_tree(root) == applied
+
+    (root / "locked").chmod(0o755)
+    account.run("apply", "--undo", check=0)
+    assert (root / "a.md").read_bytes() == b"a\n" and (root / "locked/b.md").read_bytes() == b"b\n"
+    assert not (root / "new.md").exists()
