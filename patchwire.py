@@ -5496,10 +5496,10 @@ class Applier:
             _, left = self.put_back_rewritten(was)
             failed = sanitize(written[-1]) if written else "the project"
             if left:
-                raise PatchError(f"could not write {failed}: {sanitize(str(e))}; the files written so far "
+                raise PatchError(f"could not write {failed} ({sanitize(why_not(e))}); the files written so far "
                                  "were put back except " + self.describe_left(left, was),
                                  "put those back as shown, fix the cause and apply again")
-            raise PatchError(f"could not write {failed}: {sanitize(str(e))}; the files "
+            raise PatchError(f"could not write {failed} ({sanitize(why_not(e))}); the files "
                              "written so far were put back, nothing was changed",
                              write_failure_fix(self.project.root, written[-1] if written else "", list(merged))
                              or "fix the cause and apply again")
@@ -5790,8 +5790,8 @@ def write_failure_fix(root: Path, path: str, paths: Sequence[str]) -> str:
             if st is None:
                 break
             if not stat.S_ISDIR(st.st_mode):
-                quoted = shlex.quote(sanitize(inner))
-                return (f"{sanitize(inner)} is a file where the patch puts a folder: move it away "
+                quoted, kind = shlex.quote(sanitize(inner)), "a symlink" if stat.S_ISLNK(st.st_mode) else "a file"
+                return (f"{sanitize(inner)} is {kind} where the patch puts a folder: move it away "
                         f"(`mv {quoted} {shlex.quote(sanitize(inner) + '.mine')}`)")
             folder = inner
         if not os.access(root / folder if folder else root, os.W_OK):

@@ -358,3 +358,31 @@ def test_undo_that_cannot_write_a_file_changes_nothing_and_says_how(srv_place, a
     account.run("apply", "--undo", check=0)
     assert (root / "a.md").read_bytes() == b"a\n" and (root / "locked/b.md").read_bytes() == b"b\n"
     assert not (root / "new.md").exists()
+
+
+def test_a_3_way_write_into_a_read_only_folder_puts_everything_back(srv_place, agent):
+    """The 3-way path writes the files itself: as the test account, long.txt (merged) is
+    written, then locked/b.md is refused; long.txt goes back, the message names the file,
+    the reason and the fix."""
+    root = make_repo(srv_place / "laptop", {"long.txt": LONG, "locked/b.md": b"b\n"})
+    token = srv_place / "token"
+    shutil.copy(agent.token_file(), token)
+    lap = Laptop(root)
+    lap.run("init", "--force", "--agent", agent.url, "--token-file", str(token), check=0)
+    job = ai_job(lap, {"write": "long.txt", "text": edited({5: "line 5 by the AI\n"}).decode()},
+                 {"write": "locked/b.md", "text": "B\n"})
+    (root / "long.txt").write_bytes(edited({7: "line 7 by me\n"}))  # inside the AI's hunk: 3-way
+    account = as_walls_account(lap, srv_place)
+    (root / "locked").chmod(0o555)
+    before = snapshot_tree(root)
+
+    failed = account.run("apply", job, "--yes")
+    assert failed.returncode == 5 and "Traceback" not in failed.err, failed.err
+    assert "could not write locked/b.md (Permission denied); the files written so far were put back, " \
+           "nothing was changed" in failed.err, failed.err
+    assert "make locked writable (`chmod u+w locked`)" in failed.err, failed.err
+    assert snapshot_tree(root) == before
+    (root / "locked").chmod(0o755)
+    account.run("apply", job, "--yes", check=0)
+    assert (root / "long.txt").read_bytes() == edited({5: "line 5 by the AI\n", 7: "line 7 by me\n"})
+    assert (root / "locked/b.md").read_bytes() == b"B\n"
