@@ -5335,8 +5335,13 @@ class Applier:
         self.aside = self.set_aside(check_destinations(self.project, files, overwrite or {}, self.job))
         try:
             result = self.apply_vetted(patch, files, base_tree)
-        except BaseException:
-            self.undo_log.put_back(self.aside)
+        except BaseException as e:
+            aside = self.undo_log.states(self.aside)
+            _, left = self.put_back_rewritten(aside)
+            if left:
+                raise PatchError(f"{e}; and the files set aside could not be put back: " + self.describe_left(
+                    left, aside),
+                    "put them back as shown") from e
             raise
         result["replaced"] = [e["path"] for e in self.aside]
         return result
@@ -5349,15 +5354,13 @@ class Applier:
         here = self.read_here([path for path in paths if not beneath(path, gone)])
         exact = unchanged_since_sync(self.project, files, base_tree, here)
         before = self.saved(paths, gone, here, synced_ids(files, exact))
+        was = {**dict.fromkeys(paths), **here}  # beneath a link the patch removes: nothing of ours
         plain = self.git_apply(patch)
         if plain.returncode == 0:
             now = self.read_here(paths)
-            self.check_written(files, exact, before, now)
+            self.check_written(files, exact, was, now)
             return self.done(before, "plain", paths, [], now)
-        if self.read_here(list(here)) != here:  # not a patch that does not apply: a write that failed
-            self.undo_log.put_back(reversed(before))
-            raise PatchError("git apply failed while writing; every file was put back:\n"
-                             + describe_apply_failure(plain.stderr), "fix the cause and apply again")
+        self.after_failed_git_apply(plain.stderr, was)
         failure = describe_apply_failure(plain.stderr)
         if not self.project.is_git_repo:
             raise PatchError("the patch does not apply to the files here; nothing was changed:\n"
@@ -5381,8 +5384,9 @@ class Applier:
                              "; nothing was changed",
                              f"resolve by hand: `patchwire diff {self.job}` shows the AI's change; "
                              f"or run `patchwire apply {self.job} --keep-conflicts` to get conflict markers")
-        before = self.saved(list(merged), gone)
-        self.write(merged, before)
+        here = self.read_here([path for path in merged if not beneath(path, gone)])
+        before = self.saved(list(merged), gone, here)
+        self.write(merged, {**dict.fromkeys(merged), **here})
         return self.done(before, "3-way", list(merged), conflicts)
 
     def git_apply(self, patch: bytes) -> subprocess.CompletedProcess:
@@ -5391,6 +5395,69 @@ class Applier:
         does not apply leaves the files as they were, and no `--check` run has to read and
         apply it first."""
         return self.git.run("apply", "--binary", "-", input=patch, check=False)
+
+    def after_failed_git_apply(self, stderr: bytes, was: Dict[str, Optional[Tuple[bytes, str]]]) -> None:
+        """Nothing, when `git apply` refused the patch before it wrote (it did not apply: the
+        3-way merge may still). Otherwise PatchError, once every file it rewrote is put back.
+        git checks every hunk before it writes, but then writes file by file, each by unlink
+        and create: a folder it may not write (only an ordinary account sees that; root
+        writes anywhere), a file where the patch puts a folder, a full disk, stop it half way,
+        with the files before that one rewritten."""
+        rewritten, left = self.put_back_rewritten(was)
+        failed = failed_write(stderr, was)
+        if not rewritten and failed is None:
+            return
+        cause = write_failure_fix(self.project.root, failed or "", list(was))
+        again = f"run `patchwire apply {self.job}` again" if self.job else "apply again"
+        what = f"git apply failed while writing {sanitize(failed)}" if failed else "git apply failed while writing"
+        if left:
+            raise PatchError(f"{what}; the files it had written were put back except " + self.describe_left(
+                left, was) + ":\n" + describe_apply_failure(stderr),
+                f"put those back as shown; then {cause + ' and ' if cause else ''}{again}")
+        raise PatchError(f"{what}; every file it had written was put back, nothing was changed:\n"
+                         + describe_apply_failure(stderr),
+                         f"{cause + ', then ' if cause else 'fix the cause above, then '}{again}")
+
+    def describe_left(self, left: Sequence[Tuple[str, str]], was: Dict[str, Optional[Tuple[bytes, str]]]) -> str:
+        """The files a failed write left changed: how each is now, why it could not be put
+        back, and the command that puts it back by hand (its old bytes copied to Patchwire's
+        state folder: the undo log does not hold them, the apply failed)."""
+        out = []
+        for path, why in left:
+            shown = shlex.quote(sanitize(path))
+            now = "it is missing" if held_now(self.project.root, path) is None else "it holds what git wrote"
+            state = was.get(path)
+            if state is None:
+                now += f"; it was not there: `rm {shown}`"
+            elif state[1] == "120000":
+                now += f"; yours was a link: `ln -sfn {shlex.quote(sanitize(_dec(state[0])))} {shown}`"
+            else:
+                copy = self.keep_copy(path, *state)
+                now += f"; yours: `cp -p {shlex.quote(str(copy))} {shown}`" if copy else ""
+            out.append(f"{sanitize(path)} ({sanitize(why)}: {now})")
+        return ", ".join(out)
+
+    def keep_copy(self, path: str, data: bytes, mode: str) -> Optional[Path]:
+        """A copy of a file's old bytes and mode, in the state folder's not-put-back/; None if
+        it cannot be written there either."""
+        copy = self.project.state_file("not-put-back") / path
+        try:
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            copy.write_bytes(data)
+            copy.chmod(0o755 if mode == "100755" else 0o644)
+        except OSError:
+            return None
+        return copy
+
+    def put_back_rewritten(self, was: Dict[str, Optional[Tuple[bytes, str]]]
+                           ) -> Tuple[List[str], List[Tuple[str, str]]]:
+        """After a write that failed: each path that no longer holds what `was` says ((bytes,
+        mode), None: absent) gets it back, a file that was not there is removed (and the folders
+        it leaves empty); a path that holds what it held is never written again (it may sit in
+        the very folder no one can write). Removals first, deepest first, as UndoLog.undo.
+        Every path is tried: (the paths that had changed, [(path, why not)] of those that
+        could not be put back)."""
+        return restore_states(self.project.root, was)
 
     def read_here(self, paths: Sequence[str]) -> Dict[str, Optional[Tuple[bytes, str]]]:
         """What each path holds ((bytes, mode), None when absent); never through a symlink
@@ -5414,10 +5481,11 @@ class Applier:
         aside = {e["path"]: e for e in self.aside}
         return [aside.get(e["path"], e) for e in self.undo_log.save(paths, gone, here, synced)]
 
-    def write(self, merged: Dict[str, Tuple[Optional[bytes], str, int]], before: List[dict]) -> None:
-        """All files or none: on any failure (or Ctrl-C) the files written so far go back.
-        Deletions go first, deepest first: a symlink the patch removes is gone before
-        anything is written where it was."""
+    def write(self, merged: Dict[str, Tuple[Optional[bytes], str, int]],
+              was: Dict[str, Optional[Tuple[bytes, str]]]) -> None:
+        """All files or none: on any failure (or Ctrl-C) the files written so far go back
+        (`was`: what each held). Deletions go first, deepest first: a symlink the patch
+        removes is gone before anything is written where it was."""
         written: List[str] = []
         try:
             for path in in_write_order(merged, lambda p: merged[p][0] is None):
@@ -5425,25 +5493,30 @@ class Applier:
                 written.append(path)
                 write_worktree(self.project.root, path, data, mode)
         except (OSError, PatchwireError, KeyboardInterrupt) as e:
-            saved = {entry["path"]: entry for entry in before}
-            # the last one failed: write_worktree replaces atomically
-            self.undo_log.put_back([saved[path] for path in reversed(written[:-1])])
-            raise PatchError(f"could not write {sanitize(written[-1])}: {sanitize(str(e))}; the files "
+            _, left = self.put_back_rewritten(was)
+            failed = sanitize(written[-1]) if written else "the project"
+            if left:
+                raise PatchError(f"could not write {failed} ({sanitize(why_not(e))}); the files written so far "
+                                 "were put back except " + self.describe_left(left, was),
+                                 "put those back as shown, fix the cause and apply again")
+            raise PatchError(f"could not write {failed} ({sanitize(why_not(e))}); the files "
                              "written so far were put back, nothing was changed",
-                             "fix the cause and apply again")
+                             write_failure_fix(self.project.root, written[-1] if written else "", list(merged))
+                             or "fix the cause and apply again")
 
-    def check_written(self, files: Sequence[FilePatch], exact: set, before: List[dict],
+    def check_written(self, files: Sequence[FilePatch], exact: set, was: Dict[str, Optional[Tuple[bytes, str]]],
                       now: Dict[str, Optional[Tuple[bytes, str]]]) -> None:
         """What `git apply` wrote to each file that was here as synced (`now`: read after it)
         must be the result computed beforehand (the one the preview showed); otherwise
-        everything goes back."""
+        everything goes back (`was`: what each path held before)."""
         for fp in files:
             if fp.path in exact and fp.result is not None and fp.kind != "deleted":
                 written = now[fp.path]
                 if written is None or written[0] != fp.result:
-                    self.undo_log.put_back(reversed(before))
-                    raise refuse(f"git wrote to {fp.path!r} something other than the change shown; "
-                                 "every file was put back")
+                    _, left = self.put_back_rewritten(was)
+                    raise refuse(f"git wrote to {fp.path!r} something other than the change shown; " + (
+                        "every file was put back" if not left else
+                        "the files were put back except " + self.describe_left(left, was)))
 
     def done(self, before: List[dict], how: str, paths: Sequence[str], conflicts: List[str],
              now: Optional[Dict[str, Optional[Tuple[bytes, str]]]] = None) -> dict:
@@ -5592,6 +5665,11 @@ class UndoLog:
             entry["after_mode"] = now[1] if now else None
         self.path.write_text(json.dumps(before))
 
+    def states(self, entries: Iterable[dict]) -> Dict[str, Optional[Tuple[bytes, str]]]:
+        """{path: (bytes, mode) or None} of saved entries, their bytes read from the store."""
+        return {e["path"]: (self.git("cat-file", "blob", e["blob"]), e["mode"]) if e["blob"] else None
+                for e in entries}
+
     def put_back(self, entries: Iterable[dict]) -> None:
         """Write saved entries back, in the order given."""
         for entry in entries:
@@ -5604,9 +5682,9 @@ class UndoLog:
             entries = json.loads(self.path.read_text())
         except (OSError, ValueError):
             raise UsageError("nothing to undo: no apply recorded in this project")
-        changed = []
+        changed, applied = [], {}
         for e in entries:
-            now = read_worktree(self.root, e["path"])
+            now = applied[e["path"]] = read_worktree(self.root, e["path"])
             if ((hashlib.sha256(now[0]).hexdigest() if now else None) != e["after"]
                     or (now[1] if now else None) != e["after_mode"]):
                 changed.append(e["path"])
@@ -5614,9 +5692,27 @@ class UndoLog:
             raise PatchError("cannot undo: these files changed since the apply: " + ", ".join(map(sanitize, changed)),
                              "undo those edits first, or restore the files by hand")
         by_path = {e["path"]: e for e in entries}
-        self.put_back(by_path[path] for path in in_write_order(by_path, lambda p: not by_path[p]["blob"]))
+        for path in in_write_order(by_path, lambda p: not by_path[p]["blob"]):
+            try:
+                self.put_back([by_path[path]])
+            except (OSError, PatchwireError) as e:
+                raise self.undo_failed(path, e, applied)
         self.path.unlink()
         return [e["path"] for e in entries]
+
+    def undo_failed(self, path: str, error: BaseException, applied: Dict[str, Optional[Tuple[bytes, str]]]
+                    ) -> PatchError:
+        """An undo stopped at `path`: the files undone before it go back to what the apply left
+        (`applied`), so the undo log still fits them and the same undo can run again."""
+        _, left = restore_states(self.root, applied)
+        fix = write_failure_fix(self.root, path, [path])
+        hint = f"{fix + ', then ' if fix else 'fix the cause, then '}run `patchwire apply --undo` again"
+        if left:
+            return PatchError(f"cannot undo: could not write {sanitize(path)} ({sanitize(why_not(error))}); "
+                              "these were left undone: " + ", ".join(
+                                  f"{sanitize(p)} ({sanitize(why)})" for p, why in left), hint)
+        return PatchError(f"cannot undo: could not write {sanitize(path)} ({sanitize(why_not(error))}); "
+                          "the files undone before it are as the apply left them, nothing was changed", hint)
 
 
 def synced_ids(files: Sequence["FilePatch"], exact: set) -> Dict[str, str]:
@@ -5638,6 +5734,70 @@ def in_write_order(paths: Iterable[str], is_removal) -> List[str]:
     removals = sorted((p for p in paths if is_removal(p)), key=lambda p: -p.count("/"))
     writes = sorted((p for p in paths if not is_removal(p)), key=lambda p: p.count("/"))
     return removals + writes
+
+
+def restore_states(root: Path, was: Dict[str, Optional[Tuple[bytes, str]]]) -> Tuple[List[str], List[Tuple[str, str]]]:
+    """Applier.put_back_rewritten, for any folder: (changed paths, [(path, why not)])."""
+    changed = [path for path, state in was.items() if held_now(root, path) != state]
+    left = []
+    for path in in_write_order(changed, lambda p: was[p] is None):
+        state = was[path]
+        try:
+            write_worktree(root, path, state[0] if state else None, state[1] if state else "")
+        except (OSError, PatchwireError) as e:
+            left.append((path, why_not(e)))
+    return changed, left
+
+
+def why_not(e: BaseException) -> str:
+    """An OSError's reason without its path ("Permission denied"), else the message."""
+    return e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+
+
+def held_now(root: Path, path: str) -> Optional[Tuple[bytes, str]]:
+    """What `path` holds, as read_worktree; None beneath a symlink (nothing of the project's:
+    Patchwire never reads through one), or where it cannot be read at all."""
+    try:
+        return read_worktree(root, path)
+    except (OSError, PatchwireError):
+        return None
+
+
+# git apply's words for a file it could not write (apply.c, create_one_file: the name as it is,
+# in single quotes)
+GIT_WRITE_FAILED = re.compile(rb"^error: unable to write file '(.+)' mode [0-7]+: ", re.MULTILINE)
+
+
+def failed_write(stderr: bytes, paths: Iterable[str]) -> Optional[str]:
+    """The path `git apply` names as the one it could not write, or None: it wrote nothing
+    (the patch did not apply), or said so in words not known here."""
+    named = GIT_WRITE_FAILED.search(stderr)
+    if not named:
+        return None
+    return next((path for path in paths if os.fsencode(path) == named.group(1)), _dec(named.group(1)))
+
+
+def write_failure_fix(root: Path, path: str, paths: Sequence[str]) -> str:
+    """What keeps `path` (or, not known, any of `paths`) from being written, as the fix: a
+    file where the patch puts a folder, or the folder git must write in that this account
+    may not write (git unlinks and creates each file, so the folder's mode counts, not the
+    file's). "" when neither is the cause."""
+    for candidate in [path] if path else paths:
+        folder = ""
+        for name in candidate.split("/")[:-1]:
+            inner = f"{folder}/{name}" if folder else name
+            st = lstat_or_none(root / inner)
+            if st is None:
+                break
+            if not stat.S_ISDIR(st.st_mode):
+                quoted, kind = shlex.quote(sanitize(inner)), "a symlink" if stat.S_ISLNK(st.st_mode) else "a file"
+                return (f"{sanitize(inner)} is {kind} where the patch puts a folder: move it away "
+                        f"(`mv {quoted} {shlex.quote(sanitize(inner) + '.mine')}`)")
+            folder = inner
+        if not os.access(root / folder if folder else root, os.W_OK):
+            shown = sanitize(folder) if folder else "the project's folder"
+            return f"make {shown} writable (`chmod u+w {shlex.quote(sanitize(folder) if folder else '.')}`)"
+    return ""
 
 
 def diff_tree(git: Git, a: str, b: str) -> List[Tuple[str, str, str]]:

@@ -12,10 +12,12 @@ import json
 import os
 import pty
 import select
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -86,6 +88,23 @@ def neutral_env(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LC_ALL", "C.UTF-8")
     monkeypatch.setenv("SHIV_ROOT", str(tmp_path_factory.getbasetemp() / "shiv"))
     return home
+
+
+@pytest.fixture
+def srv_place(monkeypatch):
+    """A folder the test account (pw-walls, tests/test_box_walls.py) can reach, unlike pytest's
+    tmp_path (root's, mode 700), with the HOME of the laptop CLI and of Patchwire's state
+    (the sync record, the undo log) in it."""
+    path = Path(tempfile.mkdtemp(prefix="pw-srv-", dir="/srv" if os.access("/srv", os.W_OK) else None))
+    os.chmod(path, 0o755)
+    home = path / "home"
+    home.mkdir()
+    for key, value in {"HOME": home, "XDG_CACHE_HOME": home / ".cache",
+                       "XDG_STATE_HOME": home / ".local/state"}.items():
+        monkeypatch.setenv(key, str(value))
+    yield path
+    subprocess.run(["chmod", "-R", "u+w", str(path)], check=False)  # the tests' read-only folders
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def git(repo: Path, *args: str, input: Optional[bytes] = None) -> str:

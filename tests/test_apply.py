@@ -4,12 +4,15 @@ hunks (through a real pseudo-terminal), the apply log, and folders that are not 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
 import conftest
-from conftest import Laptop, make_repo, script, tree_digest
+from conftest import Laptop, make_repo, script, snapshot_tree, tree_digest
+from test_box_walls import account_or_skip, hand_to_account, readable_copy
 
 LONG = b"".join(b"line %d\n" % i for i in range(1, 41))
 
@@ -236,3 +239,150 @@ def test_log_shows_undo_and_what_it_undid(long_laptop):
     entries = json.loads(long_laptop.run("log", "--json", check=0).out)["applied"]
     assert [(e["job"], e["how"], e.get("undone", False)) for e in entries] == [
         (second, "undo", False), (second, entries[1]["how"], True), (first, entries[2]["how"], False)]
+
+
+# ------------------------------------------------------------------ a git apply that fails part way
+# git checks every hunk before it writes, but a write can still fail half way through the files
+# (a read-only folder, a file where the patch needs a folder): git has rewritten some files by
+# then. Root writes into read-only folders, so that case only shows as an ordinary account.
+
+PART_WAY = {
+    # who runs the CLI: (the patch's second file, how it is kept from being written, the fix)
+    "account": ("locked/b.md", "a read-only folder", "chmod u+w locked"),
+    "root": ("new/c.md", "a file named like the folder", "mv new new.mine"),
+}
+
+
+def as_walls_account(lap: Laptop, place: Path) -> Laptop:
+    """The same project, its files and state handed to the test account, the CLI run as it."""
+    account = account_or_skip()
+    code = readable_copy(place / "code")
+    hand_to_account(place)
+    program = ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--init-groups",
+               "/usr/bin/python3", str(code / "patchwire.py")]
+    return Laptop(lap.root, program=program)
+
+
+@pytest.mark.parametrize("who", sorted(PART_WAY))
+def test_git_apply_failing_part_way_puts_every_file_back(srv_place, agent, who):
+    second, _, fix = PART_WAY[who]
+    root = make_repo(srv_place / "laptop", {"a.md": b"a\n", "locked/b.md": b"b\n"})
+    token = srv_place / "token"
+    shutil.copy(agent.token_file(), token)
+    token.chmod(0o600)
+    lap = Laptop(root)
+    lap.run("init", "--force", "--agent", agent.url, "--token-file", str(token), check=0)
+    job = ai_job(lap, {"write": "a.md", "text": "A by the AI\n"}, {"write": second, "text": "by the AI\n"})
+    if who == "root":
+        (root / "new").write_bytes(b"mine, where the AI puts a folder\n")
+    else:
+        lap = as_walls_account(lap, srv_place)
+        (root / "locked").chmod(0o555)
+    before = snapshot_tree(root)
+
+    failed = lap.run("apply", job, "--yes")
+    assert failed.returncode == 5, failed.err
+    assert "Traceback" not in failed.err, failed.err
+    assert f"git apply failed while writing {second}" in failed.err, failed.err
+    assert "every file it had written was put back" in failed.err, failed.err
+    assert f"`{fix}`" in failed.err and f"run `patchwire apply {job}` again" in failed.err, failed.err
+    assert snapshot_tree(root) == before  # a.md too, and no temporary file left anywhere
+
+    # the job is still there to apply once the cause is gone
+    if who == "root":
+        (root / "new").rename(root / "new.mine")
+    else:
+        (root / "locked").chmod(0o755)
+    lap.run("apply", job, "--yes", check=0)
+    assert (root / "a.md").read_bytes() == b"A by the AI\n"
+    assert (root / second).read_bytes() == b"by the AI\n"
+
+
+def test_a_file_that_cannot_be_put_back_is_named_with_the_way_back(srv_place, agent):
+    """git rewrote docs/a.md, then failed on locked/b.md; by then docs/ was made read-only too
+    (a `git` on PATH that does so after `git apply`), so docs/a.md cannot be put back: the
+    message names it, says how it is left, and the command it gives puts the old bytes back."""
+    root = make_repo(srv_place / "laptop", {"docs/a.md": b"a\n", "locked/b.md": b"b\n"})
+    token = srv_place / "token"
+    shutil.copy(agent.token_file(), token)
+    lap = Laptop(root)
+    lap.run("init", "--force", "--agent", agent.url, "--token-file", str(token), check=0)
+    job = ai_job(lap, {"write": "docs/a.md", "text": "A by the AI\n"}, {"write": "locked/b.md", "text": "B\n"})
+    bin_dir = srv_place / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "git").write_text(f'#!/bin/sh\n{shutil.which("git")} "$@"; rc=$?\n'
+                                 f'case " $* " in *" apply --binary - "*) chmod 555 {root}/docs ;; esac\n'
+                                 'exit $rc\n')
+    (bin_dir / "git").chmod(0o755)
+    account = as_walls_account(lap, srv_place)
+    (root / "locked").chmod(0o555)
+
+    failed = account.run("apply", job, "--yes", env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
+    assert failed.returncode == 5 and "Traceback" not in failed.err, failed.err
+    assert "git apply failed while writing locked/b.md; the files it had written were put back except " \
+           "docs/a.md (Permission denied: it holds what git wrote; yours: `cp -p " in failed.err, failed.err
+    assert (root / "docs/a.md").read_bytes() == b"A by the AI\n" and (root / "locked/b.md").read_bytes() == b"b\n"
+    assert "make locked writable (`chmod u+w locked`)" in failed.err, failed.err
+    way_back = failed.err.split("yours: `", 1)[1].split("`", 1)[0]
+    (root / "docs").chmod(0o755)
+    put_back = subprocess.run(account.program[:4] + ["/bin/sh", "-c", way_back], cwd=root, capture_output=True)
+    assert put_back.returncode == 0, put_back.stderr
+    assert (root / "docs/a.md").read_bytes() == b"a\n"
+
+
+def test_undo_that_cannot_write_a_file_changes_nothing_and_says_how(srv_place, agent):
+    """`apply --undo` with a folder made read-only since the apply (as the test account: root
+    writes there anyway): the files it undid before that one go back to what the apply left,
+    the undo log stays, and once the folder is writable the same undo works."""
+    root = make_repo(srv_place / "laptop", {"a.md": b"a\n", "locked/b.md": b"b\n"})
+    token = srv_place / "token"
+    shutil.copy(agent.token_file(), token)
+    lap = Laptop(root)
+    lap.run("init", "--force", "--agent", agent.url, "--token-file", str(token), check=0)
+    # undone in this order: new.md removed, a.md written back, then locked/b.md fails
+    job = ai_job(lap, {"write": "a.md", "text": "A by the AI\n"}, {"write": "locked/b.md", "text": "B\n"},
+                 {"write": "new.md", "text": "new\n"})
+    account = as_walls_account(lap, srv_place)
+    account.run("apply", job, "--yes", check=0)
+    (root / "locked").chmod(0o555)
+    applied = snapshot_tree(root)
+
+    failed = account.run("apply", "--undo")
+    assert failed.returncode == 5 and "Traceback" not in failed.err, failed.err
+    assert "cannot undo: could not write locked/b.md (Permission denied); the files undone before it are as " \
+           "the apply left them, nothing was changed" in failed.err, failed.err
+    assert "make locked writable (`chmod u+w locked`), then run `patchwire apply --undo` again" in failed.err
+    assert snapshot_tree(root) == applied
+
+    (root / "locked").chmod(0o755)
+    account.run("apply", "--undo", check=0)
+    assert (root / "a.md").read_bytes() == b"a\n" and (root / "locked/b.md").read_bytes() == b"b\n"
+    assert not (root / "new.md").exists()
+
+
+def test_a_3_way_write_into_a_read_only_folder_puts_everything_back(srv_place, agent):
+    """The 3-way path writes the files itself: as the test account, long.txt (merged) is
+    written, then locked/b.md is refused; long.txt goes back, the message names the file,
+    the reason and the fix."""
+    root = make_repo(srv_place / "laptop", {"long.txt": LONG, "locked/b.md": b"b\n"})
+    token = srv_place / "token"
+    shutil.copy(agent.token_file(), token)
+    lap = Laptop(root)
+    lap.run("init", "--force", "--agent", agent.url, "--token-file", str(token), check=0)
+    job = ai_job(lap, {"write": "long.txt", "text": edited({5: "line 5 by the AI\n"}).decode()},
+                 {"write": "locked/b.md", "text": "B\n"})
+    (root / "long.txt").write_bytes(edited({7: "line 7 by me\n"}))  # inside the AI's hunk: 3-way
+    account = as_walls_account(lap, srv_place)
+    (root / "locked").chmod(0o555)
+    before = snapshot_tree(root)
+
+    failed = account.run("apply", job, "--yes")
+    assert failed.returncode == 5 and "Traceback" not in failed.err, failed.err
+    assert "could not write locked/b.md (Permission denied); the files written so far were put back, " \
+           "nothing was changed" in failed.err, failed.err
+    assert "make locked writable (`chmod u+w locked`)" in failed.err, failed.err
+    assert snapshot_tree(root) == before
+    (root / "locked").chmod(0o755)
+    account.run("apply", job, "--yes", check=0)
+    assert (root / "long.txt").read_bytes() == edited({5: "line 5 by the AI\n", 7: "line 7 by me\n"})
+    assert (root / "locked/b.md").read_bytes() == b"B\n"

@@ -22,8 +22,9 @@ import socket
 import subprocess
 import tempfile
 import threading
+import traceback
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import pytest
 
@@ -69,6 +70,48 @@ def readable_copy(folder: Path) -> Path:
         os.chmod(folder / source.name, 0o644)
     os.chmod(folder, 0o755)
     return folder
+
+
+def account_agent(place: Path, users=("alice",), **kw) -> AgentProcess:
+    """A real agent run as the test account (not started: edit its config first, then
+    `hand_to_account(place)` and start it), its code, config and state under `place`."""
+    account = account_or_skip()
+    code = readable_copy(place / "code")
+    program = ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--init-groups",
+               "/usr/bin/python3", str(code / "patchwire_agent.py")]
+    command = ["/usr/bin/python3", str(code / STAND_IN.name), *STAND_IN_COMMAND[2:]]
+    return AgentProcess(place / "box", command, users=users, program=program, **kw)
+
+
+def hand_to_account(place: Path) -> None:
+    subprocess.run(["chown", "-R", f"{ACCOUNT}:", str(place)], check=True)
+
+
+def in_child_as_account(body: Callable[[], None]) -> None:
+    """Run `body` in a forked child that is the test account (uid, gid, no other groups): an
+    in-process test of permission-sensitive code, as an ordinary user runs it. The child's
+    failure (its traceback) fails the test; the files it uses must be the account's."""
+    account = account_or_skip()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(account.pw_gid)
+            os.setuid(account.pw_uid)
+            body()
+            code = 0
+        except BaseException:
+            os.write(write_end, traceback.format_exc().encode()[-20000:])
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as report:
+        failure = report.read().decode("utf-8", "replace")
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"as {ACCOUNT}:\n{failure}"
 
 
 class WallsBox:

@@ -17,7 +17,8 @@ from typing import List
 
 import pytest
 
-from conftest import Laptop, make_repo, script, tomli_w, tomllib, wait_until
+from conftest import Laptop, ask_body, make_repo, script, tomli_w, tomllib, wait_until
+from test_box_walls import account_agent, hand_to_account
 
 
 class Receiver(http.server.ThreadingHTTPServer):
@@ -186,15 +187,38 @@ class Trickle:
                 time.sleep(0.2)
 
 
-def test_a_trickling_receiver_is_cut_off_and_the_next_delivery_goes_out(tmp_path, make_agent, receiver):
+@pytest.fixture(params=["root", "account"])
+def notify_box(request, make_agent, srv_place):
+    """box_allowing, with the agent run as root or as the test account (its state, the
+    targets and the audit log then the account's)."""
+    boxes = []  # the account's; make_agent stops its own
+
+    def make(*hosts: str, **notify):
+        if request.param == "root":
+            return box_allowing(make_agent, *hosts, **notify)
+        box = account_agent(srv_place, users=("alice", "bob"))
+        data = tomllib.loads(box.config.read_text())
+        data["notify"] = {"allow": list(hosts), **notify}
+        box.config.write_text(tomli_w.dumps(data))
+        hand_to_account(srv_place)
+        boxes.append(box.start())
+        return box
+    yield make
+    for box in boxes:
+        box.stop()
+
+
+def test_a_trickling_receiver_is_cut_off_and_the_next_delivery_goes_out(notify_box, receiver):
     receiver.failures = 0
     slow = Trickle()
-    box = box_allowing(make_agent, receiver.url.split("//")[1], slow.url.split("//")[1], timeout_s=1.5)
-    alice = laptop_of(tmp_path, box, "alice")
-    alice.run("notify", "add", slow.url + "/hook", check=0)  # added first: delivered to first
-    alice.run("notify", "add", receiver.url + "/hook", check=0)
+    box = notify_box(receiver.url.split("//")[1], slow.url.split("//")[1], timeout_s=1.5)
+    for url in (slow.url, receiver.url):  # the slow one added first: delivered to first
+        status, added = box.json("POST", "/v1/notify", {"url": url + "/hook", "events": ["end"], "include": []})
+        assert status == 201, added
     started = time.monotonic()
-    alice.ask(script({"write": "a.txt", "text": "a\n"}), "--yes", check=0)
+    status, job = box.json("POST", "/v1/ask", ask_body(None, script({"write": "a.txt", "text": "a\n"})))
+    assert status == 202, job
+    assert box.wait_job(job["id"])["status"] == "done"
     wait_until(lambda: receiver.got, 30, "the second target's delivery")
     assert time.monotonic() - started < 15  # not after the trickle's 30 s
     audit = [json.loads(line) for line in (box.state_dir / "audit.log").read_text().splitlines()]

@@ -18,6 +18,7 @@ import pytest
 
 import patchwire
 from conftest import Laptop, drive_pty, git, make_repo, script, snapshot_tree
+from test_box_walls import hand_to_account, in_child_as_account
 
 try:
     import tomllib  # type: ignore[import-not-found]
@@ -229,10 +230,26 @@ def test_the_users_gc_cannot_drop_what_a_record_needs(tmp_path):
     assert not own.exists() and again.recorded_file(tree, "a.txt") == (b"a\n", "100644")
 
 
-def test_old_records_and_their_blobs_are_pruned(tmp_path, monkeypatch):
+def as_who(who: str, body) -> None:
+    """`body` as root, or in a forked child that is the test account (its files and store
+    are then the account's, as they are an ordinary user's)."""
+    if who == "root":
+        body()
+    else:
+        in_child_as_account(body)
+
+
+@pytest.mark.parametrize("who", ["root", "account"])
+def test_old_records_and_their_blobs_are_pruned(srv_place, monkeypatch, who):
     monkeypatch.setattr(patchwire, "RECORDS_KEPT", 2)
     monkeypatch.setattr(patchwire, "RECORDS_PRUNE_AT", 3)
-    root = make_repo(tmp_path / "laptop", {"a.txt": b"a\n"})
+    if who == "account":
+        hand_to_account(srv_place)
+    as_who(who, lambda: old_records_and_their_blobs_are_pruned(srv_place))
+
+
+def old_records_and_their_blobs_are_pruned(place: Path) -> None:
+    root = make_repo(place / "laptop", {"a.txt": b"a\n"})
     project = patchwire.Project(root, "laptop")
     (root / "big.bin").write_bytes(b"big untracked content\n" * 1000)
     big = git(root, "hash-object", "big.bin").strip()
@@ -262,13 +279,20 @@ def test_old_records_and_their_blobs_are_pruned(tmp_path, monkeypatch):
     assert git(project.private_dir, "for-each-ref", "--format=%(refname)", "refs/jobs/").split() == ["refs/jobs/def456"]
 
 
-def test_pruning_old_records_keeps_what_undo_would_put_back(tmp_path, monkeypatch):
+@pytest.mark.parametrize("who", ["root", "account"])
+def test_pruning_old_records_keeps_what_undo_would_put_back(srv_place, monkeypatch, who):
     """The last apply's undo blobs (a loose copy of an edit, written when the apply replaced it)
     survive the pruning of old records an hour later; once another apply replaces the undo log,
     they may go."""
     monkeypatch.setattr(patchwire, "RECORDS_KEPT", 1)
     monkeypatch.setattr(patchwire, "RECORDS_PRUNE_AT", 2)
-    root = make_repo(tmp_path / "laptop", {"a.txt": b"a\n"})
+    if who == "account":
+        hand_to_account(srv_place)
+    as_who(who, lambda: pruning_keeps_what_undo_would_put_back(srv_place))
+
+
+def pruning_keeps_what_undo_would_put_back(place: Path) -> None:
+    root = make_repo(place / "laptop", {"a.txt": b"a\n"})
     project = patchwire.Project(root, "laptop")
     project.record_paths(["a.txt"])
     (root / "a.txt").write_bytes(b"the user's edit, only here\n")
