@@ -162,6 +162,10 @@ JOB_ENDS = ("done", "failed", "cancelled")
 LAST_EVENTS = ("finished", "failed", "cancelled")
 CODE_NOT_FOUND = "not_found"  # no such job, project or route: not a refusal
 CODE_TREE_MISMATCH = "tree_mismatch"  # the box's copy is not what the laptop recorded: sync again
+# An ask of changes may carry small changed files itself (`content`), instead of an rsync before
+# it: the agent writes them into its mirror, then hashes them as it would rsync's copies. At most
+# this many bytes in all; the agent says so in /v1/me (`inline_max_bytes`), an older one does not.
+INLINE_MAX_BYTES = 1024 * 1024
 # In a stream, where the agent left out the middle of the AI's output ([jobs] max_output_mb):
 # {"type": OUTPUT_DROPPED, "events": N, "bytes": N, "limit": "[jobs] max_output_mb = 16"}
 OUTPUT_DROPPED = "output_dropped"
@@ -581,11 +585,17 @@ class Git:
         check = self("cat-file", "--batch-check", input=b"\n".join(ids) + b"\n")
         return [line.split()[0] for line in check.splitlines() if line.endswith(b" missing")]
 
-    def changed_paths(self, old_tree: str, tree: str) -> List[Tuple[bytes, bytes]]:
-        """(status letter, path) of every file that differs from `old_tree` to `tree`, renames
-        not looked for; git skips each folder whose tree id is the same in both."""
-        out = self("diff-tree", "-r", "-z", "--no-renames", "--name-status", old_tree, tree).split(b"\0")
-        return list(zip(out[0::2], out[1::2]))
+    def changed_entries(self, old_tree: str, tree: str) -> List[Tuple[bytes, bytes, bytes, bytes]]:
+        """(status letter, mode, blob, path) in `tree` of every file that differs from `old_tree`
+        to `tree`, renames not looked for; git skips each folder whose tree id is the same in
+        both. (`-z` raw records: ":OLDMODE NEWMODE OLDBLOB NEWBLOB STATUS\0PATH\0".)"""
+        out = self("diff-tree", "-r", "-z", "--no-renames", old_tree, tree).split(b"\0")
+        entries = []
+        for meta, path in zip(out[0::2], out[1::2]):
+            fields = meta.split()
+            if len(fields) == 5:
+                entries.append((fields[4][:1], fields[1], fields[3], path))
+        return entries
 
     def tree_after_patch(self, tree: str, patch: bytes, index: Path) -> Tuple[Optional[str], bytes]:
         """(the tree `patch` makes of `tree`, None when it does not apply; git's stderr): git's
@@ -987,8 +997,9 @@ def remove_file(root: Root, rel: str) -> None:
             os.close(fd)
 
 
-def write_worktree(root: Path, rel: str, data: Optional[bytes], mode: str) -> None:
-    """Write (atomically, by rename) or delete one file; empty folders left behind go too."""
+def write_worktree(root: Root, rel: str, data: Optional[bytes], mode: str, mtime_ns: Optional[int] = None) -> None:
+    """Write (atomically, by rename) or delete one file; empty folders left behind go too.
+    `mtime_ns`: the file's modification time (a copy made as `rsync -a` makes one)."""
     if data is None:
         remove_file(root, rel)
         return
@@ -1007,6 +1018,9 @@ def write_worktree(root: Path, rel: str, data: Optional[bytes], mode: str) -> No
                                    dir_fd=fd), "wb") as f:
                 f.write(data)
                 os.fchmod(f.fileno(), perm)  # the umask narrowed the mode open() gave
+                if mtime_ns is not None:
+                    f.flush()  # the time is set after the last write, or the write sets it again
+                    os.utime(f.fileno(), ns=(mtime_ns, mtime_ns))
         os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
     finally:
         if _lstat_at(fd, tmp):
@@ -1999,10 +2013,18 @@ class Project:
     def changes(self, old_tree: str, tree: str) -> Tuple[List[str], List[str]]:
         """(paths added or changed by content or mode, paths deleted) from one record to the
         next: git compares the two trees, skipping every folder whose tree id is the same."""
-        changed: List[str] = []
+        changed, deleted = self.changed_entries(old_tree, tree)
+        return list(changed), deleted
+
+    def changed_entries(self, old_tree: str, tree: str) -> Tuple[Dict[str, Tuple[str, str]], List[str]]:
+        """changes(), the changed paths with their (mode, blob) in `tree`, from one `diff-tree`."""
+        changed: Dict[str, Tuple[str, str]] = {}
         deleted: List[str] = []
-        for status, raw in self.git.changed_paths(old_tree, tree):
-            (deleted if status == b"D" else changed).append(_dec(raw))
+        for status, mode, blob, raw in self.git.changed_entries(old_tree, tree):
+            if status == b"D":
+                deleted.append(_dec(raw))
+            else:
+                changed[_dec(raw)] = (mode.decode(), blob.decode())
         return changed, deleted
 
     def _own_borrowed(self, tree: str) -> None:
@@ -2236,6 +2258,52 @@ def send_files(cfg: LaptopConfig, paths: Sequence[str], dest: str, checksum: boo
     raise AgentError(f"rsync failed (exit {proc.returncode}): {tail}", hint)
 
 
+# Small changed files go with the ask itself (POST /v1/ask `content`) instead of by an rsync
+# before it: rsync's start is most of a small ask's sync (its processes, 2 x 20 ms it sleeps
+# waiting for them, and over SSH a remote rsync). Past these figures rsync's own transfer wins.
+INLINE_SEND_MAX_BYTES = 256 * 1024
+INLINE_SEND_MAX_FILES = 64
+
+
+def inline_content(root: Path, wanted: Dict[str, Tuple[str, str]], cap: int) -> Tuple[Optional[List[list]], int]:
+    """([[path, mode, mtime_ns, base64], ...], their bytes) of the files `wanted` ({path: (mode,
+    blob)} as the record holds them), read without following a link: what an ask carries
+    (`content`). (None, 0) when they go by rsync instead: too many or too big, a symlink, or a
+    file whose bytes are not the recorded blob any more (it moved since: rsync's round sends
+    it again, or says so)."""
+    room = min(cap, INLINE_SEND_MAX_BYTES)
+    if not wanted or len(wanted) > INLINE_SEND_MAX_FILES:
+        return None, 0
+    out: List[list] = []
+    for path, (mode, blob) in sorted(wanted.items()):
+        found = read_small_file(root, path, room) if mode in ("100644", "100755") else None
+        if found is None or blob_id(found[0], blob) != blob:
+            return None, 0
+        room -= len(found[0])
+        out.append([path, mode, found[1], base64.b64encode(found[0]).decode("ascii")])
+    return out, min(cap, INLINE_SEND_MAX_BYTES) - room
+
+
+def read_small_file(root: Path, rel: str, cap: int) -> Optional[Tuple[bytes, int]]:
+    """(bytes, mtime in ns) of the regular file root/rel when it holds at most `cap` bytes,
+    reached without following a link; else None."""
+    try:
+        fd, name = _open_parent(root, rel)
+    except (OSError, UnsafePath):
+        return None
+    try:
+        with os.fdopen(os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd), "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_size > cap:
+                return None
+            data = f.read(cap + 1)
+            return (data, st.st_mtime_ns) if len(data) <= cap else None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 # ================================================================== HTTP client
 # The box's answers, read strictly and within bounds. A lying box can answer with anything:
 # a body that never ends, one line of a gigabyte, a byte every few seconds, JSON nested a
@@ -2345,7 +2413,7 @@ SETUP_SHAPE = {"ran": bool, "why": str, "hash": str, "duration_ms": NUMBER, "sou
 MAX_CHECK_TAIL = 16 * 1024  # characters of a check's or setup command's output the box may send back
 HEALTH_SHAPE = {"version": str, "time": NUMBER, "queue_depth": int, "ai_found": bool, "ai_command": str,
                 "sandbox": str, "sandbox_warning": str}
-ME_SHAPE = {"user": str, "mirror": str}
+ME_SHAPE = {"user": str, "mirror": str, "inline_max_bytes": int}
 TARGET_SHAPE = {"id": str, "kind": str, "url": str, "events": ("list", str), "include": ("list", str),
                 "created": NUMBER}
 TEST_SHAPE = {"ok": bool, "status": (int, type(None)), "error": (str, type(None))}
@@ -2873,14 +2941,48 @@ class Synced:
     Without a base (a first or forced sync, or paths sent again after a mismatch) the agent
     gets the whole listing."""
 
-    def __init__(self, tree: str, base: Optional[str], changed: List[str], deleted: List[str], counts: dict):
+    def __init__(self, tree: str, base: Optional[str], changed: List[str], deleted: List[str], counts: dict,
+                 content: Optional[List[list]] = None, mirror: str = "", upkeep: Optional["Background"] = None):
         self.tree, self.base, self.changed, self.deleted, self.counts = tree, base, changed, deleted, counts
+        # the files the ask itself carries (inline_content): the mirror holds `tree` only once
+        # the box has accepted the ask (Session.mark_indexed); the record's upkeep ends later
+        self.content, self.mirror, self.upkeep = content, mirror, upkeep
 
     def ask_fields(self, project: "Project") -> dict:
         """The files part of POST /v1/ask: O(changed) with a base, else every [mode, blob, path]."""
         if self.base is None:
             return {"tree": self.tree, "files": project.manifest()}
-        return {"tree": self.tree, "base": self.base, "changed": self.changed, "deleted": self.deleted}
+        return {"tree": self.tree, "base": self.base, "changed": self.changed, "deleted": self.deleted,
+                **({"content": self.content} if self.content else {})}
+
+    def settle(self) -> None:
+        """Wait for the record's upkeep, when it runs beside the ask (its error raised here)."""
+        upkeep, self.upkeep = self.upkeep, None
+        if upkeep is not None:
+            upkeep.result()
+
+
+class Background:
+    """A call run in a thread from now on; result() waits for it and returns its value or
+    raises its exception."""
+
+    def __init__(self, call: Callable[[], Any]):
+        self._result: List[Any] = []
+        self._thread = threading.Thread(target=self._run, args=(call,), daemon=True)
+        self._thread.start()
+
+    def _run(self, call: Callable[[], Any]) -> None:
+        try:
+            self._result.append((True, call()))
+        except BaseException as e:  # noqa: B036 - handed to the thread that waits
+            self._result.append((False, e))
+
+    def result(self) -> Any:
+        self._thread.join()
+        ok, value = self._result[0]
+        if not ok:
+            raise value
+        return value
 
 
 # What an apply of several attempts' work records beside the job (log_origin says it):
@@ -2918,17 +3020,19 @@ class Session:
             self._rules = SyncRules.of(self.cfg)
         return self._rules
 
-    def sync(self, force: bool = False, resend: Sequence[str] = ()) -> "Synced":
+    def sync(self, force: bool = False, resend: Sequence[str] = (), inline: bool = False) -> "Synced":
         """Send what changed since the last sync, found by content (the two records' trees
         differ), even when size and mtime did not change; with `force`, every file, compared
         by checksum. Files that change or vanish while they are sent are sent again once;
         if they still move, say which and why. `resend`: paths the box says differ (the
-        agent then re-reads the whole listing: no `base`). One sync of a project at a time
+        agent then re-reads the whole listing: no `base`). `inline` (an ask's sync): a few
+        small changed files may go with the ask itself instead (Synced.content; the caller
+        POSTs the ask, then settles the Synced). One sync of a project at a time
         (`record_lock`): a second one waits, then finds what the first sent already there."""
         with self.project.record_lock():
-            return self._sync(force, resend)
+            return self._sync(force, resend, inline)
 
-    def _sync(self, force: bool, resend: Sequence[str]) -> "Synced":
+    def _sync(self, force: bool, resend: Sequence[str], inline: bool = False) -> "Synced":
         last = self._last_sync()
         unsure = set(last.get("unsure", [])) | set(resend)
         # The agent's answer, the last record's check and the listing of changes need nothing
@@ -2939,6 +3043,7 @@ class Session:
         if force or last.get("mirror") != me["mirror"] or not known:
             last, early = {}, None  # send every listed file: rsync compares them with the box's copy
             unsure = set(resend)
+        inline_cap = me.get("inline_max_bytes", 0) if inline and not resend else 0
         moved: List[str] = []
         for attempt in (1, 2):
             listed = early if attempt == 1 else (last and self.project.scan_changes(self.rules, unsure))
@@ -2953,7 +3058,8 @@ class Session:
             except FilesMoved as e:
                 moved = e.paths
             else:
-                synced, todo, moved = self._send_and_keep(files, last, tree, bool(resend), unsure, force, me["mirror"])
+                synced, todo, moved = self._send_and_keep(files, last, tree, bool(resend), unsure, force, me["mirror"],
+                                                          inline_cap)
                 if synced:
                     return synced
                 unsure |= set(todo)
@@ -2963,23 +3069,40 @@ class Session:
         raise moved_error(moved, files)
 
     def _send_and_keep(self, files: FileList, last: dict, tree: str, resend: bool, unsure: set, force: bool,
-                       mirror: str) -> Tuple[Optional["Synced"], List[str], List[str]]:
-        """_send_recorded, with the record's upkeep at the same time (rsync mostly waits)."""
-        sent, _ = in_parallel(lambda: self._send_recorded(files, last, tree, resend, unsure, force, mirror),
-                              lambda: self.project.keep_record(tree))
+                       mirror: str, inline_cap: int) -> Tuple[Optional["Synced"], List[str], List[str]]:
+        """_send_recorded, with the record's upkeep at the same time (rsync mostly waits). When
+        the files go with the ask, the upkeep goes on beside its POST (Synced.settle)."""
+        upkeep = Background(lambda: self.project.keep_record(tree))
+        sent: Optional[Tuple[Optional[Synced], List[str], List[str]]] = None
+        try:
+            sent = self._send_recorded(files, last, tree, resend, unsure, force, mirror, inline_cap)
+        finally:
+            synced = sent[0] if sent else None
+            if synced is not None and synced.content:
+                synced.upkeep = upkeep
+            else:
+                upkeep.result()
         return sent
 
     def _send_recorded(self, files: FileList, last: dict, tree: str, resend: bool, unsure: set, force: bool,
-                       mirror: str) -> Tuple[Optional["Synced"], List[str], List[str]]:
+                       mirror: str, inline_cap: int = 0) -> Tuple[Optional["Synced"], List[str], List[str]]:
         """Bring the box's mirror to the record `tree`: (what the sync left, [], []) once it
-        holds it, else (None, paths given to rsync, paths that moved while sent)."""
-        since_last = self.project.changes(last["tree"], tree) if last.get("tree") else None
+        holds it, else (None, paths given to rsync, paths that moved while sent). With
+        `inline_cap`, a few small changed files may go with the ask instead (Synced.content)."""
+        entries = self.project.changed_entries(last["tree"], tree) if last.get("tree") else None
+        since_last = (list(entries[0]), entries[1]) if entries else None
         base, changed, deleted = self._since_indexed(last, tree, resend, since_last)
         if last.get("tree") == tree and not unsure:
             say(f"synced: nothing changed since the last sync ({files.count} files)")
             return Synced(tree, base, changed, deleted, {
                 "sent_files": 0, "sent_bytes": 0, "skipped": True, "held_back": files.held,
                 "files": files.count}), [], []
+        content, size = self._inline(files, entries, unsure, base, inline_cap)
+        if content is not None:
+            say(f"synced {len(content)} of {files.count} file(s), {human_bytes(size)} with the ask")
+            return Synced(tree, base, changed, deleted, {
+                "sent_files": len(content), "sent_bytes": size, "skipped": False, "held_back": files.held,
+                "files": files.count}, content=content, mirror=mirror), [], []
         counts, todo, moved = self._send(files, since_last, mirror, unsure, force)
         if moved:
             return None, todo, moved
@@ -2987,6 +3110,16 @@ class Session:
         return Synced(tree, base, changed, deleted, {
             "sent_files": counts["sent"], "sent_bytes": counts.get("bytes"), "skipped": False,
             "held_back": files.held, "files": files.count}), [], []
+
+    def _inline(self, files: FileList, entries: Optional[Tuple[Dict[str, Tuple[str, str]], List[str]]],
+                unsure: set, base: Optional[str], cap: int) -> Tuple[Optional[List[list]], int]:
+        """The ask's `content` and its bytes (inline_content) when the files this sync sends
+        are few and small, and the ask is of changes (a `base`); else None (rsync)."""
+        if not cap or base is None or entries is None:
+            return None, 0
+        if any(path not in entries[0] for path in unsure & set(files.paths)):
+            return None, 0  # unsure paths whose blob this sync did not name: rsync sends them
+        return inline_content(self.cfg.root, entries[0], cap)
 
     def _since_indexed(self, last: dict, tree: str, resend: bool,
                        since_last: Optional[Tuple[List[str], List[str]]]) -> Tuple[Optional[str], List[str], List[str]]:
@@ -3039,11 +3172,15 @@ class Session:
         self.project.write_state("last_sync.json", json.dumps(
             {"tree": tree, "mirror": mirror, "time": time.time(), "unsure": list(unsure), "indexed": indexed}))
 
-    def mark_indexed(self, tree: str) -> None:
-        """The agent made a snapshot of `tree` (it accepted an ask of it)."""
+    def mark_indexed(self, synced: "Synced") -> None:
+        """The agent made a snapshot of `synced.tree` (it accepted an ask of it), and wrote the
+        files the ask carried into its mirror, which now holds that tree."""
+        if synced.content:
+            self._save_sync(synced.tree, synced.mirror, indexed=synced.tree)
+            return
         last = self._last_sync()
-        if last.get("tree") == tree:
-            self._save_sync(tree, last["mirror"], last.get("unsure", []), indexed=tree)
+        if last.get("tree") == synced.tree:
+            self._save_sync(synced.tree, last["mirror"], last.get("unsure", []), indexed=synced.tree)
 
     def log_apply(self, result: dict) -> None:
         entry = {"time": time.time(), "job": result["job"], "how": result["how"],
@@ -7014,11 +7151,13 @@ def sync_and_post(session: Session, fields: dict) -> Tuple[dict, Iterator[dict],
     (the box does not hold the record they start from: a new box, its state reset, another
     laptop), send every file compared by checksum; after a full one, send the paths it names
     again. Retry once; if they differ again, they move under our feet: say so."""
-    synced = session.sync()
+    synced = session.sync(inline=True)
     try:
-        return post_ask(session, ask_body(session, synced, fields), synced.tree) + (synced.tree,)
+        return post_ask(session, ask_body(session, synced, fields), synced) + (synced.tree,)
     except AgentError as e:
         paths = mismatched_paths(e)
+    finally:
+        synced.settle()
     if synced.base is not None:
         why = f"differs from what was sent in {describe_paths(paths)}" if paths else "is not the one this laptop last sent"
         say(f"the box's copy {why}; sending every file, compared by checksum")
@@ -7027,7 +7166,7 @@ def sync_and_post(session: Session, fields: dict) -> Tuple[dict, Iterator[dict],
         say(f"the box's copy differs from what was sent in {describe_paths(paths)}; sending again")
         synced = session.sync(resend=paths) if 0 < len(paths) < 200 else session.sync(force=True)
     try:
-        return post_ask(session, ask_body(session, synced, fields), synced.tree) + (synced.tree,)
+        return post_ask(session, ask_body(session, synced, fields), synced) + (synced.tree,)
     except AgentError as e:
         paths = mismatched_paths(e)
     raise PatchwireError(f"the box's copy still differs from what was sent in {describe_paths(paths)}, "
@@ -7065,10 +7204,10 @@ def box_fields(cfg: LaptopConfig, args) -> dict:
     return fields
 
 
-def post_ask(session: Session, body: dict, tree: str) -> Tuple[dict, Iterator[dict]]:
+def post_ask(session: Session, body: dict, synced: Synced) -> Tuple[dict, Iterator[dict]]:
     events = session.client.ask(body)
     first = checked_first(next(events))
-    session.mark_indexed(tree)
+    session.mark_indexed(synced)
     return first, events
 
 

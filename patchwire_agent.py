@@ -1257,10 +1257,12 @@ class ProjectRepo:
                                    code=pw.CODE_TREE_MISMATCH, paths=differ[:200])
                 return write_commit(self.git_dir, got, None, "patchwire snapshot")
 
-    def snapshot_changes(self, tree: str, base: str, changed: List[str], deleted: List[str]) -> str:
+    def snapshot_changes(self, tree: str, base: str, changed: List[str], deleted: List[str],
+                         content: Sequence[Tuple[str, str, int, bytes]] = ()) -> str:
         """The same commit in O(changed): the index the last snapshot left must hold `base`
         (else 409: a new box, a reset state folder, another laptop's sync in between); the
-        deleted paths go from it and from the mirror, the changed ones are hashed from the
+        deleted paths go from it and from the mirror, the files the ask carries (`content`,
+        check_content) are written into the mirror, the changed ones are hashed from the
         mirror, and the result must be `tree`. Files in the mirror that the laptop did not
         send are never read: the snapshot's other blobs are the ones already recorded."""
         with self.lock:
@@ -1277,10 +1279,12 @@ class ProjectRepo:
                     except (OSError, PatchwireError):
                         pass  # already gone, or beneath a link: the index drops it all the same
                 try:
+                    write_content(fd, content)
                     update_mirror_index(git, fd, changed, deleted)
-                except (ProcessError, pw.UnsafePath) as e:  # a folder, or beneath a link: not what was sent
+                except (ProcessError, pw.UnsafePath, OSError) as e:  # a folder, or beneath a link: not what was sent
                     (self.home / "snapshot.tree").unlink(missing_ok=True)  # the index may hold part of it
-                    raise Conflict(f"the box's copy of the project cannot hold what the laptop sent: {e.message}",
+                    why = e.message if isinstance(e, PatchwireError) else f"{e.filename or ''}: {e.strerror or e}"
+                    raise Conflict(f"the box's copy of the project cannot hold what the laptop sent: {why}",
                                    "sync again (patchwire sync --force)", code=pw.CODE_TREE_MISMATCH,
                                    paths=changed[:200])
                 got = self._write_snapshot_tree(git)
@@ -1725,6 +1729,15 @@ def index_paths(git: Git, mirror_fd: int, paths: List[str], links: List[str]) ->
     for raw in git("ls-files", "-z", "--others").split(b"\0"):  # git's own walk: fast
         if raw:
             pw.remove_file(mirror_fd, raw.decode("utf-8", "surrogateescape"))
+
+
+def write_content(mirror_fd: int, content: Sequence[Tuple[str, str, int, bytes]]) -> None:
+    """Write the files an ask carries into the mirror, as `rsync -a` would have (bytes, the
+    executable bit, the modification time), each by rename, never through a link: one in the
+    way on a path's folders is UnsafePath, and one at the path itself is replaced, not
+    followed. The user's own mirror: what rsync over the user's key may write there anyway."""
+    for path, mode, mtime_ns, data in content:
+        pw.write_worktree(mirror_fd, path, data, mode, mtime_ns=mtime_ns)
 
 
 def update_mirror_index(git: Git, mirror_fd: int, changed: List[str], deleted: List[str]) -> None:
@@ -4414,7 +4427,8 @@ class Agent:
 
     def me(self, user: str, project: Optional[str]) -> dict:
         out: Dict[str, Any] = {"user": user, "version": __version__,
-                               "mirror_root": str(mirror_root(self.cfg.state_dir, user))}
+                               "mirror_root": str(mirror_root(self.cfg.state_dir, user)),
+                               "inline_max_bytes": pw.INLINE_MAX_BYTES}
         if project is not None:
             repo = self.open_project(user, check_name(project, "project"))
             out["mirror"] = str(repo.mirror)
@@ -4477,9 +4491,11 @@ class Agent:
         tree = check_tree_id(body.get("tree"), "tree")
         if "files" in body:
             files: Any = check_manifest(body.get("files"))
+            if "content" in body:
+                raise BadRequest("content goes with an ask of changes (base, changed, deleted), not with files")
         else:
             files = (check_tree_id(body.get("base"), "base"), check_paths(body.get("changed"), "changed"),
-                     check_paths(body.get("deleted"), "deleted"))
+                     check_paths(body.get("deleted"), "deleted"), check_content(body.get("content", [])))
         attempts, profiles = check_attempts(policy, body, self.cfg.ai_profiles)
         self.check_room()
         self.check_quota(policy)
@@ -4491,7 +4507,8 @@ class Agent:
         started = time.monotonic()
         snapshot = repo.snapshot(tree, files) if isinstance(files, list) else repo.snapshot_changes(tree, *files)
         snapped = {"form": "full", "files": len(files)} if isinstance(files, list) else {
-            "form": "changes", "changed": len(files[1]), "deleted": len(files[2])}
+            "form": "changes", "changed": len(files[1]), "deleted": len(files[2]),
+            **({"inline": len(files[3])} if files[3] else {})}
         snapped["ms"] = round((time.monotonic() - started) * 1000, 1)
         job = {"id": secrets.token_hex(6), "user": user, "project": project, "prompt": prompt,
                "status": "queued", "created": time.time(), "snapshot": snapshot, "tree": tree,
@@ -5111,6 +5128,33 @@ def check_paths(value: Any, what: str) -> List[str]:
         return [pw.check_relative_path(p) for p in value]
     except UsageError as e:
         raise BadRequest(f"{what}: {e.message}")
+
+
+CONTENT_HINT = "send `content` as [[path, mode, mtime_ns, base64 bytes], ...] (regular files only)"
+
+
+def check_content(value: Any) -> List[Tuple[str, str, int, bytes]]:
+    """The files an ask of changes carries itself: [[path, "100644"|"100755", mtime in ns,
+    base64 of the bytes], ...], at most pw.INLINE_MAX_BYTES in all (413 past it)."""
+    if not isinstance(value, list):
+        raise BadRequest("content must be a list of files", CONTENT_HINT)
+    out, total = [], 0
+    for entry in value:
+        if (not isinstance(entry, list) or len(entry) != 4 or not isinstance(entry[0], str)
+                or entry[1] not in ("100644", "100755") or type(entry[2]) is not int
+                or not 0 <= entry[2] < 2 ** 63 or not isinstance(entry[3], str)):
+            raise BadRequest(f"bad entry in content: {str(entry)[:100]}", CONTENT_HINT)
+        path = check_paths([entry[0]], "content")[0]
+        try:
+            data = base64.b64decode(entry[3], validate=True)
+        except ValueError:  # binascii.Error is one
+            raise BadRequest(f"content of {path} is not base64", CONTENT_HINT)
+        total += len(data)
+        if total > pw.INLINE_MAX_BYTES:
+            raise HTTPFailure(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"content over {pw.INLINE_MAX_BYTES} bytes",
+                              "send bigger files by rsync (patchwire does)", code="too_large")
+        out.append((path, entry[1], entry[2], data))
+    return out
 
 
 def check_manifest(files: Any) -> List[Tuple[str, str, str]]:
@@ -6005,6 +6049,7 @@ OPENAPI_SCHEMAS = {
                                 "description": "the connection table: open, caps, waiting for a request, evicted"}),
     "Me": _obj(["user", "version", "mirror_root"], user=_S, version=_S, mirror_root=_S,
                mirror={**_S, "description": "with ?project=: the folder to rsync that project into"},
+               inline_max_bytes={**_I, "description": "the most bytes an ask's `content` may carry"},
                unwritable={"type": "array", "items": _S,
                            "description": "folders of yours the box account cannot write (the admin's to fix)"}),
     "NotifyRequest": {**_obj(["url"], url={**_S, "description": "http(s) URL on a host in [notify] allow"},
@@ -6032,6 +6077,10 @@ OPENAPI_SCHEMAS = {
                           changed={"type": "array", "items": _S, "description": "changes form: paths sent since base"},
                           deleted={"type": "array", "items": _S,
                                    "description": "changes form: paths deleted since base"},
+                          content={"type": "array", "items": {"type": "array", "minItems": 4, "maxItems": 4},
+                                   "description": "changes form: [path, mode, mtime_ns, base64] of small files "
+                                                  "sent with the ask (written into the mirror, then hashed "
+                                                  "as changed ones); at most inline_max_bytes in all"},
                           timeout_s=_I, attempts={**_I, "description": "1..4 sibling jobs of this snapshot, "
                                                   "grouped by an ask id (policy: max_attempts); default 1"},
                           agents={"type": "array", "items": _S,

@@ -155,8 +155,10 @@ class Side:
                  root: Path = ROOT):
         self.root = tmp / name
         make_project(self.root, count)
+        # the agent of the same checkout as the CLI: `--against` measures the whole of "before"
+        agent = None if root == ROOT else [sys.executable, str(root / "patchwire_agent.py")]
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # init
-            self.agent = AgentProcess(tmp / f"agent-{name}", ai).start()
+            self.agent = AgentProcess(tmp / f"agent-{name}", ai, program=agent).start()
         stack.callback(self.agent.stop)
         program, self.env = laptop_program(tmp, way, root)
         self.lap = Laptop(self.root, program=program, env=self.env)
@@ -286,7 +288,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--no-zipapp", action="store_true", help="leave the zipapp out of the start-up part")
     p.add_argument("--no-build", action="store_true", help="use dist/patchwire as it is (no build.sh)")
     p.add_argument("--against", type=Path, default=None,
-                   help="another checkout (built: its dist/) measured in the same rounds as 'before' (enter, startup)")
+                   help="another checkout (built: its dist/) measured in the same rounds as 'before' "
+                        "(enter: its CLI and its agent; startup)")
     p.add_argument("--only", default="enter,startup,memory", help="parts, comma-separated (all by default)")
     p.add_argument("--program", choices=("zipapp", "module", "source"), default=None,
                    help="how the laptop CLI runs in the enter and memory parts (zipapp; quick: module)")

@@ -6,6 +6,7 @@ always sees exactly the laptop's files."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -113,7 +114,8 @@ def test_a_lost_laptop_state_folder_sends_the_full_form(laptop, agent):
 
 def test_a_sent_file_spoiled_on_the_box_is_refused_then_sent_by_checksum(laptop, agent, tmp_path):
     laptop.ask(script({"say": "first"}), "--yes", check=0)
-    (laptop.root / "README.md").write_bytes(b"# sent\n")
+    sent = b"# sent\n" + b"-" * patchwire.INLINE_SEND_MAX_BYTES  # too big to go with the ask: rsync sends it
+    (laptop.root / "README.md").write_bytes(sent)
     once = tmp_path / "spoiled-once"
     spoil = tmp_path / "rsync-spoils-once"
     spoil.write_text(f"#!/bin/sh\nrsync \"$@\"; rc=$?\n[ -e {once} ] || {{ touch {once}; "
@@ -122,7 +124,54 @@ def test_a_sent_file_spoiled_on_the_box_is_refused_then_sent_by_checksum(laptop,
     write_sync(laptop, rsync=str(spoil))
     asked = laptop.ask(script(*copy_steps("README.md")), "--yes", check=0)
     assert "the box's copy differs from what was sent in README.md; sending every file, compared by checksum" in asked.err
-    assert asks(agent)[-2:] == [409, 200] and seen(laptop, "README.md") == b"# sent\n"
+    assert asks(agent)[-2:] == [409, 200] and seen(laptop, "README.md") == sent
+
+
+def counting_rsync(tmp_path: Path) -> Path:
+    """An rsync that notes each run in rsync.runs, then is rsync."""
+    runs = tmp_path / "rsync.runs"
+    wrapper = tmp_path / "counting-rsync"
+    wrapper.write_text(f"#!/bin/sh\necho run >> {runs}\nexec rsync \"$@\"\n")
+    wrapper.chmod(0o755)
+    return runs
+
+
+def test_small_changed_files_go_with_the_ask_into_the_mirror_as_rsync_would_write_them(laptop, agent, tmp_path):
+    laptop.ask(script({"say": "first"}), "--yes", check=0)
+    runs = counting_rsync(tmp_path)
+    write_sync(laptop, rsync=str(tmp_path / "counting-rsync"))
+    (laptop.root / "README.md").write_bytes(b"# edited\n")
+    tool = laptop.root / "src/deep/tool.sh"
+    tool.parent.mkdir(parents=True)
+    tool.write_bytes(b"#!/bin/sh\necho tool\n")
+    tool.chmod(0o755)
+    os.utime(tool, ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
+    asked = laptop.ask(script(*copy_steps("README.md", "src/deep/tool.sh")), "--yes", check=0)
+    assert "synced 2 of 4 file(s), 29 B with the ask" in asked.err
+    assert not runs.exists(), "rsync ran"
+    last = snapshots(agent)[-1]
+    assert (last["form"], last["changed"], last["inline"]) == ("changes", 2, 2)
+    assert seen(laptop, "README.md") == b"# edited\n" and seen(laptop, "src/deep/tool.sh") == b"#!/bin/sh\necho tool\n"
+    mirror = mirror_of(agent, laptop)
+    copy = (mirror / "src/deep/tool.sh").stat()
+    assert (mirror / "src/deep/tool.sh").read_bytes() == tool.read_bytes() and copy.st_mode & 0o111
+    assert copy.st_mtime_ns == 1_600_000_000_123_456_789 and not (mirror / "README.md").stat().st_mode & 0o111
+    # the mirror holds the record: a sync sends only the two files the job applied here
+    assert "synced 2 of 6 file(s)" in laptop.run("sync", check=0).err and runs.read_text() == "run\n"
+    laptop.ask(script({"say": "again"}), "--yes", check=0)
+    assert "inline" not in snapshots(agent)[-1] and runs.read_text() == "run\n" and 409 not in asks(agent)
+
+
+def test_files_that_went_with_a_refused_ask_go_again_with_the_next(laptop, agent):
+    laptop.ask(script({"say": "first"}), "--yes", check=0)
+    (laptop.root / "README.md").write_bytes(b"# carried twice\n")
+    refused = laptop.ask(script({"say": "never runs"}), "--timeout", str(10 ** 9), check=None)
+    assert refused.returncode != 0 and "timeout_s" in refused.err
+    assert "B with the ask" in refused.err
+    assert (mirror_of(agent, laptop) / "README.md").read_bytes() == b"# demo\n"  # refused before the snapshot
+    laptop.ask(script(*copy_steps("README.md")), "--yes", check=0)
+    assert seen(laptop, "README.md") == b"# carried twice\n"
+    assert snapshots(agent)[-1]["inline"] == 1 and 409 not in asks(agent)
 
 
 # ------------------------------------------------------------------ the agent's side, over HTTP
@@ -150,6 +199,43 @@ def test_the_changes_form_is_checked(laptop, agent):
     outside.write_text("keep\n")
     status, _ = agent.json("POST", "/v1/ask", {**ask, "deleted": ["../outside.txt"]})
     assert status == 400 and outside.read_text() == "keep\n"
+
+
+def test_the_content_an_ask_carries_is_checked_and_written_only_beneath_the_mirror(laptop, agent):
+    laptop.ask(script({"say": "first"}), "--yes", check=0)
+    project = patchwire.Project(laptop.root, "laptop")
+    tree = json.loads(project.state_file("last_sync.json").read_text())["tree"]
+    ask = {"project": "laptop", "prompt": "x", "tree": tree, "base": tree, "changed": ["README.md"], "deleted": []}
+    demo = base64.b64encode(b"# demo\n").decode()
+    too_big = base64.b64encode(b"x" * (patchwire.INLINE_MAX_BYTES + 1)).decode()
+    for bad, code, words in (
+            ({"content": "README.md"}, 400, "content must be a list"),
+            ({"content": [["README.md", "120000", 0, demo]]}, 400, "bad entry in content"),
+            ({"content": [["README.md", "100644", -1, demo]]}, 400, "bad entry in content"),
+            ({"content": [["README.md", "100644", 1.5, demo]]}, 400, "bad entry in content"),
+            ({"content": [["README.md", "100644", 0, "not base64!"]]}, 400, "not base64"),
+            ({"content": [["../escape", "100644", 0, demo]]}, 400, "unsafe path"),
+            ({"content": [[".git/config", "100644", 0, demo]]}, 400, "unsafe path"),
+            ({"content": [["README.md", "100644", 0, too_big]]}, 413, "content over"),
+            ({"files": [], "content": []}, 400, "content goes with an ask of changes")):
+        status, answer = agent.json("POST", "/v1/ask", {**ask, **bad})
+        assert (status, words in answer["error"]) == (code, True), (bad, answer)
+    mirror = mirror_of(agent, laptop)
+    outside = agent.state_dir.parent / "outside.txt"
+    outside.write_text("keep\n")
+    (mirror / "README.md").unlink()
+    os.symlink(outside, mirror / "README.md")  # a link at the path itself is replaced, never followed
+    status, answer = agent.json("POST", "/v1/ask", {**ask, "content": [["README.md", "100644", 0, demo]]})
+    assert status == 202, answer
+    assert outside.read_text() == "keep\n" and not (mirror / "README.md").is_symlink()
+    assert (mirror / "README.md").read_bytes() == b"# demo\n"
+    other = agent.state_dir / "users" / "bob" / "mirror" / "web"
+    other.mkdir(parents=True)
+    os.symlink(other, mirror / "bobs")  # a link on the way: nothing written through it
+    status, answer = agent.json("POST", "/v1/ask", {**ask, "changed": ["bobs/x.txt"],
+                                                    "content": [["bobs/x.txt", "100644", 0, demo]]})
+    assert (status, answer["code"]) == (409, "tree_mismatch") and "symlink" in answer["error"]
+    assert list(other.iterdir()) == []
 
 
 def test_a_link_in_the_mirror_reads_and_deletes_nothing_of_another_user(laptop, agent):

@@ -261,3 +261,34 @@ def test_listing_walk_refuses_a_listing_out_of_order():
         pw.ListingWalk(b"H b\0H a\0", b"a\0b\0", watch=set())
     with pytest.raises(pw.ListingOrder):
         pw.ListingWalk(b"H a\0", b"b\0a\0", watch=set())
+
+
+# ------------------------------------------------------------------ inline_content: files an ask carries
+
+
+def test_an_ask_carries_only_few_small_regular_files_whose_bytes_are_the_recorded_ones(tmp_path):
+    import base64
+    import os
+
+    (tmp_path / "a.txt").write_bytes(b"a\n")
+    os.utime(tmp_path / "a.txt", ns=(5, 1_000_000_007))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub/run.sh").write_bytes(b"#!/bin/sh\n")
+    a, run = pw.blob_id(b"a\n", "0" * 40), pw.blob_id(b"#!/bin/sh\n", "0" * 40)
+    wanted = {"a.txt": ("100644", a), "sub/run.sh": ("100755", run)}
+    content, size = pw.inline_content(tmp_path, wanted, 1 << 20)
+    assert content == [["a.txt", "100644", 1_000_000_007, base64.b64encode(b"a\n").decode()],
+                       ["sub/run.sh", "100755", (tmp_path / "sub/run.sh").stat().st_mtime_ns,
+                        base64.b64encode(b"#!/bin/sh\n").decode()]]
+    assert size == 12
+    assert pw.inline_content(tmp_path, wanted, 11) == (None, 0)  # the box takes fewer bytes
+    assert pw.inline_content(tmp_path, {"a.txt": ("100644", run)}, 1 << 20) == (None, 0)  # moved since recorded
+    assert pw.inline_content(tmp_path, {"a.txt": ("120000", a)}, 1 << 20) == (None, 0)  # a symlink: rsync
+    assert pw.inline_content(tmp_path, {"gone.txt": ("100644", a)}, 1 << 20) == (None, 0)
+    assert pw.inline_content(tmp_path, {}, 1 << 20) == (None, 0)
+    many = {f"f{i}": ("100644", a) for i in range(pw.INLINE_SEND_MAX_FILES + 1)}
+    assert pw.inline_content(tmp_path, many, 1 << 20) == (None, 0)
+    os.symlink(tmp_path / "sub", tmp_path / "via")  # never read through a link on the way
+    assert pw.inline_content(tmp_path, {"via/run.sh": ("100755", run)}, 1 << 20) == (None, 0)
+    os.symlink(tmp_path / "a.txt", tmp_path / "link.txt")  # nor a link at the path
+    assert pw.inline_content(tmp_path, {"link.txt": ("100644", a)}, 1 << 20) == (None, 0)
