@@ -4496,6 +4496,9 @@ class Agent:
         else:
             files = (check_tree_id(body.get("base"), "base"), check_paths(body.get("changed"), "changed"),
                      check_paths(body.get("deleted"), "deleted"), check_content(body.get("content", [])))
+            stray = {entry[0] for entry in files[3]}.difference(files[1])
+            if stray:  # a file the snapshot would not hash: the mirror would hold what no tree says
+                raise BadRequest(f"content names a path that is not in changed: {sorted(stray)[0]}", CONTENT_HINT)
         attempts, profiles = check_attempts(policy, body, self.cfg.ai_profiles)
         self.check_room()
         self.check_quota(policy)

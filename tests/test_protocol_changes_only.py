@@ -217,10 +217,12 @@ def test_the_content_an_ask_carries_is_checked_and_written_only_beneath_the_mirr
             ({"content": [["../escape", "100644", 0, demo]]}, 400, "unsafe path"),
             ({"content": [[".git/config", "100644", 0, demo]]}, 400, "unsafe path"),
             ({"content": [["README.md", "100644", 0, too_big]]}, 413, "content over"),
+            ({"content": [["extra.txt", "100644", 0, demo]]}, 400, "not in changed: extra.txt"),
             ({"files": [], "content": []}, 400, "content goes with an ask of changes")):
         status, answer = agent.json("POST", "/v1/ask", {**ask, **bad})
         assert (status, words in answer["error"]) == (code, True), (bad, answer)
     mirror = mirror_of(agent, laptop)
+    assert not (mirror / "extra.txt").exists()  # refused before anything was written
     outside = agent.state_dir.parent / "outside.txt"
     outside.write_text("keep\n")
     (mirror / "README.md").unlink()
