@@ -5349,6 +5349,11 @@ class Applier:
         here = self.read_here([path for path in paths if not beneath(path, gone)])
         exact = unchanged_since_sync(self.project, files, base_tree, here)
         before = self.saved(paths, gone, here, synced_ids(files, exact))
+        computed = computed_writes(files, exact, here) if not gone else None
+        if computed is not None:  # every file as synced: write the results shown, no git apply
+            self.write(computed, before)
+            written = {path: (data, mode) if data is not None else None for path, (data, mode, _) in computed.items()}
+            return self.done(before, "plain", paths, [], written)
         plain = self.git_apply(patch)
         if plain.returncode == 0:
             now = self.read_here(paths)
@@ -5617,6 +5622,45 @@ class UndoLog:
         self.put_back(by_path[path] for path in in_write_order(by_path, lambda p: not by_path[p]["blob"]))
         self.path.unlink()
         return [e["path"] for e in entries]
+
+
+def computed_writes(files: Sequence["FilePatch"], exact: set,
+                    here: Dict[str, Optional[Tuple[bytes, str]]]) -> Optional[Dict[str, Tuple[Optional[bytes], str, int]]]:
+    """{path: (bytes, None to delete, git mode, 0)} that leave exactly what `git apply`
+    would, when every section's file here is the one the patch was made from (`exact`, by
+    new path; `here`: every touched path read): each result is then the one computed and
+    shown, whose blob id is the one the box's `index` line names. None when any section
+    needs git's own reading: a binary patch, a file here that differs from the synced one
+    (git finds hunks at an offset), a mode here the section does not expect, a new file
+    or a rename onto something here, or two sections on one path (a type change).
+    `git apply` itself takes 0.4 s of a 50 MB patch's 1.3 s, mostly reading it again."""
+    out: Dict[str, Tuple[Optional[bytes], str, int]] = {}
+    folded: set = set()
+    for fp in files:
+        ours = {folded_path(fp.old_path), folded_path(fp.path)}
+        if fp.binary or ours & folded:
+            return None
+        folded |= ours
+        old = here.get(fp.old_path)
+        if fp.kind == "new":
+            if here.get(fp.path) is not None or (fp.hunks and fp.path not in exact) or not fp.new_mode:
+                return None
+            out[fp.path] = (fp.result if fp.hunks else b"", fp.new_mode, 0)
+            continue
+        # no mode said (a rename as it is): git keeps the mode here, a symlink's too
+        if old is None or fp.old_mode not in (None, old[1]) or (fp.path in exact) != bool(fp.hunks):
+            return None
+        if fp.kind == "deleted":
+            if (fp.result if fp.hunks else old[0]):  # git deletes only a file the section empties
+                return None
+            out[fp.old_path] = (None, "", 0)
+            continue
+        if fp.old_path != fp.path:
+            if here.get(fp.path) is not None:
+                return None
+            out[fp.old_path] = (None, "", 0)
+        out[fp.path] = (fp.result if fp.hunks else old[0], fp.new_mode or old[1], 0)
+    return out
 
 
 def synced_ids(files: Sequence["FilePatch"], exact: set) -> Dict[str, str]:
