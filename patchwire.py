@@ -871,13 +871,8 @@ def _open_parent(root: Root, rel: str, create: bool = False) -> Tuple[int, str]:
     fd = _open_root(root)
     try:
         for name in parts[:-1]:
-            if create:
-                try:
-                    os.mkdir(name, 0o777, dir_fd=fd)
-                except FileExistsError:
-                    pass
             try:
-                child = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_DIRECTORY", 0), dir_fd=fd)
+                child = _open_folder_at(fd, name, create)
             except OSError:
                 if stat.S_ISLNK(_lstat_at(fd, name)):
                     raise UnsafePath(f"{sanitize(rel)}: {sanitize(name)} on its way is a symlink; Patchwire "
@@ -889,6 +884,22 @@ def _open_parent(root: Root, rel: str, create: bool = False) -> Tuple[int, str]:
         os.close(fd)
         raise
     return fd, parts[-1]
+
+
+def _open_folder_at(fd: int, name: str, create: bool) -> int:
+    """The folder `name` in folder `fd`, never through a link; made first when missing and
+    `create` (tried as it is first: most folders of a write are there already)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_DIRECTORY", 0)
+    try:
+        return os.open(name, flags, dir_fd=fd)
+    except FileNotFoundError:
+        if not create:
+            raise
+    try:
+        os.mkdir(name, 0o777, dir_fd=fd)
+    except FileExistsError:
+        pass
+    return os.open(name, flags, dir_fd=fd)
 
 
 def open_folder(root: Path, rel: str) -> int:
@@ -4651,7 +4662,7 @@ def removed_links(root: Path, files: Sequence["FilePatch"]) -> set:
     """Symlinks here that the patch deletes or moves away."""
     return {f.old_path for f in files if f.kind in ("deleted", "renamed")
             and symlink_parent(root, f.old_path) is None
-            and (read_worktree(root, f.old_path) or (b"", ""))[1] == "120000"}
+            and stat.S_ISLNK(lstat_beneath(root, f.old_path))}  # a stat, not a read of the file
 
 
 def beneath(path: str, folders: set) -> bool:
@@ -4828,6 +4839,8 @@ def name_problem(path: str) -> Optional[str]:
     """Why `path` may be mistaken for another name, or None."""
     if DECEPTIVE_NAME.search(path):
         return "its name holds invisible or direction-changing characters"
+    if path.isascii():  # no other form, no other script: the rest looks at letters past ASCII
+        return None
     if unicodedata.normalize("NFKC", path) != unicodedata.normalize("NFC", path):
         return (f"its name has letters in another form (fullwidth, mathematical) and reads as "
                 f"{unicodedata.normalize('NFKC', path)}")
