@@ -881,13 +881,8 @@ def _open_parent(root: Root, rel: str, create: bool = False) -> Tuple[int, str]:
     fd = _open_root(root)
     try:
         for name in parts[:-1]:
-            if create:
-                try:
-                    os.mkdir(name, 0o777, dir_fd=fd)
-                except FileExistsError:
-                    pass
             try:
-                child = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_DIRECTORY", 0), dir_fd=fd)
+                child = _open_folder_at(fd, name, create)
             except OSError:
                 if stat.S_ISLNK(_lstat_at(fd, name)):
                     raise UnsafePath(f"{sanitize(rel)}: {sanitize(name)} on its way is a symlink; Patchwire "
@@ -899,6 +894,22 @@ def _open_parent(root: Root, rel: str, create: bool = False) -> Tuple[int, str]:
         os.close(fd)
         raise
     return fd, parts[-1]
+
+
+def _open_folder_at(fd: int, name: str, create: bool) -> int:
+    """The folder `name` in folder `fd`, never through a link; made first when missing and
+    `create` (tried as it is first: most folders of a write are there already)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_DIRECTORY", 0)
+    try:
+        return os.open(name, flags, dir_fd=fd)
+    except FileNotFoundError:
+        if not create:
+            raise
+    try:
+        os.mkdir(name, 0o777, dir_fd=fd)
+    except FileExistsError:
+        pass
+    return os.open(name, flags, dir_fd=fd)
 
 
 def open_folder(root: Path, rel: str) -> int:
@@ -4788,7 +4799,7 @@ def removed_links(root: Path, files: Sequence["FilePatch"]) -> set:
     """Symlinks here that the patch deletes or moves away."""
     return {f.old_path for f in files if f.kind in ("deleted", "renamed")
             and symlink_parent(root, f.old_path) is None
-            and (read_worktree(root, f.old_path) or (b"", ""))[1] == "120000"}
+            and stat.S_ISLNK(lstat_beneath(root, f.old_path))}  # a stat, not a read of the file
 
 
 def beneath(path: str, folders: set) -> bool:
@@ -4965,6 +4976,8 @@ def name_problem(path: str) -> Optional[str]:
     """Why `path` may be mistaken for another name, or None."""
     if DECEPTIVE_NAME.search(path):
         return "its name holds invisible or direction-changing characters"
+    if path.isascii():  # no other form, no other script: the rest looks at letters past ASCII
+        return None
     if unicodedata.normalize("NFKC", path) != unicodedata.normalize("NFC", path):
         return (f"its name has letters in another form (fullwidth, mathematical) and reads as "
                 f"{unicodedata.normalize('NFKC', path)}")
@@ -5492,6 +5505,11 @@ class Applier:
         exact = unchanged_since_sync(self.project, files, base_tree, here)
         before = self.saved(paths, gone, here, synced_ids(files, exact))
         was = {**dict.fromkeys(paths), **here}  # beneath a link the patch removes: nothing of ours
+        computed = computed_writes(files, exact, here) if not gone else None
+        if computed is not None:  # every file as synced: write the results shown, no git apply
+            self.write(computed, was)
+            written = {path: (data, mode) if data is not None else None for path, (data, mode, _) in computed.items()}
+            return self.done(before, "plain", paths, [], written)
         plain = self.git_apply(patch)
         if plain.returncode == 0:
             now = self.read_here(paths)
@@ -5632,14 +5650,15 @@ class Applier:
         except (OSError, PatchwireError, KeyboardInterrupt) as e:
             _, left = self.put_back_rewritten(was)
             failed = sanitize(written[-1]) if written else "the project"
+            again = f"run `patchwire apply {self.job}` again" if self.job else "apply again"
             if left:
                 raise PatchError(f"could not write {failed} ({sanitize(why_not(e))}); the files written so far "
                                  "were put back except " + self.describe_left(left, was),
-                                 "put those back as shown, fix the cause and apply again")
+                                 f"put those back as shown, fix the cause and {again}")
+            cause = write_failure_fix(self.project.root, written[-1] if written else "", list(merged))
             raise PatchError(f"could not write {failed} ({sanitize(why_not(e))}); the files "
                              "written so far were put back, nothing was changed",
-                             write_failure_fix(self.project.root, written[-1] if written else "", list(merged))
-                             or "fix the cause and apply again")
+                             f"{cause + ', then ' if cause else 'fix the cause, then '}{again}")
 
     def check_written(self, files: Sequence[FilePatch], exact: set, was: Dict[str, Optional[Tuple[bytes, str]]],
                       now: Dict[str, Optional[Tuple[bytes, str]]]) -> None:
@@ -5850,6 +5869,45 @@ class UndoLog:
                                   f"{sanitize(p)} ({sanitize(why)})" for p, why in left), hint)
         return PatchError(f"cannot undo: could not write {sanitize(path)} ({sanitize(why_not(error))}); "
                           "the files undone before it are as the apply left them, nothing was changed", hint)
+
+
+def computed_writes(files: Sequence["FilePatch"], exact: set,
+                    here: Dict[str, Optional[Tuple[bytes, str]]]) -> Optional[Dict[str, Tuple[Optional[bytes], str, int]]]:
+    """{path: (bytes, None to delete, git mode, 0)} that leave exactly what `git apply`
+    would, when every section's file here is the one the patch was made from (`exact`, by
+    new path; `here`: every touched path read): each result is then the one computed and
+    shown, whose blob id is the one the box's `index` line names. None when any section
+    needs git's own reading: a binary patch, a file here that differs from the synced one
+    (git finds hunks at an offset), a mode here the section does not expect, a new file
+    or a rename onto something here, or two sections on one path (a type change).
+    `git apply` itself takes 0.4 s of a 50 MB patch's 1.3 s, mostly reading it again."""
+    out: Dict[str, Tuple[Optional[bytes], str, int]] = {}
+    folded: set = set()
+    for fp in files:
+        ours = {folded_path(fp.old_path), folded_path(fp.path)}
+        if fp.binary or ours & folded:
+            return None
+        folded |= ours
+        old = here.get(fp.old_path)
+        if fp.kind == "new":
+            if here.get(fp.path) is not None or (fp.hunks and fp.path not in exact) or not fp.new_mode:
+                return None
+            out[fp.path] = (fp.result if fp.hunks else b"", fp.new_mode, 0)
+            continue
+        # no mode said (a rename as it is): git keeps the mode here, a symlink's too
+        if old is None or fp.old_mode not in (None, old[1]) or (fp.path in exact) != bool(fp.hunks):
+            return None
+        if fp.kind == "deleted":
+            if (fp.result if fp.hunks else old[0]):  # git deletes only a file the section empties
+                return None
+            out[fp.old_path] = (None, "", 0)
+            continue
+        if fp.old_path != fp.path:
+            if here.get(fp.path) is not None:
+                return None
+            out[fp.old_path] = (None, "", 0)
+        out[fp.path] = (fp.result if fp.hunks else old[0], fp.new_mode or old[1], 0)
+    return out
 
 
 def synced_ids(files: Sequence["FilePatch"], exact: set) -> Dict[str, str]:

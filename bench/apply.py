@@ -16,9 +16,10 @@ Two scenarios, each built once in a temporary folder (Patchwire's state there to
      waiting for the person): read it strictly, vet it against the files here and compute
      every result (Session.vet's split_patch, vet_on_disk, compute_results); render the first
      screenful of the coloured preview (what shows before the pager streams the rest, as the
-     person reads); then `Applier.apply` with that reading (the undo log, `git apply`, the
-     written files checked). The whole coloured preview rendered to a file is timed too, and
-     shown, but not counted: a pager takes it as the person reads.
+     person reads); then `Applier.apply` with that reading (the undo log, then the results
+     written, or `git apply` and the written files checked when a file here is not as
+     synced). The whole coloured preview rendered to a file is timed too, and shown, but not
+     counted: a pager takes it as the person reads.
    - **baseline**: `git apply --binary` alone, on the same patch, in a same-shaped checkout.
    Printed: medians of each, and the median of the per-round ratios Patchwire / `git apply`
    (issue 27's goal: preview and apply at most 2x).
@@ -253,7 +254,7 @@ def apply_scenario(tmp: Path, files: int, mb: float, rounds: int) -> List[str]:
             "| | median |", "|---|---|",
             f"| read, vet, compute results | {med['read']:.3f} s |",
             f"| first screen of the coloured preview | {med['preview']:.3f} s |",
-            f"| Applier.apply (undo log, git apply, written files checked) | {med['apply']:.3f} s |",
+            f"| Applier.apply (undo log, results written; git apply when not as synced) | {med['apply']:.3f} s |",
             f"| **Patchwire: preview and apply** | **{med['total']:.3f} s** |",
             f"| `git apply --binary` alone | {med['git']:.3f} s |",
             f"| **Patchwire / git apply** (median of per-round ratios) | **{ratio:.2f}x** |",

@@ -3,6 +3,7 @@ hunks (through a real pseudo-terminal), the apply log, and folders that are not 
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import subprocess
@@ -263,8 +264,11 @@ def as_walls_account(lap: Laptop, place: Path) -> Laptop:
     return Laptop(lap.root, program=program)
 
 
+@pytest.mark.parametrize("writer", ["git apply", "own"])
 @pytest.mark.parametrize("who", sorted(PART_WAY))
-def test_git_apply_failing_part_way_puts_every_file_back(srv_place, agent, who):
+def test_git_apply_failing_part_way_puts_every_file_back(srv_place, agent, who, writer):
+    """Both writers: `git apply` (a binary section in the patch needs git's own reading) and
+    the Applier's own writer of the results shown (every file as synced, text only)."""
     second, _, fix = PART_WAY[who]
     root = make_repo(srv_place / "laptop", {"a.md": b"a\n", "locked/b.md": b"b\n"})
     token = srv_place / "token"
@@ -272,7 +276,10 @@ def test_git_apply_failing_part_way_puts_every_file_back(srv_place, agent, who):
     token.chmod(0o600)
     lap = Laptop(root)
     lap.run("init", "--force", "--agent", agent.url, "--token-file", str(token), check=0)
-    job = ai_job(lap, {"write": "a.md", "text": "A by the AI\n"}, {"write": second, "text": "by the AI\n"})
+    steps = [{"write": "a.md", "text": "A by the AI\n"}, {"write": second, "text": "by the AI\n"}]
+    if writer == "git apply":
+        steps.append({"write": "z.bin", "b64": base64.b64encode(b"\0binary\xff" * 10).decode()})
+    job = ai_job(lap, *steps)
     if who == "root":
         (root / "new").write_bytes(b"mine, where the AI puts a folder\n")
     else:
@@ -283,8 +290,12 @@ def test_git_apply_failing_part_way_puts_every_file_back(srv_place, agent, who):
     failed = lap.run("apply", job, "--yes")
     assert failed.returncode == 5, failed.err
     assert "Traceback" not in failed.err, failed.err
-    assert f"git apply failed while writing {second}" in failed.err, failed.err
-    assert "every file it had written was put back" in failed.err, failed.err
+    if writer == "git apply":
+        assert f"git apply failed while writing {second}" in failed.err, failed.err
+        assert "every file it had written was put back" in failed.err, failed.err
+    else:
+        assert f"could not write {second} (" in failed.err, failed.err
+        assert "the files written so far were put back, nothing was changed" in failed.err, failed.err
     assert f"`{fix}`" in failed.err and f"run `patchwire apply {job}` again" in failed.err, failed.err
     assert snapshot_tree(root) == before  # a.md too, and no temporary file left anywhere
 
@@ -307,7 +318,8 @@ def test_a_file_that_cannot_be_put_back_is_named_with_the_way_back(srv_place, ag
     shutil.copy(agent.token_file(), token)
     lap = Laptop(root)
     lap.run("init", "--force", "--agent", agent.url, "--token-file", str(token), check=0)
-    job = ai_job(lap, {"write": "docs/a.md", "text": "A by the AI\n"}, {"write": "locked/b.md", "text": "B\n"})
+    job = ai_job(lap, {"write": "docs/a.md", "text": "A by the AI\n"}, {"write": "locked/b.md", "text": "B\n"},
+                 {"write": "z.bin", "b64": base64.b64encode(b"\0binary\xff" * 10).decode()})  # git apply's path
     bin_dir = srv_place / "bin"
     bin_dir.mkdir()
     (bin_dir / "git").write_text(f'#!/bin/sh\n{shutil.which("git")} "$@"; rc=$?\n'

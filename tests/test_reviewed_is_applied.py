@@ -336,3 +336,65 @@ def test_every_honest_change_still_applies(world):
     assert (lap.root / "app.py").read_bytes() == APP + b"\n\ndef more():\n    return 1"
     assert (lap.root / "config/example.env").read_bytes() == b"API_KEY=changeme"
     assert (lap.root / "docs/new.md").read_bytes() == b"new\n" and not (lap.root / "scripts/dev.sh").exists()
+
+
+def box_change(lap: Laptop, tmp_path, change) -> bytes:
+    """The patch the box's `git diff --cached --binary --full-index -M` writes after `change`
+    (a function of the folder) runs in a clone of the laptop's repository."""
+    clone = tmp_path / "box-clone"
+    git(tmp_path, "clone", "-q", str(lap.root), str(clone))
+    change(clone)
+    git(clone, "add", "-A")
+    return git(clone, "diff", "--cached", "--binary", "--full-index", "-M", "HEAD").encode("utf-8", "surrogateescape")
+
+
+def every_kind_of_text_change(folder: Path) -> None:
+    (folder / "app.py").write_bytes(APP.replace(b"return False\n\n\ndef", b"return True\n\n\ndef") + b"# end")
+    (folder / "docs").mkdir()
+    (folder / "docs/new.md").write_bytes(b"new\n")
+    (folder / "docs/empty").write_bytes(b"")
+    (folder / "tools").mkdir()
+    (folder / "tools/run").write_bytes(b"#!/bin/sh\necho run\n")
+    os.chmod(folder / "tools/run", 0o755)
+    os.chmod(folder / "scripts/dev.sh", 0o755)  # a mode change alone
+    os.symlink("../app.py", folder / "docs/app-link")
+    (folder / "config/example.env").unlink()
+    (folder / "pages/common/r.md").rename(folder / "pages/r2.md")  # a rename as it is
+    (folder / "ssh_config").rename(folder / "config/ssh")
+    (folder / "config/ssh").write_bytes(b"Host box\n  User me\n  Port 2222\n")  # moved and edited
+
+
+def test_text_changes_of_every_kind_land_as_git_apply_writes_them_and_undo_restores(world, tmp_path):
+    """Every file as synced: the results computed (and shown) are written by Patchwire itself,
+    all or nothing; the tree is the one `git apply` of the same patch leaves in a copy."""
+    lap, box = world
+    patch = box_change(lap, tmp_path, every_kind_of_text_change)
+    assert b"rename from pages/common/r.md" in patch and b"new file mode 120000" in patch
+    assert b"old mode 100644\nnew mode 100755" in patch and b"new file mode 100755" in patch
+    scratch = tmp_path / "git-apply"
+    git(tmp_path, "clone", "-q", str(lap.root), str(scratch))
+    git(scratch, "apply", "--binary", "-", input=patch)
+    box.add_job("acac12", patch)
+    before = tree_digest(lap.root)
+    applied = lap.run("apply", "acac12", "--yes", "--json", check=0)
+    assert json.loads(applied.out)["how"] == "plain"
+    own = (".git", ".env", ".pwtoken", ".patchwire.toml")
+    assert conftest.snapshot_tree(lap.root, own) == conftest.snapshot_tree(scratch, own)
+    lap.run("apply", "--undo", check=0)
+    assert tree_digest(lap.root) == before
+
+
+def test_a_write_that_fails_half_way_puts_every_file_back(world, tmp_path):
+    """A file beneath app.py, which stays a file: app.py is written first, then the new file
+    cannot be; app.py goes back and the error names the file, no traceback."""
+    lap, box = world
+    patch = box_change(lap, tmp_path, lambda folder: (folder / "app.py").write_bytes(APP + b"# more\n"))
+    patch += (b"diff --git a/app.py/x b/app.py/x\nnew file mode 100644\nindex %s..%s\n--- /dev/null\n"
+              b"+++ b/app.py/x\n@@ -0,0 +1 @@\n+x\n" % (b"0" * 40, blob(b"x\n").encode()))
+    box.add_job("acac34", patch)
+    before = tree_digest(lap.root)
+    result = lap.run("apply", "acac34", "--yes")
+    assert result.returncode == 5, result.err
+    assert "could not write app.py/x" in result.err and "put back, nothing was changed" in result.err, result.err
+    assert "Traceback" not in result.err
+    assert tree_digest(lap.root) == before and (lap.root / "app.py").read_bytes() == APP
