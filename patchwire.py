@@ -512,11 +512,15 @@ class Git:
         """The output of a command that grows with the project (a listing of every file),
         through a temporary file: read from a pipe, it is held twice as it ends (the pieces,
         then their join), 12 MB instead of 6 for a listing of 100,000 files."""
+        return self.large_and_errors(*args)[0]
+
+    def large_and_errors(self, *args: str) -> Tuple[bytes, bytes]:
+        """`large`, and the command's stderr (warnings of a command that succeeded)."""
         import tempfile
         with tempfile.TemporaryFile() as out:
-            self.run(*args, stdout=out)
+            errors = self.run(*args, stdout=out).stderr or b""
             out.seek(0)
-            return out.read()
+            return out.read(), errors
 
     def write_blobs(self, datas: Sequence[bytes]) -> List[str]:
         """Store each of `datas` as a blob; their ids. Written as git writes a loose object
@@ -1855,6 +1859,8 @@ class Project:
             return False
         try:
             st = os.lstat(os.path.join(self.root, path))
+        except PermissionError as e:  # a folder above it this user cannot search: not a deleted file
+            raise FilesUnreadable(self.root, {path: e.strerror or "Permission denied"}) from None
         except OSError:
             return False  # deleted from the worktree: it goes from the snapshot too
         if stat.S_ISDIR(st.st_mode):
@@ -1885,7 +1891,7 @@ class Project:
             return None
         listing, recorded, dirty = in_parallel(
             lambda: self._listing(rules), lambda: self.git.large("ls-files", "-z"),
-            lambda: self.git("diff-files", "--name-only", "-z", "--no-renames"))
+            lambda: self._dirty(rules))
         watch = set(dirty.split(b"\0")) | {encode_path(p) for p in [*kept.get("held", {}), *also]}
         watch.discard(b"")
         try:
@@ -1904,6 +1910,21 @@ class Project:
             return None  # a repository inside the project: its own git lists it (full scan)
         files.total = walked.recorded - len(files.removed) + sum(encode_path(p) not in walked.kept for p in files.paths)
         return files
+
+    def _dirty(self, rules: SyncRules) -> bytes:
+        """The recorded paths whose stat data changed (NUL-separated). A file git cannot
+        lstat (its folder unreadable) it says only on stderr, and leaves out: it is named."""
+        proc = self.git.run("diff-files", "--name-only", "-z", "--no-renames")
+        self._refuse_unreadable(proc.stderr or b"", rules)
+        return proc.stdout
+
+    def _refuse_unreadable(self, stderr: bytes, rules: SyncRules, prefix: str = "") -> None:
+        """FilesUnreadable for what git's `stderr` says it could not read, but what
+        `[sync] exclude` leaves out anyway (git itself skips only the patterns without '/')."""
+        unreadable = {prefix + path: why for path, why in git_unreadable(stderr).items()
+                      if not rules.exclude.match(prefix + path.rstrip("/"))}
+        if unreadable:
+            raise FilesUnreadable(self.root, unreadable)
 
     def _holds(self, kept: dict) -> bool:
         """Whether the store's index still holds the kept scan's tree: its file untouched
@@ -1944,7 +1965,11 @@ class Project:
             git = self.user_git
         else:  # no repository: a throwaway index gives git's ignore rules all the same
             git = self.own_git.with_env(GIT_INDEX_FILE=str(self.private_dir / "listing.index"))
-        return git.large(*args, "--cached") if (prefix or self.user_git) else git.large(*args)
+        # A folder git cannot open it leaves out of the listing with a warning: its files
+        # are not gone, and a sync without them would take them from the box's copy
+        listing, errors = git.large_and_errors(*args, *(["--cached"] if (prefix or self.user_git) else []))
+        self._refuse_unreadable(errors, rules, prefix)
+        return listing
 
     def _nested(self, path: str, tracked: bool, rules: SyncRules, files: FileList, pending: List[str]) -> None:
         """A submodule (tracked) or a repository inside the project (untracked): its files
@@ -1971,6 +1996,9 @@ class Project:
             else:
                 update_index_paths(self.git, files.paths, files.removed)
         except ProcessError as e:  # a file that shrank or vanished while git hashed it
+            unreadable = git_unreadable(e.stderr)
+            if unreadable:  # or one this user cannot read: no file that moved
+                raise FilesUnreadable(self.root, unreadable) from None
             moving = RECORD_MOVED.findall(e.stderr)
             if not moving:
                 raise
@@ -2126,6 +2154,50 @@ class FilesMoved(PatchwireError):
         self.paths = paths
 
 
+class FilesUnreadable(PatchwireError):
+    """Files (or folders) of the project this user cannot read, {path: why}: named with the
+    fix; the sync stops before it changes its record or the box's copy."""
+
+    def __init__(self, root: Path, unreadable: Dict[str, str]):
+        path, why = sorted(unreadable.items())[0]
+        folder = unsearchable_folder(root, path)
+        more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+        if folder is not None:
+            what, fix = f"the folder {sanitize(folder)}", f"chmod u+rx {shlex.quote(sanitize(folder))}"
+        else:
+            what, fix = sanitize(path), f"chmod u+r {shlex.quote(sanitize(path))}"
+        super().__init__(f"cannot read {what}{more}: {why}",
+                         f"make it readable (`{fix}`), or leave it out of the sync: `exclude = [...]` under "
+                         "[sync] in .patchwire.toml, or .gitignore; then sync again",
+                         details={"paths": sorted(unreadable)})
+
+
+def unsearchable_folder(root: Path, path: str) -> Optional[str]:
+    """The outermost folder of `path` (relative to `root`; "d/" is the folder d) that this
+    user cannot list or enter, or None."""
+    parts = [p for p in path.split("/") if p]
+    folders = parts if path.endswith("/") else parts[:-1]
+    for depth in range(1, len(folders) + 1):
+        folder = "/".join(folders[:depth])
+        if not os.access(os.path.join(root, folder), os.R_OK | os.X_OK):
+            return folder
+    return None
+
+
+# What git says of a path it may not read, on stderr, however far it got: update-index
+# `error: open("X"): Permission denied` (a file) or `error: lstat("X"): ...` (its folder),
+# diff-files `X: Permission denied`, ls-files `warning: could not open directory 'X/': ...`.
+GIT_UNREADABLE = re.compile(rb"^(?:error: (?:open|lstat)\(\"(.+)\"\)"
+                            rb"|warning: could not open directory '(.+)'"
+                            rb"|(?!(?:error|fatal|warning): )(.+))"
+                            rb": (Permission denied|Operation not permitted)$", re.M)
+
+
+def git_unreadable(stderr: bytes) -> Dict[str, str]:
+    """{path: why} of what git's `stderr` says this user may not read."""
+    return {_dec(a or b or c): _dec(why) for a, b, c, why in GIT_UNREADABLE.findall(stderr)}
+
+
 # `git update-index` on a file rewritten under it: "error: short read while indexing X",
 # "error: X: failed to insert into database", "fatal: Unable to process path X".
 RECORD_MOVED = re.compile(rb"^(?:error: (.+): failed to insert into database|fatal: Unable to process path (.+))$", re.M)
@@ -2217,8 +2289,12 @@ RSYNC_COUNTS = (
 # Exit 23 (some files not transferred) and 24 (some vanished) name the files on stderr:
 # `link_stat "X" failed`, `file has vanished: "X"` (gone), `send_files failed to open "X":
 # Permission denied` (unreadable here). rsync 3 tags the side ([sender] is this machine).
-RSYNC_GONE = re.compile(rb'(?:link_stat|file has vanished:) "([^"\n]+)"(?: failed: No such file)?')
-RSYNC_UNREADABLE = re.compile(rb'(?:\[sender\] )?send_files failed to open "([^"\n]+)": ([^\n(]+)')
+# A file that vanished, or a folder on its path replaced (link_stat: not "No such file" alone)
+RSYNC_GONE = re.compile(rb'(?:link_stat "([^"\n]+)" failed: (?!Permission denied|Operation not permitted)'
+                        rb'|file has vanished: "([^"\n]+)")')
+# A file it may not open, or one in a folder it may not enter (link_stat: Permission denied)
+RSYNC_UNREADABLE = re.compile(rb'(?:send_files failed to open "([^"\n]+)": ([^\n(]+)'
+                              rb'|link_stat "([^"\n]+)" failed: (Permission denied|Operation not permitted))')
 RSYNC_PARTIAL = (23, 24)
 
 
@@ -2236,8 +2312,9 @@ def rsync_failures(stderr: bytes, root: Path) -> Tuple[List[str], Dict[str, str]
     def rel(raw: bytes) -> str:
         path = os.path.normpath(_dec(raw))
         return os.path.relpath(path, str(root)) if os.path.isabs(path) else path
-    gone = [rel(m.group(1)) for m in RSYNC_GONE.finditer(stderr)]
-    unreadable = {rel(m.group(1)): _dec(m.group(2)).strip() for m in RSYNC_UNREADABLE.finditer(stderr)}
+    gone = [rel(m.group(1) or m.group(2)) for m in RSYNC_GONE.finditer(stderr)]
+    unreadable = {rel(m.group(1) or m.group(3)): _dec(m.group(2) or m.group(4)).strip()
+                  for m in RSYNC_UNREADABLE.finditer(stderr)}
     return gone, unreadable
 
 
@@ -2256,11 +2333,7 @@ def send_files(cfg: LaptopConfig, paths: Sequence[str], dest: str, checksum: boo
     if proc.returncode in RSYNC_PARTIAL:
         gone, unreadable = rsync_failures(proc.stderr, cfg.root)
         if unreadable:
-            path, why = next(iter(unreadable.items()))
-            more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
-            raise PatchwireError(f"cannot read {sanitize(path)}{more} here: {why}",
-                                 "fix its permissions, or leave it out with `exclude = [...]` under "
-                                 "[sync] in .patchwire.toml")
+            raise FilesUnreadable(cfg.root, unreadable)
         if gone or proc.returncode == 24:  # 24 only ever means files vanished here
             counts["gone"] = gone
             return counts

@@ -18,7 +18,8 @@ import pytest
 
 import patchwire
 from conftest import Laptop, drive_pty, git, make_repo, script, snapshot_tree
-from test_box_walls import hand_to_account, in_child_as_account
+from test_apply import as_walls_account
+from test_box_walls import account_agent, hand_to_account, in_child_as_account
 
 try:
     import tomllib  # type: ignore[import-not-found]
@@ -466,8 +467,141 @@ def test_rsync_exit_codes_23_and_24_map_to_local_causes(tmp_path, laptop):
         'exit 23')))
     result = laptop.run("sync")
     assert result.returncode == 1, result.err
-    assert "cannot read README.md here: Permission denied" in result.err
-    assert "fix its permissions" in result.err and "agent" not in result.err
+    assert "cannot read README.md: Permission denied" in result.err
+    assert "`chmod u+r README.md`" in result.err and "agent" not in result.err
+
+
+# ------------------------------------------------------------------ files this user cannot read
+# Root reads every file whatever its mode, so these run as the ordinary account pw-walls: the
+# laptop's CLI and the agent both (rsync writes into the agent's mirror, as over SSH). A file
+# git cannot read is no file that moved: the sync names it and the fix, and nothing changes.
+
+
+@pytest.fixture
+def walls_laptop(srv_place):
+    agent = account_agent(srv_place)
+    root = make_repo(srv_place / "laptop", {"README.md": b"# demo\n", "secret.txt": b"s\n", "docs/a.md": b"a\n"})
+    hand_to_account(srv_place)
+    agent.start()
+    Laptop(root).init(agent)  # writing .patchwire.toml needs tomli_w, which the account's Python lacks
+    lap = as_walls_account(Laptop(root), srv_place)  # every file under srv_place becomes the account's
+    lap.run("sync", check=0)
+    yield lap, agent
+    agent.stop()
+
+
+def state_files(place: Path) -> Dict[str, bytes]:
+    """Patchwire's laptop state (the sync record, its index, last_sync.json), by bytes."""
+    state = place / "home/.local/state"
+    return {str(p.relative_to(state)): p.read_bytes() for p in sorted(state.rglob("*"))
+            if p.is_file() and not p.name.endswith(".lock")}
+
+
+def refused_as_unreadable(lap: Laptop, agent, what: str, fix: str) -> None:
+    """`sync` and `ask` both exit 1 naming `what` and `fix`; the record, the mirror and the
+    box's jobs stay as they were."""
+    place = lap.root.parent
+    before = (state_files(place), mirror_files(agent, lap), agent.json("GET", "/v1/jobs")[1]["jobs"])
+    for args in (["sync"], ["ask", script({"say": "never"}), "--yes"]):
+        result = lap.run(*args)
+        assert result.returncode == 1, result.err
+        assert f"cannot read {what}: Permission denied" in result.err, result.err
+        assert fix in result.err and "exclude" in result.err and ".gitignore" in result.err, result.err
+        assert "changed while being" not in result.err and "Traceback" not in result.err, result.err
+        assert "rsync:" not in result.err and "fatal:" not in result.err, result.err
+        after = (state_files(place), mirror_files(agent, lap), agent.json("GET", "/v1/jobs")[1]["jobs"])
+        assert after == before
+
+
+def test_an_unreadable_file_is_named_with_the_fix_and_nothing_changes(walls_laptop):
+    lap, agent = walls_laptop
+    (lap.root / "secret.txt").write_bytes(b"changed\n")
+    (lap.root / "secret.txt").chmod(0)
+    refused_as_unreadable(lap, agent, "secret.txt", "chmod u+r secret.txt")
+    (lap.root / "secret.txt").chmod(0o644)
+    lap.run("sync", check=0)
+    assert mirror_files(agent, lap)["secret.txt"] == b"changed\n"
+
+
+def test_an_unreadable_file_in_a_full_sync_is_named(walls_laptop):
+    lap, agent = walls_laptop
+    (lap.root / "secret.txt").chmod(0)
+    result = lap.run("sync", "--force")  # the whole listing, not the changes since the last sync
+    assert result.returncode == 1, result.err
+    assert "cannot read secret.txt: Permission denied" in result.err and "changed while" not in result.err, result.err
+
+
+def test_an_unreadable_folder_is_named_with_the_fix(walls_laptop):
+    lap, agent = walls_laptop
+    (lap.root / "docs/a.md").write_bytes(b"changed\n")
+    (lap.root / "docs").chmod(0)
+    try:
+        refused_as_unreadable(lap, agent, "the folder docs", "chmod u+rx docs")
+    finally:
+        (lap.root / "docs").chmod(0o755)
+    lap.run("sync", check=0)
+    assert mirror_files(agent, lap)["docs/a.md"] == b"changed\n"
+
+
+@pytest.mark.parametrize("unreadable", ["secret.txt", "docs"])
+def test_a_file_rsync_cannot_read_is_named_not_dumped(walls_laptop, unreadable):
+    """git read the file, then it became unreadable before rsync sent it: rsync's exit 23 and
+    its own lines become the same message, never a raw rsync dump."""
+    lap, agent = walls_laptop
+    (lap.root / "secret.txt").write_bytes(b"changed\n")
+    (lap.root / "docs/a.md").write_bytes(b"changed\n")
+    wrapper = lap.root.parent / "bin/rsync"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f"#!/bin/sh\nchmod 0 {unreadable}\nexec rsync \"$@\"\n")
+    wrapper.chmod(0o755)
+    hand_to_account(wrapper.parent)
+    write_sync(lap, rsync=str(wrapper))
+    try:
+        result = lap.run("sync")
+    finally:
+        (lap.root / unreadable).chmod(0o755 if unreadable == "docs" else 0o644)
+    what, fix = (("secret.txt", "chmod u+r secret.txt") if unreadable == "secret.txt"
+                 else ("the folder docs", "chmod u+rx docs"))
+    assert result.returncode == 1, result.err
+    assert f"cannot read {what}: Permission denied" in result.err, result.err
+    assert fix in result.err and "exclude" in result.err, result.err
+    assert "rsync:" not in result.err and "vanished" not in result.err and "Traceback" not in result.err, result.err
+    write_sync(lap, rsync="rsync")
+    lap.run("sync", check=0)
+    assert mirror_files(agent, lap)["secret.txt"] == b"changed\n"
+    assert mirror_files(agent, lap)["docs/a.md"] == b"changed\n"
+
+
+def test_root_reads_a_mode_000_file_and_folder_and_sends_them(laptop, agent):
+    """The same modes as root (how CI runs the CLI): root reads them, so they go as usual."""
+    laptop.run("sync", check=0)
+    (laptop.root / "README.md").write_bytes(b"# root reads this\n")
+    (laptop.root / "README.md").chmod(0)
+    (laptop.root / "src/app.py").write_bytes(b"print('root')\n")
+    (laptop.root / "src").chmod(0)
+    try:
+        laptop.run("sync", check=0)
+    finally:
+        (laptop.root / "src").chmod(0o755)
+    files = mirror_files(agent, laptop)
+    assert files["README.md"] == b"# root reads this\n" and files["src/app.py"] == b"print('root')\n"
+
+
+def test_what_git_says_it_cannot_read_is_told_from_its_other_failures():
+    stderr = (b'error: open("a b.txt"): Permission denied\n'
+              b'error: lstat("d/f"): Permission denied\n'
+              b"e/g: Operation not permitted\n"
+              b"warning: could not open directory 'h/': Permission denied\n"
+              b"fatal: Unable to create '/home/me/.local/state/x/index.lock': Permission denied\n"
+              b'error: open("gone.txt"): No such file or directory\n'
+              b"fatal: Unable to process path a b.txt\n")
+    assert patchwire.git_unreadable(stderr) == {
+        "a b.txt": "Permission denied", "d/f": "Permission denied", "e/g": "Operation not permitted",
+        "h/": "Permission denied"}
+    gone, unreadable = patchwire.rsync_failures(
+        b'rsync: [sender] link_stat "/p/d/f" failed: Permission denied (13)\n'
+        b'rsync: [sender] link_stat "/p/x/y" failed: Not a directory (20)\n', Path("/p"))
+    assert gone == ["x/y"] and unreadable == {"d/f": "Permission denied"}
 
 
 # ------------------------------------------------------------------ size, heavy folders, submodules
