@@ -93,7 +93,7 @@ keeps it in step). SHARED first, then the LAPTOP's own:
     progress: the job's events on the terminal ........ Style, ProgressPrinter
     telling you it is done (desktop) .................. notify_desktop
     reading a patch, strictly ......................... PatchParser, FilePatch, split_patch
-    vetting: a patch against the files here, its results computed .. vet_on_disk, compute_results
+    vetting: a patch against the files here, its results computed .. vet_on_disk, compute_results, PatchReading
     preview: what deserves a second look, and the diff .. look_closely, diff_lines, page
     choosing what to apply ............................ Chooser, Selection, Hunk
     apply and undo .................................... Applier, ThreeWayMerge, UndoLog, settle_in_the_way
@@ -3709,7 +3709,9 @@ def terminal_notice(title: str, body: str) -> None:
 
 # ================================================================== reading a patch, strictly
 # Every path that touches a patch (preview, plain apply, 3-way, -i, --only/--exclude, undo,
-# the apply log, `diff --json`) reads it through split_patch. `git apply` is lenient: it
+# the apply log, `diff --json`) reads it through PatchParser: whole (split_patch), or its
+# headers first and each body as the preview reaches it (PatchReading, finished before any
+# question). `git apply` is lenient: it
 # skips text between sections and applies a plain unified diff found there, and when a
 # `diff --git` header names two different files it believes the `---`/`+++` lines. So
 # Patchwire accepts exactly what `git diff --binary --full-index -M` writes, every byte
