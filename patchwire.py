@@ -93,7 +93,7 @@ keeps it in step). SHARED first, then the LAPTOP's own:
     progress: the job's events on the terminal ........ Style, ProgressPrinter
     telling you it is done (desktop) .................. notify_desktop
     reading a patch, strictly ......................... PatchParser, FilePatch, split_patch
-    vetting: a patch against the files here, its results computed .. vet_on_disk, compute_results
+    vetting: a patch against the files here, its results computed .. vet_on_disk, compute_results, PatchReading
     preview: what deserves a second look, and the diff .. look_closely, diff_lines, page
     choosing what to apply ............................ Chooser, Selection, Hunk
     apply and undo .................................... Applier, ThreeWayMerge, UndoLog, settle_in_the_way
@@ -3367,9 +3367,12 @@ class Session:
         """The job's patch (or the part chosen of it: not `whole`) read strictly, checked
         against the files here and its results computed from the synced bytes
         (compute_results), or PatchRefused."""
-        files = vet_on_disk(self.cfg.root, split_patch(patch), self.protected_paths())
-        compute_results(self.project, files, self.job_tree(job) if job else None, whole)
-        return files
+        return self.reading(patch, job, whole).finish()
+
+    def reading(self, patch: bytes, job: str = "", whole: bool = True) -> "PatchReading":
+        """The job's patch with its headers read and vetted, its bodies read and computed
+        as a preview reaches them (PatchReading; `finish` before applying)."""
+        return PatchReading(self.project, patch, self.protected_paths(), self.job_tree(job) if job else None, whole)
 
     def job_diff(self, job: str, sha256: Optional[str] = None) -> bytes:
         """A finished job's patch: fetched once and kept in the state folder, so what a later
@@ -3606,12 +3609,30 @@ def read_answer(prompt: str) -> Optional[str]:
     return line.strip() if line else None
 
 
-def preview(files: Sequence[FilePatch], no_color: bool, heading: Sequence[str] = ()) -> None:
+def preview(files: Union[Sequence[FilePatch], "PatchReading"], no_color: bool, heading: Sequence[str] = ()) -> None:
     """What will be written, exactly: the checks on the box (`heading`), what deserves a second
-    look, the summary, the diff."""
+    look, the summary, the diff. A PatchReading is read and computed as the diff reaches each
+    of its files, and finished before this returns (the rest, when the reader quit the pager
+    early): a file refused on the way ends the diff with the refusal, then raises it."""
     style = Style.for_stream(sys.stdout, no_color)
-    page(itertools.chain(heading, render_look_closely(files, style), render_summary(files, style), [""],
-                         diff_lines(files, style)))
+    reading, heads = (files, files.files) if isinstance(files, PatchReading) else (None, files)
+    refused: List[PatchRefused] = []
+    diff = until_refused(diff_lines(reading.sections() if reading else heads, style), style, refused)
+    page(itertools.chain(heading, render_look_closely(heads, style), render_summary(heads, style), [""], diff))
+    if refused:
+        raise refused[0]
+    if reading:
+        reading.finish()
+
+
+def until_refused(lines: Iterator[str], style: Style, refused: List["PatchRefused"]) -> Iterator[str]:
+    """`lines` up to a PatchRefused, which ends them with its message (seen in the pager,
+    where the diff stops) and is kept in `refused` to be raised once the pager is closed."""
+    try:
+        yield from lines
+    except PatchRefused as e:
+        refused.append(e)
+        yield from ["", style("red", e.message)]
 
 
 def choose(files: List[FilePatch], patch: bytes, *, interactive: bool, only: Sequence[str],
@@ -3909,7 +3930,9 @@ def terminal_notice(title: str, body: str) -> None:
 
 # ================================================================== reading a patch, strictly
 # Every path that touches a patch (preview, plain apply, 3-way, -i, --only/--exclude, undo,
-# the apply log, `diff --json`) reads it through split_patch. `git apply` is lenient: it
+# the apply log, `diff --json`) reads it through PatchParser: whole (split_patch), or its
+# headers first and each body as the preview reaches it (PatchReading, finished before any
+# question). `git apply` is lenient: it
 # skips text between sections and applies a plain unified diff found there, and when a
 # `diff --git` header names two different files it believes the `---`/`+++` lines. So
 # Patchwire accepts exactly what `git diff --binary --full-index -M` writes, every byte
@@ -3955,12 +3978,31 @@ class FilePatch:
         self.kind = "modified"
         self.old_mode: Optional[str] = None  # None: not said (unchanged, whatever it is here)
         self.new_mode: Optional[str] = None
-        self.hunks: List[Tuple[int, int, List[bytes]]] = []  # (old start, new start, lines)
-        self.kinds: List[bytes] = []  # each hunk's line_kinds, as the reader counted them
+        self._hunks: List[Tuple[int, int, List[bytes]]] = []  # (old start, new start, lines)
+        self._kinds: List[bytes] = []  # each hunk's line_kinds, as the reader counted them
         self.body_start = 0  # index in `lines` of the first hunk header (0: no hunks)
         self.link_target: Optional[str] = None  # the new target, when the result is a symlink
         self.result: Optional[bytes] = None  # the text file it leaves, computed here (compute_results)
         self.pre: Optional[bytes] = None  # the synced bytes it was made from, when compute_results read them
+        self.unread: Optional[Callable[["FilePatch"], None]] = None  # reads the body (PatchParser.head)
+
+    def read_body(self) -> None:
+        """The body (hunks or binary data) read strictly, once, at its first need: PatchRefused
+        when it is not what git writes. Until then `added` and `removed` are counted from the
+        lines' first bytes, which is what the strict reading finds in any patch it accepts."""
+        if self.unread is not None:
+            self.unread(self)  # raises again at the next need if it raised: never half read
+            self.unread = None
+
+    @property
+    def hunks(self) -> List[Tuple[int, int, List[bytes]]]:
+        self.read_body()
+        return self._hunks
+
+    @property
+    def kinds(self) -> List[bytes]:
+        self.read_body()
+        return self._kinds
 
     @property
     def bytes(self) -> bytes:
@@ -4139,11 +4181,24 @@ class PatchParser:
         return refuse(f"line {self.i + 1}: {why}{shown}")
 
     def files(self) -> List[FilePatch]:
-        out: List[FilePatch] = []
-        while self.peek() is not None:
-            if not self.peek().startswith(b"diff --git "):
-                raise self.fail("text outside a `diff --git` section" if not out else "text git does not write here")
-            out.append(self.section())
+        """Every section read whole: all the headers first, then each body."""
+        out = self.heads()
+        for fp in out:
+            fp.read_body()
+        return out
+
+    def heads(self) -> List[FilePatch]:
+        """Every section's headers read strictly and settled (names, kind, modes, a symlink's
+        target), each body left for FilePatch.read_body: a preview shows its first files
+        without reading the last one's hunks. A section starts at each line that starts with
+        `diff --git `: no line git writes inside a section can (a hunk's lines start with a
+        sign, a header with its own word, binary data holds no space), and read_body
+        requires each body to end exactly where the next section starts."""
+        starts = list(self.starts_with(b"diff --git "))
+        if self.lines and starts[:1] != [0]:
+            self.i = 0
+            raise self.fail("text outside a `diff --git` section")
+        out = [self.head(start, end) for start, end in zip(starts, starts[1:] + [len(self.lines)])]
         owner: Dict[str, int] = {}  # on a case-insensitive disk README and readme are one file
         for n, fp in enumerate(out):
             for path in {fp.old_path, fp.path}:
@@ -4152,8 +4207,19 @@ class PatchParser:
                     raise refuse(f"{path!r} is changed by two sections")
         return out
 
-    def section(self) -> FilePatch:
-        self.start, self.backslash = self.i, False
+    def starts_with(self, prefix: bytes) -> Iterator[int]:
+        """The indexes of the lines that start with `prefix` (found by their first byte)."""
+        at = self.kinds.find(prefix[:1])
+        while at >= 0:
+            if self.lines[at].startswith(prefix):
+                yield at
+            at = self.kinds.find(prefix[:1], at + 1)
+
+    def head(self, start: int, end: int) -> FilePatch:
+        """The section from line `start` to `end`: its headers and ---/+++ lines read and
+        settled now, its body when FilePatch.read_body is first called (at once for a
+        symlink, whose target is its body)."""
+        self.i = self.start = start
         fp = FilePatch(self.take())
         while True:
             line = self.peek()
@@ -4164,20 +4230,22 @@ class PatchParser:
                 raise self.fail(f"a second `{key.replace('_', ' ')}` line")
             prefix = next(p for p, k in EXTENDED_HEADERS if k == key)
             fp.headers[key] = self.take()[len(prefix):-1]
-        labels = self.body(fp)
-        fp.lines = self.lines[self.start:self.i]  # the section's own lines, every one read above
+        labels = self.labels(fp)
+        fp.lines, body = self.lines[start:end], self.i
+        if labels:
+            fp.added, fp.removed = self.kinds.count(b"+", body, end), self.kinds.count(b"-", body, end)
+        fp.unread = lambda read: self.read_body(read, start, body, end)
         self.settle(fp, labels)
         return fp
 
-    def body(self, fp: FilePatch) -> Optional[Tuple[bytes, bytes]]:
+    def labels(self, fp: FilePatch) -> Optional[Tuple[bytes, bytes]]:
+        """The ---/+++ names before a text section's hunks (None: a binary section, or one
+        without a body); `fp.body_start` is where its hunks or binary data begin."""
         line = self.peek()
         if line == b"GIT binary patch\n":
             self.take()
             fp.binary = True
             fp.body_start = self.i - self.start
-            self.binary_block(fp)
-            if self.peek() is not None and self.peek().startswith((b"literal ", b"delta ")):
-                self.binary_block(fp)
             return None
         if line is not None and line.startswith(b"Binary files "):
             raise self.fail("a binary change without its content (the box must use git diff --binary)")
@@ -4190,9 +4258,23 @@ class PatchParser:
         if self.peek() is None or not self.peek().startswith(b"@@ "):
             raise self.fail("file names without a hunk")
         fp.body_start = self.i - self.start
-        while self.peek() is not None and self.peek().startswith(b"@@ "):
-            self.hunk(fp)
         return old_label, new_label
+
+    def read_body(self, fp: FilePatch, start: int, body: int, end: int) -> None:
+        """A section's hunks or binary data, from line `body`; they must end at `end`, where
+        the next section starts (git would read what lies between as something else)."""
+        self.i, self.start, self.backslash = body, start, False
+        fp.added = fp.removed = 0
+        fp._hunks, fp._kinds = [], []
+        if fp.binary:
+            self.binary_block(fp)
+            if self.peek() is not None and self.peek().startswith((b"literal ", b"delta ")):
+                self.binary_block(fp)
+        elif fp.body_start:
+            while self.peek() is not None and self.peek().startswith(b"@@ "):
+                self.hunk(fp)
+        if self.i != end:
+            raise self.fail("text git does not write here")
 
     def hunk(self, fp: FilePatch) -> None:
         header = self.take()
@@ -4220,8 +4302,8 @@ class PatchParser:
             raise refuse(f"line {self.i}: a `\\ No newline at end of file` {problem or 'before the last hunk'}: "
                          "git joins the lines around it, so the file written is not the one shown")
         self.backslash = backslash
-        fp.hunks.append((int(m.group(1)), int(m.group(3)), lines))
-        fp.kinds.append(kinds)
+        fp._hunks.append((int(m.group(1)), int(m.group(3)), lines))
+        fp._kinds.append(kinds)
 
     def hunk_end(self, old_left: int, new_left: int) -> int:
         """Where a hunk's body that holds exactly the lines its counts say ends, measured on
@@ -4684,6 +4766,8 @@ def compute_results(project: "Project", files: Sequence[FilePatch], base_tree: O
     box sent it, whose results must be the blobs its `index` lines name (a part chosen
     from it by --only or -i is checked by position only). The blobs the sections name are
     read in one git process, not one each."""
+    for fp in files:
+        fp.read_body()  # PatchRefused before any blob is read, as for a patch read whole
     blobs = synced_blobs(project, files)
     for fp in files:
         if fp.binary:
@@ -4703,6 +4787,43 @@ def compute_results(project: "Project", files: Sequence[FilePatch], base_tree: O
         if whole and ids and (blob_id(fp.result, ids[1]) != expected if expected else fp.result):
             raise refuse(f"the result for {fp.path!r} is not the file its index line names ({ids[1][:12]})")
     return files
+
+
+class PatchReading:
+    """A patch read for a person to review it, and computed as they read it. Before anything
+    shows, every section's headers are read strictly and the whole patch is vetted against
+    the files here (vet_on_disk: paths, protected files, symlinks), so the notes and the
+    summary at the top are about all of it. Each section's body is read strictly and its
+    result computed (compute_results) when the preview reaches it, a batch of sections at a
+    time, each batch four times the one before (one git process per batch, not one per
+    file): the first screen of a 100,000-line diff needs its first files only. `finish`
+    reads and computes the rest, and nothing may be applied before it has returned: the
+    preview may show the start of a patch that is refused at its end."""
+
+    def __init__(self, project: "Project", patch: bytes, protected: Sequence[str] = (),
+                 base_tree: Optional[str] = None, whole: bool = True):
+        self.project, self.base_tree, self.whole = project, base_tree, whole
+        with collector_paused():
+            self.files = vet_on_disk(project.root, PatchParser(patch).heads(), protected)
+        self.done = 0  # files[:done] are read whole and computed
+
+    def sections(self) -> Iterator[FilePatch]:
+        """Each section once its body is read and its result computed, in patch order."""
+        for n, fp in enumerate(self.files):
+            if n == self.done:
+                self.compute(max(1, 4 * n))
+            yield fp
+
+    def compute(self, upto: int) -> None:
+        batch = self.files[self.done:upto]
+        with collector_paused():
+            compute_results(self.project, batch, self.base_tree, self.whole)
+        self.done += len(batch)
+
+    def finish(self) -> List[FilePatch]:
+        """Every section read whole, vetted and computed (PatchRefused otherwise)."""
+        self.compute(len(self.files))
+        return self.files
 
 
 def synced_blobs(project: "Project", files: Sequence[FilePatch]) -> Dict[str, Optional[bytes]]:
@@ -5114,7 +5235,7 @@ def render_diff(files: Sequence[FilePatch], style: Style) -> List[str]:
     return list(diff_lines(files, style))
 
 
-def diff_lines(files: Sequence[FilePatch], style: Style) -> Iterator[str]:
+def diff_lines(files: Iterable[FilePatch], style: Style) -> Iterator[str]:
     """The preview's diff, a line at a time, rendered a file at a time (page() shows the
     first screenful before the rest is rendered)."""
     budget = [DIFFLIB_PAIRS_PER_PREVIEW]
@@ -7151,7 +7272,8 @@ def offer_change(session: Session, opts: ApplyOptions, job: str, patch: bytes, e
         say(f"job {job} is already applied here (at {when(done['time'])}); nothing changed")
         output(opts, {"type": "outcome", "job": job, "applied": False, "already": True})
         return 0
-    files = session.vet(patch, job)
+    reading = session.reading(patch, job)
+    files = reading.files
     receipt = end.get("checks")
     outcome = {"type": "outcome", "job": job, "applied": False, "files": [f.path for f in files],
                "look_closely": look_closely(files), **checks_outcome(receipt, patch)}
@@ -7159,7 +7281,8 @@ def offer_change(session: Session, opts: ApplyOptions, job: str, patch: bytes, e
     if not patch:
         say(f"the AI made no changes (job {job}); nothing to apply")
     elif not opts.json:
-        preview(files, opts.no_color, heading=checks_heading(receipt, patch, Style.for_stream(sys.stdout, opts.no_color)))
+        preview(reading, opts.no_color, heading=checks_heading(receipt, patch, Style.for_stream(sys.stdout, opts.no_color)))
+    files = reading.finish()  # every file read, vetted and computed before anything is offered
     if patch and held:
         say(f"not offering to apply job {job}: {checks_refusal(receipt, patch)} (--require-checks); see "
             f"`patchwire show {job}`, or apply it anyway with `patchwire apply {job}`")
@@ -7389,6 +7512,9 @@ def cmd_diff(args) -> int:
     if args.file:
         return show_job_file(session, job, args.file, args.side, as_json=args.json)
     patch = session.job_diff(job)  # kept: what is reviewed now is what a later apply reads
+    if not args.json and sys.stdout.isatty():  # a person reads it: sanitised, like the preview
+        preview(session.reading(patch, job), args.no_color)
+        return 0
     files = session.vet(patch, job)
     if args.json:
         listed = [{"path": f.path, "old_path": f.old_path, "kind": f.kind, "added": f.added,
@@ -7400,9 +7526,6 @@ def cmd_diff(args) -> int:
             body["patch_base64"] = base64.b64encode(patch).decode()
         output(args, {"job": job, "files": listed, "look_closely": look_closely(files), **body,
                       **job_review(session, job, patch)})
-        return 0
-    if sys.stdout.isatty():  # a person reads it: sanitised, like the preview
-        preview(files, args.no_color)
         return 0
     sys.stdout.buffer.write(patch)  # a pipe gets the exact bytes, for git apply or a file
     sys.stdout.flush()
@@ -7486,13 +7609,13 @@ def cmd_apply(args) -> int:
         say(f"job {job_id} made no changes; nothing to apply")
         output(args, {"job": job_id, "how": "none", "files": [], "conflicts": []})
         return 0
-    files = session.vet(patch, job_id)
+    reading = session.reading(patch, job_id)
     style = Style.for_stream(sys.stderr, args.no_color)
     chosen, interactive = None, args.interactive
     if not args.yes and not interactive:
-        chosen = choose(files, patch, interactive=False, only=args.only or (), exclude=args.exclude or (),
-                        style=style)
-        preview(files if chosen is patch else split_patch(chosen), args.no_color)
+        chosen = patch if not (args.only or args.exclude) else choose(
+            reading.finish(), patch, interactive=False, only=args.only or (), exclude=args.exclude or (), style=style)
+        preview(reading if chosen is patch else split_patch(chosen), args.no_color)
         answer = ask_before_applying(job_id)
         if answer is None:
             output(args, {"job": job_id, "how": "none", "files": [], "conflicts": []})
@@ -7502,6 +7625,7 @@ def cmd_apply(args) -> int:
     # files in the way of a new file or a rename: replaced when the flag says so, asked about on
     # a terminal, refused under --yes (scripts, VS Code) naming them and the flag
     overwrite = True if args.overwrite_untracked else False if args.yes else None
+    files = reading.finish()  # every file read, vetted and computed: what preview() left, or all of it
     result = apply_job(session, job_id, patch, chosen=chosen, read=files, interactive=interactive, only=args.only or (),
                        exclude=args.exclude or (), keep_conflicts=args.keep_conflicts or None,
                        overwrite=overwrite, no_color=args.no_color)

@@ -340,6 +340,37 @@ def test_look_closely_names_what_runs_by_itself(world):
     assert state(lap, outside) == before
 
 
+LONG = b"".join(new_file(b"docs/n%03d.md" % i, b"".join(b"line %d\n" % k for k in range(12))) for i in range(800))
+
+
+@pytest.mark.parametrize("pager", ["exec cat", "exit 0"], ids=["read to the end", "quit at once"])
+def test_a_long_patch_with_a_bad_last_file_is_refused_before_the_question(world, tmp_path, pager):
+    """The preview shows a long patch's first files before it reads its last ones (issue 27);
+    a last file the strict reader or the result check refuses still stops everything before
+    the question and before anything is written, whether the reader paged to the end or
+    quit the pager at once, through `apply` and through `ask`."""
+    lap, box, outside = world
+    script = tmp_path / "pager.sh"
+    script.write_text(f"#!/bin/sh\n{pager}\n")
+    script.chmod(0o755)
+    lap = Laptop(lap.root, env={"PAGER": str(script)})
+    before = state(lap, outside)
+    cases = [("abc701", LONG + HONEST + b"+smuggled\n", "text git does not write here"),
+             ("abc702", LONG + edit(b"README.md", b"# not synced\n", b"# pwned\n"), "not those of the synced file")]
+    for job, patch, phrase in cases:
+        box.add_job(job, patch)
+        out = terminal_text(conftest.drive_pty(lap, ["apply", job], [""], prompts=(b"for later",)))
+        assert "patchwire: refused the whole patch, nothing was written" in out and phrase in out, out[-2000:]
+        assert "for later" not in out and "applied job" not in out
+        assert ("+line 11" in out) == (pager == "exec cat")  # the first files were shown first
+        assert state(lap, outside) == before
+    box.add_job("abc703", cases[0][1], ask=True)
+    out = terminal_text(conftest.drive_pty(lap, ["ask", "go"], [""], prompts=(b"for later",)))
+    assert "patchwire: refused the whole patch, nothing was written" in out and "for later" not in out
+    assert state(lap, outside) == before
+    assert lap.run("log", check=0).out.count("job ") == 0
+
+
 def test_apply_without_a_terminal_needs_yes(world):
     lap, box, outside = world
     box.add_job("abc000", HONEST)

@@ -8,7 +8,7 @@ import json
 import re
 
 import patchwire
-from conftest import Laptop, drive_pty, git, script
+from conftest import Laptop, drive_pty, git, make_repo, script
 
 PATCH = b"""diff --git a/app.py b/app.py
 index 1111111111111111111111111111111111111111..2222222222222222222222222222222222222222 100644
@@ -152,3 +152,91 @@ def test_a_short_text_is_printed_without_a_pager(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.stdout", out)
     patchwire.page(f"line {i}" for i in range(10))
     assert out.getvalue() == "".join(f"line {i}\n" for i in range(10)) and not (tmp_path / "started").exists()
+
+
+# ------------------------------------------------------------------ a long patch, read as it is shown
+
+
+def new_section(path: str, lines: int) -> bytes:
+    return (b"diff --git a/%s b/%s\nnew file mode 100644\n--- /dev/null\n+++ b/%s\n@@ -0,0 +1,%d @@\n"
+            % (path.encode(), path.encode(), path.encode(), lines) + b"".join(b"+line %d\n" % i for i in range(lines)))
+
+
+def streamed_preview(tmp_path, monkeypatch, patch: bytes, pager_script: str):
+    """preview() of `patch` read as a PatchReading, on a terminal of 40 lines, through a pager
+    running `pager_script`: (paths computed when the pager started, all paths computed,
+    what preview raised)."""
+    root = make_repo(tmp_path / "proj", {"README.md": b"# demo\n"})
+    reading = patchwire.PatchReading(patchwire.Project(root, "proj"), patch)
+    computed: list = []
+    real_post_image, real_spawn = patchwire.post_image, patchwire.spawn
+    monkeypatch.setattr(patchwire, "post_image", lambda pre, fp, whole=True: (
+        computed.append(fp.path), real_post_image(pre, fp, whole))[1])
+    when_shown: list = []
+    monkeypatch.setattr(patchwire, "spawn", lambda *a, **k: (when_shown.append(list(computed)), real_spawn(*a, **k))[1])
+    pager = tmp_path / "pager.sh"
+    pager.write_text("#!/bin/sh\n" + pager_script + "\n")
+    pager.chmod(0o755)
+    monkeypatch.setenv("PAGER", str(pager))
+    monkeypatch.setenv("LINES", "40")
+    monkeypatch.setattr("sys.stdout", _Terminal())
+    try:
+        patchwire.preview(reading, no_color=True)
+        raised = None
+    except patchwire.PatchRefused as e:
+        raised = e
+    assert len(when_shown) == 1, "the preview went through the pager"
+    return when_shown[0], computed, raised
+
+
+def test_the_first_screen_needs_only_the_first_files_of_a_long_patch(tmp_path, monkeypatch):
+    """Issue 27: a long patch starts showing before its later files are read strictly and
+    their results computed (counted when the pager starts, not timed): the notes and the
+    summary need only the headers, the first screen only the first files; the rest is read
+    as the pager takes it, and all of it before preview() returns."""
+    for count in (10, 300):  # the first screen: some of the diff, or the summary only
+        paths = [f"docs/n{i:03d}.md" for i in range(count)] + ["docs/huge.md"]
+        patch = b"".join(new_section(p, 12) for p in paths[:-1]) + new_section(paths[-1], 50_000)
+        got = tmp_path / "got.txt"
+        at_first_screen, computed, raised = streamed_preview(tmp_path, monkeypatch, patch, f"cat > {got}")
+        assert raised is None
+        assert at_first_screen == (paths[:4] if count == 10 else []), at_first_screen
+        assert computed == paths  # each once, in order, all before preview() returned
+        shown = got.read_text()
+        assert f"{count + 1} file(s) changed, +{12 * count + 50_000} -0" in shown
+        assert shown.index(f"docs/n{count - 1:03d}.md  new") < shown.index("diff --git a/docs/n000.md")
+        assert shown.endswith("+line 49999\n")
+        monkeypatch.undo()
+        (tmp_path / "proj").rename(tmp_path / f"proj-{count}")
+
+
+def test_a_bad_last_file_ends_the_streamed_diff_with_the_refusal(tmp_path, monkeypatch):
+    """The last section is read only as the pager reaches it; what it breaks ends the diff
+    with the refusal, which preview() raises once the pager is closed: before any question."""
+    good = b"".join(new_section(f"docs/n{i:03d}.md", 12) for i in range(100))
+    got = tmp_path / "got.txt"
+    for bad, phrase in [(new_section("docs/last.md", 2) + b"+smuggled\n", "text git does not write here"),
+                        (new_section("docs/last.md", 2).replace(b"+1,2 @@", b"+1,3 @@"), "ends inside a hunk"),
+                        (b"diff --git a/README.md b/README.md\n--- a/README.md\n+++ b/README.md\n@@ -1 +1 @@\n"
+                         b"-# not what was synced\n+# pwned\n", "not those of the synced file")]:
+        at_first_screen, computed, raised = streamed_preview(tmp_path, monkeypatch, good + bad, f"cat > {got}")
+        assert isinstance(raised, patchwire.PatchRefused) and phrase in str(raised), raised
+        assert len(at_first_screen) < 10
+        shown = got.read_text()
+        assert "+line 11" in shown and shown.rstrip("\n").endswith(raised.message)
+        assert "docs/n000.md" in computed and "docs/last.md" not in computed
+        monkeypatch.undo()
+        (tmp_path / "proj").rename(tmp_path / f"proj-{phrase}")
+
+
+def test_a_reader_who_quits_the_pager_at_once_still_gets_the_whole_patch_vetted(tmp_path, monkeypatch):
+    """Quitting the pager stops the rendering, not the reading: preview() reads and computes
+    what the pager never took before it returns, and refuses a bad last file."""
+    good = b"".join(new_section(f"docs/n{i:03d}.md", 12) for i in range(300))
+    _, computed, raised = streamed_preview(tmp_path, monkeypatch, good, "exit 0")
+    assert raised is None and len(computed) == 300
+    monkeypatch.undo()
+    (tmp_path / "proj").rename(tmp_path / "proj-good")
+    bad = new_section("docs/last.md", 2) + b"+smuggled\n"
+    _, computed, raised = streamed_preview(tmp_path, monkeypatch, good + bad, "exit 0")
+    assert isinstance(raised, patchwire.PatchRefused) and "text git does not write here" in str(raised)
