@@ -161,6 +161,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import fnmatch
+import functools
 import hashlib
 import heapq
 import hmac
@@ -1229,12 +1230,14 @@ class ProjectRepo:
         except pw.UnsafePath:
             return False
 
-    def snapshot_git(self, mirror_fd: int) -> Git:
+    def snapshot_git(self, mirror_fd: int, first: bool = False) -> Git:
         """Git on the mirror with the snapshot index (INDEX_CONFIG: an ask of changes rewrites only
         the entries it changed, not all of a 100,000-file index). Its work tree is the folder
         the descriptor holds, not a path looked up again: git starts in it (on Linux through
-        /proc/self/fd, which the child inherits) and takes "." as its work tree."""
-        return self.git(Path("."), pw.INDEX_CONFIG, cwd=pinned_folder(mirror_fd, self.mirror),
+        /proc/self/fd, which the child inherits) and takes "." as its work tree. `first`: the
+        project's first snapshot, whose blobs go into one pack (FIRST_SNAPSHOT_CONFIG)."""
+        config = {**pw.INDEX_CONFIG, **(FIRST_SNAPSHOT_CONFIG if first and bulk_checkin_works() else {})}
+        return self.git(Path("."), config, cwd=pinned_folder(mirror_fd, self.mirror),
                         GIT_INDEX_FILE=str(self.home / "snapshot.index"))
 
     def snapshot(self, tree: str, manifest: List[Tuple[str, str, str]]) -> str:
@@ -1243,7 +1246,7 @@ class ProjectRepo:
         with self.lock:
             self.ensure()
             with self.open_mirror() as fd:
-                git = self.snapshot_git(fd)
+                git = self.snapshot_git(fd, first=not (self.home / "snapshot.index").exists())
                 links = [path for mode, _, path in manifest if mode == "120000"]
                 index_paths(git, fd, [path for _, _, path in manifest], links)
                 got = self._write_snapshot_tree(git)
@@ -1656,6 +1659,22 @@ def run_capped(git: Git, max_bytes: int, *args: str, stdout: Optional[BinaryIO] 
 # of more than 100 files write them with one worker per core (git 2.32+; older gits ignore
 # it): a first job folder of 20,000 files took 7.6-9.2 s with one, 4.7-5.6 s with two cores
 PARALLEL_CHECKOUT = {"checkout.workers": "0"}
+# A project's first snapshot hashes every file of the mirror. As loose objects that is one
+# deflated file per blob (43,737 files of a real npm tree: 150 MB on disk); with every blob
+# over one byte "big" (bulk checkin), `update-index` streams them into ONE pack, deflated at
+# level 1: 43 MB, no 40,000 file creations, and the job folder's checkout reads one mmapped
+# pack (bench/first_snapshot.py). Only that command gets it: for diffs, bigFileThreshold
+# would also mean "binary". update-index checks blobs in one transaction from git 2.39 here
+# (before, each big blob could become a pack of its own): older gits keep loose objects.
+FIRST_SNAPSHOT_CONFIG = {"core.bigFileThreshold": "1", "core.compression": "1"}
+BULK_CHECKIN_GIT = (2, 39)
+
+
+@functools.lru_cache(maxsize=1)
+def bulk_checkin_works() -> bool:
+    """Whether this box's git packs a first snapshot's blobs in one transaction (BULK_CHECKIN_GIT)."""
+    found = re.search(rb"(\d+)\.(\d+)", pw.Git().run("--version", check=False).stdout)
+    return bool(found) and (int(found.group(1)), int(found.group(2))) >= BULK_CHECKIN_GIT
 SLOT_INDEX_CONFIG = {**pw.INDEX_CONFIG, "core.untrackedCache": "true", **PARALLEL_CHECKOUT}
 
 

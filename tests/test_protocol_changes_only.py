@@ -359,3 +359,30 @@ def test_symlinks_are_found_in_the_listing_without_a_loop_over_every_entry():
     assert pa.symlink_entries(listing) == ["first", "d/l 2", "last"]
     assert pa.symlink_entries(listing.rstrip(b"\0")) == ["first", "d/l 2", "last"]
     assert pa.symlink_entries(b"") == []
+
+
+def test_a_first_snapshot_packs_its_blobs_and_later_asks_still_build_on_them(laptop, agent):
+    """The first (full) snapshot hashes every file into one pack (bulk checkin), not a loose
+    object per file; the job folder checked out from it and the next ask of changes see the
+    laptop's bytes, binary and empty files included."""
+    files = {"bin/blob.dat": bytes(range(256)) * 40, "empty.txt": b"", "one.txt": b"x",
+             **{f"lib/m{i}.py": b"v = %d\n" % i * 50 for i in range(30)}}
+    for rel, data in files.items():
+        (laptop.root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (laptop.root / rel).write_bytes(data)
+    laptop.ask(script(*copy_steps("bin/blob.dat", "lib/m7.py", "empty.txt")), "--yes", check=0)
+    assert seen(laptop, "bin/blob.dat") == files["bin/blob.dat"] and seen(laptop, "lib/m7.py") == files["lib/m7.py"]
+    assert seen(laptop, "empty.txt") == b""
+    (store,) = agent.state_dir.glob("users/*/projects/*/git")
+    packs = list((store / "objects/pack").glob("*.pack"))
+    assert len(packs) == 1
+    packed = git(store, "show-index", input=packs[0].with_suffix(".idx").read_bytes())
+    blob = git(laptop.root, "hash-object", "bin/blob.dat").strip()
+    assert blob in packed and len(packed.splitlines()) >= len(files) - 2  # 0 and 1 byte: loose
+    assert not (store / "objects" / blob[:2] / blob[2:]).exists()
+    assert git(store, "fsck", "--no-dangling") == ""
+    (laptop.root / "lib/m7.py").write_bytes(b"changed = 1\n")
+    laptop.ask(script(*copy_steps("lib/m7.py", "bin/blob.dat")), "--yes", check=0)
+    assert snapshots(agent)[-1]["form"] == "changes"
+    assert seen(laptop, "lib/m7.py") == b"changed = 1\n" and seen(laptop, "bin/blob.dat") == files["bin/blob.dat"]
+    assert len(list((store / "objects/pack").glob("*.pack"))) == 1  # an ask of changes writes loose objects
