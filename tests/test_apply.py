@@ -264,18 +264,25 @@ def as_walls_account(lap: Laptop, place: Path) -> Laptop:
     return Laptop(lap.root, program=program)
 
 
+def laptop_at(srv_place: Path, agent, files: dict) -> Laptop:
+    """A project in `srv_place` (where the test account can reach it), set up for `agent`."""
+    root = make_repo(srv_place / "laptop", files)
+    token = srv_place / "token"
+    shutil.copy(agent.token_file(), token)
+    token.chmod(0o600)
+    lap = Laptop(root)
+    lap.run("init", "--force", "--agent", agent.url, "--token-file", str(token), check=0)
+    return lap
+
+
 @pytest.mark.parametrize("writer", ["git apply", "own"])
 @pytest.mark.parametrize("who", sorted(PART_WAY))
 def test_git_apply_failing_part_way_puts_every_file_back(srv_place, agent, who, writer):
     """Both writers: `git apply` (a binary section in the patch needs git's own reading) and
     the Applier's own writer of the results shown (every file as synced, text only)."""
     second, _, fix = PART_WAY[who]
-    root = make_repo(srv_place / "laptop", {"a.md": b"a\n", "locked/b.md": b"b\n"})
-    token = srv_place / "token"
-    shutil.copy(agent.token_file(), token)
-    token.chmod(0o600)
-    lap = Laptop(root)
-    lap.run("init", "--force", "--agent", agent.url, "--token-file", str(token), check=0)
+    lap = laptop_at(srv_place, agent, {"a.md": b"a\n", "locked/b.md": b"b\n"})
+    root = lap.root
     steps = [{"write": "a.md", "text": "A by the AI\n"}, {"write": second, "text": "by the AI\n"}]
     if writer == "git apply":
         steps.append({"write": "z.bin", "b64": base64.b64encode(b"\0binary\xff" * 10).decode()})
@@ -313,11 +320,8 @@ def test_a_file_that_cannot_be_put_back_is_named_with_the_way_back(srv_place, ag
     """git rewrote docs/a.md, then failed on locked/b.md; by then docs/ was made read-only too
     (a `git` on PATH that does so after `git apply`), so docs/a.md cannot be put back: the
     message names it, says how it is left, and the command it gives puts the old bytes back."""
-    root = make_repo(srv_place / "laptop", {"docs/a.md": b"a\n", "locked/b.md": b"b\n"})
-    token = srv_place / "token"
-    shutil.copy(agent.token_file(), token)
-    lap = Laptop(root)
-    lap.run("init", "--force", "--agent", agent.url, "--token-file", str(token), check=0)
+    lap = laptop_at(srv_place, agent, {"docs/a.md": b"a\n", "locked/b.md": b"b\n"})
+    root = lap.root
     job = ai_job(lap, {"write": "docs/a.md", "text": "A by the AI\n"}, {"write": "locked/b.md", "text": "B\n"},
                  {"write": "z.bin", "b64": base64.b64encode(b"\0binary\xff" * 10).decode()})  # git apply's path
     bin_dir = srv_place / "bin"
@@ -346,11 +350,8 @@ def test_undo_that_cannot_write_a_file_changes_nothing_and_says_how(srv_place, a
     """`apply --undo` with a folder made read-only since the apply (as the test account: root
     writes there anyway): the files it undid before that one go back to what the apply left,
     the undo log stays, and once the folder is writable the same undo works."""
-    root = make_repo(srv_place / "laptop", {"a.md": b"a\n", "locked/b.md": b"b\n"})
-    token = srv_place / "token"
-    shutil.copy(agent.token_file(), token)
-    lap = Laptop(root)
-    lap.run("init", "--force", "--agent", agent.url, "--token-file", str(token), check=0)
+    lap = laptop_at(srv_place, agent, {"a.md": b"a\n", "locked/b.md": b"b\n"})
+    root = lap.root
     # undone in this order: new.md removed, a.md written back, then locked/b.md fails
     job = ai_job(lap, {"write": "a.md", "text": "A by the AI\n"}, {"write": "locked/b.md", "text": "B\n"},
                  {"write": "new.md", "text": "new\n"})
@@ -376,11 +377,8 @@ def test_a_3_way_write_into_a_read_only_folder_puts_everything_back(srv_place, a
     """The 3-way path writes the files itself: as the test account, long.txt (merged) is
     written, then locked/b.md is refused; long.txt goes back, the message names the file,
     the reason and the fix."""
-    root = make_repo(srv_place / "laptop", {"long.txt": LONG, "locked/b.md": b"b\n"})
-    token = srv_place / "token"
-    shutil.copy(agent.token_file(), token)
-    lap = Laptop(root)
-    lap.run("init", "--force", "--agent", agent.url, "--token-file", str(token), check=0)
+    lap = laptop_at(srv_place, agent, {"long.txt": LONG, "locked/b.md": b"b\n"})
+    root = lap.root
     job = ai_job(lap, {"write": "long.txt", "text": edited({5: "line 5 by the AI\n"}).decode()},
                  {"write": "locked/b.md", "text": "B\n"})
     (root / "long.txt").write_bytes(edited({7: "line 7 by me\n"}))  # inside the AI's hunk: 3-way
