@@ -414,23 +414,42 @@ def spawn(argv: Sequence[str], *, cwd: os.PathLike, env: dict, terminal: bool = 
                             start_new_session=True)
 
 
-def in_parallel(*calls: Callable[[], Any]) -> List[Any]:
-    """The results of `calls`, run at once in threads (each mostly waits on a git process, so
-    two cores do two at a time); the first exception is raised after all have ended."""
-    results: List[Any] = [None] * len(calls)
-    errors: List[BaseException] = []
+class Background:
+    """A call run in a thread from now on; result() waits for it and returns its value or
+    raises its exception."""
 
-    def work(i: int) -> None:
+    def __init__(self, call: Callable[[], Any]):
+        self._result: List[Any] = []
+        self._thread = threading.Thread(target=self._run, args=(call,), daemon=True)
+        self._thread.start()
+
+    def _run(self, call: Callable[[], Any]) -> None:
         try:
-            results[i] = calls[i]()
-        except BaseException as e:  # noqa: B036 - handed to the caller's thread
+            self._result.append((True, call()))
+        except BaseException as e:  # noqa: B036 - handed to the thread that waits
+            self._result.append((False, e))
+
+    def result(self) -> Any:
+        self._thread.join()
+        ok, value = self._result[0]
+        if not ok:
+            raise value
+        return value
+
+
+def in_parallel(*calls: Callable[[], Any]) -> List[Any]:
+    """The results of `calls`, run at once (each mostly waits on a git process, so two cores
+    do two at a time): the first in this thread, the rest in Background; once all have
+    ended, the first exception in the order of `calls` is raised."""
+    later = [Background(call) for call in calls[1:]]
+    results: List[Any] = []
+    errors: List[BaseException] = []
+    for get in [calls[0], *(b.result for b in later)]:
+        try:
+            results.append(get())
+        except BaseException as e:  # noqa: B036 - raised once every call has ended
+            results.append(None)
             errors.append(e)
-    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(1, len(calls))]
-    for thread in threads:
-        thread.start()
-    work(0)
-    for thread in threads:
-        thread.join()
     if errors:
         raise errors[0]
     return results
@@ -3044,29 +3063,6 @@ class Synced:
         upkeep, self.upkeep = self.upkeep, None
         if upkeep is not None:
             upkeep.result()
-
-
-class Background:
-    """A call run in a thread from now on; result() waits for it and returns its value or
-    raises its exception."""
-
-    def __init__(self, call: Callable[[], Any]):
-        self._result: List[Any] = []
-        self._thread = threading.Thread(target=self._run, args=(call,), daemon=True)
-        self._thread.start()
-
-    def _run(self, call: Callable[[], Any]) -> None:
-        try:
-            self._result.append((True, call()))
-        except BaseException as e:  # noqa: B036 - handed to the thread that waits
-            self._result.append((False, e))
-
-    def result(self) -> Any:
-        self._thread.join()
-        ok, value = self._result[0]
-        if not ok:
-            raise value
-        return value
 
 
 # What an apply of several attempts' work records beside the job (log_origin says it):
