@@ -17,7 +17,9 @@ from typing import List
 import pytest
 
 import patchwire
+import patchwire_agent
 from conftest import git, make_repo, script
+from test_box_walls import hand_to_account, in_child_as_account
 from test_sync_real_projects import mirror_of, write_sync
 
 
@@ -239,6 +241,39 @@ def test_the_content_an_ask_carries_is_checked_and_written_only_beneath_the_mirr
     assert (status, answer["code"]) == (409, "tree_mismatch") and "symlink" in answer["error"]
     assert list(other.iterdir()) == []
 
+
+@pytest.mark.parametrize("who", ["root", "account"])
+def test_the_content_an_ask_carries_follows_no_link_as_root_or_as_an_ordinary_account(srv_place, who):
+    """The agent's writer of an ask's files, run as root and as the ordinary account (whose
+    folders and files are its own, as on a box): a link at the path is replaced, one on the
+    way is refused, nothing lands outside the mirror or in another user's folder."""
+    mirror, other = srv_place / "mirror", srv_place / "bob"
+    mirror.mkdir()
+    other.mkdir()
+    outside = srv_place / "outside.txt"
+    outside.write_text("keep\n")
+    os.symlink(outside, mirror / "README.md")
+    os.symlink(other, mirror / "bobs")
+    mtime_ns = 1_700_000_000 * 10 ** 9
+
+    def write() -> None:
+        fd = os.open(str(mirror), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            patchwire_agent.write_content(fd, [("README.md", "100755", mtime_ns, b"# demo\n")])
+            with pytest.raises((patchwire.UnsafePath, OSError)):
+                patchwire_agent.write_content(fd, [("bobs/x.txt", "100644", 0, b"x\n")])
+        finally:
+            os.close(fd)
+    if who == "account":
+        hand_to_account(srv_place)
+        in_child_as_account(write)
+    else:
+        write()
+    assert outside.read_text() == "keep\n" and list(other.iterdir()) == []
+    written = mirror / "README.md"
+    assert not written.is_symlink() and written.read_bytes() == b"# demo\n"
+    assert (written.stat().st_mode & 0o777, written.stat().st_mtime_ns) == (0o755, mtime_ns)
+    assert sorted(p.name for p in mirror.iterdir()) == ["README.md", "bobs"]  # no temporary file left
 
 def test_a_link_in_the_mirror_reads_and_deletes_nothing_of_another_user(laptop, agent):
     """The laptop's rsync can put a symlink in its mirror. Named in `changed`, git refuses to
