@@ -11,6 +11,13 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
+# One build at a time (the tests run in two workers): a second waits for the first, then builds
+# the same bytes again. macOS has no flock(1); builds there are not run side by side.
+mkdir -p build
+if command -v flock >/dev/null; then
+    exec 9>build/.build.lock
+    flock 9
+fi
 VENV=build/venv
 if ! "$VENV/bin/python" -c "import shiv" 2>/dev/null \
         || ! cmp -s requirements-build.txt "$VENV/requirements-build.txt"; then
@@ -41,7 +48,12 @@ cp patchwire.py patchwire_agent.py "$STAGE"/
 # shiv stores file modes: make them independent of the umask.
 chmod -R u=rwX,go=rX "$STAGE"
 
+# Built into a folder of its own and moved into dist/ at the end: a program running from dist/
+# (a test, a copy being made) never reads a half-written file, and a failed build leaves the last
+# good one in place.
 mkdir -p dist
+OUT=$(mktemp -d build/out.XXXXXX)
+trap 'rm -rf "$OUT"' EXIT
 # --compile-pyc: the first start after an install (which unpacks the zipapp into ~/.shiv)
 # compiles every module to bytecode, in worker processes, before importing any. Without it, that
 # first start compiles the modules in the process itself and keeps the compiler's ~10 MB
@@ -49,7 +61,7 @@ mkdir -p dist
 # The bytecode is for the Python that unpacks; another version writes its own, as usual.
 for app in patchwire:patchwire patchwire-agent:patchwire_agent; do
     "$PYTHON" -m shiv --reproducible --compile-pyc --python '/usr/bin/env python3' \
-        --site-packages "$STAGE" -e "${app#*:}:main" -o "dist/${app%%:*}"
+        --site-packages "$STAGE" -e "${app#*:}:main" -o "$OUT/${app%%:*}"
 done
 
 # A faster start: shiv's __main__ imports its bootstrap from the zip at every start (zipimport
@@ -58,7 +70,7 @@ done
 # copy is all we need, so the new __main__ goes straight to it (only os and sys, the same path
 # and sys.path order as shiv's); the first start, or any SHIV_* setting other than SHIV_ROOT,
 # still runs shiv's bootstrap unchanged. The zip is rewritten entry by entry: still reproducible.
-"$PYTHON" - dist/patchwire dist/patchwire-agent <<'PY'
+"$PYTHON" - "$OUT/patchwire" "$OUT/patchwire-agent" <<'PY'
 import json, sys, zipfile
 FAST = """# -*- coding: utf-8 -*-
 # build.sh: once shiv has unpacked this zipapp, start from the unpacked copy; else shiv's bootstrap
@@ -97,24 +109,29 @@ for path in sys.argv[1:]:
                 new.writestr(info, main if info.filename == "__main__.py" else body)
 PY
 
-for f in dist/patchwire dist/patchwire-agent; do
-    echo "built $f: $(wc -c <"$f" | tr -d ' ') bytes"
+for f in patchwire patchwire-agent; do
+    echo "built dist/$f: $(wc -c <"$OUT/$f" | tr -d ' ') bytes"
 done
 
 # The VS Code extension (editors/vscode/package.sh), when Node is here: npm fetches the pinned
 # vsce only the first time; a failure to do so leaves the zipapps built and says why, loudly.
 if command -v node >/dev/null && command -v npm >/dev/null; then
-    bash editors/vscode/package.sh dist/patchwire-vscode.vsix || \
+    bash editors/vscode/package.sh "$OUT/patchwire-vscode.vsix" || \
         echo "build.sh: WARNING: dist/patchwire-vscode.vsix NOT built (see above)" >&2
 else
     echo "build.sh: no Node.js here: dist/patchwire-vscode.vsix not built"
 fi
 
 # sha256sum's own format, written by Python so that it is the same on macOS and Linux.
-"$PYTHON" - dist/patchwire dist/patchwire-agent dist/patchwire-vscode.vsix >dist/SHA256SUMS <<'PY'
+"$PYTHON" - "$OUT/patchwire" "$OUT/patchwire-agent" "$OUT/patchwire-vscode.vsix" >"$OUT/SHA256SUMS" <<'PY'
 import hashlib, os, sys
 for path in filter(os.path.exists, sys.argv[1:]):
     with open(path, "rb") as f:
         print(f"{hashlib.sha256(f.read()).hexdigest()}  {os.path.basename(path)}")
 PY
+# each file replaced in one rename; SHA256SUMS last, so it never names a file not yet in place
+[ -f "$OUT/patchwire-vscode.vsix" ] || rm -f dist/patchwire-vscode.vsix
+for f in patchwire patchwire-agent patchwire-vscode.vsix SHA256SUMS; do
+    [ ! -f "$OUT/$f" ] || mv -f "$OUT/$f" "dist/$f"
+done
 echo "wrote dist/SHA256SUMS"

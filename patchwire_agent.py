@@ -2843,6 +2843,24 @@ class GatewayKey:
                        "job's key (HTTPS_PROXY and ANTHROPIC_API_KEY of its environment)")
 
 
+UNIX_SOCKET_PATH_MAX = 107  # bytes: sun_path is 108 on Linux (104 on macOS, whose TMPDIR is short)
+GATEWAY_SOCKET_NAME = "gw-" + "0" * 12 + ".sock"  # JobGateway's name, as long
+
+
+def socket_folder(prefix: str) -> Path:
+    """A private new folder for a job's Unix socket: in the temporary folder, or in /tmp when
+    TMPDIR is too long a path for a socket (a deep TMPDIR made every job fail with "AF_UNIX
+    path too long")."""
+    for base in (None, "/tmp"):
+        folder = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+        if len(os.fsencode(folder / GATEWAY_SOCKET_NAME)) <= UNIX_SOCKET_PATH_MAX:
+            return folder
+        folder.rmdir()
+    raise PatchwireError(f"no folder short enough for the job's network socket: {tempfile.gettempdir()} "
+                         f"and /tmp leave under {UNIX_SOCKET_PATH_MAX} bytes for its path",
+                         "start the agent with TMPDIR set to a short folder, such as /tmp")
+
+
 def refuse_busy(conn: socket.socket) -> None:
     """Answer a connection past GATEWAY_MAX_CONNECTIONS without a thread for it. What it sends
     first is read (waiting GATEWAY_REFUSE_WAIT_S at most): closing on unread bytes would reset it
@@ -4799,8 +4817,7 @@ class Agent:
             return None
         policy = self.cfg.network.policy(job["user"], job["project"])
         report = EgressReport(lambda e: self.store.add_event(job["id"], e))
-        # a short, private folder for its socket (a socket's path is at most 107 bytes), gone with it
-        folder = Path(tempfile.mkdtemp(prefix="pw-gateway-"))
+        folder = socket_folder("pw-gateway-")  # gone with the gateway
         key = GatewayKey() if self.sandbox.kind == "sandbox-exec" else None
         return JobGateway(folder, policy, self.api_upstream(), self.credential, report, own_folder=True, key=key)
 

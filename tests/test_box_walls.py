@@ -22,6 +22,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -55,10 +56,16 @@ def account_or_skip() -> pwd.struct_passwd:
         pytest.skip("making a test account needs root")
     try:
         return pwd.getpwnam(ACCOUNT)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", ACCOUNT],
-                       check=True, capture_output=True)
-        return pwd.getpwnam(ACCOUNT)
+    except KeyError:  # two test workers may both find it missing: the second's useradd fails (the
+        pass          # account exists, or /etc/passwd is locked by the first), then finds it
+    for _ in range(20):
+        made = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", ACCOUNT],
+                              capture_output=True, text=True)
+        try:
+            return pwd.getpwnam(ACCOUNT)
+        except KeyError:
+            time.sleep(0.25)
+    pytest.fail(f"useradd {ACCOUNT} failed (exit {made.returncode}): {made.stderr}")
 
 
 def readable_copy(folder: Path) -> Path:

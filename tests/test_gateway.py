@@ -9,6 +9,8 @@ import contextlib
 import json
 import socket
 import ssl
+import tempfile
+import shutil
 import time
 from pathlib import Path
 from typing import List
@@ -369,3 +371,30 @@ def test_a_job_cannot_open_connections_without_end(gateway, monkeypatch):
         assert answer.startswith(b"HTTP/1.1 503") and b"3 connections open already" in answer
     for sock in held:
         sock.close()
+
+
+def test_a_deep_temporary_folder_still_gets_the_job_a_socket(tmp_path, monkeypatch):
+    """TMPDIR too deep for a Unix socket's 107 bytes (pytest's own folders under xdist made
+    every job fail with "AF_UNIX path too long"): the gateway's folder goes to /tmp instead, and
+    a gateway binds and answers there; a short TMPDIR is used as it is."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    monkeypatch.setattr(pa.tempfile, "tempdir", str(deep))
+    folder = pa.socket_folder("pw-gateway-")
+    try:
+        assert folder.parent == Path("/tmp") and folder.name.startswith("pw-gateway-")
+        assert folder.stat().st_mode & 0o777 == 0o700
+        gw = pa.JobGateway(folder, pa.NetworkPolicy("none", [], '[network] mode = "none"', "[network]"),
+                           None, None, pa.EgressReport(lambda e: None), own_folder=True)
+        answer = read_all(talk(gw, "GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n"))
+        gw.close()
+        assert answer.startswith(b"HTTP/1.1 403") and not folder.exists()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert list(deep.iterdir()) == []  # the deep candidate was made, found too long, and removed
+    short = Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's own folder may be too long already
+    try:
+        monkeypatch.setattr(pa.tempfile, "tempdir", str(short))
+        assert pa.socket_folder("pw-gateway-").parent == short
+    finally:
+        shutil.rmtree(short)

@@ -24,13 +24,16 @@ if [ "$have" != "$pinned" ]; then
 fi
 [ -z "$install_only" ] || exit 0
 
-stage=$root/build/vscode-extension
-rm -rf "$stage"
-mkdir -p "$stage"
+# a stage of its own (a build and a test may package at once), removed when done
+mkdir -p "$root/build"
+stage=$(mktemp -d "$root/build/vscode-extension.XXXXXX")
+trap 'rm -rf "$stage" "$stage.vsix"' EXIT
 cp -R package.json extension.js lib README.md "$stage"/
 cp "$root/LICENSE" "$stage"/
 chmod -R u=rwX,go=rX "$stage"
 mkdir -p "$(dirname "$out")"
+# written beside the stage, then moved into place in one rename: never read half-written
 (cd "$stage" && "$here/node_modules/.bin/vsce" package --no-dependencies --allow-missing-repository \
-    --no-update-package-json --out "$out" >/dev/null)
+    --no-update-package-json --out "$stage.vsix" >/dev/null)
+mv -f "$stage.vsix" "$out"
 echo "built ${out#"$root"/}: $(wc -c <"$out" | tr -d ' ') bytes"

@@ -8,9 +8,12 @@ const { Cli, CliError, LineSplitter, errorFrom, findProgram, parseLine, projectF
 const fx = require('./fixtures');
 
 const FAKE = path.join(__dirname, 'fake-patchwire.js');
+// every test's folder lives in one, removed when the file's tests end (nothing left in /tmp)
+const TMP = fs.mkdtempSync(path.join(os.tmpdir(), 'pw-cli-'));
+process.on('exit', () => fs.rmSync(TMP, { recursive: true, force: true }));
 
 function scenario(plan) {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pw-cli-'));
+  const dir = fs.mkdtempSync(path.join(TMP, 't-'));
   const file = path.join(dir, 'scenario.json');
   fs.writeFileSync(file, JSON.stringify(plan));
   const log = path.join(dir, 'calls.log');
@@ -58,7 +61,7 @@ test('file names from the box go after --, so a file called --undo is a file', a
 });
 
 test('the program: the setting, then PATH, then ~/bin/patchwire', () => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pw-find-'));
+  const dir = fs.mkdtempSync(path.join(TMP, 'find-'));
   const home = path.join(dir, 'home');
   const onPath = path.join(dir, 'path');
   fs.mkdirSync(path.join(home, 'bin'), { recursive: true });
@@ -76,7 +79,7 @@ test('the program: the setting, then PATH, then ~/bin/patchwire', () => {
 });
 
 test('the project folder is the first candidate with .patchwire.toml in it or above it', () => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pw-proj-'));
+  const dir = fs.mkdtempSync(path.join(TMP, 'proj-'));
   fs.mkdirSync(path.join(dir, 'a', 'sub'), { recursive: true });
   fs.mkdirSync(path.join(dir, 'b'));
   assert.equal(projectFolder([path.join(dir, 'b')]), null);

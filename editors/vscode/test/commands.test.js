@@ -9,11 +9,14 @@ const { createStub, install } = require('./vscode-stub');
 const fx = require('./fixtures');
 
 const FAKE = path.join(__dirname, 'fake-patchwire.js');
+// every test's folder lives in one, removed when the file's tests end (nothing left in /tmp)
+const TMP = fs.mkdtempSync(path.join(os.tmpdir(), 'pw-cmd-'));
+process.on('exit', () => fs.rmSync(TMP, { recursive: true, force: true }));
 const MANIFEST = require('../package.json');
 
 /** A project folder, a stubbed VS Code, the extension activated in it, the CLI scripted. */
 function setup(plan, { config = true } = {}) {
-  const dir = fs.realpathSync(fs.mkdtempSync(path.join(os.tmpdir(), 'pw-cmd-')));
+  const dir = fs.realpathSync(fs.mkdtempSync(path.join(TMP, 't-')));
   if (config) {
     fs.writeFileSync(path.join(dir, '.patchwire.toml'), 'agent = "http://127.0.0.1:1"\n');
   }
