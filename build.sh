@@ -116,8 +116,11 @@ done
 # The VS Code extension (editors/vscode/package.sh), when Node is here: npm fetches the pinned
 # vsce only the first time; a failure to do so leaves the zipapps built and says why, loudly.
 if command -v node >/dev/null && command -v npm >/dev/null; then
-    bash editors/vscode/package.sh "$OUT/patchwire-vscode.vsix" || \
+    if bash editors/vscode/package.sh "$OUT/patchwire-vscode.vsix" >/dev/null; then
+        echo "built dist/patchwire-vscode.vsix: $(wc -c <"$OUT/patchwire-vscode.vsix" | tr -d ' ') bytes"
+    else
         echo "build.sh: WARNING: dist/patchwire-vscode.vsix NOT built (see above)" >&2
+    fi
 else
     echo "build.sh: no Node.js here: dist/patchwire-vscode.vsix not built"
 fi

@@ -421,3 +421,36 @@ def test_a_first_snapshot_packs_its_blobs_and_later_asks_still_build_on_them(lap
     assert snapshots(agent)[-1]["form"] == "changes"
     assert seen(laptop, "lib/m7.py") == b"changed = 1\n" and seen(laptop, "bin/blob.dat") == files["bin/blob.dat"]
     assert len(list((store / "objects/pack").glob("*.pack"))) == 1  # an ask of changes writes loose objects
+
+
+def test_a_big_projects_first_job_folder_is_its_mirror_and_every_later_ask_still_sees_the_laptops_files(
+        laptop, agent):
+    """From ProjectRepo.ADOPT_MIN_FILES files on, the first job folder is the mirror moved into
+    place (no second write of every file); the mirror starts again empty. Asks of changes, a
+    lost laptop state (the full form) and a forced sync all go on from that mirror, and every
+    job sees the laptop's files."""
+    gen = laptop.root / "gen"
+    for i in range(patchwire_agent.ProjectRepo.ADOPT_MIN_FILES + 100):
+        (gen / f"d{i // 500}").mkdir(parents=True, exist_ok=True)
+        (gen / f"d{i // 500}" / f"f{i}.txt").write_bytes(b"file %d\n" % i)
+    laptop.ask(script(*copy_steps("README.md", "gen/d3/f1600.txt")), "--yes", check=0)
+    assert seen(laptop, "gen/d3/f1600.txt") == b"file 1600\n"
+    mirror = mirror_of(agent, laptop)
+    assert list(mirror.iterdir()) == []  # its files are the job folder's now
+    (laptop.root / "gen/d3/f1600.txt").write_bytes(b"edited\n")
+    laptop.ask(script(*copy_steps("README.md", "gen/d3/f1600.txt", "gen/d9/f4999.txt")), "--yes", check=0)
+    assert snapshots(agent)[-1]["form"] == "changes"
+    assert seen(laptop, "gen/d3/f1600.txt") == b"edited\n" and seen(laptop, "gen/d9/f4999.txt") == b"file 4999\n"
+    # the laptop's state folder lost: a full sync by checksum and the full form, whose snapshot
+    # reads the mirror again (refilled), and the job sees the laptop's files
+    shutil.rmtree(patchwire.Project(laptop.root, "laptop").private_dir)
+    (laptop.root / "gen/d3/f1600.txt").write_bytes(b"edited again\n")
+    laptop.ask(script(*copy_steps("gen/d3/f1600.txt", "gen/d0/f1.txt")), "--yes", check=0)
+    assert snapshots(agent)[-1]["form"] == "full"
+    assert seen(laptop, "gen/d3/f1600.txt") == b"edited again\n" and seen(laptop, "gen/d0/f1.txt") == b"file 1\n"
+    # a forced sync fills the mirror again, every file compared by checksum
+    laptop.run("sync", "--force", check=0)
+    assert (mirror / "gen/d9/f4999.txt").read_bytes() == b"file 4999\n"
+    laptop.ask(script(*copy_steps("gen/d9/f4999.txt")), "--yes", check=0)
+    assert seen(laptop, "gen/d9/f4999.txt") == b"file 4999\n"
+    assert all(status in (200, 409) for status in asks(agent))

@@ -339,6 +339,172 @@ def test_a_moved_gitignore_or_a_stray_file_resets_the_folder_whole(prepared, mon
     assert_folder_is(repo, folder, first)
 
 
+# ------------------------------------------------------------------ the first job folder: the mirror moved
+
+
+@pytest.fixture
+def first_ask(tmp_path, monkeypatch):
+    """A project that has no job folder yet, its first snapshot SNAP1 taken (every project
+    counts as large enough to adopt its mirror)."""
+    repo = pa.ProjectRepo(tmp_path / "state", "alice", "demo")
+    monkeypatch.setattr(repo, "ADOPT_MIN_FILES", 0)
+    monkeypatch.setattr(repo, "BY_PATHS_MIN_INDEX_BYTES", 0)
+    repo.ensure()
+    return repo, snapshot_of(repo, SNAP1)
+
+
+def inodes(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.lstat().st_ino for p in folder.rglob("*") if not p.is_dir()}
+
+
+def test_a_first_job_folder_is_the_mirror_moved_into_place_not_written_again(first_ask, monkeypatch):
+    repo, first = first_ask
+    before = inodes(repo.mirror)
+    seen = git_commands(monkeypatch)
+    folder = repo.prepare_slot(0, first)
+    assert "checkout" not in seen and "checkout-index" not in seen and "clean" not in seen, seen
+    assert {p: i for p, i in inodes(folder).items() if p != ".git"} == before  # the very files
+    assert_folder_is(repo, folder, first)
+    assert os.readlink(folder / "l") == "k" and (folder / "run.sh").read_bytes() == b"echo\n"
+    assert repo.mirror.is_dir() and list(repo.mirror.iterdir()) == []  # a new, empty mirror
+    assert (repo.home / "mirror.sparse").exists()
+    # an AI's change is collected, and the folder moves on to the next snapshot by its paths
+    (folder / "a.txt").write_bytes(b"the AI's\n")
+    with open(repo.home / "patch", "wb") as patch:
+        stats, _ = repo.collect(0, first, "job1", patch, 1 << 20)
+    assert stats["files"] == 1 and b"+the AI's" in (repo.home / "patch").read_bytes()
+    # the laptop's next sync sends only what changed, into the empty mirror: an ask of changes
+    (repo.mirror / "k").write_bytes(b"k2\n")
+    second = repo.snapshot_changes(tree_of_files(repo, {**SNAP1, "k": b"k2\n"}), repo.tree_of(first), ["k"], [])
+    assert repo.prepare_slot(0, second) == folder
+    assert_folder_is(repo, folder, second)
+    assert (folder / "a.txt").read_bytes() == b"a\n" and (folder / "k").read_bytes() == b"k2\n"
+
+
+def tree_of_files(repo, files: dict) -> str:
+    """The tree id of exactly `files` (snapshot_of's form), made in a scratch store."""
+    scratch = repo.home / "scratch"
+    pa.remove_tree(scratch)
+    scratch.mkdir()
+    for path, data in files.items():
+        target = scratch / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(data, tuple) and data[0] == "link":
+            os.symlink(data[1], target)
+        else:
+            target.write_bytes(data[1] if isinstance(data, tuple) else data)
+            target.chmod(0o755 if isinstance(data, tuple) else 0o644)
+    subprocess.run(["git", "init", "-q", str(scratch)], check=True)
+    subprocess.run(["git", "-C", str(scratch), "add", "-A", "-f", "."], check=True)
+    return subprocess.run(["git", "-C", str(scratch), "write-tree"], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def test_the_mirror_becomes_the_first_job_folder_as_an_ordinary_account_too(srv_place, monkeypatch):
+    """The same move run by the test account (root reads and renames anything): the folder is
+    the account's, the account's own process working in the mirror keeps it a mirror."""
+    from test_box_walls import hand_to_account, in_child_as_account
+    repo = pa.ProjectRepo(srv_place / "state", "alice", "demo")
+    monkeypatch.setattr(repo, "ADOPT_MIN_FILES", 0)
+    monkeypatch.setattr(repo, "BY_PATHS_MIN_INDEX_BYTES", 0)
+
+    def as_account() -> None:
+        repo.ensure()
+        first = snapshot_of(repo, SNAP1)
+        writer = subprocess.Popen(["sleep", "30"], cwd=repo.mirror)
+        try:
+            kept = repo.prepare_slot(1, first)
+        finally:
+            writer.kill()
+            writer.wait()
+        assert_folder_is_at(repo, 1, first) and os.listdir(repo.mirror)  # checked out: the mirror stays full
+        first = snapshot_of(repo, SNAP1)  # the mirror written again (no process in it), and hashed
+        before = inodes(repo.mirror)
+        folder = repo.prepare_slot(0, first)
+        assert {p: i for p, i in inodes(folder).items() if p != ".git"} == before and kept != folder
+        assert folder.stat().st_uid == os.geteuid() != 0 and list(repo.mirror.iterdir()) == []
+        assert_folder_is_at(repo, 0, first)
+    hand_to_account(srv_place)
+    in_child_as_account(as_account)
+
+
+def assert_folder_is_at(repo, slot: int, commit: str) -> bool:
+    """assert_folder_is for any slot: HEAD and a clean status."""
+    assert (repo.git_dir / f"worktrees/slot{slot}/HEAD").read_text() == commit + "\n"
+    assert repo.slot_git(slot, GIT_OPTIONAL_LOCKS="0")("status", "--porcelain", "-z", "--untracked-files=all") == b""
+    return True
+
+
+def test_a_full_snapshot_of_a_sparse_mirror_keeps_what_it_lacks_and_refuses_what_it_never_had(first_ask):
+    repo, first = first_ask
+    repo.prepare_slot(0, first)
+    # the full form (a 409's resend): only the files the laptop sent again are in the mirror
+    files = {**SNAP1, "a.txt": b"a2\n"}
+    (repo.mirror / "a.txt").write_bytes(b"a2\n")
+    manifest = full_manifest(files)
+    commit = repo.snapshot(tree_of_files(repo, files), manifest)
+    assert repo.tree_of(commit) == tree_of_files(repo, files)
+    assert (repo.home / "mirror.sparse").exists()  # still lacks the files the job folder took
+    # a file the mirror lacks and the box never hashed: not taken on trust, a 409 naming it
+    with pytest.raises(pa.Conflict) as e:
+        repo.snapshot(tree_of_files(repo, {**files, "never.txt": b"sent?\n"}),
+                      full_manifest({**files, "never.txt": b"sent?\n"}))
+    assert "never.txt" in e.value.message
+    # once a full sync refilled it, the mark goes
+    snapshot_of(repo, files)
+    assert not (repo.home / "mirror.sparse").exists()
+
+
+def full_manifest(files: dict) -> list:
+    scratch_tree = {}
+    for path, data in files.items():
+        raw = data[1].encode() if isinstance(data, tuple) and data[0] == "link" else (
+            data[1] if isinstance(data, tuple) else data)
+        mode = "120000" if isinstance(data, tuple) and data[0] == "link" else (
+            "100755" if isinstance(data, tuple) else "100644")
+        sha = hashlib.sha1(b"blob %d\0" % len(raw) + raw).hexdigest()
+        scratch_tree[path] = (mode, sha)
+    return [(m, sha, p) for p, (m, sha) in sorted(scratch_tree.items())]
+
+
+def test_a_mirror_changed_after_its_snapshot_still_gives_a_folder_exactly_the_snapshot(first_ask):
+    repo, first = first_ask
+    (repo.mirror / "a.txt").write_bytes(b"an rsync after the snapshot\n")  # before the job starts
+    (repo.mirror / "stray").write_bytes(b"x")
+    folder = repo.prepare_slot(0, first)
+    assert_folder_is(repo, folder, first)
+    assert (folder / "a.txt").read_bytes() == b"a\n" and not (folder / "stray").exists()
+
+
+def test_a_mirror_a_process_works_in_stays_the_mirror(first_ask):
+    """An rsync still writing (its working folder is the mirror) would write into the job
+    folder: the mirror stays where it is, and the job folder is checked out."""
+    repo, first = first_ask
+    before = inodes(repo.mirror)
+    writer = subprocess.Popen(["sleep", "30"], cwd=repo.mirror)
+    try:
+        folder = repo.prepare_slot(0, first)
+    finally:
+        writer.kill()
+        writer.wait()
+    assert inodes(repo.mirror) == before and not (repo.home / "mirror.sparse").exists()
+    assert set(inodes(folder)) - {".git"} == set(before) and not set(inodes(folder).values()) & set(before.values())
+    assert_folder_is(repo, folder, first)
+
+
+def test_a_mirror_swapped_for_a_link_is_never_followed_into_a_job_folder(first_ask, tmp_path):
+    repo, first = first_ask
+    outside = tmp_path / "bob"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"bob's\n")
+    pa.remove_tree(repo.mirror)
+    os.symlink(outside, repo.mirror)  # the user's rsync put a link where the folder was
+    folder = repo.prepare_slot(0, first)
+    assert not folder.is_symlink() and not (folder / "secret").exists()
+    assert_folder_is(repo, folder, first)
+    assert (outside / "secret").read_bytes() == b"bob's\n" and sorted(os.listdir(outside)) == ["secret"]
+
+
 # ------------------------------------------------------------------ numstat
 
 
