@@ -381,6 +381,18 @@ def test_a_first_job_folder_is_the_mirror_moved_into_place_not_written_again(fir
     assert (folder / "a.txt").read_bytes() == b"a\n" and (folder / "k").read_bytes() == b"k2\n"
 
 
+def write_mirror(repo, files: dict) -> None:
+    """The mirror holding `files` (snapshot_of's form), as rsync leaves it; nothing hashed."""
+    for path, data in files.items():
+        target = repo.mirror / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(data, tuple) and data[0] == "link":
+            os.symlink(data[1], target)
+        else:
+            target.write_bytes(data[1] if isinstance(data, tuple) else data)
+            target.chmod(0o755 if isinstance(data, tuple) else 0o644)
+
+
 def tree_of_files(repo, files: dict) -> str:
     """The tree id of exactly `files` (snapshot_of's form), made in a scratch store."""
     scratch = repo.home / "scratch"
@@ -503,6 +515,63 @@ def test_a_mirror_swapped_for_a_link_is_never_followed_into_a_job_folder(first_a
     assert not folder.is_symlink() and not (folder / "secret").exists()
     assert_folder_is(repo, folder, first)
     assert (outside / "secret").read_bytes() == b"bob's\n" and sorted(os.listdir(outside)) == ["secret"]
+
+
+# ------------------------------------------------------------------ the first snapshot: read by the agent, one fast-import
+
+
+def test_a_first_snapshot_is_one_pack_read_by_the_agent_with_stat_data_as_update_index_makes(tmp_path, monkeypatch):
+    repo = pa.ProjectRepo(tmp_path / "state", "alice", "demo")
+    repo.ensure()
+    files = {**SNAP1, "deep/a/b/c/d.bin": bytes(range(256)) * 9000, "empty": b"", "x/exec.sh": ("exec", b"#!/bin/sh\n"),
+             **{f"gen/{i % 7}/f{i}": b"%d\n" % i for i in range(120)}}
+    write_mirror(repo, files)
+    seen = git_commands(monkeypatch)
+    commit = repo.snapshot(tree_of_files(repo, files), full_manifest(files))
+    assert repo.tree_of(commit) == tree_of_files(repo, files)
+    assert "update-index" in seen  # --index-info and --refresh: no blob is written loose
+    loose = [p.parent.name + p.name for p in (repo.git_dir / "objects").glob("??/*")]
+    kinds = repo.git()("cat-file", "--batch-check=%(objecttype)", input="\n".join(loose).encode() + b"\n").split()
+    assert kinds.count(b"blob") == 1  # the link's (written by the agent): every file's is in the pack
+    packs = list((repo.git_dir / "objects" / "pack").glob("*.pack"))
+    assert len(packs) == 1 and not list((repo.git_dir / "objects" / "pack").glob("tmp_pack_*"))
+    # the stat data are the mirror's: nothing to re-hash, the mirror is clean against the index
+    git = repo.snapshot_git(os.open(repo.mirror, os.O_RDONLY))
+    assert git("diff-files", "--name-only") == b"l\n"  # only the link (written by the agent, as ever) is unsure
+    assert git("ls-files", "-s", "x/exec.sh").startswith(b"100755 ")
+
+
+@pytest.mark.parametrize("spoil", ["fifo", "link_for_file", "link_on_the_way", "gone", "folder"])
+def test_a_first_snapshot_of_anything_but_plain_files_is_left_to_update_index(tmp_path, monkeypatch, spoil):
+    """What import_files will not read (never through a link, never blocking on a fifo) goes
+    the old way, with the old outcome: the tree the laptop named, or a 409 naming the path.
+    Nothing outside the mirror is read; no half-written pack is left."""
+    repo = pa.ProjectRepo(tmp_path / "state", "alice", "demo")
+    repo.ensure()
+    outside = tmp_path / "bob"
+    outside.mkdir()
+    (outside / "f").write_bytes(b"xb\n")  # the same bytes as the listed x/b: read, the tree would match
+    listed = {**SNAP1, "z/last.txt": b"after\n"}
+    write_mirror(repo, listed)
+    (repo.mirror / "x" / "b").unlink()
+    if spoil == "fifo":
+        os.mkfifo(repo.mirror / "x" / "b")
+    elif spoil == "link_for_file":
+        os.symlink(outside / "f", repo.mirror / "x" / "b")
+    elif spoil == "link_on_the_way":
+        shutil.rmtree(repo.mirror / "x")
+        os.symlink(outside, repo.mirror / "x")
+        (outside / "a").write_bytes(b"xa\n")
+        (outside / "b").write_bytes(b"xb\n")
+    elif spoil == "folder":
+        (repo.mirror / "x" / "b").mkdir()
+    seen = git_commands(monkeypatch)
+    with pytest.raises(pa.Conflict) as e:
+        repo.snapshot(tree_of_files(repo, listed), full_manifest(listed))
+    assert ("x/a" if spoil == "link_on_the_way" else "x/b") in e.value.message, e.value.message
+    assert not list((repo.git_dir / "objects" / "pack").glob("tmp_pack_*"))
+    assert "write-tree" in seen or "update-index" in seen
+    assert sorted(os.listdir(outside)) == (["a", "b", "f"] if spoil == "link_on_the_way" else ["f"])
 
 
 # ------------------------------------------------------------------ numstat
