@@ -45,6 +45,14 @@ def test_attempts_benchmark_quick_run_prints_both_wall_times():
     assert "| one attempt |" in out and "| three attempts, --pick 1 |" in out, out
 
 
+def test_first_snapshot_benchmark_quick_run_measures_three_ways_and_checks_each_job_folder():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/first_snapshot.py"), "--files", "300", "--repeat", "1",
+                           "--adopt-from", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, out  # it exits non-zero when a job folder is not the snapshot
+    assert "| fast-import, the mirror moved (now) | now / before |" in out and "| first job folder, s |" in out, out
+
+
 def test_setup_cost_benchmark_quick_run_prints_the_ratio():
     proc = subprocess.run([sys.executable, str(ROOT / "bench/setup_cost.py"), "--quick"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
