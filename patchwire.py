@@ -112,6 +112,7 @@ import difflib
 import enum
 import fcntl
 import fnmatch
+import functools
 import gc
 import glob
 import hashlib
@@ -3133,13 +3134,24 @@ class Session:
                 if not files.count:
                     say(f"note: no file of {self.cfg.root} goes: git ignores them all, or they are held "
                         "back (see `patchwire sync --dry-run`)")
+            # every listed file goes (no last sync to build on): rsync need not wait for the
+            # record, which hashes every file meanwhile (a 43,737-file first sync: ~2 s)
+            sending = None if last else Background(functools.partial(
+                self._send, files, None, me["mirror"], set(unsure), force))
             try:
                 tree = self.project.record(files, self.rules, upkeep=False)
             except FilesMoved as e:
                 moved = e.paths
+                if sending:
+                    moved = sorted(set(moved) | set(sending.result()[2]))  # sent again, with the rest
+            except BaseException:
+                if sending:
+                    with contextlib.suppress(Exception):
+                        sending.result()  # no rsync left running behind an error
+                raise
             else:
                 synced, todo, moved = self._send_and_keep(files, last, tree, bool(resend), unsure, force, me["mirror"],
-                                                          inline_cap)
+                                                          inline_cap, sending)
                 if synced:
                     return synced
                 unsure |= set(todo)
@@ -3149,13 +3161,15 @@ class Session:
         raise moved_error(moved, files)
 
     def _send_and_keep(self, files: FileList, last: dict, tree: str, resend: bool, unsure: set, force: bool,
-                       mirror: str, inline_cap: int) -> Tuple[Optional["Synced"], List[str], List[str]]:
+                       mirror: str, inline_cap: int, sending: Optional[Background] = None,
+                       ) -> Tuple[Optional["Synced"], List[str], List[str]]:
         """_send_recorded, with the record's upkeep at the same time (rsync mostly waits). When
-        the files go with the ask, the upkeep goes on beside its POST (Synced.settle)."""
+        the files go with the ask, the upkeep goes on beside its POST (Synced.settle).
+        `sending`: the rsync of every file, started before the record (a full sync)."""
         upkeep = Background(lambda: self.project.keep_record(tree))
         sent: Optional[Tuple[Optional[Synced], List[str], List[str]]] = None
         try:
-            sent = self._send_recorded(files, last, tree, resend, unsure, force, mirror, inline_cap)
+            sent = self._send_recorded(files, last, tree, resend, unsure, force, mirror, inline_cap, sending)
         finally:
             synced = sent[0] if sent else None
             if synced is not None and synced.content:
@@ -3165,7 +3179,8 @@ class Session:
         return sent
 
     def _send_recorded(self, files: FileList, last: dict, tree: str, resend: bool, unsure: set, force: bool,
-                       mirror: str, inline_cap: int = 0) -> Tuple[Optional["Synced"], List[str], List[str]]:
+                       mirror: str, inline_cap: int = 0, sending: Optional[Background] = None,
+                       ) -> Tuple[Optional["Synced"], List[str], List[str]]:
         """Bring the box's mirror to the record `tree`: (what the sync left, [], []) once it
         holds it, else (None, paths given to rsync, paths that moved while sent). With
         `inline_cap`, a few small changed files may go with the ask instead (Synced.content)."""
@@ -3183,7 +3198,7 @@ class Session:
             return Synced(tree, base, changed, deleted, {
                 "sent_files": len(content), "sent_bytes": size, "skipped": False, "held_back": files.held,
                 "files": files.count}, content=content, mirror=mirror), [], []
-        counts, todo, moved = self._send(files, since_last, mirror, unsure, force)
+        counts, todo, moved = sending.result() if sending else self._send(files, since_last, mirror, unsure, force)
         if moved:
             return None, todo, moved
         self._save_sync(tree, mirror, indexed=last.get("indexed"))
