@@ -454,3 +454,29 @@ def test_a_big_projects_first_job_folder_is_its_mirror_and_every_later_ask_still
     laptop.ask(script(*copy_steps("gen/d9/f4999.txt")), "--yes", check=0)
     assert seen(laptop, "gen/d9/f4999.txt") == b"file 4999\n"
     assert all(status in (200, 409) for status in asks(agent))
+
+
+def test_a_full_sync_starts_rsync_beside_its_record_not_after_it(laptop, agent, tmp_path):
+    """A first sync sends every listed file, so its rsync starts while the record hashes them:
+    a git whose record waits (5 s at most) for rsync to have started shows it. Sent after the
+    record, as before, the record would wait the 5 s in vain ("waited")."""
+    started, saw = tmp_path / "rsync.started", tmp_path / "record.saw"
+    rsync = tmp_path / "marking-rsync"
+    rsync.write_text(f"#!/bin/sh\ntouch {started}\nexec rsync \"$@\"\n")
+    rsync.chmod(0o755)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "git").write_text(
+        "#!/bin/sh\n"
+        f"case \" $* \" in *\" update-index --add \"*)\n"
+        f"  i=0; while [ ! -e {started} ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done\n"
+        f"  if [ -e {started} ]; then echo overlapped >> {saw}; else echo waited >> {saw}; fi;;\n"
+        "esac\n"
+        f"exec {shutil.which('git')} \"$@\"\n")
+    (bindir / "git").chmod(0o755)
+    write_sync(laptop, rsync=str(rsync))
+    path = {"PATH": f"{bindir}:{os.environ['PATH']}"}
+    first = laptop.run("sync", env=path, check=0)
+    assert "synced 3 of 3 file(s)" in first.err and saw.read_text().split() == ["overlapped"], first.err
+    # and the sync was whole: the box's copy is the laptop's
+    assert {p.name for p in mirror_of(agent, laptop).rglob("*") if p.is_file()} >= {"README.md"}
