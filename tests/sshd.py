@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import os
 import pwd
+import random
 import shlex
 import signal
 import socket
@@ -121,7 +122,22 @@ def require_sshd() -> None:
 
 
 def free_port() -> int:
-    """A port of 127.0.0.1 that was free a moment ago (sshd binds it soon after)."""
+    """A port of 127.0.0.1 that was free a moment ago (a server binds it soon after), below the
+    range the kernel hands to outgoing connections: with two test workers, a port from bind(0)
+    (in that range) was taken by another test's client before the agent bound it."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            first = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        first = 32768  # Linux's default; macOS hands out 49152 and up
+    for _ in range(200):
+        port = random.randrange(10000, max(first, 10001))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOOPBACK, 0))
         return sock.getsockname()[1]

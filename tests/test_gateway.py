@@ -19,6 +19,7 @@ import pytest
 
 import patchwire_agent as pa
 from internet import Internet
+from sshd import free_port
 
 
 @pytest.fixture
@@ -217,11 +218,6 @@ def test_network_config_layers_and_errors(tmp_path):
         with pytest.raises(pa.PatchwireError, match=words):
             pa.NetworkConfig(path, bad)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -7,14 +7,13 @@ process.
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
 
 import patchwire
 from conftest import Laptop, make_repo, script
-from sshd import running_sshd
+from sshd import free_port, running_sshd
 
 PORTLESS_CONFIG = """\
 Host {address}
@@ -81,11 +80,6 @@ def test_sync_and_doctor_work_with_the_port_in_the_destination(tmp_path, agent, 
         assert checks["ssh"]["ok"], checks["ssh"]
         assert f"-p {server.port}" in checks["ssh"]["detail"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_refused_port_is_named_as_such_not_as_a_missing_key(tmp_path, agent):

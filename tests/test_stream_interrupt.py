@@ -9,13 +9,13 @@ import os
 import pty
 import select
 import signal
-import socket
 import subprocess
 import time
 
 import pytest
 
 from conftest import Laptop, script
+from sshd import free_port
 
 
 def read_pty(fd: int, out: bytearray, until: bytes, timeout: float = 30) -> None:
@@ -75,11 +75,6 @@ def test_the_first_ctrl_c_leaves_at_once_the_job_finishes_and_wait_applies_it(la
     laptop.run("wait", job, "--yes", check=0)
     assert (laptop.root / "after.txt").read_text() == "finished on the box\n"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("when", [b"working", b"AI finished"], ids=["mid-job", "before-the-diff"])

@@ -241,14 +241,7 @@ def snapshot_of(repo, files: dict) -> str:
     """The mirror made exactly `files` ({path: bytes, or ("link", target), or ("exec", bytes)}), snapshotted."""
     pa.remove_tree(repo.mirror)
     repo.mirror.mkdir()
-    for path, data in files.items():
-        target = repo.mirror / path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(data, tuple) and data[0] == "link":
-            os.symlink(data[1], target)
-        else:
-            target.write_bytes(data[1] if isinstance(data, tuple) else data)
-            target.chmod(0o755 if isinstance(data, tuple) else 0o644)
+    write_files(repo.mirror, files)
     (repo.home / "t.index").unlink(missing_ok=True)
     git = repo.git(repo.mirror, GIT_INDEX_FILE=str(repo.home / "t.index"))
     git("add", "-A", "-f", ".")
@@ -381,16 +374,21 @@ def test_a_first_job_folder_is_the_mirror_moved_into_place_not_written_again(fir
     assert (folder / "a.txt").read_bytes() == b"a\n" and (folder / "k").read_bytes() == b"k2\n"
 
 
-def write_mirror(repo, files: dict) -> None:
-    """The mirror holding `files` (snapshot_of's form), as rsync leaves it; nothing hashed."""
+def write_files(folder: Path, files: dict) -> None:
+    """`files` ({path: bytes, or ("link", target), or ("exec", bytes)}) written into `folder`."""
     for path, data in files.items():
-        target = repo.mirror / path
+        target = folder / path
         target.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(data, tuple) and data[0] == "link":
             os.symlink(data[1], target)
         else:
             target.write_bytes(data[1] if isinstance(data, tuple) else data)
             target.chmod(0o755 if isinstance(data, tuple) else 0o644)
+
+
+def write_mirror(repo, files: dict) -> None:
+    """The mirror holding `files`, as rsync leaves it; nothing hashed."""
+    write_files(repo.mirror, files)
 
 
 def tree_of_files(repo, files: dict) -> str:
@@ -398,14 +396,7 @@ def tree_of_files(repo, files: dict) -> str:
     scratch = repo.home / "scratch"
     pa.remove_tree(scratch)
     scratch.mkdir()
-    for path, data in files.items():
-        target = scratch / path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(data, tuple) and data[0] == "link":
-            os.symlink(data[1], target)
-        else:
-            target.write_bytes(data[1] if isinstance(data, tuple) else data)
-            target.chmod(0o755 if isinstance(data, tuple) else 0o644)
+    write_files(scratch, files)
     subprocess.run(["git", "init", "-q", str(scratch)], check=True)
     subprocess.run(["git", "-C", str(scratch), "add", "-A", "-f", "."], check=True)
     return subprocess.run(["git", "-C", str(scratch), "write-tree"], check=True, capture_output=True,
@@ -423,12 +414,7 @@ def test_the_mirror_becomes_the_first_job_folder_as_an_ordinary_account_too(srv_
     def as_account() -> None:
         repo.ensure()
         first = snapshot_of(repo, SNAP1)
-        writer = subprocess.Popen(["sleep", "30"], cwd=repo.mirror)
-        try:
-            kept = repo.prepare_slot(1, first)
-        finally:
-            writer.kill()
-            writer.wait()
+        kept = prepared_beside_a_writer(repo, 1, first)
         assert_folder_is_at(repo, 1, first) and os.listdir(repo.mirror)  # checked out: the mirror stays full
         first = snapshot_of(repo, SNAP1)  # the mirror written again (no process in it), and hashed
         before = inodes(repo.mirror)
@@ -493,15 +479,20 @@ def test_a_mirror_a_process_works_in_stays_the_mirror(first_ask):
     folder: the mirror stays where it is, and the job folder is checked out."""
     repo, first = first_ask
     before = inodes(repo.mirror)
-    writer = subprocess.Popen(["sleep", "30"], cwd=repo.mirror)
-    try:
-        folder = repo.prepare_slot(0, first)
-    finally:
-        writer.kill()
-        writer.wait()
+    folder = prepared_beside_a_writer(repo, 0, first)
     assert inodes(repo.mirror) == before and not (repo.home / "mirror.sparse").exists()
     assert set(inodes(folder)) - {".git"} == set(before) and not set(inodes(folder).values()) & set(before.values())
     assert_folder_is(repo, folder, first)
+
+
+def prepared_beside_a_writer(repo, slot: int, commit: str) -> Path:
+    """prepare_slot while a process has its working folder in the mirror (as an rsync has)."""
+    writer = subprocess.Popen(["sleep", "30"], cwd=repo.mirror)
+    try:
+        return repo.prepare_slot(slot, commit)
+    finally:
+        writer.kill()
+        writer.wait()
 
 
 def test_a_mirror_swapped_for_a_link_is_never_followed_into_a_job_folder(first_ask, tmp_path):
