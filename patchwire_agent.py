@@ -1904,8 +1904,8 @@ def drop_partial_packs(git_dir: Path) -> None:
 class BeneathReader:
     """Files read beneath a folder's descriptor in path order, each folder opened once (the
     paths of one folder are together in git's order), never through a link: every component
-    is opened with O_NOFOLLOW, the file itself with O_NONBLOCK (a fifo never blocks) and must
-    be a plain file."""
+    is opened with O_NOFOLLOW; the file must be a plain one before it is opened (never a fifo
+    or a device) and after (fstat; O_NONBLOCK: one swapped in between never blocks)."""
 
     def __init__(self, root_fd: int):
         self.stack: List[Tuple[str, int]] = [("", root_fd)]
@@ -1929,7 +1929,10 @@ class BeneathReader:
         fast-import blob; None when it is not a plain file or changed size while read."""
         parent, _, name = path.rpartition("/")
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self._folder(parent))
+            folder = self._folder(parent)
+            if not stat.S_ISREG(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode):
+                return None  # a fifo or a device rsync made is never opened (a writer would wake)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, dir_fd=folder)
         except OSError:
             return None
         try:

@@ -453,6 +453,29 @@ def test_a_full_snapshot_of_a_sparse_mirror_keeps_what_it_lacks_and_refuses_what
     assert not (repo.home / "mirror.sparse").exists()
 
 
+def test_a_fifo_in_a_first_snapshot_is_never_opened_as_an_ordinary_account_either(srv_place):
+    """As the test account (the box account a team runs the agent as): a fifo rsync put where a
+    file is listed is refused (409 naming it) without being opened."""
+    from test_box_walls import hand_to_account, in_child_as_account
+    repo = pa.ProjectRepo(srv_place / "state", "alice", "demo")
+
+    def as_account() -> None:
+        repo.ensure()
+        write_mirror(repo, SNAP1)
+        (repo.mirror / "k").unlink()
+        os.mkfifo(repo.mirror / "k")
+        writer = subprocess.Popen(["sh", "-c", f"echo woke > {repo.mirror / 'k'}"])
+        try:
+            with pytest.raises(pa.Conflict) as e:
+                repo.snapshot(tree_of_files(repo, SNAP1), full_manifest(SNAP1))
+            assert "k: unsupported file type" in e.value.message and writer.poll() is None
+        finally:
+            writer.kill()
+            writer.wait()
+    hand_to_account(srv_place)
+    in_child_as_account(as_account)
+
+
 def full_manifest(files: dict) -> list:
     scratch_tree = {}
     for path, data in files.items():
@@ -557,8 +580,13 @@ def test_a_first_snapshot_of_anything_but_plain_files_is_left_to_update_index(tm
     elif spoil == "folder":
         (repo.mirror / "x" / "b").mkdir()
     seen = git_commands(monkeypatch)
+    writer = subprocess.Popen(["sh", "-c", f"echo woke > {repo.mirror / 'x' / 'b'}"]) if spoil == "fifo" else None
     with pytest.raises(pa.Conflict) as e:
         repo.snapshot(tree_of_files(repo, listed), full_manifest(listed))
+    if writer:  # its open for writing waits for a reader: the agent never opened the fifo
+        assert writer.poll() is None
+        writer.kill()
+        writer.wait()
     assert ("x/a" if spoil == "link_on_the_way" else "x/b") in e.value.message, e.value.message
     assert not list((repo.git_dir / "objects" / "pack").glob("tmp_pack_*"))
     assert "write-tree" in seen or "update-index" in seen
