@@ -5,7 +5,8 @@ The laptop is the source of truth. `patchwire ask "PROMPT"` does the whole job:
     1. list the project's files with git's own ignore rules (wherever the project's root is:
        a repository's top, a folder inside one, a folder without git), minus a deny-list of
        secrets, `[sync] exclude` and files over `[sync] max_file_mb`; after the first sync,
-       only what changed, found with git's stat cache (`Project.scan_changes`)
+       only what changed, found with git's stat cache and untracked cache kept in the
+       record's own index (`Project.scan_quick`, else `Project.scan_changes`)
     2. record exactly what is sent as a git tree in Patchwire's own store (a bare repository
        under ~/.local/state/patchwire that reads the user's objects through alternates; the
        user's repository holds nothing of it), so every preimage of the returned diff and
@@ -501,6 +502,12 @@ class Git:
         return Git(cwd=self.cwd, git_dir=self.git_dir, work_tree=self.work_tree,
                    env={**self._own_env(), **env}, neutral=self.neutral, config=self.config)
 
+    def with_config(self, **config: str) -> "Git":
+        """This git with more `-c` settings (dots in names written as `__`)."""
+        more = {key.replace("__", "."): value for key, value in config.items()}
+        return Git(cwd=self.cwd, git_dir=self.git_dir, work_tree=self.work_tree,
+                   env=self._own_env(), neutral=self.neutral, config={**self.config, **more})
+
     def _own_env(self) -> dict:
         return {k: v for k, v in self.env.items() if k.startswith("GIT_")}
 
@@ -548,23 +555,23 @@ class Git:
         with no process at all: an undo log of 1,600 files was 1,600 `hash-object` runs."""
         if self.git_dir is None:
             return [self.text("hash-object", "-w", "--stdin", input=data) for data in datas]
-        objects = Path(self.git_dir) / "objects"
-        ids = []
-        for data in datas:
-            header = b"blob %d\0" % len(data)
-            digest = hashlib.sha1(header)
-            digest.update(data)  # not header + data: that copies the file
-            sha = digest.hexdigest()
-            path = objects / sha[:2] / sha[2:]
-            if not path.exists():
-                path.parent.mkdir(exist_ok=True)
-                tmp = path.parent / f"tmp_obj_{os.getpid()}_{threading.get_ident()}"
-                with open(tmp, "wb") as f:
-                    f.write(zlib.compress(header + data, 1))
-                os.chmod(tmp, 0o444)
-                os.replace(tmp, path)
-            ids.append(sha)
-        return ids
+        return [self.write_object(b"blob", data) for data in datas]
+
+    def write_object(self, kind: bytes, data: bytes) -> str:
+        """Store one loose object of `kind` (b"blob", b"commit") in `git_dir`; its id."""
+        header = b"%s %d\0" % (kind, len(data))
+        digest = hashlib.sha1(header)
+        digest.update(data)  # not header + data: that copies the file
+        sha = digest.hexdigest()
+        path = Path(self.git_dir) / "objects" / sha[:2] / sha[2:]
+        if not path.exists():
+            path.parent.mkdir(exist_ok=True)
+            tmp = path.parent / f"tmp_obj_{os.getpid()}_{threading.get_ident()}"
+            with open(tmp, "wb") as f:
+                f.write(zlib.compress(header + data, 1))
+            os.chmod(tmp, 0o444)
+            os.replace(tmp, path)
+        return sha
 
     def has_tree(self, tree: str) -> bool:
         """Whether `tree` names a tree in this repository (a commit's id does not count)."""
@@ -1675,6 +1682,11 @@ class FileList:
         # number of files in the record afterwards. None: `paths` is the whole listing.
         self.removed: Optional[List[str]] = None
         self.total = 0
+        # tracked files not in the worktree (deleted, not `git rm`-ed): watched by the next
+        # quick scan, as git's untracked cache never lists a tracked file coming back
+        self.absent: List[str] = []
+        # what the next scan_quick checks to build on this listing (QuickKey), when it can
+        self.quick: Optional[dict] = None
 
     @property
     def count(self) -> int:
@@ -1733,6 +1745,41 @@ def nul_records(data: bytes, piece: int = 2 ** 18) -> Iterator[bytes]:
         end = size if end < 0 else end
         yield from filter(None, data[start:end].split(b"\0"))
         start = end + 1
+
+
+# the quick scan (Project.scan_quick): its file of ignore patterns in the store, how many
+# absent tracked files it watches at most, and the commit HEAD names for each record
+QUICK_EXCLUDES = "sync-excludes"
+QUICK_MAX_ABSENT = 1000
+RECORD_COMMIT = (b"tree %s\nauthor patchwire <patchwire@localhost> 1700000000 +0000\n"
+                 b"committer patchwire <patchwire@localhost> 1700000000 +0000\n\nsync record\n")
+
+
+def tracked_part(listing: bytes) -> bytes:
+    """The tracked files' records of `ls-files -z -t --others --cached` (git lists the
+    untracked ones, tagged "? ", first): the bytes `ls-files -z -t --cached` prints."""
+    at = 0
+    while listing.startswith(b"? ", at):
+        at = listing.index(b"\0", at) + 1
+    return listing[at:]
+
+
+def quick_ignore_digest(sources: Tuple[str, bytes]) -> str:
+    return hashlib.sha256(sources[0].encode() + b"\0" + sources[1]).hexdigest()
+
+
+class TrackedPaths:
+    """Whether a path is in `ls-files -z -t --cached`'s records ("H path\0"), the set made
+    at the first question."""
+
+    def __init__(self, records: bytes):
+        self.records = records
+        self.paths: Optional[set] = None
+
+    def __call__(self, raw: bytes) -> bool:
+        if self.paths is None:
+            self.paths = {rec[2:] for rec in self.records.split(b"\0") if len(rec) > 2}
+        return raw in self.paths
 
 
 class ListingWalk:
@@ -1809,6 +1856,8 @@ class Project:
         self.name = project
         self.user_git: Optional[Git] = None
         self.user_objects: Optional[Path] = None
+        # the user's git dir (a linked worktree's common one) when `root` is its worktree's top
+        self.user_common: Optional[Path] = None
         # the user's own git (not neutral): their core.excludesFile and the like decide the listing
         probe = Git(cwd=root, neutral=False).run("rev-parse", "--is-inside-work-tree", "--git-dir",
                                                  "--git-common-dir", "--show-prefix", check=False)
@@ -1820,6 +1869,8 @@ class Project:
         self.own_git = Git(cwd=root, git_dir=self.private_dir, work_tree=root, env=env, config=INDEX_CONFIG)
         if probe.returncode == 0 and len(lines) >= 3 and lines[0] == "true" and not _ignored_folder(root, lines):
             self.user_git = Git(cwd=root, neutral=False)
+            # the quick scan sees the .gitignore files under `root` only: not for a subfolder
+            self.user_common = (root / lines[2]).resolve() if len(lines) > 3 and not lines[3] else None
             self.user_objects = (root / lines[2]).resolve() / "objects"
             env["GIT_ALTERNATE_OBJECT_DIRECTORIES"] = quote_alternate(self.user_objects)
             self._forget_legacy_record((root / lines[1]).resolve())
@@ -1862,11 +1913,16 @@ class Project:
         `[sync] exclude`, the secret deny-list and files over `[sync] max_file_mb`."""
         files, pending = FileList(self.root), [""]
         used_allow: set = set()
+        top = self._listing(rules)
+        files.quick = self._quick_key(rules, top, self.ignore_sources())
         while pending:
             prefix = pending.pop()
-            for path, tracked in self._list(prefix, rules):
+            listed = self._list(prefix, rules, top if not prefix else None)
+            for path, tracked in listed:
                 if path not in files.stats:  # (a conflicted file is listed once per merge stage)
                     self._consider(path, tracked, rules, files, pending, used_allow)
+            if pending:
+                files.quick = None  # a repository inside the project: its own git lists it
         files.paths.sort()
         files.unused_allow = [p for p in rules.allow.patterns if p not in used_allow]
         return files
@@ -1882,6 +1938,8 @@ class Project:
         except PermissionError as e:  # a folder above it this user cannot search: not a deleted file
             raise FilesUnreadable(self.root, {path: e.strerror or "Permission denied"}) from None
         except OSError:
+            if tracked:
+                files.absent.append(path)
             return False  # deleted from the worktree: it goes from the snapshot too
         if stat.S_ISDIR(st.st_mode):
             self._nested(path.rstrip("/"), tracked, rules, files, pending)
@@ -1909,10 +1967,11 @@ class Project:
         kept = self._kept_scan()
         if not kept or kept.get("rules") != rules.fingerprint or not self._holds(kept):
             return None
-        listing, recorded, dirty = in_parallel(
+        listing, recorded, dirty, sources = in_parallel(
             lambda: self._listing(rules), lambda: self.git.large("ls-files", "-z"),
-            lambda: self._dirty(rules))
-        watch = set(dirty.split(b"\0")) | {encode_path(p) for p in [*kept.get("held", {}), *also]}
+            lambda: self._dirty(rules), self.ignore_sources)
+        watch = set(dirty.split(b"\0")) | {encode_path(p) for p in [*kept.get("held", {}), *kept.get("absent", []),
+                                                                      *also]}
         watch.discard(b"")
         try:
             walked = ListingWalk(listing, recorded, watch)
@@ -1929,7 +1988,112 @@ class Project:
         if pending:
             return None  # a repository inside the project: its own git lists it (full scan)
         files.total = walked.recorded - len(files.removed) + sum(encode_path(p) not in walked.kept for p in files.paths)
+        files.quick = self._quick_key(rules, listing, sources)
         return files
+
+    # --- the quick scan: git's untracked cache, kept in the record's own index
+    #
+    # `git status` with the untracked cache reads only the folders whose stat data changed
+    # since it last looked, where a listing (`ls-files --others`) reads every folder of the
+    # project: run on the record's index it says in one pass what changed since the last
+    # record (files edited or deleted, untracked files new to it). What it cannot see, it is
+    # not asked: a quick scan builds on the last listing only while the user's index lists
+    # the same tracked files (their bytes hashed) and the same ignore rules apply (the user's
+    # core.excludesFile, info/exclude and core.ignoreCase, put in a file of the store's own;
+    # a .gitignore that changes is itself a change); else scan_changes, then scan.
+
+    def ignore_sources(self) -> Optional[Tuple[str, bytes]]:
+        """(core.ignoreCase, the patterns of the user's core.excludesFile then info/exclude: in
+        one file, git weighs them as it weighs the two) of this project; None outside git."""
+        if self.user_git is None or self.user_common is None:
+            return None
+        found = self.user_git.run("config", "-z", "--get-regexp", r"^core\.(excludesfile|ignorecase)$", check=False)
+        settings: Dict[str, str] = {}
+        for rec in found.stdout.split(b"\0"):
+            key, _, value = rec.partition(b"\n")
+            if key:
+                settings[_dec(key).lower()] = _dec(value)  # the last one wins, as for git
+        default = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "git" / "ignore"
+        excludes = settings.get("core.excludesfile")
+        patterns = b""
+        for path in (Path(os.path.expanduser(excludes)) if excludes else default, self.user_common / "info" / "exclude"):
+            with contextlib.suppress(OSError):
+                patterns += (self.root / path).read_bytes().rstrip(b"\n") + b"\n"
+        ignorecase = settings.get("core.ignorecase", "false").strip().lower() in ("true", "yes", "on", "1")
+        return ("true" if ignorecase else "false"), patterns
+
+    def _quick_key(self, rules: SyncRules, listing: bytes, sources: Optional[Tuple[str, bytes]]) -> Optional[dict]:
+        """What a later scan_quick checks before it builds on this listing (None: it cannot),
+        and the store's file of ignore patterns made to match."""
+        if sources is None or rules.git_excludes:
+            return None
+        ignorecase, patterns = sources
+        path = self.private_dir / QUICK_EXCLUDES
+        try:
+            same = path.read_bytes() == patterns
+        except OSError:
+            same = False
+        if not same:
+            part = path.with_name(path.name + ".part")
+            part.write_bytes(patterns)
+            os.replace(part, path)
+        return {"tracked": hashlib.sha256(tracked_part(listing)).hexdigest(), "ignorecase": ignorecase,
+                "ignore": quick_ignore_digest(sources)}
+
+    def scan_quick(self, rules: SyncRules, also: Sequence[str] = ()) -> Optional[FileList]:
+        """scan_changes in one pass of git's (`status` with the untracked cache) and no listing
+        of the project; None when it cannot tell (see above): scan_changes then."""
+        kept = self._kept_scan()
+        key = kept.get("quick")
+        if (not isinstance(key, dict) or also or rules.git_excludes or kept.get("rules") != rules.fingerprint
+                or not isinstance(kept.get("count"), int) or not self._holds(kept)):
+            return None
+        status, tracked, sources = in_parallel(
+            lambda: self._quick_status(key.get("ignorecase") == "true"),
+            lambda: self.user_git.run("ls-files", "-z", "-t", "--cached").stdout, self.ignore_sources)
+        if (status is None or sources is None or quick_ignore_digest(sources) != key.get("ignore")
+                or hashlib.sha256(tracked).hexdigest() != key.get("tracked")):
+            return None
+        recorded, new = status
+        if any(raw.rstrip(b"/").rsplit(b"/", 1)[-1] == b".gitignore" for raw in [*recorded, *new]):
+            return None  # other ignore rules: what they now leave out, only a listing tells
+        is_tracked = TrackedPaths(tracked)
+        watch = set(recorded) | set(new) | {encode_path(p) for p in [*kept.get("held", {}), *kept.get("absent", [])]}
+        files = FileList(self.root)
+        pending: List[str] = []
+        files.removed = []
+        for raw in sorted(watch):
+            path = _dec(raw)
+            if not self._consider(path, is_tracked(raw.rstrip(b"/")), rules, files, pending, set()) and raw in recorded:
+                files.removed.append(path)
+        if pending:
+            return None  # a repository inside the project: its own git lists it (full scan)
+        files.total = kept["count"] - len(files.removed) + sum(encode_path(p) not in recorded for p in files.paths)
+        files.quick = key
+        return files
+
+    def _quick_status(self, ignorecase: bool) -> Optional[Tuple[set, List[bytes]]]:
+        """(recorded paths that changed or went, untracked paths new to the record) by `git
+        status` of the record's index; None on any warning (a folder it cannot read: the
+        listing names it)."""
+        git = self.git.with_config(core__untrackedCache="true", status__showUntrackedFiles="all",
+                                   core__excludesFile=str(self.private_dir / QUICK_EXCLUDES),
+                                   core__ignoreCase="true" if ignorecase else "false")
+        proc = git.run("status", "--porcelain", "-z", "--no-renames", "--ignore-submodules=all", check=False)
+        if proc.returncode or proc.stderr:
+            return None
+        recorded, new = set(), []
+        for rec in proc.stdout.split(b"\0"):
+            if rec[:2] == b"??":
+                new.append(rec[3:])
+            elif len(rec) > 3 and rec[1:2] != b" ":
+                recorded.add(rec[3:])
+        return recorded, new
+
+    def changes_since_record(self, rules: SyncRules, also: Iterable[str] = ()) -> Optional[FileList]:
+        """The quick scan, else the listing of changes; None: only a full scan can tell."""
+        also = list(also)
+        return self.scan_quick(rules, also) or self.scan_changes(rules, also)
 
     def _dirty(self, rules: SyncRules) -> bytes:
         """The recorded paths whose stat data changed (NUL-separated). A file git cannot
@@ -1968,10 +2132,10 @@ class Project:
         files = self.scan(SyncRules(deny, allow))
         return files.paths, files.held
 
-    def _list(self, prefix: str, rules: SyncRules) -> Iterator[Tuple[str, bool]]:
+    def _list(self, prefix: str, rules: SyncRules, listing: Optional[bytes] = None) -> Iterator[Tuple[str, bool]]:
         """(path, tracked) of what git lists under `prefix` (a submodule's or nested
-        repository's folder, or "" for the project)."""
-        for rec in self._listing(rules, prefix).split(b"\0"):
+        repository's folder, or "" for the project); `listing`: that listing, made already."""
+        for rec in (self._listing(rules, prefix) if listing is None else listing).split(b"\0"):
             if len(rec) > 2:
                 yield prefix + _dec(rec[2:]), rec[:1] != b"?"
 
@@ -2024,9 +2188,15 @@ class Project:
                 raise
             raise FilesMoved(sorted({_dec(a or b) for a, b in moving})) from None
         tree = self.git.write_tree()
+        # HEAD: a commit of the record, so that `status` (scan_quick) finds the index no change
+        commit = self.git.write_object(b"commit", RECORD_COMMIT % tree.encode())
+        part = self.private_dir / "HEAD.part"
+        part.write_text(commit + "\n")
+        os.replace(part, self.private_dir / "HEAD")
+        quick = files.quick if len(files.absent) <= QUICK_MAX_ABSENT else None
         self.state_file("scan.json").write_text(json.dumps(
-            {"rules": rules.fingerprint, "tree": tree, "held": files.held,
-             "index": list(stat_key(os.stat(self.private_dir / "index")))}))
+            {"rules": rules.fingerprint, "tree": tree, "held": files.held, "absent": files.absent,
+             "count": files.count, "quick": quick, "index": list(stat_key(os.stat(self.private_dir / "index")))}))
         if upkeep:
             self.keep_record(tree)
         return tree
@@ -3120,14 +3290,14 @@ class Session:
         # of each other: at once (a listing made for nothing, when the mirror moved, is dropped)
         me, known, early = in_parallel(
             lambda: self.client.me(self.cfg.project), lambda: self.project.recorded(last.get("tree") or ""),
-            lambda: None if force or not last else self.project.scan_changes(self.rules, unsure))
+            lambda: None if force or not last else self.project.changes_since_record(self.rules, unsure))
         if force or last.get("mirror") != me["mirror"] or not known:
             last, early = {}, None  # send every listed file: rsync compares them with the box's copy
             unsure = set(resend)
         inline_cap = me.get("inline_max_bytes", 0) if inline and not resend else 0
         moved: List[str] = []
         for attempt in (1, 2):
-            listed = early if attempt == 1 else (last and self.project.scan_changes(self.rules, unsure))
+            listed = early if attempt == 1 else (last and self.project.changes_since_record(self.rules, unsure))
             files = listed or self.project.scan(self.rules)
             if attempt == 1:
                 say_held(files)

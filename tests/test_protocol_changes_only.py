@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import List
 
@@ -310,6 +311,19 @@ def recorded_paths(project: patchwire.Project) -> List[str]:
     return sorted(p.decode() for p in project.git("ls-files", "-z").split(b"\0") if p)
 
 
+def record_as_a_full_listing_would(project: patchwire.Project, rules: patchwire.SyncRules,
+                                   changes: patchwire.FileList, name: str) -> str:
+    """Record a listing of changes; the record, what is held back and the count must be a
+    full listing's. The record's tree."""
+    tree = project.record(changes, rules)
+    paths, held = full_listing(project, rules)
+    assert recorded_paths(project) == paths, name
+    assert changes.held == held, name
+    assert changes.count == len(paths), name
+    assert tree == patchwire.Project(project.root, "p").git.text("write-tree"), name
+    return tree
+
+
 MUTATIONS = [
     ("edit", lambda r: (r / "a.txt").write_text("edited\n")),
     ("touch only", lambda r: os.utime(r / "b.txt")),
@@ -322,28 +336,37 @@ MUTATIONS = [
     ("shrinks under it", lambda r: (r / "big.bin").write_bytes(b"small\n")),
     ("a symlink", lambda r: os.symlink("a.txt", r / "link")),
     ("file becomes folder", lambda r: (r / "a.txt").unlink() or (r / "a.txt").mkdir() or (r / "a.txt/in").write_text("i\n")),
-    ("staged then deleted", lambda r: (r / "staged.txt").write_text("s\n") or git(r, "add", "staged.txt")),
-    ("tracked but ignored", lambda r: (r / "ign.log").write_text("l\n") or git(r, "add", "-f", "ign.log")),
+    # (a tuple: write_text's count of characters would end an `or` before git ran)
+    ("staged", lambda r: ((r / "staged.txt").write_text("s\n"), git(r, "add", "staged.txt"))),
+    ("staged then deleted", lambda r: (r / "staged.txt").unlink()),
+    ("tracked but ignored", lambda r: ((r / "ign.log").write_text("l\n"), git(r, "add", "-f", "ign.log"))),
     ("a fifo", lambda r: os.mkfifo(r / "pipe")),
 ]
 
 
-def test_the_listing_of_changes_agrees_with_a_full_listing(tmp_path):
+# the mutations after which the quick scan (git's untracked cache on the record's index)
+# cannot tell and says so: a .gitignore that changed, the user's index listing other files
+QUICK_CANNOT_TELL = {"now ignored", "staged", "tracked but ignored"}
+
+
+@pytest.mark.parametrize("quick", [False, True], ids=["listing", "quick"])
+def test_the_listing_of_changes_agrees_with_a_full_listing(tmp_path, quick):
+    """Either scan of changes (the quick one leaving to the listing what it cannot tell)
+    records what a full listing would, after each kind of change."""
     root = make_repo(tmp_path / "p", {"a.txt": b"a\n", "b.txt": b"b\n", ".gitignore": b"*.log\n",
                                       "big.bin": b"small\n"})
     project = patchwire.Project(root, "p")
     rules = patchwire.SyncRules(max_file_mb=1)
     project.record(project.scan(rules), rules)
+    fell_back = set()
     for name, mutate in MUTATIONS:
         mutate(root)
-        changes = project.scan_changes(rules)
+        changes = project.scan_quick(rules) if quick else None
+        if changes is None:
+            fell_back.add(name)
+            changes = project.scan_changes(rules)
         assert changes is not None, name
-        tree = project.record(changes, rules)
-        paths, held = full_listing(project, rules)
-        assert recorded_paths(project) == paths, name
-        assert changes.held == held, name
-        assert changes.count == len(paths), name
-        assert tree == patchwire.Project(root, "p").git.text("write-tree"), name
+        tree = record_as_a_full_listing_would(project, rules, changes, name)
         # the same tree a full record makes from scratch
         fresh = tmp_path / f"fresh-{len(name)}-{name.replace(' ', '-')}"
         os.environ["XDG_STATE_HOME"], saved = str(fresh), os.environ.get("XDG_STATE_HOME")
@@ -352,6 +375,92 @@ def test_the_listing_of_changes_agrees_with_a_full_listing(tmp_path):
             assert other.record(other.scan(rules), rules) == tree, name
         finally:
             os.environ["XDG_STATE_HOME"] = saved or ""
+    assert fell_back == (QUICK_CANNOT_TELL if quick else {name for name, _ in MUTATIONS})
+
+
+def quick_project(tmp_path: Path, files: dict):
+    root = make_repo(tmp_path / "p", files)
+    project, rules = patchwire.Project(root, "p"), patchwire.SyncRules()
+    project.record(project.scan(rules), rules)
+    return root, project, rules
+
+
+def test_other_ignore_rules_outside_the_project_leave_the_quick_scan_to_the_listing(tmp_path):
+    root, project, rules = quick_project(tmp_path, {"a.txt": b"a\n"})
+    (root / "notes.txt").write_text("untracked, sent\n")
+    project.record(project.scan_quick(rules), rules)
+    assert "notes.txt" in recorded_paths(project)
+    (root / ".git/info/exclude").write_text("notes.txt\n")
+    assert project.scan_quick(rules) is None
+    project.record(project.changes_since_record(rules), rules)
+    assert "notes.txt" not in recorded_paths(project)
+    assert project.scan_quick(rules) is not None  # the new rules are the store's now
+    (root / "other.txt").write_text("o\n")
+    git(root, "config", "core.excludesFile", str(tmp_path / "global-ignore"))
+    (tmp_path / "global-ignore").write_text("other.txt\n")
+    assert project.scan_quick(rules) is None
+    project.record(project.changes_since_record(rules), rules)
+    assert "other.txt" not in recorded_paths(project)
+    quick = project.scan_quick(rules)
+    assert quick is not None and quick.paths == []
+
+
+def test_a_tracked_ignored_file_deleted_then_restored_comes_back_in_a_quick_scan(tmp_path):
+    """git's untracked cache never lists an ignored file, nor a tracked one: the record keeps
+    the tracked files that were absent, and the quick scan looks at them again."""
+    root, project, rules = quick_project(tmp_path, {"a.txt": b"a\n", ".gitignore": b"*.log\n"})
+    (root / "kept.log").write_text("forced\n")
+    git(root, "add", "-f", "kept.log")
+    git(root, "commit", "-qm", "forced")
+    project.record(project.changes_since_record(rules), rules)
+    assert "kept.log" in recorded_paths(project)
+    (root / "kept.log").unlink()
+    gone = project.scan_quick(rules)
+    assert gone is not None and gone.removed == ["kept.log"]
+    project.record(gone, rules)
+    assert "kept.log" not in recorded_paths(project)
+    git(root, "checkout", "--", "kept.log")
+    back = project.scan_quick(rules)
+    assert back is not None and back.paths == ["kept.log"] and back.count == 3
+    project.record(back, rules)
+    assert recorded_paths(project) == [".gitignore", "a.txt", "kept.log"]
+
+
+def test_a_project_in_a_subfolder_of_its_repository_is_never_scanned_quickly(tmp_path):
+    """The quick scan reads the .gitignore files under the project's folder only: a parent's
+    rules (here *.log) are the listing's to apply."""
+    top = make_repo(tmp_path / "mono", {".gitignore": b"*.log\n", "app/a.txt": b"a\n"})
+    project, rules = patchwire.Project(top / "app", "app"), patchwire.SyncRules()
+    project.record(project.scan(rules), rules)
+    (top / "app/debug.log").write_text("ignored by the parent\n")
+    assert project.scan_quick(rules) is None
+    assert project.changes_since_record(rules).paths == []
+
+
+def test_a_quick_scan_lists_no_folder_of_the_project(tmp_path):
+    """What makes it quick: git's untracked cache, kept in the record's index, so `status`
+    opens only the folders whose stat data changed (GIT_TRACE2_PERF's counters)."""
+    files = {f"d{i}/e{j}/f.txt": b"x\n" for i in range(10) for j in range(10)}
+    root = make_repo(tmp_path / "p", files)
+    for folder, _, _ in os.walk(root):  # older than the index: git trusts a folder's stat data then
+        os.utime(folder, (time.time() - 60, time.time() - 60))
+    project, rules = patchwire.Project(root, "p"), patchwire.SyncRules()
+    project.record(project.scan(rules), rules)
+    project.record(project.scan_quick(rules), rules)  # the untracked cache made
+    (root / "d3/e4/new.txt").write_text("new\n")
+    trace = tmp_path / "trace"
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home/.gitconfig").write_text(f"[trace2]\n\tperfTarget = {trace}\n")
+    saved = os.environ.get("HOME")
+    os.environ["HOME"] = str(tmp_path / "home")
+    try:
+        quick = project.scan_quick(rules)
+    finally:
+        os.environ["HOME"] = saved or ""
+    assert quick is not None and quick.paths == ["d3/e4/new.txt"]
+    opened = [int(line.rsplit(":", 1)[1]) for line in trace.read_text().splitlines()
+              if "read_directo" in line and "opendir:" in line]
+    assert opened == [1], opened  # the new file's folder, not all 111
 
 
 @pytest.mark.parametrize("change", ["rules", "record"])

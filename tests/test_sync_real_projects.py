@@ -491,10 +491,17 @@ def walls_laptop(srv_place):
 
 
 def state_files(place: Path) -> Dict[str, bytes]:
-    """Patchwire's laptop state (the sync record, its index, last_sync.json), by bytes."""
+    """Patchwire's laptop state (the sync record, its index, last_sync.json), by bytes; the
+    record's index by the entries it holds (a `git status` of the quick scan may refresh its
+    stat data and untracked cache, a cache of what the files are, not the record)."""
     state = place / "home/.local/state"
-    return {str(p.relative_to(state)): p.read_bytes() for p in sorted(state.rglob("*"))
-            if p.is_file() and not p.name.endswith(".lock")}
+    return {str(p.relative_to(state)): index_entries(p) if p.name == "index" else p.read_bytes()
+            for p in sorted(state.rglob("*")) if p.is_file() and not p.name.endswith(".lock")}
+
+
+def index_entries(index: Path) -> bytes:
+    return subprocess.run(["git", "--git-dir", str(index.parent), "ls-files", "-s", "-z"], check=True,
+                          stdout=subprocess.PIPE, env={**os.environ, "GIT_INDEX_FILE": str(index)}).stdout
 
 
 def refused_as_unreadable(lap: Laptop, agent, what: str, fix: str) -> None:
