@@ -589,3 +589,13 @@ def test_a_full_sync_starts_rsync_beside_its_record_not_after_it(laptop, agent, 
     assert "synced 3 of 3 file(s)" in first.err and saw.read_text().split() == ["overlapped"], first.err
     # and the sync was whole: the box's copy is the laptop's
     assert {p.name for p in mirror_of(agent, laptop).rglob("*") if p.is_file()} >= {"README.md"}
+
+
+@pytest.mark.parametrize("asked_before", [0, patchwire.TrackedPaths.FIND_MAX], ids=["searched", "from-a-set"])
+def test_a_tracked_path_is_told_by_its_whole_record(asked_before):
+    """`ls-files -z -t --cached` records: a tag, a space, the path. A path that is the end
+    of another, or holds a space, is not taken for it."""
+    tracked = patchwire.TrackedPaths(b"H a b\0H dir/x b\0S skipped\0M both m\0")
+    tracked.asked = asked_before
+    asked = [b"a b", b"b", b"dir/x b", b"x b", b"skipped", b"both m", b"m", b"a", b"H a b", b"dir"]
+    assert [tracked(raw) for raw in asked] == [True, False, True, False, True, True, False, False, False, False]
