@@ -555,6 +555,33 @@ def test_a_first_snapshot_is_one_pack_read_by_the_agent_with_stat_data_as_update
     assert git("ls-files", "-s", "x/exec.sh").startswith(b"100755 ")
 
 
+def own_entries(index: Path) -> int:
+    """The count of entries in an index file's header (a split index's own part)."""
+    return int.from_bytes(index.read_bytes()[8:12], "big")
+
+
+def test_the_snapshot_index_keeps_its_own_part_small_ask_after_ask(tmp_path, monkeypatch):
+    """git never writes a new shared part for entries only replaced (all of them, after the
+    first snapshot's refresh): the agent splits the index again, so that each ask's writes
+    are of the entries it changed, not of every file."""
+    monkeypatch.setattr(pa, "RESPLIT_ENTRIES", 40)
+    repo = pa.ProjectRepo(tmp_path / "state", "alice", "demo")
+    repo.ensure()
+    files = {f"gen/{i % 7}/f{i}": b"%d\n" % i for i in range(300)}
+    write_mirror(repo, files)
+    for path in repo.mirror.rglob("*"):  # synced a while ago: not "racily clean", which git keeps in the own part
+        os.utime(path, (time.time() - 60, time.time() - 60))
+    commit = repo.snapshot(tree_of_files(repo, files), full_manifest(files))
+    index = repo.home / "snapshot.index"
+    assert own_entries(index) <= 40, own_entries(index)  # 300 without the new split
+    for i in range(3):
+        before = tree_of_files(repo, files)
+        files["gen/0/f0"] = b"changed %d\n" % i
+        write_mirror(repo, {"gen/0/f0": files["gen/0/f0"]})
+        commit = repo.snapshot_changes(tree_of_files(repo, files), before, ["gen/0/f0"], [])
+        assert repo.tree_of(commit) == tree_of_files(repo, files) and own_entries(index) <= 40
+
+
 @pytest.mark.parametrize("spoil", ["fifo", "link_for_file", "link_on_the_way", "gone", "folder"])
 def test_a_first_snapshot_of_anything_but_plain_files_is_left_to_update_index(tmp_path, monkeypatch, spoil):
     """What import_files will not read (never through a link, never blocking on a fifo) goes
