@@ -1407,13 +1407,20 @@ class ProjectRepo:
         return self.slot_path(slot).is_dir() and (gitdir / "HEAD").is_file()
 
     def _create_slot(self, slot: int, commit: str) -> None:
+        self._register_slot(slot, commit, checkout=True)
+        self._seal_index(slot, commit)  # a fresh index, written by the agent over a fresh folder
+
+    def _register_slot(self, slot: int, commit: str, checkout: bool) -> Path:
+        """A new worktree at the slot's path (whatever was there removed, never through a
+        link), at `commit`: its files checked out, or none (`checkout` False); its path."""
         path = self.slot_path(slot)
-        if path.exists():
+        if path.exists() or path.is_symlink():
             remove_tree(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.git()("worktree", "prune")
-        self.git(config=PARALLEL_CHECKOUT)("worktree", "add", "--detach", "-f", str(path), commit)
-        self._seal_index(slot, commit)  # a fresh index, written by the agent over a fresh folder
+        how = [] if checkout else ["--no-checkout"]
+        self.git(config=PARALLEL_CHECKOUT)("worktree", "add", *how, "--detach", "-f", str(path), commit)
+        return path
 
     def _adopt_mirror(self, slot: int, commit: str) -> bool:
         """A project's first job folder, made by moving the mirror into its place when the mirror
@@ -1427,12 +1434,7 @@ class ProjectRepo:
         if self._mirror_is != commit:
             return False
         self._mirror_is = None  # whatever happens next, the mirror is not known to be it any more
-        path, gitdir = self.slot_path(slot), self._slot_gitdir(slot)
-        if path.exists() or path.is_symlink():
-            remove_tree(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.git()("worktree", "prune")
-        self.git()("worktree", "add", "--no-checkout", "--detach", "-f", str(path), commit)
+        path, gitdir = self._register_slot(slot, commit, checkout=False), self._slot_gitdir(slot)
         (path / ".git").unlink()  # written again by _mend_slot_links
         path.rmdir()
         index = gitdir / "index"  # the snapshot index whole (no shared part: that is beside the git dir)
