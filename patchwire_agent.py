@@ -1179,12 +1179,36 @@ class ProjectRepo:
         # the snapshot commit the mirror was found to be by the last full snapshot, with the
         # snapshot index's stat data, until anything else touches either (under self.lock)
         self._mirror_is: Optional[str] = None
+        self._upkeep = threading.Lock()
+        self._upkept_at = -float("inf")  # time.monotonic() of the last `maintain`
 
     def git(self, work_tree: Optional[Path] = None, config: Optional[Dict[str, str]] = None,
             cwd: Optional[str] = None, **env: str) -> Git:
         return Git(git_dir=self.git_dir, work_tree=work_tree, cwd=Path(cwd) if cwd else self.home,
                    env={**self.git_env, **env},
                    config=config)
+
+    # git's upkeep of the store: every ask leaves a few loose objects (the changed files'
+    # blobs, their folders' trees, commits; a first snapshot one tree per folder), and the
+    # agent's git runs with gc.auto=0. `gc --auto` packs them past git's own threshold (about
+    # 300 asks) and prunes the unreachable ones older than two weeks; at most once an hour
+    UPKEEP_LOOSE = 6700
+    UPKEEP_EVERY_S = 3600.0
+
+    def maintain(self) -> None:
+        """`git gc --auto` of the project's store when it is due (it returns at once below
+        UPKEEP_LOOSE loose objects), after a job has ended (Agent.run_job): no job waits on
+        it; a second call while one runs returns."""
+        if time.monotonic() - self._upkept_at < self.UPKEEP_EVERY_S or not self._upkeep.acquire(blocking=False):
+            return
+        try:
+            self._upkept_at = time.monotonic()
+            done = self.git(config={"gc.auto": str(self.UPKEEP_LOOSE), "gc.autoDetach": "false"}).run(
+                "gc", "--auto", "--quiet", check=False)
+            if done.returncode:
+                log.warning("git gc of %s failed: %s", self.git_dir, done.stderr.decode("utf-8", "replace")[-500:])
+        finally:
+            self._upkeep.release()
 
     def ensure(self) -> None:
         try:
@@ -5056,6 +5080,7 @@ class Agent:
         finally:
             if gateway:
                 gateway.close()
+        threading.Thread(target=repo.maintain, name=f"upkeep-{job['project']}", daemon=True).start()
 
     def open_gateway(self, job: dict) -> Optional["JobGateway"]:
         """The job's way out (section "the gateway"): under a sandbox with [network] set (bwrap:

@@ -555,6 +555,46 @@ def test_a_first_snapshot_is_one_pack_read_by_the_agent_with_stat_data_as_update
     assert git("ls-files", "-s", "x/exec.sh").startswith(b"100755 ")
 
 
+def loose_and_packed(repo) -> tuple[int, int]:
+    counts = dict(line.split(": ") for line in repo.git().text("count-objects", "-v").splitlines())
+    return int(counts["count"]), int(counts["in-pack"])
+
+
+def test_the_stores_upkeep_packs_loose_objects_and_leaves_a_working_store(tmp_path, monkeypatch):
+    """Past UPKEEP_LOOSE loose objects `maintain` packs them (git gc --auto, which the
+    agent's git otherwise never runs: gc.auto=0); at most once per UPKEEP_EVERY_S; the
+    snapshots and job folders go on as before."""
+    repo = pa.ProjectRepo(tmp_path / "state", "alice", "demo")
+    repo.ensure()
+    write_mirror(repo, SNAP1)
+    first = repo.snapshot(tree_of_files(repo, SNAP1), full_manifest(SNAP1))
+    repo.prepare_slot(0, first)
+    blobs = tmp_path / "blobs"  # 2,000 loose objects a job's result holds (a ref keeps them)
+    blobs.mkdir()
+    for i in range(2000):
+        (blobs / f"b{i}").write_bytes(b"blob %d\n" % i)
+    ids = repo.git()("hash-object", "-w", "--stdin-paths", input="\n".join(
+        str(blobs / f"b{i}") for i in range(2000)).encode()).split()
+    tree = repo.git().text("mktree", input=b"".join(b"100644 blob %s\tb%d\n" % (oid, i) for i, oid in enumerate(ids)))
+    pa.write_ref(repo.git_dir, "refs/patchwire/jobs/big", pa.write_commit(repo.git_dir, tree, first, "a job"))
+    loose, _ = loose_and_packed(repo)
+    assert loose > 2000
+    monkeypatch.setattr(pa.ProjectRepo, "UPKEEP_LOOSE", 1000)
+    repo.maintain()
+    loose_after, packed = loose_and_packed(repo)
+    assert loose_after == 0 and packed >= 2000, (loose_after, packed)
+    (blobs / "later").write_bytes(b"later\n")
+    repo.git()("hash-object", "-w", str(blobs / "later"))
+    repo.maintain()  # within the hour: not again
+    assert loose_and_packed(repo)[0] == 1
+    changed = {**SNAP1, "a.txt": b"after the upkeep\n"}
+    write_mirror(repo, {"a.txt": changed["a.txt"]})
+    second = repo.snapshot_changes(tree_of_files(repo, changed), tree_of_files(repo, SNAP1), ["a.txt"], [])
+    folder = repo.prepare_slot(0, second)
+    assert (folder / "a.txt").read_bytes() == b"after the upkeep\n"
+    assert repo.git().text("rev-parse", "refs/patchwire/jobs/big^{tree}") == tree
+
+
 def own_entries(index: Path) -> int:
     """The count of entries in an index file's header (a split index's own part)."""
     return int.from_bytes(index.read_bytes()[8:12], "big")
