@@ -1868,6 +1868,7 @@ class Project:
         self.user_objects: Optional[Path] = None
         # the user's git dir (a linked worktree's common one) when `root` is its worktree's top
         self.user_common: Optional[Path] = None
+        self.user_index: Optional[Path] = None  # its index file, then
         # the user's own git (not neutral): their core.excludesFile and the like decide the listing
         probe = Git(cwd=root, neutral=False).run("rev-parse", "--is-inside-work-tree", "--git-dir",
                                                  "--git-common-dir", "--show-prefix", check=False)
@@ -1881,6 +1882,7 @@ class Project:
             self.user_git = Git(cwd=root, neutral=False)
             # the quick scan sees the .gitignore files under `root` only: not for a subfolder
             self.user_common = (root / lines[2]).resolve() if len(lines) > 3 and not lines[3] else None
+            self.user_index = (root / lines[1]).resolve() / "index" if self.user_common else None
             self.user_objects = (root / lines[2]).resolve() / "objects"
             env["GIT_ALTERNATE_OBJECT_DIRECTORIES"] = quote_alternate(self.user_objects)
             self._forget_legacy_record((root / lines[1]).resolve())
@@ -2048,7 +2050,7 @@ class Project:
             part.write_bytes(patterns)
             os.replace(part, path)
         return {"tracked": hashlib.sha256(tracked_part(listing)).hexdigest(), "ignorecase": ignorecase,
-                "ignore": quick_ignore_digest(sources)}
+                "ignore": quick_ignore_digest(sources), "index": self._user_index_key()}
 
     def scan_quick(self, rules: SyncRules, also: Sequence[str] = ()) -> Optional[FileList]:
         """scan_changes in one pass of git's (`status` with the untracked cache) and no listing
@@ -2058,9 +2060,14 @@ class Project:
         if (not isinstance(key, dict) or also or rules.git_excludes or kept.get("rules") != rules.fingerprint
                 or not isinstance(kept.get("count"), int) or not self._holds(kept)):
             return None
-        status, tracked, sources = in_parallel(
-            lambda: self._quick_status(key.get("ignorecase") == "true"),
-            lambda: self.user_git.run("ls-files", "-z", "-t", "--cached").stdout, self.ignore_sources)
+        status_now = functools.partial(self._quick_status, key.get("ignorecase") == "true")
+        if key.get("index") == self._user_index_key():
+            status, tracked, sources = in_parallel(status_now, self._user_tracked, self.ignore_sources)
+        else:  # the user's index was written since (a checkout, say): no `status` for nothing
+            tracked = self._user_tracked()
+            if hashlib.sha256(tracked).hexdigest() != key.get("tracked"):
+                return None
+            status, sources = in_parallel(status_now, self.ignore_sources)
         if (status is None or sources is None or quick_ignore_digest(sources) != key.get("ignore")
                 or hashlib.sha256(tracked).hexdigest() != key.get("tracked")):
             return None
@@ -2079,8 +2086,21 @@ class Project:
         if pending:
             return None  # a repository inside the project: its own git lists it (full scan)
         files.total = kept["count"] - len(files.removed) + sum(encode_path(p) not in recorded for p in files.paths)
-        files.quick = key
+        files.quick = {**key, "index": self._user_index_key()}
         return files
+
+    def _user_tracked(self) -> bytes:
+        """`ls-files -z -t --cached` of the user's index: the tracked files' records."""
+        assert self.user_git is not None
+        return self.user_git.run("ls-files", "-z", "-t", "--cached").stdout
+
+    def _user_index_key(self) -> Optional[List[int]]:
+        """The stat data of the user's index file (git writes a new file each time): while they
+        are the same, so are the files it lists."""
+        try:
+            return list(stat_key(os.stat(self.user_index))) if self.user_index else None
+        except OSError:
+            return None
 
     def _quick_status(self, ignorecase: bool) -> Optional[Tuple[set, List[bytes]]]:
         """(recorded paths that changed or went, untracked paths new to the record) by `git

@@ -656,7 +656,7 @@ def queue_figures(tmp: Path, asks: int = 40, users: int = 4, workers: Sequence[i
 
 # laptop steps of one ask: (label, function names in patchwire.py, any of which times it).
 # Looked up by name in a cProfile of the real CLI; a name the code no longer has shows as n/a.
-LAPTOP_STEPS = [("sync (all)", ["sync"]), ("  scan", ["scan_changes", "scan"]), ("  record", ["record"]),
+LAPTOP_STEPS = [("sync (all)", ["sync"]), ("  scan", ["changes_since_record", "scan_changes", "scan"]), ("  record", ["record"]),
                 ("  rsync and the rest", ["rsync_argv"]), ("POST /v1/ask -> queued", ["post_ask"]),
                 ("stream until done", ["stream_job"]), ("GET diff", ["diff"]), ("vet", ["vet"]),
                 ("preview", ["preview"]), ("git apply", ["apply"]), ("ask (all)", ["cmd_ask"])]

@@ -7,6 +7,7 @@ always sees exactly the laptop's files."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -437,6 +438,37 @@ def test_a_project_in_a_subfolder_of_its_repository_is_never_scanned_quickly(tmp
     assert project.changes_since_record(rules).paths == []
 
 
+@contextlib.contextmanager
+def git_traced(tmp_path: Path):
+    """Every git this process starts meanwhile writes GIT_TRACE2_PERF lines to the file
+    yielded (through a HOME of its own: Patchwire's git takes no GIT_* variable)."""
+    trace, home = tmp_path / "trace", tmp_path / "trace-home"
+    home.mkdir(exist_ok=True)
+    (home / ".gitconfig").write_text(f"[trace2]\n\tperfTarget = {trace}\n")
+    saved = os.environ.get("HOME")
+    os.environ["HOME"] = str(home)
+    try:
+        yield trace
+    finally:
+        os.environ["HOME"] = saved or ""
+
+
+def test_a_quick_scan_after_the_user_index_changed_runs_no_status_for_nothing(tmp_path):
+    """A checkout or `git add` writes the user's index: the files it lists are compared
+    first, and when they differ the quick scan leaves it to the listing before any `status`."""
+    root, project, rules = quick_project(tmp_path, {"a.txt": b"a\n"})
+    (root / "b.txt").write_text("b\n")
+    git(root, "add", "b.txt")
+    with git_traced(tmp_path) as trace:  # (a Project made here: its git takes HOME as it is made)
+        assert patchwire.Project(root, "p").scan_quick(rules) is None
+    commands = [line.split("|")[-1].strip() for line in trace.read_text().splitlines() if "| cmd_name" in line]
+    assert "ls-files (ls-files)" in commands and not any(c.startswith("status") for c in commands), commands
+    project.record(project.changes_since_record(rules), rules)
+    (root / "a.txt").write_text("edited\n")
+    quick = project.scan_quick(rules)  # the same index again: ls-files and status at once
+    assert quick is not None and quick.paths == ["a.txt"]
+
+
 def test_a_quick_scan_lists_no_folder_of_the_project(tmp_path):
     """What makes it quick: git's untracked cache, kept in the record's index, so `status`
     opens only the folders whose stat data changed (GIT_TRACE2_PERF's counters)."""
@@ -448,15 +480,8 @@ def test_a_quick_scan_lists_no_folder_of_the_project(tmp_path):
     project.record(project.scan(rules), rules)
     project.record(project.scan_quick(rules), rules)  # the untracked cache made
     (root / "d3/e4/new.txt").write_text("new\n")
-    trace = tmp_path / "trace"
-    (tmp_path / "home").mkdir()
-    (tmp_path / "home/.gitconfig").write_text(f"[trace2]\n\tperfTarget = {trace}\n")
-    saved = os.environ.get("HOME")
-    os.environ["HOME"] = str(tmp_path / "home")
-    try:
+    with git_traced(tmp_path) as trace:
         quick = project.scan_quick(rules)
-    finally:
-        os.environ["HOME"] = saved or ""
     assert quick is not None and quick.paths == ["d3/e4/new.txt"]
     opened = [int(line.rsplit(":", 1)[1]) for line in trace.read_text().splitlines()
               if "read_directo" in line and "opendir:" in line]
