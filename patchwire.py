@@ -555,23 +555,7 @@ class Git:
         with no process at all: an undo log of 1,600 files was 1,600 `hash-object` runs."""
         if self.git_dir is None:
             return [self.text("hash-object", "-w", "--stdin", input=data) for data in datas]
-        return [self.write_object(b"blob", data) for data in datas]
-
-    def write_object(self, kind: bytes, data: bytes) -> str:
-        """Store one loose object of `kind` (b"blob", b"commit") in `git_dir`; its id."""
-        header = b"%s %d\0" % (kind, len(data))
-        digest = hashlib.sha1(header)
-        digest.update(data)  # not header + data: that copies the file
-        sha = digest.hexdigest()
-        path = Path(self.git_dir) / "objects" / sha[:2] / sha[2:]
-        if not path.exists():
-            path.parent.mkdir(exist_ok=True)
-            tmp = path.parent / f"tmp_obj_{os.getpid()}_{threading.get_ident()}"
-            with open(tmp, "wb") as f:
-                f.write(zlib.compress(header + data, 1))
-            os.chmod(tmp, 0o444)
-            os.replace(tmp, path)
-        return sha
+        return [write_object(Path(str(self.git_dir)), b"blob", data) for data in datas]
 
     def has_tree(self, tree: str) -> bool:
         """Whether `tree` names a tree in this repository (a commit's id does not count)."""
@@ -692,6 +676,32 @@ def prepare_private_git_dir(path: Path, bare: bool = True) -> None:
     exclude = info / "exclude"
     if exclude.exists() and exclude.stat().st_size:
         exclude.write_bytes(b"")
+
+
+def write_object(git_dir: Path, kind: bytes, data: bytes) -> str:
+    """Store a loose object as git writes one (zlib of "<kind> <size>\\0" + data, in a
+    temporary file renamed into objects/XX/, read-only), with no process; its sha1 id."""
+    header = b"%s %d\0" % (kind, len(data))
+    digest = hashlib.sha1(header)
+    digest.update(data)  # not header + data: that copies the file
+    sha = digest.hexdigest()
+    path = git_dir / "objects" / sha[:2] / sha[2:]
+    if not path.exists():
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.parent / f"tmp_obj_{os.getpid()}_{threading.get_ident()}"
+        with open(tmp, "wb") as f:
+            f.write(zlib.compress(header + data, 1))
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, path)
+    return sha
+
+
+def write_commit(git_dir: Path, tree: str, parent: Optional[str], message: str) -> str:
+    """The commit `git commit-tree TREE [-p PARENT] -m MESSAGE` makes with GIT_IDENTITY (the
+    same bytes, so the same id), written without a process."""
+    ident = "patchwire <patchwire@localhost> 1700000000 +0000"
+    head = f"tree {tree}\n" + (f"parent {parent}\n" if parent else "") + f"author {ident}\ncommitter {ident}\n"
+    return write_object(git_dir, b"commit", f"{head}\n{message}\n".encode())
 
 
 def check_relative_path(path: str) -> str:
@@ -1747,12 +1757,10 @@ def nul_records(data: bytes, piece: int = 2 ** 18) -> Iterator[bytes]:
         start = end + 1
 
 
-# the quick scan (Project.scan_quick): its file of ignore patterns in the store, how many
-# absent tracked files it watches at most, and the commit HEAD names for each record
+# the quick scan (Project.scan_quick): its file of ignore patterns in the store, and how many
+# absent tracked files it watches at most
 QUICK_EXCLUDES = "sync-excludes"
 QUICK_MAX_ABSENT = 1000
-RECORD_COMMIT = (b"tree %s\nauthor patchwire <patchwire@localhost> 1700000000 +0000\n"
-                 b"committer patchwire <patchwire@localhost> 1700000000 +0000\n\nsync record\n")
 
 
 def tracked_part(listing: bytes) -> bytes:
@@ -1926,7 +1934,7 @@ class Project:
         files, pending = FileList(self.root), [""]
         used_allow: set = set()
         top = self._listing(rules)
-        files.quick = self._quick_key(rules, top, self.ignore_sources())
+        files.quick = self._quick_key(rules, top, None if rules.git_excludes else self.ignore_sources())
         while pending:
             prefix = pending.pop()
             listed = self._list(prefix, rules, top if not prefix else None)
@@ -2063,13 +2071,12 @@ class Project:
         status_now = functools.partial(self._quick_status, key.get("ignorecase") == "true")
         if key.get("index") == self._user_index_key():
             status, tracked, sources = in_parallel(status_now, self._user_tracked, self.ignore_sources)
+            listed_same = hashlib.sha256(tracked).hexdigest() == key.get("tracked")
         else:  # the user's index was written since (a checkout, say): no `status` for nothing
             tracked = self._user_tracked()
-            if hashlib.sha256(tracked).hexdigest() != key.get("tracked"):
-                return None
-            status, sources = in_parallel(status_now, self.ignore_sources)
-        if (status is None or sources is None or quick_ignore_digest(sources) != key.get("ignore")
-                or hashlib.sha256(tracked).hexdigest() != key.get("tracked")):
+            listed_same = hashlib.sha256(tracked).hexdigest() == key.get("tracked")
+            status, sources = in_parallel(status_now, self.ignore_sources) if listed_same else (None, None)
+        if not listed_same or status is None or sources is None or quick_ignore_digest(sources) != key.get("ignore"):
             return None
         recorded, new = status
         if any(raw.rstrip(b"/").rsplit(b"/", 1)[-1] == b".gitignore" for raw in [*recorded, *new]):
@@ -2219,7 +2226,7 @@ class Project:
             raise FilesMoved(sorted({_dec(a or b) for a, b in moving})) from None
         tree = self.git.write_tree()
         # HEAD: a commit of the record, so that `status` (scan_quick) finds the index no change
-        commit = self.git.write_object(b"commit", RECORD_COMMIT % tree.encode())
+        commit = write_commit(self.private_dir, tree, None, "sync record")
         part = self.private_dir / "HEAD.part"
         part.write_text(commit + "\n")
         os.replace(part, self.private_dir / "HEAD")

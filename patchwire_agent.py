@@ -189,7 +189,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import zlib
 from collections import deque
 from http import HTTPStatus
 from pathlib import Path
@@ -1298,7 +1297,7 @@ class ProjectRepo:
                     raise Conflict(f"the box's copy of the project differs from what the laptop "
                                    f"sent in {len(differ)} file(s): {named}", "sync again (patchwire sync --force)",
                                    code=pw.CODE_TREE_MISMATCH, paths=differ[:200])
-                commit = write_commit(self.git_dir, got, None, "patchwire snapshot")
+                commit = pw.write_commit(self.git_dir, got, None, "patchwire snapshot")
                 self._mirror_is = commit if len(manifest) >= self.ADOPT_MIN_FILES and not kept else None
                 if not kept:
                     self._sparse_mark().unlink(missing_ok=True)
@@ -1357,7 +1356,7 @@ class ProjectRepo:
                     raise Conflict(f"the box's copy of the project differs from what the laptop sent in "
                                    f"{len(changed)} changed file(s)", "sync again (patchwire sync --force)",
                                    code=pw.CODE_TREE_MISMATCH, paths=changed[:200])
-                return write_commit(self.git_dir, got, None, "patchwire snapshot")
+                return pw.write_commit(self.git_dir, got, None, "patchwire snapshot")
 
     def _indexed(self) -> Optional[str]:
         """The tree the snapshot index holds, as written beside it by the last snapshot (reading
@@ -1751,7 +1750,7 @@ class ProjectRepo:
         diff_args = ("diff", "-M", "--no-ext-diff", "--no-textconv", "--no-color")
         run_capped(git, max_bytes, *diff_args, "--binary", "--full-index", snapshot, tree, stdout=patch)
         stats = parse_numstat(git(*diff_args, "--numstat", "-z", snapshot, tree))  # a line per file: small
-        result = write_commit(self.git_dir, tree, snapshot, f"patchwire job {job_id}")
+        result = pw.write_commit(self.git_dir, tree, snapshot, f"patchwire job {job_id}")
         write_ref(self.git_dir, f"refs/patchwire/jobs/{job_id}", result)
         self._seal_index(slot, tree)  # `add -A`: the index is the folder, and holds `tree`
         return stats, result
@@ -2051,15 +2050,7 @@ def add_link_entries(git: Git, entries: List[Tuple[str, str]]) -> None:
 def write_blob(git_dir: Path, data: bytes) -> str:
     """Store `data` as a loose blob (zlib over "blob <size>\\0" + data, named by its sha1: git's
     own format) and return its id; one write per link, no process."""
-    return write_object(git_dir, b"blob", data)
-
-
-def write_commit(git_dir: Path, tree: str, parent: Optional[str], message: str) -> str:
-    """The commit `git commit-tree TREE [-p PARENT] -m MESSAGE` makes with pw.GIT_IDENTITY
-    (the same bytes, so the same id), written without a process."""
-    ident = "patchwire <patchwire@localhost> 1700000000 +0000"
-    head = f"tree {tree}\n" + (f"parent {parent}\n" if parent else "") + f"author {ident}\ncommitter {ident}\n"
-    return write_object(git_dir, b"commit", f"{head}\n{message}\n".encode())
+    return pw.write_object(git_dir, b"blob", data)
 
 
 def write_ref(git_dir: Path, name: str, commit: str) -> None:
@@ -2067,19 +2058,6 @@ def write_ref(git_dir: Path, name: str, commit: str) -> None:
     path = git_dir / name
     path.parent.mkdir(parents=True, exist_ok=True)
     replace_file(path, f"{commit}\n".encode())
-
-
-def write_object(git_dir: Path, kind: bytes, data: bytes) -> str:
-    """Store a loose object (zlib over "<kind> <size>\\0" + data, named by its sha1)."""
-    raw = kind + b" %d\0" % len(data) + data
-    blob = hashlib.sha1(raw).hexdigest()
-    path = git_dir / "objects" / blob[:2] / blob[2:]
-    if not path.exists():
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.parent / f"tmp_obj_{secrets.token_hex(6)}"
-        tmp.write_bytes(zlib.compress(raw))
-        os.replace(tmp, path)
-    return blob
 
 
 def pinned_folder(fd: int, path: Path) -> str:

@@ -560,23 +560,31 @@ def loose_and_packed(repo) -> tuple[int, int]:
     return int(counts["count"]), int(counts["in-pack"])
 
 
-def test_the_stores_upkeep_packs_loose_objects_and_leaves_a_working_store(tmp_path, monkeypatch):
-    """Past UPKEEP_LOOSE loose objects `maintain` packs them (git gc --auto, which the
-    agent's git otherwise never runs: gc.auto=0); at most once per UPKEEP_EVERY_S; the
-    snapshots and job folders go on as before."""
-    repo = pa.ProjectRepo(tmp_path / "state", "alice", "demo")
+def store_with_loose_objects(tmp_path: Path, project: str) -> tuple:
+    """(repo, its first snapshot, a tree) of a project whose store holds 2,000 loose objects
+    a job's result keeps (a ref)."""
+    repo = pa.ProjectRepo(tmp_path / "state", "alice", project)
     repo.ensure()
     write_mirror(repo, SNAP1)
     first = repo.snapshot(tree_of_files(repo, SNAP1), full_manifest(SNAP1))
     repo.prepare_slot(0, first)
-    blobs = tmp_path / "blobs"  # 2,000 loose objects a job's result holds (a ref keeps them)
+    blobs = tmp_path / f"blobs-{project}"
     blobs.mkdir()
     for i in range(2000):
         (blobs / f"b{i}").write_bytes(b"blob %d\n" % i)
     ids = repo.git()("hash-object", "-w", "--stdin-paths", input="\n".join(
         str(blobs / f"b{i}") for i in range(2000)).encode()).split()
     tree = repo.git().text("mktree", input=b"".join(b"100644 blob %s\tb%d\n" % (oid, i) for i, oid in enumerate(ids)))
-    pa.write_ref(repo.git_dir, "refs/patchwire/jobs/big", pa.write_commit(repo.git_dir, tree, first, "a job"))
+    pa.write_ref(repo.git_dir, "refs/patchwire/jobs/big", pa.pw.write_commit(repo.git_dir, tree, first, "a job"))
+    return repo, first, tree
+
+
+def test_the_stores_upkeep_packs_loose_objects_and_leaves_a_working_store(tmp_path, monkeypatch):
+    """Past UPKEEP_LOOSE loose objects `maintain` packs them (git gc --auto, which the
+    agent's git otherwise never runs: gc.auto=0); at most once per UPKEEP_EVERY_S; the
+    snapshots and job folders go on as before."""
+    repo, first, tree = store_with_loose_objects(tmp_path, "demo")
+    blobs = tmp_path / "blobs-demo"
     loose, _ = loose_and_packed(repo)
     assert loose > 2000
     monkeypatch.setattr(pa.ProjectRepo, "UPKEEP_LOOSE", 1000)
