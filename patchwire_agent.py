@@ -1151,6 +1151,13 @@ def migrate_layout(state_dir: Path) -> None:
             gitdir_file.write_text(moved)
 
 
+# the stores' upkeep (ProjectRepo.maintain): one `git gc` in the whole agent at a time, its
+# settings from the command line whatever a store's own config says (an AI that reached it
+# unconfined cannot make gc run a hook or prune what is younger than two weeks)
+UPKEEP_ONE_AT_A_TIME = threading.Lock()
+UPKEEP_CONFIG = {"gc.autoDetach": "false", "gc.pruneExpire": "2.weeks.ago", "gc.worktreePruneExpire": "3.months.ago"}
+
+
 class ProjectRepo:
     """One user's project on the box: the mirror the laptop rsyncs into, a private git dir
     holding snapshots, and warm job folders (worktrees), one per slot."""
@@ -1178,7 +1185,6 @@ class ProjectRepo:
         # the snapshot commit the mirror was found to be by the last full snapshot, with the
         # snapshot index's stat data, until anything else touches either (under self.lock)
         self._mirror_is: Optional[str] = None
-        self._upkeep = threading.Lock()
         self._upkept_at = -float("inf")  # time.monotonic() of the last `maintain`
 
     def git(self, work_tree: Optional[Path] = None, config: Optional[Dict[str, str]] = None,
@@ -1198,16 +1204,16 @@ class ProjectRepo:
         """`git gc --auto` of the project's store when it is due (it returns at once below
         UPKEEP_LOOSE loose objects), after a job has ended (Agent.run_job): no job waits on
         it; a second call while one runs returns."""
-        if time.monotonic() - self._upkept_at < self.UPKEEP_EVERY_S or not self._upkeep.acquire(blocking=False):
-            return
+        if time.monotonic() - self._upkept_at < self.UPKEEP_EVERY_S or not UPKEEP_ONE_AT_A_TIME.acquire(blocking=False):
+            return  # another project's upkeep runs (one user's many projects never run many gc at once)
         try:
             self._upkept_at = time.monotonic()
-            done = self.git(config={"gc.auto": str(self.UPKEEP_LOOSE), "gc.autoDetach": "false"}).run(
+            done = self.git(config={**UPKEEP_CONFIG, "gc.auto": str(self.UPKEEP_LOOSE)}).run(
                 "gc", "--auto", "--quiet", check=False)
             if done.returncode:
                 log.warning("git gc of %s failed: %s", self.git_dir, done.stderr.decode("utf-8", "replace")[-500:])
         finally:
-            self._upkeep.release()
+            UPKEEP_ONE_AT_A_TIME.release()
 
     def ensure(self) -> None:
         try:

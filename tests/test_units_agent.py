@@ -579,6 +579,18 @@ def store_with_loose_objects(tmp_path: Path, project: str) -> tuple:
     return repo, first, tree
 
 
+def test_one_store_upkeep_at_a_time_in_the_whole_agent(tmp_path, monkeypatch):
+    """A user with many projects and many jobs never has the agent run many `git gc` at once:
+    while one runs, another project's returns (and runs after its next job)."""
+    monkeypatch.setattr(pa.ProjectRepo, "UPKEEP_LOOSE", 1000)
+    repo, _, _ = store_with_loose_objects(tmp_path, "many")
+    with pa.UPKEEP_ONE_AT_A_TIME:  # another project's upkeep is running
+        repo.maintain()
+    assert loose_and_packed(repo)[0] > 2000
+    repo.maintain()  # not counted as done before: it runs now
+    assert loose_and_packed(repo)[0] == 0
+
+
 def test_the_stores_upkeep_packs_loose_objects_and_leaves_a_working_store(tmp_path, monkeypatch):
     """Past UPKEEP_LOOSE loose objects `maintain` packs them (git gc --auto, which the
     agent's git otherwise never runs: gc.auto=0); at most once per UPKEEP_EVERY_S; the
