@@ -1156,6 +1156,10 @@ def migrate_layout(state_dir: Path) -> None:
 # unconfined cannot make gc run a hook or prune what is younger than two weeks)
 UPKEEP_ONE_AT_A_TIME = threading.Lock()
 UPKEEP_CONFIG = {"gc.autoDetach": "false", "gc.pruneExpire": "2.weeks.ago", "gc.worktreePruneExpire": "3.months.ago"}
+# what the upkeep keeps: the last snapshot (its ref), each job's result until `patchwire-agent
+# gc` prunes the job (JOB_REFS + id), and what the job folders' indexes hold
+SNAPSHOT_REF = "refs/patchwire/snapshot"
+JOB_REFS = "refs/patchwire/jobs/"
 
 
 class ProjectRepo:
@@ -1303,7 +1307,7 @@ class ProjectRepo:
                     raise Conflict(f"the box's copy of the project differs from what the laptop "
                                    f"sent in {len(differ)} file(s): {named}", "sync again (patchwire sync --force)",
                                    code=pw.CODE_TREE_MISMATCH, paths=differ[:200])
-                commit = pw.write_commit(self.git_dir, got, None, "patchwire snapshot")
+                commit = self._snapshot_commit(got)
                 self._mirror_is = commit if len(manifest) >= self.ADOPT_MIN_FILES and not kept else None
                 if not kept:
                     self._sparse_mark().unlink(missing_ok=True)
@@ -1362,7 +1366,15 @@ class ProjectRepo:
                     raise Conflict(f"the box's copy of the project differs from what the laptop sent in "
                                    f"{len(changed)} changed file(s)", "sync again (patchwire sync --force)",
                                    code=pw.CODE_TREE_MISMATCH, paths=changed[:200])
-                return pw.write_commit(self.git_dir, got, None, "patchwire snapshot")
+                return self._snapshot_commit(got)
+
+    def _snapshot_commit(self, tree: str) -> str:
+        """The snapshot's commit, and SNAPSHOT_REF at it: the snapshot index's blobs stay
+        reachable for git's upkeep once no job's ref holds them (gc dropped old jobs' refs, a
+        job failed before its result), as the job folders' indexes are."""
+        commit = pw.write_commit(self.git_dir, tree, None, "patchwire snapshot")
+        write_ref(self.git_dir, SNAPSHOT_REF, commit)
+        return commit
 
     def _indexed(self) -> Optional[str]:
         """The tree the snapshot index holds, as written beside it by the last snapshot (reading
@@ -1757,7 +1769,7 @@ class ProjectRepo:
         run_capped(git, max_bytes, *diff_args, "--binary", "--full-index", snapshot, tree, stdout=patch)
         stats = parse_numstat(git(*diff_args, "--numstat", "-z", snapshot, tree))  # a line per file: small
         result = pw.write_commit(self.git_dir, tree, snapshot, f"patchwire job {job_id}")
-        write_ref(self.git_dir, f"refs/patchwire/jobs/{job_id}", result)
+        write_ref(self.git_dir, JOB_REFS + job_id, result)
         self._seal_index(slot, tree)  # `add -A`: the index is the folder, and holds `tree`
         return stats, result
 
@@ -4886,6 +4898,9 @@ class Agent:
         if parent["status"] != "done":
             raise Conflict(f"job {parent['id']} is {parent['status']}: only a finished "
                            "job can be continued", code="not_done")
+        if not self.store.patch_path(parent["id"]).exists():
+            raise HTTPFailure(HTTPStatus.GONE, f"job {parent['id']} was pruned by `patchwire-agent gc`: "
+                              "its change is no longer on the box", "ask again without --continue", code="pruned")
         return parent
 
     def find_job(self, user: str, prefix: str) -> dict:
@@ -6782,7 +6797,8 @@ def job_folders_lock(home: Path, exclusive: bool = False):
 
 def gc_state(cfg: AgentConfig, store: Store, before: float, dry_run: bool) -> dict:
     """Prune what jobs finished before `before` left behind: patches and events (the job
-    rows stay, so usage stays exact), and job folders of projects with no job since then.
+    rows stay, so usage stays exact), their results in the projects' stores (drop_job_refs),
+    and job folders of projects with no job since then.
     Never touches a queued or running job's; safe while the server runs. Works on a full
     disk: the reserve is given up first and the patches go before the events (sqlite needs
     room to delete), then the database gives the freed pages back (`db_bytes`)."""
@@ -6790,12 +6806,13 @@ def gc_state(cfg: AgentConfig, store: Store, before: float, dry_run: bool) -> di
     if not dry_run:
         store.release_reserve()
     with store.lock:
-        old = store.db.execute(f"SELECT id FROM jobs WHERE {ENDED_BEFORE}", (before,)).fetchall()
+        old = store.db.execute(f"SELECT id, user, project FROM jobs WHERE {ENDED_BEFORE}", (before,)).fetchall()
         events = store.db.execute(f"SELECT COUNT(*) FROM events WHERE job IN (SELECT id FROM jobs WHERE "
                                   f"{ENDED_BEFORE})", (before,)).fetchone()[0]
-    patches = [store.patch_path(job_id) for (job_id,) in old if store.patch_path(job_id).exists()]
+    patches = [store.patch_path(job_id) for job_id, _, _ in old if store.patch_path(job_id).exists()]
     out = {"before": before, "dry_run": dry_run, "jobs": len(old), "events": events,
            "patches": len(patches), "patch_bytes": sum(p.stat().st_size for p in patches),
+           "results": 0, "results_kept": [],
            "job_folders": [], "folder_bytes": 0, "folders_busy": [], "db_bytes": 0}
     if not dry_run:
         for path in patches:
@@ -6807,6 +6824,7 @@ def gc_state(cfg: AgentConfig, store: Store, before: float, dry_run: bool) -> di
         if events or unused_pages:  # else there is nothing to give back
             out["compact_error"] = compact_db(store)
             out["db_bytes"] = max(0, db_before - db_size(cfg.state_dir))
+    drop_job_refs(cfg, old, out, dry_run)
     for user, project in unused_projects(cfg, store, before):
         try:
             with job_folders_lock(ProjectRepo(cfg.state_dir, user, project).home, exclusive=True):
@@ -6867,6 +6885,29 @@ def compact_db(store: Store) -> Optional[str]:
     except sqlite3.OperationalError as e:
         return str(e)
     return None
+
+
+def drop_job_refs(cfg: AgentConfig, jobs: List[Tuple[str, str, str]], out: dict, dry_run: bool) -> None:
+    """Delete the refs that hold the results of `jobs` [(id, user, project)] in their projects'
+    stores (a follow-up of such a job is refused: 410). git's upkeep (ProjectRepo.maintain)
+    then drops the objects only they held (older than its two weeks' grace: the jobs' own
+    age); without this every result of every job stayed in the store."""
+    by_project: Dict[Tuple[str, str], Set[str]] = {}
+    for job_id, user, project in jobs:
+        by_project.setdefault((user, project), set()).add(job_id)
+    for (user, project), ids in sorted(by_project.items()):
+        repo = ProjectRepo(cfg.state_dir, user, project)
+        if not (repo.git_dir / "HEAD").is_file():
+            continue  # the project was removed
+        git = repo.git()
+        listed = git.run("for-each-ref", "--format=%(refname)", JOB_REFS, check=False).stdout.decode().split()
+        names = [name for name in listed if name[len(JOB_REFS):] in ids]
+        if names and not dry_run:
+            done = git.run("update-ref", "--stdin", input="".join(f"delete {n}\n" for n in names).encode(), check=False)
+            if done.returncode:  # a ref locked by a job or an upkeep right now: the next gc drops them
+                out["results_kept"].append(f"{user}/{project}")
+                continue
+        out["results"] += len(names)
 
 
 def prune_job_folders(repo: ProjectRepo, out: dict, dry_run: bool) -> None:
@@ -8081,6 +8122,12 @@ def print_gc(r: dict) -> None:
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(r["before"]))
     print(f"{verb}: {r['patches']} patch(es), {pw.human_bytes(r['patch_bytes'])}, and {r['events']} event(s) "
           f"of {r['jobs']} job(s) finished before {when} (the jobs and their usage stay)")
+    if r["results"]:
+        print(f"{'would drop' if r['dry_run'] else 'dropped'} the stored results of {r['results']} job(s) "
+              "from their projects' stores: git frees what only they held at the store's next upkeep")
+    if r["results_kept"]:
+        print("kept the results in the stores of " + ", ".join(r["results_kept"]) + " (busy just now): "
+              "the next gc drops them")
     print(f"{verb}: {len(r['job_folders'])} job folder(s), {pw.human_bytes(r['folder_bytes'])}"
           + "".join(f"\n  {f}" for f in r["job_folders"]))
     if r["db_bytes"]:

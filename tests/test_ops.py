@@ -12,7 +12,7 @@ import shutil
 import signal
 import subprocess
 
-from conftest import AgentProcess, pid_alive, script, wait_until
+from conftest import AgentProcess, Laptop, ask_body, make_repo, pid_alive, script, wait_until
 import patchwire_agent
 from test_usage import post, usage, wait_job
 
@@ -272,3 +272,51 @@ def test_gc_frees_what_it_says_and_keeps_what_it_must(make_agent):
     lines = agent_cli(box, "gc", "--older-than", "1d").stdout.splitlines()
     assert lines[0].startswith("freed: 0 patch(es), 0 B, and 0 event(s) of 0 job(s) finished before ")
     assert lines[1:] == ["freed: 0 job folder(s), 0 B"]
+
+
+def store_refs(store) -> list:
+    out = subprocess.run(["git", "--git-dir", str(store), "for-each-ref", "--format=%(refname)", "refs/patchwire/"],
+                         capture_output=True, text=True, check=True).stdout
+    return out.split()
+
+
+def test_gc_drops_old_results_from_the_store_and_the_next_ask_still_builds_on_the_snapshot(make_agent, tmp_path):
+    """Each job's result stayed in its project's store for good (a ref per job). gc drops the
+    refs of the jobs it prunes, so git's upkeep frees their objects; the last snapshot keeps a
+    ref of its own, so the upkeep never takes a blob the next ask builds on (the job folders,
+    whose indexes also hold them, may be gone)."""
+    box = make_agent(jobs={"workers": 1})
+    lap = Laptop(make_repo(tmp_path / "laptop", {"README.md": b"# app\n", "src/app.py": b"x = 1\n"}))
+    lap.init(box)
+    lap.run("sync", check=0)
+    status, job = box.json("POST", "/v1/ask", ask_body(lap, script({"write": "one.txt", "text": "only in the result\n"})))
+    assert status == 202, job
+    first = box.wait_job(job["id"])
+    assert first["status"] == "done", first
+    store = box.state_dir / "users" / "alice" / "projects" / "laptop" / "git"
+    assert store_refs(store) == [f"refs/patchwire/jobs/{first['id']}", "refs/patchwire/snapshot"]
+
+    dry = json.loads(agent_cli(box, "gc", "--older-than", "0s", "--dry-run", "--json").stdout)
+    assert dry["results"] == 1 and len(store_refs(store)) == 2
+    freed = agent_cli(box, "gc", "--older-than", "0s")
+    assert ("dropped the stored results of 1 job(s) from their projects' stores: git frees what only they "
+            "held at the store's next upkeep") in freed.stdout, freed.stdout
+    assert store_refs(store) == ["refs/patchwire/snapshot"]
+    assert not (store.parent / "slots" / "slot0").exists()  # no job since: its folder went too
+    # the store's upkeep, however late (what only the dropped result held is older than its grace)
+    subprocess.run(["git", "--git-dir", str(store), "-c", "gc.pruneExpire=now", "gc", "--quiet"], check=True)
+    gone = subprocess.run(["git", "--git-dir", str(store), "cat-file", "-e", first["result"]["result_commit"]])
+    assert gone.returncode != 0  # freed
+
+    status, answer = box.json("POST", "/v1/ask", ask_body(lap, script({"say": "more"}), **{"continue": first["id"]}))
+    assert (status, answer["code"]) == (410, "pruned"), answer
+    assert "ask again without --continue" in answer["hint"]
+
+    # the next ask builds on the snapshot the box kept: README.md changed, src/app.py's blob reused
+    (lap.root / "README.md").write_text("# app, edited\n")
+    asked = lap.run("ask", "--yes", script({"write": "two.txt", "text": "2\n"}), check=0)
+    assert (lap.root / "two.txt").read_text() == "2\n", asked.out
+    assert not (lap.root / "one.txt").exists()
+    fsck = subprocess.run(["git", "--git-dir", str(store), "fsck", "--connectivity-only", "--no-dangling"],
+                          capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stderr
