@@ -1190,6 +1190,10 @@ class ProjectRepo:
         # snapshot index's stat data, until anything else touches either (under self.lock)
         self._mirror_is: Optional[str] = None
         self._upkept_at = -float("inf")  # time.monotonic() of the last `maintain`
+        # per slot: how often the folder was taken or reset (prepare_slot, clean_slot,
+        # reset_slot_to), and a check ahead that holds (check_ahead): (that count, index stat)
+        self._uses: Dict[int, int] = {}
+        self._ahead: Dict[int, Tuple[int, List[int]]] = {}
 
     def git(self, work_tree: Optional[Path] = None, config: Optional[Dict[str, str]] = None,
             cwd: Optional[str] = None, **env: str) -> Git:
@@ -1415,11 +1419,13 @@ class ProjectRepo:
             return self.slot_path(slot)
 
     def _make_slot(self, slot: int, commit: str) -> None:
+        checked = self._checked_ahead(slot)
+        self._used(slot)
         for attempt in (1, 2):
             try:
                 if not self._slot_is_registered(slot) and not self._adopt_mirror(slot, commit):
                     self._create_slot(slot, commit)
-                if not self._move_slot(slot, commit):
+                if not self._move_slot(slot, commit, checked=checked and attempt == 1):
                     self._reset_slot(slot, commit)
                 self._check_slot_clean(slot, commit)
                 return
@@ -1587,10 +1593,11 @@ class ProjectRepo:
     def _index_is_sealed(self, slot: int) -> bool:
         return self._sealed(slot) is not None
 
-    def _move_slot(self, slot: int, commit: str) -> bool:
+    def _move_slot(self, slot: int, commit: str, checked: bool = False) -> bool:
         """Move the folder to `commit` by the paths that differ, when its index is the agent's
         and holds a known tree, and the folder is exactly that index: `status` (one stat pass;
-        with git's untracked cache only the folders whose stat data changed are read), one
+        with git's untracked cache only the folders whose stat data changed are read; none
+        when `checked` ahead, check_ahead), one
         `diff-tree` between the two trees, then those paths alone: removed, put in the index
         (`update-index --index-info`) and written (`checkout-index`). False when it cannot be
         done so (a .gitignore or a nested repository changed, a path in the way): the folder
@@ -1600,9 +1607,10 @@ class ProjectRepo:
             return False
         gitdir = self._mend_slot_links(slot)
         git = self.slot_git(slot)
-        status = git.run("status", "--porcelain", "-z", "--no-renames", "-unormal", check=False)
-        if status.returncode or worktree_changes(status.stdout):  # a folder it cannot read, say
-            return False
+        if not checked:
+            status = git.run("status", "--porcelain", "-z", "--no-renames", "-unormal", check=False)
+            if status.returncode or worktree_changes(status.stdout):  # a folder it cannot read, say
+                return False
         raw = git.run("diff-tree", "-r", "-z", "--no-renames", seal["tree"], commit, check=False)
         if raw.returncode:
             return False
@@ -1619,6 +1627,49 @@ class ProjectRepo:
         replace_file(gitdir / "HEAD", f"{commit}\n".encode())  # a detached HEAD: the commit's id
         self._seal_index(slot, commit)
         return True
+
+    # --- the job folder checked ahead: the `status` of _move_slot made while the laptop still
+    # scans and sends (its GET /v1/me comes first: Agent.check_ahead), not after its ask came.
+    # Between the check and the job only a process an earlier job of this project left running
+    # could write there, and it could as well while the AI runs: its writes would show in the
+    # diff either way, never silently. The check holds while the index is the one checked
+    # (inode, size, mtime, ctime) and the folder was not taken or reset since (`_uses`).
+
+    def check_ahead(self, slot: int) -> bool:
+        """Check the folder as _move_slot would, without writing its index; remembered for the
+        next prepare_slot of `slot` when it is clean. Whether it was."""
+        with self.lock:
+            seal = self._sealed(slot)
+            if seal is None or not seal.get("tree") or not self._large(slot):
+                return False  # prepare_slot would not move it by paths
+            uses, index_then = self._uses.get(slot, 0), self._current_index_stat(slot)
+        if index_then is None:
+            return False
+        status = self.slot_git(slot, GIT_OPTIONAL_LOCKS="0").run(
+            "status", "--porcelain", "-z", "--no-renames", "-unormal", check=False)
+        if status.returncode or worktree_changes(status.stdout):
+            return False
+        with self.lock:
+            if self._uses.get(slot, 0) != uses or self._current_index_stat(slot) != index_then:
+                return False
+            self._ahead[slot] = (uses, index_then)
+            return True
+
+    def _checked_ahead(self, slot: int) -> bool:
+        """(under self.lock) Whether a check ahead of the folder still holds; it is used once."""
+        found = self._ahead.pop(slot, None)
+        return found is not None and found == (self._uses.get(slot, 0), self._current_index_stat(slot))
+
+    def _used(self, slot: int) -> None:
+        """(under self.lock) The folder is taken or reset: a check ahead no longer holds."""
+        self._ahead.pop(slot, None)
+        self._uses[slot] = self._uses.get(slot, 0) + 1
+
+    def _current_index_stat(self, slot: int) -> Optional[List[int]]:
+        try:
+            return self._index_stat(slot)
+        except OSError:
+            return None
 
     def _large(self, slot: int) -> bool:
         """Whether the folder's index (with its shared part) is over BY_PATHS_MIN_INDEX_BYTES."""
@@ -1662,6 +1713,7 @@ class ProjectRepo:
     def clean_slot(self, slot: int) -> None:
         """Throw away what an interrupted run left in the job folder."""
         with self.lock:
+            self._used(slot)
             if self._slot_is_registered(slot):
                 try:
                     self._reset_slot(slot, "HEAD")
@@ -1708,6 +1760,7 @@ class ProjectRepo:
         """The job folder exactly at `commit` again (a check may have rewritten files);
         ignored files stay."""
         with self.lock:
+            self._used(slot)
             if not self._move_slot(slot, commit):
                 self._reset_slot(slot, commit)
 
@@ -4562,6 +4615,7 @@ class Agent:
         self.lock = threading.Lock()
         self.repos: Dict[Tuple[str, str], ProjectRepo] = {}
         self.busy: Dict[Tuple[str, str], set] = {}
+        self.checking_ahead: Set[Tuple[str, str]] = set()  # projects whose job folder check_ahead checks
         self.runs: Dict[str, AIRun] = {}
         self.ended: Dict[str, threading.Event] = {}  # job -> set by finish(), for a cancel that waits
         # job -> reason: cancelled after a worker took it from the queue, before its run existed
@@ -4740,7 +4794,30 @@ class Agent:
             # the laptop's doctor cannot see these folders over rrsync: the box says which it cannot write
             folders = (user_root(self.cfg.state_dir, user), mirror_root(self.cfg.state_dir, user), repo.mirror, repo.home)
             out["unwritable"] = [str(p) for p in folders if p.is_dir() and not os.access(p, os.W_OK | os.X_OK)]
+            self.check_ahead(user, project)
         return out
+
+    def check_ahead(self, user: str, project: str) -> None:
+        """A laptop asks /v1/me before it scans and sends (an ask's sync): meanwhile, check the
+        job folder its ask will most likely take (the lowest free slot) in the background
+        (ProjectRepo.check_ahead), so that the job need not. One check per project at a time;
+        none while every folder of the project is busy."""
+        with self.lock:
+            free = set(range(self.cfg.slots)) - self.busy.get((user, project), set())
+            if not free or (user, project) in self.checking_ahead:
+                return
+            self.checking_ahead.add((user, project))
+        threading.Thread(target=self._check_ahead, args=(user, project, min(free)),
+                         name=f"ahead-{project}", daemon=True).start()
+
+    def _check_ahead(self, user: str, project: str, slot: int) -> None:
+        try:
+            self.repo(user, project).check_ahead(slot)
+        except (PatchwireError, OSError) as e:  # the folder went (gc), say: the job checks it
+            log.debug("checking the job folder of %s/%s ahead failed: %s", user, project, e)
+        finally:
+            with self.lock:
+                self.checking_ahead.discard((user, project))
 
     def open_project(self, user: str, project: str, for_ask: bool = False) -> ProjectRepo:
         """The user's project, its mirror folder made on first use (a sync or an ask), within

@@ -332,6 +332,99 @@ def test_a_moved_gitignore_or_a_stray_file_resets_the_folder_whole(prepared, mon
     assert_folder_is(repo, folder, first)
 
 
+def test_a_folder_checked_ahead_moves_without_a_status_of_its_own(prepared, monkeypatch):
+    """check_ahead makes _move_slot's status while the laptop still scans and sends; the job's
+    prepare_slot then skips it: once, and only while nothing took or reset the folder or wrote
+    its index since."""
+    repo, _, folder = prepared
+    monkeypatch.setattr(repo, "BY_PATHS_MIN_INDEX_BYTES", 0)
+    first = snapshot_of(repo, SNAP1)
+    repo.prepare_slot(0, first)
+    second = snapshot_of(repo, SNAP2)
+    seen = git_commands(monkeypatch)
+    assert repo.check_ahead(0) and seen == ["status"]
+    seen.clear()
+    repo.prepare_slot(0, second)
+    assert seen == ["diff-tree", "update-index", "checkout-index"]
+    assert_folder_is(repo, folder, second)
+    seen.clear()
+    repo.prepare_slot(0, first)  # a check ahead is used once
+    assert seen[:1] == ["status"]
+    assert_folder_is(repo, folder, first)
+
+    # not clean when checked: nothing is remembered, and the job's own check resets the folder
+    (folder / "stray.txt").write_bytes(b"left by an earlier run")
+    assert not repo.check_ahead(0)
+    seen.clear()
+    repo.prepare_slot(0, second)
+    assert seen[:1] == ["status"] and "clean" in seen and not (folder / "stray.txt").exists()
+    assert_folder_is(repo, folder, second)
+
+    # the folder reset since the check (a job that failed is cleaned): checked again
+    assert repo.check_ahead(0)
+    repo.clean_slot(0)
+    seen.clear()
+    repo.prepare_slot(0, first)
+    assert seen[:1] == ["status"]
+    # its index written since the check (by anything: its inode, size, mtime and ctime): not used
+    assert repo.check_ahead(0)
+    os.utime(repo.git_dir / "worktrees" / "slot0" / "index")
+    assert not repo._checked_ahead(0)
+
+
+def test_a_check_ahead_that_a_job_overtakes_is_dropped(prepared, monkeypatch):
+    """A job takes the folder while the check ahead runs: what the check saw may be the folder
+    that job is changing, so it is not remembered."""
+    repo, _, _ = prepared
+    monkeypatch.setattr(repo, "BY_PATHS_MIN_INDEX_BYTES", 0)
+    repo.prepare_slot(0, snapshot_of(repo, SNAP1))
+    run, taken = patchwire.Git.run, []
+
+    def overtaken(self, *args, **kw):
+        out = run(self, *args, **kw)
+        if args[0] == "status" and not taken:
+            taken.append(True)
+            with repo.lock:
+                repo._used(0)  # what prepare_slot, clean_slot and reset_slot_to do first
+        return out
+    monkeypatch.setattr(patchwire.Git, "run", overtaken)
+    assert not repo.check_ahead(0) and taken and repo._ahead == {}
+
+
+def test_the_agent_checks_ahead_the_folder_an_ask_will_take_when_the_laptop_asks_me(tmp_path, monkeypatch):
+    cfg = pa.AgentConfig(tmp_path / "agent.toml", {
+        "server": {"state_dir": str(tmp_path / "state")},
+        "ai": {"command": ["true"], "sandbox": "none"}, "jobs": {"slots": 2},
+        "users": {"alice": {"token_sha256": pa.token_digest("t").hex()}}})
+    agent = pa.Agent(cfg)  # no workers
+    try:
+        repo = agent.repo("alice", "demo")
+        repo.ensure()
+        monkeypatch.setattr(repo, "BY_PATHS_MIN_INDEX_BYTES", 0)
+        repo.prepare_slot(0, snapshot_of(repo, SNAP1))
+
+        def settled() -> None:
+            deadline = time.monotonic() + 30
+            while agent.checking_ahead and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert not agent.checking_ahead
+        assert agent.me("alice", "demo")["mirror"] == str(repo.mirror)
+        settled()
+        assert list(repo._ahead) == [0]
+        repo._ahead.clear()
+        agent.busy[("alice", "demo")] = {0}  # a job holds slot 0: slot 1 is the next ask's (no folder yet)
+        agent.me("alice", "demo")
+        settled()
+        assert repo._ahead == {}
+        agent.busy[("alice", "demo")] = {0, 1}  # every folder busy: no check at all
+        agent.me("alice", "demo")
+        assert not agent.checking_ahead and repo._ahead == {}
+        agent.me("alice", None)  # no project named: nothing to check
+        assert not agent.checking_ahead
+    finally:
+        agent.stop()
+
+
 # ------------------------------------------------------------------ the first job folder: the mirror moved
 
 
