@@ -2545,6 +2545,15 @@ def rsync_failures(stderr: bytes, root: Path) -> Tuple[List[str], Dict[str, str]
     return gone, unreadable
 
 
+# Many files go by RSYNC_STREAMS rsyncs at once, each a contiguous part of the sorted list
+# (so mostly folders of its own; over SSH each a session of the one ControlMaster connection,
+# and rrsync runs with -no-lock). The receiver's file creation is most of a big sync: a branch
+# switch's 2,500 files over SSH took 1.68 s with one rsync, 1.24 s with two (three or four: no
+# faster on two cores). Below RSYNC_SPLIT_MIN_FILES a second rsync's start costs more than it saves.
+RSYNC_STREAMS = 2
+RSYNC_SPLIT_MIN_FILES = 1000
+
+
 def send_files(cfg: LaptopConfig, paths: Sequence[str], dest: str, checksum: bool = False,
                ignore_times: bool = False) -> Dict[str, Any]:
     """rsync exactly `paths`; {"files", "bytes"} sent, and "gone": paths that vanished on the
@@ -2552,18 +2561,29 @@ def send_files(cfg: LaptopConfig, paths: Sequence[str], dest: str, checksum: boo
     if not shutil.which(cfg.rsync):
         raise PatchwireError(f"{cfg.rsync} is not installed on this machine",
                              "install rsync (macOS ships it; Debian/Ubuntu: apt install rsync)")
-    proc = run(rsync_argv(cfg, dest, checksum, ignore_times), cwd=cfg.root,
-               input=b"".join(encode_path(p) + b"\0" for p in paths), timeout=3600, check=False)
-    counts: Dict[str, Any] = {**rsync_counts(proc.stdout), "gone": []}
+    size = max(1, -(-len(paths) // (RSYNC_STREAMS if len(paths) >= RSYNC_SPLIT_MIN_FILES else 1)))
+    parts = [paths[i:i + size] for i in range(0, len(paths), size)] or [[]]
+    argv = rsync_argv(cfg, dest, checksum, ignore_times)
+    procs = in_parallel(*(functools.partial(run, argv, cwd=cfg.root, timeout=3600, check=False,
+                                            input=b"".join(encode_path(p) + b"\0" for p in part)) for part in parts))
+    counts: Dict[str, Any] = {"gone": []}
+    for proc in procs:
+        for key, value in rsync_counts(proc.stdout).items():
+            counts[key] = counts.get(key, 0) + value
+        counts["gone"] += rsync_gone(cfg, proc)
+    return counts
+
+
+def rsync_gone(cfg: LaptopConfig, proc: subprocess.CompletedProcess) -> List[str]:
+    """The paths one rsync of send_files found vanished; any other failure raised."""
     if proc.returncode == 0:
-        return counts
+        return []
     if proc.returncode in RSYNC_PARTIAL:
         gone, unreadable = rsync_failures(proc.stderr, cfg.root)
         if unreadable:
             raise FilesUnreadable(cfg.root, unreadable)
         if gone or proc.returncode == 24:  # 24 only ever means files vanished here
-            counts["gone"] = gone
-            return counts
+            return gone
     tail = fold_returns(proc.stderr.decode("utf-8", "replace")).strip()[-1500:]
     hint = ssh_failure_hint(cfg, tail) if cfg.ssh else "check that the mirror folder is writable"
     raise AgentError(f"rsync failed (exit {proc.returncode}): {tail}", hint)

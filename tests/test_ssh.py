@@ -204,6 +204,46 @@ def test_sync_leaves_a_master_connection_that_the_next_sync_reuses(tmp_path, age
     assert master(sshd, "check").returncode != 0
 
 
+def test_many_files_go_by_two_rsyncs_at_once_through_the_master(tmp_path, agent, sshd):
+    """A sync of RSYNC_SPLIT_MIN_FILES files or more runs RSYNC_STREAMS rsyncs at once, each a
+    contiguous part of the list: together they send exactly the listed files, byte for byte,
+    over SSH (the second may find the first's master not up yet: it logs in on its own), and
+    the sync counts what both sent."""
+    count = patchwire.RSYNC_SPLIT_MIN_FILES + 105
+    many = {f"lib/part_{i // 100:02d}/f{i:04d}.dart": f"// {i}\n".encode() * (i % 7 + 1) for i in range(count)}
+    lap = Laptop(make_repo(tmp_path / "laptop", {**FILES, **many}))
+    lap.init(agent, "--ssh", sshd.alias)
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    wrapper = tmp_path / "rsync-tee"
+    wrapper.write_text(f'#!/bin/sh\ntee "{calls}/$$" | rsync "$@"\n')  # keeps each rsync's list of files
+    wrapper.chmod(0o755)
+    write_sync_options(lap, ssh_options=list(sshd.ssh_options), rsync=str(wrapper))
+
+    def parts() -> List[List[str]]:
+        found = [sorted(p.read_bytes().decode().split("\0")[:-1]) for p in calls.iterdir()]
+        for p in calls.iterdir():
+            p.unlink()
+        return sorted(found)
+
+    out = lap.run("sync", check=0)
+    total = count + len(FILES)
+    assert f"synced {total} of {total} file(s)" in out.err, out.err
+    first, second = parts()
+    assert first and second and first[-1] < second[0]  # contiguous parts of the sorted list
+    assert sorted(first + second) == sorted(listed(lap))
+    assert files_under(mirror_of(agent)) == laptop_files(lap)
+
+    # a branch-switch-sized change: the changes go by two rsyncs too
+    for i, rel in enumerate(sorted(many)):
+        if i % 100 < 95:
+            (lap.root / rel).write_bytes(b"// switched\n" * (i % 5 + 1))
+    out = lap.run("sync", check=0)
+    assert f"synced {count - 11 * 5} of {total} file(s)" in out.err, out.err
+    assert [len(p) for p in parts()] == [(count - 55) // 2, (count - 55) - (count - 55) // 2]
+    assert files_under(mirror_of(agent)) == laptop_files(lap)
+
+
 # ------------------------------------------------------------------ broken SSH setups
 
 

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Dict
 
@@ -469,6 +470,32 @@ def test_rsync_exit_codes_23_and_24_map_to_local_causes(tmp_path, laptop):
     assert result.returncode == 1, result.err
     assert "cannot read README.md: Permission denied" in result.err
     assert "`chmod u+r README.md`" in result.err and "agent" not in result.err
+
+
+def test_the_rsyncs_of_a_split_sync_each_report_what_vanished_and_their_counts_add_up(tmp_path, monkeypatch):
+    """send_files over parts: the files each part's rsync found gone, and the files and bytes
+    both sent, as one report; a part that fails otherwise is the sync's error."""
+    monkeypatch.setattr(patchwire, "RSYNC_SPLIT_MIN_FILES", 4)
+    root, dest = tmp_path / "project", tmp_path / "mirror"
+    files = {f"{d}/f{i}.txt": b"x" * (i + 1) for d in ("a", "b") for i in range(5)}
+    make_repo(root, files)
+    dest.mkdir()
+    cfg = types.SimpleNamespace(rsync="rsync", root=root, ssh="")  # what send_files reads of a LaptopConfig
+    listed = sorted([*files, "a/gone-early.txt", "b/gone-late.txt"])
+    counts = patchwire.send_files(cfg, listed, str(dest))
+    assert sorted(counts["gone"]) == ["a/gone-early.txt", "b/gone-late.txt"]  # one from each part
+    assert (counts["files"], counts["bytes"]) == (10, sum(len(d) for d in files.values()))
+    assert all((dest / rel).read_bytes() == data for rel, data in files.items())
+    # the second part's rsync fails (the first one's files went): the sync fails, naming it
+    failing = tmp_path / "rsync-fails-on-b"
+    failing.write_text(f"#!{sys.executable}\nimport os, sys\ndata = sys.stdin.buffer.read()\n"
+                       "if b'b/' in data:\n    sys.exit('rsync: connection unexpectedly closed (code 12)')\n"
+                       "r, w = os.pipe(); os.write(w, data); os.close(w); os.dup2(r, 0)\n"
+                       "os.execvp('rsync', ['rsync', *sys.argv[1:]])\n")
+    failing.chmod(0o755)
+    cfg.rsync = str(failing)
+    with pytest.raises(patchwire.AgentError, match=r"rsync failed \(exit 1\): rsync: connection unexpectedly closed"):
+        patchwire.send_files(cfg, sorted(files), str(dest))
 
 
 # ------------------------------------------------------------------ files this user cannot read
