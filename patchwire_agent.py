@@ -1597,9 +1597,8 @@ class ProjectRepo:
         """Move the folder to `commit` by the paths that differ, when its index is the agent's
         and holds a known tree, and the folder is exactly that index: `status` (one stat pass;
         with git's untracked cache only the folders whose stat data changed are read; none
-        when `checked` ahead, check_ahead), one
-        `diff-tree` between the two trees, then those paths alone: removed, put in the index
-        (`update-index --index-info`) and written (`checkout-index`). False when it cannot be
+        when `checked` ahead, check_ahead), one `diff-tree` between the two trees, then those
+        paths alone (_move_paths). False when it cannot be
         done so (a .gitignore or a nested repository changed, a path in the way): the folder
         is then reset whole."""
         seal = self._sealed(slot)
@@ -1618,7 +1617,7 @@ class ProjectRepo:
         if any(ignore_rules_move(path, old, new) for old, new, _, path in moved):
             return False
         try:
-            self._move_paths(slot, git, moved)
+            self._move_paths(git, moved, seal["tree"], commit)
         except (PatchwireError, OSError) as e:
             log.info("job folder %s: moving by the changed paths failed (%s); resetting it whole",
                      self.slot_path(slot), e)
@@ -1680,22 +1679,18 @@ class ProjectRepo:
             return False
         return size >= self.BY_PATHS_MIN_INDEX_BYTES
 
-    def _move_paths(self, slot: int, git: Git, moved: List[Tuple[str, str, str, bytes]]) -> None:
-        """Paths whose type changed or that went are removed first (a file may stand where a
-        folder comes, and the other way round), never through a link; then the index and the
-        files take the new tree's entries."""
-        if not moved:
-            return
-        folder = self.slot_path(slot)
-        for old, new, _, path in moved:
-            if old != "000000" and new != old:
-                pw.remove_file(folder, path.decode("utf-8", "surrogateescape"))
-        git("update-index", "-z", "--index-info",
-            input=b"".join(b"%s %s\t%s\0" % (new.encode(), (blob if new != "000000" else "0" * 40).encode(), path)
-                           for _, new, blob, path in moved))
-        written = b"".join(path + b"\0" for _, new, _, path in moved if new != "000000")
-        if written:
-            git("checkout-index", "-u", "-f", "-z", "--stdin", input=written)
+    @staticmethod
+    def _move_paths(git: Git, moved: List[Tuple[str, str, str, bytes]], tree: str, commit: str) -> None:
+        """The index and the folder from `tree` to `commit` by the paths that differ (`moved`):
+        git's two-tree merge, as a branch switch does it (`read-tree -m -u`). It removes what
+        went and puts a file where a folder was or the other way round, never through a link,
+        writes what came with a worker per core, and keeps the index's cache of trees whole:
+        the result's `write-tree` after the job then reads only the folders the AI changed (a
+        20,000-file folder moved by 2,500 files: 6-10 ms against 27-72 ms after updating the
+        index by paths). It refuses when a file the index does not hold stands in the way (an
+        ignored file where a tracked one comes): the folder is then reset whole."""
+        if moved:
+            git("read-tree", "-m", "-u", tree, commit)
 
     def _check_slot_clean(self, slot: int, commit: str) -> None:
         """`checkout -f` (one stat pass) and `clean -ffd` (one walk) exit non-zero on whatever

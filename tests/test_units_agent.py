@@ -269,6 +269,21 @@ def assert_folder_is(repo, folder, commit: str) -> None:
     copy.unlink()
 
 
+def cached_root_tree(index: Path) -> tuple:
+    """(entries, tree id) of the root in an index's cache of trees (its TREE extension, after
+    the entries; -1 entries: not valid). Entries end 8-byte aligned in a version 2 index, so the
+    extension is found at a signature that follows one."""
+    data = index.read_bytes()
+    at = data.find(b"TREE\0")
+    while at >= 0 and not data[at + 8:at + 9] == b"\0":
+        at = data.find(b"TREE", at + 1)
+    assert at >= 0, "no cache of trees in the index"
+    body = data[at + 9:]  # the root's record: "" NUL, "<entries> <subtrees>\n", then its id when valid
+    head, _, rest = body.partition(b"\n")
+    entries = int(head.split(b" ")[0])
+    return entries, (rest[:20].hex() if entries >= 0 else None)
+
+
 SNAP1 = {"a.txt": b"a\n", "d/f": b"f\n", "x/a": b"xa\n", "x/b": b"xb\n", "k": b"k\n", "l": ("link", "k"),
          "run.sh": b"echo\n", ".gitignore": b"build/\n"}
 SNAP2 = {"a.txt": b"a\n", "d": b"now a file\n", "x": b"x file\n", "l/in": b"in a folder\n", "k": b"k2\n",
@@ -299,7 +314,9 @@ def test_a_warm_job_folder_moves_by_the_changed_paths_only(prepared, tmp_path, m
     second = snapshot_of(repo, SNAP2)
     seen = git_commands(monkeypatch)
     assert repo.prepare_slot(0, second) == folder
-    assert seen == ["status", "diff-tree", "update-index", "checkout-index"]  # no checkout -f, no clean
+    assert seen == ["status", "diff-tree", "read-tree"]  # no checkout -f, no clean
+    # the index's cache of trees is whole: the result's write-tree reads no folder the AI left alone
+    assert cached_root_tree(repo.git_dir / "worktrees/slot0/index") == (len(SNAP2), repo.tree_of(second))
     assert_folder_is(repo, folder, second)
     assert (folder / "a.txt").read_bytes() == b"a\n" and not (folder / "ai.txt").exists()
     assert (folder / "d").read_bytes() == b"now a file\n" and (folder / "l" / "in").read_bytes() == b"in a folder\n"
@@ -307,9 +324,25 @@ def test_a_warm_job_folder_moves_by_the_changed_paths_only(prepared, tmp_path, m
     # and back: a folder where a file was, a link where a folder was
     seen.clear()
     repo.prepare_slot(0, first)
-    assert seen == ["status", "diff-tree", "update-index", "checkout-index"]
+    assert seen == ["status", "diff-tree", "read-tree"]
     assert_folder_is(repo, folder, first)
     assert os.readlink(folder / "l") == "k" and (folder / "x" / "b").read_bytes() == b"xb\n"
+
+
+def test_an_ignored_file_where_a_tracked_one_comes_takes_the_snapshots_content(prepared, monkeypatch):
+    """A build's output, ignored, where the new snapshot tracks a file: the move writes the
+    snapshot's file over it (git's two-tree merge treats an ignored file as expendable)."""
+    repo, _, folder = prepared
+    monkeypatch.setattr(repo, "BY_PATHS_MIN_INDEX_BYTES", 0)
+    repo.prepare_slot(0, snapshot_of(repo, SNAP1))
+    (folder / "build").mkdir(exist_ok=True)
+    (folder / "build" / "out").write_bytes(b"a build's output\n")
+    second = snapshot_of(repo, {**SNAP1, "build/out": b"tracked now\n"})
+    seen = git_commands(monkeypatch)
+    repo.prepare_slot(0, second)
+    assert seen == ["status", "diff-tree", "read-tree"]
+    assert (folder / "build" / "out").read_bytes() == b"tracked now\n"
+    assert_folder_is(repo, folder, second)
 
 
 def test_a_moved_gitignore_or_a_stray_file_resets_the_folder_whole(prepared, monkeypatch):
@@ -345,7 +378,7 @@ def test_a_folder_checked_ahead_moves_without_a_status_of_its_own(prepared, monk
     assert repo.check_ahead(0) and seen == ["status"]
     seen.clear()
     repo.prepare_slot(0, second)
-    assert seen == ["diff-tree", "update-index", "checkout-index"]
+    assert seen == ["diff-tree", "read-tree"]
     assert_folder_is(repo, folder, second)
     seen.clear()
     repo.prepare_slot(0, first)  # a check ahead is used once
