@@ -14,6 +14,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -290,9 +291,16 @@ SNAP2 = {"a.txt": b"a\n", "d": b"now a file\n", "x": b"x file\n", "l/in": b"in a
          "run.sh": ("exec", b"echo\n"), ".gitignore": b"build/\n", "new/deep/n.txt": b"n\n"}
 
 
-def test_a_warm_job_folder_moves_by_the_changed_paths_only(prepared, tmp_path, monkeypatch):
+# how a folder moves by the changed paths: git's two-tree merge (many moved), or by the paths (few)
+MOVES = {"merge": (10 ** 9, ["read-tree"]), "paths": (0, ["update-index", "checkout-index"])}
+
+
+@pytest.mark.parametrize("way", list(MOVES))
+def test_a_warm_job_folder_moves_by_the_changed_paths_only(prepared, tmp_path, monkeypatch, way):
     repo, _, folder = prepared
     monkeypatch.setattr(repo, "BY_PATHS_MIN_INDEX_BYTES", 0)  # as for a large project
+    share, moves = MOVES[way]
+    monkeypatch.setattr(repo, "MERGE_MOVE_SHARE", share)
     first = snapshot_of(repo, SNAP1)
     repo.prepare_slot(0, first)
     (folder / "build").mkdir(exist_ok=True)
@@ -314,9 +322,11 @@ def test_a_warm_job_folder_moves_by_the_changed_paths_only(prepared, tmp_path, m
     second = snapshot_of(repo, SNAP2)
     seen = git_commands(monkeypatch)
     assert repo.prepare_slot(0, second) == folder
-    assert seen == ["status", "diff-tree", "read-tree"]  # no checkout -f, no clean
-    # the index's cache of trees is whole: the result's write-tree reads no folder the AI left alone
-    assert cached_root_tree(repo.git_dir / "worktrees/slot0/index") == (len(SNAP2), repo.tree_of(second))
+    assert seen == ["status", "diff-tree", *moves]  # no checkout -f, no clean
+    # by a merge the index's cache of trees stays whole: the result's write-tree reads no folder
+    # the AI left alone (by paths each changed folder's tree is left to it)
+    cached = cached_root_tree(repo.git_dir / "worktrees/slot0/index")
+    assert cached == ((len(SNAP2), repo.tree_of(second)) if way == "merge" else (-1, None))
     assert_folder_is(repo, folder, second)
     assert (folder / "a.txt").read_bytes() == b"a\n" and not (folder / "ai.txt").exists()
     assert (folder / "d").read_bytes() == b"now a file\n" and (folder / "l" / "in").read_bytes() == b"in a folder\n"
@@ -324,23 +334,26 @@ def test_a_warm_job_folder_moves_by_the_changed_paths_only(prepared, tmp_path, m
     # and back: a folder where a file was, a link where a folder was
     seen.clear()
     repo.prepare_slot(0, first)
-    assert seen == ["status", "diff-tree", "read-tree"]
+    assert seen == ["status", "diff-tree", *moves]
     assert_folder_is(repo, folder, first)
     assert os.readlink(folder / "l") == "k" and (folder / "x" / "b").read_bytes() == b"xb\n"
 
 
-def test_an_ignored_file_where_a_tracked_one_comes_takes_the_snapshots_content(prepared, monkeypatch):
+@pytest.mark.parametrize("way", list(MOVES))
+def test_an_ignored_file_where_a_tracked_one_comes_takes_the_snapshots_content(prepared, monkeypatch, way):
     """A build's output, ignored, where the new snapshot tracks a file: the move writes the
     snapshot's file over it (git's two-tree merge treats an ignored file as expendable)."""
     repo, _, folder = prepared
     monkeypatch.setattr(repo, "BY_PATHS_MIN_INDEX_BYTES", 0)
+    share, moves = MOVES[way]
+    monkeypatch.setattr(repo, "MERGE_MOVE_SHARE", share)
     repo.prepare_slot(0, snapshot_of(repo, SNAP1))
     (folder / "build").mkdir(exist_ok=True)
     (folder / "build" / "out").write_bytes(b"a build's output\n")
     second = snapshot_of(repo, {**SNAP1, "build/out": b"tracked now\n"})
     seen = git_commands(monkeypatch)
     repo.prepare_slot(0, second)
-    assert seen == ["status", "diff-tree", "read-tree"]
+    assert seen == ["status", "diff-tree", *moves]
     assert (folder / "build" / "out").read_bytes() == b"tracked now\n"
     assert_folder_is(repo, folder, second)
 
@@ -403,6 +416,33 @@ def test_a_folder_checked_ahead_moves_without_a_status_of_its_own(prepared, monk
     assert repo.check_ahead(0)
     os.utime(repo.git_dir / "worktrees" / "slot0" / "index")
     assert not repo._checked_ahead(0)
+
+
+def test_a_job_whose_folder_is_being_checked_ahead_waits_for_that_check(prepared, monkeypatch):
+    """An ask that comes while its folder's check ahead still runs (a small change goes with
+    the ask itself, no rsync first) waits for that check rather than running a second status
+    beside it."""
+    repo, _, folder = prepared
+    monkeypatch.setattr(repo, "BY_PATHS_MIN_INDEX_BYTES", 0)
+    repo.prepare_slot(0, snapshot_of(repo, SNAP1))
+    second = snapshot_of(repo, SNAP2)
+    run, seen = patchwire.Git.run, []
+
+    def slow_status(self, *args, **kw):
+        seen.append(args[0])
+        if args[0] == "status":
+            time.sleep(0.5)
+        return run(self, *args, **kw)
+    monkeypatch.setattr(patchwire.Git, "run", slow_status)
+    checking = threading.Thread(target=repo.check_ahead, args=(0,))
+    checking.start()
+    deadline = time.monotonic() + 10
+    while 0 not in repo._checking and time.monotonic() < deadline:
+        time.sleep(0.005)
+    repo.prepare_slot(0, second)
+    checking.join(10)
+    assert seen == ["status", "diff-tree", "read-tree"]
+    assert_folder_is(repo, folder, second)
 
 
 def test_a_check_ahead_that_a_job_overtakes_is_dropped(prepared, monkeypatch):
