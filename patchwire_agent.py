@@ -1159,8 +1159,8 @@ UPKEEP_CONFIG = {"gc.autoDetach": "false", "gc.pruneExpire": "2.weeks.ago", "gc.
 # what the upkeep keeps: the last snapshot (its ref), each job's result until `patchwire-agent
 # gc` prunes the job (JOB_REFS + id), and what the job folders' indexes hold
 SNAPSHOT_REF = "refs/patchwire/snapshot"
-CHECK_AHEAD_WAIT_S = 10.0  # a job waits this long at most for its folder's check ahead to end
 JOB_REFS = "refs/patchwire/jobs/"
+CHECK_AHEAD_WAIT_S = 10.0  # a job waits this long at most for its folder's check ahead to end
 
 
 class ProjectRepo:
@@ -1603,9 +1603,8 @@ class ProjectRepo:
         and holds a known tree, and the folder is exactly that index: `status` (one stat pass;
         with git's untracked cache only the folders whose stat data changed are read; none
         when `checked` ahead, check_ahead), one `diff-tree` between the two trees, then those
-        paths alone (_move_paths). False when it cannot be
-        done so (a .gitignore or a nested repository changed, a path in the way): the folder
-        is then reset whole."""
+        paths alone (_move_paths). False when it cannot be done so (a .gitignore or a nested
+        repository changed, a path in the way): the folder is then reset whole."""
         seal = self._sealed(slot)
         if seal is None or not seal.get("tree") or not self._large(slot):
             return False
