@@ -2069,13 +2069,13 @@ class Project:
                 or not isinstance(kept.get("count"), int) or not self._holds(kept)):
             return None
         status_now = functools.partial(self._quick_status, key.get("ignorecase") == "true")
-        if key.get("index") == self._user_index_key():
-            status, tracked, sources = in_parallel(status_now, self._user_tracked, self.ignore_sources)
-            listed_same = hashlib.sha256(tracked).hexdigest() == key.get("tracked")
-        else:  # the user's index was written since (a checkout, say): no `status` for nothing
-            tracked = self._user_tracked()
-            listed_same = hashlib.sha256(tracked).hexdigest() == key.get("tracked")
-            status, sources = in_parallel(status_now, self.ignore_sources) if listed_same else (None, None)
+        same_index = key.get("index") == self._user_index_key()
+        # the user's index written since (a checkout, say): its listing first, no `status` for nothing
+        status, tracked, sources = (in_parallel(status_now, self._user_tracked, self.ignore_sources) if same_index
+                                    else (None, self._user_tracked(), None))
+        listed_same = hashlib.sha256(tracked).hexdigest() == key.get("tracked")
+        if listed_same and not same_index:
+            status, sources = in_parallel(status_now, self.ignore_sources)
         if not listed_same or status is None or sources is None or quick_ignore_digest(sources) != key.get("ignore"):
             return None
         recorded, new = status

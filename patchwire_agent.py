@@ -1610,10 +1610,8 @@ class ProjectRepo:
             return False
         gitdir = self._mend_slot_links(slot)
         git = self.slot_git(slot)
-        if not checked:
-            status = git.run("status", "--porcelain", "-z", "--no-renames", "-unormal", check=False)
-            if status.returncode or worktree_changes(status.stdout):  # a folder it cannot read, say
-                return False
+        if not checked and not folder_is_its_index(git):
+            return False
         raw = git.run("diff-tree", "-r", "-z", "--no-renames", seal["tree"], commit, check=False)
         if raw.returncode:
             return False
@@ -1651,9 +1649,7 @@ class ProjectRepo:
             self._checking[slot] = threading.Event()
         clean = False
         try:
-            status = self.slot_git(slot, GIT_OPTIONAL_LOCKS="0").run(
-                "status", "--porcelain", "-z", "--no-renames", "-unormal", check=False)
-            clean = not status.returncode and not worktree_changes(status.stdout)
+            clean = folder_is_its_index(self.slot_git(slot, GIT_OPTIONAL_LOCKS="0"))
         finally:
             with self.lock:
                 if clean and self._uses.get(slot, 0) == uses and self._current_index_stat(slot) == index_then:
@@ -1891,6 +1887,14 @@ def bulk_checkin_works() -> bool:
     found = re.search(rb"(\d+)\.(\d+)", pw.Git().run("--version", check=False).stdout)
     return bool(found) and (int(found.group(1)), int(found.group(2))) >= BULK_CHECKIN_GIT
 SLOT_INDEX_CONFIG = {**pw.INDEX_CONFIG, "core.untrackedCache": "true", **PARALLEL_CHECKOUT}
+
+
+def folder_is_its_index(git: Git) -> bool:
+    """Whether `status` of a job folder finds nothing that differs from its index, nor a file it
+    does not hold and no .gitignore names (one stat pass; with git's untracked cache only the
+    folders whose stat data changed are read). A folder it cannot read, say: False."""
+    status = git.run("status", "--porcelain", "-z", "--no-renames", "-unormal", check=False)
+    return not status.returncode and not worktree_changes(status.stdout)
 
 
 def worktree_changes(status: bytes) -> bool:
