@@ -22,6 +22,7 @@ import pytest
 
 import patchwire
 import patchwire_agent as pa
+from test_box_walls import hand_to_account, in_child_as_account
 
 # ------------------------------------------------------------------ config, the AI's output, the store
 
@@ -358,6 +359,39 @@ def test_an_ignored_file_where_a_tracked_one_comes_takes_the_snapshots_content(p
     assert_folder_is(repo, folder, second)
 
 
+@pytest.mark.parametrize("who", ["root", "account"])
+@pytest.mark.parametrize("way", list(MOVES))
+def test_an_ignored_link_an_earlier_ai_left_leads_no_move_outside(srv_place, monkeypatch, way, who):
+    """An AI that ran unconfined left an ignored symlink to a folder outside (`out -> /elsewhere`),
+    and the next snapshot tracks a file beneath that name: the move writes it in the job folder,
+    never through the link, whichever way it moves; as root and as an ordinary account."""
+    share, moves = MOVES[way]
+    elsewhere = srv_place / "elsewhere"
+    elsewhere.mkdir()
+
+    def body() -> None:
+        repo = pa.ProjectRepo(srv_place / "state", "alice", "demo")
+        repo.ensure()
+        monkeypatch.setattr(repo, "BY_PATHS_MIN_INDEX_BYTES", 0)
+        monkeypatch.setattr(repo, "MERGE_MOVE_SHARE", share)
+        snap = {**SNAP1, ".gitignore": b"build/\nout\n"}
+        folder = repo.prepare_slot(0, snapshot_of(repo, snap))
+        (folder / "out").symlink_to(elsewhere)
+        assert repo.check_ahead(0)  # ignored: the folder is its index
+        second = snapshot_of(repo, {**snap, "out/x": b"tracked beneath\n"})
+        seen = git_commands(monkeypatch)
+        repo.prepare_slot(0, second)
+        assert seen == ["diff-tree", *moves]
+        assert list(elsewhere.iterdir()) == []
+        assert not (folder / "out").is_symlink() and (folder / "out" / "x").read_bytes() == b"tracked beneath\n"
+        assert_folder_is(repo, folder, second)
+    if who == "root":
+        body()
+    else:
+        hand_to_account(srv_place)
+        in_child_as_account(body)
+
+
 def test_a_moved_gitignore_or_a_stray_file_resets_the_folder_whole(prepared, monkeypatch):
     repo, _, folder = prepared
     monkeypatch.setattr(repo, "BY_PATHS_MIN_INDEX_BYTES", 0)
@@ -443,6 +477,28 @@ def test_a_job_whose_folder_is_being_checked_ahead_waits_for_that_check(prepared
     checking.join(10)
     assert seen == ["status", "diff-tree", "read-tree"]
     assert_folder_is(repo, folder, second)
+
+
+def test_a_user_asking_me_again_and_again_starts_one_check_at_a_time(tmp_path, monkeypatch):
+    """GET /v1/me in a loop (a client, or a user's script): while a check of the project's
+    folder runs, no second one starts."""
+    cfg = pa.AgentConfig(tmp_path / "agent.toml", {
+        "server": {"state_dir": str(tmp_path / "state")}, "ai": {"command": ["true"], "sandbox": "none"},
+        "users": {"alice": {"token_sha256": pa.token_digest("t").hex()}}})
+    agent = pa.Agent(cfg)
+    try:
+        repo = agent.repo("alice", "demo")
+        release, calls = threading.Event(), []
+        monkeypatch.setattr(repo, "check_ahead", lambda slot: calls.append(slot) or release.wait(10))
+        for _ in range(20):
+            agent.me("alice", "demo")
+        release.set()
+        deadline = time.monotonic() + 10
+        while agent.checking_ahead and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert calls == [0] and not agent.checking_ahead
+    finally:
+        agent.stop()
 
 
 def test_a_check_ahead_that_a_job_overtakes_is_dropped(prepared, monkeypatch):
