@@ -1049,35 +1049,48 @@ def remove_file(root: Root, rel: str) -> None:
             os.close(fd)
 
 
-def write_worktree(root: Root, rel: str, data: Optional[bytes], mode: str, mtime_ns: Optional[int] = None) -> None:
-    """Write (atomically, by rename) or delete one file; empty folders left behind go too.
-    `mtime_ns`: the file's modification time (a copy made as `rsync -a` makes one)."""
+def write_worktree(root: Root, rel: str, data: Optional[bytes], mode: str, mtime_ns: Optional[int] = None,
+                   by_rename: bool = True) -> None:
+    """Write or delete one file; empty folders left behind go too. Never through a symlink
+    (the new file is created O_EXCL|O_NOFOLLOW in its folder, opened link-free). `by_rename`:
+    written beside and renamed over the old file, so a reader sees the old bytes or the new;
+    otherwise as git's checkout and apply write, the old file unlinked and the new one
+    created in its place, for a caller that holds the old bytes to put back itself (900
+    files: 0.16 s against 0.23 s by rename, measured here). `mtime_ns`: the file's
+    modification time (a copy made as `rsync -a` makes one)."""
     if data is None:
         remove_file(root, rel)
         return
     fd, name = _open_parent(root, rel, create=True)
-    tmp = f".{name}.patchwire-tmp"
+    made = f".{name}.patchwire-tmp" if by_rename else name
     try:
-        if stat.S_ISDIR(_lstat_at(fd, name)):
+        here = _lstat_at(fd, name)
+        if stat.S_ISDIR(here):
             raise IsADirectoryError(f"{rel} is a folder")
-        if _lstat_at(fd, tmp):
-            os.unlink(tmp, dir_fd=fd)
-        if mode == "120000":
-            os.symlink(os.fsdecode(data), tmp, dir_fd=fd)
-        else:
-            perm = 0o755 if mode == "100755" else 0o644
-            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, perm,
-                                   dir_fd=fd), "wb") as f:
-                f.write(data)
-                os.fchmod(f.fileno(), perm)  # the umask narrowed the mode open() gave
-                if mtime_ns is not None:
-                    f.flush()  # the time is set after the last write, or the write sets it again
-                    os.utime(f.fileno(), ns=(mtime_ns, mtime_ns))
-        os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        if by_rename and _lstat_at(fd, made) or not by_rename and here:
+            os.unlink(made, dir_fd=fd)
+        _create_at(fd, made, data, mode, mtime_ns)
+        if by_rename:
+            os.replace(made, name, src_dir_fd=fd, dst_dir_fd=fd)
     finally:
-        if _lstat_at(fd, tmp):
-            os.unlink(tmp, dir_fd=fd)
+        if by_rename and _lstat_at(fd, made):
+            os.unlink(made, dir_fd=fd)
         os.close(fd)
+
+
+def _create_at(fd: int, name: str, data: bytes, mode: str, mtime_ns: Optional[int]) -> None:
+    """A new file (or symlink, mode 120000) `name` in the folder `fd`; FileExistsError if
+    anything is there, a link included."""
+    if mode == "120000":
+        os.symlink(os.fsdecode(data), name, dir_fd=fd)
+        return
+    perm = 0o755 if mode == "100755" else 0o644
+    with os.fdopen(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, perm, dir_fd=fd), "wb") as f:
+        f.write(data)
+        os.fchmod(f.fileno(), perm)  # the umask narrowed the mode open() gave
+        if mtime_ns is not None:
+            f.flush()  # the time is set after the last write, or the write sets it again
+            os.utime(f.fileno(), ns=(mtime_ns, mtime_ns))
 
 
 # ================================================================== what reaches the terminal
@@ -4811,12 +4824,17 @@ def split_patch(patch: bytes) -> List[FilePatch]:
 def collector_paused() -> Iterator[None]:
     """Python's cycle collector held off: reading a patch makes a few thousand lists (the
     sections, their hunks) beside a million lines, none of them in a cycle, and the
-    collections their making set off doubled the reading time of a 50 MB patch."""
+    collections their making set off doubled the reading time of a 50 MB patch. What was
+    made is then frozen (gc.freeze: never scanned again, still freed when no longer used),
+    or the first collections after would walk the million lines, three times over as they
+    age: 40 ms of a 50 MB patch's preview. A cycle among what was frozen is freed only at
+    exit: the laptop's commands are short-lived."""
     was = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
+        gc.freeze()
         if was:
             gc.enable()
 
@@ -4925,9 +4943,16 @@ def hunk_sides(lines: List[bytes], kinds: Optional[bytes] = None) -> Tuple[bytes
     return b"".join(old), old_n, b"".join(new), new_n, trailing
 
 
+_WITHOUT_SIGN = operator.itemgetter(slice(1, None))
+
+
 def run_text(run: List[bytes], sign: bytes) -> bytes:
-    """The text of a run of lines of one kind, their signs dropped: after every LF of the
-    joined run the next line's sign, and the first line's (an empty context line has none)."""
+    """The text of a run of lines of one kind, their signs dropped. Each removed or added
+    line starts with its sign: its slice past it (a quarter faster than the replace below).
+    A context run's empty lines may have none (a bare LF): after every LF of the joined run
+    the next line's sign goes, and the first line's."""
+    if sign in (b"+", b"-"):
+        return b"".join(map(_WITHOUT_SIGN, run))
     joined = b"".join(run)
     sign = b" " if sign == b"\n" else sign
     joined = joined[1:] if joined[:1] == sign else joined
@@ -6078,7 +6103,8 @@ class Applier:
             for path in in_write_order(merged, lambda p: merged[p][0] is None):
                 data, mode, _ = merged[path]
                 written.append(path)
-                write_worktree(self.project.root, path, data, mode)
+                # as git apply writes (by_rename=False): `was` holds every old file to put back
+                write_worktree(self.project.root, path, data, mode, by_rename=False)
         except (OSError, PatchwireError, KeyboardInterrupt) as e:
             _, left = self.put_back_rewritten(was)
             failed = sanitize(written[-1]) if written else "the project"

@@ -5,6 +5,10 @@ shown to a person, and following a job's event stream across dropped connections
 
 from __future__ import annotations
 
+import gc
+import os
+import stat
+
 import pytest
 
 import patchwire as pw
@@ -233,6 +237,50 @@ def test_write_blobs_stores_what_git_would_with_no_process(tmp_path, monkeypatch
         assert git("cat-file", "blob", blob) == data
     assert git.text("fsck", "--strict", "--no-dangling") == ""
     assert pw.Git(cwd=tmp_path / "nowhere").write_blobs([]) == []
+
+
+@pytest.mark.parametrize("by_rename", [True, False], ids=["by-rename", "unlink-and-create"])
+def test_a_write_replaces_what_is_at_the_path_and_never_writes_through_it(tmp_path, by_rename):
+    """Both ways of writing a file (beside and renamed over, or git's unlink and create, the
+    Applier's) replace a symlink or a hard link at the path with a new file, and leave
+    what the old name led to as it was; a folder in the way is refused and kept."""
+    root, outside = tmp_path / "project", tmp_path / "outside"
+    (root / "lib").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"keep\n")
+    (root / "lib" / "link").symlink_to(outside / "secret")
+    os.link(outside / "secret", root / "lib" / "hard")
+    (root / "lib" / "dir").mkdir()
+    (root / "lib" / "dir" / "x").write_bytes(b"x")
+    for name, data, mode in (("link", b"new\n", "100644"), ("hard", b"run\n", "100755"),
+                             ("made", b"fresh\n", "100644"), ("ln", b"made", "120000")):
+        pw.write_worktree(root, f"lib/{name}", data, mode, by_rename=by_rename)
+    assert (outside / "secret").read_bytes() == b"keep\n"
+    assert not (root / "lib" / "link").is_symlink() and (root / "lib" / "link").read_bytes() == b"new\n"
+    assert (root / "lib" / "hard").read_bytes() == b"run\n" and (root / "lib" / "hard").stat().st_nlink == 1
+    assert stat.S_IMODE((root / "lib" / "hard").stat().st_mode) == 0o755
+    assert (root / "lib" / "made").read_bytes() == b"fresh\n"
+    assert os.readlink(root / "lib" / "ln") == "made"
+    with pytest.raises(IsADirectoryError):
+        pw.write_worktree(root, "lib/dir", b"no\n", "100644", by_rename=by_rename)
+    assert (root / "lib" / "dir" / "x").read_bytes() == b"x"
+    assert sorted(os.listdir(root / "lib")) == ["dir", "hard", "link", "ln", "made"]  # nothing left beside
+
+
+def test_a_patch_read_leaves_the_collector_on_and_its_lines_frozen():
+    """The million lines of a big patch are read with the cycle collector off, then frozen,
+    never walked by a collection after (collector_paused)."""
+    patch = b"".join(b"diff --git a/f%d b/f%d\nnew file mode 100644\n--- /dev/null\n+++ b/f%d\n@@ -0,0 +1 @@\n+x\n"
+                     % (n, n, n) for n in range(50))
+    gc.unfreeze()
+    try:
+        assert gc.isenabled()
+        files = pw.split_patch(patch)
+        assert gc.isenabled() and len(files) == 50
+        assert gc.get_freeze_count() > 0
+        assert gc.is_tracked(files) and all(o is not files for o in gc.get_objects())  # frozen: out of every generation
+    finally:
+        gc.unfreeze()
 
 
 # ------------------------------------------------------------------ the listing against the record
