@@ -11,7 +11,8 @@ Parts:
     enter      Enter -> AI start at --files (200) files, run locally: from launching `patchwire ask
                --yes` until the AI process starts (the AI command is a shell script that writes
                `date +%s.%N` to a file, then execs the stand-in, tests/stand_in_claude.py), one
-               file changed by the user each round; against the natural script up to its AI:
+               file changed by the user each round (and written out, os.sync, before the clock
+               starts, for each side alike); against the natural script up to its AI:
                `rsync -a --delete --exclude=.git ./ box/ && cd box && git add -A && git commit -qm s && AI`
     startup    `patchwire --version` from the built zipapp (dist/patchwire, build.sh; its first
                start, which unpacks it, not timed) against `python3 patchwire.py --version`, under
@@ -197,6 +198,9 @@ def enter_figures(tmp: Path, count: int, repeat: int, stack: ExitStack, way: str
 
     def until_ai(run: Callable[[], None]) -> float:
         stamp.unlink(missing_ok=True)
+        # what earlier parts wrote (a full run makes 100,000-file projects before this) is
+        # written out first, for both sides alike: the latency measured is the ask's own
+        os.sync()
         start = time.time()
         run()
         return float(stamp.read_text()) - start
