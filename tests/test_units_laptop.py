@@ -267,6 +267,44 @@ def test_a_write_replaces_what_is_at_the_path_and_never_writes_through_it(tmp_pa
     assert sorted(os.listdir(root / "lib")) == ["dir", "hard", "link", "ln", "made"]  # nothing left beside
 
 
+def test_a_write_failing_between_unlink_and_create_puts_every_file_back(tmp_path, monkeypatch):
+    """The Applier writes as git apply does, the old file unlinked before the new one is
+    created: when the create fails (a full disk, a quota), the file just unlinked and the one
+    written before it hold their old bytes again, and the error says nothing was changed."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    root = tmp_path / "project"
+    (root / "src").mkdir(parents=True)
+    old = {"src/a.txt": b"a\n", "src/b.txt": b"b\n", "src/c.sh": b"#!/bin/sh\n"}
+    for path, data in old.items():
+        (root / path).write_bytes(data)
+    (root / "src" / "c.sh").chmod(0o755)
+    applier = pw.Applier(pw.Project(root, "laptop"), pw.Style(False))
+    merged = {"src/a.txt": (b"A\n", "100644", 0), "src/b.txt": (b"B\n", "100644", 0),
+              "src/c.sh": (b"#!/bin/sh\nexit 1\n", "100755", 0), "src/new.txt": (b"new\n", "100644", 0)}
+    was = {**dict.fromkeys(merged), **applier.read_here(list(merged))}
+    created, failed_once = [], []
+
+    def create(fd, name, data, mode, mtime_ns):  # the third file's create fails, once
+        if len(created) == 2 and not failed_once:
+            failed_once.append(name)
+            raise OSError(28, "No space left on device")
+        created.append(name)
+        real_create(fd, name, data, mode, mtime_ns)
+
+    real_create = pw._create_at
+    monkeypatch.setattr(pw, "_create_at", create)
+    with pytest.raises(pw.PatchError) as failed:
+        applier.write(merged, was)
+    monkeypatch.undo()
+    assert created[:2] == ["a.txt", "b.txt"] and failed_once == ["c.sh"]
+    assert "could not write src/c.sh (No space left on device)" in failed.value.message, failed.value.message
+    assert "the files written so far were put back, nothing was changed" in failed.value.message
+    for path, data in old.items():
+        assert (root / path).read_bytes() == data, path
+    assert stat.S_IMODE((root / "src" / "c.sh").stat().st_mode) == 0o755
+    assert sorted(os.listdir(root / "src")) == ["a.txt", "b.txt", "c.sh"]
+
+
 def test_a_patch_read_leaves_the_collector_on_and_its_lines_frozen():
     """The million lines of a big patch are read with the cycle collector off, then frozen,
     never walked by a collection after (collector_paused)."""
