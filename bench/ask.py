@@ -56,7 +56,10 @@ shell start-up, per ask):
     ssh BOX 'cd mirror && git add -A && git commit -qm s && claude -p "..." && git add -A &&
              git diff --cached --binary -M HEAD && git reset -q --hard' > p && git apply p
 (An earlier baseline fed `git ls-files | rsync --files-from=-`, 2.2x slower than this at 20,000
-files: a baseline slower than what a user writes flatters Patchwire.)
+files: a baseline slower than what a user writes flatters Patchwire.) Its `git commit` may leave
+a `git gc --auto` running in the background (a first commit of many files starts one): the bench
+waits for it after the warm-up and between rounds, untimed (Baseline.settle), as its own box
+would run it after the ask, not beside the next one of both sides.
 """
 
 from __future__ import annotations
@@ -175,6 +178,15 @@ class Baseline:
         """One ask; the laptop side's peak RSS in kB."""
         return run_peak(["sh", "-c", self.command(prompt)], self.laptop)
 
+    def settle(self, timeout_s: float = 600) -> None:
+        """Wait, untimed, for the `git gc --auto` the script's `git commit` may have left running
+        in the background (git detaches it; a first commit of 43,737 or 100,000 files starts
+        one): on a box of its own it would slow the box after the ask, here it would slow the
+        next rounds of both sides and the next parts of the run."""
+        deadline = time.monotonic() + timeout_s
+        while (self.box / ".git" / "gc.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
 
 def run_peak(argv: Sequence[str], cwd: Path, env: Optional[dict] = None) -> float:
     """Run `argv` to its end (a failure raises, with the end of its stderr); its peak RSS in kB:
@@ -249,6 +261,7 @@ def run_size(tmp: Path, count: int, repeat: int, ssh_server, stack: ExitStack) -
         base = Baseline(root, tmp / f"box{count}-{mode}", ssh)
         patchwire_ask(lap, script({"write": f"ai_pw_{mode}.txt", "text": "warm-up\n"}))  # cold sync
         base.ask(script({"write": f"ai_base_{mode}.txt", "text": "warm-up\n"}))
+        base.settle()
         pw_t, base_t = [], []
         peaks: Dict[str, List[float]] = {"pw": [], "base": []}
         for r in range(repeat):
@@ -260,6 +273,7 @@ def run_size(tmp: Path, count: int, repeat: int, ssh_server, stack: ExitStack) -
                 start = time.perf_counter()
                 peaks[name].append(func())
                 (pw_t if name == "pw" else base_t).append(time.perf_counter() - start)
+            base.settle()
         out[f"pw {mode}"], out[f"base {mode}"] = pw_t, base_t
         out[f"pw {mode} peak kB"], out[f"base {mode} peak kB"] = peaks["pw"], peaks["base"]
         if not ssh:  # a sync with nothing to send, against the natural script's rsync
@@ -315,6 +329,7 @@ def switch_figures(tmp: Path, count: int, repeat: int, ssh_server, stack: ExitSt
     base = Baseline(root, tmp / f"box-switch{count}", ssh)
     patchwire_ask(lap, script({"write": "ai_pw.txt", "text": "warm-up\n"}))
     base.ask(script({"write": "ai_base.txt", "text": "warm-up\n"}))
+    base.settle()
     out: Dict[str, List[float]] = {"pw": [], "base": []}
     for r in range(repeat):
         git(root, "checkout", "-q", "other" if r % 2 == 0 else "main")
@@ -322,6 +337,7 @@ def switch_figures(tmp: Path, count: int, repeat: int, ssh_server, stack: ExitSt
                 ("base", lambda: base.ask(script({"write": "ai_base.txt", "text": f"round {r}\n" * (r + 2)})))]
         for name, func in (runs if r % 2 == 0 else runs[::-1]):
             out[name].append(timed(func))
+        base.settle()
     print(f"  branch switch at {count:,} files, ssh: patchwire {spread(out['pw'])} s, "
           f"baseline {spread(out['base'])} s, {ratio(out['pw'], out['base']):.2f}x", flush=True)
     return out
@@ -357,6 +373,7 @@ def first_figures(tmp: Path, source: Path, repeat: int, ssh_server, stack: ExitS
         for name, func in (runs if r % 2 == 0 else runs[::-1]):
             out[name].append(timed(func))  # type: ignore[union-attr]
         agent.stop()
+        base.settle()
     print(f"  first ask of the real project ({files:,} files), ssh: patchwire {spread(out['pw'])} s, "  # type: ignore[arg-type]
           f"baseline {spread(out['base'])} s, {ratio(out['pw'], out['base']):.2f}x", flush=True)  # type: ignore[arg-type]
     return out

@@ -128,6 +128,14 @@ class Natural:
         patch = self.box_side(prompt)
         subprocess.run(["git", "apply"], cwd=self.laptop, input=patch, check=True)
 
+    def settle(self, timeout_s: float = 300) -> None:
+        """Wait for the `git gc --auto` the script's `git commit` may have left running in the
+        background (git detaches it: a first commit of 100,000 files starts one), which would
+        still be writing the box's objects/ while the run's folder is removed."""
+        deadline = time.monotonic() + timeout_s
+        while (self.box / ".git" / "gc.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
     def laptop_peak_kb(self, prompt: str) -> int:
         """The laptop side only (rsync, git apply): the box side runs on the box."""
         rsync = peak_kb(self.rsync(), self.laptop)
@@ -165,6 +173,7 @@ class Side:
         self.lap = Laptop(self.root, program=program, env=self.env)
         self.lap.init(self.agent)
         self.natural = Natural(self.root, tmp / f"box-{name}", ai)
+        stack.callback(self.natural.settle)
         self.pw(script({"write": "ai_pw.txt", "text": "warm-up\n"}))  # the first sync: not timed
         self.natural.ask(script({"write": "ai_natural.txt", "text": "warm-up\n"}))
 
