@@ -1,6 +1,7 @@
 """The benchmark runs (quick mode) and its own checks hold: the job folder equals the snapshot
 after every preparation and the build cache survives. Figures are printed, never asserted."""
 
+import re
 import subprocess
 import sys
 
@@ -34,7 +35,9 @@ def test_gateway_benchmark_quick_run_measures_both_paths():
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
     out = proc.stdout.decode()
     assert proc.returncode == 0, out
-    assert out.count("x | +") == 2 and "tunnels open" in out, out
+    # both paths measured; which is faster is not asserted (a loopback round trip can come out
+    # a fraction of a millisecond faster through the gateway than direct)
+    assert len(re.findall(r"\| \d+\.\d\dx \| [+-]\d+\.\d\d ms \|", out)) == 2 and "tunnels open" in out, out
 
 
 def test_attempts_benchmark_quick_run_prints_both_wall_times():
