@@ -12,8 +12,6 @@ import signal
 import subprocess
 import time
 
-import pytest
-
 from conftest import Laptop, script
 from sshd import free_port
 
@@ -77,8 +75,7 @@ def test_the_first_ctrl_c_leaves_at_once_the_job_finishes_and_wait_applies_it(la
 
 
 
-@pytest.mark.parametrize("when", [b"working", b"AI finished"], ids=["mid-job", "before-the-diff"])
-def test_an_agent_restarted_mid_job_costs_one_reconnect_line_and_the_ask_applies(tmp_path, make_agent, when):
+def test_an_agent_restarted_mid_job_costs_one_reconnect_line_and_the_ask_applies(tmp_path, make_agent):
     from conftest import make_repo
     box = make_agent(server={"listen": f"127.0.0.1:{free_port()}", "shutdown_grace_s": 30})
     lap = Laptop(make_repo(tmp_path / "lap", {"README.md": b"# demo\n"}))
@@ -87,12 +84,7 @@ def test_an_agent_restarted_mid_job_costs_one_reconnect_line_and_the_ask_applies
                                                          {"write": "new.txt", "text": "made\n"}), "--yes"],
                             cwd=lap.root, env=lap.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-    seen = b""
-    while when not in seen:
-        assert select.select([proc.stderr], [], [], 30)[0], seen
-        chunk = os.read(proc.stderr.fileno(), 4096)
-        assert chunk, seen
-        seen += chunk
+    seen = read_until(proc, [b"working"])
     assert box.stop() == 0  # SIGTERM: the job finishes within the grace, the agent exits
     box.start()
     out, err = proc.communicate(timeout=60)
@@ -101,3 +93,50 @@ def test_an_agent_restarted_mid_job_costs_one_reconnect_line_and_the_ask_applies
     assert err.count("lost the event stream") + err.count("trying again") == 1, err
     assert "patchwire: " not in err and "applied job" in err, err
     assert (lap.root / "new.txt").read_text() == "made\n"
+
+
+def test_a_laptop_asleep_while_the_agent_restarts_after_the_job_costs_one_line_and_the_ask_applies(
+        tmp_path, make_agent):
+    """The job ends while the laptop is stopped (SIGSTOP: a closed lid); the agent restarts
+    after the job's end and is down when the laptop wakes, before it fetched the diff. The
+    laptop says so once, tries again, and applies the job's result from the restarted agent."""
+    from conftest import make_repo
+    box = make_agent(server={"listen": f"127.0.0.1:{free_port()}", "shutdown_grace_s": 30})
+    lap = Laptop(make_repo(tmp_path / "lap", {"README.md": b"# demo\n"}))
+    lap.init(box)
+    gate = tmp_path / "gate"
+    proc = subprocess.Popen(lap.program + ["ask", script({"write": "new.txt", "text": "made\n"}, {"say": "written"},
+                                                         {"wait_file": str(gate)}), "--yes"],
+                            cwd=lap.root, env=lap.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        seen = read_until(proc, [b"written"])
+        job = lap.last_job()
+        proc.send_signal(signal.SIGSTOP)
+        gate.write_text("open")
+        assert box.wait_job(job)["status"] == "done"
+        assert box.stop() == 0  # the agent is down when the laptop wakes
+        proc.send_signal(signal.SIGCONT)
+        seen += read_until(proc, [b"lost the event stream", b"trying again"])
+        box.start()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # a failure above: do not leave it stopped
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+    err = (seen + err).decode(errors="replace")
+    assert proc.returncode == 0, err
+    assert err.count("lost the event stream") + err.count("trying again") == 1, err
+    assert "patchwire: " not in err and "applied job" in err, err
+    assert (lap.root / "new.txt").read_text() == "made\n"
+
+
+def read_until(proc: subprocess.Popen, marks: "list[bytes]", timeout: float = 30) -> bytes:
+    """What the CLI wrote to stderr up to the first of `marks`."""
+    seen = b""
+    while not any(m in seen for m in marks):
+        assert select.select([proc.stderr], [], [], timeout)[0], seen
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        assert chunk, seen
+        seen += chunk
+    return seen
