@@ -1067,7 +1067,8 @@ def write_worktree(root: Root, rel: str, data: Optional[bytes], mode: str, mtime
         here = _lstat_at(fd, name)
         if stat.S_ISDIR(here):
             raise IsADirectoryError(f"{rel} is a folder")
-        if by_rename and _lstat_at(fd, made) or not by_rename and here:
+        in_the_way = _lstat_at(fd, made) if by_rename else here  # a temporary left over, or the old file
+        if in_the_way:
             os.unlink(made, dir_fd=fd)
         _create_at(fd, made, data, mode, mtime_ns)
         if by_rename:

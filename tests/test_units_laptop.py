@@ -5,9 +5,11 @@ shown to a person, and following a job's event stream across dropped connections
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -239,12 +241,24 @@ def test_write_blobs_stores_what_git_would_with_no_process(tmp_path, monkeypatch
     assert pw.Git(cwd=tmp_path / "nowhere").write_blobs([]) == []
 
 
+@pytest.mark.parametrize("who", ["runner", "account"], ids=["as-the-runner", "as-an-ordinary-account"])
 @pytest.mark.parametrize("by_rename", [True, False], ids=["by-rename", "unlink-and-create"])
-def test_a_write_replaces_what_is_at_the_path_and_never_writes_through_it(tmp_path, by_rename):
+def test_a_write_replaces_what_is_at_the_path_and_never_writes_through_it(tmp_path, srv_place, by_rename, who):
     """Both ways of writing a file (beside and renamed over, or git's unlink and create, the
     Applier's) replace a symlink or a hard link at the path with a new file, and leave
-    what the old name led to as it was; a folder in the way is refused and kept."""
-    root, outside = tmp_path / "project", tmp_path / "outside"
+    what the old name led to as it was; a folder in the way is refused and kept. Also as an
+    ordinary account (root writes where it may not), whose own file the links lead to."""
+    if who == "runner":
+        write_at_links(tmp_path, by_rename)
+        return
+    from test_box_walls import account_or_skip, hand_to_account, in_child_as_account
+    account_or_skip()  # made when missing
+    hand_to_account(srv_place)
+    in_child_as_account(functools.partial(write_at_links, srv_place, by_rename))
+
+
+def write_at_links(base: Path, by_rename: bool) -> None:
+    root, outside = base / "project", base / "outside"
     (root / "lib").mkdir(parents=True)
     outside.mkdir()
     (outside / "secret").write_bytes(b"keep\n")
@@ -267,42 +281,84 @@ def test_a_write_replaces_what_is_at_the_path_and_never_writes_through_it(tmp_pa
     assert sorted(os.listdir(root / "lib")) == ["dir", "hard", "link", "ln", "made"]  # nothing left beside
 
 
-def test_a_write_failing_between_unlink_and_create_puts_every_file_back(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing, half", [("src/c.sh", False), ("src/b.txt", True), ("src/new.txt", True)],
+                         ids=["between-unlink-and-create", "half-written", "new-file-half-written"])
+def test_a_write_failing_on_a_full_disk_puts_every_file_back(tmp_path, monkeypatch, failing, half):
     """The Applier writes as git apply does, the old file unlinked before the new one is
-    created: when the create fails (a full disk, a quota), the file just unlinked and the one
-    written before it hold their old bytes again, and the error says nothing was changed."""
+    created: when the create fails (a full disk, a quota), or the disk fills while the file
+    is written and half of it is at the path itself (no temporary beside it), the file and
+    the ones written before it hold their old bytes and modes again, a file the patch was
+    adding is gone, and the error says nothing was changed."""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     root = tmp_path / "project"
     (root / "src").mkdir(parents=True)
-    old = {"src/a.txt": b"a\n", "src/b.txt": b"b\n", "src/c.sh": b"#!/bin/sh\n"}
+    old = {"src/a.txt": b"a\n", "src/b.txt": b"b\n" * 1000, "src/c.sh": b"#!/bin/sh\n"}
     for path, data in old.items():
         (root / path).write_bytes(data)
     (root / "src" / "c.sh").chmod(0o755)
     applier = pw.Applier(pw.Project(root, "laptop"), pw.Style(False))
-    merged = {"src/a.txt": (b"A\n", "100644", 0), "src/b.txt": (b"B\n", "100644", 0),
-              "src/c.sh": (b"#!/bin/sh\nexit 1\n", "100755", 0), "src/new.txt": (b"new\n", "100644", 0)}
+    merged = {"src/a.txt": (b"A\n", "100644", 0), "src/b.txt": (b"B\n" * 2000, "100644", 0),
+              "src/c.sh": (b"#!/bin/sh\nexit 1\n", "100755", 0), "src/new.txt": (b"new\n" * 2000, "100644", 0)}
     was = {**dict.fromkeys(merged), **applier.read_here(list(merged))}
-    created, failed_once = [], []
+    created, failed, left = [], [], []
 
-    def create(fd, name, data, mode, mtime_ns):  # the third file's create fails, once
-        if len(created) == 2 and not failed_once:
-            failed_once.append(name)
+    def create(fd, name, data, mode, mtime_ns):
+        if name == failing.split("/")[-1] and not failed:  # fails once
+            failed.append(name)
+            if half:
+                real_create(fd, name, data[:len(data) // 2], mode, mtime_ns)
+                left.append(os.stat(name, dir_fd=fd).st_size)
             raise OSError(28, "No space left on device")
-        created.append(name)
+        if not failed:  # the put-back's writes after are not the Applier's
+            created.append(name)
         real_create(fd, name, data, mode, mtime_ns)
 
     real_create = pw._create_at
     monkeypatch.setattr(pw, "_create_at", create)
-    with pytest.raises(pw.PatchError) as failed:
+    with pytest.raises(pw.PatchError) as refused:
         applier.write(merged, was)
     monkeypatch.undo()
-    assert created[:2] == ["a.txt", "b.txt"] and failed_once == ["c.sh"]
-    assert "could not write src/c.sh (No space left on device)" in failed.value.message, failed.value.message
-    assert "the files written so far were put back, nothing was changed" in failed.value.message
+    order = ["a.txt", "b.txt", "c.sh", "new.txt"]
+    assert created == order[:order.index(failed[0])] and failed == [failing.split("/")[-1]]
+    assert left == ([len(merged[failing][0]) // 2] if half else [])  # the half-written file was there
+    assert f"could not write {failing} (No space left on device)" in refused.value.message, refused.value.message
+    assert "the files written so far were put back, nothing was changed" in refused.value.message
     for path, data in old.items():
         assert (root / path).read_bytes() == data, path
     assert stat.S_IMODE((root / "src" / "c.sh").stat().st_mode) == 0o755
     assert sorted(os.listdir(root / "src")) == ["a.txt", "b.txt", "c.sh"]
+
+
+def test_a_link_raced_in_between_unlink_and_create_is_never_written_through(tmp_path, monkeypatch):
+    """Another process puts a symlink where the Applier just unlinked a file, before it creates
+    the new one: the create refuses it (O_EXCL|O_NOFOLLOW), what the link leads to is kept,
+    and the put-back replaces the link with the old file."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    root, secret = tmp_path / "project", tmp_path / "secret"
+    (root / "src").mkdir(parents=True)
+    (root / "src" / "a.txt").write_bytes(b"a\n")
+    secret.write_bytes(b"keep\n")
+    applier = pw.Applier(pw.Project(root, "laptop"), pw.Style(False))
+    merged = {"src/a.txt": (b"A\n", "100644", 0)}
+    raced = []
+
+    def create(fd, name, data, mode, mtime_ns):
+        if not raced:
+            raced.append(name)
+            os.symlink(secret, name, dir_fd=fd)
+        real_create(fd, name, data, mode, mtime_ns)
+
+    real_create = pw._create_at
+    monkeypatch.setattr(pw, "_create_at", create)
+    with pytest.raises(pw.PatchError) as refused:
+        applier.write(merged, applier.read_here(list(merged)))
+    monkeypatch.undo()
+    assert raced == ["a.txt"]
+    assert "could not write src/a.txt (File exists)" in refused.value.message, refused.value.message
+    assert "nothing was changed" in refused.value.message
+    assert secret.read_bytes() == b"keep\n"
+    assert not (root / "src" / "a.txt").is_symlink() and (root / "src" / "a.txt").read_bytes() == b"a\n"
+    assert os.listdir(root / "src") == ["a.txt"]
 
 
 def test_a_patch_read_leaves_the_collector_on_and_its_lines_frozen():
