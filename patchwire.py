@@ -119,11 +119,11 @@ import glob
 import hashlib
 import heapq
 import io
+import itertools
 import json
 import operator
 import os
 import re
-import itertools
 import shlex
 import shutil
 import stat
@@ -5927,6 +5927,7 @@ class Applier:
         self.undo_log = UndoLog(project)
         self.aside: List[dict] = []  # undo entries of the files in the way, moved out
         self.files: List[FilePatch] = []  # what apply() applied, as read
+        self.kept_in: Optional[Path] = None  # keep_copy's folder, made at its first copy
 
     def apply(self, patch: bytes, base_tree: Optional[str], overwrite: Optional[Dict[str, str]] = None,
               read: Optional[List[FilePatch]] = None) -> dict:
@@ -6051,10 +6052,14 @@ class Applier:
         return ", ".join(out)
 
     def keep_copy(self, path: str, data: bytes, mode: str) -> Optional[Path]:
-        """A copy of a file's old bytes and mode, in the state folder's not-put-back/; None if
-        it cannot be written there either."""
-        copy = self.project.state_file("not-put-back") / path
+        """A copy of a file's old bytes and mode, in a folder of this apply's own in the state
+        folder's not-put-back/ (never over an earlier failure's copy: a second failed apply
+        of the same file would hold what git wrote, and the first copy may be the only one
+        of the user's bytes); None if it cannot be written there either."""
         try:
+            if self.kept_in is None:
+                self.kept_in = new_folder(self.project.state_file("not-put-back"), time.strftime("%Y%m%d-%H%M%S"))
+            copy = self.kept_in / path
             copy.parent.mkdir(parents=True, exist_ok=True)
             copy.write_bytes(data)
             copy.chmod(0o755 if mode == "100755" else 0o644)
@@ -6388,6 +6393,19 @@ def in_write_order(paths: Iterable[str], is_removal) -> List[str]:
     removals = sorted((p for p in paths if is_removal(p)), key=lambda p: -p.count("/"))
     writes = sorted((p for p in paths if not is_removal(p)), key=lambda p: p.count("/"))
     return removals + writes
+
+
+def new_folder(parent: Path, name: str) -> Path:
+    """A folder `name` (or `name-2`, `name-3`...) in `parent` that did not exist before."""
+    parent.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        folder = parent / (name if n == 1 else f"{name}-{n}")
+        try:
+            folder.mkdir(mode=0o700)
+            return folder
+        except FileExistsError:
+            n += 1
 
 
 def restore_states(root: Path, was: Dict[str, Optional[Tuple[bytes, str]]]) -> Tuple[List[str], List[Tuple[str, str]]]:

@@ -361,6 +361,27 @@ def test_a_link_raced_in_between_unlink_and_create_is_never_written_through(tmp_
     assert os.listdir(root / "src") == ["a.txt"]
 
 
+def test_a_second_failed_apply_never_writes_over_the_first_ones_copy(tmp_path, monkeypatch):
+    """A file that could not be put back is named with a copy of its old bytes. The file then
+    holds what git wrote; a second apply failing on it copies those bytes: into a folder of its
+    own, so the first copy, the only one of the user's bytes, is still there to put back."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "a.md").write_bytes(b"what git wrote\n")
+    project = pw.Project(root, "laptop")
+    ways = []
+    for was in (b"the user's own\n", b"what git wrote\n"):  # the first failure, then the second
+        applier = pw.Applier(project, pw.Style(False), job="j1")
+        said = applier.describe_left([("a.md", "Permission denied")], {"a.md": (was, "100644")})
+        ways.append(said.split("yours: `", 1)[1].split("`", 1)[0])
+    copies = [way.split()[2] for way in ways]
+    assert ways == [f"cp -p {copy} a.md" for copy in copies] and copies[0] != copies[1], ways
+    assert Path(copies[0]).read_bytes() == b"the user's own\n"
+    assert Path(copies[1]).read_bytes() == b"what git wrote\n"
+    assert Path(copies[0]).parent.parent == Path(copies[1]).parent.parent == project.state_file("not-put-back")
+
+
 def test_a_patch_read_leaves_the_collector_on_and_its_lines_frozen():
     """The million lines of a big patch are read with the cycle collector off, then frozen,
     never walked by a collection after (collector_paused)."""
