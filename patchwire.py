@@ -6056,16 +6056,16 @@ class Applier:
         folder's not-put-back/ (never over an earlier failure's copy: a second failed apply
         of the same file would hold what git wrote, and the first copy may be the only one
         of the user's bytes); None if it cannot be written there either."""
+        import tempfile
         try:
             if self.kept_in is None:
-                self.kept_in = new_folder(self.project.state_file("not-put-back"), time.strftime("%Y%m%d-%H%M%S"))
-            copy = self.kept_in / path
-            copy.parent.mkdir(parents=True, exist_ok=True)
-            copy.write_bytes(data)
-            copy.chmod(0o755 if mode == "100755" else 0o644)
-        except OSError:
+                kept = self.project.state_file("not-put-back")
+                kept.mkdir(exist_ok=True)
+                self.kept_in = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=kept))
+            write_worktree(self.kept_in, path, data, mode)
+        except (OSError, PatchwireError):
             return None
-        return copy
+        return self.kept_in / path
 
     def put_back_rewritten(self, was: Dict[str, Optional[Tuple[bytes, str]]]
                            ) -> Tuple[List[str], List[Tuple[str, str]]]:
@@ -6393,19 +6393,6 @@ def in_write_order(paths: Iterable[str], is_removal) -> List[str]:
     removals = sorted((p for p in paths if is_removal(p)), key=lambda p: -p.count("/"))
     writes = sorted((p for p in paths if not is_removal(p)), key=lambda p: p.count("/"))
     return removals + writes
-
-
-def new_folder(parent: Path, name: str) -> Path:
-    """A folder `name` (or `name-2`, `name-3`...) in `parent` that did not exist before."""
-    parent.mkdir(parents=True, exist_ok=True)
-    n = 1
-    while True:
-        folder = parent / (name if n == 1 else f"{name}-{n}")
-        try:
-            folder.mkdir(mode=0o700)
-            return folder
-        except FileExistsError:
-            n += 1
 
 
 def restore_states(root: Path, was: Dict[str, Optional[Tuple[bytes, str]]]) -> Tuple[List[str], List[Tuple[str, str]]]:

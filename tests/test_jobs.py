@@ -35,16 +35,17 @@ def ctrl_c_as_on_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def read_until(stream, needle: str, timeout: float = 30) -> str:
+def read_until(stream, *needles: str, timeout: float = 30) -> str:
+    """What `stream` gave up to the first of `needles`."""
     seen = b""
     deadline = time.monotonic() + timeout
-    while needle.encode() not in seen:
+    while not any(needle.encode() in seen for needle in needles):
         left = deadline - time.monotonic()
-        assert left > 0, f"{needle!r} not seen in: {seen.decode(errors='replace')}"
+        assert left > 0, f"{needles!r} not seen in: {seen.decode(errors='replace')}"
         ready, _, _ = select.select([stream], [], [], left)
         if ready:
             chunk = os.read(stream.fileno(), 4096)
-            assert chunk, f"stream ended before {needle!r}: {seen.decode(errors='replace')}"
+            assert chunk, f"stream ended before {needles!r}: {seen.decode(errors='replace')}"
             seen += chunk
     return seen.decode(errors="replace")
 

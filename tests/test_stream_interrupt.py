@@ -12,8 +12,9 @@ import signal
 import subprocess
 import time
 
-from conftest import Laptop, script
+from conftest import AgentProcess, Laptop, make_repo, script
 from sshd import free_port
+from test_jobs import read_until, start_ask
 
 
 def read_pty(fd: int, out: bytearray, until: bytes, timeout: float = 30) -> None:
@@ -76,23 +77,14 @@ def test_the_first_ctrl_c_leaves_at_once_the_job_finishes_and_wait_applies_it(la
 
 
 def test_an_agent_restarted_mid_job_costs_one_reconnect_line_and_the_ask_applies(tmp_path, make_agent):
-    from conftest import make_repo
-    box = make_agent(server={"listen": f"127.0.0.1:{free_port()}", "shutdown_grace_s": 30})
-    lap = Laptop(make_repo(tmp_path / "lap", {"README.md": b"# demo\n"}))
-    lap.init(box)
-    proc = subprocess.Popen(lap.program + ["ask", script({"say": "working"}, {"run": ["sleep", "1.5"], "out": "slept.txt"},
-                                                         {"write": "new.txt", "text": "made\n"}), "--yes"],
-                            cwd=lap.root, env=lap.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    seen = read_until(proc, [b"working"])
+    box, lap = restartable_agent_and_laptop(tmp_path, make_agent)
+    proc = start_ask(lap, script({"say": "working"}, {"run": ["sleep", "1.5"], "out": "slept.txt"},
+                                 {"write": "new.txt", "text": "made\n"}), "--yes")
+    seen = read_until(proc.stderr, "working")
     assert box.stop() == 0  # SIGTERM: the job finishes within the grace, the agent exits
     box.start()
     out, err = proc.communicate(timeout=60)
-    err = (seen + err).decode(errors="replace")
-    assert proc.returncode == 0, err
-    assert err.count("lost the event stream") + err.count("trying again") == 1, err
-    assert "patchwire: " not in err and "applied job" in err, err
-    assert (lap.root / "new.txt").read_text() == "made\n"
+    said_one_reconnect_and_applied(lap, proc, seen + err.decode(errors="replace"))
 
 
 def test_a_laptop_asleep_while_the_agent_restarts_after_the_job_costs_one_line_and_the_ask_applies(
@@ -100,43 +92,39 @@ def test_a_laptop_asleep_while_the_agent_restarts_after_the_job_costs_one_line_a
     """The job ends while the laptop is stopped (SIGSTOP: a closed lid); the agent restarts
     after the job's end and is down when the laptop wakes, before it fetched the diff. The
     laptop says so once, tries again, and applies the job's result from the restarted agent."""
-    from conftest import make_repo
-    box = make_agent(server={"listen": f"127.0.0.1:{free_port()}", "shutdown_grace_s": 30})
-    lap = Laptop(make_repo(tmp_path / "lap", {"README.md": b"# demo\n"}))
-    lap.init(box)
+    box, lap = restartable_agent_and_laptop(tmp_path, make_agent)
     gate = tmp_path / "gate"
-    proc = subprocess.Popen(lap.program + ["ask", script({"write": "new.txt", "text": "made\n"}, {"say": "written"},
-                                                         {"wait_file": str(gate)}), "--yes"],
-                            cwd=lap.root, env=lap.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = start_ask(lap, script({"write": "new.txt", "text": "made\n"}, {"say": "written"},
+                                 {"wait_file": str(gate)}), "--yes")
     try:
-        seen = read_until(proc, [b"written"])
+        seen = read_until(proc.stderr, "written")
         job = lap.last_job()
         proc.send_signal(signal.SIGSTOP)
         gate.write_text("open")
         assert box.wait_job(job)["status"] == "done"
         assert box.stop() == 0  # the agent is down when the laptop wakes
         proc.send_signal(signal.SIGCONT)
-        seen += read_until(proc, [b"lost the event stream", b"trying again"])
+        seen += read_until(proc.stderr, "lost the event stream", "trying again")
         box.start()
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:  # a failure above: do not leave it stopped
             proc.send_signal(signal.SIGCONT)
             proc.kill()
-    err = (seen + err).decode(errors="replace")
+    said_one_reconnect_and_applied(lap, proc, seen + err.decode(errors="replace"))
+
+
+def restartable_agent_and_laptop(tmp_path, make_agent) -> "tuple[AgentProcess, Laptop]":
+    """An agent on a port of its own (it starts again on the same one) that lets running jobs
+    finish for 30 s when stopped, and a one-file project set up for it."""
+    box = make_agent(server={"listen": f"127.0.0.1:{free_port()}", "shutdown_grace_s": 30})
+    lap = Laptop(make_repo(tmp_path / "lap", {"README.md": b"# demo\n"}))
+    lap.init(box)
+    return box, lap
+
+
+def said_one_reconnect_and_applied(lap: Laptop, proc: subprocess.Popen, err: str) -> None:
     assert proc.returncode == 0, err
     assert err.count("lost the event stream") + err.count("trying again") == 1, err
     assert "patchwire: " not in err and "applied job" in err, err
     assert (lap.root / "new.txt").read_text() == "made\n"
-
-
-def read_until(proc: subprocess.Popen, marks: "list[bytes]", timeout: float = 30) -> bytes:
-    """What the CLI wrote to stderr up to the first of `marks`."""
-    seen = b""
-    while not any(m in seen for m in marks):
-        assert select.select([proc.stderr], [], [], timeout)[0], seen
-        chunk = os.read(proc.stderr.fileno(), 4096)
-        assert chunk, seen
-        seen += chunk
-    return seen
