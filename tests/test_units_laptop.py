@@ -241,20 +241,29 @@ def test_write_blobs_stores_what_git_would_with_no_process(tmp_path, monkeypatch
     assert pw.Git(cwd=tmp_path / "nowhere").write_blobs([]) == []
 
 
-@pytest.mark.parametrize("who", ["runner", "account"], ids=["as-the-runner", "as-an-ordinary-account"])
+WHO = pytest.mark.parametrize("who", ["runner", "account"], ids=["as-the-runner", "as-an-ordinary-account"])
+
+
+@WHO
 @pytest.mark.parametrize("by_rename", [True, False], ids=["by-rename", "unlink-and-create"])
 def test_a_write_replaces_what_is_at_the_path_and_never_writes_through_it(tmp_path, srv_place, by_rename, who):
     """Both ways of writing a file (beside and renamed over, or git's unlink and create, the
     Applier's) replace a symlink or a hard link at the path with a new file, and leave
     what the old name led to as it was; a folder in the way is refused and kept. Also as an
     ordinary account (root writes where it may not), whose own file the links lead to."""
+    as_who(who, tmp_path, srv_place, functools.partial(write_at_links, by_rename=by_rename))
+
+
+def as_who(who: str, tmp_path: Path, srv_place: Path, body) -> None:
+    """body(folder) as the one running the tests, in tmp_path; or as the test account
+    (pw-walls) in a forked child, in srv_place handed to it: its files are the account's."""
     if who == "runner":
-        write_at_links(tmp_path, by_rename)
+        body(tmp_path)
         return
     from test_box_walls import account_or_skip, hand_to_account, in_child_as_account
     account_or_skip()  # made when missing
     hand_to_account(srv_place)
-    in_child_as_account(functools.partial(write_at_links, srv_place, by_rename))
+    in_child_as_account(functools.partial(body, srv_place))
 
 
 def write_at_links(base: Path, by_rename: bool) -> None:
@@ -329,12 +338,18 @@ def test_a_write_failing_on_a_full_disk_puts_every_file_back(tmp_path, monkeypat
     assert sorted(os.listdir(root / "src")) == ["a.txt", "b.txt", "c.sh"]
 
 
-def test_a_link_raced_in_between_unlink_and_create_is_never_written_through(tmp_path, monkeypatch):
+@WHO
+def test_a_link_raced_in_between_unlink_and_create_is_never_written_through(tmp_path, srv_place, monkeypatch, who):
     """Another process puts a symlink where the Applier just unlinked a file, before it creates
     the new one: the create refuses it (O_EXCL|O_NOFOLLOW), what the link leads to is kept,
-    and the put-back replaces the link with the old file."""
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    root, secret = tmp_path / "project", tmp_path / "secret"
+    and the put-back replaces the link with the old file. Also as an ordinary account, the
+    link leading to the account's own file (root's write would get through anyway)."""
+    as_who(who, tmp_path, srv_place, functools.partial(race_a_link, monkeypatch=monkeypatch))
+
+
+def race_a_link(base: Path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(base / "state"))
+    root, secret = base / "project", base / "secret"
     (root / "src").mkdir(parents=True)
     (root / "src" / "a.txt").write_bytes(b"a\n")
     secret.write_bytes(b"keep\n")
@@ -380,6 +395,31 @@ def test_a_second_failed_apply_never_writes_over_the_first_ones_copy(tmp_path, m
     assert Path(copies[0]).read_bytes() == b"the user's own\n"
     assert Path(copies[1]).read_bytes() == b"what git wrote\n"
     assert Path(copies[0]).parent.parent == Path(copies[1]).parent.parent == project.state_file("not-put-back")
+
+
+@WHO
+def test_a_copy_of_a_file_not_put_back_stays_in_its_own_private_folder(tmp_path, srv_place, monkeypatch, who):
+    """A lying box's path that climbs out (`..`), or one beneath a name that is a file, gets no
+    copy (None: the message then gives no `cp`) and nothing is written outside the copies'
+    folder, which is private (mode 700) and new for each failed apply."""
+    as_who(who, tmp_path, srv_place, functools.partial(copy_out_of_reach, monkeypatch=monkeypatch))
+
+
+def copy_out_of_reach(base: Path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(base / "state"))
+    root = base / "project"
+    root.mkdir()
+    project = pw.Project(root, "laptop")
+    applier = pw.Applier(project, pw.Style(False))
+    kept = applier.keep_copy("docs/a.md", b"mine\n", "100755")
+    assert kept is not None and kept.read_bytes() == b"mine\n" and stat.S_IMODE(kept.stat().st_mode) == 0o755
+    folder = kept.parent.parent
+    assert folder.parent == project.state_file("not-put-back") and stat.S_IMODE(folder.stat().st_mode) == 0o700
+    before = sorted(str(p.relative_to(base)) for p in base.rglob("*"))
+    for path in ("../escaped.md", "docs/../../escaped.md", "docs/a.md/under.md", "/tmp/escaped.md"):
+        assert applier.keep_copy(path, b"lying\n", "100644") is None, path
+    assert sorted(str(p.relative_to(base)) for p in base.rglob("*")) == before
+    assert kept.read_bytes() == b"mine\n"
 
 
 def test_a_patch_read_leaves_the_collector_on_and_its_lines_frozen():
