@@ -7,6 +7,7 @@ does what the prompt's `#pw-script` line says (see `script()`).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -400,3 +401,40 @@ def queue_one_job(agent, job_id: str = "mac123") -> str:
                             "parent": None})
     agent.queue.put(patchwire_agent.QueueItem(job_id, "alice", "demo"))
     return job_id
+
+
+# ------------------------------------------------------------------ a really full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MiB tmpfs, mounted for the test: a really full file system. Root only; outside CI
+    a test without root skips, in CI it fails."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=700", "tmpfs", str(mount)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        message = f"cannot mount a small tmpfs: {proc.stdout.decode().strip()}"
+        if os.environ.get("CI") or os.geteuid() == 0:
+            pytest.fail(message)
+        pytest.skip(message)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_disk(folder: Path) -> Path:
+    """Fill the file system of `folder` to the last byte; the file that does it."""
+    filler = folder / "filler"
+    # unbuffered: a buffered file's close() would flush what a partial write left over, and
+    # raise ENOSPC itself (it did, when the free space was not a multiple of the chunk)
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 65536)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC, e
+    finally:
+        os.close(fd)
+    assert os.statvfs(folder).f_bavail == 0
+    return filler

@@ -10,14 +10,13 @@ import http.client
 import json
 import os
 import signal
-import subprocess
 import urllib.parse
 from pathlib import Path
 
 import pytest
 
 import patchwire_agent as pa
-from conftest import Laptop, ask_body, make_repo, pid_alive, script, tomli_w, tomllib, tree_digest, wait_until
+from conftest import Laptop, ask_body, fill_disk, make_repo, pid_alive, script, tomli_w, tomllib, tree_digest, wait_until
 from test_jobs import read_until, start_ask
 
 TERMINAL = {"done", "failed", "cancelled"}
@@ -222,32 +221,6 @@ def test_client_drops_mid_stream_and_resumes_with_after(make_agent, tmp_path):
 # ------------------------------------------------------------------ the state folder's disk full
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 24 MiB tmpfs made for the test (root only); unmounted after the agent stops."""
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=700", "tmpfs", str(mount)],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {proc.stdout.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(folder: Path) -> Path:
-    """Fill the file system of `folder` to the last byte."""
-    filler = folder / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
-    return filler
-
-
 def test_state_folder_disk_full(make_agent, tmp_path, small_disk):
     box = make_agent(start=False)
     data = tomllib.loads(box.config.read_text())
@@ -267,7 +240,7 @@ def test_state_folder_disk_full(make_agent, tmp_path, small_disk):
     assert not (box.state_dir / "users/alice/projects/laptop/slots/slot0/big.bin").exists()
 
     # something else fills it: asks are refused up front, nothing half made
-    filler = fill(small_disk)
+    filler = fill_disk(small_disk)
     jobs_before = box.json("GET", "/v1/jobs")[1]["jobs"]
     result = lap.ask(script({"write": "never.txt", "text": "no\n"}), "--yes")
     assert result.returncode != 0 and "the box's disk is full" in result.err, result.err

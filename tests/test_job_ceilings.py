@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import patchwire_agent as pa
-from conftest import Laptop, ask_body, make_repo, program_argv, script, tomli_w, tomllib, wait_until
+from conftest import Laptop, ask_body, fill_disk, make_repo, program_argv, script, tomli_w, tomllib, wait_until
 from test_jobs import slot_dir
 
 MIB = 1024 * 1024
@@ -70,23 +70,6 @@ def stored_bytes(box) -> int:
 def events_of(box, job: str, user: str = "alice") -> list:
     _, _, data = box.request("GET", f"/v1/jobs/{job}/events?after=0&follow=0", token=box.tokens[user])
     return [json.loads(line) for line in data.splitlines() if line.strip()]
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 20 MiB tmpfs, mounted for the test: a really full file system. Root only; outside CI
-    a test without root skips, in CI it fails."""
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m,mode=700", "tmpfs", str(mount)],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        message = f"cannot mount a small tmpfs: {proc.stdout.decode().strip()}"
-        if os.environ.get("CI") or os.geteuid() == 0:
-            pytest.fail(message)
-        pytest.skip(message)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def on_small_disk(small_disk: Path, **settings):
@@ -276,15 +259,7 @@ def test_the_box_commands_open_the_state_on_a_disk_full_to_the_last_byte(make_ag
     lap = synced(box, tmp_path)
     status, job = ask(box, lap, {"write": "a.txt", "text": "a\n"})
     assert status == 202 and box.wait_job(job["id"])["status"] == "done"
-    filler = small_disk / "filler"
-    with open(filler, "wb") as f:  # to the last byte
-        try:
-            while True:
-                f.write(bytes(65536))
-                f.flush()
-        except OSError:
-            pass
-    assert os.statvfs(small_disk).f_bavail == 0
+    filler = fill_disk(small_disk)
     config = ["-c", str(box.config)]
     for argv in (["status", "--json"], ["usage", "--json"], ["gc", "--older-than", "0d", "--json"]):
         run = subprocess.run(program_argv("patchwire-agent") + argv + config, stdout=subprocess.PIPE,
