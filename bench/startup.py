@@ -17,6 +17,8 @@ Parts:
     startup    `patchwire --version` from the built zipapp (dist/patchwire, build.sh; its first
                start, which unpacks it, not timed) against `python3 patchwire.py --version`, under
                Python 3.9 and 3.13 (each found as the tests find them), and `python -c pass`
+               with and without `-S` (what site and the .pth files of its site-packages cost
+               every Python start on this machine)
     memory     the laptop's peak RSS of a warm ask at --mem-files files, one file changed: the
                largest ru_maxrss among the CLI and its children (os.wait4 on the CLI), against
                the natural script's laptop side (rsync, then `git apply` of the patch)
@@ -233,6 +235,13 @@ def enter_figures(tmp: Path, count: int, repeat: int, stack: ExitStack, way: str
 # ================================================================== start-up
 
 
+def startup_pythons() -> List[str]:
+    """The oldest and newest Pythons the zipapps support, and this one: the Python that runs
+    the CLI in the other parts (and the other benches)."""
+    this = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    return sorted({"3.9", "3.13", this}, key=lambda v: tuple(map(int, v.split("."))))
+
+
 def startup_figures(tmp: Path, repeat: int, zipapp: bool, against: Optional[Path]) -> Dict[str, List[float]]:
     """Seconds of `--version` per (python, way)."""
     runs: List[Tuple[str, Callable[[int], float]]] = []
@@ -248,11 +257,12 @@ def startup_figures(tmp: Path, repeat: int, zipapp: bool, against: Optional[Path
             return time.perf_counter() - start
         return run
 
-    for version in ("3.9", "3.13"):
+    for version in startup_pythons():
         exe = find_python(version)
         if exe is None:
             print(f"  (no python{version} here: its rows are left out)")
             continue
+        runs.append((f"{version} python -S -c pass", timed([exe, "-S", "-c", "pass"])))  # site's .pth hooks not run
         runs.append((f"{version} python -c pass", timed([exe, "-c", "pass"])))
         runs.append((f"{version} source", timed([exe, str(ROOT / "patchwire.py"), "--version"])))
         module = laptop_program(tmp, "module")[0][1:]
@@ -323,11 +333,11 @@ def table(title: str, figures: Dict[str, List[float]], base: str, unit: str, sca
 
 
 def startup_table(figures: Dict[str, List[float]]) -> List[str]:
-    ways = ("python -c pass", "source", "module", "zipapp", "zipapp before")
+    ways = ("python -S -c pass", "python -c pass", "source", "module", "zipapp", "zipapp before")
     lines = ["### `patchwire --version`, per Python: source (compiled at each start), module (cached "
              "bytecode), zipapp (ms)", "",
-             "| Python | " + " | ".join(ways) + " | zipapp / source | zipapp / module |", "|---" * 8 + "|"]
-    for version in ("3.9", "3.13"):
+             "| Python | " + " | ".join(ways) + " | zipapp / source | zipapp / module |", "|---" * 9 + "|"]
+    for version in startup_pythons():
         row = {way: figures.get(f"{version} {way}") for way in ways}
         if not row["source"]:
             continue
