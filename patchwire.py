@@ -5603,6 +5603,9 @@ def _highlight_ends(a: str, b: str, style: Style) -> Tuple[str, str]:
     return o, n
 
 
+PAGE_BATCH = 1000  # lines rendered and written at a time, to the pager or the terminal
+
+
 def page(lines: Iterable[str]) -> None:
     """Print, through a pager when stdout is a terminal and the text is taller than it. Only
     the first screenful is rendered before anything shows; the rest streams to the pager
@@ -5620,7 +5623,7 @@ def page(lines: Iterable[str]) -> None:
         if proc is not None:
             feed_pager(proc, itertools.chain(head, rest))
             return
-    for chunk in batched(itertools.chain(head, rest), 1000):
+    for chunk in batched(itertools.chain(head, rest), PAGE_BATCH):
         sys.stdout.write("\n".join(chunk) + "\n")
     sys.stdout.flush()
 
@@ -5630,7 +5633,7 @@ def feed_pager(proc: subprocess.Popen, lines: Iterator[str]) -> None:
     limit: they read at their own pace). A reader who quits early ends the writing."""
     assert proc.stdin is not None
     try:
-        for chunk in batched(lines, 1000):
+        for chunk in batched(lines, PAGE_BATCH):
             proc.stdin.write(("\n".join(chunk) + "\n").encode("utf-8", "replace"))
         proc.stdin.close()
     except (BrokenPipeError, OSError):

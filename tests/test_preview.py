@@ -133,13 +133,15 @@ def test_the_pager_starts_after_one_screenful_and_the_rest_streams_to_it(tmp_pat
     patchwire.page(rendering(100_000))
     assert got.read_text() == "".join(f"line {i}\n" for i in range(100_000))
     # before the pager has even started (a loaded machine: it did), the rendering can run ahead
-    # by a screen, one batch of 1,000 lines and what fills the pipe, and no further: the
+    # by a screen, one batch (PAGE_BATCH) and what fills the pipe, and no further: the
     # write blocks. Rendering it all first would be 100,000.
     read, write = os.pipe()
     pipe_bytes = fcntl.fcntl(write, getattr(fcntl, "F_GETPIPE_SZ", 1032))
-    os.close(read), os.close(write)
+    os.close(read)
+    os.close(write)
     in_pipe = sum(1 for size in itertools.accumulate(len(f"line {n}\n") for n in range(100_000)) if size <= pipe_bytes)
-    assert rendered_when_shown and rendered_when_shown[0] <= 40 + 1_000 + in_pipe, (rendered_when_shown, in_pipe)
+    ahead = int(os.environ["LINES"]) + patchwire.PAGE_BATCH + in_pipe
+    assert rendered_when_shown and rendered_when_shown[0] <= ahead, (rendered_when_shown, ahead)
 
     pager.write_text("#!/bin/sh\nhead -n 3 > /dev/null\n")  # the reader quits at once
     pulled = []
