@@ -167,6 +167,15 @@ def script(*steps: dict, text: str = "do the scripted work") -> str:
 
 # ------------------------------------------------------------------ the agent, as a process
 
+# The agent's CLI from this checkout's source, for commands that need no running agent
+AGENT = [sys.executable, str(ROOT / "patchwire_agent.py")]
+
+
+def agent_source(*args: str) -> subprocess.CompletedProcess:
+    """`patchwire-agent ARGS` from source, output as text (init, doctor and the like)."""
+    return subprocess.run(AGENT + list(args), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+
 
 class AgentProcess:
     """The real `patchwire-agent serve` on 127.0.0.1:0, configured by `init` then edited."""
@@ -203,6 +212,15 @@ class AgentProcess:
         data["server"].update({"shutdown_grace_s": 0, **server})
         self.config.write_text(tomli_w.dumps(data))
         self.state_dir = Path(data["server"]["state_dir"])
+
+    def cli(self, *args: str, check: Optional[int] = None, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+        """`patchwire-agent ARGS -c CONFIG` as this agent runs (its program and environment),
+        output as text; `check`: the exit status it must end with."""
+        proc = subprocess.run(self.program + list(args) + ["-c", str(self.config)], capture_output=True, text=True,
+                              timeout=60, env={**self.env, **(env or {})}, stdin=subprocess.DEVNULL)
+        if check is not None:
+            assert proc.returncode == check, f"exit {proc.returncode}\n{proc.stderr}"
+        return proc
 
     @property
     def token(self) -> str:

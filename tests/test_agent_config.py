@@ -9,15 +9,13 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import patchwire_agent
-from conftest import ROOT, STAND_IN_COMMAND, AgentProcess, tomllib
+from conftest import AGENT, STAND_IN_COMMAND, AgentProcess, tomllib
 
-AGENT = [sys.executable, str(ROOT / "patchwire_agent.py")]
 DIGEST = "ab" * 32
 
 

@@ -11,20 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, STAND_IN_COMMAND, Laptop, make_repo, tomli_w, tomllib
+from conftest import STAND_IN_COMMAND, Laptop, agent_source, make_repo, tomli_w, tomllib
 from test_box_walls import ACCOUNT, EMPTY_TREE, WallsBox, account_or_skip, readable_copy
 import patchwire as pw
-
-AGENT = [sys.executable, str(ROOT / "patchwire_agent.py")]
-
-
-def agent_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(AGENT + list(args), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
 
 
 def box(tmp_path, **ai) -> str:
     config = tmp_path / "agent.toml"
-    made = agent_cli("init", "-c", str(config), "--user", "ann", "--token-file", str(tmp_path / "t"))
+    made = agent_source("init", "-c", str(config), "--user", "ann", "--token-file", str(tmp_path / "t"))
     assert made.returncode == 0, made.stderr
     data = tomllib.loads(config.read_text())
     data["ai"].update({"command": STAND_IN_COMMAND, "sandbox": "none", **ai})
@@ -38,14 +32,14 @@ def checks(result: subprocess.CompletedProcess) -> dict:
 
 def test_a_ready_box_is_all_ok(tmp_path):
     config = box(tmp_path)
-    result = agent_cli("doctor", "-c", config, "--json")
+    result = agent_source("doctor", "-c", config, "--json")
     assert result.returncode == 0, result.stdout
     found = checks(result)
     assert set(found) == {"config", "git", "rsync", "rrsync", "ai", "settings", "sandbox", "network", "ai_path",
                           "limits", "state", "listen", "sshd"}
     assert all(c["ok"] for c in found.values())
     assert found["listen"]["detail"] == "http://127.0.0.1:7433"
-    human = agent_cli("doctor", "-c", config)
+    human = agent_source("doctor", "-c", config)
     assert human.returncode == 0 and "ok   ai: " in human.stdout and "FAIL" not in human.stdout
 
 
@@ -54,7 +48,7 @@ def test_a_missing_ai_and_a_shared_state_folder_each_say_the_fix(tmp_path):
     state = tmp_path / "patchwire-state"
     state.mkdir(mode=0o755, exist_ok=True)  # init made it (700); another admin opened it up
     os.chmod(state, 0o755)
-    result = agent_cli("doctor", "-c", config)
+    result = agent_source("doctor", "-c", config)
     assert result.returncode == 1
     assert "FAIL ai: the AI command 'claude-not-installed-here' is not on the agent's PATH" in result.stdout
     assert "npm install -g @anthropic-ai/claude-code" in result.stdout
@@ -65,7 +59,7 @@ def test_a_missing_ai_and_a_shared_state_folder_each_say_the_fix(tmp_path):
 def test_a_broken_config_is_one_failed_line_not_a_traceback(tmp_path):
     config = tmp_path / "agent.toml"
     config.write_text('[server]\nlisten = "nowhere"\n')
-    result = agent_cli("doctor", "-c", str(config), "--json")
+    result = agent_source("doctor", "-c", str(config), "--json")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     found = checks(result)
     assert list(found) == ["config"] and "server.listen" in found["config"]["detail"]
@@ -118,10 +112,10 @@ def test_user_key_makes_the_state_folder_private_as_doctor_expects(tmp_path):
     assert state.stat().st_mode & 0o777 == 0o700  # init made it
     shutil.rmtree(state)
     (tmp_path / "ann.pub").write_text(KEY)
-    key = agent_cli("user", "key", "ann", "-c", config, "--ssh-key", str(tmp_path / "ann.pub"))
+    key = agent_source("user", "key", "ann", "-c", config, "--ssh-key", str(tmp_path / "ann.pub"))
     assert key.returncode == 0, key.stderr
     assert state.stat().st_mode & 0o777 == 0o700
-    assert checks(agent_cli("doctor", "-c", config, "--json"))["state"]["ok"]
+    assert checks(agent_source("doctor", "-c", config, "--json"))["state"]["ok"]
 
 
 def test_a_projects_folder_the_agent_cannot_write_names_the_folder_and_the_fix():
@@ -178,7 +172,7 @@ def test_an_ai_script_that_is_missing_or_unreadable_fails_doctor(tmp_path):
     """`[ai] command = ["python3", "/opt/ai.py"]`: python3 is found, the script is not."""
     script_path = tmp_path / "ai.py"
     config = box(tmp_path, command=[sys.executable, str(script_path), "--print"])
-    found = checks(agent_cli("doctor", "-c", config, "--json"))["ai"]
+    found = checks(agent_source("doctor", "-c", config, "--json"))["ai"]
     assert not found["ok"] and f"argument {str(script_path)!r} does not exist" in found["detail"], found
     assert "[ai] command" in found["fix"]
 
@@ -189,7 +183,7 @@ def test_max_running_above_workers_fails_doctor_with_the_rule(tmp_path):
     data["jobs"]["workers"] = 2
     data["users"]["ann"]["max_running"] = 5
     Path(config).write_text(tomli_w.dumps(data))
-    found = checks(agent_cli("doctor", "-c", config, "--json"))["settings"]
+    found = checks(agent_source("doctor", "-c", config, "--json"))["settings"]
     assert not found["ok"] and "[users.ann] max_running = 5 for ann is above [jobs] workers = 2" in found["detail"], found
     assert "lower max_running" in found["fix"]
 
@@ -234,20 +228,20 @@ def test_doctor_checks_the_sshd_side_authorized_keys_and_permit_user_environment
     config = box(tmp_path)
     sshd = sshd_config(tmp_path / "ssh")
     keys = tmp_path / "ssh" / "authorized_keys"
-    found = checks(agent_cli("doctor", "-c", config, "--json", "--sshd-config", str(sshd)))["sshd"]
+    found = checks(agent_source("doctor", "-c", config, "--json", "--sshd-config", str(sshd)))["sshd"]
     assert found["ok"] and f"no {keys} yet" in found["detail"], found
     assert f"PermitUserEnvironment no (from sshd -T -f {sshd})" in found["detail"]  # sshd's default
     keys.write_text(KEY)
     os.chmod(keys, 0o664)
-    result = agent_cli("doctor", "-c", config, "--sshd-config", str(sshd))
+    result = agent_source("doctor", "-c", config, "--sshd-config", str(sshd))
     assert result.returncode == 1
     assert f"FAIL sshd: {keys} is writable by other users (mode 664): they could add a key" in result.stdout
     assert f"chmod go-w {keys} {keys.parent}" in result.stdout
     os.chmod(keys, 0o600)
-    found = checks(agent_cli("doctor", "-c", config, "--json", "--sshd-config", str(sshd)))["sshd"]
+    found = checks(agent_source("doctor", "-c", config, "--json", "--sshd-config", str(sshd)))["sshd"]
     assert found["ok"] and f"{keys} is root's, writable by it only" in found["detail"], found
     sshd_config(tmp_path / "ssh", "PermitUserEnvironment yes")
-    found = checks(agent_cli("doctor", "-c", config, "--json", "--sshd-config", str(sshd)))["sshd"]
+    found = checks(agent_source("doctor", "-c", config, "--json", "--sshd-config", str(sshd)))["sshd"]
     assert not found["ok"] and found["detail"].startswith("PermitUserEnvironment is yes (from sshd -T"), found
     assert f"set PermitUserEnvironment no in {sshd}" in found["fix"]
 

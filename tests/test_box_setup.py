@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, tomli_w, tomllib
+from conftest import AGENT, tomli_w, tomllib
 from test_box_walls import ACCOUNT, account_or_skip, readable_copy
 
-AGENT = [sys.executable, str(ROOT / "patchwire_agent.py")]
 
 
 def run(argv, env=None) -> subprocess.CompletedProcess:

@@ -18,7 +18,7 @@ import pytest
 import patchwire
 import patchwire_agent as pa
 from conftest import Laptop, ask_body, git, make_repo, script
-from test_team import agent_cli, synced_laptop
+from test_team import add_key_user, synced_laptop
 
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
 SECRET = b"bob's secret: hunter2\n"
@@ -144,7 +144,7 @@ def test_symlinks_inside_a_project_still_sync_exactly(make_agent, tmp_path):
 
 @pytest.mark.slow
 def test_the_rrsync_key_munges_links_and_a_pushed_link_reaches_nothing(make_agent, tmp_path):
-    from sshd import generate_key, running_sshd
+    from sshd import running_sshd
     from test_ssh import close_master, write_sync_options
     if not pa.find_rrsync():
         pytest.skip("rrsync is not installed (Debian: apt install rsync)")
@@ -152,15 +152,8 @@ def test_the_rrsync_key_munges_links_and_a_pushed_link_reaches_nothing(make_agen
     web = bobs_project(agent)
     with running_sshd(tmp_path / "sshd") as server:
         try:
-            generate_key(tmp_path / "carol_key", "carol@laptop")
-            added = agent_cli(agent, "user", "add", "carol", "--token-file", str(tmp_path / "carol.token"),
-                              "--ssh-key", str(tmp_path / "carol_key.pub"),
-                              "--authorized-keys", str(server.tmpdir / "authorized_keys"))
-            assert added.returncode == 0, added.stderr
-            line = (server.tmpdir / "authorized_keys").read_text().splitlines()[-1]
+            line, carol_ssh = add_key_user(agent, server, tmp_path, "carol")
             assert " -munge " in line, line
-            agent.tokens["carol"] = (tmp_path / "carol.token").read_text().strip()
-            carol_ssh = server.write_client_config(tmp_path / "carol_ssh_config", tmp_path / "carol_key")
             root = make_repo(tmp_path / "carol" / "app", {"README.md": b"# carol\n"})
             os.symlink("README.md", root / "link")
             git(root, "add", "-A")

@@ -17,13 +17,6 @@ import patchwire_agent
 from test_usage import post, usage, wait_job
 
 
-def agent_cli(box: AgentProcess, *args: str, env=None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(box.program + list(args) + ["-c", str(box.config)], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, timeout=60, env={**box.env, **(env or {})})
-    assert proc.returncode == 0, proc.stderr
-    return proc
-
-
 def wait_exit(box: AgentProcess, timeout: float = 30) -> int:
     code = box.proc.wait(timeout=timeout)
     box.log.close()
@@ -35,7 +28,7 @@ def wait_exit(box: AgentProcess, timeout: float = 30) -> int:
 
 def test_systemd_unit_verifies_installs_and_its_command_serves(make_agent, tmp_path, neutral_env):
     box = make_agent(start=False, server={"shutdown_grace_s": 45})
-    unit = agent_cli(box, "service", "--systemd").stdout
+    unit = box.cli("service", "--systemd", check=0).stdout
     lines = unit.splitlines()
     assert {"Restart=on-failure", "KillMode=mixed", "TimeoutStopSec=60", "WantedBy=default.target"} <= set(lines)
     if shutil.which("systemd-analyze"):
@@ -56,18 +49,18 @@ def test_systemd_unit_verifies_installs_and_its_command_serves(make_agent, tmp_p
     assert box.request("GET", "/v1/health")[0] == 200
     box.stop()
     env = {k: v for k, v in os.environ.items() if k != "XDG_CONFIG_HOME"}
-    installed = agent_cli(box, "service", "--systemd", "--install", env=env)
+    installed = box.cli("service", "--systemd", "--install", env=env, check=0)
     target = neutral_env / ".config" / "systemd" / "user" / "patchwire-agent.service"
     assert target.read_text() == unit
     assert installed.stdout.strip() == ("systemctl --user daemon-reload && "
                                         "systemctl --user enable --now patchwire-agent.service")
     assert f"wrote {target}" in installed.stderr
-    assert f"replaced {target}" in agent_cli(box, "service", "--systemd", "--install", env=env).stderr
+    assert f"replaced {target}" in box.cli("service", "--systemd", "--install", env=env, check=0).stderr
 
 
 def test_a_system_unit_runs_as_this_user_and_is_roots_to_install(make_agent, tmp_path):
     box = make_agent(start=False)
-    unit = agent_cli(box, "service", "--systemd", "--system").stdout
+    unit = box.cli("service", "--systemd", "--system", check=0).stdout
     user = subprocess.run(["id", "-un"], stdout=subprocess.PIPE, text=True, check=True).stdout.strip()
     assert f"User={user}" in unit.splitlines() and "WantedBy=multi-user.target" in unit.splitlines()
     if shutil.which("systemd-analyze"):
@@ -93,7 +86,7 @@ def test_launchd_plist_parses_and_installs(make_agent, neutral_env):
     assert plist["KeepAlive"] == {"SuccessfulExit": False} and plist["RunAtLoad"] is True
     assert plist["StandardErrorPath"] == str(neutral_env / "Library" / "Logs" / "patchwire-agent.log")
     assert plist["EnvironmentVariables"]["PATH"] == os.environ["PATH"]
-    installed = agent_cli(box, "service", "--launchd", "--install")
+    installed = box.cli("service", "--launchd", "--install", check=0)
     target = neutral_env / "Library" / "LaunchAgents" / "dev.patchwire.agent.plist"
     assert plistlib.loads(target.read_bytes()) == plist
     assert installed.stdout.strip() == f"launchctl bootstrap gui/$(id -u) {target}"
@@ -195,20 +188,20 @@ def test_status_shows_jobs_by_user_uptime_and_disk(make_agent):
     hung = post(box, "alice", script({"hang": True}), "second")
     wait_job(box, "alice", hung, until=("running",))  # before bob asks: the fair queue would serve him first
     queued = post(box, "bob", script({"say": "later"}))
-    report = json.loads(agent_cli(box, "status", "--json").stdout)
+    report = json.loads(box.cli("status", "--json", check=0).stdout)
     assert (report["running"], report["pid"], report["url"]) == (True, box.proc.pid, box.url)
     assert report["uptime_s"] >= 0 and (report["workers"], report["slots"]) == (1, 2)
     assert {u: (v["running"], v["queued"], v["removed"]) for u, v in report["users"].items()} == {
         "alice": (1, 0, False), "bob": (0, 1, False)}
     assert report["users"]["alice"]["disk_bytes"] > 5000  # the first job's files and patch
     assert report["state_bytes"] >= sum(u["disk_bytes"] for u in report["users"].values())
-    text = agent_cli(box, "status").stdout
+    text = box.cli("status", check=0).stdout
     assert f"agent: running, pid {box.proc.pid}, up 0h 0m, {box.url}" in text
     assert re.search(r"^alice +1 +0 +\d", text, re.M) and re.search(r"^bob +0 +1 +\d", text, re.M)
     assert [(j["id"], j["status"]) for j in report["jobs"]] == [(hung, "running"), (queued, "queued")]
     assert re.search(rf"^  {hung}  running +\d+s  alice/second$", text, re.M)
     box.stop()
-    text = agent_cli(box, "status").stdout
+    text = box.cli("status", check=0).stdout
     assert "agent: not running" in text
     assert re.search(r"^bob +0 +1 +\d", text, re.M)  # still queued: it runs after the restart
     box.start()
@@ -235,12 +228,12 @@ def test_gc_frees_what_it_says_and_keeps_what_it_must(make_agent):
     projects = box.state_dir / "users" / "alice" / "projects"
     folders = {p: projects / p / "slots" / "slot0" for p in ("a", "b", "c")}
     folder_bytes = sizes([folders["a"]])
-    dry = agent_cli(box, "gc", "--older-than", "0s", "--dry-run")
+    dry = box.cli("gc", "--older-than", "0s", "--dry-run", check=0)
     assert dry.stdout.startswith("would free: 2 patch(es)") and all(p.exists() for p in patches)
     assert all(f.is_dir() for f in folders.values())
 
     # while the server runs: the running job's folder (c) and the queued one's (b) stay
-    freed = json.loads(agent_cli(box, "gc", "--older-than", "0s", "--json").stdout)
+    freed = json.loads(box.cli("gc", "--older-than", "0s", "--json", check=0).stdout)
     assert (freed["jobs"], freed["patches"], freed["patch_bytes"]) == (2, 2, patch_bytes)
     assert freed["events"] > 0 and freed["folders_busy"] == []
     assert (freed["job_folders"], freed["folder_bytes"]) == ([str(folders["a"])], folder_bytes)
@@ -256,9 +249,9 @@ def test_gc_frees_what_it_says_and_keeps_what_it_must(make_agent):
     # the hung job is cancelled at the stop: its folder goes too, unless a worker holds it
     box.stop()
     with patchwire_agent.job_folders_lock(folders["c"].parent.parent):  # as a worker does
-        busy = json.loads(agent_cli(box, "gc", "--older-than", "0s", "--json").stdout)
+        busy = json.loads(box.cli("gc", "--older-than", "0s", "--json", check=0).stdout)
     assert busy["folders_busy"] == ["alice/c"] and busy["job_folders"] == [] and folders["c"].is_dir()
-    freed = json.loads(agent_cli(box, "gc", "--older-than", "0s", "--json").stdout)
+    freed = json.loads(box.cli("gc", "--older-than", "0s", "--json", check=0).stdout)
     assert freed["job_folders"] == [str(folders["c"])] and freed["patches"] == 0
     assert not folders["c"].exists() and folders["b"].is_dir()
 
@@ -269,7 +262,7 @@ def test_gc_frees_what_it_says_and_keeps_what_it_must(make_agent):
     assert wait_job(box, "alice", again)["status"] == "done"
     assert b"+again" in box.request("GET", f"/v1/jobs/{again}/diff")[2]
     # nothing is older than a day: such a gc frees nothing
-    lines = agent_cli(box, "gc", "--older-than", "1d").stdout.splitlines()
+    lines = box.cli("gc", "--older-than", "1d", check=0).stdout.splitlines()
     assert lines[0].startswith("freed: 0 patch(es), 0 B, and 0 event(s) of 0 job(s) finished before ")
     assert lines[1:] == ["freed: 0 job folder(s), 0 B"]
 
@@ -296,9 +289,9 @@ def test_gc_drops_old_results_from_the_store_and_the_next_ask_still_builds_on_th
     store = box.state_dir / "users" / "alice" / "projects" / "laptop" / "git"
     assert store_refs(store) == [f"refs/patchwire/jobs/{first['id']}", "refs/patchwire/snapshot"]
 
-    dry = json.loads(agent_cli(box, "gc", "--older-than", "0s", "--dry-run", "--json").stdout)
+    dry = json.loads(box.cli("gc", "--older-than", "0s", "--dry-run", "--json", check=0).stdout)
     assert dry["results"] == 1 and len(store_refs(store)) == 2
-    freed = agent_cli(box, "gc", "--older-than", "0s")
+    freed = box.cli("gc", "--older-than", "0s", check=0)
     assert ("dropped the stored results of 1 job(s) from their projects' stores: git frees what only they "
             "held at the store's next upkeep") in freed.stdout, freed.stdout
     assert store_refs(store) == ["refs/patchwire/snapshot"]

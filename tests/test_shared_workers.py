@@ -7,7 +7,7 @@ from __future__ import annotations
 import patchwire_agent as pa
 from conftest import ask_body, script
 from test_api import wait_for_event
-from test_team import agent_cli, ask_as, edit_config, events_as, finish_all, gated, job_of, synced_laptop
+from test_team import ask_as, edit_config, events_as, finish_all, gated, job_of, synced_laptop
 
 
 def test_one_user_never_holds_every_worker(make_agent, tmp_path):
@@ -22,7 +22,7 @@ def test_one_user_never_holds_every_worker(make_agent, tmp_path):
     assert finish_all(agent, {quick: "bob"})[quick]["status"] == "done"  # while alice's gate is shut
     assert job_of(agent, "alice", long_ones[0])["status"] == "running"
     assert job_of(agent, "alice", long_ones[1])["status"] == "queued"
-    policy = agent_cli(agent, "policy", "alice")
+    policy = agent.cli("policy", "alice")
     assert "max_running" in policy.stdout and "[jobs] workers - 1 (a shared box)" in policy.stdout, policy.stdout
     gate.write_text("go")
     assert all(i["status"] == "done" for i in finish_all(agent, {j: "alice" for j in long_ones}).values())

@@ -5,37 +5,31 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
 import patchwire_agent as pa
-from conftest import ROOT, Laptop, make_repo, tomllib
+from conftest import Laptop, agent_source, make_repo, tomllib
 
-AGENT = [sys.executable, str(ROOT / "patchwire_agent.py")]
 LABEL = "stand-in AI, not Claude"
-
-
-def agent_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(AGENT + list(args), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
 
 
 def test_init_with_the_stand_in_writes_it_labelled_and_doctor_says_it_is_not_claude(tmp_path):
     config = tmp_path / "agent.toml"
-    made = agent_cli("init", "-c", str(config), "--user", "ann", "--token-file", str(tmp_path / "t"),
-                     "--ai", "stand-in")
+    made = agent_source("init", "-c", str(config), "--user", "ann", "--token-file", str(tmp_path / "t"),
+                        "--ai", "stand-in")
     assert made.returncode == 0, made.stderr
     text = config.read_text()
     assert tomllib.loads(text)["ai"]["command"] == ["stand-in"]
     assert "# [\"stand-in\"]: the built-in stand-in AI, not Claude" in text
-    doctor = agent_cli("doctor", "-c", str(config), "--json")
+    doctor = agent_source("doctor", "-c", str(config), "--json")
     ai = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}["ai"]
     assert ai["ok"] and ai["detail"].startswith(f"the built-in {LABEL}: each job adds the prompt to PATCHWIRE_DEMO.md")
     config.write_text(text.replace('    "stand-in",\n', '    "stand-in",\n    "--fast",\n'))
-    bad = agent_cli("doctor", "-c", str(config))
+    bad = agent_source("doctor", "-c", str(config))
     assert bad.returncode == 1 and "Traceback" not in bad.stderr + bad.stdout
     assert 'ai.command ["stand-in", "--fast"]: the built-in stand-in takes no arguments' in bad.stdout
-    refused = agent_cli("init", "-c", str(tmp_path / "b.toml"), "--ai", "gpt")
+    refused = agent_source("init", "-c", str(tmp_path / "b.toml"), "--ai", "gpt")
     assert refused.returncode == 2 and "invalid choice: 'gpt'" in refused.stderr
 
 

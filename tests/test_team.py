@@ -11,7 +11,7 @@ import re
 import signal
 import subprocess
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 
@@ -42,8 +42,6 @@ def gated(gate: Path, text: str = "held") -> str:
     return script({"say": text}, {"wait_file": str(gate)}, {"say": "released"})
 
 
-
-
 def events_as(agent, user: str, job: str) -> List[dict]:
     _, _, data = agent.request("GET", f"/v1/jobs/{job}/events?after=0&follow=0", token=agent.tokens[user])
     return [json.loads(line) for line in data.splitlines() if line.strip()]
@@ -72,11 +70,6 @@ def edit_config(agent, change) -> None:
     data = tomllib.loads(agent.config.read_text())
     change(data)
     agent.config.write_text(tomli_w.dumps(data))
-
-
-def agent_cli(agent, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(agent.program + list(args) + ["-c", str(agent.config)], capture_output=True,
-                          text=True, timeout=60, env=agent.env)
 
 
 # ------------------------------------------------------------------ fair queue
@@ -347,7 +340,7 @@ def test_each_ceiling_is_a_clear_refusal(make_agent, tmp_path):
     assert sorted(os.listdir(agent.state_dir / "users/alice/projects")) == ["laptop", "sneaky1"]
 
     # what applies, and where it comes from
-    shown = agent_cli(agent, "policy", "bob")
+    shown = agent.cli("policy", "bob")
     assert shown.returncode == 0, shown.stderr
     lines = {l.split()[0]: l for l in shown.stdout.splitlines()[1:]}
     assert lines["max_running"].split()[1:] == ["1", "from", "[users.bob]"]
@@ -371,7 +364,7 @@ def test_me_makes_no_mirror_and_no_repository_past_the_default_cap(agent):
 def test_users_added_rotated_and_removed_on_a_running_server(make_agent, tmp_path):
     agent = make_agent(jobs={"workers": 1})
     bob_file = tmp_path / "bob.token"
-    added = agent_cli(agent, "user", "add", "bob", "--token-file", str(bob_file))
+    added = agent.cli("user", "add", "bob", "--token-file", str(bob_file))
     assert added.returncode == 0, added.stderr
     bob = bob_file.read_text().strip()
     assert bob not in agent.config.read_text() and bob not in added.stdout + added.stderr
@@ -381,7 +374,7 @@ def test_users_added_rotated_and_removed_on_a_running_server(make_agent, tmp_pat
     lap = synced_laptop(tmp_path, agent, "bob")
 
     # a rotated token is refused at once; the new one works
-    rotated = agent_cli(agent, "user", "rotate", "bob")
+    rotated = agent.cli("user", "rotate", "bob")
     assert rotated.returncode == 0, rotated.stderr
     new = rotated.stdout.strip()
     assert re.fullmatch(r"pw_[\w-]{40,}", new)
@@ -394,7 +387,7 @@ def test_users_added_rotated_and_removed_on_a_running_server(make_agent, tmp_pat
     running = ask_as(agent, "bob", ask_body(lap, gated(gate)))["id"]
     wait_event(agent, "bob", running, "started")
     queued = ask_as(agent, "bob", ask_body(lap, script({"say": "never"})))["id"]
-    removed = agent_cli(agent, "user", "remove", "bob")
+    removed = agent.cli("user", "remove", "bob")
     assert removed.returncode == 0, removed.stderr
     assert agent.request("GET", "/v1/me", token=new)[0] == 401
     wait_until(lambda: any(e["type"] == "cancelled" for e in agent_events_as_admin(agent, queued)),
@@ -403,7 +396,7 @@ def test_users_added_rotated_and_removed_on_a_running_server(make_agent, tmp_pat
     gate.write_text("go")
     wait_until(lambda: any(e["type"] == "finished" for e in agent_events_as_admin(agent, running)),
                what="running job finished")
-    listed = agent_cli(agent, "user", "list")
+    listed = agent.cli("user", "list")
     assert [l.split()[0] for l in listed.stdout.splitlines()] == ["alice"]
 
 
@@ -422,7 +415,7 @@ def test_rotate_with_cancel_jobs_stops_the_running_job(make_agent, tmp_path):
     lap = synced_laptop(tmp_path, agent, "bob")
     running = ask_as(agent, "bob", ask_body(lap, gated(tmp_path / "never")))["id"]
     wait_event(agent, "bob", running, "started")
-    rotated = agent_cli(agent, "user", "rotate", "bob", "--cancel-jobs", "--token-file", str(tmp_path / "b.tok"))
+    rotated = agent.cli("user", "rotate", "bob", "--cancel-jobs", "--token-file", str(tmp_path / "b.tok"))
     assert rotated.returncode == 0, rotated.stderr
     agent.tokens["bob"] = (tmp_path / "b.tok").read_text().strip()
     info = finish_all(agent, {running: "bob"})[running]
@@ -458,9 +451,22 @@ def test_a_broken_config_keeps_the_old_one_in_force(make_agent):
 # ------------------------------------------------------------------ SSH keys restricted by rrsync
 
 
+def add_key_user(agent, server, tmp_path: Path, name: str) -> Tuple[str, Path]:
+    """`user add NAME` with a new SSH key, into the loopback sshd's authorized_keys: (the key's
+    line there, an ssh config that connects with the key); the user's token in agent.tokens."""
+    from sshd import generate_key
+    key = tmp_path / f"{name}_key"
+    generate_key(key, f"{name}@laptop")
+    agent.cli("user", "add", name, "--token-file", str(tmp_path / f"{name}.token"), "--ssh-key", f"{key}.pub",
+              "--authorized-keys", str(server.tmpdir / "authorized_keys"), check=0)
+    agent.tokens[name] = (tmp_path / f"{name}.token").read_text().strip()
+    line = (server.tmpdir / "authorized_keys").read_text().splitlines()[-1]
+    return line, server.write_client_config(tmp_path / f"{name}_ssh_config", key)
+
+
 @pytest.mark.slow
 def test_an_rrsync_key_syncs_its_own_mirror_and_nothing_else(make_agent, tmp_path):
-    from sshd import generate_key, running_sshd
+    from sshd import running_sshd
     from test_ssh import close_master, write_sync_options
     if not AGENT.find_rrsync():
         pytest.skip("rrsync is not installed (Debian: apt install rsync)")
@@ -470,16 +476,9 @@ def test_an_rrsync_key_syncs_its_own_mirror_and_nothing_else(make_agent, tmp_pat
     (bob_mirror / "web" / "keep.txt").write_text("bob's\n")
     with running_sshd(tmp_path / "sshd") as server:
         try:
-            generate_key(tmp_path / "carol_key", "carol@laptop")
-            added = agent_cli(agent, "user", "add", "carol", "--token-file", str(tmp_path / "carol.token"),
-                              "--ssh-key", str(tmp_path / "carol_key.pub"),
-                              "--authorized-keys", str(server.tmpdir / "authorized_keys"))
-            assert added.returncode == 0, added.stderr
-            line = (server.tmpdir / "authorized_keys").read_text().splitlines()[-1]
+            line, carol_ssh = add_key_user(agent, server, tmp_path, "carol")
             assert line.startswith('restrict,command="') and " -wo " in line
             assert line.endswith("patchwire:carol") and str(agent.state_dir / "users/carol/mirror") in line
-            agent.tokens["carol"] = (tmp_path / "carol.token").read_text().strip()
-            carol_ssh = server.write_client_config(tmp_path / "carol_ssh_config", tmp_path / "carol_key")
 
             # the laptop's own sync works through the forced rrsync, unchanged
             root = make_repo(tmp_path / "carol" / "app", {"README.md": b"# carol\n", "src/a.py": b"a = 1\n"})
@@ -524,7 +523,7 @@ def test_an_rrsync_key_syncs_its_own_mirror_and_nothing_else(make_agent, tmp_pat
                                  capture_output=True, text=True, timeout=60, input="echo shell-ok\nexit\n")
             assert "shell-ok" not in tty.stdout.replace("echo shell-ok", "")
             # removing the user also drops the key line
-            removed = agent_cli(agent, "user", "remove", "carol", "--authorized-keys",
+            removed = agent.cli("user", "remove", "carol", "--authorized-keys",
                                 str(server.tmpdir / "authorized_keys"))
             assert removed.returncode == 0, removed.stderr
             assert "patchwire:carol" not in (server.tmpdir / "authorized_keys").read_text()
@@ -579,7 +578,7 @@ def test_a_user_removed_while_the_server_was_down_has_no_job_run(make_agent, tmp
     wait_event(agent, "bob", running, "started")
     queued = ask_as(agent, "bob", ask_body(lap, script({"write": "x.txt", "text": "x\n"})))["id"]
     agent.stop()
-    assert agent_cli(agent, "user", "remove", "bob").returncode == 0
+    assert agent.cli("user", "remove", "bob").returncode == 0
     agent.start()
     wait_until(lambda: agent_events_as_admin(agent, queued)[-1]["type"] == "cancelled", what="the queued job to end")
     assert "started" not in [e["type"] for e in agent_events_as_admin(agent, queued)]

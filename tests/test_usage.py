@@ -193,28 +193,21 @@ def test_usage_by_project_and_day_and_time_range(box):
 # ------------------------------------------------------------------ usage on the box and the laptop
 
 
-def agent_cli(box: AgentProcess, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(box.program + list(args) + ["-c", str(box.config)], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, timeout=60, env=box.env)
-    assert proc.returncode == 0, proc.stderr
-    return proc
-
-
 def test_box_usage_reads_the_state_while_the_server_runs(box):
     _, api = usage(box)
-    as_json = json.loads(agent_cli(box, "usage", "--json").stdout)
+    as_json = json.loads(box.cli("usage", "--json", check=0).stdout)
     assert as_json["total"] == api["total"] and as_json["rows"] == api["rows"]
-    rows = list(csv.DictReader(io.StringIO(agent_cli(box, "usage", "--csv").stdout)))
+    rows = list(csv.DictReader(io.StringIO(box.cli("usage", "--csv", check=0).stdout)))
     assert [r["user"] for r in rows] == ["alice", "bob", "carol", "total"]
     assert rows[2]["user_removed"] == "yes"
     for name in FIGURES:
         assert float(rows[-1][name]) == pytest.approx(api["total"][name]), name
-    table = agent_cli(box, "usage", "--by", "project", "--user", "alice")
+    table = box.cli("usage", "--by", "project", "--user", "alice", check=0)
     lines = table.stdout.splitlines()
     assert lines[1].split()[:3] == ["user/project", "asks", "done"]
     assert [l.split()[0] for l in lines[2:]] == ["alice/app", "alice/web", "-" * len(lines[1]), "total"]
-    assert agent_cli(box, "usage").stderr.strip().endswith("their history stays): carol")
-    assert "carol (removed)" in agent_cli(box, "usage").stdout
+    assert box.cli("usage", check=0).stderr.strip().endswith("their history stays): carol")
+    assert "carol (removed)" in box.cli("usage", check=0).stdout
 
 
 def test_laptop_usage_is_ones_own(box, tmp_path):
