@@ -176,7 +176,6 @@ def agent_source(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(AGENT + list(args), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
 
 
-
 class AgentProcess:
     """The real `patchwire-agent serve` on 127.0.0.1:0, configured by `init` then edited."""
 
