@@ -5214,18 +5214,20 @@ def size_in_words(n: int) -> str:
     return "1 byte" if n == 1 else f"{n} bytes" if n < 1024 else human_bytes(n)
 
 
-def files_in_the_way(project: "Project", files: Sequence[FilePatch]) -> List[InTheWay]:
+def files_in_the_way(project: "Project", files: Sequence[FilePatch], job: str = "JOB") -> List[InTheWay]:
     """What a new file or a rename would replace here: a file or link where nothing was synced.
     A file that holds the result already is not in the way. A folder, or a file git tracks
     (the box had it, so a patch calling it new was not made from your files), is never
-    replaced: PatchError, before any write."""
+    replaced: PatchError, before any write; nor is a file outside a sparse checkout that git
+    tracks, where nothing is here (`job`: named in that error's hint)."""
     root = project.root
     leaving = {folded_path(f.old_path) for f in files if f.kind in ("deleted", "renamed")}
-    found = []
+    found, nothing_here = [], []
     for f in files:
         if f.kind not in ("new", "renamed") or folded_path(f.path) in leaving or symlink_parent(root, f.path):
             continue
         if lstat_or_none(root / f.path) is None:
+            nothing_here.append(f.path)
             continue
         here = read_worktree(root, f.path)
         if here is not None and f.result is not None and here[0] == f.result:
@@ -5236,7 +5238,47 @@ def files_in_the_way(project: "Project", files: Sequence[FilePatch]) -> List[InT
                              "or a rename: it was not made from the files here; nothing was changed",
                              "if you made it since the ask, move it away and apply again; otherwise ask again")
         found.append(InTheWay(f, status, *here))
+    outside = outside_sparse_checkout(project, nothing_here)
+    if outside:
+        raise outside_sparse_error(outside, job)
     return found
+
+
+def outside_sparse_error(paths: Sequence[str], job: str) -> PatchError:
+    one = len(paths) == 1
+    it, names = "it" if one else "them", " ".join(shlex.quote(sanitize(p)) for p in paths)
+    return PatchError(f"{', '.join(map(sanitize, paths))}: tracked by git but outside your sparse checkout, where the "
+                      f"patch puts {'a new file' if one else 'new files'}; the box never had {it}, and the AI's "
+                      f"{'file' if one else 'files'} would replace the committed {'one' if one else 'ones'} unseen "
+                      f"(git would show a change to {it}); nothing was changed",
+                      f"widen the checkout to hold {it} (`git sparse-checkout add FOLDER`), sync and ask again; "
+                      f"or apply the rest: `patchwire apply {job} --exclude {names}`")
+
+
+def outside_sparse_checkout(project: "Project", paths: Sequence[str]) -> List[str]:
+    """Those of `paths` (nothing is there) that the user's index tracks as skip-worktree: files
+    outside a sparse checkout, whose committed content was never synced. Asked of git only when
+    the repository may have any (index_may_skip)."""
+    if not paths or project.user_git is None or not index_may_skip(project.user_index):
+        return []
+    skipped = skip_worktree_paths(project.user_git.large("ls-files", "-z", "-t", "--cached"))
+    return [path for path in paths if path in skipped]
+
+
+def index_may_skip(index: Optional[Path]) -> bool:
+    """Whether the index at `index` may hold skip-worktree entries: a sparse checkout is set up
+    beside it, or it is of version 3 or later (the flag needs the extended flags of version 3).
+    Unknown (a project in a subfolder of its repository): True, and git is asked."""
+    if index is None:
+        return True
+    if (index.parent / "info" / "sparse-checkout").exists():
+        return True
+    try:
+        with open(index, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return False
+    return head[:4] == b"DIRC" and int.from_bytes(head[4:8], "big") >= 3
 
 
 def worktree_status(project: "Project", path: str) -> str:
@@ -5254,7 +5296,7 @@ def check_destinations(project: "Project", files: Sequence[FilePatch], overwrite
     """The files in the way (files_in_the_way) that `overwrite` ({path: sha256 of the bytes
     the user agreed to replace}) lets the patch replace; PatchError naming every other one,
     before any write: git's 3-way fallback would replace them unseen."""
-    found = files_in_the_way(project, files)
+    found = files_in_the_way(project, files, job)
     refused = [w for w in found if overwrite.get(w.path) != w.digest]
     if refused:
         raise in_the_way_error(refused, job)
@@ -6528,7 +6570,7 @@ def settle_in_the_way(session: Session, job: str, chosen: bytes, overwrite: Opti
     leaves nothing to apply. Patchwire's own files never get here: vetting refuses them.
     `read`: `chosen` as read and vetted already (none: it is read here when needed)."""
     files = read if read is not None else split_patch(chosen)
-    found = (files_in_the_way(session.project, read if read is not None else session.vet(chosen, job, whole=False))
+    found = (files_in_the_way(session.project, read if read is not None else session.vet(chosen, job, whole=False), job)
              if may_be_in_the_way(session.project.root, files) else [])
     if not found or overwrite is False:
         return chosen, {}

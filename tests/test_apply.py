@@ -396,3 +396,33 @@ def test_a_3_way_write_into_a_read_only_folder_puts_everything_back(srv_place, a
     account.run("apply", job, "--yes", check=0)
     assert (root / "long.txt").read_bytes() == edited({5: "line 5 by the AI\n", 7: "line 7 by me\n"})
     assert (root / "locked/b.md").read_bytes() == b"B\n"
+
+
+def test_a_new_file_outside_a_sparse_checkout_over_a_tracked_one_is_refused(tmp_path, agent):
+    """A sparse checkout keeps no file for the paths outside it, and sends none: an AI that
+    writes one of them makes a "new file", which would replace the committed file unseen (git
+    clears the skip-worktree flag of a file that is there, and shows it modified). Refused,
+    naming it, before any write; the rest applies with --exclude; a new file at a path git
+    does not track outside the checkout is an ordinary new file."""
+    root = make_repo(tmp_path / "mono", {"app/main.dart": b"void main() {}\n", "other/shared.txt": b"committed\n",
+                                         "other/deep/more.txt": b"more\n"})
+    conftest.git(root, "sparse-checkout", "set", "app")
+    assert not (root / "other").exists()
+    lap = Laptop(root)
+    lap.init(agent)
+    result = lap.ask(script({"write": "app/new.dart", "text": "// new\n"},
+                            {"write": "other/shared.txt", "text": "the AI's, never having seen it\n"},
+                            {"write": "other/brand-new.txt", "text": "new\n"}), "--yes")
+    job = lap.last_job()
+    assert result.returncode == 5, result.err
+    assert ("other/shared.txt: tracked by git but outside your sparse checkout, where the patch puts a new file"
+            in result.err and f"`patchwire apply {job} --exclude other/shared.txt`" in result.err), result.err
+    assert not (root / "other").exists() and not (root / "app/new.dart").exists()
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
+    assert status == "?? .patchwire.toml\n", status
+    rest = lap.run("apply", job, "--exclude", "other/shared.txt", "--yes")
+    assert rest.returncode == 0, rest.err
+    assert (root / "app/new.dart").read_bytes() == b"// new\n" and (root / "other/brand-new.txt").read_bytes() == b"new\n"
+    assert not (root / "other/shared.txt").exists()
+    shown = subprocess.run(["git", "show", "HEAD:other/shared.txt"], cwd=root, capture_output=True).stdout
+    assert shown == b"committed\n"
