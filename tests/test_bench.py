@@ -82,3 +82,13 @@ def test_apply_benchmark_quick_run_measures_patchwire_and_git_on_the_same_patch(
     assert proc.returncode == 0, out  # both sides left the box's tree (the bench checks it)
     assert "| **Patchwire / git apply** (median of per-round ratios) | **" in out, out
     assert "| **full render / git diff --color** (median of per-round ratios) | **" in out, out
+
+
+def test_sparse_benchmark_quick_run_measures_both_projects_and_keeps_the_quick_scan():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/sparse.py"), "--quick"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, out  # 1: the sparse project's sync lost git's quick scan
+    rows = [line for line in out.splitlines() if line.startswith(("| sparse: 240 of 2,400 |", "| plain: 240 |"))]
+    assert len(rows) == 2 and all(line.endswith("x |") for line in rows), out
+    assert "quick scan kept: yes (0 absent tracked files watched)" in out, out
