@@ -1709,6 +1709,8 @@ class FileList:
         # tracked files not in the worktree (deleted, not `git rm`-ed): watched by the next
         # quick scan, as git's untracked cache never lists a tracked file coming back
         self.absent: List[str] = []
+        # tracked files outside a sparse checkout (skip-worktree, not here): never sent
+        self.outside_sparse = 0
         # what the next scan_quick checks to build on this listing (QuickKey), when it can
         self.quick: Optional[dict] = None
 
@@ -1984,7 +1986,8 @@ class Project:
                 files.quick = None  # a repository inside the project: its own git lists it
         files.paths.sort()
         files.unused_allow = [p for p in rules.allow.patterns if p not in used_allow]
-        files.absent = not_skipped(top, files.absent)
+        deleted = not_skipped(top, files.absent)
+        files.outside_sparse, files.absent = len(files.absent) - len(deleted), deleted
         return files
 
     def _consider(self, path: str, tracked: bool, rules: SyncRules, files: FileList, pending: List[str],
@@ -7503,7 +7506,7 @@ def dry_run_report(files: FileList) -> dict:
                         "ignores are never sent (un-ignore them in .gitignore with a `!` line)")
     return {"files": files.paths, "held_back": files.held, "warnings": warnings,
             "totals": {"files": len(files.paths), "bytes": sum(files.size(p) for p in files.paths),
-                       "held_back": len(files.held),
+                       "held_back": len(files.held), "outside_sparse_checkout": files.outside_sparse,
                        "folders": {k: {"files": v[0], "bytes": v[1]} for k, v in folders.items()}}}
 
 
@@ -7527,6 +7530,9 @@ def render_dry_run(report: dict, full: bool, limit: int = 40) -> List[str]:
         rest = folders[12:]
         lines.append(f"  {'(' + str(len(rest)) + ' more)':<{width}} {sum(t['files'] for _, t in rest):>8,} "
                      f"file(s) {human_bytes(sum(t['bytes'] for _, t in rest)):>10}")
+    if totals.get("outside_sparse_checkout"):
+        lines.append(f"not here, not sent: {totals['outside_sparse_checkout']:,} tracked file(s) outside your sparse "
+                     "checkout (`git sparse-checkout add FOLDER` brings a folder's in)")
     lines.append(f"would send {totals['files']:,} file(s), {human_bytes(totals['bytes'])}; "
                  f"{totals['held_back']} held back" + ("" if full else " (--list lists every file)"))
     return lines

@@ -450,6 +450,9 @@ def test_a_sparse_checkout_keeps_the_quick_scan_and_sends_what_it_holds(tmp_path
     project, rules = patchwire.Project(root, "p"), patchwire.SyncRules()
     files = project.scan(rules)
     assert files.absent == [] and files.paths == ["app/a.txt", "app/local.cfg"]
+    assert files.outside_sparse == len(outside)  # the dry run says so
+    said = patchwire.render_dry_run(patchwire.dry_run_report(files), full=False)
+    assert f"not here, not sent: {len(outside):,} tracked file(s) outside your sparse checkout" in said[-2], said
     project.record(files, rules)
     (root / "app/a.txt").write_text("edited\n")
     quick = project.scan_quick(rules)
