@@ -739,6 +739,35 @@ def _dec(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
+def records_tagged(listing: bytes, tag: bytes) -> Iterator[bytes]:
+    """The records of a NUL-separated git listing that start with `tag` ("120000 " in `ls-files
+    -s`, "S " in `ls-files -t`), whole: found by bytes.find, in C, so 100,000 records with a few
+    such cost a few ms, not a loop over all of them. A record starts the listing or follows a
+    NUL (no path holds one), so `tag` inside a path is never taken for it."""
+    needle = b"\0" + tag
+    found = listing.find(needle)
+    at = 0 if listing.startswith(tag) else (found + 1 if found >= 0 else -1)
+    while at >= 0:
+        end = listing.find(b"\0", at)
+        end = len(listing) if end < 0 else end
+        yield listing[at:end]
+        found = listing.find(needle, end)
+        at = found + 1 if found >= 0 else -1
+
+
+def index_header(index: Path) -> Optional[Tuple[int, int]]:
+    """(version, entries) of the git index file at `index` (its own part, when split); None
+    when it cannot be read or is not one."""
+    try:
+        with open(index, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return None
+    if len(head) < 12 or head[:4] != b"DIRC":
+        return None
+    return int.from_bytes(head[4:8], "big"), int.from_bytes(head[8:12], "big")
+
+
 # ================================================================== config files
 
 
@@ -1790,14 +1819,8 @@ def tracked_part(listing: bytes) -> bytes:
 
 def skip_worktree_paths(listing: bytes) -> Set[str]:
     """The paths `ls-files -z -t` tags "S " (skip-worktree: outside a sparse checkout, where
-    git keeps no file), found by bytes.find: a record's NUL, then the tag (no path holds a NUL)."""
-    data, found = b"\0" + listing, set()
-    at = data.find(b"\0S ")
-    while at >= 0:
-        end = data.find(b"\0", at + 3)
-        found.add(_dec(data[at + 3:end if end >= 0 else len(data)]))
-        at = data.find(b"\0S ", end) if end >= 0 else -1
-    return found
+    git keeps no file)."""
+    return {_dec(record[2:]) for record in records_tagged(listing, b"S ")}
 
 
 def not_skipped(listing: bytes, absent: List[str]) -> List[str]:
@@ -5276,12 +5299,8 @@ def index_may_skip(index: Optional[Path]) -> bool:
         return True
     if (index.parent / "info" / "sparse-checkout").exists():
         return True
-    try:
-        with open(index, "rb") as f:
-            head = f.read(8)
-    except OSError:
-        return False
-    return head[:4] == b"DIRC" and int.from_bytes(head[4:8], "big") >= 3
+    header = index_header(index)
+    return header is not None and header[0] >= 3
 
 
 def worktree_status(project: "Project", path: str) -> str:

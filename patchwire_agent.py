@@ -1937,18 +1937,9 @@ def replace_file(path: Path, data: bytes) -> None:
 
 
 def symlink_entries(listing: bytes) -> List[str]:
-    """The symlinks' paths in `git ls-files -s -z` ("120000 <blob> <stage>\t<path>\0" each):
-    found by bytes.find, in C, so 100,000 entries with a few links cost a few ms, not a loop
-    (or a regex tried at every byte) over all of them."""
-    paths, at = [], listing.find(b"120000 ")
-    while at >= 0:
-        end = listing.find(b"\0", at)
-        end = len(listing) if end < 0 else end
-        if at == 0 or listing[at - 1] == 0:  # a record's start, not "120000 " inside a path
-            _, _, path = listing[at:end].partition(b"\t")
-            paths.append(path.decode("utf-8", "surrogateescape"))
-        at = listing.find(b"120000 ", end)
-    return paths
+    """The symlinks' paths in `git ls-files -s -z` ("120000 <blob> <stage>\t<path>\0" each)."""
+    return [record.partition(b"\t")[2].decode("utf-8", "surrogateescape")
+            for record in pw.records_tagged(listing, b"120000 ")]
 
 
 def index_paths(git: Git, mirror_fd: int, paths: List[str], links: List[str], kept: AbstractSet[str] = frozenset(),
@@ -2033,12 +2024,8 @@ RESPLIT_ENTRIES = 2000
 def keep_split_small(git: Git, index: Path) -> None:
     """`update-index --split-index` (a new shared part: one whole write) when the index's own
     part (its header's count of entries) holds more than RESPLIT_ENTRIES."""
-    try:
-        with open(index, "rb") as f:
-            head = f.read(12)
-    except OSError:
-        return
-    if len(head) == 12 and head[:4] == b"DIRC" and int.from_bytes(head[8:12], "big") > RESPLIT_ENTRIES:
+    header = pw.index_header(index)
+    if header is not None and header[1] > RESPLIT_ENTRIES:
         git.run("update-index", "--split-index", check=False)
 
 

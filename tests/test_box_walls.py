@@ -94,6 +94,18 @@ def hand_to_account(place: Path) -> None:
     subprocess.run(["chown", "-R", f"{ACCOUNT}:", str(place)], check=True)
 
 
+def as_who(who: str, place: Path, body: Callable[[], None]) -> None:
+    """`body` as the one running the tests; or, when `who` is "account", in a forked child that
+    is the test account, with `place` (where body works: srv_place) handed to it first, so its
+    files and Patchwire's store there are the account's, as an ordinary user's are."""
+    if who != "account":
+        body()
+        return
+    account_or_skip()  # made when missing, before its files are handed to it
+    hand_to_account(place)
+    in_child_as_account(body)
+
+
 def in_child_as_account(body: Callable[[], None]) -> None:
     """Run `body` in a forked child that is the test account (uid, gid, no other groups): an
     in-process test of permission-sensitive code, as an ordinary user runs it. The child's

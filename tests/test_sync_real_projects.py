@@ -20,7 +20,7 @@ import pytest
 import patchwire
 from conftest import Laptop, drive_pty, git, make_repo, script, snapshot_tree
 from test_apply import as_walls_account
-from test_box_walls import account_agent, hand_to_account, in_child_as_account
+from test_box_walls import account_agent, as_who, hand_to_account
 
 try:
     import tomllib  # type: ignore[import-not-found]
@@ -232,22 +232,11 @@ def test_the_users_gc_cannot_drop_what_a_record_needs(tmp_path):
     assert not own.exists() and again.recorded_file(tree, "a.txt") == (b"a\n", "100644")
 
 
-def as_who(who: str, body) -> None:
-    """`body` as root, or in a forked child that is the test account (its files and store
-    are then the account's, as they are an ordinary user's)."""
-    if who == "root":
-        body()
-    else:
-        in_child_as_account(body)
-
-
 @pytest.mark.parametrize("who", ["root", "account"])
 def test_old_records_and_their_blobs_are_pruned(srv_place, monkeypatch, who):
     monkeypatch.setattr(patchwire, "RECORDS_KEPT", 2)
     monkeypatch.setattr(patchwire, "RECORDS_PRUNE_AT", 3)
-    if who == "account":
-        hand_to_account(srv_place)
-    as_who(who, lambda: old_records_and_their_blobs_are_pruned(srv_place))
+    as_who(who, srv_place, lambda: old_records_and_their_blobs_are_pruned(srv_place))
 
 
 def old_records_and_their_blobs_are_pruned(place: Path) -> None:
@@ -288,9 +277,7 @@ def test_pruning_old_records_keeps_what_undo_would_put_back(srv_place, monkeypat
     they may go."""
     monkeypatch.setattr(patchwire, "RECORDS_KEPT", 1)
     monkeypatch.setattr(patchwire, "RECORDS_PRUNE_AT", 2)
-    if who == "account":
-        hand_to_account(srv_place)
-    as_who(who, lambda: pruning_keeps_what_undo_would_put_back(srv_place))
+    as_who(who, srv_place, lambda: pruning_keeps_what_undo_would_put_back(srv_place))
 
 
 def pruning_keeps_what_undo_would_put_back(place: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import patchwire as pw
+from test_box_walls import as_who
 
 # ------------------------------------------------------------------ Hunk.render
 
@@ -251,19 +252,7 @@ def test_a_write_replaces_what_is_at_the_path_and_never_writes_through_it(tmp_pa
     Applier's) replace a symlink or a hard link at the path with a new file, and leave
     what the old name led to as it was; a folder in the way is refused and kept. Also as an
     ordinary account (root writes where it may not), whose own file the links lead to."""
-    as_who(who, tmp_path, srv_place, functools.partial(write_at_links, by_rename=by_rename))
-
-
-def as_who(who: str, tmp_path: Path, srv_place: Path, body) -> None:
-    """body(folder) as the one running the tests, in tmp_path; or as the test account
-    (pw-walls) in a forked child, in srv_place handed to it: its files are the account's."""
-    if who == "runner":
-        body(tmp_path)
-        return
-    from test_box_walls import account_or_skip, hand_to_account, in_child_as_account
-    account_or_skip()  # made when missing
-    hand_to_account(srv_place)
-    in_child_as_account(functools.partial(body, srv_place))
+    as_who(who, srv_place, functools.partial(write_at_links, srv_place, by_rename=by_rename))
 
 
 def write_at_links(base: Path, by_rename: bool) -> None:
@@ -344,7 +333,7 @@ def test_a_link_raced_in_between_unlink_and_create_is_never_written_through(tmp_
     the new one: the create refuses it (O_EXCL|O_NOFOLLOW), what the link leads to is kept,
     and the put-back replaces the link with the old file. Also as an ordinary account, the
     link leading to the account's own file (root's write would get through anyway)."""
-    as_who(who, tmp_path, srv_place, functools.partial(race_a_link, monkeypatch=monkeypatch))
+    as_who(who, srv_place, functools.partial(race_a_link, srv_place, monkeypatch=monkeypatch))
 
 
 def race_a_link(base: Path, monkeypatch) -> None:
@@ -402,7 +391,7 @@ def test_a_copy_of_a_file_not_put_back_stays_in_its_own_private_folder(tmp_path,
     """A lying box's path that climbs out (`..`), or one beneath a name that is a file, gets no
     copy (None: the message then gives no `cp`) and nothing is written outside the copies'
     folder, which is private (mode 700) and new for each failed apply."""
-    as_who(who, tmp_path, srv_place, functools.partial(copy_out_of_reach, monkeypatch=monkeypatch))
+    as_who(who, srv_place, functools.partial(copy_out_of_reach, srv_place, monkeypatch=monkeypatch))
 
 
 def copy_out_of_reach(base: Path, monkeypatch) -> None:
