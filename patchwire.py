@@ -5283,12 +5283,15 @@ def outside_sparse_error(paths: Sequence[str], job: str) -> PatchError:
 
 def outside_sparse_checkout(project: "Project", paths: Sequence[str]) -> List[str]:
     """Those of `paths` (nothing is there) that the user's index tracks as skip-worktree: files
-    outside a sparse checkout, whose committed content was never synced. Asked of git only when
-    the repository may have any (index_may_skip)."""
+    outside a sparse checkout, whose committed content was never synced. Compared folded, as
+    the `leaving` paths of files_in_the_way are: on a case-insensitive disk that ignores
+    Unicode forms (macOS's), `Other/SHARED.txt` from a patch is the file git tracks as
+    `other/shared.txt`. Asked of git only when the repository may have any (index_may_skip)."""
     if not paths or project.user_git is None or not index_may_skip(project.user_index):
         return []
-    skipped = skip_worktree_paths(project.user_git.large("ls-files", "-z", "-t", "--cached"))
-    return [path for path in paths if path in skipped]
+    skipped = {folded_path(path) for path in skip_worktree_paths(
+        project.user_git.large("ls-files", "-z", "-t", "--cached"))}
+    return [path for path in paths if folded_path(path) in skipped]
 
 
 def index_may_skip(index: Optional[Path]) -> bool:

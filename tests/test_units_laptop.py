@@ -10,6 +10,7 @@ import gc
 import os
 import stat
 from pathlib import Path
+from typing import List
 
 import pytest
 
@@ -484,3 +485,38 @@ def test_an_ask_carries_only_few_small_regular_files_whose_bytes_are_the_recorde
     assert pw.inline_content(tmp_path, {"via/run.sh": ("100755", run)}, 1 << 20) == (None, 0)
     os.symlink(tmp_path / "a.txt", tmp_path / "link.txt")  # nor a link at the path
     assert pw.inline_content(tmp_path, {"link.txt": ("100644", a)}, 1 << 20) == (None, 0)
+
+
+@WHO
+def test_a_lying_box_puts_no_new_file_over_one_outside_the_sparse_checkout(srv_place, who):
+    """A patch (a lying box's, a prompt-injected AI's) that calls a file new where git tracks
+    one outside the user's sparse checkout is refused before any write, however it spells the
+    path: exactly, in other letter case, or in another Unicode form with a character macOS
+    ignores (one file there, as on any case-insensitive disk); nor a rename onto it. A path
+    git does not track there is an ordinary new file. Also as an ordinary account, in its own repository."""
+    as_who(who, srv_place, functools.partial(new_files_outside_a_sparse_checkout, srv_place))
+
+
+def new_files_outside_a_sparse_checkout(base: Path) -> None:
+    from conftest import git, make_repo
+    root = make_repo(base / "mono", {"app/main.dart": b"void main() {}\n", "other/shared.txt": b"committed\n",
+                                     "other/caf\u00e9.txt": b"committed\n"})
+    git(root, "sparse-checkout", "set", "app")
+    project = pw.Project(root, "mono")
+
+    def new_file(path: str) -> List[pw.FilePatch]:
+        raw = path.encode()
+        return pw.split_patch(b"diff --git a/%s b/%s\nnew file mode 100644\n--- /dev/null\n+++ b/%s\n@@ -0,0 +1 @@\n"
+                              b"+the box's\n" % (raw, raw, raw))
+
+    for spelled in ("other/shared.txt", "Other/SHARED.txt", "other/cafe\u0301.txt", "other/caf\u200c\u00e9.txt"):
+        with pytest.raises(pw.PatchError) as refused:
+            pw.files_in_the_way(project, new_file(spelled), "j1")
+        assert "tracked by git but outside your sparse checkout" in refused.value.message, spelled
+        assert "`patchwire apply j1 --exclude " in refused.value.hint, spelled
+    moved = pw.split_patch(b"diff --git a/app/main.dart b/other/shared.txt\nsimilarity index 100%\n"
+                           b"rename from app/main.dart\nrename to other/shared.txt\n")
+    with pytest.raises(pw.PatchError, match="outside your sparse checkout"):  # a rename lands there too
+        pw.files_in_the_way(project, moved, "j1")
+    assert pw.files_in_the_way(project, new_file("other/brand-new.txt"), "j1") == []
+    assert not (root / "other").exists() and not (root / "Other").exists()
