@@ -33,7 +33,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 import patchwire  # noqa: E402
 from conftest import STAND_IN_COMMAND, AgentProcess, Laptop, git  # noqa: E402
 from prepare import write_files  # noqa: E402
-from startup import laptop_program  # noqa: E402
+from startup import laptop_program, spread  # noqa: E402
 
 TEAMS = 10
 
@@ -48,10 +48,6 @@ def make_repo(root: Path, per_team: int, teams: List[int], cone: bool) -> None:
     git(root, "commit", "-qm", "base")
     if cone:
         git(root, "sparse-checkout", "set", "team3")
-
-
-def spread(values: List[float]) -> str:
-    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
 def main(argv=None) -> int:
