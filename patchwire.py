@@ -2661,6 +2661,8 @@ def rsync_gone(cfg: LaptopConfig, proc: subprocess.CompletedProcess) -> List[str
 # waiting for them, and over SSH a remote rsync). Past these figures rsync's own transfer wins.
 INLINE_SEND_MAX_BYTES = 256 * 1024
 INLINE_SEND_MAX_FILES = 64
+# A listing of changes of this many files or more starts rsync before the record hashes them
+SEND_AHEAD_MIN_FILES = 200
 
 
 def inline_content(root: Path, wanted: Dict[str, Tuple[str, str]], cap: int) -> Tuple[Optional[List[list]], int]:
@@ -3428,10 +3430,7 @@ class Session:
                 if not files.count:
                     say(f"note: no file of {self.cfg.root} goes: git ignores them all, or they are held "
                         "back (see `patchwire sync --dry-run`)")
-            # every listed file goes (no last sync to build on): rsync need not wait for the
-            # record, which hashes every file meanwhile (a 43,737-file first sync: ~2 s)
-            sending = None if last else Background(functools.partial(
-                self._send, files, None, me["mirror"], set(unsure), force))
+            sending = self._send_ahead(files, bool(last), me["mirror"], unsure, force)
             try:
                 tree = self.project.record(files, self.rules, upkeep=False)
             except FilesMoved as e:
@@ -3445,7 +3444,7 @@ class Session:
                 raise
             else:
                 synced, todo, moved = self._send_and_keep(files, last, tree, bool(resend), unsure, force, me["mirror"],
-                                                          inline_cap, sending)
+                                                          0 if sending else inline_cap, sending)
                 if synced:
                     return synced
                 unsure |= set(todo)
@@ -3453,6 +3452,20 @@ class Session:
             if attempt == 1:
                 say(f"{describe_paths(moved)} changed while being sent; sending again")
         raise moved_error(moved, files)
+
+    def _send_ahead(self, files: FileList, incremental: bool, mirror: str, unsure: set,
+                    force: bool) -> Optional[Background]:
+        """rsync started before the record, which then hashes the files meanwhile, when what
+        it sends is known from the listing alone: every listed file (no last sync to build on:
+        a 43,737-file first sync hashes for ~2 s), or the new and changed files of a listing
+        of changes when they are SEND_AHEAD_MIN_FILES or more (a branch switch: the record's
+        2,500 files ~0.13 s), too many to go with the ask. The record can only find a subset
+        of those changed (it re-hashes just them); _send_recorded sends what it did not."""
+        if not incremental:
+            return Background(functools.partial(self._send, files, None, mirror, set(unsure), force))
+        if files.removed is None or len(files.paths) < SEND_AHEAD_MIN_FILES:
+            return None
+        return Background(functools.partial(self._send, files, (files.paths, []), mirror, set(unsure), force))
 
     def _send_and_keep(self, files: FileList, last: dict, tree: str, resend: bool, unsure: set, force: bool,
                        mirror: str, inline_cap: int, sending: Optional[Background] = None,
@@ -3478,6 +3491,9 @@ class Session:
         """Bring the box's mirror to the record `tree`: (what the sync left, [], []) once it
         holds it, else (None, paths given to rsync, paths that moved while sent). With
         `inline_cap`, a few small changed files may go with the ask instead (Synced.content)."""
+        ahead = sending.result() if sending and last.get("tree") else None  # sent ahead: a listing of changes
+        if ahead and ahead[2]:
+            return None, ahead[1], ahead[2]
         entries = self.project.changed_entries(last["tree"], tree) if last.get("tree") else None
         since_last = (list(entries[0]), entries[1]) if entries else None
         base, changed, deleted = self._since_indexed(last, tree, resend, since_last)
@@ -3492,13 +3508,29 @@ class Session:
             return Synced(tree, base, changed, deleted, {
                 "sent_files": len(content), "sent_bytes": size, "skipped": False, "held_back": files.held,
                 "files": files.count}, content=content, mirror=mirror), [], []
-        counts, todo, moved = sending.result() if sending else self._send(files, since_last, mirror, unsure, force)
+        if ahead:
+            counts, todo, moved = self._send_rest(files, ahead, since_last, mirror, force)
+        else:
+            counts, todo, moved = sending.result() if sending else self._send(files, since_last, mirror, unsure, force)
         if moved:
             return None, todo, moved
         self._save_sync(tree, mirror, indexed=last.get("indexed"))
         return Synced(tree, base, changed, deleted, {
             "sent_files": counts["sent"], "sent_bytes": counts.get("bytes"), "skipped": False,
             "held_back": files.held, "files": files.count}), [], []
+
+    def _send_rest(self, files: FileList, ahead: Tuple[dict, List[str], List[str]],
+                   since_last: Optional[Tuple[List[str], List[str]]], mirror: str,
+                   force: bool) -> Tuple[dict, List[str], List[str]]:
+        """What rsync sent ahead of the record, and, after it, what the record found changed
+        that was not among it (none, while the record re-hashes only the listed files)."""
+        counts, todo, moved = ahead
+        rest = sorted(set(since_last[0] if since_last else []) - set(todo))
+        if rest:
+            more, todo_more, moved = self._send(files, (rest, []), mirror, set(), force)
+            counts = {**counts, "sent": counts["sent"] + more["sent"]}
+            todo = todo + todo_more
+        return counts, todo, moved
 
     def _inline(self, files: FileList, entries: Optional[Tuple[Dict[str, Tuple[str, str]], List[str]]],
                 unsure: set, base: Optional[str], cap: int) -> Tuple[Optional[List[list]], int]:

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 import pytest
 
@@ -641,10 +641,10 @@ def test_a_big_projects_first_job_folder_is_its_mirror_and_every_later_ask_still
     assert all(status in (200, 409) for status in asks(agent))
 
 
-def test_a_full_sync_starts_rsync_beside_its_record_not_after_it(laptop, agent, tmp_path):
-    """A first sync sends every listed file, so its rsync starts while the record hashes them:
-    a git whose record waits (5 s at most) for rsync to have started shows it. Sent after the
-    record, as before, the record would wait the 5 s in vain ("waited")."""
+def record_watching_rsync(tmp_path: Path) -> Tuple[Path, Path, dict]:
+    """(an rsync that marks its start, the record's notes, the environment of a git whose
+    record waits (5 s at most) for that mark and notes "overlapped" or "waited", then takes
+    the mark away for the next round)."""
     started, saw = tmp_path / "rsync.started", tmp_path / "record.saw"
     rsync = tmp_path / "marking-rsync"
     rsync.write_text(f"#!/bin/sh\ntouch {started}\nexec rsync \"$@\"\n")
@@ -655,16 +655,108 @@ def test_a_full_sync_starts_rsync_beside_its_record_not_after_it(laptop, agent, 
         "#!/bin/sh\n"
         f"case \" $* \" in *\" update-index --add \"*)\n"
         f"  i=0; while [ ! -e {started} ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done\n"
-        f"  if [ -e {started} ]; then echo overlapped >> {saw}; else echo waited >> {saw}; fi;;\n"
+        f"  if [ -e {started} ]; then echo overlapped >> {saw}; else echo waited >> {saw}; fi; rm -f {started};;\n"
         "esac\n"
         f"exec {shutil.which('git')} \"$@\"\n")
     (bindir / "git").chmod(0o755)
+    return rsync, saw, {"PATH": f"{bindir}:{os.environ['PATH']}"}
+
+
+def test_a_full_sync_starts_rsync_beside_its_record_not_after_it(laptop, agent, tmp_path):
+    """A first sync sends every listed file, so its rsync starts while the record hashes them:
+    a git whose record waits (5 s at most) for rsync to have started shows it. Sent after the
+    record, as before, the record would wait the 5 s in vain ("waited")."""
+    rsync, saw, path = record_watching_rsync(tmp_path)
     write_sync(laptop, rsync=str(rsync))
-    path = {"PATH": f"{bindir}:{os.environ['PATH']}"}
     first = laptop.run("sync", env=path, check=0)
     assert "synced 3 of 3 file(s)" in first.err and saw.read_text().split() == ["overlapped"], first.err
     # and the sync was whole: the box's copy is the laptop's
     assert {p.name for p in mirror_of(agent, laptop).rglob("*") if p.is_file()} >= {"README.md"}
+
+
+def many_changes(laptop, count: int = patchwire.SEND_AHEAD_MIN_FILES) -> dict:
+    """`count` new files of different sizes and README.md edited: {path: bytes}."""
+    files = {f"gen/part_{i % 7}/file_{i:03d}.txt": b"line %d\n" % i * (i % 13 + 1) for i in range(count - 1)}
+    files["README.md"] = b"# edited with many others\n"
+    for rel, data in files.items():
+        (laptop.root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (laptop.root / rel).write_bytes(data)
+    return files
+
+
+def test_a_big_listing_of_changes_starts_rsync_beside_its_record(laptop, agent, tmp_path):
+    """SEND_AHEAD_MIN_FILES changed files (a branch switch): rsync sends the listed files while
+    the record hashes them, as a full sync does; the box's snapshot then holds the laptop's
+    tree (no 409) and the AI reads the new bytes. Before, the record came first: it waited the
+    5 s in vain."""
+    laptop.ask(script({"say": "first"}), "--yes", check=0)
+    files = many_changes(laptop)
+    rsync, saw, path = record_watching_rsync(tmp_path)
+    write_sync(laptop, rsync=str(rsync))
+    synced = laptop.run("sync", env=path, check=0)
+    assert saw.read_text().split() == ["overlapped"], synced.err
+    count = len(files)
+    assert f"synced {count} of {count + 2} file(s)" in synced.err  # and src/app.py, .patchwire.toml
+    mirror = mirror_of(agent, laptop)
+    assert {rel: (mirror / rel).read_bytes() for rel in files} == files
+    asked = laptop.ask(script(*copy_steps("README.md", "gen/part_3/file_010.txt")), "--yes", check=0)
+    assert "synced: nothing changed" in asked.err, asked.err
+    assert snapshots(agent)[-1]["form"] == "changes" and 409 not in asks(agent)
+    assert seen(laptop, "README.md") == files["README.md"]
+    assert seen(laptop, "gen/part_3/file_010.txt") == files["gen/part_3/file_010.txt"]
+
+
+def test_a_file_rewritten_while_a_big_listing_of_changes_is_sent_ahead_is_sent_again(laptop, agent, tmp_path):
+    """A file rewritten after the listing, while rsync sends ahead of the record: rsync may have
+    sent either version, so the round is done again, and the ask's snapshot is the laptop's
+    tree (a mirror copy that is not the record's would be a 409)."""
+    laptop.ask(script({"say": "first"}), "--yes", check=0)
+    files = many_changes(laptop)
+    once, late = tmp_path / "once", b"rewritten while sent, and longer than before\n"
+    write_sync(laptop, rsync=rsync_once(tmp_path, once, "gen/part_1/file_001.txt", late))
+    asked = laptop.ask(script(*copy_steps("gen/part_1/file_001.txt")), "--yes", check=0)
+    assert "gen/part_1/file_001.txt changed while being sent; sending again" in asked.err, asked.err
+    assert seen(laptop, "gen/part_1/file_001.txt") == late
+    assert (mirror_of(agent, laptop) / "README.md").read_bytes() == files["README.md"]
+    assert snapshots(agent)[-1]["form"] == "changes" and 409 not in asks(agent)
+
+
+def test_files_recorded_by_a_killed_sync_go_after_a_big_listing_sent_ahead(laptop, agent, tmp_path):
+    """A sync killed after its record, before it noted what it sent, leaves changes that the
+    next listing does not see (the record holds them) and the mirror has not: after the files
+    sent ahead, the ones the record's diff names besides go too."""
+    laptop.ask(script({"say": "first"}), "--yes", check=0)
+    first = {f"small/f{i}.txt": b"small %d\n" % i for i in range(10)}
+    for rel, data in first.items():
+        (laptop.root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (laptop.root / rel).write_bytes(data)
+    killer = tmp_path / "killing-rsync"
+    killer.write_text("#!/bin/sh\nkill -9 $PPID\nexit 255\n")  # the laptop CLI, gone after its record
+    killer.chmod(0o755)
+    write_sync(laptop, rsync=str(killer))
+    assert laptop.run("sync", check=None).returncode == -9
+    second = many_changes(laptop)
+    write_sync(laptop, rsync="rsync")
+    synced = laptop.run("sync", check=0)
+    count = len(second)
+    assert (f"synced {count} of {count + 12} file(s)" in synced.err  # sent ahead
+            and f"synced 10 of {count + 12} file(s)" in synced.err), synced.err  # then the rest
+    mirror = mirror_of(agent, laptop)
+    wanted = {**first, **second}
+    assert {rel: (mirror / rel).read_bytes() for rel in wanted} == wanted, synced.err
+    laptop.ask(script(*copy_steps("small/f3.txt")), "--yes", check=0)
+    assert seen(laptop, "small/f3.txt") == first["small/f3.txt"]
+    assert snapshots(agent)[-1]["form"] == "changes" and 409 not in asks(agent)
+
+
+def rsync_once(tmp_path: Path, once: Path, rel: str, data: bytes) -> str:
+    """An rsync whose first run rewrites `rel` with `data` before sending."""
+    wrapper = tmp_path / "rewriting-rsync"
+    (tmp_path / "late").write_bytes(data)
+    wrapper.write_text(f"#!/bin/sh\n[ -e {once} ] || {{ touch {once}; cp {tmp_path / 'late'} {rel}; }}\n"
+                       "exec rsync \"$@\"\n")
+    wrapper.chmod(0o755)
+    return str(wrapper)
 
 
 @pytest.mark.parametrize("asked_before", [0, patchwire.TrackedPaths.FIND_MAX], ids=["searched", "from-a-set"])
