@@ -1999,17 +1999,20 @@ class Project:
         used_allow: set = set()
         top = self._listing(rules)
         files.quick = self._quick_key(rules, top, None if rules.git_excludes else self.ignore_sources())
+        nested_skipped: Set[str] = set()  # outside the sparse checkout of a repository inside
         while pending:
             prefix = pending.pop()
-            listed = self._list(prefix, rules, top if not prefix else None)
-            for path, tracked in listed:
+            listing = self._listing(rules, prefix) if prefix else top
+            if prefix:
+                nested_skipped |= {prefix + path for path in skip_worktree_paths(listing)}
+            for path, tracked in self._list(prefix, rules, listing):
                 if path not in files.stats:  # (a conflicted file is listed once per merge stage)
                     self._consider(path, tracked, rules, files, pending, used_allow)
             if pending:
                 files.quick = None  # a repository inside the project: its own git lists it
         files.paths.sort()
         files.unused_allow = [p for p in rules.allow.patterns if p not in used_allow]
-        deleted = not_skipped(top, files.absent)
+        deleted = [path for path in not_skipped(top, files.absent) if path not in nested_skipped]
         files.outside_sparse, files.absent = len(files.absent) - len(deleted), deleted
         return files
 
@@ -3491,7 +3494,7 @@ class Session:
         """Bring the box's mirror to the record `tree`: (what the sync left, [], []) once it
         holds it, else (None, paths given to rsync, paths that moved while sent). With
         `inline_cap`, a few small changed files may go with the ask instead (Synced.content)."""
-        ahead = sending.result() if sending and last.get("tree") else None  # sent ahead: a listing of changes
+        ahead = self._sent_ahead(files, sending) if sending else None
         if ahead and ahead[2]:
             return None, ahead[1], ahead[2]
         entries = self.project.changed_entries(last["tree"], tree) if last.get("tree") else None
@@ -3511,7 +3514,7 @@ class Session:
         if ahead:
             counts, todo, moved = self._send_rest(files, ahead, since_last, mirror, force)
         else:
-            counts, todo, moved = sending.result() if sending else self._send(files, since_last, mirror, unsure, force)
+            counts, todo, moved = self._send(files, since_last, mirror, unsure, force)
         if moved:
             return None, todo, moved
         self._save_sync(tree, mirror, indexed=last.get("indexed"))
@@ -3519,16 +3522,25 @@ class Session:
             "sent_files": counts["sent"], "sent_bytes": counts.get("bytes"), "skipped": False,
             "held_back": files.held, "files": files.count}), [], []
 
+    def _sent_ahead(self, files: FileList, sending: Background) -> Tuple[dict, List[str], List[str]]:
+        """What rsync sent ahead of the record, once it ended, with the files that moved looked
+        for again: rsync's own look came when it ended, maybe before the record hashed them, and
+        a file rewritten between the two would be recorded with bytes the box never got."""
+        counts, todo, moved = sending.result()
+        return counts, todo, sorted(set(moved) | set(files.moved(todo)))
+
     def _send_rest(self, files: FileList, ahead: Tuple[dict, List[str], List[str]],
                    since_last: Optional[Tuple[List[str], List[str]]], mirror: str,
                    force: bool) -> Tuple[dict, List[str], List[str]]:
-        """What rsync sent ahead of the record, and, after it, what the record found changed
-        that was not among it (none, while the record re-hashes only the listed files)."""
+        """What rsync sent ahead of the record (a listing of changes) and, after it, what the
+        record's diff names besides: files a sync killed after its record had recorded
+        but not sent. A full sync's (no last tree) are all its files: nothing else."""
         counts, todo, moved = ahead
         rest = sorted(set(since_last[0] if since_last else []) - set(todo))
         if rest:
             more, todo_more, moved = self._send(files, (rest, []), mirror, set(), force)
-            counts = {**counts, "sent": counts["sent"] + more["sent"]}
+            counts = {**counts, "sent": counts["sent"] + more["sent"],
+                      "bytes": counts.get("bytes", 0) + more.get("bytes", 0)}
             todo = todo + todo_more
         return counts, todo, moved
 
@@ -5314,16 +5326,42 @@ def outside_sparse_error(paths: Sequence[str], job: str) -> PatchError:
 
 
 def outside_sparse_checkout(project: "Project", paths: Sequence[str]) -> List[str]:
-    """Those of `paths` (nothing is there) that the user's index tracks as skip-worktree: files
-    outside a sparse checkout, whose committed content was never synced. Compared folded, as
-    the `leaving` paths of files_in_the_way are: on a case-insensitive disk that ignores
-    Unicode forms (macOS's), `Other/SHARED.txt` from a patch is the file git tracks as
-    `other/shared.txt`. Asked of git only when the repository may have any (index_may_skip)."""
-    if not paths or project.user_git is None or not index_may_skip(project.user_index):
-        return []
-    skipped = {folded_path(path) for path in skip_worktree_paths(
-        project.user_git.large("ls-files", "-z", "-t", "--cached"))}
-    return [path for path in paths if folded_path(path) in skipped]
+    """Those of `paths` (nothing is there) that a user's index tracks as skip-worktree: files
+    outside a sparse checkout, whose committed content was never synced. The project's own
+    repository is asked, or for a path in a repository inside the project (a submodule, a
+    nested clone) that one. Compared folded, as the `leaving` paths of files_in_the_way are:
+    on a case-insensitive disk that ignores Unicode forms (macOS's), `Other/SHARED.txt` from
+    a patch is the file git tracks as `other/shared.txt`. The project's repository is asked
+    only when it may have any (index_may_skip)."""
+    by_repository: Dict[str, List[str]] = {}
+    for path in paths:
+        by_repository.setdefault(nested_repository(project.root, path), []).append(path)
+    outside = []
+    for prefix, group in by_repository.items():
+        if prefix:
+            listing = Git(cwd=project.root / prefix, neutral=False).run(
+                "ls-files", "-z", "-t", "--cached", check=False).stdout or b""
+        elif project.user_git is not None and index_may_skip(project.user_index):
+            listing = project.user_git.large("ls-files", "-z", "-t", "--cached")
+        else:
+            continue
+        skipped = {folded_path(prefix + path) for path in skip_worktree_paths(listing)}
+        outside += [path for path in group if folded_path(path) in skipped]
+    return outside
+
+
+def nested_repository(root: Path, rel: str) -> str:
+    """The deepest folder above `rel` inside the project that holds a `.git` (a submodule or a
+    repository of its own), as "a/b/"; "" for none. Only real folders are looked in
+    (files_in_the_way passes no path beneath a link)."""
+    parts, found = rel.split("/"), ""
+    for n in range(1, len(parts)):
+        folder = os.path.join(root, *parts[:n])
+        if not os.path.isdir(folder):
+            break
+        if os.path.lexists(os.path.join(folder, ".git")):
+            found = "/".join(parts[:n]) + "/"
+    return found
 
 
 def index_may_skip(index: Optional[Path]) -> bool:

@@ -721,6 +721,41 @@ def test_a_file_rewritten_while_a_big_listing_of_changes_is_sent_ahead_is_sent_a
     assert snapshots(agent)[-1]["form"] == "changes" and 409 not in asks(agent)
 
 
+@pytest.mark.parametrize("first", [False, True], ids=["changes", "first-sync"])
+def test_a_file_rewritten_after_rsync_sent_ahead_but_before_the_record_goes_again(laptop, agent, tmp_path, first):
+    """rsync sent ahead ends and finds nothing moved; then, before the record hashes it, a file
+    is rewritten: the record holds bytes the box never got. The sync must look again once the
+    record is made, and send that file again; before, it said it had synced, and the next
+    ask's snapshot was refused (409) and every file sent again by checksum."""
+    if not first:
+        laptop.ask(script({"say": "first"}), "--yes", check=0)
+    many_changes(laptop)
+    rel, done, once = "gen/part_1/file_001.txt", tmp_path / "rsync.done", tmp_path / "once"
+    late = tmp_path / "late"
+    late.write_bytes(b"written by an editor after rsync, before the record\n")
+    rsync = tmp_path / "ending-rsync"
+    rsync.write_text(f"#!/bin/sh\nrsync \"$@\"; rc=$?; touch {done}; exit $rc\n")
+    rsync.chmod(0o755)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "git").write_text(  # the record waits for rsync's end, then the file is rewritten (once)
+        "#!/bin/sh\n"
+        f"case \" $* \" in *\" update-index --add \"*)\n"
+        f"  if [ ! -e {once} ]; then touch {once}; i=0\n"
+        f"    while [ ! -e {done} ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done\n"
+        f"    sleep 0.3; cp {late} {laptop.root / rel}; fi;;\n"
+        "esac\n"
+        f"exec {shutil.which('git')} \"$@\"\n")
+    (bindir / "git").chmod(0o755)
+    write_sync(laptop, rsync=str(rsync))
+    synced = laptop.run("sync", env={"PATH": f"{bindir}:{os.environ['PATH']}"}, check=0)
+    assert f"{rel} changed while being sent; sending again" in synced.err, synced.err
+    assert (mirror_of(agent, laptop) / rel).read_bytes() == late.read_bytes()
+    write_sync(laptop, rsync="rsync")
+    laptop.ask(script(*copy_steps(rel)), "--yes", check=0)
+    assert seen(laptop, rel) == late.read_bytes() and 409 not in asks(agent)
+
+
 def test_files_recorded_by_a_killed_sync_go_after_a_big_listing_sent_ahead(laptop, agent, tmp_path):
     """A sync killed after its record, before it noted what it sent, leaves changes that the
     next listing does not see (the record holds them) and the mirror has not: after the files

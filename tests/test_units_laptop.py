@@ -520,3 +520,20 @@ def new_files_outside_a_sparse_checkout(base: Path) -> None:
         pw.files_in_the_way(project, moved, "j1")
     assert pw.files_in_the_way(project, new_file("other/brand-new.txt"), "j1") == []
     assert not (root / "other").exists() and not (root / "Other").exists()
+    # a repository inside the project (a nested clone or a submodule, sent with `submodules
+    # = true`) with a sparse checkout of its own: its git is asked, the project's knows nothing
+    inner = make_repo(root / "app/vendor/lib", {"src/a.txt": b"a\n", "docs/guide.txt": b"committed\n"})
+    git(inner, "sparse-checkout", "set", "src")
+    for spelled in ("app/vendor/lib/docs/guide.txt", "app/vendor/lib/DOCS/Guide.txt"):
+        with pytest.raises(pw.PatchError, match="outside your sparse checkout") as refused:
+            pw.files_in_the_way(project, new_file(spelled), "j2")
+        assert refused.value.message.startswith(spelled + ": tracked by git"), spelled
+    assert pw.files_in_the_way(project, new_file("app/vendor/lib/docs/new.txt"), "j2") == []
+    assert pw.files_in_the_way(project, new_file("app/vendor/lib/other/shared.txt"), "j2") == []  # not the project's
+    assert not (inner / "docs").exists()
+    # and the scan counts its files outside as outside the checkout, not as deleted ones
+    rules = pw.SyncRules()
+    rules.submodules = True
+    files = project.scan(rules)
+    assert files.absent == [] and files.outside_sparse == 3, (files.absent, files.outside_sparse)  # 2 + 1
+    assert "app/vendor/lib/src/a.txt" in files.paths and "app/vendor/lib/docs/guide.txt" not in files.paths
