@@ -743,7 +743,9 @@ def breakdown_lines(b: Dict[str, object]) -> List[str]:
     request: Dict[str, float] = b["request"]  # type: ignore[assignment]
     lines = [f"One warm `patchwire ask --yes` of a {b['count']:,}-file project, one file changed, "
              f"{b['wall']:.2f} s under cProfile (which slows Python code down).", "",
-             "Laptop (cumulative ms of the function timing each step; n/a: not found by name):", ""]
+             "Laptop (cumulative ms of the function timing each step; n/a: not seen in the main thread, which "
+             "is all cProfile sees: the scan runs in a thread beside the agent's answer, rsync not at all when "
+             "the change goes with the ask, and an ask with --yes reads the patch once, without `vet`):", ""]
     lines += [f"- {label.strip()}{' (part of sync)' if label.startswith('  ') else ''}: "
               + (f"{v * 1000:.0f}" if v is not None else "n/a") for label, v in laptop.items()]
     lines += ["", "Agent: POST /v1/ask " + (", ".join(f"{k.replace('_ms', '')} {v:,.0f} ms" if k != "bytes_in"
