@@ -1742,6 +1742,8 @@ class FileList:
         self.outside_sparse = 0
         # what the next scan_quick checks to build on this listing (QuickKey), when it can
         self.quick: Optional[dict] = None
+        # the repositories inside the project whose files go ("a/b/"): scan_changes lists each
+        self.nested: List[str] = []
 
     @property
     def count(self) -> int:
@@ -2004,6 +2006,7 @@ class Project:
             prefix = pending.pop()
             listing = self._listing(rules, prefix) if prefix else top
             if prefix:
+                files.nested.append(prefix)
                 nested_skipped |= {prefix + path for path in skip_worktree_paths(listing)}
             for path, tracked in self._list(prefix, rules, listing):
                 if path not in files.stats:  # (a conflicted file is listed once per merge stage)
@@ -2051,35 +2054,84 @@ class Project:
         """What changed since the last record, found the way `git status` finds it: in one
         pass each, git lists the project and compares every recorded file's stat data with
         the record's index (both in C, at once). Python looks only at what is new, changed,
-        held back, or in `also`. None when only a full scan can tell: no kept scan, other
-        `[sync]` rules, a record changed meanwhile, a nested repository."""
+        held back, or in `also`. Each repository inside the project that the last scan sent
+        (`[sync] submodules`) is listed whole by its own git and walked the same way
+        (_nested_changes). None when only a full scan can tell: no kept scan, other `[sync]`
+        rules, a record changed meanwhile, a repository inside the project come or gone."""
         kept = self._kept_scan()
         if not kept or kept.get("rules") != rules.fingerprint or not self._holds(kept):
             return None
+        nested = [str(p) for p in kept.get("nested") or []]
+        inside = tuple(encode_path(p) for p in nested)
+        if any(a != b and a.startswith(b) for a in inside for b in inside):
+            return None  # a repository inside one inside the project: the full scan lists it
         listing, recorded, dirty, sources = in_parallel(
             lambda: self._listing(rules), lambda: self.git.large("ls-files", "-z"),
             lambda: self._dirty(rules), self.ignore_sources)
         watch = set(dirty.split(b"\0")) | {encode_path(p) for p in [*kept.get("held", {}), *kept.get("absent", []),
                                                                       *also]}
         watch.discard(b"")
+        top_watch = {raw for raw in watch if not raw.startswith(inside)} if inside else watch
         try:
-            walked = ListingWalk(listing, recorded, watch)
+            walked = ListingWalk(listing, recorded, top_watch)
         except ListingOrder:
             return None  # a git that lists in another order: the full scan tells
         files = FileList(self.root)
         pending: List[str] = []
-        files.removed = sorted(_dec(p) for p in walked.gone)
-        for raw in sorted(set(walked.listed) | (watch - set(walked.gone))):
+        gone = [raw for raw in walked.gone if not raw.startswith(inside)] if inside else walked.gone
+        files.removed = sorted(_dec(p) for p in gone)
+        entries = {raw.rstrip(b"/") + b"/" for raw in walked.listed if raw.startswith(inside) or raw + b"/" in inside}
+        if entries != set(inside):
+            return None  # one is no repository any more, or another took its place
+        for raw in sorted(set(walked.listed) | (top_watch - set(gone))):
+            if inside and raw.rstrip(b"/") + b"/" in entries:
+                continue  # a repository inside the project: below, by its own git
             path = _dec(raw)
             if raw not in walked.listed or not self._consider(path, walked.listed[raw], rules, files, pending, set()):
                 if raw in walked.kept:
                     files.removed.append(path)
+        kept_paths = set(walked.kept)
+        for prefix in nested:
+            if not self._nested_changes(prefix, rules, walked.gone, watch, files, pending, kept_paths):
+                return None
         if pending:
             return None  # a repository inside the project: its own git lists it (full scan)
         files.absent = not_skipped(listing, files.absent)
-        files.total = walked.recorded - len(files.removed) + sum(encode_path(p) not in walked.kept for p in files.paths)
+        files.nested = nested
+        files.total = walked.recorded - len(files.removed) + sum(encode_path(p) not in kept_paths for p in files.paths)
+        if nested:
+            return files  # no quick scan: git's untracked cache sees no repository inside
         files.quick = self._quick_key(rules, listing, sources)
         return files
+
+    def _nested_changes(self, prefix: str, rules: SyncRules, gone: List[bytes], watch: set, files: FileList,
+                        pending: List[str], kept_paths: set) -> bool:
+        """scan_changes for the repository inside the project at `prefix` ("a/b/"): its own
+        listing against the recorded paths beneath it (which the project's walk found `gone`,
+        its listing showing only the folder), walked as the project's is; what is new, changed
+        or gone goes into `files`, the recorded paths still listed into `kept_paths`. False
+        when its git lists out of order (the full scan tells)."""
+        if not os.path.lexists(os.path.join(self.root, prefix, ".git")):
+            return False  # not checked out any more: the full scan says so (held back)
+        raw_prefix, cut = encode_path(prefix), len(encode_path(prefix))
+        listing = self._listing(rules, prefix)
+        recorded = b"\0".join(raw[cut:] for raw in gone if raw.startswith(raw_prefix))
+        beneath = {raw[cut:] for raw in watch if raw.startswith(raw_prefix)}
+        try:
+            walked = ListingWalk(listing, recorded, beneath)
+        except ListingOrder:
+            return False
+        absent_before = len(files.absent)
+        files.removed += [prefix + _dec(raw) for raw in walked.gone]
+        for raw in sorted(set(walked.listed) | (beneath - set(walked.gone))):
+            path = prefix + _dec(raw)
+            if raw not in walked.listed or not self._consider(path, walked.listed[raw], rules, files, pending, set()):
+                if raw in walked.kept:
+                    files.removed.append(path)
+        outside = {prefix + path for path in skip_worktree_paths(listing)}
+        files.absent[absent_before:] = [path for path in files.absent[absent_before:] if path not in outside]
+        kept_paths.update(raw_prefix + raw for raw in walked.kept)
+        return True
 
     # --- the quick scan: git's untracked cache, kept in the record's own index
     #
@@ -2302,7 +2354,7 @@ class Project:
         os.replace(part, self.private_dir / "HEAD")
         quick = files.quick if len(files.absent) <= QUICK_MAX_ABSENT else None
         self.state_file("scan.json").write_text(json.dumps(
-            {"rules": rules.fingerprint, "tree": tree, "held": files.held, "absent": files.absent,
+            {"rules": rules.fingerprint, "tree": tree, "held": files.held, "absent": files.absent, "nested": files.nested,
              "count": files.count, "quick": quick, "index": list(stat_key(os.stat(self.private_dir / "index")))}))
         if upkeep:
             self.keep_record(tree)
