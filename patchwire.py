@@ -2111,8 +2111,8 @@ class Project:
         its listing showing only the folder), walked as the project's is; what is new, changed
         or gone goes into `files`, the recorded paths still listed into `kept_paths`. False
         when its git lists out of order (the full scan tells)."""
-        if not os.path.lexists(os.path.join(self.root, prefix, ".git")):
-            return False  # not checked out any more: the full scan says so (held back)
+        if not real_folder(self.root, prefix) or not os.path.lexists(os.path.join(self.root, prefix, ".git")):
+            return False  # a link now, or not checked out any more: the full scan says what it is
         raw_prefix, cut = encode_path(prefix), len(encode_path(prefix))
         listing = self._listing(rules, prefix)
         recorded = b"\0".join(raw[cut:] for raw in gone if raw.startswith(raw_prefix))
@@ -5480,6 +5480,16 @@ def beneath(path: str, folders: set) -> bool:
     """Whether a proper parent folder of `path` is one of `folders`."""
     parts = path.split("/")
     return any("/".join(parts[:n]) in folders for n in range(1, len(parts)))
+
+
+def real_folder(root: Path, rel: str) -> bool:
+    """Whether root/rel is a folder reached through no link: neither it nor a folder above it
+    inside `root` is a symlink (a listing of the repository there lists nothing elsewhere)."""
+    rel = rel.rstrip("/")  # (a trailing slash would have lstat follow a link)
+    try:
+        return stat.S_ISDIR(os.lstat(os.path.join(root, rel)).st_mode) and symlink_parent(root, rel) is None
+    except OSError:
+        return False
 
 
 def symlink_parent(root: Path, rel: str) -> Optional[str]:

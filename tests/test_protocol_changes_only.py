@@ -408,6 +408,20 @@ def test_a_repository_inside_the_project_keeps_the_listing_of_changes(tmp_path):
     changes = project.scan_changes(rules)
     assert changes is not None and changes.paths == ["apps/one/main.dart"], changes and changes.paths
     record_as_a_full_listing_would(project, rules, changes, "second repository")
+    # a link where the repository was, to a repository elsewhere: sent as the link, as a full
+    # listing does, never the files of the repository it points to (before, they were listed
+    # through it, and rsync would have sent them)
+    elsewhere = make_repo(tmp_path / "elsewhere", {"secret-ish.txt": b"not the project's\n", "x.txt": b"x\n"})
+    shutil.move(str(root / "apps/one"), str(tmp_path / "one-moved"))
+    os.symlink(elsewhere, root / "apps/one")
+    assert project.scan_changes(rules) is None
+    linked = project.scan(rules)
+    assert "apps/one" in linked.paths and not [p for p in linked.paths if p.startswith("apps/one/")]
+    project.record(linked, rules)
+    assert project.scan_changes(rules).paths == []
+    os.unlink(root / "apps/one")
+    shutil.move(str(tmp_path / "one-moved"), str(root / "apps/one"))
+    project.record(project.scan(rules), rules)
     # no repository any more (its files now the project's own), or its folder emptied
     shutil.rmtree(root / "apps/one/.git")
     assert project.scan_changes(rules) is None
