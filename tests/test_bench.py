@@ -92,3 +92,13 @@ def test_sparse_benchmark_quick_run_measures_both_projects_and_keeps_the_quick_s
     rows = [line for line in out.splitlines() if line.startswith(("| sparse: 240 of 2,400 |", "| plain: 240 |"))]
     assert len(rows) == 2 and all(line.endswith("x |") for line in rows), out
     assert "quick scan kept: yes (0 absent tracked files watched)" in out, out
+
+
+def test_nested_benchmark_quick_run_measures_both_projects_and_keeps_the_listing_of_changes():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/nested.py"), "--quick"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, out  # 1: the project with a repository inside was fully scanned
+    rows = [line for line in out.splitlines() if line.startswith(("| 2,000 and a repository of 50 |", "| 2,000 |"))]
+    assert len(rows) == 2 and all(line.endswith("x |") for line in rows), out
+    assert "listed by its changes: yes" in out, out
