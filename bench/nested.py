@@ -19,20 +19,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Dict, List
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 import patchwire  # noqa: E402
-from conftest import STAND_IN_COMMAND, AgentProcess, Laptop, git  # noqa: E402
+from conftest import STAND_IN_COMMAND, AgentProcess, git  # noqa: E402
 from prepare import write_files  # noqa: E402
-from startup import laptop_program, spread  # noqa: E402
+from sparse import print_sync_table, sync_rounds  # noqa: E402
 from test_sync_real_projects import write_sync  # noqa: E402
 
 
@@ -66,29 +63,9 @@ def main(argv=None) -> int:
         make_project(projects["nested"], files, args.inner)
         make_project(projects["plain"], files, 0)
         agent = AgentProcess(tmp / "agent", STAND_IN_COMMAND).start()
-        program, env = laptop_program(tmp, "module")  # imported from cached bytecode, as installed
         try:
-            laptops = {}
-            for name, root in projects.items():
-                (tmp / f"mirror-{name}").mkdir()
-                laptops[name] = Laptop(root, program=program, env=env)
-                laptops[name].init(agent)
-                write_sync(laptops[name], submodules=True)
-                first = laptops[name].run("sync", timeout=900)
-                assert first.returncode == 0, first.err
-            times: Dict[str, List[float]] = {f"{n} {w}": [] for n in projects for w in ("sync", "rsync")}
-            for r in range(repeat):
-                for name in (list(projects) if r % 2 == 0 else list(projects)[::-1]):
-                    root = projects[name]
-                    (root / "lib/pkg0/f0.dart").write_text(f"// the user's edit {r}\n")
-                    started = time.perf_counter()
-                    done = laptops[name].run("sync", timeout=900)
-                    times[f"{name} sync"].append(time.perf_counter() - started)
-                    assert done.returncode == 0, done.err
-                    started = time.perf_counter()
-                    subprocess.run(["rsync", "-a", "--delete", "--exclude=.git", "./", f"{tmp}/mirror-{name}/"],
-                                   cwd=root, check=True)
-                    times[f"{name} rsync"].append(time.perf_counter() - started)
+            times = sync_rounds(tmp, agent, projects, "lib/pkg0/f0.dart", repeat,
+                                setup=lambda lap: write_sync(lap, submodules=True))
             nested = projects["nested"]
             cfg = patchwire.LaptopConfig.find(nested)
             listed = patchwire.Project(nested, cfg.project).scan_changes(patchwire.SyncRules.of(cfg))
@@ -96,11 +73,7 @@ def main(argv=None) -> int:
             agent.stop()
     print(f"### A sync of one change: {files:,} files with a {args.inner}-file repository inside, "
           f"and without it ({repeat} rounds, s)\n")
-    print("| project | patchwire sync | bare rsync | sync / rsync |")
-    print("|---|---|---|---|")
-    for name, label in (("nested", f"{files:,} and a repository of {args.inner}"), ("plain", f"{files:,}")):
-        ratio = statistics.median(s / b for s, b in zip(times[f"{name} sync"], times[f"{name} rsync"]))
-        print(f"| {label} | {spread(times[f'{name} sync'])} | {spread(times[f'{name} rsync'])} | {ratio:.2f}x |")
+    print_sync_table(times, {"nested": f"{files:,} and a repository of {args.inner}", "plain": f"{files:,}"})
     ratio = statistics.median(s / p for s, p in zip(times["nested sync"], times["plain sync"]))
     kept = listed is not None and listed.nested == ["packages/shared/"]
     print(f"\nwith / without the repository inside (median of per-round ratios): {ratio:.2f}x; "
