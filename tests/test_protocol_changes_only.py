@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -21,8 +22,9 @@ import pytest
 import patchwire
 import patchwire_agent
 from conftest import git, make_repo, script
-from test_box_walls import hand_to_account, in_child_as_account
+from test_box_walls import as_who, hand_to_account, in_child_as_account
 from test_sync_real_projects import mirror_of, write_sync
+from test_units_laptop import WHO
 
 
 def snapshots(agent) -> List[dict]:
@@ -379,15 +381,22 @@ def test_the_listing_of_changes_agrees_with_a_full_listing(tmp_path, quick):
     assert fell_back == (QUICK_CANNOT_TELL if quick else {name for name, _ in MUTATIONS})
 
 
-def test_a_repository_inside_the_project_keeps_the_listing_of_changes(tmp_path):
+@WHO
+def test_a_repository_inside_the_project_keeps_the_listing_of_changes(srv_place, monkeypatch, who):
     """With `[sync] submodules = true` a repository inside the project (a submodule, a nested
     clone) is listed whole by its own git, and the rest of the project by the listing of
     changes, not by a full scan at every sync (a 20,000-file project with one such
     repository of 50 files: a warm ask 1.7x as long as without it). After each kind of change,
     in the project and inside that repository at once, the record is what a full listing
-    makes; a repository gone, come or not checked out any more leaves it to the full scan."""
+    makes; a repository gone, come or not checked out any more leaves it to the full scan,
+    and so does a link put in its place (never listed through). Also as an ordinary account."""
+    as_who(who, srv_place, functools.partial(repositories_inside, srv_place, monkeypatch))
+
+
+def repositories_inside(base: Path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(base / "state"))
     files = {"a.txt": b"a\n", "b.txt": b"b\n", ".gitignore": b"*.log\n", "big.bin": b"small\n"}
-    root = make_repo(tmp_path / "p", files)
+    root = make_repo(base / "p", files)
     inner = make_repo(root / "vendor/lib", files)
     project = patchwire.Project(root, "p")
     rules = patchwire.SyncRules(max_file_mb=1, submodules=True)
@@ -411,8 +420,8 @@ def test_a_repository_inside_the_project_keeps_the_listing_of_changes(tmp_path):
     # a link where the repository was, to a repository elsewhere: sent as the link, as a full
     # listing does, never the files of the repository it points to (before, they were listed
     # through it, and rsync would have sent them)
-    elsewhere = make_repo(tmp_path / "elsewhere", {"secret-ish.txt": b"not the project's\n", "x.txt": b"x\n"})
-    shutil.move(str(root / "apps/one"), str(tmp_path / "one-moved"))
+    elsewhere = make_repo(base / "elsewhere", {"secret-ish.txt": b"not the project's\n", "x.txt": b"x\n"})
+    shutil.move(str(root / "apps/one"), str(base / "one-moved"))
     os.symlink(elsewhere, root / "apps/one")
     assert project.scan_changes(rules) is None
     linked = project.scan(rules)
@@ -420,7 +429,7 @@ def test_a_repository_inside_the_project_keeps_the_listing_of_changes(tmp_path):
     project.record(linked, rules)
     assert project.scan_changes(rules).paths == []
     os.unlink(root / "apps/one")
-    shutil.move(str(tmp_path / "one-moved"), str(root / "apps/one"))
+    shutil.move(str(base / "one-moved"), str(root / "apps/one"))
     project.record(project.scan(rules), rules)
     # no repository any more (its files now the project's own), or its folder emptied
     shutil.rmtree(root / "apps/one/.git")
