@@ -207,6 +207,15 @@ CLAUDE_COMMAND = ["claude", "--print", "--output-format", "stream-json", "--verb
                   "--permission-mode", "acceptEdits"]
 MAX_BODY = 64 * 1024 * 1024
 MAX_JSON_DEPTH = 64  # deeper bodies are refused before anything walks them recursively
+# Parsed, a body takes some times its bytes: a first ask's manifest of 100,000 files (7 MB)
+# ~4x, each entry a list of three strings every ~70 bytes. 64 MB of empty lists (`[],` each)
+# took 3.2 GB. So a body may hold one JSON value (counted by its `[`, `{` and `,`) per
+# BODY_BYTES_PER_VALUE bytes at most, and bodies over LARGE_BODY_BYTES are read and handled
+# LARGE_BODIES_AT_ONCE at a time (a request that waits past body_timeout_s is told to retry).
+BODY_BYTES_PER_VALUE = 6
+BODY_VALUES_FREE = 4096
+LARGE_BODY_BYTES = 4 * 1024 * 1024
+LARGE_BODIES_AT_ONCE = 2
 MAX_QUERY_INT = 10 ** 15  # `after=N` and friends: sqlite integers are 64-bit
 CONNECTION_TIMEOUT = 60  # per socket operation once a request is in (a stream's writes)
 AT_CAP_SLOTS = 8  # connections past the caps that may still ask for /v1/health ...
@@ -1775,7 +1784,7 @@ class ProjectRepo:
         """Paths in the job folder that differ from its index and git does not ignore."""
         # no optional locks: status would write a refreshed index, breaking its seal
         out = self.slot_git(slot, GIT_OPTIONAL_LOCKS="0")(
-            "status", "--porcelain", "-z", "--untracked-files=all", "--no-renames")
+            "status", "--porcelain", "-z", "--untracked-files=all", "--no-renames", "--ignore-submodules=all")
         return [entry[3:].decode("utf-8", "replace") for entry in out.split(b"\0") if entry]
 
     def reset_slot_to(self, slot: int, commit: str) -> None:
@@ -1816,6 +1825,17 @@ class ProjectRepo:
 
     # --- results
 
+    def _leave_out_repositories(self, git: Git, nested: List[str]) -> str:
+        """Drop from the job folder's index the repositories the AI made inside it (`git add`
+        records each as a gitlink; a snapshot never holds one); the tree then written. With a
+        gitlink in its index, a later `status` of the folder outside the AI's sandbox would run
+        the repository's own programs (its config's filters). Its files stay in the folder until
+        the next reset; the change goes without them (stats["repositories_left_out"])."""
+        log.info("job folder: left out of the change the repositories the AI made: %s", ", ".join(nested[:10]))
+        git("update-index", "--force-remove", "-z", "--stdin",
+            input=b"".join(path.encode("utf-8", "surrogateescape") + b"\0" for path in nested))
+        return git.text("write-tree")
+
     def collect(self, slot: int, snapshot: str, job_id: str, patch: BinaryIO, max_bytes: int) -> Tuple[dict, str]:
         """(stats, result commit) of everything the AI changed in the job folder. Its patch goes
         from git's stdout straight into the file `patch`: a change of any size never passes
@@ -1833,7 +1853,8 @@ class ProjectRepo:
         if not self._large(slot):
             run_capped(git, max(max_bytes, room), "add", "-A")
         else:
-            touched = worktree_paths(git("status", "--porcelain", "-z", "--no-renames", "-unormal"))
+            touched = worktree_paths(git("status", "--porcelain", "-z", "--no-renames", "-unormal",
+                                         "--ignore-submodules=all"))
             if touched:
                 run_capped(git, max(max_bytes, room), "add", "-A", "--pathspec-from-file=-", "--pathspec-file-nul",
                            input=b"".join(path + b"\0" for path in touched))
@@ -1841,12 +1862,40 @@ class ProjectRepo:
         # skip every subtree whose id is the same; `diff --cached` compared the whole index
         tree = git.text("write-tree")
         diff_args = ("diff", "-M", "--no-ext-diff", "--no-textconv", "--no-color")
+        nested, stats = raw_and_numstat(git(*diff_args, "--raw", "--numstat", "-z", snapshot, tree))  # small
+        if nested:
+            tree = self._leave_out_repositories(git, nested)
+            nested_again, stats = raw_and_numstat(git(*diff_args, "--raw", "--numstat", "-z", snapshot, tree))
+            if nested_again:
+                raise PatchwireError(f"a repository inside the job folder stayed in its index: {nested_again[0]}")
         run_capped(git, max_bytes, *diff_args, "--binary", "--full-index", snapshot, tree, stdout=patch)
-        stats = parse_numstat(git(*diff_args, "--numstat", "-z", snapshot, tree))  # a line per file: small
+        if nested:
+            stats["repositories_left_out"] = nested
         result = pw.write_commit(self.git_dir, tree, snapshot, f"patchwire job {job_id}")
         write_ref(self.git_dir, JOB_REFS + job_id, result)
         self._seal_index(slot, tree)  # `add -A`: the index is the folder, and holds `tree`
         return stats, result
+
+
+GITLINK_MODE = "160000"  # git's mode of a repository inside another (a submodule's commit)
+
+
+def raw_and_numstat(out: bytes) -> Tuple[List[str], dict]:
+    """(paths that became a repository, a gitlink; the counts of parse_numstat) from one `git
+    diff --raw --numstat -z`: its raw records (":old new oldid newid status\0path\0", a second
+    path after a rename's or copy's) come first, then the numstat's."""
+    nested, at = [], 0
+    while out.startswith(b":", at):
+        end = out.index(b"\0", at)
+        meta = out[at + 1:end].decode().split(" ")
+        at = end + 1
+        for _ in range(2 if meta[4][:1] in ("R", "C") else 1):
+            end = out.index(b"\0", at)
+            path = out[at:end]
+            at = end + 1
+        if meta[1] == GITLINK_MODE:
+            nested.append(path.decode("utf-8", "surrogateescape"))
+    return nested, parse_numstat(out[at:])
 
 
 class DiffTooLarge(PatchwireError):
@@ -1893,7 +1942,7 @@ def folder_is_its_index(git: Git) -> bool:
     """Whether `status` of a job folder finds nothing that differs from its index, nor a file it
     does not hold and no .gitignore names (one stat pass; with git's untracked cache only the
     folders whose stat data changed are read). A folder it cannot read, say: False."""
-    status = git.run("status", "--porcelain", "-z", "--no-renames", "-unormal", check=False)
+    status = git.run("status", "--porcelain", "-z", "--no-renames", "-unormal", "--ignore-submodules=all", check=False)
     return not status.returncode and not worktree_changes(status.stdout)
 
 
@@ -4643,6 +4692,7 @@ class Agent:
         self.announced: Dict[str, Tuple[int, Optional[int]]] = {}  # job -> last (position, estimate)
         self.announce_lock = threading.Lock()
         self.admission = threading.Lock()  # checks and enqueue of one ask at a time
+        self.large_bodies = threading.BoundedSemaphore(LARGE_BODIES_AT_ONCE)
         self.config_stamp = config_stamp(cfg.path)
         self.reload_lock = threading.Lock()
         self.workers: List[threading.Thread] = []
@@ -5323,6 +5373,10 @@ class Agent:
             with self.store.open_patch(job["id"]) as patch:
                 collected = repo.collect(slot, job["snapshot"], job["id"], patch, int(self.cfg.max_diff_mb * MIB))
                 times.step("collect_ms")
+            nested = collected[0].pop("repositories_left_out", None)
+            if nested:
+                self.store.add_event(job["id"], {"type": "repositories_left_out", "paths": nested[:100],
+                                                 "count": len(nested)})
             times.step("patch_ms")
             return collected
         except (PatchwireError, OSError) as e:
@@ -5861,6 +5915,12 @@ def ascii_count(text: str) -> Optional[int]:
     return int(text)
 
 
+def json_values(data: bytes) -> int:
+    """About how many values a JSON text holds, without parsing it: its `[`, `{` and `,` (in
+    C, 64 MB in ~0.1 s; those inside strings count too, so never fewer)."""
+    return data.count(b"[") + data.count(b"{") + data.count(b",")
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     """Routes, auth and errors in one place; each route is a small `route_<name>`. Each
     request has a total time budget for its request line and headers (`header_timeout_s`)
@@ -5976,7 +6036,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                   "try again in a moment; /v1/health still answers", code="busy")
             self.route_label = ROUTE_TEMPLATES[name]
             self.user = self.authenticate() if auth else ""
-            getattr(self, "route_" + name)(self.user, **params)
+            try:
+                getattr(self, "route_" + name)(self.user, **params)
+            finally:
+                if self.holds_large_body:
+                    self.holds_large_body = False
+                    self.agent.large_bodies.release()
         except PatchwireError as e:
             self.fail(e.http_status, {"error": e.message, "hint": e.hint, "code": e.code, **e.details})
         except (ConnectionError, socket.timeout):  # the client left, or was too slow
@@ -6063,7 +6128,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if length > MAX_BODY:
             self.close_connection = True
             raise HTTPFailure(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over {MAX_BODY // 2**20} MiB", code="too_large")
+        if length > LARGE_BODY_BYTES:
+            self.wait_for_large_body_room()
         data = self.read_body(length)
+        values = json_values(data)
+        if values > len(data) // BODY_BYTES_PER_VALUE + BODY_VALUES_FREE:
+            raise HTTPFailure(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                              f"the body holds {values} JSON values in {len(data)} bytes: more than any request "
+                              f"of Patchwire's (one per {BODY_BYTES_PER_VALUE} bytes)", code="too_large")
         try:
             body = json.loads(data or b"null")
         except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
@@ -6078,6 +6150,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
         return body
+
+    holds_large_body = False
+
+    def wait_for_large_body_room(self) -> None:
+        """Take one of the LARGE_BODIES_AT_ONCE places (given back when the request ends), or 503."""
+        if not self.agent.large_bodies.acquire(timeout=self.agent.cfg.body_timeout_s):
+            self.close_connection = True
+            raise HTTPFailure(HTTPStatus.SERVICE_UNAVAILABLE,
+                              f"{LARGE_BODIES_AT_ONCE} requests of over {LARGE_BODY_BYTES // 2**20} MiB are being "
+                              "handled already", "try again in a moment", code="busy")
+        self.holds_large_body = True
 
     def read_body(self, length: int) -> bytes:
         """The body, within `body_timeout_s` in all however it trickles in."""
@@ -6542,6 +6625,7 @@ OPENAPI_SCHEMAS = {
                estimate_s={**_nullable(_I), "description": "seconds until it starts, from recent runs"}),
         _event("position", ["position"], position=_I, estimate_s=_nullable(_I)),
         _event("links_removed", ["paths", "count"], paths={"type": "array", "items": _S}, count=_I),
+        _event("repositories_left_out", ["paths", "count"], paths={"type": "array", "items": _S}, count=_I),
         _event("started", ["slot"], slot=_I, continues=_S, sandbox=_S,
                ai={**_S, "description": "set when the AI is the built-in stand-in: \"stand-in AI, not Claude\""},
                limits={"type": "object", "description": "what holds for this run (null: no limit): "
@@ -6829,8 +6913,9 @@ def service_target(kind: str, system: bool = False) -> Tuple[Path, str]:
 
 
 def tree_size(path: Path) -> int:
-    """Bytes in the files under `path` (links not followed). By scandir, whose entries carry
-    their type and lstat: 38 ms for 20,000 files (os.walk and an lstat each: 49 ms), which a
+    """Bytes in the files and folders under `path` (links not followed; a folder's own size:
+    200,000 empty folders are 800 MB of the disk). By scandir, whose entries carry their type
+    and a file's lstat: 38 ms for 20,000 files (os.walk and an lstat each: 49 ms), which a
     running job's disk quota check pays every QUOTA_SAMPLE_S."""
     total, folders = 0, [str(path)]
     while folders:
@@ -6843,8 +6928,7 @@ def tree_size(path: Path) -> int:
                 try:
                     if entry.is_dir(follow_symlinks=False):
                         folders.append(entry.path)
-                    else:
-                        total += entry.stat(follow_symlinks=False).st_size
+                    total += entry.stat(follow_symlinks=False).st_size
                 except OSError:
                     pass  # removed while we walked
     return total

@@ -249,6 +249,36 @@ def test_the_box_accounts_files_and_environment_stay_hidden(walls_box):
     assert (box.home / ".claude/.credentials.json").read_bytes() == LOGIN
 
 
+def test_a_repository_the_ai_makes_runs_nothing_of_its_own_outside_the_walls(walls_box, place):
+    """A confined AI leaves a git repository in its job folder whose own config names a clean
+    filter, and enough files that the folder is moved by paths (its `status` checked outside
+    the sandbox). Recorded as a gitlink, the next `status` of the folder (the laptop's GET
+    /v1/me, the next ask) went into it and ran the filter as the box account: its SSH key and
+    another user's mirror were read out. The repository is now left out of the change and of
+    the folder's index (said in an event), and nothing of it ever runs."""
+    box = walls_box()
+    mark = place / "RAN-OUTSIDE"
+    payload = f"""set -e
+mkdir pad && cd pad && i=0; while [ $i -lt 9000 ]; do : > padding-file-number-$i; i=$((i+1)); done; cd ..
+git init -q sub && cd sub && printf 'hello\\n' > f && git add f && git -c user.name=x -c user.email=x commit -qm x
+git config filter.x.clean 'sh -c "cat {box.home}/.ssh/id_ed25519 > {mark}; cat"'
+echo '* filter=x' > .git/info/attributes
+touch -d 2001-01-01 f
+echo kept > ../kept.txt
+"""
+    job = box.ask("alice", {"run": ["sh", "-c", payload], "out": "run.out", "check": True})
+    assert job["status"] == "done", job
+    diff = box.diff(job)
+    assert b"+++ b/kept.txt" in diff and b"diff --git a/sub" not in diff and b"Subproject commit" not in diff
+    left_out = [json.loads(line) for line in box.events_text(job).splitlines()
+                if b'"repositories_left_out"' in line]
+    assert [(e["paths"], e["count"]) for e in left_out] == [(["sub"], 1)]
+    assert box.agent.json("GET", "/v1/me?project=p", token=box.agent.tokens["alice"])[0] == 200
+    again = box.ask("alice", {"say": "again"})
+    assert again["status"] == "done", again
+    assert not mark.exists(), mark.read_bytes()[:200]
+
+
 def test_the_box_accounts_sockets_cannot_be_reached(walls_box, place):
     box = walls_box()
     gpg = box.home / ".gnupg/S.gpg-agent"

@@ -178,6 +178,21 @@ def test_an_ask_over_the_users_disk_quota_is_refused_naming_the_rule(make_agent,
     assert "disk_quota_mb" in capsys.readouterr().out
 
 
+def test_the_quota_counts_folders_too(tmp_path):
+    """A team mate's rsync key can make folders in their mirror, and an AI in its job folder:
+    each takes a block of the disk. Counted as nothing, 200,000 empty ones (800 MB) passed a
+    quota of 1 MB."""
+    (tmp_path / "f.bin").write_bytes(b"x" * 1000)
+    for i in range(300):
+        (tmp_path / "empty" / f"d{i}").mkdir(parents=True)
+    os.symlink("/", tmp_path / "link")  # never followed
+    folder = os.lstat(tmp_path / "empty").st_size
+    assert folder > 0
+    expected = 1000 + os.lstat(tmp_path / "link").st_size + sum(
+        os.lstat(tmp_path / "empty" / name).st_size for name in os.listdir(tmp_path / "empty")) + folder
+    assert pa.tree_size(tmp_path) == expected and expected > 300 * 1024
+
+
 def test_a_job_growing_past_the_quota_is_stopped_failed_and_its_folder_reset(make_agent, tmp_path):
     box = make_agent(start=False)
     configure(box, lambda data: data.setdefault("policy", {}).update({"disk_quota_mb": 20}))

@@ -6,11 +6,15 @@ new client takes the place of a waiting connection of the address holding the mo
 
 from __future__ import annotations
 
+import json
 import select
 import socket
 import threading
+import time
+from pathlib import Path
 from typing import Dict, List
 
+import patchwire_agent as pa
 from conftest import Laptop, make_repo, script
 from conftest import wait_until
 from netface import HealthWatch, address, start_with
@@ -108,3 +112,40 @@ def test_a_hundred_trickling_connections_do_not_stop_another_users_ask(make_agen
           f"{attack.timed_out} of them with a 408")
     assert max(watch.open_seen) == 64
     assert "Traceback" not in agent.read_log()
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_a_team_mates_dense_bodies_are_refused_before_they_are_parsed(make_agent):
+    """A team mate with a valid token posts bodies of 12 MB of empty lists, three at once:
+    parsed, 64 MB of them took 3.2 GB of the agent's memory each and held the interpreter
+    for seconds while other users waited. Each is now refused (413) by its count of JSON
+    values before any parsing, bodies over 4 MB are handled two at a time, and the agent
+    grows by little more than the bodies' bytes while another user's requests are answered.
+    A first ask's manifest of 100,000 files stays well within the count."""
+    agent = make_agent(users=("alice", "bob"))
+    pid = agent.proc.pid
+    idle = rss_kb(pid)
+    body = b'{"project": "p", "x": [' + b"[]," * (4 * 2 ** 20) + b"[]]}"
+    answers: List[tuple] = []
+    peak = [idle]
+    sending = [threading.Thread(target=lambda: answers.append(agent.request("POST", "/v1/ask", body,
+                                                                            token=agent.tokens["bob"], timeout=60)))
+               for _ in range(3)]
+    for thread in sending:
+        thread.start()
+    while any(thread.is_alive() for thread in sending):
+        peak[0] = max(peak[0], rss_kb(pid))
+        assert agent.json("GET", "/v1/me", token=agent.tokens["alice"], timeout=30)[0] == 200
+        time.sleep(0.02)
+    assert [status for status, _, _ in answers] == [413] * 3, answers
+    assert all(b"JSON values in" in text and b'"too_large"' in text for _, _, text in answers), answers
+    assert peak[0] - idle < (3 * len(body) + 64 * 2 ** 20) // 1024, (idle, peak[0])
+    manifest = json.dumps({"project": "p", "tree": "0" * 40, "prompt": "x", "files": [
+        ["100644", "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391", f"lib/f{i}.dart"] for i in range(100_000)]}).encode()
+    assert pa.json_values(manifest) < len(manifest) // pa.BODY_BYTES_PER_VALUE, (pa.json_values(manifest), len(manifest))

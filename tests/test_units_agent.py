@@ -917,6 +917,38 @@ def test_numstat_counts_files_lines_and_binaries(out, expected):
     assert pa.parse_numstat(out) == expected
 
 
+def test_raw_and_numstat_finds_the_repositories_and_counts_the_rest(tmp_path):
+    """One `git diff --raw --numstat -z` of a real repository: a rename (two paths), an edit, a
+    binary file, and a repository made inside (a gitlink, after a path with a newline)."""
+    root = tmp_path / "r"
+    root.mkdir()
+    git = patchwire.Git(cwd=root)
+    git("init", "-q")
+    (root / "a.txt").write_bytes(b"one\ntwo\n")
+    (root / "old.txt").write_bytes(b"same\n" * 20)
+    git("add", "-A")
+    before = git.text("write-tree")
+    (root / "a.txt").write_bytes(b"one\n2\nthree\n")
+    (root / "old.txt").rename(root / "new name.txt")
+    (root / "img.bin").write_bytes(b"\0\1\2")
+    (root / "x\ny").write_bytes(b"odd\n")
+    inner = root / "vendor" / "lib"
+    inner.mkdir(parents=True)
+    inner_git = patchwire.Git(cwd=inner)
+    inner_git("init", "-q")
+    (inner / "f").write_bytes(b"f\n")
+    inner_git("add", "f")
+    inner_git("commit", "-qm", "inner")
+    git("add", "-A")
+    after = git.text("write-tree")
+    out = git("diff", "-M", "--raw", "--numstat", "-z", before, after)
+    nested, stats = pa.raw_and_numstat(out)
+    assert nested == ["vendor/lib"]
+    assert stats == pa.parse_numstat(git("diff", "-M", "--numstat", "-z", before, after))
+    assert stats == {"files": 5, "added": 4, "removed": 1, "binary": 1}
+    assert pa.raw_and_numstat(b"") == ([], {"files": 0, "added": 0, "removed": 0, "binary": 0})
+
+
 # ------------------------------------------------------------------ StreamParser
 
 
