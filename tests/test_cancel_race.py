@@ -1,6 +1,7 @@
 """A cancel that lands after a worker took the job from the queue but before the worker made
 its run (the gap between `FairQueue.take` and `runs[job] = run`): the job ends cancelled and
-the AI never starts. Driven in-process, step by step, so the gap is hit every time."""
+the AI never starts. Driven in-process, step by step, so the gap is hit every time. Also in
+process: one user's slow listing of their projects holds no other user's request."""
 
 from __future__ import annotations
 
@@ -37,4 +38,36 @@ def test_a_cancel_between_the_claim_and_the_run_stops_the_job_before_the_ai(tmp_
     assert agent.cancel_early == {}
     events = [e["type"] for e in agent.store.events("abc123", 0)]
     assert events[-1] == "cancelled" and "started" not in events
+    agent.stop()
+
+
+def test_one_users_slow_project_listing_holds_no_other_user(tmp_path, monkeypatch):
+    """open_project lists the user's mirror root, which that user's rsync key can fill with a
+    million folders: while bob's listing is held, alice's project opens at once."""
+    cfg = pa.AgentConfig(tmp_path / "agent.toml", {
+        "server": {"state_dir": str(tmp_path / "state")}, "ai": {"command": ["true"], "sandbox": "none"},
+        "users": {name: {"token_sha256": pa.token_digest(name).hex()} for name in ("alice", "bob")}})
+    agent = pa.Agent(cfg)
+    listing, held, release = pa.user_projects, threading.Event(), threading.Event()
+
+    def slow_for_bob(state_dir, user):
+        if user == "bob":
+            held.set()
+            release.wait(30)
+        return listing(state_dir, user)
+
+    monkeypatch.setattr(pa, "user_projects", slow_for_bob)
+    bob = threading.Thread(target=agent.open_project, args=("bob", "web"))
+    bob.start()
+    assert held.wait(30)
+    opened = threading.Thread(target=agent.open_project, args=("alice", "app"))
+    opened.start()
+    opened.join(10)
+    alive = opened.is_alive()
+    release.set()
+    bob.join(30)
+    opened.join(30)
+    assert not alive, "alice waited for bob's listing"
+    assert (pa.mirror_root(cfg.state_dir, "alice") / "app").is_dir()
+    assert (pa.mirror_root(cfg.state_dir, "bob") / "web").is_dir()
     agent.stop()
