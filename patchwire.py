@@ -111,6 +111,7 @@ import contextlib
 import copy
 import difflib
 import enum
+import errno
 import fcntl
 import fnmatch
 import functools
@@ -4361,6 +4362,12 @@ EXTENDED_HEADERS = (  # (prefix, key) of the lines git writes between `diff --gi
 )
 INDEX_RE = re.compile(rb"([0-9a-f]{7,64})\.\.([0-9a-f]{7,64})(?: (\d{6}))?")
 BASE85_LINE_RE = re.compile(rb"[A-Za-z][0-9A-Za-z!#$%&()*+;<=>?@^_`{|}~-]+\n")
+BINARY_HEAD_RE = re.compile(rb"(literal|delta) (\d{1,18})\n")  # (18 digits: no int() limit, no overflow)
+# The most one binary block may inflate to, and the largest file a delta may leave: git's zlib
+# data inflates up to 1000 times (a 788 KB patch to 1 GB), so the size a block declares is
+# checked before anything is inflated. A file over the default [sync] max_file_mb is one the
+# laptop would not even have sent.
+MAX_BINARY_BYTES = DEFAULT_MAX_FILE_MB * 2 ** 20
 _C_ESCAPES = {ord("a"): 7, ord("b"): 8, ord("t"): 9, ord("n"): 10, ord("v"): 11, ord("f"): 12,
               ord("r"): 13, ord('"'): 34, ord("\\"): 92}
 _C_LETTERS = {code: bytes([letter]) for letter, code in _C_ESCAPES.items()}
@@ -4503,6 +4510,12 @@ _HFS_IGNORED = re.compile("[\u200c-\u200f\u202a-\u202e\u206a-\u206f\ufeff]")
 _PATH_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
+# The longest name of one file or folder most disks take (NAME_MAX: ext4, APFS, NTFS), and the
+# longest path the system calls take (PATH_MAX): past them the OS answers ENAMETOOLONG.
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 4096
+
+
 def folded_name(component: str) -> str:
     """One path component as a case-insensitive, forgiving filesystem sees it."""
     return _HFS_IGNORED.sub("", component).lower().split(":", 1)[0].rstrip(". ")
@@ -4527,6 +4540,9 @@ def check_patch_path(path: str) -> str:
     parts = path.split("/")
     if any(p in ("", ".", "..") for p in parts):
         raise refuse(f"a path with '..', '.' or '//' in it: {path!r}")
+    too_long = length_problem(path)
+    if too_long:
+        raise refuse(f"{too_long}: {path[:100]!r}" + ("..." if len(path) > 100 else ""))
     if any(is_dot_git(p) for p in parts):
         raise refuse(f"a path into git's own folder: {path!r}")
     if any(folded_name(p) == CONFIG_NAME for p in parts):
@@ -4534,11 +4550,23 @@ def check_patch_path(path: str) -> str:
     return path
 
 
+def length_problem(path: str) -> Optional[str]:
+    """Why `path` is longer than a disk here takes (the OS would answer ENAMETOOLONG), or None."""
+    name = max((len(encode_path(part)) for part in path.split("/")), default=0)
+    if name > MAX_NAME_BYTES:
+        return f"a name of {name} bytes in the path, longer than the {MAX_NAME_BYTES} a disk takes"
+    if len(encode_path(path)) > MAX_PATH_BYTES:
+        return f"a path of {len(encode_path(path))} bytes, longer than the {MAX_PATH_BYTES} the system takes"
+    return None
+
+
 def link_target_problem(link: str, target: str) -> Optional[str]:
     """Why a symlink at `link` pointing at `target` is refused, read lexically (chains
     through the laptop's own links are followed by vet_on_disk)."""
     if not target or _PATH_CONTROL.search(target):
         return "an empty target or one with control characters"
+    if length_problem(target):
+        return length_problem(target)
     if target.startswith("/"):
         return "an absolute target"
     depth = len(link.split("/")) - 1
@@ -4551,6 +4579,42 @@ def link_target_problem(link: str, target: str) -> Optional[str]:
             if is_dot_git(part):
                 return "a target inside .git"
             depth += 1
+    return None
+
+
+def base85_data(line: bytes) -> bytes:
+    """The bytes one line of a binary block holds: its first letter says how many (A-Z 1-26,
+    a-z 27-52), the rest is base85 of them, padded to whole groups of four; ValueError when
+    a group does not decode."""
+    size = line[0] - (ord("A") - 1) if line[:1].isupper() else line[0] - (ord("a") - 27)
+    return base64.b85decode(line[1:-1])[:size]
+
+
+def inflate_exactly(data: bytes, size: int) -> Optional[bytes]:
+    """zlib `data` inflated when it is one whole stream of exactly `size` bytes, else None;
+    never more than `size` + 1 bytes are inflated, whatever the data would make."""
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(data, size + 1)  # (a limit of 0 would mean none: size + 1 >= 1)
+    except zlib.error:
+        return None
+    return out if len(out) == size and inflater.eof and not inflater.unused_data else None
+
+
+def delta_result_size(delta: bytes) -> Optional[int]:
+    """The size of the file a git binary delta leaves: the second of the two sizes it starts
+    with (the source's, then the result's; 7 bits a byte, low bits first, the top bit set on
+    all but a size's last byte). None when the delta is too short to say."""
+    sizes: List[int] = []
+    value = shift = 0
+    for byte in delta[:20]:  # (two sizes of 64 bits take at most 20 bytes)
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            sizes.append(value)
+            if len(sizes) == 2:
+                return value
+            value = shift = 0
     return None
 
 
@@ -4767,20 +4831,35 @@ class PatchParser:
         return lines
 
     def binary_block(self, fp: FilePatch) -> None:
+        """One `literal N` or `delta N` block: base85 lines of zlib data. N, the size the data
+        inflates to, is held to MAX_BINARY_BYTES here, before anything inflates it (a few KB of
+        zlib data can inflate to gigabytes); binary_literal checks the data inflates to it."""
         line = self.peek()
-        if line is None or not re.fullmatch(rb"(literal|delta) \d+\n", line):
+        m = BINARY_HEAD_RE.fullmatch(line) if line is not None else None
+        if not m:
             raise self.fail("a binary patch without `literal` or `delta`")
+        if int(m.group(2)) > MAX_BINARY_BYTES:
+            raise self.fail(f"a binary block of {human_bytes(int(m.group(2)))}, over the laptop's limit of "
+                            f"{human_bytes(MAX_BINARY_BYTES)}")
         self.take()
         count = 0
         while self.peek() not in (b"\n", None):
-            line = self.peek()
-            size = line[0] - (ord("A") - 1) if line[:1].isupper() else line[0] - (ord("a") - 27)
-            if not BASE85_LINE_RE.fullmatch(line) or len(line) - 2 != (size + 3) // 4 * 5:
-                raise self.fail("a malformed line of binary data")
-            self.take()
+            self.base85_line()
             count += 1
         if self.peek() is None or not count:
             raise self.fail("binary data that does not end with an empty line")
+        self.take()
+
+    def base85_line(self) -> None:
+        """One line of binary data, taken when it decodes (base85_data), else PatchRefused."""
+        line = self.peek()
+        size = line[0] - (ord("A") - 1) if line[:1].isupper() else line[0] - (ord("a") - 27)
+        if not BASE85_LINE_RE.fullmatch(line) or len(line) - 2 != (size + 3) // 4 * 5:
+            raise self.fail("a malformed line of binary data")
+        try:
+            base85_data(line)
+        except ValueError:  # a group of five characters past 2**32
+            raise self.fail("a malformed line of binary data") from None
         self.take()
 
     def settle(self, fp: FilePatch, labels: Optional[Tuple[bytes, bytes]]) -> None:
@@ -5260,34 +5339,61 @@ def synced_blobs(project: "Project", files: Sequence[FilePatch]) -> Dict[str, Op
 def binary_problem(fp: FilePatch, pre: Optional[bytes]) -> Optional[str]:
     """Why a binary patch is refused: it turns a text file into base85 the preview cannot
     show (one NUL byte added to a script is enough for git diff to write one), it changes an
-    executable or a script, or its literal content is text after all."""
+    executable or a script, or its literal content is text after all. PatchRefused when its
+    data is not what it says (binary_literal)."""
+    literal = binary_literal(fp)
     if "100755" in (fp.old_mode, fp.new_mode):
         return "an executable"
     if any(p.lower().endswith(SCRIPT_SUFFIXES) for p in (fp.path, fp.old_path)):
         return "a script"
     if pre and b"\0" not in pre[:8000]:
         return "a text file here"
-    literal = binary_literal(fp)
     if literal is not None and (literal.startswith(b"#!") or b"\0" not in literal[:8000]):
         return "which decodes to text" + (" starting with #!" if literal.startswith(b"#!") else "")
     return None
 
 
 def binary_literal(fp: FilePatch) -> Optional[bytes]:
-    """The content a `literal` binary patch writes (git's base85 of zlib data); None for a delta."""
+    """The content a `literal` binary patch writes (git's base85 of zlib data); None for a delta.
+    Every block of the section (the change, then git's reverse of it) must inflate to exactly
+    the size its line says, as git apply requires, else PatchRefused; inflating stops one byte
+    past that size, which PatchParser.binary_block held to MAX_BINARY_BYTES."""
+    content = None
+    for n, (kind, declared, data) in enumerate(binary_blocks(fp)):
+        inflated = inflated_block(fp.path, kind, declared, data)
+        content = inflated if n == 0 and kind == b"literal" else content
+    return content
+
+
+def inflated_block(path: str, kind: bytes, declared: int, data: bytes) -> bytes:
+    """One binary block's zlib `data` inflated, when it makes exactly the `declared` bytes;
+    a delta must also say it makes a file within MAX_BINARY_BYTES (git apply makes one of the
+    size it says). Else PatchRefused."""
+    inflated = inflate_exactly(data, declared)
+    if inflated is None:
+        raise refuse(f"binary data for {path!r} that does not inflate to exactly the {declared} bytes "
+                     f"its `{_dec(kind)}` line says")
+    made = delta_result_size(inflated) if kind == b"delta" else declared
+    if made is None:
+        raise refuse(f"a binary delta for {path!r} that does not say the size of the file it makes")
+    if made > MAX_BINARY_BYTES:
+        raise refuse(f"a binary delta for {path!r} that makes a file of {human_bytes(made)}, over the "
+                     f"laptop's limit of {human_bytes(MAX_BINARY_BYTES)}")
+    return inflated
+
+
+def binary_blocks(fp: FilePatch) -> Iterator[Tuple[bytes, int, bytes]]:
+    """(`literal` or `delta`, the size it says, its zlib data) of each block of a binary
+    section, whose lines PatchParser.binary_block has checked."""
     lines = fp.lines[fp.body_start:]
-    if not lines or not lines[0].startswith(b"literal "):
-        return None
-    data = bytearray()
-    for line in lines[1:]:
-        if line == b"\n":
-            break
-        size = line[0] - (ord("A") - 1) if line[:1].isupper() else line[0] - (ord("a") - 27)
-        data += base64.b85decode(line[1:-1])[:size]
-    try:
-        return zlib.decompress(bytes(data))
-    except (zlib.error, ValueError):
-        raise refuse(f"binary data for {fp.path!r} that does not decode")
+    at = 0
+    while at < len(lines):
+        m = BINARY_HEAD_RE.fullmatch(lines[at])
+        if not m:
+            return
+        data = list(itertools.takewhile(lambda line: line != b"\n", lines[at + 1:]))
+        yield m.group(1), int(m.group(2)), b"".join(map(base85_data, data))
+        at += len(data) + 2  # the head line, the data, the empty line
 
 
 def unchanged_since_sync(project: "Project", files: Sequence[FilePatch], base_tree: Optional[str],
@@ -5463,10 +5569,16 @@ def in_the_way_error(found: Sequence[InTheWay], job: str) -> PatchError:
 
 
 def lstat_or_none(path: Path) -> Optional[os.stat_result]:
+    """os.lstat of `path`, None when nothing is there or nothing can be: a name too long for
+    the disk (ENAMETOOLONG), a loop of symlinks on the way (ELOOP)."""
     try:
         return os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as e:
+        if e.errno in (errno.ENAMETOOLONG, errno.ELOOP):
+            return None
+        raise
 
 
 def removed_links(root: Path, files: Sequence["FilePatch"]) -> set:
@@ -5488,12 +5600,14 @@ def real_folder(root: Path, rel: str) -> bool:
     rel = rel.rstrip("/")  # (a trailing slash would have lstat follow a link)
     try:
         return stat.S_ISDIR(os.lstat(os.path.join(root, rel)).st_mode) and symlink_parent(root, rel) is None
-    except OSError:
+    except (OSError, PatchRefused):  # (a folder above that cannot be looked at: not reached as it should be)
         return False
 
 
 def symlink_parent(root: Path, rel: str) -> Optional[str]:
-    """The first parent folder of `rel` that is a symlink here (never followed), or None."""
+    """The first parent folder of `rel` that is a symlink here (never followed), or None;
+    PatchRefused when the disk cannot say (a path too long for it, a folder this account may
+    not search): a symlink there would go unseen, and git apply writes through one."""
     parts = rel.split("/")
     for n in range(1, len(parts)):
         try:
@@ -5501,6 +5615,9 @@ def symlink_parent(root: Path, rel: str) -> Optional[str]:
                 return "/".join(parts[:n])
         except (FileNotFoundError, NotADirectoryError):
             return None
+        except OSError as e:
+            raise refuse(f"{rel!r}: cannot tell whether a folder on its way here is a symlink "
+                         f"({why_not(e)})") from None
     return None
 
 
@@ -5907,7 +6024,9 @@ class ApplyOptions:
                       for name in ("yes", "no_apply", "json", "no_color", "require_checks")})
 
 
-HUNK_RE = re.compile(rb"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@(.*)$", re.S)
+# Line numbers and counts of at most 18 digits: more are no file's (and past 4300 digits,
+# int() itself refuses them), so such a header is malformed, never a traceback.
+HUNK_RE = re.compile(rb"^@@ -(\d{1,18})(?:,(\d{1,18}))? \+(\d{1,18})(?:,(\d{1,18}))? @@(.*)$", re.S)
 
 
 class Hunk:
@@ -6324,9 +6443,28 @@ class Applier:
         first: `git apply` refuses a new file where one exists, and the 3-way merge would
         take them for the user's side of an add/add conflict."""
         saved = self.undo_log.save([w.path for w in replaced], set())
-        for w in replaced:
-            write_worktree(self.project.root, w.path, None, "")
+        moving = ""
+        try:
+            for w in replaced:
+                moving = w.path
+                write_worktree(self.project.root, w.path, None, "")
+        except (OSError, PatchwireError, KeyboardInterrupt) as e:  # those moved already come back
+            raise self.set_aside_failed(moving, e, self.undo_log.states(saved)) from e
         return saved
+
+    def set_aside_failed(self, path: str, error: BaseException, was: Dict[str, Optional[Tuple[bytes, str]]]
+                         ) -> PatchError:
+        """The error of a file in the way that could not be moved (a folder this account may
+        not write), once the files moved before it are back (`was`: what each held)."""
+        _, left = self.put_back_rewritten(was)
+        what = f"could not move {sanitize(path)} out of the way ({sanitize(why_not(error))})"
+        again = f"run `patchwire apply {self.job} --overwrite-untracked` again" if self.job else "apply again"
+        if left:
+            return PatchError(f"{what}; the files set aside before it were put back except "
+                              + self.describe_left(left, was), f"put those back as shown, fix the cause and {again}")
+        cause = write_failure_fix(self.project.root, path, [path])
+        return PatchError(f"{what}; the files set aside before it were put back, nothing was changed",
+                          f"{cause + ', then ' if cause else 'fix the cause, then '}{again}")
 
     def saved(self, paths: Sequence[str], gone: set, here: Optional[Dict[str, Optional[Tuple[bytes, str]]]] = None,
               synced: Optional[Dict[str, str]] = None) -> List[dict]:

@@ -6,9 +6,13 @@ real pseudo-terminal and must hold no control bytes but Patchwire's own colours.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import re
+import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -16,6 +20,7 @@ import pytest
 import conftest
 from conftest import Laptop, git, make_repo, tree_digest
 from fake_box import EMPTY_TREE, FakeBox
+from test_apply import as_walls_account
 
 
 # ------------------------------------------------------------------ patch makers
@@ -45,6 +50,43 @@ def delete(path: bytes, text: bytes) -> bytes:
 def delete_link(path: bytes, target: bytes) -> bytes:
     return (b"diff --git a/%s b/%s\ndeleted file mode 120000\n--- a/%s\n+++ /dev/null\n@@ -1 +0,0 @@\n-%s\n"
             b"\\ No newline at end of file\n" % (path, path, path, target))
+
+
+def base85_lines(data: bytes) -> bytes:
+    """git's base85 lines of binary data: 52 bytes a line, led by its count (A-Z 1-26, a-z 27-52)."""
+    out = []
+    for at in range(0, len(data), 52):
+        chunk = data[at:at + 52]
+        count = ord("A") + len(chunk) - 1 if len(chunk) <= 26 else ord("a") + len(chunk) - 27
+        out.append(bytes([count]) + base64.b85encode(chunk + b"\0" * (-len(chunk) % 4)) + b"\n")
+    return b"".join(out)
+
+
+def binary_block(kind: bytes, declared: int, deflated: bytes) -> bytes:
+    return b"%s %d\n%s\n" % (kind, declared, base85_lines(deflated))
+
+
+def new_binary(path: bytes, declared: int, deflated: bytes) -> bytes:
+    """A new binary file whose `literal` line says `declared` bytes, whatever `deflated` holds."""
+    return (b"diff --git a/%s b/%s\nnew file mode 100644\nindex %s..%s\nGIT binary patch\n%s%s"
+            % (path, path, b"0" * 40, b"1" * 40, binary_block(b"literal", declared, deflated),
+               binary_block(b"literal", 0, zlib.compress(b""))))
+
+
+def varint(n: int) -> bytes:
+    """A size as a git delta starts with: 7 bits a byte, low bits first."""
+    out = bytearray()
+    while True:
+        out.append(n & 0x7F | (0x80 if n >> 7 else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def deflated_zeros(size: int) -> bytes:
+    """`size` zero bytes as zlib data, about a thousandth of the size, made a MB at a time."""
+    deflater, mb = zlib.compressobj(9), bytes(2 ** 20)
+    return b"".join([deflater.compress(mb) for _ in range(size // 2 ** 20)] + [deflater.flush()])
 
 
 HONEST = new_file(b"docs/new.md", b"hello\n")
@@ -116,6 +158,23 @@ CORPUS = [
     ("cut short", HONEST[:-1], "does not end with a newline"),
     ("an index line making a new file executable",
      HONEST.replace(b"--- /dev/null", b"index 0000000..1111111 100755\n--- /dev/null"), "contradicts the mode"),
+    # a count past 4300 digits is one Python's int() refuses (3.11+): a malformed header, not a traceback
+    ("a hunk header with thousands of digits", b"diff --git a/README.md b/README.md\n--- a/README.md\n"
+     b"+++ b/README.md\n@@ -1," + b"1" * 5000 + b" +1 @@\n-# demo\n+x\n", "a malformed hunk header"),
+    ("a hunk header with a line number past 64 bits",
+     edit(b"README.md", b"# demo\n", b"x\n").replace(b"@@ -1 +1 @@", b"@@ -1 +" + b"9" * 20 + b" @@"),
+     "a malformed hunk header"),
+    # names longer than a disk takes: the OS answers ENAMETOOLONG to any look at them
+    ("a folder name over 255 bytes", new_file(b"x" * 300 + b"/y.txt", b"x\n"), "a name of 300 bytes"),
+    ("a file name over 255 bytes", new_file(b"docs/" + "\u00e9".encode() * 128, b"x\n"), "a name of 256 bytes"),
+    ("a symlink target over 255 bytes", new_link(b"docs/l", b"z" * 300), "a name of 300 bytes"),
+    # zlib data inflates up to 1000 times: the size a binary block says is held to a limit, and checked
+    ("binary data inflating to more than it says", new_binary(b"docs/img.bin", 4, zlib.compress(b"\0\1\2\3\4")),
+     "does not inflate to exactly the 4 bytes its `literal` line says"),
+    ("binary data inflating to less than it says", new_binary(b"docs/img.bin", 6, zlib.compress(b"\0\1\2\3\4")),
+     "does not inflate to exactly the 6 bytes"),
+    ("a binary file of a TB", new_binary(b"docs/img.bin", 2 ** 40, zlib.compress(b"\0" * 16)),
+     "a binary block of 1024.0 GB, over the laptop's limit of 50.0 MB"),
 ]
 
 
@@ -178,6 +237,65 @@ def test_diff_json_refuses_with_the_usual_error_object(world):
         assert phrase in body["error"] and body["exit_status"] == 5 and "Threat model" in body["hint"]
 
 
+# The CLI run by a parent that reports, last on stderr, the most memory the CLI (or a git it
+# ran) held at once: ru_maxrss of the children it waited for, in KB (Linux).
+MAXRSS = ("import resource, subprocess, sys\n"
+          "code = subprocess.run(sys.argv[1:]).returncode\n"
+          "sys.stderr.write('\\nmaxrss %d\\n' % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+          "sys.exit(code)\n")
+
+
+@pytest.mark.parametrize("declared", [16, 256 * 2 ** 20], ids=["a lie", "the truth, over the limit"])
+def test_a_zlib_bomb_is_refused_before_it_fills_the_memory(world, declared):
+    """A 330 KB patch whose zlib data inflates to 256 MB (a 788 KB one makes a GB): refused by
+    `diff`, `diff --json` and `apply`, which never hold more than a few tens of MB, whether
+    its `literal` line tells the truth (over the laptop's limit: not inflated at all) or
+    says 16 bytes (inflating stops at the 17th)."""
+    lap, box, outside = world
+    box.add_job("abc321", new_binary(b"docs/img.bin", declared, deflated_zeros(256 * 2 ** 20)))
+    measured = Laptop(lap.root, program=[sys.executable, "-c", MAXRSS, *lap.program])
+    phrase = ("does not inflate to exactly the 16 bytes its `literal` line says" if declared == 16
+              else "a binary block of 256.0 MB, over the laptop's limit of 50.0 MB")
+    before = state(lap, outside)
+    for args in (["diff", "abc321"], ["diff", "abc321", "--json"], ["apply", "abc321", "--yes"]):
+        result = measured.run(*args)
+        assert int(result.err.rsplit("maxrss ", 1)[1]) < 150 * 1024, f"{args}: {result.err[-300:]}"
+        shown = json.loads(result.out) if "--json" in args else {"error": result.err}
+        assert result.returncode == 5 and phrase in shown["error"] and "Traceback" not in result.err, result.err
+    assert state(lap, outside) == before
+
+
+def test_a_binary_delta_is_held_to_the_size_of_the_file_it_makes(world):
+    """A delta of a few bytes that says it makes a file of a TB out of one of 3 bytes synced
+    from here: git apply would set out to make it; the laptop refuses it first."""
+    lap, box, outside = world
+    mine = b"\0\1\2"
+    (lap.root / "docs/img.bin").write_bytes(mine)
+    mine_id = hashlib.sha1(b"blob 3\0" + mine).hexdigest().encode()
+    delta = varint(3) + varint(2 ** 40) + b"\x01x"  # (what it makes need not be there: it is never made)
+    box.add_job("abc987", b"diff --git a/docs/img.bin b/docs/img.bin\nindex %s..%s 100644\nGIT binary patch\n%s%s"
+                % (mine_id, b"2" * 40, binary_block(b"delta", len(delta), zlib.compress(delta)),
+                   binary_block(b"literal", 3, zlib.compress(mine))), ask=True)
+    phrase = "a binary delta for 'docs/img.bin' that makes a file of 1024.0 GB, over the laptop's limit of 50.0 MB"
+    before = state(lap, outside)
+    refused(lap.run("ask", "--no-apply", "go"), phrase)  # its sync puts img.bin in Patchwire's store
+    refused(lap.run("apply", "abc987", "--yes"), phrase)
+    assert state(lap, outside) == before
+
+
+def test_numbers_no_int_can_hold_are_refused_by_every_command(world):
+    """A hunk header's count of 5000 digits (Python 3.11+ refuses int() of over 4300): the
+    reader refuses it as malformed, in `diff`, `diff --json` and `apply` alike."""
+    lap, box, outside = world
+    box.add_job("abc654", next(c[1] for c in CORPUS if c[0] == "a hunk header with thousands of digits"))
+    before = state(lap, outside)
+    refused(lap.run("diff", "abc654"), "line 4: a malformed hunk header: b'@@ -1,111")
+    refused(lap.run("apply", "abc654", "--yes"), "a malformed hunk header")
+    error = lap.run("diff", "abc654", "--json")
+    assert error.returncode == 5 and "a malformed hunk header" in json.loads(error.out)["error"], error.err
+    assert state(lap, outside) == before
+
+
 SELECTED = [c for c in CORPUS if c[0] in (
     "unified diff before the first section", "header naming two files", "write beneath an ignored symlink "
     "out of the project", ".patchwire.toml")]
@@ -220,6 +338,43 @@ def test_the_merge_base_is_the_laptops_record_never_the_boxs(world):
     result = lap.run("apply", "ddd444", "--yes", "--keep-conflicts")
     assert result.returncode == 5 and "README.md is already here" in result.err, result.err
     assert state(lap, outside) == before
+
+
+def test_a_file_in_the_way_that_cannot_be_moved_brings_back_those_moved_before_it(srv_place):
+    """`--overwrite-untracked` sets aside two files of yours, in the patch's order: notes.txt
+    is moved out, then ro/scratch.txt cannot be (a read-only folder: only an ordinary account
+    sees that, root writes anywhere). notes.txt comes back byte for byte, the message names
+    the file, the reason and the fix; once the folder is writable the same apply works, and
+    its undo gives both files back."""
+    root = make_repo(srv_place / "laptop", {"README.md": b"hi\n", "ro/keep.md": b"k\n",
+                                            ".gitignore": b".pwtoken\nnotes.txt\nro/scratch.txt\n"})
+    (root / ".pwtoken").write_text("pw_fake\n")
+    (root / ".pwtoken").chmod(0o600)
+    box = FakeBox(srv_place / "mirror")
+    try:
+        Laptop(root).run("init", "--agent", box.url, "--token-file", ".pwtoken", check=0)
+        box.add_job("abc246", new_file(b"notes.txt", b"AI notes\n") + new_file(b"ro/scratch.txt", b"AI scratch\n"))
+        (root / "notes.txt").write_bytes(b"my precious notes\n")
+        (root / "ro/scratch.txt").write_bytes(b"mine\n")
+        account = as_walls_account(Laptop(root), srv_place)
+        (root / "ro").chmod(0o555)
+        before = tree_digest(root)
+
+        failed = account.run("apply", "abc246", "--yes", "--overwrite-untracked")
+        assert failed.returncode == 5 and "Traceback" not in failed.err, failed.err
+        assert ("could not move ro/scratch.txt out of the way (Permission denied); the files set aside before it "
+                "were put back, nothing was changed") in failed.err, failed.err
+        assert ("make ro writable (`chmod u+w ro`), then run `patchwire apply abc246 --overwrite-untracked` "
+                "again") in failed.err, failed.err
+        assert tree_digest(root) == before and (root / "notes.txt").read_bytes() == b"my precious notes\n"
+
+        (root / "ro").chmod(0o755)
+        account.run("apply", "abc246", "--yes", "--overwrite-untracked", check=0)
+        assert (root / "notes.txt").read_bytes() == b"AI notes\n"
+        account.run("apply", "--undo", check=0)
+        assert tree_digest(root) == before
+    finally:
+        box.close()
 
 
 @pytest.mark.parametrize("how", ["plain", "3-way"])
