@@ -209,7 +209,8 @@ def route_path(name: str, query: Optional[Dict[str, Any]] = None, **params: str)
 # it shows (tests/test_structure.py keeps all three in step). Anything else from a box is not
 # the protocol: the laptop shows it as nothing more than an unknown event.
 EVENT_TYPES = ("queued", "position", "setup", "started", "session", "text", "tool", "tool_error", "output",
-               OUTPUT_DROPPED, "network", "network_refused", "links_removed", "result", "check", *LAST_EVENTS)
+               OUTPUT_DROPPED, "network", "network_refused", "links_removed", "result", "repositories_left_out",
+               "check", *LAST_EVENTS)
 
 
 # Settings that make git's bytes the same on every machine, whatever the user's config.
@@ -4165,6 +4166,12 @@ class ProgressPrinter:
         paths = ["".join(c if c.isprintable() else "?" for c in str(p)) for p in e.get("paths") or []]
         say(self.stamp(), self.style("yellow", f"{e.get('count', len(paths))} symlink(s) pointing outside "
                                      f"the project kept from the AI: {', '.join(paths[:5])}"))
+
+    def on_repositories_left_out(self, e: dict) -> None:
+        paths = ["".join(c if c.isprintable() else "?" for c in str(p)) for p in e.get("paths") or []]
+        more = f" and {e['count'] - 5} more" if isinstance(e.get("count"), int) and e["count"] > 5 else ""
+        say(self.stamp(), self.style("yellow", "git repositories the AI made inside the project, left out of "
+                                     f"the change: {', '.join(paths[:5])}{more}"))
 
     def on_text(self, e: dict) -> None:
         text = str(e.get("text", "")).strip()
