@@ -2391,6 +2391,22 @@ class Project:
         """Whether `tree` (a job's base) is a sync record this store can read."""
         return self.git.has_tree(tree)
 
+    def recorded_entries(self, tree: str, paths: Sequence[str]) -> Dict[str, Tuple[str, str]]:
+        """{path: (git mode, blob id)} of the files of `paths` that `tree` (a sync record)
+        holds, in one `ls-tree` per thousand paths; a path it lacks, or holds as a folder, is
+        not in it."""
+        out: Dict[str, Tuple[str, str]] = {}
+        wanted = set(paths)
+        for at in range(0, len(paths), 1000):
+            listing = self.git("ls-tree", "-r", "-z", tree, "--", *paths[at:at + 1000])
+            for record in listing.split(b"\0"):
+                meta, _, raw = record.partition(b"\t")
+                fields = meta.decode().split()
+                path = _dec(raw)
+                if len(fields) == 3 and fields[1] == "blob" and path in wanted:
+                    out[path] = (fields[0], fields[2])
+        return out
+
     def recorded_file(self, tree: str, path: str) -> Optional[Tuple[bytes, str]]:
         """(bytes, git mode) of the file `path` in `tree` (a sync record, or a tree made from
         one); None if it is absent or not a file."""
@@ -4066,7 +4082,8 @@ def apply_job(session: Session, job: str, patch: bytes, *, chosen: Optional[byte
         say("nothing chosen; nothing applied")
         return {"job": job, "how": "none", "files": [], "conflicts": []}
     applier = Applier(session.project, style, session.protected_paths(), job,
-                      lambda conflicted: ask_keep_conflicts(conflicted, style, keep_conflicts))
+                      lambda conflicted: ask_keep_conflicts(conflicted, style, keep_conflicts),
+                      lambda path: denied_by(path, session.cfg.deny, session.cfg.allow))
     read = read if settled is patch else None  # the patch as read above, unless a part was chosen
     chosen = settled
     result = applier.apply(chosen, session.job_tree(job), replace, read)
@@ -5267,6 +5284,7 @@ def compute_results(project: "Project", files: Sequence[FilePatch], base_tree: O
     read in one git process, not one each."""
     for fp in files:
         fp.read_body()  # PatchRefused before any blob is read, as for a patch read whole
+    check_synced_sources(project, files, base_tree)
     blobs = synced_blobs(project, files)
     for fp in files:
         if fp.binary:
@@ -5323,6 +5341,28 @@ class PatchReading:
         """Every section read whole, vetted and computed (PatchRefused otherwise)."""
         self.compute(len(self.files))
         return self.files
+
+
+def check_synced_sources(project: "Project", files: Sequence[FilePatch], base_tree: Optional[str]) -> None:
+    """With the record of the job's own sync (`base_tree`), each section that changes, moves,
+    copies or deletes a file must start from the file that sync sent: its path in the record,
+    and the blob its `index` line names. A box naming another blob of the store (an earlier
+    sync's version of the file, or any file's) had its hunks computed and shown against that
+    one, while `git apply` placed them in the file here by their lines, elsewhere; a file no
+    sync sent (an ignored .env) could be renamed under a name the next sync sends. PatchRefused.
+    Without the record, Applier.check_unrecorded holds the files here to the `index` lines."""
+    if not base_tree or not project.recorded(base_tree):
+        return
+    sources = [fp for fp in files if fp.kind != "new"]
+    recorded = project.recorded_entries(base_tree, sorted({fp.old_path for fp in sources}))
+    for fp in sources:
+        entry = recorded.get(fp.old_path)
+        if entry is None:
+            raise refuse(f"a change to {fp.old_path!r}, which was not synced from here for this job")
+        ids = index_ids(fp)
+        if ids and ids[0] != entry[1]:
+            raise refuse(f"{fp.old_path!r} as the patch says it was ({ids[0][:12]}) is not the version synced "
+                         f"for this job ({entry[1][:12]})")
 
 
 def synced_blobs(project: "Project", files: Sequence[FilePatch]) -> Dict[str, Optional[bytes]]:
@@ -6279,8 +6319,11 @@ class Applier:
     nothing. `protected` names more project paths no patch may touch (a token file)."""
 
     def __init__(self, project: Project, style: Style, protected: Sequence[str] = (), job: str = "",
-                 keep_conflicts: Optional[Callable[[Dict[str, Optional[bytes]]], bool]] = None):
+                 keep_conflicts: Optional[Callable[[Dict[str, Optional[bytes]]], bool]] = None,
+                 held_back: Optional[Callable[[str], Optional[str]]] = None):
         self.project = project
+        # the deny-list pattern that keeps a path from every sync (check_unrecorded)
+        self.held_back = held_back or (lambda path: denied_by(path, DEFAULT_DENY, ()))
         self.git = project.git
         self.style = style
         self.protected = protected
@@ -6324,6 +6367,8 @@ class Applier:
         # every file is read once before git writes (the undo log, and which ones are as synced)
         # and once after (the check, the undo log's digests), not once per use
         here = self.read_here([path for path in paths if not beneath(path, gone)])
+        if not (base_tree and self.project.recorded(base_tree)):
+            check_unrecorded(self.project, files, here, self.held_back)
         exact = unchanged_since_sync(self.project, files, base_tree, here)
         before = self.saved(paths, gone, here, synced_ids(files, exact))
         was = {**dict.fromkeys(paths), **here}  # beneath a link the patch removes: nothing of ours
@@ -6715,6 +6760,33 @@ class UndoLog:
                                   f"{sanitize(p)} ({sanitize(why)})" for p, why in left), hint)
         return PatchError(f"cannot undo: could not write {sanitize(path)} ({sanitize(why_not(error))}); "
                           "the files undone before it are as the apply left them, nothing was changed", hint)
+
+
+def check_unrecorded(project: "Project", files: Sequence["FilePatch"], here: Dict[str, Optional[Tuple[bytes, str]]],
+                     held_back: Callable[[str], Optional[str]]) -> None:
+    """A job with no record of its sync here (asked from another clone; its record gone):
+    what it was made from is only the box's word, so each file it changes or deletes must be
+    here exactly as its `index` line names it (`here`: the files read); a section without one
+    has its hunks computed from the file here. A rename or a mode
+    change as it is (git writes no `index` line for it) must start from a file a sync would
+    send: one git does not ignore, and no deny-list pattern holds back (`held_back`), else a
+    secret renamed to a name the next sync sends would leave the laptop. Else nothing is
+    written. (With the record, check_synced_sources holds it to the record.)"""
+    for fp in files:
+        if fp.kind == "new":
+            continue
+        ids, now = index_ids(fp), here.get(fp.old_path)
+        if ids is None and not fp.hunks and not fp.binary and now is not None:
+            pattern = held_back(fp.old_path)
+            status = worktree_status(project, fp.old_path)
+            if pattern is None and status != "ignored":
+                continue
+            raise refuse(f"a {fp.kind} section of {fp.old_path!r}, which no sync sends ("
+                         + (f"the deny-list's {pattern}" if pattern else "git ignores it") + ")")
+        if ids is not None and (now is None or blob_id(now[0], ids[0]) != ids[0]):
+            raise refuse(f"{fp.old_path!r} here is not exactly the version the patch names, and this job was not "
+                         "asked from here: Patchwire has no record of what it was made from")
+        # no `index` line: its hunks were computed from the file here, as it is
 
 
 def computed_writes(files: Sequence["FilePatch"], exact: set,

@@ -92,6 +92,91 @@ def test_a_hunk_whose_lines_match_elsewhere_is_refused_not_landed_in_another_fun
     assert (lap.root / "app.py").read_bytes() == APP and tree_digest(lap.root) == before
 
 
+OLD_APP = b"import os\n\n\ndef is_test_env():\n    return False\n"  # APP before is_admin() came
+
+
+def test_a_patch_made_from_another_blob_than_the_synced_file_is_refused(world, tmp_path):
+    """The box's `index` line names the version of app.py synced by an earlier ask (a blob in
+    Patchwire's store) instead of the one this job's sync sent. Computed and shown against it,
+    the hunk is is_test_env()'s; the file here is not that version, so `git apply` placed it
+    by its lines, at the end: in is_admin(). The record of the job's own sync decides."""
+    lap, box = world
+    (lap.root / "app.py").write_bytes(OLD_APP)
+    git(lap.root, "commit", "-qam", "before is_admin")
+    box.add_job("e0e0e0", b"", ask=True)
+    assert lap.run("ask", "--yes", "first").returncode == 0  # OLD_APP synced, its blob in the store
+    (lap.root / "app.py").write_bytes(APP)
+    git(lap.root, "commit", "-qam", "is_admin")
+    shown = OLD_APP.replace(b"return False", b"return True")
+    patch = (b"diff --git a/app.py b/app.py\nindex %s..%s 100644\n--- a/app.py\n+++ b/app.py\n"
+             b"@@ -5 +5 @@\n-    return False\n+    return True\n" % (blob(OLD_APP).encode(), blob(shown).encode()))
+    assert what_git_writes(tmp_path, "app.py", APP, patch) == APP[:-6] + b"True\n"  # the attack is real
+    box.add_job("e0e0e1", patch, ask=True)
+    before = tree_digest(lap.root)
+    refused(lap.run("ask", "--yes", "make the test env check return True"), "is not the version synced")
+    refused(lap.run("apply", "e0e0e1", "--yes"), "is not the version synced")
+    assert (lap.root / "app.py").read_bytes() == APP and tree_digest(lap.root) == before
+
+
+@pytest.mark.parametrize("section", ["appended", "renamed", "deleted", "mode"])
+def test_a_patch_to_a_file_this_jobs_sync_never_sent_is_refused(world, section):
+    """.env is ignored: never synced, so no job made from a sync can have changed it. A box
+    that names the synced .gitignore's blob as its version (a lines-free insertion git puts at
+    the end of any file), renames it under a name the deny-list does not match (the next sync
+    would send the secret), deletes it, or changes its mode is refused, and .env stays."""
+    lap, box = world
+    box.add_job("e1e1e0", b"", ask=True)
+    assert lap.run("ask", "--yes", "first").returncode == 0
+    decoy = (lap.root / ".gitignore").read_bytes()
+    secret = (lap.root / ".env").read_bytes()
+    patch = {
+        "appended": b"diff --git a/.env b/.env\nindex %s..%s 100644\n--- a/.env\n+++ b/.env\n@@ -2,0 +3 @@\n"
+                    b"+PROXY=http://evil.example:8080\n" % (blob(decoy).encode(),
+                                                           blob(decoy + b"PROXY=http://evil.example:8080\n").encode()),
+        "renamed": b"diff --git a/.env b/docs/notes.txt\nsimilarity index 100%\nrename from .env\nrename to docs/notes.txt\n",
+        "deleted": b"diff --git a/.env b/.env\ndeleted file mode 100644\nindex %s..%s\n--- a/.env\n+++ /dev/null\n"
+                   b"@@ -1 +0,0 @@\n-%s" % (blob(secret).encode(), b"0" * 40, secret),
+        "mode": b"diff --git a/.env b/.env\nold mode 100644\nnew mode 100755\n",
+    }[section]
+    box.add_job("e1e1e1", patch, ask=True)
+    before = tree_digest(lap.root)
+    refused(lap.run("ask", "--yes", "tidy"), "synced from here")
+    assert (lap.root / ".env").read_bytes() == secret and tree_digest(lap.root) == before
+    assert not (lap.root / "docs").exists()
+
+
+def test_a_job_not_asked_from_here_applies_only_to_the_very_files_it_names(world):
+    """With no record of the job's sync here (asked from another clone), what it was made from
+    is the box's word: each file it changes or deletes must be here exactly as its `index`
+    line names it, and a rename as it is must start from a file a sync sends, or nothing is
+    written."""
+    lap, box = world
+    secret = (lap.root / ".env").read_bytes()
+    rename = b"diff --git a/.env b/docs/notes.txt\nsimilarity index 100%\nrename from .env\nrename to docs/notes.txt\n"
+    box.add_job("e2e2e0", rename)
+    refused(lap.run("apply", "e2e2e0", "--yes"), "'.env', which no sync sends (the deny-list's .env)")
+    (lap.root / ".gitignore").write_bytes((lap.root / ".gitignore").read_bytes() + b"*.local\n")
+    (lap.root / "my.local").write_bytes(b"only here\n")
+    box.add_job("e2e2e3", rename.replace(b".env", b"my.local"))
+    refused(lap.run("apply", "e2e2e3", "--yes"), "'my.local', which no sync sends (git ignores it)")
+    assert (lap.root / "my.local").read_bytes() == b"only here\n"
+    decoy = b"import os\n"
+    git(lap.root, "add", "-f", ".env")  # its blob now in the repository's objects: a decoy's home too
+    git(lap.root, "reset", "-q")
+    patch = (b"diff --git a/app.py b/app.py\nindex %s..%s 100644\n--- a/app.py\n+++ b/app.py\n@@ -1,0 +2 @@\n+x = 1\n"
+             % (blob(decoy).encode(), blob(decoy + b"x = 1\n").encode()))
+    (lap.root / "decoy.txt").write_bytes(decoy)
+    git(lap.root, "add", "decoy.txt")
+    git(lap.root, "commit", "-qm", "a decoy blob")
+    box.add_job("e2e2e1", patch)
+    refused(lap.run("apply", "e2e2e1", "--yes"), "exactly")
+    assert (lap.root / "app.py").read_bytes() == APP and (lap.root / ".env").read_bytes() == secret
+    honest = real_diff(lap, {"app.py": APP + b"# honest\n"})
+    box.add_job("e2e2e2", honest)
+    assert lap.run("apply", "e2e2e2", "--yes").returncode == 0
+    assert (lap.root / "app.py").read_bytes() == APP + b"# honest\n"
+
+
 def test_no_newline_marker_inside_the_added_lines_is_refused(world, tmp_path):
     """git joins the line before the marker with the next: the check becomes a comment."""
     lap, box = world
