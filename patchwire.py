@@ -5496,10 +5496,14 @@ def files_in_the_way(project: "Project", files: Sequence[FilePatch], job: str = 
     replaced: PatchError, before any write; nor is a file outside a sparse checkout that git
     tracks, where nothing is here (`job`: named in that error's hint)."""
     root = project.root
-    leaving = {folded_path(f.old_path) for f in files if f.kind in ("deleted", "renamed")}
+    leaving: Dict[str, List[str]] = {}
+    for f in files:
+        if f.kind in ("deleted", "renamed"):
+            leaving.setdefault(folded_path(f.old_path), []).append(f.old_path)
     found, nothing_here = [], []
     for f in files:
-        if f.kind not in ("new", "renamed") or folded_path(f.path) in leaving or symlink_parent(root, f.path):
+        if (f.kind not in ("new", "renamed") or same_file_leaving(root, f.path, leaving.get(folded_path(f.path), []))
+                or symlink_parent(root, f.path)):
             continue
         if lstat_or_none(root / f.path) is None:
             nothing_here.append(f.path)
@@ -5517,6 +5521,21 @@ def files_in_the_way(project: "Project", files: Sequence[FilePatch], job: str = 
     if outside:
         raise outside_sparse_error(outside, job)
     return found
+
+
+def same_file_leaving(root: Path, path: str, leaving: Sequence[str]) -> bool:
+    """Whether `path` is a file the patch moves or deletes (`leaving`: those paths that fold to
+    it): the very path, or on a disk that folds case the same file under another case (a
+    case-only rename). On a case-sensitive disk `R.md` beside a leaving `r.md` is a file of
+    its own, which a new `R.md` would replace."""
+    if path in leaving:
+        return True
+    here = lstat_or_none(root / path)
+    for other in leaving:
+        there = lstat_or_none(root / other)
+        if here is not None and there is not None and (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino):
+            return True
+    return False
 
 
 def outside_sparse_error(paths: Sequence[str], job: str) -> PatchError:

@@ -397,6 +397,30 @@ def test_a_case_only_rename_applies_byte_exact(world):
     assert names == ["R.md"] and (lap.root / "pages/common/R.md").read_bytes() == b"# r\n"
 
 
+def test_a_case_only_rename_onto_a_file_of_its_own_asks_first(world):
+    """On a case-sensitive disk R.md beside r.md is a file of its own (here ignored, never
+    synced): the case-only rename would replace it. It is in the way as any other file, so
+    without a terminal nothing is written; before, it was taken for r.md itself, and the
+    3-way merge wrote over it."""
+    lap, box = world
+    folder = lap.root / "pages/common"
+    (lap.root / ".gitignore").write_bytes((lap.root / ".gitignore").read_bytes() + b"R.md\n")
+    git(lap.root, "commit", "-qam", "ignore R.md")
+    (folder / "R.md").write_bytes(b"my own notes\n")
+    if (folder / "r.md").samefile(folder / "R.md"):
+        pytest.skip("a disk that folds case: R.md is r.md")
+    deletion = real_diff(lap, {"pages/common/r.md": None})
+    new = (b"diff --git a/pages/common/R.md b/pages/common/R.md\nnew file mode 100644\nindex %s..%s\n"
+           b"--- /dev/null\n+++ b/pages/common/R.md\n@@ -0,0 +1 @@\n+# r\n" % (b"0" * 40, blob(b"# r\n").encode()))
+    box.add_job("abab13", deletion + new, ask=True)
+    before = tree_digest(lap.root)
+    result = lap.run("ask", "--yes", "rename r.md")
+    assert result.returncode != 0 and "R.md (ignored, 13 bytes) is already here" in result.err, result.err
+    assert "--overwrite-untracked" in result.err and "Traceback" not in result.err
+    assert (folder / "R.md").read_bytes() == b"my own notes\n" and (folder / "r.md").read_bytes() == b"# r\n"
+    assert tree_digest(lap.root) == before
+
+
 def test_a_gitlink_bump_is_refused_naming_the_submodule(world):
     lap, box = world
     a, b = "1" * 40, "2" * 40
