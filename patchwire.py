@@ -224,6 +224,8 @@ GIT_NEUTRAL = (
     # the laptop reads patches strictly (split_patch): git's own a/ b/ prefixes (git 2.45 made
     # them configurable) and a space on empty context lines, whatever the box user's config says
     "-c", "diff.srcPrefix=a/", "-c", "diff.dstPrefix=b/", "-c", "diff.suppressBlankEmpty=false",
+    # `git apply` writes the lines as the patch has them: no whitespace "fixed", none ignored
+    "-c", "apply.whitespace=nowarn", "-c", "apply.ignoreWhitespace=no",
 )
 
 

@@ -421,6 +421,21 @@ def test_a_case_only_rename_onto_a_file_of_its_own_asks_first(world):
     assert tree_digest(lap.root) == before
 
 
+def test_git_apply_writes_the_lines_as_shown_whatever_the_users_apply_settings(world):
+    """A file changed here since the sync goes through `git apply`, under the user's own git
+    config: `apply.whitespace = fix` stripped the trailing spaces the preview showed."""
+    lap, box = world
+    home = Path(lap.env["HOME"])
+    with open(home / ".gitconfig", "a") as config:
+        config.write("[apply]\n\twhitespace = fix\n")
+    box.add_job("acac01", real_diff(lap, {"app.py": APP + b"x = 1   \n"}), ask=True)
+    assert lap.run("ask", "--no-apply", "add x").returncode == 0
+    (lap.root / "app.py").write_bytes(b"# edited here since the sync\n" + APP)
+    result = lap.run("apply", "acac01", "--yes")
+    assert result.returncode == 0, result.err
+    assert (lap.root / "app.py").read_bytes() == b"# edited here since the sync\n" + APP + b"x = 1   \n"
+
+
 def test_a_gitlink_bump_is_refused_naming_the_submodule(world):
     lap, box = world
     a, b = "1" * 40, "2" * 40
