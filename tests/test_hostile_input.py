@@ -122,7 +122,9 @@ def corpus(agent) -> List[Tuple[str, bytes, int, str]]:
         return json.dumps({**ask, **fields}).encode()
 
     return [
-        ("nested JSON past the parser", raw("POST", "/v1/ask", t, body=b"[" * 100000), 400, "not valid JSON"),
+        ("nested JSON past the parser", raw("POST", "/v1/ask", t, body=b"[" * 4000), 400, "not valid JSON"),
+        ("more JSON values than its bytes allow", raw("POST", "/v1/ask", t, body=b"[" * 100000), 413,
+         "100000 JSON values in 100000 bytes"),
         ("nested JSON the parser takes", raw("POST", "/v1/ask", t, body=b"[" * 900 + b"]" * 900), 400,
          "nests deeper than 64"),
         ("nested field", raw("POST", "/v1/ask", t, body=body(files=json.loads("[" * 70 + "]" * 70))), 400,
