@@ -5279,14 +5279,15 @@ def preimage(project: "Project", fp: FilePatch, base_tree: Optional[str],
 
 
 def compute_results(project: "Project", files: Sequence[FilePatch], base_tree: Optional[str],
-                    whole: bool = True) -> Sequence[FilePatch]:
+                    whole: bool = True, sources_checked: bool = False) -> Sequence[FilePatch]:
     """Each text file's result into `fp.result`, or PatchRefused. `whole`: the patch as the
     box sent it, whose results must be the blobs its `index` lines name (a part chosen
     from it by --only or -i is checked by position only). The blobs the sections name are
     read in one git process, not one each."""
     for fp in files:
         fp.read_body()  # PatchRefused before any blob is read, as for a patch read whole
-    check_synced_sources(project, files, base_tree)
+    if not sources_checked:
+        check_synced_sources(project, files, base_tree)
     blobs = synced_blobs(project, files)
     for fp in files:
         if fp.binary:
@@ -5311,7 +5312,8 @@ def compute_results(project: "Project", files: Sequence[FilePatch], base_tree: O
 class PatchReading:
     """A patch read for a person to review it, and computed as they read it. Before anything
     shows, every section's headers are read strictly and the whole patch is vetted against
-    the files here (vet_on_disk: paths, protected files, symlinks), so the notes and the
+    the files here (vet_on_disk: paths, protected files, symlinks) and the job's record
+    (check_synced_sources), so the notes and the
     summary at the top are about all of it. Each section's body is read strictly and its
     result computed (compute_results) when the preview reaches it, a batch of sections at a
     time, each batch four times the one before (one git process per batch, not one per
@@ -5324,6 +5326,7 @@ class PatchReading:
         self.project, self.base_tree, self.whole = project, base_tree, whole
         with collector_paused():
             self.files = vet_on_disk(project.root, PatchParser(patch).heads(), protected)
+        check_synced_sources(project, self.files, base_tree)  # all at once, from the headers
         self.done = 0  # files[:done] are read whole and computed
 
     def sections(self) -> Iterator[FilePatch]:
@@ -5336,7 +5339,7 @@ class PatchReading:
     def compute(self, upto: int) -> None:
         batch = self.files[self.done:upto]
         with collector_paused():
-            compute_results(self.project, batch, self.base_tree, self.whole)
+            compute_results(self.project, batch, self.base_tree, self.whole, sources_checked=True)
         self.done += len(batch)
 
     def finish(self) -> List[FilePatch]:
