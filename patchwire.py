@@ -5104,11 +5104,16 @@ def vet_on_disk(root: Path, files: List["FilePatch"], protected: Sequence[str] =
     gone = removed_links(root, files)
     shielded = {folded_path(p) for p in protected}
     links: Dict[str, str] = {}
+    git_dirs: Dict[str, bool] = {}
     for f in files:
         for path in {f.old_path, f.path}:
             if folded_path(path) in shielded:
                 raise refuse(f"a change to {path!r}, which Patchwire keeps (your token file, or a file "
                              "your ssh_options name)")
+            inside = git_dir_above(root, path, git_dirs)
+            if inside:
+                raise refuse(f"a change to {path!r}, inside {inside!r}, which holds a git repository's own "
+                             "files (HEAD, objects, refs): its config and hooks run at the next git command there")
             # git apply writes through a symlink in a parent folder (it opens the path): a link
             # `lib -> ~/.ssh` here plus a patch to `lib/authorized_keys` writes outside the project
             link = symlink_parent(root, path)
@@ -5134,6 +5139,23 @@ def vet_on_disk(root: Path, files: List["FilePatch"], protected: Sequence[str] =
         if problem:
             raise refuse(f"a symlink {path!r} -> {target!r} with {problem}")
     return files
+
+
+def git_dir_above(root: Path, path: str, known: Dict[str, bool]) -> Optional[str]:
+    """The folder above `path` here that is a git repository's own folder by git's own test
+    (a file HEAD, folders objects and refs; never through a link), or None. A `.git` by any
+    name is refused by the patch reader; this finds the others: `git init --separate-git-dir
+    sub/gitdata`, a bare repository. `known`: folders answered already."""
+    parts = path.split("/")[:-1]
+    for n in range(1, len(parts) + 1):
+        folder = "/".join(parts[:n])
+        if folder not in known:
+            head, objects, refs = (lstat_or_none(root / folder / name) for name in ("HEAD", "objects", "refs"))
+            known[folder] = bool(head and stat.S_ISREG(head.st_mode) and objects and stat.S_ISDIR(objects.st_mode)
+                                 and refs and stat.S_ISDIR(refs.st_mode))
+        if known[folder]:
+            return folder
+    return None
 
 
 # --- the result, computed here

@@ -436,6 +436,28 @@ def test_git_apply_writes_the_lines_as_shown_whatever_the_users_apply_settings(w
     assert (lap.root / "app.py").read_bytes() == b"# edited here since the sync\n" + APP + b"x = 1   \n"
 
 
+@pytest.mark.parametrize("where", ["separate", "bare"])
+def test_a_change_inside_a_git_repositorys_own_folder_by_another_name_is_refused(world, where):
+    """`.git` in any spelling is refused by the reader; a repository's own folder can have any
+    name (`git init --separate-git-dir sub/gitdata`, a bare `fixtures/repo`). A hook or a
+    config written there runs at the next git command in it: refused too, nothing written."""
+    lap, box = world
+    if where == "separate":
+        (lap.root / "sub").mkdir()
+        git(lap.root / "sub", "init", "-q", "--separate-git-dir", str(lap.root / "sub" / "gitdata"))
+        target = "sub/gitdata/hooks/post-checkout"
+    else:
+        git(lap.root, "init", "-q", "--bare", str(lap.root / "fixtures" / "repo"))
+        target = "fixtures/repo/hooks/post-update"
+    patch = (b"diff --git a/%s b/%s\nnew file mode 100755\nindex %s..%s\n--- /dev/null\n+++ b/%s\n"
+             b"@@ -0,0 +1 @@\n+touch /tmp/pwned\n" % (target.encode(), target.encode(), b"0" * 40,
+                                                       blob(b"touch /tmp/pwned\n").encode(), target.encode()))
+    box.add_job("acac0a", patch)
+    before = tree_digest(lap.root)
+    refused(lap.run("apply", "acac0a", "--yes"), "which holds a git repository's own files")
+    assert tree_digest(lap.root) == before and not (lap.root / target).exists()
+
+
 def test_a_gitlink_bump_is_refused_naming_the_submodule(world):
     lap, box = world
     a, b = "1" * 40, "2" * 40
