@@ -2395,12 +2395,13 @@ class Project:
 
     def recorded_entries(self, tree: str, paths: Sequence[str]) -> Dict[str, Tuple[str, str]]:
         """{path: (git mode, blob id)} of the files of `paths` that `tree` (a sync record)
-        holds, in one `ls-tree` per thousand paths; a path it lacks, or holds as a folder, is
-        not in it."""
+        holds, in one `ls-tree` per 100 KB of paths (a patch's paths may be 4 KB each: a
+        thousand would pass the system's limit on a command line); a path it lacks, or holds
+        as a folder, is not in it."""
         out: Dict[str, Tuple[str, str]] = {}
         wanted = set(paths)
-        for at in range(0, len(paths), 1000):
-            listing = self.git("ls-tree", "-r", "-z", tree, "--", *paths[at:at + 1000])
+        for part in batched_by_size(paths, 100_000):
+            listing = self.git("ls-tree", "-r", "-z", tree, "--", *part)
             for record in listing.split(b"\0"):
                 meta, _, raw = record.partition(b"\t")
                 fields = meta.decode().split()
@@ -5150,7 +5151,10 @@ def git_dir_above(root: Path, path: str, known: Dict[str, bool]) -> Optional[str
     for n in range(1, len(parts) + 1):
         folder = "/".join(parts[:n])
         if folder not in known:
-            head, objects, refs = (lstat_or_none(root / folder / name) for name in ("HEAD", "objects", "refs"))
+            try:
+                head, objects, refs = (lstat_or_none(root / folder / name) for name in ("HEAD", "objects", "refs"))
+            except OSError:  # a folder this account may not search: symlink_parent refuses it, naming why
+                return None
             known[folder] = bool(head and stat.S_ISREG(head.st_mode) and objects and stat.S_ISDIR(objects.st_mode)
                                  and refs and stat.S_ISDIR(refs.st_mode))
         if known[folder]:
@@ -6086,6 +6090,21 @@ def feed_pager(proc: subprocess.Popen, lines: Iterator[str]) -> None:
         with contextlib.suppress(BrokenPipeError, OSError):
             proc.stdin.close()
         proc.wait()
+
+
+def batched_by_size(items: Sequence[str], size: int) -> Iterator[List[str]]:
+    """`items` in runs of at most `size` bytes (UTF-8), each at least one item."""
+    run: List[str] = []
+    used = 0
+    for item in items:
+        length = len(encode_path(item)) + 1
+        if run and used + length > size:
+            yield run
+            run, used = [], 0
+        run.append(item)
+        used += length
+    if run:
+        yield run
 
 
 def batched(items: Iterable[str], size: int) -> Iterator[List[str]]:

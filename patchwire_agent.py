@@ -209,9 +209,11 @@ MAX_BODY = 64 * 1024 * 1024
 MAX_JSON_DEPTH = 64  # deeper bodies are refused before anything walks them recursively
 # Parsed, a body takes some times its bytes: a first ask's manifest of 100,000 files (7 MB)
 # ~4x, each entry a list of three strings every ~70 bytes. 64 MB of empty lists (`[],` each)
-# took 3.2 GB. So a body may hold one JSON value (counted by its `[`, `{` and `,`) per
-# BODY_BYTES_PER_VALUE bytes at most, and bodies over LARGE_BODY_BYTES are read and handled
-# LARGE_BODIES_AT_ONCE at a time (a request that waits past body_timeout_s is told to retry).
+# took 3.2 GB. So a body over LARGE_BODY_BYTES (past any prompt's size; parsed, a smaller one
+# cannot take much) may hold one JSON value (counted by its `[`, `{` and `,` outside strings)
+# per BODY_BYTES_PER_VALUE bytes at most, and such bodies are read and handled
+# LARGE_BODIES_AT_ONCE at a time, up to the job's creation (not while it streams); a request
+# that waits past body_timeout_s is told to retry.
 BODY_BYTES_PER_VALUE = 6
 BODY_VALUES_FREE = 4096
 LARGE_BODY_BYTES = 4 * 1024 * 1024
@@ -5921,10 +5923,19 @@ def ascii_count(text: str) -> Optional[int]:
     return int(text)
 
 
-def json_values(data: bytes) -> int:
-    """About how many values a JSON text holds, without parsing it: its `[`, `{` and `,` (in
-    C, 64 MB in ~0.1 s; those inside strings count too, so never fewer)."""
-    return data.count(b"[") + data.count(b"{") + data.count(b",")
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def json_values(data: bytes, over: int) -> int:
+    """About how many values a JSON text holds, without parsing it: its `[`, `{` and `,`
+    outside strings (a prompt of pasted numbers is one value). Counted in C (64 MB in 0.1 s);
+    only when that count, strings included, is `over`, are the strings taken out first (a
+    regular expression: a 7.5 MB manifest in 0.27 s)."""
+    count = data.count(b"[") + data.count(b"{") + data.count(b",")
+    if count <= over:
+        return count
+    bare = _JSON_STRING.sub(b'""', data)
+    return bare.count(b"[") + bare.count(b"{") + bare.count(b",")
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -6045,9 +6056,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             try:
                 getattr(self, "route_" + name)(self.user, **params)
             finally:
-                if self.holds_large_body:
-                    self.holds_large_body = False
-                    self.agent.large_bodies.release()
+                self.give_back_large_body()
         except PatchwireError as e:
             self.fail(e.http_status, {"error": e.message, "hint": e.hint, "code": e.code, **e.details})
         except (ConnectionError, socket.timeout):  # the client left, or was too slow
@@ -6137,8 +6146,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if length > LARGE_BODY_BYTES:
             self.wait_for_large_body_room()
         data = self.read_body(length)
-        values = json_values(data)
-        if values > len(data) // BODY_BYTES_PER_VALUE + BODY_VALUES_FREE:
+        most = len(data) // BODY_BYTES_PER_VALUE + BODY_VALUES_FREE
+        values = json_values(data, most) if length > LARGE_BODY_BYTES else 0
+        if values > most:
             raise HTTPFailure(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                               f"the body holds {values} JSON values in {len(data)} bytes: more than any request "
                               f"of Patchwire's (one per {BODY_BYTES_PER_VALUE} bytes)", code="too_large")
@@ -6167,6 +6177,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
                               f"{LARGE_BODIES_AT_ONCE} requests of over {LARGE_BODY_BYTES // 2**20} MiB are being "
                               "handled already", "try again in a moment", code="busy")
         self.holds_large_body = True
+
+    def give_back_large_body(self) -> None:
+        if self.holds_large_body:
+            self.holds_large_body = False
+            self.agent.large_bodies.release()
 
     def read_body(self, length: int) -> bytes:
         """The body, within `body_timeout_s` in all however it trickles in."""
@@ -6284,6 +6299,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         body = self.read_json()
         self.ask_ms = {"body_ms": round((time.monotonic() - self.request_started) * 1000, 1)}
         job = self.agent.ask(user, body)
+        del body
+        self.give_back_large_body()  # the body is handled: not held while the job streams
         self.ask_ms["queued_ms"] = round((time.monotonic() - self.request_started) * 1000, 1)
         self.job_id = job["id"]
         if job.get("ask_id"):  # several attempts: the group answers (see "several attempts")

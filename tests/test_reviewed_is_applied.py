@@ -458,6 +458,41 @@ def test_a_change_inside_a_git_repositorys_own_folder_by_another_name_is_refused
     assert tree_digest(lap.root) == before and not (lap.root / target).exists()
 
 
+def test_a_thousand_paths_of_4_kb_each_are_refused_without_a_traceback(world):
+    """The record check asks `ls-tree` about a patch's paths: a thousand at their longest (4 KB)
+    passed the system's limit on one command line (E2BIG, a traceback). Now in runs of 100 KB:
+    the patch is refused for what it is, a change to files no sync sent."""
+    lap, box = world
+    box.add_job("acac0b", b"", ask=True)
+    assert lap.run("ask", "--yes", "first").returncode == 0
+    sections = []
+    for i in range(1000):
+        path = ("d%03d/" % i + "/".join(["x" * 250] * 15)).encode()
+        sections.append(b"diff --git a/%s b/%s\nindex %s..%s 100644\n--- a/%s\n+++ b/%s\n@@ -1 +1 @@\n-a\n+b\n"
+                        % (path, path, blob(b"a\n").encode(), blob(b"b\n").encode(), path, path))
+    box.add_job("acac0c", b"".join(sections), ask=True)
+    refused(lap.run("ask", "--yes", "long names"), "which was not synced from here")
+
+
+def test_a_folder_that_cannot_be_searched_is_no_git_repository_and_no_traceback(tmp_path, monkeypatch):
+    """git_dir_above looks for HEAD, objects and refs in each folder above a path; a folder
+    this account may not search (only an ordinary account meets one) answers EACCES: it is
+    left to the write, which says so, as before."""
+    import patchwire
+    looked = patchwire.lstat_or_none
+
+    def unsearchable(path):
+        if "locked" in str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return looked(path)
+
+    monkeypatch.setattr(patchwire, "lstat_or_none", unsearchable)
+    assert patchwire.git_dir_above(tmp_path, "locked/g", {}) is None
+    (tmp_path / "bare").mkdir()
+    git(tmp_path / "bare", "init", "-q", "--bare")
+    assert patchwire.git_dir_above(tmp_path, "bare/hooks/x", {}) == "bare"
+
+
 def test_a_gitlink_bump_is_refused_naming_the_submodule(world):
     lap, box = world
     a, b = "1" * 40, "2" * 40

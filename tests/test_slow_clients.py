@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import patchwire_agent as pa
-from conftest import Laptop, make_repo, script
+from conftest import Laptop, ask_body, make_repo, script
 from conftest import wait_until
 from netface import HealthWatch, address, start_with
 
@@ -148,4 +148,39 @@ def test_a_team_mates_dense_bodies_are_refused_before_they_are_parsed(make_agent
     assert peak[0] - idle < (3 * len(body) + 64 * 2 ** 20) // 1024, (idle, peak[0])
     manifest = json.dumps({"project": "p", "tree": "0" * 40, "prompt": "x", "files": [
         ["100644", "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391", f"lib/f{i}.dart"] for i in range(100_000)]}).encode()
-    assert pa.json_values(manifest) < len(manifest) // pa.BODY_BYTES_PER_VALUE, (pa.json_values(manifest), len(manifest))
+    assert pa.json_values(manifest, 0) < len(manifest) // pa.BODY_BYTES_PER_VALUE
+    # what a string holds is one value: a prompt of 100,000 pasted numbers, in a body of 5 MB
+    numbers = json.dumps({"project": "p", "tree": pa.pw.EMPTY_TREE, "files": [],
+                          "prompt": script({"say": "sum"}) + ",".join(map(str, range(100_000)))}).encode()
+    assert pa.json_values(numbers, 0) == 5  # the object, its empty list, three commas
+    padded = numbers + b" " * pa.LARGE_BODY_BYTES
+    assert agent.request("POST", "/v1/ask", padded, token=agent.tokens["alice"])[0] == 202
+
+
+def test_large_asks_give_back_their_place_once_their_job_is_made(make_agent, tmp_path):
+    """A first ask of a big project sends a body over 4 MB, and streams its job for as long as
+    the AI runs: the place it took among the two is given back once the job is made, not when
+    the stream ends (before, a third such ask waited body_timeout_s, then 503)."""
+    agent = make_agent(server={"body_timeout_s": 3})
+    lap = Laptop(make_repo(tmp_path / "laptop", {"README.md": b"# demo\n"}))
+    lap.init(agent)
+    assert lap.run("ask", "--no-apply", script({"say": "hi"})).returncode == 0
+    base = ask_body(lap, "x")
+
+    def large(prompt: str) -> bytes:  # valid JSON, past LARGE_BODY_BYTES
+        return json.dumps({**base, "prompt": prompt}).encode() + b" " * (pa.LARGE_BODY_BYTES + 100)
+
+    streamed: List[int] = []
+    slow = [threading.Thread(target=lambda: streamed.append(agent.request(
+        "POST", "/v1/ask", large(script({"sleep": 8})), headers={"Accept": "application/x-ndjson"}, timeout=60)[0]))
+        for _ in range(2)]
+    for thread in slow:
+        thread.start()
+    wait_until(lambda: len([j for j in agent.json("GET", "/v1/jobs")[1]["jobs"] if j["status"] != "done"]) == 2,
+               timeout=30, what="two streamed asks with their jobs made")
+    status, _, answer = agent.request("POST", "/v1/ask", large(script({"say": "third"})), timeout=30)
+    assert status == 202, answer
+    for thread in slow:
+        thread.join(60)
+    assert streamed == [200, 200]
+
