@@ -1852,14 +1852,15 @@ class ProjectRepo:
         room = 2 * (index.stat().st_size if index.exists() else 0) + 64 * MIB
         # what the AI changed: one stat pass, and (untracked cache) only the folders whose stat
         # data changed are read; `add -A` of those paths alone (a new folder: all it holds)
+        empty: List[str] = []  # repositories the AI made without a commit: git cannot add them
         if not self._large(slot):
-            run_capped(git, max(max_bytes, room), "add", "-A")
+            empty = add_all(git, max(max_bytes, room))
         else:
             touched = worktree_paths(git("status", "--porcelain", "-z", "--no-renames", "-unormal",
                                          "--ignore-submodules=all"))
             if touched:
-                run_capped(git, max(max_bytes, room), "add", "-A", "--pathspec-from-file=-", "--pathspec-file-nul",
-                           input=b"".join(path + b"\0" for path in touched))
+                empty = add_all(git, max(max_bytes, room), "--pathspec-from-file=-", "--pathspec-file-nul",
+                                input=b"".join(path + b"\0" for path in touched))
         # the result's tree first (cache-tree: O(changed)), then diffs of tree against tree, which
         # skip every subtree whose id is the same; `diff --cached` compared the whole index
         tree = git.text("write-tree")
@@ -1871,8 +1872,8 @@ class ProjectRepo:
             if nested_again:
                 raise PatchwireError(f"a repository inside the job folder stayed in its index: {nested_again[0]}")
         run_capped(git, max_bytes, *diff_args, "--binary", "--full-index", snapshot, tree, stdout=patch)
-        if nested:
-            stats["repositories_left_out"] = nested
+        if nested or empty:
+            stats["repositories_left_out"] = sorted(empty + nested)
         result = pw.write_commit(self.git_dir, tree, snapshot, f"patchwire job {job_id}")
         write_ref(self.git_dir, JOB_REFS + job_id, result)
         self._seal_index(slot, tree)  # `add -A`: the index is the folder, and holds `tree`
@@ -1902,6 +1903,26 @@ def raw_and_numstat(out: bytes) -> Tuple[List[str], dict]:
 
 class DiffTooLarge(PatchwireError):
     """A job's change is over [jobs] max_diff_mb (the job fails with the reason)."""
+
+
+# `git add` of a repository made inside the folder that has no commit yet (an AI's `git init`)
+EMPTY_REPOSITORY = re.compile(rb"^error: '(.+?)/?' does not have a commit checked out$")
+
+
+def add_all(git: Git, max_bytes: int, *args: str, input: Optional[bytes] = None) -> List[str]:
+    """`git add -A` (capped as run_capped) of the job folder, past the repositories the AI
+    made without a commit (git stops at one: "does not have a commit checked out"), which
+    are left out and returned; any other error fails as before."""
+    proc = git.run("add", "-A", "--ignore-errors", *args, check=False, max_file_bytes=max_bytes, input=input)
+    if proc.returncode == -signal.SIGXFSZ or (proc.returncode and b"File too large" in proc.stderr):
+        raise DiffTooLarge(f"git add passed {max_bytes} bytes")
+    if not proc.returncode:
+        return []
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(b"error: ")]
+    empty = [m.group(1).decode("utf-8", "surrogateescape") for m in map(EMPTY_REPOSITORY.match, errors) if m]
+    if not empty or len(empty) != len(errors):
+        raise ProcessError(git.argv(["add", "-A", *args]), proc.returncode, proc.stderr)
+    return empty
 
 
 def run_capped(git: Git, max_bytes: int, *args: str, stdout: Optional[BinaryIO] = None,

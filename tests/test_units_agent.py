@@ -917,6 +917,34 @@ def test_numstat_counts_files_lines_and_binaries(out, expected):
     assert pa.parse_numstat(out) == expected
 
 
+@pytest.mark.parametrize("large", [False, True], ids=["add-all", "by-status"])
+def test_repositories_the_ai_made_are_left_out_and_its_other_changes_kept(prepared, tmp_path, monkeypatch, large):
+    """An AI's `git init` without a commit stopped `git add` ("does not have a commit checked
+    out"): the job failed, its other changes lost. One with a commit became a gitlink. Both
+    are left out now (named in stats), and the rest of the change is collected."""
+    repo, _, folder = prepared
+    if large:  # the folder checked by `status` first, then `add` of what it names
+        monkeypatch.setattr(repo, "BY_PATHS_MIN_INDEX_BYTES", 0)
+    first = snapshot_of(repo, SNAP1)
+    repo.prepare_slot(0, first)
+    (folder / "a.txt").write_bytes(b"the AI's\n")
+    (folder / "tools" / "empty").mkdir(parents=True)
+    patchwire.Git(cwd=folder / "tools" / "empty")("init", "-q")
+    made = folder / "made"
+    made.mkdir()
+    inner = patchwire.Git(cwd=made)
+    inner("init", "-q")
+    (made / "f").write_bytes(b"f\n")
+    inner("add", "f")
+    inner("commit", "-qm", "x")
+    with open(tmp_path / "patch", "wb") as patch:
+        stats, result = repo.collect(0, first, "job1", patch, 1 << 20)
+    assert stats.pop("repositories_left_out") == ["made", "tools/empty"]
+    assert stats == {"files": 1, "added": 1, "removed": 1, "binary": 0}
+    assert repo.git().text("diff-tree", "-r", "--name-status", first, result) == "M\ta.txt"
+    assert b"Subproject" not in (tmp_path / "patch").read_bytes()
+
+
 def test_raw_and_numstat_finds_the_repositories_and_counts_the_rest(tmp_path):
     """One `git diff --raw --numstat -z` of a real repository: a rename (two paths), an edit, a
     binary file, and a repository made inside (a gitlink, after a path with a newline)."""
