@@ -2413,11 +2413,8 @@ class Project:
     def recorded_file(self, tree: str, path: str) -> Optional[Tuple[bytes, str]]:
         """(bytes, git mode) of the file `path` in `tree` (a sync record, or a tree made from
         one); None if it is absent or not a file."""
-        fields = self.git("ls-tree", "-z", tree, "--", path).split(b"\t", 1)[0].decode().split()
-        if len(fields) != 3 or fields[1] != "blob":
-            return None
-        mode, _, sha = fields
-        return self.git("cat-file", "blob", sha), mode
+        entry = self.recorded_entries(tree, [path]).get(path)
+        return (self.git("cat-file", "blob", entry[1]), entry[0]) if entry else None
 
     def changes(self, old_tree: str, tree: str) -> Tuple[List[str], List[str]]:
         """(paths added or changed by content or mode, paths deleted) from one record to the

@@ -1913,9 +1913,7 @@ def add_all(git: Git, max_bytes: int, *args: str, input: Optional[bytes] = None)
     """`git add -A` (capped as run_capped) of the job folder, past the repositories the AI
     made without a commit (git stops at one: "does not have a commit checked out"), which
     are left out and returned; any other error fails as before."""
-    proc = git.run("add", "-A", "--ignore-errors", *args, check=False, max_file_bytes=max_bytes, input=input)
-    if proc.returncode == -signal.SIGXFSZ or (proc.returncode and b"File too large" in proc.stderr):
-        raise DiffTooLarge(f"git add passed {max_bytes} bytes")
+    proc = run_capped(git, max_bytes, "add", "-A", "--ignore-errors", *args, input=input, check=False)
     if not proc.returncode:
         return []
     errors = [line for line in proc.stderr.splitlines() if line.startswith(b"error: ")]
@@ -1926,15 +1924,17 @@ def add_all(git: Git, max_bytes: int, *args: str, input: Optional[bytes] = None)
 
 
 def run_capped(git: Git, max_bytes: int, *args: str, stdout: Optional[BinaryIO] = None,
-               input: Optional[bytes] = None) -> None:
+               input: Optional[bytes] = None, check: bool = True) -> "pw.subprocess.CompletedProcess":
     """Run git with every file it writes capped at `max_bytes`. Past the cap the kernel sends
     SIGXFSZ (subprocess restores its default action, which ends git), or a write fails with
-    EFBIG where it is ignored: either is DiffTooLarge, any other failure a ProcessError."""
+    EFBIG where it is ignored: either is DiffTooLarge, any other failure a ProcessError
+    (without `check`: the process, for the caller to judge)."""
     proc = git.run(*args, check=False, stdout=stdout, max_file_bytes=max_bytes, input=input)
     if proc.returncode == -signal.SIGXFSZ or (proc.returncode and b"File too large" in proc.stderr):
         raise DiffTooLarge(f"git {args[0]} passed {max_bytes} bytes")
-    if proc.returncode:
+    if proc.returncode and check:
         raise ProcessError(git.argv(args), proc.returncode, proc.stderr)
+    return proc
 
 
 # the job folders' index also keeps git's untracked cache: `status` then reads only the folders
