@@ -19,6 +19,7 @@ import pytest
 
 import patchwire_agent as pa
 from internet import Internet
+from conftest import wait_until
 from sshd import free_port
 
 
@@ -355,7 +356,7 @@ def test_a_job_cannot_open_connections_without_end(gateway, monkeypatch):
     monkeypatch.setattr(pa, "GATEWAY_MAX_CONNECTIONS", 3)
     gw = gateway(mode="open")
     held = [talk(gw, "CONNECT") for _ in range(3)]  # heads never finished: each holds a slot
-    time.sleep(0.3)  # the three are taken
+    wait_until(lambda: gw.open_connections == 3, timeout=20, what="the gateway to take the three")
     for delay in (0, 0.5):  # a client that writes at once, one slow to write (answered before it)
         sock = socket.socket(socket.AF_UNIX)
         sock.settimeout(20)
