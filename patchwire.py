@@ -862,6 +862,7 @@ BOX_SCHEMA = {"setup": ("str_list", []), "setup_when": ("str_list", []), "setup_
 MAX_BOX_COMMANDS = 20  # setup commands, and checks, each
 MAX_BOX_COMMAND_CHARS = 4000
 MAX_BOX_GLOBS = 50
+MAX_GLOB_FOLDERS = 32  # names between slashes in one setup_when glob
 MAX_BOX_TIMEOUT_S = 86400
 # Words that run a tool rather than name it: `flutter test` is the check "test", `npm run lint`
 # "lint", `python3 -m pytest -q` "pytest" (the laptop shows "checks: test ok, lint FAILED").
@@ -882,6 +883,10 @@ def check_box(path: Any, data: Any) -> dict:
             if not item.strip() or len(item) > MAX_BOX_COMMAND_CHARS or re.search(r"[\x00\n\r]", item):
                 raise PatchwireError(f"{path}: box.{key} holds {item[:60]!r}: each entry is one non-empty "
                                      f"line of at most {MAX_BOX_COMMAND_CHARS} characters")
+    for pattern in box["setup_when"]:
+        if pattern.count("/") >= MAX_GLOB_FOLDERS:
+            raise PatchwireError(f"{path}: box.setup_when holds {pattern[:60]!r}: a glob names at most "
+                                 f"{MAX_GLOB_FOLDERS} folders and file")
     for key in ("setup_timeout_s", "check_timeout_s"):
         if box[key] > MAX_BOX_TIMEOUT_S:
             raise PatchwireError(f"{path}: box.{key} must be at most {MAX_BOX_TIMEOUT_S} seconds")
@@ -903,26 +908,65 @@ def check_names(commands: Sequence[str]) -> List[str]:
     return names
 
 
-def glob_regex(patterns: Sequence[str]) -> "re.Pattern[str]":
-    """One expression for `setup_when` globs, matched against a path from the project root:
-    `*` and `?` within one folder, `**/` any folders (none too), `/**` everything below."""
-    parts = []
-    for pattern in patterns:
-        out, i = "", 0
-        pattern = pattern.lstrip("/")
-        while i < len(pattern):
-            if pattern.startswith("**/", i):
-                out, i = out + "(?:.*/)?", i + 3
-            elif pattern.startswith("**", i):
-                out, i = out + ".*", i + 2
-            elif pattern[i] == "*":
-                out, i = out + "[^/]*", i + 1
-            elif pattern[i] == "?":
-                out, i = out + "[^/]", i + 1
-            else:
-                out, i = out + re.escape(pattern[i]), i + 1
-        parts.append(out)
-    return re.compile("(?:" + "|".join(parts or ["(?!)"]) + r")\Z", re.DOTALL)
+class Globs:
+    """`setup_when` globs, matched against a path from the project root: `*` and `?` within
+    one folder, `**` as a whole folder name any folders (none too; at the end, everything
+    below); elsewhere `**` is `*`, as in git. Matched folder by folder, a folder's name by
+    fnmatch's expression (which never backtracks without end): the time is in proportion to
+    the glob's and the path's sizes. One regular expression for the whole glob backtracked
+    exponentially on `**/a/**/a/...` and a deep path, and `re` holds the GIL: one user's
+    glob held every thread of the agent."""
+
+    ANY = None  # the token of a `**` folder
+
+    def __init__(self, patterns: Sequence[str]):
+        self.globs: List[List[Any]] = []
+        for pattern in patterns:
+            tokens: List[Any] = []
+            for name in pattern.lstrip("/").split("/"):
+                if name == "**":
+                    if not tokens or tokens[-1] is not Globs.ANY:  # a/**/**/b is a/**/b
+                        tokens.append(Globs.ANY)
+                elif any(c in name for c in "*?["):
+                    tokens.append(re.compile(fnmatch.translate(name.replace("[", "[[]"))).match)
+                else:
+                    tokens.append(name)
+            self.globs.append(tokens)
+
+    def match(self, path: str) -> bool:
+        names, name = None, path.rpartition("/")[2]
+        for tokens in self.globs:  # the file's name first: most paths end there
+            if tokens[-1] is Globs.ANY or Globs._name(tokens[-1], name):
+                names = names or path.split("/")
+                if self._match(tokens, names):
+                    return True
+        return False
+
+    @staticmethod
+    def _name(token: Any, name: str) -> bool:
+        return token == name if isinstance(token, str) else bool(token(name))
+
+    @staticmethod
+    def _match(tokens: List[Any], names: List[str]) -> bool:
+        if Globs.ANY not in tokens:
+            return len(tokens) == len(names) and all(map(Globs._name, tokens, names))
+        last = len(tokens)
+
+        def closure(states: Set[int]) -> Set[int]:  # a `**` before the end may match no folder
+            out = set(states)
+            for i in states:
+                while i < last - 1 and tokens[i] is Globs.ANY:
+                    i += 1
+                    out.add(i)
+            return out
+        states = closure({0})
+        for name in names:
+            states = closure({j for i in states if i < last
+                              for j in ((i, i + 1) if tokens[i] is Globs.ANY else
+                                        (i + 1,) if Globs._name(tokens[i], name) else ())})
+            if not states:
+                return False
+        return last in states
 
 
 # ================================================================== files, never through a symlink
@@ -2629,6 +2673,24 @@ def rsync_argv(cfg: LaptopConfig, dest: str, checksum: bool = False, ignore_time
     return argv + ["./", dest + "/"]
 
 
+# Without `ssh`, the laptop's own rsync writes into the folder the agent names: an agent of
+# another account (or a lying one) must not be able to point it at another of the user's
+# folders. The agent's layout is STATE/users/USER/mirror/PROJECT (mirror_root in the agent).
+MIRROR_LAYOUT = ("users", "{user}", "mirror", "{project}")
+
+
+def local_mirror_problem(mirror: str, user: str, project: str, root: Path) -> Optional[str]:
+    """Why the laptop's rsync must not write into `mirror`, or None."""
+    path = Path(mirror)
+    layout = [part.format(user=user, project=project) for part in MIRROR_LAYOUT]
+    if not path.is_absolute() or os.path.normpath(mirror) != mirror or list(path.parts[-4:]) != layout:
+        return f"it is not an absolute path ending in {'/'.join(layout)}, as the agent's mirrors do"
+    real, here = Path(os.path.realpath(mirror)), root.resolve()
+    if real == here or here in real.parents or real in here.parents:
+        return f"it is the project folder {here}, or inside it, or above it"
+    return None
+
+
 def control_socket(ssh_argv: List[str], destination: str) -> str:
     """The ControlPath of a project's SSH master. ssh's %C hashes the host, port and user,
     not the key: two projects that reach one box account with different keys (two
@@ -3490,6 +3552,11 @@ class Session:
         me, known, early = in_parallel(
             lambda: self.client.me(self.cfg.project), lambda: self.project.recorded(last.get("tree") or ""),
             lambda: None if force or not last else self.project.changes_since_record(self.rules, unsure))
+        problem = None if self.cfg.ssh else local_mirror_problem(me["mirror"], me["user"], self.cfg.project,
+                                                                     self.cfg.root)
+        if problem:
+            raise AnswerRefused(f"the agent names {sanitize(me['mirror'])} as the folder to sync into, and "
+                                f"{problem}: nothing was sent", BOX_HINT)
         if force or last.get("mirror") != me["mirror"] or not known:
             last, early = {}, None  # send every listed file: rsync compares them with the box's copy
             unsure = set(resend)
@@ -3809,6 +3876,40 @@ class Session:
             kept.parent.mkdir(exist_ok=True)
             kept.write_bytes(patch)
         return patch
+
+    # A job named by a prefix is resolved once, to one full id, and everything after goes by
+    # that id: the diff kept for review, the box's record (which must be of exactly that id), the
+    # apply. Jobs this laptop asked or kept a diff of resolve here, never by the box: a box that
+    # answered `diff abc` with one job and `apply abc` with another would apply unreviewed code.
+    def known_jobs(self) -> Set[str]:
+        """Ids of this project's jobs the laptop asked, or kept the diff of."""
+        known = set(self._job_trees()) | set(self.detached())
+        with contextlib.suppress(OSError):
+            known.update(name[:-len(".patch")] for name in os.listdir(self.project.state_file("diffs"))
+                         if name.endswith(".patch"))
+        return {job for job in known if JOB_ID_RE.fullmatch(job)}
+
+    def resolve_job(self, given: Optional[str]) -> str:
+        """The full id of the job `given` names (the last ask's when none)."""
+        asked = self.job_id(given)
+        known = self.known_jobs()
+        if asked in known:
+            return asked
+        matches = sorted(job for job in known if job.startswith(asked))
+        if len(matches) > 1:
+            raise UsageError(f"{asked} is the start of {len(matches)} jobs here: {', '.join(matches[:5])}",
+                             "give more of its digits")
+        if matches:
+            return matches[0]
+        return check_job_id(self.client.job(asked).get("id"), asked)
+
+    def job_record(self, job: str) -> dict:
+        """The box's record of the job whose full id is `job`."""
+        record = self.client.job(job)
+        if record.get("id") != job:
+            raise AgentError(f"asked for job {job}, the agent answered with job {sanitize(str(record.get('id')))[:40]}",
+                             "is the URL in .patchwire.toml your patchwire-agent?")
+        return record
 
     def job_id(self, given: Optional[str]) -> str:
         if given:
@@ -4334,6 +4435,8 @@ def send_desktop_notice(title: str, body: str) -> None:
             timeout=10, check=False)
     elif (sys.platform.startswith("linux") and shutil.which("notify-send")
           and any(os.environ.get(v) for v in DESKTOP_SESSION_VARIABLES)):
+        # the body is markup to most notification daemons (<a href>, <img src>): shown as text
+        body = body.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
         run(["notify-send", "--app-name=Patchwire", "--", title, body], timeout=10, check=False)
     else:
         terminal_notice(title, body)
@@ -7288,17 +7391,20 @@ class AttemptProgress:
             f"{s['files']} file(s)")
 
 
-def follow_group(session: Session, ask: str, events: Iterator[dict], on_event: Callable[[dict], None]) -> dict:
-    """Hand on each attempt's events once (by job and seq), across lost connections, until
-    every attempt has ended; the group as the box then says it is."""
-    seen: set = set()  # (job, seq)
+def follow_group(session: Session, ask: str, events: Iterator[dict], on_event: Callable[[dict], None],
+                 jobs: Iterable[str]) -> dict:
+    """Hand on each attempt's events once (a job's events come in the order of their seq, from
+    the start again after a lost connection), across lost connections, until every attempt
+    has ended; the group as the box then says it is. Events of other jobs are dropped: what
+    is remembered is one number per attempt, however long the stream."""
+    last = {job: -1 for job in jobs}  # the seq of each attempt's last event handed on
     waited, tries = 0.0, 0
     while True:
         try:
             for event in events:
-                key = (str(event.get("job")), int(event.get("seq", 0)))
-                if key not in seen:
-                    seen.add(key)
+                job, seq = str(event.get("job")), int(event.get("seq", 0))
+                if seq > last.get(job, seq):
+                    last[job] = seq
                     on_event(event)
             group = session.client.ask_group(ask)
             if all(job["status"] in JOB_ENDS for job in group["jobs"]):
@@ -7659,7 +7765,7 @@ def ask_attempts(session: Session, args, prompt: str) -> int:
     def chain():
         yield first
         yield from events
-    group = follow_group(session, ask, chain(), on_event)
+    group = follow_group(session, ask, chain(), on_event, numbers)
     return choose_attempt(session, opts, ask, load_attempts(session, group), which)
 
 
@@ -8166,10 +8272,10 @@ def cmd_wait(args) -> int:
 
 
 def jobs_to_wait_for(session: Session, given: Sequence[str]) -> List[dict]:
-    """The named jobs (prefixes resolved by the box); else every queued and running job of
+    """The named jobs (prefixes resolved once: Session.resolve_job); else every queued and running job of
     this user in this project, and the jobs detached here that ended since, oldest first."""
     if given:
-        jobs = [session.client.job(check_job_id(session.job_id(name))) for name in given]
+        jobs = [session.job_record(session.resolve_job(name)) for name in given]
         for job in jobs:
             if job.get("project") != session.cfg.project:  # its change belongs to that project's files
                 raise UsageError(sanitize(f"job {job['id']} is of project {job.get('project')}, not "
@@ -8297,7 +8403,7 @@ def confirm_apply(session: Session, opts: ApplyOptions, job: str, patch: bytes, 
 
 def cmd_diff(args) -> int:
     session = Session.here()
-    job = check_job_id(session.job_id(args.job))
+    job = session.resolve_job(args.job)
     if args.file:
         return show_job_file(session, job, args.file, args.side, as_json=args.json)
     patch = session.job_diff(job)  # kept: what is reviewed now is what a later apply reads
@@ -8326,7 +8432,7 @@ def job_review(session: Session, job_id: str, patch: bytes) -> dict:
     (the VS Code review's quick pick shows them); {} when the job has none, or the box cannot
     be asked now (the diff itself is kept on the laptop and reviewable without the box)."""
     try:
-        result = session.client.job(job_id).get("result")
+        result = session.job_record(job_id).get("result")
     except PatchwireError:
         return {}
     result = result if isinstance(result, dict) else {}
@@ -8338,15 +8444,14 @@ def job_review(session: Session, job_id: str, patch: bytes) -> dict:
 def show_job_file(session: Session, job_id: str, path: str, side: str, *, as_json: bool) -> int:
     """`diff JOB --file PATH --side old|new`: one file as it was synced, or as the job leaves
     it, for an editor's side-by-side view (the VS Code extension's diff editor)."""
-    job = session.client.job(job_id)
-    tree = session.job_tree(str(job.get("id"))) or ""  # our record, never the box's
+    tree = session.job_tree(job_id) or ""  # our record, never the box's
     if not session.project.recorded(tree):
-        raise PatchwireError(f"the files job {sanitize(str(job.get('id')))} started from are not recorded in "
+        raise PatchwireError(f"the files job {job_id} started from are not recorded in "
                              "this project", "run this in the project the job was asked from")
     if side == "new":
-        patch = session.job_diff(job["id"])
-        session.vet(patch, job["id"])  # refused here as everywhere else: the editor shows no other result
-        tree = tree_after_patch(session.project, tree, patch, job["id"])
+        patch = session.job_diff(job_id)  # the one kept for review, which Apply writes
+        session.vet(patch, job_id)  # refused here as everywhere else: the editor shows no other result
+        tree = tree_after_patch(session.project, tree, patch, job_id)
     found = session.project.recorded_file(tree, path)
     data, mode = found or (b"", "")
     if not as_json:
@@ -8358,7 +8463,7 @@ def show_job_file(session: Session, job_id: str, path: str, side: str, *, as_jso
         body["text"] = data.decode("utf-8")
     except UnicodeDecodeError:
         body["base64"] = base64.b64encode(data).decode()
-    output(ApplyOptions(json=True), {"job": job["id"], "path": path, "side": side, **body})
+    output(ApplyOptions(json=True), {"job": job_id, "path": path, "side": side, **body})
     return 0
 
 
@@ -8381,9 +8486,8 @@ def cmd_apply(args) -> int:
         raise UsageError("patchwire apply shows the change and asks before it writes, and stdin is not a "
                          "terminal: run it in a terminal, or pass --yes to apply without asking (scripts)",
                          "patchwire apply JOB --yes [--only PATH ...] [--json]")
-    asked = session.job_id(args.job)
-    job = session.client.job(check_job_id(asked))
-    job_id = check_job_id(job.get("id"), asked)
+    job_id = session.resolve_job(args.job)
+    job = session.job_record(job_id)
     if job.get("status") != "done":
         raise AIFailed(f"job {job_id} is {sanitize(str(job.get('status')))}: nothing to apply",
                        sanitize(str(job.get("reason") or "")))

@@ -1759,7 +1759,7 @@ class ProjectRepo:
         """A hash of the setup commands and of each file `globs` names, by its blob id in the
         job folder's index (what the snapshot holds: no file is read)."""
         digest = hashlib.sha256(json.dumps(commands).encode())
-        wanted = pw.glob_regex(globs)
+        wanted = pw.Globs(globs)
         for entry in self.slot_git(slot)("ls-files", "-s", "-z").split(b"\0"):
             meta, _, path = entry.partition(b"\t")
             name = path.decode("utf-8", "surrogateescape")
@@ -2453,13 +2453,14 @@ class JobWalls:
 
     def hidden_folders(self) -> List[str]:
         """System folders hidden under an empty tmpfs: the account's homes, /run, /var/tmp;
-        never / itself, and each once (/var/run is usually /run)."""
+        never / itself, each once (/var/run is usually /run), and none inside another (a home
+        under /home: a tmpfs on /home covering one on /home/NAME left bwrap unable to finish
+        mounting the second, and every job failed)."""
         homes = [os.environ.get("HOME") or "", os.path.expanduser("~"), pwd.getpwuid(os.geteuid()).pw_dir]
-        found: List[str] = []
-        for folder in [real(Path(p)) for p in (*homes, *HIDDEN_SYSTEM_FOLDERS) if p]:
-            if folder != "/" and os.path.isdir(folder) and folder not in found and not is_within(folder, "/tmp"):
-                found.append(folder)
-        return found
+        candidates = {real(Path(p)) for p in (*homes, *HIDDEN_SYSTEM_FOLDERS) if p}
+        return sorted(folder for folder in candidates
+                      if folder != "/" and os.path.isdir(folder) and not is_within(folder, "/tmp")
+                      and not any(other != folder and is_within(folder, other) for other in candidates))
 
 
 def real(path: Path) -> str:

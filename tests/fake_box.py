@@ -10,6 +10,7 @@ import json
 import re
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -93,9 +94,12 @@ def hang(first: bytes = b"", kind: str = "application/x-ndjson") -> Lie:
 
 
 class FakeBox:
-    def __init__(self, mirror: Path):
-        self.mirror = mirror
-        mirror.mkdir(parents=True, exist_ok=True)
+    def __init__(self, state: Path, project: str = "laptop"):
+        """`state`: the box's state folder; a project's mirror is where the agent keeps it,
+        STATE/users/alice/mirror/PROJECT (the laptop refuses another place to rsync into)."""
+        self.state = state
+        self.mirror = state / "users" / "alice" / "mirror" / project
+        self.mirror.mkdir(parents=True, exist_ok=True)
         self.jobs: Dict[str, dict] = {}
         self.asks: List[str] = []  # job ids the next POST /v1/ask calls hand out, in order
         self.mismatches: List[List[str]] = []  # before those: 409 tree_mismatch naming these paths
@@ -169,7 +173,9 @@ class FakeBox:
                 if path == "/v1/jobs":
                     return self.send(200, json.dumps({"jobs": [self.job_json(j) for j in box.jobs]}).encode())
                 if path == "/v1/me":
-                    return self.send(200, json.dumps({"user": "alice", "mirror": str(box.mirror)}).encode())
+                    project = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get("project", ["laptop"])[0]
+                    mirror = str(box.state / "users" / "alice" / "mirror" / project)
+                    return self.send(200, json.dumps({"user": "alice", "mirror": mirror}).encode())
                 m = re.fullmatch(r"/v1/jobs/([^/]+)(/diff|/events)?", path)
                 job = self.find(m.group(1)) if m else None
                 if job is None:

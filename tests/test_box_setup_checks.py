@@ -254,11 +254,39 @@ def test_check_names_and_setup_globs():
     assert pw.check_names(["dart format --set-exit-if-changed lib test", "flutter analyze", "flutter test",
                            "npm run lint", "python3 -m pytest -q", "npm test"]) == [
         "format", "analyze", "test", "lint", "pytest", "test#2"]
-    wanted = pw.glob_regex(["pubspec.lock", "**/pubspec.yaml", "package-lock.json"])
+    wanted = pw.Globs(["pubspec.lock", "**/pubspec.yaml", "package-lock.json"])
     assert [p for p in ("pubspec.lock", "a/pubspec.lock", "pubspec.yaml", "packages/x/pubspec.yaml",
                         "package-lock.json", "web/package-lock.json") if wanted.match(p)] == [
         "pubspec.lock", "pubspec.yaml", "packages/x/pubspec.yaml", "package-lock.json"]
-    assert not pw.glob_regex([]).match("anything")
+    assert not pw.Globs([]).match("anything")
+    cases = {  # glob: (paths it matches, paths it does not)
+        "/android/**": (["android/a", "android/b/c.gradle"], ["android", "x/android/a"]),
+        "a/**/b/*.lock": (["a/b/x.lock", "a/1/2/b/.lock"], ["a/b/x/y.lock", "b/x.lock", "a/b.lock"]),
+        "**": (["x", "a/b/c"], []),
+        "**/**/x?.[ch]": (["x1.[ch]", "d/e/xy.[ch]"], ["x1.c", "x12.[ch]"]),
+        "src/**.dart": (["src/a.dart"], ["src/a/b.dart"]),  # ** inside a name is *, as in git
+    }
+    for glob, (yes, no) in cases.items():
+        assert [p for p in yes + no if pw.Globs([glob]).match(p)] == yes, glob
+
+
+def test_a_glob_crafted_to_backtrack_is_matched_in_time_in_proportion_to_its_size():
+    """One user's `setup_when` must not hold the agent's threads: `**/a/**/a/...` against a
+    path 40 folders deep backtracked exponentially in one regular expression (`re` holds the
+    GIL). Matched folder by folder, a million such matches would not finish in a test either:
+    this counts the names compared, which the old expression's backtracking exceeded by far."""
+    globs = pw.Globs(["**/a/" * 15 + "x", "*a" * 40 + "b"])
+    compared = []
+    real = pw.Globs._name
+    pw.Globs._name = staticmethod(lambda token, name: compared.append(name) or real(token, name))
+    try:
+        assert not globs.match("a/" * 40 + "f")
+        assert not globs.match("a" * 250)
+    finally:
+        pw.Globs._name = staticmethod(real)
+    assert len(compared) <= 41 * 31 + 1, len(compared)
+    with pytest.raises(pw.PatchwireError, match="a glob names at most 32 folders"):
+        pw.check_box("p", {"setup_when": ["a/" * 32 + "b"]})
 
 
 def test_the_laptop_refuses_a_receipt_that_is_not_well_formed():

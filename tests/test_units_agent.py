@@ -1060,3 +1060,10 @@ def test_permission_denials_fail_the_run_and_are_described():
 def test_serve_limits_malloc_arenas_unless_the_environment_does():
     assert pa.limit_malloc_arenas({}) is True  # glibc accepted M_ARENA_MAX
     assert pa.limit_malloc_arenas({"MALLOC_ARENA_MAX": "8"}) is False  # the admin's word stands
+
+
+def test_the_laptop_accepts_the_folder_the_agent_keeps_a_mirror_in(tmp_path):
+    """The laptop's local-mode check (pw.local_mirror_problem) and the agent's layout agree."""
+    repo = pa.ProjectRepo(tmp_path / "state", "alice", "my-app")
+    assert patchwire.local_mirror_problem(str(repo.mirror), "alice", "my-app", tmp_path / "code/my-app") is None
+    assert patchwire.local_mirror_problem(str(repo.mirror), "bob", "my-app", tmp_path / "code/my-app")

@@ -69,28 +69,61 @@ function projectFolder(candidates) {
   return null;
 }
 
-/** Splits a byte stream into lines; a line may arrive in several chunks. */
+// A line longer than this is not kept (a box's AI may say hundreds of MB in one job, which
+// `show --json` writes as one line): it becomes TOO_LONG, and its bytes are dropped as they come.
+const MAX_LINE_CHARS = 32 * 1024 * 1024;
+const TOO_LONG = { type: 'too_long' };
+const MAX_KEPT = 100;
+const MAX_STDERR = 64 * 1024;
+
+/** Splits a byte stream into lines; a line may arrive in several chunks. Each chunk is read
+ * once (the pieces of an unfinished line are joined when its end comes, not at each chunk). */
 class LineSplitter {
-  constructor() {
-    this.rest = '';
+  constructor(maxChars = MAX_LINE_CHARS) {
+    this.pieces = [];
+    this.size = 0;
+    this.maxChars = maxChars;
     this.decoder = new (require('string_decoder').StringDecoder)('utf8');
   }
 
   push(chunk) {
-    const lines = (this.rest + this.decoder.write(chunk)).split('\n');
-    this.rest = lines.pop();
-    return lines.filter((l) => l.trim());
+    return this.split(this.decoder.write(chunk));
+  }
+
+  split(text) {
+    const parts = text.split('\n');
+    const lines = [];
+    for (let i = 0; i < parts.length; i++) {
+      if (this.size <= this.maxChars) {
+        this.pieces.push(parts[i]);
+      }
+      this.size += parts[i].length;
+      if (i < parts.length - 1) {
+        lines.push(this.take());
+      }
+    }
+    return lines.filter((l) => l === TOO_LONG || l.trim());
+  }
+
+  take() {
+    const line = this.size > this.maxChars ? TOO_LONG : this.pieces.join('');
+    this.pieces = [];
+    this.size = 0;
+    return line;
   }
 
   end() {
-    const last = (this.rest + this.decoder.end()).trim();
-    this.rest = '';
-    return last ? [last] : [];
+    const lines = this.split(this.decoder.end());
+    const last = this.take();
+    return lines.concat(last === TOO_LONG || last.trim() ? [last] : []);
   }
 }
 
 /** One stdout line as an object; a line that is not a JSON object is kept as text. */
 function parseLine(line) {
+  if (line === TOO_LONG) {
+    return { type: 'unparsed', text: `(a line of more than ${MAX_LINE_CHARS / 1024 / 1024} MB, not read)`, tooLong: true };
+  }
   try {
     const value = JSON.parse(line);
     if (value && typeof value === 'object' && !Array.isArray(value)) {
@@ -143,15 +176,22 @@ class Cli {
     });
     const out = new LineSplitter();
     const err = new LineSplitter();
-    const run = { code: null, signal: null, objects: [], stderr: '' };
+    // Kept for the end: the results and errors (objects with no type, or an outcome), the
+    // last MAX_KEPT of them, whether a line was too long, and stderr's last MAX_STDERR chars.
+    // The events go to onObject only: an ask's stream may be endless.
+    const run = { code: null, signal: null, objects: [], stderr: '', tooLong: false };
     const take = (line) => {
       const obj = parseLine(line);
-      run.objects.push(obj);
+      if (!obj.type || obj.type === 'outcome') {
+        run.objects.push(obj);
+        run.objects.splice(0, run.objects.length - MAX_KEPT);
+      }
+      run.tooLong = run.tooLong || Boolean(obj.tooLong);
       onObject(obj);
     };
     const note = (line) => {
-      run.stderr += line + '\n';
-      this.log(line);
+      run.stderr = (run.stderr + (line === TOO_LONG ? '(a line too long to keep)' : line) + '\n').slice(-MAX_STDERR);
+      this.log(line === TOO_LONG ? '(a line too long to show)' : line);
     };
     child.stdout.on('data', (c) => out.push(c).forEach(take));
     child.stderr.on('data', (c) => err.push(c).forEach(note));
@@ -181,6 +221,10 @@ class Cli {
       throw errorFrom(run);
     }
     const last = run.objects.filter((o) => o.type !== 'unparsed').pop();
+    if (!last && run.tooLong) {
+      throw new CliError(`patchwire ${args[0]} printed more than ${MAX_LINE_CHARS / 1024 / 1024} MB in one answer`,
+        { hint: `run \`patchwire ${args.join(' ')}\` in a terminal` });
+    }
     if (!last) {
       throw new CliError(`patchwire ${args[0]} printed no JSON`, { hint: 'is patchwire.path a patchwire 0.3 or later?' });
     }
@@ -238,5 +282,5 @@ function doctorResult(run) {
 }
 
 module.exports = {
-  Cli, CliError, END_EVENTS, LineSplitter, errorFrom, findProgram, parseLine, projectFolder,
+  Cli, CliError, END_EVENTS, LineSplitter, MAX_LINE_CHARS, errorFrom, findProgram, parseLine, projectFolder,
 };

@@ -128,8 +128,14 @@ function finishedText(e) {
   return `AI finished: ${plural(stats.files, 'file')}, +${stats.added || 0} -${stats.removed || 0}`;
 }
 
-/** The progress notification's message after an event; null keeps the current one. */
+/** The progress notification's message after an event; null keeps the current one. A
+ * notification draws links and icons: the message is plain(). */
 function progressMessage(event) {
+  const message = progressText(event);
+  return message === null ? null : plain(message);
+}
+
+function progressText(event) {
   const e = event || {};
   switch (e.type) {
     case 'queued':
@@ -224,7 +230,7 @@ function fileItems(diff) {
 /** look_closely items naming no file of the patch (a mass deletion, say) still get shown. */
 function generalFlags(diff) {
   const paths = new Set((diff.files || []).map((f) => f.path));
-  return (diff.look_closely || []).filter((i) => !paths.has(i.path)).map((i) => `${clean(i.path)}: ${clean(i.reason)}`);
+  return (diff.look_closely || []).filter((i) => !paths.has(i.path)).map((i) => `${plain(i.path)}: ${plain(i.reason)}`);
 }
 
 /** The prompt with the chosen context: the selection's text, or the current file's path (the

@@ -33,6 +33,40 @@ test('lines that arrive in pieces, split inside a character, are joined', () => 
   assert.deepEqual(s.end(), ['{"b": 2}']);
 });
 
+test('a line longer than the cap is dropped as it comes, the lines after it kept', () => {
+  const s = new LineSplitter(10);
+  assert.deepEqual(s.push(Buffer.from('{"a": 1}\n0123456')), ['{"a": 1}']);
+  assert.deepEqual(s.push(Buffer.from('789abcdef')), []);
+  assert.equal(s.pieces.length, 2); // nothing past the cap is held
+  const [tooLong, next] = s.push(Buffer.from('xyz\n{"b": 2}\n'));
+  assert.equal(parseLine(tooLong).type, 'unparsed');
+  assert.match(parseLine(tooLong).text, /a line of more than/);
+  assert.equal(next, '{"b": 2}');
+  assert.deepEqual(s.push(Buffer.from('0123456789abc')), []);
+  assert.equal(parseLine(s.end()[0]).type, 'unparsed');
+});
+
+test('a long line in many chunks is held as its pieces until its end, then joined once', () => {
+  const s = new LineSplitter();
+  const chunk = Buffer.from('x'.repeat(64 * 1024));
+  for (let i = 0; i < 256; i++) { // 16 MB in 64 KB chunks: the old splitter joined and split it 256 times
+    assert.deepEqual(s.push(chunk), []);
+  }
+  assert.equal(s.pieces.length, 256);
+  assert.equal(s.push(Buffer.from('\n'))[0].length, 16 * 1024 * 1024);
+  assert.deepEqual([s.pieces, s.size], [[''], 0]);
+});
+
+test('a run keeps its results, not its events, and a bounded tail of stderr', async () => {
+  const events = Array.from({ length: 3000 }, (_, i) => ({ type: 'text', text: `line ${i}` }));
+  const { cli } = scenario({ ask: { stdout: [...events, { type: 'outcome', job: 'j1' }], stderr: 'e'.repeat(200 * 1024) + '\nlast\n' } });
+  let seen = 0;
+  const run = await cli.start(['ask', '-'], { onObject: () => { seen += 1; } }).done;
+  assert.equal(seen, 3001);
+  assert.deepEqual(run.objects, [{ type: 'outcome', job: 'j1' }]);
+  assert.ok(run.stderr.length <= 64 * 1024 && run.stderr.endsWith('last\n'));
+});
+
 test('a line that is not a JSON object is kept as text', () => {
   assert.deepEqual(parseLine('{"type": "text", "text": "hi"}'), { type: 'text', text: 'hi' });
   assert.deepEqual(parseLine('[1, 2]'), { type: 'unparsed', text: '[1, 2]' });

@@ -61,6 +61,14 @@ test('the progress notification says syncing, queued with the position, running,
   assert.equal(present.progressMessage({ type: 'queued', job: 'j', position: 0 }), 'queued as job j');
 });
 
+test('box text in the progress notification runs no command and draws no icon', () => {
+  const tool = present.progressMessage({ type: 'tool', name: '[Sign in again](command:workbench.action.terminal.new)', detail: '$(check)' });
+  assert.equal(tool, 'running: [Sign in again] (command:workbench.action.terminal.new) $ (ch…');
+  const text = present.progressMessage({ type: 'text', text: 'see [x](command:workbench.action.tasks.build)' });
+  assert.equal(text, 'running: see [x] (command:workbench.action.tasks.build)');
+  assert.equal(present.progressMessage({ type: 'queued', job: '[j](command:x)' }), 'queued as job [j] (command:x)');
+});
+
 test('jobs: newest first, with status, age and size', () => {
   const sorted = present.sortJobs(fx.JOBS.jobs);
   assert.deepEqual(sorted.map((j) => j.id), ['bbb222', 'ccc333', 'aaa111', 'ddd444']);
@@ -89,6 +97,8 @@ test('look_closely items are flagged on their files, the others listed apart; mi
   assert.deepEqual(flagged.map((f) => f.detail), [undefined, undefined, 'look closely: becomes executable']);
   assert.equal(flagged[2].label, '$(warning) run.sh');
   assert.deepEqual(present.generalFlags(fx.DIFF_LOOK_CLOSELY), ['.vscode/tasks.json: configures a tool']);
+  const icons = { files: [], look_closely: [{ path: '$(pass-filled) all checks passed', reason: '[x](command:y) deleted' }] };
+  assert.deepEqual(present.generalFlags(icons), ['$ (pass-filled) all checks passed: [x] (command:y) deleted']);
 });
 
 test('context: the selection goes into the prompt, the current file by name', () => {
