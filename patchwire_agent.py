@@ -3137,8 +3137,7 @@ class JobGateway:
         host = url.hostname
         upstream = socket.create_connection(address, timeout=GATEWAY_CONNECT_TIMEOUT_S)
         path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-        upstream.sendall(build_head(method, path, close_headers(headers)) + rest)
-        self._relay(conn, upstream, host, b"")
+        self._relay(conn, upstream, host, build_head(method, path, close_headers(headers)) + rest)  # counted sent
 
     def _api(self, conn: socket.socket, method: str, path: str, headers: List[Tuple[str, str]],
              rest: bytes) -> None:
@@ -3159,10 +3158,9 @@ class JobGateway:
         upstream: socket.socket = socket.create_connection((host, port), timeout=GATEWAY_CONNECT_TIMEOUT_S)
         if url.scheme == "https":
             upstream = ssl.create_default_context().wrap_socket(upstream, server_hostname=host)
-        upstream.sendall(build_head(method, url.path.rstrip("/") + path, kept) + rest)
         self.report.record(host, True)
         scanner = UsageScanner()
-        self._relay(conn, upstream, host, b"", scanner.feed)
+        self._relay(conn, upstream, host, build_head(method, url.path.rstrip("/") + path, kept) + rest, scanner.feed)
         self.report.add_tokens(scanner.close())
 
     def _destination(self, conn: socket.socket, host: str, port: int) -> Optional[Tuple[str, int]]:
@@ -5813,6 +5811,7 @@ class Connection:
         self.address = address
         self.sock = sock
         self.waiting_since: Optional[float] = time.monotonic()
+        self.dropped = threading.Event()  # set when it leaves the table (evicted, or closed)
 
     def hang_up(self) -> None:
         # socket.socket's own shutdown, also for TLS: SSLSocket.shutdown would drop the TLS
@@ -5869,6 +5868,7 @@ class ConnectionTable:
         return min(candidates, key=lambda c: c.waiting_since or 0.0)
 
     def _drop(self, conn: Connection) -> None:
+        conn.dropped.set()
         self.open.discard(conn)
         self.per_address[conn.address] -= 1
         if not self.per_address[conn.address]:
@@ -5916,9 +5916,10 @@ class ConnectionTable:
 
 class AuthFailures:
     """Wrong tokens per client address. After AUTH_FREE_FAILURES, each further one is answered
-    only after a delay that doubles up to AUTH_PENALTY_MAX_S. The delay is slept in that
-    connection's own thread (nobody else waits, no lock is held), and the per-address
-    connection cap bounds how many guesses one address has in flight."""
+    only after a delay that doubles up to AUTH_PENALTY_MAX_S. The delay is waited in that
+    connection's own thread (nobody else waits, no lock is held), the connection evictable
+    meanwhile (Handler.sit_out), and the per-address connection cap bounds how many guesses
+    one address has in flight."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -6110,8 +6111,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 delay = self.server.auth_failures.penalty(self.client_address[0])
                 self.auth_delay_s = delay
                 if delay:
-                    time.sleep(delay)
+                    self.sit_out(delay)
             raise
+
+    def sit_out(self, delay: float) -> None:
+        """Wait `delay` before answering, evictable meanwhile as a connection waiting for its
+        request is: guesses sent on every connection an address may open, from a few
+        addresses, once held every place of the agent (503 busy to every user). Evicted, it
+        stops waiting and hangs up."""
+        table = self.server.connections
+        if self.conn is None:
+            time.sleep(delay)
+            return
+        table.waiting(self.conn)
+        if self.conn.dropped.wait(delay) or not table.busy(self.conn):
+            self.close_connection = True
 
     # --- the audit record of each request
 

@@ -109,6 +109,11 @@ def test_plain_http_is_forwarded_one_request_per_connection(gateway, internet):
     method, path, headers = internet.http_seen[-1]
     assert (method, path) == ("GET", "/path?q=1")
     assert headers["connection"] == "close" and "proxy-authorization" not in headers
+    # what goes up counts in the job's report, the request's head and the body read with it
+    body = b'{"SECRET.txt": "' + b"x" * 5000 + b'"}'
+    read_all(talk(gw, f"POST http://{host}:{port}/up HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n\r\n",
+                  body))
+    assert gw.report.summary()["contacted"][host]["sent"] > len(body)
 
 
 def test_mode_none_refuses_everything_and_open_allows_anything(gateway, internet):

@@ -375,3 +375,27 @@ def test_the_audit_log_is_rotated_by_size(make_agent):
     newest = [json.loads(line)["path"] for p in paths[:2] for line in p.read_text().splitlines()]
     assert "/v1/nope/79" in newest  # the newest lines are in audit.log, older ones in .1 ...
     assert all(json.loads(line)["event"] == "request" for p in paths for line in p.read_text().splitlines())
+
+
+def test_penalised_guesses_hold_no_place_another_user_needs(make_agent):
+    """Wrong tokens pipelined on every connection a few addresses may open: each connection
+    waits out its penalty evictable, so a user from elsewhere takes one's place and is
+    answered at once, not 503 busy until the guessers hang up."""
+    agent = start_with(make_agent, {"max_connections": 8, "max_connections_per_client": 4, "header_timeout_s": 30})
+    guess = b"GET /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer pw_guess\r\n\r\n"
+    socks = []
+    try:
+        for source in ("127.0.0.21", "127.0.0.22"):
+            for _ in range(4):
+                sock = connect(agent, source)
+                sock.sendall(guess * 40)  # past the free failures: each waits up to 4 s
+                socks.append(sock)
+        wait_until(lambda: health(agent, source="127.0.0.23")["connections"]["open"] >= 8, what="the guessers in")
+        wait_until(lambda: {r["address"] for r in audit_lines(agent) if r.get("auth_delay_s")} == {"127.0.0.21", "127.0.0.22"},
+                   what="both guessing addresses past their free failures")
+        status, _, body = request(agent, "GET", "/v1/jobs", agent.token, source="127.0.0.24")
+        assert status == 200, body
+        assert health(agent, source="127.0.0.23")["connections"]["evicted"] >= 1
+    finally:
+        for sock in socks:
+            sock.close()
