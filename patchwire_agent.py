@@ -2471,10 +2471,13 @@ def is_within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
-def ai_home(state_dir: Path, user: str) -> Path:
+def ai_home(state_dir: Path, user: str, project: Optional[str] = None) -> Path:
     """The user's own HOME for the AI: Claude Code's settings, sessions, transcripts and tool
-    caches, never shared with another user."""
-    return user_root(state_dir, user) / "home"
+    caches, never shared with another user. A project with a network of its own
+    ([network.projects."P"]) has a home of its own too (`project`): a home shared with the
+    user's other projects would carry what the AI planted there (a .pth file, a Claude Code
+    hook) into that project's jobs, and its files out through another project's network."""
+    return user_root(state_dir, user) / ("home" if project is None else f"homes/{project}")
 
 
 def agent_credentials(environ: Optional[Dict[str, str]] = None) -> Optional[Path]:
@@ -2487,11 +2490,14 @@ def agent_credentials(environ: Optional[Dict[str, str]] = None) -> Optional[Path
     return path if path.is_file() else None
 
 
-def prepare_ai_home(state_dir: Path, user: str, credentials: Optional[Path], bound: bool) -> Path:
+def prepare_ai_home(state_dir: Path, user: str, credentials: Optional[Path], bound: bool,
+                    project: Optional[str] = None) -> Path:
     """Make the user's AI home (700) and put the admin's login where Claude Code looks for it:
     an empty file for bwrap to bind the real one read-only onto (`bound`), or a fresh copy
     (600) written before every job. A copy left from an earlier job is replaced, never kept."""
-    home = ai_home(state_dir, user)
+    home = ai_home(state_dir, user, project)
+    if project is not None:
+        make_private_dir(home.parent)
     claude_dir, target = home / ".claude", home / ".claude" / CREDENTIALS_FILE
     for path in (claude_dir, target):  # the AI may have left a link or a folder in their place
         if path.is_symlink() or (path == target and path.is_dir()):
@@ -2867,6 +2873,10 @@ class NetworkConfig:
             raise PatchwireError(f"{path}: {where}.presets has no preset {unknown[0]!r}",
                                  f"known presets: {', '.join(NETWORK_PRESETS)}")
         return table
+
+    def own_network(self, project: str) -> bool:
+        """Whether a [network.projects."P"] section names `project` (its AI home is its own)."""
+        return self.configured and any(fnmatch.fnmatchcase(project, p) for p in self.projects)
 
     def policy(self, user: str, project: str) -> NetworkPolicy:
         layers = [("[network]", self.base)]
@@ -5423,7 +5433,8 @@ class Agent:
         credentials = agent_credentials()
         if gateway and gateway.credential:
             credentials = None  # the gateway adds the box's credential: the AI holds none
-        home = prepare_ai_home(cfg.state_dir, job["user"], credentials, bound=bwrap)
+        own = job["project"] if cfg.network.own_network(job["project"]) else None
+        home = prepare_ai_home(cfg.state_dir, job["user"], credentials, bound=bwrap, project=own)
         limits = cfg.limits.probe() if bwrap else AILimits(0, 0, 0)
         walls = JobWalls(repo.slot_path(slot), cfg.state_dir, repo.git_dir, home, limits,
                          secret_files=cfg.secret_files, readable=cfg.readable,

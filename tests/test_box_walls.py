@@ -359,6 +359,28 @@ def test_users_ai_homes_are_apart(walls_box):
         assert home.stat().st_mode & 0o777 == 0o700
 
 
+def test_a_project_with_a_network_of_its_own_has_an_ai_home_of_its_own(walls_box):
+    """A project behind its own network wall ([network.projects."secret-*"] mode = "none")
+    shares no home with the user's other projects: what an AI in public-lib plants in the home
+    (a hook, a .pth file) never runs in secret-app's jobs, and nothing secret-app's AI leaves
+    in its home is there for public-lib's network. Projects without a section of their own
+    still share one home (their caches: ~/.pub-cache, ~/.npm)."""
+    box = walls_box(network={"mode": "open", "projects": {"secret-*": {"mode": "none"}}})
+    plant = {"run": ["sh", "-c", "echo PLANTED-BY-PUBLIC > ~/note.txt"], "out": "plant.txt"}
+    look = {"run": ["sh", "-c", "cat ~/note.txt"], "out": "look.txt"}
+    assert box.ask("alice", plant, project="public-lib")["status"] == "done"
+    secret = box.ask("alice", look, {"run": ["sh", "-c", "echo SECRET-DB > ~/loot.txt"], "out": "loot.txt"},
+                     project="secret-app")
+    assert secret["status"] == "done", secret
+    assert "PLANTED-BY-PUBLIC" not in box.added(secret, "look.txt")
+    other = box.ask("alice", look, {"read": ["~/loot.txt"], "out": "loot.json"}, project="public-web")
+    assert "PLANTED-BY-PUBLIC" in box.added(other, "look.txt")  # the same home as public-lib's
+    assert json.loads(box.added(other, "loot.json"))["~/loot.txt"].startswith("error: ")
+    own = box.state / "users/alice/homes/secret-app"
+    assert (own / "loot.txt").read_text() == "SECRET-DB\n" and own.stat().st_mode & 0o777 == 0o700
+    assert (box.state / "users/alice/homes").stat().st_mode & 0o777 == 0o700
+
+
 # ------------------------------------------------------------------ capabilities
 
 
