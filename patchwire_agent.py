@@ -3187,7 +3187,7 @@ class JobGateway:
             except (OSError, UnicodeError) as e:
                 gateway_answer(conn, HTTPStatus.BAD_GATEWAY, f"patchwire gateway: cannot resolve {host}: {e}")
                 return None
-            if not ipaddress.ip_address(address).is_global and not self.policy.names_address(address, port):
+            if not on_the_internet(address) and not self.policy.names_address(address, port):
                 refusal = (f"patchwire gateway: {host}:{port} is {address}, not an internet address (the box "
                            "or its network): only an allow entry naming that address itself reaches it")
         self.report.record(host, not refusal)
@@ -3881,6 +3881,9 @@ class CommandRun(AIRun):
                 "tail": tail, "timed_out": bool(self.stop_reason and self.stop_reason.startswith("timed out"))}
 
 
+MAX_BOX_PHASE_S = pw.MAX_BOX_TIMEOUT_S  # a job without the ceiling's phase_s (never from an ask)
+
+
 class BoxSteps:
     """One job's [box] setup and checks, each command confined like the AI (Agent.confine)."""
 
@@ -3906,9 +3909,16 @@ class BoxSteps:
         why = ("asked (--setup)" if self.box.get("force_setup") else
                "first setup of this job folder" if last is None else "inputs changed")
         self.repo.forget_setup(self.slot)  # a setup that fails half way is no setup
-        started, runs = time.monotonic(), []
+        started, runs = time.monotonic(), []  # type: float, List[dict]
         for command in commands:
-            record, status, reason = self.command("setup", command, self.box["setup_timeout_s"], {})
+            left = self.time_left(started)
+            if left <= 0:
+                return "failed", (f"setup failed before the AI started: the whole setup took more than "
+                                  f"{self.box['phase_s']} s, the box's timeout ceiling for you, before "
+                                  f"`{clip(command, 200)}`"), {
+                    "ran": True, "why": why, "hash": digest, "runs": runs, "source": self.box.get("setup_source", "project"),
+                    "duration_ms": round((time.monotonic() - started) * 1000, 1)}
+            record, status, reason = self.command("setup", command, min(self.box["setup_timeout_s"], left), {})
             runs.append(record)
             if status != "done":
                 report = {"ran": True, "why": why, "hash": digest, "runs": runs,
@@ -3942,15 +3952,28 @@ class BoxSteps:
         runs: List[dict] = []
         receipt = {"patch_sha256": file_sha256(patch), "tree": self.repo.tree_of(commit), "commit": commit,
                    "source": self.box.get("checks_source", "project"), "runs": runs}
-        status, reason = "done", ""
+        status, reason, started = "done", "", time.monotonic()
         for name, command in zip(pw.check_names(commands), commands):
+            left = self.time_left(started)
+            if left <= 0:  # recorded as not run: the receipt still names every check
+                runs.append({"name": name, "ok": False, "command": command, "exit_code": None, "duration_ms": 0,
+                             "timed_out": True, "tail": f"not run: the checks took more than {self.box['phase_s']} s "
+                             "in all, the box's timeout ceiling for you"})
+                continue
             self.repo.reset_slot_to(self.slot, commit)
-            record, status, reason = self.command("check", command, self.box["check_timeout_s"], {"name": name})
+            record, status, reason = self.command("check", command, min(self.box["check_timeout_s"], left),
+                                                  {"name": name})
             runs.append({"name": name, "ok": status == "done", **record})
             if status == "cancelled":
                 break
         self.repo.reset_slot_to(self.slot, commit)
         return ("cancelled", reason, receipt) if status == "cancelled" else ("done", "", receipt)
+
+    def time_left(self, started: float) -> int:
+        """Whole seconds left of the phase (the whole setup, or all checks) begun at `started`
+        (a part of one counts as one), 0 when none; a command's timeout is at most that."""
+        left = self.box.get("phase_s", MAX_BOX_PHASE_S) - (time.monotonic() - started)
+        return max(0, -int(-left // 1))
 
     def command(self, kind: str, command: str, timeout_s: int, label: dict) -> Tuple[dict, str, str]:
         """Run one command in the job's walls: (record, status, reason)."""
@@ -3996,14 +4019,18 @@ def ask_box(policy: "Policy", body: dict, default: Optional[dict], rule: str) ->
         except PatchwireError as e:
             raise BadRequest(e.message, e.hint) from None
         for key in ("setup_timeout_s", "check_timeout_s"):
-            if asked[key] > policy.timeout_s:
+            if asked[key] > policy.timeout_s and key not in body["box"]:  # a default: within the ceiling
+                asked[key] = policy.timeout_s
+            elif asked[key] > policy.timeout_s:
                 raise policy_refusal(HTTPStatus.FORBIDDEN, policy, "timeout_s",
                                      f"box.{key} {asked[key]} is over the ceiling",
                                      f"set {key} to {policy.timeout_s} or less under [box]")
     box = merge_box(asked, default, rule)
     if force and not (box and box["setup"]):
         raise BadRequest("setup is true, but neither the ask nor the box has a [box] setup for this project")
-    return {**box, "force_setup": force} if box else None
+    # the ceiling bounds the whole setup and all checks, each phase, not only each command:
+    # 20 commands each up to the ceiling held a worker 41 times as long as the AI may run
+    return {**box, "force_setup": force, "phase_s": policy.timeout_s} if box else None
 
 
 def merge_box(asked: Optional[dict], default: Optional[dict], rule: str) -> Optional[dict]:
@@ -4325,6 +4352,8 @@ NOTIFY_ATTEMPTS = 4
 NOTIFY_BACKOFF_S = (1.0, 5.0, 30.0)  # the waits before the 2nd, 3rd and 4th attempts
 NOTIFY_TIMEOUT_S = 10.0  # one attempt, connecting and answering
 NOTIFY_PENDING_MAX = 1000  # notes and deliveries waiting; past it new ones are dropped (logged)
+NOTIFY_PENDING_PER_USER = 200  # ... and of one user
+NOTIFY_SENDERS = 4  # threads sending at once; one user's deliveries go one at a time
 NOTIFY_DIFF_MAX = 256 * 1024  # `include = diff`: the patch up to this, else cut and said so
 NOTIFY_REASON_MAX = 2000
 SIGNATURE_HEADER = "X-Patchwire-Signature"  # "sha256=" + hex HMAC-SHA256(secret, TIMESTAMP + "." + body)
@@ -4468,21 +4497,27 @@ class Delivery:
 
 
 class Notifier:
-    """Sends notifications from a thread of its own, on a schedule (a heap of due times):
-    a job's start or end is a note that the thread turns into deliveries; a failed attempt
-    goes back on the schedule after its backoff. `post` is the one place that sends."""
+    """Sends notifications from threads of its own, on a schedule (per user, a heap of due
+    times): a job's start or end is a note that a thread turns into deliveries; a failed
+    attempt goes back on the schedule after its backoff. `post` is the one place that sends.
+    NOTIFY_SENDERS threads send at once, taking users in turn, one delivery of a user at a
+    time: a user whose receivers never answer (and who ends jobs without end) holds one
+    thread and their own queue, never another user's notifications."""
 
     def __init__(self, store: "Store", audit: AuditLog, config: Callable[[], AgentConfig]):
         self.store, self.audit, self.config = store, audit, config
-        self._heap: List[Tuple[float, int, Any]] = []
+        self._heaps: Dict[str, List[Tuple[float, int, Any]]] = {}
+        self._sending: Set[str] = set()  # users with a delivery in flight
+        self._last = ""  # the user served last: the next is the one after, by name
         self._count = 0
         self._cond = threading.Condition()
         self._closed = False
-        self._thread: Optional[threading.Thread] = None
+        self._threads: List[threading.Thread] = []
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="notifier", daemon=True)
-        self._thread.start()
+        for n in range(NOTIFY_SENDERS):
+            self._threads.append(threading.Thread(target=self._run, name=f"notifier-{n}", daemon=True))
+            self._threads[-1].start()
 
     def close(self) -> None:
         """Stop taking notes; a delivery in flight may finish (a moment), then the agent closes
@@ -4490,36 +4525,51 @@ class Notifier:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=2)
+        deadline = time.monotonic() + 2
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
-    def job_event(self, job_id: str, event: str) -> None:
-        """A job started or ended: at once, never blocking its caller (a worker)."""
-        self._schedule(0.0, ("job", job_id, event))
+    def job_event(self, user: str, job_id: str, event: str) -> None:
+        """A job of `user` started or ended: at once, never blocking its caller (a worker)."""
+        self._schedule(user, 0.0, ("job", job_id, event))
 
-    def _schedule(self, delay: float, item: Any) -> None:
+    def _schedule(self, user: str, delay: float, item: Any) -> None:
         with self._cond:
-            if len(self._heap) >= NOTIFY_PENDING_MAX:
-                log.warning("notifications: %d waiting already; dropped %s", len(self._heap), item[0])
+            heap = self._heaps.setdefault(user, [])
+            waiting = sum(len(h) for h in self._heaps.values())
+            if len(heap) >= NOTIFY_PENDING_PER_USER or waiting >= NOTIFY_PENDING_MAX:
+                log.warning("notifications: %d of user %s waiting already (%d in all); dropped %s",
+                            len(heap), user, waiting, item[0])
                 return
             self._count += 1
-            heapq.heappush(self._heap, (time.monotonic() + delay, self._count, item))
+            heapq.heappush(heap, (time.monotonic() + delay, self._count, item))
             self._cond.notify()
 
-    def _next(self) -> Optional[Any]:
+    def _next(self) -> Optional[Tuple[str, Any]]:
+        """(user, item) due now, of a user with nothing in flight, in turn; None once closed."""
         with self._cond:
             while not self._closed:
                 now = time.monotonic()
-                if self._heap and self._heap[0][0] <= now:
-                    return heapq.heappop(self._heap)[2]
-                self._cond.wait(self._heap[0][0] - now if self._heap else None)
+                free = [user for user, heap in self._heaps.items() if heap and user not in self._sending]
+                due = [user for user in free if self._heaps[user][0][0] <= now]
+                if due:
+                    user = min(due, key=lambda u: (u <= self._last, u))
+                    self._last = user
+                    item = heapq.heappop(self._heaps[user])[2]
+                    if not self._heaps[user]:
+                        del self._heaps[user]
+                    self._sending.add(user)
+                    return user, item
+                self._cond.wait(min(self._heaps[u][0][0] for u in free) - now if free else None)
         return None
 
     def _run(self) -> None:
         while True:
-            item = self._next()
-            if item is None:
+            got = self._next()
+            if got is None:
                 return
+            user, item = got
             try:
                 if item[0] == "job":
                     self._fan_out(item[1], item[2])
@@ -4530,6 +4580,10 @@ class Notifier:
                     log.info("notification %r not sent: the agent stopped (%s)", item[:2], e)
                     return
                 log.exception("notification %r failed", item[:2])
+            finally:
+                with self._cond:
+                    self._sending.discard(user)
+                    self._cond.notify_all()
 
     def _fan_out(self, job_id: str, event: str) -> None:
         job = self.store.job(job_id)
@@ -4544,7 +4598,7 @@ class Notifier:
         delivery.attempt += 1
         sent = self.post(delivery)
         if not sent["ok"] and sent["retry"] and delivery.attempt < NOTIFY_ATTEMPTS:
-            self._schedule(NOTIFY_BACKOFF_S[delivery.attempt - 1], ("delivery", delivery))
+            self._schedule(delivery.target["user"], NOTIFY_BACKOFF_S[delivery.attempt - 1], ("delivery", delivery))
 
     def test(self, target: dict) -> dict:
         """POST /v1/notify/ID/test: one attempt now, in the caller's thread; what happened."""
@@ -4645,6 +4699,25 @@ class Cutoff:
                 socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
+NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # a network's own NAT64: whatever it reaches
+EMBEDS_IPV4 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("::/96"))  # NAT64, IPv4-compatible
+
+
+def on_the_internet(address: str) -> bool:
+    """Whether `address` is on the internet, judged by the IPv4 address an IPv6 one carries
+    (mapped, NAT64's 64:ff9b::/96, 6to4's 2002::/16, the old IPv4-compatible ::/96): Python
+    calls 64:ff9b::a9fe:a9fe global, and a NAT64 gateway takes it to 169.254.169.254."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in NAT64_LOCAL:
+            return False
+        embedded = ip.ipv4_mapped or ip.sixtofour or (
+            ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if any(ip in net for net in EMBEDS_IPV4) else None)
+        if embedded is not None:
+            return embedded.is_global
+    return ip.is_global
+
+
 def delivery_address(url: str, allow: Sequence[str]) -> Tuple[str, str]:
     """(the address to post `url` to, "") or ("", why not)."""
     parts = urllib.parse.urlsplit(url)
@@ -4654,7 +4727,7 @@ def delivery_address(url: str, allow: Sequence[str]) -> Tuple[str, str]:
     except (OSError, UnicodeError) as e:
         return "", f"cannot resolve {host}: {e}"
     named = any(host_matches(p, address, port) for p in allow if is_ip_literal(p, address))
-    if not ipaddress.ip_address(address).is_global and not named:
+    if not on_the_internet(address) and not named:
         return "", (f"{host} is {address}, not an internet address: only a [notify] allow entry naming "
                     "that address itself reaches it")
     return address, ""
@@ -5140,7 +5213,8 @@ class Agent:
         job = self.store.job(job_id) or {}
         self.audit.job(job_id, "job_end", user=job.get("user"), project=job.get("project"), status=status,
                        reason=reason or None, **({"timings": timings} if timings else {}))
-        self.notifier.job_event(job_id, "end")
+        if job.get("user"):
+            self.notifier.job_event(job["user"], job_id, "end")
 
     # --- workers
 
@@ -5314,7 +5388,7 @@ class Agent:
                                          **({"ai": STAND_IN_LABEL} if self.cfg.stand_in else {}),
                                          **self.limits_said(cgroup), **({"continues": parent["id"]} if parent else {})})
         self.audit.job(job["id"], "job_start", user=job["user"], project=job["project"], slot=slot)
-        self.notifier.job_event(job["id"], "start")
+        self.notifier.job_event(job["user"], job["id"], "start")
         started = time.monotonic()
         status, reason, result = limited_run(run, cgroup)
         self._flush_output(job["id"], output)

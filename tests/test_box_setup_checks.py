@@ -342,3 +342,32 @@ def test_a_setup_that_times_out_or_is_cancelled_ends_the_job_before_the_ai(agent
     done = agent.wait_job(job["id"], timeout=30)
     assert done["status"] == "cancelled", done
     assert not [e for e in agent.events(job["id"]) if e["type"] == "started"]  # the AI never started
+
+
+def test_the_timeout_ceiling_bounds_the_whole_setup_and_all_checks(make_agent, tmp_path):
+    """[policy] timeout_s bounds each phase, not only each command: with a ceiling of 3 s,
+    setup commands of 2 s each end the job in about 3 s, and the checks of 2 s each run until
+    3 s in all, the one past that named in the receipt as not run. Each command alone was
+    within the ceiling, so 20 of them held a worker 20 times as long."""
+    from test_jobs import ask_body
+    from test_team import edit_config
+    agent = make_agent(start=False)
+    edit_config(agent, lambda d: d.update(policy={"timeout_s": 3}))
+    agent.start()
+    lap = Laptop(make_repo(tmp_path / "laptop", {"README.md": b"hi\n"}))
+    lap.init(agent)
+    lap.run("sync", check=0)
+    two = "sleep 2; echo slept"
+    status, job = agent.json("POST", "/v1/ask", ask_body(lap, "x", box={"setup": [two] * 3, "setup_timeout_s": 3}))
+    assert status == 202, job
+    done = agent.wait_job(job["id"], timeout=60)
+    runs = done["result"]["setup"]["runs"]
+    assert done["status"] == "failed" and "timed out after 1 s" in done["reason"], done
+    assert [r["timed_out"] for r in runs] == [False, True]
+    status, job = agent.json("POST", "/v1/ask", ask_body(lap, script({"write": "a.txt", "text": "a\n"}),
+                                                        box={"checks": [two] * 3, "check_timeout_s": 3}))
+    done = agent.wait_job(job["id"], timeout=60)
+    runs = done["result"]["checks"]["runs"]
+    assert done["status"] == "done", done
+    assert [(r["ok"], r["timed_out"]) for r in runs] == [(True, False), (False, True), (False, True)], runs
+    assert runs[2]["exit_code"] is None and "not run: the checks took more than 3 s in all" in runs[2]["tail"]

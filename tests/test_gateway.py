@@ -400,3 +400,16 @@ def test_a_deep_temporary_folder_still_gets_the_job_a_socket(tmp_path, monkeypat
         assert pa.socket_folder("pw-gateway-").parent == short
     finally:
         shutil.rmtree(short)
+
+
+@pytest.mark.parametrize("address", ["64:ff9b::a9fe:a9fe", "64:ff9b:1::a", "2002:7f00:1::", "::127.0.0.1",
+                                     "::ffff:169.254.169.254"])
+def test_an_ipv6_address_that_carries_a_private_ipv4_one_is_not_the_internet(gateway, address):
+    """NAT64 (64:ff9b::a9fe:a9fe is 169.254.169.254, the cloud's metadata, through the
+    network's NAT64 gateway), 6to4 and IPv4-compatible addresses: Python's is_global says yes;
+    judged by the IPv4 address they carry, even mode "open" refuses them. Nothing connects."""
+    answer = read_all(talk(gateway(mode="open"), f"CONNECT [{address}]:443 HTTP/1.1\r\n\r\n"))
+    assert answer.startswith(b"HTTP/1.1 403") and b"not an internet address" in answer, answer
+    assert not pa.on_the_internet(address) and pa.on_the_internet("64:ff9b::808:808")
+    assert pa.delivery_address(f"https://[{address}]/hook", [])[1].endswith(
+        "not an internet address: only a [notify] allow entry naming that address itself reaches it")

@@ -225,3 +225,48 @@ def test_a_trickling_receiver_is_cut_off_and_the_next_delivery_goes_out(notify_b
     cut = [r for r in audit if r.get("event") == "notify" and r["url"].startswith(slow.url)][0]
     assert cut["status"] is None and cut["error"] == "no whole answer within 1.5 s ([notify] timeout_s)", cut
     assert 1400 <= cut["ms"] < 4000 and 3 <= slow.sent < 30, (cut, slow.sent)
+
+
+def test_one_users_receivers_that_never_answer_hold_up_nobody_else(monkeypatch):
+    """The real Notifier with its threads; only `post` (the send) is replaced: bob's never
+    returns until the test lets it, as a receiver that never answers. Bob's 300 job ends hold
+    one sending thread and fill his own queue (200 at most); alice's job end is still sent at
+    once. Before, one thread sent everything in order: alice waited behind bob's every
+    timeout, and once 1,000 were waiting hers was dropped."""
+    import patchwire_agent as pa
+
+    class Store:
+        def job(self, job_id):
+            return {"id": job_id, "user": job_id.split("-")[0], "status": "done"}
+
+        def targets(self, user):
+            return [{"id": f"t-{user}", "user": user, "kind": "webhook", "url": "https://x.example/", "events": ["end"],
+                     "include": [], "secret": "s"}]
+
+        def patch_path(self, job_id):
+            return None
+
+    class Config:
+        users = {"alice": {}, "bob": {}}
+
+    release, sent = threading.Event(), []
+
+    def post(self, delivery):
+        sent.append(delivery.job)
+        if delivery.job.startswith("bob"):
+            release.wait(30)
+        return {"ok": True, "retry": False, "status": 200, "error": None}
+    monkeypatch.setattr(pa.Notifier, "post", post)
+    monkeypatch.setattr(pa, "job_payload", lambda job, event, target, patch: {"type": "job.done", "job": job["id"]})
+    notifier = pa.Notifier(Store(), None, lambda: Config())
+    notifier.start()
+    try:
+        for n in range(300):
+            notifier.job_event("bob", f"bob-{n}", "end")
+        notifier.job_event("alice", "alice-1", "end")
+        wait_until(lambda: "alice-1" in sent, timeout=10, what="alice's delivery while bob's hangs")
+        assert [j for j in sent if j.startswith("bob")] == ["bob-0"]  # one of bob's at a time
+        assert pa.NOTIFY_PENDING_PER_USER - 1 <= len(notifier._heaps["bob"]) <= pa.NOTIFY_PENDING_PER_USER
+    finally:
+        release.set()
+        notifier.close()
