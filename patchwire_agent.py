@@ -6126,7 +6126,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             super().handle_one_request()
         except OSError:  # the client left or broke TLS mid-request: nothing to answer
             self.close_connection = True
-        if self.reader.received > self.received_before:  # a request began (not just an idle keep-alive)
+        # a request began (not just an idle keep-alive): bytes came, or a request line already
+        # read with an earlier one (pipelined requests arrive together: each is audited)
+        if self.raw_requestline or self.reader.received > self.received_before:
             if self.reader.expired and not self.started_response:
                 self.answer_timeout()
             self.finish_request_record()
@@ -8143,7 +8145,12 @@ def check_sandbox(cfg: AgentConfig) -> dict:
                          '[ai] sandbox = "none" to accept an unconfined AI')
     if sandbox.kind != "bwrap":
         return box_check("sandbox", True, f"the AI runs under {sandbox.kind}")
-    return box_check("sandbox", True, f"the AI runs under bwrap with capabilities {ai_capabilities(sandbox.program)} "
+    capabilities, failure = ai_capabilities(sandbox.program, cfg)
+    if failure:
+        return box_check("sandbox", False, f"bwrap cannot build the AI's sandbox on this box: {failure}",
+                         "every job would fail before the AI starts; run `patchwire-agent doctor` again after "
+                         "the fix (a report of this line helps: the sandbox's mounts are Patchwire's)")
+    return box_check("sandbox", True, f"the AI runs under bwrap with capabilities {capabilities} "
                      "(its own user namespace, --cap-drop ALL)")
 
 
@@ -8198,13 +8205,30 @@ def network_walls(setting: str, platform: str = sys.platform) -> List[str]:
     return []
 
 
-def ai_capabilities(bwrap: str) -> str:
-    """The capability sets a process in the sandbox holds, read from inside one."""
-    proc = pw.run([bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-user",
-                   "--cap-drop", "ALL", "--unshare-pid", "--die-with-parent", "cat", "/proc/self/status"],
-                  timeout=30, check=False)
+def ai_capabilities(bwrap: str, cfg: AgentConfig) -> Tuple[str, str]:
+    """(the capability sets a process in the sandbox holds, read from inside one; "" or why
+    bwrap failed). The sandbox is a job's own (bwrap_argv: its hidden folders, the state
+    folder, a job folder, git dir and AI home of a probe's), so what would fail every job (the
+    account's home under /home, hidden twice, did) fails here."""
+    probe = Path(tempfile.mkdtemp(prefix="doctor-probe-", dir=cfg.state_dir)) if cfg.state_dir.is_dir() else None
+    try:
+        if probe is None:
+            argv = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-user",
+                    "--cap-drop", "ALL", "--unshare-pid", "--die-with-parent", "cat", "/proc/self/status"]
+        else:
+            for name in ("job", "git", "home"):
+                (probe / name).mkdir()
+            walls = JobWalls(probe / "job", cfg.state_dir, probe / "git", probe / "home", cfg.limits.probe(),
+                             secret_files=cfg.secret_files, readable=cfg.readable)
+            argv = bwrap_argv(bwrap, ["cat", "/proc/self/status"], walls, [Path(shutil.which("cat") or "/bin/cat")])
+        proc = pw.run(argv, timeout=30, check=False)
+    finally:
+        if probe is not None:
+            remove_tree(probe)
     sets = re.findall(r"^(Cap(?:Eff|Prm|Bnd)):\s*([0-9a-f]+)$", proc.stdout.decode("utf-8", "replace"), re.M)
-    return ", ".join(f"{name} {value}" for name, value in sets) or "unknown (bwrap failed)"
+    if proc.returncode != 0 or not sets:
+        return "", pw.sanitize(proc.stderr.decode("utf-8", "replace").strip()[-400:] or f"exit {proc.returncode}")
+    return ", ".join(f"{name} {value}" for name, value in sets), ""
 
 
 def check_ai_path(cfg: AgentConfig) -> dict:

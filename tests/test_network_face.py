@@ -399,3 +399,18 @@ def test_penalised_guesses_hold_no_place_another_user_needs(make_agent):
     finally:
         for sock in socks:
             sock.close()
+
+
+def test_pipelined_requests_each_get_their_audit_line(make_agent):
+    """Requests sent together on one connection (HTTP/1.1 pipelining) arrive in one read: each
+    is answered and each is audited, the guesses among them too (only the first was)."""
+    agent = make_agent()
+    good = f"GET /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {agent.token}\r\n\r\n".encode()
+    bad = b"GET /v1/me HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer pw_guess\r\n\r\n"
+    last = b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    answer = exchange(agent, good + bad + good + last, source="127.0.0.31")
+    assert answer.count(b"HTTP/1.1 200") == 3 and answer.count(b"HTTP/1.1 401") == 1, answer[:400]
+    wait_until(lambda: len([r for r in audit_lines(agent) if r.get("address") == "127.0.0.31"]) == 4, 10,
+               "four audit lines")
+    mine = [(r["path"], r["status"]) for r in audit_lines(agent) if r.get("address") == "127.0.0.31"]
+    assert mine == [("/v1/jobs", 200), ("/v1/me", 401), ("/v1/jobs", 200), ("/v1/health", 200)], mine

@@ -283,3 +283,25 @@ def test_a_home_under_home_is_hidden_once_and_the_sandbox_starts(tmp_path, monke
         assert (proc.returncode, proc.stdout) == (0, "ran\n"), proc.stderr
     finally:
         home.rmdir()
+
+
+def test_doctor_builds_a_jobs_own_sandbox_and_names_what_would_fail_every_job(tmp_path, monkeypatch):
+    """The sandbox check runs bwrap with a job's own mounts (the hidden folders, the state
+    folder, a probe's job folder and home), not a bare probe: a mount that fails (hiding a
+    home and /home above it, as before the fix) fails the check with bwrap's own words, where a
+    bare probe said all was well and every job failed."""
+    bwrap_or_skip()
+    state = tmp_path / "state"
+    state.mkdir()
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[server]\nstate_dir = "{state}"\n[ai]\nsandbox = "bwrap"\n')
+    cfg = pa.AgentConfig.load(config)
+    good = pa.check_sandbox(cfg)
+    assert good["ok"] is True and "CapEff 0000000000000000" in good["detail"], good
+    hidden = tmp_path / "hidden" / "home"
+    hidden.mkdir(parents=True)
+    monkeypatch.setattr(pa.JobWalls, "hidden_folders", lambda self: [str(hidden), str(hidden.parent)])
+    broken = pa.check_sandbox(cfg)
+    assert broken["ok"] is False and "bwrap cannot build the AI's sandbox on this box: bwrap:" in broken["detail"], broken
+    assert "every job would fail" in broken["fix"]
+    assert [p.name for p in state.iterdir()] == []  # the probe's folders are gone
