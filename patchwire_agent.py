@@ -5907,6 +5907,22 @@ class Connection:
             pass
 
 
+def client_key(address: str) -> str:
+    """Who a connection is from, for the caps and the penalty: its IPv4 address, or its IPv6
+    address's /64 (one host commonly holds a whole /64, and would otherwise be 2^64 clients
+    to the per-client caps). An IPv4 address mapped into IPv6 counts as itself."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        if not ip.is_loopback:
+            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
 class ConnectionTable:
     """Open connections under caps per client address and overall. At the overall cap a new
     client takes the place of the oldest connection still waiting for its request, from the
@@ -6195,7 +6211,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self.agent.authenticate(header)
         except HTTPFailure:
             if header[:7].lower() == "bearer ":
-                delay = self.server.auth_failures.penalty(self.client_address[0])
+                delay = self.server.auth_failures.penalty(client_key(self.client_address[0]))
                 self.auth_delay_s = delay
                 if delay:
                     self.sit_out(delay)
@@ -6567,7 +6583,7 @@ class AgentHTTPServer(http.server.ThreadingHTTPServer):
         return sock, address
 
     def process_request(self, request, client_address) -> None:
-        client = client_address[0]
+        client = client_key(client_address[0])
         conn = self.connections.admit(client, request)
         if conn is not None:
             self.start_thread(self.serve, request, client_address, conn)
@@ -6594,7 +6610,7 @@ class AgentHTTPServer(http.server.ThreadingHTTPServer):
         try:
             self.serve(request, client_address, None)
         finally:
-            self.connections.release_at_cap(client_address[0])
+            self.connections.release_at_cap(client_key(client_address[0]))
 
     def refuse(self, request) -> None:
         """Past every cap: a plain 503 (over TLS nothing can be said before a handshake)."""

@@ -1067,3 +1067,15 @@ def test_the_laptop_accepts_the_folder_the_agent_keeps_a_mirror_in(tmp_path):
     repo = pa.ProjectRepo(tmp_path / "state", "alice", "my-app")
     assert patchwire.local_mirror_problem(str(repo.mirror), "alice", "my-app", tmp_path / "code/my-app") is None
     assert patchwire.local_mirror_problem(str(repo.mirror), "bob", "my-app", tmp_path / "code/my-app")
+
+
+def test_a_client_is_an_ipv4_address_or_an_ipv6_64():
+    """The per-client caps and the wrong-token penalty count an IPv6 client by its /64: one
+    host commonly holds a whole /64, 2^64 addresses that would each get their own caps."""
+    assert {pa.client_key(a) for a in ("2001:db8:1:2::5", "2001:db8:1:2:ffff::9")} == {"2001:db8:1:2::/64"}
+    assert pa.client_key("2001:db8:1:3::5") == "2001:db8:1:3::/64"
+    assert [pa.client_key(a) for a in ("127.0.0.1", "::1", "::ffff:10.0.0.1", "fe80::1%eth0")] == [
+        "127.0.0.1", "::1", "10.0.0.1", "fe80::/64"]
+    table = pa.ConnectionTable(total=10, per_client=2)
+    admitted = [table.admit(pa.client_key(f"2001:db8:1:2::{n}"), None) for n in range(1, 4)]
+    assert [conn is not None for conn in admitted] == [True, True, False]
