@@ -8249,6 +8249,13 @@ def cmd_wait(args) -> int:
     session = Session.here()
     session.client.on_wait = lambda quiet: say(f"still waiting for the box ({quiet:.0f} s without news)")
     jobs = jobs_to_wait_for(session, args.jobs)
+    if opts.yes and not args.jobs:  # --yes applies unseen only what this laptop asked for
+        known = session.known_jobs()
+        elsewhere = [job["id"] for job in jobs if job["id"] not in known]
+        if elsewhere:
+            say(f"left out {len(elsewhere)} job(s) not asked from here ({', '.join(elsewhere[:5])}): --yes applies "
+                "unseen only jobs asked here; name a job to wait for it (`patchwire wait JOB`)")
+        jobs = [job for job in jobs if job["id"] in known]
     if not jobs:
         say(f"no queued or running job of yours in project {session.cfg.project}, and none detached "
             "here; `patchwire jobs` lists them all")
@@ -8256,11 +8263,13 @@ def cmd_wait(args) -> int:
         return 0
     status = 0
     for job in jobs:
-        say(sanitize(f"following job {job['id']} ({job['status']}, asked {human_age(time.time() - job['created'])} "
+        seen = job.get("events", 0)  # a record may leave out what it need not have (checked_job)
+        say(sanitize(f"following job {job['id']} ({job['status']}, asked "
+                     f"{human_age(time.time() - job.get('created', time.time()))} "
                      f"ago): {clip_words(' '.join(str(job.get('prompt', '')).split()), 60)}"))
-        events = session.client.events(job["id"], job["events"])
+        events = session.client.events(job["id"], seen)
         try:
-            status = follow_and_apply(session, opts, job["id"], events, began, after=job["events"]) or status
+            status = follow_and_apply(session, opts, job["id"], events, began, after=seen) or status
             session.forget_detached(job["id"])
         except AIFailed as e:
             session.forget_detached(job["id"])

