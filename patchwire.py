@@ -1515,6 +1515,7 @@ class LaptopConfig:
         self.ssh_options = sync["ssh_options"]
         self.rsync = sync["rsync"]
         self.box = check_box(path, top["box"])  # setup and checks on the box, sent with each ask
+        self.box_written = set(top["box"])  # what the ask sends: a timeout left out is the box's to set
 
     def ssh_argv(self) -> List[str]:
         """`ssh` with the user's options and the port, without the destination."""
@@ -2683,9 +2684,12 @@ def local_mirror_problem(mirror: str, user: str, project: str, root: Path) -> Op
     """Why the laptop's rsync must not write into `mirror`, or None."""
     path = Path(mirror)
     layout = [part.format(user=user, project=project) for part in MIRROR_LAYOUT]
-    if not path.is_absolute() or os.path.normpath(mirror) != mirror or list(path.parts[-4:]) != layout:
-        return f"it is not an absolute path ending in {'/'.join(layout)}, as the agent's mirrors do"
     real, here = Path(os.path.realpath(mirror)), root.resolve()
+    # the layout as written and as it resolves: a link named like a mirror (made by an agent of
+    # another account) that leads to another folder of the user's is no mirror
+    if (not path.is_absolute() or os.path.normpath(mirror) != mirror or list(path.parts[-4:]) != layout
+            or list(real.parts[-4:]) != layout):
+        return f"it is not an absolute path ending in {'/'.join(layout)}, as the agent's mirrors do"
     if real == here or here in real.parents or real in here.parents:
         return f"it is the project folder {here}, or inside it, or above it"
     return None
@@ -3892,10 +3896,9 @@ class Session:
     def resolve_job(self, given: Optional[str]) -> str:
         """The full id of the job `given` names (the last ask's when none)."""
         asked = self.job_id(given)
-        known = self.known_jobs()
-        if asked in known:
-            return asked
-        matches = sorted(job for job in known if job.startswith(asked))
+        # every known id that starts with it, itself included: a box that named a later job
+        # "abc" (the prefix it saw asked) must not take the place of the reviewed "abc111..."
+        matches = sorted(job for job in self.known_jobs() if job.startswith(asked))
         if len(matches) > 1:
             raise UsageError(f"{asked} is the start of {len(matches)} jobs here: {', '.join(matches[:5])}",
                              "give more of its digits")
@@ -8356,7 +8359,7 @@ def box_fields(cfg: LaptopConfig, args) -> dict:
     box = cfg.box
     # the box may have setup and checks of its own for the project ([projects.NAME]): --setup
     # and --require-checks without any here are the box's to judge
-    fields: dict = {"box": box} if box["setup"] or box["checks"] else {}
+    fields: dict = {"box": {k: v for k, v in box.items() if k in cfg.box_written}} if box["setup"] or box["checks"] else {}
     if args.setup:
         fields["setup"] = True
     return fields

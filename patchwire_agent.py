@@ -2457,10 +2457,10 @@ class JobWalls:
         under /home: a tmpfs on /home covering one on /home/NAME left bwrap unable to finish
         mounting the second, and every job failed)."""
         homes = [os.environ.get("HOME") or "", os.path.expanduser("~"), pwd.getpwuid(os.geteuid()).pw_dir]
-        candidates = {real(Path(p)) for p in (*homes, *HIDDEN_SYSTEM_FOLDERS) if p}
-        return sorted(folder for folder in candidates
-                      if folder != "/" and os.path.isdir(folder) and not is_within(folder, "/tmp")
-                      and not any(other != folder and is_within(folder, other) for other in candidates))
+        kept = {folder for folder in (real(Path(p)) for p in (*homes, *HIDDEN_SYSTEM_FOLDERS) if p)
+                if folder != "/" and os.path.isdir(folder) and not is_within(folder, "/tmp")}
+        # nesting among those kept only: a home of "/" (systemd's DynamicUser) holds them all
+        return sorted(folder for folder in kept if not any(o != folder and is_within(folder, o) for o in kept))
 
 
 def real(path: Path) -> str:
@@ -3914,7 +3914,7 @@ class BoxSteps:
             left = self.time_left(started)
             if left <= 0:
                 return "failed", (f"setup failed before the AI started: the whole setup took more than "
-                                  f"{self.box['phase_s']} s, the box's timeout ceiling for you, before "
+                                  f"{self.box.get('phase_s', MAX_BOX_PHASE_S)} s, the box's timeout ceiling for you, before "
                                   f"`{clip(command, 200)}`"), {
                     "ran": True, "why": why, "hash": digest, "runs": runs, "source": self.box.get("setup_source", "project"),
                     "duration_ms": round((time.monotonic() - started) * 1000, 1)}
@@ -3956,8 +3956,9 @@ class BoxSteps:
         for name, command in zip(pw.check_names(commands), commands):
             left = self.time_left(started)
             if left <= 0:  # recorded as not run: the receipt still names every check
+                phase = self.box.get("phase_s", MAX_BOX_PHASE_S)
                 runs.append({"name": name, "ok": False, "command": command, "exit_code": None, "duration_ms": 0,
-                             "timed_out": True, "tail": f"not run: the checks took more than {self.box['phase_s']} s "
+                             "timed_out": True, "tail": f"not run: the checks took more than {phase} s "
                              "in all, the box's timeout ceiling for you"})
                 continue
             self.repo.reset_slot_to(self.slot, commit)
@@ -6223,8 +6224,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         addresses, once held every place of the agent (503 busy to every user). Evicted, it
         stops waiting and hangs up."""
         table = self.server.connections
-        if self.conn is None:
-            time.sleep(delay)
+        if self.conn is None:  # past the caps only /v1/health is served, which takes no token
             return
         table.waiting(self.conn)
         if self.conn.dropped.wait(delay) or not table.busy(self.conn):
@@ -7836,7 +7836,7 @@ def cmd_project(args) -> int:
         raise UsageError("nothing removed", "answer y to delete them (or pass --yes)")
     for patch in patches:
         patch.unlink(missing_ok=True)
-    for folder in (repo.mirror, repo.home):
+    for folder in (repo.mirror, repo.home, ai_home(cfg.state_dir, user, project)):  # its own AI home, if any
         if folder.exists():
             remove_tree(folder)
     pw.say(f"removed project {project} of {user}: its next sync and ask start afresh")
@@ -8226,7 +8226,10 @@ def ai_capabilities(bwrap: str, cfg: AgentConfig) -> Tuple[str, str]:
     bwrap failed). The sandbox is a job's own (bwrap_argv: its hidden folders, the state
     folder, a job folder, git dir and AI home of a probe's), so what would fail every job (the
     account's home under /home, hidden twice, did) fails here."""
-    probe = Path(tempfile.mkdtemp(prefix="doctor-probe-", dir=cfg.state_dir)) if cfg.state_dir.is_dir() else None
+    try:
+        probe: Optional[Path] = Path(tempfile.mkdtemp(prefix="doctor-probe-", dir=cfg.state_dir))
+    except OSError:  # no state folder yet, or not this account's to write (check_state says so)
+        probe = None
     try:
         if probe is None:
             argv = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-user",

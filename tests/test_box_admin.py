@@ -109,12 +109,15 @@ def test_project_remove_deletes_one_project_and_the_next_ask_starts_afresh(make_
     assert agent.wait_job(job["id"])["status"] == "done"
     mirror, home = agent.state_dir / "users/alice/mirror/p", agent.state_dir / "users/alice/projects/p"
     assert mirror.is_dir() and home.is_dir()
+    own_home = agent.state_dir / "users/alice/homes/p"  # a project with a network of its own has one
+    (own_home / ".claude").mkdir(parents=True)
+    (own_home / ".claude/settings.json").write_text('{"hooks": "planted"}')
     remove = agent.program + ["project", "remove", "alice", "p", "-c", str(agent.config)]
     refused = subprocess.run(remove, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "add --yes" in refused.stderr and mirror.is_dir()
     done = subprocess.run(remove + ["--yes"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert not mirror.exists() and not home.exists()
+    assert not mirror.exists() and not home.exists() and not own_home.exists()
     assert not (agent.state_dir / f"patches/{job['id']}.patch").exists()
     again = agent.json("POST", "/v1/ask", ask)[1]
     assert agent.wait_job(again["id"])["status"] == "done", agent.events(again["id"])[-1]

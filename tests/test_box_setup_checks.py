@@ -371,3 +371,8 @@ def test_the_timeout_ceiling_bounds_the_whole_setup_and_all_checks(make_agent, t
     assert done["status"] == "done", done
     assert [(r["ok"], r["timed_out"]) for r in runs] == [(True, False), (False, True), (False, True)], runs
     assert runs[2]["exit_code"] is None and "not run: the checks took more than 3 s in all" in runs[2]["tail"]
+    # through the laptop: a [box] that leaves its timeouts out sends none, and the box brings
+    # its defaults (1,800 and 600 s) down to the ceiling instead of refusing the ask
+    (lap.root / ".patchwire.toml").write_text((lap.root / ".patchwire.toml").read_text() + box_toml(setup=["true"]))
+    proc, lines = ask_json(lap, script({"write": "b.txt", "text": "b\n"}), "--no-apply")
+    assert any(e.get("type") == "finished" and e.get("status") == "done" for e in lines), proc.err

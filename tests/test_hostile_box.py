@@ -383,7 +383,7 @@ def test_a_prefix_of_two_jobs_here_is_a_usage_error(world):
     clean_failure(lap.run("diff", "abc"), "abc is the start of 2 jobs here: abc11111, abc22222", status=2)
 
 
-@pytest.mark.parametrize("where", ["sibling", "relative", "inside", "dotdot"])
+@pytest.mark.parametrize("where", ["sibling", "relative", "inside", "dotdot", "link"])
 def test_the_laptops_rsync_writes_only_where_the_agent_keeps_mirrors(world, tmp_path, where):
     """Without `ssh` the laptop's own rsync writes into the folder the agent names: an agent of
     another account, or a lying one, naming another folder of the user's (a sibling checkout,
@@ -392,7 +392,11 @@ def test_the_laptops_rsync_writes_only_where_the_agent_keeps_mirrors(world, tmp_
     sibling = make_repo(tmp_path / "users/alice/mirror/laptop-old", {"README.md": b"# my other work\n"})
     mirror = {"sibling": str(sibling), "relative": "users/alice/mirror/laptop",
               "inside": str(lap.root / "users/alice/mirror/laptop"),
-              "dotdot": str(box.state / "users/alice/mirror/laptop/../../../../laptop-old/users/alice/mirror/laptop")}[where]
+              "dotdot": str(box.state / "users/alice/mirror/laptop/../../../../laptop-old/users/alice/mirror/laptop"),
+              "link": str(tmp_path / "evil/users/alice/mirror/laptop")}[where]
+    if where == "link":  # named as a mirror, leading to the sibling checkout
+        (tmp_path / "evil/users/alice/mirror").mkdir(parents=True)
+        (tmp_path / "evil/users/alice/mirror/laptop").symlink_to(sibling)
     box.lie("GET /v1/me", answer(json.dumps({"user": "alice", "mirror": mirror}).encode()))
     clean_failure(lap.run("sync"), "as the folder to sync into")
     assert (sibling / "README.md").read_bytes() == b"# my other work\n" and not (sibling / "src").exists()
@@ -416,3 +420,18 @@ def test_wait_yes_applies_unseen_only_jobs_asked_from_here(world):
     box.jobs["abc12345"]["status"] = "running"
     lap.run("wait", "--yes", check=0)
     assert (lap.root / "notes.txt").read_bytes() == b"mine\n" and not (lap.root / "evil.sh").exists()
+
+
+def test_a_job_the_box_names_after_a_prefix_it_saw_is_no_match_for_it(world):
+    """The box saw `diff abc` resolve to abc111aaaaaa; it names the next ask's job "abc". Then
+    `apply abc` is two jobs here, never the new one applied unseen in place of the reviewed."""
+    lap, box = world
+    box.add_job("abc111aaaaaa", new_file(b"notes.txt", b"reviewed\n"), ask=True)
+    lap.run("ask", "x", "--no-apply", check=0)
+    assert "+reviewed" in lap.run("diff", "abc").out
+    box.add_job("abc", new_file(b"notes.txt", b"never shown\n"), ask=True)
+    lap.run("ask", "y", "--detach", check=0)  # known here from now on
+    clean_failure(lap.run("apply", "abc", "--yes"), "abc is the start of 2 jobs here: abc, abc111aaaaaa", status=2)
+    assert not (lap.root / "notes.txt").exists()
+    lap.run("apply", "abc111aaaaaa", "--yes", check=0)
+    assert (lap.root / "notes.txt").read_bytes() == b"reviewed\n"

@@ -305,3 +305,16 @@ def test_doctor_builds_a_jobs_own_sandbox_and_names_what_would_fail_every_job(tm
     assert broken["ok"] is False and "bwrap cannot build the AI's sandbox on this box: bwrap:" in broken["detail"], broken
     assert "every job would fail" in broken["fix"]
     assert [p.name for p in state.iterdir()] == []  # the probe's folders are gone
+    monkeypatch.undo()
+    state.rmdir()  # no state folder (or one this account cannot write): the bare probe, no traceback
+    assert pa.check_sandbox(cfg)["ok"] is True
+
+
+def test_a_home_of_root_still_hides_every_system_folder(tmp_path, monkeypatch):
+    """systemd's DynamicUser (or a container user without a passwd entry) has "/" as its home:
+    "/" is never hidden, and it must not count as a folder the others sit inside (which left
+    the AI /home, /root and /run to read)."""
+    monkeypatch.setenv("HOME", "/")
+    hidden = walls(tmp_path).hidden_folders()
+    expected = sorted(os.path.realpath(f) for f in ("/root", "/home", "/run", "/var/tmp") if os.path.isdir(f))
+    assert hidden == sorted(set(expected)) and hidden, hidden
