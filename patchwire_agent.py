@@ -4701,7 +4701,8 @@ class Cutoff:
 
 
 NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # a network's own NAT64: whatever it reaches
-EMBEDS_IPV4 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("::/96"))  # NAT64, IPv4-compatible
+EMBEDS_IPV4 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("::/96"),  # NAT64, IPv4-compatible,
+               ipaddress.ip_network("::ffff:0:0:0/96"))  # SIIT's IPv4-translated
 
 
 def on_the_internet(address: str) -> bool:

@@ -403,7 +403,7 @@ def test_a_deep_temporary_folder_still_gets_the_job_a_socket(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("address", ["64:ff9b::a9fe:a9fe", "64:ff9b:1::a", "2002:7f00:1::", "::127.0.0.1",
-                                     "::ffff:169.254.169.254"])
+                                     "::ffff:169.254.169.254", "::ffff:0:a9fe:a9fe"])
 def test_an_ipv6_address_that_carries_a_private_ipv4_one_is_not_the_internet(gateway, address):
     """NAT64 (64:ff9b::a9fe:a9fe is 169.254.169.254, the cloud's metadata, through the
     network's NAT64 gateway), 6to4 and IPv4-compatible addresses: Python's is_global says yes;
