@@ -170,6 +170,7 @@ import http.server
 import io
 import ipaddress
 import json
+import math
 import logging
 import os
 import pwd
@@ -705,6 +706,22 @@ class Store:
                 "ORDER BY created DESC LIMIT ?", (user, prefix.replace("%", "") + "%", limit)).fetchall()
         return [_job_row(r) for r in rows]
 
+    def stored_bytes(self, user: str) -> int:
+        """What the user's jobs keep outside their folder until `gc`: their stored patches,
+        prompts and events (a job's AI may say 16 MiB, its diff be 256 MiB). The disk quota
+        counts it (Agent.user_bytes)."""
+        with self.lock:
+            ids = [r[0] for r in self.db.execute("SELECT id FROM jobs WHERE user = ?", (user,))]
+            prompts = self.db.execute("SELECT COALESCE(SUM(LENGTH(CAST(prompt AS BLOB))), 0) FROM jobs "
+                                      "WHERE user = ?", (user,)).fetchone()[0]
+            events = self.db.execute("SELECT COALESCE(SUM(LENGTH(CAST(e.data AS BLOB))), 0) FROM events e "
+                                     "JOIN jobs j ON j.id = e.job WHERE j.user = ?", (user,)).fetchone()[0]
+        patches = 0
+        for job_id in ids:
+            with contextlib.suppress(OSError):
+                patches += self.patch_path(job_id).stat().st_size
+        return prompts + events + patches
+
     def ask_times(self, user: str, since: float) -> List[float]:
         """When the user's asks since `since` were accepted, oldest first (rate limits: the
         jobs table is the count, so it survives a restart)."""
@@ -1072,7 +1089,7 @@ def require_admin(agent: "Agent", user: str, what: str) -> None:
                           code="forbidden")
 
 
-TIME_RE = re.compile(r"^(\d+)([smhdw])$")
+TIME_RE = re.compile(r"^(\d{1,12})([smhdw])$")  # 10^12 weeks: long before any date
 TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -1087,17 +1104,20 @@ def parse_time(text: Optional[str], default: float, end_of_day: bool = False, no
     if relative:
         return now - int(relative.group(1)) * TIME_UNITS[relative.group(2)]
     try:
-        return float(text)
+        seconds = float(text) if len(text) <= 64 else math.nan
+        if math.isfinite(seconds):
+            return seconds
     except ValueError:
         pass
-    try:
+    try:  # a day past 9999-12-30 overflows datetime; so does an offset at the ends of its range
         if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
             day = dt.datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=dt.timezone.utc)
             return (day + dt.timedelta(days=1 if end_of_day else 0)).timestamp()
         moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))  # 3.9 reads no Z
-    except ValueError:
-        raise UsageError(f"{text!r} is not a time", "use 7d, 12h, 2026-11-01, 2026-11-01T09:30 or Unix seconds")
-    return (moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)).timestamp()
+        return (moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)).timestamp()
+    except (ValueError, OverflowError):
+        raise UsageError(f"{clip(text, 40)!r} is not a time",
+                         "use 7d, 12h, 2026-11-01, 2026-11-01T09:30 or Unix seconds") from None
 
 
 # ================================================================== git: snapshots and job folders
@@ -3985,7 +4005,7 @@ class BoxSteps:
                                           name=f"{job['id']}-{kind}{self.count}")
         run = CommandRun(argv, folder, env, timeout_s, self.output, kind, label,
                          on_spawn=lambda pid: agent._record_pgid(job["id"], pid),
-                         watch=agent.quota_watch(job["user"], folder))
+                         watch=agent.quota_watch(job, folder))
         agent._swap_run(job["id"], run)
         self.output({"type": kind, "step": "start", "command": command, **label})
         started = time.monotonic()
@@ -4386,8 +4406,13 @@ def check_target_request(cfg: AgentConfig, body: dict, count: int) -> dict:
     url = body.get("url")
     if not isinstance(url, str) or len(url) > 2048:
         raise BadRequest("url must be an http:// or https:// URL (at most 2048 characters)")
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        bad = parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password
+        parts.port  # noqa: B018 - raises on a port that is no number ("http://h:x/")
+    except ValueError:  # "http://[::1/x", a port that is no number
+        bad = True
+    if bad:
         raise BadRequest(f"{url[:100]!r} is not an http:// or https:// URL with a host and no user:password",
                          "give the receiver's URL; a secret belongs in its path (ntfy, Slack) or in "
                          "the signature this box adds (webhook)")
@@ -5131,12 +5156,22 @@ class Agent:
                               f"for {self.cfg.state_dir}", "free space on the box, then ask again",
                               code="disk_full")
 
+    def user_bytes(self, user: str) -> int:
+        """What counts toward the user's disk quota: their folder on the box (mirrors,
+        repositories, job folders, AI homes) and what their jobs keep in the store."""
+        return tree_size(user_root(self.cfg.state_dir, user)) + self.store.stored_bytes(user)
+
+    def job_home(self, job: dict) -> Path:
+        """The AI home a job runs with (ai_home): the project's own behind a network of its own."""
+        own = job["project"] if self.cfg.network.own_network(job["project"]) else None
+        return ai_home(self.cfg.state_dir, job["user"], own)
+
     def check_quota(self, policy: "Policy") -> None:
-        """Refuse an ask (507, code "quota") while the user's folder on the box (mirrors,
-        repositories, job folders) is at or over their disk quota: a job would only add to it."""
+        """Refuse an ask (507, code "quota") while what the user holds on the box (user_bytes)
+        is at or over their disk quota: a job would only add to it."""
         if policy.disk_quota_mb is None:
             return
-        used = tree_size(user_root(self.cfg.state_dir, policy.user))
+        used = self.user_bytes(policy.user)
         if used >= policy.disk_quota_mb * MIB:
             raise policy_refusal(HTTPStatus.INSUFFICIENT_STORAGE, policy, "disk_quota_mb",
                                  f"user {policy.user} uses {pw.human_bytes(used)} on this box",
@@ -5449,7 +5484,7 @@ class Agent:
         """The job's AI run of the confined `argv`, its folder watched against the user's disk quota."""
         return AIRun(argv, repo.slot_path(slot), env, job["prompt"], job["timeout_s"], output,
                      on_spawn=lambda pid: self._record_pgid(job["id"], pid),
-                     watch=self.quota_watch(job["user"], repo.slot_path(slot)))
+                     watch=self.quota_watch(job, repo.slot_path(slot)))
 
     def _swap_run(self, job_id: str, run: AIRun) -> None:
         """Make `run` the one a cancel of the job stops; a cancel that reached the run before
@@ -5509,7 +5544,7 @@ class Agent:
         credentials = agent_credentials()
         if gateway and gateway.credential:
             credentials = None  # the gateway adds the box's credential: the AI holds none
-        own = job["project"] if cfg.network.own_network(job["project"]) else None
+        own = job["project"] if cfg.network.own_network(job["project"]) else None  # as job_home
         home = prepare_ai_home(cfg.state_dir, job["user"], credentials, bound=bwrap, project=own)
         limits = cfg.limits.probe() if bwrap else AILimits(0, 0, 0)
         walls = JobWalls(repo.slot_path(slot), cfg.state_dir, repo.git_dir, home, limits,
@@ -5547,18 +5582,21 @@ class Agent:
         return "could not collect the AI's changes: " + (e.message if isinstance(e, PatchwireError)
                                                          else describe_exception(e))
 
-    def quota_watch(self, user: str, folder: Path) -> Optional[Callable[[], Optional[str]]]:
+    def quota_watch(self, job: dict, folder: Path) -> Optional[Callable[[], Optional[str]]]:
         """For a job's run: a check of the user's disk quota, or None without one. The rest of
-        the user's folder is measured once, at the start; the job folder at every sample
-        (tree_size: about 40 ms per 20,000 files, every QUOTA_SAMPLE_S: 2% of a core; bench/quota_walk.py)."""
+        what the user holds is measured once, at the start; the job folder and the AI home the
+        job writes at every sample (tree_size: about 40 ms per 20,000 files, every
+        QUOTA_SAMPLE_S: 2% of a core; bench/quota_walk.py; the sampling slows to keep it so)."""
+        user = job["user"]
         policy = self.cfg.policy(user)
         if policy.disk_quota_mb is None:
             return None
         limit = int(policy.disk_quota_mb * MIB)
-        rest = tree_size(user_root(self.cfg.state_dir, user)) - tree_size(folder)
+        written = [folder, self.job_home(job)]  # a setup command or the AI fills either
+        rest = self.user_bytes(user) - sum(map(tree_size, written))
 
         def over() -> Optional[str]:
-            used = rest + tree_size(folder)
+            used = rest + sum(map(tree_size, written))
             if used <= limit:
                 return None
             return (f"the job's files took user {user} over their disk quota on the box "
@@ -7103,18 +7141,14 @@ def status_report(cfg: AgentConfig, store: Store) -> dict:
         active = store.db.execute("SELECT user, status, COUNT(*) FROM jobs WHERE status IN ('queued', 'running') "
                                   "GROUP BY user, status").fetchall()
         job_users = [r[0] for r in store.db.execute("SELECT DISTINCT user FROM jobs")]
-        patches = store.db.execute("SELECT user, id FROM jobs WHERE status = 'done'").fetchall()
         jobs = store.db.execute("SELECT id, user, project, status, COALESCE(started, created) FROM jobs "
                                 "WHERE status IN ('queued', 'running') ORDER BY created").fetchall()
     users: Dict[str, dict] = {}
-    for name in sorted(set(cfg.users) | set(job_users)):
+    for name in sorted(set(cfg.users) | set(job_users)):  # what the disk quota counts (Agent.user_bytes)
         users[name] = {"running": 0, "queued": 0, "removed": name not in cfg.users,
-                       "disk_bytes": tree_size(user_root(cfg.state_dir, name))}
+                       "disk_bytes": tree_size(user_root(cfg.state_dir, name)) + store.stored_bytes(name)}
     for user, status, n in active:
         users[user][status] = n
-    for user, job_id in patches:
-        path = store.patch_path(job_id)
-        users[user]["disk_bytes"] += path.stat().st_size if path.exists() else 0
     return {"running": bool(run), "pid": run and run["pid"], "url": run and run["url"],
             "uptime_s": round(time.time() - run["started"], 1) if run else None,
             "workers": cfg.workers, "slots": cfg.slots, "state_dir": str(cfg.state_dir),

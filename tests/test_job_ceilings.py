@@ -211,6 +211,32 @@ def test_a_job_growing_past_the_quota_is_stopped_failed_and_its_folder_reset(mak
     assert status == 202 and box.wait_job(job["id"])["status"] == "done"
 
 
+def test_the_quota_counts_the_ai_home_and_what_the_jobs_keep(make_agent, tmp_path):
+    """Two places a user's jobs fill the disk outside the job folder: the AI home (a setup
+    command or the AI writes there; it was measured once, at the start) and the store (a job
+    keeps its patch, prompt and events until `gc`: a text file of 3 MB is a small blob in the
+    user's folder, but a 3 MB patch). Both count: the job writing its home is stopped, and an
+    ask after jobs whose patches fill the quota is refused."""
+    box = make_agent(start=False)
+    configure(box, lambda data: data.setdefault("policy", {}).update({"disk_quota_mb": 5}))
+    box.start()
+    lap = synced(box, tmp_path)
+    status, job = ask(box, lap, {"run": ["sh", "-c", "head -c 8388608 /dev/urandom > \"$HOME/fill\""], "out": "o.txt"},
+                      {"hang": True}, timeout_s=120)
+    assert status == 202, job
+    info = box.wait_job(job["id"], timeout=30)
+    assert info["status"] == "failed" and "over their disk quota" in info["reason"], info
+    (box.state_dir / "users/alice/home/fill").unlink()  # the user's to clear (their home is theirs)
+    text = {"run": ["sh", "-c", "yes 'a line of text' | head -c 3145728 > big.txt"], "out": "o.txt"}
+    for _ in range(2):
+        status, job = ask(box, lap, text)
+        if status != 202:
+            break
+        assert box.wait_job(job["id"], timeout=60)["status"] == "done"
+    assert status == 507 and job["code"] == "quota", job
+    assert job["used_bytes"] > 5 * MIB and pa.tree_size(box.state_dir / "users/alice") < 5 * MIB
+
+
 # ------------------------------------------------------------------ a full disk
 
 

@@ -270,3 +270,10 @@ def test_one_users_receivers_that_never_answer_hold_up_nobody_else(monkeypatch):
     finally:
         release.set()
         notifier.close()
+
+
+@pytest.mark.parametrize("url", ["http://[::1/x", "http://[zz]/", "https://hooks.example:port/x"])
+def test_a_url_that_does_not_parse_is_a_bad_request(make_agent, url):
+    agent = make_agent()
+    status, answer = agent.json("POST", "/v1/notify", {"url": url})
+    assert status == 400 and "is not an http:// or https:// URL" in answer["error"], answer

@@ -268,6 +268,10 @@ def test_time_forms():
     assert patchwire_agent.parse_time(None, 5.0) == 5.0
     with pytest.raises(patchwire.UsageError, match="is not a time"):
         patchwire_agent.parse_time("last week", 0)
+    # past what the clock and the calendar hold: a clear refusal, never an OverflowError
+    for text in ("1" + "0" * 310 + "d", "9999-12-31", "9" * 5000 + "s", "9" * 5000, "1e400", "nan"):
+        with pytest.raises(patchwire.UsageError, match="is not a time"):
+            patchwire_agent.parse_time(text, 0, end_of_day=True)
     assert [n for n, _ in patchwire.USAGE_HEADINGS] == FIGURES  # the laptop's table shows every figure
 
 
