@@ -1450,7 +1450,18 @@ DEFAULT_DENY = (
     ".aws/*", ".ssh/*", ".gnupg/*", "secrets/", ".secrets/",
     "secrets.*", "*.secret", "*.secrets",
     "google-services.json", "GoogleService-Info.plist", "key.properties",
+    # keys, tokens and keystores under other names they commonly have
+    "deploy_key*", "*_rsa", "*_dsa", "*_ecdsa", "*_ed25519", "ssh_host_*_key", "*.bks", "*.pkcs12",
+    "*.jks.*", "*.keystore.*", "*.p12.*", ".vault-token", "*.keytab", "kubeconfig", "*.kubeconfig",
+    ".terraformrc", "terraform.rc", ".s3cfg", ".my.cnf", "_netrc", ".yarnrc", "pip.conf", "*.ovpn",
+    "auth.json", "token.json", "token.pickle", "*-key.json", "*_key.json", "secret.json", "secret.yaml",
+    "secret.yml", ".cargo/credentials", ".cargo/credentials.toml", ".gradle/gradle.properties",
+    ".config/gcloud/*", ".azure/*", ".config/gh/hosts.yml", ".*_history",
 )
+# A file's first bytes that mark a private key or a keystore, whatever its name
+SECRET_MARKS = (b"PRIVATE KEY-----", b"PuTTY-User-Key-File", b"\xfe\xed\xfe\xed")
+SNIFF_BYTES = 128
+SNIFF_MAX_BYTES = 64 * 1024  # larger files without an extension are not read
 DEFAULT_MAX_FILE_MB = 50
 # Folders that are usually build output or downloaded dependencies: the dry run warns when git
 # does not ignore them (`[sync] exclude` leaves them out for Patchwire only).
@@ -1793,6 +1804,7 @@ class FileList:
         self.quick: Optional[dict] = None
         # the repositories inside the project whose files go ("a/b/"): scan_changes lists each
         self.nested: List[str] = []
+        self.linked_folders: Dict[str, bool] = {}  # folder -> whether it, or one above it, is a symlink
 
     @property
     def count(self) -> int:
@@ -2088,16 +2100,44 @@ class Project:
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
             files.held[path] = "not a regular file"
             return False
+        if self._beneath_link(path.rpartition("/")[0], files.linked_folders):  # rsync would follow it
+            files.held[path] = "beneath a folder that is a symlink: the file lies elsewhere, maybe outside the project"
+            return False
         allowed = rules.allow.match(path)
         if allowed:
             used_allow.add(allowed)
         else:
-            why = held_reason(path, st, tracked, rules)
+            why = held_reason(path, st, tracked, rules) or self._secret_inside(path, st)
             if why:
                 files.held[path] = why
                 return False
         files.add(path, st, tracked)
         return True
+
+    def _beneath_link(self, folder: str, seen: Dict[str, bool]) -> bool:
+        """Whether `folder` (relative), or a folder above it, is a symlink; once per folder."""
+        if not folder:
+            return False
+        if folder not in seen:
+            parent = folder.rpartition("/")[0]
+            seen[folder] = self._beneath_link(parent, seen) or os.path.islink(os.path.join(self.root, folder))
+        return seen[folder]
+
+    def _secret_inside(self, path: str, st: os.stat_result) -> Optional[str]:
+        """A private key or keystore under a name the deny-list does not know (`deploy_key`,
+        `ci/github_rsa`): a small file without an extension is read for its first bytes."""
+        name = path.rpartition("/")[2].lstrip(".")
+        if not stat.S_ISREG(st.st_mode) or "." in name or st.st_size > SNIFF_MAX_BYTES:
+            return None
+        try:  # its folders are no links (_beneath_link), and O_NOFOLLOW for the file itself
+            with os.fdopen(os.open(os.path.join(self.root, path), os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
+                head = f.read(SNIFF_BYTES)
+        except OSError:
+            return None
+        for mark in SECRET_MARKS:
+            if mark in head:
+                return f"holds a private key or keystore ({mark.decode(errors='replace').strip('- ')})"
+        return None
 
     def scan_changes(self, rules: SyncRules, also: Iterable[str] = ()) -> Optional[FileList]:
         """What changed since the last record, found the way `git status` finds it: in one
@@ -2620,9 +2660,13 @@ def quote_alternate(path: Path) -> str:
     return json.dumps(text) if (":" in text or text.startswith('"')) else text
 
 
+CONTROL_CHARS = re.compile("[\x00-\x1f\x7f]")
+
+
 def held_reason(path: str, st: os.stat_result, tracked: bool, rules: SyncRules) -> Optional[str]:
-    """Why a listed file stays here, or None: the deny-list, then the size cap."""
-    pattern = rules.deny.match(path)
+    """Why a listed file stays here, or None: the deny-list (matched with the name's control
+    characters left out too: `.env` and a newline is a `.env`), then the size cap."""
+    pattern = rules.deny.match(path) or (CONTROL_CHARS.search(path) and rules.deny.match(CONTROL_CHARS.sub("", path)))
     if pattern:
         why = f"secret deny-list: {pattern}"
         if tracked:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -818,3 +819,35 @@ def test_the_conflict_hint_names_the_job(laptop):
     assert refused.returncode == 5
     assert f"`patchwire diff {job}` shows the AI's change" in refused.err
     assert f"`patchwire apply {job} --keep-conflicts`" in refused.err
+
+
+KEY = b"-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
+
+
+def test_secrets_under_other_names_and_behind_a_linked_folder_stay_home(laptop, agent, tmp_path):
+    """A private key named `deploy_key` or `ci/github_rsa`, a keystore's backup, a token file,
+    a shell history, `.env` with a newline after it, and a tracked folder swapped for a link to
+    a folder outside the project (rsync would read through it): none leaves, on a first sync or
+    a forced one. Files without an extension that hold no key still go."""
+    elsewhere = tmp_path / "private-config"
+    write(elsewhere, {"settings.ini": b"db_password = SECRET-FROM-HOME\n"})
+    write(laptop.root, {"config/settings.ini": b"db_password = changeme\n"})
+    subprocess.run(["git", "add", "config"], cwd=laptop.root, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "config"],
+                   cwd=laptop.root, check=True)
+    shutil.rmtree(laptop.root / "config")
+    (laptop.root / "config").symlink_to(elsewhere)
+    secrets = {"deploy_key": KEY, "ci/github_rsa": KEY, "tools/signer": b"PuTTY-User-Key-File-3: ssh-ed25519\n",
+               "android/upload-keystore.jks.bak": b"\xfe\xed\xfe\xed\x00\x00\x00\x02", ".vault-token": b"hvs.x\n",
+               ".bash_history": b"export TOKEN=x\n", ".env\n": b"S=1\n", "kubeconfig": b"token: x\n", "ops/builder": KEY}
+    write(laptop.root, {**secrets, "Makefile": b"all:\n\ttrue\n", "LICENSE": b"MIT\n"})
+    for args in (("sync",), ("sync", "--force")):
+        laptop.run(*args)
+        sent = mirror_files(agent, laptop)
+        assert not set(secrets) & set(sent) and "config/settings.ini" not in sent, sorted(sent)  # (the link goes, as a link)
+        assert not [p for p, data in sent.items() if "SECRET-FROM-HOME" in str(data)]
+        assert sent["Makefile"] == b"all:\n\ttrue\n" and sent["LICENSE"] == b"MIT\n"
+    listed = laptop.run("sync", "--dry-run", "--list").out
+    assert "ops/builder (holds a private key or keystore (PRIVATE KEY))" in listed, listed
+    assert "tools/signer (holds a private key or keystore (PuTTY-User-Key-File))" in listed
+    assert "beneath a folder that is a symlink" in listed, listed
