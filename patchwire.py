@@ -2130,7 +2130,8 @@ class Project:
         if not stat.S_ISREG(st.st_mode) or "." in name or st.st_size > SNIFF_MAX_BYTES:
             return None
         try:  # its folders are no links (_beneath_link), and O_NOFOLLOW for the file itself
-            with os.fdopen(os.open(os.path.join(self.root, path), os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK  # a FIFO put in its place never blocks
+            with os.fdopen(os.open(os.path.join(self.root, path), flags), "rb") as f:
                 head = f.read(SNIFF_BYTES)
         except OSError:
             return None
@@ -2660,13 +2661,10 @@ def quote_alternate(path: Path) -> str:
     return json.dumps(text) if (":" in text or text.startswith('"')) else text
 
 
-CONTROL_CHARS = re.compile("[\x00-\x1f\x7f]")
-
-
 def held_reason(path: str, st: os.stat_result, tracked: bool, rules: SyncRules) -> Optional[str]:
     """Why a listed file stays here, or None: the deny-list (matched with the name's control
     characters left out too: `.env` and a newline is a `.env`), then the size cap."""
-    pattern = rules.deny.match(path) or (CONTROL_CHARS.search(path) and rules.deny.match(CONTROL_CHARS.sub("", path)))
+    pattern = rules.deny.match(path) or (_PATH_CONTROL.search(path) and rules.deny.match(_PATH_CONTROL.sub("", path)))
     if pattern:
         why = f"secret deny-list: {pattern}"
         if tracked:

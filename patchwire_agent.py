@@ -647,7 +647,7 @@ class Store:
     def __init__(self, state_dir: Path):
         self.patch_dir = state_dir / "patches"
         make_private_dir(self.patch_dir)
-        db_path = state_dir / "jobs.sqlite3"
+        db_path = self.db_path = state_dir / "jobs.sqlite3"
         # sqlite gives its -wal and -shm files the mode of the database file (when it makes them)
         os.close(os.open(str(db_path), os.O_RDWR | os.O_CREAT, 0o600))
         new = db_path.stat().st_size == 0
@@ -709,13 +709,18 @@ class Store:
     def stored_bytes(self, user: str) -> int:
         """What the user's jobs keep outside their folder until `gc`: their stored patches,
         prompts and events (a job's AI may say 16 MiB, its diff be 256 MiB). The disk quota
-        counts it (Agent.user_bytes)."""
-        with self.lock:
-            ids = [r[0] for r in self.db.execute("SELECT id FROM jobs WHERE user = ?", (user,))]
-            prompts = self.db.execute("SELECT COALESCE(SUM(LENGTH(CAST(prompt AS BLOB))), 0) FROM jobs "
-                                      "WHERE user = ?", (user,)).fetchone()[0]
-            events = self.db.execute("SELECT COALESCE(SUM(LENGTH(CAST(e.data AS BLOB))), 0) FROM events e "
-                                     "JOIN jobs j ON j.id = e.job WHERE j.user = ?", (user,)).fetchone()[0]
+        counts it (Agent.user_bytes). Read on a connection of its own (WAL: a reader never
+        waits for the writer), not under the store's lock: a user with thousands of jobs makes
+        their own ask slower, never every other request and job of the box."""
+        db = sqlite3.connect(f"file:{urllib.parse.quote(str(self.db_path))}?mode=ro", uri=True)
+        try:
+            ids = [r[0] for r in db.execute("SELECT id FROM jobs WHERE user = ?", (user,))]
+            prompts = db.execute("SELECT COALESCE(SUM(LENGTH(CAST(prompt AS BLOB))), 0) FROM jobs "
+                                 "WHERE user = ?", (user,)).fetchone()[0]
+            events = db.execute("SELECT COALESCE(SUM(LENGTH(CAST(e.data AS BLOB))), 0) FROM events e "
+                                "JOIN jobs j ON j.id = e.job WHERE j.user = ?", (user,)).fetchone()[0]
+        finally:
+            db.close()
         patches = 0
         for job_id in ids:
             with contextlib.suppress(OSError):
@@ -1145,7 +1150,8 @@ def box_folder_unwritable(folder: Any, why: str) -> PatchwireError:
 
 
 def mirror_root(state_dir: Path, user: str) -> Path:
-    return user_root(state_dir, user) / "mirror"
+    """STATE/users/USER/mirror: the laptop knows the layout (pw.MIRROR_LAYOUT) to check it."""
+    return state_dir.joinpath(*(part.format(user=user) for part in pw.MIRROR_LAYOUT[:-1]))
 
 
 def user_projects(state_dir: Path, user: str) -> Set[str]:
@@ -2537,13 +2543,18 @@ def prepare_ai_home(state_dir: Path, user: str, credentials: Optional[Path], bou
     return home
 
 
+def bare_sandbox(bwrap: str, argv: List[str]) -> List[str]:
+    """`argv` in a sandbox of bwrap's bare essentials: whether bwrap runs here at all."""
+    return [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-pid",
+            "--unshare-user", "--cap-drop", "ALL", "--die-with-parent", *argv]
+
+
 def probe_bwrap() -> Tuple[str, str]:
     """(path of bwrap, "") when it can make a sandbox here, else ("", why not)."""
     program = shutil.which("bwrap")
     if not program:
         return "", "bwrap is not installed"
-    proc = pw.run([program, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-pid",
-                   "--unshare-user", "--cap-drop", "ALL", "--die-with-parent", "true"], timeout=30, check=False)
+    proc = pw.run(bare_sandbox(program, ["true"]), timeout=30, check=False)
     if proc.returncode != 0:
         return "", "bwrap fails: " + proc.stderr.decode("utf-8", "replace").strip()[-300:]
     return program, ""
@@ -3994,7 +4005,7 @@ class BoxSteps:
         """Whole seconds left of the phase (the whole setup, or all checks) begun at `started`
         (a part of one counts as one), 0 when none; a command's timeout is at most that."""
         left = self.box.get("phase_s", MAX_BOX_PHASE_S) - (time.monotonic() - started)
-        return max(0, -int(-left // 1))
+        return max(0, math.ceil(left))
 
     def command(self, kind: str, command: str, timeout_s: int, label: dict) -> Tuple[dict, str, str]:
         """Run one command in the job's walls: (record, status, reason)."""
@@ -5161,10 +5172,12 @@ class Agent:
         repositories, job folders, AI homes) and what their jobs keep in the store."""
         return tree_size(user_root(self.cfg.state_dir, user)) + self.store.stored_bytes(user)
 
+    def home_project(self, job: dict) -> Optional[str]:
+        """The project whose own AI home the job uses (one behind a network of its own), else None."""
+        return job["project"] if self.cfg.network.own_network(job["project"]) else None
+
     def job_home(self, job: dict) -> Path:
-        """The AI home a job runs with (ai_home): the project's own behind a network of its own."""
-        own = job["project"] if self.cfg.network.own_network(job["project"]) else None
-        return ai_home(self.cfg.state_dir, job["user"], own)
+        return ai_home(self.cfg.state_dir, job["user"], self.home_project(job))
 
     def check_quota(self, policy: "Policy") -> None:
         """Refuse an ask (507, code "quota") while what the user holds on the box (user_bytes)
@@ -5544,8 +5557,7 @@ class Agent:
         credentials = agent_credentials()
         if gateway and gateway.credential:
             credentials = None  # the gateway adds the box's credential: the AI holds none
-        own = job["project"] if cfg.network.own_network(job["project"]) else None  # as job_home
-        home = prepare_ai_home(cfg.state_dir, job["user"], credentials, bound=bwrap, project=own)
+        home = prepare_ai_home(cfg.state_dir, job["user"], credentials, bound=bwrap, project=self.home_project(job))
         limits = cfg.limits.probe() if bwrap else AILimits(0, 0, 0)
         walls = JobWalls(repo.slot_path(slot), cfg.state_dir, repo.git_dir, home, limits,
                          secret_files=cfg.secret_files, readable=cfg.readable,
@@ -8267,8 +8279,7 @@ def ai_capabilities(bwrap: str, cfg: AgentConfig) -> Tuple[str, str]:
         probe = None
     try:
         if probe is None:
-            argv = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-user",
-                    "--cap-drop", "ALL", "--unshare-pid", "--die-with-parent", "cat", "/proc/self/status"]
+            argv = bare_sandbox(bwrap, ["cat", "/proc/self/status"])
         else:
             for name in ("job", "git", "home"):
                 (probe / name).mkdir()
