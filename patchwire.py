@@ -1413,6 +1413,11 @@ def run_command(prog: str, commands: dict, args, on_error=None) -> int:
         return 0
 
 
+# Where the agent keeps a project's mirror, under its state folder (the agent's mirror_root);
+# the laptop refuses to rsync into any other place (local_mirror_problem).
+MIRROR_LAYOUT = ("users", "{user}", "mirror", "{project}")
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]):
     """The parsed arguments, or the exit status argparse chose (help, version, usage)."""
     try:
@@ -2718,8 +2723,7 @@ def rsync_argv(cfg: LaptopConfig, dest: str, checksum: bool = False, ignore_time
 
 # Without `ssh`, the laptop's own rsync writes into the folder the agent names: an agent of
 # another account (or a lying one) must not be able to point it at another of the user's
-# folders. The agent's layout is STATE/users/USER/mirror/PROJECT (mirror_root in the agent).
-MIRROR_LAYOUT = ("users", "{user}", "mirror", "{project}")
+# folders. The agent's layout (MIRROR_LAYOUT, shared) is what local_mirror_problem checks.
 
 
 def local_mirror_problem(mirror: str, user: str, project: str, root: Path) -> Optional[str]:
