@@ -4236,11 +4236,20 @@ def apply_job(session: Session, job: str, patch: bytes, *, chosen: Optional[byte
                       lambda path: denied_by(path, session.cfg.deny, session.cfg.allow))
     read = read if settled is patch else None  # the patch as read above, unless a part was chosen
     chosen = settled
-    result = applier.apply(chosen, session.job_tree(job), replace, read)
-    result["job"] = job
-    result["partial"] = chosen != patch
-    result.update(origin or {})  # several attempts: the ask, and which attempt each file came from
-    session.log_apply(result)
+    # One apply of a project at a time, from its read of the files to its log entry: two at
+    # once would each write results computed from files the other was rewriting (one change
+    # lost, logged as applied). The lock is the record's: a sync waits too, never sending
+    # files half written. Nothing asks the user while it is held.
+    with session.project.record_lock():
+        done = session.open_apply(job) if chosen is patch and not origin else None
+        if done:  # applied by another command while this one asked
+            say(f"job {job} was applied here meanwhile (at {when(done['time'])}); nothing changed")
+            return {"job": job, "how": "already", "files": [], "conflicts": [], "applied_at": done["time"]}
+        result = applier.apply(chosen, session.job_tree(job), replace, read)
+        result["job"] = job
+        result["partial"] = chosen != patch
+        result.update(origin or {})  # several attempts: the ask, and which attempt each file came from
+        session.log_apply(result)
     how = {"plain": "", "3-way": " (3-way merged with your changes)"}[result["how"]]
     say(f"applied job {job}{how}: {len(applier.files)} file(s) changed")
     if result["replaced"]:
@@ -6421,11 +6430,20 @@ def render_hunks(header: List[bytes], picks: Sequence[Tuple[Hunk, Iterable[int]]
     return b"".join(header) + b"".join(body) if body else None
 
 
+class ExactName(str):
+    """A name given after `--` (`apply JOB -- PATH`, as VS Code passes the files ticked): it
+    matches that path alone, never as a pattern or as the folder of another path."""
+
+
 def select_paths(files: Sequence["FilePatch"], only: Sequence[str], exclude: Sequence[str]) -> Selection:
-    """--only / --exclude: shell patterns or folders, matched against old and new paths."""
+    """--only / --exclude: shell patterns or folders (or ExactName), matched against old and new paths."""
+    def matches(p: str, pat: str) -> bool:
+        if isinstance(pat, ExactName):
+            return p == pat
+        return fnmatch.fnmatchcase(p, pat) or p.startswith(pat.rstrip("/") + "/") or p == pat
+
     def hit(fp: FilePatch, patterns: Sequence[str]) -> bool:
-        return any(fnmatch.fnmatchcase(p, pat) or p.startswith(pat.rstrip("/") + "/") or p == pat
-                   for p in {fp.path, fp.old_path} for pat in patterns)
+        return any(matches(p, pat) for p in {fp.path, fp.old_path} for pat in patterns)
     sel = Selection(files)
     for i, fp in enumerate(files):
         if (not only or hit(fp, only)) and not hit(fp, exclude):
@@ -6591,10 +6609,15 @@ class Applier:
             self.write(computed, was)
             written = {path: (data, mode) if data is not None else None for path, (data, mode, _) in computed.items()}
             return self.done(before, "plain", paths, [], written)
-        plain = self.git_apply(patch)
+        try:  # Ctrl-C reaches git too: it may stop half way, or after it wrote, before the undo log
+            plain = self.git_apply(patch)
+            now = self.read_here(paths) if plain.returncode == 0 else {}
+            if plain.returncode == 0:
+                self.check_written(files, exact, was, now)
+        except KeyboardInterrupt:
+            self.put_back_interrupted(was)
+            raise
         if plain.returncode == 0:
-            now = self.read_here(paths)
-            self.check_written(files, exact, was, now)
             return self.done(before, "plain", paths, [], now)
         self.after_failed_git_apply(plain.stderr, was)
         failure = describe_apply_failure(plain.stderr)
@@ -6631,6 +6654,15 @@ class Applier:
         does not apply leaves the files as they were, and no `--check` run has to read and
         apply it first."""
         return self.git.run("apply", "--binary", "-", input=patch, check=False)
+
+    def put_back_interrupted(self, was: Dict[str, Optional[Tuple[bytes, str]]]) -> None:
+        """After a Ctrl-C while `git apply` ran: every file it rewrote goes back, and the user
+        is told so (the interrupt then ends the command); PatchError naming what could not."""
+        _, left = self.put_back_rewritten(was)
+        if left:
+            raise PatchError("interrupted while git apply wrote; the files it had written were put back "
+                             "except " + self.describe_left(left, was), "put those back as shown")
+        say("interrupted while git apply wrote: every file was put back, nothing was changed")
 
     def after_failed_git_apply(self, stderr: bytes, was: Dict[str, Optional[Tuple[bytes, str]]]) -> None:
         """Nothing, when `git apply` refused the patch before it wrote (it did not apply: the
@@ -7676,7 +7708,10 @@ def apply_attempts(session: Session, opts: ApplyOptions, ask: str, attempts: Seq
     # strictly, whole: each section keeps its index line; a file built from hunks has no
     # blob of its own to be checked against, as a part chosen with `apply -i` has none
     files = session.vet(built.patch, first.id, whole=not built.hunks)
-    origin = {"ask": ask, "parts": built.parts, **({"hunks": built.hunks} if built.hunks else {})}
+    # logged under the first attempt's job: partial unless it is that job's whole patch, so a
+    # later `apply` of that job is not answered "already applied" for what it never wrote
+    origin = {"ask": ask, "parts": built.parts, **({"hunks": built.hunks} if built.hunks else {}),
+              "partial": built.patch != first.patch}
     result = apply_job(session, first.id, built.patch, read=files, overwrite=overwrite, no_color=opts.no_color,
                        origin=origin)
     taken = list(built.parts.values()) + [k for pairs in built.hunks.values() for k, _ in pairs]
@@ -8546,6 +8581,11 @@ def cmd_apply(args) -> int:
                          "patchwire apply JOB --yes [--only PATH ...] [--json]")
     job_id = session.resolve_job(args.job)
     job = session.job_record(job_id)
+    if job.get("project", session.cfg.project) != session.cfg.project:
+        raise UsageError(f"job {job_id} was asked in project {sanitize(str(job['project']))!r}, not in "
+                         f"{sanitize(session.cfg.project)!r} here: nothing was applied",
+                         f"run `patchwire apply {job_id}` in that project; to take its change here anyway, "
+                         f"`patchwire diff {job_id} > change.patch`, read it, then `git apply change.patch`")
     if job.get("status") != "done":
         raise AIFailed(f"job {job_id} is {sanitize(str(job.get('status')))}: nothing to apply",
                        sanitize(str(job.get("reason") or "")))
@@ -8745,10 +8785,11 @@ NOTIFY_ACTIONS: Dict[str, Callable[[Session, Any], int]] = {
 def undo_last_apply(session: Session, args) -> int:
     """`apply --undo`: one level back, the newest apply. When it was undone already, say so
     and when (as `log` shows it), not that nothing was ever applied."""
-    if not session.project.state_file("undo.json").exists():
-        raise nothing_to_undo(session.applied())
-    restored = Applier(session.project, Style(False)).undo()
-    entry = session.log_undo(restored)
+    with session.project.record_lock():  # never beside an apply (apply_job)
+        if not session.project.state_file("undo.json").exists():
+            raise nothing_to_undo(session.applied())
+        restored = Applier(session.project, Style(False)).undo()
+        entry = session.log_undo(restored)
     say(f"restored {len(restored)} file(s) to what they were before the last apply{log_origin(entry)}")
     output(args, {"restored": restored}, lambda r: print("\n".join(map(sanitize, r["restored"]))))
     return 0
@@ -8906,8 +8947,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(build_parser(), argv)
     if isinstance(args, int):
         return args
-    if getattr(args, "paths", None):  # exact names, given after `--`: matched as --only patterns
-        args.only = (args.only or []) + [glob.escape(p) for p in args.paths]
+    if getattr(args, "paths", None):  # exact names, given after `--`: each matches itself alone
+        args.only = (args.only or []) + [ExactName(p) for p in args.paths]
     return run_command("patchwire", COMMANDS, args, lambda e: output(args, {
         "error": e.message, "hint": e.hint, "exit_status": int(e.exit_status),
         **({"details": e.details} if e.details else {})}))
