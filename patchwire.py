@@ -233,7 +233,7 @@ GIT_NEUTRAL = (
 # .gitattributes (higher precedence): `* text=auto eol=crlf` or an LFS filter in the project
 # would otherwise change what `git add` stores and what checkout writes. With it, content is
 # stored and checked out byte for byte (tested with CRLF files under `* text=auto eol=crlf`).
-NEUTRAL_ATTRIBUTES = b"* -text -eol -filter -ident -working-tree-encoding\n"
+NEUTRAL_ATTRIBUTES = b"* -text -eol -filter -ident -working-tree-encoding !diff !merge\n"
 # For the indexes Patchwire keeps itself (the laptop's record, the box's snapshot index and
 # job folders), never the user's: a split index, so a command that changes a few entries of
 # a 100,000-file index writes those, not all of it (update-index 50 -> 20 ms, checkout -f
@@ -484,6 +484,11 @@ def clean_env(extra: Optional[dict] = None) -> dict:
 
 # ================================================================== git
 
+# The user's own repository is read with its own settings (ignore rules, sparse checkout,
+# case), but a program its config names never runs from Patchwire's calls: a `.git` that came
+# in an archive, or a vendored repository inside the project, would run it as the user.
+GIT_NO_PROGRAMS = ("-c", "core.fsmonitor=", "-c", "core.hooksPath=/dev/null")
+
 
 class Git:
     """Every git call goes through here. `git_dir`/`work_tree` are explicit, so a
@@ -516,9 +521,7 @@ class Git:
         return {k: v for k, v in self.env.items() if k.startswith("GIT_")}
 
     def argv(self, args: Sequence[str]) -> List[str]:
-        argv = ["git"]
-        if self.neutral:
-            argv += GIT_NEUTRAL
+        argv = ["git", *(GIT_NEUTRAL if self.neutral else GIT_NO_PROGRAMS)]
         for key, value in self.config.items():
             argv += ["-c", f"{key}={value}"]
         if self.git_dir is not None:
@@ -1549,12 +1552,18 @@ class LaptopConfig:
         return ["/" + glob.escape(rel.as_posix())]
 
     @classmethod
-    def find(cls, start: Optional[Path] = None) -> "LaptopConfig":
+    def find(cls, start: Optional[Path] = None, trusted: bool = True) -> "LaptopConfig":
+        """The nearest .patchwire.toml here or above; `trusted`: its settings that say where
+        the token and files go and what runs must be as this account wrote or trusted them."""
         here = (start or Path.cwd()).resolve()
         for folder in (here, *here.parents):
             path = folder / CONFIG_NAME
             if path.is_file():
-                return cls(folder, load_toml(path), path)
+                data = load_toml(path)
+                cfg = cls(folder, data, path)  # a broken file says first what is broken
+                if trusted and not Trust.holds(path, data):
+                    raise Trust.refusal(path)
+                return cfg
         raise UsageError(f"no {CONFIG_NAME} here or in any parent folder",
                          "run `patchwire init --agent URL --token-file PATH` in the project root")
 
@@ -1590,6 +1599,60 @@ class LaptopConfig:
         return token
 
 
+class Trust:
+    """Which .patchwire.toml files this account wrote (`init`) or trusted (`patchwire trust`),
+    as direnv's `allow` does: a repository can ship one, and its `agent`, `token_file`,
+    `ssh_options` and `rsync` would send the token and the project where it says and run its
+    programs as you, its `allow` would let secrets through. Kept by the file's real path with
+    a sha256 of those settings (their values as written: other edits need no new trust)."""
+
+    KEYS = ("agent", "token_file", "ssh", "ca_file")
+    SYNC_KEYS = ("ssh_options", "rsync", "allow", "max_file_mb", "submodules")
+
+    @classmethod
+    def digest(cls, data: dict) -> str:
+        sync = data.get("sync") if isinstance(data.get("sync"), dict) else {}
+        picked = {**{k: data.get(k) for k in cls.KEYS}, **{"sync." + k: sync.get(k) for k in cls.SYNC_KEYS}}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()
+
+    @staticmethod
+    def _file() -> Path:
+        return state_dir() / "trusted.json"
+
+    @classmethod
+    def _read(cls) -> Dict[str, str]:
+        try:
+            kept = json.loads(cls._file().read_text())
+        except (OSError, ValueError):
+            return {}  # none yet, or unreadable: nothing is trusted, and trusting again mends it
+        return {k: v for k, v in kept.items() if isinstance(v, str)} if isinstance(kept, dict) else {}
+
+    @classmethod
+    def holds(cls, path: Path, data: dict) -> bool:
+        return cls._read().get(str(path.resolve())) == cls.digest(data)
+
+    @classmethod
+    def record(cls, path: Path, data: dict) -> None:
+        folder = state_dir()
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        kept = {**cls._read(), str(path.resolve()): cls.digest(data)}
+        part = folder / f"trusted.json.{os.getpid()}.part"
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(kept, indent=1))
+        os.replace(part, cls._file())
+
+    @classmethod
+    def refusal(cls, path: Path) -> UsageError:
+        return UsageError(
+            f"{path} is not trusted here: `patchwire init` did not write it, nor did you trust it, or its "
+            "agent, token_file, ssh, ca_file or [sync] ssh_options, rsync, allow, max_file_mb or submodules "
+            "changed since. They say where your token and files go and which programs run, and a repository "
+            "can ship this file; nothing was sent or run",
+            f"read it; if those settings are yours, run `patchwire trust` in {shlex.quote(str(path.parent))}; "
+            "or write your own: `patchwire init --force --agent URL --token-file PATH [--ssh USER@HOST]`")
+
+
 SSH_DESTINATION_RE = re.compile(
     r"(?:ssh://)?(?P<dest>(?:[^@/\s:]+@)?(?:\[[0-9A-Fa-f:.]+\]|[^@/\s:\[\]]+))(?::(?P<port>\d{1,5}))?/?")
 
@@ -1601,7 +1664,7 @@ def parse_ssh_destination(value: Optional[str], path: Path) -> Tuple[Optional[st
     is fails much later as "Could not resolve hostname host:2222"."""
     if not value:
         return None, None
-    m = SSH_DESTINATION_RE.fullmatch(value.strip())
+    m = SSH_DESTINATION_RE.fullmatch(value.strip()) if not value.strip().startswith("-") else None
     if not m or (m.group("port") and not 0 < int(m.group("port")) < 65536):
         raise PatchwireError(
             f"{path}: ssh = {value!r} is not an SSH destination",
@@ -1695,14 +1758,17 @@ class PathMatcher:
         return self._folder_match(folder) if folder and self._folder else None
 
     def _folder_match(self, folder: str) -> Optional[str]:
-        if folder not in self._folders:
-            parent, _, name = folder.rpartition("/")
-            hit = self._folder_match(parent) if parent else None
+        todo = []  # the folders not seen yet, deepest first: a loop, however deep the path
+        while folder and folder not in self._folders:
+            todo.append(folder)
+            folder = folder.rpartition("/")[0]
+        hit = self._folders[folder] if folder else None
+        for one in reversed(todo):
             if hit is None:
-                m = self._folder.fullmatch(name)
+                m = self._folder.fullmatch(one.rpartition("/")[2])
                 hit = self._which(m) if m else None
-            self._folders[folder] = hit
-        return self._folders[folder]
+            self._folders[one] = hit
+        return hit
 
     def _which(self, m: "re.Match") -> str:
         return self.patterns[int(m.lastgroup[1:])]
@@ -2108,6 +2174,12 @@ class Project:
         if self._beneath_link(path.rpartition("/")[0], files.linked_folders):  # rsync would follow it
             files.held[path] = "beneath a folder that is a symlink: the file lies elsewhere, maybe outside the project"
             return False
+        if not path.isascii() and not is_utf8_name(path):
+            files.held[path] = NOT_UTF8
+            return False
+        if path.count("/") >= MAX_FOLDERS_DEEP:
+            files.held[path] = TOO_DEEP
+            return False
         allowed = rules.allow.match(path)
         if allowed:
             used_allow.add(allowed)
@@ -2121,12 +2193,16 @@ class Project:
 
     def _beneath_link(self, folder: str, seen: Dict[str, bool]) -> bool:
         """Whether `folder` (relative), or a folder above it, is a symlink; once per folder."""
-        if not folder:
-            return False
-        if folder not in seen:
-            parent = folder.rpartition("/")[0]
-            seen[folder] = self._beneath_link(parent, seen) or os.path.islink(os.path.join(self.root, folder))
-        return seen[folder]
+        # a loop down from the first folder not seen yet, not a call per level: a path 1,200
+        # folders deep (git takes it) is no RecursionError
+        todo = []
+        while folder and folder not in seen:
+            todo.append(folder)
+            folder = folder.rpartition("/")[0]
+        linked = seen.get(folder, False) if folder else False
+        for one in reversed(todo):
+            linked = seen[one] = linked or os.path.islink(os.path.join(self.root, one))
+        return linked
 
     def _secret_inside(self, path: str, st: os.stat_result) -> Optional[str]:
         """A private key or keystore under a name the deny-list does not know (`deploy_key`,
@@ -2692,6 +2768,22 @@ def denied_by(path: str, deny: Sequence[str], allow: Sequence[str]) -> Optional[
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "patchwire"
+
+
+# rsync 3.2-3.5 stops past ~1,000 folders deep ("Cannot allocate memory", exit 23), which
+# git takes: such a file is held back, named, and the rest of the project still goes
+MAX_FOLDERS_DEEP = 512
+TOO_DEEP = f"more than {MAX_FOLDERS_DEEP} folders deep: rsync cannot carry it"
+NOT_UTF8 = "its name is not UTF-8, which the box's API carries names as: rename it to send it"
+
+
+def is_utf8_name(path: str) -> bool:
+    """A name as read from the disk (surrogateescape) that was valid UTF-8 there."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def state_dir() -> Path:
@@ -5649,6 +5741,11 @@ def unchanged_since_sync(project: "Project", files: Sequence[FilePatch], base_tr
     return out
 
 
+# A file in the way larger than this is refused, not read: replacing it would keep its bytes
+# in the undo log, held whole in memory (a 3 GB data file took 9.5 GB).
+IN_THE_WAY_MAX_BYTES = 64 << 20
+
+
 class InTheWay:
     """A file already at a new file's or a rename's destination that the patch would replace:
     what it holds was never synced or reviewed (a file made since the sync, an ignored `.env`).
@@ -5694,9 +5791,14 @@ def files_in_the_way(project: "Project", files: Sequence[FilePatch], job: str = 
         if (f.kind not in ("new", "renamed") or same_file_leaving(root, f.path, leaving.get(folded_path(f.path), []))
                 or symlink_parent(root, f.path)):
             continue
-        if lstat_or_none(root / f.path) is None:
+        st = lstat_or_none(root / f.path)
+        if st is None:
             nothing_here.append(f.path)
             continue
+        if stat.S_ISREG(st.st_mode) and st.st_size > IN_THE_WAY_MAX_BYTES:  # never read whole, nor kept
+            raise PatchError(f"{sanitize(f.path)} is here ({size_in_words(st.st_size)}), where the patch puts a new "
+                             "file or a rename: too big to be kept for `apply --undo`; nothing was changed",
+                             "move it out of the way and apply again, or leave that file out (--exclude PATH)")
         here = read_worktree(root, f.path)
         if here is not None and f.result is not None and here[0] == f.result:
             continue
@@ -7698,7 +7800,7 @@ def apply_attempts(session: Session, opts: ApplyOptions, ask: str, attempts: Seq
     attempt each file, or each hunk, came from."""
     if pick:
         a = numbered(attempts, pick)
-        origin = {"ask": ask, "parts": {fp.path: a.number for fp in a.files}}
+        origin: Dict[str, Any] = {"ask": ask, "parts": {fp.path: a.number for fp in a.files}}
         result = apply_job(session, a.id, a.patch, read=a.files, overwrite=overwrite, no_color=opts.no_color,
                            origin=origin)
         session.remember_job(a.id)
@@ -7827,6 +7929,17 @@ def ask_attempts(session: Session, args, prompt: str) -> int:
     which, opts = check_attempt_args(args), ApplyOptions.of(args)
     session.client.on_wait = lambda quiet: say(f"still waiting for the box ({quiet:.0f} s without news)")
     first, events, tree = start_ask(session, ask_fields(session, args, prompt))
+    known: Dict[str, Any] = {"ask": None, "jobs": [str(first["job"])]}  # what a Ctrl-C from here on names
+    try:
+        return follow_attempts(session, opts, which, first, events, tree, known)
+    except KeyboardInterrupt:
+        if known.get("ended"):  # while choosing: nothing runs on
+            raise
+        raise AttemptsLeft(known["ask"], known["jobs"]) from None
+
+
+def follow_attempts(session: Session, opts: ApplyOptions, which: "AttemptOptions", first: dict,
+                    events: Iterator[dict], tree: str, known: Dict[str, Any]) -> int:
     ask = session.client.job(first["job"]).get("ask_id")
     if not isinstance(ask, str):
         raise AnswerRefused("the agent made one job of an ask of several attempts (is it older than "
@@ -7835,6 +7948,7 @@ def ask_attempts(session: Session, args, prompt: str) -> int:
     numbers = {job["id"]: job["attempt"] for job in group["jobs"]}
     if len(numbers) != which.count or first["job"] not in numbers:
         raise AnswerRefused(f"the agent's ask {ask} is not the {which.count} attempts asked for", BOX_HINT)
+    known.update(ask=ask, jobs=list(numbers))
     for job in numbers:
         session.record_job_tree(job, tree)
     say(f"ask {ask}: {len(numbers)} attempts; following attempt {which.focus}'s AI, one line each for the others")
@@ -7850,7 +7964,21 @@ def ask_attempts(session: Session, args, prompt: str) -> int:
         yield first
         yield from events
     group = follow_group(session, ask, chain(), on_event, numbers)
+    known["ended"] = True
     return choose_attempt(session, opts, ask, load_attempts(session, group), which)
+
+
+class AttemptsLeft(PatchwireError):
+    """Ctrl-C while `ask -n N` follows its attempts (or before it knew them all): they run on."""
+
+    exit_status = ExitStatus.INTERRUPTED
+
+    def __init__(self, ask: Optional[str], jobs: List[str]):
+        what = f"ask {ask}" if ask else "the ask"
+        super().__init__(f"left {what}; its attempts keep running on the box" +
+                         (f" (job {', '.join(jobs)})" if jobs else ""),
+                         "`patchwire wait` follows them again and offers their changes, `patchwire cancel JOB` "
+                         "stops each", details={"ask": ask, "jobs": jobs})
 
 
 def choose_attempt(session: Session, opts: ApplyOptions, ask: str, attempts: List[Attempt],
@@ -8047,6 +8175,7 @@ def cmd_init(args) -> int:
             raise UsageError("nothing written; fix what doctor reported and run init again")
     path.write_text("# Patchwire: where this project's AI runs. No secrets here: the token\n"
                     "# stays in token_file (or PATCHWIRE_TOKEN).\n" + dump_toml(data))
+    Trust.record(path, data)  # written by you: trusted (Trust)
     say(f"wrote {path} (project {cfg.project}, agent {cfg.agent}, "
         f"{'mirror over ssh ' + cfg.ssh if cfg.ssh else 'local mirror'})")
     say('next: patchwire doctor, patchwire sync --dry-run, then patchwire ask "..."')
@@ -8629,7 +8758,7 @@ def cmd_jobs(args) -> int:
     jobs = session.client.jobs()
     if not jobs:
         say("no jobs yet")
-    output(args, {"jobs": jobs},
+    output(args, {"jobs": jobs, "project": session.cfg.project},  # `project`: this one's name on the box
            lambda r: print("\n".join([JOBS_HEADER] + [job_line(j) for j in r["jobs"]])) if jobs else None)
     return 0
 
@@ -8834,6 +8963,21 @@ def cmd_doctor(args) -> int:
     return 0 if ok else int(ExitStatus.ERROR)
 
 
+def cmd_trust(args) -> int:
+    """The nearest .patchwire.toml's settings that say where things go and what runs, shown,
+    then trusted by this account (Trust): a repository's own file is used only after this."""
+    cfg = LaptopConfig.find(trusted=False)
+    data = load_toml(cfg.path)
+    shown = {"agent": cfg.agent, "token_file": cfg.token_file, "ssh": cfg.ssh, "ca_file": cfg.ca_file,
+             "sync.ssh_options": cfg.ssh_options, "sync.rsync": cfg.rsync, "sync.allow": cfg.allow,
+             "sync.max_file_mb": cfg.max_file_mb, "sync.submodules": cfg.submodules}
+    Trust.record(cfg.path, data)
+    say(f"trusted {cfg.path} with these settings (run `patchwire trust` again after you change them):")
+    output(args, {"config": str(cfg.path), "trusted": shown},
+           lambda r: print("\n".join(sanitize(f"  {k} = {json.dumps(v)}") for k, v in r["trusted"].items())))
+    return 0
+
+
 def cmd_usage(args) -> int:
     session = Session.here()
     query = {k: v for k, v in (("since", args.since), ("until", args.until), ("group", args.by)) if v}
@@ -8843,6 +8987,8 @@ def cmd_usage(args) -> int:
 
 COMMANDS = {
     "init": (cmd_init, "write .patchwire.toml for this project (asks for the values without flags)"),
+    "trust": (cmd_trust, "show the .patchwire.toml's agent, token file, ssh and sync settings and trust "
+                         "them (a file you did not write with init: a cloned repository's)"),
     "sync": (cmd_sync, "send the project's files to the agent box"),
     "ask": (cmd_ask, "sync, ask the AI, stream its progress, preview and apply the diff (-n N: several "
                      "attempts side by side, then choose one, or files from several)"),

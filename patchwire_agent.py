@@ -157,6 +157,7 @@ from __future__ import annotations
 import argparse
 import base64
 import bisect
+import collections
 import contextlib
 import datetime as dt
 import fcntl
@@ -229,6 +230,16 @@ AUTH_PENALTY_S = 0.25  # the first delay, doubled per further failure ...
 AUTH_PENALTY_MAX_S = 4.0  # ... up to this
 AUTH_FORGET_S = 600  # an address without failures for this long starts afresh
 AUDIT_BACKUPS = 5  # audit.log.1 .. audit.log.5
+# Request lines written to the audit log per client without a valid token (by address, an
+# IPv6 client by its /64) and per user: a burst, then so many a second. Past it the lines are
+# counted, not written, and the count goes into that client's next line: 192,000 requests
+# without a token once rotated every earlier line out of the log in 22 s.
+AUDIT_BURST_ANONYMOUS, AUDIT_RATE_ANONYMOUS = 60, 1.0
+AUDIT_BURST_USER, AUDIT_RATE_USER = 600, 10.0
+AUDIT_CLIENTS_KEPT = 4096
+AHEAD_AT_ONCE = 2  # job folders checked ahead at once (/v1/me), on the whole box
+LIST_PROMPT_CHARS = 1000  # a prompt's first characters in lists; GET /v1/jobs/ID has it whole
+FOLLOW_BATCH = 1000  # a job's stored events are read this many at a time for a stream
 # Where [server] listen may point without `allow_public = true`: loopback, private
 # networks (RFC 1918, IPv6 unique local) and Tailscale's ranges.
 PRIVATE_NETWORKS = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
@@ -619,6 +630,12 @@ JOB_FIELDS = ("id", "user", "project", "prompt", "status", "reason", "created", 
               "pgid", "last_seq", "box", *ATTEMPT_COLUMNS)
 
 
+def job_fields(prompt_chars: int = 0) -> str:
+    """JOB_FIELDS for a SELECT; with `prompt_chars`, the prompt's first characters only."""
+    cut = f"substr(prompt, 1, {int(prompt_chars)})" if prompt_chars else "prompt"
+    return ", ".join(cut if field == "prompt" else field for field in JOB_FIELDS)
+
+
 class EventTail:
     """The latest events of a job that has not ended, as the lines a stream sends them:
     followers read them here, not from sqlite (which stays the record; a follower further
@@ -699,10 +716,13 @@ class Store:
                                   (job_id,)).fetchone()
         return _job_row(row) if row else None
 
-    def find_jobs(self, user: str, prefix: str = "", limit: int = 100) -> List[dict]:
+    def find_jobs(self, user: str, prefix: str = "", limit: int = 100, prompt_chars: int = 0) -> List[dict]:
+        """The user's newest jobs (by id prefix); `prompt_chars`: only that many characters of
+        each prompt (a list of 100 jobs of 1 MiB prompts once held 100 MB per answer)."""
+        fields = job_fields(prompt_chars)
         with self.lock:
             rows = self.db.execute(
-                f"SELECT {', '.join(JOB_FIELDS)} FROM jobs WHERE user = ? AND id LIKE ? "
+                f"SELECT {fields} FROM jobs WHERE user = ? AND id LIKE ? "
                 "ORDER BY created DESC LIMIT ?", (user, prefix.replace("%", "") + "%", limit)).fetchall()
         return [_job_row(r) for r in rows]
 
@@ -823,14 +843,15 @@ class Store:
     def follow(self, job_id: str, after: int) -> Tuple[List[Tuple[int, str, bytes]], Optional[str], int]:
         """What a stream reads: the job's events after `after` as (seq, type, JSON line), its
         status (read together, as in events_and_status), and the generation to hand to
-        wait_change. From the job's tail when it reaches back that far; else from sqlite."""
+        wait_change. From the job's tail when it reaches back that far; else from sqlite, at
+        most FOLLOW_BATCH of them (a stream of a job's 16 MiB of output is not held whole)."""
         with self.lock:
             tail = self.tails.get(job_id)
             lines = tail.after(after) if tail is not None else None
             if tail is not None and lines is not None:
                 return lines, tail.status, self.generation
-            rows = self.db.execute("SELECT seq, data FROM events WHERE job = ? AND seq > ? ORDER BY seq",
-                                   (job_id, after)).fetchall()
+            rows = self.db.execute("SELECT seq, data FROM events WHERE job = ? AND seq > ? ORDER BY seq LIMIT ?",
+                                   (job_id, after, FOLLOW_BATCH)).fetchall()
             row = self.db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
             generation = self.generation
         return ([(seq, json.loads(data)["type"], (data + "\n").encode()) for seq, data in rows],
@@ -1683,6 +1704,8 @@ class ProjectRepo:
             uses, index_then = self._uses.get(slot, 0), self._current_index_stat(slot)
             if index_then is None:
                 return False
+            if self._ahead.get(slot) == (uses, index_then):
+                return True  # checked since the folder was last taken, and its index unchanged
             self._checking[slot] = threading.Event()
         clean = False
         try:
@@ -2751,6 +2774,7 @@ def sandbox_exec_argv(program: str, argv: List[str], params: Dict[str, Path], ga
 # (GatewayKey), since every local process can reach that port.
 
 NETWORK_MODES = ("open", "allowlist", "none")
+NETWORK_STRICTNESS = {mode: n for n, mode in enumerate(NETWORK_MODES)}
 # Named host lists for what this tool's users build with (README.md, "Network").
 NETWORK_PRESETS: Dict[str, Tuple[str, ...]] = {
     "anthropic": ("api.anthropic.com", "statsig.anthropic.com"),
@@ -2905,16 +2929,24 @@ class NetworkConfig:
                                  f"known presets: {', '.join(NETWORK_PRESETS)}")
         return table
 
-    def own_network(self, project: str) -> bool:
+    @staticmethod
+    def names(pattern: str, user: str, project: str) -> bool:
+        """A [network.projects."P"] pattern: `P` matches a project of that name of any user,
+        `USER/P` (a "/" in it) only that user's."""
+        return fnmatch.fnmatchcase(f"{user}/{project}" if "/" in pattern else project, pattern)
+
+    def own_network(self, user: str, project: str) -> bool:
         """Whether a [network.projects."P"] section names `project` (its AI home is its own)."""
-        return self.configured and any(fnmatch.fnmatchcase(project, p) for p in self.projects)
+        return self.configured and any(self.names(p, user, project) for p in self.projects)
 
     def policy(self, user: str, project: str) -> NetworkPolicy:
+        """The most specific `mode` wins, except that a user's own stricter mode is never
+        loosened by a project's: a project name is the user's to choose, so naming one like
+        another user's open project must not open a user the admin shut."""
         layers = [("[network]", self.base)]
         if user in self.users:
             layers.append((f"[network.users.{user}]", self.users[user]))
-        layers += [(f'[network.projects."{p}"]', t) for p, t in self.projects.items()
-                   if fnmatch.fnmatchcase(project, p)]
+        layers += [(f'[network.projects."{p}"]', t) for p, t in self.projects.items() if self.names(p, user, project)]
         mode, mode_rule, allow_rule = "allowlist", "", "[network]"
         patterns: List[str] = []
         for rule, table in layers:
@@ -2925,6 +2957,9 @@ class NetworkConfig:
             patterns += table["allow"] or []
             if table["allow"] is not None or table["presets"] is not None:
                 allow_rule = rule
+        floor = self.users.get(user, {}).get("mode")
+        if floor is not None and NETWORK_STRICTNESS[floor] > NETWORK_STRICTNESS[mode]:
+            mode, mode_rule = floor, f'[network.users.{user}] mode = "{floor}" (a project\'s never loosens it)'
         return NetworkPolicy(mode, patterns, mode_rule, allow_rule)
 
 
@@ -4291,15 +4326,16 @@ def ask_jobs(store: "Store", user: str, prefix: str) -> List[dict]:
     """The attempts of the user's ask (a unique prefix of its id is enough), in order."""
     if not re.fullmatch(r"[0-9a-f]{1,32}", prefix or ""):
         raise NotFound(f"no ask {prefix!r}")
-    with store.lock:
-        rows = store.db.execute(f"SELECT {', '.join(JOB_FIELDS)} FROM jobs WHERE user = ? AND ask_id LIKE ? "
-                                "ORDER BY ask_id, attempt", (user, prefix + "%")).fetchall()
-    jobs = [_job_row(r) for r in rows]
-    if not jobs:
+    with store.lock:  # which asks first (two tell it is ambiguous): a short prefix loads no prompts
+        asks = [r[0] for r in store.db.execute("SELECT DISTINCT ask_id FROM jobs WHERE user = ? AND ask_id LIKE ? "
+                                               "LIMIT 2", (user, prefix + "%"))]
+        if len(asks) > 1:
+            raise Conflict(f"ask id prefix {prefix!r} is ambiguous", "give more characters", code="ambiguous")
+        rows = store.db.execute(f"SELECT {job_fields()} FROM jobs WHERE user = ? AND ask_id = ? "
+                                "ORDER BY attempt", (user, asks[0])).fetchall() if asks else []
+    if not rows:
         raise NotFound(f"no ask {prefix!r} of yours", "`patchwire jobs` lists your jobs with their ask ids")
-    if len({job["ask_id"] for job in jobs}) > 1:
-        raise Conflict(f"ask id prefix {prefix!r} is ambiguous", "give more characters", code="ambiguous")
-    return jobs
+    return [_job_row(r) for r in rows]
 
 
 def ask_group(jobs: List[dict]) -> dict:
@@ -5015,7 +5051,11 @@ class Agent:
         none while every folder of the project is busy."""
         with self.lock:
             free = set(range(self.cfg.slots)) - self.busy.get((user, project), set())
-            if not free or (user, project) in self.checking_ahead:
+            # one check of a user's at a time, AHEAD_AT_ONCE on the box: /v1/me in a loop over
+            # many projects would otherwise keep a `git status` of each running, outside every
+            # limit a job has (workers, max_running, the fair queue)
+            if (not free or any(u == user for u, _ in self.checking_ahead)
+                    or len(self.checking_ahead) >= AHEAD_AT_ONCE):
                 return
             self.checking_ahead.add((user, project))
         threading.Thread(target=self._check_ahead, args=(user, project, min(free)),
@@ -5174,7 +5214,7 @@ class Agent:
 
     def home_project(self, job: dict) -> Optional[str]:
         """The project whose own AI home the job uses (one behind a network of its own), else None."""
-        return job["project"] if self.cfg.network.own_network(job["project"]) else None
+        return job["project"] if self.cfg.network.own_network(job["user"], job["project"]) else None
 
     def job_home(self, job: dict) -> Path:
         return ai_home(self.cfg.state_dir, job["user"], self.home_project(job))
@@ -6311,7 +6351,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.auth_delay_s:
             record["auth_delay_s"] = self.auth_delay_s
         record.update(self.ask_ms)
-        self.agent.audit.write(record)
+        unlogged = self.server.audit_budget.take(self.user or "", client_key(self.client_address[0]))
+        if unlogged is not None:  # within the client's budget (AuditBudget)
+            if unlogged:
+                record["unlogged_before"] = unlogged  # its lines counted, not written, since its last
+            self.agent.audit.write(record)
         if self.status:
             method = self.command if self.command in ("GET", "POST", "DELETE") else "other"  # bounded labels
             self.agent.metrics.observe(method, self.route_label, int(self.status),
@@ -6408,6 +6452,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def send_head(self, status: int, length: int, content_type: str, **headers: str) -> None:
         """The status line and headers of an answer of `length` bytes, which follow."""
         self.started_response = True
+        if not self.user:  # no valid token: one answer, then the place goes back (never held by
+            self.close_connection = True  # a client that pipelines requests and reads slowly)
         self.send_response(status)
         for name, value in headers.items():
             self.send_header(name.replace("_", "-"), value)
@@ -6459,6 +6505,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 after = seq
                 if kind in LAST_EVENTS:
                     follow = False
+            if len(events) >= FOLLOW_BATCH:
+                continue  # a batch of the stored ones: more may follow at once
             if not follow or (not events and status in TERMINAL):
                 break
             if events:
@@ -6501,7 +6549,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_json(HTTPStatus.ACCEPTED, public_job(job))
 
     def route_jobs(self, user: str) -> None:
-        self.send_json(HTTPStatus.OK, {"jobs": [public_job(j) for j in self.agent.store.find_jobs(user)]})
+        jobs = self.agent.store.find_jobs(user, prompt_chars=LIST_PROMPT_CHARS)
+        self.send_json(HTTPStatus.OK, {"jobs": [public_job(j) for j in jobs]})
 
     def route_job(self, user: str, job: str) -> None:
         found = self.agent.find_job(user, job)
@@ -6610,6 +6659,35 @@ def public_job(job: dict) -> dict:
     return out
 
 
+class AuditBudget:
+    """How many request lines each client may write to the audit log: a user by name, a
+    client without a valid token by its address (client_key). A token bucket each; a line
+    past it is counted, and the count is written with that client's next line."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.buckets: "collections.OrderedDict[str, List[float]]" = collections.OrderedDict()  # key -> [tokens, time, unlogged]
+
+    def take(self, user: str, address: str) -> Optional[int]:
+        """None: do not write this line. Else the lines not written before it (0 mostly)."""
+        key, burst, rate = ("user " + user, AUDIT_BURST_USER, AUDIT_RATE_USER) if user else \
+            ("address " + address, AUDIT_BURST_ANONYMOUS, AUDIT_RATE_ANONYMOUS)
+        now = time.monotonic()
+        with self.lock:
+            bucket = self.buckets.pop(key, None) or [float(burst), now, 0.0]
+            self.buckets[key] = bucket  # the most recent last: the oldest go first past the cap
+            if len(self.buckets) > AUDIT_CLIENTS_KEPT:
+                self.buckets.popitem(last=False)
+            bucket[0] = min(float(burst), bucket[0] + (now - bucket[1]) * rate)
+            bucket[1] = now
+            if bucket[0] < 1.0:
+                bucket[2] += 1
+                return None
+            bucket[0] -= 1.0
+            unlogged, bucket[2] = int(bucket[2]), 0.0
+            return unlogged
+
+
 class AgentHTTPServer(http.server.ThreadingHTTPServer):
     """ThreadingHTTPServer with the caps of ConnectionTable, the configured listen backlog,
     IPv4 or IPv6 as the address asks, and optional TLS (handshake in the connection's thread)."""
@@ -6623,6 +6701,7 @@ class AgentHTTPServer(http.server.ThreadingHTTPServer):
         self.tls = tls
         self.connections = ConnectionTable(cfg.max_connections, cfg.max_connections_per_client)
         self.auth_failures = AuthFailures()
+        self.audit_budget = AuditBudget()
         self.request_queue_size = cfg.backlog
         self.address_family = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM)[0][0]
         super().__init__(address, Handler)

@@ -117,6 +117,14 @@ def git(repo: Path, *args: str, input: Optional[bytes] = None) -> str:
     return out.stdout.decode("utf-8", "surrogateescape")
 
 
+def write_config(root: Path, text: str) -> None:
+    """A project's .patchwire.toml written by hand, as its user would, then trusted as
+    `patchwire trust` does (a file `init` did not write is refused until it is)."""
+    path = root / ".patchwire.toml"
+    path.write_text(text)
+    patchwire.Trust.record(path, tomllib.loads(text))
+
+
 def make_repo(path: Path, files: Dict[str, bytes], commit: bool = True) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     git(path, "init", "-q")

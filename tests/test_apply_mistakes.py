@@ -6,6 +6,7 @@ Real agent on 127.0.0.1:0, the stand-in AI, the real CLI and git."""
 import fcntl
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -145,3 +146,29 @@ def test_a_change_built_from_attempts_is_not_logged_as_the_whole_attempt(tmp_pat
     log2 = [json.loads(line) for line in
             (patchwire.Project(lap2.root, "any").state_file("applied.log")).read_text().splitlines()]
     assert log2[-1]["partial"] is False
+
+
+def test_ctrl_c_while_attempts_run_names_every_attempt_left_running(tmp_path, make_agent):
+    agent = make_agent(jobs={"workers": 2, "slots": 2})
+    lap = project(tmp_path, agent)
+    steps = [{"by_attempt": {"1": [{"sleep": 30}], "2": [{"sleep": 30}]}}]
+    proc = subprocess.Popen(lap.program + ["ask", "slow\n#pw-script " + json.dumps(steps) + "\n", "-n", "2", "--json"],
+                            cwd=lap.root, env=lap.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len([j for j in agent.json("GET", "/v1/jobs")[1]["jobs"]
+                                               if j["status"] == "running"]) < 2:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == int(patchwire.ExitStatus.INTERRUPTED), err
+    left = json.loads(out.decode().splitlines()[-1])
+    running = sorted(j["id"] for j in agent.json("GET", "/v1/jobs")[1]["jobs"] if j["status"] == "running")
+    assert sorted(left["details"]["jobs"]) == running and len(running) == 2, (left, running)
+    assert left["error"].startswith(f"left ask {left['details']['ask']}; its attempts keep running on the box")
+    for job in running:
+        agent.request("DELETE", f"/v1/jobs/{job}")
+
+
+def test_jobs_json_names_this_project(tmp_path, agent):
+    lap = project(tmp_path, agent, name="shop-api")
+    assert json.loads(lap.run("jobs", "--json", check=0).out)["project"] == "shop-api"

@@ -335,7 +335,8 @@ def test_take_builds_one_file_from_hunks_of_two_attempts_and_refuses_overlapping
     assert (lap.root / ODD).read_bytes() == b"odd from two\n"
     entry = applied_log(lap)[-1]
     assert entry["parts"] == {ODD: 2} and entry["hunks"] == {"lib/b.dart": [[1, 1], [2, 2], [1, 2]]}
-    assert entry["partial"] is False and outcome["apply"]["hunks"] == entry["hunks"]
+    # built from two attempts: not attempt 2's whole change, so a later `apply` of it is no "already"
+    assert entry["partial"] is True and outcome["apply"]["hunks"] == entry["hunks"]
     said = (f"from ask {outcome['ask']} (attempt 2: {ODD}; lib/b.dart: hunk 1 of attempt 1, hunk 2 of attempt 2, "
             "hunk 2 of attempt 1)")
     assert said in lap.run("log", check=0).out

@@ -11,7 +11,7 @@ import time
 import pytest
 
 import patchwire
-from conftest import Laptop, drive_pty, make_repo, script
+from conftest import Laptop, drive_pty, make_repo, script, write_config
 
 
 def json_of(result) -> dict:
@@ -100,8 +100,7 @@ def test_doctor_agent_down(laptop, agent):
 def test_doctor_missing_rsync_and_ai(laptop, make_agent):
     box = make_agent(ai_command=["claude-not-installed"])
     laptop.init(box)
-    with open(laptop.root / ".patchwire.toml", "a") as f:
-        f.write('\n[sync]\nrsync = "/nonexistent/rsync"\n')
+    write_config(laptop.root, (laptop.root / ".patchwire.toml").read_text() + '\n[sync]\nrsync = "/nonexistent/rsync"\n')
     checks = checks_of(laptop.run("doctor", "--json"))
     assert checks["rsync"]["ok"] is False and "apt install rsync" in checks["rsync"]["fix"]
     assert checks["ai"]["ok"] is False and "install Claude Code on the box" in checks["ai"]["fix"]
@@ -162,8 +161,7 @@ def test_doctor_names_the_rsync_flavour(laptop, tmp_path, banner, expected):
     fake = tmp_path / "rsync"
     fake.write_text("#!/bin/sh\ncat <<'EOF'\n" + banner + "\nEOF\n")
     fake.chmod(0o755)
-    with open(laptop.root / ".patchwire.toml", "a") as f:
-        f.write(f'\n[sync]\nrsync = "{fake}"\n')
+    write_config(laptop.root, (laptop.root / ".patchwire.toml").read_text() + f'\n[sync]\nrsync = "{fake}"\n')
     checks = checks_of(laptop.run("doctor", "--json"))
     assert checks["rsync"]["ok"] and checks["rsync"]["detail"].startswith(expected)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import patchwire
-from conftest import Laptop, make_repo, script
+from conftest import Laptop, make_repo, script, write_config
 from sshd import free_port, running_sshd
 
 PORTLESS_CONFIG = """\
@@ -61,7 +61,7 @@ def portless_laptop(tmp_path: Path, agent, server, ssh: str) -> Laptop:
     lap = Laptop(make_repo(tmp_path / "laptop", {"README.md": b"# port\n", "src/a.txt": b"a\n"}))
     lap.init(agent, "--ssh", ssh)
     text = (lap.root / ".patchwire.toml").read_text()
-    (lap.root / ".patchwire.toml").write_text(text + f'\n[sync]\nssh_options = ["-F", "{config}"]\n')
+    write_config(lap.root, text + f'\n[sync]\nssh_options = ["-F", "{config}"]\n')
     return lap
 
 
@@ -111,7 +111,7 @@ def test_a_wrong_token_file_is_named(laptop, agent, tmp_path):
     wrong.write_text("pw_wrong\n")
     wrong.chmod(0o600)
     text = (laptop.root / ".patchwire.toml").read_text().replace(str(agent.token_file()), str(wrong))
-    (laptop.root / ".patchwire.toml").write_text(text)
+    write_config(laptop.root, text)
     result = laptop.run("jobs")
     assert result.returncode == 3 and f"the token file {wrong}" in result.err, result.err
     assert "pw_wrong" not in result.err
@@ -177,7 +177,7 @@ def test_a_url_that_is_not_an_agent_is_called_so(laptop, agent):
     try:
         url = "http://127.0.0.1:%d" % server.server_address[1]
         text = (laptop.root / ".patchwire.toml").read_text().replace(agent.url, url)
-        (laptop.root / ".patchwire.toml").write_text(text)
+        write_config(laptop.root, text)
         result = laptop.run("jobs")
     finally:
         server.shutdown()

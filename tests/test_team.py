@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Tuple
 import pytest
 
 import patchwire_agent as AGENT
-from conftest import Laptop, ask_body, make_repo, script, tomli_w, tomllib, wait_until
+from conftest import Laptop, ask_body, make_repo, script, tomli_w, tomllib, wait_until, write_config
 from test_api import assert_json_error, post_ask, wait_for_event
 
 
@@ -234,8 +234,7 @@ def test_project_allowlist_refuses_sync_and_ask_naming_the_rule(make_agent, tmp_
     assert '[users.bob] projects = ["web-*"]' in refused.err and "--project NAME" in refused.err
     assert not (other / ".patchwire.toml").exists()
     # a config from before the rule: sync is refused the same way
-    (other / ".patchwire.toml").write_text(f'agent = "{agent.url}"\ntoken_file = "{agent.token_file("bob")}"\n'
-                                           'project = "api"\n')
+    write_config(other, f'agent = "{agent.url}"\ntoken_file = "{agent.token_file("bob")}"\nproject = "api"\n')
     result = api.run("sync")
     assert result.returncode == 3, result.err
     assert '[users.bob] projects = ["web-*"]' in result.err

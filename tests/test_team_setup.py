@@ -138,6 +138,7 @@ def a_developer(tmp_path: Path, name: str, block: List[str], box_subs: Dict[str,
                     f"{server.user}@{server.alias})") in done.stderr, done.stderr
             write_sync_options(Laptop(project), ssh_options=["-F", str(server.write_client_config(
                 home / "ssh_config", box_home / name))])
+            bash(f"{laptop} trust", project, dev_env)  # the setting added by hand, trusted as that developer
         elif " ask " in line:
             assert f"AI started ({LABEL})" in done.stderr, done.stderr
             assert f"[{LABEL}] I add your request, on one line, to PATCHWIRE_DEMO.md." in done.stderr

@@ -52,14 +52,15 @@ function isExecutable(file) {
   }
 }
 
-/** The folder whose .patchwire.toml applies: the CLI looks upward from its working folder,
- * so the first candidate (the active file's workspace folder first) that has one, or has one
- * above it. */
+/** The project folder: the one holding the .patchwire.toml that applies, in or above the
+ * first candidate (the active file's workspace folder first) that has one. The CLI looks
+ * upward the same way; the project's paths are relative to this folder (a monorepo's package
+ * opened on its own: the project is its repository's top, not the folder open). */
 function projectFolder(candidates) {
   for (const folder of candidates) {
     for (let dir = folder; ; dir = path.dirname(dir)) {
       if (fs.existsSync(path.join(dir, '.patchwire.toml'))) {
-        return folder;
+        return dir;
       }
       if (path.dirname(dir) === dir) {
         break;

@@ -129,9 +129,12 @@ class Patchwire {
 
   // --- picking a job
 
-  /** A quick pick of your jobs (newest first) that pass `filter`; undefined on Escape. */
+  /** A quick pick of this project's jobs (newest first) that pass `filter`; undefined on
+   * Escape. Another project's jobs are not offered: their change is not for these files. */
   async pickJob(placeHolder, filter = () => true, none = 'no jobs yet') {
-    const jobs = present.sortJobs(((await this.cli().jobs()).jobs || []).filter(filter));
+    const listed = await this.cli().jobs();
+    const mine = (listed.jobs || []).filter((j) => !listed.project || j.project === listed.project);
+    const jobs = present.sortJobs(mine.filter(filter));
     if (!jobs.length) {
       vscode.window.showInformationMessage(`Patchwire: ${none}`);
       return undefined;
@@ -161,7 +164,7 @@ class Patchwire {
     if (!text || !text.trim()) {
       return undefined;
     }
-    const context = await this.pickContext();
+    const context = await this.pickContext(cli.cwd);
     if (context === undefined) {
       return undefined;
     }
@@ -192,7 +195,7 @@ class Patchwire {
     if (!text || !text.trim()) {
       return undefined;
     }
-    const context = await this.pickContext();
+    const context = await this.pickContext(cli.cwd);
     if (context === undefined || !(await this.saveFirst())) {
       return undefined;
     }
@@ -204,13 +207,17 @@ class Patchwire {
     return result;
   }
 
-  /** null: no context; undefined: the user backed out. Asked only when there is an editor. */
-  async pickContext() {
+  /** null: no context; undefined: the user backed out. Asked only when there is an editor
+   * on a file of the project (`root`): the path the AI is told is relative to the project. */
+  async pickContext(root) {
     const editor = vscode.window.activeTextEditor;
     if (!editor || editor.document.uri.scheme !== 'file') {
       return null;
     }
-    const rel = vscode.workspace.asRelativePath(editor.document.uri, false);
+    const rel = path.relative(root, editor.document.uri.fsPath).split(path.sep).join('/');
+    if (!rel || rel.startsWith('../') || rel === '..' || path.isAbsolute(rel)) {
+      return null;
+    }
     const items = [{ label: 'No context', context: null }];
     const sel = editor.selection;
     if (sel && !sel.isEmpty) {
@@ -323,10 +330,15 @@ class Patchwire {
    * the AI's edits overlap yours, with conflict markers; where files of yours the box never
    * had are in the way of a new file or a rename, replacing them. */
   async apply(cli, job, paths, files, sha256 = '') {
-    const touched = new Set((paths.length ? paths : files.map((f) => f.path)).map((p) => path.join(cli.cwd, p)));
+    // a file the change writes, or moves away (a rename's old name): an unsaved buffer of
+    // either would be left behind, its edits no longer on disk
+    const chosen = paths.length ? files.filter((f) => paths.includes(f.path)) : files;
+    const names = [...paths, ...chosen.flatMap((f) => [f.path, f.file && f.file.old_path])].filter(Boolean);
+    const touched = new Set(names.map((p) => path.join(cli.cwd, p)));
     const unsaved = vscode.workspace.textDocuments.filter((d) => d.isDirty && touched.has(d.uri.fsPath));
     if (unsaved.length) {
-      throw new CliError(`unsaved changes in ${unsaved.map((d) => vscode.workspace.asRelativePath(d.uri, false)).join(', ')}`,
+      const shown = unsaved.map((d) => present.plain(path.relative(cli.cwd, d.uri.fsPath).split(path.sep).join('/')));
+      throw new CliError(`unsaved changes in ${shown.join(', ')}`,
         { hint: 'save or revert them, then apply the job again' });
     }
     let result;
@@ -470,6 +482,12 @@ class Patchwire {
   }
 }
 
+/** Cancel `job` on the box; its new status, or why not, goes to the output channel. */
+function cancelJob(pw, cli, job) {
+  return cli.cancel(job).then((r) => pw.log(`job ${job} is ${present.plain(r.job.status)}`),
+    (err) => pw.log(`could not cancel job ${job}: ${present.clean(err.message)}`));
+}
+
 /** Follow `patchwire ask -n N` to its end; resolves to {jobs, outcome, cancelled}. Cancelling
  * cancels every attempt the box has named (before it named one: stops the CLI). */
 async function followAttempts(pw, cli, prompt, attempts, progress, token) {
@@ -495,11 +513,15 @@ async function followAttempts(pw, cli, prompt, attempts, progress, token) {
       proc.interrupt();
     }
     for (const job of state.jobs) {
-      cli.cancel(job).then((r) => pw.log(`job ${job} is ${r.job.status}`), (err) => pw.log(`could not cancel job ${job}: ${err.message}`));
+      cancelJob(pw, cli, job);
     }
   });
   const run = await proc.done;
-  if (!state.cancelled && run.code !== 0) {
+  if (state.cancelled) {  // stopped before the box's events named them: the CLI's error does
+    const named = run.objects.filter((o) => typeof o.error === 'string' && o.details && Array.isArray(o.details.jobs))
+      .flatMap((o) => o.details.jobs).filter((job) => typeof job === 'string' && !state.jobs.includes(job));
+    await Promise.all(named.map((job) => cancelJob(pw, cli, job)));
+  } else if (run.code !== 0) {
     throw errorFrom(run);
   }
   return state;
@@ -527,9 +549,7 @@ function attemptItems(outcome) {
 /** Follow one `patchwire ask` to its end; resolves to {job, end, files, cancelled}. */
 async function followAsk(pw, cli, prompt, on, progress, token) {
   const state = { job: null, end: null, files: [], cancelled: false };
-  const cancelOnBox = (job) => cli.cancel(job).then(
-    (r) => pw.log(`job ${job} is ${r.job.status}`),
-    (err) => pw.log(`could not cancel job ${job}: ${err.message}`));
+  const cancelOnBox = (job) => cancelJob(pw, cli, job);
   progress.report({ message: 'syncing the project' });
   const proc = cli.ask(prompt, {
     on,
@@ -655,12 +675,17 @@ class JobContents {
   }
 }
 
+/** A side of the diff editor. Text that is not UTF-8 is shown byte by byte (Latin-1, under a
+ * line saying so), never hidden: a change to it shows, whatever bytes it changes. */
 function sideText(file) {
   if (!file.exists) {
     return '';
   }
-  if (file.binary || file.base64 !== undefined) {
+  if (file.binary) {
     return `(binary file, not shown; mode ${file.mode})`;
+  }
+  if (file.base64 !== undefined) {
+    return `(not UTF-8: each byte shown as a Latin-1 character)\n${Buffer.from(file.base64, 'base64').toString('latin1')}`;
   }
   return file.text;
 }

@@ -112,13 +112,14 @@ test('the program: the setting, then PATH, then ~/bin/patchwire', () => {
   assert.equal(findProgram('', { PATH: '' }, path.join(dir, 'nohome')), null);
 });
 
-test('the project folder is the first candidate with .patchwire.toml in it or above it', () => {
+test('the project folder holds the .patchwire.toml in or above the first candidate that has one', () => {
   const dir = fs.mkdtempSync(path.join(TMP, 'proj-'));
   fs.mkdirSync(path.join(dir, 'a', 'sub'), { recursive: true });
   fs.mkdirSync(path.join(dir, 'b'));
   assert.equal(projectFolder([path.join(dir, 'b')]), null);
   fs.writeFileSync(path.join(dir, 'a', '.patchwire.toml'), '');
-  assert.equal(projectFolder([path.join(dir, 'b'), path.join(dir, 'a', 'sub')]), path.join(dir, 'a', 'sub'));
+  // a package folder opened on its own: the project (and its paths) start at the config's folder
+  assert.equal(projectFolder([path.join(dir, 'b'), path.join(dir, 'a', 'sub')]), path.join(dir, 'a'));
 });
 
 test('ask streams each event as it arrives, the prompt on stdin, never applying', async () => {

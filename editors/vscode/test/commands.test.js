@@ -14,17 +14,21 @@ const TMP = fs.mkdtempSync(path.join(os.tmpdir(), 'pw-cmd-'));
 process.on('exit', () => fs.rmSync(TMP, { recursive: true, force: true }));
 const MANIFEST = require('../package.json');
 
-/** A project folder, a stubbed VS Code, the extension activated in it, the CLI scripted. */
-function setup(plan, { config = true } = {}) {
+/** A project folder, a stubbed VS Code, the extension activated in it, the CLI scripted.
+ * `open`: the folder open in VS Code, below the project's (a monorepo's package). */
+function setup(plan, { config = true, open = '' } = {}) {
   const dir = fs.realpathSync(fs.mkdtempSync(path.join(TMP, 't-')));
   if (config) {
     fs.writeFileSync(path.join(dir, '.patchwire.toml'), 'agent = "http://127.0.0.1:1"\n');
+  }
+  if (open) {
+    fs.mkdirSync(path.join(dir, open), { recursive: true });
   }
   fs.writeFileSync(path.join(dir, 'scenario.json'), JSON.stringify({ jobs: { stdout: [fx.JOBS] }, ...plan }));
   process.env.FAKE_PATCHWIRE = path.join(dir, 'scenario.json');
   process.env.FAKE_PATCHWIRE_LOG = path.join(dir, 'calls.log');
   const stub = createStub();
-  stub.folders = [dir];
+  stub.folders = [path.join(dir, open)];
   stub.settings.path = FAKE;
   const uninstall = install(stub);
   const extension = require('../extension');
@@ -37,6 +41,35 @@ function setup(plan, { config = true } = {}) {
   const uiCalls = (name) => stub.calls.filter((c) => c.name === name).map((c) => c.args);
   return { dir, stub, pw, calls, run, uiCalls, context };
 }
+
+test('Apply with a package folder open: the unsaved check and the CLI use the project\'s paths', async () => {
+  const { dir, stub, calls, run, uiCalls } = setup({ diff: { stdout: [fx.DIFF] } }, { open: 'packages/app' });
+  stub.documents = [{ isDirty: true, uri: stub.vscode.Uri.file(path.join(dir, 'src/app.py')) }];
+  stub.answers.push(pick((i) => i.job.id === 'aaa111'), pick((i) => i.action === 'all'));
+  await run('patchwire.applyJob');
+  assert.equal(calls().filter((c) => c.argv[0] === 'apply').length, 0);
+  assert.deepEqual(uiCalls('showErrorMessage').map((a) => a[0]), ['Patchwire: unsaved changes in src/app.py (save or revert them, then apply the job again)']);
+  assert.ok(calls().every((c) => c.cwd === dir), 'the CLI runs in the project folder');
+});
+
+test('Apply refuses under an unsaved editor of a file the change renames away', async () => {
+  const renamed = { ...fx.DIFF, files: [{ path: 'lib/new.py', old_path: 'src/app.py', kind: 'renamed', added: 0, removed: 0, binary: false }] };
+  const { stub, calls, run, uiCalls } = setup({ diff: { stdout: [renamed] } });
+  stub.documents = [{ isDirty: true, uri: stub.vscode.Uri.file(path.join(stub.folders[0], 'src/app.py')) }];
+  stub.answers.push(pick((i) => i.job.id === 'aaa111'), pick((i) => i.action === 'all'));
+  await run('patchwire.applyJob');
+  assert.equal(calls().filter((c) => c.argv[0] === 'apply').length, 0);
+  assert.equal(uiCalls('showErrorMessage').length, 1);
+});
+
+test('Apply Job offers this project\'s jobs only', async () => {
+  const listed = { jobs: [fx.job('aaa111', 'done', 1000), fx.job('eee555', 'done', 4000, { project: 'shop-web', prompt: 'add a deploy script' })],
+    project: 'laptop' };
+  const { stub, run, uiCalls } = setup({ jobs: { stdout: [listed] } });
+  stub.answers.push(() => undefined);
+  await run('patchwire.applyJob');
+  assert.deepEqual(uiCalls('showQuickPick')[0][0].map((i) => i.job.id), ['aaa111']);
+});
 
 /** An answer that picks the quick-pick item matching `test`. */
 const pick = (match) => (items) => items.find((i) => match(i));
@@ -345,6 +378,10 @@ test('the diff editor\'s sides come from diff --file --side, read-only text', as
     { stdout: [{ job: fx.JOB, path: 'later.txt', side: 'new', exists: true, mode: '100644', binary: false, text: 'ok\n' }] },
   ] });
   const uri = (p, side) => stub.vscode.Uri.from({ scheme: 'patchwire-job', path: '/' + p, query: `job=${fx.JOB}&side=${side}` });
+  // text that is not UTF-8 is shown byte by byte, so that any change to it shows
+  const { sideText } = require('../lib/commands');
+  assert.equal(sideText({ exists: true, mode: '100644', binary: false, base64: Buffer.from('caf\xe9 \xff\n', 'latin1').toString('base64') }),
+    '(not UTF-8: each byte shown as a Latin-1 character)\ncaf\xe9 \xff\n');
   assert.equal(await stub.provider.provideTextDocumentContent(uri('src/app.py', 'old')), "print('hello')\n");
   assert.equal(await stub.provider.provideTextDocumentContent(uri('src/app.py', 'old')), "print('hello')\n"); // cached
   assert.equal(await stub.provider.provideTextDocumentContent(uri('logo.png', 'new')), '(binary file, not shown; mode 100644)');
@@ -385,6 +422,21 @@ test('Ask with Several Attempts: ask -n N, a quick pick of the attempts, then on
     ['$(error) Attempt 3', 'failed', 'API Error', null]]);
   assert.deepEqual(calls().filter((c) => c.argv[0] === 'apply').map((c) => c.argv),
     [['apply', '--json', '--yes', '--sha256', fx.DIFF.sha256, second, '--', 'src/app.py']]);
+});
+
+test('Ask with Several Attempts: cancelled before any event, the attempts the CLI names are cancelled on the box', async () => {
+  const second = 'b1f9c0290ea5';
+  const { stub, calls, run } = setup({
+    ask: { stdout: [], hold: true, interrupted: { error: 'left ask 982b04e614e0; its attempts keep running on the box', hint: '',
+      exit_status: 130, details: { ask: '982b04e614e0', jobs: [fx.JOB, second] } } },
+    cancel: { stdout: [{ job: { id: fx.JOB, status: 'cancelled' } }] },
+  });
+  stub.answers.push('try it', pick((i) => i.n === '2'));
+  const done = run('patchwire.askAttempts');
+  await until(() => calls().some((c) => c.argv[0] === 'ask'), 'the ask to start');
+  stub.progress.cancel();
+  await done;
+  assert.deepEqual(calls().filter((c) => c.argv[0] === 'cancel').map((c) => c.argv[1]).sort(), [fx.JOB, second].sort());
 });
 
 test('Ask with Several Attempts: "apply one file from attempt K" applies that file of that attempt only', async () => {

@@ -5,7 +5,7 @@
 // "undo" for `apply --undo`, ...; a list: one plan per call), as the real CLI would: JSON lines on stdout, progress on
 // stderr, an exit status. It logs its argv, cwd and stdin to FAKE_PATCHWIRE_LOG. `ask` with
 // "hold": true waits after its first lines until `cancel` runs (then prints "after") or until
-// SIGINT (then exits 130, as the CLI's Ctrl-C does). The real CLI is exercised by
+// SIGINT (then prints "interrupted" and exits 130, as the CLI's Ctrl-C does). The real CLI is exercised by
 // tests/test_vscode.py (its CLI layer) and tests/test_vscode_e2e.py.
 const fs = require('fs');
 
@@ -20,9 +20,9 @@ const plans = [].concat(scenario[key] || { stdout: [{ error: `no scenario for ${
 const plan = plans[Math.min(earlier, plans.length - 1)];
 const cancelled = log + '.cancelled';
 
-process.on('SIGINT', () => {
+process.on('SIGINT', () => {  // the plan's "interrupted": the error the CLI prints then (jobs it left)
   process.stderr.write('patchwire: interrupted\n');
-  process.stdout.write(JSON.stringify({ error: 'interrupted', hint: '', exit_status: 130 }) + '\n');
+  process.stdout.write(JSON.stringify(plan.interrupted || { error: 'interrupted', hint: '', exit_status: 130 }) + '\n');
   process.exit(130);
 });
 
