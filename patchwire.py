@@ -127,6 +127,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -1414,6 +1415,13 @@ def run_command(prog: str, commands: dict, args, on_error=None) -> int:
         return int(ExitStatus.INTERRUPTED)
     except BrokenPipeError:
         return 0
+    except OSError as e:  # a full disk, a folder it may not write: said, not a traceback
+        where = f" ({e.filename})" if e.filename else ""
+        fix = {errno.ENOSPC: "free some space there", errno.EDQUOT: "free some space there",
+               errno.EACCES: "check that folder's owner and mode", errno.EROFS: "that disk is read-only"}.get(
+                   e.errno or 0, "fix the cause")
+        say(sanitize(f"{prog}: {e.strerror or e}{where}\n  {fix}, then run it again"))
+        return int(ExitStatus.ERROR)
 
 
 # Where the agent keeps a project's mirror, under its state folder (the agent's mirror_root);
@@ -2114,6 +2122,11 @@ class Project:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             self._lock_depth = 1
+            # git's own lock on the record's indexes, left by a command killed while git wrote:
+            # no other Patchwire process can be writing them now, and git would refuse every sync
+            for stale in ("index.lock", "listing.index.lock"):
+                with contextlib.suppress(FileNotFoundError):
+                    (self.private_dir / stale).unlink()
             yield
         finally:
             self._lock_depth = 0
@@ -2663,12 +2676,19 @@ class Project:
     def state_file(self, name: str) -> Path:
         return self.private_dir / name
 
-    def write_state(self, name: str, text: str) -> None:
+    def write_state(self, name: str, data: Union[str, bytes]) -> None:
         """Replace a state file whole: a command reading it without the record's lock (an
-        apply reading job_trees.json) sees the old content or the new, never half of it."""
+        apply reading job_trees.json) sees the old content or the new, never half of it; a
+        full disk or a kill leaves the old one (and no part behind, but for a kill)."""
         part = self.state_file(f"{name}.{os.getpid()}.part")
-        part.write_text(text)
-        os.replace(part, self.state_file(name))
+        try:
+            with open(part, "wb") as f:
+                f.write(data.encode() if isinstance(data, str) else data)
+            os.replace(part, self.state_file(name))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                part.unlink()
+            raise
 
 
 def _ignored_folder(root: Path, probe: List[str]) -> bool:
@@ -3871,10 +3891,15 @@ class Session:
         return counts, todo, moved
 
     def _last_sync(self) -> dict:
+        """The last sync's record, or {} (a full sync next) for none or one of the wrong shape."""
         try:
-            return json.loads(self.project.state_file("last_sync.json").read_text())
+            last = json.loads(self.project.state_file("last_sync.json").read_text())
         except (OSError, ValueError):
             return {}
+        shape: Dict[str, Any] = {"tree": (str, type(None)), "indexed": (str, type(None)), "mirror": str, "unsure": list}
+        if not isinstance(last, dict) or any(k in last and not isinstance(last[k], t) for k, t in shape.items()):
+            return {}
+        return last if all(isinstance(p, str) for p in last.get("unsure", [])) else {}
 
     def _save_sync(self, tree: Optional[str], mirror: str, unsure: Sequence[str] = (),
                    indexed: Optional[str] = None) -> None:
@@ -3897,10 +3922,12 @@ class Session:
     def log_apply(self, result: dict) -> None:
         entry = {"time": time.time(), "job": result["job"], "how": result["how"],
                  "files": result["files"], "conflicts": result["conflicts"],
-                 "partial": result.get("partial", False),
+                 "partial": result.get("partial", False), **({"interrupted": True} if result.get("interrupted") else {}),
                  **{k: result[k] for k in ATTEMPT_ORIGIN if k in result}}
-        with open(self.project.state_file("applied.log"), "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        with open(self.project.state_file("applied.log"), "ab+") as f:
+            f.seek(0, os.SEEK_END)
+            torn = f.tell() > 0 and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n"
+            f.write((b"\n" if torn else b"") + json.dumps(entry).encode() + b"\n")  # after half a line: one of its own
 
     def log_undo(self, restored: List[str]) -> dict:
         """Undo goes back one level: it always reverts the newest apply in the log. The undo's
@@ -3918,11 +3945,11 @@ class Session:
             lines = self.project.state_file("applied.log").read_text().splitlines()
         except OSError:
             return []
-        entries, open_applies = [json.loads(l) for l in lines if l.strip()], []
+        entries, open_applies = [e for e in map(log_entry, lines) if e is not None], []
         for entry in entries:
             if entry["how"] != "undo":
                 open_applies.append(entry)
-            elif open_applies:
+            elif open_applies and not entry.get("interrupted"):  # an apply stopped half way was never logged
                 open_applies.pop()["undone"] = True
         return entries
 
@@ -3973,7 +4000,9 @@ class Session:
             trees = json.loads(self.project.state_file("job_trees.json").read_text())
         except (OSError, ValueError):
             return {}
-        return trees if isinstance(trees, dict) else {}
+        if not isinstance(trees, dict):
+            return {}
+        return {k: v for k, v in trees.items() if isinstance(k, str) and isinstance(v, str)}
 
     def protected_paths(self) -> List[str]:
         """Project paths no patch may touch besides .patchwire.toml: a token file kept inside,
@@ -4014,9 +4043,9 @@ class Session:
         if sha256 and hashlib.sha256(patch).hexdigest() != sha256.lower():
             raise refuse(f"job {job}'s patch is not the one reviewed (its sha256 is "
                          f"{hashlib.sha256(patch).hexdigest()}, not {sha256})")
-        if fetched:  # never a copy the hash refused
+        if fetched:  # never a copy the hash refused; whole or not at all (a full disk left half of one)
             kept.parent.mkdir(exist_ok=True)
-            kept.write_bytes(patch)
+            self.project.write_state(f"diffs/{job}.patch", patch)
         return patch
 
     # A job named by a prefix is resolved once, to one full id, and everything after goes by
@@ -4333,6 +4362,12 @@ def apply_job(session: Session, job: str, patch: bytes, *, chosen: Optional[byte
     # lost, logged as applied). The lock is the record's: a sync waits too, never sending
     # files half written. Nothing asks the user while it is held.
     with session.project.record_lock():
+        stopped = UndoLog(session.project).pending()
+        if stopped is not None:
+            raise PatchError(f"an earlier apply{' of job ' + stopped if stopped else ''} was stopped before it "
+                             "finished (killed, or its terminal closed): some of its files may be written; "
+                             "nothing was applied now", "`patchwire apply --undo` puts back every file it wrote; "
+                             "then apply again")
         done = session.open_apply(job) if chosen is patch and not origin else None
         if done:  # applied by another command while this one asked
             say(f"job {job} was applied here meanwhile (at {when(done['time'])}); nothing changed")
@@ -6687,6 +6722,7 @@ class Applier:
         except BaseException as e:
             aside = self.undo_log.states(self.aside)
             _, left = self.put_back_rewritten(aside)
+            self.undo_log.settle()  # every file as before: the last apply's undo log is back
             if left:
                 raise PatchError(f"{e}; and the files set aside could not be put back: " + self.describe_left(
                     left, aside),
@@ -6843,13 +6879,17 @@ class Applier:
         first: `git apply` refuses a new file where one exists, and the 3-way merge would
         take them for the user's side of an add/add conflict."""
         saved = self.undo_log.save([w.path for w in replaced], set())
+        if saved:
+            self.undo_log.begin(self.job, saved)
         moving = ""
         try:
             for w in replaced:
                 moving = w.path
                 write_worktree(self.project.root, w.path, None, "")
         except (OSError, PatchwireError, KeyboardInterrupt) as e:  # those moved already come back
-            raise self.set_aside_failed(moving, e, self.undo_log.states(saved)) from e
+            failed = self.set_aside_failed(moving, e, self.undo_log.states(saved))
+            self.undo_log.settle()
+            raise failed from e
         return saved
 
     def set_aside_failed(self, path: str, error: BaseException, was: Dict[str, Optional[Tuple[bytes, str]]]
@@ -6872,7 +6912,9 @@ class Applier:
         that hold a synced blob, and its id), a file set aside what it held before: `apply
         --undo` puts those bytes back."""
         aside = {e["path"]: e for e in self.aside}
-        return [aside.get(e["path"], e) for e in self.undo_log.save(paths, gone, here, synced)]
+        before = [aside.get(e["path"], e) for e in self.undo_log.save(paths, gone, here, synced)]
+        self.undo_log.begin(self.job, before)  # before the first write: a kill leaves it to undo
+        return before
 
     def write(self, merged: Dict[str, Tuple[Optional[bytes], str, int]],
               was: Dict[str, Optional[Tuple[bytes, str]]]) -> None:
@@ -7050,6 +7092,42 @@ class UndoLog:
         return [{"path": path, "blob": blobs.get(path), "mode": state[1] if state else None}
                 for path, state in states.items()]
 
+    # undo.json is written before the apply's first write, "pending", and again with what
+    # each file holds after it, "done": an apply killed half way (SIGKILL, a closed terminal)
+    # is undone from it like any other, file by file from what it saved.
+    def begin(self, job: str, before: List[dict]) -> None:
+        """The journal of an apply about to write, kept with the undo log it replaces: an
+        apply that fails and puts everything back (settle) leaves that one as it was."""
+        try:
+            now = self.load()
+        except PatchError:
+            now = None  # a damaged one is not kept
+        previous = now.get("previous") if now and now["state"] == "pending" else now
+        self._write({"job": job, "state": "pending", "entries": before, "previous": previous})
+
+    def settle(self) -> None:
+        """After an apply failed: when every file holds what it held before it, nothing is
+        left to undo, and the undo log before it comes back; else the journal stays, for
+        `apply --undo`."""
+        try:
+            log = self.load()
+            if not log or log["state"] != "pending":
+                return
+            before = self.states(log["entries"])
+            if any(read_worktree(self.root, path) != state for path, state in before.items()):
+                return
+        except (OSError, PatchwireError):
+            return
+        self._restore(log)
+
+    def _restore(self, log: dict) -> None:
+        """The undo log `log` replaced, back in its place (or none)."""
+        previous = log.get("previous")
+        if isinstance(previous, dict):
+            self._write(previous)
+        else:
+            self.path.unlink(missing_ok=True)
+
     def record(self, before: List[dict], read: Optional[Dict[str, Optional[Tuple[bytes, str]]]] = None) -> None:
         """Keep `before` (from save) as the last apply, with what each path holds now (`read`:
         read already, since the apply wrote)."""
@@ -7058,41 +7136,109 @@ class UndoLog:
             now = read[path] if read is not None and path in read else read_worktree(self.root, path)
             entry["after"] = hashlib.sha256(now[0]).hexdigest() if now else None
             entry["after_mode"] = now[1] if now else None
-        self.path.write_text(json.dumps(before))
+        job = (self.load() or {}).get("job", "")
+        self._write({"job": job, "state": "done", "entries": before})
+
+    def _write(self, log: dict) -> None:
+        part = self.path.with_name(f"undo.json.{os.getpid()}.part")
+        try:
+            part.write_text(json.dumps(log))
+            os.replace(part, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                part.unlink()
+            raise
+
+    def load(self) -> Optional[dict]:
+        """{job, state, entries}, None when there is none; PatchError when it is not one
+        Patchwire wrote (a list: the form before "pending" existed, done)."""
+        try:
+            log = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            raise self.damaged()
+        if isinstance(log, list):
+            log = {"job": "", "state": "done", "entries": log}
+        entries = log.get("entries") if isinstance(log, dict) else None
+        if (not isinstance(entries, list) or log.get("state") not in ("pending", "done")
+                or not all(self._entry_ok(e, log["state"]) for e in entries)):
+            raise self.damaged()
+        return log
+
+    @staticmethod
+    def _entry_ok(e: Any, state: str) -> bool:
+        return (isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("blob"), (str, type(None)))
+                and isinstance(e.get("mode"), (str, type(None)))
+                and (state == "pending" or (isinstance(e.get("after"), (str, type(None)))
+                                            and isinstance(e.get("after_mode"), (str, type(None))))))
+
+    def damaged(self) -> PatchError:
+        return PatchError(f"the undo log {self.path} is damaged: nothing can be undone from it",
+                          f"put the files back with git (`git checkout -- FILE`), then delete {self.path}")
+
+    def pending(self) -> Optional[str]:
+        """The job of an apply that was stopped before it finished, if any ("" when unknown)."""
+        try:
+            log = self.load()
+        except PatchError:
+            return None
+        return log["job"] if log and log["state"] == "pending" else None
 
     def states(self, entries: Iterable[dict]) -> Dict[str, Optional[Tuple[bytes, str]]]:
-        """{path: (bytes, mode) or None} of saved entries, their bytes read from the store."""
-        return {e["path"]: (self.git("cat-file", "blob", e["blob"]), e["mode"]) if e["blob"] else None
-                for e in entries}
+        """{path: (bytes, mode) or None} of saved entries, their bytes read from the store in
+        one `cat-file --batch` (a process per file once made an undo of 1,600 files slow)."""
+        entries = list(entries)
+        blobs = self.git.read_blobs([e["blob"] for e in entries if e["blob"]])
+        out: Dict[str, Optional[Tuple[bytes, str]]] = {}
+        for e in entries:
+            data = blobs.get(e["blob"]) if e["blob"] else None
+            if e["blob"] and data is None:
+                raise PatchError(f"the saved copy of {sanitize(e['path'])} is missing from Patchwire's store",
+                                 "put the file back with git (`git checkout -- FILE`)")
+            out[e["path"]] = (data, e["mode"] or "") if data is not None else None
+        return out
 
-    def put_back(self, entries: Iterable[dict]) -> None:
-        """Write saved entries back, in the order given."""
+    def put_back(self, entries: Iterable[dict], states: Optional[Dict[str, Optional[Tuple[bytes, str]]]] = None) -> None:
+        """Write saved entries back, in the order given (`states`: their bytes, read already)."""
+        entries = list(entries)
+        states = states if states is not None else self.states(entries)
         for entry in entries:
-            data = self.git("cat-file", "blob", entry["blob"]) if entry["blob"] else None
-            write_worktree(self.root, entry["path"], data, entry["mode"] or "")
+            state = states[entry["path"]]
+            write_worktree(self.root, entry["path"], state[0] if state else None, entry["mode"] or "")
 
     def undo(self) -> List[str]:
-        """Put back what the last apply overwrote, unless a file changed since; its paths."""
-        try:
-            entries = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+        """Put back what the last apply overwrote, unless a file changed since; its paths. A
+        file that holds what it held before the apply already is left (an undo stopped half
+        way, run again). After an apply that was stopped half way ("pending"), every file goes
+        back to what it held before it."""
+        log = self.load()
+        if log is None:
             raise UsageError("nothing to undo: no apply recorded in this project")
-        changed, applied = [], {}
+        entries = log["entries"]
+        before = self.states(entries)
+        changed, applied, todo = [], {}, []
         for e in entries:
             now = applied[e["path"]] = read_worktree(self.root, e["path"])
-            if ((hashlib.sha256(now[0]).hexdigest() if now else None) != e["after"]
-                    or (now[1] if now else None) != e["after_mode"]):
+            if now == before[e["path"]]:
+                continue  # as it was before the apply
+            todo.append(e)
+            if log["state"] == "done" and ((hashlib.sha256(now[0]).hexdigest() if now else None) != e["after"]
+                                           or (now[1] if now else None) != e["after_mode"]):
                 changed.append(e["path"])
         if changed:
             raise PatchError("cannot undo: these files changed since the apply: " + ", ".join(map(sanitize, changed)),
                              "undo those edits first, or restore the files by hand")
-        by_path = {e["path"]: e for e in entries}
+        by_path = {e["path"]: e for e in todo}
         for path in in_write_order(by_path, lambda p: not by_path[p]["blob"]):
             try:
-                self.put_back([by_path[path]])
+                self.put_back([by_path[path]], before)
             except (OSError, PatchwireError) as e:
                 raise self.undo_failed(path, e, applied)
-        self.path.unlink()
+        if log["state"] == "pending":
+            self._restore(log)  # the apply before the one stopped half way can be undone next
+        else:
+            self.path.unlink()
         return [e["path"] for e in entries]
 
     def undo_failed(self, path: str, error: BaseException, applied: Dict[str, Optional[Tuple[bytes, str]]]
@@ -7966,6 +8112,19 @@ def follow_attempts(session: Session, opts: ApplyOptions, which: "AttemptOptions
     group = follow_group(session, ask, chain(), on_event, numbers)
     known["ended"] = True
     return choose_attempt(session, opts, ask, load_attempts(session, group), which)
+
+
+def log_entry(line: str) -> Optional[dict]:
+    """One line of applied.log, or None for what is not one (half a line a full disk or a
+    kill left, a hand edit): skipped, so the log, apply and undo go on."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    if (not isinstance(entry, dict) or not isinstance(entry.get("job"), str) or not isinstance(entry.get("how"), str)
+            or not isinstance(entry.get("files", []), list) or not isinstance(entry.get("time", 0), (int, float))):
+        return None
+    return entry
 
 
 class AttemptsLeft(PatchwireError):
@@ -8915,11 +9074,18 @@ def undo_last_apply(session: Session, args) -> int:
     """`apply --undo`: one level back, the newest apply. When it was undone already, say so
     and when (as `log` shows it), not that nothing was ever applied."""
     with session.project.record_lock():  # never beside an apply (apply_job)
-        if not session.project.state_file("undo.json").exists():
+        journal = UndoLog(session.project).load()
+        if journal is None:
             raise nothing_to_undo(session.applied())
         restored = Applier(session.project, Style(False)).undo()
-        entry = session.log_undo(restored)
-    say(f"restored {len(restored)} file(s) to what they were before the last apply{log_origin(entry)}")
+        if journal["state"] == "pending":  # not in the log: the undo's line names it
+            entry = {"job": journal["job"], "how": "undo", "files": restored, "conflicts": [], "interrupted": True}
+            session.log_apply(entry)
+            say(f"restored {len(restored)} file(s) to what they were before the apply of job {journal['job']} "
+                "that was stopped half way")
+        else:
+            entry = session.log_undo(restored)
+            say(f"restored {len(restored)} file(s) to what they were before the last apply{log_origin(entry)}")
     output(args, {"restored": restored}, lambda r: print("\n".join(map(sanitize, r["restored"]))))
     return 0
 
@@ -9089,10 +9255,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def stop_as_interrupted(signum: int, frame: Any) -> None:
+    """SIGTERM and SIGHUP (a terminal closed) stop the CLI as Ctrl-C does: an apply puts back
+    what it wrote, an ask leaves its job running and says so."""
+    raise KeyboardInterrupt
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(build_parser(), argv)
     if isinstance(args, int):
         return args
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop_as_interrupted)
     if getattr(args, "paths", None):  # exact names, given after `--`: each matches itself alone
         args.only = (args.only or []) + [ExactName(p) for p in args.paths]
     return run_command("patchwire", COMMANDS, args, lambda e: output(args, {

@@ -6670,8 +6670,10 @@ class AuditBudget:
 
     def take(self, user: str, address: str) -> Optional[int]:
         """None: do not write this line. Else the lines not written before it (0 mostly)."""
-        key, burst, rate = ("user " + user, AUDIT_BURST_USER, AUDIT_RATE_USER) if user else \
-            ("address " + address, AUDIT_BURST_ANONYMOUS, AUDIT_RATE_ANONYMOUS)
+        if user:
+            key, burst, rate = "user " + user, AUDIT_BURST_USER, AUDIT_RATE_USER
+        else:
+            key, burst, rate = "address " + address, AUDIT_BURST_ANONYMOUS, AUDIT_RATE_ANONYMOUS
         now = time.monotonic()
         with self.lock:
             bucket = self.buckets.pop(key, None) or [float(burst), now, 0.0]

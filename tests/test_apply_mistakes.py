@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -154,13 +155,17 @@ def test_ctrl_c_while_attempts_run_names_every_attempt_left_running(tmp_path, ma
     steps = [{"by_attempt": {"1": [{"sleep": 30}], "2": [{"sleep": 30}]}}]
     proc = subprocess.Popen(lap.program + ["ask", "slow\n#pw-script " + json.dumps(steps) + "\n", "-n", "2", "--json"],
                             cwd=lap.root, env=lap.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    said: list = []
+    reader = threading.Thread(target=lambda: said.extend(iter(proc.stderr.readline, b"")), daemon=True)
+    reader.start()
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and len([j for j in agent.json("GET", "/v1/jobs")[1]["jobs"]
-                                               if j["status"] == "running"]) < 2:
+    while time.monotonic() < deadline and not (
+            any(b": 2 attempts; following" in line for line in said)
+            and len([j for j in agent.json("GET", "/v1/jobs")[1]["jobs"] if j["status"] == "running"]) == 2):
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == int(patchwire.ExitStatus.INTERRUPTED), err
+    out = proc.stdout.read()
+    assert proc.wait(timeout=60) == int(patchwire.ExitStatus.INTERRUPTED), said
     left = json.loads(out.decode().splitlines()[-1])
     running = sorted(j["id"] for j in agent.json("GET", "/v1/jobs")[1]["jobs"] if j["status"] == "running")
     assert sorted(left["details"]["jobs"]) == running and len(running) == 2, (left, running)

@@ -116,7 +116,7 @@ def test_undo_log_round_trip_with_a_symlink_and_a_deleted_file(project):
     os.unlink(root / "run.sh")
     (root / "new.txt").write_bytes(b"new\n")
     log.record(before)
-    assert [e["after_mode"] for e in json.loads(log.path.read_text())] == ["100644", "120000", None, "100644"]
+    assert [e["after_mode"] for e in json.loads(log.path.read_text())["entries"]] == ["100644", "120000", None, "100644"]
 
     assert pw.UndoLog(project).undo() == paths  # a fresh log: everything it needs is on disk
     assert (root / "f.txt").read_bytes() == BASE
@@ -166,7 +166,7 @@ def test_undo_of_files_as_synced_points_at_the_synced_blobs_and_puts_them_back(p
     result = pw.Applier(project, pw.Style(False)).apply(patch, base, {}, files)
     assert result["how"] == "plain" and result["files"] == ["f.txt", "other.txt"]
     assert not (loose / synced[:2] / synced[2:]).exists()
-    undo = {e["path"]: e["blob"] for e in json.loads(project.state_file("undo.json").read_text())}
+    undo = {e["path"]: e["blob"] for e in json.loads(project.state_file("undo.json").read_text())["entries"]}
     assert undo["f.txt"] == synced
     assert pw.Applier(project, pw.Style(False)).undo() == ["f.txt", "other.txt"]
     assert (project.root / "f.txt").read_bytes() == BASE

@@ -92,8 +92,8 @@ def test_a_trickled_body_is_cut_at_its_total_budget(make_agent):
 
 def test_an_idle_keep_alive_connection_is_closed_after_the_head_budget(make_agent):
     agent = start_with(make_agent, {"header_timeout_s": 1})
-    with connect(agent) as sock:
-        sock.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+    with connect(agent) as sock:  # a user's request: the connection is kept for the next one
+        sock.sendall(f"GET /v1/me HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {agent.token}\r\n\r\n".encode())
         answer = read_all(sock)  # nothing more is sent: the server must hang up by itself
     status, headers, body = split_response(answer)
     assert status == 200 and "connection" not in headers
@@ -366,29 +366,33 @@ def test_every_request_and_job_is_one_audit_line_without_token_or_prompt(make_ag
 
 def test_the_audit_log_is_rotated_by_size(make_agent):
     agent = start_with(make_agent, {"audit_max_bytes": 2000})
-    for n in range(80):
-        request(agent, "GET", f"/v1/nope/{n}")
+    for n in range(80):  # a user's (a client without a token writes 60 lines, then one a second)
+        request(agent, "GET", f"/v1/jobs/0{n:02}", agent.token)
     logs = sorted(p.name for p in agent.state_dir.glob("audit.log*"))
     assert logs == ["audit.log"] + [f"audit.log.{n}" for n in range(1, patchwire_agent.AUDIT_BACKUPS + 1)]
     paths = [agent.state_dir / name for name in logs]
     assert all(p.stat().st_size <= 2000 and p.stat().st_mode & 0o777 == 0o600 for p in paths)
     newest = [json.loads(line)["path"] for p in paths[:2] for line in p.read_text().splitlines()]
-    assert "/v1/nope/79" in newest  # the newest lines are in audit.log, older ones in .1 ...
+    assert "/v1/jobs/079" in newest  # the newest lines are in audit.log, older ones in .1 ...
     assert all(json.loads(line)["event"] == "request" for p in paths for line in p.read_text().splitlines())
 
 
 def test_penalised_guesses_hold_no_place_another_user_needs(make_agent):
-    """Wrong tokens pipelined on every connection a few addresses may open: each connection
-    waits out its penalty evictable, so a user from elsewhere takes one's place and is
-    answered at once, not 503 busy until the guessers hang up."""
+    """Wrong tokens on every connection a few addresses may open: each connection waits out
+    its penalty evictable, so a user from elsewhere takes one's place and is answered at
+    once, not 503 busy until the guessers hang up. (A wrong token's answer ends its
+    connection, so the guessers connect again for each guess.)"""
     agent = start_with(make_agent, {"max_connections": 8, "max_connections_per_client": 4, "header_timeout_s": 30})
     guess = b"GET /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer pw_guess\r\n\r\n"
     socks = []
     try:
-        for source in ("127.0.0.21", "127.0.0.22"):
+        for source in ("127.0.0.21", "127.0.0.22"):  # past the free failures
+            for _ in range(patchwire_agent.AUTH_FREE_FAILURES + 1):
+                exchange(agent, guess, source=source)
+        for source in ("127.0.0.21", "127.0.0.22"):  # each of these now waits its penalty (up to 4 s)
             for _ in range(4):
                 sock = connect(agent, source)
-                sock.sendall(guess * 40)  # past the free failures: each waits up to 4 s
+                sock.sendall(guess)
                 socks.append(sock)
         wait_until(lambda: health(agent, source="127.0.0.23")["connections"]["open"] >= 8, what="the guessers in")
         wait_until(lambda: {r["address"] for r in audit_lines(agent) if r.get("auth_delay_s")} == {"127.0.0.21", "127.0.0.22"},
