@@ -1404,7 +1404,12 @@ def run_command(prog: str, commands: dict, args, on_error=None) -> int:
     """Run the chosen cmd_*: an expected failure becomes one line on stderr and its exit
     status, never a traceback. Both programs' main() end here."""
     try:
-        return commands[args.command][0](args)
+        try:
+            return commands[args.command][0](args)
+        except OSError as e:
+            if isinstance(e, BrokenPipeError):
+                raise
+            raise os_failure(e) from None
     except PatchwireError as e:
         say(sanitize(f"{prog}: {e}", keep_newlines=True))  # messages may quote the box or git
         if on_error:
@@ -1415,13 +1420,18 @@ def run_command(prog: str, commands: dict, args, on_error=None) -> int:
         return int(ExitStatus.INTERRUPTED)
     except BrokenPipeError:
         return 0
-    except OSError as e:  # a full disk, a folder it may not write: said, not a traceback
-        where = f" ({e.filename})" if e.filename else ""
-        fix = {errno.ENOSPC: "free some space there", errno.EDQUOT: "free some space there",
-               errno.EACCES: "check that folder's owner and mode", errno.EROFS: "that disk is read-only"}.get(
-                   e.errno or 0, "fix the cause")
-        say(sanitize(f"{prog}: {e.strerror or e}{where}\n  {fix}, then run it again"))
-        return int(ExitStatus.ERROR)
+
+
+def os_failure(e: OSError) -> "PatchwireError":
+    """An OSError that reached the top (a full disk, a folder it may not write) as one line
+    naming the file and the way out, never a traceback."""
+    where = f" ({e.filename})" if e.filename else ""
+    code = errno.errorcode.get(e.errno or 0, "")
+    fix = {errno.ENOSPC: "free some space there", errno.EDQUOT: "free some space there",
+           errno.EACCES: "check that folder's owner and mode", errno.EROFS: "that disk is read-only"}.get(
+               e.errno or 0, "fix the cause")
+    return PatchwireError(f"{e.strerror or e}{where}" + (f" [{code}]" if code and e.errno not in (
+        errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS) else ""), f"{fix}, then run it again")
 
 
 # Where the agent keeps a project's mirror, under its state folder (the agent's mirror_root);
@@ -1566,6 +1576,10 @@ class LaptopConfig:
         here = (start or Path.cwd()).resolve()
         for folder in (here, *here.parents):
             path = folder / CONFIG_NAME
+            if path.is_symlink():
+                raise UsageError(f"{path} is a symlink: Patchwire reads only a .patchwire.toml that is a file "
+                                 "of its own (a repository can ship a link to any file of yours)",
+                                 "replace it by the file itself, or write one: `patchwire init --force ...`")
             if path.is_file():
                 data = load_toml(path)
                 cfg = cls(folder, data, path)  # a broken file says first what is broken
@@ -1614,7 +1628,7 @@ class Trust:
     programs as you, its `allow` would let secrets through. Kept by the file's real path with
     a sha256 of those settings (their values as written: other edits need no new trust)."""
 
-    KEYS = ("agent", "token_file", "ssh", "ca_file")
+    KEYS = ("agent", "token_file", "ssh", "ca_file", "project")
     SYNC_KEYS = ("ssh_options", "rsync", "allow", "max_file_mb", "submodules")
 
     @classmethod
@@ -1635,20 +1649,22 @@ class Trust:
             return {}  # none yet, or unreadable: nothing is trusted, and trusting again mends it
         return {k: v for k, v in kept.items() if isinstance(v, str)} if isinstance(kept, dict) else {}
 
+    @staticmethod
+    def key(path: Path) -> str:
+        """The file's own path (its folder resolved, the file itself not): a link elsewhere
+        is never the file it points to (LaptopConfig.find refuses links anyway)."""
+        return str(path.parent.resolve() / path.name)
+
     @classmethod
     def holds(cls, path: Path, data: dict) -> bool:
-        return cls._read().get(str(path.resolve())) == cls.digest(data)
+        return cls._read().get(cls.key(path)) == cls.digest(data)
 
     @classmethod
     def record(cls, path: Path, data: dict) -> None:
         folder = state_dir()
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        kept = {**cls._read(), str(path.resolve()): cls.digest(data)}
-        part = folder / f"trusted.json.{os.getpid()}.part"
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(kept, indent=1))
-        os.replace(part, cls._file())
+        kept = {**cls._read(), cls.key(path): cls.digest(data)}
+        write_whole(cls._file(), json.dumps(kept, indent=1))
 
     @classmethod
     def refusal(cls, path: Path) -> UsageError:
@@ -1656,7 +1672,7 @@ class Trust:
             f"{path} is not trusted here: `patchwire init` did not write it, nor did you trust it, or its "
             "agent, token_file, ssh, ca_file or [sync] ssh_options, rsync, allow, max_file_mb or submodules "
             "changed since. They say where your token and files go and which programs run, and a repository "
-            "can ship this file; nothing was sent or run",
+            "can ship this file; nothing was sent or run. (Set up before Patchwire 0.4? Trust it once.)",
             f"read it; if those settings are yours, run `patchwire trust` in {shlex.quote(str(path.parent))}; "
             "or write your own: `patchwire init --force --agent URL --token-file PATH [--ssh USER@HOST]`")
 
@@ -1672,7 +1688,9 @@ def parse_ssh_destination(value: Optional[str], path: Path) -> Tuple[Optional[st
     is fails much later as "Could not resolve hostname host:2222"."""
     if not value:
         return None, None
-    m = SSH_DESTINATION_RE.fullmatch(value.strip()) if not value.strip().startswith("-") else None
+    m = SSH_DESTINATION_RE.fullmatch(value.strip())
+    if m and m.group("dest").startswith("-"):  # `-oProxyCommand=...`, `ssh://-o...`: an option to ssh
+        m = None
     if not m or (m.group("port") and not 0 < int(m.group("port")) < 65536):
         raise PatchwireError(
             f"{path}: ssh = {value!r} is not an SSH destination",
@@ -2124,7 +2142,7 @@ class Project:
             self._lock_depth = 1
             # git's own lock on the record's indexes, left by a command killed while git wrote:
             # no other Patchwire process can be writing them now, and git would refuse every sync
-            for stale in ("index.lock", "listing.index.lock"):
+            for stale in ("index.lock", "listing.index.lock", "merge.index.lock"):
                 with contextlib.suppress(FileNotFoundError):
                     (self.private_dir / stale).unlink()
             yield
@@ -2652,11 +2670,15 @@ class Project:
         an undo an hour and forty syncs later would find nothing to restore. Those this store
         cannot read (gone already) are left out: a ref to them cannot be made."""
         try:
-            entries = json.loads(self.state_file("undo.json").read_text())
-            ids = sorted({e["blob"] for e in entries if isinstance(e, dict) and isinstance(e.get("blob"), str)
-                          and re.fullmatch(r"[0-9a-f]{40}", e["blob"])})
-        except (OSError, ValueError, TypeError):
+            log = json.loads(self.state_file("undo.json").read_text())
+        except (OSError, ValueError):
             return []
+        entries: List[Any] = []
+        while log:  # a journal (and the undo log it would give back: "previous"), or the older list
+            entries += log if isinstance(log, list) else log.get("entries") or [] if isinstance(log, dict) else []
+            log = log.get("previous") if isinstance(log, dict) else None
+        ids = sorted({e["blob"] for e in entries if isinstance(e, dict) and isinstance(e.get("blob"), str)
+                      and re.fullmatch(r"[0-9a-f]{40}", e["blob"])})
         missing = set(self.git.missing_objects([i.encode() for i in ids]))
         return [i for i in ids if i.encode() not in missing]
 
@@ -2677,18 +2699,9 @@ class Project:
         return self.private_dir / name
 
     def write_state(self, name: str, data: Union[str, bytes]) -> None:
-        """Replace a state file whole: a command reading it without the record's lock (an
-        apply reading job_trees.json) sees the old content or the new, never half of it; a
-        full disk or a kill leaves the old one (and no part behind, but for a kill)."""
-        part = self.state_file(f"{name}.{os.getpid()}.part")
-        try:
-            with open(part, "wb") as f:
-                f.write(data.encode() if isinstance(data, str) else data)
-            os.replace(part, self.state_file(name))
-        except BaseException:
-            with contextlib.suppress(OSError):
-                part.unlink()
-            raise
+        """Replace a state file whole (write_whole): a command reading it without the record's
+        lock (an apply reading job_trees.json) sees the old content or the new, never half."""
+        write_whole(self.state_file(name), data)
 
 
 def _ignored_folder(root: Path, probe: List[str]) -> bool:
@@ -2793,7 +2806,23 @@ def cache_dir() -> Path:
 # rsync 3.2-3.5 stops past ~1,000 folders deep ("Cannot allocate memory", exit 23), which
 # git takes: such a file is held back, named, and the rest of the project still goes
 MAX_FOLDERS_DEEP = 512
-TOO_DEEP = f"more than {MAX_FOLDERS_DEEP} folders deep: rsync cannot carry it"
+TOO_DEEP = f"{MAX_FOLDERS_DEEP} folders deep or more: rsync cannot carry it"
+def write_whole(path: Path, data: Union[str, bytes], mode: int = 0o600) -> None:
+    """Replace `path` whole: a part file beside it (created new, never through a link), then
+    renamed over it (over a link too, never through it). A full disk or an error leaves the
+    old file and no part; a kill, the old file and a part."""
+    part = path.with_name(f"{path.name}.{os.getpid()}.part")
+    try:
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(part, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            part.unlink()
+        raise
+
+
 NOT_UTF8 = "its name is not UTF-8, which the box's API carries names as: rename it to send it"
 
 
@@ -4360,7 +4389,8 @@ def apply_job(session: Session, job: str, patch: bytes, *, chosen: Optional[byte
     # One apply of a project at a time, from its read of the files to its log entry: two at
     # once would each write results computed from files the other was rewriting (one change
     # lost, logged as applied). The lock is the record's: a sync waits too, never sending
-    # files half written. Nothing asks the user while it is held.
+    # files half written. Only the question about conflict markers (a terminal apply whose
+    # 3-way merge conflicts) is asked while it is held: a sync started meanwhile waits for it.
     with session.project.record_lock():
         stopped = UndoLog(session.project).pending()
         if stopped is not None:
@@ -6747,6 +6777,8 @@ class Applier:
             self.write(computed, was)
             written = {path: (data, mode) if data is not None else None for path, (data, mode, _) in computed.items()}
             return self.done(before, "plain", paths, [], written)
+        self.undo_log.expect({f.path: (f.result, "") if f.kind != "deleted" else None  # ("": its mode unknown here)
+                              for f in files if f.path in exact and (f.result is not None or f.kind == "deleted")})
         try:  # Ctrl-C reaches git too: it may stop half way, or after it wrote, before the undo log
             plain = self.git_apply(patch)
             now = self.read_here(paths) if plain.returncode == 0 else {}
@@ -6922,6 +6954,7 @@ class Applier:
         (`was`: what each held). Deletions go first, deepest first: a symlink the patch
         removes is gone before anything is written where it was."""
         written: List[str] = []
+        self.undo_log.expect({path: (data, mode) if data is not None else None for path, (data, mode, _) in merged.items()})
         try:
             for path in in_write_order(merged, lambda p: merged[p][0] is None):
                 data, mode, _ = merged[path]
@@ -7105,6 +7138,19 @@ class UndoLog:
         previous = now.get("previous") if now and now["state"] == "pending" else now
         self._write({"job": job, "state": "pending", "entries": before, "previous": previous})
 
+    def expect(self, results: Dict[str, Optional[Tuple[bytes, str]]]) -> None:
+        """What the pending apply is about to leave in each of these paths (None: nothing):
+        an undo after it was stopped puts back only files that hold that or what was before,
+        never an edit made since."""
+        log = self.load()
+        if not log or log["state"] != "pending":
+            return
+        for entry in log["entries"]:
+            if entry["path"] in results:
+                result = results[entry["path"]]
+                entry["expected"] = [hashlib.sha256(result[0]).hexdigest(), result[1]] if result else None
+        self._write(log)
+
     def settle(self) -> None:
         """After an apply failed: when every file holds what it held before it, nothing is
         left to undo, and the undo log before it comes back; else the journal stays, for
@@ -7140,14 +7186,7 @@ class UndoLog:
         self._write({"job": job, "state": "done", "entries": before})
 
     def _write(self, log: dict) -> None:
-        part = self.path.with_name(f"undo.json.{os.getpid()}.part")
-        try:
-            part.write_text(json.dumps(log))
-            os.replace(part, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                part.unlink()
-            raise
+        write_whole(self.path, json.dumps(log))
 
     def load(self) -> Optional[dict]:
         """{job, state, entries}, None when there is none; PatchError when it is not one
@@ -7223,9 +7262,12 @@ class UndoLog:
             if now == before[e["path"]]:
                 continue  # as it was before the apply
             todo.append(e)
-            if log["state"] == "done" and ((hashlib.sha256(now[0]).hexdigest() if now else None) != e["after"]
-                                           or (now[1] if now else None) != e["after_mode"]):
-                changed.append(e["path"])
+            held = [hashlib.sha256(now[0]).hexdigest(), now[1]] if now else None
+            if log["state"] == "done":
+                if held != ([e["after"], e["after_mode"]] if e["after"] is not None else None):
+                    changed.append(e["path"])
+            elif "expected" in e and not same_as_expected(held, e["expected"]):  # stopped half way: neither
+                changed.append(e["path"])  # what it was writing nor what was before: an edit since
         if changed:
             raise PatchError("cannot undo: these files changed since the apply: " + ", ".join(map(sanitize, changed)),
                              "undo those edits first, or restore the files by hand")
@@ -7254,6 +7296,14 @@ class UndoLog:
                                   f"{sanitize(p)} ({sanitize(why)})" for p, why in left), hint)
         return PatchError(f"cannot undo: could not write {sanitize(path)} ({sanitize(why_not(error))}); "
                           "the files undone before it are as the apply left them, nothing was changed", hint)
+
+
+def same_as_expected(held: Optional[List[str]], expected: Optional[List[str]]) -> bool:
+    """A file's [sha256, mode] (None: no file) against what an apply was writing there (a
+    mode of "" when it was not known)."""
+    if held is None or expected is None:
+        return held == expected
+    return held[0] == expected[0] and expected[1] in ("", held[1])
 
 
 def check_unrecorded(project: "Project", files: Sequence["FilePatch"], here: Dict[str, Optional[Tuple[bytes, str]]],
@@ -8122,7 +8172,8 @@ def log_entry(line: str) -> Optional[dict]:
     except ValueError:
         return None
     if (not isinstance(entry, dict) or not isinstance(entry.get("job"), str) or not isinstance(entry.get("how"), str)
-            or not isinstance(entry.get("files", []), list) or not isinstance(entry.get("time", 0), (int, float))):
+            or not isinstance(entry.get("time"), (int, float)) or not isinstance(entry.get("conflicts"), list)
+            or not isinstance(entry.get("files"), list) or not all(isinstance(p, str) for p in entry["files"])):
         return None
     return entry
 
@@ -8332,8 +8383,8 @@ def cmd_init(args) -> int:
         print_checks(checks)
         if not all(c["ok"] for c in checks) and read_answer("Write the config anyway? [y/N]") != "y":
             raise UsageError("nothing written; fix what doctor reported and run init again")
-    path.write_text("# Patchwire: where this project's AI runs. No secrets here: the token\n"
-                    "# stays in token_file (or PATCHWIRE_TOKEN).\n" + dump_toml(data))
+    write_whole(path, "# Patchwire: where this project's AI runs. No secrets here: the token\n"
+                "# stays in token_file (or PATCHWIRE_TOKEN).\n" + dump_toml(data), mode=0o644)  # never through a link
     Trust.record(path, data)  # written by you: trusted (Trust)
     say(f"wrote {path} (project {cfg.project}, agent {cfg.agent}, "
         f"{'mirror over ssh ' + cfg.ssh if cfg.ssh else 'local mirror'})")
@@ -9109,7 +9160,8 @@ def cmd_log(args) -> int:
         for entry in r["applied"]:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry["time"]))
             if entry["how"] == "undo":
-                what = f"undo of job {entry['job']}{log_origin(entry)}: {len(entry['files'])} file(s) restored: "
+                stopped = " (an apply stopped half way)" if entry.get("interrupted") else ""
+                what = f"undo of job {entry['job']}{stopped}{log_origin(entry)}: {len(entry['files'])} file(s) restored: "
             else:
                 extra = " partial" if entry.get("partial") else ""
                 extra += f" conflicts: {', '.join(entry['conflicts'])}" if entry["conflicts"] else ""
@@ -9266,7 +9318,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if isinstance(args, int):
         return args
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, stop_as_interrupted)
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # `nohup patchwire ...` keeps running
+            signal.signal(sig, stop_as_interrupted)
     if getattr(args, "paths", None):  # exact names, given after `--`: each matches itself alone
         args.only = (args.only or []) + [ExactName(p) for p in args.paths]
     return run_command("patchwire", COMMANDS, args, lambda e: output(args, {

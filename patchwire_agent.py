@@ -2940,26 +2940,29 @@ class NetworkConfig:
         return self.configured and any(self.names(p, user, project) for p in self.projects)
 
     def policy(self, user: str, project: str) -> NetworkPolicy:
-        """The most specific `mode` wins, except that a user's own stricter mode is never
-        loosened by a project's: a project name is the user's to choose, so naming one like
-        another user's open project must not open a user the admin shut."""
-        layers = [("[network]", self.base)]
-        if user in self.users:
-            layers.append((f"[network.users.{user}]", self.users[user]))
-        layers += [(f'[network.projects."{p}"]', t) for p, t in self.projects.items() if self.names(p, user, project)]
+        """The most specific `mode` wins (a project's, then the user's, then [network]), and
+        allow lists and presets add up. But a user chooses their projects' names: for a user
+        whose own [network.users.NAME] section sets a `mode`, a project section without "/"
+        (any user's project of that name) only narrows, never loosens: a stricter mode, none
+        of its hosts. `[network.projects."USER/P"]`, the admin's word for that user, applies
+        whole."""
+        own = self.users.get(user)
+        layers = [("[network]", self.base, True)] + ([(f"[network.users.{user}]", own, True)] if own else [])
+        pinned = own is not None and own["mode"] is not None  # the admin set this user's mode
+        layers += [(f'[network.projects."{p}"]', t, not pinned or "/" in p)
+                   for p, t in self.projects.items() if self.names(p, user, project)]
         mode, mode_rule, allow_rule = "allowlist", "", "[network]"
         patterns: List[str] = []
-        for rule, table in layers:
-            if table["mode"] is not None:
+        for rule, table, whole in layers:
+            if table["mode"] is not None and (whole or NETWORK_STRICTNESS[table["mode"]] > NETWORK_STRICTNESS[mode]):
                 mode, mode_rule = table["mode"], f'{rule} mode = "{table["mode"]}"'
+            if not whole:
+                continue  # a bare project name adds no host to a user the admin gave a section
             for preset in table["presets"] or ():
                 patterns += NETWORK_PRESETS[preset]
             patterns += table["allow"] or []
             if table["allow"] is not None or table["presets"] is not None:
                 allow_rule = rule
-        floor = self.users.get(user, {}).get("mode")
-        if floor is not None and NETWORK_STRICTNESS[floor] > NETWORK_STRICTNESS[mode]:
-            mode, mode_rule = floor, f'[network.users.{user}] mode = "{floor}" (a project\'s never loosens it)'
         return NetworkPolicy(mode, patterns, mode_rule, allow_rule)
 
 

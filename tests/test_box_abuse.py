@@ -127,17 +127,30 @@ def test_a_project_name_never_loosens_a_users_own_network_nor_takes_another_user
 mode = "allowlist"
 [network.users.bob]
 mode = "none"
+[network.users.carol]
+mode = "allowlist"
+allow = ["registry.carol.example"]
+[network.users.ann]
+allow = ["ann-registry.example"]
 [network.projects."docs-*"]
 mode = "open"
+[network.projects."webapp"]
+allow = ["db.example:5432"]
 [network.projects."ann/payments"]
 allow = ["10.0.0.5:5432"]
+[network.projects."bob/docs-site"]
+mode = "allowlist"
 [network.projects."secret-*"]
 mode = "none"
 """)
-    assert net.policy("ann", "docs-site").mode == "open"
+    assert net.policy("ann", "docs-site").mode == "open"  # ann's section pins no mode: as written
     bob = net.policy("bob", "docs-site")
-    assert bob.mode == "none" and "[network.users.bob]" in bob.mode_rule
+    assert bob.mode == "allowlist" and 'projects."bob/docs-site"' in bob.mode_rule  # the admin's word for bob
+    assert net.policy("bob", "docs-other").mode == "none"  # a bare name never loosens bob's own mode
+    carol = net.policy("carol", "webapp")
+    assert "db.example:5432" not in carol.patterns and "registry.carol.example" in carol.patterns
+    assert "db.example:5432" in net.policy("dave", "webapp").patterns  # no section of his own: as written
     assert "10.0.0.5:5432" in net.policy("ann", "payments").patterns
     assert "10.0.0.5:5432" not in net.policy("cat", "payments").patterns
-    assert net.policy("ann", "secret-x").mode == "none"  # a project's stricter mode still wins
+    assert net.policy("carol", "secret-x").mode == "none"  # a stricter project mode still wins
     assert net.own_network("ann", "payments") and not net.own_network("cat", "payments")

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Tuple
 
 import patchwire
 from conftest import ROOT, Laptop, fill_disk, make_repo, script
@@ -27,6 +28,15 @@ def four_files_job(lap: Laptop) -> str:
     steps = [{"write": f"f{i}.txt", "text": LINES.replace("line 5\n", f"line 5 AI {i}\n")} for i in range(4)]
     lap.ask(script(*steps), "--no-apply", check=0)
     return lap.last_job()
+
+
+def changed_count(lap: Laptop) -> int:
+    """How many of the four files hold the AI's change."""
+    return sum("AI" in (lap.root / f"f{i}.txt").read_text() for i in range(4))
+
+
+def as_before(lap: Laptop) -> bool:
+    return all((lap.root / f"f{i}.txt").read_text() == LINES for i in range(4))
 
 
 def state(lap: Laptop) -> Path:
@@ -58,29 +68,34 @@ def test_an_apply_killed_half_way_is_refused_until_undone_then_undone_whole(tmp_
     job = four_files_job(lap)
     lap.run("diff", job, check=0)  # kept for review
     assert killed_at(lap, ["apply", job, "--yes"], after_writes=2).returncode == 9
-    texts = [(lap.root / f"f{i}.txt").read_text() for i in range(4)]
-    assert sum("AI" in t for t in texts) == 2  # half written: what the kill left
+    assert changed_count(lap) == 2  # half written: what the kill left
     again = lap.run("apply", job, "--yes")
     assert again.returncode == int(patchwire.ExitStatus.PATCH), again.err
     assert f"an earlier apply of job {job} was stopped before it finished" in again.err
     assert "`patchwire apply --undo` puts back every file it wrote" in again.err and "Traceback" not in again.err
     undone = lap.run("apply", "--undo", check=0)
     assert f"before the apply of job {job} that was stopped half way" in undone.err
-    assert all((lap.root / f"f{i}.txt").read_text() == LINES for i in range(4))
+    assert changed_count(lap) == 0 and as_before(lap)
     log = lap.run("log", check=0)
     assert "Traceback" not in log.err
     lap.run("apply", job, "--yes", check=0)
-    assert all("AI" in (lap.root / f"f{i}.txt").read_text() for i in range(4))
+    assert changed_count(lap) == 4
 
 
-def test_an_undo_killed_half_way_finishes_when_run_again(tmp_path, agent):
+def applied(tmp_path: Path, agent) -> Tuple[Laptop, str]:
+    """A project with the four files' job applied."""
     lap = project(tmp_path, agent)
     job = four_files_job(lap)
     lap.run("apply", job, "--yes", check=0)
+    return lap, job
+
+
+def test_an_undo_killed_half_way_finishes_when_run_again(tmp_path, agent):
+    lap, _ = applied(tmp_path, agent)
     assert killed_at(lap, ["apply", "--undo"], after_writes=1).returncode == 9
-    assert sum("AI" in (lap.root / f"f{i}.txt").read_text() for i in range(4)) == 3
+    assert changed_count(lap) == 3
     lap.run("apply", "--undo", check=0)
-    assert all((lap.root / f"f{i}.txt").read_text() == LINES for i in range(4))
+    assert changed_count(lap) == 0 and as_before(lap)
 
 
 def test_a_full_state_disk_leaves_no_half_kept_diff(tmp_path, agent, small_disk, monkeypatch):
@@ -91,21 +106,21 @@ def test_a_full_state_disk_leaves_no_half_kept_diff(tmp_path, agent, small_disk,
     kept.unlink(missing_ok=True)
     filler = fill_disk(small_disk)
     try:
-        failed = lap.run("apply", job, "--yes")
+        failed = lap.run("apply", job, "--yes", "--json")
         assert failed.returncode == 1 and "Traceback" not in failed.err, failed.err
         assert "No space left on device" in failed.err and "free some space there" in failed.err
+        said = json.loads(failed.out.splitlines()[-1])  # VS Code reads the same on stdout
+        assert "No space left on device" in said["error"] and said["hint"].startswith("free some space there")
         assert not kept.exists() and not list(kept.parent.glob("*.part"))
-        assert all((lap.root / f"f{i}.txt").read_text() == LINES for i in range(4))
+        assert changed_count(lap) == 0 and as_before(lap)
     finally:
         filler.unlink()
     lap.run("apply", job, "--yes", check=0)
-    assert all("AI" in (lap.root / f"f{i}.txt").read_text() for i in range(4))
+    assert changed_count(lap) == 4
 
 
 def test_torn_and_foreign_state_files_are_read_as_none(tmp_path, agent):
-    lap = project(tmp_path, agent)
-    job = four_files_job(lap)
-    lap.run("apply", job, "--yes", check=0)
+    lap, job = applied(tmp_path, agent)
     log = state(lap) / "applied.log"
     with open(log, "a") as f:
         f.write('{"time": 1, "job": "abc", "ho')  # half a line: a full disk, a kill
@@ -154,9 +169,7 @@ def test_a_closed_terminal_leaves_the_job_running_and_says_so(tmp_path, agent):
 
 
 def test_an_apply_that_fails_and_puts_everything_back_keeps_the_last_undo(tmp_path, agent):
-    lap = project(tmp_path, agent)
-    first = four_files_job(lap)
-    lap.run("apply", first, "--yes", check=0)
+    lap, _ = applied(tmp_path, agent)
     steps = [{"write": f"f{i}.txt", "text": "second\n"} for i in range(4)]
     lap.ask(script(*steps), "--no-apply", check=0)
     second = lap.last_job()
@@ -164,6 +177,49 @@ def test_an_apply_that_fails_and_puts_everything_back_keeps_the_last_undo(tmp_pa
                        how='count[0] += 1; raise OSError(errno.ENOSPC, "No space left on device")')
     assert failed.returncode == int(patchwire.ExitStatus.PATCH), failed.stderr
     assert "the files written so far were put back, nothing was changed" in failed.stderr
-    assert all("AI" in (lap.root / f"f{i}.txt").read_text() for i in range(4))  # the first apply's
+    assert changed_count(lap) == 4  # the first apply's
     lap.run("apply", "--undo", check=0)  # undoes the first apply: its undo log was kept
-    assert all((lap.root / f"f{i}.txt").read_text() == LINES for i in range(4))
+    assert changed_count(lap) == 0 and as_before(lap)
+
+
+def test_an_undo_after_a_stopped_apply_never_takes_an_edit_made_since(tmp_path, agent):
+    lap = project(tmp_path, agent)
+    job = four_files_job(lap)
+    assert killed_at(lap, ["apply", job, "--yes"], after_writes=2).returncode == 9
+    written = next(i for i in range(4) if "AI" in (lap.root / f"f{i}.txt").read_text())
+    (lap.root / f"f{written}.txt").write_text("my edit since\n")
+    refused = lap.run("apply", "--undo")
+    assert refused.returncode == int(patchwire.ExitStatus.PATCH) and f"f{written}.txt" in refused.err, refused.err
+    assert (lap.root / f"f{written}.txt").read_text() == "my edit since\n"
+
+
+def test_an_apply_refused_before_writing_keeps_the_last_undo_and_blocks_nothing(tmp_path, agent):
+    lap, first = applied(tmp_path, agent)
+    lap.ask(script({"write": "f0.txt", "text": LINES.replace("line 5 AI 0\n", "line 5 OTHER\n")}), "--no-apply", check=0)
+    second = lap.last_job()
+    (lap.root / "f0.txt").write_text(LINES.replace("line 5\n", "line 5 MINE\n"))  # overlaps the AI's
+    assert lap.run("apply", second, "--yes").returncode == int(patchwire.ExitStatus.PATCH)
+    (lap.root / "f0.txt").write_text(LINES.replace("line 5\n", "line 5 AI 0\n"))
+    lap.run("apply", "--undo", check=0)  # the first apply's undo, kept
+    assert as_before(lap)
+    assert "Traceback" not in lap.run("log", check=0).err
+
+
+def test_nohup_keeps_an_apply_going_when_the_terminal_closes(tmp_path, agent):
+    lap = project(tmp_path, agent)
+    proc = subprocess.Popen(lap.program + ["ask", script({"sleep": 1.5}, {"write": "f0.txt", "text": "x\n"}), "--yes"],
+                            cwd=lap.root, env=lap.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))  # as nohup starts it
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGHUP)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert (lap.root / "f0.txt").read_text() == "x\n"
+
+
+def test_a_log_line_without_its_time_is_skipped(tmp_path, agent):
+    lap, job = applied(tmp_path, agent)
+    with open(state(lap) / "applied.log", "a") as f:
+        f.write(json.dumps({"job": "abc", "how": "plain", "files": ["a"], "conflicts": []}) + "\n")
+    shown = lap.run("log", check=0)
+    assert job in shown.out and "abc" not in shown.out and "Traceback" not in shown.err

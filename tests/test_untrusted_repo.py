@@ -235,3 +235,29 @@ def test_a_big_file_in_the_way_of_a_new_file_is_refused_unread(tmp_path, agent):
         assert "data/cache.bin is here (64.0 MB), where the patch puts a new file or a rename: too big" in refused.err
         assert "Traceback" not in refused.err
         assert (root / "data/cache.bin").stat().st_size == patchwire.IN_THE_WAY_MAX_BYTES + 1
+
+
+def test_a_config_that_is_a_symlink_is_refused_and_init_replaces_the_link_not_its_target(tmp_path, agent):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's own file\n")
+    root = make_repo(tmp_path / "proj", {"README.md": b"hi\n"})
+    (root / ".patchwire.toml").symlink_to(victim)
+    refused = Laptop(root).run("sync")
+    assert refused.returncode == 2 and ".patchwire.toml is a symlink" in refused.err and "Traceback" not in refused.err
+    lap = Laptop(root)
+    lap.run("init", "--force", "--agent", agent.url, "--token-file", str(agent.token_file()), check=0)
+    assert victim.read_text() == "the user's own file\n"
+    assert not (root / ".patchwire.toml").is_symlink() and "agent = " in (root / ".patchwire.toml").read_text()
+    lap.run("sync", check=0)
+
+
+def test_the_project_name_is_part_of_what_is_trusted(laptop):
+    config = laptop.root / ".patchwire.toml"
+    config.write_text(config.read_text().replace('project = "laptop"', 'project = "someone-else"'))
+    assert laptop.run("sync").returncode == 2
+
+
+def test_an_ssh_destination_that_is_an_option_is_refused_in_any_spelling(tmp_path):
+    for value in ("-oProxyCommand=sh", "ssh://-oProxyCommand=sh", " -F/tmp/x"):
+        with pytest.raises(patchwire.PatchwireError, match="is not an SSH destination"):
+            patchwire.parse_ssh_destination(value, tmp_path / ".patchwire.toml")
