@@ -1672,7 +1672,7 @@ class Trust:
             f"{path} is not trusted here: `patchwire init` did not write it, nor did you trust it, or its "
             "agent, token_file, ssh, ca_file or [sync] ssh_options, rsync, allow, max_file_mb or submodules "
             "changed since. They say where your token and files go and which programs run, and a repository "
-            "can ship this file; nothing was sent or run. (Set up before Patchwire 0.4? Trust it once.)",
+            "can ship this file; nothing was sent or run (a project set up before configs needed trust: trust it once)",
             f"read it; if those settings are yours, run `patchwire trust` in {shlex.quote(str(path.parent))}; "
             "or write your own: `patchwire init --force --agent URL --token-file PATH [--ssh USER@HOST]`")
 
