@@ -2669,16 +2669,7 @@ class Project:
         names, or a record's own blobs, which pruning old records would otherwise take, and
         an undo an hour and forty syncs later would find nothing to restore. Those this store
         cannot read (gone already) are left out: a ref to them cannot be made."""
-        try:
-            log = json.loads(self.state_file("undo.json").read_text())
-        except (OSError, ValueError):
-            return []
-        entries: List[Any] = []
-        while log:  # a journal (and the undo log it would give back: "previous"), or the older list
-            entries += log if isinstance(log, list) else log.get("entries") or [] if isinstance(log, dict) else []
-            log = log.get("previous") if isinstance(log, dict) else None
-        ids = sorted({e["blob"] for e in entries if isinstance(e, dict) and isinstance(e.get("blob"), str)
-                      and re.fullmatch(r"[0-9a-f]{40}", e["blob"])})
+        ids = UndoLog(self).blobs()
         missing = set(self.git.missing_objects([i.encode() for i in ids]))
         return [i for i in ids if i.encode() not in missing]
 
@@ -7215,6 +7206,19 @@ class UndoLog:
     def damaged(self) -> PatchError:
         return PatchError(f"the undo log {self.path} is damaged: nothing can be undone from it",
                           f"put the files back with git (`git checkout -- FILE`), then delete {self.path}")
+
+    def blobs(self) -> List[str]:
+        """The blobs the journal names, and the undo log it would give back ("previous")."""
+        try:
+            log = self.load()
+        except PatchError:
+            return []
+        ids = set()
+        while log:
+            ids |= {e.get("blob") for e in log["entries"] if isinstance(e, dict)}
+            previous = log.get("previous")
+            log = previous if isinstance(previous, dict) and isinstance(previous.get("entries"), list) else None
+        return sorted(i for i in ids if isinstance(i, str) and re.fullmatch(r"[0-9a-f]{40}", i))
 
     def pending(self) -> Optional[str]:
         """The job of an apply that was stopped before it finished, if any ("" when unknown)."""
