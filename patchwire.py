@@ -1670,11 +1670,12 @@ class Trust:
     def refusal(cls, path: Path) -> UsageError:
         return UsageError(
             f"{path} is not trusted here: `patchwire init` did not write it, nor did you trust it, or its "
-            "agent, token_file, ssh, ca_file or [sync] ssh_options, rsync, allow, max_file_mb or submodules "
+            "agent, token_file, ssh, ca_file, project or [sync] ssh_options, rsync, allow, max_file_mb or submodules "
             "changed since. They say where your token and files go and which programs run, and a repository "
             "can ship this file; nothing was sent or run (a project set up before configs needed trust: trust it once)",
             f"read it; if those settings are yours, run `patchwire trust` in {shlex.quote(str(path.parent))}; "
-            "or write your own: `patchwire init --force --agent URL --token-file PATH [--ssh USER@HOST]`")
+            "or write your own: `patchwire init --force --agent URL --token-file PATH [--ssh USER@HOST]`",
+            details={"code": "untrusted", "config": str(path)})
 
 
 SSH_DESTINATION_RE = re.compile(
@@ -9187,16 +9188,27 @@ def cmd_doctor(args) -> int:
 
 def cmd_trust(args) -> int:
     """The nearest .patchwire.toml's settings that say where things go and what runs, shown,
-    then trusted by this account (Trust): a repository's own file is used only after this."""
+    then trusted by this account (Trust): a repository's own file is used only after this.
+    `--show` only shows them (and their sha256); `--sha256 H` trusts them only if they are
+    still the ones shown (an editor asks first, then trusts what the user read)."""
     cfg = LaptopConfig.find(trusted=False)
     data = load_toml(cfg.path)
+    digest = Trust.digest(data)
     shown = {"agent": cfg.agent, "token_file": cfg.token_file, "ssh": cfg.ssh, "ca_file": cfg.ca_file,
-             "sync.ssh_options": cfg.ssh_options, "sync.rsync": cfg.rsync, "sync.allow": cfg.allow,
-             "sync.max_file_mb": cfg.max_file_mb, "sync.submodules": cfg.submodules}
-    Trust.record(cfg.path, data)
-    say(f"trusted {cfg.path} with these settings (run `patchwire trust` again after you change them):")
-    output(args, {"config": str(cfg.path), "trusted": shown},
-           lambda r: print("\n".join(sanitize(f"  {k} = {json.dumps(v)}") for k, v in r["trusted"].items())))
+             "project": cfg.project, "sync.ssh_options": cfg.ssh_options, "sync.rsync": cfg.rsync,
+             "sync.allow": cfg.allow, "sync.max_file_mb": cfg.max_file_mb, "sync.submodules": cfg.submodules}
+    if args.sha256 and args.sha256 != digest:
+        raise UsageError(f"{cfg.path}'s settings changed since they were shown: nothing was trusted",
+                         "look at them again (`patchwire trust --show`), then trust what you read",
+                         details={"code": "changed", "config": str(cfg.path)})
+    if not args.show:
+        Trust.record(cfg.path, data)
+        say(f"trusted {cfg.path} with these settings (run `patchwire trust` again after you change them):")
+    trusted = Trust.holds(cfg.path, data)
+    output(args, {"config": str(cfg.path), "trusted": trusted, "sha256": digest, "settings": shown},
+           lambda r: print((f"{cfg.path} is {'' if trusted else 'not '}trusted here; its settings:\n"
+                            if args.show else "")
+                           + "\n".join(sanitize(f"  {k} = {json.dumps(v)}") for k, v in r["settings"].items())))
     return 0
 
 
@@ -9247,6 +9259,9 @@ def build_parser() -> argparse.ArgumentParser:
     p["init"].add_argument("--project", help="project name on the box (default: folder name)")
     p["init"].add_argument("--force", action="store_true", help="replace an existing .patchwire.toml")
     p["init"].set_defaults(interactive_answers=False)
+    p["trust"].add_argument("--show", action="store_true", help="only show the settings and whether they are trusted")
+    p["trust"].add_argument("--sha256", metavar="HASH",
+                            help="trust only if the settings are still those `--show --json` gave this hash for")
     p["sync"].add_argument("--dry-run", action="store_true", help="list what would be sent, and why files are held back")
     p["sync"].add_argument("--list", action="store_true", help="with --dry-run: every file that would go")
     p["sync"].add_argument("--force", action="store_true",

@@ -261,3 +261,22 @@ def test_an_ssh_destination_that_is_an_option_is_refused_in_any_spelling(tmp_pat
     for value in ("-oProxyCommand=sh", "ssh://-oProxyCommand=sh", " -F/tmp/x"):
         with pytest.raises(patchwire.PatchwireError, match="is not an SSH destination"):
             patchwire.parse_ssh_destination(value, tmp_path / ".patchwire.toml")
+
+
+def test_trust_show_trusts_nothing_and_a_hash_binds_trust_to_what_was_shown(tmp_path, listener):
+    """`trust --show` (an editor's first step) records nothing; `trust --sha256 H` trusts only
+    the settings that hash was shown for: a file changed in between is refused, still untrusted."""
+    root = cloned(tmp_path, f'agent = "{listener.url}"\ntoken_file = "~/t"\n')
+    lap = Laptop(root)
+    shown = json.loads(lap.run("trust", "--show", "--json", check=0).out)
+    assert shown["trusted"] is False and shown["settings"]["agent"] == listener.url
+    assert lap.run("doctor").returncode == 2  # still refused
+    (root / ".patchwire.toml").write_text('agent = "http://127.0.0.1:9"\ntoken_file = "~/t"\n')
+    stale = lap.run("trust", "--sha256", shown["sha256"], "--json")
+    assert stale.returncode == 2 and json.loads(stale.out)["details"]["code"] == "changed"
+    assert "changed since they were shown: nothing was trusted" in stale.err
+    assert json.loads(lap.run("trust", "--show", "--json", check=0).out)["trusted"] is False
+    again = json.loads(lap.run("trust", "--show", "--json", check=0).out)
+    assert json.loads(lap.run("trust", "--sha256", again["sha256"], "--json", check=0).out)["trusted"] is True
+    assert "is not trusted here" not in lap.run("doctor").err
+    assert listener.seen == []  # the agent trusted is the one of port 9, not the listener

@@ -219,3 +219,23 @@ def test_extension_cli_layer_shows_refusals_in_the_clis_words(project, agent):
     assert "patchwire-agent serve" in result["apply"]["hint"]
     checks = {c["name"]: c["ok"] for c in result["doctor"]["ok"]["checks"]}
     assert checks["git"] is True and checks["agent"] is False
+
+
+def test_extension_cli_layer_reviews_and_trusts_a_config_it_did_not_write(project):
+    """An untrusted .patchwire.toml: the refusal carries the code the extension offers Review
+    and Trust for; `trust --show` gives the settings and their hash; a hash of other settings
+    trusts nothing; the hash shown trusts, and the CLI then uses the file."""
+    (project.root / ".patchwire.toml").write_text((project.root / ".patchwire.toml").read_text() + "# edited\n")
+    trust_file = Path(os.environ["XDG_STATE_HOME"]) / "patchwire" / "trusted.json"
+    trust_file.unlink()  # as if the file had come with the repository
+    result = drive(project, "trust")
+    assert result["before"]["code"] == "untrusted" and result["before"]["exitStatus"] == 2, result["before"]
+    assert "is not trusted here" in result["before"]["error"]
+    shown = result["shown"]["ok"]
+    assert shown["config"] == str(project.root / ".patchwire.toml") and shown["trusted"] is False
+    assert shown["settings"]["agent"].startswith("http://127.0.0.1:") and "sync.allow" in shown["settings"]
+    assert re.fullmatch(r"[0-9a-f]{64}", shown["sha256"])
+    assert result["stale"]["code"] == "changed" and "nothing was trusted" in result["stale"]["error"]
+    assert result["trusted"]["ok"]["trusted"] is True and result["trusted"]["ok"]["sha256"] == shown["sha256"]
+    assert "jobs" in result["after"]["ok"], result["after"]
+

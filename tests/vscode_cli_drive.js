@@ -13,7 +13,7 @@ async function settle(promise) {
   try {
     return { ok: await promise };
   } catch (e) {
-    return { error: e.message, hint: e.hint, exitStatus: e.exitStatus, cliError: e instanceof CliError };
+    return { error: e.message, hint: e.hint, exitStatus: e.exitStatus, code: e.code, cliError: e instanceof CliError };
   }
 }
 
@@ -53,6 +53,13 @@ const SCENARIOS = {
     let cancelled = null;
     const asked = await ask(prompt, (job) => { cancelled = settle(cli.cancel(job)); });
     return { asked, cancel: await cancelled };
+  },
+  async trust() {  // refused as untrusted, shown, a stale hash refused, trusted, then used
+    const before = await settle(cli.jobs());
+    const shown = await settle(cli.trustShow());
+    const stale = await settle(cli.trust('0'.repeat(64)));
+    const trusted = shown.ok ? await settle(cli.trust(shown.ok.sha256)) : null;
+    return { before, shown, stale, trusted, after: await settle(cli.jobs()) };
   },
   async refused() {
     return { apply: await settle(cli.apply('abc123')), doctor: await settle(cli.doctor()) };

@@ -16,6 +16,7 @@ const COMMANDS = {
   'patchwire.undoApply': (pw) => pw.undo(),
   'patchwire.cancelJob': (pw) => pw.cancel(),
   'patchwire.doctor': (pw) => pw.doctor(),
+  'patchwire.trust': (pw) => pw.trust(),
 };
 
 function activate(context) {

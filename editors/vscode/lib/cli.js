@@ -270,6 +270,12 @@ class Cli {
 
   cancel(job) { return this.json(['cancel', job]); }
 
+  /** The .patchwire.toml's settings that need trust, whether they have it, and their sha256. */
+  trustShow() { return this.json(['trust', '--show']); }
+
+  /** Trust the settings, only if their sha256 is still `sha256` (what the user was shown). */
+  trust(sha256) { return this.json(['trust', '--sha256', sha256]); }
+
   doctor() { return this.start(['doctor']).done.then((run) => doctorResult(run)); }
 }
 

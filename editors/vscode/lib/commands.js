@@ -55,9 +55,13 @@ class Patchwire {
     if (!(err instanceof CliError)) {
       this.log(`internal error: ${err && err.stack ? err.stack : err}`);
     }
-    const actions = err instanceof CliError && err.notFound ? ['Open Settings'] : ['Show Output'];
+    const untrusted = err instanceof CliError && err.code === 'untrusted';
+    const actions = err instanceof CliError && err.notFound ? ['Open Settings']
+      : untrusted ? ['Review and Trust...', 'Show Output'] : ['Show Output'];
     const pick = await vscode.window.showErrorMessage(present.errorMessage(err), ...actions);
-    if (pick === 'Open Settings') {
+    if (pick === 'Review and Trust...') {
+      await this.guard(this.trust)();
+    } else if (pick === 'Open Settings') {
       await vscode.commands.executeCommand('workbench.action.openSettings', 'patchwire.path');
     } else if (pick === 'Show Output') {
       this.output.show(true);
@@ -418,6 +422,26 @@ class Patchwire {
       this.output.show(true);
     }
     return pick;
+  }
+
+  /** The project's .patchwire.toml names where the token and the files go and which programs
+   * run, and a cloned repository can ship one: the CLI uses it only once trusted. Its settings
+   * are shown in a modal first, and what is trusted is what was shown (`trust --sha256`). */
+  async trust() {
+    const cli = this.cli();
+    const shown = await cli.trustShow();
+    const settings = Object.entries(shown.settings || {}).map(([k, v]) => `${present.plain(k)} = ${present.plain(JSON.stringify(v))}`);
+    const pick = await vscode.window.showWarningMessage(
+      `Patchwire: trust ${present.plain(shown.config)}?`,
+      { modal: true, detail: 'It says where your token and your files go and which programs run. '
+        + `Trust it only if these are yours:\n\n${settings.join('\n')}` },
+      'Trust');
+    if (pick !== 'Trust') {
+      return null;
+    }
+    const result = await cli.trust(shown.sha256);
+    vscode.window.showInformationMessage(`Patchwire: trusted ${present.plain(result.config)}`);
+    return result;
   }
 
   async doctor() {

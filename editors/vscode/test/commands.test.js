@@ -92,7 +92,7 @@ test('every contributed command is registered, and only those', () => {
   assert.deepEqual([...stub.commands.keys()].sort(), contributed);
   assert.deepEqual(MANIFEST.contributes.commands.map((c) => `${c.category}: ${c.title}`), [
     'Patchwire: Ask...', 'Patchwire: Ask (detached)...', 'Patchwire: Ask Follow-up...', 'Patchwire: Ask with Several Attempts...', 'Patchwire: Show Jobs', 'Patchwire: Apply Job',
-    'Patchwire: Undo Last Apply', 'Patchwire: Cancel Job', 'Patchwire: Doctor']);
+    'Patchwire: Undo Last Apply', 'Patchwire: Cancel Job', 'Patchwire: Doctor', 'Patchwire: Review and Trust Project Settings...']);
   assert.ok(MANIFEST.engines.vscode);
   assert.deepEqual(Object.keys(MANIFEST.dependencies || {}), []);
 });
@@ -357,6 +357,51 @@ test('Doctor: failing checks and their fixes go to the output channel and an err
   await run('patchwire.doctor');
   assert.deepEqual(stub.output.slice(-3), ['ok   git: git version 2.39.5', 'FAIL agent: cannot reach the agent', '     fix: start patchwire-agent serve']);
   assert.deepEqual(uiCalls('showErrorMessage').map((a) => a[0]), ['Patchwire doctor: agent: cannot reach the agent']);
+});
+
+const SHOWN = {
+  config: '/p/.patchwire.toml', trusted: false, sha256: 'ab'.repeat(32),
+  settings: { agent: 'http://evil.example:8', 'sync.rsync': './tools/[x](command:workbench.action.terminal.new)', 'sync.allow': ['*'] },
+};
+const UNTRUSTED = { stdout: [fx.error('/p/.patchwire.toml is not trusted here: ...', 2, 'run `patchwire trust` in /p', 'untrusted')], code: 2 };
+
+test('an untrusted .patchwire.toml: Review and Trust shows its settings, and trusts only what was shown', async () => {
+  const { stub, calls, run, uiCalls } = setup({ doctor: UNTRUSTED,
+    trust: [{ stdout: [SHOWN] }, { stdout: [{ ...SHOWN, trusted: true }] }] });
+  stub.answers.push('Review and Trust...', 'Trust');
+  await run('patchwire.doctor');
+  await until(() => uiCalls('showInformationMessage').length, 'the trust to end');
+  assert.deepEqual(uiCalls('showErrorMessage')[0].slice(1), ['Review and Trust...', 'Show Output']);
+  const [question, options, button] = uiCalls('showWarningMessage')[0];
+  assert.equal(question, 'Patchwire: trust /p/.patchwire.toml?');
+  assert.equal(options.modal, true);
+  assert.equal(button, 'Trust');
+  // each setting as written, a command link in one of them broken up so that it runs nothing
+  assert.match(options.detail, /\nagent = "http:\/\/evil.example:8"\nsync.rsync = "\.\/tools\/\[x\] \(command:workbench[^\n]*\nsync.allow = \["\*"\]$/);
+  assert.deepEqual(calls().filter((c) => c.argv[0] === 'trust').map((c) => c.argv),
+    [['trust', '--show', '--json'], ['trust', '--sha256', SHOWN.sha256, '--json']]);
+  assert.deepEqual(uiCalls('showInformationMessage').map((a) => a[0]), ['Patchwire: trusted /p/.patchwire.toml']);
+});
+
+test('Review and Trust closed without Trust trusts nothing; other errors offer no trust', async () => {
+  const { stub, calls, run, uiCalls } = setup({ trust: [{ stdout: [SHOWN] }],
+    doctor: { stdout: [fx.error('cannot reach the agent', 3)], code: 3 } });
+  stub.answers.push(undefined);
+  await run('patchwire.trust');
+  assert.deepEqual(calls().filter((c) => c.argv[0] === 'trust').map((c) => c.argv), [['trust', '--show', '--json']]);
+  assert.deepEqual(uiCalls('showInformationMessage'), []);
+  await run('patchwire.doctor');
+  assert.deepEqual(uiCalls('showErrorMessage')[0], ['Patchwire: cannot reach the agent', 'Show Output']);
+});
+
+test('settings changed between showing and trusting: the CLI\'s refusal is shown, nothing trusted', async () => {
+  const { stub, run, uiCalls } = setup({ trust: [{ stdout: [SHOWN] },
+    { stdout: [fx.error("/p/.patchwire.toml's settings changed since they were shown: nothing was trusted", 2, 'look at them again', 'changed')], code: 2 }] });
+  stub.answers.push('Trust');
+  await run('patchwire.trust');
+  await until(() => uiCalls('showErrorMessage').length, 'the refusal');
+  assert.match(uiCalls('showErrorMessage')[0][0], /settings changed since they were shown: nothing was trusted/);
+  assert.deepEqual(uiCalls('showInformationMessage'), []);
 });
 
 test('Notifications: a sandbox warning, a cancel status and conflict names from the box run no command', async () => {
