@@ -2884,14 +2884,35 @@ def control_socket(ssh_argv: List[str], destination: str) -> str:
     return f"{control_dir()}/%C-{mark}"
 
 
+CONTROL_TMP = Path("/tmp")  # not $TMPDIR: macOS's is too long for a socket's path
+
+
 def control_dir() -> str:
-    """A short private folder for SSH control sockets (their paths are length-limited)."""
-    path = Path("/tmp") / f"patchwire-{os.getuid()}"
-    path.mkdir(mode=0o700, exist_ok=True)
-    if path.stat().st_uid != os.getuid() or path.stat().st_mode & 0o077:
-        raise PatchwireError(f"{path} is not a private folder of yours",
-                             f"remove it and try again: rm -rf {path}")
+    """A short private folder for SSH control sockets (their paths are length-limited):
+    $XDG_RUNTIME_DIR/patchwire when the session has one (private by design), else
+    /tmp/patchwire-UID, checked without following a link: another account that made it first
+    (or a link of theirs to a folder of yours, which they could point elsewhere later) would
+    hold the sockets every sync of yours goes through."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    path = Path(runtime) / "patchwire" if runtime and private_folder(Path(runtime)) else \
+        CONTROL_TMP / f"patchwire-{os.getuid()}"
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    if not private_folder(path):
+        raise PatchwireError(
+            f"{path} (for SSH's connection sockets) is not a private folder of yours: it is a link, "
+            "another account's, or open to others; nothing was sent",
+            f"if it is yours: chmod 700 {path}; if not (/tmp keeps others' files): set XDG_RUNTIME_DIR "
+            "to a private folder of yours with a short path, or ask an admin to remove it")
     return str(path)
+
+
+def private_folder(path: Path) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
 
 
 RSYNC_COUNTS = (

@@ -194,7 +194,7 @@ import urllib.request
 from collections import deque
 from http import HTTPStatus
 from pathlib import Path
-from typing import IO, AbstractSet, Any, BinaryIO, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
+from typing import IO, AbstractSet, Any, BinaryIO, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import patchwire as pw
 from patchwire import Git, PatchwireError, ProcessError, UsageError
@@ -7436,11 +7436,13 @@ def cmd_init(args) -> int:
     cfg = AgentConfig(path, pw.parse_toml(text, path))  # what we write must load
     pw.say("this box:")
     pw.print_checks([check(cfg) for check in SETUP_CHECKS])
-    make_owned_state_dir(cfg.state_dir, account)  # now, while the admin is here, not at the first `user key`
-    write_owned_config(path, text, account)
+    with acting_as(place_of(cfg.state_dir, account)):
+        make_owned_state_dir(cfg.state_dir, account)  # now, while the admin is here, not at the first `user key`
+    with TokenFile(args.token_file, args.user, token) as out, acting_as(place_of(path, account)):
+        write_owned_config(path, text, account)
     pw.say(f"wrote {path}: the agent will listen on {agent_url(cfg)}, state in {cfg.state_dir} "
            f"({account.pw_name}'s, mode 700), AI {cfg.ai_label}")
-    hand_out_token(args.user, token, args.token_file, f"user {args.user} added")
+    out.hand_out(f"user {args.user} added")
     if args.service:
         install_service(cfg, "systemd" if sys.platform.startswith("linux") else "launchd")
     pw.say(next_steps(cfg, args.user, account))
@@ -7469,6 +7471,18 @@ def init_account(name: Optional[str], service: bool) -> pwd.struct_passwd:
                          f"make it first: sudo useradd --create-home {name}")
 
 
+def place_of(path: Path, account: pwd.struct_passwd) -> Optional[os.stat_result]:
+    """Whom root acts as to make `path` for `account` (init --account): that account in its own
+    folders (where it could have planted links already), root in root's; refused in a third
+    account's, which the agent could not use either."""
+    owner = nearest_owner(path)
+    if owner is not None and owner.st_uid != account.pw_uid and os.geteuid() == 0:
+        raise UsageError(f"{path} would be made in a folder of {account_name(owner.st_uid)}'s, "
+                         f"not {account.pw_name}'s who runs the agent", "pick a place in a folder of "
+                         f"{account.pw_name}'s (its home) or of root's (/srv, /etc)")
+    return owner
+
+
 def make_owned_state_dir(state_dir: Path, account: pwd.struct_passwd) -> None:
     """The state folder, mode 700, and every folder made on the way, owned by `account`; an
     existing one of another account is refused with the fix (the agent could not use it)."""
@@ -7479,17 +7493,17 @@ def make_owned_state_dir(state_dir: Path, account: pwd.struct_passwd) -> None:
                              "or pick another --state-dir")
     made = [p for p in (state_dir, *state_dir.parents) if not p.exists()]
     make_state_dir(state_dir)
-    for folder in made if os.geteuid() == 0 else ():
-        os.chown(folder, account.pw_uid, account.pw_gid)
+    for folder in made if os.geteuid() == 0 else ():  # the deepest first: root's parents until the end
+        os.lchown(folder, account.pw_uid, account.pw_gid)
 
 
 def write_owned_config(path: Path, text: str, account: pwd.struct_passwd) -> None:
     made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     write_private(path, text)
-    if os.geteuid() == 0:
+    if os.geteuid() == 0:  # root's folders all the way (else acting as the account: its own already)
         for item in (path, *made):
-            os.chown(item, account.pw_uid, account.pw_gid)
+            os.lchown(item, account.pw_uid, account.pw_gid)
 
 
 def agent_url(cfg: AgentConfig) -> str:
@@ -7800,6 +7814,105 @@ def dict_at(path: TomlPath, table: dict) -> dict:
     return table
 
 
+# --- root acting for the box account. The admin commands may be run as root, on folders the
+# box account owns; that account runs the agent, so whatever escapes a job runs as it, and it
+# can plant a link at any name in its folders (the config's edit lock, a cancel request,
+# authorized_keys) that root would follow, write and chown: a root file handed to it. So root
+# acts as that account there (setresuid, root kept only as the saved id: what the command
+# starts runs as the account alone), and is root again only for the token file the admin named.
+
+Ids = Tuple[int, int, List[int]]  # uid, gid, groups
+ACTING_AS: List[Tuple[Ids, Ids]] = []  # (the account, root) while root acts as the account
+
+
+def nearest_owner(path: Path) -> Optional[os.stat_result]:
+    """The nearest folder (or link) at or above `path` that root does not own: its owner could
+    plant a link there, so root acts as it. None: root's own all the way up."""
+    path = Path(os.path.abspath(path))
+    for item in (path, *path.parents):
+        try:
+            st = os.lstat(item)
+        except OSError:
+            continue  # not made yet: its folder decides
+        if st.st_uid != 0 and not stat.S_ISREG(st.st_mode):
+            return st
+    return None
+
+
+def box_owner(config: Path) -> Optional[os.stat_result]:
+    """Whom an admin command run as root acts as: the owner of the config's folders, else of
+    the state folder's (a config of root's naming a state folder of the box account's)."""
+    owner = nearest_owner(config)
+    if owner is None:
+        with contextlib.suppress(PatchwireError, OSError):
+            owner = nearest_owner(AgentConfig.load(config).state_dir)
+    return owner
+
+
+def _become(uid: int, gid: int, groups: List[int]) -> None:
+    if uid == 0 and hasattr(os, "setresuid"):  # back to root: the saved id allows it
+        os.setresuid(0, 0, 0)
+    elif uid == 0:
+        os.seteuid(0)
+    os.setgroups(groups)
+    if hasattr(os, "setresgid"):
+        os.setresgid(gid, gid, 0)
+        if uid:
+            os.setresuid(uid, uid, 0)
+    else:  # macOS: only the effective ids (its commands start git alone, never a shell)
+        os.setegid(gid)
+        if uid:
+            os.seteuid(uid)
+
+
+def account_groups(uid: int, gid: int) -> List[int]:
+    try:
+        return os.getgrouplist(pwd.getpwuid(uid).pw_name, gid)
+    except (KeyError, OSError):
+        return [gid]
+
+
+@contextlib.contextmanager
+def acting_as(owner: Optional[os.stat_result]) -> Iterator[None]:
+    """Root acts as `owner`'s account inside (nothing changes for another account, or for
+    root's own folders); root again after."""
+    if owner is None or os.geteuid() != 0 or ACTING_AS:
+        yield
+        return
+    account: Ids = (owner.st_uid, owner.st_gid, account_groups(owner.st_uid, owner.st_gid))
+    root: Ids = (0, os.getegid(), os.getgroups())
+    ACTING_AS.append((account, root))
+    _become(*account)
+    try:
+        yield
+    finally:
+        ACTING_AS.pop()
+        _become(*root)
+
+
+@contextlib.contextmanager
+def as_root_again() -> Iterator[None]:
+    """Root for a moment inside acting_as: the token file goes where the admin said."""
+    if not ACTING_AS:
+        yield
+        return
+    account, root = ACTING_AS[-1]
+    _become(*root)
+    try:
+        yield
+    finally:
+        _become(*account)
+
+
+def as_box_account(command: Callable[[Any], int]) -> Callable[[Any], int]:
+    """An admin command that, run as root, acts as the account owning the box's folders."""
+    @functools.wraps(command)
+    def run(args) -> int:
+        with acting_as(box_owner(Path(args.config))):
+            return command(args)
+    return run
+
+
 def give_to_owner(path: Path, owner: os.stat_result) -> None:
     """As root, hand what an admin command made to the account that owns the config or the
     state folder: the agent runs as that account and must read and write it."""
@@ -7836,14 +7949,65 @@ def new_token() -> str:
     return "pw_" + secrets.token_urlsafe(32)
 
 
-def hand_out_token(user: str, token: str, token_file: Optional[str], what: str) -> None:
-    if token_file:
-        write_private(Path(token_file), token + "\n")
-        pw.say(f"{what}; the token of user {user} is in {token_file}")
-    else:
-        pw.say(f"{what}. The token of user {user}, shown this once (only its sha256 is stored): "
-               "put it in a file on that user's laptop, chmod 600")
-        print(token, flush=True)
+class TokenFile:
+    """Where an admin command hands out a new token: printed once, or `--token-file`, written
+    (as root when root runs the command, wherever the admin said) to a new file beside that
+    name (O_EXCL, mode 600) before the config changes, and renamed onto the name only once
+    the config holds the token's hash. A link, a device or another account's file found at
+    the name (`/tmp/ben.token` made first by someone else) is replaced, never written
+    through; a refused edit leaves no token, and a token file that cannot be written stops
+    the command before the config changes (no user whose token nobody has)."""
+
+    def __init__(self, name: Optional[str], user: str, token: str):
+        self.path = Path(os.path.abspath(os.path.expanduser(name))) if name else None
+        self.user, self.token = user, token
+        self.tmp: Optional[Path] = None
+
+    def __enter__(self) -> "TokenFile":
+        if self.path is None:
+            return self
+        with as_root_again():
+            try:
+                st: Optional[os.stat_result] = os.lstat(self.path)
+            except FileNotFoundError:
+                st = None
+            except OSError as e:
+                raise self.cannot(e) from None
+            if st is not None and not stat.S_ISREG(st.st_mode):
+                kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+                raise UsageError(f"--token-file {self.path} is {kind}: nothing was changed",
+                                 "name a new file in a folder only you can write, e.g. ~/NAME.token")
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=str(self.path.parent))
+                with os.fdopen(fd, "w") as f:
+                    f.write(self.token + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                raise self.cannot(e) from None
+            self.tmp = Path(tmp)
+        return self
+
+    def cannot(self, e: OSError) -> UsageError:
+        return UsageError(f"cannot write the token file {self.path}: {e.strerror or e}; nothing was changed",
+                          "name a file in a folder that exists and that you can write")
+
+    def __exit__(self, kind, value, tb) -> None:
+        if self.tmp is None:
+            return
+        with as_root_again():
+            if kind is not None:
+                self.tmp.unlink(missing_ok=True)
+                return
+            os.replace(str(self.tmp), str(self.path))  # type: ignore[arg-type]
+
+    def hand_out(self, what: str) -> None:
+        if self.path:
+            pw.say(f"{what}; the token of user {self.user} is in {self.path}")
+        else:
+            pw.say(f"{what}. The token of user {self.user}, shown this once (only its sha256 is stored): "
+                   "put it in a file on that user's laptop, chmod 600")
+            print(self.token, flush=True)
 
 
 def existing_user(data: dict, name: str, path: Path) -> dict:
@@ -7864,10 +8028,13 @@ def cmd_user_add(args) -> int:
             raise UsageError(f"user {name} exists already in {path}",
                              f"give them a new token with `patchwire-agent user rotate {name}`")
         data["users"][name] = {"token_sha256": token_digest(token).hex(), **({"admin": True} if args.admin else {})}
-    edit_config(path, add)
+    if key and args.authorized_keys and Path(args.authorized_keys).exists():  # refused before any change
+        key_held(Path(args.authorized_keys), Path(args.authorized_keys).read_text(), f"{key} patchwire:{name}")
+    with TokenFile(args.token_file, name, token) as out:
+        edit_config(path, add)
     cfg = AgentConfig.load(path)
     make_mirror_root(cfg, name)  # rrsync's DIR
-    hand_out_token(name, token, args.token_file, f"added user {name}" + (" (admin)" if args.admin else ""))
+    out.hand_out(f"added user {name}" + (" (admin)" if args.admin else ""))
     if key:
         install_key_line(rrsync_key_line(cfg.state_dir, name, key), args.authorized_keys,
                          mirror_root(cfg.state_dir, name), cfg.path.stat())
@@ -7938,6 +8105,7 @@ def purge_user(cfg: AgentConfig, user: str) -> None:
     pw.say(f"deleted {folder}, {len(patches)} stored patch(es) and {targets} notification target(s) of {user}")
 
 
+@as_box_account
 def cmd_project(args) -> int:
     """`project remove USER PROJECT`: the mirror, repository, job folders and stored patches of
     one project. Refused while a job of it is queued or running: its folders are in use."""
@@ -7990,8 +8158,9 @@ def cmd_user_rotate(args) -> int:
 
     def rotate(data: dict) -> None:
         existing_user(data, args.name, path)["token_sha256"] = token_digest(token).hex()
-    edit_config(path, rotate)
-    hand_out_token(args.name, token, args.token_file, f"new token for user {args.name} (the old one is refused now)")
+    with TokenFile(args.token_file, args.name, token) as out:
+        edit_config(path, rotate)
+    out.hand_out(f"new token for user {args.name} (the old one is refused now)")
     return 0
 
 
@@ -8029,10 +8198,12 @@ USER_COMMANDS = {"add": cmd_user_add, "list": cmd_user_list, "remove": cmd_user_
                  "key": cmd_user_key}
 
 
+@as_box_account
 def cmd_user(args) -> int:
     return USER_COMMANDS[args.action](args)
 
 
+@as_box_account
 def cmd_policy(args) -> int:
     if bool(args.name) == args.default:
         raise UsageError("name one user, or --default for [policy]",
@@ -8083,7 +8254,8 @@ def set_policy(path: Path, user: Optional[str], settings: List[Tuple[str, Any]])
 
 def read_ssh_key(name: str) -> str:
     try:
-        line = Path(name).read_text().strip()
+        with as_root_again():  # the admin's file, wherever the admin keeps it
+            line = Path(name).read_text().strip()
     except OSError as e:
         raise UsageError(f"cannot read the SSH key {name}: {e.strerror}")
     fields = line.split()
@@ -8134,10 +8306,32 @@ def install_key_line(line: str, authorized_keys: Optional[str], folder: Path, ow
     made = [p for p in (path, path.parent) if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     old = path.read_text() if path.exists() else ""
+    if key_held(path, old, line):
+        pw.say(f"{path} has this key for {line.rsplit(':', 1)[1]} already: nothing to add")
+        return
     write_private(path, old + ("" if not old or old.endswith("\n") else "\n") + line + "\n")
     for item in made:
         give_to_owner(item, owner)
     pw.say(f"appended the key line to {path}: that key may only rsync into {folder}")
+
+
+def key_held(path: Path, text: str, line: str) -> bool:  # line: `... KEYTYPE BLOB patchwire:USER`
+    """Whether the authorized_keys `text` has the key of `line` for the same user already;
+    refused when a line of another user (or another login) has it: sshd takes the first line
+    that matches, so the key would log in as that one (a developer handing in a colleague's
+    public key as their own would get the colleague's syncs)."""
+    blob, user = line.split()[-2], line.split()[-1]
+    for held in text.splitlines():
+        fields = held.split()
+        if blob not in fields:
+            continue
+        if fields[-1] == user:
+            return True
+        whose = fields[-1] if fields[-1].startswith("patchwire:") else "another login (not Patchwire's)"
+        raise UsageError(f"{path} has this key already, on a line of {whose}: nothing was changed",
+                         "each developer needs a key of their own: ask for their own .pub (a public key "
+                         "is no proof of whose it is)")
+    return False
 
 
 def drop_key_lines(path: Path, state_dir: Path, user: str) -> int:
@@ -8148,6 +8342,7 @@ def drop_key_lines(path: Path, state_dir: Path, user: str) -> int:
     kept = [l for l in lines if marker not in l]
     write_private(path, "".join(kept))
     return len(lines) - len(kept)
+@as_box_account
 def cmd_usage(args) -> int:
     cfg = AgentConfig.load(Path(args.config))
     store = open_store(cfg)
@@ -8569,6 +8764,7 @@ BOX_CHECKS = (check_git, check_rsync, check_rrsync, check_ai, check_settings, ch
               check_ai_path, check_limits, check_state, check_listen)
 
 
+@as_box_account
 def cmd_status(args) -> int:
     cfg = AgentConfig.load(Path(args.config))
     store = open_store(cfg)
@@ -8597,6 +8793,7 @@ def print_status(r: dict) -> None:
               f"{job['user']}/{job['project']}")
 
 
+@as_box_account
 def cmd_gc(args) -> int:
     cfg = AgentConfig.load(Path(args.config))
     before = parse_time(args.older_than, 0.0)

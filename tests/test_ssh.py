@@ -337,7 +337,7 @@ def test_rsync_argv_uses_only_portable_options(tmp_path, checksum):
     assert settings["BatchMode"] == "yes"
     assert settings["ControlMaster"] == "auto"
     assert settings["ControlPath"] == patchwire.control_socket(words[:5], "me@box")
-    assert settings["ControlPath"].startswith(f"/tmp/patchwire-{os.getuid()}/%C-")
+    assert settings["ControlPath"].startswith(f"{patchwire.control_dir()}/%C-")
     assert int(settings["ControlPersist"]) > 0
     assert words[5::2] == ["-o"] * len(settings)
 
