@@ -1591,9 +1591,10 @@ class ProjectRepo:
         for lock in ("index.lock", "HEAD.lock"):
             (gitdir / lock).unlink() if (gitdir / lock).exists() else None
         dotgit = self.slot_path(slot) / ".git"
-        if dotgit.is_dir() or dotgit.is_symlink():
-            remove_tree(dotgit)
-        dotgit.write_text(f"gitdir: {gitdir}\n")
+        with contextlib.suppress(FileNotFoundError):  # a FIFO would block the write for ever, a
+            if stat.S_ISDIR(os.lstat(dotgit).st_mode):  # hard link write through to its twin
+                remove_tree(dotgit)
+        replace_file(dotgit, f"gitdir: {gitdir}\n".encode())
         return gitdir
 
     def _reset_slot(self, slot: int, commit: str) -> None:
@@ -2506,6 +2507,8 @@ class JobWalls:
         under /home: a tmpfs on /home covering one on /home/NAME left bwrap unable to finish
         mounting the second, and every job failed)."""
         homes = [os.environ.get("HOME") or "", os.path.expanduser("~"), pwd.getpwuid(os.geteuid()).pw_dir]
+        # the agent's own TMPDIR too: other jobs' gateway sockets are made there (socket_folder)
+        homes.append(tempfile.gettempdir())
         kept = {folder for folder in (real(Path(p)) for p in (*homes, *HIDDEN_SYSTEM_FOLDERS) if p)
                 if folder != "/" and os.path.isdir(folder) and not is_within(folder, "/tmp")}
         # nesting among those kept only: a home of "/" (systemd's DynamicUser) holds them all
@@ -2548,12 +2551,12 @@ def prepare_ai_home(state_dir: Path, user: str, credentials: Optional[Path], bou
     if project is not None:
         make_private_dir(home.parent)
     claude_dir, target = home / ".claude", home / ".claude" / CREDENTIALS_FILE
-    for path in (claude_dir, target):  # the AI may have left a link or a folder in their place
-        if path.is_symlink() or (path == target and path.is_dir()):
-            if path.is_symlink():
-                path.unlink()
-            else:
+    for path in (claude_dir, target):  # the AI may have left a link, a file, a FIFO or a folder there
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISDIR(os.lstat(path).st_mode) and path == target:
                 remove_tree(path)
+            elif not stat.S_ISDIR(os.lstat(path).st_mode) or path == target:
+                path.unlink()  # .claude as a file (mkdir would fail) or link; any credentials file
     make_private_dir(claude_dir)
     os.chmod(home, 0o700)
     with contextlib.suppress(FileNotFoundError):
@@ -2609,7 +2612,7 @@ def bwrap_argv(bwrap: str, argv: List[str], walls: JobWalls, programs: List[Path
         out += ["--remount-ro", folder]
     if walls.gateway:  # its own loopback only; the gateway's socket (in the private /tmp) the way out
         out += ["--unshare-net", "--bind", str(walls.gateway), GATEWAY_SOCKET]
-    return out + ["--unshare-user", "--cap-drop", "ALL", "--unshare-pid", "--new-session",
+    return out + ["--unshare-user", "--cap-drop", "ALL", "--unshare-pid", "--unshare-ipc", "--new-session",
                   "--die-with-parent", "--chdir", real(walls.job), "--"] + argv
 
 
