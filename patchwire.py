@@ -464,14 +464,18 @@ def in_parallel(*calls: Callable[[], Any]) -> List[Any]:
 
 def json_too_deep(value: Any, limit: int) -> bool:
     """Whether a parsed JSON value nests deeper than `limit`, walked without recursion (the
-    depth is what is being checked): both programs read JSON from the other side."""
-    stack = [(value, 1)]
+    depth is what is being checked) and in memory of the depth, not of the values (a list of
+    a million empty lists): both programs read JSON from the other side."""
+    stack = [iter((value,))]  # one iterator per open container: its length is the depth
     while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            if depth > limit:
-                return True
-            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+        for item in stack[-1]:
+            if isinstance(item, (dict, list)):
+                if len(stack) > limit:
+                    return True
+                stack.append(iter(item.values() if isinstance(item, dict) else item))
+                break
+        else:
+            stack.pop()
     return False
 
 

@@ -184,7 +184,7 @@ KEYED_AI = """
 out=$1
 curl -sS --max-time 10 "http://$2/allowed" > "$out/allowed.txt" 2>&1
 curl -sS --max-time 10 -x "http://127.0.0.1:${ANTHROPIC_BASE_URL##*:}" "http://$2/nokey" > "$out/nokey.txt" 2>&1
-curl -sS --max-time 10 -H "x-api-key: $ANTHROPIC_API_KEY" -d '{}' "$ANTHROPIC_BASE_URL/v1/messages" > "$out/api.txt" 2>&1
+curl -sS --max-time 10 --compressed -H "x-api-key: $ANTHROPIC_API_KEY" -d '{}' "$ANTHROPIC_BASE_URL/v1/messages" > "$out/api.txt" 2>&1
 env > "$out/env.txt"
 """
 
@@ -232,6 +232,9 @@ def test_under_sandbox_exec_a_job_goes_out_only_through_its_keyed_gateway_port(t
     assert (out / "api.txt").read_text() == "from the internet\n"
     seen = [(path, headers.get("x-api-key")) for _, path, headers in internet.http_seen]
     assert seen == [("/allowed", None), ("/v1/messages", "sk-ant-api03-THE-BOXES-OWN")]
+    # a compressed answer would go past the gateway's token count (curl --compressed asked for one)
+    assert [headers.get("accept-encoding") for _, path, headers in internet.http_seen if path == "/v1/messages"] \
+        == ["identity"]
     with pytest.raises(ConnectionRefusedError):  # gone with the job
         socket.create_connection(("127.0.0.1", gateway_port), timeout=5)
 

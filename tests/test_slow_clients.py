@@ -11,6 +11,7 @@ import select
 import socket
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Dict, List
 
@@ -155,6 +156,24 @@ def test_a_team_mates_dense_bodies_are_refused_before_they_are_parsed(make_agent
     assert pa.json_values(numbers, 0) == 5  # the object, its empty list, three commas
     padded = numbers + b" " * pa.LARGE_BODY_BYTES
     assert agent.request("POST", "/v1/ask", padded, token=agent.tokens["alice"])[0] == 202
+
+
+def test_dense_bodies_under_the_large_size_are_counted_too(make_agent):
+    """Just under 4 MB of empty lists took 170 MB each, parsed, and were not counted (only
+    bodies over 4 MB were), sixteen at once from one address: every body is counted now, and
+    the parse's depth check holds a stack of the depth, not one entry per value."""
+    agent = make_agent(users=("alice", "bob"))
+    for size in (4 * 2 ** 20 - 64, 100_000):
+        body = b'{"project": "p", "x": [' + b"[]," * (size // 3) + b"[]]}"
+        status, _, text = agent.request("POST", "/v1/ask", body, token=agent.tokens["bob"], timeout=60)
+        assert status == 413 and b"JSON values in" in text, (size, status, text[:300])
+    wide = json.loads("[" + "[]," * 200_000 + "[]]")
+    tracemalloc.start()
+    try:
+        assert not pa.pw.json_too_deep(wide, pa.MAX_JSON_DEPTH)
+        assert tracemalloc.get_traced_memory()[1] < 64 * 1024
+    finally:
+        tracemalloc.stop()
 
 
 def test_large_asks_give_back_their_place_once_their_job_is_made(make_agent, tmp_path):
