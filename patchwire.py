@@ -1194,11 +1194,17 @@ def _create_at(fd: int, name: str, data: bytes, mode: str, mtime_ns: Optional[in
 # U+3164/U+FFA0/U+115F/U+1160, the blank braille pattern U+2800, the combining grapheme
 # joiner U+034F, Khmer's invisible vowels, Mongolian variation selectors and the
 # supplementary variation selectors. A name written with them looks like another name.
+# Unicode's format characters and default-ignorable code points (assigned or not), and the
+# variation selectors: `allowed\ufe00` is another name than `allowed` to Python and JavaScript,
+# drawn the same. FE0E/FE0F stay after an emoji-like symbol (no identifier holds one), where
+# they pick text or emoji style.
 _INVISIBLE = ("\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u2028-\u202e"
-              "\u2060-\u206f\u2800\u3164\ufeff\uffa0\ufff9-\ufffb\u0600-\u0605\u06dd\u070f\u08e2"
-              "\U000110bd\U000110cd\U0001d173-\U0001d17a\U000e0000-\U000e007f\U000e0100-\U000e01ef")
-_UNSAFE_FOR_TERMINAL = re.compile(f"[\x00-\x08\x0a-\x1f\x7f-\x9f\ud800-\udfff{_INVISIBLE}]")
-_UNSAFE_KEEP_NEWLINES = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff{_INVISIBLE}]")
+              "\u2060-\u206f\u2800\u3164\ufe00-\ufe0d\ufeff\uffa0\ufff0-\ufffb\u0600-\u0605\u06dd"
+              "\u070f\u0890\u0891\u08e2\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3"
+              "\U0001d173-\U0001d17a\U000e0000-\U000e0fff")
+_LONE_VARIATION = "(?<![\u00a9\u00ae\u203c-\u3299\U0001f000-\U0001faff])[\ufe0e\ufe0f]"
+_UNSAFE_FOR_TERMINAL = re.compile(f"[\x00-\x08\x0a-\x1f\x7f-\x9f\ud800-\udfff{_INVISIBLE}]|{_LONE_VARIATION}")
+_UNSAFE_KEEP_NEWLINES = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff{_INVISIBLE}]|{_LONE_VARIATION}")
 # With newlines kept, a line of box text must not start at column 0, where it could pass for
 # the program's own line ("patchwire: applied job ..."): continuation lines are indented.
 _LINE_AT_COLUMN_0 = re.compile("\n(?=[^ \t\n])")
@@ -6212,7 +6218,7 @@ def self_running() -> Tuple[Tuple["re.Pattern[str]", str, str], ...]:
 
 MANY_DELETIONS = 3
 # A name that looks like another: invisible characters and direction overrides (Trojan Source).
-DECEPTIVE_NAME = re.compile(f"[{_INVISIBLE}]")
+DECEPTIVE_NAME = re.compile(f"[{_INVISIBLE}]|{_LONE_VARIATION}")
 # Letters of other scripts drawn like Latin ones (Unicode's confusables for the common ones):
 # `src/аpp.py` with a Cyrillic а sits beside `src/app.py` and reads the same.
 _LOOKALIKES = str.maketrans("аеіјорсѕухԁԛԝһӏАВЕІЈКМНОРСЅТХУαβεικνορτυχΑΒΕΗΙΚΜΝΟΡΤΥΧΖօոսՏ",
@@ -6314,6 +6320,54 @@ def terminal_text(data: bytes) -> str:
 _RENDER_RUNS = re.compile(rb"(-+)(\+*)|\++|@|[^-+@]+")
 
 
+_SGR = re.compile("\x1b\\[[0-9;]*m")  # the preview's own colours: the only escapes left after sanitize
+
+
+def continuation_mark() -> str:
+    try:
+        "\u21aa".encode(sys.stdout.encoding or "ascii")
+        return "\u21aa"
+    except (UnicodeEncodeError, LookupError):
+        return "\\"
+
+
+def fold_rows(lines: Iterable[str], columns: int, mark: str) -> Iterator[str]:
+    """Each line as rows narrower than the terminal, every row after the first starting with
+    `mark` in the line's colour. A terminal (or less) that wraps a long line starts the rest
+    at column 0, where `+` and 79 spaces then `-require('child_process')...` shows an added
+    line as an empty one and a removed one: wrapped here, no row of a line can pass for a
+    line of its own. Tabs and wide characters count as the cells they take."""
+    width = max(columns - 1, 8)  # the last column left free: some terminals wrap on writing it
+    for line in lines:
+        if "\t" not in line and (len(line) <= width if line.isascii() else 2 * len(line) <= width):
+            yield line  # as wide as it could be, and narrower than the terminal: most lines
+        else:
+            yield from _fold_line(line, width, mark)
+
+
+def _fold_line(line: str, width: int, mark: str) -> List[str]:
+    import unicodedata  # only for lines that may be too wide
+    rows: List[str] = []
+    row: List[str] = []
+    cells, active, pos = 0, "", 0
+    for m in itertools.chain(_SGR.finditer(line), [None]):
+        for ch in line[pos:m.start()] if m else line[pos:]:
+            w = (8 - cells % 8 if ch == "\t" else 0 if unicodedata.combining(ch)
+                 else 2 if unicodedata.east_asian_width(ch) in "WF" else 1)
+            if cells + w > width and cells > len(mark):
+                rows.append("".join(row) + ("\x1b[0m" if active else ""))
+                row, cells = [active, mark], len(mark)
+                w = 8 - cells % 8 if ch == "\t" else w
+            row.append(ch)
+            cells += w
+        if m:
+            row.append(m.group())
+            active = "" if m.group() in ("\x1b[0m", "\x1b[m") else active + m.group()
+            pos = m.end()
+    rows.append("".join(row))
+    return rows
+
+
 def file_diff_lines(f: FilePatch, style: Style, budget: List[int]) -> List[str]:
     """One section's lines, coloured. The section is decoded and sanitised in one pass and
     coloured a run of lines at a time (a 100,000-line preview took 0.6 s a line at a time);
@@ -6399,9 +6453,11 @@ PAGE_BATCH = 1000  # lines rendered and written at a time, to the pager or the t
 def page(lines: Iterable[str]) -> None:
     """Print, through a pager when stdout is a terminal and the text is taller than it. Only
     the first screenful is rendered before anything shows; the rest streams to the pager
-    as it is rendered (and stops being rendered when the reader quits it)."""
-    rest = iter(lines)
-    height = shutil.get_terminal_size((80, 24)).lines
+    as it is rendered (and stops being rendered when the reader quits it). On a terminal a
+    line wider than it is folded here (fold_rows), never by the terminal or the pager."""
+    size = shutil.get_terminal_size((80, 24))
+    rest = fold_rows(lines, size.columns, continuation_mark()) if sys.stdout.isatty() else iter(lines)
+    height = size.lines
     head = list(itertools.islice(rest, max(height - 1, 1)))
     pager = os.environ.get("PAGER") or "less -R"
     if sys.stdout.isatty() and len(head) > height - 2 and pager and shutil.which(shlex.split(pager)[0]):

@@ -583,6 +583,12 @@ def test_sanitize_shows_every_control_character():
     raw = "a\x1b[2J\x07\tb\r\x7f\u009b\u202e" + b"\xe9".decode("utf-8", "surrogateescape") + "\n"
     assert patchwire.sanitize(raw) == "a^[[2J^G\tb^M^?<U+009B><U+202E>\\xe9^J"
     assert patchwire.sanitize(raw, keep_newlines=True).endswith("\\xe9\n")
+    # variation selectors make another name that looks the same (`allowed\ufe00` is not `allowed`
+    # to Python or JavaScript), and the format and default-ignorable characters Unicode added
+    raw = "allowed\ufe00 = x; a1\ufe0f \u0890 \U00013430 \U0001bca0 \ufff0 \U000e0100 \U000e0fff; \u2764\ufe0f \u00a9\ufe0e"
+    assert patchwire.sanitize(raw) == ("allowed<U+FE00> = x; a1<U+FE0F> <U+0890> <U+13430> <U+1BCA0> <U+FFF0> "
+                                       "<U+E0100> <U+E0FFF>; \u2764\ufe0f \u00a9\ufe0e")  # emoji keep their style
+    assert patchwire.name_problem("perm\ufe00.py") and not patchwire.name_problem("perm.py")
 
 
 def test_a_lying_409_cannot_make_the_laptop_send_what_never_goes(world):

