@@ -6148,6 +6148,7 @@ CI = "CI"
 CONTAINER = "container"
 TOOL = "editor or tool configuration"
 AI_AGENT = "AI agent configuration"
+COMPILED = "compiled code"
 _SELF_RUNNING_TABLE = (
     (WRAPPER, r"(^|/)gradle-wrapper\.properties$", "its distributionUrl is a Gradle the next build downloads and runs"),
     (WRAPPER, r"(^|/)(gradle|maven)-wrapper\.jar$", "runs at the next ./gradlew or ./mvnw"),
@@ -6206,6 +6207,10 @@ _SELF_RUNNING_TABLE = (
     (AI_AGENT, r"(^|/)(CLAUDE(\.local)?\.md|AGENTS\.md|GEMINI\.md|\.cursorrules|\.windsurfrules|\.clinerules)$"
             r"|^\.github/copilot-instructions\.md$", "instructions the next AI run follows"),
     (AI_AGENT, r"(^|/)\.(cursor|gemini|codex|continue|roo|windsurf|aider[^/]*)(/|$)", "AI tool settings and hooks"),
+    # bytes that run without their source, and that the preview cannot show: an unchecked-hash
+    # `__pycache__/x.cpython-311.pyc` is imported in place of the reviewed x.py
+    (COMPILED, r"(^|/)__pycache__/|\.(pyc|pyo|so|dylib|dll|exe|node|jar|class|wasm|o|a|dex|aar|apk|beam|elc)$",
+     "compiled code: it runs, and the preview cannot show what it does"),
 )
 
 

@@ -271,6 +271,10 @@ SELF_RUNNING: List[Tuple[str, str]] = [
     (".mcp.json", "AI agent configuration"),
     ("CLAUDE.md", "AI agent configuration"),
     ("app.code-workspace", "editor or tool configuration"),
+    ("__pycache__/perm.cpython-311.pyc", "compiled code"),  # imported in place of the reviewed perm.py
+    ("native/libcrypto.so", "compiled code"),
+    ("web/app.wasm", "compiled code"),
+    ("lib/Helper.class", "compiled code"),
 ]
 LOOKALIKES = ["src/\u0430pp.py", "docs/a\u3164b.md", "docs/\u2800.md", "docs/x\U000e0041.md", "docs/c\u034fd.md",
               "src/\uff41pp.py"]
