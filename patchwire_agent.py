@@ -1607,8 +1607,8 @@ class ProjectRepo:
         git = self.slot_git(slot)
         if not self._index_is_sealed(slot):
             self._rebuild_index(slot, commit)
-        git("checkout", "-q", "-f", "--detach", commit)
-        git("clean", "-q", "-ffd")
+        for step in (("checkout", "-q", "-f", "--detach", commit), ("clean", "-q", "-ffd")):
+            refuse_unread_folders(git.run(*step).stderr)  # clean_slot then makes it anew
         self._seal_index(slot, self._head(slot))
 
     def _head(self, slot: int) -> str:
@@ -1906,8 +1906,9 @@ class ProjectRepo:
         if not self._large(slot):
             empty = add_all(git, max(max_bytes, room))
         else:
-            touched = worktree_paths(git("status", "--porcelain", "-z", "--no-renames", "-unormal",
-                                         "--ignore-submodules=all"))
+            listed = git.run("status", "--porcelain", "-z", "--no-renames", "-unormal", "--ignore-submodules=all")
+            refuse_unread_folders(listed.stderr)
+            touched = worktree_paths(listed.stdout)
             if touched:
                 empty = add_all(git, max(max_bytes, room), "--pathspec-from-file=-", "--pathspec-file-nul",
                                 input=b"".join(path + b"\0" for path in touched))
@@ -1964,6 +1965,7 @@ def add_all(git: Git, max_bytes: int, *args: str, input: Optional[bytes] = None)
     made without a commit (git stops at one: "does not have a commit checked out"), which
     are left out and returned; any other error fails as before."""
     proc = run_capped(git, max_bytes, "add", "-A", "--ignore-errors", *args, input=input, check=False)
+    refuse_unread_folders(proc.stderr)
     if not proc.returncode:
         return []
     errors = [line for line in proc.stderr.splitlines() if line.startswith(b"error: ")]
@@ -2316,19 +2318,40 @@ def processes_within(folder: Path) -> List[int]:
 
 
 def remove_tree(path: Path) -> None:
-    """rm -rf that also copes with folders an AI made read-only."""
-    def retry(func, target, _exc):
-        for folder in (os.path.dirname(target), target):
-            if not os.path.islink(folder):
-                try:
-                    os.chmod(folder, 0o700)
-                except OSError:
-                    pass
-        func(target)
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path, onerror=retry)
+    """rm -rf that also copes with folders an AI made read-only or unreadable (open_up)."""
+    if path.is_symlink() or not path.is_dir():
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return
+    try:
+        shutil.rmtree(path)
+    except OSError:
+        open_up(path)
+        shutil.rmtree(path)
+
+
+def open_up(top: Path) -> None:
+    """u+rwx on `top` and every folder beneath it (an AI's `chmod 0` or `chmod 300`), no link
+    followed: what git and rmtree need to see and remove everything in it."""
+    stack = [str(top)]
+    while stack:
+        folder = stack.pop()
+        with contextlib.suppress(OSError):
+            os.chmod(folder, stat.S_IMODE(os.lstat(folder).st_mode) | 0o700)
+            with os.scandir(folder) as entries:
+                stack.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
+
+
+# git only warns of a folder it cannot read (`add -A`, `status`, `clean`), and goes on as if it
+# were empty: what the AI hid there would be left out of the diff and kept for the next job
+UNREADABLE_FOLDER = re.compile(rb"could not open directory '([^']*)'")
+
+
+def refuse_unread_folders(stderr: bytes) -> None:
+    found = UNREADABLE_FOLDER.search(stderr or b"")
+    if found:
+        raise PatchwireError(f"the AI left a folder the agent cannot read ({found.group(1).decode('utf-8', 'replace')}):"
+                             " what it holds cannot be collected; the job folder is made anew")
 
 
 # ================================================================== sandbox (confining the AI)

@@ -90,3 +90,21 @@ def test_the_agents_tmpdir_with_the_gateway_sockets_is_hidden_from_the_ai(walls_
     job = ask(box, {"run": [PYTHON, "-c", look], "out": "seen.txt"})
     assert job["status"] == "done", job
     assert box.added(job, "seen.txt") == "rc=0\n[]"  # its own gateway's pw-gateway-* folder before
+
+
+def test_a_folder_the_ai_made_unreadable_hides_nothing_and_keeps_nothing(walls_box):  # noqa: F811
+    """`git add -A` only warns of a folder it cannot read and goes on: run as an ordinary
+    account, the agent left what the AI hid in it out of the diff, and its reset kept it for
+    the next job. Now the job fails saying so and the folder is made anew; as root git reads
+    it, and the file is in the diff."""
+    box = walls_box()
+    hide = "import os; os.makedirs('src'); open('src/planted.py', 'w').write('PLANTED = 1\\n'); os.chmod('src', 0o300)"
+    first = ask(box, {"run": [PYTHON, "-c", hide], "out": "o.txt"})
+    if box.who == "account":
+        assert first["status"] == "failed" and "a folder the agent cannot read (src" in first["reason"], first
+    else:
+        assert first["status"] == "done" and b"+++ b/src/planted.py" in box.diff(first), first
+    look = "import os; print(os.path.exists('src/planted.py'))"
+    second = ask(box, {"run": [PYTHON, "-c", look], "out": "seen.txt"})
+    assert second["status"] == "done", second
+    assert box.added(second, "seen.txt") == "rc=0\nFalse"
