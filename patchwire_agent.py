@@ -8059,6 +8059,8 @@ def cmd_user_add(args) -> int:
         data["users"][name] = {"token_sha256": token_digest(token).hex(), **({"admin": True} if args.admin else {})}
     if key and args.authorized_keys and Path(args.authorized_keys).exists():  # refused before any change
         key_held(Path(args.authorized_keys), Path(args.authorized_keys).read_text(), f"{key} patchwire:{name}")
+    if not args.reuse:
+        refuse_earlier_user(AgentConfig.load(path), name)
     with TokenFile(args.token_file, name, token) as out:
         edit_config(path, add)
     cfg = AgentConfig.load(path)
@@ -8068,6 +8070,28 @@ def cmd_user_add(args) -> int:
         install_key_line(rrsync_key_line(cfg.state_dir, name, key), args.authorized_keys,
                          mirror_root(cfg.state_dir, name), cfg.path.stat())
     return 0
+
+
+def refuse_earlier_user(cfg: AgentConfig, name: str) -> None:
+    """A name removed from the config keeps its jobs (prompts, events, patches: usage counts
+    them) and its folder: a new person given it would read the old one's. Refused, unless
+    the same person comes back (`--reuse`)."""
+    if name in cfg.users:
+        return  # `add` says it exists
+    jobs = 0
+    if (cfg.state_dir / "jobs.sqlite3").is_file():  # none yet: a box that never served
+        store = open_store(cfg)
+        try:
+            with store.lock:
+                jobs = store.db.execute("SELECT COUNT(*) FROM jobs WHERE user = ?", (name,)).fetchone()[0]
+        finally:
+            store.close()
+    folder = user_root(cfg.state_dir, name)
+    if jobs or folder.exists():
+        raise UsageError(f"a user {name} was on this box before: {jobs} job(s) (their prompts, events and "
+                         f"changes) are kept under that name" + (f", and their files in {folder}" if folder.exists() else ""),
+                         f"a new person needs a new name: they would see the old {name}'s jobs; for the same "
+                         "person again add --reuse")
 
 
 def cmd_user_list(args) -> int:
@@ -8091,6 +8115,7 @@ def cmd_user_remove(args) -> int:
         existing_user(data, args.name, path)
         del data["users"][args.name]
     edit_config(path, remove)
+    drop_targets(AgentConfig.load(path), args.name)  # nobody is told of their jobs any more
     pw.say(f"removed user {args.name}: their token is refused from now on; their "
            + ("jobs are cancelled" if args.cancel_jobs or args.purge else "queued jobs end, a running one finishes")
            + ("" if args.purge else "; their files stay in the state folder (--purge deletes them)"))
@@ -8100,6 +8125,16 @@ def cmd_user_remove(args) -> int:
         dropped = drop_key_lines(Path(args.authorized_keys), AgentConfig.load(path).state_dir, args.name)
         pw.say(f"removed {dropped} key line(s) of {args.name} from {args.authorized_keys}")
     return 0
+
+
+def drop_targets(cfg: AgentConfig, user: str) -> None:
+    if not (cfg.state_dir / "jobs.sqlite3").is_file():
+        return
+    store = open_store(cfg)
+    try:
+        store.remove_targets(user)  # with their signing secrets
+    finally:
+        store.close()
 
 
 def confirm_purge(cfg: AgentConfig, user: str, yes: bool) -> None:
@@ -8125,6 +8160,9 @@ def purge_user(cfg: AgentConfig, user: str) -> None:
             time.sleep(0.2)
         patches = [store.patch_path(i) for i in ids if store.patch_path(i).exists()]
         targets = store.remove_targets(user)  # with their signing secrets
+        with store.lock:  # the rows stay for usage; what they said goes
+            store.db.execute("DELETE FROM events WHERE job IN (SELECT id FROM jobs WHERE user = ?)", (user,))
+            store.db.execute("UPDATE jobs SET prompt = '' WHERE user = ?", (user,))
     finally:
         store.close()
     for patch in patches:
@@ -8936,6 +8974,8 @@ def add_user_parsers(parser: argparse.ArgumentParser) -> None:
     for name in ("add", "rotate"):
         p[name].add_argument("--token-file", help="write the token to this file (mode 600) instead of printing it")
     p["add"].add_argument("--admin", action="store_true", help="may also read everyone's usage and metrics")
+    p["add"].add_argument("--reuse", action="store_true",
+                          help="a name that was on this box before: give this user its jobs and files back")
     p["key"].add_argument("--ssh-key", metavar="FILE", required=True, help="the user's SSH public key")
     for name in ("add", "key"):
         if name == "add":

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import patchwire_agent as pa
-from conftest import STAND_IN_COMMAND, AgentProcess, script
+from conftest import STAND_IN_COMMAND, AgentProcess, script, wait_until
 from test_box_walls import ACCOUNT, EMPTY_TREE, account_or_skip, readable_copy
 
 
@@ -100,6 +100,46 @@ def test_user_remove_purge_confirms_then_deletes_their_files_and_key(make_agent,
     assert not folder.exists() and not patch.exists()
     assert "BBBB" not in keys.read_text() and "AAAA" in keys.read_text()
     assert agent.json("GET", "/v1/me", token=agent.tokens["alice"])[0] == 200
+    # what the jobs said is gone too; their rows stay for usage
+    store = pa.open_store(pa.AgentConfig.load(agent.config))
+    try:
+        assert store.job(job["id"])["prompt"] == "" and store.events(job["id"], 0) == []
+    finally:
+        store.close()
+
+
+def test_a_removed_users_name_is_not_handed_to_someone_new_by_accident(make_agent, tmp_path, capsys):
+    """A name taken out of the config keeps its jobs (prompts, events, patches) and files: a new
+    person given that name read the old one's plans, and got their notification targets. Remove
+    drops the targets; add refuses the name, unless the same person comes back (--reuse)."""
+    agent = make_agent(users=("alice", "bob"))
+    body = {"project": "p", "tree": EMPTY_TREE, "files": [], "prompt": "OLD BOB's private plan " + script({"say": "ok"})}
+    status, job = agent.json("POST", "/v1/ask", body, token=agent.tokens["bob"])
+    assert status == 202, job
+    wait_until(lambda: agent.json("GET", f"/v1/jobs/{job['id']}", token=agent.tokens["bob"])[1]["status"] == "done",
+               what="bob's job")
+    config = str(agent.config)
+    store = pa.open_store(pa.AgentConfig.load(agent.config))
+    try:
+        store.add_target({"id": "t1", "user": "bob", "kind": "webhook", "url": "https://hooks.example/bob",
+                          "secret": "s", "events": ["end"], "include": ["prompt"], "created": 1.0})
+    finally:
+        store.close()
+    assert pa.main(["user", "remove", "bob", "-c", config]) == 0
+    before = agent.config.read_bytes()
+    capsys.readouterr()
+    assert pa.main(["user", "add", "bob", "-c", config, "--token-file", str(tmp_path / "bob.token")]) == 2
+    err = capsys.readouterr().err
+    assert "a user bob was on this box before: 1 job(s)" in err and "add --reuse" in err, err
+    assert agent.config.read_bytes() == before and not (tmp_path / "bob.token").exists()
+    assert pa.main(["user", "add", "bob", "-c", config, "--reuse", "--token-file", str(tmp_path / "bob.token")]) == 0
+    token = (tmp_path / "bob.token").read_text().strip()
+    assert [j["id"] for j in agent.json("GET", "/v1/jobs", token=token)[1]["jobs"]] == [job["id"]]
+    store = pa.open_store(pa.AgentConfig.load(agent.config))
+    try:
+        assert store.targets("bob") == []  # dropped at remove: the same person adds them again
+    finally:
+        store.close()
 
 
 def test_project_remove_deletes_one_project_and_the_next_ask_starts_afresh(make_agent):

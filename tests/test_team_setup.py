@@ -5,7 +5,7 @@ README says to add for a first try. Real parts: the agent and the CLI as process
 on loopback whose authorized_keys is the box account's ~/.ssh/authorized_keys, rrsync, git.
 
 What the test changes in the README's lines, and nothing else: the example address becomes a
-free loopback port, /srv/patchwire/state and /tmp/ folders of the test, `patchwire@box` the
+free loopback port, /srv/patchwire/state and the token files' folders of the test, `patchwire@box` the
 test's sshd, and the two programs their paths. After `patchwire init` it adds the ssh options
 a real laptop keeps in ~/.ssh/config (ssh reads that from the account's passwd home, not $HOME).
 """
@@ -74,7 +74,7 @@ def test_the_readme_team_setup_works_as_written_for_two_developers(tmp_path, tea
     env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
     box_env = {**env, "HOME": str(home)}
     agent = shlex.join(program_argv("patchwire-agent"))
-    subs = {"/tmp/": f"{tokens}/", "100.101.102.103:7433": f"127.0.0.1:{port}",
+    subs = {"--token-file ~/": f"--token-file {tokens}/", "100.101.102.103:7433": f"127.0.0.1:{port}",
             "/srv/patchwire/state": str(state), "patchwire-agent ": agent + " "}
     config, keys = home / ".config/patchwire/agent.toml", home / ".ssh/authorized_keys"
 
