@@ -4609,8 +4609,8 @@ class Notifier:
     time: a user whose receivers never answer (and who ends jobs without end) holds one
     thread and their own queue, never another user's notifications."""
 
-    def __init__(self, store: "Store", audit: AuditLog, config: Callable[[], AgentConfig]):
-        self.store, self.audit, self.config = store, audit, config
+    def __init__(self, store: "Store", audit: Callable[[str, dict], None], config: Callable[[], AgentConfig]):
+        self.store, self.audit, self.config = store, audit, config  # audit: Agent.audit_line
         self._heaps: Dict[str, List[Tuple[float, int, Any]]] = {}
         self._sending: Set[str] = set()  # users with a delivery in flight
         self._last = ""  # the user served last: the next is the one after, by name
@@ -4723,10 +4723,11 @@ class Notifier:
         ok = status is not None and 200 <= status < 300
         sent = {"ok": ok, "retry": not ok and (status is None or status >= 500 or status in (408, 429)),
                 "status": status, "error": error or None}
-        self.audit.write({"event": "notify", "user": target["user"], "target": target["id"], "kind": target["kind"],
-                          "url": redacted_url(target["url"]), "job": delivery.job, "type": delivery.event,
-                          "delivery": delivery.id, "attempt": delivery.attempt, "status": status,
-                          "error": sent["error"], "ms": round((time.monotonic() - started) * 1000, 1)})
+        self.audit(target["user"], {
+            "event": "notify", "user": target["user"], "target": target["id"], "kind": target["kind"],
+            "url": redacted_url(target["url"]), "job": delivery.job, "type": delivery.event,
+            "delivery": delivery.id, "attempt": delivery.attempt, "status": status,
+            "error": sent["error"], "ms": round((time.monotonic() - started) * 1000, 1)})
         return sent
 
 
@@ -4882,6 +4883,7 @@ class Agent:
         migrate_layout(cfg.state_dir)
         self.store = Store(cfg.state_dir)
         self.audit = AuditLog(cfg.state_dir / "audit.log", cfg.audit_max_bytes)
+        self.audit_budget = AuditBudget()  # every line a client causes: its requests', its targets'...
         self.sandbox = Sandbox.choose(cfg.sandbox)
         if self.sandbox.warning:
             log.warning("%s", self.sandbox.warning)
@@ -4910,7 +4912,7 @@ class Agent:
         self.workers: List[threading.Thread] = []
         self.metrics = Metrics()  # request counts and latencies, for GET /metrics
         self.started_at = time.time()
-        self.notifier = Notifier(self.store, self.audit, lambda: self.cfg)  # its own thread: never a worker's
+        self.notifier = Notifier(self.store, self.audit_line, lambda: self.cfg)  # its own thread: never a worker's
 
     # --- life cycle
 
@@ -5042,12 +5044,22 @@ class Agent:
 
     # --- notification targets (section "notifications")
 
+    def audit_line(self, user: str, record: dict, address: str = "") -> None:
+        """A line a client caused (a request, a target added or removed, a test delivery), within
+        its AuditBudget: one user adding and removing targets in a loop wrote two lines a
+        request beyond it, and pushed everyone's older lines out of the rotated log."""
+        unlogged = self.audit_budget.take(user, address)
+        if unlogged is not None:
+            if unlogged:
+                record["unlogged_before"] = unlogged  # its lines counted, not written, since its last
+            self.audit.write(record)
+
     def add_target(self, user: str, body: dict) -> dict:
         """A new target of `user`'s: {target, secret} (the secret only here, once)."""
         with self.admission:  # two adds at once must not both pass max_targets
             target = check_target_request(self.cfg, body, len(self.store.targets(user)))
             self.store.add_target({**target, "user": user})
-        self.audit.write({"event": "notify_add", "user": user, "target": target["id"], "kind": target["kind"],
+        self.audit_line(user, {"event": "notify_add", "user": user, "target": target["id"], "kind": target["kind"],
                           "url": redacted_url(target["url"])})
         return {"target": public_target(target), **({"secret": target["secret"]} if target["secret"] else {})}
 
@@ -5060,7 +5072,7 @@ class Agent:
     def remove_target(self, user: str, target_id: str) -> dict:
         target = self.find_target(user, target_id)
         self.store.remove_target(user, target_id)
-        self.audit.write({"event": "notify_remove", "user": user, "target": target_id})
+        self.audit_line(user, {"event": "notify_remove", "user": user, "target": target_id})
         return public_target(target)
 
     def me(self, user: str, project: Optional[str]) -> dict:
@@ -6383,11 +6395,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.auth_delay_s:
             record["auth_delay_s"] = self.auth_delay_s
         record.update(self.ask_ms)
-        unlogged = self.server.audit_budget.take(self.user or "", client_key(self.client_address[0]))
-        if unlogged is not None:  # within the client's budget (AuditBudget)
-            if unlogged:
-                record["unlogged_before"] = unlogged  # its lines counted, not written, since its last
-            self.agent.audit.write(record)
+        self.agent.audit_line(self.user or "", record, client_key(self.client_address[0]))
         if self.status:
             method = self.command if self.command in ("GET", "POST", "DELETE") else "other"  # bounded labels
             self.agent.metrics.observe(method, self.route_label, int(self.status),
@@ -6735,7 +6743,6 @@ class AgentHTTPServer(http.server.ThreadingHTTPServer):
         self.tls = tls
         self.connections = ConnectionTable(cfg.max_connections, cfg.max_connections_per_client)
         self.auth_failures = AuthFailures()
-        self.audit_budget = AuditBudget()
         self.request_queue_size = cfg.backlog
         self.address_family = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM)[0][0]
         super().__init__(address, Handler)

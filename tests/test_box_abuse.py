@@ -54,6 +54,39 @@ def test_a_flood_without_a_token_cannot_rotate_the_audit_log(make_agent):
     assert any(r.get("user") == "alice" and r.get("path") == "/v1/jobs" for r in audit_lines(agent))
 
 
+def test_a_users_notification_targets_are_audited_within_their_budget(make_agent):
+    """Adding and removing a target in a loop wrote two lines beyond the request lines' budget
+    per pair, and rotated everyone's older lines out of the log: those lines are the user's
+    too now, counted past the budget and written as `unlogged_before` with their next line."""
+    import http.client
+    import tomli_w
+    import tomllib
+    agent = make_agent(start=False, users=("alice", "bob"))
+    data = tomllib.loads(agent.config.read_text())
+    data["notify"] = {"allow": ["hooks.example.com"]}
+    agent.config.write_text(tomli_w.dumps(data))
+    agent.start()
+    assert agent.json("GET", "/v1/jobs")[0] == 200  # alice's line, which bob's loop must not push out
+    conn = http.client.HTTPConnection("127.0.0.1", int(agent.url.rsplit(":", 1)[1]), timeout=30)
+    auth = {"Authorization": "Bearer " + agent.tokens["bob"], "Content-Type": "application/json"}
+    started = time.monotonic()
+    pairs = patchwire_agent.AUDIT_BURST_USER // 2
+    for _ in range(pairs):
+        conn.request("POST", "/v1/notify", json.dumps({"url": "https://hooks.example.com/x"}), auth)
+        answer = conn.getresponse()
+        target = json.loads(answer.read())["target"]["id"]
+        assert answer.status == 201, target
+        conn.request("DELETE", f"/v1/notify/{target}", headers=auth)
+        assert conn.getresponse().read()
+    conn.close()
+    took = time.monotonic() - started
+    wait_until(lambda: any(r.get("user") == "alice" for r in audit_lines(agent)), 10, "alice's line")
+    bobs = [r for r in audit_lines(agent) if r.get("user") == "bob"]
+    # 4 lines a pair before (two requests, notify_add, notify_remove): 1,200; now the budget's
+    assert len(bobs) <= patchwire_agent.AUDIT_BURST_USER + patchwire_agent.AUDIT_RATE_USER * took + 5, len(bobs)
+    assert {"notify_add", "notify_remove"} <= {r.get("event") for r in bobs}
+
+
 def test_a_user_is_audited_up_to_a_budget_then_counted():
     budget = patchwire_agent.AuditBudget()
     taken = [budget.take("bob", "127.0.0.1") for _ in range(patchwire_agent.AUDIT_BURST_USER + 50)]
