@@ -2908,15 +2908,26 @@ class NetworkPolicy:
                 f'add "{host}" to {self.allow_rule} allow = [...] or use a preset (README.md, "Network")')
 
 
+def split_pattern(pattern: str) -> Tuple[str, str]:
+    """(host, port or "") of an allow entry: `host`, `host:port`, `[v6]`, `[v6]:port`, or a
+    bare IPv6 address (its colons are no port)."""
+    if pattern.startswith("["):
+        name, _, rest = pattern[1:].partition("]")
+        return name, rest[1:] if rest.startswith(":") else ""
+    if pattern.count(":") == 1:
+        name, _, port = pattern.partition(":")
+        return name, port
+    return pattern, ""
+
+
 def is_ip_literal(pattern: str, address: str) -> bool:
-    name = pattern.rpartition(":")[0] if pattern.count(":") == 1 else pattern
-    return name.strip("[]") == address
+    return split_pattern(pattern)[0] == address
 
 
 def host_matches(pattern: str, host: str, port: int) -> bool:
-    """`host`, `*.domain` (any depth below it), each optionally `:port` (else 80 and 443)."""
-    name, _, want = pattern.lower().rpartition(":") if pattern.count(":") == 1 else (pattern.lower(), "", "")
-    host = host.lower().rstrip(".")
+    """`host`, `*.domain` (any depth below it), `[v6]`, each optionally `:port` (else 80 and 443)."""
+    name, want = split_pattern(pattern.lower())
+    host = host.lower().rstrip(".").strip("[]")
     ports = {int(want)} if want.isdigit() else {80, 443}
     if port not in ports:
         return False

@@ -201,6 +201,11 @@ def test_host_patterns():
     assert not pa.host_matches("*.github.com", "github.com", 443)
     assert not pa.host_matches("*.github.com", "evilgithub.com", 443)
     assert not pa.host_matches("pub.dev", "pub.dev.evil.example", 443)
+    # IPv6 entries with a port are written in brackets; before, a pattern of more than one colon
+    # never had its port split off, and `[::1]:8080` matched nothing (in [network] and [notify])
+    assert pa.host_matches("[::1]:8080", "::1", 8080) and not pa.host_matches("[::1]:8080", "::1", 443)
+    assert pa.host_matches("[2001:db8::5]", "2001:db8::5", 443) and pa.host_matches("::1", "::1", 80)
+    assert pa.is_ip_literal("[::1]:8080", "::1") and not pa.is_ip_literal("[::1]:8080", "::2")
 
 
 def test_network_config_layers_and_errors(tmp_path):
