@@ -1916,12 +1916,14 @@ class ProjectRepo:
         # skip every subtree whose id is the same; `diff --cached` compared the whole index
         tree = git.text("write-tree")
         diff_args = ("diff", "-M", "--no-ext-diff", "--no-textconv", "--no-color")
-        nested, stats = raw_and_numstat(git(*diff_args, "--raw", "--numstat", "-z", snapshot, tree))  # small
+        nested, stats, blobs = raw_and_numstat(git(*diff_args, "--raw", "--no-abbrev", "--numstat", "-z", snapshot, tree))
         if nested:
             tree = self._leave_out_repositories(git, nested)
-            nested_again, stats = raw_and_numstat(git(*diff_args, "--raw", "--numstat", "-z", snapshot, tree))
+            nested_again, stats, blobs = raw_and_numstat(git(*diff_args, "--raw", "--no-abbrev", "--numstat", "-z",
+                                                              snapshot, tree))
             if nested_again:
                 raise PatchwireError(f"a repository inside the job folder stayed in its index: {nested_again[0]}")
+        refuse_huge_blobs(git, blobs, max_bytes)
         run_capped(git, max_bytes, *diff_args, "--binary", "--full-index", snapshot, tree, stdout=patch)
         if nested or empty:
             stats["repositories_left_out"] = sorted(empty + nested)
@@ -1934,11 +1936,14 @@ class ProjectRepo:
 GITLINK_MODE = "160000"  # git's mode of a repository inside another (a submodule's commit)
 
 
-def raw_and_numstat(out: bytes) -> Tuple[List[str], dict]:
-    """(paths that became a repository, a gitlink; the counts of parse_numstat) from one `git
-    diff --raw --numstat -z`: its raw records (":old new oldid newid status\0path\0", a second
-    path after a rename's or copy's) come first, then the numstat's."""
-    nested, at = [], 0
+def raw_and_numstat(out: bytes) -> Tuple[List[str], dict, List[str]]:
+    """(paths that became a repository, a gitlink; the counts of parse_numstat; the blobs the
+    result holds that the snapshot did not) from one `git diff --raw --numstat -z`: its raw
+    records (":old new oldid newid status\0path\0", a second path after a rename's or copy's)
+    come first, then the numstat's."""
+    nested: List[str] = []
+    blobs: List[str] = []
+    at = 0
     while out.startswith(b":", at):
         end = out.index(b"\0", at)
         meta = out[at + 1:end].decode().split(" ")
@@ -1949,7 +1954,26 @@ def raw_and_numstat(out: bytes) -> Tuple[List[str], dict]:
             at = end + 1
         if meta[1] == GITLINK_MODE:
             nested.append(path.decode("utf-8", "surrogateescape"))
-    return nested, parse_numstat(out[at:])
+        elif meta[4][:1] != "D":
+            blobs.append(meta[3])
+    return nested, parse_numstat(out[at:]), blobs
+
+
+def refuse_huge_blobs(git: Git, blobs: List[str], max_bytes: int) -> None:
+    """`git diff --binary` holds each blob whole: a 3 GB sparse file (`truncate -s 3G`, which
+    costs the AI neither disk nor memory) took the agent 3 GB and compresses to nothing, so
+    the patch's own cap never fired. A new blob over BLOB_FACTOR times [jobs] max_diff_mb
+    (at least 64 MiB) fails the job as too large, before any diff reads it."""
+    if not blobs:
+        return
+    cap = max(BLOB_FACTOR * max_bytes, 64 * MIB)
+    for line in git("cat-file", "--batch-check", input="".join(b + "\n" for b in blobs).encode()).splitlines():
+        fields = line.split()
+        if len(fields) == 3 and int(fields[2]) > cap:
+            raise DiffTooLarge(f"a file the AI wrote holds {int(fields[2])} bytes, over {cap}")
+
+
+BLOB_FACTOR = 4
 
 
 class DiffTooLarge(PatchwireError):

@@ -156,6 +156,19 @@ def test_a_diff_over_max_diff_mb_fails_the_job_names_the_key_and_resets_its_fold
     assert b"+fine" in box.request("GET", f"/v1/jobs/{job['id']}/diff")[2]
 
 
+def test_a_sparse_file_the_diff_would_hold_whole_fails_the_job_as_too_large(make_agent, tmp_path):
+    """`truncate -s 3G` costs the AI neither disk nor memory, and its zeros compress to almost
+    nothing, under any patch cap; but `git diff --binary` holds each blob whole (3 GB). A new
+    blob over 4x max_diff_mb (at least 64 MiB) fails the job before any diff reads it."""
+    box = make_agent(jobs={"max_diff_mb": 1})
+    lap = synced(box, tmp_path)
+    status, job = ask(box, lap, {"run": ["truncate", "-s", "100M", "sparse.bin"], "out": "o.txt"})
+    info = box.wait_job(job["id"], timeout=120)
+    assert info["status"] == "failed" and "its diff is over [jobs] max_diff_mb = 1" in info["reason"], info
+    folder = slot_dir(box, info["slot"])
+    assert not (folder / "sparse.bin").exists()
+
+
 # ------------------------------------------------------------------ the user's disk quota
 
 
