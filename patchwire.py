@@ -392,7 +392,8 @@ def run(argv: Sequence[str], *, cwd: Optional[os.PathLike] = None, env: Optional
         raise PatchwireError(f"{argv[0]} is not installed or not on PATH",
                              hint or f"install {os.path.basename(str(argv[0]))} and try again")
     except subprocess.TimeoutExpired:
-        raise PatchwireError(f"{' '.join(_short_argv(argv))} took longer than {timeout or 0:g} s", hint)
+        raise PatchwireError(f"{' '.join(_short_argv(argv))} took longer than {timeout or 0:g} s", hint,
+                             code="timeout")
     if check and proc.returncode != 0:
         raise ProcessError(argv, proc.returncode, proc.stderr or b"", hint)
     return proc

@@ -194,7 +194,7 @@ import urllib.request
 from collections import deque
 from http import HTTPStatus
 from pathlib import Path
-from typing import IO, AbstractSet, Any, BinaryIO, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import IO, AbstractSet, Any, BinaryIO, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Set, Tuple, TypeVar
 
 import patchwire as pw
 from patchwire import Git, PatchwireError, ProcessError, UsageError
@@ -1608,7 +1608,9 @@ class ProjectRepo:
         if not self._index_is_sealed(slot):
             self._rebuild_index(slot, commit)
         for step in (("checkout", "-q", "-f", "--detach", commit), ("clean", "-q", "-ffd")):
-            refuse_unread_folders(git.run(*step).stderr)  # clean_slot then makes it anew
+            done = unstalled(self.slot_path(slot), self._slot_gitdir(slot),
+                             lambda t: git.run(*step, timeout=t))  # noqa: B023 (called at once)
+            refuse_unread_folders(done.stderr)  # clean_slot then makes it anew
         self._seal_index(slot, self._head(slot))
 
     def _head(self, slot: int) -> str:
@@ -1903,10 +1905,12 @@ class ProjectRepo:
         # what the AI changed: one stat pass, and (untracked cache) only the folders whose stat
         # data changed are read; `add -A` of those paths alone (a new folder: all it holds)
         empty: List[str] = []  # repositories the AI made without a commit: git cannot add them
+        folder = self.slot_path(slot)
         if not self._large(slot):
-            empty = add_all(git, max(max_bytes, room))
+            empty = unstalled(folder, index.parent, lambda t: add_all(git, max(max_bytes, room), timeout=t))
         else:
-            listed = git.run("status", "--porcelain", "-z", "--no-renames", "-unormal", "--ignore-submodules=all")
+            listed = unstalled(folder, index.parent, lambda t: git.run("status", "--porcelain", "-z", "--no-renames", "-unormal",
+                                                         "--ignore-submodules=all", timeout=t))
             refuse_unread_folders(listed.stderr)
             touched = worktree_paths(listed.stdout)
             if touched:
@@ -1984,11 +1988,11 @@ class DiffTooLarge(PatchwireError):
 EMPTY_REPOSITORY = re.compile(rb"^error: '(.+?)/?' does not have a commit checked out$")
 
 
-def add_all(git: Git, max_bytes: int, *args: str, input: Optional[bytes] = None) -> List[str]:
+def add_all(git: Git, max_bytes: int, *args: str, input: Optional[bytes] = None, timeout: float = 600) -> List[str]:
     """`git add -A` (capped as run_capped) of the job folder, past the repositories the AI
     made without a commit (git stops at one: "does not have a commit checked out"), which
     are left out and returned; any other error fails as before."""
-    proc = run_capped(git, max_bytes, "add", "-A", "--ignore-errors", *args, input=input, check=False)
+    proc = run_capped(git, max_bytes, "add", "-A", "--ignore-errors", *args, input=input, check=False, timeout=timeout)
     refuse_unread_folders(proc.stderr)
     if not proc.returncode:
         return []
@@ -2000,12 +2004,12 @@ def add_all(git: Git, max_bytes: int, *args: str, input: Optional[bytes] = None)
 
 
 def run_capped(git: Git, max_bytes: int, *args: str, stdout: Optional[BinaryIO] = None,
-               input: Optional[bytes] = None, check: bool = True) -> "pw.subprocess.CompletedProcess":
+               input: Optional[bytes] = None, check: bool = True, timeout: float = 600) -> "pw.subprocess.CompletedProcess":
     """Run git with every file it writes capped at `max_bytes`. Past the cap the kernel sends
     SIGXFSZ (subprocess restores its default action, which ends git), or a write fails with
     EFBIG where it is ignored: either is DiffTooLarge, any other failure a ProcessError
     (without `check`: the process, for the caller to judge)."""
-    proc = git.run(*args, check=False, stdout=stdout, max_file_bytes=max_bytes, input=input)
+    proc = git.run(*args, check=False, stdout=stdout, max_file_bytes=max_bytes, input=input, timeout=timeout)
     if proc.returncode == -signal.SIGXFSZ or (proc.returncode and b"File too large" in proc.stderr):
         raise DiffTooLarge(f"git {args[0]} passed {max_bytes} bytes")
     if proc.returncode and check:
@@ -2364,6 +2368,38 @@ def open_up(top: Path) -> None:
             os.chmod(folder, stat.S_IMODE(os.lstat(folder).st_mode) | 0o700)
             with os.scandir(folder) as entries:
                 stack.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
+
+
+# git opens each `.gitignore` (and `.gitattributes`) it passes: one the AI made a FIFO blocks
+# it until a writer comes, which none does. A job folder's git taking longer than GIT_STALL_S
+# has the folder's FIFOs and sockets (never part of a diff) removed, and runs once more.
+GIT_STALL_S = float(os.environ.get("PATCHWIRE_GIT_STALL_S", "60"))  # the environment: for tests
+T = TypeVar("T")
+
+
+def unstalled(folder: Path, gitdir: Path, run: Callable[[float], T]) -> T:
+    try:
+        return run(GIT_STALL_S)
+    except PatchwireError as e:
+        if e.code != "timeout" or not remove_special_files(folder):
+            raise
+        log.warning("git stalled in %s on a FIFO the AI left; removed them, running it again", folder)
+        (gitdir / "index.lock").unlink(missing_ok=True)  # the stopped git's
+        return run(600)
+
+
+def remove_special_files(top: Path) -> int:
+    """Remove every FIFO, socket and device file beneath `top` (no link followed); how many."""
+    removed, stack = 0, [str(top)]
+    while stack:
+        with contextlib.suppress(OSError), os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                elif not entry.is_file(follow_symlinks=False) and not entry.is_symlink():
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed
 
 
 # git only warns of a folder it cannot read (`add -A`, `status`, `clean`), and goes on as if it

@@ -108,3 +108,17 @@ def test_a_folder_the_ai_made_unreadable_hides_nothing_and_keeps_nothing(walls_b
     second = ask(box, {"run": [PYTHON, "-c", look], "out": "seen.txt"})
     assert second["status"] == "done", second
     assert box.added(second, "seen.txt") == "rc=0\nFalse"
+
+
+def test_a_fifo_left_as_a_gitignore_stalls_git_only_until_it_is_removed(walls_box):  # noqa: F811
+    """git opens each .gitignore it passes, and a FIFO blocks it until a writer comes: collect's
+    `add -A` hung for 600 s, then the reset as long. A job folder's git that stalls past
+    GIT_STALL_S (here 2 s) has the folder's FIFOs removed and runs again."""
+    box = walls_box(env={"PATCHWIRE_GIT_STALL_S": "2"})
+    plant = "import os; os.makedirs('sub'); os.mkfifo('sub/.gitignore'); open('sub/a.txt', 'w').write('a\\n')"
+    first = ask(box, {"run": [PYTHON, "-c", plant], "out": "o.txt"}, timeout=60)
+    assert first["status"] == "done", first.get("reason")
+    diff = box.diff(first)
+    assert b"+++ b/sub/a.txt" in diff and b".gitignore" not in diff
+    second = ask(box, {"write": "b.txt", "text": "b\n"}, timeout=30)
+    assert second["status"] == "done", second
