@@ -1920,14 +1920,13 @@ class ProjectRepo:
         # skip every subtree whose id is the same; `diff --cached` compared the whole index
         tree = git.text("write-tree")
         diff_args = ("diff", "-M", "--no-ext-diff", "--no-textconv", "--no-color")
-        nested, stats, blobs = raw_and_numstat(git(*diff_args, "--raw", "--no-abbrev", "--numstat", "-z", snapshot, tree))
+        nested, stats, written = raw_and_numstat(git(*diff_args, "--raw", "--numstat", "-z", snapshot, tree))  # small
         if nested:
             tree = self._leave_out_repositories(git, nested)
-            nested_again, stats, blobs = raw_and_numstat(git(*diff_args, "--raw", "--no-abbrev", "--numstat", "-z",
-                                                              snapshot, tree))
+            nested_again, stats, written = raw_and_numstat(git(*diff_args, "--raw", "--numstat", "-z", snapshot, tree))
             if nested_again:
                 raise PatchwireError(f"a repository inside the job folder stayed in its index: {nested_again[0]}")
-        refuse_huge_blobs(git, blobs, max_bytes)
+        refuse_huge_files(folder, written, max_bytes)
         run_capped(git, max_bytes, *diff_args, "--binary", "--full-index", snapshot, tree, stdout=patch)
         if nested or empty:
             stats["repositories_left_out"] = sorted(empty + nested)
@@ -1941,12 +1940,12 @@ GITLINK_MODE = "160000"  # git's mode of a repository inside another (a submodul
 
 
 def raw_and_numstat(out: bytes) -> Tuple[List[str], dict, List[str]]:
-    """(paths that became a repository, a gitlink; the counts of parse_numstat; the blobs the
-    result holds that the snapshot did not) from one `git diff --raw --numstat -z`: its raw
+    """(paths that became a repository, a gitlink; the counts of parse_numstat; the paths of
+    the files the result adds or changes) from one `git diff --raw --numstat -z`: its raw
     records (":old new oldid newid status\0path\0", a second path after a rename's or copy's)
     come first, then the numstat's."""
     nested: List[str] = []
-    blobs: List[str] = []
+    written: List[str] = []
     at = 0
     while out.startswith(b":", at):
         end = out.index(b"\0", at)
@@ -1959,22 +1958,22 @@ def raw_and_numstat(out: bytes) -> Tuple[List[str], dict, List[str]]:
         if meta[1] == GITLINK_MODE:
             nested.append(path.decode("utf-8", "surrogateescape"))
         elif meta[4][:1] != "D":
-            blobs.append(meta[3])
-    return nested, parse_numstat(out[at:]), blobs
+            written.append(path.decode("utf-8", "surrogateescape"))
+    return nested, parse_numstat(out[at:]), written
 
 
-def refuse_huge_blobs(git: Git, blobs: List[str], max_bytes: int) -> None:
+def refuse_huge_files(folder: Path, written: List[str], max_bytes: int) -> None:
     """`git diff --binary` holds each blob whole: a 3 GB sparse file (`truncate -s 3G`, which
-    costs the AI neither disk nor memory) took the agent 3 GB and compresses to nothing, so
-    the patch's own cap never fired. A new blob over BLOB_FACTOR times [jobs] max_diff_mb
-    (at least 64 MiB) fails the job as too large, before any diff reads it."""
-    if not blobs:
-        return
+    costs the AI neither disk nor memory) took git 3 GB and compresses to nothing, so the
+    patch's own cap never fired. A file written over BLOB_FACTOR times [jobs] max_diff_mb
+    (at least 64 MiB) fails the job as too large, before any diff reads it. Its size is its
+    blob's (no filter or conversion runs in a job folder), read without a process."""
     cap = max(BLOB_FACTOR * max_bytes, 64 * MIB)
-    for line in git("cat-file", "--batch-check", input="".join(b + "\n" for b in blobs).encode()).splitlines():
-        fields = line.split()
-        if len(fields) == 3 and int(fields[2]) > cap:
-            raise DiffTooLarge(f"a file the AI wrote holds {int(fields[2])} bytes, over {cap}")
+    for path in written:
+        with contextlib.suppress(OSError):
+            size = os.lstat(folder / path).st_size
+            if size > cap:
+                raise DiffTooLarge(f"{path} holds {size} bytes, over {cap}")
 
 
 BLOB_FACTOR = 4
