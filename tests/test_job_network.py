@@ -184,7 +184,8 @@ KEYED_AI = """
 out=$1
 curl -sS --max-time 10 "http://$2/allowed" > "$out/allowed.txt" 2>&1
 curl -sS --max-time 10 -x "http://127.0.0.1:${ANTHROPIC_BASE_URL##*:}" "http://$2/nokey" > "$out/nokey.txt" 2>&1
-curl -sS --max-time 10 --compressed -H "x-api-key: $ANTHROPIC_API_KEY" -d '{}' "$ANTHROPIC_BASE_URL/v1/messages" > "$out/api.txt" 2>&1
+curl -sS --max-time 10 --compressed -H "x-api-key: $ANTHROPIC_API_KEY" -d '{}' \\
+    "$ANTHROPIC_BASE_URL/v1/messages" > "$out/api.txt" 2>&1
 env > "$out/env.txt"
 """
 
