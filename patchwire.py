@@ -1203,7 +1203,11 @@ _INVISIBLE = ("\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u2
               "\u2060-\u206f\u2800\u3164\ufe00-\ufe0d\ufeff\uffa0\ufff0-\ufffb\u0600-\u0605\u06dd"
               "\u070f\u0890\u0891\u08e2\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3"
               "\U0001d173-\U0001d17a\U000e0000-\U000e0fff")
-_LONE_VARIATION = "(?<![\u00a9\u00ae\u203c-\u3299\U0001f000-\U0001faff])[\ufe0e\ufe0f]"
+# the emoji that take a style selector: none a letter (kana, Kelvin sign, Roman numerals are)
+_EMOJI_BASES = ("\u00a9\u00ae\u203c\u2049\u2122\u2139\u2194-\u2199\u21a9\u21aa\u231a\u231b\u2328\u23cf"
+                "\u23e9-\u23f3\u23f8-\u23fa\u24c2\u25aa\u25ab\u25b6\u25c0\u25fb-\u25fe\u2600-\u27bf"
+                "\u2934\u2935\u2b05-\u2b07\u2b1b\u2b1c\u2b50\u2b55\u3030\u303d\u3297\u3299\U0001f000-\U0001faff")
+_LONE_VARIATION = f"(?<![{_EMOJI_BASES}])[\ufe0e\ufe0f]"
 _UNSAFE_FOR_TERMINAL = re.compile(f"[\x00-\x08\x0a-\x1f\x7f-\x9f\ud800-\udfff{_INVISIBLE}]|{_LONE_VARIATION}")
 _UNSAFE_KEEP_NEWLINES = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff{_INVISIBLE}]|{_LONE_VARIATION}")
 # With newlines kept, a line of box text must not start at column 0, where it could pass for
@@ -2905,8 +2909,8 @@ def control_dir() -> str:
     (or a link of theirs to a folder of yours, which they could point elsewhere later) would
     hold the sockets every sync of yours goes through."""
     runtime = os.environ.get("XDG_RUNTIME_DIR", "")
-    path = Path(runtime) / "patchwire" if runtime and private_folder(Path(runtime)) else \
-        CONTROL_TMP / f"patchwire-{os.getuid()}"
+    private_runtime = bool(runtime) and private_folder(Path(runtime))
+    path = Path(runtime) / "patchwire" if private_runtime else CONTROL_TMP / f"patchwire-{os.getuid()}"
     with contextlib.suppress(FileExistsError):
         path.mkdir(mode=0o700)
     if not private_folder(path):
@@ -6347,6 +6351,8 @@ def fold_rows(lines: Iterable[str], columns: int, mark: str) -> Iterator[str]:
     for line in lines:
         if "\t" not in line and (len(line) <= width if line.isascii() else 2 * len(line) <= width):
             yield line  # as wide as it could be, and narrower than the terminal: most lines
+        elif "\t" not in line and line.isascii() and len(_SGR.sub("", line)) <= width:
+            yield line  # a coloured line: its escapes take no cell
         else:
             yield from _fold_line(line, width, mark)
 
@@ -6359,7 +6365,7 @@ def _fold_line(line: str, width: int, mark: str) -> List[str]:
     for m in itertools.chain(_SGR.finditer(line), [None]):
         for ch in line[pos:m.start()] if m else line[pos:]:
             w = (8 - cells % 8 if ch == "\t" else 0 if unicodedata.combining(ch)
-                 else 2 if unicodedata.east_asian_width(ch) in "WF" else 1)
+                 else 2 if unicodedata.east_asian_width(ch) in "WFA" else 1)  # A: double in CJK terminals
             if cells + w > width and cells > len(mark):
                 rows.append("".join(row) + ("\x1b[0m" if active else ""))
                 row, cells = [active, mark], len(mark)
@@ -9284,7 +9290,7 @@ def cmd_trust(args) -> int:
     shown = {"agent": cfg.agent, "token_file": cfg.token_file, "ssh": cfg.ssh, "ca_file": cfg.ca_file,
              "project": cfg.project, "sync.ssh_options": cfg.ssh_options, "sync.rsync": cfg.rsync,
              "sync.allow": cfg.allow, "sync.max_file_mb": cfg.max_file_mb, "sync.submodules": cfg.submodules}
-    if args.sha256 and args.sha256 != digest:
+    if args.sha256 is not None and args.sha256 != digest:
         raise UsageError(f"{cfg.path}'s settings changed since they were shown: nothing was trusted",
                          "look at them again (`patchwire trust --show`), then trust what you read",
                          details={"code": "changed", "config": str(cfg.path)})

@@ -220,6 +220,7 @@ BODY_BYTES_PER_VALUE = 6
 BODY_VALUES_FREE = 4096
 LARGE_BODY_BYTES = 256 * 1024  # 4 MiB of `[],[],...` parsed took 170 MB: every body is counted
 LARGE_BODIES_AT_ONCE = 2
+TARGET_CHANGES_BURST = 30  # notification targets added or removed, then one a minute (always audited)
 MAX_QUERY_INT = 10 ** 15  # `after=N` and friends: sqlite integers are 64-bit
 CONNECTION_TIMEOUT = 60  # per socket operation once a request is in (a stream's writes)
 AT_CAP_SLOTS = 8  # connections past the caps that may still ask for /v1/health ...
@@ -1608,8 +1609,7 @@ class ProjectRepo:
         if not self._index_is_sealed(slot):
             self._rebuild_index(slot, commit)
         for step in (("checkout", "-q", "-f", "--detach", commit), ("clean", "-q", "-ffd")):
-            done = unstalled(self.slot_path(slot), self._slot_gitdir(slot),
-                             lambda t: git.run(*step, timeout=t))  # noqa: B023 (called at once)
+            done = unstalled(self.slot_path(slot), lambda: git.run(*step))  # noqa: B023 (called at once)
             refuse_unread_folders(done.stderr)  # clean_slot then makes it anew
         self._seal_index(slot, self._head(slot))
 
@@ -1837,8 +1837,8 @@ class ProjectRepo:
     def changed_paths(self, slot: int) -> List[str]:
         """Paths in the job folder that differ from its index and git does not ignore."""
         # no optional locks: status would write a refreshed index, breaking its seal
-        out = self.slot_git(slot, GIT_OPTIONAL_LOCKS="0")(
-            "status", "--porcelain", "-z", "--untracked-files=all", "--no-renames", "--ignore-submodules=all")
+        out = unstalled(self.slot_path(slot), lambda: self.slot_git(slot, GIT_OPTIONAL_LOCKS="0")(
+            "status", "--porcelain", "-z", "--untracked-files=all", "--no-renames", "--ignore-submodules=all"))
         return [entry[3:].decode("utf-8", "replace") for entry in out.split(b"\0") if entry]
 
     def reset_slot_to(self, slot: int, commit: str) -> None:
@@ -1907,15 +1907,16 @@ class ProjectRepo:
         empty: List[str] = []  # repositories the AI made without a commit: git cannot add them
         folder = self.slot_path(slot)
         if not self._large(slot):
-            empty = unstalled(folder, index.parent, lambda t: add_all(git, max(max_bytes, room), timeout=t))
+            empty = unstalled(folder, lambda: add_all(git, max(max_bytes, room)))
         else:
-            listed = unstalled(folder, index.parent, lambda t: git.run("status", "--porcelain", "-z", "--no-renames", "-unormal",
-                                                         "--ignore-submodules=all", timeout=t))
+            listed = unstalled(folder, lambda: git.run("status", "--porcelain", "-z", "--no-renames", "-unormal",
+                                                       "--ignore-submodules=all"))
             refuse_unread_folders(listed.stderr)
             touched = worktree_paths(listed.stdout)
             if touched:
-                empty = add_all(git, max(max_bytes, room), "--pathspec-from-file=-", "--pathspec-file-nul",
-                                input=b"".join(path + b"\0" for path in touched))
+                empty = unstalled(folder, lambda: add_all(git, max(max_bytes, room), "--pathspec-from-file=-",
+                                                          "--pathspec-file-nul",
+                                                          input=b"".join(path + b"\0" for path in touched)))
         # the result's tree first (cache-tree: O(changed)), then diffs of tree against tree, which
         # skip every subtree whose id is the same; `diff --cached` compared the whole index
         tree = git.text("write-tree")
@@ -1957,7 +1958,7 @@ def raw_and_numstat(out: bytes) -> Tuple[List[str], dict, List[str]]:
             at = end + 1
         if meta[1] == GITLINK_MODE:
             nested.append(path.decode("utf-8", "surrogateescape"))
-        elif meta[4][:1] != "D":
+        elif meta[4][:1] != "D" and meta[2] != meta[3]:  # not a pure rename or mode change
             written.append(path.decode("utf-8", "surrogateescape"))
     return nested, parse_numstat(out[at:]), written
 
@@ -1987,11 +1988,11 @@ class DiffTooLarge(PatchwireError):
 EMPTY_REPOSITORY = re.compile(rb"^error: '(.+?)/?' does not have a commit checked out$")
 
 
-def add_all(git: Git, max_bytes: int, *args: str, input: Optional[bytes] = None, timeout: float = 600) -> List[str]:
+def add_all(git: Git, max_bytes: int, *args: str, input: Optional[bytes] = None) -> List[str]:
     """`git add -A` (capped as run_capped) of the job folder, past the repositories the AI
     made without a commit (git stops at one: "does not have a commit checked out"), which
     are left out and returned; any other error fails as before."""
-    proc = run_capped(git, max_bytes, "add", "-A", "--ignore-errors", *args, input=input, check=False, timeout=timeout)
+    proc = run_capped(git, max_bytes, "add", "-A", "--ignore-errors", *args, input=input, check=False)
     refuse_unread_folders(proc.stderr)
     if not proc.returncode:
         return []
@@ -2003,12 +2004,12 @@ def add_all(git: Git, max_bytes: int, *args: str, input: Optional[bytes] = None,
 
 
 def run_capped(git: Git, max_bytes: int, *args: str, stdout: Optional[BinaryIO] = None,
-               input: Optional[bytes] = None, check: bool = True, timeout: float = 600) -> "pw.subprocess.CompletedProcess":
+               input: Optional[bytes] = None, check: bool = True) -> "pw.subprocess.CompletedProcess":
     """Run git with every file it writes capped at `max_bytes`. Past the cap the kernel sends
     SIGXFSZ (subprocess restores its default action, which ends git), or a write fails with
     EFBIG where it is ignored: either is DiffTooLarge, any other failure a ProcessError
     (without `check`: the process, for the caller to judge)."""
-    proc = git.run(*args, check=False, stdout=stdout, max_file_bytes=max_bytes, input=input, timeout=timeout)
+    proc = git.run(*args, check=False, stdout=stdout, max_file_bytes=max_bytes, input=input)
     if proc.returncode == -signal.SIGXFSZ or (proc.returncode and b"File too large" in proc.stderr):
         raise DiffTooLarge(f"git {args[0]} passed {max_bytes} bytes")
     if proc.returncode and check:
@@ -2044,7 +2045,8 @@ def folder_is_its_index(git: Git) -> bool:
     """Whether `status` of a job folder finds nothing that differs from its index, nor a file it
     does not hold and no .gitignore names (one stat pass; with git's untracked cache only the
     folders whose stat data changed are read). A folder it cannot read, say: False."""
-    status = git.run("status", "--porcelain", "-z", "--no-renames", "-unormal", "--ignore-submodules=all", check=False)
+    status = unstalled(Path(git.cwd), lambda: git.run("status", "--porcelain", "-z", "--no-renames", "-unormal",
+                                                      "--ignore-submodules=all", check=False))
     return not status.returncode and not worktree_changes(status.stdout)
 
 
@@ -2364,31 +2366,39 @@ def open_up(top: Path) -> None:
     while stack:
         folder = stack.pop()
         with contextlib.suppress(OSError):
-            os.chmod(folder, stat.S_IMODE(os.lstat(folder).st_mode) | 0o700)
+            mode = os.lstat(folder).st_mode  # (no O_NOFOLLOW open: a folder of mode 0 cannot be opened)
+            if not stat.S_ISDIR(mode):
+                continue  # a link put in its place: never followed
+            os.chmod(folder, stat.S_IMODE(mode) | 0o700)
             with os.scandir(folder) as entries:
                 stack.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
 
 
 # git opens each `.gitignore` (and `.gitattributes`) it passes: one the AI made a FIFO blocks
-# it until a writer comes, which none does. A job folder's git taking longer than GIT_STALL_S
-# has the folder's FIFOs and sockets (never part of a diff) removed, and runs once more.
-GIT_STALL_S = float(os.environ.get("PATCHWIRE_GIT_STALL_S", "60"))  # the environment: for tests
+# it until a writer comes, which none does. While a job folder's git runs past GIT_STALL_S,
+# the folder's FIFOs are let go (opened for writing and closed: git reads an empty file) and
+# removed with its sockets (never part of a diff), every GIT_STALL_S; git itself runs on.
+GIT_STALL_S = float(os.environ.get("PATCHWIRE_GIT_STALL_S", "10"))  # the environment: for tests
 T = TypeVar("T")
 
 
-def unstalled(folder: Path, gitdir: Path, run: Callable[[float], T]) -> T:
+def unstalled(folder: Path, run: Callable[[], T]) -> T:
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(GIT_STALL_S):
+            if release_special_files(folder):
+                log.warning("git stalled in %s on a FIFO the AI left: let go and removed", folder)
+    threading.Thread(target=watch, name="git-stall-watch", daemon=True).start()
     try:
-        return run(GIT_STALL_S)
-    except PatchwireError as e:
-        if e.code != "timeout" or not remove_special_files(folder):
-            raise
-        log.warning("git stalled in %s on a FIFO the AI left; removed them, running it again", folder)
-        (gitdir / "index.lock").unlink(missing_ok=True)  # the stopped git's
-        return run(600)
+        return run()
+    finally:
+        done.set()
 
 
-def remove_special_files(top: Path) -> int:
-    """Remove every FIFO, socket and device file beneath `top` (no link followed); how many."""
+def release_special_files(top: Path) -> int:
+    """Let go of and remove every FIFO, socket and device file beneath `top` (no link
+    followed); how many."""
     removed, stack = 0, [str(top)]
     while stack:
         with contextlib.suppress(OSError), os.scandir(stack.pop()) as entries:
@@ -2396,8 +2406,11 @@ def remove_special_files(top: Path) -> int:
                 if entry.is_dir(follow_symlinks=False):
                     stack.append(entry.path)
                 elif not entry.is_file(follow_symlinks=False) and not entry.is_symlink():
-                    os.unlink(entry.path)
-                    removed += 1
+                    with contextlib.suppress(OSError):  # ENXIO: nobody reads it
+                        os.close(os.open(entry.path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW))
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+                        removed += 1
     return removed
 
 
@@ -2971,8 +2984,10 @@ def split_pattern(pattern: str) -> Tuple[str, str]:
     """(host, port or "") of an allow entry: `host`, `host:port`, `[v6]`, `[v6]:port`, or a
     bare IPv6 address (its colons are no port)."""
     if pattern.startswith("["):
-        name, _, rest = pattern[1:].partition("]")
-        return name, rest[1:] if rest.startswith(":") else ""
+        name, close, rest = pattern[1:].partition("]")
+        if not close or (rest and not rest.startswith(":")):
+            return pattern, ""  # `[::1`, `[::1]x`: no host has that name
+        return name, rest[1:]
     if pattern.count(":") == 1:
         name, _, port = pattern.partition(":")
         return name, port
@@ -2980,7 +2995,7 @@ def split_pattern(pattern: str) -> Tuple[str, str]:
 
 
 def is_ip_literal(pattern: str, address: str) -> bool:
-    return split_pattern(pattern)[0] == address
+    return split_pattern(pattern.lower())[0] == address.lower()
 
 
 def host_matches(pattern: str, host: str, port: int) -> bool:
@@ -4953,7 +4968,8 @@ class Agent:
         migrate_layout(cfg.state_dir)
         self.store = Store(cfg.state_dir)
         self.audit = AuditLog(cfg.state_dir / "audit.log", cfg.audit_max_bytes)
-        self.audit_budget = AuditBudget()  # every line a client causes: its requests', its targets'...
+        self.audit_budget = AuditBudget()  # every line a client causes: its requests', its deliveries'
+        self.target_changes = AuditBudget(TARGET_CHANGES_BURST, 1 / 60)
         self.sandbox = Sandbox.choose(cfg.sandbox)
         if self.sandbox.warning:
             log.warning("%s", self.sandbox.warning)
@@ -5124,12 +5140,20 @@ class Agent:
                 record["unlogged_before"] = unlogged  # its lines counted, not written, since its last
             self.audit.write(record)
 
+    def limit_target_changes(self, user: str) -> None:
+        """Target changes are always audited (a URL a stolen token adds must show), so they are
+        limited instead: TARGET_CHANGES_BURST, then one a minute."""
+        if self.target_changes.take(user, "") is None:
+            raise HTTPFailure(HTTPStatus.TOO_MANY_REQUESTS, f"more than {TARGET_CHANGES_BURST} notification target "
+                              "changes in a short time", "try again in a minute", code="rate_limited")
+
     def add_target(self, user: str, body: dict) -> dict:
         """A new target of `user`'s: {target, secret} (the secret only here, once)."""
+        self.limit_target_changes(user)
         with self.admission:  # two adds at once must not both pass max_targets
             target = check_target_request(self.cfg, body, len(self.store.targets(user)))
             self.store.add_target({**target, "user": user})
-        self.audit_line(user, {"event": "notify_add", "user": user, "target": target["id"], "kind": target["kind"],
+        self.audit.write({"event": "notify_add", "user": user, "target": target["id"], "kind": target["kind"],
                           "url": redacted_url(target["url"])})
         return {"target": public_target(target), **({"secret": target["secret"]} if target["secret"] else {})}
 
@@ -5141,8 +5165,9 @@ class Agent:
 
     def remove_target(self, user: str, target_id: str) -> dict:
         target = self.find_target(user, target_id)
+        self.limit_target_changes(user)
         self.store.remove_target(user, target_id)
-        self.audit_line(user, {"event": "notify_remove", "user": user, "target": target_id})
+        self.audit.write({"event": "notify_remove", "user": user, "target": target_id})
         return public_target(target)
 
     def me(self, user: str, project: Optional[str]) -> dict:
@@ -6518,7 +6543,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not self.agent.large_bodies.acquire(timeout=self.agent.cfg.body_timeout_s):
             self.close_connection = True
             raise HTTPFailure(HTTPStatus.SERVICE_UNAVAILABLE,
-                              f"{LARGE_BODIES_AT_ONCE} requests of over {LARGE_BODY_BYTES // 2**20} MiB are being "
+                              f"{LARGE_BODIES_AT_ONCE} requests of over {LARGE_BODY_BYTES // 1024} KiB are being "
                               "handled already", "try again in a moment", code="busy")
         self.holds_large_body = True
 
@@ -6774,14 +6799,15 @@ class AuditBudget:
     client without a valid token by its address (client_key). A token bucket each; a line
     past it is counted, and the count is written with that client's next line."""
 
-    def __init__(self):
+    def __init__(self, burst: float = 0, rate: float = 0):
         self.lock = threading.Lock()
         self.buckets: "collections.OrderedDict[str, List[float]]" = collections.OrderedDict()  # key -> [tokens, time, unlogged]
+        self.user_burst, self.user_rate = burst or AUDIT_BURST_USER, rate or AUDIT_RATE_USER
 
     def take(self, user: str, address: str) -> Optional[int]:
         """None: do not write this line. Else the lines not written before it (0 mostly)."""
         if user:
-            key, burst, rate = "user " + user, AUDIT_BURST_USER, AUDIT_RATE_USER
+            key, burst, rate = "user " + user, self.user_burst, self.user_rate
         else:
             key, burst, rate = "address " + address, AUDIT_BURST_ANONYMOUS, AUDIT_RATE_ANONYMOUS
         now = time.monotonic()
@@ -7764,7 +7790,9 @@ def edit_config(path: Path, change: Callable[[dict], Any]) -> Any:
     other keys and users stay as they were."""
     if not path.is_file():
         raise UsageError(f"{path}: no such config file", f"create it with `patchwire-agent init -c {path}`")
-    with open(path.parent / f".{path.name}.lock", "a") as lock:
+    # acting for the state folder's account, root is root again for a config in root's folders
+    as_owner = as_root_again() if nearest_owner(path) is None else contextlib.nullcontext()
+    with as_owner, open(path.parent / f".{path.name}.lock", "a") as lock:
         give_to_owner(Path(lock.name), path.stat())  # the box account edits after root, too
         fcntl.flock(lock, fcntl.LOCK_EX)
         before = path.read_text(encoding="utf-8")
@@ -7987,9 +8015,9 @@ def acting_as(owner: Optional[os.stat_result]) -> Iterator[None]:
         return
     account: Ids = (owner.st_uid, owner.st_gid, account_groups(owner.st_uid, owner.st_gid))
     root: Ids = (0, os.getegid(), os.getgroups())
-    ACTING_AS.append((account, root))
-    _become(*account)
     try:
+        ACTING_AS.append((account, root))
+        _become(*account)
         yield
     finally:
         ACTING_AS.pop()
@@ -8014,6 +8042,9 @@ def as_box_account(command: Callable[[Any], int]) -> Callable[[Any], int]:
     """An admin command that, run as root, acts as the account owning the box's folders."""
     @functools.wraps(command)
     def run(args) -> int:
+        with contextlib.suppress(ImportError):  # imported on use: the account may not read root's install
+            import csv  # noqa: F401
+            import tomli_w  # noqa: F401
         with acting_as(box_owner(Path(args.config))):
             return command(args)
     return run
@@ -8083,6 +8114,9 @@ class TokenFile:
                 kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
                 raise UsageError(f"--token-file {self.path} is {kind}: nothing was changed",
                                  "name a new file in a folder only you can write, e.g. ~/NAME.token")
+            if st is not None and os.geteuid() not in (0, st.st_uid):  # a sticky folder would refuse the rename
+                raise UsageError(f"--token-file {self.path} is another account's file: nothing was changed",
+                                 "name a new file in a folder only you can write, e.g. ~/NAME.token")
             try:
                 fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=str(self.path.parent))
                 with os.fdopen(fd, "w") as f:
@@ -8105,7 +8139,12 @@ class TokenFile:
             if kind is not None:
                 self.tmp.unlink(missing_ok=True)
                 return
-            os.replace(str(self.tmp), str(self.path))  # type: ignore[arg-type]
+            try:
+                os.replace(str(self.tmp), str(self.path))  # type: ignore[arg-type]
+            except OSError as e:  # the config holds the token now: it must not be lost
+                self.tmp.unlink(missing_ok=True)
+                pw.say(f"could not put the token in {self.path} ({e.strerror or e}): it is printed below instead")
+                self.path = None
 
     def hand_out(self, what: str) -> None:
         if self.path:
@@ -8192,7 +8231,8 @@ def cmd_user_remove(args) -> int:
         existing_user(data, args.name, path)
         del data["users"][args.name]
     edit_config(path, remove)
-    drop_targets(AgentConfig.load(path), args.name)  # nobody is told of their jobs any more
+    if not args.purge:  # (purge drops them, and says how many)
+        drop_targets(AgentConfig.load(path), args.name)  # nobody is told of their jobs any more
     pw.say(f"removed user {args.name}: their token is refused from now on; their "
            + ("jobs are cancelled" if args.cancel_jobs or args.purge else "queued jobs end, a running one finishes")
            + ("" if args.purge else "; their files stay in the state folder (--purge deletes them)"))
@@ -8239,7 +8279,7 @@ def purge_user(cfg: AgentConfig, user: str) -> None:
         targets = store.remove_targets(user)  # with their signing secrets
         with store.lock:  # the rows stay for usage; what they said goes
             store.db.execute("DELETE FROM events WHERE job IN (SELECT id FROM jobs WHERE user = ?)", (user,))
-            store.db.execute("UPDATE jobs SET prompt = '' WHERE user = ?", (user,))
+            store.db.execute("UPDATE jobs SET prompt = '', reason = NULL, box = NULL WHERE user = ?", (user,))
     finally:
         store.close()
     for patch in patches:
@@ -8467,7 +8507,7 @@ def key_held(path: Path, text: str, line: str) -> bool:  # line: `... KEYTYPE BL
     blob, user = line.split()[-2], line.split()[-1]
     for held in text.splitlines():
         fields = held.split()
-        if blob not in fields:
+        if blob not in fields or held.lstrip().startswith("#"):  # a line sshd skips
             continue
         if fields[-1] == user:
             return True

@@ -54,10 +54,11 @@ def test_a_flood_without_a_token_cannot_rotate_the_audit_log(make_agent):
     assert any(r.get("user") == "alice" and r.get("path") == "/v1/jobs" for r in audit_lines(agent))
 
 
-def test_a_users_notification_targets_are_audited_within_their_budget(make_agent):
-    """Adding and removing a target in a loop wrote two lines beyond the request lines' budget
-    per pair, and rotated everyone's older lines out of the log: those lines are the user's
-    too now, counted past the budget and written as `unlogged_before` with their next line."""
+def test_notification_target_changes_are_always_audited_and_limited_instead(make_agent):
+    """Adding and removing a target in a loop wrote two unbudgeted lines a pair and rotated
+    everyone's older lines out of the log; charged to the request budget, a user could spend
+    it with cheap requests and then add a target unseen. Each change is written now, and the
+    changes themselves are limited (TARGET_CHANGES_BURST, then one a minute: 429)."""
     import http.client
     import tomli_w
     import tomllib
@@ -66,25 +67,32 @@ def test_a_users_notification_targets_are_audited_within_their_budget(make_agent
     data["notify"] = {"allow": ["hooks.example.com"]}
     agent.config.write_text(tomli_w.dumps(data))
     agent.start()
-    assert agent.json("GET", "/v1/jobs")[0] == 200  # alice's line, which bob's loop must not push out
     conn = http.client.HTTPConnection("127.0.0.1", int(agent.url.rsplit(":", 1)[1]), timeout=30)
     auth = {"Authorization": "Bearer " + agent.tokens["bob"], "Content-Type": "application/json"}
-    started = time.monotonic()
-    pairs = patchwire_agent.AUDIT_BURST_USER // 2
-    for _ in range(pairs):
+    for _ in range(patchwire_agent.AUDIT_BURST_USER):  # the request lines' budget spent first
+        conn.request("GET", "/v1/me", headers=auth)
+        assert conn.getresponse().read()
+    changes, refused = [], None
+    for _ in range(patchwire_agent.TARGET_CHANGES_BURST):
         conn.request("POST", "/v1/notify", json.dumps({"url": "https://hooks.example.com/x"}), auth)
         answer = conn.getresponse()
-        target = json.loads(answer.read())["target"]["id"]
-        assert answer.status == 201, target
-        conn.request("DELETE", f"/v1/notify/{target}", headers=auth)
-        assert conn.getresponse().read()
+        body = json.loads(answer.read())
+        if answer.status != 201:
+            refused = (answer.status, body)
+            break
+        changes.append(("notify_add", body["target"]["id"]))
+        conn.request("DELETE", f"/v1/notify/{body['target']['id']}", headers=auth)
+        answer = conn.getresponse()
+        body = json.loads(answer.read())
+        if answer.status != 200:
+            refused = (answer.status, body)
+            break
+        changes.append(("notify_remove", changes[-1][1]))
     conn.close()
-    took = time.monotonic() - started
-    wait_until(lambda: any(r.get("user") == "alice" for r in audit_lines(agent)), 10, "alice's line")
-    bobs = [r for r in audit_lines(agent) if r.get("user") == "bob"]
-    # 4 lines a pair before (two requests, notify_add, notify_remove): 1,200; now the budget's
-    assert len(bobs) <= patchwire_agent.AUDIT_BURST_USER + patchwire_agent.AUDIT_RATE_USER * took + 5, len(bobs)
-    assert {"notify_add", "notify_remove"} <= {r.get("event") for r in bobs}
+    assert len(changes) == patchwire_agent.TARGET_CHANGES_BURST, changes
+    assert refused and refused[0] == 429 and refused[1]["code"] == "rate_limited", refused
+    logged = [(r["event"], r["target"]) for r in audit_lines(agent) if r.get("event", "").startswith("notify_")]
+    assert logged == changes  # every change that happened, though bob's request budget is spent
 
 
 def test_a_user_is_audited_up_to_a_budget_then_counted():

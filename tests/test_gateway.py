@@ -206,6 +206,8 @@ def test_host_patterns():
     assert pa.host_matches("[::1]:8080", "::1", 8080) and not pa.host_matches("[::1]:8080", "::1", 443)
     assert pa.host_matches("[2001:db8::5]", "2001:db8::5", 443) and pa.host_matches("::1", "::1", 80)
     assert pa.is_ip_literal("[::1]:8080", "::1") and not pa.is_ip_literal("[::1]:8080", "::2")
+    assert pa.is_ip_literal("[FE80::1]", "fe80::1")
+    assert not pa.host_matches("[::1]x", "::1", 443) and not pa.host_matches("[::1", "::1", 443)  # malformed: nothing
 
 
 def test_network_config_layers_and_errors(tmp_path):

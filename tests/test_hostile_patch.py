@@ -589,6 +589,9 @@ def test_sanitize_shows_every_control_character():
     assert patchwire.sanitize(raw) == ("allowed<U+FE00> = x; a1<U+FE0F> <U+0890> <U+13430> <U+1BCA0> <U+FFF0> "
                                        "<U+E0100> <U+E0FFF>; \u2764\ufe0f \u00a9\ufe0e")  # emoji keep their style
     assert patchwire.name_problem("perm\ufe00.py") and not patchwire.name_problem("perm.py")
+    # after a letter that is no emoji (kana, the Kelvin sign) a style selector is another name too
+    assert patchwire.sanitize("\u3042\ufe0f \u212a\ufe0f \u2c65\ufe0f") == "\u3042<U+FE0F> \u212a<U+FE0F> \u2c65<U+FE0F>"
+    assert patchwire.name_problem("\u3042\ufe0f.py")
 
 
 def test_a_lying_409_cannot_make_the_laptop_send_what_never_goes(world):

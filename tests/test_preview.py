@@ -109,6 +109,9 @@ def test_a_line_wider_than_the_terminal_is_folded_so_no_row_passes_for_a_line():
     assert list(patchwire.fold_rows(["+" + "\t" * 10 + "-evil"], 80, "~"))[-1].startswith("~")
     wide = list(patchwire.fold_rows(["+" + "\u3000" * 39 + "-evil"], 80, "~"))
     assert wide == ["+" + "\u3000" * 39, "~-evil"]
+    # East Asian "ambiguous" characters are double in CJK terminals: counted double, folded early
+    ambiguous = list(patchwire.fold_rows(["+" + "\u00b7" * 45 + "-evil"], 80, "~"))
+    assert len(ambiguous) == 2 and ambiguous[1].startswith("~")
     for row in patchwire.fold_rows([SPOOF * 3, "+" + "\u00e9" * 300], 80, "~"):
         assert len(row.expandtabs()) <= 79
 

@@ -12,7 +12,10 @@ a real second account (pw-walls); the others run as any account.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -176,6 +179,11 @@ def test_a_key_already_given_to_another_user_is_refused_before_any_change(box, t
     code, err = admin(capsys, "user", "key", "ann", "-c", str(box), "--ssh-key", str(tmp_path / "ann.pub"),
                       "--authorized-keys", str(keys))
     assert code == 0 and "has this key for ann already: nothing to add" in err and keys.read_text() == lines
+    # a line sshd skips (commented out) holds no key
+    keys.write_text("# " + KEY + " old@desk\n")
+    code, err = admin(capsys, "user", "key", "ann", "-c", str(box), "--ssh-key", str(tmp_path / "ann.pub"),
+                      "--authorized-keys", str(keys))
+    assert code == 0 and keys.read_text().endswith(" patchwire:ann\n"), err
     # a login line of the account's own (not Patchwire's) counts too
     keys.write_text(KEY + " admin@desk\n")
     code, err = admin(capsys, "user", "key", "ann", "-c", str(box), "--ssh-key", str(tmp_path / "ann.pub"),
@@ -223,3 +231,61 @@ def test_the_ssh_socket_folder_another_account_made_first_is_refused(tmp_path, m
         patchwire.control_dir()
     assert "set XDG_RUNTIME_DIR" in refused.value.hint
 
+
+
+def test_root_edits_a_config_in_roots_folder_for_a_state_folder_of_the_box_accounts(tmp_path, capsys):
+    """`sudo patchwire-agent init -c /etc/patchwire/agent.toml --account X`: the config (X's)
+    sits in root's folder, the state folder is X's. Root acts as X for the state folder and is
+    root for the config's edit (X could not write its lock or temporary file there)."""
+    from test_box_walls import account_or_skip
+    account = account_or_skip()
+    place = Path(tempfile.mkdtemp(prefix="pw-etc-", dir="/srv" if os.access("/srv", os.W_OK) else None))
+    try:
+        os.chmod(place, 0o755)
+        (place / "etc").mkdir(mode=0o755)
+        config = place / "etc" / "agent.toml"
+        assert pa.main(["init", "-c", str(config), "--account", account.pw_name, "--user", "ann",
+                        "--state-dir", str(place / "state"), "--token-file", str(place / "ann.token")]) == 0
+        assert config.stat().st_uid == account.pw_uid and (place / "state").stat().st_uid == account.pw_uid
+        capsys.readouterr()
+        code, err = admin(capsys, "user", "add", "ben", "-c", str(config), "--token-file", str(place / "ben.token"))
+        assert code == 0, err
+        assert "ben" in pa.AgentConfig.load(config).users and config.stat().st_uid == account.pw_uid
+        mirror = place / "state" / "users" / "ben" / "mirror"
+        assert mirror.stat().st_uid == account.pw_uid
+    finally:
+        shutil.rmtree(place, ignore_errors=True)
+
+
+def test_an_ordinary_account_refuses_a_token_name_another_account_holds_before_any_change(tmp_path):
+    """Run as the box account (not root), a token file name in a shared sticky folder that
+    another account made first cannot be replaced (the sticky bit): refused before the config
+    changes, not after it (a user whose token nobody had)."""
+    from test_box_walls import ACCOUNT, account_or_skip, readable_copy
+    account_or_skip()
+    place = Path(tempfile.mkdtemp(prefix="pw-sticky-", dir="/srv" if os.access("/srv", os.W_OK) else None))
+    try:
+        os.chmod(place, 0o755)
+        code = readable_copy(place / "code")
+        box = place / "box"
+        box.mkdir()
+        shared = place / "shared"
+        shared.mkdir()
+        os.chmod(shared, 0o1777)
+        (shared / "ben.token").write_text("root's\n")  # made first by another account (root here)
+        os.chmod(shared / "ben.token", 0o644)
+        as_account = ["setpriv", f"--reuid={ACCOUNT}", f"--regid={ACCOUNT}", "--init-groups",
+                      "/usr/bin/python3", str(code / "patchwire_agent.py")]
+        env = {"HOME": str(box), "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+        assert pa.main(["init", "-c", str(box / "agent.toml"), "--user", "ann", "--state-dir", str(box / "state"),
+                        "--token-file", str(box / "ann.token")]) == 0
+        subprocess.run(["chown", "-R", f"{ACCOUNT}:", str(box)], check=True)  # the box account's box
+        before = (box / "agent.toml").read_bytes()
+        add = subprocess.run(as_account + ["user", "add", "ben", "-c", str(box / "agent.toml"), "--token-file",
+                                           str(shared / "ben.token")], env=env, capture_output=True, text=True,
+                             timeout=60)
+        assert add.returncode == 2 and "is another account's file: nothing was changed" in add.stderr, add.stderr
+        assert (box / "agent.toml").read_bytes() == before and (shared / "ben.token").read_text() == "root's\n"
+        assert [p.name for p in shared.iterdir()] == ["ben.token"]
+    finally:
+        shutil.rmtree(place, ignore_errors=True)

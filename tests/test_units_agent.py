@@ -972,8 +972,9 @@ def test_raw_and_numstat_finds_the_repositories_and_counts_the_rest(tmp_path):
     out = git("diff", "-M", "--raw", "--numstat", "-z", before, after)
     nested, stats, written = pa.raw_and_numstat(out)
     assert nested == ["vendor/lib"]
-    # the files the result adds or changes (what refuse_huge_files sizes): a rename's new name
-    assert sorted(written) == ["a.txt", "img.bin", "new name.txt", "x\ny"]
+    # the files whose content the result adds or changes (what refuse_huge_files sizes): not a
+    # pure rename, whose blob the snapshot has (renaming a big tracked file is no big diff)
+    assert sorted(written) == ["a.txt", "img.bin", "x\ny"]
     assert stats == pa.parse_numstat(git("diff", "-M", "--numstat", "-z", before, after))
     assert stats == {"files": 5, "added": 4, "removed": 1, "binary": 1}
     assert pa.raw_and_numstat(b"") == ([], {"files": 0, "added": 0, "removed": 0, "binary": 0}, [])
@@ -1081,3 +1082,17 @@ def test_a_client_is_an_ipv4_address_or_an_ipv6_64():
     table = pa.ConnectionTable(total=10, per_client=2)
     admitted = [table.admit(pa.client_key(f"2001:db8:1:2::{n}"), None) for n in range(1, 4)]
     assert [conn is not None for conn in admitted] == [True, True, False]
+
+
+def test_a_git_stalled_on_a_fifo_is_let_go_and_a_slow_one_runs_on(tmp_path, monkeypatch):
+    """unstalled: past GIT_STALL_S the folder's FIFOs are opened for writing and closed (the
+    blocked reader gets an empty file) and removed; a command that is only slow is not stopped."""
+    monkeypatch.setattr(pa, "GIT_STALL_S", 0.2)
+    (tmp_path / "sub").mkdir()
+    fifo = tmp_path / "sub" / ".gitignore"
+    os.mkfifo(fifo)
+    (tmp_path / "kept.txt").write_text("kept\n")
+    started = time.monotonic()
+    assert pa.unstalled(tmp_path, lambda: fifo.read_text()) == ""  # as git's open of it
+    assert time.monotonic() - started < 5 and not fifo.exists() and (tmp_path / "kept.txt").exists()
+    assert pa.unstalled(tmp_path, lambda: time.sleep(0.7) or 42) == 42

@@ -276,6 +276,7 @@ def test_trust_show_trusts_nothing_and_a_hash_binds_trust_to_what_was_shown(tmp_
     assert stale.returncode == 2 and json.loads(stale.out)["details"]["code"] == "changed"
     assert "changed since they were shown: nothing was trusted" in stale.err
     assert json.loads(lap.run("trust", "--show", "--json", check=0).out)["trusted"] is False
+    assert lap.run("trust", "--sha256", "", "--json").returncode == 2  # an empty hash is no hash
     again = json.loads(lap.run("trust", "--show", "--json", check=0).out)
     assert json.loads(lap.run("trust", "--sha256", again["sha256"], "--json", check=0).out)["trusted"] is True
     assert "is not trusted here" not in lap.run("doctor").err

@@ -50,6 +50,7 @@ test('box text in a notification runs no command and draws no icon', () => {
   // variation selectors (another name, drawn the same) and newer format characters; emoji keep their style
   assert.equal(present.plain('allowed\ufe00 a1\ufe0f \u0890 \u{13430} \ufff0 \u{E0FFF} \u2764\ufe0f'),
     'allowed<U+FE00> a1<U+FE0F> <U+0890> <U+13430> <U+FFF0> <U+E0FFF> \u2764\ufe0f');
+  assert.equal(present.plain('\u3042\ufe0f \u212a\ufe0f'), '\u3042<U+FE0F> \u212a<U+FE0F>');
   const item = present.jobItem({ id: 'abc', status: 'failed', prompt: '$(loading~spin) [a](command:x)', reason: '[b](command:y)', created: 0 }, 10);
   assert.equal(item.label, '$(error) $ (loading~spin) [a] (command:x)');
   assert.equal(item.detail, '[b] (command:y)');
