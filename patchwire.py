@@ -2736,6 +2736,12 @@ class FilesUnreadable(PatchwireError):
         path, why = sorted(unreadable.items())[0]
         folder = unsearchable_folder(root, path)
         more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+        if why == "Too many open files":  # git's descriptors, one a folder level, ran out
+            super().__init__(f"git ran out of open files listing {sanitize(path)}{more}: nothing was sent",
+                             "raise the limit (`ulimit -n 4096`, then sync again), or leave that deep folder "
+                             "out: `exclude = [...]` under [sync] in .patchwire.toml",
+                             details={"paths": sorted(unreadable)})
+            return
         if folder is not None:
             what, fix = f"the folder {sanitize(folder)}", f"chmod u+rx {shlex.quote(sanitize(folder))}"
         else:
@@ -2764,7 +2770,7 @@ def unsearchable_folder(root: Path, path: str) -> Optional[str]:
 GIT_UNREADABLE = re.compile(rb"^(?:error: (?:open|lstat)\(\"(.+)\"\)"
                             rb"|warning: could not open directory '(.+)'"
                             rb"|(?!(?:error|fatal|warning): )(.+))"
-                            rb": (Permission denied|Operation not permitted)$", re.M)
+                            rb": (Permission denied|Operation not permitted|Too many open files)$", re.M)
 
 
 def git_unreadable(stderr: bytes) -> Dict[str, str]:
@@ -9425,10 +9431,28 @@ def stop_as_interrupted(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def raise_open_files_limit() -> None:
+    """git holds a descriptor open for each folder level it walks: under a soft limit of 1024
+    (256 on macOS) its listing of a deep tree stopped with a warning ("Too many open files"),
+    and the files below were not sent. Raised to the hard limit, as many tools do."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            except (ValueError, OSError):  # macOS: at most OPEN_MAX (10240) whatever the hard limit
+                resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, 10240), hard))
+    except (ImportError, ValueError, OSError):
+        pass  # left as it was: git says so if it runs short (GIT_UNREADABLE)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(build_parser(), argv)
     if isinstance(args, int):
         return args
+    raise_open_files_limit()
     for sig in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(sig) is not signal.SIG_IGN:  # `nohup patchwire ...` keeps running
             signal.signal(sig, stop_as_interrupted)

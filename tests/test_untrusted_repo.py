@@ -179,6 +179,7 @@ def clone_of(tmp_path: Path, make) -> Path:
 
 def test_a_file_1200_folders_deep_syncs_and_asks(tmp_path, agent):
     deep = "a/" * 1200
+    patchwire.raise_open_files_limit()  # this test's own `git add` of 1,200 levels (an ordinary account: 1024)
 
     def make(src: Path) -> None:
         subprocess.run(f"mkdir -p {deep} && echo x > {deep}f.txt && echo hi > README.md", shell=True, cwd=src, check=True)
@@ -187,6 +188,26 @@ def test_a_file_1200_folders_deep_syncs_and_asks(tmp_path, agent):
         asked_deep(root, agent, deep)
     finally:  # shutil.rmtree (pytest's clean-up) recurses once per folder: rm does not
         subprocess.run(["rm", "-rf", str(tmp_path / "origin/a"), str(root / "a")], check=True)
+
+
+def test_a_deep_tree_under_a_low_open_files_limit_is_listed_whole(tmp_path, agent):
+    """git holds a descriptor per folder level it walks: under a soft limit of 200 (an ordinary
+    account's is 1024, macOS's 256) a file 300 folders deep was left out of the listing with
+    only a warning, and not sent. The CLI raises its soft limit to the hard one."""
+    deep = "d/" * 300
+
+    def make(src: Path) -> None:
+        subprocess.run(f"mkdir -p {deep} && echo x > {deep}f.txt && echo hi > README.md", shell=True, cwd=src, check=True)
+    root = clone_of(tmp_path, make)
+    lap = Laptop(root)
+    lap.init(agent)
+    try:
+        low = subprocess.run(["bash", "-c", 'ulimit -Sn 200 && exec "$@"', "low", *lap.program, "sync", "--dry-run",
+                              "--list", "--json"], cwd=root, env=lap.env, capture_output=True, text=True, timeout=120)
+        assert low.returncode == 0, low.stderr[-2000:]
+        assert deep + "f.txt" in json.loads(low.stdout)["files"], low.stdout[-500:]
+    finally:
+        subprocess.run(["rm", "-rf", str(tmp_path / "origin/d"), str(root / "d")], check=True)
 
 
 def asked_deep(root: Path, agent, deep: str) -> None:
