@@ -195,17 +195,21 @@ def test_a_deep_tree_under_a_low_open_files_limit_is_listed_whole(tmp_path, agen
     account's is 1024, macOS's 256) a file 300 folders deep was left out of the listing with
     only a warning, and not sent. The CLI raises its soft limit to the hard one."""
     deep = "d/" * 300
-
-    def make(src: Path) -> None:
-        subprocess.run(f"mkdir -p {deep} && echo x > {deep}f.txt && echo hi > README.md", shell=True, cwd=src, check=True)
-    root = clone_of(tmp_path, make)
+    root = clone_of(tmp_path, lambda src: (src / "README.md").write_text("hi\n"))
     lap = Laptop(root)
     lap.init(agent)
+    # not committed: git's listing of untracked files walks it, a descriptor per level
+    subprocess.run(f"mkdir -p {deep} && echo x > {deep}f.txt", shell=True, cwd=root, check=True)
     try:
         low = subprocess.run(["bash", "-c", 'ulimit -Sn 200 && exec "$@"', "low", *lap.program, "sync", "--dry-run",
                               "--list", "--json"], cwd=root, env=lap.env, capture_output=True, text=True, timeout=120)
         assert low.returncode == 0, low.stderr[-2000:]
         assert deep + "f.txt" in json.loads(low.stdout)["files"], low.stdout[-500:]
+        # a hard limit as low: the sync stops and says why, instead of leaving the file out
+        hard = subprocess.run(["bash", "-c", 'ulimit -n 200 && exec "$@"', "low", *lap.program, "sync"],
+                              cwd=root, env=lap.env, capture_output=True, text=True, timeout=120)
+        assert hard.returncode != 0 and "git ran out of open files listing" in hard.stderr, hard.stderr[-2000:]
+        assert "Traceback" not in hard.stderr
     finally:
         subprocess.run(["rm", "-rf", str(tmp_path / "origin/d"), str(root / "d")], check=True)
 
