@@ -237,6 +237,7 @@ def over_ssh(lap: Laptop, agent: AgentProcess, ssh_server) -> Optional[List[str]
     if "[sync]" not in text:
         text += "\n[sync]\n"
     path.write_text(text.replace("[sync]\n", "[sync]\nssh_options = " + json.dumps(ssh_server.ssh_options) + "\n", 1))
+    lap.run("trust", check=0)  # the ssh options added by hand, trusted as their user would
     return script_ssh(ssh_server, lap.root.parent)
 
 
