@@ -8861,9 +8861,36 @@ def check_sshd(cfg: AgentConfig, sshd_config: Path) -> dict:
         if wrong:
             return box_check("sshd", False, wrong, f"sudo chown {account.pw_name}: {keys} {keys.parent}; "
                              f"chmod go-w {keys} {keys.parent}")
+        shared = shared_key(keys)
+        if shared:
+            return box_check("sshd", False, f"{keys} has one key on the lines of {shared}: sshd takes the first "
+                             "line that matches, so that key logs in as the first alone",
+                             "each developer needs a key of their own: remove the lines that are not its owner's "
+                             "(`user key NAME` refuses a key another line has)")
         said.append(f"{keys} is {account.pw_name}'s, writable by it only" if keys.exists()
                     else f"no {keys} yet (`user add --authorized-keys` makes it)")
     return box_check("sshd", True, "; ".join(said))
+
+
+def shared_key(keys: Path) -> str:
+    """The comments of the lines of `keys` that hold one key between them, joined, when some
+    key is on two lines or more and a Patchwire line is among them ("" when none is)."""
+    try:
+        text = keys.read_text(errors="replace")
+    except OSError:
+        return ""
+    holders: Dict[str, List[str]] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 2 or line.lstrip().startswith("#"):
+            continue
+        blob = next((f for f in fields if f.startswith("AAAA")), None)  # every key type's base64 starts so
+        if blob:
+            holders.setdefault(blob, []).append(fields[-1] if fields[-1] != blob else "(no comment)")
+    for names in holders.values():
+        if len(names) > 1 and any(n.startswith("patchwire:") for n in names):
+            return ", ".join(names)
+    return ""
 
 
 def sshd_settings(sshd_config: Path) -> Tuple[Optional[Dict[str, str]], str]:

@@ -240,6 +240,13 @@ def test_doctor_checks_the_sshd_side_authorized_keys_and_permit_user_environment
     os.chmod(keys, 0o600)
     found = checks(agent_source("doctor", "-c", config, "--json", "--sshd-config", str(sshd)))["sshd"]
     assert found["ok"] and f"{keys} is root's, writable by it only" in found["detail"], found
+    # one key on two users' lines (a colleague's public key handed in as one's own): the first wins
+    blob = KEY.split()[1]
+    keys.write_text(f'restrict,command="rrsync -wo /s/users/ann/mirror" ssh-ed25519 {blob} patchwire:ann\n'
+                    f'restrict,command="rrsync -wo /s/users/gus/mirror" ssh-ed25519 {blob} patchwire:gus\n')
+    found = checks(agent_source("doctor", "-c", config, "--json", "--sshd-config", str(sshd)))["sshd"]
+    assert not found["ok"] and "has one key on the lines of patchwire:ann, patchwire:gus" in found["detail"], found
+    keys.write_text(KEY)
     sshd_config(tmp_path / "ssh", "PermitUserEnvironment yes")
     found = checks(agent_source("doctor", "-c", config, "--json", "--sshd-config", str(sshd)))["sshd"]
     assert not found["ok"] and found["detail"].startswith("PermitUserEnvironment is yes (from sshd -T"), found
