@@ -2362,16 +2362,16 @@ def remove_tree(path: Path) -> None:
 def open_up(top: Path) -> None:
     """u+rwx on `top` and every folder beneath it (an AI's `chmod 0` or `chmod 300`), no link
     followed: what git and rmtree need to see and remove everything in it."""
-    stack = [str(top)]
-    while stack:
-        folder = stack.pop()
+    def open_folder(folder: str) -> None:
         with contextlib.suppress(OSError):
             mode = os.lstat(folder).st_mode  # (no O_NOFOLLOW open: a folder of mode 0 cannot be opened)
-            if not stat.S_ISDIR(mode):
-                continue  # a link put in its place: never followed
-            os.chmod(folder, stat.S_IMODE(mode) | 0o700)
-            with os.scandir(folder) as entries:
-                stack.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
+            if stat.S_ISDIR(mode):  # not a link put in its place: never followed
+                os.chmod(folder, stat.S_IMODE(mode) | 0o700)
+    open_folder(str(top))
+    for entry in entries_beneath(top):
+        with contextlib.suppress(OSError):
+            if entry.is_dir(follow_symlinks=False):
+                open_folder(entry.path)  # before the walk enters it
 
 
 # git opens each `.gitignore` (and `.gitattributes`) it passes: one the AI made a FIFO blocks
@@ -2399,18 +2399,16 @@ def unstalled(folder: Path, run: Callable[[], T]) -> T:
 def release_special_files(top: Path) -> int:
     """Let go of and remove every FIFO, socket and device file beneath `top` (no link
     followed); how many."""
-    removed, stack = 0, [str(top)]
-    while stack:
-        with contextlib.suppress(OSError), os.scandir(stack.pop()) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-                elif not entry.is_file(follow_symlinks=False) and not entry.is_symlink():
-                    with contextlib.suppress(OSError):  # ENXIO: nobody reads it
-                        os.close(os.open(entry.path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW))
-                    with contextlib.suppress(OSError):
-                        os.unlink(entry.path)
-                        removed += 1
+    removed = 0
+    for entry in entries_beneath(top):
+        with contextlib.suppress(OSError):
+            if entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False) or entry.is_symlink():
+                continue
+        with contextlib.suppress(OSError):  # ENXIO: nobody reads it
+            os.close(os.open(entry.path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW))
+        with contextlib.suppress(OSError):
+            os.unlink(entry.path)
+            removed += 1
     return removed
 
 
@@ -7257,10 +7255,16 @@ def read_run_file(state_dir: Path) -> Optional[dict]:
 def open_store(cfg: AgentConfig) -> Store:
     """The state db for a command on the box, next to a running server: sqlite's busy
     timeout makes a read wait for the server's short write transactions."""
-    if not (cfg.state_dir / "jobs.sqlite3").is_file():
+    store = existing_store(cfg)
+    if store is None:
         raise PatchwireError(f"no jobs in {cfg.state_dir} yet", "has `patchwire-agent serve -c "
                              f"{cfg.path}` run? The state folder is [server] state_dir")
-    return Store(cfg.state_dir)
+    return store
+
+
+def existing_store(cfg: AgentConfig) -> Optional[Store]:
+    """open_store, or None on a box that never served (no state db yet)."""
+    return Store(cfg.state_dir) if (cfg.state_dir / "jobs.sqlite3").is_file() else None
 
 
 def agent_argv(config: Path) -> List[str]:
@@ -7341,12 +7345,12 @@ def service_target(kind: str, system: bool = False) -> Tuple[Path, str]:
     return path, f"launchctl bootstrap gui/$(id -u) {path}"
 
 
-def tree_size(path: Path) -> int:
-    """Bytes in the files and folders under `path` (links not followed; a folder's own size:
-    200,000 empty folders are 800 MB of the disk). By scandir, whose entries carry their type
-    and a file's lstat: 38 ms for 20,000 files (os.walk and an lstat each: 49 ms), which a
-    running job's disk quota check pays every QUOTA_SAMPLE_S."""
-    total, folders = 0, [str(path)]
+def entries_beneath(top: Path) -> Iterator["os.DirEntry[str]"]:
+    """Every entry beneath `top`, no link followed. By scandir, whose entries carry their type
+    and a file's lstat: 38 ms for 20,000 files (os.walk and an lstat each: 49 ms). A folder is
+    entered after it was yielded, so its mode can be opened up first (open_up); what is
+    removed while the walk goes, or cannot be read, is passed over."""
+    folders = [str(top)]
     while folders:
         try:
             entries = os.scandir(folders.pop())
@@ -7354,12 +7358,20 @@ def tree_size(path: Path) -> int:
             continue  # removed while we walked, or not a folder
         with entries:
             for entry in entries:
-                try:
+                yield entry
+                with contextlib.suppress(OSError):
                     if entry.is_dir(follow_symlinks=False):
                         folders.append(entry.path)
-                    total += entry.stat(follow_symlinks=False).st_size
-                except OSError:
-                    pass  # removed while we walked
+
+
+def tree_size(path: Path) -> int:
+    """Bytes in the files and folders under `path` (links not followed; a folder's own size:
+    200,000 empty folders are 800 MB of the disk), which a running job's disk quota check
+    pays every QUOTA_SAMPLE_S."""
+    total = 0
+    for entry in entries_beneath(path):
+        with contextlib.suppress(OSError):  # removed while we walked
+            total += entry.stat(follow_symlinks=False).st_size
     return total
 
 
@@ -8195,8 +8207,8 @@ def refuse_earlier_user(cfg: AgentConfig, name: str) -> None:
     if name in cfg.users:
         return  # `add` says it exists
     jobs = 0
-    if (cfg.state_dir / "jobs.sqlite3").is_file():  # none yet: a box that never served
-        store = open_store(cfg)
+    store = existing_store(cfg)
+    if store is not None:
         try:
             with store.lock:
                 jobs = store.db.execute("SELECT COUNT(*) FROM jobs WHERE user = ?", (name,)).fetchone()[0]
@@ -8245,9 +8257,9 @@ def cmd_user_remove(args) -> int:
 
 
 def drop_targets(cfg: AgentConfig, user: str) -> None:
-    if not (cfg.state_dir / "jobs.sqlite3").is_file():
+    store = existing_store(cfg)
+    if store is None:
         return
-    store = open_store(cfg)
     try:
         store.remove_targets(user)  # with their signing secrets
     finally:
