@@ -2414,13 +2414,11 @@ def release_special_files(top: Path) -> int:
 
 # git only warns of a folder it cannot read (`add -A`, `status`, `clean`), and goes on as if it
 # were empty: what the AI hid there would be left out of the diff and kept for the next job
-UNREADABLE_FOLDER = re.compile(rb"could not open directory '([^']*)'")
-
-
 def refuse_unread_folders(stderr: bytes) -> None:
-    found = UNREADABLE_FOLDER.search(stderr or b"")
-    if found:
-        raise PatchwireError(f"the AI left a folder the agent cannot read ({found.group(1).decode('utf-8', 'replace')}):"
+    """The laptop's reading of git's warnings (pw.git_unreadable), as a job's failure."""
+    unread = pw.git_unreadable(stderr or b"")
+    if unread:
+        raise PatchwireError(f"the AI left a folder the agent cannot read ({sorted(unread)[0]}):"
                              " what it holds cannot be collected; the job folder is made anew")
 
 
