@@ -752,6 +752,20 @@ def _dec(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
+# What git says of a path it may not read, on stderr, however far it got: update-index
+# `error: open("X"): Permission denied` (a file) or `error: lstat("X"): ...` (its folder),
+# diff-files `X: Permission denied`, ls-files `warning: could not open directory 'X/': ...`.
+GIT_UNREADABLE = re.compile(rb"^(?:error: (?:open|lstat)\(\"(.+)\"\)"
+                            rb"|warning: could not open directory '(.+)'"
+                            rb"|(?!(?:error|fatal|warning): )(.+))"
+                            rb": (Permission denied|Operation not permitted|Too many open files)$", re.M)
+
+
+def git_unreadable(stderr: bytes) -> Dict[str, str]:
+    """{path: why} of what git's `stderr` says this user may not read."""
+    return {_dec(a or b or c): _dec(why) for a, b, c, why in GIT_UNREADABLE.findall(stderr)}
+
+
 def records_tagged(listing: bytes, tag: bytes) -> Iterator[bytes]:
     """The records of a NUL-separated git listing that start with `tag` ("120000 " in `ls-files
     -s`, "S " in `ls-files -t`), whole: found by bytes.find, in C, so 100,000 records with a few
@@ -2762,20 +2776,6 @@ def unsearchable_folder(root: Path, path: str) -> Optional[str]:
         if not os.access(os.path.join(root, folder), os.R_OK | os.X_OK):
             return folder
     return None
-
-
-# What git says of a path it may not read, on stderr, however far it got: update-index
-# `error: open("X"): Permission denied` (a file) or `error: lstat("X"): ...` (its folder),
-# diff-files `X: Permission denied`, ls-files `warning: could not open directory 'X/': ...`.
-GIT_UNREADABLE = re.compile(rb"^(?:error: (?:open|lstat)\(\"(.+)\"\)"
-                            rb"|warning: could not open directory '(.+)'"
-                            rb"|(?!(?:error|fatal|warning): )(.+))"
-                            rb": (Permission denied|Operation not permitted|Too many open files)$", re.M)
-
-
-def git_unreadable(stderr: bytes) -> Dict[str, str]:
-    """{path: why} of what git's `stderr` says this user may not read."""
-    return {_dec(a or b or c): _dec(why) for a, b, c, why in GIT_UNREADABLE.findall(stderr)}
 
 
 # `git update-index` on a file rewritten under it: "error: short read while indexing X",
